@@ -1,0 +1,23 @@
+# One command each: `make test`, `make demo`. Both build the virtual environment first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test demo venv clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,demo]'
+	touch $@
+
+test: venv
+	$(PY) -m pytest -q
+
+demo: venv
+	$(PY) -m bridge demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

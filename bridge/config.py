@@ -1,0 +1,188 @@
+"""Configuration: pydantic v2 models for the TOML file `poi-bridge run --config FILE` reads.
+
+Every problem is reported with its place in the file (`terminals[1].link.baudrate: ...`), so
+`poi-bridge check-config` can print them all at once.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+POIID_PATTERN = re.compile(r"^[A-Za-z0-9]+(?:[A-Za-z0-9_]*)-[A-Za-z0-9]+$")
+FRAMER_NAMES = ("stx-etx-lrc", "dle-crc16", "length-prefixed")
+
+
+class _Strict(BaseModel):
+    # Unknown keys in the configuration are typos; refuse them with their place.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SerialLink(_Strict):
+    kind: Literal["serial"] = "serial"
+    device: str = Field(description="e.g. /dev/poi/ingenico-1234 or /dev/ttyACM0")
+    baudrate: int = Field(default=115200, gt=0)
+    bytesize: Literal[5, 6, 7, 8] = 8
+    parity: Literal["N", "E", "O", "M", "S"] = "N"
+    stopbits: Literal[1, 1.5, 2] = 1
+    rtscts: bool = False
+    xonxoff: bool = False
+
+
+class TcpLink(_Strict):
+    kind: Literal["tcp"] = "tcp"
+    host: str
+    port: int = Field(gt=0, lt=65536)
+
+
+def _hex16(value: int | str) -> int:
+    number = int(value, 16) if isinstance(value, str) else value
+    if not 0 <= number <= 0xFFFF:
+        raise ValueError("must be a 16-bit USB id, e.g. 0x0b00")
+    return number
+
+
+class UsbLink(_Strict):
+    kind: Literal["usb"] = "usb"
+    vendor_id: int
+    product_id: int
+    serial: str | None = None
+    interface: int = 0
+    timeout: float = Field(default=1.0, gt=0, description="seconds per bulk transfer")
+
+    _ids = field_validator("vendor_id", "product_id", mode="before")(
+        lambda cls, v: _hex16(v)  # noqa: ARG005
+    )
+
+
+Link = Annotated[SerialLink | TcpLink | UsbLink, Field(discriminator="kind")]
+
+
+class KeyConfig(_Strict):
+    """Local encryption key shared with the terminal. The passphrase comes from a file or a
+    systemd credential, never from this file, so the configuration can be shown freely."""
+
+    identifier: str = Field(min_length=1)
+    version: int = Field(ge=0)
+    passphrase_file: Path
+
+
+class FramerConfig(_Strict):
+    name: Literal["stx-etx-lrc", "dle-crc16", "length-prefixed"] = "stx-etx-lrc"
+    ack_timeout: float = Field(default=2.0, gt=0)
+    max_tries: int = Field(default=3, ge=1)
+    max_frame_size: int = Field(default=64 * 1024, ge=256)
+
+
+class TerminalConfig(_Strict):
+    poi_id: str = Field(description="[model]-[serial], e.g. V400m-324688179")
+    link: Link
+    framer: FramerConfig = FramerConfig()
+    payment_timeout: float = Field(default=120.0, gt=0)
+    status_timeout: float = Field(default=30.0, gt=0)
+    resync_attempts: int = Field(default=2, ge=1)
+    reconcile_deadline: float = Field(default=24 * 3600.0, gt=0)
+    reconcile_max_interval: float = Field(default=600.0, gt=0)
+    key: KeyConfig | None = None
+    allowed_sale_ids: list[str] | None = None
+
+    @field_validator("poi_id")
+    @classmethod
+    def _poi_id(cls, value: str) -> str:
+        if not POIID_PATTERN.match(value):
+            raise ValueError("POIID must be [model]-[serial], e.g. V400m-324688179")
+        return value
+
+
+class TlsConfig(_Strict):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    check_hostname: bool = True
+
+
+class MqttConfig(_Strict):
+    host: str = "localhost"
+    port: int = Field(default=1883, gt=0, lt=65536)
+    base_topic: str = "poi-bridge"
+    client_id: str = "poi-bridge"
+    username: str | None = None
+    password_file: Path | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    tls: TlsConfig | None = None
+    keepalive: int = Field(default=30, ge=5)
+    max_payload: int = Field(default=256 * 1024, ge=1024)
+    transaction_retention: float = Field(default=48 * 3600.0, gt=0)
+    health_interval: float = Field(default=30.0, gt=0)
+
+    @field_validator("base_topic")
+    @classmethod
+    def _base_topic(cls, value: str) -> str:
+        if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "#+"):
+            raise ValueError("base_topic must be a plain topic prefix like 'poi/store-12'")
+        return value
+
+
+class Config(_Strict):
+    journal: Path = Path("/var/lib/poi-bridge/journal.sqlite3")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    mqtt: MqttConfig = MqttConfig()
+    terminals: list[TerminalConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_terminals(self) -> Config:
+        seen: set[str] = set()
+        for terminal in self.terminals:
+            if terminal.poi_id in seen:
+                raise ValueError(f"terminal {terminal.poi_id} is configured twice")
+            seen.add(terminal.poi_id)
+        return self
+
+    def terminal(self, poi_id: str) -> TerminalConfig | None:
+        return next((t for t in self.terminals if t.poi_id == poi_id), None)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` lists each one with its place."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        super().__init__(f"{path}: " + "; ".join(problems))
+        self.path = path
+        self.problems = problems
+
+
+def _place(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("serial", "tcp", "usb") and out.endswith("link"):
+            continue  # the discriminator's branch name is noise to the reader
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def parse_config(data: dict, source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = [f"{_place(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        raise ConfigError(source, problems) from None
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
+    return parse_config(data, str(path))

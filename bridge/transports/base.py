@@ -1,0 +1,71 @@
+"""The one small interface every transport implements: it only moves bytes.
+
+Transports know nothing of frames or messages. A transport that loses its device (unplug,
+EIO, a vanished pseudo-terminal, a closed socket) raises `LinkClosed` with a reason a
+technician can act on; the worker then reopens it with `Backoff`.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+
+class LinkClosed(Exception):
+    """The link is gone; `reason` says why in words for the log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Transport(ABC):
+    kind: ClassVar[str]
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Open the device or connection. Raises LinkClosed if it cannot be opened."""
+
+    @abstractmethod
+    async def read(self) -> bytes:
+        """Wait for and return at least one byte. Raises LinkClosed when the link ends."""
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Write all of `data`. Raises LinkClosed when the link ends."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close; safe to call twice and after LinkClosed."""
+
+    @property
+    @abstractmethod
+    def is_open(self) -> bool: ...
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where this transport points, for logs: '/dev/poi/ingenico-123 at 115200 8N1'."""
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter, for reopening links and reconnecting."""
+
+    def __init__(
+        self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.factor = factor
+        self._attempt = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * self.factor**self._attempt)
+        self._attempt += 1
+        # Never below half the ceiling, so a fast-failing device is not hammered.
+        return ceiling / 2 + self._rng.random() * ceiling / 2
+
+    def reset(self) -> None:
+        self._attempt = 0
