@@ -1,0 +1,263 @@
+"""The durable journal: every transaction and every message owed to a register, in SQLite.
+
+WAL mode with synchronous=FULL, so a commit has reached the disk when `save()` returns: the
+shell records a state before the action that depends on it. The outbox holds every MQTT
+message until the broker acknowledged it; undelivered ones are sent again after a reconnect
+or a restart. A journal that cannot be read stops the daemon: it is never recreated silently,
+because it may hold the only record of a payment the shopper made.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bridge.protocol.transaction import Transaction, TxKey, TxState
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS transactions (
+    sale_id TEXT NOT NULL,
+    service_id TEXT NOT NULL,
+    poi_id TEXT NOT NULL,
+    category TEXT NOT NULL,
+    state TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    request TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    sent_at REAL,
+    deadline REAL,
+    next_poll_at REAL,
+    poll_ids TEXT NOT NULL,
+    polls_sent INTEGER NOT NULL,
+    unanswered_polls INTEGER NOT NULL,
+    reconcile_attempts INTEGER NOT NULL,
+    outcome TEXT,
+    source TEXT,
+    response TEXT,
+    detail TEXT NOT NULL,
+    passthrough INTEGER NOT NULL,
+    extra TEXT NOT NULL,
+    PRIMARY KEY (sale_id, service_id)
+);
+CREATE INDEX IF NOT EXISTS transactions_open ON transactions (state) WHERE state != 'final';
+CREATE INDEX IF NOT EXISTS transactions_updated ON transactions (updated_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    retain INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (id) WHERE delivered_at IS NULL;
+"""
+_COLUMNS = (
+    "sale_id", "service_id", "poi_id", "category", "state", "digest", "request", "created_at",
+    "updated_at", "sent_at", "deadline", "next_poll_at", "poll_ids", "polls_sent",
+    "unanswered_polls", "reconcile_attempts", "outcome", "source", "response", "detail",
+    "passthrough", "extra",
+)
+_JSON_COLUMNS = {"request", "response", "extra", "poll_ids"}
+_UPSERT = (
+    f"INSERT INTO transactions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+    "ON CONFLICT (sale_id, service_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS if c not in ("sale_id", "service_id"))
+)
+
+
+class JournalError(Exception):
+    """The journal cannot be used; the text says what a technician should do."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    id: int
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class Journal:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        existed = self.path.exists() and self.path.stat().st_size > 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise JournalError(f"cannot open journal {self.path}: {exc}") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            if existed:
+                self._check_existing()
+            self._db.executescript(_SCHEMA)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise JournalError(
+                f"journal {self.path} is unreadable or corrupt ({exc}). It may hold payments "
+                "not yet reported: the bridge will not overwrite it. Move it aside, keep it for "
+                "inspection, and restart to begin a new journal."
+            ) from None
+
+    def _check_existing(self) -> None:
+        (result,) = self._db.execute("PRAGMA quick_check").fetchone()
+        if result != "ok":
+            raise sqlite3.DatabaseError(f"integrity check failed: {result}")
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master")}
+        if "transactions" not in tables or "meta" not in tables:
+            raise sqlite3.DatabaseError("this SQLite file is not a poi-bridge journal")
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None or int(row[0]) > SCHEMA_VERSION:
+            raise sqlite3.DatabaseError(
+                f"journal schema version {row[0] if row else 'unknown'} is newer than this "
+                f"bridge understands ({SCHEMA_VERSION})"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # --- transactions -----------------------------------------------------------------------
+
+    @staticmethod
+    def _row(txn: Transaction) -> tuple[Any, ...]:
+        values = []
+        for column in _COLUMNS:
+            value = getattr(txn, column)
+            if column in _JSON_COLUMNS:
+                value = None if value is None else _dumps(list(value) if column == "poll_ids" else value)
+            elif column == "state":
+                value = str(value)
+            elif column == "passthrough":
+                value = int(value)
+            values.append(value)
+        return tuple(values)
+
+    @staticmethod
+    def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> Transaction:
+        data = dict(zip(_COLUMNS, row, strict=True))
+        for column in _JSON_COLUMNS:
+            if data[column] is not None:
+                data[column] = json.loads(data[column])
+        data["poll_ids"] = tuple(data["poll_ids"])
+        data["state"] = TxState(data["state"])
+        data["passthrough"] = bool(data["passthrough"])
+        return Transaction(**data)
+
+    def save(self, txn: Transaction, outbox: list[tuple[str, bytes, int, bool]] = ()) -> list[int]:
+        """Commit a transaction's state, with the messages it owes registers, atomically."""
+        with self._transaction() as db:
+            db.execute(_UPSERT, self._row(txn))
+            return [self._enqueue(db, *message) for message in outbox]
+
+    def get(self, key: TxKey) -> Transaction | None:
+        row = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM transactions WHERE sale_id = ? AND service_id = ?",
+            (key.sale_id, key.service_id),
+        ).fetchone()
+        return None if row is None else self._from_row(row)
+
+    def open_transactions(self, poi_id: str | None = None) -> list[Transaction]:
+        query = f"SELECT {', '.join(_COLUMNS)} FROM transactions WHERE state != 'final'"
+        params: tuple[Any, ...] = ()
+        if poi_id is not None:
+            query += " AND poi_id = ?"
+            params = (poi_id,)
+        return [self._from_row(r) for r in self._db.execute(query + " ORDER BY created_at", params)]
+
+    def transactions(
+        self, *, state: str | None = None, poi_id: str | None = None, sale_id: str | None = None,
+        outcome: str | None = None, limit: int = 100,
+    ) -> list[Transaction]:
+        clauses, params = [], []
+        for column, value in (("state", state), ("poi_id", poi_id), ("sale_id", sale_id),
+                              ("outcome", outcome)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM transactions{where} "
+            "ORDER BY created_at DESC LIMIT ?", (*params, limit),
+        )
+        return [self._from_row(r) for r in rows]
+
+    def counts(self) -> dict[str, int]:
+        in_flight, unresolved = self._db.execute(
+            "SELECT COALESCE(SUM(state IN ('accepted', 'awaiting_response', 'polling')), 0), "
+            "COALESCE(SUM(state = 'unresolved'), 0) FROM transactions WHERE state != 'final'"
+        ).fetchone()
+        (undelivered,) = self._db.execute(
+            "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL").fetchone()
+        return {"in_flight": in_flight, "unresolved": unresolved, "undelivered": undelivered}
+
+    # --- outbox -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _enqueue(db: sqlite3.Connection, topic: str, payload: bytes, qos: int, retain: bool) -> int:
+        cursor = db.execute(
+            "INSERT INTO outbox (topic, payload, qos, retain, created_at) VALUES (?, ?, ?, ?, ?)",
+            (topic, payload, qos, int(retain), time.time()),
+        )
+        return int(cursor.lastrowid)
+
+    def enqueue(self, messages: list[tuple[str, bytes, int, bool]]) -> list[int]:
+        with self._transaction() as db:
+            return [self._enqueue(db, *message) for message in messages]
+
+    def pending(self, limit: int = 1000, after_id: int = 0) -> list[OutboxMessage]:
+        rows = self._db.execute(
+            "SELECT id, topic, payload, qos, retain FROM outbox "
+            "WHERE delivered_at IS NULL AND id > ? ORDER BY id LIMIT ?", (after_id, limit),
+        )
+        return [OutboxMessage(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
+
+    def mark_delivered(self, message_ids: list[int]) -> None:
+        if not message_ids:
+            return
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE outbox SET delivered_at = ? WHERE id = ?",
+                [(time.time(), i) for i in message_ids],
+            )
+
+    def prune(self, older_than: float) -> int:
+        """Forget delivered messages and final transactions last touched before `older_than`."""
+        with self._transaction() as db:
+            removed = db.execute(
+                "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?",
+                (older_than,)).rowcount
+            removed += db.execute(
+                "DELETE FROM transactions WHERE state = 'final' AND updated_at < ?",
+                (older_than,)).rowcount
+        return removed

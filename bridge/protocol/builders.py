@@ -1,0 +1,72 @@
+"""Messages the bridge itself originates: status polls, and the answers it gives a register
+when it refuses a request. Everything built here passes `check_request_header`."""
+
+from __future__ import annotations
+
+import secrets
+import string
+from typing import Any
+
+from bridge.protocol.messages import MessageHeader
+
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_service_id(length: int = 10) -> str:
+    """A fresh ServiceID: 10 random letters and digits (62^10 values), so collisions with a
+    register's own IDs within the seed's 48-hour window are negligible."""
+    return "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def status_request(
+    *, sale_id: str, service_id: str, poi_id: str, original_service_id: str,
+    original_category: str,
+) -> dict[str, Any]:
+    """A TransactionStatusRequest about one transaction, as the seed prescribes: receipts are
+    asked for again so the register can print them if the original response was lost."""
+    return {
+        "SaleToPOIRequest": {
+            "MessageHeader": {
+                "ProtocolVersion": "3.0",
+                "MessageClass": "Service",
+                "MessageCategory": "TransactionStatus",
+                "MessageType": "Request",
+                "SaleID": sale_id,
+                "ServiceID": service_id,
+                "POIID": poi_id,
+            },
+            "TransactionStatusRequest": {
+                "ReceiptReprintFlag": True,
+                "DocumentQualifier": ["CashierReceipt", "CustomerReceipt"],
+                "MessageReference": {
+                    "SaleID": sale_id,
+                    "ServiceID": original_service_id,
+                    "MessageCategory": original_category,
+                },
+            },
+        }
+    }
+
+
+def failure_response(
+    header: MessageHeader | dict[str, Any], category: str, error_condition: str, text: str,
+) -> dict[str, Any]:
+    """A SaleToPOIResponse the bridge answers with itself (terminal busy, offline, refused):
+    the same shape a terminal would send, so a register has one code path."""
+    if isinstance(header, MessageHeader):
+        header_doc = header.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    else:
+        header_doc = dict(header)
+    header_doc["MessageType"] = "Response"
+    return {
+        "SaleToPOIResponse": {
+            "MessageHeader": header_doc,
+            f"{category}Response": {
+                "Response": {
+                    "Result": "Failure",
+                    "ErrorCondition": error_condition,
+                    "AdditionalResponse": text,
+                }
+            },
+        }
+    }

@@ -1,0 +1,423 @@
+"""SaleToPOI (nexo / Terminal API) message models.
+
+The bridge models what it interprets (headers, Response, MessageReference, the bodies of the
+categories it drives) and keeps everything else as it came: every model allows extra fields,
+and `to_document()` dumps only what was set, so a terminal's message survives parse ->
+serialise as the same JSON object. Enumerations are open: a value the bridge does not know is
+kept as a plain string instead of being rejected, because terminals in the field send them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+SERVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{1,10}$")
+POIID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*-[A-Za-z0-9]+$")
+MAX_NESTING = 64
+
+
+class MessageClass(StrEnum):
+    SERVICE = "Service"
+    DEVICE = "Device"
+    EVENT = "Event"
+
+
+class MessageCategory(StrEnum):
+    PAYMENT = "Payment"
+    REVERSAL = "Reversal"
+    ABORT = "Abort"
+    TRANSACTION_STATUS = "TransactionStatus"
+    DIAGNOSIS = "Diagnosis"
+    LOGIN = "Login"
+    LOGOUT = "Logout"
+    CARD_ACQUISITION = "CardAcquisition"
+    INPUT = "Input"
+    PRINT = "Print"
+    DISPLAY = "Display"
+    STORED_VALUE = "StoredValue"
+    RECONCILIATION = "Reconciliation"
+    GET_TOTALS = "GetTotals"
+    BALANCE_INQUIRY = "BalanceInquiry"
+    ADMIN = "Admin"
+    ENABLE_SERVICE = "EnableService"
+    EVENT = "Event"
+
+
+class MessageType(StrEnum):
+    REQUEST = "Request"
+    RESPONSE = "Response"
+    NOTIFICATION = "Notification"
+
+
+class Result(StrEnum):
+    SUCCESS = "Success"
+    FAILURE = "Failure"
+    PARTIAL = "Partial"
+
+
+class ErrorCondition(StrEnum):
+    ABORTED = "Aborted"
+    BUSY = "Busy"
+    CANCEL = "Cancel"
+    DEVICE_OUT = "DeviceOut"
+    IN_PROGRESS = "InProgress"
+    INSERTED_CARD = "InsertedCard"
+    INVALID_CARD = "InvalidCard"
+    LOGGED_OUT = "LoggedOut"
+    MESSAGE_FORMAT = "MessageFormat"
+    NOT_ALLOWED = "NotAllowed"
+    NOT_FOUND = "NotFound"
+    PAYMENT_RESTRICTION = "PaymentRestriction"
+    REFUSAL = "Refusal"
+    UNAVAILABLE_DEVICE = "UnavailableDevice"
+    UNAVAILABLE_SERVICE = "UnavailableService"
+    UNREACHABLE_HOST = "UnreachableHost"
+    WRONG_PIN = "WrongPIN"
+
+
+E = TypeVar("E", bound=StrEnum)
+# A known value becomes the enum member; an unknown one stays a string (left_to_right tries
+# the enum first, so "Success" is Result.SUCCESS, and "Pending" is kept as "Pending").
+Open = Annotated[E | str, Field(union_mode="left_to_right")]
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+
+class MessageHeader(_Open):
+    protocol_version: str | None = Field(None, alias="ProtocolVersion")
+    message_class: Open[MessageClass] | None = Field(None, alias="MessageClass")
+    message_category: Open[MessageCategory] = Field(alias="MessageCategory")
+    message_type: Open[MessageType] = Field(alias="MessageType")
+    sale_id: str | None = Field(None, alias="SaleID")
+    service_id: str | None = Field(None, alias="ServiceID")
+    poi_id: str | None = Field(None, alias="POIID")
+    device_id: str | None = Field(None, alias="DeviceID")
+
+
+class Response(_Open):
+    result: Open[Result] = Field(alias="Result")
+    error_condition: Open[ErrorCondition] | None = Field(None, alias="ErrorCondition")
+    additional_response: str | None = Field(None, alias="AdditionalResponse")
+
+
+class MessageReference(_Open):
+    message_category: Open[MessageCategory] | None = Field(None, alias="MessageCategory")
+    sale_id: str | None = Field(None, alias="SaleID")
+    service_id: str | None = Field(None, alias="ServiceID")
+    poi_id: str | None = Field(None, alias="POIID")
+    device_id: str | None = Field(None, alias="DeviceID")
+
+
+class _ResponseBody(_Open):
+    response: Response | None = Field(None, alias="Response")
+
+
+# --- request and response bodies the bridge drives -------------------------------------------
+
+class AmountsReq(_Open):
+    currency: str = Field(alias="Currency")
+    requested_amount: int | float = Field(alias="RequestedAmount")
+
+
+class PaymentTransaction(_Open):
+    amounts_req: AmountsReq = Field(alias="AmountsReq")
+
+
+class SaleTransactionID(_Open):
+    transaction_id: str = Field(alias="TransactionID")
+    time_stamp: str | None = Field(None, alias="TimeStamp")
+
+
+class SaleData(_Open):
+    sale_transaction_id: SaleTransactionID | None = Field(None, alias="SaleTransactionID")
+
+
+class PaymentRequest(_Open):
+    sale_data: SaleData = Field(alias="SaleData")
+    payment_transaction: PaymentTransaction = Field(alias="PaymentTransaction")
+
+
+class PaymentResponse(_ResponseBody):
+    pass
+
+
+class ReversalRequest(_Open):
+    original_poi_transaction: dict[str, Any] | None = Field(None, alias="OriginalPOITransaction")
+    reversal_reason: str | None = Field(None, alias="ReversalReason")
+
+
+class ReversalResponse(_ResponseBody):
+    pass
+
+
+class AbortRequest(_Open):
+    message_reference: MessageReference = Field(alias="MessageReference")
+    abort_reason: str | None = Field(None, alias="AbortReason")
+
+
+class TransactionStatusRequest(_Open):
+    message_reference: MessageReference | None = Field(None, alias="MessageReference")
+    receipt_reprint_flag: bool | None = Field(None, alias="ReceiptReprintFlag")
+    document_qualifier: list[str] | None = Field(None, alias="DocumentQualifier")
+
+
+class RepeatedMessageResponse(_Open):
+    # The inner header is optional: vendors omit it (see the .NET status-response fixture).
+    message_header: MessageHeader | None = Field(None, alias="MessageHeader")
+    repeated_response_message_body: dict[str, Any] | None = Field(
+        None, alias="RepeatedResponseMessageBody"
+    )
+
+
+class TransactionStatusResponse(_ResponseBody):
+    message_reference: MessageReference | None = Field(None, alias="MessageReference")
+    repeated_message_response: RepeatedMessageResponse | None = Field(
+        None, alias="RepeatedMessageResponse"
+    )
+
+
+class DiagnosisRequest(_Open):
+    host_diagnosis_flag: bool | None = Field(None, alias="HostDiagnosisFlag")
+
+
+class DiagnosisResponse(_ResponseBody):
+    logged_sale_id: list[str] | None = Field(None, alias="LoggedSaleID")
+    poi_status: dict[str, Any] | None = Field(None, alias="POIStatus")
+
+
+class LoginRequest(_Open):
+    date_time: str | None = Field(None, alias="DateTime")
+    sale_software: dict[str, Any] | None = Field(None, alias="SaleSoftware")
+    operator_id: str | None = Field(None, alias="OperatorID")
+
+
+class LoginResponse(_ResponseBody):
+    poi_system_data: dict[str, Any] | None = Field(None, alias="POISystemData")
+
+
+class LogoutRequest(_Open):
+    maintenance_allowed: bool | None = Field(None, alias="MaintenanceAllowed")
+
+
+class LogoutResponse(_ResponseBody):
+    pass
+
+
+class EventNotification(_Open):
+    event_to_notify: str = Field(alias="EventToNotify")
+    time_stamp: str | None = Field(None, alias="TimeStamp")
+    event_details: str | None = Field(None, alias="EventDetails")
+    rejected_message: str | None = Field(None, alias="RejectedMessage")
+
+
+REQUEST_BODIES: dict[str, type[_Open]] = {
+    "PaymentRequest": PaymentRequest,
+    "ReversalRequest": ReversalRequest,
+    "AbortRequest": AbortRequest,
+    "TransactionStatusRequest": TransactionStatusRequest,
+    "DiagnosisRequest": DiagnosisRequest,
+    "LoginRequest": LoginRequest,
+    "LogoutRequest": LogoutRequest,
+}
+RESPONSE_BODIES: dict[str, type[_Open]] = {
+    "PaymentResponse": PaymentResponse,
+    "ReversalResponse": ReversalResponse,
+    "TransactionStatusResponse": TransactionStatusResponse,
+    "DiagnosisResponse": DiagnosisResponse,
+    "LoginResponse": LoginResponse,
+    "LogoutResponse": LogoutResponse,
+}
+_ENVELOPE_KEYS = {"MessageHeader", "SecurityTrailer", "NexoBlob"}
+
+
+class _Envelope(_Open):
+    message_header: MessageHeader | None = Field(None, alias="MessageHeader")
+    security_trailer: dict[str, Any] | None = Field(None, alias="SecurityTrailer")
+    nexo_blob: str | None = Field(None, alias="NexoBlob")
+
+    kind: Literal["SaleToPOIRequest", "SaleToPOIResponse"]  # set by subclasses
+
+    def body_key(self) -> str | None:
+        """The key of the message body ('PaymentResponse', 'EventNotification', ...)."""
+        for name, field in type(self).model_fields.items():
+            if field.alias and field.alias not in _ENVELOPE_KEYS and name != "kind":
+                if getattr(self, name) is not None:
+                    return field.alias
+        for key, value in (self.model_extra or {}).items():
+            if key not in _ENVELOPE_KEYS and isinstance(value, dict):
+                return key
+        return None
+
+    def body(self) -> Any:
+        """The body: a model for the categories the bridge drives, else the raw dict."""
+        key = self.body_key()
+        if key is None:
+            return None
+        for name, field in type(self).model_fields.items():
+            if field.alias == key:
+                return getattr(self, name)
+        return (self.model_extra or {}).get(key)
+
+    @property
+    def category(self) -> str | None:
+        if self.message_header is not None:
+            return str(self.message_header.message_category)
+        key = self.body_key()
+        for suffix in ("Request", "Response"):
+            if key and key.endswith(suffix):
+                return key[: -len(suffix)]
+        return None
+
+    def to_document(self) -> dict[str, Any]:
+        inner = self.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"kind"})
+        return {self.kind: inner}
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_document(), separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class SaleToPOIRequest(_Envelope):
+    kind: Literal["SaleToPOIRequest"] = Field("SaleToPOIRequest", exclude=True)
+    payment_request: PaymentRequest | None = Field(None, alias="PaymentRequest")
+    reversal_request: ReversalRequest | None = Field(None, alias="ReversalRequest")
+    abort_request: AbortRequest | None = Field(None, alias="AbortRequest")
+    transaction_status_request: TransactionStatusRequest | None = Field(
+        None, alias="TransactionStatusRequest"
+    )
+    diagnosis_request: DiagnosisRequest | None = Field(None, alias="DiagnosisRequest")
+    login_request: LoginRequest | None = Field(None, alias="LoginRequest")
+    logout_request: LogoutRequest | None = Field(None, alias="LogoutRequest")
+    # Terminals send event notifications (Reject, Shutdown...) inside a SaleToPOIRequest.
+    event_notification: EventNotification | None = Field(None, alias="EventNotification")
+
+
+class SaleToPOIResponse(_Envelope):
+    kind: Literal["SaleToPOIResponse"] = Field("SaleToPOIResponse", exclude=True)
+    payment_response: PaymentResponse | None = Field(None, alias="PaymentResponse")
+    reversal_response: ReversalResponse | None = Field(None, alias="ReversalResponse")
+    transaction_status_response: TransactionStatusResponse | None = Field(
+        None, alias="TransactionStatusResponse"
+    )
+    diagnosis_response: DiagnosisResponse | None = Field(None, alias="DiagnosisResponse")
+    login_response: LoginResponse | None = Field(None, alias="LoginResponse")
+    logout_response: LogoutResponse | None = Field(None, alias="LogoutResponse")
+    event_notification: EventNotification | None = Field(None, alias="EventNotification")
+
+
+Message = SaleToPOIRequest | SaleToPOIResponse
+
+
+class MessageError(ValueError):
+    """The bytes are not a usable SaleToPOI message; the text says what and where."""
+
+
+def _depth_ok(raw: str | bytes, limit: int) -> bool:
+    # Cheap guard against nesting bombs before json.loads recurses into them.
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in raw if isinstance(raw, str) else raw.decode("utf-8", "replace"):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > limit:
+                    return False
+        elif ch in "]}":
+            depth -= 1
+    return True
+
+
+def load_json(raw: str | bytes, *, max_size: int | None = None) -> Any:
+    """json.loads with the limits hostile input needs: size, nesting depth, encoding."""
+    if max_size is not None and len(raw) > max_size:
+        raise MessageError(f"message is {len(raw)} bytes, larger than the limit of {max_size}")
+    if isinstance(raw, bytes | bytearray):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MessageError(f"not UTF-8 text (bad byte at offset {exc.start})") from None
+    if raw.count("{") + raw.count("[") > MAX_NESTING and not _depth_ok(raw, MAX_NESTING):
+        raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise MessageError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise MessageError("JSON nested too deeply") from None
+
+
+def _where(err: dict[str, Any], root: str) -> str:
+    return ".".join([root, *(str(p) for p in err["loc"])])
+
+
+def parse_message(data: str | bytes | dict[str, Any], *, max_size: int | None = None) -> Message:
+    """Parse one SaleToPOIRequest or SaleToPOIResponse document; MessageError if it is not one."""
+    document = data if isinstance(data, dict) else load_json(data, max_size=max_size)
+    if not isinstance(document, dict):
+        raise MessageError(f"expected a JSON object, got {type(document).__name__}")
+    roots = [k for k in ("SaleToPOIRequest", "SaleToPOIResponse") if k in document]
+    if len(roots) != 1 or len(document) != 1:
+        keys = ", ".join(sorted(map(str, document))) or "nothing"
+        raise MessageError(
+            f"expected one SaleToPOIRequest or SaleToPOIResponse object, found {keys}"
+        )
+    root = roots[0]
+    inner = document[root]
+    if not isinstance(inner, dict):
+        raise MessageError(f"{root} must be an object, got {type(inner).__name__}")
+    model = SaleToPOIRequest if root == "SaleToPOIRequest" else SaleToPOIResponse
+    try:
+        return model.model_validate(inner)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise MessageError(f"{_where(first, root)}: {first['msg']}{more}") from None
+
+
+def check_request_header(message: Message) -> list[str]:
+    """Problems with a request's header, by the seed's rules: the bridge only sends requests
+    that pass (ServiceID 1-10 alphanumeric, POIID [model]-[serial], the body matches the
+    category). Messages *from* terminals are not held to this: they vary in the field."""
+    problems: list[str] = []
+    if not isinstance(message, SaleToPOIRequest):
+        return ["expected a SaleToPOIRequest"]
+    header = message.message_header
+    if header is None:
+        return ["MessageHeader is missing"]
+    if header.message_type != MessageType.REQUEST:
+        problems.append(f"MessageHeader.MessageType must be Request, not {header.message_type}")
+    if header.message_class not in (MessageClass.SERVICE, MessageClass.DEVICE):
+        problems.append(
+            f"MessageHeader.MessageClass must be Service or Device, not {header.message_class}"
+        )
+    if not header.sale_id or not header.sale_id.strip():
+        problems.append("MessageHeader.SaleID is missing")
+    elif len(header.sale_id) > 64 or not header.sale_id.isprintable():
+        problems.append("MessageHeader.SaleID must be printable and at most 64 characters")
+    if not header.service_id or not SERVICE_ID_PATTERN.match(header.service_id):
+        problems.append("MessageHeader.ServiceID must be 1-10 letters or digits")
+    if not header.poi_id or not POIID_PATTERN.match(header.poi_id):
+        problems.append("MessageHeader.POIID must be [model]-[serial], e.g. V400m-324688179")
+    key = message.body_key()
+    expected = f"{header.message_category}Request"
+    if key is None:
+        problems.append(f"the request has no body (expected {expected})")
+    elif key != expected:
+        problems.append(f"MessageCategory {header.message_category} does not match body {key}")
+    return problems

@@ -1,0 +1,201 @@
+"""What a response means for the register: one outcome word per answer.
+
+`classify()` reads any message a terminal sends back (a direct response, a
+TransactionStatusResponse whose outcome sits in RepeatedMessageResponse, an
+EventNotification where a response was expected) and says what happened, in the words the
+register API uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from bridge.protocol.messages import (
+    ErrorCondition,
+    Message,
+    MessageHeader,
+    MessageType,
+    Result,
+    SaleToPOIRequest,
+    SaleToPOIResponse,
+    TransactionStatusResponse,
+)
+
+# Categories where money moves: their results are approved/declined, not success/failure.
+MONEY_CATEGORIES = frozenset({"Payment", "Reversal", "StoredValue"})
+
+
+class Outcome(StrEnum):
+    APPROVED = "approved"
+    DECLINED = "declined"
+    CANCELLED = "cancelled"  # cancelled on the terminal (shopper or cashier at the terminal)
+    ABORTED = "aborted"  # aborted from the register (AbortRequest)
+    IN_PROGRESS = "in_progress"
+    NOT_FOUND = "not_found"
+    BUSY = "busy"
+    ERROR = "error"  # the answer is unusable: no body, no Response, an event, a status without outcome
+    SUCCESS = "success"  # non-money categories
+    FAILURE = "failure"
+    # Decided by the bridge, never by classify():
+    UNRESOLVED = "unresolved"
+    REJECTED = "rejected"
+
+    @property
+    def is_final(self) -> bool:
+        return self not in (Outcome.IN_PROGRESS, Outcome.BUSY, Outcome.ERROR, Outcome.UNRESOLVED)
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    outcome: Outcome
+    category: str | None  # the category the outcome is about (the original one, for a status)
+    result: str | None
+    error_condition: str | None
+    detail: str
+    # For a TransactionStatusResponse that carries the original outcome: its body key and body
+    # ("PaymentResponse", {...}) and inner header, if the terminal sent one.
+    repeated_body_key: str | None = None
+    repeated_body: dict[str, Any] | None = None
+    repeated_header: MessageHeader | None = None
+
+    @property
+    def from_status(self) -> bool:
+        return self.repeated_body_key is not None
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _outcome_of(category: str | None, result: str | None, condition: str | None) -> Outcome:
+    money = category in MONEY_CATEGORIES
+    if result in (Result.SUCCESS, Result.PARTIAL):
+        # Partial on a payment is a partial approval: money moved; AuthorizedAmount says how much.
+        return Outcome.APPROVED if money else Outcome.SUCCESS
+    if result != Result.FAILURE:
+        return Outcome.ERROR
+    if condition == ErrorCondition.IN_PROGRESS:
+        return Outcome.IN_PROGRESS
+    if condition == ErrorCondition.BUSY:
+        return Outcome.BUSY
+    if not money:
+        return Outcome.FAILURE
+    if condition == ErrorCondition.ABORTED:
+        return Outcome.ABORTED
+    if condition == ErrorCondition.CANCEL:
+        return Outcome.CANCELLED
+    return Outcome.DECLINED
+
+
+def _classify_body(category: str | None, body: Any) -> Classification:
+    response = body.get("Response") if isinstance(body, dict) else getattr(body, "response", None)
+    if response is None:
+        return Classification(Outcome.ERROR, category, None, None, "the response has no Response")
+    if isinstance(response, dict):
+        result, condition = _text(response.get("Result")), _text(response.get("ErrorCondition"))
+    else:
+        result, condition = _text(response.result), _text(response.error_condition)
+    outcome = _outcome_of(category, result, condition)
+    detail = f"{category or 'unknown'} {result or 'no Result'}"
+    if condition:
+        detail += f" / {condition}"
+    if outcome is Outcome.ERROR:
+        detail = f"unknown Result {result!r}" if result else "Response has no Result"
+    return Classification(outcome, category, result, condition, detail)
+
+
+def _classify_status(response: TransactionStatusResponse) -> Classification:
+    status = response.response
+    if status is None:
+        return Classification(
+            Outcome.ERROR, "TransactionStatus", None, None, "status response has no Response"
+        )
+    result, condition = _text(status.result), _text(status.error_condition)
+    if result == Result.SUCCESS:
+        repeated = response.repeated_message_response
+        body_map = repeated.repeated_response_message_body if repeated else None
+        key = next((k for k, v in (body_map or {}).items() if isinstance(v, dict)), None)
+        if key is None:
+            # Seen in vendor fixtures: "processed", yet nothing says how it ended.
+            return Classification(
+                Outcome.ERROR, "TransactionStatus", result, condition,
+                "status says processed but carries no RepeatedMessageResponse",
+            )
+        header = repeated.message_header if repeated else None
+        category = (
+            str(header.message_category) if header is not None
+            else key.removesuffix("Response")
+        )
+        inner = _classify_body(category, body_map[key])
+        return Classification(
+            inner.outcome, category, inner.result, inner.error_condition,
+            f"status poll: {inner.detail}",
+            repeated_body_key=key, repeated_body=body_map[key], repeated_header=header,
+        )
+    if condition == ErrorCondition.IN_PROGRESS:
+        outcome, detail = Outcome.IN_PROGRESS, "transaction still in progress on the terminal"
+    elif condition == ErrorCondition.BUSY:
+        outcome, detail = Outcome.BUSY, "terminal busy; ask again"
+    elif condition == ErrorCondition.NOT_FOUND:
+        outcome, detail = Outcome.NOT_FOUND, "the terminal never received the transaction"
+    else:
+        outcome, detail = Outcome.ERROR, f"status poll failed: {result} / {condition}"
+    return Classification(outcome, "TransactionStatus", result, condition, detail)
+
+
+def classify(message: Message) -> Classification:
+    """The outcome a terminal's answer means. Never raises on a parsed message."""
+    if message.nexo_blob is not None:
+        return Classification(
+            Outcome.ERROR, message.category, None, None, "message is encrypted; decrypt it first"
+        )
+    if isinstance(message, SaleToPOIRequest):
+        event = message.event_notification
+        if event is not None:
+            detail = f"terminal sent event {event.event_to_notify}"
+            if event.event_details:
+                detail += f": {event.event_details}"
+            return Classification(Outcome.ERROR, "Event", None, None, detail)
+        return Classification(
+            Outcome.ERROR, message.category, None, None, "a request, not a response"
+        )
+    assert isinstance(message, SaleToPOIResponse)
+    if message.event_notification is not None:
+        event = message.event_notification
+        return Classification(
+            Outcome.ERROR, "Event", None, None, f"terminal sent event {event.event_to_notify}"
+        )
+    if message.transaction_status_response is not None:
+        return _classify_status(message.transaction_status_response)
+    key = message.body_key()
+    if key is None:
+        return Classification(Outcome.ERROR, message.category, None, None, "response has no body")
+    category = message.category if message.message_header else key.removesuffix("Response")
+    return _classify_body(category, message.body())
+
+
+def recovered_response(
+    classification: Classification, original_header: MessageHeader
+) -> dict[str, Any]:
+    """Rebuild the original response document from a status poll's RepeatedMessageResponse,
+    so a register handles one shape whichever way the result arrived. The inner header is
+    used when the terminal sent one, else the original request's header turned into a
+    response header."""
+    if classification.repeated_body_key is None or classification.repeated_body is None:
+        raise ValueError("classification carries no repeated response")
+    if classification.repeated_header is not None:
+        header = classification.repeated_header.model_dump(
+            mode="json", by_alias=True, exclude_unset=True
+        )
+    else:
+        header = original_header.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        header["MessageType"] = MessageType.RESPONSE.value
+    return {
+        "SaleToPOIResponse": {
+            "MessageHeader": header,
+            classification.repeated_body_key: classification.repeated_body,
+        }
+    }
+

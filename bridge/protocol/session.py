@@ -1,0 +1,559 @@
+"""The per-terminal state machine: the seed's timeout-then-status-poll loop, without I/O.
+
+A `TerminalSession` is fed events (a register's request, a message from the terminal, the
+link going up or down, a frame the link could not deliver, the passing of time) and answers
+with actions for the shell to carry out *in order*: `Record` (commit to the journal), `Send`
+(write to the terminal), `Deliver` (a result for a register), `Progress` (an event for the
+cashier's screen), `Log` (a line for the technician). A `Record` always comes before the
+`Send` or `Deliver` that depends on it, so a crash between the two never loses a request
+whose bytes went out, nor a result that was reported.
+
+Rules (from the seed and REFERENCE.md section 2):
+- one transaction at a time per terminal; another request meanwhile is refused with Busy,
+  except Abort and TransactionStatus, which pass straight through;
+- no answer within payment_timeout, a lost link, a frame the link could not deliver or an
+  unusable answer: ask the terminal with a TransactionStatusRequest (fresh ServiceID);
+- InProgress or Busy: ask again after a small floor; Success: the outcome is in
+  RepeatedMessageResponse; NotFound: final, the terminal never got it;
+- after resync_attempts polls without a usable answer, report `unresolved` and keep polling
+  in the background with capped exponential backoff until reconcile_deadline;
+- never re-send a request whose outcome is unknown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.protocol import builders
+from bridge.protocol.messages import (
+    Message,
+    MessageHeader,
+    SaleToPOIRequest,
+    SaleToPOIResponse,
+)
+from bridge.protocol.outcome import MONEY_CATEGORIES, Classification, Outcome, classify, recovered_response
+from bridge.protocol.transaction import Transaction, TxKey, TxState
+
+PASSTHROUGH_CATEGORIES = frozenset({"Abort", "TransactionStatus"})
+FINAL_MONEY_OUTCOMES = frozenset(
+    {Outcome.APPROVED, Outcome.DECLINED, Outcome.CANCELLED, Outcome.ABORTED}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    payment_timeout: float = 120.0
+    status_timeout: float = 30.0
+    resync_attempts: int = 2
+    poll_floor: float = 1.0  # least pause between two polls, against hot loops
+    reconcile_initial: float = 10.0
+    reconcile_max_interval: float = 600.0
+    reconcile_deadline: float = 24 * 3600.0
+
+
+# --- actions ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    document: dict[str, Any]
+    sale_id: str
+    service_id: str
+    purpose: str  # request, status-poll, abort, passthrough
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    sale_id: str
+    service_id: str
+    poi_id: str
+    category: str
+    outcome: str
+    source: str  # terminal, status-poll, bridge
+    response: dict[str, Any] | None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    sale_id: str
+    service_id: str
+    poi_id: str
+    event: str
+    detail: str = ""
+    poll: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: str  # debug, info, warning, error
+    message: str
+
+
+Action = Record | Send | Deliver | Progress | Log
+
+
+@dataclass(slots=True)
+class _Probe:
+    key: TxKey
+    poll_id: str
+    deadline: float
+
+
+def _header_of(txn: Transaction) -> MessageHeader:
+    return MessageHeader.model_validate(txn.request["SaleToPOIRequest"]["MessageHeader"])
+
+
+class TerminalSession:
+    """Everything the bridge knows about one terminal's transactions, as a state machine."""
+
+    def __init__(
+        self,
+        poi_id: str,
+        settings: SessionSettings | None = None,
+        new_service_id: Callable[[], str] = builders.new_service_id,
+    ) -> None:
+        self.poi_id = poi_id
+        self.settings = settings or SessionSettings()
+        self._new_service_id = new_service_id
+        self.open: dict[TxKey, Transaction] = {}  # every transaction not yet final
+        self.active: TxKey | None = None  # the one that owns the terminal
+        self.link_up = False
+        self._probe: _Probe | None = None  # the one status poll on the wire
+        self._poll_index: dict[str, TxKey] = {}
+
+    # --- queries ------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return self.active is not None
+
+    def next_deadline(self) -> float | None:
+        times = [t.deadline for t in self.open.values() if t.deadline is not None]
+        times += [t.next_poll_at for t in self.open.values() if t.next_poll_at is not None]
+        if self._probe is not None:
+            times.append(self._probe.deadline)
+        return min(times, default=None)
+
+    # --- events -------------------------------------------------------------------------------
+
+    def submit(
+        self, request: SaleToPOIRequest, document: dict[str, Any], digest: str, now: float
+    ) -> list[Action]:
+        """A register's request, already validated and checked for ServiceID reuse."""
+        header = request.message_header
+        assert header is not None and header.sale_id and header.service_id
+        category = str(header.message_category)
+        if not self.link_up:
+            return self._refuse(header, category, "UnavailableDevice",
+                                f"terminal {self.poi_id} is offline; nothing was sent")
+        passthrough = category in PASSTHROUGH_CATEGORIES
+        if not passthrough and self.active is not None:
+            return self._refuse(header, category, "Busy",
+                                f"terminal {self.poi_id} is busy with transaction {self.active}")
+        txn = Transaction(
+            sale_id=header.sale_id, service_id=header.service_id, poi_id=self.poi_id,
+            category=category, request=document, digest=digest, created_at=now,
+            updated_at=now, passthrough=passthrough,
+        )
+        if category == "Abort":
+            # An abort gets no response of its own; the aborted transaction ends Failure/Aborted.
+            txn.state, txn.outcome, txn.source = TxState.FINAL, Outcome.SUCCESS.value, "bridge"
+            txn.detail = "abort sent to the terminal"
+            txn.sent_at = now
+            return [
+                Record(txn.snapshot()),
+                Send(document, txn.sale_id, txn.service_id, "abort"),
+                self._progress(txn, "abort_sent", self._abort_target(request)),
+                Deliver(txn.sale_id, txn.service_id, self.poi_id, category,
+                        Outcome.SUCCESS.value, "bridge", None, None),
+            ]
+        self.open[txn.key] = txn
+        if passthrough:
+            txn.state, txn.sent_at = TxState.AWAITING_RESPONSE, now
+            txn.deadline = now + self.settings.status_timeout
+            return [
+                Record(txn.snapshot()),
+                Send(document, txn.sale_id, txn.service_id, "passthrough"),
+                self._progress(txn, "sent", "status request passed to the terminal"),
+            ]
+        self.active = txn.key
+        accepted = self._progress(txn, "accepted")
+        if self._probe is not None:
+            # A background status poll is on the wire; the request goes out when it is answered.
+            return [Record(txn.snapshot()), accepted]
+        record, *rest = self._send_request(txn, now)
+        return [record, accepted, *rest]
+
+    def receive(self, message: Message, now: float) -> list[Action]:
+        """A message from the terminal."""
+        header = message.message_header
+        sale_id = header.sale_id if header else None
+        service_id = header.service_id if header else None
+        classification = classify(message)
+        if service_id is not None and service_id in self._poll_index:
+            key = self._poll_index[service_id]
+            txn = self.open.get(key)
+            if self._probe is not None and self._probe.poll_id == service_id:
+                self._probe = None
+            if txn is None:
+                return [Log("debug", f"late status answer {service_id} for finished {key}"),
+                        *self._pump(now)]
+            return self._status_answer(txn, classification, message, now) + self._pump(now)
+        if service_id is not None and sale_id is not None:
+            txn = self.open.get(TxKey(sale_id, service_id))
+            if txn is not None:
+                return self._original_answer(txn, classification, message, now) + self._pump(now)
+        if classification.category == "Event" and self.active is not None:
+            txn = self.open[self.active]
+            if txn.state is TxState.AWAITING_RESPONSE:
+                # An event (e.g. Reject) where the response was expected: not an outcome.
+                return self._unusable_answer(txn, classification.detail, now) + self._pump(now)
+        what = f"{message.category or 'unknown'} message"
+        ids = f"SaleID={sale_id} ServiceID={service_id}" if header else "no MessageHeader"
+        return [Log("warning", f"terminal {self.poi_id}: ignored {what} that matches no open "
+                               f"transaction ({ids}): {classification.detail}")]
+
+    def unusable(self, reason: str, now: float) -> list[Action]:
+        """The terminal sent something that is not a SaleToPOI message (garbage, a plain
+        error document). It can only be about what we are waiting for, if anything."""
+        txn = self._waiting_transaction()
+        if txn is None:
+            return [Log("warning", f"terminal {self.poi_id}: unusable message ignored: {reason}")]
+        return self._unusable_answer(txn, reason, now) + self._pump(now)
+
+    def link_is_up(self, now: float) -> list[Action]:
+        self.link_up = True
+        for txn in self.open.values():
+            if txn.state in (TxState.POLLING, TxState.UNRESOLVED) and txn.next_poll_at is not None:
+                txn.next_poll_at = min(txn.next_poll_at, now)  # ask at once after a replug
+        return self._pump(now)
+
+    def link_is_down(self, reason: str, now: float) -> list[Action]:
+        self.link_up = False
+        actions: list[Action] = []
+        if self._probe is not None:
+            txn = self.open.get(self._probe.key)
+            self._probe = None
+            if txn is not None:
+                actions += self._poll_failed(txn, f"link lost: {reason}", now,
+                                             retry_in=self.settings.status_timeout)
+        for txn in list(self.open.values()):
+            if txn.state is TxState.ACCEPTED:
+                actions += self._finish(
+                    txn, Outcome.REJECTED, None, "bridge", now,
+                    error=f"terminal {self.poi_id} went offline before the request was sent; "
+                          "nothing was charged, retry with a new ServiceID")
+            elif txn.state is TxState.AWAITING_RESPONSE:
+                if txn.passthrough or txn.category not in MONEY_CATEGORIES:
+                    actions += self._finish(txn, Outcome.ERROR, None, "bridge", now,
+                                            error=f"link to terminal lost: {reason}")
+                else:
+                    # The answer may be lost; ask as soon as the link is back.
+                    actions += self._to_polling(
+                        txn, f"link lost while waiting: {reason}", now,
+                        poll_at=now + self.settings.status_timeout)
+        return actions
+
+    def send_failed(self, service_id: str, reason: str, now: float) -> list[Action]:
+        """The link layer gave up on a frame (no ACK after every try)."""
+        if self._probe is not None and self._probe.poll_id == service_id:
+            txn = self.open.get(self._probe.key)
+            self._probe = None
+            if txn is None:
+                return self._pump(now)
+            return self._poll_failed(txn, f"status poll not delivered: {reason}", now,
+                                     retry_in=self.settings.poll_floor) + self._pump(now)
+        for txn in self.open.values():
+            if txn.service_id == service_id and txn.state is TxState.AWAITING_RESPONSE:
+                if txn.passthrough or txn.category not in MONEY_CATEGORIES:
+                    return self._finish(txn, Outcome.ERROR, None, "bridge", now,
+                                        error=f"terminal did not acknowledge: {reason}")
+                # The terminal may have read it and lost only our ACK: never re-send, ask.
+                return self._to_polling(txn, f"request not acknowledged: {reason}", now,
+                                        poll_at=now + self.settings.poll_floor) + self._pump(now)
+        return [Log("debug", f"terminal {self.poi_id}: frame for {service_id} not delivered")]
+
+    def tick(self, now: float) -> list[Action]:
+        """Time has passed: fire whatever deadlines are due."""
+        actions: list[Action] = []
+        if self._probe is not None and self._probe.deadline <= now:
+            txn = self.open.get(self._probe.key)
+            self._probe = None
+            if txn is not None:
+                actions += self._poll_failed(txn, "status poll not answered in time", now,
+                                             retry_in=self.settings.poll_floor)
+        for txn in list(self.open.values()):
+            if txn.state is TxState.AWAITING_RESPONSE and txn.deadline is not None \
+                    and txn.deadline <= now:
+                if txn.passthrough or txn.category not in MONEY_CATEGORIES:
+                    actions += self._finish(
+                        txn, Outcome.ERROR, None, "bridge", now,
+                        error=f"terminal did not answer within {txn.deadline - txn.sent_at:g} s"
+                        if txn.sent_at is not None else "terminal did not answer")
+                else:
+                    actions += self._to_polling(
+                        txn, f"no response within {self.settings.payment_timeout:g} s", now,
+                        poll_at=now)
+        return actions + self._pump(now)
+
+    def resync(self, txn: Transaction, now: float) -> list[Action]:
+        """Ask the terminal now about a transaction (the register's "re-sync"/"download")."""
+        current = self.open.get(txn.key)
+        if current is None:
+            if txn.state is not TxState.FINAL:
+                return [Log("warning", f"resync of {txn.key}: not open on {self.poi_id}")]
+            # Final already: ask again and republish; the journal's result stands if no answer.
+            current = txn.snapshot()
+            current.extra["reopened_from"] = {
+                "outcome": txn.outcome, "source": txn.source, "response": txn.response,
+                "detail": txn.detail,
+            }
+            current.state, current.unanswered_polls = TxState.POLLING, 0
+            self.open[current.key] = current
+        if current.state in (TxState.ACCEPTED, TxState.AWAITING_RESPONSE):
+            return [Log("info", f"resync of {txn.key}: still waiting for the terminal's answer")]
+        current.next_poll_at = now
+        return self._pump(now)
+
+    def restore(self, transactions: list[Transaction], now: float) -> list[Action]:
+        """After a restart: every transaction the journal holds open. Their state on the
+        terminal is unknown, so each is asked about; none is re-sent."""
+        actions: list[Action] = []
+        for txn in transactions:
+            txn = txn.snapshot()
+            self.open[txn.key] = txn
+            for poll_id in txn.poll_ids:
+                self._poll_index[poll_id] = txn.key
+            if txn.passthrough or txn.category not in MONEY_CATEGORIES:
+                actions += self._finish(txn, Outcome.ERROR, None, "bridge", now,
+                                        error="the bridge restarted before the terminal answered")
+                continue
+            if txn.state is not TxState.UNRESOLVED:
+                txn.state, txn.unanswered_polls = TxState.POLLING, 0
+            txn.deadline, txn.next_poll_at = None, now
+            txn.detail = "recovering after restart"
+            actions += [Record(txn.snapshot()), self._progress(txn, "recovering", txn.detail)]
+        return actions + self._pump(now)
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _send_request(self, txn: Transaction, now: float) -> list[Action]:
+        txn.state, txn.sent_at = TxState.AWAITING_RESPONSE, now
+        txn.deadline, txn.updated_at = now + self.settings.payment_timeout, now
+        return [
+            Record(txn.snapshot()),
+            Send(txn.request, txn.sale_id, txn.service_id, "request"),
+            self._progress(txn, "sent",
+                           f"awaiting terminal (up to {self.settings.payment_timeout:g} s)"),
+        ]
+
+    def _pump(self, now: float) -> list[Action]:
+        """Send whatever is due, one status poll on the wire at a time."""
+        actions: list[Action] = []
+        if not self.link_up:
+            for txn in list(self.open.values()):
+                if txn.state in (TxState.POLLING, TxState.UNRESOLVED) \
+                        and txn.next_poll_at is not None and txn.next_poll_at <= now:
+                    actions += self._poll_failed(
+                        txn, f"terminal {self.poi_id} offline", now,
+                        retry_in=self.settings.status_timeout)
+            return actions
+        if self._probe is not None:
+            return actions
+        active = self.open.get(self.active) if self.active else None
+        if active is not None and active.state is TxState.ACCEPTED:
+            return self._send_request(active, now)
+        if active is not None and active.state is TxState.AWAITING_RESPONSE:
+            return actions  # never disturb a terminal that is taking a payment
+        due = [
+            t for t in self.open.values()
+            if t.state in (TxState.POLLING, TxState.UNRESOLVED)
+            and t.next_poll_at is not None and t.next_poll_at <= now
+        ]
+        if not due:
+            return actions
+        due.sort(key=lambda t: (t.key != self.active, t.next_poll_at))
+        return actions + self._send_poll(due[0], now)
+
+    def _send_poll(self, txn: Transaction, now: float) -> list[Action]:
+        poll_id = self._new_service_id()
+        while poll_id in self._poll_index or TxKey(txn.sale_id, poll_id) in self.open:
+            poll_id = self._new_service_id()
+        self._poll_index[poll_id] = txn.key
+        deadline = now + self.settings.status_timeout
+        self._probe = _Probe(txn.key, poll_id, deadline)
+        txn.poll_ids += (poll_id,)
+        txn.polls_sent += 1
+        txn.deadline, txn.next_poll_at, txn.updated_at = deadline, None, now
+        document = builders.status_request(
+            sale_id=txn.sale_id, service_id=poll_id, poi_id=self.poi_id,
+            original_service_id=txn.service_id, original_category=txn.category,
+        )
+        return [
+            Record(txn.snapshot()),
+            Send(document, txn.sale_id, poll_id, "status-poll"),
+            self._progress(txn, "status_poll", f"asking the terminal (poll {txn.polls_sent})",
+                           poll=txn.polls_sent),
+        ]
+
+    def _to_polling(self, txn: Transaction, reason: str, now: float, poll_at: float) -> list[Action]:
+        txn.state, txn.deadline, txn.next_poll_at = TxState.POLLING, None, poll_at
+        txn.unanswered_polls, txn.detail, txn.updated_at = 0, reason, now
+        return [Record(txn.snapshot()), self._progress(txn, "awaiting_status", reason)]
+
+    def _poll_failed(self, txn: Transaction, reason: str, now: float, retry_in: float) -> list[Action]:
+        """A status poll went unanswered (or could not be sent, or was unusable)."""
+        txn.unanswered_polls += 1
+        txn.deadline, txn.detail, txn.updated_at = None, reason, now
+        reopened = txn.extra.get("reopened_from")
+        if reopened is not None and txn.unanswered_polls >= self.settings.resync_attempts:
+            # A resync of a finished transaction failed: the journal's result stands.
+            txn.extra.pop("reopened_from")
+            del self.open[txn.key]
+            return [Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
+                            reopened["outcome"], "journal", reopened["response"],
+                            f"terminal did not answer the resync ({reason}); stored result")]
+        if txn.state is TxState.POLLING and txn.unanswered_polls >= self.settings.resync_attempts:
+            txn.state = TxState.UNRESOLVED
+            txn.next_poll_at = now + self.settings.reconcile_initial
+            if self.active == txn.key:
+                self.active = None  # the register may close the sale as unpaid; we keep asking
+            return [
+                Record(txn.snapshot()),
+                Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
+                        Outcome.UNRESOLVED.value, "bridge", None,
+                        f"outcome unknown after {txn.unanswered_polls} status polls ({reason}); "
+                        "the bridge keeps asking the terminal and will report the result"),
+                self._progress(txn, "unresolved", reason),
+                Log("warning", f"terminal {self.poi_id}: transaction {txn.key} unresolved "
+                               f"({reason}); reconciling in the background"),
+            ]
+        if txn.state is TxState.UNRESOLVED:
+            txn.reconcile_attempts += 1
+            if now >= txn.created_at + self.settings.reconcile_deadline:
+                txn.next_poll_at = None
+                txn.detail = (f"gave up reconciling after {self.settings.reconcile_deadline:g} s; "
+                              "check the terminal's own transaction log")
+                return [
+                    Record(txn.snapshot()),
+                    self._progress(txn, "reconcile_abandoned", txn.detail),
+                    Log("error", f"terminal {self.poi_id}: transaction {txn.key}: {txn.detail}"),
+                ]
+            backoff = self.settings.reconcile_initial * 2 ** txn.reconcile_attempts
+            txn.next_poll_at = now + min(self.settings.reconcile_max_interval, backoff)
+            return [Record(txn.snapshot())]
+        txn.next_poll_at = now + max(retry_in, self.settings.poll_floor)
+        return [Record(txn.snapshot()), self._progress(txn, "status_poll_failed", reason,
+                                                       poll=txn.polls_sent)]
+
+    def _status_answer(
+        self, txn: Transaction, cls: Classification, message: Message, now: float
+    ) -> list[Action]:
+        if cls.outcome in FINAL_MONEY_OUTCOMES and cls.from_status:
+            return self._finish(txn, cls.outcome, recovered_response(cls, _header_of(txn)),
+                                "status-poll", now, detail=cls.detail)
+        if cls.outcome is Outcome.NOT_FOUND:
+            response = builders.failure_response(
+                _header_of(txn), txn.category, "NotFound",
+                "the terminal never received this transaction; nothing was charged")
+            return self._finish(txn, Outcome.NOT_FOUND, response, "status-poll", now,
+                                detail=cls.detail)
+        if cls.outcome in (Outcome.IN_PROGRESS, Outcome.BUSY):
+            txn.unanswered_polls = 0
+            txn.deadline, txn.detail, txn.updated_at = None, cls.detail, now
+            txn.next_poll_at = now + self.settings.poll_floor
+            return [Record(txn.snapshot()),
+                    self._progress(txn, "in_progress", cls.detail, poll=txn.polls_sent)]
+        return self._poll_failed(txn, f"unusable status answer: {cls.detail}", now,
+                                 retry_in=self.settings.poll_floor)
+
+    def _original_answer(
+        self, txn: Transaction, cls: Classification, message: Message, now: float
+    ) -> list[Action]:
+        document = message.to_document()
+        if txn.passthrough:
+            actions = self._finish(txn, cls.outcome, document, "terminal", now, detail=cls.detail)
+            return actions + self._apply_register_status(message, cls, now)
+        if txn.category not in MONEY_CATEGORIES:
+            outcome = Outcome.FAILURE if cls.outcome is Outcome.BUSY else cls.outcome
+            return self._finish(txn, outcome, document, "terminal", now, detail=cls.detail)
+        if cls.outcome in FINAL_MONEY_OUTCOMES:
+            return self._finish(txn, cls.outcome, document, "terminal", now, detail=cls.detail)
+        if cls.outcome is Outcome.BUSY:
+            return self._finish(txn, Outcome.DECLINED, document, "terminal", now,
+                                detail="terminal busy: the payment was not started")
+        return self._unusable_answer(txn, cls.detail, now)
+
+    def _apply_register_status(
+        self, message: Message, cls: Classification, now: float
+    ) -> list[Action]:
+        """A register's own status request may settle a transaction the bridge is polling."""
+        if not isinstance(message, SaleToPOIResponse) or not cls.from_status:
+            return []
+        body = message.transaction_status_response
+        ref = body.message_reference if body else None
+        if ref is None or ref.sale_id is None or ref.service_id is None:
+            return []
+        txn = self.open.get(TxKey(ref.sale_id, ref.service_id))
+        if txn is None or txn.state not in (TxState.POLLING, TxState.UNRESOLVED):
+            return []
+        return self._status_answer(txn, cls, message, now)
+
+    def _unusable_answer(self, txn: Transaction, reason: str, now: float) -> list[Action]:
+        if txn.passthrough or txn.category not in MONEY_CATEGORIES:
+            return self._finish(txn, Outcome.ERROR, None, "terminal", now,
+                                error=f"unusable answer from the terminal: {reason}")
+        return self._to_polling(txn, f"unusable answer: {reason}", now,
+                                poll_at=now + self.settings.poll_floor)
+
+    def _finish(
+        self, txn: Transaction, outcome: Outcome, response: dict[str, Any] | None, source: str,
+        now: float, *, detail: str = "", error: str | None = None,
+    ) -> list[Action]:
+        was_unresolved = txn.state is TxState.UNRESOLVED
+        txn.extra.pop("reopened_from", None)
+        txn.state, txn.outcome, txn.source, txn.response = TxState.FINAL, outcome.value, source, response
+        txn.deadline = txn.next_poll_at = None
+        txn.detail, txn.updated_at = error or detail, now
+        self.open.pop(txn.key, None)
+        for poll_id in txn.poll_ids:
+            self._poll_index.pop(poll_id, None)
+        if self._probe is not None and self._probe.key == txn.key:
+            self._probe = None
+        if self.active == txn.key:
+            self.active = None
+        event = "resolved" if was_unresolved else "completed"
+        return [
+            Record(txn.snapshot()),
+            Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category, outcome.value,
+                    source, response, error),
+            self._progress(txn, event, f"{outcome.value}" + (f": {txn.detail}" if txn.detail else "")),
+        ]
+
+    def _refuse(self, header: MessageHeader, category: str, condition: str, text: str) -> list[Action]:
+        response = builders.failure_response(header, category, condition, text)
+        return [Deliver(header.sale_id or "", header.service_id or "", self.poi_id, category,
+                        Outcome.REJECTED.value, "bridge", response, text)]
+
+    def _waiting_transaction(self) -> Transaction | None:
+        if self._probe is not None:
+            return None  # cannot tell a garbled poll answer from a garbled response
+        txn = self.open.get(self.active) if self.active else None
+        return txn if txn is not None and txn.state is TxState.AWAITING_RESPONSE else None
+
+    def _abort_target(self, request: SaleToPOIRequest) -> str:
+        ref = request.abort_request.message_reference if request.abort_request else None
+        if ref is None:
+            return "abort sent"
+        return f"abort of {ref.sale_id}/{ref.service_id} sent"
+
+    def _progress(self, txn: Transaction, event: str, detail: str = "",
+                  poll: int | None = None) -> Progress:
+        return Progress(txn.sale_id, txn.service_id, self.poi_id, event, detail, poll)

@@ -1,0 +1,89 @@
+"""One transaction as the bridge tracks it, and the rules that decide whether a register's
+request is new, a harmless repeat, or a refused reuse of a ServiceID.
+
+A Transaction is plain data: the journal stores it, the terminal session changes it. Times
+are wall-clock seconds (they must survive a restart of the daemon).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+SERVICE_ID_REUSE_WINDOW = 48 * 3600.0  # the seed: ServiceID unique per SaleID for 48 hours
+
+
+class TxState(StrEnum):
+    ACCEPTED = "accepted"  # recorded; not yet written to the terminal
+    AWAITING_RESPONSE = "awaiting_response"  # written; waiting up to payment_timeout
+    POLLING = "polling"  # outcome unknown; asking the terminal with status polls
+    UNRESOLVED = "unresolved"  # reported unresolved; still polled in the background
+    FINAL = "final"  # outcome known, recorded, reported
+
+    @property
+    def is_open(self) -> bool:
+        return self is not TxState.FINAL
+
+
+@dataclass(frozen=True, slots=True)
+class TxKey:
+    sale_id: str
+    service_id: str
+
+    def __str__(self) -> str:
+        return f"{self.sale_id}/{self.service_id}"
+
+
+@dataclass(slots=True)
+class Transaction:
+    sale_id: str
+    service_id: str
+    poi_id: str
+    category: str
+    request: dict[str, Any]
+    digest: str
+    created_at: float
+    state: TxState = TxState.ACCEPTED
+    updated_at: float = 0.0
+    sent_at: float | None = None
+    deadline: float | None = None  # end of the current wait (response or poll answer)
+    next_poll_at: float | None = None
+    poll_ids: tuple[str, ...] = ()
+    polls_sent: int = 0
+    unanswered_polls: int = 0  # consecutive polls without a usable answer
+    reconcile_attempts: int = 0
+    outcome: str | None = None
+    source: str | None = None  # terminal, status-poll, bridge
+    response: dict[str, Any] | None = None
+    detail: str = ""
+    passthrough: bool = False  # a register's own TransactionStatus or Abort: never polled
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> TxKey:
+        return TxKey(self.sale_id, self.service_id)
+
+    def snapshot(self) -> Transaction:
+        return replace(self, request=self.request, extra=dict(self.extra))
+
+
+def request_digest(document: dict[str, Any]) -> str:
+    """A fingerprint of a request, to tell an identical repeat from a different request that
+    reuses the ServiceID. Key order and white space do not matter."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class Reuse(StrEnum):
+    NEW = "new"
+    REPEAT = "repeat"  # identical request: answer with what is known, start nothing
+    CONFLICT = "conflict"  # same SaleID+ServiceID, different request, within 48 h: refuse
+
+
+def check_reuse(existing: Transaction | None, digest: str, now: float) -> Reuse:
+    if existing is None or now - existing.created_at > SERVICE_ID_REUSE_WINDOW:
+        return Reuse.NEW
+    return Reuse.REPEAT if existing.digest == digest else Reuse.CONFLICT

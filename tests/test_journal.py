@@ -1,0 +1,121 @@
+"""The journal on a real SQLite file: what is saved survives a reopen; a bad file stops us."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bridge.daemon.journal import Journal, JournalError
+from bridge.protocol.transaction import Transaction, TxKey, TxState, request_digest
+from bridge.simulator import responses
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_txn(service_id: str = "S1", state: TxState = TxState.AWAITING_RESPONSE) -> Transaction:
+    doc = responses.payment_request("R1", service_id, "V400m-1", 9.99)
+    return Transaction(sale_id="R1", service_id=service_id, poi_id="V400m-1", category="Payment",
+                       request=doc, digest=request_digest(doc), created_at=100.0,
+                       updated_at=100.0, state=state, poll_ids=("P1", "P2"), polls_sent=2,
+                       extra={"note": "x"})
+
+
+def test_transaction_round_trips_through_a_reopened_file(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    txn = make_txn()
+    journal.save(txn)
+    journal.close()
+    again = Journal(path)
+    loaded = again.get(TxKey("R1", "S1"))
+    assert loaded == txn
+    assert loaded.poll_ids == ("P1", "P2") and loaded.state is TxState.AWAITING_RESPONSE
+    assert again.get(TxKey("R1", "nope")) is None
+
+
+def test_save_updates_in_place_and_open_transactions_skip_final(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    journal.save(make_txn("S1"))
+    journal.save(make_txn("S2"))
+    final = make_txn("S1", TxState.FINAL)
+    final.outcome = "approved"
+    journal.save(final)
+    assert [t.service_id for t in journal.open_transactions()] == ["S2"]
+    assert journal.open_transactions("V400m-other") == []
+    assert journal.get(TxKey("R1", "S1")).outcome == "approved"
+    assert [t.service_id for t in journal.transactions(state="final")] == ["S1"]
+
+
+def test_outbox_is_atomic_with_the_transaction_and_survives_reopen(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    ids = journal.save(make_txn(), [("a/b", b"{}", 1, False), ("a/c", b"[]", 1, True)])
+    assert len(ids) == 2
+    journal.mark_delivered(ids[:1])
+    journal.close()
+    journal = Journal(path)
+    pending = journal.pending()
+    assert [(m.topic, m.payload, m.retain) for m in pending] == [("a/c", b"[]", True)]
+    assert journal.counts() == {"in_flight": 1, "unresolved": 0, "undelivered": 1}
+
+
+def test_failed_save_leaves_nothing_half_written(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    bad = make_txn()
+    bad.request = {"not serialisable": object()}
+    with pytest.raises(TypeError):
+        journal.save(bad, [("t", b"x", 1, False)])
+    assert journal.get(TxKey("R1", "S1")) is None and journal.pending() == []
+
+
+def test_prune_forgets_only_old_final_and_delivered(tmp_path):
+    journal = Journal(tmp_path / "j.sqlite3")
+    old_final = make_txn("S1", TxState.FINAL)
+    journal.save(old_final)
+    journal.save(make_txn("S2"))  # open: never pruned
+    (mid,) = journal.enqueue([("t", b"x", 1, False)])
+    journal.mark_delivered([mid])
+    journal.prune(older_than=10**12)
+    assert journal.get(TxKey("R1", "S1")) is None
+    assert journal.get(TxKey("R1", "S2")) is not None
+
+
+def test_garbage_file_is_refused_not_recreated(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(JournalError, match="will not overwrite"):
+        Journal(path)
+    assert path.read_bytes().startswith(b"this is not a database")
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE something (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match="not a poi-bridge journal"):
+        Journal(path)
+
+
+def test_commit_survives_kill_9_of_the_writer(tmp_path):
+    """A real process saves and is SIGKILLed straight after: the row is on disk."""
+    path = tmp_path / "j.sqlite3"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from bridge.daemon.journal import Journal
+        from tests.test_journal import make_txn
+        j = Journal({str(path)!r})
+        j.save(make_txn("S7"), [("t", b"payload", 1, False)])
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT)
+    assert proc.returncode == -9
+    journal = Journal(path)
+    assert journal.get(TxKey("R1", "S7")).state is TxState.AWAITING_RESPONSE
+    assert [m.payload for m in journal.pending()] == [b"payload"]

@@ -1,0 +1,524 @@
+"""The terminal session state machine, driven by events and a fake clock: no I/O, no sleeps."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bridge.protocol.messages import parse_message
+from bridge.protocol.session import (
+    Deliver,
+    Log,
+    Progress,
+    Record,
+    Send,
+    SessionSettings,
+    TerminalSession,
+)
+from bridge.protocol.transaction import TxKey, TxState, request_digest
+from bridge.simulator import responses
+
+POI = "V400m-324688179"
+SETTINGS = SessionSettings(
+    payment_timeout=120, status_timeout=30, resync_attempts=2, poll_floor=1,
+    reconcile_initial=10, reconcile_max_interval=600, reconcile_deadline=3600,
+)
+
+
+class Harness:
+    def __init__(self, settings: SessionSettings = SETTINGS, link_up: bool = True) -> None:
+        counter = itertools.count(1)
+        self.session = TerminalSession(POI, settings, new_service_id=lambda: f"P{next(counter)}")
+        self.now = 1_000_000.0
+        self.log: list = []
+        if link_up:
+            self.do(self.session.link_is_up(self.now))
+
+    def do(self, actions: list) -> list:
+        self.log.extend(actions)
+        return actions
+
+    def submit(self, sale: str, service: str, category: str = "Payment", doc=None) -> list:
+        doc = doc or responses.payment_request(sale, service, POI, 12.5, category=category)
+        return self.do(self.session.submit(parse_message(doc), doc, request_digest(doc), self.now))
+
+    def answer(self, document: dict) -> list:
+        return self.do(self.session.receive(parse_message(document), self.now))
+
+    def advance(self, seconds: float) -> list:
+        self.now += seconds
+        return self.do(self.session.tick(self.now))
+
+    def sends(self, actions=None, purpose: str | None = None) -> list[Send]:
+        return [a for a in (actions if actions is not None else self.log)
+                if isinstance(a, Send) and (purpose is None or a.purpose == purpose)]
+
+    def delivers(self, actions=None) -> list[Deliver]:
+        return [a for a in (actions if actions is not None else self.log) if isinstance(a, Deliver)]
+
+    def last_poll(self) -> dict:
+        return self.sends(purpose="status-poll")[-1].document
+
+
+def request_of(h: Harness, sale="R1", service="S1") -> dict:
+    return next(s.document for s in h.sends(purpose="request") if s.service_id == service
+                and s.sale_id == sale)
+
+
+def assert_recorded_before(actions: list, kinds=(Send, Deliver)) -> None:
+    """Every Send/Deliver about a transaction comes after a Record of it in the same batch."""
+    recorded: set[tuple[str, str]] = set()
+    for action in actions:
+        if isinstance(action, Record):
+            recorded.add((action.transaction.sale_id, action.transaction.service_id))
+        elif isinstance(action, Send) and action.purpose in ("request", "status-poll"):
+            ids = action.document["SaleToPOIRequest"]["MessageHeader"]
+            ref = action.document["SaleToPOIRequest"].get("TransactionStatusRequest", {})
+            original = ref.get("MessageReference", {}).get("ServiceID", ids["ServiceID"])
+            assert (ids["SaleID"], original) in recorded, f"{action} before its Record"
+        elif isinstance(action, Deliver) and action.outcome != "rejected":
+            assert (action.sale_id, action.service_id) in recorded, f"{action} before its Record"
+
+
+# --- the direct paths ------------------------------------------------------------------------
+
+def test_approved_payment_records_before_sending_and_before_reporting():
+    h = Harness()
+    sent = h.submit("R1", "S1")
+    assert_recorded_before(sent)
+    assert [s.purpose for s in h.sends(sent)] == ["request"]
+    assert sent[0].transaction.state is TxState.AWAITING_RESPONSE
+    done = h.answer(responses.payment_response(request_of(h), "approve", h.now))
+    assert_recorded_before(done)
+    (result,) = h.delivers(done)
+    assert (result.outcome, result.source) == ("approved", "terminal")
+    body = result.response["SaleToPOIResponse"]["PaymentResponse"]
+    assert body["Response"]["Result"] == "Success"
+    assert h.session.active is None and not h.session.open
+
+
+def test_declined_cancelled_and_aborted_outcomes():
+    for decision, outcome in [("decline", "declined"), ("cancel", "cancelled"),
+                              ("abort", "aborted")]:
+        h = Harness()
+        h.submit("R1", "S1")
+        (result,) = h.delivers(h.answer(responses.payment_response(request_of(h), decision, h.now)))
+        assert result.outcome == outcome
+
+
+def test_abort_passes_through_while_a_payment_is_open():
+    h = Harness()
+    h.submit("R1", "S1")
+    abort = {"SaleToPOIRequest": {
+        "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Service",
+                          "MessageCategory": "Abort", "MessageType": "Request", "SaleID": "R1",
+                          "ServiceID": "A1", "POIID": POI},
+        "AbortRequest": {"AbortReason": "MerchantAbort", "MessageReference": {
+            "MessageCategory": "Payment", "SaleID": "R1", "ServiceID": "S1", "POIID": POI}}}}
+    actions = h.submit("R1", "A1", doc=abort)
+    assert [s.purpose for s in h.sends(actions)] == ["abort"]
+    assert h.delivers(actions)[0].outcome == "success"
+    assert h.session.active == TxKey("R1", "S1")  # the payment still owns the terminal
+    (result,) = h.delivers(h.answer(responses.payment_response(request_of(h), "abort", h.now)))
+    assert result.outcome == "aborted" and result.service_id == "S1"
+
+
+def test_second_request_while_one_is_open_is_refused_busy_and_not_recorded():
+    h = Harness()
+    h.submit("R1", "S1")
+    actions = h.submit("R2", "S9")
+    assert not any(isinstance(a, (Record, Send)) for a in actions)
+    (refusal,) = h.delivers(actions)
+    assert refusal.outcome == "rejected" and refusal.sale_id == "R2"
+    response = refusal.response["SaleToPOIResponse"]["PaymentResponse"]["Response"]
+    assert response["ErrorCondition"] == "Busy"
+    assert "R1/S1" in refusal.error
+
+
+def test_request_while_terminal_offline_is_refused_unavailable():
+    h = Harness(link_up=False)
+    (refusal,) = h.delivers(h.submit("R1", "S1"))
+    assert refusal.outcome == "rejected"
+    assert "offline" in refusal.error
+    cond = refusal.response["SaleToPOIResponse"]["PaymentResponse"]["Response"]["ErrorCondition"]
+    assert cond == "UnavailableDevice"
+
+
+# --- the timeout-then-status-poll loop ---------------------------------------------------------
+
+def test_response_lost_then_status_poll_recovers_approved_in_the_original_shape():
+    h = Harness()
+    h.submit("R1", "S1")
+    original = responses.payment_response(request_of(h), "approve", h.now)  # never delivered
+    assert h.advance(119.9) == []
+    actions = h.advance(0.1)
+    assert_recorded_before(actions)
+    poll = h.sends(actions, "status-poll")[0].document["SaleToPOIRequest"]
+    assert poll["MessageHeader"]["MessageCategory"] == "TransactionStatus"
+    assert poll["MessageHeader"]["ServiceID"] not in ("S1",)
+    assert poll["TransactionStatusRequest"]["MessageReference"] == {
+        "SaleID": "R1", "ServiceID": "S1", "MessageCategory": "Payment"}
+    done = h.answer(responses.status_success(h.last_poll(), original, inner_header=False))
+    (result,) = h.delivers(done)
+    assert (result.outcome, result.source) == ("approved", "status-poll")
+    doc = result.response["SaleToPOIResponse"]
+    assert doc["MessageHeader"]["ServiceID"] == "S1"
+    assert doc["MessageHeader"]["MessageType"] == "Response"
+    assert doc["PaymentResponse"] == original["SaleToPOIResponse"]["PaymentResponse"]
+    assert len(h.sends(purpose="request")) == 1
+
+
+def test_in_progress_polls_again_after_the_floor_then_approved():
+    h = Harness()
+    h.submit("R1", "S1")
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    h.advance(120)
+    for n in range(5):
+        actions = h.answer(responses.status_in_progress(h.last_poll()))
+        assert any(isinstance(a, Progress) and a.event == "in_progress" for a in actions)
+        assert h.sends(actions) == []  # not immediately: the floor keeps it from hot-looping
+        assert len(h.sends(h.advance(1.0), "status-poll")) == 1
+    (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
+    assert result.outcome == "approved"
+    assert len(h.sends(purpose="status-poll")) == 6
+
+
+def test_request_lost_gives_not_found_and_is_never_resent():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.advance(120)
+    (result,) = h.delivers(h.answer(responses.status_not_found(h.last_poll())))
+    assert result.outcome == "not_found"
+    cond = result.response["SaleToPOIResponse"]["PaymentResponse"]["Response"]["ErrorCondition"]
+    assert cond == "NotFound"
+    h.advance(10_000)
+    assert len(h.sends(purpose="request")) == 1 and len(h.sends(purpose="status-poll")) == 1
+
+
+def test_silent_terminal_goes_unresolved_frees_terminal_and_resolves_later():
+    h = Harness()
+    h.submit("R1", "S1")
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    h.advance(120)                     # poll 1
+    h.advance(30)                      # poll 1 unanswered
+    assert len(h.sends(h.advance(1), "status-poll")) == 1  # poll 2 after the floor
+    actions = h.advance(30)            # poll 2 unanswered -> unresolved
+    (report,) = h.delivers(actions)
+    assert report.outcome == "unresolved" and report.response is None
+    assert "keeps asking" in report.error
+    assert h.session.active is None
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.UNRESOLVED
+    # The register moves on: a new payment is accepted while R1/S1 is reconciled.
+    h.submit("R1", "S2")
+    h.answer(responses.payment_response(request_of(h, "R1", "S2"), "approve", h.now))
+    # Background reconcile with backoff: first after reconcile_initial (10 s).
+    assert h.sends(h.advance(9)) == []
+    polls = h.sends(h.advance(1), "status-poll")
+    assert len(polls) == 1
+    ref = polls[0].document["SaleToPOIRequest"]["TransactionStatusRequest"]["MessageReference"]
+    assert ref["ServiceID"] == "S1"
+    done = h.answer(responses.status_success(h.last_poll(), original))
+    (resolved,) = h.delivers(done)
+    assert (resolved.outcome, resolved.source) == ("approved", "status-poll")
+    assert any(isinstance(a, Progress) and a.event == "resolved" for a in done)
+    assert not h.session.open
+
+
+def test_reconcile_backoff_grows_is_capped_and_gives_up_at_the_deadline():
+    h = Harness(SessionSettings(payment_timeout=1, status_timeout=1, resync_attempts=1,
+                                poll_floor=0.1, reconcile_initial=2, reconcile_max_interval=8,
+                                reconcile_deadline=60))
+    h.submit("R1", "S1")
+    h.advance(1)
+    h.advance(1)  # unresolved
+    gaps, last = [], h.now
+    txn = h.session.open[TxKey("R1", "S1")]
+    while txn.next_poll_at is not None or txn.deadline is not None:
+        h.now = h.session.next_deadline()
+        if h.sends(h.do(h.session.tick(h.now)), "status-poll"):
+            gaps.append(round(h.now - last, 3))
+            last = h.now
+    assert gaps[:4] == [2.0, 5.0, 9.0, 9.0]  # 2, then 4+1 s, then capped at 8+1 s
+    abandoned = [a for a in h.log if isinstance(a, Progress) and a.event == "reconcile_abandoned"]
+    assert len(abandoned) == 1
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.UNRESOLVED
+    assert h.session.next_deadline() is None
+
+
+def test_unplug_mid_payment_then_replug_polls_at_once_and_resolves():
+    h = Harness()
+    h.submit("R1", "S1")
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    h.now += 5
+    down = h.do(h.session.link_is_down("serial device disappeared", h.now))
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+    assert h.sends(down) == []
+    h.now += 3
+    up = h.do(h.session.link_is_up(h.now))
+    assert len(h.sends(up, "status-poll")) == 1
+    (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
+    assert result.outcome == "approved"
+    assert len(h.sends(purpose="request")) == 1
+
+
+def test_unplugged_for_long_reports_unresolved_without_sending():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.do(h.session.link_is_down("EIO", h.now))
+    h.advance(30)
+    h.advance(30)
+    (report,) = h.delivers()
+    assert report.outcome == "unresolved"
+    assert len(h.sends()) == 1  # only the original request ever went out
+
+
+def test_request_not_acknowledged_is_polled_never_resent():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.do(h.session.send_failed("S1", "no ACK after 3 tries", h.now))
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+    polls = h.sends(h.advance(1), "status-poll")
+    assert len(polls) == 1
+    h.answer(responses.status_not_found(h.last_poll()))
+    assert len(h.sends(purpose="request")) == 1
+
+
+def test_event_notification_instead_of_response_triggers_a_status_poll():
+    h = Harness()
+    h.submit("R1", "S1")
+    reject = {"SaleToPOIRequest": {
+        "MessageHeader": {"MessageCategory": "Event", "MessageClass": "Event",
+                          "MessageType": "Notification", "POIID": POI, "SaleID": "N/A",
+                          "ProtocolVersion": "3.0"},
+        "EventNotification": {"EventToNotify": "Reject", "EventDetails": "message=bad"}}}
+    h.answer(reject)
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+    assert len(h.sends(h.advance(1), "status-poll")) == 1
+
+
+def test_garbage_from_terminal_while_waiting_is_an_unusable_answer():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.do(h.session.unusable("not JSON", h.now))
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+
+
+def test_late_original_response_wins_and_the_poll_answer_is_ignored():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.advance(120)
+    poll = h.last_poll()
+    (result,) = h.delivers(h.answer(responses.payment_response(request_of(h), "decline", h.now)))
+    assert (result.outcome, result.source) == ("declined", "terminal")
+    late = h.answer(responses.status_in_progress(poll))
+    assert h.delivers(late) == [] and all(isinstance(a, Log) for a in late)
+
+
+def test_duplicate_response_after_final_is_ignored():
+    h = Harness()
+    h.submit("R1", "S1")
+    answer = responses.payment_response(request_of(h), "approve", h.now)
+    h.answer(answer)
+    again = h.answer(answer)
+    assert h.delivers(again) == []
+    assert any(isinstance(a, Log) and a.level == "warning" for a in again)
+
+
+def test_non_money_request_times_out_as_error_without_status_polls():
+    h = Harness()
+    h.submit("R1", "D1", category="Diagnosis")
+    (result,) = h.delivers(h.advance(120))
+    assert result.outcome == "error" and "did not answer" in result.error
+    assert h.sends(purpose="status-poll") == []
+
+
+def test_diagnosis_answer_is_success():
+    h = Harness()
+    h.submit("R1", "D1", category="Diagnosis")
+    req = request_of(h, "R1", "D1")
+    (result,) = h.delivers(h.answer(responses.simple_response(req)))
+    assert result.outcome == "success"
+
+
+def test_register_status_request_passes_through_and_settles_an_unresolved_transaction():
+    h = Harness()
+    h.submit("R1", "S1")
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    h.do(h.session.link_is_down("EIO", h.now))
+    h.advance(30)
+    h.advance(30)  # unresolved
+    h.do(h.session.link_is_up(h.now))
+    bridge_poll = h.last_poll()
+    status = {"SaleToPOIRequest": {
+        "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Service",
+                          "MessageCategory": "TransactionStatus", "MessageType": "Request",
+                          "SaleID": "R1", "ServiceID": "T1", "POIID": POI},
+        "TransactionStatusRequest": {"MessageReference": {
+            "SaleID": "R1", "ServiceID": "S1", "MessageCategory": "Payment"}}}}
+    actions = h.submit("R1", "T1", doc=status)
+    assert [s.purpose for s in h.sends(actions)] == ["passthrough"]
+    done = h.answer(responses.status_success(status, original))
+    outcomes = {(d.service_id, d.outcome, d.source) for d in h.delivers(done)}
+    assert ("T1", "approved", "terminal") in outcomes      # the register's own answer
+    assert ("S1", "approved", "status-poll") in outcomes   # and the bridge's transaction
+    late = h.answer(responses.status_in_progress(bridge_poll))
+    assert h.delivers(late) == []
+
+
+def test_request_is_held_while_a_background_poll_is_on_the_wire():
+    h = Harness()
+    h.submit("R1", "S1")
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    h.advance(120)
+    h.advance(30)
+    h.advance(1)
+    h.advance(30)  # unresolved
+    h.advance(10)  # background poll on the wire
+    assert h.session._probe is not None
+    held = h.submit("R2", "S2")
+    assert h.sends(held) == [] and isinstance(held[0], Record)
+    assert held[0].transaction.state is TxState.ACCEPTED
+    released = h.answer(responses.status_success(h.last_poll(), original))
+    assert [s.purpose for s in h.sends(released)] == ["request"]
+    assert h.sends(released)[0].service_id == "S2"
+
+
+def test_held_request_is_rejected_if_the_link_drops_before_it_was_sent():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.advance(120)  # foreground poll on the wire
+    h.advance(30)
+    h.advance(1)
+    h.advance(30)   # unresolved
+    h.advance(10)   # background poll on the wire
+    h.submit("R2", "S2")
+    actions = h.do(h.session.link_is_down("EIO", h.now))
+    refused = [d for d in h.delivers(actions) if d.service_id == "S2"]
+    assert refused and refused[0].outcome == "rejected" and "nothing was charged" in refused[0].error
+    assert all(s.service_id != "S2" for s in h.sends())
+
+
+# --- restart and resync ------------------------------------------------------------------------
+
+def test_restore_after_crash_polls_and_never_resends():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.submit("R1", "D1", category="Diagnosis")  # refused busy: not recorded
+    recorded = [a.transaction for a in h.log if isinstance(a, Record)]
+    open_txn = recorded[-1]
+    original = responses.payment_response(request_of(h), "approve", h.now)
+
+    fresh = Harness(link_up=False)
+    fresh.now = h.now + 5
+    restored = fresh.do(fresh.session.restore([open_txn], fresh.now))
+    assert fresh.sends(restored) == []
+    assert any(isinstance(a, Progress) and a.event == "recovering" for a in restored)
+    up = fresh.do(fresh.session.link_is_up(fresh.now))
+    assert [s.purpose for s in fresh.sends(up)] == ["status-poll"]
+    (result,) = fresh.delivers(fresh.answer(responses.status_success(fresh.last_poll(), original)))
+    assert result.outcome == "approved"
+    assert fresh.sends(purpose="request") == []
+
+
+def test_restore_finishes_open_non_money_transactions_as_error():
+    h = Harness()
+    h.submit("R1", "D1", category="Diagnosis")
+    txn = [a.transaction for a in h.log if isinstance(a, Record)][-1]
+    fresh = Harness()
+    (result,) = fresh.delivers(fresh.do(fresh.session.restore([txn], fresh.now)))
+    assert result.outcome == "error" and "restarted" in result.error
+
+
+def test_resync_of_a_final_transaction_asks_again_and_falls_back_to_the_journal():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.answer(responses.payment_response(request_of(h), "approve", h.now))
+    final = [a.transaction for a in h.log if isinstance(a, Record)][-1]
+    assert final.state is TxState.FINAL
+    actions = h.do(h.session.resync(final, h.now))
+    assert len(h.sends(actions, "status-poll")) == 1
+    h.advance(30)
+    h.advance(1)
+    (fallback,) = h.delivers(h.advance(30))
+    assert (fallback.outcome, fallback.source) == ("approved", "journal")
+    assert fallback.response == final.response
+    assert not h.session.open
+
+
+def test_resync_of_a_final_transaction_republishes_the_terminal_answer():
+    h = Harness()
+    h.submit("R1", "S1")
+    answer = responses.payment_response(request_of(h), "approve", h.now)
+    h.answer(answer)
+    final = [a.transaction for a in h.log if isinstance(a, Record)][-1]
+    h.do(h.session.resync(final, h.now))
+    (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), answer)))
+    assert (result.outcome, result.source) == ("approved", "status-poll")
+
+
+# --- invariants under arbitrary event sequences --------------------------------------------------
+
+EVENTS = st.lists(
+    st.sampled_from(["submit", "approve", "decline", "in_progress", "not_found", "success",
+                     "garbage", "down", "up", "nack", "tick1", "tick30", "tick200", "abort"]),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(EVENTS)
+def test_invariants_hold_for_any_sequence_of_events(events):
+    """Whatever happens: a request is written to the terminal at most once, every Send and
+    Deliver of a transaction follows its Record, and each transaction gets one final result."""
+    h = Harness()
+    counter = itertools.count(1)
+    finals: dict[tuple[str, str], int] = {}
+    for event in events:
+        open_polls = [s for s in h.sends(purpose="status-poll")]
+        last_request = h.sends(purpose="request")[-1].document if h.sends(purpose="request") else None
+        if event == "submit":
+            actions = h.submit("R1", f"S{next(counter)}")
+        elif event in ("approve", "decline") and last_request:
+            actions = h.answer(responses.payment_response(last_request, event, h.now))
+        elif event == "in_progress" and open_polls:
+            actions = h.answer(responses.status_in_progress(open_polls[-1].document))
+        elif event == "not_found" and open_polls:
+            actions = h.answer(responses.status_not_found(open_polls[-1].document))
+        elif event == "success" and open_polls and last_request:
+            original = responses.payment_response(last_request, "approve", h.now)
+            actions = h.answer(responses.status_success(open_polls[-1].document, original))
+        elif event == "garbage":
+            actions = h.do(h.session.unusable("garbage", h.now))
+        elif event == "down":
+            actions = h.do(h.session.link_is_down("EIO", h.now))
+        elif event == "up":
+            actions = h.do(h.session.link_is_up(h.now))
+        elif event == "nack" and last_request:
+            sid = last_request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+            actions = h.do(h.session.send_failed(sid, "no ACK", h.now))
+        elif event.startswith("tick"):
+            actions = h.advance(float(event[4:]))
+        elif event == "abort" and last_request:
+            ref = last_request["SaleToPOIRequest"]["MessageHeader"]
+            doc = {"SaleToPOIRequest": {
+                "MessageHeader": {**ref, "MessageCategory": "Abort", "ServiceID": f"A{next(counter)}"},
+                "AbortRequest": {"MessageReference": {"SaleID": "R1",
+                                                      "ServiceID": ref["ServiceID"],
+                                                      "MessageCategory": "Payment"}}}}
+            actions = h.submit("R1", doc["SaleToPOIRequest"]["MessageHeader"]["ServiceID"], doc=doc)
+        else:
+            continue
+        assert_recorded_before(actions)
+        for d in h.delivers(actions):
+            if d.outcome not in ("rejected", "unresolved") and not d.service_id.startswith("A"):
+                finals[(d.sale_id, d.service_id)] = finals.get((d.sale_id, d.service_id), 0) + 1
+    request_ids = [s.service_id for s in h.sends(purpose="request")]
+    assert len(request_ids) == len(set(request_ids)), "a request was written twice"
+    assert all(count == 1 for count in finals.values()), finals
+    # Nothing open is forgotten: every open transaction has a deadline or is given up on.
+    for txn in h.session.open.values():
+        assert txn.state is not TxState.FINAL
+        assert (txn.deadline is not None or txn.next_poll_at is not None
+                or txn.state in (TxState.ACCEPTED, TxState.UNRESOLVED))
