@@ -85,8 +85,10 @@ class TerminalConfig(_Strict):
     payment_timeout: float = Field(default=120.0, gt=0)
     status_timeout: float = Field(default=30.0, gt=0)
     resync_attempts: int = Field(default=2, ge=1)
-    reconcile_deadline: float = Field(default=24 * 3600.0, gt=0)
+    poll_floor: float = Field(default=1.0, gt=0, description="least pause between status polls")
+    reconcile_initial: float = Field(default=10.0, gt=0)
     reconcile_max_interval: float = Field(default=600.0, gt=0)
+    reconcile_deadline: float = Field(default=24 * 3600.0, gt=0)
     key: KeyConfig | None = None
     allowed_sale_ids: list[str] | None = None
 

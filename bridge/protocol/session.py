@@ -228,6 +228,20 @@ class TerminalSession:
             return [Log("warning", f"terminal {self.poi_id}: unusable message ignored: {reason}")]
         return self._unusable_answer(txn, reason, now) + self._pump(now)
 
+    def refused(self, reason: str, now: float) -> list[Action]:
+        """The terminal could not process what we sent (it could not decrypt it, say). The
+        request was not acted on, so the transaction ends as an error naming the cause; a
+        status poll that met the same fate counts as unanswered."""
+        if self._probe is not None:
+            txn = self.open.get(self._probe.key)
+            self._probe = None
+            if txn is not None:
+                return self._poll_failed(txn, reason, now, retry_in=self.settings.status_timeout)
+        txn = self._waiting_transaction()
+        if txn is None:
+            return [Log("error", f"terminal {self.poi_id}: {reason}")]
+        return self._finish(txn, Outcome.ERROR, None, "terminal", now, error=reason) + self._pump(now)
+
     def link_is_up(self, now: float) -> list[Action]:
         self.link_up = True
         for txn in self.open.values():
