@@ -63,7 +63,9 @@ class Backoff:
 
     def next_delay(self) -> float:
         ceiling = min(self.maximum, self.initial * self.factor**self._attempt)
-        self._attempt += 1
+        if ceiling < self.maximum:
+            # Stop counting once capped: factor**attempt overflows a float after ~1000 tries.
+            self._attempt += 1
         # Never below half the ceiling, so a fast-failing device is not hammered.
         return ceiling / 2 + self._rng.random() * ceiling / 2
 

@@ -1,0 +1,289 @@
+"""Serial transport: RS-232, USB-CDC (/dev/ttyACM*), USB-serial adapters (/dev/ttyUSB*) and
+pseudo-terminals, all driven through the tty layer.
+
+pyserial opens the device, takes the exclusive lock and sets the line (speed, framing, raw
+mode). The event loop then drives the non-blocking file descriptor directly. We do not use
+pyserial-asyncio-fast's transport for the byte moving: in 0.16 a write the kernel only partly
+accepts leaves its writer registered, which then fails an assertion on every loop iteration
+(home-assistant-libs/pyserial-asyncio-fast PR #36), and pyserial 3.5's own non-blocking
+write() spins forever on EAGAIN when the kernel buffer is full (pyserial issue #280), freezing
+the event loop. Driving the fd ourselves also shows the loss directly: when the device goes
+away (USB unplug, pseudo-terminal master closed) the tty is hung up, reads return end-of-file
+and writes fail with EIO, while pyserial's `is_open` stays True. Both become `LinkClosed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import grp
+import logging
+import os
+import termios
+
+import serial
+
+from bridge.config import SerialLink
+from bridge.transports.base import LinkClosed, Transport
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 4096
+# Errors that mean the device itself is gone (unplugged, hung up, driver unbound).
+_GONE_ERRNOS = {errno.EIO, errno.ENXIO, errno.ENODEV, errno.EPIPE}
+
+
+class SerialTransport(Transport):
+    """Bytes over one serial device. Build it with the link config; `open()` opens the port.
+
+    read() returns whatever the kernel has (at least one byte). write() returns once the
+    kernel has taken every byte. close() discards output the line has not sent yet, so a stalled
+    line (hardware flow control held off, dead adapter) cannot make closing hang.
+    """
+
+    kind = "serial"
+
+    def __init__(self, link: SerialLink, *, close_timeout: float = 5.0) -> None:
+        self.link = link
+        self.close_timeout = close_timeout
+        self._port: serial.Serial | None = None
+        self._fd: int | None = None
+        self._reason = f"serial device {link.device} is not open"
+        self._closing: asyncio.Future[None] | None = None
+        # At most one pending read and one pending write: each registers the fd with the loop,
+        # and a second registration would silently replace the first.
+        self._read_waiter: asyncio.Future[None] | None = None
+        self._write_waiter: asyncio.Future[None] | None = None
+
+    # --- Transport interface ----------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._fd is not None
+
+    def describe(self) -> str:
+        link = self.link
+        flow = ", RTS/CTS" if link.rtscts else ""
+        flow += ", XON/XOFF" if link.xonxoff else ""
+        line = f"{link.bytesize}{link.parity}{link.stopbits:g}"
+        return f"{link.device} at {link.baudrate} {line}{flow}"
+
+    async def open(self) -> None:
+        if self._fd is not None:
+            return
+        if self._closing is not None:
+            # A previous close is still releasing the port; let it finish before reopening.
+            await self._await_closing()
+        loop = asyncio.get_running_loop()
+        # Opening a USB adapter talks to the device (line coding, modem lines) and can stall on
+        # a wedged one, so it runs off the event loop.
+        pending = loop.run_in_executor(None, self._open_port)
+        try:
+            port = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            pending.add_done_callback(_close_if_opened)  # do not leak the fd and its lock
+            raise
+        self._port = port
+        self._fd = port.fileno()
+        os.set_blocking(self._fd, False)
+        self._closing = None
+        self._reason = f"serial device {self.link.device} was closed"
+
+    async def read(self) -> bytes:
+        while True:
+            fd = self._fd
+            if fd is None:
+                raise await self._closed_error()
+            try:
+                data = os.read(fd, READ_CHUNK)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(fd, writing=False)
+                continue
+            except OSError as exc:
+                self._lose(_loss_detail(exc))
+                continue
+            if not data:
+                # Only a hung-up tty (unplug, pty master closed) reads as end-of-file here (an
+                # empty line gives EAGAIN, see VMIN): pyserial's "device reports readiness to
+                # read but returned no data".
+                self._lose("the line hung up")
+                continue
+            return data
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data).cast("B")
+        while True:
+            fd = self._fd
+            if fd is None:
+                raise await self._closed_error()
+            if not view:
+                return
+            try:
+                written = os.write(fd, view)
+            except (BlockingIOError, InterruptedError):
+                written = 0
+            except OSError as exc:
+                self._lose(_loss_detail(exc))
+                continue
+            view = view[written:]
+            if view:
+                # The kernel buffer is full (slow line, flow control): wait until it has room.
+                await self._wait(fd, writing=True)
+
+    async def close(self) -> None:
+        if self._fd is not None:
+            self._reason = f"serial device {self.link.device} was closed"
+            self._start_closing()
+        if self._closing is not None:
+            await self._await_closing()
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _open_port(self) -> serial.Serial:
+        link = self.link
+        try:
+            port = serial.Serial(
+                port=link.device, baudrate=link.baudrate, bytesize=link.bytesize,
+                parity=link.parity, stopbits=link.stopbits, rtscts=link.rtscts,
+                xonxoff=link.xonxoff, timeout=0, write_timeout=0,
+                # flock(LOCK_EX): a second process (or a second bridge) opening the same port
+                # gets a clear "in use" instead of both stealing each other's bytes.
+                exclusive=True,
+            )
+        except serial.SerialException as exc:
+            raise LinkClosed(_open_failure(link.device, exc)) from exc
+        except ValueError as exc:
+            raise LinkClosed(f"invalid settings for serial device {link.device}: {exc}") from exc
+        # pyserial's timeout=0 sets VMIN=0, under which reading an empty line returns 0 bytes,
+        # the same as a hang-up. With VMIN=1 an empty line gives EAGAIN, so 0 bytes always
+        # means the device is gone.
+        try:
+            attrs = termios.tcgetattr(port.fd)
+            attrs[6][termios.VMIN] = 1
+            attrs[6][termios.VTIME] = 0
+            termios.tcsetattr(port.fd, termios.TCSANOW, attrs)
+        except termios.error as exc:
+            _close_port(port)
+            raise LinkClosed(f"cannot configure serial device {link.device}: {exc}") from exc
+        return port
+
+    async def _wait(self, fd: int, *, writing: bool) -> None:
+        loop = asyncio.get_running_loop()
+        if (self._write_waiter if writing else self._read_waiter) is not None:
+            raise RuntimeError(f"{'write' if writing else 'read'}() is already in progress")
+        waiter = loop.create_future()
+        if writing:
+            add, remove = loop.add_writer, loop.remove_writer
+        else:
+            add, remove = loop.add_reader, loop.remove_reader
+        add(fd, _wake, waiter)
+        if writing:
+            self._write_waiter = waiter
+        else:
+            self._read_waiter = waiter
+        try:
+            await waiter
+        finally:
+            # Unregister only if the fd is still ours; after a close its number may already
+            # belong to something else. _start_closing unregisters before closing.
+            if self._fd == fd:
+                remove(fd)
+            if writing:
+                self._write_waiter = None
+            else:
+                self._read_waiter = None
+
+    def _lose(self, detail: str) -> None:
+        """The device is gone: record why (unless close() came first) and release the port."""
+        if self._fd is not None:
+            self._reason = f"serial device {self.link.device} disappeared (unplugged?): {detail}"
+            log.debug("%s: %s", self.describe(), self._reason)
+            self._start_closing()
+
+    async def _closed_error(self) -> LinkClosed:
+        # Returned only once the fd is really closed, so a reopen can follow at once.
+        if self._closing is not None:
+            await self._await_closing()
+        return LinkClosed(self._reason)
+
+    def _start_closing(self) -> None:
+        """Detach the fd from the loop, wake pending calls and close the port in a thread."""
+        fd, port = self._fd, self._port
+        assert fd is not None and port is not None
+        loop = asyncio.get_running_loop()
+        for waiter, remove in ((self._read_waiter, loop.remove_reader),
+                               (self._write_waiter, loop.remove_writer)):
+            if waiter is not None:
+                remove(fd)
+                if not waiter.done():
+                    waiter.set_result(None)  # the woken call sees _fd is None and raises
+        self._fd = None
+        self._port = None
+        # Drop unsent output: otherwise the kernel's close waits for it to drain (up to 30 s,
+        # forever while hardware flow control holds the line). Fails harmlessly when hung up.
+        with contextlib.suppress(termios.error, OSError):
+            termios.tcflush(fd, termios.TCOFLUSH)
+        self._closing = loop.run_in_executor(None, _close_port, port)
+
+    async def _await_closing(self) -> None:
+        closing = self._closing
+        assert closing is not None
+        try:
+            # Shielded: a caller cancelled while waiting must not abandon the close itself.
+            await asyncio.wait_for(asyncio.shield(closing), self.close_timeout)
+        except TimeoutError:
+            log.warning("serial device %s: closing the port takes longer than %g s",
+                        self.link.device, self.close_timeout)
+        else:
+            if self._closing is closing:
+                self._closing = None
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _close_port(port: serial.Serial) -> None:
+    try:
+        port.close()
+    except OSError as exc:  # the fd is released even when close reports an error
+        log.debug("closing %s: %s", port.port, exc)
+
+
+def _close_if_opened(pending: asyncio.Future[serial.Serial]) -> None:
+    if not pending.cancelled() and pending.exception() is None:
+        _close_port(pending.result())
+
+
+def _loss_detail(exc: OSError) -> str:
+    if exc.errno in _GONE_ERRNOS:
+        return exc.strerror or str(exc)
+    return f"unexpected error {exc}"
+
+
+def _open_failure(device: str, exc: serial.SerialException) -> str:
+    """Say why a port would not open, in terms a store technician can act on."""
+    code = exc.errno
+    if code == errno.ENOENT:
+        return (f"serial device {device} does not exist (terminal not plugged in or switched "
+                f"off, or wrong device in the configuration)")
+    if code in (errno.EACCES, errno.EPERM):
+        owner = ""
+        with contextlib.suppress(OSError, KeyError):
+            owner = f" (owned by group '{grp.getgrgid(os.stat(device).st_gid).gr_name}')"
+        return (f"permission denied opening serial device {device}{owner}: install the udev "
+                f"rule 70-poi-bridge.rules (it gives the poi-bridge group access) and replug, "
+                f"or add the poi-bridge user to that group (usually 'dialout')")
+    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
+        return (f"serial device {device} is in use by another process (a second poi-bridge "
+                f"or a terminal program?)")
+    if code == errno.EBUSY:
+        return (f"serial device {device} is busy; ModemManager may be probing it (the udev "
+                f"rule 70-poi-bridge.rules sets ENV{{ID_MM_DEVICE_IGNORE}}=\"1\" to stop that)")
+    if code in _GONE_ERRNOS:
+        return f"serial device {device} is not answering (unplugged while opening?): {exc.strerror}"
+    if code is None and "Could not configure port" in str(exc):
+        return f"{device} is not a serial port ({exc})"
+    return f"cannot open serial device {device}: {exc}"

@@ -1,0 +1,655 @@
+"""Transports against real pseudo-terminals and a real TCP server on 127.0.0.1.
+
+The test holds the terminal's end (the pty master, or the server's side of the socket) and
+the transport opens the other end as it would a real device. Every wait is bounded, so a bug
+shows as a failure, never as a hung test run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import socket
+import struct
+import sys
+import termios
+import tty
+import types
+
+import pytest
+import serial
+
+from bridge.config import SerialLink, TcpLink, UsbLink
+from bridge.transports import Backoff, LinkClosed, Transport, TransportUnavailable, open_transport
+from bridge.transports.serial import READ_CHUNK, SerialTransport
+from bridge.transports.tcp import TcpTransport
+
+STEP = 5.0  # upper bound for any single step; real steps take milliseconds
+
+
+async def within(awaitable, seconds: float = STEP):
+    return await asyncio.wait_for(awaitable, seconds)
+
+
+def fds_open_on(path: str) -> list[int]:
+    """Our file descriptors still pointing at `path` (a vanished pty shows as '(deleted)')."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # the fd listdir itself used is gone by now
+            continue
+        if target in (path, f"{path} (deleted)"):
+            found.append(int(name))
+    return found
+
+
+@pytest.fixture
+async def loop_errors():
+    """Everything reported to the loop's exception handler; a clean link loss reports nothing."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    yield errors
+    loop.set_exception_handler(None)
+
+
+class Pty:
+    """The terminal's side of a pseudo-terminal. The transport opens `path` (the slave)."""
+
+    def __init__(self, *, raw: bool = True) -> None:
+        self.master, slave = os.openpty()
+        self.path = os.ttyname(slave)
+        if raw:
+            tty.setraw(slave)  # so nothing is mangled even before the transport configures it
+        os.close(slave)
+        os.set_blocking(self.master, False)
+        self.closed = False
+
+    async def _ready(self, *, writing: bool) -> None:
+        loop = asyncio.get_running_loop()
+        ready = loop.create_future()
+        if writing:
+            add, remove = loop.add_writer, loop.remove_writer
+        else:
+            add, remove = loop.add_reader, loop.remove_reader
+        add(self.master, lambda: ready.done() or ready.set_result(None))
+        try:
+            await ready
+        finally:
+            remove(self.master)
+
+    async def send(self, data: bytes) -> None:
+        view = memoryview(data)
+        async with asyncio.timeout(STEP):
+            while view:
+                try:
+                    view = view[os.write(self.master, view):]
+                except BlockingIOError:
+                    await self._ready(writing=True)
+
+    async def recv(self, size: int) -> bytes:
+        got = bytearray()
+        async with asyncio.timeout(STEP):
+            while len(got) < size:
+                try:
+                    got += os.read(self.master, size - len(got))
+                except BlockingIOError:
+                    await self._ready(writing=False)
+        return bytes(got)
+
+    async def silent_for(self, seconds: float) -> bool:
+        try:
+            async with asyncio.timeout(seconds):
+                await self._ready(writing=False)
+        except TimeoutError:
+            return True
+        return False
+
+    def vanish(self) -> None:
+        """The terminal goes away: closing the master hangs up the slave, like a USB unplug."""
+        if not self.closed:
+            os.close(self.master)
+            self.closed = True
+
+
+@pytest.fixture
+def pty():
+    peer = Pty()
+    yield peer
+    peer.vanish()
+
+
+@pytest.fixture
+async def serial_link(pty):
+    transport = SerialTransport(SerialLink(device=pty.path))
+    await within(transport.open())
+    yield transport
+    await within(transport.close())
+
+
+async def read_exactly(transport: Transport, size: int) -> list[bytes]:
+    """Read until `size` bytes arrived; returns the pieces read() handed back."""
+    pieces: list[bytes] = []
+    async with asyncio.timeout(STEP):
+        while sum(map(len, pieces)) < size:
+            pieces.append(await transport.read())
+    return pieces
+
+
+def payload(size: int, seed: int = 7) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+# --- serial: bytes ----------------------------------------------------------------------------
+
+
+async def test_serial_bytes_both_ways(pty, serial_link):
+    assert serial_link.is_open
+    await within(serial_link.write(b"\x02hello\x03\x50"))
+    assert await pty.recv(8) == b"\x02hello\x03\x50"
+    await pty.send(b"\x06")
+    assert await within(serial_link.read()) == b"\x06"
+
+
+async def test_serial_11kb_payload_both_ways(pty, serial_link):
+    data = payload(11 * 1024)
+    # Terminal -> bridge: read() hands back what has arrived, never more than one chunk.
+    pieces, _ = await within(asyncio.gather(read_exactly(serial_link, len(data)), pty.send(data)))
+    assert b"".join(pieces) == data
+    assert len(pieces) >= 3 and max(map(len, pieces)) <= READ_CHUNK
+    # Bridge -> terminal: write() returns only when every byte is with the kernel.
+    received, _ = await within(asyncio.gather(pty.recv(len(data)), serial_link.write(data)))
+    assert received == data
+
+
+async def test_serial_write_beyond_kernel_buffer_waits_without_freezing_the_loop(pty, serial_link):
+    data = payload(256 * 1024)  # far more than a pty buffers (~12-20 KB)
+    writing = asyncio.create_task(serial_link.write(data))
+    ticks = 0
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+        ticks += 1
+    # The terminal is not reading: write() waits, and the event loop keeps running meanwhile
+    # (pyserial's own non-blocking write spins on EAGAIN and would freeze it).
+    assert not writing.done() and ticks == 20
+    assert await pty.recv(len(data)) == data
+    await within(writing)
+
+
+async def test_serial_read_returns_available_bytes_without_waiting_for_more(pty, serial_link):
+    await pty.send(b"\x02ab")
+    assert b"".join(await read_exactly(serial_link, 3)) == b"\x02ab"
+    pending = asyncio.create_task(serial_link.read())
+    await asyncio.sleep(0.05)
+    assert not pending.done()  # nothing has arrived, so read() waits
+    await pty.send(b"c")
+    assert await within(pending) == b"c"
+
+
+async def test_serial_port_is_raw_even_on_a_cooked_pty():
+    peer = Pty(raw=False)  # a fresh pty is cooked: line editing, echo, signals, CR->NL
+    try:
+        lflag_before = termios.tcgetattr(peer.master)[3]  # the master reports the slave's modes
+        assert lflag_before & termios.ICANON and lflag_before & termios.ECHO
+        transport = SerialTransport(SerialLink(device=peer.path))
+        await within(transport.open())
+        iflag, oflag, _cflag, lflag = termios.tcgetattr(peer.master)[:4]
+        assert lflag & (termios.ICANON | termios.ECHO | termios.ISIG | termios.IEXTEN) == 0
+        mangling = termios.ICRNL | termios.INLCR | termios.IGNCR | termios.IXON | termios.ISTRIP
+        assert iflag & mangling == 0
+        assert oflag & termios.OPOST == 0
+
+        # ETX, EOT, DLE, NAK, CR (and XON/XOFF, ^Z, DEL, ...) must pass untouched both ways.
+        controls = bytes([0x03, 0x04, 0x10, 0x15, 0x0D, 0x0A, 0x11, 0x13, 0x1A, 0x1C, 0x7F, 0x00])
+        data = controls + bytes(range(256)) + controls
+        await peer.send(data)
+        assert b"".join(await read_exactly(transport, len(data))) == data
+        assert await peer.silent_for(0.2)  # nothing was echoed back to the terminal
+        await within(transport.write(data))
+        assert await peer.recv(len(data)) == data
+        await within(transport.close())
+    finally:
+        peer.vanish()
+
+
+# --- serial: closing and losing the device ----------------------------------------------------
+
+
+async def test_serial_close_twice_then_calls_raise_link_closed(pty):
+    transport = SerialTransport(SerialLink(device=pty.path))
+    await within(transport.open())
+    assert fds_open_on(pty.path)
+    await within(transport.close())
+    await within(transport.close())
+    assert not transport.is_open
+    assert fds_open_on(pty.path) == []
+    with pytest.raises(LinkClosed, match="was closed"):
+        await within(transport.read())
+    with pytest.raises(LinkClosed, match="was closed"):
+        await within(transport.write(b"x"))
+    # The exclusive lock went with the fd: the port can be opened again.
+    again = SerialTransport(SerialLink(device=pty.path))
+    await within(again.open())
+    await within(again.close())
+
+
+async def test_serial_close_wakes_a_pending_read(pty, serial_link):
+    pending = asyncio.create_task(serial_link.read())
+    await asyncio.sleep(0.05)
+    await within(serial_link.close())
+    with pytest.raises(LinkClosed, match="was closed"):
+        await within(pending)
+
+
+async def test_serial_close_wakes_a_pending_write(pty, serial_link):
+    writing = asyncio.create_task(serial_link.write(payload(256 * 1024)))
+    await asyncio.sleep(0.05)
+    assert not writing.done()  # stuck: the terminal is not reading
+    await within(serial_link.close())
+    with pytest.raises(LinkClosed, match="was closed"):
+        await within(writing)
+    assert fds_open_on(pty.path) == []
+
+
+async def test_serial_second_opener_is_refused(pty, serial_link):
+    second = SerialTransport(SerialLink(device=pty.path))
+    with pytest.raises(LinkClosed, match="in use by another process"):
+        await within(second.open())
+    assert not second.is_open
+    await pty.send(b"\x05")  # the first owner is unaffected
+    assert await within(serial_link.read()) == b"\x05"
+
+
+def test_pyserial_sees_a_vanished_pty_as_readable_but_empty(pty):
+    """The kernel and pyserial behaviour the transport's loss detection relies on."""
+    port = serial.Serial(pty.path, timeout=0)
+    fd = port.fileno()
+    pty.vanish()
+    # The slave is hung up: select/epoll say "readable", the read finds end-of-file (some
+    # kernels give EIO), and pyserial turns that into SerialException...
+    with pytest.raises(serial.SerialException, match="returned no data|Input/output error"):
+        port.read(1)
+    # ...yet still believes the port is open.
+    assert port.is_open
+    try:
+        assert os.read(fd, 1) == b""
+    except OSError as exc:
+        assert exc.errno == errno.EIO
+    with pytest.raises(OSError) as written:
+        os.write(fd, b"x")
+    assert written.value.errno == errno.EIO
+    port.close()
+
+
+async def test_serial_pending_read_gets_link_closed_when_the_pty_vanishes(
+    pty, serial_link, loop_errors
+):
+    pending = asyncio.create_task(serial_link.read())
+    await asyncio.sleep(0.05)
+    pty.vanish()
+    with pytest.raises(LinkClosed) as lost:
+        await within(pending)
+    assert lost.value.reason.startswith(f"serial device {pty.path} disappeared (unplugged?)")
+    assert not serial_link.is_open
+    assert fds_open_on(pty.path) == []  # the fd is closed by the time LinkClosed is raised
+    with pytest.raises(LinkClosed) as again:
+        await within(serial_link.read())
+    assert again.value.reason == lost.value.reason  # later calls keep the first reason
+    with pytest.raises(LinkClosed):
+        await within(serial_link.write(b"\x06"))
+    assert loop_errors == []
+
+
+async def test_serial_write_after_the_pty_vanished_gets_link_closed(pty, serial_link, loop_errors):
+    pty.vanish()
+    with pytest.raises(LinkClosed, match=r"disappeared \(unplugged\?\): Input/output error"):
+        await within(serial_link.write(b"\x02payload\x03"))
+    assert fds_open_on(pty.path) == []
+    assert loop_errors == []
+
+
+async def test_serial_open_missing_device(tmp_path):
+    transport = SerialTransport(SerialLink(device=str(tmp_path / "ttyACM9")))
+    with pytest.raises(LinkClosed, match=r"ttyACM9 does not exist"):
+        await within(transport.open())
+    assert not transport.is_open
+    await within(transport.close())  # closing a transport that never opened is harmless
+
+
+async def test_serial_open_something_that_is_not_a_serial_port(tmp_path):
+    plain = tmp_path / "not-a-tty"
+    plain.write_bytes(b"")
+    with pytest.raises(LinkClosed, match="is not a serial port"):
+        await within(SerialTransport(SerialLink(device=str(plain))).open())
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (errno.EACCES, ["permission denied", "owned by group", "70-poi-bridge.rules", "dialout"]),
+        (errno.EBUSY, ["busy", "ModemManager", 'ID_MM_DEVICE_IGNORE}="1"']),
+        (errno.EAGAIN, ["in use by another process"]),
+        (errno.ENXIO, ["not answering", "unplugged"]),
+    ],
+)
+async def test_serial_open_failures_are_explained(pty, monkeypatch, code, expected):
+    # These cannot be produced for real here (tests run as root, no ModemManager), so pyserial
+    # raises them as it would on a store PC.
+    def refuse(*_args, **_kwargs):
+        raise serial.SerialException(code, f"could not open port {pty.path}: {os.strerror(code)}")
+
+    monkeypatch.setattr(serial, "Serial", refuse)
+    with pytest.raises(LinkClosed) as refused:
+        await within(SerialTransport(SerialLink(device=pty.path)).open())
+    for words in expected:
+        assert words in refused.value.reason
+    assert pty.path in refused.value.reason
+
+
+async def test_serial_reopens_after_replug_through_a_stable_symlink(tmp_path, loop_errors):
+    # Like a udev symlink /dev/poi/ingenico-123 that follows the terminal to its new ttyACMn.
+    first, second = Pty(), Pty()
+    link = tmp_path / "ingenico-123"
+    link.symlink_to(first.path)
+    transport = SerialTransport(SerialLink(device=str(link)))
+    try:
+        await within(transport.open())
+        first.vanish()
+        with pytest.raises(LinkClosed, match="disappeared"):
+            await within(transport.read())
+        # While unplugged the symlink dangles.
+        with pytest.raises(LinkClosed, match="does not exist"):
+            await within(transport.open())
+        (tmp_path / "next").symlink_to(second.path)
+        os.replace(tmp_path / "next", link)
+        await within(transport.open())
+        assert transport.is_open
+        await within(transport.write(b"\x05"))
+        assert await second.recv(1) == b"\x05"
+        await second.send(b"\x06")
+        assert await within(transport.read()) == b"\x06"
+    finally:
+        await within(transport.close())
+        first.vanish()
+        second.vanish()
+    assert loop_errors == []
+
+
+def test_serial_describe():
+    assert SerialTransport(SerialLink(device="/dev/poi/ingenico-123")).describe() == (
+        "/dev/poi/ingenico-123 at 115200 8N1")
+    link = SerialLink(device="/dev/ttyUSB0", baudrate=9600, bytesize=7, parity="E",
+                      stopbits=1.5, rtscts=True)
+    assert SerialTransport(link).describe() == "/dev/ttyUSB0 at 9600 7E1.5, RTS/CTS"
+
+
+# --- TCP --------------------------------------------------------------------------------------
+
+
+class LanTerminal:
+    """A terminal on the LAN: a real asyncio server on 127.0.0.1 handing us its connections."""
+
+    def __init__(self) -> None:
+        self.connections: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+        self.connections = asyncio.Queue()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self, port: int = 0) -> None:
+        async def accept(reader, writer):
+            self._writers.append(writer)
+            await self.connections.put((reader, writer))
+
+        self.server = await asyncio.start_server(accept, "127.0.0.1", port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def accepted(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await within(self.connections.get())
+
+    async def stop(self) -> None:
+        for writer in self._writers:  # the terminal's side of every connection it accepted
+            writer.close()
+        self._writers.clear()
+        if self.server is not None:
+            self.server.close()
+            await within(self.server.wait_closed())
+            self.server = None
+
+    def link(self) -> TcpLink:
+        return TcpLink(host="127.0.0.1", port=self.port)
+
+
+@pytest.fixture
+async def terminal():
+    peer = LanTerminal()
+    await peer.start()
+    yield peer
+    await peer.stop()
+
+
+@pytest.fixture
+async def tcp_link(terminal):
+    transport = TcpTransport(terminal.link())
+    await within(transport.open())
+    yield transport
+    await within(transport.close())
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound then released, so the kernel will refuse connects)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_tcp_bytes_both_ways(terminal, tcp_link):
+    reader, writer = await terminal.accepted()
+    assert tcp_link.is_open
+    await within(tcp_link.write(b"\x00\x00\x00\x03abc"))
+    assert await within(reader.readexactly(7)) == b"\x00\x00\x00\x03abc"
+    data = payload(11 * 1024)
+    writer.write(data)
+    assert b"".join(await read_exactly(tcp_link, len(data))) == data
+    await within(tcp_link.write(data))
+    assert await within(reader.readexactly(len(data))) == data
+    writer.close()
+
+
+async def test_tcp_read_returns_available_bytes_without_waiting_for_more(terminal, tcp_link):
+    _reader, writer = await terminal.accepted()
+    writer.write(b"ab")
+    assert b"".join(await read_exactly(tcp_link, 2)) == b"ab"
+    pending = asyncio.create_task(tcp_link.read())
+    await asyncio.sleep(0.05)
+    assert not pending.done()
+    writer.write(b"c")
+    assert await within(pending) == b"c"
+    writer.close()
+
+
+async def test_tcp_close_twice_and_a_pending_read_is_woken(terminal, tcp_link):
+    await terminal.accepted()
+    pending = asyncio.create_task(tcp_link.read())
+    await asyncio.sleep(0.05)
+    await within(tcp_link.close())
+    await within(tcp_link.close())
+    assert not tcp_link.is_open
+    with pytest.raises(LinkClosed, match="was closed"):
+        await within(pending)
+    with pytest.raises(LinkClosed, match="was closed"):
+        await within(tcp_link.write(b"x"))
+
+
+async def test_tcp_connection_refused():
+    transport = TcpTransport(TcpLink(host="127.0.0.1", port=free_port()))
+    with pytest.raises(LinkClosed, match="refused the connection"):
+        await within(transport.open())
+    assert not transport.is_open
+
+
+async def test_tcp_connect_timeout():
+    # A listener with a full accept queue drops further SYNs, like a terminal that is off.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(3):
+            filler = TcpTransport(TcpLink(host="127.0.0.1", port=port), connect_timeout=0.3)
+            try:
+                await within(filler.open())
+                fillers.append(filler)
+            except LinkClosed as exc:
+                assert "no answer from terminal at 127.0.0.1" in exc.reason
+                assert "within 0.3 s" in exc.reason
+                break
+        else:
+            pytest.fail("the accept queue never filled up")
+    finally:
+        for filler in fillers:
+            await within(filler.close())
+        listener.close()
+
+
+async def test_tcp_peer_close_gives_link_closed(terminal, tcp_link, loop_errors):
+    _reader, writer = await terminal.accepted()
+    writer.write(b"\x06")
+    writer.close()
+    # Bytes sent before the close are still delivered, then the close is reported.
+    assert await within(tcp_link.read()) == b"\x06"
+    with pytest.raises(LinkClosed, match="closed the connection"):
+        await within(tcp_link.read())
+    assert not tcp_link.is_open
+    with pytest.raises(LinkClosed, match="closed the connection"):
+        await within(tcp_link.write(b"\x15"))
+    assert loop_errors == []
+
+
+async def test_tcp_peer_reset_gives_link_closed(terminal, tcp_link, loop_errors):
+    _reader, writer = await terminal.accepted()
+    pending = asyncio.create_task(tcp_link.read())
+    await asyncio.sleep(0.05)
+    # SO_LINGER 0 makes the close send RST, as a terminal rebooting mid-conversation may.
+    linger_off = struct.pack("ii", 1, 0)
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger_off)
+    writer.transport.abort()
+    with pytest.raises(LinkClosed, match="broke: Connection reset by peer"):
+        await within(pending)
+    with pytest.raises(LinkClosed, match="reset by peer"):
+        await within(tcp_link.write(b"\x06"))
+    assert loop_errors == []
+
+
+async def test_tcp_reopens_when_the_terminal_is_back(terminal):
+    transport = TcpTransport(terminal.link())
+    await within(transport.open())
+    _reader, writer = await terminal.accepted()
+    port = terminal.port
+    writer.close()
+    await terminal.stop()
+    with pytest.raises(LinkClosed):
+        await within(transport.read())
+    with pytest.raises(LinkClosed, match="refused"):
+        await within(transport.open())
+    with pytest.raises(LinkClosed, match="refused"):  # the latest reason, not a stale one
+        await within(transport.read())
+    await terminal.start(port)  # back on the same address
+    await within(transport.open())
+    reader, writer = await terminal.accepted()
+    await within(transport.write(b"\x05"))
+    assert await within(reader.readexactly(1)) == b"\x05"
+    writer.write(b"\x06")
+    assert await within(transport.read()) == b"\x06"
+    writer.close()
+    await within(transport.close())
+
+
+def test_tcp_describe():
+    assert TcpTransport(TcpLink(host="10.0.0.7", port=8443)).describe() == "tcp 10.0.0.7:8443"
+    assert TcpTransport(TcpLink(host="fe80::1", port=8443)).describe() == "tcp [fe80::1]:8443"
+
+
+# --- the factory -------------------------------------------------------------------------------
+
+
+def test_open_transport_builds_without_opening():
+    serial_transport = open_transport(SerialLink(device="/dev/ttyACM0"))
+    assert isinstance(serial_transport, SerialTransport) and serial_transport.kind == "serial"
+    assert not serial_transport.is_open
+    tcp_transport = open_transport(TcpLink(host="127.0.0.1", port=8443))
+    assert isinstance(tcp_transport, TcpTransport) and tcp_transport.kind == "tcp"
+    assert not tcp_transport.is_open
+
+
+def test_open_transport_usb_loads_its_module_lazily(monkeypatch):
+    link = UsbLink(vendor_id="0x0b00", product_id="0x0080")
+
+    class FakeUsbTransport:
+        def __init__(self, link):
+            self.link = link
+
+    monkeypatch.setitem(sys.modules, "bridge.transports.usb",
+                        types.SimpleNamespace(UsbTransport=FakeUsbTransport))
+    built = open_transport(link)
+    assert isinstance(built, FakeUsbTransport) and built.link is link
+
+
+def test_open_transport_usb_missing_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bridge.transports.usb", None)  # import now fails
+    with pytest.raises(TransportUnavailable, match="USB links need bridge.transports.usb"):
+        open_transport(UsbLink(vendor_id=0x0B00, product_id=0x0080))
+
+
+def test_open_transport_rejects_unknown_configs():
+    with pytest.raises(TypeError, match="no transport"):
+        open_transport(object())  # type: ignore[arg-type]
+
+
+# --- Backoff -----------------------------------------------------------------------------------
+
+
+class FixedRandom(random.Random):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def test_backoff_grows_by_the_factor():
+    top = Backoff(initial=0.5, maximum=30.0, factor=2.0, rng=FixedRandom(1.0))
+    assert [top.next_delay() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+    bottom = Backoff(initial=0.5, maximum=30.0, factor=2.0, rng=FixedRandom(0.0))
+    assert [bottom.next_delay() for _ in range(3)] == [0.25, 0.5, 1.0]  # never below half
+
+
+def test_backoff_is_capped_even_after_a_very_long_outage():
+    backoff = Backoff(initial=0.2, maximum=10.0, rng=FixedRandom(1.0))
+    delays = [backoff.next_delay() for _ in range(5000)]  # ~14 h of retries at the cap
+    assert max(delays) == 10.0
+    assert delays[-1] == 10.0
+
+
+def test_backoff_is_jittered():
+    backoff = Backoff(initial=1.0, maximum=8.0, rng=random.Random(42))
+    for _ in range(4):
+        backoff.next_delay()
+    capped = [backoff.next_delay() for _ in range(200)]
+    assert all(4.0 <= delay <= 8.0 for delay in capped)
+    assert len(set(capped)) > 150  # spread out, so many bridges do not retry in step
+    assert min(capped) < 5.0 and max(capped) > 7.0
+
+
+def test_backoff_reset_starts_over():
+    backoff = Backoff(initial=0.5, maximum=30.0, rng=FixedRandom(1.0))
+    for _ in range(10):
+        backoff.next_delay()
+    assert backoff.next_delay() == 30.0
+    backoff.reset()
+    assert backoff.next_delay() == 0.5
