@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from bridge import __version__
+
+# Each module exposes add_parser(subparsers) and sets `handler` on its parsers.
+COMMAND_MODULES = (
+    "bridge.cli_daemon",     # run, check-config
+    "bridge.cli_simulate",   # simulate
+    "bridge.cli_register",   # register
+    "bridge.cli_inspect",    # inspect
+    "bridge.cli_status",     # status, resync
+    "bridge.cli_udev",       # udev-rules, devices
+    "bridge.demo",           # demo
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Bridge payment terminals (serial, USB, TCP) to registers over MQTT.",
     )
     parser.add_argument("--version", action="version", version=f"poi-bridge {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue  # a command module not built yet
+        module.add_parser(subparsers)
     return parser
 
 

@@ -15,3 +15,12 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.fail(f"vendor fixtures not found at {FIXTURES}: clone the repo next to shared/")
     return FIXTURES
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    from tests.broker import Mosquitto
+
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    yield broker
+    broker.kill()

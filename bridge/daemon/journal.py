@@ -93,15 +93,27 @@ def _dumps(value: Any) -> str:
 
 
 class Journal:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        """Open (or, the first time, create) the journal. `readonly` is for the technician's
+        commands, which read it beside the running daemon and must never change it."""
         self.path = Path(path)
         existed = self.path.exists() and self.path.stat().st_size > 0
+        if readonly and not existed:
+            raise JournalError(f"no journal at {self.path} (has the daemon run yet?)")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            if readonly:
+                self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                           isolation_level=None, check_same_thread=False)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(self.path, isolation_level=None,
+                                           check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from None
         try:
+            if readonly:
+                self._check_existing()
+                return
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
@@ -250,6 +262,13 @@ class Journal:
                 "UPDATE outbox SET delivered_at = ? WHERE id = ?",
                 [(time.time(), i) for i in message_ids],
             )
+
+    def final_before(self, cutoff: float) -> list[TxKey]:
+        """Final transactions last touched before `cutoff` (their retained topics expire)."""
+        rows = self._db.execute(
+            "SELECT sale_id, service_id FROM transactions WHERE state = 'final' AND updated_at < ?",
+            (cutoff,))
+        return [TxKey(r[0], r[1]) for r in rows]
 
     def prune(self, older_than: float) -> int:
         """Forget delivered messages and final transactions last touched before `older_than`."""

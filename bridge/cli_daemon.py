@@ -1,0 +1,73 @@
+"""`poi-bridge run` (the daemon) and `poi-bridge check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from bridge.config import ConfigError, load_config
+from bridge.daemon.journal import JournalError
+from bridge.logging_setup import setup_logging
+
+
+def add_parser(subparsers: Any) -> None:
+    run = subparsers.add_parser("run", help="run the bridge daemon",
+                                description="Run the bridge: terminals <-> MQTT.")
+    run.add_argument("--config", required=True, help="TOML configuration file")
+    run.set_defaults(handler=run_daemon)
+    check = subparsers.add_parser("check-config", help="validate a configuration file",
+                                  description="Print every problem in FILE with its place.")
+    check.add_argument("file", help="TOML configuration file")
+    check.set_defaults(handler=check_config)
+
+
+def check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.path}: {problem}", file=sys.stderr)
+        return 2
+    print(f"{args.file}: OK: {len(config.terminals)} terminal(s), broker "
+          f"{config.mqtt.host}:{config.mqtt.port}, base topic {config.mqtt.base_topic}, "
+          f"journal {config.journal}")
+    for terminal in config.terminals:
+        link = terminal.link
+        where = getattr(link, "device", None) or (
+            f"{link.host}:{link.port}" if link.kind == "tcp"
+            else f"usb {link.vendor_id:04x}:{link.product_id:04x}")
+        print(f"  {terminal.poi_id}: {link.kind} {where}, framer {terminal.framer.name}, "
+              f"payment timeout {terminal.payment_timeout:g} s"
+              + (f", key {terminal.key.identifier} v{terminal.key.version}" if terminal.key else ""))
+    return 0
+
+
+def _read_secret(path: Any, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise SystemExit(f"poi-bridge: cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def run_daemon(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.path}: {problem}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+    from bridge.daemon.app import run_bridge
+
+    password = _read_secret(config.mqtt.password_file, "MQTT password file")
+    try:
+        asyncio.run(run_bridge(config, mqtt_password=password))
+    except JournalError as exc:
+        logging.getLogger("poi_bridge").critical("%s", exc)
+        return 3
+    return 0

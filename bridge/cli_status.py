@@ -1,0 +1,130 @@
+"""`poi-bridge status` and `poi-bridge resync`: the technician's view of a running bridge."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+import aiomqtt
+
+from bridge.config import ConfigError, load_config
+from bridge.daemon.journal import Journal, JournalError
+from bridge.daemon.registers import summary
+from bridge.register_client import RegisterClient
+
+
+def add_parser(subparsers: Any) -> None:
+    status = subparsers.add_parser(
+        "status", help="terminals, open and unresolved transactions",
+        description="Read the journal and ask the running daemon (over MQTT) how it stands.")
+    status.add_argument("--config", required=True)
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=run_status)
+    resync = subparsers.add_parser(
+        "resync", help="ask the terminal now about a transaction and republish its result",
+        description="The manual 'download' of a sale: the running daemon polls the terminal "
+                    "for SALEID/SERVICEID and publishes the result to the register again.")
+    resync.add_argument("sale_id", metavar="SALEID")
+    resync.add_argument("service_id", metavar="SERVICEID")
+    resync.add_argument("--config", required=True)
+    resync.add_argument("--wait", type=float, default=60.0,
+                        help="seconds to wait for the result (default 60)")
+    resync.add_argument("--json", action="store_true")
+    resync.set_defaults(handler=run_resync)
+
+
+def _load(path: str) -> Any:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"{exc.path}: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+async def _ask_daemon(config: Any, command: str, body: dict[str, Any] | None = None,
+                      timeout: float = 3.0) -> dict[str, Any] | None:
+    try:
+        async with RegisterClient(config.mqtt.host, config.mqtt.port, "poi-bridge-cli",
+                                  base_topic=config.mqtt.base_topic, persistent=False,
+                                  client_id=f"poi-bridge-cli-{command}") as client:
+            return await client.command(command, body, timeout=timeout)
+    except (aiomqtt.MqttError, TimeoutError, OSError):
+        return None
+
+
+def run_status(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    try:
+        journal = Journal(config.journal, readonly=True)
+    except JournalError as exc:
+        print(f"poi-bridge status: {exc}", file=sys.stderr)
+        return 2
+    counts = journal.counts()
+    open_txns = [summary(t) for t in journal.open_transactions()]
+    journal.close()
+    terminals = asyncio.run(_ask_daemon(config, "terminals"))
+    report = {
+        "journal": str(config.journal), "counts": counts, "open_transactions": open_txns,
+        "daemon": "running" if terminals else "not reachable over MQTT",
+        "terminals": (terminals or {}).get("data") or [
+            {"poi_id": t.poi_id, "state": "unknown"} for t in config.terminals],
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"daemon: {report['daemon']}  (broker {config.mqtt.host}:{config.mqtt.port})")
+    print(f"journal {report['journal']}: {counts['in_flight']} in flight, "
+          f"{counts['unresolved']} unresolved, {counts['undelivered']} messages not yet "
+          "delivered to the broker")
+    for terminal in report["terminals"]:
+        detail = f" ({terminal['detail']})" if terminal.get("detail") else ""
+        print(f"  terminal {terminal['poi_id']}: {terminal['state']}{detail}")
+    for txn in open_txns:
+        print(f"  {txn['state']:>17}  {txn['sale_id']}/{txn['service_id']} on {txn['poi_id']} "
+              f"{txn['category']}, {txn['polls']} poll(s): {txn['detail']}")
+    if not open_txns:
+        print("  no open transactions")
+    return 0
+
+
+async def _resync(args: argparse.Namespace, config: Any) -> int:
+    async with RegisterClient(config.mqtt.host, config.mqtt.port, args.sale_id,
+                              base_topic=config.mqtt.base_topic, persistent=False,
+                              client_id="poi-bridge-cli-resync") as client:
+        answer = await client.command("resync", {"sale_id": args.sale_id,
+                                                 "service_id": args.service_id})
+        if answer.get("status") != "ok":
+            print(f"poi-bridge resync: {answer.get('error')}", file=sys.stderr)
+            return 2
+        print(answer["data"]["action"], file=sys.stderr)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.wait
+        while loop.time() < deadline:
+            for result in client.responses:
+                ids = result["bridge"]["transaction"]
+                if ids["service_id"] == args.service_id:
+                    info = result["bridge"]
+                    print(json.dumps(result, indent=1) if args.json else
+                          f"{args.sale_id}/{args.service_id}: {info['outcome']} "
+                          f"(source {info['source']})")
+                    return 0
+            await asyncio.sleep(0.1)
+    print("poi-bridge resync: no result within the wait; the bridge keeps trying",
+          file=sys.stderr)
+    return 1
+
+
+def run_resync(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    try:
+        return asyncio.run(_resync(args, config))
+    except (aiomqtt.MqttError, OSError) as exc:
+        print(f"poi-bridge resync: cannot reach the broker: {exc}", file=sys.stderr)
+        return 2
+    except TimeoutError:
+        print("poi-bridge resync: the daemon did not answer (is it running?)", file=sys.stderr)
+        return 2

@@ -1,0 +1,134 @@
+"""The daemon: journal, terminal workers, the MQTT side, hotplug and systemd, tied together.
+
+Start-up order matters: the journal is opened first (a bad journal stops everything before
+any terminal is touched), open transactions are handed back to their terminals' sessions,
+workers start, then the broker connection; READY=1 goes to systemd once all of that stands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+from bridge import __version__
+from bridge.config import Config, TerminalConfig
+from bridge.daemon.intake import RequestIntake
+from bridge.daemon.journal import Journal
+from bridge.daemon.mqtt import RegisterGateway
+from bridge.daemon.worker import TerminalWorker
+from bridge.protocol import crypto
+
+log = logging.getLogger("poi_bridge")
+
+PRUNE_INTERVAL = 3600.0
+
+
+def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
+    """The terminal's key, passphrase read from its file (or systemd credential)."""
+    if terminal.key is None:
+        return None
+    path = terminal.key.passphrase_file
+    try:
+        passphrase = path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise SystemExit(f"terminal {terminal.poi_id}: cannot read key passphrase file "
+                         f"{path}: {exc.strerror or exc}") from None
+    return crypto.NexoKey(terminal.key.identifier, terminal.key.version, passphrase)
+
+
+class Bridge:
+    def __init__(self, config: Config, *, mqtt_password: str | None = None) -> None:
+        self.config = config
+        self.started = time.time()
+        self.journal = Journal(config.journal)
+        self.gateway = RegisterGateway(config.mqtt, self.journal, password=mqtt_password)
+        self.workers: dict[str, TerminalWorker] = {
+            t.poi_id: TerminalWorker(t, self.journal, self.gateway, key=load_key(t))
+            for t in config.terminals
+        }
+        self.intake = RequestIntake(config, self.journal, self.gateway, self.workers,
+                                    health=self.health)
+        self.gateway.set_request_handler(self.intake.handle)
+        self.gateway.health_source = self.health
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "version": __version__,
+            "uptime": round(time.time() - self.started, 1),
+            "terminals": {poi: w.state()["state"] for poi, w in self.workers.items()},
+            "journal": self.journal.counts(),
+            "broker_reconnects": self.gateway.reconnects,
+            "published": self.gateway.published,
+            "rejected_requests": self.intake.rejected,
+        }
+
+    def recover(self) -> int:
+        """Give every open transaction in the journal back to its terminal's session."""
+        recovered = 0
+        open_transactions = self.journal.open_transactions()
+        for poi_id, worker in self.workers.items():
+            mine = [t for t in open_transactions if t.poi_id == poi_id]
+            worker.restore(mine)
+            recovered += len(mine)
+        orphans = {t.poi_id for t in open_transactions} - set(self.workers)
+        for poi_id in sorted(orphans):
+            log.error("the journal holds open transactions for terminal %s, which is no longer "
+                      "configured: add it back to resolve them", poi_id)
+        return recovered
+
+    async def start(self) -> None:
+        self.recover()
+        for worker in self.workers.values():
+            await worker.start()
+        self._tasks.append(asyncio.create_task(self.gateway.run(), name="mqtt"))
+        self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
+        log.info("poi-bridge %s started: %d terminal(s), journal %s, broker %s:%d", __version__,
+                 len(self.workers), self.config.journal, self.config.mqtt.host,
+                 self.config.mqtt.port)
+
+    async def _prune_loop(self) -> None:
+        while True:
+            cutoff = time.time() - self.config.mqtt.transaction_retention
+            topics = [self.gateway.topics.transaction(k.sale_id, k.service_id)
+                      for k in self.journal.final_before(cutoff)]
+            self.gateway.clear_retained(topics)
+            self.journal.prune(cutoff)
+            await asyncio.sleep(PRUNE_INTERVAL)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        """Drain: take no new requests, keep in-flight state in the journal, say offline."""
+        log.info("stopping: no new requests; open transactions stay in the journal")
+        self.gateway.stop_accepting()
+        await self.gateway.announce_offline()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for worker in self.workers.values():
+            await worker.stop()
+        self.journal.close()
+
+
+async def run_bridge(config: Config, *, mqtt_password: str | None = None) -> None:
+    bridge = Bridge(config, mqtt_password=mqtt_password)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, bridge.request_stop)
+    await bridge.start()
+    try:
+        await bridge.wait_stopped()
+    finally:
+        await bridge.stop()

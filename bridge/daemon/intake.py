@@ -1,0 +1,255 @@
+"""Requests from registers and commands from operators, checked and routed.
+
+Every request is answered, never dropped: a malformed one goes back to the register's
+response topic with outcome `rejected` and a readable error when its SaleID can be read,
+otherwise to `{base}/bridge/error`. Nothing here can disturb a transaction already stored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from bridge.config import Config
+from bridge.daemon.journal import Journal
+from bridge.daemon.mqtt import RegisterGateway, Reply
+from bridge.daemon.registers import stored_result, summary, topic_safe
+from bridge.daemon.worker import TerminalWorker
+from bridge.protocol import builders
+from bridge.protocol.messages import (
+    MessageError,
+    SaleToPOIRequest,
+    check_request_header,
+    load_json,
+    parse_message,
+)
+from bridge.protocol.outcome import Outcome
+from bridge.protocol.session import Deliver, Progress
+from bridge.protocol.transaction import Reuse, TxKey, check_reuse, request_digest
+
+log = logging.getLogger("poi_bridge.intake")
+
+COMMANDS = ("resync", "transactions", "terminals", "health")
+
+
+def _readable_sale_id(document: Any) -> str | None:
+    """The SaleID of a request we are about to refuse, if it can be read safely."""
+    try:
+        sale_id = document["SaleToPOIRequest"]["MessageHeader"]["SaleID"]
+    except (KeyError, TypeError):
+        return None
+    return sale_id if isinstance(sale_id, str) and topic_safe(sale_id) and len(sale_id) <= 64 \
+        else None
+
+
+def _header_dict(document: Any) -> dict[str, Any]:
+    try:
+        header = document["SaleToPOIRequest"]["MessageHeader"]
+    except (KeyError, TypeError):
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+class RequestIntake:
+    def __init__(self, config: Config, journal: Journal, gateway: RegisterGateway,
+                 workers: dict[str, TerminalWorker], *, health: Callable[[], dict[str, Any]],
+                 clock: Callable[[], float] = time.time, request_max_age: float = 300.0) -> None:
+        self.config = config
+        self.journal = journal
+        self.gateway = gateway
+        self.workers = workers
+        self.topics = gateway.topics
+        self._health = health
+        self._clock = clock
+        self.request_max_age = request_max_age
+        self.rejected = 0
+
+    # --- entry point --------------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes, reply: Reply) -> None:
+        route = self.topics.parse_request_topic(topic)
+        if route is None:
+            return
+        kind, name = route
+        if kind == "bridge":
+            self._command(name, payload, reply)
+        else:
+            self._request(name, payload, reply)
+
+    # --- register requests ----------------------------------------------------------------------
+
+    def _reject(self, document: Any, poi_id: str, error: str, condition: str = "MessageFormat",
+                reply: Reply | None = None) -> None:
+        self.rejected += 1
+        header = _header_dict(document)
+        sale_id = _readable_sale_id(document)
+        service_id = header.get("ServiceID") if isinstance(header.get("ServiceID"), str) else ""
+        category = header.get("MessageCategory") if isinstance(
+            header.get("MessageCategory"), str) else "Unknown"
+        log.warning("request for terminal %s refused: %s (SaleID=%s ServiceID=%s)",
+                    poi_id, error, sale_id or "?", service_id or "?")
+        response = None
+        if sale_id is not None and category.isalnum():
+            response = builders.failure_response(
+                {k: v for k, v in header.items() if isinstance(v, str) and len(v) <= 128},
+                category, condition, error)
+        result = Deliver(sale_id or "", service_id[:64], poi_id, category[:64],
+                         Outcome.REJECTED.value, "bridge", response, error)
+        if sale_id is None:
+            self.gateway.enqueue(self.topics.bridge_error, {
+                "status": "error", "error": error, "poi_id": poi_id,
+                "topic": self.topics.terminal_requests.replace("+", poi_id),
+            })
+        else:
+            self.gateway.deliver(result)
+
+    def _request(self, poi_id: str, payload: bytes, reply: Reply) -> None:
+        limit = self.config.mqtt.max_payload
+        try:
+            document = load_json(payload, max_size=limit)
+        except MessageError as exc:
+            self._reject(None, poi_id, f"request is unusable: {exc}")
+            return
+        try:
+            request = parse_message(document)
+        except MessageError as exc:
+            self._reject(document, poi_id, f"not a valid SaleToPOIRequest: {exc}")
+            return
+        if not isinstance(request, SaleToPOIRequest):
+            self._reject(document, poi_id, "registers publish SaleToPOIRequest documents here")
+            return
+        if request.nexo_blob is not None or request.security_trailer is not None:
+            self._reject(document, poi_id, "send the request in clear: the bridge encrypts "
+                                           "towards the terminal itself")
+            return
+        problems = check_request_header(request)
+        if problems:
+            self._reject(document, poi_id, "invalid header: " + "; ".join(problems))
+            return
+        header = request.message_header
+        assert header is not None and header.sale_id and header.service_id
+        if not topic_safe(header.sale_id):
+            self._reject(document, poi_id, "SaleID must not contain / + # or control characters")
+            return
+        if header.poi_id != poi_id:
+            self._reject(document, poi_id, f"MessageHeader.POIID {header.poi_id} does not match "
+                                           f"the topic's terminal {poi_id}")
+            return
+        worker = self.workers.get(poi_id)
+        if worker is None:
+            self._reject(document, poi_id, f"unknown terminal {poi_id}: not in this bridge's "
+                                           "configuration", "UnavailableDevice")
+            return
+        allowed = worker.config.allowed_sale_ids
+        if allowed is not None and header.sale_id not in allowed:
+            self._reject(document, poi_id, f"SaleID {header.sale_id} may not use terminal "
+                                           f"{poi_id}", "NotAllowed")
+            return
+        stale = self._stale(request)
+        if stale:
+            self._reject(document, poi_id, stale, "NotAllowed")
+            return
+        digest = request_digest(document)
+        existing = self.journal.get(TxKey(header.sale_id, header.service_id))
+        reuse = check_reuse(existing, digest, self._clock())
+        if reuse is Reuse.CONFLICT:
+            self._reject(document, poi_id, f"ServiceID {header.service_id} was already used by "
+                                           f"SaleID {header.sale_id} for a different request "
+                                           "within 48 hours; use a new ServiceID")
+            return
+        if reuse is Reuse.REPEAT:
+            assert existing is not None
+            self._repeat(existing)
+            return
+        worker.submit(request, document, digest)
+
+    def _repeat(self, existing: Any) -> None:
+        """An identical repeat: answer with what is known, start nothing."""
+        if existing.outcome is not None or existing.state == "unresolved":
+            self.gateway.deliver(stored_result(existing))
+        self.gateway.progress(Progress(existing.sale_id, existing.service_id, existing.poi_id,
+                                       "duplicate", f"already known, state {existing.state}; "
+                                                    "nothing was started"))
+
+    def _stale(self, request: SaleToPOIRequest) -> str | None:
+        """A payment request that waited in the broker (while the bridge was away) longer
+        than request_max_age must not start a payment the shopper no longer stands at."""
+        if request.payment_request is None:
+            return None
+        sale_tx = request.payment_request.sale_data.sale_transaction_id
+        if sale_tx is None or not sale_tx.time_stamp:
+            return None
+        try:
+            stamp = dt.datetime.fromisoformat(sale_tx.time_stamp.replace("Z", "+00:00"))
+        except ValueError:
+            return None
+        if stamp.tzinfo is None:
+            return None
+        age = self._clock() - stamp.timestamp()
+        if age > self.request_max_age:
+            return (f"request is {age:.0f} s old (SaleTransactionID.TimeStamp); payments older "
+                    f"than {self.request_max_age:.0f} s are not started")
+        return None
+
+    # --- operator commands ------------------------------------------------------------------------
+
+    def _command(self, command: str, payload: bytes, reply: Reply) -> None:
+        topic = self.topics.bridge_response(command)
+        echo: Any = None
+        try:
+            body = load_json(payload, max_size=64 * 1024) if payload.strip() else {}
+            if not isinstance(body, dict):
+                raise MessageError("the command body must be a JSON object")
+            echo = body.get("transaction")
+            if command not in COMMANDS:
+                raise MessageError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+            data = getattr(self, f"_cmd_{command}")(body)
+        except MessageError as exc:
+            reply.send(topic, {"status": "error", "data": None, "error": str(exc),
+                               "transaction": echo})
+            return
+        reply.send(topic, {"status": "ok", "data": data, "error": None, "transaction": echo})
+
+    def _cmd_resync(self, body: dict[str, Any]) -> dict[str, Any]:
+        sale_id, service_id = body.get("sale_id"), body.get("service_id")
+        if not isinstance(sale_id, str) or not isinstance(service_id, str):
+            raise MessageError("resync needs sale_id and service_id")
+        return self.resync(sale_id, service_id)
+
+    def resync(self, sale_id: str, service_id: str) -> dict[str, Any]:
+        txn = self.journal.get(TxKey(sale_id, service_id))
+        if txn is None:
+            raise MessageError(f"no transaction {sale_id}/{service_id} in the journal")
+        worker = self.workers.get(txn.poi_id)
+        if worker is None:
+            raise MessageError(f"terminal {txn.poi_id} of {sale_id}/{service_id} is no longer "
+                               "configured")
+        if txn.category not in ("Payment", "Reversal", "StoredValue"):
+            self.gateway.deliver(stored_result(txn))
+            return {**summary(txn), "action": "republished from the journal"}
+        if not worker.online:
+            self.gateway.deliver(stored_result(txn))
+            return {**summary(txn), "action": "terminal offline: republished from the journal"}
+        worker.resync(txn)
+        return {**summary(txn), "action": "asking the terminal; the result follows on the "
+                                          "register's response topic"}
+
+    def _cmd_transactions(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        filters = {k: body.get(k) for k in ("state", "poi_id", "sale_id", "outcome")}
+        for key, value in filters.items():
+            if value is not None and not isinstance(value, str):
+                raise MessageError(f"{key} must be a string")
+        limit = body.get("limit", 100)
+        if not isinstance(limit, int) or not 1 <= limit <= 1000:
+            raise MessageError("limit must be a whole number from 1 to 1000")
+        return [summary(t) for t in self.journal.transactions(limit=limit, **filters)]
+
+    def _cmd_terminals(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        return [worker.state() for worker in self.workers.values()]
+
+    def _cmd_health(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._health()
+

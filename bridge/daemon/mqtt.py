@@ -1,0 +1,298 @@
+"""The MQTT side: one connection to the store broker, kept up for the life of the daemon.
+
+Results and events go through the journal's outbox: written before publishing, marked
+delivered only once the broker acknowledged them (QoS 1), published again after every
+reconnect and every restart. So a broker outage or a crash can delay a result, never lose
+it; a register may see a message twice (each carries its SaleID/ServiceID), never zero
+times. Retained states (bridge, terminals) are "latest wins" and are republished on every
+reconnect, so nothing stays "offline" after a broker restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+
+from bridge.config import MqttConfig
+from bridge.daemon.journal import Journal
+from bridge.daemon.registers import (
+    Topics,
+    dumps,
+    event_payload,
+    result_payload,
+    topic_safe,
+    transaction_payload,
+)
+from bridge.protocol.session import Deliver, Progress
+from bridge.transports import Backoff
+
+log = logging.getLogger("poi_bridge.mqtt")
+
+# (topic, payload, properties or None) -> None; the intake answers through `reply`.
+RequestHandler = Callable[[str, bytes, "Reply"], Awaitable[None] | None]
+
+
+class Reply:
+    """How to answer one incoming message: to a fixed topic, or to the MQTT 5 response topic
+    with its correlation data when the requester gave one."""
+
+    def __init__(self, gateway: RegisterGateway, response_topic: str | None,
+                 correlation: bytes | None) -> None:
+        self._gateway = gateway
+        self.response_topic = response_topic
+        self.correlation = correlation
+
+    def send(self, topic: str, payload: dict[str, Any]) -> None:
+        self._gateway.enqueue(self.response_topic or topic, payload, correlation=self.correlation)
+
+
+class RegisterGateway:
+    def __init__(self, config: MqttConfig, journal: Journal, *, password: str | None = None,
+                 backoff: Backoff | None = None) -> None:
+        self.config = config
+        self.topics = Topics(config.base_topic)
+        self.journal = journal
+        self._password = password
+        self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._outbox_ready = asyncio.Event()
+        self._terminal_states: dict[str, bytes] = {}
+        self._state_dirty: set[str] = set()
+        self._state_ready = asyncio.Event()
+        self._handler: RequestHandler | None = None
+        self._correlations: dict[int, bytes] = {}  # outbox id -> MQTT 5 correlation data
+        self._accepting = True
+        self.reconnects = 0
+        self.published = 0
+        self.health_source: Callable[[], dict[str, Any]] | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def set_request_handler(self, handler: RequestHandler) -> None:
+        self._handler = handler
+
+    # --- Outlet (called by terminal workers) ------------------------------------------------
+
+    def deliver(self, result: Deliver) -> None:
+        messages = []
+        if topic_safe(result.sale_id):
+            messages.append((self.topics.register_response(result.sale_id),
+                             dumps(result_payload(result)), 1, False))
+            if result.outcome != "rejected" and topic_safe(result.service_id):
+                # Rejections are not transactions: they must not overwrite a real one's record.
+                messages.append((self.topics.transaction(result.sale_id, result.service_id),
+                                 dumps(transaction_payload(result)), 1, True))
+        else:
+            messages.append((self.topics.bridge_error, dumps(result_payload(result)), 1, False))
+        self.journal.enqueue(messages)
+        self._outbox_ready.set()
+
+    def progress(self, event: Progress) -> None:
+        if not topic_safe(event.sale_id):
+            return
+        messages = [(self.topics.register_event(event.sale_id), dumps(event_payload(event)), 1,
+                     False)]
+        if event.event == "accepted":
+            ids = {"sale_id": event.sale_id, "service_id": event.service_id,
+                   "poi_id": event.poi_id}
+            messages.append((self.topics.transaction(event.sale_id, event.service_id),
+                             dumps(transaction_payload(state="in_progress", ids=ids)), 1, True))
+        self.journal.enqueue(messages)
+        self._outbox_ready.set()
+
+    def terminal_state(self, poi_id: str, state: dict[str, Any]) -> None:
+        payload = dumps(state)
+        if self._terminal_states.get(poi_id) != payload:
+            self._terminal_states[poi_id] = payload
+            self._state_dirty.add(poi_id)
+            self._state_ready.set()
+
+    def enqueue(self, topic: str, payload: dict[str, Any], *, retain: bool = False,
+                correlation: bytes | None = None) -> None:
+        """Any other message that must not be lost (answers to commands, errors)."""
+        (message_id,) = self.journal.enqueue([(topic, dumps(payload), 1, retain)])
+        if correlation is not None:
+            self._correlations[message_id] = correlation
+        self._outbox_ready.set()
+
+    def clear_retained(self, topics: list[str]) -> None:
+        if topics:
+            self.journal.enqueue([(topic, b"", 1, True) for topic in topics])
+            self._outbox_ready.set()
+
+    def stop_accepting(self) -> None:
+        self._accepting = False
+
+    # --- the connection -----------------------------------------------------------------------
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        tls = self.config.tls
+        if tls is None:
+            return None
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        if tls.cert_file is not None:
+            context.load_cert_chain(str(tls.cert_file),
+                                    str(tls.key_file) if tls.key_file else None)
+        context.check_hostname = tls.check_hostname
+        return context
+
+    def _client_for(self) -> aiomqtt.Client:
+        v5 = self.config.protocol == "5"
+        options: dict[str, Any] = {}
+        if v5:
+            options["clean_start"] = False
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 24 * 3600  # keep our session while we are away
+            options["properties"] = props
+        else:
+            options["clean_session"] = False
+        return aiomqtt.Client(
+            self.config.host, self.config.port,
+            identifier=self.config.client_id,
+            username=self.config.username, password=self._password,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(self.topics.bridge_state, dumps({"state": "offline"}), qos=1,
+                              retain=True),
+            keepalive=self.config.keepalive,
+            tls_context=self._tls_context(),
+            max_queued_incoming_messages=10_000,
+            timeout=10,
+            **options,
+        )
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect with jittered backoff, until cancelled."""
+        first = True
+        while True:
+            try:
+                async with self._client_for() as client:
+                    self._client = client
+                    self._backoff.reset()
+                    if not first:
+                        self.reconnects += 1
+                    first = False
+                    log.info("connected to MQTT broker %s:%d", self.config.host, self.config.port)
+                    await self._serve(client)
+            except aiomqtt.MqttError as exc:
+                if self._connected.is_set():
+                    log.warning("lost the MQTT broker %s:%d: %s; results are kept and sent on "
+                                "reconnect", self.config.host, self.config.port, exc)
+                else:
+                    log.warning("cannot reach MQTT broker %s:%d: %s; retrying",
+                                self.config.host, self.config.port, exc)
+            finally:
+                self._client = None
+                self._connected.clear()
+            await asyncio.sleep(self._backoff.next_delay())
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        await client.publish(self.topics.bridge_state, dumps({"state": "online"}), qos=1,
+                             retain=True)
+        self._state_dirty = set(self._terminal_states)
+        self._state_ready.set()
+        if self._accepting:
+            await client.subscribe(self.topics.terminal_requests, qos=1)
+            await client.subscribe(self.topics.bridge_requests, qos=1)
+        self._connected.set()
+        self._outbox_ready.set()
+        tasks = [
+            asyncio.create_task(self._receive(client)),
+            asyncio.create_task(self._publish_outbox(client)),
+            asyncio.create_task(self._publish_states(client)),
+            asyncio.create_task(self._publish_health(client)),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await task
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload if isinstance(message.payload, bytes) else \
+                str(message.payload or "").encode()
+            props = getattr(message, "properties", None)
+            response_topic = getattr(props, "ResponseTopic", None) if props else None
+            correlation = getattr(props, "CorrelationData", None) if props else None
+            reply = Reply(self, response_topic, correlation)
+            if self._handler is None or not self._accepting:
+                continue
+            try:
+                outcome = self._handler(message.topic.value, payload, reply)
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            except Exception:  # one bad request must never take the bridge down
+                log.exception("request on %s could not be handled", message.topic.value)
+                reply.send(self.topics.bridge_error, {
+                    "status": "error", "error": "internal error while handling the request",
+                    "topic": message.topic.value})
+
+    async def _publish_outbox(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            last_id = 0
+            while True:
+                batch = self.journal.pending(limit=256, after_id=last_id)
+                if not batch:
+                    break
+                await asyncio.gather(*(self._publish_one(client, m) for m in batch))
+                self.journal.mark_delivered([m.id for m in batch])
+                self.published += len(batch)
+                last_id = batch[-1].id
+
+    async def _publish_one(self, client: aiomqtt.Client, message: Any) -> None:
+        properties = None
+        correlation = self._correlations.pop(message.id, None)
+        if correlation is not None and self.config.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation
+        await client.publish(message.topic, message.payload, qos=message.qos,
+                             retain=message.retain, properties=properties)
+
+    async def _publish_states(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._state_ready.wait()
+            self._state_ready.clear()
+            dirty, self._state_dirty = self._state_dirty, set()
+            for poi_id in dirty:
+                await client.publish(self.topics.terminal_state(poi_id),
+                                     self._terminal_states[poi_id], qos=1, retain=True)
+
+    async def _publish_health(self, client: aiomqtt.Client) -> None:
+        while True:
+            if self.health_source is not None:
+                await client.publish(self.topics.bridge_health, dumps(self.health_source()),
+                                     qos=1, retain=True)
+            await asyncio.sleep(self.config.health_interval)
+
+    async def announce_offline(self, timeout: float = 2.0) -> None:
+        """On a clean stop: flush what we can and say we are offline (the will covers crashes)."""
+        client = self._client
+        if client is None:
+            return
+        deadline = time.monotonic() + timeout
+        while self.journal.pending(limit=1) and time.monotonic() < deadline:
+            self._outbox_ready.set()
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
+            await asyncio.wait_for(
+                client.publish(self.topics.bridge_state, dumps({"state": "offline"}), qos=1,
+                               retain=True), timeout=max(0.1, deadline - time.monotonic()))

@@ -1,0 +1,151 @@
+"""The register-facing MQTT contract: topic names and payload shapes, in one place.
+
+The README documents these shapes; registers in any language depend on them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.protocol.session import Deliver, Progress
+from bridge.protocol.transaction import Transaction
+
+TOPIC_UNSAFE = frozenset("/+#\x00")
+
+
+def topic_safe(part: str) -> bool:
+    """Whether an ID can stand as one level of an MQTT topic."""
+    return bool(part) and len(part) <= 128 and not (set(part) & TOPIC_UNSAFE) and part.isprintable()
+
+
+def _now_iso(at: float | None = None) -> str:
+    moment = dt.datetime.fromtimestamp(at, dt.UTC) if at is not None else dt.datetime.now(dt.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def dumps(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    base: str
+
+    @property
+    def bridge_state(self) -> str:
+        return f"{self.base}/bridge/state"
+
+    @property
+    def bridge_health(self) -> str:
+        return f"{self.base}/bridge/health"
+
+    @property
+    def bridge_error(self) -> str:
+        return f"{self.base}/bridge/error"
+
+    @property
+    def terminal_requests(self) -> str:
+        return f"{self.base}/terminals/+/request"
+
+    @property
+    def bridge_requests(self) -> str:
+        return f"{self.base}/bridge/request/+"
+
+    def terminal_state(self, poi_id: str) -> str:
+        return f"{self.base}/terminals/{poi_id}/state"
+
+    def register_response(self, sale_id: str) -> str:
+        return f"{self.base}/registers/{sale_id}/response"
+
+    def register_event(self, sale_id: str) -> str:
+        return f"{self.base}/registers/{sale_id}/event"
+
+    def transaction(self, sale_id: str, service_id: str) -> str:
+        return f"{self.base}/transactions/{sale_id}/{service_id}"
+
+    def bridge_response(self, command: str) -> str:
+        return f"{self.base}/bridge/response/{command}"
+
+    def parse_request_topic(self, topic: str) -> tuple[str, str] | None:
+        """('terminal', POIID) or ('bridge', command) for a topic we subscribe to."""
+        prefix = f"{self.base}/"
+        if not topic.startswith(prefix):
+            return None
+        parts = topic[len(prefix):].split("/")
+        if len(parts) == 3 and parts[0] == "terminals" and parts[2] == "request":
+            return "terminal", parts[1]
+        if len(parts) == 3 and parts[:2] == ["bridge", "request"]:
+            return "bridge", parts[2]
+        return None
+
+
+def transaction_ids(sale_id: str, service_id: str, poi_id: str, category: str) -> dict[str, str]:
+    return {"sale_id": sale_id, "service_id": service_id, "poi_id": poi_id, "category": category}
+
+
+def result_payload(result: Deliver, at: float | None = None) -> dict[str, Any]:
+    """What a register receives on registers/{SaleID}/response."""
+    inner = result.response.get("SaleToPOIResponse") if result.response else None
+    return {
+        "SaleToPOIResponse": inner,
+        "bridge": {
+            "outcome": result.outcome,
+            "source": result.source,
+            "transaction": transaction_ids(result.sale_id, result.service_id, result.poi_id,
+                                           result.category),
+            "error": result.error,
+            "at": _now_iso(at),
+        },
+    }
+
+
+def event_payload(event: Progress, at: float | None = None) -> dict[str, Any]:
+    """What a register receives on registers/{SaleID}/event (for the cashier's screen)."""
+    payload: dict[str, Any] = {
+        "event": event.event,
+        "detail": event.detail,
+        "transaction": {"sale_id": event.sale_id, "service_id": event.service_id,
+                        "poi_id": event.poi_id},
+        "at": _now_iso(at),
+    }
+    if event.poll is not None:
+        payload["poll"] = event.poll
+    return payload
+
+
+def transaction_payload(
+    result: Deliver | None = None, *, state: str | None = None, ids: dict[str, str] | None = None,
+    at: float | None = None,
+) -> dict[str, Any]:
+    """The retained transactions/{SaleID}/{ServiceID} document: latest state and result."""
+    if result is not None:
+        body = result_payload(result, at)
+        body["state"] = "unresolved" if result.outcome == "unresolved" else "final"
+        return body
+    return {"SaleToPOIResponse": None, "state": state,
+            "bridge": {"outcome": None, "source": None, "transaction": ids, "error": None,
+                       "at": _now_iso(at)}}
+
+
+def stored_result(txn: Transaction) -> Deliver:
+    """A journal entry as the Deliver it was (for a repeat of a known request, or a resync)."""
+    return Deliver(txn.sale_id, txn.service_id, txn.poi_id, txn.category,
+                   txn.outcome or "unresolved", "journal", txn.response,
+                   txn.detail if txn.outcome in ("error", "rejected", "unresolved") else None)
+
+
+def summary(txn: Transaction) -> dict[str, Any]:
+    """One line of the `transactions` command and `poi-bridge status`."""
+    return {
+        **transaction_ids(txn.sale_id, txn.service_id, txn.poi_id, txn.category),
+        "state": str(txn.state),
+        "outcome": txn.outcome,
+        "source": txn.source,
+        "polls": txn.polls_sent,
+        "detail": txn.detail,
+        "created_at": _now_iso(txn.created_at),
+        "updated_at": _now_iso(txn.updated_at),
+    }

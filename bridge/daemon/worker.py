@@ -1,0 +1,375 @@
+"""One worker per terminal: the thin async shell around the framer and the terminal session.
+
+It opens the transport (and reopens it with backoff when the device goes away), feeds bytes
+to the framer and messages to the session, fires the session's and the framer's timers, and
+carries out the session's actions in order: Record -> journal, Send -> framer -> transport,
+Deliver/Progress -> the register side (the outlet). Everything runs on the event loop; the
+journal commit is synchronous on purpose, so no action can overtake the record it depends on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from bridge.config import TerminalConfig
+from bridge.daemon.journal import Journal
+from bridge.protocol import crypto
+from bridge.protocol.framing import (
+    FrameFailed,
+    FrameReceived,
+    FramingError,
+    make_framer,
+)
+from bridge.protocol.messages import MessageError, SaleToPOIRequest, load_json, parse_message
+from bridge.protocol.session import (
+    Action,
+    Deliver,
+    Log,
+    Progress,
+    Record,
+    Send,
+    SessionSettings,
+    TerminalSession,
+)
+from bridge.protocol.transaction import Transaction
+from bridge.transports import (
+    Backoff,
+    LinkClosed,
+    Transport,
+    TransportUnavailable,
+    open_transport,
+)
+
+log = logging.getLogger("poi_bridge.terminal")
+
+
+class Outlet(Protocol):
+    """Where a worker's results go: the MQTT side in the daemon, a list in tests."""
+
+    def deliver(self, result: Deliver) -> None: ...
+
+    def progress(self, event: Progress) -> None: ...
+
+    def terminal_state(self, poi_id: str, state: dict[str, Any]) -> None: ...
+
+
+def session_settings(config: TerminalConfig) -> SessionSettings:
+    return SessionSettings(
+        payment_timeout=config.payment_timeout,
+        status_timeout=config.status_timeout,
+        resync_attempts=config.resync_attempts,
+        poll_floor=config.poll_floor,
+        reconcile_initial=config.reconcile_initial,
+        reconcile_max_interval=config.reconcile_max_interval,
+        reconcile_deadline=config.reconcile_deadline,
+    )
+
+
+class TerminalWorker:
+    def __init__(
+        self,
+        config: TerminalConfig,
+        journal: Journal,
+        outlet: Outlet,
+        *,
+        key: crypto.NexoKey | None = None,
+        transport_factory: Callable[[Any], Transport] = open_transport,
+        clock: Callable[[], float] = time.time,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.config = config
+        self.poi_id = config.poi_id
+        self.journal = journal
+        self.outlet = outlet
+        self.key = key
+        self._transport_factory = transport_factory
+        self._clock = clock
+        self._backoff = backoff or Backoff(initial=0.2, maximum=10.0)
+        self.session = TerminalSession(config.poi_id, session_settings(config))
+        fc = config.framer
+        self.framer = make_framer(fc.name, max_frame_size=fc.max_frame_size,
+                                  ack_timeout=fc.ack_timeout, max_tries=fc.max_tries)
+        self._transport: Transport | None = None
+        self._in_flight: deque[tuple[bytes, str]] = deque()  # frames queued: payload -> ServiceID
+        self._wake = asyncio.Event()
+        self._write_ready = asyncio.Event()
+        self._link_reason = "not connected yet"
+        self._stopping = False
+        self._enabled_event = asyncio.Event()  # hotplug: clear while the device is unplugged
+        self._enabled_event.set()
+        self._disabled_event = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.counters = {"frames_in": 0, "frames_out": 0, "framing_errors": 0, "reconnects": 0}
+
+    # --- public -----------------------------------------------------------------------------
+
+    @property
+    def online(self) -> bool:
+        return self.session.link_up
+
+    def state(self) -> dict[str, Any]:
+        state = "offline" if not self.online else ("busy" if self.session.busy else "online")
+        return {
+            "state": state,
+            "poi_id": self.poi_id,
+            "link": self._transport.describe() if self._transport else None,
+            "detail": self._link_reason if not self.online else "",
+            "active": str(self.session.active) if self.session.active else None,
+            "open_transactions": len(self.session.open),
+        }
+
+    def submit(self, request: SaleToPOIRequest, document: dict[str, Any], digest: str) -> None:
+        self._apply(self.session.submit(request, document, digest, self._clock()))
+
+    def resync(self, txn: Transaction) -> None:
+        self._apply(self.session.resync(txn, self._clock()))
+
+    def restore(self, transactions: list[Transaction]) -> None:
+        if transactions:
+            log.info("terminal %s: recovering %d open transaction(s) from the journal",
+                     self.poi_id, len(transactions))
+        self._apply(self.session.restore(transactions, self._clock()))
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._link_loop(), name=f"link {self.poi_id}"),
+            asyncio.create_task(self._timer_loop(), name=f"timers {self.poi_id}"),
+        ]
+        self._publish_state()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._transport is not None:
+            await self._transport.close()
+
+    def device_present(self, present: bool) -> None:
+        """Hotplug: the device appeared or went away. While it is away the worker does not
+        try to open it (no log spam); when it is back it is opened at once."""
+        if present:
+            self._backoff.reset()
+            self._disabled_event.clear()
+            self._enabled_event.set()
+        else:
+            self._enabled_event.clear()
+            self._disabled_event.set()
+
+    # --- actions ------------------------------------------------------------------------------
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Record):
+                self.journal.save(action.transaction)
+            elif isinstance(action, Send):
+                self._send(action)
+            elif isinstance(action, Deliver):
+                self.outlet.deliver(action)
+                self._log_result(action)
+            elif isinstance(action, Progress):
+                self.outlet.progress(action)
+            elif isinstance(action, Log):
+                log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
+        self._publish_state()
+        self._wake.set()
+
+    def _log_result(self, result: Deliver) -> None:
+        level = logging.WARNING if result.outcome in ("unresolved", "error") else logging.INFO
+        log.log(level, "terminal %s: %s %s/%s -> %s (%s)%s", self.poi_id, result.category,
+                result.sale_id, result.service_id, result.outcome, result.source,
+                f": {result.error}" if result.error else "")
+
+    def _send(self, action: Send) -> None:
+        document = action.document
+        if self.key is not None:
+            document = crypto.encrypt_message(document, self.key)
+        payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(payload) > self.framer.max_frame_size:
+            log.error("terminal %s: %s %s is %d bytes, over the frame limit %d; not sent",
+                      self.poi_id, action.purpose, action.service_id, len(payload),
+                      self.framer.max_frame_size)
+            self._apply(self.session.send_failed(action.service_id, "message too large",
+                                                 self._clock()))
+            return
+        self._in_flight.append((payload, action.service_id))
+        self._framer_events(self.framer.send_frame(payload, time.monotonic()))
+        self.counters["frames_out"] += 1
+        self._write_ready.set()
+
+    # --- the link -----------------------------------------------------------------------------
+
+    async def _link_loop(self) -> None:
+        while not self._stopping:
+            await self._enabled_event.wait()
+            try:
+                transport = self._transport_factory(self.config.link)
+            except TransportUnavailable as exc:
+                log.error("terminal %s: %s", self.poi_id, exc)
+                self._link_reason = str(exc)
+                self._publish_state()
+                await asyncio.sleep(self._backoff.next_delay())
+                continue
+            try:
+                await transport.open()
+            except LinkClosed as exc:
+                await self._link_down(transport, exc.reason, opened=False)
+                continue
+            self._transport = transport
+            self._backoff.reset()
+            self.framer.reset()
+            self._in_flight.clear()
+            log.info("terminal %s: link up on %s", self.poi_id, transport.describe())
+            self._link_reason = ""
+            self._apply(self.session.link_is_up(self._clock()))
+            reason = await self._run_link(transport)
+            self.counters["reconnects"] += 1
+            await self._link_down(transport, reason, opened=True)
+
+    async def _link_down(self, transport: Transport, reason: str, *, opened: bool) -> None:
+        await transport.close()
+        if opened:
+            log.warning("terminal %s: link lost: %s; reopening", self.poi_id, reason)
+            self._link_reason = reason
+            self._apply(self.session.link_is_down(reason, self._clock()))
+        elif reason != self._link_reason:
+            log.warning("terminal %s: cannot open link: %s; retrying", self.poi_id, reason)
+            self._link_reason = reason
+            self._publish_state()
+        if not self._stopping:
+            await asyncio.sleep(self._backoff.next_delay())
+
+    async def _run_link(self, transport: Transport) -> str:
+        reader = asyncio.create_task(self._read_loop(transport))
+        writer = asyncio.create_task(self._write_loop(transport))
+        unplugged = asyncio.create_task(self._disabled_event.wait())
+        tasks = {reader, writer, unplugged}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, LinkClosed):
+                    await task
+        for task in done:
+            exc = task.exception()
+            if isinstance(exc, LinkClosed):
+                return exc.reason
+            if exc is not None:
+                log.exception("terminal %s: link task failed", self.poi_id, exc_info=exc)
+                return f"internal error: {exc!r}"
+        return "device unplugged"
+
+    async def _read_loop(self, transport: Transport) -> None:
+        while True:
+            data = await transport.read()
+            self._framer_events(self.framer.receive_data(data, time.monotonic()))
+            self._write_ready.set()  # ACK/NAK the framer queued go out via the writer
+
+    async def _write_loop(self, transport: Transport) -> None:
+        pending = b""
+        while True:
+            await self._write_ready.wait()
+            self._write_ready.clear()
+            pending += self.framer.data_to_send()
+            if pending:
+                await transport.write(pending)
+                pending = b""
+
+    def _framer_events(self, events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, FrameReceived):
+                self.counters["frames_in"] += 1
+                self._on_frame(event.payload)
+            elif isinstance(event, FramingError):
+                self.counters["framing_errors"] += 1
+                log.debug("terminal %s: line noise: %s (%d bytes dropped)", self.poi_id,
+                          event.reason, event.discarded)
+            elif isinstance(event, FrameFailed):
+                service_id = self._pop_in_flight(event.payload)
+                log.warning("terminal %s: frame for %s not acknowledged: %s", self.poi_id,
+                            service_id, event.reason)
+                if service_id is not None:
+                    self._apply(self.session.send_failed(service_id, event.reason, self._clock()))
+            elif hasattr(event, "payload"):  # FrameSent
+                self._pop_in_flight(event.payload)
+
+    def _pop_in_flight(self, payload: bytes) -> str | None:
+        for i, (sent, service_id) in enumerate(self._in_flight):
+            if sent == payload:
+                del self._in_flight[i]
+                return service_id
+        return None
+
+    def _on_frame(self, payload: bytes) -> None:
+        now = self._clock()
+        try:
+            document = load_json(payload, max_size=self.framer.max_frame_size)
+        except MessageError as exc:
+            self._apply(self.session.unusable(f"frame is not JSON: {exc}", now))
+            return
+        problem = crypto.terminal_crypto_error(document)
+        if problem is not None:
+            key = f"key {self.key.identifier} v{self.key.version}" if self.key else "no key"
+            self._apply(self.session.refused(
+                f"terminal {self.poi_id} cannot decrypt our message ({problem}); check the "
+                f"encryption key configured for it ({key})", now))
+            return
+        if crypto.is_encrypted(document):
+            if self.key is None:
+                self._apply(self.session.unusable(
+                    "terminal sent an encrypted message but no key is configured for it", now))
+                return
+            try:
+                document = crypto.decrypt_message(document, self.key)
+            except crypto.CryptoError as exc:
+                self._apply(self.session.refused(
+                    f"cannot decrypt the terminal's answer with key {self.key.identifier} "
+                    f"v{self.key.version}: {exc}", now))
+                return
+        try:
+            message = parse_message(document)
+        except MessageError as exc:
+            self._apply(self.session.unusable(f"not a SaleToPOI message: {exc}", now))
+            return
+        self._apply(self.session.receive(message, now))
+
+    # --- timers -------------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        while True:
+            session_due = self.session.next_deadline()
+            framer_due = self.framer.next_deadline() if self.online else None
+            delays = [60.0]
+            if session_due is not None:
+                delays.append(session_due - self._clock())
+            if framer_due is not None:
+                delays.append(framer_due - time.monotonic())
+            delay = max(0.0, min(delays))
+            self._wake.clear()
+            if delay > 0:
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                # that arrives as its inner wait completes, and stop() would hang on us.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+            if framer_due is not None and self.online and framer_due <= time.monotonic():
+                self._framer_events(self.framer.handle_timeout(time.monotonic()))
+                self._write_ready.set()
+            due = self.session.next_deadline()
+            if due is not None and due <= self._clock():
+                self._apply(self.session.tick(self._clock()))
+
+    def _publish_state(self) -> None:
+        self.outlet.terminal_state(self.poi_id, self.state())
+

@@ -1,0 +1,111 @@
+"""A small register client over MQTT: what a till does, for people, the demo and tests.
+
+It publishes a SaleToPOIRequest to the bridge and waits for the answer on its own response
+topic, showing the progress events meanwhile. Registers in other languages do the same with
+their MQTT library; the README documents the topics and payloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiomqtt
+
+from bridge.daemon.registers import Topics
+from bridge.protocol.builders import new_service_id
+from bridge.simulator.responses import payment_request
+
+
+class RegisterClient:
+    def __init__(self, host: str, port: int, sale_id: str, *, base_topic: str = "poi-bridge",
+                 client_id: str | None = None, persistent: bool = True,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.host, self.port, self.sale_id = host, port, sale_id
+        self.topics = Topics(base_topic)
+        self._client_id = client_id or f"register-{sale_id}"
+        self._persistent = persistent
+        self._on_event = on_event
+        self._client: aiomqtt.Client | None = None
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._commands: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self.responses: list[dict[str, Any]] = []
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> RegisterClient:
+        self._client = aiomqtt.Client(self.host, self.port, identifier=self._client_id,
+                                      clean_session=not self._persistent)
+        await self._client.__aenter__()
+        await self._client.subscribe(f"{self.topics.base}/registers/{self.sale_id}/#", qos=1)
+        await self._client.subscribe(f"{self.topics.base}/bridge/response/+", qos=1)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                await self._reader
+        if self._client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._client.__aexit__(None, None, None)
+
+    async def _read(self) -> None:
+        assert self._client is not None
+        async for message in self._client.messages:
+            try:
+                payload = json.loads(message.payload)
+            except (TypeError, ValueError):
+                continue
+            topic = message.topic.value
+            if topic.endswith("/event"):
+                if self._on_event is not None:
+                    self._on_event(payload)
+            elif topic.endswith("/response") and "/registers/" in topic:
+                self.responses.append(payload)
+                ids = (payload.get("bridge") or {}).get("transaction") or {}
+                future = self._waiting.get(ids.get("service_id", ""))
+                final = (payload.get("bridge") or {}).get("outcome") != "unresolved"
+                if future is not None and not future.done() and final:
+                    future.set_result(payload)
+            elif "/bridge/response/" in topic:
+                command = topic.rsplit("/", 1)[1]
+                future = self._commands.pop(command, None)
+                if future is not None and not future.done():
+                    future.set_result(payload)
+
+    async def request(self, document: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+        """Publish a request and wait for its final answer (an `unresolved` report is shown as
+        an event and waiting goes on, as a till would keep the sale open)."""
+        assert self._client is not None
+        header = document["SaleToPOIRequest"]["MessageHeader"]
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[header["ServiceID"]] = future
+        await self._client.publish(self.topics.base + f"/terminals/{header['POIID']}/request",
+                                   json.dumps(document), qos=1)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiting.pop(header["ServiceID"], None)
+
+    async def pay(self, poi_id: str, amount: float, currency: str = "EUR", *,
+                  service_id: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
+        document = payment_request(self.sale_id, service_id or new_service_id(), poi_id,
+                                   amount, currency)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
+        document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
+            "TimeStamp"] = stamp
+        return await self.request(document, timeout)
+
+    async def command(self, command: str, body: dict[str, Any] | None = None,
+                      timeout: float = 30.0) -> dict[str, Any]:
+        assert self._client is not None
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._commands[command] = future
+        await self._client.publish(f"{self.topics.base}/bridge/request/{command}",
+                                   json.dumps(body or {}), qos=1)
+        return await asyncio.wait_for(future, timeout)

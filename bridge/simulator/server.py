@@ -1,0 +1,321 @@
+"""The simulated terminal on a real wire: a pseudo-terminal it creates, or a TCP port.
+
+The same framers as the bridge run on this side. The link can misbehave on purpose: pace
+bytes at a baud rate, put junk before frames, damage received frames (so the framer NAKs
+them), and drop the link mid-transaction (close the pseudo-terminal, then come back on a new
+one behind the same symlink, the way a replugged USB device comes back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import tty
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+from bridge.protocol.framing import FrameReceived, Framer, make_framer
+from bridge.simulator.terminal import Answer, Scenario, SimulatedTerminal
+
+log = logging.getLogger("poi_bridge.simulator")
+
+
+class _Link(ABC):
+    """One open connection: a pty master fd or a TCP stream."""
+
+    @abstractmethod
+    async def read(self) -> bytes: ...
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class _PtyLink(_Link):
+    def __init__(self, master: int, slave: int) -> None:
+        self.master, self.slave = master, slave
+        os.set_blocking(master, False)
+        self._loop = asyncio.get_running_loop()
+
+    async def read(self) -> bytes:
+        while True:
+            if self.master < 0:
+                raise ConnectionResetError("pseudo-terminal closed")
+            try:
+                data = os.read(self.master, 65536)
+            except BlockingIOError:
+                data = None
+            except OSError:  # EIO: nothing on the other side right now
+                await asyncio.sleep(0.05)
+                continue
+            if data:
+                return data
+            fd = self.master
+            ready = self._loop.create_future()
+            self._loop.add_reader(fd, ready.set_result, None)
+            try:
+                await ready
+            finally:
+                self._loop.remove_reader(fd)
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.master < 0:
+                raise ConnectionResetError("pseudo-terminal closed")
+            try:
+                written = os.write(self.master, view)
+                view = view[written:]
+            except BlockingIOError:
+                fd = self.master
+                ready = self._loop.create_future()
+                self._loop.add_writer(fd, ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    self._loop.remove_writer(fd)
+
+    def close(self) -> None:
+        # Once only: a closed fd number is soon reused, and closing it again would close
+        # somebody else's file.
+        if self.master >= 0:
+            self._loop.remove_reader(self.master)
+            self._loop.remove_writer(self.master)
+        for fd in (self.master, self.slave):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.master = self.slave = -1
+
+
+class _TcpLink(_Link):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def read(self) -> bytes:
+        data = await self.reader.read(65536)
+        if not data:
+            raise ConnectionResetError("peer closed")
+        return data
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_pty(link_path: Path | None = None) -> tuple[int, int, str]:
+    """A raw pseudo-terminal pair; the slave's name is what the bridge opens. With link_path,
+    a symlink there points at the slave (moved atomically on every replug)."""
+    master, slave = os.openpty()
+    tty.setraw(slave)  # no echo, no line editing: bytes pass as they are, before anyone opens it
+    name = os.ttyname(slave)
+    if link_path is not None:
+        tmp = link_path.with_name(f".{link_path.name}.tmp")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(name, tmp)
+        os.replace(tmp, link_path)
+    return master, slave, name
+
+
+class SimulatorServer:
+    def __init__(self, scenario: Scenario | None = None, framer: str = "stx-etx-lrc",
+                 **framer_options: Any) -> None:
+        self.terminal = SimulatedTerminal(scenario)
+        self.scenario = self.terminal.scenario
+        self._framer_name = framer
+        self._framer_options = framer_options
+        self.framer: Framer = make_framer(framer, **framer_options)
+        self._link: _Link | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._write_lock = asyncio.Lock()
+        self.link_path: Path | None = None
+        self.device: str | None = None
+        self.frames_in = 0
+        self.frames_out = 0
+        self.replugs = 0
+        self._closed = asyncio.Event()
+        self._link_lost = asyncio.Event()
+        self._muted_until = 0.0
+
+    # --- serving ----------------------------------------------------------------------------
+
+    async def start_pty(self, link_path: str | Path | None = None) -> str:
+        """Create the pseudo-terminal and serve it in the background; returns the path to
+        give the bridge (the symlink if one was asked for, else the pty itself)."""
+        self.link_path = Path(link_path) if link_path else None
+        self._new_pty()
+        self._spawn(self._serve_pty())
+        return str(self.link_path or self.device)
+
+    def _new_pty(self) -> None:
+        master, slave, self.device = open_pty(self.link_path)
+        self._link = _PtyLink(master, slave)
+        self.framer = make_framer(self._framer_name, **self._framer_options)
+        log.info("simulated terminal %s on %s", self.scenario.poi_id, self.device)
+
+    async def _serve_pty(self) -> None:
+        while not self._closed.is_set():
+            link = self._link
+            assert link is not None
+            reader = asyncio.create_task(self._read_loop(link))
+            lost = asyncio.create_task(self._link_lost.wait())
+            await asyncio.wait({reader, lost}, return_when=asyncio.FIRST_COMPLETED)
+            reader.cancel()
+            lost.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await reader
+            if self._closed.is_set():
+                return
+            self._link_lost.clear()
+            await asyncio.sleep(self.scenario.link.replug_after)
+            self._new_pty()
+            self.replugs += 1
+
+    async def start_tcp(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        server = await asyncio.start_server(self._on_tcp, host, port)
+        self._server = server
+        return server.sockets[0].getsockname()[1]
+
+    async def _on_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._link is not None:
+            self._link.close()
+        link = _TcpLink(reader, writer)
+        self._link = link
+        self.framer = make_framer(self._framer_name, **self._framer_options)
+        with contextlib.suppress(ConnectionError, OSError, asyncio.CancelledError):
+            await self._read_loop(link)
+        link.close()
+
+    def mute(self, seconds: float) -> None:
+        """Play dead: read and drop everything (no ACK, no answer) for `seconds`."""
+        self._muted_until = time.monotonic() + seconds
+
+    def unplug(self) -> None:
+        """Pull the cable: close the link now (the pty comes back after replug_after)."""
+        if self._link is not None:
+            self._link.close()
+        self._link_lost.set()
+
+    async def close(self) -> None:
+        self._closed.set()
+        self._link_lost.set()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await task
+        if self._link is not None:
+            self._link.close()
+        if getattr(self, "_server", None) is not None:
+            self._server.close()
+        if self.link_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.link_path.unlink()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- the wire -----------------------------------------------------------------------------
+
+    async def _read_loop(self, link: _Link) -> None:
+        timer = asyncio.create_task(self._retransmit_loop(link))
+        try:
+            while True:
+                data = await link.read()
+                if time.monotonic() < self._muted_until:
+                    continue
+                data = self._maybe_corrupt(data)
+                events = self.framer.receive_data(data, time.monotonic())
+                await self._flush(link)
+                for event in events:
+                    if isinstance(event, FrameReceived):
+                        self.frames_in += 1
+                        self._on_request(link, event.payload)
+        finally:
+            timer.cancel()
+
+    async def _retransmit_loop(self, link: _Link) -> None:
+        while True:
+            deadline = self.framer.next_deadline()
+            if deadline is None:
+                await asyncio.sleep(0.05)
+                continue
+            await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+            self.framer.handle_timeout(time.monotonic())
+            await self._flush(link)
+
+    def _maybe_corrupt(self, data: bytes) -> bytes:
+        rate = self.scenario.link.corrupt_rate
+        if rate and len(data) > 4 and self.terminal.rng.random() < rate:
+            i = self.terminal.rng.randrange(1, len(data) - 1)
+            return data[:i] + bytes([data[i] ^ 0x20]) + data[i + 1:]
+        return data
+
+    def _on_request(self, link: _Link, payload: bytes) -> None:
+        try:
+            document = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            log.warning("simulator: request is not JSON; ignored")
+            return
+        reaction = self.terminal.handle(document, time.time())
+        if reaction.drop_link:
+            self._spawn(self._drop_soon())
+        for answer in reaction.answers:
+            self._spawn(self._answer_at(link, answer))
+
+    async def _drop_soon(self) -> None:
+        await asyncio.sleep(0.05)  # let the ACK of the request go out first
+        self.unplug()
+
+    async def _answer_at(self, link: _Link, answer: Answer) -> None:
+        await asyncio.sleep(max(0.0, answer.at - time.time()))
+        if answer.obsolete or link is not self._link:
+            return
+        if answer.entry is not None and answer.entry.behaviour.drop_link:
+            return
+        payload = json.dumps(answer.document, separators=(",", ":")).encode()
+        rng = self.terminal.rng
+        if self.scenario.link.garbage_rate and rng.random() < self.scenario.link.garbage_rate:
+            junk = bytes(rng.choice(b"abc{}\x00\x15\x06\xff ") for _ in range(rng.randrange(1, 24)))
+            await self._write(link, junk)
+        self.framer.send_frame(payload, time.monotonic())
+        self.frames_out += 1
+        await self._flush(link)
+
+    async def _flush(self, link: _Link) -> None:
+        data = self.framer.data_to_send()
+        if data:
+            await self._write(link, data)
+
+    async def _write(self, link: _Link, data: bytes) -> None:
+        async with self._write_lock:
+            baud = self.scenario.link.baud
+            if not baud:
+                with contextlib.suppress(OSError):
+                    await link.write(data)
+                return
+            # 8N1: ten bit times a byte. Sleep against an absolute schedule, so pacing does
+            # not drift with the event loop's own delays.
+            start = time.monotonic()
+            chunk = max(1, baud // 1000)  # about 1 ms of line time per write
+            for offset in range(0, len(data), chunk):
+                piece = data[offset:offset + chunk]
+                with contextlib.suppress(OSError):
+                    await link.write(piece)
+                due = start + (offset + len(piece)) * 10 / baud
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)

@@ -1,0 +1,316 @@
+"""The MQTT contract against a real mosquitto broker, with the bridge and a simulated terminal
+on a real pseudo-terminal. Every topic of the README, every malformed-request case."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiomqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bridge.config import parse_config
+from bridge.daemon.app import Bridge
+from bridge.protocol.messages import parse_message
+from bridge.protocol.transaction import request_digest
+from bridge.simulator import responses
+from bridge.simulator.server import SimulatorServer
+from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
+
+from .rig import POI, Subscriber, outcome_for
+
+BASE = "poi/store-7"
+
+
+class Store:
+    """A bridge and its simulated terminal, in this process, talking to mosquitto."""
+
+    def __init__(self, tmp_path, broker, scenario: Scenario, **terminal) -> None:
+        self.tmp_path, self.broker, self.scenario = tmp_path, broker, scenario
+        self.terminal = {"payment_timeout": 1.5, "status_timeout": 0.8, "poll_floor": 0.05,
+                         **terminal}
+        self.simulator = SimulatorServer(scenario, "stx-etx-lrc", ack_timeout=0.3)
+
+    async def __aenter__(self) -> Store:
+        device = await self.simulator.start_pty(self.tmp_path / "terminal")
+        self.config = parse_config({
+            "journal": str(self.tmp_path / "journal.sqlite3"),
+            "mqtt": {"host": self.broker.host, "port": self.broker.port, "base_topic": BASE,
+                     "client_id": "bridge-under-test", "health_interval": 0.5,
+                     "max_payload": 64 * 1024},
+            "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device},
+                           "framer": {"ack_timeout": 0.3},
+                           "allowed_sale_ids": ["POS1", "POS2", "POS3"], **self.terminal}],
+        })
+        self.bridge = Bridge(self.config)
+        await self.bridge.start()
+        for _ in range(200):
+            if self.bridge.workers[POI].online and self.bridge.gateway.connected:
+                break
+            await asyncio.sleep(0.02)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.bridge.stop()
+        await self.simulator.close()
+
+
+def default_scenario(**kwargs) -> Scenario:
+    return Scenario(poi_id=POI, default=Behaviour(**{"delay": 0.05, **kwargs}),
+                    link=LinkBehaviour(status_hold=0.05))
+
+
+def request_topic(poi: str = POI) -> str:
+    return f"{BASE}/terminals/{poi}/request"
+
+
+async def test_states_are_retained_and_a_payment_flows_through_every_topic(tmp_path, mosquitto):
+    async with Store(tmp_path, mosquitto, default_scenario()):
+        # A register that connects late still sees the retained states.
+        async with Subscriber(mosquitto, [f"{BASE}/#"]) as sub:
+            await sub.wait_for(lambda t, p: t == f"{BASE}/bridge/state" and p == {"state": "online"})
+            state = await sub.wait_for(lambda t, p: t == f"{BASE}/terminals/{POI}/state")
+            assert state["state"] == "online" and state["poi_id"] == POI
+            health = await sub.wait_for(lambda t, p: t == f"{BASE}/bridge/health")
+            assert set(health) >= {"uptime", "terminals", "journal", "broker_reconnects"}
+            assert set(health["journal"]) == {"in_flight", "unresolved", "undelivered"}
+
+            await sub.publish(request_topic(), responses.payment_request("POS1", "S1", POI, 9.5))
+            answer = await sub.wait_for(outcome_for("S1"))
+            assert answer["bridge"]["outcome"] == "approved"
+            assert answer["bridge"]["source"] == "terminal"
+            assert answer["bridge"]["transaction"] == {
+                "sale_id": "POS1", "service_id": "S1", "poi_id": POI, "category": "Payment"}
+            assert answer["SaleToPOIResponse"]["PaymentResponse"]["Response"]["Result"] == "Success"
+            events = [p["event"] for p in sub.on(f"{BASE}/registers/POS1/event")]
+            await sub.wait_for(lambda t, p: t.endswith("/event") and p["event"] == "completed")
+            events = [p["event"] for p in sub.on(f"{BASE}/registers/POS1/event")]
+            assert events[:2] == ["accepted", "sent"] and "completed" in events
+            retained = await sub.wait_for(
+                lambda t, p: t == f"{BASE}/transactions/POS1/S1" and p.get("state") == "final")
+            assert retained["bridge"]["outcome"] == "approved"
+
+        # The retained transaction is the register's "download": a new client gets it.
+        async with Subscriber(mosquitto, [f"{BASE}/transactions/POS1/S1"], client_id="late") as late:
+            got = await late.wait_for(lambda t, p: True)
+            assert got["bridge"]["outcome"] == "approved" and got["state"] == "final"
+
+
+async def test_result_recovered_by_status_poll_carries_the_original_response(tmp_path, mosquitto):
+    async with Store(tmp_path, mosquitto, default_scenario(never_answer=True)):
+        async with Subscriber(mosquitto, [f"{BASE}/registers/POS1/#"]) as sub:
+            await sub.publish(request_topic(), responses.payment_request("POS1", "S2", POI, 3.0))
+            answer = await sub.wait_for(outcome_for("S2"))
+            assert (answer["bridge"]["outcome"], answer["bridge"]["source"]) == (
+                "approved", "status-poll")
+            assert "PaymentResponse" in answer["SaleToPOIResponse"]
+            polls = [p for p in sub.on(f"{BASE}/registers/POS1/event") if p["event"] == "status_poll"]
+            assert polls and polls[0]["poll"] == 1
+
+
+def rejected(sale_id: str, service_id: str | None = None):
+    def predicate(topic, payload):
+        if topic != f"{BASE}/registers/{sale_id}/response" or not isinstance(payload, dict):
+            return False
+        info = payload["bridge"]
+        return info["outcome"] == "rejected" and (
+            service_id is None or info["transaction"]["service_id"] == service_id)
+    return predicate
+
+
+async def test_every_malformed_request_is_answered(tmp_path, mosquitto):
+    async with Store(tmp_path, mosquitto, default_scenario(delay=0.8)):
+        async with Subscriber(mosquitto, [f"{BASE}/registers/+/response",
+                                          f"{BASE}/bridge/error"]) as sub:
+            # not JSON, and no SaleID to be read: the bridge's error topic
+            await sub.publish(request_topic(), b"\x00not json{")
+            err = await sub.wait_for(lambda t, p: t.endswith("/bridge/error"))
+            assert "not valid JSON" in err["error"] or "not UTF-8" in err["error"]
+            assert err["poi_id"] == POI
+
+            # JSON but not a SaleToPOIRequest
+            await sub.publish(request_topic(), {"hello": "world"})
+            await sub.wait_for(lambda t, p: t.endswith("/bridge/error") and
+                               "expected one SaleToPOIRequest" in p["error"])
+
+            # oversize payload
+            await sub.publish(request_topic(), b"{" + b" " * (70 * 1024) + b"}")
+            await sub.wait_for(lambda t, p: t.endswith("/bridge/error") and
+                               "larger than the limit" in p["error"])
+
+            # a nesting bomb
+            await sub.publish(request_topic(), b"[" * 10000 + b"]" * 10000)
+            await sub.wait_for(lambda t, p: t.endswith("/bridge/error") and
+                               "nested" in p["error"])
+
+            # an invalid header, SaleID readable: back to that register
+            bad = responses.payment_request("POS1", "waytoolongserviceid", POI)
+            await sub.publish(request_topic(), bad)
+            answer = await sub.wait_for(rejected("POS1"))
+            assert "ServiceID must be 1-10" in answer["bridge"]["error"]
+            cond = answer["SaleToPOIResponse"]["PaymentResponse"]["Response"]["ErrorCondition"]
+            assert cond == "MessageFormat"
+
+            # an unknown enum in a register's header is kept but refused where it matters
+            odd = responses.payment_request("POS1", "E1", POI)
+            odd["SaleToPOIRequest"]["MessageHeader"]["MessageClass"] = "Weird"
+            await sub.publish(request_topic(), odd)
+            await sub.wait_for(rejected("POS1", "E1"))
+
+            # a terminal this bridge does not have
+            unknown = responses.payment_request("POS1", "U1", "P400Plus-999")
+            await sub.publish(request_topic("P400Plus-999"), unknown)
+            answer = await sub.wait_for(rejected("POS1", "U1"))
+            assert "unknown terminal P400Plus-999" in answer["bridge"]["error"]
+
+            # the header names another terminal than the topic
+            await sub.publish(request_topic(), unknown)
+            answer = await sub.wait_for(lambda t, p: rejected("POS1", "U1")(t, p) and
+                                        "does not match" in p["bridge"]["error"])
+
+            # a register the terminal does not serve
+            await sub.publish(request_topic(), responses.payment_request("POS9", "X1", POI))
+            answer = await sub.wait_for(rejected("POS9", "X1"))
+            assert "may not use terminal" in answer["bridge"]["error"]
+
+            # an encrypted request: registers send clear, the bridge encrypts
+            enc = responses.payment_request("POS1", "C1", POI)
+            enc["SaleToPOIRequest"]["NexoBlob"] = "abcd"
+            await sub.publish(request_topic(), enc)
+            await sub.wait_for(rejected("POS1", "C1"))
+
+            # Busy: a second payment while one is open
+            await sub.publish(request_topic(), responses.payment_request("POS1", "B1", POI, 1.0))
+            await sub.publish(request_topic(), responses.payment_request("POS2", "B2", POI, 2.0))
+            busy = await sub.wait_for(rejected("POS2", "B2"))
+            assert busy["SaleToPOIResponse"]["PaymentResponse"]["Response"][
+                "ErrorCondition"] == "Busy"
+            assert (await sub.wait_for(outcome_for("B1")))["bridge"]["outcome"] == "approved"
+
+            # duplicate ServiceID with a different request: refused; stored result untouched
+            await sub.publish(request_topic(), responses.payment_request("POS1", "B1", POI, 99.0))
+            dup = await sub.wait_for(lambda t, p: rejected("POS1", "B1")(t, p))
+            assert "already used" in dup["bridge"]["error"]
+            # an identical repeat: the known result again, from the journal, nothing started
+            await sub.publish(request_topic(), responses.payment_request("POS1", "B1", POI, 1.0))
+            again = await sub.wait_for(lambda t, p: outcome_for("B1", "approved")(t, p)
+                                       and p["bridge"]["source"] == "journal")
+            assert again["SaleToPOIResponse"]["PaymentResponse"]["Response"]["Result"] == "Success"
+
+            # a payment that waited in the broker too long is not started
+            stale = responses.payment_request("POS3", "T1", POI)
+            stale["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
+                "TimeStamp"] = "2020-01-01T00:00:00.000Z"
+            await sub.publish(request_topic(), stale)
+            answer = await sub.wait_for(rejected("POS3", "T1"))
+            assert "old" in answer["bridge"]["error"]
+
+
+async def test_bridge_commands(tmp_path, mosquitto):
+    async with Store(tmp_path, mosquitto, default_scenario()) as store:
+        async with Subscriber(mosquitto, [f"{BASE}/bridge/response/+",
+                                          f"{BASE}/registers/POS1/response"]) as sub:
+            await sub.publish(request_topic(), responses.payment_request("POS1", "K1", POI))
+            await sub.wait_for(outcome_for("K1"))
+
+            await sub.publish(f"{BASE}/bridge/request/terminals", {"transaction": 7})
+            answer = await sub.wait_for(lambda t, p: t.endswith("/response/terminals"))
+            assert answer["status"] == "ok" and answer["transaction"] == 7
+            assert answer["data"][0]["poi_id"] == POI
+
+            await sub.publish(f"{BASE}/bridge/request/transactions", {"state": "final"})
+            answer = await sub.wait_for(lambda t, p: t.endswith("/response/transactions"))
+            assert [t["service_id"] for t in answer["data"]] == ["K1"]
+
+            await sub.publish(f"{BASE}/bridge/request/health", {})
+            answer = await sub.wait_for(lambda t, p: t.endswith("/response/health"))
+            assert answer["data"]["terminals"] == {POI: "online"}
+
+            before = len(sub.on(f"{BASE}/registers/POS1/response"))
+            await sub.publish(f"{BASE}/bridge/request/resync",
+                              {"sale_id": "POS1", "service_id": "K1", "transaction": "r1"})
+            answer = await sub.wait_for(lambda t, p: t.endswith("/response/resync"))
+            assert answer["status"] == "ok" and answer["transaction"] == "r1"
+            await sub.wait_for(lambda t, p: outcome_for("K1")(t, p) and
+                               p["bridge"]["source"] == "status-poll")
+            assert len(sub.on(f"{BASE}/registers/POS1/response")) > before
+
+            await sub.publish(f"{BASE}/bridge/request/resync", {"sale_id": "POS1",
+                                                                "service_id": "nope"})
+            answer = await sub.wait_for(lambda t, p: t.endswith("/response/resync")
+                                        and p["status"] == "error")
+            assert "no transaction POS1/nope" in answer["error"]
+
+            await sub.publish(f"{BASE}/bridge/request/frobnicate", {})
+            answer = await sub.wait_for(lambda t, p: t.endswith("/response/frobnicate"))
+            assert answer["status"] == "error" and "unknown command" in answer["error"]
+        assert store.bridge.intake.rejected == 0
+
+
+async def test_mqtt5_response_topic_and_correlation_data_are_honoured(tmp_path, mosquitto):
+    async with Store(tmp_path, mosquitto, default_scenario()) as store:
+        store.bridge.gateway.config = store.bridge.gateway.config.model_copy(
+            update={"protocol": "5"})
+        # reconnect as MQTT 5
+        for task in store.bridge._tasks:
+            if task.get_name() == "mqtt":
+                task.cancel()
+        store.bridge._tasks.append(asyncio.create_task(store.bridge.gateway.run(), name="mqtt"))
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="v5-client",
+                                  protocol=aiomqtt.ProtocolVersion.V5) as client:
+            await client.subscribe("my/replies", qos=1)
+            for _ in range(100):
+                if store.bridge.gateway.connected:
+                    break
+                await asyncio.sleep(0.05)
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = "my/replies"
+            props.CorrelationData = b"req-42"
+            await client.publish(f"{BASE}/bridge/request/terminals", b"{}", qos=1,
+                                 properties=props)
+            async with asyncio.timeout(10):
+                async for message in client.messages:
+                    assert message.topic.value == "my/replies"
+                    assert message.properties.CorrelationData == b"req-42"
+                    assert json.loads(message.payload)["status"] == "ok"
+                    break
+
+
+async def test_broker_down_at_boot_terminals_keep_working_and_results_wait(tmp_path, mosquitto):
+    """The bridge starts while the broker is down; the terminal side works regardless, and a
+    result produced meanwhile is published, retained, once the broker is back."""
+    mosquitto.stop()
+    async with Store(tmp_path, mosquitto, default_scenario()) as store:
+        assert store.bridge.workers[POI].online and not store.bridge.gateway.connected
+        # A request that reached the bridge before the outage (here handed straight to the
+        # terminal's worker, as the broker is unreachable).
+        doc = responses.payment_request("POS1", "Q1", POI, 5.0)
+        store.bridge.workers[POI].submit(parse_message(doc), doc, request_digest(doc))
+        for _ in range(100):
+            if store.bridge.journal.counts()["in_flight"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert store.bridge.journal.counts()["undelivered"] > 0
+        mosquitto.start()
+        async with Subscriber(mosquitto, [f"{BASE}/transactions/POS1/Q1"]) as sub:
+            got = await sub.wait_for(lambda t, p: p.get("state") == "final", timeout=30)
+            assert got["bridge"]["outcome"] == "approved"
+        for _ in range(100):
+            if store.bridge.journal.counts()["undelivered"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert store.bridge.journal.counts()["undelivered"] == 0
+
+
+@pytest.mark.parametrize("payload", [b"", b"null", b"[]", b'{"SaleToPOIRequest": []}'])
+async def test_junk_requests_never_disturb_a_payment_in_flight(tmp_path, mosquitto, payload):
+    async with Store(tmp_path, mosquitto, default_scenario(delay=0.5)):
+        async with Subscriber(mosquitto, [f"{BASE}/registers/POS1/response",
+                                          f"{BASE}/bridge/error"]) as sub:
+            await sub.publish(request_topic(), responses.payment_request("POS1", "J1", POI))
+            await sub.publish(request_topic(), payload)
+            await sub.wait_for(lambda t, p: t.endswith("/bridge/error"))
+            answer = await sub.wait_for(outcome_for("J1"))
+            assert answer["bridge"]["outcome"] == "approved"

@@ -1,0 +1,129 @@
+"""The daemon as a real process: crashes (SIGKILL), broker outages, the last will, SIGTERM.
+
+The simulator is its own process too, so a daemon crash does not take the terminal with it,
+just as on a store box.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+from bridge.simulator import responses
+
+from .rig import POI, Daemon, Simulator, Subscriber, outcome_for, wait_until, write_config
+
+BASE = "poi-bridge"
+REQUEST = f"{BASE}/terminals/{POI}/request"
+
+
+def journal_rows(workdir, service_id):
+    db = sqlite3.connect(workdir / "journal.sqlite3")
+    try:
+        return db.execute("SELECT state, outcome, source FROM transactions WHERE service_id = ?",
+                          (service_id,)).fetchall()
+    finally:
+        db.close()
+
+
+async def test_kill_9_mid_payment_then_restart_recovers_the_outcome_exactly_once(
+        tmp_path, mosquitto):
+    # The terminal takes 2.5 s and its answer is lost: only the status poll can tell.
+    sim = Simulator(tmp_path, "--delay", "2.5", "--never-answer")
+    daemon = Daemon(write_config(tmp_path, mosquitto, sim.link,
+                                 terminal={"payment_timeout": 10.0}), tmp_path).start()
+    try:
+        async with Subscriber(mosquitto, [f"{BASE}/registers/POS1/#", f"{BASE}/bridge/state"],
+                              client_id="register-POS1", persistent=True) as register:
+            await register.wait_for(lambda t, p: t.endswith("/bridge/state")
+                                    and p == {"state": "online"})
+            await asyncio.sleep(0.5)
+            await register.publish(REQUEST, responses.payment_request("POS1", "K9", POI, 77.0))
+            await register.wait_for(lambda t, p: t.endswith("/event") and p["event"] == "sent")
+            daemon.kill()  # the shopper is still entering the PIN
+            assert journal_rows(tmp_path, "K9") == [("awaiting_response", None, None)]
+            offline = await register.wait_for(lambda t, p: t.endswith("/bridge/state")
+                                              and p == {"state": "offline"})
+            assert offline == {"state": "offline"}  # the last will
+            daemon.start()
+            answer = await register.wait_for(outcome_for("K9"), timeout=30)
+            assert (answer["bridge"]["outcome"], answer["bridge"]["source"]) == (
+                "approved", "status-poll")
+            await asyncio.sleep(1.0)  # anything doubled would arrive now
+            finals = [p for p in register.on(f"{BASE}/registers/POS1/response")
+                      if p["bridge"]["transaction"]["service_id"] == "K9"]
+            assert len(finals) == 1
+        assert journal_rows(tmp_path, "K9") == [("final", "approved", "status-poll")]
+    finally:
+        daemon.kill()
+        ledger = sim.stop()
+    assert ledger == {"POS1/K9": {"category": "Payment", "outcome": "approve", "charged": True,
+                                  "answered": False}}
+    assert "recovering 1 open transaction" in daemon.log()
+
+
+async def test_nothing_lost_across_broker_outage_and_daemon_kill(tmp_path, mosquitto):
+    """Payments in flight; the broker is stopped for longer than the payment time-out and
+    restarted; the daemon is SIGKILLed and restarted. A register with a persistent session
+    gets every result, and the retained transaction topics hold the right outcomes."""
+    sim = Simulator(tmp_path, "--delay", "0.3", "--never-answer")
+    daemon = Daemon(write_config(tmp_path, mosquitto, sim.link,
+                                 terminal={"payment_timeout": 1.0}), tmp_path).start()
+    register = Subscriber(mosquitto, [f"{BASE}/registers/POS1/response"],
+                          client_id="register-POS1", persistent=True)
+    try:
+        await register.connect()
+        assert wait_until(lambda: "connected to MQTT broker" in daemon.log(), 15)
+        await register.publish(REQUEST, responses.payment_request("POS1", "N1", POI, 1.0))
+        await asyncio.sleep(0.4)  # N1 is on the terminal; its response will be "lost"
+        await register.disconnect()
+        mosquitto.stop()          # outage longer than the payment time-out
+        await asyncio.sleep(2.5)
+        daemon.kill()             # and the daemon dies while results wait in its outbox
+        daemon.start()
+        await asyncio.sleep(1.0)
+        mosquitto.start()
+        await register.connect()  # same client id, persistent session: queued results arrive
+        answer = await register.wait_for(outcome_for("N1"), timeout=30)
+        assert answer["bridge"]["outcome"] == "approved"
+        async with Subscriber(mosquitto, [f"{BASE}/transactions/POS1/+"],
+                              client_id="downloader") as downloader:
+            retained = await downloader.wait_for(
+                lambda t, p: t.endswith("/N1") and p.get("state") == "final", timeout=10)
+            assert retained["bridge"]["outcome"] == "approved"
+        await register.publish(REQUEST, responses.payment_request("POS1", "N2", POI, 2.0))
+        assert (await register.wait_for(outcome_for("N2"), timeout=30))["bridge"][
+            "outcome"] == "approved"
+    finally:
+        await register.disconnect()
+        daemon.kill()
+        ledger = sim.stop()
+    charged = [k for k, v in ledger.items() if v["charged"]]
+    assert sorted(charged) == ["POS1/N1", "POS1/N2"]
+
+
+async def test_sigterm_drains_cleanly_and_says_offline(tmp_path, mosquitto):
+    sim = Simulator(tmp_path, "--delay", "5")
+    daemon = Daemon(write_config(tmp_path, mosquitto, sim.link,
+                                 terminal={"payment_timeout": 30.0}), tmp_path).start()
+    try:
+        async with Subscriber(mosquitto, [f"{BASE}/#"]) as sub:
+            await sub.wait_for(lambda t, p: t.endswith("/bridge/state") and p["state"] == "online")
+            await sub.wait_for(lambda t, p: t.endswith(f"/terminals/{POI}/state")
+                               and p["state"] == "online")
+            await sub.publish(REQUEST, responses.payment_request("POS1", "D1", POI, 1.0))
+            await sub.wait_for(lambda t, p: t.endswith("/event") and p["event"] == "sent")
+            assert await asyncio.to_thread(daemon.terminate) == 0
+            await sub.wait_for(lambda t, p: t.endswith("/bridge/state") and p["state"] == "offline")
+        assert journal_rows(tmp_path, "D1") == [("awaiting_response", None, None)]
+    finally:
+        daemon.kill()
+        sim.stop()
+
+
+async def test_corrupt_journal_stops_the_daemon_with_a_clear_error(tmp_path, mosquitto):
+    (tmp_path / "journal.sqlite3").write_bytes(b"garbage" * 1000)
+    daemon = Daemon(write_config(tmp_path, mosquitto, "/dev/null"), tmp_path).start()
+    assert daemon.process.wait(timeout=15) == 3
+    assert "will not overwrite it" in daemon.log()
+    assert (tmp_path / "journal.sqlite3").read_bytes().startswith(b"garbage")

@@ -1,0 +1,274 @@
+"""A terminal worker against the simulated terminal over a real pseudo-terminal.
+
+One test per behaviour the brief lists. Timeouts are shortened (the engine takes them from
+configuration) so the whole loop runs in seconds; nothing is mocked: real pty, real framer
+on both sides, real SQLite journal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from bridge.config import TerminalConfig
+from bridge.daemon.journal import Journal
+from bridge.daemon.worker import TerminalWorker
+from bridge.protocol.messages import parse_message
+from bridge.protocol.session import Deliver, Progress
+from bridge.protocol.transaction import TxKey, TxState, request_digest
+from bridge.simulator import responses
+from bridge.simulator.server import SimulatorServer
+from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
+from bridge.transports import Backoff
+
+from .conftest import FIXTURES
+
+POI = "V400m-324688179"
+
+
+class RecordingOutlet:
+    def __init__(self) -> None:
+        self.results: list[Deliver] = []
+        self.events: list[Progress] = []
+        self.states: list[dict] = []
+        self._changed = asyncio.Event()
+
+    def deliver(self, result: Deliver) -> None:
+        self.results.append(result)
+        self._changed.set()
+
+    def progress(self, event: Progress) -> None:
+        self.events.append(event)
+
+    def terminal_state(self, poi_id: str, state: dict) -> None:
+        self.states.append(state)
+        self._changed.set()
+
+    async def result_for(self, service_id: str, timeout: float = 15.0,
+                         final: bool = True) -> Deliver:
+        async def wait() -> Deliver:
+            while True:
+                for result in self.results:
+                    if result.service_id == service_id and (
+                            not final or result.outcome != "unresolved"):
+                        return result
+                self._changed.clear()
+                await self._changed.wait()
+        return await asyncio.wait_for(wait(), timeout)
+
+    async def state_is(self, state: str, timeout: float = 10.0) -> None:
+        async def wait() -> None:
+            while not self.states or self.states[-1]["state"] != state:
+                self._changed.clear()
+                await self._changed.wait()
+        await asyncio.wait_for(wait(), timeout)
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, scenario: Scenario, **timing) -> None:
+        self.tmp_path = tmp_path
+        self.simulator = SimulatorServer(scenario, "stx-etx-lrc", ack_timeout=0.3)
+        self.outlet = RecordingOutlet()
+        self.journal = Journal(tmp_path / "journal.sqlite3")
+        self.timing = {"payment_timeout": 1.5, "status_timeout": 0.8, "poll_floor": 0.05,
+                       "resync_attempts": 2, "reconcile_initial": 0.5,
+                       "reconcile_max_interval": 1.0, **timing}
+        self.worker: TerminalWorker | None = None
+
+    async def __aenter__(self) -> Rig:
+        path = await self.simulator.start_pty(self.tmp_path / "terminal")
+        config = TerminalConfig.model_validate({
+            "poi_id": POI, "link": {"kind": "serial", "device": path},
+            "framer": {"name": "stx-etx-lrc", "ack_timeout": 0.3}, **self.timing})
+        self.worker = TerminalWorker(config, self.journal, self.outlet,
+                                     backoff=Backoff(initial=0.05, maximum=0.2))
+        await self.worker.start()
+        await self.outlet.state_is("online")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        assert self.worker is not None
+        await self.worker.stop()
+        await self.simulator.close()
+        self.journal.close()
+
+    def pay(self, service_id: str, amount: float = 10.0, sale_id: str = "POS1",
+            category: str = "Payment") -> dict:
+        doc = responses.payment_request(sale_id, service_id, POI, amount, category=category)
+        assert self.worker is not None
+        self.worker.submit(parse_message(doc), doc, request_digest(doc))
+        return doc
+
+    def stored(self, service_id: str, sale_id: str = "POS1"):
+        return self.journal.get(TxKey(sale_id, service_id))
+
+    def events(self, service_id: str) -> list[str]:
+        return [e.event for e in self.outlet.events if e.service_id == service_id]
+
+
+def scenario(*transactions: Behaviour, default: Behaviour | None = None,
+             link: LinkBehaviour | None = None) -> Scenario:
+    return Scenario(poi_id=POI, default=default or Behaviour(delay=0.05),
+                    transactions=list(transactions),
+                    link=link or LinkBehaviour(status_hold=0.05, replug_after=0.3))
+
+
+@pytest.mark.parametrize("decision,outcome", [
+    ("approve", "approved"), ("decline", "declined"), ("cancel", "cancelled"),
+])
+async def test_direct_outcomes(tmp_path, decision, outcome):
+    async with Rig(tmp_path, scenario(Behaviour(decision=decision, delay=0.05))) as rig:
+        rig.pay("S1")
+        result = await rig.outlet.result_for("S1")
+        assert (result.outcome, result.source) == (outcome, "terminal")
+        stored = rig.stored("S1")
+        assert stored.state is TxState.FINAL and stored.outcome == outcome
+        assert stored.response == result.response
+        assert rig.events("S1")[:2] == ["accepted", "sent"]
+
+
+async def test_abort_from_the_register_mid_payment(tmp_path):
+    async with Rig(tmp_path, scenario(Behaviour(delay=5.0)), payment_timeout=10) as rig:
+        rig.pay("S1")
+        await asyncio.sleep(0.2)
+        abort = {"SaleToPOIRequest": {
+            "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Service",
+                              "MessageCategory": "Abort", "MessageType": "Request",
+                              "SaleID": "POS1", "ServiceID": "A1", "POIID": POI},
+            "AbortRequest": {"AbortReason": "MerchantAbort", "MessageReference": {
+                "MessageCategory": "Payment", "SaleID": "POS1", "ServiceID": "S1"}}}}
+        rig.worker.submit(parse_message(abort), abort, request_digest(abort))
+        result = await rig.outlet.result_for("S1", timeout=3)
+        assert result.outcome == "aborted"
+        assert rig.simulator.terminal.ledger[("POS1", "S1")].outcome == "abort"
+
+
+async def test_response_lost_is_recovered_by_status_poll(tmp_path):
+    async with Rig(tmp_path, scenario(Behaviour(never_answer=True, delay=0.05))) as rig:
+        rig.pay("S1", 42.0)
+        result = await rig.outlet.result_for("S1")
+        assert (result.outcome, result.source) == ("approved", "status-poll")
+        body = result.response["SaleToPOIResponse"]
+        assert body["MessageHeader"]["ServiceID"] == "S1"
+        assert body["PaymentResponse"]["PaymentResult"]["AmountsResp"]["AuthorizedAmount"] == 42.0
+        assert "status_poll" in rig.events("S1")
+        assert rig.stored("S1").polls_sent == 1
+        assert rig.simulator.frames_in == 2  # the payment once, one status poll: no re-send
+
+
+async def test_in_progress_n_times_then_approved(tmp_path):
+    async with Rig(tmp_path, scenario(Behaviour(never_answer=True, in_progress_polls=3,
+                                                delay=0.05))) as rig:
+        rig.pay("S1")
+        result = await rig.outlet.result_for("S1")
+        assert result.outcome == "approved"
+        assert rig.events("S1").count("in_progress") == 3
+        assert rig.stored("S1").polls_sent == 4
+
+
+async def test_request_lost_gives_not_found(tmp_path):
+    async with Rig(tmp_path, scenario(Behaviour(lose_request=True))) as rig:
+        rig.pay("S1")
+        result = await rig.outlet.result_for("S1")
+        assert (result.outcome, result.source) == ("not_found", "status-poll")
+        assert ("POS1", "S1") not in rig.simulator.terminal.ledger
+
+
+async def test_silent_terminal_unresolved_then_resolved_in_the_background(tmp_path):
+    async with Rig(tmp_path, scenario(Behaviour(never_answer=True, delay=0.05))) as rig:
+        rig.pay("S1")
+        for _ in range(100):  # the request itself reaches the terminal...
+            if ("POS1", "S1") in rig.simulator.terminal.ledger:
+                break
+            await asyncio.sleep(0.01)
+        rig.simulator.mute(4.5)  # ...which then plays dead: no ACK, no answer
+        unresolved = await rig.outlet.result_for("S1", final=False, timeout=10)
+        assert unresolved.outcome == "unresolved"
+        assert rig.stored("S1").state is TxState.UNRESOLVED
+        final = await rig.outlet.result_for("S1", timeout=15)
+        assert (final.outcome, final.source) == ("approved", "status-poll")
+        assert "resolved" in rig.events("S1")
+        assert rig.stored("S1").state is TxState.FINAL
+
+
+async def test_unplug_mid_payment_then_replug_resolves(tmp_path):
+    async with Rig(tmp_path, scenario(Behaviour(drop_link=True, delay=0.05)),
+                   status_timeout=3.0) as rig:
+        rig.pay("S1")
+        await rig.outlet.state_is("offline")
+        result = await rig.outlet.result_for("S1", timeout=10)
+        assert (result.outcome, result.source) == ("approved", "status-poll")
+        assert rig.simulator.replugs == 1
+        assert rig.simulator.terminal.ledger[("POS1", "S1")].answered is False
+
+
+async def test_garbage_and_naks_on_the_line(tmp_path):
+    """Junk before every frame and damaged frames (which the receiving framer NAKs): every
+    payment still ends with the outcome the terminal really had, none is charged twice."""
+    noisy = LinkBehaviour(garbage_rate=1.0, corrupt_rate=0.3, status_hold=0.05, seed=7)
+    async with Rig(tmp_path, scenario(link=noisy), payment_timeout=3.0) as rig:
+        outcomes = {}
+        for n in range(8):
+            rig.pay(f"S{n}", 1.0 + n)
+            outcomes[f"S{n}"] = (await rig.outlet.result_for(f"S{n}", timeout=20)).outcome
+        assert rig.worker.counters["framing_errors"] > 0  # the junk was really there
+        ledger = rig.simulator.terminal.ledger
+        for service_id, outcome in outcomes.items():
+            entry = ledger.get(("POS1", service_id))
+            # approved <=> the terminal charged it; not_found <=> it never got there
+            assert outcome in ("approved", "not_found"), outcomes
+            assert (outcome == "approved") == (entry is not None and entry.charged), service_id
+        assert "approved" in outcomes.values()
+
+
+async def test_second_payment_while_one_is_open_is_busy(tmp_path):
+    async with Rig(tmp_path, scenario(Behaviour(delay=1.0))) as rig:
+        rig.pay("S1")
+        rig.pay("S2", sale_id="POS2")
+        busy = await rig.outlet.result_for("S2", timeout=2)
+        assert busy.outcome == "rejected"
+        cond = busy.response["SaleToPOIResponse"]["PaymentResponse"]["Response"]["ErrorCondition"]
+        assert cond == "Busy"
+        assert rig.stored("S2", "POS2") is None
+        assert (await rig.outlet.result_for("S1")).outcome == "approved"
+
+
+async def test_canned_vendor_response_file_is_passed_on_intact(tmp_path):
+    canned = FIXTURES / "dotnet-pospayment-success.json"
+    async with Rig(tmp_path, scenario(Behaviour(response_file=canned))) as rig:
+        rig.pay("S1")
+        result = await rig.outlet.result_for("S1")
+        assert result.outcome == "approved"
+        original = json.loads(canned.read_text())["SaleToPOIResponse"]["PaymentResponse"]
+        assert result.response["SaleToPOIResponse"]["PaymentResponse"] == original
+
+
+async def test_diagnosis_and_login(tmp_path):
+    async with Rig(tmp_path, scenario()) as rig:
+        rig.pay("D1", category="Diagnosis")
+        assert (await rig.outlet.result_for("D1")).outcome == "success"
+        rig.pay("L1", category="Login")
+        assert (await rig.outlet.result_for("L1")).outcome == "success"
+
+
+async def test_restart_recovers_an_open_payment_from_the_journal(tmp_path):
+    """The worker is torn down mid-payment (as a crash would) and a new one, on the same
+    journal, recovers the outcome by status poll without re-sending."""
+    sim = scenario(Behaviour(never_answer=True, delay=0.05))
+    async with Rig(tmp_path, sim, payment_timeout=30) as rig:
+        rig.pay("S1")
+        await asyncio.sleep(0.3)
+        assert rig.stored("S1").state is TxState.AWAITING_RESPONSE
+        await rig.worker.stop()
+        fresh = TerminalWorker(rig.worker.config, rig.journal, rig.outlet,
+                               backoff=Backoff(initial=0.05, maximum=0.2))
+        fresh.restore(rig.journal.open_transactions(POI))
+        await fresh.start()
+        rig.worker = fresh
+        result = await rig.outlet.result_for("S1")
+        assert (result.outcome, result.source) == ("approved", "status-poll")
+        assert len(rig.simulator.terminal.ledger) == 1
+        assert len([r for r in rig.outlet.results if r.service_id == "S1"]) == 1
