@@ -546,9 +546,10 @@ class TerminalSession:
         event = "resolved" if was_unresolved else "completed"
         return [
             Record(txn.snapshot()),
+            # The event first, so a cashier's screen never shows "sent" after the result.
+            self._progress(txn, event, f"{outcome.value}" + (f": {txn.detail}" if txn.detail else "")),
             Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category, outcome.value,
                     source, response, error),
-            self._progress(txn, event, f"{outcome.value}" + (f": {txn.detail}" if txn.detail else "")),
         ]
 
     def _refuse(self, header: MessageHeader, category: str, condition: str, text: str) -> list[Action]:
