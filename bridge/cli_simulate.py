@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from bridge.logging_setup import setup_logging
+from bridge.protocol import crypto
 from bridge.protocol.framing import FRAMERS
 from bridge.simulator.server import SimulatorServer
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
@@ -46,6 +47,9 @@ def add_parser(subparsers: Any) -> None:
                    help="chance a received chunk is damaged (the framer NAKs it)")
     p.add_argument("--seed", type=int, help="random seed for the misbehaviour")
     p.add_argument("--ledger", type=Path, help="write the ledger (JSON) here on exit")
+    p.add_argument("--key-id", help="encrypt like a terminal with this key identifier")
+    p.add_argument("--key-version", type=int, default=1)
+    p.add_argument("--passphrase-file", type=Path, help="the key's passphrase")
     p.set_defaults(handler=run)
 
 
@@ -70,7 +74,11 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
 
 
 async def _serve(args: argparse.Namespace, scenario: Scenario) -> None:
-    server = SimulatorServer(scenario, args.framer)
+    key = None
+    if args.key_id:
+        passphrase = args.passphrase_file.read_text().rstrip("\r\n")
+        key = crypto.NexoKey(args.key_id, args.key_version, passphrase)
+    server = SimulatorServer(scenario, args.framer, key=key)
     if args.tcp:
         host, _, port = args.tcp.rpartition(":")
         bound = await server.start_tcp(host or "127.0.0.1", int(port))
@@ -91,6 +99,9 @@ async def _serve(args: argparse.Namespace, scenario: Scenario) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging("info")
+    if args.key_id and not args.passphrase_file:
+        print("poi-bridge simulate: --key-id needs --passphrase-file", file=sys.stderr)
+        return 2
     try:
         scenario = build_scenario(args)
     except (OSError, ValueError, ValidationError) as exc:

@@ -9,6 +9,8 @@ import logging
 import os
 import sys
 
+from bridge.redaction import RedactingFilter
+
 
 def setup_logging(level: str = "info") -> None:
     under_journald = "JOURNAL_STREAM" in os.environ
@@ -16,6 +18,7 @@ def setup_logging(level: str = "info") -> None:
         "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(fmt))
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

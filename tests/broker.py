@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -24,7 +25,8 @@ def free_port() -> int:
 
 
 class Mosquitto:
-    def __init__(self, workdir: Path, port: int | None = None, extra_config: str = "") -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_config: str = "",
+                 *, anonymous: bool = True, listener_options: str = "") -> None:
         binary = find_mosquitto()
         if binary is None:
             raise RuntimeError("mosquitto is not installed (apt-get install mosquitto); "
@@ -35,14 +37,22 @@ class Mosquitto:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.extra_config = extra_config
+        self.anonymous = anonymous
+        self.listener_options = listener_options
         self.config_path = workdir / "mosquitto.conf"
         self.log_path = workdir / "mosquitto.log"
         self.process: subprocess.Popen[bytes] | None = None
 
     def write_config(self) -> None:
         self.config_path.write_text(
+            ""
+            # As root, mosquitto would drop to the 'mosquitto' user, which cannot read the
+            # test's private temporary directory (password file, persistence).
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + "per_listener_settings false\n"
+            f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
             f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
+            f"{self.listener_options}\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 1\n"

@@ -521,11 +521,12 @@ class TerminalSession:
         return self._status_answer(txn, cls, message, now)
 
     def _unusable_answer(self, txn: Transaction, reason: str, now: float) -> list[Action]:
+        note = Log("warning", f"terminal {self.poi_id}: unusable answer for {txn.key}: {reason}")
         if txn.passthrough or txn.category not in MONEY_CATEGORIES:
-            return self._finish(txn, Outcome.ERROR, None, "terminal", now,
-                                error=f"unusable answer from the terminal: {reason}")
-        return self._to_polling(txn, f"unusable answer: {reason}", now,
-                                poll_at=now + self.settings.poll_floor)
+            return [note, *self._finish(txn, Outcome.ERROR, None, "terminal", now,
+                                        error=f"unusable answer from the terminal: {reason}")]
+        return [note, *self._to_polling(txn, f"unusable answer: {reason}", now,
+                                        poll_at=now + self.settings.poll_floor)]
 
     def _finish(
         self, txn: Transaction, outcome: Outcome, response: dict[str, Any] | None, source: str,

@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from bridge.protocol import crypto
 from bridge.protocol.framing import FrameReceived, Framer, make_framer
 from bridge.simulator.terminal import Answer, Scenario, SimulatedTerminal
 
@@ -130,8 +131,9 @@ def open_pty(link_path: Path | None = None) -> tuple[int, int, str]:
 
 class SimulatorServer:
     def __init__(self, scenario: Scenario | None = None, framer: str = "stx-etx-lrc",
-                 **framer_options: Any) -> None:
+                 *, key: crypto.NexoKey | None = None, **framer_options: Any) -> None:
         self.terminal = SimulatedTerminal(scenario)
+        self.key = key  # local encryption, as a terminal configured with this key does it
         self.scenario = self.terminal.scenario
         self._framer_name = framer
         self._framer_options = framer_options
@@ -270,6 +272,14 @@ class SimulatorServer:
         except (ValueError, UnicodeDecodeError):
             log.warning("simulator: request is not JSON; ignored")
             return
+        if self.key is not None:
+            try:
+                document = crypto.decrypt_message(document, self.key)
+            except crypto.CryptoError:
+                # What a real terminal answers when it cannot decrypt: plain JSON, no header.
+                self._spawn(self._answer_at(link, Answer(time.time(), {
+                    "errors": ["Nexo Service: crypto error (3)"], "ServiceID": "-NULL-"})))
+                return
         reaction = self.terminal.handle(document, time.time())
         if reaction.drop_link:
             self._spawn(self._drop_soon())
@@ -286,7 +296,11 @@ class SimulatorServer:
             return
         if answer.entry is not None and answer.entry.behaviour.drop_link:
             return
-        payload = json.dumps(answer.document, separators=(",", ":")).encode()
+        document = answer.document
+        if self.key is not None and ("SaleToPOIResponse" in document
+                                     or "SaleToPOIRequest" in document):
+            document = crypto.encrypt_message(document, self.key)
+        payload = json.dumps(document, separators=(",", ":")).encode()
         rng = self.terminal.rng
         if self.scenario.link.garbage_rate and rng.random() < self.scenario.link.garbage_rate:
             junk = bytes(rng.choice(b"abc{}\x00\x15\x06\xff ") for _ in range(rng.randrange(1, 24)))

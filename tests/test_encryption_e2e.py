@@ -1,0 +1,79 @@
+"""Local encryption end to end: the bridge and a simulated terminal sharing a key over a pty;
+and a terminal with another key, whose "crypto error" must read as a configuration error."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bridge.config import TerminalConfig
+from bridge.daemon.journal import Journal
+from bridge.daemon.worker import TerminalWorker
+from bridge.protocol import crypto
+from bridge.protocol.messages import parse_message
+from bridge.protocol.transaction import request_digest
+from bridge.simulator import responses
+from bridge.simulator.server import SimulatorServer
+from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
+from bridge.transports import Backoff
+
+from .test_terminal_worker import POI, RecordingOutlet
+
+KEY = crypto.NexoKey("CryptoKeyIdentifier12345", 1, "p@ssw0rd123456")
+
+
+async def run_payment(tmp_path, bridge_key, terminal_key, behaviour: Behaviour):
+    simulator = SimulatorServer(Scenario(poi_id=POI, default=behaviour,
+                                         link=LinkBehaviour(status_hold=0.05)),
+                                "stx-etx-lrc", key=terminal_key, ack_timeout=0.3)
+    path = await simulator.start_pty(tmp_path / "terminal")
+    config = TerminalConfig.model_validate({
+        "poi_id": POI, "link": {"kind": "serial", "device": path},
+        "framer": {"ack_timeout": 0.3}, "payment_timeout": 1.5, "status_timeout": 0.8,
+        "poll_floor": 0.05})
+    outlet = RecordingOutlet()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    worker = TerminalWorker(config, journal, outlet, key=bridge_key,
+                            backoff=Backoff(initial=0.05, maximum=0.2))
+    await worker.start()
+    try:
+        await outlet.state_is("online")
+        doc = responses.payment_request("POS1", "E1", POI, 25.0)
+        worker.submit(parse_message(doc), doc, request_digest(doc))
+        result = await outlet.result_for("E1", timeout=15)
+        return result, simulator
+    finally:
+        await worker.stop()
+        await simulator.close()
+        journal.close()
+
+
+async def test_encrypted_payment_with_the_same_key(tmp_path):
+    result, simulator = await run_payment(tmp_path, KEY, KEY, Behaviour(delay=0.05))
+    assert (result.outcome, result.source) == ("approved", "terminal")
+    # The register gets the decrypted response; the terminal decrypted our request.
+    assert result.response["SaleToPOIResponse"]["PaymentResponse"]["Response"]["Result"] == "Success"
+    assert "NexoBlob" not in result.response["SaleToPOIResponse"]
+    assert ("POS1", "E1") in simulator.terminal.ledger
+
+
+async def test_encrypted_status_poll_recovery(tmp_path):
+    result, _ = await run_payment(tmp_path, KEY, KEY, Behaviour(delay=0.05, never_answer=True))
+    assert (result.outcome, result.source) == ("approved", "status-poll")
+
+
+async def test_wrong_key_is_a_configuration_error_not_a_decline(tmp_path):
+    other = crypto.NexoKey("CryptoKeyIdentifier12345", 1, "another passphrase")
+    result, simulator = await run_payment(tmp_path, KEY, other, Behaviour(delay=0.05))
+    assert result.outcome == "error"
+    assert "cannot decrypt our message" in result.error
+    assert f"terminal {POI}" in result.error and "CryptoKeyIdentifier12345 v1" in result.error
+    assert "p@ssw0rd" not in result.error and "another passphrase" not in result.error
+    assert simulator.terminal.ledger == {}  # nothing was charged
+
+
+async def test_encrypted_terminal_without_a_key_configured(tmp_path):
+    result, _ = await run_payment(tmp_path, None, KEY, Behaviour(delay=0.05))
+    # The terminal expects encrypted requests and refuses our clear one: a configuration
+    # error that says no key is configured, and no payment happened.
+    assert result.outcome == "error"
+    assert "(no key)" in result.error

@@ -1,0 +1,222 @@
+"""The MQTT side locked down, against real mosquitto: the documented ACL keeps each register
+to its own results; TLS with a CA, client certificates and hostname checking."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import json
+import shutil
+import ssl
+import subprocess
+
+import aiomqtt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from bridge.config import parse_config
+from bridge.daemon.app import Bridge
+from bridge.simulator import responses
+from bridge.simulator.server import SimulatorServer
+from bridge.simulator.terminal import Behaviour, Scenario
+
+from .broker import Mosquitto
+from .rig import POI, ROOT, outcome_for
+
+ACL = ROOT / "examples" / "mosquitto" / "acl"
+
+
+def passwords(path, users: dict[str, str]) -> None:
+    tool = shutil.which("mosquitto_passwd")
+    if tool is None:
+        pytest.skip("mosquitto_passwd is not installed (package mosquitto)")
+    path.touch()
+    for user, password in users.items():
+        subprocess.run([tool, "-b", str(path), user, password], check=True)
+
+
+class Client:
+    def __init__(self, broker, user: str, password: str, topics: list[str]) -> None:
+        self.client = aiomqtt.Client(broker.host, broker.port, identifier=f"c-{user}",
+                                     username=user, password=password)
+        self.topics = topics
+        self.messages: list[tuple[str, bytes]] = []
+
+    async def __aenter__(self):
+        await self.client.__aenter__()
+        for topic in self.topics:
+            await self.client.subscribe(topic, qos=1)
+        self.task = asyncio.create_task(self._read())
+        return self
+
+    async def _read(self):
+        async for message in self.client.messages:
+            self.messages.append((message.topic.value, message.payload))
+
+    async def __aexit__(self, *exc):
+        self.task.cancel()
+        await self.client.__aexit__(None, None, None)
+
+
+async def start_bridge(tmp_path, broker, **mqtt):
+    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
+                                ack_timeout=0.3)
+    device = await simulator.start_pty(tmp_path / "terminal")
+    config = parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"),
+        "mqtt": {"host": broker.host, "port": broker.port, **mqtt},
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
+    })
+    return Bridge(config), simulator
+
+
+async def test_acl_register_cannot_read_another_registers_results(tmp_path):
+    passwd = tmp_path / "passwd"
+    passwords(passwd, {"poi-bridge": "bridge-pw", "POS1": "pos1-pw", "POS2": "pos2-pw"})
+    broker = Mosquitto(tmp_path / "broker", anonymous=False,
+                       extra_config=f"password_file {passwd}\nacl_file {ACL}\n").start()
+    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
+                                ack_timeout=0.3)
+    device = await simulator.start_pty(tmp_path / "terminal")
+    config = parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"),
+        "mqtt": {"host": broker.host, "port": broker.port, "username": "poi-bridge"},
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
+    })
+    bridge = Bridge(config, mqtt_password="bridge-pw")
+    await bridge.start()
+    try:
+        async with Client(broker, "POS1", "pos1-pw", ["poi-bridge/registers/POS1/#"]) as pos1, \
+                Client(broker, "POS2", "pos2-pw", ["poi-bridge/registers/#",
+                                                   "poi-bridge/transactions/#"]) as pos2:
+            for _ in range(100):
+                if bridge.gateway.connected and bridge.workers[POI].online:
+                    break
+                await asyncio.sleep(0.05)
+            await pos1.client.publish(f"poi-bridge/terminals/{POI}/request",
+                                      json.dumps(responses.payment_request("POS1", "A1", POI)),
+                                      qos=1)
+            async with asyncio.timeout(10):
+                while not any(t == "poi-bridge/registers/POS1/response" for t, _ in pos1.messages):
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+            assert pos2.messages == []  # subscribed to everything, allowed to see nothing of POS1
+            # POS2 may not pretend to be the bridge either.
+            await pos2.client.publish("poi-bridge/registers/POS1/response", b"{}", qos=1)
+            await asyncio.sleep(0.3)
+            assert all(payload != b"{}" for _, payload in pos1.messages)
+    finally:
+        await bridge.stop()
+        await simulator.close()
+        broker.kill()
+
+
+# --- TLS ----------------------------------------------------------------------------------------
+
+def _key():
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write(path, key, cert):
+    path.with_suffix(".key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    path.with_suffix(".pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def make_pki(directory, server_names: list[str]):
+    """A CA, a broker certificate for `server_names`, a client certificate."""
+    now = dt.datetime.now(dt.UTC)
+    ca_key = _key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "poi-bridge test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - dt.timedelta(minutes=5))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    _write(directory / "ca", ca_key, ca)
+
+    def leaf(name: str, sans: list[x509.GeneralName]):
+        key = _key()
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                .issuer_name(ca_name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+                .sign(ca_key, hashes.SHA256()))
+        _write(directory / name, key, cert)
+
+    sans = []
+    for n in server_names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(n)))
+        except ValueError:
+            sans.append(x509.DNSName(n))
+    leaf("broker", sans)
+    leaf("client", [x509.DNSName("poi-bridge")])
+
+
+def tls_broker(tmp_path, names):
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki, names)
+    options = (f"cafile {pki / 'ca.pem'}\ncertfile {pki / 'broker.pem'}\n"
+               f"keyfile {pki / 'broker.key'}\nrequire_certificate true\n")
+    return Mosquitto(tmp_path / "broker", listener_options=options).start(), pki
+
+
+async def test_tls_with_client_certificate_and_hostname_check(tmp_path):
+    broker, pki = tls_broker(tmp_path, ["127.0.0.1"])
+    tls = {"ca_file": str(pki / "ca.pem"), "cert_file": str(pki / "client.pem"),
+           "key_file": str(pki / "client.key")}
+    bridge, simulator = await start_bridge(tmp_path, broker, tls=tls)
+    await bridge.start()
+    try:
+        context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        context.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+        async with aiomqtt.Client(broker.host, broker.port, tls_context=context,
+                                  identifier="tls-register") as register:
+            await register.subscribe("poi-bridge/#", qos=1)
+            for _ in range(100):
+                if bridge.gateway.connected and bridge.workers[POI].online:
+                    break
+                await asyncio.sleep(0.05)
+            assert bridge.gateway.connected  # over TLS, with its client certificate
+            await register.publish(f"poi-bridge/terminals/{POI}/request",
+                                   json.dumps(responses.payment_request("POS1", "T1", POI)),
+                                   qos=1)
+            async with asyncio.timeout(15):
+                async for message in register.messages:
+                    payload = json.loads(message.payload)
+                    if outcome_for("T1")(message.topic.value, payload):
+                        assert payload["bridge"]["outcome"] == "approved"
+                        break
+        assert bridge.gateway.reconnects == 0
+    finally:
+        await bridge.stop()
+        await simulator.close()
+        broker.kill()
+
+
+async def test_tls_hostname_mismatch_is_refused(tmp_path, caplog):
+    broker, pki = tls_broker(tmp_path, ["broker.store-12.example"])  # not 127.0.0.1
+    tls = {"ca_file": str(pki / "ca.pem"), "cert_file": str(pki / "client.pem"),
+           "key_file": str(pki / "client.key")}
+    bridge, simulator = await start_bridge(tmp_path, broker, tls=tls)
+    await bridge.start()
+    try:
+        await asyncio.sleep(1.5)
+        assert not bridge.gateway.connected
+        assert any("certificate" in r.getMessage().lower() or "hostname" in r.getMessage().lower()
+                   for r in caplog.records), [r.getMessage() for r in caplog.records]
+    finally:
+        await bridge.stop()
+        await simulator.close()
+        broker.kill()
