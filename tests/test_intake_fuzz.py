@@ -1,0 +1,104 @@
+"""The MQTT request handler under arbitrary input: it never raises, answers every request
+exactly once (on the register's topic or the bridge's error topic), and never leaves a
+half-written transaction behind."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bridge.config import parse_config
+from bridge.daemon.intake import RequestIntake
+from bridge.daemon.journal import Journal
+from bridge.daemon.mqtt import Reply, RegisterGateway
+from bridge.daemon.worker import TerminalWorker
+from bridge.simulator import responses
+
+from .conftest import FIXTURES
+
+POI = "V400m-324688179"
+
+
+class Rig:
+    def __init__(self, path) -> None:
+        self.config = parse_config({
+            "journal": str(path), "mqtt": {"max_payload": 4096},
+            "terminals": [{"poi_id": POI, "link": {"kind": "tcp", "host": "127.0.0.1",
+                                                    "port": 9}}]})
+        self.journal = Journal(path)
+        self.gateway = RegisterGateway(self.config.mqtt, self.journal)
+        workers = {POI: TerminalWorker(self.config.terminals[0], self.journal, self.gateway)}
+        self.intake = RequestIntake(self.config, self.journal, self.gateway, workers,
+                                    health=dict)
+
+    def handle(self, topic: str, payload: bytes) -> list:
+        before = self.journal.pending(limit=100_000)
+        self.intake.handle(topic, payload, Reply(self.gateway, None, None))
+        after = self.journal.pending(limit=100_000)
+        return after[len(before):]
+
+
+def seeds() -> list[bytes]:
+    corpus = [p.read_bytes() for p in sorted(FIXTURES.glob("*.json"))]
+    corpus.append(json.dumps(responses.payment_request("POS1", "S1", POI)).encode())
+    return corpus
+
+
+def mutations(data: bytes) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        st.just(data),
+        st.integers(0, max(0, len(data) - 1)).map(lambda i: data[:i]),
+        st.tuples(st.integers(0, max(0, len(data) - 1)), st.binary(min_size=1, max_size=8))
+        .map(lambda t: data[:t[0]] + t[1] + data[t[0] + len(t[1]):]),
+    )
+
+
+payloads = st.one_of(
+    st.binary(max_size=200),
+    st.sampled_from(seeds()).flatmap(mutations),
+    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+                 lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=12), c,
+                                                                    max_size=3),
+                 max_leaves=15).map(lambda v: json.dumps({"SaleToPOIRequest": v}).encode()),
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(payload=payloads, terminal=st.sampled_from([POI, "P400Plus-1", "x"]))
+def test_every_request_is_answered_once_and_nothing_half_written(tmp_path, payload, terminal):
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        answers = rig.handle(f"poi-bridge/terminals/{terminal}/request", payload)
+        assert len(answers) == 1, answers
+        topic = answers[0].topic
+        assert topic == "poi-bridge/bridge/error" or (
+            topic.startswith("poi-bridge/registers/") and topic.endswith("/response"))
+        body = json.loads(answers[0].payload)
+        assert (body.get("bridge") or body)["error"]
+        # The terminal is offline in this rig, so nothing can have been accepted.
+        assert rig.journal.transactions(limit=10) == []
+    finally:
+        rig.journal.close()
+        (tmp_path / "journal.sqlite3").unlink(missing_ok=True)
+        for suffix in ("-wal", "-shm"):
+            (tmp_path / f"journal.sqlite3{suffix}").unlink(missing_ok=True)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(["resync", "transactions", "terminals", "health", "nope"]),
+       payload=st.binary(max_size=100) | st.sampled_from(
+           [b"", b"{}", b'{"sale_id": 1}', b'{"limit": -1}', b'{"state": ["x"]}']))
+def test_operator_commands_always_answer(tmp_path, command, payload):
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        answers = rig.handle(f"poi-bridge/bridge/request/{command}", payload)
+        assert len(answers) == 1
+        assert answers[0].topic == f"poi-bridge/bridge/response/{command}"
+        assert json.loads(answers[0].payload)["status"] in ("ok", "error")
+    finally:
+        rig.journal.close()
+        for suffix in ("", "-wal", "-shm"):
+            (tmp_path / f"journal.sqlite3{suffix}").unlink(missing_ok=True)
