@@ -10,21 +10,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from typing import Any
 
 from bridge import __version__
 from bridge.config import Config, TerminalConfig
+from bridge.daemon.hotplug import DeviceInfo, HotplugMonitor, TerminalMatcher
 from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway
+from bridge.daemon.notify import SystemdNotifier, run_watchdog
 from bridge.daemon.worker import TerminalWorker
 from bridge.protocol import crypto
 
 log = logging.getLogger("poi_bridge")
 
 PRUNE_INTERVAL = 3600.0
+STATUS_INTERVAL = 10.0
 
 
 def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
@@ -41,8 +45,13 @@ def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
 
 
 class Bridge:
-    def __init__(self, config: Config, *, mqtt_password: str | None = None) -> None:
+    def __init__(self, config: Config, *, mqtt_password: str | None = None,
+                 hotplug: HotplugMonitor | None | bool = True,
+                 notifier: SystemdNotifier | None = None) -> None:
+        """`hotplug`: True builds a udev monitor for the serial/USB terminals, False runs
+        without one (workers then just retry their device with backoff), or pass one in."""
         self.config = config
+        self.notifier = notifier or SystemdNotifier()
         self.started = time.time()
         self.journal = Journal(config.journal)
         self.gateway = RegisterGateway(config.mqtt, self.journal, password=mqtt_password)
@@ -56,6 +65,53 @@ class Bridge:
         self.gateway.health_source = self.health
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        if hotplug is True:
+            matcher = TerminalMatcher(config)
+            hotplug = HotplugMonitor(matcher, self._plugged, self._unplugged) \
+                if matcher.hotplug_terminals else None
+        self.hotplug: HotplugMonitor | None = hotplug or None
+
+    def _plugged(self, poi_id: str, device: DeviceInfo) -> None:
+        log.info("terminal %s plugged in: %s", poi_id, device.describe())
+        self.workers[poi_id].device_present(True)
+
+    def _unplugged(self, poi_id: str, device: DeviceInfo) -> None:
+        log.warning("terminal %s unplugged (%s); open transactions are kept and polled when "
+                    "it is back", poi_id, device.describe())
+        self.workers[poi_id].device_present(False)
+
+    async def _start_hotplug(self) -> None:
+        if self.hotplug is None:
+            return
+        try:
+            await self.hotplug.start()
+        except (OSError, ImportError) as exc:
+            # Containers and some test boxes have no udev netlink: run without hotplug.
+            log.warning("udev hotplug unavailable (%s): terminals are retried with backoff "
+                        "instead", exc)
+            self.hotplug = None
+            return
+        for poi_id in self.hotplug.absent():
+            link = self.workers[poi_id].config.link
+            if getattr(link, "device", None) and os.path.exists(link.device):
+                # A node udev does not manage (a pseudo-terminal, a static port): the file
+                # system is the truth, and the worker's own retries cover it.
+                continue
+            log.warning("terminal %s is not plugged in", poi_id)
+            self.workers[poi_id].device_present(False)
+
+    def status_line(self) -> str:
+        states = [w.state()["state"] for w in self.workers.values()]
+        counts = self.journal.counts()
+        broker = "broker connected" if self.gateway.connected else "broker unreachable"
+        return (f"{states.count('online') + states.count('busy')}/{len(states)} terminals "
+                f"online, {counts['in_flight']} in flight, {counts['unresolved']} unresolved, "
+                f"{counts['undelivered']} undelivered, {broker}")
+
+    async def _status_loop(self) -> None:
+        while True:
+            self.notifier.status(self.status_line())
+            await asyncio.sleep(STATUS_INTERVAL)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -86,8 +142,14 @@ class Bridge:
         self.recover()
         for worker in self.workers.values():
             await worker.start()
+        await self._start_hotplug()
         self._tasks.append(asyncio.create_task(self.gateway.run(), name="mqtt"))
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
+        self._tasks.append(asyncio.create_task(run_watchdog(self.notifier), name="watchdog"))
+        self._tasks.append(asyncio.create_task(self._status_loop(), name="status"))
+        # READY=1 only now: the journal is open, open transactions are back with their
+        # terminals, and the devices present have been enumerated.
+        self.notifier.ready(self.status_line())
         log.info("poi-bridge %s started: %d terminal(s), journal %s, broker %s:%d", __version__,
                  len(self.workers), self.config.journal, self.config.mqtt.host,
                  self.config.mqtt.port)
@@ -110,7 +172,10 @@ class Bridge:
     async def stop(self) -> None:
         """Drain: take no new requests, keep in-flight state in the journal, say offline."""
         log.info("stopping: no new requests; open transactions stay in the journal")
+        self.notifier.stopping("stopping: open transactions stay in the journal")
         self.gateway.stop_accepting()
+        if self.hotplug is not None:
+            await self.hotplug.stop()
         await self.gateway.announce_offline()
         for task in self._tasks:
             task.cancel()
@@ -120,6 +185,7 @@ class Bridge:
         for worker in self.workers.values():
             await worker.stop()
         self.journal.close()
+        self.notifier.close()
 
 
 async def run_bridge(config: Config, *, mqtt_password: str | None = None) -> None:

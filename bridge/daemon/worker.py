@@ -107,6 +107,7 @@ class TerminalWorker:
         self._disabled_event = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.counters = {"frames_in": 0, "frames_out": 0, "framing_errors": 0, "reconnects": 0}
+        self.identity = "unknown"  # confirmed | mismatch: <what it said> | unknown
 
     # --- public -----------------------------------------------------------------------------
 
@@ -122,6 +123,7 @@ class TerminalWorker:
             "link": self._transport.describe() if self._transport else None,
             "detail": self._link_reason if not self.online else "",
             "active": str(self.session.active) if self.session.active else None,
+            "identity": self.identity,
             "open_transactions": len(self.session.open),
         }
 
@@ -342,7 +344,27 @@ class TerminalWorker:
         except MessageError as exc:
             self._apply(self.session.unusable(f"not a SaleToPOI message: {exc}", now))
             return
+        self._check_identity(message)
         self._apply(self.session.receive(message, now))
+
+    def _check_identity(self, message: Any) -> None:
+        """Every message a terminal sends names it (POIID): the configuration is confirmed by
+        the terminal itself, and a terminal on the wrong port is reported, not ignored."""
+        header = message.message_header
+        said = header.poi_id if header is not None else None
+        if not said or said in ("N/A", "-NULL-"):
+            return
+        if said == self.poi_id:
+            if self.identity != "confirmed":
+                log.info("terminal %s: identity confirmed by the terminal", self.poi_id)
+                self.identity = "confirmed"
+                self._publish_state()
+        elif self.identity != f"mismatch: {said}":
+            log.error("terminal %s: the device at %s says it is %s: check which terminal is "
+                      "plugged into which port, or the configuration", self.poi_id,
+                      self._transport.describe() if self._transport else "?", said)
+            self.identity = f"mismatch: {said}"
+            self._publish_state()
 
     # --- timers -------------------------------------------------------------------------------
 

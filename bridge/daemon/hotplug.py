@@ -1,0 +1,769 @@
+"""Hotplug: which configured terminal is plugged in right now, learnt from udev.
+
+Two parts:
+
+* `TerminalMatcher` (pure): given a device's udev properties (the mapping pyudev's
+  `Device.properties` gives: SUBSYSTEM, DEVNAME, DEVLINKS, ID_VENDOR_ID, ID_MODEL_ID,
+  ID_SERIAL_SHORT, DEVTYPE, TAGS, ...) it says which terminal (poi_id) the device is, or why it
+  is none.  Serial links match by device node or udev link (DEVNAME is the configured path, or
+  DEVLINKS contains it); USB links by vendor id, product id and, if configured, serial number
+  of the usb_device.  `poi-bridge devices` prints its reasons.
+
+* `HotplugMonitor`: a udev netlink monitor read from the asyncio loop (`loop.add_reader` on
+  its fd, draining `poll(0)`).  It starts the monitor before enumerating the devices already
+  present, so nothing plugged in between is missed, and de-duplicates: a device seen by the
+  enumeration and again as an 'add' event is reported once, a repeated 'add' is ignored, and a
+  'remove' of a device it never saw is ignored.  Events are collected for `settle` seconds and
+  applied per device with the final state winning, so a storm of hundreds of add/remove events
+  (a flaky cable, a hub reset) turns into at most one unplug and one plug per terminal, without
+  blocking the loop.  If the kernel drops events (receive buffer overflow) the monitor
+  re-enumerates and reconciles.
+
+Callback contract: `on_plug(poi_id, device)` when a terminal's device appears (or is back on a
+different device node), `on_unplug(poi_id, device)` when it goes away; `device` is a
+`DeviceInfo`.  Either may be a plain function or a coroutine function; calls are made one at a
+time, in order, from a task on the loop, and an exception in one is logged and does not stop
+the monitor.  For a terminal, plug and unplug strictly alternate, starting with plug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import inspect
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from bridge.config import Config, SerialLink, TerminalConfig, UsbLink
+from bridge.daemon.udev_rules import TAG, parse_poi_name, usb_id_text
+
+log = logging.getLogger(__name__)
+
+WATCHED_SUBSYSTEMS = ("tty", "usb")
+DEFAULT_SETTLE = 0.1
+# Longest a batch waits for a storm still being read before it is applied anyway.
+DEFAULT_MAX_DELAY = 2.0
+DEFAULT_RECEIVE_BUFFER = 8 * 1024 * 1024
+# Events handled per wake-up of the reader; the rest wait for the next loop iteration so a storm
+# cannot starve the terminals' I/O.
+MAX_EVENTS_PER_READ = 256
+
+# Actions after which the device exists; 'remove' means gone.  'unbind'/'offline' only detach
+# a driver (a usb_device gets 'unbind' just before 'remove'): the node is still there.
+_PRESENT_ACTIONS = frozenset({"add", "change", "bind", "move", "online"})
+_IGNORED_ACTIONS = frozenset({"unbind", "offline"})
+
+
+# --- device description --------------------------------------------------------------------------
+
+
+def device_properties(device: Any) -> dict[str, str]:
+    """The udev properties of a pyudev Device (or a plain mapping of them, as recorded from
+    `udevadm monitor --property`) as a plain dict of strings."""
+    if isinstance(device, DeviceInfo):
+        return dict(device.properties)
+    if not hasattr(device, "properties"):
+        # Checked after `properties`: pyudev's Device is itself a (deprecated) Mapping.
+        if isinstance(device, Mapping):
+            return {str(k): str(v) for k, v in device.items()}
+        raise TypeError(f"not a udev device or property mapping: {device!r}")
+    props: dict[str, str] = {}
+    for key in device.properties:
+        value = device.properties.get(key)
+        if value is not None:
+            props[str(key)] = str(value)
+    # Fill in what libudev knows but a given source may not have put in the property list.
+    action = getattr(device, "action", None)
+    if action and "ACTION" not in props:
+        props["ACTION"] = str(action)
+    node = getattr(device, "device_node", None)
+    if node:
+        props["DEVNAME"] = str(node)
+    if "DEVLINKS" not in props:
+        links = list(getattr(device, "device_links", ()) or ())
+        if links:
+            props["DEVLINKS"] = " ".join(str(link) for link in links)
+    if "DEVPATH" not in props:
+        path = getattr(device, "device_path", None)
+        if path:
+            props["DEVPATH"] = str(path)
+    return props
+
+
+def _usb_ids(props: Mapping[str, str]) -> tuple[str | None, str | None]:
+    vendor = props.get("ID_VENDOR_ID") or None
+    product = props.get("ID_MODEL_ID") or None
+    if (vendor is None or product is None) and props.get("SUBSYSTEM") == "usb":
+        # Kernel events carry PRODUCT=<vid>/<pid>/<bcdDevice> in hex without leading zeros.
+        parts = props.get("PRODUCT", "").split("/")
+        if len(parts) >= 2:
+            try:
+                vendor = vendor or usb_id_text(int(parts[0], 16))
+                product = product or usb_id_text(int(parts[1], 16))
+            except ValueError:
+                pass
+    return (vendor.lower() if vendor else None, product.lower() if product else None)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One udev device as the bridge sees it. `properties` holds everything udev said."""
+
+    devpath: str
+    subsystem: str
+    devtype: str | None
+    devname: str | None
+    devlinks: tuple[str, ...]
+    vendor_id: str | None
+    product_id: str | None
+    serial: str | None
+    tags: tuple[str, ...]
+    action: str | None
+    properties: Mapping[str, str] = field(compare=False, repr=False)
+
+    @classmethod
+    def from_device(cls, device: Any) -> DeviceInfo:
+        """From a pyudev Device, a mapping of udev properties, or a DeviceInfo."""
+        if isinstance(device, DeviceInfo):
+            return device
+        props = device_properties(device)
+        devname = props.get("DEVNAME") or None
+        if devname and not devname.startswith("/"):
+            devname = "/dev/" + devname  # kernel events name the node relative to /dev
+        vendor, product = _usb_ids(props)
+        return cls(
+            devpath=props.get("DEVPATH", ""),
+            subsystem=props.get("SUBSYSTEM", ""),
+            devtype=props.get("DEVTYPE") or None,
+            devname=devname,
+            devlinks=tuple(props.get("DEVLINKS", "").split()),
+            vendor_id=vendor,
+            product_id=product,
+            serial=props.get("ID_SERIAL_SHORT") or None,
+            tags=tuple(t for t in props.get("TAGS", "").split(":") if t),
+            action=props.get("ACTION") or None,
+            properties=MappingProxyType(props),
+        )
+
+    @property
+    def tagged(self) -> bool:
+        """Tagged by udev/70-poi-bridge.rules (or the generated local rules)."""
+        return TAG in self.tags
+
+    @property
+    def virtual(self) -> bool:
+        return self.devpath.startswith("/devices/virtual/")
+
+    def describe(self) -> str:
+        """For technicians: the node, what it is, and its stable links."""
+        what = self.devname or f"{self.subsystem} device {self.devpath}"
+        details = []
+        if self.vendor_id and self.product_id:
+            details.append(f"USB {self.vendor_id}:{self.product_id}")
+        if self.serial:
+            details.append(f"serial {self.serial}")
+        stable = [link for link in self.devlinks if not link.startswith("/dev/char/")]
+        if stable:
+            details.append("links " + ", ".join(sorted(stable)))
+        return f"{what} ({'; '.join(details)})" if details else what
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "devpath": self.devpath,
+            "subsystem": self.subsystem,
+            "devtype": self.devtype,
+            "devname": self.devname,
+            "devlinks": list(self.devlinks),
+            "vendor_id": self.vendor_id,
+            "product_id": self.product_id,
+            "serial": self.serial,
+            "tags": list(self.tags),
+        }
+
+
+# --- matching ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatchResult:
+    """`poi_id` of the terminal the device is, or None; `reason` says why, for a technician.
+    `relevant` is False for devices the bridge never uses (no device node, virtual consoles,
+    USB interfaces, other subsystems)."""
+
+    poi_id: str | None
+    reason: str
+    relevant: bool = True
+
+    @property
+    def matched(self) -> bool:
+        return self.poi_id is not None
+
+
+def describe_link(terminal: TerminalConfig) -> str:
+    link = terminal.link
+    if isinstance(link, SerialLink):
+        return f"serial {link.device}"
+    if isinstance(link, UsbLink):
+        serial = f" serial {link.serial}" if link.serial is not None else " (any serial)"
+        return f"USB {usb_id_text(link.vendor_id)}:{usb_id_text(link.product_id)}{serial}"
+    return f"tcp {link.host}:{link.port}"
+
+
+class TerminalMatcher:
+    """Which configured terminal a udev device is.  Pure: only the device's properties and
+    the configuration are consulted, plus `resolve` (e.g. os.path.realpath) when given, to
+    follow a configured symlink that udev does not list in DEVLINKS (made by hand)."""
+
+    def __init__(self, config: Config | Iterable[TerminalConfig], *,
+                 resolve: Callable[[str], str] | None = None) -> None:
+        terminals = config.terminals if isinstance(config, Config) else list(config)
+        self.terminals: tuple[TerminalConfig, ...] = tuple(terminals)
+        self._serial = [(t.poi_id, t.link.device) for t in self.terminals
+                        if isinstance(t.link, SerialLink)]
+        self._usb = [(t.poi_id, t.link) for t in self.terminals if isinstance(t.link, UsbLink)]
+        self._resolve = resolve
+
+    @property
+    def hotplug_terminals(self) -> tuple[TerminalConfig, ...]:
+        """The terminals that are on a local device (serial or USB), i.e. not TCP."""
+        return tuple(t for t in self.terminals if isinstance(t.link, SerialLink | UsbLink))
+
+    def match(self, device: Mapping[str, str] | DeviceInfo | Any) -> MatchResult:
+        info = DeviceInfo.from_device(device)
+        if info.subsystem not in WATCHED_SUBSYSTEMS:
+            return MatchResult(None, f"subsystem {info.subsystem or '(none)'} is not watched "
+                                     f"(terminals are tty or usb devices)", relevant=False)
+        if info.subsystem == "usb" and info.devtype != "usb_device":
+            return MatchResult(None, f"a USB {info.devtype or 'sub-device'}, not a USB device "
+                                     f"node", relevant=False)
+        if not info.devname:
+            return MatchResult(None, "has no device node", relevant=False)
+        if info.subsystem == "tty" and info.virtual:
+            return MatchResult(None, "virtual terminal or pseudo device, not a serial port",
+                               relevant=False)
+        if info.subsystem == "tty":
+            return self._match_tty(info)
+        return self._match_usb(info)
+
+    # serial links
+
+    def _match_tty(self, info: DeviceInfo) -> MatchResult:
+        found: list[tuple[str, str]] = []
+        for poi_id, path in self._serial:
+            if path == info.devname:
+                found.append((poi_id, f"device node {path}"))
+            elif path in info.devlinks:
+                found.append((poi_id, f"udev link {path}"))
+            elif self._resolve is not None:
+                target = self._resolve(path)
+                if target != path and target == info.devname:
+                    found.append((poi_id, f"{path} points to {info.devname}"))
+        if found:
+            poi_id, how = found[0]
+            reason = f"terminal {poi_id} (serial link, by {how})"
+            if len(found) > 1:
+                others = ", ".join(p for p, _ in found[1:])
+                reason += f"; also configured for {others}: each device belongs to one terminal"
+            return MatchResult(poi_id, reason)
+        return MatchResult(None, self._tty_miss(info))
+
+    def _tty_miss(self, info: DeviceInfo) -> str:
+        for poi_id, link in self._usb:
+            if (info.vendor_id, info.product_id) == (usb_id_text(link.vendor_id),
+                                                     usb_id_text(link.product_id)) and (
+                    link.serial is None or link.serial == info.serial):
+                return (f"serial port of USB device {info.vendor_id}:{info.product_id}, but "
+                        f"terminal {poi_id} is configured with link kind = \"usb\" (its bulk "
+                        f"interface), so this port is not used")
+        for poi_id, path in self._serial:
+            name = parse_poi_name(path)
+            if (name is not None and info.vendor_id in name.vendor_ids
+                    and name.serial is not None and name.serial == info.serial):
+                return (f"looks like terminal {poi_id} ({name.vendor} serial {name.serial}) but "
+                        f"has no link {path}: install udev/70-poi-bridge.rules, then run "
+                        f"`udevadm control --reload && udevadm trigger`")
+        if not self._serial:
+            return "no serial terminals configured"
+        if info.tagged:
+            links = [link for link in info.devlinks if link.startswith("/dev/poi/")]
+            hint = f' with device = "{links[0]}"' if links else ""
+            return ("tagged as a payment terminal by udev, but no configured terminal uses it: "
+                    f"add a [[terminals]] entry{hint} if it should be bridged")
+        return (f"not a configured terminal: no serial link names {info.devname} or one of its "
+                f"links")
+
+    # usb links
+
+    def _match_usb(self, info: DeviceInfo) -> MatchResult:
+        if not self._usb:
+            if info.tagged:
+                return MatchResult(None, "tagged as a payment terminal by udev, but no terminal "
+                                         "is configured with link kind = \"usb\"")
+            return MatchResult(None, "no USB terminals configured")
+        if info.vendor_id is None or info.product_id is None:
+            return MatchResult(None, "USB device without vendor/product id in its udev "
+                                     "properties")
+        found: list[str] = []
+        near: list[str] = []
+        for poi_id, link in self._usb:
+            vendor, product = usb_id_text(link.vendor_id), usb_id_text(link.product_id)
+            if info.vendor_id != vendor:
+                continue
+            if info.product_id != product:
+                near.append(f"terminal {poi_id} wants product {product}, this is "
+                            f"{info.product_id}")
+                continue
+            if link.serial is None or link.serial == info.serial:
+                found.append(poi_id)
+            elif info.serial is None:
+                near.append(f"terminal {poi_id} wants serial {link.serial}, this device reports "
+                            f"none (no udev data? is systemd-udevd running?)")
+            else:
+                near.append(f"terminal {poi_id} wants serial {link.serial}, this is "
+                            f"{info.serial}")
+        if found:
+            reason = f"terminal {found[0]} (USB {info.vendor_id}:{info.product_id}"
+            reason += f" serial {info.serial})" if info.serial else ")"
+            if len(found) > 1:
+                reason += (f"; also matches {', '.join(found[1:])}: set link.serial so each "
+                           f"terminal names its own device")
+            return MatchResult(found[0], reason)
+        if near:
+            return MatchResult(None, "; ".join(near))
+        if info.tagged:
+            return MatchResult(None, f"tagged as a payment terminal by udev (USB "
+                                     f"{info.vendor_id}:{info.product_id}), but no configured "
+                                     f"terminal has these ids")
+        return MatchResult(None, f"USB {info.vendor_id}:{info.product_id} is not a configured "
+                                 f"terminal")
+
+
+# --- the monitor ---------------------------------------------------------------------------------
+
+
+class MonitorLike(Protocol):
+    """What HotplugMonitor needs of a pyudev.Monitor (so tests can inject a fake)."""
+
+    def fileno(self) -> int: ...
+
+    def poll(self, timeout: float | None = None) -> Any: ...
+
+    def start(self) -> None: ...
+
+
+Callback = Callable[[str, DeviceInfo], Awaitable[None] | None]
+
+
+@dataclass
+class _Known:
+    info: DeviceInfo
+    poi_id: str | None
+
+
+@dataclass
+class _Pending:
+    last: DeviceInfo
+    saw_remove: bool = False
+
+
+def _default_enumerate(context: Any) -> Callable[[], Iterable[Any]]:
+    def enumerate_devices() -> Iterable[Any]:
+        yield from context.list_devices(subsystem="tty")
+        yield from context.list_devices(subsystem="usb", DEVTYPE="usb_device")
+    return enumerate_devices
+
+
+class HotplugMonitor:
+    """Tells the daemon when configured terminals are plugged in and out.
+
+    `matcher`: a TerminalMatcher, or the Config to build one from.
+    `monitor`: a pyudev.Monitor-like object (fileno(), poll(timeout), start()); by default a
+    netlink monitor on `source` ("udev": events after udev's rules, with DEVLINKS and ID_*
+    properties; "kernel": raw kernel events) filtered to tty and usb_device.
+    `enumerate_devices`: returns the devices present now (pyudev Devices or property mappings);
+    by default a pyudev enumeration of tty and usb_device devices.
+    `settle`: seconds to collect events before applying them (the storm window); while the
+    reader still has events queued the batch waits, up to `max_delay` seconds in all.
+    `tag`: only look at devices carrying this udev tag (e.g. TAG, "poi-bridge", which
+    udev/70-poi-bridge.rules and the generated rules set), filtered in the kernel socket.  Off
+    by default: a terminal configured by a plain /dev/ttyS0 or /dev/ttyACM0 path, whose vendor
+    no rule knows, has no tag and would never be seen.
+    """
+
+    def __init__(self, matcher: TerminalMatcher | Config, on_plug: Callback, on_unplug: Callback,
+                 *, monitor: MonitorLike | None = None,
+                 enumerate_devices: Callable[[], Iterable[Any]] | None = None,
+                 context: Any = None, source: str = "udev", settle: float = DEFAULT_SETTLE,
+                 receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
+                 max_events_per_read: int = MAX_EVENTS_PER_READ,
+                 max_delay: float = DEFAULT_MAX_DELAY, tag: str | None = None) -> None:
+        if not isinstance(matcher, TerminalMatcher):
+            matcher = TerminalMatcher(matcher, resolve=os.path.realpath)
+        if settle < 0:
+            raise ValueError("settle must be >= 0 seconds")
+        self.matcher = matcher
+        self._on_plug = on_plug
+        self._on_unplug = on_unplug
+        self._monitor = monitor
+        self._enumerate = enumerate_devices
+        self._context = context
+        self._source = source
+        self._settle = settle
+        self._receive_buffer = receive_buffer
+        self._max_events = max(1, max_events_per_read)
+        self._max_delay = max(max_delay, settle)
+        self._tag = tag
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd: int | None = None
+        self._devices: dict[str, _Known] = {}              # devpath -> last known state
+        self._terminal_devices: dict[str, dict[str, DeviceInfo]] = {}  # poi_id -> devpath -> info
+        self._current: dict[str, DeviceInfo] = {}          # poi_id -> device reported by on_plug
+        self._pending: dict[str, _Pending] = {}
+        self._flush_handle: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._batch_started: float | None = None  # loop time of the oldest pending event
+        self._backlog = False  # the last read stopped at max_events: more may be queued
+        self._queue: asyncio.Queue[tuple[str, str, DeviceInfo]] | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._resync_wanted = False
+        self._warned_ambiguous: set[str] = set()
+        self.counters = {"events": 0, "ignored": 0, "coalesced": 0, "plugs": 0, "unplugs": 0,
+                         "overflows": 0}
+
+    # --- public ----------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._fd is not None
+
+    def present(self) -> dict[str, DeviceInfo]:
+        """poi_id -> the device it is plugged in on, for the terminals plugged in now."""
+        return dict(self._current)
+
+    def is_present(self, poi_id: str) -> bool:
+        return poi_id in self._current
+
+    def absent(self) -> list[str]:
+        """The serial/USB terminals whose device is not plugged in now (configuration order).
+        Right after start(), these are the ones to mark offline: on_unplug is only called for
+        a terminal that was plugged in."""
+        return [t.poi_id for t in self.matcher.hotplug_terminals if t.poi_id not in self._current]
+
+    @property
+    def monitor(self) -> MonitorLike | None:
+        """The udev monitor being read (after start())."""
+        return self._monitor
+
+    async def start(self) -> None:
+        """Start listening, then report the terminals already present.  Returns once on_plug
+        has run for each of them."""
+        if self._fd is not None:
+            raise RuntimeError("HotplugMonitor is already running")
+        self._loop = asyncio.get_running_loop()
+        monitor = self._monitor if self._monitor is not None else self._open_netlink()
+        self._monitor = monitor
+        start = getattr(monitor, "start", None)
+        if start is not None:
+            start()  # before enumerating: a device plugged in meanwhile is then an event
+        if self._enumerate is None:
+            self._enumerate = _default_enumerate(self._pyudev_context())
+        self._queue = asyncio.Queue()
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="hotplug callbacks")
+        try:
+            self._apply(self._enumerated(), initial=True)
+            self._fd = monitor.fileno()
+            self._loop.add_reader(self._fd, self._on_readable)
+        except BaseException:
+            self._fd = None
+            await self.stop()
+            raise
+        present = ", ".join(sorted(self._current)) or "none"
+        missing = self.absent()
+        log.info("hotplug: watching udev for terminals; present: %s", present)
+        for poi_id in missing:
+            terminal = next(t for t in self.matcher.terminals if t.poi_id == poi_id)
+            log.warning("terminal %s: its device (%s) is not plugged in; it will be used as "
+                        "soon as it appears (check the cable; `poi-bridge devices` lists what "
+                        "is connected)", poi_id, describe_link(terminal))
+        await self._queue.join()
+
+    async def stop(self) -> None:
+        """Stop listening; no callback runs after this returns."""
+        if self._fd is not None and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        self._fd = None
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._pending.clear()
+        self._batch_started = None
+        self._backlog = False
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            try:
+                await self._dispatcher
+            except asyncio.CancelledError:
+                pass
+            self._dispatcher = None
+
+    async def __aenter__(self) -> HotplugMonitor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def wait_idle(self) -> None:
+        """Until the collected events are applied and their callbacks have run."""
+        while self._flush_handle is not None or self._pending:
+            await asyncio.sleep(self._settle / 2 or 0)
+        if self._queue is not None:
+            await self._queue.join()
+
+    def resync(self) -> None:
+        """Re-enumerate and reconcile, e.g. after events were lost.  Runs on the next settle."""
+        self._resync_wanted = True
+        self._schedule_flush()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def _pyudev_context(self) -> Any:
+        if self._context is None:
+            import pyudev
+
+            self._context = pyudev.Context()
+        return self._context
+
+    def _open_netlink(self) -> Any:
+        import pyudev
+
+        monitor = pyudev.Monitor.from_netlink(self._pyudev_context(), source=self._source)
+        monitor.filter_by("tty")
+        monitor.filter_by("usb", device_type="usb_device")
+        if self._tag:
+            monitor.filter_by_tag(self._tag)
+        try:
+            monitor.set_receive_buffer_size(self._receive_buffer)
+        except (OSError, AttributeError) as exc:
+            # Needs CAP_NET_ADMIN beyond net.core.rmem_max; the unit gives no capabilities.
+            # An overflow is detected and repaired by re-enumerating, so this is no failure.
+            log.info("hotplug: could not raise the udev receive buffer to %d bytes (%s); "
+                     "an event storm may overflow it, which triggers a rescan",
+                     self._receive_buffer, exc)
+        return monitor
+
+    def _enumerated(self) -> list[DeviceInfo]:
+        assert self._enumerate is not None
+        out = []
+        for device in self._enumerate():
+            info = DeviceInfo.from_device(device)
+            if self._tag and self._tag not in info.tags:
+                continue
+            if self.matcher.match(info).relevant:
+                out.append(info)
+        return out
+
+    def _on_readable(self) -> None:
+        assert self._monitor is not None
+        self._backlog = True
+        for _ in range(self._max_events):
+            try:
+                event = self._monitor.poll(0)
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    self.counters["overflows"] += 1
+                    log.warning("hotplug: udev events were lost (receive buffer overflow during "
+                                "an event storm); rescanning the devices")
+                    self.resync()
+                    continue
+                log.error("hotplug: reading udev events failed: %s; rescanning the devices", exc)
+                self._backlog = False
+                self.resync()
+                return
+            if event is None:
+                self._backlog = False
+                return
+            self._receive(DeviceInfo.from_device(event))
+
+    def _receive(self, info: DeviceInfo) -> None:
+        self.counters["events"] += 1
+        action = info.action or "add"
+        if action in _IGNORED_ACTIONS:
+            return
+        if self._tag and self._tag not in info.tags:
+            # The kernel-side filter does this for a real monitor; an injected one may not.
+            self.counters["ignored"] += 1
+            return
+        if not self.matcher.match(info).relevant:
+            self.counters["ignored"] += 1
+            return
+        if action == "move":
+            old = info.properties.get("DEVPATH_OLD")
+            if old:
+                self._note(old, DeviceInfo.from_device({**info.properties, "DEVPATH": old,
+                                                        "ACTION": "remove"}))
+        self._note(info.devpath, info)
+
+    def _note(self, devpath: str, info: DeviceInfo) -> None:
+        pending = self._pending.get(devpath)
+        if pending is None:
+            self._pending[devpath] = _Pending(info, info.action == "remove")
+        else:
+            self.counters["coalesced"] += 1
+            pending.last = info
+            pending.saw_remove = pending.saw_remove or info.action == "remove"
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None and self._loop is not None:
+            if self._batch_started is None:
+                self._batch_started = self._loop.time()
+            self._flush_handle = self._loop.call_later(self._settle, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        assert self._loop is not None
+        if self._backlog and self._fd is not None:
+            # The last read stopped at max_events, so events may still be queued in the
+            # socket: applying now would split one storm into several batches.  Read on (still
+            # bounded), and wait for the rest unless the batch is already max_delay old.
+            self._on_readable()
+            started = self._batch_started if self._batch_started is not None else 0.0
+            if self._backlog and self._loop.time() - started < self._max_delay:
+                self._schedule_flush()
+                return
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._batch_started = None
+        batch, self._pending = self._pending, {}
+        if self._resync_wanted:
+            self._resync_wanted = False
+            self._reconcile(batch)
+        changes = [(devpath, p.last, p.saw_remove) for devpath, p in batch.items()]
+        self._apply_changes(changes)
+
+    def _reconcile(self, batch: dict[str, _Pending]) -> None:
+        """Turn a fresh enumeration into events: known devices that are gone become removes,
+        present ones adds (which change nothing for devices already known)."""
+        try:
+            now = {info.devpath: info for info in self._enumerated()}
+        except Exception:
+            log.exception("hotplug: rescanning devices failed; relying on events only")
+            return
+        for devpath, known in self._devices.items():
+            if devpath not in now and devpath not in batch:
+                batch[devpath] = _Pending(DeviceInfo.from_device(
+                    {**known.info.properties, "ACTION": "remove"}), True)
+        for devpath, info in now.items():
+            if devpath not in batch:
+                batch[devpath] = _Pending(DeviceInfo.from_device(
+                    {**info.properties, "ACTION": "add"}))
+
+    # --- state -----------------------------------------------------------------------------
+
+    def _apply(self, infos: Iterable[DeviceInfo], initial: bool = False) -> None:
+        self._apply_changes([(info.devpath, info, False) for info in infos], initial=initial)
+
+    def _apply_changes(self, changes: list[tuple[str, DeviceInfo, bool]],
+                       initial: bool = False) -> None:
+        lost: dict[str, set[str]] = {}
+        gained: dict[str, list[DeviceInfo]] = {}
+        for devpath, info, saw_remove in changes:
+            known = self._devices.get(devpath)
+            if info.action == "remove":
+                if known is None:
+                    log.debug("hotplug: remove of %s, a device never seen present: ignored",
+                              devpath)
+                    continue
+                del self._devices[devpath]
+                if known.poi_id is not None:
+                    lost.setdefault(known.poi_id, set()).add(devpath)
+                continue
+            match = self.matcher.match(info)
+            if not match.relevant:
+                continue
+            if known is not None and not saw_remove and known.poi_id == match.poi_id:
+                # Already present (an enumerated device's own 'add', a repeated 'add', a
+                # 'change' that changes nothing the bridge cares about).
+                self._devices[devpath] = _Known(info, match.poi_id)
+                if match.poi_id is not None:
+                    self._terminal_devices.setdefault(match.poi_id, {})[devpath] = info
+                    current = self._current.get(match.poi_id)
+                    if current is not None and current.devpath == devpath:
+                        self._current[match.poi_id] = info  # fresher properties, same device
+                continue
+            if known is not None and known.poi_id is not None:
+                lost.setdefault(known.poi_id, set()).add(devpath)
+            self._devices[devpath] = _Known(info, match.poi_id)
+            if match.poi_id is None:
+                log.debug("hotplug: %s %s ignored: %s", info.action or "present",
+                          info.describe(), match.reason)
+                continue
+            gained.setdefault(match.poi_id, []).append(info)
+        for poi_id in sorted(set(lost) | set(gained)):
+            self._update_terminal(poi_id, lost.get(poi_id, set()), gained.get(poi_id, []),
+                                  initial)
+
+    def _update_terminal(self, poi_id: str, lost: set[str], gained: list[DeviceInfo],
+                         initial: bool) -> None:
+        devices = self._terminal_devices.setdefault(poi_id, {})
+        for devpath in lost:
+            devices.pop(devpath, None)
+        for info in gained:
+            devices[info.devpath] = info
+        current = self._current.get(poi_id)
+        if current is not None and current.devpath in lost:
+            del self._current[poi_id]
+            self._emit("unplug", poi_id, current)
+            current = None
+        if current is None and devices:
+            newest = gained[-1] if gained else next(iter(devices.values()))
+            self._current[poi_id] = newest
+            self._emit("plug", poi_id, newest, initial=initial)
+        if len(devices) > 1:
+            if poi_id not in self._warned_ambiguous:
+                self._warned_ambiguous.add(poi_id)
+                nodes = ", ".join(sorted(d.devname or d.devpath for d in devices.values()))
+                log.warning("terminal %s: %d devices match its configuration (%s); using %s. "
+                            "Set link.serial (USB) or a /dev/poi/ or by-id path (serial) so "
+                            "exactly one device matches", poi_id, len(devices), nodes,
+                            self._current[poi_id].devname)
+        else:
+            self._warned_ambiguous.discard(poi_id)
+        if not devices:
+            del self._terminal_devices[poi_id]
+
+    def _emit(self, kind: str, poi_id: str, info: DeviceInfo, initial: bool = False) -> None:
+        if kind == "plug":
+            self.counters["plugs"] += 1
+            log.info("terminal %s: device %s %s", poi_id, info.describe(),
+                     "present" if initial else "plugged in")
+        else:
+            self.counters["unplugs"] += 1
+            log.warning("terminal %s: device %s unplugged; the terminal is offline until it is "
+                        "plugged back in (check its USB cable and power)", poi_id,
+                        info.describe())
+        assert self._queue is not None
+        self._queue.put_nowait((kind, poi_id, info))
+
+    async def _dispatch(self) -> None:
+        assert self._queue is not None
+        while True:
+            kind, poi_id, info = await self._queue.get()
+            callback = self._on_plug if kind == "plug" else self._on_unplug
+            try:
+                result = callback(poi_id, info)
+                if inspect.isawaitable(result):
+                    await result
+            except asyncio.CancelledError:
+                self._queue.task_done()
+                raise
+            except Exception:
+                log.exception("terminal %s: the %s handler for %s failed", poi_id, kind,
+                              info.devname or info.devpath)
+            self._queue.task_done()

@@ -1,0 +1,225 @@
+"""udev rules for exactly the configured terminals (`poi-bridge udev-rules --config FILE`).
+
+udev/70-poi-bridge.rules covers the known payment-terminal vendors by vendor id.  This module
+writes the site-specific complement, meant for /etc/udev/rules.d/71-poi-bridge-local.rules:
+one rule per serial or USB terminal in the configuration, with the same conventions (group
+poi-bridge, mode 0660, ModemManager kept away, tag "poi-bridge"), so a terminal from a vendor
+missing from the list still works and nothing else on the box is touched.
+
+How each configured link is recognised, in udev's terms:
+  serial /dev/poi/<vendor>-<serial>[-ifNN]  USB vendor id of <vendor> + ID_SERIAL_SHORT (+ the
+                                            interface), and the rule creates that very link
+  serial /dev/poi/<vendor>-path-<port>      vendor id + ID_PATH_TAG (the USB port)
+  serial /dev/serial/by-id/..., by-path/... the link 60-serial.rules already made (SYMLINK==)
+  serial /dev/ttyS0, /dev/ttyACM0           the kernel name (KERNEL==)
+  usb    vendor_id/product_id[/serial]      ID_VENDOR_ID, ID_MODEL_ID, ID_SERIAL_SHORT of the
+                                            usb_device; link /dev/poi/usb/<poi_id>
+TCP terminals need no rule.  A link that cannot be expressed is left out and reported by
+`rules_problems()` (and as a comment in the output), never guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bridge.config import Config, SerialLink, TerminalConfig, UsbLink
+
+RULES_FILE = "/etc/udev/rules.d/71-poi-bridge-local.rules"
+TAG = "poi-bridge"
+GROUP = "poi-bridge"
+MODE = "0660"
+POI_DIR = "/dev/poi"
+
+# Kept in step with the vendor list in udev/70-poi-bridge.rules (a test checks it): the short
+# name that starts /dev/poi/<name>-<serial>, and the USB vendor ids that carry it.
+KNOWN_VENDORS: dict[str, tuple[str, ...]] = {
+    "ingenico": ("0b00", "079b"),
+    "verifone": ("11ca",),
+    "pax": ("2fb8",),
+}
+
+# Characters that need no quoting and are no glob in a udev match value.
+_PLAIN = re.compile(r"^[A-Za-z0-9._:+@=#-]+$")
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9._:+@=#/-]+$")
+_KERNEL_NAME = re.compile(r"^tty[A-Za-z]*[0-9]+$")
+_INTERFACE_SUFFIX = re.compile(r"^(?P<base>.+)-if(?P<num>[0-9]{2})$")
+
+
+@dataclass(frozen=True)
+class PoiName:
+    """/dev/poi/<vendor>-<id>[-ifNN] taken apart (the naming of 70-poi-bridge.rules)."""
+
+    vendor: str
+    vendor_ids: tuple[str, ...]
+    serial: str | None = None       # ID_SERIAL_SHORT
+    path_tag: str | None = None     # ID_PATH_TAG, for devices without a serial number
+    kernel: str | None = None       # kernel name, the last resort of the static rules
+    interface: str = "00"           # ID_USB_INTERFACE_NUM
+
+
+def parse_poi_name(path: str) -> PoiName | None:
+    """Undo the /dev/poi naming of udev/70-poi-bridge.rules; None if `path` is not such a name
+    or its vendor is not in KNOWN_VENDORS."""
+    prefix = POI_DIR + "/"
+    if not path.startswith(prefix):
+        return None
+    name = path[len(prefix):]
+    if "/" in name:
+        return None
+    interface = "00"
+    suffix = _INTERFACE_SUFFIX.match(name)
+    if suffix:
+        name, interface = suffix.group("base"), suffix.group("num")
+    for vendor in sorted(KNOWN_VENDORS, key=len, reverse=True):
+        head = vendor + "-"
+        if name.startswith(head) and len(name) > len(head):
+            rest = name[len(head):]
+            ids = KNOWN_VENDORS[vendor]
+            if rest.startswith("path-") and len(rest) > len("path-"):
+                return PoiName(vendor, ids, path_tag=rest[len("path-"):], interface=interface)
+            if _KERNEL_NAME.match(rest):
+                return PoiName(vendor, ids, kernel=rest, interface=interface)
+            return PoiName(vendor, ids, serial=rest, interface=interface)
+    return None
+
+
+def usb_id_text(value: int) -> str:
+    """A USB vendor/product id as udev writes it: 4 lowercase hex digits."""
+    return f"{value:04x}"
+
+
+@dataclass(frozen=True)
+class TerminalRule:
+    poi_id: str
+    summary: str          # what the configuration says, for the comment above the rule
+    line: str | None      # the rule, or None when it cannot be expressed
+    problem: str | None = None
+
+
+def _assignments(poi_id: str) -> list[str]:
+    return [
+        f'GROUP="{GROUP}"',
+        f'MODE="{MODE}"',
+        'ENV{ID_MM_DEVICE_IGNORE}="1"',
+        f'TAG+="{TAG}"',
+        f'ENV{{POI_BRIDGE_POI_ID}}="{poi_id}"',
+    ]
+
+
+def _serial_rule(terminal: TerminalConfig, link: SerialLink) -> TerminalRule:
+    poi_id, device = terminal.poi_id, link.device
+    summary = f"serial link {device}"
+
+    def problem(text: str) -> TerminalRule:
+        return TerminalRule(poi_id, summary, None, f"terminal {poi_id}: device {device}: {text}")
+
+    if not device.startswith("/dev/"):
+        return problem("not under /dev; udev rules can only name device nodes and their links")
+    if device.startswith(POI_DIR + "/usb/"):
+        return problem('is a USB device node, not a serial port; configure the terminal with '
+                       'link kind = "usb" (vendor_id, product_id, serial) instead')
+    if device.startswith(POI_DIR + "/"):
+        name = parse_poi_name(device)
+        if name is None:
+            known = ", ".join(sorted(KNOWN_VENDORS))
+            return problem(f"a /dev/poi name must be <vendor>-<serial> with a vendor of "
+                           f"udev/70-poi-bridge.rules ({known}) so a rule can tell which device "
+                           f"it is; use that name, or the terminal's /dev/serial/by-id/ link")
+        if name.serial is not None:
+            ident, value = "ID_SERIAL_SHORT", name.serial
+        elif name.path_tag is not None:
+            ident, value = "ID_PATH_TAG", name.path_tag
+        else:
+            return problem(f"{name.kernel} is a kernel name, which changes between plugs; name "
+                           f"the terminal by its USB serial number or port instead")
+        if not _PLAIN.match(value):
+            return problem(f"{value!r} contains characters a udev rule cannot match literally")
+        matches = [
+            'SUBSYSTEM=="tty"',
+            f'ENV{{ID_VENDOR_ID}}=="{"|".join(name.vendor_ids)}"',
+            f'ENV{{{ident}}}=="{value}"',
+            f'ENV{{ID_USB_INTERFACE_NUM}}=="{name.interface}"',
+        ]
+        link_name = device[len("/dev/"):]
+        line = ", ".join(matches + [f'SYMLINK+="{link_name}"'] + _assignments(poi_id))
+        return TerminalRule(poi_id, summary, line)
+    relative = device[len("/dev/"):]
+    if "/" in relative:
+        # A link made by an earlier rule (60-serial.rules: serial/by-id, serial/by-path).
+        if not _PLAIN_PATH.match(relative):
+            return problem("contains characters a udev rule cannot match literally")
+        line = ", ".join(['SUBSYSTEM=="tty"', f'SYMLINK=="{relative}"'] + _assignments(poi_id))
+        return TerminalRule(poi_id, summary, line)
+    if not _PLAIN.match(relative):
+        return problem("contains characters a udev rule cannot match literally")
+    line = ", ".join(['SUBSYSTEM=="tty"', f'KERNEL=="{relative}"'] + _assignments(poi_id))
+    return TerminalRule(poi_id, summary, line)
+
+
+def _usb_rule(terminal: TerminalConfig, link: UsbLink) -> TerminalRule:
+    poi_id = terminal.poi_id
+    vendor, product = usb_id_text(link.vendor_id), usb_id_text(link.product_id)
+    summary = f"usb link {vendor}:{product}" + (f" serial {link.serial}" if link.serial else
+                                                " (any serial)")
+    matches = [
+        'SUBSYSTEM=="usb"',
+        'ENV{DEVTYPE}=="usb_device"',
+        f'ENV{{ID_VENDOR_ID}}=="{vendor}"',
+        f'ENV{{ID_MODEL_ID}}=="{product}"',
+    ]
+    if link.serial is not None:
+        if not _PLAIN.match(link.serial):
+            return TerminalRule(poi_id, summary, None,
+                                f"terminal {poi_id}: usb serial {link.serial!r} contains "
+                                f"characters a udev rule cannot match literally")
+        matches.append(f'ENV{{ID_SERIAL_SHORT}}=="{link.serial}"')
+    line = ", ".join(matches + [f'SYMLINK+="poi/usb/{poi_id}"'] + _assignments(poi_id))
+    return TerminalRule(poi_id, summary, line)
+
+
+def terminal_rules(config: Config | Iterable[TerminalConfig]) -> list[TerminalRule]:
+    """One entry per serial or USB terminal (TCP terminals need no rule), in file order."""
+    terminals = config.terminals if isinstance(config, Config) else list(config)
+    out: list[TerminalRule] = []
+    for terminal in terminals:
+        if isinstance(terminal.link, SerialLink):
+            out.append(_serial_rule(terminal, terminal.link))
+        elif isinstance(terminal.link, UsbLink):
+            out.append(_usb_rule(terminal, terminal.link))
+    return out
+
+
+def rules_problems(config: Config | Iterable[TerminalConfig]) -> list[str]:
+    """Terminals `render_rules` had to leave out, one line each with what to change."""
+    return [rule.problem for rule in terminal_rules(config) if rule.problem]
+
+
+def render_rules(config: Config | Iterable[TerminalConfig]) -> str:
+    """The rules file text for the configured serial and USB terminals."""
+    rules = terminal_rules(config)
+    lines = [
+        "# Generated by `poi-bridge udev-rules`: one rule per configured serial/USB terminal.",
+        f"# Install as {RULES_FILE}, then:",
+        "#     udevadm control --reload && udevadm trigger --subsystem-match=tty "
+        "--subsystem-match=usb",
+        "# Regenerate after changing the terminals in the configuration.",
+        "",
+        'ACTION=="remove", GOTO="poi_bridge_local_end"',
+        'SUBSYSTEM!="tty|usb", GOTO="poi_bridge_local_end"',
+        'SUBSYSTEMS=="usb", ENV{ID_VENDOR_ID}=="", IMPORT{builtin}="usb_id"',
+        'ENV{ID_PATH}=="", IMPORT{builtin}="path_id"',
+        "",
+    ]
+    if not rules:
+        lines += ["# No serial or USB terminals are configured: nothing to match.", ""]
+    for rule in rules:
+        lines.append(f"# {rule.poi_id}: {rule.summary}")
+        if rule.line is None:
+            lines.append(f"# LEFT OUT: {rule.problem}")
+        else:
+            lines.append(rule.line)
+        lines.append("")
+    lines.append('LABEL="poi_bridge_local_end"')
+    return "\n".join(lines) + "\n"

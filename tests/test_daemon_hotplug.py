@@ -1,0 +1,112 @@
+"""Hotplug in the daemon: udev events (fed through a pipe-backed monitor, read by the event
+loop) bring a terminal's worker online and offline; a replug mid-payment is recovered by a
+status poll; other terminals and the journal are not disturbed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from bridge.config import parse_config
+from bridge.daemon.app import Bridge
+from bridge.daemon.hotplug import HotplugMonitor, TerminalMatcher
+from bridge.protocol.messages import parse_message
+from bridge.protocol.transaction import TxKey, request_digest
+from bridge.simulator import responses
+from bridge.simulator.server import SimulatorServer
+from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
+
+from .test_hotplug import PipeMonitor
+
+POI = "V400m-324688179"
+
+
+def tty_event(action: str, link: str, devname: str) -> dict[str, str]:
+    props = {"ACTION": action, "SUBSYSTEM": "tty", "DEVNAME": devname, "DEVLINKS": link,
+             "DEVPATH": "/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/tty/ttyACM0",
+             "ID_VENDOR_ID": "11ca", "ID_MODEL_ID": "0219", "ID_SERIAL_SHORT": "324688179",
+             "TAGS": ":poi-bridge:"}
+    return props
+
+
+async def wait_state(bridge: Bridge, state: str, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while bridge.workers[POI].state()["state"] != state:
+            await asyncio.sleep(0.02)
+
+
+async def test_unplug_and_replug_mid_payment_through_udev_events(tmp_path):
+    simulator = SimulatorServer(
+        Scenario(poi_id=POI, default=Behaviour(delay=0.5, never_answer=True),
+                 link=LinkBehaviour(status_hold=0.05, replug_after=0.2)), ack_timeout=0.3)
+    link = str(tmp_path / "terminal")
+    await simulator.start_pty(link)
+    config = parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"),
+        "mqtt": {"port": 1},  # no broker: results wait in the outbox, terminals work anyway
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": link},
+                       "framer": {"ack_timeout": 0.3}, "payment_timeout": 5.0,
+                       "status_timeout": 1.0, "poll_floor": 0.05}],
+    })
+    bridge = Bridge(config, hotplug=False)
+    monitor = PipeMonitor()
+    present = [tty_event("add", link, os.path.realpath(link))]
+    bridge.hotplug = HotplugMonitor(TerminalMatcher(config), bridge._plugged, bridge._unplugged,
+                                    monitor=monitor, enumerate_devices=lambda: list(present),
+                                    settle=0.01)
+    await bridge.start()
+    try:
+        await wait_state(bridge, "online")
+        assert monitor.started
+        doc = responses.payment_request("POS1", "H1", POI, 8.0)
+        bridge.workers[POI].submit(parse_message(doc), doc, request_digest(doc))
+        await asyncio.sleep(0.1)
+
+        # The cable is pulled: udev says remove, and the pty goes away.
+        old_node = os.path.realpath(link)
+        monitor.push(tty_event("remove", link, old_node))
+        simulator.unplug()
+        await wait_state(bridge, "offline")
+        assert "disappeared" in bridge.workers[POI].state()["detail"]
+
+        # Plugged back in: a new node behind the same /dev/poi-style link.
+        async with asyncio.timeout(5):
+            while simulator.replugs == 0:
+                await asyncio.sleep(0.02)
+        monitor.push(tty_event("add", link, os.path.realpath(link)))
+        async with asyncio.timeout(15):
+            while (txn := bridge.journal.get(TxKey("POS1", "H1"))).state != "final":
+                await asyncio.sleep(0.05)
+        assert (txn.outcome, txn.source) == ("approved", "status-poll")
+        assert simulator.terminal.ledger[("POS1", "H1")].charged
+        assert bridge.hotplug.counters["plugs"] == 2 and bridge.hotplug.counters["unplugs"] == 1
+    finally:
+        await bridge.stop()
+        await simulator.close()
+        monitor.close()
+
+
+async def test_device_that_is_not_a_terminal_changes_nothing(tmp_path):
+    config = parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"), "mqtt": {"port": 1},
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial",
+                                               "device": "/dev/poi/verifone-324688179"}}],
+    })
+    bridge = Bridge(config, hotplug=False)
+    monitor = PipeMonitor()
+    bridge.hotplug = HotplugMonitor(TerminalMatcher(config), bridge._plugged, bridge._unplugged,
+                                    monitor=monitor, enumerate_devices=list, settle=0.01)
+    await bridge.start()
+    try:
+        await wait_state(bridge, "offline")
+        assert bridge.workers[POI].state()["state"] == "offline"
+        keyboard = {"ACTION": "add", "SUBSYSTEM": "usb", "DEVTYPE": "usb_device",
+                    "DEVNAME": "/dev/bus/usb/001/007", "DEVPATH": "/devices/usb1/1-3",
+                    "ID_VENDOR_ID": "046d", "ID_MODEL_ID": "c31c"}
+        monitor.push(keyboard)
+        await asyncio.sleep(0.2)
+        assert bridge.hotplug.counters["plugs"] == 0
+        assert bridge.workers[POI].state()["state"] == "offline"
+    finally:
+        await bridge.stop()
+        monitor.close()
