@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 from bridge import __version__
@@ -32,10 +33,14 @@ STATUS_INTERVAL = 10.0
 
 
 def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
-    """The terminal's key, passphrase read from its file (or systemd credential)."""
+    """The terminal's key, passphrase read from its file. A relative path names a systemd
+    credential (LoadCredential=), looked up in $CREDENTIALS_DIRECTORY."""
     if terminal.key is None:
         return None
     path = terminal.key.passphrase_file
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not path.is_absolute() and credentials:
+        path = Path(credentials) / path  # a systemd credential named in the configuration
     try:
         passphrase = path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
