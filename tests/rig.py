@@ -174,7 +174,7 @@ class Subscriber:
     async def wait_for(self, predicate: Any, timeout: float = 15.0) -> Any:
         async def wait() -> Any:
             while True:
-                for topic, payload, retained in self.messages:
+                for topic, payload, _retained in self.messages:
                     if predicate(topic, payload):
                         return payload
                 self._changed.clear()

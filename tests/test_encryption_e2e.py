@@ -3,7 +3,6 @@ and a terminal with another key, whose "crypto error" must read as a configurati
 
 from __future__ import annotations
 
-import asyncio
 
 from bridge.config import TerminalConfig
 from bridge.daemon.journal import Journal

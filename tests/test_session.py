@@ -175,7 +175,7 @@ def test_in_progress_polls_again_after_the_floor_then_approved():
     h.submit("R1", "S1")
     original = responses.payment_response(request_of(h), "approve", h.now)
     h.advance(120)
-    for n in range(5):
+    for _ in range(5):
         actions = h.answer(responses.status_in_progress(h.last_poll()))
         assert any(isinstance(a, Progress) and a.event == "in_progress" for a in actions)
         assert h.sends(actions) == []  # not immediately: the floor keeps it from hot-looping

@@ -24,6 +24,7 @@ from bridge.protocol import crypto
 from bridge.protocol.framing import (
     FrameFailed,
     FrameReceived,
+    FrameSent,
     FramingError,
     make_framer,
 )
@@ -303,7 +304,7 @@ class TerminalWorker:
                             service_id, event.reason)
                 if service_id is not None:
                     self._apply(self.session.send_failed(service_id, event.reason, self._clock()))
-            elif hasattr(event, "payload"):  # FrameSent
+            elif isinstance(event, FrameSent):
                 self._pop_in_flight(event.payload)
 
     def _pop_in_flight(self, payload: bytes) -> str | None:
