@@ -1,0 +1,509 @@
+"""The USB transport through the real pyusb code paths, over a simulated device.
+
+usb.core.find(backend=...) gets the simulated backend of tests/usb_sim.py; everything above
+it (pyusb's Device/Configuration/Interface/Endpoint, find_descriptor, get_string, claiming,
+transfers, clear_halt, and the transport itself) is the real code. The end-to-end tests run
+the terminal worker, the `length-prefixed` framer, a real SQLite journal and the simulated
+terminal logic behind the USB device. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+import usb.backend.libusb0
+import usb.backend.libusb1
+import usb.backend.openusb
+import usb.core
+import usb.util
+
+from bridge.config import TerminalConfig, UsbLink
+from bridge.daemon.journal import Journal
+from bridge.daemon.worker import TerminalWorker
+from bridge.protocol.framing import FrameReceived, make_framer
+from bridge.protocol.messages import parse_message
+from bridge.protocol.transaction import TxKey, TxState, request_digest
+from bridge.simulator import responses
+from bridge.simulator.terminal import Behaviour, Scenario
+from bridge.transports import Backoff, LinkClosed, open_transport
+from bridge.transports.usb import STALL_RETRIES, UsbTransport
+
+from .test_terminal_worker import POI, RecordingOutlet, scenario
+from .usb_sim import ENDPOINT_IN, ENDPOINT_OUT, SimBackend, SimDevice, TerminalBehindUsb
+
+STEP = 5.0  # upper bound for one step; real steps take milliseconds
+SERIAL = "324688179"
+WHO = f"USB terminal 0b00:0084 serial {SERIAL}"
+
+
+def usb_link(**fields) -> UsbLink:
+    return UsbLink(**{"vendor_id": "0x0b00", "product_id": "0x0084", "timeout": 0.5,
+                      **fields})
+
+
+async def eventually(condition, timeout: float = STEP) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def take_out(device: SimDevice, size: int) -> bytes:
+    """What the host wrote, once `size` bytes are there (or the step's time is up)."""
+    return await asyncio.to_thread(device.take_out, STEP, size)
+
+
+async def read_exactly(transport: UsbTransport, size: int) -> tuple[bytes, int]:
+    got, reads = b"", 0
+    async with asyncio.timeout(STEP):
+        while len(got) < size:
+            got += await transport.read()
+            reads += 1
+    return got, reads
+
+
+@pytest.fixture
+def device() -> SimDevice:
+    return SimDevice(serial=SERIAL)
+
+
+@pytest.fixture
+async def transport(device):
+    link = usb_link()
+    usb_transport = UsbTransport(link, backend=SimBackend(device))
+    async with asyncio.timeout(STEP):
+        await usb_transport.open()
+    yield usb_transport
+    async with asyncio.timeout(STEP):
+        await usb_transport.close()
+
+
+# --- opening and closing --------------------------------------------------------------------
+
+
+async def test_open_detaches_the_kernel_driver_claims_and_close_gives_it_back(device):
+    usb_transport = UsbTransport(usb_link(serial=SERIAL), backend=SimBackend(device))
+    assert usb_transport.kind == "usb" and not usb_transport.is_open
+    await usb_transport.open()
+    assert usb_transport.is_open
+    assert device.events[-2:] == ["detach", "claim"]  # the driver goes before the claim
+    assert not device.kernel_driver_active
+    assert usb_transport.describe() == f"usb 0b00:0084 serial {SERIAL} interface 0"
+
+    await usb_transport.close()
+    assert not usb_transport.is_open
+    # Released before the driver is re-attached (it cannot bind a claimed interface), and the
+    # handle is closed last.
+    assert device.events[-3:] == ["release", "attach", "close"]
+    assert device.kernel_driver_active and device.open_handles == 0
+    events = list(device.events)
+    await usb_transport.close()  # twice: nothing more happens
+    assert device.events == events
+    with pytest.raises(LinkClosed, match=f"{WHO} was closed"):
+        await usb_transport.read()
+
+
+async def test_describe_names_the_serial_found_when_none_is_configured(transport):
+    assert transport.link.serial is None
+    assert transport.describe() == f"usb 0b00:0084 serial {SERIAL} interface 0"
+
+
+async def test_an_unconfigured_device_is_configured_before_claiming():
+    device = SimDevice(configured=False, kernel_driver=False)
+    usb_transport = UsbTransport(usb_link(), backend=SimBackend(device))
+    await usb_transport.open()
+    assert "detach" not in device.events
+    assert device.events[-2:] == ["set_configuration 1", "claim"]
+    await usb_transport.close()
+    assert "attach" not in device.events  # there was no driver to give back
+
+
+async def test_close_while_a_read_waits_then_reopen(device, transport):
+    reader = asyncio.create_task(transport.read())
+    await asyncio.sleep(0.05)
+    async with asyncio.timeout(STEP):
+        await transport.close()
+    with pytest.raises(LinkClosed, match="was closed"):
+        async with asyncio.timeout(STEP):
+            await reader
+    await transport.close()
+    assert device.open_handles == 0 and device.claimed_by is None
+
+    await transport.open()  # the same transport opens again, as the worker's reopen does
+    device.send(b'{"again":1}')
+    assert (await read_exactly(transport, 11))[0] == b'{"again":1}'
+    assert device.count("detach") == 2 and device.count("claim") == 2
+
+
+# --- moving bytes ---------------------------------------------------------------------------
+
+
+async def test_bytes_both_ways(device, transport):
+    await transport.write(b'{"to":"terminal"}')
+    assert await take_out(device, 17) == b'{"to":"terminal"}'
+    device.send(b'{"to":"bridge"}')
+    assert (await read_exactly(transport, 15))[0] == b'{"to":"bridge"}'
+
+
+@pytest.mark.parametrize("accept_per_write", [None, 1000])
+async def test_an_11_kb_message_each_way_in_many_packets(device, transport, accept_per_write):
+    """accept_per_write makes the device take at most that much per transfer (short writes,
+    as libusb reports a transfer that timed out part way): write() still sends everything."""
+    device.accept_per_write = accept_per_write
+    payload = b'{"receipt":"' + b"0123456789abcdef" * 720 + b'"}'
+    frame = make_framer("length-prefixed").encode(payload)
+    assert len(frame) > 11 * 1024
+    await transport.write(frame)
+    assert await take_out(device, len(frame)) == frame
+    step = accept_per_write or len(frame)
+    transfers = [min(step, len(frame) - start) for start in range(0, len(frame), step)]
+    assert device.out_transfers == len(transfers)  # 1, or 12 after short writes
+    assert device.out_packets == sum(-(-size // device.max_packet) for size in transfers)
+
+    device.send(frame)
+    got, reads = await read_exactly(transport, len(frame))
+    assert got == frame
+    assert reads == 1  # one transfer of whole packets, ended by the short last one
+    assert device.in_packets == len(frame) // device.max_packet + 1
+
+
+async def test_back_to_back_transfers_are_read_separately(device, transport):
+    device.send(b"{first}")
+    device.send(b"{second}")
+    assert await transport.read() == b"{first}"
+    assert await transport.read() == b"{second}"
+
+
+async def test_a_waiting_read_does_not_block_the_event_loop(transport):
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    reader = asyncio.create_task(transport.read())
+    await asyncio.sleep(0.6)  # longer than one read transfer's timeout
+    assert not reader.done()
+    assert ticks >= 30
+    ticking.cancel()
+    reader.cancel()
+
+
+async def test_a_cancelled_read_does_not_lose_the_bytes_in_flight(device, transport):
+    reader = asyncio.create_task(transport.read())
+    await asyncio.sleep(0.05)  # the bulk transfer is waiting in the transport's thread
+    reader.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reader
+    device.send(b'{"late":true}')
+    assert (await read_exactly(transport, 13))[0] == b'{"late":true}'
+
+
+# --- picking the device --------------------------------------------------------------------
+
+
+async def test_the_serial_number_selects_one_of_two_terminals():
+    first = SimDevice(serial="AAA111", address=5)
+    second = SimDevice(serial="BBB222", address=6)
+    usb_transport = UsbTransport(usb_link(serial="BBB222"), backend=SimBackend(first, second))
+    await usb_transport.open()
+    assert "claim" in second.events and "claim" not in first.events
+    assert first.open_handles == 0  # reading its serial number opened it; it was closed again
+    await usb_transport.write(b"{}")
+    assert await take_out(second, 2) == b"{}"
+    assert first.take_out() == b""
+    await usb_transport.close()
+
+
+async def test_two_terminals_and_no_serial_configured_is_refused_naming_both():
+    backend = SimBackend(SimDevice(serial="AAA111", address=5),
+                         SimDevice(serial="BBB222", address=6))
+    with pytest.raises(LinkClosed) as caught:
+        await UsbTransport(usb_link(), backend=backend).open()
+    reason = caught.value.reason
+    assert "2 USB terminals 0b00:0084 are connected" in reason
+    assert "serial AAA111" in reason and "serial BBB222" in reason
+    assert "set `serial`" in reason
+    assert all(d.open_handles == 0 and "claim" not in d.events for d in backend.devices)
+
+
+async def test_a_wrong_serial_says_which_ones_are_there():
+    backend = SimBackend(SimDevice(serial="AAA111"))
+    with pytest.raises(LinkClosed) as caught:
+        await UsbTransport(usb_link(serial="ZZZ999"), backend=backend).open()
+    assert caught.value.reason.startswith("USB terminal 0b00:0084 serial ZZZ999 is not connected")
+    assert "serial AAA111" in caught.value.reason
+
+
+async def test_no_device_present():
+    other = SimDevice(vendor_id=0x11CA, product_id=0x0219)  # another vendor's terminal
+    with pytest.raises(LinkClosed, match=r"^USB terminal 0b00:0084 serial 1 is not connected "
+                                         r"\(unplugged, switched off"):
+        await UsbTransport(usb_link(serial="1"), backend=SimBackend(other)).open()
+    with pytest.raises(LinkClosed, match="not connected"):
+        await UsbTransport(usb_link(), backend=SimBackend()).open()
+
+
+async def test_permission_denied_points_at_the_udev_rules():
+    device = SimDevice(accessible=False)
+    with pytest.raises(LinkClosed, match=r"permission denied opening USB terminal 0b00:0084.*"
+                                         r"udev rules"):
+        await UsbTransport(usb_link(), backend=SimBackend(device)).open()
+
+
+async def test_a_missing_interface_is_named(device):
+    with pytest.raises(LinkClosed, match=r"has no interface 2 \(it has 0\); check `interface`"):
+        await UsbTransport(usb_link(interface=2), backend=SimBackend(device)).open()
+    assert device.open_handles == 0
+    assert device.kernel_driver_active  # nothing was detached for a failed open
+
+
+async def test_without_libusb_the_error_says_so():
+    if any(m.get_backend() is not None
+           for m in (usb.backend.libusb1, usb.backend.libusb0, usb.backend.openusb)):
+        pytest.skip("a libusb is installed here, so pyusb's default backend exists")
+    usb_transport = open_transport(usb_link())
+    assert isinstance(usb_transport, UsbTransport) and usb_transport.backend is None
+    with pytest.raises(LinkClosed, match="libusb-1.0 is not installed"):
+        await usb_transport.open()
+
+
+# --- stalls, unplugs, a hung terminal -----------------------------------------------------------
+
+
+async def test_a_stall_on_write_is_cleared_and_retried_transparently(device, transport):
+    device.stall_next_write()
+    await transport.write(b'{"n":1}')
+    assert await take_out(device, 7) == b'{"n":1}'  # exactly once
+    assert f"clear_halt 0x{ENDPOINT_OUT:02x}" in device.events
+    assert transport.is_open
+
+
+async def test_a_stall_on_read_is_cleared_and_retried_transparently(device, transport):
+    device.stall_next_read()
+    device.send(b'{"n":2}')
+    assert (await read_exactly(transport, 7))[0] == b'{"n":2}'
+    assert f"clear_halt 0x{ENDPOINT_IN:02x}" in device.events
+
+
+async def test_an_endpoint_that_keeps_stalling_closes_the_link(device, transport):
+    device.stall_next_write(times=STALL_RETRIES + 1)
+    with pytest.raises(LinkClosed, match=f"{WHO} keeps stalling its bulk OUT endpoint 0x01 "
+                                         f"\\(cleared {STALL_RETRIES} times\\)"):
+        await transport.write(b"{}")
+    assert device.count("clear_halt 0x01") == STALL_RETRIES
+    assert not transport.is_open
+
+
+async def test_unplug_during_a_read_closes_the_link_with_the_reason(device, transport):
+    reader = asyncio.create_task(transport.read())
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    device.unplug()
+    with pytest.raises(LinkClosed) as caught:
+        async with asyncio.timeout(STEP):
+            await reader
+    assert caught.value.reason == f"{WHO} disappeared (unplugged?)"
+    assert time.monotonic() - started < 0.2  # at once, not after a read timeout
+    assert not transport.is_open
+    with pytest.raises(LinkClosed, match="disappeared"):
+        await transport.write(b"{}")
+    await transport.close()
+    await transport.close()
+    assert device.open_handles == 0
+    with pytest.raises(LinkClosed, match="disappeared"):  # the reason stays after close
+        await transport.read()
+
+
+async def test_unplug_during_a_blocked_write(device, transport):
+    device.accepting = False  # the write waits in the transport's thread
+    writer = asyncio.create_task(transport.write(b'{"x":1}'))
+    await asyncio.sleep(0.05)
+    device.unplug()
+    with pytest.raises(LinkClosed, match=f"^{WHO} disappeared"):
+        async with asyncio.timeout(STEP):
+            await writer
+
+
+async def test_a_terminal_that_takes_no_data_closes_the_link(device):
+    usb_transport = UsbTransport(usb_link(timeout=0.05), backend=SimBackend(device))
+    await usb_transport.open()
+    device.accepting = False
+    with pytest.raises(LinkClosed, match=f"{WHO} is not taking data: 3 writes in a row"):
+        async with asyncio.timeout(STEP):
+            await usb_transport.write(b"{}")
+    await usb_transport.close()
+    assert device.kernel_driver_active and device.open_handles == 0
+
+
+async def test_opening_a_replugged_terminal(device):
+    usb_transport = UsbTransport(usb_link(), backend=SimBackend(device))
+    await usb_transport.open()
+    device.unplug()
+    with pytest.raises(LinkClosed, match="disappeared"):
+        await usb_transport.read()
+    await usb_transport.close()
+    with pytest.raises(LinkClosed, match="not connected"):
+        await usb_transport.open()
+    device.replug()
+    await usb_transport.open()
+    assert usb_transport.is_open and device.count("claim") == 2
+    device.send(b"{}")
+    assert await usb_transport.read() == b"{}"
+    await usb_transport.close()
+
+
+# --- end to end: the terminal worker over USB -------------------------------------------------
+
+
+class UsbRig:
+    """A TerminalWorker on a USB link to the simulated terminal behind a SimDevice."""
+
+    def __init__(self, tmp_path: Path, sim: Scenario, **timing) -> None:
+        self.device = SimDevice(serial=SERIAL)
+        self.backend = SimBackend(self.device)
+        self.terminal = TerminalBehindUsb(self.device, sim)
+        self.outlet = RecordingOutlet()
+        self.journal = Journal(tmp_path / "journal.sqlite3")
+        self.config = TerminalConfig.model_validate({
+            "poi_id": POI,
+            "link": {"kind": "usb", "vendor_id": "0x0b00", "product_id": "0x0084",
+                     "serial": SERIAL, "timeout": 0.5},
+            "framer": {"name": "length-prefixed"},
+            **{"payment_timeout": 1.5, "status_timeout": 0.8, "poll_floor": 0.05,
+               "resync_attempts": 2, "reconcile_initial": 0.5, "reconcile_max_interval": 1.0,
+               **timing}})
+        self.worker = TerminalWorker(
+            self.config, self.journal, self.outlet,
+            transport_factory=lambda link: UsbTransport(link, backend=self.backend),
+            backoff=Backoff(initial=0.05, maximum=0.2))
+
+    async def __aenter__(self) -> UsbRig:
+        self.terminal.__enter__()
+        await self.worker.start()
+        await self.outlet.state_is("online")
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        async with asyncio.timeout(STEP):
+            await self.worker.stop()
+        self.terminal.__exit__()
+        self.journal.close()
+        if exc[0] is None:  # do not hide a test's own failure behind this one
+            assert self.device.open_handles == 0  # the worker's stop() released the device
+
+    def pay(self, service_id: str, amount: float = 10.0) -> None:
+        doc = responses.payment_request("POS1", service_id, POI, amount)
+        self.worker.submit(parse_message(doc), doc, request_digest(doc))
+
+    def stored(self, service_id: str):
+        return self.journal.get(TxKey("POS1", service_id))
+
+    def entry(self, service_id: str):
+        return self.terminal.ledger.get(("POS1", service_id))
+
+
+async def test_worker_payment_approved_over_usb(tmp_path):
+    async with UsbRig(tmp_path, scenario(Behaviour(delay=0.05))) as rig:
+        assert rig.worker.state()["link"] == f"usb 0b00:0084 serial {SERIAL} interface 0"
+        rig.pay("S1", 12.5)
+        result = await rig.outlet.result_for("S1", timeout=STEP)
+        assert (result.outcome, result.source) == ("approved", "terminal")
+        amounts = result.response["SaleToPOIResponse"]["PaymentResponse"]["PaymentResult"]
+        assert amounts["AmountsResp"]["AuthorizedAmount"] == 12.5
+        assert rig.stored("S1").state is TxState.FINAL
+        assert rig.entry("S1").charged
+        assert (rig.terminal.frames_in, rig.terminal.frames_out) == (1, 1)
+        assert rig.worker.counters["frames_in"] == 1
+
+
+async def test_worker_lost_response_is_recovered_by_status_poll(tmp_path):
+    async with UsbRig(tmp_path, scenario(Behaviour(never_answer=True, delay=0.05))) as rig:
+        rig.pay("S1", 42.0)
+        result = await rig.outlet.result_for("S1", timeout=STEP)
+        assert (result.outcome, result.source) == ("approved", "status-poll")
+        body = result.response["SaleToPOIResponse"]["PaymentResponse"]["PaymentResult"]
+        assert body["AmountsResp"]["AuthorizedAmount"] == 42.0
+        assert rig.stored("S1").polls_sent == 1
+        assert rig.terminal.frames_in == 2  # the payment once and one status poll: no re-send
+
+
+async def test_worker_stalls_during_the_exchange_are_recovered(tmp_path):
+    async with UsbRig(tmp_path, scenario(Behaviour(delay=0.2))) as rig:
+        rig.device.stall_next_write()  # the payment request meets a stalled OUT endpoint
+        rig.pay("S1")
+        await eventually(lambda: rig.entry("S1") is not None)
+        rig.device.stall_next_read()  # and the answer a stalled IN endpoint
+        result = await rig.outlet.result_for("S1", timeout=STEP)
+        assert (result.outcome, result.source) == ("approved", "terminal")
+        assert rig.device.count("clear_halt 0x01") == 1
+        assert rig.device.count("clear_halt 0x81") == 1
+        assert rig.worker.counters["reconnects"] == 0  # the link never went down
+        assert rig.terminal.frames_in == 1
+
+
+async def test_worker_unplug_mid_payment_then_replug_resolves_by_status_poll(tmp_path):
+    async with UsbRig(tmp_path, scenario(Behaviour(delay=0.4)), status_timeout=3.0) as rig:
+        rig.pay("S1")
+        await eventually(lambda: rig.entry("S1") is not None)  # the terminal has it...
+        rig.device.unplug()  # ...and the cable is pulled before it answers
+        rig.worker.device_present(False)  # as the udev monitor reports it
+        await rig.outlet.state_is("offline")
+        # Whichever the worker noticed first: the failed transfer or the hotplug report.
+        assert rig.outlet.states[-1]["detail"] in (f"{WHO} disappeared (unplugged?)",
+                                                   "device unplugged")
+        # The answer falls due while the cable is out, and is lost with the connection.
+        await eventually(lambda: rig.terminal.dropped_answers == 1)
+        assert rig.stored("S1").state is not TxState.FINAL
+
+        rig.device.replug()
+        rig.worker.device_present(True)
+        result = await rig.outlet.result_for("S1", timeout=STEP)
+        assert (result.outcome, result.source) == ("approved", "status-poll")
+        assert rig.entry("S1").charged and rig.terminal.frames_in == 2  # no second payment
+        assert rig.device.count("detach") == 2 and rig.worker.counters["reconnects"] == 1
+
+
+async def test_worker_reopens_by_itself_when_the_terminal_drops_off_the_bus(tmp_path):
+    """No hotplug events: the terminal resets its USB connection right after taking the
+    request, and the worker's backoff keeps trying until the device is back."""
+    async with UsbRig(tmp_path, scenario(Behaviour(drop_link=True, delay=0.05)),
+                      status_timeout=3.0) as rig:
+        rig.pay("S1")
+        await rig.outlet.state_is("offline")
+        assert rig.outlet.states[-1]["detail"] == f"{WHO} disappeared (unplugged?)"
+        result = await rig.outlet.result_for("S1", timeout=STEP)
+        assert (result.outcome, result.source) == ("approved", "status-poll")
+        assert rig.device.count("replug") == 1
+        assert rig.entry("S1").charged and rig.terminal.frames_in == 2
+
+
+def test_the_simulated_terminal_frames_its_answers(device):
+    """The helper itself: a request written on bulk OUT comes back answered on bulk IN."""
+    backend = SimBackend(device)
+    dev = usb.core.find(backend=backend, idVendor=0x0B00)
+    dev.detach_kernel_driver(0)
+    usb.util.claim_interface(dev, 0)
+    framer = make_framer("length-prefixed")
+    doc = responses.payment_request("POS1", "S9", POI, 3.0)
+    with TerminalBehindUsb(device, scenario()) as terminal:
+        dev.write(ENDPOINT_OUT, framer.encode(json.dumps(doc).encode()), 1000)
+        events = []
+        deadline = time.monotonic() + STEP
+        while not events and time.monotonic() < deadline:
+            try:
+                data = dev.read(ENDPOINT_IN, 4096, 100).tobytes()
+            except usb.core.USBTimeoutError:
+                continue
+            events = [e for e in framer.receive_data(data, 0) if isinstance(e, FrameReceived)]
+    answer = json.loads(events[0].payload)["SaleToPOIResponse"]
+    assert answer["MessageHeader"]["ServiceID"] == "S9"
+    assert answer["PaymentResponse"]["Response"]["Result"] == "Success"
+    assert terminal.frames_in == 1 and terminal.ledger[("POS1", "S9")].charged
+    usb.util.dispose_resources(dev)
