@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv clean fuzz
 
 venv: $(VENV)/.installed
 
@@ -21,3 +21,8 @@ demo: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# Fuzz every target for FUZZ_SECONDS each (hypothesis at scale; see bench/fuzz.sh).
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	PY=$(PY) bench/fuzz.sh $(FUZZ_SECONDS)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.protocol import crypto
@@ -33,6 +33,7 @@ from bridge.protocol.crypto import (
     serialise_document,
     terminal_crypto_error,
 )
+from tests.fuzzing import fuzz_settings
 
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "adyen"
 KEY_ID = "CryptoKeyIdentifier12345"
@@ -526,7 +527,7 @@ junk_documents = (
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(300)
 @given(junk_documents)
 def test_decrypt_raises_only_crypto_errors_on_junk(document):
     ring = KeyRing([KEY, OTHER_KEY])

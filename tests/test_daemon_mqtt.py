@@ -13,8 +13,9 @@ from paho.mqtt.properties import Properties
 
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
+from bridge.daemon.journal import Journal
 from bridge.protocol.messages import parse_message
-from bridge.protocol.transaction import request_digest
+from bridge.protocol.transaction import Transaction, TxKey, TxState, request_digest
 from bridge.simulator import responses
 from bridge.simulator.server import SimulatorServer
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
@@ -314,3 +315,24 @@ async def test_junk_requests_never_disturb_a_payment_in_flight(tmp_path, mosquit
             await sub.wait_for(lambda t, p: t.endswith("/bridge/error"))
             answer = await sub.wait_for(outcome_for("J1"))
             assert answer["bridge"]["outcome"] == "approved"
+
+
+async def test_retained_transactions_are_cleared_after_the_retention_period(tmp_path, mosquitto):
+    old = responses.payment_request("POS1", "OLD1", POI)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.save(Transaction(sale_id="POS1", service_id="OLD1", poi_id=POI, category="Payment",
+                             request=old, digest=request_digest(old), created_at=1000.0,
+                             updated_at=1000.0, state=TxState.FINAL, outcome="approved"))
+    journal.close()
+    async with Subscriber(mosquitto, []) as publisher:
+        await publisher.publish(f"{BASE}/transactions/POS1/OLD1", {"state": "final"}, retain=True)
+    async with Store(tmp_path, mosquitto, default_scenario()) as store:
+        for _ in range(100):
+            if store.bridge.journal.get(TxKey("POS1", "OLD1")) is None and \
+                    store.bridge.journal.counts()["undelivered"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert store.bridge.journal.get(TxKey("POS1", "OLD1")) is None
+        async with Subscriber(mosquitto, [f"{BASE}/transactions/#"], client_id="late") as sub:
+            await asyncio.sleep(0.5)
+            assert sub.on(f"{BASE}/transactions/POS1/OLD1") == []

@@ -7,11 +7,13 @@ just as on a store box.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 
 from bridge.simulator import responses
 
 from .rig import POI, Daemon, Simulator, Subscriber, outcome_for, wait_until, write_config
+from .test_cli import cli
 
 BASE = "poi-bridge"
 REQUEST = f"{BASE}/terminals/{POI}/request"
@@ -127,3 +129,41 @@ async def test_corrupt_journal_stops_the_daemon_with_a_clear_error(tmp_path, mos
     assert daemon.process.wait(timeout=15) == 3
     assert "will not overwrite it" in daemon.log()
     assert (tmp_path / "journal.sqlite3").read_bytes().startswith(b"garbage")
+
+
+async def test_technician_status_and_resync_commands_against_a_running_daemon(tmp_path, mosquitto):
+    sim = Simulator(tmp_path, "--delay", "0.1")
+    config = write_config(tmp_path, mosquitto, sim.link)
+    daemon = Daemon(config, tmp_path).start()
+    try:
+        async with Subscriber(mosquitto, [f"{BASE}/registers/POS1/response"],
+                              client_id="register-POS1") as register:
+            assert await asyncio.to_thread(
+                wait_until, lambda: "connected to MQTT broker" in daemon.log(), 15)
+            await register.publish(REQUEST, responses.payment_request("POS1", "T7", POI, 4.0))
+            await register.wait_for(outcome_for("T7", "approved"))
+
+            status = await asyncio.to_thread(cli, "status", "--config", str(config), "--json")
+            assert status.returncode == 0, status.stderr
+            report = json.loads(status.stdout)
+            assert report["daemon"] == "running"
+            assert report["terminals"][0]["poi_id"] == POI
+            assert report["terminals"][0]["state"] == "online"
+            assert report["counts"] == {"in_flight": 0, "unresolved": 0, "undelivered": 0}
+
+            text = await asyncio.to_thread(cli, "status", "--config", str(config))
+            assert f"terminal {POI}: online" in text.stdout.decode()
+
+            resync = await asyncio.to_thread(cli, "resync", "POS1", "T7", "--config",
+                                             str(config), "--wait", "20")
+            assert resync.returncode == 0, resync.stderr
+            assert "POS1/T7: approved (source status-poll)" in resync.stdout.decode()
+            unknown = await asyncio.to_thread(cli, "resync", "POS1", "nope", "--config",
+                                              str(config))
+            assert unknown.returncode == 2 and b"no transaction POS1/nope" in unknown.stderr
+    finally:
+        daemon.kill()
+        sim.stop()
+    # With the daemon gone, status still reads the journal and says so.
+    offline = cli("status", "--config", str(config), "--json")
+    assert json.loads(offline.stdout)["daemon"] == "not reachable over MQTT"

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bridge.config import parse_config
 from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal
-from bridge.daemon.mqtt import Reply, RegisterGateway
+from bridge.daemon.mqtt import RegisterGateway, Reply
 from bridge.daemon.worker import TerminalWorker
 from bridge.simulator import responses
 
 from .conftest import FIXTURES
+from .fuzzing import fuzz_settings
 
 POI = "V400m-324688179"
 
@@ -65,9 +66,11 @@ payloads = st.one_of(
 )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
+@fuzz_settings(400)
 @given(payload=payloads, terminal=st.sampled_from([POI, "P400Plus-1", "x"]))
+# Found by this fuzzer: a bare JSON scalar reached parse_message as a parsed value and crashed.
+@example(payload=b"0", terminal=POI)
+@example(payload=b'"text"', terminal=POI)
 def test_every_request_is_answered_once_and_nothing_half_written(tmp_path, payload, terminal):
     rig = Rig(tmp_path / "journal.sqlite3")
     try:
@@ -87,7 +90,7 @@ def test_every_request_is_answered_once_and_nothing_half_written(tmp_path, paylo
             (tmp_path / f"journal.sqlite3{suffix}").unlink(missing_ok=True)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(200)
 @given(command=st.sampled_from(["resync", "transactions", "terminals", "health", "nope"]),
        payload=st.binary(max_size=100) | st.sampled_from(
            [b"", b"{}", b'{"sale_id": 1}', b'{"limit": -1}', b'{"state": ["x"]}']))

@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.protocol.messages import (
@@ -25,6 +25,7 @@ from bridge.protocol.outcome import Outcome, classify, recovered_response
 from bridge.simulator import responses
 
 from .conftest import FIXTURES, SEEDS
+from .fuzzing import fuzz_settings
 
 # file -> (envelope, body key, outcome)
 EXPECTED = {
@@ -229,7 +230,7 @@ def test_oversize_input_is_refused_before_parsing():
         load_json(b"{" + b" " * 2000 + b"}", max_size=1000)
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
 def test_parser_never_raises_anything_but_message_error(raw):
     try:
@@ -246,7 +247,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(st.dictionaries(st.sampled_from(["MessageHeader", "PaymentResponse",
                                         "TransactionStatusResponse", "EventNotification", "X"]),
                        json_values, max_size=4))

@@ -366,9 +366,11 @@ def _where(err: dict[str, Any], root: str) -> str:
     return ".".join([root, *(str(p) for p in err["loc"])])
 
 
-def parse_message(data: str | bytes | dict[str, Any], *, max_size: int | None = None) -> Message:
+def parse_message(data: str | bytes | Any, *, max_size: int | None = None) -> Message:
     """Parse one SaleToPOIRequest or SaleToPOIResponse document; MessageError if it is not one."""
-    document = data if isinstance(data, dict) else load_json(data, max_size=max_size)
+    # Bytes and text are parsed here; anything else is an already-parsed JSON value.
+    document = load_json(data, max_size=max_size) if isinstance(data, str | bytes | bytearray) \
+        else data
     if not isinstance(document, dict):
         raise MessageError(f"expected a JSON object, got {type(document).__name__}")
     roots = [k for k in ("SaleToPOIRequest", "SaleToPOIResponse") if k in document]
