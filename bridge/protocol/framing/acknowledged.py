@@ -1,0 +1,161 @@
+"""What the two acknowledged framings (stx-etx-lrc, dle-crc16) share.
+
+Sending: one frame is in flight at a time and the rest wait in a queue. The peer answers a
+frame with ACK (0x06) or NAK (0x15). A NAK, or no answer within `ack_timeout`, sends the same
+frame again, up to `max_tries` transmissions in all; after that the frame is reported as
+`FrameFailed` and the next queued frame goes out.
+
+Receiving: between frames only control bytes mean something (ACK, NAK, and EOT where the
+framing has it). Everything else there is line noise, reported as one `FramingError` per
+stretch. An ACK or NAK applies to our outstanding frame; with nothing outstanding it is ignored.
+The subclasses decode frames and use `_between_frames` and `_answer` from here.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections import deque
+from typing import ClassVar
+
+from bridge.protocol.framing.base import (
+    DEFAULT_ACK_TIMEOUT,
+    DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_TRIES,
+    EndOfTransmission,
+    FrameFailed,
+    FramerEvent,
+    FrameSent,
+    Framer,
+    FramingError,
+)
+
+ACK = 0x06
+NAK = 0x15
+EOT = 0x04
+
+_ALL_BYTES = bytes(range(256))
+
+
+class AcknowledgedFramer(Framer):
+    """The ACK/NAK and retransmission half of a framer; subclasses add encoding and decoding."""
+
+    #: The bytes that mean something between frames. A subclass that lists EOT gets
+    #: `EndOfTransmission` events for it.
+    control_bytes: ClassVar[bytes] = bytes((ACK, NAK))
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        max_tries: int = DEFAULT_MAX_TRIES,
+    ) -> None:
+        super().__init__(max_frame_size=max_frame_size, ack_timeout=ack_timeout,
+                         max_tries=max_tries)
+        # bytes.translate(None, delete) with this keeps only the control bytes, at C speed
+        self._not_control = _ALL_BYTES.translate(None, self.control_bytes)
+        self._outbox = bytearray()
+        self._queue: deque[tuple[bytes, bytes]] = deque()  # (payload, encoded frame)
+        self._current: tuple[bytes, bytes] | None = None
+        self._tries = 0
+        self._deadline: float | None = None
+        self._reset_decoder()
+
+    # --- the decoder, in the subclass ---------------------------------------------------------
+
+    @abstractmethod
+    def _reset_decoder(self) -> None:
+        """Forget every received byte (called from __init__ and reset())."""
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def send_frame(self, payload: bytes, now: float) -> list[FramerEvent]:
+        payload = bytes(payload)
+        if len(payload) > self.max_frame_size:
+            raise ValueError(
+                f"payload of {len(payload)} bytes is over max_frame_size {self.max_frame_size}")
+        frame = self.encode(payload)  # ValueError for a payload this framing cannot carry
+        self._queue.append((payload, frame))
+        self._transmit_next(now)
+        return []
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self._deadline
+
+    def handle_timeout(self, now: float) -> list[FramerEvent]:
+        events: list[FramerEvent] = []
+        if self._deadline is not None and now >= self._deadline:
+            self._unacknowledged(now, events, f"no ACK within {self.ack_timeout:g} s")
+        return events
+
+    def reset(self) -> None:
+        self._outbox.clear()
+        self._queue.clear()
+        self._current = None
+        self._tries = 0
+        self._deadline = None
+        self._reset_decoder()
+
+    @property
+    def awaiting_ack(self) -> bool:
+        return self._current is not None
+
+    def _transmit_next(self, now: float) -> None:
+        if self._current is None and self._queue:
+            self._current = self._queue.popleft()
+            self._tries = 1
+            self._outbox += self._current[1]
+            self._deadline = now + self.ack_timeout
+
+    def _acknowledged(self, now: float, events: list[FramerEvent]) -> None:
+        if self._current is None:
+            return  # a stray ACK: nothing of ours is waiting for one
+        payload = self._current[0]
+        self._current = None
+        self._deadline = None
+        events.append(FrameSent(payload))
+        self._transmit_next(now)
+
+    def _unacknowledged(self, now: float, events: list[FramerEvent], why: str) -> None:
+        """A NAK, or the ACK timeout: send the frame again, or give up on it."""
+        if self._current is None:
+            return  # a stray NAK
+        if self._tries < self.max_tries:
+            self._tries += 1
+            self._outbox += self._current[1]
+            self._deadline = now + self.ack_timeout
+            return
+        payload = self._current[0]
+        tries = self._tries
+        self._current = None
+        self._deadline = None
+        events.append(FrameFailed(payload, f"{why}; gave up after {tries} tries"))
+        self._transmit_next(now)
+
+    # --- receiving: helpers for the decoders --------------------------------------------------
+
+    def _between_frames(self, segment: bytes | bytearray, now: float,
+                        events: list[FramerEvent]) -> None:
+        """Bytes outside any frame: act on the control bytes, report the rest as noise."""
+        if not segment:
+            return
+        controls = segment.translate(None, self._not_control)
+        noise = len(segment) - len(controls)
+        if noise:
+            events.append(FramingError("line noise between frames", noise))
+        for byte in controls:
+            if byte == ACK:
+                self._acknowledged(now, events)
+            elif byte == NAK:
+                self._unacknowledged(now, events, "NAK from the peer")
+            else:  # EOT, only listed by framings that have it
+                events.append(EndOfTransmission())
+
+    def _answer(self, good: bool) -> None:
+        """Queue our ACK for a good frame or NAK for a damaged one."""
+        self._outbox.append(ACK if good else NAK)

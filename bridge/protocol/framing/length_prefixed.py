@@ -1,0 +1,187 @@
+"""Length-prefixed framing, for links that already guarantee integrity (TCP, USB bulk).
+
+A frame is a 4-byte big-endian length followed by that many payload bytes. There is no
+acknowledgement: `send_frame` reports `FrameSent` at once.
+
+This framing carries JSON objects and XML documents (SaleToPOI JSON, OPI XML) and nothing
+else: a payload must start with `{` or `<` and end with `}` or `>` (trailing spaces, tabs,
+CR and LF allowed). `encode` refuses anything else, and the decoder uses the same rule as its
+plausibility check, because there is no sync byte and no checksum to tell a frame from noise.
+
+Resynchronisation. The decoder reads a candidate header at the front of its buffer and
+accepts it only if the length is 1..max_frame_size, the first payload byte is `{` or `<`, and
+once the payload is complete its last non-blank byte is `}` or `>`. Otherwise the candidate is
+rejected and the decoder moves on by at least one byte, straight to the next position whose
+fifth byte is `{` or `<` (the only positions where a frame can begin), so stretches of noise
+and oversize frames are crossed with a couple of `find` calls instead of byte by byte. Since
+nothing is delivered before a candidate is complete and checked, rejecting a candidate
+rescans the bytes it had claimed, and a good frame inside them is found.
+
+A candidate whose claimed payload has not all arrived is kept while bytes keep coming. If no
+byte arrives for `stall_timeout` seconds (default ack_timeout x max_tries) the candidate is
+taken for noise with a plausible-looking header: `next_deadline()` reports that time, and
+`handle_timeout()` rejects the candidate and rescans what followed it. Each stretch of
+rejected bytes is reported as one `FramingError` naming the first reason.
+
+At most 4 + max_frame_size bytes plus one read are buffered.
+"""
+
+from __future__ import annotations
+
+from bridge.protocol.framing.base import (
+    DEFAULT_ACK_TIMEOUT,
+    DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_TRIES,
+    FrameReceived,
+    FramerEvent,
+    FrameSent,
+    Framer,
+    FramingError,
+)
+
+HEADER_SIZE = 4
+MAX_LENGTH = 0xFFFFFFFF
+
+_OPENERS = b"{<"
+_CLOSERS = b"}>"
+_BLANKS = b" \t\r\n"
+
+
+def _ends_plausibly(data: bytes | bytearray, start: int, end: int) -> bool:
+    """Whether the last non-blank byte of data[start:end] is `}` or `>`."""
+    end -= 1
+    while end >= start and data[end] in _BLANKS:
+        end -= 1
+    return end >= start and data[end] in _CLOSERS
+
+
+class LengthPrefixedFramer(Framer):
+    """4-byte big-endian length + a JSON or XML payload; no acknowledgement."""
+
+    name = "length-prefixed"
+
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        max_tries: int = DEFAULT_MAX_TRIES,
+        stall_timeout: float | None = None,
+    ) -> None:
+        super().__init__(max_frame_size=max_frame_size, ack_timeout=ack_timeout,
+                         max_tries=max_tries)
+        if stall_timeout is None:
+            stall_timeout = ack_timeout * max_tries
+        if stall_timeout <= 0:
+            raise ValueError("stall_timeout must be positive")
+        self.stall_timeout = stall_timeout
+        self._buf = bytearray()
+        self._outbox = bytearray()
+        self._stall_deadline: float | None = None
+
+    def encode(self, payload: bytes) -> bytes:
+        payload = bytes(payload)
+        if not payload or payload[0] not in _OPENERS \
+                or not _ends_plausibly(payload, 0, len(payload)):
+            raise ValueError("a length-prefixed payload must be a JSON object or an XML"
+                             " document: start with '{' or '<', end with '}' or '>'")
+        if len(payload) > MAX_LENGTH:
+            raise ValueError(f"payload of {len(payload)} bytes does not fit a 4-byte length")
+        return len(payload).to_bytes(HEADER_SIZE, "big") + payload
+
+    def send_frame(self, payload: bytes, now: float) -> list[FramerEvent]:
+        payload = bytes(payload)
+        if len(payload) > self.max_frame_size:
+            raise ValueError(
+                f"payload of {len(payload)} bytes is over max_frame_size {self.max_frame_size}")
+        self._outbox += self.encode(payload)
+        return [FrameSent(payload)]
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._outbox)
+        self._outbox.clear()
+        return out
+
+    def next_deadline(self) -> float | None:
+        return self._stall_deadline
+
+    def handle_timeout(self, now: float) -> list[FramerEvent]:
+        events: list[FramerEvent] = []
+        if self._stall_deadline is not None and now >= self._stall_deadline:
+            self._parse(now, events,
+                        stalled=f"truncated frame: no byte for {self.stall_timeout:g} s")
+        return events
+
+    def reset(self) -> None:
+        self._buf.clear()
+        self._outbox.clear()
+        self._stall_deadline = None
+
+    @property
+    def awaiting_ack(self) -> bool:
+        return False
+
+    def receive_data(self, data: bytes, now: float) -> list[FramerEvent]:
+        events: list[FramerEvent] = []
+        self._buf += data
+        self._parse(now, events)
+        return events
+
+    def _parse(self, now: float, events: list[FramerEvent], stalled: str | None = None) -> None:
+        """Deliver every complete frame in the buffer; `stalled` rejects the first candidate
+        even though its payload is incomplete (the reason it is given)."""
+        buf = self._buf
+        pos = 0  # the candidate frame start; buf[:pos] is rejected
+        reason = ""  # why the first byte of buf[:pos] was rejected
+        waiting = False
+        openers = [-1, -1]  # where `{` and `<` were last found (valid until buf changes)
+        while len(buf) - pos > HEADER_SIZE:
+            length = int.from_bytes(buf[pos:pos + HEADER_SIZE], "big")
+            body = pos + HEADER_SIZE
+            if length == 0:
+                why = "frame of length 0"
+            elif length > self.max_frame_size:
+                why = f"oversize frame: length {length} > {self.max_frame_size}"
+            elif buf[body] not in _OPENERS:
+                why = "payload does not start with '{' or '<'"
+            elif body + length > len(buf):
+                if stalled is None:
+                    waiting = True
+                    break
+                why, stalled = stalled, None
+            elif _ends_plausibly(buf, body, body + length):
+                if pos:
+                    events.append(FramingError(reason, pos))
+                events.append(FrameReceived(bytes(buf[body:body + length])))
+                del buf[:body + length]
+                pos = 0
+                openers = [-1, -1]
+                continue
+            else:
+                why = "payload does not end with '}' or '>'"
+            if not pos:
+                reason = why
+            pos = self._next_candidate(pos + 1, openers)
+        if pos:
+            events.append(FramingError(reason, pos))
+            del buf[:pos]
+        self._stall_deadline = now + self.stall_timeout if waiting else None
+
+    def _next_candidate(self, start: int, openers: list[int]) -> int:
+        """The first position from `start` on where a frame can begin: its fifth byte opens a
+        document. Without one, the last four bytes are kept (a header may be arriving).
+        `openers` caches the last `{` and `<` found, so that each is searched for once per
+        stretch of the buffer rather than once per candidate."""
+        buf = self._buf
+        first = start + HEADER_SIZE
+        best = -1
+        for k, opener in enumerate(_OPENERS):
+            found = openers[k]
+            if found < first and found != -2:  # -2: none left in the buffer
+                found = buf.find(opener, first)
+                openers[k] = found if found >= 0 else -2
+            if found >= 0 and (best < 0 or found < best):
+                best = found
+        if best >= 0:
+            return best - HEADER_SIZE
+        return max(start, len(buf) - HEADER_SIZE)
