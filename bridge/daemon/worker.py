@@ -278,6 +278,7 @@ class TerminalWorker:
             data = await transport.read()
             self._framer_events(self.framer.receive_data(data, time.monotonic()))
             self._write_ready.set()  # ACK/NAK the framer queued go out via the writer
+            self._wake.set()  # the framer may have a new deadline (a stalled frame)
 
     async def _write_loop(self, transport: Transport) -> None:
         pending = b""
