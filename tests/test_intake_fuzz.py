@@ -81,8 +81,11 @@ def test_every_request_is_answered_once_and_nothing_half_written(tmp_path, paylo
             topic.startswith("poi-bridge/registers/") and topic.endswith("/response"))
         body = json.loads(answers[0].payload)
         assert (body.get("bridge") or body)["error"]
-        # The terminal is offline in this rig, so nothing can have been accepted.
-        assert rig.journal.transactions(limit=10) == []
+        # The terminal is offline in this rig: nothing can have been accepted. A valid request
+        # is recorded only as its refusal (final), so a redelivered copy gets the same answer.
+        recorded = rig.journal.transactions(limit=10)
+        assert all((t.state, t.outcome) == ("final", "rejected") for t in recorded)
+        assert rig.journal.open_transactions() == []
     finally:
         rig.journal.close()
         (tmp_path / "journal.sqlite3").unlink(missing_ok=True)
@@ -105,3 +108,17 @@ def test_operator_commands_always_answer(tmp_path, command, payload):
         rig.journal.close()
         for suffix in ("", "-wal", "-shm"):
             (tmp_path / f"journal.sqlite3{suffix}").unlink(missing_ok=True)
+
+
+def test_requests_arriving_while_draining_are_refused_with_an_answer(tmp_path):
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        rig.gateway.stop_accepting()
+        doc = responses.payment_request("POS1", "D1", POI)
+        (answer,) = rig.handle(f"poi-bridge/terminals/{POI}/request", json.dumps(doc).encode())
+        assert answer.topic == "poi-bridge/registers/POS1/response"
+        body = json.loads(answer.payload)
+        assert body["bridge"]["outcome"] == "rejected"
+        assert "shutting down" in body["bridge"]["error"]
+    finally:
+        rig.journal.close()

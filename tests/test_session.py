@@ -125,11 +125,16 @@ def test_abort_passes_through_while_a_payment_is_open():
     assert result.outcome == "aborted" and result.service_id == "S1"
 
 
-def test_second_request_while_one_is_open_is_refused_busy_and_not_recorded():
+def test_second_request_while_one_is_open_is_refused_busy_and_recorded_as_refused():
     h = Harness()
     h.submit("R1", "S1")
     actions = h.submit("R2", "S9")
-    assert not any(isinstance(a, (Record, Send)) for a in actions)
+    assert h.sends(actions) == []
+    # Recorded (final, rejected) before the answer: a redelivered copy of the same request
+    # must get the same refusal, not run on the terminal.
+    record = actions[0]
+    assert isinstance(record, Record)
+    assert (record.transaction.state, record.transaction.outcome) == (TxState.FINAL, "rejected")
     (refusal,) = h.delivers(actions)
     assert refusal.outcome == "rejected" and refusal.sale_id == "R2"
     response = refusal.response["SaleToPOIResponse"]["PaymentResponse"]["Response"]
@@ -405,9 +410,9 @@ def test_held_request_is_rejected_if_the_link_drops_before_it_was_sent():
 def test_restore_after_crash_polls_and_never_resends():
     h = Harness()
     h.submit("R1", "S1")
-    h.submit("R1", "D1", category="Diagnosis")  # refused busy: not recorded
+    h.submit("R1", "D1", category="Diagnosis")  # refused busy: recorded as final
     recorded = [a.transaction for a in h.log if isinstance(a, Record)]
-    open_txn = recorded[-1]
+    open_txn = [t for t in recorded if t.service_id == "S1"][-1]
     original = responses.payment_response(request_of(h), "approve", h.now)
 
     fresh = Harness(link_up=False)
@@ -522,3 +527,27 @@ def test_invariants_hold_for_any_sequence_of_events(events):
         assert txn.state is not TxState.FINAL
         assert (txn.deadline is not None or txn.next_poll_at is not None
                 or txn.state in (TxState.ACCEPTED, TxState.UNRESOLVED))
+
+
+def test_busy_with_our_own_service_id_is_not_an_outcome_the_status_poll_decides():
+    """A Busy answering a retransmitted copy of our request (our ACK was lost) must not be
+    taken for the payment's outcome: the terminal may be approving the first copy."""
+    h = Harness()
+    h.submit("R1", "S1")
+    busy = responses.payment_response(request_of(h), "busy", h.now)
+    assert h.delivers(h.answer(busy)) == []
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+    h.advance(1)
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
+    assert (result.outcome, result.source) == ("approved", "status-poll")
+
+
+def test_status_answer_whose_original_ended_busy_is_final_not_polled_forever():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.advance(120)
+    busy = responses.payment_response(request_of(h), "busy", h.now)
+    (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), busy)))
+    assert (result.outcome, result.source) == ("declined", "status-poll")
+    assert not h.session.open and h.session.active is None

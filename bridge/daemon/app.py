@@ -49,6 +49,12 @@ def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
     return crypto.NexoKey(terminal.key.identifier, terminal.key.version, passphrase)
 
 
+def _udev_managed(device: str) -> bool:
+    """Whether udev will announce this serial device node when it appears."""
+    path = os.path.realpath(device) if os.path.exists(device) else device
+    return path.startswith("/dev/") and not path.startswith("/dev/pts/")
+
+
 class Bridge:
     def __init__(self, config: Config, *, mqtt_password: str | None = None,
                  hotplug: HotplugMonitor | None | bool = True,
@@ -98,9 +104,10 @@ class Bridge:
             return
         for poi_id in self.hotplug.absent():
             link = self.workers[poi_id].config.link
-            if getattr(link, "device", None) and os.path.exists(link.device):
-                # A node udev does not manage (a pseudo-terminal, a static port): the file
-                # system is the truth, and the worker's own retries cover it.
+            device = getattr(link, "device", None)
+            if device and not _udev_managed(device):
+                # A node udev does not manage (a pseudo-terminal, a path outside /dev): no
+                # event will ever say it is back, so the worker's own retries cover it.
                 continue
             log.warning("terminal %s is not plugged in", poi_id)
             self.workers[poi_id].device_present(False)

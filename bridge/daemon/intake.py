@@ -108,6 +108,14 @@ class RequestIntake:
 
     def _request(self, poi_id: str, payload: bytes, reply: Reply) -> None:
         limit = self.config.mqtt.max_payload
+        if not self.gateway.accepting:
+            try:
+                document = load_json(payload, max_size=limit)
+            except MessageError:
+                document = None
+            self._reject(document, poi_id, "the bridge is shutting down; nothing was sent to "
+                                           "the terminal, retry in a moment", "UnavailableService")
+            return
         try:
             document = load_json(payload, max_size=limit)
         except MessageError as exc:

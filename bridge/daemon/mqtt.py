@@ -135,6 +135,10 @@ class RegisterGateway:
     def stop_accepting(self) -> None:
         self._accepting = False
 
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
     # --- the connection -----------------------------------------------------------------------
 
     def _tls_context(self) -> ssl.SSLContext | None:
@@ -232,8 +236,10 @@ class RegisterGateway:
             response_topic = getattr(props, "ResponseTopic", None) if props else None
             correlation = getattr(props, "CorrelationData", None) if props else None
             reply = Reply(self, response_topic, correlation)
-            if self._handler is None or not self._accepting:
+            if self._handler is None:
                 continue
+            # While draining, requests are still handed on: the intake refuses them with an
+            # answer (the broker already has our acknowledgement, so dropping would lose them).
             try:
                 outcome = self._handler(message.topic.value, payload, reply)
                 if asyncio.iscoroutine(outcome):

@@ -150,18 +150,18 @@ class TerminalSession:
         header = request.message_header
         assert header is not None and header.sale_id and header.service_id
         category = str(header.message_category)
-        if not self.link_up:
-            return self._refuse(header, category, "UnavailableDevice",
-                                f"terminal {self.poi_id} is offline; nothing was sent")
-        passthrough = category in PASSTHROUGH_CATEGORIES
-        if not passthrough and self.active is not None:
-            return self._refuse(header, category, "Busy",
-                                f"terminal {self.poi_id} is busy with transaction {self.active}")
         txn = Transaction(
             sale_id=header.sale_id, service_id=header.service_id, poi_id=self.poi_id,
             category=category, request=document, digest=digest, created_at=now,
-            updated_at=now, passthrough=passthrough,
+            updated_at=now, passthrough=category in PASSTHROUGH_CATEGORIES,
         )
+        if not self.link_up:
+            return self._refuse(txn, header, "UnavailableDevice",
+                                f"terminal {self.poi_id} is offline; nothing was sent", now)
+        if not txn.passthrough and self.active is not None:
+            return self._refuse(txn, header, "Busy",
+                                f"terminal {self.poi_id} is busy with transaction {self.active}",
+                                now)
         if category == "Abort":
             # An abort gets no response of its own; the aborted transaction ends Failure/Aborted.
             txn.state, txn.outcome, txn.source = TxState.FINAL, Outcome.SUCCESS.value, "bridge"
@@ -175,7 +175,7 @@ class TerminalSession:
                         Outcome.SUCCESS.value, "bridge", None, None),
             ]
         self.open[txn.key] = txn
-        if passthrough:
+        if txn.passthrough:
             txn.state, txn.sent_at = TxState.AWAITING_RESPONSE, now
             txn.deadline = now + self.settings.status_timeout
             return [
@@ -479,6 +479,11 @@ class TerminalSession:
                 "the terminal never received this transaction; nothing was charged")
             return self._finish(txn, Outcome.NOT_FOUND, response, "status-poll", now,
                                 detail=cls.detail)
+        if cls.outcome is Outcome.BUSY and cls.from_status:
+            # The terminal's own record of this ServiceID ends "Busy": it never started it.
+            response = recovered_response(cls, _header_of(txn))
+            return self._finish(txn, Outcome.DECLINED, response, "status-poll", now,
+                                detail="the terminal was busy: the payment was not started")
         if cls.outcome in (Outcome.IN_PROGRESS, Outcome.BUSY):
             txn.unanswered_polls = 0
             txn.deadline, txn.detail, txn.updated_at = None, cls.detail, now
@@ -500,9 +505,8 @@ class TerminalSession:
             return self._finish(txn, outcome, document, "terminal", now, detail=cls.detail)
         if cls.outcome in FINAL_MONEY_OUTCOMES:
             return self._finish(txn, cls.outcome, document, "terminal", now, detail=cls.detail)
-        if cls.outcome is Outcome.BUSY:
-            return self._finish(txn, Outcome.DECLINED, document, "terminal", now,
-                                detail="terminal busy: the payment was not started")
+        # Busy carrying our own ServiceID may answer a retransmitted copy of a request the
+        # terminal is already processing (our ACK was lost): not an outcome. Ask instead.
         return self._unusable_answer(txn, cls.detail, now)
 
     def _apply_register_status(
@@ -553,9 +557,16 @@ class TerminalSession:
                     source, response, error),
         ]
 
-    def _refuse(self, header: MessageHeader, category: str, condition: str, text: str) -> list[Action]:
-        response = builders.failure_response(header, category, condition, text)
-        return [Deliver(header.sale_id or "", header.service_id or "", self.poi_id, category,
+    def _refuse(self, txn: Transaction, header: MessageHeader, condition: str, text: str,
+                now: float) -> list[Action]:
+        """Refused before anything was sent. The refusal is recorded, so a copy of the same
+        request delivered again (MQTT QoS 1 is at least once) gets the same answer instead of
+        running on the terminal after the register was told 'rejected'."""
+        response = builders.failure_response(header, txn.category, condition, text)
+        txn.state, txn.outcome, txn.source = TxState.FINAL, Outcome.REJECTED.value, "bridge"
+        txn.response, txn.detail, txn.updated_at = response, text, now
+        return [Record(txn.snapshot()),
+                Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
                         Outcome.REJECTED.value, "bridge", response, text)]
 
     def _waiting_transaction(self) -> Transaction | None:
