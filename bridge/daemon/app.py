@@ -186,6 +186,7 @@ class Bridge:
         log.info("stopping: no new requests; open transactions stay in the journal")
         self.notifier.stopping("stopping: open transactions stay in the journal")
         self.gateway.stop_accepting()
+        await self.gateway.drain_requests()
         if self.hotplug is not None:
             await self.hotplug.stop()
         await self.gateway.announce_offline()
