@@ -64,7 +64,8 @@ class _PtyLink(_Link):
             try:
                 await ready
             finally:
-                self._loop.remove_reader(fd)
+                if self.master == fd:  # not closed meanwhile (its number may be reused)
+                    self._loop.remove_reader(fd)
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data)
@@ -81,7 +82,8 @@ class _PtyLink(_Link):
                 try:
                     await ready
                 finally:
-                    self._loop.remove_writer(fd)
+                    if self.master == fd:
+                        self._loop.remove_writer(fd)
 
     def close(self) -> None:
         # Once only: a closed fd number is soon reused, and closing it again would close
@@ -172,11 +174,15 @@ class SimulatorServer:
             assert link is not None
             reader = asyncio.create_task(self._read_loop(link))
             lost = asyncio.create_task(self._link_lost.wait())
-            await asyncio.wait({reader, lost}, return_when=asyncio.FIRST_COMPLETED)
-            reader.cancel()
-            lost.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await reader
+            try:
+                await asyncio.wait({reader, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # Always end the reader here: a stranded one would later unregister an fd
+                # number a newer pseudo-terminal may have reused.
+                reader.cancel()
+                lost.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError, ConnectionError):
+                    await reader
             if self._closed.is_set():
                 return
             self._link_lost.clear()
