@@ -1,0 +1,705 @@
+"""poi-bridge benchmarks against the physical limit: `make bench` (or bench/run.py --quick).
+
+    .venv/bin/python bench/run.py              # full run, about 4-5 minutes on a 2-core box
+    .venv/bin/python bench/run.py --quick      # about a minute: 32 and 64 terminals, short windows
+    .venv/bin/python bench/run.py --sections core          # just the in-process core (no broker)
+    .venv/bin/python bench/run.py --terminals 1,32         # other terminal counts for section 1
+    .venv/bin/python bench/run.py --broker-nodelay         # mosquitto with set_tcp_nodelay true
+    .venv/bin/python bench/run.py --what-if nodelay,journal-normal   # a PATCHED daemon (see
+                                               # bench/whatif.py): what a change would buy;
+                                               # written to bench/results/whatif-latest.json
+
+Needs mosquitto (apt-get install mosquitto) for sections latency, throughput, recovery.
+Prints a table and writes the same numbers as JSON to bench/results/latest.json.
+
+What runs where: the simulated terminals (SimulatorServer on real pseudo-terminals, paced
+at 115200 baud 8N1) and the registers' MQTT client run in this process; the bridge runs
+as its own process (`python -m bridge run --config ...`) so /proc/<pid>/stat and
+/proc/<pid>/status give its own CPU time and peak RSS (VmHWM); the baseline (bench/baseline.py)
+is a process of its own too; mosquitto is a real broker on a free port, with its default
+configuration unless --broker-nodelay. The benchmark's own MQTT clients set TCP_NODELAY
+(bench/common.py: nodelay) so the instrument adds no Nagle delays of its own.
+
+Profiling the daemon (py-spy attaches to the running process; pyinstrument cannot):
+    .venv/bin/pip install py-spy                    # once
+    .venv/bin/python bench/run.py --profile         # 64 terminals paced (vendor fixture), then
+        # unpaced; for each, py-spy records the daemon twice: "busy" (every sample where the
+        # event loop is not idle in epoll, including time blocked in fsync) and "cpu" (--gil,
+        # Python work only). Raw stacks: bench/results/profile-*.txt; the summary (self time by
+        # area and line, inclusive time per bridge function) is printed and saved in
+        # bench/results/profile.json.
+    # by hand, on any running daemon:
+    .venv/bin/py-spy top --pid PID
+    .venv/bin/py-spy record --pid PID --duration 20 --format speedscope -o daemon.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import common
+from bench.common import BAUD, FIXTURE, ServiceIds, proc_cpu_seconds, summary_ms
+
+RESULTS = ROOT / "bench" / "results"
+DELAY = 0.05  # the simulated terminal's processing time per payment (section 1)
+# A register's pause between payments, uniform in this range (s): random so terminals do not
+# lock into step, at least 10 ms so the simulator's pacing tail never delays the next request.
+THINK = (0.010, 0.030)
+
+FULL = {
+    "latency_ns": [1, 8, 32, 64], "durations": {"small": 8.0, "fixture": 10.0},
+    "throughput_n": 64, "throughput_s": 15.0, "recovery_ns": [1, 16, 64], "core_s": 0.5,
+}
+QUICK = {
+    "latency_ns": [32, 64], "durations": {"small": 2.5, "fixture": 3.0},
+    "throughput_n": 64, "throughput_s": 4.0, "recovery_ns": [64], "core_s": 0.05,
+}
+SECTIONS = ("latency", "throughput", "recovery", "core")
+
+
+# --- sections -------------------------------------------------------------------------------
+
+async def section_latency(broker: Any, workroot: Path, plan: dict[str, Any],
+                          log: Any) -> list[dict[str, Any]]:
+    from bench.e2e import (
+        LARGE,
+        SMALL,
+        DaemonProcess,
+        Fleet,
+        LoopLag,
+        Registers,
+        closed_loop,
+        e2e_summary,
+        run_baseline,
+        wire_model,
+        write_config,
+    )
+
+    variants = [SMALL, LARGE]
+    wires = {v.name: wire_model(v, DELAY) for v in variants}
+    rows: list[dict[str, Any]] = []
+    for n in plan["latency_ns"]:
+        workdir = workroot / f"latency-{n}"
+        workdir.mkdir()
+        fleet = await Fleet(n, DELAY, BAUD).start()
+        base = f"bench/latency{n}"
+        daemon = DaemonProcess(write_config(workdir, broker, base, fleet.devices),
+                               workdir / "daemon.log")
+        ids = [ServiceIds("b") for _ in range(n)]
+        try:
+            async with Registers(broker, base) as registers:
+                daemon.start()
+                try:
+                    ready = await registers.wait_ready(n)
+                except TimeoutError:
+                    raise RuntimeError("the daemon did not come up:\n" + daemon.log_tail()) from None
+                for variant in variants:
+                    duration = plan["durations"][variant.name]
+                    log(f"  latency: {n} terminal(s), {variant.name} response, {duration:g} s")
+                    result = await closed_loop(
+                        registers, n, variant.amount, duration, ids, daemon_pid=daemon.pid,
+                        broker_pid=broker.process.pid, period=wires[variant.name]["floor_ms"] / 1000,
+                        think=THINK)
+                    if not daemon.alive():
+                        raise RuntimeError("the daemon died:\n" + daemon.log_tail())
+                    rows.append({
+                        "terminals": n, "response": variant.name,
+                        "wire": dict(wires[variant.name]),
+                        "bridge": {
+                            **e2e_summary(result.latencies, wires[variant.name]),
+                            "failures": result.failures, "window_s": round(result.wall, 2),
+                            "payments_per_s": round(len(result.latencies) / result.wall, 2),
+                            "daemon": {**result.daemon_cpu,
+                                       "peak_rss_kb": daemon.peak_rss_kb()},
+                            "mosquitto": result.broker_cpu, "bench_process": result.bench_cpu,
+                            "bench_loop_lag": result.loop_lag,
+                            "daemon_ready_s": round(ready, 2),
+                        },
+                    })
+        finally:
+            daemon.terminate()
+            await fleet.close()
+        log(f"  latency: {n} terminal(s), baseline")
+        fleet = await Fleet(n, DELAY, BAUD).start()  # fresh terminals, same behaviour
+        try:
+            lag = LoopLag()
+            lag.start()
+            baseline = await run_baseline(
+                broker, fleet.devices, [(v, plan["durations"][v.name]) for v in variants],
+                workdir, tag=f"n{n}", think=THINK, broker_pid=broker.process.pid,
+                period={v.name: wires[v.name]["floor_ms"] / 1000 for v in variants})
+            baseline_lag = await lag.stop()
+        finally:
+            await fleet.close()
+        for row in rows[-len(variants):]:
+            data = baseline[row["response"]]
+            base_summary = e2e_summary(data["latencies"], row["wire"])
+            failures = dict(data["failures"])
+            if data["missing"]:
+                failures["published but not received"] = data["missing"]
+            if failures:
+                row["baseline_diagnostics"] = baseline.get("diagnostics", [])[:10]
+            row["baseline"] = {**base_summary, "failures": failures,
+                               "process": data["cpu"], "bench_loop_lag": baseline_lag,
+                               "observed_response_frame_bytes": data["response_frame_bytes"]}
+            b, z = row["bridge"], row["baseline"]
+            observed = data["response_frame_bytes"]
+            row["wire"]["model_matches_wire"] = observed == [row["wire"]["response_frame_bytes"]]
+            row["ratio_p50"] = _ratio(b["p50_ms"], z["p50_ms"])
+            row["ratio_p99"] = _ratio(b["p99_ms"], z["p99_ms"])
+            row["bridge_minus_baseline_p50_ms"] = _diff(b["p50_ms"], z["p50_ms"])
+            row["bridge_minus_baseline_p99_ms"] = _diff(b["p99_ms"], z["p99_ms"])
+    return rows
+
+
+async def section_throughput(broker: Any, workroot: Path, plan: dict[str, Any],
+                             log: Any) -> dict[str, Any]:
+    from bench.e2e import (
+        SMALL,
+        DaemonProcess,
+        Fleet,
+        Registers,
+        closed_loop,
+        write_config,
+    )
+
+    n, duration = plan["throughput_n"], plan["throughput_s"]
+    workdir = workroot / f"throughput-{n}"
+    workdir.mkdir()
+    fleet = await Fleet(n, 0.0, 0).start()
+    base = f"bench/throughput{n}"
+    daemon = DaemonProcess(write_config(workdir, broker, base, fleet.devices),
+                           workdir / "daemon.log")
+    ids = [ServiceIds("t") for _ in range(n)]
+    log(f"  throughput: {n} terminals, no pacing, no processing time, {duration:g} s")
+    try:
+        async with Registers(broker, base) as registers:
+            daemon.start()
+            await registers.wait_ready(n)
+            result = await closed_loop(
+                registers, n, SMALL.amount, duration, ids, daemon_pid=daemon.pid,
+                broker_pid=broker.process.pid, period=0.0, think=None)
+            if not daemon.alive():
+                raise RuntimeError("the daemon died:\n" + daemon.log_tail())
+            rss = daemon.peak_rss_kb()
+    finally:
+        daemon.terminate()
+        await fleet.close()
+    done = len(result.latencies)
+    return {
+        "terminals": n, "window_s": round(result.wall, 2), "payments": done,
+        "payments_per_s": round(done / result.wall, 1) if result.wall else None,
+        "e2e": summary_ms(result.latencies), "failures": result.failures,
+        "daemon": {**result.daemon_cpu, "peak_rss_kb": rss},
+        "mosquitto": result.broker_cpu, "bench_process": result.bench_cpu,
+        "bench_loop_lag": result.loop_lag,
+    }
+
+
+async def section_recovery(broker: Any, workroot: Path, plan: dict[str, Any],
+                           log: Any) -> list[dict[str, Any]]:
+    from bench.e2e import SMALL, DaemonProcess, Fleet, Registers, write_config
+
+    rows = []
+    for n in plan["recovery_ns"]:
+        workdir = workroot / f"recovery-{n}"
+        workdir.mkdir()
+        log(f"  recovery: {n} payment(s) in flight, SIGKILL, restart")
+        fleet = await Fleet(n, DELAY, BAUD, never_answer=True).start()
+        base = f"bench/recovery{n}"
+        config = write_config(workdir, broker, base, fleet.devices, payment_timeout=30.0,
+                              status_timeout=3.0)
+        first = DaemonProcess(config, workdir / "daemon-1.log")
+        second = DaemonProcess(config, workdir / "daemon-2.log")
+        ids = [ServiceIds("r") for _ in range(n)]
+        try:
+            async with Registers(broker, base) as registers:
+                first.start()
+                await registers.wait_ready(n)
+                keys, futures = [], []
+                for i in range(n):
+                    sid = ids[i].next()
+                    keys.append((common.sale_id(i), sid))
+                    futures.append(await registers.publish_only(i, sid, SMALL.amount))
+
+                async def in_flight(fleet: Any = fleet, keys: list[Any] = keys) -> None:
+                    # every terminal has its request and has "decided" (the shopper paid), and
+                    # will never send the answer: only a status poll can tell
+                    while True:
+                        entries = [s.terminal.ledger.get(k) for s, k in zip(fleet.servers, keys)]
+                        if all(e is not None and e.completes_at <= time.time() for e in entries):
+                            return
+                        await asyncio.sleep(0.01)
+                await asyncio.wait_for(in_flight(), 30)
+                await asyncio.sleep(0.2)  # the terminals' ACKs are back; nothing else moves
+                answered_before = sum(f.done() for f in futures)
+                first.kill()
+                restart = time.monotonic()
+                second.start()
+                await asyncio.wait(futures, timeout=60)
+                arrivals = [f.result() for f in futures if f.done()]
+                cpu = proc_cpu_seconds(second.pid) if second.pid else None
+                online = next((at for at, state in registers.bridge_states
+                               if at >= restart and state == "online"), None)
+        finally:
+            first.kill()
+            second.terminate()
+            await fleet.close()
+        times = [a.at - restart for a in arrivals]
+        sources: dict[str, int] = {}
+        for a in arrivals:
+            key = f"{a.outcome}/{a.source}"
+            sources[key] = sources.get(key, 0) + 1
+        rows.append({
+            "terminals": n, "recovered": len(arrivals), "answered_before_kill": answered_before,
+            "outcomes": sources,
+            "restart_to_online_s": round(online - restart, 3) if online else None,
+            "restart_to_first_result_s": round(min(times), 3) if times else None,
+            "restart_to_last_result_s": round(max(times), 3) if len(times) == n else None,
+            "daemon_cpu_s_until_done": round(cpu, 2) if cpu is not None else None,
+        })
+    return rows
+
+
+# --- targets --------------------------------------------------------------------------------
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return round(a - b, 3) if a is not None and b is not None else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def _target(name: str, value: float | None, limit: float, unit: str,
+            note: str = "") -> dict[str, Any]:
+    verdict = "not measured" if value is None else ("PASS" if value < limit else "FAIL")
+    return {"target": name, "measured": value, "limit": limit, "unit": unit,
+            "verdict": verdict, "note": note}
+
+
+def offered_rate(row: dict[str, Any]) -> float:
+    """Payments per second section 1 offers at N terminals if the bridge added nothing: one
+    payment per terminal every floor + mean pause."""
+    return row["terminals"] / (row["wire"]["floor_ms"] / 1000 + sum(THINK) / 2)
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    latency = results.get("latency") or []
+    by = {(r["terminals"], r["response"]): r for r in latency}
+    for response in ("small", "fixture"):
+        row = by.get((32, response))
+        note = ""
+        if row and row.get("baseline"):
+            note = (f"baseline's own added p99 {_f(row['baseline']['added_p99_ms'], 2)} ms; "
+                    f"bridge - baseline p99 {_f(row.get('bridge_minus_baseline_p99_ms'), 1)} ms")
+        out.append(_target(f"bridge-added p99 at 32 terminals ({response} response)",
+                           row["bridge"]["added_p99_ms"] if row else None, 5.0, "ms", note))
+    for r in latency:
+        if r["response"] == "fixture":
+            out.append(_target(f"bridge-added p99 vs wire time, fixture, {r['terminals']} terminal(s)",
+                               r["bridge"]["added_p99_pct_of_wire"], 2.0, "% of wire",
+                               f"wire {_f(r['wire']['wire_ms'])} ms"))
+    for r in latency:
+        for q in ("p50", "p99"):
+            out.append(_target(f"end-to-end {q} bridge/baseline, {r['response']}, "
+                               f"{r['terminals']} terminal(s)", r[f"ratio_{q}"], 1.5, "x"))
+    for response in ("small", "fixture"):
+        row = by.get((64, response))
+        note = ""
+        if row and row["bridge"]["daemon"]["cpu_ms_per_payment"]:
+            rate = offered_rate(row)
+            need = row["bridge"]["daemon"]["cpu_ms_per_payment"] * rate / 10
+            note = (f"at {row['bridge']['payments_per_s']:g} payments/s achieved; the paced load "
+                    f"offers {rate:.0f}/s, which at {row['bridge']['daemon']['cpu_ms_per_payment']:g} "
+                    f"ms CPU each needs {need:.0f}% of a core")
+        out.append(_target(f"daemon CPU, 64 terminals paced ({response} response)",
+                           row["bridge"]["daemon"]["cpu_pct_core"] if row else None, 50.0,
+                           "% of one core", note))
+    rss = [r["bridge"]["daemon"]["peak_rss_kb"] for r in latency]
+    if results.get("throughput"):
+        rss.append(results["throughput"]["daemon"]["peak_rss_kb"])
+    rss = [x for x in rss if x is not None]
+    out.append(_target("daemon peak RSS (VmHWM), worst run", round(max(rss) / 1024, 1)
+                       if rss else None, 80.0, "MB"))
+    recovery = {r["terminals"]: r for r in results.get("recovery") or []}
+    row = recovery.get(64)
+    out.append(_target("recovery of 64 in-flight payments, restart to last result",
+                       row["restart_to_last_result_s"] if row else None, 5.0, "s",
+                       f"{row['recovered']}/64 recovered" if row else ""))
+    return out
+
+
+# --- the table ------------------------------------------------------------------------------
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> list[str]:
+    """Columns in `left` are text (left-aligned), the others numbers (right-aligned)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    return [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def _failures(failures: dict[str, int]) -> str:
+    return str(sum(failures.values())) if failures else "0"
+
+
+def render(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    out = [
+        "=" * 100,
+        f"poi-bridge benchmarks ({results['mode']} run)   {m['date']}   code {m.get('code')}",
+        (f"machine: {m['cpu']}, {m['cores']} cores, {m['implementation']} {m['python']}, "
+         f"{m['mosquitto'] or 'mosquitto: not used'}, Linux {m['kernel']}, "
+         f"load average at start {m['loadavg_at_start']}"),
+        (f"link: stx-etx-lrc over pseudo-terminals; the simulated terminal paces its bytes at "
+         f"{BAUD} baud 8N1; processing time {DELAY * 1000:g} ms; one daemon process; registers "
+         f"pause {THINK[0] * 1000:g}-{THINK[1] * 1000:g} ms between payments"),
+    ]
+    cal = results.get("calibration")
+    if cal:
+        j = cal["journal_commit"]
+        out.append(f"journal: {results.get('workdir')} on {cal['journal_fs']}; SQLite WAL "
+                   f"synchronous=FULL commit of 1 KB there, before the runs: p50 "
+                   f"{_f(j['p50_ms'], 2)} ms, p99 {_f(j['p99_ms'], 2)} ms, max {_f(j['max_ms'], 2)} ms")
+        a = cal.get("journal_commit_after")
+        if a:
+            out.append(f"         after the runs: p50 {_f(a['p50_ms'], 2)} ms, p99 "
+                       f"{_f(a['p99_ms'], 2)} ms, max {_f(a['max_ms'], 2)} ms")
+    if results.get("broker"):
+        out.append(f"broker: mosquitto, set_tcp_nodelay {str(results['broker']['set_tcp_nodelay']).lower()}"
+                   f"{'' if results['broker']['set_tcp_nodelay'] else ' (its default)'}")
+    out.append("=" * 100)
+    latency = results.get("latency")
+    if latency:
+        w = {r["response"]: r["wire"] for r in latency}
+        out.append("")
+        out.append("1a. End to end through the bridge: register publishes -> result on "
+                   "registers/{SaleID}/response (ms)")
+        for name, wire in w.items():
+            out.append(f"    {name}: request frame {wire['request_frame_bytes']} B, response frame "
+                       f"{wire['response_frame_bytes']} B; wire = all bytes at {BAUD} baud "
+                       f"{wire['wire_ms']:.1f} ms; floor = processing + paced terminal bytes "
+                       f"{wire['floor_ms']:.1f} ms")
+        out.append("    added = end to end - floor (the request is written to the pty unpaced, so "
+                   "its line time is in 'wire' but not in the run); %wire = added p99 / wire")
+        rows = []
+        for r in latency:
+            b = r["bridge"]
+            d = b["daemon"]
+            rows.append([r["response"], str(r["terminals"]), str(b["n"]), _f(b["p50_ms"]),
+                         _f(b["p99_ms"]), _f(r["wire"]["wire_ms"]), _f(r["wire"]["floor_ms"]),
+                         _f(b["added_p50_ms"], 2), _f(b["added_p99_ms"], 2),
+                         _f(b["added_p99_pct_of_wire"], 2), _f(b["payments_per_s"]),
+                         _f(d["cpu_pct_core"]), _f(d["cpu_ms_per_payment"], 2),
+                         _f(d["peak_rss_kb"] / 1024 if d["peak_rss_kb"] else None),
+                         _f(b["bench_loop_lag"].get("p99_ms")), _failures(b["failures"])])
+        out += ["    " + x for x in _table(
+            ["response", "N", "n", "e2e p50", "e2e p99", "wire", "floor", "added p50",
+             "added p99", "%wire", "pay/s", "CPU %core", "CPU ms/pay", "RSS MB", "lag p99",
+             "fail"], rows)]
+        out.append("    CPU = the daemon process (/proc utime+stime) over the window; RSS = its "
+                   "VmHWM; lag = how late the benchmark's own loop (simulators, registers) woke "
+                   "up, p99 ms")
+        out.append("")
+        out.append("1b. Baseline (write frame to the pty, read the answer with the same framer, "
+                   "publish once at QoS 1, subscriber notes arrival) and ratio bridge/baseline")
+        rows = []
+        for r in latency:
+            z, b = r["baseline"], r["bridge"]
+            rows.append([r["response"], str(r["terminals"]), str(z["n"]), _f(z["p50_ms"]),
+                         _f(z["p99_ms"]), _f(z["added_p50_ms"], 2), _f(z["added_p99_ms"], 2),
+                         _f(r["bridge_minus_baseline_p50_ms"]),
+                         _f(r["bridge_minus_baseline_p99_ms"]),
+                         _f(r["ratio_p50"], 3), _f(r["ratio_p99"], 3),
+                         _f(z["process"]["cpu_ms_per_payment"], 2),
+                         _f(b["daemon"]["cpu_ms_per_payment"], 2),
+                         _f(z["bench_loop_lag"].get("p99_ms")), _failures(z["failures"])])
+        for r in latency:
+            if not r["wire"].get("model_matches_wire", True):
+                out.append(f"    WARNING: the baseline saw response frames of "
+                           f"{r['baseline']['observed_response_frame_bytes']} B, the wire model "
+                           f"assumed {r['wire']['response_frame_bytes']} B ({r['response']}, "
+                           f"{r['terminals']} terminals)")
+        out += ["    " + x for x in _table(
+            ["response", "N", "n", "base p50", "base p99", "base added p50", "base added p99",
+             "bridge-base p50", "bridge-base p99", "ratio p50", "ratio p99",
+             "base CPU ms/pay", "bridge CPU ms/pay", "lag p99", "fail"], rows)]
+    t = results.get("throughput")
+    if t:
+        out.append("")
+        out.append(f"2. Throughput and footprint: {t['terminals']} terminals, no pacing, no "
+                   "processing time, payments back to back")
+        d = t["daemon"]
+        out += ["    " + x for x in _table(
+            ["window s", "payments", "pay/s", "e2e p50 ms", "e2e p99 ms", "daemon CPU %core",
+             "daemon CPU ms/pay", "peak RSS MB", "mosquitto %core", "bench proc %core", "fail"],
+            [[_f(t["window_s"]), str(t["payments"]), _f(t["payments_per_s"]),
+              _f(t["e2e"]["p50_ms"]), _f(t["e2e"]["p99_ms"]), _f(d["cpu_pct_core"]),
+              _f(d["cpu_ms_per_payment"], 2),
+              _f(d["peak_rss_kb"] / 1024 if d["peak_rss_kb"] else None),
+              _f(t["mosquitto"]["cpu_pct_core"]), _f(t["bench_process"]["cpu_pct_core"]),
+              _failures(t["failures"])]])]
+    rec = results.get("recovery")
+    if rec:
+        out.append("")
+        out.append("3. Recovery: N payments in flight (terminal never sends the response), "
+                   "SIGKILL the daemon, start it again (payment_timeout 30 s)")
+        rows = [[str(r["terminals"]), str(r["recovered"]),
+                 ", ".join(f"{k} {v}" for k, v in r["outcomes"].items()) or "-",
+                 _f(r["restart_to_online_s"], 2), _f(r["restart_to_first_result_s"], 2),
+                 _f(r["restart_to_last_result_s"], 2), _f(r["daemon_cpu_s_until_done"], 2)]
+                for r in rec]
+        out += ["    " + x for x in _table(
+            ["N", "recovered", "outcome/source", "restart->online s", "restart->first s",
+             "restart->last s", "daemon CPU s"], rows, left=(2,))]
+    core = results.get("core")
+    if core:
+        out.append("")
+        out.append("4a. Framers in-process (frames/s; 'chunks' = the frame fed in 115-byte reads, "
+                   "the pieces the simulator delivers at 115200 baud, one per 10 ms)")
+        rows = [[r["framer"], r["payload"], str(r["payload_bytes"]), str(r["encode_per_s"]),
+                 str(r["decode_per_s"]), str(r["decode_115B_chunks_per_s"]),
+                 _f(r["encode_MB_s"]), _f(r["decode_MB_s"])] for r in core["framers"]]
+        out += ["    " + x for x in _table(
+            ["framer", "payload", "bytes", "encode/s", "decode/s", "decode chunks/s",
+             "enc MB/s", "dec MB/s"], rows, left=(0, 1))]
+        out.append("")
+        out.append("4b. SaleToPOI messages: parse_message (load_json + validate) + to_bytes, "
+                   "beside json.loads + json.dumps of the same bytes (per second)")
+        rows = [[r["message"], str(r["bytes"]), str(r["parse_to_bytes_per_s"]),
+                 str(r["json_loads_dumps_per_s"]), _f(r["slowdown_vs_json"]),
+                 str(r["parse_message_per_s"]), str(r["validate_dict_per_s"]),
+                 str(r["to_bytes_per_s"]), _f(r["us_load_json"]), _f(r["us_json_loads"])]
+                for r in core["messages"]]
+        out += ["    " + x for x in _table(
+            ["message", "bytes", "parse+to_bytes/s", "json loads+dumps/s", "slower x",
+             "parse_message/s", "validate dict/s", "to_bytes/s", "load_json us",
+             "json.loads us"], rows)]
+    if results.get("targets"):
+        out.append("")
+        out.append("Targets")
+        rows = [[t["verdict"], t["target"], _f(t["measured"], 3), f"< {t['limit']:g} {t['unit']}",
+                 t.get("note", "")] for t in results["targets"]]
+        out += ["    " + x for x in _table(
+            ["verdict", "target", "measured", "limit", "note"], rows, left=(0, 1, 3, 4))]
+    return "\n".join(out)
+
+
+# --- main -----------------------------------------------------------------------------------
+
+def filesystem(path: Path) -> str:
+    """The mount (device, type) holding `path`, from /proc/mounts."""
+    best = ("?", "?", "")
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            device, mount, kind = line.split()[:3]
+            if str(path).startswith(mount) and len(mount) >= len(best[2]):
+                best = (device, kind, mount)
+    except OSError:
+        pass
+    return f"{best[0]} ({best[1]}) on {best[2]}"
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from tests.broker import Mosquitto, find_mosquitto
+
+    plan = dict(QUICK if args.quick else FULL)
+    if args.terminals:
+        plan["latency_ns"] = [int(x) for x in args.terminals.split(",")]
+    if args.what_if:
+        from bench import e2e, whatif
+        names = [x.strip() for x in args.what_if.split(",") if x.strip()]
+        for name in names:
+            if name not in whatif.PATCHES:
+                raise SystemExit(f"bench: unknown --what-if {name!r}; known: {', '.join(whatif.PATCHES)}")
+        e2e.WHATIF[:] = names
+    wanted = [s.strip() for s in args.sections.split(",")] if args.sections else list(SECTIONS)
+    for s in wanted:
+        if s not in SECTIONS:
+            raise SystemExit(f"bench: unknown section {s!r}; known: {', '.join(SECTIONS)}")
+    binary = find_mosquitto()
+    needs_broker = any(s != "core" for s in wanted) or args.profile
+    if needs_broker and binary is None:
+        raise SystemExit("bench: mosquitto is not installed. The latency, throughput and recovery "
+                         "sections need a real broker: apt-get install mosquitto (or run "
+                         "--sections core).")
+    if not FIXTURE.exists():
+        raise SystemExit(f"bench: the vendor fixture is missing: {FIXTURE}")
+    results: dict[str, Any] = {"mode": ("quick" if args.quick else "full")
+                               + (f", PATCHED DAEMON what-if {args.what_if}" if args.what_if else ""),
+                               "what_if": args.what_if or None,
+                               "machine": common.machine(binary if needs_broker else None),
+                               "plan": plan, "processing_s": DELAY, "think_s": THINK,
+                               "baud": BAUD, "framer": common.FRAMER}
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    started = time.monotonic()
+    workroot = Path(tempfile.mkdtemp(prefix="poi-bench-"))
+    results["workdir"] = str(workroot)
+    broker = None
+    try:
+        results["calibration"] = {
+            "journal_fs": filesystem(workroot),
+            "journal_commit": common.journal_commit_floor(workroot),
+        }
+        if needs_broker:
+            extra = "set_tcp_nodelay true\n" if args.broker_nodelay else ""
+            broker = Mosquitto(workroot / "mosquitto", extra_config=extra).start()
+            results["broker"] = {"set_tcp_nodelay": bool(args.broker_nodelay)}
+        if args.profile:
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            results["profile"] = await profile(broker, workroot, plan, log)
+            return results
+        if "core" in wanted:
+            from bench import core
+            log("core: framers and messages in-process")
+            results["core"] = core.run(plan["core_s"])
+        if "latency" in wanted:
+            results["latency"] = await section_latency(broker, workroot, plan, log)
+        if "throughput" in wanted:
+            results["throughput"] = await section_throughput(broker, workroot, plan, log)
+        if "recovery" in wanted:
+            results["recovery"] = await section_recovery(broker, workroot, plan, log)
+        if needs_broker:
+            # the disk may have been busier while everything ran: measure again
+            results["calibration"]["journal_commit_after"] = common.journal_commit_floor(workroot)
+    finally:
+        if broker is not None:
+            broker.kill()
+        if not args.keep:
+            shutil.rmtree(workroot, ignore_errors=True)
+    results["elapsed_s"] = round(time.monotonic() - started, 1)
+    results["targets"] = targets(results)
+    return results
+
+
+async def spy_pair(pid: int, name: str, seconds: float) -> dict[str, Any]:
+    """Two py-spy recordings in a row: the loop's busy time (CPU and blocking system calls
+    such as fsync), then CPU only (--gil)."""
+    from bench import profiling
+
+    out = {}
+    for kind, gil in (("busy", False), ("cpu", True)):
+        raw = RESULTS / f"profile-{name}-{kind}.txt"
+        spy = profiling.start(pid, seconds, raw, gil=gil)
+        await asyncio.to_thread(spy.wait)
+        out[kind] = {"raw": str(raw), **profiling.summarise(
+            raw, seconds=seconds if not gil else None, rate=profiling.RATE)}
+    return out
+
+
+async def profile(broker: Any, workroot: Path, plan: dict[str, Any], log: Any) -> dict[str, Any]:
+    """py-spy on the daemon: 64 terminals paced with the vendor fixture, then unpaced."""
+    from bench import profiling
+    from bench.e2e import (
+        LARGE,
+        SMALL,
+        DaemonProcess,
+        Fleet,
+        Registers,
+        closed_loop,
+        wire_model,
+        write_config,
+    )
+
+    out: dict[str, Any] = {}
+    n, each = 64, 9.0
+    for name, paced in (("paced-64-fixture", True), ("unpaced-64", False)):
+        workdir = workroot / f"profile-{name}"
+        workdir.mkdir()
+        fleet = await Fleet(n, DELAY if paced else 0.0, BAUD if paced else 0).start()
+        base = f"bench/profile-{name}"
+        daemon = DaemonProcess(write_config(workdir, broker, base, fleet.devices),
+                               workdir / "daemon.log")
+        ids = [ServiceIds("p") for _ in range(n)]
+        variant = LARGE if paced else SMALL
+        try:
+            async with Registers(broker, base) as registers:
+                daemon.start()
+                await registers.wait_ready(n)
+                log(f"profile: {name}: {n} terminals, {variant.name} response, py-spy "
+                    f"{each:g} s busy + {each:g} s CPU")
+                task = asyncio.create_task(closed_loop(
+                    registers, n, variant.amount, 2 * each + 3.0, ids, daemon_pid=daemon.pid,
+                    broker_pid=broker.process.pid,
+                    period=wire_model(variant, DELAY)["floor_ms"] / 1000 if paced else 0.0,
+                    think=THINK if paced else None))
+                await asyncio.sleep(2.0)  # past the warm-up
+                spies = await spy_pair(daemon.pid, name, each)
+                result = await task
+        finally:
+            daemon.terminate()
+            await fleet.close()
+        done = len(result.latencies)
+        out[name] = {**spies, "payments": done, "payments_per_s": round(done / result.wall, 1),
+                     "e2e_under_py_spy": summary_ms(result.latencies),
+                     "daemon_cpu": result.daemon_cpu}
+        for kind in ("busy", "cpu"):
+            print(profiling.render(f"{name}, {kind} ({spies[kind]['raw']})", spies[kind]))
+        print(f"    ({done} payments, {out[name]['payments_per_s']}/s, daemon "
+              f"{result.daemon_cpu['cpu_ms_per_payment']} ms CPU per payment, under py-spy)")
+    return out
+
+
+def main() -> int:
+    import aiomqtt  # noqa: F401 - it sets its logger's level on import; quieten it after
+
+    logging.getLogger("mqtt").setLevel(logging.ERROR)  # "There are N pending publish calls"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="about a minute: fewer, shorter runs")
+    parser.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy on the daemon under 64 terminals (needs py-spy)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    parser.add_argument("--what-if", default="",
+                        help="run a patched daemon (bench/whatif.py: nodelay, inflight, early-ack, "
+                             "journal-normal, fast-depth); results are labelled, not the bridge's")
+    parser.add_argument("--broker-nodelay", action="store_true",
+                        help="run mosquitto with set_tcp_nodelay true (default: its default, off)")
+    parser.add_argument("--terminals", help="section 1 terminal counts, e.g. 1,32 (default: "
+                                            "1,8,32,64; --quick: 32,64)")
+    parser.add_argument("--output", type=Path, help="JSON file (default bench/results/latest.json; "
+                                                    "whatif-latest.json with --what-if)")
+    args = parser.parse_args()
+    results = asyncio.run(run(args))
+    if args.profile:
+        path = RESULTS / "profile.json"
+        path.write_text(json.dumps(results, indent=1))
+        print(f"profile summary written to {path}")
+        return 0
+    print(render(results))
+    if args.output is None:
+        args.output = RESULTS / ("whatif-latest.json" if args.what_if else "latest.json")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nresults written to {args.output}  (elapsed {results['elapsed_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
