@@ -137,16 +137,15 @@ class RegisterGateway:
         self._accepting = False
 
     async def drain_requests(self, timeout: float = 3.0) -> None:
-        """On a clean stop: unsubscribe (after UNSUBACK the broker keeps new requests for our
-        persistent session), then let the requests already received, and acknowledged by
-        the MQTT library, be answered (refused) before the connection is closed."""
+        """On a clean stop: let the requests already received, and acknowledged by the MQTT
+        library, be answered (refused) before the connection is closed. No unsubscribe: the
+        subscription must stay in our persistent session, so the broker queues what arrives
+        after we disconnect and delivers it on the next start."""
         client = self._client
         if client is None:
             return
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             async with asyncio.timeout(timeout):
-                await client.unsubscribe(self.topics.terminal_requests)
-                await client.unsubscribe(self.topics.bridge_requests)
                 while len(client.messages) > 0:
                     await asyncio.sleep(0.02)
                 await asyncio.sleep(0.05)  # the last one being handled
