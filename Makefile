@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo venv clean fuzz
+.PHONY: test demo venv clean bench fuzz soak
 
 venv: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ test: venv
 demo: venv
 	$(PY) -m bridge demo
 
+# Benchmarks against the physical limit (needs mosquitto); results in bench/results/latest.json
+bench: venv
+	$(PY) bench/run.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 
@@ -26,3 +30,7 @@ clean:
 FUZZ_SECONDS ?= 60
 fuzz: venv
 	PY=$(PY) bench/fuzz.sh $(FUZZ_SECONDS)
+
+# The fault-injection soak: ~3 minutes, seed 1; `$(PY) bench/soak.py --help` for longer runs.
+soak: venv
+	$(PY) bench/soak.py

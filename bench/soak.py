@@ -1,0 +1,1603 @@
+"""The fault-injection soak: many terminals, several registers, chaos, then an audit.
+
+    PYTHONPATH=. .venv/bin/python bench/soak.py                # ~3 minutes, seed 1
+    PYTHONPATH=. .venv/bin/python bench/soak.py --duration 900 --seed 7 --terminals 12
+
+What runs (all real processes, as on a store box):
+
+- mosquitto on a free port with persistence (tests/broker.py);
+- N simulated terminals (bench/soak_terminal.py: `poi-bridge simulate --pty --link ...` with a
+  control channel on stdin), each on its own pseudo-terminal behind a symlink, each with a
+  ledger of what the shopper did, some with line noise (garbage_rate) and damaged frames
+  (corrupt_rate, which the framer NAKs);
+- the bridge, `python -m bridge run --config soak.toml`, short time-outs;
+- R registers (MQTT clients, persistent sessions, one SaleID each) paying continuously. The
+  amount picks the terminal's behaviour for that payment (approve, decline, response lost,
+  link dropped mid-payment, request lost, slow, in progress, busy...), see KINDS. A register
+  never re-sends a payment: every payment has a fresh ServiceID; when it gets `unresolved` it
+  goes on with the next sale and keeps listening for the final outcome; sometimes it aborts a
+  slow payment from the register (AbortRequest);
+- a chaos loop driven by random.Random(seed): kill -9 (and clean restarts of) mosquitto,
+  SIGKILL (and SIGTERM) of the daemon, terminals unplugged for a while and replugged,
+  terminals frozen (no ACK, no answer), registers going away and coming back.
+
+The chaos always ends the same way (the finale): a SIGTERM of the daemon while the registers
+pay (`systemctl restart` during business), then a power blip (a terminal drops off and the
+daemon is SIGKILLed and restarted while it is away), then quiet.
+
+Then everything is brought back, the bridge is given time to resolve what is open and deliver
+its outbox, and each payment is audited three ways: the terminals' ledgers (what was
+charged), what the registers were told, and what the journal holds; mosquitto's own log
+(log_type all, replayed) tells a request the broker lost in a kill -9 (before its next
+autosave) from one the bridge acknowledged and then dropped. Exit status 1, with a loud
+banner, if anything is
+
+  lost      charged but not reported approved, a request never answered, a result never
+            delivered (unless mosquitto demonstrably lost it in a kill -9),
+  doubled   charged twice, charged on another terminal, or charged without a register's
+            payment,
+  phantom   reported approved but not charged,
+  disputed  register and journal disagree, or two different final outcomes,
+  stuck     a journal row not final or unresolved, an outbox message never delivered, an
+            unresolved transaction the bridge did not resolve although everything was back,
+            a terminal the bridge keeps offline although it is plugged in,
+  crashed   the daemon or a simulated terminal exited on its own.
+
+Anything left unresolved is listed with the reason. Problems that are symptoms of a bridge
+bug already found are tagged with it (KNOWN_BUGS); they still fail the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import aiomqtt
+
+from bridge.simulator.responses import payment_request
+from tests.broker import Mosquitto, find_mosquitto
+
+BASE = "poi-bridge"
+HERE = Path(__file__).resolve().parent
+
+# --- what a payment does on the terminal, chosen by its amount ------------------------------------
+
+# kind: (amount, weight, scenario behaviour). Amount-keyed scenario entries apply every time
+# the amount is used, so the register picks the terminal's behaviour by picking the amount.
+KINDS: dict[str, tuple[float, int, dict[str, Any]]] = {
+    "approve": (10.0, 30, {"decision": "approve", "delay": 0.2}),
+    "approve_slow": (10.5, 6, {"decision": "approve", "delay": 1.2}),
+    "decline": (20.0, 10, {"decision": "decline", "delay": 0.2}),
+    "cancel": (21.0, 3, {"decision": "cancel", "delay": 0.3}),
+    "busy": (22.0, 2, {"decision": "busy", "delay": 0.1}),
+    # the terminal refuses it (Busy) and that answer is lost: only a status poll can tell
+    "busy_response_lost": (23.0, 1, {"decision": "busy", "delay": 0.1, "never_answer": True}),
+    "response_lost": (30.0, 8, {"decision": "approve", "delay": 0.3, "never_answer": True}),
+    "response_lost_decline": (31.0, 3, {"decision": "decline", "delay": 0.3,
+                                        "never_answer": True}),
+    "late_response": (32.0, 3, {"decision": "approve", "delay": 2.4}),
+    "in_progress": (33.0, 3, {"decision": "approve", "delay": 0.5, "never_answer": True,
+                              "in_progress_polls": 3}),
+    "very_slow": (34.0, 2, {"decision": "approve", "delay": 4.0, "never_answer": True}),
+    "link_drop": (40.0, 5, {"decision": "approve", "delay": 0.3, "drop_link": True}),
+    "link_drop_decline": (41.0, 2, {"decision": "decline", "delay": 0.3, "drop_link": True}),
+    "request_lost": (50.0, 3, {"decision": "approve", "lose_request": True}),
+}
+ABORTABLE = {"approve_slow", "late_response", "very_slow"}
+ABORT_CHANCE = 0.25
+
+CHAOS_KINDS: dict[str, float] = {  # kind -> weight
+    "broker_kill9": 1.0,
+    "broker_restart": 0.4,
+    "daemon_kill9": 1.5,
+    "daemon_sigterm": 0.5,
+    "daemon_freeze": 0.5,  # SIGSTOP/SIGCONT: the box hangs a moment (VM paused, swap storm)
+    "terminal_unplug": 3.0,
+    "terminal_freeze": 1.5,
+    "terminal_stall": 1.0,
+    "register_away": 1.0,
+    # The store's power flickers: a terminal drops off and the box (the daemon) restarts
+    # while it is away.
+    "power_blip": 0.5,
+}
+
+OPEN_STATES = ("accepted", "awaiting_response", "polling")
+OFFLINE_LIMIT = 15.0  # the worker's reopen backoff is 10 s at most
+# autosave_interval 1, counted in whole seconds: a kill -9 loses up to ~2 s of changes
+BROKER_LOSS_WINDOW = 2.5
+
+
+def log(msg: str) -> None:
+    print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def clock(at: float) -> str:
+    """Wall-clock time of day with milliseconds, as in the daemon's log lines."""
+    return time.strftime("%H:%M:%S", time.localtime(at)) + f",{int(at % 1 * 1000):03d}"
+
+
+def iso_now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+
+
+# --- the pieces ------------------------------------------------------------------------------------
+
+class Terminal:
+    """One simulated terminal process (bench/soak_terminal.py)."""
+
+    def __init__(self, index: int, workdir: Path, seed: int, rng: random.Random) -> None:
+        self.index = index
+        self.poi_id = f"V400m-{100000 + index}"
+        self.dir = workdir / f"terminal{index}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.link = self.dir / "tty"
+        self.ledger_path = self.dir / "ledger.json"
+        self.garbage_rate = rng.choice([0.0, 0.0, 0.05, 0.15, 0.3])
+        self.corrupt_rate = rng.choice([0.0, 0.0, 0.03, 0.08, 0.15])
+        self.replug_after = rng.choice([0.3, 1.0, 2.5, 4.0])
+        self.seed = seed * 1000 + index
+        self.process: subprocess.Popen[bytes] | None = None
+        self.unplugged_until = 0.0
+        self.frozen_until = 0.0
+        self.unplugs: list[tuple[float, float]] = []  # (from, until), monotonic
+        self.offline_reported = False
+
+    def unplug(self, seconds: float) -> None:
+        now = time.monotonic()
+        self.unplugged_until = now + seconds
+        self.unplugs.append((now, now + seconds))
+        self.control(f"unplug {seconds:.2f}")
+
+    async def stall(self, seconds: float) -> None:
+        """Freeze the simulator process for `seconds`; returns once it has begun."""
+        assert self.process is not None and self.process.stdout is not None
+        self.control(f"stall {seconds:.2f}")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.to_thread(self.process.stdout.readline), 5)
+
+    def unplugged_at(self, moment: float) -> bool:
+        return any(a <= moment <= b + 0.5 for a, b in self.unplugs)
+
+    def scenario(self) -> dict[str, Any]:
+        return {
+            "poi_id": self.poi_id,
+            "default": {"decision": "approve", "delay": 0.2},
+            "transactions": [{"amount": amount, **behaviour}
+                             for amount, _, behaviour in KINDS.values()],
+            "link": {"garbage_rate": self.garbage_rate, "corrupt_rate": self.corrupt_rate,
+                     "replug_after": self.replug_after, "seed": self.seed},
+        }
+
+    def start(self) -> None:
+        path = self.dir / "scenario.json"
+        path.write_text(json.dumps(self.scenario(), indent=1))
+        stderr = open(self.dir / "simulator.log", "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "soak_terminal.py"), "--pty", "--link", str(self.link),
+             "--poi-id", self.poi_id, "--scenario", str(path), "--ledger",
+             str(self.ledger_path)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=python_env(),
+            cwd=ROOT)
+        stderr.close()
+
+    def wait_started(self) -> None:
+        assert self.process is not None and self.process.stdout is not None
+        if not self.process.stdout.readline():
+            raise RuntimeError(f"terminal {self.poi_id} did not start: "
+                               + (self.dir / "simulator.log").read_text()[-2000:])
+
+    def control(self, line: str) -> None:
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(line.encode() + b"\n")
+        self.process.stdin.flush()
+
+    def stop(self) -> dict[str, Any] | None:
+        """SIGTERM: the simulator writes its ledger and exits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if not self.ledger_path.exists():
+            return None  # it died without writing one: reported as a crash
+        return json.loads(self.ledger_path.read_text())
+
+
+class Daemon:
+    """`python -m bridge run` as a process that the chaos kills and restarts."""
+
+    def __init__(self, config: Path, workdir: Path) -> None:
+        self.config = config
+        self.log_path = workdir / "daemon.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self.started_at: list[float] = []  # monotonic
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as out:
+            out.write(f"\n===== soak: daemon start #{self.starts + 1} at {iso_now()} =====\n"
+                      .encode())
+            out.flush()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "bridge", "run", "--config", str(self.config)],
+                stdout=out, stderr=out, env=python_env(), cwd=ROOT)
+        self.starts += 1
+        self.started_at.append(time.monotonic())
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_since_start(self) -> str:
+        """The daemon's log since its latest start."""
+        text = self.log_path.read_text(errors="replace")
+        return text[text.rfind("===== soak: daemon start #"):]
+
+    def kill(self) -> None:
+        if self.running:
+            assert self.process is not None
+            self.process.kill()
+            self.process.wait(timeout=15)
+
+    def terminate(self) -> int | None:
+        if not self.running:
+            return None
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return None
+
+
+@dataclass
+class Payment:
+    sale_id: str
+    service_id: str
+    poi_id: str
+    kind: str
+    amount: float
+    sent_at: float  # wall clock, like the journal
+    size: int = 0  # bytes published (to find it in the broker's log)
+    publish: str = "pending"  # ok | uncertain (the publish call failed: may or may not be there)
+    outcomes: list[tuple[float, str, str]] = field(default_factory=list)  # (at, outcome, source)
+    first_final: str | None = None
+    first_final_at: float | None = None
+    conflicts: list[str] = field(default_factory=list)
+    abort_id: str | None = None
+    resync_at: float | None = None
+    answered: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.sale_id}/{self.service_id}"
+
+    @property
+    def saw_unresolved(self) -> bool:
+        return any(o == "unresolved" for _, o, _ in self.outcomes)
+
+    @property
+    def final_via_resync(self) -> bool:
+        return (self.resync_at is not None and self.first_final_at is not None
+                and self.first_final_at >= self.resync_at)
+
+
+class Register:
+    """A till: one SaleID, a persistent MQTT session, one payment at a time."""
+
+    def __init__(self, soak: Soak, index: int, rng: random.Random) -> None:
+        self.soak = soak
+        self.index = index
+        self.sale_id = f"TILL{index + 1}"
+        self.client_id = f"soak-register-{self.sale_id}"
+        self.rng = rng
+        self.payments: dict[str, Payment] = {}
+        self.aborts: dict[str, list[str]] = defaultdict(list)  # abort ServiceID -> outcomes
+        self.stray: list[dict[str, Any]] = []  # responses for ServiceIDs we never sent
+        self.client: aiomqtt.Client | None = None
+        self.connected = asyncio.Event()
+        self.present = asyncio.Event()
+        self.present.set()
+        self.counter = 0
+        self.connects = 0
+        self.home = [t for i, t in enumerate(soak.terminals) if i % soak.args.registers == index]
+        self._session: asyncio.Task[None] | None = None
+
+    # -- the MQTT session --
+
+    def start_session(self) -> None:
+        self._session = asyncio.create_task(self._session_loop(), name=f"{self.sale_id} session")
+
+    async def stop_session(self) -> None:
+        if self._session is not None:
+            self._session.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._session
+        self._session = None
+        self.connected.clear()
+
+    async def _session_loop(self) -> None:
+        broker = self.soak.broker
+        while True:
+            try:
+                async with aiomqtt.Client(broker.host, broker.port, identifier=self.client_id,
+                                          clean_session=False, keepalive=5,
+                                          timeout=5) as client:
+                    await client.subscribe(f"{BASE}/registers/{self.sale_id}/response", qos=1)
+                    self.client = client
+                    self.connects += 1
+                    self.connected.set()
+                    async for message in client.messages:
+                        self._on_message(message.payload)
+            except aiomqtt.MqttError:
+                pass
+            finally:
+                self.client = None
+                self.connected.clear()
+            await asyncio.sleep(0.3)
+
+    def _on_message(self, raw: Any) -> None:
+        try:
+            payload = json.loads(raw)
+            info = payload["bridge"]
+            service_id = info["transaction"]["service_id"]
+            outcome, source = info["outcome"], info["source"]
+        except (TypeError, ValueError, KeyError):
+            self.stray.append({"raw": repr(raw)[:200]})
+            return
+        now = time.time()
+        payment = self.payments.get(service_id)
+        if payment is None:
+            if service_id in self.aborts:
+                self.aborts[service_id].append(outcome)
+            else:
+                self.stray.append(payload)
+            return
+        payment.outcomes.append((now, outcome, source))
+        if outcome != "unresolved":
+            if payment.first_final is None:
+                payment.first_final, payment.first_final_at = outcome, now
+            elif outcome != payment.first_final:
+                payment.conflicts.append(f"{payment.first_final} then {outcome} ({source})")
+        payment.answered.set()
+
+    async def go_away(self, seconds: float) -> None:
+        """Close the till's MQTT session (cleanly) for a while; results queue in the broker."""
+        self.present.clear()
+        await self.stop_session()
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.start_session()
+            self.present.set()
+
+    # -- paying --
+
+    def _choose(self) -> tuple[Terminal, str]:
+        terminal = (self.rng.choice(self.home) if self.home and self.rng.random() < 0.85
+                    else self.rng.choice(self.soak.terminals))
+        names = list(KINDS)
+        kind = self.rng.choices(names, weights=[KINDS[k][1] for k in names])[0]
+        return terminal, kind
+
+    async def _publish(self, topic: str, document: dict[str, Any]) -> str:
+        client = self.client
+        if client is None:
+            return "uncertain"
+        try:
+            await asyncio.wait_for(client.publish(topic, json.dumps(document), qos=1), 5)
+            return "ok"
+        except (aiomqtt.MqttError, TimeoutError):
+            return "uncertain"
+
+    async def pay_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await self.present.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.connected.wait(), 1.0)
+            if not self.connected.is_set() or stop.is_set():
+                continue
+            terminal, kind = self._choose()
+            think = self.rng.uniform(0.05, 0.5)
+            abort = kind in ABORTABLE and self.rng.random() < ABORT_CHANCE
+            abort_after = self.rng.uniform(0.3, 1.5)
+            await asyncio.sleep(think)
+            if stop.is_set() or not self.connected.is_set():
+                continue
+            payment = await self.pay(terminal, kind)
+            if abort:
+                try:
+                    await asyncio.wait_for(payment.answered.wait(), abort_after)
+                except TimeoutError:
+                    await self._abort(payment)
+            # Wait for the first answer (final or unresolved); a till then goes on either way.
+            waiter = asyncio.create_task(payment.answered.wait())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({waiter, stopper}, timeout=30,
+                               return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+
+    async def pay(self, terminal: Terminal, kind: str) -> Payment:
+        """Publish one payment with a fresh ServiceID (never re-sent)."""
+        self.counter += 1
+        service_id = f"P{self.counter}"
+        amount = KINDS[kind][0]
+        document = payment_request(self.sale_id, service_id, terminal.poi_id, amount)
+        document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
+            "TimeStamp"] = iso_now()
+        payment = Payment(self.sale_id, service_id, terminal.poi_id, kind, amount, time.time(),
+                          len(json.dumps(document)))
+        self.payments[service_id] = payment
+        payment.publish = await self._publish(
+            f"{BASE}/terminals/{terminal.poi_id}/request", document)
+        return payment
+
+    async def _abort(self, payment: Payment) -> None:
+        self.counter += 1
+        abort_id = f"A{self.counter}"
+        payment.abort_id = abort_id
+        self.aborts[abort_id] = []
+        document = {"SaleToPOIRequest": {
+            "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Service",
+                              "MessageCategory": "Abort", "MessageType": "Request",
+                              "SaleID": self.sale_id, "ServiceID": abort_id,
+                              "POIID": payment.poi_id},
+            "AbortRequest": {"AbortReason": "MerchantAbort", "MessageReference": {
+                "MessageCategory": "Payment", "SaleID": self.sale_id,
+                "ServiceID": payment.service_id, "POIID": payment.poi_id}}}}
+        await self._publish(f"{BASE}/terminals/{payment.poi_id}/request", document)
+
+
+@dataclass
+class ChaosEvent:
+    at: float  # seconds since the start of the chaos
+    wall: float
+    kind: str
+    target: str
+    seconds: float
+    skipped: bool = False
+
+
+# --- the soak ----------------------------------------------------------------------------------------
+
+class Soak:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.rng = random.Random(args.seed)
+        setup_rng = random.Random(f"{args.seed}-setup")
+        # log_type all: every PUBLISH/PUBACK, so the audit can tell who lost a request
+        self.broker = Mosquitto(workdir / "mosquitto", extra_config="log_type all")
+        self.terminals = [Terminal(i, workdir, args.seed, setup_rng)
+                          for i in range(args.terminals)]
+        self.config_path = workdir / "soak.toml"
+        self.journal_path = workdir / "journal.sqlite3"
+        self.daemon = Daemon(self.config_path, workdir)
+        self.registers = [Register(self, i, random.Random(f"{args.seed}-register-{i}"))
+                          for i in range(args.registers)]
+        self.events: list[ChaosEvent] = []
+        self.broker_down = False
+        self.daemon_down = False
+        self.broker_kills: list[float] = []  # wall-clock times of kill -9
+        self.daemon_terms: list[tuple[float, float]] = []  # (SIGTERM sent, process gone)
+        self._chaos_tasks: set[asyncio.Task[None]] = set()
+        self.t0 = 0.0
+        self.healthy_since = 0.0
+        self.crashes: list[str] = []
+        self.dead_terminals: set[str] = set()
+        self.term_state: dict[str, tuple[str, float, str]] = {}  # state, since, detail
+        self.offline_episodes: list[dict[str, Any]] = []
+        self.broker_up_at = 0.0
+
+    # -- set-up --
+
+    def write_config(self) -> None:
+        lines = [
+            f'journal = "{self.journal_path}"',
+            f'log_level = "{self.args.log_level}"',
+            "[mqtt]",
+            f'host = "{self.broker.host}"',
+            f"port = {self.broker.port}",
+            f'base_topic = "{BASE}"',
+            'client_id = "poi-bridge-soak"',
+            "keepalive = 5",
+            "health_interval = 5.0",
+        ]
+        for terminal in self.terminals:
+            lines += [
+                "[[terminals]]",
+                f'poi_id = "{terminal.poi_id}"',
+                "payment_timeout = 2.0",
+                "status_timeout = 1.0",
+                "poll_floor = 0.05",
+                "resync_attempts = 2",
+                "reconcile_initial = 0.5",
+                "reconcile_max_interval = 2.0",
+                "[terminals.link]",
+                'kind = "serial"',
+                f'device = "{terminal.link}"',
+                "[terminals.framer]",
+                'name = "stx-etx-lrc"',
+                "ack_timeout = 0.5",
+            ]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    async def start(self) -> None:
+        log(f"workdir {self.workdir}")
+        await asyncio.to_thread(self.broker.start)
+        for terminal in self.terminals:
+            terminal.start()
+        for terminal in self.terminals:
+            await asyncio.to_thread(terminal.wait_started)
+        self.write_config()
+        self.daemon.start()
+        await self.wait_bridge_ready(timeout=60)
+        for register in self.registers:
+            register.start_session()
+        for register in self.registers:
+            await asyncio.wait_for(register.connected.wait(), 30)
+        log(f"up: broker :{self.broker.port}, {len(self.terminals)} terminals, bridge, "
+            f"{len(self.registers)} registers")
+
+    async def wait_bridge_ready(self, timeout: float, *, terminals: bool = True) -> None:
+        """Until the bridge says online and (with `terminals`) every terminal is online."""
+        want = {t.poi_id for t in self.terminals} if terminals else set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                async with aiomqtt.Client(self.broker.host, self.broker.port,
+                                          identifier="soak-observer", timeout=5) as client:
+                    await client.subscribe(f"{BASE}/terminals/+/state", qos=1)
+                    await client.subscribe(f"{BASE}/bridge/state", qos=1)
+                    online: set[str] = set()
+                    bridge = False
+                    async with asyncio.timeout(max(1.0, deadline - time.monotonic())):
+                        async for message in client.messages:
+                            payload = json.loads(message.payload)
+                            topic = message.topic.value
+                            if topic.endswith("/bridge/state"):
+                                bridge = payload.get("state") == "online"
+                            elif payload.get("state") in ("online", "busy"):
+                                online.add(payload["poi_id"])
+                            else:
+                                online.discard(payload.get("poi_id"))
+                            if bridge and online >= want:
+                                return
+            except (aiomqtt.MqttError, TimeoutError):
+                await asyncio.sleep(0.5)
+        raise RuntimeError("the bridge did not come up with every terminal online; see "
+                           f"{self.daemon.log_path}")
+
+    # -- chaos --
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._chaos_tasks.add(task)
+        task.add_done_callback(self._chaos_tasks.discard)
+
+    async def chaos_loop(self, stop: asyncio.Event) -> None:
+        rng = self.rng
+        kinds = list(CHAOS_KINDS)
+        weights = [CHAOS_KINDS[k] for k in kinds]
+        first = kinds[:]  # every kind once, in a seeded order, then weighted draws
+        rng.shuffle(first)
+        while not stop.is_set():
+            # Every draw happens whatever the state, so a seed gives one sequence of events.
+            pause = min(rng.expovariate(1 / self.args.chaos_interval),
+                        4 * self.args.chaos_interval)
+            drawn = rng.choices(kinds, weights=weights)[0]
+            kind = first.pop(0) if first else drawn
+            seconds = rng.uniform(0.3, 5.0)
+            terminal = rng.choice(self.terminals)
+            register = rng.choice(self.registers)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), pause)
+            if stop.is_set():
+                return
+            target = {"terminal_unplug": terminal.poi_id, "terminal_freeze": terminal.poi_id,
+                      "daemon_freeze": "daemon",
+                      "terminal_stall": terminal.poi_id,
+                      "power_blip": terminal.poi_id,
+                      "register_away": register.sale_id}.get(kind, kind.split("_")[0])
+            event = ChaosEvent(time.monotonic() - self.t0, time.time(), kind, target,
+                               round(seconds, 2))
+            self.events.append(event)
+            now = time.monotonic()
+            if kind == "broker_kill9" or kind == "broker_restart":
+                if self.broker_down:
+                    event.skipped = True
+                else:
+                    self.broker_down = True
+                    self._spawn(self._broker_outage(kind == "broker_kill9", seconds))
+            elif kind == "daemon_freeze":
+                if self.daemon_down:
+                    event.skipped = True
+                else:
+                    self.daemon_down = True
+                    self._spawn(self._daemon_freeze(0.3 + seconds / 2))
+            elif kind in ("daemon_kill9", "daemon_sigterm"):
+                if self.daemon_down:
+                    event.skipped = True
+                else:
+                    self.daemon_down = True
+                    self._spawn(self._daemon_outage(kind == "daemon_kill9", seconds * 0.6))
+            elif kind == "terminal_unplug":
+                if terminal.unplugged_until > now:
+                    event.skipped = True
+                else:
+                    terminal.unplug(seconds)
+            elif kind == "terminal_freeze":
+                terminal.frozen_until = max(terminal.frozen_until, now + seconds)
+                terminal.control(f"mute {seconds:.2f}")
+            elif kind == "terminal_stall":
+                stall = 0.4 + seconds / 3  # 0.5 to 2 s
+                terminal.frozen_until = max(terminal.frozen_until, now + stall)
+                self._spawn(terminal.stall(stall))
+            elif kind == "register_away":
+                if not register.present.is_set():
+                    event.skipped = True
+                else:
+                    self._spawn(register.go_away(seconds * 1.5))
+            elif kind == "power_blip":
+                if self.daemon_down or terminal.unplugged_until > now:
+                    event.skipped = True
+                else:
+                    self.power_blip(terminal, 4.0 + seconds)
+            if self.args.verbose:
+                log(f"chaos +{event.at:6.1f}s {kind} {target} {seconds:.1f}s"
+                    + (" (skipped: already out)" if event.skipped else ""))
+
+    def power_blip(self, terminal: Terminal, seconds: float) -> None:
+        """The terminal drops off the box and the daemon is SIGKILLed and restarted while
+        it is away (the daemon comes back before the terminal does)."""
+        terminal.unplug(seconds)
+        self.daemon_down = True
+        self._spawn(self._daemon_outage(True, 1.0, delay=0.3))
+
+    async def wait_terminals_back(self) -> None:
+        back = max([t.unplugged_until for t in self.terminals]
+                   + [t.frozen_until for t in self.terminals] + [time.monotonic()])
+        # + the longest replug_after of a drop_link transaction
+        await asyncio.sleep(max(0.0, back - time.monotonic()) + 4.5)
+
+    async def wait_terminals_online(self) -> None:
+        """Until the bridge has every terminal online again, or OFFLINE_LIMIT has passed
+        since they were all plugged in (check_offline then reports the ones still out)."""
+        deadline = self.healthy_since + OFFLINE_LIMIT + 1
+        while time.monotonic() < deadline:
+            states = [self.term_state.get(t.poi_id, ("?", 0.0, ""))[0] for t in self.terminals]
+            if all(st in ("online", "busy") for st in states):
+                return
+            await asyncio.sleep(0.5)
+
+    async def finale(self) -> None:
+        """The chaos always ends the same way, after the payments have stopped, each step on
+        a terminal of its own that has nothing open:
+
+        1. a terminal hangs for 2 s just as a payment is sent to it;
+        2. a terminal refuses a payment (Busy) and that answer is lost on the wire;
+        3. the daemon freezes (SIGSTOP) while a payment for a busy terminal reaches it, and
+           mosquitto is killed -9 before the daemon acknowledges it;
+        4. a restart during business: the daemon gets SIGTERM (`systemctl restart`) and the
+           registers pay at that very moment; the daemon is started again a second later;
+        5. a power blip: a terminal drops off, the daemon is SIGKILLed and restarted while
+           it is away; then quiet, so that a recovery which only a *later* daemon restart
+           would bring about is seen for what it is.
+        """
+        idle = await self.idle_terminals()
+        if len(idle) < 3:
+            log(f"finale: only {len(idle)} idle terminal(s); steps 1-3 need 3, skipped")
+        else:
+            await self.stall_during_payment(idle[0])
+            await self.busy_answer_lost(idle[1])
+            await self.refusal_then_broker_kill(idle[2])
+        await self.sigterm_while_paying()
+        # not the terminal of step 2: what happens to it must stay visible
+        others = [t for t in self.terminals if len(idle) < 3 or t is not idle[1]]
+        terminal = self.rng.choice(others)
+        seconds = 8.0
+        self.events.append(ChaosEvent(time.monotonic() - self.t0, time.time(), "power_blip",
+                                      terminal.poi_id, seconds))
+        log(f"finale: power blip: {terminal.poi_id} unplugged for {seconds:g} s, daemon "
+            "SIGKILLed and restarted meanwhile")
+        self.power_blip(terminal, seconds)
+
+    async def idle_terminals(self) -> list[Terminal]:
+        """Online terminals with nothing open in the journal (waits up to 20 s for some)."""
+        deadline = time.monotonic() + 20
+        while True:
+            busy = await asyncio.to_thread(self._terminals_with_open_transactions)
+            ready = [t for t in self.terminals if t.poi_id not in busy
+                     and self.term_state.get(t.poi_id, ("?",))[0] == "online"]
+            if len(ready) >= min(3, len(self.terminals)) or time.monotonic() > deadline:
+                return ready
+            await asyncio.sleep(0.5)
+
+    def _note(self, kind: str, target: str, seconds: float) -> None:
+        self.events.append(ChaosEvent(time.monotonic() - self.t0, time.time(), kind, target,
+                                      seconds))
+
+    async def stall_during_payment(self, terminal: Terminal) -> None:
+        """The bridge gets no ACK and sends the request frame again (max_tries); the terminal,
+        once awake, reads every copy. Nothing may be charged that the register is not told
+        about."""
+        log(f"finale: {terminal.poi_id} hangs for 2 s as a payment is sent to it")
+        self._note("terminal_stall", terminal.poi_id, 2.0)
+        await terminal.stall(2.0)
+        payment = await self.registers[0].pay(terminal, "approve_slow")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(payment.answered.wait(), 20)
+        await asyncio.sleep(2.0)  # the terminal's own answer comes 1.2 s after it woke up
+
+    async def busy_answer_lost(self, terminal: Terminal) -> None:
+        """Only a status poll can tell the outcome, and it says: refused, Busy. That is an
+        outcome (nothing charged), to be reported."""
+        log(f"finale: {terminal.poi_id} refuses a payment (Busy) and the answer is lost")
+        payment = await self.registers[0].pay(terminal, "busy_response_lost")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(payment.answered.wait(), 6)
+
+    async def refusal_then_broker_kill(self, terminal: Terminal) -> None:
+        """The box freezes for a moment (SIGSTOP) while a request is on its way to the
+        bridge; mosquitto saves it as in flight, and is killed -9 before the bridge's
+        acknowledgement; the bridge wakes up and refuses the request (Busy: its terminal is
+        taken); the restarted broker delivers it again (QoS 1 is at least once). The register
+        was told "rejected, nothing was sent": nothing may be charged for it now."""
+        register = self.registers[-1]
+        daemon = self.daemon.process
+        assert daemon is not None
+        log(f"finale: the daemon freezes while a payment for the busy {terminal.poi_id} "
+            "reaches it, mosquitto is killed -9 meanwhile")
+        first = await register.pay(terminal, "very_slow")  # takes the terminal for 4 s+
+        await asyncio.sleep(0.3)
+        self._note("daemon_freeze", "daemon", 2.7)
+        self.daemon_down = True
+        daemon.send_signal(signal.SIGSTOP)
+        try:
+            second = await register.pay(terminal, "approve")
+            await asyncio.sleep(2.5)  # mosquitto saves once a second: the request, in flight
+            self._note("broker_kill9", "broker", 2.0)
+            self.broker_down = True
+            self.broker_kills.append(time.time())
+            await asyncio.to_thread(self.broker.kill)
+        finally:
+            daemon.send_signal(signal.SIGCONT)
+            self.daemon_down = False
+        await asyncio.sleep(2.0)
+        await asyncio.to_thread(self.broker.start)
+        self.broker_up_at = time.monotonic()
+        self.broker_down = False
+        await self.wait_bridge_ready(timeout=60, terminals=False)
+        for payment in (first, second):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(payment.answered.wait(), 10)
+        await asyncio.sleep(3.0)
+
+    async def sigterm_while_paying(self) -> None:
+        log("finale: SIGTERM to the daemon while the registers pay")
+        self._note("daemon_sigterm", "daemon", 1.0)
+        await self.wait_bridge_ready(timeout=60, terminals=False)
+        await asyncio.sleep(1.0)
+        self.daemon_down = True
+        assert self.daemon.process is not None
+        sent = time.time()
+        self.daemon.process.send_signal(signal.SIGTERM)
+        # A burst first (several requests in the daemon's MQTT client at once), then spread
+        # over the first ~150 ms of the drain. A terminal already taken answers Busy, which
+        # is an answer too.
+        await asyncio.gather(*(
+            self.registers[i % len(self.registers)].pay(
+                self.terminals[i % len(self.terminals)], "approve")
+            for i in range(6)))
+        for i, pause in enumerate((0.005, 0.01, 0.02, 0.04, 0.08)):
+            register = self.registers[i % len(self.registers)]
+            await register.pay(self.terminals[i % len(self.terminals)], "approve")
+            await asyncio.sleep(pause)
+        await asyncio.to_thread(self.daemon.process.wait, 20)
+        self.daemon_terms.append((sent, time.time()))
+        await asyncio.sleep(1.0)
+        self.daemon.start()
+        self.daemon_down = False
+        await self.wait_bridge_ready(timeout=60, terminals=False)
+        await asyncio.sleep(1.0)
+
+    def _terminals_with_open_transactions(self) -> set[str]:
+        db = sqlite3.connect(f"file:{self.journal_path}?mode=ro", uri=True, timeout=5)
+        try:
+            return {r[0] for r in db.execute(
+                "SELECT DISTINCT poi_id FROM transactions WHERE state != 'final'")}
+        finally:
+            db.close()
+
+    async def watch_states(self) -> None:
+        """Follow the bridge's terminal state topics (retained, republished on change)."""
+        while True:
+            try:
+                async with aiomqtt.Client(self.broker.host, self.broker.port,
+                                          identifier="soak-watch", timeout=5,
+                                          keepalive=5) as client:
+                    await client.subscribe(f"{BASE}/terminals/+/state", qos=1)
+                    async for message in client.messages:
+                        payload = json.loads(message.payload)
+                        poi_id = payload.get("poi_id")
+                        state = payload.get("state")
+                        old = self.term_state.get(poi_id)
+                        since = time.monotonic() if old is None or \
+                            (old[0] == "offline") != (state == "offline") else old[1]
+                        self.term_state[poi_id] = (state, since, payload.get("detail", ""))
+            except (aiomqtt.MqttError, ValueError):
+                await asyncio.sleep(0.5)
+
+    def check_offline(self) -> None:
+        """A terminal the bridge keeps offline although it is plugged in, the daemon is up
+        and the broker is up, for longer than the worker's reopen backoff (10 s at most)."""
+        now = time.monotonic()
+        if self.daemon_down or self.broker_down or not self.daemon.started_at:
+            return
+        for terminal in self.terminals:
+            state = self.term_state.get(terminal.poi_id)
+            if state is None or state[0] != "offline":
+                terminal.offline_reported = False
+                continue
+            since = max(state[1], terminal.unplugged_until, self.daemon.started_at[-1],
+                        self.broker_up_at)
+            if now - since > OFFLINE_LIMIT and not terminal.offline_reported:
+                terminal.offline_reported = True
+                started = self.daemon.started_at[-1]
+                note = (" The daemon was started while it was unplugged."
+                        if terminal.unplugged_at(started) else "")
+                said = f"poi_bridge: terminal {terminal.poi_id} is not plugged in"
+                if said in self.daemon.log_since_start():
+                    note += (f" At start #{self.daemon.starts} the daemon logged '{said}' and "
+                             "has not opened it since.")
+                self.offline_episodes.append({
+                    "poi_id": terminal.poi_id, "wall": time.time(),
+                    "text": f"terminal {terminal.poi_id} offline for the bridge for "
+                            f"{now - since:.0f} s although plugged in, with the daemon (start "
+                            f"#{self.daemon.starts}) and the broker up (bridge says: "
+                            f"{state[2] or 'no detail'}).{note}"})
+                log(f"!!! {self.offline_episodes[-1]['text']}")
+
+    async def _broker_outage(self, kill9: bool, seconds: float) -> None:
+        try:
+            if kill9:
+                self.broker_kills.append(time.time())
+                await asyncio.to_thread(self.broker.kill)
+            else:
+                await asyncio.to_thread(self.broker.stop)
+            await asyncio.sleep(seconds)
+        finally:
+            await asyncio.to_thread(self.broker.start)
+            self.broker_up_at = time.monotonic()
+            self.broker_down = False
+
+    async def _daemon_freeze(self, seconds: float) -> None:
+        process = self.daemon.process
+        try:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGSTOP)
+                await asyncio.sleep(seconds)
+        finally:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+            self.daemon_down = False
+
+    async def _daemon_outage(self, kill9: bool, seconds: float, delay: float = 0.0) -> None:
+        await asyncio.sleep(delay)
+        try:
+            if kill9:
+                await asyncio.to_thread(self.daemon.kill)
+            else:
+                sent = time.time()
+                await asyncio.to_thread(self.daemon.terminate)
+                self.daemon_terms.append((sent, time.time()))
+            await asyncio.sleep(seconds)
+        finally:
+            self.daemon.start()
+            self.daemon_down = False
+
+    # -- the run --
+
+    def check_processes(self) -> None:
+        """A process that died when the chaos did not kill it is a finding."""
+        if not self.daemon_down and self.daemon.process is not None \
+                and self.daemon.process.poll() is not None:
+            code = self.daemon.process.returncode
+            self.crashes.append(f"the daemon exited on its own with status {code} "
+                                f"(start #{self.daemon.starts}); restarted")
+            log(f"!!! {self.crashes[-1]}")
+            self.daemon.start()
+        for terminal in self.terminals:
+            if terminal.process is not None and terminal.process.poll() is not None \
+                    and terminal.poi_id not in self.dead_terminals:
+                self.dead_terminals.add(terminal.poi_id)
+                self.crashes.append(f"simulated terminal {terminal.poi_id} exited with status "
+                                    f"{terminal.process.returncode}; see {terminal.dir}")
+                log(f"!!! {self.crashes[-1]}")
+
+    async def run(self) -> dict[str, Any]:
+        await self.start()
+        self.t0 = time.monotonic()
+        stop_chaos, stop_paying = asyncio.Event(), asyncio.Event()
+        watcher = asyncio.create_task(self.watch_states())
+        chaos = asyncio.create_task(self.chaos_loop(stop_chaos))
+        payers = [asyncio.create_task(r.pay_loop(stop_paying)) for r in self.registers]
+        next_report = time.monotonic() + 15
+        while time.monotonic() - self.t0 < self.args.duration:
+            await asyncio.sleep(0.5)
+            for task in [chaos, *payers]:
+                if task.done() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            self.check_processes()
+            self.check_offline()
+            if time.monotonic() >= next_report:
+                next_report += 15
+                log(f"+{time.monotonic() - self.t0:5.0f}s payments {self.payment_count()}, "
+                    f"chaos events {len(self.events)}")
+        log(f"chaos off after {time.monotonic() - self.t0:.0f}s; bringing everything back")
+        stop_chaos.set()
+        await chaos
+        while self._chaos_tasks:  # outages in progress finish (and restart what they stopped)
+            await asyncio.gather(*list(self._chaos_tasks), return_exceptions=True)
+        # Terminals come back on their own (unplug and freeze are timed); wait them out.
+        await self.wait_terminals_back()
+        stop_paying.set()
+        await asyncio.gather(*payers)
+        if self.args.finale:
+            await self.finale()
+            while self._chaos_tasks:
+                await asyncio.gather(*list(self._chaos_tasks), return_exceptions=True)
+            await self.wait_terminals_back()
+        self.check_processes()
+        self.healthy_since = time.monotonic()  # broker, daemon and every terminal are up
+        for register in self.registers:
+            await register.present.wait()
+        settled = await self.settle()
+        await self.resync_missing()
+        await self.wait_terminals_online()
+        self.check_processes()
+        self.check_offline()
+        watcher.cancel()
+        states = await self.terminal_states()
+        healthy_for = time.monotonic() - self.healthy_since
+        log("stopping the bridge (SIGTERM) and collecting the terminals' ledgers")
+        exit_code = await asyncio.to_thread(self.daemon.terminate)
+        rows, outbox = await asyncio.to_thread(self.read_journal)
+        ledgers = {}
+        for terminal in self.terminals:
+            ledger = await asyncio.to_thread(terminal.stop)
+            if ledger is None:
+                self.crashes.append(f"simulated terminal {terminal.poi_id} left no ledger "
+                                    f"(exit {terminal.process and terminal.process.returncode})"
+                                    "; its charges are unknown")
+                ledger = {}
+            ledgers[terminal.poi_id] = ledger
+        for register in self.registers:
+            await register.stop_session()
+        await asyncio.to_thread(self.broker.stop)
+        return audit(self, ledgers, rows, outbox, settled=settled, daemon_exit=exit_code,
+                     terminal_states=states, healthy_for=healthy_for)
+
+    async def terminal_states(self) -> dict[str, dict[str, Any]]:
+        """The bridge's retained state topic of every terminal, as it stands now."""
+        states: dict[str, dict[str, Any]] = {}
+        try:
+            async with aiomqtt.Client(self.broker.host, self.broker.port,
+                                      identifier="soak-states", timeout=5) as client:
+                await client.subscribe(f"{BASE}/terminals/+/state", qos=1)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(3):
+                        async for message in client.messages:
+                            payload = json.loads(message.payload)
+                            states[payload.get("poi_id", message.topic.value)] = payload
+                            if len(states) == len(self.terminals):
+                                break
+        except aiomqtt.MqttError as exc:
+            log(f"could not read the terminal states: {exc}")
+        return states
+
+    def payment_count(self) -> int:
+        return sum(len(r.payments) for r in self.registers)
+
+    def _journal_state(self) -> tuple[int, int, set[tuple[str, str]]]:
+        db = sqlite3.connect(f"file:{self.journal_path}?mode=ro", uri=True, timeout=5)
+        try:
+            (open_count,) = db.execute(
+                "SELECT COUNT(*) FROM transactions WHERE state != 'final'").fetchone()
+            (pending,) = db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL").fetchone()
+            finals = {(s, i) for s, i in db.execute(
+                "SELECT sale_id, service_id FROM transactions WHERE state = 'final'")}
+            return open_count, pending, finals
+        finally:
+            db.close()
+
+    async def settle(self) -> bool:
+        """Give the bridge time to resolve everything open and deliver its outbox, and the
+        registers time to receive what was queued for them. Gives up after --settle seconds,
+        or when nothing has moved for --stall seconds (reconcile polls every 2 s at most)."""
+        deadline = time.monotonic() + self.args.settle
+        started = moved = time.monotonic()
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                open_count, pending, finals = await asyncio.to_thread(self._journal_state)
+            except sqlite3.Error as exc:
+                log(f"journal not readable yet: {exc}")
+                await asyncio.sleep(1)
+                continue
+            waiting = [p for r in self.registers for p in r.payments.values()
+                       if p.first_final is None]
+            missing = [p for p in waiting if (p.sale_id, p.service_id) in finals]
+            state = (open_count, len(waiting), len(missing))
+            if state != last:
+                log(f"settling: {open_count} open in the journal, {pending} undelivered, "
+                    f"{len(waiting)} payments without a final outcome at the register "
+                    f"({len(missing)} of them final in the journal)")
+                last, moved = state, time.monotonic()
+            if open_count == 0 and pending == 0 and not missing \
+                    and time.monotonic() - started > 3:
+                if not waiting:
+                    return True
+                if time.monotonic() - started > 10:
+                    return True  # what is left never reached the bridge; the audit says why
+            self.check_offline()
+            if time.monotonic() - moved > self.args.stall:
+                log(f"nothing moved for {self.args.stall:g} s: giving up settling")
+                return False
+            await asyncio.sleep(0.5)
+        log("settle time is up")
+        return False
+
+    async def resync_missing(self) -> None:
+        """A register that has no final outcome for a payment the journal knows asks the
+        bridge (the documented 'download' button); the audit says why it had to."""
+        _, _, finals = await asyncio.to_thread(self._journal_state)
+        todo = [p for r in self.registers for p in r.payments.values()
+                if p.first_final is None and (p.sale_id, p.service_id) in finals]
+        if not todo:
+            return
+        log(f"{len(todo)} payment(s) final in the journal but not at the register: resync")
+        async with aiomqtt.Client(self.broker.host, self.broker.port,
+                                  identifier="soak-operator", timeout=5) as client:
+            for payment in todo:
+                payment.resync_at = time.time()
+                await client.publish(f"{BASE}/bridge/request/resync", json.dumps(
+                    {"sale_id": payment.sale_id, "service_id": payment.service_id}), qos=1)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and any(p.first_final is None for p in todo):
+            await asyncio.sleep(0.5)
+
+    def read_journal(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        db = sqlite3.connect(f"file:{self.journal_path}?mode=ro", uri=True, timeout=5)
+        db.row_factory = sqlite3.Row
+        try:
+            rows = [dict(r) for r in db.execute(
+                "SELECT sale_id, service_id, poi_id, category, state, outcome, source, detail, "
+                "created_at, updated_at, polls_sent, reconcile_attempts, next_poll_at "
+                "FROM transactions")]
+            outbox = []
+            for r in db.execute("SELECT id, topic, payload, created_at, delivered_at "
+                                "FROM outbox WHERE topic LIKE '%/response'"):
+                try:
+                    info = json.loads(r["payload"])["bridge"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                outbox.append({"id": r["id"], "topic": r["topic"],
+                               "service_id": info["transaction"]["service_id"],
+                               "sale_id": info["transaction"]["sale_id"],
+                               "outcome": info["outcome"], "created_at": r["created_at"],
+                               "delivered_at": r["delivered_at"]})
+            # results (not progress events) the broker never acknowledged
+            (pending,) = db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL "
+                "AND topic LIKE '%/response'").fetchone()
+            outbox.append({"pending_total": pending})
+            return rows, outbox
+        finally:
+            db.close()
+
+
+# --- the audit ---------------------------------------------------------------------------------------
+
+def _near(moments: list[float], at: float | None, before: float, after: float) -> bool:
+    """Whether `at` falls in [m - before, m + after] for one of the moments."""
+    return at is not None and any(m - before <= at <= m + after for m in moments)
+
+
+class BrokerLog:
+    """mosquitto's own account (log_type all) of every register request: received from the
+    register, saved to its persistence file, lost in a kill -9, sent on to the bridge,
+    acknowledged by the bridge, and whether the bridge was subscribed to requests at the
+    time. The broker does not log payloads, so the log is replayed the way the broker
+    queues: a request is told apart by topic and size, a delivery to the bridge goes to the
+    oldest request still queued with that topic and size (first in, first out), and a
+    restart drops what arrived after the last "Saving in-memory database" (a kill -9 loses
+    what was not saved yet). Payments are paired with the requests received from their
+    register in order."""
+
+    BRIDGE = "poi-bridge-soak"
+    REQUESTS = f"{BASE}/terminals/+/request"
+
+    def __init__(self, path: Path) -> None:
+        self.entries: list[dict[str, Any]] = []
+        queued: list[dict[str, Any]] = []
+        by_mid: dict[str, dict[str, Any]] = {}
+        subscribed = False
+        lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+        for line in lines:
+            stamp, _, text = line.partition(": ")
+            if not stamp.isdigit():
+                continue
+            at = int(stamp)
+            if text.startswith("Received PUBLISH from ") and "/request', " in text:
+                client = text[len("Received PUBLISH from "):].split(" (", 1)[0]
+                if client == self.BRIDGE:
+                    continue
+                entry = {"client": client, "what": self._what(text), "received": at,
+                         "bridge_subscribed": subscribed, "saved": False, "dropped": None,
+                         "sent": None, "acked": None}
+                self.entries.append(entry)
+                if subscribed:  # else the broker routes it to nobody
+                    queued.append(entry)
+            elif text == f"{self.BRIDGE} 1 {self.REQUESTS}":
+                subscribed = True  # the third line of the broker's SUBSCRIBE report
+            elif text == f"{self.BRIDGE} {self.REQUESTS}":
+                subscribed = False  # ... and of its UNSUBSCRIBE report
+            elif text.startswith("Saving in-memory database"):
+                for entry in queued:
+                    entry["saved"] = True
+            elif text.startswith("mosquitto version") and text.endswith("starting"):
+                for entry in [e for e in queued if not e["saved"]]:
+                    entry["dropped"] = at  # arrived after the last save: gone with the kill
+                    queued.remove(entry)
+                by_mid.clear()
+            elif text.startswith(f"Sending PUBLISH to {self.BRIDGE} (") and "/request', " in text:
+                what = self._what(text)
+                mid = text.split(", m", 1)[1].split(",", 1)[0]
+                entry = next((e for e in queued if e["what"] == what and e["sent"] is not None
+                              and e["acked"] is None and " (d1," in text), None) \
+                    or next((e for e in queued if e["what"] == what and e["sent"] is None), None)
+                if entry is not None:
+                    entry["sent"] = entry["sent"] or at
+                    by_mid[mid] = entry
+            elif text.startswith(f"Received PUBACK from {self.BRIDGE} (Mid: "):
+                mid = text.split("(Mid: ", 1)[1].split(",", 1)[0]
+                entry = by_mid.pop(mid, None)
+                if entry is not None:
+                    entry["acked"] = at
+                    queued.remove(entry)
+
+    @staticmethod
+    def _what(text: str) -> str:
+        """Topic and size: "'poi-bridge/terminals/X/request', ... (426 bytes))"."""
+        return text[text.index("'"):]
+
+    def match(self, registers: list[Register]) -> dict[str, dict[str, Any]]:
+        """Payment key -> its request in the broker's log (greedy, in order, per register:
+        the broker receives one client's publishes in the order they were made)."""
+        found: dict[str, dict[str, Any]] = {}
+        for register in registers:
+            mine = [e for e in self.entries if e["client"] == register.client_id]
+            used = 0
+            for payment in sorted(register.payments.values(), key=lambda p: p.sent_at):
+                what = (f"'{BASE}/terminals/{payment.poi_id}/request', ... "
+                        f"({payment.size} bytes))")
+                for i in range(used, len(mine)):
+                    entry = mine[i]
+                    if entry["received"] > payment.sent_at + 3:
+                        break
+                    if entry["what"] == what and entry["received"] >= int(payment.sent_at) - 1:
+                        found[payment.key] = entry
+                        used = i + 1
+                        break
+        return found
+
+
+NOT_FOUND_IN_LOG = {"received": None, "bridge_subscribed": None, "saved": False,
+                    "dropped": None, "sent": None, "acked": None}
+FATAL = ("lost", "doubled", "phantom", "stuck", "disputed", "crashed")
+BUSY_DETAIL = "terminal busy: the payment was not started"  # the session's words
+# Symptoms of bridge bugs the soak has found, by tag (reported to the bridge's owner):
+KNOWN_BUGS = {
+    "busy_taken_for_declined": "(fixed in e7fc2da) a Busy answer carrying the payment's own "
+                               "ServiceID (the terminal's answer to a retransmitted copy of the "
+                               "request) was taken as 'declined, not started' while the "
+                               "terminal approved the first copy",
+    "busy_status_polled_forever": "(fixed in e7fc2da) a status answer whose original ended "
+                                  "Failure/Busy was taken as 'terminal busy, ask again': "
+                                  "polled every poll_floor forever, never reported",
+    "redelivered_refusal": "(fixed in e7fc2da) a refused request (Busy, offline...) was not "
+                           "journaled, so a QoS 1 redelivery of it ran on the terminal "
+                           "although the register had been told 'rejected'",
+    "left_offline": "(fixed in e7fc2da) a serial terminal on a node udev does not manage, "
+                    "absent when the daemon started, was never reopened",
+    "unsubscribed_while_draining": "(since bc9f762) the daemon unsubscribes from requests when "
+                                   "it drains after SIGTERM; a persistent session keeps "
+                                   "messages only for its subscriptions, so every request "
+                                   "published until the next start subscribes again is "
+                                   "accepted by the broker and delivered to nobody",
+    "dropped_while_draining": "requests acknowledged (QoS 1) by the daemon as it drains after "
+                              "SIGTERM and never answered: before e7fc2da all of them "
+                              "(RegisterGateway._receive skipped them); since, those still "
+                              "queued in the MQTT client when Bridge.stop() cancels the MQTT "
+                              "task after announce_offline()",
+}
+
+
+def busy_loop_tag(row: dict[str, Any]) -> str | None:
+    """A transaction the bridge keeps polling because the status says the original was
+    refused Busy."""
+    return "busy_status_polled_forever" if "/ Busy" in (row.get("detail") or "") else None
+
+
+def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
+          outbox: list[dict[str, Any]], *, settled: bool, daemon_exit: int | None,
+          terminal_states: dict[str, dict[str, Any]], healthy_for: float) -> dict[str, Any]:
+    """Payment by payment: the terminals' ledgers vs the registers vs the journal."""
+    pending_total = outbox.pop()["pending_total"]
+    traces = BrokerLog(soak.broker.log_path).match(soak.registers)
+    journal = {(r["sale_id"], r["service_id"]): r for r in rows}
+    deliveries: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for o in outbox:
+        deliveries[(o["sale_id"], o["service_id"])].append(o)
+    charged_at: dict[str, list[str]] = defaultdict(list)  # "SALE/SVC" -> terminals that charged
+    seen_at: dict[str, list[str]] = defaultdict(list)
+    for poi_id, ledger in ledgers.items():
+        for key, entry in ledger.items():
+            seen_at[key].append(poi_id)
+            if entry.get("charged"):
+                charged_at[key].append(poi_id)
+    payments = [p for r in soak.registers for p in r.payments.values()]
+    by_key = {p.key: p for p in payments}
+    counts: Counter[str] = Counter()
+    problems: list[dict[str, Any]] = []
+    explained: list[str] = []
+    unresolved_notes: list[str] = []
+    offline = {poi for poi, st in terminal_states.items() if st.get("state") == "offline"}
+    offline |= {t.poi_id for t in soak.terminals if t.poi_id not in terminal_states}
+    left_offline = offline | {e["poi_id"] for e in soak.offline_episodes}
+
+    def problem(kind: str, payment: Payment | None, text: str, *, poi_id: str | None = None,
+                key: str | None = None, tag: str | None = None) -> None:
+        """`tag` names a known bug the problem is a symptom of (see KNOWN_BUGS)."""
+        counts[kind] += 1
+        poi_id = poi_id or (payment.poi_id if payment else None)
+        key = key or (payment.key if payment else None)
+        if tag is None and kind == "stuck" and poi_id in left_offline:
+            tag = "left_offline"
+        where = (f"{payment.key} on {payment.poi_id} ({payment.kind}, sent "
+                 f"{clock(payment.sent_at)})") if payment else ""
+        problems.append({"kind": kind, "poi_id": poi_id, "key": key, "tag": tag,
+                         "text": f"{where}: {text}" if where else text})
+
+    for p in payments:
+        counts["payments"] += 1
+        key = (p.sale_id, p.service_id)
+        row = journal.get(key)
+        charged_on = charged_at.get(p.key, [])
+        charged = bool(charged_on)
+        if len(charged_on) > 1:
+            problem("doubled", p, f"charged on {len(charged_on)} terminals: {charged_on}")
+        if any(poi != p.poi_id for poi in seen_at.get(p.key, [])):
+            problem("doubled", p, f"reached terminals {seen_at[p.key]}, sent to {p.poi_id}")
+        final = p.first_final
+        # Told "rejected" but the journal has it as something else: it ran after all.
+        redelivered = "redelivered_refusal" if final == "rejected" and row is not None \
+            and row["outcome"] != "rejected" else None
+        if p.conflicts:
+            problem("disputed", p, "register got different final outcomes: "
+                    + "; ".join(p.conflicts), tag=redelivered)
+        if final is not None:
+            counts[final] += 1
+            if p.final_via_resync:
+                counts["recovered_by_resync"] += 1
+                ours = [d for d in deliveries.get(key, []) if row is not None
+                        and d["outcome"] == row["outcome"] and d["delivered_at"] is not None]
+                first = min((d["delivered_at"] for d in ours), default=None)
+                if _near(soak.broker_kills, first, BROKER_LOSS_WINDOW, 0.5):
+                    explained.append(f"{p.key}: the result was acknowledged by the broker at "
+                                     f"{clock(first)}, less than {BROKER_LOSS_WINDOW} s before "
+                                     "a mosquitto kill -9 (inside its autosave window), so the "
+                                     "broker most likely lost it; the register's resync "
+                                     "brought it")
+                else:
+                    problem("lost", p, f"journal final {row and row['outcome']} (acknowledged "
+                            f"by the broker at {first}) never reached the register; only "
+                            "resync brought it")
+            if final == "approved" and not charged:
+                problem("phantom", p, "register told approved, terminal did not charge "
+                        f"(ledger: {ledgers.get(p.poi_id, {}).get(p.key)})")
+            elif final != "approved" and charged:
+                busy = row is not None and row["detail"] == BUSY_DETAIL
+                problem("lost", p, f"terminal charged, register told {final} "
+                        f"(outcomes {[(o, s) for _, o, s in p.outcomes]}; journal "
+                        f"{row and (row['state'], row['outcome'], row['source'], row['detail'])})",
+                        tag="busy_taken_for_declined" if busy else redelivered)
+            if row is not None and row["state"] == "final" and row["outcome"] != final:
+                problem("disputed", p, f"register acted on {final}, journal says "
+                        f"{row['outcome']} ({row['source']}: {row['detail']})",
+                        tag=redelivered)
+            elif row is not None and row["state"] != "final":
+                problem("disputed", p, f"register got final {final}, journal row is "
+                        f"{row['state']} ({row['detail']})", tag=redelivered)
+            continue
+        # No final outcome at the register.
+        if row is None:
+            if charged:
+                problem("lost", p, "terminal charged, the journal has no row, register has "
+                        "no answer")
+            else:
+                trace = traces.get(p.key, NOT_FOUND_IN_LOG)
+                near_kill = _near(soak.broker_kills, p.sent_at, BROKER_LOSS_WINDOW, 0.5)
+                # when the bridge got it (whole seconds in the broker's log), else when sent
+                got = trace["sent"] if trace["sent"] is not None else p.sent_at
+                during_drain = any(int(a) - 1 <= got <= b + 1 for a, b in soak.daemon_terms)
+                seen = (f"broker log: received {trace['received']} (bridge subscribed: "
+                        f"{trace['bridge_subscribed']}), saved {trace['saved']}, dropped by a "
+                        f"restart {trace['dropped']}, sent to the bridge {trace['sent']}, "
+                        f"acknowledged by the bridge {trace['acked']}")
+                if trace["acked"] is not None:
+                    problem("lost", p, "the bridge acknowledged the request (QoS 1 PUBACK) but "
+                            "never answered nor journaled it"
+                            + (" (it arrived while the daemon was draining after SIGTERM)"
+                               if during_drain else "") + f"; {seen}",
+                            tag="dropped_while_draining" if during_drain else None)
+                elif p.publish == "uncertain" and trace["received"] is None:
+                    counts["never_reached_bridge"] += 1
+                    explained.append(f"{p.key}: the register's publish failed (broker outage) "
+                                     "and the broker never logged it; nothing charged")
+                elif trace["dropped"] is not None and near_kill:
+                    counts["never_reached_bridge"] += 1
+                    explained.append(f"{p.key}: request published at {clock(p.sent_at)}, not "
+                                     "yet saved by mosquitto when it was killed -9, so the "
+                                     "broker lost it before the bridge could have it; nothing "
+                                     f"charged ({seen})")
+                elif trace["received"] is not None and trace["bridge_subscribed"] is False \
+                        and trace["dropped"] is None and trace["sent"] is None:
+                    problem("lost", p, "the broker took the request while the bridge had no "
+                            "subscription to requests (it had unsubscribed), so nobody ever "
+                            f"got it; {seen}", tag="unsubscribed_while_draining")
+                else:
+                    problem("lost", p, "request acknowledged by the broker but never answered "
+                            f"and not in the journal; {seen}")
+            continue
+        if row["state"] == "unresolved":
+            counts["unresolved"] += 1
+            if not p.saw_unresolved:
+                problem("lost", p, "journal says unresolved but the register never got the "
+                        "unresolved report")
+            ledger_entry = next((ledgers[poi][p.key] for poi in seen_at.get(p.key, [])), None)
+            why = (f"journal unresolved after {row['polls_sent']} polls, "
+                   f"{row['reconcile_attempts']} reconcile attempts; last: {row['detail']}; "
+                   f"terminal ledger: {ledger_entry or 'never received (nothing charged)'}")
+            if p.poi_id in offline:
+                why += (f"; the bridge still has terminal {p.poi_id} offline "
+                        f"({terminal_states.get(p.poi_id, {}).get('detail', 'no state')})")
+            unresolved_notes.append(f"{p.key} on {p.poi_id} ({p.kind}): {why}")
+            if healthy_for >= 15:
+                problem("stuck", p, f"still unresolved {healthy_for:.0f} s after the terminal, "
+                        f"the broker and the bridge were all back: {why}",
+                        tag=busy_loop_tag(row))
+            continue
+        if row["state"] == "final":
+            problem("lost", p, f"journal final {row['outcome']} but the register never got it "
+                    "(even after resync)")
+            continue
+        counts["no_final"] += 1  # accepted / awaiting_response / polling: stuck, below
+
+    for row in rows:
+        key = f"{row['sale_id']}/{row['service_id']}"
+        if row["state"] in OPEN_STATES:
+            problem("stuck", by_key.get(key), f"journal row {key} ({row['category']}) still "
+                    f"{row['state']} after {row['polls_sent']} status polls: {row['detail']}",
+                    poi_id=row["poi_id"], key=key, tag=busy_loop_tag(row))
+        elif row["category"] == "Payment" and key not in by_key:
+            problem("doubled", None, f"journal has payment {key} that no register sent",
+                    poi_id=row["poi_id"], key=key)
+    for key, pois in charged_at.items():
+        if key not in by_key:
+            problem("doubled", None, f"terminal(s) {pois} charged {key}, which no register "
+                    "sent", poi_id=pois[0], key=key)
+    if pending_total:
+        problem("stuck", None, f"{pending_total} result(s) left in the outbox, never delivered "
+                "to the broker")
+    for poi_id in sorted(offline):
+        state = terminal_states.get(poi_id, {})
+        problem("stuck", None, f"terminal {poi_id} is still offline for the bridge "
+                f"({state.get('detail') or 'no state published'}) although its simulator has "
+                f"been plugged in for {healthy_for:.0f} s", poi_id=poi_id)
+    for register in soak.registers:
+        for abort_id, outcomes in register.aborts.items():
+            counts["aborts_sent"] += 1
+            if not outcomes and (register.sale_id, abort_id) in journal:
+                problem("lost", None, f"{register.sale_id}/{abort_id}: abort journaled, never "
+                        "answered")
+        for stray in register.stray:
+            problem("disputed", None, f"{register.sale_id} got a response for a ServiceID it "
+                    f"never sent: {json.dumps(stray)[:200]}")
+    for crash in soak.crashes:
+        problem("crashed", None, crash)
+    for episode in soak.offline_episodes:
+        problem("stuck", None, episode["text"], poi_id=episode["poi_id"])
+    counts["charged"] = sum(1 for k in charged_at if k in by_key)
+    chaos = Counter(e.kind for e in soak.events if not e.skipped)
+    skipped = Counter(e.kind for e in soak.events if e.skipped)
+    return {
+        "seed": soak.args.seed, "duration": soak.args.duration,
+        "terminals": len(soak.terminals), "registers": len(soak.registers),
+        "counts": dict(counts), "chaos": dict(chaos), "chaos_skipped": dict(skipped),
+        "problems": problems, "explained": explained, "unresolved": unresolved_notes,
+        "settled": settled, "daemon_exit": daemon_exit, "daemon_starts": soak.daemon.starts,
+        "terminals_offline_at_end": sorted(offline),
+        "offline_episodes": soak.offline_episodes,
+        "register_connects": {r.sale_id: r.connects for r in soak.registers},
+        "workdir": str(soak.workdir),
+    }
+
+
+def report(result: dict[str, Any]) -> bool:
+    c = Counter(result["counts"])
+    rows = [
+        ("payments", c["payments"]), ("charged (ledgers)", c["charged"]),
+        ("approved", c["approved"]), ("declined", c["declined"]),
+        ("cancelled", c["cancelled"]), ("aborted", c["aborted"]),
+        ("not_found", c["not_found"]), ("rejected (busy/offline)", c["rejected"]),
+        ("error", c["error"]), ("unresolved at the end", c["unresolved"]),
+        ("never reached the bridge", c["never_reached_bridge"]),
+        ("recovered by resync", c["recovered_by_resync"]),
+        ("aborts sent", c["aborts_sent"]),
+        ("LOST", c["lost"]), ("DOUBLED", c["doubled"]), ("PHANTOM", c["phantom"]),
+        ("STUCK", c["stuck"]), ("DISPUTED", c["disputed"]), ("CRASHED", c["crashed"]),
+    ]
+    print()
+    print(f"soak audit: seed {result['seed']}, {result['duration']:g} s of chaos, "
+          f"{result['terminals']} terminals, {result['registers']} registers, "
+          f"daemon started {result['daemon_starts']}x")
+    print("-" * 48)
+    for name, value in rows:
+        print(f"  {name:<32} {value:>8}")
+    print("-" * 48)
+    print("  chaos events")
+    for kind in CHAOS_KINDS:
+        skipped = result["chaos_skipped"].get(kind, 0)
+        print(f"    {kind:<30} {result['chaos'].get(kind, 0):>8}"
+              + (f"  (+{skipped} skipped: already out)" if skipped else ""))
+    print("-" * 48)
+    if result["unresolved"]:
+        print("unresolved at the end, and why:")
+        for line in result["unresolved"]:
+            print("  " + line)
+    if result["explained"]:
+        print(f"explained ({len(result['explained'])}):")
+        for line in result["explained"][:50]:
+            print("  " + line)
+    if not result["settled"]:
+        print("note: the bridge had not settled when the settle time ran out")
+    bad: dict[str, list[str]] = defaultdict(list)
+    tags: Counter[str] = Counter()
+    for item in result["problems"]:
+        if item["kind"] in FATAL:
+            bad[item["kind"]].append(item["text"] + (f"  [{item['tag']}]" if item.get("tag")
+                                                     else ""))
+            if item.get("tag"):
+                tags[item["tag"]] += 1
+    if bad:
+        print()
+        print("!" * 76)
+        print("!!! SOAK FAILED: " + ", ".join(f"{k} {len(v)}" for k, v in bad.items()))
+        print(f"!!! seed {result['seed']}; logs, journal and ledgers kept in {result['workdir']}")
+        print("!" * 76)
+        for kind, lines in bad.items():
+            print(f"{kind.upper()}:")
+            for line in lines[:40]:
+                print("  " + line)
+            if len(lines) > 40:
+                print(f"  ... and {len(lines) - 40} more")
+        for tag, n in tags.items():
+            print(f"[{tag}] ({n}): known bridge bug: {KNOWN_BUGS.get(tag, '?')}")
+        return False
+    print("soak passed: nothing lost, doubled, phantom, disputed, stuck or crashed")
+    return True
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=100.0,
+                   help="seconds of payments under chaos (default 100; the finale and "
+                        "settling follow: about 3 minutes in all)")
+    p.add_argument("--seed", type=int, default=1, help="seed for chaos and registers")
+    p.add_argument("--terminals", type=int, default=8)
+    p.add_argument("--registers", type=int, default=4)
+    p.add_argument("--chaos-interval", type=float, default=2.5,
+                   help="mean seconds between chaos events")
+    p.add_argument("--settle", type=float, default=60.0,
+                   help="at most this long for the bridge to resolve what is open at the end")
+    p.add_argument("--no-finale", dest="finale", action="store_false",
+                   help="do not end the chaos with a power blip (terminal unplugged and the "
+                        "daemon restarted while it is away)")
+    p.add_argument("--stall", type=float, default=20.0,
+                   help="stop settling when nothing has moved for this long")
+    p.add_argument("--workdir", type=Path, help="keep everything here (default: a temp dir, "
+                                                "removed when the soak passes)")
+    p.add_argument("--keep", action="store_true", help="keep the temp dir even on success")
+    p.add_argument("--log-level", default="info", choices=["debug", "info"],
+                   help="the daemon's log level")
+    p.add_argument("--json", type=Path, help="write the audit as JSON here")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each chaos event")
+    args = p.parse_args(argv)
+    if args.terminals < 1 or args.registers < 1:
+        p.error("need at least one terminal and one register")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # The registers' MQTT clients lose the broker on purpose; paho's complaints are noise.
+    logging.getLogger("mqtt").setLevel(logging.CRITICAL)
+    if find_mosquitto() is None:
+        print("soak: mosquitto is not installed (apt-get install mosquitto)", file=sys.stderr)
+        return 2
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="poi-soak-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    soak = Soak(args, workdir)
+    started = time.monotonic()
+    try:
+        result = asyncio.run(soak.run())
+    finally:
+        # Whatever happened, leave no process behind.
+        soak.daemon.kill()
+        for terminal in soak.terminals:
+            if terminal.process is not None and terminal.process.poll() is None:
+                terminal.process.kill()
+        soak.broker.kill()
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    (workdir / "audit.json").write_text(json.dumps(result, indent=1))
+    (workdir / "chaos.json").write_text(json.dumps([dataclasses.asdict(e) for e in soak.events],
+                                                   indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    ok = report(result)
+    print(f"wall time {result['wall_seconds']} s")
+    if ok and args.workdir is None and not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

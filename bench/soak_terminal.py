@@ -1,0 +1,179 @@
+"""A simulated terminal for the soak: `poi-bridge simulate --pty` plus a control channel.
+
+Same flags and scenario as `python -m bridge simulate` (they are parsed by that command's own
+parser and turned into a scenario by its own `build_scenario`), served by the same
+`SimulatorServer`; what this adds is a line-based control channel on standard input, so the
+soak's chaos loop can pull the cable or freeze the terminal *without killing the process*
+(a killed simulator would take its ledger, the shopper's side of the audit, with it):
+
+    unplug SECONDS   close the pseudo-terminal now; a new one comes back behind the same
+                     --link symlink after SECONDS (a replugged USB cable)
+    mute SECONDS     play dead: read and drop every byte (no ACK, no answer) for SECONDS
+    stall SECONDS    freeze for SECONDS (the whole process: a terminal whose firmware hangs a
+                     moment); bytes wait in the line and are all read afterwards, so frames
+                     the bridge retransmitted for want of an ACK arrive more than once.
+                     Prints "stalling SECONDS" on standard output first.
+    ledger           write the ledger file now (the process keeps running)
+
+SIGTERM (or the end of standard input, i.e. the soak went away) writes the ledger to
+--ledger and exits, like `poi-bridge simulate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bridge.cli_simulate import add_parser, build_scenario
+from bridge.logging_setup import setup_logging
+from bridge.simulator.server import SimulatorServer
+
+
+class SoakServer(SimulatorServer):
+    """The simulator's server with three changes for fidelity under chaos.
+
+    Unplugging removes the --link symlink as well (udev removes /dev/poi/... when a device
+    goes away; a new one appears on replug). Left in place, the symlink would point at a
+    freed /dev/pts/N, which the kernel soon hands to another pseudo-terminal (another
+    simulated terminal's, or anybody's), and a bridge reopening the link would be talking to
+    a different terminal.
+
+    And unplug is a no-op while the cable is already out. SimulatorServer.unplug() during a
+    replug gap (a drop_link transaction's, or another unplug's) sets the "link lost" flag
+    again while the server sleeps; the server then drops the *new* pseudo-terminal as soon as
+    it has created it, without closing it, and moves the symlink on to a third one: a bridge
+    that opened the second one in between keeps writing into a pty nobody reads any more,
+    and never sees a hang-up.
+
+    Answers also carry the terminal's own POIID (the simulator copies the request's), as a
+    real terminal's do, so the bridge's identity check means something.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        handle = self.terminal.handle
+        poi_id = self.scenario.poi_id
+
+        def handle_as_myself(document: dict[str, Any], now: float) -> Any:
+            reaction = handle(document, now)
+            for answer in reaction.answers:
+                header = (answer.document.get("SaleToPOIResponse") or {}).get("MessageHeader")
+                if isinstance(header, dict) and "POIID" in header:
+                    header["POIID"] = poi_id  # in place: the ledger keeps the same document
+            return reaction
+
+        self.terminal.handle = handle_as_myself  # type: ignore[method-assign]
+
+    @property
+    def unplugged(self) -> bool:
+        link = self._link
+        return link is None or getattr(link, "master", 0) < 0
+
+    def unplug(self) -> None:
+        if self.unplugged:
+            return
+        if self.link_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.link_path.unlink()
+        super().unplug()
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="soak_terminal")
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["simulate", *argv])
+
+
+def write_ledger(server: SimulatorServer, path: Path | None) -> None:
+    if path is None:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(server.terminal.summary(), indent=1))
+    tmp.replace(path)
+
+
+async def unplug(server: SoakServer, seconds: float) -> None:
+    """Pull the cable for `seconds`. The server replugs after its scenario's replug_after,
+    so that is set for this one unplug and put back once the new pty is up."""
+    if server.unplugged:
+        print("soak_terminal: unplug ignored: already unplugged", file=sys.stderr, flush=True)
+        return
+    default = server.scenario
+    server.scenario = default.model_copy(
+        update={"link": default.link.model_copy(update={"replug_after": seconds})})
+    replugs = server.replugs
+    server.unplug()
+    try:
+        while server.replugs == replugs:
+            await asyncio.sleep(0.05)
+    finally:
+        server.scenario = default
+
+
+async def control(server: SoakServer, ledger: Path | None, stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    busy: set[asyncio.Task[None]] = set()
+    while True:
+        line = await reader.readline()
+        if not line:
+            stop.set()  # the soak is gone: save the ledger and leave
+            return
+        words = line.decode(errors="replace").split()
+        if not words:
+            continue
+        try:
+            if words[0] == "unplug":
+                if any(not t.done() for t in busy):
+                    continue  # already unplugged
+                task = asyncio.create_task(unplug(server, float(words[1])))
+                busy = {task}
+            elif words[0] == "mute":
+                server.mute(float(words[1]))
+            elif words[0] == "stall":
+                print(f"stalling {words[1]}", flush=True)  # the soak waits for this line
+                time.sleep(min(float(words[1]), 10.0))  # noqa: ASYNC251 - the point
+            elif words[0] == "ledger":
+                write_ledger(server, ledger)
+        except (IndexError, ValueError):
+            print(f"soak_terminal: bad control line {line!r}", file=sys.stderr, flush=True)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    server = SoakServer(build_scenario(args), args.framer)
+    path = await server.start_pty(args.link)
+    print(path, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    controller = asyncio.create_task(control(server, args.ledger, stop))
+    await stop.wait()
+    controller.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await controller
+    await server.close()
+    write_ledger(server, args.ledger)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(sys.argv[1:] if argv is None else argv)
+    setup_logging("info")
+    asyncio.run(serve(args))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,121 @@
+"""The fault-injection soak (bench/soak.py), short, as part of the normal test suite.
+
+Five simulated terminals, two registers paying continuously, and a seeded chaos loop (broker
+kill -9 and restarts, daemon SIGKILL and SIGTERM, terminals unplugged and frozen, registers
+going away), ending with a fixed finale (bench/soak.py, Soak.finale): a terminal that hangs
+as a payment is sent to it, a Busy refusal whose answer is lost, the daemon frozen while a
+payment it will refuse reaches it and mosquitto killed -9 meanwhile, a SIGTERM of the daemon while the registers pay, and a power blip (a
+terminal unplugged and the daemon restarted while it is away). Then every payment is
+audited: the terminals' ledgers against what the registers were told against the journal
+(and mosquitto's own log, to tell a request the broker lost in a kill -9 from one the bridge
+acknowledged and dropped). `make soak` runs the long version.
+
+One soak run (about 80 s) is shared by the tests below.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.broker import find_mosquitto
+
+ROOT = Path(__file__).resolve().parents[1]
+MONEY = ("lost", "doubled", "phantom", "disputed", "crashed")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def soak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed (apt-get install mosquitto); .ci/run installs it")
+    work = tmp_path_factory.mktemp("soak")
+    audit = work / "audit.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", "15", "--seed", "5",
+         "--terminals", "5", "--registers", "2", "--chaos-interval", "1.5", "--settle", "40",
+         "--stall", "15", "--workdir", str(work / "run"), "--json", str(audit)],
+        check=False, capture_output=True, text=True, timeout=400, cwd=ROOT)
+    if not audit.exists():
+        pytest.fail(f"the soak did not finish (exit {proc.returncode}):\n"
+                    f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    result = json.loads(audit.read_text())
+    result["exit"] = proc.returncode
+    result["output"] = proc.stdout
+    result["daemon_log"] = (work / "run" / "daemon.log").read_text(errors="replace")
+    return result
+
+
+def _problems(result: dict[str, Any], *kinds: str, tag: str | None = None) -> list[dict[str, Any]]:
+    return [p for p in result["problems"] if p["kind"] in kinds
+            and (tag is None or p.get("tag") == tag)]
+
+
+def _text(problems: list[dict[str, Any]], result: dict[str, Any]) -> str:
+    return "\n".join(p["text"] for p in problems) + "\n" + result["output"][-3000:]
+
+
+def test_soak_ran_payments_through_every_kind_of_fault(soak: dict[str, Any]) -> None:
+    counts = soak["counts"]
+    assert counts["payments"] >= 20, soak["output"]
+    assert counts.get("charged", 0) >= 5, soak["output"]
+    assert counts.get("approved", 0) >= 5 and counts.get("declined", 0) >= 1, soak["output"]
+    for kind in ("broker_kill9", "daemon_kill9", "daemon_sigterm", "terminal_unplug",
+                 "terminal_stall", "power_blip"):
+        assert soak["chaos"].get(kind, 0) >= 1, (kind, soak["chaos"])
+    assert soak["daemon_starts"] >= 4
+
+
+def test_soak_no_payment_lost_doubled_phantom_disputed_or_stuck(soak: dict[str, Any]) -> None:
+    """The invariants: every charge reported as approved, nothing reported approved that was
+    not charged, nothing charged twice, register and journal agree, every request answered,
+    nothing left half-way in the journal. Problems that are symptoms of the bridge bugs the
+    soak found (the audit tags them) are left to the tests below, one per bug."""
+    bad = [p for p in _problems(soak, *MONEY, "stuck") if not p.get("tag")]
+    assert not bad, _text(bad, soak)
+
+
+def test_soak_every_terminal_comes_back_after_a_restart_while_unplugged(
+        soak: dict[str, Any]) -> None:
+    """A serial terminal on a node udev does not manage (a pty), absent when the daemon
+    starts, is opened when it appears (fixed in e7fc2da; found by the power blip)."""
+    if "udev hotplug unavailable" in soak["daemon_log"]:
+        pytest.skip("no udev netlink here: the daemon runs without hotplug")
+    stuck = _problems(soak, "stuck", tag="left_offline")
+    assert not stuck, _text(stuck, soak)
+    assert soak["terminals_offline_at_end"] == []
+
+
+def test_soak_every_request_sent_during_a_restart_is_answered(soak: dict[str, Any]) -> None:
+    """Requests published while the daemon drains or restarts are answered: refused while
+    draining, or queued by the broker for the persistent session until the next start."""
+    dropped = [p for p in _problems(soak, "lost") if p.get("tag") in (
+        "dropped_while_draining", "unsubscribed_while_draining")]
+    assert not dropped, _text(dropped, soak)
+
+
+def test_soak_no_charge_reported_declined_after_a_busy_answer(soak: dict[str, Any]) -> None:
+    """A terminal slow to ACK reads the request twice and answers the second copy Busy with
+    the payment's own ServiceID: that is not 'declined' (fixed in e7fc2da)."""
+    lost = _problems(soak, "lost", tag="busy_taken_for_declined")
+    assert not lost, _text(lost, soak)
+
+
+def test_soak_a_busy_refusal_learnt_by_status_poll_is_reported(soak: dict[str, Any]) -> None:
+    """A status answer saying the original ended Busy is final, not a reason to poll forever
+    (fixed in e7fc2da)."""
+    stuck = _problems(soak, "stuck", tag="busy_status_polled_forever")
+    assert not stuck, _text(stuck, soak)
+
+
+def test_soak_a_refused_request_delivered_again_is_not_started(soak: dict[str, Any]) -> None:
+    """A refused request that the broker delivers again (QoS 1: at least once) is refused
+    again, never started (fixed in e7fc2da)."""
+    redelivered = _problems(soak, *MONEY, tag="redelivered_refusal")
+    assert not redelivered, _text(redelivered, soak)
