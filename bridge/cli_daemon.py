@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from bridge.config import ConfigError, load_config
+from bridge.config import Config, ConfigError, load_config
 from bridge.daemon.journal import JournalError
 from bridge.logging_setup import setup_logging
 
@@ -24,12 +24,19 @@ def add_parser(subparsers: Any) -> None:
     check.set_defaults(handler=check_config)
 
 
-def check_config(args: argparse.Namespace) -> int:
+def _load_or_report(path: str) -> Config | None:
+    """The configuration, or None after printing every problem with its place."""
     try:
-        config = load_config(args.file)
+        return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{exc.path}: {problem}", file=sys.stderr)
+        return None
+
+
+def check_config(args: argparse.Namespace) -> int:
+    config = _load_or_report(args.file)
+    if config is None:
         return 2
     print(f"{args.file}: OK: {len(config.terminals)} terminal(s), broker "
           f"{config.mqtt.host}:{config.mqtt.port}, base topic {config.mqtt.base_topic}, "
@@ -55,11 +62,8 @@ def _read_secret(path: Any, what: str) -> str | None:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"{exc.path}: {problem}", file=sys.stderr)
+    config = _load_or_report(args.config)
+    if config is None:
         return 2
     setup_logging(config.log_level)
     from bridge.daemon.app import run_bridge
