@@ -175,10 +175,6 @@ def sale_id(index: int) -> str:
     return f"TILL{index + 1:02d}"
 
 
-def now_stamp() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
 def payment_request(sale: str, service: str, poi: str, amount: float) -> dict[str, Any]:
     """A register's PaymentRequest of about 500 bytes, like a real till's (operator, a sale
     reference and acquirer data on top of the minimum)."""
@@ -186,7 +182,6 @@ def payment_request(sale: str, service: str, poi: str, amount: float) -> dict[st
 
     document = minimal(sale, service, poi, amount, "EUR")
     sale_data = document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]
-    sale_data["SaleTransactionID"]["TimeStamp"] = now_stamp()
     sale_data["OperatorID"] = "Operator01"
     sale_data["SaleReferenceID"] = f"{sale}-{service}-ref"
     sale_data["SaleToAcquirerData"] = ("applicationInfo.merchantApplication.name=poi-bridge-bench"

@@ -183,7 +183,8 @@ async def test_every_malformed_request_is_answered(tmp_path, mosquitto):
             await sub.wait_for(rejected("POS1", "C1"))
 
             # Busy: a second payment while one is open
-            await sub.publish(request_topic(), responses.payment_request("POS1", "B1", POI, 1.0))
+            b1 = responses.payment_request("POS1", "B1", POI, 1.0)
+            await sub.publish(request_topic(), b1)
             await sub.publish(request_topic(), responses.payment_request("POS2", "B2", POI, 2.0))
             busy = await sub.wait_for(rejected("POS2", "B2"))
             assert busy["SaleToPOIResponse"]["PaymentResponse"]["Response"][
@@ -195,7 +196,7 @@ async def test_every_malformed_request_is_answered(tmp_path, mosquitto):
             dup = await sub.wait_for(lambda t, p: rejected("POS1", "B1")(t, p))
             assert "already used" in dup["bridge"]["error"]
             # an identical repeat: the known result again, from the journal, nothing started
-            await sub.publish(request_topic(), responses.payment_request("POS1", "B1", POI, 1.0))
+            await sub.publish(request_topic(), b1)
             again = await sub.wait_for(lambda t, p: outcome_for("B1", "approved")(t, p)
                                        and p["bridge"]["source"] == "journal")
             assert again["SaleToPOIResponse"]["PaymentResponse"]["Response"]["Result"] == "Success"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import time
 from typing import Any
 
 OUTCOME_RESULTS: dict[str, tuple[str, str | None, str]] = {
@@ -166,9 +167,12 @@ def rewrite_ids(response: dict[str, Any], request: dict[str, Any]) -> dict[str, 
 
 def payment_request(
     sale_id: str, service_id: str, poi_id: str, amount: float = 10.0, currency: str = "EUR",
-    *, category: str = "Payment",
+    *, category: str = "Payment", now: float | None = None,
 ) -> dict[str, Any]:
-    """A register's PaymentRequest as the Terminal API documents it (for clients and tests)."""
+    """A register's PaymentRequest as the Terminal API documents it (for clients and tests).
+    Stamped with the current time (or `now`): the bridge refuses payment requests older than
+    its request_max_age, as a real till's stale request would be."""
+    stamp = _timestamp(time.time() if now is None else now)
     header = {
         "ProtocolVersion": "3.0", "MessageClass": "Service", "MessageCategory": category,
         "MessageType": "Request", "SaleID": sale_id, "ServiceID": service_id, "POIID": poi_id,
@@ -176,12 +180,12 @@ def payment_request(
     if category == "Payment":
         body = {"PaymentRequest": {
             "SaleData": {"SaleTransactionID": {"TransactionID": f"{sale_id}-{service_id}",
-                                               "TimeStamp": "2026-11-22T10:00:00.000Z"}},
+                                               "TimeStamp": stamp}},
             "PaymentTransaction": {"AmountsReq": {"Currency": currency, "RequestedAmount": amount}},
         }}
     elif category == "Reversal":
         body = {"ReversalRequest": {"OriginalPOITransaction": {"POITransactionID": {
-            "TransactionID": "original", "TimeStamp": "2026-11-22T10:00:00.000Z"}},
+            "TransactionID": "original", "TimeStamp": stamp}},
             "ReversalReason": "MerchantCancel", "ReversedAmount": amount}}
     else:
         body = {f"{category}Request": {}}
