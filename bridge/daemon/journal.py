@@ -97,6 +97,8 @@ class Journal:
         """Open (or, the first time, create) the journal. `readonly` is for the technician's
         commands, which read it beside the running daemon and must never change it."""
         self.path = Path(path)
+        self._depth = 0
+        self._requests: dict[TxKey, tuple[dict[str, Any], str]] = {}
         existed = self.path.exists() and self.path.stat().st_size > 0
         if readonly and not existed:
             raise JournalError(f"no journal at {self.path} (has the daemon run yet?)")
@@ -151,6 +153,9 @@ class Journal:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self._depth:  # inside batch(): the outermost one commits
+            yield self._db
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
@@ -159,14 +164,27 @@ class Journal:
             raise
         self._db.execute("COMMIT")
 
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Every save() and enqueue() inside commits as one transaction, at the end: one
+        fsync for all the records and messages of a step instead of one each. Nothing that
+        depends on them may happen before the block ends (the worker sends after it)."""
+        with self._transaction():
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+
     # --- transactions -----------------------------------------------------------------------
 
-    @staticmethod
-    def _row(txn: Transaction) -> tuple[Any, ...]:
+    def _row(self, txn: Transaction) -> tuple[Any, ...]:
         values = []
         for column in _COLUMNS:
             value = getattr(txn, column)
-            if column in _JSON_COLUMNS:
+            if column == "request":
+                value = self._request_text(txn)
+            elif column in _JSON_COLUMNS:
                 value = None if value is None else _dumps(list(value) if column == "poll_ids" else value)
             elif column == "state":
                 value = str(value)
@@ -185,6 +203,20 @@ class Journal:
         data["state"] = TxState(data["state"])
         data["passthrough"] = bool(data["passthrough"])
         return Transaction(**data)
+
+    def _request_text(self, txn: Transaction) -> str:
+        """The request never changes over a transaction's life, but is saved with every state:
+        serialise it once while the transaction is open (snapshots share the same dict)."""
+        cached = self._requests.get(txn.key)
+        if cached is not None and cached[0] is txn.request:
+            text = cached[1]
+        else:
+            text = _dumps(txn.request)
+        if txn.state is TxState.FINAL:
+            self._requests.pop(txn.key, None)
+        else:
+            self._requests[txn.key] = (txn.request, text)
+        return text
 
     def save(self, txn: Transaction, outbox: list[tuple[str, bytes, int, bool]] = ()) -> list[int]:
         """Commit a transaction's state, with the messages it owes registers, atomically."""
@@ -255,13 +287,18 @@ class Journal:
         return [OutboxMessage(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
 
     def mark_delivered(self, message_ids: list[int]) -> None:
+        """No fsync of its own: a mark lost to a power cut only makes the message go out once
+        more (registers already accept repeats); the next durable commit carries it anyway."""
         if not message_ids:
             return
-        with self._transaction() as db:
-            db.executemany(
-                "UPDATE outbox SET delivered_at = ? WHERE id = ?",
-                [(time.time(), i) for i in message_ids],
-            )
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._transaction() as db:
+                now = time.time()
+                db.executemany("UPDATE outbox SET delivered_at = ? WHERE id = ?",
+                               [(now, i) for i in message_ids])
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
 
     def final_before(self, cutoff: float) -> list[TxKey]:
         """Final transactions last touched before `cutoff` (their retained topics expire)."""

@@ -38,6 +38,8 @@ from bridge.transports import Backoff
 
 log = logging.getLogger("poi_bridge.mqtt")
 
+OUTBOX_WINDOW = 256  # outbox messages published and not yet acknowledged, at most
+
 # (topic, payload, properties or None) -> None; the intake answers through `reply`.
 RequestHandler = Callable[[str, bytes, "Reply"], Awaitable[None] | None]
 
@@ -189,7 +191,7 @@ class RegisterGateway:
             max_queued_incoming_messages=10_000,
             # Small request/response messages: Nagle's delay cost tens of ms per payment.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-            max_inflight_messages=256,  # the outbox publishes batches of up to 256
+            max_inflight_messages=OUTBOX_WINDOW,
             timeout=10,
             **options,
         )
@@ -269,18 +271,56 @@ class RegisterGateway:
                     "topic": message.topic.value})
 
     async def _publish_outbox(self, client: aiomqtt.Client) -> None:
-        while True:
-            await self._outbox_ready.wait()
-            self._outbox_ready.clear()
-            last_id = 0
+        """Publish the outbox in order as a pipeline: a new result goes out at once, without
+        waiting for the acknowledgements of the messages before it. Each message is marked
+        delivered when the broker acknowledged it (marks are gathered into one write per loop
+        pass); the ones still unacknowledged when the connection drops stay pending and go out
+        again on the next connection, which starts from the oldest pending message."""
+        window = asyncio.Semaphore(OUTBOX_WINDOW)
+        acked: list[int] = []
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        publishing: set[asyncio.Task[None]] = set()
+
+        def mark() -> None:
+            ids, acked[:] = list(acked), []
+            self.journal.mark_delivered(ids)
+            self.published += len(ids)
+
+        def done(task: asyncio.Task[None], message_id: int) -> None:
+            publishing.discard(task)
+            window.release()
+            if task.cancelled():
+                return
+            exc = task.exception()
+            if exc is not None:
+                if not failed.done():
+                    failed.set_exception(exc)
+                return
+            if not acked:
+                asyncio.get_running_loop().call_soon(mark)
+            acked.append(message_id)
+
+        last_id = 0
+        try:
             while True:
-                batch = self.journal.pending(limit=256, after_id=last_id)
-                if not batch:
-                    break
-                await asyncio.gather(*(self._publish_one(client, m) for m in batch))
-                self.journal.mark_delivered([m.id for m in batch])
-                self.published += len(batch)
-                last_id = batch[-1].id
+                ready = asyncio.ensure_future(self._outbox_ready.wait())
+                await asyncio.wait({ready, failed}, return_when=asyncio.FIRST_COMPLETED)
+                ready.cancel()
+                if failed.done():
+                    failed.result()  # raise: the connection is gone, _serve reconnects
+                self._outbox_ready.clear()
+                while batch := self.journal.pending(limit=OUTBOX_WINDOW, after_id=last_id):
+                    for message in batch:
+                        await window.acquire()
+                        task = asyncio.create_task(self._publish_one(client, message))
+                        publishing.add(task)
+                        task.add_done_callback(lambda t, i=message.id: done(t, i))
+                    last_id = batch[-1].id
+        finally:
+            for task in publishing:
+                task.cancel()
+            if acked:
+                mark()
 
     async def _publish_one(self, client: aiomqtt.Client, message: Any) -> None:
         properties = None

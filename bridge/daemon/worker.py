@@ -50,6 +50,9 @@ from bridge.transports import (
 
 log = logging.getLogger("poi_bridge.terminal")
 
+MAX_TIMER_SLEEP = 60.0  # s: deadlines are wall-clock; look again at least this often
+TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed timer
+
 
 class Outlet(Protocol):
     """Where a worker's results go: the MQTT side in the daemon, a list in tests."""
@@ -99,7 +102,8 @@ class TerminalWorker:
                                   ack_timeout=fc.ack_timeout, max_tries=fc.max_tries)
         self._transport: Transport | None = None
         self._in_flight: deque[tuple[bytes, str]] = deque()  # frames queued: payload -> ServiceID
-        self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._started = False
         self._write_ready = asyncio.Event()
         self._link_reason = "not connected yet"
         self._stopping = False
@@ -143,12 +147,16 @@ class TerminalWorker:
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._link_loop(), name=f"link {self.poi_id}"),
-            asyncio.create_task(self._timer_loop(), name=f"timers {self.poi_id}"),
         ]
+        self._started = True
+        self._rearm()
         self._publish_state()
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -171,20 +179,26 @@ class TerminalWorker:
     # --- actions ------------------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Record):
-                self.journal.save(action.transaction)
-            elif isinstance(action, Send):
-                self._send(action)
-            elif isinstance(action, Deliver):
-                self.outlet.deliver(action)
-                self._log_result(action)
-            elif isinstance(action, Progress):
-                self.outlet.progress(action)
-            elif isinstance(action, Log):
-                log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
+        # The records and the messages owed to registers commit together, once (one fsync),
+        # and only then do the frames go out: a Send never overtakes the Record before it.
+        sends: list[Send] = []
+        with self.journal.batch():
+            for action in actions:
+                if isinstance(action, Record):
+                    self.journal.save(action.transaction)
+                elif isinstance(action, Send):
+                    sends.append(action)
+                elif isinstance(action, Deliver):
+                    self.outlet.deliver(action)
+                    self._log_result(action)
+                elif isinstance(action, Progress):
+                    self.outlet.progress(action)
+                elif isinstance(action, Log):
+                    log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
+        for send in sends:
+            self._send(send)
         self._publish_state()
-        self._wake.set()
+        self._rearm()
 
     def _log_result(self, result: Deliver) -> None:
         level = logging.WARNING if result.outcome in ("unresolved", "error") else logging.INFO
@@ -278,7 +292,7 @@ class TerminalWorker:
             data = await transport.read()
             self._framer_events(self.framer.receive_data(data, time.monotonic()))
             self._write_ready.set()  # ACK/NAK the framer queued go out via the writer
-            self._wake.set()  # the framer may have a new deadline (a stalled frame)
+            self._rearm()  # the framer may have a new deadline (a stalled frame)
 
     async def _write_loop(self, transport: Transport) -> None:
         pending = b""
@@ -370,29 +384,41 @@ class TerminalWorker:
 
     # --- timers -------------------------------------------------------------------------------
 
-    async def _timer_loop(self) -> None:
-        while True:
-            session_due = self.session.next_deadline()
+    def _rearm(self) -> None:
+        """One loop timer for the earliest of the session's and the framer's deadlines, moved
+        only when that deadline changed: cheaper than a task woken after every step."""
+        if self._stopping or not self._started:
+            return
+        session_due = self.session.next_deadline()
+        framer_due = self.framer.next_deadline() if self.online else None
+        delay = MAX_TIMER_SLEEP  # also bounds the effect of a wall-clock jump
+        if session_due is not None:
+            delay = min(delay, session_due - self._clock())
+        if framer_due is not None:
+            delay = min(delay, framer_due - time.monotonic())
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, delay)
+        timer = self._timer
+        if timer is not None:
+            if abs(timer.when() - when) < TIMER_SLACK:
+                return
+            timer.cancel()
+        self._timer = loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        try:
             framer_due = self.framer.next_deadline() if self.online else None
-            delays = [60.0]
-            if session_due is not None:
-                delays.append(session_due - self._clock())
-            if framer_due is not None:
-                delays.append(framer_due - time.monotonic())
-            delay = max(0.0, min(delays))
-            self._wake.clear()
-            if delay > 0:
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
-                # that arrives as its inner wait completes, and stop() would hang on us.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(delay):
-                        await self._wake.wait()
-            if framer_due is not None and self.online and framer_due <= time.monotonic():
+            if framer_due is not None and framer_due <= time.monotonic():
                 self._framer_events(self.framer.handle_timeout(time.monotonic()))
                 self._write_ready.set()
             due = self.session.next_deadline()
             if due is not None and due <= self._clock():
                 self._apply(self.session.tick(self._clock()))
+        except Exception:  # a timer must never die: the next deadline still has to fire
+            log.exception("terminal %s: timer step failed", self.poi_id)
+        finally:
+            self._rearm()
 
     def _publish_state(self) -> None:
         self.outlet.terminal_state(self.poi_id, self.state())
