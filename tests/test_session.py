@@ -551,3 +551,16 @@ def test_status_answer_whose_original_ended_busy_is_final_not_polled_forever():
     (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), busy)))
     assert (result.outcome, result.source) == ("declined", "status-poll")
     assert not h.session.open and h.session.active is None
+
+
+def test_requests_are_refused_while_the_link_holds_another_terminal():
+    h = Harness()
+    h.session.wrong_device = "P400Plus-111"
+    refused = h.submit("POS1", "S1")
+    assert not h.sends(refused)
+    (result,) = h.delivers(refused)
+    assert result.outcome == "rejected" and "P400Plus-111" in result.error
+    assert any(isinstance(a, Record) and a.transaction.state is TxState.FINAL for a in refused)
+    h.session.wrong_device = None  # the shell saw the right POIID, or reopened the link
+    accepted = h.submit("POS1", "S2")
+    assert [s.purpose for s in h.sends(accepted)] == ["request"]

@@ -272,3 +272,33 @@ async def test_restart_recovers_an_open_payment_from_the_journal(tmp_path):
         assert (result.outcome, result.source) == ("approved", "status-poll")
         assert len(rig.simulator.terminal.ledger) == 1
         assert len([r for r in rig.outlet.results if r.service_id == "S1"]) == 1
+
+
+async def test_a_terminal_on_the_wrong_port_gets_no_further_payments(tmp_path):
+    """The device configured for POI answers as another terminal (ports renumbered after a
+    replug, a swapped cable). The payment already on it still gets its result (the shopper
+    paid on that device), but nothing more is sent to it: a second payment is refused with a
+    reason a technician can act on, and the wrong terminal never sees it."""
+    other = "P400Plus-111"
+    wrong = Scenario(poi_id=other, default=Behaviour(delay=0.05),
+                     link=LinkBehaviour(status_hold=0.05))
+    async with Rig(tmp_path, wrong) as rig:
+        rig.pay("S1")
+        assert (await rig.outlet.result_for("S1")).outcome == "approved"
+        assert rig.worker.identity == f"mismatch: {other}"
+        assert rig.outlet.states[-1]["identity"] == f"mismatch: {other}"
+        rig.pay("S2", 11.0)
+        refused = await rig.outlet.result_for("S2", timeout=3)
+        assert refused.outcome == "rejected"
+        assert other in refused.error and "nothing was sent" in refused.error
+        assert ("POS1", "S2") not in rig.simulator.terminal.ledger
+        assert rig.stored("S2").outcome == "rejected"  # a redelivered copy gets the same answer
+
+
+async def test_the_right_terminal_is_confirmed_and_served(tmp_path):
+    async with Rig(tmp_path, scenario()) as rig:
+        rig.pay("S1")
+        assert (await rig.outlet.result_for("S1")).outcome == "approved"
+        assert rig.worker.identity == "confirmed"
+        rig.pay("S2", 11.0)
+        assert (await rig.outlet.result_for("S2")).outcome == "approved"

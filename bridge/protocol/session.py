@@ -125,6 +125,10 @@ class TerminalSession:
         self.open: dict[TxKey, Transaction] = {}  # every transaction not yet final
         self.active: TxKey | None = None  # the one that owns the terminal
         self.link_up = False
+        # The POIID the device on this link gave when it is not ours: a terminal on the wrong
+        # port. New requests are refused while it is set, so no payment runs on the wrong
+        # terminal; the shell clears it when the link is reopened or the right POIID is seen.
+        self.wrong_device: str | None = None
         self._probe: _Probe | None = None  # the one status poll on the wire
         self._poll_index: dict[str, TxKey] = {}
 
@@ -158,6 +162,11 @@ class TerminalSession:
         if not self.link_up:
             return self._refuse(txn, header, "UnavailableDevice",
                                 f"terminal {self.poi_id} is offline; nothing was sent", now)
+        if self.wrong_device is not None:
+            return self._refuse(txn, header, "UnavailableDevice",
+                                f"the device on terminal {self.poi_id}'s link says it is "
+                                f"{self.wrong_device}; nothing was sent until a technician "
+                                "checks which terminal is plugged into which port", now)
         if not txn.passthrough and self.active is not None:
             return self._refuse(txn, header, "Busy",
                                 f"terminal {self.poi_id} is busy with transaction {self.active}",

@@ -131,6 +131,15 @@ class SimulatedTerminal:
     # --- the terminal -----------------------------------------------------------------------
 
     def handle(self, document: dict[str, Any], now: float) -> Reaction:
+        """A real terminal names itself in every answer: its own POIID, not the request's."""
+        reaction = self._answer(document, now)
+        for answer in reaction.answers:
+            for root in answer.document.values():
+                if isinstance(root, dict) and isinstance(root.get("MessageHeader"), dict):
+                    root["MessageHeader"]["POIID"] = self.scenario.poi_id
+        return reaction
+
+    def _answer(self, document: dict[str, Any], now: float) -> Reaction:
         request = document.get("SaleToPOIRequest")
         if not isinstance(request, dict) or not isinstance(request.get("MessageHeader"), dict):
             return Reaction()  # a real terminal answers junk with silence or an event
