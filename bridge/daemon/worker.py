@@ -290,11 +290,17 @@ class TerminalWorker:
         return "device unplugged"
 
     async def _read_loop(self, transport: Transport) -> None:
+        # At 115200 baud a frame arrives in many small reads: most of them only feed the
+        # framer, so wake the writer and move the timer only when something changed.
+        framer_due = self.framer.next_deadline()
         while True:
             data = await transport.read()
             self._framer_events(self.framer.receive_data(data, time.monotonic()))
-            self._write_ready.set()  # ACK/NAK the framer queued go out via the writer
-            self._rearm()  # the framer may have a new deadline (a stalled frame)
+            if self.framer.has_data_to_send:
+                self._write_ready.set()  # ACK/NAK the framer queued go out via the writer
+            if self.framer.next_deadline() != framer_due:  # e.g. a stalled frame's deadline
+                framer_due = self.framer.next_deadline()
+                self._rearm()
 
     async def _write_loop(self, transport: Transport) -> None:
         pending = b""

@@ -318,27 +318,24 @@ class MessageError(ValueError):
     """The bytes are not a usable SaleToPOI message; the text says what and where."""
 
 
+# A string left open runs to the end of the text (as json.loads would read it), so every
+# match attempt succeeds and the scan stays linear on hostile input.
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*+\\?(?:"|\Z)', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+
+
 def _depth_ok(raw: str | bytes, limit: int) -> bool:
-    # Cheap guard against nesting bombs before json.loads recurses into them.
-    depth = deepest = 0
-    in_string = escaped = False
-    for ch in raw if isinstance(raw, str) else raw.decode("utf-8", "replace"):
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
+    # Cheap guard against nesting bombs before json.loads recurses into them: drop strings
+    # and everything that is not a bracket (in C, by regex), then walk the brackets only.
+    text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
+    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
+    depth = 0
+    for ch in brackets:
+        if ch in "[{":
             depth += 1
-            if depth > deepest:
-                deepest = depth
-                if deepest > limit:
-                    return False
-        elif ch in "]}":
+            if depth > limit:
+                return False
+        else:
             depth -= 1
     return True
 

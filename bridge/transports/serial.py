@@ -55,6 +55,7 @@ class SerialTransport(Transport):
         # and a second registration would silently replace the first.
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
+        self._reading = False  # the fd is registered with the loop for reading
 
     # --- Transport interface ----------------------------------------------------------------
 
@@ -98,7 +99,7 @@ class SerialTransport(Transport):
             try:
                 data = os.read(fd, READ_CHUNK)
             except (BlockingIOError, InterruptedError):
-                await self._wait(fd, writing=False)
+                await self._wait_readable(fd)
                 continue
             except OSError as exc:
                 self._lose(_loss_detail(exc))
@@ -129,7 +130,7 @@ class SerialTransport(Transport):
             view = view[written:]
             if view:
                 # The kernel buffer is full (slow line, flow control): wait until it has room.
-                await self._wait(fd, writing=True)
+                await self._wait_writable(fd)
 
     async def close(self) -> None:
         if self._fd is not None:
@@ -168,31 +169,48 @@ class SerialTransport(Transport):
             raise LinkClosed(f"cannot configure serial device {link.device}: {exc}") from exc
         return port
 
-    async def _wait(self, fd: int, *, writing: bool) -> None:
+    async def _wait_readable(self, fd: int) -> None:
+        """Wait until the fd has bytes. The fd stays registered with the loop between reads:
+        a frame arrives in many small reads, and registering anew for each costs two epoll
+        calls. It is unregistered only when it becomes readable with no read waiting (or on
+        close), so the loop never spins on a level-triggered fd nobody reads."""
+        if self._read_waiter is not None:
+            raise RuntimeError("read() is already in progress")
         loop = asyncio.get_running_loop()
-        if (self._write_waiter if writing else self._read_waiter) is not None:
-            raise RuntimeError(f"{'write' if writing else 'read'}() is already in progress")
         waiter = loop.create_future()
-        if writing:
-            add, remove = loop.add_writer, loop.remove_writer
-        else:
-            add, remove = loop.add_reader, loop.remove_reader
-        add(fd, _wake, waiter)
-        if writing:
-            self._write_waiter = waiter
-        else:
-            self._read_waiter = waiter
+        self._read_waiter = waiter
+        if not self._reading:
+            loop.add_reader(fd, self._on_readable)
+            self._reading = True
+        try:
+            await waiter
+        finally:
+            self._read_waiter = None
+
+    def _on_readable(self) -> None:
+        waiter = self._read_waiter
+        if waiter is None:
+            if self._fd is not None:
+                asyncio.get_running_loop().remove_reader(self._fd)
+            self._reading = False
+        elif not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait_writable(self, fd: int) -> None:
+        if self._write_waiter is not None:
+            raise RuntimeError("write() is already in progress")
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        loop.add_writer(fd, _wake, waiter)
+        self._write_waiter = waiter
         try:
             await waiter
         finally:
             # Unregister only if the fd is still ours; after a close its number may already
             # belong to something else. _start_closing unregisters before closing.
             if self._fd == fd:
-                remove(fd)
-            if writing:
-                self._write_waiter = None
-            else:
-                self._read_waiter = None
+                loop.remove_writer(fd)
+            self._write_waiter = None
 
     def _lose(self, detail: str) -> None:
         """The device is gone: record why (unless close() came first) and release the port."""
@@ -212,12 +230,14 @@ class SerialTransport(Transport):
         fd, port = self._fd, self._port
         assert fd is not None and port is not None
         loop = asyncio.get_running_loop()
-        for waiter, remove in ((self._read_waiter, loop.remove_reader),
-                               (self._write_waiter, loop.remove_writer)):
-            if waiter is not None:
-                remove(fd)
-                if not waiter.done():
-                    waiter.set_result(None)  # the woken call sees _fd is None and raises
+        if self._reading:
+            loop.remove_reader(fd)
+            self._reading = False
+        if self._write_waiter is not None:
+            loop.remove_writer(fd)
+        for waiter in (self._read_waiter, self._write_waiter):
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)  # the woken call sees _fd is None and raises
         self._fd = None
         self._port = None
         # Drop unsent output: otherwise the kernel's close waits for it to drain (up to 30 s,

@@ -79,6 +79,10 @@ class AcknowledgedFramer(Framer):
         self._transmit_next(now)
         return []
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._outbox)
+
     def data_to_send(self) -> bytes:
         out = bytes(self._outbox)
         self._outbox.clear()

@@ -96,6 +96,11 @@ class Framer(ABC):
     def data_to_send(self) -> bytes:
         """Bytes to write to the link now (frames, retransmissions, ACK/NAK); drains the buffer."""
 
+    @property
+    @abstractmethod
+    def has_data_to_send(self) -> bool:
+        """Whether data_to_send() would return bytes (without draining them)."""
+
     @abstractmethod
     def next_deadline(self) -> float | None:
         """When `handle_timeout` must next be called, or None if nothing is pending."""

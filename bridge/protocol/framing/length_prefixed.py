@@ -97,6 +97,10 @@ class LengthPrefixedFramer(Framer):
         self._outbox += self.encode(payload)
         return [FrameSent(payload)]
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._outbox)
+
     def data_to_send(self) -> bytes:
         out = bytes(self._outbox)
         self._outbox.clear()
