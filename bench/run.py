@@ -5,7 +5,7 @@
     .venv/bin/python bench/run.py --sections core          # just the in-process core (no broker)
     .venv/bin/python bench/run.py --terminals 1,32         # other terminal counts for section 1
     .venv/bin/python bench/run.py --broker-nodelay         # mosquitto with set_tcp_nodelay true
-    .venv/bin/python bench/run.py --what-if nodelay,journal-normal   # a PATCHED daemon (see
+    .venv/bin/python bench/run.py --what-if journal-normal   # a PATCHED daemon (see
                                                # bench/whatif.py): what a change would buy;
                                                # written to bench/results/whatif-latest.json
 
@@ -677,8 +677,8 @@ def main() -> int:
                         help="py-spy on the daemon under 64 terminals (needs py-spy)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument("--what-if", default="",
-                        help="run a patched daemon (bench/whatif.py: nodelay, inflight, early-ack, "
-                             "journal-normal, fast-depth); results are labelled, not the bridge's")
+                        help="run a patched daemon (bench/whatif.py: inflight, early-ack, "
+                             "journal-normal); results are labelled, not the bridge's")
     parser.add_argument("--broker-nodelay", action="store_true",
                         help="run mosquitto with set_tcp_nodelay true (default: its default, off)")
     parser.add_argument("--terminals", help="section 1 terminal counts, e.g. 1,32 (default: "

@@ -205,11 +205,14 @@ def test_valid_frames_survive_garbage_split_anywhere(spec: Spec, data: Any) -> N
 
     position = 0
     for payload, start in zip(frames, starts, strict=True):
+        if _overlapped(stream, start, received, encoder):
+            # Garbage that looked like a frame start swallowed this one (allowed). It must not
+            # consume a delivered copy: a later frame with the same payload may own it.
+            continue
         try:
             position = received.index(payload, position) + 1
         except ValueError:
-            assert _overlapped(stream, start, received, encoder), (
-                f"lost the valid frame at byte {start}: {payload!r}; got {received!r}")
+            pytest.fail(f"lost the valid frame at byte {start}: {payload!r}; got {received!r}")
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=str)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 import ssl
 import time
@@ -328,17 +329,20 @@ class RegisterGateway:
         if correlation is not None and self.config.protocol == "5":
             properties = Properties(PacketTypes.PUBLISH)
             properties.CorrelationData = correlation
+        # No timeout of aiomqtt's own (its wait_for costs a task per publish): a connection
+        # that stops acknowledging is found by the keepalive, and _serve then cancels us.
         await client.publish(message.topic, message.payload, qos=message.qos,
-                             retain=message.retain, properties=properties)
+                             retain=message.retain, properties=properties, timeout=math.inf)
 
     async def _publish_states(self, client: aiomqtt.Client) -> None:
         while True:
             await self._state_ready.wait()
             self._state_ready.clear()
             dirty, self._state_dirty = self._state_dirty, set()
-            for poi_id in dirty:
-                await client.publish(self.topics.terminal_state(poi_id),
-                                     self._terminal_states[poi_id], qos=1, retain=True)
+            await asyncio.gather(*(
+                client.publish(self.topics.terminal_state(poi_id), self._terminal_states[poi_id],
+                               qos=1, retain=True, timeout=math.inf)
+                for poi_id in dirty))
 
     async def _publish_health(self, client: aiomqtt.Client) -> None:
         while True:

@@ -318,25 +318,17 @@ class MessageError(ValueError):
     """The bytes are not a usable SaleToPOI message; the text says what and where."""
 
 
-# A string left open runs to the end of the text (as json.loads would read it), so every
-# match attempt succeeds and the scan stays linear on hostile input.
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*+\\?(?:"|\Z)', re.DOTALL)
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-
-
-def _depth_ok(raw: str | bytes, limit: int) -> bool:
-    # Cheap guard against nesting bombs before json.loads recurses into them: drop strings
-    # and everything that is not a bracket (in C, by regex), then walk the brackets only.
-    text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
-    brackets = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text))
-    depth = 0
-    for ch in brackets:
-        if ch in "[{":
-            depth += 1
-            if depth > limit:
-                return False
-        else:
-            depth -= 1
+def _depth_ok(value: Any, limit: int) -> bool:
+    """Whether a parsed document nests at most `limit` containers deep (walked without
+    recursion). json.loads itself stops a nesting bomb with RecursionError."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return False
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children
+                     if isinstance(child, dict | list))
     return True
 
 
@@ -349,14 +341,15 @@ def load_json(raw: str | bytes, *, max_size: int | None = None) -> Any:
             raw = bytes(raw).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise MessageError(f"not UTF-8 text (bad byte at offset {exc.start})") from None
-    if raw.count("{") + raw.count("[") > MAX_NESTING and not _depth_ok(raw, MAX_NESTING):
-        raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels")
     try:
-        return json.loads(raw)
+        document = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise MessageError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
-        raise MessageError("JSON nested too deeply") from None
+        raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels") from None
+    if raw.count("{") + raw.count("[") > MAX_NESTING and not _depth_ok(document, MAX_NESTING):
+        raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels")
+    return document
 
 
 def _where(err: dict[str, Any], root: str) -> str:
