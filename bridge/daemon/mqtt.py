@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import math
 import socket
 import ssl
 import time
@@ -26,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 
 from bridge.config import MqttConfig
 from bridge.daemon.journal import Journal
+from bridge.daemon.mqtt_client import PipelinedClient
 from bridge.daemon.registers import (
     Topics,
     dumps,
@@ -67,7 +68,7 @@ class RegisterGateway:
         self.journal = journal
         self._password = password
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
-        self._client: aiomqtt.Client | None = None
+        self._client: PipelinedClient | None = None
         self._connected = asyncio.Event()
         self._outbox_ready = asyncio.Event()
         self._terminal_states: dict[str, bytes] = {}
@@ -170,7 +171,7 @@ class RegisterGateway:
         context.check_hostname = tls.check_hostname
         return context
 
-    def _client_for(self) -> aiomqtt.Client:
+    def _client_for(self) -> PipelinedClient:
         v5 = self.config.protocol == "5"
         options: dict[str, Any] = {}
         if v5:
@@ -180,7 +181,7 @@ class RegisterGateway:
             options["properties"] = props
         else:
             options["clean_session"] = False
-        return aiomqtt.Client(
+        return PipelinedClient(
             self.config.host, self.config.port,
             identifier=self.config.client_id,
             username=self.config.username, password=self._password,
@@ -271,77 +272,63 @@ class RegisterGateway:
                     "status": "error", "error": "internal error while handling the request",
                     "topic": message.topic.value})
 
-    async def _publish_outbox(self, client: aiomqtt.Client) -> None:
+    async def _publish_outbox(self, client: PipelinedClient) -> None:
         """Publish the outbox in order as a pipeline: a new result goes out at once, without
         waiting for the acknowledgements of the messages before it. Each message is marked
         delivered when the broker acknowledged it (marks are gathered into one write per loop
         pass); the ones still unacknowledged when the connection drops stay pending and go out
         again on the next connection, which starts from the oldest pending message."""
+        loop = asyncio.get_running_loop()
         window = asyncio.Semaphore(OUTBOX_WINDOW)
         acked: list[int] = []
-        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        publishing: set[asyncio.Task[None]] = set()
 
         def mark() -> None:
             ids, acked[:] = list(acked), []
             self.journal.mark_delivered(ids)
             self.published += len(ids)
 
-        def done(task: asyncio.Task[None], message_id: int) -> None:
-            publishing.discard(task)
+        def done(message_id: int, future: asyncio.Future[None]) -> None:
             window.release()
-            if task.cancelled():
-                return
-            exc = task.exception()
-            if exc is not None:
-                if not failed.done():
-                    failed.set_exception(exc)
+            if future.cancelled():
                 return
             if not acked:
-                asyncio.get_running_loop().call_soon(mark)
+                loop.call_soon(mark)
             acked.append(message_id)
 
         last_id = 0
         try:
             while True:
-                ready = asyncio.ensure_future(self._outbox_ready.wait())
-                await asyncio.wait({ready, failed}, return_when=asyncio.FIRST_COMPLETED)
-                ready.cancel()
-                if failed.done():
-                    failed.result()  # raise: the connection is gone, _serve reconnects
+                await self._outbox_ready.wait()
                 self._outbox_ready.clear()
                 while batch := self.journal.pending(limit=OUTBOX_WINDOW, after_id=last_id):
                     for message in batch:
                         await window.acquire()
-                        task = asyncio.create_task(self._publish_one(client, message))
-                        publishing.add(task)
-                        task.add_done_callback(lambda t, i=message.id: done(t, i))
+                        future = client.publish_nowait(
+                            message.topic, message.payload, qos=message.qos,
+                            retain=message.retain, properties=self._properties_for(message.id))
+                        future.add_done_callback(functools.partial(done, message.id))
                     last_id = batch[-1].id
         finally:
-            for task in publishing:
-                task.cancel()
+            client.abandon_pending()
             if acked:
                 mark()
 
-    async def _publish_one(self, client: aiomqtt.Client, message: Any) -> None:
-        properties = None
-        correlation = self._correlations.pop(message.id, None)
-        if correlation is not None and self.config.protocol == "5":
-            properties = Properties(PacketTypes.PUBLISH)
-            properties.CorrelationData = correlation
-        # No timeout of aiomqtt's own (its wait_for costs a task per publish): a connection
-        # that stops acknowledging is found by the keepalive, and _serve then cancels us.
-        await client.publish(message.topic, message.payload, qos=message.qos,
-                             retain=message.retain, properties=properties, timeout=math.inf)
+    def _properties_for(self, message_id: int) -> Properties | None:
+        correlation = self._correlations.pop(message_id, None)
+        if correlation is None or self.config.protocol != "5":
+            return None
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.CorrelationData = correlation
+        return properties
 
-    async def _publish_states(self, client: aiomqtt.Client) -> None:
+    async def _publish_states(self, client: PipelinedClient) -> None:
         while True:
             await self._state_ready.wait()
             self._state_ready.clear()
             dirty, self._state_dirty = self._state_dirty, set()
             await asyncio.gather(*(
-                client.publish(self.topics.terminal_state(poi_id), self._terminal_states[poi_id],
-                               qos=1, retain=True, timeout=math.inf)
+                client.publish_nowait(self.topics.terminal_state(poi_id),
+                                      self._terminal_states[poi_id], qos=1, retain=True)
                 for poi_id in dirty))
 
     async def _publish_health(self, client: aiomqtt.Client) -> None:

@@ -1,0 +1,57 @@
+"""aiomqtt's client with a publish that does not wait: the outbox's pipeline needs it.
+
+aiomqtt's `publish()` is a coroutine that waits for the broker's acknowledgement, and each call
+costs an asyncio.Event, a wait_for and a scan of every pending call: publishing each outbox
+message that way meant one task per message and a cost growing with the number in flight.
+`publish_nowait()` hands the message to paho at once and returns a future that the PUBACK
+(QoS 1) resolves, so hundreds of messages can be in flight for the price of a dict entry each.
+
+It leans on two aiomqtt internals, kept here in one place: `_client` (the paho client) and the
+`_on_publish` callback that aiomqtt registers with it. tests/test_daemon_mqtt.py exercises both
+against a real broker on every run, so an aiomqtt release that changes them fails there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+
+
+class PipelinedClient(aiomqtt.Client):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acks: dict[int, asyncio.Future[None]] = {}
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                       properties: Any = None) -> asyncio.Future[None]:
+        """Send now; the future completes when the broker has acknowledged the message (at
+        once for QoS 0). Raises MqttCodeError when paho cannot take it (not connected)."""
+        info = self._client.publish(topic, payload, qos, retain, properties)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if qos == 0 or info.is_published():
+            future.set_result(None)
+        else:
+            self._acks[info.mid] = future
+        return future
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        future = self._acks.pop(mid, None)
+        if future is None:  # one of aiomqtt's own publish() calls
+            super()._on_publish(client, userdata, mid, reason_code, properties)
+        elif not future.done():
+            future.set_result(None)
+
+    def abandon_pending(self) -> None:
+        """The connection is gone: what was not acknowledged stays in the outbox and is sent
+        again on the next connection; nobody waits for these futures any more."""
+        for future in self._acks.values():
+            with contextlib.suppress(asyncio.InvalidStateError):
+                future.cancel()
+        self._acks.clear()
