@@ -6,6 +6,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,24 @@ def test_commit_survives_kill_9_of_the_writer(tmp_path):
     journal = Journal(path)
     assert journal.get(TxKey("R1", "S7")).state is TxState.AWAITING_RESPONSE
     assert [m.payload for m in journal.pending()] == [b"payload"]
+
+
+def test_checkpoints_run_in_the_background_and_keep_the_wal_small(tmp_path):
+    """Commits never checkpoint (that stalled the event loop); the background thread does,
+    so the WAL stops growing while the daemon runs."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    wal = tmp_path / "journal.sqlite3-wal"
+    for n in range(300):
+        journal.save(make_txn(f"S{n}"))
+    grown = wal.stat().st_size
+    assert grown > 1_000_000  # no checkpoint inside the commits: every commit's pages are here
+    journal.start_checkpoints(interval=0.02)
+    for n in range(300):  # as many commits again: without checkpoints the WAL would double
+        journal.save(make_txn(f"T{n}"))
+        time.sleep(0.002)
+    assert wal.stat().st_size <= grown
+    journal.close()
+    reopened = Journal(tmp_path / "journal.sqlite3", readonly=True)
+    assert reopened.get(TxKey("R1", "S299")) is not None
+    assert reopened.get(TxKey("R1", "T299")) is not None
+    reopened.close()

@@ -152,6 +152,7 @@ class Bridge:
 
     async def start(self) -> None:
         self.recover()
+        self.journal.start_checkpoints()
         for worker in self.workers.values():
             await worker.start()
         await self._start_hotplug()

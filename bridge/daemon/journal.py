@@ -10,7 +10,9 @@ because it may hold the only record of a payment the shopper made.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +22,10 @@ from typing import Any
 
 from bridge.protocol.transaction import Transaction, TxKey, TxState
 
+log = logging.getLogger("poi_bridge.journal")
+
 SCHEMA_VERSION = 1
+CHECKPOINT_INTERVAL = 1.0  # s between WAL checkpoints (see start_checkpoints)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS transactions (
@@ -98,6 +103,7 @@ class Journal:
         commands, which read it beside the running daemon and must never change it."""
         self.path = Path(path)
         self._depth = 0
+        self._checkpoints: tuple[threading.Event, threading.Thread] | None = None
         self._requests: dict[TxKey, tuple[dict[str, Any], str]] = {}
         existed = self.path.exists() and self.path.stat().st_size > 0
         if readonly and not existed:
@@ -119,6 +125,11 @@ class Journal:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
+            # Checkpoints (copying the WAL into the database file, with an fsync of it) run in
+            # a thread of their own: done inside a commit, as SQLite does by default, one
+            # commit in ~70 took 10 ms instead of 0.4, on the event loop.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._db.execute("PRAGMA journal_size_limit=4194304")  # WAL trimmed back after bursts
             if existed:
                 self._check_existing()
             self._db.executescript(_SCHEMA)
@@ -148,8 +159,36 @@ class Journal:
                 f"bridge understands ({SCHEMA_VERSION})"
             )
 
+    def start_checkpoints(self, interval: float = CHECKPOINT_INTERVAL) -> None:
+        """Checkpoint the WAL every `interval` s from a background thread with its own
+        connection (PASSIVE: it never waits for, nor blocks, the daemon's commits)."""
+        if self._checkpoints is not None:
+            return
+        stop = threading.Event()
+        thread = threading.Thread(target=self._checkpoint_loop, args=(stop, interval),
+                                  name="journal checkpoints", daemon=True)
+        self._checkpoints = (stop, thread)
+        thread.start()
+
+    def _checkpoint_loop(self, stop: threading.Event, interval: float) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            db.execute("PRAGMA busy_timeout=5000")
+            while not stop.wait(interval):
+                try:
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:  # the next round tries again; commits go on
+                    log.warning("journal %s: WAL checkpoint failed: %s", self.path, exc)
+        finally:
+            db.close()
+
     def close(self) -> None:
-        self._db.close()
+        if self._checkpoints is not None:
+            stop, thread = self._checkpoints
+            stop.set()
+            thread.join(timeout=10)
+            self._checkpoints = None
+        self._db.close()  # the last connection to close checkpoints what is left
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -185,7 +224,12 @@ class Journal:
             if column == "request":
                 value = self._request_text(txn)
             elif column in _JSON_COLUMNS:
-                value = None if value is None else _dumps(list(value) if column == "poll_ids" else value)
+                if value is None:
+                    pass
+                elif not value:  # most transactions: no polls, nothing extra
+                    value = "{}" if column == "extra" else "[]"
+                else:
+                    value = _dumps(list(value) if column == "poll_ids" else value)
             elif column == "state":
                 value = str(value)
             elif column == "passthrough":
