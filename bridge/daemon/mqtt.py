@@ -34,6 +34,7 @@ from bridge.daemon.registers import (
     result_payload,
     topic_safe,
     transaction_payload,
+    transaction_payload_from,
 )
 from bridge.protocol.session import Deliver, Progress
 from bridge.transports import Backoff
@@ -72,6 +73,7 @@ class RegisterGateway:
         self._connected = asyncio.Event()
         self._outbox_ready = asyncio.Event()
         self._terminal_states: dict[str, bytes] = {}
+        self._terminal_state_docs: dict[str, dict[str, Any]] = {}
         self._state_dirty: set[str] = set()
         self._state_ready = asyncio.Event()
         self._handler: RequestHandler | None = None
@@ -93,12 +95,12 @@ class RegisterGateway:
     def deliver(self, result: Deliver) -> None:
         messages = []
         if topic_safe(result.sale_id):
-            messages.append((self.topics.register_response(result.sale_id),
-                             dumps(result_payload(result)), 1, False))
+            payload = dumps(result_payload(result))
+            messages.append((self.topics.register_response(result.sale_id), payload, 1, False))
             if result.outcome != "rejected" and topic_safe(result.service_id):
                 # Rejections are not transactions: they must not overwrite a real one's record.
                 messages.append((self.topics.transaction(result.sale_id, result.service_id),
-                                 dumps(transaction_payload(result)), 1, True))
+                                 transaction_payload_from(payload, result), 1, True))
         else:
             messages.append((self.topics.bridge_error, dumps(result_payload(result)), 1, False))
         self.journal.enqueue(messages)
@@ -118,11 +120,12 @@ class RegisterGateway:
         self._outbox_ready.set()
 
     def terminal_state(self, poi_id: str, state: dict[str, Any]) -> None:
-        payload = dumps(state)
-        if self._terminal_states.get(poi_id) != payload:
-            self._terminal_states[poi_id] = payload
-            self._state_dirty.add(poi_id)
-            self._state_ready.set()
+        if self._terminal_state_docs.get(poi_id) == state:
+            return  # called after every step; most steps change nothing here
+        self._terminal_state_docs[poi_id] = state
+        self._terminal_states[poi_id] = dumps(state)
+        self._state_dirty.add(poi_id)
+        self._state_ready.set()
 
     def enqueue(self, topic: str, payload: dict[str, Any], *, retain: bool = False,
                 correlation: bytes | None = None) -> None:

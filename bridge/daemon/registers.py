@@ -130,6 +130,14 @@ def transaction_payload(
                        "at": _now_iso(at)}}
 
 
+def transaction_payload_from(response_payload: bytes, result: Deliver) -> bytes:
+    """transaction_payload(result) serialised, made from the already serialised
+    result_payload (the same document plus its last key, "state"), so a large terminal
+    response is not encoded twice."""
+    state = "unresolved" if result.outcome == "unresolved" else "final"
+    return response_payload[:-1] + b',"state":"' + state.encode() + b'"}'
+
+
 def stored_result(txn: Transaction) -> Deliver:
     """A journal entry as the Deliver it was (for a repeat of a known request, or a resync)."""
     return Deliver(txn.sale_id, txn.service_id, txn.poi_id, txn.category,
