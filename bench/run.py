@@ -59,15 +59,23 @@ DELAY = 0.05  # the simulated terminal's processing time per payment (section 1)
 # lock into step, at least 10 ms so the simulator's pacing tail never delays the next request.
 THINK = (0.010, 0.030)
 
+# Section 1b': a store's pace. A contactless payment with online authorisation takes the
+# terminal about 2 s; the register then rings up the next basket. Even this is far busier
+# than a real store (a lane takes a payment a minute or so): 64 lanes give ~20 payments/s.
+STORE_PROCESSING = 2.0
+STORE_THINK = (0.5, 2.5)
+
 FULL = {
     "latency_ns": [1, 8, 32, 64], "durations": {"small": 8.0, "fixture": 10.0},
+    "store_n": 64, "store_s": 30.0,
     "throughput_n": 64, "throughput_s": 15.0, "recovery_ns": [1, 16, 64], "core_s": 0.5,
 }
 QUICK = {
     "latency_ns": [32, 64], "durations": {"small": 2.5, "fixture": 3.0},
+    "store_n": 64, "store_s": 10.0,
     "throughput_n": 64, "throughput_s": 4.0, "recovery_ns": [64], "core_s": 0.05,
 }
-SECTIONS = ("latency", "throughput", "recovery", "core")
+SECTIONS = ("latency", "store", "throughput", "recovery", "core")
 
 
 # --- sections -------------------------------------------------------------------------------
@@ -163,6 +171,48 @@ async def section_latency(broker: Any, workroot: Path, plan: dict[str, Any],
             row["bridge_minus_baseline_p50_ms"] = _diff(b["p50_ms"], z["p50_ms"])
             row["bridge_minus_baseline_p99_ms"] = _diff(b["p99_ms"], z["p99_ms"])
     return rows
+
+
+async def section_store(broker: Any, workroot: Path, plan: dict[str, Any],
+                        log: Any) -> dict[str, Any]:
+    """64 terminals at a store's pace (a still-heavy one): the daemon's share of a core and
+    the latency it adds when it is not saturated."""
+    from bench.e2e import SMALL, DaemonProcess, Fleet, Registers, closed_loop, e2e_summary
+    from bench.e2e import wire_model, write_config
+
+    n, duration = plan["store_n"], plan["store_s"]
+    wire = wire_model(SMALL, STORE_PROCESSING)
+    workdir = workroot / f"store-{n}"
+    workdir.mkdir()
+    fleet = await Fleet(n, STORE_PROCESSING, BAUD).start()
+    base = f"bench/store{n}"
+    daemon = DaemonProcess(write_config(workdir, broker, base, fleet.devices),
+                           workdir / "daemon.log")
+    ids = [ServiceIds("s") for _ in range(n)]
+    log(f"  store pace: {n} terminals, {STORE_PROCESSING:g} s processing, register pause "
+        f"{STORE_THINK[0]:g}-{STORE_THINK[1]:g} s, {duration:g} s")
+    try:
+        async with Registers(broker, base) as registers:
+            daemon.start()
+            await registers.wait_ready(n)
+            result = await closed_loop(
+                registers, n, SMALL.amount, duration, ids, daemon_pid=daemon.pid,
+                broker_pid=broker.process.pid, period=wire["floor_ms"] / 1000, think=STORE_THINK)
+            if not daemon.alive():
+                raise RuntimeError("the daemon died:\n" + daemon.log_tail())
+            rss = daemon.peak_rss_kb()
+    finally:
+        daemon.terminate()
+        await fleet.close()
+    return {
+        "terminals": n, "processing_s": STORE_PROCESSING, "think_s": STORE_THINK,
+        "wire": wire, "window_s": round(result.wall, 2),
+        "payments_per_s": round(len(result.latencies) / result.wall, 2) if result.wall else None,
+        "bridge": e2e_summary(result.latencies, wire), "failures": result.failures,
+        "daemon": {**result.daemon_cpu, "peak_rss_kb": rss},
+        "mosquitto": result.broker_cpu, "bench_process": result.bench_cpu,
+        "bench_loop_lag": result.loop_lag,
+    }
 
 
 async def section_throughput(broker: Any, workroot: Path, plan: dict[str, Any],
@@ -327,12 +377,25 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             note = (f"at {row['bridge']['payments_per_s']:g} payments/s achieved; the paced load "
                     f"offers {rate:.0f}/s, which at {row['bridge']['daemon']['cpu_ms_per_payment']:g} "
                     f"ms CPU each needs {need:.0f}% of a core")
+            floor = (row.get("baseline") or {}).get("process", {}).get("cpu_ms_per_payment")
+            if floor:
+                note += (f"; the least-work baseline's {floor:g} ms each would need "
+                         f"{floor * rate / 10:.0f}%")
         out.append(_target(f"daemon CPU, 64 terminals paced ({response} response)",
                            row["bridge"]["daemon"]["cpu_pct_core"] if row else None, 50.0,
                            "% of one core", note))
+    st = results.get("store")
+    if st:
+        out.append(_target(f"daemon CPU, {st['terminals']} terminals at a store's pace",
+                           st["daemon"]["cpu_pct_core"], 50.0, "% of one core",
+                           f"{st['payments_per_s']:g} payments/s"))
+        out.append(_target(f"bridge-added p99, {st['terminals']} terminals at a store's pace",
+                           st["bridge"]["added_p99_ms"], 5.0, "ms",
+                           f"bench loop lag p99 {_f(st['bench_loop_lag'].get('p99_ms'))} ms"))
     rss = [r["bridge"]["daemon"]["peak_rss_kb"] for r in latency]
-    if results.get("throughput"):
-        rss.append(results["throughput"]["daemon"]["peak_rss_kb"])
+    for section in ("throughput", "store"):
+        if results.get(section):
+            rss.append(results[section]["daemon"]["peak_rss_kb"])
     rss = [x for x in rss if x is not None]
     out.append(_target("daemon peak RSS (VmHWM), worst run", round(max(rss) / 1024, 1)
                        if rss else None, 80.0, "MB"))
@@ -450,6 +513,22 @@ def render(results: dict[str, Any]) -> str:
             ["response", "N", "n", "base p50", "base p99", "base added p50", "base added p99",
              "bridge-base p50", "bridge-base p99", "ratio p50", "ratio p99",
              "base CPU ms/pay", "bridge CPU ms/pay", "lag p99", "fail"], rows)]
+    st = results.get("store")
+    if st:
+        out.append("")
+        out.append(f"1c. A store's pace: {st['terminals']} terminals, processing "
+                   f"{st['processing_s']:g} s, registers pause {st['think_s'][0]:g}-"
+                   f"{st['think_s'][1]:g} s between payments (small response; floor "
+                   f"{st['wire']['floor_ms']:.1f} ms)")
+        b, d = st["bridge"], st["daemon"]
+        out += ["    " + x for x in _table(
+            ["N", "n", "pay/s", "e2e p50", "e2e p99", "added p50", "added p99",
+             "daemon CPU %core", "CPU ms/pay", "RSS MB", "lag p99", "fail"],
+            [[str(st["terminals"]), str(b["n"]), _f(st["payments_per_s"]), _f(b["p50_ms"]),
+              _f(b["p99_ms"]), _f(b["added_p50_ms"], 2), _f(b["added_p99_ms"], 2),
+              _f(d["cpu_pct_core"]), _f(d["cpu_ms_per_payment"], 2),
+              _f(d["peak_rss_kb"] / 1024 if d["peak_rss_kb"] else None),
+              _f(st["bench_loop_lag"].get("p99_ms")), _failures(st["failures"])]])]
     t = results.get("throughput")
     if t:
         out.append("")
@@ -581,6 +660,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             results["core"] = core.run(plan["core_s"])
         if "latency" in wanted:
             results["latency"] = await section_latency(broker, workroot, plan, log)
+        if "store" in wanted:
+            results["store"] = await section_store(broker, workroot, plan, log)
         if "throughput" in wanted:
             results["throughput"] = await section_throughput(broker, workroot, plan, log)
         if "recovery" in wanted:
