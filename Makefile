@@ -19,9 +19,10 @@ test: venv
 demo: venv
 	$(PY) -m bridge demo
 
-# Benchmarks against the physical limit (needs mosquitto); results in bench/results/latest.json
+# Benchmarks against the physical limit (needs mosquitto); results in bench/results/latest.json.
+# The broker runs with set_tcp_nodelay true, as examples/mosquitto/mosquitto.conf recommends.
 bench: venv
-	$(PY) bench/run.py
+	$(PY) bench/run.py --broker-nodelay
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -160,6 +161,9 @@ class Bridge:
         self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
         self._tasks.append(asyncio.create_task(run_watchdog(self.notifier), name="watchdog"))
         self._tasks.append(asyncio.create_task(self._status_loop(), name="status"))
+        # What start-up built (modules, models, configuration) lives as long as the daemon:
+        # keep it out of the collector's full passes, which otherwise walk it every time.
+        gc.freeze()
         # READY=1 only now: the journal is open, open transactions are back with their
         # terminals, and the devices present have been enumerated.
         self.notifier.ready(self.status_line())
