@@ -173,37 +173,46 @@ async def section_latency(broker: Any, workroot: Path, plan: dict[str, Any],
     return rows
 
 
-async def section_store(broker: Any, workroot: Path, plan: dict[str, Any],
-                        log: Any) -> dict[str, Any]:
-    """64 terminals at a store's pace (a still-heavy one): the daemon's share of a core and
-    the latency it adds when it is not saturated."""
-    from bench.e2e import SMALL, DaemonProcess, Fleet, Registers, closed_loop, e2e_summary
-    from bench.e2e import wire_model, write_config
+async def _fleet_run(broker: Any, workroot: Path, name: str, n: int, delay: float, baud: int,
+                     duration: float, *, period: float,
+                     think: tuple[float, float] | None) -> tuple[Any, int | None]:
+    """N simulated terminals, a daemon and the registers: a closed loop of small payments."""
+    from bench.e2e import SMALL, DaemonProcess, Fleet, Registers, closed_loop, write_config
 
-    n, duration = plan["store_n"], plan["store_s"]
-    wire = wire_model(SMALL, STORE_PROCESSING)
-    workdir = workroot / f"store-{n}"
+    workdir = workroot / f"{name}-{n}"
     workdir.mkdir()
-    fleet = await Fleet(n, STORE_PROCESSING, BAUD).start()
-    base = f"bench/store{n}"
+    fleet = await Fleet(n, delay, baud).start()
+    base = f"bench/{name}{n}"
     daemon = DaemonProcess(write_config(workdir, broker, base, fleet.devices),
                            workdir / "daemon.log")
-    ids = [ServiceIds("s") for _ in range(n)]
-    log(f"  store pace: {n} terminals, {STORE_PROCESSING:g} s processing, register pause "
-        f"{STORE_THINK[0]:g}-{STORE_THINK[1]:g} s, {duration:g} s")
+    ids = [ServiceIds(name[0]) for _ in range(n)]
     try:
         async with Registers(broker, base) as registers:
             daemon.start()
             await registers.wait_ready(n)
             result = await closed_loop(
                 registers, n, SMALL.amount, duration, ids, daemon_pid=daemon.pid,
-                broker_pid=broker.process.pid, period=wire["floor_ms"] / 1000, think=STORE_THINK)
+                broker_pid=broker.process.pid, period=period, think=think)
             if not daemon.alive():
                 raise RuntimeError("the daemon died:\n" + daemon.log_tail())
-            rss = daemon.peak_rss_kb()
+            return result, daemon.peak_rss_kb()
     finally:
         daemon.terminate()
         await fleet.close()
+
+
+async def section_store(broker: Any, workroot: Path, plan: dict[str, Any],
+                        log: Any) -> dict[str, Any]:
+    """64 terminals at a store's pace (a still-heavy one): the daemon's share of a core and
+    the latency it adds when it is not saturated."""
+    from bench.e2e import SMALL, e2e_summary, wire_model
+
+    n, duration = plan["store_n"], plan["store_s"]
+    wire = wire_model(SMALL, STORE_PROCESSING)
+    log(f"  store pace: {n} terminals, {STORE_PROCESSING:g} s processing, register pause "
+        f"{STORE_THINK[0]:g}-{STORE_THINK[1]:g} s, {duration:g} s")
+    result, rss = await _fleet_run(broker, workroot, "store", n, STORE_PROCESSING, BAUD,
+                                   duration, period=wire["floor_ms"] / 1000, think=STORE_THINK)
     return {
         "terminals": n, "processing_s": STORE_PROCESSING, "think_s": STORE_THINK,
         "wire": wire, "window_s": round(result.wall, 2),
@@ -217,37 +226,10 @@ async def section_store(broker: Any, workroot: Path, plan: dict[str, Any],
 
 async def section_throughput(broker: Any, workroot: Path, plan: dict[str, Any],
                              log: Any) -> dict[str, Any]:
-    from bench.e2e import (
-        SMALL,
-        DaemonProcess,
-        Fleet,
-        Registers,
-        closed_loop,
-        write_config,
-    )
-
     n, duration = plan["throughput_n"], plan["throughput_s"]
-    workdir = workroot / f"throughput-{n}"
-    workdir.mkdir()
-    fleet = await Fleet(n, 0.0, 0).start()
-    base = f"bench/throughput{n}"
-    daemon = DaemonProcess(write_config(workdir, broker, base, fleet.devices),
-                           workdir / "daemon.log")
-    ids = [ServiceIds("t") for _ in range(n)]
     log(f"  throughput: {n} terminals, no pacing, no processing time, {duration:g} s")
-    try:
-        async with Registers(broker, base) as registers:
-            daemon.start()
-            await registers.wait_ready(n)
-            result = await closed_loop(
-                registers, n, SMALL.amount, duration, ids, daemon_pid=daemon.pid,
-                broker_pid=broker.process.pid, period=0.0, think=None)
-            if not daemon.alive():
-                raise RuntimeError("the daemon died:\n" + daemon.log_tail())
-            rss = daemon.peak_rss_kb()
-    finally:
-        daemon.terminate()
-        await fleet.close()
+    result, rss = await _fleet_run(broker, workroot, "throughput", n, 0.0, 0, duration,
+                                   period=0.0, think=None)
     done = len(result.latencies)
     return {
         "terminals": n, "window_s": round(result.wall, 2), "payments": done,
