@@ -4,6 +4,7 @@ on a real pseudo-terminal. Every topic of the README, every malformed-request ca
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import aiomqtt
@@ -11,14 +12,16 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.config import parse_config
+from bridge.config import MqttConfig, parse_config
 from bridge.daemon.app import Bridge
 from bridge.daemon.journal import Journal
+from bridge.daemon.mqtt import RegisterGateway
 from bridge.protocol.messages import parse_message
 from bridge.protocol.transaction import Transaction, TxKey, TxState, request_digest
 from bridge.simulator import responses
 from bridge.simulator.server import SimulatorServer
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
+from bridge.transports import Backoff
 
 from .rig import POI, Subscriber, outcome_for
 
@@ -337,3 +340,53 @@ async def test_retained_transactions_are_cleared_after_the_retention_period(tmp_
         async with Subscriber(mosquitto, [f"{BASE}/transactions/#"], client_id="late") as sub:
             await asyncio.sleep(0.5)
             assert sub.on(f"{BASE}/transactions/POS1/OLD1") == []
+
+
+async def test_a_request_is_acknowledged_only_once_handled(tmp_path, mosquitto):
+    """A request whose handling never finished (the daemon died before the journal commit)
+    is not acknowledged, so the broker delivers it again to the bridge's persistent session
+    on the next connection. paho's default, acknowledging on receipt, lost it."""
+
+    config = MqttConfig(host=mosquitto.host, port=mosquitto.port, base_topic=BASE,
+                        client_id="bridge-ack-test")
+    journal = Journal(tmp_path / "journal.sqlite3")
+    seen: list[bytes] = []
+    dying = asyncio.Event()
+
+    async def dies_mid_request(topic: str, payload: bytes, reply) -> None:
+        seen.append(payload)
+        dying.set()
+        await asyncio.Event().wait()  # the process is gone before it gets further
+
+    async def handles(topic: str, payload: bytes, reply) -> None:
+        seen.append(payload)
+
+    first = RegisterGateway(config, journal, backoff=Backoff(initial=0.05, maximum=0.2))
+    first.set_request_handler(dies_mid_request)
+    task = asyncio.create_task(first.run())
+    try:
+        async with Subscriber(mosquitto, [f"{BASE}/bridge/state"]) as register:
+            await register.wait_for(lambda t, p: p == {"state": "online"})
+            request = responses.payment_request("POS1", "K1", POI)
+            await register.publish(f"{BASE}/terminals/{POI}/request", request)
+            await asyncio.wait_for(dying.wait(), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert len(seen) == 1
+
+    second = RegisterGateway(config, journal, backoff=Backoff(initial=0.05, maximum=0.2))
+    second.set_request_handler(handles)
+    task = asyncio.create_task(second.run())
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(seen) < 2 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        journal.close()
+    assert len(seen) == 2, "the unacknowledged request was not delivered again"
+    assert json.loads(seen[1]) == json.loads(seen[0])

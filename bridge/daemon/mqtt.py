@@ -144,10 +144,11 @@ class RegisterGateway:
         self._accepting = False
 
     async def drain_requests(self, timeout: float = 3.0) -> None:
-        """On a clean stop: let the requests already received, and acknowledged by the MQTT
-        library, be answered (refused) before the connection is closed. No unsubscribe: the
-        subscription must stay in our persistent session, so the broker queues what arrives
-        after we disconnect and delivers it on the next start."""
+        """On a clean stop: let the requests already received be answered (refused, so their
+        registers hear at once) before the connection is closed. One still unhandled when
+        the time is up is not acknowledged and comes again on the next start. No
+        unsubscribe: the subscription must stay in our persistent session, so the broker
+        queues what arrives after we disconnect and delivers it on the next start."""
         client = self._client
         if client is None:
             return
@@ -253,18 +254,19 @@ class RegisterGateway:
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await task
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
+    async def _receive(self, client: PipelinedClient) -> None:
         async for message in client.messages:
+            if self._handler is None:
+                continue  # not acknowledged: delivered again once there is a handler
             payload = message.payload if isinstance(message.payload, bytes) else \
                 str(message.payload or "").encode()
             props = getattr(message, "properties", None)
             response_topic = getattr(props, "ResponseTopic", None) if props else None
             correlation = getattr(props, "CorrelationData", None) if props else None
             reply = Reply(self, response_topic, correlation)
-            if self._handler is None:
-                continue
             # While draining, requests are still handed on: the intake refuses them with an
-            # answer (the broker already has our acknowledgement, so dropping would lose them).
+            # answer. The acknowledgement follows the handling: a request the daemon dies
+            # with, before it reached the journal, is delivered again on the next start.
             try:
                 outcome = self._handler(message.topic.value, payload, reply)
                 if asyncio.iscoroutine(outcome):
@@ -274,6 +276,7 @@ class RegisterGateway:
                 reply.send(self.topics.bridge_error, {
                     "status": "error", "error": "internal error while handling the request",
                     "topic": message.topic.value})
+            client.ack(message)
 
     async def _publish_outbox(self, client: PipelinedClient) -> None:
         """Publish the outbox in order as a pipeline: a new result goes out at once, without

@@ -1,4 +1,4 @@
-"""aiomqtt's client with a publish that does not wait: the outbox's pipeline needs it.
+"""aiomqtt's client with a publish that does not wait, and requests acknowledged by hand.
 
 aiomqtt's `publish()` is a coroutine that waits for the broker's acknowledgement, and each call
 costs an asyncio.Event, a wait_for and a scan of every pending call: publishing each outbox
@@ -6,8 +6,14 @@ message that way meant one task per message and a cost growing with the number i
 `publish_nowait()` hands the message to paho at once and returns a future that the PUBACK
 (QoS 1) resolves, so hundreds of messages can be in flight for the price of a dict entry each.
 
-It leans on two aiomqtt internals, kept here in one place: `_client` (the paho client) and the
-`_on_publish` callback that aiomqtt registers with it. tests/test_daemon_mqtt.py exercises both
+Incoming QoS 1 messages (register requests) are acknowledged only when `ack()` is called,
+once the request is in the journal or has been answered: paho's default acknowledges on
+receipt, so a daemon killed between the PUBACK and the journal commit, or stopped with
+requests still queued, lost them. Unacknowledged, the broker delivers them again to our
+persistent session on the next connection.
+
+It leans on aiomqtt internals, kept here in one place: `_client` (the paho client) and the
+`_on_publish` callback that aiomqtt registers with it. tests/test_daemon_mqtt.py exercises them
 against a real broker on every run, so an aiomqtt release that changes them fails there.
 """
 
@@ -25,6 +31,13 @@ class PipelinedClient(aiomqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acks: dict[int, asyncio.Future[None]] = {}
+        self._client.manual_ack_set(True)
+
+    def ack(self, message: aiomqtt.Message) -> None:
+        """The message has been handled (journaled or answered): the broker may forget it.
+        Call in the order the messages arrived (MQTT wants PUBACKs in that order)."""
+        if message.qos > 0:
+            self._client.ack(message.mid, message.qos)
 
     def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                        properties: Any = None) -> asyncio.Future[None]:
