@@ -72,8 +72,7 @@ class RegisterGateway:
         self._client: PipelinedClient | None = None
         self._connected = asyncio.Event()
         self._outbox_ready = asyncio.Event()
-        self._terminal_states: dict[str, bytes] = {}
-        self._terminal_state_docs: dict[str, dict[str, Any]] = {}
+        self._terminal_states: dict[str, dict[str, Any]] = {}  # latest, encoded when published
         self._state_dirty: set[str] = set()
         self._state_ready = asyncio.Event()
         self._handler: RequestHandler | None = None
@@ -120,10 +119,9 @@ class RegisterGateway:
         self._outbox_ready.set()
 
     def terminal_state(self, poi_id: str, state: dict[str, Any]) -> None:
-        if self._terminal_state_docs.get(poi_id) == state:
+        if self._terminal_states.get(poi_id) == state:
             return  # called after every step; most steps change nothing here
-        self._terminal_state_docs[poi_id] = state
-        self._terminal_states[poi_id] = dumps(state)
+        self._terminal_states[poi_id] = state
         self._state_dirty.add(poi_id)
         self._state_ready.set()
 
@@ -334,7 +332,7 @@ class RegisterGateway:
             dirty, self._state_dirty = self._state_dirty, set()
             await asyncio.gather(*(
                 client.publish_nowait(self.topics.terminal_state(poi_id),
-                                      self._terminal_states[poi_id], qos=1, retain=True)
+                                      dumps(self._terminal_states[poi_id]), qos=1, retain=True)
                 for poi_id in dirty))
 
     async def _publish_health(self, client: aiomqtt.Client) -> None:
