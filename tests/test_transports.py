@@ -23,7 +23,7 @@ import serial
 
 from bridge.config import SerialLink, TcpLink, UsbLink
 from bridge.transports import Backoff, LinkClosed, Transport, TransportUnavailable, open_transport
-from bridge.transports.serial import READ_CHUNK, SerialTransport
+from bridge.transports.serial import MAX_UNREAD, READ_CHUNK, SerialTransport
 from bridge.transports.tcp import TcpTransport
 
 STEP = 5.0  # upper bound for any single step; real steps take milliseconds
@@ -156,10 +156,10 @@ async def test_serial_bytes_both_ways(pty, serial_link):
 
 async def test_serial_11kb_payload_both_ways(pty, serial_link):
     data = payload(11 * 1024)
-    # Terminal -> bridge: read() hands back what has arrived, never more than one chunk.
+    # Terminal -> bridge: read() hands back what has arrived, without waiting for the rest.
     pieces, _ = await within(asyncio.gather(read_exactly(serial_link, len(data)), pty.send(data)))
     assert b"".join(pieces) == data
-    assert len(pieces) >= 3 and max(map(len, pieces)) <= READ_CHUNK
+    assert len(pieces) >= 3
     # Bridge -> terminal: write() returns only when every byte is with the kernel.
     received, _ = await within(asyncio.gather(pty.recv(len(data)), serial_link.write(data)))
     assert received == data
@@ -187,6 +187,36 @@ async def test_serial_read_returns_available_bytes_without_waiting_for_more(pty,
     assert not pending.done()  # nothing has arrived, so read() waits
     await pty.send(b"c")
     assert await within(pending) == b"c"
+
+
+async def test_serial_reads_ahead_a_bounded_amount_while_nobody_reads(pty, serial_link):
+    # The loop's callback reads bytes as they arrive, also between read() calls; a consumer
+    # that stops reading must not make it buffer without end: past MAX_UNREAD it leaves the
+    # rest in the kernel, so the terminal's writes block, as on a real line.
+    await pty.send(b"\x02")
+    assert await within(serial_link.read()) == b"\x02"
+    data = payload(MAX_UNREAD * 4)
+    sending = asyncio.create_task(pty.send(data))
+    await asyncio.sleep(0.3)
+    assert not sending.done(), "the transport drained the line with nobody reading"
+    assert len(serial_link._received) <= MAX_UNREAD + READ_CHUNK
+    pieces, _ = await within(asyncio.gather(read_exactly(serial_link, len(data)), sending))
+    assert b"".join(pieces) == data  # nothing lost or reordered across the pause
+
+
+async def test_serial_bytes_that_came_before_a_hang_up_are_still_handed_over(
+    pty, serial_link, loop_errors
+):
+    await pty.send(b"\x02")
+    assert await within(serial_link.read()) == b"\x02"
+    await pty.send(b"\x02last words\x03")
+    await asyncio.sleep(0.05)  # read by the callback, no read() waiting
+    pty.vanish()
+    await asyncio.sleep(0.05)
+    assert await within(serial_link.read()) == b"\x02last words\x03"
+    with pytest.raises(LinkClosed):
+        await within(serial_link.read())
+    assert loop_errors == []
 
 
 async def test_serial_port_is_raw_even_on_a_cooked_pty():

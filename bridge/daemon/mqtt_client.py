@@ -12,19 +12,47 @@ receipt, so a daemon killed between the PUBACK and the journal commit, or stoppe
 requests still queued, lost them. Unacknowledged, the broker delivers them again to our
 persistent session on the next connection.
 
-It leans on aiomqtt internals, kept here in one place: `_client` (the paho client) and the
-`_on_publish` callback that aiomqtt registers with it. tests/test_daemon_mqtt.py exercises them
-against a real broker on every run, so an aiomqtt release that changes them fails there.
+A plain PUBACK (two bytes: the message id) is handled without paho's decoder, which builds a
+ReasonCode and a Properties object (a table of 27 names) for each one, about 38 us: with eight
+QoS 1 messages a payment that was 7 % of the daemon's CPU. Anything longer (an MQTT 5 reason
+code or properties) still goes through paho's own handler.
+
+It leans on aiomqtt and paho internals, kept here in one place: `_client` (the paho client),
+the `_on_publish` callback that aiomqtt registers with it, and paho's `_handle_pubackcomp`,
+`_in_packet`, `_out_messages`, `_out_message_mutex` and `_do_on_publish`.
+tests/test_daemon_mqtt.py and tests/test_mqtt_client.py exercise them against a real broker
+on every run, so a release that changes them fails there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
+import types
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+# Shared by every plain PUBACK: "Success", no properties. Nothing downstream modifies them.
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)
+
+
+def _lean_pubackcomp(client: paho.Client, cmd: str) -> paho.MQTTErrorCode:
+    """paho's `_handle_pubackcomp` for the common case, a two-byte PUBACK."""
+    packet = client._in_packet["packet"]
+    if cmd != "PUBACK" or len(packet) != 2:
+        return paho.Client._handle_pubackcomp(client, cmd)  # type: ignore[arg-type]
+    (mid,) = struct.unpack("!H", packet)
+    with client._out_message_mutex:
+        if mid in client._out_messages:
+            return client._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+    return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
 class PipelinedClient(aiomqtt.Client):
@@ -32,6 +60,8 @@ class PipelinedClient(aiomqtt.Client):
         super().__init__(*args, **kwargs)
         self._acks: dict[int, asyncio.Future[None]] = {}
         self._client.manual_ack_set(True)
+        self._client._handle_pubackcomp = types.MethodType(  # type: ignore[method-assign]
+            _lean_pubackcomp, self._client)
 
     def ack(self, message: aiomqtt.Message) -> None:
         """The message has been handled (journaled or answered): the broker may forget it.

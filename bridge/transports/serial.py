@@ -30,6 +30,7 @@ from bridge.transports.base import LinkClosed, Transport
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 4096
+MAX_UNREAD = 1 << 16  # bytes read ahead of a read() call, at most
 # Errors that mean the device itself is gone (unplugged, hung up, driver unbound).
 _GONE_ERRNOS = {errno.EIO, errno.ENXIO, errno.ENODEV, errno.EPIPE}
 
@@ -56,6 +57,7 @@ class SerialTransport(Transport):
         self._read_waiter: asyncio.Future[None] | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._reading = False  # the fd is registered with the loop for reading
+        self._received = bytearray()  # read from the fd, not yet returned by read()
 
     # --- Transport interface ----------------------------------------------------------------
 
@@ -87,30 +89,23 @@ class SerialTransport(Transport):
             raise
         self._port = port
         self._fd = port.fileno()
+        self._received.clear()  # nothing from an earlier connection survives a reopen
         os.set_blocking(self._fd, False)
         self._closing = None
         self._reason = f"serial device {self.link.device} was closed"
 
     async def read(self) -> bytes:
         while True:
+            if self._received:
+                data = bytes(self._received)
+                self._received.clear()
+                if not self._reading and self._fd is not None:
+                    self._resume_reading(self._fd)
+                return data
             fd = self._fd
             if fd is None:
                 raise await self._closed_error()
-            try:
-                data = os.read(fd, READ_CHUNK)
-            except (BlockingIOError, InterruptedError):
-                await self._wait_readable(fd)
-                continue
-            except OSError as exc:
-                self._lose(_loss_detail(exc))
-                continue
-            if not data:
-                # Only a hung-up tty (unplug, pty master closed) reads as end-of-file here (an
-                # empty line gives EAGAIN, see VMIN): pyserial's "device reports readiness to
-                # read but returned no data".
-                self._lose("the line hung up")
-                continue
-            return data
+            await self._wait_readable(fd)
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data).cast("B")
@@ -170,31 +165,52 @@ class SerialTransport(Transport):
         return port
 
     async def _wait_readable(self, fd: int) -> None:
-        """Wait until the fd has bytes. The fd stays registered with the loop between reads:
-        a frame arrives in many small reads, and registering anew for each costs two epoll
-        calls. It is unregistered only when it becomes readable with no read waiting (or on
-        close), so the loop never spins on a level-triggered fd nobody reads."""
+        """Wait until the loop's callback has read some bytes."""
         if self._read_waiter is not None:
             raise RuntimeError("read() is already in progress")
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
+        waiter = asyncio.get_running_loop().create_future()
         self._read_waiter = waiter
         if not self._reading:
-            loop.add_reader(fd, self._on_readable)
-            self._reading = True
+            self._resume_reading(fd)
         try:
             await waiter
         finally:
             self._read_waiter = None
 
+    def _resume_reading(self, fd: int) -> None:
+        asyncio.get_running_loop().add_reader(fd, self._on_readable)
+        self._reading = True
+
     def _on_readable(self) -> None:
+        """The loop's callback reads, not the waiting coroutine: a frame arrives at 115200 baud
+        in many small reads, and a readiness the loop reports again before the coroutine has
+        run (level-triggered epoll) then costs one failed read, not a wake-up of the task.
+        The fd stays registered between reads (registering anew costs two epoll calls) until
+        MAX_UNREAD bytes wait for a reader that does not come."""
+        fd = self._fd
+        if fd is None:
+            return
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return  # reported ready, emptied since
+        except OSError as exc:
+            self._lose(_loss_detail(exc))
+            return
+        if not data:
+            # Only a hung-up tty (unplug, pty master closed) reads as end-of-file here (an
+            # empty line gives EAGAIN, see VMIN): pyserial's "device reports readiness to
+            # read but returned no data".
+            self._lose("the line hung up")
+            return
+        self._received += data
         waiter = self._read_waiter
-        if waiter is None:
-            if self._fd is not None:
-                asyncio.get_running_loop().remove_reader(self._fd)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif len(self._received) >= MAX_UNREAD:
+            asyncio.get_running_loop().remove_reader(fd)
             self._reading = False
-        elif not waiter.done():
-            waiter.set_result(None)
 
     async def _wait_writable(self, fd: int) -> None:
         if self._write_waiter is not None:

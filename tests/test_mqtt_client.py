@@ -1,0 +1,72 @@
+"""PipelinedClient against a real broker: publish_nowait futures, and the short PUBACK path.
+
+The short path replaces paho's PUBACK decoder for two-byte PUBACKs only. These tests show it is
+the path taken for MQTT 3.1.1, that MQTT 5 PUBACKs carrying a reason code still go through
+paho's own decoder, and that either way every future completes once the broker has the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiomqtt
+import pytest
+from paho.mqtt import _packet
+
+from bridge.daemon.mqtt_client import PipelinedClient
+
+
+@pytest.fixture
+def paho_decodes(monkeypatch):
+    """Counts PUBACKs decoded by paho itself (not by the short path)."""
+    calls: list[bytes] = []
+    original = _packet.decode_puback
+
+    def counting(header, packet, protocol):
+        calls.append(bytes(packet))
+        return original(header, packet, protocol)
+
+    monkeypatch.setattr(_packet, "decode_puback", counting)
+    return calls
+
+
+async def _publish_and_receive(mosquitto, protocol, count: int) -> list[bytes]:
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="watcher") as watcher:
+        await watcher.subscribe("lean/#", qos=1)
+        async with PipelinedClient(mosquitto.host, mosquitto.port, identifier="lean",
+                                   protocol=protocol, max_inflight_messages=64) as client:
+            futures = [client.publish_nowait(f"lean/{i}", f"m{i}".encode(), qos=1)
+                       for i in range(count)]
+            await asyncio.wait_for(asyncio.gather(*futures), 10)
+            assert all(f.done() and f.exception() is None for f in futures)
+            assert client._acks == {}, "an acknowledged message still has a waiting future"
+        received: list[bytes] = []
+        async with asyncio.timeout(10):
+            async for message in watcher.messages:
+                received.append(message.payload)
+                if len(received) == count:
+                    break
+    return received
+
+
+async def test_plain_pubacks_take_the_short_path(mosquitto, paho_decodes):
+    received = await _publish_and_receive(mosquitto, aiomqtt.ProtocolVersion.V311, 300)
+    assert sorted(received) == sorted(f"m{i}".encode() for i in range(300))
+    assert paho_decodes == [], "two-byte PUBACKs went through paho's decoder"
+
+
+async def test_pubacks_with_a_reason_code_still_go_through_paho(mosquitto, paho_decodes):
+    # mosquitto answers an MQTT 5 publish nobody subscribes to with reason code 16
+    # ("no matching subscribers"): a three-byte PUBACK, which the short path must not take.
+    async with PipelinedClient(mosquitto.host, mosquitto.port, identifier="lean5",
+                               protocol=aiomqtt.ProtocolVersion.V5) as client:
+        futures = [client.publish_nowait(f"nobody/{i}", b"x", qos=1) for i in range(5)]
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+    assert len(paho_decodes) == 5
+    assert all(len(packet) > 2 for packet in paho_decodes)
+
+
+async def test_qos0_completes_at_once(mosquitto):
+    async with PipelinedClient(mosquitto.host, mosquitto.port, identifier="lean0") as client:
+        future = client.publish_nowait("lean/q0", b"x", qos=0)
+        assert future.done()
