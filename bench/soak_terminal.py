@@ -29,7 +29,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -38,55 +37,6 @@ if str(ROOT) not in sys.path:
 from bridge.cli_simulate import add_parser, build_scenario
 from bridge.logging_setup import setup_logging
 from bridge.simulator.server import SimulatorServer
-
-
-class SoakServer(SimulatorServer):
-    """The simulator's server with three changes for fidelity under chaos.
-
-    Unplugging removes the --link symlink as well (udev removes /dev/poi/... when a device
-    goes away; a new one appears on replug). Left in place, the symlink would point at a
-    freed /dev/pts/N, which the kernel soon hands to another pseudo-terminal (another
-    simulated terminal's, or anybody's), and a bridge reopening the link would be talking to
-    a different terminal.
-
-    And unplug is a no-op while the cable is already out. SimulatorServer.unplug() during a
-    replug gap (a drop_link transaction's, or another unplug's) sets the "link lost" flag
-    again while the server sleeps; the server then drops the *new* pseudo-terminal as soon as
-    it has created it, without closing it, and moves the symlink on to a third one: a bridge
-    that opened the second one in between keeps writing into a pty nobody reads any more,
-    and never sees a hang-up.
-
-    Answers also carry the terminal's own POIID (the simulator copies the request's), as a
-    real terminal's do, so the bridge's identity check means something.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        handle = self.terminal.handle
-        poi_id = self.scenario.poi_id
-
-        def handle_as_myself(document: dict[str, Any], now: float) -> Any:
-            reaction = handle(document, now)
-            for answer in reaction.answers:
-                header = (answer.document.get("SaleToPOIResponse") or {}).get("MessageHeader")
-                if isinstance(header, dict) and "POIID" in header:
-                    header["POIID"] = poi_id  # in place: the ledger keeps the same document
-            return reaction
-
-        self.terminal.handle = handle_as_myself  # type: ignore[method-assign]
-
-    @property
-    def unplugged(self) -> bool:
-        link = self._link
-        return link is None or getattr(link, "master", 0) < 0
-
-    def unplug(self) -> None:
-        if self.unplugged:
-            return
-        if self.link_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.link_path.unlink()
-        super().unplug()
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -103,7 +53,7 @@ def write_ledger(server: SimulatorServer, path: Path | None) -> None:
     tmp.replace(path)
 
 
-async def unplug(server: SoakServer, seconds: float) -> None:
+async def unplug(server: SimulatorServer, seconds: float) -> None:
     """Pull the cable for `seconds`. The server replugs after its scenario's replug_after,
     so that is set for this one unplug and put back once the new pty is up."""
     if server.unplugged:
@@ -121,7 +71,7 @@ async def unplug(server: SoakServer, seconds: float) -> None:
         server.scenario = default
 
 
-async def control(server: SoakServer, ledger: Path | None, stop: asyncio.Event) -> None:
+async def control(server: SimulatorServer, ledger: Path | None, stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -152,7 +102,7 @@ async def control(server: SoakServer, ledger: Path | None, stop: asyncio.Event) 
 
 
 async def serve(args: argparse.Namespace) -> None:
-    server = SoakServer(build_scenario(args), args.framer)
+    server = SimulatorServer(build_scenario(args), args.framer)
     path = await server.start_pty(args.link)
     print(path, flush=True)
     stop = asyncio.Event()

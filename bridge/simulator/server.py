@@ -151,6 +151,7 @@ class SimulatorServer:
         self._closed = asyncio.Event()
         self._link_lost = asyncio.Event()
         self._muted_until = 0.0
+        self._unplugged = False
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -165,6 +166,7 @@ class SimulatorServer:
     def _new_pty(self) -> None:
         master, slave, self.device = open_pty(self.link_path)
         self._link = _PtyLink(master, slave)
+        self._unplugged = False
         self.framer = make_framer(self._framer_name, **self._framer_options)
         log.info("simulated terminal %s on %s", self.scenario.poi_id, self.device)
 
@@ -183,6 +185,7 @@ class SimulatorServer:
                 lost.cancel()
                 with contextlib.suppress(asyncio.CancelledError, OSError, ConnectionError):
                     await reader
+            self.unplug()  # however the link ended, this pty is done with (no-op if unplugged)
             if self._closed.is_set():
                 return
             self._link_lost.clear()
@@ -209,8 +212,25 @@ class SimulatorServer:
         """Play dead: read and drop everything (no ACK, no answer) for `seconds`."""
         self._muted_until = time.monotonic() + seconds
 
+    @property
+    def unplugged(self) -> bool:
+        """The pseudo-terminal's cable is out (between an unplug and the replug)."""
+        return self._unplugged
+
     def unplug(self) -> None:
-        """Pull the cable: close the link now (the pty comes back after replug_after)."""
+        """Pull the cable: close the link now; a pseudo-terminal comes back, with a new name,
+        after replug_after. The --link symlink goes with it, as udev removes /dev/poi/...
+        when a device goes away: left in place it would point at a freed /dev/pts/N, which
+        the kernel soon hands to another pseudo-terminal, and a bridge reopening it would be
+        talking to somebody else. Pulling a cable that is already out changes nothing (it
+        used to make the server drop the next pty unread and move on to a third)."""
+        if self.device is not None:  # pseudo-terminal mode
+            if self._unplugged:
+                return
+            self._unplugged = True
+            if self.link_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.link_path.unlink()
         if self._link is not None:
             self._link.close()
         self._link_lost.set()
