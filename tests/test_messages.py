@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.protocol.messages import (
+    MAX_NESTING,
     AbortRequest,
     ErrorCondition,
     LoginRequest,
@@ -223,6 +224,40 @@ def test_body_without_response_is_error():
 def test_malformed_input_raises_message_error_saying_where(raw, fragment):
     with pytest.raises(MessageError, match=re.escape(fragment)):
         parse_message(raw)
+
+
+def _nested(depth: int) -> bytes:
+    """Exactly `depth` containers deep: dicts and lists alternating down one chain, with
+    shallower sibling containers at every level."""
+    text = "[1]"
+    for level in range(1, depth):
+        text = f'{{"a":{text},"b":[],"c":{{}}}}' if level % 2 else f'[{text},"x",[]]'
+    return text.encode()
+
+
+def _true_depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_true_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_true_depth, value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("depth", [2, MAX_NESTING - 1, MAX_NESTING, MAX_NESTING + 1,
+                                   MAX_NESTING + 2, 200])
+def test_nesting_past_the_limit_is_refused_though_json_could_parse_it(depth):
+    raw = _nested(depth)
+    assert _true_depth(json.loads(raw)) == depth
+    if depth <= MAX_NESTING:
+        load_json(raw)
+    else:
+        with pytest.raises(MessageError, match="nested deeper than"):
+            load_json(raw)
+
+
+def test_many_shallow_containers_and_braces_inside_strings_are_not_nesting():
+    wide = json.dumps({"list": [{"k": [i]} for i in range(500)], "text": "{[" * 500})
+    assert load_json(wide.encode())["text"] == "{[" * 500
 
 
 def test_oversize_input_is_refused_before_parsing():
