@@ -69,11 +69,13 @@ FULL = {
     "latency_ns": [1, 8, 32, 64], "durations": {"small": 8.0, "fixture": 10.0},
     "store_n": 64, "store_s": 30.0,
     "throughput_n": 64, "throughput_s": 15.0, "recovery_ns": [1, 16, 64], "core_s": 0.5,
+    "io_s": 4.0,
 }
 QUICK = {
     "latency_ns": [32, 64], "durations": {"small": 2.5, "fixture": 3.0},
     "store_n": 64, "store_s": 10.0,
     "throughput_n": 64, "throughput_s": 4.0, "recovery_ns": [64], "core_s": 0.05,
+    "io_s": 1.0,
 }
 SECTIONS = ("latency", "store", "throughput", "recovery", "core")
 
@@ -562,6 +564,17 @@ def render(results: dict[str, Any]) -> str:
             ["message", "bytes", "parse+to_bytes/s", "json loads+dumps/s", "slower x",
              "parse_message/s", "validate dict/s", "to_bytes/s", "load_json us",
              "json.loads us"], rows)]
+    io = (core or {}).get("io")
+    if io:
+        out.append("")
+        out.append(f"4c. One I/O event's CPU (us): a serial read of {io['chunk_bytes']} bytes "
+                   f"(a child process writes one into a pty every {io['chunk_interval_ms']:g} "
+                   "ms), and a PUBACK")
+        rows = [[r["what"], str(r["events"]), _f(r["us_user"]), _f(r["us_system"]),
+                 _f(r["us_total"])] for r in io["reads"]]
+        rows += [[r["what"], "-", "-", "-", _f(r["us_total"], 2)] for r in io["pubacks"]]
+        out += ["    " + x for x in _table(
+            ["event", "reads", "user us", "system us", "total us"], rows, left=(0,))]
     if results.get("targets"):
         out.append("")
         out.append("Targets")
@@ -570,6 +583,16 @@ def render(results: dict[str, Any]) -> str:
         out += ["    " + x for x in _table(
             ["verdict", "target", "measured", "limit", "note"], rows, left=(0, 1, 3, 4))]
     return "\n".join(out)
+
+
+async def io_costs(seconds: float) -> dict[str, Any]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.io_costs", str(seconds), cwd=str(ROOT),
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"bench.io_costs failed (exit {process.returncode})")
+    return json.loads(out)
 
 
 # --- main -----------------------------------------------------------------------------------
@@ -640,6 +663,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             from bench import core
             log("core: framers and messages in-process")
             results["core"] = core.run(plan["core_s"])
+            log("core: I/O event costs (serial reads, PUBACKs), in a process of its own")
+            results["core"]["io"] = await io_costs(plan["io_s"])
         if "latency" in wanted:
             results["latency"] = await section_latency(broker, workroot, plan, log)
         if "store" in wanted:
