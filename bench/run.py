@@ -16,8 +16,9 @@ What runs where: the simulated terminals (SimulatorServer on real pseudo-termina
 at 115200 baud 8N1) and the registers' MQTT client run in this process; the bridge runs
 as its own process (`python -m bridge run --config ...`) so /proc/<pid>/stat and
 /proc/<pid>/status give its own CPU time and peak RSS (VmHWM); the baseline (bench/baseline.py)
-is a process of its own too; mosquitto is a real broker on a free port, with its default
-configuration unless --broker-nodelay. The benchmark's own MQTT clients set TCP_NODELAY
+is a process of its own too; mosquitto is a real broker on a free port, with persistence
+saved at its default interval (1800 s) as on a store's box, and set_tcp_nodelay at its
+default (off) unless --broker-nodelay. The benchmark's own MQTT clients set TCP_NODELAY
 (bench/common.py: nodelay) so the instrument adds no Nagle delays of its own.
 
 Profiling the daemon (py-spy attaches to the running process; pyinstrument cannot):
@@ -78,6 +79,7 @@ QUICK = {
     "io_s": 1.0,
 }
 SECTIONS = ("latency", "store", "throughput", "recovery", "core")
+BROKER_AUTOSAVE_S = 1800  # mosquitto's default
 
 
 # --- sections -------------------------------------------------------------------------------
@@ -439,8 +441,10 @@ def render(results: dict[str, Any]) -> str:
             out.append(f"         after the runs: p50 {_f(a['p50_ms'], 2)} ms, p99 "
                        f"{_f(a['p99_ms'], 2)} ms, max {_f(a['max_ms'], 2)} ms")
     if results.get("broker"):
-        out.append(f"broker: mosquitto, set_tcp_nodelay {str(results['broker']['set_tcp_nodelay']).lower()}"
-                   f"{'' if results['broker']['set_tcp_nodelay'] else ' (its default)'}")
+        broker_info = results["broker"]
+        out.append(f"broker: mosquitto, set_tcp_nodelay {str(broker_info['set_tcp_nodelay']).lower()}"
+                   f"{'' if broker_info['set_tcp_nodelay'] else ' (its default)'}"
+                   f", persistence autosave every {broker_info.get('autosave_interval_s', 1)} s")
     out.append("=" * 100)
     latency = results.get("latency")
     if latency:
@@ -653,8 +657,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         if needs_broker:
             extra = "set_tcp_nodelay true\n" if args.broker_nodelay else ""
+            # The test suite's broker writes its persistence file every second (crash tests
+            # need that); with the thousands of retained transactions a benchmark leaves,
+            # each save stalled the broker for tens of ms, in every section after the first.
+            # A store's broker saves at mosquitto's default interval, as in
+            # examples/mosquitto/mosquitto.conf.
+            extra += f"autosave_interval {BROKER_AUTOSAVE_S}\n"
             broker = Mosquitto(workroot / "mosquitto", extra_config=extra).start()
-            results["broker"] = {"set_tcp_nodelay": bool(args.broker_nodelay)}
+            results["broker"] = {"set_tcp_nodelay": bool(args.broker_nodelay),
+                                 "autosave_interval_s": BROKER_AUTOSAVE_S}
         if args.profile:
             RESULTS.mkdir(parents=True, exist_ok=True)
             results["profile"] = await profile(broker, workroot, plan, log)
