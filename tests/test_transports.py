@@ -266,6 +266,16 @@ async def test_serial_close_twice_then_calls_raise_link_closed(pty):
     await within(again.close())
 
 
+async def test_serial_close_drops_bytes_read_ahead(pty, serial_link):
+    await pty.send(b"\x02")
+    assert await within(serial_link.read()) == b"\x02"
+    await pty.send(b"\x02not for anyone\x03")
+    await asyncio.sleep(0.05)  # read ahead by the callback
+    await within(serial_link.close())
+    with pytest.raises(LinkClosed, match="was closed"):
+        await within(serial_link.read())
+
+
 async def test_serial_close_wakes_a_pending_read(pty, serial_link):
     pending = asyncio.create_task(serial_link.read())
     await asyncio.sleep(0.05)

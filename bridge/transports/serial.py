@@ -128,6 +128,9 @@ class SerialTransport(Transport):
                 await self._wait_writable(fd)
 
     async def close(self) -> None:
+        # Bytes read ahead are dropped: whoever closes is done with this connection. (On a
+        # loss, by contrast, they are still handed over before LinkClosed.)
+        self._received.clear()
         if self._fd is not None:
             self._reason = f"serial device {self.link.device} was closed"
             self._start_closing()
