@@ -776,7 +776,7 @@ def main() -> int:
                         help="py-spy on the daemon under 64 terminals (needs py-spy)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument("--what-if", default="",
-                        help="run a patched daemon (bench/whatif.py: inflight, early-ack, "
+                        help="run a patched daemon (bench/whatif.py: inflight, early-ack, no-state-flips, no-sent-event, "
                              "journal-normal); results are labelled, not the bridge's")
     parser.add_argument("--broker-nodelay", action="store_true",
                         help="run mosquitto with set_tcp_nodelay true (default: its default, off)")

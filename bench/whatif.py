@@ -11,6 +11,12 @@ as such and are never the bridge's own figures.
                   journal, parse, publish), instead of after
   journal-normal  SQLite synchronous=NORMAL instead of FULL (durable across a daemon crash,
                   not across a power cut) - to show the share of fsync in the latency
+  no-state-flips  the terminal state topic is not republished when only busy/online and the
+                  active transaction change (two retained publishes a payment fewer)
+  no-sent-event   no "sent" event on registers/{SaleID}/event (it comes in the same step as
+                  "accepted" when the terminal is idle: one publish a payment fewer)
+
+The last two are contract changes, measured here so the planners can weigh them.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import sys
 import time
 
 # (TCP_NODELAY and a faster nesting guard, once measured here, are now in the bridge.)
-PATCHES = ("inflight", "early-ack", "journal-normal")
+PATCHES = ("inflight", "early-ack", "journal-normal", "no-state-flips", "no-sent-event")
 
 
 def _inflight() -> None:
@@ -64,6 +70,36 @@ def _journal_normal() -> None:
     Journal.__init__ = __init__
 
 
+def _no_state_flips() -> None:
+    from bridge.daemon.mqtt import RegisterGateway
+
+    original = RegisterGateway.terminal_state
+    flipping = ("state", "active", "open_transactions")
+
+    def terminal_state(self, poi_id, state):  # type: ignore[no-untyped-def]
+        known = self._terminal_states.get(poi_id)
+        if (known is not None and known["state"] in ("online", "busy")
+                and state["state"] in ("online", "busy")
+                and {k: v for k, v in known.items() if k not in flipping}
+                == {k: v for k, v in state.items() if k not in flipping}):
+            return
+        original(self, poi_id, state)
+
+    RegisterGateway.terminal_state = terminal_state
+
+
+def _no_sent_event() -> None:
+    from bridge.daemon.mqtt import RegisterGateway
+
+    original = RegisterGateway.progress
+
+    def progress(self, event):  # type: ignore[no-untyped-def]
+        if event.event != "sent":
+            original(self, event)
+
+    RegisterGateway.progress = progress
+
+
 def apply(names: list[str]) -> None:
     for name in names:
         if name not in PATCHES:
@@ -74,6 +110,10 @@ def apply(names: list[str]) -> None:
         _early_ack()
     if "journal-normal" in names:
         _journal_normal()
+    if "no-state-flips" in names:
+        _no_state_flips()
+    if "no-sent-event" in names:
+        _no_sent_event()
 
 
 if __name__ == "__main__":
