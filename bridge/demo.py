@@ -102,10 +102,16 @@ async def demo(verbose: bool = False) -> int:
 
     outcome_ok = True
     async with RegisterClient("127.0.0.1", port, SALE_ID, on_event=show) as register:
-        for _ in range(100):  # wait for the terminal's link
-            if bridge.workers[POI_ID].online:
+        # Wait for the terminal's link and for the bridge's subscription: a request published
+        # before the bridge has ever subscribed has no subscriber to go to (on a loaded box the
+        # MQTT connection can come up after the terminal's link).
+        for _ in range(600):
+            if bridge.workers[POI_ID].online and bridge.gateway.connected:
                 break
             await asyncio.sleep(0.05)
+        else:
+            _say("   the bridge did not come up within 30 s (terminal link or MQTT connection)")
+            return 1
         _say(f"4. register {SALE_ID} makes three payments over MQTT")
         for n, (amount, story) in enumerate(PAYMENTS, 1):
             _say(f"\n   payment {n}: EUR {amount:.2f} ({story})")

@@ -116,3 +116,23 @@ def test_make_demo_runs_end_to_end_in_under_a_minute():
     assert "outcome APPROVED (source: status-poll)" in out
     assert "every payment reached the register" in out
     assert time.monotonic() - started < 60
+
+
+async def test_demo_waits_for_the_bridge_subscription(monkeypatch, capsys):
+    """On a loaded box the bridge's MQTT subscription can come up after the terminal's link;
+    a payment published before it had no subscriber, and the demo waited 60 s for nothing
+    (seen once in CI). The demo now waits for both."""
+    import asyncio
+
+    from bridge import demo
+    from bridge.daemon.mqtt_client import PipelinedClient
+
+    original = PipelinedClient.subscribe
+
+    async def slow_subscribe(self, *args, **kwargs):
+        await asyncio.sleep(1.5)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PipelinedClient, "subscribe", slow_subscribe)
+    assert await asyncio.wait_for(demo.demo(), 90) == 0
+    assert "every payment reached the register" in capsys.readouterr().out
