@@ -390,3 +390,41 @@ async def test_a_request_is_acknowledged_only_once_handled(tmp_path, mosquitto):
         journal.close()
     assert len(seen) == 2, "the unacknowledged request was not delivered again"
     assert json.loads(seen[1]) == json.loads(seen[0])
+
+
+async def test_online_is_said_only_once_requests_can_be_taken(tmp_path, mosquitto, monkeypatch):
+    """A register that waits for bridge/state "online" and then publishes must be answered,
+    even on a broker that has never seen the bridge's session and with a slow SUBACK: the
+    bridge subscribes before it says "online" (it used to say it first)."""
+    from bridge.daemon.mqtt_client import PipelinedClient
+
+    original = PipelinedClient.subscribe
+
+    async def slow_subscribe(self, *args, **kwargs):
+        await asyncio.sleep(0.5)
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PipelinedClient, "subscribe", slow_subscribe)
+    async with Subscriber(mosquitto, [f"{BASE}/bridge/state", f"{BASE}/registers/POS1/#"],
+                          client_id="eager-register") as register:
+        simulator = SimulatorServer(default_scenario(), "stx-etx-lrc", ack_timeout=0.3)
+        device = await simulator.start_pty(tmp_path / "terminal")
+        config = parse_config({
+            "journal": str(tmp_path / "journal.sqlite3"),
+            "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "base_topic": BASE,
+                     "client_id": "bridge-first-start"},
+            "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
+        })
+        bridge = Bridge(config)
+        await bridge.start()
+        try:
+            await register.wait_for(lambda t, p: t.endswith("/bridge/state")
+                                    and p == {"state": "online"})
+            await register.publish(request_topic(),
+                                   responses.payment_request("POS1", "EAGER1", POI))
+            answer = await register.wait_for(
+                lambda t, p: t == f"{BASE}/registers/POS1/response", timeout=15)
+            assert answer["bridge"]["transaction"]["service_id"] == "EAGER1"
+        finally:
+            await bridge.stop()
+            await simulator.close()

@@ -226,13 +226,16 @@ class RegisterGateway:
             await asyncio.sleep(self._backoff.next_delay())
 
     async def _serve(self, client: aiomqtt.Client) -> None:
+        # Subscribed before saying "online": a register that waits for "online" and then
+        # publishes must find a subscriber (on a broker that has never seen this bridge's
+        # persistent session, nothing would queue a request for it).
+        if self._accepting:
+            await client.subscribe(self.topics.terminal_requests, qos=1)
+            await client.subscribe(self.topics.bridge_requests, qos=1)
         await client.publish(self.topics.bridge_state, dumps({"state": "online"}), qos=1,
                              retain=True)
         self._state_dirty = set(self._terminal_states)
         self._state_ready.set()
-        if self._accepting:
-            await client.subscribe(self.topics.terminal_requests, qos=1)
-            await client.subscribe(self.topics.bridge_requests, qos=1)
         self._connected.set()
         self._outbox_ready.set()
         tasks = [
