@@ -15,9 +15,11 @@ JSON it prints: it needs its own event loop and forks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
+import signal
 import sys
 import time
 import tty
@@ -74,7 +76,7 @@ async def _transport_reads(chunks: int) -> dict[str, Any]:
         reads += 1
     after = _cpu()
     await transport.close()
-    os.waitpid(pid, 0)
+    _end(pid)
     return _per_read("SerialTransport.read()", reads, before, after)
 
 
@@ -101,8 +103,15 @@ async def _callback_reads(chunks: int) -> dict[str, Any]:
     after = _cpu()
     loop.remove_reader(slave)
     os.close(slave)
-    os.waitpid(pid, 0)
+    _end(pid)
     return _per_read("bare reader callback (floor)", counts["reads"], before, after)
+
+
+def _end(pid: int) -> None:
+    """The measurement is over: stop the writer now rather than wait out its final sleep."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
 
 
 def _per_read(what: str, reads: int, before: tuple[float, float],
