@@ -30,7 +30,8 @@ def add_parser(subparsers: Any) -> None:
                                                           "(default); prints its path")
     where.add_argument("--tcp", metavar="HOST:PORT", help="listen on a TCP port instead")
     p.add_argument("--link", type=Path, help="with --pty: keep a symlink here pointing at the "
-                                             "current pseudo-terminal (survives replugs)")
+                                             "current pseudo-terminal (gone while unplugged, "
+                                             "back after the replug)")
     p.add_argument("--framer", default="stx-etx-lrc", choices=sorted(FRAMERS))
     p.add_argument("--poi-id", default=None, help="the terminal's POIID")
     p.add_argument("--scenario", type=Path, help="scenario file (TOML or JSON)")
