@@ -47,6 +47,17 @@ async def _run(args: argparse.Namespace) -> int:
     async with RegisterClient(host or "127.0.0.1", int(port), args.sale_id,
                               base_topic=args.base_topic, on_event=_event,
                               persistent=False) as register:
+        # A request on a base topic no bridge listens to would wait for the whole timeout and
+        # then say nothing useful: ask the bridge's retained state first.
+        state = await register.wait_for_bridge()
+        if state is None:
+            print(f"poi-bridge register: no bridge has announced itself on "
+                  f"{register.topics.bridge_state}: check --base-topic (the bridge's "
+                  f"mqtt.base_topic) and that the bridge has been started", file=sys.stderr)
+            return 2
+        if state != "online":
+            print(f"poi-bridge register: the bridge is {state}; the request waits in the broker "
+                  f"until it is back", file=sys.stderr)
         if args.action == "pay":
             answer = await register.pay(args.terminal, args.amount, args.currency,
                                         service_id=args.service_id, timeout=args.timeout)

@@ -35,6 +35,8 @@ class RegisterClient:
         self._commands: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.responses: list[dict[str, Any]] = []
         self._reader: asyncio.Task[None] | None = None
+        self.bridge_state: str | None = None  # the retained bridge/state, once seen
+        self._bridge_state_seen = asyncio.Event()
 
     async def __aenter__(self) -> RegisterClient:
         self._client = aiomqtt.Client(self.host, self.port, identifier=self._client_id,
@@ -42,6 +44,7 @@ class RegisterClient:
         await self._client.__aenter__()
         await self._client.subscribe(f"{self.topics.base}/registers/{self.sale_id}/#", qos=1)
         await self._client.subscribe(f"{self.topics.base}/bridge/response/+", qos=1)
+        await self._client.subscribe(self.topics.bridge_state, qos=1)
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -62,7 +65,10 @@ class RegisterClient:
             except (TypeError, ValueError):
                 continue
             topic = message.topic.value
-            if topic.endswith("/event"):
+            if topic == self.topics.bridge_state:
+                self.bridge_state = payload.get("state") if isinstance(payload, dict) else None
+                self._bridge_state_seen.set()
+            elif topic.endswith("/event"):
                 if self._on_event is not None:
                     self._on_event(payload)
             elif topic.endswith("/response") and "/registers/" in topic:
@@ -77,6 +83,13 @@ class RegisterClient:
                 future = self._commands.pop(command, None)
                 if future is not None and not future.done():
                     future.set_result(payload)
+
+    async def wait_for_bridge(self, timeout: float = 3.0) -> str | None:
+        """The bridge's retained state ("online", "offline"), or None if no bridge has ever
+        announced itself under this base topic (wrong base topic, or never started)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._bridge_state_seen.wait(), timeout)
+        return self.bridge_state
 
     async def request(self, document: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
         """Publish a request and wait for its final answer (an `unresolved` report is shown as
