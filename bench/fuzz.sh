@@ -12,6 +12,7 @@ targets=(
   "tests/test_framing_properties.py"
   "tests/test_messages.py::test_parser_never_raises_anything_but_message_error"
   "tests/test_messages.py::test_arbitrary_envelopes_parse_or_fail_cleanly_and_classify_without_raising"
+  "tests/test_messages.py::test_the_nesting_guard_agrees_with_the_true_depth"
   "tests/test_crypto.py::test_decrypt_raises_only_crypto_errors_on_junk"
   "tests/test_intake_fuzz.py"
 )

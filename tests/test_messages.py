@@ -255,6 +255,32 @@ def test_nesting_past_the_limit_is_refused_though_json_could_parse_it(depth):
             load_json(raw)
 
 
+def _deep(draw_depth: int, shape: list[bool]):
+    """A chain `draw_depth` containers deep, dict or list at each level per `shape`."""
+    value = 0
+    for level in range(draw_depth):
+        value = {"k": value, "s": [1]} if shape[level % len(shape)] else [value, {}]
+    return value
+
+
+@fuzz_settings(200)
+@given(st.recursive(st.none() | st.integers() | st.text(max_size=3),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=2), inner, max_size=3),
+                    max_leaves=40),
+       # Mostly around the limit, where an off-by-one would show (the chain adds 2 levels).
+       st.one_of(st.integers(MAX_NESTING - 4, MAX_NESTING), st.integers(0, 2 * MAX_NESTING)),
+       st.lists(st.booleans(), min_size=1, max_size=5))
+def test_the_nesting_guard_agrees_with_the_true_depth(value, depth, shape):
+    document = [value, _deep(depth, shape)]  # random breadth beside a chain of known depth
+    raw = json.dumps(document).encode()
+    if _true_depth(document) <= MAX_NESTING:
+        assert load_json(raw) == document
+    else:
+        with pytest.raises(MessageError, match="nested deeper than"):
+            load_json(raw)
+
+
 def test_many_shallow_containers_and_braces_inside_strings_are_not_nesting():
     wide = json.dumps({"list": [{"k": [i]} for i in range(500)], "text": "{[" * 500})
     assert load_json(wide.encode())["text"] == "{[" * 500
