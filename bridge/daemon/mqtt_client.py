@@ -15,8 +15,8 @@ persistent session on the next connection.
 A plain PUBACK (two bytes: the message id) is handled without paho's decoder, which builds a
 ReasonCode and a Properties object (a table of 27 names) for each one, 20-40 us on this
 project's VM against under 1 us here (`make bench`, section 4c): with eight QoS 1 messages a
-payment, paho's PUBACK handling was 14 % of the daemon's CPU under load. Anything longer (an MQTT 5 reason
-code or properties) still goes through paho's own handler.
+payment, paho's PUBACK handling was 14 % of the daemon's CPU under load. Anything longer (an
+MQTT 5 reason code or properties) still goes through paho's own handler.
 
 It leans on aiomqtt and paho internals, kept here in one place: `_client` (the paho client),
 the `_on_publish` callback that aiomqtt registers with it, and paho's `_handle_pubackcomp`,

@@ -298,8 +298,9 @@ class TerminalWorker:
             self._framer_events(self.framer.receive_data(data, time.monotonic()))
             if self.framer.has_data_to_send:
                 self._write_ready.set()  # ACK/NAK the framer queued go out via the writer
-            if self.framer.next_deadline() != framer_due:  # e.g. a stalled frame's deadline
-                framer_due = self.framer.next_deadline()
+            due = self.framer.next_deadline()
+            if due != framer_due:  # e.g. a stalled frame's deadline
+                framer_due = due
                 self._rearm()
 
     async def _write_loop(self, transport: Transport) -> None:
