@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "adyen" / "dotnet-pospayment-success.json"
+FIXTURE = ROOT / "tests" / "fixtures" / "adyen" / "dotnet-pospayment-success.json"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 BAUD = 115200

@@ -4,8 +4,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "adyen"
-SEEDS = ROOT.parent / "shared" / "seeds"
+# Copies kept in the repository, so a clone anywhere runs the tests (see tests/fixtures/README.md);
+# test_fixture_copies.py checks them against ../shared when that is beside the checkout.
+FIXTURES = ROOT / "tests" / "fixtures" / "adyen"
+SEEDS = ROOT / "tests" / "fixtures" / "guide"
+SHARED = ROOT.parent / "shared"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -13,7 +16,7 @@ if str(ROOT) not in sys.path:
 @pytest.fixture
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.fail(f"vendor fixtures not found at {FIXTURES}: clone the repo next to shared/")
+        pytest.fail(f"vendor fixtures not found at {FIXTURES}")
     return FIXTURES
 
 

@@ -7,7 +7,6 @@ import copy
 import hashlib
 import hmac
 import json
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import padding
@@ -33,9 +32,9 @@ from bridge.protocol.crypto import (
     serialise_document,
     terminal_crypto_error,
 )
+from tests.conftest import FIXTURES
 from tests.fuzzing import fuzz_settings
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "adyen"
 KEY_ID = "CryptoKeyIdentifier12345"
 PASSPHRASE = "p@ssw0rd123456"
 
@@ -48,7 +47,7 @@ WRONG_PASSPHRASE_KEY = NexoKey(KEY_ID, 1, "not the passphrase")
 def load(name: str) -> dict:
     path = FIXTURES / name
     if not path.is_file():
-        pytest.fail(f"vendor fixture {path} not found: shared/ must sit next to the repo")
+        pytest.fail(f"vendor fixture {path} not found: see tests/fixtures/README.md")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

@@ -3,8 +3,6 @@ ACK/NAK and retransmission."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from bridge.protocol.framing import (
@@ -16,8 +14,8 @@ from bridge.protocol.framing import (
     FramingError,
 )
 from bridge.protocol.framing.dle_crc16 import MAX_RESYNC_CANDIDATES, crc16_kermit
+from tests.conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "adyen"
 ACK, NAK = b"\x06", b"\x15"
 
 CAPTURED = bytes.fromhex("10 02 06 01 07 04 00 00 00 00 01 90 10 03 76 57")

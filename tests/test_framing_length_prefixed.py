@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 import pytest
 
@@ -14,8 +13,7 @@ from bridge.protocol.framing import (
     FramingError,
     LengthPrefixedFramer,
 )
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "adyen"
+from tests.conftest import FIXTURES
 
 
 def frame(payload: bytes) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import operator
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +17,8 @@ from bridge.protocol.framing import (
     StxEtxLrcFramer,
 )
 from bridge.protocol.framing.stx_etx_lrc import lrc
+from tests.conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "adyen"
 STX, ETX, EOT, ACK, NAK = b"\x02", b"\x03", b"\x04", b"\x06", b"\x15"
 
 
