@@ -81,6 +81,16 @@ def test_soak_no_payment_lost_doubled_phantom_disputed_or_stuck(soak: dict[str, 
     assert not bad, _text(bad, soak)
 
 
+def test_soak_report_says_what_settling_saw(soak: dict[str, Any]) -> None:
+    """The report names what was left when settling ended (it used to say only "the bridge
+    had not settled", even when the bridge had: a result the broker lost in a kill -9 left
+    its register waiting until the resync)."""
+    state = soak["settle_state"]
+    assert "open in the journal" in state and "undelivered" in state, state
+    if not soak["settled"]:
+        assert f"note: settling gave up with {state}" in soak["output"], soak["output"][-3000:]
+
+
 def test_soak_every_terminal_comes_back_after_a_restart_while_unplugged(
         soak: dict[str, Any]) -> None:
     """A serial terminal on a node udev does not manage (a pty), absent when the daemon
