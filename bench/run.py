@@ -776,8 +776,8 @@ def main() -> int:
                         help="py-spy on the daemon under 64 terminals (needs py-spy)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument("--what-if", default="",
-                        help="run a patched daemon (bench/whatif.py: inflight, early-ack, no-state-flips, no-sent-event, "
-                             "journal-normal); results are labelled, not the bridge's")
+                        help="run a patched daemon (comma-separated patch names, listed in bench/whatif.py); "
+                             "results are labelled, not the bridge's")
     parser.add_argument("--broker-nodelay", action="store_true",
                         help="run mosquitto with set_tcp_nodelay true (default: its default, off)")
     parser.add_argument("--terminals", help="section 1 terminal counts, e.g. 1,32 (default: "

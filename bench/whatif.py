@@ -15,8 +15,12 @@ as such and are never the bridge's own figures.
                   active transaction change (two retained publishes a payment fewer)
   no-sent-event   no "sent" event on registers/{SaleID}/event (it comes in the same step as
                   "accepted" when the terminal is idle: one publish a payment fewer)
+  uvloop          the event loop of uvloop (libuv) instead of asyncio's pure-Python one
+  orjson          orjson instead of the json module for the daemon's encoding and parsing
 
-The last two are contract changes, measured here so the planners can weigh them.
+no-state-flips and no-sent-event are contract changes, measured here so the planners can
+weigh them. uvloop and orjson are not dependencies of the bridge (measured, no gain above
+the noise: README, Benchmarks): `.venv/bin/pip install uvloop orjson` to try them again.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import sys
 import time
 
 # (TCP_NODELAY and a faster nesting guard, once measured here, are now in the bridge.)
-PATCHES = ("inflight", "early-ack", "journal-normal", "no-state-flips", "no-sent-event")
+PATCHES = ("inflight", "early-ack", "journal-normal", "no-state-flips", "no-sent-event",
+           "uvloop", "orjson")
 
 
 def _inflight() -> None:
@@ -100,6 +105,42 @@ def _no_sent_event() -> None:
     RegisterGateway.progress = progress
 
 
+def _need(module: str):  # type: ignore[no-untyped-def]
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(f"bench.whatif: {module} is not installed: .venv/bin/pip install "
+                         f"{module}") from None
+
+
+def _uvloop() -> None:
+    uvloop = _need("uvloop")
+
+    uvloop.install()  # asyncio.run() in the daemon's CLI then makes a uvloop loop
+
+
+def _orjson() -> None:
+    orjson = _need("orjson")
+
+    from bridge.daemon import journal, mqtt, registers, worker
+    from bridge.protocol import messages
+
+    def compact(value, **_):  # type: ignore[no-untyped-def]
+        return orjson.dumps(value).decode()
+
+    # orjson's output is the compact, UTF-8 form the daemon writes with json.dumps
+    registers.dumps = orjson.dumps
+    mqtt.dumps = orjson.dumps
+    journal._dumps = compact
+    journal.json = type("J", (), {"loads": staticmethod(orjson.loads)})
+    messages.json = type("J", (), {"loads": staticmethod(orjson.loads),
+                                   "dumps": staticmethod(compact),
+                                   "JSONDecodeError": orjson.JSONDecodeError})
+    worker.json = type("J", (), {"dumps": staticmethod(compact)})
+
+
 def apply(names: list[str]) -> None:
     for name in names:
         if name not in PATCHES:
@@ -114,6 +155,10 @@ def apply(names: list[str]) -> None:
         _no_state_flips()
     if "no-sent-event" in names:
         _no_sent_event()
+    if "uvloop" in names:
+        _uvloop()
+    if "orjson" in names:
+        _orjson()
 
 
 if __name__ == "__main__":
