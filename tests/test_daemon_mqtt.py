@@ -28,6 +28,24 @@ from .rig import POI, Subscriber, outcome_for
 BASE = "poi/store-7"
 
 
+@contextlib.asynccontextmanager
+async def running(gateway: RegisterGateway):
+    """The gateway's connection loop, for the duration of the block."""
+    task = asyncio.create_task(gateway.run())
+    try:
+        yield gateway
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def eventually(condition, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+
+
 class Store:
     """A bridge and its simulated terminal, in this process, talking to mosquitto."""
 
@@ -363,30 +381,19 @@ async def test_a_request_is_acknowledged_only_once_handled(tmp_path, mosquitto):
 
     first = RegisterGateway(config, journal, backoff=Backoff(initial=0.05, maximum=0.2))
     first.set_request_handler(dies_mid_request)
-    task = asyncio.create_task(first.run())
-    try:
-        async with Subscriber(mosquitto, [f"{BASE}/bridge/state"]) as register:
-            await register.wait_for(lambda t, p: p == {"state": "online"})
-            request = responses.payment_request("POS1", "K1", POI)
-            await register.publish(f"{BASE}/terminals/{POI}/request", request)
-            await asyncio.wait_for(dying.wait(), 10)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    async with running(first), Subscriber(mosquitto, [f"{BASE}/bridge/state"]) as register:
+        await register.wait_for(lambda t, p: p == {"state": "online"})
+        request = responses.payment_request("POS1", "K1", POI)
+        await register.publish(f"{BASE}/terminals/{POI}/request", request)
+        await asyncio.wait_for(dying.wait(), 10)
     assert len(seen) == 1
 
     second = RegisterGateway(config, journal, backoff=Backoff(initial=0.05, maximum=0.2))
     second.set_request_handler(handles)
-    task = asyncio.create_task(second.run())
     try:
-        deadline = asyncio.get_running_loop().time() + 10
-        while len(seen) < 2 and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        async with running(second):
+            await eventually(lambda: len(seen) >= 2)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
         journal.close()
     assert len(seen) == 2, "the unacknowledged request was not delivered again"
     assert json.loads(seen[1]) == json.loads(seen[0])
@@ -428,3 +435,77 @@ async def test_online_is_said_only_once_requests_can_be_taken(tmp_path, mosquitt
         finally:
             await bridge.stop()
             await simulator.close()
+
+
+async def test_a_request_is_acknowledged_only_once_its_writes_are_committed(tmp_path, mosquitto,
+                                                                          monkeypatch):
+    """With the daemon's grouped commits, the PUBACK of a register's request waits for the
+    commit of what handling it wrote: the broker forgets a request only once the journal
+    would survive a crash with it."""
+    import sqlite3
+
+    from bridge.daemon.mqtt_client import PipelinedClient
+
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.group_commits(asyncio.get_running_loop().call_soon)
+    other = sqlite3.connect(path)
+    committed_at_ack: list[int] = []
+    original_ack = PipelinedClient.ack
+
+    def ack(self, message):
+        (count,) = other.execute("SELECT COUNT(*) FROM outbox WHERE topic = ?",
+                                 (f"{BASE}/bridge/error",)).fetchone()
+        committed_at_ack.append(count)
+        original_ack(self, message)
+
+    monkeypatch.setattr(PipelinedClient, "ack", ack)
+
+    def handles(topic: str, payload: bytes, reply) -> None:
+        reply.send(f"{BASE}/bridge/error", {"status": "error", "error": "seen"})
+
+    config = MqttConfig(host=mosquitto.host, port=mosquitto.port, base_topic=BASE,
+                        client_id="bridge-ack-after-commit")
+    gateway = RegisterGateway(config, journal, backoff=Backoff(initial=0.05, maximum=0.2))
+    gateway.set_request_handler(handles)
+    try:
+        async with running(gateway), Subscriber(
+                mosquitto, [f"{BASE}/bridge/state", f"{BASE}/bridge/error"]) as register:
+            await register.wait_for(lambda t, p: p == {"state": "online"})
+            # published together, so that several are handled in one pass
+            await asyncio.gather(*(register.publish(f"{BASE}/terminals/{POI}/request",
+                                                    {"n": n}) for n in range(6)))
+            await eventually(lambda: len(committed_at_ack) >= 6
+                             and len(register.on(f"{BASE}/bridge/error")) >= 6)
+    finally:
+        other.close()
+        journal.close()
+    assert len(committed_at_ack) == 6
+    # each request's answer was on disk when its PUBACK went: the n-th saw n+1 or more
+    assert all(count >= n + 1 for n, count in enumerate(committed_at_ack)), committed_at_ack
+
+
+async def test_a_message_is_published_once_committed_and_not_before(tmp_path, mosquitto):
+    """The outbox publisher takes committed messages only, and is woken by the commit: woken
+    by the write, it found nothing yet and slept on, and the result waited for the next one."""
+    from .test_journal_grouped import Passes
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    passes = Passes()
+    journal.group_commits(passes)
+    config = MqttConfig(host=mosquitto.host, port=mosquitto.port, base_topic=BASE,
+                        client_id="bridge-publish-after-commit")
+    gateway = RegisterGateway(config, journal, backoff=Backoff(initial=0.05, maximum=0.2))
+    topic = f"{BASE}/registers/POS1/response"
+    try:
+        async with running(gateway), Subscriber(
+                mosquitto, [f"{BASE}/bridge/state", topic]) as register:
+            await register.wait_for(lambda t, p: p == {"state": "online"})
+            gateway.enqueue(topic, {"n": 1})
+            await asyncio.sleep(0.3)
+            assert register.on(topic) == [], "published before it was committed"
+            passes.next()
+            await register.wait_for(lambda t, p: t == topic, timeout=5)
+            assert register.on(topic) == [{"n": 1}]
+    finally:
+        journal.close()

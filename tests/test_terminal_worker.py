@@ -302,3 +302,40 @@ async def test_the_right_terminal_is_confirmed_and_served(tmp_path):
         assert rig.worker.identity == "confirmed"
         rig.pay("S2", 11.0)
         assert (await rig.outlet.result_for("S2")).outcome == "approved"
+
+
+async def test_no_frame_goes_to_the_terminal_before_its_record_is_committed(tmp_path):
+    """With the daemon's grouped commits, the request's frame is handed to the framer only
+    after the pass's commit: a crash in between leaves a journaled request never sent (the
+    recovery polls for it), never a sent request the journal does not know. Likewise the ACK
+    of the terminal's answer waits for the commit of the result."""
+    import sqlite3
+
+    from .test_journal_grouped import Passes
+
+    async with Rig(tmp_path, scenario(Behaviour(delay=0.05))) as rig:
+        passes = Passes()
+        rig.journal.group_commits(passes)
+        other = sqlite3.connect(rig.journal.path)
+        try:
+            rig.pay("S1")
+            await asyncio.sleep(0.1)  # the writer would have run by now
+            assert rig.worker.counters["frames_out"] == 0
+            assert not rig.worker.framer.has_data_to_send
+            assert other.execute("SELECT COUNT(*) FROM transactions").fetchone() == (0,)
+            passes.next()
+            assert other.execute("SELECT state FROM transactions WHERE service_id = 'S1'"
+                                 ).fetchone() is not None
+            assert rig.worker.counters["frames_out"] == 1
+            result = await rig.outlet.result_for("S1")  # told in the step, before the commit
+            assert result.outcome == "approved"
+            await asyncio.sleep(0.05)
+            assert rig.worker.framer.has_data_to_send, "the answer was ACKed before its commit"
+            passes.next()
+            assert other.execute("SELECT state FROM transactions WHERE service_id = 'S1'"
+                                 ).fetchone() == ("final",)
+            await asyncio.sleep(0.05)
+            assert not rig.worker.framer.has_data_to_send  # the ACK went out
+            rig.journal.group_commits(asyncio.get_running_loop().call_soon)
+        finally:
+            other.close()

@@ -154,6 +154,8 @@ class Bridge:
     async def start(self) -> None:
         self.recover()
         self.journal.start_checkpoints()
+        # From here on the steps of one loop pass share a journal commit (see Journal).
+        self.journal.group_commits(asyncio.get_running_loop().call_soon)
         for worker in self.workers.values():
             await worker.start()
         await self._start_hotplug()

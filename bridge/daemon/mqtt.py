@@ -42,6 +42,9 @@ from bridge.transports import Backoff
 log = logging.getLogger("poi_bridge.mqtt")
 
 OUTBOX_WINDOW = 256  # outbox messages published and not yet acknowledged, at most
+# Requests already queued are handled in one loop pass, and share its journal commit, up to
+# this many: more would hold the first one's frame back for the others' handling (~1 ms each).
+REQUESTS_PER_PASS = 4
 
 # (topic, payload, properties or None) -> None; the intake answers through `reply`.
 RequestHandler = Callable[[str, bytes, "Reply"], Awaitable[None] | None]
@@ -103,7 +106,7 @@ class RegisterGateway:
         else:
             messages.append((self.topics.bridge_error, dumps(result_payload(result)), 1, False))
         self.journal.enqueue(messages)
-        self._outbox_ready.set()
+        self._wake_publisher()
 
     def progress(self, event: Progress) -> None:
         if not topic_safe(event.sale_id):
@@ -116,7 +119,7 @@ class RegisterGateway:
             messages.append((self.topics.transaction(event.sale_id, event.service_id),
                              dumps(transaction_payload(state="in_progress", ids=ids)), 1, True))
         self.journal.enqueue(messages)
-        self._outbox_ready.set()
+        self._wake_publisher()
 
     def terminal_state(self, poi_id: str, state: dict[str, Any]) -> None:
         if self._terminal_states.get(poi_id) == state:
@@ -131,12 +134,17 @@ class RegisterGateway:
         (message_id,) = self.journal.enqueue([(topic, dumps(payload), 1, retain)])
         if correlation is not None:
             self._correlations[message_id] = correlation
-        self._outbox_ready.set()
+        self._wake_publisher()
 
     def clear_retained(self, topics: list[str]) -> None:
         if topics:
             self.journal.enqueue([(topic, b"", 1, True) for topic in topics])
-            self._outbox_ready.set()
+            self._wake_publisher()
+
+    def _wake_publisher(self) -> None:
+        # Only once the messages are committed: the publisher takes committed ones only, and
+        # woken before the commit it would find nothing and sleep on.
+        self.journal.after_commit(self._outbox_ready.set)
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -256,7 +264,13 @@ class RegisterGateway:
                     await task
 
     async def _receive(self, client: PipelinedClient) -> None:
-        async for message in client.messages:
+        taken = 0
+        while True:
+            if taken >= REQUESTS_PER_PASS:
+                taken = 0
+                await asyncio.sleep(0)  # let the pass's commit run: those frames go out now
+            message = await client.next_message()
+            taken += 1
             if self._handler is None:
                 continue  # not acknowledged: delivered again once there is a handler
             payload = message.payload if isinstance(message.payload, bytes) else \
@@ -277,7 +291,7 @@ class RegisterGateway:
                 reply.send(self.topics.bridge_error, {
                     "status": "error", "error": "internal error while handling the request",
                     "topic": message.topic.value})
-            client.ack(message)
+            self.journal.after_commit(functools.partial(client.ack, message))
 
     async def _publish_outbox(self, client: PipelinedClient) -> None:
         """Publish the outbox in order as a pipeline: a new result goes out at once, without

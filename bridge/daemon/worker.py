@@ -3,14 +3,16 @@
 It opens the transport (and reopens it with backoff when the device goes away), feeds bytes
 to the framer and messages to the session, fires the session's and the framer's timers, and
 carries out the session's actions in order: Record -> journal, Send -> framer -> transport,
-Deliver/Progress -> the register side (the outlet). Everything runs on the event loop; the
-journal commit is synchronous on purpose, so no action can overtake the record it depends on.
+Deliver/Progress -> the register side (the outlet). Everything runs on the event loop. No
+action may overtake the record it depends on: frames (and the ACK of a terminal's answer) go
+out through the journal's after_commit(), once the step's records are on disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -179,8 +181,9 @@ class TerminalWorker:
     # --- actions ------------------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
-        # The records and the messages owed to registers commit together, once (one fsync),
-        # and only then do the frames go out: a Send never overtakes the Record before it.
+        # The records and the messages owed to registers commit together (one fsync, shared
+        # with the other steps of this loop pass), and only then do the frames go out: a Send
+        # never overtakes the Record before it.
         sends: list[Send] = []
         with self.journal.batch():
             for action in actions:
@@ -196,7 +199,7 @@ class TerminalWorker:
                 elif isinstance(action, Log):
                     log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
         for send in sends:
-            self._send(send)
+            self.journal.after_commit(functools.partial(self._send, send))
         self._publish_state()
         self._rearm()
 
@@ -222,6 +225,7 @@ class TerminalWorker:
         self._framer_events(self.framer.send_frame(payload, time.monotonic()))
         self.counters["frames_out"] += 1
         self._write_ready.set()
+        self._rearm()  # the frame's ACK deadline (sent after the step's commit, not within it)
 
     # --- the link -----------------------------------------------------------------------------
 
@@ -297,7 +301,9 @@ class TerminalWorker:
             data = await transport.read()
             self._framer_events(self.framer.receive_data(data, time.monotonic()))
             if self.framer.has_data_to_send:
-                self._write_ready.set()  # ACK/NAK the framer queued go out via the writer
+                # the ACK/NAK the framer queued goes out via the writer, once the answer it
+                # acknowledges is journaled: the terminal may forget an answer it saw ACKed
+                self.journal.after_commit(self._write_ready.set)
             due = self.framer.next_deadline()
             if due != framer_due:  # e.g. a stalled frame's deadline
                 framer_due = due

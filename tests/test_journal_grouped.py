@@ -1,0 +1,162 @@
+"""Grouped commits (the daemon's mode): the writes of one event-loop pass commit once, and
+what depends on them waits for that commit. A second connection to the same file plays the
+crash: what it cannot see would not survive one."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+
+import pytest
+
+from bridge.daemon.journal import Journal
+from bridge.protocol.transaction import TxKey, TxState
+
+from .test_journal import make_txn
+
+
+class Passes:
+    """Stands for loop.call_soon: the test says when the next pass (the commit) runs."""
+
+    def __init__(self) -> None:
+        self.scheduled: list[Callable[[], None]] = []
+
+    def __call__(self, callback: Callable[[], None]) -> None:
+        self.scheduled.append(callback)
+
+    def next(self) -> None:
+        todo, self.scheduled = self.scheduled, []
+        for callback in todo:
+            callback()
+
+
+@pytest.fixture
+def grouped(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    passes = Passes()
+    journal.group_commits(passes)
+    other = sqlite3.connect(path)
+    yield journal, passes, other
+    other.close()
+    journal.close()
+
+
+def _committed_services(other: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in other.execute("SELECT service_id FROM transactions ORDER BY 1")]
+
+
+def test_a_pass_commits_once_and_only_then_runs_what_waited(grouped):
+    journal, passes, other = grouped
+    done: list[str] = []
+    with journal.batch():
+        journal.save(make_txn("S1"))
+    journal.after_commit(lambda: done.append("send S1"))
+    with journal.batch():
+        journal.save(make_txn("S2"), [("t/a", b"{}", 1, False)])
+    journal.after_commit(lambda: done.append("send S2"))
+
+    assert len(passes.scheduled) == 1, "one commit per pass, however many steps"
+    assert _committed_services(other) == [] and done == []
+    assert journal.get(TxKey("R1", "S2")) is not None  # the daemon itself reads its writes
+    passes.next()
+    assert _committed_services(other) == ["S1", "S2"]
+    assert done == ["send S1", "send S2"]
+
+
+def test_after_commit_runs_at_once_when_nothing_waits(grouped):
+    journal, passes, _ = grouped
+    done: list[int] = []
+    journal.after_commit(lambda: done.append(1))
+    assert done == [1] and passes.scheduled == []
+
+
+def test_the_publisher_sees_only_committed_messages(grouped):
+    journal, passes, _ = grouped
+    journal.enqueue([("t/a", b"1", 1, False)])
+    passes.next()
+    journal.enqueue([("t/b", b"2", 1, False)])
+    assert [m.topic for m in journal.pending()] == ["t/a"]
+    passes.next()
+    assert [m.topic for m in journal.pending()] == ["t/a", "t/b"]
+
+
+def test_a_failing_step_takes_back_only_its_own_writes(grouped):
+    journal, passes, other = grouped
+    with journal.batch():
+        journal.save(make_txn("S1"), [("t/ok", b"1", 1, False)])
+    with pytest.raises(RuntimeError), journal.batch():
+        journal.save(make_txn("S2"), [("t/bad", b"2", 1, False)])
+        raise RuntimeError("the step failed half-way")
+    # the id the failed step took is given out again: it must not count as committed early
+    journal.enqueue([("t/next", b"3", 1, False)])
+    assert [m.topic for m in journal.pending()] == []
+    passes.next()
+    assert _committed_services(other) == ["S1"]
+    assert [m.topic for m in journal.pending()] == ["t/ok", "t/next"]
+
+
+def test_delivery_marks_ride_on_the_pass_commit_or_commit_alone(grouped):
+    journal, passes, other = grouped
+    ids = journal.enqueue([("t/a", b"1", 1, False), ("t/b", b"2", 1, False)])
+    passes.next()
+    journal.mark_delivered(ids[:1])  # nothing open: its own (unsynced) commit, at once
+    assert passes.scheduled == []
+    assert other.execute("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL"
+                         ).fetchone() == (1,)
+    journal.save(make_txn("S1"))
+    journal.mark_delivered(ids[1:])  # a pass is open: joins it
+    assert other.execute("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL"
+                         ).fetchone() == (1,)
+    passes.next()
+    assert other.execute("SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL"
+                         ).fetchone() == (0,)
+
+
+def test_close_commits_what_the_last_pass_wrote(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.group_commits(Passes())  # the pass never comes: the daemon stops first
+    journal.save(make_txn("S1", TxState.FINAL))
+    journal.close()
+    again = Journal(path)
+    assert again.get(TxKey("R1", "S1")).state is TxState.FINAL
+    again.close()
+
+
+def test_a_failed_commit_does_not_run_what_depended_on_it(grouped, caplog):
+    journal, passes, other = grouped
+    # A COMMIT that SQLite refuses, standing in for a full disk or an I/O error: a deferred
+    # foreign key left violated (the journal's own tables have none).
+    db = journal._db
+    db.execute("PRAGMA foreign_keys=ON")
+    db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    db.execute("CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY "
+               "DEFERRED)")
+    done: list[str] = []
+    journal.save(make_txn("S1"))
+    journal.after_commit(lambda: done.append("send S1"))
+    db.execute("INSERT INTO child VALUES (42)")
+    passes.next()
+    assert done == []
+    assert _committed_services(other) == []
+    assert "commit failed" in caplog.text and "check the disk" in caplog.text
+    journal.save(make_txn("S2"))  # the journal goes on
+    passes.next()
+    assert _committed_services(other) == ["S2"]
+
+
+async def test_on_the_event_loop_the_commit_comes_in_the_next_pass(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.group_commits(asyncio.get_running_loop().call_soon)
+    other = sqlite3.connect(path)
+    try:
+        journal.save(make_txn("S1"))
+        assert _committed_services(other) == []
+        await asyncio.sleep(0)
+        assert _committed_services(other) == ["S1"]
+    finally:
+        other.close()
+        journal.close()
