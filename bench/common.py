@@ -230,6 +230,23 @@ class ServiceIds:
 SERVICE_ID_WIDTH = 8
 
 
+def machine_speed(rounds: int = 7, per_round: int = 200) -> dict[str, Any]:
+    """json.loads of the vendor's 11 KB fixture, median of `rounds`: how fast this VM is
+    computing right now. Its speed changes from hour to hour (55 and 110 us on the same day),
+    and every other figure with it: compare runs by this one."""
+    import statistics
+
+    raw = FIXTURE.read_text()
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(per_round):
+            json.loads(raw)
+        samples.append((time.perf_counter() - start) / per_round * 1e6)
+    return {"json_loads_fixture_us": round(statistics.median(samples), 1),
+            "bytes": len(raw)}
+
+
 def journal_commit_floor(directory: Path, commits: int = 300) -> dict[str, Any]:
     """SQLite WAL synchronous=FULL commits of a 1 KB row on the file system the daemon's
     journal uses: the disk's share of every journal write the bridge makes."""

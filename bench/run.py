@@ -440,6 +440,13 @@ def render(results: dict[str, Any]) -> str:
         if a:
             out.append(f"         after the runs: p50 {_f(a['p50_ms'], 2)} ms, p99 "
                        f"{_f(a['p99_ms'], 2)} ms, max {_f(a['max_ms'], 2)} ms")
+        speed = cal.get("speed")
+        if speed:
+            after = cal.get("speed_after")
+            out.append(f"speed: json.loads of the {speed['bytes'] // 1000} KB fixture (median), "
+                       f"before the runs {speed['json_loads_fixture_us']} us"
+                       + (f", after {after['json_loads_fixture_us']} us" if after else "")
+                       + "; compare runs by it: a VM's speed can vary from hour to hour")
     if results.get("broker"):
         broker_info = results["broker"]
         out.append(f"broker: mosquitto, set_tcp_nodelay {str(broker_info['set_tcp_nodelay']).lower()}"
@@ -654,6 +661,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results["calibration"] = {
             "journal_fs": filesystem(workroot),
             "journal_commit": common.journal_commit_floor(workroot),
+            "speed": common.machine_speed(),
         }
         if needs_broker:
             extra = "set_tcp_nodelay true\n" if args.broker_nodelay else ""
@@ -687,6 +695,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if needs_broker:
             # the disk may have been busier while everything ran: measure again
             results["calibration"]["journal_commit_after"] = common.journal_commit_floor(workroot)
+        results["calibration"]["speed_after"] = common.machine_speed()
     finally:
         if broker is not None:
             broker.kill()
