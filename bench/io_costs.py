@@ -6,7 +6,9 @@
   os.read (the floor for any asyncio reader). CPU of this process per read (getrusage).
 - A PUBACK: paho's decoder (`_packet.decode_puback`) against the daemon's short path for a
   two-byte PUBACK (`bridge.daemon.mqtt_client._lean_pubackcomp`), on a paho client with
-  nothing in flight (so only the decoding is timed, not the callback).
+  nothing in flight (so only the decoding is timed, not the callback); and what paho does
+  after each PUBACK with 200 messages in flight, none waiting for a slot: its scan for one
+  (`_update_inflight`) against the daemon's check (`_lean_update_inflight`).
 
 Run in its own process by bench/run.py (`python -m bench.io_costs SECONDS`), which reads the
 JSON it prints: it needs its own event loop and forks.
@@ -30,10 +32,11 @@ from paho.mqtt import _packet
 
 from bench.core import SERIAL_CHUNK, rate
 from bridge.config import SerialLink
-from bridge.daemon.mqtt_client import _lean_pubackcomp
+from bridge.daemon.mqtt_client import _lean_pubackcomp, _lean_update_inflight
 from bridge.transports.serial import SerialTransport
 
 CHUNK_INTERVAL = 0.0004
+IN_FLIGHT = 200  # QoS 1 messages awaiting their PUBACK, as under load (the outbox allows 256)
 
 
 def _cpu() -> tuple[float, float]:
@@ -127,8 +130,20 @@ def _pubacks(seconds: float) -> list[dict[str, Any]]:
     client._in_packet["packet"] = b"\x00\x05"  # message id 5, not in flight
     decoder = rate(lambda: _packet.decode_puback(0x40, b"\x00\x05", paho.MQTTv311), seconds)
     short = rate(lambda: _lean_pubackcomp(client, "PUBACK"), seconds)
+    busy = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    busy.max_inflight_messages_set(256)
+    for mid in range(1, IN_FLIGHT + 1):
+        message = paho.MQTTMessage(mid, b"t")
+        message.qos, message.state = 1, paho.mqtt_ms_wait_for_puback
+        busy._out_messages[mid] = message
+    busy._inflight_messages = IN_FLIGHT
+    scan = rate(lambda: paho.Client._update_inflight(busy), seconds)
+    check = rate(lambda: _lean_update_inflight(busy), seconds)
     return [{"what": "PUBACK, paho's decoder", "us_total": round(1e6 / decoder, 2)},
-            {"what": "PUBACK, the daemon's short path", "us_total": round(1e6 / short, 2)}]
+            {"what": "PUBACK, the daemon's short path", "us_total": round(1e6 / short, 2)},
+            {"what": f"after it, paho's scan ({IN_FLIGHT} in flight)",
+             "us_total": round(1e6 / scan, 2)},
+            {"what": "after it, the daemon's check", "us_total": round(1e6 / check, 2)}]
 
 
 def run(seconds: float) -> dict[str, Any]:

@@ -70,3 +70,15 @@ async def test_qos0_completes_at_once(mosquitto):
     async with PipelinedClient(mosquitto.host, mosquitto.port, identifier="lean0") as client:
         future = client.publish_nowait("lean/q0", b"x", qos=0)
         assert future.done()
+
+
+async def test_messages_waiting_for_an_inflight_slot_still_go_out(mosquitto):
+    """paho's scan for messages waiting for a free slot is skipped only when there are none:
+    with paho's window at 5 and 60 published at once, 55 wait, and every one is sent and
+    acknowledged as slots free up."""
+    async with PipelinedClient(mosquitto.host, mosquitto.port, identifier="narrow",
+                               max_inflight_messages=5) as client:
+        futures = [client.publish_nowait(f"narrow/{i}", b"x", qos=1) for i in range(60)]
+        assert client._client._inflight_messages == 5  # the other 55 wait for a slot
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+        assert client._client._out_messages == {} and client._client._inflight_messages == 0
