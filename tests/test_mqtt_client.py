@@ -82,3 +82,32 @@ async def test_messages_waiting_for_an_inflight_slot_still_go_out(mosquitto):
         assert client._client._inflight_messages == 5  # the other 55 wait for a slot
         await asyncio.wait_for(asyncio.gather(*futures), 10)
         assert client._client._out_messages == {} and client._client._inflight_messages == 0
+
+
+async def test_a_closed_socket_in_add_writer_is_one_readable_line(caplog):
+    """The race aiomqtt leaves (add_writer scheduled for paho's socket, which closes first)
+    is told as one warning, not a traceback; any other loop error is logged as before."""
+    import logging
+    import socket
+
+    from bridge.daemon.mqtt_client import quiet_closed_socket_errors
+
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    quiet_closed_socket_errors(loop)
+    try:
+        a, b = socket.socketpair()
+        fd = a.fileno()
+        a.close()
+        b.close()
+        with caplog.at_level(logging.WARNING):
+            loop.call_soon(loop.add_writer, fd, lambda: None)
+            loop.call_soon(lambda: 1 / 0)
+            await asyncio.sleep(0.01)
+    finally:
+        loop.set_exception_handler(previous)
+    records = [(r.name, r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("poi_bridge.mqtt", "WARNING", "the MQTT connection closed while a message was "
+            "waiting to go out; nothing is lost: it goes again after the reconnect") in records
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info[0] is ZeroDivisionError, records

@@ -23,6 +23,7 @@ from bridge.daemon.hotplug import DeviceInfo, HotplugMonitor, TerminalMatcher
 from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway
+from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog
 from bridge.daemon.worker import TerminalWorker
 from bridge.protocol import crypto
@@ -211,6 +212,7 @@ class Bridge:
 async def run_bridge(config: Config, *, mqtt_password: str | None = None) -> None:
     bridge = Bridge(config, mqtt_password=mqtt_password)
     loop = asyncio.get_running_loop()
+    quiet_closed_socket_errors(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, bridge.request_stop)
     await bridge.start()

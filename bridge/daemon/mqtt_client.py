@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import logging
 import struct
 import types
 from typing import Any
@@ -39,6 +41,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger("poi_bridge.mqtt")
 
 # Shared by every plain PUBACK: "Success", no properties. Nothing downstream modifies them.
 _PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
@@ -66,6 +70,31 @@ def _lean_pubackcomp(client: paho.Client, cmd: str) -> paho.MQTTErrorCode:
         if mid in client._out_messages:
             return client._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
     return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+def quiet_closed_socket_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """aiomqtt asks the loop to watch paho's socket for writing through call_soon_threadsafe;
+    when the broker connection dies in between, the loop's add_writer meets a closed socket
+    and asyncio logs the error with a traceback. The connection loss itself is reported and
+    handled (reconnect, outbox sent again), so this one becomes a line a technician can
+    read; every other loop error is logged as before."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        callback = getattr(context.get("handle"), "_callback", None)
+        if (isinstance(exc, OSError) and exc.errno == errno.EBADF
+                and getattr(callback, "__self__", None) is loop
+                and getattr(callback, "__name__", "") in ("add_writer", "add_reader")):
+            log.warning("the MQTT connection closed while a message was waiting to go out; "
+                        "nothing is lost: it goes again after the reconnect")
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 class PipelinedClient(aiomqtt.Client):
