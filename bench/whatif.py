@@ -30,9 +30,6 @@ import os
 import sys
 import time
 
-# (TCP_NODELAY and a faster nesting guard, once measured here, are now in the bridge.)
-
-
 def _inflight() -> None:
     import aiomqtt
 
@@ -139,6 +136,7 @@ def _orjson() -> None:
     worker.json = type("J", (), {"dumps": staticmethod(compact)})
 
 
+# (TCP_NODELAY and a faster nesting guard, once measured here, are now in the bridge.)
 PATCHES = {  # applied in this order, whatever the order asked
     "inflight": _inflight,
     "early-ack": _early_ack,
