@@ -30,6 +30,7 @@ import os
 import sys
 import time
 
+
 def _inflight() -> None:
     import aiomqtt
 
