@@ -344,3 +344,21 @@ def test_a_response_is_not_a_valid_request():
     message = parse_message(load("java-payment-sync-success.json"))
     assert check_request_header(message) == ["expected a SaleToPOIRequest"]
     assert isinstance(message, SaleToPOIResponse)
+
+
+def test_a_parsed_message_is_handed_back_exactly_as_it_came():
+    """to_document() of a parsed message is the terminal's document itself, key order and
+    all (registers get it unchanged, and the daemon does not dump an 11 KB receipt again);
+    a message built by the bridge is dumped from its model."""
+    inner = json.loads((FIXTURES / "dotnet-pospayment-success.json").read_text())
+    inner = inner["SaleToPOIResponse"]
+    header_last = {k: v for k, v in inner.items() if k != "MessageHeader"}
+    header_last["MessageHeader"] = inner["MessageHeader"]  # the models put it first
+    reordered = {"SaleToPOIResponse": header_last}
+    message = parse_message(reordered)
+    assert json.dumps(message.to_document()) == json.dumps(reordered)
+    assert parse_message(json.dumps(reordered)).to_document() == reordered
+
+    built = SaleToPOIResponse.model_validate(inner)  # not parsed from a document
+    assert next(iter(built.to_document()["SaleToPOIResponse"])) == "MessageHeader"
+    assert built.to_document() == {"SaleToPOIResponse": inner}

@@ -14,7 +14,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 SERVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{1,10}$")
 POIID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*-[A-Za-z0-9]+$")
@@ -243,6 +243,9 @@ class _Envelope(_Open):
     nexo_blob: str | None = Field(None, alias="NexoBlob")
 
     kind: Literal["SaleToPOIRequest", "SaleToPOIResponse"]  # set by subclasses
+    # The document a parsed message came from: to_document() hands it back as it came,
+    # instead of dumping the model again (a quarter of a millisecond for an 11 KB receipt).
+    _source: dict[str, Any] | None = PrivateAttr(default=None)
 
     def body_key(self) -> str | None:
         """The key of the message body ('PaymentResponse', 'EventNotification', ...)."""
@@ -276,6 +279,10 @@ class _Envelope(_Open):
         return None
 
     def to_document(self) -> dict[str, Any]:
+        """The message as a JSON document: for a parsed message the document it was parsed
+        from (not to be modified), for one built here its dump."""
+        if self._source is not None:
+            return self._source
         inner = self.model_dump(mode="json", by_alias=True, exclude_unset=True, exclude={"kind"})
         return {self.kind: inner}
 
@@ -382,11 +389,13 @@ def parse_message(data: str | bytes | Any, *, max_size: int | None = None) -> Me
         raise MessageError(f"{root} must be an object, got {type(inner).__name__}")
     model = SaleToPOIRequest if root == "SaleToPOIRequest" else SaleToPOIResponse
     try:
-        return model.model_validate(inner)
+        message = model.model_validate(inner)
     except ValidationError as exc:
         first = exc.errors()[0]
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise MessageError(f"{_where(first, root)}: {first['msg']}{more}") from None
+    message._source = document
+    return message
 
 
 def check_request_header(message: Message) -> list[str]:
