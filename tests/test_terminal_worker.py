@@ -339,3 +339,73 @@ async def test_no_frame_goes_to_the_terminal_before_its_record_is_committed(tmp_
             rig.journal.group_commits(asyncio.get_running_loop().call_soon)
         finally:
             other.close()
+
+
+async def test_a_frame_goes_to_the_device_within_the_commit_that_releases_it(tmp_path):
+    """Once the commit is done the frame is already in the device: written from the commit
+    itself, not handed to the writer task for a later loop pass (where the commit's MQTT
+    publishing and other terminals' work went first)."""
+    from .test_journal_grouped import Passes
+
+    async with Rig(tmp_path, scenario(Behaviour(delay=0.05))) as rig:
+        passes = Passes()
+        rig.journal.group_commits(passes)
+        rig.pay("S1")
+        await asyncio.sleep(0.05)
+        passes.next()
+        # no await since the commit: the loop has not run the writer task
+        assert rig.worker.counters["frames_out"] == 1
+        assert not rig.worker.framer.has_data_to_send
+        assert not rig.worker._write_ready.is_set(), "the frame waits for the writer task"
+        rig.journal.group_commits(asyncio.get_running_loop().call_soon)
+        passes.next()
+        result = await rig.outlet.result_for("S1")
+        assert result.outcome == "approved"
+
+
+async def test_what_the_device_cannot_take_at_once_follows_in_order(tmp_path):
+    """A frame larger than the pseudo-terminal's buffer: the commit writes what fits, the
+    writer task the rest as the other end reads, and the frame arrives whole."""
+    import os
+
+    from bridge.protocol.framing import FrameReceived, make_framer
+
+    from .test_journal_grouped import Passes
+
+    master, slave = os.openpty()
+    os.set_blocking(master, False)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    passes = Passes()
+    journal.group_commits(passes)
+    config = TerminalConfig.model_validate({
+        "poi_id": POI, "link": {"kind": "serial", "device": os.ttyname(slave)},
+        "framer": {"name": "stx-etx-lrc", "ack_timeout": 30}, "payment_timeout": 60})
+    outlet = RecordingOutlet()
+    worker = TerminalWorker(config, journal, outlet, backoff=Backoff(initial=0.05, maximum=0.2))
+    await worker.start()
+    try:
+        await outlet.state_is("online")
+        doc = responses.payment_request("POS1", "S1", POI, 10.0)
+        doc["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleToAcquirerData"] = \
+            "x" * 40_000
+        worker.submit(parse_message(doc), doc, request_digest(doc))
+        passes.next()
+        assert worker._unwritten, "the device took the whole frame at once: no test"
+        framer = make_framer("stx-etx-lrc")
+        received: list[bytes] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while not received and loop.time() < deadline:
+            try:
+                chunk = os.read(master, 1024)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                continue
+            received += [e.payload for e in framer.receive_data(chunk, loop.time())
+                         if isinstance(e, FrameReceived)]
+        assert received and json.loads(received[0]) == doc
+    finally:
+        await worker.stop()
+        os.close(master)
+        os.close(slave)
+        journal.close()

@@ -107,6 +107,8 @@ class TerminalWorker:
         self._timer: asyncio.TimerHandle | None = None
         self._started = False
         self._write_ready = asyncio.Event()
+        self._writer_idle = False  # the writer task waits with nothing in hand
+        self._unwritten = b""  # what write_nowait() could not write, for the writer task
         self._link_reason = "not connected yet"
         self._stopping = False
         self._enabled_event = asyncio.Event()  # hotplug: clear while the device is unplugged
@@ -224,7 +226,7 @@ class TerminalWorker:
         self._in_flight.append((payload, action.service_id))
         self._framer_events(self.framer.send_frame(payload, time.monotonic()))
         self.counters["frames_out"] += 1
-        self._write_ready.set()
+        self._kick_writer()
         self._rearm()  # the frame's ACK deadline (sent after the step's commit, not within it)
 
     # --- the link -----------------------------------------------------------------------------
@@ -249,6 +251,7 @@ class TerminalWorker:
             self._backoff.reset()
             self.framer.reset()
             self._in_flight.clear()
+            self._unwritten = b""
             log.info("terminal %s: link up on %s", self.poi_id, transport.describe())
             self._link_reason = ""
             self._apply(self.session.link_is_up(self._clock()))
@@ -303,21 +306,42 @@ class TerminalWorker:
             if self.framer.has_data_to_send:
                 # the ACK/NAK the framer queued goes out via the writer, once the answer it
                 # acknowledges is journaled: the terminal may forget an answer it saw ACKed
-                self.journal.after_commit(self._write_ready.set)
+                self.journal.after_commit(self._kick_writer)
             due = self.framer.next_deadline()
             if due != framer_due:  # e.g. a stalled frame's deadline
                 framer_due = due
                 self._rearm()
 
+    def _kick_writer(self) -> None:
+        """What the framer queued goes to the terminal now: written straight to the device
+        when the writer task has nothing in hand, so a frame leaves in the pass of the
+        commit that released it, ahead of that commit's MQTT publishing, and without a task
+        wake-up. Otherwise, and for whatever the device could not take at once, the writer
+        task carries on, in order."""
+        transport = self._transport
+        if not self._writer_idle or self._write_ready.is_set() or transport is None:
+            self._write_ready.set()
+            return
+        data = self.framer.data_to_send()
+        if not data:
+            return
+        written = transport.write_nowait(data)
+        if written < len(data):
+            self._unwritten = data[written:]
+            self._write_ready.set()
+
     async def _write_loop(self, transport: Transport) -> None:
-        pending = b""
-        while True:
-            await self._write_ready.wait()
-            self._write_ready.clear()
-            pending += self.framer.data_to_send()
-            if pending:
-                await transport.write(pending)
-                pending = b""
+        try:
+            while True:
+                self._writer_idle = True
+                await self._write_ready.wait()
+                self._writer_idle = False
+                self._write_ready.clear()
+                pending, self._unwritten = self._unwritten + self.framer.data_to_send(), b""
+                if pending:
+                    await transport.write(pending)
+        finally:
+            self._writer_idle = False
 
     def _framer_events(self, events: list[Any]) -> None:
         for event in events:

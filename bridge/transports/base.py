@@ -35,6 +35,12 @@ class Transport(ABC):
     async def write(self, data: bytes) -> None:
         """Write all of `data`. Raises LinkClosed when the link ends."""
 
+    def write_nowait(self, data: bytes) -> int:
+        """Write what the device takes at once, without waiting, and say how many bytes that
+        was: 0 when it takes none, or when this transport cannot write without waiting.
+        write() carries on with the rest, and is the one that reports a lost link."""
+        return 0
+
     @abstractmethod
     async def close(self) -> None:
         """Close; safe to call twice and after LinkClosed."""

@@ -107,6 +107,15 @@ class SerialTransport(Transport):
                 raise await self._closed_error()
             await self._wait_readable(fd)
 
+    def write_nowait(self, data: bytes) -> int:
+        fd = self._fd
+        if fd is None:
+            return 0
+        try:
+            return os.write(fd, data)
+        except OSError:  # full (EAGAIN), or gone: write() waits, or reports the loss
+            return 0
+
     async def write(self, data: bytes) -> None:
         view = memoryview(data).cast("B")
         while True:
