@@ -84,6 +84,69 @@ async def test_messages_waiting_for_an_inflight_slot_still_go_out(mosquitto):
         assert client._client._out_messages == {} and client._client._inflight_messages == 0
 
 
+@pytest.fixture
+async def writers_watched(monkeypatch):
+    """Counts the loop's add_writer calls: how often a socket was watched for room."""
+    loop = asyncio.get_running_loop()
+    calls: list[int] = []
+    original = loop.add_writer
+
+    def counting(fd, callback, *args):
+        calls.append(fd)
+        return original(fd, callback, *args)
+
+    monkeypatch.setattr(loop, "add_writer", counting)
+    return calls
+
+
+async def test_packets_go_out_at_once_without_watching_the_socket(mosquitto, writers_watched):
+    """A socket with room is written as the packet is queued: no add_writer, no wait for
+    epoll to report it writable (the CONNECT, which paho queues in aiomqtt's connect thread,
+    goes aiomqtt's way)."""
+    async with PipelinedClient(mosquitto.host, mosquitto.port, identifier="direct") as client:
+        writers_watched.clear()
+        for round_ in range(20):
+            futures = [client.publish_nowait(f"direct/{round_}/{i}", b"x", qos=1)
+                       for i in range(round_ % 4 + 1)]
+            assert not client._client.want_write(), "a packet waits for the loop"
+            await asyncio.wait_for(asyncio.gather(*futures), 10)
+        assert writers_watched == []
+
+
+async def test_a_full_socket_is_watched_until_it_has_room(mosquitto, writers_watched):
+    """With the broker stopped (SIGSTOP), the socket fills up and paho keeps packets back: the
+    client must then watch the socket, and every message goes out once the broker reads
+    again."""
+    import os
+    import signal
+
+    payload = b"p" * 65536
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="full-watch") as watcher:
+        await watcher.subscribe("full/#", qos=1)
+        async with PipelinedClient(mosquitto.host, mosquitto.port, identifier="full",
+                                   max_inflight_messages=0) as client:
+            os.kill(mosquitto.process.pid, signal.SIGSTOP)
+            futures = []
+            try:
+                while not client._client.want_write() and len(futures) < 2000:
+                    futures.append(client.publish_nowait(f"full/{len(futures)}", payload))
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
+                assert client._client.want_write(), "the socket never filled up"
+                assert writers_watched, "packets held back, and nobody watches the socket"
+            finally:
+                os.kill(mosquitto.process.pid, signal.SIGCONT)
+            await asyncio.wait_for(asyncio.gather(*futures), 30)
+        count = 0
+        async with asyncio.timeout(30):
+            async for message in watcher.messages:
+                assert message.payload == payload
+                count += 1
+                if count == len(futures):
+                    break
+    assert count == len(futures) > 1
+
+
 async def test_a_closed_socket_in_add_writer_is_one_readable_line(caplog):
     """The race aiomqtt leaves (add_writer scheduled for paho's socket, which closes first)
     is told as one warning, not a traceback; any other loop error is logged as before."""

@@ -18,9 +18,14 @@ project's VM against under 1 us here (`make bench`, section 4c): with eight QoS 
 payment, paho's PUBACK handling was 14 % of the daemon's CPU under load. Anything longer (an
 MQTT 5 reason code or properties) still goes through paho's own handler.
 
+Packets are written to the socket as soon as paho has them, without waiting for the loop to
+report the socket writable (`_on_socket_register_write`), as paho itself does without an
+external loop; the socket is watched only when it is full.
+
 It leans on aiomqtt and paho internals, kept here in one place: `_client` (the paho client),
-`_queue` (aiomqtt's queue of incoming messages), the `_on_publish` callback that aiomqtt
-registers with it, and paho's `_handle_pubackcomp`, `_update_inflight`, `_inflight_messages`,
+`_queue` (aiomqtt's queue of incoming messages), `_loop` and `_disconnected`, the
+`_on_publish` and `_on_socket_register_write` callbacks that aiomqtt registers with it, and
+paho's `_handle_pubackcomp`, `_update_inflight`, `_inflight_messages`,
 `_in_packet`, `_out_messages`, `_out_message_mutex` and `_do_on_publish`.
 tests/test_daemon_mqtt.py and tests/test_mqtt_client.py exercise them against a real broker
 on every run, so a release that changes them fails there.
@@ -106,6 +111,30 @@ class PipelinedClient(aiomqtt.Client):
             _lean_pubackcomp, self._client)
         self._client._update_inflight = types.MethodType(  # type: ignore[method-assign]
             _lean_update_inflight, self._client)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any,
+                                  sock: Any) -> None:
+        """paho has packets to send. aiomqtt asks the loop to watch the socket and sends once
+        it is reported writable: a wake-up byte through the loop's self-pipe, two epoll_ctl
+        calls and two loop passes later, behind whatever else the loop has queued (a result
+        waited for the next terminal's work). The socket almost always has room: send now,
+        and watch it only when it had none. (paho also calls this from aiomqtt's connect
+        thread: that call goes aiomqtt's way.)"""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not self._loop:
+            super()._on_socket_register_write(client, userdata, sock)
+            return
+        try:
+            client.loop_write()
+        except Exception as exc:  # as aiomqtt's writer: a broken connection, give up on it
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+            return
+        if client.want_write():  # the socket was full: wait until it can take more
+            super()._on_socket_register_write(client, userdata, sock)
 
     async def next_message(self) -> aiomqtt.Message:
         """The next incoming message: one already queued at once, without the task and the
