@@ -509,3 +509,29 @@ async def test_a_message_is_published_once_committed_and_not_before(tmp_path, mo
             assert register.on(topic) == [{"n": 1}]
     finally:
         journal.close()
+
+
+async def test_more_messages_than_the_publish_window_all_go_out_in_order(tmp_path, mosquitto):
+    """At most OUTBOX_WINDOW messages wait for the broker's acknowledgement; as they are
+    acknowledged the rest follow, in order, and every one is marked delivered."""
+    from bridge.daemon.mqtt import OUTBOX_WINDOW
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    config = MqttConfig(host=mosquitto.host, port=mosquitto.port, base_topic=BASE,
+                        client_id="bridge-window")
+    gateway = RegisterGateway(config, journal, backoff=Backoff(initial=0.05, maximum=0.2))
+    topic = f"{BASE}/registers/POS1/event"
+    count = 2 * OUTBOX_WINDOW + 10
+    try:
+        async with running(gateway), Subscriber(
+                mosquitto, [f"{BASE}/bridge/state", topic]) as register:
+            await register.wait_for(lambda t, p: p == {"state": "online"})
+            with journal.batch():  # one commit: all of them pending at once
+                for n in range(count):
+                    gateway.enqueue(topic, {"n": n})
+            await register.wait_for(lambda t, p: p == {"n": count - 1}, timeout=20)
+            assert [p["n"] for p in register.on(topic)] == list(range(count))
+            await eventually(lambda: not journal.pending())
+            assert journal.pending() == [] and gateway.published >= count
+    finally:
+        journal.close()

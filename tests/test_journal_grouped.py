@@ -160,3 +160,57 @@ async def test_on_the_event_loop_the_commit_comes_in_the_next_pass(tmp_path):
     finally:
         other.close()
         journal.close()
+
+
+def test_new_outbox_messages_are_announced_after_the_commit_and_its_frames(grouped):
+    """The MQTT side publishes from the outbox listener: it must hear of every commit that
+    made messages durable, after what waited for that commit (frames to terminals) and with
+    the messages already visible to pending(); of no other commit."""
+    journal, passes, _ = grouped
+    done: list[str] = []
+    journal.on_outbox_committed(
+        lambda: done.append("publish " + ",".join(m.topic for m in journal.pending())))
+    with journal.batch():
+        journal.save(make_txn("S1"), [("t/accepted", b"{}", 1, False)])
+    journal.after_commit(lambda: done.append("send S1"))
+    assert done == []
+    passes.next()
+    assert done == ["send S1", "publish t/accepted"]
+
+    journal.save(make_txn("S2"))  # no message: nothing to publish
+    passes.next()
+    assert done == ["send S1", "publish t/accepted"]
+    journal.mark_delivered([m.id for m in journal.pending()])
+    passes.next()
+    assert len(done) == 2
+
+
+def test_a_failed_commit_announces_nothing(grouped):
+    journal, passes, _ = grouped
+    announced: list[int] = []
+    journal.on_outbox_committed(lambda: announced.append(len(journal.pending())))
+    db = journal._db
+    db.execute("PRAGMA foreign_keys=ON")
+    db.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    db.execute("CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY "
+               "DEFERRED)")
+    journal.enqueue([("t/lost", b"{}", 1, False)])
+    db.execute("INSERT INTO child VALUES (42)")
+    passes.next()
+    assert announced == []
+    journal.enqueue([("t/next", b"{}", 1, False)])
+    passes.next()
+    assert announced == [1]
+
+
+def test_outside_grouped_mode_each_commit_announces_its_messages(tmp_path):
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        seen: list[list[str]] = []
+        journal.on_outbox_committed(lambda: seen.append([m.topic for m in journal.pending()]))
+        journal.enqueue([("t/a", b"{}", 1, False)])
+        journal.save(make_txn("S1"))
+        journal.enqueue([("t/b", b"{}", 1, False)])
+        assert seen == [["t/a"], ["t/a", "t/b"]]
+    finally:
+        journal.close()

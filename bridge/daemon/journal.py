@@ -109,6 +109,7 @@ class Journal:
         self._schedule: Callable[[Callable[[], None]], object] | None = None  # grouped mode
         self._group_open = False  # a transaction is waiting for the pass's commit
         self._after: list[Callable[[], None]] = []  # run once the group is durable
+        self._outbox_listener: Callable[[], None] | None = None
         self._last_outbox_id = 0  # the newest outbox row written
         self._durable_outbox_id = 0  # the newest outbox row committed: pending() stops there
         self._checkpoints: tuple[threading.Event, threading.Thread] | None = None
@@ -220,6 +221,19 @@ class Journal:
         else:
             callback()
 
+    def on_outbox_committed(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every commit that made new outbox messages durable, once
+        the commit's after_commit() callbacks (frames to terminals) have run: the MQTT
+        side publishes them there and then."""
+        self._outbox_listener = listener
+
+    def _outbox_committed(self, before: int) -> None:
+        if self._durable_outbox_id > before and self._outbox_listener is not None:
+            try:
+                self._outbox_listener()
+            except Exception:
+                log.exception("journal %s: publishing after the commit failed", self.path)
+
     def commit(self) -> None:
         """Commit the pass's transaction, then run what waited for it. A failed commit (disk
         full, I/O error) loses the pass's writes; nothing that depended on them is done."""
@@ -237,12 +251,13 @@ class Journal:
                          "on it are not done (frames not sent, requests not acknowledged): "
                          "check the disk", self.path, exc, len(callbacks))
             return
-        self._durable_outbox_id = self._last_outbox_id
+        before, self._durable_outbox_id = self._durable_outbox_id, self._last_outbox_id
         for callback in callbacks:
             try:
                 callback()
             except Exception:  # one failing action must not keep the others from running
                 log.exception("journal %s: an action after the commit failed", self.path)
+        self._outbox_committed(before)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -260,7 +275,8 @@ class Journal:
             self._last_outbox_id = self._durable_outbox_id
             raise
         self._db.execute("COMMIT")
-        self._durable_outbox_id = self._last_outbox_id
+        before, self._durable_outbox_id = self._durable_outbox_id, self._last_outbox_id
+        self._outbox_committed(before)
 
     def _grouped(self) -> Iterator[sqlite3.Connection]:
         """One unit of writes inside the pass's transaction, as a savepoint: a unit that fails

@@ -74,7 +74,10 @@ class RegisterGateway:
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
         self._client: PipelinedClient | None = None
         self._connected = asyncio.Event()
-        self._outbox_ready = asyncio.Event()
+        self._pump: _OutboxPump | None = None
+        # Committed messages are published right after the commit that made them durable,
+        # once the frames that commit released have gone to the terminals.
+        journal.on_outbox_committed(self._run_pump)
         self._terminal_states: dict[str, dict[str, Any]] = {}  # latest, encoded when published
         self._state_dirty: set[str] = set()
         self._state_ready = asyncio.Event()
@@ -106,7 +109,6 @@ class RegisterGateway:
         else:
             messages.append((self.topics.bridge_error, dumps(result_payload(result)), 1, False))
         self.journal.enqueue(messages)
-        self._wake_publisher()
 
     def progress(self, event: Progress) -> None:
         if not topic_safe(event.sale_id):
@@ -119,7 +121,6 @@ class RegisterGateway:
             messages.append((self.topics.transaction(event.sale_id, event.service_id),
                              dumps(transaction_payload(state="in_progress", ids=ids)), 1, True))
         self.journal.enqueue(messages)
-        self._wake_publisher()
 
     def terminal_state(self, poi_id: str, state: dict[str, Any]) -> None:
         if self._terminal_states.get(poi_id) == state:
@@ -134,17 +135,14 @@ class RegisterGateway:
         (message_id,) = self.journal.enqueue([(topic, dumps(payload), 1, retain)])
         if correlation is not None:
             self._correlations[message_id] = correlation
-        self._wake_publisher()
 
     def clear_retained(self, topics: list[str]) -> None:
         if topics:
             self.journal.enqueue([(topic, b"", 1, True) for topic in topics])
-            self._wake_publisher()
 
-    def _wake_publisher(self) -> None:
-        # Only once the messages are committed: the publisher takes committed ones only, and
-        # woken before the commit it would find nothing and sleep on.
-        self.journal.after_commit(self._outbox_ready.set)
+    def _run_pump(self) -> None:
+        if self._pump is not None:
+            self._pump.run()
 
     def stop_accepting(self) -> None:
         self._accepting = False
@@ -245,7 +243,6 @@ class RegisterGateway:
         self._state_dirty = set(self._terminal_states)
         self._state_ready.set()
         self._connected.set()
-        self._outbox_ready.set()
         tasks = [
             asyncio.create_task(self._receive(client)),
             asyncio.create_task(self._publish_outbox(client)),
@@ -295,44 +292,21 @@ class RegisterGateway:
 
     async def _publish_outbox(self, client: PipelinedClient) -> None:
         """Publish the outbox in order as a pipeline: a new result goes out at once, without
-        waiting for the acknowledgements of the messages before it. Each message is marked
-        delivered when the broker acknowledged it (marks are gathered into one write per loop
-        pass); the ones still unacknowledged when the connection drops stay pending and go out
-        again on the next connection, which starts from the oldest pending message."""
-        loop = asyncio.get_running_loop()
-        window = asyncio.Semaphore(OUTBOX_WINDOW)
-        acked: list[int] = []
-
-        def mark() -> None:
-            ids, acked[:] = list(acked), []
-            self.journal.mark_delivered(ids)
-            self.published += len(ids)
-
-        def done(message_id: int, future: asyncio.Future[None]) -> None:
-            window.release()
-            if future.cancelled():
-                return
-            if not acked:
-                loop.call_soon(mark)
-            acked.append(message_id)
-
-        last_id = 0
+        waiting for the acknowledgements of the messages before it, and in the loop pass
+        that committed it (the journal runs the pump after every commit that added
+        messages, once that commit's frames have gone to the terminals). Each
+        message is marked delivered when the broker acknowledged it (marks are gathered into
+        one write per loop pass); the ones still unacknowledged when the connection drops
+        stay pending and go out again on the next connection, which starts from the oldest
+        pending message."""
+        pump = _OutboxPump(self, client)
+        self._pump = pump
         try:
-            while True:
-                await self._outbox_ready.wait()
-                self._outbox_ready.clear()
-                while batch := self.journal.pending(limit=OUTBOX_WINDOW, after_id=last_id):
-                    for message in batch:
-                        await window.acquire()
-                        future = client.publish_nowait(
-                            message.topic, message.payload, qos=message.qos,
-                            retain=message.retain, properties=self._properties_for(message.id))
-                        future.add_done_callback(functools.partial(done, message.id))
-                    last_id = batch[-1].id
+            pump.run()
+            await pump.failed
         finally:
-            client.abandon_pending()
-            if acked:
-                mark()
+            self._pump = None
+            pump.close()
 
     def _properties_for(self, message_id: int) -> Properties | None:
         correlation = self._correlations.pop(message_id, None)
@@ -366,9 +340,69 @@ class RegisterGateway:
             return
         deadline = time.monotonic() + timeout
         while self.journal.pending(limit=1) and time.monotonic() < deadline:
-            self._outbox_ready.set()
+            self._run_pump()
             await asyncio.sleep(0.05)
         with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
             await asyncio.wait_for(
                 client.publish(self.topics.bridge_state, dumps({"state": "offline"}), qos=1,
                                retain=True), timeout=max(0.1, deadline - time.monotonic()))
+
+
+class _OutboxPump:
+    """One connection's outbox publisher: committed messages in order, at most OUTBOX_WINDOW
+    unacknowledged. It runs as a plain call, after a commit or when the window frees up: a
+    task woken by an event cost a loop pass, behind whatever else was queued."""
+
+    def __init__(self, gateway: RegisterGateway, client: PipelinedClient) -> None:
+        self.gateway = gateway
+        self.client = client
+        self.loop = asyncio.get_running_loop()
+        self.failed: asyncio.Future[None] = self.loop.create_future()
+        self.in_window = 0
+        self.last_id = 0
+        self.acked: list[int] = []
+        self.closed = False
+
+    def run(self) -> None:
+        if self.closed or self.failed.done():
+            return
+        journal = self.gateway.journal
+        try:
+            while self.in_window < OUTBOX_WINDOW:
+                batch = journal.pending(limit=OUTBOX_WINDOW - self.in_window,
+                                        after_id=self.last_id)
+                if not batch:
+                    return
+                for message in batch:
+                    future = self.client.publish_nowait(
+                        message.topic, message.payload, qos=message.qos, retain=message.retain,
+                        properties=self.gateway._properties_for(message.id))
+                    self.in_window += 1
+                    self.last_id = message.id
+                    future.add_done_callback(functools.partial(self._done, message.id))
+        except Exception as exc:  # the connection is gone: the serve loop reconnects
+            if not self.failed.done():
+                self.failed.set_exception(exc)
+
+    def _done(self, message_id: int, future: asyncio.Future[None]) -> None:
+        if self.closed:
+            return
+        self.in_window -= 1
+        if future.cancelled():
+            return
+        if not self.acked:
+            self.loop.call_soon(self._mark)
+        self.acked.append(message_id)
+        if self.in_window == OUTBOX_WINDOW - 1:  # it was full: more may be waiting
+            self.loop.call_soon(self.run)
+
+    def _mark(self) -> None:
+        ids, self.acked = self.acked, []
+        if ids:
+            self.gateway.journal.mark_delivered(ids)
+            self.gateway.published += len(ids)
+
+    def close(self) -> None:
+        self.client.abandon_pending()
+        self._mark()
+        self.closed = True
