@@ -195,7 +195,10 @@ class TerminalWorker:
                     sends.append(action)
                 elif isinstance(action, Deliver):
                     self.outlet.deliver(action)
-                    self._log_result(action)
+                    # Logged in the next loop pass, after this pass's commit (scheduled by
+                    # the first write) has sent the result: the line (0.1-0.25 ms, with its
+                    # redaction) is not on the result's way to the register.
+                    asyncio.get_running_loop().call_soon(self._log_result, action)
                 elif isinstance(action, Progress):
                     self.outlet.progress(action)
                 elif isinstance(action, Log):
