@@ -409,3 +409,28 @@ async def test_what_the_device_cannot_take_at_once_follows_in_order(tmp_path):
         os.close(master)
         os.close(slave)
         journal.close()
+
+
+async def test_a_result_is_logged_after_its_step_not_within_it(tmp_path, caplog):
+    """The result's log line (formatting, redaction) waits for the next loop pass, so it is
+    not on the result's way to the register; it is still written, once."""
+    import logging
+
+    line = f"terminal {POI}: Payment POS1/S1 -> approved (terminal)"
+    logged_by_end_of_step: list[bool] = []
+    async with Rig(tmp_path, scenario(Behaviour(delay=0.05))) as rig:
+        terminal_state = rig.outlet.terminal_state
+
+        def noting(poi_id: str, state: dict) -> None:  # the last thing a step does
+            if rig.outlet.results and not logged_by_end_of_step:
+                logged_by_end_of_step.append(line in caplog.messages)
+            terminal_state(poi_id, state)
+
+        rig.outlet.terminal_state = noting
+        with caplog.at_level(logging.INFO, logger="poi_bridge.terminal"):
+            rig.pay("S1")
+            result = await rig.outlet.result_for("S1")
+            await asyncio.sleep(0)
+    assert result.outcome == "approved"
+    assert logged_by_end_of_step == [False]
+    assert caplog.messages.count(line) == 1

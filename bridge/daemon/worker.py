@@ -195,10 +195,7 @@ class TerminalWorker:
                     sends.append(action)
                 elif isinstance(action, Deliver):
                     self.outlet.deliver(action)
-                    # Logged in the next loop pass, after this pass's commit (scheduled by
-                    # the first write) has sent the result: the line (0.1-0.25 ms, with its
-                    # redaction) is not on the result's way to the register.
-                    asyncio.get_running_loop().call_soon(self._log_result, action)
+                    self._log_result_later(action)
                 elif isinstance(action, Progress):
                     self.outlet.progress(action)
                 elif isinstance(action, Log):
@@ -207,6 +204,17 @@ class TerminalWorker:
             self.journal.after_commit(functools.partial(self._send, send))
         self._publish_state()
         self._rearm()
+
+    def _log_result_later(self, result: Deliver) -> None:
+        """Logged in the next loop pass, after this pass's commit (scheduled by its first
+        write) has sent the result: the line (0.1-0.25 ms, with its redaction) is not on the
+        result's way to the register. Driven without a loop (the intake's fuzz test), now."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._log_result(result)
+        else:
+            loop.call_soon(self._log_result, result)
 
     def _log_result(self, result: Deliver) -> None:
         level = logging.WARNING if result.outcome in ("unresolved", "error") else logging.INFO
