@@ -3,8 +3,9 @@
 WAL mode with synchronous=FULL, so a commit has reached the disk when it returns: the shell
 records a state before the action that depends on it. In the daemon, commits are grouped: what
 the steps of one event-loop pass write commits once, at the start of the next pass, and the
-actions that depend on it (frames to terminals, acknowledgements, publishing) are handed to
-`after_commit()` and run only then (see `group_commits`). The outbox holds every MQTT
+actions that depend on it (frames to terminals, acknowledgements) are handed to
+`after_commit()` and run only then (see `group_commits`); the MQTT side hears of new durable
+outbox messages after those (`on_outbox_committed`) and publishes them. The outbox holds every MQTT
 message until the broker acknowledged it; undelivered ones are sent again after a reconnect
 or a restart. A journal that cannot be read stops the daemon: it is never recreated silently,
 because it may hold the only record of a payment the shopper made.
