@@ -25,7 +25,6 @@ import json
 import os
 import random
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -180,12 +179,13 @@ def breakdown(payments: list[tuple[str, float, float]], stamps: list[tuple[str, 
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
-    if not values:
-        return {"n": 0, "p50_ms": None, "p90_ms": None, "max_ms": None}
-    ordered = sorted(values)
-    return {"n": len(ordered), "p50_ms": round(statistics.median(ordered), 3),
-            "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 3),
-            "max_ms": round(ordered[-1], 3)}
+    from bench.common import percentile
+
+    def ms(q: float) -> float | None:
+        value = percentile(values, q)
+        return None if value is None else round(value, 3)
+
+    return {"n": len(values), "p50_ms": ms(50), "p90_ms": ms(90), "max_ms": ms(100)}
 
 
 async def run(payments: int, responses: list[str]) -> dict[str, Any]:

@@ -340,8 +340,7 @@ class RegisterGateway:
             return
         deadline = time.monotonic() + timeout
         while self.journal.pending(limit=1) and time.monotonic() < deadline:
-            self._run_pump()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)  # the pump has published them: wait for the PUBACKs
         with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
             await asyncio.wait_for(
                 client.publish(self.topics.bridge_state, dumps({"state": "offline"}), qos=1,
