@@ -794,7 +794,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results/latest.json; "
                                                     "whatif-latest.json with --what-if)")
     args = parser.parse_args()
-    results = asyncio.run(run(args))
+    results = common.run_precise(run(args))
     if args.profile:
         path = RESULTS / "profile.json"
         path.write_text(json.dumps(results, indent=1))

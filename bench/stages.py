@@ -266,7 +266,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS / "stages-latest.json")
     args = parser.parse_args(argv)
     responses = ["small", "fixture"] if args.response == "both" else [args.response]
-    result = asyncio.run(run(args.payments, responses))
+    from bench.common import run_precise
+
+    result = run_precise(run(args.payments, responses))
     print(render(result))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")

@@ -350,7 +350,7 @@ class SimulatorServer:
             # 8N1: ten bit times a byte. Sleep against an absolute schedule, so pacing does
             # not drift with the event loop's own delays.
             start = time.monotonic()
-            chunk = max(1, baud // 1000)  # about 1 ms of line time per write
+            chunk = max(1, baud // 1000)  # 10 ms of line time per write
             for offset in range(0, len(data), chunk):
                 piece = data[offset:offset + chunk]
                 with contextlib.suppress(OSError):
