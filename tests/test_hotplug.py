@@ -633,6 +633,31 @@ async def test_missing_terminal_is_logged_for_the_technician(pipe_monitor, caplo
     assert not any("Cloud-1" in m for m in warnings), "TCP terminals are not hotplug devices"
 
 
+async def test_a_terminal_on_a_node_udev_does_not_announce_is_not_called_unplugged(
+        pipe_monitor, caplog) -> None:
+    # A pseudo-terminal (or any node outside /dev) never appears in udev's enumeration; its
+    # worker opens it directly. Telling the technician it is "not plugged in" while its link
+    # comes up a moment later sends them to check a cable that is fine.
+    master, slave = os.openpty()
+    try:
+        config = parse_config({"terminals": [
+            {"poi_id": "Desk3500-12345678",
+             "link": {"kind": "serial", "device": "/dev/poi/ingenico-12345678"}},
+            {"poi_id": "Pty-1", "link": {"kind": "serial", "device": os.ttyname(slave)}},
+        ]})
+        hotplug = HotplugMonitor(TerminalMatcher(config), Recorder().plug, Recorder().unplug,
+                                 monitor=pipe_monitor, enumerate_devices=list, settle=0.01)
+        await hotplug.start()
+        await hotplug.stop()
+    finally:
+        os.close(master)
+        os.close(slave)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith("terminal Desk3500-12345678: its device") for m in warnings)
+    assert not any("Pty-1" in m for m in warnings), warnings
+    assert hotplug.absent() == ["Desk3500-12345678", "Pty-1"], "absent from udev all the same"
+
+
 # --- a real netlink monitor ----------------------------------------------------------------------
 
 

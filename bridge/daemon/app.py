@@ -19,7 +19,7 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import Config, TerminalConfig
-from bridge.daemon.hotplug import DeviceInfo, HotplugMonitor, TerminalMatcher
+from bridge.daemon.hotplug import DeviceInfo, HotplugMonitor, TerminalMatcher, udev_announces
 from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway
@@ -49,12 +49,6 @@ def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
         raise SystemExit(f"terminal {terminal.poi_id}: cannot read key passphrase file "
                          f"{path}: {exc.strerror or exc}") from None
     return crypto.NexoKey(terminal.key.identifier, terminal.key.version, passphrase)
-
-
-def _udev_managed(device: str) -> bool:
-    """Whether udev will announce this serial device node when it appears."""
-    path = os.path.realpath(device) if os.path.exists(device) else device
-    return path.startswith("/dev/") and not path.startswith("/dev/pts/")
 
 
 class Bridge:
@@ -107,12 +101,11 @@ class Bridge:
         for poi_id in self.hotplug.absent():
             link = self.workers[poi_id].config.link
             device = getattr(link, "device", None)
-            if device and not _udev_managed(device):
+            if device and not udev_announces(device):
                 # A node udev does not manage (a pseudo-terminal, a path outside /dev): no
                 # event will ever say it is back, so the worker's own retries cover it.
                 continue
-            log.warning("terminal %s is not plugged in", poi_id)
-            self.workers[poi_id].device_present(False)
+            self.workers[poi_id].device_present(False)  # the monitor has said so in the log
 
     def status_line(self) -> str:
         states = [w.state()["state"] for w in self.workers.values()]

@@ -377,6 +377,13 @@ def _default_enumerate(context: Any) -> Callable[[], Iterable[Any]]:
     return enumerate_devices
 
 
+def udev_announces(device: str) -> bool:
+    """Whether udev announces this serial device node when it appears: not a
+    pseudo-terminal, not a path outside /dev."""
+    path = os.path.realpath(device) if os.path.exists(device) else device
+    return path.startswith("/dev/") and not path.startswith("/dev/pts/")
+
+
 class HotplugMonitor:
     """Tells the daemon when configured terminals are plugged in and out.
 
@@ -486,6 +493,11 @@ class HotplugMonitor:
         log.info("hotplug: watching udev for terminals; present: %s", present)
         for poi_id in missing:
             terminal = next(t for t in self.matcher.terminals if t.poi_id == poi_id)
+            device = getattr(terminal.link, "device", None)
+            if device and not udev_announces(device):
+                # Its worker opens the node directly and says so if it cannot; udev will never
+                # report it, so "not plugged in" would be wrong for a node that is there.
+                continue
             log.warning("terminal %s: its device (%s) is not plugged in; it will be used as "
                         "soon as it appears (check the cable; `poi-bridge devices` lists what "
                         "is connected)", poi_id, describe_link(terminal))
