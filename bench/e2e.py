@@ -36,6 +36,7 @@ from bench.common import (
     SMALL_AMOUNT,
     CpuWindow,
     ServiceIds,
+    collector_paused,
     compact,
     nodelay,
     payment_request,
@@ -422,7 +423,18 @@ async def closed_loop(registers: Registers, n: int, amount: float, duration: flo
 
     `period` staggers the terminals' first payments over one payment time, and `think`
     (a random pause between a terminal's payments, uniform in (low, high) seconds, seeded)
-    keeps them from locking into step. A warm-up payment per terminal first, not counted."""
+    keeps them from locking into step. A warm-up payment per terminal first, not counted.
+    This process's garbage collector is paused meanwhile (collector_paused)."""
+    with collector_paused():
+        return await _closed_loop(registers, n, amount, duration, ids, daemon_pid=daemon_pid,
+                                  broker_pid=broker_pid, period=period, think=think,
+                                  warmup=warmup, seed=seed)
+
+
+async def _closed_loop(registers: Registers, n: int, amount: float, duration: float,
+                       ids: list[ServiceIds], *, daemon_pid: int | None, broker_pid: int | None,
+                       period: float, think: tuple[float, float] | None, warmup: int,
+                       seed: int) -> LoadResult:
     result = LoadResult()
 
     async def warm(i: int) -> None:

@@ -147,13 +147,14 @@ async def section_latency(broker: Any, workroot: Path, plan: dict[str, Any],
         log(f"  latency: {n} terminal(s), baseline")
         fleet = await Fleet(n, DELAY, BAUD).start()  # fresh terminals, same behaviour
         try:
-            lag = LoopLag()
-            lag.start()
-            baseline = await run_baseline(
-                broker, fleet.devices, [(v, plan["durations"][v.name]) for v in variants],
-                workdir, tag=f"n{n}", think=THINK, broker_pid=broker.process.pid,
-                period={v.name: wires[v.name]["floor_ms"] / 1000 for v in variants})
-            baseline_lag = await lag.stop()
+            with common.collector_paused():  # as for the bridge's runs: the simulators live here
+                lag = LoopLag()
+                lag.start()
+                baseline = await run_baseline(
+                    broker, fleet.devices, [(v, plan["durations"][v.name]) for v in variants],
+                    workdir, tag=f"n{n}", think=THINK, broker_pid=broker.process.pid,
+                    period={v.name: wires[v.name]["floor_ms"] / 1000 for v in variants})
+                baseline_lag = await lag.stop()
         finally:
             await fleet.close()
         for row in rows[-len(variants):]:

@@ -191,7 +191,7 @@ def _summary(values: list[float]) -> dict[str, Any]:
 async def run(payments: int, responses: list[str]) -> dict[str, Any]:
     import subprocess
 
-    from bench.common import BAUD, ServiceIds, machine_speed
+    from bench.common import BAUD, ServiceIds, collector_paused, machine_speed
     from bench.e2e import LARGE, SMALL, Fleet, Registers, python_env, wire_model, write_config
     from tests.broker import Mosquitto
 
@@ -213,15 +213,16 @@ async def run(payments: int, responses: list[str]) -> dict[str, Any]:
     try:
         async with Registers(broker, "bench/stages") as registers:
             await registers.wait_ready(1)
-            for name in responses:
-                variant = variants[name]
-                for i in range(payments + 2):  # two warm-up payments, not counted
-                    service_id = ids.next()
-                    published = time.monotonic()
-                    seconds, arrival = await registers.pay(0, service_id, variant.amount)
-                    if i >= 2:
-                        seen.setdefault(name, []).append((service_id, published, arrival.at))
-                    await asyncio.sleep(rng.uniform(0.010, 0.030))
+            with collector_paused():
+                for name in responses:
+                    variant = variants[name]
+                    for i in range(payments + 2):  # two warm-up payments, not counted
+                        service_id = ids.next()
+                        published = time.monotonic()
+                        seconds, arrival = await registers.pay(0, service_id, variant.amount)
+                        if i >= 2:
+                            seen.setdefault(name, []).append((service_id, published, arrival.at))
+                        await asyncio.sleep(rng.uniform(0.010, 0.030))
     finally:
         daemon.terminate()
         daemon.wait(timeout=15)

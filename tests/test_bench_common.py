@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import statistics
 import time
+import weakref
 
-from bench.common import run_precise
+from bench.common import collector_paused, run_precise
 
 
 async def _median_sleep(seconds: float, times: int = 25) -> float:
@@ -24,3 +26,21 @@ def test_the_precise_loop_wakes_a_sub_millisecond_sleep_on_time():
     # wait up to a whole millisecond, which made the terminal late and the bridge look slow.
     assert asyncio.run(_median_sleep(0.0002)) >= 0.001
     assert run_precise(_median_sleep(0.0002)) < 0.0008
+
+
+def test_the_collector_is_paused_while_a_benchmark_measures_and_runs_after():
+    class Node:
+        pass
+
+    was = gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+        cycle = Node()
+        cycle.self = cycle
+        ref = weakref.ref(cycle)
+        del cycle
+        junk = [[] for _ in range(20000)]  # with the collector on, enough to collect the cycle
+        assert ref() is not None, "no collection (and no pause) while measuring"
+        del junk
+    assert gc.isenabled() is was
+    assert ref() is None, "collected on the way out"
