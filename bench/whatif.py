@@ -20,7 +20,7 @@ as such and are never the bridge's own figures.
 
 no-state-flips and no-sent-event are contract changes, measured here so the planners can
 weigh them. uvloop and orjson are not dependencies of the bridge (measured, no gain above
-the noise: README, Benchmarks): `.venv/bin/pip install uvloop orjson` to try them again.
+the noise: bench/HISTORY.md): `.venv/bin/pip install uvloop orjson` to try them again.
 """
 
 from __future__ import annotations
