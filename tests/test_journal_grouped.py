@@ -5,6 +5,7 @@ crash: what it cannot see would not survive one."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Callable
 
@@ -214,3 +215,39 @@ def test_outside_grouped_mode_each_commit_announces_its_messages(tmp_path):
         assert seen == [["t/a"], ["t/a", "t/b"]]
     finally:
         journal.close()
+
+
+def _wal_size(path) -> int:
+    return os.path.getsize(f"{path}-wal")
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_a_wal_that_a_busy_daemon_never_lets_restart_is_started_over(tmp_path, reset):
+    # Under load without a pause every commit lands while the checkpoint thread copies, so no
+    # write ever begins with the whole WAL copied and SQLite never starts the file over. Here
+    # that happens every time: the checkpoint (the thread's round, on its own connection)
+    # runs while the pass's transaction is open.
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.wal_reset_bytes = 8 * 1024 * 1024 if reset else 1 << 62
+    passes = Passes()
+    journal.group_commits(passes)
+    checkpointer = sqlite3.connect(path, isolation_level=None)
+    peak = 0
+    try:
+        for i in range(400):  # 100 KB a pass: 40 MB of WAL if it is never started over
+            journal.save(make_txn(f"S{i}"), [("t/x", bytes(100_000), 1, False)])
+            journal._checkpoint(checkpointer)
+            passes.next()
+            peak = max(peak, _wal_size(path))
+    finally:
+        checkpointer.close()
+        journal.close()
+    if reset:
+        assert peak < 12 * 1024 * 1024, f"the WAL reached {peak} bytes"
+        check = sqlite3.connect(path)
+        assert check.execute("SELECT COUNT(*) FROM transactions").fetchone() == (400,)
+        assert check.execute("SELECT COUNT(*) FROM outbox").fetchone() == (400,)
+        check.close()
+    else:  # what the daemon did before: the same passes, no reset
+        assert peak > 30 * 1024 * 1024, f"the WAL reached only {peak} bytes"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -30,6 +31,7 @@ log = logging.getLogger("poi_bridge.journal")
 
 SCHEMA_VERSION = 1
 CHECKPOINT_INTERVAL = 1.0  # s between WAL checkpoints (see start_checkpoints)
+WAL_RESET_BYTES = 64 * 1024 * 1024  # a WAL past this is started over by the daemon (_reset_wal)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS transactions (
@@ -114,6 +116,8 @@ class Journal:
         self._last_outbox_id = 0  # the newest outbox row written
         self._durable_outbox_id = 0  # the newest outbox row committed: pending() stops there
         self._checkpoints: tuple[threading.Event, threading.Thread] | None = None
+        self.wal_reset_bytes = WAL_RESET_BYTES
+        self._wal_reset_wanted = False  # set by the checkpoint thread, done after a commit
         self._requests: dict[TxKey, tuple[dict[str, Any], str]] = {}
         existed = self.path.exists() and self.path.stat().st_size > 0
         if readonly and not existed:
@@ -187,12 +191,40 @@ class Journal:
         try:
             db.execute("PRAGMA busy_timeout=5000")
             while not stop.wait(interval):
-                try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error as exc:  # the next round tries again; commits go on
-                    log.warning("journal %s: WAL checkpoint failed: %s", self.path, exc)
+                self._checkpoint(db)
         finally:
             db.close()
+
+    def _checkpoint(self, db: sqlite3.Connection) -> None:
+        """One round of the checkpoint thread, on its own connection: copy the WAL into the
+        database file, and if the WAL has grown past wal_reset_bytes, ask for _reset_wal."""
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:  # the next round tries again; commits go on
+            log.warning("journal %s: WAL checkpoint failed: %s", self.path, exc)
+            return
+        try:
+            size = os.path.getsize(f"{self.path}-wal")
+        except OSError:
+            return
+        if size > self.wal_reset_bytes:
+            self._wal_reset_wanted = True
+
+    def _reset_wal(self) -> None:
+        """SQLite starts the WAL over (and journal_size_limit cuts the file back) only when a
+        write begins while every frame has been copied into the database file. Under load
+        without a pause, a commit always lands while the checkpoint thread copies: the WAL
+        then grew without end, 10-12 MB a second at 64 terminals unpaced. So once it is too
+        big, the daemon's own connection copies the last frames right after a commit, and
+        its next write starts the file over. Its cost on the loop: copying the frames of the
+        last few milliseconds, once per wal_reset_bytes written."""
+        if not self._wal_reset_wanted:
+            return
+        self._wal_reset_wanted = False
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("journal %s: WAL checkpoint failed: %s", self.path, exc)
 
     def close(self) -> None:
         if self._checkpoints is not None:
@@ -259,6 +291,7 @@ class Journal:
             except Exception:  # one failing action must not keep the others from running
                 log.exception("journal %s: an action after the commit failed", self.path)
         self._outbox_committed(before)
+        self._reset_wal()
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -278,6 +311,7 @@ class Journal:
         self._db.execute("COMMIT")
         before, self._durable_outbox_id = self._durable_outbox_id, self._last_outbox_id
         self._outbox_committed(before)
+        self._reset_wal()
 
     def _grouped(self) -> Iterator[sqlite3.Connection]:
         """One unit of writes inside the pass's transaction, as a savepoint: a unit that fails
