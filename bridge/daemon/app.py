@@ -19,7 +19,12 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import Config, TerminalConfig
-from bridge.daemon.hotplug import DeviceInfo, HotplugMonitor, TerminalMatcher, udev_announces
+from bridge.daemon.hotplug import (
+    DeviceInfo,
+    HotplugMonitor,
+    TerminalMatcher,
+    udev_announces,
+)
 from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway
