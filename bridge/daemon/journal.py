@@ -260,12 +260,16 @@ class Journal:
         side publishes them there and then."""
         self._outbox_listener = listener
 
-    def _outbox_committed(self, before: int) -> None:
+    def _committed(self, before: int) -> None:
+        """What follows every commit, grouped or not, once its own actions have run:
+        announce the outbox messages it made durable (the newest was `before`), then start
+        the WAL over if the checkpoint thread asked for it."""
         if self._durable_outbox_id > before and self._outbox_listener is not None:
             try:
                 self._outbox_listener()
             except Exception:
                 log.exception("journal %s: publishing after the commit failed", self.path)
+        self._reset_wal()
 
     def commit(self) -> None:
         """Commit the pass's transaction, then run what waited for it. A failed commit (disk
@@ -290,8 +294,7 @@ class Journal:
                 callback()
             except Exception:  # one failing action must not keep the others from running
                 log.exception("journal %s: an action after the commit failed", self.path)
-        self._outbox_committed(before)
-        self._reset_wal()
+        self._committed(before)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -310,8 +313,7 @@ class Journal:
             raise
         self._db.execute("COMMIT")
         before, self._durable_outbox_id = self._durable_outbox_id, self._last_outbox_id
-        self._outbox_committed(before)
-        self._reset_wal()
+        self._committed(before)
 
     def _grouped(self) -> Iterator[sqlite3.Connection]:
         """One unit of writes inside the pass's transaction, as a savepoint: a unit that fails

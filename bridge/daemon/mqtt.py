@@ -368,10 +368,8 @@ class _OutboxPump:
         journal = self.gateway.journal
         try:
             while self.in_window < OUTBOX_WINDOW:
-                batch = journal.pending(limit=OUTBOX_WINDOW - self.in_window,
-                                        after_id=self.last_id)
-                if not batch:
-                    return
+                room = OUTBOX_WINDOW - self.in_window
+                batch = journal.pending(limit=room, after_id=self.last_id)
                 for message in batch:
                     future = self.client.publish_nowait(
                         message.topic, message.payload, qos=message.qos, retain=message.retain,
@@ -379,6 +377,8 @@ class _OutboxPump:
                     self.in_window += 1
                     self.last_id = message.id
                     future.add_done_callback(functools.partial(self._done, message.id))
+                if len(batch) < room:  # that was every committed message: no query for none
+                    return
         except Exception as exc:  # the connection is gone: the serve loop reconnects
             if not self.failed.done():
                 self.failed.set_exception(exc)
