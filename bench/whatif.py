@@ -68,7 +68,15 @@ def _journal_normal() -> None:
         if not kwargs.get("readonly"):
             self._db.execute("PRAGMA synchronous=NORMAL")
 
+    def mark_delivered(self, message_ids):  # type: ignore[no-untyped-def]
+        # the journal's own mark_delivered sets FULL back after its unsynced commit
+        original_mark(self, message_ids)
+        if not self._db.in_transaction:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+
+    original_mark = Journal.mark_delivered
     Journal.__init__ = __init__
+    Journal.mark_delivered = mark_delivered
 
 
 def _no_state_flips() -> None:
