@@ -66,12 +66,12 @@ def run_daemon(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     setup_logging(config.log_level)
-    from bridge.daemon.app import run_bridge
+    from bridge.daemon.app import JOURNAL_EXIT_STATUS, run_bridge
 
     password = _read_secret(config.mqtt.password_file, "MQTT password file")
     try:
         asyncio.run(run_bridge(config, mqtt_password=password))
     except JournalError as exc:
         logging.getLogger("poi_bridge").critical("%s", exc)
-        return 3
+        return JOURNAL_EXIT_STATUS
     return 0

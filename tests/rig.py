@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,12 @@ import aiomqtt
 
 ROOT = Path(__file__).resolve().parents[1]
 POI = "V400m-324688179"
+
+
+def _copy(source: Any, log: Any) -> None:
+    for line in source:
+        log.write(line)
+        log.flush()
 
 
 def python_env() -> dict[str, str]:
@@ -83,18 +91,31 @@ def write_config(workdir: Path, broker: Any, device: str, *, base: str = "poi-br
 
 
 class Daemon:
-    """`poi-bridge run` as a real process."""
+    """`poi-bridge run` as a real process. With `file_size_limit`, no file the process writes
+    may grow past that many bytes (RLIMIT_FSIZE): a full disk, for the journal. Its output
+    then goes through a pipe, so the log file is not held to the limit."""
 
-    def __init__(self, config: Path, workdir: Path) -> None:
+    def __init__(self, config: Path, workdir: Path, *, file_size_limit: int | None = None
+                 ) -> None:
         self.config = config
         self.log_path = workdir / "daemon.log"
+        self.file_size_limit = file_size_limit
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
+        command = [sys.executable, "-m", "bridge", "run", "--config", str(self.config)]
         log = open(self.log_path, "ab")  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bridge", "run", "--config", str(self.config)],
-            stdout=log, stderr=log, env=python_env(), cwd=ROOT)
+        if self.file_size_limit is None:
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, env=python_env(),
+                                            cwd=ROOT)
+            return self
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.PIPE,
+                                        env=python_env(), cwd=ROOT)
+        # set from here (the interpreter is still starting): preexec_fn is unsafe beside
+        # threads. Python ignores SIGXFSZ, so a write past it fails with EFBIG instead.
+        limit = self.file_size_limit
+        resource.prlimit(self.process.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        threading.Thread(target=_copy, args=(self.process.stderr, log), daemon=True).start()
         return self
 
     def kill(self) -> None:

@@ -7,9 +7,11 @@ just as on a store box.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 
+from bridge.daemon.journal import Journal
 from bridge.simulator import responses
 
 from .rig import POI, Daemon, Simulator, Subscriber, outcome_for, wait_until, write_config
@@ -17,6 +19,7 @@ from .test_cli import cli
 
 BASE = "poi-bridge"
 REQUEST = f"{BASE}/terminals/{POI}/request"
+JOURNAL_ROOM = 64 * 1024  # what the disk-full test leaves the journal to grow by
 
 
 def journal_rows(workdir, service_id):
@@ -167,3 +170,62 @@ async def test_technician_status_and_resync_commands_against_a_running_daemon(tm
     # With the daemon gone, status still reads the journal and says so.
     offline = cli("status", "--config", str(config), "--json")
     assert json.loads(offline.stdout)["daemon"] == "not reachable over MQTT"
+
+
+async def test_a_journal_that_cannot_be_written_stops_the_daemon_and_nothing_is_lost(
+        tmp_path, mosquitto):
+    """The disk fills up under the journal, played by a file-size limit on the daemon
+    process. The daemon must not go on from decisions it could not record (a terminal's
+    answer whose record was lost would still be ACKed by the next frame, and its result would
+    reach no register): it stops with status 3 and says why. Restarted with room, every
+    payment the terminal charged reaches the register exactly once, and none is doubled."""
+    # A journal of 1 MB that may grow by JOURNAL_ROOM: once the WAL cannot be copied into it
+    # any more, the WAL is never started over and soon meets the limit too.
+    path = tmp_path / "journal.sqlite3"
+    filler = Journal(path)
+    filler.mark_delivered(filler.enqueue([("old/result", b"x" * 1000, 1, False)] * 1000))
+    filler.close()
+    sim = Simulator(tmp_path, "--delay", "0.05")
+    config = write_config(tmp_path, mosquitto, sim.link, terminal={"payment_timeout": 3.0})
+    daemon = Daemon(config, tmp_path,
+                    file_size_limit=path.stat().st_size + JOURNAL_ROOM).start()
+    register = Subscriber(mosquitto, [f"{BASE}/registers/POS1/response", f"{BASE}/bridge/state"],
+                          client_id="register-POS1", persistent=True)
+    sent: list[str] = []
+    try:
+        await register.connect()
+        await register.wait_for(lambda t, p: t.endswith("/bridge/state")
+                                and p == {"state": "online"})
+        while daemon.process.poll() is None and len(sent) < 60:
+            service_id = f"F{len(sent)}"
+            await register.publish(REQUEST, responses.payment_request("POS1", service_id, POI,
+                                                                      1.0))
+            sent.append(service_id)
+            with contextlib.suppress(TimeoutError):
+                await register.wait_for(outcome_for(service_id), timeout=2)
+        assert await asyncio.to_thread(daemon.process.wait, 15) == 3, daemon.log()[-3000:]
+        assert "stopping at once: the journal" in daemon.log()
+        assert "cannot be written" in daemon.log()
+        answered_before = {p["bridge"]["transaction"]["service_id"]
+                           for p in register.on(f"{BASE}/registers/POS1/response")}
+        assert len(answered_before) >= 5, "the limit must be met after some payments, not at once"
+
+        daemon = Daemon(config, tmp_path).start()  # room again
+        for service_id in sent:  # "unresolved" may come first; the outcome follows it
+            await register.wait_for(lambda t, p, s=service_id: outcome_for(s)(t, p)
+                                    and p["bridge"]["outcome"] != "unresolved", timeout=30)
+        await asyncio.sleep(1.0)  # anything doubled would arrive now
+    finally:
+        await register.disconnect()
+        daemon.kill()
+        ledger = sim.stop()
+    outcomes: dict[str, list[str]] = {}
+    for payload in register.on(f"{BASE}/registers/POS1/response"):
+        if payload["bridge"]["outcome"] != "unresolved":
+            outcomes.setdefault(payload["bridge"]["transaction"]["service_id"], []).append(
+                payload["bridge"]["outcome"])
+    assert {s: o for s, o in outcomes.items() if len(o) != 1} == {}, "a result doubled"
+    assert set(outcomes) == set(sent)
+    charged = {key.split("/")[1] for key, entry in ledger.items() if entry["charged"]}
+    approved = {s for s, (outcome,) in outcomes.items() if outcome == "approved"}
+    assert approved == charged, "an approval without a charge, or a charge without a result"

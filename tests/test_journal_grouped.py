@@ -136,6 +136,8 @@ def test_a_failed_commit_does_not_run_what_depended_on_it(grouped, caplog):
     db.execute("CREATE TABLE child (p INTEGER REFERENCES parent (id) DEFERRABLE INITIALLY "
                "DEFERRED)")
     done: list[str] = []
+    failures: list[BaseException] = []
+    journal.on_failure(failures.append)
     journal.save(make_txn("S1"))
     journal.after_commit(lambda: done.append("send S1"))
     db.execute("INSERT INTO child VALUES (42)")
@@ -143,9 +145,41 @@ def test_a_failed_commit_does_not_run_what_depended_on_it(grouped, caplog):
     assert done == []
     assert _committed_services(other) == []
     assert "commit failed" in caplog.text and "check the disk" in caplog.text
+    assert [type(f) for f in failures] == [sqlite3.IntegrityError]  # the daemon stops on it
     journal.save(make_txn("S2"))  # the journal goes on
     passes.next()
     assert _committed_services(other) == ["S2"]
+
+
+def test_a_write_the_full_disk_refuses_is_reported_and_takes_back_its_unit_only(grouped,
+                                                                                caplog):
+    journal, passes, other = grouped
+    failures: list[BaseException] = []
+    journal.on_failure(failures.append)
+    journal.save(make_txn("S1"), [("t/ok", b"1", 1, False)])
+    # the file may not grow by one more page: SQLite's own "database or disk is full"
+    (pages,) = journal._db.execute("PRAGMA page_count").fetchone()
+    journal._db.execute(f"PRAGMA max_page_count={pages}")
+    done: list[str] = []
+    journal.after_commit(lambda: done.append("send S1"))
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        journal.save(make_txn("S2"), [("t/big", b"x" * 200_000, 1, False)])
+    assert [str(f) for f in failures] == ["database or disk is full"]
+    assert "a write failed" in caplog.text
+    # SQLite may answer a full disk by rolling back the whole transaction, S1 with it: what
+    # waited for S1 is not done either (so the daemon, told of the failure, stops)
+    passes.next()
+    assert done == [] and _committed_services(other) == [] and journal.pending() == []
+
+    journal._db.execute("PRAGMA max_page_count=1000000")  # room again
+    journal.save(make_txn("S3"), [("t/next", b"3", 1, False)])
+    with pytest.raises(RuntimeError), journal.batch():  # a step's own failure is not the disk's
+        journal.save(make_txn("S4"))
+        raise RuntimeError("the step failed half-way")
+    passes.next()
+    assert len(failures) == 1
+    assert _committed_services(other) == ["S3"]
+    assert [m.topic for m in journal.pending()] == ["t/next"]
 
 
 async def test_on_the_event_loop_the_commit_comes_in_the_next_pass(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -36,6 +37,7 @@ from bridge.protocol import crypto
 log = logging.getLogger("poi_bridge")
 
 PRUNE_INTERVAL = 3600.0
+JOURNAL_EXIT_STATUS = 3  # the journal cannot be opened, or no longer written
 STATUS_INTERVAL = 10.0
 
 
@@ -207,8 +209,26 @@ class Bridge:
         self.notifier.close()
 
 
+def stop_at_once(bridge: Bridge, exc: BaseException) -> None:
+    """The journal failed to record a step (disk full, I/O error): the process ends now, as a
+    crash would, so nothing is sent or published from a state the journal does not hold.
+    Going on was worse: a terminal's answer whose record was lost would still be ACKed with
+    the next frame, and its result would reach no register. A restart takes the open
+    transactions up from the journal again, and the status polls ask the terminals what
+    happened: the path every SIGKILL test exercises."""
+    log.critical("stopping at once: the journal %s cannot be written (%s). Nothing is sent or "
+                 "published from what it could not record; at the next start its open "
+                 "transactions are taken up again and the terminals are asked what happened. "
+                 "Check the disk (df -h %s, dmesg); systemd restarts the bridge.",
+                 bridge.config.journal, exc, bridge.config.journal.parent)
+    bridge.notifier.stopping(f"the journal cannot be written: {exc}")
+    logging.shutdown()  # flush the line above: os._exit flushes nothing
+    os._exit(JOURNAL_EXIT_STATUS)
+
+
 async def run_bridge(config: Config, *, mqtt_password: str | None = None) -> None:
     bridge = Bridge(config, mqtt_password=mqtt_password)
+    bridge.journal.on_failure(functools.partial(stop_at_once, bridge))
     loop = asyncio.get_running_loop()
     quiet_closed_socket_errors(loop)
     for sig in (signal.SIGTERM, signal.SIGINT):

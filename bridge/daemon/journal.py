@@ -8,7 +8,9 @@ actions that depend on it (frames to terminals, acknowledgements) are handed to
 outbox messages after those (`on_outbox_committed`) and publishes them. The outbox holds every MQTT
 message until the broker acknowledged it; undelivered ones are sent again after a reconnect
 or a restart. A journal that cannot be read stops the daemon: it is never recreated silently,
-because it may hold the only record of a payment the shopper made.
+because it may hold the only record of a payment the shopper made. A journal that can no
+longer be written (disk full, I/O error) in the daemon's mode is reported to `on_failure`:
+the daemon's state in memory is then ahead of its record, so it stops (see run_bridge).
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ class Journal:
         self._group_open = False  # a transaction is waiting for the pass's commit
         self._after: list[Callable[[], None]] = []  # run once the group is durable
         self._outbox_listener: Callable[[], None] | None = None
+        self._failure_listener: Callable[[BaseException], None] | None = None
         self._last_outbox_id = 0  # the newest outbox row written
         self._durable_outbox_id = 0  # the newest outbox row committed: pending() stops there
         self._checkpoints: tuple[threading.Event, threading.Thread] | None = None
@@ -260,6 +263,17 @@ class Journal:
         side publishes them there and then."""
         self._outbox_listener = listener
 
+    def on_failure(self, listener: Callable[[BaseException], None]) -> None:
+        """Call `listener` when, in grouped mode, a write or a commit fails with an SQLite
+        error (disk full, I/O error). The step that wrote has already decided in memory
+        (a result handled, a frame queued); its record is lost and what depends on it is not
+        done, so nothing the daemon does after it can be trusted to be recorded."""
+        self._failure_listener = listener
+
+    def _failed(self, exc: BaseException) -> None:
+        if self._failure_listener is not None:
+            self._failure_listener(exc)
+
     def _committed(self, before: int) -> None:
         """What follows every commit, grouped or not, once its own actions have run:
         announce the outbox messages it made durable (the newest was `before`), then start
@@ -287,6 +301,7 @@ class Journal:
             log.critical("journal %s: commit failed: %s; the last %d action(s) that depended "
                          "on it are not done (frames not sent, requests not acknowledged): "
                          "check the disk", self.path, exc, len(callbacks))
+            self._failed(exc)
             return
         before, self._durable_outbox_id = self._durable_outbox_id, self._last_outbox_id
         for callback in callbacks:
@@ -327,12 +342,25 @@ class Journal:
         outbox_before = self._last_outbox_id
         try:
             yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK TO unit")
-            self._db.execute("RELEASE unit")
-            self._last_outbox_id = outbox_before  # those ids may be given out again
+        except BaseException as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK TO unit")
+                self._db.execute("RELEASE unit")
+                self._last_outbox_id = outbox_before  # those ids may be given out again
+            else:  # SQLite rolled the whole pass back, as it may on a full disk or I/O error
+                self._abandon_pass()
+            if isinstance(exc, sqlite3.Error):
+                log.critical("journal %s: a write failed: %s; check the disk", self.path, exc)
+                self._failed(exc)
             raise
         self._db.execute("RELEASE unit")
+
+    def _abandon_pass(self) -> None:
+        lost, self._after = self._after, []
+        self._group_open = False  # the pass's commit, when it comes, finds nothing to do
+        self._last_outbox_id = self._durable_outbox_id
+        log.critical("journal %s: SQLite gave up the pass's transaction; the %d action(s) "
+                     "that depended on it are not done", self.path, len(lost))
 
     @contextmanager
     def batch(self) -> Iterator[None]:
