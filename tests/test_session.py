@@ -34,7 +34,23 @@ class Harness:
         self.now = 1_000_000.0
         self.log: list = []
         if link_up:
-            self.do(self.session.link_is_up(self.now))
+            self.plug_in()
+
+    def plug_in(self, poi_id: str = POI) -> list:
+        """The link comes up, and the device on it answers the identity check as `poi_id`
+        (the shell tells the session the POIID of every message before handing it over)."""
+        actions = self.do(self.session.link_is_up(self.now))
+        return actions + self.name(poi_id)
+
+    def name(self, poi_id: str = POI) -> list:
+        """The device answers the latest identity check as `poi_id`."""
+        checks = self.sends(purpose="identify")
+        if not checks:
+            return []
+        self.session.terminal_named(poi_id)
+        answer = responses.simple_response(checks[-1].document)
+        answer["SaleToPOIResponse"]["MessageHeader"]["POIID"] = poi_id
+        return self.answer(answer)
 
     def do(self, actions: list) -> list:
         self.log.extend(actions)
@@ -261,7 +277,7 @@ def test_unplug_mid_payment_then_replug_polls_at_once_and_resolves():
     assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
     assert h.sends(down) == []
     h.now += 3
-    up = h.do(h.session.link_is_up(h.now))
+    up = h.plug_in()
     assert len(h.sends(up, "status-poll")) == 1
     (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
     assert result.outcome == "approved"
@@ -276,7 +292,8 @@ def test_unplugged_for_long_reports_unresolved_without_sending():
     h.advance(30)
     (report,) = h.delivers()
     assert report.outcome == "unresolved"
-    assert len(h.sends()) == 1  # only the original request ever went out
+    # only the identity check and the original request ever went out
+    assert [s.purpose for s in h.sends()] == ["identify", "request"]
 
 
 def test_request_not_acknowledged_is_polled_never_resent():
@@ -354,7 +371,7 @@ def test_register_status_request_passes_through_and_settles_an_unresolved_transa
     h.do(h.session.link_is_down("EIO", h.now))
     h.advance(30)
     h.advance(30)  # unresolved
-    h.do(h.session.link_is_up(h.now))
+    h.plug_in()
     bridge_poll = h.last_poll()
     status = {"SaleToPOIRequest": {
         "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Service",
@@ -420,8 +437,8 @@ def test_restore_after_crash_polls_and_never_resends():
     restored = fresh.do(fresh.session.restore([open_txn], fresh.now))
     assert fresh.sends(restored) == []
     assert any(isinstance(a, Progress) and a.event == "recovering" for a in restored)
-    up = fresh.do(fresh.session.link_is_up(fresh.now))
-    assert [s.purpose for s in fresh.sends(up)] == ["status-poll"]
+    up = fresh.plug_in()
+    assert [s.purpose for s in fresh.sends(up)] == ["identify", "status-poll"]  # who it is, then the poll
     (result,) = fresh.delivers(fresh.answer(responses.status_success(fresh.last_poll(), original)))
     assert result.outcome == "approved"
     assert fresh.sends(purpose="request") == []
@@ -467,7 +484,8 @@ def test_resync_of_a_final_transaction_republishes_the_terminal_answer():
 
 EVENTS = st.lists(
     st.sampled_from(["submit", "approve", "decline", "in_progress", "not_found", "success",
-                     "garbage", "down", "up", "nack", "tick1", "tick30", "tick200", "abort"]),
+                     "garbage", "down", "up", "nack", "tick1", "tick30", "tick200", "abort",
+                     "named", "wrong"]),
     max_size=60,
 )
 
@@ -476,10 +494,12 @@ EVENTS = st.lists(
 @given(EVENTS)
 def test_invariants_hold_for_any_sequence_of_events(events):
     """Whatever happens: a request is written to the terminal at most once, every Send and
-    Deliver of a transaction follows its Record, and each transaction gets one final result."""
+    Deliver of a transaction follows its Record, each transaction gets one final result, and
+    nothing but the identity check goes to a device that named another terminal."""
     h = Harness()
     counter = itertools.count(1)
     finals: dict[tuple[str, str], int] = {}
+    wrong_device = False
     for event in events:
         open_polls = [s for s in h.sends(purpose="status-poll")]
         last_request = h.sends(purpose="request")[-1].document if h.sends(purpose="request") else None
@@ -500,6 +520,10 @@ def test_invariants_hold_for_any_sequence_of_events(events):
             actions = h.do(h.session.link_is_down("EIO", h.now))
         elif event == "up":
             actions = h.do(h.session.link_is_up(h.now))
+        elif event == "named":
+            actions = h.name()
+        elif event == "wrong":
+            actions = h.name("P400Plus-111")
         elif event == "nack" and last_request:
             sid = last_request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
             actions = h.do(h.session.send_failed(sid, "no ACK", h.now))
@@ -516,6 +540,11 @@ def test_invariants_hold_for_any_sequence_of_events(events):
         else:
             continue
         assert_recorded_before(actions)
+        wrong_device = (event == "wrong" and bool(actions)) or (
+            wrong_device and event not in ("up", "down", "named"))
+        if wrong_device:
+            assert [s.purpose for s in h.sends(actions)
+                    if s.purpose in ("request", "status-poll")] == [], "sent to the wrong device"
         for d in h.delivers(actions):
             if d.outcome not in ("rejected", "unresolved") and not d.service_id.startswith("A"):
                 finals[(d.sale_id, d.service_id)] = finals.get((d.sale_id, d.service_id), 0) + 1
@@ -564,3 +593,68 @@ def test_requests_are_refused_while_the_link_holds_another_terminal():
     h.session.wrong_device = None  # the shell saw the right POIID, or reopened the link
     accepted = h.submit("POS1", "S2")
     assert [s.purpose for s in h.sends(accepted)] == ["request"]
+
+
+def test_a_new_link_is_asked_who_is_on_it_before_anything_goes_out():
+    h = Harness(link_up=False)
+    up = h.do(h.session.link_is_up(h.now))
+    (check,) = h.sends(up)
+    header = check.document["SaleToPOIRequest"]["MessageHeader"]
+    assert (check.purpose, header["MessageCategory"]) == ("identify", "Diagnosis")
+    assert parse_message(check.document).body_key() == "DiagnosisRequest"
+    waiting = h.submit("POS1", "S1")  # arrives while the check is on the wire
+    assert h.sends(waiting) == [] and h.delivers(waiting) == []
+    assert any(isinstance(a, Progress) and a.event == "accepted" for a in waiting)
+    named = h.name()
+    assert [s.purpose for s in h.sends(named)] == ["request"]
+    assert h.session.named and h.session.wrong_device is None
+
+
+def test_a_device_that_names_another_terminal_gets_neither_requests_nor_polls():
+    """Ports swapped: the payment that waited for the check is refused (nothing was sent), and
+    an open transaction's status poll waits for the right terminal: answered NotFound by the
+    wrong one, it would end a payment the right one charged as not_found."""
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))
+    h.submit("POS1", "S1")
+    wrong = h.name("P400Plus-111")
+    assert [s.purpose for s in h.sends(wrong)] == []
+    (refused,) = h.delivers(wrong)
+    assert (refused.service_id, refused.outcome) == ("S1", "rejected")
+    assert "P400Plus-111" in refused.error and "nothing was sent" in refused.error
+    condition = refused.response["SaleToPOIResponse"]["PaymentResponse"]["Response"]
+    assert condition["ErrorCondition"] == "UnavailableDevice"
+    assert not h.session.open and h.session.active is None
+
+    h.do(h.session.link_is_down("unplugged", h.now))
+    h.now += 1
+    h.plug_in()
+    h.submit("POS1", "S2")
+    h.do(h.session.link_is_down("unplugged", h.now))  # S2's answer is lost with the link
+    h.now += 1
+    h.do(h.session.link_is_up(h.now))
+    h.name("P400Plus-111")  # and the wrong terminal is plugged in
+    for _ in range(4):
+        assert [s.purpose for s in h.sends(h.advance(30))] == []
+    assert h.session.open[TxKey("POS1", "S2")].state in (TxState.POLLING, TxState.UNRESOLVED)
+    assert h.session.next_deadline() > h.now  # waiting, not spinning
+    h.do(h.session.link_is_down("unplugged", h.now))
+    h.now += 1
+    h.plug_in()  # the right terminal is back
+    original = responses.payment_response(request_of(h, "POS1", "S2"), "approve", h.now)
+    (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
+    assert (result.service_id, result.outcome) == ("S2", "approved")
+
+
+def test_a_device_that_will_not_say_who_it_is_still_gets_the_request_in_the_end():
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))
+    h.submit("POS1", "S1")
+    late = h.advance(SETTINGS.status_timeout)
+    assert [s.purpose for s in h.sends(late)] == ["request"]
+    (warning,) = [a for a in late if isinstance(a, Log) and a.level == "warning"]
+    assert "no answer to the identity check" in warning.message
+    assert not h.session.named
+    ignored = h.name()  # the answer, too late: noted, nothing else
+    assert h.sends(ignored) == [] and h.delivers(ignored) == []
+    assert h.session.named

@@ -87,6 +87,9 @@ class Rig:
                                      backoff=Backoff(initial=0.05, maximum=0.2))
         await self.worker.start()
         await self.outlet.state_is("online")
+        async with asyncio.timeout(10):  # the device has answered the identity check
+            while self.worker.identity == "unknown":
+                await asyncio.sleep(0.01)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -156,7 +159,8 @@ async def test_response_lost_is_recovered_by_status_poll(tmp_path):
         assert body["PaymentResponse"]["PaymentResult"]["AmountsResp"]["AuthorizedAmount"] == 42.0
         assert "status_poll" in rig.events("S1")
         assert rig.stored("S1").polls_sent == 1
-        assert rig.simulator.frames_in == 2  # the payment once, one status poll: no re-send
+        # the identity check, the payment once, one status poll: no re-send
+        assert rig.simulator.frames_in == 3
 
 
 async def test_in_progress_n_times_then_approved(tmp_path):
@@ -274,25 +278,24 @@ async def test_restart_recovers_an_open_payment_from_the_journal(tmp_path):
         assert len([r for r in rig.outlet.results if r.service_id == "S1"]) == 1
 
 
-async def test_a_terminal_on_the_wrong_port_gets_no_further_payments(tmp_path):
-    """The device configured for POI answers as another terminal (ports renumbered after a
-    replug, a swapped cable). The payment already on it still gets its result (the shopper
-    paid on that device), but nothing more is sent to it: a second payment is refused with a
-    reason a technician can act on, and the wrong terminal never sees it."""
+async def test_a_terminal_on_the_wrong_port_gets_no_payment(tmp_path):
+    """The device configured for POI is another terminal (ports renumbered after a replug, a
+    swapped cable). The identity check on link-up finds it out before anything else is sent:
+    payments are refused with a reason a technician can act on, and the wrong terminal never
+    sees one."""
     other = "P400Plus-111"
     wrong = Scenario(poi_id=other, default=Behaviour(delay=0.05),
                      link=LinkBehaviour(status_hold=0.05))
     async with Rig(tmp_path, wrong) as rig:
-        rig.pay("S1")
-        assert (await rig.outlet.result_for("S1")).outcome == "approved"
         assert rig.worker.identity == f"mismatch: {other}"
         assert rig.outlet.states[-1]["identity"] == f"mismatch: {other}"
-        rig.pay("S2", 11.0)
-        refused = await rig.outlet.result_for("S2", timeout=3)
-        assert refused.outcome == "rejected"
-        assert other in refused.error and "nothing was sent" in refused.error
-        assert ("POS1", "S2") not in rig.simulator.terminal.ledger
-        assert rig.stored("S2").outcome == "rejected"  # a redelivered copy gets the same answer
+        for service_id, amount in (("S1", 10.0), ("S2", 11.0)):
+            rig.pay(service_id, amount)
+            refused = await rig.outlet.result_for(service_id, timeout=3)
+            assert refused.outcome == "rejected"
+            assert other in refused.error and "nothing was sent" in refused.error
+            assert rig.stored(service_id).outcome == "rejected"  # a redelivered copy: the same
+        assert rig.simulator.terminal.ledger == {}
 
 
 async def test_the_right_terminal_is_confirmed_and_served(tmp_path):
@@ -318,15 +321,16 @@ async def test_no_frame_goes_to_the_terminal_before_its_record_is_committed(tmp_
         rig.journal.group_commits(passes)
         other = sqlite3.connect(rig.journal.path)
         try:
+            checked = rig.worker.counters["frames_out"]  # the identity check
             rig.pay("S1")
             await asyncio.sleep(0.1)  # the writer would have run by now
-            assert rig.worker.counters["frames_out"] == 0
+            assert rig.worker.counters["frames_out"] == checked
             assert not rig.worker.framer.has_data_to_send
             assert other.execute("SELECT COUNT(*) FROM transactions").fetchone() == (0,)
             passes.next()
             assert other.execute("SELECT state FROM transactions WHERE service_id = 'S1'"
                                  ).fetchone() is not None
-            assert rig.worker.counters["frames_out"] == 1
+            assert rig.worker.counters["frames_out"] == checked + 1
             result = await rig.outlet.result_for("S1")  # told in the step, before the commit
             assert result.outcome == "approved"
             await asyncio.sleep(0.05)
@@ -350,11 +354,12 @@ async def test_a_frame_goes_to_the_device_within_the_commit_that_releases_it(tmp
     async with Rig(tmp_path, scenario(Behaviour(delay=0.05))) as rig:
         passes = Passes()
         rig.journal.group_commits(passes)
+        checked = rig.worker.counters["frames_out"]  # the identity check
         rig.pay("S1")
         await asyncio.sleep(0.05)
         passes.next()
         # no await since the commit: the loop has not run the writer task
-        assert rig.worker.counters["frames_out"] == 1
+        assert rig.worker.counters["frames_out"] == checked + 1
         assert not rig.worker.framer.has_data_to_send
         assert not rig.worker._write_ready.is_set(), "the frame waits for the writer task"
         rig.journal.group_commits(asyncio.get_running_loop().call_soon)
@@ -382,28 +387,42 @@ async def test_what_the_device_cannot_take_at_once_follows_in_order(tmp_path):
         "framer": {"name": "stx-etx-lrc", "ack_timeout": 30}, "payment_timeout": 60})
     outlet = RecordingOutlet()
     worker = TerminalWorker(config, journal, outlet, backoff=Backoff(initial=0.05, maximum=0.2))
+    framer = make_framer("stx-etx-lrc")
+    loop = asyncio.get_running_loop()
+
+    async def next_frame() -> bytes:  # the terminal's end: read, and ACK, the next frame
+        deadline = loop.time() + 10
+        while loop.time() < deadline:
+            try:
+                chunk = os.read(master, 1024)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                continue
+            frames = [e.payload for e in framer.receive_data(chunk, loop.time())
+                      if isinstance(e, FrameReceived)]
+            os.write(master, framer.data_to_send())
+            if frames:
+                return frames[0]
+        raise AssertionError("no frame from the worker")
+
     await worker.start()
     try:
         await outlet.state_is("online")
+        passes.next()  # the link-up step's commit releases the identity check
+        check = json.loads(await next_frame())  # which the terminal answers
+        framer.send_frame(json.dumps(responses.simple_response(check)).encode(), loop.time())
+        os.write(master, framer.data_to_send())
+        async with asyncio.timeout(10):
+            while worker.identity != "confirmed":
+                await asyncio.sleep(0.01)
+        passes.next()
         doc = responses.payment_request("POS1", "S1", POI, 10.0)
         doc["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleToAcquirerData"] = \
             "x" * 40_000
         worker.submit(parse_message(doc), doc, request_digest(doc))
         passes.next()
         assert worker._unwritten, "the device took the whole frame at once: no test"
-        framer = make_framer("stx-etx-lrc")
-        received: list[bytes] = []
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 10
-        while not received and loop.time() < deadline:
-            try:
-                chunk = os.read(master, 1024)
-            except BlockingIOError:
-                await asyncio.sleep(0.01)
-                continue
-            received += [e.payload for e in framer.receive_data(chunk, loop.time())
-                         if isinstance(e, FrameReceived)]
-        assert received and json.loads(received[0]) == doc
+        assert json.loads(await next_frame()) == doc
     finally:
         await worker.stop()
         os.close(master)

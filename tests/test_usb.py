@@ -388,6 +388,9 @@ class UsbRig:
         self.terminal.__enter__()
         await self.worker.start()
         await self.outlet.state_is("online")
+        async with asyncio.timeout(10):  # the device has answered the identity check
+            while self.worker.identity == "unknown":
+                await asyncio.sleep(0.01)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -419,8 +422,9 @@ async def test_worker_payment_approved_over_usb(tmp_path):
         assert amounts["AmountsResp"]["AuthorizedAmount"] == 12.5
         assert rig.stored("S1").state is TxState.FINAL
         assert rig.entry("S1").charged
-        assert (rig.terminal.frames_in, rig.terminal.frames_out) == (1, 1)
-        assert rig.worker.counters["frames_in"] == 1
+        # the identity check and its answer, the payment and its answer
+        assert (rig.terminal.frames_in, rig.terminal.frames_out) == (2, 2)
+        assert rig.worker.counters["frames_in"] == 2
 
 
 async def test_worker_lost_response_is_recovered_by_status_poll(tmp_path):
@@ -431,7 +435,8 @@ async def test_worker_lost_response_is_recovered_by_status_poll(tmp_path):
         body = result.response["SaleToPOIResponse"]["PaymentResponse"]["PaymentResult"]
         assert body["AmountsResp"]["AuthorizedAmount"] == 42.0
         assert rig.stored("S1").polls_sent == 1
-        assert rig.terminal.frames_in == 2  # the payment once and one status poll: no re-send
+        # the identity check, the payment once and one status poll: no re-send
+        assert rig.terminal.frames_in == 3
 
 
 async def test_worker_stalls_during_the_exchange_are_recovered(tmp_path):
@@ -445,7 +450,7 @@ async def test_worker_stalls_during_the_exchange_are_recovered(tmp_path):
         assert rig.device.count("clear_halt 0x01") == 1
         assert rig.device.count("clear_halt 0x81") == 1
         assert rig.worker.counters["reconnects"] == 0  # the link never went down
-        assert rig.terminal.frames_in == 1
+        assert rig.terminal.frames_in == 2  # the identity check and the payment
 
 
 async def test_worker_unplug_mid_payment_then_replug_resolves_by_status_poll(tmp_path):
@@ -466,7 +471,8 @@ async def test_worker_unplug_mid_payment_then_replug_resolves_by_status_poll(tmp
         rig.worker.device_present(True)
         result = await rig.outlet.result_for("S1", timeout=STEP)
         assert (result.outcome, result.source) == ("approved", "status-poll")
-        assert rig.entry("S1").charged and rig.terminal.frames_in == 2  # no second payment
+        # no second payment: two identity checks (one per plug-in), the payment, one poll
+        assert rig.entry("S1").charged and rig.terminal.frames_in == 4
         assert rig.device.count("detach") == 2 and rig.worker.counters["reconnects"] == 1
 
 
@@ -481,7 +487,8 @@ async def test_worker_reopens_by_itself_when_the_terminal_drops_off_the_bus(tmp_
         result = await rig.outlet.result_for("S1", timeout=STEP)
         assert (result.outcome, result.source) == ("approved", "status-poll")
         assert rig.device.count("replug") == 1
-        assert rig.entry("S1").charged and rig.terminal.frames_in == 2
+        # no second payment: two identity checks (one per link), the payment, one poll
+        assert rig.entry("S1").charged and rig.terminal.frames_in == 4
 
 
 def test_the_simulated_terminal_frames_its_answers(device):

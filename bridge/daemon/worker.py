@@ -275,8 +275,8 @@ class TerminalWorker:
         if opened:
             log.warning("terminal %s: link lost: %s; reopening", self.poi_id, reason)
             self._link_reason = reason
-            # Whatever is plugged in next must say who it is again.
-            self.identity, self.session.wrong_device = "unknown", None
+            # Whatever is plugged in next must say who it is again (the session asks it).
+            self.identity = "unknown"
             self._apply(self.session.link_is_down(reason, self._clock()))
         elif reason != self._link_reason:
             log.warning("terminal %s: cannot open link: %s; retrying", self.poi_id, reason)
@@ -420,19 +420,19 @@ class TerminalWorker:
         said = header.poi_id if header is not None else None
         if not said or said in ("N/A", "-NULL-"):
             return
+        self.session.terminal_named(said)
         if said == self.poi_id:
-            self.session.wrong_device = None
             if self.identity != "confirmed":
                 log.info("terminal %s: identity confirmed by the terminal", self.poi_id)
                 self.identity = "confirmed"
                 self._publish_state()
         elif self.identity != f"mismatch: {said}":
-            log.error("terminal %s: the device at %s says it is %s: new requests for %s are "
-                      "refused until this is fixed; check which terminal is plugged into which "
-                      "port, or the configuration, then replug", self.poi_id,
+            log.error("terminal %s: the device at %s says it is %s: nothing is sent to it "
+                      "(requests for %s are refused, status polls wait) until this is fixed; "
+                      "check which terminal is plugged into which port, or the configuration, "
+                      "then replug", self.poi_id,
                       self._transport.describe() if self._transport else "?", said, self.poi_id)
             self.identity = f"mismatch: {said}"
-            self.session.wrong_device = said
             self._publish_state()
 
     # --- timers -------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Messages the bridge itself originates: status polls, and the answers it gives a register
-when it refuses a request. Everything built here passes `check_request_header`."""
+"""Messages the bridge itself originates: status polls, identity checks, and the answers it
+gives a register when it refuses a request. Everything built here passes `check_request_header`."""
 
 from __future__ import annotations
 
@@ -44,6 +44,25 @@ def status_request(
                     "MessageCategory": original_category,
                 },
             },
+        }
+    }
+
+
+def diagnosis_request(*, sale_id: str, service_id: str, poi_id: str) -> dict[str, Any]:
+    """A DiagnosisRequest: harmless on any terminal, and its answer carries the POIID of the
+    device that gave it (the bridge's identity check of a newly opened link)."""
+    return {
+        "SaleToPOIRequest": {
+            "MessageHeader": {
+                "ProtocolVersion": "3.0",
+                "MessageClass": "Service",
+                "MessageCategory": "Diagnosis",
+                "MessageType": "Request",
+                "SaleID": sale_id,
+                "ServiceID": service_id,
+                "POIID": poi_id,
+            },
+            "DiagnosisRequest": {"HostDiagnosisFlag": False},
         }
     }
 

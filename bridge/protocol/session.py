@@ -17,11 +17,17 @@ Rules (from the seed and REFERENCE.md section 2):
   RepeatedMessageResponse; NotFound: final, the terminal never got it;
 - after resync_attempts polls without a usable answer, report `unresolved` and keep polling
   in the background with capped exponential backoff until reconcile_deadline;
-- never re-send a request whose outcome is unknown.
+- never re-send a request whose outcome is unknown;
+- a newly opened link may hold another terminal (a swapped cable, ports renumbered): before
+  anything else goes out on it, the device is asked who it is (a DiagnosisRequest; every
+  answer carries its POIID). A device that names another terminal gets no request and no
+  status poll: a poll answered "NotFound" by the wrong device would end a payment that the
+  right one charged as `not_found`.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +43,7 @@ from bridge.protocol.outcome import MONEY_CATEGORIES, Classification, Outcome, c
 from bridge.protocol.transaction import Transaction, TxKey, TxState
 
 PASSTHROUGH_CATEGORIES = frozenset({"Abort", "TransactionStatus"})
+BRIDGE_SALE_ID = "poi-bridge"  # the SaleID of the bridge's own identity checks
 FINAL_MONEY_OUTCOMES = frozenset(
     {Outcome.APPROVED, Outcome.DECLINED, Outcome.CANCELLED, Outcome.ABORTED}
 )
@@ -65,7 +72,7 @@ class Send:
     document: dict[str, Any]
     sale_id: str
     service_id: str
-    purpose: str  # request, status-poll, abort, passthrough
+    purpose: str  # request, status-poll, abort, passthrough, identify
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,12 @@ class _Probe:
     deadline: float
 
 
+@dataclass(slots=True)
+class _Naming:
+    service_id: str
+    deadline: float
+
+
 def _header_of(txn: Transaction) -> MessageHeader:
     return MessageHeader.model_validate(txn.request["SaleToPOIRequest"]["MessageHeader"])
 
@@ -126,9 +139,14 @@ class TerminalSession:
         self.active: TxKey | None = None  # the one that owns the terminal
         self.link_up = False
         # The POIID the device on this link gave when it is not ours: a terminal on the wrong
-        # port. New requests are refused while it is set, so no payment runs on the wrong
-        # terminal; the shell clears it when the link is reopened or the right POIID is seen.
+        # port. Nothing is sent to it while it is set (requests are refused, polls wait), so
+        # no payment runs on the wrong terminal; cleared when the link is reopened or the
+        # right POIID is seen (terminal_named).
         self.wrong_device: str | None = None
+        self.named = False  # the device on this link has said who it is
+        self._name_asked = False  # the identity check went out on this link
+        self._naming: _Naming | None = None  # the identity check on the wire
+        self._naming_ids: deque[str] = deque(maxlen=16)  # the last checks sent: late answers
         self._probe: _Probe | None = None  # the one status poll on the wire
         self._poll_index: dict[str, TxKey] = {}
 
@@ -143,6 +161,8 @@ class TerminalSession:
         times += [t.next_poll_at for t in self.open.values() if t.next_poll_at is not None]
         if self._probe is not None:
             times.append(self._probe.deadline)
+        if self._naming is not None:
+            times.append(self._naming.deadline)
         return min(times, default=None)
 
     # --- events -------------------------------------------------------------------------------
@@ -163,10 +183,7 @@ class TerminalSession:
             return self._refuse(txn, header, "UnavailableDevice",
                                 f"terminal {self.poi_id} is offline; nothing was sent", now)
         if self.wrong_device is not None:
-            return self._refuse(txn, header, "UnavailableDevice",
-                                f"the device on terminal {self.poi_id}'s link says it is "
-                                f"{self.wrong_device}; nothing was sent until a technician "
-                                "checks which terminal is plugged into which port", now)
+            return self._refuse(txn, header, "UnavailableDevice", self._wrong_device_text(), now)
         if not txn.passthrough and self.active is not None:
             return self._refuse(txn, header, "Busy",
                                 f"terminal {self.poi_id} is busy with transaction {self.active}",
@@ -194,17 +211,26 @@ class TerminalSession:
             ]
         self.active = txn.key
         accepted = self._progress(txn, "accepted")
-        if self._probe is not None:
-            # A background status poll is on the wire; the request goes out when it is answered.
+        if self._probe is not None or self._naming is not None:
+            # A background status poll or the identity check is on the wire; the request goes
+            # out when it is answered.
             return [Record(txn.snapshot()), accepted]
         record, *rest = self._send_request(txn, now)
         return [record, accepted, *rest]
+
+    def terminal_named(self, poi_id: str) -> None:
+        """The device on the link said who it is: the POIID of a message it sent (the shell
+        tells, before receive(), for every message that carries one)."""
+        self.named = True
+        self.wrong_device = None if poi_id == self.poi_id else poi_id
 
     def receive(self, message: Message, now: float) -> list[Action]:
         """A message from the terminal."""
         header = message.message_header
         sale_id = header.sale_id if header else None
         service_id = header.service_id if header else None
+        if sale_id == BRIDGE_SALE_ID and service_id in self._naming_ids:
+            return self._naming_answered(service_id, now)
         classification = classify(message)
         if service_id is not None and service_id in self._poll_index:
             key = self._poll_index[service_id]
@@ -241,6 +267,9 @@ class TerminalSession:
         """The terminal could not process what we sent (it could not decrypt it, say). The
         request was not acted on, so the transaction ends as an error naming the cause; a
         status poll that met the same fate counts as unanswered."""
+        if self._naming is not None:
+            return [self._unnamed(f"the terminal refused the identity check: {reason}"),
+                    *self._pump(now)]
         if self._probe is not None:
             txn = self.open.get(self._probe.key)
             self._probe = None
@@ -253,6 +282,7 @@ class TerminalSession:
 
     def link_is_up(self, now: float) -> list[Action]:
         self.link_up = True
+        self._new_device()
         for txn in self.open.values():
             if txn.state in (TxState.POLLING, TxState.UNRESOLVED) and txn.next_poll_at is not None:
                 txn.next_poll_at = min(txn.next_poll_at, now)  # ask at once after a replug
@@ -260,6 +290,7 @@ class TerminalSession:
 
     def link_is_down(self, reason: str, now: float) -> list[Action]:
         self.link_up = False
+        self._new_device()  # whatever is plugged in next must say who it is again
         actions: list[Action] = []
         if self._probe is not None:
             txn = self.open.get(self._probe.key)
@@ -286,6 +317,8 @@ class TerminalSession:
 
     def send_failed(self, service_id: str, reason: str, now: float) -> list[Action]:
         """The link layer gave up on a frame (no ACK after every try)."""
+        if self._naming is not None and self._naming.service_id == service_id:
+            return [self._unnamed(f"identity check not delivered: {reason}"), *self._pump(now)]
         if self._probe is not None and self._probe.poll_id == service_id:
             txn = self.open.get(self._probe.key)
             self._probe = None
@@ -306,6 +339,9 @@ class TerminalSession:
     def tick(self, now: float) -> list[Action]:
         """Time has passed: fire whatever deadlines are due."""
         actions: list[Action] = []
+        if self._naming is not None and self._naming.deadline <= now:
+            actions.append(self._unnamed(
+                f"no answer to the identity check within {self.settings.status_timeout:g} s"))
         if self._probe is not None and self._probe.deadline <= now:
             txn = self.open.get(self._probe.key)
             self._probe = None
@@ -388,8 +424,12 @@ class TerminalSession:
                         txn, f"terminal {self.poi_id} offline", now,
                         retry_in=self.settings.status_timeout)
             return actions
-        if self._probe is not None:
+        if self._probe is not None or self._naming is not None:
             return actions
+        if not self.named and not self._name_asked:
+            return actions + self._ask_name(now)
+        if self.wrong_device is not None:
+            return actions + self._hold_for_the_right_terminal(now)
         active = self.open.get(self.active) if self.active else None
         if active is not None and active.state is TxState.ACCEPTED:
             return self._send_request(active, now)
@@ -404,6 +444,60 @@ class TerminalSession:
             return actions
         due.sort(key=lambda t: (t.key != self.active, t.next_poll_at))
         return actions + self._send_poll(due[0], now)
+
+    def _new_device(self) -> None:
+        self.named, self._name_asked, self._naming, self.wrong_device = False, False, None, None
+
+    def _ask_name(self, now: float) -> list[Action]:
+        """The identity check: the first thing on a newly opened link. No record: losing it
+        to a crash loses nothing, the next start asks again."""
+        service_id = self._new_service_id()
+        self._name_asked = True
+        self._naming = _Naming(service_id, now + self.settings.status_timeout)
+        self._naming_ids.append(service_id)
+        document = builders.diagnosis_request(sale_id=BRIDGE_SALE_ID, service_id=service_id,
+                                              poi_id=self.poi_id)
+        return [Send(document, BRIDGE_SALE_ID, service_id, "identify")]
+
+    def _naming_answered(self, service_id: str, now: float) -> list[Action]:
+        if self._naming is None or self._naming.service_id != service_id:
+            return [Log("debug", f"terminal {self.poi_id}: late answer to identity check "
+                                 f"{service_id}")]
+        self._naming = None
+        if self.named:  # terminal_named() came first: ours, or wrong_device is set
+            return self._pump(now)
+        return [self._unnamed("the answer to the identity check carries no POIID"),
+                *self._pump(now)]
+
+    def _unnamed(self, reason: str) -> Log:
+        """The device would not say who it is. What waits then goes out as it did before there
+        was a check, and the POIID of the device's first answer is checked instead."""
+        self._naming = None
+        return Log("warning", f"terminal {self.poi_id}: {reason}; sending what waits without "
+                              "knowing which terminal is on the link")
+
+    def _hold_for_the_right_terminal(self, now: float) -> list[Action]:
+        """Another terminal is on the link: nothing goes to it. A request that waited is
+        refused (nothing was sent); a status poll waits, as for a terminal offline."""
+        reason = self._wrong_device_text()
+        actions: list[Action] = []
+        active = self.open.get(self.active) if self.active else None
+        if active is not None and active.state is TxState.ACCEPTED:
+            response = builders.failure_response(_header_of(active), active.category,
+                                                 "UnavailableDevice", reason)
+            actions += self._finish(active, Outcome.REJECTED, response, "bridge", now,
+                                    error=reason)
+        for txn in list(self.open.values()):
+            if txn.state in (TxState.POLLING, TxState.UNRESOLVED) \
+                    and txn.next_poll_at is not None and txn.next_poll_at <= now:
+                actions += self._poll_failed(txn, reason, now,
+                                             retry_in=self.settings.status_timeout)
+        return actions
+
+    def _wrong_device_text(self) -> str:
+        return (f"the device on terminal {self.poi_id}'s link says it is {self.wrong_device}; "
+                "nothing was sent until a technician checks which terminal is plugged into "
+                "which port")
 
     def _send_poll(self, txn: Transaction, now: float) -> list[Action]:
         poll_id = self._new_service_id()
@@ -579,7 +673,7 @@ class TerminalSession:
                         Outcome.REJECTED.value, "bridge", response, text)]
 
     def _waiting_transaction(self) -> Transaction | None:
-        if self._probe is not None:
+        if self._probe is not None or self._naming is not None:
             return None  # cannot tell a garbled poll answer from a garbled response
         txn = self.open.get(self.active) if self.active else None
         return txn if txn is not None and txn.state is TxState.AWAITING_RESPONSE else None
