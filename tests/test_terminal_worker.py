@@ -15,7 +15,7 @@ import pytest
 
 from bridge.config import TerminalConfig
 from bridge.daemon.journal import Journal
-from bridge.daemon.worker import TerminalWorker
+from bridge.daemon.worker import TerminalWorker, steady_clock
 from bridge.protocol.messages import parse_message
 from bridge.protocol.session import Deliver, Progress
 from bridge.protocol.transaction import TxKey, TxState, request_digest
@@ -68,8 +68,9 @@ class RecordingOutlet:
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, scenario: Scenario, **timing) -> None:
+    def __init__(self, tmp_path: Path, scenario: Scenario, clock=None, **timing) -> None:
         self.tmp_path = tmp_path
+        self.clock = clock
         self.simulator = SimulatorServer(scenario, "stx-etx-lrc", ack_timeout=0.3)
         self.outlet = RecordingOutlet()
         self.journal = Journal(tmp_path / "journal.sqlite3")
@@ -83,7 +84,7 @@ class Rig:
         config = TerminalConfig.model_validate({
             "poi_id": POI, "link": {"kind": "serial", "device": path},
             "framer": {"name": "stx-etx-lrc", "ack_timeout": 0.3}, **self.timing})
-        self.worker = TerminalWorker(config, self.journal, self.outlet,
+        self.worker = TerminalWorker(config, self.journal, self.outlet, clock=self.clock,
                                      backoff=Backoff(initial=0.05, maximum=0.2))
         await self.worker.start()
         await self.outlet.state_is("online")
@@ -453,3 +454,33 @@ async def test_a_result_is_logged_after_its_step_not_within_it(tmp_path, caplog)
     assert result.outcome == "approved"
     assert logged_by_end_of_step == [False]
     assert caplog.messages.count(line) == 1
+
+
+async def test_the_system_clock_stepped_back_does_not_delay_the_status_poll(tmp_path):
+    """NTP steps the box's clock back an hour while a payment waits for its answer, and the
+    answer is lost: the status poll still comes payment_timeout after the request, not an
+    hour and payment_timeout later (as it did when the session ran on the wall clock)."""
+    import time
+
+    step = 0.0
+
+    def wall() -> float:  # the system clock, which the test steps
+        return time.time() - step
+
+    sim = scenario(Behaviour(never_answer=True, delay=0.05))
+    async with Rig(tmp_path, sim, payment_timeout=0.5, clock=steady_clock(wall)) as rig:
+        rig.pay("S1")
+        async with asyncio.timeout(5):
+            while rig.stored("S1").state is not TxState.AWAITING_RESPONSE:
+                await asyncio.sleep(0.01)
+        step = 3600.0
+        result = await rig.outlet.result_for("S1", timeout=5)
+        assert (result.outcome, result.source) == ("approved", "status-poll")
+
+
+def test_the_session_clock_moves_with_the_monotonic_clock_only():
+    ticks = iter([100.0, 100.0, 160.0])  # monotonic: at the start, then twice 60 s later
+    walls = iter([1_000_000.0, 1_000_000.0 - 3600])  # and the wall clock stepped back
+    clock = steady_clock(lambda: next(walls), lambda: next(ticks))
+    assert clock() == 1_000_000.0
+    assert clock() == 1_000_060.0  # 60 s on, whatever the wall clock says

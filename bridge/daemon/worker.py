@@ -52,7 +52,18 @@ from bridge.transports import (
 
 log = logging.getLogger("poi_bridge.terminal")
 
-MAX_TIMER_SLEEP = 60.0  # s: deadlines are wall-clock; look again at least this often
+
+def steady_clock(wall: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> Callable[[], float]:
+    """The session's clock: the wall clock as it was when the worker started, moved on by the
+    monotonic clock only. The session's deadlines must not move when the system clock is
+    stepped (NTP correcting a box that booted with a wrong clock): stepped back an hour, the
+    status poll for a lost answer would have waited an hour. Times the journal records are
+    then off by the step until the next start, which only shows in displays and pruning."""
+    offset = wall() - monotonic()
+    return lambda: monotonic() + offset
+
+MAX_TIMER_SLEEP = 60.0  # s: look at the deadlines again at least this often
 TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed timer
 
 
@@ -87,7 +98,7 @@ class TerminalWorker:
         *,
         key: crypto.NexoKey | None = None,
         transport_factory: Callable[[Any], Transport] = open_transport,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         backoff: Backoff | None = None,
     ) -> None:
         self.config = config
@@ -96,7 +107,7 @@ class TerminalWorker:
         self.outlet = outlet
         self.key = key
         self._transport_factory = transport_factory
-        self._clock = clock
+        self._clock = clock or steady_clock()
         self._backoff = backoff or Backoff(initial=0.2, maximum=10.0)
         self.session = TerminalSession(config.poi_id, session_settings(config))
         fc = config.framer
@@ -444,7 +455,7 @@ class TerminalWorker:
             return
         session_due = self.session.next_deadline()
         framer_due = self.framer.next_deadline() if self.online else None
-        delay = MAX_TIMER_SLEEP  # also bounds the effect of a wall-clock jump
+        delay = MAX_TIMER_SLEEP
         if session_due is not None:
             delay = min(delay, session_due - self._clock())
         if framer_due is not None:
