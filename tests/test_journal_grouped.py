@@ -182,6 +182,26 @@ def test_a_write_the_full_disk_refuses_is_reported_and_takes_back_its_unit_only(
     assert [m.topic for m in journal.pending()] == ["t/next"]
 
 
+def test_a_write_another_writer_keeps_out_is_reported(grouped, caplog):
+    """Someone holds the journal's write lock longer than busy_timeout (a technician's
+    sqlite3 shell in a write transaction): the daemon cannot record the step either."""
+    journal, passes, other = grouped
+    failures: list[BaseException] = []
+    journal.on_failure(failures.append)
+    journal._db.execute("PRAGMA busy_timeout=50")
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            journal.save(make_txn("S1"))
+    finally:
+        other.execute("ROLLBACK")
+    assert [str(f) for f in failures] == ["database is locked"]
+    assert "cannot begin a write" in caplog.text
+    journal.save(make_txn("S2"))  # the lock is gone: the journal works again
+    passes.next()
+    assert _committed_services(other) == ["S2"]
+
+
 async def test_on_the_event_loop_the_commit_comes_in_the_next_pass(tmp_path):
     path = tmp_path / "journal.sqlite3"
     journal = Journal(path)

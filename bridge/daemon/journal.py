@@ -333,12 +333,17 @@ class Journal:
     def _grouped(self) -> Iterator[sqlite3.Connection]:
         """One unit of writes inside the pass's transaction, as a savepoint: a unit that fails
         takes back its own writes only."""
-        if not self._group_open:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._group_open = True
-            assert self._schedule is not None
-            self._schedule(self.commit)
-        self._db.execute("SAVEPOINT unit")
+        try:
+            if not self._group_open:
+                self._db.execute("BEGIN IMMEDIATE")  # waits busy_timeout for another writer
+                self._group_open = True
+                assert self._schedule is not None
+                self._schedule(self.commit)
+            self._db.execute("SAVEPOINT unit")
+        except sqlite3.Error as exc:
+            log.critical("journal %s: cannot begin a write: %s", self.path, exc)
+            self._failed(exc)
+            raise
         outbox_before = self._last_outbox_id
         try:
             yield self._db
