@@ -28,7 +28,8 @@ It leans on aiomqtt and paho internals, kept here in one place: `_client` (the p
 paho's `_handle_pubackcomp`, `_update_inflight`, `_inflight_messages`,
 `_in_packet`, `_out_messages`, `_out_message_mutex` and `_do_on_publish`.
 tests/test_daemon_mqtt.py and tests/test_mqtt_client.py exercise them against a real broker
-on every run, so a release that changes them fails there.
+on every run, so a release that changes them fails there; pyproject.toml keeps both below
+their next major version until it has passed them.
 """
 
 from __future__ import annotations
