@@ -229,6 +229,7 @@ async def test_every_malformed_request_is_answered(tmp_path, mosquitto):
             await sub.publish(request_topic(), stale)
             answer = await sub.wait_for(rejected("POS3", "T1"))
             assert "old" in answer["bridge"]["error"]
+            assert "this box's clock (20" in answer["bridge"]["error"]  # what to compare
 
 
 async def test_bridge_commands(tmp_path, mosquitto):

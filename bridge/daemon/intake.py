@@ -196,10 +196,14 @@ class RequestIntake:
             return None
         if stamp.tzinfo is None:
             return None
-        age = self._clock() - stamp.timestamp()
+        now = self._clock()
+        age = now - stamp.timestamp()
         if age > self.request_max_age:
-            return (f"request is {age:.0f} s old (SaleTransactionID.TimeStamp); payments older "
-                    f"than {self.request_max_age:.0f} s are not started")
+            clock = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds")
+            return (f"request is {age:.0f} s old (SaleTransactionID.TimeStamp) by this box's "
+                    f"clock ({clock}); payments older than {self.request_max_age:.0f} s are not "
+                    "started. If the shopper is at the till now, the register's clock or this "
+                    "box's is wrong")
         return None
 
     # --- operator commands ------------------------------------------------------------------------
