@@ -658,3 +658,19 @@ def test_a_device_that_will_not_say_who_it_is_still_gets_the_request_in_the_end(
     ignored = h.name()  # the answer, too late: noted, nothing else
     assert h.sends(ignored) == [] and h.delivers(ignored) == []
     assert h.session.named
+
+
+def test_any_message_that_names_the_device_ends_the_identity_check():
+    """A terminal that rejects the check with an event still says who it is: what waits
+    goes out at once, not after status_timeout."""
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))
+    h.submit("POS1", "S1")
+    reject = {"SaleToPOIRequest": {
+        "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Event",
+                          "MessageCategory": "Event", "MessageType": "Notification",
+                          "DeviceID": "1", "POIID": POI},
+        "EventNotification": {"EventToNotify": "Reject", "EventDetails": "unsupported"}}}
+    h.session.terminal_named(POI)  # the shell, from the event's POIID
+    sent = h.answer(reject)
+    assert [s.purpose for s in h.sends(sent)] == ["request"]

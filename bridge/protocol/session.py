@@ -231,6 +231,16 @@ class TerminalSession:
         service_id = header.service_id if header else None
         if sale_id == BRIDGE_SALE_ID and service_id in self._naming_ids:
             return self._naming_answered(service_id, now)
+        if self._naming is not None and self.named:
+            # Another message said who the device is first (an event rejecting the check,
+            # an answer the terminal sends again after a restart): no need to wait on.
+            self._naming = None
+            return self._received(message, sale_id, service_id, now) + self._pump(now)
+        return self._received(message, sale_id, service_id, now)
+
+    def _received(self, message: Message, sale_id: str | None, service_id: str | None,
+                  now: float) -> list[Action]:
+        header = message.message_header
         classification = classify(message)
         if service_id is not None and service_id in self._poll_index:
             key = self._poll_index[service_id]
