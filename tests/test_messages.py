@@ -153,6 +153,21 @@ def test_seed_status_request_passes_the_header_rules():
     assert check_request_header(request) == []
 
 
+def test_the_bridges_own_requests_pass_the_header_rules():
+    from bridge.protocol import builders
+    from bridge.protocol.session import BRIDGE_SALE_ID
+
+    poi = "V400m-324688179"
+    service_id = builders.new_service_id()
+    made = [
+        builders.status_request(sale_id="POS1", service_id=service_id, poi_id=poi,
+                                original_service_id="S1", original_category="Payment"),
+        builders.diagnosis_request(sale_id=BRIDGE_SALE_ID, service_id=service_id, poi_id=poi),
+    ]
+    for document in made:
+        assert check_request_header(parse_message(document)) == [], document
+
+
 # --- classification edge cases --------------------------------------------------------------
 
 def status_doc(body: dict) -> dict:

@@ -63,6 +63,7 @@ def steady_clock(wall: Callable[[], float] = time.time,
     offset = wall() - monotonic()
     return lambda: monotonic() + offset
 
+
 MAX_TIMER_SLEEP = 60.0  # s: look at the deadlines again at least this often
 TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed timer
 
