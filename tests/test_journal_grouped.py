@@ -202,6 +202,26 @@ def test_a_write_another_writer_keeps_out_is_reported(grouped, caplog):
     assert _committed_services(other) == ["S2"]
 
 
+def test_a_delivery_mark_the_journal_cannot_write_is_only_a_warning(grouped, caplog):
+    """Outside a pass, a mark is its own commit; if it fails, the message goes out once more
+    (registers accept repeats): worth a line for the technician, not a stop."""
+    journal, passes, other = grouped
+    failures: list[BaseException] = []
+    journal.on_failure(failures.append)
+    ids = journal.enqueue([("t/a", b"1", 1, False)])
+    passes.next()
+    journal._db.execute("PRAGMA busy_timeout=50")
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        journal.mark_delivered(ids)
+    finally:
+        other.execute("ROLLBACK")
+    assert "not marked delivered" in caplog.text and failures == []
+    assert [m.id for m in journal.pending()] == ids
+    journal.mark_delivered(ids)
+    assert journal.pending() == []
+
+
 async def test_on_the_event_loop_the_commit_comes_in_the_next_pass(tmp_path):
     path = tmp_path / "journal.sqlite3"
     journal = Journal(path)

@@ -514,10 +514,15 @@ class Journal:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany("UPDATE outbox SET delivered_at = ? WHERE id = ?", marks)
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # (SQLite may have rolled back already)
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:  # harmless on its own: the messages go out once more
+            log.warning("journal %s: %d message(s) the broker acknowledged are not marked "
+                        "delivered (%s): they will be published again; if this repeats, check "
+                        "the disk", self.path, len(marks), exc)
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
 
