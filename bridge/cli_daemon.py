@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sqlite3
 import sys
 from typing import Any
 
 from bridge.config import Config, ConfigError, load_config
-from bridge.daemon.journal import JournalError
+from bridge.daemon.journal import JournalError, unusable
 from bridge.logging_setup import setup_logging
 
 
@@ -73,5 +74,8 @@ def run_daemon(args: argparse.Namespace) -> int:
         asyncio.run(run_bridge(config, mqtt_password=password))
     except JournalError as exc:
         logging.getLogger("poi_bridge").critical("%s", exc)
+        return JOURNAL_EXIT_STATUS
+    except sqlite3.Error as exc:  # a write at start-up (open transactions taken up again)
+        logging.getLogger("poi_bridge").critical("%s", unusable(config.journal, exc))
         return JOURNAL_EXIT_STATUS
     return 0

@@ -229,3 +229,47 @@ async def test_a_journal_that_cannot_be_written_stops_the_daemon_and_nothing_is_
     charged = {key.split("/")[1] for key, entry in ledger.items() if entry["charged"]}
     approved = {s for s, (outcome,) in outcomes.items() if outcome == "approved"}
     assert approved == charged, "an approval without a charge, or a charge without a result"
+
+
+async def test_no_room_at_start_leaves_the_journal_as_it_is(tmp_path, mosquitto):
+    """The disk filled while the bridge was stopped: it stops with status 3 and says to make
+    room. It must not call the journal corrupt, whose advice (move it aside, begin a new one)
+    would orphan the payments the journal holds open."""
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    journal.enqueue([("poi-bridge/registers/POS1/response", b"{}", 1, False)])  # owed
+    journal.close()
+    before = path.read_bytes()
+    daemon = Daemon(write_config(tmp_path, mosquitto, "/dev/null"), tmp_path,
+                    file_size_limit=1024).start()
+    assert await asyncio.to_thread(daemon.process.wait, 15) == 3
+    log = daemon.log()
+    assert "cannot be used" in log and "df -h" in log, log[-2000:]
+    assert "Move it aside" not in log
+    assert path.read_bytes() == before
+
+
+def test_a_journal_write_failing_at_start_up_is_a_clear_stop(tmp_path, monkeypatch, caplog):
+    """Open transactions are taken up again before the daemon runs; if their first write
+    fails (the disk filled meanwhile), the same advice and status, not a traceback."""
+    from bridge import cli_daemon
+    from bridge.daemon import app
+
+    full = sqlite3.connect(":memory:")  # SQLite's own "database or disk is full"
+    full.execute("CREATE TABLE t (x)")
+    full.execute("PRAGMA max_page_count=2")
+    try:
+        full.execute("INSERT INTO t VALUES (zeroblob(100000))")
+    except sqlite3.OperationalError as exc:
+        error = exc
+
+    async def run_bridge(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(app, "run_bridge", run_bridge)
+    config = write_config(tmp_path, type("B", (), {"host": "127.0.0.1", "port": 1})(),
+                          "/dev/null")
+    monkeypatch.setattr(cli_daemon, "setup_logging", lambda level: None)
+    args = type("A", (), {"config": str(config)})()
+    assert cli_daemon.run_daemon(args) == 3
+    assert "cannot be used (database or disk is full, SQLITE_FULL)" in caplog.text

@@ -92,6 +92,20 @@ class JournalError(Exception):
     """The journal cannot be used; the text says what a technician should do."""
 
 
+def unusable(path: Path, exc: sqlite3.Error) -> str:
+    """What a technician should do about a journal SQLite refused. Only a damaged file is
+    moved aside; a full disk or a permission problem leaves the journal as it is, since it
+    may hold the only record of a payment a register has not heard of yet."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    if name and not name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        return (f"journal {path} cannot be used ({exc}, {name}). It is left as it is: check "
+                f"the free space and the permissions where it lives (df -h {path.parent}; "
+                f"ls -l {path.parent}), then restart the bridge.")
+    return (f"journal {path} is unreadable or corrupt ({exc}). It may hold payments not yet "
+            "reported: the bridge will not overwrite it. Move it aside, keep it for "
+            "inspection, and restart to begin a new journal.")
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
     id: int
@@ -158,11 +172,7 @@ class Journal:
             self._last_outbox_id = self._durable_outbox_id = newest
         except sqlite3.DatabaseError as exc:
             self._db.close()
-            raise JournalError(
-                f"journal {self.path} is unreadable or corrupt ({exc}). It may hold payments "
-                "not yet reported: the bridge will not overwrite it. Move it aside, keep it for "
-                "inspection, and restart to begin a new journal."
-            ) from None
+            raise JournalError(unusable(self.path, exc)) from None
 
     def _check_existing(self) -> None:
         (result,) = self._db.execute("PRAGMA quick_check").fetchone()
