@@ -674,3 +674,28 @@ def test_any_message_that_names_the_device_ends_the_identity_check():
     h.session.terminal_named(POI)  # the shell, from the event's POIID
     sent = h.answer(reject)
     assert [s.purpose for s in h.sends(sent)] == ["request"]
+
+
+def test_a_restart_does_not_count_a_poll_before_the_link_could_open():
+    """Restored before the terminal's link opens (the daemon's start), a transaction must
+    not be charged an unanswered poll for it: with resync_attempts=2, one slow answer after
+    the restart then told the register `unresolved`. A terminal that stays away for
+    status_timeout still counts, as any offline terminal does."""
+    h = Harness()
+    h.submit("R1", "S1")
+    open_txn = [a.transaction for a in h.log if isinstance(a, Record)][-1]
+    fresh = Harness(link_up=False)
+    fresh.now = h.now + 5
+    fresh.do(fresh.session.restore([open_txn], fresh.now))
+    assert fresh.session.open[open_txn.key].unanswered_polls == 0
+    fresh.plug_in()
+    assert fresh.sends(purpose="status-poll")  # asked at once once the link is up
+    unanswered = fresh.advance(SETTINGS.status_timeout)  # one poll goes unanswered
+    assert fresh.delivers(unanswered) == []  # not unresolved after one
+    assert fresh.session.open[open_txn.key].unanswered_polls == 1
+
+    away = Harness(link_up=False)
+    away.now = h.now + 5
+    away.do(away.session.restore([open_txn], away.now))
+    away.advance(SETTINGS.status_timeout)  # the terminal never came back
+    assert away.session.open[open_txn.key].unanswered_polls == 1

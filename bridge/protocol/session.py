@@ -406,7 +406,11 @@ class TerminalSession:
                 continue
             if txn.state is not TxState.UNRESOLVED:
                 txn.state, txn.unanswered_polls = TxState.POLLING, 0
-            txn.deadline, txn.next_poll_at = None, now
+            # Asked at once when the link is up; restored before it opens (the daemon's
+            # start), the terminal has status_timeout to come back before that counts as a
+            # poll unanswered (link_is_up brings the poll forward).
+            txn.deadline = None
+            txn.next_poll_at = now if self.link_up else now + self.settings.status_timeout
             txn.detail = "recovering after restart"
             actions += [Record(txn.snapshot()), self._progress(txn, "recovering", txn.detail)]
         return actions + self._pump(now)
