@@ -429,35 +429,29 @@ class TerminalSession:
 
     def _pump(self, now: float) -> list[Action]:
         """Send whatever is due, one status poll on the wire at a time."""
-        actions: list[Action] = []
         if not self.link_up:
-            for txn in list(self.open.values()):
-                if txn.state in (TxState.POLLING, TxState.UNRESOLVED) \
-                        and txn.next_poll_at is not None and txn.next_poll_at <= now:
-                    actions += self._poll_failed(
-                        txn, f"terminal {self.poi_id} offline", now,
-                        retry_in=self.settings.status_timeout)
-            return actions
+            return self._polls_that_cannot_go(f"terminal {self.poi_id} offline", now)
         if self._probe is not None or self._naming is not None:
-            return actions
+            return []
         if not self.named and not self._name_asked:
-            return actions + self._ask_name(now)
+            return self._ask_name(now)
         if self.wrong_device is not None:
-            return actions + self._hold_for_the_right_terminal(now)
+            return self._hold_for_the_right_terminal(now)
         active = self.open.get(self.active) if self.active else None
         if active is not None and active.state is TxState.ACCEPTED:
             return self._send_request(active, now)
         if active is not None and active.state is TxState.AWAITING_RESPONSE:
-            return actions  # never disturb a terminal that is taking a payment
-        due = [
-            t for t in self.open.values()
-            if t.state in (TxState.POLLING, TxState.UNRESOLVED)
-            and t.next_poll_at is not None and t.next_poll_at <= now
-        ]
+            return []  # never disturb a terminal that is taking a payment
+        due = self._polls_due(now)
         if not due:
-            return actions
+            return []
         due.sort(key=lambda t: (t.key != self.active, t.next_poll_at))
-        return actions + self._send_poll(due[0], now)
+        return self._send_poll(due[0], now)
+
+    def _polls_due(self, now: float) -> list[Transaction]:
+        return [t for t in self.open.values()
+                if t.state in (TxState.POLLING, TxState.UNRESOLVED)
+                and t.next_poll_at is not None and t.next_poll_at <= now]
 
     def _new_device(self) -> None:
         self.named, self._name_asked, self._naming, self.wrong_device = False, False, None, None
@@ -501,11 +495,14 @@ class TerminalSession:
                                                  "UnavailableDevice", reason)
             actions += self._finish(active, Outcome.REJECTED, response, "bridge", now,
                                     error=reason)
-        for txn in list(self.open.values()):
-            if txn.state in (TxState.POLLING, TxState.UNRESOLVED) \
-                    and txn.next_poll_at is not None and txn.next_poll_at <= now:
-                actions += self._poll_failed(txn, reason, now,
-                                             retry_in=self.settings.status_timeout)
+        return actions + self._polls_that_cannot_go(reason, now)
+
+    def _polls_that_cannot_go(self, reason: str, now: float) -> list[Action]:
+        """Status polls now due that nothing can be sent for (no link, or the wrong device
+        on it): each counts as unanswered and is tried again after status_timeout."""
+        actions: list[Action] = []
+        for txn in self._polls_due(now):
+            actions += self._poll_failed(txn, reason, now, retry_in=self.settings.status_timeout)
         return actions
 
     def _wrong_device_text(self) -> str:
