@@ -463,10 +463,36 @@ def test_resync_of_a_final_transaction_asks_again_and_falls_back_to_the_journal(
     assert len(h.sends(actions, "status-poll")) == 1
     h.advance(30)
     h.advance(1)
-    (fallback,) = h.delivers(h.advance(30))
+    fallen_back = h.advance(30)
+    (fallback,) = h.delivers(fallen_back)
     assert (fallback.outcome, fallback.source) == ("approved", "journal")
     assert fallback.response == final.response
     assert not h.session.open
+    # Recorded final again, before it is published: the journal must not keep the row open
+    # (polled again after every restart, counted in flight, never pruned).
+    assert_recorded_before(fallen_back)
+    (record,) = [a.transaction for a in fallen_back if isinstance(a, Record)]
+    assert (record.state, record.outcome, record.source) == (TxState.FINAL, "approved", "terminal")
+    assert record.response == final.response and "reopened_from" not in record.extra
+
+
+def test_resync_answered_not_found_keeps_the_stored_approval():
+    """Hours and many sales later the terminal may have forgotten a payment: its NotFound to
+    a cashier's "download" must not turn an approval it gave into `not_found`."""
+    h = Harness()
+    h.submit("R1", "S1")
+    h.answer(responses.payment_response(request_of(h), "approve", h.now))
+    final = [a.transaction for a in h.log if isinstance(a, Record)][-1]
+    h.do(h.session.resync(final, h.now + 3600))
+    for forgotten in (responses.status_not_found, responses.status_in_progress):
+        settled = h.answer(forgotten(h.last_poll()))
+        (result,) = h.delivers(settled)
+        assert (result.outcome, result.source) == ("approved", "journal")
+        assert result.response == final.response
+        (record,) = [a.transaction for a in settled if isinstance(a, Record)]
+        assert (record.state, record.outcome) == (TxState.FINAL, "approved")
+        assert not h.session.open
+        h.do(h.session.resync(record, h.now))
 
 
 def test_resync_of_a_final_transaction_republishes_the_terminal_answer():
@@ -644,6 +670,41 @@ def test_a_device_that_names_another_terminal_gets_neither_requests_nor_polls():
     original = responses.payment_response(request_of(h, "POS1", "S2"), "approve", h.now)
     (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
     assert (result.service_id, result.outcome) == ("S2", "approved")
+
+
+def test_a_status_answer_from_the_wrong_device_does_not_end_the_payment():
+    """The device plugged in rejects the identity check without naming itself, so after
+    status_timeout the open payment's poll goes out to it. Its answer names another terminal:
+    its NotFound says nothing of our payment (the right terminal may have charged it), and
+    counts as a poll unanswered. The right terminal, back, settles it."""
+    h = Harness()
+    h.submit("POS1", "S1")
+    h.do(h.session.link_is_down("unplugged", h.now))  # S1's answer is lost with the link
+    h.now += 2
+    h.do(h.session.link_is_up(h.now))
+    reject = {"SaleToPOIRequest": {
+        "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Event",
+                          "MessageCategory": "Event", "MessageType": "Notification",
+                          "DeviceID": "1", "POIID": "N/A", "SaleID": "N/A"},
+        "EventNotification": {"EventToNotify": "Reject", "EventDetails": "unsupported"}}}
+    h.answer(reject)  # POIID N/A: the shell names nobody
+    assert [s.purpose for s in h.sends(h.advance(SETTINGS.status_timeout))] == ["status-poll"]
+    not_found = responses.status_not_found(h.last_poll())
+    not_found["SaleToPOIResponse"]["MessageHeader"]["POIID"] = "P400Plus-111"
+    h.session.terminal_named("P400Plus-111")
+    taken = h.answer(not_found)
+    assert h.delivers(taken) == [] and h.sends(taken) == []
+    assert any(isinstance(a, Log) and "P400Plus-111" in a.message for a in taken)
+    txn = h.session.open[TxKey("POS1", "S1")]
+    assert txn.state is TxState.POLLING and txn.unanswered_polls == 1
+    assert all(s.purpose != "status-poll" for s in h.sends(h.advance(60)))  # held meanwhile
+
+    h.do(h.session.link_is_down("unplugged", h.now))
+    h.now += 1
+    h.plug_in()  # the right terminal
+    original = responses.payment_response(request_of(h, "POS1", "S1"), "approve", h.now)
+    (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
+    assert (result.service_id, result.outcome) == ("S1", "approved")
 
 
 def test_a_device_that_will_not_say_who_it_is_still_gets_the_request_in_the_end():

@@ -231,12 +231,38 @@ class TerminalSession:
         service_id = header.service_id if header else None
         if sale_id == BRIDGE_SALE_ID and service_id in self._naming_ids:
             return self._naming_answered(service_id, now)
-        if self._naming is not None and self.named:
+        check_ended = self._naming is not None and self.named
+        if check_ended:
             # Another message said who the device is first (an event rejecting the check,
             # an answer the terminal sends again after a restart): no need to wait on.
             self._naming = None
-            return self._received(message, sale_id, service_id, now) + self._pump(now)
-        return self._received(message, sale_id, service_id, now)
+        if self.wrong_device is not None and service_id in self._poll_index:
+            actions = self._status_answer_from_the_wrong_device(message, service_id, now)
+        else:
+            actions = self._received(message, sale_id, service_id, now)
+        return actions + self._pump(now) if check_ended else actions
+
+    def _status_answer_from_the_wrong_device(self, message: Message, service_id: str,
+                                             now: float) -> list[Action]:
+        """A status poll went out before the device said who it is (it did not answer the
+        identity check), and its answer names another terminal. That device knows nothing
+        of our transactions: its NotFound would end a payment the right terminal charged as
+        `not_found`. Only its own record of the transaction (a final outcome, for a request
+        it was sent in the same way) is taken; anything else counts as unanswered."""
+        cls = classify(message)
+        if cls.outcome in FINAL_MONEY_OUTCOMES and cls.from_status:
+            return self._received(message, None, service_id, now)
+        key = self._poll_index[service_id]
+        if self._probe is not None and self._probe.poll_id == service_id:
+            self._probe = None
+        actions: list[Action] = [Log("warning", f"terminal {self.poi_id}: the answer to a status "
+                                                f"poll for {key} came from {self.wrong_device}, "
+                                                f"another terminal ({cls.detail}); not taken")]
+        txn = self.open.get(key)
+        if txn is not None:
+            actions += self._poll_failed(txn, self._wrong_device_text(), now,
+                                         retry_in=self.settings.status_timeout)
+        return actions + self._pump(now)
 
     def _received(self, message: Message, sale_id: str | None, service_id: str | None,
                   now: float) -> list[Action]:
@@ -540,14 +566,9 @@ class TerminalSession:
         """A status poll went unanswered (or could not be sent, or was unusable)."""
         txn.unanswered_polls += 1
         txn.deadline, txn.detail, txn.updated_at = None, reason, now
-        reopened = txn.extra.get("reopened_from")
-        if reopened is not None and txn.unanswered_polls >= self.settings.resync_attempts:
-            # A resync of a finished transaction failed: the journal's result stands.
-            txn.extra.pop("reopened_from")
-            del self.open[txn.key]
-            return [Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
-                            reopened["outcome"], "journal", reopened["response"],
-                            f"terminal did not answer the resync ({reason}); stored result")]
+        if "reopened_from" in txn.extra and txn.unanswered_polls >= self.settings.resync_attempts:
+            return self._stored_result_stands(txn, f"terminal did not answer the resync "
+                                                   f"({reason}); stored result", now)
         if txn.state is TxState.POLLING and txn.unanswered_polls >= self.settings.resync_attempts:
             txn.state = TxState.UNRESOLVED
             txn.next_poll_at = now + self.settings.reconcile_initial
@@ -587,6 +608,13 @@ class TerminalSession:
         if cls.outcome in FINAL_MONEY_OUTCOMES and cls.from_status:
             return self._finish(txn, cls.outcome, recovered_response(cls, _header_of(txn)),
                                 "status-poll", now, detail=cls.detail)
+        if "reopened_from" in txn.extra:
+            # A resync of a finished transaction: only the terminal's own record of it may
+            # replace the result the journal holds. A terminal that has forgotten it since
+            # (NotFound, hours and many sales later) says nothing about what it charged.
+            return self._stored_result_stands(
+                txn, f"the terminal's answer to the resync is no outcome ({cls.detail}); "
+                     "stored result", now)
         if cls.outcome is Outcome.NOT_FOUND:
             response = builders.failure_response(
                 _header_of(txn), txn.category, "NotFound",
@@ -652,16 +680,7 @@ class TerminalSession:
     ) -> list[Action]:
         was_unresolved = txn.state is TxState.UNRESOLVED
         txn.extra.pop("reopened_from", None)
-        txn.state, txn.outcome, txn.source, txn.response = TxState.FINAL, outcome.value, source, response
-        txn.deadline = txn.next_poll_at = None
-        txn.detail, txn.updated_at = error or detail, now
-        self.open.pop(txn.key, None)
-        for poll_id in txn.poll_ids:
-            self._poll_index.pop(poll_id, None)
-        if self._probe is not None and self._probe.key == txn.key:
-            self._probe = None
-        if self.active == txn.key:
-            self.active = None
+        self._close(txn, outcome.value, source, response, error or detail, now)
         event = "resolved" if was_unresolved else "completed"
         return [
             Record(txn.snapshot()),
@@ -670,6 +689,31 @@ class TerminalSession:
             Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category, outcome.value,
                     source, response, error),
         ]
+
+    def _close(self, txn: Transaction, outcome: str, source: str,
+               response: dict[str, Any] | None, detail: str, now: float) -> None:
+        """Make a transaction final and forget it: no deadline, polls, probe or terminal."""
+        txn.state, txn.outcome, txn.source, txn.response = TxState.FINAL, outcome, source, response
+        txn.deadline = txn.next_poll_at = None
+        txn.detail, txn.updated_at = detail, now
+        self.open.pop(txn.key, None)
+        for poll_id in txn.poll_ids:
+            self._poll_index.pop(poll_id, None)
+        if self._probe is not None and self._probe.key == txn.key:
+            self._probe = None
+        if self.active == txn.key:
+            self.active = None
+
+    def _stored_result_stands(self, txn: Transaction, reason: str, now: float) -> list[Action]:
+        """A resync that brought no outcome: the transaction is final again as the journal
+        had it (recorded, so the journal no longer holds it open), and that result is
+        published again."""
+        stored = txn.extra.pop("reopened_from")
+        self._close(txn, stored["outcome"], stored["source"], stored["response"],
+                    stored["detail"], now)
+        return [Record(txn.snapshot()),
+                Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
+                        stored["outcome"], "journal", stored["response"], reason)]
 
     def _refuse(self, txn: Transaction, header: MessageHeader, condition: str, text: str,
                 now: float) -> list[Action]:
