@@ -124,21 +124,45 @@ def test_declined_cancelled_and_aborted_outcomes():
         assert result.outcome == outcome
 
 
+def abort_of(sale: str, service: str, abort_service: str = "A1") -> dict:
+    return {"SaleToPOIRequest": {
+        "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Service",
+                          "MessageCategory": "Abort", "MessageType": "Request", "SaleID": sale,
+                          "ServiceID": abort_service, "POIID": POI},
+        "AbortRequest": {"AbortReason": "MerchantAbort", "MessageReference": {
+            "MessageCategory": "Payment", "SaleID": sale, "ServiceID": service, "POIID": POI}}}}
+
+
 def test_abort_passes_through_while_a_payment_is_open():
     h = Harness()
     h.submit("R1", "S1")
-    abort = {"SaleToPOIRequest": {
-        "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Service",
-                          "MessageCategory": "Abort", "MessageType": "Request", "SaleID": "R1",
-                          "ServiceID": "A1", "POIID": POI},
-        "AbortRequest": {"AbortReason": "MerchantAbort", "MessageReference": {
-            "MessageCategory": "Payment", "SaleID": "R1", "ServiceID": "S1", "POIID": POI}}}}
-    actions = h.submit("R1", "A1", doc=abort)
+    actions = h.submit("R1", "A1", doc=abort_of("R1", "S1"))
     assert [s.purpose for s in h.sends(actions)] == ["abort"]
     assert h.delivers(actions)[0].outcome == "success"
     assert h.session.active == TxKey("R1", "S1")  # the payment still owns the terminal
     (result,) = h.delivers(h.answer(responses.payment_response(request_of(h), "abort", h.now)))
     assert result.outcome == "aborted" and result.service_id == "S1"
+
+
+def test_abort_of_a_payment_still_held_by_the_bridge_withdraws_it():
+    """The payment waits for the identity check of a newly plugged-in terminal: the terminal
+    has never seen it. The abort must stop it (it is never sent), not go to the terminal
+    while the payment follows once the check is answered."""
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))
+    h.submit("R1", "S1")
+    actions = h.submit("R1", "A1", doc=abort_of("R1", "S1"))
+    assert h.sends(actions) == []
+    assert_recorded_before(actions)
+    results = {d.service_id: d for d in h.delivers(actions)}
+    assert (results["S1"].outcome, results["S1"].source) == ("aborted", "bridge")
+    condition = results["S1"].response["SaleToPOIResponse"]["PaymentResponse"]["Response"]
+    assert condition["ErrorCondition"] == "Aborted"
+    assert "nothing was charged" in condition["AdditionalResponse"]
+    assert results["A1"].outcome == "success"
+    assert not h.session.open and h.session.active is None
+    assert [s.purpose for s in h.sends(h.name())] == []  # the check answered: nothing follows
+    assert [s.purpose for s in h.sends(h.submit("R1", "S2"))] == ["request"]
 
 
 def test_second_request_while_one_is_open_is_refused_busy_and_recorded_as_refused():
@@ -442,6 +466,27 @@ def test_restore_after_crash_polls_and_never_resends():
     (result,) = fresh.delivers(fresh.answer(responses.status_success(fresh.last_poll(), original)))
     assert result.outcome == "approved"
     assert fresh.sends(purpose="request") == []
+
+
+def test_a_restored_payment_owns_the_terminal_again():
+    """After a crash the payment that was in flight is asked about first: a new payment is
+    refused Busy meanwhile, as it would have been without the restart."""
+    h = Harness()
+    h.submit("R1", "S1")
+    open_txn = [a.transaction for a in h.log if isinstance(a, Record)][-1]
+    fresh = Harness(link_up=False)
+    fresh.do(fresh.session.restore([open_txn], fresh.now))
+    assert fresh.session.active == TxKey("R1", "S1")
+    fresh.plug_in()
+    refused = fresh.submit("R2", "S2")
+    assert fresh.sends(refused) == []
+    (busy,) = fresh.delivers(refused)
+    assert busy.outcome == "rejected" and "R1/S1" in busy.error
+    assert [s.purpose for s in fresh.sends()] == ["identify", "status-poll"]
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    fresh.answer(responses.status_success(fresh.last_poll(), original))
+    assert fresh.session.active is None
+    assert [s.purpose for s in fresh.sends(fresh.submit("R2", "S3"))] == ["request"]
 
 
 def test_restore_finishes_open_non_money_transactions_as_error():

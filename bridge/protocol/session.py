@@ -189,6 +189,9 @@ class TerminalSession:
                                 f"terminal {self.poi_id} is busy with transaction {self.active}",
                                 now)
         if category == "Abort":
+            held = self._held_target(request)
+            if held is not None:
+                return self._withdraw(txn, held, now)
             # An abort gets no response of its own; the aborted transaction ends Failure/Aborted.
             txn.state, txn.outcome, txn.source = TxState.FINAL, Outcome.SUCCESS.value, "bridge"
             txn.detail = "abort sent to the terminal"
@@ -439,6 +442,14 @@ class TerminalSession:
             txn.next_poll_at = now if self.link_up else now + self.settings.status_timeout
             txn.detail = "recovering after restart"
             actions += [Record(txn.snapshot()), self._progress(txn, "recovering", txn.detail)]
+        if self.active is None:
+            # The payment that owned the terminal when the bridge stopped owns it again: a
+            # new payment meanwhile would go out before it is asked about (the shopper may
+            # still be at the PIN pad) and hold its polls up for a whole payment time-out.
+            owners = [t for t in self.open.values() if t.state is TxState.POLLING
+                      and "reopened_from" not in t.extra]
+            if owners:
+                self.active = max(owners, key=lambda t: t.created_at).key
         return actions + self._pump(now)
 
     # --- internals ----------------------------------------------------------------------------
@@ -732,6 +743,30 @@ class TerminalSession:
             return None  # cannot tell a garbled poll answer from a garbled response
         txn = self.open.get(self.active) if self.active else None
         return txn if txn is not None and txn.state is TxState.AWAITING_RESPONSE else None
+
+    def _held_target(self, request: SaleToPOIRequest) -> Transaction | None:
+        """The transaction an abort names, if the bridge still holds it unsent (waiting for
+        the identity check or a background status poll): the terminal has never seen it."""
+        ref = request.abort_request.message_reference if request.abort_request else None
+        if ref is None or ref.sale_id is None or ref.service_id is None:
+            return None
+        target = self.open.get(TxKey(ref.sale_id, ref.service_id))
+        return target if target is not None and target.state is TxState.ACCEPTED else None
+
+    def _withdraw(self, abort: Transaction, target: Transaction, now: float) -> list[Action]:
+        """An abort of a payment not yet sent: it is never sent. Forwarding the abort would
+        settle nothing; the payment would go out once the hold ends, after the register was
+        told it was aborted."""
+        text = "aborted by the register before it was sent to the terminal; nothing was charged"
+        response = builders.failure_response(_header_of(target), target.category, "Aborted", text)
+        abort.state, abort.outcome, abort.source = TxState.FINAL, Outcome.SUCCESS.value, "bridge"
+        abort.detail = f"{target.key} had not been sent yet: withdrawn, nothing sent"
+        return [
+            *self._finish(target, Outcome.ABORTED, response, "bridge", now, detail=text),
+            Record(abort.snapshot()),
+            Deliver(abort.sale_id, abort.service_id, self.poi_id, abort.category,
+                    Outcome.SUCCESS.value, "bridge", None, None),
+        ]
 
     def _abort_target(self, request: SaleToPOIRequest) -> str:
         ref = request.abort_request.message_reference if request.abort_request else None
