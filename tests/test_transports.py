@@ -389,6 +389,40 @@ async def test_serial_open_failures_are_explained(pty, monkeypatch, code, expect
     assert pty.path in refused.value.reason
 
 
+@pytest.mark.parametrize(
+    ("step", "raised"),
+    [
+        # pyserial lets these escape as they are: a plain OSError from the modem-line ioctl
+        # (TIOCMBIS), termios.error from the tcflush at the end of its open().
+        ("_update_dtr_state", OSError),
+        ("_reset_input_buffer", termios.error),
+    ],
+)
+async def test_serial_device_going_away_while_pyserial_opens_it(pty, monkeypatch, step, raised):
+    # The terminal is unplugged between pyserial's os.open() and its next call on the fd: the
+    # real pty is hung up at that moment, and the real kernel answers that call with EIO.
+    original = getattr(serial.Serial, step)
+    escaped: list[BaseException] = []
+
+    def unplugged_meanwhile(port: serial.Serial) -> None:
+        pty.vanish()
+        try:
+            original(port)
+        except BaseException as exc:
+            escaped.append(exc)
+            raise
+
+    monkeypatch.setattr(serial.Serial, step, unplugged_meanwhile)
+    transport = SerialTransport(SerialLink(device=pty.path))
+    with pytest.raises(LinkClosed) as gone:
+        await within(transport.open())
+    assert type(escaped[0]) is raised and escaped[0].args[0] == errno.EIO
+    assert gone.value.reason == (f"serial device {pty.path} went away while opening it "
+                                 f"(unplugged or switched off?): Input/output error")
+    assert not transport.is_open
+    assert fds_open_on(pty.path) == [], "pyserial closed the fd it had opened"
+
+
 async def test_serial_reopens_after_replug_through_a_stable_symlink(tmp_path, loop_errors):
     # Like a udev symlink /dev/poi/ingenico-123 that follows the terminal to its new ttyACMn.
     first, second = Pty(), Pty()
@@ -528,6 +562,19 @@ async def test_tcp_connection_refused():
     transport = TcpTransport(TcpLink(host="127.0.0.1", port=free_port()))
     with pytest.raises(LinkClosed, match="refused the connection"):
         await within(transport.open())
+    assert not transport.is_open
+
+
+@pytest.mark.parametrize(
+    "host", ["pos1..shop.lan", "pos1." + "x" * 64 + ".lan", "pos1\x00.shop.lan"])
+async def test_tcp_host_that_is_not_a_host_name(host):
+    # A typo in the configuration: asyncio raises UnicodeError (IDNA: an empty label, a label
+    # over 63 characters) or ValueError (NUL byte) before any lookup, not an OSError.
+    transport = TcpTransport(TcpLink(host=host, port=8443))
+    with pytest.raises(LinkClosed) as bad:
+        await within(transport.open())
+    assert bad.value.reason.startswith(f"terminal host {host!r} is not a valid host name (")
+    assert bad.value.reason.endswith("check `host` in the configuration")
     assert not transport.is_open
 
 

@@ -163,6 +163,11 @@ class SerialTransport(Transport):
             raise LinkClosed(_open_failure(link.device, exc)) from exc
         except ValueError as exc:
             raise LinkClosed(f"invalid settings for serial device {link.device}: {exc}") from exc
+        except (OSError, termios.error) as exc:
+            # pyserial converts only a failing os.open(); the modem-line ioctl (TIOCMBIS) and
+            # tcsetattr/tcflush it runs next raise plainly when the device goes away meanwhile.
+            # (SerialException is an OSError too, hence caught above first.)
+            raise LinkClosed(_setup_failure(link.device, exc)) from exc
         # pyserial's timeout=0 sets VMIN=0, under which reading an empty line returns 0 bytes,
         # the same as a hang-up. With VMIN=1 an empty line gives EAGAIN, so 0 bytes always
         # means the device is gone.
@@ -173,7 +178,7 @@ class SerialTransport(Transport):
             termios.tcsetattr(port.fd, termios.TCSANOW, attrs)
         except termios.error as exc:
             _close_port(port)
-            raise LinkClosed(f"cannot configure serial device {link.device}: {exc}") from exc
+            raise LinkClosed(_setup_failure(link.device, exc)) from exc
         return port
 
     async def _wait_readable(self, fd: int) -> None:
@@ -309,6 +314,18 @@ def _loss_detail(exc: OSError) -> str:
     if exc.errno in _GONE_ERRNOS:
         return exc.strerror or str(exc)
     return f"unexpected error {exc}"
+
+
+def _setup_failure(device: str, exc: OSError | termios.error) -> str:
+    """Say why setting up a port that did open failed."""
+    if isinstance(exc, OSError):
+        code, text = exc.errno, exc.strerror
+    else:  # termios.error is not an OSError; its args are (errno, text)
+        code, text = (*exc.args, None, None)[:2]
+    if code in _GONE_ERRNOS:
+        return (f"serial device {device} went away while opening it (unplugged or switched "
+                f"off?): {text}")
+    return f"cannot configure serial device {device}: {text or exc}"
 
 
 def _open_failure(device: str, exc: serial.SerialException) -> str:

@@ -69,6 +69,11 @@ class TcpTransport(Transport):
                             f"{self.link.port} its port?)")
         except socket.gaierror as exc:
             self._reason = f"cannot resolve terminal host {self.link.host!r}: {exc.strerror}"
+        except ValueError as exc:
+            # Not even a name to look up: asyncio's IDNA step raises UnicodeError for an empty
+            # label ("pos1..shop.lan") or one over 63 characters, ValueError for a NUL byte.
+            self._reason = (f"terminal host {self.link.host!r} is not a valid host name ({exc}); "
+                            f"check `host` in the configuration")
         except OSError as exc:
             self._reason = f"cannot connect to terminal at {where}: {exc.strerror or exc}"
         else:
