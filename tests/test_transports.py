@@ -370,6 +370,11 @@ async def test_serial_open_something_that_is_not_a_serial_port(tmp_path):
     ("code", "expected"),
     [
         (errno.EACCES, ["permission denied", "owned by group", "70-poi-bridge.rules", "dialout"]),
+        # The shipped unit's device cgroup (or seccomp) refuses with EPERM, not EACCES. The
+        # pty is a real node of the kernel's "pts" driver (major 136 in /proc/devices).
+        (errno.EPERM, ["operation not permitted", "systemd sandbox of poi-bridge.service",
+                       "DevicePolicy=closed", "`systemctl edit poi-bridge`",
+                       "[Service] DeviceAllow=char-pts rw"]),
         (errno.EBUSY, ["busy", "ModemManager", 'ID_MM_DEVICE_IGNORE}="1"']),
         (errno.EAGAIN, ["in use by another process"]),
         (errno.ENXIO, ["not answering", "unplugged"]),
@@ -387,6 +392,39 @@ async def test_serial_open_failures_are_explained(pty, monkeypatch, code, expect
     for words in expected:
         assert words in refused.value.reason
     assert pty.path in refused.value.reason
+
+
+async def test_serial_eperm_and_eacces_get_different_advice(pty, monkeypatch):
+    reasons = {}
+    for code in (errno.EACCES, errno.EPERM):
+        def refuse(*_args, code=code, **_kwargs):
+            raise serial.SerialException(code, f"could not open port: {os.strerror(code)}")
+
+        monkeypatch.setattr(serial, "Serial", refuse)
+        with pytest.raises(LinkClosed) as refused:
+            await within(SerialTransport(SerialLink(device=pty.path)).open())
+        reasons[code] = refused.value.reason
+    # Group membership or a udev rule cannot lift a cgroup or seccomp denial, and a drop-in
+    # cannot fix a file mode: each errno gets only its own remedy.
+    assert "DeviceAllow" not in reasons[errno.EACCES]
+    assert "dialout" not in reasons[errno.EPERM] and "udev" not in reasons[errno.EPERM]
+
+
+def test_serial_eperm_names_the_device_group_systemd_allows_by(tmp_path):
+    from bridge.transports.serial import _device_group
+
+    master, slave = os.openpty()
+    try:
+        link = tmp_path / "till-terminal"  # a hand-made link: the group of what it points to
+        link.symlink_to(os.ttyname(slave))
+        assert _device_group(str(link)) == "pts"
+    finally:
+        os.close(master)
+        os.close(slave)
+    # Not on this machine: the driver is the node's name without its number.
+    assert _device_group("/dev/ttyAMA0") == "ttyAMA"
+    if os.path.exists("/dev/ttyS0"):  # major 4 is both "tty" and "ttyS" in /proc/devices
+        assert _device_group("/dev/ttyS0") == "ttyS"
 
 
 @pytest.mark.parametrize(

@@ -334,7 +334,17 @@ def _open_failure(device: str, exc: serial.SerialException) -> str:
     if code == errno.ENOENT:
         return (f"serial device {device} does not exist (terminal not plugged in or switched "
                 f"off, or wrong device in the configuration)")
-    if code in (errno.EACCES, errno.EPERM):
+    if code == errno.EPERM:
+        # Not the file mode (that is EACCES): the device cgroup of the shipped unit
+        # (DevicePolicy=closed + DeviceAllow=) or its system call filter said no.
+        group = _device_group(device)
+        return (f"operation not permitted opening serial device {device}: the systemd sandbox "
+                f"of poi-bridge.service refused it (DevicePolicy=closed admits only the device "
+                f"groups listed in DeviceAllow=; or SystemCallFilter=). Allow this device in a "
+                f"drop-in: `systemctl edit poi-bridge`, add [Service] "
+                f"DeviceAllow=char-{group} rw, then `systemctl restart poi-bridge` (the "
+                f"{group} driver must be loaded by then)")
+    if code == errno.EACCES:
         owner = ""
         with contextlib.suppress(OSError, KeyError):
             owner = f" (owned by group '{grp.getgrgid(os.stat(device).st_gid).gr_name}')"
@@ -352,3 +362,26 @@ def _open_failure(device: str, exc: serial.SerialException) -> str:
     if code is None and "Could not configure port" in str(exc):
         return f"{device} is not a serial port ({exc})"
     return f"cannot open serial device {device}: {exc}"
+
+
+def _device_group(device: str) -> str:
+    """The name DeviceAllow=char-NAME takes for this node: its driver as /proc/devices lists it
+    (ttyUSB, ttyACM, ttyS, ttyAMA, pts...), else the node's name without its number."""
+    node = os.path.realpath(device)
+    guess = os.path.basename(node).rstrip("0123456789")
+    try:
+        major = os.major(os.stat(node).st_rdev)
+        with open("/proc/devices", encoding="ascii") as table:
+            names = []
+            for line in table:
+                if line.startswith("Block"):
+                    break
+                number, _, name = line.strip().partition(" ")
+                if number == str(major):
+                    names.append(name)
+    except (OSError, ValueError):
+        return guess or "NAME"
+    # One major can carry several drivers (4: tty and ttyS): prefer the one the name shows.
+    if guess in names or len(names) != 1:
+        return guess or "NAME"
+    return names[0]
