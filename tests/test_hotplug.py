@@ -571,6 +571,43 @@ async def test_lost_events_trigger_a_rescan(pipe_monitor, caplog) -> None:
     await hotplug.stop()
 
 
+async def test_after_lost_events_the_rescan_beats_a_stale_remove(pipe_monitor) -> None:
+    # A flaky-cable storm overflows the receive buffer: the kernel reports ENOBUFS, then the
+    # events still queued, an older 'remove' among them; the 'add' after it was dropped. The
+    # terminal is plugged in (the enumeration says so) and must end up plugged, after an
+    # unplug for the replug that did happen.
+    recorder = Recorder()
+    hotplug = make(pipe_monitor, recorder, present=[ingenico_tty("")])
+    await hotplug.start()
+    pipe_monitor.fail(errno.ENOBUFS)
+    pipe_monitor.push(as_pyudev(ingenico_tty("remove")))
+    await asyncio.sleep(0.05)
+    await hotplug.wait_idle()
+    assert recorder.calls == [("plug", "Desk3500-12345678", "/dev/ttyACM0"),
+                              ("unplug", "Desk3500-12345678", "/dev/ttyACM0"),
+                              ("plug", "Desk3500-12345678", "/dev/ttyACM0")]
+    assert hotplug.is_present("Desk3500-12345678") and hotplug.absent() == ["V400m-324688179"]
+    await hotplug.stop()
+
+
+async def test_after_lost_events_the_rescan_beats_a_stale_add(pipe_monitor) -> None:
+    # The other way round: a queued 'change' of a device whose 'remove' was dropped, and of
+    # a device plugged in and out again with only its 'add' left. Neither is there any more.
+    recorder = Recorder()
+    present = [ingenico_tty("")]
+    hotplug = make(pipe_monitor, recorder, present=present)
+    await hotplug.start()
+    present.clear()
+    pipe_monitor.fail(errno.ENOBUFS)
+    pipe_monitor.push(as_pyudev(ingenico_tty("change")), as_pyudev(verifone_usb("add")))
+    await asyncio.sleep(0.05)
+    await hotplug.wait_idle()
+    assert recorder.calls == [("plug", "Desk3500-12345678", "/dev/ttyACM0"),
+                              ("unplug", "Desk3500-12345678", "/dev/ttyACM0")]
+    assert hotplug.present() == {}
+    await hotplug.stop()
+
+
 async def test_async_callbacks_run_in_order_and_failures_do_not_stop_the_monitor(
         pipe_monitor, caplog) -> None:
     calls: list[str] = []

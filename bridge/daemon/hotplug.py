@@ -661,20 +661,29 @@ class HotplugMonitor:
 
     def _reconcile(self, batch: dict[str, _Pending]) -> None:
         """Turn a fresh enumeration into events: known devices that are gone become removes,
-        present ones adds (which change nothing for devices already known)."""
+        present ones adds (which change nothing for devices already known).  Events were lost,
+        so an event in the batch may be stale (a 'remove' whose later 'add' was dropped): the
+        enumeration, taken after every event in the batch, decides presence for every device.
+        The batch only adds that a device went away meanwhile, so a replug of a device that
+        is back still gives unplug, then plug."""
         try:
             now = {info.devpath: info for info in self._enumerated()}
         except Exception:
             log.exception("hotplug: rescanning devices failed; relying on events only")
             return
-        for devpath, known in self._devices.items():
-            if devpath not in now and devpath not in batch:
-                batch[devpath] = _Pending(DeviceInfo.from_device(
-                    {**known.info.properties, "ACTION": "remove"}), True)
+        for devpath in dict.fromkeys([*self._devices, *batch]):  # in a stable order
+            if devpath in now:
+                continue
+            known = self._devices.get(devpath)
+            if known is None:
+                del batch[devpath]  # seen only in lost-event times, and gone now
+                continue
+            batch[devpath] = _Pending(DeviceInfo.from_device(
+                {**known.info.properties, "ACTION": "remove"}), True)
         for devpath, info in now.items():
-            if devpath not in batch:
-                batch[devpath] = _Pending(DeviceInfo.from_device(
-                    {**info.properties, "ACTION": "add"}))
+            pending = batch.get(devpath)
+            batch[devpath] = _Pending(DeviceInfo.from_device({**info.properties, "ACTION": "add"}),
+                                      pending is not None and pending.saw_remove)
 
     # --- state -----------------------------------------------------------------------------
 
