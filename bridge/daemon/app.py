@@ -135,6 +135,7 @@ class Bridge:
             "journal": self.journal.counts(),
             "broker_reconnects": self.gateway.reconnects,
             "published": self.gateway.published,
+            "undeliverable": self.gateway.undeliverable,
             "rejected_requests": self.intake.rejected,
         }
 

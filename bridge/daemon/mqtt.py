@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 import socket
 import ssl
 import time
@@ -25,7 +26,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 
 from bridge.config import MqttConfig
-from bridge.daemon.journal import Journal
+from bridge.daemon.journal import Journal, OutboxMessage
 from bridge.daemon.mqtt_client import PipelinedClient
 from bridge.daemon.registers import (
     Topics,
@@ -48,6 +49,26 @@ REQUESTS_PER_PASS = 4
 
 # (topic, payload, properties or None) -> None; the intake answers through `reply`.
 RequestHandler = Callable[[str, bytes, "Reply"], Awaitable[None] | None]
+
+# What MQTT forbids in a topic name (wildcards, NUL, UTF-16 surrogates) and what mosquitto
+# drops the connection for (control characters, Unicode non-characters).
+_TOPIC_FORBIDDEN = re.compile(r"[+#\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff]")
+MAX_TOPIC_BYTES = 65535
+
+
+def topic_problem(topic: object) -> str | None:
+    """Why `topic` cannot be published to, or None when it can."""
+    if not isinstance(topic, str):
+        return "it is not text"
+    if not topic:
+        return "it is empty"
+    bad = _TOPIC_FORBIDDEN.search(topic)
+    if bad is not None:
+        return f"it contains {bad.group()!r}, which a topic to publish to may not"
+    # (at most 4 bytes a character: most topics need no encoding to be measured)
+    if len(topic) * 4 > MAX_TOPIC_BYTES and len(topic.encode()) > MAX_TOPIC_BYTES:
+        return f"it is longer than MQTT's {MAX_TOPIC_BYTES} bytes"
+    return None
 
 
 class Reply:
@@ -86,6 +107,7 @@ class RegisterGateway:
         self._accepting = True
         self.reconnects = 0
         self.published = 0
+        self.undeliverable = 0  # outbox messages given up on: no broker would take them
         self.health_source: Callable[[], dict[str, Any]] | None = None
 
     @property
@@ -132,8 +154,13 @@ class RegisterGateway:
     def enqueue(self, topic: str, payload: dict[str, Any], *, retain: bool = False,
                 correlation: bytes | None = None) -> None:
         """Any other message that must not be lost (answers to commands, errors)."""
-        (message_id,) = self.journal.enqueue([(topic, dumps(payload), 1, retain)])
-        if correlation is not None:
+        if correlation is None:
+            self.journal.enqueue([(topic, dumps(payload), 1, retain)])
+            return
+        # One unit, so that the commit (and the publish it starts, when commits are not
+        # grouped) comes after the correlation data is known.
+        with self.journal.batch():
+            (message_id,) = self.journal.enqueue([(topic, dumps(payload), 1, retain)])
             self._correlations[message_id] = correlation
 
     def clear_retained(self, topics: list[str]) -> None:
@@ -275,6 +302,9 @@ class RegisterGateway:
             props = getattr(message, "properties", None)
             response_topic = getattr(props, "ResponseTopic", None) if props else None
             correlation = getattr(props, "CorrelationData", None) if props else None
+            if response_topic is not None:
+                response_topic = self._usable_response_topic(message.topic.value,
+                                                             response_topic)
             reply = Reply(self, response_topic, correlation)
             # While draining, requests are still handed on: the intake refuses them with an
             # answer. The acknowledgement follows the handling: a request the daemon dies
@@ -289,6 +319,18 @@ class RegisterGateway:
                     "status": "error", "error": "internal error while handling the request",
                     "topic": message.topic.value})
             self.journal.after_commit(functools.partial(client.ack, message))
+
+    @staticmethod
+    def _usable_response_topic(topic: str, response_topic: object) -> str | None:
+        """The requester's MQTT 5 response topic, or None (the fixed topic) when it cannot be
+        published to: stored as given, it made every publish of the answer fail."""
+        problem = topic_problem(response_topic)
+        if problem is None:
+            return response_topic  # type: ignore[return-value]
+        log.warning("a message on %s names the response topic %.200r, which cannot be "
+                    "published to (%s): it is answered on the fixed topic instead. Fix the "
+                    "ResponseTopic the sender sets", topic, response_topic, problem)
+        return None
 
     async def _publish_outbox(self, client: PipelinedClient) -> None:
         """Publish the outbox in order as a pipeline: a new result goes out at once, without
@@ -371,17 +413,39 @@ class _OutboxPump:
                 room = OUTBOX_WINDOW - self.in_window
                 batch = journal.pending(limit=room, after_id=self.last_id)
                 for message in batch:
-                    future = self.client.publish_nowait(
-                        message.topic, message.payload, qos=message.qos, retain=message.retain,
-                        properties=self.gateway._properties_for(message.id))
-                    self.in_window += 1
                     self.last_id = message.id
+                    properties = self.gateway._properties_for(message.id)
+                    problem = topic_problem(message.topic)
+                    if problem is not None:
+                        self._undeliverable(message, problem)
+                        continue
+                    try:
+                        future = self.client.publish_nowait(
+                            message.topic, message.payload, qos=message.qos,
+                            retain=message.retain, properties=properties)
+                    except (ValueError, TypeError) as exc:  # paho refuses this one message
+                        self._undeliverable(message, str(exc))
+                        continue
+                    self.in_window += 1
                     future.add_done_callback(functools.partial(self._done, message.id))
                 if len(batch) < room:  # that was every committed message: no query for none
                     return
         except Exception as exc:  # the connection is gone: the serve loop reconnects
             if not self.failed.done():
                 self.failed.set_exception(exc)
+
+    def _undeliverable(self, message: OutboxMessage, problem: str) -> None:
+        """A message no broker would take (a bad topic, kept by an older version): marked
+        delivered so that it neither blocks the connection nor is tried forever. Its content
+        stays in the journal, and the log says where."""
+        journal = self.gateway.journal
+        log.error("outbox message %d cannot be published on topic %.200r: %s. It is not sent "
+                  "and not tried again; its content stays in the journal until the retention "
+                  "prune (sqlite3 %s \"SELECT payload FROM outbox WHERE id = %d\"). Topics "
+                  "like this one come from a requester's MQTT 5 ResponseTopic: fix the sender",
+                  message.id, message.topic, problem, journal.path, message.id)
+        self.gateway.undeliverable += 1
+        self.loop.call_soon(journal.mark_delivered, [message.id])
 
     def _done(self, message_id: int, future: asyncio.Future[None]) -> None:
         if self.closed:
