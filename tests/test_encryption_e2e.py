@@ -76,3 +76,28 @@ async def test_encrypted_terminal_without_a_key_configured(tmp_path):
     # error that says no key is configured, and no payment happened.
     assert result.outcome == "error"
     assert "(no key)" in result.error
+
+
+async def test_an_answer_that_cannot_be_decrypted_is_asked_about_not_ended(tmp_path,
+                                                                         monkeypatch):
+    """The terminal took the payment and answered, but its answer does not decrypt (damaged
+    on the way, say): that is no outcome. The bridge asks by status poll, and the shopper's
+    payment is reported approved, not ended as an error."""
+    seal = crypto.encrypt_message
+    damaged: list[str] = []
+
+    def damage_the_payment_response(document, key):
+        sealed = seal(document, key)
+        inner = sealed.get("SaleToPOIResponse", {})
+        if "PaymentResponse" in document.get("SaleToPOIResponse", {}) and not damaged:
+            blob = inner["NexoBlob"]
+            inner["NexoBlob"] = ("B" if blob[0] == "A" else "A") + blob[1:]
+            damaged.append(blob)
+        return sealed
+
+    # Only the simulated terminal seals responses; the bridge seals requests.
+    monkeypatch.setattr(crypto, "encrypt_message", damage_the_payment_response)
+    result, simulator = await run_payment(tmp_path, KEY, KEY, Behaviour(delay=0.05))
+    assert damaged, "the payment's response was not damaged: the test proves nothing"
+    assert (result.outcome, result.source) == ("approved", "status-poll")
+    assert ("POS1", "E1") in simulator.terminal.ledger

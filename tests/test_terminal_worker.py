@@ -68,9 +68,12 @@ class RecordingOutlet:
 
 
 class Rig:
-    def __init__(self, tmp_path: Path, scenario: Scenario, clock=None, **timing) -> None:
+    def __init__(self, tmp_path: Path, scenario: Scenario, clock=None, transport_factory=None,
+                 **timing) -> None:
         self.tmp_path = tmp_path
         self.clock = clock
+        self.transport_options = {"transport_factory": transport_factory} \
+            if transport_factory else {}
         self.simulator = SimulatorServer(scenario, "stx-etx-lrc", ack_timeout=0.3)
         self.outlet = RecordingOutlet()
         self.journal = Journal(tmp_path / "journal.sqlite3")
@@ -85,7 +88,8 @@ class Rig:
             "poi_id": POI, "link": {"kind": "serial", "device": path},
             "framer": {"name": "stx-etx-lrc", "ack_timeout": 0.3}, **self.timing})
         self.worker = TerminalWorker(config, self.journal, self.outlet, clock=self.clock,
-                                     backoff=Backoff(initial=0.05, maximum=0.2))
+                                     backoff=Backoff(initial=0.05, maximum=0.2),
+                                     **self.transport_options)
         await self.worker.start()
         await self.outlet.state_is("online")
         async with asyncio.timeout(10):  # the device has answered the identity check
@@ -484,3 +488,60 @@ def test_the_session_clock_moves_with_the_monotonic_clock_only():
     clock = steady_clock(lambda: next(walls), lambda: next(ticks))
     assert clock() == 1_000_000.0
     assert clock() == 1_000_060.0  # 60 s on, whatever the wall clock says
+
+
+async def test_a_driver_error_while_opening_is_retried_not_fatal(tmp_path, caplog):
+    """pyserial lets some errors out of open() unconverted (an EIO from a tty going away
+    mid-open, termios.error). The worker must log it and try again, not end its link loop
+    and leave the terminal offline, silently, until the daemon restarts."""
+    import errno
+
+    from bridge.transports.serial import SerialTransport
+
+    failures = [OSError(errno.EIO, "Input/output error")]
+
+    class GoesAwayOnce(SerialTransport):
+        async def open(self) -> None:
+            if failures:
+                raise failures.pop()
+            await super().open()
+
+    async with Rig(tmp_path, scenario(), transport_factory=GoesAwayOnce) as rig:
+        assert failures == []
+        assert any("cannot open link" in r.getMessage() and "Input/output error" in r.getMessage()
+                   for r in caplog.records)
+        rig.pay("S1")
+        assert (await rig.outlet.result_for("S1")).outcome == "approved"
+    # (leaving the Rig stops the worker: that must not raise the open's error either)
+
+
+async def test_a_link_that_drops_as_soon_as_it_opens_is_reopened_with_growing_pauses(tmp_path):
+    """A TCP terminal that accepts and closes at once (serving another host, or a forwarder
+    with nothing behind it): each reopen must wait longer, up to the backoff's ceiling, not
+    be retried ten times a second with a warning and two state changes each time."""
+    connections = 0
+
+    async def accept_and_close(reader, writer) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    server = await asyncio.start_server(accept_and_close, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = TerminalConfig.model_validate({
+        "poi_id": POI, "link": {"kind": "tcp", "host": "127.0.0.1", "port": port},
+        "framer": {"name": "length-prefixed"}})
+    journal = Journal(tmp_path / "journal.sqlite3")
+    worker = TerminalWorker(config, journal, RecordingOutlet(),
+                            backoff=Backoff(initial=0.05, maximum=0.8))
+    await worker.start()
+    try:
+        await asyncio.sleep(3.0)
+    finally:
+        await worker.stop()
+        server.close()
+        journal.close()
+    # Pauses under ceilings of 0.05, 0.1, 0.2, 0.4 and then 0.8 s, each at least half its
+    # ceiling: at most 12 connections in 3 s. With the pause started over after each open
+    # (0.025-0.05 s), 60 or more.
+    assert 3 <= connections <= 14, connections

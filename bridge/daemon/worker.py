@@ -65,6 +65,7 @@ def steady_clock(wall: Callable[[], float] = time.time,
 
 
 MAX_TIMER_SLEEP = 60.0  # s: look at the deadlines again at least this often
+LINK_PROVEN_AFTER = 10.0  # s: a link up this long (or that brought a frame) worked
 TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed timer
 
 
@@ -270,15 +271,28 @@ class TerminalWorker:
             except LinkClosed as exc:
                 await self._link_down(transport, exc.reason, opened=False)
                 continue
+            except Exception as exc:  # noqa: BLE001 - a driver error no transport foresaw
+                # Whatever a driver raises while a device goes away must not end this loop:
+                # the terminal would stay offline, silently, until the daemon restarts.
+                log.debug("terminal %s: opening the link failed", self.poi_id, exc_info=exc)
+                await self._link_down(transport, f"unexpected error opening the link: {exc!r}",
+                                      opened=False)
+                continue
             self._transport = transport
-            self._backoff.reset()
             self.framer.reset()
             self._in_flight.clear()
             self._unwritten = b""
             log.info("terminal %s: link up on %s", self.poi_id, transport.describe())
             self._link_reason = ""
             self._apply(self.session.link_is_up(self._clock()))
+            frames_before, opened_at = self.counters["frames_in"], time.monotonic()
             reason = await self._run_link(transport)
+            if self.counters["frames_in"] > frames_before \
+                    or time.monotonic() - opened_at >= LINK_PROVEN_AFTER:
+                # The link worked: losing it now is news, reopen quickly. One that opens and
+                # drops at once (a TCP peer serving someone else, a terminal in its boot
+                # loader) keeps backing off instead of being reopened ten times a second.
+                self._backoff.reset()
             self.counters["reconnects"] += 1
             await self._link_down(transport, reason, opened=True)
 
@@ -413,7 +427,9 @@ class TerminalWorker:
             try:
                 document = crypto.decrypt_message(document, self.key)
             except crypto.CryptoError as exc:
-                self._apply(self.session.refused(
+                # The terminal acted on our request and answered: only we cannot read it. For
+                # a payment that is no outcome, so it is asked about, never ended as an error.
+                self._apply(self.session.unusable(
                     f"cannot decrypt the terminal's answer with key {self.key.identifier} "
                     f"v{self.key.version}: {exc}", now))
                 return
