@@ -122,3 +122,40 @@ def test_requests_arriving_while_draining_are_refused_with_an_answer(tmp_path):
         assert "shutting down" in body["bridge"]["error"]
     finally:
         rig.journal.close()
+
+
+def test_a_repeat_of_a_known_payment_gets_its_result_even_when_too_old_or_draining(tmp_path):
+    """A register re-sends a payment to fetch its result (or the broker redelivers it) after
+    more than request_max_age, or while the bridge is stopping: the journal's result is the
+    answer. Refused as too old, the register would be told 'rejected' for a payment the
+    shopper paid, and might take it again."""
+    import datetime as dt
+    import time
+
+    from bridge.protocol.transaction import Transaction, TxState, request_digest
+
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        then = time.time() - 400
+        doc = responses.payment_request("POS1", "S1", POI)
+        doc["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
+            "TimeStamp"] = dt.datetime.fromtimestamp(then, dt.UTC).isoformat()
+        rig.journal.save(Transaction(
+            sale_id="POS1", service_id="S1", poi_id=POI, category="Payment", request=doc,
+            digest=request_digest(doc), created_at=then, updated_at=then + 5,
+            state=TxState.FINAL, outcome="approved", source="terminal"))
+        # A new payment that old is still refused: the check is for requests that would start.
+        fresh = json.loads(json.dumps(doc).replace('"S1"', '"S2"'))
+        (answer,) = rig.handle(f"poi-bridge/terminals/{POI}/request", json.dumps(fresh).encode())
+        body = json.loads(answer.payload)
+        assert body["bridge"]["outcome"] == "rejected" and "400 s old" in body["bridge"]["error"]
+        for draining in (False, True):
+            if draining:
+                rig.gateway.stop_accepting()
+            answers = rig.handle(f"poi-bridge/terminals/{POI}/request", json.dumps(doc).encode())
+            results = [json.loads(a.payload) for a in answers if a.topic.endswith("/response")]
+            assert [r["bridge"]["outcome"] for r in results] == ["approved"], results
+            events = [json.loads(a.payload)["event"] for a in answers if a.topic.endswith("/event")]
+            assert events == ["duplicate"]
+    finally:
+        rig.journal.close()

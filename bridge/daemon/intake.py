@@ -108,14 +108,6 @@ class RequestIntake:
 
     def _request(self, poi_id: str, payload: bytes, reply: Reply) -> None:
         limit = self.config.mqtt.max_payload
-        if not self.gateway.accepting:
-            try:
-                document = load_json(payload, max_size=limit)
-            except MessageError:
-                document = None
-            self._reject(document, poi_id, "the bridge is shutting down; nothing was sent to "
-                                           "the terminal, retry in a moment", "UnavailableService")
-            return
         try:
             document = load_json(payload, max_size=limit)
         except MessageError as exc:
@@ -146,6 +138,25 @@ class RequestIntake:
             self._reject(document, poi_id, f"MessageHeader.POIID {header.poi_id} does not match "
                                            f"the topic's terminal {poi_id}")
             return
+        # What the journal knows comes first: a repeat of a known request is answered with
+        # its result (approved, perhaps) even when the request is now too old to start, or
+        # the bridge is stopping; the checks below are for requests that would start.
+        digest = request_digest(document)
+        existing = self.journal.get(TxKey(header.sale_id, header.service_id))
+        reuse = check_reuse(existing, digest, self._clock())
+        if reuse is Reuse.CONFLICT:
+            self._reject(document, poi_id, f"ServiceID {header.service_id} was already used by "
+                                           f"SaleID {header.sale_id} for a different request "
+                                           "within 48 hours; use a new ServiceID")
+            return
+        if reuse is Reuse.REPEAT:
+            assert existing is not None
+            self._repeat(existing)
+            return
+        if not self.gateway.accepting:
+            self._reject(document, poi_id, "the bridge is shutting down; nothing was sent to "
+                                           "the terminal, retry in a moment", "UnavailableService")
+            return
         worker = self.workers.get(poi_id)
         if worker is None:
             self._reject(document, poi_id, f"unknown terminal {poi_id}: not in this bridge's "
@@ -159,18 +170,6 @@ class RequestIntake:
         stale = self._stale(request)
         if stale:
             self._reject(document, poi_id, stale, "NotAllowed")
-            return
-        digest = request_digest(document)
-        existing = self.journal.get(TxKey(header.sale_id, header.service_id))
-        reuse = check_reuse(existing, digest, self._clock())
-        if reuse is Reuse.CONFLICT:
-            self._reject(document, poi_id, f"ServiceID {header.service_id} was already used by "
-                                           f"SaleID {header.sale_id} for a different request "
-                                           "within 48 hours; use a new ServiceID")
-            return
-        if reuse is Reuse.REPEAT:
-            assert existing is not None
-            self._repeat(existing)
             return
         worker.submit(request, document, digest)
 
