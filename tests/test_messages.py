@@ -153,6 +153,18 @@ def test_seed_status_request_passes_the_header_rules():
     assert check_request_header(request) == []
 
 
+def test_ids_with_a_trailing_newline_break_the_header_rules():
+    """`$` matches before a final newline: "29235\n" passed as a ServiceID, went to the
+    terminal, and left a retained topic named with a newline stuck at in_progress."""
+    from bridge.simulator import responses
+
+    for field, value in (("ServiceID", "29235\n"), ("POIID", "V400m-324688179\n")):
+        document = responses.payment_request("POS1", "29235", "V400m-324688179")
+        document["SaleToPOIRequest"]["MessageHeader"][field] = value
+        problems = check_request_header(parse_message(document))
+        assert any(field in p for p in problems), (field, problems)
+
+
 def test_the_bridges_own_requests_pass_the_header_rules():
     from bridge.protocol import builders
     from bridge.protocol.session import BRIDGE_SALE_ID

@@ -551,6 +551,8 @@ def test_generated_rules_leave_other_devices_alone(device, parents) -> None:
     ("/dev/poi/pax-ttyACM0", "kernel name, which changes between plugs"),
     ("/tmp/fake-tty", "not under /dev"),
     ('/dev/serial/by-id/usb-x"y', "cannot match literally"),
+    ("/dev/serial/by-id/usb-x\n", "cannot match literally"),  # would split the rule's line
+    ("/dev/ttyACM0\n", "cannot match literally"),
 ])
 def test_unexpressible_links_are_reported_not_guessed(device, problem) -> None:
     config = parse_config({"terminals": [

@@ -40,11 +40,17 @@ KNOWN_VENDORS: dict[str, tuple[str, ...]] = {
     "pax": ("2fb8",),
 }
 
+def _comment(text: str) -> str:
+    """A comment line, whatever the configuration holds: a line break in a device name
+    would otherwise end the comment and leave the rest as a rule udev cannot parse."""
+    return "# " + "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 # Characters that need no quoting and are no glob in a udev match value.
-_PLAIN = re.compile(r"^[A-Za-z0-9._:+@=#-]+$")
-_PLAIN_PATH = re.compile(r"^[A-Za-z0-9._:+@=#/-]+$")
-_KERNEL_NAME = re.compile(r"^tty[A-Za-z]*[0-9]+$")
-_INTERFACE_SUFFIX = re.compile(r"^(?P<base>.+)-if(?P<num>[0-9]{2})$")
+_PLAIN = re.compile(r"^[A-Za-z0-9._:+@=#-]+\Z")
+_PLAIN_PATH = re.compile(r"^[A-Za-z0-9._:+@=#/-]+\Z")
+_KERNEL_NAME = re.compile(r"^tty[A-Za-z]*[0-9]+\Z")
+_INTERFACE_SUFFIX = re.compile(r"^(?P<base>.+)-if(?P<num>[0-9]{2})\Z")
 
 
 @dataclass(frozen=True)
@@ -215,9 +221,9 @@ def render_rules(config: Config | Iterable[TerminalConfig]) -> str:
     if not rules:
         lines += ["# No serial or USB terminals are configured: nothing to match.", ""]
     for rule in rules:
-        lines.append(f"# {rule.poi_id}: {rule.summary}")
+        lines.append(_comment(f"{rule.poi_id}: {rule.summary}"))
         if rule.line is None:
-            lines.append(f"# LEFT OUT: {rule.problem}")
+            lines.append(_comment(f"LEFT OUT: {rule.problem}"))
         else:
             lines.append(rule.line)
         lines.append("")

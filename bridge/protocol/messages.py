@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-SERVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{1,10}$")
-POIID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*-[A-Za-z0-9]+$")
+SERVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{1,10}\Z")
+POIID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*-[A-Za-z0-9]+\Z")
 MAX_NESTING = 64
 
 
