@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -90,7 +89,7 @@ def device_report(config: Config | None, devices: Iterable[Any], *,
     every configured serial/USB terminal with whether it was found."""
     from bridge.daemon.hotplug import DeviceInfo, TerminalMatcher, describe_link
 
-    matcher = TerminalMatcher(config if config is not None else [], resolve=os.path.realpath)
+    matcher = TerminalMatcher(config if config is not None else [])
     rows: list[dict[str, Any]] = []
     hidden = 0
     found: dict[str, str] = {}

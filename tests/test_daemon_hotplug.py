@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 
+import pytest
+
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
 from bridge.daemon.hotplug import HotplugMonitor, TerminalMatcher
@@ -110,3 +112,61 @@ async def test_device_that_is_not_a_terminal_changes_nothing(tmp_path):
     finally:
         await bridge.stop()
         monitor.close()
+
+
+# Both are udev devices the matcher could not see before: a port reached through a link made by
+# hand (udev does not list it in DEVLINKS), and a tty without hardware parent (Bluetooth rfcomm,
+# tty0tty, Moxa Real-TTY), which udev places under /devices/virtual.
+@pytest.mark.parametrize(
+    "devpath", ["/devices/pnp0/00:04/tty/ttyS0", "/devices/virtual/tty/rfcomm0"],
+    ids=["hand-made link", "virtual tty"])
+async def test_daemon_follows_udev_for_a_terminal_behind_a_hand_made_link(tmp_path, devpath):
+    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05),
+                                         link=LinkBehaviour(status_hold=0.05)))
+    link = str(tmp_path / "terminal")  # the simulator's own symlink to its pty: made by hand
+    await simulator.start_pty(link)
+    config = parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"), "mqtt": {"port": 1},
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": link}}],
+    })
+
+    def event(action: str) -> dict[str, str]:
+        return {"ACTION": action, "SUBSYSTEM": "tty", "DEVPATH": devpath,
+                "DEVNAME": os.path.realpath(link)}  # no DEVLINKS: udev knows nothing of it
+
+    bridge = Bridge(config, hotplug=False)
+    monitor = PipeMonitor()
+    # Built as the daemon builds it: TerminalMatcher(config), nothing more.
+    bridge.hotplug = HotplugMonitor(TerminalMatcher(config), bridge._plugged, bridge._unplugged,
+                                    monitor=monitor, enumerate_devices=lambda: [event("add")],
+                                    settle=0.01)
+    await bridge.start()
+    try:
+        assert bridge.hotplug.absent() == [] and bridge.hotplug.is_present(POI)
+        await wait_state(bridge, "online")
+        monitor.push(event("remove"))
+        await wait_state(bridge, "offline")
+        assert bridge.workers[POI].state()["detail"] == "device unplugged"
+        monitor.push(event("add"))
+        await wait_state(bridge, "online")
+    finally:
+        await bridge.stop()
+        await simulator.close()
+        monitor.close()
+
+
+def test_the_daemons_own_matcher_follows_a_hand_made_link(tmp_path):
+    link = tmp_path / "payterm"
+    link.symlink_to("/dev/ttyS0")
+    config = parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"), "mqtt": {"port": 1},
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": str(link)}}],
+    })
+    bridge = Bridge(config)  # the daemon's wiring, not started: no udev socket is opened
+    try:
+        ttys0 = {"SUBSYSTEM": "tty", "DEVNAME": "/dev/ttyS0",
+                 "DEVPATH": "/devices/pnp0/00:04/tty/ttyS0"}
+        assert bridge.hotplug is not None
+        assert bridge.hotplug.matcher.match(ttys0).poi_id == POI
+    finally:
+        bridge.journal.close()

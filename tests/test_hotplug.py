@@ -25,7 +25,12 @@ import pyudev
 
 from bridge import cli_udev
 from bridge.config import parse_config
-from bridge.daemon.hotplug import DeviceInfo, HotplugMonitor, TerminalMatcher
+from bridge.daemon.hotplug import (
+    DeviceInfo,
+    HotplugMonitor,
+    TerminalMatcher,
+    udev_announces,
+)
 
 CONTEXT = pyudev.Context()
 USB_PORT = "/devices/pci0000:00/0000:00:14.0/usb1/1-2"
@@ -223,14 +228,94 @@ def test_not_a_terminal() -> None:
     assert not interface.relevant
 
 
-def test_manual_symlink_is_followed_only_with_a_resolver() -> None:
+def test_manual_symlink_is_followed_by_default(tmp_path: Path) -> None:
+    # A link made by hand, which udev does not list in DEVLINKS. The daemon builds its matcher
+    # as TerminalMatcher(config), `poi-bridge devices` too: both must follow it.
+    link = tmp_path / "till-terminal"
+    link.symlink_to("/dev/ttyUSB0")  # the adapter's node; it need not exist for this
     config = parse_config({"terminals": [
-        {"poi_id": "Rs-1", "link": {"kind": "serial", "device": "/dev/till-terminal"}}]})
-    device = ftdi_cable()
-    assert TerminalMatcher(config).match(device).poi_id is None
-    links = {"/dev/till-terminal": "/dev/ttyUSB0"}
-    result = TerminalMatcher(config, resolve=lambda p: links.get(p, p)).match(device)
-    assert result.poi_id == "Rs-1" and "/dev/till-terminal points to /dev/ttyUSB0" in result.reason
+        {"poi_id": "Rs-1", "link": {"kind": "serial", "device": str(link)}}]})
+    result = TerminalMatcher(config).match(as_pyudev(ftdi_cable()))
+    assert result.poi_id == "Rs-1" and f"{link} points to /dev/ttyUSB0" in result.reason
+    assert TerminalMatcher(config, resolve=None).match(ftdi_cable()).poi_id is None
+    report = cli_udev.device_report(config, [ftdi_cable("")])
+    assert report["terminals"][0]["present"] is True
+
+
+def rfcomm(action: str = "add", number: int = 0) -> dict[str, str]:
+    """A Bluetooth serial port (`rfcomm bind`): a tty without hardware parent, so under
+    /devices/virtual, like tty0tty's tnt* or a Moxa Real-TTY ttyr*."""
+    return _enumerated_if_no_action({
+        "ACTION": action, "SEQNUM": "5120", "SUBSYSTEM": "tty",
+        "DEVPATH": f"/devices/virtual/tty/rfcomm{number}", "DEVNAME": f"/dev/rfcomm{number}",
+        "MAJOR": "216", "MINOR": str(number), "TAGS": ":systemd:"})
+
+
+RFCOMM_CONFIG = parse_config({"terminals": [
+    {"poi_id": "Move5000-1", "link": {"kind": "serial", "device": "/dev/rfcomm0"}}]})
+
+
+def test_configured_virtual_tty_is_a_terminal_other_virtual_ttys_are_not() -> None:
+    matcher = TerminalMatcher(RFCOMM_CONFIG)
+    result = matcher.match(as_pyudev(rfcomm()))
+    assert result.poi_id == "Move5000-1" and "device node /dev/rfcomm0" in result.reason
+    other = matcher.match(as_pyudev(rfcomm(number=1)))
+    assert not other.relevant and "virtual terminal or pseudo device" in other.reason
+
+
+async def test_configured_virtual_tty_is_followed_through_udev(pipe_monitor) -> None:
+    recorder = Recorder()
+    hotplug = HotplugMonitor(TerminalMatcher(RFCOMM_CONFIG), recorder.plug, recorder.unplug,
+                             monitor=pipe_monitor, enumerate_devices=lambda: [rfcomm("")],
+                             settle=0.01)
+    await hotplug.start()
+    assert recorder.calls == [("plug", "Move5000-1", "/dev/rfcomm0")]
+    assert hotplug.absent() == [], "present: the daemon must not shut its worker off"
+    for action, expected in [("remove", "unplug"), ("add", "plug")]:  # rfcomm release, bind
+        pipe_monitor.push(as_pyudev(rfcomm(action)))
+        await asyncio.sleep(0.05)
+        await hotplug.wait_idle()
+        assert recorder.calls[-1] == (expected, "Move5000-1", "/dev/rfcomm0")
+    await hotplug.stop()
+
+
+def _nodes_to_configure() -> list[str]:
+    nodes = ["/dev/null", "/dev/ttyACM9", "/dev/tty0", "/dev/console"]
+    if REAL_TTY is not None:
+        nodes.append(pyudev.Devices.from_sys_path(CONTEXT, str(REAL_TTY)).device_node)
+    return nodes
+
+
+@pytest.mark.parametrize("by_link", [False, True], ids=["node", "hand-made link"])
+@pytest.mark.parametrize("node", [*_nodes_to_configure(), "pty"])
+def test_udev_announces_exactly_the_nodes_the_matcher_sees(tmp_path, node, by_link) -> None:
+    """The daemon shuts off the worker of a terminal missing from udev's enumeration only if
+    udev_announces() its node; it must then be a node the matcher will see when it appears,
+    or the terminal is never opened again. Checked against udev's real enumeration here."""
+    master = slave = None
+    if node == "pty":
+        master, slave = os.openpty()
+        node = os.ttyname(slave)
+    try:
+        device = node
+        if by_link:
+            device = str(tmp_path / "terminal")
+            os.symlink(node, device)
+        config = parse_config({"terminals": [
+            {"poi_id": "Rs-1", "link": {"kind": "serial", "device": device}}]})
+        matcher = TerminalMatcher(config)
+        seen = any(matcher.match(d).matched for d in cli_udev.pyudev_devices())
+        announced = udev_announces(device)
+        if os.path.exists(node):
+            assert announced == seen, (node, announced, seen)
+        else:
+            # Not there yet: udev will make it, and the matcher will know it by its name.
+            assert announced and not seen
+            assert matcher.match({**ftdi_cable(), "DEVNAME": node}).matched
+    finally:
+        if master is not None:
+            os.close(master)
+            os.close(slave)
 
 
 def test_same_device_configured_twice_is_pointed_out() -> None:

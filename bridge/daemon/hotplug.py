@@ -5,8 +5,8 @@ Two parts:
 * `TerminalMatcher` (pure): given a device's udev properties (the mapping pyudev's
   `Device.properties` gives: SUBSYSTEM, DEVNAME, DEVLINKS, ID_VENDOR_ID, ID_MODEL_ID,
   ID_SERIAL_SHORT, DEVTYPE, TAGS, ...) it says which terminal (poi_id) the device is, or why it
-  is none.  Serial links match by device node or udev link (DEVNAME is the configured path, or
-  DEVLINKS contains it); USB links by vendor id, product id and, if configured, serial number
+  is none.  Serial links match by device node or link (DEVNAME is the configured path, DEVLINKS
+  contains it, or the configured path is a symlink to DEVNAME); USB links by vendor id, product id and, if configured, serial number
   of the usb_device.  `poi-bridge devices` prints its reasons.
 
 * `HotplugMonitor`: a udev netlink monitor read from the asyncio loop (`loop.add_reader` on
@@ -33,6 +33,7 @@ import errno
 import inspect
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -214,12 +215,14 @@ def describe_link(terminal: TerminalConfig) -> str:
 
 
 class TerminalMatcher:
-    """Which configured terminal a udev device is.  Pure: only the device's properties and
-    the configuration are consulted, plus `resolve` (e.g. os.path.realpath) when given, to
-    follow a configured symlink that udev does not list in DEVLINKS (made by hand)."""
+    """Which configured terminal a udev device is.  Only the device's properties and the
+    configuration are consulted, plus `resolve` (os.path.realpath; None turns it off) to follow
+    a configured symlink that udev does not list in DEVLINKS (one made by hand, such as
+    /etc/poi-bridge/terminal -> /dev/ttyS0).  The daemon and `poi-bridge devices` must agree on
+    what is a terminal, hence the default rather than each caller passing it."""
 
     def __init__(self, config: Config | Iterable[TerminalConfig], *,
-                 resolve: Callable[[str], str] | None = None) -> None:
+                 resolve: Callable[[str], str] | None = os.path.realpath) -> None:
         terminals = config.terminals if isinstance(config, Config) else list(config)
         self.terminals: tuple[TerminalConfig, ...] = tuple(terminals)
         self._serial = [(t.poi_id, t.link.device) for t in self.terminals
@@ -242,11 +245,15 @@ class TerminalMatcher:
                                      f"node", relevant=False)
         if not info.devname:
             return MatchResult(None, "has no device node", relevant=False)
-        if info.subsystem == "tty" and info.virtual:
-            return MatchResult(None, "virtual terminal or pseudo device, not a serial port",
-                               relevant=False)
         if info.subsystem == "tty":
-            return self._match_tty(info)
+            result = self._match_tty(info)
+            # A tty under /devices/virtual has no hardware parent: mostly consoles and pseudo
+            # devices, noise here. But a configured one (Bluetooth /dev/rfcomm0, a Moxa Real
+            # TTY /dev/ttyr00, tty0tty) is a serial port udev announces like any other.
+            if info.virtual and not result.matched:
+                return MatchResult(None, "virtual terminal or pseudo device, not a serial port",
+                                   relevant=False)
+            return result
         return self._match_usb(info)
 
     # serial links
@@ -378,10 +385,35 @@ def _default_enumerate(context: Any) -> Callable[[], Iterable[Any]]:
 
 
 def udev_announces(device: str) -> bool:
-    """Whether udev announces this serial device node when it appears: not a
-    pseudo-terminal, not a path outside /dev."""
-    path = os.path.realpath(device) if os.path.exists(device) else device
-    return path.startswith("/dev/") and not path.startswith("/dev/pts/")
+    """Whether udev will tell the matcher about this configured serial device, so that "not
+    plugged in" can be left to udev: a node not there yet under /dev (udev makes it when the
+    device appears; a symlink to it is followed by the matcher), or a tty udev knows by the
+    same name.  Not a pseudo-terminal or a path outside /dev, and not a node that exists
+    but that no tty in sysfs backs under that name (a node made with mknod, a /dev without
+    udev, something that is not a tty): udev never reports those as this terminal, so their
+    workers are never shut off but retry the node with backoff."""
+    path = os.path.realpath(device)
+    if not path.startswith("/dev/") or path.startswith("/dev/pts/"):
+        return False
+    try:
+        node = os.stat(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # in doubt, let the worker retry: shut off, it would never be opened
+    if not stat.S_ISCHR(node.st_mode):
+        return False
+    sysfs = f"/sys/dev/char/{os.major(node.st_rdev)}:{os.minor(node.st_rdev)}"
+    if os.path.basename(os.path.realpath(f"{sysfs}/subsystem")) != "tty":
+        return False
+    try:
+        with open(f"{sysfs}/uevent", encoding="utf-8") as uevent:
+            names = [line.strip().removeprefix("DEVNAME=") for line in uevent
+                     if line.startswith("DEVNAME=")]
+    except OSError:
+        return False
+    # The matcher compares with udev's DEVNAME, which the kernel's name is.
+    return names == [path.removeprefix("/dev/")]
 
 
 class HotplugMonitor:
@@ -409,7 +441,7 @@ class HotplugMonitor:
                  max_events_per_read: int = MAX_EVENTS_PER_READ,
                  max_delay: float = DEFAULT_MAX_DELAY, tag: str | None = None) -> None:
         if not isinstance(matcher, TerminalMatcher):
-            matcher = TerminalMatcher(matcher, resolve=os.path.realpath)
+            matcher = TerminalMatcher(matcher)
         if settle < 0:
             raise ValueError("settle must be >= 0 seconds")
         self.matcher = matcher
