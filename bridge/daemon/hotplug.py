@@ -2,12 +2,13 @@
 
 Two parts:
 
-* `TerminalMatcher` (pure): given a device's udev properties (the mapping pyudev's
+* `TerminalMatcher`: given a device's udev properties (the mapping pyudev's
   `Device.properties` gives: SUBSYSTEM, DEVNAME, DEVLINKS, ID_VENDOR_ID, ID_MODEL_ID,
   ID_SERIAL_SHORT, DEVTYPE, TAGS, ...) it says which terminal (poi_id) the device is, or why it
   is none.  Serial links match by device node or link (DEVNAME is the configured path, DEVLINKS
-  contains it, or the configured path is a symlink to DEVNAME); USB links by vendor id, product id and, if configured, serial number
-  of the usb_device.  `poi-bridge devices` prints its reasons.
+  contains it, or the configured path is a symlink to DEVNAME); USB links by vendor id, product
+  id and, if configured, serial number of the usb_device.  `poi-bridge devices` prints its
+  reasons.
 
 * `HotplugMonitor`: a udev netlink monitor read from the asyncio loop (`loop.add_reader` on
   its fd, draining `poll(0)`).  It starts the monitor before enumerating the devices already
@@ -412,7 +413,7 @@ def udev_announces(device: str) -> bool:
                      if line.startswith("DEVNAME=")]
     except OSError:
         return False
-    # The matcher compares with udev's DEVNAME, which the kernel's name is.
+    # The matcher compares udev's DEVNAME, which is the kernel's name for the node.
     return names == [path.removeprefix("/dev/")]
 
 
