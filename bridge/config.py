@@ -100,11 +100,36 @@ class TerminalConfig(_Strict):
         return value
 
 
+def _readable(path: Path | None) -> Path | None:
+    """A file the daemon must read at every connection: found missing or unreadable here,
+    it is one line at check-config time instead of a connection that never comes up."""
+    if path is None:
+        return None
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return path
+
+
 class TlsConfig(_Strict):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
     check_hostname: bool = True
+
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _files(cls, value: Path | None) -> Path | None:
+        return _readable(value)
+
+    @model_validator(mode="after")
+    def _key_needs_certificate(self) -> TlsConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without cert_file: the client key is only used "
+                             "with its certificate")
+        return self
 
 
 class MqttConfig(_Strict):
@@ -116,7 +141,7 @@ class MqttConfig(_Strict):
     password_file: Path | None = None
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     tls: TlsConfig | None = None
-    keepalive: int = Field(default=30, ge=5)
+    keepalive: int = Field(default=30, ge=5, le=65535)  # a 16-bit field in MQTT
     max_payload: int = Field(default=256 * 1024, ge=1024)
     transaction_retention: float = Field(default=48 * 3600.0, gt=0)
     health_interval: float = Field(default=30.0, gt=0)
@@ -124,8 +149,18 @@ class MqttConfig(_Strict):
     @field_validator("base_topic")
     @classmethod
     def _base_topic(cls, value: str) -> str:
-        if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "#+"):
+        if (not value or value.startswith("/") or value.endswith("/")
+                or any(c in value for c in "#+") or not value.isprintable()):
             raise ValueError("base_topic must be a plain topic prefix like 'poi/store-12'")
+        return value
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, value: str) -> str:
+        if not value.strip() or not value.isprintable():
+            raise ValueError("client_id must be a stable, printable name like "
+                             "'poi-bridge-store-12': the broker keeps the bridge's session "
+                             "(requests queued while it is away) under it")
         return value
 
 

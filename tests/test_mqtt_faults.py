@@ -102,3 +102,110 @@ async def test_an_unpublishable_message_already_in_the_journal_is_given_up_loudl
     assert any("'ops/replies/#'" in line and "not tried again" in line
                and "SELECT payload FROM outbox WHERE id = 1" in line for line in logged), logged
     assert any("'ops/\\x01replies'" in line for line in logged), logged
+
+
+# --- B: a connection that cannot be set up; a task that ends ------------------------------------
+
+def test_check_config_refuses_what_would_keep_the_bridge_off_the_broker(tmp_path):
+    """A TLS file that is missing or unreadable, a key without its certificate, an empty
+    client id (no persistent session), a keepalive MQTT cannot carry: each used to pass the
+    check and stop the connection at run time."""
+    from .test_cli import cli
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
+    config = tmp_path / "bridge.toml"
+    config.write_text(
+        '[mqtt]\nclient_id = ""\nkeepalive = 100000\n'
+        f'[mqtt.tls]\nca_file = "{ca}"\ncert_file = "{tmp_path / "missing.pem"}"\n'
+        f'key_file = "{tmp_path}"\n')
+    done = cli("check-config", str(config))
+    assert done.returncode == 2
+    problems = done.stderr.decode().splitlines()
+    assert any("mqtt.client_id:" in p and "must be a stable, printable name" in p
+               for p in problems), problems
+    assert any("mqtt.keepalive:" in p for p in problems), problems
+    assert any(f"mqtt.tls.cert_file: Value error, cannot read {tmp_path / 'missing.pem'}: "
+               "No such file or directory" in p for p in problems), problems
+    assert any(f"mqtt.tls.key_file: Value error, cannot read {tmp_path}: Is a directory" in p
+               for p in problems), problems
+    assert not any("ca_file" in p for p in problems), problems  # there, and readable
+
+    from bridge.config import ConfigError, parse_config
+    try:
+        parse_config({"mqtt": {"tls": {"key_file": str(ca)}}})
+    except ConfigError as exc:
+        assert exc.problems == [("mqtt.tls: Value error, key_file is set without cert_file: "
+                                 "the client key is only used with its certificate")]
+    else:
+        raise AssertionError("a key without its certificate was accepted")
+
+
+async def test_tls_files_that_cannot_be_used_are_logged_and_retried_until_fixed(
+        tmp_path, caplog):
+    """A ca_file that is not a certificate, a client certificate with another's key: the
+    MQTT task used to die without a word. Each attempt now logs one error naming the file,
+    and the bridge keeps trying: once the files are put right it connects."""
+    from .test_mqtt_security import tls_broker
+
+    broker, pki = tls_broker(tmp_path, ["127.0.0.1"])
+    ca = tmp_path / "ca.pem"
+    ca.write_text("this is not a certificate\n")
+    key = tmp_path / "client.key"
+    key.write_bytes((pki / "broker.key").read_bytes())  # not the client certificate's key
+    journal = Journal(tmp_path / "journal.sqlite3")
+    config = MqttConfig(host=broker.host, port=broker.port, base_topic=BASE,
+                        client_id="bridge-tls-fix",
+                        tls={"ca_file": ca, "cert_file": pki / "client.pem", "key_file": key})
+    gateway = RegisterGateway(config, journal, backoff=Backoff(initial=0.05, maximum=0.2))
+    try:
+        async with running(gateway) as running_gateway:
+            def logged(text: str) -> bool:
+                return any(text in line for line in errors(caplog))
+
+            await eventually(lambda: logged(f"TLS ca_file {ca} cannot be used"))
+            assert logged(f"TLS ca_file {ca} cannot be used: [X509: NO_CERTIFICATE_OR_CRL_FOUND]")
+            ca.write_bytes((pki / "ca.pem").read_bytes())
+            await eventually(lambda: logged(f"TLS cert_file {pki / 'client.pem'} with key_file "
+                                            f"{key} cannot be used"))
+            assert not running_gateway.connected
+            key.write_bytes((pki / "client.key").read_bytes())
+            await eventually(lambda: gateway.connected)
+            assert gateway.connected
+    finally:
+        journal.close()
+        broker.kill()
+    setup_errors = [line for line in errors(caplog) if "cannot set up the connection" in line]
+    assert setup_errors and all("\n" not in line for line in setup_errors)
+
+
+def test_a_daemon_task_that_ends_stops_the_daemon_with_a_failure_status(
+        tmp_path, mosquitto, caplog, monkeypatch):
+    """A long-lived task of the daemon that ends (here the status loop, meeting a bug) used to
+    leave a daemon that said READY and fed the watchdog: now it is logged and the daemon
+    stops with a status systemd restarts it for. (Run as `poi-bridge run` does: SystemExit
+    leaves the event loop itself.)"""
+    import pytest
+
+    from bridge.config import parse_config
+    from bridge.daemon.app import TASK_EXIT_STATUS, Bridge, run_bridge
+
+    async def broken_status_loop(self) -> None:
+        await asyncio.sleep(0.2)
+        raise RuntimeError("a bug in the status loop")
+
+    monkeypatch.setattr(Bridge, "_status_loop", broken_status_loop)
+    config = parse_config({"journal": str(tmp_path / "journal.sqlite3"),
+                           "mqtt": {"host": mosquitto.host, "port": mosquitto.port,
+                                    "client_id": "bridge-task-ends"}})
+
+    async def main() -> None:
+        await asyncio.wait_for(run_bridge(config), 15)
+
+    with pytest.raises(SystemExit) as stopped:
+        asyncio.run(main())
+    assert stopped.value.code == TASK_EXIT_STATUS
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(critical) == 1, [r.getMessage() for r in caplog.records]
+    assert critical[0].getMessage().startswith(
+        "the daemon's status task ended unexpectedly (RuntimeError: a bug in the status loop)")

@@ -8,7 +8,6 @@ workers start, then the broker connection; READY=1 goes to systemd once all of t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import logging
@@ -38,6 +37,7 @@ log = logging.getLogger("poi_bridge")
 
 PRUNE_INTERVAL = 3600.0
 JOURNAL_EXIT_STATUS = 3  # the journal cannot be opened, or no longer written
+TASK_EXIT_STATUS = 4  # one of the daemon's long-lived tasks ended: systemd starts it again
 STATUS_INTERVAL = 10.0
 
 
@@ -79,6 +79,8 @@ class Bridge:
         self.gateway.health_source = self.health
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        self._stopping = False
+        self.exit_status = 0
         if hotplug is True:
             matcher = TerminalMatcher(config)
             hotplug = HotplugMonitor(matcher, self._plugged, self._unplugged) \
@@ -161,10 +163,12 @@ class Bridge:
         for worker in self.workers.values():
             await worker.start()
         await self._start_hotplug()
-        self._tasks.append(asyncio.create_task(self.gateway.run(), name="mqtt"))
-        self._tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
-        self._tasks.append(asyncio.create_task(run_watchdog(self.notifier), name="watchdog"))
-        self._tasks.append(asyncio.create_task(self._status_loop(), name="status"))
+        for name, coroutine in (("mqtt", self.gateway.run()), ("prune", self._prune_loop()),
+                                ("watchdog", run_watchdog(self.notifier)),
+                                ("status", self._status_loop())):
+            task = asyncio.create_task(coroutine, name=name)
+            task.add_done_callback(self._task_ended)
+            self._tasks.append(task)
         # What start-up built (modules, models, configuration) lives as long as the daemon:
         # keep it out of the collector's full passes, which otherwise walk it every time.
         gc.freeze()
@@ -184,6 +188,23 @@ class Bridge:
             self.journal.prune(cutoff)
             await asyncio.sleep(PRUNE_INTERVAL)
 
+    def _task_ended(self, task: asyncio.Task[Any]) -> None:
+        """Each of these tasks runs for the life of the daemon. One that ended left a daemon
+        that still says READY and pets the watchdog but, say, never reconnects to the
+        broker: better stopped, with an exit status that makes systemd start it again."""
+        if self._stopping or task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None and task.get_name() == "watchdog":
+            return  # it returns at once when systemd set no watchdog
+        log.critical("the daemon's %s task ended unexpectedly (%s): stopping, with exit "
+                     "status %d so that systemd starts the bridge again; open transactions "
+                     "stay in the journal", task.get_name(),
+                     f"{type(exc).__name__}: {exc}" if exc else "it returned",
+                     TASK_EXIT_STATUS, exc_info=exc)
+        self.exit_status = TASK_EXIT_STATUS
+        self.request_stop()
+
     def request_stop(self) -> None:
         self._stop.set()
 
@@ -192,6 +213,7 @@ class Bridge:
 
     async def stop(self) -> None:
         """Drain: take no new requests, keep in-flight state in the journal, say offline."""
+        self._stopping = True
         log.info("stopping: no new requests; open transactions stay in the journal")
         self.notifier.stopping("stopping: open transactions stay in the journal")
         self.gateway.stop_accepting()
@@ -201,9 +223,8 @@ class Bridge:
         await self.gateway.announce_offline()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # (one that failed has been logged by _task_ended: its exception is not raised again)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for worker in self.workers.values():
             await worker.stop()
         self.journal.close()
@@ -239,3 +260,5 @@ async def run_bridge(config: Config, *, mqtt_password: str | None = None) -> Non
         await bridge.wait_stopped()
     finally:
         await bridge.stop()
+    if bridge.exit_status:
+        raise SystemExit(bridge.exit_status)

@@ -71,6 +71,15 @@ def topic_problem(topic: object) -> str | None:
     return None
 
 
+class SetupError(Exception):
+    """The connection cannot even be attempted (a TLS file, a client option): retried, since
+    the file may be fixed while the bridge runs, and logged as something to fix."""
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
 class Reply:
     """How to answer one incoming message: to a fixed topic, or to the MQTT 5 response topic
     with its correlation data when the requester gave one."""
@@ -196,13 +205,26 @@ class RegisterGateway:
     # --- the connection -----------------------------------------------------------------------
 
     def _tls_context(self) -> ssl.SSLContext | None:
+        """Raises SetupError naming the file at fault: ssl's own errors name none."""
         tls = self.config.tls
         if tls is None:
             return None
-        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+        try:
+            context = ssl.create_default_context(
+                cafile=str(tls.ca_file) if tls.ca_file else None)
+        except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
+            raise SetupError(f"TLS ca_file {tls.ca_file or '(system default)'} cannot be "
+                             f"used: {_reason(exc)}; it must be the PEM certificate of the CA "
+                             "that signed the broker's certificate") from None
         if tls.cert_file is not None:
-            context.load_cert_chain(str(tls.cert_file),
-                                    str(tls.key_file) if tls.key_file else None)
+            try:
+                context.load_cert_chain(str(tls.cert_file),
+                                        str(tls.key_file) if tls.key_file else None)
+            except (OSError, ValueError) as exc:
+                raise SetupError(f"TLS cert_file {tls.cert_file} with key_file "
+                                 f"{tls.key_file or '(in cert_file)'} cannot be used: "
+                                 f"{_reason(exc)}; they must be the bridge's PEM client "
+                                 "certificate and its own private key") from None
         context.check_hostname = tls.check_hostname
         return context
 
@@ -234,11 +256,17 @@ class RegisterGateway:
         )
 
     async def run(self) -> None:
-        """Connect, serve, and reconnect with jittered backoff, until cancelled."""
+        """Connect, serve, and reconnect with jittered backoff, until cancelled. Whatever
+        goes wrong is logged and retried: the task must outlive a certificate being
+        replaced, or a bug met by one message."""
         first = True
         while True:
             try:
-                async with self._client_for() as client:
+                try:
+                    client = self._client_for()
+                except (OSError, ValueError) as exc:  # paho refuses an option
+                    raise SetupError(_reason(exc)) from None
+                async with client:
                     self._client = client
                     self._backoff.reset()
                     if not first:
@@ -253,6 +281,14 @@ class RegisterGateway:
                 else:
                     log.warning("cannot reach MQTT broker %s:%d: %s; retrying",
                                 self.config.host, self.config.port, exc)
+            except SetupError as exc:
+                log.error("cannot set up the connection to MQTT broker %s:%d: %s. Fix that; "
+                          "the bridge tries again meanwhile", self.config.host,
+                          self.config.port, str(exc).rstrip("."))
+            except Exception as exc:  # a bug: logged with its traceback, then reconnect
+                log.exception("the MQTT connection to %s:%d failed: %s: %s; results are "
+                              "kept and sent on reconnect", self.config.host, self.config.port,
+                              type(exc).__name__, exc)  # noqa: TRY401 - one line to read
             finally:
                 self._client = None
                 self._connected.clear()
