@@ -5,6 +5,7 @@ cannot even be set up. None of these may take the connection, or the daemon, dow
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -209,3 +210,110 @@ def test_a_daemon_task_that_ends_stops_the_daemon_with_a_failure_status(
     assert len(critical) == 1, [r.getMessage() for r in caplog.records]
     assert critical[0].getMessage().startswith(
         "the daemon's status task ended unexpectedly (RuntimeError: a bug in the status loop)")
+
+
+# --- C: an MQTT 5 broker that refuses a publish --------------------------------------------------
+
+def acl_broker(tmp_path, *allowed: str):
+    """mosquitto whose ACL lets anonymous clients (the bridge) use only `allowed` topics."""
+    from .broker import Mosquitto
+
+    acl = tmp_path / "acl"
+    acl.write_text("".join(f"topic readwrite {topic}\n" for topic in allowed))
+    return Mosquitto(tmp_path / "acl-broker", extra_config=f"acl_file {acl}\n").start(), acl
+
+
+def allow(broker, acl, *allowed: str) -> None:
+    """Change the ACL as an administrator would, and have mosquitto reload it."""
+    import signal
+
+    acl.write_text("".join(f"topic readwrite {topic}\n" for topic in allowed))
+    broker.process.send_signal(signal.SIGHUP)
+
+
+@contextlib.asynccontextmanager
+async def refusing_broker(tmp_path, retry: Backoff):
+    """A connected MQTT 5 gateway and a broker that refuses it everything but bridge/#."""
+    broker, acl = acl_broker(tmp_path, f"{BASE}/bridge/#")
+    journal = Journal(tmp_path / "journal.sqlite3")
+    gateway = gateway_for(broker, journal, protocol="5")
+    gateway._refusal_backoff = retry
+    try:
+        async with running(gateway):
+            await eventually(lambda: gateway.connected)
+            yield broker, acl, journal, gateway
+    finally:
+        journal.close()
+        broker.kill()
+
+
+async def test_a_publish_the_broker_refuses_stays_pending_and_is_retried(tmp_path, caplog):
+    """An MQTT 5 PUBACK with reason code 0x87 (Not authorized) used to count as delivered:
+    an ACL missing registers/# lost every result without a word. Now the message stays in
+    the outbox (undelivered), the error says where to look, it is published again with a
+    growing delay, not in a loop, and goes out once the ACL is fixed."""
+    response = f"{BASE}/registers/TILL1/response"
+    retry = Backoff(initial=0.2, maximum=0.4)
+    async with refusing_broker(tmp_path, retry) as (broker, acl, journal, gateway), \
+            Subscriber(broker, [f"{BASE}/#"], client_id="watcher") as watcher:
+        gateway.enqueue(response, {"n": 1})
+        gateway.enqueue(f"{BASE}/bridge/error", {"n": 2})  # allowed: goes on meanwhile
+        await watcher.wait_for(lambda t, p: p == {"n": 2}, timeout=10)
+        await asyncio.sleep(1.5)
+        assert journal.counts()["undelivered"] == 1 and gateway.refused == 1
+        assert [m.topic for m in journal.pending()] == [response]
+        refused = [line for line in errors(caplog) if "refused the message" in line]
+        assert refused and f"on topic '{response}': Not authorized (reason code 0x87)" \
+            in refused[0] and f"allowed to publish to {BASE}/#" in refused[0], refused
+        rounds = [r for r in caplog.records if "publishing again 1 message" in r.getMessage()]
+        assert 2 <= len(rounds) <= 10, len(rounds)  # retried, and not in a hot loop
+        assert watcher.on(response) == []
+
+        allow(broker, acl, f"{BASE}/#")
+        await watcher.wait_for(lambda t, p: t == response and p == {"n": 1}, timeout=10)
+        await eventually(lambda: not journal.pending())
+        assert journal.counts()["undelivered"] == 0 and gateway.refused == 0
+        assert gateway.connected and gateway.reconnects == 0
+
+
+async def test_a_refused_retained_state_is_not_published_over_a_newer_one(tmp_path):
+    """A retained transaction state the broker refused must not be published again after a
+    newer state of the same transaction went through: it would replace it."""
+    record = f"{BASE}/transactions/TILL1/S1"
+    async with refusing_broker(tmp_path, Backoff(initial=1.5, maximum=1.5)) as (
+            broker, acl, journal, gateway):
+        gateway.enqueue(record, {"state": "in_progress"}, retain=True)
+        await asyncio.sleep(0.5)
+        assert [m.topic for m in journal.pending()] == [record]  # refused: still pending
+        allow(broker, acl, f"{BASE}/#")
+        await asyncio.sleep(0.3)
+        gateway.enqueue(record, {"state": "final"}, retain=True)
+        await eventually(lambda: not journal.pending())
+        assert gateway.refused == 0
+        await asyncio.sleep(2.0)  # past the retry that would have sent the old one
+        async with Subscriber(broker, [record], client_id="late") as late:
+            assert await late.wait_for(lambda t, p: True, timeout=5) == {"state": "final"}
+            await asyncio.sleep(0.3)
+            assert late.on(record) == [{"state": "final"}]
+
+
+async def test_the_client_reports_a_refusal_as_such_and_mqtt311_is_unchanged(tmp_path):
+    """The publish future fails with the broker's reason under MQTT 5; under MQTT 3.1.1 a
+    PUBACK carries no reason, and the future completes as before."""
+    import pytest
+
+    from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
+
+    broker, _ = acl_broker(tmp_path, "allowed/#")
+    try:
+        async with PipelinedClient(broker.host, broker.port, identifier="v5",
+                                   protocol=aiomqtt.ProtocolVersion.V5) as client:
+            with pytest.raises(PublishRefused) as refused:
+                await asyncio.wait_for(client.publish_nowait("denied/x", b"x"), 10)
+            assert refused.value.code == 0x87 and refused.value.reason == "Not authorized"
+            await asyncio.wait_for(client.publish_nowait("allowed/x", b"x"), 10)
+        async with PipelinedClient(broker.host, broker.port, identifier="v311",
+                                   protocol=aiomqtt.ProtocolVersion.V311) as client:
+            assert await asyncio.wait_for(client.publish_nowait("denied/x", b"x"), 10) is None
+    finally:
+        broker.kill()

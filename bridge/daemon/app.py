@@ -120,6 +120,8 @@ class Bridge:
         states = [w.state()["state"] for w in self.workers.values()]
         counts = self.journal.counts()
         broker = "broker connected" if self.gateway.connected else "broker unreachable"
+        if self.gateway.refused:
+            broker += f", {self.gateway.refused} refused by the broker (its ACL?)"
         return (f"{states.count('online') + states.count('busy')}/{len(states)} terminals "
                 f"online, {counts['in_flight']} in flight, {counts['unresolved']} unresolved, "
                 f"{counts['undelivered']} undelivered, {broker}")
@@ -138,6 +140,7 @@ class Bridge:
             "broker_reconnects": self.gateway.reconnects,
             "published": self.gateway.published,
             "undeliverable": self.gateway.undeliverable,
+            "refused_by_broker": self.gateway.refused,
             "rejected_requests": self.intake.rejected,
         }
 

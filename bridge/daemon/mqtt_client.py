@@ -103,6 +103,17 @@ def quiet_closed_socket_errors(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(handler)
 
 
+class PublishRefused(Exception):
+    """The broker acknowledged a publish with an MQTT 5 failure reason code (0x80 or more,
+    e.g. 0x87 Not authorized): it did not take the message. Not an MqttError: the connection
+    itself is fine."""
+
+    def __init__(self, reason: Any) -> None:
+        self.code = int(getattr(reason, "value", 0x80))
+        self.reason = str(reason)
+        super().__init__(f"{self.reason} (reason code 0x{self.code:02x})")
+
+
 class PipelinedClient(aiomqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -156,7 +167,8 @@ class PipelinedClient(aiomqtt.Client):
     def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                        properties: Any = None) -> asyncio.Future[None]:
         """Send now; the future completes when the broker has acknowledged the message (at
-        once for QoS 0). Raises MqttCodeError when paho cannot take it (not connected)."""
+        once for QoS 0), with PublishRefused when an MQTT 5 broker acknowledged it with a
+        failure reason code. Raises MqttCodeError when paho cannot take it (not connected)."""
         info = self._client.publish(topic, payload, qos, retain, properties)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
@@ -172,7 +184,11 @@ class PipelinedClient(aiomqtt.Client):
         future = self._acks.pop(mid, None)
         if future is None:  # one of aiomqtt's own publish() calls
             super()._on_publish(client, userdata, mid, reason_code, properties)
-        elif not future.done():
+        elif future.done():
+            pass
+        elif reason_code.is_failure:  # an acknowledgement, not a delivery (MQTT 5 only)
+            future.set_exception(PublishRefused(reason_code))
+        else:
             future.set_result(None)
 
     def abandon_pending(self) -> None:
