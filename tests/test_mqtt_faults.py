@@ -317,3 +317,73 @@ async def test_the_client_reports_a_refusal_as_such_and_mqtt311_is_unchanged(tmp
             assert await asyncio.wait_for(client.publish_nowait("denied/x", b"x"), 10) is None
     finally:
         broker.kill()
+
+
+# --- D: a request published with retain ----------------------------------------------------------
+
+RETAINED_ERROR = "requests must not be published with retain; nothing was started"
+
+
+async def test_a_retained_request_starts_nothing_and_is_answered_on_the_error_topic(
+        tmp_path, mosquitto, caplog):
+    """The broker sends a retained request again at every subscription: it used to be
+    answered again after each reconnect and, once the journal had pruned it, run on the
+    terminal a second time. Now a request that arrives retained starts nothing, is answered
+    on bridge/error, and is logged once however often it comes."""
+    from bridge.simulator import responses
+
+    from .test_daemon_mqtt import POI, Store, default_scenario, request_topic
+
+    async with Subscriber(mosquitto, []) as till:  # retained before the bridge subscribes
+        await till.publish(request_topic(), responses.payment_request("POS1", "R1", POI, 5.0),
+                           retain=True)
+        await till.publish(f"{BASE}/bridge/request/terminals", {"transaction": "t-7"},
+                           retain=True)
+    async with Subscriber(mosquitto, [f"{BASE}/registers/POS1/#", f"{BASE}/bridge/error",
+                                      f"{BASE}/bridge/response/+"], client_id="till",
+                          persistent=True) as till, \
+            Store(tmp_path, mosquitto, default_scenario()) as store:
+        refusal = await till.wait_for(lambda t, p: t == f"{BASE}/bridge/error", timeout=10)
+        assert refusal["status"] == "error" and RETAINED_ERROR in refusal["error"]
+        assert refusal["poi_id"] == POI and refusal["topic"] == request_topic()
+        answer = await till.wait_for(lambda t, p: t.endswith("/bridge/response/terminals"))
+        assert answer["status"] == "error" and RETAINED_ERROR in answer["error"]
+        assert answer["transaction"] == "t-7"
+
+        # a reconnect: the broker sends both again; they are refused again, not logged again
+        await till.disconnect()
+        mosquitto.stop()
+        mosquitto.start()
+        await till.connect()
+        await eventually(lambda: store.bridge.gateway.reconnects == 1
+                         and store.bridge.gateway.connected)
+        await eventually(lambda: len(till.on(f"{BASE}/bridge/error")) >= 1, timeout=5)
+        await asyncio.sleep(1.0)
+        assert till.on(f"{BASE}/registers/POS1/event") == []
+        assert till.on(f"{BASE}/registers/POS1/response") == []
+        assert not store.simulator.terminal.ledger  # the terminal saw nothing
+        assert store.bridge.journal.transactions() == []
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and "retained request" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # one per retained request, not one per reconnect
+
+
+async def test_with_mqtt5_even_a_live_retained_request_is_refused(tmp_path, mosquitto):
+    """Under MQTT 5 the bridge subscribes with "retain as published", so a request published
+    with retain while the bridge listens is refused at once, not only at the next reconnect
+    (with MQTT 3.1.1 the broker clears the flag on that first delivery)."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    gateway = gateway_for(mosquitto, journal, protocol="5")
+    handled: list[str] = []
+    gateway.set_request_handler(lambda topic, payload, reply: handled.append(topic))
+    try:
+        async with running(gateway), Subscriber(mosquitto, [f"{BASE}/bridge/error"]) as till:
+            await eventually(lambda: gateway.connected)
+            await till.publish(f"{BASE}/terminals/V400m-1/request", {"x": 1}, retain=True)
+            refusal = await till.wait_for(lambda t, p: True, timeout=10)
+            assert RETAINED_ERROR in refusal["error"] and refusal["poi_id"] == "V400m-1"
+            await till.publish(f"{BASE}/terminals/V400m-1/request", {"x": 2})
+            await eventually(lambda: handled)
+            assert handled == [f"{BASE}/terminals/V400m-1/request"]  # the plain one only
+    finally:
+        journal.close()

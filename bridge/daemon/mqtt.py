@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import re
 import socket
@@ -24,6 +25,7 @@ from typing import Any
 import aiomqtt
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.config import MqttConfig
 from bridge.daemon.journal import Journal, OutboxMessage
@@ -37,6 +39,7 @@ from bridge.daemon.registers import (
     transaction_payload,
     transaction_payload_from,
 )
+from bridge.protocol.messages import MessageError, load_json
 from bridge.protocol.session import Deliver, Progress
 from bridge.transports import Backoff
 
@@ -80,6 +83,15 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
+def _transaction_echo(payload: bytes) -> Any:
+    """A command's "transaction", echoed in its answer as the intake does, or None."""
+    try:
+        body = load_json(payload, max_size=64 * 1024)
+    except MessageError:
+        return None
+    return body.get("transaction") if isinstance(body, dict) else None
+
+
 class Reply:
     """How to answer one incoming message: to a fixed topic, or to the MQTT 5 response topic
     with its correlation data when the requester gave one."""
@@ -113,6 +125,7 @@ class RegisterGateway:
         self._state_ready = asyncio.Event()
         self._handler: RequestHandler | None = None
         self._correlations: dict[int, bytes] = {}  # outbox id -> MQTT 5 correlation data
+        self._retained_seen: dict[str, bytes] = {}  # retained requests warned about: digests
         self._accepting = True
         self.reconnects = 0
         self.published = 0
@@ -306,8 +319,15 @@ class RegisterGateway:
         # publishes must find a subscriber (on a broker that has never seen this bridge's
         # persistent session, nothing would queue a request for it).
         if self._accepting:
-            await client.subscribe(self.topics.terminal_requests, qos=1)
-            await client.subscribe(self.topics.bridge_requests, qos=1)
+            if self.config.protocol == "5":
+                # A request published with retain then arrives flagged even while we are
+                # subscribed, and is refused at once rather than after the next reconnect.
+                options = SubscribeOptions(qos=1, retainAsPublished=True)
+                await client.subscribe(self.topics.terminal_requests, options=options)
+                await client.subscribe(self.topics.bridge_requests, options=options)
+            else:
+                await client.subscribe(self.topics.terminal_requests, qos=1)
+                await client.subscribe(self.topics.bridge_requests, qos=1)
         await client.publish(self.topics.bridge_state, dumps({"state": "online"}), qos=1,
                              retain=True)
         self._state_dirty = set(self._terminal_states)
@@ -349,6 +369,10 @@ class RegisterGateway:
                 response_topic = self._usable_response_topic(message.topic.value,
                                                              response_topic)
             reply = Reply(self, response_topic, correlation)
+            if message.retain:
+                self._refuse_retained(message.topic.value, payload, reply)
+                self.journal.after_commit(functools.partial(client.ack, message))
+                continue
             # While draining, requests are still handed on: the intake refuses them with an
             # answer. The acknowledgement follows the handling: a request the daemon dies
             # with, before it reached the journal, is delivered again on the next start.
@@ -362,6 +386,31 @@ class RegisterGateway:
                     "status": "error", "error": "internal error while handling the request",
                     "topic": message.topic.value})
             self.journal.after_commit(functools.partial(client.ack, message))
+
+    def _refuse_retained(self, topic: str, payload: bytes, reply: Reply) -> None:
+        """A request the broker keeps (published with retain) comes again at every
+        subscription, so after each reconnect, and after the journal has forgotten it, it
+        would run on the terminal again: none is handled. The answer goes where that kind of
+        request's errors are documented; clearing the retained message is for its sender."""
+        error = (f"requests must not be published with retain; nothing was started. The "
+                 f"broker keeps this one and sends it again at every reconnect: clear it by "
+                 f"publishing an empty retained message on {topic}")
+        digest = hashlib.sha256(payload).digest()
+        if self._retained_seen.get(topic) != digest:
+            if len(self._retained_seen) >= 1024:  # topics are the sender's choice: bounded
+                self._retained_seen.clear()
+            self._retained_seen[topic] = digest
+            log.warning("a retained request on %s was refused: nothing was started; its sender "
+                        "must publish requests without retain, and clear this one", topic)
+        route = self.topics.parse_request_topic(topic)
+        if route is not None and route[0] == "bridge":
+            reply.send(self.topics.bridge_response(route[1]), {
+                "status": "error", "data": None, "error": error,
+                "transaction": _transaction_echo(payload)})
+        else:
+            self.enqueue(self.topics.bridge_error, {
+                "status": "error", "error": error,
+                "poi_id": route[1] if route is not None else None, "topic": topic})
 
     @staticmethod
     def _usable_response_topic(topic: str, response_topic: object) -> str | None:
