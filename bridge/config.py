@@ -13,7 +13,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-POIID_PATTERN = re.compile(r"^[A-Za-z0-9]+(?:[A-Za-z0-9_]*)-[A-Za-z0-9]+$")
+from bridge.protocol.transaction import SERVICE_ID_REUSE_WINDOW
+
+POIID_PATTERN = re.compile(r"^[A-Za-z0-9]+(?:[A-Za-z0-9_]*)-[A-Za-z0-9]+\Z")
 FRAMER_NAMES = ("stx-etx-lrc", "dle-crc16", "length-prefixed")
 
 
@@ -143,8 +145,18 @@ class MqttConfig(_Strict):
     tls: TlsConfig | None = None
     keepalive: int = Field(default=30, ge=5, le=65535)  # a 16-bit field in MQTT
     max_payload: int = Field(default=256 * 1024, ge=1024)
-    transaction_retention: float = Field(default=48 * 3600.0, gt=0)
+    transaction_retention: float = Field(default=SERVICE_ID_REUSE_WINDOW, gt=0)
     health_interval: float = Field(default=30.0, gt=0)
+
+    @field_validator("transaction_retention")
+    @classmethod
+    def _retention(cls, value: float) -> float:
+        if value < SERVICE_ID_REUSE_WINDOW:
+            raise ValueError(
+                f"must be at least 48 hours ({SERVICE_ID_REUSE_WINDOW:.0f} s): the journal's record of a payment is what tells a register's repeat from a "
+                "new payment within the 48-hour ServiceID rule; pruned sooner, a repeat would "
+                "be charged again")
+        return value
 
     @field_validator("base_topic")
     @classmethod

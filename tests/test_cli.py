@@ -87,13 +87,17 @@ def test_inspect_reads_a_captured_frame_stream(framer):
 def test_check_config_reports_every_problem_with_its_place(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('journal = "/tmp/j"\n[mqtt]\nport = 99999\nbogus = 1\n'
+                   'transaction_retention = 3600\n'
                    '[[terminals]]\npoi_id = "nodash"\n[terminals.link]\nkind = "serial"\n'
                    'device = "/dev/ttyACM0"\nbaudrate = 0\n')
     done = cli("check-config", str(bad))
     assert done.returncode == 2
     err = done.stderr.decode()
-    for place in ("mqtt.port", "mqtt.bogus", "terminals[0].poi_id", "terminals[0].link.baudrate"):
+    for place in ("mqtt.port", "mqtt.bogus", "terminals[0].poi_id", "terminals[0].link.baudrate",
+                  "mqtt.transaction_retention"):
         assert place in err, err
+    # Pruned sooner than the 48-hour ServiceID rule, a register's repeat would start again.
+    assert "at least 48 hours" in err
     good = tmp_path / "good.toml"
     good.write_text('[[terminals]]\npoi_id = "V400m-1"\n[terminals.link]\nkind = "tcp"\n'
                     'host = "10.0.0.5"\nport = 8443\n')

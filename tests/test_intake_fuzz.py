@@ -14,6 +14,7 @@ from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway, Reply
 from bridge.daemon.worker import TerminalWorker
+from bridge.protocol.transaction import TxKey
 from bridge.simulator import responses
 
 from .conftest import FIXTURES
@@ -159,3 +160,45 @@ def test_a_repeat_of_a_known_payment_gets_its_result_even_when_too_old_or_draini
             assert events == ["duplicate"]
     finally:
         rig.journal.close()
+
+
+def test_a_step_of_the_system_clock_does_not_make_a_repeat_a_new_payment(tmp_path):
+    """The box booted with its clock three days behind and NTP set it right while the daemon
+    ran. The terminals' sessions stamp transactions with the daemon's steady clock (still
+    three days behind); the 48-hour ServiceID rule must be measured on the same clock, or an
+    identical repeat of a payment approved a minute ago is taken for a new payment and sent
+    to the terminal again."""
+    import time
+
+    from bridge.daemon.app import Bridge
+    from bridge.daemon.worker import steady_clock
+    from bridge.protocol.transaction import Transaction, TxState, request_digest
+
+    behind = time.time() - 3 * 86400
+    clock = steady_clock(wall=lambda: behind)
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        rig.intake = RequestIntake(rig.config, rig.journal, rig.gateway, rig.intake.workers,
+                                   health=dict, clock=clock)
+        doc = responses.payment_request("POS1", "S1", POI)  # the register's clock is right
+        rig.journal.save(Transaction(
+            sale_id="POS1", service_id="S1", poi_id=POI, category="Payment", request=doc,
+            digest=request_digest(doc), created_at=clock(), updated_at=clock(),
+            state=TxState.FINAL, outcome="approved", source="terminal"))
+        answers = rig.handle(f"poi-bridge/terminals/{POI}/request", json.dumps(doc).encode())
+        results = [json.loads(a.payload) for a in answers if a.topic.endswith("/response")]
+        assert [r["bridge"]["outcome"] for r in results] == ["approved"]
+        events = [json.loads(a.payload)["event"] for a in answers if a.topic.endswith("/event")]
+        assert events == ["duplicate"]
+        assert rig.journal.get(TxKey("POS1", "S1")).outcome == "approved"  # not overwritten
+    finally:
+        rig.journal.close()
+    # And the daemon gives its terminals, its intake and its pruning that one clock.
+    config = parse_config({"journal": str(tmp_path / "daemon.sqlite3"), "terminals": [
+        {"poi_id": POI, "link": {"kind": "tcp", "host": "127.0.0.1", "port": 9}}]})
+    bridge = Bridge(config, hotplug=False)
+    try:
+        assert bridge.intake._clock is bridge.clock
+        assert all(worker._clock is bridge.clock for worker in bridge.workers.values())
+    finally:
+        bridge.journal.close()

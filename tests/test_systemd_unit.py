@@ -124,6 +124,9 @@ def test_unit_has_the_service_contract() -> None:
                                 "/etc/poi-bridge/poi-bridge.toml")
     # The daemon's default journal lives in the state directory systemd creates for it.
     assert Config().journal.parent == Path("/var/lib") / one("StateDirectory")
+    # Started after the clock is set (where the box says so): the journal's times start right.
+    after = " ".join(unit_settings()["Unit"]["After"]).split()
+    assert "time-sync.target" in after and "network-online.target" in after
 
 
 def test_unit_device_and_network_policy() -> None:

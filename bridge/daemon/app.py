@@ -30,7 +30,7 @@ from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway
 from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog
-from bridge.daemon.worker import TerminalWorker
+from bridge.daemon.worker import TerminalWorker, steady_clock
 from bridge.protocol import crypto
 
 log = logging.getLogger("poi_bridge")
@@ -69,12 +69,17 @@ class Bridge:
         self.started = time.time()
         self.journal = Journal(config.journal)
         self.gateway = RegisterGateway(config.mqtt, self.journal, password=mqtt_password)
+        # One steady clock for everything that stamps or compares the journal's times: the
+        # terminals' sessions, the 48-hour ServiceID rule and pruning must agree, or a step
+        # of the system clock makes a payment of a minute ago look days old to one of them.
+        self.clock = steady_clock()
         self.workers: dict[str, TerminalWorker] = {
-            t.poi_id: TerminalWorker(t, self.journal, self.gateway, key=load_key(t))
+            t.poi_id: TerminalWorker(t, self.journal, self.gateway, key=load_key(t),
+                                     clock=self.clock)
             for t in config.terminals
         }
         self.intake = RequestIntake(config, self.journal, self.gateway, self.workers,
-                                    health=self.health)
+                                    health=self.health, clock=self.clock)
         self.gateway.set_request_handler(self.intake.handle)
         self.gateway.health_source = self.health
         self._tasks: list[asyncio.Task[Any]] = []
@@ -184,7 +189,7 @@ class Bridge:
 
     async def _prune_loop(self) -> None:
         while True:
-            cutoff = time.time() - self.config.mqtt.transaction_retention
+            cutoff = self.clock() - self.config.mqtt.transaction_retention
             topics = [self.gateway.topics.transaction(k.sale_id, k.service_id)
                       for k in self.journal.final_before(cutoff)]
             self.gateway.clear_retained(topics)

@@ -56,14 +56,21 @@ def _header_dict(document: Any) -> dict[str, Any]:
 class RequestIntake:
     def __init__(self, config: Config, journal: Journal, gateway: RegisterGateway,
                  workers: dict[str, TerminalWorker], *, health: Callable[[], dict[str, Any]],
-                 clock: Callable[[], float] = time.time, request_max_age: float = 300.0) -> None:
+                 clock: Callable[[], float] = time.time, wall: Callable[[], float] = time.time,
+                 request_max_age: float = 300.0) -> None:
         self.config = config
         self.journal = journal
         self.gateway = gateway
         self.workers = workers
         self.topics = gateway.topics
         self._health = health
+        # `clock` is the one the terminals' sessions stamp transactions with (the daemon's
+        # steady clock): the 48-hour ServiceID window must be measured on it, or a step of
+        # the system clock makes a payment of a minute ago look days old, and its repeat a
+        # new payment. `wall` is the system clock, against which a register's TimeStamp is
+        # judged.
         self._clock = clock
+        self._wall = wall
         self.request_max_age = request_max_age
         self.rejected = 0
 
@@ -195,7 +202,7 @@ class RequestIntake:
             return None
         if stamp.tzinfo is None:
             return None
-        now = self._clock()
+        now = self._wall()
         age = now - stamp.timestamp()
         if age > self.request_max_age:
             clock = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds")

@@ -59,7 +59,8 @@ def steady_clock(wall: Callable[[], float] = time.time,
     monotonic clock only. The session's deadlines must not move when the system clock is
     stepped (NTP correcting a box that booted with a wrong clock): stepped back an hour, the
     status poll for a lost answer would have waited an hour. Times the journal records are
-    then off by the step until the next start, which only shows in displays and pruning."""
+    then off by the step until the next start; the daemon shares one such clock between its
+    terminals, the 48-hour ServiceID rule and pruning, so within a run they all agree."""
     offset = wall() - monotonic()
     return lambda: monotonic() + offset
 
