@@ -101,3 +101,31 @@ async def test_an_answer_that_cannot_be_decrypted_is_asked_about_not_ended(tmp_p
     assert damaged, "the payment's response was not damaged: the test proves nothing"
     assert (result.outcome, result.source) == ("approved", "status-poll")
     assert ("POS1", "E1") in simulator.terminal.ledger
+
+
+async def test_an_answer_in_clear_is_not_believed_when_a_key_is_configured(tmp_path,
+                                                                        monkeypatch):
+    """Whoever can write to the link can forge an answer in clear: the request's header (its
+    SaleID and ServiceID) travels in clear. The terminal declined; a clear copy saying
+    Success must not become an approval. The payment is asked about, and the terminal's own
+    (encrypted) record says declined."""
+    import copy
+
+    seal = crypto.encrypt_message
+    forged: list[dict] = []
+
+    def forge_the_payment_response(document, key):
+        body = document.get("SaleToPOIResponse", {})
+        if "PaymentResponse" in body and not forged:
+            fake = copy.deepcopy(document)
+            fake["SaleToPOIResponse"]["PaymentResponse"]["Response"] = {"Result": "Success"}
+            forged.append(fake)
+            return fake  # in clear
+        return seal(document, key)
+
+    monkeypatch.setattr(crypto, "encrypt_message", forge_the_payment_response)
+    result, simulator = await run_payment(tmp_path, KEY, KEY,
+                                          Behaviour(delay=0.05, decision="decline"))
+    assert forged, "no answer was forged: the test proves nothing"
+    assert (result.outcome, result.source) == ("declined", "status-poll")
+    assert not simulator.terminal.ledger[("POS1", "E1")].charged

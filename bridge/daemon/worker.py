@@ -420,6 +420,15 @@ class TerminalWorker:
                 f"terminal {self.poi_id} cannot decrypt our message ({problem}); check the "
                 f"encryption key configured for it ({key})", now))
             return
+        if self.key is not None and not crypto.is_encrypted(document):
+            # With a key configured only what the key authenticates is believed: anyone who
+            # can write to the link (a terminal's LAN port, a tapped cable) could otherwise
+            # forge an approval in clear. A payment is then asked about, as for garbage.
+            self._apply(self.session.unusable(
+                f"terminal {self.poi_id} sent a message in clear although key "
+                f"{self.key.identifier} v{self.key.version} is configured for it: not trusted "
+                "(its encryption switched off, or a message not from the terminal)", now))
+            return
         if crypto.is_encrypted(document):
             if self.key is None:
                 self._apply(self.session.unusable(
