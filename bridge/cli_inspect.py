@@ -75,7 +75,16 @@ def _key(args: argparse.Namespace) -> crypto.NexoKey | None:
 def payloads_from_frames(data: bytes, framer_name: str, source: str) -> list[bytes]:
     framer = make_framer(framer_name, max_frame_size=MAX_INPUT)
     payloads, noise = [], 0
-    for event in framer.receive_data(data, 0.0):
+    events = framer.receive_data(data, 0.0)
+    # The end of the capture is the end of the input: a frame still incomplete there (a
+    # length header whose payload was cut short) would otherwise hold every byte after its
+    # header. Let the framer's stall timeout pass, as on a live link when no byte follows:
+    # it rejects the candidate and rescans what followed it, until nothing more is pending.
+    deadline = framer.next_deadline()
+    while deadline is not None:
+        events += framer.handle_timeout(deadline)
+        deadline = framer.next_deadline()
+    for event in events:
         if isinstance(event, FrameReceived):
             payloads.append(event.payload)
         elif isinstance(event, FramingError):

@@ -84,6 +84,23 @@ def test_inspect_reads_a_captured_frame_stream(framer):
     assert json.loads(done.stdout)["outcome"] == "approved"
 
 
+def test_inspect_finds_the_frames_after_a_truncated_length_prefixed_one():
+    """A capture where the link dropped mid-frame: the cut frame's length header claims more
+    bytes than follow. At the end of the input nothing more comes, so it is rejected as on a
+    stalled link, and the good frames its claim had swallowed are found."""
+    framer = make_framer("length-prefixed")
+    cut = framer.encode((FIXTURES / "dotnet-pospayment-success.json").read_bytes())[:200]
+    capture = cut + b"".join(
+        framer.encode((FIXTURES / name).read_bytes())
+        for name in ("dotnet-pospayment-cancelled.json",
+                     "dotnet-pospayment-transaction-status-response.json"))
+    done = cli("inspect", "--json", "--frame", "length-prefixed", "-", stdin=capture)
+    assert done.returncode == 0, done.stderr
+    found = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert [(s["category"], s["service_id"]) for s in found] == [
+        ("Payment", "16151"), ("TransactionStatus", "35543420")]
+
+
 def test_check_config_reports_every_problem_with_its_place(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('journal = "/tmp/j"\n[mqtt]\nport = 99999\nbogus = 1\n'
