@@ -10,7 +10,7 @@ from typing import Any
 
 import aiomqtt
 
-from bridge.register_client import RegisterClient
+from bridge.register_client import RegisterClient, cli_client_id
 
 
 def add_parser(subparsers: Any) -> None:
@@ -44,9 +44,11 @@ def _event(event: dict[str, Any]) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     host, _, port = args.broker.rpartition(":")
+    # Its own client id, not the till's `register-<SaleID>`: acting as TILL1 by hand must not
+    # take TILL1 off the broker nor throw away the results queued in its session.
     async with RegisterClient(host or "127.0.0.1", int(port), args.sale_id,
                               base_topic=args.base_topic, on_event=_event,
-                              persistent=False) as register:
+                              persistent=False, client_id=cli_client_id()) as register:
         # A request on a base topic no bridge listens to would wait for the whole timeout and
         # then say nothing useful: ask the bridge's retained state first.
         state = await register.wait_for_bridge()

@@ -13,7 +13,7 @@ import aiomqtt
 from bridge.config import ConfigError, load_config
 from bridge.daemon.journal import Journal, JournalError
 from bridge.daemon.registers import summary
-from bridge.register_client import RegisterClient
+from bridge.register_client import RegisterClient, cli_client_id
 
 
 def add_parser(subparsers: Any) -> None:
@@ -50,7 +50,7 @@ async def _ask_daemon(config: Any, command: str, body: dict[str, Any] | None = N
     try:
         async with RegisterClient(config.mqtt.host, config.mqtt.port, "poi-bridge-cli",
                                   base_topic=config.mqtt.base_topic, persistent=False,
-                                  client_id=f"poi-bridge-cli-{command}") as client:
+                                  client_id=cli_client_id()) as client:
             return await client.command(command, body, timeout=timeout)
     except (aiomqtt.MqttError, TimeoutError, OSError):
         return None
@@ -94,7 +94,7 @@ def run_status(args: argparse.Namespace) -> int:
 async def _resync(args: argparse.Namespace, config: Any) -> int:
     async with RegisterClient(config.mqtt.host, config.mqtt.port, args.sale_id,
                               base_topic=config.mqtt.base_topic, persistent=False,
-                              client_id="poi-bridge-cli-resync") as client:
+                              client_id=cli_client_id()) as client:
         answer = await client.command("resync", {"sale_id": args.sale_id,
                                                  "service_id": args.service_id})
         if answer.get("status") != "ok":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,13 +23,29 @@ from bridge.protocol.builders import new_service_id
 from bridge.simulator.responses import payment_request
 
 
+def cli_client_id() -> str:
+    """The client id of a command-line or technician client: its own, one per process.
+
+    Never `register-<SaleID>`: a till keeps its persistent session under that id, and a
+    second connection with it would take the till off the broker and, with a clean session,
+    throw away the results queued for it. Nor one fixed id for every technician: two of them
+    at once would take turns kicking each other off."""
+    return f"poi-bridge-cli-{socket.gethostname()}-{os.getpid()}"
+
+
 class RegisterClient:
+    """A register's connection. By default, as a till: client id `register-<SaleID>` with a
+    persistent session, so results published while it is away are queued for it. With
+    `persistent=False` (a person or a tool looking in) the default id is `cli_client_id()`,
+    so that it never takes over a till's session."""
+
     def __init__(self, host: str, port: int, sale_id: str, *, base_topic: str = "poi-bridge",
                  client_id: str | None = None, persistent: bool = True,
                  on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.host, self.port, self.sale_id = host, port, sale_id
         self.topics = Topics(base_topic)
-        self._client_id = client_id or f"register-{sale_id}"
+        self._client_id = client_id or (f"register-{sale_id}" if persistent
+                                        else cli_client_id())
         self._persistent = persistent
         self._on_event = on_event
         self._client: aiomqtt.Client | None = None

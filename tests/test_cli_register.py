@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import time
 
@@ -17,6 +18,7 @@ import aiomqtt
 
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
+from bridge.register_client import RegisterClient
 from bridge.simulator.server import SimulatorServer
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
 
@@ -95,3 +97,25 @@ async def test_an_offline_bridge_is_named_and_the_request_still_goes(mosquitto):
     assert request["SaleToPOIRequest"]["MessageHeader"]["SaleID"] == "TILL9"
     assert "the bridge is offline; the request waits in the broker" in err
     assert code == 2 and "no answer in time" in err
+
+
+async def test_acting_as_a_till_by_hand_leaves_the_tills_session_alone(mosquitto):
+    """`register --sale-id TILL1` once connected as `register-TILL1` with a clean session: the
+    id a till keeps its persistent session under. The till was taken off the broker and the
+    results queued for it while it was away were thrown away. The command has its own id."""
+    async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1", base_topic=BASE):
+        pass  # the till subscribes, then goes away: its session and subscription are kept
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="bridge") as bridge:
+        await bridge.publish(f"{BASE}/registers/TILL1/response", json.dumps(
+            {"bridge": {"outcome": "approved", "transaction": {"service_id": "S1"}}}), qos=1)
+    code, _, err, _ = await register(mosquitto, "--base-topic", BASE, "--sale-id", "TILL1",
+                                     "terminals")
+    assert code == 2 and "no bridge has announced itself" in err  # it did connect, though
+    async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                              base_topic=BASE) as till:
+        async with asyncio.timeout(10):
+            while not till.responses:
+                await asyncio.sleep(0.05)
+    assert till.responses[0]["bridge"]["transaction"]["service_id"] == "S1"
+    log = mosquitto.log_path.read_text()
+    assert f" as poi-bridge-cli-{socket.gethostname()}-" in log, log
