@@ -5,6 +5,7 @@ cannot even be set up. None of these may take the connection, or the daemon, dow
 from __future__ import annotations
 
 import asyncio
+import time
 import contextlib
 import json
 import logging
@@ -108,9 +109,11 @@ async def test_an_unpublishable_message_already_in_the_journal_is_given_up_loudl
 # --- B: a connection that cannot be set up; a task that ends ------------------------------------
 
 def test_check_config_refuses_what_would_keep_the_bridge_off_the_broker(tmp_path):
-    """A TLS file that is missing or unreadable, a key without its certificate, an empty
-    client id (no persistent session), a keepalive MQTT cannot carry: each used to pass the
-    check and stop the connection at run time."""
+    """A key without its certificate, an empty client id (no persistent session), a keepalive
+    MQTT cannot carry: each used to pass the check and stop the connection at run time. A TLS
+    file this user cannot read is a warning, not a refusal: the daemon's user may read it, a
+    systemd credential exists only inside the service, and every other command that loads
+    the configuration (devices, udev-rules, status) must still work."""
     from .test_cli import cli
 
     ca = tmp_path / "ca.pem"
@@ -126,11 +129,19 @@ def test_check_config_refuses_what_would_keep_the_bridge_off_the_broker(tmp_path
     assert any("mqtt.client_id:" in p and "must be a stable, printable name" in p
                for p in problems), problems
     assert any("mqtt.keepalive:" in p for p in problems), problems
-    assert any(f"mqtt.tls.cert_file: Value error, cannot read {tmp_path / 'missing.pem'}: "
-               "No such file or directory" in p for p in problems), problems
-    assert any(f"mqtt.tls.key_file: Value error, cannot read {tmp_path}: Is a directory" in p
-               for p in problems), problems
-    assert not any("ca_file" in p for p in problems), problems  # there, and readable
+
+    config.write_text(
+        f'[mqtt.tls]\nca_file = "{ca}"\ncert_file = "{tmp_path / "missing.pem"}"\n'
+        f'key_file = "{tmp_path}"\n')
+    done = cli("check-config", str(config))
+    assert done.returncode == 0, done.stderr
+    warnings = done.stderr.decode().splitlines()
+    assert any(f"warning: mqtt.tls.cert_file: cannot read {tmp_path / 'missing.pem'}: "
+               "No such file or directory" in w for w in warnings), warnings
+    assert any(f"warning: mqtt.tls.key_file: cannot read {tmp_path}: Is a directory" in w
+               for w in warnings), warnings
+    assert not any("ca_file" in w for w in warnings), warnings  # there, and readable
+    assert cli("udev-rules", "--config", str(config)).returncode == 0
 
     from bridge.config import ConfigError, parse_config
     try:
@@ -276,6 +287,29 @@ async def test_a_publish_the_broker_refuses_stays_pending_and_is_retried(tmp_pat
         assert gateway.connected and gateway.reconnects == 0
 
 
+async def test_a_refused_answer_outside_the_bridges_topics_is_given_up_and_a_stop_is_quick(
+        tmp_path, caplog):
+    """An operator's MQTT 5 ResponseTopic the bridge's ACL does not allow: no change on the
+    bridge's side makes that answer go, so it is given up once (logged, counted), not
+    retried every minute for ever. And a clean stop does not wait for refused messages that
+    stay pending (a result the ACL refuses waits for the ACL to be fixed)."""
+    async with refusing_broker(tmp_path, Backoff(initial=0.2, maximum=0.4)) as (
+            broker, acl, journal, gateway):
+        gateway.enqueue("ops/replies/1", {"status": "ok"})
+        gateway.enqueue(f"{BASE}/registers/TILL1/response", {"n": 1})
+        await eventually(lambda: gateway.undeliverable == 1)
+        await asyncio.sleep(1.0)
+        assert [m.topic for m in journal.pending()] == [f"{BASE}/registers/TILL1/response"]
+        assert gateway.refused == 1  # the result: held, published again
+        assert not any("publishing again" in r.getMessage() and "ops/replies" in r.getMessage()
+                       for r in caplog.records)
+        assert any("ops/replies/1" in line and "refused by the broker" in line
+                   for line in errors(caplog))
+        started = time.monotonic()
+        await gateway.announce_offline()
+        assert time.monotonic() - started < 1.0
+
+
 async def test_a_refused_retained_state_is_not_published_over_a_newer_one(tmp_path):
     """A retained transaction state the broker refused must not be published again after a
     newer state of the same transaction went through: it would replace it."""
@@ -385,5 +419,11 @@ async def test_with_mqtt5_even_a_live_retained_request_is_refused(tmp_path, mosq
             await till.publish(f"{BASE}/terminals/V400m-1/request", {"x": 2})
             await eventually(lambda: handled)
             assert handled == [f"{BASE}/terminals/V400m-1/request"]  # the plain one only
+            # Clearing it as the refusal says (an empty retained message, which MQTT 5 also
+            # delivers with retain set) is no request, and gets no second refusal.
+            await till.publish(f"{BASE}/terminals/V400m-1/request", b"", retain=True)
+            await asyncio.sleep(0.5)
+            assert len(till.on(f"{BASE}/bridge/error")) == 1
+            assert handled == [f"{BASE}/terminals/V400m-1/request"]
     finally:
         journal.close()

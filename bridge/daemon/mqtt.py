@@ -370,7 +370,10 @@ class RegisterGateway:
                                                              response_topic)
             reply = Reply(self, response_topic, correlation)
             if message.retain:
-                self._refuse_retained(message.topic.value, payload, reply)
+                if payload:
+                    self._refuse_retained(message.topic.value, payload, reply)
+                else:  # the sender clearing a retained request, as told: nothing to answer
+                    log.debug("retained message on %s cleared", message.topic.value)
                 self.journal.after_commit(functools.partial(client.ack, message))
                 continue
             # While draining, requests are still handed on: the intake refuses them with an
@@ -481,8 +484,11 @@ class RegisterGateway:
         if client is None:
             return
         deadline = time.monotonic() + timeout
-        while self.journal.pending(limit=1) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)  # the pump has published them: wait for the PUBACKs
+        # The pump has published what is pending: wait for the PUBACKs, but not for messages
+        # the broker refused (they wait for its ACL to be fixed, and for the next start).
+        while len(self.journal.pending(limit=self.refused + 1)) > self.refused \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
         with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
             await asyncio.wait_for(
                 client.publish(self.topics.bridge_state, dumps({"state": "offline"}), qos=1,
@@ -587,6 +593,12 @@ class _OutboxPump:
     def _refused(self, message: OutboxMessage, properties: Properties | None,
                  refusal: BaseException) -> None:
         self.retrying.discard(message.id)
+        if not message.topic.startswith(self.gateway.config.base_topic + "/"):
+            # An answer to an MQTT 5 requester's own ResponseTopic, outside the bridge's
+            # topics: its sender chose a topic the bridge may not publish to, and no change
+            # on the bridge's side will make it go. Given up, as a topic no broker takes.
+            self._undeliverable(message, f"refused by the broker: {refusal}")
+            return
         self.refused[message.id] = (message, properties)
         if self.retry_timer is not None:
             return  # one line per round: the retry says how many
