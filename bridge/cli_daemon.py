@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sqlite3
 import sys
 from typing import Any
@@ -50,6 +51,11 @@ def check_config(args: argparse.Namespace) -> int:
         print(f"  {terminal.poi_id}: {link.kind} {where}, framer {terminal.framer.name}, "
               f"payment timeout {terminal.payment_timeout:g} s"
               + (f", key {terminal.key.identifier} v{terminal.key.version}" if terminal.key else ""))
+    tls = config.mqtt.tls
+    for problem in tls.unreadable() if tls is not None else []:
+        print(f"{args.file}: warning: {problem} (as uid {os.getuid()}; the daemon reads it as "
+              "its own user at every connection, and cannot connect without it)",
+              file=sys.stderr)
     return 0
 
 

@@ -102,29 +102,28 @@ class TerminalConfig(_Strict):
         return value
 
 
-def _readable(path: Path | None) -> Path | None:
-    """A file the daemon must read at every connection: found missing or unreadable here,
-    it is one line at check-config time instead of a connection that never comes up."""
-    if path is None:
-        return None
-    try:
-        with path.open("rb"):
-            pass
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    return path
-
-
 class TlsConfig(_Strict):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
     check_hostname: bool = True
 
-    @field_validator("ca_file", "cert_file", "key_file")
-    @classmethod
-    def _files(cls, value: Path | None) -> Path | None:
-        return _readable(value)
+    def unreadable(self) -> list[str]:
+        """The TLS files this process cannot read, each with why. Not a validation error:
+        whoever loads the configuration (a technician's command, another user) may not be
+        the daemon's user, a systemd credential exists only inside the service, and the
+        daemon retries a file that is fixed while it runs."""
+        problems = []
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is None:
+                continue
+            try:
+                with path.open("rb"):
+                    pass
+            except OSError as exc:
+                problems.append(f"mqtt.tls.{name}: cannot read {path}: {exc.strerror or exc}")
+        return problems
 
     @model_validator(mode="after")
     def _key_needs_certificate(self) -> TlsConfig:
