@@ -766,6 +766,21 @@ def test_a_device_that_will_not_say_who_it_is_still_gets_the_request_in_the_end(
     assert h.session.named
 
 
+def test_an_unreadable_answer_ends_the_identity_check_but_not_a_payment():
+    """An answer that does not decrypt shows a device is there and answering: what waits for
+    the identity check goes out at once (its first readable answer is checked), not after
+    status_timeout. The same to a payment is no outcome: it is asked about."""
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))
+    h.submit("POS1", "S1")
+    sent = h.do(h.session.unreadable("HMAC does not verify", h.now))
+    assert [s.purpose for s in h.sends(sent)] == ["request"]
+    assert any(isinstance(a, Log) and "cannot be read" in a.message for a in sent)
+    after = h.do(h.session.unreadable("HMAC does not verify", h.now))
+    assert h.delivers(after) == []
+    assert h.session.open[TxKey("POS1", "S1")].state is TxState.POLLING
+
+
 def test_any_message_that_names_the_device_ends_the_identity_check():
     """A terminal that rejects the check with an event still says who it is: what waits
     goes out at once, not after status_timeout."""

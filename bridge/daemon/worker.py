@@ -439,7 +439,7 @@ class TerminalWorker:
             except crypto.CryptoError as exc:
                 # The terminal acted on our request and answered: only we cannot read it. For
                 # a payment that is no outcome, so it is asked about, never ended as an error.
-                self._apply(self.session.unusable(
+                self._apply(self.session.unreadable(
                     f"cannot decrypt the terminal's answer with key {self.key.identifier} "
                     f"v{self.key.version}: {exc}", now))
                 return

@@ -302,6 +302,15 @@ class TerminalSession:
             return [Log("warning", f"terminal {self.poi_id}: unusable message ignored: {reason}")]
         return self._unusable_answer(txn, reason, now) + self._pump(now)
 
+    def unreadable(self, reason: str, now: float) -> list[Action]:
+        """The terminal answered, but we cannot read it (it does not decrypt). As an answer
+        to the identity check it ends the check (a device is there, and answers); otherwise
+        it is an unusable answer: a payment is asked about, never ended."""
+        if self._naming is not None:
+            return [self._unnamed(f"the answer to the identity check cannot be read: {reason}"),
+                    *self._pump(now)]
+        return self.unusable(reason, now)
+
     def refused(self, reason: str, now: float) -> list[Action]:
         """The terminal could not process what we sent (it could not decrypt it, say). The
         request was not acted on, so the transaction ends as an error naming the cause; a
