@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -96,9 +97,11 @@ class RegisterClient:
                 final = (payload.get("bridge") or {}).get("outcome") != "unresolved"
                 if future is not None and not future.done() and final:
                     future.set_result(payload)
-            elif "/bridge/response/" in topic:
-                command = topic.rsplit("/", 1)[1]
-                future = self._commands.pop(command, None)
+            elif "/bridge/response/" in topic and isinstance(payload, dict):
+                # Everyone asking the same command hears every answer on this topic (another
+                # technician, head office through the chain bridge): ours echoes our token.
+                token = payload.get("transaction")
+                future = self._commands.get(token) if isinstance(token, str) else None
                 if future is not None and not future.done():
                     future.set_result(payload)
 
@@ -134,9 +137,16 @@ class RegisterClient:
 
     async def command(self, command: str, body: dict[str, Any] | None = None,
                       timeout: float = 30.0) -> dict[str, Any]:
+        """Send an operator command and wait for its answer. The answers to everyone's
+        commands come on one topic; ours is the one that echoes the unique token put in the
+        body's "transaction" field (any "transaction" given in `body` is replaced)."""
         assert self._client is not None
+        token = uuid.uuid4().hex
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._commands[command] = future
-        await self._client.publish(f"{self.topics.base}/bridge/request/{command}",
-                                   json.dumps(body or {}), qos=1)
-        return await asyncio.wait_for(future, timeout)
+        self._commands[token] = future
+        try:
+            await self._client.publish(f"{self.topics.base}/bridge/request/{command}",
+                                       json.dumps({**(body or {}), "transaction": token}), qos=1)
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            del self._commands[token]

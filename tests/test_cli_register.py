@@ -16,15 +16,10 @@ import time
 
 import aiomqtt
 
-from bridge.config import parse_config
-from bridge.daemon.app import Bridge
 from bridge.register_client import RegisterClient
-from bridge.simulator.server import SimulatorServer
-from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
 
 from .rig import POI, ROOT, python_env
-
-BASE = "poi/store-cli"
+from .test_cli_tools import BASE, running_bridge
 
 
 async def register(mosquitto, *args: str, timeout: float = 60) -> tuple[int, str, str, float]:
@@ -39,21 +34,7 @@ async def register(mosquitto, *args: str, timeout: float = 60) -> tuple[int, str
 
 
 async def test_pay_through_a_running_bridge(tmp_path, mosquitto):
-    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05),
-                                         link=LinkBehaviour(status_hold=0.05)), "stx-etx-lrc")
-    device = await simulator.start_pty(tmp_path / "terminal")
-    bridge = Bridge(parse_config({
-        "journal": str(tmp_path / "journal.sqlite3"),
-        "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "base_topic": BASE,
-                 "client_id": "bridge-cli-test"},
-        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
-    }))
-    await bridge.start()
-    try:
-        for _ in range(250):
-            if bridge.workers[POI].online and bridge.gateway.connected:
-                break
-            await asyncio.sleep(0.02)
+    async with running_bridge(tmp_path, mosquitto):
         code, out, err, _ = await register(mosquitto, "--base-topic", BASE, "--sale-id",
                                            "TILL9", "pay", "--terminal", POI, "--amount",
                                            "4.20", "--timeout", "30")
@@ -66,9 +47,6 @@ async def test_pay_through_a_running_bridge(tmp_path, mosquitto):
         listed = json.loads(out)
         assert [t["sale_id"] for t in listed] == ["TILL9"]
         assert listed[0]["outcome"] == "approved"
-    finally:
-        await bridge.stop()
-        await simulator.close()
 
 
 async def test_a_base_topic_no_bridge_uses_is_reported_at_once(mosquitto):
