@@ -6,19 +6,39 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from pydantic import ValidationError
 
-from bridge.register_client import RegisterClient, cli_client_id
+from bridge.config import ConfigError, MqttConfig, load_config
+from bridge.register_client import (
+    ConnectionSetupError,
+    RegisterClient,
+    cli_client_id,
+    connection_problem,
+)
 
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "register", help="act as a register: pay, resync, list transactions",
         description="A register client over MQTT, for trying the bridge by hand.")
-    p.add_argument("--broker", default="127.0.0.1:1883", metavar="HOST:PORT")
-    p.add_argument("--base-topic", default="poi-bridge")
+    p.add_argument("--config", metavar="FILE",
+                   help="the bridge's configuration: its broker, base topic, user name, "
+                        "password file and TLS (the options below override them)")
+    p.add_argument("--broker", metavar="HOST:PORT", help="default 127.0.0.1:1883")
+    p.add_argument("--base-topic", help="default poi-bridge")
+    p.add_argument("--username")
+    p.add_argument("--password-file", type=Path, metavar="FILE",
+                   help="file holding the password (its first line)")
+    p.add_argument("--tls", action="store_true",
+                   help="connect with TLS, the broker checked against the system's CAs")
+    p.add_argument("--ca-file", type=Path, metavar="FILE",
+                   help="connect with TLS, the broker checked against this CA")
+    p.add_argument("--cert-file", type=Path, metavar="FILE", help="TLS client certificate")
+    p.add_argument("--key-file", type=Path, metavar="FILE", help="its private key")
     p.add_argument("--sale-id", default="MANUAL-1", help="this register's SaleID")
     p.add_argument("--json", action="store_true", help="print raw JSON answers")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -42,13 +62,48 @@ def _event(event: dict[str, Any]) -> None:
     print(f"  . {event['event']}{poll} {event.get('detail', '')}".rstrip(), file=sys.stderr)
 
 
-async def _run(args: argparse.Namespace) -> int:
-    host, _, port = args.broker.rpartition(":")
+def _mqtt(args: argparse.Namespace) -> MqttConfig:
+    """The broker and how to log in: the bridge's configuration if given, then the options."""
+    settings: dict[str, Any] = {"host": "127.0.0.1"}
+    if args.config is not None:
+        try:
+            settings = load_config(args.config).mqtt.model_dump(exclude_unset=True)
+        except ConfigError as exc:
+            raise _Usage(*(f"{exc.path}: {problem}" for problem in exc.problems)) from None
+    if args.broker is not None:
+        host, _, port = args.broker.rpartition(":")
+        settings.update(host=host or "127.0.0.1", port=port)
+    given = {"base_topic": args.base_topic, "username": args.username,
+             "password_file": args.password_file}
+    settings.update({key: value for key, value in given.items() if value is not None})
+    tls = {key: value for key, value in (("ca_file", args.ca_file), ("cert_file", args.cert_file),
+                                         ("key_file", args.key_file)) if value is not None}
+    if tls or args.tls:
+        settings["tls"] = {**(settings.get("tls") or {}), **tls}
+    try:
+        return MqttConfig.model_validate(settings)
+    except ValidationError as exc:
+        raise _Usage(*(f"{_option(e['loc'])}: {e['msg']}" for e in exc.errors())) from None
+
+
+def _option(loc: tuple[Any, ...]) -> str:
+    """The option (or configuration key) a validation error is about."""
+    if loc[:1] in (("host",), ("port",)):
+        return "--broker"
+    if loc == ("tls",):
+        return "TLS options"
+    return "--" + str(loc[-1]).replace("_", "-")
+
+
+class _Usage(Exception):
+    """Options that do not make a connection; one line per problem."""
+
+
+async def _run(args: argparse.Namespace, mqtt: MqttConfig) -> int:
     # Its own client id, not the till's `register-<SaleID>`: acting as TILL1 by hand must not
     # take TILL1 off the broker nor throw away the results queued in its session.
-    async with RegisterClient(host or "127.0.0.1", int(port), args.sale_id,
-                              base_topic=args.base_topic, on_event=_event,
-                              persistent=False, client_id=cli_client_id()) as register:
+    async with RegisterClient.for_bridge(mqtt, args.sale_id, on_event=_event, persistent=False,
+                                         client_id=cli_client_id()) as register:
         # A request on a base topic no bridge listens to would wait for the whole timeout and
         # then say nothing useful: ask the bridge's retained state first.
         state = await register.wait_for_bridge()
@@ -86,11 +141,16 @@ async def _run(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(_run(args))
-    except aiomqtt.MqttError as exc:
-        print(f"poi-bridge register: cannot reach the broker {args.broker}: {exc}",
-              file=sys.stderr)
+        mqtt = _mqtt(args)
+    except _Usage as exc:
+        for problem in exc.args:
+            print(f"poi-bridge register: {problem}", file=sys.stderr)
         return 2
-    except TimeoutError:
+    try:
+        return asyncio.run(_run(args, mqtt))
+    except TimeoutError:  # (an OSError: before the connection errors)
         print("poi-bridge register: no answer in time (is the bridge running?)", file=sys.stderr)
+        return 2
+    except (ConnectionSetupError, aiomqtt.MqttError, OSError) as exc:
+        print(f"poi-bridge register: {connection_problem(exc, mqtt)}", file=sys.stderr)
         return 2

@@ -13,7 +13,12 @@ import aiomqtt
 from bridge.config import ConfigError, load_config
 from bridge.daemon.journal import Journal, JournalError
 from bridge.daemon.registers import summary
-from bridge.register_client import RegisterClient, cli_client_id
+from bridge.register_client import (
+    ConnectionSetupError,
+    RegisterClient,
+    cli_client_id,
+    connection_problem,
+)
 
 
 def add_parser(subparsers: Any) -> None:
@@ -45,15 +50,20 @@ def _load(path: str) -> Any:
         raise SystemExit(2) from None
 
 
+class _NoAnswer(Exception):
+    """The broker took the command, the daemon did not answer it."""
+
+
 async def _ask_daemon(config: Any, command: str, body: dict[str, Any] | None = None,
-                      timeout: float = 3.0) -> dict[str, Any] | None:
-    try:
-        async with RegisterClient(config.mqtt.host, config.mqtt.port, "poi-bridge-cli",
-                                  base_topic=config.mqtt.base_topic, persistent=False,
-                                  client_id=cli_client_id()) as client:
+                      timeout: float = 3.0) -> dict[str, Any]:
+    """The daemon's answer. ConnectionSetupError or aiomqtt.MqttError when the broker could
+    not be reached or refused us (see connection_problem), _NoAnswer when nobody answered."""
+    async with RegisterClient.for_bridge(config.mqtt, "poi-bridge-cli", persistent=False,
+                                         client_id=cli_client_id()) as client:
+        try:
             return await client.command(command, body, timeout=timeout)
-    except (aiomqtt.MqttError, TimeoutError, OSError):
-        return None
+        except TimeoutError:
+            raise _NoAnswer from None
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -66,17 +76,34 @@ def run_status(args: argparse.Namespace) -> int:
     counts = journal.counts()
     open_txns = [summary(t) for t in journal.open_transactions()]
     journal.close()
-    terminals = asyncio.run(_ask_daemon(config, "terminals"))
+    terminals: dict[str, Any] = {}
+    problem = None  # the broker could not be asked: the daemon's state is not known
+    note = None
+    try:
+        terminals = asyncio.run(_ask_daemon(config, "terminals"))
+        daemon = "running"
+    except _NoAnswer:
+        daemon = "not reachable over MQTT"
+        note = (f"the broker took the question; no daemon answered it on "
+                f"{config.mqtt.base_topic}/bridge/response/terminals (is poi-bridge running?)")
+    except (ConnectionSetupError, aiomqtt.MqttError, OSError) as exc:
+        problem = connection_problem(exc, config.mqtt)
+        daemon = "unknown: the broker could not be asked"
     report = {
         "journal": str(config.journal), "counts": counts, "open_transactions": open_txns,
-        "daemon": "running" if terminals else "not reachable over MQTT",
-        "terminals": (terminals or {}).get("data") or [
+        "daemon": daemon, "mqtt_error": problem,
+        "terminals": terminals.get("data") or [
             {"poi_id": t.poi_id, "state": "unknown"} for t in config.terminals],
     }
+    status = 2 if problem else 0
     if args.json:
         print(json.dumps(report, indent=1))
-        return 0
+        if problem:
+            print(f"poi-bridge status: {problem}", file=sys.stderr)
+        return status
     print(f"daemon: {report['daemon']}  (broker {config.mqtt.host}:{config.mqtt.port})")
+    if problem or note:
+        print(f"  {problem or note}")
     print(f"journal {report['journal']}: {counts['in_flight']} in flight, "
           f"{counts['unresolved']} unresolved, {counts['undelivered']} messages not yet "
           "delivered to the broker")
@@ -88,13 +115,12 @@ def run_status(args: argparse.Namespace) -> int:
               f"{txn['category']}, {txn['polls']} poll(s): {txn['detail']}")
     if not open_txns:
         print("  no open transactions")
-    return 0
+    return status
 
 
 async def _resync(args: argparse.Namespace, config: Any) -> int:
-    async with RegisterClient(config.mqtt.host, config.mqtt.port, args.sale_id,
-                              base_topic=config.mqtt.base_topic, persistent=False,
-                              client_id=cli_client_id()) as client:
+    async with RegisterClient.for_bridge(config.mqtt, args.sale_id, persistent=False,
+                                         client_id=cli_client_id()) as client:
         answer = await client.command("resync", {"sale_id": args.sale_id,
                                                  "service_id": args.service_id})
         if answer.get("status") != "ok":
@@ -122,9 +148,9 @@ def run_resync(args: argparse.Namespace) -> int:
     config = _load(args.config)
     try:
         return asyncio.run(_resync(args, config))
-    except (aiomqtt.MqttError, OSError) as exc:
-        print(f"poi-bridge resync: cannot reach the broker: {exc}", file=sys.stderr)
-        return 2
-    except TimeoutError:
+    except TimeoutError:  # (an OSError: before the connection errors)
         print("poi-bridge resync: the daemon did not answer (is it running?)", file=sys.stderr)
+        return 2
+    except (ConnectionSetupError, aiomqtt.MqttError, OSError) as exc:
+        print(f"poi-bridge resync: {connection_problem(exc, config.mqtt)}", file=sys.stderr)
         return 2

@@ -12,13 +12,18 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import time
+import types
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 
+from bridge.config import MqttConfig
+from bridge.daemon.mqtt import RegisterGateway, SetupError
 from bridge.daemon.registers import Topics
 from bridge.protocol.builders import new_service_id
 from bridge.simulator.responses import payment_request
@@ -34,6 +39,58 @@ def cli_client_id() -> str:
     return f"poi-bridge-cli-{socket.gethostname()}-{os.getpid()}"
 
 
+class ConnectionSetupError(Exception):
+    """What keeps a client from trying to connect at all (a password or TLS file it cannot
+    use), in one line that names the file and what to check."""
+
+
+def read_password(path: Path | None) -> str | None:
+    """The MQTT password in `password_file`, read as the daemon reads it (its first line
+    without the line end). A systemd credential of the service is named in the configuration
+    by its path (/run/credentials/poi-bridge.service/...): it exists only while the service
+    runs, and only root and the service may read it."""
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConnectionSetupError(
+            f"cannot read the MQTT password file {path}: {exc.strerror or exc}; run as a user "
+            "that may read it (root, for a systemd credential, which exists only while "
+            "poi-bridge.service runs)") from None
+
+
+def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
+    """The TLS context of `mqtt.tls`, built as the daemon builds its own."""
+    try:  # the daemon's builder reads only `.config`
+        return RegisterGateway._tls_context(types.SimpleNamespace(config=mqtt))  # type: ignore[arg-type]
+    except SetupError as exc:
+        raise ConnectionSetupError(str(exc)) from None
+
+
+_LOGIN_REFUSED = {4, 5, 0x86, 0x87, 0x8C}  # bad user name or password, not authorised
+
+
+def connection_problem(exc: BaseException, mqtt: MqttConfig) -> str:
+    """What failed when connecting to the broker of `mqtt`, and what to check."""
+    broker = f"{mqtt.host}:{mqtt.port}"
+    if isinstance(exc, ConnectionSetupError):
+        return str(exc)
+    code = getattr(exc, "rc", None)
+    if isinstance(exc, aiomqtt.MqttCodeError) and getattr(code, "value", code) in _LOGIN_REFUSED:
+        who = f"as user {mqtt.username!r}" if mqtt.username else "without a user name"
+        return (f"the broker {broker} refused the login {who}: {exc}; check mqtt.username "
+                "and the password in mqtt.password_file against the broker's password file "
+                "and ACL")
+    if isinstance(exc, aiomqtt.MqttCodeError):
+        return f"the broker {broker} refused the connection: {exc}"
+    tls = ("TLS (mqtt.tls: the CA that signed the broker's certificate, the host name in it, "
+           "the client certificate the broker wants)" if mqtt.tls is not None
+           else "whether the broker wants TLS (mqtt.tls)")
+    return (f"cannot connect to the broker {broker}: {str(exc) or type(exc).__name__}; "
+            f"check that it runs, mqtt.host and mqtt.port, and {tls}")
+
+
 class RegisterClient:
     """A register's connection. By default, as a till: client id `register-<SaleID>` with a
     persistent session, so results published while it is away are queued for it. With
@@ -42,8 +99,11 @@ class RegisterClient:
 
     def __init__(self, host: str, port: int, sale_id: str, *, base_topic: str = "poi-bridge",
                  client_id: str | None = None, persistent: bool = True,
-                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[dict[str, Any]], None] | None = None,
+                 username: str | None = None, password: str | None = None,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.sale_id = host, port, sale_id
+        self._login = {"username": username, "password": password, "tls_context": tls_context}
         self.topics = Topics(base_topic)
         self._client_id = client_id or (f"register-{sale_id}" if persistent
                                         else cli_client_id())
@@ -57,9 +117,17 @@ class RegisterClient:
         self.bridge_state: str | None = None  # the retained bridge/state, once seen
         self._bridge_state_seen = asyncio.Event()
 
+    @classmethod
+    def for_bridge(cls, mqtt: MqttConfig, sale_id: str, **options: Any) -> RegisterClient:
+        """A client to the broker and base topic of a bridge's `[mqtt]` configuration, with
+        its user name, password and TLS. ConnectionSetupError if a file cannot be used."""
+        return cls(mqtt.host, mqtt.port, sale_id, base_topic=mqtt.base_topic,
+                   username=mqtt.username, password=read_password(mqtt.password_file),
+                   tls_context=tls_context(mqtt), **options)
+
     async def __aenter__(self) -> RegisterClient:
         self._client = aiomqtt.Client(self.host, self.port, identifier=self._client_id,
-                                      clean_session=not self._persistent)
+                                      clean_session=not self._persistent, **self._login)
         await self._client.__aenter__()
         await self._client.subscribe(f"{self.topics.base}/registers/{self.sale_id}/#", qos=1)
         await self._client.subscribe(f"{self.topics.base}/bridge/response/+", qos=1)

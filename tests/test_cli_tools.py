@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -17,7 +20,9 @@ from bridge.register_client import RegisterClient
 from bridge.simulator.server import SimulatorServer
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
 
-from .rig import POI
+from .broker import Mosquitto
+from .rig import POI, ROOT, python_env
+from .test_mqtt_security import make_pki, passwords
 
 BASE = "poi/store-cli"
 
@@ -72,3 +77,116 @@ async def test_a_command_gets_its_own_answer_not_another_operators(tmp_path, mos
                 if answer["transaction"] == "hq-1":
                     break
         assert "no transaction HQ/theirs" in answer["error"]
+
+
+# --- a broker as the README's Security section sets it up: passwords, TLS ---------------------
+
+def locked_broker(tmp_path) -> tuple[Mosquitto, dict[str, str]]:
+    """No anonymous login, the bridge's user with a password, TLS with client certificates.
+    Returns the broker and the bridge's [mqtt] login settings (password in a file)."""
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    make_pki(pki, ["127.0.0.1"])
+    passwd = tmp_path / "passwd"
+    passwords(passwd, {"poi-bridge": "bridge-pw"})
+    broker = Mosquitto(
+        tmp_path / "broker", anonymous=False, extra_config=f"password_file {passwd}\n",
+        listener_options=f"cafile {pki / 'ca.pem'}\ncertfile {pki / 'broker.pem'}\n"
+                         f"keyfile {pki / 'broker.key'}\nrequire_certificate true\n").start()
+    (tmp_path / "mqtt-password").write_text("bridge-pw\n")
+    return broker, {"username": "poi-bridge", "password_file": str(tmp_path / "mqtt-password"),
+                    "ca_file": str(pki / "ca.pem"), "cert_file": str(pki / "client.pem"),
+                    "key_file": str(pki / "client.key")}
+
+
+def config_file(tmp_path, broker, login: dict[str, str]) -> Path:
+    """The bridge's configuration as a technician's command reads it."""
+    tls = "".join(f'{key} = "{login[key]}"\n' for key in ("ca_file", "cert_file", "key_file")
+                  if key in login)
+    path = tmp_path / "poi-bridge.toml"
+    path.write_text(
+        f'journal = "{tmp_path / "journal.sqlite3"}"\n'
+        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nbase_topic = "{BASE}"\n'
+        + "".join(f'{key} = "{login[key]}"\n' for key in ("username", "password_file")
+                  if key in login)
+        + (f"[mqtt.tls]\n{tls}" if tls else "")
+        + f'[[terminals]]\npoi_id = "{POI}"\n[terminals.link]\nkind = "serial"\n'
+          'device = "/dev/null"\n')
+    return path
+
+
+def bridge_mqtt(login: dict[str, str]) -> dict[str, Any]:
+    tls = {key: login[key] for key in ("ca_file", "cert_file", "key_file")}
+    return {"username": login["username"], "tls": tls}
+
+
+async def cli(*args: str | Path) -> subprocess.CompletedProcess:
+    return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "bridge", *args],
+                                   capture_output=True, env=python_env(), cwd=ROOT, timeout=60)
+
+
+async def test_status_resync_and_register_log_in_as_the_configuration_says(tmp_path):
+    """status once said "daemon: not reachable over MQTT", every terminal "unknown", against a
+    running daemon on a broker that wants a password and TLS: it connected anonymously, in
+    plain text. The commands now log in with the configuration's user, password file and
+    TLS, as the daemon does."""
+    broker, login = locked_broker(tmp_path)
+    config = str(config_file(tmp_path, broker, login))
+    try:
+        async with running_bridge(tmp_path, broker, password="bridge-pw",
+                                  **bridge_mqtt(login)) as bridge:
+            assert bridge.gateway.connected
+            status = await cli("status", "--config", config, "--json")
+            assert status.returncode == 0, status.stderr
+            report = json.loads(status.stdout)
+            assert report["daemon"] == "running" and report["mqtt_error"] is None
+            assert [(t["poi_id"], t["state"]) for t in report["terminals"]] == [(POI, "online")]
+            resync = await cli("resync", "TILL9", "nope", "--config", config)
+            assert resync.returncode == 2 and b"no transaction TILL9/nope" in resync.stderr
+            listed = await cli("register", "--config", config, "terminals")
+            assert listed.returncode == 0, listed.stderr
+            assert json.loads(listed.stdout)[0]["poi_id"] == POI
+            # The same from options, as for a register with its own login.
+            listed = await cli("register", "--broker", f"{broker.host}:{broker.port}",
+                               "--base-topic", BASE, "--username", "poi-bridge",
+                               "--password-file", login["password_file"],
+                               "--ca-file", login["ca_file"], "--cert-file", login["cert_file"],
+                               "--key-file", login["key_file"], "terminals")
+            assert listed.returncode == 0, listed.stderr
+    finally:
+        broker.kill()
+
+
+async def test_status_says_what_failed_when_the_broker_cannot_be_asked(tmp_path):
+    """A wrong password or missing TLS is not "daemon not reachable": it is said as what it
+    is, with what to check, and the exit status is 2."""
+    broker, login = locked_broker(tmp_path)
+    try:
+        async with running_bridge(tmp_path, broker, password="bridge-pw",
+                                  **bridge_mqtt(login)) as bridge:
+            assert bridge.gateway.connected
+            (tmp_path / "wrong-password").write_text("not-it\n")
+            cases = [
+                ({**login, "password_file": str(tmp_path / "wrong-password")},
+                 ["refused the login as user 'poi-bridge'", "mqtt.password_file"]),
+                ({"username": "poi-bridge", "password_file": login["password_file"]},
+                 ["cannot connect to the broker", "mqtt.tls"]),
+                ({**login, "password_file": str(tmp_path / "no-such-file")},
+                 ["cannot read the MQTT password file", "no-such-file"]),
+            ]
+            for case, fragments in cases:
+                config = str(config_file(tmp_path, broker, case))
+                status = await cli("status", "--config", config, "--json")
+                assert status.returncode == 2, (case, status.stderr)
+                report = json.loads(status.stdout)
+                assert report["daemon"].startswith("unknown")
+                assert all(f in report["mqtt_error"] for f in fragments), report["mqtt_error"]
+            # Said the same way in the text report and by resync.
+            text = await cli("status", "--config", config_file(tmp_path, broker, cases[0][0]))
+            assert text.returncode == 2 and "not reachable" not in text.stdout.decode()
+            assert cases[0][1][0] in text.stdout.decode()
+            resync = await cli("resync", "TILL9", "T1", "--config",
+                               config_file(tmp_path, broker, cases[0][0]))
+            assert resync.returncode == 2 and cases[0][1][0] in resync.stderr.decode()
+    finally:
+        broker.kill()
