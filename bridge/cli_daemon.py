@@ -10,7 +10,7 @@ import sqlite3
 import sys
 from typing import Any
 
-from bridge.config import Config, ConfigError, load_config
+from bridge.config import Config, ConfigError, SecretError, load_config, read_secret
 from bridge.daemon.journal import JournalError, unusable
 from bridge.logging_setup import setup_logging
 
@@ -59,15 +59,6 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_secret(path: Any, what: str) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise SystemExit(f"poi-bridge: cannot read {what} {path}: {exc.strerror or exc}") from None
-
-
 def run_daemon(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
@@ -75,7 +66,10 @@ def run_daemon(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     from bridge.daemon.app import JOURNAL_EXIT_STATUS, run_bridge
 
-    password = _read_secret(config.mqtt.password_file, "MQTT password file")
+    try:
+        password = read_secret(config.mqtt.password_file, "the MQTT password file")
+    except SecretError as exc:
+        raise SystemExit(f"poi-bridge: {exc}") from None
     try:
         asyncio.run(run_bridge(config, mqtt_password=password))
     except JournalError as exc:

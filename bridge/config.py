@@ -19,6 +19,21 @@ POIID_PATTERN = re.compile(r"^[A-Za-z0-9]+(?:[A-Za-z0-9_]*)-[A-Za-z0-9]+\Z")
 FRAMER_NAMES = ("stx-etx-lrc", "dle-crc16", "length-prefixed")
 
 
+class SecretError(Exception):
+    """A secret file named in the configuration cannot be read; the text says which."""
+
+
+def read_secret(path: Path | None, what: str) -> str | None:
+    """A password file's content, as the daemon and the technician commands read it: the
+    first line, without its line end."""
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise SecretError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
 class _Strict(BaseModel):
     # Unknown keys in the configuration are typos; refuse them with their place.
     model_config = ConfigDict(extra="forbid", frozen=True)

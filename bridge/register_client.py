@@ -14,7 +14,6 @@ import os
 import socket
 import ssl
 import time
-import types
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +21,9 @@ from typing import Any
 
 import aiomqtt
 
-from bridge.config import MqttConfig
-from bridge.daemon.mqtt import RegisterGateway, SetupError
+from bridge.config import MqttConfig, SecretError, read_secret
+from bridge.daemon.mqtt import SetupError
+from bridge.daemon.mqtt import tls_context as daemon_tls_context
 from bridge.daemon.registers import Topics
 from bridge.protocol.builders import new_service_id
 from bridge.simulator.responses import payment_request
@@ -49,21 +49,18 @@ def read_password(path: Path | None) -> str | None:
     without the line end). A systemd credential of the service is named in the configuration
     by its path (/run/credentials/poi-bridge.service/...): it exists only while the service
     runs, and only root and the service may read it."""
-    if path is None:
-        return None
     try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
+        return read_secret(path, "the MQTT password file")
+    except SecretError as exc:
         raise ConnectionSetupError(
-            f"cannot read the MQTT password file {path}: {exc.strerror or exc}; run as a user "
-            "that may read it (root, for a systemd credential, which exists only while "
-            "poi-bridge.service runs)") from None
+            f"{exc}; run as a user that may read it (root, for a systemd credential, which "
+            "exists only while poi-bridge.service runs)") from None
 
 
 def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
     """The TLS context of `mqtt.tls`, built as the daemon builds its own."""
-    try:  # the daemon's builder reads only `.config`
-        return RegisterGateway._tls_context(types.SimpleNamespace(config=mqtt))  # type: ignore[arg-type]
+    try:
+        return daemon_tls_context(mqtt.tls)
     except SetupError as exc:
         raise ConnectionSetupError(str(exc)) from None
 

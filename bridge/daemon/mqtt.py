@@ -27,7 +27,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from bridge.config import MqttConfig
+from bridge.config import MqttConfig, TlsConfig
 from bridge.daemon.journal import Journal, OutboxMessage
 from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
 from bridge.daemon.registers import (
@@ -77,6 +77,31 @@ def topic_problem(topic: object) -> str | None:
 class SetupError(Exception):
     """The connection cannot even be attempted (a TLS file, a client option): retried, since
     the file may be fixed while the bridge runs, and logged as something to fix."""
+
+
+def tls_context(tls: TlsConfig | None) -> ssl.SSLContext | None:
+    """The client TLS context of `[mqtt.tls]`, for the daemon and the technician commands.
+    Raises SetupError naming the file at fault: ssl's own errors name none."""
+    if tls is None:
+        return None
+    try:
+        context = ssl.create_default_context(
+            cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
+        raise SetupError(f"TLS ca_file {tls.ca_file or '(system default)'} cannot be "
+                         f"used: {_reason(exc)}; it must be the PEM certificate of the CA "
+                         "that signed the broker's certificate") from None
+    if tls.cert_file is not None:
+        try:
+            context.load_cert_chain(str(tls.cert_file),
+                                    str(tls.key_file) if tls.key_file else None)
+        except (OSError, ValueError) as exc:
+            raise SetupError(f"TLS cert_file {tls.cert_file} with key_file "
+                             f"{tls.key_file or '(in cert_file)'} cannot be used: "
+                             f"{_reason(exc)}; they must be the bridge's PEM client "
+                             "certificate and its own private key") from None
+    context.check_hostname = tls.check_hostname
+    return context
 
 
 def _reason(exc: BaseException) -> str:
@@ -224,30 +249,6 @@ class RegisterGateway:
 
     # --- the connection -----------------------------------------------------------------------
 
-    def _tls_context(self) -> ssl.SSLContext | None:
-        """Raises SetupError naming the file at fault: ssl's own errors name none."""
-        tls = self.config.tls
-        if tls is None:
-            return None
-        try:
-            context = ssl.create_default_context(
-                cafile=str(tls.ca_file) if tls.ca_file else None)
-        except (OSError, ValueError) as exc:  # (ssl.SSLError is an OSError)
-            raise SetupError(f"TLS ca_file {tls.ca_file or '(system default)'} cannot be "
-                             f"used: {_reason(exc)}; it must be the PEM certificate of the CA "
-                             "that signed the broker's certificate") from None
-        if tls.cert_file is not None:
-            try:
-                context.load_cert_chain(str(tls.cert_file),
-                                        str(tls.key_file) if tls.key_file else None)
-            except (OSError, ValueError) as exc:
-                raise SetupError(f"TLS cert_file {tls.cert_file} with key_file "
-                                 f"{tls.key_file or '(in cert_file)'} cannot be used: "
-                                 f"{_reason(exc)}; they must be the bridge's PEM client "
-                                 "certificate and its own private key") from None
-        context.check_hostname = tls.check_hostname
-        return context
-
     def _client_for(self) -> PipelinedClient:
         v5 = self.config.protocol == "5"
         options: dict[str, Any] = {}
@@ -266,7 +267,7 @@ class RegisterGateway:
             will=aiomqtt.Will(self.topics.bridge_state, dumps({"state": "offline"}), qos=1,
                               retain=True),
             keepalive=self.config.keepalive,
-            tls_context=self._tls_context(),
+            tls_context=tls_context(self.config.tls),
             max_queued_incoming_messages=10_000,
             # Small request/response messages: Nagle's delay cost tens of ms per payment.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
