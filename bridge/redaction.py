@@ -2,8 +2,20 @@
 
 The bridge logs IDs, categories and outcomes, not message bodies; this filter is the second
 line of defence for whatever slips into a message anyway (an event's details, an exception
-text): card numbers, track data, sensitive card fields, encrypted blobs and key material are
-replaced before the line is written.
+text): card numbers, track data, sensitive card fields, cardholder data, encrypted blobs and
+key material are replaced before the line is written.
+
+A field is recognised by its name, case-insensitively, in every shape a log line may carry it:
+JSON (`"expiryDate": "12/2025"`, also escaped inside a JSON string), a Python repr
+(`'ExpiryDate': '2512'`) and key=value, plain or URL-encoded (`expiryDate=12%2f2025`, as in
+a terminal's AdditionalResponse). Card numbers (Luhn-checked, also grouped by spaces, dashes,
+dots, `+` or `%20`) and track data (track 1 `B...^NAME^...`, track 2 with `=` or EMV `D`,
+with or without sentinels) are recognised by their shape wherever they are.
+
+It runs on every log record, so it must stay cheap: each pattern starts with a character class
+the regex engine can skip ahead on, and each runs only when a cheap test finds that the line
+could hold what it looks for (a field name before a `:` or `=`, a long enough run of digits or
+of base64). Field names also match in snake_case.
 """
 
 from __future__ import annotations
@@ -12,6 +24,85 @@ import logging
 import re
 
 REDACTED = "[redacted]"
+
+# Field names whose value is never logged, whatever its shape (compared case-insensitively).
+# Secrets and key material:
+_SECRET_FIELDS = ("SensitiveCardData", "TrackData", "TrackValue", "Track1", "Track2", "Track3",
+                  "NexoBlob", "Hmac", "Nonce", "Passphrase", "Password", "KeyValue")
+# Card data (PCI DSS: PAN, expiry, service code; sensitive authentication data: track, CVC,
+# PIN block) and identifiers tied to one card (alias, token, payment account reference):
+_CARD_FIELDS = ("PAN", "CardNumber", "ExpiryDate", "ExpiryMonth", "ExpiryYear", "Expiry",
+                "ExpDate", "CardSeqNumb", "ServiceCode", "CVC", "CVC2", "CVV", "CVV2",
+                "SecurityCode", "PIN", "PinBlock", "EncryptedPinBlock", "Alias",
+                "PaymentAccountReference", "TokenValue")
+# Cardholder and shopper personal data. Names may hold spaces in a plain key=value line.
+_PERSON_FIELDS = ("ShopperEmail", "Email", "ShopperTelephone", "TelephoneNumber", "ShopperIP")
+_NAME_FIELDS = ("CardHolderName", "HolderName", "ShopperName", "FirstName", "LastName")
+_FIELD_NAMES = _SECRET_FIELDS + _CARD_FIELDS + _PERSON_FIELDS + _NAME_FIELDS
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def _names(fields: tuple[str, ...]) -> str:
+    """An alternation of the names, longest first, each also in snake_case (a Python repr)."""
+    alternatives = (re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_?", f) for f in fields)
+    return "|".join(sorted(alternatives, key=lambda f: (-len(f), f)))
+
+
+# A value: a JSON or repr string (also one escaped inside a JSON string), an object or array
+# (one level of nesting; deeper ones fail here and their inner fields are matched one by one),
+# or a bare token up to the next delimiter. A quoted value cut off by a log line's end is
+# taken up to that end.
+_QUOTED = (r'b?"[^"\\]*(?:\\.[^"\\]*)*"'
+           r"|b?'[^'\\]*(?:\\.[^'\\]*)*'"
+           r'|\\"[^"\\]*(?:\\[^"][^"\\]*)*\\"'
+           r"|\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\}"
+           r"|\[[^\[\]]*(?:\[[^\[\]]*\][^\[\]]*)*\]"
+           r"|[\"'][^\"'\n]*(?=\n|\Z)")
+_BARE = r"[^\s\"'\\,;&{}\[\]()<>]+"
+# A name in a plain key=value line: words up to the next `key=` or `key:`.
+_WORDS = _BARE + r"(?:[ +](?![\w.%-]*(?:[:=]|%3[aAdD]))" + _BARE + r"){0,4}"
+# The character before the name (not part of a longer word) is matched rather than looked
+# behind at, so the engine only tries at non-word characters; redact() prepends a space.
+_FIELDS = re.compile(
+    r"(?P<head>[^\w](?:(?P<name>(?i:" + _names(_NAME_FIELDS) + r"))|(?i:"
+    + _names(_SECRET_FIELDS + _CARD_FIELDS + _PERSON_FIELDS) + r"))"
+    r"(?:\\?[\"']|%2[27])?\s*(?:[:=]|%3[aAdD])\s*)"
+    r"(?P<value>" + _QUOTED + r"|(?(name)" + _WORDS + "|" + _BARE + r"))")
+
+# The cheap test that decides whether _FIELDS runs at all: read backwards from each `:` or `=`
+# (on the reversed line, where the separator is the rare first character the engine skips to),
+# the word before it is compared with the field names. URL-encoded separators (%3a, %3d) let
+# _FIELDS run unconditionally.
+_REVERSED_NAMES = frozenset(n[::-1] for f in _FIELD_NAMES for n in (f.lower(), _snake(f)))
+_WORD_BEFORE_SEPARATOR = re.compile(r"[:=]\s*(?:[\\\"']|22%|72%)*([a-z0-9_]+)")
+
+# Track 1: format code B, PAN, ^NAME^, expiry, service code, discretionary data (the `%` start
+# sentinel may be there or not; `^` may be URL-encoded).
+_TRACK1 = re.compile(r"(?a)B\d{12,19}(?:\^|%5[eE])[^\n^]{0,80}?(?:\^|%5[eE])"
+                     r"[^\s?\"'&,;<>]{0,80}(?:\?|%3[fF])?")
+# A run of digits and single separators long enough to hold a card number (_digits() looks
+# for card numbers in it) and, when it ends in 12-19 digits followed by `=` (or the EMV `D` of
+# tag 57) and an expiry, the rest of track 2 data: service code, discretionary data, F padding.
+# Sentinels are optional, separators maybe URL-encoded.
+_DIGITS = re.compile(r"(?a)(?P<run>\d[\d .+%-]{10,}(?<!%)\d)"
+                     r"(?P<track>(?:[=Dd]|%3[dD])\d{4}[0-9A-Fa-f]{0,40}(?:\?|%3[fF])?)?")
+_GROUPS = re.compile(r"(%20|[^0-9])")
+_SEPARATORS = frozenset(" .+-") | {"%20"}
+_ESCAPE_BEFORE = re.compile(r"(?:%[0-9A-Fa-f]{2}|\\[A-Za-z])\Z")
+# Long base64 (or hex) runs: ciphertexts, derived keys. The character before the run is matched
+# (as for _FIELDS) so that a run is scanned once, not from each of its characters. A run
+# without a digit is words joined by `+` (a URL-encoded message), not a key: random base64 of
+# 40 characters has no digit once in a thousand.
+_BLOB = re.compile(r"(?P<head>[^A-Za-z0-9+/])[A-Za-z0-9+/]{40,}={0,2}")
+_A_DIGIT = re.compile(r"[0-9]")
+# Cheap tests that decide whether _DIGITS and _BLOB run at all: the line's UTF-8 bytes mapped
+# to 0 (a character of the pattern's run) or x (any other), searched for a long enough run.
+_DIGIT_RUN = bytes(48 if chr(b) in "0123456789 .+%-" else 120 for b in range(256))
+_BLOB_RUN = bytes(48 if chr(b).isascii() and chr(b).isalnum() or chr(b) in "+/" else 120
+                  for b in range(256))
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -26,29 +117,94 @@ def _luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-# 13-19 digits, optionally grouped by single spaces or dashes: a card number's shape.
-_PAN = re.compile(r"(?<![\d.])(?:\d[ -]?){12,18}\d(?![\d.])")
-# Track 1 (%B...^NAME^...?) and track 2 (;PAN=YYMM...?) data.
-_TRACK = re.compile(r"%B\d{12,19}\^[^?\n]{0,80}\??|;?\d{12,19}=\d{4}[^?\s\"']{0,40}\??")
-# JSON fields that carry secrets or card data, whatever their value's shape.
-_FIELDS = re.compile(
-    r'("?(?:SensitiveCardData|TrackData|NexoBlob|Hmac|Nonce|Passphrase|passphrase|'
-    r'ExpiryDate|CardSeqNumb|PAN|CardNumber|Track1|Track2|Track3|KeyValue)"?\s*[:=]\s*)'
-    r'("(?:[^"\\]|\\.)*"|\{[^{}]*\}|[^\s,}]+)')
-# Long base64 runs: ciphertexts, derived keys.
-_BLOB = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{40,}={0,2}")
+def _card_numbers(groups: list[str], seps: list[str], lo: int, hi: int) -> set[int]:
+    """The digit groups (from lo to before hi) that make up card numbers: 13-19 digits passing
+    the Luhn check, in one group or in groups joined by one and the same separator. Dots only
+    join card-like groups (3-6 digits), and the digits of a decimal number are no card number."""
+    n, i, found_groups = len(groups), lo, set()
+    while i < hi:
+        found, total, sep = -1, 0, None
+        for j in range(i, hi):
+            if j > i:
+                if sep is None:
+                    sep = seps[j - 1]
+                if seps[j - 1] != sep or sep not in _SEPARATORS:
+                    break
+                if sep == "." and not all(3 <= len(g) <= 6 for g in (groups[i], groups[j])):
+                    break
+            total += len(groups[j])
+            if total > 19:
+                break
+            if total >= 13 and _luhn_ok("".join(groups[i:j + 1])):
+                found = j
+        if found == i and ((i > 0 and seps[i - 1] == ".") or (i < n - 1 and seps[i] == ".")):
+            found = -1
+        if found < 0:
+            i += 1
+        else:
+            found_groups.update(range(i, found + 1))
+            i = found + 1
+    return found_groups
 
 
-def _pan(match: re.Match[str]) -> str:
-    digits = re.sub(r"[ -]", "", match.group(0))
-    return REDACTED if 13 <= len(digits) <= 19 and _luhn_ok(digits) else match.group(0)
+def _digits(match: re.Match[str]) -> str:
+    run, track = match.group("run"), match.group("track")
+    parts = _GROUPS.split(run)
+    groups, seps = parts[0::2], parts[1::2]
+    # Digits glued to letters are part of an identifier (an Adyen TransactionID is four
+    # letters and digits, then fifteen digits), not a card number; a %xx or \x escape before
+    # them is no letter.
+    text, start, end = match.string, match.start(), match.end()
+    lo = int(start > 0 and text[start - 1].isalpha()
+             and not _ESCAPE_BEFORE.search(text, max(0, start - 3), start))
+    hi = len(groups) - int(track is None and end < len(text) and text[end].isalpha())
+    redacted = _card_numbers(groups, seps, lo, hi) if sum(map(len, groups)) >= 13 else set()
+    is_track = track is not None and len(groups[-1]) >= 12
+    if is_track:
+        redacted.add(len(groups) - 1)
+    if not redacted:
+        return match.group(0)
+    out: list[str] = []
+    for k, group in enumerate(groups):
+        if k not in redacted:
+            out.append(group)
+        elif k == 0 or k - 1 not in redacted:
+            out.append(REDACTED)
+        if k < len(seps) and not (k in redacted and k + 1 in redacted):
+            out.append(seps[k])
+    if track is not None and not is_track:
+        out.append(track)
+    return "".join(out)
+
+
+def _field(match: re.Match[str]) -> str:
+    value = match.group("value")
+    head = match.group("head")
+    if value[0] in "{[":  # an object or array becomes a string in the same quoting
+        quote = '\\"' if '\\"' in head else "'" if "'" in head else '"'
+    else:
+        quote = value[:2] if value.startswith('\\"') else value[0] if value[0] in "\"'" else ""
+    return head + quote + REDACTED + quote
+
+
+def _blob(match: re.Match[str]) -> str:
+    if not _A_DIGIT.search(match.group(0)):
+        return match.group(0)
+    return match.group("head") + REDACTED
 
 
 def redact(text: str) -> str:
-    text = _FIELDS.sub(lambda m: m.group(1) + '"' + REDACTED + '"', text)
-    text = _TRACK.sub(REDACTED, text)
-    text = _PAN.sub(_pan, text)
-    return _BLOB.sub(REDACTED, text)
+    if "%3" in text or not _REVERSED_NAMES.isdisjoint(
+            _WORD_BEFORE_SEPARATOR.findall(text.lower()[::-1])):
+        text = _FIELDS.sub(_field, " " + text)[1:]
+    if "^" in text or "%5" in text:
+        text = _TRACK1.sub(REDACTED, text)
+    raw = text.encode("utf-8", "surrogatepass")
+    if b"000000000000" in raw.translate(_DIGIT_RUN):
+        text = _DIGITS.sub(_digits, text)
+    if b"0" * 40 in raw.translate(_BLOB_RUN):
+        text = _BLOB.sub(_blob, " " + text)[1:]
+    return text
 
 
 class RedactingFilter(logging.Filter):

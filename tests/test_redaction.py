@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import io
 import json
 import logging
+import re
+from pathlib import Path
+from urllib.parse import parse_qsl
 
 import pytest
 
@@ -18,6 +22,52 @@ from .rig import POI, Daemon, Simulator, Subscriber, outcome_for, write_config
 PAN = "5413330089600010"
 TRACK2 = f";{PAN}=25121010000012345678?"
 PASSPHRASE = "s3cret-passphrase-for-test"
+FIXTURES = sorted((Path(__file__).parent / "fixtures" / "adyen").glob("*.json"))
+
+# The policy, written out here rather than taken from the module: fields whose value never
+# reaches a log line. Card data per PCI DSS (PAN, expiry, service code, cardholder name),
+# sensitive authentication data (track, CVC, PIN block), identifiers tied to one card or
+# shopper (alias, token, payment account reference), personal data (e-mail, telephone, IP,
+# names) and key material. Not in it, and kept: MaskedPan, cardBin and cardSummary (PCI DSS
+# allows the first six and last four digits to be shown), issuer and shopper country,
+# shopperReference (the merchant's own customer number) and every ID, amount and outcome.
+SENSITIVE = {
+    "sensitivecarddata", "trackdata", "trackvalue", "track1", "track2", "track3", "nexoblob",
+    "hmac", "nonce", "passphrase", "password", "keyvalue", "pan", "cardnumber", "expirydate",
+    "expirymonth", "expiryyear", "expiry", "expdate", "cardseqnumb", "servicecode", "cvc",
+    "cvc2", "cvv", "cvv2", "securitycode", "pin", "pinblock", "encryptedpinblock", "alias",
+    "paymentaccountreference", "tokenvalue", "cardholdername", "holdername", "shoppername",
+    "firstname", "lastname", "shopperemail", "email", "shoppertelephone", "telephonenumber",
+    "shopperip",
+}
+
+
+def sensitive(key: str) -> bool:
+    return key.replace("_", "").lower() in SENSITIVE
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = int(ch) * (2 if i % 2 else 1)
+        total += d - 9 if d > 9 else d
+    return total % 10 == 0
+
+
+def card_numbers_in(text: str) -> list[str]:
+    """Every 13-19 digit run passing the Luhn check, also one grouped by single spaces, dashes,
+    dots, `+` or `%20` (the groups of a run are tried from each group on). Digits glued to
+    letters are an identifier's (4r7i001556529591000, an Adyen TransactionID), not a card's."""
+    found = []
+    for run in re.findall(r"(?:(?<![A-Za-z\d])|(?<=%[0-9A-Fa-f]{2}))\d+(?:(?:[ .+-]|%20)\d+)*"
+                          r"(?![A-Za-z\d])", text):
+        groups = re.split(r"[ .+-]|%20", run)
+        for i in range(len(groups)):
+            for j in range(i, len(groups)):
+                digits = "".join(groups[i:j + 1])
+                if 13 <= len(digits) <= 19 and luhn_ok(digits):
+                    found.append(digits)
+    return found
 
 
 @pytest.mark.parametrize("text", [
@@ -33,13 +83,197 @@ def test_sensitive_shapes_are_redacted(text):
         assert secret not in cleaned
 
 
-@pytest.mark.parametrize("text", [
+# (text, what must not survive): the shapes a review found unredacted, and their neighbours.
+LEAKY_SHAPES = [
+    # URL-encoded key=value, as in a terminal's AdditionalResponse (and its plain form)
+    ("tid=1&expiryDate=12%2f2025&cardHolderName=JOHN%20DOE&expiryMonth=12&expiryYear=2025",
+     ["12%2f2025", "JOHN", "DOE", "Month=12", "Year=2025"]),
+    ("message=declined&expiryDate=12/2025&cardHolderName=JOHN DOE tid=1",
+     ["12/2025", "JOHN", "DOE"]),
+    (("shopperEmail=john.doe%40example.com&alias=M900978995070104&paymentAccountReference="
+      "V0010013018036776997406844475&cardNumber=5413330089600010"),
+     ["john.doe", "M900978995070104", "V0010013018036776997406844475", PAN]),
+    ("ExpiryDate%3d2512%26CardHolderName%3dJOHN%2bDOE", ["2512", "JOHN"]),
+    # JSON, any case
+    ('{"expiryDate": "12/2025", "cardHolderName": "JOHN DOE", "pan": "5413330089600010"}',
+     ["12/2025", "JOHN", PAN]),
+    ('{"EXPIRYDATE":"2512","ShopperEmail":"john.doe@example.com","expiryMonth":12}',
+     ["2512", "john.doe", ":12"]),
+    (('{"SensitiveCardData": {"ExpiryDate": "2512", "TrackData": [{"TrackNumb": 2, '
+      '"TrackValue": "5413330089600010D25121010000012345678F"}]}}'), ["2512", PAN]),
+    (json.dumps(json.dumps({"ExpiryDate": "2512", "CardHolderName": "JOHN DOE"})),
+     ["2512", "JOHN"]),
+    ('{"ExpiryDate": "25', ["25"]),  # a line cut off in the value
+    # Python reprs, also of snake_case attributes and bytes
+    (repr({"SensitiveCardData": {"ExpiryDate": "2512"}, "PAN": PAN}), ["2512", PAN]),
+    ("{'ExpiryDate': '2512', 'cardHolderName': \"O'BRIEN\"}", ["2512", "BRIEN"]),
+    ("CardData(pan='5413330089600010', expiry_date='2512', holder_name='JOHN DOE')",
+     [PAN, "2512", "JOHN"]),
+    ("{'Hmac': b'\\x01\\x02secret'}", ["secret"]),
+    # track 1 and 2 in every shape, with sentinels or without
+    (f"B{PAN}^DOE/JOHN^25121010000000000000", [PAN, "JOHN", "2512101"]),
+    (f"track1=%25B{PAN}%5eDOE%2fJOHN%5e25121010000000000000%3f", [PAN, "JOHN", "2512101"]),
+    (f"{PAN}D25121010000012345678F", [PAN, "2512101"]),
+    ("57135413330089600010D25121010000012345678F", [PAN, "2512101"]),
+    (f"{PAN}=25121010000012345678", [PAN, "2512101"]),
+    (f"track=%3b{PAN}%3d25121010000012345678%3f", [PAN, "2512101"]),
+    ('{"TrackValue": "4111111111111111=2512101"}', ["4111111111111111", "2512101"]),
+    # card numbers, grouped or embedded
+    ("value=5413%203300%208960%200010", ["5413%203300"]),
+    ("card 5413.3300.8960.0010", ["5413.3300"]),
+    ("card 5413+3300+8960+0010", ["5413+3300"]),
+    (f"card {PAN}.", [PAN]),
+    (f"ids 12 {PAN}", [PAN]),
+    # key material without a field name
+    ("derived 8f14e45fceea167a5a36dedd4bea2543a6b1c1d2e3f4a5b6c7d8e9f0a1b2c3d4", ["8f14e45fceea"]),
+    ("blob fMtXTcQCbAi3gAwtOANt4tQEz2UUrorGVnDuCeYXTJUoF+NyNCmj+bwILU9io34q==", ["fMtXTcQC"]),
+]
+
+
+@pytest.mark.parametrize("text,secrets", LEAKY_SHAPES)
+def test_card_data_in_every_shape_is_redacted(text, secrets):
+    cleaned = redact(text)
+    assert "[redacted]" in cleaned
+    for secret in secrets:
+        assert secret not in cleaned, (secret, cleaned)
+    assert not card_numbers_in(cleaned), cleaned
+
+
+@pytest.mark.parametrize("name", sorted(SENSITIVE))
+@pytest.mark.parametrize("spell", [str, str.upper, lambda n: n[:1].upper() + n[1:]])
+@pytest.mark.parametrize("shape", ['{{"{k}": "SECRETVALUE"}}', "{{'{k}': 'SECRETVALUE'}}",
+                                   "x=1&{k}=SECRETVALUE&y=2", "got {k}=SECRETVALUE, done",
+                                   "{k}%3dSECRETVALUE", "{k}: SECRETVALUE", "{k}=SECRETVALUE"])
+def test_every_sensitive_field_in_every_shape(name, spell, shape):
+    cleaned = redact(shape.format(k=spell(name)))
+    assert "SECRETVALUE" not in cleaned and "[redacted]" in cleaned, cleaned
+
+
+ORDINARY = [
     "terminal V400m-324688179: Payment POS1/S1 -> approved (terminal)",
     "ServiceID 1234567890123",  # not a card number: fails the Luhn check
     "at 2026-11-22T10:00:00.000Z amount 12.50",
-])
+    ("terminal P400Plus-275039202: answer for POS1/R2 ServiceID=1234567890 "
+     "POIID=P400Plus-275039202 TransactionID=4r7i001556529591000 at 2019-04-29T09:19:51.000Z "
+     "tid=75039202 message=APPROVED amount=12.50 EUR"),
+    ('{"ServiceID": "0207111104", "POIID": "V400m-324688179", "SaleID": "POS1", '
+     '"TransactionID": "oLkO001529481092000", "TimeStamp": "2018-06-20T09:51:32.000Z", '
+     '"AuthorizedAmount": 15.25, "MaskedPan": "541333 **** 0010", "Result": "Success"}'),
+    ("tid=75039202&pspReference=8515565295894301&cardBin=541333&cardSummary=0010"
+     "&issuerCountry=NL&aliasType=Default&cvcResult=0%20Unknown&posAuthAmountValue=100"
+     "&refusalReasonRaw=APPROVED&iso8601TxDate=2019-04-29T09%3a19%3a51.0000000%2b0000"
+     "&shopperReference=69950"),
+    "monotonic 1732269600.1234567 took 0.0123456789012345 s, pid 12345, 10.0.0.12:8883",
+    "name=Card&value=%2a%2a%2a%2a%2a%2a%2a%2a%2a%2a%2a%2a0010&key=pan",
+    "company=ACME; expand the panel; mapping passed; hostname=poi-1; key=header1",
+    "frame of 1234 bytes, retry 3/10, outbox 0, undelivered 2, refused_by_broker 0",
+    "EventDetails message=Empty+input+which+would+have+resulted+in+a+null+result.",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", ORDINARY)
 def test_ordinary_lines_are_left_alone(text):
     assert redact(text) == text
+
+
+def kv_like(text: str) -> bool:
+    return bool(re.fullmatch(r"[\w.]+=[^&]*(?:&[\w.]+=[^&]*)*", text))
+
+
+def assert_redacted_like(original, cleaned, where="$"):
+    """`cleaned` is `original` with exactly the sensitive values replaced, nothing else."""
+    if isinstance(original, dict):
+        assert isinstance(cleaned, dict) and list(cleaned) == list(original), where
+        for key, value in original.items():
+            if sensitive(key):
+                assert cleaned[key] == "[redacted]", f"{where}.{key}: {cleaned[key]!r}"
+            else:
+                assert_redacted_like(value, cleaned[key], f"{where}.{key}")
+    elif isinstance(original, list):
+        assert isinstance(cleaned, list) and len(cleaned) == len(original), where
+        for i, (a, b) in enumerate(zip(original, cleaned)):
+            assert_redacted_like(a, b, f"{where}[{i}]")
+    elif isinstance(original, str) and kv_like(original):
+        pairs, cleaned_pairs = parse_qsl(original), parse_qsl(cleaned)
+        assert [k for k, _ in cleaned_pairs] == [k for k, _ in pairs], where
+        for (key, value), (_, cleaned_value) in zip(pairs, cleaned_pairs):
+            expected = "[redacted]" if sensitive(key) else value
+            assert cleaned_value == expected, f"{where} {key}={cleaned_value!r}"
+    else:
+        assert cleaned == original, f"{where}: {cleaned!r}"
+
+
+def with_card_data(doc):
+    """The fixture as a terminal that sends everything it should not would send it."""
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in list(node.items()):
+                if key == "AdditionalResponse" and kv_like(value):
+                    node[key] = (value + "&cardHolderName=JOHN%20DOE&shopperEmail=john.doe%40"
+                                 "example.com&expiryDate=03%2f2031&cardNumber=" + PAN)
+                elif key == "CardData":
+                    value.update({"PAN": PAN, "TrackData": [{"TrackValue": TRACK2}],
+                                  "SensitiveCardData": {"ExpiryDate": "0331", "PAN": PAN}})
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+    walk(doc)
+    return doc
+
+
+def values_of(doc, found=None):
+    """Expiry values and cardholder names a fixture holds (also inside its key=value strings)."""
+    found = [] if found is None else found
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            if isinstance(value, (str, int)) and sensitive(key) and len(str(value)) >= 4:
+                found.append(str(value))
+            values_of(value, found)
+    elif isinstance(doc, list):
+        for item in doc:
+            values_of(item, found)
+    elif isinstance(doc, str) and kv_like(doc):
+        for key, value in parse_qsl(doc):
+            if sensitive(key) and len(value) >= 4:
+                found.append(value)
+    return found
+
+
+@pytest.mark.parametrize("path", FIXTURES, ids=lambda p: p.name)
+@pytest.mark.parametrize("hostile", [False, True], ids=["as-is", "with-card-data"])
+def test_vendor_fixtures_lose_their_card_data_and_keep_the_rest(path, hostile):
+    doc = json.loads(path.read_text())
+    if hostile:
+        doc = with_card_data(doc)
+    forms = {"file": path.read_text() if not hostile else json.dumps(doc, indent=2),
+             "compact": json.dumps(doc), "repr": repr(doc)}
+    for form, text in forms.items():
+        cleaned = redact(text)
+        assert not card_numbers_in(cleaned), (form, card_numbers_in(cleaned))
+        assert "JOHN" not in cleaned and "john.doe" not in cleaned, form
+        for secret in values_of(doc):
+            assert f'"{secret}"' not in cleaned and f"'{secret}'" not in cleaned, (form, secret)
+        parsed = ast.literal_eval(cleaned) if form == "repr" else json.loads(cleaned)
+        assert_redacted_like(doc, parsed, form)
+    for secret in ("12%2f2025", "12/2025", "TC03_MS_Approved", "03%2f2031", "0331", TRACK2):
+        assert secret not in redact(forms["file"]) and secret not in redact(forms["repr"])
+
+
+def test_a_vendor_additional_response_in_a_log_line():
+    doc = json.loads((FIXTURES[0].parent / "java-payment-sync-success.json").read_text())
+    additional = doc["SaleToPOIResponse"]["PaymentResponse"]["Response"]["AdditionalResponse"]
+    line = redact(f"terminal P400Plus-275039202: unusable answer for POS1/R2: {additional}")
+    for secret in ("expiryDate=12", "expiryMonth=12", "expiryYear=2025", "TC03_MS_Approved",
+                   "M900978995070104"):
+        assert secret not in line
+    for kept in ("terminal P400Plus-275039202: unusable answer for POS1/R2: tid=75039202&",
+                 "pspReference=8515565295894301", "refusalReasonRaw=APPROVED",
+                 "cardSummary=3511", "cardBin=541333", "posAuthAmountValue=100",
+                 "iso8601TxDate=2019-04-29T09%3a19%3a51.0000000%2b0000"):
+        assert kept in line
 
 
 def test_the_daemon_log_handler_redacts(monkeypatch):
