@@ -35,7 +35,9 @@ banner, if anything is
   lost      charged but not reported approved, a request never answered, a result never
             delivered (unless mosquitto demonstrably lost it in a kill -9),
   doubled   charged twice, charged on another terminal, or charged without a register's
-            payment,
+            payment, or a money request that reached its terminal a second time other than
+            as a link-level retransmission of the same frame (the terminal's ledger counts
+            every receipt; it does not process a repeated ServiceID, a real terminal might),
   phantom   reported approved but not charged,
   disputed  register and journal disagree, or two different final outcomes,
   stuck     a journal row not final or unresolved, an outbox message never delivered, an
@@ -1261,6 +1263,15 @@ KNOWN_BUGS = {
 }
 
 
+def repeated_receipts(ledgers: dict[str, dict[str, Any]]
+                      ) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(terminal, key, receipts) of every money request a terminal received more than once
+    (bridge/simulator/terminal.py records each receipt, and whether it can be a link-level
+    retransmission of the frame before it)."""
+    return [(poi_id, key, entry["receipts"]) for poi_id, ledger in ledgers.items()
+            for key, entry in ledger.items() if len(entry.get("receipts") or []) > 1]
+
+
 def busy_loop_tag(row: dict[str, Any]) -> str | None:
     """A transaction the bridge keeps polling because the status says the original was
     refused Busy."""
@@ -1286,6 +1297,7 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                 charged_at[key].append(poi_id)
     payments = [p for r in soak.registers for p in r.payments.values()]
     by_key = {p.key: p for p in payments}
+    repeats = repeated_receipts(ledgers)
     counts: Counter[str] = Counter()
     problems: list[dict[str, Any]] = []
     explained: list[str] = []
@@ -1431,6 +1443,18 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         elif row["category"] == "Payment" and key not in by_key:
             problem("doubled", None, f"journal has payment {key} that no register sent",
                     poi_id=row["poi_id"], key=key)
+    for poi_id, key, receipts in repeats:
+        counts["retransmitted_requests"] += 1
+        bad = [r for r in receipts[1:] if not r.get("retransmission")]
+        if bad:
+            problem("doubled", by_key.get(key),
+                    f"request {key} reached terminal {poi_id} {len(receipts)} times, "
+                    f"{len(bad)} of them not as a link-level retransmission of the frame "
+                    "before (the terminal ignored the repeat; a real one might charge it): "
+                    + "; ".join(f"{clock(r['at'])} {r.get('answer')}"
+                                + (" (retransmission)" if r.get("retransmission") else "")
+                                for r in receipts),
+                    poi_id=poi_id, key=key)
     for key, pois in charged_at.items():
         if key not in by_key:
             problem("doubled", None, f"terminal(s) {pois} charged {key}, which no register "
@@ -1483,6 +1507,7 @@ def report(result: dict[str, Any]) -> bool:
         ("never reached the bridge", c["never_reached_bridge"]),
         ("recovered by resync", c["recovered_by_resync"]),
         ("aborts sent", c["aborts_sent"]),
+        ("requests retransmitted (link)", c["retransmitted_requests"]),
         ("LOST", c["lost"]), ("DOUBLED", c["doubled"]), ("PHANTOM", c["phantom"]),
         ("STUCK", c["stuck"]), ("DISPUTED", c["disputed"]), ("CRASHED", c["crashed"]),
     ]

@@ -96,3 +96,80 @@ async def test_the_replugged_pty_is_served(tmp_path):
             os.close(fd)
     finally:
         await server.close()
+
+
+# --- every receipt of a money request is counted ------------------------------------------------
+
+def _frame(payload: bytes) -> bytes:
+    lrc = 0
+    for byte in payload + b"\x03":
+        lrc ^= byte
+    return b"\x02" + payload + b"\x03" + bytes([lrc])
+
+
+def test_the_terminal_counts_a_repeated_payment_and_processes_it_once():
+    """A second receipt of a (SaleID, ServiceID) is not processed again (nor is it charged
+    twice), but the ledger says it came, when, and whether the wire layer saw a link-level
+    retransmission in it; one refused Busy before the copy that was processed counts too."""
+    import json
+
+    from bridge.simulator.responses import payment_request
+    from bridge.simulator.terminal import Behaviour, SimulatedTerminal
+
+    terminal = SimulatedTerminal(Scenario(default=Behaviour(decision="approve", delay=1.0)))
+    first = payment_request("POS1", "S1", "V400m-1", 10.0)
+    assert terminal.handle(first, 100.0).answers  # processing: answers at 101
+    # a copy while the terminal is busy with it: Busy, with the payment's own ServiceID
+    assert terminal.handle(json.loads(json.dumps(first)), 100.2, retransmission=True).answers
+    assert terminal.handle(first, 105.0).answers == []  # a duplicate ServiceID: ignored
+    entry = terminal.summary()["POS1/S1"]
+    assert entry["charged"] and entry["received"] == 3
+    assert [(r["at"], r["retransmission"], r["answer"]) for r in entry["receipts"]] == [
+        (100.0, False, "processed"), (100.2, True, "busy"), (105.0, False, "duplicate")]
+
+    # refused Busy first (another payment on the terminal), processed on its second receipt
+    other = payment_request("POS1", "S2", "V400m-1", 10.0)
+    assert terminal.handle(other, 200.0).answers
+    late = payment_request("POS1", "S3", "V400m-1", 10.0)
+    terminal.handle(late, 200.5)  # Busy: the terminal is taking S2
+    terminal.handle(late, 202.0)  # processed
+    entry = terminal.summary()["POS1/S3"]
+    assert entry["received"] == 2 and [r["answer"] for r in entry["receipts"]] == [
+        "busy", "processed"]
+    # the first receipt of a key is never a retransmission, whatever the wire layer says
+    terminal.handle(payment_request("POS1", "S4", "V400m-1", 10.0), 300.0, retransmission=True)
+    assert terminal.summary()["POS1/S4"]["receipts"][0]["retransmission"] is False
+
+
+async def test_the_wire_layer_flags_link_level_retransmissions(tmp_path):
+    """The simulator's framer hands up every good copy of a frame (it does not de-duplicate);
+    the server flags a copy as a possible link-level retransmission only when it is byte for
+    byte the frame received just before on the same connection, within max_tries copies. A
+    copy after another frame (the bridge's framer sends one frame at a time) or beyond
+    max_tries is a second request."""
+    import json
+
+    from bridge.simulator.responses import payment_request
+
+    link = tmp_path / "terminal"
+    server = SimulatorServer(Scenario(link=LinkBehaviour(replug_after=0.2)))
+    await server.start_pty(link)
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    try:
+        def send(document: dict) -> None:
+            os.write(fd, _frame(json.dumps(document, separators=(",", ":")).encode()))
+
+        pay = payment_request("POS1", "R1", server.scenario.poi_id, 10.0)
+        diagnosis = {"SaleToPOIRequest": {"MessageHeader": {
+            "ProtocolVersion": "3.0", "MessageClass": "Service", "MessageCategory": "Diagnosis",
+            "MessageType": "Request", "SaleID": "poi-bridge", "ServiceID": "D1",
+            "POIID": server.scenario.poi_id}, "DiagnosisRequest": {"HostDiagnosisFlag": False}}}
+        for document in (pay, pay, pay, pay, diagnosis, pay):
+            before = server.frames_in
+            send(document)
+            await wait_for(lambda: server.frames_in == before + 1)
+        receipts = server.terminal.summary()["POS1/R1"]["receipts"]
+        assert [r["retransmission"] for r in receipts] == [False, True, True, False, False]
+    finally:
+        os.close(fd)
+        await server.close()

@@ -10,7 +10,8 @@ audited: the terminals' ledgers against what the registers were told against the
 (and mosquitto's own log, to tell a request the broker lost in a kill -9 from one the bridge
 acknowledged and dropped). `make soak` runs the long version.
 
-One soak run (about 80 s) is shared by the tests below.
+One soak run (about 80 s) is shared by the tests marked slow below; the audit itself
+(bench/soak.py, audit) is also tested on constructed inputs, in a moment each.
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from bench import soak as soak_module
 from tests.broker import find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
 MONEY = ("lost", "doubled", "phantom", "disputed", "crashed")
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +63,7 @@ def _text(problems: list[dict[str, Any]], result: dict[str, Any]) -> str:
     return "\n".join(p["text"] for p in problems) + "\n" + result["output"][-3000:]
 
 
+@pytest.mark.slow
 def test_soak_ran_payments_through_every_kind_of_fault(soak: dict[str, Any]) -> None:
     counts = soak["counts"]
     assert counts["payments"] >= 20, soak["output"]
@@ -72,6 +75,7 @@ def test_soak_ran_payments_through_every_kind_of_fault(soak: dict[str, Any]) -> 
     assert soak["daemon_starts"] >= 4
 
 
+@pytest.mark.slow
 def test_soak_no_payment_lost_doubled_phantom_disputed_or_stuck(soak: dict[str, Any]) -> None:
     """The invariants: every charge reported as approved, nothing reported approved that was
     not charged, nothing charged twice, register and journal agree, every request answered,
@@ -81,6 +85,7 @@ def test_soak_no_payment_lost_doubled_phantom_disputed_or_stuck(soak: dict[str, 
     assert not bad, _text(bad, soak)
 
 
+@pytest.mark.slow
 def test_soak_report_says_what_settling_saw(soak: dict[str, Any]) -> None:
     """The report names what was left when settling ended (it used to say only "the bridge
     had not settled", even when the bridge had: a result the broker lost in a kill -9 left
@@ -91,6 +96,7 @@ def test_soak_report_says_what_settling_saw(soak: dict[str, Any]) -> None:
         assert f"note: settling gave up with {state}" in soak["output"], soak["output"][-3000:]
 
 
+@pytest.mark.slow
 def test_soak_every_terminal_comes_back_after_a_restart_while_unplugged(
         soak: dict[str, Any]) -> None:
     """A serial terminal on a node udev does not manage (a pty), absent when the daemon
@@ -102,6 +108,7 @@ def test_soak_every_terminal_comes_back_after_a_restart_while_unplugged(
     assert soak["terminals_offline_at_end"] == []
 
 
+@pytest.mark.slow
 def test_soak_every_request_sent_during_a_restart_is_answered(soak: dict[str, Any]) -> None:
     """Requests published while the daemon drains or restarts are answered: refused while
     draining, or queued by the broker for the persistent session until the next start."""
@@ -110,6 +117,7 @@ def test_soak_every_request_sent_during_a_restart_is_answered(soak: dict[str, An
     assert not dropped, _text(dropped, soak)
 
 
+@pytest.mark.slow
 def test_soak_no_charge_reported_declined_after_a_busy_answer(soak: dict[str, Any]) -> None:
     """A terminal slow to ACK reads the request twice and answers the second copy Busy with
     the payment's own ServiceID: that is not 'declined' (fixed in e7fc2da)."""
@@ -117,6 +125,7 @@ def test_soak_no_charge_reported_declined_after_a_busy_answer(soak: dict[str, An
     assert not lost, _text(lost, soak)
 
 
+@pytest.mark.slow
 def test_soak_a_busy_refusal_learnt_by_status_poll_is_reported(soak: dict[str, Any]) -> None:
     """A status answer saying the original ended Busy is final, not a reason to poll forever
     (fixed in e7fc2da)."""
@@ -124,8 +133,99 @@ def test_soak_a_busy_refusal_learnt_by_status_poll_is_reported(soak: dict[str, A
     assert not stuck, _text(stuck, soak)
 
 
+@pytest.mark.slow
 def test_soak_a_refused_request_delivered_again_is_not_started(soak: dict[str, Any]) -> None:
     """A refused request that the broker delivers again (QoS 1: at least once) is refused
     again, never started (fixed in e7fc2da)."""
     redelivered = _problems(soak, *MONEY, tag="redelivered_refusal")
     assert not redelivered, _text(redelivered, soak)
+
+
+# --- the audit on constructed inputs ------------------------------------------------------------
+
+POI = "V400m-100000"
+
+
+def fake_soak(tmp_path: Path, *payments: Any, terminals: tuple[str, ...] = (POI,),
+              daemon_started: tuple[float, ...] = (0.0,)) -> Any:
+    """What audit() reads of a Soak, for payments made by one register (TILL1)."""
+    register = SimpleNamespace(sale_id="TILL1", client_id="soak-register-TILL1",
+                               payments={p.service_id: p for p in payments}, aborts={},
+                               stray=[], connects=1)
+    terms = [SimpleNamespace(poi_id=poi, unplugs=[], unplugged_at=lambda moment: False)
+             for poi in terminals]
+    return SimpleNamespace(
+        broker=SimpleNamespace(log_path=tmp_path / "no-broker-log"), registers=[register],
+        terminals=terms, offline_episodes=[], broker_kills=[], daemon_terms=[], crashes=[],
+        events=[], args=SimpleNamespace(seed=0, duration=1.0), settle_state="settled",
+        daemon=SimpleNamespace(starts=len(daemon_started), started_at=list(daemon_started)),
+        workdir=tmp_path)
+
+
+def paid(service_id: str, outcome: str | None = "approved", source: str = "terminal",
+         error: str | None = None) -> Any:
+    """A payment the register made, and the final outcome it was told."""
+    payment = soak_module.Payment("TILL1", service_id, POI, "approve", 10.0, time.time())
+    if outcome is not None:
+        payment.outcomes.append((time.time(), outcome, source))
+        payment.first_final, payment.first_final_at = outcome, time.time()
+        payment.first_final_source, payment.first_final_error = source, error
+    return payment
+
+
+def row(service_id: str, outcome: str = "approved", state: str = "final",
+        detail: str = "") -> dict[str, Any]:
+    return {"sale_id": "TILL1", "service_id": service_id, "poi_id": POI,
+            "category": "Payment", "state": state, "outcome": outcome, "source": "terminal",
+            "detail": detail, "created_at": 0.0, "updated_at": 0.0, "polls_sent": 0,
+            "reconcile_attempts": 0, "next_poll_at": None}
+
+
+def ledger_entry(*receipts: tuple[float, bool, str], charged: bool = True) -> dict[str, Any]:
+    return {"category": "Payment", "outcome": "approve" if charged else "decline",
+            "charged": charged, "answered": True, "received": len(receipts),
+            "receipts": [{"at": at, "retransmission": again, "answer": answer}
+                         for at, again, answer in receipts]}
+
+
+def run_audit(soak: Any, ledgers: dict[str, Any], rows: list[dict[str, Any]], *,
+              daemon_exit: int | None = 0, states: dict[str, Any] | None = None,
+              **extra: Any) -> dict[str, Any]:
+    states = {POI: {"poi_id": POI, "state": "online"}} if states is None else states
+    return soak_module.audit(soak, ledgers, rows, [{"pending_total": 0}], settled=True,
+                             daemon_exit=daemon_exit, terminal_states=states,
+                             healthy_for=60.0, **extra)
+
+
+def kinds(result: dict[str, Any]) -> list[tuple[str, str | None]]:
+    return [(p["kind"], p.get("tag")) for p in result["problems"]]
+
+
+def test_audit_a_clean_payment_passes(tmp_path):
+    soak = fake_soak(tmp_path, paid("P1"))
+    result = run_audit(soak, {POI: {"TILL1/P1": ledger_entry((1.0, False, "processed"))}},
+                       [row("P1")])
+    assert result["problems"] == []
+
+
+def test_audit_flags_a_payment_the_bridge_wrote_to_its_terminal_twice(tmp_path):
+    """The terminal received P1 a second time, not as a link-level retransmission of the same
+    frame: the bridge sent the payment twice. The terminal ignored the repeat, a real one
+    might not: doubled, although only one charge is in the ledger."""
+    soak = fake_soak(tmp_path, paid("P1"))
+    ledger = {"TILL1/P1": ledger_entry((1.0, False, "processed"), (3.5, False, "duplicate"))}
+    result = run_audit(soak, {POI: ledger}, [row("P1")])
+    assert kinds(result) == [("doubled", None)], result["problems"]
+    assert "reached terminal V400m-100000 2 times" in result["problems"][0]["text"]
+    assert soak_module.report(result) is False
+
+
+def test_audit_accepts_link_level_retransmissions(tmp_path):
+    """Copies the bridge's framer sent again for want of an ACK (a stalled terminal reads
+    them all) are the link layer's business, not a second payment."""
+    soak = fake_soak(tmp_path, paid("P1"))
+    ledger = {"TILL1/P1": ledger_entry((1.0, False, "processed"), (1.0, True, "busy"),
+                                       (1.1, True, "busy"))}
+    result = run_audit(soak, {POI: ledger}, [row("P1")])
+    assert result["problems"] == []
+    assert result["counts"]["retransmitted_requests"] == 1

@@ -21,6 +21,7 @@ from typing import Any
 
 from bridge.protocol import crypto
 from bridge.protocol.framing import FrameReceived, Framer, make_framer
+from bridge.protocol.framing.acknowledged import AcknowledgedFramer
 from bridge.simulator.terminal import Answer, Scenario, SimulatedTerminal
 
 log = logging.getLogger("poi_bridge.simulator")
@@ -259,7 +260,15 @@ class SimulatorServer:
     # --- the wire -----------------------------------------------------------------------------
 
     async def _read_loop(self, link: _Link) -> None:
+        """Read one link connection until it ends. The framer hands up every good frame,
+        retransmitted copies included (it does not de-duplicate): a frame byte-identical to
+        the one received just before on this connection, within the framing's max_tries
+        copies, is flagged to the terminal as a possible link-level retransmission (the
+        bridge's framer sends its frames one at a time, and a frame again only while it has
+        no ACK for it; a reopened link starts with the bridge's identity check)."""
         timer = asyncio.create_task(self._retransmit_loop(link))
+        previous: bytes | None = None
+        copies = 0
         try:
             while True:
                 data = await link.read()
@@ -271,9 +280,18 @@ class SimulatorServer:
                 for event in events:
                     if isinstance(event, FrameReceived):
                         self.frames_in += 1
-                        self._on_request(link, event.payload)
+                        if event.payload == previous:
+                            copies += 1
+                        else:
+                            previous, copies = event.payload, 1
+                        self._on_request(link, event.payload,
+                                         retransmission=1 < copies <= self._max_copies())
         finally:
             timer.cancel()
+
+    def _max_copies(self) -> int:
+        """How many times a peer with our framing settings transmits one frame."""
+        return self.framer.max_tries if isinstance(self.framer, AcknowledgedFramer) else 1
 
     async def _retransmit_loop(self, link: _Link) -> None:
         while True:
@@ -292,7 +310,7 @@ class SimulatorServer:
             return data[:i] + bytes([data[i] ^ 0x20]) + data[i + 1:]
         return data
 
-    def _on_request(self, link: _Link, payload: bytes) -> None:
+    def _on_request(self, link: _Link, payload: bytes, *, retransmission: bool = False) -> None:
         try:
             document = json.loads(payload)
         except (ValueError, UnicodeDecodeError):
@@ -306,7 +324,7 @@ class SimulatorServer:
                 self._spawn(self._answer_at(link, Answer(time.time(), {
                     "errors": ["Nexo Service: crypto error (3)"], "ServiceID": "-NULL-"})))
                 return
-        reaction = self.terminal.handle(document, time.time())
+        reaction = self.terminal.handle(document, time.time(), retransmission=retransmission)
         if reaction.drop_link:
             self._spawn(self._drop_soon())
         for answer in reaction.answers:

@@ -3,6 +3,12 @@
 It keeps a ledger of every transaction it has seen (what the shopper "did"), answers status
 polls from it exactly as the seed describes, and misbehaves on purpose when a scenario says
 so. The ledger is what the soak test audits the bridge against.
+
+Every receipt of a money request (Payment, Reversal) is also recorded, by (SaleID,
+ServiceID): a request whose key the terminal already has is not processed again (a real
+terminal does not run a duplicate ServiceID twice), but the ledger says how many times, when,
+and whether each repeat can be a link-level retransmission of the same frame (the wire layer
+says so: see `handle`). A repeat that cannot is the bridge sending a payment twice.
 """
 
 from __future__ import annotations
@@ -85,6 +91,19 @@ class LedgerEntry:
 
 
 @dataclass(slots=True)
+class Receipt:
+    """One arrival of a money request at the terminal."""
+
+    at: float
+    retransmission: bool  # the wire layer says it can be a link-level copy of the frame before
+    answer: str  # what the terminal did: processed, busy, duplicate (ignored), lost
+
+    def as_json(self) -> dict[str, Any]:
+        return {"at": round(self.at, 3), "retransmission": self.retransmission,
+                "answer": self.answer}
+
+
+@dataclass(slots=True)
 class Answer:
     at: float
     document: dict[str, Any]
@@ -105,6 +124,8 @@ class SimulatedTerminal:
     def __init__(self, scenario: Scenario | None = None) -> None:
         self.scenario = scenario or Scenario()
         self.ledger: dict[tuple[str, str], LedgerEntry] = {}
+        # every arrival of a money request, processed or not, by (SaleID, ServiceID)
+        self.receipts: dict[tuple[str, str], list[Receipt]] = {}
         self._script = list(self.scenario.transactions)
         self._current: LedgerEntry | None = None  # the payment the "shopper" is busy with
         self._last: LedgerEntry | None = None
@@ -130,23 +151,35 @@ class SimulatedTerminal:
 
     # --- the terminal -----------------------------------------------------------------------
 
-    def handle(self, document: dict[str, Any], now: float) -> Reaction:
-        """A real terminal names itself in every answer: its own POIID, not the request's."""
-        reaction = self._answer(document, now)
+    def handle(self, document: dict[str, Any], now: float, *,
+               retransmission: bool = False) -> Reaction:
+        """One request from the bridge. `retransmission`: the wire layer received this very
+        frame just before, byte for byte, on the same link connection, with no other frame
+        between and within the framer's max_tries copies, so it can be the bridge's framer
+        sending it again for want of an ACK (a link-level copy, not a second request).
+
+        A real terminal names itself in every answer: its own POIID, not the request's."""
+        reaction = self._answer(document, now, retransmission)
         for answer in reaction.answers:
             for root in answer.document.values():
                 if isinstance(root, dict) and isinstance(root.get("MessageHeader"), dict):
                     root["MessageHeader"]["POIID"] = self.scenario.poi_id
         return reaction
 
-    def _answer(self, document: dict[str, Any], now: float) -> Reaction:
+    def _answer(self, document: dict[str, Any], now: float,
+                retransmission: bool = False) -> Reaction:
         request = document.get("SaleToPOIRequest")
         if not isinstance(request, dict) or not isinstance(request.get("MessageHeader"), dict):
             return Reaction()  # a real terminal answers junk with silence or an event
         header = request["MessageHeader"]
         category = header.get("MessageCategory")
         if category in ("Payment", "Reversal"):
-            return self._money(document, request, header, now)
+            receipts = self.receipts.setdefault(
+                (header.get("SaleID", ""), header.get("ServiceID", "")), [])
+            receipt = Receipt(now, retransmission and bool(receipts), "processed")
+            receipts.append(receipt)
+            reaction, receipt.answer = self._money(document, request, header, now)
+            return reaction
         if category == "TransactionStatus":
             return self._status(document, request, now)
         if category == "Abort":
@@ -160,16 +193,18 @@ class SimulatedTerminal:
             return Reaction([Answer(now, responses.simple_response(document))])
         return Reaction([Answer(now, responses.simple_response(document, result="Failure"))])
 
-    def _money(self, document, request, header, now) -> Reaction:
+    def _money(self, document, request, header, now) -> tuple[Reaction, str]:
+        """The reaction, and what the terminal did with the request (for its receipt)."""
         key = (header.get("SaleID", ""), header.get("ServiceID", ""))
         behaviour = self._behaviour_for(header, request)
         if behaviour.lose_request:
-            return Reaction()
+            return Reaction(), "lost"
         if self._current is not None and now < self._current.completes_at:
             busy = responses.payment_response(document, "busy", now)
-            return Reaction([Answer(now, busy)])
+            return Reaction([Answer(now, busy)]), "busy"
         if key in self.ledger:
-            return Reaction()  # a terminal does not process a duplicate ServiceID twice
+            # a terminal does not process a duplicate ServiceID twice (its receipt is kept)
+            return Reaction(), "duplicate"
         entry = LedgerEntry(key[0], key[1], header["MessageCategory"], document, behaviour,
                             received_at=now, completes_at=now + behaviour.delay)
         self.ledger[key] = entry
@@ -185,7 +220,7 @@ class SimulatedTerminal:
         if not behaviour.never_answer and not behaviour.drop_link:
             reaction.answers.append(Answer(entry.completes_at, entry.response, entry))
             entry.answered = True
-        return reaction
+        return reaction, "processed"
 
     def _status(self, document, request, now) -> Reaction:
         ref = request.get("TransactionStatusRequest", {}).get("MessageReference")
@@ -218,8 +253,15 @@ class SimulatedTerminal:
         return Reaction([Answer(now, entry.response)])
 
     def summary(self) -> dict[str, Any]:
+        """The ledger as JSON. `received`: how many times the request arrived (1 normally);
+        `receipts`: each arrival (time, whether it can be a link-level retransmission, what
+        the terminal did with it), from the first, including arrivals refused Busy before
+        the one that was processed."""
         return {
             f"{sale}/{service}": {"category": e.category, "outcome": e.outcome,
-                                  "charged": e.charged, "answered": e.answered}
+                                  "charged": e.charged, "answered": e.answered,
+                                  "received": len(self.receipts.get((sale, service), [])),
+                                  "receipts": [r.as_json() for r in
+                                               self.receipts.get((sale, service), [])]}
             for (sale, service), e in self.ledger.items()
         }
