@@ -39,11 +39,14 @@ banner, if anything is
             as a link-level retransmission of the same frame (the terminal's ledger counts
             every receipt; it does not process a repeated ServiceID, a real terminal might),
   phantom   reported approved but not charged,
-  disputed  register and journal disagree, or two different final outcomes,
+  disputed  register and journal disagree (a final outcome at the register with no journal
+            row counts, except the refusals the bridge answers before journaling: invalid,
+            stale, unknown terminal, shutting down...), or two different final outcomes,
   stuck     a journal row not final or unresolved, an outbox message never delivered, an
             unresolved transaction the bridge did not resolve although everything was back,
             a terminal the bridge keeps offline although it is plugged in,
-  crashed   the daemon or a simulated terminal exited on its own.
+  crashed   the daemon or a simulated terminal exited on its own, or the daemon's final
+            SIGTERM did not end with exit status 0.
 
 Anything left unresolved is listed with the reason. Problems that are symptoms of a bridge
 bug already found are tagged with it (KNOWN_BUGS); they still fail the run.
@@ -59,6 +62,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import sqlite3
@@ -298,6 +302,8 @@ class Payment:
     outcomes: list[tuple[float, str, str]] = field(default_factory=list)  # (at, outcome, source)
     first_final: str | None = None
     first_final_at: float | None = None
+    first_final_source: str | None = None
+    first_final_error: str | None = None  # the bridge's error text with it, if any
     conflicts: list[str] = field(default_factory=list)
     abort_id: str | None = None
     resync_at: float | None = None
@@ -377,7 +383,8 @@ class Register:
             info = payload["bridge"]
             service_id = info["transaction"]["service_id"]
             outcome, source = info["outcome"], info["source"]
-        except (TypeError, ValueError, KeyError):
+            error = info.get("error")
+        except (TypeError, ValueError, KeyError, AttributeError):
             self.stray.append({"raw": repr(raw)[:200]})
             return
         now = time.time()
@@ -392,6 +399,7 @@ class Register:
         if outcome != "unresolved":
             if payment.first_final is None:
                 payment.first_final, payment.first_final_at = outcome, now
+                payment.first_final_source, payment.first_final_error = source, error
             elif outcome != payment.first_final:
                 payment.conflicts.append(f"{payment.first_final} then {outcome} ({source})")
         payment.answered.set()
@@ -998,7 +1006,15 @@ class Soak:
         states = await self.terminal_states()
         healthy_for = time.monotonic() - self.healthy_since
         log("stopping the bridge (SIGTERM) and collecting the terminals' ledgers")
-        exit_code = await asyncio.to_thread(self.daemon.terminate)
+        daemon_stop = None
+        if self.daemon.running:
+            exit_code = await asyncio.to_thread(self.daemon.terminate)
+            if exit_code is None:
+                daemon_stop = "did not exit within 20 s of SIGTERM; killed"
+        else:
+            exit_code = None if self.daemon.process is None else self.daemon.process.returncode
+            daemon_stop = (f"was not running when the soak stopped it (exit status "
+                           f"{exit_code}, start #{self.daemon.starts})")
         rows, outbox = await asyncio.to_thread(self.read_journal)
         ledgers = {}
         for terminal in self.terminals:
@@ -1013,7 +1029,7 @@ class Soak:
             await register.stop_session()
         await asyncio.to_thread(self.broker.stop)
         return audit(self, ledgers, rows, outbox, settled=settled, daemon_exit=exit_code,
-                     terminal_states=states, healthy_for=healthy_for)
+                     daemon_stop=daemon_stop, terminal_states=states, healthy_for=healthy_for)
 
     async def terminal_states(self) -> dict[str, dict[str, Any]]:
         """The bridge's retained state topic of every terminal, as it stands now."""
@@ -1263,6 +1279,35 @@ KNOWN_BUGS = {
 }
 
 
+# The refusals the bridge answers without a journal row (bridge/daemon/intake.py,
+# RequestIntake._request and _reject: outcome rejected, source bridge), by their error text:
+# requests refused before they are journaled (unusable or invalid, ServiceID reused, the
+# bridge shutting down, unknown terminal, SaleID not allowed, stale). Refusals by the
+# terminal's session (offline, Busy...) are journaled since e7fc2da, so they are not here.
+NEVER_JOURNALED = tuple(re.compile(pattern) for pattern in (
+    r"request is unusable: ",
+    r"not a valid SaleToPOIRequest: ",
+    r"registers publish SaleToPOIRequest documents here$",
+    r"send the request in clear: ",
+    r"invalid header: ",
+    r"SaleID must not contain / \+ # or control characters$",
+    r"MessageHeader\.POIID .* does not match the topic's terminal ",
+    r"ServiceID .* was already used by SaleID .* for a different request within 48 hours",
+    r"the bridge is shutting down; nothing was sent to the terminal",
+    r"unknown terminal .*: not in this bridge's configuration$",
+    r"SaleID .* may not use terminal ",
+    r"request is \d+ s old \(SaleTransactionID\.TimeStamp\)",
+))
+
+
+def never_journaled(payment: Payment) -> bool:
+    """Whether the register's final outcome is one of the refusals the bridge answers
+    without a journal row (NEVER_JOURNALED)."""
+    error = payment.first_final_error or ""
+    return (payment.first_final == "rejected" and payment.first_final_source == "bridge"
+            and any(pattern.match(error) for pattern in NEVER_JOURNALED))
+
+
 def repeated_receipts(ledgers: dict[str, dict[str, Any]]
                       ) -> list[tuple[str, str, list[dict[str, Any]]]]:
     """(terminal, key, receipts) of every money request a terminal received more than once
@@ -1280,8 +1325,12 @@ def busy_loop_tag(row: dict[str, Any]) -> str | None:
 
 def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
           outbox: list[dict[str, Any]], *, settled: bool, daemon_exit: int | None,
-          terminal_states: dict[str, dict[str, Any]], healthy_for: float) -> dict[str, Any]:
-    """Payment by payment: the terminals' ledgers vs the registers vs the journal."""
+          terminal_states: dict[str, dict[str, Any]], healthy_for: float,
+          daemon_stop: str | None = None) -> dict[str, Any]:
+    """Payment by payment: the terminals' ledgers vs the registers vs the journal.
+
+    `daemon_exit` is the daemon's exit status after the final SIGTERM (None: there was
+    none; `daemon_stop` says why): anything but 0 is a crash."""
     pending_total = outbox.pop()["pending_total"]
     traces = BrokerLog(soak.broker.log_path).match(soak.registers)
     journal = {(r["sale_id"], r["service_id"]): r for r in rows}
@@ -1362,7 +1411,11 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                         f"(outcomes {[(o, s) for _, o, s in p.outcomes]}; journal "
                         f"{row and (row['state'], row['outcome'], row['source'], row['detail'])})",
                         tag="busy_taken_for_declined" if busy else redelivered)
-            if row is not None and row["state"] == "final" and row["outcome"] != final:
+            if row is None and not never_journaled(p):
+                problem("disputed", p, f"register got final {final} ({p.first_final_source}"
+                        f"{': ' + p.first_final_error if p.first_final_error else ''}), the "
+                        "journal has no row for it")
+            elif row is not None and row["state"] == "final" and row["outcome"] != final:
                 problem("disputed", p, f"register acted on {final}, journal says "
                         f"{row['outcome']} ({row['source']}: {row['detail']})",
                         tag=redelivered)
@@ -1478,6 +1531,10 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                     f"never sent: {json.dumps(stray)[:200]}")
     for crash in soak.crashes:
         problem("crashed", None, crash)
+    if daemon_exit != 0:
+        problem("crashed", None, "the daemon's final stop (SIGTERM) did not end with exit "
+                "status 0: " + (f"exit status {daemon_exit}" if daemon_exit is not None
+                                else daemon_stop or "no exit status"))
     for episode in soak.offline_episodes:
         problem("stuck", None, episode["text"], poi_id=episode["poi_id"])
     counts["charged"] = sum(1 for k in charged_at if k in by_key)
@@ -1488,7 +1545,8 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         "terminals": len(soak.terminals), "registers": len(soak.registers),
         "counts": dict(counts), "chaos": dict(chaos), "chaos_skipped": dict(skipped),
         "problems": problems, "explained": explained, "unresolved": unresolved_notes,
-        "settled": settled, "settle_state": soak.settle_state, "daemon_exit": daemon_exit, "daemon_starts": soak.daemon.starts,
+        "settled": settled, "settle_state": soak.settle_state, "daemon_exit": daemon_exit,
+        "daemon_stop": daemon_stop, "daemon_starts": soak.daemon.starts,
         "terminals_offline_at_end": sorted(offline),
         "offline_episodes": soak.offline_episodes,
         "register_connects": {r.sale_id: r.connects for r in soak.registers},

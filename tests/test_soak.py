@@ -64,6 +64,14 @@ def _text(problems: list[dict[str, Any]], result: dict[str, Any]) -> str:
 
 
 @pytest.mark.slow
+def test_soak_exits_0(soak: dict[str, Any]) -> None:
+    """The soak's own verdict: exit status 0 only when the audit found nothing fatal (tagged
+    problems included) and the daemon stopped cleanly at the end."""
+    assert soak["exit"] == 0, soak["output"][-6000:]
+    assert soak["daemon_exit"] == 0, soak["daemon_stop"]
+
+
+@pytest.mark.slow
 def test_soak_ran_payments_through_every_kind_of_fault(soak: dict[str, Any]) -> None:
     counts = soak["counts"]
     assert counts["payments"] >= 20, soak["output"]
@@ -229,3 +237,46 @@ def test_audit_accepts_link_level_retransmissions(tmp_path):
     result = run_audit(soak, {POI: ledger}, [row("P1")])
     assert result["problems"] == []
     assert result["counts"]["retransmitted_requests"] == 1
+
+
+def test_audit_flags_a_final_outcome_the_journal_has_no_row_for(tmp_path):
+    """The register was told approved (or refused Busy by the terminal's session, which is
+    journaled) and the journal has no row: register and journal disagree."""
+    busy = "terminal V400m-100000 is busy with transaction TILL1/P0"
+    soak = fake_soak(tmp_path, paid("P1"), paid("P2", "rejected", "bridge", busy))
+    result = run_audit(soak, {POI: {"TILL1/P1": ledger_entry((1.0, False, "processed"))}}, [])
+    assert kinds(result) == [("disputed", None), ("disputed", None)], result["problems"]
+    assert "journal has no row" in result["problems"][0]["text"]
+    assert soak_module.report(result) is False
+
+
+def test_audit_accepts_the_refusals_the_bridge_answers_without_a_journal_row(tmp_path):
+    """Requests the intake refuses before they are journaled (bridge/daemon/intake.py)."""
+    refusals = [
+        "the bridge is shutting down; nothing was sent to the terminal, retry in a moment",
+        "unknown terminal V400m-9: not in this bridge's configuration",
+        "invalid header: MessageHeader.ServiceID is missing",
+        "request is 412 s old (SaleTransactionID.TimeStamp) by this box's clock (...)",
+        "ServiceID P5 was already used by SaleID TILL1 for a different request within 48 "
+        "hours; use a new ServiceID",
+    ]
+    payments = [paid(f"P{i}", "rejected", "bridge", error) for i, error in enumerate(refusals)]
+    result = run_audit(fake_soak(tmp_path, *payments), {POI: {}}, [])
+    assert result["problems"] == []
+    # the same words from elsewhere than the bridge's refusal are no excuse
+    odd = paid("P9", "declined", "terminal", refusals[0])
+    result = run_audit(fake_soak(tmp_path, odd), {POI: {}}, [])
+    assert kinds(result) == [("disputed", None)]
+
+
+@pytest.mark.parametrize("daemon_exit, stop", [(1, None), (-9, None),
+                                               (None, "did not exit within 20 s of SIGTERM; killed")])
+def test_audit_a_bad_final_daemon_exit_is_a_crash(tmp_path, daemon_exit, stop):
+    soak = fake_soak(tmp_path, paid("P1"))
+    result = run_audit(soak, {POI: {"TILL1/P1": ledger_entry((1.0, False, "processed"))}},
+                       [row("P1")], daemon_exit=daemon_exit,
+                       **({"daemon_stop": stop} if stop else {}))
+    assert kinds(result) == [("crashed", None)], result["problems"]
+    assert "final stop" in result["problems"][0]["text"]
+    if stop:
+        assert stop in result["problems"][0]["text"]
