@@ -897,6 +897,7 @@ class Soak:
                              "has not opened it since.")
                 self.offline_episodes.append({
                     "poi_id": terminal.poi_id, "wall": time.time(),
+                    "started_while_unplugged": terminal.unplugged_at(started),
                     "text": f"terminal {terminal.poi_id} offline for the bridge for "
                             f"{now - since:.0f} s although plugged in, with the daemon (start "
                             f"#{self.daemon.starts}) and the broker up (bridge says: "
@@ -1353,7 +1354,10 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
     unresolved_notes: list[str] = []
     offline = {poi for poi, st in terminal_states.items() if st.get("state") == "offline"}
     offline |= {t.poi_id for t in soak.terminals if t.poi_id not in terminal_states}
-    left_offline = offline | {e["poi_id"] for e in soak.offline_episodes}
+    last_start = soak.daemon.started_at[-1] if soak.daemon.started_at else None
+    # the known bug's signature: the daemon (re)started while the terminal was unplugged
+    started_unplugged = {t.poi_id for t in soak.terminals
+                         if last_start is not None and t.unplugged_at(last_start)}
 
     def problem(kind: str, payment: Payment | None, text: str, *, poi_id: str | None = None,
                 key: str | None = None, tag: str | None = None) -> None:
@@ -1361,8 +1365,6 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         counts[kind] += 1
         poi_id = poi_id or (payment.poi_id if payment else None)
         key = key or (payment.key if payment else None)
-        if tag is None and kind == "stuck" and poi_id in left_offline:
-            tag = "left_offline"
         where = (f"{payment.key} on {payment.poi_id} ({payment.kind}, sent "
                  f"{clock(payment.sent_at)})") if payment else ""
         problems.append({"kind": kind, "poi_id": poi_id, "key": key, "tag": tag,
@@ -1519,7 +1521,8 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         state = terminal_states.get(poi_id, {})
         problem("stuck", None, f"terminal {poi_id} is still offline for the bridge "
                 f"({state.get('detail') or 'no state published'}) although its simulator has "
-                f"been plugged in for {healthy_for:.0f} s", poi_id=poi_id)
+                f"been plugged in for {healthy_for:.0f} s", poi_id=poi_id,
+                tag="left_offline" if poi_id in started_unplugged else None)
     for register in soak.registers:
         for abort_id, outcomes in register.aborts.items():
             counts["aborts_sent"] += 1
@@ -1536,7 +1539,10 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                 "status 0: " + (f"exit status {daemon_exit}" if daemon_exit is not None
                                 else daemon_stop or "no exit status"))
     for episode in soak.offline_episodes:
-        problem("stuck", None, episode["text"], poi_id=episode["poi_id"])
+        # Only the offline episode itself carries the tag: a journal row stuck on the same
+        # terminal is judged on its own (above), whatever happened to the terminal.
+        problem("stuck", None, episode["text"], poi_id=episode["poi_id"],
+                tag="left_offline" if episode.get("started_while_unplugged") else None)
     counts["charged"] = sum(1 for k in charged_at if k in by_key)
     chaos = Counter(e.kind for e in soak.events if not e.skipped)
     skipped = Counter(e.kind for e in soak.events if e.skipped)
