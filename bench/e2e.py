@@ -438,8 +438,14 @@ async def _closed_loop(registers: Registers, n: int, amount: float, duration: fl
     result = LoadResult()
 
     async def warm(i: int) -> None:
-        with contextlib.suppress(TimeoutError):
-            await registers.pay(i, ids[i].next(), amount, timeout=PAY_TIMEOUT)
+        # not timed, but a warm-up payment lost is a payment lost: it counts as a failure
+        try:
+            _, arrival = await registers.pay(i, ids[i].next(), amount, timeout=PAY_TIMEOUT)
+        except TimeoutError:
+            result.fail(f"warm-up: no answer within {PAY_TIMEOUT:g} s")
+            return
+        if arrival.outcome != "approved":
+            result.fail(f"warm-up: outcome {arrival.outcome}")
 
     for _ in range(warmup):
         await asyncio.gather(*(warm(i) for i in range(n)))

@@ -322,10 +322,40 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _target(name: str, value: float | None, limit: float, unit: str,
-            note: str = "") -> dict[str, Any]:
-    verdict = "not measured" if value is None else ("PASS" if value < limit else "FAIL")
+            note: str = "", lost: str = "") -> dict[str, Any]:
+    """`lost` says which payments of the run failed or timed out: any at all is a FAIL,
+    whatever was measured (a latency measured only over the payments that were answered says
+    nothing of the ones that were not)."""
+    verdict = ("FAIL" if lost else "not measured" if value is None
+               else "PASS" if value < limit else "FAIL")
     return {"target": name, "measured": value, "limit": limit, "unit": unit,
-            "verdict": verdict, "note": note}
+            "verdict": verdict, "note": "; ".join(x for x in (lost, note) if x),
+            "lost": lost}
+
+
+def _lost(**runs: dict[str, int] | None) -> str:
+    """Why a target fails for its failed payments, e.g. "bridge lost 900 payments (no answer
+    within 15 s: 900)"; "" if none failed. Each keyword names a run and gives its failures."""
+    return "; ".join(f"{who} lost {_payments(failures)}" for who, failures in runs.items()
+                     if failures)
+
+
+def _payments(failures: dict[str, int]) -> str:
+    """ "900 payments (no answer within 15 s: 900)" """
+    total = sum(failures.values())
+    why = ", ".join(f"{k}: {v}" for k, v in sorted(failures.items()))
+    return f"{total} payment{'s' if total != 1 else ''} ({why})"
+
+
+def _row_lost(row: dict[str, Any] | None, baseline: bool = False) -> str:
+    """The failed payments of a section-1 row: the bridge's, and with `baseline` (for the
+    targets that compare the two) the baseline's."""
+    if not row:
+        return ""
+    runs = {"bridge": row["bridge"].get("failures")}
+    if baseline:
+        runs["baseline"] = (row.get("baseline") or {}).get("failures")
+    return _lost(**runs)
 
 
 def offered_rate(row: dict[str, Any]) -> float:
@@ -345,16 +375,18 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             note = (f"baseline's own added p99 {_f(row['baseline']['added_p99_ms'], 2)} ms; "
                     f"bridge - baseline p99 {_f(row.get('bridge_minus_baseline_p99_ms'), 1)} ms")
         out.append(_target(f"bridge-added p99 at 32 terminals ({response} response)",
-                           row["bridge"]["added_p99_ms"] if row else None, 5.0, "ms", note))
+                           row["bridge"]["added_p99_ms"] if row else None, 5.0, "ms", note,
+                           _row_lost(row)))
     for r in latency:
         if r["response"] == "fixture":
             out.append(_target(f"bridge-added p99 vs wire time, fixture, {r['terminals']} terminal(s)",
                                r["bridge"]["added_p99_pct_of_wire"], 2.0, "% of wire",
-                               f"wire {_f(r['wire']['wire_ms'])} ms"))
+                               f"wire {_f(r['wire']['wire_ms'])} ms", _row_lost(r)))
     for r in latency:
         for q in ("p50", "p99"):
             out.append(_target(f"end-to-end {q} bridge/baseline, {r['response']}, "
-                               f"{r['terminals']} terminal(s)", r[f"ratio_{q}"], 1.5, "x"))
+                               f"{r['terminals']} terminal(s)", r[f"ratio_{q}"], 1.5, "x",
+                               lost=_row_lost(r, baseline=True)))
     for response in ("small", "fixture"):
         row = by.get((64, response))
         note = ""
@@ -370,15 +402,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                          f"{floor * rate / 10:.0f}%")
         out.append(_target(f"daemon CPU, 64 terminals paced ({response} response)",
                            row["bridge"]["daemon"]["cpu_pct_core"] if row else None, 50.0,
-                           "% of one core", note))
+                           "% of one core", note, _row_lost(row)))
     st = results.get("store")
     if st:
+        lost = _lost(bridge=st.get("failures"))
         out.append(_target(f"daemon CPU, {st['terminals']} terminals at a store's pace",
                            st["daemon"]["cpu_pct_core"], 50.0, "% of one core",
-                           f"{st['payments_per_s']:g} payments/s"))
+                           f"{st['payments_per_s']:g} payments/s", lost))
         out.append(_target(f"bridge-added p99, {st['terminals']} terminals at a store's pace",
                            st["bridge"]["added_p99_ms"], 5.0, "ms",
-                           f"bench loop lag p99 {_f(st['bench_loop_lag'].get('p99_ms'))} ms"))
+                           f"bench loop lag p99 {_f(st['bench_loop_lag'].get('p99_ms'))} ms",
+                           lost))
     rss = [r["bridge"]["daemon"]["peak_rss_kb"] for r in latency]
     for section in ("throughput", "store"):
         if results.get(section):
@@ -388,9 +422,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                        if rss else None, 80.0, "MB"))
     recovery = {r["terminals"]: r for r in results.get("recovery") or []}
     row = recovery.get(64)
+    unrecovered = row["terminals"] - row["recovered"] if row else 0
     out.append(_target("recovery of 64 in-flight payments, restart to last result",
                        row["restart_to_last_result_s"] if row else None, 5.0, "s",
-                       f"{row['recovered']}/64 recovered" if row else ""))
+                       f"{row['recovered']}/64 recovered" if row else "",
+                       _lost(bridge={"not recovered within 60 s": unrecovered})
+                       if unrecovered else ""))
     return out
 
 
@@ -411,12 +448,14 @@ def targets_over_rounds(results: dict[str, Any]) -> list[dict[str, Any]]:
             raise ValueError(f"rounds judged different targets at {first['target']!r}")
         values = [t["measured"] for t in row if t["measured"] is not None]
         passed = sum(t["verdict"] == "PASS" for t in row)
-        verdict = ("not measured" if not values else "PASS" if passed == len(row)
+        lost = [f"round {n}: {t['lost']}" for n, t in enumerate(row, 1) if t.get("lost")]
+        verdict = ("not measured" if not values and not lost else "PASS" if passed == len(row)
                    else "FAIL" if passed == 0 else "MIXED")
         merged.append({"target": first["target"], "limit": first["limit"], "unit": first["unit"],
                        "min": min(values) if values else None,
                        "max": max(values) if values else None,
-                       "rounds": len(row), "passed": passed, "verdict": verdict})
+                       "rounds": len(row), "passed": passed, "verdict": verdict,
+                       "note": "; ".join(lost)})
     return merged
 
 
@@ -443,6 +482,13 @@ def _table(headers: list[str], rows: list[list[str]], left: tuple[int, ...] = (0
 
 def _failures(failures: dict[str, int]) -> str:
     return str(sum(failures.values())) if failures else "0"
+
+
+def _failure_lines(runs: list[tuple[str, dict[str, int] | None]]) -> list[str]:
+    """Under a table with a `fail` column: which payments failed and why, one line per run that
+    lost any (they are in no latency figure, and each fails its row's targets)."""
+    return [f"    FAILED PAYMENTS, {where}: {_payments(failures)}"
+            for where, failures in runs if failures]
 
 
 def render(results: dict[str, Any]) -> str:
@@ -510,7 +556,10 @@ def render(results: dict[str, Any]) -> str:
              "fail"], rows)]
         out.append("    CPU = the daemon process (/proc utime+stime) over the window; RSS = its "
                    "VmHWM; lag = how late the benchmark's own loop (simulators, registers) woke "
-                   "up, p99 ms")
+                   "up, p99 ms; fail = payments (warm-up included) not approved or not answered "
+                   "in time: in no latency figure, and any at all fails the row's targets")
+        out += _failure_lines([(f"bridge, {r['response']}, {r['terminals']} terminal(s)",
+                                r["bridge"].get("failures")) for r in latency])
         out.append("")
         out.append("1b. Baseline (write frame to the pty, read the answer with the same framer, "
                    "publish once at QoS 1, subscriber notes arrival) and ratio bridge/baseline")
@@ -535,6 +584,8 @@ def render(results: dict[str, Any]) -> str:
             ["response", "N", "n", "base p50", "base p99", "base added p50", "base added p99",
              "bridge-base p50", "bridge-base p99", "ratio p50", "ratio p99",
              "base CPU ms/pay", "bridge CPU ms/pay", "lag p99", "fail"], rows)]
+        out += _failure_lines([(f"baseline, {r['response']}, {r['terminals']} terminal(s)",
+                                r["baseline"].get("failures")) for r in latency])
     st = results.get("store")
     if st:
         out.append("")
@@ -551,6 +602,7 @@ def render(results: dict[str, Any]) -> str:
               _f(d["cpu_pct_core"]), _f(d["cpu_ms_per_payment"], 2),
               _f(d["peak_rss_kb"] / 1024 if d["peak_rss_kb"] else None),
               _f(st["bench_loop_lag"].get("p99_ms")), _failures(st["failures"])]])]
+        out += _failure_lines([("bridge, store pace", st["failures"])])
     t = results.get("throughput")
     if t:
         out.append("")
@@ -566,6 +618,7 @@ def render(results: dict[str, Any]) -> str:
               _f(d["peak_rss_kb"] / 1024 if d["peak_rss_kb"] else None),
               _f(t["mosquitto"]["cpu_pct_core"]), _f(t["bench_process"]["cpu_pct_core"]),
               _failures(t["failures"])]])]
+        out += _failure_lines([("bridge, throughput", t["failures"])])
     rec = results.get("recovery")
     if rec:
         out.append("")
@@ -626,11 +679,11 @@ def render(results: dict[str, Any]) -> str:
         out.append(f"Targets over {over[0]['rounds']} rounds of section 1 (1a/1b above: round 1; "
                    "every round's rows in the JSON, latency_rounds)")
         rows = [[t["verdict"], f"{t['passed']}/{t['rounds']}", t["target"],
-                 f"{_f(t['min'], 3)} - {_f(t['max'], 3)}", f"< {t['limit']:g} {t['unit']}"]
-                for t in over]
+                 f"{_f(t['min'], 3)} - {_f(t['max'], 3)}", f"< {t['limit']:g} {t['unit']}",
+                 t.get("note", "")] for t in over]
         out += ["    " + x for x in _table(
-            ["verdict", "passed", "target", "measured, min - max", "limit"], rows,
-            left=(0, 2, 4))]
+            ["verdict", "passed", "target", "measured, min - max", "limit", "note"], rows,
+            left=(0, 2, 4, 5))]
     return "\n".join(out)
 
 
