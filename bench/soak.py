@@ -1265,6 +1265,14 @@ KNOWN_BUGS = {
     "redelivered_refusal": "(fixed in e7fc2da) a refused request (Busy, offline...) was not "
                            "journaled, so a QoS 1 redelivery of it ran on the terminal "
                            "although the register had been told 'rejected'",
+    "redelivered_unjournaled_refusal": "a request the intake refused without journaling it "
+                                       "('the bridge is shutting down', while draining after "
+                                       "SIGTERM) was delivered again by the broker (QoS 1: "
+                                       "its in-flight copy survived a kill -9 in its autosave "
+                                       "window) to the next daemon, which ran it on the "
+                                       "terminal although the register had been told "
+                                       "'rejected' (e7fc2da journals only the session's "
+                                       "refusals)",
     "left_offline": "(fixed in e7fc2da) a serial terminal on a node udev does not manage, "
                     "absent when the daemon started, was never reopened",
     "unsubscribed_while_draining": "(since bc9f762) the daemon unsubscribes from requests when "
@@ -1384,6 +1392,8 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         # Told "rejected" but the journal has it as something else: it ran after all.
         redelivered = "redelivered_refusal" if final == "rejected" and row is not None \
             and row["outcome"] != "rejected" else None
+        if redelivered and never_journaled(p):
+            redelivered = "redelivered_unjournaled_refusal"
         if p.conflicts:
             problem("disputed", p, "register got different final outcomes: "
                     + "; ".join(p.conflicts), tag=redelivered)

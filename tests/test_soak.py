@@ -312,3 +312,20 @@ def test_audit_does_not_tag_an_offline_terminal_the_daemon_did_not_start_without
     result = run_audit(soak, {POI: {"TILL1/P1": ledger_entry((1.0, False, "processed"))}},
                        [row("P1")], states={POI: {"poi_id": POI, "state": "offline"}})
     assert kinds(result) == [("stuck", None), ("stuck", None)], result["problems"]
+
+
+def test_audit_names_a_shutdown_refusal_that_ran_after_all(tmp_path):
+    """Refused while the daemon drained ('the bridge is shutting down', not journaled), then
+    delivered again to the next daemon and charged: lost and disputed, and tagged with what
+    it is, not with the session-refusal bug e7fc2da fixed."""
+    error = "the bridge is shutting down; nothing was sent to the terminal, retry in a moment"
+    payment = paid("P1", "rejected", "bridge", error)
+    payment.outcomes.append((time.time(), "approved", "status-poll"))
+    payment.conflicts.append("rejected then approved (status-poll)")
+    result = run_audit(fake_soak(tmp_path, payment),
+                       {POI: {"TILL1/P1": ledger_entry((1.0, False, "processed"))}},
+                       [row("P1")])
+    assert sorted(kinds(result)) == [("disputed", "redelivered_unjournaled_refusal"),
+                                     ("disputed", "redelivered_unjournaled_refusal"),
+                                     ("lost", "redelivered_unjournaled_refusal")]
+    assert soak_module.report(result) is False
