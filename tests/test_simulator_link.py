@@ -165,9 +165,9 @@ async def test_the_wire_layer_flags_link_level_retransmissions(tmp_path):
             "MessageType": "Request", "SaleID": "poi-bridge", "ServiceID": "D1",
             "POIID": server.scenario.poi_id}, "DiagnosisRequest": {"HostDiagnosisFlag": False}}}
         for document in (pay, pay, pay, pay, diagnosis, pay):
-            before = server.frames_in
+            want = server.frames_in + 1
             send(document)
-            await wait_for(lambda: server.frames_in == before + 1)
+            await wait_for(lambda want=want: server.frames_in == want)
         receipts = server.terminal.summary()["POS1/R1"]["receipts"]
         assert [r["retransmission"] for r in receipts] == [False, True, True, False, False]
     finally:

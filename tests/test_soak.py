@@ -259,8 +259,8 @@ def test_audit_accepts_the_refusals_the_bridge_answers_without_a_journal_row(tmp
         "unknown terminal V400m-9: not in this bridge's configuration",
         "invalid header: MessageHeader.ServiceID is missing",
         "request is 412 s old (SaleTransactionID.TimeStamp) by this box's clock (...)",
-        "ServiceID P5 was already used by SaleID TILL1 for a different request within 48 "
-        "hours; use a new ServiceID",
+        ("ServiceID P5 was already used by SaleID TILL1 for a different request within 48 "
+         "hours; use a new ServiceID"),
     ]
     payments = [paid(f"P{i}", "rejected", "bridge", error) for i, error in enumerate(refusals)]
     result = run_audit(fake_soak(tmp_path, *payments), {POI: {}}, [])

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.protocol import crypto
-from bridge.protocol.framing import FrameReceived, Framer, make_framer
+from bridge.protocol.framing import Framer, FrameReceived, make_framer
 from bridge.protocol.framing.acknowledged import AcknowledgedFramer
 from bridge.simulator.terminal import Answer, Scenario, SimulatedTerminal
 
