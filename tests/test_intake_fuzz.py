@@ -14,7 +14,7 @@ from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway, Reply
 from bridge.daemon.worker import TerminalWorker
-from bridge.protocol.transaction import TxKey
+from bridge.protocol.transaction import TxKey, TxState
 from bridge.simulator import responses
 
 from .conftest import FIXTURES
@@ -202,3 +202,34 @@ def test_a_step_of_the_system_clock_does_not_make_a_repeat_a_new_payment(tmp_pat
         assert all(worker._clock is bridge.clock for worker in bridge.workers.values())
     finally:
         bridge.journal.close()
+
+
+def test_a_request_refused_while_stopping_and_delivered_again_is_not_run(tmp_path):
+    """Seen in a soak: a payment refused while the bridge drained ("shutting down"), the
+    broker killed before it saved the bridge's acknowledgement, and the request delivered
+    again to the next start of the bridge, which ran it: the register had been told
+    'rejected', and the shopper was charged. The refusal is recorded now, so the copy gets
+    the same answer."""
+    path = tmp_path / "journal.sqlite3"
+    doc = responses.payment_request("POS1", "S1", POI)
+    rig = Rig(path)
+    try:
+        rig.gateway.stop_accepting()
+        (answer,) = rig.handle(f"poi-bridge/terminals/{POI}/request", json.dumps(doc).encode())
+        refused = json.loads(answer.payload)["bridge"]
+        assert refused["outcome"] == "rejected" and "new ServiceID" in refused["error"]
+    finally:
+        rig.journal.close()
+    again = Rig(path)  # the next start, on the same journal
+    try:
+        answers = again.handle(f"poi-bridge/terminals/{POI}/request", json.dumps(doc).encode())
+        results = [json.loads(a.payload) for a in answers if a.topic.endswith("/response")]
+        assert [r["bridge"]["outcome"] for r in results] == ["rejected"]
+        assert "shutting down" in results[0]["bridge"]["error"]
+        events = [json.loads(a.payload)["event"] for a in answers if a.topic.endswith("/event")]
+        assert events == ["duplicate"]
+        assert not again.intake.workers[POI].session.open  # nothing started
+        stored = again.journal.get(TxKey("POS1", "S1"))
+        assert (stored.state, stored.outcome) == (TxState.FINAL, "rejected")
+    finally:
+        again.journal.close()

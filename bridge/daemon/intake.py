@@ -28,7 +28,14 @@ from bridge.protocol.messages import (
 )
 from bridge.protocol.outcome import Outcome
 from bridge.protocol.session import Deliver, Progress
-from bridge.protocol.transaction import Reuse, TxKey, check_reuse, request_digest
+from bridge.protocol.transaction import (
+    Reuse,
+    Transaction,
+    TxKey,
+    TxState,
+    check_reuse,
+    request_digest,
+)
 
 log = logging.getLogger("poi_bridge.intake")
 
@@ -160,25 +167,46 @@ class RequestIntake:
             assert existing is not None
             self._repeat(existing)
             return
-        if not self.gateway.accepting:
-            self._reject(document, poi_id, "the bridge is shutting down; nothing was sent to "
-                                           "the terminal, retry in a moment", "UnavailableService")
+        refusal = self._refusal(request, poi_id)
+        if refusal is not None:
+            self._refuse_recorded(request, document, digest, poi_id, *refusal)
             return
+        self.workers[poi_id].submit(request, document, digest)
+
+    def _refusal(self, request: SaleToPOIRequest, poi_id: str) -> tuple[str, str] | None:
+        """Why a well-formed, new request cannot start here: (error, ErrorCondition)."""
+        header = request.message_header
+        assert header is not None
+        if not self.gateway.accepting:
+            return ("the bridge is shutting down; nothing was sent to the terminal; retry with "
+                    "a new ServiceID once it is back", "UnavailableService")
         worker = self.workers.get(poi_id)
         if worker is None:
-            self._reject(document, poi_id, f"unknown terminal {poi_id}: not in this bridge's "
-                                           "configuration", "UnavailableDevice")
-            return
+            return (f"unknown terminal {poi_id}: not in this bridge's configuration",
+                    "UnavailableDevice")
         allowed = worker.config.allowed_sale_ids
         if allowed is not None and header.sale_id not in allowed:
-            self._reject(document, poi_id, f"SaleID {header.sale_id} may not use terminal "
-                                           f"{poi_id}", "NotAllowed")
-            return
+            return f"SaleID {header.sale_id} may not use terminal {poi_id}", "NotAllowed"
         stale = self._stale(request)
-        if stale:
-            self._reject(document, poi_id, stale, "NotAllowed")
-            return
-        worker.submit(request, document, digest)
+        return (stale, "NotAllowed") if stale else None
+
+    def _refuse_recorded(self, request: SaleToPOIRequest, document: dict[str, Any], digest: str,
+                         poi_id: str, error: str, condition: str) -> None:
+        """Refused before it could start, and recorded final as the session records its own
+        refusals. A copy the broker delivers again (QoS 1 is at least once; a broker killed
+        before it saved our acknowledgement sends it again, perhaps to the next start of the
+        bridge, where it would no longer be refused) then gets the same answer, instead of
+        running on the terminal after the register was told 'rejected'."""
+        header = request.message_header
+        assert header is not None and header.sale_id and header.service_id
+        category, now = str(header.message_category), self._clock()
+        self.journal.save(Transaction(
+            sale_id=header.sale_id, service_id=header.service_id, poi_id=poi_id,
+            category=category, request=document, digest=digest, created_at=now,
+            updated_at=now, state=TxState.FINAL, outcome=Outcome.REJECTED.value,
+            source="bridge", detail=error,
+            response=builders.failure_response(header, category, condition, error)))
+        self._reject(document, poi_id, error, condition)
 
     def _repeat(self, existing: Any) -> None:
         """An identical repeat: answer with what is known, start nothing."""
