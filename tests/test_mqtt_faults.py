@@ -5,10 +5,11 @@ cannot even be set up. None of these may take the connection, or the daemon, dow
 from __future__ import annotations
 
 import asyncio
-import time
 import contextlib
 import json
 import logging
+import signal
+import time
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -426,4 +427,65 @@ async def test_with_mqtt5_even_a_live_retained_request_is_refused(tmp_path, mosq
             assert len(till.on(f"{BASE}/bridge/error")) == 1
             assert handled == [f"{BASE}/terminals/V400m-1/request"]
     finally:
+        journal.close()
+
+
+
+async def swallows_one_cancellation() -> None:
+    """What Python 3.11's asyncio.wait_for (inside aiomqtt) may do: a cancellation that
+    arrives as its future completes is lost, and the coroutine goes on."""
+    try:
+        await asyncio.sleep(3600)
+    except asyncio.CancelledError:
+        pass
+    await asyncio.sleep(3600)
+
+
+async def test_a_stop_whose_cancellation_is_swallowed_still_ends(tmp_path, mosquitto):
+    """Seen in a soak: a SIGTERM just as the MQTT connection came up; the cancellation of
+    the MQTT task was lost inside aiomqtt, the task went on serving, then reconnecting after
+    a broker outage, and the daemon never exited until it was killed. Now the stop cancels
+    again what is still running, and the MQTT task does not reconnect once a stop was
+    asked, even if its cancellation was lost and the connection ended otherwise."""
+    from bridge.config import parse_config
+    from bridge.daemon.app import STOP_GRACE, Bridge
+
+    config = parse_config({"journal": str(tmp_path / "journal.sqlite3"),
+                           "mqtt": {"host": mosquitto.host, "port": mosquitto.port}})
+    bridge = Bridge(config, hotplug=False)
+    try:
+        stubborn = asyncio.create_task(swallows_one_cancellation(), name="stubborn")
+        bridge._tasks = [stubborn]
+        started = time.monotonic()
+        await bridge._end_tasks()
+        assert stubborn.cancelled() and time.monotonic() - started < 2 * STOP_GRACE + 1
+    finally:
+        bridge.journal.close()
+
+    journal = Journal(tmp_path / "gateway.sqlite3")
+    gateway = gateway_for(mosquitto, journal)
+
+    served: list[int] = []
+
+    async def serve_losing_the_cancellation(client) -> None:
+        served.append(1)
+        if len(served) > 1:  # a reconnect: the bug; this time a cancellation goes through
+            await asyncio.sleep(3600)
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            pass
+        raise aiomqtt.MqttError("Disconnected during message iteration")  # the broker went
+
+    gateway._serve = serve_losing_the_cancellation
+    task = asyncio.create_task(gateway.run())
+    try:
+        await eventually(lambda: gateway._client is not None)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=3)
+        assert task in done and task.cancelled() and served == [1]  # not reconnecting
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         journal.close()

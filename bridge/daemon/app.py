@@ -38,6 +38,8 @@ log = logging.getLogger("poi_bridge")
 PRUNE_INTERVAL = 3600.0
 JOURNAL_EXIT_STATUS = 3  # the journal cannot be opened, or no longer written
 TASK_EXIT_STATUS = 4  # one of the daemon's long-lived tasks ended: systemd starts it again
+STOP_GRACE = 2.0  # s: how long a stop waits for its tasks to end after cancelling them
+STOP_TRIES = 3  # cancellations before a task that will not end is left behind
 STATUS_INTERVAL = 10.0
 
 
@@ -219,6 +221,22 @@ class Bridge:
     async def wait_stopped(self) -> None:
         await self._stop.wait()
 
+    async def _end_tasks(self) -> None:
+        """Cancel the daemon's tasks and wait for them to end. A cancellation can be lost on
+        the way (Python 3.11's asyncio.wait_for, inside aiomqtt, swallows one that arrives as
+        its future completes: seen in a soak, a SIGTERM then waited for the broker to go
+        away): a task still running after a grace period is cancelled again, and one that
+        survives every try is named in the log instead of holding the stop for ever."""
+        pending = set(self._tasks)
+        for _ in range(STOP_TRIES):
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=STOP_GRACE)
+            if not pending:
+                return
+        log.error("stopping: task(s) %s did not end after %d cancellations; stopping without "
+                  "them", ", ".join(sorted(t.get_name() for t in pending)), STOP_TRIES)
+
     async def stop(self) -> None:
         """Drain: take no new requests, keep in-flight state in the journal, say offline."""
         self._stopping = True
@@ -229,10 +247,8 @@ class Bridge:
         if self.hotplug is not None:
             await self.hotplug.stop()
         await self.gateway.announce_offline()
-        for task in self._tasks:
-            task.cancel()
         # (one that failed has been logged by _task_ended: its exception is not raised again)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._end_tasks()
         for worker in self.workers.values():
             await worker.stop()
         self.journal.close()

@@ -313,6 +313,12 @@ class RegisterGateway:
             finally:
                 self._client = None
                 self._connected.clear()
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                # A stop was asked and its cancellation swallowed on the way (Python 3.11's
+                # asyncio.wait_for, inside aiomqtt, loses one that arrives as its future
+                # completes); the connection ended since. Reconnecting would outlive the stop.
+                raise asyncio.CancelledError
             await asyncio.sleep(self._backoff.next_delay())
 
     async def _serve(self, client: aiomqtt.Client) -> None:
