@@ -182,8 +182,7 @@ def _overlapped(stream: bytes, start: int, delivered: list[bytes], framer: Frame
 # --- the properties -----------------------------------------------------------------------
 
 
-# First in the file, and over every framing at once: `make fuzz` runs this file as one
-# target, and only its first test gets the fuzzing time.
+# Over every framing at once: garbage before, between and after valid frames.
 @fuzz_settings(600)
 @given(spec=st.sampled_from(SPECS), data=st.data())
 def test_valid_frames_survive_garbage_split_anywhere(spec: Spec, data: Any) -> None:
