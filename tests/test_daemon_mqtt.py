@@ -515,7 +515,7 @@ async def test_a_message_is_published_once_committed_and_not_before(tmp_path, mo
 async def test_more_messages_than_the_publish_window_all_go_out_in_order(tmp_path, mosquitto):
     """At most OUTBOX_WINDOW messages wait for the broker's acknowledgement; as they are
     acknowledged the rest follow, in order, and every one is marked delivered."""
-    from bridge.daemon.mqtt import OUTBOX_WINDOW
+    from bridge.daemon.outbox import OUTBOX_WINDOW
 
     journal = Journal(tmp_path / "journal.sqlite3")
     config = MqttConfig(host=mosquitto.host, port=mosquitto.port, base_topic=BASE,

@@ -15,7 +15,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import re
 import socket
 import ssl
 import time
@@ -28,13 +27,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.config import MqttConfig, TlsConfig
-from bridge.daemon.journal import Journal, OutboxMessage
+from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
+from bridge.daemon.outbox import OUTBOX_WINDOW, OutboxPump
 from bridge.daemon.registers import (
     Topics,
     dumps,
     event_payload,
     result_payload,
+    topic_problem,
     topic_safe,
     transaction_payload,
     transaction_payload_from,
@@ -45,34 +46,12 @@ from bridge.transports import Backoff
 
 log = logging.getLogger("poi_bridge.mqtt")
 
-OUTBOX_WINDOW = 256  # outbox messages published and not yet acknowledged, at most
 # Requests already queued are handled in one loop pass, and share its journal commit, up to
 # this many: more would hold the first one's frame back for the others' handling (~1 ms each).
 REQUESTS_PER_PASS = 4
 
 # (topic, payload, properties or None) -> None; the intake answers through `reply`.
 RequestHandler = Callable[[str, bytes, "Reply"], Awaitable[None] | None]
-
-# What MQTT forbids in a topic name (wildcards, NUL, UTF-16 surrogates) and what mosquitto
-# drops the connection for (control characters, Unicode non-characters).
-_TOPIC_FORBIDDEN = re.compile(r"[+#\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff]")
-MAX_TOPIC_BYTES = 65535
-
-
-def topic_problem(topic: object) -> str | None:
-    """Why `topic` cannot be published to, or None when it can."""
-    if not isinstance(topic, str):
-        return "it is not text"
-    if not topic:
-        return "it is empty"
-    bad = _TOPIC_FORBIDDEN.search(topic)
-    if bad is not None:
-        return f"it contains {bad.group()!r}, which a topic to publish to may not"
-    # (at most 4 bytes a character: most topics need no encoding to be measured)
-    if len(topic) * 4 > MAX_TOPIC_BYTES and len(topic.encode()) > MAX_TOPIC_BYTES:
-        return f"it is longer than MQTT's {MAX_TOPIC_BYTES} bytes"
-    return None
-
 
 class SetupError(Exception):
     """The connection cannot even be attempted (a TLS file, a client option): retried, since
@@ -141,7 +120,7 @@ class RegisterGateway:
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
         self._client: PipelinedClient | None = None
         self._connected = asyncio.Event()
-        self._pump: _OutboxPump | None = None
+        self._pump: OutboxPump | None = None
         # Committed messages are published right after the commit that made them durable,
         # once the frames that commit released have gone to the terminals.
         journal.on_outbox_committed(self._run_pump)
@@ -443,7 +422,7 @@ class RegisterGateway:
         one write per loop pass); the ones still unacknowledged when the connection drops
         stay pending and go out again on the next connection, which starts from the oldest
         pending message."""
-        pump = _OutboxPump(self, client)
+        pump = OutboxPump(self, client)
         self._pump = pump
         try:
             pump.run()
@@ -500,168 +479,3 @@ class RegisterGateway:
             await asyncio.wait_for(
                 client.publish(self.topics.bridge_state, dumps({"state": "offline"}), qos=1,
                                retain=True), timeout=max(0.1, deadline - time.monotonic()))
-
-
-class _OutboxPump:
-    """One connection's outbox publisher: committed messages in order, at most OUTBOX_WINDOW
-    unacknowledged. It runs as a plain call, after a commit or when the window frees up: a
-    task woken by an event cost a loop pass, behind whatever else was queued.
-
-    A message the broker refuses (an MQTT 5 PUBACK with a failure reason code, e.g. an ACL
-    that does not let the bridge publish there) stays pending in the outbox and is published
-    again after a delay growing to a minute (or on the next connection, which starts from
-    the oldest pending message); the ones after it go on meanwhile."""
-
-    def __init__(self, gateway: RegisterGateway, client: PipelinedClient) -> None:
-        self.gateway = gateway
-        self.client = client
-        self.loop = asyncio.get_running_loop()
-        self.failed: asyncio.Future[None] = self.loop.create_future()
-        self.in_window = 0
-        self.last_id = 0
-        self.acked: list[int] = []
-        self.closed = False
-        # Refused messages, with their properties (the correlation data is not kept elsewhere)
-        self.refused: dict[int, tuple[OutboxMessage, Properties | None]] = {}  # waiting
-        self.retry: list[tuple[OutboxMessage, Properties | None]] = []  # due, oldest first
-        self.retrying: set[int] = set()  # published again, not yet acknowledged
-        self.retry_timer: asyncio.TimerHandle | None = None
-
-    @property
-    def held(self) -> int:
-        """Refused messages waiting to be published again."""
-        return len(self.refused) + len(self.retry)
-
-    def run(self) -> None:
-        if self.closed or self.failed.done():
-            return
-        journal = self.gateway.journal
-        try:
-            while self.retry and self.in_window < OUTBOX_WINDOW:
-                self._publish(*self.retry.pop(0))
-            while self.in_window < OUTBOX_WINDOW:
-                room = OUTBOX_WINDOW - self.in_window
-                batch = journal.pending(limit=room, after_id=self.last_id)
-                for message in batch:
-                    self.last_id = message.id
-                    self._publish(message, self.gateway._properties_for(message.id))
-                if len(batch) < room:  # that was every committed message: no query for none
-                    return
-        except Exception as exc:  # the connection is gone: the serve loop reconnects
-            if not self.failed.done():
-                self.failed.set_exception(exc)
-
-    def _publish(self, message: OutboxMessage, properties: Properties | None) -> None:
-        problem = topic_problem(message.topic)
-        if problem is not None:
-            self._undeliverable(message, problem)
-            return
-        try:
-            future = self.client.publish_nowait(message.topic, message.payload, qos=message.qos,
-                                                retain=message.retain, properties=properties)
-        except (ValueError, TypeError) as exc:  # paho refuses this one message
-            self._undeliverable(message, str(exc))
-            return
-        self.in_window += 1
-        future.add_done_callback(functools.partial(self._done, message, properties))
-
-    def _undeliverable(self, message: OutboxMessage, problem: str) -> None:
-        """A message no broker would take (a bad topic, kept by an older version): marked
-        delivered so that it neither blocks the connection nor is tried forever. Its content
-        stays in the journal, and the log says where."""
-        journal = self.gateway.journal
-        log.error("outbox message %d cannot be published on topic %.200r: %s. It is not sent "
-                  "and not tried again; its content stays in the journal until the retention "
-                  "prune (sqlite3 %s \"SELECT payload FROM outbox WHERE id = %d\"). Topics "
-                  "like this one come from a requester's MQTT 5 ResponseTopic: fix the sender",
-                  message.id, message.topic, problem, journal.path, message.id)
-        self.gateway.undeliverable += 1
-        self.loop.call_soon(journal.mark_delivered, [message.id])
-
-    def _done(self, message: OutboxMessage, properties: Properties | None,
-              future: asyncio.Future[None]) -> None:
-        if self.closed:
-            return
-        self.in_window -= 1
-        if future.cancelled():
-            return
-        refusal = future.exception()
-        if refusal is not None:
-            self._refused(message, properties, refusal)
-        else:
-            if not self.acked:
-                self.loop.call_soon(self._mark)
-            self.acked.append(message.id)
-            if self.retrying or self.refused or self.retry:  # only once something was refused
-                self._after_refusals(message)
-        if self.in_window == OUTBOX_WINDOW - 1:  # it was full: more may be waiting
-            self.loop.call_soon(self.run)
-
-    def _refused(self, message: OutboxMessage, properties: Properties | None,
-                 refusal: BaseException) -> None:
-        self.retrying.discard(message.id)
-        if not message.topic.startswith(self.gateway.config.base_topic + "/"):
-            # An answer to an MQTT 5 requester's own ResponseTopic, outside the bridge's
-            # topics: its sender chose a topic the bridge may not publish to, and no change
-            # on the bridge's side will make it go. Given up, as a topic no broker takes.
-            self._undeliverable(message, f"refused by the broker: {refusal}")
-            return
-        self.refused[message.id] = (message, properties)
-        if self.retry_timer is not None:
-            return  # one line per round: the retry says how many
-        gateway = self.gateway
-        delay = gateway._refusal_backoff.next_delay()
-        self.retry_timer = self.loop.call_later(delay, self._retry_refused)
-        log.error("the MQTT broker refused the message on topic %.200r: %s. It stays in the "
-                  "outbox, counted as undelivered, and is published again in %.0f s. Check "
-                  "the broker's ACL for the bridge's user (%s): it must be allowed to publish "
-                  "to %s/#", message.topic, refusal, delay,
-                  gateway.config.username or "anonymous", gateway.config.base_topic)
-
-    def _retry_refused(self) -> None:
-        self.retry_timer = None
-        if self.closed or not self.refused:
-            return
-        due = [self.refused[i] for i in sorted(self.refused)]
-        self.refused.clear()
-        topics = sorted({message.topic for message, _ in due})
-        log.warning("publishing again %d message(s) the MQTT broker refused, on %d topic(s): "
-                    "%s", len(due), len(topics), ", ".join(topics[:5])
-                    + (", ..." if len(topics) > 5 else ""))
-        self.retry = sorted(self.retry + due, key=lambda entry: entry[0].id)
-        self.retrying.update(message.id for message, _ in due)
-        self.run()
-
-    def _after_refusals(self, message: OutboxMessage) -> None:
-        """`message` was taken. A refused retained message on the same topic is older: sent
-        again, it would replace the newer state (the retained topics are "latest wins"), so
-        it is marked delivered instead. Once every retried message is taken, the delay
-        starts small again."""
-        self.retrying.discard(message.id)
-        if message.retain:
-            older = [i for i, (m, _) in self.refused.items()
-                     if m.topic == message.topic and i < message.id]
-            older += [m.id for m, _ in self.retry if m.topic == message.topic and m.id < message.id]
-            if older:
-                for message_id in older:
-                    self.refused.pop(message_id, None)
-                self.retry = [entry for entry in self.retry if entry[0].id not in older]
-                self.acked.extend(older)  # (the mark of `message` is already scheduled)
-                log.info("retained topic %s: %d older message(s) the broker refused are "
-                         "replaced by the newer one it took, and not published again",
-                         message.topic, len(older))
-        if not self.retrying and not self.refused and not self.retry:
-            self.gateway._refusal_backoff.reset()
-
-    def _mark(self) -> None:
-        ids, self.acked = self.acked, []
-        if ids:
-            self.gateway.journal.mark_delivered(ids)
-            self.gateway.published += len(ids)
-
-    def close(self) -> None:
-        if self.retry_timer is not None:
-            self.retry_timer.cancel()
-        self.client.abandon_pending()
-        self._mark()
-        self.closed = True

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,26 @@ from bridge.protocol.session import Deliver, Progress
 from bridge.protocol.transaction import Transaction
 
 TOPIC_UNSAFE = frozenset("/+#\x00")
+
+# What MQTT forbids in a topic name (wildcards, NUL, UTF-16 surrogates) and what mosquitto
+# drops the connection for (control characters, Unicode non-characters).
+_TOPIC_FORBIDDEN = re.compile(r"[+#\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff]")
+MAX_TOPIC_BYTES = 65535
+
+
+def topic_problem(topic: object) -> str | None:
+    """Why `topic` cannot be published to, or None when it can."""
+    if not isinstance(topic, str):
+        return "it is not text"
+    if not topic:
+        return "it is empty"
+    bad = _TOPIC_FORBIDDEN.search(topic)
+    if bad is not None:
+        return f"it contains {bad.group()!r}, which a topic to publish to may not"
+    # (at most 4 bytes a character: most topics need no encoding to be measured)
+    if len(topic) * 4 > MAX_TOPIC_BYTES and len(topic.encode()) > MAX_TOPIC_BYTES:
+        return f"it is longer than MQTT's {MAX_TOPIC_BYTES} bytes"
+    return None
 
 
 def topic_safe(part: str) -> bool:
