@@ -305,15 +305,13 @@ class RegisterGateway:
         # publishes must find a subscriber (on a broker that has never seen this bridge's
         # persistent session, nothing would queue a request for it).
         if self._accepting:
-            if self.config.protocol == "5":
-                # A request published with retain then arrives flagged even while we are
-                # subscribed, and is refused at once rather than after the next reconnect.
-                options = SubscribeOptions(qos=1, retainAsPublished=True)
-                await client.subscribe(self.topics.terminal_requests, options=options)
-                await client.subscribe(self.topics.bridge_requests, options=options)
-            else:
-                await client.subscribe(self.topics.terminal_requests, qos=1)
-                await client.subscribe(self.topics.bridge_requests, qos=1)
+            # With MQTT 5 a request published with retain arrives flagged even while we are
+            # subscribed, and is refused at once rather than after the next reconnect.
+            options: dict[str, Any] = (
+                {"options": SubscribeOptions(qos=1, retainAsPublished=True)}
+                if self.config.protocol == "5" else {"qos": 1})
+            for topic in (self.topics.terminal_requests, self.topics.bridge_requests):
+                await client.subscribe(topic, **options)
         await client.publish(self.topics.bridge_state, dumps({"state": "online"}), qos=1,
                              retain=True)
         self._state_dirty = set(self._terminal_states)
