@@ -27,7 +27,7 @@ bench: venv
 # The targets judged over three rounds of section 1 (latency and baseline), about 8 minutes:
 # a verdict that holds in every round is the one to quote on a VM whose speed varies.
 bench-targets: venv
-	$(PY) bench/run.py --broker-nodelay --sections latency --rounds 3 --output bench/results/targets-latest.json
+	$(PY) bench/run.py --broker-nodelay --sections latency --rounds 3 --fail-on-miss --output bench/results/targets-latest.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -459,6 +459,13 @@ def targets_over_rounds(results: dict[str, Any]) -> list[dict[str, Any]]:
     return merged
 
 
+def missed_targets(results: dict[str, Any]) -> list[str]:
+    """The targets not passed: over the rounds when there were several, else in the one run.
+    A target that could not be measured counts as missed."""
+    judged = results.get("targets_over_rounds") or results.get("targets") or []
+    return [f"{t['target']} ({t['verdict']})" for t in judged if t["verdict"] != "PASS"]
+
+
 # --- the table ------------------------------------------------------------------------------
 
 def _f(value: Any, digits: int = 1) -> str:
@@ -896,6 +903,8 @@ def main() -> int:
                                             "1,8,32,64; --quick: 32,64)")
     parser.add_argument("--output", type=Path, help="JSON file (default bench/results/latest.json; "
                                                     "whatif-latest.json with --what-if)")
+    parser.add_argument("--fail-on-miss", action="store_true",
+                        help="exit 3 unless every target judged passed (in every round)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be 1 or more")
@@ -911,6 +920,10 @@ def main() -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=1) + "\n")
     print(f"\nresults written to {args.output}  (elapsed {results['elapsed_s']} s)")
+    missed = missed_targets(results)
+    if args.fail_on_miss and missed:
+        print(f"\n{len(missed)} target(s) not met in every round: " + "; ".join(missed))
+        return 3
     return 0
 
 

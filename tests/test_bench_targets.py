@@ -10,7 +10,7 @@ import pytest
 
 from bench import e2e
 from bench.common import ServiceIds
-from bench.run import render, targets, targets_over_rounds
+from bench.run import missed_targets, render, targets, targets_over_rounds
 
 MACHINE = {"date": "d", "cpu": "c", "cores": 2, "implementation": "CPython", "python": "3.11",
            "mosquitto": "m", "kernel": "k", "loadavg_at_start": [0]}
@@ -69,6 +69,24 @@ def test_each_target_gets_its_range_and_the_rounds_it_passed():
     assert ratio_50["verdict"] == "PASS" and ratio_50["passed"] == 3
     text = render({"machine": MACHINE, "mode": "full", "targets_over_rounds": merged})
     assert "Targets over 3 rounds" in text and "MIXED" in text and "2/3" in text
+
+
+def test_missed_targets_are_every_verdict_but_pass_over_the_rounds():
+    """What makes `make bench-targets` exit 3: a target missed in any round, or unmeasured."""
+    rounds = [_round(4.0, 1.4), _round(30.0, 1.6), _round(4.5, 1.3)]
+    merged = targets_over_rounds({"latency_rounds": rounds})
+    missed = missed_targets({"targets": targets({"latency": rounds[0]}),
+                             "targets_over_rounds": merged})
+    assert any(m.startswith("bridge-added p99 at 32 terminals (small") and "(MIXED)" in m
+               for m in missed)
+    assert not any(m.startswith("end-to-end p50 bridge/baseline, small, 32") for m in missed)
+    assert len(missed) == sum(t["verdict"] != "PASS" for t in merged) > 0
+    # One run: its own verdicts count; a run meeting every target misses none.
+    one = targets({"latency": rounds[0]})
+    assert missed_targets({"targets": one}) == [f"{t['target']} ({t['verdict']})" for t in one
+                                                if t["verdict"] != "PASS"]
+    assert missed_targets({"targets": [t | {"verdict": "PASS"} for t in one]}) == []
+    assert missed_targets({"targets": [one[0] | {"verdict": "not measured"}]}) != []
 
 
 def test_one_round_has_no_summary_and_rounds_must_judge_the_same_targets():
