@@ -45,7 +45,8 @@ banner, if anything is
   stuck     a journal row not final or unresolved, an outbox message never delivered, an
             unresolved transaction the bridge did not resolve although everything was back,
             a terminal the bridge keeps offline although it is plugged in,
-  crashed   the daemon or a simulated terminal exited on its own, or the daemon's final
+  crashed   the daemon or a simulated terminal exited on its own, a SIGTERM of the chaos
+            had to be followed by SIGKILL or ended in an error status, or the daemon's final
             SIGTERM did not end with exit status 0.
 
 Anything left unresolved is listed with the reason. Problems that are symptoms of a bridge
@@ -287,6 +288,18 @@ class Daemon:
             self.process.kill()
             self.process.wait()
             return None
+
+
+def sigterm_problem(code: int | None, start: int) -> str | None:
+    """How a SIGTERM of the chaos (`systemctl restart`) ended daemon start #`start`, when that
+    is a fault: it had to be killed (`code` None), or it exited with an error. Death by the
+    signal itself (-15, a SIGTERM before the daemon set up its handlers) is a clean stop,
+    as systemd counts it."""
+    if code is None:
+        return f"the daemon (start #{start}) did not exit within 20 s of SIGTERM; killed"
+    if code not in (0, -signal.SIGTERM):
+        return f"the daemon (start #{start}) exited with status {code} after SIGTERM"
+    return None
 
 
 @dataclass
@@ -935,8 +948,12 @@ class Soak:
                 await asyncio.to_thread(self.daemon.kill)
             else:
                 sent = time.time()
-                await asyncio.to_thread(self.daemon.terminate)
+                code = await asyncio.to_thread(self.daemon.terminate)
                 self.daemon_terms.append((sent, time.time()))
+                problem = sigterm_problem(code, self.daemon.starts)
+                if problem is not None:
+                    self.crashes.append(problem)
+                    log(f"!!! {problem}")
             await asyncio.sleep(seconds)
         finally:
             self.daemon.start()

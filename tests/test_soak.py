@@ -284,6 +284,16 @@ def test_audit_a_bad_final_daemon_exit_is_a_crash(tmp_path, daemon_exit, stop):
         assert stop in result["problems"][0]["text"]
 
 
+@pytest.mark.parametrize("code, fault", [(0, False), (-15, False), (None, True), (1, True),
+                                         (4, True), (-9, True)])
+def test_a_mid_run_sigterm_needing_a_kill_or_ending_in_error_is_a_crash(code, fault):
+    problem = soak_module.sigterm_problem(code, 7)
+    assert (problem is not None) == fault
+    if fault:
+        assert "start #7" in problem and ("killed" in problem if code is None
+                                          else f"status {code}" in problem)
+
+
 def test_audit_tags_only_the_offline_episode_not_what_is_stuck_on_that_terminal(tmp_path):
     """The known bug left_offline is the terminal kept offline after a restart while it was
     unplugged. A journal row stuck on that terminal is its own problem, untagged: the tag
