@@ -7,9 +7,12 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
+from bridge.daemon.journal import Journal
 from bridge.daemon.registers import (
     dumps,
     result_payload,
+    result_payload_bytes,
+    splices_response,
     transaction_payload,
     transaction_payload_from,
 )
@@ -34,3 +37,51 @@ def test_the_retained_transaction_document_is_the_response_plus_its_state(outcom
     made = transaction_payload_from(dumps(result_payload(result, at)), result)
     assert made == dumps(transaction_payload(result, at=at))
     assert json.loads(made)["state"] == ("unresolved" if outcome == "unresolved" else "final")
+
+
+@given(outcome=st.sampled_from(["approved", "declined", "unresolved", "error"]),
+       body=st.dictionaries(st.text(), json_values, max_size=4),
+       error=st.none() | st.text())
+def test_the_response_document_made_from_the_journals_text_is_the_same_bytes(
+        tmp_path_factory, outcome, body, error):
+    """The response topic's bytes are made from the text the journal stored for the same
+    response (one encoding of a large terminal answer): they must equal encoding
+    result_payload() itself, non-ASCII and escapes included."""
+    journal = Journal(tmp_path_factory.mktemp("j") / "journal.sqlite3")
+    try:
+        response = {"SaleToPOIResponse": body}
+        result = Deliver("TILL1", "S1", "V400m-1", "Payment", outcome, "terminal", response,
+                         error)
+        at = 1_800_000_000.25
+        assert splices_response(result)
+        made = result_payload_bytes(result, journal.response_text(response), at)
+        assert made == dumps(result_payload(result, at))
+    finally:
+        journal.close()
+
+
+def test_only_a_lone_sale_to_poi_response_is_spliced():
+    def result(response):
+        return Deliver("T", "S", "P", "Payment", "approved", "terminal", response, None)
+
+    assert not splices_response(result(None))
+    assert not splices_response(result({"SaleToPOIResponse": None}))
+    assert not splices_response(result({"SaleToPOIResponse": {}, "Other": 1}))
+    assert splices_response(result({"SaleToPOIResponse": {"a": 1}}))
+
+
+def test_the_journal_reuses_a_responses_text_only_for_the_same_object_and_pass(tmp_path):
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        journal.group_commits(lambda callback: None)
+        response = {"SaleToPOIResponse": {"n": 1}}
+        text = journal.response_text(response)
+        assert journal.response_text(response) is text  # encoded once
+        other = {"SaleToPOIResponse": {"n": 1}}
+        assert journal.response_text(other) == text and journal.response_text(other) is not text
+        journal.response_text(response)
+        response["SaleToPOIResponse"]["n"] = 2  # (never done to a result; shows the rule)
+        journal.commit()  # the pass ends: nothing is remembered past it
+        assert journal.response_text(response) == '{"SaleToPOIResponse":{"n":2}}'
+    finally:
+        journal.close()

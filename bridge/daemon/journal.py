@@ -136,6 +136,9 @@ class Journal:
         self.wal_reset_bytes = WAL_RESET_BYTES
         self._wal_reset_wanted = False  # set by the checkpoint thread, done after a commit
         self._requests: dict[TxKey, tuple[dict[str, Any], str]] = {}
+        # The last response saved, and its text: the result published in the same step
+        # carries the same document (see response_text)
+        self._response_text: tuple[dict[str, Any], str] | None = None
         existed = self.path.exists() and self.path.stat().st_size > 0
         if readonly and not existed:
             raise JournalError(f"no journal at {self.path} (has the daemon run yet?)")
@@ -298,6 +301,7 @@ class Journal:
     def commit(self) -> None:
         """Commit the pass's transaction, then run what waited for it. A failed commit (disk
         full, I/O error) loses the pass's writes; nothing that depended on them is done."""
+        self._response_text = None
         if not self._group_open:
             return
         callbacks, self._after = self._after, []
@@ -337,6 +341,7 @@ class Journal:
             self._last_outbox_id = self._durable_outbox_id
             raise
         self._db.execute("COMMIT")
+        self._response_text = None
         before, self._durable_outbox_id = self._durable_outbox_id, self._last_outbox_id
         self._committed(before)
 
@@ -397,6 +402,8 @@ class Journal:
             value = getattr(txn, column)
             if column == "request":
                 value = self._request_text(txn)
+            elif column == "response" and value:
+                value = self.response_text(value)
             elif column in _JSON_COLUMNS:
                 if value is None:
                     pass
@@ -434,6 +441,18 @@ class Journal:
             self._requests.pop(txn.key, None)
         else:
             self._requests[txn.key] = (txn.request, text)
+        return text
+
+    def response_text(self, response: dict[str, Any]) -> str:
+        """`response` as the journal stores it (compact JSON), encoded once for the step that
+        saves a result and publishes it: a terminal's answer can be 11 KB. Remembered for
+        the same dict object only, until the next commit (nothing changes a result's
+        document within a step)."""
+        memo = self._response_text
+        if memo is not None and memo[0] is response:
+            return memo[1]
+        text = _dumps(response)
+        self._response_text = (response, text)
         return text
 
     def save(self, txn: Transaction, outbox: list[tuple[str, bytes, int, bool]] = ()) -> list[int]:

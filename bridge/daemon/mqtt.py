@@ -35,6 +35,8 @@ from bridge.daemon.registers import (
     dumps,
     event_payload,
     result_payload,
+    result_payload_bytes,
+    splices_response,
     topic_problem,
     topic_safe,
     transaction_payload,
@@ -155,7 +157,10 @@ class RegisterGateway:
     def deliver(self, result: Deliver) -> None:
         messages = []
         if topic_safe(result.sale_id):
-            payload = dumps(result_payload(result))
+            if splices_response(result):  # the journal encoded the response in this step
+                payload = result_payload_bytes(result, self.journal.response_text(result.response))
+            else:
+                payload = dumps(result_payload(result))
             messages.append((self.topics.register_response(result.sale_id), payload, 1, False))
             if result.outcome != "rejected" and topic_safe(result.service_id):
                 # Rejections are not transactions: they must not overwrite a real one's record.

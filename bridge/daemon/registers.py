@@ -110,17 +110,33 @@ def transaction_ids(sale_id: str, service_id: str, poi_id: str, category: str) -
 def result_payload(result: Deliver, at: float | None = None) -> dict[str, Any]:
     """What a register receives on registers/{SaleID}/response."""
     inner = result.response.get("SaleToPOIResponse") if result.response else None
+    return {"SaleToPOIResponse": inner, "bridge": _bridge_part(result, at)}
+
+
+def _bridge_part(result: Deliver, at: float | None) -> dict[str, Any]:
     return {
-        "SaleToPOIResponse": inner,
-        "bridge": {
-            "outcome": result.outcome,
-            "source": result.source,
-            "transaction": transaction_ids(result.sale_id, result.service_id, result.poi_id,
-                                           result.category),
-            "error": result.error,
-            "at": _now_iso(at),
-        },
+        "outcome": result.outcome,
+        "source": result.source,
+        "transaction": transaction_ids(result.sale_id, result.service_id, result.poi_id,
+                                       result.category),
+        "error": result.error,
+        "at": _now_iso(at),
     }
+
+
+def result_payload_bytes(result: Deliver, response_text: str, at: float | None = None) -> bytes:
+    """dumps(result_payload(result, at)), made from `response_text`, the compact JSON of
+    `result.response` the journal already encoded, when that is {"SaleToPOIResponse": ...}
+    alone (the document then differs only by its last key, "bridge")."""
+    return (response_text[:-1].encode() + b',"bridge":' + dumps(_bridge_part(result, at))
+            + b"}")
+
+
+def splices_response(result: Deliver) -> bool:
+    """Whether result_payload_bytes may build this result's document from its response."""
+    response = result.response
+    return (isinstance(response, dict) and len(response) == 1
+            and isinstance(response.get("SaleToPOIResponse"), dict))
 
 
 def event_payload(event: Progress, at: float | None = None) -> dict[str, Any]:
