@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 
 import aiomqtt
@@ -212,10 +213,24 @@ async def test_every_malformed_request_is_answered(tmp_path, mosquitto):
                 "ErrorCondition"] == "Busy"
             assert (await sub.wait_for(outcome_for("B1")))["bridge"]["outcome"] == "approved"
 
-            # duplicate ServiceID with a different request: refused; stored result untouched
+            # duplicate ServiceID with a different request: refused, saying what stands under
+            # those IDs (the refusal is published on them); stored result untouched
             await sub.publish(request_topic(), responses.payment_request("POS1", "B1", POI, 99.0))
             dup = await sub.wait_for(lambda t, p: rejected("POS1", "B1")(t, p))
             assert "already used" in dup["bridge"]["error"]
+            assert "AmountsReq.RequestedAmount" in dup["bridge"]["error"]
+            assert "(state final, outcome approved)" in dup["bridge"]["error"]
+            assert dup["SaleToPOIResponse"]["PaymentResponse"]["Response"][
+                "ErrorCondition"] == "NotAllowed"
+            # the same request rebuilt for a retry (a new TimeStamp): the known result
+            rebuilt = copy.deepcopy(b1)
+            rebuilt["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
+                "TimeStamp"] = "2020-01-01T00:00:00.000Z"  # (too old to start: answered anyway)
+            await sub.publish(request_topic(), rebuilt)
+            retried = await sub.wait_for(lambda t, p: outcome_for("B1", "approved")(t, p)
+                                         and p["bridge"]["source"] == "journal")
+            assert retried["SaleToPOIResponse"]["PaymentResponse"]["Response"][
+                "Result"] == "Success"
             # an identical repeat: the known result again, from the journal, nothing started
             await sub.publish(request_topic(), b1)
             again = await sub.wait_for(lambda t, p: outcome_for("B1", "approved")(t, p)

@@ -34,6 +34,7 @@ from bridge.protocol.transaction import (
     TxKey,
     TxState,
     check_reuse,
+    first_difference,
     request_digest,
 )
 
@@ -58,6 +59,19 @@ def _header_dict(document: Any) -> dict[str, Any]:
     except (KeyError, TypeError):
         return {}
     return header if isinstance(header, dict) else {}
+
+
+def _conflict_error(existing: Transaction, document: dict[str, Any]) -> str:
+    """Why a different request under a recorded transaction's SaleID and ServiceID is refused,
+    with what stands under those IDs: the refusal is published on the same IDs, and must not
+    read as the recorded transaction's outcome."""
+    where = first_difference(existing.request, document)
+    recorded = f"state {existing.state}" + (f", outcome {existing.outcome}"
+                                            if existing.outcome else "")
+    return (f"ServiceID {existing.service_id} was already used by SaleID {existing.sale_id} "
+            f"for a different request within 48 hours (it differs at {where}); this request was "
+            f"not started. The recorded {existing.category} under these IDs stands "
+            f"({recorded}). Use a new ServiceID for a new request")
 
 
 class RequestIntake:
@@ -157,15 +171,15 @@ class RequestIntake:
         # the bridge is stopping; the checks below are for requests that would start.
         digest = request_digest(document)
         existing = self.journal.get(TxKey(header.sale_id, header.service_id))
-        reuse = check_reuse(existing, digest, self._clock())
+        reuse = check_reuse(existing, digest, self._clock(), document)
         if reuse is Reuse.CONFLICT:
-            self._reject(document, poi_id, f"ServiceID {header.service_id} was already used by "
-                                           f"SaleID {header.sale_id} for a different request "
-                                           "within 48 hours; use a new ServiceID")
-            return
-        if reuse is Reuse.REPEAT:
             assert existing is not None
-            self._repeat(existing)
+            self._reject(document, poi_id, _conflict_error(existing, document), "NotAllowed")
+            return
+        if reuse in (Reuse.REPEAT, Reuse.RETRY):
+            assert existing is not None
+            self._repeat(existing, " (the same request with a new TimeStamp)"
+                         if reuse is Reuse.RETRY else "")
             return
         refusal = self._refusal(request, poi_id)
         if refusal is not None:
@@ -208,13 +222,14 @@ class RequestIntake:
             response=builders.failure_response(header, category, condition, error)))
         self._reject(document, poi_id, error, condition)
 
-    def _repeat(self, existing: Any) -> None:
-        """An identical repeat: answer with what is known, start nothing."""
+    def _repeat(self, existing: Any, how: str = "") -> None:
+        """An identical repeat, or the same request rebuilt with a new TimeStamp for a retry:
+        answer with what is known, start nothing."""
         if existing.outcome is not None or existing.state == "unresolved":
             self.gateway.deliver(stored_result(existing))
         self.gateway.progress(Progress(existing.sale_id, existing.service_id, existing.poi_id,
-                                       "duplicate", f"already known, state {existing.state}; "
-                                                    "nothing was started"))
+                                       "duplicate", f"already known{how}, state "
+                                                    f"{existing.state}; nothing was started"))
 
     def _stale(self, request: SaleToPOIRequest) -> str | None:
         """A payment request that waited in the broker (while the bridge was away) longer

@@ -80,10 +80,53 @@ def request_digest(document: dict[str, Any]) -> str:
 class Reuse(StrEnum):
     NEW = "new"
     REPEAT = "repeat"  # identical request: answer with what is known, start nothing
+    # The same request rebuilt for a retry, with a new SaleTransactionID.TimeStamp: a repeat
+    RETRY = "retry"
     CONFLICT = "conflict"  # same SaleID+ServiceID, different request, within 48 h: refuse
 
 
-def check_reuse(existing: Transaction | None, digest: str, now: float) -> Reuse:
+def check_reuse(existing: Transaction | None, digest: str, now: float,
+                document: dict[str, Any] | None = None) -> Reuse:
+    """How a request with `digest` (and, to tell a rebuilt retry, its `document`) relates to
+    the transaction the journal has under the same SaleID and ServiceID."""
     if existing is None or now - existing.created_at > SERVICE_ID_REUSE_WINDOW:
         return Reuse.NEW
-    return Reuse.REPEAT if existing.digest == digest else Reuse.CONFLICT
+    if existing.digest == digest:
+        return Reuse.REPEAT
+    if document is not None and first_difference(existing.request, document) is None:
+        return Reuse.RETRY
+    return Reuse.CONFLICT
+
+
+# Where a register's request carries the time it was built: a register that retries after a
+# time-out often builds the request again, and only this changes.
+_TIME_STAMP_PATH = ("SaleData", "SaleTransactionID", "TimeStamp")
+
+
+def first_difference(recorded: Any, request: Any, path: tuple[str, ...] = ()) -> str | None:
+    """The first place (a dotted path, no values: a technician may read it in a log) where
+    `request` differs from `recorded`, not counting each body's SaleTransactionID.TimeStamp;
+    None when they are the same request. Key order does not matter; 12 and 12.0 are equal."""
+    if isinstance(recorded, dict) and isinstance(request, dict):
+        for key in sorted(recorded.keys() | request.keys()):
+            here = (*path, key)
+            if len(here) == 5 and here[0] == "SaleToPOIRequest" and here[2:] == _TIME_STAMP_PATH:
+                continue
+            if key not in recorded or key not in request:
+                return ".".join(here)
+            found = first_difference(recorded[key], request[key], here)
+            if found is not None:
+                return found
+        return None
+    if isinstance(recorded, list) and isinstance(request, list):
+        if len(recorded) != len(request):
+            return ".".join(path) or "(the document)"
+        for i, (a, b) in enumerate(zip(recorded, request, strict=True)):
+            found = first_difference(a, b, (*path, f"[{i}]"))
+            if found is not None:
+                return found
+        return None
+    same = type(recorded) is type(request) or (
+        isinstance(recorded, int | float) and isinstance(request, int | float)
+        and not isinstance(recorded, bool) and not isinstance(request, bool))
+    return None if same and recorded == request else (".".join(path) or "(the document)")

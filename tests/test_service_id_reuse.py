@@ -1,0 +1,103 @@
+"""A request under a SaleID+ServiceID the journal already has: an identical repeat, the same
+request rebuilt with a new TimeStamp (a register's retry), or a different request."""
+
+from __future__ import annotations
+
+import copy
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.protocol.transaction import (
+    SERVICE_ID_REUSE_WINDOW,
+    Reuse,
+    Transaction,
+    TxState,
+    check_reuse,
+    first_difference,
+    request_digest,
+)
+from bridge.simulator import responses
+
+POI = "V400m-1"
+
+
+def payment(amount: float = 12.5, stamp: str = "2026-11-30T10:00:00.000Z") -> dict:
+    document = responses.payment_request("TILL1", "S1", POI, amount)
+    document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
+        "TimeStamp"] = stamp
+    return document
+
+
+def recorded(document: dict, created_at: float = 1000.0) -> Transaction:
+    return Transaction(sale_id="TILL1", service_id="S1", poi_id=POI, category="Payment",
+                       request=document, digest=request_digest(document), created_at=created_at,
+                       updated_at=created_at, state=TxState.FINAL, outcome="approved")
+
+
+def test_an_identical_request_is_a_repeat_and_a_new_time_stamp_a_retry():
+    txn = recorded(payment())
+    same = payment()
+    assert check_reuse(txn, request_digest(same), 1010.0, same) is Reuse.REPEAT
+    rebuilt = payment(stamp="2026-11-30T10:02:00.000Z")
+    assert check_reuse(txn, request_digest(rebuilt), 1010.0, rebuilt) is Reuse.RETRY
+    # without the document only the digest can be compared: a conflict, as before
+    assert check_reuse(txn, request_digest(rebuilt), 1010.0) is Reuse.CONFLICT
+
+
+def test_any_other_difference_is_a_conflict_and_says_where_without_values():
+    txn = recorded(payment())
+    other = payment(amount=99.0, stamp="2026-11-30T10:02:00.000Z")
+    assert check_reuse(txn, request_digest(other), 1010.0, other) is Reuse.CONFLICT
+    assert first_difference(txn.request, other) == (
+        "SaleToPOIRequest.PaymentRequest.PaymentTransaction.AmountsReq.RequestedAmount")
+    renamed = payment()
+    renamed["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
+        "TransactionID"] = "another-sale"
+    assert first_difference(txn.request, renamed) == (
+        "SaleToPOIRequest.PaymentRequest.SaleData.SaleTransactionID.TransactionID")
+    extra = payment()
+    extra["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["OperatorID"] = "Anna"
+    assert first_difference(txn.request, extra) == (
+        "SaleToPOIRequest.PaymentRequest.SaleData.OperatorID")
+
+
+def test_only_the_bodys_sale_transaction_time_stamp_is_ignored():
+    base = payment()
+    for path in (("MessageHeader", "TimeStamp"),
+                 ("PaymentRequest", "PaymentTransaction", "TimeStamp"),
+                 ("PaymentRequest", "SaleData", "TimeStamp")):
+        changed = copy.deepcopy(base)
+        node = changed["SaleToPOIRequest"]
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = "2026-11-30T10:02:00.000Z"
+        assert first_difference(base, changed) == "SaleToPOIRequest." + ".".join(path)
+
+
+def test_types_count_but_not_int_against_float():
+    assert first_difference({"a": 12}, {"a": 12.0}) is None
+    assert first_difference({"a": 1}, {"a": True}) == "a"
+    assert first_difference({"a": "12"}, {"a": 12}) == "a"
+    assert first_difference({"a": [1, 2]}, {"a": [1, 2, 3]}) == "a"
+    assert first_difference({"a": [1, {"b": 2}]}, {"a": [1, {"b": 3}]}) == "a.[1].b"
+
+
+def test_after_48_hours_the_service_id_is_free_again():
+    txn = recorded(payment())
+    other = payment(amount=99.0)
+    later = 1000.0 + SERVICE_ID_REUSE_WINDOW + 1
+    assert check_reuse(txn, request_digest(other), later, other) is Reuse.NEW
+
+
+json_leaves = st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+json_values = st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                           max_leaves=12)
+
+
+@given(a=json_values, b=json_values)
+def test_first_difference_is_none_exactly_when_the_canonical_documents_are_equal(a, b):
+    """Outside the TimeStamp rule it agrees with the digest (key order aside)."""
+    same_digest = request_digest({"x": a}) == request_digest({"x": b})
+    assert (first_difference({"x": a}, {"x": b}) is None) == same_digest
