@@ -1323,6 +1323,7 @@ NEVER_JOURNALED = tuple(re.compile(pattern) for pattern in (
     r"unknown terminal .*: not in this bridge's configuration$",
     r"SaleID .* may not use terminal ",
     r"request is \d+ s old \(SaleTransactionID\.TimeStamp\)",
+    r"PaymentRequest\.SaleData\.SaleTransactionID\.TimeStamp ",
 ))
 
 

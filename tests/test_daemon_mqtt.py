@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import datetime as dt
 import json
 
 import aiomqtt
@@ -245,6 +246,25 @@ async def test_every_malformed_request_is_answered(tmp_path, mosquitto):
             answer = await sub.wait_for(rejected("POS3", "T1"))
             assert "old" in answer["bridge"]["error"]
             assert "this box's clock (20" in answer["bridge"]["error"]  # what to compare
+
+            # the 300-s rule needs a TimeStamp it can read: none, unreadable, no time zone,
+            # or as far in the future (clocks apart) are refused, never silently started
+            future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+            for service_id, stamp, said in (
+                    ("Z1", None, "is missing"),
+                    ("Z2", "30/11/2026 10:00", "is not an ISO 8601 date and time"),
+                    ("Z3", "2026-11-30T10:00:00", "has no time zone"),
+                    ("Z4", future.isoformat(timespec="milliseconds"), "in the future")):
+                odd = responses.payment_request("POS3", service_id, POI)
+                sale_tx = odd["SaleToPOIRequest"]["PaymentRequest"]["SaleData"][
+                    "SaleTransactionID"]
+                if stamp is None:
+                    del sale_tx["TimeStamp"]
+                else:
+                    sale_tx["TimeStamp"] = stamp
+                await sub.publish(request_topic(), odd)
+                answer = await sub.wait_for(rejected("POS3", service_id))
+                assert said in answer["bridge"]["error"], answer["bridge"]["error"]
 
 
 async def test_bridge_commands(tmp_path, mosquitto):

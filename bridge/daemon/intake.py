@@ -61,6 +61,30 @@ def _header_dict(document: Any) -> dict[str, Any]:
     return header if isinstance(header, dict) else {}
 
 
+def _payment_time_stamp(request: SaleToPOIRequest) -> tuple[dt.datetime | None, str | None]:
+    """A PaymentRequest's SaleTransactionID.TimeStamp, or what is wrong with it; (None, None)
+    for other requests. A payment must say when the register built it, with a time zone: the
+    300-s rule (payments that waited in the broker are not started) depends on it, and a
+    local time without a zone is off by the zone's offset on one side or the other."""
+    if request.payment_request is None:
+        return None, None
+    sale_tx = request.payment_request.sale_data.sale_transaction_id
+    where = "PaymentRequest.SaleData.SaleTransactionID.TimeStamp"
+    if sale_tx is None or not sale_tx.time_stamp:
+        return None, (f"{where} is missing: a payment must say when the register built it "
+                      "(ISO 8601 with a time zone, e.g. 2026-11-30T10:00:00.000Z)")
+    text = sale_tx.time_stamp
+    try:
+        stamp = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None, (f"{where} {text[:40]!r} is not an ISO 8601 date and time (e.g. "
+                      "2026-11-30T10:00:00.000Z)")
+    if stamp.tzinfo is None:
+        return None, (f"{where} {text[:40]!r} has no time zone: add Z (UTC) or the offset, "
+                      "e.g. +01:00")
+    return stamp, None
+
+
 def _conflict_error(existing: Transaction, document: dict[str, Any]) -> str:
     """Why a different request under a recorded transaction's SaleID and ServiceID is refused,
     with what stands under those IDs: the refusal is published on the same IDs, and must not
@@ -181,6 +205,10 @@ class RequestIntake:
             self._repeat(existing, " (the same request with a new TimeStamp)"
                          if reuse is Reuse.RETRY else "")
             return
+        _, problem = _payment_time_stamp(request)
+        if problem is not None:
+            self._reject(document, poi_id, problem)
+            return
         refusal = self._refusal(request, poi_id)
         if refusal is not None:
             self._refuse_recorded(request, document, digest, poi_id, *refusal)
@@ -233,27 +261,25 @@ class RequestIntake:
 
     def _stale(self, request: SaleToPOIRequest) -> str | None:
         """A payment request that waited in the broker (while the bridge was away) longer
-        than request_max_age must not start a payment the shopper no longer stands at."""
-        if request.payment_request is None:
-            return None
-        sale_tx = request.payment_request.sale_data.sale_transaction_id
-        if sale_tx is None or not sale_tx.time_stamp:
-            return None
-        try:
-            stamp = dt.datetime.fromisoformat(sale_tx.time_stamp.replace("Z", "+00:00"))
-        except ValueError:
-            return None
-        if stamp.tzinfo is None:
+        than request_max_age must not start a payment the shopper no longer stands at. One
+        stamped as far ahead is refused too: with the clocks that far apart the check cannot
+        tell a stale request, and it would start once the time came."""
+        stamp, _ = _payment_time_stamp(request)
+        if stamp is None:
             return None
         now = self._wall()
         age = now - stamp.timestamp()
-        if age > self.request_max_age:
-            clock = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds")
+        if abs(age) <= self.request_max_age:
+            return None
+        clock = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds")
+        if age > 0:
             return (f"request is {age:.0f} s old (SaleTransactionID.TimeStamp) by this box's "
                     f"clock ({clock}); payments older than {self.request_max_age:.0f} s are not "
                     "started. If the shopper is at the till now, the register's clock or this "
                     "box's is wrong")
-        return None
+        return (f"request is stamped {-age:.0f} s in the future (SaleTransactionID.TimeStamp) "
+                f"by this box's clock ({clock}); more than {self.request_max_age:.0f} s apart, "
+                "the register's clock or this box's is wrong: set them right (NTP)")
 
     # --- operator commands ------------------------------------------------------------------------
 
