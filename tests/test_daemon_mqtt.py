@@ -363,7 +363,30 @@ async def test_broker_down_at_boot_terminals_keep_working_and_results_wait(tmp_p
         assert store.bridge.journal.counts()["undelivered"] == 0
 
 
-@pytest.mark.parametrize("payload", [b"", b"null", b"[]", b'{"SaleToPOIRequest": []}'])
+async def test_an_empty_message_on_a_request_topic_is_ignored(tmp_path, mosquitto):
+    """How a sender clears a retained request, as the README tells it to. With MQTT 3.1.1 the
+    broker drops the retain flag towards a subscriber already connected, so the bridge sees
+    a plain empty message: it must neither answer it as bad JSON nor run a command."""
+    async with Store(tmp_path, mosquitto, default_scenario()):
+        async with Subscriber(mosquitto, [f"{BASE}/bridge/error", f"{BASE}/bridge/response/+",
+                                          f"{BASE}/registers/POS1/response"]) as sub:
+            await sub.publish(request_topic(), b"", retain=True)
+            await sub.publish(request_topic(), b"")
+            await sub.publish(f"{BASE}/bridge/request/transactions", b"", retain=True)
+            await sub.publish(f"{BASE}/bridge/request/transactions", b"")
+            # handled in order: once these are answered, the empty ones were seen
+            await sub.publish(request_topic(), b"not json")
+            await sub.wait_for(lambda t, p: t.endswith("/bridge/error"))
+            await sub.publish(f"{BASE}/bridge/request/health", {"transaction": "marker"})
+            await sub.wait_for(lambda t, p: t.endswith("/response/health"))
+            errors = sub.on(f"{BASE}/bridge/error")
+            assert len(errors) == 1 and "not valid JSON" in errors[0]["error"], errors
+            assert sub.on(f"{BASE}/bridge/response/transactions") == []
+            await sub.publish(request_topic(), responses.payment_request("POS1", "E1", POI))
+            assert (await sub.wait_for(outcome_for("E1")))["bridge"]["outcome"] == "approved"
+
+
+@pytest.mark.parametrize("payload", [b" ", b"null", b"[]", b'{"SaleToPOIRequest": []}'])
 async def test_junk_requests_never_disturb_a_payment_in_flight(tmp_path, mosquitto, payload):
     async with Store(tmp_path, mosquitto, default_scenario(delay=0.5)):
         async with Subscriber(mosquitto, [f"{BASE}/registers/POS1/response",

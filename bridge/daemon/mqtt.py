@@ -358,11 +358,16 @@ class RegisterGateway:
                 response_topic = self._usable_response_topic(message.topic.value,
                                                              response_topic)
             reply = Reply(self, response_topic, correlation)
+            if not payload:
+                # Never a request: the sender clearing a retained one, as told. With MQTT
+                # 3.1.1 the broker drops the retain flag towards a subscriber already
+                # connected, so an empty message is ignored whatever its flag.
+                log.debug("empty message on %s (a retained request cleared): ignored",
+                          message.topic.value)
+                self.journal.after_commit(functools.partial(client.ack, message))
+                continue
             if message.retain:
-                if payload:
-                    self._refuse_retained(message.topic.value, payload, reply)
-                else:  # the sender clearing a retained request, as told: nothing to answer
-                    log.debug("retained message on %s cleared", message.topic.value)
+                self._refuse_retained(message.topic.value, payload, reply)
                 self.journal.after_commit(functools.partial(client.ack, message))
                 continue
             # While draining, requests are still handed on: the intake refuses them with an
