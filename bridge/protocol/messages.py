@@ -10,11 +10,20 @@ kept as a plain string instead of being rejected, because terminals in the field
 from __future__ import annotations
 
 import json
+import math
 import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+)
+from pydantic_core import PydanticCustomError
 
 SERVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{1,10}\Z")
 POIID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*-[A-Za-z0-9]+\Z")
@@ -121,9 +130,39 @@ class _ResponseBody(_Open):
 
 # --- request and response bodies the bridge drives -------------------------------------------
 
+def _amount(value: Any) -> Any:
+    """An amount in a request goes to the terminal as the register sent it, so it must be
+    what a terminal reads as one: a JSON number (not a string pydantic would convert, not
+    true/false), finite (json.loads accepts NaN and Infinity), 0 or more. Only request bodies
+    use this: amounts in what terminals send stay as they came."""
+    if type(value) is bool or not isinstance(value, int | float):
+        kind = {bool: "true/false", str: "a string", type(None): "null", list: "a list",
+                dict: "an object"}.get(type(value), type(value).__name__)
+        raise PydanticCustomError("amount_type", "must be a JSON number, e.g. 12.5, not {kind}",
+                                  {"kind": kind})
+    if not math.isfinite(value):
+        raise PydanticCustomError("amount_finite", "must be a finite number, not {value}",
+                                  {"value": json.dumps(value)})
+    if value < 0:
+        raise PydanticCustomError("amount_negative", "must be 0 or more, not {value}",
+                                  {"value": value})
+    return value
+
+
+Amount = Annotated[int | float, BeforeValidator(_amount)]
+# Optional, but when present a number: an explicit null is refused (leave the field out).
+OptionalAmount = Annotated[int | float | None, BeforeValidator(_amount)]
+
+
 class AmountsReq(_Open):
     currency: str = Field(alias="Currency")
-    requested_amount: int | float = Field(alias="RequestedAmount")
+    requested_amount: Amount = Field(alias="RequestedAmount")
+    cash_back_amount: OptionalAmount = Field(None, alias="CashBackAmount")
+    tip_amount: OptionalAmount = Field(None, alias="TipAmount")
+    paid_amount: OptionalAmount = Field(None, alias="PaidAmount")
+    minimum_amount_to_deliver: OptionalAmount = Field(None, alias="MinimumAmountToDeliver")
+    maximum_cash_back_amount: OptionalAmount = Field(None, alias="MaximumCashBackAmount")
+    minimum_split_amount: OptionalAmount = Field(None, alias="MinimumSplitAmount")
 
 
 class PaymentTransaction(_Open):
@@ -151,6 +190,7 @@ class PaymentResponse(_ResponseBody):
 class ReversalRequest(_Open):
     original_poi_transaction: dict[str, Any] | None = Field(None, alias="OriginalPOITransaction")
     reversal_reason: str | None = Field(None, alias="ReversalReason")
+    reversed_amount: OptionalAmount = Field(None, alias="ReversedAmount")
 
 
 class ReversalResponse(_ResponseBody):
@@ -428,4 +468,22 @@ def check_request_header(message: Message) -> list[str]:
         problems.append(f"the request has no body (expected {expected})")
     elif key != expected:
         problems.append(f"MessageCategory {header.message_category} does not match body {key}")
+    # body_key() names the first body it finds; a second one would reach the terminal too.
+    bodies = [k for k in message.to_document()[message.kind] if _is_body_key(k)]
+    if len(bodies) > 1:
+        extra = ", ".join(k for k in bodies if k != expected)
+        problems.append(f"a request carries one body, {expected}; remove {extra}")
     return problems
+
+
+_REQUEST_BODY_KEYS = frozenset(
+    field.alias for name, field in SaleToPOIRequest.model_fields.items()
+    if field.alias and field.alias not in _ENVELOPE_KEYS and name != "kind"
+)
+
+
+def _is_body_key(key: str) -> bool:
+    """Whether a key of a request names a message body: one the models know, or one named as
+    nexo names bodies (CardAcquisitionRequest...). Other unknown keys are kept and sent."""
+    return key in _REQUEST_BODY_KEYS or (
+        key not in _ENVELOPE_KEYS and key.endswith(("Request", "Response", "Notification")))

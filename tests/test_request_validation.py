@@ -1,0 +1,261 @@
+"""What a register's request must be before the bridge sends it to a terminal: one body, the
+one its MessageCategory names, and amounts that are JSON numbers of 0 or more. Messages from
+terminals are not held to this (see test_messages.py: they are kept as they came)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bridge.protocol.messages import (
+    MessageError,
+    SaleToPOIRequest,
+    check_request_header,
+    parse_message,
+)
+from bridge.protocol.outcome import classify
+from bridge.simulator import responses
+
+from .fuzzing import fuzz_settings
+from .test_intake_fuzz import POI, Rig
+
+AMOUNTS_REQ = ("PaymentRequest", "PaymentTransaction", "AmountsReq")
+
+
+def payment() -> dict:
+    return responses.payment_request("POS1", "S1", POI, 12.5)
+
+
+def reversal() -> dict:
+    return responses.payment_request("POS1", "S1", POI, 12.5, category="Reversal")
+
+
+def at(document: dict, path: tuple[str, ...]) -> dict:
+    node = document["SaleToPOIRequest"]
+    for key in path:
+        node = node[key]
+    return node
+
+
+def problems_of(document: dict | bytes) -> list[str]:
+    """Everything that refuses the request: a MessageError of parse_message, or the header
+    rules' problems (the intake refuses on either)."""
+    try:
+        message = parse_message(document)
+    except MessageError as exc:
+        return [str(exc)]
+    return check_request_header(message)
+
+
+def refused_by_intake(tmp_path, document: dict | bytes) -> dict:
+    """The register's answer to `document` published to the test terminal's request topic."""
+    raw = document if isinstance(document, bytes) else json.dumps(document).encode()
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        (answer,) = rig.handle(f"poi-bridge/terminals/{POI}/request", raw)
+    finally:
+        rig.journal.close()
+    assert answer.topic == "poi-bridge/registers/POS1/response"
+    body = json.loads(answer.payload)
+    assert body["bridge"]["outcome"] == "rejected"
+    response = body["SaleToPOIResponse"]["PaymentResponse"]["Response"]
+    assert response["ErrorCondition"] == "MessageFormat"
+    assert response["AdditionalResponse"] == body["bridge"]["error"]
+    return body["bridge"]
+
+
+def test_the_examples_used_here_are_valid_requests():
+    for document in (payment(), reversal()):
+        assert problems_of(document) == []
+
+
+# --- 1. one body, the one MessageCategory names ---------------------------------------------
+
+@pytest.mark.parametrize("extra,value", [
+    ("ReversalRequest", {"ReversalReason": "MerchantCancel"}),
+    ("AbortRequest", {"MessageReference": {"MessageCategory": "Payment"}}),
+    ("EventNotification", {"EventToNotify": "Shutdown"}),
+    ("CardAcquisitionRequest", {}),  # a body the bridge does not model is still a body
+    ("ReversalRequest", None),
+])
+def test_a_request_with_a_second_body_is_refused_naming_it(extra, value):
+    document = payment()
+    document["SaleToPOIRequest"][extra] = value
+    problems = problems_of(document)
+    assert len(problems) == 1, problems
+    assert extra in problems[0] and "PaymentRequest" in problems[0], problems
+
+
+def test_a_second_body_where_the_category_names_neither_names_both():
+    document = payment()
+    document["SaleToPOIRequest"]["MessageHeader"]["MessageCategory"] = "Abort"
+    document["SaleToPOIRequest"]["ReversalRequest"] = {}
+    problems = problems_of(document)
+    assert any("PaymentRequest" in p and "ReversalRequest" in p and "AbortRequest" in p
+               for p in problems), problems
+
+
+def test_a_request_with_two_bodies_is_answered_rejected_by_the_intake(tmp_path):
+    document = payment()
+    document["SaleToPOIRequest"]["ReversalRequest"] = reversal()["SaleToPOIRequest"][
+        "ReversalRequest"]
+    bridge = refused_by_intake(tmp_path, document)
+    assert "ReversalRequest" in bridge["error"], bridge
+
+
+def test_unknown_keys_that_are_not_bodies_are_still_kept_and_sent():
+    document = payment()
+    inner = document["SaleToPOIRequest"]
+    inner["VendorExtension"] = {"a": [1, 2.5, None]}
+    inner["Note"] = "till 3"
+    message = parse_message(document)
+    assert check_request_header(message) == []
+    assert message.body_key() == "PaymentRequest"
+    assert message.to_document() == document
+
+
+def test_a_terminals_event_notification_in_a_request_envelope_still_parses():
+    """Terminals send EventNotification inside SaleToPOIRequest; the one-body rule is for
+    registers' requests (check_request_header), not for what terminals send."""
+    document = payment()
+    document["SaleToPOIRequest"]["EventNotification"] = {"EventToNotify": "Reject"}
+    assert parse_message(document).to_document() == document
+
+
+# --- 2. amounts are JSON numbers ----------------------------------------------------------
+
+# (where the amount sits in the request, its field, the example request)
+AMOUNT_FIELDS = [
+    (AMOUNTS_REQ, "RequestedAmount", payment),
+    (AMOUNTS_REQ, "TipAmount", payment),
+    (AMOUNTS_REQ, "CashBackAmount", payment),
+    (AMOUNTS_REQ, "PaidAmount", payment),
+    (AMOUNTS_REQ, "MinimumAmountToDeliver", payment),
+    (AMOUNTS_REQ, "MaximumCashBackAmount", payment),
+    (AMOUNTS_REQ, "MinimumSplitAmount", payment),
+    (("ReversalRequest",), "ReversedAmount", reversal),
+]
+
+
+@pytest.mark.parametrize("path,field,make", AMOUNT_FIELDS)
+@pytest.mark.parametrize("value", ["12.50", "0", "", True, False, None, [12.5], {"Value": 12.5}])
+def test_an_amount_that_is_not_a_json_number_is_refused_naming_the_field(path, field, make,
+                                                                         value):
+    document = make()
+    at(document, path)[field] = value
+    problems = problems_of(document)
+    assert len(problems) == 1, problems
+    assert re.search(rf"\.{field}: must be a JSON number", problems[0]), problems
+
+
+def test_a_string_amount_is_answered_rejected_by_the_intake(tmp_path):
+    document = payment()
+    at(document, AMOUNTS_REQ)["RequestedAmount"] = "12.50"
+    bridge = refused_by_intake(tmp_path, document)
+    assert "AmountsReq.RequestedAmount: must be a JSON number" in bridge["error"], bridge
+
+
+@pytest.mark.parametrize("path,field,make", AMOUNT_FIELDS)
+@pytest.mark.parametrize("value", [0, 0.0, 1, 12.5, 10**12])
+def test_amounts_that_are_numbers_pass_and_are_sent_as_they_came(path, field, make, value):
+    document = make()
+    at(document, path)[field] = value
+    message = parse_message(json.dumps(document))
+    assert check_request_header(message) == []
+    assert message.to_document() == document
+    sent = json.loads(message.to_bytes())
+    assert at(sent, path)[field] == value and type(at(sent, path)[field]) is type(value)
+
+
+def test_a_missing_or_null_requested_amount_is_still_refused():
+    document = payment()
+    del at(document, AMOUNTS_REQ)["RequestedAmount"]
+    assert any("RequestedAmount" in p for p in problems_of(document))
+    at(document, AMOUNTS_REQ)["RequestedAmount"] = None
+    assert any("RequestedAmount" in p for p in problems_of(document))
+
+
+def test_responses_from_terminals_keep_odd_amounts():
+    """The strictness is for requests: a terminal's answer with string, negative or NaN
+    amounts is kept as it came and still classified."""
+    raw = json.dumps({"SaleToPOIResponse": {
+        "MessageHeader": {"MessageCategory": "Payment", "MessageClass": "Service",
+                          "MessageType": "Response", "SaleID": "POS1", "ServiceID": "S1",
+                          "POIID": POI},
+        "PaymentResponse": {
+            "Response": {"Result": "Success"},
+            "PaymentResult": {"AmountsResp": {"AuthorizedAmount": "12.50", "TipAmount": -1,
+                                              "CashBackAmount": float("nan")}},
+            "AmountsReq": {"RequestedAmount": "12.50"}}}})
+    message = parse_message(raw)
+    assert classify(message).outcome == "approved"
+    assert json.loads(message.to_bytes())["SaleToPOIResponse"]["PaymentResponse"][
+        "AmountsReq"]["RequestedAmount"] == "12.50"
+
+
+# --- 3. amounts are 0 or more, and finite -------------------------------------------------
+
+@pytest.mark.parametrize("path,field,make", AMOUNT_FIELDS)
+@pytest.mark.parametrize("value", [-1, -0.01, -(10**12)])
+def test_a_negative_amount_is_refused_naming_the_field(path, field, make, value):
+    document = make()
+    at(document, path)[field] = value
+    problems = problems_of(document)
+    assert len(problems) == 1, problems
+    assert re.search(rf"\.{field}: must be 0 or more", problems[0]), problems
+
+
+def test_a_negative_amount_is_answered_rejected_by_the_intake(tmp_path):
+    document = payment()
+    at(document, AMOUNTS_REQ)["RequestedAmount"] = -12.5
+    bridge = refused_by_intake(tmp_path, document)
+    assert "AmountsReq.RequestedAmount: must be 0 or more" in bridge["error"], bridge
+
+
+@pytest.mark.parametrize("path,field,make", AMOUNT_FIELDS)
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_which_load_json_accepts_are_refused_naming_the_field(
+        path, field, make, literal):
+    document = make()
+    at(document, path)[field] = "PLACEHOLDER"
+    raw = json.dumps(document).replace('"PLACEHOLDER"', literal).encode()
+    problems = problems_of(raw)
+    assert len(problems) == 1, problems
+    assert re.search(rf"\.{field}: must be a finite number", problems[0]), problems
+
+
+def test_nan_is_answered_rejected_by_the_intake(tmp_path):
+    raw = json.dumps(payment()).replace("12.5", "NaN").encode()
+    bridge = refused_by_intake(tmp_path, raw)
+    assert "AmountsReq.RequestedAmount: must be a finite number" in bridge["error"], bridge
+
+
+json_scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
+                | st.lists(st.integers(), max_size=2))
+
+
+@fuzz_settings(200)
+@given(value=json_scalars, which=st.sampled_from(AMOUNT_FIELDS))
+def test_an_amount_passes_exactly_when_it_is_a_finite_number_of_0_or_more(value, which):
+    path, field, make = which
+    document = make()
+    at(document, path)[field] = value
+    good = (type(value) in (int, float) and math.isfinite(value) and value >= 0)
+    problems = problems_of(json.dumps(document).encode())
+    if good:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and f".{field}: must be" in problems[0], problems
+
+
+def test_a_request_built_in_python_is_held_to_the_same_rules():
+    inner = copy.deepcopy(payment()["SaleToPOIRequest"])
+    inner["PaymentRequest"]["PaymentTransaction"]["AmountsReq"]["RequestedAmount"] = "1"
+    with pytest.raises(ValueError, match="RequestedAmount"):
+        SaleToPOIRequest.model_validate(inner)
