@@ -1,9 +1,30 @@
-"""A chain: a store broker bridged into a central broker with a per-store prefix. A register
-at head office (on the central broker) pays through a store's terminal."""
+"""A chain: store brokers bridged into a central broker, each under its own prefix, as
+`examples/mosquitto/store-bridge.conf` and the README's "A chain of stores" describe. Real
+mosquitto processes on both sides, the real daemon and a simulated terminal in each store,
+registers at head office (on the central broker) and in the store. Between a store and the
+central broker runs a TCP relay the tests can cut: the WAN link."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime as dt
+import ipaddress
 import json
+import select
+import socket
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
@@ -14,38 +35,203 @@ from bridge.simulator.terminal import Behaviour, Scenario
 from .broker import Mosquitto
 from .rig import POI, ROOT, Subscriber, outcome_for
 
+EXAMPLE = ROOT / "examples" / "mosquitto" / "store-bridge.conf"
+CENTRAL_ACL = ROOT / "examples" / "mosquitto" / "central.acl"
 STORE = "poi/store-12"
+LINK = f"{STORE}/bridge/link"
 
 
-def store_bridge_config(central: Mosquitto) -> str:
-    """The documented example, pointed at the test's central broker (no TLS here)."""
+def store_bridge_config(host: str, port: int, store: str = "store-12", *,
+                        pki: Path | None = None, identity: str | None = None,
+                        **settings: str) -> str:
+    """The documented example for `store`, pointed at host:port. With `pki`, its TLS lines
+    name the files there (the client certificate of `identity`, the store by default);
+    without, they are left out. `settings` replace the example's values (try_private=
+    "false", ...). Added for the tests only: `restart_timeout 1 2`, so that the bridge tries
+    again every 1-2 s rather than 5-30 s (with a single value, mosquitto 2.0.11 kept its
+    default 5-30 s back-off here)."""
+    files = {"bridge_cafile": "ca", "bridge_certfile": identity or store,
+             "bridge_keyfile": identity or store}
     lines = []
-    for line in (ROOT / "examples" / "mosquitto" / "store-bridge.conf").read_text().splitlines():
-        if line.startswith(("address", "bridge_cafile", "bridge_certfile", "bridge_keyfile")):
+    for line in EXAMPLE.read_text().replace("store-12", store).splitlines():
+        key = line.split(" ", 1)[0]
+        if key == "address" or (key in files and pki is None):
             continue
+        if key in files:
+            line = f"{key} {pki / files[key]}.{'key' if key == 'bridge_keyfile' else 'pem'}"
+        if key in settings:
+            line = f"{key} {settings.pop(key)}"
         lines.append(line)
-        if line.startswith("connection "):
-            lines.append(f"address {central.host}:{central.port}")
-    return "\n".join(lines) + "\n"
+        if key == "connection":
+            lines.append(f"address {host}:{port}")
+    assert not settings, f"not in the example: {settings}"
+    return "\n".join([*lines, "restart_timeout 1 2"]) + "\n"
+
+
+def make_pki(directory: Path, clients: list[str]) -> None:
+    """A CA, a certificate for a broker on 127.0.0.1, one client certificate per name (its
+    CN), as NAME.pem / NAME.key."""
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chain test CA")])
+
+    def issue(name: str, key: Any, issuer_key: Any, extension: Any) -> None:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        cert = (x509.CertificateBuilder().subject_name(ca_name if name == "ca" else subject)
+                .issuer_name(ca_name).public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - dt.timedelta(minutes=5))
+                .not_valid_after(now + dt.timedelta(days=1))
+                .add_extension(extension, critical=name == "ca")
+                .sign(issuer_key, hashes.SHA256()))
+        (directory / f"{name}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    issue("ca", ca_key, ca_key, x509.BasicConstraints(ca=True, path_length=None))
+    for name in ("broker", *clients):
+        san = (x509.IPAddress(ipaddress.ip_address("127.0.0.1")) if name == "broker"
+               else x509.DNSName(name))
+        issue(name, ec.generate_private_key(ec.SECP256R1()), ca_key,
+              x509.SubjectAlternativeName([san]))
+
+
+class WanLink:
+    """A TCP relay between a store's bridge and the central broker. `cut()` resets every
+    connection through it and refuses new ones until `restore()`."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.host, self.port = self._listener.getsockname()
+        self._up = True
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                if not self._up:
+                    raise OSError("the link is down")
+                far = socket.create_connection(self.target, timeout=2)
+            except OSError:
+                near.close()
+                continue
+            with self._lock:
+                self._pairs.append((near, far))
+            threading.Thread(target=self._relay, args=(near, far), daemon=True).start()
+
+    @staticmethod
+    def _relay(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([a, b], [], [], 0.5)
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    (b if sock is a else a).sendall(data)
+        except OSError:
+            pass
+        finally:
+            a.close()
+            b.close()
+
+    def cut(self) -> None:
+        self._up = False
+        with self._lock:
+            for pair in self._pairs:
+                for sock in pair:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
+            self._pairs.clear()
+
+    def restore(self) -> None:
+        self._up = True
+
+    def close(self) -> None:
+        self.cut()
+        self._listener.close()
+
+
+class Store:
+    """One store: its broker bridged as documented, a simulated terminal, the daemon."""
+
+    def __init__(self, workdir: Path, name: str, central: tuple[str, int], *,
+                 protocol: str = "3.1.1", broker_config: str = "", pki: Path | None = None,
+                 **settings: str) -> None:
+        self.workdir, self.name = workdir, name
+        self.broker = Mosquitto(workdir / "broker", extra_config=(
+            store_bridge_config(*central, store=name, pki=pki, **settings) + broker_config))
+        self.protocol = protocol
+        self.simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
+                                         ack_timeout=0.3)
+        self.bridge: Bridge | None = None
+
+    async def start(self) -> Store:
+        self.broker.start()
+        device = await self.simulator.start_pty(self.workdir / "terminal")
+        self.bridge = Bridge(parse_config({
+            "journal": str(self.workdir / "journal.sqlite3"),
+            "mqtt": {"host": self.broker.host, "port": self.broker.port,
+                     "base_topic": "poi-bridge", "protocol": self.protocol},
+            "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
+        }))
+        await self.bridge.start()
+        return self
+
+    async def stop(self) -> None:
+        if self.bridge is not None:
+            await self.bridge.stop()
+        await self.simulator.close()
+        self.broker.kill()
+
+    def charged(self) -> set[tuple[str, str]]:
+        """(SaleID, ServiceID) of every payment the store's terminal received."""
+        return set(self.simulator.terminal.ledger)
+
+
+async def arrives(sub: Subscriber, predicate: Any, *, since: int = 0,
+                  timeout: float = 15.0) -> Any:
+    """The payload of the first message from index `since` on that matches."""
+    async with asyncio.timeout(timeout):
+        while True:
+            for topic, payload, _ in sub.messages[since:]:
+                if predicate(topic, payload):
+                    return payload
+            await asyncio.sleep(0.02)
+
+
+def copies(sub: Subscriber, service_id: str) -> list[tuple[str, str]]:
+    """(topic, content) of every register response for service_id that sub received."""
+    match = outcome_for(service_id)
+    return [(t, json.dumps(p, sort_keys=True)) for t, p, _ in sub.messages if match(t, p)]
+
+
+async def pay(till: Subscriber, service_id: str) -> None:
+    request = responses.payment_request("TILL1", service_id, POI, 12.5)
+    await till.publish(f"poi-bridge/terminals/{POI}/request", json.dumps(request))
+    await arrives(till, outcome_for(service_id, "approved"))
+
+
+def online(store: str):
+    return lambda t, p: t == f"poi/{store}/bridge/state" and p == {"state": "online"}
 
 
 async def test_register_on_the_central_broker_pays_through_a_store(tmp_path):
     central = Mosquitto(tmp_path / "central").start()
-    store = Mosquitto(tmp_path / "store", extra_config=store_bridge_config(central)).start()
-    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
-                                ack_timeout=0.3)
-    device = await simulator.start_pty(tmp_path / "terminal")
-    bridge = Bridge(parse_config({
-        "journal": str(tmp_path / "journal.sqlite3"),
-        "mqtt": {"host": store.host, "port": store.port, "base_topic": "poi-bridge"},
-        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
-    }))
-    await bridge.start()
+    store = await Store(tmp_path / "store-12", "store-12", (central.host, central.port)).start()
     try:
         async with Subscriber(central, [f"{STORE}/#"], client_id="head-office") as office:
             # The store's retained states reach head office under the store's prefix.
-            await office.wait_for(lambda t, p: t == f"{STORE}/bridge/state"
-                                  and p == {"state": "online"}, timeout=20)
+            await office.wait_for(online("store-12"), timeout=20)
             await office.wait_for(lambda t, p: t == f"{STORE}/terminals/{POI}/state"
                                   and p["state"] == "online", timeout=20)
             request = responses.payment_request("HQ-TILL", "C1", POI, 19.3)
@@ -57,7 +243,296 @@ async def test_register_on_the_central_broker_pays_through_a_store(tmp_path):
                 lambda t, p: t == f"{STORE}/transactions/HQ-TILL/C1" and p.get("state") == "final")
             assert retained["bridge"]["transaction"]["poi_id"] == POI
     finally:
-        await bridge.stop()
-        await simulator.close()
-        store.kill()
+        await store.stop()
+        central.kill()
+
+
+async def test_results_made_while_the_wan_is_down_reach_head_office_when_it_is_back(tmp_path):
+    """The link goes down, the store keeps paying, the central broker restarts meanwhile:
+    once the link is back, head office has every result, each with the content the till
+    got. QoS 1 may deliver one twice, never a different one. It fails with `cleansession
+    true` (the store broker then drops what it holds for the bridge while disconnected) or
+    with QoS 0 on the topic lines (not queued at all)."""
+    central = Mosquitto(tmp_path / "central").start()
+    wan = WanLink(central.host, central.port)
+    store = await Store(tmp_path / "store-12", "store-12", (wan.host, wan.port)).start()
+    office = Subscriber(central, ["poi/+/registers/+/response", "poi/+/bridge/link",
+                                  "poi/+/bridge/response/#"],
+                        client_id="head-office", persistent=True)
+    till = Subscriber(store.broker, ["poi-bridge/registers/TILL1/#"], client_id="till-1")
+    await office.connect()
+    await till.connect()
+    try:
+        await arrives(office, lambda t, p: t == LINK and p == 1)
+        wan.cut()
+        # The central broker publishes the bridge's last will: head office sees the link down.
+        await arrives(office, lambda t, p: t == LINK and p == 0)
+        cut_at = len(office.messages)
+        for service_id in ("W1", "W2", "W3"):
+            await pay(till, service_id)  # the store works on, alone
+        # Head office asks the store for its transactions: the request waits at the central
+        # broker, in the bridge's persistent session.
+        await office.publish(f"{STORE}/bridge/request/transactions",
+                             {"transaction": "hq-1", "sale_id": "TILL1"})
+        # The central broker is restarted meanwhile (it saves its sessions on the way down).
+        await office.disconnect()
+        central.stop()
+        central.start()
+        await office.connect()
+        await asyncio.sleep(0.5)
+        assert not any(outcome_for(s)(t, p) for t, p, _ in office.messages[cut_at:]
+                       for s in ("W1", "W2", "W3"))
+
+        wan.restore()
+        for service_id in ("W1", "W2", "W3"):
+            answer = await arrives(office, outcome_for(service_id), since=cut_at)
+            assert answer["bridge"]["outcome"] == "approved"
+        listing = await arrives(office, lambda t, p: t == f"{STORE}/bridge/response/transactions"
+                                and p.get("transaction") == "hq-1")
+        assert {"W1", "W2", "W3"} <= {row["service_id"] for row in listing["data"]}
+        await arrives(office, lambda t, p: t == LINK and p == 1, since=cut_at)
+        for service_id in ("W1", "W2", "W3"):
+            received = copies(office, service_id)
+            assert {t for t, _ in received} == {f"{STORE}/registers/TILL1/response"}
+            assert {c for _, c in received} == {c for _, c in copies(till, service_id)}
+    finally:
+        await till.disconnect()
+        await office.disconnect()
+        await store.stop()
+        wan.close()
+        central.kill()
+
+
+async def test_stores_each_under_their_prefix_and_a_request_reaches_only_its_store(tmp_path):
+    """Two stores with the same terminal id: head office tells them apart by prefix alone."""
+    central = Mosquitto(tmp_path / "central").start()
+    names = ("store-12", "store-13")
+    stores = [await Store(tmp_path / n, n, (central.host, central.port)).start() for n in names]
+    office = Subscriber(central, ["poi/+/registers/+/response", "poi/+/bridge/state"],
+                        client_id="head-office")
+    watchers = [Subscriber(s.broker, ["poi-bridge/terminals/+/request"], client_id="watch")
+                for s in stores]
+    await office.connect()
+    for watcher in watchers:
+        await watcher.connect()
+    try:
+        for name in names:
+            await arrives(office, online(name), timeout=20)
+        for name in names:
+            service_id = "A" + name.split("-")[1]
+            request = responses.payment_request("HQ1", service_id, POI, 7.0)
+            await office.publish(f"poi/{name}/terminals/{POI}/request", json.dumps(request))
+        for store, watcher in zip(stores, watchers, strict=True):
+            service_id = "A" + store.name.split("-")[1]
+            answer = await arrives(office, outcome_for(service_id, "approved"))
+            assert answer["bridge"]["transaction"]["service_id"] == service_id
+            assert {t for t, _ in copies(office, service_id)} == {
+                f"poi/{store.name}/registers/HQ1/response"}
+            assert store.charged() == {("HQ1", service_id)}
+            assert [p["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+                    for _, p, _ in watcher.messages] == [service_id]
+    finally:
+        for sub in (office, *watchers):
+            await sub.disconnect()
+        for store in stores:
+            await store.stop()
+        central.kill()
+
+
+async def test_no_echo_when_the_central_broker_ignores_the_bridge_bit(tmp_path):
+    """With try_private false (what to set for a central broker that refuses the bridge
+    protocol version) the central broker sends the bridge every message matching its
+    subscriptions, its own included. The example's topic lines never subscribe to what
+    they publish, so nothing comes back: a till's payment runs once and is answered once.
+    With the former `topic # both`, the request came back, the daemon answered it again
+    (`duplicate`) and every result reached the store's registers twice."""
+    central = Mosquitto(tmp_path / "central").start()
+    store = await Store(tmp_path / "store-12", "store-12", (central.host, central.port),
+                        try_private="false").start()
+    office = Subscriber(central, [f"{STORE}/#"], client_id="head-office")
+    till = Subscriber(store.broker, ["poi-bridge/registers/TILL1/#", "poi-bridge/bridge/#"],
+                      client_id="till-1")
+    await office.connect()
+    await till.connect()
+    try:
+        await arrives(office, online("store-12"), timeout=20)
+        await pay(till, "E1")
+        await arrives(office, outcome_for("E1", "approved"))
+        await asyncio.sleep(1.0)  # an echo comes back within milliseconds
+        assert len(copies(till, "E1")) == 1
+        assert len(copies(office, "E1")) == 1
+        events = [p["event"] for t, p, _ in till.messages if t.endswith("/event")]
+        assert "duplicate" not in events
+        assert [p for t, p, _ in till.messages if t == "poi-bridge/bridge/state"] == [
+            {"state": "online"}]
+        log = central.log_path.read_text()
+        assert "New client connected" in log and "as store-12" in log
+        assert "New bridge connected" not in log  # the bridge bit really was off
+    finally:
+        await till.disconnect()
+        await office.disconnect()
+        await store.stop()
+        central.kill()
+
+
+async def test_mqtt5_bridge_answers_reach_head_office_on_a_store_side_response_topic(tmp_path):
+    """An MQTT 5 bridge carries ResponseTopic and CorrelationData unchanged, and the daemon
+    publishes the answer on that topic in the store's broker: it reaches head office only
+    when it names a topic the bridge sends out (poi-bridge/bridge/response/...)."""
+    central = Mosquitto(tmp_path / "central").start()
+    store = await Store(tmp_path / "store-12", "store-12", (central.host, central.port),
+                        protocol="5", bridge_protocol_version="mqttv50").start()
+    received: list[aiomqtt.Message] = []
+    stray = Subscriber(store.broker, ["hq/#"], client_id="watch")
+    await stray.connect()
+    try:
+        async with aiomqtt.Client(central.host, central.port, identifier="head-office-v5",
+                                  protocol=aiomqtt.ProtocolVersion.V5) as office:
+            for topic in (f"{STORE}/bridge/state", f"{STORE}/bridge/response/#", "hq/#"):
+                await office.subscribe(topic, qos=1)
+
+            async def read() -> None:
+                async for message in office.messages:
+                    received.append(message)
+            reader = asyncio.create_task(read())
+
+            async def seen(topic: str) -> aiomqtt.Message:
+                async with asyncio.timeout(15):
+                    while True:
+                        for message in received:
+                            if message.topic.value == topic:
+                                return message
+                        await asyncio.sleep(0.02)
+
+            state = await seen(f"{STORE}/bridge/state")
+            assert json.loads(state.payload) == {"state": "online"}
+
+            async def ask(response_topic: str, correlation: bytes) -> None:
+                properties = Properties(PacketTypes.PUBLISH)
+                properties.ResponseTopic = response_topic
+                properties.CorrelationData = correlation
+                await office.publish(f"{STORE}/bridge/request/terminals", b"{}", qos=1,
+                                     properties=properties)
+
+            await ask("poi-bridge/bridge/response/hq-7", b"hq-7")
+            answer = await seen(f"{STORE}/bridge/response/hq-7")
+            assert answer.properties.CorrelationData == b"hq-7"
+            assert json.loads(answer.payload)["status"] == "ok"
+
+            # A head-office topic as ResponseTopic: the daemon publishes there, in the store.
+            await ask("hq/replies/8", b"hq-8")
+            await arrives(stray, lambda t, p: t == "hq/replies/8" and p["status"] == "ok")
+            await asyncio.sleep(0.5)
+            assert not any(m.topic.value.startswith("hq/") for m in received)
+            reader.cancel()
+    finally:
+        await stray.disconnect()
+        await store.stop()
+        central.kill()
+
+
+async def test_past_the_store_brokers_queue_the_newest_are_dropped_retained_documents_heal(
+        tmp_path):
+    """A store broker holds at most max_queued_messages for the bridge while the link is
+    down; past that it drops the newest. On reconnecting, mosquitto sends every retained
+    message under the bridged topics again, so each transaction's retained document still
+    reaches head office, while the dropped register responses and events do not."""
+    central = Mosquitto(tmp_path / "central").start()
+    wan = WanLink(central.host, central.port)
+    store = await Store(tmp_path / "store-12", "store-12", (wan.host, wan.port),
+                        broker_config="max_queued_messages 16\n").start()
+    office = Subscriber(central, ["poi/+/registers/+/response", "poi/+/bridge/link"],
+                        client_id="head-office")
+    till = Subscriber(store.broker, ["poi-bridge/registers/TILL1/#"], client_id="till-1")
+    await office.connect()
+    await till.connect()
+    try:
+        await arrives(office, lambda t, p: t == LINK and p == 1)
+        wan.cut()
+        await arrives(office, lambda t, p: t == LINK and p == 0)
+        paid = ["Q1", "Q2", "Q3", "Q4"]  # about 8 messages each for head office
+        for service_id in paid:
+            await pay(till, service_id)
+        wan.restore()
+        await arrives(office, outcome_for("Q1"))
+        async with Subscriber(central, [f"{STORE}/transactions/TILL1/+"],
+                              client_id="dashboard") as dashboard:
+            for service_id in paid:
+                document = await arrives(dashboard, lambda t, p, s=service_id: t.endswith(
+                    f"/{s}") and p.get("state") == "final")
+                assert document["bridge"]["outcome"] == "approved"
+        assert not copies(office, "Q4")  # its response was past the limit: dropped
+        assert "Outgoing messages are being dropped for client local.store-12" in \
+            store.broker.log_path.read_text()
+    finally:
+        await till.disconnect()
+        await office.disconnect()
+        await store.stop()
+        wan.close()
+        central.kill()
+
+
+class TlsSubscriber(Subscriber):
+    """A Subscriber that logs in with a client certificate."""
+
+    def __init__(self, broker: Any, topics: list[str], pki: Path, name: str) -> None:
+        super().__init__(broker, topics, client_id=name)
+        self.tls = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        self.tls.load_cert_chain(str(pki / f"{name}.pem"), str(pki / f"{name}.key"))
+
+    async def connect(self) -> None:
+        self._client = aiomqtt.Client(self.broker.host, self.broker.port, tls_context=self.tls,
+                                      identifier=self.client_id)
+        await self._client.__aenter__()
+        for topic in self.topics:
+            await self._client.subscribe(topic, qos=1)
+        self._task = asyncio.create_task(self._read())
+
+
+async def test_central_acl_keeps_each_store_to_its_own_prefix_and_session(tmp_path):
+    """The central broker as examples/mosquitto/central.acl describes it: TLS with a
+    certificate per store, its CN the username and the client id. A store broker
+    configured (by mistake or on purpose) with another store's prefix and client id, but
+    its own certificate, can neither publish nor subscribe there, nor take over that
+    store's session: the real store-12 keeps working."""
+    pki = tmp_path / "pki"
+    make_pki(pki, ["store-12", "store-13", "head-office"])
+    central = Mosquitto(tmp_path / "central", anonymous=False, extra_config=(
+        f"acl_file {CENTRAL_ACL}\n"), listener_options=(
+        f"cafile {pki / 'ca.pem'}\ncertfile {pki / 'broker.pem'}\n"
+        f"keyfile {pki / 'broker.key'}\nrequire_certificate true\n"
+        "use_identity_as_username true\nuse_username_as_clientid true\n")).start()
+    store = await Store(tmp_path / "store-12", "store-12", (central.host, central.port),
+                        pki=pki).start()
+    # store-13's broker, set up with store-12's prefix and client id (its own certificate)
+    impostor = Mosquitto(tmp_path / "impostor", extra_config=store_bridge_config(
+        central.host, central.port, "store-12", pki=pki, identity="store-13")).start()
+    office = TlsSubscriber(central, ["poi/#"], pki, "head-office")
+    forger = Subscriber(impostor, ["poi-bridge/terminals/+/request"], client_id="forger")
+    await office.connect()
+    await forger.connect()
+    try:
+        await arrives(office, online("store-12"), timeout=20)
+        log = central.log_path
+        async with asyncio.timeout(10):
+            while log.read_text().count("New bridge connected") < 2:
+                await asyncio.sleep(0.05)  # the impostor's bridge is connected too
+        await forger.publish("poi-bridge/registers/HQ1/response", {"forged": True})
+        await forger.publish("poi-bridge/bridge/state", {"state": "offline"}, retain=True)
+        request = responses.payment_request("HQ1", "T12", POI, 3.0)
+        await office.publish(f"{STORE}/terminals/{POI}/request", json.dumps(request))
+        answer = await arrives(office, outcome_for("T12"))
+        assert answer["bridge"]["outcome"] == "approved"
+        await asyncio.sleep(0.5)
+        assert not any(p == {"forged": True} or p == {"state": "offline"}
+                       for _, p, _ in office.messages)
+        assert forger.messages == []  # the request reached store-12 only
+        assert store.charged() == {("HQ1", "T12")}
+        text = log.read_text()
+        assert "as store-13" in text and "closing old connection" not in text
+    finally:
+        await forger.disconnect()
+        await office.disconnect()
+        await store.stop()
+        impostor.kill()
         central.kill()
