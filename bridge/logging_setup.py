@@ -1,6 +1,9 @@
 """Log lines for technicians: one line per event, terminal and transaction named, no card data.
 
-Under systemd (JOURNAL_STREAM set) the timestamp is left to the journal.
+Under systemd (JOURNAL_STREAM set) the timestamp is left to the journal, and each line starts
+with its syslog priority (`<4>` for a warning): journald reads that prefix
+(SyslogLevelPrefix=, on by default), so `journalctl -u poi-bridge -p warning` shows the
+warnings and errors. Without it every line would be stored at the unit's default, info.
 """
 
 from __future__ import annotations
@@ -12,12 +15,28 @@ import sys
 from bridge.redaction import RedactingFilter
 
 
+# logging's levels as syslog priorities (sd-daemon(3): <2> crit, <3> err, <4> warning, ...)
+_PRIORITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+               (logging.INFO, 6))
+
+
+class JournalFormatter(logging.Formatter):
+    """Each line prefixed with its syslog priority, for journald. A multi-line record (a
+    traceback) gets the prefix on every line: journald stores each line as its own entry."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = next((p for level, p in _PRIORITIES if record.levelno >= level), 7)
+        prefix = f"<{priority}>"
+        return prefix + super().format(record).replace("\n", "\n" + prefix)
+
+
 def setup_logging(level: str = "info") -> None:
     under_journald = "JOURNAL_STREAM" in os.environ
-    fmt = "%(levelname)s %(name)s: %(message)s" if under_journald else \
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
+    if under_journald:
+        handler.setFormatter(JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
