@@ -62,7 +62,7 @@ class Client:
         await self.client.__aexit__(None, None, None)
 
 
-async def start_bridge(tmp_path, broker, **mqtt):
+async def start_bridge(tmp_path, broker, *, mqtt_password=None, **mqtt):
     simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
                                 ack_timeout=0.3)
     device = await simulator.start_pty(tmp_path / "terminal")
@@ -71,7 +71,7 @@ async def start_bridge(tmp_path, broker, **mqtt):
         "mqtt": {"host": broker.host, "port": broker.port, **mqtt},
         "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
     })
-    return Bridge(config), simulator
+    return Bridge(config, mqtt_password=mqtt_password), simulator
 
 
 async def test_acl_register_cannot_read_another_registers_results(tmp_path):
@@ -220,3 +220,47 @@ async def test_tls_hostname_mismatch_is_refused(tmp_path, caplog):
         await bridge.stop()
         await simulator.close()
         broker.kill()
+
+
+async def test_a_refused_login_is_logged_as_such_not_as_an_unreachable_broker(tmp_path, caplog):
+    passwd = tmp_path / "passwd"
+    passwords(passwd, {"poi-bridge": "bridge-pw"})
+    broker = Mosquitto(tmp_path / "broker", anonymous=False,
+                       extra_config=f"password_file {passwd}\n").start()
+    bridge, simulator = await start_bridge(tmp_path, broker, mqtt_password="wrong",
+                                           username="poi-bridge")
+    caplog.set_level("WARNING", logger="poi_bridge.mqtt")
+    await bridge.start()
+    try:
+        for _ in range(100):
+            if any("refused the bridge's login" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.05)
+        (line,) = {r.getMessage() for r in caplog.records
+                   if "refused the bridge's login" in r.getMessage()}
+        assert "as user 'poi-bridge'" in line and "mqtt.password_file" in line
+        assert not any("cannot reach" in r.getMessage() for r in caplog.records)
+    finally:
+        await bridge.stop()
+        await simulator.close()
+        broker.kill()
+
+
+def test_an_encrypted_client_key_is_named_as_such_and_never_prompts(tmp_path):
+    from bridge.config import TlsConfig
+    from bridge.daemon.mqtt import SetupError, tls_context
+
+    make_pki(tmp_path, ["127.0.0.1"])
+    key = serialization.load_pem_private_key((tmp_path / "client.key").read_bytes(), None)
+    locked = tmp_path / "locked.key"
+    locked.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret")))
+    tls = TlsConfig(ca_file=tmp_path / "ca.pem", cert_file=tmp_path / "client.pem",
+                    key_file=locked)
+    with pytest.raises(SetupError, match="is encrypted with a passphrase") as raised:
+        tls_context(tls)
+    assert str(locked) in str(raised.value)
+    # the same key unencrypted works
+    assert tls_context(TlsConfig(ca_file=tmp_path / "ca.pem", cert_file=tmp_path / "client.pem",
+                                 key_file=tmp_path / "client.key")) is not None

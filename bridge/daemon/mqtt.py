@@ -74,8 +74,18 @@ def tls_context(tls: TlsConfig | None) -> ssl.SSLContext | None:
                          "that signed the broker's certificate") from None
     if tls.cert_file is not None:
         try:
+            # The password callback runs only for a key encrypted with a passphrase: without
+            # it OpenSSL would ask on the terminal (a technician's command stops there) or fail
+            # with "Invalid argument" (the daemon), neither saying why.
             context.load_cert_chain(str(tls.cert_file),
-                                    str(tls.key_file) if tls.key_file else None)
+                                    str(tls.key_file) if tls.key_file else None,
+                                    password=_key_is_encrypted)
+        except _EncryptedKey:
+            raise SetupError(f"TLS key_file {tls.key_file or tls.cert_file} is encrypted with "
+                             "a passphrase, which the bridge cannot type in: give it the key "
+                             "unencrypted (openssl pkey -in KEY -out KEY.plain), readable only "
+                             "by the poi-bridge user (file mode 0600, or LoadCredential= in "
+                             "the unit)") from None
         except (OSError, ValueError) as exc:
             raise SetupError(f"TLS cert_file {tls.cert_file} with key_file "
                              f"{tls.key_file or '(in cert_file)'} cannot be used: "
@@ -83,6 +93,25 @@ def tls_context(tls: TlsConfig | None) -> ssl.SSLContext | None:
                              "certificate and its own private key") from None
     context.check_hostname = tls.check_hostname
     return context
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _key_is_encrypted() -> bytes:
+    raise _EncryptedKey
+
+
+# CONNACK codes by which a broker refuses the login itself: MQTT 3.1.1 4 (bad user name or
+# password) and 5 (not authorised); MQTT 5 0x86, 0x87 and 0x8C (bad authentication method).
+LOGIN_REFUSED = frozenset({4, 5, 0x86, 0x87, 0x8C})
+
+
+def login_refused(exc: BaseException) -> bool:
+    """Whether connecting failed because the broker refused the login (not the network)."""
+    code = getattr(exc, "rc", None)
+    return isinstance(exc, aiomqtt.MqttCodeError) and getattr(code, "value", code) in LOGIN_REFUSED
 
 
 def _reason(exc: BaseException) -> str:
@@ -283,6 +312,13 @@ class RegisterGateway:
                 if self._connected.is_set():
                     log.warning("lost the MQTT broker %s:%d: %s; results are kept and sent on "
                                 "reconnect", self.config.host, self.config.port, exc)
+                elif login_refused(exc):
+                    who = (f"as user {self.config.username!r}" if self.config.username
+                           else "without a user name")
+                    log.error("the MQTT broker %s:%d refused the bridge's login %s: %s. Check "
+                              "mqtt.username and the password in mqtt.password_file against "
+                              "the broker's password file and ACL; retrying",
+                              self.config.host, self.config.port, who, exc)
                 else:
                     log.warning("cannot reach MQTT broker %s:%d: %s; retrying",
                                 self.config.host, self.config.port, exc)
