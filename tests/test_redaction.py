@@ -353,3 +353,29 @@ async def test_no_card_data_or_key_material_in_any_daemon_log_line(tmp_path, mos
     # The register does receive what the terminal itself sent (the bridge does not alter it).
     card = approved["SaleToPOIResponse"]["PaymentResponse"]["PaymentResult"]
     assert card["PaymentInstrumentData"]["CardData"]["PAN"] == PAN
+
+
+def test_a_terminals_own_text_in_a_detail_is_redacted_and_cut():
+    """A detail quotes the terminal's Result, ErrorCondition or event text, and goes where
+    the log's redaction never looks: the journal, `transactions`, events, bridge.error."""
+    from bridge.protocol.messages import parse_message
+    from bridge.protocol.outcome import classify
+
+    doc = responses.payment_response(responses.payment_request("X", "1", POI, 5.0), "approve", 0)
+    body = doc["SaleToPOIResponse"]["PaymentResponse"]["Response"]
+    body["Result"] = f"Unknown {PAN} 12/25"
+    detail = classify(parse_message(json.dumps(doc))).detail
+    assert PAN not in detail and "[redacted]" in detail and detail.startswith("unknown Result")
+    body["Result"], body["ErrorCondition"] = "Failure", f"Refusal {TRACK2}"
+    detail = classify(parse_message(json.dumps(doc))).detail
+    assert PAN not in detail and "Failure / " in detail
+    body["ErrorCondition"] = "x" * 5000
+    assert len(classify(parse_message(json.dumps(doc))).detail) < 200
+    event = {"SaleToPOIRequest": {
+        "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Event",
+                          "MessageCategory": "Event", "MessageType": "Notification",
+                          "ServiceID": "1", "DeviceID": "1", "SaleID": "X", "POIID": POI},
+        "EventNotification": {"TimeStamp": "2026-11-30T10:00:00Z", "EventToNotify": "Reject",
+                              "EventDetails": f"card {PAN} refused"}}}
+    detail = classify(parse_message(json.dumps(event))).detail
+    assert detail.startswith("terminal sent event Reject") and PAN not in detail

@@ -22,6 +22,7 @@ from bridge.protocol.messages import (
     SaleToPOIResponse,
     TransactionStatusResponse,
 )
+from bridge.redaction import redact
 
 # Categories where money moves: their results are approved/declined, not success/failure.
 MONEY_CATEGORIES = frozenset({"Payment", "Reversal", "StoredValue"})
@@ -69,6 +70,16 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _shown(text: str | None) -> str | None:
+    """A terminal's own text, as quoted in a detail: a detail is journaled, published (events,
+    `transactions`, an error's `bridge.error`) and logged, and a terminal may put card data in
+    any field. Redacted (bridge/redaction.py) and cut to 120 characters."""
+    if text is None:
+        return None
+    shown = redact(text)
+    return shown if len(shown) <= 120 else shown[:117] + "..."
+
+
 def _outcome_of(category: str | None, result: str | None, condition: str | None) -> Outcome:
     money = category in MONEY_CATEGORIES
     if result in (Result.SUCCESS, Result.PARTIAL):
@@ -98,11 +109,11 @@ def _classify_body(category: str | None, body: Any) -> Classification:
     else:
         result, condition = _text(response.result), _text(response.error_condition)
     outcome = _outcome_of(category, result, condition)
-    detail = f"{category or 'unknown'} {result or 'no Result'}"
+    detail = f"{_shown(category) or 'unknown'} {_shown(result) or 'no Result'}"
     if condition:
-        detail += f" / {condition}"
+        detail += f" / {_shown(condition)}"
     if outcome is Outcome.ERROR:
-        detail = f"unknown Result {result!r}" if result else "Response has no Result"
+        detail = f"unknown Result {_shown(result)!r}" if result else "Response has no Result"
     return Classification(outcome, category, result, condition, detail)
 
 
@@ -141,7 +152,8 @@ def _classify_status(response: TransactionStatusResponse) -> Classification:
     elif condition == ErrorCondition.NOT_FOUND:
         outcome, detail = Outcome.NOT_FOUND, "the terminal never received the transaction"
     else:
-        outcome, detail = Outcome.ERROR, f"status poll failed: {result} / {condition}"
+        outcome, detail = (Outcome.ERROR,
+                           f"status poll failed: {_shown(result)} / {_shown(condition)}")
     return Classification(outcome, "TransactionStatus", result, condition, detail)
 
 
@@ -154,9 +166,9 @@ def classify(message: Message) -> Classification:
     if isinstance(message, SaleToPOIRequest):
         event = message.event_notification
         if event is not None:
-            detail = f"terminal sent event {event.event_to_notify}"
+            detail = f"terminal sent event {_shown(str(event.event_to_notify))}"
             if event.event_details:
-                detail += f": {event.event_details}"
+                detail += f": {_shown(str(event.event_details))}"
             return Classification(Outcome.ERROR, "Event", None, None, detail)
         return Classification(
             Outcome.ERROR, message.category, None, None, "a request, not a response"
@@ -165,7 +177,8 @@ def classify(message: Message) -> Classification:
     if message.event_notification is not None:
         event = message.event_notification
         return Classification(
-            Outcome.ERROR, "Event", None, None, f"terminal sent event {event.event_to_notify}"
+            Outcome.ERROR, "Event", None, None,
+            f"terminal sent event {_shown(str(event.event_to_notify))}"
         )
     if message.transaction_status_response is not None:
         return _classify_status(message.transaction_status_response)
