@@ -177,6 +177,21 @@ async def test_every_malformed_request_is_answered(tmp_path, mosquitto):
             cond = answer["SaleToPOIResponse"]["PaymentResponse"]["Response"]["ErrorCondition"]
             assert cond == "MessageFormat"
 
+            # a SaleID that cannot be a topic level: bridge/error, with the IDs as sent, so
+            # that the register can tell which request it was
+            slashed = responses.payment_request("POS/1", "S1", POI)
+            await sub.publish(request_topic(), slashed)
+            err = await sub.wait_for(lambda t, p: t.endswith("/bridge/error")
+                                     and p.get("sale_id") == "POS/1")
+            assert err["service_id"] == "S1" and "SaleID must not contain" in err["error"]
+
+            # a ServiceID sent as a number: refused on the register's topic, echoing it
+            numbered = responses.payment_request("POS1", "N1", POI)
+            numbered["SaleToPOIRequest"]["MessageHeader"]["ServiceID"] = 4711
+            await sub.publish(request_topic(), numbered)
+            answer = await sub.wait_for(rejected("POS1", "4711"))
+            assert answer["SaleToPOIResponse"]["MessageHeader"]["ServiceID"] == "4711"
+
             # an unknown enum in a register's header is kept but refused where it matters
             odd = responses.payment_request("POS1", "E1", POI)
             odd["SaleToPOIRequest"]["MessageHeader"]["MessageClass"] = "Weird"
@@ -305,6 +320,20 @@ async def test_bridge_commands(tmp_path, mosquitto):
             await sub.publish(f"{BASE}/bridge/request/frobnicate", {})
             answer = await sub.wait_for(lambda t, p: t.endswith("/response/frobnicate"))
             assert answer["status"] == "error" and "unknown command" in answer["error"]
+
+            # transactions filters that cannot match say so, instead of an empty or
+            # unfiltered list that reads as an answer
+            for n, (body, said) in enumerate((
+                    ({"state": "in_progress"}, "state 'in_progress' is none of accepted, "
+                                               "awaiting_response, polling, unresolved, final"),
+                    ({"outcome": "paid"}, "outcome 'paid' is none of approved"),
+                    ({"stat": "final"}, "unknown key(s) stat"),
+                    ({"limit": True}, "limit must be a whole number"))):
+                await sub.publish(f"{BASE}/bridge/request/transactions",
+                                  {**body, "transaction": f"f{n}"})
+                answer = await sub.wait_for(lambda t, p, n=n: t.endswith("/response/transactions")
+                                            and p["transaction"] == f"f{n}")
+                assert answer["status"] == "error" and said in answer["error"], answer
         assert store.bridge.intake.rejected == 0
 
 

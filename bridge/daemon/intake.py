@@ -43,6 +43,15 @@ log = logging.getLogger("poi_bridge.intake")
 COMMANDS = ("resync", "transactions", "terminals", "health")
 
 
+# The `transactions` command's filters, with the values each can take (none: any string)
+_TRANSACTION_FILTERS: dict[str, tuple[str, ...]] = {
+    "state": tuple(state.value for state in TxState),
+    "outcome": tuple(outcome.value for outcome in Outcome),
+    "poi_id": (),
+    "sale_id": (),
+}
+
+
 def _readable_sale_id(document: Any) -> str | None:
     """The SaleID of a request we are about to refuse, if it can be read safely."""
     try:
@@ -51,6 +60,14 @@ def _readable_sale_id(document: Any) -> str | None:
         return None
     return sale_id if isinstance(sale_id, str) and topic_safe(sale_id) and len(sale_id) <= 64 \
         else None
+
+
+def _id_text(value: Any) -> str:
+    """An ID from a refused request's header, as text to echo (at most 128 characters): a
+    string, or a whole number a register sent where a string belongs; else empty."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return value[:128] if isinstance(value, str) else ""
 
 
 def _header_dict(document: Any) -> dict[str, Any]:
@@ -138,23 +155,33 @@ class RequestIntake:
         self.rejected += 1
         header = _header_dict(document)
         sale_id = _readable_sale_id(document)
-        service_id = header.get("ServiceID") if isinstance(header.get("ServiceID"), str) else ""
+        # As the register wrote them, so that it can tell which request this answers: a
+        # ServiceID sent as a number, a SaleID that cannot be a topic level
+        service_id, sale_text = _id_text(header.get("ServiceID")), _id_text(header.get("SaleID"))
         category = header.get("MessageCategory") if isinstance(
             header.get("MessageCategory"), str) else "Unknown"
         log.warning("request for terminal %s refused: %s (SaleID=%s ServiceID=%s)",
-                    poi_id, error, sale_id or "?", service_id or "?")
+                    poi_id, error, sale_id or (repr(sale_text) if sale_text else "?"),
+                    repr(service_id) if service_id and not service_id.isalnum()
+                    else service_id or "?")
         response = None
         if sale_id is not None and category.isalnum():
-            response = builders.failure_response(
-                {k: v for k, v in header.items() if isinstance(v, str) and len(v) <= 128},
-                category, condition, error)
+            echo = {k: v for k, v in header.items() if isinstance(v, str) and len(v) <= 128}
+            if service_id and "ServiceID" not in echo:
+                echo["ServiceID"] = service_id
+            response = builders.failure_response(echo, category, condition, error)
         result = Deliver(sale_id or "", service_id[:64], poi_id, category[:64],
                          Outcome.REJECTED.value, "bridge", response, error)
         if sale_id is None:
-            self.gateway.enqueue(self.topics.bridge_error, {
+            refusal: dict[str, Any] = {
                 "status": "error", "error": error, "poi_id": poi_id,
                 "topic": self.topics.terminal_requests.replace("+", poi_id),
-            })
+            }
+            if sale_text:
+                refusal["sale_id"] = sale_text
+            if service_id:
+                refusal["service_id"] = service_id
+            self.gateway.enqueue(self.topics.bridge_error, refusal)
         else:
             self.gateway.deliver(result)
 
@@ -325,12 +352,21 @@ class RequestIntake:
                                           "register's response topic"}
 
     def _cmd_transactions(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        filters = {k: body.get(k) for k in ("state", "poi_id", "sale_id", "outcome")}
+        # A filter that cannot match (a typo, a value from the retained document's own
+        # vocabulary) must say so: an empty or unfiltered list would read as an answer.
+        unknown = sorted(set(body) - {*_TRANSACTION_FILTERS, "limit", "transaction"})
+        if unknown:
+            raise MessageError(f"unknown key(s) {', '.join(unknown)}; transactions takes "
+                               f"{', '.join(_TRANSACTION_FILTERS)}, limit and transaction")
+        filters = {k: body.get(k) for k in _TRANSACTION_FILTERS}
         for key, value in filters.items():
             if value is not None and not isinstance(value, str):
                 raise MessageError(f"{key} must be a string")
+            known = _TRANSACTION_FILTERS[key]
+            if value is not None and known and value not in known:
+                raise MessageError(f"{key} {value[:40]!r} is none of {', '.join(known)}")
         limit = body.get("limit", 100)
-        if not isinstance(limit, int) or not 1 <= limit <= 1000:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise MessageError("limit must be a whole number from 1 to 1000")
         return [summary(t) for t in self.journal.transactions(limit=limit, **filters)]
 
