@@ -124,13 +124,19 @@ class Bridge:
             self.workers[poi_id].device_present(False)  # the monitor has said so in the log
 
     def status_line(self) -> str:
-        states = [w.state()["state"] for w in self.workers.values()]
+        documents = [w.state() for w in self.workers.values()]
+        # A terminal that said it is another device is up but refuses every request: not
+        # online to a technician reading `systemctl status`.
+        wrong = [d["poi_id"] for d in documents if str(d.get("identity", "")).startswith("mismatch")]
+        usable = sum(d["state"] in ("online", "busy") and d["poi_id"] not in wrong
+                     for d in documents)
         counts = self.journal.counts()
         broker = "broker connected" if self.gateway.connected else "broker unreachable"
         if self.gateway.refused:
             broker += f", {self.gateway.refused} refused by the broker (its ACL?)"
-        return (f"{states.count('online') + states.count('busy')}/{len(states)} terminals "
-                f"online, {counts['in_flight']} in flight, {counts['unresolved']} unresolved, "
+        return (f"{usable}/{len(documents)} terminals online"
+                + (f" ({len(wrong)} the wrong device: {', '.join(wrong[:3])})" if wrong else "")
+                + f", {counts['in_flight']} in flight, {counts['unresolved']} unresolved, "
                 f"{counts['undelivered']} undelivered, {broker}")
 
     async def _status_loop(self) -> None:
