@@ -127,7 +127,8 @@ class Bridge:
         documents = [w.state() for w in self.workers.values()]
         # A terminal that said it is another device is up but refuses every request: not
         # online to a technician reading `systemctl status`.
-        wrong = [d["poi_id"] for d in documents if str(d.get("identity", "")).startswith("mismatch")]
+        wrong = [d["poi_id"] for d in documents
+                 if str(d.get("identity", "")).startswith("mismatch")]
         usable = sum(d["state"] in ("online", "busy") and d["poi_id"] not in wrong
                      for d in documents)
         counts = self.journal.counts()
