@@ -141,3 +141,16 @@ def test_checkpoints_run_in_the_background_and_keep_the_wal_small(tmp_path):
     assert reopened.get(TxKey("R1", "S299")) is not None
     assert reopened.get(TxKey("R1", "T299")) is not None
     reopened.close()
+
+
+def test_a_journal_that_cannot_be_opened_says_what_to_do(tmp_path):
+    """A directory named as the journal, a directory the daemon cannot create in: the error
+    says what to check, not only SQLite's 'unable to open database file'."""
+    with pytest.raises(JournalError, match="it is a directory; `journal` names the file"):
+        Journal(tmp_path)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a directory should be")
+    with pytest.raises(JournalError) as raised:
+        Journal(blocked / "journal.sqlite3")
+    assert f"ls -ld {blocked}" in str(raised.value)
+    assert "only /var/lib/poi-bridge is writable" in str(raised.value)

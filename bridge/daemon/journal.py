@@ -106,6 +106,20 @@ def unusable(path: Path, exc: sqlite3.Error) -> str:
             "inspection, and restart to begin a new journal.")
 
 
+def _open_failure(path: Path, exc: BaseException, readonly: bool) -> str:
+    """Why the journal file would not open, and what a technician does about it."""
+    if path.is_dir():
+        return (f"cannot open journal {path}: it is a directory; `journal` names the file, "
+                "e.g. /var/lib/poi-bridge/journal.sqlite3")
+    if readonly:
+        return (f"cannot read journal {path}: {exc}; run this as the poi-bridge user or root "
+                f"(ls -l {path})")
+    return (f"cannot open journal {path}: {exc}. The daemon's user must be able to create and "
+            f"write it and its directory (ls -ld {path.parent}; df -h {path.parent}); under "
+            "the shipped unit only /var/lib/poi-bridge is writable (ProtectSystem=strict, "
+            "StateDirectory=): keep the journal there")
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
     id: int
@@ -151,7 +165,7 @@ class Journal:
                 self._db = sqlite3.connect(self.path, isolation_level=None,
                                            check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
-            raise JournalError(f"cannot open journal {self.path}: {exc}") from None
+            raise JournalError(_open_failure(self.path, exc, readonly)) from None
         try:
             if readonly:
                 self._check_existing()
