@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -203,11 +204,15 @@ async def test_silent_terminal_unresolved_then_resolved_in_the_background(tmp_pa
         assert rig.stored("S1").state is TxState.FINAL
 
 
-async def test_unplug_mid_payment_then_replug_resolves(tmp_path):
+async def test_unplug_mid_payment_then_replug_resolves(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="poi_bridge.terminal")
     async with Rig(tmp_path, scenario(Behaviour(drop_link=True, delay=0.05)),
                    status_timeout=3.0) as rig:
         rig.pay("S1")
         await rig.outlet.state_is("offline")
+        # The technician reading the log learns which payment was on the line, and its fate.
+        (lost,) = [m for m in caplog.messages if "link lost" in m]
+        assert "open: POS1/S1 (awaiting_response), asked about by status poll" in lost
         result = await rig.outlet.result_for("S1", timeout=10)
         assert (result.outcome, result.source) == ("approved", "status-poll")
         assert rig.simulator.replugs == 1
@@ -263,7 +268,7 @@ async def test_diagnosis_and_login(tmp_path):
         assert (await rig.outlet.result_for("L1")).outcome == "success"
 
 
-async def test_restart_recovers_an_open_payment_from_the_journal(tmp_path):
+async def test_restart_recovers_an_open_payment_from_the_journal(tmp_path, caplog):
     """The worker is torn down mid-payment (as a crash would) and a new one, on the same
     journal, recovers the outcome by status poll without re-sending."""
     sim = scenario(Behaviour(never_answer=True, delay=0.05))
@@ -274,7 +279,10 @@ async def test_restart_recovers_an_open_payment_from_the_journal(tmp_path):
         await rig.worker.stop()
         fresh = TerminalWorker(rig.worker.config, rig.journal, rig.outlet,
                                backoff=Backoff(initial=0.05, maximum=0.2))
-        fresh.restore(rig.journal.open_transactions(POI))
+        with caplog.at_level(logging.INFO, logger="poi_bridge.terminal"):
+            fresh.restore(rig.journal.open_transactions(POI))
+        assert any("recovering 1 open transaction(s) from the journal: POS1/S1 "
+                   "(awaiting_response)" in m for m in caplog.messages)
         await fresh.start()
         rig.worker = fresh
         result = await rig.outlet.result_for("S1")

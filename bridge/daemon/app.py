@@ -30,7 +30,7 @@ from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway
 from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog
-from bridge.daemon.worker import TerminalWorker, steady_clock
+from bridge.daemon.worker import TerminalWorker, describe_transactions, steady_clock
 from bridge.protocol import crypto
 
 log = logging.getLogger("poi_bridge")
@@ -247,7 +247,10 @@ class Bridge:
     async def stop(self) -> None:
         """Drain: take no new requests, keep in-flight state in the journal, say offline."""
         self._stopping = True
-        log.info("stopping: no new requests; open transactions stay in the journal")
+        open_now = [t for w in self.workers.values() for t in w.session.open.values()]
+        log.info("stopping: no new requests; %s", "open transactions stay in the journal and "
+                 f"are asked about on the next start: {describe_transactions(open_now)}"
+                 if open_now else "no transaction is open")
         self.notifier.stopping("stopping: open transactions stay in the journal")
         self.gateway.stop_accepting()
         await self.gateway.drain_requests()

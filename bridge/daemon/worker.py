@@ -65,6 +65,12 @@ def steady_clock(wall: Callable[[], float] = time.time,
     return lambda: monotonic() + offset
 
 
+def describe_transactions(transactions: list[Transaction], most: int = 5) -> str:
+    """SaleID/ServiceID of the first few transactions, for a log line."""
+    shown = ", ".join(f"{t.sale_id}/{t.service_id} ({t.state})" for t in transactions[:most])
+    return shown + (f" and {len(transactions) - most} more" if len(transactions) > most else "")
+
+
 MAX_TIMER_SLEEP = 60.0  # s: look at the deadlines again at least this often
 LINK_PROVEN_AFTER = 10.0  # s: a link up this long (or that brought a frame) worked
 TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed timer
@@ -158,8 +164,8 @@ class TerminalWorker:
 
     def restore(self, transactions: list[Transaction]) -> None:
         if transactions:
-            log.info("terminal %s: recovering %d open transaction(s) from the journal",
-                     self.poi_id, len(transactions))
+            log.info("terminal %s: recovering %d open transaction(s) from the journal: %s",
+                     self.poi_id, len(transactions), describe_transactions(transactions))
         self._apply(self.session.restore(transactions, self._clock()))
 
     async def start(self) -> None:
@@ -300,7 +306,10 @@ class TerminalWorker:
     async def _link_down(self, transport: Transport, reason: str, *, opened: bool) -> None:
         await transport.close()
         if opened:
-            log.warning("terminal %s: link lost: %s; reopening", self.poi_id, reason)
+            open_now = list(self.session.open.values())
+            log.warning("terminal %s: link lost: %s; reopening%s", self.poi_id, reason,
+                        f"; open: {describe_transactions(open_now)}, asked about by status "
+                        "poll once it is back, never sent again" if open_now else "")
             self._link_reason = reason
             # Whatever is plugged in next must say who it is again (the session asks it).
             self.identity = "unknown"

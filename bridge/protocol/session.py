@@ -598,8 +598,9 @@ class TerminalSession:
                 Record(txn.snapshot()),
                 Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
                         Outcome.UNRESOLVED.value, "bridge", None,
-                        f"outcome unknown after {txn.unanswered_polls} status polls ({reason}); "
-                        "the bridge keeps asking the terminal and will report the result"),
+                        f"outcome unknown: {txn.unanswered_polls} status poll(s) unanswered or "
+                        f"not sent ({reason}); the bridge keeps asking the terminal and will "
+                        "report the result"),
                 self._progress(txn, "unresolved", reason),
                 Log("warning", f"terminal {self.poi_id}: transaction {txn.key} unresolved "
                                f"({reason}); reconciling in the background"),
