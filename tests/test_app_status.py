@@ -23,6 +23,10 @@ def test_a_terminal_that_is_the_wrong_device_is_not_counted_online(tmp_path, mon
                                                                    **documents[poi]})
         line = bridge.status_line()
         assert line.startswith("1/3 terminals online (1 the wrong device: V400m-2), ")
+        # not "unreachable" before the first attempt has even failed
+        assert line.endswith("undelivered, connecting to the broker")
+        bridge.gateway.broker_problem = "login refused"
+        assert bridge.status_line().endswith(", broker login refused")
         documents["V400m-2"]["identity"] = "confirmed"
         assert bridge.status_line().startswith("2/3 terminals online, 0 in flight")
     finally:

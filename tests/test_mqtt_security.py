@@ -240,6 +240,7 @@ async def test_a_refused_login_is_logged_as_such_not_as_an_unreachable_broker(tm
                    if "refused the bridge's login" in r.getMessage()}
         assert "as user 'poi-bridge'" in line and "mqtt.password_file" in line
         assert not any("cannot reach" in r.getMessage() for r in caplog.records)
+        assert bridge.status_line().endswith(", broker login refused")
     finally:
         await bridge.stop()
         await simulator.close()

@@ -132,7 +132,9 @@ class Bridge:
         usable = sum(d["state"] in ("online", "busy") and d["poi_id"] not in wrong
                      for d in documents)
         counts = self.journal.counts()
-        broker = "broker connected" if self.gateway.connected else "broker unreachable"
+        problem = self.gateway.broker_problem
+        broker = ("broker connected" if self.gateway.connected
+                  else f"broker {problem}" if problem else "connecting to the broker")
         if self.gateway.refused:
             broker += f", {self.gateway.refused} refused by the broker (its ACL?)"
         return (f"{usable}/{len(documents)} terminals online"

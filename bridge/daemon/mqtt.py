@@ -163,6 +163,9 @@ class RegisterGateway:
         self._retained_seen: dict[str, bytes] = {}  # retained requests warned about: digests
         self._accepting = True
         self.reconnects = 0
+        # Why the last attempt to connect failed, for `systemctl status`; None until one
+        # fails, and again once connected
+        self.broker_problem: str | None = None
         self.published = 0
         self.undeliverable = 0  # outbox messages given up on: no broker would take them
         # Between publishes of messages the broker refused: grows to a minute, not a hot loop
@@ -302,6 +305,7 @@ class RegisterGateway:
                     raise SetupError(_reason(exc)) from None
                 async with client:
                     self._client = client
+                    self.broker_problem = None
                     self._backoff.reset()
                     if not first:
                         self.reconnects += 1
@@ -309,6 +313,7 @@ class RegisterGateway:
                     log.info("connected to MQTT broker %s:%d", self.config.host, self.config.port)
                     await self._serve(client)
             except aiomqtt.MqttError as exc:
+                self.broker_problem = "login refused" if login_refused(exc) else "unreachable"
                 if self._connected.is_set():
                     log.warning("lost the MQTT broker %s:%d: %s; results are kept and sent on "
                                 "reconnect", self.config.host, self.config.port, exc)
@@ -323,10 +328,12 @@ class RegisterGateway:
                     log.warning("cannot reach MQTT broker %s:%d: %s; retrying",
                                 self.config.host, self.config.port, exc)
             except SetupError as exc:
+                self.broker_problem = "connection cannot be set up (see the log)"
                 log.error("cannot set up the connection to MQTT broker %s:%d: %s. Fix that; "
                           "the bridge tries again meanwhile", self.config.host,
                           self.config.port, str(exc).rstrip("."))
             except Exception as exc:  # a bug: logged with its traceback, then reconnect
+                self.broker_problem = "connection failed (see the log)"
                 log.exception("the MQTT connection to %s:%d failed: %s: %s; results are "
                               "kept and sent on reconnect", self.config.host, self.config.port,
                               type(exc).__name__, exc)  # noqa: TRY401 - one line to read
