@@ -5,13 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sqlite3
 import sys
 from typing import Any
 
-from bridge.config import Config, ConfigError, SecretError, load_config, read_secret
+from bridge.config import (
+    Config,
+    ConfigError,
+    SecretError,
+    load_config,
+    read_secret,
+)
 from bridge.daemon.journal import JournalError, unusable
+from bridge.deployment import deployment_problems
 from bridge.logging_setup import setup_logging
 
 
@@ -37,8 +43,18 @@ def _load_or_report(path: str) -> Config | None:
 
 
 def check_config(args: argparse.Namespace) -> int:
+    """Every problem in the file, then what only this box can tell (secrets, the journal's
+    place, devices shared): exit 2 on an error, 0 with warnings about what this user cannot
+    check for the daemon's user."""
     config = _load_or_report(args.file)
     if config is None:
+        return 2
+    errors, warnings = deployment_problems(config)
+    for problem in errors:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+    for problem in warnings:
+        print(f"{args.file}: warning: {problem}", file=sys.stderr)
+    if errors:
         return 2
     print(f"{args.file}: OK: {len(config.terminals)} terminal(s), broker "
           f"{config.mqtt.host}:{config.mqtt.port}, base topic {config.mqtt.base_topic}, "
@@ -51,11 +67,6 @@ def check_config(args: argparse.Namespace) -> int:
         print(f"  {terminal.poi_id}: {link.kind} {where}, framer {terminal.framer.name}, "
               f"payment timeout {terminal.payment_timeout:g} s"
               + (f", key {terminal.key.identifier} v{terminal.key.version}" if terminal.key else ""))
-    tls = config.mqtt.tls
-    for problem in tls.unreadable() if tls is not None else []:
-        print(f"{args.file}: warning: {problem} (as uid {os.getuid()}; the daemon reads it as "
-              "its own user at every connection, and cannot connect without it)",
-              file=sys.stderr)
     return 0
 
 

@@ -6,17 +6,42 @@ Every problem is reported with its place in the file (`terminals[1].link.baudrat
 
 from __future__ import annotations
 
+import difflib
+import math
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from bridge.protocol.transaction import SERVICE_ID_REUSE_WINDOW
 
 POIID_PATTERN = re.compile(r"^[A-Za-z0-9]+(?:[A-Za-z0-9_]*)-[A-Za-z0-9]+\Z")
 FRAMER_NAMES = ("stx-etx-lrc", "dle-crc16", "length-prefixed")
+LINK_KINDS = ("serial", "tcp", "usb")
+
+# What systemd/poi-bridge.service gives the daemon (tests/test_check_config.py holds them to
+# the unit): its state directory (StateDirectory=, made by systemd at start) and its secrets,
+# `LoadCredential=secret:/etc/poi-bridge/credentials`, which copies every regular file F of
+# that directory to /run/credentials/poi-bridge.service/secret_F at start (systemd.exec(5);
+# symlinks there are ignored). check-config, run before the service ever started, checks the
+# file a credential will be made from.
+STATE_DIRECTORY = Path("/var/lib/poi-bridge")
+CREDENTIALS_DIRECTORY = Path("/run/credentials/poi-bridge.service")
+CREDENTIAL_ID = "secret"
+CREDENTIAL_SOURCE = Path("/etc/poi-bridge/credentials")
 
 
 class SecretError(Exception):
@@ -32,6 +57,102 @@ def read_secret(path: Path | None, what: str) -> str | None:
         return path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:
         raise SecretError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SecretError(f"{what} {path} is not UTF-8 text") from None
+
+
+# --- numbers: TOML numbers, in a sensible range ----------------------------------------------
+
+def _human(seconds: float) -> str:
+    for size, unit in ((86400, "day"), (3600, "hour"), (60, "minute")):
+        if seconds >= size and seconds % size == 0:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds:g} s"
+
+
+def _toml_value(kind: type) -> BeforeValidator:
+    """Refuse, in a configuration file (parse_config's context), a number or boolean written
+    as a string, and a fraction where a whole number is meant: pydantic would convert them,
+    and "30" is as likely a typo as a number. Python callers (the `register --broker host:port`
+    option) may still pass text."""
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if not (info.context or {}).get("toml"):
+            return value
+        key = info.field_name
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise PydanticCustomError(
+                    "toml_bool", "must be true or false, without quotes: {key} = true",
+                    {"key": key})
+            return value
+        if isinstance(value, bool):
+            raise PydanticCustomError("toml_number", "must be a number, not true or false")
+        if isinstance(value, str):
+            raise PydanticCustomError(
+                "toml_number", "must be a TOML number, written without quotes: {key} = "
+                "{example}, not {key} = {given}",
+                {"key": key, "example": value if _numeric(value) else 30,
+                 "given": f'"{value}"'})
+        if kind is int and isinstance(value, float):
+            raise PydanticCustomError(
+                "toml_whole_number", "must be a whole number, without a decimal point "
+                "(got {given})", {"given": repr(value)})
+        return value
+
+    return BeforeValidator(check)
+
+
+def _numeric(text: Any) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except (TypeError, ValueError):
+        return False
+
+
+def _seconds(high: float, low: float = 0.0, *, why: str = "") -> Any:
+    """A duration in seconds: a finite number in (low, high]. Without a bound a typo such as
+    `payment_timeout = inf` passes, and a payment is then never polled."""
+
+    def check(value: float, info: ValidationInfo) -> float:
+        if not (math.isfinite(value) and low < value <= high):
+            raise PydanticCustomError(
+                "duration_range", "must be more than {low} s and at most {high} s "
+                "({human}){why}; got {given}",
+                {"low": f"{low:g}", "high": f"{high:g}", "human": _human(high), "why": why,
+                 "given": f"{value:g}"})
+        return value
+
+    return Annotated[float, _toml_value(float), AfterValidator(check)]
+
+
+def _count(low: int, high: int, *, why: str = "") -> Any:
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise PydanticCustomError(
+                "count_range", "must be at least {low} and at most {high}{why}; got {given}",
+                {"low": low, "high": high, "why": why, "given": value})
+        return value
+
+    return Annotated[int, _toml_value(int), AfterValidator(check)]
+
+
+Int = Annotated[int, _toml_value(int)]
+Float = Annotated[float, _toml_value(float)]
+Bool = Annotated[bool, _toml_value(bool)]
+
+
+def _host(value: str) -> str:
+    if not value or value != value.strip() or any(c.isspace() for c in value):
+        raise PydanticCustomError(
+            "host_spaces", "host {given} is empty or has spaces in it: write the name or "
+            "address alone, e.g. host = \"10.0.0.5\" (the port has its own key)",
+            {"given": f'"{value}"'})
+    return value
+
+
+Host = Annotated[str, AfterValidator(_host)]
 
 
 class _Strict(BaseModel):
@@ -42,18 +163,18 @@ class _Strict(BaseModel):
 class SerialLink(_Strict):
     kind: Literal["serial"] = "serial"
     device: str = Field(description="e.g. /dev/poi/ingenico-1234 or /dev/ttyACM0")
-    baudrate: int = Field(default=115200, gt=0)
+    baudrate: Int = Field(default=115200, gt=0)
     bytesize: Literal[5, 6, 7, 8] = 8
     parity: Literal["N", "E", "O", "M", "S"] = "N"
     stopbits: Literal[1, 1.5, 2] = 1
-    rtscts: bool = False
-    xonxoff: bool = False
+    rtscts: Bool = False
+    xonxoff: Bool = False
 
 
 class TcpLink(_Strict):
     kind: Literal["tcp"] = "tcp"
-    host: str
-    port: int = Field(gt=0, lt=65536)
+    host: Host
+    port: Int = Field(gt=0, lt=65536)
 
 
 def _hex16(value: int | str) -> int:
@@ -68,8 +189,8 @@ class UsbLink(_Strict):
     vendor_id: int
     product_id: int
     serial: str | None = None
-    interface: int = 0
-    timeout: float = Field(default=1.0, gt=0, description="seconds per bulk transfer")
+    interface: Int = 0
+    timeout: _seconds(60) = Field(default=1.0, description="seconds per bulk transfer")
 
     _ids = field_validator("vendor_id", "product_id", mode="before")(
         lambda cls, v: _hex16(v)  # noqa: ARG005
@@ -84,28 +205,30 @@ class KeyConfig(_Strict):
     systemd credential, never from this file, so the configuration can be shown freely."""
 
     identifier: str = Field(min_length=1)
-    version: int = Field(ge=0)
+    version: Int = Field(ge=0)
     passphrase_file: Path
 
 
 class FramerConfig(_Strict):
     name: Literal["stx-etx-lrc", "dle-crc16", "length-prefixed"] = "stx-etx-lrc"
-    ack_timeout: float = Field(default=2.0, gt=0)
-    max_tries: int = Field(default=3, ge=1)
-    max_frame_size: int = Field(default=64 * 1024, ge=256)
+    ack_timeout: _seconds(60) = 2.0
+    max_tries: _count(1, 10) = 3
+    max_frame_size: Int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
 
 
 class TerminalConfig(_Strict):
     poi_id: str = Field(description="[model]-[serial], e.g. V400m-324688179")
     link: Link
     framer: FramerConfig = FramerConfig()
-    payment_timeout: float = Field(default=120.0, gt=0)
-    status_timeout: float = Field(default=30.0, gt=0)
-    resync_attempts: int = Field(default=2, ge=1)
-    poll_floor: float = Field(default=1.0, gt=0, description="least pause between status polls")
-    reconcile_initial: float = Field(default=10.0, gt=0)
-    reconcile_max_interval: float = Field(default=600.0, gt=0)
-    reconcile_deadline: float = Field(default=24 * 3600.0, gt=0)
+    # Upper bounds no store needs to reach: the vendor's local time-out is 120 s, and with
+    # these a terminal is busy at most payment_timeout + resync_attempts x status_timeout.
+    payment_timeout: _seconds(3600, why="; the vendor's local time-out is 120 s") = 120.0
+    status_timeout: _seconds(600) = 30.0
+    resync_attempts: _count(1, 20) = 2
+    poll_floor: _seconds(300) = Field(default=1.0, description="least pause between status polls")
+    reconcile_initial: _seconds(3600) = 10.0
+    reconcile_max_interval: _seconds(86400) = 600.0
+    reconcile_deadline: _seconds(30 * 86400) = 24 * 3600.0
     key: KeyConfig | None = None
     allowed_sale_ids: list[str] | None = None
 
@@ -121,7 +244,7 @@ class TlsConfig(_Strict):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
-    check_hostname: bool = True
+    check_hostname: Bool = True
 
     def unreadable(self) -> list[str]:
         """The TLS files this process cannot read, each with why. Not a validation error:
@@ -149,18 +272,18 @@ class TlsConfig(_Strict):
 
 
 class MqttConfig(_Strict):
-    host: str = "localhost"
-    port: int = Field(default=1883, gt=0, lt=65536)
+    host: Host = "localhost"
+    port: Int = Field(default=1883, gt=0, lt=65536)
     base_topic: str = "poi-bridge"
     client_id: str = "poi-bridge"
     username: str | None = None
     password_file: Path | None = None
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     tls: TlsConfig | None = None
-    keepalive: int = Field(default=30, ge=5, le=65535)  # a 16-bit field in MQTT
-    max_payload: int = Field(default=256 * 1024, ge=1024)
-    transaction_retention: float = Field(default=SERVICE_ID_REUSE_WINDOW, gt=0)
-    health_interval: float = Field(default=30.0, gt=0)
+    keepalive: Int = Field(default=30, ge=5, le=65535)  # a 16-bit field in MQTT
+    max_payload: Int = Field(default=256 * 1024, ge=1024, le=268_435_455)  # MQTT's largest
+    transaction_retention: _seconds(366 * 86400) = SERVICE_ID_REUSE_WINDOW
+    health_interval: _seconds(3600) = 30.0
 
     @field_validator("transaction_retention")
     @classmethod
@@ -196,14 +319,22 @@ class Config(_Strict):
     mqtt: MqttConfig = MqttConfig()
     terminals: list[TerminalConfig] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _unique_terminals(self) -> Config:
-        seen: set[str] = set()
-        for terminal in self.terminals:
+    @field_validator("terminals")
+    @classmethod
+    def _unique_terminals(cls, terminals: list[TerminalConfig]) -> list[TerminalConfig]:
+        seen: dict[str, int] = {}
+        for number, terminal in enumerate(terminals):
             if terminal.poi_id in seen:
-                raise ValueError(f"terminal {terminal.poi_id} is configured twice")
-            seen.add(terminal.poi_id)
-        return self
+                first = seen[terminal.poi_id]
+                raise PydanticCustomError(
+                    "duplicate_poi_id",
+                    "terminal {poi_id} is configured twice, in terminals[{first}] and "
+                    "terminals[{second}] (the {first_nth} and {second_nth} [[terminals]] "
+                    "tables): keep one, or correct the other's poi_id",
+                    {"poi_id": terminal.poi_id, "first": first, "second": number,
+                     "first_nth": _nth(first + 1), "second_nth": _nth(number + 1)})
+            seen[terminal.poi_id] = number
+        return terminals
 
     def terminal(self, poi_id: str) -> TerminalConfig | None:
         return next((t for t in self.terminals if t.poi_id == poi_id), None)
@@ -230,20 +361,111 @@ def _place(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def _nth(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+# The tables of the file, by their path without list indexes, and what each may hold.
+_TABLES: dict[tuple[str, ...], tuple[type[BaseModel], ...]] = {
+    (): (Config,),
+    ("mqtt",): (MqttConfig,),
+    ("mqtt", "tls"): (TlsConfig,),
+    ("terminals",): (TerminalConfig,),
+    ("terminals", "link"): (SerialLink, TcpLink, UsbLink),
+    ("terminals", "framer"): (FramerConfig,),
+    ("terminals", "key"): (KeyConfig,),
+}
+
+
+def _header(table: tuple[str, ...]) -> str:
+    if not table:
+        return "the top level"
+    if table == ("terminals",):
+        return "[[terminals]]"
+    return f"[{'.'.join(table)}]"
+
+
+def _keys(table: tuple[str, ...]) -> set[str]:
+    return {name for model in _TABLES.get(table, ()) for name in model.model_fields}
+
+
+def _unknown_key(table: tuple[str, ...], key: str) -> str:
+    """`mqtt.log_level: Extra inputs are not permitted`, said so a technician can act on it: in
+    TOML a key belongs to the last table header above it, so a top-level key written after
+    [mqtt] lands in [mqtt]."""
+    text = f"unknown key {key} in {_header(table)}"
+    for depth in range(len(table) - 1, -1, -1):  # the enclosing tables, nearest first
+        parent = table[:depth]
+        if key in _keys(parent):
+            if not parent:
+                return (f"{text}; {key} is a top-level key: move it above the first [table] "
+                        "header (a key belongs to the last table header above it)")
+            return (f"{text}; {key} is a {_header(parent)} key: move it above "
+                    f"{_header(table)}, under the {_header(parent)} line (a key belongs to the "
+                    "last table header above it)")
+    for child in _TABLES:
+        if child[:-1] == table and key in _keys(child):
+            return f"{text}; {key} belongs in {_header(child)}: put it under that header"
+    if table == ("terminals", "link"):
+        kinds = [m.model_fields["kind"].default for m in _TABLES[table] if key in m.model_fields]
+        if kinds:
+            return f"{text}; {key} is a key of kind = \"{kinds[0]}\" links"
+    near = difflib.get_close_matches(key, sorted(_keys(table)), n=1)
+    if near:
+        return f"{text}; did you mean {near[0]}?"
+    return f"{text}; the keys there are: {', '.join(sorted(_keys(table)))}"
+
+
+def _guess_kind(link: Any) -> str:
+    if isinstance(link, dict):
+        for model in _TABLES[("terminals", "link")]:
+            required = {n for n, f in model.model_fields.items() if f.is_required()}
+            if required and required <= link.keys():
+                return f" (its keys are those of kind = \"{model.model_fields['kind'].default}\")"
+    return ""
+
+
+def _message(err: Any) -> str:
+    kind, loc = err["type"], err["loc"]
+    table = tuple(part for part in loc[:-1] if isinstance(part, str)
+                  and not (part in LINK_KINDS and loc[loc.index(part) - 1] == "link"))
+    if kind == "extra_forbidden":
+        return _unknown_key(table, str(loc[-1]))
+    kinds = " or ".join(", ".join(f'"{k}"' for k in LINK_KINDS).rsplit(", ", 1))
+    if kind == "union_tag_not_found":
+        return (f"kind is missing: a [terminals.link] table needs kind = {kinds}"
+                f"{_guess_kind(err.get('input'))}")
+    if kind == "union_tag_invalid":
+        return (f"kind = {err['ctx'].get('tag')!r} is not a link kind: use kind = {kinds}")
+    if kind == "missing":
+        return f"{loc[-1]} is required in {_header(table)}"
+    return err["msg"]
+
+
 def parse_config(data: dict, source: str = "<config>") -> Config:
+    """The configuration in `data`, as read from a TOML file: numbers and booleans must be
+    TOML numbers and booleans (not strings)."""
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"toml": True})
     except ValidationError as exc:
-        problems = [f"{_place(err['loc'])}: {err['msg']}" for err in exc.errors()]
+        problems = [f"{_place(err['loc'])}: {_message(err)}" for err in exc.errors()]
         raise ConfigError(source, problems) from None
 
 
 def load_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        problem = (f"not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line} (a TOML file "
+                   "must be UTF-8: save it again as UTF-8, e.g. iconv -f latin1 -t utf-8)")
+        raise ConfigError(str(path), [problem]) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

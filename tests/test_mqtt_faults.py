@@ -133,7 +133,9 @@ def test_check_config_refuses_what_would_keep_the_bridge_off_the_broker(tmp_path
 
     config.write_text(
         f'[mqtt.tls]\nca_file = "{ca}"\ncert_file = "{tmp_path / "missing.pem"}"\n'
-        f'key_file = "{tmp_path}"\n')
+        f'key_file = "{tmp_path}"\n'
+        '[[terminals]]\npoi_id = "V400m-1"\n[terminals.link]\nkind = "tcp"\n'
+        'host = "10.0.0.5"\nport = 8443\n')  # no terminal at all is an error of its own
     done = cli("check-config", str(config))
     assert done.returncode == 0, done.stderr
     warnings = done.stderr.decode().splitlines()

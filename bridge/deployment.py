@@ -1,0 +1,226 @@
+"""check-config's checks beyond the file: what only this box can tell (secrets that exist,
+a journal that can be kept, two terminals on one device). Kept apart from bridge/config.py,
+which only reads and validates the configuration file itself."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from bridge.config import (
+    CREDENTIAL_ID,
+    CREDENTIAL_SOURCE,
+    CREDENTIALS_DIRECTORY,
+    STATE_DIRECTORY,
+    Config,
+    SerialLink,
+    TcpLink,
+    UsbLink,
+)
+
+
+def deployment_problems(config: Config) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about `config` on this box, each "place: what to do": what the
+    daemon would refuse at start, or run with and mishandle. An error is certain (a secret
+    that does not exist, a journal that cannot be kept); a warning is what this user cannot
+    check for the daemon's user (a file it may not read, a directory it may not write)."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    if not config.terminals:
+        errors.append("terminals: no [[terminals]] configured: the bridge would answer every "
+                      "request 'unknown terminal'; add a [[terminals]] table for each terminal "
+                      "(see examples/poi-bridge.toml)")
+    errors += _shared_links(config)
+    for number, terminal in enumerate(config.terminals):
+        if terminal.key is not None:
+            path = terminal.key.passphrase_file
+            credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+            if not path.is_absolute():  # the daemon looks it up among its credentials
+                path = Path(credentials or CREDENTIALS_DIRECTORY) / path
+            _check_secret(f"terminals[{number}].key.passphrase_file", path, errors, warnings)
+    if config.mqtt.password_file is not None:
+        _check_secret("mqtt.password_file", config.mqtt.password_file, errors, warnings)
+    if config.mqtt.tls is not None:
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(config.mqtt.tls, name)
+            if path is not None:  # read at every connection, retried: never fatal at start
+                _check_secret(f"mqtt.tls.{name}", path, warnings, warnings, content=False,
+                              fatal="the daemon cannot connect to the broker without it")
+    _check_journal(config.journal, errors, warnings)
+    return errors, warnings
+
+
+def _link_identity(link: SerialLink | TcpLink | UsbLink) -> tuple[tuple, str]:
+    if isinstance(link, SerialLink):
+        path = os.path.normpath(link.device)
+        return ("serial", os.path.realpath(path)), f"device {link.device}"
+    if isinstance(link, TcpLink):
+        return ("tcp", link.host.lower(), link.port), f"tcp {link.host}:{link.port}"
+    return (("usb", link.vendor_id, link.product_id, link.serial, link.interface),
+            f"usb {link.vendor_id:04x}:{link.product_id:04x}"
+            + (f" serial {link.serial}" if link.serial else "")
+            + f" interface {link.interface}")
+
+
+def _shared_links(config: Config) -> list[str]:
+    """Two terminals on one device (or TCP address): the second worker would find it held by
+    the first ("in use by another process") and never reach its terminal."""
+    seen: dict[tuple, int] = {}
+    problems = []
+    for number, terminal in enumerate(config.terminals):
+        identity, what = _link_identity(terminal.link)
+        if identity in seen:
+            first = seen[identity]
+            key = {"serial": "device", "tcp": "host"}.get(terminal.link.kind, "serial")
+            problems.append(
+                f"terminals[{number}].link.{key}: {what} is also the link of terminals[{first}] "
+                f"({config.terminals[first].poi_id}): one device holds one terminal, and the "
+                f"second worker would find it in use; give {terminal.poi_id} its own device "
+                "(ls -l /dev/poi/, or poi-bridge devices)")
+        else:
+            seen[identity] = number
+    return problems
+
+
+def _credential_source(path: Path) -> Path | None:
+    """The file LoadCredential=secret:/etc/poi-bridge/credentials makes `path` from, if it is
+    one of the unit's credentials."""
+    if path.parent != CREDENTIALS_DIRECTORY or not path.name.startswith(f"{CREDENTIAL_ID}_"):
+        return None
+    return CREDENTIAL_SOURCE / path.name[len(CREDENTIAL_ID) + 1:]
+
+
+def _check_secret(place: str, path: Path, errors: list[str], warnings: list[str], *,
+                  content: bool = True,
+                  fatal: str = "the daemon stops at start without it") -> None:
+    """A file the daemon reads as its own user: missing is an error (`errors`); unreadable by
+    this user is a warning, since check-config may run as another user than the daemon."""
+    who = (f"as uid {os.geteuid()}; the daemon reads it as its own user (poi-bridge under the "
+           "shipped unit): check that user can, or run check-config as root")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        reason = f"cannot read {path}: {exc.strerror or exc}"
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            warnings.append(f"{place}: {reason} ({who})")
+            return
+        source = _credential_source(path) if exc.errno == errno.ENOENT else None
+        if source is not None:
+            _check_credential_source(place, path, source, errors, warnings, content=content,
+                                     fatal=fatal)
+            return
+        if exc.errno == errno.ENOENT and path.is_relative_to(CREDENTIALS_DIRECTORY):
+            warnings.append(
+                f"{place}: {reason}: a credential the shipped unit does not load "
+                f"(LoadCredential={CREDENTIAL_ID}:{CREDENTIAL_SOURCE} makes "
+                f"{CREDENTIALS_DIRECTORY}/{CREDENTIAL_ID}_<file>); if a drop-in loads it, it "
+                "exists only while the service runs and cannot be checked here")
+            return
+        errors.append(f"{place}: {reason} ({fatal})")
+        return
+    if content:
+        _check_content(place, path, data, errors)
+
+
+def _check_credential_source(place: str, path: Path, source: Path, errors: list[str],
+                             warnings: list[str], *, content: bool, fatal: str) -> None:
+    made = (f"{path} is made by systemd at each start from {source} "
+            f"(LoadCredential={CREDENTIAL_ID}:{CREDENTIAL_SOURCE} in poi-bridge.service)")
+    try:
+        if source.is_symlink():
+            errors.append(f"{place}: {made}, but {source} is a symlink, which systemd ignores "
+                          "in a LoadCredential= directory: put the file itself there")
+            return
+        data = source.read_bytes()
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            warnings.append(f"{place}: {made}; cannot read {source}: {exc.strerror} (as uid "
+                            f"{os.geteuid()}: that directory is root-only; run check-config "
+                            "as root to check it)")
+        elif exc.errno == errno.ENOENT:
+            errors.append(f"{place}: {made}, and {source} does not exist: install it there, "
+                          f"root-only (install -m600 FILE {source}); {fatal}")
+        else:
+            errors.append(f"{place}: {made}; cannot read {source}: {exc.strerror or exc}")
+        return
+    if content:
+        _check_content(place, source, data, errors)
+
+
+def _check_content(place: str, path: Path, data: bytes, errors: list[str]) -> None:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        errors.append(f"{place}: {path} is not UTF-8 text: the daemon cannot read it; write "
+                      "the secret again as plain UTF-8 text")
+        return
+    if not text.rstrip("\r\n"):
+        errors.append(f"{place}: {path} is empty: it must hold the secret on its first line")
+
+
+# Kernel and runtime file systems: nothing written there outlives a reboot, or can be written.
+_NOT_A_DISK = (Path("/proc"), Path("/sys"), Path("/dev"), Path("/run/credentials"))
+_LOST_AT_RESTART = (Path("/tmp"), Path("/var/tmp"), Path("/run"), Path("/dev/shm"))
+
+
+def _check_journal(journal: Path, errors: list[str], warnings: list[str]) -> None:
+    """The journal must be a file the daemon can create and write, on a disk: it holds the
+    payments across crashes and restarts."""
+    place = "journal"
+    path = Path(os.path.abspath(journal))
+    if not journal.is_absolute():
+        warnings.append(f"{place}: {journal} is relative: the daemon takes it from its working "
+                        "directory (/ under systemd); write the full path, e.g. "
+                        f"{STATE_DIRECTORY}/journal.sqlite3")
+    if any(path.is_relative_to(top) for top in _NOT_A_DISK):
+        errors.append(f"{place}: {path} is not on a disk (a kernel or runtime file system): "
+                      f"the journal keeps payments across restarts; use "
+                      f"{STATE_DIRECTORY}/journal.sqlite3")
+        return
+    if path.is_dir():
+        errors.append(f"{place}: {path} is a directory: name the journal file in it, e.g. "
+                      f"{path}/journal.sqlite3")
+        return
+    directory = path.parent
+    if not directory.exists():
+        if directory == STATE_DIRECTORY:
+            return  # StateDirectory=: systemd makes it, owned by the daemon's user, at start
+        ancestor = directory
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            errors.append(f"{place}: {ancestor} is not a directory, so {path} cannot be made")
+        else:
+            errors.append(f"{place}: directory {directory} does not exist: create it, owned by "
+                          f"the daemon's user, or keep the journal in {STATE_DIRECTORY}/ (the "
+                          "unit's StateDirectory=, which systemd makes)")
+        return
+    if not directory.is_dir():
+        errors.append(f"{place}: {directory} is not a directory, so {path} cannot be made")
+        return
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        errors.append(f"{place}: {directory} is on a read-only file system: keep the journal "
+                      f"in {STATE_DIRECTORY}/")
+        return
+    target = path if path.exists() else directory
+    mode = os.R_OK | os.W_OK if target == path else os.W_OK | os.X_OK
+    if not os.access(target, mode):
+        what = f"cannot write {path}" if target == path else f"cannot write in {directory}"
+        if os.geteuid() == 0:
+            errors.append(f"{place}: {what}, even as root")
+        else:
+            warnings.append(f"{place}: {what} (as uid {os.geteuid()}; the daemon writes it as "
+                            "its own user: check that user can)")
+    if not path.is_relative_to(STATE_DIRECTORY):
+        lost = next((top for top in _LOST_AT_RESTART if path.is_relative_to(top)), None)
+        warnings.append(
+            f"{place}: {path} is outside {STATE_DIRECTORY}: under the shipped unit "
+            "(ProtectSystem=strict) the daemon may write only there; elsewhere add "
+            f"ReadWritePaths={directory} in a drop-in (systemctl edit poi-bridge)"
+            + (f"; and {lost} does not keep files across restarts (PrivateTmp=, tmpfs), "
+               "which loses the payments it holds" if lost else ""))

@@ -1,0 +1,418 @@
+"""`poi-bridge check-config` as a technician's last check before `systemctl start`: whatever
+the daemon would refuse or mishandle must be refused here, with a message that says what to
+do. Also: the shipped example configuration, the README and the unit agree with each other."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import bridge.config as config_module
+import bridge.deployment as deployment_module
+from bridge.cli_daemon import check_config
+from bridge.config import ConfigError, load_config, parse_config
+
+from .rig import ROOT, python_env
+from .test_systemd_unit import UNIT, unit_settings
+
+EXAMPLE = ROOT / "examples" / "poi-bridge.toml"
+README = ROOT / "README.md"
+UDEV_RULES = ROOT / "udev" / "70-poi-bridge.rules"
+
+
+def check(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """check-config in this process (so a test can point the credential paths elsewhere)."""
+    status = check_config(argparse.Namespace(file=str(path)))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def terminal(poi_id: str = "V400m-1", **link: object) -> dict[str, object]:
+    return {"poi_id": poi_id, "link": link or {"kind": "tcp", "host": "10.0.0.5", "port": 8443}}
+
+
+def problems(data: dict) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    return caught.value.problems
+
+
+def write(tmp_path: Path, text: str, name: str = "bridge.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def good_toml(tmp_path: Path, extra_terminal: str = "", top: str = "") -> str:
+    """A configuration check-config accepts: one TCP terminal, the journal in tmp_path."""
+    return (f'journal = "{tmp_path / "journal.sqlite3"}"\n{top}'
+            '[[terminals]]\npoi_id = "V400m-1"\n' + extra_terminal +
+            '[terminals.link]\nkind = "tcp"\nhost = "10.0.0.5"\nport = 8443\n')
+
+
+# --- 1. every duration, timeout and interval has a finite upper bound ---------------------------
+
+DURATIONS = [  # (where, key, the largest value accepted)
+    ("terminal", "payment_timeout", 3600), ("terminal", "status_timeout", 600),
+    ("terminal", "poll_floor", 300), ("terminal", "reconcile_initial", 3600),
+    ("terminal", "reconcile_max_interval", 86400),
+    ("terminal", "reconcile_deadline", 30 * 86400),
+    ("framer", "ack_timeout", 60), ("usb", "timeout", 60),
+    ("mqtt", "health_interval", 3600), ("mqtt", "transaction_retention", 366 * 86400),
+]
+
+
+def with_setting(where: str, key: str, value: object) -> dict:
+    term = terminal()
+    data: dict = {"terminals": [term]}
+    if where == "terminal":
+        term[key] = value
+    elif where == "framer":
+        term["framer"] = {key: value}
+    elif where == "usb":
+        term["link"] = {"kind": "usb", "vendor_id": "0x0b00", "product_id": "0x0080", key: value}
+    else:
+        data["mqtt"] = {key: value}
+    return data
+
+
+@pytest.mark.parametrize(("where", "key", "high"), DURATIONS)
+@pytest.mark.parametrize("value", [math.inf, 1e12, math.nan])
+def test_durations_are_refused_beyond_their_range(where, key, high, value):
+    found = problems(with_setting(where, key, value))
+    assert len(found) == 1, found
+    place = {"terminal": f"terminals[0].{key}", "framer": f"terminals[0].framer.{key}",
+             "usb": f"terminals[0].link.{key}", "mqtt": f"mqtt.{key}"}[where]
+    assert found[0].startswith(f"{place}: "), found
+    # The message gives the range, in seconds.
+    assert f"at most {high:g} s" in found[0], found
+
+
+@pytest.mark.parametrize(("where", "key", "high"), DURATIONS)
+def test_durations_are_accepted_up_to_their_bound(where, key, high):
+    parse_config(with_setting(where, key, high))
+    assert problems(with_setting(where, key, high + 1))
+
+
+@pytest.mark.parametrize(("key", "value"), [("resync_attempts", 10**9),
+                                            ("resync_attempts", 21)])
+def test_counts_that_multiply_a_timeout_are_bounded(key, value):
+    found = problems(with_setting("terminal", key, value))
+    assert found and "at most 20" in found[0], found
+    found = problems(with_setting("framer", "max_tries", 10**6))
+    assert found and "at most 10" in found[0], found
+
+
+def test_check_config_refuses_an_infinite_payment_timeout(tmp_path, capsys):
+    path = write(tmp_path, good_toml(tmp_path, "payment_timeout = inf\n"))
+    status, out, err = check(path, capsys)
+    assert status == 2 and "OK" not in out
+    assert "terminals[0].payment_timeout: must be more than 0 s and at most 3600 s" in err, err
+    assert "got inf" in err, err
+
+
+# --- 2. the example configuration, the README and the unit agree --------------------------------
+
+def credential_line() -> tuple[str, Path]:
+    (value,) = unit_settings(UNIT)["Service"]["LoadCredential"]
+    credential_id, _, source = value.partition(":")
+    return credential_id, Path(source)
+
+
+def readme_section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.index("\n## ", start + 1)
+    return text[start:end]
+
+
+def test_the_unit_and_check_config_agree_on_the_credentials():
+    credential_id, source = credential_line()
+    assert config_module.CREDENTIAL_ID == credential_id
+    assert config_module.CREDENTIAL_SOURCE == source
+    assert config_module.CREDENTIALS_DIRECTORY == Path("/run/credentials") / UNIT.name
+    # systemd.exec(5): a directory given to LoadCredential= yields one credential per file,
+    # named ID_FILENAME: the unit's own comment must say so.
+    assert f"{config_module.CREDENTIALS_DIRECTORY}/{credential_id}_v400m-324688179" \
+        in UNIT.read_text()
+
+
+def test_the_example_uses_the_credentials_the_readme_installs():
+    credential_id, source = credential_line()
+    example = tomllib.loads(EXAMPLE.read_text())
+    run = config_module.CREDENTIALS_DIRECTORY
+    step3 = readme_section("Installing on a store box")
+    secrets = {"mqtt.password_file": example["mqtt"]["password_file"]}
+    for number, term in enumerate(example["terminals"]):
+        if "key" in term:
+            secrets[f"terminals[{number}].key.passphrase_file"] = term["key"]["passphrase_file"]
+    assert len(secrets) >= 2, "the example shows both kinds of secret"
+    for place, secret in secrets.items():
+        path = Path(secret)
+        assert path.parent == run, f"{place} = {secret} is not a credential of the unit"
+        prefix = f"{credential_id}_"
+        assert path.name.startswith(prefix), (place, secret)
+        installed = source / path.name[len(prefix):]
+        # README step 3 installs that very file, root-only.
+        assert re.search(rf"install -m600 \S+ +{re.escape(str(installed))}\b", step3), (
+            f"README step 3 does not install {installed} (for {place})")
+    # And nothing in those sections points a secret anywhere else.
+    for title in ("Configuration", "Installing on a store box"):
+        for match in re.finditer(r"(password_file|passphrase_file|key_file) = \"([^\"]+)\"",
+                                 readme_section(title)):
+            assert match.group(2).startswith(f"{run}/{credential_id}_"), match.group(0)
+
+
+def test_the_example_is_installed_by_step_3_and_shown_in_the_readme():
+    step3 = readme_section("Installing on a store box")
+    assert "install -m644 examples/poi-bridge.toml /etc/poi-bridge/poi-bridge.toml" in step3
+    blocks = re.findall(r"```toml\n(.*?)```", readme_section("Configuration"), re.DOTALL)
+    assert blocks, "the Configuration section shows the example"
+    assert tomllib.loads(blocks[0]) == tomllib.loads(EXAMPLE.read_text()), (
+        "README's Configuration example and examples/poi-bridge.toml differ")
+
+
+def test_the_example_names_devices_the_udev_rule_makes():
+    vendors = set(re.findall(r'ENV\{POI_BRIDGE_VENDOR\}="([a-z0-9]+)"', UDEV_RULES.read_text()))
+    example = tomllib.loads(EXAMPLE.read_text())
+    for term in example["terminals"]:
+        device = term["link"].get("device")
+        if device is None:
+            continue
+        match = re.fullmatch(r"/dev/poi/([a-z0-9]+)-([A-Za-z0-9]+)", device)
+        assert match and match.group(1) in vendors, device
+        assert match.group(2) == term["poi_id"].split("-", 1)[1], (
+            f"{device}: the USB serial number is the terminal's serial, as in its POIID")
+
+
+def test_the_example_logs_in_as_the_example_broker_acl_expects():
+    acl = (ROOT / "examples" / "mosquitto" / "acl").read_text()
+    mqtt = tomllib.loads(EXAMPLE.read_text())["mqtt"]
+    assert f"user {mqtt['username']}\ntopic readwrite {mqtt['base_topic']}/#" in acl
+
+
+def test_check_config_accepts_the_example_once_its_secrets_are_installed(
+        tmp_path, capsys, monkeypatch):
+    source = tmp_path / "etc-credentials"  # stands for /etc/poi-bridge/credentials
+    source.mkdir()
+    monkeypatch.setattr(deployment_module, "CREDENTIAL_SOURCE", source)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    # Before the secrets are installed: each missing one is an error naming where it goes.
+    status, out, err = check(EXAMPLE, capsys)
+    assert status == 2, (out, err)
+    assert f"{source}/v400m-324688179 does not exist" in err, err
+    assert f"{source}/mqtt-password does not exist" in err, err
+    # Installed (as README step 3 does): OK, the journal in the state directory included.
+    (source / "v400m-324688179").write_text("p@ssw0rd123456\n")
+    (source / "mqtt-password").write_text("secret\n")
+    status, out, err = check(EXAMPLE, capsys)
+    assert status == 0, err
+    assert "OK: 1 terminal(s)" in out and "V400m-324688179: serial" in out, out
+    assert "error" not in err.lower(), err
+    # A symlink in the credentials directory is ignored by systemd: not a secret then.
+    (source / "mqtt-password").unlink()
+    (tmp_path / "elsewhere").write_text("secret\n")
+    (source / "mqtt-password").symlink_to(tmp_path / "elsewhere")
+    status, out, err = check(EXAMPLE, capsys)
+    assert status == 2 and "symlink" in err, err
+
+
+# --- 3. what the daemon refuses or mishandles ---------------------------------------------------
+
+def test_a_missing_passphrase_file_is_an_error(tmp_path, capsys):
+    key = (f'[terminals.key]\nidentifier = "K"\nversion = 1\n'
+           f'passphrase_file = "{tmp_path / "nope"}"\n')
+    path = write(tmp_path, good_toml(tmp_path) + key)
+    status, out, err = check(path, capsys)
+    assert status == 2 and "OK" not in out
+    assert f"terminals[0].key.passphrase_file: cannot read {tmp_path / 'nope'}: No such file" \
+        in err, err
+    assert "the daemon stops at start" in err, err
+
+
+def test_a_missing_mqtt_password_file_is_an_error(tmp_path, capsys):
+    path = write(tmp_path, good_toml(tmp_path) +
+                 f'[mqtt]\nusername = "u"\npassword_file = "{tmp_path / "nope"}"\n')
+    status, _out, err = check(path, capsys)
+    assert status == 2 and f"mqtt.password_file: cannot read {tmp_path / 'nope'}" in err, err
+
+
+def test_an_unreadable_secret_is_a_warning_that_says_why(tmp_path, capsys, monkeypatch):
+    """check-config may run as another user than the daemon: EACCES is no proof."""
+    secret = tmp_path / "pw"
+    secret.write_text("x\n")
+    real = Path.read_bytes
+
+    def denied(self: Path) -> bytes:
+        if self == secret:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    path = write(tmp_path, good_toml(tmp_path) +
+                 f'[mqtt]\nusername = "u"\npassword_file = "{secret}"\n')
+    status, _out, err = check(path, capsys)
+    assert status == 0, err
+    assert f"warning: mqtt.password_file: cannot read {secret}: Permission denied" in err, err
+    assert "as uid" in err and "the daemon reads it as its own user" in err, err
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"\xff\xfe p\xe4ss\n"])
+def test_an_empty_or_undecodable_secret_is_an_error(tmp_path, capsys, content):
+    secret = tmp_path / "pw"
+    secret.write_bytes(content)
+    path = write(tmp_path, good_toml(tmp_path) +
+                 f'[mqtt]\nusername = "u"\npassword_file = "{secret}"\n')
+    status, _out, err = check(path, capsys)
+    assert status == 2 and "mqtt.password_file:" in err, err
+
+
+def test_two_terminals_on_one_device_is_an_error(tmp_path, capsys):
+    device = tmp_path / "ttyACM0"
+    device.touch()
+    alias = tmp_path / "terminal"
+    alias.symlink_to(device)
+    text = (f'journal = "{tmp_path / "j.sqlite3"}"\n'
+            f'[[terminals]]\npoi_id = "A-1"\n[terminals.link]\nkind = "serial"\ndevice = "{device}"\n'
+            f'[[terminals]]\npoi_id = "B-2"\n[terminals.link]\nkind = "tcp"\nhost = "h"\nport = 1\n'
+            f'[[terminals]]\npoi_id = "C-3"\n[terminals.link]\nkind = "serial"\ndevice = "{alias}"\n')
+    status, out, err = check(write(tmp_path, text), capsys)
+    assert status == 2, (out, err)
+    assert "terminals[2].link.device:" in err and "terminals[0] (A-1)" in err, err
+
+
+def test_no_terminal_is_an_error(tmp_path, capsys):
+    status, _out, err = check(write(tmp_path, f'journal = "{tmp_path / "j"}"\n'), capsys)
+    assert status == 2 and "terminals: no [[terminals]]" in err, err
+
+
+@pytest.mark.parametrize("host", ["10.0.0.5 ", " 10.0.0.5", "", "10.0.0.5 8443"])
+def test_a_tcp_host_with_spaces_is_refused(host):
+    found = problems({"terminals": [terminal(kind="tcp", host=host, port=8443)]})
+    assert len(found) == 1 and found[0].startswith("terminals[0].link.host: "), found
+    found = problems({"mqtt": {"host": host}})
+    assert found[0].startswith("mqtt.host: "), found
+
+
+@pytest.mark.parametrize(("journal", "fragment"), [
+    ("/proc/journal.sqlite3", "not on a disk"),
+    ("/sys/kernel/journal.sqlite3", "not on a disk"),
+    ("{tmp}/no/such/dir/journal.sqlite3", "does not exist"),
+    ("{tmp}", "is a directory"),
+    ("{tmp}/file/journal.sqlite3", "not a directory"),
+])
+def test_a_journal_that_cannot_be_kept_is_an_error(tmp_path, capsys, journal, fragment):
+    (tmp_path / "file").write_text("")
+    text = good_toml(tmp_path).replace(str(tmp_path / "journal.sqlite3"),
+                                       journal.format(tmp=tmp_path))
+    status, _out, err = check(write(tmp_path, text), capsys)
+    assert status == 2 and "journal: " in err and fragment in err, err
+
+
+def test_a_journal_the_user_cannot_write_is_a_warning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(deployment_module.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(deployment_module.os, "access", lambda *a, **k: False)
+    status, _out, err = check(write(tmp_path, good_toml(tmp_path)), capsys)
+    assert status == 0, err
+    assert "warning: journal: cannot write in" in err and "as uid" in err, err
+
+
+def test_the_default_journal_directory_is_made_by_systemd(tmp_path, capsys, monkeypatch):
+    state = tmp_path / "var-lib-poi-bridge"  # not there yet: StateDirectory= makes it
+    monkeypatch.setattr(deployment_module, "STATE_DIRECTORY", state)
+    text = good_toml(tmp_path).replace(str(tmp_path / "journal.sqlite3"),
+                                       str(state / "journal.sqlite3"))
+    status, _out, err = check(write(tmp_path, text), capsys)
+    assert status == 0 and not err, err
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True,
+                          env=python_env(), cwd=ROOT, timeout=60, check=False)
+
+
+def test_a_config_that_is_not_utf8_is_one_clear_line(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(good_toml(tmp_path).encode() + '# café\n'.encode("latin-1"))
+    for argv in (("check-config", str(path)), ("run", "--config", str(path))):
+        done = cli(*argv)
+        err = done.stderr.decode()
+        assert done.returncode == 2, (argv, err)
+        assert "Traceback" not in err and "not UTF-8" in err and "line " in err, (argv, err)
+
+
+# --- 4. messages that say what to do -------------------------------------------------------------
+
+def test_a_top_level_key_after_a_table_says_to_move_it(tmp_path):
+    found = problems(tomllib.loads('[mqtt]\nhost = "h"\nlog_level = "debug"\n'))
+    assert found == [("mqtt.log_level: unknown key log_level in [mqtt]; log_level is a "
+                      "top-level key: move it above the first [table] header (a key belongs "
+                      "to the last table header above it)")], found
+
+
+def test_a_terminal_key_after_its_link_table_says_to_move_it():
+    data = tomllib.loads('[[terminals]]\npoi_id = "V400m-1"\n[terminals.link]\nkind = "tcp"\n'
+                         'host = "h"\nport = 1\npayment_timeout = 60\n')
+    (found,) = problems(data)
+    assert found.startswith("terminals[0].link.payment_timeout: unknown key payment_timeout in "
+                            "[terminals.link]; payment_timeout is a [[terminals]] key: move it "
+                            "above [terminals.link]"), found
+
+
+def test_an_unknown_key_suggests_a_near_one():
+    (found,) = problems({"mqtt": {"keepalve": 30}})
+    assert "unknown key keepalve in [mqtt]" in found and "keepalive" in found, found
+
+
+def test_a_link_without_kind_lists_the_kinds():
+    (found,) = problems({"terminals": [{"poi_id": "V400m-1",
+                                        "link": {"device": "/dev/poi/verifone-1"}}]})
+    assert found.startswith("terminals[0].link: ") and "kind" in found, found
+    assert '"serial", "tcp" or "usb"' in found and 'kind = "serial"' in found, found
+    (found,) = problems({"terminals": [terminal(kind="rs232", device="/dev/x")]})
+    assert '"serial", "tcp" or "usb"' in found, found
+
+
+def test_a_duplicate_poiid_names_both_places():
+    (found,) = problems({"terminals": [terminal("A-1"), terminal("B-1"), terminal("A-1")]})
+    assert found.startswith("terminals: "), found
+    assert "A-1" in found and "terminals[0]" in found and "terminals[2]" in found, found
+
+
+@pytest.mark.parametrize(("table", "line", "place"), [
+    ("[mqtt]", 'keepalive = "30"', "mqtt.keepalive"),
+    ("[mqtt]", 'port = "1883"', "mqtt.port"),
+    ("[mqtt]", "keepalive = 30.0", "mqtt.keepalive"),
+    ("[mqtt]", 'health_interval = "30"', "mqtt.health_interval"),
+    ("[terminals.framer]", 'max_tries = "3"', "terminals[0].framer.max_tries"),
+    ("[terminals.link]", 'baudrate = "9600"', None),
+    ("[mqtt.tls]", 'check_hostname = "false"', "mqtt.tls.check_hostname"),
+])
+def test_numbers_and_booleans_must_be_toml_values(tmp_path, table, line, place):
+    if table == "[terminals.link]":
+        text = ('[[terminals]]\npoi_id = "V400m-1"\n[terminals.link]\nkind = "serial"\n'
+                f'device = "/dev/x"\n{line}\n')
+        place = "terminals[0].link.baudrate"
+    elif table == "[terminals.framer]":
+        text = good_toml(tmp_path) + f"{table}\n{line}\n"
+    else:
+        text = f"{table}\n{line}\n"
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    (found,) = caught.value.problems
+    assert found.startswith(f"{place}: "), found
+    assert "without quotes" in found or "whole number" in found, found
+
+
+def test_python_callers_may_still_pass_strings_for_numbers():
+    """`poi-bridge register --broker host:1883` builds the MQTT settings from text: the
+    TOML rule is for the file."""
+    from bridge.config import MqttConfig
+    assert MqttConfig.model_validate({"port": "1883"}).port == 1883
