@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bridge.config import SecretError, read_secret
 from bridge.protocol import crypto
 from bridge.protocol.framing import FRAMERS, FrameReceived, FramingError, make_framer
 from bridge.protocol.messages import MessageError, load_json, parse_message
@@ -35,7 +36,9 @@ def add_parser(subparsers: Any) -> None:
     secret = p.add_mutually_exclusive_group()
     secret.add_argument("--passphrase", help="key passphrase (for a bench; prefer "
                                              "--passphrase-file on a store box)")
-    secret.add_argument("--passphrase-file", type=Path, help="file holding the passphrase")
+    secret.add_argument("--passphrase-file", type=Path,
+                        help="file holding the passphrase: the whole file, without its "
+                             "trailing line end")
     p.set_defaults(handler=run)
 
 
@@ -62,10 +65,10 @@ def _key(args: argparse.Namespace) -> crypto.NexoKey | None:
         raise InspectError("decrypting needs --key-id, --key-version and a passphrase")
     passphrase = args.passphrase
     if args.passphrase_file is not None:
-        try:
-            passphrase = args.passphrase_file.read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise InspectError(f"{args.passphrase_file}: cannot read: {exc.strerror}") from None
+        try:  # read as the daemon reads its secrets
+            passphrase = read_secret(args.passphrase_file, "the passphrase file")
+        except SecretError as exc:
+            raise InspectError(str(exc)) from None
     try:
         return crypto.NexoKey(args.key_id, args.key_version, passphrase)
     except (ValueError, TypeError) as exc:

@@ -1,11 +1,19 @@
-"""`poi-bridge register`: be a register by hand (send a payment, resync, list)."""
+"""`poi-bridge register`: be a register by hand (send a payment, resync, list).
+
+Exit status: 0 a payment approved (or a command answered "ok"); 1 another outcome, or a
+command answered with an error; 2 nothing was asked (bad options, no broker, no bridge);
+3 OUTCOME UNKNOWN: a payment was handed to the broker and its answer did not come (timeout,
+lost connection, interrupted). It may still be charged: do not pay again, look it up.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +21,28 @@ import aiomqtt
 from pydantic import ValidationError
 
 from bridge.config import ConfigError, MqttConfig, load_config
+from bridge.protocol.builders import new_service_id
 from bridge.register_client import (
+    ConnectionLost,
     ConnectionSetupError,
     RegisterClient,
     cli_client_id,
     connection_problem,
 )
+
+OUTCOME_UNKNOWN = 3  # the exit status of a payment whose outcome is not known
+
+
+def _amount(text: str) -> float:
+    """An amount as the bridge takes it: a finite number, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an amount: give a finite number of 0 or more, e.g. 12.50")
+    return value + 0.0  # -0.0 as 0.0
 
 
 def add_parser(subparsers: Any) -> None:
@@ -28,11 +52,14 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="the bridge's configuration: its broker, base topic, user name, "
                         "password file and TLS (the options below override them)")
-    p.add_argument("--broker", metavar="HOST:PORT", help="default 127.0.0.1:1883")
+    p.add_argument("--broker", metavar="HOST[:PORT]",
+                   help="default 127.0.0.1:1883; a host alone keeps the port of --config "
+                        "(1883 without it); an IPv6 address with a port as [ADDRESS]:PORT")
     p.add_argument("--base-topic", help="default poi-bridge")
     p.add_argument("--username")
     p.add_argument("--password-file", type=Path, metavar="FILE",
-                   help="file holding the password (its first line)")
+                   help="file holding the password: the whole file, without its trailing "
+                        "line end (as the daemon reads mqtt.password_file)")
     p.add_argument("--tls", action="store_true",
                    help="connect with TLS, the broker checked against the system's CAs")
     p.add_argument("--ca-file", type=Path, metavar="FILE",
@@ -42,12 +69,19 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--sale-id", default="MANUAL-1", help="this register's SaleID")
     p.add_argument("--json", action="store_true", help="print raw JSON answers")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    pay = sub.add_parser("pay", help="send a PaymentRequest and wait for the outcome")
+    pay = sub.add_parser(
+        "pay", help="send a PaymentRequest and wait for the outcome",
+        description="Send a PaymentRequest and wait for its outcome. Exit status 0 approved, "
+                    "1 another outcome, 2 not sent, 3 OUTCOME UNKNOWN: sent, but no answer "
+                    "came (timeout, lost connection): it may still be charged, so do not pay "
+                    "again; look it up with the SaleID and ServiceID printed.")
     pay.add_argument("--terminal", required=True, metavar="POIID")
-    pay.add_argument("--amount", required=True, type=float)
+    pay.add_argument("--amount", required=True, type=_amount,
+                     help="a finite number, 0 or more (e.g. 12.50)")
     pay.add_argument("--currency", default="EUR")
     pay.add_argument("--service-id", help="default: a fresh one")
-    pay.add_argument("--timeout", type=float, default=300.0)
+    pay.add_argument("--timeout", type=float, default=300.0,
+                     help="seconds to wait for the outcome (default 300)")
     resync = sub.add_parser("resync", help="ask the bridge to poll the terminal again")
     resync.add_argument("--service-id", required=True)
     listing = sub.add_parser("transactions", help="list transactions the bridge knows")
@@ -71,8 +105,10 @@ def _mqtt(args: argparse.Namespace) -> MqttConfig:
         except ConfigError as exc:
             raise _Usage(*(f"{exc.path}: {problem}" for problem in exc.problems)) from None
     if args.broker is not None:
-        host, _, port = args.broker.rpartition(":")
-        settings.update(host=host or "127.0.0.1", port=port)
+        host, port = _broker(args.broker)
+        settings["host"] = host
+        if port is not None:
+            settings["port"] = port
     given = {"base_topic": args.base_topic, "username": args.username,
              "password_file": args.password_file}
     settings.update({key: value for key, value in given.items() if value is not None})
@@ -84,6 +120,23 @@ def _mqtt(args: argparse.Namespace) -> MqttConfig:
         return MqttConfig.model_validate(settings)
     except ValidationError as exc:
         raise _Usage(*(f"{_option(e['loc'])}: {e['msg']}" for e in exc.errors())) from None
+
+
+def _broker(value: str) -> tuple[str, int | None]:
+    """`--broker`: HOST, HOST:PORT, [IPv6]:PORT or a bare IPv6 address; no port: None."""
+    host, port = value, None
+    if value.startswith("[") and "]" in value:
+        host, rest = value[1:].split("]", 1)
+        if rest:
+            if not rest.startswith(":"):
+                raise _Usage(f"--broker: {value!r}: give HOST, HOST:PORT or [ADDRESS]:PORT")
+            port = rest[1:]
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    if port is not None and not port.isdigit():
+        raise _Usage(f"--broker: {port!r} is not a port number (HOST or HOST:PORT, "
+                     "e.g. 127.0.0.1:1883)")
+    return host or "127.0.0.1", None if port is None else int(port)
 
 
 def _option(loc: tuple[Any, ...]) -> str:
@@ -99,7 +152,50 @@ class _Usage(Exception):
     """Options that do not make a connection; one line per problem."""
 
 
-async def _run(args: argparse.Namespace, mqtt: MqttConfig) -> int:
+@dataclass
+class _Payment:
+    """The payment being made: once `sent` (its publication begun), its outcome is unknown
+    until its answer comes, whatever goes wrong meanwhile."""
+
+    sale_id: str
+    service_id: str
+    poi_id: str
+    amount: str
+    sent: bool = False
+
+
+def _published(payment: _Payment) -> None:
+    print(f"payment published: SaleID {payment.sale_id} ServiceID {payment.service_id} on "
+          f"terminal {payment.poi_id}, {payment.amount}", file=sys.stderr, flush=True)
+
+
+def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace) -> int:
+    """Said when a payment was handed to the broker and its answer did not come. The request
+    waits in the bridge's persistent session (or is running): it may still be charged."""
+    config = args.config or "FILE"
+    same = "".join(f"{option} {value} " for option, value in (
+        ("--config", args.config), ("--broker", args.broker), ("--base-topic", args.base_topic))
+        if value is not None)
+    ids = f"{payment.sale_id} {payment.service_id}"
+    print(f"poi-bridge register: OUTCOME UNKNOWN for the payment SaleID {payment.sale_id} "
+          f"ServiceID {payment.service_id} on {payment.poi_id} ({payment.amount}): {why}.\n"
+          "  The request was handed to the broker: the bridge runs it when it gets it (a "
+          "bridge that is down, when it comes back), so it may still be charged.\n"
+          "  Do NOT pay again for this sale until its outcome is known. Find it out, once the "
+          "bridge runs:\n"
+          f"    poi-bridge status --config {config}          (open and unresolved "
+          "transactions)\n"
+          f"    poi-bridge resync {ids} --config {config}   (asks the terminal, shows the "
+          "outcome)\n"
+          f"    poi-bridge register {same}--sale-id {payment.sale_id} transactions\n"
+          "  \"no transaction\" before the bridge has taken the queued request does not mean "
+          "it was not charged: ask again once the bridge is back.",
+          file=sys.stderr, flush=True)
+    return OUTCOME_UNKNOWN
+
+
+async def _run(args: argparse.Namespace, mqtt: MqttConfig,
+               payment: _Payment | None = None) -> int:
     # Its own client id, not the till's `register-<SaleID>`: acting as TILL1 by hand must not
     # take TILL1 off the broker nor throw away the results queued in its session.
     async with RegisterClient.for_bridge(mqtt, args.sale_id, on_event=_event, persistent=False,
@@ -116,8 +212,13 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig) -> int:
             print(f"poi-bridge register: the bridge is {state}; the request waits in the broker "
                   f"until it is back", file=sys.stderr)
         if args.action == "pay":
+            assert payment is not None
+            # From here on, whatever fails, the broker may have the request: its outcome is
+            # unknown, not "failed" (a failed publish may have reached the broker too).
+            payment.sent = True
             answer = await register.pay(args.terminal, args.amount, args.currency,
-                                        service_id=args.service_id, timeout=args.timeout)
+                                        service_id=payment.service_id, timeout=args.timeout,
+                                        on_published=lambda: _published(payment))
             info = answer["bridge"]
             if args.json:
                 print(json.dumps(answer, indent=1))
@@ -146,11 +247,27 @@ def run(args: argparse.Namespace) -> int:
         for problem in exc.args:
             print(f"poi-bridge register: {problem}", file=sys.stderr)
         return 2
+    payment = None
+    if args.action == "pay":
+        payment = _Payment(args.sale_id, args.service_id or new_service_id(), args.terminal,
+                           f"{args.currency} {args.amount:.2f}")
     try:
-        return asyncio.run(_run(args, mqtt))
+        return asyncio.run(_run(args, mqtt, payment))
     except TimeoutError:  # (an OSError: before the connection errors)
+        if payment is not None and payment.sent:
+            return _outcome_unknown(payment, f"no answer within {args.timeout:g} s", args)
         print("poi-bridge register: no answer in time (is the bridge running?)", file=sys.stderr)
         return 2
     except (ConnectionSetupError, aiomqtt.MqttError, OSError) as exc:
+        if payment is not None and payment.sent:
+            why = str(exc) if isinstance(exc, ConnectionLost) else (
+                f"the connection to the broker was lost or failed "
+                f"({str(exc) or type(exc).__name__})")
+            return _outcome_unknown(payment, why, args)
         print(f"poi-bridge register: {connection_problem(exc, mqtt)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if payment is not None and payment.sent:
+            return _outcome_unknown(payment, "interrupted before the answer came", args)
+        print("poi-bridge register: interrupted", file=sys.stderr)
+        return 130

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from bridge.config import SecretError, read_secret
 from bridge.logging_setup import setup_logging
 from bridge.protocol import crypto
 from bridge.protocol.framing import FRAMERS
@@ -50,12 +51,53 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--ledger", type=Path, help="write the ledger (JSON) here on exit")
     p.add_argument("--key-id", help="encrypt like a terminal with this key identifier")
     p.add_argument("--key-version", type=int, default=1)
-    p.add_argument("--passphrase-file", type=Path, help="the key's passphrase")
+    p.add_argument("--passphrase-file", type=Path,
+                   help="file holding the key's passphrase: the whole file, without its "
+                        "trailing line end")
     p.set_defaults(handler=run)
 
 
+class _Usage(Exception):
+    """What keeps the simulator from starting, in one line."""
+
+
+def _problems(exc: ValidationError) -> str:
+    """Every problem of a validation error with its place: `default.delay: Input should...`."""
+    return "; ".join(f"{'.'.join(str(part) for part in e['loc']) or '(top)'}: {e['msg']}"
+                     for e in exc.errors())
+
+
+def _load_scenario(path: Path) -> Scenario:
+    try:
+        return Scenario.load(path)
+    except OSError as exc:
+        raise _Usage(f"--scenario {path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise _Usage(f"--scenario {path}: not UTF-8 text: {exc}") from None
+    except ValidationError as exc:
+        raise _Usage(f"bad scenario {path}: {_problems(exc)}") from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError and json.JSONDecodeError
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
+        raise _Usage(f"bad scenario {path}: not valid {kind}: {exc}") from None
+
+
 def build_scenario(args: argparse.Namespace) -> Scenario:
-    base = Scenario.load(args.scenario) if args.scenario else Scenario()
+    try:
+        return _build_scenario(args)
+    except ValidationError as exc:  # a flag's value (the scenario file was checked on load)
+        raise _Usage("; ".join(f"--{str(e['loc'][-1]).replace('_', '-')}: {e['msg']}"
+                               if e["loc"] else e["msg"] for e in exc.errors())) from None
+
+
+def _tcp(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise _Usage(f"--tcp: {port!r} is not a port number (HOST:PORT, e.g. 127.0.0.1:8443)")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _build_scenario(args: argparse.Namespace) -> Scenario:
+    base = _load_scenario(args.scenario) if args.scenario else Scenario()
     default = base.default.model_dump(exclude_unset=False)
     for flag, field in (("decision", "decision"), ("delay", "delay"),
                         ("in_progress_polls", "in_progress_polls"),
@@ -74,19 +116,38 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
                     transactions=base.transactions, link=LinkBehaviour(**link))
 
 
-async def _serve(args: argparse.Namespace, scenario: Scenario) -> None:
-    key = None
-    if args.key_id:
-        passphrase = args.passphrase_file.read_text().rstrip("\r\n")
-        key = crypto.NexoKey(args.key_id, args.key_version, passphrase)
+def _key(args: argparse.Namespace) -> crypto.NexoKey | None:
+    if not args.key_id:
+        return None
+    try:
+        passphrase = read_secret(args.passphrase_file, "the passphrase file")
+        return crypto.NexoKey(args.key_id, args.key_version, passphrase or "")
+    except SecretError as exc:
+        raise _Usage(str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        raise _Usage(f"unusable key: {exc}") from None
+
+
+async def _serve(args: argparse.Namespace, scenario: Scenario,
+                 key: crypto.NexoKey | None) -> None:
     server = SimulatorServer(scenario, args.framer, key=key)
     if args.tcp:
-        host, _, port = args.tcp.rpartition(":")
-        bound = await server.start_tcp(host or "127.0.0.1", int(port))
-        print(f"simulated terminal {scenario.poi_id} listening on {host or '127.0.0.1'}:{bound}",
-              flush=True)
+        host, port = _tcp(args.tcp)
+        try:
+            bound = await server.start_tcp(host, port)
+        except OSError as exc:
+            await server.close()
+            raise _Usage(f"--tcp: cannot listen on {host}:{port}: "
+                         f"{exc.strerror or exc}") from None
+        print(f"simulated terminal {scenario.poi_id} listening on {host}:{bound}", flush=True)
     else:
-        path = await server.start_pty(args.link)
+        try:
+            path = await server.start_pty(args.link)
+        except OSError as exc:
+            # (not server.close(): it would remove whatever is at --link, never replaced)
+            where = f"--link {args.link}: cannot make the link" if args.link else (
+                "cannot open a pseudo-terminal")
+            raise _Usage(f"{where}: {exc.strerror or exc}") from None
         print(path, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -104,9 +165,12 @@ def run(args: argparse.Namespace) -> int:
         print("poi-bridge simulate: --key-id needs --passphrase-file", file=sys.stderr)
         return 2
     try:
+        if args.tcp:
+            _tcp(args.tcp)  # before anything starts
         scenario = build_scenario(args)
-    except (OSError, ValueError, ValidationError) as exc:
-        print(f"poi-bridge simulate: bad scenario: {exc}".splitlines()[0], file=sys.stderr)
+        key = _key(args)
+        asyncio.run(_serve(args, scenario, key))
+    except _Usage as exc:
+        print(f"poi-bridge simulate: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(_serve(args, scenario))
     return 0

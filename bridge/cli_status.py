@@ -24,7 +24,10 @@ from bridge.register_client import (
 def add_parser(subparsers: Any) -> None:
     status = subparsers.add_parser(
         "status", help="terminals, open and unresolved transactions",
-        description="Read the journal and ask the running daemon (over MQTT) how it stands.")
+        description="Read the journal and ask the running daemon (over MQTT) how it stands. "
+                    "Exit status 0 when the daemon answered, 1 when the broker was reached "
+                    "but no daemon answered, 2 when the broker could not be asked or the "
+                    "configuration or journal cannot be read.")
     status.add_argument("--config", required=True)
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=run_status)
@@ -84,8 +87,9 @@ def run_status(args: argparse.Namespace) -> int:
         daemon = "running"
     except _NoAnswer:
         daemon = "not reachable over MQTT"
-        note = (f"the broker took the question; no daemon answered it on "
-                f"{config.mqtt.base_topic}/bridge/response/terminals (is poi-bridge running?)")
+        note = (f"no daemon answered on {config.mqtt.base_topic}/bridge/response/terminals "
+                f"(the broker took the question): is poi-bridge running (systemctl status "
+                f"poi-bridge), and is its mqtt.base_topic {config.mqtt.base_topic}?")
     except (ConnectionSetupError, aiomqtt.MqttError, OSError) as exc:
         problem = connection_problem(exc, config.mqtt)
         daemon = "unknown: the broker could not be asked"
@@ -95,11 +99,11 @@ def run_status(args: argparse.Namespace) -> int:
         "terminals": terminals.get("data") or [
             {"poi_id": t.poi_id, "state": "unknown"} for t in config.terminals],
     }
-    status = 2 if problem else 0
+    status = 2 if problem else 1 if note else 0
     if args.json:
         print(json.dumps(report, indent=1))
-        if problem:
-            print(f"poi-bridge status: {problem}", file=sys.stderr)
+        if problem or note:
+            print(f"poi-bridge status: {problem or note}", file=sys.stderr)
         return status
     print(f"daemon: {report['daemon']}  (broker {config.mqtt.host}:{config.mqtt.port})")
     if problem or note:
@@ -110,6 +114,13 @@ def run_status(args: argparse.Namespace) -> int:
     for terminal in report["terminals"]:
         detail = f" ({terminal['detail']})" if terminal.get("detail") else ""
         print(f"  terminal {terminal['poi_id']}: {terminal['state']}{detail}")
+        identity = terminal.get("identity")
+        if isinstance(identity, str) and identity.startswith("mismatch"):
+            said = identity.partition(":")[2].strip() or "another terminal"
+            print(f"    IDENTITY MISMATCH: the device on this terminal's link says it is "
+                  f"{said}: every request for {terminal['poi_id']} is refused until this is "
+                  "fixed; check which terminal is plugged into which port (or the "
+                  "configuration), then replug")
     for txn in open_txns:
         print(f"  {txn['state']:>17}  {txn['sale_id']}/{txn['service_id']} on {txn['poi_id']} "
               f"{txn['category']}, {txn['polls']} poll(s): {txn['detail']}")

@@ -50,7 +50,7 @@ class SecretError(Exception):
 
 def read_secret(path: Path | None, what: str) -> str | None:
     """A password file's content, as the daemon and the technician commands read it: the
-    first line, without its line end."""
+    whole file, without its trailing line end."""
     if path is None:
         return None
     try:
@@ -290,9 +290,10 @@ class MqttConfig(_Strict):
     def _retention(cls, value: float) -> float:
         if value < SERVICE_ID_REUSE_WINDOW:
             raise ValueError(
-                f"must be at least 48 hours ({SERVICE_ID_REUSE_WINDOW:.0f} s): the journal's record of a payment is what tells a register's repeat from a "
-                "new payment within the 48-hour ServiceID rule; pruned sooner, a repeat would "
-                "be charged again")
+                f"must be at least 48 hours ({SERVICE_ID_REUSE_WINDOW:.0f} s): the journal's "
+                "record of a payment is what tells a register's repeat from a new payment "
+                "within the 48-hour ServiceID rule; pruned sooner, a repeat would be charged "
+                "again")
         return value
 
     @field_validator("base_topic")
@@ -362,7 +363,8 @@ def _place(loc: tuple[int | str, ...]) -> str:
 
 
 def _nth(number: int) -> str:
-    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    suffix = ("th" if 10 <= number % 100 <= 20
+              else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th"))
     return f"{number}{suffix}"
 
 

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -115,8 +116,8 @@ async def demo(verbose: bool = False) -> int:
         _say(f"4. register {SALE_ID} makes three payments over MQTT")
         for n, (amount, story) in enumerate(PAYMENTS, 1):
             _say(f"\n   payment {n}: EUR {amount:.2f} ({story})")
-            answer = await register.pay(POI_ID, amount, service_id=f"DEMO{n}{int(time.time()) % 100000}",
-                                        timeout=60)
+            service_id = f"DEMO{n}{int(time.time()) % 100000}"
+            answer = await register.pay(POI_ID, amount, service_id=service_id, timeout=60)
             info = answer["bridge"]
             body = (answer.get("SaleToPOIResponse") or {}).get("PaymentResponse", {})
             result = body.get("Response", {})
@@ -141,5 +142,22 @@ async def demo(verbose: bool = False) -> int:
     return 0 if outcome_ok else 1
 
 
+def _broker_missing() -> str | None:
+    """Why the embedded broker cannot run, if it cannot: amqtt comes with the [demo] extra,
+    which a store box's installation (`pip install /path/to/poi-bridge`) leaves out."""
+    try:
+        import amqtt.broker  # noqa: F401
+    except ImportError as exc:
+        return (f"poi-bridge demo: the embedded MQTT broker it runs (amqtt) is not installed "
+                f"({exc}): it comes with the [demo] extra: {sys.executable} -m pip install "
+                f"'/path/to/poi-bridge[demo]' (a checkout or a built wheel; in a checkout, "
+                f"`make demo` installs it into .venv)")
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    missing = _broker_missing()
+    if missing is not None:
+        print(missing, file=sys.stderr)
+        return 2
     return asyncio.run(demo(args.verbose))

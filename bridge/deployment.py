@@ -156,7 +156,8 @@ def _check_content(place: str, path: Path, data: bytes, errors: list[str]) -> No
                       "the secret again as plain UTF-8 text")
         return
     if not text.rstrip("\r\n"):
-        errors.append(f"{place}: {path} is empty: it must hold the secret on its first line")
+        errors.append(f"{place}: {path} is empty: it must hold the secret (the whole file, "
+                      "without its trailing line end)")
 
 
 # Kernel and runtime file systems: nothing written there outlives a reboot, or can be written.

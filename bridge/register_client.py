@@ -22,7 +22,7 @@ from typing import Any
 import aiomqtt
 
 from bridge.config import MqttConfig, SecretError, read_secret
-from bridge.daemon.mqtt import SetupError
+from bridge.daemon.mqtt import SetupError, login_refused
 from bridge.daemon.mqtt import tls_context as daemon_tls_context
 from bridge.daemon.registers import Topics
 from bridge.protocol.builders import new_service_id
@@ -44,11 +44,18 @@ class ConnectionSetupError(Exception):
     use), in one line that names the file and what to check."""
 
 
+class ConnectionLost(aiomqtt.MqttError):
+    """The client's connection to the broker ended while it was waiting for an answer. For
+    a request already handed to the broker, nothing is known of its outcome: it may still be
+    delivered to the bridge (its persistent session) and run."""
+
+
 def read_password(path: Path | None) -> str | None:
-    """The MQTT password in `password_file`, read as the daemon reads it (its first line
-    without the line end). A systemd credential of the service is named in the configuration
-    by its path (/run/credentials/poi-bridge.service/...): it exists only while the service
-    runs, and only root and the service may read it."""
+    """The MQTT password in `password_file`, read as the daemon reads it: the whole file,
+    without its trailing line end (see bridge.config.read_secret). A systemd credential of
+    the service is named in the configuration by its path (/run/credentials/poi-bridge
+    .service/...): it exists only while the service runs, and only root and the service may
+    read it."""
     try:
         return read_secret(path, "the MQTT password file")
     except SecretError as exc:
@@ -65,16 +72,12 @@ def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
         raise ConnectionSetupError(str(exc)) from None
 
 
-_LOGIN_REFUSED = {4, 5, 0x86, 0x87, 0x8C}  # bad user name or password, not authorised
-
-
 def connection_problem(exc: BaseException, mqtt: MqttConfig) -> str:
     """What failed when connecting to the broker of `mqtt`, and what to check."""
     broker = f"{mqtt.host}:{mqtt.port}"
     if isinstance(exc, ConnectionSetupError):
         return str(exc)
-    code = getattr(exc, "rc", None)
-    if isinstance(exc, aiomqtt.MqttCodeError) and getattr(code, "value", code) in _LOGIN_REFUSED:
+    if login_refused(exc):
         who = f"as user {mqtt.username!r}" if mqtt.username else "without a user name"
         return (f"the broker {broker} refused the login {who}: {exc}; check mqtt.username "
                 "and the password in mqtt.password_file against the broker's password file "
@@ -111,6 +114,7 @@ class RegisterClient:
         self._commands: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.responses: list[dict[str, Any]] = []
         self._reader: asyncio.Task[None] | None = None
+        self._lost: ConnectionLost | None = None  # set when the connection ended under us
         self.bridge_state: str | None = None  # the retained bridge/state, once seen
         self._bridge_state_seen = asyncio.Event()
 
@@ -142,6 +146,19 @@ class RegisterClient:
                 await self._client.__aexit__(None, None, None)
 
     async def _read(self) -> None:
+        try:
+            await self._read_messages()
+        except Exception as exc:  # noqa: BLE001 - whatever ended it, the waiters must know
+            # Without this, every request and command waiting for an answer would wait out
+            # its whole timeout on a connection that is gone, and then say "no answer".
+            self._lost = ConnectionLost(
+                f"the connection to the broker was lost ({self.host}:{self.port}: "
+                f"{str(exc) or type(exc).__name__})")
+            for future in [*self._waiting.values(), *self._commands.values()]:
+                if not future.done():
+                    future.set_exception(self._lost)
+
+    async def _read_messages(self) -> None:
         assert self._client is not None
         async for message in self._client.messages:
             try:
@@ -177,28 +194,41 @@ class RegisterClient:
             await asyncio.wait_for(self._bridge_state_seen.wait(), timeout)
         return self.bridge_state
 
-    async def request(self, document: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
+    async def request(self, document: dict[str, Any], timeout: float = 300.0, *,
+                      on_published: Callable[[], None] | None = None) -> dict[str, Any]:
         """Publish a request and wait for its final answer (an `unresolved` report is shown as
-        an event and waiting goes on, as a till would keep the sale open)."""
+        an event and waiting goes on, as a till would keep the sale open). `on_published` is
+        called once the broker has taken the request. TimeoutError when no answer came in
+        time, ConnectionLost when the connection ended meanwhile: in both cases the request
+        may still run (see the README, `register`)."""
         assert self._client is not None
+        self._check_connected()
         header = document["SaleToPOIRequest"]["MessageHeader"]
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[header["ServiceID"]] = future
-        await self._client.publish(self.topics.base + f"/terminals/{header['POIID']}/request",
-                                   json.dumps(document), qos=1)
         try:
+            await self._client.publish(
+                self.topics.base + f"/terminals/{header['POIID']}/request",
+                json.dumps(document), qos=1)
+            if on_published is not None:
+                on_published()
             return await asyncio.wait_for(future, timeout)
         finally:
             self._waiting.pop(header["ServiceID"], None)
 
+    def _check_connected(self) -> None:
+        if self._lost is not None:
+            raise self._lost
+
     async def pay(self, poi_id: str, amount: float, currency: str = "EUR", *,
-                  service_id: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
+                  service_id: str | None = None, timeout: float = 300.0,
+                  on_published: Callable[[], None] | None = None) -> dict[str, Any]:
         document = payment_request(self.sale_id, service_id or new_service_id(), poi_id,
                                    amount, currency)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
         document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
             "TimeStamp"] = stamp
-        return await self.request(document, timeout)
+        return await self.request(document, timeout, on_published=on_published)
 
     async def command(self, command: str, body: dict[str, Any] | None = None,
                       timeout: float = 30.0) -> dict[str, Any]:
@@ -206,6 +236,7 @@ class RegisterClient:
         commands come on one topic; ours is the one that echoes the unique token put in the
         body's "transaction" field (any "transaction" given in `body` is replaced)."""
         assert self._client is not None
+        self._check_connected()
         token = uuid.uuid4().hex
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._commands[token] = future

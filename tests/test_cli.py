@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +160,98 @@ async def test_demo_waits_for_the_bridge_subscription(monkeypatch, capsys):
     monkeypatch.setattr(PipelinedClient, "subscribe", slow_subscribe)
     assert await asyncio.wait_for(demo.demo(), 90) == 0
     assert "every payment reached the register" in capsys.readouterr().out
+
+
+def test_demo_without_the_demo_extra_says_what_to_install():
+    """Without amqtt (the [demo] extra) the demo ended in a ModuleNotFoundError traceback."""
+    done = subprocess.run(
+        [sys.executable, "-c", ("import sys; sys.modules['amqtt'] = None; "
+                                "from bridge.cli import main; sys.exit(main(['demo']))")],
+        capture_output=True, env=python_env(), cwd=ROOT, timeout=60, text=True, check=False)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert "the [demo] extra" in done.stderr and "amqtt" in done.stderr
+    assert "-m pip install '/path/to/poi-bridge[demo]'" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def _busy_port() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+@pytest.mark.parametrize("case", ["scenario", "scenario-key", "scenario-toml", "passphrase",
+                                  "tcp-port", "tcp-in-use", "link-dir", "scenario-file"])
+def test_simulate_bad_input_is_one_clear_line_and_a_non_zero_exit(tmp_path, case):
+    """Each of these was a traceback, or "bad scenario: 1 validation error for Scenario"
+    without the key or the reason."""
+    scenario = tmp_path / "scenario.toml"
+    busy = _busy_port()
+    args, fragment = {
+        "scenario": (['[default]\ndelay = "soon"\n'],
+                     "default.delay: Input should be a valid number"),
+        "scenario-key": (['[[transactions]]\namount = 3.0\nnever_answr = true\n'],
+                         "transactions.0.never_answr: Extra inputs are not permitted"),
+        "scenario-toml": (['[default\n'], "scenario.toml: not valid TOML: "),
+        "scenario-file": (["--scenario", str(tmp_path / "nope.toml")],
+                          "nope.toml: cannot read: No such file or directory"),
+        "passphrase": (["--key-id", "K1", "--passphrase-file", str(tmp_path / "none")],
+                       (f"cannot read the passphrase file {tmp_path / 'none'}: "
+                        "No such file or directory")),
+        "tcp-port": (["--tcp", "127.0.0.1:notaport"],
+                     "--tcp: 'notaport' is not a port number (HOST:PORT, e.g. 127.0.0.1:8443)"),
+        "tcp-in-use": (["--tcp", f"127.0.0.1:{busy.getsockname()[1]}"],
+                       f"cannot listen on 127.0.0.1:{busy.getsockname()[1]}: "),
+        "link-dir": (["--link", str(tmp_path / "no" / "dir" / "terminal")],
+                     (f"--link {tmp_path / 'no' / 'dir' / 'terminal'}: cannot make the link: "
+                      "No such file or directory")),
+    }[case]
+    if case.startswith("scenario") and case != "scenario-file":
+        scenario.write_text(args[0])
+        args = ["--scenario", str(scenario)]
+    try:
+        done = subprocess.run([sys.executable, "-m", "bridge", "simulate", *args],
+                              capture_output=True, env=python_env(), cwd=ROOT, timeout=30,
+                              text=True, check=False)
+    finally:
+        busy.close()
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("poi-bridge simulate: ") and fragment in done.stderr, (
+        done.stderr)
+
+
+def test_the_readme_inspect_example_is_what_inspect_says():
+    """The README showed "line 1 column 24" for an `echo` that ends its line: the real
+    message says "line 2 column 1". Run the example as written."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### `poi-bridge inspect`"):]
+    lines = section.splitlines()
+    at = next(n for n, line in enumerate(lines) if line.startswith("$ echo "))
+    command, shown = lines[at][2:], lines[at + 1]
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run(["/bin/sh", "-c", command], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60, check=False,
+                          env={**python_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    assert done.returncode == 2
+    assert done.stderr.strip() == shown
+
+
+def test_password_and_passphrase_files_are_described_as_they_are_read(tmp_path):
+    """Help texts said "its first line", but the whole file is the password (read_secret:
+    the file without its trailing line end). A two-line file is one password."""
+    from bridge.config import read_secret
+    from bridge.register_client import read_password
+
+    secret = tmp_path / "secret"
+    secret.write_text("first\nsecond\n")
+    assert read_secret(secret, "x") == "first\nsecond" == read_password(secret)
+    assert "first line" not in (read_password.__doc__ or "")
+    for command in ("register", "simulate", "inspect"):
+        done = cli(command, "--help")
+        text = " ".join(done.stdout.decode().split())
+        assert "first line" not in text
+        assert "the whole file, without its trailing line end" in text, (command, text)

@@ -9,17 +9,20 @@ is offline (the request then waits in the broker for the bridge's persistent ses
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import subprocess
 import sys
 import time
 
 import aiomqtt
+import pytest
 
 from bridge.register_client import RegisterClient
 
 from .rig import POI, ROOT, python_env
-from .test_cli_tools import BASE, running_bridge
+from .test_cli_tools import BASE, config_file, running_bridge
 
 
 async def register(mosquitto, *args: str, timeout: float = 60) -> tuple[int, str, str, float]:
@@ -31,6 +34,11 @@ async def register(mosquitto, *args: str, timeout: float = 60) -> tuple[int, str
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode(), time.monotonic() - started
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "bridge", *args], capture_output=True,
+                          text=True, env=python_env(), cwd=ROOT, timeout=60, check=False)
 
 
 async def test_pay_through_a_running_bridge(tmp_path, mosquitto):
@@ -72,9 +80,73 @@ async def test_an_offline_bridge_is_named_and_the_request_still_goes(mosquitto):
                 request = json.loads(message.payload)
                 break
         code, _, err, _ = await running
-    assert request["SaleToPOIRequest"]["MessageHeader"]["SaleID"] == "TILL9"
+    header = request["SaleToPOIRequest"]["MessageHeader"]
+    assert header["SaleID"] == "TILL9"
     assert "the bridge is offline; the request waits in the broker" in err
-    assert code == 2 and "no answer in time" in err
+    assert_outcome_unknown(code, err, "TILL9", header["ServiceID"])
+
+
+def assert_outcome_unknown(code: int, err: str, sale_id: str, service_id: str) -> None:
+    """A payment handed to the broker whose answer did not come: the request may still be
+    charged (it waits in the bridge's persistent session), so the technician must be told
+    the IDs, not to pay again, and how to find out; with an exit status of its own."""
+    assert code == 3, err
+    assert f"SaleID {sale_id} ServiceID {service_id}" in err  # said when it was published
+    assert "OUTCOME UNKNOWN" in err and "Do NOT pay again" in err
+    assert f"poi-bridge resync {sale_id} {service_id} --config" in err
+    assert "poi-bridge status --config" in err
+    assert "Traceback" not in err and "is the bridge running?" not in err
+
+
+async def test_a_lost_broker_connection_mid_payment_is_outcome_unknown_at_once(mosquitto):
+    """The CLI's own connection drops after the payment went to the broker: the request is
+    queued for the bridge and may be charged. It used to wait out its whole timeout and then
+    say "no answer in time (is the bridge running?)", exit 2, without the ServiceID."""
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="bridge") as bridge:
+        await bridge.publish(f"{BASE}/bridge/state", json.dumps({"state": "online"}), qos=1,
+                             retain=True)
+        await bridge.subscribe(f"{BASE}/terminals/+/request", qos=1)
+        running = asyncio.create_task(register(
+            mosquitto, "--base-topic", BASE, "--sale-id", "TILL9", "pay", "--terminal", POI,
+            "--amount", "3.10", "--timeout", "40"))
+        async with asyncio.timeout(30):
+            async for message in bridge.messages:
+                request = json.loads(message.payload)
+                break
+        mosquitto.kill()  # the broker goes away with the payment in its hands
+        with contextlib.suppress(aiomqtt.MqttError):
+            await bridge.__aexit__(None, None, None)
+    code, _, err, took = await running
+    assert_outcome_unknown(code, err, "TILL9",
+                           request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"])
+    assert "connection to the broker was lost" in err
+    assert took < 30, "waited for the payment's timeout on a connection that was gone"
+
+
+async def test_broker_option_takes_a_host_alone_or_host_and_port(tmp_path, mosquitto):
+    """`--broker localhost` said "--broker: Input should be a valid integer" (the host was
+    taken for the port). A host alone keeps the configuration's port (1883 without one)."""
+    config = config_file(tmp_path, mosquitto, {})
+    for broker in ("localhost", f"localhost:{mosquitto.port}", f"127.0.0.1:{mosquitto.port}"):
+        done = await asyncio.to_thread(run_cli, "register", "--config", str(config), "--broker",
+                                       broker, "--base-topic", "nobody/here", "terminals")
+        # It connected: the broker was asked for the bridge's retained state.
+        assert done.returncode == 2 and "no bridge has announced itself" in done.stderr, (
+            broker, done.stderr)
+    done = await asyncio.to_thread(run_cli, "register", "--broker", "localhost:notaport",
+                                   "terminals")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--broker: 'notaport' is not a port number" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("amount", ["-1", "nan", "inf", "-0.01", "twelve"])
+def test_pay_refuses_an_amount_that_is_not_a_finite_number_of_0_or_more(amount):
+    done = run_cli("register", "--broker", "127.0.0.1:9", "pay", "--terminal", POI,
+                   f"--amount={amount}")
+    assert done.returncode == 2
+    assert (f"argument --amount: {amount!r} is not an amount: give a finite number of 0 "
+            "or more, e.g. 12.50") in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "cannot connect" not in done.stderr
 
 
 async def test_acting_as_a_till_by_hand_leaves_the_tills_session_alone(mosquitto):

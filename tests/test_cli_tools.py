@@ -16,6 +16,7 @@ import aiomqtt
 
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
+from bridge.daemon.journal import Journal
 from bridge.register_client import RegisterClient
 from bridge.simulator.server import SimulatorServer
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
@@ -29,9 +30,10 @@ BASE = "poi/store-cli"
 
 @contextlib.asynccontextmanager
 async def running_bridge(tmp_path, broker, *, password: str | None = None,
-                         **mqtt: Any) -> AsyncIterator[Bridge]:
-    """A bridge on `broker` (base topic BASE) with a simulated terminal, online."""
-    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05),
+                         terminal_says: str = POI, **mqtt: Any) -> AsyncIterator[Bridge]:
+    """A bridge on `broker` (base topic BASE) with a simulated terminal, online. The device
+    on the link names itself `terminal_says` (another POIID: a terminal on the wrong port)."""
+    simulator = SimulatorServer(Scenario(poi_id=terminal_says, default=Behaviour(delay=0.05),
                                          link=LinkBehaviour(status_hold=0.05)), "stx-etx-lrc")
     device = await simulator.start_pty(tmp_path / "terminal")
     bridge = Bridge(parse_config({
@@ -190,3 +192,36 @@ async def test_status_says_what_failed_when_the_broker_cannot_be_asked(tmp_path)
             assert resync.returncode == 2 and cases[0][1][0] in resync.stderr.decode()
     finally:
         broker.kill()
+
+
+async def test_status_shows_a_terminal_whose_identity_check_failed(tmp_path, mosquitto):
+    """The device on the terminal's port says it is another terminal: the bridge refuses
+    every request for it. `status` printed only "online" for it, hiding why."""
+    async with running_bridge(tmp_path, mosquitto, terminal_says="V400m-999") as bridge:
+        for _ in range(250):
+            if bridge.workers[POI].identity.startswith("mismatch"):
+                break
+            await asyncio.sleep(0.02)
+        assert bridge.workers[POI].identity == "mismatch: V400m-999"
+        config = config_file(tmp_path, mosquitto, {})
+        text = await cli("status", "--config", config)
+        out = text.stdout.decode()
+        assert f"terminal {POI}: online" in out
+        assert "IDENTITY MISMATCH: the device on this terminal's link says it is V400m-999" in out
+        assert f"every request for {POI} is refused" in out
+        report = json.loads((await cli("status", "--config", config, "--json")).stdout)
+        assert report["terminals"][0]["identity"] == "mismatch: V400m-999"
+
+
+async def test_status_exits_non_zero_when_no_daemon_answers(tmp_path, mosquitto):
+    """The broker is there, no daemon answers: status exited 0 as if all were well."""
+    config = config_file(tmp_path, mosquitto, {})
+    Journal(tmp_path / "journal.sqlite3").close()
+    for extra in ([], ["--json"]):
+        done = await cli("status", "--config", config, *extra)
+        assert done.returncode == 1, (extra, done.stderr)
+        # Said on stdout with the report, or on stderr beside the JSON.
+        said = (done.stderr if extra else done.stdout).decode()
+        assert f"no daemon answered on {BASE}/bridge/response/terminals" in said, said
+        assert "is poi-bridge running" in said and "Traceback" not in done.stderr.decode()
+    assert json.loads(done.stdout)["daemon"] == "not reachable over MQTT"
