@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from bridge.config import Config, ConfigError, load_config
+from bridge.config import Config, ConfigError, SerialLink, load_config
 
 DEFAULT_CONFIG = "/etc/poi-bridge/poi-bridge.toml"
 
@@ -108,6 +110,13 @@ def device_report(config: Config | None, devices: Iterable[Any], *,
         rows.append({**info.to_json(), "tagged": info.tagged, "poi_id": result.poi_id,
                      "reason": reason, "usable": result.relevant})
     rows.sort(key=lambda r: (r["subsystem"], r["devname"] or r["devpath"]))
+    for t in matcher.hotplug_terminals:
+        if t.poi_id not in found and isinstance(t.link, SerialLink):
+            # A pseudo-terminal or a node udev does not manage is never among udev's devices:
+            # present when the node is there (the daemon opens it and retries it itself).
+            node = _unmanaged_node(t.link.device)
+            if node is not None:
+                found[t.poi_id] = node
     terminals = [
         {"poi_id": t.poi_id, "link": describe_link(t), "present": t.poi_id in found,
          "device": found.get(t.poi_id),
@@ -117,6 +126,23 @@ def device_report(config: Config | None, devices: Iterable[Any], *,
         for t in matcher.hotplug_terminals
     ]
     return {"devices": rows, "terminals": terminals, "hidden": hidden}
+
+
+def _unmanaged_node(device: str) -> str | None:
+    """`device`, described, when it is an existing character device udev does not announce
+    (a pseudo-terminal, a node outside /dev); None otherwise."""
+    from bridge.daemon.hotplug import udev_announces
+
+    if udev_announces(device):
+        return None
+    path = os.path.realpath(device)
+    try:
+        if not stat.S_ISCHR(os.stat(path).st_mode):
+            return None
+    except OSError:
+        return None
+    kind = "pseudo-terminal" if path.startswith("/dev/pts/") else "device"
+    return f"{path} ({kind}, not a udev device)"
 
 
 def _print_text(report: dict[str, Any], out: Any) -> None:

@@ -896,6 +896,36 @@ def test_devices_text_all_present(tmp_path: Path, capsys) -> None:
     assert "    V400m-324688179 (USB 11ca:0219 serial 324688179): on /dev/bus/usb/001/007" in out
 
 
+def test_devices_reports_a_pseudo_terminal_that_exists_as_present(tmp_path: Path,
+                                                                   capsys) -> None:
+    """udev never lists a pseudo-terminal: a terminal configured on one (a simulator, a
+    serial server's virtual port) was reported NOT FOUND, check the cable and power."""
+    master, slave = os.openpty()
+    pty = os.ttyname(slave)
+    try:
+        link = tmp_path / "terminal"
+        link.symlink_to(pty)
+        config = tmp_path / "poi-bridge.toml"
+        config.write_text(f"""
+[[terminals]]
+poi_id = "Desk3500-12345678"
+link = {{ kind = "serial", device = "{link}" }}
+
+[[terminals]]
+poi_id = "Desk3500-87654321"
+link = {{ kind = "serial", device = "{tmp_path / 'gone'}" }}
+""")
+        code = _devices(["--config", str(config)], [])
+        out = capsys.readouterr().out
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert (f"    Desk3500-12345678 (serial {link}): on {pty} (pseudo-terminal, "
+            "not a udev device)") in out
+    assert "    Desk3500-87654321" in out and "NOT FOUND" in out.split("Desk3500-87654321")[1]
+    assert code == 1, "one configured terminal is missing"
+
+
 def test_devices_without_config_and_with_all(capsys) -> None:
     devices = [ftdi_cable("")]
     if Path("/sys/class/tty/tty0").exists():
