@@ -179,6 +179,18 @@ def _check_journal(journal: Path, errors: list[str], warnings: list[str]) -> Non
                       f"the journal keeps payments across restarts; use "
                       f"{STATE_DIRECTORY}/journal.sqlite3")
         return
+    try:
+        _check_journal_path(path, place, errors, warnings)
+    except PermissionError as exc:  # (pathlib's exists() and is_dir() raise it in 3.11)
+        # The unit's StateDirectoryMode=0700 keeps everyone but root and the daemon's user
+        # out of /var/lib/poi-bridge once the service has run.
+        warnings.append(f"{place}: cannot look at {path} as uid {os.geteuid()} "
+                        f"({exc.strerror}): the daemon's user may; run check-config as root "
+                        "to check it")
+
+
+def _check_journal_path(path: Path, place: str, errors: list[str],
+                        warnings: list[str]) -> None:
     if path.is_dir():
         errors.append(f"{place}: {path} is a directory: name the journal file in it, e.g. "
                       f"{path}/journal.sqlite3")

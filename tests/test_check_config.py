@@ -416,3 +416,36 @@ def test_python_callers_may_still_pass_strings_for_numbers():
     TOML rule is for the file."""
     from bridge.config import MqttConfig
     assert MqttConfig.model_validate({"port": "1883"}).port == 1883
+
+
+def test_a_journal_directory_only_the_daemon_may_enter_is_a_warning_not_a_crash(tmp_path):
+    """The unit's StateDirectoryMode=0700 keeps other users out of /var/lib/poi-bridge once
+    the service has run; pathlib's is_dir() then raises PermissionError, which ended
+    check-config, run as an ordinary user, with a traceback."""
+    import os
+    import shutil
+
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to run check-config as another user")
+    import tempfile
+
+    # (pytest's own tmp_path lives under a root-only directory)
+    tmp_path = Path(tempfile.mkdtemp(prefix="poi-check-config-"))
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    config = tmp_path / "poi-bridge.toml"
+    config.write_text(f'journal = "{state}/journal.sqlite3"\n'
+                      '[[terminals]]\npoi_id = "V400m-1"\n'
+                      '[terminals.link]\nkind = "tcp"\nhost = "192.0.2.1"\nport = 8443\n')
+    tmp_path.chmod(0o755)
+    config.chmod(0o644)
+    done = subprocess.run(
+        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+         "bridge", "check-config", str(config)],
+        capture_output=True, text=True, cwd="/", env=python_env(), timeout=60)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    shutil.rmtree(tmp_path)
+    said = done.stdout + done.stderr
+    assert "cannot look at" in said and "uid 65534" in said

@@ -262,13 +262,14 @@ async def test_every_malformed_request_is_answered(tmp_path, mosquitto):
             assert "old" in answer["bridge"]["error"]
             assert "this box's clock (20" in answer["bridge"]["error"]  # what to compare
 
-            # the 300-s rule needs a TimeStamp it can read: none, unreadable, no time zone,
-            # or as far in the future (clocks apart) are refused, never silently started
+            # the 300-s rule needs a TimeStamp it can read: none or unreadable is refused; one
+            # without a zone is read as local time or UTC; one as far in the future (clocks
+            # apart) is refused: never silently started
             future = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
             for service_id, stamp, said in (
                     ("Z1", None, "is missing"),
                     ("Z2", "30/11/2026 10:00", "is not an ISO 8601 date and time"),
-                    ("Z3", "2026-11-30T10:00:00", "has no time zone"),
+                    ("Z3", "2020-11-30T10:00:00", "it has no zone"),  # old, either way
                     ("Z4", future.isoformat(timespec="milliseconds"), "in the future")):
                 odd = responses.payment_request("POS3", service_id, POI)
                 sale_tx = odd["SaleToPOIRequest"]["PaymentRequest"]["SaleData"][
@@ -327,6 +328,8 @@ async def test_bridge_commands(tmp_path, mosquitto):
                     ({"state": "in_progress"}, "state 'in_progress' is none of accepted, "
                                                "awaiting_response, polling, unresolved, final"),
                     ({"outcome": "paid"}, "outcome 'paid' is none of approved"),
+                    ({"outcome": "unresolved"}, "unresolved is a state: ask for state "
+                                                "unresolved"),
                     ({"stat": "final"}, "unknown key(s) stat"),
                     ({"limit": True}, "limit must be a whole number"))):
                 await sub.publish(f"{BASE}/bridge/request/transactions",

@@ -144,7 +144,7 @@ AMOUNT_FIELDS = [
 
 
 @pytest.mark.parametrize("path,field,make", AMOUNT_FIELDS)
-@pytest.mark.parametrize("value", ["12.50", "0", "", True, False, None, [12.5], {"Value": 12.5}])
+@pytest.mark.parametrize("value", ["12.50", "0", "", True, False, [12.5], {"Value": 12.5}])
 def test_an_amount_that_is_not_a_json_number_is_refused_naming_the_field(path, field, make,
                                                                          value):
     document = make()
@@ -246,7 +246,8 @@ def test_an_amount_passes_exactly_when_it_is_a_finite_number_of_0_or_more(value,
     path, field, make = which
     document = make()
     at(document, path)[field] = value
-    good = (type(value) in (int, float) and math.isfinite(value) and value >= 0)
+    good = (type(value) in (int, float) and math.isfinite(value) and value >= 0) or (
+        value is None and field != "RequestedAmount")  # an optional one may be null
     problems = problems_of(json.dumps(document).encode())
     if good:
         assert problems == []
@@ -259,3 +260,21 @@ def test_a_request_built_in_python_is_held_to_the_same_rules():
     inner["PaymentRequest"]["PaymentTransaction"]["AmountsReq"]["RequestedAmount"] = "1"
     with pytest.raises(ValueError, match="RequestedAmount"):
         SaleToPOIRequest.model_validate(inner)
+
+
+@pytest.mark.parametrize("path,field,make", [f for f in AMOUNT_FIELDS
+                                             if f[1] != "RequestedAmount"])
+def test_an_optional_amount_may_be_null_as_some_serialisers_write_it(path, field, make):
+    document = make()
+    at(document, path)[field] = None
+    assert problems_of(document) == []
+
+
+def test_an_amount_too_large_for_a_float_is_refused_or_passed_never_a_crash():
+    """math.isfinite() of a 400-digit integer raised OverflowError, out of parse_message."""
+    document = payment()
+    at(document, AMOUNTS_REQ)["RequestedAmount"] = 10**400
+    assert problems_of(json.dumps(document).encode()) == []
+    at(document, AMOUNTS_REQ)["RequestedAmount"] = -(10**400)
+    (problem,) = problems_of(json.dumps(document).encode())
+    assert "RequestedAmount: must be 0 or more" in problem

@@ -90,14 +90,64 @@ def test_after_48_hours_the_service_id_is_free_again():
     assert check_reuse(txn, request_digest(other), later, other) is Reuse.NEW
 
 
-json_leaves = st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+json_leaves = (st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=5)
+               | st.sampled_from([0.0, -0.0, 1.0, 2.5, -3.0, 1e300]))
 json_values = st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=4), inner, max_size=3),
                            max_leaves=12)
 
 
+def _whole_floats_as_ints(value):
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_floats_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_floats_as_ints(v) for v in value]
+    return value
+
+
 @given(a=json_values, b=json_values)
 def test_first_difference_is_none_exactly_when_the_canonical_documents_are_equal(a, b):
-    """Outside the TimeStamp rule it agrees with the digest (key order aside)."""
-    same_digest = request_digest({"x": a}) == request_digest({"x": b})
-    assert (first_difference({"x": a}, {"x": b}) is None) == same_digest
+    """Outside the TimeStamp rule it agrees with the digest (key order aside), once a whole
+    float is written as the integer it equals (12.0 and 12 are the same amount)."""
+    same = request_digest({"x": _whole_floats_as_ints(a)}) == request_digest(
+        {"x": _whole_floats_as_ints(b)})
+    assert (first_difference({"x": a}, {"x": b}) is None) == same
+
+
+def test_a_journaled_request_that_fails_todays_checks_is_still_answered_as_a_repeat(tmp_path):
+    """The broker delivers again (QoS 1) a request an older bridge took and journaled, but
+    that today's stricter checks refuse (an amount as a string): the register must get the
+    recorded result, not 'rejected' for a payment it may have been charged for."""
+    import json
+
+    from .test_intake_fuzz import POI as RIG_POI
+    from .test_intake_fuzz import Rig
+
+    topic = f"poi-bridge/terminals/{RIG_POI}/request"
+    document = responses.payment_request("TILL1", "S1", RIG_POI)
+    document["SaleToPOIRequest"]["PaymentRequest"]["PaymentTransaction"]["AmountsReq"][
+        "RequestedAmount"] = "12.50"
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        now = rig.intake._clock()
+        rig.journal.save(Transaction(
+            sale_id="TILL1", service_id="S1", poi_id=RIG_POI, category="Payment",
+            request=document, digest=request_digest(document), created_at=now - 60,
+            updated_at=now - 50, state=TxState.FINAL, outcome="approved", source="terminal",
+            response={"SaleToPOIResponse": {"PaymentResponse": {"Response": {
+                "Result": "Success"}}}}))
+        published = rig.handle(topic, json.dumps(document).encode())
+        (answer,) = [json.loads(m.payload) for m in published if m.topic.endswith("/response")]
+        assert (answer["bridge"]["outcome"], answer["bridge"]["source"]) == ("approved",
+                                                                             "journal")
+        # a different request failing the same check is refused as before
+        other = copy.deepcopy(document)
+        other["SaleToPOIRequest"]["MessageHeader"]["ServiceID"] = "S2"
+        published = rig.handle(topic, json.dumps(other).encode())
+        (answer,) = [json.loads(m.payload) for m in published if m.topic.endswith("/response")]
+        assert answer["bridge"]["outcome"] == "rejected"
+        assert "RequestedAmount" in answer["bridge"]["error"]
+    finally:
+        rig.journal.close()

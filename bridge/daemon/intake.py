@@ -46,7 +46,8 @@ COMMANDS = ("resync", "transactions", "terminals", "health")
 # The `transactions` command's filters, with the values each can take (none: any string)
 _TRANSACTION_FILTERS: dict[str, tuple[str, ...]] = {
     "state": tuple(state.value for state in TxState),
-    "outcome": tuple(outcome.value for outcome in Outcome),
+    # (an unresolved transaction has no outcome yet: that is its state)
+    "outcome": tuple(outcome.value for outcome in Outcome if outcome is not Outcome.UNRESOLVED),
     "poi_id": (),
     "sale_id": (),
 }
@@ -80,26 +81,35 @@ def _header_dict(document: Any) -> dict[str, Any]:
 
 def _payment_time_stamp(request: SaleToPOIRequest) -> tuple[dt.datetime | None, str | None]:
     """A PaymentRequest's SaleTransactionID.TimeStamp, or what is wrong with it; (None, None)
-    for other requests. A payment must say when the register built it, with a time zone: the
-    300-s rule (payments that waited in the broker are not started) depends on it, and a
-    local time without a zone is off by the zone's offset on one side or the other."""
+    for other requests. A payment must say when the register built it: the 300-s rule
+    (payments that waited in the broker are not started) depends on it. The stamp may lack a
+    time zone (naive): Adyen's own .NET library writes it so."""
     if request.payment_request is None:
         return None, None
     sale_tx = request.payment_request.sale_data.sale_transaction_id
     where = "PaymentRequest.SaleData.SaleTransactionID.TimeStamp"
     if sale_tx is None or not sale_tx.time_stamp:
         return None, (f"{where} is missing: a payment must say when the register built it "
-                      "(ISO 8601 with a time zone, e.g. 2026-11-30T10:00:00.000Z)")
+                      "(ISO 8601, e.g. 2026-11-30T10:00:00.000Z)")
     text = sale_tx.time_stamp
     try:
-        stamp = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        stamp = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z"))
+                                          else text)
     except ValueError:
         return None, (f"{where} {text[:40]!r} is not an ISO 8601 date and time (e.g. "
                       "2026-11-30T10:00:00.000Z)")
-    if stamp.tzinfo is None:
-        return None, (f"{where} {text[:40]!r} has no time zone: add Z (UTC) or the offset, "
-                      "e.g. +01:00")
     return stamp, None
+
+
+def _age(stamp: dt.datetime, now: float) -> float:
+    """How old a TimeStamp is by this box's clock (negative: ahead of it). One without a time
+    zone is read both as this box's local time and as UTC, and the reading closer to now
+    counts: registers write either, and the 300-s rule must neither refuse a fresh payment
+    for the zone's offset nor be switched off."""
+    if stamp.tzinfo is not None:
+        return now - stamp.timestamp()
+    readings = (now - stamp.timestamp(), now - stamp.replace(tzinfo=dt.UTC).timestamp())
+    return min(readings, key=abs)
 
 
 def _conflict_error(existing: Transaction, document: dict[str, Any]) -> str:
@@ -195,7 +205,8 @@ class RequestIntake:
         try:
             request = parse_message(document)
         except MessageError as exc:
-            self._reject(document, poi_id, f"not a valid SaleToPOIRequest: {exc}")
+            if not self._known_repeat(document):
+                self._reject(document, poi_id, f"not a valid SaleToPOIRequest: {exc}")
             return
         if not isinstance(request, SaleToPOIRequest):
             self._reject(document, poi_id, "registers publish SaleToPOIRequest documents here")
@@ -206,7 +217,8 @@ class RequestIntake:
             return
         problems = check_request_header(request)
         if problems:
-            self._reject(document, poi_id, "invalid header: " + "; ".join(problems))
+            if not self._known_repeat(document):
+                self._reject(document, poi_id, "invalid header: " + "; ".join(problems))
             return
         header = request.message_header
         assert header is not None and header.sale_id and header.service_id
@@ -241,6 +253,22 @@ class RequestIntake:
             self._refuse_recorded(request, document, digest, poi_id, *refusal)
             return
         self.workers[poi_id].submit(request, document, digest)
+
+    def _known_repeat(self, document: Any) -> bool:
+        """Answer, as a repeat, a request that fails today's checks but that the journal holds
+        identical: a copy the broker delivers again (QoS 1) to a bridge whose rules became
+        stricter since it took the first. Refusing it would tell the register that a payment
+        it may have been charged for was rejected."""
+        header = _header_dict(document)
+        sale_id, service_id = header.get("SaleID"), header.get("ServiceID")
+        if not isinstance(sale_id, str) or not isinstance(service_id, str):
+            return False
+        existing = self.journal.get(TxKey(sale_id, service_id))
+        if check_reuse(existing, request_digest(document), self._clock()) is not Reuse.REPEAT:
+            return False
+        assert existing is not None
+        self._repeat(existing)
+        return True
 
     def _refusal(self, request: SaleToPOIRequest, poi_id: str) -> tuple[str, str] | None:
         """Why a well-formed, new request cannot start here: (error, ErrorCondition)."""
@@ -295,10 +323,12 @@ class RequestIntake:
         if stamp is None:
             return None
         now = self._wall()
-        age = now - stamp.timestamp()
+        age = _age(stamp, now)
         if abs(age) <= self.request_max_age:
             return None
         clock = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds")
+        if stamp.tzinfo is None:
+            clock += ", the stamp read as this box's local time or as UTC: it has no zone"
         if age > 0:
             return (f"request is {age:.0f} s old (SaleTransactionID.TimeStamp) by this box's "
                     f"clock ({clock}); payments older than {self.request_max_age:.0f} s are not "
@@ -364,7 +394,9 @@ class RequestIntake:
                 raise MessageError(f"{key} must be a string")
             known = _TRANSACTION_FILTERS[key]
             if value is not None and known and value not in known:
-                raise MessageError(f"{key} {value[:40]!r} is none of {', '.join(known)}")
+                hint = ("; unresolved is a state: ask for state unresolved"
+                        if (key, value) == ("outcome", "unresolved") else "")
+                raise MessageError(f"{key} {value[:40]!r} is none of {', '.join(known)}{hint}")
         limit = body.get("limit", 100)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise MessageError("limit must be a whole number from 1 to 1000")

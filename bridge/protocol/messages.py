@@ -140,18 +140,21 @@ def _amount(value: Any) -> Any:
                 dict: "an object"}.get(type(value), type(value).__name__)
         raise PydanticCustomError("amount_type", "must be a JSON number, e.g. 12.5, not {kind}",
                                   {"kind": kind})
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # (an int is always finite,
+        # and math.isfinite() of one too large for a float raises OverflowError)
         raise PydanticCustomError("amount_finite", "must be a finite number, not {value}",
                                   {"value": json.dumps(value)})
     if value < 0:
+        shown = str(value)
         raise PydanticCustomError("amount_negative", "must be 0 or more, not {value}",
-                                  {"value": value})
+                                  {"value": shown if len(shown) <= 24 else shown[:21] + "..."})
     return value
 
 
 Amount = Annotated[int | float, BeforeValidator(_amount)]
-# Optional, but when present a number: an explicit null is refused (leave the field out).
-OptionalAmount = Annotated[int | float | None, BeforeValidator(_amount)]
+# Optional: absent, or null as some serialisers write an unset field, or a number.
+OptionalAmount = Annotated[int | float | None,
+                           BeforeValidator(lambda value: None if value is None else _amount(value))]
 
 
 class AmountsReq(_Open):
