@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -48,11 +49,21 @@ class SecretError(Exception):
     """A secret file named in the configuration cannot be read; the text says which."""
 
 
+def credential_path(path: Path) -> Path:
+    """Where a secret file named in the configuration is: a relative path names a systemd
+    credential of the service (LoadCredential=), in $CREDENTIALS_DIRECTORY while it runs
+    (else where the unit puts them, for check-config run beside it)."""
+    if path.is_absolute():
+        return path
+    return Path(os.environ.get("CREDENTIALS_DIRECTORY") or CREDENTIALS_DIRECTORY) / path
+
+
 def read_secret(path: Path | None, what: str) -> str | None:
     """A password file's content, as the daemon and the technician commands read it: the
     whole file, without its trailing line end."""
     if path is None:
         return None
+    path = credential_path(path)
     try:
         return path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:

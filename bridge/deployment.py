@@ -17,6 +17,7 @@ from bridge.config import (
     SerialLink,
     TcpLink,
     UsbLink,
+    credential_path,
 )
 
 
@@ -34,13 +35,11 @@ def deployment_problems(config: Config) -> tuple[list[str], list[str]]:
     errors += _shared_links(config)
     for number, terminal in enumerate(config.terminals):
         if terminal.key is not None:
-            path = terminal.key.passphrase_file
-            credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not path.is_absolute():  # the daemon looks it up among its credentials
-                path = Path(credentials or CREDENTIALS_DIRECTORY) / path
-            _check_secret(f"terminals[{number}].key.passphrase_file", path, errors, warnings)
+            _check_secret(f"terminals[{number}].key.passphrase_file",
+                          credential_path(terminal.key.passphrase_file), errors, warnings)
     if config.mqtt.password_file is not None:
-        _check_secret("mqtt.password_file", config.mqtt.password_file, errors, warnings)
+        _check_secret("mqtt.password_file", credential_path(config.mqtt.password_file),
+                      errors, warnings)
     if config.mqtt.tls is not None:
         for name in ("ca_file", "cert_file", "key_file"):
             path = getattr(config.mqtt.tls, name)

@@ -31,3 +31,23 @@ def test_relative_path_is_a_systemd_credential(tmp_path, monkeypatch):
 def test_unreadable_passphrase_stops_with_a_clear_message(tmp_path):
     with pytest.raises(SystemExit, match="V400m-1: cannot read key passphrase file"):
         load_key(terminal(str(tmp_path / "missing")))
+
+
+def test_a_passphrase_that_is_not_utf8_stops_with_a_clear_message(tmp_path):
+    secret = tmp_path / "pass"
+    secret.write_bytes(b"\xff\xfe latin-1 \xe9\n")
+    with pytest.raises(SystemExit, match="V400m-1: key passphrase file .* is not UTF-8 text"):
+        load_key(terminal(str(secret)))
+
+
+def test_a_relative_mqtt_password_file_is_a_credential_too(tmp_path, monkeypatch):
+    """As a relative passphrase_file: the daemon read a relative password_file from its
+    working directory (/ under systemd) instead of its credentials."""
+    from pathlib import Path
+
+    from bridge.config import read_secret
+
+    (tmp_path / "secret_mqtt-password").write_text("s3cret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    monkeypatch.chdir("/")
+    assert read_secret(Path("secret_mqtt-password"), "the MQTT password file") == "s3cret"

@@ -14,11 +14,10 @@ import logging
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 from bridge import __version__
-from bridge.config import Config, TerminalConfig
+from bridge.config import Config, SecretError, TerminalConfig, read_secret
 from bridge.daemon.hotplug import (
     DeviceInfo,
     HotplugMonitor,
@@ -48,15 +47,11 @@ def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
     credential (LoadCredential=), looked up in $CREDENTIALS_DIRECTORY."""
     if terminal.key is None:
         return None
-    path = terminal.key.passphrase_file
-    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
-    if not path.is_absolute() and credentials:
-        path = Path(credentials) / path  # a systemd credential named in the configuration
     try:
-        passphrase = path.read_text(encoding="utf-8").rstrip("\r\n")
-    except OSError as exc:
-        raise SystemExit(f"terminal {terminal.poi_id}: cannot read key passphrase file "
-                         f"{path}: {exc.strerror or exc}") from None
+        passphrase = read_secret(terminal.key.passphrase_file, "key passphrase file")
+    except SecretError as exc:
+        raise SystemExit(f"terminal {terminal.poi_id}: {exc}") from None
+    assert passphrase is not None
     return crypto.NexoKey(terminal.key.identifier, terminal.key.version, passphrase)
 
 
