@@ -14,7 +14,7 @@ from bridge.config import (
     ConfigError,
     SecretError,
     load_config,
-    read_secret,
+    read_configured_secret,
 )
 from bridge.daemon.journal import JournalError, unusable
 from bridge.deployment import deployment_problems
@@ -78,7 +78,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     from bridge.daemon.app import JOURNAL_EXIT_STATUS, run_bridge
 
     try:
-        password = read_secret(config.mqtt.password_file, "the MQTT password file")
+        password = read_configured_secret(config.mqtt.password_file, "the MQTT password file")
     except SecretError as exc:
         raise SystemExit(f"poi-bridge: {exc}") from None
     try:

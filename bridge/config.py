@@ -58,12 +58,17 @@ def credential_path(path: Path) -> Path:
     return Path(os.environ.get("CREDENTIALS_DIRECTORY") or CREDENTIALS_DIRECTORY) / path
 
 
+def read_configured_secret(path: Path | None, what: str) -> str | None:
+    """read_secret() of a file the configuration names: a relative path is a credential
+    (credential_path). A path given on a command line is read as given."""
+    return read_secret(None if path is None else credential_path(path), what)
+
+
 def read_secret(path: Path | None, what: str) -> str | None:
     """A password file's content, as the daemon and the technician commands read it: the
     whole file, without its trailing line end."""
     if path is None:
         return None
-    path = credential_path(path)
     try:
         return path.read_text(encoding="utf-8").rstrip("\r\n")
     except OSError as exc:

@@ -45,9 +45,16 @@ def test_a_relative_mqtt_password_file_is_a_credential_too(tmp_path, monkeypatch
     working directory (/ under systemd) instead of its credentials."""
     from pathlib import Path
 
-    from bridge.config import read_secret
+    from bridge.config import read_configured_secret, read_secret
 
     (tmp_path / "secret_mqtt-password").write_text("s3cret\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     monkeypatch.chdir("/")
-    assert read_secret(Path("secret_mqtt-password"), "the MQTT password file") == "s3cret"
+    assert read_configured_secret(Path("secret_mqtt-password"),
+                                  "the MQTT password file") == "s3cret"
+    # A path a technician gives on a command line is read as given, from where they are.
+    elsewhere = tmp_path / "here"
+    elsewhere.mkdir()
+    (elsewhere / "pw.txt").write_text("typed\n")
+    monkeypatch.chdir(elsewhere)
+    assert read_secret(Path("pw.txt"), "the password file") == "typed"

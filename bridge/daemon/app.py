@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from bridge import __version__
-from bridge.config import Config, SecretError, TerminalConfig, read_secret
+from bridge.config import Config, SecretError, TerminalConfig, read_configured_secret
 from bridge.daemon.hotplug import (
     DeviceInfo,
     HotplugMonitor,
@@ -48,7 +48,7 @@ def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
     if terminal.key is None:
         return None
     try:
-        passphrase = read_secret(terminal.key.passphrase_file, "key passphrase file")
+        passphrase = read_configured_secret(terminal.key.passphrase_file, "key passphrase file")
     except SecretError as exc:
         raise SystemExit(f"terminal {terminal.poi_id}: {exc}") from None
     assert passphrase is not None
