@@ -39,4 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     if handler is None:
         parser.print_help(sys.stderr)
         return 2
-    return int(handler(args) or 0)
+    try:
+        return int(handler(args) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C in a technician's command: one line, the shell's status for it. (`run` stops
+        # on SIGTERM/SIGINT by its own handlers; `register pay` says what an interrupted
+        # payment means itself.)
+        print(f"poi-bridge {args.command}: interrupted", file=sys.stderr)
+        return 130

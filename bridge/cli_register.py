@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import math
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,9 @@ import aiomqtt
 from pydantic import ValidationError
 
 from bridge.config import ConfigError, MqttConfig, load_config
+from bridge.daemon.registers import topic_safe
 from bridge.protocol.builders import new_service_id
+from bridge.protocol.messages import POIID_PATTERN, SERVICE_ID_PATTERN
 from bridge.register_client import (
     ConnectionLost,
     ConnectionSetupError,
@@ -43,6 +46,34 @@ def _amount(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an amount: give a finite number of 0 or more, e.g. 12.50")
     return value + 0.0  # -0.0 as 0.0
+
+
+def _seconds(text: str) -> float:
+    """A time-out: a finite number of seconds, more than 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time-out: give seconds, more than 0")
+    return value
+
+
+def _id_problems(args: argparse.Namespace) -> list[str]:
+    """The IDs the bridge would refuse, checked before anything is sent: a payment it refuses
+    under another ID (cut, or on bridge/error) would be waited for in vain, and reported
+    OUTCOME UNKNOWN; a wildcard in a topic makes paho raise."""
+    problems = []
+    if not (topic_safe(args.sale_id) and len(args.sale_id) <= 64):
+        problems.append(f"--sale-id {args.sale_id[:40]!r}: 1 to 64 printable characters, "
+                        "without / + #")
+    if args.action == "pay":
+        if not (topic_safe(args.terminal) and POIID_PATTERN.match(args.terminal)):
+            problems.append(f"--terminal {args.terminal[:40]!r}: a POIID, [model]-[serial], "
+                            "e.g. V400m-324688179")
+        if args.service_id is not None and not SERVICE_ID_PATTERN.match(args.service_id):
+            problems.append(f"--service-id {args.service_id[:40]!r}: 1 to 10 letters or digits")
+    return problems
 
 
 def add_parser(subparsers: Any) -> None:
@@ -80,7 +111,7 @@ def add_parser(subparsers: Any) -> None:
                      help="a finite number, 0 or more (e.g. 12.50)")
     pay.add_argument("--currency", default="EUR")
     pay.add_argument("--service-id", help="default: a fresh one")
-    pay.add_argument("--timeout", type=float, default=300.0,
+    pay.add_argument("--timeout", type=_seconds, default=300.0,
                      help="seconds to wait for the outcome (default 300)")
     resync = sub.add_parser("resync", help="ask the bridge to poll the terminal again")
     resync.add_argument("--service-id", required=True)
@@ -133,7 +164,7 @@ def _broker(value: str) -> tuple[str, int | None]:
             port = rest[1:]
     elif value.count(":") == 1:
         host, port = value.split(":")
-    if port is not None and not port.isdigit():
+    if port is not None and not (port.isascii() and port.isdigit()):
         raise _Usage(f"--broker: {port!r} is not a port number (HOST or HOST:PORT, "
                      "e.g. 127.0.0.1:1883)")
     return host or "127.0.0.1", None if port is None else int(port)
@@ -172,11 +203,8 @@ def _published(payment: _Payment) -> None:
 def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace) -> int:
     """Said when a payment was handed to the broker and its answer did not come. The request
     waits in the bridge's persistent session (or is running): it may still be charged."""
-    config = args.config or "FILE"
-    same = "".join(f"{option} {value} " for option, value in (
-        ("--config", args.config), ("--broker", args.broker), ("--base-topic", args.base_topic))
-        if value is not None)
-    ids = f"{payment.sale_id} {payment.service_id}"
+    config = shlex.quote(str(args.config)) if args.config else "FILE"
+    ids = f"{shlex.quote(payment.sale_id)} {shlex.quote(payment.service_id)}"
     print(f"poi-bridge register: OUTCOME UNKNOWN for the payment SaleID {payment.sale_id} "
           f"ServiceID {payment.service_id} on {payment.poi_id} ({payment.amount}): {why}.\n"
           "  The request was handed to the broker: the bridge runs it when it gets it (a "
@@ -187,7 +215,6 @@ def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace) -> i
           "transactions)\n"
           f"    poi-bridge resync {ids} --config {config}   (asks the terminal, shows the "
           "outcome)\n"
-          f"    poi-bridge register {same}--sale-id {payment.sale_id} transactions\n"
           "  \"no transaction\" before the bridge has taken the queued request does not mean "
           "it was not charged: ask again once the bridge is back.",
           file=sys.stderr, flush=True)
@@ -213,12 +240,16 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
                   f"until it is back", file=sys.stderr)
         if args.action == "pay":
             assert payment is not None
-            # From here on, whatever fails, the broker may have the request: its outcome is
-            # unknown, not "failed" (a failed publish may have reached the broker too).
-            payment.sent = True
+            def sending() -> None:
+                # From here on, whatever fails, the broker may have the request: its outcome
+                # is unknown, not "failed" (a failed publish may have reached the broker too).
+                payment.sent = True
+
             answer = await register.pay(args.terminal, args.amount, args.currency,
                                         service_id=payment.service_id, timeout=args.timeout,
+                                        on_sending=sending,
                                         on_published=lambda: _published(payment))
+            payment.sent = False  # its outcome is known: nothing after this makes it unknown
             info = answer["bridge"]
             if args.json:
                 print(json.dumps(answer, indent=1))
@@ -243,6 +274,9 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
 def run(args: argparse.Namespace) -> int:
     try:
         mqtt = _mqtt(args)
+        problems = _id_problems(args)
+        if problems:
+            raise _Usage(*problems)
     except _Usage as exc:
         for problem in exc.args:
             print(f"poi-bridge register: {problem}", file=sys.stderr)

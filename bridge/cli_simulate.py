@@ -91,7 +91,7 @@ def build_scenario(args: argparse.Namespace) -> Scenario:
 
 def _tcp(value: str) -> tuple[str, int]:
     host, _, port = value.rpartition(":")
-    if not port.isdigit() or not 0 <= int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise _Usage(f"--tcp: {port!r} is not a port number (HOST:PORT, e.g. 127.0.0.1:8443)")
     return host.strip("[]") or "127.0.0.1", int(port)
 

@@ -176,9 +176,17 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _device_path(value: str) -> str:
+    if not value or not value.isprintable():
+        raise ValueError("must be a device path such as /dev/poi/ingenico-1234, printable "
+                         "characters only")
+    return value
+
+
 class SerialLink(_Strict):
     kind: Literal["serial"] = "serial"
-    device: str = Field(description="e.g. /dev/poi/ingenico-1234 or /dev/ttyACM0")
+    device: Annotated[str, AfterValidator(_device_path)] = Field(
+        description="e.g. /dev/poi/ingenico-1234 or /dev/ttyACM0")
     baudrate: Int = Field(default=115200, gt=0)
     bytesize: Literal[5, 6, 7, 8] = 8
     parity: Literal["N", "E", "O", "M", "S"] = "N"

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiomqtt
 
-from bridge.config import MqttConfig, SecretError, read_secret
+from bridge.config import MqttConfig, SecretError, read_configured_secret, read_secret
 from bridge.daemon.mqtt import SetupError, login_refused
 from bridge.daemon.mqtt import tls_context as daemon_tls_context
 from bridge.daemon.registers import Topics
@@ -50,13 +50,16 @@ class ConnectionLost(aiomqtt.MqttError):
     delivered to the bridge (its persistent session) and run."""
 
 
-def read_password(path: Path | None) -> str | None:
+def read_password(path: Path | None, *, configured: bool = False) -> str | None:
     """The MQTT password in `password_file`, read as the daemon reads it: the whole file,
     without its trailing line end (see bridge.config.read_secret). A systemd credential of
     the service is named in the configuration by its path (/run/credentials/poi-bridge
     .service/...): it exists only while the service runs, and only root and the service may
-    read it."""
+    read it. `configured`: the path is the configuration's `mqtt.password_file` (a relative
+    one names a credential, as for the daemon); else it was given on the command line."""
     try:
+        if configured:
+            return read_configured_secret(path, "the MQTT password file")
         return read_secret(path, "the MQTT password file")
     except SecretError as exc:
         raise ConnectionSetupError(
@@ -123,7 +126,8 @@ class RegisterClient:
         """A client to the broker and base topic of a bridge's `[mqtt]` configuration, with
         its user name, password and TLS. ConnectionSetupError if a file cannot be used."""
         return cls(mqtt.host, mqtt.port, sale_id, base_topic=mqtt.base_topic,
-                   username=mqtt.username, password=read_password(mqtt.password_file),
+                   username=mqtt.username,
+                   password=read_password(mqtt.password_file, configured=True),
                    tls_context=tls_context(mqtt), **options)
 
     async def __aenter__(self) -> RegisterClient:
@@ -195,10 +199,12 @@ class RegisterClient:
         return self.bridge_state
 
     async def request(self, document: dict[str, Any], timeout: float = 300.0, *,
+                      on_sending: Callable[[], None] | None = None,
                       on_published: Callable[[], None] | None = None) -> dict[str, Any]:
         """Publish a request and wait for its final answer (an `unresolved` report is shown as
         an event and waiting goes on, as a till would keep the sale open). `on_published` is
-        called once the broker has taken the request. TimeoutError when no answer came in
+        called once the broker has taken the request, `on_sending` just before it is handed
+        to the connection (from then on the broker may have it). TimeoutError when no answer came in
         time, ConnectionLost when the connection ended meanwhile: in both cases the request
         may still run (see the README, `register`)."""
         assert self._client is not None
@@ -207,6 +213,8 @@ class RegisterClient:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[header["ServiceID"]] = future
         try:
+            if on_sending is not None:
+                on_sending()
             await self._client.publish(
                 self.topics.base + f"/terminals/{header['POIID']}/request",
                 json.dumps(document), qos=1)
@@ -222,13 +230,15 @@ class RegisterClient:
 
     async def pay(self, poi_id: str, amount: float, currency: str = "EUR", *,
                   service_id: str | None = None, timeout: float = 300.0,
+                  on_sending: Callable[[], None] | None = None,
                   on_published: Callable[[], None] | None = None) -> dict[str, Any]:
         document = payment_request(self.sale_id, service_id or new_service_id(), poi_id,
                                    amount, currency)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
         document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
             "TimeStamp"] = stamp
-        return await self.request(document, timeout, on_published=on_published)
+        return await self.request(document, timeout, on_sending=on_sending,
+                                  on_published=on_published)
 
     async def command(self, command: str, body: dict[str, Any] | None = None,
                       timeout: float = 30.0) -> dict[str, Any]:

@@ -58,3 +58,19 @@ def test_a_relative_mqtt_password_file_is_a_credential_too(tmp_path, monkeypatch
     (elsewhere / "pw.txt").write_text("typed\n")
     monkeypatch.chdir(elsewhere)
     assert read_secret(Path("pw.txt"), "the password file") == "typed"
+
+
+def test_the_technician_commands_read_the_configured_password_as_the_daemon(tmp_path,
+                                                                              monkeypatch):
+    """status, resync and register --config read a relative mqtt.password_file from the
+    working directory while the daemon takes it from its credentials."""
+    from bridge.config import MqttConfig
+    from bridge.register_client import RegisterClient
+
+    (tmp_path / "secret_mqtt-password").write_text("pw\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    monkeypatch.chdir("/")
+    mqtt = MqttConfig.model_validate({"username": "poi-bridge",
+                                      "password_file": "secret_mqtt-password"})
+    client = RegisterClient.for_bridge(mqtt, "TILL1")
+    assert client._login["password"] == "pw"

@@ -449,3 +449,11 @@ def test_a_journal_directory_only_the_daemon_may_enter_is_a_warning_not_a_crash(
     shutil.rmtree(tmp_path)
     said = done.stdout + done.stderr
     assert "cannot look at" in said and "uid 65534" in said
+
+
+@pytest.mark.parametrize("device", ["/dev/tty\u0000USB0", "", "/dev/tty\nUSB0"])
+def test_a_serial_device_that_is_not_a_printable_path_is_refused(device):
+    """A NUL in a device path crashed check-config (realpath: embedded null byte)."""
+    with pytest.raises(ConfigError, match="terminals\\[0\\].link.device: .*printable"):
+        parse_config({"journal": "/var/lib/poi-bridge/journal.sqlite3", "terminals": [
+            {"poi_id": "V400m-1", "link": {"kind": "serial", "device": device}}]})

@@ -255,3 +255,45 @@ def test_password_and_passphrase_files_are_described_as_they_are_read(tmp_path):
         text = " ".join(done.stdout.decode().split())
         assert "first line" not in text
         assert "the whole file, without its trailing line end" in text, (command, text)
+
+
+def test_ctrl_c_in_a_technicians_command_is_one_line_and_status_130(monkeypatch, capsys):
+    """Ctrl-C in `status` or `resync` printed a KeyboardInterrupt traceback."""
+    from bridge import cli, cli_status
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_status, "run_status", interrupted)
+    assert cli.main(["status", "--config", "/nonexistent.toml"]) == 130
+    assert capsys.readouterr().err == "poi-bridge status: interrupted\n"
+
+
+def test_status_as_a_user_who_may_not_enter_the_state_directory_exits_2(tmp_path):
+    """The unit's StateDirectoryMode=0700: `status` run as another user raised
+    PermissionError from the journal's path check (exit 1, which means 'no daemon')."""
+    import os
+    import shutil
+    import tempfile
+
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv (util-linux) to run status as another user")
+    top = Path(tempfile.mkdtemp(prefix="poi-status-"))
+    try:
+        (top / "state").mkdir(mode=0o700)
+        config = top / "poi-bridge.toml"
+        config.write_text(f'journal = "{top}/state/journal.sqlite3"\n[[terminals]]\n'
+                          'poi_id = "V400m-1"\nlink = {kind = "tcp", host = "192.0.2.1", '
+                          'port = 8443}\n')
+        top.chmod(0o755)
+        config.chmod(0o644)
+        done = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
+                               sys.executable, "-m", "bridge", "status", "--config", str(config)],
+                              capture_output=True, text=True, cwd="/", env=python_env(),
+                              timeout=60)
+    finally:
+        shutil.rmtree(top)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "cannot read journal" in done.stderr, done.stderr

@@ -149,6 +149,27 @@ def test_pay_refuses_an_amount_that_is_not_a_finite_number_of_0_or_more(amount):
     assert "Traceback" not in done.stderr and "cannot connect" not in done.stderr
 
 
+@pytest.mark.parametrize("options, said", [
+    (["--sale-id", "TILL#1", "pay", "--terminal", POI, "--amount", "1"], "--sale-id 'TILL#1'"),
+    (["pay", "--terminal", "V400m+1", "--amount", "1"], "--terminal 'V400m+1'"),
+    (["pay", "--terminal", "V" * 70000, "--amount", "1"], "--terminal 'VVVV"),
+    (["pay", "--terminal", POI, "--amount", "1", "--service-id", "x" * 70],
+     "--service-id 'xxxx"),
+    (["pay", "--terminal", POI, "--amount", "1", "--timeout", "nan"], "is not a time-out"),
+    (["pay", "--terminal", POI, "--amount", "1", "--timeout", "0"], "is not a time-out"),
+    (["--broker", "localhost:\u00b9\u2078\u2078\u00b3", "terminals"], "is not a port number"),
+])
+def test_ids_and_options_the_bridge_would_refuse_are_refused_before_sending(options, said):
+    """A wildcard in a topic made paho raise (a traceback); an ID the bridge refuses under
+    another ID (cut to 64, or on bridge/error) was waited for and reported OUTCOME UNKNOWN;
+    a time-out of nan published a payment and gave up at once."""
+    broker = [] if options[0] == "--broker" else ["--broker", "127.0.0.1:9"]
+    done = run_cli("register", *broker, *options)
+    assert done.returncode == 2, done.stderr
+    assert said in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "cannot connect" not in done.stderr
+
+
 async def test_acting_as_a_till_by_hand_leaves_the_tills_session_alone(mosquitto):
     """`register --sale-id TILL1` once connected as `register-TILL1` with a clean session: the
     id a till keeps its persistent session under. The till was taken off the broker and the

@@ -70,3 +70,14 @@ def test_a_stamp_without_zone_that_is_old_either_way_is_refused(tmp_path):
 def test_a_missing_or_unreadable_stamp_is_refused(tmp_path):
     assert "is missing" in answer_to(tmp_path, None, "M1")["error"]
     assert "is not an ISO 8601" in answer_to(tmp_path, "30/11/2026 10:00", "M2")["error"]
+
+
+def test_a_stamp_the_platform_cannot_place_is_refused_not_a_crash(tmp_path):
+    """.NET's DateTime.MinValue, what an unset stamp serialises to: a naive datetime's
+    timestamp() raised ValueError out of the intake, and the register heard nothing."""
+    for n, stamp in enumerate(("0001-01-01T00:00:00", "0001-01-01T00:00:00Z",
+                               "9999-12-31T23:59:59")):
+        bridge = answer_to(tmp_path, stamp, f"X{n}")
+        assert bridge["outcome"] == "rejected", bridge
+        assert ("centuries from this box's clock" in bridge["error"]
+                or " s in the future" in bridge["error"] or " s old" in bridge["error"]), bridge

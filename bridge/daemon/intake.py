@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -106,9 +107,14 @@ def _age(stamp: dt.datetime, now: float) -> float:
     zone is read both as this box's local time and as UTC, and the reading closer to now
     counts: registers write either, and the 300-s rule must neither refuse a fresh payment
     for the zone's offset nor be switched off."""
-    if stamp.tzinfo is not None:
-        return now - stamp.timestamp()
-    readings = (now - stamp.timestamp(), now - stamp.replace(tzinfo=dt.UTC).timestamp())
+    try:
+        if stamp.tzinfo is not None:
+            return now - stamp.timestamp()
+        readings = (now - stamp.timestamp(), now - stamp.replace(tzinfo=dt.UTC).timestamp())
+    except (ValueError, OverflowError, OSError):
+        # A date the platform cannot place (.NET's DateTime.MinValue, 0001-01-01, what an
+        # unset stamp becomes; 9999-12-31 east of UTC): as far off as it gets
+        return math.inf if stamp.year < 2000 else -math.inf
     return min(readings, key=abs)
 
 
@@ -329,6 +335,10 @@ class RequestIntake:
         clock = dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds")
         if stamp.tzinfo is None:
             clock += ", the stamp read as this box's local time or as UTC: it has no zone"
+        if not math.isfinite(age):  # a date the platform cannot place (0001-01-01...)
+            return (f"request's SaleTransactionID.TimeStamp {stamp.isoformat()[:40]} is "
+                    f"centuries from this box's clock ({clock}): not started; set it to when "
+                    "the register builds the request")
         if age > 0:
             return (f"request is {age:.0f} s old (SaleTransactionID.TimeStamp) by this box's "
                     f"clock ({clock}); payments older than {self.request_max_age:.0f} s are not "

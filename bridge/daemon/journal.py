@@ -108,7 +108,11 @@ def unusable(path: Path, exc: sqlite3.Error) -> str:
 
 def _open_failure(path: Path, exc: BaseException, readonly: bool) -> str:
     """Why the journal file would not open, and what a technician does about it."""
-    if path.is_dir():
+    try:
+        is_dir = path.is_dir()
+    except OSError:  # (pathlib raises it for a directory this user may not enter)
+        is_dir = False
+    if is_dir:
         return (f"cannot open journal {path}: it is a directory; `journal` names the file, "
                 "e.g. /var/lib/poi-bridge/journal.sqlite3")
     if readonly:
@@ -153,7 +157,10 @@ class Journal:
         # The last response saved, and its text: the result published in the same step
         # carries the same document (see response_text)
         self._response_text: tuple[dict[str, Any], str] | None = None
-        existed = self.path.exists() and self.path.stat().st_size > 0
+        try:
+            existed = self.path.exists() and self.path.stat().st_size > 0
+        except OSError as exc:  # a directory it may not enter (StateDirectoryMode=0700)
+            raise JournalError(_open_failure(self.path, exc, readonly)) from None
         if readonly and not existed:
             raise JournalError(f"no journal at {self.path} (has the daemon run yet?)")
         try:
