@@ -36,12 +36,17 @@ from bridge.register_client import (
 OUTCOME_UNKNOWN = 3  # the exit status of a payment whose outcome is not known
 
 
+def _finite(text: str) -> float:
+    """A command-line number, NaN for anything float() refuses (so one test rejects both)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
 def _amount(text: str) -> float:
     """An amount as the bridge takes it: a finite number, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _finite(text)
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not an amount: give a finite number of 0 or more, e.g. 12.50")
@@ -50,10 +55,7 @@ def _amount(text: str) -> float:
 
 def _seconds(text: str) -> float:
     """A time-out: a finite number of seconds, more than 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
+    value = _finite(text)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a time-out: give seconds, more than 0")
     return value
