@@ -166,11 +166,12 @@ class Store:
 
     def __init__(self, workdir: Path, name: str, central: tuple[str, int], *,
                  protocol: str = "3.1.1", broker_config: str = "", pki: Path | None = None,
-                 **settings: str) -> None:
+                 mqtt: dict[str, Any] | None = None, **settings: str) -> None:
         self.workdir, self.name = workdir, name
         self.broker = Mosquitto(workdir / "broker", extra_config=(
             store_bridge_config(*central, store=name, pki=pki, **settings) + broker_config))
         self.protocol = protocol
+        self.mqtt = mqtt or {}
         self.simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
                                          ack_timeout=0.3)
         self.bridge: Bridge | None = None
@@ -181,7 +182,7 @@ class Store:
         self.bridge = Bridge(parse_config({
             "journal": str(self.workdir / "journal.sqlite3"),
             "mqtt": {"host": self.broker.host, "port": self.broker.port,
-                     "base_topic": "poi-bridge", "protocol": self.protocol},
+                     "base_topic": "poi-bridge", "protocol": self.protocol, **self.mqtt},
             "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
         }))
         await self.bridge.start()
@@ -431,16 +432,14 @@ async def test_mqtt5_bridge_answers_reach_head_office_on_a_store_side_response_t
         central.kill()
 
 
-async def test_past_the_store_brokers_queue_the_newest_are_dropped_retained_documents_heal(
-        tmp_path):
-    """A store broker holds at most max_queued_messages for the bridge while the link is
-    down; past that it drops the newest. On reconnecting, mosquitto sends every retained
-    message under the bridged topics again, so each transaction's retained document still
-    reaches head office, while the dropped register responses and events do not."""
+@contextlib.asynccontextmanager
+async def wan_down(tmp_path: Path, **store_settings: Any):
+    """A store behind a WAN link, head office and a till connected, the link cut (head
+    office has seen the bridge's last will): yields (central, wan, store, office, till)."""
     central = Mosquitto(tmp_path / "central").start()
     wan = WanLink(central.host, central.port)
     store = await Store(tmp_path / "store-12", "store-12", (wan.host, wan.port),
-                        broker_config="max_queued_messages 16\n").start()
+                        **store_settings).start()
     office = Subscriber(central, ["poi/+/registers/+/response", "poi/+/bridge/link"],
                         client_id="head-office")
     till = Subscriber(store.broker, ["poi-bridge/registers/TILL1/#"], client_id="till-1")
@@ -450,6 +449,23 @@ async def test_past_the_store_brokers_queue_the_newest_are_dropped_retained_docu
         await arrives(office, lambda t, p: t == LINK and p == 1)
         wan.cut()
         await arrives(office, lambda t, p: t == LINK and p == 0)
+        yield central, wan, store, office, till
+    finally:
+        await till.disconnect()
+        await office.disconnect()
+        await store.stop()
+        wan.close()
+        central.kill()
+
+
+async def test_past_the_store_brokers_queue_the_newest_are_dropped_retained_documents_heal(
+        tmp_path):
+    """A store broker holds at most max_queued_messages for the bridge while the link is
+    down; past that it drops the newest. On reconnecting, mosquitto sends every retained
+    message under the bridged topics again, so each transaction's retained document still
+    reaches head office, while the dropped register responses and events do not."""
+    async with wan_down(tmp_path, broker_config="max_queued_messages 16\n") as (
+            central, wan, store, office, till):
         paid = ["Q1", "Q2", "Q3", "Q4"]  # about 8 messages each for head office
         for service_id in paid:
             await pay(till, service_id)
@@ -464,12 +480,26 @@ async def test_past_the_store_brokers_queue_the_newest_are_dropped_retained_docu
         assert not copies(office, "Q4")  # its response was past the limit: dropped
         assert "Outgoing messages are being dropped for client local.store-12" in \
             store.broker.log_path.read_text()
-    finally:
-        await till.disconnect()
-        await office.disconnect()
-        await store.stop()
-        wan.close()
-        central.kill()
+
+
+async def test_health_reports_do_not_fill_the_store_brokers_queue_while_the_wan_is_down(
+        tmp_path):
+    """bridge/health is published every health_interval. Were it queued for the bridge
+    while the link is down, a long outage would fill max_queued_messages with stale copies
+    and the payment results made after would be dropped. It is QoS 0, which a broker does
+    not queue for a client that is away; the retained copy reaches head office on reconnect."""
+    async with wan_down(tmp_path, broker_config="max_queued_messages 16\n",
+                        mqtt={"health_interval": 0.1}) as (central, wan, store, office, till):
+        await asyncio.sleep(3.0)  # about 30 health reports: more than the queue holds
+        await pay(till, "H1")
+        wan.restore()
+        answer = await arrives(office, outcome_for("H1"))
+        assert answer["bridge"]["outcome"] == "approved"
+        async with Subscriber(central, [f"{STORE}/bridge/health"],
+                              client_id="dashboard") as dashboard:
+            health = await arrives(dashboard, lambda t, p: True)
+            assert health["terminals"]
+        assert "Outgoing messages are being dropped" not in store.broker.log_path.read_text()
 
 
 class TlsSubscriber(Subscriber):

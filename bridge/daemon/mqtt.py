@@ -509,10 +509,14 @@ class RegisterGateway:
                     raise outcome
 
     async def _publish_health(self, client: aiomqtt.Client) -> None:
+        # QoS 0: a broker queues no QoS 0 message for a client that is away, so a chain
+        # bridge whose WAN is down does not fill its queue with stale copies (120 an hour
+        # at the default interval) and drop payment results past its limit. The retained
+        # copy still reaches head office when the link is back.
         while True:
             if self.health_source is not None:
                 await client.publish(self.topics.bridge_health, dumps(self.health_source()),
-                                     qos=1, retain=True)
+                                     qos=0, retain=True)
             await asyncio.sleep(self.config.health_interval)
 
     async def announce_offline(self, timeout: float = 2.0) -> None:
