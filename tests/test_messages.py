@@ -15,6 +15,7 @@ from bridge.protocol.messages import (
     ErrorCondition,
     LoginRequest,
     MessageError,
+    NonJsonNumber,
     Result,
     SaleToPOIRequest,
     SaleToPOIResponse,
@@ -316,6 +317,42 @@ def test_many_shallow_containers_and_braces_inside_strings_are_not_nesting():
 def test_oversize_input_is_refused_before_parsing():
     with pytest.raises(MessageError, match="larger than the limit"):
         load_json(b"{" + b" " * 2000 + b"}", max_size=1000)
+
+
+@pytest.mark.parametrize("text,said", [
+    ('{"a":NaN}', "NaN is not a JSON number"),
+    ('[Infinity]', "Infinity is not a JSON number"),
+    ('[1,-Infinity]', "-Infinity is not a JSON number"),
+    ('{"AuthorizedAmount":1e400}', "number 1e400 is too large"),
+    ('[-2.5E+999]', "number -2.5E+999 is too large"),
+    ("[" + "9" * 5000 + "]", "an integer of more than 4300 digits"),
+])
+def test_numbers_json_does_not_have_are_refused_though_pythons_reader_takes_them(text, said):
+    """json.loads reads NaN and Infinity, turns 1e400 into inf (json.dumps then writes all
+    three back, which no strict reader takes), and refuses an integer of more than 4300
+    digits with a bare ValueError that escaped load_json."""
+    with pytest.raises(NonJsonNumber, match=f"^not valid JSON: {re.escape(said)}$"):
+        load_json(text.encode())
+
+
+json_with_floats = st.recursive(
+    st.floats() | st.integers() | st.none(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                max_size=3),
+    max_leaves=10)
+
+
+@fuzz_settings(300)
+@given(json_with_floats)
+def test_what_load_json_returns_is_json_again(value):
+    """Whatever load_json accepts can be written out as strict JSON: a terminal's NaN never
+    reaches a register as text its JSON reader refuses."""
+    try:
+        document = load_json(json.dumps([value]).encode())
+    except NonJsonNumber:
+        assert "NaN" in json.dumps(value) or "Infinity" in json.dumps(value)
+        return
+    assert json.loads(json.dumps(document, allow_nan=False)) == [value]
 
 
 @fuzz_settings(300)

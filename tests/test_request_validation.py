@@ -182,8 +182,8 @@ def test_a_missing_or_null_requested_amount_is_still_refused():
 
 
 def test_responses_from_terminals_keep_odd_amounts():
-    """The strictness is for requests: a terminal's answer with string, negative or NaN
-    amounts is kept as it came and still classified."""
+    """The strictness is for requests: a terminal's answer with string or negative amounts
+    is kept as it came and still classified (NaN is not JSON at all: test_messages.py)."""
     raw = json.dumps({"SaleToPOIResponse": {
         "MessageHeader": {"MessageCategory": "Payment", "MessageClass": "Service",
                           "MessageType": "Response", "SaleID": "POS1", "ServiceID": "S1",
@@ -191,7 +191,7 @@ def test_responses_from_terminals_keep_odd_amounts():
         "PaymentResponse": {
             "Response": {"Result": "Success"},
             "PaymentResult": {"AmountsResp": {"AuthorizedAmount": "12.50", "TipAmount": -1,
-                                              "CashBackAmount": float("nan")}},
+                                              "CashBackAmount": None}},
             "AmountsReq": {"RequestedAmount": "12.50"}}}})
     message = parse_message(raw)
     assert classify(message).outcome == "approved"
@@ -219,21 +219,40 @@ def test_a_negative_amount_is_answered_rejected_by_the_intake(tmp_path):
 
 
 @pytest.mark.parametrize("path,field,make", AMOUNT_FIELDS)
-@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
-def test_nan_and_infinity_which_load_json_accepts_are_refused_naming_the_field(
-        path, field, make, literal):
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_nan_and_infinity_in_the_text_are_refused_as_not_json(path, field, make, literal):
     document = make()
     at(document, path)[field] = "PLACEHOLDER"
     raw = json.dumps(document).replace('"PLACEHOLDER"', literal).encode()
     problems = problems_of(raw)
     assert len(problems) == 1, problems
+    assert re.fullmatch(rf"not valid JSON: (number )?{literal.lstrip('-')}"
+                        r" is (not a JSON number|too large)", problems[0].replace("-", "")), \
+        problems
+
+
+@pytest.mark.parametrize("path,field,make", AMOUNT_FIELDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_nan_and_infinity_in_a_document_built_in_python_are_refused_naming_the_field(
+        path, field, make, value):
+    document = make()
+    at(document, path)[field] = value
+    problems = problems_of(document)
+    assert len(problems) == 1, problems
     assert re.search(rf"\.{field}: must be a finite number", problems[0]), problems
 
 
-def test_nan_is_answered_rejected_by_the_intake(tmp_path):
-    raw = json.dumps(payment()).replace("12.5", "NaN").encode()
+@pytest.mark.parametrize("literal", ["NaN", "-Infinity", "1e400"])
+def test_a_number_json_does_not_have_is_answered_rejected_on_the_registers_topic(
+        tmp_path, literal):
+    """Python's reader takes these, JSON's does not: the request is refused (the terminal
+    would choke on it, a register's own reader too), and the refusal reaches the register
+    on its topic, under its IDs, rather than bridge/error."""
+    raw = json.dumps(payment()).replace("12.5", literal).encode()
     bridge = refused_by_intake(tmp_path, raw)
-    assert "AmountsReq.RequestedAmount: must be a finite number" in bridge["error"], bridge
+    assert bridge["error"].startswith("request is unusable: not valid JSON: "), bridge
+    # (refused_by_intake checked that it came on registers/POS1/response)
+    assert bridge["transaction"]["service_id"] == "S1", bridge
 
 
 json_scalars = (st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6)
@@ -251,6 +270,8 @@ def test_an_amount_passes_exactly_when_it_is_a_finite_number_of_0_or_more(value,
     problems = problems_of(json.dumps(document).encode())
     if good:
         assert problems == []
+    elif isinstance(value, float) and not math.isfinite(value):  # json.dumps wrote NaN
+        assert len(problems) == 1 and "is not a JSON number" in problems[0], problems
     else:
         assert len(problems) == 1 and f".{field}: must be" in problems[0], problems
 

@@ -238,6 +238,26 @@ async def test_garbage_and_naks_on_the_line(tmp_path):
         assert "approved" in outcomes.values()
 
 
+async def test_an_answer_with_nan_in_it_is_not_passed_on_but_asked_about(tmp_path, caplog):
+    """A terminal answer holding NaN (which Python's json reads and writes back) would reach
+    registers as text their JSON readers refuse. It is an unusable frame: the payment is asked
+    about by status poll, and with every answer unusable it ends unresolved, said why."""
+    caplog.set_level(logging.INFO, logger="poi_bridge")
+    canned = json.loads((FIXTURES / "dotnet-pospayment-success.json").read_text())
+    canned["SaleToPOIResponse"]["PaymentResponse"]["PaymentResult"]["AmountsResp"][
+        "AuthorizedAmount"] = float("nan")
+    path = tmp_path / "nan.json"
+    path.write_text(json.dumps(canned))
+    async with Rig(tmp_path, scenario(Behaviour(response_file=path))) as rig:
+        rig.pay("S1")
+        result = await rig.outlet.result_for("S1", timeout=20, final=False)
+        assert result.outcome == "unresolved", result
+        json.dumps(result.response, allow_nan=False)  # what a register gets is JSON
+        assert rig.simulator.terminal.ledger[("POS1", "S1")].charged
+    assert any("not valid JSON: NaN is not a JSON number" in m for m in caplog.messages), \
+        caplog.messages
+
+
 async def test_second_payment_while_one_is_open_is_busy(tmp_path):
     async with Rig(tmp_path, scenario(Behaviour(delay=1.0))) as rig:
         rig.pay("S1")

@@ -8,6 +8,7 @@ otherwise to `{base}/bridge/error`. Nothing here can disturb a transaction alrea
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from bridge.daemon.worker import TerminalWorker
 from bridge.protocol import builders
 from bridge.protocol.messages import (
     MessageError,
+    NonJsonNumber,
     SaleToPOIRequest,
     check_request_header,
     load_json,
@@ -52,6 +54,14 @@ _TRANSACTION_FILTERS: dict[str, tuple[str, ...]] = {
     "poi_id": (),
     "sale_id": (),
 }
+
+
+def _lenient_json(payload: bytes) -> Any:
+    """The request as Python's json reads it (NaN, Infinity...), only to address its refusal."""
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _readable_sale_id(document: Any) -> str | None:
@@ -205,6 +215,11 @@ class RequestIntake:
         limit = self.config.mqtt.max_payload
         try:
             document = load_json(payload, max_size=limit)
+        except NonJsonNumber as exc:
+            # Python's own reader takes NaN and the like: enough to answer on the register's
+            # topic, not to send (a terminal, like any strict reader, would choke on it).
+            self._reject(_lenient_json(payload), poi_id, f"request is unusable: {exc}")
+            return
         except MessageError as exc:
             self._reject(None, poi_id, f"request is unusable: {exc}")
             return

@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives import hashes, padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
+from bridge.protocol import jsontext
+
 __all__ = [
     "ADYEN_CRYPTO_VERSION",
     "CryptoError",
@@ -349,10 +351,6 @@ def encrypt_message(document: dict[str, Any], key: NexoKey, *,
     }}
 
 
-def _reject_constant(token: str) -> Any:
-    raise ValueError(f"{token} is not JSON")
-
-
 def decrypt_message(document: Any, keys: KeyRing | NexoKey) -> dict[str, Any]:
     """Decrypt and verify an encrypted envelope; return the plaintext document.
 
@@ -412,7 +410,7 @@ def decrypt_message(document: Any, keys: KeyRing | NexoKey) -> dict[str, Any]:
         raise TamperedMessage(f"Hmac does not verify with {which}: wrong key or tampered message")
 
     try:
-        inner = json.loads(plaintext.decode("utf-8-sig"), parse_constant=_reject_constant)
+        inner = jsontext.loads(plaintext.decode("utf-8-sig"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise DecryptionFailed(f"decrypted payload is not UTF-8 JSON: {exc}") from None
     if not isinstance(inner, dict) or list(inner) != [name] or not isinstance(inner[name], dict):

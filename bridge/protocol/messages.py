@@ -25,6 +25,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from bridge.protocol import jsontext
+
 SERVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{1,10}\Z")
 POIID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*-[A-Za-z0-9]+\Z")
 MAX_NESTING = 64
@@ -133,7 +135,8 @@ class _ResponseBody(_Open):
 def _amount(value: Any) -> Any:
     """An amount in a request goes to the terminal as the register sent it, so it must be
     what a terminal reads as one: a JSON number (not a string pydantic would convert, not
-    true/false), finite (json.loads accepts NaN and Infinity), 0 or more. Only request bodies
+    true/false), finite (load_json refuses NaN and Infinity, a dict built in Python may
+    hold them), 0 or more. Only request bodies
     use this: amounts in what terminals send stay as they came."""
     if type(value) is bool or not isinstance(value, int | float):
         kind = {bool: "true/false", str: "a string", type(None): "null", list: "a list",
@@ -368,6 +371,11 @@ class MessageError(ValueError):
     """The bytes are not a usable SaleToPOI message; the text says what and where."""
 
 
+class NonJsonNumber(MessageError):
+    """JSON text but for a number JSON does not have (NaN, Infinity, 1e400, or an integer
+    too long to read): Python's own reader would take it."""
+
+
 def _depth_ok(value: Any, limit: int) -> bool:
     """Whether a parsed document nests at most `limit` containers deep. Walked level by
     level, without recursion, with exact type checks (json.loads makes only dicts and lists):
@@ -399,9 +407,11 @@ def load_json(raw: str | bytes, *, max_size: int | None = None) -> Any:
         except UnicodeDecodeError as exc:
             raise MessageError(f"not UTF-8 text (bad byte at offset {exc.start})") from None
     try:
-        document = json.loads(raw)
+        document = jsontext.loads(raw)
     except json.JSONDecodeError as exc:
         raise MessageError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except jsontext.JsonTextError as exc:
+        raise NonJsonNumber(f"not valid JSON: {exc}") from None
     except RecursionError:
         raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels") from None
     if raw.count("{") + raw.count("[") > MAX_NESTING and not _depth_ok(document, MAX_NESTING):

@@ -1,0 +1,47 @@
+"""JSON text as RFC 8259 defines it, read strictly.
+
+Python's json module also reads NaN, Infinity and -Infinity, turns a number too large for a
+float (1e400) into inf, and refuses an integer of more than 4300 digits with a bare
+ValueError. A value like those, passed on, would be written back as NaN or Infinity, which
+registers in other languages cannot parse. Here each is a JsonTextError that says what it is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+
+class JsonTextError(ValueError):
+    """The text is not valid JSON, or holds a number no JSON reader can carry."""
+
+
+def _constant(token: str) -> Any:
+    raise JsonTextError(f"{token} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JsonTextError(f"number {text[:20]}{'...' if len(text) > 20 else ''} is too large")
+    return value
+
+
+# One decoder for every call: json.loads(...) with hooks would build one each time. The
+# float hook runs once per number with a fraction or exponent (a handful per message).
+_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_finite)
+
+
+def loads(text: str) -> Any:
+    """json.loads, refusing what is not JSON; JsonTextError (or json.JSONDecodeError, itself
+    a ValueError, with its position) says why. RecursionError is left to the caller."""
+    try:
+        return _DECODER.decode(text)
+    except ValueError as exc:
+        if isinstance(exc, JsonTextError | json.JSONDecodeError):
+            raise
+        # int() refuses more digits than sys.get_int_max_str_digits() (a CPU guard)
+        raise JsonTextError(f"an integer of more than {sys.get_int_max_str_digits()} "
+                            "digits") from None
