@@ -65,6 +65,39 @@ def test_outbox_is_atomic_with_the_transaction_and_survives_reopen(tmp_path):
     assert journal.counts() == {"in_flight": 1, "unresolved": 0, "undelivered": 1}
 
 
+def test_an_answers_correlation_data_is_kept_with_it_across_a_reopen(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    journal.enqueue([("ops/replies/1", b"{}", 1, False, b"req-\x00\xff"),
+                     ("a/b", b"{}", 1, False)])
+    journal.close()
+    journal = Journal(path)
+    assert [(m.topic, m.correlation) for m in journal.pending()] == [
+        ("ops/replies/1", b"req-\x00\xff"), ("a/b", None)]
+    journal.close()
+
+
+def test_a_journal_of_the_bridge_before_correlation_data_opens_and_gains_it(tmp_path):
+    """The column is new, nullable, and schema version 1 stays: an older journal gains it on
+    open with its pending messages intact, and an older bridge (which names the columns it
+    uses) still opens a journal that has it."""
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    journal.enqueue([("a/old", b"{}", 1, True)])
+    journal.close()
+    with sqlite3.connect(path) as db:  # as the bridge before it wrote the file
+        db.execute("ALTER TABLE outbox DROP COLUMN correlation")
+    journal = Journal(path)
+    journal.enqueue([("ops/replies/2", b"{}", 1, False, b"c-2")])
+    assert [(m.topic, m.retain, m.correlation) for m in journal.pending()] == [
+        ("a/old", True, None), ("ops/replies/2", False, b"c-2")]
+    journal.close()
+    with sqlite3.connect(path) as db:  # what the older bridge's pending() reads
+        rows = db.execute("SELECT id, topic, payload, qos, retain FROM outbox "
+                          "WHERE delivered_at IS NULL ORDER BY id").fetchall()
+    assert [r[1] for r in rows] == ["a/old", "ops/replies/2"]
+
+
 def test_failed_save_leaves_nothing_half_written(tmp_path):
     journal = Journal(tmp_path / "j.sqlite3")
     bad = make_txn()

@@ -79,6 +79,32 @@ async def test_a_wildcard_response_topic_is_answered_on_the_fixed_topic(tmp_path
         journal.close()
 
 
+async def test_an_answer_journaled_before_a_restart_still_carries_its_correlation_data(
+        tmp_path, mosquitto):
+    """An MQTT 5 requester matches an answer by its CorrelationData. It was kept in memory
+    beside the outbox row, so an answer that went out after a restart (the daemon stopped
+    or died between journaling and publishing it) came without it and matched nothing."""
+    path = tmp_path / "journal.sqlite3"
+    journal = Journal(path)
+    before = gateway_for(mosquitto, journal, protocol="5")  # never connected: nothing goes out
+    before.enqueue("ops/replies/7", {"status": "ok", "data": "health"}, correlation=b"req-7")
+    journal.close()
+    journal = Journal(path)
+    gateway = gateway_for(mosquitto, journal, protocol="5")
+    try:
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="operator",
+                                  protocol=aiomqtt.ProtocolVersion.V5) as operator:
+            await operator.subscribe("ops/replies/#", qos=1)
+            async with running(gateway), asyncio.timeout(10):
+                async for message in operator.messages:
+                    assert json.loads(message.payload) == {"status": "ok", "data": "health"}
+                    assert message.properties.CorrelationData == b"req-7"
+                    break
+                await eventually(lambda: not journal.pending())
+    finally:
+        journal.close()
+
+
 async def test_an_unpublishable_message_already_in_the_journal_is_given_up_loudly(
         tmp_path, mosquitto, caplog):
     """A journal written by the old code may hold an answer addressed to such a topic. It is

@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     qos INTEGER NOT NULL,
     retain INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    delivered_at REAL
+    delivered_at REAL,
+    correlation BLOB
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (id) WHERE delivered_at IS NULL;
 """
@@ -131,6 +132,7 @@ class OutboxMessage:
     payload: bytes
     qos: int
     retain: bool
+    correlation: bytes | None = None  # MQTT 5 CorrelationData the answer must carry
 
 
 def _dumps(value: Any) -> str:
@@ -188,6 +190,7 @@ class Journal:
             if existed:
                 self._check_existing()
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
@@ -211,6 +214,13 @@ class Journal:
                 f"journal schema version {row[0] if row else 'unknown'} is newer than this "
                 f"bridge understands ({SCHEMA_VERSION})"
             )
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since schema version 1, nullable: a journal of an older bridge gains
+        them, and an older bridge still opens this one (it names the columns it uses)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        if "correlation" not in have:  # an MQTT 5 answer's CorrelationData, for a restart
+            self._db.execute("ALTER TABLE outbox ADD COLUMN correlation BLOB")
 
     def start_checkpoints(self, interval: float = CHECKPOINT_INTERVAL) -> None:
         """Checkpoint the WAL every `interval` s from a background thread with its own
@@ -526,15 +536,18 @@ class Journal:
     # --- outbox -------------------------------------------------------------------------------
 
     def _enqueue(self, db: sqlite3.Connection, topic: str, payload: bytes, qos: int,
-                 retain: bool) -> int:
+                 retain: bool, correlation: bytes | None = None) -> int:
         cursor = db.execute(
-            "INSERT INTO outbox (topic, payload, qos, retain, created_at) VALUES (?, ?, ?, ?, ?)",
-            (topic, payload, qos, int(retain), time.time()),
+            "INSERT INTO outbox (topic, payload, qos, retain, created_at, correlation) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (topic, payload, qos, int(retain), time.time(), correlation),
         )
         self._last_outbox_id = int(cursor.lastrowid)
         return self._last_outbox_id
 
-    def enqueue(self, messages: list[tuple[str, bytes, int, bool]]) -> list[int]:
+    def enqueue(self, messages: list[tuple[str, bytes, int, bool]]
+                | list[tuple[str, bytes, int, bool, bytes | None]]) -> list[int]:
+        """Messages (topic, payload, qos, retain[, correlation data]) to publish once durable."""
         with self._transaction() as db:
             return [self._enqueue(db, *message) for message in messages]
 
@@ -542,11 +555,12 @@ class Journal:
         """Undelivered messages, oldest first, committed ones only: a message is published
         only once it would survive a crash."""
         rows = self._db.execute(
-            "SELECT id, topic, payload, qos, retain FROM outbox "
+            "SELECT id, topic, payload, qos, retain, correlation FROM outbox "
             "WHERE delivered_at IS NULL AND id > ? AND id <= ? ORDER BY id LIMIT ?",
             (after_id, self._durable_outbox_id, limit),
         )
-        return [OutboxMessage(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
+        return [OutboxMessage(r[0], r[1], bytes(r[2]), r[3], bool(r[4]),
+                              None if r[5] is None else bytes(r[5])) for r in rows]
 
     def mark_delivered(self, message_ids: list[int]) -> None:
         """No fsync of its own: a mark lost to a power cut only makes the message go out once

@@ -27,7 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.config import MqttConfig, TlsConfig
-from bridge.daemon.journal import Journal
+from bridge.daemon.journal import Journal, OutboxMessage
 from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
 from bridge.daemon.outbox import OUTBOX_WINDOW, OutboxPump
 from bridge.daemon.registers import (
@@ -159,7 +159,6 @@ class RegisterGateway:
         self._state_dirty: set[str] = set()
         self._state_ready = asyncio.Event()
         self._handler: RequestHandler | None = None
-        self._correlations: dict[int, bytes] = {}  # outbox id -> MQTT 5 correlation data
         self._retained_seen: dict[str, bytes] = {}  # retained requests warned about: digests
         self._accepting = True
         self.reconnects = 0
@@ -223,15 +222,9 @@ class RegisterGateway:
 
     def enqueue(self, topic: str, payload: dict[str, Any], *, retain: bool = False,
                 correlation: bytes | None = None) -> None:
-        """Any other message that must not be lost (answers to commands, errors)."""
-        if correlation is None:
-            self.journal.enqueue([(topic, dumps(payload), 1, retain)])
-            return
-        # One unit, so that the commit (and the publish it starts, when commits are not
-        # grouped) comes after the correlation data is known.
-        with self.journal.batch():
-            (message_id,) = self.journal.enqueue([(topic, dumps(payload), 1, retain)])
-            self._correlations[message_id] = correlation
+        """Any other message that must not be lost (answers to commands, errors); the MQTT 5
+        correlation data is kept with it, so that it goes out after a restart too."""
+        self.journal.enqueue([(topic, dumps(payload), 1, retain, correlation)])
 
     def clear_retained(self, topics: list[str]) -> None:
         if topics:
@@ -482,12 +475,11 @@ class RegisterGateway:
             self._pump = None
             pump.close()
 
-    def _properties_for(self, message_id: int) -> Properties | None:
-        correlation = self._correlations.pop(message_id, None)
-        if correlation is None or self.config.protocol != "5":
+    def _properties_for(self, message: OutboxMessage) -> Properties | None:
+        if message.correlation is None or self.config.protocol != "5":
             return None
         properties = Properties(PacketTypes.PUBLISH)
-        properties.CorrelationData = correlation
+        properties.CorrelationData = message.correlation
         return properties
 
     async def _publish_states(self, client: PipelinedClient) -> None:

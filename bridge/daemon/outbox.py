@@ -45,7 +45,7 @@ class OutboxPump:
         self.last_id = 0
         self.acked: list[int] = []
         self.closed = False
-        # Refused messages, with their properties (the correlation data is not kept elsewhere)
+        # Refused messages, with the properties they are published with
         self.refused: dict[int, tuple[OutboxMessage, Properties | None]] = {}  # waiting
         self.retry: list[tuple[OutboxMessage, Properties | None]] = []  # due, oldest first
         self.retrying: set[int] = set()  # published again, not yet acknowledged
@@ -68,7 +68,7 @@ class OutboxPump:
                 batch = journal.pending(limit=room, after_id=self.last_id)
                 for message in batch:
                     self.last_id = message.id
-                    self._publish(message, self.gateway._properties_for(message.id))
+                    self._publish(message, self.gateway._properties_for(message))
                 if len(batch) < room:  # that was every committed message: no query for none
                     return
         except Exception as exc:  # the connection is gone: the serve loop reconnects
