@@ -225,9 +225,19 @@ def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace) -> i
 
 async def _run(args: argparse.Namespace, mqtt: MqttConfig,
                payment: _Payment | None = None) -> int:
+    skipped = False
+
+    def malformed(topic: str, problem: str) -> None:
+        nonlocal skipped
+        if not skipped:  # once: a flood of them must not bury the answer
+            skipped = True
+            print(f"poi-bridge register: skipped a malformed message on {topic} ({problem}); "
+                  "any more are skipped silently", file=sys.stderr, flush=True)
+
     # Its own client id, not the till's `register-<SaleID>`: acting as TILL1 by hand must not
     # take TILL1 off the broker nor throw away the results queued in its session.
     async with RegisterClient.for_bridge(mqtt, args.sale_id, on_event=_event, persistent=False,
+                                         on_malformed=malformed,
                                          client_id=cli_client_id()) as register:
         # A request on a base topic no bridge listens to would wait for the whole timeout and
         # then say nothing useful: ask the bridge's retained state first.

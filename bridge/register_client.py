@@ -94,6 +94,11 @@ def connection_problem(exc: BaseException, mqtt: MqttConfig) -> str:
             f"check that it runs, mqtt.host and mqtt.port, and {tls}")
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one (a malformed part of a message)."""
+    return value if isinstance(value, dict) else {}
+
+
 class RegisterClient:
     """A register's connection. By default, as a till: client id `register-<SaleID>` with a
     persistent session, so results published while it is away are queued for it. With
@@ -103,6 +108,7 @@ class RegisterClient:
     def __init__(self, host: str, port: int, sale_id: str, *, base_topic: str = "poi-bridge",
                  client_id: str | None = None, persistent: bool = True,
                  on_event: Callable[[dict[str, Any]], None] | None = None,
+                 on_malformed: Callable[[str, str], None] | None = None,
                  username: str | None = None, password: str | None = None,
                  tls_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.sale_id = host, port, sale_id
@@ -112,6 +118,7 @@ class RegisterClient:
                                         else cli_client_id())
         self._persistent = persistent
         self._on_event = on_event
+        self._on_malformed = on_malformed  # (topic, what is wrong) of each message skipped
         self._client: aiomqtt.Client | None = None
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._commands: dict[str, asyncio.Future[dict[str, Any]]] = {}
@@ -165,31 +172,43 @@ class RegisterClient:
     async def _read_messages(self) -> None:
         assert self._client is not None
         async for message in self._client.messages:
+            topic = message.topic.value
             try:
                 payload = json.loads(message.payload)
             except (TypeError, ValueError):
-                continue
-            topic = message.topic.value
-            if topic == self.topics.bridge_state:
-                self.bridge_state = payload.get("state") if isinstance(payload, dict) else None
+                payload = None
+            # A malformed message is skipped: it must not end the reader (and with it every
+            # wait for an answer, reported as a lost connection).
+            if not isinstance(payload, dict):
+                if message.payload:  # (an empty one clears a retained message)
+                    self._malformed(topic, "not a JSON object")
+            elif topic == self.topics.bridge_state:
+                self.bridge_state = payload.get("state")
                 self._bridge_state_seen.set()
             elif topic.endswith("/event"):
-                if self._on_event is not None:
+                if not isinstance(payload.get("event"), str):
+                    self._malformed(topic, 'no "event" in it')
+                elif self._on_event is not None:
                     self._on_event(payload)
             elif topic.endswith("/response") and "/registers/" in topic:
                 self.responses.append(payload)
-                ids = (payload.get("bridge") or {}).get("transaction") or {}
-                future = self._waiting.get(ids.get("service_id", ""))
-                final = (payload.get("bridge") or {}).get("outcome") != "unresolved"
+                info = _object(payload.get("bridge"))
+                service_id = _object(info.get("transaction")).get("service_id")
+                future = self._waiting.get(service_id) if isinstance(service_id, str) else None
+                final = info.get("outcome") != "unresolved"
                 if future is not None and not future.done() and final:
                     future.set_result(payload)
-            elif "/bridge/response/" in topic and isinstance(payload, dict):
+            elif "/bridge/response/" in topic:
                 # Everyone asking the same command hears every answer on this topic (another
                 # technician, head office through the chain bridge): ours echoes our token.
                 token = payload.get("transaction")
                 future = self._commands.get(token) if isinstance(token, str) else None
                 if future is not None and not future.done():
                     future.set_result(payload)
+
+    def _malformed(self, topic: str, problem: str) -> None:
+        if self._on_malformed is not None:
+            self._on_malformed(topic, problem)
 
     async def wait_for_bridge(self, timeout: float = 3.0) -> str | None:
         """The bridge's retained state ("online", "offline"), or None if no bridge has ever

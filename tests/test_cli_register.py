@@ -66,20 +66,40 @@ async def test_a_base_topic_no_bridge_uses_is_reported_at_once(mosquitto):
     assert took < 20, "waited for the request's timeout instead of saying what is wrong"
 
 
-async def test_an_offline_bridge_is_named_and_the_request_still_goes(mosquitto):
-    # What the broker keeps after a bridge died: its last will, retained.
-    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="will") as client:
-        await client.publish(f"{BASE}/bridge/state", json.dumps({"state": "offline"}), qos=1,
+async def pay_through_a_stand_in(mosquitto, answer, *options: str, state: str = "online"):
+    """`register --sale-id TILL9 pay --terminal POI OPTIONS` against a stand-in for a bridge
+    in `state`: `await answer(client, request)` answers the request it publishes. Returns
+    register()'s result and the request."""
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="bridge") as bridge:
+        await bridge.publish(f"{BASE}/bridge/state", json.dumps({"state": state}), qos=1,
                              retain=True)
-        await client.subscribe(f"{BASE}/terminals/+/request", qos=1)
+        await bridge.subscribe(f"{BASE}/terminals/+/request", qos=1)
         running = asyncio.create_task(register(
             mosquitto, "--base-topic", BASE, "--sale-id", "TILL9", "pay", "--terminal", POI,
-            "--amount", "1", "--timeout", "2"))
+            *options))
         async with asyncio.timeout(30):
-            async for message in client.messages:
+            async for message in bridge.messages:
                 request = json.loads(message.payload)
                 break
-        code, _, err, _ = await running
+        await answer(bridge, request)
+    return await running, request
+
+
+async def no_answer(bridge: aiomqtt.Client, request: dict) -> None:
+    pass
+
+
+async def approve(bridge: aiomqtt.Client, request: dict) -> None:
+    service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+    await bridge.publish(f"{BASE}/registers/TILL9/response", json.dumps({"bridge": {
+        "outcome": "approved", "source": "terminal",
+        "transaction": {"sale_id": "TILL9", "service_id": service_id, "poi_id": POI}}}), qos=1)
+
+
+async def test_an_offline_bridge_is_named_and_the_request_still_goes(mosquitto):
+    # What the broker keeps after a bridge died: its last will, retained.
+    (code, _, err, _), request = await pay_through_a_stand_in(
+        mosquitto, no_answer, "--amount", "1", "--timeout", "2", state="offline")
     header = request["SaleToPOIRequest"]["MessageHeader"]
     assert header["SaleID"] == "TILL9"
     assert "the bridge is offline; the request waits in the broker" in err
@@ -102,25 +122,39 @@ async def test_a_lost_broker_connection_mid_payment_is_outcome_unknown_at_once(m
     """The CLI's own connection drops after the payment went to the broker: the request is
     queued for the bridge and may be charged. It used to wait out its whole timeout and then
     say "no answer in time (is the bridge running?)", exit 2, without the ServiceID."""
-    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="bridge") as bridge:
-        await bridge.publish(f"{BASE}/bridge/state", json.dumps({"state": "online"}), qos=1,
-                             retain=True)
-        await bridge.subscribe(f"{BASE}/terminals/+/request", qos=1)
-        running = asyncio.create_task(register(
-            mosquitto, "--base-topic", BASE, "--sale-id", "TILL9", "pay", "--terminal", POI,
-            "--amount", "3.10", "--timeout", "40"))
-        async with asyncio.timeout(30):
-            async for message in bridge.messages:
-                request = json.loads(message.payload)
-                break
+    async def lose_the_broker(bridge: aiomqtt.Client, request: dict) -> None:
         mosquitto.kill()  # the broker goes away with the payment in its hands
         with contextlib.suppress(aiomqtt.MqttError):
             await bridge.__aexit__(None, None, None)
-    code, _, err, took = await running
+
+    (code, _, err, took), request = await pay_through_a_stand_in(
+        mosquitto, lose_the_broker, "--amount", "3.10", "--timeout", "40")
     assert_outcome_unknown(code, err, "TILL9",
                            request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"])
     assert "connection to the broker was lost" in err
     assert took < 30, "waited for the payment's timeout on a connection that was gone"
+
+
+async def test_a_malformed_event_is_skipped_and_the_answer_still_comes(mosquitto):
+    """A non-object event ended the client's reader: the payment was then reported OUTCOME
+    UNKNOWN, "connection to the broker was lost", with the connection fine."""
+    async def answer(bridge: aiomqtt.Client, request: dict) -> None:
+        for junk in (b"not json", b"[1, 2]", b'"text"', b"{}", b'{"event": 1}'):
+            await bridge.publish(f"{BASE}/registers/TILL9/event", junk, qos=1)
+        await bridge.publish(f"{BASE}/registers/TILL9/response", b"[]", qos=1)
+        await bridge.publish(f"{BASE}/registers/TILL9/event", json.dumps(
+            {"event": "accepted", "detail": "after the junk"}), qos=1)
+        await approve(bridge, request)
+
+    (code, out, err, _), _ = await pay_through_a_stand_in(mosquitto, answer, "--amount", "1",
+                                                          "--timeout", "20")
+    assert code == 0, err
+    assert f"on {POI}: approved" in out
+    assert ". accepted after the junk" in err  # still reading
+    assert err.count("skipped a malformed message") == 1, err
+    assert (f"skipped a malformed message on {BASE}/registers/TILL9/event (not a JSON "
+            "object); any more are skipped silently") in err
+    assert "Traceback" not in err and "lost" not in err
 
 
 async def test_broker_option_takes_a_host_alone_or_host_and_port(tmp_path, mosquitto):
