@@ -117,7 +117,8 @@ def add_parser(subparsers: Any) -> None:
                      help="seconds to wait for the outcome (default 300)")
     resync = sub.add_parser("resync", help="ask the bridge to poll the terminal again")
     resync.add_argument("--service-id", required=True)
-    listing = sub.add_parser("transactions", help="list transactions the bridge knows")
+    listing = sub.add_parser("transactions",
+                             help="list this register's (--sale-id) transactions, newest first")
     listing.add_argument("--state", choices=["accepted", "awaiting_response", "polling",
                                              "unresolved", "final"])
     sub.add_parser("terminals", help="list terminals and their state")
@@ -274,9 +275,9 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
         if args.action == "resync":
             answer = await register.command("resync", {"sale_id": args.sale_id,
                                                        "service_id": args.service_id})
-        elif args.action == "transactions":
-            answer = await register.command("transactions", {"state": args.state} if args.state
-                                            else {})
+        elif args.action == "transactions":  # this register's, as resync asks for its own
+            answer = await register.command("transactions", {"sale_id": args.sale_id} | (
+                {"state": args.state} if args.state else {}))
         else:
             answer = await register.command("terminals")
         print(json.dumps(answer if args.json else answer.get("data") or answer, indent=1))

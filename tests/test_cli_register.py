@@ -57,6 +57,23 @@ async def test_pay_through_a_running_bridge(tmp_path, mosquitto):
         assert listed[0]["outcome"] == "approved"
 
 
+async def test_transactions_lists_this_registers_own(tmp_path, mosquitto):
+    """`register --sale-id TILL2 transactions` listed every register's transactions."""
+    async with running_bridge(tmp_path, mosquitto):
+        for sale_id in ("TILL1", "TILL2"):
+            async with RegisterClient(mosquitto.host, mosquitto.port, sale_id, base_topic=BASE,
+                                      persistent=False) as till:
+                await till.pay(POI, 1.0, timeout=30)
+        code, out, err, _ = await register(mosquitto, "--base-topic", BASE, "--sale-id",
+                                           "TILL2", "transactions")
+        assert code == 0, err
+        assert [t["sale_id"] for t in json.loads(out)] == ["TILL2"]
+        code, out, err, _ = await register(mosquitto, "--base-topic", BASE, "--sale-id",
+                                           "TILL1", "transactions", "--state", "final")
+        assert code == 0, err
+        assert [t["sale_id"] for t in json.loads(out)] == ["TILL1"]  # with --state too
+
+
 async def test_a_base_topic_no_bridge_uses_is_reported_at_once(mosquitto):
     code, out, err, took = await register(mosquitto, "--base-topic", "nobody/here", "pay",
                                           "--terminal", POI, "--amount", "1", "--timeout", "60")
