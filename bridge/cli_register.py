@@ -297,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
     payment = None
     if args.action == "pay":
         payment = _Payment(args.sale_id, args.service_id or new_service_id(), args.terminal,
-                           f"{args.currency} {args.amount:.2f}")
+                           f"{args.currency} {json.dumps(args.amount)}")  # as the request says
     try:
         return asyncio.run(_run(args, mqtt, payment))
     except TimeoutError:  # (an OSError: before the connection errors)

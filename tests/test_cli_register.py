@@ -174,6 +174,16 @@ async def test_a_malformed_event_is_skipped_and_the_answer_still_comes(mosquitto
     assert "Traceback" not in err and "lost" not in err
 
 
+async def test_pay_shows_the_amount_as_the_request_carries_it(mosquitto):
+    """An amount of 0.001 was shown as "EUR 0.00" (rounded to cents), not what was sent."""
+    (code, _, err, _), request = await pay_through_a_stand_in(
+        mosquitto, approve, "--amount", "0.001", "--timeout", "20")
+    assert code == 0, err
+    sent = request["SaleToPOIRequest"]["PaymentRequest"]["PaymentTransaction"]["AmountsReq"]
+    assert sent["RequestedAmount"] == 0.001
+    assert f"on terminal {POI}, EUR 0.001\n" in err, err
+
+
 async def test_broker_option_takes_a_host_alone_or_host_and_port(tmp_path, mosquitto):
     """`--broker localhost` said "--broker: Input should be a valid integer" (the host was
     taken for the port). A host alone keeps the configuration's port (1883 without one)."""
