@@ -95,6 +95,7 @@ def device_report(config: Config | None, devices: Iterable[Any], *,
     rows: list[dict[str, Any]] = []
     hidden = 0
     found: dict[str, str] = {}
+    notes: dict[str, str] = {}
     for device in devices:
         info = DeviceInfo.from_device(device)
         result = matcher.match(info)
@@ -116,10 +117,12 @@ def device_report(config: Config | None, devices: Iterable[Any], *,
             # present when the node is there (the daemon opens it and retries it itself).
             node = _unmanaged_node(t.link.device)
             if node is not None:
-                found[t.poi_id] = node
+                found[t.poi_id], notes[t.poi_id] = node
     terminals = [
         {"poi_id": t.poi_id, "link": describe_link(t), "present": t.poi_id in found,
          "device": found.get(t.poi_id),
+         # what kind of node "device" is, when udev does not manage it
+         **({"device_note": notes[t.poi_id]} if t.poi_id in notes else {}),
          # devices that are not this terminal but whose reason names it (near misses)
          "near": [r["devname"] or r["devpath"] for r in rows
                   if r["poi_id"] is None and f"terminal {t.poi_id} " in r["reason"]]}
@@ -128,9 +131,9 @@ def device_report(config: Config | None, devices: Iterable[Any], *,
     return {"devices": rows, "terminals": terminals, "hidden": hidden}
 
 
-def _unmanaged_node(device: str) -> str | None:
-    """`device`, described, when it is an existing character device udev does not announce
-    (a pseudo-terminal, a node outside /dev); None otherwise."""
+def _unmanaged_node(device: str) -> tuple[str, str] | None:
+    """(the path, what it is) of `device` when it is an existing character device udev does
+    not announce (a pseudo-terminal, a node outside /dev); None otherwise."""
     from bridge.daemon.hotplug import udev_announces
 
     if udev_announces(device):
@@ -142,7 +145,7 @@ def _unmanaged_node(device: str) -> str | None:
     except OSError:
         return None
     kind = "pseudo-terminal" if path.startswith("/dev/pts/") else "device"
-    return f"{path} ({kind}, not a udev device)"
+    return path, f"{kind}, not a udev device"
 
 
 def _print_text(report: dict[str, Any], out: Any) -> None:
@@ -171,8 +174,9 @@ def _print_text(report: dict[str, Any], out: Any) -> None:
         print("Configured serial/USB terminals:", file=out)
         for terminal in report["terminals"]:
             if terminal["present"]:
-                print(f"    {terminal['poi_id']} ({terminal['link']}): on {terminal['device']}",
-                      file=out)
+                note = f" ({terminal['device_note']})" if "device_note" in terminal else ""
+                print(f"    {terminal['poi_id']} ({terminal['link']}): on {terminal['device']}"
+                      f"{note}", file=out)
             elif terminal["near"]:
                 print(f"    {terminal['poi_id']} ({terminal['link']}): NOT FOUND; close: "
                       f"{', '.join(terminal['near'])} (see the reasons above)", file=out)

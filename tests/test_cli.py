@@ -302,3 +302,22 @@ def test_status_as_a_user_who_may_not_enter_the_state_directory_exits_2(tmp_path
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 2, done.stdout + done.stderr
     assert "cannot read journal" in done.stderr, done.stderr
+
+
+def test_devices_json_gives_a_pseudo_terminals_path_as_its_device(tmp_path):
+    """The JSON's "device" held "/dev/pts/N (pseudo-terminal, not a udev device)", no path."""
+    master, slave = os.openpty()
+    try:
+        pty = os.ttyname(slave)
+        (tmp_path / "terminal").symlink_to(pty)
+        config = tmp_path / "poi-bridge.toml"
+        config.write_text(f'[[terminals]]\npoi_id = "Desk3500-12345678"\n'
+                          f'link = {{ kind = "serial", device = "{tmp_path / "terminal"}" }}\n')
+        done = cli("devices", "--config", str(config), "--json")
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert done.returncode == 0, done.stderr
+    [terminal] = json.loads(done.stdout)["terminals"]
+    assert terminal["present"] is True and terminal["device"] == pty
+    assert terminal["device_note"] == "pseudo-terminal, not a udev device"
