@@ -3,6 +3,8 @@ and a terminal with another key, whose "crypto error" must read as a configurati
 
 from __future__ import annotations
 
+import base64
+import logging
 
 from bridge.config import TerminalConfig
 from bridge.daemon.journal import Journal
@@ -20,7 +22,8 @@ from .test_terminal_worker import POI, RecordingOutlet
 KEY = crypto.NexoKey("CryptoKeyIdentifier12345", 1, "p@ssw0rd123456")
 
 
-async def run_payment(tmp_path, bridge_key, terminal_key, behaviour: Behaviour):
+async def run_payment(tmp_path, bridge_key, terminal_key, behaviour: Behaviour,
+                      outlet: RecordingOutlet | None = None):
     simulator = SimulatorServer(Scenario(poi_id=POI, default=behaviour,
                                          link=LinkBehaviour(status_hold=0.05)),
                                 "stx-etx-lrc", key=terminal_key, ack_timeout=0.3)
@@ -29,8 +32,9 @@ async def run_payment(tmp_path, bridge_key, terminal_key, behaviour: Behaviour):
         "poi_id": POI, "link": {"kind": "serial", "device": path},
         "framer": {"ack_timeout": 0.3}, "payment_timeout": 1.5, "status_timeout": 0.8,
         "poll_floor": 0.05})
-    outlet = RecordingOutlet()
+    outlet = outlet or RecordingOutlet()
     journal = Journal(tmp_path / "journal.sqlite3")
+    outlet.journal = journal
     worker = TerminalWorker(config, journal, outlet, key=bridge_key,
                             backoff=Backoff(initial=0.05, maximum=0.2))
     await worker.start()
@@ -129,3 +133,78 @@ async def test_an_answer_in_clear_is_not_believed_when_a_key_is_configured(tmp_p
     assert forged, "no answer was forged: the test proves nothing"
     assert (result.outcome, result.source) == ("declined", "status-poll")
     assert not simulator.terminal.ledger[("POS1", "E1")].charged
+
+
+class JournalReadingOutlet(RecordingOutlet):
+    """Records, with each event, the detail the journal holds for the transaction then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.journaled: list[str] = []
+
+    def progress(self, event) -> None:
+        super().progress(event)
+        self.journaled += [txn.detail for txn in self.journal.transactions()]
+
+
+def break_the_padding(sealed: dict) -> None:
+    """The last byte of the second-to-last block flipped: the last block's padding is wrong."""
+    body = sealed["SaleToPOIResponse"]
+    blob = bytearray(base64.b64decode(body["NexoBlob"]))
+    blob[-17] ^= 0x5A
+    body["NexoBlob"] = base64.b64encode(bytes(blob)).decode()
+
+
+def break_the_hmac(sealed: dict) -> None:
+    """A bit of the Nonce flipped (it is XORed into the IV): one plaintext bit of the first
+    block changes, the padding stays valid, and the HMAC does not verify."""
+    trailer = sealed["SaleToPOIResponse"]["SecurityTrailer"]
+    nonce = bytearray(base64.b64decode(trailer["Nonce"]))
+    nonce[3] ^= 0x01
+    trailer["Nonce"] = base64.b64encode(bytes(nonce)).decode()
+
+
+async def test_why_an_answer_does_not_decrypt_is_not_told_to_registers(tmp_path, monkeypatch,
+                                                                      caplog):
+    """Whoever can write to the link chooses the Nonce, which is XORed into the CBC IV. If a
+    register could tell "invalid padding" from "Hmac does not verify" (in an event's detail,
+    a result, the journal), it would have a padding oracle. Both read the same there; the
+    reason is in the daemon's log only."""
+    seal = crypto.encrypt_message
+    seen: dict[str, tuple] = {}
+    for name, damage in (("padding", break_the_padding), ("hmac", break_the_hmac)):
+        damaged: list[str] = []
+
+        def damage_the_payment_response(document, key, damage=damage, damaged=damaged):
+            sealed = seal(document, key)
+            if "PaymentResponse" in document.get("SaleToPOIResponse", {}) and not damaged:
+                damage(sealed)
+                damaged.append(name)
+            return sealed
+
+        monkeypatch.setattr(crypto, "encrypt_message", damage_the_payment_response)
+        outlet = JournalReadingOutlet()
+        (tmp_path / name).mkdir()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="poi_bridge.terminal"):
+            result, _ = await run_payment(tmp_path / name, KEY, KEY, Behaviour(delay=0.05),
+                                          outlet=outlet)
+        assert damaged, "the payment's response was not damaged: the test proves nothing"
+        assert (result.outcome, result.source) == ("approved", "status-poll")
+        texts = ([e.detail for e in outlet.events], outlet.journaled,
+                 [(r.outcome, r.error) for r in outlet.results])
+        told = "\n".join(text for part in texts for item in part for text in
+                         (item if isinstance(item, tuple) else (item,)) if text)
+        for word in ("padding", "Hmac", "HMAC", "tampered", "corrupt"):
+            assert word not in told
+        assert ("cannot decrypt or verify the terminal's answer with key "
+                "CryptoKeyIdentifier12345 v1") in told
+        # The daemon's log says why, naming the terminal and the key, never its material.
+        reasons = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                   and "does not decrypt or verify" in r.getMessage()]
+        assert len(reasons) == 1 and POI in reasons[0]
+        assert "CryptoKeyIdentifier12345 v1" in reasons[0]
+        assert ("invalid padding" if name == "padding" else "Hmac does not verify") in reasons[0]
+        assert "p@ssw0rd" not in "\n".join(r.getMessage() for r in caplog.records)
+        seen[name] = {text for text in told.splitlines() if "decrypt" in text}
+    assert seen["padding"] == seen["hmac"]

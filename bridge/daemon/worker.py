@@ -448,9 +448,16 @@ class TerminalWorker:
             except crypto.CryptoError as exc:
                 # The terminal acted on our request and answered: only we cannot read it. For
                 # a payment that is no outcome, so it is asked about, never ended as an error.
+                # Why it failed (bad padding, or an HMAC that does not verify) goes to our log
+                # only: the session's text is journaled and published to registers, and the
+                # Nonce is the sender's, XORed into the CBC IV, so telling the two apart there
+                # would be a padding oracle for anyone on the link who reads a register's topics.
+                which = f"key {self.key.identifier} v{self.key.version}"
+                log.warning("terminal %s: its answer does not decrypt or verify with %s: %s",
+                            self.poi_id, which, exc)
                 self._apply(self.session.unreadable(
-                    f"cannot decrypt the terminal's answer with key {self.key.identifier} "
-                    f"v{self.key.version}: {exc}", now))
+                    f"cannot decrypt or verify the terminal's answer with {which}: check the "
+                    "key configured for this terminal", now))
                 return
         try:
             message = parse_message(document)
