@@ -115,6 +115,90 @@ async def test_acl_register_cannot_read_another_registers_results(tmp_path):
         broker.kill()
 
 
+def referring(sale_id: str, service_id: str, category: str, about: dict | None) -> dict:
+    """A register's TransactionStatus or Abort request, naming `about` in MessageReference
+    (no MessageReference at all when None)."""
+    document = responses.payment_request(sale_id, service_id, POI, category=category)
+    body = {"MessageReference": about} if about is not None else {}
+    if category == "Abort":
+        body["AbortReason"] = "MerchantAbort"
+    document["SaleToPOIRequest"][f"{category}Request"] = body
+    return document
+
+
+async def test_a_register_may_not_read_or_abort_another_registers_payment_through_the_bridge(
+        tmp_path):
+    """The ACL keeps POS2 off POS1's topics, but the terminal answers a TransactionStatus or
+    an Abort about any transaction, whoever made it: POS2 naming POS1's payment in
+    MessageReference got POS1's whole response (card data included) on its own topic, and
+    could abort POS1's payment. Both are refused NotAllowed now, as is a status request
+    without MessageReference (the terminal would answer about its latest transaction);
+    POS1 asking about its own still passes through."""
+    passwd = tmp_path / "passwd"
+    passwords(passwd, {"poi-bridge": "bridge-pw", "POS1": "pos1-pw", "POS2": "pos2-pw"})
+    broker = Mosquitto(tmp_path / "broker", anonymous=False,
+                       extra_config=f"password_file {passwd}\nacl_file {ACL}\n").start()
+    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=1.5)),
+                                ack_timeout=0.3)
+    device = await simulator.start_pty(tmp_path / "terminal")
+    bridge = Bridge(parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"),
+        "mqtt": {"host": broker.host, "port": broker.port, "username": "poi-bridge"},
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
+    }), mqtt_password="bridge-pw")
+    await bridge.start()
+    request_topic = f"poi-bridge/terminals/{POI}/request"
+    pay1 = {"MessageCategory": "Payment", "SaleID": "POS1", "ServiceID": "A1"}
+
+    async def answer(client: Client, service_id: str) -> dict:
+        async with asyncio.timeout(10):
+            while True:
+                for topic, payload in client.messages:
+                    body = json.loads(payload)
+                    if topic.endswith("/response") and outcome_for(service_id)(topic, body):
+                        return body
+                await asyncio.sleep(0.05)
+
+    try:
+        async with Client(broker, "POS1", "pos1-pw", ["poi-bridge/registers/POS1/#"]) as pos1, \
+                Client(broker, "POS2", "pos2-pw", ["poi-bridge/registers/POS2/#",
+                                                   "poi-bridge/transactions/POS2/#"]) as pos2:
+            async with asyncio.timeout(10):
+                while not (bridge.gateway.connected and bridge.workers[POI].online):
+                    await asyncio.sleep(0.05)
+            await pos1.client.publish(request_topic, json.dumps(
+                responses.payment_request("POS1", "A1", POI)), qos=1)
+            await asyncio.sleep(0.3)  # POS1's payment is on the terminal now
+            await pos2.client.publish(request_topic, json.dumps(
+                referring("POS2", "B1", "Abort", pay1)), qos=1)
+            refused = await answer(pos2, "B1")
+            assert refused["bridge"]["outcome"] == "rejected"
+            assert refused["SaleToPOIResponse"]["AbortResponse"]["Response"][
+                "ErrorCondition"] == "NotAllowed"
+            assert "only its own transactions" in refused["bridge"]["error"]
+            assert (await answer(pos1, "A1"))["bridge"]["outcome"] == "approved"
+
+            for service_id, about in (("B2", pay1), ("B3", None)):
+                await pos2.client.publish(request_topic, json.dumps(
+                    referring("POS2", service_id, "TransactionStatus", about)), qos=1)
+                refused = await answer(pos2, service_id)
+                assert refused["bridge"]["outcome"] == "rejected", refused
+                assert refused["SaleToPOIResponse"]["TransactionStatusResponse"]["Response"][
+                    "ErrorCondition"] == "NotAllowed"
+            await pos1.client.publish(request_topic, json.dumps(
+                referring("POS1", "A2", "TransactionStatus", pay1)), qos=1)
+            own = await answer(pos1, "A2")
+            assert own["bridge"]["outcome"] == "approved", own
+            await asyncio.sleep(0.3)
+            # Nothing of POS1's payment reached POS2, on any topic it may read.
+            assert not any(b'"A1"' in payload for _, payload in pos2.messages), pos2.messages
+            assert len(simulator.terminal.ledger) == 1  # only POS1's payment reached it
+    finally:
+        await bridge.stop()
+        await simulator.close()
+        broker.kill()
+
+
 # --- TLS ----------------------------------------------------------------------------------------
 
 def _key():

@@ -56,6 +56,32 @@ _TRANSACTION_FILTERS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _foreign_reference(request: SaleToPOIRequest) -> str | None:
+    """Why an Abort or TransactionStatus request may not go to the terminal: it must name,
+    in MessageReference, a transaction of the register that sends it. The terminal answers
+    about any transaction, whoever made it, and its status answer carries that payment's
+    card data: a register must not read, nor abort, another's through the bridge."""
+    header = request.message_header
+    assert header is not None
+    category = str(header.message_category)
+    if category == "TransactionStatus" and request.transaction_status_request is not None:
+        reference = request.transaction_status_request.message_reference
+        if reference is None:
+            return ("TransactionStatusRequest without MessageReference: the terminal would "
+                    "answer about its latest transaction, whoever made it; name the "
+                    f"transaction (MessageReference SaleID {header.sale_id}, its ServiceID "
+                    "and MessageCategory)")
+    elif category == "Abort" and request.abort_request is not None:
+        reference = request.abort_request.message_reference
+    else:
+        return None
+    if reference.sale_id != header.sale_id:
+        return (f"{category}Request MessageReference.SaleID {reference.sale_id!r} is not this "
+                f"request's SaleID {header.sale_id!r}: a register may ask about and abort "
+                "only its own transactions")
+    return None
+
+
 def _lenient_json(payload: bytes) -> Any:
     """The request as Python's json reads it (NaN, Infinity...), only to address its refusal."""
     try:
@@ -305,6 +331,9 @@ class RequestIntake:
         allowed = worker.config.allowed_sale_ids
         if allowed is not None and header.sale_id not in allowed:
             return f"SaleID {header.sale_id} may not use terminal {poi_id}", "NotAllowed"
+        foreign = _foreign_reference(request)
+        if foreign is not None:
+            return foreign, "NotAllowed"
         stale = self._stale(request)
         return (stale, "NotAllowed") if stale else None
 
