@@ -63,7 +63,7 @@ def check_config(args: argparse.Namespace) -> int:
         link = terminal.link
         where = getattr(link, "device", None) or (
             f"{link.host}:{link.port}" if link.kind == "tcp"
-            else f"usb {link.vendor_id:04x}:{link.product_id:04x}")
+            else f"{link.vendor_id:04x}:{link.product_id:04x}")
         print(f"  {terminal.poi_id}: {link.kind} {where}, framer {terminal.framer.name}, "
               f"payment timeout {terminal.payment_timeout:g} s"
               + (f", key {terminal.key.identifier} v{terminal.key.version}" if terminal.key else ""))

@@ -288,6 +288,18 @@ def test_two_terminals_on_one_device_is_an_error(tmp_path, capsys):
     assert "terminals[2].link.device:" in err and "terminals[0] (A-1)" in err, err
 
 
+def test_the_ok_summary_names_each_link_once(tmp_path, capsys):
+    text = (f'journal = "{tmp_path / "j.sqlite3"}"\n'
+            '[[terminals]]\npoi_id = "A-1"\n[terminals.link]\nkind = "usb"\n'
+            'vendor_id = "0x0b00"\nproduct_id = "0x0084"\n'
+            '[[terminals]]\npoi_id = "B-2"\n[terminals.link]\nkind = "tcp"\nhost = "h"\n'
+            'port = 1\n')
+    status, out, err = check(write(tmp_path, text), capsys)
+    assert status == 0, err
+    assert "  A-1: usb 0b00:0084, framer" in out, out  # was "usb usb 0b00:0084"
+    assert "  B-2: tcp h:1, framer" in out, out
+
+
 def test_no_terminal_is_an_error(tmp_path, capsys):
     status, _out, err = check(write(tmp_path, f'journal = "{tmp_path / "j"}"\n'), capsys)
     assert status == 2 and "terminals: no [[terminals]]" in err, err
