@@ -13,6 +13,7 @@ from bridge.protocol import crypto
 from bridge.protocol.framing import FRAMERS, FrameReceived, FramingError, make_framer
 from bridge.protocol.messages import MessageError, load_json, parse_message
 from bridge.protocol.outcome import classify
+from bridge.redaction import redact
 
 MAX_INPUT = 16 * 1024 * 1024
 
@@ -122,6 +123,10 @@ def summarise(raw: bytes, key: crypto.NexoKey | None, source: str) -> dict[str, 
         raise InspectError(f"{source}: {exc}") from None
     verdict = classify(message)
     header = message.message_header
+    # The terminal's own texts are printed as the detail quotes them: redacted, for a terminal
+    # may put card data in any field, and a technician's output gets pasted into tickets.
+    result, condition = (None if text is None else redact(text)
+                         for text in (verdict.result, verdict.error_condition))
     return {
         "kind": message.kind,
         "category": message.category,
@@ -130,8 +135,8 @@ def summarise(raw: bytes, key: crypto.NexoKey | None, source: str) -> dict[str, 
         "service_id": header.service_id if header else None,
         "poi_id": header.poi_id if header else None,
         "body": message.body_key(),
-        "result": verdict.result,
-        "error_condition": verdict.error_condition,
+        "result": result,
+        "error_condition": condition,
         "outcome": verdict.outcome.value,
         "outcome_category": verdict.category,
         "detail": verdict.detail,
