@@ -351,22 +351,33 @@ async def test_mqtt5_response_topic_and_correlation_data_are_honoured(tmp_path, 
         store.bridge._tasks.append(asyncio.create_task(store.bridge.gateway.run(), name="mqtt"))
         async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="v5-client",
                                   protocol=aiomqtt.ProtocolVersion.V5) as client:
-            await client.subscribe("my/replies", qos=1)
+            await client.subscribe(f"{BASE}/bridge/response/#", qos=1)
+            await client.subscribe(f"{BASE}/registers/#", qos=1)
             for _ in range(100):
                 if store.bridge.gateway.connected:
                     break
                 await asyncio.sleep(0.05)
-            props = Properties(PacketTypes.PUBLISH)
-            props.ResponseTopic = "my/replies"
-            props.CorrelationData = b"req-42"
-            await client.publish(f"{BASE}/bridge/request/terminals", b"{}", qos=1,
-                                 properties=props)
-            async with asyncio.timeout(10):
-                async for message in client.messages:
-                    assert message.topic.value == "my/replies"
-                    assert message.properties.CorrelationData == b"req-42"
-                    assert json.loads(message.payload)["status"] == "ok"
-                    break
+
+            async def ask(response_topic: str, correlation: bytes) -> aiomqtt.Message:
+                props = Properties(PacketTypes.PUBLISH)
+                props.ResponseTopic = response_topic
+                props.CorrelationData = correlation
+                await client.publish(f"{BASE}/bridge/request/terminals", b"{}", qos=1,
+                                     properties=props)
+                async with asyncio.timeout(10):
+                    async for message in client.messages:
+                        assert message.properties.CorrelationData == correlation
+                        assert json.loads(message.payload)["status"] == "ok"
+                        return message
+
+            mine = f"{BASE}/bridge/response/v5-client/1"
+            assert (await ask(mine, b"req-42")).topic.value == mine
+            # Outside {base}/bridge/response/ the bridge would publish where the requester
+            # may not (another register's results): the fixed topic is used instead.
+            for elsewhere in (f"{BASE}/registers/TILL1/response", "my/replies",
+                              f"{BASE}/bridge/response/"):
+                answer = await ask(elsewhere, b"req-43")
+                assert answer.topic.value == f"{BASE}/bridge/response/terminals", elsewhere
 
 
 async def test_broker_down_at_boot_terminals_keep_working_and_results_wait(tmp_path, mosquitto):

@@ -445,15 +445,20 @@ class RegisterGateway:
                 "status": "error", "error": error,
                 "poi_id": route[1] if route is not None else None, "topic": topic})
 
-    @staticmethod
-    def _usable_response_topic(topic: str, response_topic: object) -> str | None:
+    def _usable_response_topic(self, topic: str, response_topic: object) -> str | None:
         """The requester's MQTT 5 response topic, or None (the fixed topic) when it cannot be
-        published to: stored as given, it made every publish of the answer fail."""
+        published to (stored as given, it made every publish of the answer fail), or lies
+        outside {base}/bridge/response/: the bridge may publish where the requester may
+        not (another register's results, the bridge's own request topics)."""
         problem = topic_problem(response_topic)
+        prefix = self.topics.bridge_response("")
+        if problem is None and not (isinstance(response_topic, str) and response_topic
+                                    .startswith(prefix) and response_topic != prefix):
+            problem = f"the bridge answers only under {prefix}"
         if problem is None:
             return response_topic  # type: ignore[return-value]
-        log.warning("a message on %s names the response topic %.200r, which cannot be "
-                    "published to (%s): it is answered on the fixed topic instead. Fix the "
+        log.warning("a message on %s names the response topic %.200r, which the bridge does "
+                    "not answer on (%s): it is answered on the fixed topic instead. Fix the "
                     "ResponseTopic the sender sets", topic, response_topic, problem)
         return None
 
