@@ -24,9 +24,9 @@ POI = "V400m-324688179"
 
 
 class Rig:
-    def __init__(self, path) -> None:
+    def __init__(self, path, max_payload: int = 4096) -> None:
         self.config = parse_config({
-            "journal": str(path), "mqtt": {"max_payload": 4096},
+            "journal": str(path), "mqtt": {"max_payload": max_payload},
             "terminals": [{"poi_id": POI, "link": {"kind": "tcp", "host": "127.0.0.1",
                                                     "port": 9}}]})
         self.journal = Journal(path)

@@ -9,12 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.protocol.transaction import (
+    REFUSED_REQUEST_KEPT,
     SERVICE_ID_REUSE_WINDOW,
     Reuse,
     Transaction,
+    TxKey,
     TxState,
     check_reuse,
     first_difference,
+    refused_request_record,
     request_digest,
 )
 from bridge.simulator import responses
@@ -151,3 +154,54 @@ def test_a_journaled_request_that_fails_todays_checks_is_still_answered_as_a_rep
         assert "RequestedAmount" in answer["bridge"]["error"]
     finally:
         rig.journal.close()
+
+
+def test_a_large_refused_request_is_kept_as_its_header_and_still_known_as_a_repeat(tmp_path):
+    """Refused requests are journaled for 48 h (so that a copy delivered again gets the same
+    answer). Kept whole, a register publishing large ones (up to max_payload, 256 KiB by
+    default) filled the disk: 100 grew the journal by 54 MB. Past REFUSED_REQUEST_KEPT only
+    the header is kept; the digest still recognises the copy."""
+    import json
+
+    from .test_intake_fuzz import Rig
+
+    def padded(service_id: str) -> dict:
+        document = responses.payment_request("TILL1", service_id, "V400m-999")
+        document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"][
+            "SaleToAcquirerData"] = "x" * 100_000
+        return document
+
+    topic = "poi-bridge/terminals/V400m-999/request"  # not this bridge's terminal
+    journal_path = tmp_path / "journal.sqlite3"
+    rig = Rig(journal_path, max_payload=256 * 1024)
+    first = json.dumps(padded("S0")).encode()
+    try:
+        for n in range(30):
+            (answer,) = [json.loads(m.payload) for m in rig.handle(
+                topic, first if n == 0 else json.dumps(padded(f"S{n}")).encode())
+                if m.topic.endswith("/response")]
+            assert answer["bridge"]["outcome"] == "rejected"
+            assert "unknown terminal V400m-999" in answer["bridge"]["error"]
+        stored = rig.journal.get(TxKey("TILL1", "S0"))
+        assert stored is not None and stored.request == {"SaleToPOIRequest": {
+            "MessageHeader": json.loads(first)["SaleToPOIRequest"]["MessageHeader"]}}
+        sizes = sum(p.stat().st_size for p in tmp_path.glob("journal.sqlite3*"))
+        assert sizes < 1_500_000, sizes  # 30 x 100 KB kept whole: over 3 MB
+        # The same request delivered again is answered as the repeat it is.
+        published = rig.handle(topic, first)
+        events = [json.loads(m.payload) for m in published if m.topic.endswith("/event")]
+        assert [e["event"] for e in events] == ["duplicate"], events
+    finally:
+        rig.journal.close()
+
+
+def test_a_busy_refusal_keeps_a_small_request_whole_and_a_large_one_as_its_header():
+    small = payment()
+    assert refused_request_record(small) is small
+    large = payment()
+    large["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleToAcquirerData"] = \
+        "x" * REFUSED_REQUEST_KEPT
+    assert refused_request_record(large) == {"SaleToPOIRequest": {
+        "MessageHeader": large["SaleToPOIRequest"]["MessageHeader"]}}
+    assert refused_request_record({"SaleToPOIRequest": "x" * 9000}) == {
+        "SaleToPOIRequest": {"MessageHeader": None}}

@@ -182,6 +182,19 @@ def test_second_request_while_one_is_open_is_refused_busy_and_recorded_as_refuse
     assert "R1/S1" in refusal.error
 
 
+def test_a_large_request_refused_busy_is_recorded_as_its_header():
+    """Refusals are journaled for 48 h: a register's flood of large ones must not fill the
+    disk (transaction.REFUSED_REQUEST_KEPT); the accepted request is kept whole."""
+    h = Harness()
+    accepted = h.submit("R1", "S1")
+    big = responses.payment_request("R2", "S9", POI, 12.5)
+    big["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleToAcquirerData"] = "x" * 20000
+    (record, *_) = h.submit("R2", "S9", doc=big)
+    assert record.transaction.request == {
+        "SaleToPOIRequest": {"MessageHeader": big["SaleToPOIRequest"]["MessageHeader"]}}
+    assert accepted[0].transaction.request["SaleToPOIRequest"]["PaymentRequest"]
+
+
 def test_request_while_terminal_offline_is_refused_unavailable():
     h = Harness(link_up=False)
     (refusal,) = h.delivers(h.submit("R1", "S1"))

@@ -38,6 +38,7 @@ from bridge.protocol.transaction import (
     TxState,
     check_reuse,
     first_difference,
+    refused_request_record,
     request_digest,
 )
 
@@ -349,8 +350,8 @@ class RequestIntake:
         category, now = str(header.message_category), self._clock()
         self.journal.save(Transaction(
             sale_id=header.sale_id, service_id=header.service_id, poi_id=poi_id,
-            category=category, request=document, digest=digest, created_at=now,
-            updated_at=now, state=TxState.FINAL, outcome=Outcome.REJECTED.value,
+            category=category, request=refused_request_record(document), digest=digest,
+            created_at=now, updated_at=now, state=TxState.FINAL, outcome=Outcome.REJECTED.value,
             source="bridge", detail=error,
             response=builders.failure_response(header, category, condition, error)))
         self._reject(document, poi_id, error, condition)

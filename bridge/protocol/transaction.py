@@ -98,6 +98,25 @@ def check_reuse(existing: Transaction | None, digest: str, now: float,
     return Reuse.CONFLICT
 
 
+# A refused request's record keeps the whole document up to this size (JSON text): enough
+# for any real request, and what tells a retry rebuilt with a new TimeStamp from a different
+# request. Past it only the header is kept (the digest still recognises a repeat; a retry
+# with a new TimeStamp is then refused as a different request): refused
+# requests (Busy, an unknown terminal, too old) are kept 48 h, and a register publishing
+# large ones must not fill the box's disk with them.
+REFUSED_REQUEST_KEPT = 8 * 1024
+
+
+def refused_request_record(document: dict[str, Any]) -> dict[str, Any]:
+    """What the journal keeps of a request refused before it reached the terminal."""
+    if len(json.dumps(document, separators=(",", ":"), ensure_ascii=False)) \
+            <= REFUSED_REQUEST_KEPT:
+        return document
+    inner = document.get("SaleToPOIRequest")
+    header = inner.get("MessageHeader") if isinstance(inner, dict) else None
+    return {"SaleToPOIRequest": {"MessageHeader": header}}
+
+
 # Where a register's request carries the time it was built: a register that retries after a
 # time-out often builds the request again, and only this changes.
 _TIME_STAMP_PATH = ("SaleData", "SaleTransactionID", "TimeStamp")
