@@ -105,6 +105,30 @@ async def test_an_answer_journaled_before_a_restart_still_carries_its_correlatio
         journal.close()
 
 
+async def test_with_mqtt5_the_broker_keeps_packets_far_past_max_payload_from_the_daemon(
+        tmp_path, mosquitto):
+    """The daemon announces a Maximum Packet Size (max_payload plus room for the topics):
+    paho read a 250 MB request whole into memory before max_payload refused it. One a
+    little over max_payload still reaches the daemon, which answers why it is refused."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    gateway = gateway_for(mosquitto, journal, protocol="5", max_payload=64 * 1024)
+    seen: list[int] = []
+    gateway.set_request_handler(lambda topic, payload, reply: seen.append(len(payload)))
+    try:
+        async with running(gateway), aiomqtt.Client(
+                mosquitto.host, mosquitto.port, identifier="big-sender",
+                protocol=aiomqtt.ProtocolVersion.V5) as sender:
+            await eventually(lambda: gateway.connected)
+            topic = f"{BASE}/terminals/V400m-1/request"
+            await sender.publish(topic, b"x" * (8 * 1024 * 1024), qos=1)  # far past it
+            await sender.publish(topic, b"y" * (80 * 1024), qos=1)  # a little over 64 KiB
+            await eventually(lambda: seen)
+            await asyncio.sleep(0.5)
+            assert seen == [80 * 1024]
+    finally:
+        journal.close()
+
+
 async def test_an_unpublishable_message_already_in_the_journal_is_given_up_loudly(
         tmp_path, mosquitto, caplog):
     """A journal written by the old code may hold an answer addressed to such a topic. It is

@@ -199,6 +199,17 @@ async def test_a_register_may_not_read_or_abort_another_registers_payment_throug
         broker.kill()
 
 
+def test_the_example_broker_refuses_packets_past_the_daemons_max_payload_with_room():
+    """examples/mosquitto/mosquitto.conf bounds a client's packet (a register's 250 MB
+    publish grew the daemon to 820 MB), above max_payload so that a request a little over
+    it still reaches the daemon and gets its answer."""
+    conf = (ROOT / "examples" / "mosquitto" / "mosquitto.conf").read_text().splitlines()
+    (line,) = [x for x in conf if x.startswith("max_packet_size ")]
+    limit = int(line.split()[1])
+    max_payload = parse_config({}).mqtt.max_payload
+    assert max_payload < limit <= 4 * max_payload
+
+
 # --- TLS ----------------------------------------------------------------------------------------
 
 def _key():

@@ -122,6 +122,8 @@ def test_unit_has_the_service_contract() -> None:
     assert one("ConfigurationDirectory") == "poi-bridge"
     assert one("ExecStart") == ("/opt/poi-bridge/bin/poi-bridge run --config "
                                 "/etc/poi-bridge/poi-bridge.toml")
+    # A bound on memory, well above the 80 MB the daemon is held to in bench/ (README)
+    assert one("MemoryMax").endswith("M") and int(one("MemoryMax")[:-1]) >= 4 * 80
     # The daemon's default journal lives in the state directory systemd creates for it.
     assert Config().journal.parent == Path("/var/lib") / one("StateDirectory")
     # Started after the clock is set (where the box says so): the journal's times start right.

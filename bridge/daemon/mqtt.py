@@ -127,6 +127,11 @@ def _transaction_echo(payload: bytes) -> Any:
     return body.get("transaction") if isinstance(body, dict) else None
 
 
+# Room in an MQTT 5 packet beside its payload: a topic and a ResponseTopic (65535 bytes at
+# most each), correlation data and the rest.
+PACKET_OVERHEAD = 3 * 65536
+
+
 class Reply:
     """How to answer one incoming message: to a fixed topic, or to the MQTT 5 response topic
     with its correlation data when the requester gave one."""
@@ -265,6 +270,10 @@ class RegisterGateway:
             options["clean_start"] = False
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = 24 * 3600  # keep our session while we are away
+            # paho reads a whole packet into memory before max_payload can refuse it: two
+            # 250 MB requests took the daemon to 820 MB. The broker drops a larger packet
+            # for us instead; one a little over max_payload still gets its answer.
+            props.MaximumPacketSize = self.config.max_payload + PACKET_OVERHEAD
             options["properties"] = props
         else:
             options["clean_session"] = False
