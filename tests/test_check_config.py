@@ -195,7 +195,9 @@ def test_the_example_names_devices_the_udev_rule_makes():
 def test_the_example_logs_in_as_the_example_broker_acl_expects():
     acl = (ROOT / "examples" / "mosquitto" / "acl").read_text()
     mqtt = tomllib.loads(EXAMPLE.read_text())["mqtt"]
-    assert f"user {mqtt['username']}\ntopic readwrite {mqtt['base_topic']}/#" in acl
+    base = mqtt["base_topic"]
+    assert (f"user {mqtt['username']}\ntopic read {base}/terminals/+/request\n"
+            f"topic read {base}/bridge/request/+\n") in acl
 
 
 def test_check_config_accepts_the_example_once_its_secrets_are_installed(
