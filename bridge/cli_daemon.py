@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sqlite3
 import sys
 from typing import Any
@@ -71,6 +72,9 @@ def check_config(args: argparse.Namespace) -> int:
 
 
 def run_daemon(args: argparse.Namespace) -> int:
+    # The journal holds what terminals answer (card data, receipts): whatever the daemon
+    # creates is its user's alone, as the unit's UMask=0077 makes it, when run by hand too.
+    os.umask(0o077)
     config = _load_or_report(args.config)
     if config is None:
         return 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from pathlib import Path
 
 from bridge.config import (
@@ -120,6 +121,7 @@ def _check_secret(place: str, path: Path, errors: list[str], warnings: list[str]
         return
     if content:
         _check_content(place, path, data, errors)
+        _check_private(place, path, "a secret", warnings)
 
 
 def _check_credential_source(place: str, path: Path, source: Path, errors: list[str],
@@ -145,6 +147,23 @@ def _check_credential_source(place: str, path: Path, source: Path, errors: list[
         return
     if content:
         _check_content(place, source, data, errors)
+        _check_private(place, source, "a secret", warnings)
+
+
+def _others_may_read(path: Path) -> str | None:
+    """The mode of `path` ("0644") when users other than its owner may read it, else None."""
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return None
+    return f"{mode:04o}" if mode & 0o044 else None
+
+
+def _check_private(place: str, path: Path, what: str, warnings: list[str]) -> None:
+    mode = _others_may_read(path)
+    if mode is not None:
+        warnings.append(f"{place}: {path} (mode {mode}) may be read by other users of this "
+                        f"box, and holds {what}: chmod 600 {path}")
 
 
 def _check_content(place: str, path: Path, data: bytes, errors: list[str]) -> None:
@@ -219,6 +238,8 @@ def _check_journal_path(path: Path, place: str, errors: list[str],
         errors.append(f"{place}: {directory} is on a read-only file system: keep the journal "
                       f"in {STATE_DIRECTORY}/")
         return
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        _check_private(place, file, "the terminals' answers (card data, receipts)", warnings)
     target = path if path.exists() else directory
     mode = os.R_OK | os.W_OK if target == path else os.W_OK | os.X_OK
     if not os.access(target, mode):

@@ -246,6 +246,29 @@ def test_a_missing_mqtt_password_file_is_an_error(tmp_path, capsys):
     assert status == 2 and f"mqtt.password_file: cannot read {tmp_path / 'nope'}" in err, err
 
 
+def test_a_secret_or_journal_other_users_may_read_is_a_warning(tmp_path, capsys):
+    secret = tmp_path / "pw"
+    secret.write_text("secret\n")
+    journal = tmp_path / "journal.sqlite3"
+    for name in ("journal.sqlite3", "journal.sqlite3-wal"):
+        (tmp_path / name).write_bytes(b"")
+    path = write(tmp_path, good_toml(tmp_path) +
+                 f'[mqtt]\nusername = "u"\npassword_file = "{secret}"\n')
+    for mode in (0o644, 0o640):
+        for file in (secret, journal, tmp_path / "journal.sqlite3-wal"):
+            file.chmod(mode)
+        status, _out, err = check(path, capsys)
+        assert status == 0, err
+        assert (f"warning: mqtt.password_file: {secret} (mode 0{mode:o}) may be read by "
+                f"other users of this box, and holds a secret: chmod 600 {secret}") in err, err
+        assert f"journal: {journal} (mode 0{mode:o}) may be read by other users" in err, err
+        assert f"{journal}-wal (mode 0{mode:o})" in err, err
+    for file in (secret, journal, tmp_path / "journal.sqlite3-wal"):
+        file.chmod(0o600)
+    status, _out, err = check(path, capsys)
+    assert status == 0 and "may be read by other users" not in err, err
+
+
 def test_an_unreadable_secret_is_a_warning_that_says_why(tmp_path, capsys, monkeypatch):
     """check-config may run as another user than the daemon: EACCES is no proof."""
     secret = tmp_path / "pw"

@@ -129,6 +129,35 @@ async def test_sigterm_drains_cleanly_and_says_offline(tmp_path, mosquitto):
         sim.stop()
 
 
+async def test_the_journal_is_readable_by_the_daemons_user_only_whatever_the_umask(
+        tmp_path, mosquitto):
+    """The journal holds what terminals answer (card data, masked or not, receipts). The
+    unit sets UMask=0077; run by hand under the usual umask 022 the files were 0644,
+    readable by every user of the box."""
+    import os
+    import stat
+
+    old = os.umask(0o022)  # what the daemon inherits, as from a technician's shell
+    try:
+        sim = Simulator(tmp_path)
+        daemon = Daemon(write_config(tmp_path, mosquitto, sim.link), tmp_path).start()
+    finally:
+        os.umask(old)
+    try:
+        async with Subscriber(mosquitto, [f"{BASE}/#"]) as sub:
+            await sub.wait_for(lambda t, p: t.endswith(f"/terminals/{POI}/state")
+                               and p["state"] == "online")
+            await sub.publish(REQUEST, responses.payment_request("POS1", "U1", POI, 1.0))
+            await sub.wait_for(outcome_for("U1", "approved"))
+        files = sorted(tmp_path.glob("journal.sqlite3*"))
+        assert {f.name for f in files} >= {"journal.sqlite3", "journal.sqlite3-wal"}, files
+        for path in files:
+            assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, (path, oct(path.stat().st_mode))
+    finally:
+        daemon.kill()
+        sim.stop()
+
+
 async def test_corrupt_journal_stops_the_daemon_with_a_clear_error(tmp_path, mosquitto):
     (tmp_path / "journal.sqlite3").write_bytes(b"garbage" * 1000)
     daemon = Daemon(write_config(tmp_path, mosquitto, "/dev/null"), tmp_path).start()
