@@ -81,6 +81,15 @@ def run_daemon(args: argparse.Namespace) -> int:
     setup_logging(config.log_level)
     from bridge.daemon.app import JOURNAL_EXIT_STATUS, run_bridge
 
+    # What check-config would say about this box, in the log a technician reads: the
+    # daemon starts anyway (it answers what it cannot do), but says what is wrong.
+    log = logging.getLogger("poi_bridge")
+    errors, warnings = deployment_problems(config)
+    for problem in errors:
+        log.error("configuration %s: %s", args.config, problem)
+    for problem in warnings:
+        log.warning("configuration %s: %s", args.config, problem)
+
     try:
         password = read_configured_secret(config.mqtt.password_file, "the MQTT password file")
     except SecretError as exc:

@@ -158,6 +158,23 @@ async def test_the_journal_is_readable_by_the_daemons_user_only_whatever_the_uma
         sim.stop()
 
 
+async def test_the_daemon_logs_what_check_config_would_say_about_the_box(tmp_path, mosquitto):
+    """A second terminal configured on the first one's device: check-config says so, and
+    now so does the log of a daemon started without running it first."""
+    sim = Simulator(tmp_path)
+    second = (f'[[terminals]]\npoi_id = "P400-1"\n[terminals.link]\nkind = "serial"\n'
+              f'device = "{sim.link}"')
+    daemon = Daemon(write_config(tmp_path, mosquitto, sim.link, extra=second), tmp_path).start()
+    try:
+        async with Subscriber(mosquitto, [f"{BASE}/bridge/state"]) as sub:
+            await sub.wait_for(lambda t, p: p["state"] == "online")
+        log = daemon.log_path.read_text()
+        assert "ERROR" in log and "terminals[1].link.device:" in log, log
+    finally:
+        daemon.kill()
+        sim.stop()
+
+
 async def test_corrupt_journal_stops_the_daemon_with_a_clear_error(tmp_path, mosquitto):
     (tmp_path / "journal.sqlite3").write_bytes(b"garbage" * 1000)
     daemon = Daemon(write_config(tmp_path, mosquitto, "/dev/null"), tmp_path).start()
