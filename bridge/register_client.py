@@ -234,8 +234,9 @@ class RegisterClient:
         try:
             if on_sending is not None:
                 on_sending()
+            # On .../request/{SaleID}: the topic a broker ACL ties to this register's login
             await self._client.publish(
-                self.topics.base + f"/terminals/{header['POIID']}/request",
+                self.topics.base + f"/terminals/{header['POIID']}/request/{header['SaleID']}",
                 json.dumps(document), qos=1)
             if on_published is not None:
                 on_published()

@@ -197,6 +197,7 @@ def test_the_example_logs_in_as_the_example_broker_acl_expects():
     mqtt = tomllib.loads(EXAMPLE.read_text())["mqtt"]
     base = mqtt["base_topic"]
     assert (f"user {mqtt['username']}\ntopic read {base}/terminals/+/request\n"
+            f"topic read {base}/terminals/+/request/+\n"
             f"topic read {base}/bridge/request/+\n") in acl
 
 

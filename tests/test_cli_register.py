@@ -90,7 +90,7 @@ async def pay_through_a_stand_in(mosquitto, answer, *options: str, state: str = 
     async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="bridge") as bridge:
         await bridge.publish(f"{BASE}/bridge/state", json.dumps({"state": state}), qos=1,
                              retain=True)
-        await bridge.subscribe(f"{BASE}/terminals/+/request", qos=1)
+        await bridge.subscribe(f"{BASE}/terminals/+/request/+", qos=1)
         running = asyncio.create_task(register(
             mosquitto, "--base-topic", BASE, "--sale-id", "TILL9", "pay", "--terminal", POI,
             *options))

@@ -4,6 +4,7 @@ to its own results; TLS with a CA, client certificates and hostname checking."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -74,45 +75,65 @@ async def start_bridge(tmp_path, broker, *, mqtt_password=None, **mqtt):
     return Bridge(config, mqtt_password=mqtt_password), simulator
 
 
-async def test_acl_register_cannot_read_another_registers_results(tmp_path):
+@contextlib.asynccontextmanager
+async def store_under_the_example_acl(tmp_path, delay: float = 0.05):
+    """mosquitto with examples/mosquitto/acl, users poi-bridge, POS1 and POS2, the daemon
+    logged in as poi-bridge, a simulated terminal: yields (bridge, simulator, broker)."""
     passwd = tmp_path / "passwd"
     passwords(passwd, {"poi-bridge": "bridge-pw", "POS1": "pos1-pw", "POS2": "pos2-pw"})
     broker = Mosquitto(tmp_path / "broker", anonymous=False,
                        extra_config=f"password_file {passwd}\nacl_file {ACL}\n").start()
-    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
+    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=delay)),
                                 ack_timeout=0.3)
     device = await simulator.start_pty(tmp_path / "terminal")
-    config = parse_config({
+    bridge = Bridge(parse_config({
         "journal": str(tmp_path / "journal.sqlite3"),
         "mqtt": {"host": broker.host, "port": broker.port, "username": "poi-bridge"},
         "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
-    })
-    bridge = Bridge(config, mqtt_password="bridge-pw")
+    }), mqtt_password="bridge-pw")
     await bridge.start()
     try:
-        async with Client(broker, "POS1", "pos1-pw", ["poi-bridge/registers/POS1/#"]) as pos1, \
-                Client(broker, "POS2", "pos2-pw", ["poi-bridge/registers/#",
-                                                   "poi-bridge/transactions/#"]) as pos2:
-            for _ in range(100):
-                if bridge.gateway.connected and bridge.workers[POI].online:
-                    break
+        async with asyncio.timeout(10):
+            while not (bridge.gateway.connected and bridge.workers[POI].online):
                 await asyncio.sleep(0.05)
-            await pos1.client.publish(f"poi-bridge/terminals/{POI}/request",
-                                      json.dumps(responses.payment_request("POS1", "A1", POI)),
-                                      qos=1)
-            async with asyncio.timeout(10):
-                while not any(t == "poi-bridge/registers/POS1/response" for t, _ in pos1.messages):
-                    await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)
-            assert pos2.messages == []  # subscribed to everything, allowed to see nothing of POS1
-            # POS2 may not pretend to be the bridge either.
-            await pos2.client.publish("poi-bridge/registers/POS1/response", b"{}", qos=1)
-            await asyncio.sleep(0.3)
-            assert all(payload != b"{}" for _, payload in pos1.messages)
+        yield bridge, simulator, broker
     finally:
         await bridge.stop()
         await simulator.close()
         broker.kill()
+
+
+def request_topic(sale_id: str | None = None) -> str:
+    """A terminal's request topic: .../request/{SaleID}, which the example ACL ties to the
+    register's login, or the plain one."""
+    return f"poi-bridge/terminals/{POI}/request" + (f"/{sale_id}" if sale_id else "")
+
+
+async def answer(client: Client, service_id: str) -> dict:
+    """The register response for service_id that `client` received."""
+    async with asyncio.timeout(10):
+        while True:
+            for topic, payload in client.messages:
+                body = json.loads(payload)
+                if topic.endswith("/response") and outcome_for(service_id)(topic, body):
+                    return body
+            await asyncio.sleep(0.05)
+
+
+async def test_acl_register_cannot_read_another_registers_results(tmp_path):
+    async with store_under_the_example_acl(tmp_path) as (bridge, simulator, broker), \
+            Client(broker, "POS1", "pos1-pw", ["poi-bridge/registers/POS1/#"]) as pos1, \
+            Client(broker, "POS2", "pos2-pw", ["poi-bridge/registers/#",
+                                               "poi-bridge/transactions/#"]) as pos2:
+        await pos1.client.publish(request_topic("POS1"), json.dumps(
+            responses.payment_request("POS1", "A1", POI)), qos=1)
+        assert (await answer(pos1, "A1"))["bridge"]["outcome"] == "approved"
+        await asyncio.sleep(0.5)
+        assert pos2.messages == []  # subscribed to everything, allowed to see nothing of POS1
+        # POS2 may not pretend to be the bridge either.
+        await pos2.client.publish("poi-bridge/registers/POS1/response", b"{}", qos=1)
+        await asyncio.sleep(0.3)
+        assert all(payload != b"{}" for _, payload in pos1.messages)
 
 
 def referring(sale_id: str, service_id: str, category: str, about: dict | None) -> dict:
@@ -134,69 +155,69 @@ async def test_a_register_may_not_read_or_abort_another_registers_payment_throug
     could abort POS1's payment. Both are refused NotAllowed now, as is a status request
     without MessageReference (the terminal would answer about its latest transaction);
     POS1 asking about its own still passes through."""
-    passwd = tmp_path / "passwd"
-    passwords(passwd, {"poi-bridge": "bridge-pw", "POS1": "pos1-pw", "POS2": "pos2-pw"})
-    broker = Mosquitto(tmp_path / "broker", anonymous=False,
-                       extra_config=f"password_file {passwd}\nacl_file {ACL}\n").start()
-    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=1.5)),
-                                ack_timeout=0.3)
-    device = await simulator.start_pty(tmp_path / "terminal")
-    bridge = Bridge(parse_config({
-        "journal": str(tmp_path / "journal.sqlite3"),
-        "mqtt": {"host": broker.host, "port": broker.port, "username": "poi-bridge"},
-        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
-    }), mqtt_password="bridge-pw")
-    await bridge.start()
-    request_topic = f"poi-bridge/terminals/{POI}/request"
     pay1 = {"MessageCategory": "Payment", "SaleID": "POS1", "ServiceID": "A1"}
+    async with store_under_the_example_acl(tmp_path, delay=1.5) as (bridge, simulator, broker), \
+            Client(broker, "POS1", "pos1-pw", ["poi-bridge/registers/POS1/#"]) as pos1, \
+            Client(broker, "POS2", "pos2-pw", ["poi-bridge/registers/POS2/#",
+                                               "poi-bridge/transactions/POS2/#"]) as pos2:
+        await pos1.client.publish(request_topic("POS1"), json.dumps(
+            responses.payment_request("POS1", "A1", POI)), qos=1)
+        await asyncio.sleep(0.3)  # POS1's payment is on the terminal now
+        await pos2.client.publish(request_topic("POS2"), json.dumps(
+            referring("POS2", "B1", "Abort", pay1)), qos=1)
+        refused = await answer(pos2, "B1")
+        assert refused["bridge"]["outcome"] == "rejected"
+        assert refused["SaleToPOIResponse"]["AbortResponse"]["Response"][
+            "ErrorCondition"] == "NotAllowed"
+        assert "only its own transactions" in refused["bridge"]["error"]
+        assert (await answer(pos1, "A1"))["bridge"]["outcome"] == "approved"
 
-    async def answer(client: Client, service_id: str) -> dict:
-        async with asyncio.timeout(10):
-            while True:
-                for topic, payload in client.messages:
-                    body = json.loads(payload)
-                    if topic.endswith("/response") and outcome_for(service_id)(topic, body):
-                        return body
-                await asyncio.sleep(0.05)
-
-    try:
-        async with Client(broker, "POS1", "pos1-pw", ["poi-bridge/registers/POS1/#"]) as pos1, \
-                Client(broker, "POS2", "pos2-pw", ["poi-bridge/registers/POS2/#",
-                                                   "poi-bridge/transactions/POS2/#"]) as pos2:
-            async with asyncio.timeout(10):
-                while not (bridge.gateway.connected and bridge.workers[POI].online):
-                    await asyncio.sleep(0.05)
-            await pos1.client.publish(request_topic, json.dumps(
-                responses.payment_request("POS1", "A1", POI)), qos=1)
-            await asyncio.sleep(0.3)  # POS1's payment is on the terminal now
-            await pos2.client.publish(request_topic, json.dumps(
-                referring("POS2", "B1", "Abort", pay1)), qos=1)
-            refused = await answer(pos2, "B1")
-            assert refused["bridge"]["outcome"] == "rejected"
-            assert refused["SaleToPOIResponse"]["AbortResponse"]["Response"][
+        for service_id, about in (("B2", pay1), ("B3", None)):
+            await pos2.client.publish(request_topic("POS2"), json.dumps(
+                referring("POS2", service_id, "TransactionStatus", about)), qos=1)
+            refused = await answer(pos2, service_id)
+            assert refused["bridge"]["outcome"] == "rejected", refused
+            assert refused["SaleToPOIResponse"]["TransactionStatusResponse"]["Response"][
                 "ErrorCondition"] == "NotAllowed"
-            assert "only its own transactions" in refused["bridge"]["error"]
-            assert (await answer(pos1, "A1"))["bridge"]["outcome"] == "approved"
+        await pos1.client.publish(request_topic("POS1"), json.dumps(
+            referring("POS1", "A2", "TransactionStatus", pay1)), qos=1)
+        own = await answer(pos1, "A2")
+        assert own["bridge"]["outcome"] == "approved", own
+        await asyncio.sleep(0.3)
+        # Nothing of POS1's payment reached POS2, on any topic it may read.
+        assert not any(b'"A1"' in payload for _, payload in pos2.messages), pos2.messages
+        assert len(simulator.terminal.ledger) == 1  # only POS1's payment reached it
 
-            for service_id, about in (("B2", pay1), ("B3", None)):
-                await pos2.client.publish(request_topic, json.dumps(
-                    referring("POS2", service_id, "TransactionStatus", about)), qos=1)
-                refused = await answer(pos2, service_id)
-                assert refused["bridge"]["outcome"] == "rejected", refused
-                assert refused["SaleToPOIResponse"]["TransactionStatusResponse"]["Response"][
-                    "ErrorCondition"] == "NotAllowed"
-            await pos1.client.publish(request_topic, json.dumps(
-                referring("POS1", "A2", "TransactionStatus", pay1)), qos=1)
-            own = await answer(pos1, "A2")
-            assert own["bridge"]["outcome"] == "approved", own
-            await asyncio.sleep(0.3)
-            # Nothing of POS1's payment reached POS2, on any topic it may read.
-            assert not any(b'"A1"' in payload for _, payload in pos2.messages), pos2.messages
-            assert len(simulator.terminal.ledger) == 1  # only POS1's payment reached it
-    finally:
-        await bridge.stop()
-        await simulator.close()
-        broker.kill()
+
+async def test_a_register_may_not_act_as_another_by_writing_its_sale_id_in_the_header(
+        tmp_path):
+    """The header's SaleID is the sender's say-so: under the old ACL (any register may write
+    .../request) POS2 could abort POS1's payment, or pay as POS1, by naming POS1 there. Now
+    a register may write only .../request/{its login}, and the bridge refuses a header that
+    names another SaleID there, answering the sender; the plain topic is closed to it."""
+    pay1 = {"MessageCategory": "Payment", "SaleID": "POS1", "ServiceID": "A1"}
+    async with store_under_the_example_acl(tmp_path, delay=1.5) as (bridge, simulator, broker), \
+            Client(broker, "POS1", "pos1-pw", ["poi-bridge/registers/POS1/#"]) as pos1, \
+            Client(broker, "POS2", "pos2-pw", ["poi-bridge/registers/POS2/#"]) as pos2:
+        await pos1.client.publish(request_topic("POS1"), json.dumps(
+            responses.payment_request("POS1", "A1", POI)), qos=1)
+        await asyncio.sleep(0.3)
+        forged = referring("POS1", "F1", "Abort", pay1)
+        await pos2.client.publish(request_topic("POS2"), json.dumps(forged), qos=1)
+        refused = await answer(pos2, "F1")  # to the sender, not to POS1
+        assert refused["bridge"]["outcome"] == "rejected"
+        assert "is not the topic's SaleID 'POS2'" in refused["bridge"]["error"], refused
+        # Where the ACL does not let POS2 write, nothing arrives at all.
+        for topic in (request_topic("POS1"), request_topic()):
+            await pos2.client.publish(topic, json.dumps(forged), qos=1)
+        await pos2.client.publish(request_topic("POS1"), json.dumps(
+            responses.payment_request("POS1", "F2", POI)), qos=1)
+        assert (await answer(pos1, "A1"))["bridge"]["outcome"] == "approved"
+        await asyncio.sleep(0.5)
+        assert [(sale, service) for sale, service in simulator.terminal.ledger] == [
+            ("POS1", "A1")]
+        assert not any(b'"F1"' in p or b'"F2"' in p for _, p in pos1.messages), pos1.messages
+        assert bridge.intake.rejected == 1
 
 
 def test_the_example_broker_refuses_packets_past_the_daemons_max_payload_with_room():

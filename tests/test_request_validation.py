@@ -299,3 +299,33 @@ def test_an_amount_too_large_for_a_float_is_refused_or_passed_never_a_crash():
     at(document, AMOUNTS_REQ)["RequestedAmount"] = -(10**400)
     (problem,) = problems_of(json.dumps(document).encode())
     assert "RequestedAmount: must be 0 or more" in problem
+
+
+# --- 4. on .../request/{SaleID}, the header's SaleID is the topic's ---------------------------
+
+@pytest.mark.parametrize("level,header_sale_id,answered_on", [
+    ("POS1", "POS1", None),  # accepted: the terminal is offline here, refused for that
+    ("POS2", "POS1", "poi-bridge/registers/POS2/response"),
+    ("", "POS1", "poi-bridge/bridge/error"),
+])
+def test_a_request_on_a_registers_topic_must_carry_that_sale_id(tmp_path, level,
+                                                                 header_sale_id, answered_on):
+    """The last level of .../request/{SaleID} is what a broker ACL ties to the register's
+    login: a header naming another SaleID is refused NotAllowed, answered to the topic's
+    register (the header's may be forged), never to the one the header names."""
+    document = responses.payment_request(header_sale_id, "S1", POI, 12.5)
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        published = rig.handle(f"poi-bridge/terminals/{POI}/request/{level}",
+                               json.dumps(document).encode())
+    finally:
+        rig.journal.close()
+    (answer,) = [m for m in published if not m.retain]
+    body = json.loads(answer.payload)
+    if answered_on is None:
+        assert answer.topic == "poi-bridge/registers/POS1/response"
+        assert "is not the topic's SaleID" not in json.dumps(body)
+        return
+    assert answer.topic == answered_on, (answer.topic, body)
+    error = body["bridge"]["error"] if "bridge" in body else body["error"]
+    assert f"MessageHeader.SaleID 'POS1' is not the topic's SaleID '{level}'" in error

@@ -195,19 +195,20 @@ class RequestIntake:
         route = self.topics.parse_request_topic(topic)
         if route is None:
             return
-        kind, name = route
-        if kind == "bridge":
-            self._command(name, payload, reply)
+        if route.kind == "bridge":
+            self._command(route.name, payload, reply)
         else:
-            self._request(name, payload, reply)
+            self._request(route.name, payload, reply, route.sale_id)
 
     # --- register requests ----------------------------------------------------------------------
 
     def _reject(self, document: Any, poi_id: str, error: str, condition: str = "MessageFormat",
-                reply: Reply | None = None) -> None:
+                reply: Reply | None = None, to_sale_id: str | None = None) -> None:
         self.rejected += 1
         header = _header_dict(document)
         sale_id = _readable_sale_id(document)
+        if to_sale_id is not None and sale_id != to_sale_id:
+            sale_id = to_sale_id if topic_safe(to_sale_id) and len(to_sale_id) <= 64 else None
         # As the register wrote them, so that it can tell which request this answers: a
         # ServiceID sent as a number, a SaleID that cannot be a topic level
         service_id, sale_text = _id_text(header.get("ServiceID")), _id_text(header.get("SaleID"))
@@ -238,17 +239,28 @@ class RequestIntake:
         else:
             self.gateway.deliver(result)
 
-    def _request(self, poi_id: str, payload: bytes, reply: Reply) -> None:
+    def _request(self, poi_id: str, payload: bytes, reply: Reply,
+                 topic_sale_id: str | None = None) -> None:
         limit = self.config.mqtt.max_payload
         try:
             document = load_json(payload, max_size=limit)
         except NonJsonNumber as exc:
             # Python's own reader takes NaN and the like: enough to answer on the register's
             # topic, not to send (a terminal, like any strict reader, would choke on it).
-            self._reject(_lenient_json(payload), poi_id, f"request is unusable: {exc}")
+            self._reject(_lenient_json(payload), poi_id, f"request is unusable: {exc}",
+                         to_sale_id=topic_sale_id)
             return
         except MessageError as exc:
-            self._reject(None, poi_id, f"request is unusable: {exc}")
+            self._reject(None, poi_id, f"request is unusable: {exc}", to_sale_id=topic_sale_id)
+            return
+        said = _header_dict(document).get("SaleID")
+        if topic_sale_id is not None and said != topic_sale_id:
+            # The topic's SaleID is the one the broker's ACL vouches for: the refusal goes
+            # to that register, not to the one the header names (it may be forged).
+            self._reject(document, poi_id, f"MessageHeader.SaleID {_id_text(said)!r} is not "
+                                           f"the topic's SaleID {topic_sale_id!r}: a register "
+                                           "publishes only its own requests", "NotAllowed",
+                         to_sale_id=topic_sale_id)
             return
         try:
             request = parse_message(document)

@@ -360,7 +360,8 @@ class RegisterGateway:
             options: dict[str, Any] = (
                 {"options": SubscribeOptions(qos=1, retainAsPublished=True)}
                 if self.config.protocol == "5" else {"qos": 1})
-            for topic in (self.topics.terminal_requests, self.topics.bridge_requests):
+            for topic in (self.topics.terminal_requests, self.topics.terminal_requests_by_register,
+                          self.topics.bridge_requests):
                 await client.subscribe(topic, **options)
         await client.publish(self.topics.bridge_state, dumps({"state": "online"}), qos=1,
                              retain=True)
@@ -445,14 +446,14 @@ class RegisterGateway:
             log.warning("a retained request on %s was refused: nothing was started; its sender "
                         "must publish requests without retain, and clear this one", topic)
         route = self.topics.parse_request_topic(topic)
-        if route is not None and route[0] == "bridge":
-            reply.send(self.topics.bridge_response(route[1]), {
+        if route is not None and route.kind == "bridge":
+            reply.send(self.topics.bridge_response(route.name), {
                 "status": "error", "data": None, "error": error,
                 "transaction": _transaction_echo(payload)})
         else:
             self.enqueue(self.topics.bridge_error, {
                 "status": "error", "error": error,
-                "poi_id": route[1] if route is not None else None, "topic": topic})
+                "poi_id": route.name if route is not None else None, "topic": topic})
 
     def _usable_response_topic(self, topic: str, response_topic: object) -> str | None:
         """The requester's MQTT 5 response topic, or None (the fixed topic) when it cannot be

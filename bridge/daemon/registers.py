@@ -9,7 +9,7 @@ import datetime as dt
 import json
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from bridge.protocol.session import Deliver, Progress
 from bridge.protocol.transaction import Transaction
@@ -72,6 +72,12 @@ class Topics:
         return f"{self.base}/terminals/+/request"
 
     @property
+    def terminal_requests_by_register(self) -> str:
+        """.../request/{SaleID}: a broker ACL can tie the last level to the register's login
+        (mosquitto's %u), and the bridge holds the header's SaleID to it."""
+        return f"{self.base}/terminals/+/request/+"
+
+    @property
     def bridge_requests(self) -> str:
         return f"{self.base}/bridge/request/+"
 
@@ -90,17 +96,26 @@ class Topics:
     def bridge_response(self, command: str) -> str:
         return f"{self.base}/bridge/response/{command}"
 
-    def parse_request_topic(self, topic: str) -> tuple[str, str] | None:
-        """('terminal', POIID) or ('bridge', command) for a topic we subscribe to."""
+    def parse_request_topic(self, topic: str) -> Route | None:
+        """Route('terminal', POIID[, SaleID]) or Route('bridge', command) for a topic we
+        subscribe to."""
         prefix = f"{self.base}/"
         if not topic.startswith(prefix):
             return None
         parts = topic[len(prefix):].split("/")
-        if len(parts) == 3 and parts[0] == "terminals" and parts[2] == "request":
-            return "terminal", parts[1]
+        if len(parts) in (3, 4) and parts[0] == "terminals" and parts[2] == "request":
+            return Route("terminal", parts[1], parts[3] if len(parts) == 4 else None)
         if len(parts) == 3 and parts[:2] == ["bridge", "request"]:
-            return "bridge", parts[2]
+            return Route("bridge", parts[2])
         return None
+
+
+class Route(NamedTuple):
+    """Where a request came in: a terminal's request topic (with the sender's SaleID when it
+    published on .../request/{SaleID}) or a command topic."""
+    kind: str  # "terminal" or "bridge"
+    name: str  # the POIID or the command
+    sale_id: str | None = None
 
 
 def transaction_ids(sale_id: str, service_id: str, poi_id: str, category: str) -> dict[str, str]:
