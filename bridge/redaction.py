@@ -9,8 +9,10 @@ A field is recognised by its name, case-insensitively, in every shape a log line
 JSON (`"expiryDate": "12/2025"`, also escaped inside a JSON string), a Python repr
 (`'ExpiryDate': '2512'`) and key=value, plain or URL-encoded (`expiryDate=12%2f2025`, as in
 a terminal's AdditionalResponse). Card numbers (Luhn-checked, also grouped by spaces, dashes,
-dots, `+` or `%20`) and track data (track 1 `B...^NAME^...`, track 2 with `=` or EMV `D`,
-with or without sentinels) are recognised by their shape wherever they are.
+dots, `+`, `%20`, `/`, `_`, tabs, line ends or `, `) and track data (track 1 `B...^NAME^...`,
+track 2 with `=` or EMV `D`, with or without sentinels) are recognised by their shape wherever
+they are. A masked card number that shows more than the first six (eight, of 16 digits or
+more) and the last four digits is masked down to the first six and last four.
 
 It runs on every log record, so it must stay cheap: each pattern starts with a character class
 the regex engine can skip ahead on, and each runs only when a cheap test finds that the line
@@ -32,8 +34,9 @@ _SECRET_FIELDS = ("SensitiveCardData", "TrackData", "TrackValue", "Track1", "Tra
 # Card data (PCI DSS: PAN, expiry, service code; sensitive authentication data: track, CVC,
 # PIN block) and identifiers tied to one card (alias, token, payment account reference):
 _CARD_FIELDS = ("PAN", "CardNumber", "ExpiryDate", "ExpiryMonth", "ExpiryYear", "Expiry",
-                "ExpDate", "CardSeqNumb", "ServiceCode", "CVC", "CVC2", "CVV", "CVV2",
-                "SecurityCode", "PIN", "PinBlock", "EncryptedPinBlock", "Alias",
+                "ExpDate", "CardSeqNumb", "ServiceCode", "CVC", "CVC2", "CVV", "CVV2", "CSC",
+                "SecurityCode", "CardSecurityCode", "CardVerificationCode",
+                "CardVerificationValue", "PIN", "PinBlock", "EncryptedPinBlock", "Alias",
                 "PaymentAccountReference", "TokenValue")
 # Cardholder and shopper personal data. Names may hold spaces in a plain key=value line.
 _PERSON_FIELDS = ("ShopperEmail", "Email", "ShopperTelephone", "TelephoneNumber", "ShopperIP")
@@ -62,8 +65,10 @@ _QUOTED = (r'b?"[^"\\]*(?:\\.[^"\\]*)*"'
            r"|\[[^\[\]]*(?:\[[^\[\]]*\][^\[\]]*)*\]"
            r"|[\"'][^\"'\n]*(?=\n|\Z)")
 _BARE = r"[^\s\"'\\,;&{}\[\]()<>]+"
-# A name in a plain key=value line: words up to the next `key=` or `key:`.
-_WORDS = _BARE + r"(?:[ +](?![\w.%-]*(?:[:=]|%3[aAdD]))" + _BARE + r"){0,4}"
+# A name in a plain key=value line: words up to the next `key=` or `key:`. A word runs on
+# through an apostrophe between letters (O'BRIEN), as through `%20` and hyphens.
+_WORD = _BARE + r"(?:'" + _BARE + r")*"
+_WORDS = _WORD + r"(?:[ +](?![\w.%-]*(?:[:=]|%3[aAdD]))" + _WORD + r"){0,4}"
 # The character before the name (not part of a longer word) is matched rather than looked
 # behind at, so the engine only tries at non-word characters; redact() prepends a space.
 _FIELDS = re.compile(
@@ -87,10 +92,17 @@ _TRACK1 = re.compile(r"(?a)B\d{12,19}(?:\^|%5[eE])[^\n^]{0,80}?(?:\^|%5[eE])"
 # for card numbers in it) and, when it ends in 12-19 digits followed by `=` (or the EMV `D` of
 # tag 57) and an expiry, the rest of track 2 data: service code, discretionary data, F padding.
 # Sentinels are optional, separators maybe URL-encoded.
-_DIGITS = re.compile(r"(?a)(?P<run>\d[\d .+%-]{10,}(?<!%)\d)"
+_DIGITS = re.compile(r"(?a)(?P<run>\d[\d .+%/_\t\n,-]{10,}(?<!%)\d)"
                      r"(?P<track>(?:[=Dd]|%3[dD])\d{4}[0-9A-Fa-f]{0,40}(?:\?|%3[fF])?)?")
-_GROUPS = re.compile(r"(%20|[^0-9])")
-_SEPARATORS = frozenset(" .+-") | {"%20"}
+_GROUPS = re.compile(r"(%20|, |[^0-9])")
+_SEPARATORS = frozenset(" .+-/_\t\n") | {"%20", ", "}
+# Separators that join only card-like groups (3-6 digits, as 4111 1111 or 3782 822463 10005):
+# a decimal point, a date, a path or a list of small numbers is no card number.
+_GROUPS_ONLY = frozenset("./_\t\n") | {", "}
+# A masked card number: 13-19 digits and mask characters, not glued to letters or digits.
+# _masked() decides whether it shows too much.
+_MASKED = re.compile(r"(?P<head>[^0-9A-Za-z*#])(?P<pan>[0-9*#Xx]{13,19})(?![0-9A-Za-z*#])")
+_MASK_CHARACTERS = "*#Xx"
 _ESCAPE_BEFORE = re.compile(r"(?:%[0-9A-Fa-f]{2}|\\[A-Za-z])\Z")
 # Long base64 (or hex) runs: ciphertexts, derived keys. The character before the run is matched
 # (as for _FIELDS) so that a run is scanned once, not from each of its characters. A run
@@ -100,7 +112,14 @@ _BLOB = re.compile(r"(?P<head>[^A-Za-z0-9+/])[A-Za-z0-9+/]{40,}={0,2}")
 _A_DIGIT = re.compile(r"[0-9]")
 # Cheap tests that decide whether _DIGITS and _BLOB run at all: the line's UTF-8 bytes mapped
 # to 0 (a character of the pattern's run) or x (any other), searched for a long enough run.
-_DIGIT_RUN = bytes(48 if chr(b) in "0123456789 .+%-" else 120 for b in range(256))
+_DIGIT_RUN = bytes(48 if chr(b) in "0123456789 .+%-/_\t\n," else 120 for b in range(256))
+# For masks: digits to 0, mask characters to 1. A mask shows too much only where seven digits
+# run up to a mask character (00000001), or five follow one, or digits stand between two
+# (_DIGITS_AFTER_A_MASK, which the engine finds by its literal start `10`); a mask showing the
+# first six and last four (411111******1111) does not even start _MASKED.
+_MASK_RUN = bytes(48 if chr(b) in "0123456789" else 49 if chr(b) in _MASK_CHARACTERS
+                  else 120 for b in range(256))
+_DIGITS_AFTER_A_MASK = re.compile(rb"10(?:0000|0{0,3}1)")
 _BLOB_RUN = bytes(48 if chr(b).isascii() and chr(b).isalnum() or chr(b) in "+/" else 120
                   for b in range(256))
 
@@ -119,8 +138,9 @@ def _luhn_ok(digits: str) -> bool:
 
 def _card_numbers(groups: list[str], seps: list[str], lo: int, hi: int) -> set[int]:
     """The digit groups (from lo to before hi) that make up card numbers: 13-19 digits passing
-    the Luhn check, in one group or in groups joined by one and the same separator. Dots only
-    join card-like groups (3-6 digits), and the digits of a decimal number are no card number."""
+    the Luhn check, in one group or in groups joined by one and the same separator. Dots,
+    slashes, underscores, tabs, line ends and `, ` only join card-like groups (3-6 digits),
+    and the digits of a decimal number are no card number."""
     n, i, found_groups = len(groups), lo, set()
     while i < hi:
         found, total, sep = -1, 0, None
@@ -130,7 +150,8 @@ def _card_numbers(groups: list[str], seps: list[str], lo: int, hi: int) -> set[i
                     sep = seps[j - 1]
                 if seps[j - 1] != sep or sep not in _SEPARATORS:
                     break
-                if sep == "." and not all(3 <= len(g) <= 6 for g in (groups[i], groups[j])):
+                if sep in _GROUPS_ONLY and not all(3 <= len(g) <= 6
+                                                   for g in (groups[i], groups[j])):
                     break
             total += len(groups[j])
             if total > 19:
@@ -187,6 +208,23 @@ def _field(match: re.Match[str]) -> str:
     return head + quote + REDACTED + quote
 
 
+def _masked(match: re.Match[str]) -> str:
+    """A mask may show the first six digits (eight, of 16 or more) and the last four, nothing
+    between: one that shows more is masked down to the first six and the last four."""
+    pan = match.group("pan")
+    digits = sum(ch.isdigit() for ch in pan)
+    if digits == len(pan):
+        return match.group(0)  # no mask: a card number is _DIGITS' to find
+    first = len(pan) - len(pan.lstrip("0123456789"))
+    last = len(pan) - len(pan.rstrip("0123456789"))
+    if first + last == digits and last <= 4 and (first <= 6 or first <= 8 and len(pan) >= 16):
+        return match.group(0)
+    fill = next(ch for ch in pan if ch in _MASK_CHARACTERS)
+    first, last = min(first, 6), min(last, 4)
+    return match.group("head") + pan[:first] + fill * (len(pan) - first - last) + \
+        pan[len(pan) - last:]
+
+
 def _blob(match: re.Match[str]) -> str:
     if not _A_DIGIT.search(match.group(0)):
         return match.group(0)
@@ -200,6 +238,9 @@ def redact(text: str) -> str:
     if "^" in text or "%5" in text:
         text = _TRACK1.sub(REDACTED, text)
     raw = text.encode("utf-8", "surrogatepass")
+    masks = raw.translate(_MASK_RUN)
+    if b"1" in masks and (b"00000001" in masks or _DIGITS_AFTER_A_MASK.search(masks)):
+        text = _MASKED.sub(_masked, " " + text)[1:]
     if b"000000000000" in raw.translate(_DIGIT_RUN):
         text = _DIGITS.sub(_digits, text)
     if b"0" * 40 in raw.translate(_BLOB_RUN):

@@ -35,7 +35,8 @@ SENSITIVE = {
     "sensitivecarddata", "trackdata", "trackvalue", "track1", "track2", "track3", "nexoblob",
     "hmac", "nonce", "passphrase", "password", "keyvalue", "pan", "cardnumber", "expirydate",
     "expirymonth", "expiryyear", "expiry", "expdate", "cardseqnumb", "servicecode", "cvc",
-    "cvc2", "cvv", "cvv2", "securitycode", "pin", "pinblock", "encryptedpinblock", "alias",
+    "cvc2", "cvv", "cvv2", "csc", "securitycode", "cardsecuritycode", "cardverificationcode",
+    "cardverificationvalue", "pin", "pinblock", "encryptedpinblock", "alias",
     "paymentaccountreference", "tokenvalue", "cardholdername", "holdername", "shoppername",
     "firstname", "lastname", "shopperemail", "email", "shoppertelephone", "telephonenumber",
     "shopperip",
@@ -110,6 +111,14 @@ LEAKY_SHAPES = [
     ("CardData(pan='5413330089600010', expiry_date='2512', holder_name='JOHN DOE')",
      [PAN, "2512", "JOHN"]),
     ("{'Hmac': b'\\x01\\x02secret'}", ["secret"]),
+    # sensitive authentication data under its long names, any case
+    ('{"CardSecurityCode": "739", "CARDSECURITYCODE": "7391"}', ["739"]),
+    ("card_security_code='739' cardsecuritycode=7391&cardVerificationValue=7392", ["739"]),
+    # a name runs through apostrophes, %20 and hyphens
+    ("cardHolderName=O'BRIEN%20JOHN&x=1", ["BRIEN", "JOHN"]),
+    ("tid=1&cardholdername=MARY-JANE%20O'NEIL-SMITH&shopperName=D'ARC%20JEAN-PAUL&x=2",
+     ["MARY", "JANE", "NEIL", "SMITH", "ARC", "JEAN", "PAUL"]),
+    ("message=declined cardHolderName=JEAN-PAUL D'ARC O'NEIL tid=1", ["JEAN", "ARC", "NEIL"]),
     # track 1 and 2 in every shape, with sentinels or without
     (f"B{PAN}^DOE/JOHN^25121010000000000000", [PAN, "JOHN", "2512101"]),
     (f"track1=%25B{PAN}%5eDOE%2fJOHN%5e25121010000000000000%3f", [PAN, "JOHN", "2512101"]),
@@ -124,6 +133,12 @@ LEAKY_SHAPES = [
     ("card 5413+3300+8960+0010", ["5413+3300"]),
     (f"card {PAN}.", [PAN]),
     (f"ids 12 {PAN}", [PAN]),
+    ("card 5413/3300/8960/0010", ["5413/3300", "8960/0010"]),
+    ("card 5413_3300_8960_0010", ["5413_3300", "8960_0010"]),
+    ("card 5413\t3300\t8960\t0010", ["5413\t3300", "8960\t0010"]),
+    ("card\n5413\n3300\n8960\n0010\n", ["5413\n3300", "8960\n0010"]),
+    ("digits [5413, 3300, 8960, 0010]", ["5413, 3300", "8960, 0010"]),
+    ("amex 3782/822463/10005 and 3782_822463_10005", ["822463"]),
     # key material without a field name
     ("derived 8f14e45fceea167a5a36dedd4bea2543a6b1c1d2e3f4a5b6c7d8e9f0a1b2c3d4", ["8f14e45fceea"]),
     ("blob fMtXTcQCbAi3gAwtOANt4tQEz2UUrorGVnDuCeYXTJUoF+NyNCmj+bwILU9io34q==", ["fMtXTcQC"]),
@@ -168,6 +183,13 @@ ORDINARY = [
     "company=ACME; expand the panel; mapping passed; hostname=poi-1; key=header1",
     "frame of 1234 bytes, retry 3/10, outbox 0, undelivered 2, refused_by_broker 0",
     "EventDetails message=Empty+input+which+would+have+resulted+in+a+null+result.",
+    # masks that show no more than the first six (eight) and the last four digits
+    ('"MaskedPan": "411111******1111", "BIN8": "41111111****1111", "Amex": "378282*****0005"'),
+    "masks ************1111 XXXXXXXXXXXX1111 411111xxxxxx1111 541333##########",
+    # slashes, underscores, tabs, line ends and `, ` join card-like groups only
+    "on 2019/04/29 retry 3/10, 10/20, path /var/lib/poi-bridge/1234567/890123/45",
+    "sizes [1, 12, 123, 1234, 12345, 123456], ports 1883, 8883\n\t1\t2\t3\n",
+    "session_1556529591_000 t_12_34_56 4r7i001556529591000/8515565295894301",
     "",
 ]
 
@@ -379,3 +401,18 @@ def test_a_terminals_own_text_in_a_detail_is_redacted_and_cut():
                               "EventDetails": f"card {PAN} refused"}}}
     detail = classify(parse_message(json.dumps(event))).detail
     assert detail.startswith("terminal sent event Reject") and PAN not in detail
+
+
+@pytest.mark.parametrize("text,expected", [
+    ('"MaskedPan": "4111111111**1111"', '"MaskedPan": "411111******1111"'),
+    ('"MaskedPan": "555555555555****"', '"MaskedPan": "555555**********"'),
+    ("MaskedPan=411111111111XXXX&x=1", "MaskedPan=411111XXXXXXXXXX&x=1"),
+    ("card 4111111111111XXX.", "card 411111XXXXXXXXXX."),
+    ("tail ******4111111111 end", "tail ************1111 end"),
+    ("middle 4111##1111##1111", "middle 4111########1111"),
+    ("amex 3782822*****005", "amex 378282******005"),
+    ("two 541333333****0010 and 5413333300****10", "two 541333*******0010 and 541333********10"),
+])
+def test_a_mask_that_shows_too_much_is_masked_down_to_the_first_six_and_last_four(text,
+                                                                                 expected):
+    assert redact(text) == expected
