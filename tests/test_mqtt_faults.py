@@ -129,6 +129,40 @@ async def test_with_mqtt5_the_broker_keeps_packets_far_past_max_payload_from_the
         journal.close()
 
 
+async def test_with_mqtt5_a_retained_transaction_document_expires_after_its_retention(
+        tmp_path, mosquitto):
+    """The daemon clears each transactions/... document once the journal forgets it. A lost
+    clearing (a chain bridge's full queue drops it) left the document at head office for
+    good; with MQTT 5 it carries a Message Expiry just past the retention, so the brokers
+    drop it themselves. Nothing else the bridge retains expires."""
+    from bridge.daemon.mqtt import RETAINED_EXPIRY_SLACK
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    gateway = gateway_for(mosquitto, journal, protocol="5")
+    document = f"{BASE}/transactions/TILL1/S1"
+    journal.enqueue([(document, b'{"state":"final"}', 1, True),
+                     (f"{BASE}/terminals/V400m-1/state", b'{"state":"online"}', 1, True),
+                     (f"{BASE}/registers/TILL1/response", b'{"n":1}', 1, False)])
+    received: dict[str, aiomqtt.Message] = {}
+    try:
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="office",
+                                  protocol=aiomqtt.ProtocolVersion.V5) as office:
+            await office.subscribe(f"{BASE}/#", qos=1)
+            async with running(gateway), asyncio.timeout(10):
+                async for message in office.messages:
+                    received[message.topic.value] = message
+                    if len(received) == 3:
+                        break
+        expiry = getattr(received[document].properties, "MessageExpiryInterval", None)
+        retention = gateway.config.transaction_retention
+        assert expiry is not None and retention < expiry <= retention + RETAINED_EXPIRY_SLACK
+        for topic, message in received.items():
+            if topic != document:
+                assert getattr(message.properties, "MessageExpiryInterval", None) is None, topic
+    finally:
+        journal.close()
+
+
 async def test_an_unpublishable_message_already_in_the_journal_is_given_up_loudly(
         tmp_path, mosquitto, caplog):
     """A journal written by the old code may hold an answer addressed to such a topic. It is

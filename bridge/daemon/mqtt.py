@@ -132,6 +132,11 @@ def _transaction_echo(payload: bytes) -> Any:
 PACKET_OVERHEAD = 3 * 65536
 
 
+# A retained transaction document expires this long after the daemon would have cleared it
+# (its prune runs hourly): the expiry is the backstop, never the rule.
+RETAINED_EXPIRY_SLACK = 2 * 3600.0
+
+
 class Reply:
     """How to answer one incoming message: to a fixed topic, or to the MQTT 5 response topic
     with its correlation data when the requester gave one."""
@@ -151,6 +156,7 @@ class RegisterGateway:
                  backoff: Backoff | None = None) -> None:
         self.config = config
         self.topics = Topics(config.base_topic)
+        self._transactions_prefix = self.topics.transaction("", "")[:-1]  # ".../transactions/"
         self.journal = journal
         self._password = password
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
@@ -491,10 +497,21 @@ class RegisterGateway:
             pump.close()
 
     def _properties_for(self, message: OutboxMessage) -> Properties | None:
-        if message.correlation is None or self.config.protocol != "5":
+        if self.config.protocol != "5":
+            return None
+        expires = message.retain and bool(message.payload) and message.topic.startswith(
+            self._transactions_prefix)
+        if message.correlation is None and not expires:
             return None
         properties = Properties(PacketTypes.PUBLISH)
-        properties.CorrelationData = message.correlation
+        if message.correlation is not None:
+            properties.CorrelationData = message.correlation
+        if expires:
+            # The daemon clears a transaction's retained document once the journal forgets
+            # it; should that clearing be lost (a chain bridge's full queue drops it), the
+            # broker, and an MQTT 5 bridge's other side, drop the document themselves.
+            properties.MessageExpiryInterval = int(
+                self.config.transaction_retention + RETAINED_EXPIRY_SLACK)
         return properties
 
     async def _publish_states(self, client: PipelinedClient) -> None:
