@@ -15,7 +15,7 @@ from bridge.protocol.messages import (
     ErrorCondition,
     LoginRequest,
     MessageError,
-    NonJsonNumber,
+    NotStrictJson,
     Result,
     SaleToPOIRequest,
     SaleToPOIResponse,
@@ -326,13 +326,22 @@ def test_oversize_input_is_refused_before_parsing():
     ('{"AuthorizedAmount":1e400}', "number 1e400 is too large"),
     ('[-2.5E+999]', "number -2.5E+999 is too large"),
     ("[" + "9" * 5000 + "]", "an integer of more than 4300 digits"),
+    ('{"SaleID":"\\ud800"}', "a \\u escape of a lone UTF-16 surrogate (\\ud800-\\udfff) "
+                              "is no character"),
+    ('["\\udfff\\ud800"]', "a \\u escape of a lone UTF-16 surrogate (\\ud800-\\udfff) "
+                             "is no character"),
 ])
-def test_numbers_json_does_not_have_are_refused_though_pythons_reader_takes_them(text, said):
+def test_what_strict_json_does_not_have_is_refused_though_pythons_reader_takes_it(text, said):
     """json.loads reads NaN and Infinity, turns 1e400 into inf (json.dumps then writes all
     three back, which no strict reader takes), and refuses an integer of more than 4300
-    digits with a bare ValueError that escaped load_json."""
-    with pytest.raises(NonJsonNumber, match=f"^not valid JSON: {re.escape(said)}$"):
+    digits with a bare ValueError that escaped load_json; a lone surrogate's escape made a
+    string no UTF-8 encoder takes (the request digest raised UnicodeEncodeError)."""
+    with pytest.raises(NotStrictJson, match=f"^not valid JSON: {re.escape(said)}$"):
         load_json(text.encode())
+
+
+def test_a_surrogate_pair_escape_is_a_character_and_read_as_one():
+    assert load_json(b'["\\ud83d\\ude00", "\\u00e9"]') == ["\U0001F600", "\u00e9"]
 
 
 json_with_floats = st.recursive(
@@ -349,7 +358,7 @@ def test_what_load_json_returns_is_json_again(value):
     reaches a register as text its JSON reader refuses."""
     try:
         document = load_json(json.dumps([value]).encode())
-    except NonJsonNumber:
+    except NotStrictJson:
         assert "NaN" in json.dumps(value) or "Infinity" in json.dumps(value)
         return
     assert json.loads(json.dumps(document, allow_nan=False)) == [value]

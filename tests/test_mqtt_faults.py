@@ -163,6 +163,29 @@ async def test_with_mqtt5_a_retained_transaction_document_expires_after_its_rete
         journal.close()
 
 
+async def test_a_registers_request_with_a_response_topic_is_not_warned_about(
+        tmp_path, mosquitto, caplog):
+    """A register's request is answered on the register's topics, whatever ResponseTopic
+    its MQTT 5 client sets: no warning to "fix the ResponseTopic" for every payment."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    gateway = gateway_for(mosquitto, journal, protocol="5")
+    handled: list[str] = []
+    gateway.set_request_handler(lambda topic, payload, reply: handled.append(topic))
+    try:
+        async with running(gateway), aiomqtt.Client(
+                mosquitto.host, mosquitto.port, identifier="till",
+                protocol=aiomqtt.ProtocolVersion.V5) as till:
+            await eventually(lambda: gateway.connected)
+            props = Properties(PacketTypes.PUBLISH)
+            props.ResponseTopic = f"{BASE}/registers/TILL1/response"
+            await till.publish(f"{BASE}/terminals/V400m-1/request/TILL1", b"{}", qos=1,
+                               properties=props)
+            await eventually(lambda: handled)
+    finally:
+        journal.close()
+    assert not [m for m in caplog.messages if "response topic" in m], caplog.messages
+
+
 async def test_an_unpublishable_message_already_in_the_journal_is_given_up_loudly(
         tmp_path, mosquitto, caplog):
     """A journal written by the old code may hold an answer addressed to such a topic. It is

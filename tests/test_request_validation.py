@@ -242,8 +242,8 @@ def test_nan_and_infinity_in_a_document_built_in_python_are_refused_naming_the_f
     assert re.search(rf"\.{field}: must be a finite number", problems[0]), problems
 
 
-@pytest.mark.parametrize("literal", ["NaN", "-Infinity", "1e400"])
-def test_a_number_json_does_not_have_is_answered_rejected_on_the_registers_topic(
+@pytest.mark.parametrize("literal", ["NaN", "-Infinity", "1e400", r'"\ud800"'])
+def test_what_strict_json_does_not_have_is_answered_rejected_on_the_registers_topic(
         tmp_path, literal):
     """Python's reader takes these, JSON's does not: the request is refused (the terminal
     would choke on it, a register's own reader too), and the refusal reaches the register
@@ -329,3 +329,26 @@ def test_a_request_on_a_registers_topic_must_carry_that_sale_id(tmp_path, level,
     assert answer.topic == answered_on, (answer.topic, body)
     error = body["bridge"]["error"] if "bridge" in body else body["error"]
     assert f"MessageHeader.SaleID 'POS1' is not the topic's SaleID '{level}'" in error
+
+
+@pytest.mark.parametrize("header", [{"SaleID": 123}, {"SaleID": None}, None])
+def test_on_a_registers_topic_an_unreadable_sale_id_gets_the_header_error_answered_there(
+        tmp_path, header):
+    """A SaleID sent as a number, null, or no MessageHeader at all is the documented header
+    error (MessageFormat), as on the plain topic, not 'SaleID 123 is not the topic's 123';
+    it is answered to the topic's register, since the header names none."""
+    document = responses.payment_request("123", "S1", POI, 12.5)
+    if header is None:
+        del document["SaleToPOIRequest"]["MessageHeader"]
+    else:
+        document["SaleToPOIRequest"]["MessageHeader"].update(header)
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        (answer,) = rig.handle(f"poi-bridge/terminals/{POI}/request/123",
+                               json.dumps(document).encode())
+    finally:
+        rig.journal.close()
+    assert answer.topic == "poi-bridge/registers/123/response", answer.topic
+    body = json.loads(answer.payload)
+    assert "is not the topic's SaleID" not in body["bridge"]["error"], body
+    assert body["bridge"]["error"].startswith(("invalid header", "not a valid SaleToPOI")), body

@@ -23,7 +23,7 @@ from bridge.daemon.worker import TerminalWorker
 from bridge.protocol import builders
 from bridge.protocol.messages import (
     MessageError,
-    NonJsonNumber,
+    NotStrictJson,
     SaleToPOIRequest,
     check_request_header,
     load_json,
@@ -244,7 +244,7 @@ class RequestIntake:
         limit = self.config.mqtt.max_payload
         try:
             document = load_json(payload, max_size=limit)
-        except NonJsonNumber as exc:
+        except NotStrictJson as exc:
             # Python's own reader takes NaN and the like: enough to answer on the register's
             # topic, not to send (a terminal, like any strict reader, would choke on it).
             self._reject(_lenient_json(payload), poi_id, f"request is unusable: {exc}",
@@ -254,9 +254,11 @@ class RequestIntake:
             self._reject(None, poi_id, f"request is unusable: {exc}", to_sale_id=topic_sale_id)
             return
         said = _header_dict(document).get("SaleID")
-        if topic_sale_id is not None and said != topic_sale_id:
+        if topic_sale_id is not None and isinstance(said, str) and said != topic_sale_id:
             # The topic's SaleID is the one the broker's ACL vouches for: the refusal goes
-            # to that register, not to the one the header names (it may be forged).
+            # to that register, not to the one the header names (it may be forged). Past
+            # this point a SaleID that can be read is the topic's; one that cannot (missing,
+            # a number) is refused by the header checks, answered to the topic's register.
             self._reject(document, poi_id, f"MessageHeader.SaleID {_id_text(said)!r} is not "
                                            f"the topic's SaleID {topic_sale_id!r}: a register "
                                            "publishes only its own requests", "NotAllowed",
@@ -266,28 +268,34 @@ class RequestIntake:
             request = parse_message(document)
         except MessageError as exc:
             if not self._known_repeat(document):
-                self._reject(document, poi_id, f"not a valid SaleToPOIRequest: {exc}")
+                self._reject(document, poi_id, f"not a valid SaleToPOIRequest: {exc}",
+                             to_sale_id=topic_sale_id)
             return
         if not isinstance(request, SaleToPOIRequest):
-            self._reject(document, poi_id, "registers publish SaleToPOIRequest documents here")
+            self._reject(document, poi_id, "registers publish SaleToPOIRequest documents here",
+                         to_sale_id=topic_sale_id)
             return
         if request.nexo_blob is not None or request.security_trailer is not None:
             self._reject(document, poi_id, "send the request in clear: the bridge encrypts "
-                                           "towards the terminal itself")
+                                           "towards the terminal itself",
+                         to_sale_id=topic_sale_id)
             return
         problems = check_request_header(request)
         if problems:
             if not self._known_repeat(document):
-                self._reject(document, poi_id, "invalid header: " + "; ".join(problems))
+                self._reject(document, poi_id, "invalid header: " + "; ".join(problems),
+                             to_sale_id=topic_sale_id)
             return
         header = request.message_header
         assert header is not None and header.sale_id and header.service_id
         if not topic_safe(header.sale_id):
-            self._reject(document, poi_id, "SaleID must not contain / + # or control characters")
+            self._reject(document, poi_id, "SaleID must not contain / + # or control characters",
+                         to_sale_id=topic_sale_id)
             return
         if header.poi_id != poi_id:
             self._reject(document, poi_id, f"MessageHeader.POIID {header.poi_id} does not match "
-                                           f"the topic's terminal {poi_id}")
+                                           f"the topic's terminal {poi_id}",
+                         to_sale_id=topic_sale_id)
             return
         # What the journal knows comes first: a repeat of a known request is answered with
         # its result (approved, perhaps) even when the request is now too old to start, or
@@ -297,7 +305,8 @@ class RequestIntake:
         reuse = check_reuse(existing, digest, self._clock(), document)
         if reuse is Reuse.CONFLICT:
             assert existing is not None
-            self._reject(document, poi_id, _conflict_error(existing, document), "NotAllowed")
+            self._reject(document, poi_id, _conflict_error(existing, document), "NotAllowed",
+                         to_sale_id=topic_sale_id)
             return
         if reuse in (Reuse.REPEAT, Reuse.RETRY):
             assert existing is not None
@@ -306,7 +315,7 @@ class RequestIntake:
             return
         _, problem = _payment_time_stamp(request)
         if problem is not None:
-            self._reject(document, poi_id, problem)
+            self._reject(document, poi_id, problem, to_sale_id=topic_sale_id)
             return
         refusal = self._refusal(request, poi_id)
         if refusal is not None:

@@ -157,6 +157,7 @@ class RegisterGateway:
         self.config = config
         self.topics = Topics(config.base_topic)
         self._transactions_prefix = self.topics.transaction("", "")[:-1]  # ".../transactions/"
+        self._command_prefix = self.topics.bridge_requests[:-1]  # ".../bridge/request/"
         self.journal = journal
         self._password = password
         self._backoff = backoff or Backoff(initial=0.5, maximum=30.0)
@@ -406,9 +407,12 @@ class RegisterGateway:
             props = getattr(message, "properties", None)
             response_topic = getattr(props, "ResponseTopic", None) if props else None
             correlation = getattr(props, "CorrelationData", None) if props else None
-            if response_topic is not None:
+            if response_topic is not None and message.topic.value.startswith(
+                    self._command_prefix):  # (a register's request is answered on its topics)
                 response_topic = self._usable_response_topic(message.topic.value,
                                                              response_topic)
+            else:
+                response_topic = None
             reply = Reply(self, response_topic, correlation)
             if not payload:
                 # Never a request: the sender clearing a retained one, as told. With MQTT

@@ -1,8 +1,8 @@
 """JSON text as RFC 8259 defines it, read strictly.
 
 Python's json module also reads NaN, Infinity and -Infinity, turns a number too large for a
-float (1e400) into inf, and refuses an integer of more than 4300 digits with a bare
-ValueError. A value like those, passed on, would be written back as NaN or Infinity, which
+float (1e400) into inf, refuses an integer of more than 4300 digits with a bare ValueError,
+and reads "\ud800" as a lone surrogate that no UTF-8 encoder takes. A value like those, passed on, would be written back as NaN or Infinity, which
 registers in other languages cannot parse. Here each is a JsonTextError that says what it is.
 """
 
@@ -38,10 +38,34 @@ def loads(text: str) -> Any:
     """json.loads, refusing what is not JSON; JsonTextError (or json.JSONDecodeError, itself
     a ValueError, with its position) says why. RecursionError is left to the caller."""
     try:
-        return _DECODER.decode(text)
+        document = _DECODER.decode(text)
     except ValueError as exc:
         if isinstance(exc, JsonTextError | json.JSONDecodeError):
             raise
         # int() refuses more digits than sys.get_int_max_str_digits() (a CPU guard)
         raise JsonTextError(f"an integer of more than {sys.get_int_max_str_digits()} "
                             "digits") from None
+    # "\ud800" alone reads as a lone surrogate, which is no character: it cannot be written
+    # as UTF-8 (the journal, the digest, the terminal's frame would each fail on it). Only
+    # a text with a surrogate's escape (\ud800-\udfff, a pair included) is walked.
+    if ("\\ud" in text or "\\uD" in text) and _lone_surrogate(document):
+        raise JsonTextError("a \\u escape of a lone UTF-16 surrogate (\\ud800-\\udfff) is "
+                            "no character")
+    return document
+
+
+def _lone_surrogate(value: Any) -> bool:
+    pending = [value]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            pending.extend(node.keys())
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False

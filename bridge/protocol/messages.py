@@ -371,9 +371,9 @@ class MessageError(ValueError):
     """The bytes are not a usable SaleToPOI message; the text says what and where."""
 
 
-class NonJsonNumber(MessageError):
-    """JSON text but for a number JSON does not have (NaN, Infinity, 1e400, or an integer
-    too long to read): Python's own reader would take it."""
+class NotStrictJson(MessageError):
+    """JSON text but for what strict JSON does not have (NaN, Infinity, 1e400, an integer
+    too long to read, a lone surrogate's escape): Python's own reader would take it."""
 
 
 def _depth_ok(value: Any, limit: int) -> bool:
@@ -411,7 +411,7 @@ def load_json(raw: str | bytes, *, max_size: int | None = None) -> Any:
     except json.JSONDecodeError as exc:
         raise MessageError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except jsontext.JsonTextError as exc:
-        raise NonJsonNumber(f"not valid JSON: {exc}") from None
+        raise NotStrictJson(f"not valid JSON: {exc}") from None
     except RecursionError:
         raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels") from None
     if raw.count("{") + raw.count("[") > MAX_NESTING and not _depth_ok(document, MAX_NESTING):
