@@ -17,8 +17,8 @@ from bridge.protocol.transaction import (
     TxState,
     check_reuse,
     first_difference,
-    refused_request_record,
     request_digest,
+    trim_refused,
 )
 from bridge.simulator import responses
 
@@ -187,21 +187,57 @@ def test_a_large_refused_request_is_kept_as_its_header_and_still_known_as_a_repe
             "MessageHeader": json.loads(first)["SaleToPOIRequest"]["MessageHeader"]}}
         sizes = sum(p.stat().st_size for p in tmp_path.glob("journal.sqlite3*"))
         assert sizes < 1_500_000, sizes  # 30 x 100 KB kept whole: over 3 MB
-        # The same request delivered again is answered as the repeat it is.
-        published = rig.handle(topic, first)
-        events = [json.loads(m.payload) for m in published if m.topic.endswith("/event")]
-        assert [e["event"] for e in events] == ["duplicate"], events
+        # The same request delivered again is answered as the repeat it is, and so is the
+        # same request rebuilt with a new TimeStamp (a register's retry).
+        rebuilt = json.loads(first)
+        rebuilt["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
+            "TimeStamp"] = "2026-11-30T23:59:59.000Z"
+        for again in (first, json.dumps(rebuilt).encode()):
+            published = rig.handle(topic, again)
+            events = [json.loads(m.payload) for m in published if m.topic.endswith("/event")]
+            assert [e["event"] for e in events] == ["duplicate"], events
+        # A different one says that where it differs can no longer be told.
+        rebuilt["SaleToPOIRequest"]["PaymentRequest"]["PaymentTransaction"]["AmountsReq"][
+            "RequestedAmount"] = 99.0
+        (answer,) = [json.loads(m.payload) for m in rig.handle(
+            topic, json.dumps(rebuilt).encode()) if m.topic.endswith("/response")]
+        assert "it differs at its body (a refused request over 8 KB is kept as its header " \
+            "only)" in answer["bridge"]["error"], answer
     finally:
         rig.journal.close()
 
 
-def test_a_busy_refusal_keeps_a_small_request_whole_and_a_large_one_as_its_header():
-    small = payment()
-    assert refused_request_record(small) is small
-    large = payment()
-    large["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleToAcquirerData"] = \
+def test_a_refused_request_is_kept_whole_up_to_the_limit_and_as_its_header_beyond():
+    small = recorded(payment())
+    kept = small.request
+    trim_refused(small)
+    assert small.request is kept and "retry_digest" not in small.extra
+    large_document = payment()
+    large_document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleToAcquirerData"] = \
         "x" * REFUSED_REQUEST_KEPT
-    assert refused_request_record(large) == {"SaleToPOIRequest": {
-        "MessageHeader": large["SaleToPOIRequest"]["MessageHeader"]}}
-    assert refused_request_record({"SaleToPOIRequest": "x" * 9000}) == {
-        "SaleToPOIRequest": {"MessageHeader": None}}
+    large = recorded(large_document)
+    trim_refused(large)
+    assert large.request == {"SaleToPOIRequest": {
+        "MessageHeader": large_document["SaleToPOIRequest"]["MessageHeader"]}}
+    odd = recorded({"SaleToPOIRequest": "x" * 9000})
+    trim_refused(odd)
+    assert odd.request == {"SaleToPOIRequest": {"MessageHeader": None}}
+
+
+def test_a_large_refused_request_still_tells_a_retry_from_a_different_request():
+    """Kept as its header, it keeps a digest without the TimeStamp: the same request rebuilt
+    for a retry is still a retry, anything else still a conflict."""
+    def large(amount: float = 12.5, stamp: str = "2026-11-30T10:00:00.000Z") -> dict:
+        document = payment(amount, stamp)
+        document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleToAcquirerData"] = \
+            "x" * REFUSED_REQUEST_KEPT
+        return document
+
+    txn = recorded(large())
+    trim_refused(txn)
+    rebuilt = large(stamp="2026-11-30T10:02:00.000Z")
+    assert check_reuse(txn, request_digest(rebuilt), 1010.0, rebuilt) is Reuse.RETRY
+    other = large(amount=99.0, stamp="2026-11-30T10:02:00.000Z")
+    assert check_reuse(txn, request_digest(other), 1010.0, other) is Reuse.CONFLICT
+    same = large()
+    assert check_reuse(txn, request_digest(same), 1010.0, same) is Reuse.REPEAT

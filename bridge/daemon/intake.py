@@ -38,8 +38,8 @@ from bridge.protocol.transaction import (
     TxState,
     check_reuse,
     first_difference,
-    refused_request_record,
     request_digest,
+    trim_refused,
 )
 
 log = logging.getLogger("poi_bridge.intake")
@@ -159,7 +159,9 @@ def _conflict_error(existing: Transaction, document: dict[str, Any]) -> str:
     """Why a different request under a recorded transaction's SaleID and ServiceID is refused,
     with what stands under those IDs: the refusal is published on the same IDs, and must not
     read as the recorded transaction's outcome."""
-    where = first_difference(existing.request, document)
+    where = first_difference(existing.request, document) \
+        if "retry_digest" not in existing.extra else \
+        "its body (a refused request over 8 KB is kept as its header only)"
     recorded = f"state {existing.state}" + (f", outcome {existing.outcome}"
                                             if existing.outcome else "")
     return (f"ServiceID {existing.service_id} was already used by SaleID {existing.sale_id} "
@@ -369,12 +371,14 @@ class RequestIntake:
         header = request.message_header
         assert header is not None and header.sale_id and header.service_id
         category, now = str(header.message_category), self._clock()
-        self.journal.save(Transaction(
+        txn = Transaction(
             sale_id=header.sale_id, service_id=header.service_id, poi_id=poi_id,
-            category=category, request=refused_request_record(document), digest=digest,
-            created_at=now, updated_at=now, state=TxState.FINAL, outcome=Outcome.REJECTED.value,
+            category=category, request=document, digest=digest, created_at=now,
+            updated_at=now, state=TxState.FINAL, outcome=Outcome.REJECTED.value,
             source="bridge", detail=error,
-            response=builders.failure_response(header, category, condition, error)))
+            response=builders.failure_response(header, category, condition, error))
+        trim_refused(txn)
+        self.journal.save(txn)
         self._reject(document, poi_id, error, condition)
 
     def _repeat(self, existing: Any, how: str = "") -> None:

@@ -40,7 +40,7 @@ from bridge.protocol.messages import (
     SaleToPOIResponse,
 )
 from bridge.protocol.outcome import MONEY_CATEGORIES, Classification, Outcome, classify, recovered_response
-from bridge.protocol.transaction import Transaction, TxKey, TxState, refused_request_record
+from bridge.protocol.transaction import Transaction, TxKey, TxState, trim_refused
 
 PASSTHROUGH_CATEGORIES = frozenset({"Abort", "TransactionStatus"})
 BRIDGE_SALE_ID = "poi-bridge"  # the SaleID of the bridge's own identity checks
@@ -744,7 +744,7 @@ class TerminalSession:
         response = builders.failure_response(header, txn.category, condition, text)
         txn.state, txn.outcome, txn.source = TxState.FINAL, Outcome.REJECTED.value, "bridge"
         txn.response, txn.detail, txn.updated_at = response, text, now
-        txn.request = refused_request_record(txn.request)
+        trim_refused(txn)
         return [Record(txn.snapshot()),
                 Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
                         Outcome.REJECTED.value, "bridge", response, text)]

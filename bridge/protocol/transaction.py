@@ -93,28 +93,52 @@ def check_reuse(existing: Transaction | None, digest: str, now: float,
         return Reuse.NEW
     if existing.digest == digest:
         return Reuse.REPEAT
-    if document is not None and first_difference(existing.request, document) is None:
-        return Reuse.RETRY
-    return Reuse.CONFLICT
+    if document is None:
+        return Reuse.CONFLICT
+    kept = existing.extra.get("retry_digest")  # a large refused request: its header only
+    same = retry_digest(document) == kept if kept is not None \
+        else first_difference(existing.request, document) is None
+    return Reuse.RETRY if same else Reuse.CONFLICT
 
 
 # A refused request's record keeps the whole document up to this size (JSON text): enough
-# for any real request, and what tells a retry rebuilt with a new TimeStamp from a different
-# request. Past it only the header is kept (the digest still recognises a repeat; a retry
-# with a new TimeStamp is then refused as a different request): refused
-# requests (Busy, an unknown terminal, too old) are kept 48 h, and a register publishing
-# large ones must not fill the box's disk with them.
+# for any real request. Past it only the header is kept, with a digest of the request less
+# its TimeStamps (the full digest still recognises a repeat, this one a retry rebuilt with a
+# new TimeStamp): refused requests (Busy, an unknown terminal, too old) are kept 48 h, and a
+# register publishing large ones must not fill the box's disk with them.
 REFUSED_REQUEST_KEPT = 8 * 1024
 
 
-def refused_request_record(document: dict[str, Any]) -> dict[str, Any]:
-    """What the journal keeps of a request refused before it reached the terminal."""
+def trim_refused(txn: Transaction) -> None:
+    """Keep of a request refused before it reached the terminal what REFUSED_REQUEST_KEPT
+    allows."""
+    document = txn.request
     if len(json.dumps(document, separators=(",", ":"), ensure_ascii=False)) \
             <= REFUSED_REQUEST_KEPT:
-        return document
+        return
     inner = document.get("SaleToPOIRequest")
     header = inner.get("MessageHeader") if isinstance(inner, dict) else None
-    return {"SaleToPOIRequest": {"MessageHeader": header}}
+    txn.extra["retry_digest"] = retry_digest(document)
+    txn.request = {"SaleToPOIRequest": {"MessageHeader": header}}
+
+
+def retry_digest(document: dict[str, Any]) -> str:
+    """request_digest() of the request without each body's SaleTransactionID.TimeStamp."""
+    inner = document.get("SaleToPOIRequest")
+    if not isinstance(inner, dict):
+        return request_digest(document)
+    return request_digest({"SaleToPOIRequest": {
+        name: _without_time_stamp(body) for name, body in inner.items()}})
+
+
+def _without_time_stamp(body: Any) -> Any:
+    data_key, ids_key, stamp_key = _TIME_STAMP_PATH
+    data = body.get(data_key) if isinstance(body, dict) else None
+    ids = data.get(ids_key) if isinstance(data, dict) else None
+    if not isinstance(ids, dict) or stamp_key not in ids:
+        return body
+    unstamped = {k: v for k, v in ids.items() if k != stamp_key}
+    return {**body, data_key: {**data, ids_key: unstamped}}
 
 
 # Where a register's request carries the time it was built: a register that retries after a
