@@ -295,6 +295,10 @@ class TlsConfig(_Strict):
         return self
 
 
+# Room in an MQTT packet beside its payload (see MqttConfig.packet_limit)
+PACKET_OVERHEAD = 3 * 65536
+
+
 class MqttConfig(_Strict):
     host: Host = "localhost"
     port: Int = Field(default=1883, gt=0, lt=65536)
@@ -308,6 +312,13 @@ class MqttConfig(_Strict):
     max_payload: Int = Field(default=256 * 1024, ge=1024, le=268_435_455)  # MQTT's largest
     transaction_retention: _seconds(366 * 86400) = SERVICE_ID_REUSE_WINDOW
     health_interval: _seconds(3600) = 30.0
+
+    @property
+    def packet_limit(self) -> int:
+        """The largest MQTT packet the bridge takes (its MQTT 5 Maximum Packet Size) and
+        publishes: max_payload and room for the topics (a topic and a ResponseTopic of 65535
+        bytes at most each, correlation data and the rest)."""
+        return self.max_payload + PACKET_OVERHEAD
 
     @field_validator("transaction_retention")
     @classmethod
@@ -338,6 +349,10 @@ class MqttConfig(_Strict):
         return value
 
 
+# What a register's result adds around the terminal's answer (the bridge's part, the IDs)
+FRAME_ROOM = 16 * 1024
+
+
 class Config(_Strict):
     journal: Path = Path("/var/lib/poi-bridge/journal.sqlite3")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -359,6 +374,32 @@ class Config(_Strict):
                     {"poi_id": terminal.poi_id, "first": first, "second": number,
                      "first_nth": _nth(first + 1), "second_nth": _nth(number + 1)})
             seen[terminal.poi_id] = number
+        return terminals
+
+    @field_validator("terminals")
+    @classmethod
+    def _frames_fit_a_message(cls, terminals: list[TerminalConfig],
+                              info: ValidationInfo) -> list[TerminalConfig]:
+        # A terminal's answer goes to registers inside one MQTT packet, which the bridge
+        # keeps within mqtt.packet_limit, the most it takes itself: a broker whose
+        # max_packet_size matches (examples/mosquitto/mosquitto.conf) would otherwise
+        # disconnect it for that packet, again at every reconnect, and no result would go out.
+        mqtt = info.data.get("mqtt")
+        if mqtt is None:
+            return terminals
+        limit = mqtt.packet_limit - FRAME_ROOM
+        for number, terminal in enumerate(terminals):
+            if terminal.framer.max_frame_size > limit:
+                raise PydanticCustomError(
+                    "frame_over_payload",
+                    "terminals[{number}].framer.max_frame_size {size} is more than {limit}: "
+                    "a terminal's answer is published to registers in one MQTT packet of at "
+                    "most mqtt.max_payload + {overhead} bytes (the broker's max_packet_size "
+                    "in examples/mosquitto/mosquitto.conf), the answer and {room} bytes "
+                    "around it; raise mqtt.max_payload (and the broker's max_packet_size with "
+                    "it) or lower max_frame_size",
+                    {"number": number, "size": terminal.framer.max_frame_size,
+                     "limit": limit, "overhead": PACKET_OVERHEAD, "room": FRAME_ROOM})
         return terminals
 
     def terminal(self, poi_id: str) -> TerminalConfig | None:

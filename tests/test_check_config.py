@@ -326,6 +326,25 @@ def test_the_ok_summary_names_each_link_once(tmp_path, capsys):
     assert "  B-2: tcp h:1, framer" in out, out
 
 
+def test_a_frame_larger_than_the_bridge_publishes_is_refused():
+    """A terminal's answer is published in one MQTT packet of at most mqtt.packet_limit (the
+    broker's max_packet_size in the example): a larger one made the broker drop the bridge
+    at every reconnect."""
+    tcp = {"kind": "tcp", "host": "10.0.0.5", "port": 8443}
+    fits = parse_config({"terminals": [{"poi_id": "A-1", "link": tcp,
+                                        "framer": {"max_frame_size": 256 * 1024}}]})
+    assert fits.terminals[0].framer.max_frame_size == 256 * 1024
+    found = problems({"terminals": [{"poi_id": "A-1", "link": tcp,
+                                     "framer": {"max_frame_size": 1024 * 1024}}]})
+    assert len(found) == 1 and found[0].startswith(
+        "terminals: terminals[0].framer.max_frame_size 1048576 is more than "), found
+    assert "raise mqtt.max_payload" in found[0], found
+    raised = parse_config({"mqtt": {"max_payload": 1024 * 1024},
+                           "terminals": [{"poi_id": "A-1", "link": tcp,
+                                          "framer": {"max_frame_size": 1024 * 1024}}]})
+    assert raised.mqtt.packet_limit > 1024 * 1024  # room made: accepted
+
+
 def test_no_terminal_is_an_error(tmp_path, capsys):
     status, _out, err = check(write(tmp_path, f'journal = "{tmp_path / "j"}"\n'), capsys)
     assert status == 2 and "terminals: no [[terminals]]" in err, err

@@ -15,13 +15,17 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.config import MqttConfig
+from bridge.config import MqttConfig, parse_config
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway
+from bridge.protocol.transaction import Transaction, TxState, request_digest
+from bridge.simulator import responses
 from bridge.transports import Backoff
 
-from .rig import Subscriber
-from .test_daemon_mqtt import BASE, eventually, running
+from .broker import Mosquitto
+from .rig import POI, Subscriber, outcome_for
+from .test_daemon_mqtt import BASE, Store, default_scenario, eventually, request_topic, running
+
 
 
 def gateway_for(mosquitto, journal: Journal, **config) -> RegisterGateway:
@@ -184,6 +188,44 @@ async def test_a_registers_request_with_a_response_topic_is_not_warned_about(
     finally:
         journal.close()
     assert not [m for m in caplog.messages if "response topic" in m], caplog.messages
+
+
+async def test_a_broker_that_bounds_packets_never_drops_the_bridge_for_what_it_publishes(
+        tmp_path):
+    """A broker with max_packet_size (examples/mosquitto/mosquitto.conf) disconnects a client
+    for a larger packet. A `transactions` answer of 1000 long rows (about 600 KB) made it
+    drop the bridge, and the same answer went first again at every reconnect: no result
+    reached any register. The answer now stays within max_payload and says how many rows
+    it left out; a payment after it still reaches its register."""
+    limit = parse_config({"mqtt": {"max_payload": 64 * 1024}}).mqtt.packet_limit
+    broker = Mosquitto(tmp_path / "broker", extra_config=f"max_packet_size {limit}\n").start()
+    journal = Journal(tmp_path / "journal.sqlite3")  # the store's journal, already long
+    with journal.batch():
+        for n in range(1000):
+            document = responses.payment_request("TILL1", f"R{n}", POI)
+            journal.save(Transaction(
+                sale_id="TILL1", service_id=f"R{n}", poi_id=POI, category="Payment",
+                request=document, digest=request_digest(document), created_at=time.time(),
+                updated_at=time.time(), state=TxState.FINAL, outcome="rejected",
+                source="bridge", detail="x" * 500))
+    journal.close()
+    try:
+        async with Store(tmp_path, broker, default_scenario()) as store, \
+                Subscriber(broker, [f"{BASE}/#"]) as operator:
+            await operator.publish(f"{BASE}/bridge/request/transactions",
+                                   {"limit": 1000, "transaction": "t-1"})
+            answer = await operator.wait_for(lambda t, p: t.endswith("/response/transactions")
+                                             and p.get("transaction") == "t-1", timeout=10)
+            assert answer["status"] == "ok" and 0 < len(answer["data"]) < 1000, len(answer)
+            assert answer["omitted"] == 1000 - len(answer["data"])
+            await operator.publish(request_topic(), responses.payment_request(
+                "POS1", "P1", POI, 3.0))
+            result = await operator.wait_for(outcome_for("P1"), timeout=10)
+            assert result["bridge"]["outcome"] == "approved"
+            assert store.bridge.gateway.reconnects == 0
+        assert "oversize packet" not in broker.log_path.read_text()
+    finally:
+        broker.kill()
 
 
 async def test_an_unpublishable_message_already_in_the_journal_is_given_up_loudly(

@@ -18,7 +18,7 @@ from typing import Any
 from bridge.config import Config
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway, Reply
-from bridge.daemon.registers import stored_result, summary, topic_safe
+from bridge.daemon.registers import dumps, stored_result, summary, topic_safe
 from bridge.daemon.worker import TerminalWorker
 from bridge.protocol import builders
 from bridge.protocol.messages import (
@@ -81,6 +81,11 @@ def _foreign_reference(request: SaleToPOIRequest) -> str | None:
                 f"request's SaleID {header.sale_id!r}: a register may ask about and abort "
                 "only its own transactions")
     return None
+
+
+class _Rows(list):  # type: ignore[type-arg]
+    """A command's rows, and how many more matched than fit in one message (max_payload)."""
+    omitted = 0
 
 
 def _lenient_json(payload: bytes) -> Any:
@@ -435,7 +440,10 @@ class RequestIntake:
             reply.send(topic, {"status": "error", "data": None, "error": str(exc),
                                "transaction": echo})
             return
-        reply.send(topic, {"status": "ok", "data": data, "error": None, "transaction": echo})
+        answer = {"status": "ok", "data": data, "error": None, "transaction": echo}
+        if isinstance(data, _Rows) and data.omitted:
+            answer["omitted"] = data.omitted
+        reply.send(topic, answer)
 
     def _cmd_resync(self, body: dict[str, Any]) -> dict[str, Any]:
         sale_id, service_id = body.get("sale_id"), body.get("service_id")
@@ -480,7 +488,18 @@ class RequestIntake:
         limit = body.get("limit", 100)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise MessageError("limit must be a whole number from 1 to 1000")
-        return [summary(t) for t in self.journal.transactions(limit=limit, **filters)]
+        rows = _Rows()
+        # The answer within max_payload: its own keys and the echoed "transaction" beside
+        room = self.config.mqtt.max_payload - 256 - len(dumps(body.get("transaction")))
+        found = self.journal.transactions(limit=limit, **filters)
+        for txn in found:
+            row = summary(txn)
+            room -= len(dumps(row)) + 1
+            if room < 0:  # a broker bounding packets would drop the bridge for a bigger one
+                rows.omitted = len(found) - len(rows)
+                break
+            rows.append(row)
+        return rows
 
     def _cmd_terminals(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         return [worker.state() for worker in self.workers.values()]

@@ -127,11 +127,6 @@ def _transaction_echo(payload: bytes) -> Any:
     return body.get("transaction") if isinstance(body, dict) else None
 
 
-# Room in an MQTT 5 packet beside its payload: a topic and a ResponseTopic (65535 bytes at
-# most each), correlation data and the rest.
-PACKET_OVERHEAD = 3 * 65536
-
-
 # A retained transaction document expires this long after the daemon would have cleared it
 # (its prune runs hourly): the expiry is the backstop, never the rule.
 RETAINED_EXPIRY_SLACK = 2 * 3600.0
@@ -280,7 +275,7 @@ class RegisterGateway:
             # paho reads a whole packet into memory before max_payload can refuse it: two
             # 250 MB requests took the daemon to 820 MB. The broker drops a larger packet
             # for us instead; one a little over max_payload still gets its answer.
-            props.MaximumPacketSize = self.config.max_payload + PACKET_OVERHEAD
+            props.MaximumPacketSize = self.config.packet_limit
             options["properties"] = props
         else:
             options["clean_session"] = False

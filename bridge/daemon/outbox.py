@@ -39,6 +39,7 @@ class OutboxPump:
     def __init__(self, gateway: RegisterGateway, client: PipelinedClient) -> None:
         self.gateway = gateway
         self.client = client
+        self.packet_limit = gateway.config.packet_limit
         self.loop = asyncio.get_running_loop()
         self.failed: asyncio.Future[None] = self.loop.create_future()
         self.in_window = 0
@@ -77,6 +78,15 @@ class OutboxPump:
 
     def _publish(self, message: OutboxMessage, properties: Properties | None) -> None:
         problem = topic_problem(message.topic)
+        if problem is None and len(message.payload) + len(message.topic) > self.packet_limit:
+            # (the configuration keeps results within it; an older journal may not) A broker
+            # bounding packets drops the connection for it, and the same message would
+            # then go first again at every reconnect: nothing after it would ever go out.
+            self._undeliverable(message, f"{len(message.payload)} bytes, more than the "
+                                f"{self.packet_limit} the bridge publishes (mqtt.max_payload "
+                                "and room for the topic)", "raise mqtt.max_payload and the "
+                                "broker's max_packet_size, then resync it to publish it again")
+            return
         if problem is not None:
             self._undeliverable(message, problem)
             return
@@ -89,16 +99,17 @@ class OutboxPump:
         self.in_window += 1
         future.add_done_callback(functools.partial(self._done, message, properties))
 
-    def _undeliverable(self, message: OutboxMessage, problem: str) -> None:
+    def _undeliverable(self, message: OutboxMessage, problem: str,
+                       advice: str = "topics like this one come from a requester's MQTT 5 "
+                                     "ResponseTopic: fix the sender") -> None:
         """A message no broker would take (a bad topic, kept by an older version): marked
         delivered so that it neither blocks the connection nor is tried forever. Its content
         stays in the journal, and the log says where."""
         journal = self.gateway.journal
         log.error("outbox message %d cannot be published on topic %.200r: %s. It is not sent "
                   "and not tried again; its content stays in the journal until the retention "
-                  "prune (sqlite3 %s \"SELECT payload FROM outbox WHERE id = %d\"). Topics "
-                  "like this one come from a requester's MQTT 5 ResponseTopic: fix the sender",
-                  message.id, message.topic, problem, journal.path, message.id)
+                  "prune (sqlite3 %s \"SELECT payload FROM outbox WHERE id = %d\"); %s",
+                  message.id, message.topic, problem, journal.path, message.id, advice)
         self.gateway.undeliverable += 1
         self.loop.call_soon(journal.mark_delivered, [message.id])
 
