@@ -9,10 +9,11 @@ A field is recognised by its name, case-insensitively, in every shape a log line
 JSON (`"expiryDate": "12/2025"`, also escaped inside a JSON string), a Python repr
 (`'ExpiryDate': '2512'`) and key=value, plain or URL-encoded (`expiryDate=12%2f2025`, as in
 a terminal's AdditionalResponse). Card numbers (Luhn-checked, also grouped by spaces, dashes,
-dots, `+`, `%20`, `/`, `_`, tabs, line ends or `, `) and track data (track 1 `B...^NAME^...`,
-track 2 with `=` or EMV `D`, with or without sentinels) are recognised by their shape wherever
-they are. A masked card number that shows more than the first six (eight, of 16 digits or
-more) and the last four digits is masked down to the first six and last four.
+dots, `+`, `%20`, and, in the groups a card number is written in, `/`, `_`, tabs, line ends or
+`, `) and track data (track 1 `B...^NAME^...`, track 2 with `=` or EMV `D`, with or without
+sentinels) are recognised by their shape wherever they are. A masked card number that shows
+more than the first six (eight, of 16 digits or more) and the last four digits is masked down
+to the first six and last four.
 
 It runs on every log record, so it must stay cheap: each pattern starts with a character class
 the regex engine can skip ahead on, and each runs only when a cheap test finds that the line
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 
 REDACTED = "[redacted]"
 
@@ -96,9 +98,10 @@ _DIGITS = re.compile(r"(?a)(?P<run>\d[\d .+%/_\t\n,-]{10,}(?<!%)\d)"
                      r"(?P<track>(?:[=Dd]|%3[dD])\d{4}[0-9A-Fa-f]{0,40}(?:\?|%3[fF])?)?")
 _GROUPS = re.compile(r"(%20|, |[^0-9])")
 _SEPARATORS = frozenset(" .+-/_\t\n") | {"%20", ", "}
-# Separators that join only card-like groups (3-6 digits, as 4111 1111 or 3782 822463 10005):
-# a decimal point, a date, a path or a list of small numbers is no card number.
-_GROUPS_ONLY = frozenset("./_\t\n") | {", "}
+# Separators that join only the groups a card number is written in (4111/1111/1111/1111, the
+# last group 1-4 digits, or Amex 3782/822463/10005): a path, a date or a list of numbers is no
+# card number. A dot joins card-like groups (3-6 digits) only, so that a decimal is none.
+_CARD_GROUPS_ONLY = frozenset("/_\t\n") | {", "}
 # A masked card number: 13-19 digits and mask characters, not glued to letters or digits.
 # _masked() decides whether it shows too much.
 _MASKED = re.compile(r"(?P<head>[^0-9A-Za-z*#])(?P<pan>[0-9*#Xx]{13,19})(?![0-9A-Za-z*#])")
@@ -136,27 +139,48 @@ def _luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _no_issuer(number: str) -> bool:
+    """A number (or mask) whose first six digits, the issuer's number, are all zeros, as in a
+    zero-padded counter (0000000000001x), is no card number."""
+    return number.startswith("000000")
+
+
+def _card_groups(groups: list[str]) -> bool:
+    """Whether the groups are those a card number is written in: 4111 1111 1111 1111 (the last
+    group 1-4 digits, so 13-19 digits in all) or Amex 3782 822463 10005."""
+    lengths = [len(g) for g in groups]
+    return lengths == [4, 6, 5] or 1 <= lengths[-1] <= 4 and all(n == 4 for n in lengths[:-1])
+
+
+def _candidates(groups: list[str], seps: list[str], i: int, hi: int) -> Iterator[int]:
+    """Each j (before hi) for which groups i to j may be one card number: 13-19 characters in
+    one group or in groups joined by one and the same separator. The _CARD_GROUPS_ONLY
+    separators join only the groups a card number is written in, a dot only card-like groups
+    (3-6 digits)."""
+    total, sep = 0, seps[i] if i < len(seps) else None
+    for j in range(i, hi):
+        if j > i and (seps[j - 1] != sep or sep not in _SEPARATORS
+                      or sep == "." and not all(3 <= len(g) <= 6 for g in (groups[i], groups[j]))
+                      or sep in _CARD_GROUPS_ONLY and len(groups[i]) != 4):
+            return
+        total += len(groups[j])
+        if total > 19:
+            return
+        if total >= 13 and (j == i or sep not in _CARD_GROUPS_ONLY
+                            or _card_groups(groups[i:j + 1])):
+            yield j
+
+
 def _card_numbers(groups: list[str], seps: list[str], lo: int, hi: int) -> set[int]:
-    """The digit groups (from lo to before hi) that make up card numbers: 13-19 digits passing
-    the Luhn check, in one group or in groups joined by one and the same separator. Dots,
-    slashes, underscores, tabs, line ends and `, ` only join card-like groups (3-6 digits),
-    and the digits of a decimal number are no card number."""
+    """The digit groups (from lo to before hi) that make up card numbers: _candidates() of
+    13-19 digits passing the Luhn check, save the digits of a decimal number, a run of one
+    digit (0000000000000) and _no_issuer() ones."""
     n, i, found_groups = len(groups), lo, set()
     while i < hi:
-        found, total, sep = -1, 0, None
-        for j in range(i, hi):
-            if j > i:
-                if sep is None:
-                    sep = seps[j - 1]
-                if seps[j - 1] != sep or sep not in _SEPARATORS:
-                    break
-                if sep in _GROUPS_ONLY and not all(3 <= len(g) <= 6
-                                                   for g in (groups[i], groups[j])):
-                    break
-            total += len(groups[j])
-            if total > 19:
-                break
-            if total >= 13 and _luhn_ok("".join(groups[i:j + 1])):
+        found = -1
+        for j in _candidates(groups, seps, i, hi):
+            number = "".join(groups[i:j + 1])
+            if _luhn_ok(number) and len(set(number)) > 1 and not _no_issuer(number):
                 found = j
         if found == i and ((i > 0 and seps[i - 1] == ".") or (i < n - 1 and seps[i] == ".")):
             found = -1
@@ -217,7 +241,8 @@ def _masked(match: re.Match[str]) -> str:
         return match.group(0)  # no mask: a card number is _DIGITS' to find
     first = len(pan) - len(pan.lstrip("0123456789"))
     last = len(pan) - len(pan.rstrip("0123456789"))
-    if first + last == digits and last <= 4 and (first <= 6 or first <= 8 and len(pan) >= 16):
+    if first + last == digits and last <= 4 and (first <= 6 or first <= 8 and len(pan) >= 16) \
+            or _no_issuer(pan):
         return match.group(0)
     fill = next(ch for ch in pan if ch in _MASK_CHARACTERS)
     first, last = min(first, 6), min(last, 4)

@@ -186,10 +186,20 @@ ORDINARY = [
     # masks that show no more than the first six (eight) and the last four digits
     ('"MaskedPan": "411111******1111", "BIN8": "41111111****1111", "Amex": "378282*****0005"'),
     "masks ************1111 XXXXXXXXXXXX1111 411111xxxxxx1111 541333##########",
-    # slashes, underscores, tabs, line ends and `, ` join card-like groups only
+    # slashes, underscores, tabs, line ends and `, ` join only the groups a card number is
+    # written in (4111/1111/1111/1111, 3782/822463/10005): these pass the Luhn check as 3-6
+    # digit groups
     "on 2019/04/29 retry 3/10, 10/20, path /var/lib/poi-bridge/1234567/890123/45",
     "sizes [1, 12, 123, 1234, 12345, 123456], ports 1883, 8883\n\t1\t2\t3\n",
     "session_1556529591_000 t_12_34_56 4r7i001556529591000/8515565295894301",
+    "polls at 12345, 67890, 11111, 22222",
+    "GET /v1/stores/137758/388926/961437/x",
+    "queue\n47311\n18230\n49617\n49481\n",
+    "ids\t81277\t45356\t77364\t17098",
+    "file batch_926579_943477_450868.log",
+    # one digit throughout, or zeros for an issuer's number: a counter, not a card (nor a mask)
+    "checksum 0000000000000000, 0000 0000 0000 0000, counter 0000001234567897",
+    "ledger 0000000000001x",
     "",
 ]
 
