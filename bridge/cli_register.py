@@ -100,6 +100,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--cert-file", type=Path, metavar="FILE", help="TLS client certificate")
     p.add_argument("--key-file", type=Path, metavar="FILE", help="its private key")
     p.add_argument("--sale-id", default="MANUAL-1", help="this register's SaleID")
+    p.add_argument("--plain-topic", action="store_true",
+                   help="publish requests on terminals/POIID/request instead of "
+                        "terminals/POIID/request/SALEID (a broker ACL that allows only the "
+                        "plain topic, or a bridge older than 2026-11-30)")
     p.add_argument("--json", action="store_true", help="print raw JSON answers")
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     pay = sub.add_parser(
@@ -238,8 +242,8 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
     # Its own client id, not the till's `register-<SaleID>`: acting as TILL1 by hand must not
     # take TILL1 off the broker nor throw away the results queued in its session.
     async with RegisterClient.for_bridge(mqtt, args.sale_id, on_event=_event, persistent=False,
-                                         on_malformed=malformed,
-                                         client_id=cli_client_id()) as register:
+                                         on_malformed=malformed, client_id=cli_client_id(),
+                                         plain_topic=args.plain_topic) as register:
         # A request on a base topic no bridge listens to would wait for the whole timeout and
         # then say nothing useful: ask the bridge's retained state first.
         state = await register.wait_for_bridge()

@@ -110,8 +110,11 @@ class RegisterClient:
                  on_event: Callable[[dict[str, Any]], None] | None = None,
                  on_malformed: Callable[[str, str], None] | None = None,
                  username: str | None = None, password: str | None = None,
-                 tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_context: ssl.SSLContext | None = None, plain_topic: bool = False) -> None:
         self.host, self.port, self.sale_id = host, port, sale_id
+        # Requests go to .../request/{SaleID}, which a broker ACL can tie to this register's
+        # login; the plain .../request where the ACL allows only that (or the bridge is older)
+        self._plain_topic = plain_topic
         self._login = {"username": username, "password": password, "tls_context": tls_context}
         self.topics = Topics(base_topic)
         self._client_id = client_id or (f"register-{sale_id}" if persistent
@@ -234,10 +237,10 @@ class RegisterClient:
         try:
             if on_sending is not None:
                 on_sending()
-            # On .../request/{SaleID}: the topic a broker ACL ties to this register's login
-            await self._client.publish(
-                self.topics.base + f"/terminals/{header['POIID']}/request/{header['SaleID']}",
-                json.dumps(document), qos=1)
+            topic = self.topics.base + f"/terminals/{header['POIID']}/request"
+            if not self._plain_topic:
+                topic += f"/{header['SaleID']}"
+            await self._client.publish(topic, json.dumps(document), qos=1)
             if on_published is not None:
                 on_published()
             return await asyncio.wait_for(future, timeout)

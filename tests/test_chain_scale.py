@@ -548,7 +548,7 @@ async def test_central_acl_keeps_each_store_to_its_own_prefix_and_session(tmp_pa
     impostor = Mosquitto(tmp_path / "impostor", extra_config=store_bridge_config(
         central.host, central.port, "store-12", pki=pki, identity="store-13")).start()
     office = TlsSubscriber(central, ["poi/#"], pki, "head-office")
-    forger = Subscriber(impostor, ["poi-bridge/terminals/+/request"], client_id="forger")
+    forger = Subscriber(impostor, ["poi-bridge/terminals/#"], client_id="forger")
     await office.connect()
     await forger.connect()
     try:
@@ -563,11 +563,16 @@ async def test_central_acl_keeps_each_store_to_its_own_prefix_and_session(tmp_pa
         await office.publish(f"{STORE}/terminals/{POI}/request", json.dumps(request))
         answer = await arrives(office, outcome_for("T12"))
         assert answer["bridge"]["outcome"] == "approved"
+        # ... and on the register's own topic, .../request/{SaleID}, as RegisterClient sends
+        request = responses.payment_request("HQ1", "T13", POI, 4.0)
+        await office.publish(f"{STORE}/terminals/{POI}/request/HQ1", json.dumps(request))
+        answer = await arrives(office, outcome_for("T13"))
+        assert answer["bridge"]["outcome"] == "approved"
         await asyncio.sleep(0.5)
         assert not any(p == {"forged": True} or p == {"state": "offline"}
                        for _, p, _ in office.messages)
-        assert forger.messages == []  # the request reached store-12 only
-        assert store.charged() == {("HQ1", "T12")}
+        assert forger.messages == []  # the requests reached store-12 only
+        assert store.charged() == {("HQ1", "T12"), ("HQ1", "T13")}
         text = log.read_text()
         assert "as store-13" in text and "closing old connection" not in text
     finally:

@@ -102,6 +102,29 @@ async def pay_through_a_stand_in(mosquitto, answer, *options: str, state: str = 
     return await running, request
 
 
+@pytest.mark.parametrize("options,topic", [
+    ((), f"{BASE}/terminals/{POI}/request/TILL9"),
+    (("--plain-topic",), f"{BASE}/terminals/{POI}/request"),
+])
+async def test_requests_go_to_the_registers_own_topic_or_the_plain_one(mosquitto, options,
+                                                                      topic):
+    """A register publishes on .../request/{SaleID}, which a broker ACL ties to its login;
+    --plain-topic where the ACL allows only the plain one (or the bridge is older)."""
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="bridge") as bridge:
+        await bridge.publish(f"{BASE}/bridge/state", json.dumps({"state": "online"}), qos=1,
+                             retain=True)
+        await bridge.subscribe(f"{BASE}/terminals/#", qos=1)
+        running = asyncio.create_task(register(
+            mosquitto, "--base-topic", BASE, "--sale-id", "TILL9", *options, "pay",
+            "--terminal", POI, "--amount", "1", "--timeout", "1"))
+        async with asyncio.timeout(30):
+            async for message in bridge.messages:
+                assert message.topic.value == topic
+                break
+        code, _, err, _ = await running
+    assert code == 3, err  # no answer came: outcome unknown
+
+
 async def no_answer(bridge: aiomqtt.Client, request: dict) -> None:
     pass
 
