@@ -195,6 +195,19 @@ def test_a_large_request_refused_busy_is_recorded_as_its_header():
     assert accepted[0].transaction.request["SaleToPOIRequest"]["PaymentRequest"]
 
 
+def test_following_a_clock_step_moves_every_time_and_keeps_each_time_out_as_long():
+    h = Harness()
+    h.submit("R1", "S1")
+    txn = h.session.open[TxKey("R1", "S1")]
+    before = (txn.created_at, txn.sent_at, txn.deadline, h.session.next_deadline())
+    h.session.shift_times(86400.0)
+    after = (txn.created_at, txn.sent_at, txn.deadline, h.session.next_deadline())
+    assert after == tuple(t + 86400.0 for t in before)
+    h.now += 86400.0 + h.session.settings.payment_timeout - 0.1
+    assert h.sends(h.advance(0.0), "status-poll") == []  # not yet: the wait is as long
+    assert h.sends(h.advance(0.2), "status-poll")  # and then the poll goes
+
+
 def test_request_while_terminal_offline_is_refused_unavailable():
     h = Harness(link_up=False)
     (refusal,) = h.delivers(h.submit("R1", "S1"))

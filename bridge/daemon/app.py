@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bridge import __version__
@@ -35,6 +36,8 @@ from bridge.protocol import crypto
 log = logging.getLogger("poi_bridge")
 
 PRUNE_INTERVAL = 3600.0
+CLOCK_CHECK_INTERVAL = 5.0  # s between looks at the system clock
+CLOCK_STEP = 30.0  # s: a difference this large is a step of the system clock, not drift
 JOURNAL_EXIT_STATUS = 3  # the journal cannot be opened, or no longer written
 TASK_EXIT_STATUS = 4  # one of the daemon's long-lived tasks ended: systemd starts it again
 STOP_GRACE = 2.0  # s: how long a stop waits for its tasks to end after cancelling them
@@ -58,7 +61,8 @@ def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
 class Bridge:
     def __init__(self, config: Config, *, mqtt_password: str | None = None,
                  hotplug: HotplugMonitor | None | bool = True,
-                 notifier: SystemdNotifier | None = None) -> None:
+                 notifier: SystemdNotifier | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
         """`hotplug`: True builds a udev monitor for the serial/USB terminals, False runs
         without one (workers then just retry their device with backoff), or pass one in."""
         self.config = config
@@ -69,14 +73,14 @@ class Bridge:
         # One steady clock for everything that stamps or compares the journal's times: the
         # terminals' sessions, the 48-hour ServiceID rule and pruning must agree, or a step
         # of the system clock makes a payment of a minute ago look days old to one of them.
-        self.clock = steady_clock()
+        self.clock = steady_clock(wall)
         self.workers: dict[str, TerminalWorker] = {
             t.poi_id: TerminalWorker(t, self.journal, self.gateway, key=load_key(t),
                                      clock=self.clock)
             for t in config.terminals
         }
         self.intake = RequestIntake(config, self.journal, self.gateway, self.workers,
-                                    health=self.health, clock=self.clock)
+                                    health=self.health, clock=self.clock, wall=wall)
         self.gateway.set_request_handler(self.intake.handle)
         self.gateway.health_source = self.health
         self._tasks: list[asyncio.Task[Any]] = []
@@ -178,6 +182,7 @@ class Bridge:
             await worker.start()
         await self._start_hotplug()
         for name, coroutine in (("mqtt", self.gateway.run()), ("prune", self._prune_loop()),
+                                ("clock", self._clock_loop()),
                                 ("watchdog", run_watchdog(self.notifier)),
                                 ("status", self._status_loop())):
             task = asyncio.create_task(coroutine, name=name)
@@ -192,6 +197,31 @@ class Bridge:
         log.info("poi-bridge %s started: %d terminal(s), journal %s, broker %s:%d", __version__,
                  len(self.workers), self.config.journal, self.config.mqtt.host,
                  self.config.mqtt.port)
+
+    async def _clock_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CLOCK_CHECK_INTERVAL)
+            self.follow_clock_step()
+
+    def follow_clock_step(self) -> float:
+        """When the system clock was stepped (NTP setting a box that started with a wrong
+        clock), move the daemon's clock, the journal's times of this run and the sessions'
+        with it, keeping each time-out as far off as it was. Left alone, this run's stamps
+        stayed off by the step: at the next start, payments of minutes ago looked days old,
+        were pruned, and a register's retry of one was sent to the terminal again."""
+        delta = self.clock.drift()
+        if abs(delta) < CLOCK_STEP:
+            return 0.0
+        rows = self.journal.shift_times(delta, self.clock.started, self.clock())
+        for worker in self.workers.values():
+            worker.session.shift_times(delta)
+        self.clock.shift(delta)
+        log.warning("the system clock was stepped by %+.0f s while the bridge ran: its own "
+                    "clock and the times of %d journal row(s) follow it; time-outs under way "
+                    "keep their length. A box without a battery-backed clock should start the "
+                    "bridge after NTP has set the time (systemctl enable "
+                    "systemd-time-wait-sync)", delta, rows)
+        return delta
 
     async def _prune_loop(self) -> None:
         while True:

@@ -597,6 +597,24 @@ class Journal:
             (cutoff,))
         return [TxKey(r[0], r[1]) for r in rows]
 
+    def shift_times(self, delta: float, since: float, until: float) -> int:
+        """Move by `delta` the times this run wrote, after its clock moved to follow a step
+        of the system clock: a stamp from `since` (the run's start) to `until` (now), and
+        every deadline of an open transaction (this run holds them all since it started).
+        A stamp of an earlier run is outside that span (before it, or, when this run's
+        clock was behind, after it). Returns the rows changed."""
+        changed = 0
+        with self._transaction() as db:
+            for column in ("created_at", "updated_at", "sent_at"):
+                changed += db.execute(
+                    f"UPDATE transactions SET {column} = {column} + ? "  # noqa: S608
+                    f"WHERE {column} BETWEEN ? AND ?", (delta, since, until)).rowcount
+            for column in ("deadline", "next_poll_at"):
+                changed += db.execute(
+                    f"UPDATE transactions SET {column} = {column} + ? "  # noqa: S608
+                    f"WHERE state != 'final' AND {column} IS NOT NULL", (delta,)).rowcount
+        return changed
+
     def prune(self, older_than: float) -> int:
         """Forget delivered messages and final transactions last touched before `older_than`."""
         with self._transaction() as db:

@@ -53,16 +53,36 @@ from bridge.transports import (
 log = logging.getLogger("poi_bridge.terminal")
 
 
+class SteadyClock:
+    """The daemon's clock: the wall clock as it was when it was made, moved on by the
+    monotonic clock only. Deadlines must not move when the system clock is stepped (NTP
+    correcting a box that booted with a wrong clock): stepped back an hour, the status poll
+    for a lost answer would have waited an hour. The daemon shares one between its
+    terminals, the 48-hour ServiceID rule and pruning, so they all agree; and when it sees
+    the wall clock stepped, it moves this clock, the journal's times of this run and the
+    sessions' together (shift()), so that what is journaled is right at the next start."""
+
+    def __init__(self, wall: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._wall, self._monotonic = wall, monotonic
+        self.started = wall()  # this run's first time: its stamps are from here on
+        self._offset = self.started - monotonic()
+
+    def __call__(self) -> float:
+        return self._monotonic() + self._offset
+
+    def drift(self) -> float:
+        """How far the wall clock is from this one (a step of the system clock)."""
+        return self._wall() - self()
+
+    def shift(self, delta: float) -> None:
+        self._offset += delta
+        self.started += delta
+
+
 def steady_clock(wall: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> Callable[[], float]:
-    """The session's clock: the wall clock as it was when the worker started, moved on by the
-    monotonic clock only. The session's deadlines must not move when the system clock is
-    stepped (NTP correcting a box that booted with a wrong clock): stepped back an hour, the
-    status poll for a lost answer would have waited an hour. Times the journal records are
-    then off by the step until the next start; the daemon shares one such clock between its
-    terminals, the 48-hour ServiceID rule and pruning, so within a run they all agree."""
-    offset = wall() - monotonic()
-    return lambda: monotonic() + offset
+                 monotonic: Callable[[], float] = time.monotonic) -> SteadyClock:
+    return SteadyClock(wall, monotonic)
 
 
 def describe_transactions(transactions: list[Transaction], most: int = 5) -> str:

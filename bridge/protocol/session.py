@@ -221,6 +221,15 @@ class TerminalSession:
         record, *rest = self._send_request(txn, now)
         return [record, accepted, *rest]
 
+    def shift_times(self, delta: float) -> None:
+        """The daemon's clock moved by `delta` to follow a step of the system clock: every
+        time held moves with it, so each deadline stays as far off as it was."""
+        for txn in self.open.values():
+            txn.shift_times(delta)
+        for pending in (self._probe, self._naming):
+            if pending is not None:
+                pending.deadline += delta
+
     def terminal_named(self, poi_id: str) -> None:
         """The device on the link said who it is: the POIID of a message it sent (the shell
         tells, before receive(), for every message that carries one)."""

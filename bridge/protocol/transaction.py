@@ -66,6 +66,13 @@ class Transaction:
     def key(self) -> TxKey:
         return TxKey(self.sale_id, self.service_id)
 
+    def shift_times(self, delta: float) -> None:
+        """Move every time it holds by `delta` (see SteadyClock.shift)."""
+        for name in TIME_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value + delta)
+
     def snapshot(self) -> Transaction:
         return replace(self, request=self.request, extra=dict(self.extra))
 
@@ -75,6 +82,10 @@ def request_digest(document: dict[str, Any]) -> str:
     reuses the ServiceID. Key order and white space do not matter."""
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# A Transaction's times, all on the daemon's clock
+TIME_FIELDS = ("created_at", "updated_at", "sent_at", "deadline", "next_poll_at")
 
 
 class Reuse(StrEnum):
