@@ -19,7 +19,7 @@ from bridge.daemon.journal import Journal
 from bridge.daemon.worker import TerminalWorker, steady_clock
 from bridge.protocol.messages import parse_message
 from bridge.protocol.session import Deliver, Progress
-from bridge.protocol.transaction import TxKey, TxState, request_digest
+from bridge.protocol.transaction import Reuse, TxKey, TxState, check_reuse, request_digest
 from bridge.simulator import responses
 from bridge.simulator.server import SimulatorServer
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
@@ -256,6 +256,45 @@ async def test_an_answer_with_nan_in_it_is_not_passed_on_but_asked_about(tmp_pat
         assert rig.simulator.terminal.ledger[("POS1", "S1")].charged
     assert any("not valid JSON: NaN is not a JSON number" in m for m in caplog.messages), \
         caplog.messages
+
+
+@pytest.mark.parametrize("journal_kept_it", [False, True])
+async def test_a_final_answer_for_a_transaction_the_session_does_not_hold(tmp_path, caplog,
+                                                                           journal_kept_it):
+    """The terminal answers a payment the session holds no open transaction for. If the
+    journal has no record of it either (the journal was replaced, moved aside or its WAL
+    deleted while the terminal worked), the answer was dropped with a warning: now it is
+    recorded, published to the register, and a repeat of the request gets it. If the
+    journal has it, it is a late copy: logged and dropped, as before."""
+    caplog.set_level(logging.INFO, logger="poi_bridge")
+    async with Rig(tmp_path, scenario(Behaviour(delay=1.0))) as rig:
+        request = rig.pay("S1")
+        async with asyncio.timeout(10):
+            while "sent" not in rig.events("S1"):
+                await asyncio.sleep(0.02)
+        key = TxKey("POS1", "S1")
+        rig.worker.session.open.pop(key)  # what a restart on a lost journal holds: nothing
+        rig.worker.session.active = None
+        if not journal_kept_it:
+            rig.journal._db.execute("DELETE FROM transactions")
+        async with asyncio.timeout(10):
+            while not any("no record of" in m or "ignored a late" in m
+                          for m in caplog.messages):
+                await asyncio.sleep(0.02)
+        results = [r for r in rig.outlet.results if r.service_id == "S1"]
+        stored = rig.stored("S1")
+        if journal_kept_it:
+            assert results == []
+            assert stored.state is TxState.AWAITING_RESPONSE  # untouched
+            return
+        (result,) = results
+        assert (result.outcome, result.source) == ("approved", "terminal")
+        assert (stored.state, stored.outcome, stored.source) == (TxState.FINAL, "approved",
+                                                                 "terminal")
+        # A repeat of the request, even rebuilt, is answered with it: never sent again.
+        assert check_reuse(stored, request_digest(request), stored.created_at + 1,
+                           request) is Reuse.REPEAT
+    assert len(rig.simulator.terminal.receipts[("POS1", "S1")]) == 1
 
 
 async def test_second_payment_while_one_is_open_is_busy(tmp_path):

@@ -40,8 +40,9 @@ from bridge.protocol.session import (
     Send,
     SessionSettings,
     TerminalSession,
+    Unmatched,
 )
-from bridge.protocol.transaction import Transaction
+from bridge.protocol.transaction import Transaction, TxKey, TxState
 from bridge.transports import (
     Backoff,
     LinkClosed,
@@ -240,10 +241,43 @@ class TerminalWorker:
                     self.outlet.progress(action)
                 elif isinstance(action, Log):
                     log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
+                elif isinstance(action, Unmatched):
+                    self._unmatched(action)
         for send in sends:
             self.journal.after_commit(functools.partial(self._send, send))
         self._publish_state()
         self._rearm()
+
+    def _unmatched(self, answer: Unmatched) -> None:
+        """A final answer the session has no open transaction for. Known to the journal, it
+        is a late copy. Unknown, the journal lost it (replaced, moved aside, its WAL deleted)
+        while the terminal worked: the register must still hear what it was charged, and a
+        repeat of its request must get this answer, never go to the terminal again."""
+        key = TxKey(answer.sale_id, answer.service_id)
+        known = self.journal.get(key)
+        if known is not None:
+            log.warning("terminal %s: ignored a late %s answer for %s/%s (%s): the transaction "
+                        "is already %s%s", self.poi_id, answer.category, answer.sale_id,
+                        answer.service_id, answer.detail,
+                        known.state, f", {known.outcome}" if known.outcome else "")
+            return
+        now = self._clock()
+        header = (answer.response.get("SaleToPOIResponse") or {}).get("MessageHeader") or {}
+        detail = "answered by the terminal; the journal had no record of the request"
+        self.journal.save(Transaction(
+            sale_id=answer.sale_id, service_id=answer.service_id, poi_id=self.poi_id,
+            category=answer.category, request={"SaleToPOIRequest": {"MessageHeader": header}},
+            digest="", created_at=now, updated_at=now, state=TxState.FINAL,
+            outcome=answer.outcome, source="terminal", response=answer.response, detail=detail,
+            extra={"unmatched": True}))
+        log.error("terminal %s: answered %s %s/%s (%s), which the journal has no record of "
+                  "(was it replaced or moved aside, or its -wal file deleted, while the bridge "
+                  "ran?): the answer is recorded and published to the register; check the "
+                  "journal's history", self.poi_id, answer.category, answer.sale_id,
+                  answer.service_id, answer.outcome)
+        self.outlet.deliver(Deliver(answer.sale_id, answer.service_id, self.poi_id,
+                                    answer.category, answer.outcome, "terminal",
+                                    answer.response, None))
 
     def _log_result_later(self, result: Deliver) -> None:
         """Logged in the next loop pass, after this pass's commit (scheduled by its first

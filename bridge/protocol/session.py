@@ -103,7 +103,21 @@ class Log:
     message: str
 
 
-Action = Record | Send | Deliver | Progress | Log
+@dataclass(frozen=True, slots=True)
+class Unmatched:
+    """The terminal's final answer to a money request this session has no open transaction
+    for: a late copy of one it finished (the journal has it), or one the journal lost (it
+    was replaced or moved aside while the terminal worked). The shell tells them apart: the
+    second is recorded and published, so the register still hears what it was charged."""
+    sale_id: str
+    service_id: str
+    category: str
+    outcome: str
+    response: dict[str, Any]
+    detail: str
+
+
+Action = Record | Send | Deliver | Progress | Log | Unmatched
 
 
 @dataclass(slots=True)
@@ -298,6 +312,13 @@ class TerminalSession:
             if txn.state is TxState.AWAITING_RESPONSE:
                 # An event (e.g. Reject) where the response was expected: not an outcome.
                 return self._unusable_answer(txn, classification.detail, now) + self._pump(now)
+        if (isinstance(message, SaleToPOIResponse) and sale_id and service_id
+                and sale_id != BRIDGE_SALE_ID and not classification.from_status
+                and self.wrong_device is None and classification.category in MONEY_CATEGORIES
+                and classification.outcome in FINAL_MONEY_OUTCOMES):
+            return [Unmatched(sale_id, service_id, classification.category,
+                              classification.outcome.value, message.to_document(),
+                              classification.detail)]
         what = f"{message.category or 'unknown'} message"
         ids = f"SaleID={sale_id} ServiceID={service_id}" if header else "no MessageHeader"
         return [Log("warning", f"terminal {self.poi_id}: ignored {what} that matches no open "

@@ -102,7 +102,9 @@ def check_reuse(existing: Transaction | None, digest: str, now: float,
     the transaction the journal has under the same SaleID and ServiceID."""
     if existing is None or now - existing.created_at > SERVICE_ID_REUSE_WINDOW:
         return Reuse.NEW
-    if existing.digest == digest:
+    if existing.digest == digest or existing.extra.get("unmatched"):
+        # (the terminal's own answer, kept without the request the journal lost: whatever
+        # comes under these IDs is answered with it, never sent again)
         return Reuse.REPEAT
     if document is None:
         return Reuse.CONFLICT
