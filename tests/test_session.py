@@ -336,15 +336,38 @@ def test_unplug_mid_payment_then_replug_polls_at_once_and_resolves():
 
 
 def test_unplugged_for_long_reports_unresolved_without_sending():
+    """Not before payment_timeout (120 s) from the request: the shopper may still be at the
+    terminal; each poll that cannot go meanwhile is tried again."""
     h = Harness()
     h.submit("R1", "S1")
     h.do(h.session.link_is_down("EIO", h.now))
-    h.advance(30)
-    h.advance(30)
+    for _ in range(3):
+        h.advance(30)
+    assert h.delivers() == []
+    h.advance(30)  # 120 s after the request
     (report,) = h.delivers()
     assert report.outcome == "unresolved"
     # only the identity check and the original request ever went out
     assert [s.purpose for s in h.sends()] == ["identify", "request"]
+
+
+def test_a_flapping_link_does_not_make_a_payment_unresolved_before_its_time():
+    """Each replug polls at once, and a link lost again a moment later cut the poll, which
+    counted as unanswered: two blips in 1.6 s told the register 'unresolved' while the
+    shopper was still entering the PIN. Until payment_timeout from the request, the polls
+    are asked again; the terminal's answer then still settles it."""
+    h = Harness()
+    h.submit("R1", "S1")
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    for _ in range(6):  # blips: down, up (a poll goes), down again 0.3 s later
+        h.now += 0.3
+        h.do(h.session.link_is_down("EIO", h.now))
+        h.now += 0.2
+        h.plug_in()
+    assert [d.outcome for d in h.delivers()] == []
+    h.now += 1
+    (result,) = h.delivers(h.answer(original))  # the terminal's own answer, once it is done
+    assert (result.outcome, result.source) == ("approved", "terminal")
 
 
 def test_request_not_acknowledged_is_polled_never_resent():

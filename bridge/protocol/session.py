@@ -612,6 +612,12 @@ class TerminalSession:
         txn.unanswered_polls, txn.detail, txn.updated_at = 0, reason, now
         return [Record(txn.snapshot()), self._progress(txn, "awaiting_status", reason)]
 
+    def _patience_end(self, txn: Transaction) -> float:
+        """Until when a payment may still be running on the terminal: payment_timeout after
+        it was sent (or, never sent, recorded)."""
+        return (txn.sent_at if txn.sent_at is not None else txn.created_at) \
+            + self.settings.payment_timeout
+
     def _poll_failed(self, txn: Transaction, reason: str, now: float, retry_in: float) -> list[Action]:
         """A status poll went unanswered (or could not be sent, or was unusable)."""
         txn.unanswered_polls += 1
@@ -619,6 +625,15 @@ class TerminalSession:
         if "reopened_from" in txn.extra and txn.unanswered_polls >= self.settings.resync_attempts:
             return self._stored_result_stands(txn, f"terminal did not answer the resync "
                                                    f"({reason}); stored result", now)
+        if txn.state is TxState.POLLING and txn.unanswered_polls >= self.settings.resync_attempts \
+                and now < self._patience_end(txn):
+            # Not before the payment's own time is up: polls cut off by a flapping cable
+            # ran out in a second or two, and a cashier told 'unresolved' may close the sale
+            # while the shopper is still at the terminal. Asked again until then.
+            txn.next_poll_at = min(now + max(retry_in, self.settings.poll_floor),
+                                   self._patience_end(txn))
+            return [Record(txn.snapshot()), self._progress(txn, "status_poll_failed", reason,
+                                                           poll=txn.polls_sent)]
         if txn.state is TxState.POLLING and txn.unanswered_polls >= self.settings.resync_attempts:
             txn.state = TxState.UNRESOLVED
             txn.next_poll_at = now + self.settings.reconcile_initial
