@@ -127,6 +127,38 @@ def test_garbage_file_is_refused_not_recreated(tmp_path):
     assert path.read_bytes().startswith(b"this is not a database")
 
 
+@pytest.mark.parametrize("database", ["empty", "missing"])
+def test_a_write_ahead_log_without_its_database_is_refused_not_overwritten(tmp_path, database):
+    """A 0-byte (or missing) journal beside a -wal holding commits was taken for no journal:
+    a new one was started, throwing the commits away, and the terminal's answers to the
+    payments in them were dropped later. It is refused now, and nothing is touched."""
+    import shutil
+
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    journal.save(make_txn())
+    wal = path.with_name(path.name + "-wal")
+    kept = tmp_path / "kept-wal"
+    shutil.copy(wal, kept)  # (a clean close checkpoints it away)
+    journal.close()
+    if database == "empty":
+        path.write_bytes(b"")
+    else:
+        path.unlink()
+    shutil.copy(kept, wal)
+    size = wal.stat().st_size
+    with pytest.raises(JournalError, match="write-ahead log .* holds .* bytes") as refused:
+        Journal(path)
+    assert "move the -wal and -shm files aside" in str(refused.value)
+    assert wal.stat().st_size == size
+
+
+def test_a_new_journal_is_said_in_the_log(tmp_path, caplog):
+    caplog.set_level("INFO", logger="poi_bridge.journal")
+    Journal(tmp_path / "j.sqlite3").close()
+    assert any("none there, a new one is started" in m for m in caplog.messages)
+
+
 def test_foreign_sqlite_file_is_refused(tmp_path):
     path = tmp_path / "j.sqlite3"
     db = sqlite3.connect(path)

@@ -165,6 +165,18 @@ class Journal:
             raise JournalError(_open_failure(self.path, exc, readonly)) from None
         if readonly and not existed:
             raise JournalError(f"no journal at {self.path} (has the daemon run yet?)")
+        wal = self.path.with_name(self.path.name + "-wal")
+        if not existed and wal.exists() and wal.stat().st_size > 0:
+            # Its commits would be thrown away with a new database: the payments they hold
+            # would be unknown to the bridge (their answers dropped, their retries re-sent).
+            raise JournalError(
+                f"journal {self.path} is {'empty' if self.path.exists() else 'missing'} but "
+                f"its write-ahead log {wal} holds {wal.stat().st_size} bytes: the database "
+                "file was truncated, replaced or removed. The bridge will not start a new "
+                "journal over it. Restore the file if you can; otherwise move the -wal and "
+                "-shm files aside too (keep them), and restart to begin a new journal.")
+        if not existed and not readonly:
+            log.info("journal %s: none there, a new one is started", self.path)
         try:
             if readonly:
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
