@@ -355,12 +355,27 @@ async def test_a_refused_login_is_logged_as_such_not_as_an_unreachable_broker(tm
         (line,) = {r.getMessage() for r in caplog.records
                    if "refused the bridge's login" in r.getMessage()}
         assert "as user 'poi-bridge'" in line and "mqtt.password_file" in line
+        # read at start: fixing the file alone never helped, while the line said to fix it
+        assert "restart it once the file is fixed" in line
         assert not any("cannot reach" in r.getMessage() for r in caplog.records)
         assert bridge.status_line().endswith(", broker login refused")
     finally:
         await bridge.stop()
         await simulator.close()
         broker.kill()
+
+
+def test_only_a_connack_refusal_is_a_refused_login():
+    """paho's own error codes 4 and 5 (not connected, connection refused) come in the same
+    MqttCodeError as a CONNACK's 4 and 5: '[code:4] The client is not currently connected'
+    was logged as a refused login."""
+    from aiomqtt.exceptions import MqttConnectError
+
+    from bridge.daemon.mqtt import login_refused
+
+    assert login_refused(MqttConnectError(4)) and login_refused(MqttConnectError(5))
+    assert not login_refused(aiomqtt.MqttCodeError(4, "The client is not currently connected"))
+    assert not login_refused(aiomqtt.MqttCodeError(5, "Connection refused"))
 
 
 def test_an_encrypted_client_key_is_named_as_such_and_never_prompts(tmp_path):

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -109,9 +110,11 @@ LOGIN_REFUSED = frozenset({4, 5, 0x86, 0x87, 0x8C})
 
 
 def login_refused(exc: BaseException) -> bool:
-    """Whether connecting failed because the broker refused the login (not the network)."""
+    """Whether connecting failed because the broker refused the login (not the network).
+    Only a CONNACK's code says so: paho's own error codes 4 and 5 (not connected,
+    connection refused) come in the same MqttCodeError and mean something else."""
     code = getattr(exc, "rc", None)
-    return isinstance(exc, aiomqtt.MqttCodeError) and getattr(code, "value", code) in LOGIN_REFUSED
+    return isinstance(exc, MqttConnectError) and getattr(code, "value", code) in LOGIN_REFUSED
 
 
 def _reason(exc: BaseException) -> str:
@@ -326,7 +329,9 @@ class RegisterGateway:
                            else "without a user name")
                     log.error("the MQTT broker %s:%d refused the bridge's login %s: %s. Check "
                               "mqtt.username and the password in mqtt.password_file against "
-                              "the broker's password file and ACL; retrying",
+                              "the broker's password file and ACL; the bridge reads the "
+                              "password at start, so restart it once the file is fixed "
+                              "(systemctl restart poi-bridge). Retrying meanwhile",
                               self.config.host, self.config.port, who, exc)
                 else:
                     log.warning("cannot reach MQTT broker %s:%d: %s; retrying",
