@@ -208,6 +208,48 @@ def test_checkpoints_run_in_the_background_and_keep_the_wal_small(tmp_path):
     reopened.close()
 
 
+def test_a_journal_on_a_file_system_remounted_read_only_says_so(tmp_path, monkeypatch):
+    """After disk errors the kernel remounts a file system read-only: SQLite says 'attempt
+    to write a readonly database', and the advice was to check the free space and the
+    permissions. (A read-only remount cannot be made here: statvfs reports one.)"""
+    import os
+
+    from bridge.daemon.journal import unusable
+
+    error = sqlite3.OperationalError("attempt to write a readonly database")
+    error.sqlite_errorname = "SQLITE_READONLY"
+    real = os.statvfs(tmp_path)
+
+    class ReadOnly:
+        def __getattr__(self, name):
+            return os.ST_RDONLY | real.f_flag if name == "f_flag" else getattr(real, name)
+
+    assert "read-only" not in unusable(tmp_path / "j.sqlite3", error)
+    monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly())
+    text = unusable(tmp_path / "j.sqlite3", error)
+    assert "mounted read-only" in text and "dmesg" in text and "fsck" in text, text
+
+
+def test_a_failing_checkpoint_is_said_once_with_what_to_do(tmp_path, caplog):
+    """A full disk made the checkpoint thread log the same line every second, no advice."""
+    caplog.set_level("INFO", logger="poi_bridge.journal")
+    path = tmp_path / "j.sqlite3"
+    journal = Journal(path)
+    try:
+        broken = sqlite3.connect(path)
+        broken.close()  # every statement on it fails with sqlite3.ProgrammingError
+        for _ in range(3):
+            journal._checkpoint(broken)
+        warned = [m for m in caplog.messages if "WAL checkpoint failed" in m]
+        assert len(warned) == 1 and "df -h" in warned[0], warned
+        good = sqlite3.connect(path)
+        journal._checkpoint(good)
+        good.close()
+        assert any("WAL checkpoints work again" in m for m in caplog.messages)
+    finally:
+        journal.close()
+
+
 def test_a_journal_that_cannot_be_opened_says_what_to_do(tmp_path):
     """A directory named as the journal, a directory the daemon cannot create in: the error
     says what to check, not only SQLite's 'unable to open database file'."""

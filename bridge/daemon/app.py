@@ -302,7 +302,9 @@ def stop_at_once(bridge: Bridge, exc: BaseException) -> None:
     log.critical("stopping at once: the journal %s cannot be written (%s). Nothing is sent or "
                  "published from what it could not record; at the next start its open "
                  "transactions are taken up again and the terminals are asked what happened. "
-                 "Check the disk (df -h %s, dmesg); systemd restarts the bridge.",
+                 "Check the disk (df -h %s, dmesg); systemd restarts the bridge, and after 5 "
+                 "failed starts in 5 minutes gives up: then `systemctl reset-failed "
+                 "poi-bridge` and start it once the disk is fixed.",
                  bridge.config.journal, exc, bridge.config.journal.parent)
     bridge.notifier.stopping(f"the journal cannot be written: {exc}")
     logging.shutdown()  # flush the line above: os._exit flushes nothing

@@ -98,6 +98,12 @@ def unusable(path: Path, exc: sqlite3.Error) -> str:
     moved aside; a full disk or a permission problem leaves the journal as it is, since it
     may hold the only record of a payment a register has not heard of yet."""
     name = getattr(exc, "sqlite_errorname", None) or ""
+    if name.startswith("SQLITE_READONLY") and _read_only_mount(path.parent):
+        return (f"journal {path} cannot be written ({exc}): {path.parent} is on a file system "
+                "mounted read-only, as the kernel does after disk errors. It is left as it "
+                "is: look at the kernel log (dmesg), check the disk (fsck, from a rescue "
+                "system if it is the root file system), remount it read-write or replace it, "
+                "then restart the bridge.")
     if name and not name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
         return (f"journal {path} cannot be used ({exc}, {name}). It is left as it is: check "
                 f"the free space and the permissions where it lives (df -h {path.parent}; "
@@ -105,6 +111,13 @@ def unusable(path: Path, exc: sqlite3.Error) -> str:
     return (f"journal {path} is unreadable or corrupt ({exc}). It may hold payments not yet "
             "reported: the bridge will not overwrite it. Move it aside, keep it for "
             "inspection, and restart to begin a new journal.")
+
+
+def _read_only_mount(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _open_failure(path: Path, exc: BaseException, readonly: bool) -> str:
@@ -155,6 +168,7 @@ class Journal:
         self._checkpoints: tuple[threading.Event, threading.Thread] | None = None
         self.wal_reset_bytes = WAL_RESET_BYTES
         self._wal_reset_wanted = False  # set by the checkpoint thread, done after a commit
+        self._checkpoint_failure: str | None = None  # the last one logged, until one works
         self._requests: dict[TxKey, tuple[dict[str, Any], str]] = {}
         # The last response saved, and its text: the result published in the same step
         # carries the same document (see response_text)
@@ -260,8 +274,18 @@ class Journal:
         try:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:  # the next round tries again; commits go on
-            log.warning("journal %s: WAL checkpoint failed: %s", self.path, exc)
+            # Once per kind of failure, not every second: a full disk otherwise buried the
+            # log in identical lines without saying what to do.
+            if str(exc) != self._checkpoint_failure:
+                self._checkpoint_failure = str(exc)
+                log.warning("journal %s: WAL checkpoint failed: %s. Payments still go on while "
+                            "the disk takes the journal's own writes; check the free space "
+                            "and the disk (df -h %s; dmesg). Said once until it changes",
+                            self.path, exc, self.path.parent)
             return
+        if self._checkpoint_failure is not None:
+            log.info("journal %s: WAL checkpoints work again", self.path)
+            self._checkpoint_failure = None
         try:
             size = os.path.getsize(f"{self.path}-wal")
         except OSError:
