@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import sqlite3
 import sys
 from typing import Any
@@ -71,6 +73,30 @@ def check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def open_files_needed(config: Config) -> int:
+    """File descriptors the daemon may hold: the journal (3 files, and the checkpoint
+    thread's own), the broker, the udev monitor, a few per terminal, and room to spare."""
+    return 64 + 8 * len(config.terminals)
+
+
+def _raise_open_file_limit(config: Config, log: logging.Logger) -> None:
+    """Run out of file descriptors, the daemon said READY and could do nothing: its broker
+    connection, serial ports and journal checkpoints each failed with 'Too many open files',
+    retried for ever. The soft limit is raised to the hard one; if that is still too low,
+    the log says so at start, naming the unit setting."""
+    needed = open_files_needed(config)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.error("only %d open files allowed (ulimit -n); the bridge needs about %d for %d "
+                  "terminal(s): raise LimitNOFILE= in the unit (systemctl edit poi-bridge), "
+                  "or it will fail with 'Too many open files'", soft, needed,
+                  len(config.terminals))
+
+
 def run_daemon(args: argparse.Namespace) -> int:
     # The journal holds what terminals answer (card data, receipts): whatever the daemon
     # creates is its user's alone, as the unit's UMask=0077 makes it, when run by hand too.
@@ -84,6 +110,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     # What check-config would say about this box, in the log a technician reads: the
     # daemon starts anyway (it answers what it cannot do), but says what is wrong.
     log = logging.getLogger("poi_bridge")
+    _raise_open_file_limit(config, log)
     errors, warnings = deployment_problems(config)
     for problem in errors:
         log.error("configuration %s: %s", args.config, problem)

@@ -31,3 +31,32 @@ def test_a_terminal_that_is_the_wrong_device_is_not_counted_online(tmp_path, mon
         assert bridge.status_line().startswith("2/3 terminals online, 0 in flight")
     finally:
         bridge.journal.close()
+
+
+async def test_out_of_memory_where_no_task_awaits_it_stops_the_daemon(tmp_path, caplog):
+    """A MemoryError inside aiomqtt's reader reached only the loop's exception handler: it
+    was logged, and the MQTT connection stayed wedged while the watchdog was fed. The daemon
+    stops now, with the exit status that makes systemd start it again. (Memory cannot be
+    exhausted safely here: the loop is told of the error as asyncio would tell it.)"""
+    import asyncio
+
+    from bridge.daemon.app import TASK_EXIT_STATUS, stop_when_out_of_memory
+
+    config = parse_config({"journal": str(tmp_path / "journal.sqlite3"),
+                           "mqtt": {"host": "127.0.0.1", "port": 1}})
+    bridge = Bridge(config, hotplug=False)
+    loop = asyncio.get_running_loop()
+    before = loop.get_exception_handler()
+    try:
+        stop_when_out_of_memory(loop, bridge)
+        loop.call_exception_handler({"message": "Task exception was never retrieved",
+                                     "exception": ValueError("a bug elsewhere")})
+        assert bridge.exit_status == 0  # logged, as before: not a reason to stop
+        loop.call_exception_handler({"message": "Future exception was never retrieved",
+                                     "exception": MemoryError()})
+        assert bridge.exit_status == TASK_EXIT_STATUS
+        await asyncio.wait_for(bridge.wait_stopped(), 1)
+        assert any("out of memory" in m for m in caplog.messages)
+    finally:
+        loop.set_exception_handler(before)
+        bridge.journal.close()

@@ -10,11 +10,12 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import textwrap
 
 from bridge.daemon.journal import Journal
 from bridge.simulator import responses
 
-from .rig import POI, Daemon, Simulator, Subscriber, outcome_for, wait_until, write_config
+from .rig import POI, ROOT, Daemon, Simulator, Subscriber, outcome_for, wait_until, write_config
 from .test_cli import cli
 
 BASE = "poi-bridge"
@@ -330,3 +331,33 @@ def test_a_journal_write_failing_at_start_up_is_a_clear_stop(tmp_path, monkeypat
     args = type("A", (), {"config": str(config)})()
     assert cli_daemon.run_daemon(args) == 3
     assert "cannot be used (database or disk is full, SQLITE_FULL)" in caplog.text
+
+
+def test_the_open_file_limit_is_raised_or_said_to_be_too_low(tmp_path):
+    """With `ulimit -n 12` the daemon said READY and then failed everything with 'Too many
+    open files', retried for ever. At start it now raises its soft limit to the hard one,
+    and says so at once when even that is too low. (A process of its own: limits are per
+    process, and a hard limit once lowered stays lowered.)"""
+    import subprocess
+    import sys
+
+    script = textwrap.dedent("""
+        import logging, resource, sys
+        from bridge.cli_daemon import _raise_open_file_limit, open_files_needed
+        from bridge.config import parse_config
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
+        config = parse_config({"terminals": [{"poi_id": "A-1", "link": {
+            "kind": "tcp", "host": "h", "port": 1}}]})
+        soft, hard = (int(x) for x in sys.argv[1:])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        _raise_open_file_limit(config, logging.getLogger("t"))
+        print("soft", resource.getrlimit(resource.RLIMIT_NOFILE)[0], open_files_needed(config))
+    """)
+    for soft, hard in ((16, 4096), (12, 12)):
+        out = subprocess.run([sys.executable, "-c", script, str(soft), str(hard)], cwd=ROOT,
+                             capture_output=True, text=True, check=True).stdout
+        if hard == 4096:
+            assert "soft 4096" in out and "open files allowed" not in out, out
+        else:
+            assert "soft 12" in out, out
+            assert "only 12 open files allowed" in out and "LimitNOFILE=" in out, out

@@ -311,11 +311,34 @@ def stop_at_once(bridge: Bridge, exc: BaseException) -> None:
     os._exit(JOURNAL_EXIT_STATUS)
 
 
+def stop_when_out_of_memory(loop: asyncio.AbstractEventLoop, bridge: Bridge) -> None:
+    """A MemoryError where no task awaits it (inside aiomqtt's reader) was only logged, and
+    the MQTT connection stayed wedged while the watchdog was still fed: no result went out
+    and no request came in. The daemon stops instead, and systemd starts it again."""
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+        if isinstance(context.get("exception"), MemoryError) and not bridge.exit_status:
+            log.critical("out of memory (%s): stopping, with exit status %d so that systemd "
+                         "starts the bridge again; open transactions stay in the journal. "
+                         "Check what else uses the box's memory (free -m) and the unit's "
+                         "MemoryMax=", context.get("message"), TASK_EXIT_STATUS)
+            bridge.exit_status = TASK_EXIT_STATUS
+            bridge.request_stop()
+
+    loop.set_exception_handler(handler)
+
+
 async def run_bridge(config: Config, *, mqtt_password: str | None = None) -> None:
     bridge = Bridge(config, mqtt_password=mqtt_password)
     bridge.journal.on_failure(functools.partial(stop_at_once, bridge))
     loop = asyncio.get_running_loop()
     quiet_closed_socket_errors(loop)
+    stop_when_out_of_memory(loop, bridge)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, bridge.request_stop)
     await bridge.start()

@@ -341,6 +341,8 @@ class RegisterGateway:
                 log.error("cannot set up the connection to MQTT broker %s:%d: %s. Fix that; "
                           "the bridge tries again meanwhile", self.config.host,
                           self.config.port, str(exc).rstrip("."))
+            except MemoryError:
+                raise  # no reconnect can help: the daemon stops, and systemd starts it again
             except Exception as exc:  # a bug: logged with its traceback, then reconnect
                 self.broker_problem = "connection failed (see the log)"
                 log.exception("the MQTT connection to %s:%d failed: %s: %s; results are "
