@@ -11,9 +11,9 @@ JSON (`"expiryDate": "12/2025"`, also escaped inside a JSON string), a Python re
 a terminal's AdditionalResponse). Card numbers (Luhn-checked, also grouped by spaces, dashes,
 dots, `+`, `%20`, and, in the groups a card number is written in, `/`, `_`, tabs, line ends or
 `, `) and track data (track 1 `B...^NAME^...`, track 2 with `=` or EMV `D`, with or without
-sentinels) are recognised by their shape wherever they are. A masked card number that shows
-more than the first six (eight, of 16 digits or more) and the last four digits is masked down
-to the first six and last four.
+sentinels) are recognised by their shape wherever they are. A masked card number (also one in
+groups, as 4111 11** **** 1111) that shows more than the first six (eight, of 16 digits or
+more) and the last four digits is masked down to the first six and last four.
 
 It runs on every log record, so it must stay cheap: each pattern starts with a character class
 the regex engine can skip ahead on, and each runs only when a cheap test finds that the line
@@ -102,10 +102,15 @@ _SEPARATORS = frozenset(" .+-/_\t\n") | {"%20", ", "}
 # last group 1-4 digits, or Amex 3782/822463/10005): a path, a date or a list of numbers is no
 # card number. A dot joins card-like groups (3-6 digits) only, so that a decimal is none.
 _CARD_GROUPS_ONLY = frozenset("/_\t\n") | {", "}
-# A masked card number: 13-19 digits and mask characters, not glued to letters or digits.
-# _masked() decides whether it shows too much.
-_MASKED = re.compile(r"(?P<head>[^0-9A-Za-z*#])(?P<pan>[0-9*#Xx]{13,19})(?![0-9A-Za-z*#])")
+# A masked card number: digits and mask characters, not glued to letters or digits, maybe in
+# groups joined by spaces or dashes (4111 11** **** 1111), with the groups around it. _masked()
+# finds the masks in it and decides whether they show too much.
+_MASKED = re.compile(r"(?P<head>[^0-9A-Za-z*#])(?P<pan>(?:[0-9]+[ -])*[0-9]*[*#Xx][0-9*#Xx]*"
+                     r"(?:[ -][0-9*#Xx]+)*)(?![0-9A-Za-z*#])")
+_MASK_GROUPS = re.compile(r"([ -])")
+_MASK_SEPARATORS = frozenset(" -")  # they join card groups only
 _MASK_CHARACTERS = "*#Xx"
+_A_MASK_CHARACTER = re.compile(r"[*#Xx]")
 _ESCAPE_BEFORE = re.compile(r"(?:%[0-9A-Fa-f]{2}|\\[A-Za-z])\Z")
 # Long base64 (or hex) runs: ciphertexts, derived keys. The character before the run is matched
 # (as for _FIELDS) so that a run is scanned once, not from each of its characters. A run
@@ -116,13 +121,16 @@ _A_DIGIT = re.compile(r"[0-9]")
 # Cheap tests that decide whether _DIGITS and _BLOB run at all: the line's UTF-8 bytes mapped
 # to 0 (a character of the pattern's run) or x (any other), searched for a long enough run.
 _DIGIT_RUN = bytes(48 if chr(b) in "0123456789 .+%-/_\t\n," else 120 for b in range(256))
-# For masks: digits to 0, mask characters to 1. A mask shows too much only where seven digits
-# run up to a mask character (00000001), or five follow one, or digits stand between two
-# (_DIGITS_AFTER_A_MASK, which the engine finds by its literal start `10`); a mask showing the
-# first six and last four (411111******1111) does not even start _MASKED.
+# For masks: digits to 0, mask characters to 1, spaces and dashes to 2. A mask shows too much
+# only where seven digits run up to a mask character (00000001), or five follow one, or digits
+# stand between two (_DIGITS_AFTER_A_MASK, which the engine finds by its literal start `10`);
+# a mask showing the first six and last four (411111******1111) does not even start _MASKED.
+# A mask in groups (4111 1111 1111 *111) is looked at so, with the separators dropped, only
+# where the line has two groups of four and the start of a third (or Amex's four and six).
 _MASK_RUN = bytes(48 if chr(b) in "0123456789" else 49 if chr(b) in _MASK_CHARACTERS
-                  else 120 for b in range(256))
+                  else 50 if chr(b) in " -" else 120 for b in range(256))
 _DIGITS_AFTER_A_MASK = re.compile(rb"10(?:0000|0{0,3}1)")
+_DIGITS_AND_MASKS_ALIKE = bytes.maketrans(b"1", b"0")
 _BLOB_RUN = bytes(48 if chr(b).isascii() and chr(b).isalnum() or chr(b) in "+/" else 120
                   for b in range(256))
 
@@ -152,21 +160,22 @@ def _card_groups(groups: list[str]) -> bool:
     return lengths == [4, 6, 5] or 1 <= lengths[-1] <= 4 and all(n == 4 for n in lengths[:-1])
 
 
-def _candidates(groups: list[str], seps: list[str], i: int, hi: int) -> Iterator[int]:
+def _candidates(groups: list[str], seps: list[str], i: int, hi: int,
+                card_groups_only: frozenset[str]) -> Iterator[int]:
     """Each j (before hi) for which groups i to j may be one card number: 13-19 characters in
-    one group or in groups joined by one and the same separator. The _CARD_GROUPS_ONLY
+    one group or in groups joined by one and the same separator. The card_groups_only
     separators join only the groups a card number is written in, a dot only card-like groups
     (3-6 digits)."""
     total, sep = 0, seps[i] if i < len(seps) else None
     for j in range(i, hi):
         if j > i and (seps[j - 1] != sep or sep not in _SEPARATORS
                       or sep == "." and not all(3 <= len(g) <= 6 for g in (groups[i], groups[j]))
-                      or sep in _CARD_GROUPS_ONLY and len(groups[i]) != 4):
+                      or sep in card_groups_only and len(groups[i]) != 4):
             return
         total += len(groups[j])
         if total > 19:
             return
-        if total >= 13 and (j == i or sep not in _CARD_GROUPS_ONLY
+        if total >= 13 and (j == i or sep not in card_groups_only
                             or _card_groups(groups[i:j + 1])):
             yield j
 
@@ -178,7 +187,7 @@ def _card_numbers(groups: list[str], seps: list[str], lo: int, hi: int) -> set[i
     n, i, found_groups = len(groups), lo, set()
     while i < hi:
         found = -1
-        for j in _candidates(groups, seps, i, hi):
+        for j in _candidates(groups, seps, i, hi, _CARD_GROUPS_ONLY):
             number = "".join(groups[i:j + 1])
             if _luhn_ok(number) and len(set(number)) > 1 and not _no_issuer(number):
                 found = j
@@ -232,22 +241,63 @@ def _field(match: re.Match[str]) -> str:
     return head + quote + REDACTED + quote
 
 
-def _masked(match: re.Match[str]) -> str:
+def _shown(mask: str) -> tuple[int, int]:
+    """How many digits a mask shows before its first mask character and after its last."""
+    return (len(mask) - len(mask.lstrip("0123456789")),
+            len(mask) - len(mask.rstrip("0123456789")))
+
+
+def _shows_too_much(mask: str) -> bool:
     """A mask may show the first six digits (eight, of 16 or more) and the last four, nothing
-    between: one that shows more is masked down to the first six and the last four."""
+    between."""
+    first, last = _shown(mask)
+    return not (first + last == sum(ch.isdigit() for ch in mask) and last <= 4
+                and (first <= 6 or first <= 8 and len(mask) >= 16)) and not _no_issuer(mask)
+
+
+def _masked(match: re.Match[str]) -> str:
+    """Each mask in the match that shows too much, masked down to the first six digits and the
+    last four. Where the groups leave open which of them a mask is (2026 4111 11** **** 1111),
+    the longest _candidates() with the mask character are taken: it is fine if one of them
+    is, else the first of them is masked down. A card number without a mask is _DIGITS'."""
     pan = match.group("pan")
-    digits = sum(ch.isdigit() for ch in pan)
-    if digits == len(pan):
-        return match.group(0)  # no mask: a card number is _DIGITS' to find
-    first = len(pan) - len(pan.lstrip("0123456789"))
-    last = len(pan) - len(pan.rstrip("0123456789"))
-    if first + last == digits and last <= 4 and (first <= 6 or first <= 8 and len(pan) >= 16) \
-            or _no_issuer(pan):
-        return match.group(0)
-    fill = next(ch for ch in pan if ch in _MASK_CHARACTERS)
-    first, last = min(first, 6), min(last, 4)
-    return match.group("head") + pan[:first] + fill * (len(pan) - first - last) + \
-        pan[len(pan) - last:]
+    parts = _MASK_GROUPS.split(pan)
+    groups, seps = parts[0::2], parts[1::2]
+    start = 0
+    while start < len(groups):
+        masked_at = next((k for k in range(start, len(groups))
+                          if _A_MASK_CHARACTER.search(groups[k])), None)
+        if masked_at is None:
+            break
+        windows = [(i, j, "".join(groups[i:j + 1]))
+                   for i in range(max(start, masked_at - 4), masked_at + 1)
+                   for j in _candidates(groups, seps, i, len(groups), _MASK_SEPARATORS)
+                   if j >= masked_at]
+        longest = max((len(mask) for _, _, mask in windows), default=0)
+        windows = [window for window in windows if len(window[2]) == longest]
+        fine = [j for _, j, mask in windows if not _shows_too_much(mask)]
+        if fine or not windows:
+            start = fine[0] + 1 if fine else masked_at + 1
+            continue
+        i, j, mask = windows[0]
+        fill = next(ch for ch in mask if ch in _MASK_CHARACTERS)
+        first, last = (min(n, most) for n, most in zip(_shown(mask), (6, 4)))
+        mask = mask[:first] + fill * (len(mask) - first - last) + mask[len(mask) - last:]
+        for k in range(i, j + 1):
+            groups[k], mask = mask[:len(groups[k])], mask[len(groups[k]):]
+        start = j + 1
+    return match.group("head") + "".join(g + s for g, s in zip(groups, seps + [""]))
+
+
+def _shows_too_much_here(masks: bytes) -> bool:
+    """The cheap test for a mask that shows too much, on the line mapped by _MASK_RUN."""
+    return b"00000001" in masks or _DIGITS_AFTER_A_MASK.search(masks) is not None
+
+
+def _card_groups_here(masks: bytes) -> bool:
+    """The cheap test for a mask in groups, on the line mapped by _MASK_RUN."""
+    groups = masks.translate(_DIGITS_AND_MASKS_ALIKE)
+    return b"00002000020" in groups or b"0000200000020" in groups
 
 
 def _blob(match: re.Match[str]) -> str:
@@ -264,7 +314,8 @@ def redact(text: str) -> str:
         text = _TRACK1.sub(REDACTED, text)
     raw = text.encode("utf-8", "surrogatepass")
     masks = raw.translate(_MASK_RUN)
-    if b"1" in masks and (b"00000001" in masks or _DIGITS_AFTER_A_MASK.search(masks)):
+    if b"1" in masks and (_shows_too_much_here(masks) or _card_groups_here(masks)
+                          and _shows_too_much_here(masks.replace(b"2", b""))):
         text = _MASKED.sub(_masked, " " + text)[1:]
     if b"000000000000" in raw.translate(_DIGIT_RUN):
         text = _DIGITS.sub(_digits, text)

@@ -186,6 +186,9 @@ ORDINARY = [
     # masks that show no more than the first six (eight) and the last four digits
     ('"MaskedPan": "411111******1111", "BIN8": "41111111****1111", "Amex": "378282*****0005"'),
     "masks ************1111 XXXXXXXXXXXX1111 411111xxxxxx1111 541333##########",
+    # also in groups, next to other numbers; an `x` between numbers is no mask
+    ("masks 541333 **** 9999 1234 EUR, 5413 33** **** 0010 2026-11-30, 2026 5413-33XX-XXXX-0010"
+     ", **** **** **** 1111 **** **** **** 2222, 1920 x 1080 x 1234567890 0x1234 0x5678 0x9012"),
     # slashes, underscores, tabs, line ends and `, ` join only the groups a card number is
     # written in (4111/1111/1111/1111, 3782/822463/10005): these pass the Luhn check as 3-6
     # digit groups
@@ -422,6 +425,15 @@ def test_a_terminals_own_text_in_a_detail_is_redacted_and_cut():
     ("middle 4111##1111##1111", "middle 4111########1111"),
     ("amex 3782822*****005", "amex 378282******005"),
     ("two 541333333****0010 and 5413333300****10", "two 541333*******0010 and 541333********10"),
+    # in groups, as terminals write them: each group keeps its place
+    ("MaskedPan 4111 1111 1111 *111", "MaskedPan 4111 11** **** *111"),
+    ("4111-1111-111*-1111", "4111-11**-****-1111"),
+    ('"MaskedPan": "5413 3300 89XX XXXX"', '"MaskedPan": "5413 33XX XXXX XXXX"'),
+    ("amex 3782 8224** ***05, 19 digits 4111 1111 1111 1111 *11",
+     "amex 3782 82**** ***05, 19 digits 4111 11** **** **** *11"),
+    # which groups are the card is taken from the card's grouping (4-4-4-4, 4-6-5)
+    ("ids 2026 4111 1111 1111 *111 and 4111 1111 1111 *111 2026",
+     "ids 2026 4111 11** **** *111 and 4111 11** **** *111 2026"),
 ])
 def test_a_mask_that_shows_too_much_is_masked_down_to_the_first_six_and_last_four(text,
                                                                                  expected):
