@@ -151,19 +151,21 @@ def _check_credential_source(place: str, path: Path, source: Path, errors: list[
 
 
 def _others_may_read(path: Path) -> str | None:
-    """The mode of `path` ("0644") when users other than its owner may read it, else None."""
+    """The mode of `path` ("0644") when any user of the box may read it, else None. Its group
+    may: a secret outside the credentials directory is root:poi-bridge 0640, so that the
+    daemon's user can read it."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except OSError:
         return None
-    return f"{mode:04o}" if mode & 0o044 else None
+    return f"{mode:04o}" if mode & stat.S_IROTH else None
 
 
 def _check_private(place: str, path: Path, what: str, warnings: list[str]) -> None:
     mode = _others_may_read(path)
     if mode is not None:
-        warnings.append(f"{place}: {path} (mode {mode}) may be read by other users of this "
-                        f"box, and holds {what}: chmod 600 {path}")
+        warnings.append(f"{place}: {path} (mode {mode}) may be read by any user of this box, "
+                        f"and holds {what}: chmod o-r {path}")
 
 
 def _check_content(place: str, path: Path, data: bytes, errors: list[str]) -> None:

@@ -248,26 +248,34 @@ def test_a_missing_mqtt_password_file_is_an_error(tmp_path, capsys):
 
 
 def test_a_secret_or_journal_other_users_may_read_is_a_warning(tmp_path, capsys):
+    """Any user of the box may read it: a warning. Its group may: none, since a secret outside
+    the credentials directory is root:poi-bridge 0640 so that the daemon's user can read it,
+    and `chmod 600` would stop the daemon."""
     secret = tmp_path / "pw"
     secret.write_text("secret\n")
     journal = tmp_path / "journal.sqlite3"
-    for name in ("journal.sqlite3", "journal.sqlite3-wal"):
-        (tmp_path / name).write_bytes(b"")
+    files = (secret, journal, tmp_path / "journal.sqlite3-wal", tmp_path / "journal.sqlite3-shm")
+    for file in files[1:]:
+        file.write_bytes(b"")
     path = write(tmp_path, good_toml(tmp_path) +
                  f'[mqtt]\nusername = "u"\npassword_file = "{secret}"\n')
-    for mode in (0o644, 0o640):
-        for file in (secret, journal, tmp_path / "journal.sqlite3-wal"):
+    for mode in (0o640, 0o600):
+        for file in files:
+            file.chmod(mode)
+        status, _out, err = check(path, capsys)
+        assert status == 0 and "may be read by" not in err and "chmod" not in err, err
+    for mode in (0o644, 0o604):
+        for file in files:
             file.chmod(mode)
         status, _out, err = check(path, capsys)
         assert status == 0, err
         assert (f"warning: mqtt.password_file: {secret} (mode 0{mode:o}) may be read by "
-                f"other users of this box, and holds a secret: chmod 600 {secret}") in err, err
-        assert f"journal: {journal} (mode 0{mode:o}) may be read by other users" in err, err
+                f"any user of this box, and holds a secret: chmod o-r {secret}") in err, err
+        assert (f"journal: {journal} (mode 0{mode:o}) may be read by any user of this box, "
+                f"and holds the terminals' answers (card data, receipts): chmod o-r {journal}"
+                ) in err, err
         assert f"{journal}-wal (mode 0{mode:o})" in err, err
-    for file in (secret, journal, tmp_path / "journal.sqlite3-wal"):
-        file.chmod(0o600)
-    status, _out, err = check(path, capsys)
-    assert status == 0 and "may be read by other users" not in err, err
+        assert f"{journal}-shm (mode 0{mode:o})" in err, err
 
 
 def test_an_unreadable_secret_is_a_warning_that_says_why(tmp_path, capsys, monkeypatch):
