@@ -356,6 +356,13 @@ class Register:
         self.connects = 0
         self.home = [t for i, t in enumerate(soak.terminals) if i % soak.args.registers == index]
         self._session: asyncio.Task[None] | None = None
+        # Half the registers publish on .../request/{SaleID}, as RegisterClient does; half on
+        # the plain .../request, as a register in another language may
+        self.own_topic = index % 2 == 1
+
+    def request_topic(self, poi_id: str) -> str:
+        topic = f"{BASE}/terminals/{poi_id}/request"
+        return f"{topic}/{self.sale_id}" if self.own_topic else topic
 
     # -- the MQTT session --
 
@@ -485,8 +492,7 @@ class Register:
         payment = Payment(self.sale_id, service_id, terminal.poi_id, kind, amount, time.time(),
                           len(json.dumps(document)))
         self.payments[service_id] = payment
-        payment.publish = await self._publish(
-            f"{BASE}/terminals/{terminal.poi_id}/request", document)
+        payment.publish = await self._publish(self.request_topic(terminal.poi_id), document)
         return payment
 
     async def _abort(self, payment: Payment) -> None:
@@ -502,7 +508,7 @@ class Register:
             "AbortRequest": {"AbortReason": "MerchantAbort", "MessageReference": {
                 "MessageCategory": "Payment", "SaleID": self.sale_id,
                 "ServiceID": payment.service_id, "POIID": payment.poi_id}}}}
-        await self._publish(f"{BASE}/terminals/{payment.poi_id}/request", document)
+        await self._publish(self.request_topic(payment.poi_id), document)
 
 
 @dataclass
@@ -1202,7 +1208,7 @@ class BrokerLog:
             if not stamp.isdigit():
                 continue
             at = int(stamp)
-            if text.startswith("Received PUBLISH from ") and "/request', " in text:
+            if text.startswith("Received PUBLISH from ") and self._a_request(text):
                 client = text[len("Received PUBLISH from "):].split(" (", 1)[0]
                 if client == self.BRIDGE:
                     continue
@@ -1224,7 +1230,7 @@ class BrokerLog:
                     entry["dropped"] = at  # arrived after the last save: gone with the kill
                     queued.remove(entry)
                 by_mid.clear()
-            elif text.startswith(f"Sending PUBLISH to {self.BRIDGE} (") and "/request', " in text:
+            elif text.startswith(f"Sending PUBLISH to {self.BRIDGE} (") and self._a_request(text):
                 what = self._what(text)
                 mid = text.split(", m", 1)[1].split(",", 1)[0]
                 entry = next((e for e in queued if e["what"] == what and e["sent"] is not None
@@ -1241,6 +1247,13 @@ class BrokerLog:
                     queued.remove(entry)
 
     @staticmethod
+    def _a_request(text: str) -> bool:
+        """A publish on a terminal's request topic: .../request or .../request/{SaleID}."""
+        topic = text[text.index("'") + 1:].split("'", 1)[0] if "'" in text else ""
+        parts = topic.split("/")
+        return "terminals" in parts and (parts[-1] == "request" or parts[-2:-1] == ["request"])
+
+    @staticmethod
     def _what(text: str) -> str:
         """Topic and size: "'poi-bridge/terminals/X/request', ... (426 bytes))"."""
         return text[text.index("'"):]
@@ -1253,8 +1266,7 @@ class BrokerLog:
             mine = [e for e in self.entries if e["client"] == register.client_id]
             used = 0
             for payment in sorted(register.payments.values(), key=lambda p: p.sent_at):
-                what = (f"'{BASE}/terminals/{payment.poi_id}/request', ... "
-                        f"({payment.size} bytes))")
+                what = f"'{register.request_topic(payment.poi_id)}', ... ({payment.size} bytes))"
                 for i in range(used, len(mine)):
                     entry = mine[i]
                     if entry["received"] > payment.sent_at + 3:

@@ -161,7 +161,8 @@ def fake_soak(tmp_path: Path, *payments: Any, terminals: tuple[str, ...] = (POI,
     """What audit() reads of a Soak, for payments made by one register (TILL1)."""
     register = SimpleNamespace(sale_id="TILL1", client_id="soak-register-TILL1",
                                payments={p.service_id: p for p in payments}, aborts={},
-                               stray=[], connects=1)
+                               stray=[], connects=1,
+                               request_topic=lambda poi: f"poi-bridge/terminals/{poi}/request")
     terms = [SimpleNamespace(poi_id=poi, unplugs=[], unplugged_at=lambda moment: False)
              for poi in terminals]
     return SimpleNamespace(
@@ -339,3 +340,28 @@ def test_audit_names_a_shutdown_refusal_that_ran_after_all(tmp_path):
                                      ("disputed", "redelivered_unjournaled_refusal"),
                                      ("lost", "redelivered_unjournaled_refusal")]
     assert soak_module.report(result) is False
+
+
+def test_the_broker_log_follows_requests_on_either_request_topic(tmp_path):
+    """Half the soak's registers publish on .../request/{SaleID} (as RegisterClient does):
+    the replay of mosquitto's log must take those as requests too, and not the commands."""
+    from bench.soak import BrokerLog
+
+    path = tmp_path / "mosquitto.log"
+    path.write_text("\n".join([
+        "100: poi-bridge-soak 1 poi-bridge/terminals/+/request",
+        "101: Received PUBLISH from soak-register-TILL1 (d0, q1, r0, m1, "
+        "'poi-bridge/terminals/V-1/request', ... (400 bytes))",
+        "101: Received PUBLISH from soak-register-TILL2 (d0, q1, r0, m1, "
+        "'poi-bridge/terminals/V-2/request/TILL2', ... (410 bytes))",
+        "101: Received PUBLISH from operator (d0, q1, r0, m2, "
+        "'poi-bridge/bridge/request/resync', ... (40 bytes))",
+        "102: Sending PUBLISH to poi-bridge-soak (d0, q1, r0, m7, "
+        "'poi-bridge/terminals/V-2/request/TILL2', ... (410 bytes))",
+        "102: Received PUBACK from poi-bridge-soak (Mid: 7, RC:0)",
+    ]) + "\n")
+    log = BrokerLog(path)
+    assert [(e["client"], e["what"]) for e in log.entries] == [
+        ("soak-register-TILL1", "'poi-bridge/terminals/V-1/request', ... (400 bytes))"),
+        ("soak-register-TILL2", "'poi-bridge/terminals/V-2/request/TILL2', ... (410 bytes))")]
+    assert log.entries[1]["acked"] == 102 and log.entries[0]["acked"] is None
