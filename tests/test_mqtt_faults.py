@@ -228,6 +228,23 @@ async def test_a_broker_that_bounds_packets_never_drops_the_bridge_for_what_it_p
         broker.kill()
 
 
+async def test_two_bridges_with_one_client_id_are_named_as_such(tmp_path, mosquitto, caplog):
+    """Each takes the other's session and the broker drops the older at once, over and over:
+    each side logged only 'lost the MQTT broker' about once a second."""
+    first = Journal(tmp_path / "first.sqlite3")
+    second = Journal(tmp_path / "second.sqlite3")
+    try:
+        async with running(gateway_for(mosquitto, first, client_id="twin")), \
+                running(gateway_for(mosquitto, second, client_id="twin")):
+            await eventually(lambda: any("most likely another client uses the same client id"
+                                         in m for m in caplog.messages), timeout=20)
+    finally:
+        first.close()
+        second.close()
+    (line,) = {m for m in caplog.messages if "same client id" in m}
+    assert "'twin'" in line and "mqtt.client_id" in line
+
+
 async def test_an_unpublishable_message_already_in_the_journal_is_given_up_loudly(
         tmp_path, mosquitto, caplog):
     """A journal written by the old code may hold an answer addressed to such a topic. It is

@@ -135,6 +135,12 @@ def _transaction_echo(payload: bytes) -> Any:
 RETAINED_EXPIRY_SLACK = 2 * 3600.0
 
 
+# A connection that ends this soon after it was made, SHORT_CONNECTIONS_SAID times in a row,
+# is logged as a client id shared with another client
+SHORT_CONNECTION = 5.0
+SHORT_CONNECTIONS_SAID = 3
+
+
 class Reply:
     """How to answer one incoming message: to a fixed topic, or to the MQTT 5 response topic
     with its correlation data when the requester gave one."""
@@ -180,6 +186,7 @@ class RegisterGateway:
         # Between publishes of messages the broker refused: grows to a minute, not a hot loop
         self._refusal_backoff = Backoff(initial=2.0, maximum=60.0)
         self.health_source: Callable[[], dict[str, Any]] | None = None
+        self._short_connections = 0  # connections in a row that the broker ended at once
 
     @property
     def connected(self) -> bool:
@@ -318,12 +325,14 @@ class RegisterGateway:
                         self.reconnects += 1
                     first = False
                     log.info("connected to MQTT broker %s:%d", self.config.host, self.config.port)
+                    connected_at = time.monotonic()
                     await self._serve(client)
             except aiomqtt.MqttError as exc:
                 self.broker_problem = "login refused" if login_refused(exc) else "unreachable"
                 if self._connected.is_set():
                     log.warning("lost the MQTT broker %s:%d: %s; results are kept and sent on "
                                 "reconnect", self.config.host, self.config.port, exc)
+                    self._note_short_connection(time.monotonic() - connected_at)
                 elif login_refused(exc):
                     who = (f"as user {self.config.username!r}" if self.config.username
                            else "without a user name")
@@ -358,6 +367,23 @@ class RegisterGateway:
                 # completes); the connection ended since. Reconnecting would outlive the stop.
                 raise asyncio.CancelledError
             await asyncio.sleep(self._backoff.next_delay())
+
+    def _note_short_connection(self, lasted: float) -> None:
+        """Two clients with one client id take the session from each other, and the broker
+        drops the older at once, again and again: each side saw only 'lost the MQTT
+        broker' about once a second. A run of connections that end within seconds is
+        named for what it most likely is."""
+        if lasted >= SHORT_CONNECTION:
+            self._short_connections = 0
+            return
+        self._short_connections += 1
+        if self._short_connections == SHORT_CONNECTIONS_SAID:
+            log.error("the MQTT broker %s:%d dropped the bridge %d times in a row within %g s "
+                      "of connecting: most likely another client uses the same client id "
+                      "(%r), and each connection takes the other's session. Give every bridge "
+                      "its own mqtt.client_id; look for a second daemon, or a copied "
+                      "configuration, on this broker", self.config.host, self.config.port,
+                      self._short_connections, SHORT_CONNECTION, self.config.client_id)
 
     async def _serve(self, client: aiomqtt.Client) -> None:
         # Subscribed before saying "online": a register that waits for "online" and then
