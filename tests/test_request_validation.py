@@ -352,3 +352,20 @@ def test_on_a_registers_topic_an_unreadable_sale_id_gets_the_header_error_answer
     body = json.loads(answer.payload)
     assert "is not the topic's SaleID" not in body["bridge"]["error"], body
     assert body["bridge"]["error"].startswith(("invalid header", "not a valid SaleToPOI")), body
+
+
+@pytest.mark.parametrize("level,answered_on", [
+    (None, "poi-bridge/bridge/error"), ("POS1", "poi-bridge/registers/POS1/response")])
+def test_a_lone_surrogate_in_an_id_is_refused_without_a_crash(tmp_path, level, answered_on):
+    """Read leniently to address the refusal, a SaleID '\\ud800' went into the answer, whose
+    encoding then raised UnicodeEncodeError ('internal error'). It is answered where the
+    request can be tied to a register: the topic's, or none (bridge/error)."""
+    raw = json.dumps(payment()).replace('"POS1"', '"\\ud800"').encode()
+    topic = f"poi-bridge/terminals/{POI}/request" + (f"/{level}" if level else "")
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        (answer,) = rig.handle(topic, raw)
+    finally:
+        rig.journal.close()
+    assert answer.topic == answered_on
+    assert "lone UTF-16 surrogate" in answer.payload.decode()

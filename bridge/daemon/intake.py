@@ -20,7 +20,7 @@ from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway, Reply
 from bridge.daemon.registers import dumps, stored_result, summary, topic_safe
 from bridge.daemon.worker import TerminalWorker
-from bridge.protocol import builders
+from bridge.protocol import builders, jsontext
 from bridge.protocol.messages import (
     MessageError,
     NotStrictJson,
@@ -89,11 +89,13 @@ class _Rows(list):  # type: ignore[type-arg]
 
 
 def _lenient_json(payload: bytes) -> Any:
-    """The request as Python's json reads it (NaN, Infinity...), only to address its refusal."""
+    """The request as Python's json reads it (NaN, Infinity...), only to address its refusal;
+    None when even that holds what no answer can carry (a lone surrogate is no UTF-8)."""
     try:
-        return json.loads(payload)
+        document = json.loads(payload)
     except (ValueError, RecursionError):
         return None
+    return None if jsontext.lone_surrogate(document) else document
 
 
 def _readable_sale_id(document: Any) -> str | None:

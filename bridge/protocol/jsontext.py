@@ -48,13 +48,14 @@ def loads(text: str) -> Any:
     # "\ud800" alone reads as a lone surrogate, which is no character: it cannot be written
     # as UTF-8 (the journal, the digest, the terminal's frame would each fail on it). Only
     # a text with a surrogate's escape (\ud800-\udfff, a pair included) is walked.
-    if ("\\ud" in text or "\\uD" in text) and _lone_surrogate(document):
+    if ("\\ud" in text or "\\uD" in text) and lone_surrogate(document):
         raise JsonTextError("a \\u escape of a lone UTF-16 surrogate (\\ud800-\\udfff) is "
                             "no character")
     return document
 
 
-def _lone_surrogate(value: Any) -> bool:
+def lone_surrogate(value: Any) -> bool:
+    """Whether a parsed document holds a string no UTF-8 encoder takes."""
     pending = [value]
     while pending:
         node = pending.pop()
