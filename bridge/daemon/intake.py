@@ -90,12 +90,21 @@ class _Rows(list):  # type: ignore[type-arg]
 
 def _lenient_json(payload: bytes) -> Any:
     """The request as Python's json reads it (NaN, Infinity...), only to address its refusal;
-    None when even that holds what no answer can carry (a lone surrogate is no UTF-8)."""
+    a string no answer can carry (a lone surrogate is no UTF-8) reads as null."""
     try:
         document = json.loads(payload)
     except (ValueError, RecursionError):
         return None
-    return None if jsontext.lone_surrogate(document) else document
+    return _no_lone_surrogates(document) if jsontext.lone_surrogate(document) else document
+
+
+def _no_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _no_lone_surrogates(v) for k, v in value.items()
+                if not jsontext.lone_surrogate(k)}
+    if isinstance(value, list):
+        return [_no_lone_surrogates(v) for v in value]
+    return None if isinstance(value, str) and jsontext.lone_surrogate(value) else value
 
 
 def _readable_sale_id(document: Any) -> str | None:
