@@ -366,8 +366,12 @@ async def test_no_card_data_or_key_material_in_any_daemon_log_line(tmp_path, mos
                      f'passphrase_file = "{secret}"\n')
     daemon = Daemon(config, tmp_path).start()
     try:
-        async with Subscriber(mosquitto, ["poi-bridge/registers/POS1/#"]) as register:
-            await asyncio.sleep(1.0)
+        async with Subscriber(mosquitto, ["poi-bridge/registers/POS1/#",
+                                          f"poi-bridge/terminals/{POI}/state"]) as register:
+            # (a fixed second was too short for a daemon starting on a loaded box: the
+            # request then found no subscriber and was lost, and the test timed out)
+            await register.wait_for(lambda t, p: t.endswith("/state")
+                                    and p["state"] == "online", timeout=30)
             await register.publish(f"poi-bridge/terminals/{POI}/request",
                                    responses.payment_request("POS1", "R1", POI, 5.0))
             approved = await register.wait_for(outcome_for("R1"), timeout=20)
