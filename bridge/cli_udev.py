@@ -89,7 +89,7 @@ def device_report(config: Config | None, devices: Iterable[Any], *,
                   include_virtual: bool = False) -> dict[str, Any]:
     """What `devices` prints, as data: every device with the terminal it is or why not, and
     every configured serial/USB terminal with whether it was found."""
-    from bridge.daemon.hotplug import DeviceInfo, TerminalMatcher, describe_link
+    from bridge.daemon.device_match import DeviceInfo, TerminalMatcher, describe_link
 
     matcher = TerminalMatcher(config if config is not None else [])
     rows: list[dict[str, Any]] = []

@@ -11,7 +11,8 @@ import pytest
 
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
-from bridge.daemon.hotplug import HotplugMonitor, TerminalMatcher
+from bridge.daemon.device_match import TerminalMatcher
+from bridge.daemon.hotplug import HotplugMonitor
 from bridge.protocol.messages import parse_message
 from bridge.protocol.transaction import TxKey, request_digest
 from bridge.simulator import responses

@@ -25,12 +25,8 @@ import pyudev
 
 from bridge import cli_udev
 from bridge.config import parse_config
-from bridge.daemon.hotplug import (
-    DeviceInfo,
-    HotplugMonitor,
-    TerminalMatcher,
-    udev_announces,
-)
+from bridge.daemon.device_match import DeviceInfo, TerminalMatcher
+from bridge.daemon.hotplug import HotplugMonitor, udev_announces
 
 CONTEXT = pyudev.Context()
 USB_PORT = "/devices/pci0000:00/0000:00:14.0/usb1/1-2"

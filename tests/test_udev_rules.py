@@ -21,7 +21,7 @@ import pytest
 
 from bridge import cli_udev
 from bridge.config import parse_config
-from bridge.daemon.hotplug import TerminalMatcher
+from bridge.daemon.device_match import TerminalMatcher
 from bridge.daemon.udev_rules import (
     KNOWN_VENDORS,
     parse_poi_name,

@@ -19,12 +19,8 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import Config, SecretError, TerminalConfig, read_configured_secret
-from bridge.daemon.hotplug import (
-    DeviceInfo,
-    HotplugMonitor,
-    TerminalMatcher,
-    udev_announces,
-)
+from bridge.daemon.device_match import DeviceInfo, TerminalMatcher
+from bridge.daemon.hotplug import HotplugMonitor, udev_announces
 from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway

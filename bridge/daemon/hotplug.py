@@ -1,24 +1,15 @@
 """Hotplug: which configured terminal is plugged in right now, learnt from udev.
 
-Two parts:
-
-* `TerminalMatcher`: given a device's udev properties (the mapping pyudev's
-  `Device.properties` gives: SUBSYSTEM, DEVNAME, DEVLINKS, ID_VENDOR_ID, ID_MODEL_ID,
-  ID_SERIAL_SHORT, DEVTYPE, TAGS, ...) it says which terminal (poi_id) the device is, or why it
-  is none.  Serial links match by device node or link (DEVNAME is the configured path, DEVLINKS
-  contains it, or the configured path is a symlink to DEVNAME); USB links by vendor id, product
-  id and, if configured, serial number of the usb_device.  `poi-bridge devices` prints its
-  reasons.
-
-* `HotplugMonitor`: a udev netlink monitor read from the asyncio loop (`loop.add_reader` on
-  its fd, draining `poll(0)`).  It starts the monitor before enumerating the devices already
-  present, so nothing plugged in between is missed, and de-duplicates: a device seen by the
-  enumeration and again as an 'add' event is reported once, a repeated 'add' is ignored, and a
-  'remove' of a device it never saw is ignored.  Events are collected for `settle` seconds and
-  applied per device with the final state winning, so a storm of hundreds of add/remove events
-  (a flaky cable, a hub reset) turns into at most one unplug and one plug per terminal, without
-  blocking the loop.  If the kernel drops events (receive buffer overflow) the monitor
-  re-enumerates and reconciles.
+Which terminal a device is, `TerminalMatcher` says (bridge/daemon/device_match.py); when,
+`HotplugMonitor` here: a udev netlink monitor read from the asyncio loop (`loop.add_reader` on
+its fd, draining `poll(0)`). It starts the monitor before enumerating the devices already
+present, so nothing plugged in between is missed, and de-duplicates: a device seen by the
+enumeration and again as an 'add' event is reported once, a repeated 'add' is ignored, and a
+'remove' of a device it never saw is ignored. Events are collected for `settle` seconds and
+applied per device with the final state winning, so a storm of hundreds of add/remove events (a
+flaky cable, a hub reset) turns into at most one unplug and one plug per terminal, without
+blocking the loop. If the kernel drops events (receive buffer overflow) the monitor
+re-enumerates and reconciles.
 
 Callback contract: `on_plug(poi_id, device)` when a terminal's device appears (or is back on a
 different device node), `on_unplug(poi_id, device)` when it goes away; `device` is a
@@ -35,17 +26,15 @@ import inspect
 import logging
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from bridge.config import Config, SerialLink, TerminalConfig, UsbLink
-from bridge.daemon.udev_rules import TAG, parse_poi_name, usb_id_text
+from bridge.config import Config
+from bridge.daemon.device_match import DeviceInfo, TerminalMatcher, describe_link
 
 log = logging.getLogger(__name__)
 
-WATCHED_SUBSYSTEMS = ("tty", "usb")
 DEFAULT_SETTLE = 0.1
 # Longest a batch waits for a storm still being read before it is applied anyway.
 DEFAULT_MAX_DELAY = 2.0
@@ -58,296 +47,6 @@ MAX_EVENTS_PER_READ = 256
 # a driver (a usb_device gets 'unbind' just before 'remove'): the node is still there.
 _PRESENT_ACTIONS = frozenset({"add", "change", "bind", "move", "online"})
 _IGNORED_ACTIONS = frozenset({"unbind", "offline"})
-
-
-# --- device description --------------------------------------------------------------------------
-
-
-def device_properties(device: Any) -> dict[str, str]:
-    """The udev properties of a pyudev Device (or a plain mapping of them, as recorded from
-    `udevadm monitor --property`) as a plain dict of strings."""
-    if isinstance(device, DeviceInfo):
-        return dict(device.properties)
-    if not hasattr(device, "properties"):
-        # Checked after `properties`: pyudev's Device is itself a (deprecated) Mapping.
-        if isinstance(device, Mapping):
-            return {str(k): str(v) for k, v in device.items()}
-        raise TypeError(f"not a udev device or property mapping: {device!r}")
-    props: dict[str, str] = {}
-    for key in device.properties:
-        value = device.properties.get(key)
-        if value is not None:
-            props[str(key)] = str(value)
-    # Fill in what libudev knows but a given source may not have put in the property list.
-    action = getattr(device, "action", None)
-    if action and "ACTION" not in props:
-        props["ACTION"] = str(action)
-    node = getattr(device, "device_node", None)
-    if node:
-        props["DEVNAME"] = str(node)
-    if "DEVLINKS" not in props:
-        links = list(getattr(device, "device_links", ()) or ())
-        if links:
-            props["DEVLINKS"] = " ".join(str(link) for link in links)
-    if "DEVPATH" not in props:
-        path = getattr(device, "device_path", None)
-        if path:
-            props["DEVPATH"] = str(path)
-    return props
-
-
-def _usb_ids(props: Mapping[str, str]) -> tuple[str | None, str | None]:
-    vendor = props.get("ID_VENDOR_ID") or None
-    product = props.get("ID_MODEL_ID") or None
-    if (vendor is None or product is None) and props.get("SUBSYSTEM") == "usb":
-        # Kernel events carry PRODUCT=<vid>/<pid>/<bcdDevice> in hex without leading zeros.
-        parts = props.get("PRODUCT", "").split("/")
-        if len(parts) >= 2:
-            try:
-                vendor = vendor or usb_id_text(int(parts[0], 16))
-                product = product or usb_id_text(int(parts[1], 16))
-            except ValueError:
-                pass
-    return (vendor.lower() if vendor else None, product.lower() if product else None)
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """One udev device as the bridge sees it. `properties` holds everything udev said."""
-
-    devpath: str
-    subsystem: str
-    devtype: str | None
-    devname: str | None
-    devlinks: tuple[str, ...]
-    vendor_id: str | None
-    product_id: str | None
-    serial: str | None
-    tags: tuple[str, ...]
-    action: str | None
-    properties: Mapping[str, str] = field(compare=False, repr=False)
-
-    @classmethod
-    def from_device(cls, device: Any) -> DeviceInfo:
-        """From a pyudev Device, a mapping of udev properties, or a DeviceInfo."""
-        if isinstance(device, DeviceInfo):
-            return device
-        props = device_properties(device)
-        devname = props.get("DEVNAME") or None
-        if devname and not devname.startswith("/"):
-            devname = "/dev/" + devname  # kernel events name the node relative to /dev
-        vendor, product = _usb_ids(props)
-        return cls(
-            devpath=props.get("DEVPATH", ""),
-            subsystem=props.get("SUBSYSTEM", ""),
-            devtype=props.get("DEVTYPE") or None,
-            devname=devname,
-            devlinks=tuple(props.get("DEVLINKS", "").split()),
-            vendor_id=vendor,
-            product_id=product,
-            serial=props.get("ID_SERIAL_SHORT") or None,
-            tags=tuple(t for t in props.get("TAGS", "").split(":") if t),
-            action=props.get("ACTION") or None,
-            properties=MappingProxyType(props),
-        )
-
-    @property
-    def tagged(self) -> bool:
-        """Tagged by udev/70-poi-bridge.rules (or the generated local rules)."""
-        return TAG in self.tags
-
-    @property
-    def virtual(self) -> bool:
-        return self.devpath.startswith("/devices/virtual/")
-
-    def describe(self) -> str:
-        """For technicians: the node, what it is, and its stable links."""
-        what = self.devname or f"{self.subsystem} device {self.devpath}"
-        details = []
-        if self.vendor_id and self.product_id:
-            details.append(f"USB {self.vendor_id}:{self.product_id}")
-        if self.serial:
-            details.append(f"serial {self.serial}")
-        stable = [link for link in self.devlinks if not link.startswith("/dev/char/")]
-        if stable:
-            details.append("links " + ", ".join(sorted(stable)))
-        return f"{what} ({'; '.join(details)})" if details else what
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "devpath": self.devpath,
-            "subsystem": self.subsystem,
-            "devtype": self.devtype,
-            "devname": self.devname,
-            "devlinks": list(self.devlinks),
-            "vendor_id": self.vendor_id,
-            "product_id": self.product_id,
-            "serial": self.serial,
-            "tags": list(self.tags),
-        }
-
-
-# --- matching ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MatchResult:
-    """`poi_id` of the terminal the device is, or None; `reason` says why, for a technician.
-    `relevant` is False for devices the bridge never uses (no device node, virtual consoles,
-    USB interfaces, other subsystems)."""
-
-    poi_id: str | None
-    reason: str
-    relevant: bool = True
-
-    @property
-    def matched(self) -> bool:
-        return self.poi_id is not None
-
-
-def describe_link(terminal: TerminalConfig) -> str:
-    link = terminal.link
-    if isinstance(link, SerialLink):
-        return f"serial {link.device}"
-    if isinstance(link, UsbLink):
-        serial = f" serial {link.serial}" if link.serial is not None else " (any serial)"
-        return f"USB {usb_id_text(link.vendor_id)}:{usb_id_text(link.product_id)}{serial}"
-    return f"tcp {link.host}:{link.port}"
-
-
-class TerminalMatcher:
-    """Which configured terminal a udev device is.  Only the device's properties and the
-    configuration are consulted, plus `resolve` (os.path.realpath; None turns it off) to follow
-    a configured symlink that udev does not list in DEVLINKS (one made by hand, such as
-    /etc/poi-bridge/terminal -> /dev/ttyS0).  The daemon and `poi-bridge devices` must agree on
-    what is a terminal, hence the default rather than each caller passing it."""
-
-    def __init__(self, config: Config | Iterable[TerminalConfig], *,
-                 resolve: Callable[[str], str] | None = os.path.realpath) -> None:
-        terminals = config.terminals if isinstance(config, Config) else list(config)
-        self.terminals: tuple[TerminalConfig, ...] = tuple(terminals)
-        self._serial = [(t.poi_id, t.link.device) for t in self.terminals
-                        if isinstance(t.link, SerialLink)]
-        self._usb = [(t.poi_id, t.link) for t in self.terminals if isinstance(t.link, UsbLink)]
-        self._resolve = resolve
-
-    @property
-    def hotplug_terminals(self) -> tuple[TerminalConfig, ...]:
-        """The terminals that are on a local device (serial or USB), i.e. not TCP."""
-        return tuple(t for t in self.terminals if isinstance(t.link, SerialLink | UsbLink))
-
-    def match(self, device: Mapping[str, str] | DeviceInfo | Any) -> MatchResult:
-        info = DeviceInfo.from_device(device)
-        if info.subsystem not in WATCHED_SUBSYSTEMS:
-            return MatchResult(None, f"subsystem {info.subsystem or '(none)'} is not watched "
-                                     f"(terminals are tty or usb devices)", relevant=False)
-        if info.subsystem == "usb" and info.devtype != "usb_device":
-            return MatchResult(None, f"a USB {info.devtype or 'sub-device'}, not a USB device "
-                                     f"node", relevant=False)
-        if not info.devname:
-            return MatchResult(None, "has no device node", relevant=False)
-        if info.subsystem == "tty":
-            result = self._match_tty(info)
-            # A tty under /devices/virtual has no hardware parent: mostly consoles and pseudo
-            # devices, noise here. But a configured one (Bluetooth /dev/rfcomm0, a Moxa Real
-            # TTY /dev/ttyr00, tty0tty) is a serial port udev announces like any other.
-            if info.virtual and not result.matched:
-                return MatchResult(None, "virtual terminal or pseudo device, not a serial port",
-                                   relevant=False)
-            return result
-        return self._match_usb(info)
-
-    # serial links
-
-    def _match_tty(self, info: DeviceInfo) -> MatchResult:
-        found: list[tuple[str, str]] = []
-        for poi_id, path in self._serial:
-            if path == info.devname:
-                found.append((poi_id, f"device node {path}"))
-            elif path in info.devlinks:
-                found.append((poi_id, f"udev link {path}"))
-            elif self._resolve is not None:
-                target = self._resolve(path)
-                if target != path and target == info.devname:
-                    found.append((poi_id, f"{path} points to {info.devname}"))
-        if found:
-            poi_id, how = found[0]
-            reason = f"terminal {poi_id} (serial link, by {how})"
-            if len(found) > 1:
-                others = ", ".join(p for p, _ in found[1:])
-                reason += f"; also configured for {others}: each device belongs to one terminal"
-            return MatchResult(poi_id, reason)
-        return MatchResult(None, self._tty_miss(info))
-
-    def _tty_miss(self, info: DeviceInfo) -> str:
-        for poi_id, link in self._usb:
-            if (info.vendor_id, info.product_id) == (usb_id_text(link.vendor_id),
-                                                     usb_id_text(link.product_id)) and (
-                    link.serial is None or link.serial == info.serial):
-                return (f"serial port of USB device {info.vendor_id}:{info.product_id}, but "
-                        f"terminal {poi_id} is configured with link kind = \"usb\" (its bulk "
-                        f"interface), so this port is not used")
-        for poi_id, path in self._serial:
-            name = parse_poi_name(path)
-            if (name is not None and info.vendor_id in name.vendor_ids
-                    and name.serial is not None and name.serial == info.serial):
-                return (f"looks like terminal {poi_id} ({name.vendor} serial {name.serial}) but "
-                        f"has no link {path}: install udev/70-poi-bridge.rules, then run "
-                        f"`udevadm control --reload && udevadm trigger`")
-        if not self._serial:
-            return "no serial terminals configured"
-        if info.tagged:
-            links = [link for link in info.devlinks if link.startswith("/dev/poi/")]
-            hint = f' with device = "{links[0]}"' if links else ""
-            return ("tagged as a payment terminal by udev, but no configured terminal uses it: "
-                    f"add a [[terminals]] entry{hint} if it should be bridged")
-        return (f"not a configured terminal: no serial link names {info.devname} or one of its "
-                f"links")
-
-    # usb links
-
-    def _match_usb(self, info: DeviceInfo) -> MatchResult:
-        if not self._usb:
-            if info.tagged:
-                return MatchResult(None, "tagged as a payment terminal by udev, but no terminal "
-                                         "is configured with link kind = \"usb\"")
-            return MatchResult(None, "no USB terminals configured")
-        if info.vendor_id is None or info.product_id is None:
-            return MatchResult(None, "USB device without vendor/product id in its udev "
-                                     "properties")
-        found: list[str] = []
-        near: list[str] = []
-        for poi_id, link in self._usb:
-            vendor, product = usb_id_text(link.vendor_id), usb_id_text(link.product_id)
-            if info.vendor_id != vendor:
-                continue
-            if info.product_id != product:
-                near.append(f"terminal {poi_id} wants product {product}, this is "
-                            f"{info.product_id}")
-                continue
-            if link.serial is None or link.serial == info.serial:
-                found.append(poi_id)
-            elif info.serial is None:
-                near.append(f"terminal {poi_id} wants serial {link.serial}, this device reports "
-                            f"none (no udev data? is systemd-udevd running?)")
-            else:
-                near.append(f"terminal {poi_id} wants serial {link.serial}, this is "
-                            f"{info.serial}")
-        if found:
-            reason = f"terminal {found[0]} (USB {info.vendor_id}:{info.product_id}"
-            reason += f" serial {info.serial})" if info.serial else ")"
-            if len(found) > 1:
-                reason += (f"; also matches {', '.join(found[1:])}: set link.serial so each "
-                           f"terminal names its own device")
-            return MatchResult(found[0], reason)
-        if near:
-            return MatchResult(None, "; ".join(near))
-        if info.tagged:
-            return MatchResult(None, f"tagged as a payment terminal by udev (USB "
-                                     f"{info.vendor_id}:{info.product_id}), but no configured "
-                                     f"terminal has these ids")
-        return MatchResult(None, f"USB {info.vendor_id}:{info.product_id} is not a configured "
-                                 f"terminal")
 
 
 # --- the monitor ---------------------------------------------------------------------------------
