@@ -34,6 +34,25 @@ def python_env() -> dict[str, str]:
     return env
 
 
+def as_nobody(what: str) -> list[str]:
+    """The command prefix that runs a program as user nobody (65534), to show what another
+    user than the daemon's sees; the test is skipped without root and setpriv, or when that
+    user cannot read this checkout (one made in a root-only directory, as by mktemp -d)."""
+    import shutil
+
+    import pytest
+
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip(f"needs root and setpriv (util-linux) to run {what} as another user")
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import bridge"],
+                           capture_output=True, cwd="/", env=python_env(), timeout=60)
+    if probe.returncode != 0:
+        pytest.skip("another user cannot read this checkout")
+    return prefix
+
+
 class Simulator:
     """`poi-bridge simulate` as a real process on a pseudo-terminal behind a symlink."""
 

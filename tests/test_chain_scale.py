@@ -254,20 +254,8 @@ async def test_results_made_while_the_wan_is_down_reach_head_office_when_it_is_b
     got. QoS 1 may deliver one twice, never a different one. It fails with `cleansession
     true` (the store broker then drops what it holds for the bridge while disconnected) or
     with QoS 0 on the topic lines (not queued at all)."""
-    central = Mosquitto(tmp_path / "central").start()
-    wan = WanLink(central.host, central.port)
-    store = await Store(tmp_path / "store-12", "store-12", (wan.host, wan.port)).start()
-    office = Subscriber(central, ["poi/+/registers/+/response", "poi/+/bridge/link",
-                                  "poi/+/bridge/response/#"],
-                        client_id="head-office", persistent=True)
-    till = Subscriber(store.broker, ["poi-bridge/registers/TILL1/#"], client_id="till-1")
-    await office.connect()
-    await till.connect()
-    try:
-        await arrives(office, lambda t, p: t == LINK and p == 1)
-        wan.cut()
-        # The central broker publishes the bridge's last will: head office sees the link down.
-        await arrives(office, lambda t, p: t == LINK and p == 0)
+    # (wan_down: the central broker has published the bridge's last will, link down)
+    async with wan_down(tmp_path) as (central, wan, store, office, till):
         cut_at = len(office.messages)
         for service_id in ("W1", "W2", "W3"):
             await pay(till, service_id)  # the store works on, alone
@@ -296,12 +284,6 @@ async def test_results_made_while_the_wan_is_down_reach_head_office_when_it_is_b
             received = copies(office, service_id)
             assert {t for t, _ in received} == {f"{STORE}/registers/TILL1/response"}
             assert {c for _, c in received} == {c for _, c in copies(till, service_id)}
-    finally:
-        await till.disconnect()
-        await office.disconnect()
-        await store.stop()
-        wan.close()
-        central.kill()
 
 
 async def test_stores_each_under_their_prefix_and_a_request_reaches_only_its_store(tmp_path):
@@ -444,14 +426,16 @@ async def test_mqtt5_bridge_answers_reach_head_office_on_a_store_side_response_t
 
 @contextlib.asynccontextmanager
 async def wan_down(tmp_path: Path, **store_settings: Any):
-    """A store behind a WAN link, head office and a till connected, the link cut (head
-    office has seen the bridge's last will): yields (central, wan, store, office, till)."""
+    """A store behind a WAN link, head office (a persistent session on results, the link
+    and command answers) and a till connected, the link cut (head office has seen the
+    bridge's last will): yields (central, wan, store, office, till)."""
     central = Mosquitto(tmp_path / "central").start()
     wan = WanLink(central.host, central.port)
     store = await Store(tmp_path / "store-12", "store-12", (wan.host, wan.port),
                         **store_settings).start()
-    office = Subscriber(central, ["poi/+/registers/+/response", "poi/+/bridge/link"],
-                        client_id="head-office")
+    office = Subscriber(central, ["poi/+/registers/+/response", "poi/+/bridge/link",
+                                  "poi/+/bridge/response/#"],
+                        client_id="head-office", persistent=True)
     till = Subscriber(store.broker, ["poi-bridge/registers/TILL1/#"], client_id="till-1")
     await office.connect()
     await till.connect()

@@ -19,7 +19,7 @@ import bridge.deployment as deployment_module
 from bridge.cli_daemon import check_config
 from bridge.config import ConfigError, load_config, parse_config
 
-from .rig import ROOT, python_env
+from .rig import ROOT, as_nobody, python_env
 from .test_systemd_unit import UNIT, unit_settings
 
 EXAMPLE = ROOT / "examples" / "poi-bridge.toml"
@@ -487,18 +487,10 @@ def test_a_journal_directory_only_the_daemon_may_enter_is_a_warning_not_a_crash(
     """The unit's StateDirectoryMode=0700 keeps other users out of /var/lib/poi-bridge once
     the service has run; pathlib's is_dir() then raises PermissionError, which ended
     check-config, run as an ordinary user, with a traceback."""
-    import os
     import shutil
-
-    setpriv = shutil.which("setpriv")
-    if os.geteuid() != 0 or setpriv is None:
-        pytest.skip("needs root and setpriv (util-linux) to run check-config as another user")
-    probe = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-                            sys.executable, "-c", "import bridge"], capture_output=True,
-                           cwd="/", env=python_env(), timeout=60)
-    if probe.returncode != 0:  # a checkout in a root-only directory (mktemp -d)
-        pytest.skip("another user cannot read this checkout")
     import tempfile
+
+    nobody = as_nobody("check-config")
 
     # (pytest's own tmp_path lives under a root-only directory)
     tmp_path = Path(tempfile.mkdtemp(prefix="poi-check-config-"))
@@ -511,8 +503,7 @@ def test_a_journal_directory_only_the_daemon_may_enter_is_a_warning_not_a_crash(
     tmp_path.chmod(0o755)
     config.chmod(0o644)
     done = subprocess.run(
-        [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
-         "bridge", "check-config", str(config)],
+        [*nobody, sys.executable, "-m", "bridge", "check-config", str(config)],
         capture_output=True, text=True, cwd="/", env=python_env(), timeout=60)
     assert "Traceback" not in done.stderr, done.stderr
     assert done.returncode == 0, done.stdout + done.stderr

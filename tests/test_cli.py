@@ -15,7 +15,7 @@ import pytest
 from bridge.protocol.framing import make_framer
 
 from .conftest import FIXTURES
-from .rig import ROOT, python_env
+from .rig import ROOT, as_nobody, python_env
 
 KEY = ["--key-id", "CryptoKeyIdentifier12345", "--key-version", "1"]
 
@@ -272,18 +272,10 @@ def test_ctrl_c_in_a_technicians_command_is_one_line_and_status_130(monkeypatch,
 def test_status_as_a_user_who_may_not_enter_the_state_directory_exits_2(tmp_path):
     """The unit's StateDirectoryMode=0700: `status` run as another user raised
     PermissionError from the journal's path check (exit 1, which means 'no daemon')."""
-    import os
     import shutil
     import tempfile
 
-    setpriv = shutil.which("setpriv")
-    if os.geteuid() != 0 or setpriv is None:
-        pytest.skip("needs root and setpriv (util-linux) to run status as another user")
-    probe = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-                            sys.executable, "-c", "import bridge"], capture_output=True,
-                           cwd="/", env=python_env(), timeout=60)
-    if probe.returncode != 0:  # a checkout in a root-only directory (mktemp -d)
-        pytest.skip("another user cannot read this checkout")
+    nobody = as_nobody("status")
     top = Path(tempfile.mkdtemp(prefix="poi-status-"))
     try:
         (top / "state").mkdir(mode=0o700)
@@ -293,8 +285,8 @@ def test_status_as_a_user_who_may_not_enter_the_state_directory_exits_2(tmp_path
                           'port = 8443}\n')
         top.chmod(0o755)
         config.chmod(0o644)
-        done = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-                               sys.executable, "-m", "bridge", "status", "--config", str(config)],
+        done = subprocess.run([*nobody, sys.executable, "-m", "bridge", "status", "--config",
+                               str(config)],
                               capture_output=True, text=True, cwd="/", env=python_env(),
                               timeout=60)
     finally:
