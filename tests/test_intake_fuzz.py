@@ -171,11 +171,11 @@ def test_a_step_of_the_system_clock_does_not_make_a_repeat_a_new_payment(tmp_pat
     import time
 
     from bridge.daemon.app import Bridge
-    from bridge.daemon.worker import steady_clock
+    from bridge.daemon.worker import SteadyClock
     from bridge.protocol.transaction import Transaction, TxState, request_digest
 
     behind = time.time() - 3 * 86400
-    clock = steady_clock(wall=lambda: behind)
+    clock = SteadyClock(wall=lambda: behind)
     rig = Rig(tmp_path / "journal.sqlite3")
     try:
         rig.intake = RequestIntake(rig.config, rig.journal, rig.gateway, rig.intake.workers,

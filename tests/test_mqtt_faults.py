@@ -405,8 +405,6 @@ def acl_broker(tmp_path, *allowed: str):
 
 def allow(broker, acl, *allowed: str) -> None:
     """Change the ACL as an administrator would, and have mosquitto reload it."""
-    import signal
-
     acl.write_text("".join(f"topic readwrite {topic}\n" for topic in allowed))
     broker.process.send_signal(signal.SIGHUP)
 

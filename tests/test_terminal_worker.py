@@ -16,7 +16,7 @@ import pytest
 
 from bridge.config import TerminalConfig
 from bridge.daemon.journal import Journal
-from bridge.daemon.worker import TerminalWorker, steady_clock
+from bridge.daemon.worker import SteadyClock, TerminalWorker
 from bridge.protocol.messages import parse_message
 from bridge.protocol.session import Deliver, Progress
 from bridge.protocol.transaction import Reuse, TxKey, TxState, check_reuse, request_digest
@@ -539,7 +539,7 @@ async def test_the_system_clock_stepped_back_does_not_delay_the_status_poll(tmp_
         return time.time() - step
 
     sim = scenario(Behaviour(never_answer=True, delay=0.05))
-    async with Rig(tmp_path, sim, payment_timeout=0.5, clock=steady_clock(wall)) as rig:
+    async with Rig(tmp_path, sim, payment_timeout=0.5, clock=SteadyClock(wall)) as rig:
         rig.pay("S1")
         async with asyncio.timeout(5):
             while rig.stored("S1").state is not TxState.AWAITING_RESPONSE:
@@ -552,7 +552,7 @@ async def test_the_system_clock_stepped_back_does_not_delay_the_status_poll(tmp_
 def test_the_session_clock_moves_with_the_monotonic_clock_only():
     ticks = iter([100.0, 100.0, 160.0])  # monotonic: at the start, then twice 60 s later
     walls = iter([1_000_000.0, 1_000_000.0 - 3600])  # and the wall clock stepped back
-    clock = steady_clock(lambda: next(walls), lambda: next(ticks))
+    clock = SteadyClock(lambda: next(walls), lambda: next(ticks))
     assert clock() == 1_000_000.0
     assert clock() == 1_000_060.0  # 60 s on, whatever the wall clock says
 

@@ -26,7 +26,7 @@ from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway
 from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog
-from bridge.daemon.worker import TerminalWorker, describe_transactions, steady_clock
+from bridge.daemon.worker import TerminalWorker, SteadyClock, describe_transactions
 from bridge.protocol import crypto
 
 log = logging.getLogger("poi_bridge")
@@ -69,7 +69,7 @@ class Bridge:
         # One steady clock for everything that stamps or compares the journal's times: the
         # terminals' sessions, the 48-hour ServiceID rule and pruning must agree, or a step
         # of the system clock makes a payment of a minute ago look days old to one of them.
-        self.clock = steady_clock(wall)
+        self.clock = SteadyClock(wall)
         self.workers: dict[str, TerminalWorker] = {
             t.poi_id: TerminalWorker(t, self.journal, self.gateway, key=load_key(t),
                                      clock=self.clock)

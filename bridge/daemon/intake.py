@@ -95,16 +95,7 @@ def _lenient_json(payload: bytes) -> Any:
         document = json.loads(payload)
     except (ValueError, RecursionError):
         return None
-    return _no_lone_surrogates(document) if jsontext.lone_surrogate(document) else document
-
-
-def _no_lone_surrogates(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _no_lone_surrogates(v) for k, v in value.items()
-                if not jsontext.lone_surrogate(k)}
-    if isinstance(value, list):
-        return [_no_lone_surrogates(v) for v in value]
-    return None if isinstance(value, str) and jsontext.lone_surrogate(value) else value
+    return jsontext.without_lone_surrogates(document)
 
 
 def _readable_sale_id(document: Any) -> str | None:

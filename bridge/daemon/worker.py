@@ -81,11 +81,6 @@ class SteadyClock:
         self.started += delta
 
 
-def steady_clock(wall: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> SteadyClock:
-    return SteadyClock(wall, monotonic)
-
-
 def describe_transactions(transactions: list[Transaction], most: int = 5) -> str:
     """SaleID/ServiceID of the first few transactions, for a log line."""
     shown = ", ".join(f"{t.sale_id}/{t.service_id} ({t.state})" for t in transactions[:most])
@@ -137,7 +132,7 @@ class TerminalWorker:
         self.outlet = outlet
         self.key = key
         self._transport_factory = transport_factory
-        self._clock = clock or steady_clock()
+        self._clock = clock or SteadyClock()
         self._backoff = backoff or Backoff(initial=0.2, maximum=10.0)
         self.session = TerminalSession(config.poi_id, session_settings(config))
         fc = config.framer

@@ -70,3 +70,15 @@ def lone_surrogate(value: Any) -> bool:
             except UnicodeEncodeError:
                 return True
     return False
+
+
+def without_lone_surrogates(value: Any) -> Any:
+    """`value` with each string no UTF-8 encoder takes read as null (a key holding one is
+    dropped); `value` itself when it holds none."""
+    if not lone_surrogate(value):
+        return value
+    if isinstance(value, dict):
+        return {k: without_lone_surrogates(v) for k, v in value.items() if not lone_surrogate(k)}
+    if isinstance(value, list):
+        return [without_lone_surrogates(v) for v in value]
+    return None  # a string holding one
