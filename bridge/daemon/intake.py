@@ -8,6 +8,7 @@ otherwise to `{base}/bridge/error`. Nothing here can disturb a transaction alrea
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -251,16 +252,17 @@ class RequestIntake:
     def _request(self, poi_id: str, payload: bytes, reply: Reply,
                  topic_sale_id: str | None = None) -> None:
         limit = self.config.mqtt.max_payload
+        # Every refusal goes to the topic's register when the request names none it can read
+        refuse = functools.partial(self._reject, to_sale_id=topic_sale_id)
         try:
             document = load_json(payload, max_size=limit)
         except NotStrictJson as exc:
             # Python's own reader takes NaN and the like: enough to answer on the register's
             # topic, not to send (a terminal, like any strict reader, would choke on it).
-            self._reject(_lenient_json(payload), poi_id, f"request is unusable: {exc}",
-                         to_sale_id=topic_sale_id)
+            refuse(_lenient_json(payload), poi_id, f"request is unusable: {exc}")
             return
         except MessageError as exc:
-            self._reject(None, poi_id, f"request is unusable: {exc}", to_sale_id=topic_sale_id)
+            refuse(None, poi_id, f"request is unusable: {exc}")
             return
         said = _header_dict(document).get("SaleID")
         if topic_sale_id is not None and isinstance(said, str) and said != topic_sale_id:
@@ -268,43 +270,36 @@ class RequestIntake:
             # to that register, not to the one the header names (it may be forged). Past
             # this point a SaleID that can be read is the topic's; one that cannot (missing,
             # a number) is refused by the header checks, answered to the topic's register.
-            self._reject(document, poi_id, f"MessageHeader.SaleID {_id_text(said)!r} is not "
-                                           f"the topic's SaleID {topic_sale_id!r}: a register "
-                                           "publishes only its own requests", "NotAllowed",
-                         to_sale_id=topic_sale_id)
+            refuse(document, poi_id, f"MessageHeader.SaleID {_id_text(said)!r} is not the "
+                                     f"topic's SaleID {topic_sale_id!r}: a register publishes "
+                                     "only its own requests", "NotAllowed")
             return
         try:
             request = parse_message(document)
         except MessageError as exc:
             if not self._known_repeat(document):
-                self._reject(document, poi_id, f"not a valid SaleToPOIRequest: {exc}",
-                             to_sale_id=topic_sale_id)
+                refuse(document, poi_id, f"not a valid SaleToPOIRequest: {exc}")
             return
         if not isinstance(request, SaleToPOIRequest):
-            self._reject(document, poi_id, "registers publish SaleToPOIRequest documents here",
-                         to_sale_id=topic_sale_id)
+            refuse(document, poi_id, "registers publish SaleToPOIRequest documents here")
             return
         if request.nexo_blob is not None or request.security_trailer is not None:
-            self._reject(document, poi_id, "send the request in clear: the bridge encrypts "
-                                           "towards the terminal itself",
-                         to_sale_id=topic_sale_id)
+            refuse(document, poi_id, "send the request in clear: the bridge encrypts "
+                                     "towards the terminal itself")
             return
         problems = check_request_header(request)
         if problems:
             if not self._known_repeat(document):
-                self._reject(document, poi_id, "invalid header: " + "; ".join(problems),
-                             to_sale_id=topic_sale_id)
+                refuse(document, poi_id, "invalid header: " + "; ".join(problems))
             return
         header = request.message_header
         assert header is not None and header.sale_id and header.service_id
         if not topic_safe(header.sale_id):
-            self._reject(document, poi_id, "SaleID must not contain / + # or control characters",
-                         to_sale_id=topic_sale_id)
+            refuse(document, poi_id, "SaleID must not contain / + # or control characters")
             return
         if header.poi_id != poi_id:
-            self._reject(document, poi_id, f"MessageHeader.POIID {header.poi_id} does not match "
-                                           f"the topic's terminal {poi_id}",
-                         to_sale_id=topic_sale_id)
+            refuse(document, poi_id, f"MessageHeader.POIID {header.poi_id} does not match "
+                                     f"the topic's terminal {poi_id}")
             return
         # What the journal knows comes first: a repeat of a known request is answered with
         # its result (approved, perhaps) even when the request is now too old to start, or
@@ -314,8 +309,7 @@ class RequestIntake:
         reuse = check_reuse(existing, digest, self._clock(), document)
         if reuse is Reuse.CONFLICT:
             assert existing is not None
-            self._reject(document, poi_id, _conflict_error(existing, document), "NotAllowed",
-                         to_sale_id=topic_sale_id)
+            refuse(document, poi_id, _conflict_error(existing, document), "NotAllowed")
             return
         if reuse in (Reuse.REPEAT, Reuse.RETRY):
             assert existing is not None
@@ -324,7 +318,7 @@ class RequestIntake:
             return
         _, problem = _payment_time_stamp(request)
         if problem is not None:
-            self._reject(document, poi_id, problem, to_sale_id=topic_sale_id)
+            refuse(document, poi_id, problem)
             return
         refusal = self._refusal(request, poi_id)
         if refusal is not None:
