@@ -241,3 +241,23 @@ def test_a_large_refused_request_still_tells_a_retry_from_a_different_request():
     assert check_reuse(txn, request_digest(other), 1010.0, other) is Reuse.CONFLICT
     same = large()
     assert check_reuse(txn, request_digest(same), 1010.0, same) is Reuse.REPEAT
+
+
+def test_a_large_refused_request_rebuilt_with_whole_numbers_written_otherwise_is_a_retry():
+    """The full comparison takes 12 and 12.0 as equal; the digest kept for a large refused
+    request must too, or the register's retry of it is refused as a different request."""
+    document = payment(amount=12.0)
+    document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleToAcquirerData"] = \
+        "x" * REFUSED_REQUEST_KEPT
+    txn = recorded(document)
+    trim_refused(txn)
+    rebuilt = copy.deepcopy(document)
+    body = rebuilt["SaleToPOIRequest"]["PaymentRequest"]
+    body["PaymentTransaction"]["AmountsReq"]["RequestedAmount"] = 12
+    body["SaleData"]["SaleTransactionID"]["TimeStamp"] = "2026-11-30T10:02:00.000Z"
+    assert first_difference(document, rebuilt) is None
+    assert check_reuse(txn, request_digest(rebuilt), 1010.0, rebuilt) is Reuse.RETRY
+    other = copy.deepcopy(rebuilt)
+    other["SaleToPOIRequest"]["PaymentRequest"]["PaymentTransaction"]["AmountsReq"][
+        "RequestedAmount"] = 12.5
+    assert check_reuse(txn, request_digest(other), 1010.0, other) is Reuse.CONFLICT

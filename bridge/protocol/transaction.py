@@ -136,12 +136,26 @@ def trim_refused(txn: Transaction) -> None:
 
 
 def retry_digest(document: dict[str, Any]) -> str:
-    """request_digest() of the request without each body's SaleTransactionID.TimeStamp."""
+    """request_digest() of the request without each body's SaleTransactionID.TimeStamp, its
+    numbers compared as first_difference() does: a register rebuilding 12.0 as 12 retries."""
     inner = document.get("SaleToPOIRequest")
     if not isinstance(inner, dict):
-        return request_digest(document)
-    return request_digest({"SaleToPOIRequest": {
-        name: _without_time_stamp(body) for name, body in inner.items()}})
+        return request_digest(_numbers_by_value(document))
+    return request_digest(_numbers_by_value({"SaleToPOIRequest": {
+        name: _without_time_stamp(body) for name, body in inner.items()}}))
+
+
+def _numbers_by_value(value: Any) -> Any:
+    """`value` with every whole float as an int (12.0 as 12), so equal numbers print alike.
+    A document without such floats comes back printing as before: digests already journaled
+    stay valid."""
+    if isinstance(value, dict):
+        return {key: _numbers_by_value(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_numbers_by_value(item) for item in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _without_time_stamp(body: Any) -> Any:
