@@ -270,6 +270,13 @@ class TlsConfig(_Strict):
     key_file: Path | None = None
     check_hostname: Bool = True
 
+    @field_validator("ca_file", "cert_file", "key_file")
+    @classmethod
+    def _relative_is_a_credential(cls, value: Path | None) -> Path | None:
+        # As for password_file: a relative path is a credential's name (the client key is a
+        # secret), never a path from wherever the daemon or a command happens to run.
+        return None if value is None else credential_path(value)
+
     def unreadable(self) -> list[str]:
         """The TLS files this process cannot read, each with why. Not a validation error:
         whoever loads the configuration (a technician's command, another user) may not be

@@ -74,3 +74,21 @@ def test_the_technician_commands_read_the_configured_password_as_the_daemon(tmp_
                                       "password_file": "secret_mqtt-password"})
     client = RegisterClient.for_bridge(mqtt, "TILL1")
     assert client._login["password"] == "pw"
+
+
+def test_relative_tls_files_are_credentials_too(tmp_path, monkeypatch):
+    """As a relative password_file: a relative TLS file (the client key is a secret) was read
+    from the daemon's working directory, / under systemd."""
+    from pathlib import Path
+
+    from bridge.config import MqttConfig
+
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    monkeypatch.chdir("/")
+    tls = MqttConfig.model_validate({"tls": {
+        "ca_file": "secret_ca.pem", "cert_file": "secret_client.pem",
+        "key_file": "secret_client.key"}}).tls
+    assert (tls.ca_file, tls.cert_file, tls.key_file) == (
+        tmp_path / "secret_ca.pem", tmp_path / "secret_client.pem", tmp_path / "secret_client.key")
+    absolute = MqttConfig.model_validate({"tls": {"ca_file": "/etc/ssl/ca.pem"}}).tls
+    assert absolute.ca_file == Path("/etc/ssl/ca.pem")

@@ -122,9 +122,9 @@ def bridge_mqtt(login: dict[str, str]) -> dict[str, Any]:
     return {"username": login["username"], "tls": tls}
 
 
-async def cli(*args: str | Path) -> subprocess.CompletedProcess:
+async def cli(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "bridge", *args],
-                                   capture_output=True, env=python_env(), cwd=ROOT, timeout=60)
+                                   capture_output=True, env=python_env(), cwd=cwd, timeout=60)
 
 
 async def test_status_resync_and_register_log_in_as_the_configuration_says(tmp_path):
@@ -154,6 +154,14 @@ async def test_status_resync_and_register_log_in_as_the_configuration_says(tmp_p
                                "--password-file", login["password_file"],
                                "--ca-file", login["ca_file"], "--cert-file", login["cert_file"],
                                "--key-file", login["key_file"], "terminals")
+            assert listed.returncode == 0, listed.stderr
+            # Files named relative to where the technician stands are read from there; they
+            # were looked up as systemd credentials, as a relative path in the configuration.
+            listed = await cli("register", "--broker", f"{broker.host}:{broker.port}",
+                               "--base-topic", BASE, "--username", "poi-bridge",
+                               "--password-file", "mqtt-password", "--ca-file", "pki/ca.pem",
+                               "--cert-file", "pki/client.pem", "--key-file", "pki/client.key",
+                               "terminals", cwd=tmp_path)
             assert listed.returncode == 0, listed.stderr
     finally:
         broker.kill()
