@@ -99,13 +99,14 @@ _DIGITS = re.compile(r"(?a)(?P<run>\d[\d .+%/_\t\n,-]{10,}(?<!%)\d)"
 _GROUPS = re.compile(r"(%20|, |[^0-9])")
 _SEPARATORS = frozenset(" .+-/_\t\n") | {"%20", ", "}
 # Separators that join only the groups a card number is written in (4111/1111/1111/1111, the
-# last group 1-4 digits, or Amex 3782/822463/10005): a path, a date or a list of numbers is no
+# last group 1-4 digits, Amex 3782/822463/10005, Diners 3056/930902/5904): a path, a date or a list of numbers is no
 # card number. A dot joins card-like groups (3-6 digits) only, so that a decimal is none.
 _CARD_GROUPS_ONLY = frozenset("/_\t\n") | {", "}
 # A masked card number: digits and mask characters, not glued to letters or digits, maybe in
 # groups joined by spaces or dashes (4111 11** **** 1111), with the groups around it. _masked()
 # finds the masks in it and decides whether they show too much.
-_MASKED = re.compile(r"(?P<head>[^0-9A-Za-z*#])(?P<pan>(?:[0-9]+[ -])*[0-9]*[*#Xx][0-9*#Xx]*"
+_MASKED = re.compile(r"(?P<head>[^0-9A-Za-z*#])(?!0[xX][0-9A-Fa-f])"  # (0x...: hex, no mask)
+                     r"(?P<pan>(?:[0-9]+[ -])*[0-9]*[*#Xx][0-9*#Xx]*"
                      r"(?:[ -][0-9*#Xx]+)*)(?![0-9A-Za-z*#])")
 _MASK_GROUPS = re.compile(r"([ -])")
 _MASK_SEPARATORS = frozenset(" -")  # they join card groups only
@@ -155,9 +156,11 @@ def _no_issuer(number: str) -> bool:
 
 def _card_groups(groups: list[str]) -> bool:
     """Whether the groups are those a card number is written in: 4111 1111 1111 1111 (the last
-    group 1-4 digits, so 13-19 digits in all) or Amex 3782 822463 10005."""
+    group 1-4 digits, so 13-19 digits in all), Amex 3782 822463 10005 or Diners 3056 930902
+    5904."""
     lengths = [len(g) for g in groups]
-    return lengths == [4, 6, 5] or 1 <= lengths[-1] <= 4 and all(n == 4 for n in lengths[:-1])
+    return lengths in ([4, 6, 5], [4, 6, 4]) or 1 <= lengths[-1] <= 4 and all(
+        n == 4 for n in lengths[:-1])
 
 
 def _candidates(groups: list[str], seps: list[str], i: int, hi: int,

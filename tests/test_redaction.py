@@ -139,6 +139,7 @@ LEAKY_SHAPES = [
     ("card\n5413\n3300\n8960\n0010\n", ["5413\n3300", "8960\n0010"]),
     ("digits [5413, 3300, 8960, 0010]", ["5413, 3300", "8960, 0010"]),
     ("amex 3782/822463/10005 and 3782_822463_10005", ["822463"]),
+    ("diners 3056/930902/5904, 3056_930902_5904\n3056\t930902\t5904", ["930902"]),
     # key material without a field name
     ("derived 8f14e45fceea167a5a36dedd4bea2543a6b1c1d2e3f4a5b6c7d8e9f0a1b2c3d4", ["8f14e45fceea"]),
     ("blob fMtXTcQCbAi3gAwtOANt4tQEz2UUrorGVnDuCeYXTJUoF+NyNCmj+bwILU9io34q==", ["fMtXTcQC"]),
@@ -203,6 +204,8 @@ ORDINARY = [
     # one digit throughout, or zeros for an issuer's number: a counter, not a card (nor a mask)
     "checksum 0000000000000000, 0000 0000 0000 0000, counter 0000001234567897",
     "ledger 0000000000001x",
+    # hexadecimal, however long: no mask
+    "address 0x0000000000001234, flags 0X00000000DEADBEEF",
     "",
 ]
 
