@@ -465,6 +465,41 @@ async def test_plug_unplug_replug(pipe_monitor) -> None:
     await hotplug.stop()
 
 
+async def test_terminals_followed_to_each_others_ports_are_matched_again_quietly(
+        pipe_monitor) -> None:
+    """The daemon swapped two terminals' links (their cables were swapped): each present
+    device now belongs to the other terminal, without a plug or unplug (no device moved),
+    and the next unplug is reported for the terminal now on that port."""
+    def at(serial: str) -> dict[str, Any]:
+        return {"poi_id": f"Desk3500-{serial}",
+                "link": {"kind": "serial", "device": f"/dev/poi/ingenico-{serial}"}}
+
+    configured = parse_config({"terminals": [at("11111111"), at("22222222")]}).terminals
+    recorder = Recorder()
+    present = [ingenico_tty(action="", serial="11111111", kernel="ttyACM0", port="1-2"),
+               ingenico_tty(action="", serial="22222222", kernel="ttyACM1", port="1-3")]
+    hotplug = HotplugMonitor(TerminalMatcher(configured), recorder.plug, recorder.unplug,
+                             monitor=pipe_monitor, enumerate_devices=lambda: list(present),
+                             settle=0.01)
+    await hotplug.start()
+    assert {p: d.devname for p, d in hotplug.present().items()} == {
+        "Desk3500-11111111": "/dev/ttyACM0", "Desk3500-22222222": "/dev/ttyACM1"}
+    first, second = configured
+    swapped = [first.model_copy(update={"link": second.link}),
+               second.model_copy(update={"link": first.link})]
+    calls = list(recorder.calls)
+    hotplug.rematch(TerminalMatcher(swapped))
+    assert {p: d.devname for p, d in hotplug.present().items()} == {
+        "Desk3500-11111111": "/dev/ttyACM1", "Desk3500-22222222": "/dev/ttyACM0"}
+    assert recorder.calls == calls
+    pipe_monitor.push(as_pyudev(ingenico_tty("remove", serial="11111111", kernel="ttyACM0",
+                                             port="1-2")))
+    await asyncio.sleep(0.05)
+    await hotplug.wait_idle()
+    assert recorder.calls[len(calls):] == [("unplug", "Desk3500-22222222", "/dev/ttyACM0")]
+    await hotplug.stop()
+
+
 async def test_remove_of_unknown_device_is_ignored(pipe_monitor, caplog) -> None:
     recorder = Recorder()
     hotplug = make(pipe_monitor, recorder)

@@ -875,3 +875,23 @@ def test_a_restart_does_not_count_a_poll_before_the_link_could_open():
     away.do(away.session.restore([open_txn], away.now))
     away.advance(SETTINGS.status_timeout)  # the terminal never came back
     assert away.session.open[open_txn.key].unanswered_polls == 1
+
+
+def test_another_sessions_identity_check_answered_on_this_link_is_nothing_of_ours():
+    """Terminals followed to each other's links: the device now on this link answers the
+    identity check the other terminal's session sent it before the move. Not ours, and no
+    warning for a technician: the check of our own still decides."""
+    from bridge.protocol import builders
+
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))
+    h.submit("POS1", "S1")
+    foreign = responses.simple_response(builders.diagnosis_request(
+        sale_id="poi-bridge", service_id="OTHERS0001", poi_id="V400m-other"))
+    foreign["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+    h.session.terminal_named(POI)
+    taken = h.answer(foreign)
+    assert h.sends(taken) == [] and h.delivers(taken) == []
+    assert [a.level for a in taken if isinstance(a, Log)] == ["debug"]
+    sent = h.name()  # our own check's answer lets the payment go
+    assert [s.purpose for s in h.sends(sent)] == ["request"]

@@ -19,7 +19,8 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import Config, SecretError, TerminalConfig, read_configured_secret
-from bridge.daemon.device_match import DeviceInfo, TerminalMatcher
+from bridge.daemon.device_match import DeviceInfo, TerminalMatcher, describe_link
+from bridge.daemon.follow import partner_to_follow
 from bridge.daemon.hotplug import HotplugMonitor, udev_announces
 from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal
@@ -72,7 +73,7 @@ class Bridge:
         self.clock = SteadyClock(wall)
         self.workers: dict[str, TerminalWorker] = {
             t.poi_id: TerminalWorker(t, self.journal, self.gateway, key=load_key(t),
-                                     clock=self.clock)
+                                     clock=self.clock, on_wrong_device=self._wrong_device)
             for t in config.terminals
         }
         self.intake = RequestIntake(config, self.journal, self.gateway, self.workers,
@@ -88,6 +89,34 @@ class Bridge:
             hotplug = HotplugMonitor(matcher, self._plugged, self._unplugged) \
                 if matcher.hotplug_terminals else None
         self.hotplug: HotplugMonitor | None = hotplug or None
+
+    def _wrong_device(self, poi_id: str, said: str) -> bool:
+        """The device on `poi_id`'s link says it is `said`: follow both terminals to their
+        devices if `said`'s own link cannot hold it (see bridge.daemon.follow). True when
+        followed."""
+        if self._stopping:
+            return False
+        worker = self.workers[poi_id]
+        partner, why_not = partner_to_follow(self.workers, poi_id, said)
+        if partner is None:
+            log.info("terminal %s: the device on its link says it is %s; not followed: %s",
+                     poi_id, said, why_not)
+            return False
+        here, there = describe_link(worker.config), describe_link(partner.config)
+        here_link, there_link = worker.config.link, partner.config.link
+        worker.relink(there_link)
+        partner.relink(here_link)
+        if self.hotplug is not None:
+            self.hotplug.rematch(TerminalMatcher([w.config for w in self.workers.values()]))
+            for moved in (worker, partner):
+                device = getattr(moved.config.link, "device", None)
+                if device is None or udev_announces(device):  # (else udev never says)
+                    moved.device_present(self.hotplug.is_present(moved.poi_id))
+        log.warning("terminal %s is on %s, the link configured for %s: following them, %s now "
+                    "uses %s and %s uses %s, until the daemon restarts. Put the cables back, or "
+                    "swap the two terminals' [terminals.link] in the configuration", said, here,
+                    poi_id, said, here, poi_id, there)
+        return True
 
     def _plugged(self, poi_id: str, device: DeviceInfo) -> None:
         log.info("terminal %s plugged in: %s", poi_id, device.describe())

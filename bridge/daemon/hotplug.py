@@ -268,6 +268,20 @@ class HotplugMonitor:
         if self._queue is not None:
             await self._queue.join()
 
+    def rematch(self, matcher: TerminalMatcher) -> None:
+        """The terminals' links changed (the daemon followed terminals found on each other's
+        links): every known device is matched again, without plug or unplug events, since no
+        device came or went."""
+        self.matcher = matcher
+        self._terminal_devices.clear()
+        self._current.clear()
+        for devpath, known in list(self._devices.items()):
+            match = matcher.match(known.info)
+            self._devices[devpath] = _Known(known.info, match.poi_id)
+            if match.poi_id is not None:
+                self._terminal_devices.setdefault(match.poi_id, {})[devpath] = known.info
+                self._current.setdefault(match.poi_id, known.info)
+
     def resync(self) -> None:
         """Re-enumerate and reconcile, e.g. after events were lost.  Runs on the next settle."""
         self._resync_wanted = True

@@ -125,8 +125,12 @@ class TerminalWorker:
         transport_factory: Callable[[Any], Transport] = open_transport,
         clock: Callable[[], float] | None = None,
         backoff: Backoff | None = None,
+        on_wrong_device: Callable[[str, str], bool] | None = None,
     ) -> None:
+        """`on_wrong_device(poi_id, said)`: the device on this terminal's link says it is
+        `said`; True when the daemon follows the terminals to their links (relink())."""
         self.config = config
+        self.on_wrong_device = on_wrong_device
         self.poi_id = config.poi_id
         self.journal = journal
         self.outlet = outlet
@@ -150,6 +154,7 @@ class TerminalWorker:
         self._enabled_event = asyncio.Event()  # hotplug: clear while the device is unplugged
         self._enabled_event.set()
         self._disabled_event = asyncio.Event()
+        self._relinked = asyncio.Event()  # the link to open changed: drop the one open now
         self._tasks: list[asyncio.Task[None]] = []
         self.counters = {"frames_in": 0, "frames_out": 0, "framing_errors": 0, "reconnects": 0}
         self.identity = "unknown"  # confirmed | mismatch: <what it said> | unknown
@@ -215,6 +220,16 @@ class TerminalWorker:
         else:
             self._enabled_event.clear()
             self._disabled_event.set()
+
+    def relink(self, link: Any) -> None:
+        """Open `link` from now on instead of the configured one: this terminal was found
+        there (its cable moved to another terminal's port). The link open now is dropped;
+        open transactions are asked about on the new one, never sent again."""
+        self.config = self.config.model_copy(update={"link": link})
+        self._backoff.reset()
+        self._relinked.set()
+        # Where the terminal was just heard, a device is present; hotplug says otherwise if not.
+        self.device_present(True)
 
     # --- actions ------------------------------------------------------------------------------
 
@@ -314,6 +329,7 @@ class TerminalWorker:
     async def _link_loop(self) -> None:
         while not self._stopping:
             await self._enabled_event.wait()
+            self._relinked.clear()
             try:
                 transport = self._transport_factory(self.config.link)
             except TransportUnavailable as exc:
@@ -368,13 +384,15 @@ class TerminalWorker:
             self._link_reason = reason
             self._publish_state()
         if not self._stopping:
-            await asyncio.sleep(self._backoff.next_delay())
+            with contextlib.suppress(TimeoutError):  # a relink opens its link at once
+                await asyncio.wait_for(self._relinked.wait(), self._backoff.next_delay())
 
     async def _run_link(self, transport: Transport) -> str:
         reader = asyncio.create_task(self._read_loop(transport))
         writer = asyncio.create_task(self._write_loop(transport))
         unplugged = asyncio.create_task(self._disabled_event.wait())
-        tasks = {reader, writer, unplugged}
+        relinked = asyncio.create_task(self._relinked.wait())
+        tasks = {reader, writer, unplugged, relinked}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -390,6 +408,8 @@ class TerminalWorker:
             if exc is not None:
                 log.exception("terminal %s: link task failed", self.poi_id, exc_info=exc)
                 return f"internal error: {exc!r}"
+        if relinked in done:
+            return "its link changed (terminals found on each other's links)"
         return "device unplugged"
 
     async def _read_loop(self, transport: Transport) -> None:
@@ -530,12 +550,15 @@ class TerminalWorker:
                 self.identity = "confirmed"
                 self._publish_state()
         elif self.identity != f"mismatch: {said}":
+            self.identity = f"mismatch: {said}"
+            if self.on_wrong_device is not None and self.on_wrong_device(self.poi_id, said):
+                self._publish_state()
+                return  # followed: the daemon has said so
             log.error("terminal %s: the device at %s says it is %s: nothing is sent to it "
                       "(requests for %s are refused, status polls wait) until this is fixed; "
                       "check which terminal is plugged into which port, or the configuration, "
                       "then replug", self.poi_id,
                       self._transport.describe() if self._transport else "?", said, self.poi_id)
-            self.identity = f"mismatch: {said}"
             self._publish_state()
 
     # --- timers -------------------------------------------------------------------------------

@@ -257,6 +257,11 @@ class TerminalSession:
         service_id = header.service_id if header else None
         if sale_id == BRIDGE_SALE_ID and service_id in self._naming_ids:
             return self._naming_answered(service_id, now)
+        if sale_id == BRIDGE_SALE_ID and message.category == "Diagnosis":
+            # Another session's identity check, answered on this link (terminals followed
+            # to each other's links), or an earlier run's: nothing of ours.
+            return [Log("debug", f"terminal {self.poi_id}: an identity check's answer not "
+                                 f"ours ({service_id})")]
         check_ended = self._naming is not None and self.named
         if check_ended:
             # Another message said who the device is first (an event rejecting the check,

@@ -1,0 +1,219 @@
+"""Terminals found on each other's links (swapped cables) are followed there, and each
+terminal's payments, new or open, reach its own device only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from bridge.config import parse_config
+from bridge.daemon.app import Bridge
+from bridge.daemon.follow import partner_to_follow
+from bridge.protocol.transaction import TxState
+from bridge.register_client import RegisterClient
+from bridge.simulator.server import SimulatorServer
+from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
+
+
+async def wait_until(condition: Any, timeout: float) -> bool:
+    """Until `condition()` holds (True) or `timeout` s have passed (False), letting the
+    daemon run meanwhile."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+A, B = "V400m-111", "V400m-222"
+BASE = "poi/follow"
+
+
+# --- the decision -------------------------------------------------------------------------
+
+@dataclass
+class Holder:
+    poi_id: str
+    identity: str
+    online: bool
+    kind: str = "serial"
+
+    @property
+    def config(self) -> Any:
+        return SimpleNamespace(link=SimpleNamespace(kind=self.kind))
+
+
+def decide(partner: Holder | None) -> tuple[str | None, str]:
+    workers = {A: Holder(A, f"mismatch: {B}", True)}
+    if partner is not None:
+        workers[B] = partner
+    found, why_not = partner_to_follow(workers, A, B)
+    return (found.poi_id if found is not None else None), why_not
+
+
+def test_a_partner_whose_link_holds_another_device_or_none_is_followed():
+    assert decide(Holder(B, f"mismatch: {A}", True)) == (B, "")  # the cables swapped
+    assert decide(Holder(B, "mismatch: V400m-999", True)) == (B, "")  # a third on its link
+    assert decide(Holder(B, "unknown", False)) == (B, "")  # nothing on its link
+
+
+@pytest.mark.parametrize("partner,why", [
+    (None, "not a terminal in the configuration"),
+    (Holder(B, "confirmed", True), "two devices say they are"),
+    (Holder(B, "unknown", True), "has not said yet"),
+    (Holder(B, "unknown", False, kind="tcp"), "on a tcp link, and this is a serial link"),
+])
+def test_a_partner_that_may_be_on_its_own_link_is_not_followed(partner, why):
+    found, why_not = decide(partner)
+    assert found is None and why in why_not, why_not
+
+
+# --- the daemon ---------------------------------------------------------------------------
+
+def simulator(poi_id: str, behaviour: Behaviour | None = None) -> SimulatorServer:
+    return SimulatorServer(Scenario(poi_id=poi_id, default=behaviour or Behaviour(delay=0.05),
+                                    link=LinkBehaviour(status_hold=0.05)), "stx-etx-lrc")
+
+
+@contextlib.asynccontextmanager
+async def bridge_on(tmp_path: Path, broker: Any, links: dict[str, str],
+                    **terminal: Any) -> AsyncIterator[Bridge]:
+    bridge = Bridge(parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"),
+        "mqtt": {"host": broker.host, "port": broker.port, "base_topic": BASE,
+                 "client_id": "bridge-follow-test"},
+        "terminals": [{"poi_id": poi_id, **terminal, "link": {"kind": "serial", "device": device}}
+                      for poi_id, device in links.items()],
+    }), hotplug=False)
+    await bridge.start()
+    try:
+        yield bridge
+    finally:
+        await bridge.stop()
+
+
+def linked_to(bridge: Bridge, poi_id: str) -> str:
+    return bridge.workers[poi_id].config.link.device
+
+
+async def test_swapped_cables_are_followed_and_each_terminal_gets_its_own_payments(
+        tmp_path, mosquitto, caplog):
+    """A's cable is in B's port and B's in A's: both links hold the other terminal. The
+    daemon swaps the two links instead of refusing both terminals until the cables are put
+    back, and says so; each payment reaches its own terminal."""
+    sim_a, sim_b = simulator(A), simulator(B)
+    port_a = await sim_a.start_pty(tmp_path / "port-a")
+    port_b = await sim_b.start_pty(tmp_path / "port-b")
+    try:
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            async with bridge_on(tmp_path, mosquitto, {A: port_b, B: port_a}) as bridge:
+                assert await wait_until(lambda: all(
+                    w.identity == "confirmed" for w in bridge.workers.values()), timeout=15)
+                assert (linked_to(bridge, A), linked_to(bridge, B)) == (port_a, port_b)
+                assert bridge.workers[A].state()["link"].startswith(port_a)
+                async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                          base_topic=BASE, persistent=False) as till:
+                    for poi_id, amount in ((A, 10.0), (B, 20.0), (A, 30.0)):
+                        answer = await till.pay(poi_id, amount, timeout=15)
+                        assert answer["bridge"]["outcome"] == "approved", answer
+        said = [m for m in caplog.messages if "following them" in m]
+        assert said, caplog.messages
+        assert "Put the cables back, or swap the two terminals' [terminals.link]" in said[0]
+        # Each terminal was charged its own payments only, once each.
+        assert sorted(e.request["SaleToPOIRequest"]["PaymentRequest"]["PaymentTransaction"][
+            "AmountsReq"]["RequestedAmount"] for e in sim_a.terminal.ledger.values()
+            if e.category == "Payment") == [10.0, 30.0]
+        assert [e.request["SaleToPOIRequest"]["PaymentRequest"]["PaymentTransaction"][
+            "AmountsReq"]["RequestedAmount"] for e in sim_b.terminal.ledger.values()
+            if e.category == "Payment"] == [20.0]
+    finally:
+        await sim_a.close()
+        await sim_b.close()
+
+
+async def test_a_terminal_moved_to_an_empty_port_is_followed_and_the_other_waits(
+        tmp_path, mosquitto):
+    """B's cable was moved into A's port, and B's own port is empty: B is followed to A's
+    port; A, whose device is nowhere, waits on B's old port (offline), as if unplugged."""
+    sim_b = simulator(B)
+    port_a = await sim_b.start_pty(tmp_path / "port-a")
+    empty = str(tmp_path / "port-b")  # nothing there
+    try:
+        async with bridge_on(tmp_path, mosquitto, {A: port_a, B: empty}) as bridge:
+            assert await wait_until(lambda: bridge.workers[B].identity == "confirmed",
+                                    timeout=15)
+            assert (linked_to(bridge, A), linked_to(bridge, B)) == (empty, port_a)
+            assert not bridge.workers[A].online
+            async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                      base_topic=BASE, persistent=False) as till:
+                assert (await till.pay(B, 5.0, timeout=15))["bridge"]["outcome"] == "approved"
+                refused = await till.pay(A, 6.0, timeout=15)
+                assert refused["bridge"]["outcome"] == "rejected"
+                assert "offline" in refused["bridge"]["error"]
+        assert len(sim_b.terminal.ledger) == 1
+    finally:
+        await sim_b.close()
+
+
+async def test_an_unknown_terminal_on_the_link_is_not_followed(tmp_path, mosquitto, caplog):
+    """A device that is none of the configured terminals: nothing moves, and the terminal
+    refuses requests as before (nothing is sent to that device)."""
+    stranger = simulator("P400Plus-999")
+    port = await stranger.start_pty(tmp_path / "port-a")
+    try:
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            async with bridge_on(tmp_path, mosquitto, {A: port}) as bridge:
+                assert await wait_until(
+                    lambda: bridge.workers[A].identity == "mismatch: P400Plus-999", timeout=15)
+                assert linked_to(bridge, A) == port
+        assert any("not followed: P400Plus-999 is not a terminal in the configuration" in m
+                   for m in caplog.messages), caplog.messages
+        assert any("says it is P400Plus-999: nothing is sent to it" in m
+                   for m in caplog.messages), caplog.messages
+    finally:
+        await stranger.close()
+
+
+async def test_a_payment_open_when_the_cables_were_swapped_is_asked_on_its_terminal(
+        tmp_path, mosquitto):
+    """A's payment is on its way when the daemon stops (its answer lost); the cables are
+    swapped before it starts again. The payment is asked about on A's device, on its new link, never sent
+    again, and B's device never sees it."""
+    sim_a = simulator(A, Behaviour(never_answer=True, delay=0.05))
+    sim_b = simulator(B)
+    port_a = await sim_a.start_pty(tmp_path / "port-a")
+    port_b = await sim_b.start_pty(tmp_path / "port-b")
+    try:
+        async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1", base_topic=BASE) \
+                as till:
+            async with bridge_on(tmp_path, mosquitto, {A: port_a, B: port_b},
+                                 payment_timeout=30) as bridge:
+                assert await wait_until(lambda: all(
+                    w.identity == "confirmed" for w in bridge.workers.values()), timeout=15)
+                paying = asyncio.create_task(till.pay(A, 42.0, service_id="OPEN1", timeout=30))
+                assert await wait_until(lambda: any(
+                    t.state is TxState.AWAITING_RESPONSE
+                    for t in bridge.journal.open_transactions(A)), timeout=10)
+            # The cables are swapped while the daemon is down.
+            async with bridge_on(tmp_path, mosquitto, {A: port_b, B: port_a},
+                                 payment_timeout=30) as bridge:
+                answer = await asyncio.wait_for(paying, 30)
+                assert linked_to(bridge, A) == port_a
+        assert (answer["bridge"]["outcome"], answer["bridge"]["source"]) == \
+            ("approved", "status-poll"), answer
+        assert [key for key, e in sim_a.terminal.ledger.items() if e.category == "Payment"] \
+            == [("TILL1", "OPEN1")]
+        assert not [e for e in sim_b.terminal.ledger.values() if e.category == "Payment"]
+        assert len(sim_a.terminal.receipts[("TILL1", "OPEN1")]) == 1
+    finally:
+        await sim_a.close()
+        await sim_b.close()
