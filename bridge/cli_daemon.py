@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import resource
 import sqlite3
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from bridge.config import (
@@ -21,7 +23,7 @@ from bridge.config import (
 )
 from bridge.daemon.journal import JournalError, unusable
 from bridge.deployment import deployment_problems
-from bridge.logging_setup import setup_logging
+from bridge.logging_setup import print_problem, setup_logging
 
 
 def add_parser(subparsers: Any) -> None:
@@ -35,13 +37,14 @@ def add_parser(subparsers: Any) -> None:
     check.set_defaults(handler=check_config)
 
 
-def _load_or_report(path: str) -> Config | None:
-    """The configuration, or None after printing every problem with its place."""
+def _load_or_report(path: str, report: Callable[[str], None] = functools.partial(
+        print, file=sys.stderr)) -> Config | None:
+    """The configuration, or None after reporting every problem with its place."""
     try:
         return load_config(path)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(f"{exc.path}: {problem}", file=sys.stderr)
+            report(f"{exc.path}: {problem}")
         return None
 
 
@@ -101,7 +104,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     # The journal holds what terminals answer (card data, receipts): whatever the daemon
     # creates is its user's alone, as the unit's UMask=0077 makes it, when run by hand too.
     os.umask(0o077)
-    config = _load_or_report(args.config)
+    config = _load_or_report(args.config, print_problem)
     if config is None:
         return 2
     setup_logging(config.log_level)
@@ -120,9 +123,15 @@ def run_daemon(args: argparse.Namespace) -> int:
     try:
         password = read_configured_secret(config.mqtt.password_file, "the MQTT password file")
     except SecretError as exc:
-        raise SystemExit(f"poi-bridge: {exc}") from None
+        log.critical("%s: the daemon cannot start without it", exc)
+        return 1
     try:
         asyncio.run(run_bridge(config, mqtt_password=password))
+    except SystemExit as exc:  # a reason to stop at start (a key's passphrase unreadable)
+        if not isinstance(exc.code, str):
+            raise
+        log.critical("%s", exc.code)  # logged, so that journald files it as an error
+        return 1
     except JournalError as exc:
         logging.getLogger("poi_bridge").critical("%s", exc)
         return JOURNAL_EXIT_STATUS

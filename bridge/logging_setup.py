@@ -30,6 +30,14 @@ class JournalFormatter(logging.Formatter):
         return prefix + super().format(record).replace("\n", "\n" + prefix)
 
 
+def print_problem(line: str) -> None:
+    """A line that stops the daemon before logging is set up (its configuration cannot be
+    read) to stderr, as an error to journald: plain, it was stored at the unit's default,
+    info, and `journalctl -u poi-bridge -p warning` did not show why the daemon stopped."""
+    prefix = "<3>" if "JOURNAL_STREAM" in os.environ else ""
+    print(prefix + line.replace("\n", "\n" + prefix), file=sys.stderr)
+
+
 def setup_logging(level: str = "info") -> None:
     under_journald = "JOURNAL_STREAM" in os.environ
     handler = logging.StreamHandler(sys.stderr)
