@@ -234,9 +234,17 @@ def _digits(match: re.Match[str]) -> str:
     return "".join(out)
 
 
+# A field's name ending a file's name (/etc/poi-bridge/credentials/mqtt-password: Permission
+# denied): a path, whose error text must reach the technician
+_PATH_BEFORE = re.compile(r"/[\w.-]*\Z")
+
+
 def _field(match: re.Match[str]) -> str:
     value = match.group("value")
     head = match.group("head")
+    at = match.start("head") + 1  # the name's first character
+    if _PATH_BEFORE.search(match.string, max(0, at - 256), at):
+        return match.group(0)
     if value[0] in "{[":  # an object or array becomes a string in the same quoting
         quote = '\\"' if '\\"' in head else "'" if "'" in head else '"'
     else:

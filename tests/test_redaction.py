@@ -204,6 +204,9 @@ ORDINARY = [
     # one digit throughout, or zeros for an issuer's number: a counter, not a card (nor a mask)
     "checksum 0000000000000000, 0000 0000 0000 0000, counter 0000001234567897",
     "ledger 0000000000001x",
+    # a file named like a field is a path: its error text is what the technician needs
+    "cannot read the MQTT password file /etc/poi-bridge/credentials/mqtt-password: Permission "
+    "denied; /run/credentials/poi-bridge.service/secret_pin: No such file or directory",
     # hexadecimal, however long: no mask
     "address 0x0000000000001234, flags 0X00000000DEADBEEF",
     "",
