@@ -124,6 +124,9 @@ class RegisterClient:
         self._on_malformed = on_malformed  # (topic, what is wrong) of each message skipped
         self._client: aiomqtt.Client | None = None
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        # ServiceIDs waited for whose request the bridge took (an `accepted` or `duplicate`
+        # event came): a conflict refusal under those IDs then answers another request
+        self._taken: set[str] = set()
         self._commands: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.responses: list[dict[str, Any]] = []
         self._reader: asyncio.Task[None] | None = None
@@ -191,7 +194,12 @@ class RegisterClient:
             elif topic.endswith("/event"):
                 if not isinstance(payload.get("event"), str):
                     self._malformed(topic, 'no "event" in it')
-                elif self._on_event is not None:
+                    continue
+                if payload["event"] in ("accepted", "duplicate"):
+                    service_id = _object(payload.get("transaction")).get("service_id")
+                    if isinstance(service_id, str) and service_id in self._waiting:
+                        self._taken.add(service_id)
+                if self._on_event is not None:
                     self._on_event(payload)
             elif topic.endswith("/response") and "/registers/" in topic:
                 self.responses.append(payload)
@@ -199,6 +207,11 @@ class RegisterClient:
                 service_id = _object(info.get("transaction")).get("service_id")
                 future = self._waiting.get(service_id) if isinstance(service_id, str) else None
                 final = info.get("outcome") != "unresolved"
+                # A refusal of a different request reusing these IDs (`conflict`) is never
+                # the transaction's result: it answers ours only if the bridge did not take
+                # ours (then ours was the different one)
+                if "conflict" in info and future is not None and service_id in self._taken:
+                    final = False
                 if future is not None and not future.done() and final:
                     future.set_result(payload)
             elif "/bridge/response/" in topic:
@@ -246,6 +259,7 @@ class RegisterClient:
             return await asyncio.wait_for(future, timeout)
         finally:
             self._waiting.pop(header["ServiceID"], None)
+            self._taken.discard(header["ServiceID"])
 
     def _check_connected(self) -> None:
         if self._lost is not None:

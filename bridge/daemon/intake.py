@@ -19,7 +19,13 @@ from typing import Any
 from bridge.config import Config
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway, Reply
-from bridge.daemon.registers import dumps, stored_result, summary, topic_safe
+from bridge.daemon.registers import (
+    dumps,
+    retained_state,
+    stored_result,
+    summary,
+    topic_safe,
+)
 from bridge.daemon.worker import TerminalWorker
 from bridge.protocol import builders, jsontext
 from bridge.protocol.messages import (
@@ -213,7 +219,8 @@ class RequestIntake:
     # --- register requests ----------------------------------------------------------------------
 
     def _reject(self, document: Any, poi_id: str, error: str, condition: str = "MessageFormat",
-                reply: Reply | None = None, to_sale_id: str | None = None) -> None:
+                reply: Reply | None = None, to_sale_id: str | None = None,
+                conflict: dict[str, Any] | None = None) -> None:
         self.rejected += 1
         header = _header_dict(document)
         sale_id = _readable_sale_id(document)
@@ -235,7 +242,7 @@ class RequestIntake:
                 echo["ServiceID"] = service_id
             response = builders.failure_response(echo, category, condition, error)
         result = Deliver(sale_id or "", service_id[:64], poi_id, category[:64],
-                         Outcome.REJECTED.value, "bridge", response, error)
+                         Outcome.REJECTED.value, "bridge", response, error, conflict)
         if sale_id is None:
             refusal: dict[str, Any] = {
                 "status": "error", "error": error, "poi_id": poi_id,
@@ -309,7 +316,9 @@ class RequestIntake:
         reuse = check_reuse(existing, digest, self._clock(), document)
         if reuse is Reuse.CONFLICT:
             assert existing is not None
-            refuse(document, poi_id, _conflict_error(existing, document), "NotAllowed")
+            refuse(document, poi_id, _conflict_error(existing, document), "NotAllowed",
+                   conflict={"state": retained_state(existing.state),
+                             "outcome": existing.outcome})
             return
         if reuse in (Reuse.REPEAT, Reuse.RETRY):
             assert existing is not None

@@ -129,7 +129,7 @@ def result_payload(result: Deliver, at: float | None = None) -> dict[str, Any]:
 
 
 def _bridge_part(result: Deliver, at: float | None) -> dict[str, Any]:
-    return {
+    part = {
         "outcome": result.outcome,
         "source": result.source,
         "transaction": transaction_ids(result.sale_id, result.service_id, result.poi_id,
@@ -137,6 +137,14 @@ def _bridge_part(result: Deliver, at: float | None) -> dict[str, Any]:
         "error": result.error,
         "at": _now_iso(at),
     }
+    if result.conflict is not None:
+        part["conflict"] = result.conflict
+    return part
+
+
+def retained_state(state: str) -> str:
+    """A journal state in the retained transactions/... document's words."""
+    return state if state in ("unresolved", "final") else "in_progress"
 
 
 def result_payload_bytes(result: Deliver, response_text: str, at: float | None = None) -> bytes:

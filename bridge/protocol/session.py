@@ -85,6 +85,10 @@ class Deliver:
     source: str  # terminal, status-poll, bridge
     response: dict[str, Any] | None
     error: str | None = None
+    # On the refusal of a different request reusing a transaction's SaleID and ServiceID:
+    # what stands under those IDs ({"state", "outcome"}). Published under the same IDs, the
+    # refusal must not read as that transaction's result.
+    conflict: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
