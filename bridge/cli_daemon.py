@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import resource
@@ -37,8 +36,11 @@ def add_parser(subparsers: Any) -> None:
     check.set_defaults(handler=check_config)
 
 
-def _load_or_report(path: str, report: Callable[[str], None] = functools.partial(
-        print, file=sys.stderr)) -> Config | None:
+def _print(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def _load_or_report(path: str, report: Callable[[str], None] = _print) -> Config | None:
     """The configuration, or None after reporting every problem with its place."""
     try:
         return load_config(path)
