@@ -165,6 +165,11 @@ def _host(value: str) -> str:
             "host_spaces", "host {given} is empty or has spaces in it: write the name or "
             "address alone, e.g. host = \"10.0.0.5\" (the port has its own key)",
             {"given": f'"{value}"'})
+    if "://" in value or value.count(":") == 1:  # (an IPv6 address has two or more)
+        raise PydanticCustomError(
+            "host_url", "host {given} is not a host name or address: write the name or "
+            "address alone, e.g. host = \"10.0.0.5\" (the port has its own key, TLS its own "
+            "[mqtt.tls] table)", {"given": f'"{value}"'})
     return value
 
 
@@ -256,6 +261,20 @@ class TerminalConfig(_Strict):
     key: KeyConfig | None = None
     allowed_sale_ids: list[str] | None = None
 
+    @field_validator("allowed_sale_ids")
+    @classmethod
+    def _sale_ids(cls, values: list[str] | None) -> list[str] | None:
+        # A register's answers go to registers/{SaleID}/...: a SaleID that cannot be one
+        # topic level is refused at every request, so allowing it allows nobody.
+        from bridge.daemon.registers import topic_safe
+
+        for value in values or ():
+            if not topic_safe(value):
+                raise ValueError(f"{value!r} cannot be a register's SaleID: it must be 1-128 "
+                                 "printable characters without '/', '+' or '#' (it names the "
+                                 "register's MQTT topics)")
+        return values
+
     @field_validator("poi_id")
     @classmethod
     def _poi_id(cls, value: str) -> str:
@@ -344,6 +363,14 @@ class MqttConfig(_Strict):
         if (not value or value.startswith("/") or value.endswith("/")
                 or any(c in value for c in "#+") or not value.isprintable()):
             raise ValueError("base_topic must be a plain topic prefix like 'poi/store-12'")
+        return value
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("username is empty: name the broker user the bridge logs in as, "
+                             "or remove the key to log in without one")
         return value
 
     @field_validator("client_id")
@@ -514,6 +541,8 @@ def _message(err: Any) -> str:
         return (f"kind = {err['ctx'].get('tag')!r} is not a link kind: use kind = {kinds}")
     if kind == "missing":
         return f"{loc[-1]} is required in {_header(table)}"
+    if kind == "value_error":  # our own text: pydantic's "Value error, " before it says nothing
+        return str(err["msg"]).removeprefix("Value error, ")
     return err["msg"]
 
 

@@ -366,6 +366,30 @@ def test_a_tcp_host_with_spaces_is_refused(host):
     assert found[0].startswith("mqtt.host: "), found
 
 
+@pytest.mark.parametrize("host", ["mqtt://localhost", "mqtts://broker.lan:8883",
+                                  "10.0.0.5:1883", "broker.lan:1883"])
+def test_a_host_written_as_a_url_or_with_its_port_is_refused(host):
+    """check-config said OK, and the daemon tried for ever: 'Name or service not known'."""
+    for found, place in ((problems({"mqtt": {"host": host}}), "mqtt.host"),
+                         (problems({"terminals": [terminal(kind="tcp", host=host, port=1)]}),
+                          "terminals[0].link.host")):
+        assert found == [f'{place}: host "{host}" is not a host name or address: write the '
+                         'name or address alone, e.g. host = "10.0.0.5" (the port has its own '
+                         'key, TLS its own [mqtt.tls] table)'], found
+    assert parse_config({"mqtt": {"host": "fe80::1"}}).mqtt.host == "fe80::1"  # IPv6
+
+
+def test_an_empty_username_or_a_sale_id_no_topic_can_hold_is_refused():
+    """Both passed check-config: the daemon logged in without a user name, and a register
+    named 'TILL/2' was allowed and could never be answered."""
+    assert problems({"mqtt": {"username": "", "password_file": "/x"}}) == [
+        "mqtt.username: username is empty: name the broker user the bridge logs in as, or "
+        "remove the key to log in without one"]
+    found = problems({"terminals": [{**terminal(), "allowed_sale_ids": ["TILL1", "TILL/2"]}]})
+    assert len(found) == 1 and found[0].startswith(
+        "terminals[0].allowed_sale_ids: 'TILL/2' cannot be a register's SaleID"), found
+
+
 @pytest.mark.parametrize(("journal", "fragment"), [
     ("/proc/journal.sqlite3", "not on a disk"),
     ("/sys/kernel/journal.sqlite3", "not on a disk"),
