@@ -36,8 +36,8 @@ from bridge.protocol.messages import (
     load_json,
     parse_message,
 )
-from bridge.protocol.outcome import Outcome
-from bridge.protocol.session import Deliver, Progress
+from bridge.protocol.outcome import MONEY_CATEGORIES, Outcome, classify
+from bridge.protocol.session import FINAL_MONEY_OUTCOMES, Deliver, Progress
 from bridge.protocol.transaction import (
     Reuse,
     Transaction,
@@ -333,7 +333,59 @@ class RequestIntake:
         if refusal is not None:
             self._refuse_recorded(request, document, digest, poi_id, *refusal)
             return
+        if request.transaction_status_request is not None \
+                and self._status_from_journal(request, document, digest, poi_id):
+            return
         self.workers[poi_id].submit(request, document, digest)
+
+    def _status_from_journal(self, request: SaleToPOIRequest, document: dict[str, Any],
+                             digest: str, poi_id: str) -> bool:
+        """A register's TransactionStatusRequest about a transaction the journal knows (its
+        own: checked before). One that ended with a money outcome is answered from the
+        journal, as the terminal would answer: a terminal restarted since, or another
+        terminal, says NotFound, which reads 'nothing was charged'. One still open on another
+        terminal is refused, naming it. False: the terminal is asked, as before."""
+        body = request.transaction_status_request
+        ref = body.message_reference if body is not None else None
+        if ref is None or not ref.sale_id or not ref.service_id:
+            return False
+        asked = self.journal.get(TxKey(ref.sale_id, ref.service_id))
+        if asked is None:
+            return False
+        if asked.state != TxState.FINAL:
+            if asked.poi_id == poi_id:
+                return False  # the terminal's answer may settle it (the session applies it)
+            self._refuse_recorded(
+                request, document, digest, poi_id,
+                f"transaction {asked.key} is open on terminal {asked.poi_id}, not on "
+                f"{poi_id}: send the status request to terminal {asked.poi_id}", "NotAllowed")
+            return True
+        named = ref.message_category
+        if asked.category not in MONEY_CATEGORIES or asked.outcome not in FINAL_MONEY_OUTCOMES \
+                or not isinstance(asked.response, dict) \
+                or not isinstance(asked.response.get("SaleToPOIResponse"), dict) \
+                or (named is not None and str(named) != asked.category):
+            return False
+        header = request.message_header
+        assert header is not None and header.sale_id and header.service_id
+        reference = ref.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        response = builders.status_response(header, reference, asked.response)
+        classification = classify(parse_message(response))
+        detail = (f"answered from the journal: {asked.key} ended {asked.outcome} on terminal "
+                  f"{asked.poi_id} ({classification.detail})")
+        now = self._clock()
+        txn = Transaction(
+            sale_id=header.sale_id, service_id=header.service_id, poi_id=poi_id,
+            category=str(header.message_category), request=document, digest=digest,
+            created_at=now, updated_at=now, state=TxState.FINAL,
+            outcome=classification.outcome.value, source="journal", response=response,
+            detail=detail, passthrough=True)
+        self.journal.save(txn)
+        self.gateway.progress(Progress(txn.sale_id, txn.service_id, poi_id, "completed",
+                                       f"{txn.outcome}: {detail}"))
+        self.gateway.deliver(Deliver(txn.sale_id, txn.service_id, poi_id, txn.category,
+                                     txn.outcome, "journal", response))
+        return True
 
     def _known_repeat(self, document: Any) -> bool:
         """Answer, as a repeat, a request that fails today's checks but that the journal holds

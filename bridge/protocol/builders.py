@@ -89,3 +89,28 @@ def failure_response(
             },
         }
     }
+
+
+def status_response(
+    request_header: MessageHeader, reference: dict[str, Any], original: dict[str, Any],
+) -> dict[str, Any]:
+    """A TransactionStatusResponse as a terminal answers one about a transaction it finished:
+    Result Success, the original response in RepeatedMessageResponse. The bridge answers so
+    from its journal, in the shape a register gets from the terminal."""
+    header_doc = request_header.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    header_doc["MessageType"] = "Response"
+    inner = original["SaleToPOIResponse"]
+    repeated: dict[str, Any] = {"RepeatedResponseMessageBody": {
+        key: body for key, body in inner.items() if key.endswith("Response")}}
+    if isinstance(inner.get("MessageHeader"), dict):
+        repeated["MessageHeader"] = inner["MessageHeader"]
+    return {
+        "SaleToPOIResponse": {
+            "MessageHeader": header_doc,
+            "TransactionStatusResponse": {
+                "Response": {"Result": "Success"},
+                "MessageReference": reference,
+                "RepeatedMessageResponse": repeated,
+            },
+        }
+    }
