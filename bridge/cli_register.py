@@ -318,6 +318,8 @@ def run(args: argparse.Namespace) -> int:
                 f"the connection to the broker was lost or failed "
                 f"({str(exc) or type(exc).__name__})")
             return _outcome_unknown(payment, why, args)
+        if isinstance(exc, BrokenPipeError):
+            raise  # standard output closed (`| head`): bridge.cli ends quietly
         print(f"poi-bridge register: {connection_problem(exc, mqtt)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

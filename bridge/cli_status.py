@@ -162,6 +162,8 @@ def run_resync(args: argparse.Namespace) -> int:
     except TimeoutError:  # (an OSError: before the connection errors)
         print("poi-bridge resync: the daemon did not answer (is it running?)", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise  # standard output closed (`| head`): bridge.cli ends quietly
     except (ConnectionSetupError, aiomqtt.MqttError, OSError) as exc:
         print(f"poi-bridge resync: {connection_problem(exc, config.mqtt)}", file=sys.stderr)
         return 2
