@@ -567,6 +567,10 @@ def test_resync_of_a_final_transaction_asks_again_and_falls_back_to_the_journal(
     (fallback,) = h.delivers(fallen_back)
     assert (fallback.outcome, fallback.source) == ("approved", "journal")
     assert fallback.response == final.response
+    # the result stands: no error beside an approval; the note is the event's
+    assert fallback.error is None
+    (event,) = [a for a in fallen_back if isinstance(a, Progress)]
+    assert event.event == "completed" and "did not answer the resync" in event.detail
     assert not h.session.open
     # Recorded final again, before it is published: the journal must not keep the row open
     # (polled again after every restart, counted in flight, never pruned).
@@ -587,8 +591,10 @@ def test_resync_answered_not_found_keeps_the_stored_approval():
     for forgotten in (responses.status_not_found, responses.status_in_progress):
         settled = h.answer(forgotten(h.last_poll()))
         (result,) = h.delivers(settled)
-        assert (result.outcome, result.source) == ("approved", "journal")
+        assert (result.outcome, result.source, result.error) == ("approved", "journal", None)
         assert result.response == final.response
+        (event,) = [a for a in settled if isinstance(a, Progress)]
+        assert event.event == "completed" and "stored result stands" in event.detail
         (record,) = [a.transaction for a in settled if isinstance(a, Record)]
         assert (record.state, record.outcome) == (TxState.FINAL, "approved")
         assert not h.session.open

@@ -632,8 +632,8 @@ class TerminalSession:
         txn.unanswered_polls += 1
         txn.deadline, txn.detail, txn.updated_at = None, reason, now
         if "reopened_from" in txn.extra and txn.unanswered_polls >= self.settings.resync_attempts:
-            return self._stored_result_stands(txn, f"terminal did not answer the resync "
-                                                   f"({reason}); stored result", now)
+            return self._stored_result_stands(txn, f"the terminal did not answer the resync "
+                                                   f"({reason})", now)
         if txn.state is TxState.POLLING and txn.unanswered_polls >= self.settings.resync_attempts \
                 and now < self._patience_end(txn):
             # Not before the payment's own time is up: polls cut off by a flapping cable
@@ -688,8 +688,7 @@ class TerminalSession:
             # replace the result the journal holds. A terminal that has forgotten it since
             # (NotFound, hours and many sales later) says nothing about what it charged.
             return self._stored_result_stands(
-                txn, f"the terminal's answer to the resync is no outcome ({cls.detail}); "
-                     "stored result", now)
+                txn, f"the terminal's answer to the resync is no outcome ({cls.detail})", now)
         if cls.outcome is Outcome.NOT_FOUND:
             response = builders.failure_response(
                 _header_of(txn), txn.category, "NotFound",
@@ -782,13 +781,20 @@ class TerminalSession:
     def _stored_result_stands(self, txn: Transaction, reason: str, now: float) -> list[Action]:
         """A resync that brought no outcome: the transaction is final again as the journal
         had it (recorded, so the journal no longer holds it open), and that result is
-        published again."""
+        published again as a repeat publishes it. Why the terminal's answer did not replace
+        it goes in the event: bridge.error beside a result that stands would read as a
+        failure."""
         stored = txn.extra.pop("reopened_from")
         self._close(txn, stored["outcome"], stored["source"], stored["response"],
                     stored["detail"], now)
+        outcome = stored["outcome"]
+        note = f"{reason}; the stored result stands"
         return [Record(txn.snapshot()),
-                Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
-                        stored["outcome"], "journal", stored["response"], reason)]
+                self._progress(txn, "completed", f"{outcome}: {note}"),
+                Log("info", f"terminal {self.poi_id}: resync of {txn.key}: {note} ({outcome})"),
+                Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category, outcome,
+                        "journal", stored["response"],
+                        stored["detail"] if outcome in ("error", "rejected") else None)]
 
     def _refuse(self, txn: Transaction, header: MessageHeader, condition: str, text: str,
                 now: float) -> list[Action]:
