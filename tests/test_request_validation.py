@@ -329,6 +329,10 @@ def test_a_request_on_a_registers_topic_must_carry_that_sale_id(tmp_path, level,
     assert answer.topic == answered_on, (answer.topic, body)
     error = body["bridge"]["error"] if "bridge" in body else body["error"]
     assert f"MessageHeader.SaleID 'POS1' is not the topic's SaleID '{level}'" in error
+    if "bridge" in body:
+        # the answer to the topic's register names it in the header too, as in `bridge`
+        assert body["SaleToPOIResponse"]["MessageHeader"]["SaleID"] == level
+        assert body["bridge"]["transaction"]["sale_id"] == level
 
 
 @pytest.mark.parametrize("header", [{"SaleID": 123}, {"SaleID": None}, None])

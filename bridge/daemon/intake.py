@@ -240,6 +240,10 @@ class RequestIntake:
             echo = {k: v for k, v in header.items() if isinstance(v, str) and len(v) <= 128}
             if service_id and "ServiceID" not in echo:
                 echo["ServiceID"] = service_id
+            if to_sale_id is not None:
+                # Answered to the topic's register: its header says so too, as the bridge
+                # part does (a register drops an answer whose SaleID is not its own)
+                echo["SaleID"] = sale_id
             response = builders.failure_response(echo, category, condition, error)
         result = Deliver(sale_id or "", service_id[:64], poi_id, category[:64],
                          Outcome.REJECTED.value, "bridge", response, error, conflict)
