@@ -11,10 +11,14 @@ or a restart. A journal that cannot be read stops the daemon: it is never recrea
 because it may hold the only record of a payment the shopper made. A journal that can no
 longer be written (disk full, I/O error) in the daemon's mode is reported to `on_failure`:
 the daemon's state in memory is then ahead of its record, so it stops (see run_bridge).
+One daemon holds the journal at a time (a lock on `<journal>.lock`, see _hold_lock); the
+technician's commands open it read-only beside it.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -120,6 +124,11 @@ def _read_only_mount(directory: Path) -> bool:
         return False
 
 
+def lock_path(path: Path) -> Path:
+    """The file a daemon holds locked while it has the journal open (see _hold_lock)."""
+    return path.with_name(path.name + ".lock")
+
+
 def _open_failure(path: Path, exc: BaseException, readonly: bool) -> str:
     """Why the journal file would not open, and what a technician does about it."""
     try:
@@ -136,6 +145,40 @@ def _open_failure(path: Path, exc: BaseException, readonly: bool) -> str:
             f"write it and its directory (ls -ld {path.parent}; df -h {path.parent}); under "
             "the shipped unit only /var/lib/poi-bridge is writable (ProtectSystem=strict, "
             "StateDirectory=): keep the journal there")
+
+
+def _hold_lock(path: Path) -> int:
+    """Lock the journal for this daemon alone, before anything in it is read: a second
+    daemon started by hand beside the service took up the open transactions the first one
+    owned, polled their terminals and fought it for the broker session. The lock (flock on
+    `<journal>.lock`, which holds the pid) lasts as long as the descriptor: close() or the
+    process's end, however it ends (a SIGKILLed daemon never blocks the next start)."""
+    lock = lock_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise JournalError(_open_failure(path, exc, readonly=False)) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise JournalError(_open_failure(path, exc, readonly=False)) from None
+        who = f"pid {holder}" if holder.isdigit() else f"see {lock}"
+        raise JournalError(
+            f"journal {path} is in use by another poi-bridge process ({who}): the bridge is "
+            "probably already running as the service (systemctl status poi-bridge). Stop that "
+            "one first (systemctl stop poi-bridge) if this one is to run instead; never run "
+            "two: both would take up the same open payments. Nothing in the journal was read "
+            "or changed") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # only the pid for a second daemon's message: the lock is what counts
+    return fd
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +216,15 @@ class Journal:
         # The last response saved, and its text: the result published in the same step
         # carries the same document (see response_text)
         self._response_text: tuple[dict[str, Any], str] | None = None
+        # The daemon's journal is its alone; the technician's commands read it beside it
+        self._lock = None if readonly else _hold_lock(self.path)
+        try:
+            self._open(readonly)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _open(self, readonly: bool) -> None:
         try:
             existed = self.path.exists() and self.path.stat().st_size > 0
         except OSError as exc:  # a directory it may not enter (StateDirectoryMode=0700)
@@ -317,6 +369,12 @@ class Journal:
             self._checkpoints = None
         self.commit()  # what the last pass wrote
         self._db.close()  # the last connection to close checkpoints what is left
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # (the lock goes with it; the file stays, for the next)
+            self._lock = None
 
     # --- commits ------------------------------------------------------------------------------
 
