@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import ipaddress
 import json
 import select
 import socket
@@ -19,10 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -33,10 +27,12 @@ from bridge.simulator.server import SimulatorServer
 from bridge.simulator.terminal import Behaviour, Scenario
 
 from .broker import Mosquitto
+from .example_broker import DropInMosquitto, broker_tls, make_pki
 from .rig import POI, ROOT, Subscriber, outcome_for
 
 EXAMPLE = ROOT / "examples" / "mosquitto" / "store-bridge.conf"
 CENTRAL_ACL = ROOT / "examples" / "mosquitto" / "central.acl"
+CENTRAL = ROOT / "examples" / "mosquitto" / "central.conf"
 STORE = "poi/store-12"
 LINK = f"{STORE}/bridge/link"
 
@@ -66,36 +62,6 @@ def store_bridge_config(host: str, port: int, store: str = "store-12", *,
             lines.append(f"address {host}:{port}")
     assert not settings, f"not in the example: {settings}"
     return "\n".join([*lines, "restart_timeout 1 2"]) + "\n"
-
-
-def make_pki(directory: Path, clients: list[str]) -> None:
-    """A CA, a certificate for a broker on 127.0.0.1, one client certificate per name (its
-    CN), as NAME.pem / NAME.key."""
-    directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "chain test CA")])
-
-    def issue(name: str, key: Any, issuer_key: Any, extension: Any) -> None:
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        cert = (x509.CertificateBuilder().subject_name(ca_name if name == "ca" else subject)
-                .issuer_name(ca_name).public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - dt.timedelta(minutes=5))
-                .not_valid_after(now + dt.timedelta(days=1))
-                .add_extension(extension, critical=name == "ca")
-                .sign(issuer_key, hashes.SHA256()))
-        (directory / f"{name}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        (directory / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    issue("ca", ca_key, ca_key, x509.BasicConstraints(ca=True, path_length=None))
-    for name in ("broker", *clients):
-        san = (x509.IPAddress(ipaddress.ip_address("127.0.0.1")) if name == "broker"
-               else x509.DNSName(name))
-        issue(name, ec.generate_private_key(ec.SECP256R1()), ca_key,
-              x509.SubjectAlternativeName([san]))
 
 
 class WanLink:
@@ -497,15 +463,18 @@ async def test_health_reports_do_not_fill_the_store_brokers_queue_while_the_wan_
 
 
 class TlsSubscriber(Subscriber):
-    """A Subscriber that logs in with a client certificate."""
+    """A Subscriber that logs in on `port` with the client certificate `pki`/`name`.pem,
+    checking the broker's against `ca`."""
 
-    def __init__(self, broker: Any, topics: list[str], pki: Path, name: str) -> None:
-        super().__init__(broker, topics, client_id=name)
-        self.tls = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    def __init__(self, broker: Any, topics: list[str], pki: Path, name: str, *, port: int,
+                 ca: Path, client_id: str | None = None) -> None:
+        super().__init__(broker, topics, client_id=client_id or name)
+        self.port = port
+        self.tls = ssl.create_default_context(cafile=str(ca))
         self.tls.load_cert_chain(str(pki / f"{name}.pem"), str(pki / f"{name}.key"))
 
     async def connect(self) -> None:
-        self._client = aiomqtt.Client(self.broker.host, self.broker.port, tls_context=self.tls,
+        self._client = aiomqtt.Client(self.broker.host, self.port, tls_context=self.tls,
                                       identifier=self.client_id)
         await self._client.__aenter__()
         for topic in self.topics:
@@ -513,25 +482,44 @@ class TlsSubscriber(Subscriber):
         self._task = asyncio.create_task(self._read())
 
 
+def central_broker(tmp_path: Path) -> DropInMosquitto:
+    """examples/mosquitto/central.conf, as a drop-in under Debian's main file, with
+    central.acl: the stores' PKI in tmp_path/pki (store-12, store-13; its broker
+    certificate is the central broker's), head office's in tmp_path/hq (head-office).
+    ports[0] is the stores' listener, ports[1] head office's."""
+    pki, hq = tmp_path / "pki", tmp_path / "hq"
+    make_pki(pki, ["store-12", "store-13"])
+    make_pki(hq, ["head-office"])
+    return DropInMosquitto(tmp_path / "central", CENTRAL, {
+        "/etc/mosquitto/poi-chain.acl": str(CENTRAL_ACL),
+        "/etc/mosquitto/certs/head-office-ca.pem": str(hq / "ca.pem"),
+        **broker_tls(pki, "/etc/mosquitto/certs/stores-ca.pem",
+                     "/etc/mosquitto/certs/central.pem", "/etc/mosquitto/certs/central.key"),
+    })
+
+
+def head_office(central: DropInMosquitto, tmp_path: Path, topics: list[str],
+                client_id: str) -> TlsSubscriber:
+    """A head-office client: its listener, the head-office certificate, its own client id."""
+    return TlsSubscriber(central, topics, tmp_path / "hq", "head-office", client_id=client_id,
+                         port=central.ports[1], ca=tmp_path / "pki" / "ca.pem")
+
+
 async def test_central_acl_keeps_each_store_to_its_own_prefix_and_session(tmp_path):
-    """The central broker as examples/mosquitto/central.acl describes it: TLS with a
-    certificate per store, its CN the username and the client id. A store broker
-    configured (by mistake or on purpose) with another store's prefix and client id, but
-    its own certificate, can neither publish nor subscribe there, nor take over that
-    store's session: the real store-12 keeps working."""
+    """The central broker as examples/mosquitto/central.conf and central.acl set it up: on
+    the stores' listener a certificate per store, its CN the username and the client id. A
+    store broker configured (by mistake or on purpose) with another store's prefix and
+    client id, but its own certificate, can neither publish nor subscribe there, nor take
+    over that store's session: the real store-12 keeps working. Nor can a store's
+    certificate log in on head office's listener, where client ids are free."""
+    central = central_broker(tmp_path).start()
     pki = tmp_path / "pki"
-    make_pki(pki, ["store-12", "store-13", "head-office"])
-    central = Mosquitto(tmp_path / "central", anonymous=False, extra_config=(
-        f"acl_file {CENTRAL_ACL}\n"), listener_options=(
-        f"cafile {pki / 'ca.pem'}\ncertfile {pki / 'broker.pem'}\n"
-        f"keyfile {pki / 'broker.key'}\nrequire_certificate true\n"
-        "use_identity_as_username true\nuse_username_as_clientid true\n")).start()
-    store = await Store(tmp_path / "store-12", "store-12", (central.host, central.port),
+    store = await Store(tmp_path / "store-12", "store-12", (central.host, central.ports[0]),
                         pki=pki).start()
     # store-13's broker, set up with store-12's prefix and client id (its own certificate)
     impostor = Mosquitto(tmp_path / "impostor", extra_config=store_bridge_config(
-        central.host, central.port, "store-12", pki=pki, identity="store-13")).start()
-    office = TlsSubscriber(central, ["poi/#"], pki, "head-office")
+        central.host, central.ports[0], "store-12", pki=pki, identity="store-13")).start()
+    office = head_office(central, tmp_path, ["poi/#"], "head-office")
     forger = Subscriber(impostor, ["poi-bridge/terminals/#"], client_id="forger")
     await office.connect()
     await forger.connect()
@@ -552,6 +540,16 @@ async def test_central_acl_keeps_each_store_to_its_own_prefix_and_session(tmp_pa
         await office.publish(f"{STORE}/terminals/{POI}/request/HQ1", json.dumps(request))
         answer = await arrives(office, outcome_for("T13"))
         assert answer["bridge"]["outcome"] == "approved"
+        # store-13's certificate on head office's listener, as store-12: refused at once.
+        thief = TlsSubscriber(central, [], pki, "store-13", client_id="store-12",
+                              port=central.ports[1], ca=pki / "ca.pem")
+        try:
+            await thief.connect()
+        except aiomqtt.MqttError:
+            pass
+        else:
+            await thief.disconnect()
+            raise AssertionError("a store's certificate logged in on head office's listener")
         await asyncio.sleep(0.5)
         assert not any(p == {"forged": True} or p == {"state": "offline"}
                        for _, p, _ in office.messages)
@@ -564,4 +562,48 @@ async def test_central_acl_keeps_each_store_to_its_own_prefix_and_session(tmp_pa
         await office.disconnect()
         await store.stop()
         impostor.kill()
+        central.kill()
+
+
+async def test_several_head_office_clients_are_connected_at_once_each_gets_the_results(
+        tmp_path):
+    """With use_username_as_clientid on every listener, each head-office client got the
+    client id "head-office": a dashboard and a register knocked each other off ("Client
+    head-office already connected, closing old connection"), the register's payment ended
+    OUTCOME UNKNOWN, and $share consumers could never be two. On head office's own
+    listener each keeps its own id: a dashboard and a register both get every result, and
+    two $share/hq consumers split them, each result to one."""
+    central = central_broker(tmp_path).start()
+    store = await Store(tmp_path / "store-12", "store-12", (central.host, central.ports[0]),
+                        pki=tmp_path / "pki").start()
+    results = "poi/+/registers/+/response"
+    dashboard = head_office(central, tmp_path, [results, "poi/+/bridge/state"], "hq-dashboard")
+    register = head_office(central, tmp_path, [results], "hq-register")
+    workers = [head_office(central, tmp_path, [f"$share/hq/{results}"], f"hq-worker-{n}")
+               for n in (1, 2)]
+    clients = [dashboard, register, *workers]
+    for client in clients:
+        await client.connect()
+    try:
+        await arrives(dashboard, online("store-12"), timeout=20)
+        paid = [f"S{n}" for n in range(1, 5)]
+        for service_id in paid:
+            request = responses.payment_request("HQ1", service_id, POI, 2.0)
+            await register.publish(f"{STORE}/terminals/{POI}/request/HQ1", json.dumps(request))
+            for client in (register, dashboard):
+                answer = await arrives(client, outcome_for(service_id, "approved"))
+                assert answer["bridge"]["transaction"]["service_id"] == service_id
+        async with asyncio.timeout(10):
+            while sum(len(w.messages) for w in workers) < len(paid):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # a copy to both workers would come within milliseconds
+        shared = sorted(s for w in workers for s in paid if copies(w, s))
+        assert shared == paid and sum(len(w.messages) for w in workers) == len(paid)
+        assert all(w.messages for w in workers), "the shared subscription split nothing"
+        assert all(len(copies(c, s)) == 1 for c in (dashboard, register) for s in paid)
+        assert "closing old connection" not in central.log_path.read_text()
+    finally:
+        for client in clients:
+            await client.disconnect()
+        await store.stop()
         central.kill()
