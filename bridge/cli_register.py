@@ -31,6 +31,7 @@ from bridge.register_client import (
     RegisterClient,
     cli_client_id,
     connection_problem,
+    option_names,
 )
 
 OUTCOME_UNKNOWN = 3  # the exit status of a payment whose outcome is not known
@@ -320,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
             return _outcome_unknown(payment, why, args)
         if isinstance(exc, BrokenPipeError):
             raise  # standard output closed (`| head`): bridge.cli ends quietly
-        print(f"poi-bridge register: {connection_problem(exc, mqtt)}", file=sys.stderr)
+        print(f"poi-bridge register: {connection_problem(exc, mqtt, option_names(mqtt, args))}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if payment is not None and payment.sent:

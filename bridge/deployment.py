@@ -83,12 +83,26 @@ def _shared_links(config: Config) -> list[str]:
     return problems
 
 
-def _credential_source(path: Path) -> Path | None:
+def credential_source(path: Path) -> Path | None:
     """The file LoadCredential=secret:/etc/poi-bridge/credentials makes `path` from, if it is
     one of the unit's credentials."""
     if path.parent != CREDENTIALS_DIRECTORY or not path.name.startswith(f"{CREDENTIAL_ID}_"):
         return None
     return CREDENTIAL_SOURCE / path.name[len(CREDENTIAL_ID) + 1:]
+
+
+def password_to_fix(password_file: Path | None) -> str:
+    """The MQTT password a technician must check when the broker refuses the login, named by
+    the file to edit: for a systemd credential, the file it is copied from at each start
+    (the copy in /run/credentials exists only while the service runs, and is replaced)."""
+    if password_file is None:
+        return "mqtt.password_file (none is set: no password was sent)"
+    path = credential_path(password_file)
+    source = credential_source(path)
+    if source is not None:
+        return (f"the password in {source} (mqtt.password_file {password_file} is the "
+                "systemd credential made from it at each start of poi-bridge.service)")
+    return f"the password in mqtt.password_file ({path})"
 
 
 def _check_secret(place: str, path: Path, errors: list[str], warnings: list[str], *,
@@ -105,7 +119,7 @@ def _check_secret(place: str, path: Path, errors: list[str], warnings: list[str]
         if exc.errno in (errno.EACCES, errno.EPERM):
             warnings.append(f"{place}: {reason} ({who})")
             return
-        source = _credential_source(path) if exc.errno == errno.ENOENT else None
+        source = credential_source(path) if exc.errno == errno.ENOENT else None
         if source is not None:
             _check_credential_source(place, path, source, errors, warnings, content=content,
                                      fatal=fatal)

@@ -25,6 +25,7 @@ from bridge.config import MqttConfig, SecretError, read_configured_secret, read_
 from bridge.daemon.mqtt import SetupError, login_refused
 from bridge.daemon.mqtt import tls_context as daemon_tls_context
 from bridge.daemon.registers import Topics
+from bridge.deployment import password_to_fix
 from bridge.protocol.builders import new_service_id
 from bridge.simulator.responses import payment_request
 
@@ -75,23 +76,51 @@ def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
         raise ConnectionSetupError(str(exc)) from None
 
 
-def connection_problem(exc: BaseException, mqtt: MqttConfig) -> str:
-    """What failed when connecting to the broker of `mqtt`, and what to check."""
+def configuration_names(mqtt: MqttConfig) -> dict[str, str]:
+    """What a connection is made of, as the configuration names it: what connection_problem
+    tells the technician to check."""
+    return {"username": "mqtt.username", "password": password_to_fix(mqtt.password_file),
+            "address": "mqtt.host and mqtt.port", "tls": "mqtt.tls"}
+
+
+def option_names(mqtt: MqttConfig, args: Any) -> dict[str, str]:
+    """configuration_names(), but what came from the command line (or from nowhere, without
+    --config) named by its option: the technician fixes what they typed."""
+    names = configuration_names(mqtt) if args.config else {}
+    if getattr(args, "username", None) or not args.config:
+        names["username"] = "--username"
+    if getattr(args, "password_file", None):
+        names["password"] = f"the password in --password-file {args.password_file}"
+    elif not args.config:
+        names["password"] = "--password-file (none given: no password was sent)"
+    if getattr(args, "broker", None) or not args.config:
+        names["address"] = "--broker"
+    if not args.config or any(getattr(args, option, None) for option in (
+            "tls", "ca_file", "cert_file", "key_file")):
+        names["tls"] = "--tls, --ca-file, --cert-file, --key-file"
+    return names
+
+
+def connection_problem(exc: BaseException, mqtt: MqttConfig,
+                       names: dict[str, str] | None = None) -> str:
+    """What failed when connecting to the broker of `mqtt`, and what to check, named as
+    `names` says (configuration_names by default)."""
+    names = names or configuration_names(mqtt)
     broker = f"{mqtt.host}:{mqtt.port}"
     if isinstance(exc, ConnectionSetupError):
         return str(exc)
     if login_refused(exc):
         who = f"as user {mqtt.username!r}" if mqtt.username else "without a user name"
-        return (f"the broker {broker} refused the login {who}: {exc}; check mqtt.username "
-                "and the password in mqtt.password_file against the broker's password file "
-                "and ACL")
+        return (f"the broker {broker} refused the login {who}: {exc}; check "
+                f"{names['username']} and {names['password']} against the broker's password "
+                "file and ACL")
     if isinstance(exc, aiomqtt.MqttCodeError):
         return f"the broker {broker} refused the connection: {exc}"
-    tls = ("TLS (mqtt.tls: the CA that signed the broker's certificate, the host name in it, "
-           "the client certificate the broker wants)" if mqtt.tls is not None
-           else "whether the broker wants TLS (mqtt.tls)")
+    tls = (f"TLS ({names['tls']}: the CA that signed the broker's certificate, the host name "
+           "in it, the client certificate the broker wants)" if mqtt.tls is not None
+           else f"whether the broker wants TLS ({names['tls']})")
     return (f"cannot connect to the broker {broker}: {str(exc) or type(exc).__name__}; "
-            f"check that it runs, mqtt.host and mqtt.port, and {tls}")
+            f"check that it runs, {names['address']}, and {tls}")
 
 
 def _object(value: Any) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import aiomqtt
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
 from bridge.daemon.journal import Journal
-from bridge.register_client import RegisterClient
+from bridge.register_client import RegisterClient, connection_problem
 from bridge.simulator.server import SimulatorServer
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
 
@@ -200,6 +200,41 @@ async def test_status_says_what_failed_when_the_broker_cannot_be_asked(tmp_path)
             assert resync.returncode == 2 and cases[0][1][0] in resync.stderr.decode()
     finally:
         broker.kill()
+
+
+async def test_a_refused_login_names_the_file_or_option_to_fix(tmp_path):
+    """register without --config said "check mqtt.username and the password in
+    mqtt.password_file", options it was not given; and a configuration's systemd credential
+    (/run/credentials/...) is a copy: the file to fix is its source in
+    /etc/poi-bridge/credentials."""
+    broker, login = locked_broker(tmp_path)
+    try:
+        (tmp_path / "wrong-password").write_text("not-it\n")
+        tls = ("--ca-file", login["ca_file"], "--cert-file", login["cert_file"],
+               "--key-file", login["key_file"])
+        done = await cli("register", "--broker", f"{broker.host}:{broker.port}",
+                         "--base-topic", BASE, "--username", "poi-bridge", "--password-file",
+                         "wrong-password", *tls, "terminals", cwd=tmp_path)
+        said = done.stderr.decode()
+        assert done.returncode == 2 and "refused the login as user 'poi-bridge'" in said, said
+        assert "check --username and the password in --password-file wrong-password" in said
+        assert "mqtt." not in said
+        # The configuration's login, overridden by an option: each named as it was given.
+        config = str(config_file(tmp_path, broker, login))
+        done = await cli("register", "--config", config, "--password-file", "wrong-password",
+                         "terminals", cwd=tmp_path)
+        said = done.stderr.decode()
+        assert "check mqtt.username and the password in --password-file" in said, said
+    finally:
+        broker.kill()
+    from aiomqtt.exceptions import MqttConnectError
+    credential = parse_config({"mqtt": {
+        "username": "poi-bridge",
+        "password_file": "/run/credentials/poi-bridge.service/secret_mqtt-password"}}).mqtt
+    said = connection_problem(MqttConnectError(5), credential)
+    assert "check mqtt.username and the password in /etc/poi-bridge/credentials/mqtt-password " \
+           "(mqtt.password_file /run/credentials/poi-bridge.service/secret_mqtt-password is " \
+           "the systemd credential made from it" in said, said
 
 
 async def test_status_shows_a_terminal_whose_identity_check_failed(tmp_path, mosquitto):

@@ -338,13 +338,22 @@ async def test_tls_hostname_mismatch_is_refused(tmp_path, caplog):
         broker.kill()
 
 
-async def test_a_refused_login_is_logged_as_such_not_as_an_unreachable_broker(tmp_path, caplog):
+@pytest.mark.parametrize("password_file, to_fix", [
+    ("/etc/poi-bridge/mqtt-password", "the password in mqtt.password_file "
+                                      "(/etc/poi-bridge/mqtt-password)"),
+    # A systemd credential is a copy made at each start: the file to fix is its source.
+    ("/run/credentials/poi-bridge.service/secret_mqtt-password",
+     "the password in /etc/poi-bridge/credentials/mqtt-password (mqtt.password_file "
+     "/run/credentials/poi-bridge.service/secret_mqtt-password is the systemd credential"),
+])
+async def test_a_refused_login_is_logged_as_such_not_as_an_unreachable_broker(
+        tmp_path, caplog, password_file, to_fix):
     passwd = tmp_path / "passwd"
     passwords(passwd, {"poi-bridge": "bridge-pw"})
     broker = Mosquitto(tmp_path / "broker", anonymous=False,
                        extra_config=f"password_file {passwd}\n").start()
     bridge, simulator = await start_bridge(tmp_path, broker, mqtt_password="wrong",
-                                           username="poi-bridge")
+                                           username="poi-bridge", password_file=password_file)
     caplog.set_level("WARNING", logger="poi_bridge.mqtt")
     await bridge.start()
     try:
@@ -354,7 +363,7 @@ async def test_a_refused_login_is_logged_as_such_not_as_an_unreachable_broker(tm
             await asyncio.sleep(0.05)
         (line,) = {r.getMessage() for r in caplog.records
                    if "refused the bridge's login" in r.getMessage()}
-        assert "as user 'poi-bridge'" in line and "mqtt.password_file" in line
+        assert "as user 'poi-bridge'" in line and to_fix in line, line
         # read at start: fixing the file alone never helped, while the line said to fix it
         assert "restart it once the file is fixed" in line
         assert not any("cannot reach" in r.getMessage() for r in caplog.records)

@@ -43,6 +43,7 @@ from bridge.daemon.registers import (
     transaction_payload,
     transaction_payload_from,
 )
+from bridge.deployment import password_to_fix
 from bridge.protocol.messages import MessageError, load_json
 from bridge.protocol.session import Deliver, Progress
 from bridge.transports import Backoff
@@ -337,11 +338,11 @@ class RegisterGateway:
                     who = (f"as user {self.config.username!r}" if self.config.username
                            else "without a user name")
                     log.error("the MQTT broker %s:%d refused the bridge's login %s: %s. Check "
-                              "mqtt.username and the password in mqtt.password_file against "
-                              "the broker's password file and ACL; the bridge reads the "
-                              "password at start, so restart it once the file is fixed "
-                              "(systemctl restart poi-bridge). Retrying meanwhile",
-                              self.config.host, self.config.port, who, exc)
+                              "mqtt.username and %s against the broker's password file; the "
+                              "bridge reads the password at start, so restart it once the file "
+                              "is fixed (systemctl restart poi-bridge). Retrying meanwhile",
+                              self.config.host, self.config.port, who, exc,
+                              password_to_fix(self.config.password_file))
                 else:
                     log.warning("cannot reach MQTT broker %s:%d: %s; retrying",
                                 self.config.host, self.config.port, exc)
