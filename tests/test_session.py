@@ -317,6 +317,18 @@ def test_reconcile_backoff_grows_is_capped_and_gives_up_at_the_deadline():
     assert len(abandoned) == 1
     assert h.session.open[TxKey("R1", "S1")].state is TxState.UNRESOLVED
     assert h.session.next_deadline() is None
+    # Told as such, and recorded: the unresolved report said the bridge keeps asking
+    report = h.delivers()[-1]
+    assert (report.outcome, report.response) == ("unresolved", None)
+    assert "stopped asking" in report.error and "acquirer" in report.error
+    record = [a.transaction for a in h.log if isinstance(a, Record)][-1]
+    assert record.extra.get("abandoned") and record.detail == report.error
+    # a resync asks the terminal once more; unanswered, it is abandoned again
+    asked = h.do(h.session.resync(record, h.now))
+    assert len(h.sends(asked, "status-poll")) == 1
+    h.advance(1)
+    assert h.delivers()[-1].error == report.error
+    assert h.session.next_deadline() is None
 
 
 def test_unplug_mid_payment_then_replug_polls_at_once_and_resolves():

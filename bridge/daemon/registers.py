@@ -200,9 +200,15 @@ def transaction_payload_from(response_payload: bytes, result: Deliver) -> bytes:
 
 def stored_result(txn: Transaction) -> Deliver:
     """A journal entry as the Deliver it was (for a repeat of a known request, or a resync)."""
-    return Deliver(txn.sale_id, txn.service_id, txn.poi_id, txn.category,
-                   txn.outcome or "unresolved", "journal", txn.response,
-                   txn.detail if txn.outcome in ("error", "rejected", "unresolved") else None)
+    outcome = txn.outcome or "unresolved"
+    error = txn.detail if outcome in ("error", "rejected") else None
+    if outcome == "unresolved":
+        # As the unresolved report said it: whether the bridge still asks the terminal
+        error = txn.detail if txn.extra.get("abandoned") else (
+            f"outcome unknown ({txn.detail}); the bridge keeps asking the terminal and will "
+            "report the result")
+    return Deliver(txn.sale_id, txn.service_id, txn.poi_id, txn.category, outcome, "journal",
+                   txn.response, error)
 
 
 def summary(txn: Transaction) -> dict[str, Any]:

@@ -465,6 +465,7 @@ class TerminalSession:
             self.open[current.key] = current
         if current.state in (TxState.ACCEPTED, TxState.AWAITING_RESPONSE):
             return [Log("info", f"resync of {txn.key}: still waiting for the terminal's answer")]
+        current.extra.pop("abandoned", None)  # asked again: unanswered, it is abandoned again
         current.next_poll_at = now
         return self._pump(now)
 
@@ -489,6 +490,7 @@ class TerminalSession:
             txn.deadline = None
             txn.next_poll_at = now if self.link_up else now + self.settings.status_timeout
             txn.detail = "recovering after restart"
+            txn.extra.pop("abandoned", None)  # asked once more (see resync)
             actions += [Record(txn.snapshot()), self._progress(txn, "recovering", txn.detail)]
         if self.active is None:
             # The payment that owned the terminal when the bridge stopped owns it again: a
@@ -662,12 +664,21 @@ class TerminalSession:
         if txn.state is TxState.UNRESOLVED:
             txn.reconcile_attempts += 1
             if now >= txn.created_at + self.settings.reconcile_deadline:
+                # Recorded and published as such (the register's response topic and the
+                # retained document said the bridge keeps asking): nothing more will come
                 txn.next_poll_at = None
-                txn.detail = (f"gave up reconciling after {self.settings.reconcile_deadline:g} s; "
-                              "check the terminal's own transaction log")
+                txn.extra["abandoned"] = True
+                txn.detail = (
+                    "outcome unknown: the bridge stopped asking the terminal after "
+                    f"reconcile_deadline ({self.settings.reconcile_deadline:g} s) without an "
+                    f"answer ({reason}); check the acquirer's records or the terminal's own "
+                    "transaction report before charging again. A resync (operator command) "
+                    "asks the terminal once more")
                 return [
                     Record(txn.snapshot()),
                     self._progress(txn, "reconcile_abandoned", txn.detail),
+                    Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
+                            Outcome.UNRESOLVED.value, "bridge", None, txn.detail),
                     Log("error", f"terminal {self.poi_id}: transaction {txn.key}: {txn.detail}"),
                 ]
             backoff = self.settings.reconcile_initial * 2 ** txn.reconcile_attempts
@@ -769,6 +780,7 @@ class TerminalSession:
         """Make a transaction final and forget it: no deadline, polls, probe or terminal."""
         txn.state, txn.outcome, txn.source, txn.response = TxState.FINAL, outcome, source, response
         txn.deadline = txn.next_poll_at = None
+        txn.extra.pop("abandoned", None)
         txn.detail, txn.updated_at = detail, now
         self.open.pop(txn.key, None)
         for poll_id in txn.poll_ids:
