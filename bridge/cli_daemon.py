@@ -116,7 +116,7 @@ def run_daemon(args: argparse.Namespace) -> int:
     # daemon starts anyway (it answers what it cannot do), but says what is wrong.
     log = logging.getLogger("poi_bridge")
     _raise_open_file_limit(config, log)
-    errors, warnings = deployment_problems(config)
+    errors, warnings = deployment_problems(config, for_daemon=True)
     for problem in errors:
         log.error("configuration %s: %s", args.config, problem)
     for problem in warnings:

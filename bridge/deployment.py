@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -20,13 +21,18 @@ from bridge.config import (
     UsbLink,
     credential_path,
 )
+from bridge.daemon.journal import lock_path, user_name
+
+DAEMON_USER = "poi-bridge"  # User= of systemd/poi-bridge.service
 
 
-def deployment_problems(config: Config) -> tuple[list[str], list[str]]:
+def deployment_problems(config: Config, *, for_daemon: bool = False
+                        ) -> tuple[list[str], list[str]]:
     """(errors, warnings) about `config` on this box, each "place: what to do": what the
     daemon would refuse at start, or run with and mishandle. An error is certain (a secret
     that does not exist, a journal that cannot be kept); a warning is what this user cannot
-    check for the daemon's user (a file it may not read, a directory it may not write)."""
+    check for the daemon's user (a file it may not read, a directory it may not write).
+    `for_daemon`: said by the daemon at its start, where this user is the daemon's."""
     errors: list[str] = []
     warnings: list[str] = []
     if not config.terminals:
@@ -37,18 +43,25 @@ def deployment_problems(config: Config) -> tuple[list[str], list[str]]:
     for number, terminal in enumerate(config.terminals):
         if terminal.key is not None:
             _check_secret(f"terminals[{number}].key.passphrase_file",
-                          credential_path(terminal.key.passphrase_file), errors, warnings)
+                          credential_path(terminal.key.passphrase_file), errors, warnings,
+                          for_daemon=for_daemon)
     if config.mqtt.password_file is not None:
         _check_secret("mqtt.password_file", credential_path(config.mqtt.password_file),
-                      errors, warnings)
+                      errors, warnings, for_daemon=for_daemon)
     if config.mqtt.tls is not None:
         for name in ("ca_file", "cert_file", "key_file"):
             path = getattr(config.mqtt.tls, name)
             if path is not None:  # read at every connection, retried: never fatal at start
                 _check_secret(f"mqtt.tls.{name}", path, warnings, warnings, content=False,
-                              fatal="the daemon cannot connect to the broker without it")
-    _check_journal(config.journal, errors, warnings)
+                              fatal="the daemon cannot connect to the broker without it",
+                              for_daemon=for_daemon)
+    _check_journal(config.journal, errors, warnings, for_daemon=for_daemon)
     return errors, warnings
+
+
+def _this_user() -> str:
+    """This process's user, as `uid N (name)`."""
+    return f"uid {os.geteuid()} ({user_name(os.geteuid())})"
 
 
 def _link_identity(link: SerialLink | TcpLink | UsbLink) -> tuple[tuple, str]:
@@ -107,10 +120,13 @@ def password_to_fix(password_file: Path | None) -> str:
 
 def _check_secret(place: str, path: Path, errors: list[str], warnings: list[str], *,
                   content: bool = True,
-                  fatal: str = "the daemon stops at start without it") -> None:
+                  fatal: str = "the daemon stops at start without it",
+                  for_daemon: bool = False) -> None:
     """A file the daemon reads as its own user: missing is an error (`errors`); unreadable by
     this user is a warning, since check-config may run as another user than the daemon."""
-    who = (f"as uid {os.geteuid()}; the daemon reads it as its own user (poi-bridge under the "
+    who = (f"as {_this_user()}, the user this daemon runs as: let it read the file"
+           if for_daemon else
+           f"as uid {os.geteuid()}; the daemon reads it as its own user (poi-bridge under the "
            "shipped unit): check that user can, or run check-config as root")
     try:
         data = path.read_bytes()
@@ -199,7 +215,8 @@ _NOT_A_DISK = (Path("/proc"), Path("/sys"), Path("/dev"), Path("/run/credentials
 _LOST_AT_RESTART = (Path("/tmp"), Path("/var/tmp"), Path("/run"), Path("/dev/shm"))
 
 
-def _check_journal(journal: Path, errors: list[str], warnings: list[str]) -> None:
+def _check_journal(journal: Path, errors: list[str], warnings: list[str], *,
+                   for_daemon: bool = False) -> None:
     """The journal must be a file the daemon can create and write, on a disk: it holds the
     payments across crashes and restarts."""
     place = "journal"
@@ -214,17 +231,20 @@ def _check_journal(journal: Path, errors: list[str], warnings: list[str]) -> Non
                       f"{STATE_DIRECTORY}/journal.sqlite3")
         return
     try:
-        _check_journal_path(path, place, errors, warnings)
+        _check_journal_path(path, place, errors, warnings, for_daemon)
     except PermissionError as exc:  # (pathlib's exists() and is_dir() raise it in 3.11)
         # The unit's StateDirectoryMode=0700 keeps everyone but root and the daemon's user
         # out of /var/lib/poi-bridge once the service has run.
-        warnings.append(f"{place}: cannot look at {path} as uid {os.geteuid()} "
+        warnings.append(f"{place}: cannot look at {path} as {_this_user()}, the user this "
+                        f"daemon runs as ({exc.strerror}): it cannot open the journal there"
+                        if for_daemon else
+                        f"{place}: cannot look at {path} as uid {os.geteuid()} "
                         f"({exc.strerror}): the daemon's user may; run check-config as root "
                         "to check it")
 
 
 def _check_journal_path(path: Path, place: str, errors: list[str],
-                        warnings: list[str]) -> None:
+                        warnings: list[str], for_daemon: bool) -> None:
     if path.is_dir():
         errors.append(f"{place}: {path} is a directory: name the journal file in it, e.g. "
                       f"{path}/journal.sqlite3")
@@ -262,9 +282,13 @@ def _check_journal_path(path: Path, place: str, errors: list[str],
         what = f"cannot write {path}" if target == path else f"cannot write in {directory}"
         if os.geteuid() == 0:
             errors.append(f"{place}: {what}, even as root")
+        elif for_daemon:  # (opening the journal then says whose it is, and the chown)
+            warnings.append(f"{place}: {what} as {_this_user()}, the user this daemon runs as")
         else:
             warnings.append(f"{place}: {what} (as uid {os.geteuid()}; the daemon writes it as "
                             "its own user: check that user can)")
+    if not for_daemon or os.geteuid() == 0:  # (a daemon as its own user: see above)
+        _check_journal_owner(path, place, warnings)
     if not path.is_relative_to(STATE_DIRECTORY):
         lost = next((top for top in _LOST_AT_RESTART if path.is_relative_to(top)), None)
         warnings.append(
@@ -273,3 +297,28 @@ def _check_journal_path(path: Path, place: str, errors: list[str],
             f"ReadWritePaths={directory} in a drop-in (systemctl edit poi-bridge)"
             + (f"; and {lost} does not keep files across restarts (PrivateTmp=, tmpfs), "
                "which loses the payments it holds" if lost else ""))
+
+
+def _check_journal_owner(path: Path, place: str, warnings: list[str]) -> None:
+    """Journal files another user than the unit's made (a technician ran the daemon by hand
+    as root once): the service, as that user, cannot open them and stops with status 3."""
+    try:
+        daemon = pwd.getpwnam(DAEMON_USER)
+    except KeyError:
+        return  # the daemon's user is not on this box: not installed as the unit runs it
+    others = []
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
+                 lock_path(path)):
+        try:
+            owner = file.stat().st_uid
+        except OSError:
+            continue
+        if owner != daemon.pw_uid:
+            others.append((file, user_name(owner)))
+    if others:
+        warnings.append(
+            f"{place}: {'; '.join(f'{file} is owned by {name}' for file, name in others)}, "
+            f"not by {DAEMON_USER}, the user the shipped unit runs the daemon as: it cannot "
+            "open them and stops at start with exit status 3 (files left by running the daemon "
+            f"by hand as root?): chown {DAEMON_USER}: "
+            f"{' '.join(str(file) for file, _ in others)}")

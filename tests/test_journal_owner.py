@@ -3,15 +3,38 @@ user. Real processes, a real simulator on a pseudo-terminal and real SQLite file
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
+import os
+import pwd
+import shutil
 import sqlite3
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
+import pytest
+
+from bridge import deployment
+from bridge.cli_daemon import check_config
+from bridge.daemon.journal import Journal, lock_path
 from bridge.simulator import responses
 
-from .rig import POI, Daemon, Simulator, Subscriber, wait_until, write_config
+from .rig import (
+    POI,
+    Daemon,
+    Simulator,
+    Subscriber,
+    as_nobody,
+    python_env,
+    wait_until,
+    write_config,
+)
 from .test_cli import cli
+from .test_systemd_unit import UNIT, unit_settings
 
 BASE = "poi-bridge"
 REQUEST = f"{BASE}/terminals/{POI}/request"
@@ -74,3 +97,94 @@ async def test_a_second_daemon_on_the_same_journal_refuses_before_touching_it(
         for daemon in (first, second, third):
             daemon.kill()
         sim.stop()
+
+
+@pytest.fixture
+def box_for_nobody():
+    """A directory user nobody may enter, with a configuration it may read (pytest's own
+    tmp_path lives under a root-only directory); the daemon will never reach the broker."""
+    nobody = as_nobody("the daemon")
+    top = Path(tempfile.mkdtemp(prefix="poi-journal-owner-"))
+    top.chmod(0o755)
+    state = top / "state"
+    state.mkdir()
+    config = top / "poi-bridge.toml"
+    config.write_text(f'journal = "{state}/journal.sqlite3"\n[mqtt]\nhost = "127.0.0.1"\n'
+                      'port = 1\n[[terminals]]\npoi_id = "V400m-1"\n'
+                      '[terminals.link]\nkind = "tcp"\nhost = "192.0.2.1"\nport = 8443\n')
+    config.chmod(0o644)
+    yield nobody, state, config
+    shutil.rmtree(top)
+
+
+def run_as_nobody(nobody, config):
+    return subprocess.run([*nobody, sys.executable, "-m", "bridge", "run", "--config",
+                           str(config)], capture_output=True, text=True, cwd="/",
+                          env=python_env(), timeout=60)
+
+
+def test_a_journal_root_made_names_its_owner_and_the_chown(box_for_nobody):
+    """A technician ran the daemon by hand as root once: the journal's files are root's, and
+    the service's daemon stopped with SQLite's 'unable to open database file' and advice to
+    keep the journal where it already was. It must name the files, whose they are, and the
+    chown; and its start-up lines must not tell it to check what its own user can do."""
+    nobody, state, config = box_for_nobody
+    journal = state / "journal.sqlite3"
+    Journal(journal).close()  # as root: the journal and its lock file are root's
+    journal.chmod(0o600)
+    os.chown(state, 65534, 65534)  # the directory is the daemon's, as StateDirectory= makes it
+    done = run_as_nobody(nobody, config)
+    said = done.stdout + done.stderr
+    assert done.returncode == 3, said
+    assert f"{journal} (owner root, mode 0600)" in said, said
+    assert f"{journal}.lock (owner root, mode 0600)" in said, said
+    assert f"chown nobody: {journal} {journal}.lock" in said, said
+    assert "keep the journal there" not in said, said
+    assert f"cannot write {journal} as uid 65534 (nobody), the user this daemon runs as" in said
+    assert "check that user can" not in said, said
+
+
+def test_a_journal_directory_the_daemon_cannot_write_names_it(box_for_nobody):
+    nobody, state, config = box_for_nobody  # state: root's, 0755
+    done = run_as_nobody(nobody, config)
+    said = done.stdout + done.stderr
+    assert done.returncode == 3, said
+    assert f"may not write {state} (owner root, mode 0755)" in said, said
+    assert f"chown nobody: {state} and start" in said, said
+    assert f"cannot write in {state} as uid 65534 (nobody), the user this daemon runs" in said
+    assert "check that user can" not in said, said
+
+
+def test_check_config_warns_of_journal_files_not_the_daemons_users(tmp_path, capsys,
+                                                                   monkeypatch):
+    """check-config said OK over a journal root had made; the service's daemon then could
+    not open it. (The unit's user, poi-bridge, is played by nobody: it is not on test boxes.)"""
+    journal = tmp_path / "journal.sqlite3"
+    Journal(journal).close()
+    wal = tmp_path / "journal.sqlite3-wal"
+    wal.write_bytes(b"")
+    config = tmp_path / "bridge.toml"
+    config.write_text(f'journal = "{journal}"\n[[terminals]]\npoi_id = "V400m-1"\n'
+                      '[terminals.link]\nkind = "tcp"\nhost = "10.0.0.5"\nport = 8443\n')
+
+    def check() -> str:
+        assert check_config(argparse.Namespace(file=str(config))) == 0
+        return capsys.readouterr().err
+
+    monkeypatch.setattr(deployment, "DAEMON_USER", "nobody")
+    os.chown(wal, 65534, 65534)
+    err = check()
+    owner = pwd.getpwuid(os.geteuid()).pw_name
+    assert (f"warning: journal: {journal} is owned by {owner}; {journal}.lock is owned by "
+            f"{owner}, not by nobody, the user the shipped unit runs the daemon as") in err, err
+    assert f"chown nobody: {journal} {journal}.lock\n" in err, err
+    for file in (journal, lock_path(journal)):
+        os.chown(file, 65534, 65534)
+    assert "chown" not in check()
+    os.chown(journal, 0, 0)
+    monkeypatch.setattr(deployment, "DAEMON_USER", "no-such-user-here")
+    assert "chown" not in check()  # not installed as the unit runs it: nothing to compare
+
+
+def test_the_daemons_user_is_the_units():
+    assert unit_settings(UNIT)["Service"]["User"] == [deployment.DAEMON_USER]

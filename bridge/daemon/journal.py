@@ -22,7 +22,9 @@ import fcntl
 import json
 import logging
 import os
+import pwd
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -102,6 +104,10 @@ def unusable(path: Path, exc: sqlite3.Error) -> str:
     moved aside; a full disk or a permission problem leaves the journal as it is, since it
     may hold the only record of a payment a register has not heard of yet."""
     name = getattr(exc, "sqlite_errorname", None) or ""
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
+        not_ours = not_writable(path)
+        if not_ours is not None:
+            return not_ours
     if name.startswith("SQLITE_READONLY") and _read_only_mount(path.parent):
         return (f"journal {path} cannot be written ({exc}): {path.parent} is on a file system "
                 "mounted read-only, as the kernel does after disk errors. It is left as it "
@@ -129,8 +135,50 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def not_writable(path: Path) -> str | None:
+    """When this process may not write the journal's directory or one of its files (as after
+    a technician ran the daemon by hand as root once: the files are then root's, and the
+    daemon's user cannot open them): which, whose, and the chown that gives them back. None
+    when it may write them all, or cannot tell."""
+    me = user_name(os.geteuid())
+    blocked: list[tuple[Path, os.stat_result]] = []
+    candidates = [(path.parent, os.W_OK | os.X_OK)] + [
+        (file, os.R_OK | os.W_OK) for file in (
+            path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
+            lock_path(path))]
+    for file, mode in candidates:
+        try:
+            info = file.stat()
+        except OSError:  # not there, or not to be seen from here (the directory is named)
+            continue
+        if file == path.parent and not stat.S_ISDIR(info.st_mode):
+            continue  # not a permission problem (see _open_failure)
+        if not os.access(file, mode):
+            blocked.append((file, info))
+    if not blocked:
+        return None
+    whose = "; ".join(f"{file} (owner {user_name(info.st_uid)}, mode "
+                      f"{stat.S_IMODE(info.st_mode):04o})" for file, info in blocked)
+    return (f"cannot open journal {path}: this process (user {me}, uid {os.geteuid()}) may not "
+            f"write {whose}. Files another user made, as running the daemon by hand as root "
+            f"does, must be given back to the daemon's user: chown {me}: "
+            f"{' '.join(str(file) for file, _ in blocked)} and start the bridge again. Do not "
+            "delete them: the journal may hold payments no register has heard of yet")
+
+
 def _open_failure(path: Path, exc: BaseException, readonly: bool) -> str:
     """Why the journal file would not open, and what a technician does about it."""
+    if not readonly:
+        not_ours = not_writable(path)
+        if not_ours is not None:
+            return not_ours
     try:
         is_dir = path.is_dir()
     except OSError:  # (pathlib raises it for a directory this user may not enter)
