@@ -258,8 +258,28 @@ class TerminalConfig(_Strict):
     reconcile_initial: _seconds(3600) = 10.0
     reconcile_max_interval: _seconds(86400) = 600.0
     reconcile_deadline: _seconds(30 * 86400) = 24 * 3600.0
+    # The longest a register waits while the terminal answers "in progress" (from the
+    # request): then `unresolved`, and the bridge asks on in the background. Unset: 600 s,
+    # or payment_timeout if that is longer.
+    in_progress_limit: _seconds(7200) | None = None
     key: KeyConfig | None = None
     allowed_sale_ids: list[str] | None = None
+
+    @property
+    def in_progress_wait(self) -> float:
+        """in_progress_limit, or its default: 600 s, or payment_timeout if that is longer."""
+        if self.in_progress_limit is not None:
+            return self.in_progress_limit
+        return max(600.0, self.payment_timeout)
+
+    @model_validator(mode="after")
+    def _in_progress_after_the_timeout(self) -> TerminalConfig:
+        if self.in_progress_limit is not None and self.in_progress_limit < self.payment_timeout:
+            raise ValueError(
+                f"in_progress_limit ({self.in_progress_limit:g} s) must be at least "
+                f"payment_timeout ({self.payment_timeout:g} s): the first status poll goes "
+                "at payment_timeout, and the register would be told unresolved at once")
+        return self
 
     @field_validator("allowed_sale_ids")
     @classmethod

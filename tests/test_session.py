@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from hypothesis import given, settings
@@ -255,6 +256,34 @@ def test_in_progress_polls_again_after_the_floor_then_approved():
     (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
     assert result.outcome == "approved"
     assert len(h.sends(purpose="status-poll")) == 6
+
+
+def test_a_terminal_in_progress_for_ever_leaves_the_register_unresolved_at_the_limit():
+    """A hung terminal answering InProgress to every poll held the register for ever (a
+    reviewer saw 100 polls in 2.5 minutes, no end). At in_progress_limit from the request
+    the register is told `unresolved`, the terminal is free again, and the bridge asks on in
+    the background: a later answer still resolves it."""
+    h = Harness(dataclasses.replace(SETTINGS, in_progress_limit=300))
+    h.submit("R1", "S1")
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    h.advance(120)
+    while h.now < 1_000_000.0 + 300:
+        assert h.delivers(h.answer(responses.status_in_progress(h.last_poll()))) == []
+        assert len(h.sends(h.advance(1.0), "status-poll")) == 1
+    told = h.answer(responses.status_in_progress(h.last_poll()))
+    (result,) = h.delivers(told)
+    assert result.outcome == "unresolved"
+    assert "still says the payment is in progress 300 s after it was sent" in result.error
+    assert "in_progress_limit 300 s" in result.error and "keeps asking" in result.error
+    assert h.session.active is None  # another payment may start
+    txn = h.session.open[TxKey("R1", "S1")]
+    assert txn.state is TxState.UNRESOLVED
+    assert any(isinstance(a, Progress) and a.event == "unresolved" for a in told)
+    assert len(h.sends(purpose="request")) == 1  # never sent again
+    background = h.sends(h.advance(SETTINGS.reconcile_initial), "status-poll")
+    assert len(background) == 1
+    (resolved,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
+    assert (resolved.outcome, resolved.source) == ("approved", "status-poll")
 
 
 def test_request_lost_gives_not_found_and_is_never_resent():

@@ -111,6 +111,7 @@ def session_settings(config: TerminalConfig) -> SessionSettings:
         reconcile_initial=config.reconcile_initial,
         reconcile_max_interval=config.reconcile_max_interval,
         reconcile_deadline=config.reconcile_deadline,
+        in_progress_limit=config.in_progress_wait,
     )
 
 

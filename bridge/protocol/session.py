@@ -58,6 +58,7 @@ class SessionSettings:
     reconcile_initial: float = 10.0
     reconcile_max_interval: float = 600.0
     reconcile_deadline: float = 24 * 3600.0
+    in_progress_limit: float = 600.0  # the longest a register waits while "in progress"
 
 
 # --- actions ---------------------------------------------------------------------------------
@@ -623,11 +624,40 @@ class TerminalSession:
         txn.unanswered_polls, txn.detail, txn.updated_at = 0, reason, now
         return [Record(txn.snapshot()), self._progress(txn, "awaiting_status", reason)]
 
+    @staticmethod
+    def _sent_or_recorded(txn: Transaction) -> float:
+        return txn.sent_at if txn.sent_at is not None else txn.created_at
+
     def _patience_end(self, txn: Transaction) -> float:
         """Until when a payment may still be running on the terminal: payment_timeout after
         it was sent (or, never sent, recorded)."""
-        return (txn.sent_at if txn.sent_at is not None else txn.created_at) \
-            + self.settings.payment_timeout
+        return self._sent_or_recorded(txn) + self.settings.payment_timeout
+
+    def _in_progress_end(self, txn: Transaction) -> float:
+        """Until when the terminal's "in progress" holds the register: past it, the register
+        is told `unresolved` and the bridge asks on in the background."""
+        return self._sent_or_recorded(txn) + self.settings.in_progress_limit
+
+    def _unresolved(self, txn: Transaction, why: str, now: float,
+                    reason: str | None = None) -> list[Action]:
+        """The register is told the outcome is unknown, and the terminal is free again; the
+        transaction is asked about in the background (only while the terminal is idle)."""
+        txn.state = TxState.UNRESOLVED
+        txn.deadline, txn.updated_at = None, now
+        txn.detail = reason or why
+        txn.next_poll_at = now + self.settings.reconcile_initial
+        if self.active == txn.key:
+            self.active = None  # the register may close the sale as unpaid; we keep asking
+        return [
+            Record(txn.snapshot()),
+            Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
+                    Outcome.UNRESOLVED.value, "bridge", None,
+                    f"outcome unknown: {why}; the bridge keeps asking the terminal and will "
+                    "report the result"),
+            self._progress(txn, "unresolved", reason or why),
+            Log("warning", f"terminal {self.poi_id}: transaction {txn.key} unresolved "
+                           f"({reason or why}); reconciling in the background"),
+        ]
 
     def _poll_failed(self, txn: Transaction, reason: str, now: float, retry_in: float) -> list[Action]:
         """A status poll went unanswered (or could not be sent, or was unusable)."""
@@ -646,21 +676,8 @@ class TerminalSession:
             return [Record(txn.snapshot()), self._progress(txn, "status_poll_failed", reason,
                                                            poll=txn.polls_sent)]
         if txn.state is TxState.POLLING and txn.unanswered_polls >= self.settings.resync_attempts:
-            txn.state = TxState.UNRESOLVED
-            txn.next_poll_at = now + self.settings.reconcile_initial
-            if self.active == txn.key:
-                self.active = None  # the register may close the sale as unpaid; we keep asking
-            return [
-                Record(txn.snapshot()),
-                Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
-                        Outcome.UNRESOLVED.value, "bridge", None,
-                        f"outcome unknown: {txn.unanswered_polls} status poll(s) unanswered or "
-                        f"not sent ({reason}); the bridge keeps asking the terminal and will "
-                        "report the result"),
-                self._progress(txn, "unresolved", reason),
-                Log("warning", f"terminal {self.poi_id}: transaction {txn.key} unresolved "
-                               f"({reason}); reconciling in the background"),
-            ]
+            return self._unresolved(txn, f"{txn.unanswered_polls} status poll(s) unanswered "
+                                         f"or not sent ({reason})", now, reason)
         if txn.state is TxState.UNRESOLVED:
             txn.reconcile_attempts += 1
             if now >= txn.created_at + self.settings.reconcile_deadline:
@@ -712,6 +729,13 @@ class TerminalSession:
             return self._finish(txn, Outcome.DECLINED, response, "status-poll", now,
                                 detail="the terminal was busy: the payment was not started")
         if cls.outcome in (Outcome.IN_PROGRESS, Outcome.BUSY):
+            if txn.state is TxState.POLLING and now >= self._in_progress_end(txn):
+                # A register must have an answer it can plan for: a terminal that says
+                # "in progress" for ever (hung) held the till with it.
+                return self._unresolved(txn, (
+                    f"the terminal still says the payment is in progress "
+                    f"{now - self._sent_or_recorded(txn):.0f} s after it was sent "
+                    f"(in_progress_limit {self.settings.in_progress_limit:g} s)"), now)
             txn.unanswered_polls = 0
             txn.deadline, txn.detail, txn.updated_at = None, cls.detail, now
             txn.next_poll_at = now + self.settings.poll_floor
