@@ -5,6 +5,7 @@ which only reads and validates the configuration file itself."""
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import pwd
 import stat
@@ -149,9 +150,64 @@ def _check_secret(place: str, path: Path, errors: list[str], warnings: list[str]
             return
         errors.append(f"{place}: {reason} ({fatal})")
         return
+    if not for_daemon and not path.is_relative_to(CREDENTIALS_DIRECTORY):
+        denied = _daemon_cannot_read(path)
+        if denied is not None:
+            fix = (f"name the credential systemd makes from it instead: "
+                   f"{CREDENTIALS_DIRECTORY}/{CREDENTIAL_ID}_{path.name}"
+                   if path.parent == CREDENTIAL_SOURCE else
+                   f"put it in {CREDENTIAL_SOURCE} and name "
+                   f"{CREDENTIALS_DIRECTORY}/{CREDENTIAL_ID}_{path.name}, or let "
+                   f"{DAEMON_USER} read it")
+            errors.append(f"{place}: {denied}: {fix} ({fatal})")
+            return
     if content:
         _check_content(place, path, data, errors)
         _check_private(place, path, "a secret", warnings)
+
+
+def _daemon_cannot_read(path: Path) -> str | None:
+    """Why the daemon's user cannot read `path` by its permission bits (a root-only file
+    check-config, run as root, reads fine), or None: it can, or that user is not on this box."""
+    try:
+        user = pwd.getpwnam(DAEMON_USER)
+    except KeyError:
+        return None
+    if user.pw_uid == 0:
+        return None
+    groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if DAEMON_USER in g.gr_mem}
+
+    def allows(info: os.stat_result, bits: tuple[int, int, int]) -> bool:
+        mine, ours, anyone = bits
+        if info.st_uid == user.pw_uid:
+            return bool(info.st_mode & mine)
+        if info.st_gid in groups:
+            return bool(info.st_mode & ours)
+        return bool(info.st_mode & anyone)
+
+    def shown(where: Path, info: os.stat_result) -> str:
+        return (f"{where} ({stat.filemode(info.st_mode)} {user_name(info.st_uid)}:"
+                f"{_group_name(info.st_gid)})")
+
+    try:
+        for directory in reversed(Path(os.path.abspath(path)).parents):
+            info = directory.stat()
+            if not allows(info, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
+                return (f"user {DAEMON_USER}, whom the daemon runs as, may not enter "
+                        f"{shown(directory, info)}")
+        info = path.stat()
+    except OSError:
+        return None
+    if not allows(info, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
+        return f"user {DAEMON_USER}, whom the daemon runs as, may not read {shown(path, info)}"
+    return None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _check_credential_source(place: str, path: Path, source: Path, errors: list[str],

@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -276,6 +278,39 @@ def test_a_secret_or_journal_other_users_may_read_is_a_warning(tmp_path, capsys)
                 ) in err, err
         assert f"{journal}-wal (mode 0{mode:o})" in err, err
         assert f"{journal}-shm (mode 0{mode:o})" in err, err
+
+
+def test_a_secret_the_daemons_user_may_not_read_is_an_error_even_for_root(
+        tmp_path, capsys, monkeypatch):
+    """check-config, run as root, read a root-only password file and said OK; the daemon, as
+    its own user, could not, and stopped at start. (nobody stands in for poi-bridge, which
+    this box does not have.)"""
+    monkeypatch.setattr(deployment_module, "DAEMON_USER", "nobody")
+    source = tmp_path / "etc-credentials"  # stands for /etc/poi-bridge/credentials
+    source.mkdir(mode=0o700)
+    monkeypatch.setattr(deployment_module, "CREDENTIAL_SOURCE", source)
+    secret = source / "mqtt-password"
+    secret.write_text("pw\n")
+    secret.chmod(0o600)
+    path = write(tmp_path, good_toml(tmp_path)
+                 + f'[mqtt]\nusername = "u"\npassword_file = "{secret}"\n')
+    status, out, err = check(path, capsys)
+    assert status == 2 and "OK" not in out, (out, err)
+    assert "user nobody, whom the daemon runs as, may not" in err, err
+    assert ("name the credential systemd makes from it instead: "
+            "/run/credentials/poi-bridge.service/secret_mqtt-password") in err, err
+    # A file the daemon's user can read is fine.
+    readable = Path(tempfile.mkdtemp(dir="/tmp")) / "mqtt-password"
+    try:
+        readable.parent.chmod(0o755)
+        readable.write_text("pw\n")
+        readable.chmod(0o644)
+        path = write(tmp_path, good_toml(tmp_path)
+                     + f'[mqtt]\nusername = "u"\npassword_file = "{readable}"\n')
+        status, out, err = check(path, capsys)
+        assert status == 0 and "may not" not in err, err
+    finally:
+        shutil.rmtree(readable.parent)
 
 
 def test_an_unreadable_secret_is_a_warning_that_says_why(tmp_path, capsys, monkeypatch):
