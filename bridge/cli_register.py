@@ -28,10 +28,13 @@ from bridge.protocol.messages import POIID_PATTERN, SERVICE_ID_PATTERN
 from bridge.register_client import (
     ConnectionLost,
     ConnectionSetupError,
+    PublishRefusedByBroker,
     RegisterClient,
     cli_client_id,
     connection_problem,
     option_names,
+    refused_advice,
+    unseen_refusal,
 )
 
 OUTCOME_UNKNOWN = 3  # the exit status of a payment whose outcome is not known
@@ -204,6 +207,7 @@ class _Payment:
     poi_id: str
     amount: str
     sent: bool = False
+    protocol: str | None = None  # the connection's MQTT version, once connected
 
 
 def _published(payment: _Payment) -> None:
@@ -227,7 +231,10 @@ def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace) -> i
           f"    poi-bridge resync {ids} --config {config}   (asks the terminal, shows the "
           "outcome)\n"
           "  \"no transaction\" before the bridge has taken the queued request does not mean "
-          "it was not charged: ask again once the bridge is back.",
+          "it was not charged: ask again once the bridge is back."
+          + ("\n  The broker speaks MQTT 3.1.1 only, so it could not say whether it refused the "
+             "request: only if its log shows \"Denied PUBLISH\" on the request for this login "
+             "did the request go nowhere." if payment.protocol == "3.1.1" else ""),
           file=sys.stderr, flush=True)
     return OUTCOME_UNKNOWN
 
@@ -261,15 +268,25 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
                   f"until it is back", file=sys.stderr)
         if args.action == "pay":
             assert payment is not None
+            payment.protocol = register.protocol
+
             def sending() -> None:
                 # From here on, whatever fails, the broker may have the request: its outcome
                 # is unknown, not "failed" (a failed publish may have reached the broker too).
                 payment.sent = True
 
-            answer = await register.pay(args.terminal, args.amount, args.currency,
-                                        service_id=payment.service_id, timeout=args.timeout,
-                                        on_sending=sending,
-                                        on_published=lambda: _published(payment))
+            try:
+                answer = await register.pay(args.terminal, args.amount, args.currency,
+                                            service_id=payment.service_id,
+                                            timeout=args.timeout, on_sending=sending,
+                                            on_published=lambda: _published(payment))
+            except PublishRefusedByBroker as exc:
+                payment.sent = False  # refused by the broker (MQTT 5): it went nowhere
+                print(f"poi-bridge register: {exc}: nothing was sent to the terminal, nothing "
+                      f"was charged (SaleID {payment.sale_id} ServiceID {payment.service_id}); "
+                      f"{refused_advice(register.topics.base, payment.sale_id)}",
+                      file=sys.stderr)
+                return 2
             payment.sent = False  # its outcome is known: nothing after this makes it unknown
             info = answer["bridge"]
             if args.json:
@@ -280,14 +297,23 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
                       f"{info['outcome']} (source {info['source']})"
                       + (f": {info['error']}" if info.get("error") else ""))
             return 0 if info["outcome"] == "approved" else 1
-        if args.action == "resync":
-            answer = await register.command("resync", {"sale_id": args.sale_id,
-                                                       "service_id": args.service_id})
-        elif args.action == "transactions":  # this register's, as resync asks for its own
-            answer = await register.command("transactions", {"sale_id": args.sale_id} | (
-                {"state": args.state} if args.state else {}))
-        else:
-            answer = await register.command("terminals")
+        try:
+            if args.action == "resync":
+                answer = await register.command("resync", {"sale_id": args.sale_id,
+                                                           "service_id": args.service_id})
+            elif args.action == "transactions":  # this register's, as resync asks for its own
+                answer = await register.command("transactions", {"sale_id": args.sale_id} | (
+                    {"state": args.state} if args.state else {}))
+            else:
+                answer = await register.command("terminals")
+        except PublishRefusedByBroker as exc:
+            print(f"poi-bridge register: {exc}; {refused_advice(register.topics.base)}",
+                  file=sys.stderr)
+            return 2
+        except TimeoutError:
+            print("poi-bridge register: no answer in time (is the bridge running?)"
+                  + unseen_refusal(register.protocol), file=sys.stderr)
+            return 2
         print(json.dumps(answer if args.json else answer.get("data") or answer, indent=1))
         return 0 if answer.get("status") == "ok" else 1
 

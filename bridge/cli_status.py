@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -15,10 +16,23 @@ from bridge.daemon.journal import Journal, JournalError
 from bridge.daemon.registers import summary
 from bridge.register_client import (
     ConnectionSetupError,
+    PublishRefusedByBroker,
     RegisterClient,
     cli_client_id,
     connection_problem,
+    option_names,
+    refused_advice,
+    unseen_refusal,
 )
+
+
+def _login_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--username", help="log in as this user instead of the "
+                        "configuration's mqtt.username (the bridge's own login, which a broker "
+                        "ACL may not let send commands: e.g. operator)")
+    parser.add_argument("--password-file", type=Path, metavar="FILE",
+                        help="that user's password: the whole file, without its trailing line "
+                             "end")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -29,6 +43,7 @@ def add_parser(subparsers: Any) -> None:
                     "but no daemon answered, 2 when the broker could not be asked or the "
                     "configuration or journal cannot be read.")
     status.add_argument("--config", required=True)
+    _login_options(status)
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=run_status)
     resync = subparsers.add_parser(
@@ -38,39 +53,49 @@ def add_parser(subparsers: Any) -> None:
     resync.add_argument("sale_id", metavar="SALEID")
     resync.add_argument("service_id", metavar="SERVICEID")
     resync.add_argument("--config", required=True)
+    _login_options(resync)
     resync.add_argument("--wait", type=float, default=60.0,
                         help="seconds to wait for the result (default 60)")
     resync.add_argument("--json", action="store_true")
     resync.set_defaults(handler=run_resync)
 
 
-def _load(path: str) -> Any:
+def _load(args: argparse.Namespace) -> Any:
+    """The configuration, its login replaced by --username and --password-file if given."""
     try:
-        return load_config(path)
+        config = load_config(args.config)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{exc.path}: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
+    login = {"username": args.username,  # a file named here is read from where one stands
+             "password_file": args.password_file and args.password_file.absolute()}
+    login = {key: value for key, value in login.items() if value is not None}
+    return config.model_copy(update={"mqtt": config.mqtt.model_copy(update=login)})
 
 
 class _NoAnswer(Exception):
-    """The broker took the command, the daemon did not answer it."""
+    """The broker took the command (as far as it said), the daemon did not answer it."""
+
+    def __init__(self, protocol: str | None) -> None:
+        self.protocol = protocol
 
 
 async def _ask_daemon(config: Any, command: str, body: dict[str, Any] | None = None,
                       timeout: float = 3.0) -> dict[str, Any]:
     """The daemon's answer. ConnectionSetupError or aiomqtt.MqttError when the broker could
-    not be reached or refused us (see connection_problem), _NoAnswer when nobody answered."""
+    not be reached or refused us (see connection_problem), PublishRefusedByBroker when it
+    refused the command, _NoAnswer when nobody answered."""
     async with RegisterClient.for_bridge(config.mqtt, "poi-bridge-cli", persistent=False,
                                          client_id=cli_client_id()) as client:
         try:
             return await client.command(command, body, timeout=timeout)
         except TimeoutError:
-            raise _NoAnswer from None
+            raise _NoAnswer(client.protocol) from None
 
 
 def run_status(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args)
     try:
         journal = Journal(config.journal, readonly=True)
     except JournalError as exc:
@@ -85,13 +110,17 @@ def run_status(args: argparse.Namespace) -> int:
     try:
         terminals = asyncio.run(_ask_daemon(config, "terminals"))
         daemon = "running"
-    except _NoAnswer:
+    except _NoAnswer as exc:
         daemon = "not reachable over MQTT"
         note = (f"no daemon answered on {config.mqtt.base_topic}/bridge/response/terminals "
                 f"(the broker took the question): is poi-bridge running (systemctl status "
-                f"poi-bridge), and is its mqtt.base_topic {config.mqtt.base_topic}?")
+                f"poi-bridge), and is its mqtt.base_topic {config.mqtt.base_topic}?"
+                + unseen_refusal(exc.protocol))
+    except PublishRefusedByBroker as exc:
+        problem = f"{exc}; {refused_advice(config.mqtt.base_topic)}"
+        daemon = "unknown: the broker refused the question"
     except (ConnectionSetupError, aiomqtt.MqttError, OSError) as exc:
-        problem = connection_problem(exc, config.mqtt)
+        problem = connection_problem(exc, config.mqtt, option_names(config.mqtt, args))
         daemon = "unknown: the broker could not be asked"
     report = {
         "journal": str(config.journal), "counts": counts, "open_transactions": open_txns,
@@ -132,8 +161,13 @@ def run_status(args: argparse.Namespace) -> int:
 async def _resync(args: argparse.Namespace, config: Any) -> int:
     async with RegisterClient.for_bridge(config.mqtt, args.sale_id, persistent=False,
                                          client_id=cli_client_id()) as client:
-        answer = await client.command("resync", {"sale_id": args.sale_id,
-                                                 "service_id": args.service_id})
+        try:
+            answer = await client.command("resync", {"sale_id": args.sale_id,
+                                                     "service_id": args.service_id})
+        except TimeoutError:
+            print("poi-bridge resync: the daemon did not answer (is it running?)"
+                  + unseen_refusal(client.protocol), file=sys.stderr)
+            return 2
         if answer.get("status") != "ok":
             print(f"poi-bridge resync: {answer.get('error')}", file=sys.stderr)
             return 2
@@ -156,14 +190,20 @@ async def _resync(args: argparse.Namespace, config: Any) -> int:
 
 
 def run_resync(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args)
     try:
         return asyncio.run(_resync(args, config))
+    except PublishRefusedByBroker as exc:
+        print(f"poi-bridge resync: {exc}; {refused_advice(config.mqtt.base_topic)}",
+              file=sys.stderr)
+        return 2
     except TimeoutError:  # (an OSError: before the connection errors)
         print("poi-bridge resync: the daemon did not answer (is it running?)", file=sys.stderr)
         return 2
     except BrokenPipeError:
         raise  # standard output closed (`| head`): bridge.cli ends quietly
     except (ConnectionSetupError, aiomqtt.MqttError, OSError) as exc:
-        print(f"poi-bridge resync: {connection_problem(exc, config.mqtt)}", file=sys.stderr)
+        names = option_names(config.mqtt, args)
+        print(f"poi-bridge resync: {connection_problem(exc, config.mqtt, names)}",
+              file=sys.stderr)
         return 2

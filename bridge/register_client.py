@@ -20,14 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bridge.config import MqttConfig, SecretError, read_configured_secret, read_secret
 from bridge.daemon.mqtt import SetupError, login_refused
 from bridge.daemon.mqtt import tls_context as daemon_tls_context
+from bridge.daemon.mqtt_client import AcknowledgedClient, PublishRefused
 from bridge.daemon.registers import Topics
 from bridge.deployment import password_to_fix
 from bridge.protocol.builders import new_service_id
 from bridge.simulator.responses import payment_request
+
+# A CONNACK refusing the protocol version: 3.1.1's 1, MQTT 5's 0x84 (paho gives 0x84 for
+# both to an MQTT 5 client). Such a broker is asked again in MQTT 3.1.1.
+UNSUPPORTED_VERSION = frozenset({1, 0x84})
 
 
 def cli_client_id() -> str:
@@ -43,6 +50,19 @@ def cli_client_id() -> str:
 class ConnectionSetupError(Exception):
     """What keeps a client from trying to connect at all (a password or TLS file it cannot
     use), in one line that names the file and what to check."""
+
+
+class PublishRefusedByBroker(Exception):
+    """An MQTT 5 broker acknowledged our publish with a refusal (its ACL: 0x87 Not
+    authorized): it took nothing, and nobody received it. Said with the topic and the login,
+    for the technician to log in as a user allowed there. (MQTT 3.1.1 cannot say so: the
+    broker acknowledges and drops.)"""
+
+    def __init__(self, topic: str, username: str | None, refused: PublishRefused) -> None:
+        self.topic, self.username, self.reason = topic, username, refused.reason
+        who = f"user {username!r}" if username else "a login without a user name"
+        super().__init__(f"the broker refused the publish on {topic} for {who} "
+                         f"({refused}): its ACL does not let this login publish there")
 
 
 class ConnectionLost(aiomqtt.MqttError):
@@ -123,6 +143,27 @@ def connection_problem(exc: BaseException, mqtt: MqttConfig,
             f"check that it runs, {names['address']}, and {tls}")
 
 
+def refused_advice(base_topic: str, sale_id: str | None = None) -> str:
+    """Whom to log in as when the broker refused a register's request (`sale_id`) or an
+    operator command (None), as examples/mosquitto/acl has it."""
+    if sale_id is None:
+        return (f"log in as a user the broker's ACL lets publish on {base_topic}/bridge/"
+                "request/+ (under examples/mosquitto/acl, the operator: --username operator "
+                "--password-file FILE)")
+    return ("log in as a user the broker's ACL lets publish there (under examples/mosquitto/"
+            f"acl, only the register {sale_id} itself: --username {sale_id} --password-file "
+            "FILE)")
+
+
+def unseen_refusal(protocol: str | None) -> str:
+    """Said where no answer came over MQTT 3.1.1: its broker cannot say it refused."""
+    if protocol != "3.1.1":
+        return ""
+    return (" (this broker speaks MQTT 3.1.1 only, which cannot say it refused the publish: "
+            "if its log shows \"Denied PUBLISH\" for this login, nothing reached the bridge; "
+            "log in as a user its ACL allows there, with --username and --password-file)")
+
+
 def _object(value: Any) -> dict[str, Any]:
     """`value` if it is a JSON object, else an empty one (a malformed part of a message)."""
     return value if isinstance(value, dict) else {}
@@ -139,19 +180,25 @@ class RegisterClient:
                  on_event: Callable[[dict[str, Any]], None] | None = None,
                  on_malformed: Callable[[str, str], None] | None = None,
                  username: str | None = None, password: str | None = None,
-                 tls_context: ssl.SSLContext | None = None, plain_topic: bool = False) -> None:
+                 tls_context: ssl.SSLContext | None = None, plain_topic: bool = False,
+                 mqtt5: bool = False) -> None:
         self.host, self.port, self.sale_id = host, port, sale_id
+        # MQTT 5 where the broker speaks it (else 3.1.1): only its PUBACK can say that the
+        # broker refused a publish, which 3.1.1 takes and drops in silence
+        self._mqtt5 = mqtt5
+        self.protocol: str | None = None  # "5" or "3.1.1", once connected
         # Requests go to .../request/{SaleID}, which a broker ACL can tie to this register's
         # login; the plain .../request where the ACL allows only that (or the bridge is older)
         self._plain_topic = plain_topic
         self._login = {"username": username, "password": password, "tls_context": tls_context}
+        self.username = username
         self.topics = Topics(base_topic)
         self._client_id = client_id or (f"register-{sale_id}" if persistent
                                         else cli_client_id())
         self._persistent = persistent
         self._on_event = on_event
         self._on_malformed = on_malformed  # (topic, what is wrong) of each message skipped
-        self._client: aiomqtt.Client | None = None
+        self._client: AcknowledgedClient | None = None
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
         # ServiceIDs waited for whose request the bridge took (an `accepted` or `duplicate`
         # event came): a conflict refusal under those IDs then answers another request
@@ -170,12 +217,30 @@ class RegisterClient:
         return cls(mqtt.host, mqtt.port, sale_id, base_topic=mqtt.base_topic,
                    username=mqtt.username,
                    password=read_password(mqtt.password_file, configured=True),
-                   tls_context=tls_context(mqtt), **options)
+                   tls_context=tls_context(mqtt), mqtt5=True, **options)
+
+    def _new_client(self, mqtt5: bool) -> AcknowledgedClient:
+        options: dict[str, Any] = {"clean_session": not self._persistent}
+        if mqtt5:
+            properties = Properties(PacketTypes.CONNECT)
+            if self._persistent:  # a till's session outlives the connection, as in 3.1.1
+                properties.SessionExpiryInterval = 24 * 3600
+            options = {"protocol": aiomqtt.ProtocolVersion.V5, "properties": properties,
+                       "clean_start": not self._persistent}
+        return AcknowledgedClient(self.host, self.port, identifier=self._client_id,
+                                  **options, **self._login)
 
     async def __aenter__(self) -> RegisterClient:
-        self._client = aiomqtt.Client(self.host, self.port, identifier=self._client_id,
-                                      clean_session=not self._persistent, **self._login)
-        await self._client.__aenter__()
+        self._client = self._new_client(self._mqtt5)
+        try:
+            await self._client.__aenter__()
+            self.protocol = "5" if self._mqtt5 else "3.1.1"
+        except aiomqtt.MqttCodeError as exc:
+            if not (self._mqtt5 and getattr(exc.rc, "value", exc.rc) in UNSUPPORTED_VERSION):
+                raise
+            self._client = self._new_client(False)  # a broker that speaks only 3.1.1
+            await self._client.__aenter__()
+            self.protocol = "3.1.1"
         await self._client.subscribe(f"{self.topics.base}/registers/{self.sale_id}/#", qos=1)
         await self._client.subscribe(f"{self.topics.base}/bridge/response/+", qos=1)
         await self._client.subscribe(self.topics.bridge_state, qos=1)
@@ -203,6 +268,8 @@ class RegisterClient:
             for future in [*self._waiting.values(), *self._commands.values()]:
                 if not future.done():
                     future.set_exception(self._lost)
+            assert self._client is not None
+            self._client.fail_pending(self._lost)
 
     async def _read_messages(self) -> None:
         assert self._client is not None
@@ -282,13 +349,27 @@ class RegisterClient:
             topic = self.topics.base + f"/terminals/{header['POIID']}/request"
             if not self._plain_topic:
                 topic += f"/{header['SaleID']}"
-            await self._client.publish(topic, json.dumps(document), qos=1)
+            await self._publish(topic, json.dumps(document))
             if on_published is not None:
                 on_published()
             return await asyncio.wait_for(future, timeout)
         finally:
             self._waiting.pop(header["ServiceID"], None)
             self._taken.discard(header["ServiceID"])
+
+    async def _publish(self, topic: str, payload: str) -> None:
+        """Publish at QoS 1 and wait for the broker's acknowledgement (10 s, as aiomqtt's
+        own publish). PublishRefusedByBroker when an MQTT 5 broker refused it: nothing was
+        sent on. aiomqtt.MqttError when no acknowledgement came: the broker may have it."""
+        assert self._client is not None
+        ack = self._client.publish_nowait(topic, payload.encode(), qos=1)
+        try:
+            await asyncio.wait_for(ack, 10)
+        except PublishRefused as exc:
+            raise PublishRefusedByBroker(topic, self.username, exc) from None
+        except TimeoutError:
+            raise aiomqtt.MqttError(
+                f"the broker did not acknowledge the publish on {topic} within 10 s") from None
 
     def _check_connected(self) -> None:
         if self._lost is not None:
@@ -317,8 +398,8 @@ class RegisterClient:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._commands[token] = future
         try:
-            await self._client.publish(f"{self.topics.base}/bridge/request/{command}",
-                                       json.dumps({**(body or {}), "transaction": token}), qos=1)
+            await self._publish(f"{self.topics.base}/bridge/request/{command}",
+                                json.dumps({**(body or {}), "transaction": token}))
             return await asyncio.wait_for(future, timeout)
         finally:
             del self._commands[token]

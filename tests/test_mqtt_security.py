@@ -76,11 +76,13 @@ async def start_bridge(tmp_path, broker, *, mqtt_password=None, **mqtt):
 
 
 @contextlib.asynccontextmanager
-async def store_under_the_example_acl(tmp_path, delay: float = 0.05):
-    """mosquitto with examples/mosquitto/acl, users poi-bridge, POS1 and POS2, the daemon
-    logged in as poi-bridge, a simulated terminal: yields (bridge, simulator, broker)."""
+async def store_under_the_example_acl(tmp_path, delay: float = 0.05, users=None):
+    """mosquitto with examples/mosquitto/acl, users poi-bridge, POS1 and POS2 (or `users`,
+    name: password), the daemon logged in as poi-bridge, a simulated terminal: yields
+    (bridge, simulator, broker)."""
     passwd = tmp_path / "passwd"
-    passwords(passwd, {"poi-bridge": "bridge-pw", "POS1": "pos1-pw", "POS2": "pos2-pw"})
+    passwords(passwd, {"poi-bridge": "bridge-pw", **(
+        users or {"POS1": "pos1-pw", "POS2": "pos2-pw"})})
     broker = Mosquitto(tmp_path / "broker", anonymous=False,
                        extra_config=f"password_file {passwd}\nacl_file {ACL}\n").start()
     simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=delay)),

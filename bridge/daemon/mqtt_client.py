@@ -114,10 +114,53 @@ class PublishRefused(Exception):
         super().__init__(f"{self.reason} (reason code 0x{self.code:02x})")
 
 
-class PipelinedClient(aiomqtt.Client):
+class AcknowledgedClient(aiomqtt.Client):
+    """aiomqtt's client, with a publish whose future says what the broker's acknowledgement
+    said: aiomqtt's own `publish()` returns on any PUBACK, a refusal (MQTT 5, e.g. 0x87 Not
+    authorized by the ACL) as if the broker had taken the message."""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acks: dict[int, asyncio.Future[None]] = {}
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                       properties: Any = None) -> asyncio.Future[None]:
+        """Send now; the future completes when the broker has acknowledged the message (at
+        once for QoS 0), with PublishRefused when an MQTT 5 broker acknowledged it with a
+        failure reason code. Raises MqttCodeError when paho cannot take it (not connected)."""
+        info = self._client.publish(topic, payload, qos, retain, properties)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if qos == 0 or info.is_published():
+            future.set_result(None)
+        else:
+            self._acks[info.mid] = future
+        return future
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
+                    properties: Any) -> None:
+        future = self._acks.pop(mid, None)
+        if future is None:  # one of aiomqtt's own publish() calls
+            super()._on_publish(client, userdata, mid, reason_code, properties)
+        elif future.done():
+            pass
+        elif reason_code.is_failure:  # an acknowledgement, not a delivery (MQTT 5 only)
+            future.set_exception(PublishRefused(reason_code))
+        else:
+            future.set_result(None)
+
+    def fail_pending(self, exc: BaseException) -> None:
+        """The connection is gone: whoever waits for an acknowledgement gets `exc`."""
+        for future in self._acks.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._acks.clear()
+
+
+class PipelinedClient(AcknowledgedClient):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._client.manual_ack_set(True)
         self._client._handle_pubackcomp = types.MethodType(  # type: ignore[method-assign]
             _lean_pubackcomp, self._client)
@@ -163,33 +206,6 @@ class PipelinedClient(aiomqtt.Client):
         Call in the order the messages arrived (MQTT wants PUBACKs in that order)."""
         if message.qos > 0:
             self._client.ack(message.mid, message.qos)
-
-    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
-                       properties: Any = None) -> asyncio.Future[None]:
-        """Send now; the future completes when the broker has acknowledged the message (at
-        once for QoS 0), with PublishRefused when an MQTT 5 broker acknowledged it with a
-        failure reason code. Raises MqttCodeError when paho cannot take it (not connected)."""
-        info = self._client.publish(topic, payload, qos, retain, properties)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if qos == 0 or info.is_published():
-            future.set_result(None)
-        else:
-            self._acks[info.mid] = future
-        return future
-
-    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any,
-                    properties: Any) -> None:
-        future = self._acks.pop(mid, None)
-        if future is None:  # one of aiomqtt's own publish() calls
-            super()._on_publish(client, userdata, mid, reason_code, properties)
-        elif future.done():
-            pass
-        elif reason_code.is_failure:  # an acknowledgement, not a delivery (MQTT 5 only)
-            future.set_exception(PublishRefused(reason_code))
-        else:
-            future.set_result(None)
 
     def abandon_pending(self) -> None:
         """The connection is gone: what was not acknowledged stays in the outbox and is sent
