@@ -327,6 +327,40 @@ def test_silent_terminal_goes_unresolved_frees_terminal_and_resolves_later():
     assert not h.session.open
 
 
+def test_not_found_after_another_payment_went_to_the_terminal_leaves_the_outcome_unknown():
+    """The terminal may remember only its latest request of a category ("last such Request"
+    in the vendor's NotFound). After S2 went to it, its NotFound about the unresolved S1 may
+    be forgetting, not "never received": S1 is not reported not_found (the register would
+    charge again), but unresolved, no longer asked about, with why. A NotFound before any
+    later request still means never received."""
+    h = Harness()
+    h.submit("R1", "S1")
+    h.advance(120)
+    h.advance(30)
+    h.advance(1)
+    (report,) = h.delivers(h.advance(30))
+    assert report.outcome == "unresolved"
+    h.submit("R1", "S2")
+    h.answer(responses.payment_response(request_of(h, "R1", "S2"), "approve", h.now))
+    assert len(h.sends(h.advance(10), "status-poll")) == 1  # the background poll for S1
+    told = h.answer(responses.status_not_found(h.last_poll()))
+    (result,) = h.delivers(told)
+    assert (result.service_id, result.outcome) == ("S1", "unresolved")
+    assert "has taken another Payment request since this one" in result.error
+    txn = h.session.open[TxKey("R1", "S1")]
+    assert (txn.state, txn.next_poll_at, txn.extra.get("abandoned")) == \
+        (TxState.UNRESOLVED, None, True)
+    assert any(isinstance(a, Progress) and a.event == "reconcile_abandoned" for a in told)
+    assert h.sends(h.advance(3600)) == []  # no more polls about it
+    # Another category since does not count: a Reversal's "last such Request" is its own.
+    h2 = Harness()
+    h2.submit("R1", "S1")
+    h2.session.last_request_at["Reversal"] = h2.now + 1
+    h2.advance(120)
+    (result,) = h2.delivers(h2.answer(responses.status_not_found(h2.last_poll())))
+    assert result.outcome == "not_found"
+
+
 def test_reconcile_backoff_grows_is_capped_and_gives_up_at_the_deadline():
     h = Harness(SessionSettings(payment_timeout=1, status_timeout=1, resync_attempts=1,
                                 poll_floor=0.1, reconcile_initial=2, reconcile_max_interval=8,

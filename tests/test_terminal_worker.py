@@ -19,7 +19,14 @@ from bridge.daemon.journal import Journal
 from bridge.daemon.worker import SteadyClock, TerminalWorker
 from bridge.protocol.messages import parse_message
 from bridge.protocol.session import Deliver, Progress
-from bridge.protocol.transaction import Reuse, TxKey, TxState, check_reuse, request_digest
+from bridge.protocol.transaction import (
+    Reuse,
+    Transaction,
+    TxKey,
+    TxState,
+    check_reuse,
+    request_digest,
+)
 from bridge.simulator import responses
 from bridge.simulator.server import SimulatorServer
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
@@ -348,6 +355,41 @@ async def test_restart_recovers_an_open_payment_from_the_journal(tmp_path, caplo
         assert (result.outcome, result.source) == ("approved", "status-poll")
         assert len(rig.simulator.terminal.ledger) == 1
         assert len([r for r in rig.outlet.results if r.service_id == "S1"]) == 1
+
+
+async def test_not_found_after_the_terminal_took_another_payment_is_no_proof_of_no_charge(
+        tmp_path):
+    """The vendor's NotFound names "the last such Request": a terminal may remember only its
+    latest payment. A payment left unresolved, then another taken on that terminal, then the
+    bridge restarted: the terminal's NotFound about the first must not tell the register it
+    was never charged (it may charge again); the outcome stays unknown, and says why. What
+    the terminal took since comes from the journal, across the restart."""
+    async with Rig(tmp_path, scenario(Behaviour(delay=0.05))) as rig:
+        rig.pay("S2")
+        assert (await rig.outlet.result_for("S2")).outcome == "approved"
+        later = rig.stored("S2").sent_at
+        document = responses.payment_request("POS1", "S1", POI, 10.0)
+        rig.journal.save(Transaction(
+            sale_id="POS1", service_id="S1", poi_id=POI, category="Payment",
+            request=document, digest=request_digest(document), created_at=later - 60,
+            updated_at=later - 30, sent_at=later - 60, state=TxState.UNRESOLVED,
+            detail="status polls unanswered"))
+        await rig.worker.stop()
+        fresh = TerminalWorker(rig.worker.config, rig.journal, rig.outlet,
+                               backoff=Backoff(initial=0.05, maximum=0.2))
+        fresh.restore(rig.journal.open_transactions(POI))
+        await fresh.start()
+        rig.worker = fresh
+        result = await rig.outlet.result_for("S1", final=False)
+        assert result.outcome == "unresolved", result
+        assert "has taken another Payment request since this one" in result.error
+        assert "check the acquirer's records" in result.error
+        stored = rig.stored("S1")
+        assert (stored.state, stored.outcome, stored.next_poll_at) == \
+            (TxState.UNRESOLVED, None, None)
+        assert stored.extra.get("abandoned") is True
+        assert "reconcile_abandoned" in rig.events("S1")
+        assert ("POS1", "S1") not in rig.simulator.terminal.ledger  # never sent again
 
 
 async def test_a_terminal_on_the_wrong_port_gets_no_payment(tmp_path):

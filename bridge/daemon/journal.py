@@ -641,6 +641,13 @@ class Journal:
         ).fetchone()
         return None if row is None else self._from_row(row)
 
+    def last_requests_sent(self, poi_id: str) -> dict[str, float]:
+        """category -> when a request of it last went to terminal `poi_id`, of those kept."""
+        rows = self._db.execute(
+            "SELECT category, MAX(sent_at) FROM transactions WHERE poi_id = ? AND passthrough = 0"
+            " AND sent_at IS NOT NULL GROUP BY category", (poi_id,))
+        return {category: at for category, at in rows}
+
     def open_transactions(self, poi_id: str | None = None) -> list[Transaction]:
         query = f"SELECT {', '.join(_COLUMNS)} FROM transactions WHERE state != 'final'"
         params: tuple[Any, ...] = ()

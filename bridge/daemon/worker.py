@@ -185,6 +185,7 @@ class TerminalWorker:
         self._apply(self.session.resync(txn, self._clock()))
 
     def restore(self, transactions: list[Transaction]) -> None:
+        self.session.last_request_at.update(self.journal.last_requests_sent(self.poi_id))
         if transactions:
             log.info("terminal %s: recovering %d open transaction(s) from the journal: %s",
                      self.poi_id, len(transactions), describe_transactions(transactions))

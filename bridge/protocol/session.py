@@ -168,6 +168,10 @@ class TerminalSession:
         self._naming_ids: deque[str] = deque(maxlen=16)  # the last checks sent: late answers
         self._probe: _Probe | None = None  # the one status poll on the wire
         self._poll_index: dict[str, TxKey] = {}
+        # When a request of each category last went to this terminal (this run, and what the
+        # journal held at restore): a terminal may remember only its latest request of a
+        # category, so its NotFound about an earlier one proves nothing (see _status_answer).
+        self.last_request_at: dict[str, float] = {}
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -507,6 +511,7 @@ class TerminalSession:
 
     def _send_request(self, txn: Transaction, now: float) -> list[Action]:
         txn.state, txn.sent_at = TxState.AWAITING_RESPONSE, now
+        self.last_request_at[txn.category] = now
         txn.deadline, txn.updated_at = now + self.settings.payment_timeout, now
         return [
             Record(txn.snapshot()),
@@ -659,6 +664,23 @@ class TerminalSession:
                            f"({reason or why}); reconciling in the background"),
         ]
 
+    def _abandon(self, txn: Transaction, detail: str, now: float) -> list[Action]:
+        """The bridge stops asking about `txn`: its outcome cannot be learned from the
+        terminal. Recorded and published as such (the register's response topic and the
+        retained document said the bridge keeps asking): nothing more will come."""
+        txn.state, txn.deadline, txn.next_poll_at = TxState.UNRESOLVED, None, None
+        txn.extra["abandoned"] = True
+        txn.detail, txn.updated_at = detail, now
+        if self.active == txn.key:
+            self.active = None
+        return [
+            Record(txn.snapshot()),
+            self._progress(txn, "reconcile_abandoned", txn.detail),
+            Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
+                    Outcome.UNRESOLVED.value, "bridge", None, txn.detail),
+            Log("error", f"terminal {self.poi_id}: transaction {txn.key}: {txn.detail}"),
+        ]
+
     def _poll_failed(self, txn: Transaction, reason: str, now: float, retry_in: float) -> list[Action]:
         """A status poll went unanswered (or could not be sent, or was unusable)."""
         txn.unanswered_polls += 1
@@ -681,23 +703,12 @@ class TerminalSession:
         if txn.state is TxState.UNRESOLVED:
             txn.reconcile_attempts += 1
             if now >= txn.created_at + self.settings.reconcile_deadline:
-                # Recorded and published as such (the register's response topic and the
-                # retained document said the bridge keeps asking): nothing more will come
-                txn.next_poll_at = None
-                txn.extra["abandoned"] = True
-                txn.detail = (
+                return self._abandon(txn, (
                     "outcome unknown: the bridge stopped asking the terminal after "
                     f"reconcile_deadline ({self.settings.reconcile_deadline:g} s) without an "
                     f"answer ({reason}); check the acquirer's records or the terminal's own "
                     "transaction report before charging again. A resync (operator command) "
-                    "asks the terminal once more")
-                return [
-                    Record(txn.snapshot()),
-                    self._progress(txn, "reconcile_abandoned", txn.detail),
-                    Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
-                            Outcome.UNRESOLVED.value, "bridge", None, txn.detail),
-                    Log("error", f"terminal {self.poi_id}: transaction {txn.key}: {txn.detail}"),
-                ]
+                    "asks the terminal once more"), now)
             backoff = self.settings.reconcile_initial * 2 ** txn.reconcile_attempts
             txn.next_poll_at = now + min(self.settings.reconcile_max_interval, backoff)
             return [Record(txn.snapshot())]
@@ -717,6 +728,17 @@ class TerminalSession:
             # (NotFound, hours and many sales later) says nothing about what it charged.
             return self._stored_result_stands(
                 txn, f"the terminal's answer to the resync is no outcome ({cls.detail})", now)
+        later = self.last_request_at.get(txn.category)
+        if cls.outcome is Outcome.NOT_FOUND and txn.sent_at is not None and later is not None \
+                and later > txn.sent_at:
+            # The vendor's NotFound names "the last such Request": a terminal that has taken
+            # another request of this category since may have forgotten this one, charged or
+            # not. Taken as "never received", the register would be told it may charge again.
+            return self._abandon(txn, (
+                f"outcome unknown: the terminal answers NotFound, but it has taken another "
+                f"{txn.category} request since this one and may remember only its latest, so "
+                "NotFound no longer means it never got this one; check the acquirer's records "
+                "or the terminal's own transaction report before charging again"), now)
         if cls.outcome is Outcome.NOT_FOUND:
             response = builders.failure_response(
                 _header_of(txn), txn.category, "NotFound",
