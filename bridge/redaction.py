@@ -24,6 +24,7 @@ of base64). Field names also match in snake_case.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterator
 
@@ -234,16 +235,22 @@ def _digits(match: re.Match[str]) -> str:
     return "".join(out)
 
 
-# A field's name ending a file's name (/etc/poi-bridge/credentials/mqtt-password: Permission
-# denied): a path, whose error text must reach the technician
-_PATH_BEFORE = re.compile(r"/[\w.-]*\Z")
+# A field's name ending an absolute path, followed by the system's error text for it
+# (/etc/poi-bridge/credentials/mqtt-password: Permission denied): that is a file and why it
+# cannot be used, which the technician needs. Nothing else after such a path is spared:
+# key=value shapes (acquirer/ExpiryDate=12/29, key/KeyValue=...) are fields.
+_ABSOLUTE_PATH_BEFORE = re.compile(r"(?:\A|\s)/[\w./-]*\Z")
+_PATH_ERRORS = tuple(sorted({": " + os.strerror(n) for n in range(1, 200)
+                             if not os.strerror(n).startswith("Unknown error")}))
+_WORD_END = re.compile(r"\w*")
 
 
 def _field(match: re.Match[str]) -> str:
     value = match.group("value")
     head = match.group("head")
     at = match.start("head") + 1  # the name's first character
-    if _PATH_BEFORE.search(match.string, max(0, at - 256), at):
+    if _ABSOLUTE_PATH_BEFORE.search(match.string, max(0, at - 256), at) \
+            and match.string.startswith(_PATH_ERRORS, _WORD_END.match(match.string, at).end()):
         return match.group(0)
     if value[0] in "{[":  # an object or array becomes a string in the same quoting
         quote = '\\"' if '\\"' in head else "'" if "'" in head else '"'

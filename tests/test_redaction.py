@@ -140,6 +140,13 @@ LEAKY_SHAPES = [
     ("digits [5413, 3300, 8960, 0010]", ["5413, 3300", "8960, 0010"]),
     ("amex 3782/822463/10005 and 3782_822463_10005", ["822463"]),
     ("diners 3056/930902/5904, 3056_930902_5904\n3056\t930902\t5904", ["930902"]),
+    # a field after a slash is still a field, unless it names a file and its error follows
+    ("posEntryMode=ICC/cvc=737 acquirer/ExpiryDate=12/29", ["737", "12/29"]),
+    ("key/KeyValue=00112233445566778899aabbccddeeff", ["00112233"]),
+    ("terminals/0/key/Passphrase: hunter2 and JOHN/CardHolderName=JOHN DOE",
+     ["hunter2", "JOHN DOE"]),
+    ("cannot read /etc/poi-bridge/credentials/pan: 5413330089600010", ["5413330089600010"]),
+    ("/etc/x/cvc: 737 and /etc/y/password: swordfish", ["737", "swordfish"]),
     # key material without a field name
     ("derived 8f14e45fceea167a5a36dedd4bea2543a6b1c1d2e3f4a5b6c7d8e9f0a1b2c3d4", ["8f14e45fceea"]),
     ("blob fMtXTcQCbAi3gAwtOANt4tQEz2UUrorGVnDuCeYXTJUoF+NyNCmj+bwILU9io34q==", ["fMtXTcQC"]),
