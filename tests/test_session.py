@@ -282,6 +282,13 @@ def test_a_terminal_in_progress_for_ever_leaves_the_register_unresolved_at_the_l
     assert len(h.sends(purpose="request")) == 1  # never sent again
     background = h.sends(h.advance(SETTINGS.reconcile_initial), "status-poll")
     assert len(background) == 1
+    # Still "in progress" in the background: asked with the reconcile backoff (20 s now),
+    # not every poll_floor, and without an event each time (the diff review saw 7191 polls
+    # in two hours, each an event to the register).
+    still = h.answer(responses.status_in_progress(h.last_poll()))
+    assert not [a for a in still if isinstance(a, Progress | Deliver)]
+    assert h.sends(h.advance(19), "status-poll") == []
+    assert len(h.sends(h.advance(1), "status-poll")) == 1
     (resolved,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
     assert (resolved.outcome, resolved.source) == ("approved", "status-poll")
 
@@ -352,6 +359,19 @@ def test_not_found_after_another_payment_went_to_the_terminal_leaves_the_outcome
         (TxState.UNRESOLVED, None, True)
     assert any(isinstance(a, Progress) and a.event == "reconcile_abandoned" for a in told)
     assert h.sends(h.advance(3600)) == []  # no more polls about it
+    # The same after the system clock was stepped (the daemon shifts every time it holds):
+    # the request's time must move with the transactions' (the diff review's case).
+    h3 = Harness()
+    h3.submit("R1", "S1")
+    for seconds in (120, 30, 1, 30):
+        h3.advance(seconds)
+    h3.submit("R1", "S2")
+    h3.answer(responses.payment_response(request_of(h3, "R1", "S2"), "approve", h3.now))
+    h3.session.shift_times(3600.0)
+    h3.now += 3600.0
+    assert len(h3.sends(h3.advance(10), "status-poll")) == 1
+    (result,) = h3.delivers(h3.answer(responses.status_not_found(h3.last_poll())))
+    assert result.outcome == "unresolved", result
     # Another category since does not count: a Reversal's "last such Request" is its own.
     h2 = Harness()
     h2.submit("R1", "S1")

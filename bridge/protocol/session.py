@@ -249,6 +249,8 @@ class TerminalSession:
         time held moves with it, so each deadline stays as far off as it was."""
         for txn in self.open.values():
             txn.shift_times(delta)
+        for category in self.last_request_at:  # compared with the transactions' sent_at
+            self.last_request_at[category] += delta
         for pending in (self._probe, self._naming):
             if pending is not None:
                 pending.deadline += delta
@@ -751,6 +753,13 @@ class TerminalSession:
             return self._finish(txn, Outcome.DECLINED, response, "status-poll", now,
                                 detail="the terminal was busy: the payment was not started")
         if cls.outcome in (Outcome.IN_PROGRESS, Outcome.BUSY):
+            if txn.state is TxState.UNRESOLVED:
+                # In the background the register was told: asked again with the reconcile
+                # backoff up to reconcile_deadline, not every poll_floor for ever (a hung
+                # terminal), and without an event each time.
+                return self._poll_failed(txn, f"still in progress on the terminal "
+                                              f"({cls.detail})", now,
+                                         retry_in=self.settings.poll_floor)
             if txn.state is TxState.POLLING and now >= self._in_progress_end(txn):
                 # A register must have an answer it can plan for: a terminal that says
                 # "in progress" for ever (hung) held the till with it.
