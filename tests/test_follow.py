@@ -16,7 +16,9 @@ import pytest
 
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
+from bridge.daemon.device_match import TerminalMatcher
 from bridge.daemon.follow import partner_to_follow
+from bridge.daemon.hotplug import HotplugMonitor
 from bridge.protocol.transaction import TxState
 from bridge.register_client import RegisterClient
 from bridge.simulator.server import SimulatorServer
@@ -47,9 +49,13 @@ class Holder:
     online: bool
     kind: str = "serial"
 
+    device: str | None = None
+
     @property
     def config(self) -> Any:
-        return SimpleNamespace(link=SimpleNamespace(kind=self.kind))
+        return SimpleNamespace(link=SimpleNamespace(
+            kind=self.kind, device=self.device or f"/dev/tty-{self.poi_id}",
+            host=self.poi_id, port=8443))
 
 
 def decide(partner: Holder | None) -> tuple[str | None, str]:
@@ -71,6 +77,8 @@ def test_a_partner_whose_link_holds_another_device_or_none_is_followed():
     (Holder(B, "confirmed", True), "two devices say they are"),
     (Holder(B, "unknown", True), "has not said yet"),
     (Holder(B, "unknown", False, kind="tcp"), "on a tcp link, and this is a serial link"),
+    # both configured on one device: they would be followed back and forth for ever
+    (Holder(B, f"mismatch: {A}", True, device=f"/dev/tty-{A}"), "may lead to the same device"),
 ])
 def test_a_partner_that_may_be_on_its_own_link_is_not_followed(partner, why):
     found, why_not = decide(partner)
@@ -215,5 +223,46 @@ async def test_a_payment_open_when_the_cables_were_swapped_is_asked_on_its_termi
         assert not [e for e in sim_b.terminal.ledger.values() if e.category == "Payment"]
         assert len(sim_a.terminal.receipts[("TILL1", "OPEN1")]) == 1
     finally:
+        await sim_a.close()
+        await sim_b.close()
+
+
+async def test_tcp_terminals_whose_addresses_swapped_are_followed_with_hotplug_running(
+        tmp_path, mosquitto):
+    """DHCP gave two TCP terminals each other's addresses, on a box whose udev monitor runs
+    (for its USB or serial terminals). Following them, the daemon took the monitor's word
+    on whether a TCP terminal's device is present, which it never is: both terminals stayed
+    offline until a restart (the diff review's case)."""
+    from .test_hotplug import PipeMonitor
+
+    sim_a, sim_b = simulator(A), simulator(B)
+    port_a, port_b = await sim_a.start_tcp(), await sim_b.start_tcp()
+    bridge = Bridge(parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"),
+        "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "base_topic": BASE,
+                 "client_id": "bridge-follow-test"},
+        "terminals": [{"poi_id": A, "link": {"kind": "tcp", "host": "127.0.0.1",
+                                              "port": port_b}},
+                      {"poi_id": B, "link": {"kind": "tcp", "host": "127.0.0.1",
+                                              "port": port_a}}],
+    }), hotplug=False)
+    monitor = PipeMonitor()
+    bridge.hotplug = HotplugMonitor(TerminalMatcher(bridge.config), bridge._plugged,
+                                    bridge._unplugged, monitor=monitor,
+                                    enumerate_devices=list, settle=0.01)
+    await bridge.start()
+    try:
+        assert await wait_until(lambda: all(
+            w.identity == "confirmed" for w in bridge.workers.values()), timeout=15), \
+            [w.state() for w in bridge.workers.values()]
+        assert bridge.workers[A].config.link.port == port_a
+        async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1", base_topic=BASE,
+                                  persistent=False) as till:
+            for poi_id in (A, B):
+                answer = await till.pay(poi_id, 7.0, timeout=15)
+                assert answer["bridge"]["outcome"] == "approved", answer
+    finally:
+        await bridge.stop()
+        monitor.close()
         await sim_a.close()
         await sim_b.close()

@@ -109,7 +109,10 @@ class Bridge:
         if self.hotplug is not None:
             self.hotplug.rematch(TerminalMatcher([w.config for w in self.workers.values()]))
             for moved in (worker, partner):
-                device = getattr(moved.config.link, "device", None)
+                link = moved.config.link
+                if link.kind == "tcp":
+                    continue  # (no device to watch: it stays enabled)
+                device = getattr(link, "device", None)
                 if device is None or udev_announces(device):  # (else udev never says)
                     moved.device_present(self.hotplug.is_present(moved.poi_id))
         log.warning("terminal %s is on %s, the link configured for %s: following them, %s now "
@@ -120,12 +123,18 @@ class Bridge:
 
     def _plugged(self, poi_id: str, device: DeviceInfo) -> None:
         log.info("terminal %s plugged in: %s", poi_id, device.describe())
-        self.workers[poi_id].device_present(True)
+        self.workers[poi_id].device_present(self._present(poi_id, True))
 
     def _unplugged(self, poi_id: str, device: DeviceInfo) -> None:
         log.warning("terminal %s unplugged (%s); open transactions are kept and polled when "
                     "it is back", poi_id, device.describe())
-        self.workers[poi_id].device_present(False)
+        self.workers[poi_id].device_present(self._present(poi_id, False))
+
+    def _present(self, poi_id: str, said: bool) -> bool:
+        """Whether `poi_id`'s device is there, by the monitor's state when the event is
+        handled: an event queued before terminals were followed to each other's links
+        names the terminal the device belonged to then."""
+        return self.hotplug.is_present(poi_id) if self.hotplug is not None else said
 
     async def _start_hotplug(self) -> None:
         if self.hotplug is None:

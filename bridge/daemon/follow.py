@@ -12,8 +12,9 @@ any replug.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class LinkHolder(Protocol):
@@ -43,9 +44,26 @@ def partner_to_follow(workers: Mapping[str, LinkHolder], poi_id: str,
     if here.kind != there.kind:
         return None, (f"{said} is configured on a {there.kind} link, and this is a {here.kind} "
                       "link: not followed")
+    if _may_be_one_device(here, there):
+        # Swapping would change nothing but drop both links, again at every message: the
+        # two terminals would be followed back and forth.
+        return None, (f"{said}'s link and this one may lead to the same device: not followed "
+                      "(run poi-bridge check-config)")
     if partner.identity == "confirmed":
         return None, (f"{said} is also confirmed on its own link: two devices say they are "
                       f"{said}")
     if partner.online and partner.identity == "unknown":
         return None, f"{said}'s own link has not said yet which terminal is there"
     return partner, ""
+
+
+def _may_be_one_device(here: Any, there: Any) -> bool:
+    """Whether two links of one kind may reach the same device: one path, one address, or
+    USB ids one of which takes any serial number."""
+    if here.kind == "serial":
+        return os.path.realpath(here.device) == os.path.realpath(there.device)
+    if here.kind == "tcp":
+        return (here.host.lower(), here.port) == (there.host.lower(), there.port)
+    return ((here.vendor_id, here.product_id, here.interface)
+            == (there.vendor_id, there.product_id, there.interface)
+            and (here.serial is None or there.serial is None or here.serial == there.serial))
