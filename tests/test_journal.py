@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 
 from bridge.daemon.journal import Journal, JournalError
 from bridge.protocol.transaction import Transaction, TxKey, TxState, request_digest
+
+from .rig import python_env
 from bridge.simulator import responses
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,6 +231,39 @@ def test_a_journal_on_a_file_system_remounted_read_only_says_so(tmp_path, monkey
     monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly())
     text = unusable(tmp_path / "j.sqlite3", error)
     assert "mounted read-only" in text and "dmesg" in text and "fsck" in text, text
+
+
+def test_a_journal_on_a_real_read_only_remount_is_not_called_a_permission_problem(tmp_path):
+    """A real read-only remount (a tmpfs in a mount namespace of its own): the owner's own
+    journal was reported as files to chown (os.access fails on a read-only mount too), not
+    as the disk problem it is."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) to remount a file system read-only")
+    where = tmp_path / "disk"
+    where.mkdir()
+    script = (
+        "import sys\n"
+        "from bridge.daemon.journal import Journal, JournalError\n"
+        "try:\n"
+        f"    Journal({str(where / 'journal.sqlite3')!r})\n"
+        "except JournalError as exc:\n"
+        "    print(exc)\n"
+        "else:\n"
+        "    print('opened')\n")
+    setup = (f"{sys.executable} -c 'from bridge.daemon.journal import Journal; "
+             f"Journal(\"{where / 'journal.sqlite3'}\").close()'")
+    run = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs tmpfs {where} && {setup} && mount -o remount,ro {where} && "
+         f"{sys.executable} -c \"$0\"", script],
+        capture_output=True, text=True, timeout=60, env=python_env())
+    if "mount:" in run.stderr and "permission denied" in run.stderr.lower():
+        pytest.skip(f"cannot mount here: {run.stderr.strip()}")
+    assert run.returncode == 0, run.stderr
+    assert "mounted read-only" in run.stdout and "dmesg" in run.stdout, run.stdout
+    assert "chown" not in run.stdout, run.stdout
 
 
 def test_a_failing_checkpoint_is_said_once_with_what_to_do(tmp_path, caplog):

@@ -104,16 +104,12 @@ def unusable(path: Path, exc: sqlite3.Error) -> str:
     moved aside; a full disk or a permission problem leaves the journal as it is, since it
     may hold the only record of a payment a register has not heard of yet."""
     name = getattr(exc, "sqlite_errorname", None) or ""
+    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")) and _read_only_mount(path.parent):
+        return _mounted_read_only(path, exc)
     if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
         not_ours = not_writable(path)
         if not_ours is not None:
             return not_ours
-    if name.startswith("SQLITE_READONLY") and _read_only_mount(path.parent):
-        return (f"journal {path} cannot be written ({exc}): {path.parent} is on a file system "
-                "mounted read-only, as the kernel does after disk errors. It is left as it "
-                "is: look at the kernel log (dmesg), check the disk (fsck, from a rescue "
-                "system if it is the root file system), remount it read-write or replace it, "
-                "then restart the bridge.")
     if name and not name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
         return (f"journal {path} cannot be used ({exc}, {name}). It is left as it is: check "
                 f"the free space and the permissions where it lives (df -h {path.parent}; "
@@ -121,6 +117,14 @@ def unusable(path: Path, exc: sqlite3.Error) -> str:
     return (f"journal {path} is unreadable or corrupt ({exc}). It may hold payments not yet "
             "reported: the bridge will not overwrite it. Move it aside, keep it for "
             "inspection, and restart to begin a new journal.")
+
+
+def _mounted_read_only(path: Path, exc: BaseException) -> str:
+    return (f"journal {path} cannot be written ({exc}): {path.parent} is on a file system "
+            "mounted read-only, as the kernel does after disk errors. It is left as it "
+            "is: look at the kernel log (dmesg), check the disk (fsck, from a rescue "
+            "system if it is the root file system), remount it read-write or replace it, "
+            "then restart the bridge.")
 
 
 def _read_only_mount(directory: Path) -> bool:
@@ -175,6 +179,8 @@ def not_writable(path: Path) -> str | None:
 
 def _open_failure(path: Path, exc: BaseException, readonly: bool) -> str:
     """Why the journal file would not open, and what a technician does about it."""
+    if not readonly and _read_only_mount(path.parent):
+        return _mounted_read_only(path, exc)  # (not a permission: no chown helps)
     if not readonly:
         not_ours = not_writable(path)
         if not_ours is not None:
