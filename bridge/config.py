@@ -165,7 +165,8 @@ def _host(value: str) -> str:
             "host_spaces", "host {given} is empty or has spaces in it: write the name or "
             "address alone, e.g. host = \"10.0.0.5\" (the port has its own key)",
             {"given": f'"{value}"'})
-    if "://" in value or value.count(":") == 1:  # (an IPv6 address has two or more)
+    if "://" in value or value.count(":") == 1 or "[" in value or "]" in value:
+        # (an IPv6 address has two colons or more, and is written here without brackets)
         raise PydanticCustomError(
             "host_url", "host {given} is not a host name or address: write the name or "
             "address alone, e.g. host = \"10.0.0.5\" (the port has its own key, TLS its own "

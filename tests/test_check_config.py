@@ -402,7 +402,7 @@ def test_a_tcp_host_with_spaces_is_refused(host):
 
 
 @pytest.mark.parametrize("host", ["mqtt://localhost", "mqtts://broker.lan:8883",
-                                  "10.0.0.5:1883", "broker.lan:1883"])
+                                  "10.0.0.5:1883", "broker.lan:1883", "[::1]:1883", "[::1]"])
 def test_a_host_written_as_a_url_or_with_its_port_is_refused(host):
     """check-config said OK, and the daemon tried for ever: 'Name or service not known'."""
     for found, place in ((problems({"mqtt": {"host": host}}), "mqtt.host"),
