@@ -22,7 +22,7 @@ from bridge.config import (
     UsbLink,
     credential_path,
 )
-from bridge.daemon.journal import lock_path, user_name
+from bridge.daemon.journal import journal_files, user_name
 
 DAEMON_USER = "poi-bridge"  # User= of systemd/poi-bridge.service
 
@@ -330,7 +330,7 @@ def _check_journal_path(path: Path, place: str, errors: list[str],
         errors.append(f"{place}: {directory} is on a read-only file system: keep the journal "
                       f"in {STATE_DIRECTORY}/")
         return
-    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+    for file in journal_files(path)[:3]:  # (the lock file holds a pid, nothing private)
         _check_private(place, file, "the terminals' answers (card data, receipts)", warnings)
     target = path if path.exists() else directory
     mode = os.R_OK | os.W_OK if target == path else os.W_OK | os.X_OK
@@ -363,8 +363,7 @@ def _check_journal_owner(path: Path, place: str, warnings: list[str]) -> None:
     except KeyError:
         return  # the daemon's user is not on this box: not installed as the unit runs it
     others = []
-    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
-                 lock_path(path)):
+    for file in journal_files(path):
         try:
             owner = file.stat().st_uid
         except OSError:

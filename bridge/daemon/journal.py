@@ -139,6 +139,12 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def journal_files(path: Path) -> tuple[Path, Path, Path, Path]:
+    """The database, SQLite's -wal and -shm beside it, and the daemon's lock file."""
+    return (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
+            lock_path(path))
+
+
 def user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -154,9 +160,7 @@ def not_writable(path: Path) -> str | None:
     me = user_name(os.geteuid())
     blocked: list[tuple[Path, os.stat_result]] = []
     candidates = [(path.parent, os.W_OK | os.X_OK)] + [
-        (file, os.R_OK | os.W_OK) for file in (
-            path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
-            lock_path(path))]
+        (file, os.R_OK | os.W_OK) for file in journal_files(path)]
     for file, mode in candidates:
         try:
             info = file.stat()
