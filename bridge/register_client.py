@@ -268,6 +268,7 @@ class RegisterClient:
             for future in [*self._waiting.values(), *self._commands.values()]:
                 if not future.done():
                     future.set_exception(self._lost)
+                    future.exception()  # (see AcknowledgedClient.fail_pending)
             assert self._client is not None
             self._client.fail_pending(self._lost)
 

@@ -174,3 +174,27 @@ async def test_a_closed_socket_in_add_writer_is_one_readable_line(caplog):
             "waiting to go out; nothing is lost: it goes again after the reconnect") in records
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].exc_info[0] is ZeroDivisionError, records
+
+
+async def test_acknowledgements_failed_with_the_connection_print_no_traceback(mosquitto, caplog):
+    """The connection lost, every publish waiting for its acknowledgement gets the error;
+    one nobody awaits any more made asyncio print 'Future exception was never retrieved' and
+    a traceback into `poi-bridge register pay`'s OUTCOME UNKNOWN message (a CI run saw it)."""
+    import gc
+
+    client = PipelinedClient(mosquitto.host, mosquitto.port, identifier="acks-failed")
+    async with client:
+        loop = asyncio.get_running_loop()
+        # Two publishes waiting for their PUBACK (as message ids paho never uses): one still
+        # awaited, one whose publisher has gone
+        waiting = client._acks[-1] = loop.create_future()
+        client._acks[-2] = loop.create_future()
+        client.fail_pending(ConnectionError("the connection to the broker was lost"))
+        with pytest.raises(ConnectionError):
+            await waiting  # an awaiter still gets it
+    del waiting
+    with caplog.at_level("ERROR", logger="asyncio"):
+        gc.collect()
+        await asyncio.sleep(0)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], \
+        caplog.messages

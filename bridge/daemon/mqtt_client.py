@@ -155,6 +155,10 @@ class AcknowledgedClient(aiomqtt.Client):
         for future in self._acks.values():
             if not future.done():
                 future.set_exception(exc)
+                # Marked retrieved: one nobody awaits any more must not make asyncio print
+                # "Future exception was never retrieved" with a traceback (an awaiter still
+                # gets it raised)
+                future.exception()
         self._acks.clear()
 
 
