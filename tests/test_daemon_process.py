@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sqlite3
 import textwrap
 
@@ -329,7 +330,11 @@ def test_a_journal_write_failing_at_start_up_is_a_clear_stop(tmp_path, monkeypat
                           "/dev/null")
     monkeypatch.setattr(cli_daemon, "setup_logging", lambda level: None)
     args = type("A", (), {"config": str(config)})()
-    assert cli_daemon.run_daemon(args) == 3
+    old = os.umask(0o022)
+    try:
+        assert cli_daemon.run_daemon(args) == 3
+    finally:
+        os.umask(old)  # run_daemon sets the daemon's 077: not for the tests after this one
     assert "cannot be used (database or disk is full, SQLITE_FULL)" in caplog.text
 
 

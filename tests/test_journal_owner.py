@@ -108,6 +108,7 @@ def box_for_nobody():
     top.chmod(0o755)
     state = top / "state"
     state.mkdir()
+    state.chmod(0o755)  # whatever the umask of the tests before
     config = top / "poi-bridge.toml"
     config.write_text(f'journal = "{state}/journal.sqlite3"\n[mqtt]\nhost = "127.0.0.1"\n'
                       'port = 1\n[[terminals]]\npoi_id = "V400m-1"\n'
