@@ -13,10 +13,13 @@ Rules (from the seed and REFERENCE.md section 2):
   except Abort and TransactionStatus, which pass straight through;
 - no answer within payment_timeout, a lost link, a frame the link could not deliver or an
   unusable answer: ask the terminal with a TransactionStatusRequest (fresh ServiceID);
-- InProgress or Busy: ask again after a small floor; Success: the outcome is in
-  RepeatedMessageResponse; NotFound: final, the terminal never got it;
-- after resync_attempts polls without a usable answer, report `unresolved` and keep polling
-  in the background with capped exponential backoff until reconcile_deadline;
+- InProgress or Busy: ask again after a small floor, up to in_progress_limit from the
+  request; Success: the outcome is in RepeatedMessageResponse; NotFound: final, the
+  terminal never got it, unless another request of that category went to it since (it may
+  remember only its latest: the outcome then stays unknown);
+- after resync_attempts polls without a usable answer (not before payment_timeout), or
+  InProgress past in_progress_limit, report `unresolved` and keep polling in the
+  background with capped exponential backoff until reconcile_deadline;
 - never re-send a request whose outcome is unknown;
 - a newly opened link may hold another terminal (a swapped cable, ports renumbered): before
   anything else goes out on it, the device is asked who it is (a DiagnosisRequest; every
