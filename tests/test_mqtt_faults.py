@@ -547,6 +547,8 @@ async def test_a_retained_request_starts_nothing_and_is_answered_on_the_error_to
         refusal = await till.wait_for(lambda t, p: t == f"{BASE}/bridge/error", timeout=10)
         assert refusal["status"] == "error" and RETAINED_ERROR in refusal["error"]
         assert refusal["poi_id"] == POI and refusal["topic"] == request_topic()
+        # with the IDs as sent, as every refusal there (the contract review saw none)
+        assert (refusal["sale_id"], refusal["service_id"]) == ("POS1", "R1"), refusal
         answer = await till.wait_for(lambda t, p: t.endswith("/bridge/response/terminals"))
         assert answer["status"] == "error" and RETAINED_ERROR in answer["error"]
         assert answer["transaction"] == "t-7"

@@ -21,6 +21,8 @@ from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway, Reply
 from bridge.daemon.registers import (
     dumps,
+    id_text,
+    request_header,
     retained_state,
     stored_result,
     summary,
@@ -115,22 +117,6 @@ def _readable_sale_id(document: Any) -> str | None:
         else None
 
 
-def _id_text(value: Any) -> str:
-    """An ID from a refused request's header, as text to echo (at most 128 characters): a
-    string, or a whole number a register sent where a string belongs; else empty."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    return value[:128] if isinstance(value, str) else ""
-
-
-def _header_dict(document: Any) -> dict[str, Any]:
-    try:
-        header = document["SaleToPOIRequest"]["MessageHeader"]
-    except (KeyError, TypeError):
-        return {}
-    return header if isinstance(header, dict) else {}
-
-
 def _payment_time_stamp(request: SaleToPOIRequest) -> tuple[dt.datetime | None, str | None]:
     """A PaymentRequest's SaleTransactionID.TimeStamp, or what is wrong with it; (None, None)
     for other requests. A payment must say when the register built it: the 300-s rule
@@ -222,13 +208,13 @@ class RequestIntake:
                 reply: Reply | None = None, to_sale_id: str | None = None,
                 conflict: dict[str, Any] | None = None) -> None:
         self.rejected += 1
-        header = _header_dict(document)
+        header = request_header(document)
         sale_id = _readable_sale_id(document)
         if to_sale_id is not None and sale_id != to_sale_id:
             sale_id = to_sale_id if topic_safe(to_sale_id) and len(to_sale_id) <= 64 else None
         # As the register wrote them, so that it can tell which request this answers: a
         # ServiceID sent as a number, a SaleID that cannot be a topic level
-        service_id, sale_text = _id_text(header.get("ServiceID")), _id_text(header.get("SaleID"))
+        service_id, sale_text = id_text(header.get("ServiceID")), id_text(header.get("SaleID"))
         category = header.get("MessageCategory") if isinstance(
             header.get("MessageCategory"), str) else "Unknown"
         log.warning("request for terminal %s refused: %s (SaleID=%s ServiceID=%s)",
@@ -275,13 +261,13 @@ class RequestIntake:
         except MessageError as exc:
             refuse(None, poi_id, f"request is unusable: {exc}")
             return
-        said = _header_dict(document).get("SaleID")
+        said = request_header(document).get("SaleID")
         if topic_sale_id is not None and isinstance(said, str) and said != topic_sale_id:
             # The topic's SaleID is the one the broker's ACL vouches for: the refusal goes
             # to that register, not to the one the header names (it may be forged). Past
             # this point a SaleID that can be read is the topic's; one that cannot (missing,
             # a number) is refused by the header checks, answered to the topic's register.
-            refuse(document, poi_id, f"MessageHeader.SaleID {_id_text(said)!r} is not the "
+            refuse(document, poi_id, f"MessageHeader.SaleID {id_text(said)!r} is not the "
                                      f"topic's SaleID {topic_sale_id!r}: a register publishes "
                                      "only its own requests", "NotAllowed")
             return
@@ -396,7 +382,7 @@ class RequestIntake:
         identical: a copy the broker delivers again (QoS 1) to a bridge whose rules became
         stricter since it took the first. Refusing it would tell the register that a payment
         it may have been charged for was rejected."""
-        header = _header_dict(document)
+        header = request_header(document)
         sale_id, service_id = header.get("SaleID"), header.get("ServiceID")
         if not isinstance(sale_id, str) or not isinstance(service_id, str):
             return False

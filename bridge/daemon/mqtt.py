@@ -35,6 +35,8 @@ from bridge.daemon.registers import (
     Topics,
     dumps,
     event_payload,
+    id_text,
+    request_header,
     result_payload,
     result_payload_bytes,
     splices_response,
@@ -490,9 +492,17 @@ class RegisterGateway:
                 "status": "error", "data": None, "error": error,
                 "transaction": _transaction_echo(payload)})
         else:
+            # With the IDs as sent, as every refusal there has them when they can be read
+            try:
+                header = request_header(load_json(payload, max_size=self.config.max_payload))
+            except MessageError:
+                header = {}
+            ids = {key: text for key, text in (("sale_id", id_text(header.get("SaleID"))),
+                                               ("service_id", id_text(header.get("ServiceID"))))
+                   if text}
             self.enqueue(self.topics.bridge_error, {
                 "status": "error", "error": error,
-                "poi_id": route.name if route is not None else None, "topic": topic})
+                "poi_id": route.name if route is not None else None, "topic": topic, **ids})
 
     def _usable_response_topic(self, topic: str, response_topic: object) -> str | None:
         """The requester's MQTT 5 response topic, or None (the fixed topic) when it cannot be

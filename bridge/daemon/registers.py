@@ -42,6 +42,23 @@ def topic_safe(part: str) -> bool:
     return bool(part) and len(part) <= 128 and not (set(part) & TOPIC_UNSAFE) and part.isprintable()
 
 
+def id_text(value: Any) -> str:
+    """An ID from a refused request's header, as text to echo (at most 128 characters): a
+    string, or a whole number a register sent where a string belongs; else empty."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return value[:128] if isinstance(value, str) else ""
+
+
+def request_header(document: Any) -> dict[str, Any]:
+    """A request document's MessageHeader, or {} where it has none (a refused request)."""
+    try:
+        header = document["SaleToPOIRequest"]["MessageHeader"]
+    except (KeyError, TypeError):
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
 def _now_iso(at: float | None = None) -> str:
     moment = dt.datetime.fromtimestamp(at, dt.UTC) if at is not None else dt.datetime.now(dt.UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
