@@ -48,6 +48,7 @@ class Holder:
     identity: str
     online: bool
     kind: str = "serial"
+    holds_unconfirmed_sends: bool = False
 
     device: str | None = None
 
@@ -77,6 +78,9 @@ def test_a_partner_whose_link_holds_another_device_or_none_is_followed():
     (Holder(B, "confirmed", True), "two devices say they are"),
     (Holder(B, "unknown", True), "has not said yet"),
     (Holder(B, "unknown", False, kind="tcp"), "on a tcp link, and this is a serial link"),
+    # a payment went to that device before it said who it is: asked about there
+    (Holder(B, f"mismatch: {A}", True, holds_unconfirmed_sends=True),
+     "sent a request to its device before the device said who it is"),
     # both configured on one device: they would be followed back and forth for ever
     (Holder(B, f"mismatch: {A}", True, device=f"/dev/tty-{A}"), "may lead to the same device"),
 ])

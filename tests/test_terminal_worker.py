@@ -392,6 +392,24 @@ async def test_not_found_after_the_terminal_took_another_payment_is_no_proof_of_
         assert ("POS1", "S1") not in rig.simulator.terminal.ledger  # never sent again
 
 
+async def test_a_request_written_to_a_device_not_yet_named_is_remembered_while_open(tmp_path):
+    """A device that did not answer the identity check in time gets what waits anyway. Such
+    a request must be asked about on that device: the worker remembers it while it is open,
+    and the daemon does not follow the terminal to another link meanwhile (follow.py)."""
+    async with Rig(tmp_path, scenario(Behaviour(delay=0.3))) as rig:
+        rig.worker.identity = "unknown"  # as after an identity check unanswered in time
+        rig.pay("S1")
+        async with asyncio.timeout(5):  # written after the step's commit
+            while not rig.worker.sent_unconfirmed:
+                await asyncio.sleep(0.01)
+        assert rig.worker.holds_unconfirmed_sends
+        assert (await rig.outlet.result_for("S1")).outcome == "approved"
+        assert not rig.worker.holds_unconfirmed_sends  # settled: nothing left to ask about
+        rig.pay("S2", 11.0)  # the device has named itself since (the answer's POIID)
+        assert (await rig.outlet.result_for("S2")).outcome == "approved"
+        assert rig.worker.identity == "confirmed" and not rig.worker.sent_unconfirmed
+
+
 async def test_a_terminal_on_the_wrong_port_gets_no_payment(tmp_path):
     """The device configured for POI is another terminal (ports renumbered after a replug, a
     swapped cable). The identity check on link-up finds it out before anything else is sent:

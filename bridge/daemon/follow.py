@@ -22,6 +22,7 @@ class LinkHolder(Protocol):
 
     poi_id: str
     identity: str  # confirmed | unknown | mismatch: <what the device said>
+    holds_unconfirmed_sends: bool  # a request went to its device before it said who it is
 
     @property
     def online(self) -> bool: ...
@@ -49,6 +50,14 @@ def partner_to_follow(workers: Mapping[str, LinkHolder], poi_id: str,
         # two terminals would be followed back and forth.
         return None, (f"{said}'s link and this one may lead to the same device: not followed "
                       "(run poi-bridge check-config)")
+    for holder in (workers[poi_id], partner):
+        if holder.holds_unconfirmed_sends:
+            # That device may hold the payment (it did not answer the identity check, and
+            # got the request anyway): asked about elsewhere, its NotFound would read "never
+            # charged". Left where it is, it is asked about on this device, as before.
+            return None, (f"{holder.poi_id} sent a request to its device before the device "
+                          "said who it is: not followed, so that it is asked about where it "
+                          "went")
     if partner.identity == "confirmed":
         return None, (f"{said} is also confirmed on its own link: two devices say they are "
                       f"{said}")

@@ -159,6 +159,9 @@ class TerminalWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self.counters = {"frames_in": 0, "frames_out": 0, "framing_errors": 0, "reconnects": 0}
         self.identity = "unknown"  # confirmed | mismatch: <what it said> | unknown
+        # Requests written to a device that had not said who it is (it did not answer the
+        # identity check in time): asked about where they went, never followed elsewhere
+        self.sent_unconfirmed: set[TxKey] = set()
 
     # --- public -----------------------------------------------------------------------------
 
@@ -222,6 +225,13 @@ class TerminalWorker:
         else:
             self._enabled_event.clear()
             self._disabled_event.set()
+
+    @property
+    def holds_unconfirmed_sends(self) -> bool:
+        """Whether an open transaction's request went to a device not known to be this
+        terminal: its link must not be swapped away from that device (see follow.py)."""
+        self.sent_unconfirmed &= self.session.open.keys()
+        return bool(self.sent_unconfirmed)
 
     def relink(self, link: Any) -> None:
         """Open `link` from now on instead of the configured one: this terminal was found
@@ -320,6 +330,8 @@ class TerminalWorker:
             self._apply(self.session.send_failed(action.service_id, "message too large",
                                                  self._clock()))
             return
+        if action.purpose == "request" and self.identity != "confirmed":
+            self.sent_unconfirmed.add(TxKey(action.sale_id, action.service_id))
         self._in_flight.append((payload, action.service_id))
         self._framer_events(self.framer.send_frame(payload, time.monotonic()))
         self.counters["frames_out"] += 1
