@@ -16,7 +16,7 @@ from bridge.daemon.registers import (
     transaction_payload,
     transaction_payload_from,
 )
-from bridge.protocol.session import Deliver
+from bridge.protocol.actions import Deliver
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(),

@@ -9,16 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bridge.protocol.messages import parse_message
-from bridge.protocol.session import (
-    Deliver,
-    Log,
-    Progress,
-    Record,
-    Send,
-    SessionSettings,
-    TerminalSession,
-    Unmatched,
-)
+from bridge.protocol.actions import Deliver, Log, Progress, Record, Send, Unmatched
+from bridge.protocol.session import SessionSettings, TerminalSession
 from bridge.protocol.transaction import TxKey, TxState, request_digest
 from bridge.simulator import responses
 

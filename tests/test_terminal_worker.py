@@ -18,7 +18,7 @@ from bridge.config import TerminalConfig
 from bridge.daemon.journal import Journal
 from bridge.daemon.worker import SteadyClock, TerminalWorker
 from bridge.protocol.messages import parse_message
-from bridge.protocol.session import Deliver, Progress
+from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.transaction import (
     Reuse,
     Transaction,

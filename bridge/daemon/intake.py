@@ -39,7 +39,8 @@ from bridge.protocol.messages import (
     parse_message,
 )
 from bridge.protocol.outcome import MONEY_CATEGORIES, Outcome, classify
-from bridge.protocol.session import FINAL_MONEY_OUTCOMES, Deliver, Progress
+from bridge.protocol.actions import Deliver, Progress
+from bridge.protocol.session import FINAL_MONEY_OUTCOMES
 from bridge.protocol.transaction import (
     Reuse,
     Transaction,

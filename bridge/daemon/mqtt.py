@@ -47,7 +47,7 @@ from bridge.daemon.registers import (
 )
 from bridge.deployment import password_to_fix
 from bridge.protocol.messages import MessageError, load_json
-from bridge.protocol.session import Deliver, Progress
+from bridge.protocol.actions import Deliver, Progress
 from bridge.transports import Backoff
 
 log = logging.getLogger("poi_bridge.mqtt")

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from bridge.protocol.session import Deliver, Progress
+from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.transaction import Transaction
 
 TOPIC_UNSAFE = frozenset("/+#\x00")

@@ -31,17 +31,8 @@ from bridge.protocol.framing import (
     make_framer,
 )
 from bridge.protocol.messages import MessageError, SaleToPOIRequest, load_json, parse_message
-from bridge.protocol.session import (
-    Action,
-    Deliver,
-    Log,
-    Progress,
-    Record,
-    Send,
-    SessionSettings,
-    TerminalSession,
-    Unmatched,
-)
+from bridge.protocol.actions import Action, Deliver, Log, Progress, Record, Send, Unmatched
+from bridge.protocol.session import SessionSettings, TerminalSession
 from bridge.protocol.transaction import Transaction, TxKey, TxState
 from bridge.transports import (
     Backoff,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.protocol import builders
+from bridge.protocol.actions import Action, Deliver, Log, Progress, Record, Send, Unmatched
 from bridge.protocol.messages import (
     Message,
     MessageHeader,
@@ -62,70 +63,6 @@ class SessionSettings:
     reconcile_max_interval: float = 600.0
     reconcile_deadline: float = 24 * 3600.0
     in_progress_limit: float = 600.0  # the longest a register waits while "in progress"
-
-
-# --- actions ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    transaction: Transaction
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    document: dict[str, Any]
-    sale_id: str
-    service_id: str
-    purpose: str  # request, status-poll, abort, passthrough, identify
-
-
-@dataclass(frozen=True, slots=True)
-class Deliver:
-    sale_id: str
-    service_id: str
-    poi_id: str
-    category: str
-    outcome: str
-    source: str  # terminal, status-poll, bridge
-    response: dict[str, Any] | None
-    error: str | None = None
-    # On the refusal of a different request reusing a transaction's SaleID and ServiceID:
-    # what stands under those IDs ({"state", "outcome"}). Published under the same IDs, the
-    # refusal must not read as that transaction's result.
-    conflict: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Progress:
-    sale_id: str
-    service_id: str
-    poi_id: str
-    event: str
-    detail: str = ""
-    poll: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Log:
-    level: str  # debug, info, warning, error
-    message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Unmatched:
-    """The terminal's final answer to a money request this session has no open transaction
-    for: a late copy of one it finished (the journal has it), or one the journal lost (it
-    was replaced or moved aside while the terminal worked). The shell tells them apart: the
-    second is recorded and published, so the register still hears what it was charged."""
-    sale_id: str
-    service_id: str
-    category: str
-    outcome: str
-    response: dict[str, Any]
-    detail: str
-
-
-Action = Record | Send | Deliver | Progress | Log | Unmatched
 
 
 @dataclass(slots=True)

@@ -1,0 +1,76 @@
+"""What a terminal session asks its shell to do, in order: the sans-I/O core's only output.
+
+`Record` (commit to the journal) always comes before the `Send` (write to the terminal) or
+`Deliver` (a result for a register) that depends on it; `Progress` is an event for the
+cashier's screen, `Log` a line for the technician, `Unmatched` a terminal's final answer no
+open transaction claims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bridge.protocol.transaction import Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    transaction: Transaction
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    document: dict[str, Any]
+    sale_id: str
+    service_id: str
+    purpose: str  # request, status-poll, abort, passthrough, identify
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    sale_id: str
+    service_id: str
+    poi_id: str
+    category: str
+    outcome: str
+    source: str  # terminal, status-poll, bridge
+    response: dict[str, Any] | None
+    error: str | None = None
+    # On the refusal of a different request reusing a transaction's SaleID and ServiceID:
+    # what stands under those IDs ({"state", "outcome"}). Published under the same IDs, the
+    # refusal must not read as that transaction's result.
+    conflict: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    sale_id: str
+    service_id: str
+    poi_id: str
+    event: str
+    detail: str = ""
+    poll: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    level: str  # debug, info, warning, error
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unmatched:
+    """The terminal's final answer to a money request this session has no open transaction
+    for: a late copy of one it finished (the journal has it), or one the journal lost (it
+    was replaced or moved aside while the terminal worked). The shell tells them apart: the
+    second is recorded and published, so the register still hears what it was charged."""
+    sale_id: str
+    service_id: str
+    category: str
+    outcome: str
+    response: dict[str, Any]
+    detail: str
+
+
+Action = Record | Send | Deliver | Progress | Log | Unmatched
