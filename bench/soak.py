@@ -19,6 +19,8 @@ What runs (all real processes, as on a store box):
   slow payment from the register (AbortRequest);
 - a chaos loop driven by random.Random(seed): kill -9 (and clean restarts of) mosquitto,
   SIGKILL (and SIGTERM) of the daemon, terminals unplugged for a while and replugged,
+  two terminals' cables swapped (each simulator plugged back in at the other's configured
+  link; the daemon's configuration unchanged, so it must follow them, and follow them back),
   terminals frozen (no ACK, no answer), registers going away and coming back.
 
 The chaos always ends the same way (the finale): a SIGTERM of the daemon while the registers
@@ -34,17 +36,21 @@ banner, if anything is
 
   lost      charged but not reported approved, a request never answered, a result never
             delivered (unless mosquitto demonstrably lost it in a kill -9),
-  doubled   charged twice, charged on another terminal, or charged without a register's
+  doubled   charged twice, charged on two terminals, or charged without a register's
             payment, or a money request that reached its terminal a second time other than
             as a link-level retransmission of the same frame (the terminal's ledger counts
             every receipt; it does not process a repeated ServiceID, a real terminal might),
   phantom   reported approved but not charged,
+  wrong terminal
+            charged by (or a money request reached) another terminal than the one the
+            payment was addressed to (POIID): the bridge sent it to the wrong device,
   disputed  register and journal disagree (a final outcome at the register with no journal
             row counts, except the refusals the bridge answers before journaling: invalid,
             stale, unknown terminal, shutting down...), or two different final outcomes,
   stuck     a journal row not final or unresolved, an outbox message never delivered, an
             unresolved transaction the bridge did not resolve although everything was back,
-            a terminal the bridge keeps offline although it is plugged in,
+            a terminal the bridge keeps offline although it is plugged in, or keeps on a
+            link whose device says it is another terminal (swapped cables not followed),
   crashed   the daemon or a simulated terminal exited on its own, a SIGTERM of the chaos
             had to be followed by SIGKILL or ended in an error status, or the daemon's final
             SIGTERM did not end with exit status 0.
@@ -121,6 +127,8 @@ CHAOS_KINDS: dict[str, float] = {  # kind -> weight
     "daemon_sigterm": 0.5,
     "daemon_freeze": 0.5,  # SIGSTOP/SIGCONT: the box hangs a moment (VM paused, swap storm)
     "terminal_unplug": 3.0,
+    # A technician swaps two terminals' cables (or swaps them back): the daemon must follow.
+    "terminal_swap": 2.5,
     "terminal_freeze": 1.5,
     "terminal_stall": 1.0,
     "register_away": 1.0,
@@ -130,6 +138,9 @@ CHAOS_KINDS: dict[str, float] = {  # kind -> weight
 }
 
 OPEN_STATES = ("accepted", "awaiting_response", "polling")
+# what the soak's state watcher counts as out of service: offline, or on a link whose device
+# says it is another terminal (identity mismatch: the bridge refuses its payments)
+OUT = ("offline", "wrong device")
 OFFLINE_LIMIT = 15.0  # the worker's reopen backoff is 10 s at most
 # autosave_interval 1, counted in whole seconds: a kill -9 loses up to ~2 s of changes
 BROKER_LOSS_WINDOW = 2.5
@@ -166,7 +177,10 @@ class Terminal:
         self.poi_id = f"V400m-{100000 + index}"
         self.dir = workdir / f"terminal{index}"
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.link = self.dir / "tty"
+        # The daemon's configuration names this path for this terminal, always; the
+        # simulator is plugged in at `plugged_at`, another terminal's path after a swap.
+        self.configured_link = self.dir / "tty"
+        self.plugged_at = self.configured_link
         self.ledger_path = self.dir / "ledger.json"
         self.garbage_rate = rng.choice([0.0, 0.0, 0.05, 0.15, 0.3])
         self.corrupt_rate = rng.choice([0.0, 0.0, 0.03, 0.08, 0.15])
@@ -179,10 +193,20 @@ class Terminal:
         self.offline_reported = False
 
     def unplug(self, seconds: float) -> None:
+        self._away(seconds)
+        self.control(f"unplug {seconds:.2f}")
+
+    def move(self, path: Path, seconds: float) -> None:
+        """Pull the cable and plug it in at `path` (another terminal's port) after
+        `seconds`."""
+        self._away(seconds)
+        self.plugged_at = path
+        self.control(f"move {path} {seconds:.2f}")
+
+    def _away(self, seconds: float) -> None:
         now = time.monotonic()
         self.unplugged_until = now + seconds
         self.unplugs.append((now, now + seconds))
-        self.control(f"unplug {seconds:.2f}")
 
     async def stall(self, seconds: float) -> None:
         """Freeze the simulator process for `seconds`; returns once it has begun."""
@@ -209,8 +233,8 @@ class Terminal:
         path.write_text(json.dumps(self.scenario(), indent=1))
         stderr = open(self.dir / "simulator.log", "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, str(HERE / "soak_terminal.py"), "--pty", "--link", str(self.link),
-             "--poi-id", self.poi_id, "--scenario", str(path), "--ledger",
+            [sys.executable, str(HERE / "soak_terminal.py"), "--pty", "--link",
+             str(self.plugged_at), "--poi-id", self.poi_id, "--scenario", str(path), "--ledger",
              str(self.ledger_path)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=python_env(),
             cwd=ROOT)
@@ -239,6 +263,17 @@ class Terminal:
         if not self.ledger_path.exists():
             return None  # it died without writing one: reported as a crash
         return json.loads(self.ledger_path.read_text())
+
+
+def swap_cables(one: Terminal, other: Terminal, seconds: float) -> None:
+    """A technician swaps two terminals' cables: both are unplugged and each comes back on
+    the port the other one was on (the first after `seconds`, the second after about half
+    that: either one may be back first). The daemon's configuration is unchanged: it must
+    find each terminal on the other's link and follow them (and follow them back when a
+    later swap puts them back)."""
+    here, there = one.plugged_at, other.plugged_at
+    one.move(there, seconds)
+    other.move(here, 0.3 + seconds / 2)
 
 
 class Daemon:
@@ -539,6 +574,7 @@ class Soak:
         self.registers = [Register(self, i, random.Random(f"{args.seed}-register-{i}"))
                           for i in range(args.registers)]
         self.events: list[ChaosEvent] = []
+        self.swaps: list[tuple[float, str, str]] = []  # (wall clock, terminal, terminal)
         self.broker_down = False
         self.daemon_down = False
         self.broker_kills: list[float] = []  # wall-clock times of kill -9
@@ -579,7 +615,7 @@ class Soak:
                 "reconcile_max_interval = 2.0",
                 "[terminals.link]",
                 'kind = "serial"',
-                f'device = "{terminal.link}"',
+                f'device = "{terminal.configured_link}"',
                 "[terminals.framer]",
                 'name = "stx-etx-lrc"',
                 "ack_timeout = 0.5",
@@ -653,6 +689,10 @@ class Soak:
             kind = first.pop(0) if first else drawn
             seconds = rng.uniform(0.3, 5.0)
             terminal = rng.choice(self.terminals)
+            # the terminal whose cable a swap exchanges with `terminal`'s (never itself)
+            n = len(self.terminals)
+            partner = self.terminals[(terminal.index + rng.randrange(1, n)) % n] \
+                if n > 1 else None
             register = rng.choice(self.registers)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), pause)
@@ -662,7 +702,9 @@ class Soak:
                       "daemon_freeze": "daemon",
                       "terminal_stall": terminal.poi_id,
                       "power_blip": terminal.poi_id,
-                      "register_away": register.sale_id}.get(kind, kind.split("_")[0])
+                      "register_away": register.sale_id,
+                      "terminal_swap": f"{terminal.poi_id}<->{partner and partner.poi_id}",
+                      }.get(kind, kind.split("_")[0])
             event = ChaosEvent(time.monotonic() - self.t0, time.time(), kind, target,
                                round(seconds, 2))
             self.events.append(event)
@@ -690,6 +732,12 @@ class Soak:
                     event.skipped = True
                 else:
                     terminal.unplug(seconds)
+            elif kind == "terminal_swap":
+                if partner is None or max(terminal.unplugged_until,
+                                          partner.unplugged_until) > now:
+                    event.skipped = True
+                else:
+                    self.swap(terminal, partner, seconds)
             elif kind == "terminal_freeze":
                 terminal.frozen_until = max(terminal.frozen_until, now + seconds)
                 terminal.control(f"mute {seconds:.2f}")
@@ -710,6 +758,10 @@ class Soak:
             if self.args.verbose:
                 log(f"chaos +{event.at:6.1f}s {kind} {target} {seconds:.1f}s"
                     + (" (skipped: already out)" if event.skipped else ""))
+
+    def swap(self, one: Terminal, other: Terminal, seconds: float) -> None:
+        swap_cables(one, other, seconds)
+        self.swaps.append((time.time(), one.poi_id, other.poi_id))
 
     def power_blip(self, terminal: Terminal, seconds: float) -> None:
         """The terminal drops off the box and the daemon is SIGKILLed and restarted while
@@ -885,10 +937,17 @@ class Soak:
                         payload = json.loads(message.payload)
                         poi_id = payload.get("poi_id")
                         state = payload.get("state")
+                        identity = payload.get("identity") or ""
+                        if identity.startswith("mismatch") and state != "offline":
+                            # on a link whose device is another terminal: not usable either
+                            state = "wrong device"
+                        detail = payload.get("detail") or (
+                            f"identity {identity} on {payload.get('link')}"
+                            if state == "wrong device" else "")
                         old = self.term_state.get(poi_id)
                         since = time.monotonic() if old is None or \
-                            (old[0] == "offline") != (state == "offline") else old[1]
-                        self.term_state[poi_id] = (state, since, payload.get("detail", ""))
+                            (old[0] in OUT) != (state in OUT) else old[1]
+                        self.term_state[poi_id] = (state, since, detail)
             except (aiomqtt.MqttError, ValueError):
                 await asyncio.sleep(0.5)
 
@@ -900,7 +959,7 @@ class Soak:
             return
         for terminal in self.terminals:
             state = self.term_state.get(terminal.poi_id)
-            if state is None or state[0] != "offline":
+            if state is None or state[0] not in OUT:
                 terminal.offline_reported = False
                 continue
             since = max(state[1], terminal.unplugged_until, self.daemon.started_at[-1],
@@ -914,10 +973,13 @@ class Soak:
                 if said in self.daemon.log_since_start():
                     note += (f" At start #{self.daemon.starts} the daemon logged '{said}' and "
                              "has not opened it since.")
+                what = ("on a link whose device is another terminal (swapped cables not "
+                        "followed)" if state[0] == "wrong device" else "offline")
                 self.offline_episodes.append({
                     "poi_id": terminal.poi_id, "wall": time.time(),
-                    "started_while_unplugged": terminal.unplugged_at(started),
-                    "text": f"terminal {terminal.poi_id} offline for the bridge for "
+                    "started_while_unplugged": terminal.unplugged_at(started)
+                    and state[0] == "offline",
+                    "text": f"terminal {terminal.poi_id} {what} for the bridge for "
                             f"{now - since:.0f} s although plugged in, with the daemon (start "
                             f"#{self.daemon.starts}) and the broker up (bridge says: "
                             f"{state[2] or 'no detail'}).{note}"})
@@ -1052,8 +1114,11 @@ class Soak:
         for register in self.registers:
             await register.stop_session()
         await asyncio.to_thread(self.broker.stop)
+        daemon_log = self.daemon.log_path.read_text(errors="replace")
         return audit(self, ledgers, rows, outbox, settled=settled, daemon_exit=exit_code,
-                     daemon_stop=daemon_stop, terminal_states=states, healthy_for=healthy_for)
+                     daemon_stop=daemon_stop, terminal_states=states, healthy_for=healthy_for,
+                     follows=daemon_log.count("following them"),
+                     unchecked=identity_check_timeouts(daemon_log))
 
     async def terminal_states(self) -> dict[str, dict[str, Any]]:
         """The bridge's retained state topic of every terminal, as it stands now."""
@@ -1280,7 +1345,7 @@ class BrokerLog:
 
 NOT_FOUND_IN_LOG = {"received": None, "bridge_subscribed": None, "saved": False,
                     "dropped": None, "sent": None, "acked": None}
-FATAL = ("lost", "doubled", "phantom", "stuck", "disputed", "crashed")
+FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "stuck", "disputed", "crashed")
 BUSY_DETAIL = "terminal busy: the payment was not started"  # the session's words
 # Symptoms of bridge bugs the soak has found, by tag (reported to the bridge's owner):
 KNOWN_BUGS = {
@@ -1302,6 +1367,11 @@ KNOWN_BUGS = {
                                        "terminal although the register had been told "
                                        "'rejected' (e7fc2da journals only the session's "
                                        "refusals)",
+    "sent_without_identity": "the device on a terminal's link did not answer the identity "
+                             "check within status_timeout, and the bridge sent the waiting "
+                             "payment anyway ('sending what waits without knowing which "
+                             "terminal is on the link'): with the cables swapped, another "
+                             "terminal charged it (found by terminal_swap, seed 1)",
     "left_offline": "(fixed in e7fc2da) a serial terminal on a node udev does not manage, "
                     "absent when the daemon started, was never reopened",
     "unsubscribed_while_draining": "(since bc9f762) the daemon unsubscribes from requests when "
@@ -1356,6 +1426,29 @@ def repeated_receipts(ledgers: dict[str, dict[str, Any]]
             for key, entry in ledger.items() if len(entry.get("receipts") or []) > 1]
 
 
+IDENTITY_TIMEOUT = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ \S+: terminal (\S+): no answer to "
+    r"the identity check within", re.MULTILINE)
+
+
+def identity_check_timeouts(daemon_log: str) -> dict[str, list[float]]:
+    """Terminal -> when (wall clock) the daemon gave up waiting for the identity check's
+    answer on its link and sent what waited without knowing which terminal was there."""
+    found: dict[str, list[float]] = defaultdict(list)
+    for stamp, millis, poi_id in IDENTITY_TIMEOUT.findall(daemon_log):
+        at = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
+        found[poi_id].append(at)
+    return dict(found)
+
+
+def not_followed(terminal: Terminal, state: dict[str, Any]) -> bool:
+    """Whether the bridge's state for `terminal` has it on another link than the one its
+    simulator is plugged in at, or on a link whose device says it is another terminal."""
+    link = state.get("link")
+    return ((link is not None and not str(link).startswith(f"{terminal.plugged_at} "))
+            or str(state.get("identity", "")).startswith("mismatch"))
+
+
 def busy_loop_tag(row: dict[str, Any]) -> str | None:
     """A transaction the bridge keeps polling because the status says the original was
     refused Busy."""
@@ -1365,11 +1458,15 @@ def busy_loop_tag(row: dict[str, Any]) -> str | None:
 def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
           outbox: list[dict[str, Any]], *, settled: bool, daemon_exit: int | None,
           terminal_states: dict[str, dict[str, Any]], healthy_for: float,
-          daemon_stop: str | None = None) -> dict[str, Any]:
+          daemon_stop: str | None = None, follows: int = 0,
+          unchecked: dict[str, list[float]] | None = None) -> dict[str, Any]:
     """Payment by payment: the terminals' ledgers vs the registers vs the journal.
 
     `daemon_exit` is the daemon's exit status after the final SIGTERM (None: there was
-    none; `daemon_stop` says why): anything but 0 is a crash."""
+    none; `daemon_stop` says why): anything but 0 is a crash. `follows`: how many times the
+    daemon logged that it followed two terminals to each other's links; `unchecked`: per
+    terminal, when the daemon logged that its link's device did not answer the identity
+    check and it sent what waited anyway (identity_check_timeouts)."""
     pending_total = outbox.pop()["pending_total"]
     traces = BrokerLog(soak.broker.log_path).match(soak.registers)
     journal = {(r["sale_id"], r["service_id"]): r for r in rows}
@@ -1391,6 +1488,10 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
     explained: list[str] = []
     unresolved_notes: list[str] = []
     offline = {poi for poi, st in terminal_states.items() if st.get("state") == "offline"}
+    # Where the bridge has each terminal at the end vs where its simulator is plugged in
+    # (after swaps, another terminal's configured link).
+    misplaced = [t for t in soak.terminals if t.poi_id not in offline
+                 and not_followed(t, terminal_states.get(t.poi_id, {}))]
     offline |= {t.poi_id for t in soak.terminals if t.poi_id not in terminal_states}
     last_start = soak.daemon.started_at[-1] if soak.daemon.started_at else None
     # the known bug's signature: the daemon (re)started while the terminal was unplugged
@@ -1416,8 +1517,24 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         charged = bool(charged_on)
         if len(charged_on) > 1:
             problem("doubled", p, f"charged on {len(charged_on)} terminals: {charged_on}")
-        if any(poi != p.poi_id for poi in seen_at.get(p.key, [])):
-            problem("doubled", p, f"reached terminals {seen_at[p.key]}, sent to {p.poi_id}")
+        # Each simulator's ledger is its own (by its POIID), wherever its cable was: a
+        # payment in another terminal's ledger went out on the wrong device.
+        elsewhere = [poi for poi in seen_at.get(p.key, []) if poi != p.poi_id]
+        arrived = [r["at"] for poi in elsewhere
+                   for r in ledgers[poi][p.key].get("receipts") or []]
+        blind = [t for t in (unchecked or {}).get(p.poi_id, [])
+                 if any(at - 5 <= t <= at + 0.5 for at in arrived)]
+        if elsewhere:
+            problem("wrong_terminal", p, f"addressed to {p.poi_id}, "
+                    + "; ".join(f"{'charged' if poi in charged_on else 'received, not charged'}"
+                                f" by terminal {poi} ({ledgers[poi][p.key]['outcome']}) at "
+                                + ", ".join(clock(r["at"]) for r in
+                                            ledgers[poi][p.key].get("receipts") or [])
+                                for poi in elsewhere)
+                    + ": the bridge sent the payment to another terminal's device"
+                    + (f" (the daemon logged 'no answer to the identity check' for {p.poi_id} "
+                       f"at {clock(blind[0])})" if blind else ""),
+                    tag="sent_without_identity" if blind else None)
         final = p.first_final
         # Told "rejected" but the journal has it as something else: it ran after all.
         redelivered = "redelivered_refusal" if final == "rejected" and row is not None \
@@ -1452,7 +1569,8 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                 problem("lost", p, f"terminal charged, register told {final} "
                         f"(outcomes {[(o, s) for _, o, s in p.outcomes]}; journal "
                         f"{row and (row['state'], row['outcome'], row['source'], row['detail'])})",
-                        tag="busy_taken_for_declined" if busy else redelivered)
+                        tag="busy_taken_for_declined" if busy else redelivered
+                        or ("sent_without_identity" if blind else None))
             if row is None and not never_journaled(p):
                 problem("disputed", p, f"register got final {final} ({p.first_final_source}"
                         f"{': ' + p.first_final_error if p.first_final_error else ''}), the "
@@ -1563,6 +1681,12 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                 f"({state.get('detail') or 'no state published'}) although its simulator has "
                 f"been plugged in for {healthy_for:.0f} s", poi_id=poi_id,
                 tag="left_offline" if poi_id in started_unplugged else None)
+    for terminal in misplaced:
+        state = terminal_states[terminal.poi_id]
+        problem("stuck", None, f"terminal {terminal.poi_id}: the bridge uses "
+                f"{state.get('link')} (identity {state.get('identity')}) although its "
+                f"simulator is plugged in at {terminal.plugged_at}: swapped cables not followed",
+                poi_id=terminal.poi_id)
     for register in soak.registers:
         for abort_id, outcomes in register.aborts.items():
             counts["aborts_sent"] += 1
@@ -1593,6 +1717,7 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         "problems": problems, "explained": explained, "unresolved": unresolved_notes,
         "settled": settled, "settle_state": soak.settle_state, "daemon_exit": daemon_exit,
         "daemon_stop": daemon_stop, "daemon_starts": soak.daemon.starts,
+        "swaps": len(soak.swaps), "follows": follows,
         "terminals_offline_at_end": sorted(offline),
         "offline_episodes": soak.offline_episodes,
         "register_connects": {r.sale_id: r.connects for r in soak.registers},
@@ -1611,8 +1736,11 @@ def report(result: dict[str, Any]) -> bool:
         ("never reached the bridge", c["never_reached_bridge"]),
         ("recovered by resync", c["recovered_by_resync"]),
         ("aborts sent", c["aborts_sent"]),
+        ("terminal swaps (cables)", result.get("swaps", 0)),
+        ("followed by the daemon (log)", result.get("follows", 0)),
         ("requests retransmitted (link)", c["retransmitted_requests"]),
         ("LOST", c["lost"]), ("DOUBLED", c["doubled"]), ("PHANTOM", c["phantom"]),
+        ("WRONG TERMINAL", c["wrong_terminal"]),
         ("STUCK", c["stuck"]), ("DISPUTED", c["disputed"]), ("CRASHED", c["crashed"]),
     ]
     print()
@@ -1664,7 +1792,8 @@ def report(result: dict[str, Any]) -> bool:
         for tag, n in tags.items():
             print(f"[{tag}] ({n}): known bridge bug: {KNOWN_BUGS.get(tag, '?')}")
         return False
-    print("soak passed: nothing lost, doubled, phantom, disputed, stuck or crashed")
+    print("soak passed: nothing lost, doubled, phantom, on a wrong terminal, disputed, stuck or "
+          "crashed")
     return True
 
 

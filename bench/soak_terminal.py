@@ -9,6 +9,12 @@ soak's chaos loop can pull the cable or freeze the terminal *without killing the
     unplug SECONDS   close the pseudo-terminal now; a new one comes back behind the same
                      --link symlink after SECONDS (a replugged USB cable)
     mute SECONDS     play dead: read and drop every byte (no ACK, no answer) for SECONDS
+    move PATH SECONDS
+                     the cable goes to another port: close the pseudo-terminal now (unless it
+                     is already out) and come back behind the symlink PATH instead, after
+                     SECONDS (or when a pending replug was due). The old symlink is removed
+                     only while it still points at this terminal's pseudo-terminal: the
+                     terminal it was swapped with may already be plugged in there.
     stall SECONDS    freeze for SECONDS (the whole process: a terminal whose firmware hangs a
                      moment); bytes wait in the line and are all read afterwards, so frames
                      the bridge retransmitted for want of an ACK arrive more than once.
@@ -25,9 +31,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,22 +61,47 @@ def write_ledger(server: SimulatorServer, path: Path | None) -> None:
     tmp.replace(path)
 
 
-async def unplug(server: SimulatorServer, seconds: float) -> None:
-    """Pull the cable for `seconds`. The server replugs after its scenario's replug_after,
-    so that is set for this one unplug and put back once the new pty is up."""
-    if server.unplugged:
-        print("soak_terminal: unplug ignored: already unplugged", file=sys.stderr, flush=True)
-        return
+async def out_for(server: SimulatorServer, seconds: float, pull: Callable[[], None]) -> None:
+    """Pull the cable (`pull`) for `seconds`. The server replugs after its scenario's
+    replug_after, so that is set for this one unplug and put back once the new pty is up."""
     default = server.scenario
     server.scenario = default.model_copy(
         update={"link": default.link.model_copy(update={"replug_after": seconds})})
     replugs = server.replugs
-    server.unplug()
+    pull()
     try:
         while server.replugs == replugs:
             await asyncio.sleep(0.05)
     finally:
         server.scenario = default
+
+
+async def unplug(server: SimulatorServer, seconds: float) -> None:
+    if server.unplugged:
+        print("soak_terminal: unplug ignored: already unplugged", file=sys.stderr, flush=True)
+        return
+    await out_for(server, seconds, server.unplug)
+
+
+async def move(server: SimulatorServer, path: Path, seconds: float, *,
+               after: set[asyncio.Task[None]]) -> None:
+    """Pull the cable and plug it into the port behind `path` after `seconds` (a technician
+    swapping two terminals' cables), once the unplugs or moves in `after` are done."""
+    if after:
+        await asyncio.wait(after)
+    if server.unplugged:
+        server.link_path = path  # out already (a dropped link): its replug goes there
+        return
+
+    def pull() -> None:
+        old, server.link_path = server.link_path, None  # unplug() must not remove it blindly
+        server.unplug()
+        with contextlib.suppress(OSError):
+            if old is not None and os.readlink(old) == server.device:
+                old.unlink()
+        server.link_path = path
+
+    await out_for(server, seconds, pull)
 
 
 async def control(server: SimulatorServer, ledger: Path | None, stop: asyncio.Event) -> None:
@@ -89,6 +122,11 @@ async def control(server: SimulatorServer, ledger: Path | None, stop: asyncio.Ev
                 if any(not t.done() for t in busy):
                     continue  # already unplugged
                 task = asyncio.create_task(unplug(server, float(words[1])))
+                busy = {task}
+            elif words[0] == "move":
+                # after a pending unplug or move has replugged: then this one moves it
+                task = asyncio.create_task(
+                    move(server, Path(words[1]), float(words[2]), after=set(busy)))
                 busy = {task}
             elif words[0] == "mute":
                 server.mute(float(words[1]))

@@ -1,14 +1,16 @@
 """The fault-injection soak (bench/soak.py), short, as part of the normal test suite.
 
 Five simulated terminals, two registers paying continuously, and a seeded chaos loop (broker
-kill -9 and restarts, daemon SIGKILL and SIGTERM, terminals unplugged and frozen, registers
-going away), ending with a fixed finale (bench/soak.py, Soak.finale): a terminal that hangs
-as a payment is sent to it, a Busy refusal whose answer is lost, the daemon frozen while a
-payment it will refuse reaches it and mosquitto killed -9 meanwhile, a SIGTERM of the daemon while the registers pay, and a power blip (a
-terminal unplugged and the daemon restarted while it is away). Then every payment is
-audited: the terminals' ledgers against what the registers were told against the journal
-(and mosquitto's own log, to tell a request the broker lost in a kill -9 from one the bridge
-acknowledged and dropped). `make soak` runs the long version.
+kill -9 and restarts, daemon SIGKILL and SIGTERM, terminals unplugged and frozen, two
+terminals' cables swapped (the daemon must follow them), registers going away), ending with
+a fixed finale (bench/soak.py, Soak.finale): a terminal that hangs as a payment is sent to
+it, a Busy refusal whose answer is lost, the daemon frozen while a payment it will refuse
+reaches it and mosquitto killed -9 meanwhile, a SIGTERM of the daemon while the registers
+pay, and a power blip (a terminal unplugged and the daemon restarted while it is away). Then
+every payment is audited: the terminals' ledgers against what the registers were told
+against the journal (and mosquitto's own log, to tell a request the broker lost in a kill -9
+from one the bridge acknowledged and dropped); a payment charged by another terminal than
+the one it was addressed to fails it too. `make soak` runs the long version.
 
 One soak run (about 80 s) is shared by the tests marked slow below; the audit itself
 (bench/soak.py, audit) is also tested on constructed inputs, in a moment each.
@@ -17,6 +19,8 @@ One soak run (about 80 s) is shared by the tests marked slow below; the audit it
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 import time
@@ -30,7 +34,7 @@ from bench import soak as soak_module
 from tests.broker import find_mosquitto
 
 ROOT = Path(__file__).resolve().parents[1]
-MONEY = ("lost", "doubled", "phantom", "disputed", "crashed")
+MONEY = ("lost", "doubled", "phantom", "wrong_terminal", "disputed", "crashed")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,7 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     work = tmp_path_factory.mktemp("soak")
     audit = work / "audit.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", "15", "--seed", "5",
+        [sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", "15", "--seed", "6",
          "--terminals", "5", "--registers", "2", "--chaos-interval", "1.5", "--settle", "40",
          "--stall", "15", "--workdir", str(work / "run"), "--json", str(audit)],
         check=False, capture_output=True, text=True, timeout=400, cwd=ROOT)
@@ -78,9 +82,11 @@ def test_soak_ran_payments_through_every_kind_of_fault(soak: dict[str, Any]) -> 
     assert counts.get("charged", 0) >= 5, soak["output"]
     assert counts.get("approved", 0) >= 5 and counts.get("declined", 0) >= 1, soak["output"]
     for kind in ("broker_kill9", "daemon_kill9", "daemon_sigterm", "terminal_unplug",
-                 "terminal_stall", "power_blip"):
+                 "terminal_stall", "power_blip", "terminal_swap"):
         assert soak["chaos"].get(kind, 0) >= 1, (kind, soak["chaos"])
     assert soak["daemon_starts"] >= 4
+    # the daemon found the swapped terminals on each other's links and followed them
+    assert soak["swaps"] >= 1 and soak["follows"] >= 1, (soak["swaps"], soak["follows"])
 
 
 @pytest.mark.slow
@@ -163,12 +169,12 @@ def fake_soak(tmp_path: Path, *payments: Any, terminals: tuple[str, ...] = (POI,
                                payments={p.service_id: p for p in payments}, aborts={},
                                stray=[], connects=1,
                                request_topic=lambda poi: f"poi-bridge/terminals/{poi}/request")
-    terms = [SimpleNamespace(poi_id=poi, unplugs=[], unplugged_at=lambda moment: False)
-             for poi in terminals]
+    terms = [SimpleNamespace(poi_id=poi, unplugs=[], unplugged_at=lambda moment: False,
+                             plugged_at=Path(f"/dev/poi/{poi}")) for poi in terminals]
     return SimpleNamespace(
         broker=SimpleNamespace(log_path=tmp_path / "no-broker-log"), registers=[register],
         terminals=terms, offline_episodes=[], broker_kills=[], daemon_terms=[], crashes=[],
-        events=[], args=SimpleNamespace(seed=0, duration=1.0), settle_state="settled",
+        events=[], swaps=[], args=SimpleNamespace(seed=0, duration=1.0), settle_state="settled",
         daemon=SimpleNamespace(starts=len(daemon_started), started_at=list(daemon_started)),
         workdir=tmp_path)
 
@@ -202,7 +208,8 @@ def ledger_entry(*receipts: tuple[float, bool, str], charged: bool = True) -> di
 def run_audit(soak: Any, ledgers: dict[str, Any], rows: list[dict[str, Any]], *,
               daemon_exit: int | None = 0, states: dict[str, Any] | None = None,
               **extra: Any) -> dict[str, Any]:
-    states = {POI: {"poi_id": POI, "state": "online"}} if states is None else states
+    states = {t.poi_id: {"poi_id": t.poi_id, "state": "online"}
+              for t in soak.terminals} if states is None else states
     return soak_module.audit(soak, ledgers, rows, [{"pending_total": 0}], settled=True,
                              daemon_exit=daemon_exit, terminal_states=states,
                              healthy_for=60.0, **extra)
@@ -229,6 +236,117 @@ def test_audit_flags_a_payment_the_bridge_wrote_to_its_terminal_twice(tmp_path):
     assert kinds(result) == [("doubled", None)], result["problems"]
     assert "reached terminal V400m-100000 2 times" in result["problems"][0]["text"]
     assert soak_module.report(result) is False
+
+
+OTHER = "V400m-100001"
+
+
+def test_audit_flags_a_payment_charged_by_another_terminal_than_the_one_addressed(tmp_path):
+    """After swapped cables, P1 addressed to V400m-100000 was charged by V400m-100001's
+    simulator (each simulator keeps its own ledger wherever its cable is): the bridge sent
+    it to the wrong device. Not phantom (something charged it), not doubled (once): a
+    wrong terminal, which fails the soak."""
+    soak = fake_soak(tmp_path, paid("P1"), terminals=(POI, OTHER))
+    ledgers = {POI: {}, OTHER: {"TILL1/P1": ledger_entry((1.0, False, "processed"))}}
+    result = run_audit(soak, ledgers, [row("P1")])
+    assert kinds(result) == [("wrong_terminal", None)], result["problems"]
+    assert result["counts"]["wrong_terminal"] == 1
+    assert f"charged by terminal {OTHER}" in result["problems"][0]["text"]
+    assert soak_module.report(result) is False
+    # the daemon said it sent without an answer to its identity check: named, still fatal
+    log = "2026-11-30 19:32:42,477 WARNING poi_bridge.terminal: terminal V400m-100000: no " \
+        "answer to the identity check within 1 s; sending what waits without knowing which " \
+        "terminal is on the link\n"
+    unchecked = soak_module.identity_check_timeouts(log)
+    assert list(unchecked) == [POI]
+    at = unchecked[POI][0]
+    ledgers = {POI: {}, OTHER: {"TILL1/P1": ledger_entry((at + 0.01, False, "processed"))}}
+    result = run_audit(soak, ledgers, [row("P1")], unchecked=unchecked)
+    assert kinds(result) == [("wrong_terminal", "sent_without_identity")], result["problems"]
+    assert soak_module.report(result) is False
+
+
+def test_audit_flags_a_payment_that_reached_another_terminal_uncharged(tmp_path):
+    """Declined by the wrong terminal, charged nowhere: the request still went to a
+    device it was not addressed to."""
+    soak = fake_soak(tmp_path, paid("P1", "declined"), terminals=(POI, OTHER))
+    ledgers = {POI: {}, OTHER: {"TILL1/P1": ledger_entry((1.0, False, "processed"),
+                                                         charged=False)}}
+    result = run_audit(soak, ledgers, [row("P1", "declined")])
+    assert kinds(result) == [("wrong_terminal", None)], result["problems"]
+    assert f"received, not charged by terminal {OTHER}" in result["problems"][0]["text"]
+
+
+def test_audit_flags_swapped_terminals_the_bridge_did_not_follow(tmp_path):
+    """The simulators' cables were swapped; the bridge still has each terminal on its
+    configured link (whose device says it is the other one): stuck. Followed (each on the
+    link its simulator is plugged in at, identity confirmed), nothing to say."""
+    soak = fake_soak(tmp_path, terminals=(POI, OTHER))
+    first, second = soak.terminals
+    first.plugged_at, second.plugged_at = Path("/dev/poi/b"), Path("/dev/poi/a")
+
+    def states(link_first: str, link_second: str, identity: str) -> dict[str, Any]:
+        return {t.poi_id: {"poi_id": t.poi_id, "state": "online", "identity": identity,
+                           "link": f"{link} at 115200 8N1"}
+                for t, link in ((first, link_first), (second, link_second))}
+
+    result = run_audit(soak, {POI: {}, OTHER: {}}, [],
+                       states=states("/dev/poi/a", "/dev/poi/b", "mismatch: x"))
+    assert kinds(result) == [("stuck", None), ("stuck", None)], result["problems"]
+    assert "swapped cables not followed" in result["problems"][0]["text"]
+    result = run_audit(soak, {POI: {}, OTHER: {}}, [],
+                       states=states("/dev/poi/b", "/dev/poi/a", "confirmed"))
+    assert result["problems"] == []
+
+
+def _wait_for(check: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_swapped_simulators_are_at_each_others_ports_and_back(tmp_path):
+    """The soak's terminal_swap with real simulators (bench/soak_terminal.py): each comes
+    back behind the other's configured link, the soak's bookkeeping says so, and a second
+    swap puts them back; one of the two frozen (stall) while the other is already plugged
+    in at its port does not take that port away from it."""
+    import random
+
+    terminals = [soak_module.Terminal(i, tmp_path, 1, random.Random(i)) for i in range(2)]
+    a, b = terminals
+
+    def on(terminal: Any, path: Path) -> bool:
+        """Whether `terminal`'s simulator is the one behind `path` now: the symlink leads
+        to the pseudo-terminal it opened last (numbers are reused)."""
+        said = re.findall(rf"simulated terminal {terminal.poi_id} on (\S+)",
+                          (terminal.dir / "simulator.log").read_text())
+        try:
+            return bool(said) and os.readlink(path) == said[-1]
+        except OSError:
+            return False
+
+    try:
+        for terminal in terminals:
+            terminal.start()
+        for terminal in terminals:
+            terminal.wait_started()
+        assert on(a, a.configured_link) and on(b, b.configured_link)
+        soak_module.swap_cables(a, b, 1.0)
+        assert (a.plugged_at, b.plugged_at) == (b.configured_link, a.configured_link)
+        _wait_for(lambda: on(a, b.configured_link) and on(b, a.configured_link),
+                  "the simulators did not come back at each other's ports")
+        b.control("stall 1.5")  # b reads its move 1.5 s late; a is back at b's port by then
+        soak_module.swap_cables(a, b, 0.3)
+        assert (a.plugged_at, b.plugged_at) == (a.configured_link, b.configured_link)
+        _wait_for(lambda: on(a, a.configured_link) and on(b, b.configured_link),
+                  "the simulators did not go back to their own ports")
+        time.sleep(0.5)  # nothing comes undone afterwards
+        assert on(a, a.configured_link) and on(b, b.configured_link)
+        assert a.unplugs and b.unplugs
+    finally:
+        for terminal in terminals:
+            terminal.stop()
 
 
 def test_audit_accepts_link_level_retransmissions(tmp_path):
