@@ -67,8 +67,10 @@ async def test_encrypted_status_poll_recovery(tmp_path):
 async def test_wrong_key_is_a_configuration_error_not_a_decline(tmp_path):
     other = crypto.NexoKey("CryptoKeyIdentifier12345", 1, "another passphrase")
     result, simulator = await run_payment(tmp_path, KEY, other, Behaviour(delay=0.05))
-    assert result.outcome == "error"
-    assert "cannot decrypt our message" in result.error
+    # The terminal cannot read the identity check either: the payment is never sent to a
+    # device that has not said who it is, and the refusal says why
+    assert result.outcome == "rejected"
+    assert "cannot decrypt our message" in result.error and "nothing was sent" in result.error
     assert f"terminal {POI}" in result.error and "CryptoKeyIdentifier12345 v1" in result.error
     assert "p@ssw0rd" not in result.error and "another passphrase" not in result.error
     assert simulator.terminal.ledger == {}  # nothing was charged
@@ -76,10 +78,10 @@ async def test_wrong_key_is_a_configuration_error_not_a_decline(tmp_path):
 
 async def test_encrypted_terminal_without_a_key_configured(tmp_path):
     result, _ = await run_payment(tmp_path, None, KEY, Behaviour(delay=0.05))
-    # The terminal expects encrypted requests and refuses our clear one: a configuration
-    # error that says no key is configured, and no payment happened.
-    assert result.outcome == "error"
-    assert "(no key)" in result.error
+    # The terminal expects encrypted requests and refuses our clear identity check: the
+    # payment is refused, saying no key is configured, and no payment happened.
+    assert result.outcome == "rejected"
+    assert "(no key)" in result.error and "nothing was sent" in result.error
 
 
 async def test_an_answer_that_cannot_be_decrypted_is_asked_about_not_ended(tmp_path,

@@ -900,30 +900,46 @@ def test_a_status_answer_from_the_wrong_device_does_not_end_the_payment():
     assert (result.service_id, result.outcome) == ("S1", "approved")
 
 
-def test_a_device_that_will_not_say_who_it_is_still_gets_the_request_in_the_end():
+def test_a_device_that_will_not_say_who_it_is_never_gets_the_payment():
+    """A device that did not answer the identity check in time used to get the waiting
+    payment anyway. The soak's swapped cables showed what that does: the device was another
+    terminal, and charged a payment addressed to this one. Now the check is asked again,
+    the payment waits, and after two checks unanswered it is refused: nothing was sent.
+    An answer naming the device, even late, lets the next request go."""
     h = Harness(link_up=False)
     h.do(h.session.link_is_up(h.now))
     h.submit("POS1", "S1")
-    late = h.advance(SETTINGS.status_timeout)
-    assert [s.purpose for s in h.sends(late)] == ["request"]
-    (warning,) = [a for a in late if isinstance(a, Log) and a.level == "warning"]
+    first = h.advance(SETTINGS.status_timeout)
+    assert [s.purpose for s in h.sends(first)] == ["identify"]  # asked again, nothing else
+    (warning,) = [a for a in first if isinstance(a, Log) and a.level == "warning"]
     assert "no answer to the identity check" in warning.message
-    assert not h.session.named
-    ignored = h.name()  # the answer, too late: noted, nothing else
-    assert h.sends(ignored) == [] and h.delivers(ignored) == []
-    assert h.session.named
+    assert "no payment goes to the device until it says which terminal it is" in warning.message
+    second = h.advance(SETTINGS.status_timeout)
+    assert h.sends(second) == []
+    (refused,) = h.delivers(second)
+    assert (refused.service_id, refused.outcome) == ("S1", "rejected")
+    assert "did not say which terminal it is" in refused.error and "nothing was sent" in \
+        refused.error
+    assert h.sends(purpose="request") == []
+    assert h.session.active is None
+    h.name()  # the device names itself at last (a late answer carries its POIID)
+    h.session.terminal_named(POI)
+    sent = h.submit("POS1", "S2")
+    assert [s.purpose for s in h.sends(sent)] == ["request"]
 
 
-def test_an_unreadable_answer_ends_the_identity_check_but_not_a_payment():
-    """An answer that does not decrypt shows a device is there and answering: what waits for
-    the identity check goes out at once (its first readable answer is checked), not after
-    status_timeout. The same to a payment is no outcome: it is asked about."""
+def test_an_unreadable_answer_to_the_identity_check_sends_no_payment():
+    """An answer that does not decrypt says a device is there, not which: the payment waits
+    for a check that names it (asked again at once), and is refused if none does. The same
+    to a payment is no outcome: it is asked about."""
     h = Harness(link_up=False)
     h.do(h.session.link_is_up(h.now))
     h.submit("POS1", "S1")
-    sent = h.do(h.session.unreadable("HMAC does not verify", h.now))
-    assert [s.purpose for s in h.sends(sent)] == ["request"]
-    assert any(isinstance(a, Log) and "cannot be read" in a.message for a in sent)
+    again = h.do(h.session.unreadable("HMAC does not verify", h.now))
+    assert [s.purpose for s in h.sends(again)] == ["identify"]
+    assert any(isinstance(a, Log) and "cannot be read" in a.message for a in again)
+    named = h.name()  # the second check is answered, naming this terminal
+    assert [s.purpose for s in h.sends(named)] == ["request"]
     after = h.do(h.session.unreadable("HMAC does not verify", h.now))
     assert h.delivers(after) == []
     assert h.session.open[TxKey("POS1", "S1")].state is TxState.POLLING

@@ -393,8 +393,9 @@ async def test_not_found_after_the_terminal_took_another_payment_is_no_proof_of_
 
 
 async def test_a_request_written_to_a_device_not_yet_named_is_remembered_while_open(tmp_path):
-    """A device that did not answer the identity check in time gets what waits anyway. Such
-    a request must be asked about on that device: the worker remembers it while it is open,
+    """A request written while the worker had no confirmation of the device (the session
+    sends none to a device that has not said who it is; this stands for any way one could
+    still go) must be asked about on that device: the worker remembers it while it is open,
     and the daemon does not follow the terminal to another link meanwhile (follow.py)."""
     async with Rig(tmp_path, scenario(Behaviour(delay=0.3))) as rig:
         rig.worker.identity = "unknown"  # as after an identity check unanswered in time

@@ -47,6 +47,9 @@ from bridge.protocol.outcome import MONEY_CATEGORIES, Classification, Outcome, c
 from bridge.protocol.transaction import Transaction, TxKey, TxState, trim_refused
 
 PASSTHROUGH_CATEGORIES = frozenset({"Abort", "TransactionStatus"})
+# Identity checks a device may leave unanswered (or answer without a POIID) before a request
+# waiting for it is refused: a payment never goes to a device that has not said who it is
+IDENTITY_CHECKS_BEFORE_REFUSING = 2
 BRIDGE_SALE_ID = "poi-bridge"  # the SaleID of the bridge's own identity checks
 FINAL_MONEY_OUTCOMES = frozenset(
     {Outcome.APPROVED, Outcome.DECLINED, Outcome.CANCELLED, Outcome.ABORTED}
@@ -104,6 +107,8 @@ class TerminalSession:
         self.wrong_device: str | None = None
         self.named = False  # the device on this link has said who it is
         self._name_asked = False  # the identity check went out on this link
+        self._unnamed_checks = 0  # identity checks on this link that brought no POIID
+        self._unnamed_reason = ""  # why the last one did not
         self._naming: _Naming | None = None  # the identity check on the wire
         self._naming_ids: deque[str] = deque(maxlen=16)  # the last checks sent: late answers
         self._probe: _Probe | None = None  # the one status poll on the wire
@@ -474,7 +479,19 @@ class TerminalSession:
             return self._hold_for_the_right_terminal(now)
         active = self.open.get(self.active) if self.active else None
         if active is not None and active.state is TxState.ACCEPTED:
-            return self._send_request(active, now)
+            if self.named:
+                return self._send_request(active, now)
+            if self._unnamed_checks < IDENTITY_CHECKS_BEFORE_REFUSING:
+                return self._ask_name(now)
+            reason = (f"the device on terminal {self.poi_id}'s link did not say which terminal "
+                      f"it is ({self._unnamed_checks} identity checks; the last: "
+                      f"{self._unnamed_reason}); nothing was sent: check the terminal, its "
+                      "cable and its key, then retry with a new ServiceID")
+            response = builders.failure_response(_header_of(active), active.category,
+                                                 "UnavailableDevice", reason)
+            self._unnamed_checks = 0  # the next request gets checks of its own
+            return self._finish(active, Outcome.REJECTED, response, "bridge", now,
+                                error=reason) + self._pump(now)
         if active is not None and active.state is TxState.AWAITING_RESPONSE:
             return []  # never disturb a terminal that is taking a payment
         due = self._polls_due(now)
@@ -490,6 +507,7 @@ class TerminalSession:
 
     def _new_device(self) -> None:
         self.named, self._name_asked, self._naming, self.wrong_device = False, False, None, None
+        self._unnamed_checks = 0
 
     def _ask_name(self, now: float) -> list[Action]:
         """The identity check: the first thing on a newly opened link. No record: losing it
@@ -513,11 +531,15 @@ class TerminalSession:
                 *self._pump(now)]
 
     def _unnamed(self, reason: str) -> Log:
-        """The device would not say who it is. What waits then goes out as it did before there
-        was a check, and the POIID of the device's first answer is checked instead."""
+        """The device did not say who it is. No payment goes to it (it may be another
+        terminal, which would charge it: a swapped cable, found by the soak): the check is
+        asked again, and after IDENTITY_CHECKS_BEFORE_REFUSING a waiting request is refused.
+        Status polls still go; the POIID of each answer is checked."""
         self._naming = None
-        return Log("warning", f"terminal {self.poi_id}: {reason}; sending what waits without "
-                              "knowing which terminal is on the link")
+        self._unnamed_checks += 1
+        self._unnamed_reason = reason
+        return Log("warning", f"terminal {self.poi_id}: {reason}; no payment goes to the "
+                              "device until it says which terminal it is")
 
     def _hold_for_the_right_terminal(self, now: float) -> list[Action]:
         """Another terminal is on the link: nothing goes to it. A request that waited is
