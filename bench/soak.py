@@ -1367,7 +1367,8 @@ KNOWN_BUGS = {
                                        "terminal although the register had been told "
                                        "'rejected' (e7fc2da journals only the session's "
                                        "refusals)",
-    "sent_without_identity": "the device on a terminal's link did not answer the identity "
+    "sent_without_identity": "(fixed in a151e50) the device on a terminal's link did not "
+                             "answer the identity "
                              "check within status_timeout, and the bridge sent the waiting "
                              "payment anyway ('sending what waits without knowing which "
                              "terminal is on the link'): with the cables swapped, another "
