@@ -31,6 +31,7 @@ from bridge.register_client import (
     PublishRefusedByBroker,
     RegisterClient,
     cli_client_id,
+    command_line_login,
     connection_problem,
     option_names,
     refused_advice,
@@ -151,12 +152,10 @@ def _mqtt(args: argparse.Namespace) -> MqttConfig:
         settings["host"] = host
         if port is not None:
             settings["port"] = port
-    # A file named on the command line is read from where the technician is: made absolute,
-    # since a relative path in the configuration names a systemd credential.
-    given = {"base_topic": args.base_topic, "username": args.username,
-             "password_file": args.password_file and args.password_file.absolute()}
-    settings.update({key: value for key, value in given.items() if value is not None})
-    tls = {key: value.absolute() for key, value in (
+    if args.base_topic is not None:
+        settings["base_topic"] = args.base_topic
+    settings.update(command_line_login(args.username, args.password_file))
+    tls = {key: value.absolute() for key, value in (  # (as command_line_login's file)
         ("ca_file", args.ca_file), ("cert_file", args.cert_file), ("key_file", args.key_file))
         if value is not None}
     if tls or args.tls:

@@ -19,6 +19,7 @@ from bridge.register_client import (
     PublishRefusedByBroker,
     RegisterClient,
     cli_client_id,
+    command_line_login,
     connection_problem,
     option_names,
     refused_advice,
@@ -68,9 +69,7 @@ def _load(args: argparse.Namespace) -> Any:
         for problem in exc.problems:
             print(f"{exc.path}: {problem}", file=sys.stderr)
         raise SystemExit(2) from None
-    login = {"username": args.username,  # a file named here is read from where one stands
-             "password_file": args.password_file and args.password_file.absolute()}
-    login = {key: value for key, value in login.items() if value is not None}
+    login = command_line_login(args.username, args.password_file)
     return config.model_copy(update={"mqtt": config.mqtt.model_copy(update=login)})
 
 

@@ -143,6 +143,15 @@ def connection_problem(exc: BaseException, mqtt: MqttConfig,
             f"check that it runs, {names['address']}, and {tls}")
 
 
+def command_line_login(username: str | None, password_file: Path | None) -> dict[str, Any]:
+    """The --username and --password-file a command was given (those not given left out).
+    A file named on the command line is read from where the technician is: made absolute,
+    since a relative path in the configuration names a systemd credential."""
+    login = {"username": username,
+             "password_file": password_file.absolute() if password_file else None}
+    return {key: value for key, value in login.items() if value is not None}
+
+
 def refused_advice(base_topic: str, sale_id: str | None = None) -> str:
     """Whom to log in as when the broker refused a register's request (`sale_id`) or an
     operator command (None), as examples/mosquitto/acl has it."""
