@@ -125,20 +125,25 @@ def summarise(raw: bytes, key: crypto.NexoKey | None, source: str) -> dict[str, 
     header = message.message_header
     # The terminal's own texts are printed as the detail quotes them: redacted, for a terminal
     # may put card data in any field, and a technician's output gets pasted into tickets.
-    result, condition = (None if text is None else redact(text)
-                         for text in (verdict.result, verdict.error_condition))
+    # The header's texts too: a captured register request may carry a swiped card's track
+    # data in its SaleID or MessageCategory.
+    result, condition, category, outcome_category, sale_id, service_id, poi_id = (
+        None if text is None else redact(text)
+        for text in (verdict.result, verdict.error_condition, message.category, verdict.category,
+                     header.sale_id if header else None, header.service_id if header else None,
+                     header.poi_id if header else None))
     return {
         "kind": message.kind,
-        "category": message.category,
+        "category": category,
         "message_type": str(header.message_type) if header else None,
-        "sale_id": header.sale_id if header else None,
-        "service_id": header.service_id if header else None,
-        "poi_id": header.poi_id if header else None,
+        "sale_id": sale_id,
+        "service_id": service_id,
+        "poi_id": poi_id,
         "body": message.body_key(),
         "result": result,
         "error_condition": condition,
         "outcome": verdict.outcome.value,
-        "outcome_category": verdict.category,
+        "outcome_category": outcome_category,
         "detail": verdict.detail,
         "encrypted": encrypted,
     }

@@ -46,3 +46,25 @@ def test_inspect_redacts_card_data_in_result_and_error_condition(tmp_path, respo
                                      else "Declined card [redacted]")
         assert summary["error_condition"] == ("Refusal [redacted]" if "ErrorCondition" in response
                                               else None)
+
+
+@pytest.mark.parametrize("output", [[], ["--json"]], ids=["human", "json"])
+def test_inspect_redacts_card_data_in_the_header(tmp_path, output):
+    """A captured request from a register that put a swiped card's track data where its IDs
+    belong: the header's texts are printed through the filter too, the message's kind and
+    its readable IDs as they are."""
+    track2 = f";{PAN}=29121010000012300000?"
+    document = json.loads((FIXTURES / "java-payment-sync-success.json").read_bytes())
+    header = document["SaleToPOIResponse"]["MessageHeader"]
+    header.update({"MessageCategory": track2, "SaleID": f"TILL {PAN}", "ServiceID": PAN,
+                   "POIID": "P400Plus-123456789"})
+    capture = tmp_path / "capture.json"
+    capture.write_text(json.dumps(document))
+    done = cli("inspect", *output, str(capture))
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode()
+    assert PAN not in out and "=2912" not in out, out
+    assert "P400Plus-123456789" in out and "SaleToPOIResponse" in out
+    if output:
+        summary = json.loads(out)
+        assert (summary["sale_id"], summary["service_id"]) == ("TILL [redacted]", "[redacted]")
