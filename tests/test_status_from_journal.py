@@ -10,8 +10,10 @@ import time
 from bridge.protocol import builders
 from bridge.protocol.messages import parse_message
 from bridge.protocol.outcome import classify
-from bridge.protocol.transaction import Transaction, TxState, request_digest
+from bridge.daemon.journal import Journal
+from bridge.protocol.transaction import Transaction, TxKey, TxState, request_digest
 from bridge.simulator import responses
+from bridge.simulator.terminal import Behaviour, LedgerEntry, LinkBehaviour, Scenario
 
 from .rig import POI as STORE_POI
 from .rig import Subscriber, outcome_for
@@ -100,3 +102,97 @@ async def test_through_the_broker_a_status_request_gets_the_journals_answer(tmp_
         answer = await sub.wait_for(outcome_for("TS1"))
         assert (answer["bridge"]["outcome"], answer["bridge"]["source"]) == (
             "approved", "journal"), answer
+
+
+def unsent_payment(journal: Journal, service_id: str, **fields) -> None:
+    """A payment as the journal holds it, written straight to it (an earlier run's)."""
+    document = responses.payment_request("POS1", service_id, STORE_POI, 7.0)
+    now = time.time()
+    journal.save(Transaction(sale_id="POS1", service_id=service_id, poi_id=STORE_POI,
+                             category="Payment", request=document,
+                             digest=request_digest(document), created_at=now - 120,
+                             updated_at=now - 60, **fields))
+
+
+def status_about(status_id: str, about: str) -> dict:
+    return builders.status_request(sale_id="POS1", service_id=status_id, poi_id=STORE_POI,
+                                   original_service_id=about, original_category="Payment")
+
+
+async def test_a_status_request_about_an_unresolved_payment_the_terminal_forgot_is_not_not_found(
+        tmp_path, mosquitto):
+    """A payment left unresolved, then another taken on that terminal: the terminal may
+    remember only its latest payment, so its NotFound about the first is no proof it was never
+    charged (the bridge's own polls leave it unresolved). A register asking about it itself
+    must not be told not_found ("nothing was charged, retry"): it would charge the shopper
+    again. A terminal that does know the outcome still settles the payment, and a payment the
+    journal knows never reached the terminal is still not_found."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    now = time.time()
+    unsent_payment(journal, "U1", state=TxState.UNRESOLVED, sent_at=now - 120,
+                   detail="status polls unanswered")
+    unsent_payment(journal, "U2", state=TxState.FINAL, sent_at=now - 60, outcome="approved",
+                   source="terminal")  # taken since: the terminal's latest payment
+    unsent_payment(journal, "U3", state=TxState.FINAL, outcome="rejected", source="bridge",
+                   detail="terminal offline; nothing was sent")
+    journal.close()
+    async with Subscriber(mosquitto, [f"{BASE}/registers/#", f"{BASE}/transactions/#"]) as sub, \
+            Store(tmp_path, mosquitto, default_scenario()) as store:
+        # the restart's poll: NotFound after a later payment, the bridge stops asking
+        await sub.wait_for(lambda t, p: t.endswith("/event") and p["event"] ==
+                           "reconcile_abandoned" and p["transaction"]["service_id"] == "U1")
+        await sub.publish(request_topic(), status_about("T1", "U1"))
+        answer = await sub.wait_for(outcome_for("T1"))
+        bridge = answer["bridge"]
+        assert (bridge["outcome"], bridge["source"]) == ("unresolved", "bridge"), answer
+        assert answer["SaleToPOIResponse"] is None  # no NotFound for a library to read
+        assert "NotFound" in bridge["error"] and "POS1/U1" in bridge["error"]
+        assert "do not charge again" in bridge["error"]
+        assert "check the acquirer's records" in bridge["error"]  # the payment's own reason
+        payment = store.bridge.journal.get(TxKey("POS1", "U1"))
+        assert (payment.state, payment.outcome) == (TxState.UNRESOLVED, None)
+        retained = await sub.wait_for(lambda t, p: t == f"{BASE}/transactions/POS1/T1")
+        assert retained["bridge"]["outcome"] == "unresolved", retained
+        # the status request delivered again (QoS 1) gets the same answer from the journal
+        await sub.publish(request_topic(), status_about("T1", "U1"))
+        repeat = await sub.wait_for(lambda t, p: outcome_for("T1")(t, p)
+                                    and p["bridge"]["source"] == "journal")
+        assert (repeat["bridge"]["outcome"], repeat["bridge"]["error"]) == (
+            "unresolved", bridge["error"]), repeat
+        # a payment the journal knows never went to the terminal: NotFound is the truth
+        await sub.publish(request_topic(), status_about("T3", "U3"))
+        assert (await sub.wait_for(outcome_for("T3")))["bridge"]["outcome"] == "not_found"
+        # the terminal does know U1 (it found its record): its answer settles the payment
+        request = responses.payment_request("POS1", "U1", STORE_POI, 7.0)
+        store.simulator.terminal.ledger[("POS1", "U1")] = LedgerEntry(
+            "POS1", "U1", "Payment", request, Behaviour(), received_at=now - 120,
+            completes_at=now - 119, outcome="approve",
+            response=responses.payment_response(request, "approve", now - 119))
+        await sub.publish(request_topic(), status_about("T4", "U1"))
+        assert (await sub.wait_for(outcome_for("T4")))["bridge"]["outcome"] == "approved"
+        settled = await sub.wait_for(outcome_for("U1", "approved"))
+        assert settled["bridge"]["source"] == "status-poll"
+        assert store.bridge.journal.get(TxKey("POS1", "U1")).outcome == "approved"
+
+
+async def test_a_status_request_about_a_payment_still_awaiting_its_answer_is_not_not_found(
+        tmp_path, mosquitto):
+    """A register asks about its payment while the bridge still waits for the terminal's
+    answer, and the terminal says NotFound (the request was lost, or the terminal has not
+    taken it in yet). The bridge has not settled the payment: the register is told its outcome
+    is not known yet, not "nothing was charged"; the payment's own result follows."""
+    scenario = Scenario(poi_id=STORE_POI, default=Behaviour(lose_request=True),
+                        link=LinkBehaviour(status_hold=0.05))
+    async with Store(tmp_path, mosquitto, scenario, payment_timeout=3.0) as store, \
+            Subscriber(mosquitto, [f"{BASE}/registers/#"]) as sub:
+        await sub.publish(request_topic(), responses.payment_request("POS1", "W1", STORE_POI))
+        await sub.wait_for(lambda t, p: t.endswith("/event") and p["event"] == "sent")
+        await sub.publish(request_topic(), status_about("T1", "W1"))
+        answer = await sub.wait_for(outcome_for("T1"))
+        assert answer["bridge"]["outcome"] == "unresolved", answer
+        assert "still waiting for the terminal's answer" in answer["bridge"]["error"]
+        assert store.bridge.journal.get(TxKey("POS1", "W1")).state is \
+            TxState.AWAITING_RESPONSE
+        # the bridge's own poll, after payment_timeout, with no payment taken since: never got it
+        result = await sub.wait_for(outcome_for("W1"), timeout=20)
+        assert result["bridge"]["outcome"] == "not_found", result

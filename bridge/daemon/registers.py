@@ -221,7 +221,8 @@ def stored_result(txn: Transaction) -> Deliver:
     error = txn.detail if outcome in ("error", "rejected") else None
     if outcome == "unresolved":
         # As the unresolved report said it: whether the bridge still asks the terminal
-        error = txn.detail if txn.extra.get("abandoned") else (
+        # (a status request answered unresolved is final: its detail says it all)
+        error = txn.detail if txn.extra.get("abandoned") or txn.state == "final" else (
             f"outcome unknown ({txn.detail}); the bridge keeps asking the terminal and will "
             "report the result")
     return Deliver(txn.sale_id, txn.service_id, txn.poi_id, txn.category, outcome, "journal",

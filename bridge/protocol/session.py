@@ -742,8 +742,13 @@ class TerminalSession:
     ) -> list[Action]:
         document = message.to_document()
         if txn.passthrough:
+            settled = self._apply_register_status(message, cls, now)
+            doubt = self._not_found_in_doubt(txn, cls)
+            if doubt is not None:
+                return self._finish(txn, Outcome.UNRESOLVED, None, "bridge", now,
+                                    error=doubt) + settled
             actions = self._finish(txn, cls.outcome, document, "terminal", now, detail=cls.detail)
-            return actions + self._apply_register_status(message, cls, now)
+            return actions + settled
         if txn.category not in MONEY_CATEGORIES:
             outcome = Outcome.FAILURE if cls.outcome is Outcome.BUSY else cls.outcome
             return self._finish(txn, outcome, document, "terminal", now, detail=cls.detail)
@@ -767,6 +772,38 @@ class TerminalSession:
         if txn is None or txn.state not in (TxState.POLLING, TxState.UNRESOLVED):
             return []
         return self._status_answer(txn, cls, message, now)
+
+    def _not_found_in_doubt(self, status: Transaction, cls: Classification) -> str | None:
+        """Why a NotFound answering a register's own status request (`status`) is no
+        "nothing was charged": the payment its MessageReference names went to this terminal
+        and is still open (the answer, applied by _apply_register_status, did not settle it),
+        so the bridge has not concluded it was never received: it still waits for the answer,
+        or the terminal may have forgotten it since it took another. None: the register may
+        read NotFound as the terminal said it (the payment never went out, or the bridge
+        holds it final)."""
+        if cls.outcome is not Outcome.NOT_FOUND:
+            return None
+        # The register's request names it: a terminal's NotFound need not echo the reference
+        body = status.request.get("SaleToPOIRequest", {}).get("TransactionStatusRequest")
+        ref = body.get("MessageReference") if isinstance(body, dict) else None
+        if not isinstance(ref, dict) or not isinstance(ref.get("SaleID"), str) \
+                or not isinstance(ref.get("ServiceID"), str):
+            return None
+        payment = self.open.get(TxKey(ref["SaleID"], ref["ServiceID"]))
+        if payment is None or payment.sent_at is None \
+                or payment.category not in MONEY_CATEGORIES:
+            return None
+        if payment.state is TxState.AWAITING_RESPONSE:
+            where = ("the bridge is still waiting for the terminal's answer to it and will "
+                     "publish its result under its own IDs")
+        elif payment.extra.get("abandoned"):
+            where = f"the bridge no longer asks about it ({payment.detail})"
+        else:
+            where = (f"the bridge keeps asking the terminal ({payment.detail}) and will publish "
+                     "its result under its own IDs")
+        return (f"outcome of {payment.category} {payment.key} unknown: the terminal answers "
+                f"NotFound, but that {payment.category} was sent to it, so NotFound does not "
+                f"show that nothing was charged; do not charge again: {where}")
 
     def _unusable_answer(self, txn: Transaction, reason: str, now: float) -> list[Action]:
         note = Log("warning", f"terminal {self.poi_id}: unusable answer for {txn.key}: {reason}")
