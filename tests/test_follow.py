@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +22,11 @@ from bridge.daemon.app import Bridge
 from bridge.daemon.device_match import TerminalMatcher
 from bridge.daemon.follow import partner_to_follow
 from bridge.daemon.hotplug import HotplugMonitor
+from bridge.protocol.framing import FrameReceived, FrameSent, make_framer
 from bridge.protocol.transaction import TxState
 from bridge.register_client import RegisterClient
-from bridge.simulator.server import SimulatorServer
+from bridge.simulator.responses import payment_response
+from bridge.simulator.server import SimulatorServer, open_pty
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
 
 
@@ -269,4 +274,92 @@ async def test_tcp_terminals_whose_addresses_swapped_are_followed_with_hotplug_r
         await bridge.stop()
         monitor.close()
         await sim_a.close()
+        await sim_b.close()
+
+
+class DeviceByHand:
+    """A terminal's end of a pseudo-terminal, driven by the test: it acknowledges what the
+    bridge sends, answers nothing, and sends only what the test gives it."""
+
+    def __init__(self, path: Path) -> None:
+        self.master, self._slave, _ = open_pty(path)
+        self.framer = make_framer("stx-etx-lrc")
+        self.received: list[dict[str, Any]] = []
+        self.acknowledged = 0  # frames of ours the bridge acknowledged
+        asyncio.get_running_loop().add_reader(self.master, self._readable)
+
+    def categories(self) -> list[str]:
+        return [next(iter(d.values()))["MessageHeader"]["MessageCategory"]
+                for d in self.received]
+
+    def send(self, document: dict[str, Any]) -> None:
+        self.framer.send_frame(json.dumps(document).encode(), time.monotonic())
+        self._flush()
+
+    def _readable(self) -> None:
+        with contextlib.suppress(OSError):
+            data = os.read(self.master, 4096)
+            for event in self.framer.receive_data(data, time.monotonic()):
+                if isinstance(event, FrameReceived):
+                    self.received.append(json.loads(event.payload))
+                elif isinstance(event, FrameSent):
+                    self.acknowledged += 1
+            self._flush()
+
+    def _flush(self) -> None:
+        data = self.framer.data_to_send()
+        if data:
+            os.write(self.master, data)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.master)
+        os.close(self.master)
+        os.close(self._slave)
+
+
+async def test_the_answer_that_shows_the_swap_is_its_terminals_outcome(tmp_path, mosquitto):
+    """B's payment is on its way when B's cable is moved to A's port; B's device sends its
+    answer again there (a terminal repeats a frame that got no ACK), before the bridge has
+    asked who it is. That frame shows the swap. It used to be acknowledged and dropped: the
+    terminal never sends it again, and the payment waited on a status poll that a terminal
+    which has forgotten it (restarted) can never answer. It is B's outcome, as received. A
+    payment for A waiting meanwhile is refused, saying A is looked for elsewhere (it used to
+    say nothing was sent "until a technician checks" the ports)."""
+    sim_b = simulator(B, Behaviour(never_answer=True, delay=0.05))
+    port_b = await sim_b.start_pty(tmp_path / "port-b")
+    port_a = tmp_path / "port-a"
+    device = None
+    try:
+        async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1", base_topic=BASE) \
+                as till:
+            async with bridge_on(tmp_path, mosquitto, {B: port_b}, payment_timeout=30) as bridge:
+                assert await wait_until(lambda: bridge.workers[B].identity == "confirmed",
+                                        timeout=15)
+                paying = asyncio.create_task(till.pay(B, 42.0, service_id="OPEN1", timeout=30))
+                assert await wait_until(lambda: ("TILL1", "OPEN1") in sim_b.terminal.ledger,
+                                        timeout=10)
+            request = sim_b.terminal.ledger[("TILL1", "OPEN1")].request
+            await sim_b.close()  # B's cable is out of port B ...
+            device = DeviceByHand(port_a)  # ... and into port A
+            async with bridge_on(tmp_path, mosquitto, {A: str(port_a), B: port_b},
+                                 payment_timeout=30) as bridge:
+                assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
+                # A payment for A waits for the identity check meanwhile.
+                waiting = asyncio.create_task(till.pay(A, 7.0, service_id="WAIT1", timeout=20))
+                assert await wait_until(lambda: bridge.workers[A].session.active is not None,
+                                        timeout=10)
+                device.send(payment_response(request, "approve", time.time()))
+                answer = await asyncio.wait_for(paying, 20)
+                refused = await asyncio.wait_for(waiting, 20)
+                assert linked_to(bridge, B) == str(port_a)
+        assert refused["bridge"]["outcome"] == "rejected", refused
+        assert "the bridge now looks for V400m-111 on the link where it expected V400m-222" \
+            in refused["bridge"]["error"], refused
+        assert device.acknowledged == 1
+        assert (answer["bridge"]["outcome"], answer["bridge"]["source"]) == \
+            ("approved", "terminal"), answer
+        assert "Payment" not in device.categories()  # never sent again
+    finally:
+        if device is not None:
+            device.close()
         await sim_b.close()

@@ -90,18 +90,18 @@ class Bridge:
                 if matcher.hotplug_terminals else None
         self.hotplug: HotplugMonitor | None = hotplug or None
 
-    def _wrong_device(self, poi_id: str, said: str) -> bool:
+    def _wrong_device(self, poi_id: str, said: str) -> TerminalWorker | None:
         """The device on `poi_id`'s link says it is `said`: follow both terminals to their
-        devices if `said`'s own link cannot hold it (see bridge.daemon.follow). True when
-        followed."""
+        devices if `said`'s own link cannot hold it (see bridge.daemon.follow). `said`'s
+        worker when followed."""
         if self._stopping:
-            return False
+            return None
         worker = self.workers[poi_id]
         partner, why_not = partner_to_follow(self.workers, poi_id, said)
         if partner is None:
             log.info("terminal %s: the device on its link says it is %s; not followed: %s",
                      poi_id, said, why_not)
-            return False
+            return None
         here, there = describe_link(worker.config), describe_link(partner.config)
         here_link, there_link = worker.config.link, partner.config.link
         worker.relink(there_link)
@@ -119,7 +119,7 @@ class Bridge:
                     "uses %s and %s uses %s, until the daemon restarts. Put the cables back, or "
                     "swap the two terminals' [terminals.link] in the configuration", said, here,
                     poi_id, said, here, poi_id, there)
-        return True
+        return self.workers[partner.poi_id]
 
     def _plugged(self, poi_id: str, device: DeviceInfo) -> None:
         log.info("terminal %s plugged in: %s", poi_id, device.describe())

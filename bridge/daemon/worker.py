@@ -117,10 +117,11 @@ class TerminalWorker:
         transport_factory: Callable[[Any], Transport] = open_transport,
         clock: Callable[[], float] | None = None,
         backoff: Backoff | None = None,
-        on_wrong_device: Callable[[str, str], bool] | None = None,
+        on_wrong_device: Callable[[str, str], TerminalWorker | None] | None = None,
     ) -> None:
         """`on_wrong_device(poi_id, said)`: the device on this terminal's link says it is
-        `said`; True when the daemon follows the terminals to their links (relink())."""
+        `said`; `said`'s worker when the daemon follows the terminals to their links
+        (relink()), else None."""
         self.config = config
         self.on_wrong_device = on_wrong_device
         self.poi_id = config.poi_id
@@ -229,6 +230,7 @@ class TerminalWorker:
         there (its cable moved to another terminal's port). The link open now is dropped;
         open transactions are asked about on the new one, never sent again."""
         self.config = self.config.model_copy(update={"link": link})
+        self.session.following = True  # until the link is dropped: refusals say why
         self._backoff.reset()
         self._relinked.set()
         # Where the terminal was just heard, a device is present; hotplug says otherwise if not.
@@ -538,16 +540,27 @@ class TerminalWorker:
         except MessageError as exc:
             self._apply(self.session.unusable(f"not a SaleToPOI message: {exc}", now))
             return
-        self._check_identity(message)
+        followed = self._check_identity(message)
+        if followed is not None and not self.session.asked_for(message):
+            followed.receive_from_elsewhere(message)  # its own: not dropped here (acknowledged)
+            return
         self._apply(self.session.receive(message, now))
 
-    def _check_identity(self, message: Any) -> None:
+    def receive_from_elsewhere(self, message: Any) -> None:
+        """A message of this terminal's device, read on another terminal's link just before
+        the daemon followed them (see TerminalSession.receive_from_elsewhere)."""
+        log.info("terminal %s: its message read on another link before following it there "
+                 "is taken as its own", self.poi_id)
+        self._apply(self.session.receive_from_elsewhere(message, self._clock()))
+
+    def _check_identity(self, message: Any) -> TerminalWorker | None:
         """Every message a terminal sends names it (POIID): the configuration is confirmed by
-        the terminal itself, and a terminal on the wrong port is reported, not ignored."""
+        the terminal itself, and a terminal on the wrong port is reported, not ignored.
+        Returns the worker of the terminal that sent it when the daemon follows it here."""
         header = message.message_header
         said = header.poi_id if header is not None else None
         if not said or said in ("N/A", "-NULL-"):
-            return
+            return None
         self.session.terminal_named(said)
         if said == self.poi_id:
             if self.identity != "confirmed":
@@ -556,15 +569,17 @@ class TerminalWorker:
                 self._publish_state()
         elif self.identity != f"mismatch: {said}":
             self.identity = f"mismatch: {said}"
-            if self.on_wrong_device is not None and self.on_wrong_device(self.poi_id, said):
+            followed = self.on_wrong_device(self.poi_id, said) if self.on_wrong_device else None
+            if followed is not None:
                 self._publish_state()
-                return  # followed: the daemon has said so
+                return followed  # the daemon has said so
             log.error("terminal %s: the device at %s says it is %s: nothing is sent to it "
                       "(requests for %s are refused, status polls wait) until this is fixed; "
                       "check which terminal is plugged into which port, or the configuration, "
                       "then replug", self.poi_id,
                       self._transport.describe() if self._transport else "?", said, self.poi_id)
             self._publish_state()
+        return None
 
     # --- timers -------------------------------------------------------------------------------
 
