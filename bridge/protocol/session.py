@@ -105,6 +105,9 @@ class TerminalSession:
         # no payment runs on the wrong terminal; cleared when the link is reopened or the
         # right POIID is seen (terminal_named).
         self.wrong_device: str | None = None
+        # The daemon follows this terminal to another link (the device here said it is
+        # another configured terminal): what is refused meanwhile says so, not "check ports"
+        self.following = False
         self.named = False  # the device on this link has said who it is
         self._name_asked = False  # the identity check went out on this link
         self._unnamed_checks = 0  # identity checks on this link that brought no POIID
@@ -206,6 +209,25 @@ class TerminalSession:
         self.named = True
         self.wrong_device = None if poi_id == self.poi_id else poi_id
 
+    def asked_for(self, message: Message) -> bool:
+        """Whether `message` answers something this session sent on its link (an identity
+        check, a status poll): such an answer is ours whichever device sent it."""
+        header = message.message_header
+        service_id = header.service_id if header else None
+        return (service_id in self._naming_ids or service_id in self._poll_index
+                or (header is not None and header.sale_id == BRIDGE_SALE_ID
+                    and message.category == "Diagnosis"))
+
+    def receive_from_elsewhere(self, message: Message, now: float) -> list[Action]:
+        """A message this terminal's device sent on another terminal's link, read there just
+        before the daemon followed the two terminals (its frame showed the swap, and the
+        device, which got its acknowledgement, will not send it again). It names this
+        terminal, so it is taken as its own: a payment's answer among them is the outcome.
+        It says nothing of the device on this session's link."""
+        header = message.message_header
+        return self._received(message, header.sale_id if header else None,
+                              header.service_id if header else None, now, own_device=True)
+
     def receive(self, message: Message, now: float) -> list[Action]:
         """A message from the terminal."""
         header = message.message_header
@@ -252,7 +274,7 @@ class TerminalSession:
         return actions + self._pump(now)
 
     def _received(self, message: Message, sale_id: str | None, service_id: str | None,
-                  now: float) -> list[Action]:
+                  now: float, *, own_device: bool = False) -> list[Action]:
         header = message.message_header
         classification = classify(message)
         if service_id is not None and service_id in self._poll_index:
@@ -275,7 +297,8 @@ class TerminalSession:
                 return self._unusable_answer(txn, classification.detail, now) + self._pump(now)
         if (isinstance(message, SaleToPOIResponse) and sale_id and service_id
                 and sale_id != BRIDGE_SALE_ID and not classification.from_status
-                and self.wrong_device is None and classification.category in MONEY_CATEGORIES
+                and (self.wrong_device is None or own_device)
+                and classification.category in MONEY_CATEGORIES
                 and classification.outcome in FINAL_MONEY_OUTCOMES):
             return [Unmatched(sale_id, service_id, classification.category,
                               classification.outcome.value, message.to_document(),
@@ -329,6 +352,7 @@ class TerminalSession:
 
     def link_is_down(self, reason: str, now: float) -> list[Action]:
         self.link_up = False
+        moving = self._wrong_device_text() if self.following and self.wrong_device else None
         self._new_device()  # whatever is plugged in next must say who it is again
         actions: list[Action] = []
         if self._probe is not None:
@@ -341,8 +365,8 @@ class TerminalSession:
             if txn.state is TxState.ACCEPTED:
                 actions += self._finish(
                     txn, Outcome.REJECTED, None, "bridge", now,
-                    error=f"terminal {self.poi_id} went offline before the request was sent; "
-                          "nothing was charged, retry with a new ServiceID")
+                    error=moving or f"terminal {self.poi_id} went offline before the request "
+                                    "was sent; nothing was charged, retry with a new ServiceID")
             elif txn.state is TxState.AWAITING_RESPONSE:
                 if txn.passthrough or txn.category not in MONEY_CATEGORIES:
                     actions += self._finish(txn, Outcome.ERROR, None, "bridge", now,
@@ -507,6 +531,7 @@ class TerminalSession:
 
     def _new_device(self) -> None:
         self.named, self._name_asked, self._naming, self.wrong_device = False, False, None, None
+        self.following = False
         self._unnamed_checks = 0
 
     def _ask_name(self, now: float) -> list[Action]:
@@ -563,6 +588,11 @@ class TerminalSession:
         return actions
 
     def _wrong_device_text(self) -> str:
+        if self.following:
+            return (f"the device on terminal {self.poi_id}'s link says it is "
+                    f"{self.wrong_device}: the bridge now looks for {self.poi_id} on the link "
+                    f"where it expected {self.wrong_device} (cables swapped); nothing was "
+                    "sent, retry with a new ServiceID")
         return (f"the device on terminal {self.poi_id}'s link says it is {self.wrong_device}; "
                 "nothing was sent until a technician checks which terminal is plugged into "
                 "which port")
