@@ -144,6 +144,26 @@ def rejected(sale_id: str, service_id: str | None = None):
     return predicate
 
 
+async def test_a_refusal_on_bridge_error_echoes_no_card_data(tmp_path, mosquitto):
+    """bridge/error reaches every operator and head office: a register that put a swiped
+    card's track data where its SaleID belongs, a card number as its ServiceID and in its
+    MessageCategory, is told which request was refused and why without the card data."""
+    pan = "4111111111111111"
+    track2 = f";{pan}=29121010000012300000?"
+    async with Store(tmp_path, mosquitto, default_scenario()):
+        async with Subscriber(mosquitto, [f"{BASE}/bridge/error"]) as sub:
+            swiped = responses.payment_request(f"POS1/{track2}", "S1", POI)
+            swiped["SaleToPOIRequest"]["MessageHeader"]["ServiceID"] = pan
+            swiped["SaleToPOIRequest"]["MessageHeader"]["MessageCategory"] = f"card {pan}"
+            await sub.publish(request_topic(), swiped)
+            err = await sub.wait_for(lambda t, p: t.endswith("/bridge/error"))
+            assert pan not in json.dumps(err) and "=2912" not in json.dumps(err), err
+            assert err["poi_id"] == POI and err["sale_id"] == "POS1/;[redacted]"
+            assert err["service_id"] == "[redacted]"
+            assert "ServiceID must be 1-10" in err["error"]
+            assert "MessageCategory card [redacted] does not match body" in err["error"]
+
+
 async def test_every_malformed_request_is_answered(tmp_path, mosquitto):
     async with Store(tmp_path, mosquitto, default_scenario(delay=0.8)):
         async with Subscriber(mosquitto, [f"{BASE}/registers/+/response",

@@ -48,6 +48,7 @@ from bridge.daemon.registers import (
 from bridge.deployment import password_to_fix
 from bridge.protocol.messages import MessageError, load_json
 from bridge.protocol.actions import Deliver, Progress
+from bridge.redaction import redact
 from bridge.transports import Backoff
 
 log = logging.getLogger("poi_bridge.mqtt")
@@ -55,6 +56,8 @@ log = logging.getLogger("poi_bridge.mqtt")
 # Requests already queued are handled in one loop pass, and share its journal commit, up to
 # this many: more would hold the first one's frame back for the others' handling (~1 ms each).
 REQUESTS_PER_PASS = 4
+# What a refusal on bridge/error quotes from the refused request
+_ECHOED = ("error", "sale_id", "service_id")
 
 # (topic, payload, properties or None) -> None; the intake answers through `reply`.
 RequestHandler = Callable[[str, bytes, "Reply"], Awaitable[None] | None]
@@ -244,6 +247,12 @@ class RegisterGateway:
                 correlation: bytes | None = None) -> None:
         """Any other message that must not be lost (answers to commands, errors); the MQTT 5
         correlation data is kept with it, so that it goes out after a restart too."""
+        if topic == self.topics.bridge_error:
+            # A refusal there reaches every operator and, through a chain's bridge, head
+            # office: the IDs and error it echoes are a register's own writing (a swiped
+            # card's track data where its SaleID belongs), so they pass the log's filter.
+            payload = {key: redact(value) if key in _ECHOED and isinstance(value, str)
+                       else value for key, value in payload.items()}
         self.journal.enqueue([(topic, dumps(payload), 1, retain, correlation)])
 
     def clear_retained(self, topics: list[str]) -> None:
