@@ -8,7 +8,9 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bridge.protocol import builders
 from bridge.protocol.messages import parse_message
+from bridge.protocol.outcome import classify
 from bridge.protocol.actions import Deliver, Log, Progress, Record, Send, Unmatched
 from bridge.protocol.session import SessionSettings, TerminalSession
 from bridge.protocol.transaction import TxKey, TxState, request_digest
@@ -157,6 +159,63 @@ def test_abort_of_a_payment_still_held_by_the_bridge_withdraws_it():
     assert not h.session.open and h.session.active is None
     assert [s.purpose for s in h.sends(h.name())] == []  # the check answered: nothing follows
     assert [s.purpose for s in h.sends(h.submit("R1", "S2"))] == ["request"]
+
+
+def status_of(sale: str, about: str, status_service: str = "T1",
+              category: str | None = "Payment") -> dict:
+    """A register's own TransactionStatusRequest about `about` (naming `category`, if any)."""
+    doc = builders.status_request(sale_id=sale, service_id=status_service, poi_id=POI,
+                                  original_service_id=about, original_category=category or "")
+    if category is None:
+        del doc["SaleToPOIRequest"]["TransactionStatusRequest"]["MessageReference"][
+            "MessageCategory"]
+    return doc
+
+
+def test_a_status_request_about_a_payment_still_held_by_the_bridge_is_answered_in_progress():
+    """The payment waits for the identity check of a newly plugged-in terminal, or for a
+    background status poll: the terminal has never seen it and would answer the register's
+    status request NotFound ("nothing was charged"), yet the payment goes out afterwards and
+    may be charged. The bridge answers itself: in progress, its result to follow."""
+    identity = Harness(link_up=False)
+    identity.do(identity.session.link_is_up(identity.now))
+    identity.submit("R1", "S1")
+    polling = Harness()
+    polling.submit("R0", "S0")
+    for seconds in (120, 30, 1, 30, 10):  # S0 unresolved, its background poll on the wire
+        polling.advance(seconds)
+    assert polling.session._probe is not None
+    polling.submit("R1", "S1")
+    for h, why in ((identity, "to say which terminal it is"), (polling, "a status poll")):
+        assert h.session.open[TxKey("R1", "S1")].state is TxState.ACCEPTED
+        for status in (status_of("R1", "S1"), status_of("R1", "S1", "T2", category=None)):
+            actions = h.submit("R1", status["SaleToPOIRequest"]["MessageHeader"]["ServiceID"],
+                               doc=status)
+            assert h.sends(actions) == []  # the terminal is not asked
+            assert_recorded_before(actions)
+            (answer,) = h.delivers(actions)
+            assert (answer.outcome, answer.source, answer.error) == ("in_progress", "bridge", None)
+            assert actions[0].transaction.state is TxState.FINAL
+            # in the shape of a terminal's own InProgress, which a register's library reads
+            body = answer.response["SaleToPOIResponse"]["TransactionStatusResponse"]
+            assert (body["Response"]["Result"], body["Response"]["ErrorCondition"]) == (
+                "Failure", "InProgress")
+            assert classify(parse_message(answer.response)).outcome == "in_progress"
+            text = body["Response"]["AdditionalResponse"]
+            assert "R1/S1 has not been sent" in text and why in text, text
+            assert "do not charge it another way" in text
+        # A status request naming another category is about no transaction the bridge holds
+        # (a ServiceID is unique per SaleID): the terminal is asked, its NotFound is true.
+        other = status_of("R1", "S1", "T3", category="Reversal")
+        assert [s.purpose for s in h.sends(h.submit("R1", "T3", doc=other))] == ["passthrough"]
+        (told,) = h.delivers(h.answer(responses.status_not_found(other)))
+        assert (told.service_id, told.outcome) == ("T3", "not_found")
+        assert h.session.open[TxKey("R1", "S1")].state is TxState.ACCEPTED
+    # the hold ends: the payment goes out, and its result comes under its own IDs
+    assert [s.service_id for s in identity.sends(identity.name(), "request")] == ["S1"]
+    (result,) = identity.delivers(identity.answer(
+        responses.payment_response(request_of(identity), "approve", identity.now)))
+    assert (result.service_id, result.outcome) == ("S1", "approved")
 
 
 def test_second_request_while_one_is_open_is_refused_busy_and_recorded_as_refused():

@@ -4,6 +4,7 @@ payment the bridge knows was approved. The journal's record answers instead."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -18,6 +19,9 @@ from bridge.simulator.terminal import Behaviour, LedgerEntry, LinkBehaviour, Sce
 from .rig import POI as STORE_POI
 from .rig import Subscriber, outcome_for
 from .test_daemon_mqtt import BASE, Store, default_scenario, request_topic
+from .test_follow import A as HAND_POI
+from .test_follow import BASE as HAND_BASE
+from .test_follow import DeviceByHand, bridge_on, wait_until
 from .test_intake_fuzz import POI, Rig
 
 OTHER = "V400m-999999999"  # a terminal the payment ran on, not the one asked
@@ -196,3 +200,49 @@ async def test_a_status_request_about_a_payment_still_awaiting_its_answer_is_not
         # the bridge's own poll, after payment_timeout, with no payment taken since: never got it
         result = await sub.wait_for(outcome_for("W1"), timeout=20)
         assert result["bridge"]["outcome"] == "not_found", result
+
+
+async def test_a_status_request_about_a_payment_held_unsent_is_answered_by_the_bridge(
+        tmp_path, mosquitto):
+    """A terminal just plugged in has not yet said which terminal it is: the payment waits
+    for that, unsent. The register asks about it; the terminal, asked, would answer NotFound
+    ("nothing was charged", as a terminal without the payment does), and the register might
+    charge the shopper another way, while the payment goes out a moment later. The bridge
+    answers itself, in progress; the payment's result follows under its own IDs."""
+    device = DeviceByHand(tmp_path / "port")  # answers only what the test makes it answer
+    try:
+        async with bridge_on(tmp_path, mosquitto, {HAND_POI: str(tmp_path / "port")}), \
+                Subscriber(mosquitto, [f"{HAND_BASE}/registers/#"]) as sub:
+            assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
+            topic = f"{HAND_BASE}/terminals/{HAND_POI}/request/POS1"
+            await sub.publish(topic, responses.payment_request("POS1", "H1", HAND_POI, 7.0))
+            await sub.wait_for(lambda t, p: t.endswith("/event") and p["event"] == "accepted")
+            status = builders.status_request(sale_id="POS1", service_id="T1", poi_id=HAND_POI,
+                                             original_service_id="H1",
+                                             original_category="Payment")
+            await sub.publish(topic, status)
+            answered = asyncio.create_task(sub.wait_for(outcome_for("T1")))
+            assert await wait_until(lambda: answered.done()
+                                    or "TransactionStatus" in device.categories(), timeout=15)
+            if not answered.done():  # asked, the terminal says what it knows: NotFound
+                device.send(responses.status_not_found(status))
+            answer = await answered
+            bridge = answer["bridge"]
+            assert (bridge["outcome"], bridge["source"]) == ("in_progress", "bridge"), answer
+            assert "TransactionStatus" not in device.categories()
+            text = answer["SaleToPOIResponse"]["TransactionStatusResponse"]["Response"][
+                "AdditionalResponse"]
+            assert "POS1/H1 has not been sent" in text, text
+            # the device says who it is: the payment goes out, its result under its own IDs
+            check = next(d for d in device.received if "DiagnosisRequest" in
+                         d.get("SaleToPOIRequest", {}))
+            device.send(responses.simple_response(check))
+            assert await wait_until(lambda: "Payment" in device.categories(), timeout=10)
+            payment = next(d for d in device.received if "PaymentRequest" in
+                           d.get("SaleToPOIRequest", {}))
+            device.send(responses.payment_response(payment, "approve", time.time()))
+            result = await sub.wait_for(outcome_for("H1"))
+            assert (result["bridge"]["outcome"], result["bridge"]["source"]) == (
+                "approved", "terminal"), result
+    finally:
+        device.close()

@@ -40,6 +40,7 @@ from bridge.protocol.actions import Action, Deliver, Log, Progress, Record, Send
 from bridge.protocol.messages import (
     Message,
     MessageHeader,
+    MessageReference,
     SaleToPOIRequest,
     SaleToPOIResponse,
 )
@@ -83,6 +84,14 @@ class _Naming:
 
 def _header_of(txn: Transaction) -> MessageHeader:
     return MessageHeader.model_validate(txn.request["SaleToPOIRequest"]["MessageHeader"])
+
+
+def _names_another_category(ref: MessageReference | None, txn: Transaction) -> bool:
+    """Whether a MessageReference with `txn`'s IDs names another category: then it is about
+    no transaction the bridge holds (a ServiceID is unique per SaleID, whatever the
+    category), and an answer to it says nothing of `txn`."""
+    return ref is not None and ref.message_category is not None \
+        and str(ref.message_category) != txn.category
 
 
 class TerminalSession:
@@ -160,7 +169,8 @@ class TerminalSession:
                                 f"terminal {self.poi_id} is busy with transaction {self.active}",
                                 now)
         if category == "Abort":
-            held = self._held_target(request)
+            held = self._held_target(
+                request.abort_request.message_reference if request.abort_request else None)
             if held is not None:
                 return self._withdraw(txn, held, now)
             # An abort gets no response of its own; the aborted transaction ends Failure/Aborted.
@@ -174,6 +184,12 @@ class TerminalSession:
                 Deliver(txn.sale_id, txn.service_id, self.poi_id, category,
                         Outcome.SUCCESS.value, "bridge", None, None),
             ]
+        if category == "TransactionStatus":
+            ref = request.transaction_status_request.message_reference \
+                if request.transaction_status_request else None
+            held = self._held_target(ref)
+            if held is not None and not _names_another_category(ref, held):
+                return self._held_status(txn, held, now)
         self.open[txn.key] = txn
         if txn.passthrough:
             txn.state, txn.sent_at = TxState.AWAITING_RESPONSE, now
@@ -911,14 +927,30 @@ class TerminalSession:
         txn = self.open.get(self.active) if self.active else None
         return txn if txn is not None and txn.state is TxState.AWAITING_RESPONSE else None
 
-    def _held_target(self, request: SaleToPOIRequest) -> Transaction | None:
-        """The transaction an abort names, if the bridge still holds it unsent (waiting for
-        the identity check or a background status poll): the terminal has never seen it."""
-        ref = request.abort_request.message_reference if request.abort_request else None
+    def _held_target(self, ref: MessageReference | None) -> Transaction | None:
+        """The transaction an abort or a status request names, if the bridge still holds it
+        unsent (waiting for the identity check or a background status poll): the terminal
+        has never seen it."""
         if ref is None or ref.sale_id is None or ref.service_id is None:
             return None
         target = self.open.get(TxKey(ref.sale_id, ref.service_id))
         return target if target is not None and target.state is TxState.ACCEPTED else None
+
+    def _held_status(self, status: Transaction, held: Transaction, now: float) -> list[Action]:
+        """A register's status request about a payment not yet sent. The terminal, asked,
+        would say NotFound ("nothing was charged"), yet the payment goes out once the hold
+        ends and may be charged: a register trusting NotFound could charge the shopper
+        another way too. Answered by the bridge, in the shape of a terminal's InProgress."""
+        if not self.named:
+            why = f"waiting for terminal {self.poi_id} to say which terminal it is"
+        else:
+            why = "waiting for the terminal to answer a status poll"
+        text = (f"{held.category} {held.key} has not been sent to terminal {self.poi_id} yet "
+                f"({why}): it goes out once that ends, and its result follows under its own "
+                "IDs; do not charge it another way meanwhile (an AbortRequest withdraws it)")
+        response = builders.failure_response(_header_of(status), status.category,
+                                             "InProgress", text)
+        return self._finish(status, Outcome.IN_PROGRESS, response, "bridge", now, detail=text)
 
     def _withdraw(self, abort: Transaction, target: Transaction, now: float) -> list[Action]:
         """An abort of a payment not yet sent: it is never sent. Forwarding the abort would
