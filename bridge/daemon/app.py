@@ -104,8 +104,8 @@ class Bridge:
             return None
         here, there = describe_link(worker.config), describe_link(partner.config)
         here_link, there_link = worker.config.link, partner.config.link
-        worker.relink(there_link)
-        partner.relink(here_link)
+        worker.relink(there_link, released=partner.link_closed)
+        partner.relink(here_link, released=worker.link_closed)
         if self.hotplug is not None:
             self.hotplug.rematch(TerminalMatcher([w.config for w in self.workers.values()]))
             for moved in (worker, partner):

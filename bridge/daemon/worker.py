@@ -81,6 +81,8 @@ def describe_transactions(transactions: list[Transaction], most: int = 5) -> str
 MAX_TIMER_SLEEP = 60.0  # s: look at the deadlines again at least this often
 LINK_PROVEN_AFTER = 10.0  # s: a link up this long (or that brought a frame) worked
 TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed timer
+# s: how long a followed terminal waits for the worker that had its new link to let go of it
+RELINK_HANDOVER = 2.0
 
 
 class Outlet(Protocol):
@@ -148,6 +150,9 @@ class TerminalWorker:
         self._enabled_event.set()
         self._disabled_event = asyncio.Event()
         self._relinked = asyncio.Event()  # the link to open changed: drop the one open now
+        self.link_closed = asyncio.Event()  # no link of this worker's is open
+        self.link_closed.set()
+        self._handed_over_by: asyncio.Event | None = None  # relink(): the previous holder
         self._tasks: list[asyncio.Task[None]] = []
         self.counters = {"frames_in": 0, "frames_out": 0, "framing_errors": 0, "reconnects": 0}
         self.identity = "unknown"  # confirmed | mismatch: <what it said> | unknown
@@ -225,11 +230,14 @@ class TerminalWorker:
         self.sent_unconfirmed &= self.session.open.keys()
         return bool(self.sent_unconfirmed)
 
-    def relink(self, link: Any) -> None:
+    def relink(self, link: Any, released: asyncio.Event | None = None) -> None:
         """Open `link` from now on instead of the configured one: this terminal was found
         there (its cable moved to another terminal's port). The link open now is dropped;
-        open transactions are asked about on the new one, never sent again."""
+        open transactions are asked about on the new one, never sent again. `released`: set
+        once the worker that holds `link` now has closed it (opened before, the device
+        would be "in use by another process", and the log would say so)."""
         self.config = self.config.model_copy(update={"link": link})
+        self._handed_over_by = released
         self.session.following = True  # until the link is dropped: refusals say why
         self._backoff.reset()
         self._relinked.set()
@@ -337,6 +345,10 @@ class TerminalWorker:
         while not self._stopping:
             await self._enabled_event.wait()
             self._relinked.clear()
+            if self._handed_over_by is not None:
+                released, self._handed_over_by = self._handed_over_by, None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(released.wait(), RELINK_HANDOVER)
             try:
                 transport = self._transport_factory(self.config.link)
             except TransportUnavailable as exc:
@@ -358,6 +370,7 @@ class TerminalWorker:
                                       opened=False)
                 continue
             self._transport = transport
+            self.link_closed.clear()
             self.framer.reset()
             self._in_flight.clear()
             self._unwritten = b""
@@ -377,6 +390,7 @@ class TerminalWorker:
 
     async def _link_down(self, transport: Transport, reason: str, *, opened: bool) -> None:
         await transport.close()
+        self.link_closed.set()
         if opened:
             open_now = list(self.session.open.values())
             log.warning("terminal %s: link lost: %s; reopening%s", self.poi_id, reason,
