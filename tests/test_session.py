@@ -614,6 +614,67 @@ def test_register_status_request_passes_through_and_settles_an_unresolved_transa
     assert h.delivers(late) == []
 
 
+def test_a_register_status_answer_settles_only_a_transaction_of_the_category_asked_about():
+    """A register's status request names a category with its SaleID and ServiceID. A
+    Reversal asked about under a Payment's IDs is no Payment: the terminal's answer about it,
+    echoing the IDs, must not end the open payment (a reversal's approval ended it
+    "approved"). Nor does a record of another category, even when the register named none:
+    the record's own header or body says what it is. A NotFound about the Reversal is true
+    of it (no reversal has those IDs), and the payment is left as it was."""
+    reversal = responses.payment_request("R1", "S1", POI, 12.5, category="Reversal")
+
+    def polled_payment() -> Harness:
+        h = Harness()
+        h.submit("R1", "S1")
+        h.do(h.session.link_is_down("EIO", h.now))
+        h.advance(30)
+        h.advance(30)
+        h.plug_in()  # S1 asked about by status poll: a register's status answer may settle it
+        assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+        return h
+
+    def payment_left_alone(h: Harness, actions: list) -> None:
+        assert [d.service_id for d in h.delivers(actions)] == ["T1"]
+        assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+
+    cases = [  # (the category the register names, the record the terminal answers with)
+        ("Reversal", reversal), ("Reversal", None), (None, reversal)]
+    for named, record_of in cases:
+        h = polled_payment()
+        status = status_of("R1", "S1", category=named)
+        h.submit("R1", "T1", doc=status)
+        original = responses.payment_response(record_of or request_of(h), "approve", h.now)
+        answer = responses.status_success(status, original)
+        answer["SaleToPOIResponse"]["TransactionStatusResponse"]["MessageReference"] = {
+            "SaleID": "R1", "ServiceID": "S1"}  # the IDs echoed
+        if named:
+            answer["SaleToPOIResponse"]["TransactionStatusResponse"]["MessageReference"][
+                "MessageCategory"] = named
+        actions = h.answer(answer)
+        payment_left_alone(h, actions)
+        assert any(isinstance(a, Log) and "not applied" in a.message for a in actions)
+    # NotFound echoing the reference: true of the reversal, says nothing of the payment
+    h = polled_payment()
+    status = status_of("R1", "S1", category="Reversal")
+    h.submit("R1", "T1", doc=status)
+    answer = responses.status_not_found(status)
+    answer["SaleToPOIResponse"]["TransactionStatusResponse"]["MessageReference"] = \
+        status["SaleToPOIRequest"]["TransactionStatusRequest"]["MessageReference"]
+    actions = h.answer(answer)
+    payment_left_alone(h, actions)
+    assert h.delivers(actions)[0].outcome == "not_found"
+    # The payment's own record settles it, whether the register named its category or none.
+    for named in ("Payment", None):
+        h = polled_payment()
+        status = status_of("R1", "S1", category=named)
+        h.submit("R1", "T1", doc=status)
+        original = responses.payment_response(request_of(h), "approve", h.now)
+        outcomes = {(d.service_id, d.outcome, d.source) for d in h.delivers(
+            h.answer(responses.status_success(status, original)))}
+        assert ("S1", "approved", "status-poll") in outcomes, (named, outcomes)
+        assert not h.session.open
+
+
 def test_request_is_held_while_a_background_poll_is_on_the_wire():
     h = Harness()
     h.submit("R1", "S1")

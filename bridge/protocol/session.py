@@ -86,6 +86,16 @@ def _header_of(txn: Transaction) -> MessageHeader:
     return MessageHeader.model_validate(txn.request["SaleToPOIRequest"]["MessageHeader"])
 
 
+def _reference_asked(status: Transaction) -> MessageReference | None:
+    """The MessageReference of a register's TransactionStatusRequest, as it sent it."""
+    body = status.request.get("SaleToPOIRequest", {}).get("TransactionStatusRequest")
+    ref = body.get("MessageReference") if isinstance(body, dict) else None
+    try:
+        return MessageReference.model_validate(ref) if isinstance(ref, dict) else None
+    except ValueError:  # checked on intake; an earlier run's record, say
+        return None
+
+
 def _names_another_category(ref: MessageReference | None, txn: Transaction) -> bool:
     """Whether a MessageReference with `txn`'s IDs names another category: then it is about
     no transaction the bridge holds (a ServiceID is unique per SaleID, whatever the
@@ -788,7 +798,7 @@ class TerminalSession:
     ) -> list[Action]:
         document = message.to_document()
         if txn.passthrough:
-            settled = self._apply_register_status(message, cls, now)
+            settled = self._apply_register_status(txn, message, cls, now)
             doubt = self._not_found_in_doubt(txn, cls)
             if doubt is not None:
                 return self._finish(txn, Outcome.UNRESOLVED, None, "bridge", now,
@@ -805,9 +815,14 @@ class TerminalSession:
         return self._unusable_answer(txn, cls.detail, now)
 
     def _apply_register_status(
-        self, message: Message, cls: Classification, now: float
+        self, status: Transaction, message: Message, cls: Classification, now: float
     ) -> list[Action]:
-        """A register's own status request may settle a transaction the bridge is polling."""
+        """A register's own status request (`status`) may settle a transaction the bridge is
+        polling: with the terminal's record of it (a RepeatedMessageResponse; a NotFound or
+        InProgress is left to the bridge's own polls), about the category of that
+        transaction. The record names its category (its header, or its body's name); the
+        register's reference and the answer's echo of it, when they name one, must name the
+        same: a record of a Reversal under a Payment's IDs is no outcome of the Payment."""
         if not isinstance(message, SaleToPOIResponse) or not cls.from_status:
             return []
         body = message.transaction_status_response
@@ -817,6 +832,14 @@ class TerminalSession:
         txn = self.open.get(TxKey(ref.sale_id, ref.service_id))
         if txn is None or txn.state not in (TxState.POLLING, TxState.UNRESOLVED):
             return []
+        asked = _reference_asked(status)
+        named = {str(c) for c in (cls.category, ref.message_category,
+                                  asked.message_category if asked else None) if c is not None}
+        if named != {txn.category}:
+            others = "/".join(sorted(named - {txn.category}))
+            return [Log("warning", f"terminal {self.poi_id}: the answer to status request "
+                                   f"{status.key} is about a {others} {txn.key}, not the "
+                                   f"{txn.category} {txn.key}: not applied to it")]
         return self._status_answer(txn, cls, message, now)
 
     def _not_found_in_doubt(self, status: Transaction, cls: Classification) -> str | None:
@@ -830,14 +853,13 @@ class TerminalSession:
         if cls.outcome is not Outcome.NOT_FOUND:
             return None
         # The register's request names it: a terminal's NotFound need not echo the reference
-        body = status.request.get("SaleToPOIRequest", {}).get("TransactionStatusRequest")
-        ref = body.get("MessageReference") if isinstance(body, dict) else None
-        if not isinstance(ref, dict) or not isinstance(ref.get("SaleID"), str) \
-                or not isinstance(ref.get("ServiceID"), str):
+        ref = _reference_asked(status)
+        if ref is None or ref.sale_id is None or ref.service_id is None:
             return None
-        payment = self.open.get(TxKey(ref["SaleID"], ref["ServiceID"]))
+        payment = self.open.get(TxKey(ref.sale_id, ref.service_id))
         if payment is None or payment.sent_at is None \
-                or payment.category not in MONEY_CATEGORIES:
+                or payment.category not in MONEY_CATEGORIES \
+                or _names_another_category(ref, payment):  # then NotFound is true of it
             return None
         if payment.state is TxState.AWAITING_RESPONSE:
             where = ("the bridge is still waiting for the terminal's answer to it and will "
