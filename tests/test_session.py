@@ -385,6 +385,17 @@ def test_silent_terminal_goes_unresolved_frees_terminal_and_resolves_later():
     assert not h.session.open
 
 
+def unresolved_then_another_paid() -> Harness:
+    """R1/S1 unresolved (no answer, polls unanswered), then R1/S2 approved on the terminal."""
+    h = Harness()
+    h.submit("R1", "S1")
+    for seconds in (120, 30, 1, 30):
+        h.advance(seconds)
+    h.submit("R1", "S2")
+    h.answer(responses.payment_response(request_of(h, "R1", "S2"), "approve", h.now))
+    return h
+
+
 def test_not_found_after_another_payment_went_to_the_terminal_leaves_the_outcome_unknown():
     """The terminal may remember only its latest request of a category ("last such Request"
     in the vendor's NotFound). After S2 went to it, its NotFound about the unresolved S1 may
@@ -412,12 +423,7 @@ def test_not_found_after_another_payment_went_to_the_terminal_leaves_the_outcome
     assert h.sends(h.advance(3600)) == []  # no more polls about it
     # The same after the system clock was stepped (the daemon shifts every time it holds):
     # the request's time must move with the transactions' (the diff review's case).
-    h3 = Harness()
-    h3.submit("R1", "S1")
-    for seconds in (120, 30, 1, 30):
-        h3.advance(seconds)
-    h3.submit("R1", "S2")
-    h3.answer(responses.payment_response(request_of(h3, "R1", "S2"), "approve", h3.now))
+    h3 = unresolved_then_another_paid()
     h3.session.shift_times(3600.0)
     h3.now += 3600.0
     assert len(h3.sends(h3.advance(10), "status-poll")) == 1
@@ -430,6 +436,26 @@ def test_not_found_after_another_payment_went_to_the_terminal_leaves_the_outcome
     h2.advance(120)
     (result,) = h2.delivers(h2.answer(responses.status_not_found(h2.last_poll())))
     assert result.outcome == "not_found"
+
+
+def test_a_not_found_sent_again_does_not_abandon_the_payment_a_second_time():
+    """The terminal sends its NotFound about a payment abandoned for it again (a frame
+    repeated, a late copy): the register was told once that the bridge stopped asking, and a
+    second reconcile_abandoned and unresolved say nothing new. A record of the payment still
+    settles it."""
+    h = unresolved_then_another_paid()
+    h.advance(10)
+    poll = h.last_poll()
+    told = h.answer(responses.status_not_found(poll))
+    assert [(d.service_id, d.outcome) for d in h.delivers(told)] == [("S1", "unresolved")]
+    again = h.answer(responses.status_not_found(poll))
+    assert h.delivers(again) == [] and not any(isinstance(a, (Progress, Record)) for a in again)
+    txn = h.session.open[TxKey("R1", "S1")]
+    assert (txn.state, txn.next_poll_at, txn.extra.get("abandoned")) == \
+        (TxState.UNRESOLVED, None, True)
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    (result,) = h.delivers(h.answer(responses.status_success(poll, original)))
+    assert (result.service_id, result.outcome, result.source) == ("S1", "approved", "status-poll")
 
 
 def test_reconcile_backoff_grows_is_capped_and_gives_up_at_the_deadline():

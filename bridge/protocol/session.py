@@ -754,6 +754,11 @@ class TerminalSession:
             # The vendor's NotFound names "the last such Request": a terminal that has taken
             # another request of this category since may have forgotten this one, charged or
             # not. Taken as "never received", the register would be told it may charge again.
+            if txn.extra.get("abandoned"):
+                # Said already (the terminal sent its answer again): the register and the
+                # technician were told once, and nothing has changed since.
+                return [Log("debug", f"terminal {self.poi_id}: NotFound again about {txn.key}, "
+                                     "no longer asked about")]
             return self._abandon(txn, (
                 f"outcome unknown: the terminal answers NotFound, but it has taken another "
                 f"{txn.category} request since this one and may remember only its latest, so "
