@@ -1074,6 +1074,27 @@ def test_a_device_that_will_not_say_who_it_is_never_gets_the_payment():
     assert [s.purpose for s in h.sends(sent)] == ["request"]
 
 
+def test_a_payment_that_comes_after_an_unanswered_identity_check_is_not_sent_either():
+    """The identity check went unanswered before any payment came (a device slow to boot,
+    or another terminal with another key, answering a crypto error that names nobody). A
+    payment that came next went straight to the device, whoever it was: the check was no
+    longer on the wire, and only a request waiting during the check was held. It waits for
+    a check that names the device, as one waiting during the first check does."""
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))
+    h.do(h.session.refused("terminal cannot decrypt our message (crypto error)", h.now))
+    assert h.sends(purpose="identify") and not h.session.named
+    asked = h.submit("POS1", "S1")
+    assert [s.purpose for s in h.sends(asked)] == ["identify"]  # asked again, not the payment
+    refused = h.advance(SETTINGS.status_timeout)  # the second check goes unanswered too
+    (result,) = h.delivers(refused)
+    assert (result.service_id, result.outcome) == ("S1", "rejected")
+    assert "did not say which terminal it is" in result.error
+    assert h.sends(purpose="request") == []
+    h.name()  # a later check names this terminal: the next payment goes
+    assert [s.purpose for s in h.sends(h.submit("POS1", "S2"))] == ["request"]
+
+
 def test_an_unreadable_answer_to_the_identity_check_sends_no_payment():
     """An answer that does not decrypt says a device is there, not which: the payment waits
     for a check that names it (asked again at once), and is refused if none does. The same

@@ -215,6 +215,10 @@ class TerminalSession:
             # A background status poll or the identity check is on the wire; the request goes
             # out when it is answered.
             return [Record(txn.snapshot()), accepted]
+        if not self.named:
+            # The device has not said who it is (its identity check went unanswered, or was
+            # refused): the request waits for a check that names it, or is refused (_pump).
+            return [Record(txn.snapshot()), accepted, *self._pump(now)]
         record, *rest = self._send_request(txn, now)
         return [record, accepted, *rest]
 
