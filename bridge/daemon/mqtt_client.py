@@ -81,15 +81,19 @@ def _lean_pubackcomp(client: paho.Client, cmd: str) -> paho.MQTTErrorCode:
 def quiet_closed_socket_errors(loop: asyncio.AbstractEventLoop) -> None:
     """aiomqtt asks the loop to watch paho's socket for writing through call_soon_threadsafe;
     when the broker connection dies in between, the loop's add_writer meets a closed socket
-    and asyncio logs the error with a traceback. The connection loss itself is reported and
-    handled (reconnect, outbox sent again), so this one becomes a line a technician can
-    read; every other loop error is logged as before."""
+    and asyncio logs the error with a traceback: EBADF when the descriptor was closed, or
+    ValueError "Invalid file descriptor: -1" when paho's socket object was closed first (its
+    fileno() is then -1). The connection loss itself is reported and handled (reconnect,
+    outbox sent again), so this one becomes a line a technician can read; every other loop
+    error is logged as before."""
     previous = loop.get_exception_handler()
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         callback = getattr(context.get("handle"), "_callback", None)
-        if (isinstance(exc, OSError) and exc.errno == errno.EBADF
+        closed = ((isinstance(exc, OSError) and exc.errno == errno.EBADF)
+                  or (isinstance(exc, ValueError) and "file descriptor" in str(exc)))
+        if (closed
                 and getattr(callback, "__self__", None) is loop
                 and getattr(callback, "__name__", "") in ("add_writer", "add_reader")):
             log.warning("the MQTT connection closed while a message was waiting to go out; "
