@@ -549,3 +549,14 @@ def test_module_exports_what_it_documents():
                ("MalformedEnvelope", "TerminalCryptoError", "MissingTrailer", "InvalidTrailer",
                 "UnknownKey", "TamperedMessage", "DecryptionFailed"))
     assert issubclass(CryptoError, ValueError)
+
+
+def test_same_key_compares_the_whole_key_not_only_its_name():
+    """Two terminals' encryption settings are the same only with one identifier, version and
+    passphrase; a key loaded twice (two terminals, one passphrase file) is the same key."""
+    assert crypto.same_key(KEY, NexoKey(KEY_ID, 1, PASSPHRASE))
+    assert not crypto.same_key(KEY, WRONG_PASSPHRASE_KEY)  # same name, other passphrase
+    assert not crypto.same_key(KEY, NexoKey(KEY_ID, 2, PASSPHRASE))
+    assert not crypto.same_key(KEY, OTHER_KEY)
+    assert crypto.same_key(None, None)
+    assert not crypto.same_key(KEY, None) and not crypto.same_key(None, KEY)

@@ -22,6 +22,7 @@ from bridge.daemon.app import Bridge
 from bridge.daemon.device_match import TerminalMatcher
 from bridge.daemon.follow import partner_to_follow
 from bridge.daemon.hotplug import HotplugMonitor
+from bridge.protocol import crypto
 from bridge.protocol.framing import FrameReceived, make_framer
 from bridge.protocol.transaction import TxState
 from bridge.register_client import RegisterClient
@@ -96,19 +97,39 @@ def test_a_partner_that_may_be_on_its_own_link_is_not_followed(partner, why):
 
 # --- the daemon ---------------------------------------------------------------------------
 
-def simulator(poi_id: str, behaviour: Behaviour | None = None) -> SimulatorServer:
+def simulator(poi_id: str, behaviour: Behaviour | None = None,
+              key: crypto.NexoKey | None = None) -> SimulatorServer:
     return SimulatorServer(Scenario(poi_id=poi_id, default=behaviour or Behaviour(delay=0.05),
-                                    link=LinkBehaviour(status_hold=0.05)), "stx-etx-lrc")
+                                    link=LinkBehaviour(status_hold=0.05)), "stx-etx-lrc",
+                           key=key)
+
+
+# Terminals A and B set up with different keys (a store whose terminals do not share one)
+PASSPHRASES = {A: "passphrase of terminal A", B: "passphrase of terminal B"}
+KEYS = {poi_id: crypto.NexoKey(f"Key-{poi_id}", 1, phrase)
+        for poi_id, phrase in PASSPHRASES.items()}
+
+
+def key_configs(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    configs = {}
+    for poi_id, phrase in PASSPHRASES.items():
+        secret = tmp_path / f"passphrase-{poi_id}"
+        secret.write_text(phrase)
+        configs[poi_id] = {"identifier": f"Key-{poi_id}", "version": 1,
+                           "passphrase_file": str(secret)}
+    return configs
 
 
 @contextlib.asynccontextmanager
 async def bridge_on(tmp_path: Path, broker: Any, links: dict[str, str],
+                    keys: dict[str, dict[str, Any]] | None = None,
                     **terminal: Any) -> AsyncIterator[Bridge]:
     bridge = Bridge(parse_config({
         "journal": str(tmp_path / "journal.sqlite3"),
         "mqtt": {"host": broker.host, "port": broker.port, "base_topic": BASE,
                  "client_id": "bridge-follow-test"},
-        "terminals": [{"poi_id": poi_id, **terminal, "link": {"kind": "serial", "device": device}}
+        "terminals": [{"poi_id": poi_id, **terminal, "link": {"kind": "serial", "device": device},
+                       **({"key": keys[poi_id]} if keys and poi_id in keys else {})}
                       for poi_id, device in links.items()],
     }), hotplug=False)
     await bridge.start()
@@ -293,7 +314,9 @@ class DeviceByHand:
         return [next(iter(d.values()))["MessageHeader"]["MessageCategory"]
                 for d in self.received]
 
-    def send(self, document: dict[str, Any]) -> None:
+    def send(self, document: dict[str, Any], key: crypto.NexoKey | None = None) -> None:
+        if key is not None:
+            document = crypto.encrypt_message(document, key)
         self.framer.send_frame(json.dumps(document).encode(), time.monotonic())
         self._flush()
 
@@ -316,23 +339,29 @@ class DeviceByHand:
         os.close(self._slave)
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["in-clear", "different-keys"])
 async def test_the_answer_that_shows_the_swap_is_its_terminals_outcome(tmp_path, mosquitto,
-                                                                      caplog):
+                                                                      caplog, encrypted):
     """B's payment is on its way when B's cable is moved to A's port; B's device sends its
     answer again there (a terminal repeats a frame that got no ACK), before the bridge has
     asked who it is. That frame shows the swap. It used to be acknowledged and dropped: the
     terminal never sends it again, and the payment waited on a status poll that a terminal
     which has forgotten it (restarted) can never answer. It is B's outcome, as received. A
     payment for A waiting meanwhile is refused, saying A is looked for elsewhere (it used to
-    say nothing was sent "until a technician checks" the ports)."""
-    sim_b = simulator(B, Behaviour(never_answer=True, delay=0.05))
+    say nothing was sent "until a technician checks" the ports). With a key of its own on
+    each terminal, A's key cannot read B's answer: it is read with B's key, which
+    authenticates it, instead of being taken for an unreadable answer."""
+    keys = key_configs(tmp_path) if encrypted else None
+    sim_b = simulator(B, Behaviour(never_answer=True, delay=0.05),
+                      key=KEYS[B] if encrypted else None)
     port_b = await sim_b.start_pty(tmp_path / "port-b")
     port_a = tmp_path / "port-a"
     device = None
     try:
         async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1", base_topic=BASE) \
                 as till:
-            async with bridge_on(tmp_path, mosquitto, {B: port_b}, payment_timeout=30) as bridge:
+            async with bridge_on(tmp_path, mosquitto, {B: port_b}, keys,
+                                 payment_timeout=30) as bridge:
                 assert await wait_until(lambda: bridge.workers[B].identity == "confirmed",
                                         timeout=15)
                 paying = asyncio.create_task(till.pay(B, 42.0, service_id="OPEN1", timeout=30))
@@ -341,14 +370,15 @@ async def test_the_answer_that_shows_the_swap_is_its_terminals_outcome(tmp_path,
             request = sim_b.terminal.ledger[("TILL1", "OPEN1")].request
             await sim_b.close()  # B's cable is out of port B ...
             device = DeviceByHand(port_a)  # ... and into port A
-            async with bridge_on(tmp_path, mosquitto, {A: str(port_a), B: port_b},
+            async with bridge_on(tmp_path, mosquitto, {A: str(port_a), B: port_b}, keys,
                                  payment_timeout=30) as bridge:
                 assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
                 # A payment for A waits for the identity check meanwhile.
                 waiting = asyncio.create_task(till.pay(A, 7.0, service_id="WAIT1", timeout=20))
                 assert await wait_until(lambda: bridge.workers[A].session.active is not None,
                                         timeout=10)
-                device.send(payment_response(request, "approve", time.time()))
+                device.send(payment_response(request, "approve", time.time()),
+                            key=KEYS[B] if encrypted else None)
                 answer = await asyncio.wait_for(paying, 20)
                 refused = await asyncio.wait_for(waiting, 20)
                 assert linked_to(bridge, B) == str(port_a)
@@ -363,4 +393,31 @@ async def test_the_answer_that_shows_the_swap_is_its_terminals_outcome(tmp_path,
     finally:
         if device is not None:
             device.close()
+        await sim_b.close()
+
+
+async def test_a_terminal_with_another_key_on_the_link_is_named_as_a_possible_swap(
+        tmp_path, mosquitto):
+    """Terminals with different keys, cables swapped: each device answers the identity
+    check encrypted with the other terminal's key with a crypto error, which names nobody, so
+    the terminals cannot be followed. A payment is refused (nothing sent); the reason used to
+    send the technician after the key alone. It now says the device may be another terminal
+    with other encryption settings, and which ones."""
+    keys = key_configs(tmp_path)
+    sim_b = simulator(B, key=KEYS[B])
+    port_b = await sim_b.start_pty(tmp_path / "port-b")
+    try:
+        empty = str(tmp_path / "port-a")  # A's device is nowhere
+        async with bridge_on(tmp_path, mosquitto, {A: port_b, B: empty}, keys) as bridge:
+            async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                      base_topic=BASE, persistent=False) as till:
+                refused = await till.pay(A, 5.0, timeout=20)
+            assert bridge.workers[A].identity == "unknown"
+        assert refused["bridge"]["outcome"] == "rejected", refused
+        error = refused["bridge"]["error"]
+        assert "cannot decrypt our message" in error, error
+        assert "or the device on this link is another terminal with other encryption " \
+            "settings (V400m-222): check which terminal is plugged in" in error, error
+        assert not sim_b.terminal.ledger  # nothing reached B's device
+    finally:
         await sim_b.close()

@@ -76,6 +76,10 @@ class Bridge:
                                      clock=self.clock, on_wrong_device=self._wrong_device)
             for t in config.terminals
         }
+        for worker in self.workers.values():
+            worker.neighbours = {
+                other.poi_id: other.key for other in self.workers.values()
+                if other is not worker and other.config.link.kind == worker.config.link.kind}
         self.intake = RequestIntake(config, self.journal, self.gateway, self.workers,
                                     health=self.health, clock=self.clock, wall=wall)
         self.gateway.set_request_handler(self.intake.handle)

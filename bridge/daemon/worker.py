@@ -130,6 +130,9 @@ class TerminalWorker:
         self.journal = journal
         self.outlet = outlet
         self.key = key
+        # The other terminals whose device could be found on this link (same link kind),
+        # with their keys: set by the daemon once every worker exists
+        self.neighbours: dict[str, crypto.NexoKey | None] = {}
         self._transport_factory = transport_factory
         self._clock = clock or SteadyClock()
         self._backoff = backoff or Backoff(initial=0.2, maximum=10.0)
@@ -517,7 +520,7 @@ class TerminalWorker:
             key = f"key {self.key.identifier} v{self.key.version}" if self.key else "no key"
             self._apply(self.session.refused(
                 f"terminal {self.poi_id} cannot decrypt our message ({problem}); check the "
-                f"encryption key configured for it ({key})", now))
+                f"encryption key configured for it ({key}){self._swap_hint()}", now))
             return
         if self.key is not None and not crypto.is_encrypted(document):
             # With a key configured only what the key authenticates is believed: anyone who
@@ -526,16 +529,26 @@ class TerminalWorker:
             self._apply(self.session.unusable(
                 f"terminal {self.poi_id} sent a message in clear although key "
                 f"{self.key.identifier} v{self.key.version} is configured for it: not trusted "
-                "(its encryption switched off, or a message not from the terminal)", now))
+                f"(its encryption switched off, or a message not from the terminal)"
+                f"{self._swap_hint()}", now))
             return
         if crypto.is_encrypted(document):
             if self.key is None:
+                message = self._another_terminals_message(document)
+                if message is not None:
+                    self._take(message, now)
+                    return
                 self._apply(self.session.unusable(
-                    "terminal sent an encrypted message but no key is configured for it", now))
+                    "terminal sent an encrypted message but no key is configured for it"
+                    f"{self._swap_hint()}", now))
                 return
             try:
                 document = crypto.decrypt_message(document, self.key)
             except crypto.CryptoError as exc:
+                message = self._another_terminals_message(document)
+                if message is not None:
+                    self._take(message, now)
+                    return
                 # The terminal acted on our request and answered: only we cannot read it. For
                 # a payment that is no outcome, so it is asked about, never ended as an error.
                 # Why it failed (bad padding, or an HMAC that does not verify) goes to our log
@@ -547,18 +560,49 @@ class TerminalWorker:
                             self.poi_id, which, exc)
                 self._apply(self.session.unreadable(
                     f"cannot decrypt or verify the terminal's answer with {which}: check the "
-                    "key configured for this terminal", now))
+                    f"key configured for this terminal{self._swap_hint()}", now))
                 return
         try:
             message = parse_message(document)
         except MessageError as exc:
             self._apply(self.session.unusable(f"not a SaleToPOI message: {exc}", now))
             return
+        self._take(message, now)
+
+    def _take(self, message: Any, now: float) -> None:
         followed = self._check_identity(message)
         if followed is not None and not self.session.asked_for(message):
             followed.receive_from_elsewhere(message)  # its own: not dropped here (acknowledged)
             return
         self._apply(self.session.receive(message, now))
+
+    def _another_terminals_message(self, document: Any) -> Any:
+        """The message, if `document` is encrypted with the key of another terminal that
+        could be on this link and names that terminal: its cable is in this terminal's port
+        (the terminals use different keys). Authenticated by that key, it is as good as the
+        terminal's word, and it is followed or reported like any wrong device's message."""
+        for poi_id, key in self.neighbours.items():
+            if key is None or crypto.same_key(key, self.key):
+                continue
+            try:
+                message = parse_message(crypto.decrypt_message(document, key))
+            except (crypto.CryptoError, MessageError):
+                continue
+            header = message.message_header
+            if header is not None and header.poi_id == poi_id:
+                return message
+        return None
+
+    def _swap_hint(self) -> str:
+        """For an answer this terminal's encryption settings cannot read: the device on the
+        link may be another terminal, set up with another key (or none)."""
+        others = [poi_id for poi_id, key in self.neighbours.items()
+                  if not crypto.same_key(key, self.key)]
+        if not others:
+            return ""
+        return (f"; or the device on this link is another terminal with other encryption "
+                f"settings ({', '.join(sorted(others)[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): check which terminal is plugged in")
 
     def receive_from_elsewhere(self, message: Any) -> None:
         """A message of this terminal's device, read on another terminal's link just before

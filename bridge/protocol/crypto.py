@@ -182,6 +182,17 @@ class NexoKey:
         return Cipher(algorithms.AES(self._aes_key), modes.CBC(iv))
 
 
+def same_key(one: NexoKey | None, other: NexoKey | None) -> bool:
+    """Whether two terminals' encryption settings are the same: both without a key, or the
+    same identifier, version and passphrase (its derived material compared in constant
+    time, so nothing of it is learnt from how long the comparison takes)."""
+    if one is None or other is None:
+        return one is other
+    return (one.identifier == other.identifier and one.version == other.version
+            and hmac.compare_digest(one._hmac_key + one._aes_key + one._iv,
+                                    other._hmac_key + other._aes_key + other._iv))
+
+
 class KeyRing:
     """Several keys, looked up by (KeyIdentifier, KeyVersion) as a message's trailer names them."""
 
