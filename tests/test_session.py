@@ -206,10 +206,18 @@ def test_a_status_request_about_a_payment_still_held_by_the_bridge_is_answered_i
             assert "do not charge it another way" in text
         # A status request naming another category is about no transaction the bridge holds
         # (a ServiceID is unique per SaleID): the terminal is asked, its NotFound is true.
+        # (Not to a device that has not said who it is yet: refused, nothing sent.)
         other = status_of("R1", "S1", "T3", category="Reversal")
-        assert [s.purpose for s in h.sends(h.submit("R1", "T3", doc=other))] == ["passthrough"]
-        (told,) = h.delivers(h.answer(responses.status_not_found(other)))
-        assert (told.service_id, told.outcome) == ("T3", "not_found")
+        asked = h.submit("R1", "T3", doc=other)
+        if h is identity:
+            assert h.sends(asked) == []
+            (told,) = h.delivers(asked)
+            assert (told.service_id, told.outcome) == ("T3", "rejected")
+            assert "is being asked which terminal it is" in told.error
+        else:
+            assert [s.purpose for s in h.sends(asked)] == ["passthrough"]
+            (told,) = h.delivers(h.answer(responses.status_not_found(other)))
+            assert (told.service_id, told.outcome) == ("T3", "not_found")
         assert h.session.open[TxKey("R1", "S1")].state is TxState.ACCEPTED
     # the hold ends: the payment goes out, and its result comes under its own IDs
     assert [s.service_id for s in identity.sends(identity.name(), "request")] == ["S1"]
@@ -1011,6 +1019,31 @@ def test_a_device_that_names_another_terminal_gets_neither_requests_nor_polls():
     assert (result.service_id, result.outcome) == ("S2", "approved")
 
 
+def test_a_payment_sent_then_held_by_the_wrong_device_is_never_told_nothing_was_sent():
+    """A payment went out; its answer was lost with the link, and the device plugged in next
+    is another terminal (cables swapped). Its status polls cannot go, and past
+    payment_timeout the register is told `unresolved`. The soak (seed 4) showed the reason
+    given was the refusal's text, "nothing was sent until a technician checks...", about a
+    payment the terminal then approved: a cashier reading it may charge the shopper again."""
+    h = Harness()
+    h.submit("POS1", "S1")
+    h.do(h.session.link_is_down("unplugged", h.now))
+    h.now += 1
+    h.do(h.session.link_is_up(h.now))
+    h.name("P400Plus-111")
+    unresolved = []
+    for _ in range(8):
+        unresolved += h.delivers(h.advance(30))
+    (result,) = unresolved
+    assert (result.service_id, result.outcome) == ("S1", "unresolved")
+    assert "P400Plus-111" in result.error, result.error
+    assert "nothing was sent" not in result.error, result.error
+    assert "nothing was sent" not in h.session.open[TxKey("POS1", "S1")].detail
+    h.session.following = True  # the daemon follows the two terminals: said so, still
+    h.advance(600)
+    assert "nothing was sent" not in h.session.open[TxKey("POS1", "S1")].detail
+
+
 def test_a_status_answer_from_the_wrong_device_does_not_end_the_payment():
     """The device plugged in rejects the identity check without naming itself, so after
     status_timeout the open payment's poll goes out to it. Its answer names another terminal:
@@ -1093,6 +1126,34 @@ def test_a_payment_that_comes_after_an_unanswered_identity_check_is_not_sent_eit
     assert h.sends(purpose="request") == []
     h.name()  # a later check names this terminal: the next payment goes
     assert [s.purpose for s in h.sends(h.submit("POS1", "S2"))] == ["request"]
+
+
+def test_an_abort_or_status_request_waits_for_the_device_to_say_who_it_is():
+    """A register's Abort and TransactionStatus used to go to the device at once, named or
+    not. On a swapped cable that device is another terminal: the abort stops that terminal's
+    payment, and its NotFound answers a status request about ours. They are refused (nothing
+    sent) until the device names itself: while it is being asked, and after it did not say."""
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))  # the identity check is on the wire
+    for sale, doc, service in (("POS1", abort_of("POS1", "S0", "A1"), "A1"),
+                               ("POS1", status_of("POS1", "S0", "T1"), "T1")):
+        actions = h.submit(sale, service, doc=doc)
+        assert h.sends(actions) == []
+        (refused,) = h.delivers(actions)
+        assert (refused.service_id, refused.outcome) == (service, "rejected")
+        assert "is being asked which terminal it is" in refused.error
+        assert "nothing was sent" in refused.error
+    h.advance(SETTINGS.status_timeout)  # no answer to the check
+    actions = h.submit("POS1", "A2", doc=abort_of("POS1", "S0", "A2"))
+    (refused,) = h.delivers(actions)
+    assert h.sends(actions) == [] and refused.outcome == "rejected"
+    assert "has not said which terminal it is (no answer to the identity check" in refused.error
+    h.do(h.session.link_is_down("unplugged", h.now))
+    h.plug_in()  # the right terminal, which names itself
+    assert [s.purpose for s in h.sends(h.submit("POS1", "A3", doc=abort_of("POS1", "S0", "A3")))] \
+        == ["abort"]
+    assert [s.purpose for s in h.sends(h.submit("POS1", "T2", doc=status_of("POS1", "S0", "T2")))] \
+        == ["passthrough"]
 
 
 def test_an_unreadable_answer_to_the_identity_check_sends_no_payment():

@@ -183,6 +183,18 @@ class TerminalSession:
                 request.abort_request.message_reference if request.abort_request else None)
             if held is not None:
                 return self._withdraw(txn, held, now)
+        if category == "TransactionStatus":
+            ref = request.transaction_status_request.message_reference \
+                if request.transaction_status_request else None
+            held = self._held_target(ref)
+            if held is not None and not _names_another_category(ref, held):
+                return self._held_status(txn, held, now)
+        if txn.passthrough and not self.named:
+            # Nothing goes to a device that has not said who it is: if it is another terminal,
+            # an abort would stop that terminal's payment, and its NotFound would answer a
+            # status request about ours.
+            return self._refuse(txn, header, "UnavailableDevice", self._not_named_text(), now)
+        if category == "Abort":
             # An abort gets no response of its own; the aborted transaction ends Failure/Aborted.
             txn.state, txn.outcome, txn.source = TxState.FINAL, Outcome.SUCCESS.value, "bridge"
             txn.detail = "abort sent to the terminal"
@@ -194,12 +206,6 @@ class TerminalSession:
                 Deliver(txn.sale_id, txn.service_id, self.poi_id, category,
                         Outcome.SUCCESS.value, "bridge", None, None),
             ]
-        if category == "TransactionStatus":
-            ref = request.transaction_status_request.message_reference \
-                if request.transaction_status_request else None
-            held = self._held_target(ref)
-            if held is not None and not _names_another_category(ref, held):
-                return self._held_status(txn, held, now)
         self.open[txn.key] = txn
         if txn.passthrough:
             txn.state, txn.sent_at = TxState.AWAITING_RESPONSE, now
@@ -299,7 +305,7 @@ class TerminalSession:
                                                 f"another terminal ({cls.detail}); not taken")]
         txn = self.open.get(key)
         if txn is not None:
-            actions += self._poll_failed(txn, self._wrong_device_text(), now,
+            actions += self._poll_failed(txn, self._wrong_device_poll_text(), now,
                                          retry_in=self.settings.status_timeout)
         return actions + self._pump(now)
 
@@ -607,7 +613,7 @@ class TerminalSession:
                                                  "UnavailableDevice", reason)
             actions += self._finish(active, Outcome.REJECTED, response, "bridge", now,
                                     error=reason)
-        return actions + self._polls_that_cannot_go(reason, now)
+        return actions + self._polls_that_cannot_go(self._wrong_device_poll_text(), now)
 
     def _polls_that_cannot_go(self, reason: str, now: float) -> list[Action]:
         """Status polls now due that nothing can be sent for (no link, or the wrong device
@@ -616,6 +622,15 @@ class TerminalSession:
         for txn in self._polls_due(now):
             actions += self._poll_failed(txn, reason, now, retry_in=self.settings.status_timeout)
         return actions
+
+    def _not_named_text(self) -> str:
+        if self._naming is not None:
+            return (f"the device on terminal {self.poi_id}'s link is being asked which terminal "
+                    "it is (just plugged in, or its link reopened); nothing was sent: send the "
+                    "request again in a moment, with a new ServiceID")
+        return (f"the device on terminal {self.poi_id}'s link has not said which terminal it is "
+                f"({self._unnamed_reason or 'not asked yet'}); nothing was sent: check the "
+                "terminal, its cable and its key, then retry with a new ServiceID")
 
     def _wrong_device_text(self) -> str:
         if self.following:
@@ -626,6 +641,15 @@ class TerminalSession:
         return (f"the device on terminal {self.poi_id}'s link says it is {self.wrong_device}; "
                 "nothing was sent until a technician checks which terminal is plugged into "
                 "which port")
+
+    def _wrong_device_poll_text(self) -> str:
+        """Why a status poll did not go: not the refusal's "nothing was sent", which would
+        tell a cashier that a payment the terminal may have charged never went out."""
+        where = (f"the bridge now looks for {self.poi_id} on the link where it expected "
+                 f"{self.wrong_device} (cables swapped)" if self.following else
+                 "check which terminal is plugged into which port")
+        return (f"the device on terminal {self.poi_id}'s link says it is {self.wrong_device}; "
+                f"the status poll waits for {self.poi_id} itself: {where}")
 
     def _send_poll(self, txn: Transaction, now: float) -> list[Action]:
         poll_id = self._new_service_id()
