@@ -226,6 +226,29 @@ async def test_unplug_mid_payment_then_replug_resolves(tmp_path, caplog):
         assert rig.simulator.terminal.ledger[("POS1", "S1")].answered is False
 
 
+async def test_a_link_lost_does_not_promise_a_status_poll_for_a_request_never_sent(
+        tmp_path, caplog):
+    """A payment waiting for the identity check (nothing sent yet) when the link drops is
+    refused, nothing charged. The 'link lost' line used to list it among the open ones
+    "asked about by status poll once it is back, never sent again" (the soak, seeds 4 to 6,
+    on swapped cables), a line before it was refused: a technician could not tell which."""
+    caplog.set_level(logging.INFO, logger="poi_bridge.terminal")
+    async with Rig(tmp_path, scenario(), status_timeout=5.0) as rig:
+        rig.simulator.mute(30)  # the next device will not answer the identity check
+        rig.simulator.unplug()
+        await rig.outlet.state_is("offline")
+        await rig.outlet.state_is("online")
+        assert rig.worker.identity == "unknown"
+        rig.pay("S1")
+        assert rig.worker.session.open[TxKey("POS1", "S1")].state is TxState.ACCEPTED
+        rig.simulator.unplug()
+        refused = await rig.outlet.result_for("S1", timeout=5)
+        assert refused.outcome == "rejected" and "nothing was charged" in refused.error
+        lost = [m for m in caplog.messages if "link lost" in m]
+        assert len(lost) == 2 and not [m for m in lost if "S1" in m], lost
+        assert rig.simulator.terminal.ledger == {}
+
+
 async def test_garbage_and_naks_on_the_line(tmp_path):
     """Junk before every frame and damaged frames (which the receiving framer NAKs): every
     payment still ends with the outcome the terminal really had, none is charged twice."""

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from bridge.config import TerminalConfig
@@ -72,9 +72,13 @@ class SteadyClock:
         self.started += delta
 
 
-def describe_transactions(transactions: list[Transaction], most: int = 5) -> str:
-    """SaleID/ServiceID of the first few transactions, for a log line."""
-    shown = ", ".join(f"{t.sale_id}/{t.service_id} ({t.state})" for t in transactions[:most])
+def describe_transactions(transactions: list[Transaction], most: int = 5,
+                          states: Mapping[TxKey, TxState] | None = None) -> str:
+    """SaleID/ServiceID of the first few transactions, for a log line; with the state each
+    was in (`states`, or its own)."""
+    states = states or {}
+    shown = ", ".join(f"{t.sale_id}/{t.service_id} ({states.get(t.key, t.state)})"
+                      for t in transactions[:most])
     return shown + (f" and {len(transactions) - most} more" if len(transactions) > most else "")
 
 
@@ -395,14 +399,19 @@ class TerminalWorker:
         await transport.close()
         self.link_closed.set()
         if opened:
-            open_now = list(self.session.open.values())
+            open_then = list(self.session.open.values())
+            states = {txn.key: txn.state for txn in open_then}  # as the link dropped
+            actions = self.session.link_is_down(reason, self._clock())
+            # Only those still open after the session's step: a request never sent (waiting
+            # for the identity check) has just been refused, and is not asked about.
+            asked = [txn for txn in open_then if txn.key in self.session.open]
             log.warning("terminal %s: link lost: %s; reopening%s", self.poi_id, reason,
-                        f"; open: {describe_transactions(open_now)}, asked about by status "
-                        "poll once it is back, never sent again" if open_now else "")
+                        f"; open: {describe_transactions(asked, states=states)}, asked about "
+                        "by status poll once it is back, never sent again" if asked else "")
             self._link_reason = reason
             # Whatever is plugged in next must say who it is again (the session asks it).
             self.identity = "unknown"
-            self._apply(self.session.link_is_down(reason, self._clock()))
+            self._apply(actions)
         elif reason != self._link_reason:
             log.warning("terminal %s: cannot open link: %s; retrying", self.poi_id, reason)
             self._link_reason = reason
