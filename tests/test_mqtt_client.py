@@ -202,3 +202,33 @@ async def test_acknowledgements_failed_with_the_connection_print_no_traceback(mo
         await asyncio.sleep(0)
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()], \
         caplog.messages
+
+
+async def test_a_connection_reset_by_the_broker_is_a_warning_not_an_error(caplog):
+    """paho logs a broker connection that breaks ('failed to receive on socket: [Errno 104]
+    Connection reset by peer', Broken pipe at each broker kill in the soak) at ERROR, a line
+    before the daemon's own 'lost the MQTT broker ...; results are kept and sent on
+    reconnect'. It is a warning: the daemon reconnects and nothing is lost."""
+    import logging
+    import socket
+    import struct
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the client's CONNECT
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # closed with linger 0: a TCP reset
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with caplog.at_level(logging.WARNING, logger="mqtt"), pytest.raises(aiomqtt.MqttError):
+            async with PipelinedClient("127.0.0.1", port, identifier="reset", timeout=5):
+                pass
+    finally:
+        server.close()
+        await server.wait_closed()
+    failed = [r for r in caplog.records
+              if r.name == "mqtt" and "failed to receive on socket" in r.getMessage()]
+    assert failed, [r.getMessage() for r in caplog.records]
+    assert all(r.levelno == logging.WARNING for r in failed), failed

@@ -107,6 +107,24 @@ def quiet_closed_socket_errors(loop: asyncio.AbstractEventLoop) -> None:
     loop.set_exception_handler(handler)
 
 
+class _BrokenConnectionAsWarning(logging.Filter):
+    """paho logs a broker connection that breaks ('failed to receive on socket: [Errno 32]
+    Broken pipe', at every broker restart) at ERROR, just before the daemon's own 'lost the
+    MQTT broker ...; results are kept and sent on reconnect'. Nothing is lost and the daemon
+    reconnects: a technician should not chase it as an error. Other paho errors stand."""
+
+    MESSAGES = ("failed to receive on socket: %s", "timeout on socket: %s")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and record.msg in self.MESSAGES:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+# aiomqtt hands paho its "mqtt" logger (aiomqtt.client.MQTT_LOGGER) unless given another.
+logging.getLogger("mqtt").addFilter(_BrokenConnectionAsWarning())
+
+
 class PublishRefused(Exception):
     """The broker acknowledged a publish with an MQTT 5 failure reason code (0x80 or more,
     e.g. 0x87 Not authorized): it did not take the message. Not an MqttError: the connection
