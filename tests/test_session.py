@@ -466,6 +466,31 @@ def test_a_not_found_sent_again_does_not_abandon_the_payment_a_second_time():
     assert (result.service_id, result.outcome, result.source) == ("S1", "approved", "status-poll")
 
 
+def test_a_late_in_progress_does_not_start_asking_about_an_abandoned_payment_again():
+    """The bridge gave up on a payment at reconcile_deadline and told the register it stopped
+    asking. The answer to its last poll then arrives late, "in progress": it used to start
+    the background polls again (and, past the deadline, announce the abandon once more).
+    It brings no outcome and changes nothing; a record of the payment still settles it."""
+    h = Harness(SessionSettings(payment_timeout=1, status_timeout=1, resync_attempts=1,
+                                poll_floor=0.1, reconcile_initial=2, reconcile_max_interval=8,
+                                reconcile_deadline=20))
+    h.submit("R1", "S1")
+    while h.session.next_deadline() is not None:  # unresolved, then abandoned at the deadline
+        h.now = h.session.next_deadline()
+        h.do(h.session.tick(h.now))
+    last_poll = h.last_poll()
+    told = len(h.delivers())
+    late = h.answer(responses.status_in_progress(last_poll))
+    assert h.sends(late) == [] and h.delivers(late) == []
+    assert not any(isinstance(a, (Record, Progress)) for a in late)
+    assert h.session.next_deadline() is None
+    h.advance(600)
+    assert len(h.delivers()) == told and h.sends(h.advance(600)) == []
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    (result,) = h.delivers(h.answer(responses.status_success(last_poll, original)))
+    assert (result.service_id, result.outcome) == ("S1", "approved")
+
+
 def test_reconcile_backoff_grows_is_capped_and_gives_up_at_the_deadline():
     h = Harness(SessionSettings(payment_timeout=1, status_timeout=1, resync_attempts=1,
                                 poll_floor=0.1, reconcile_initial=2, reconcile_max_interval=8,

@@ -803,6 +803,12 @@ class TerminalSession:
             response = recovered_response(cls, _header_of(txn))
             return self._finish(txn, Outcome.DECLINED, response, "status-poll", now,
                                 detail="the terminal was busy: the payment was not started")
+        if txn.extra.get("abandoned"):
+            # No longer asked about, and the register was told so: a late answer that brings
+            # no outcome changes nothing (it used to start the background polls again, and
+            # to announce the abandon a second time at reconcile_deadline).
+            return [Log("debug", f"terminal {self.poi_id}: a late answer about {txn.key}, no "
+                                 f"longer asked about, brings no outcome ({cls.detail})")]
         if cls.outcome in (Outcome.IN_PROGRESS, Outcome.BUSY):
             if txn.state is TxState.UNRESOLVED:
                 # In the background the register was told: asked again with the reconcile
