@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from bridge.protocol import builders
@@ -890,14 +890,19 @@ EVENTS = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(EVENTS)
+@example(["up", "tick30", "submit"])  # a payment after an unanswered identity check (cec6464)
+@example(["submit", "up", "abort"])  # an abort while the new device is asked (fa3a86b)
 def test_invariants_hold_for_any_sequence_of_events(events):
     """Whatever happens: a request is written to the terminal at most once, every Send and
-    Deliver of a transaction follows its Record, each transaction gets one final result, and
-    nothing but the identity check goes to a device that named another terminal."""
+    Deliver of a transaction follows its Record, each transaction gets one final result,
+    nothing but the identity check goes to a device that named another terminal, and no
+    request, abort or register's status request goes to a device that has not named this
+    terminal (since the link came up)."""
     h = Harness()
     counter = itertools.count(1)
     finals: dict[tuple[str, str], int] = {}
     wrong_device = False
+    named = True  # the harness plugs in a device that names this terminal
     for event in events:
         open_polls = [s for s in h.sends(purpose="status-poll")]
         last_request = h.sends(purpose="request")[-1].document if h.sends(purpose="request") else None
@@ -938,6 +943,14 @@ def test_invariants_hold_for_any_sequence_of_events(events):
         else:
             continue
         assert_recorded_before(actions)
+        if event in ("up", "down", "wrong"):
+            named = False
+        elif event == "named":  # (the harness's device has answered a check: there is one)
+            named = True
+        if not named:
+            assert [s.purpose for s in h.sends(actions)
+                    if s.purpose in ("request", "abort", "passthrough")] == [], \
+                "sent to a device that has not said which terminal it is"
         wrong_device = (event == "wrong" and bool(actions)) or (
             wrong_device and event not in ("up", "down", "named"))
         if wrong_device:
