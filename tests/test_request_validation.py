@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import re
+import time
 
 import pytest
 from hypothesis import given
@@ -20,6 +21,7 @@ from bridge.protocol.messages import (
     parse_message,
 )
 from bridge.protocol.outcome import classify
+from bridge.protocol.transaction import Transaction, TxState, request_digest
 from bridge.simulator import responses
 
 from .fuzzing import fuzz_settings
@@ -373,3 +375,48 @@ def test_a_lone_surrogate_in_an_id_is_refused_without_a_crash(tmp_path, level, a
         rig.journal.close()
     assert answer.topic == answered_on
     assert "lone UTF-16 surrogate" in answer.payload.decode()
+
+
+def test_a_name_written_twice_in_one_object_is_refused_naming_it(tmp_path):
+    """{"RequestedAmount": 1250, "RequestedAmount": 12.5}: Python's reader keeps the last,
+    readers in other languages may keep the first (or refuse), so the register, its logs
+    and the bridge could each mean another amount. Refused, naming the name; nothing sent."""
+    raw = json.dumps(payment()).replace(
+        '"RequestedAmount": 12.5', '"RequestedAmount": 1250, "RequestedAmount": 12.5').encode()
+    assert raw.count(b'"RequestedAmount"') == 2
+    bridge = refused_by_intake(tmp_path, raw)
+    assert bridge["error"] == ("request is unusable: not valid JSON: the name "
+                               "'RequestedAmount' appears twice in one object (JSON readers "
+                               "disagree on which one counts)"), bridge
+    assert bridge["transaction"]["service_id"] == "S1", bridge  # answered under its IDs
+
+
+def test_a_request_the_journal_holds_is_still_a_repeat_with_a_name_written_twice(tmp_path):
+    """Taken before names written twice were refused, and delivered again by the broker: a
+    refusal would tell the register that a payment it may have paid was rejected."""
+    raw = json.dumps(payment()).replace('"Currency": "EUR"',
+                                        '"Currency": "EUR", "Currency": "EUR"').encode()
+    assert raw.count(b'"Currency"') == 2
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        document = json.loads(raw)  # what the bridge took then: the last one kept
+        txn = Transaction(sale_id="POS1", service_id="S1", poi_id=POI, category="Payment",
+                          request=document, digest=request_digest(document),
+                          created_at=time.time(), updated_at=time.time(),
+                          state=TxState.FINAL, outcome="approved", source="terminal")
+        rig.journal.save(txn)
+        published = rig.handle(f"poi-bridge/terminals/{POI}/request", raw)
+    finally:
+        rig.journal.close()
+    (answer,) = [p for p in published if p.topic == "poi-bridge/registers/POS1/response"]
+    assert json.loads(answer.payload)["bridge"]["outcome"] == "approved"
+
+
+def test_names_written_twice_in_a_terminals_message_are_not_refused():
+    """A terminal's message is read as it comes (the last one kept), as before: the bridge
+    does not refuse the vendor's answer, it reports it."""
+    answer = json.dumps(responses.simple_response(payment())).replace(
+        '"Result": "Success"', '"Result": "Failure", "Result": "Success"')
+    assert answer.count('"Result"') == 2
+    kept = json.dumps(parse_message(answer).to_document())
+    assert kept.count('"Result"') == 1 and '"Result": "Success"' in kept

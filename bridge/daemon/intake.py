@@ -31,6 +31,7 @@ from bridge.daemon.registers import (
 from bridge.daemon.worker import TerminalWorker
 from bridge.protocol import builders, jsontext
 from bridge.protocol.messages import (
+    DuplicateName,
     MessageError,
     NotStrictJson,
     SaleToPOIRequest,
@@ -253,7 +254,14 @@ class RequestIntake:
         # Every refusal goes to the topic's register when the request names none it can read
         refuse = functools.partial(self._reject, to_sale_id=topic_sale_id)
         try:
+            document = load_json(payload, max_size=limit, unique_names=True)
+        except DuplicateName as exc:
+            # Refused, unless the journal took it before names written twice were (a copy
+            # the broker delivers again): read as then, the last value of each name kept.
             document = load_json(payload, max_size=limit)
+            if not self._known_repeat(document):
+                refuse(document, poi_id, f"request is unusable: {exc}")
+            return
         except NotStrictJson as exc:
             # Python's own reader takes NaN and the like: enough to answer on the register's
             # topic, not to send (a terminal, like any strict reader, would choke on it).

@@ -18,6 +18,10 @@ class JsonTextError(ValueError):
     """The text is not valid JSON, or holds a number no JSON reader can carry."""
 
 
+class DuplicateName(JsonTextError):
+    """One object holds a name twice: readers disagree on which value counts."""
+
+
 def _constant(token: str) -> Any:
     raise JsonTextError(f"{token} is not a JSON number")
 
@@ -52,6 +56,32 @@ def loads(text: str) -> Any:
         raise JsonTextError("a \\u escape of a lone UTF-16 surrogate (\\ud800-\\udfff) is "
                             "no character")
     return document
+
+
+def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                shown = name if len(name) <= 40 else name[:40] + "..."
+                raise DuplicateName(f"the name {shown!r} appears twice in one object (JSON "
+                                    "readers disagree on which one counts)")
+            seen.add(name)
+    return document
+
+
+# Slower than _DECODER (a Python call per object): for a register's request, not for every
+# frame a terminal sends.
+_UNIQUE_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_finite,
+                                   object_pairs_hook=_unique_names)
+
+
+def check_unique_names(text: str) -> None:
+    """DuplicateName if an object of `text` (which loads() has read) holds a name twice.
+    RFC 8259 leaves such a text's meaning to the reader: Python's keeps the last value,
+    others keep the first or refuse it."""
+    _UNIQUE_DECODER.decode(text)
 
 
 def lone_surrogate(value: Any) -> bool:

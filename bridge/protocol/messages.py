@@ -397,8 +397,15 @@ def _depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
-def load_json(raw: str | bytes, *, max_size: int | None = None) -> Any:
-    """json.loads with the limits hostile input needs: size, nesting depth, encoding."""
+class DuplicateName(MessageError):
+    """Valid JSON but for an object that holds a name twice (load_json(unique_names=True))."""
+
+
+def load_json(raw: str | bytes, *, max_size: int | None = None,
+              unique_names: bool = False) -> Any:
+    """json.loads with the limits hostile input needs: size, nesting depth, encoding; with
+    `unique_names`, DuplicateName for an object holding a name twice (the document read
+    keeps the last value: `load_json` without it gives it)."""
     if max_size is not None and len(raw) > max_size:
         raise MessageError(f"message is {len(raw)} bytes, larger than the limit of {max_size}")
     if isinstance(raw, bytes | bytearray):
@@ -416,6 +423,11 @@ def load_json(raw: str | bytes, *, max_size: int | None = None) -> Any:
         raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels") from None
     if raw.count("{") + raw.count("[") > MAX_NESTING and not _depth_ok(document, MAX_NESTING):
         raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels")
+    if unique_names:
+        try:
+            jsontext.check_unique_names(raw)
+        except jsontext.DuplicateName as exc:
+            raise DuplicateName(f"not valid JSON: {exc}") from None
     return document
 
 
