@@ -67,6 +67,12 @@ def diagnosis_request(*, sale_id: str, service_id: str, poi_id: str) -> dict[str
     }
 
 
+def request_header(request: dict[str, Any]) -> MessageHeader:
+    """The MessageHeader of a request the bridge holds (a register's, as it was recorded):
+    what the answers the bridge gives in the terminal's place echo."""
+    return MessageHeader.model_validate(request["SaleToPOIRequest"]["MessageHeader"])
+
+
 def failure_response(
     header: MessageHeader | dict[str, Any], category: str, error_condition: str, text: str,
 ) -> dict[str, Any]:

@@ -10,7 +10,8 @@ whose bytes went out, nor a result that was reported.
 
 Rules (from the seed and REFERENCE.md section 2):
 - one transaction at a time per terminal; another request meanwhile is refused with Busy,
-  except Abort and TransactionStatus, which pass straight through;
+  except Abort and TransactionStatus, which pass straight through (passthrough.py: what
+  is done with them and with their answers);
 - no answer within payment_timeout, a lost link, a frame the link could not deliver or an
   unusable answer: ask the terminal with a TransactionStatusRequest (fresh ServiceID);
 - InProgress or Busy: ask again after a small floor, up to in_progress_limit from the
@@ -35,19 +36,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bridge.protocol import builders
+from bridge.protocol import builders, passthrough
 from bridge.protocol.actions import Action, Deliver, Log, Progress, Record, Send, Unmatched
 from bridge.protocol.messages import (
     Message,
     MessageHeader,
-    MessageReference,
     SaleToPOIRequest,
     SaleToPOIResponse,
 )
 from bridge.protocol.outcome import MONEY_CATEGORIES, Classification, Outcome, classify, recovered_response
 from bridge.protocol.transaction import Transaction, TxKey, TxState, trim_refused
 
-PASSTHROUGH_CATEGORIES = frozenset({"Abort", "TransactionStatus"})
 # Identity checks a device may leave unanswered (or answer without a POIID) before a request
 # waiting for it is refused: a payment never goes to a device that has not said who it is
 IDENTITY_CHECKS_BEFORE_REFUSING = 2
@@ -80,28 +79,6 @@ class _Probe:
 class _Naming:
     service_id: str
     deadline: float
-
-
-def _header_of(txn: Transaction) -> MessageHeader:
-    return MessageHeader.model_validate(txn.request["SaleToPOIRequest"]["MessageHeader"])
-
-
-def _reference_asked(status: Transaction) -> MessageReference | None:
-    """The MessageReference of a register's TransactionStatusRequest, as it sent it."""
-    body = status.request.get("SaleToPOIRequest", {}).get("TransactionStatusRequest")
-    ref = body.get("MessageReference") if isinstance(body, dict) else None
-    try:
-        return MessageReference.model_validate(ref) if isinstance(ref, dict) else None
-    except ValueError:  # checked on intake; an earlier run's record, say
-        return None
-
-
-def _names_another_category(ref: MessageReference | None, txn: Transaction) -> bool:
-    """Whether a MessageReference with `txn`'s IDs names another category: then it is about
-    no transaction the bridge holds (a ServiceID is unique per SaleID, whatever the
-    category), and an answer to it says nothing of `txn`."""
-    return ref is not None and ref.message_category is not None \
-        and str(ref.message_category) != txn.category
 
 
 class TerminalSession:
@@ -167,7 +144,7 @@ class TerminalSession:
         txn = Transaction(
             sale_id=header.sale_id, service_id=header.service_id, poi_id=self.poi_id,
             category=category, request=document, digest=digest, created_at=now,
-            updated_at=now, passthrough=category in PASSTHROUGH_CATEGORIES,
+            updated_at=now, passthrough=category in passthrough.PASSTHROUGH_CATEGORIES,
         )
         if not self.link_up:
             return self._refuse(txn, header, "UnavailableDevice",
@@ -178,43 +155,9 @@ class TerminalSession:
             return self._refuse(txn, header, "Busy",
                                 f"terminal {self.poi_id} is busy with transaction {self.active}",
                                 now)
-        if category == "Abort":
-            held = self._held_target(
-                request.abort_request.message_reference if request.abort_request else None)
-            if held is not None:
-                return self._withdraw(txn, held, now)
-        if category == "TransactionStatus":
-            ref = request.transaction_status_request.message_reference \
-                if request.transaction_status_request else None
-            held = self._held_target(ref)
-            if held is not None and not _names_another_category(ref, held):
-                return self._held_status(txn, held, now)
-        if txn.passthrough and not self.named:
-            # Nothing goes to a device that has not said who it is: if it is another terminal,
-            # an abort would stop that terminal's payment, and its NotFound would answer a
-            # status request about ours.
-            return self._refuse(txn, header, "UnavailableDevice", self._not_named_text(), now)
-        if category == "Abort":
-            # An abort gets no response of its own; the aborted transaction ends Failure/Aborted.
-            txn.state, txn.outcome, txn.source = TxState.FINAL, Outcome.SUCCESS.value, "bridge"
-            txn.detail = "abort sent to the terminal"
-            txn.sent_at = now
-            return [
-                Record(txn.snapshot()),
-                Send(document, txn.sale_id, txn.service_id, "abort"),
-                self._progress(txn, "abort_sent", self._abort_target(request)),
-                Deliver(txn.sale_id, txn.service_id, self.poi_id, category,
-                        Outcome.SUCCESS.value, "bridge", None, None),
-            ]
-        self.open[txn.key] = txn
         if txn.passthrough:
-            txn.state, txn.sent_at = TxState.AWAITING_RESPONSE, now
-            txn.deadline = now + self.settings.status_timeout
-            return [
-                Record(txn.snapshot()),
-                Send(document, txn.sale_id, txn.service_id, "passthrough"),
-                self._progress(txn, "sent", "status request passed to the terminal"),
-            ]
+            return passthrough.submit(self, txn, request, header, now)
+        self.open[txn.key] = txn
         self.active = txn.key
         accepted = self._progress(txn, "accepted")
         if self._probe is not None or self._naming is not None:
@@ -547,7 +490,7 @@ class TerminalSession:
                       f"it is ({self._unnamed_checks} identity checks; the last: "
                       f"{self._unnamed_reason}); nothing was sent: check the terminal, its "
                       "cable and its key, then retry with a new ServiceID")
-            response = builders.failure_response(_header_of(active), active.category,
+            response = builders.failure_response(builders.request_header(active.request), active.category,
                                                  "UnavailableDevice", reason)
             self._unnamed_checks = 0  # the next request gets checks of its own
             return self._finish(active, Outcome.REJECTED, response, "bridge", now,
@@ -609,7 +552,7 @@ class TerminalSession:
         actions: list[Action] = []
         active = self.open.get(self.active) if self.active else None
         if active is not None and active.state is TxState.ACCEPTED:
-            response = builders.failure_response(_header_of(active), active.category,
+            response = builders.failure_response(builders.request_header(active.request), active.category,
                                                  "UnavailableDevice", reason)
             actions += self._finish(active, Outcome.REJECTED, response, "bridge", now,
                                     error=reason)
@@ -768,7 +711,7 @@ class TerminalSession:
         self, txn: Transaction, cls: Classification, message: Message, now: float
     ) -> list[Action]:
         if cls.outcome in FINAL_MONEY_OUTCOMES and cls.from_status:
-            return self._finish(txn, cls.outcome, recovered_response(cls, _header_of(txn)),
+            return self._finish(txn, cls.outcome, recovered_response(cls, builders.request_header(txn.request)),
                                 "status-poll", now, detail=cls.detail)
         if "reopened_from" in txn.extra:
             # A resync of a finished transaction: only the terminal's own record of it may
@@ -794,13 +737,13 @@ class TerminalSession:
                 "or the terminal's own transaction report before charging again"), now)
         if cls.outcome is Outcome.NOT_FOUND:
             response = builders.failure_response(
-                _header_of(txn), txn.category, "NotFound",
+                builders.request_header(txn.request), txn.category, "NotFound",
                 "the terminal never received this transaction; nothing was charged")
             return self._finish(txn, Outcome.NOT_FOUND, response, "status-poll", now,
                                 detail=cls.detail)
         if cls.outcome is Outcome.BUSY and cls.from_status:
             # The terminal's own record of this ServiceID ends "Busy": it never started it.
-            response = recovered_response(cls, _header_of(txn))
+            response = recovered_response(cls, builders.request_header(txn.request))
             return self._finish(txn, Outcome.DECLINED, response, "status-poll", now,
                                 detail="the terminal was busy: the payment was not started")
         if txn.extra.get("abandoned"):
@@ -837,13 +780,7 @@ class TerminalSession:
     ) -> list[Action]:
         document = message.to_document()
         if txn.passthrough:
-            settled = self._apply_register_status(txn, message, cls, now)
-            doubt = self._not_found_in_doubt(txn, cls)
-            if doubt is not None:
-                return self._finish(txn, Outcome.UNRESOLVED, None, "bridge", now,
-                                    error=doubt) + settled
-            actions = self._finish(txn, cls.outcome, document, "terminal", now, detail=cls.detail)
-            return actions + settled
+            return passthrough.answered(self, txn, cls, message, now)
         if txn.category not in MONEY_CATEGORIES:
             outcome = Outcome.FAILURE if cls.outcome is Outcome.BUSY else cls.outcome
             return self._finish(txn, outcome, document, "terminal", now, detail=cls.detail)
@@ -852,65 +789,6 @@ class TerminalSession:
         # Busy carrying our own ServiceID may answer a retransmitted copy of a request the
         # terminal is already processing (our ACK was lost): not an outcome. Ask instead.
         return self._unusable_answer(txn, cls.detail, now)
-
-    def _apply_register_status(
-        self, status: Transaction, message: Message, cls: Classification, now: float
-    ) -> list[Action]:
-        """A register's own status request (`status`) may settle a transaction the bridge is
-        polling: with the terminal's record of it (a RepeatedMessageResponse; a NotFound or
-        InProgress is left to the bridge's own polls), about the category of that
-        transaction. The record names its category (its header, or its body's name); the
-        register's reference and the answer's echo of it, when they name one, must name the
-        same: a record of a Reversal under a Payment's IDs is no outcome of the Payment."""
-        if not isinstance(message, SaleToPOIResponse) or not cls.from_status:
-            return []
-        body = message.transaction_status_response
-        ref = body.message_reference if body else None
-        if ref is None or ref.sale_id is None or ref.service_id is None:
-            return []
-        txn = self.open.get(TxKey(ref.sale_id, ref.service_id))
-        if txn is None or txn.state not in (TxState.POLLING, TxState.UNRESOLVED):
-            return []
-        asked = _reference_asked(status)
-        named = {str(c) for c in (cls.category, ref.message_category,
-                                  asked.message_category if asked else None) if c is not None}
-        if named != {txn.category}:
-            others = "/".join(sorted(named - {txn.category}))
-            return [Log("warning", f"terminal {self.poi_id}: the answer to status request "
-                                   f"{status.key} is about a {others} {txn.key}, not the "
-                                   f"{txn.category} {txn.key}: not applied to it")]
-        return self._status_answer(txn, cls, message, now)
-
-    def _not_found_in_doubt(self, status: Transaction, cls: Classification) -> str | None:
-        """Why a NotFound answering a register's own status request (`status`) is no
-        "nothing was charged": the payment its MessageReference names went to this terminal
-        and is still open (the answer, applied by _apply_register_status, did not settle it),
-        so the bridge has not concluded it was never received: it still waits for the answer,
-        or the terminal may have forgotten it since it took another. None: the register may
-        read NotFound as the terminal said it (the payment never went out, or the bridge
-        holds it final)."""
-        if cls.outcome is not Outcome.NOT_FOUND:
-            return None
-        # The register's request names it: a terminal's NotFound need not echo the reference
-        ref = _reference_asked(status)
-        if ref is None or ref.sale_id is None or ref.service_id is None:
-            return None
-        payment = self.open.get(TxKey(ref.sale_id, ref.service_id))
-        if payment is None or payment.sent_at is None \
-                or payment.category not in MONEY_CATEGORIES \
-                or _names_another_category(ref, payment):  # then NotFound is true of it
-            return None
-        if payment.state is TxState.AWAITING_RESPONSE:
-            where = ("the bridge is still waiting for the terminal's answer to it and will "
-                     "publish its result under its own IDs")
-        elif payment.extra.get("abandoned"):
-            where = f"the bridge no longer asks about it ({payment.detail})"
-        else:
-            where = (f"the bridge keeps asking the terminal ({payment.detail}) and will publish "
-                     "its result under its own IDs")
-        return (f"outcome of {payment.category} {payment.key} unknown: the terminal answers "
-                f"NotFound, but that {payment.category} was sent to it, so NotFound does not "
-                f"show that nothing was charged; do not charge again: {where}")
 
     def _unusable_answer(self, txn: Transaction, reason: str, now: float) -> list[Action]:
         note = Log("warning", f"terminal {self.poi_id}: unusable answer for {txn.key}: {reason}")
@@ -987,52 +865,6 @@ class TerminalSession:
             return None  # cannot tell a garbled poll answer from a garbled response
         txn = self.open.get(self.active) if self.active else None
         return txn if txn is not None and txn.state is TxState.AWAITING_RESPONSE else None
-
-    def _held_target(self, ref: MessageReference | None) -> Transaction | None:
-        """The transaction an abort or a status request names, if the bridge still holds it
-        unsent (waiting for the identity check or a background status poll): the terminal
-        has never seen it."""
-        if ref is None or ref.sale_id is None or ref.service_id is None:
-            return None
-        target = self.open.get(TxKey(ref.sale_id, ref.service_id))
-        return target if target is not None and target.state is TxState.ACCEPTED else None
-
-    def _held_status(self, status: Transaction, held: Transaction, now: float) -> list[Action]:
-        """A register's status request about a payment not yet sent. The terminal, asked,
-        would say NotFound ("nothing was charged"), yet the payment goes out once the hold
-        ends and may be charged: a register trusting NotFound could charge the shopper
-        another way too. Answered by the bridge, in the shape of a terminal's InProgress."""
-        if not self.named:
-            why = f"waiting for terminal {self.poi_id} to say which terminal it is"
-        else:
-            why = "waiting for the terminal to answer a status poll"
-        text = (f"{held.category} {held.key} has not been sent to terminal {self.poi_id} yet "
-                f"({why}): it goes out once that ends, and its result follows under its own "
-                "IDs; do not charge it another way meanwhile (an AbortRequest withdraws it)")
-        response = builders.failure_response(_header_of(status), status.category,
-                                             "InProgress", text)
-        return self._finish(status, Outcome.IN_PROGRESS, response, "bridge", now, detail=text)
-
-    def _withdraw(self, abort: Transaction, target: Transaction, now: float) -> list[Action]:
-        """An abort of a payment not yet sent: it is never sent. Forwarding the abort would
-        settle nothing; the payment would go out once the hold ends, after the register was
-        told it was aborted."""
-        text = "aborted by the register before it was sent to the terminal; nothing was charged"
-        response = builders.failure_response(_header_of(target), target.category, "Aborted", text)
-        abort.state, abort.outcome, abort.source = TxState.FINAL, Outcome.SUCCESS.value, "bridge"
-        abort.detail = f"{target.key} had not been sent yet: withdrawn, nothing sent"
-        return [
-            *self._finish(target, Outcome.ABORTED, response, "bridge", now, detail=text),
-            Record(abort.snapshot()),
-            Deliver(abort.sale_id, abort.service_id, self.poi_id, abort.category,
-                    Outcome.SUCCESS.value, "bridge", None, None),
-        ]
-
-    def _abort_target(self, request: SaleToPOIRequest) -> str:
-        ref = request.abort_request.message_reference if request.abort_request else None
-        if ref is None:
-            return "abort sent"
-        return f"abort of {ref.sale_id}/{ref.service_id} sent"
 
     def _progress(self, txn: Transaction, event: str, detail: str = "",
                   poll: int | None = None) -> Progress:
