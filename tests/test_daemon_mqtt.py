@@ -357,6 +357,19 @@ async def test_bridge_commands(tmp_path, mosquitto):
                 answer = await sub.wait_for(lambda t, p, n=n: t.endswith("/response/transactions")
                                             and p["transaction"] == f"f{n}")
                 assert answer["status"] == "error" and said in answer["error"], answer
+            # every command refuses a key it does not take, instead of ignoring it
+            for command, body, said in (
+                    ("health", {"verbose": True}, "unknown key(s) verbose; health takes no key"),
+                    ("terminals", {"poi_id": "X"}, "unknown key(s) poi_id; terminals takes no "
+                                                   "key (and transaction, echoed)"),
+                    ("resync", {"sale_id": "POS1", "service_id": "S1", "force": True},
+                     "unknown key(s) force; resync takes sale_id, service_id")):
+                await sub.publish(f"{BASE}/bridge/request/{command}",
+                                  {**body, "transaction": f"k-{command}"})
+                answer = await sub.wait_for(
+                    lambda t, p, c=command: t.endswith(f"/response/{c}")
+                    and p["transaction"] == f"k-{c}")
+                assert answer["status"] == "error" and said in answer["error"], answer
         assert store.bridge.intake.rejected == 0
 
 

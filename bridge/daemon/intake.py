@@ -66,6 +66,14 @@ _TRANSACTION_FILTERS: dict[str, tuple[str, ...]] = {
     "poi_id": (),
     "sale_id": (),
 }
+# What each command's body may hold besides "transaction" (echoed in the answer): any other
+# key is a typo or a filter the command does not have, and is refused rather than ignored
+COMMAND_KEYS: dict[str, tuple[str, ...]] = {
+    "resync": ("sale_id", "service_id"),
+    "transactions": (*_TRANSACTION_FILTERS, "limit"),
+    "terminals": (),
+    "health": (),
+}
 
 
 def _foreign_reference(request: SaleToPOIRequest) -> str | None:
@@ -491,6 +499,11 @@ class RequestIntake:
             echo = body.get("transaction")
             if command not in COMMANDS:
                 raise MessageError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+            unknown = sorted(set(body) - {*COMMAND_KEYS[command], "transaction"})
+            if unknown:
+                takes = ", ".join(COMMAND_KEYS[command]) or "no key"
+                raise MessageError(f"unknown key(s) {', '.join(k[:40] for k in unknown)}; "
+                                   f"{command} takes {takes} (and transaction, echoed)")
             data = getattr(self, f"_cmd_{command}")(body)
         except MessageError as exc:
             reply.send(topic, {"status": "error", "data": None, "error": str(exc),
@@ -528,10 +541,6 @@ class RequestIntake:
     def _cmd_transactions(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         # A filter that cannot match (a typo, a value from the retained document's own
         # vocabulary) must say so: an empty or unfiltered list would read as an answer.
-        unknown = sorted(set(body) - {*_TRANSACTION_FILTERS, "limit", "transaction"})
-        if unknown:
-            raise MessageError(f"unknown key(s) {', '.join(unknown)}; transactions takes "
-                               f"{', '.join(_TRANSACTION_FILTERS)}, limit and transaction")
         filters = {k: body.get(k) for k in _TRANSACTION_FILTERS}
         for key, value in filters.items():
             if value is not None and not isinstance(value, str):
