@@ -58,7 +58,8 @@ def submit(session: TerminalSession, txn: Transaction, request: SaleToPOIRequest
         # Nothing goes to a device that has not said who it is: if it is another terminal,
         # an abort would stop that terminal's payment, and its NotFound would answer a
         # status request about ours.
-        return session._refuse(txn, header, "UnavailableDevice", session._not_named_text(), now)
+        return session._refuse(txn, header, "UnavailableDevice",
+                               session.identity.not_named_text(), now)
     if txn.category == "Abort":
         # An abort gets no response of its own; the aborted transaction ends Failure/Aborted.
         txn.state, txn.outcome, txn.source = TxState.FINAL, Outcome.SUCCESS.value, "bridge"
@@ -133,7 +134,8 @@ def withdraw(session: TerminalSession, abort: Transaction, target: Transaction,
     settle nothing; the payment would go out once the hold ends, after the register was
     told it was aborted."""
     text = "aborted by the register before it was sent to the terminal; nothing was charged"
-    response = builders.failure_response(builders.request_header(target.request), target.category, "Aborted", text)
+    response = builders.failure_response(builders.request_header(target.request),
+                                         target.category, "Aborted", text)
     abort.state, abort.outcome, abort.source = TxState.FINAL, Outcome.SUCCESS.value, "bridge"
     abort.detail = f"{target.key} had not been sent yet: withdrawn, nothing sent"
     return [

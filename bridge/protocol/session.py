@@ -24,20 +24,20 @@ Rules (from the seed and REFERENCE.md section 2):
 - never re-send a request whose outcome is unknown;
 - a newly opened link may hold another terminal (a swapped cable, ports renumbered): before
   anything else goes out on it, the device is asked who it is (a DiagnosisRequest; every
-  answer carries its POIID). A device that names another terminal gets no request and no
-  status poll: a poll answered "NotFound" by the wrong device would end a payment that the
-  right one charged as `not_found`.
+  answer carries its POIID; identity.py). A device that names another terminal gets no
+  request and no status poll: a poll answered "NotFound" by the wrong device would end a
+  payment that the right one charged as `not_found`.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from bridge.protocol import builders, passthrough
 from bridge.protocol.actions import Action, Deliver, Log, Progress, Record, Send, Unmatched
+from bridge.protocol.identity import BRIDGE_SALE_ID, DeviceIdentity
 from bridge.protocol.messages import (
     Message,
     MessageHeader,
@@ -47,10 +47,6 @@ from bridge.protocol.messages import (
 from bridge.protocol.outcome import MONEY_CATEGORIES, Classification, Outcome, classify, recovered_response
 from bridge.protocol.transaction import Transaction, TxKey, TxState, trim_refused
 
-# Identity checks a device may leave unanswered (or answer without a POIID) before a request
-# waiting for it is refused: a payment never goes to a device that has not said who it is
-IDENTITY_CHECKS_BEFORE_REFUSING = 2
-BRIDGE_SALE_ID = "poi-bridge"  # the SaleID of the bridge's own identity checks
 FINAL_MONEY_OUTCOMES = frozenset(
     {Outcome.APPROVED, Outcome.DECLINED, Outcome.CANCELLED, Outcome.ABORTED}
 )
@@ -75,12 +71,6 @@ class _Probe:
     deadline: float
 
 
-@dataclass(slots=True)
-class _Naming:
-    service_id: str
-    deadline: float
-
-
 class TerminalSession:
     """Everything the bridge knows about one terminal's transactions, as a state machine."""
 
@@ -96,20 +86,7 @@ class TerminalSession:
         self.open: dict[TxKey, Transaction] = {}  # every transaction not yet final
         self.active: TxKey | None = None  # the one that owns the terminal
         self.link_up = False
-        # The POIID the device on this link gave when it is not ours: a terminal on the wrong
-        # port. Nothing is sent to it while it is set (requests are refused, polls wait), so
-        # no payment runs on the wrong terminal; cleared when the link is reopened or the
-        # right POIID is seen (terminal_named).
-        self.wrong_device: str | None = None
-        # The daemon follows this terminal to another link (the device here said it is
-        # another configured terminal): what is refused meanwhile says so, not "check ports"
-        self.following = False
-        self.named = False  # the device on this link has said who it is
-        self._name_asked = False  # the identity check went out on this link
-        self._unnamed_checks = 0  # identity checks on this link that brought no POIID
-        self._unnamed_reason = ""  # why the last one did not
-        self._naming: _Naming | None = None  # the identity check on the wire
-        self._naming_ids: deque[str] = deque(maxlen=16)  # the last checks sent: late answers
+        self.identity = DeviceIdentity(poi_id)  # which terminal is on the link (identity.py)
         self._probe: _Probe | None = None  # the one status poll on the wire
         self._poll_index: dict[str, TxKey] = {}
         # When a request of each category last went to this terminal (this run, and what the
@@ -123,13 +100,38 @@ class TerminalSession:
     def busy(self) -> bool:
         return self.active is not None
 
+    @property
+    def named(self) -> bool:
+        """The device on this link has said who it is."""
+        return self.identity.named
+
+    @property
+    def wrong_device(self) -> str | None:
+        """The POIID the device on this link gave when it is not this terminal's: nothing
+        is sent to it (requests are refused, polls wait)."""
+        return self.identity.wrong_device
+
+    @wrong_device.setter
+    def wrong_device(self, poi_id: str | None) -> None:
+        self.identity.wrong_device = poi_id
+
+    @property
+    def following(self) -> bool:
+        """The daemon follows this terminal to another link (the device here said it is
+        another configured terminal): what is refused meanwhile says so."""
+        return self.identity.following
+
+    @following.setter
+    def following(self, value: bool) -> None:
+        self.identity.following = value
+
     def next_deadline(self) -> float | None:
         times = [t.deadline for t in self.open.values() if t.deadline is not None]
         times += [t.next_poll_at for t in self.open.values() if t.next_poll_at is not None]
         if self._probe is not None:
             times.append(self._probe.deadline)
-        if self._naming is not None:
-            times.append(self._naming.deadline)
+        if self.identity.check is not None:
+            times.append(self.identity.check.deadline)
         return min(times, default=None)
 
     # --- events -------------------------------------------------------------------------------
@@ -150,7 +152,8 @@ class TerminalSession:
             return self._refuse(txn, header, "UnavailableDevice",
                                 f"terminal {self.poi_id} is offline; nothing was sent", now)
         if self.wrong_device is not None:
-            return self._refuse(txn, header, "UnavailableDevice", self._wrong_device_text(), now)
+            return self._refuse(txn, header, "UnavailableDevice",
+                                self.identity.wrong_device_text(), now)
         if not txn.passthrough and self.active is not None:
             return self._refuse(txn, header, "Busy",
                                 f"terminal {self.poi_id} is busy with transaction {self.active}",
@@ -160,7 +163,7 @@ class TerminalSession:
         self.open[txn.key] = txn
         self.active = txn.key
         accepted = self._progress(txn, "accepted")
-        if self._probe is not None or self._naming is not None:
+        if self._probe is not None or self.identity.check is not None:
             # A background status poll or the identity check is on the wire; the request goes
             # out when it is answered.
             return [Record(txn.snapshot()), accepted]
@@ -178,24 +181,21 @@ class TerminalSession:
             txn.shift_times(delta)
         for category in self.last_request_at:  # compared with the transactions' sent_at
             self.last_request_at[category] += delta
-        for pending in (self._probe, self._naming):
+        for pending in (self._probe, self.identity.check):
             if pending is not None:
                 pending.deadline += delta
 
     def terminal_named(self, poi_id: str) -> None:
         """The device on the link said who it is: the POIID of a message it sent (the shell
         tells, before receive(), for every message that carries one)."""
-        self.named = True
-        self.wrong_device = None if poi_id == self.poi_id else poi_id
+        self.identity.named_as(poi_id)
 
     def asked_for(self, message: Message) -> bool:
         """Whether `message` answers something this session sent on its link (an identity
         check, a status poll): such an answer is ours whichever device sent it."""
         header = message.message_header
         service_id = header.service_id if header else None
-        return (service_id in self._naming_ids or service_id in self._poll_index
-                or (header is not None and header.sale_id == BRIDGE_SALE_ID
-                    and message.category == "Diagnosis"))
+        return service_id in self._poll_index or self.identity.answers_a_check(message)
 
     def receive_from_elsewhere(self, message: Message, now: float) -> list[Action]:
         """A message this terminal's device sent on another terminal's link, read there just
@@ -212,18 +212,18 @@ class TerminalSession:
         header = message.message_header
         sale_id = header.sale_id if header else None
         service_id = header.service_id if header else None
-        if sale_id == BRIDGE_SALE_ID and service_id in self._naming_ids:
+        if sale_id == BRIDGE_SALE_ID and service_id in self.identity.sent_ids:
             return self._naming_answered(service_id, now)
         if sale_id == BRIDGE_SALE_ID and message.category == "Diagnosis":
             # Another session's identity check, answered on this link (terminals followed
             # to each other's links), or an earlier run's: nothing of ours.
             return [Log("debug", f"terminal {self.poi_id}: an identity check's answer not "
                                  f"ours ({service_id})")]
-        check_ended = self._naming is not None and self.named
+        check_ended = self.identity.check is not None and self.named
         if check_ended:
             # Another message said who the device is first (an event rejecting the check,
             # an answer the terminal sends again after a restart): no need to wait on.
-            self._naming = None
+            self.identity.check = None
         if self.wrong_device is not None and service_id in self._poll_index:
             actions = self._status_answer_from_the_wrong_device(message, service_id, now)
         else:
@@ -248,7 +248,7 @@ class TerminalSession:
                                                 f"another terminal ({cls.detail}); not taken")]
         txn = self.open.get(key)
         if txn is not None:
-            actions += self._poll_failed(txn, self._wrong_device_poll_text(), now,
+            actions += self._poll_failed(txn, self.identity.wrong_device_poll_text(), now,
                                          retry_in=self.settings.status_timeout)
         return actions + self._pump(now)
 
@@ -299,17 +299,17 @@ class TerminalSession:
         """The terminal answered, but we cannot read it (it does not decrypt). As an answer
         to the identity check it ends the check (a device is there, and answers); otherwise
         it is an unusable answer: a payment is asked about, never ended."""
-        if self._naming is not None:
-            return [self._unnamed(f"the answer to the identity check cannot be read: {reason}"),
-                    *self._pump(now)]
+        if self.identity.check is not None:
+            why = f"the answer to the identity check cannot be read: {reason}"
+            return [self.identity.unnamed(why), *self._pump(now)]
         return self.unusable(reason, now)
 
     def refused(self, reason: str, now: float) -> list[Action]:
         """The terminal could not process what we sent (it could not decrypt it, say). The
         request was not acted on, so the transaction ends as an error naming the cause; a
         status poll that met the same fate counts as unanswered."""
-        if self._naming is not None:
-            return [self._unnamed(f"the terminal refused the identity check: {reason}"),
+        if self.identity.check is not None:
+            return [self.identity.unnamed(f"the terminal refused the identity check: {reason}"),
                     *self._pump(now)]
         if self._probe is not None:
             txn = self.open.get(self._probe.key)
@@ -323,7 +323,7 @@ class TerminalSession:
 
     def link_is_up(self, now: float) -> list[Action]:
         self.link_up = True
-        self._new_device()
+        self.identity.new_device()
         for txn in self.open.values():
             if txn.state in (TxState.POLLING, TxState.UNRESOLVED) and txn.next_poll_at is not None:
                 txn.next_poll_at = min(txn.next_poll_at, now)  # ask at once after a replug
@@ -331,8 +331,9 @@ class TerminalSession:
 
     def link_is_down(self, reason: str, now: float) -> list[Action]:
         self.link_up = False
-        moving = self._wrong_device_text() if self.following and self.wrong_device else None
-        self._new_device()  # whatever is plugged in next must say who it is again
+        moving = (self.identity.wrong_device_text()
+                  if self.following and self.wrong_device else None)
+        self.identity.new_device()  # whatever is plugged in next must say who it is again
         actions: list[Action] = []
         if self._probe is not None:
             txn = self.open.get(self._probe.key)
@@ -359,8 +360,9 @@ class TerminalSession:
 
     def send_failed(self, service_id: str, reason: str, now: float) -> list[Action]:
         """The link layer gave up on a frame (no ACK after every try)."""
-        if self._naming is not None and self._naming.service_id == service_id:
-            return [self._unnamed(f"identity check not delivered: {reason}"), *self._pump(now)]
+        if self.identity.check is not None and self.identity.check.service_id == service_id:
+            return [self.identity.unnamed(f"identity check not delivered: {reason}"),
+                    *self._pump(now)]
         if self._probe is not None and self._probe.poll_id == service_id:
             txn = self.open.get(self._probe.key)
             self._probe = None
@@ -381,8 +383,8 @@ class TerminalSession:
     def tick(self, now: float) -> list[Action]:
         """Time has passed: fire whatever deadlines are due."""
         actions: list[Action] = []
-        if self._naming is not None and self._naming.deadline <= now:
-            actions.append(self._unnamed(
+        if self.identity.check is not None and self.identity.check.deadline <= now:
+            actions.append(self.identity.unnamed(
                 f"no answer to the identity check within {self.settings.status_timeout:g} s"))
         if self._probe is not None and self._probe.deadline <= now:
             txn = self.open.get(self._probe.key)
@@ -474,9 +476,9 @@ class TerminalSession:
         """Send whatever is due, one status poll on the wire at a time."""
         if not self.link_up:
             return self._polls_that_cannot_go(f"terminal {self.poi_id} offline", now)
-        if self._probe is not None or self._naming is not None:
+        if self._probe is not None or self.identity.check is not None:
             return []
-        if not self.named and not self._name_asked:
+        if not self.named and not self.identity.asked:
             return self._ask_name(now)
         if self.wrong_device is not None:
             return self._hold_for_the_right_terminal(now)
@@ -484,15 +486,13 @@ class TerminalSession:
         if active is not None and active.state is TxState.ACCEPTED:
             if self.named:
                 return self._send_request(active, now)
-            if self._unnamed_checks < IDENTITY_CHECKS_BEFORE_REFUSING:
+            if self.identity.may_ask_again():
                 return self._ask_name(now)
-            reason = (f"the device on terminal {self.poi_id}'s link did not say which terminal "
-                      f"it is ({self._unnamed_checks} identity checks; the last: "
-                      f"{self._unnamed_reason}); nothing was sent: check the terminal, its "
-                      "cable and its key, then retry with a new ServiceID")
-            response = builders.failure_response(builders.request_header(active.request), active.category,
+            reason = self.identity.checks_failed_text()
+            response = builders.failure_response(builders.request_header(active.request),
+                                                 active.category,
                                                  "UnavailableDevice", reason)
-            self._unnamed_checks = 0  # the next request gets checks of its own
+            self.identity.unnamed_checks = 0  # the next request gets checks of its own
             return self._finish(active, Outcome.REJECTED, response, "bridge", now,
                                 error=reason) + self._pump(now)
         if active is not None and active.state is TxState.AWAITING_RESPONSE:
@@ -508,55 +508,31 @@ class TerminalSession:
                 if t.state in (TxState.POLLING, TxState.UNRESOLVED)
                 and t.next_poll_at is not None and t.next_poll_at <= now]
 
-    def _new_device(self) -> None:
-        self.named, self._name_asked, self._naming, self.wrong_device = False, False, None, None
-        self.following = False
-        self._unnamed_checks = 0
-
     def _ask_name(self, now: float) -> list[Action]:
-        """The identity check: the first thing on a newly opened link. No record: losing it
-        to a crash loses nothing, the next start asks again."""
-        service_id = self._new_service_id()
-        self._name_asked = True
-        self._naming = _Naming(service_id, now + self.settings.status_timeout)
-        self._naming_ids.append(service_id)
-        document = builders.diagnosis_request(sale_id=BRIDGE_SALE_ID, service_id=service_id,
-                                              poi_id=self.poi_id)
-        return [Send(document, BRIDGE_SALE_ID, service_id, "identify")]
+        return [self.identity.ask(self._new_service_id(), now + self.settings.status_timeout)]
 
     def _naming_answered(self, service_id: str, now: float) -> list[Action]:
-        if self._naming is None or self._naming.service_id != service_id:
+        if not self.identity.answered(service_id):
             return [Log("debug", f"terminal {self.poi_id}: late answer to identity check "
                                  f"{service_id}")]
-        self._naming = None
         if self.named:  # terminal_named() came first: ours, or wrong_device is set
             return self._pump(now)
-        return [self._unnamed("the answer to the identity check carries no POIID"),
+        return [self.identity.unnamed("the answer to the identity check carries no POIID"),
                 *self._pump(now)]
-
-    def _unnamed(self, reason: str) -> Log:
-        """The device did not say who it is. No payment goes to it (it may be another
-        terminal, which would charge it: a swapped cable, found by the soak): the check is
-        asked again, and after IDENTITY_CHECKS_BEFORE_REFUSING a waiting request is refused.
-        Status polls still go; the POIID of each answer is checked."""
-        self._naming = None
-        self._unnamed_checks += 1
-        self._unnamed_reason = reason
-        return Log("warning", f"terminal {self.poi_id}: {reason}; no payment goes to the "
-                              "device until it says which terminal it is")
 
     def _hold_for_the_right_terminal(self, now: float) -> list[Action]:
         """Another terminal is on the link: nothing goes to it. A request that waited is
         refused (nothing was sent); a status poll waits, as for a terminal offline."""
-        reason = self._wrong_device_text()
+        reason = self.identity.wrong_device_text()
         actions: list[Action] = []
         active = self.open.get(self.active) if self.active else None
         if active is not None and active.state is TxState.ACCEPTED:
-            response = builders.failure_response(builders.request_header(active.request), active.category,
+            response = builders.failure_response(builders.request_header(active.request),
+                                                 active.category,
                                                  "UnavailableDevice", reason)
             actions += self._finish(active, Outcome.REJECTED, response, "bridge", now,
                                     error=reason)
-        return actions + self._polls_that_cannot_go(self._wrong_device_poll_text(), now)
+        return actions + self._polls_that_cannot_go(self.identity.wrong_device_poll_text(), now)
 
     def _polls_that_cannot_go(self, reason: str, now: float) -> list[Action]:
         """Status polls now due that nothing can be sent for (no link, or the wrong device
@@ -565,34 +541,6 @@ class TerminalSession:
         for txn in self._polls_due(now):
             actions += self._poll_failed(txn, reason, now, retry_in=self.settings.status_timeout)
         return actions
-
-    def _not_named_text(self) -> str:
-        if self._naming is not None:
-            return (f"the device on terminal {self.poi_id}'s link is being asked which terminal "
-                    "it is (just plugged in, or its link reopened); nothing was sent: send the "
-                    "request again in a moment, with a new ServiceID")
-        return (f"the device on terminal {self.poi_id}'s link has not said which terminal it is "
-                f"({self._unnamed_reason or 'not asked yet'}); nothing was sent: check the "
-                "terminal, its cable and its key, then retry with a new ServiceID")
-
-    def _wrong_device_text(self) -> str:
-        if self.following:
-            return (f"the device on terminal {self.poi_id}'s link says it is "
-                    f"{self.wrong_device}: the bridge now looks for {self.poi_id} on the link "
-                    f"where it expected {self.wrong_device} (cables swapped); nothing was "
-                    "sent, retry with a new ServiceID")
-        return (f"the device on terminal {self.poi_id}'s link says it is {self.wrong_device}; "
-                "nothing was sent until a technician checks which terminal is plugged into "
-                "which port")
-
-    def _wrong_device_poll_text(self) -> str:
-        """Why a status poll did not go: not the refusal's "nothing was sent", which would
-        tell a cashier that a payment the terminal may have charged never went out."""
-        where = (f"the bridge now looks for {self.poi_id} on the link where it expected "
-                 f"{self.wrong_device} (cables swapped)" if self.following else
-                 "check which terminal is plugged into which port")
-        return (f"the device on terminal {self.poi_id}'s link says it is {self.wrong_device}; "
-                f"the status poll waits for {self.poi_id} itself: {where}")
 
     def _send_poll(self, txn: Transaction, now: float) -> list[Action]:
         poll_id = self._new_service_id()
@@ -711,7 +659,8 @@ class TerminalSession:
         self, txn: Transaction, cls: Classification, message: Message, now: float
     ) -> list[Action]:
         if cls.outcome in FINAL_MONEY_OUTCOMES and cls.from_status:
-            return self._finish(txn, cls.outcome, recovered_response(cls, builders.request_header(txn.request)),
+            return self._finish(txn, cls.outcome,
+                                recovered_response(cls, builders.request_header(txn.request)),
                                 "status-poll", now, detail=cls.detail)
         if "reopened_from" in txn.extra:
             # A resync of a finished transaction: only the terminal's own record of it may
@@ -861,7 +810,7 @@ class TerminalSession:
                         Outcome.REJECTED.value, "bridge", response, text)]
 
     def _waiting_transaction(self) -> Transaction | None:
-        if self._probe is not None or self._naming is not None:
+        if self._probe is not None or self.identity.check is not None:
             return None  # cannot tell a garbled poll answer from a garbled response
         txn = self.open.get(self.active) if self.active else None
         return txn if txn is not None and txn.state is TxState.AWAITING_RESPONSE else None

@@ -1,0 +1,150 @@
+"""Who the device on a terminal's link is: the identity check, and what is said while that
+is not known.
+
+A newly opened link may hold another terminal (a swapped cable, ports renumbered). Before
+anything else goes out on it, the device is asked who it is: a DiagnosisRequest under the
+bridge's own SaleID, whose answer, like every message a terminal sends, carries its POIID.
+What this decides:
+- which answers are to the checks this link sent (late ones too, and none of another
+  session's), and that an answer without a POIID, one that cannot be read, a check refused,
+  not delivered or not answered in time leaves the device unnamed;
+- how many unanswered checks a waiting request gets before it is refused
+  (IDENTITY_CHECKS_BEFORE_REFUSING): a payment never goes to a device that has not said who
+  it is, which might be another terminal that would charge it;
+- the texts a register and a technician read while the device is unnamed, or names another
+  terminal (and whether the daemon follows that one to another link).
+
+Plain state and texts for one link, no transactions: what the session does with its
+transactions meanwhile (hold a request, refuse it, let status polls wait) stays in
+session.py. Everything here is forgotten when the link drops (`new_device`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from bridge.protocol import builders
+from bridge.protocol.actions import Log, Send
+from bridge.protocol.messages import Message
+
+# Identity checks a device may leave unanswered (or answer without a POIID) before a request
+# waiting for it is refused: a payment never goes to a device that has not said who it is
+IDENTITY_CHECKS_BEFORE_REFUSING = 2
+BRIDGE_SALE_ID = "poi-bridge"  # the SaleID of the bridge's own identity checks
+
+
+@dataclass(slots=True)
+class IdentityCheck:
+    service_id: str
+    deadline: float
+
+
+class DeviceIdentity:
+    """What the bridge knows of which terminal is on one terminal's link."""
+
+    def __init__(self, poi_id: str) -> None:
+        self.poi_id = poi_id  # the terminal the link is configured for
+        self.named = False  # the device on this link has said who it is
+        # The POIID the device on this link gave when it is not ours: a terminal on the wrong
+        # port. Nothing is sent to it while it is set (requests are refused, polls wait), so
+        # no payment runs on the wrong terminal; cleared when the link is reopened or the
+        # right POIID is seen (named_as).
+        self.wrong_device: str | None = None
+        # The daemon follows this terminal to another link (the device here said it is
+        # another configured terminal): what is refused meanwhile says so, not "check ports"
+        self.following = False
+        self.asked = False  # the identity check went out on this link
+        self.unnamed_checks = 0  # identity checks on this link that brought no POIID
+        self.unnamed_reason = ""  # why the last one did not
+        self.check: IdentityCheck | None = None  # the identity check on the wire
+        self.sent_ids: deque[str] = deque(maxlen=16)  # the last checks sent: late answers
+
+    def new_device(self) -> None:
+        """The link was opened or lost: whatever is plugged in next must say who it is again."""
+        self.named, self.asked, self.check, self.wrong_device = False, False, None, None
+        self.following = False
+        self.unnamed_checks = 0
+
+    def named_as(self, poi_id: str) -> None:
+        """The device on the link sent a message carrying `poi_id`."""
+        self.named = True
+        self.wrong_device = None if poi_id == self.poi_id else poi_id
+
+    def answers_a_check(self, message: Message) -> bool:
+        """Whether `message` answers an identity check (this link's, or, by its SaleID, the
+        bridge's on another link)."""
+        header = message.message_header
+        service_id = header.service_id if header else None
+        return (service_id in self.sent_ids
+                or (header is not None and header.sale_id == BRIDGE_SALE_ID
+                    and message.category == "Diagnosis"))
+
+    def ask(self, service_id: str, deadline: float) -> Send:
+        """The identity check: the first thing on a newly opened link. No record: losing it
+        to a crash loses nothing, the next start asks again."""
+        self.asked = True
+        self.check = IdentityCheck(service_id, deadline)
+        self.sent_ids.append(service_id)
+        document = builders.diagnosis_request(sale_id=BRIDGE_SALE_ID, service_id=service_id,
+                                              poi_id=self.poi_id)
+        return Send(document, BRIDGE_SALE_ID, service_id, "identify")
+
+    def answered(self, service_id: str) -> bool:
+        """An answer to check `service_id`, one this link sent, came. True: it ends the
+        check on the wire (a POIID it carried came through named_as first); False: a late
+        answer to an earlier check, which changes nothing."""
+        if self.check is None or self.check.service_id != service_id:
+            return False
+        self.check = None
+        return True
+
+    def unnamed(self, reason: str) -> Log:
+        """The device did not say who it is. No payment goes to it (it may be another
+        terminal, which would charge it: a swapped cable, found by the soak): the check is
+        asked again, and after IDENTITY_CHECKS_BEFORE_REFUSING a waiting request is refused.
+        Status polls still go; the POIID of each answer is checked."""
+        self.check = None
+        self.unnamed_checks += 1
+        self.unnamed_reason = reason
+        return Log("warning", f"terminal {self.poi_id}: {reason}; no payment goes to the "
+                              "device until it says which terminal it is")
+
+    def may_ask_again(self) -> bool:
+        """Whether a request waiting for the device to say who it is gets another check."""
+        return self.unnamed_checks < IDENTITY_CHECKS_BEFORE_REFUSING
+
+    def checks_failed_text(self) -> str:
+        """Why a waiting request is refused after IDENTITY_CHECKS_BEFORE_REFUSING checks."""
+        return (f"the device on terminal {self.poi_id}'s link did not say which terminal "
+                f"it is ({self.unnamed_checks} identity checks; the last: "
+                f"{self.unnamed_reason}); nothing was sent: check the terminal, its "
+                "cable and its key, then retry with a new ServiceID")
+
+    def not_named_text(self) -> str:
+        if self.check is not None:
+            return (f"the device on terminal {self.poi_id}'s link is being asked which terminal "
+                    "it is (just plugged in, or its link reopened); nothing was sent: send the "
+                    "request again in a moment, with a new ServiceID")
+        return (f"the device on terminal {self.poi_id}'s link has not said which terminal it is "
+                f"({self.unnamed_reason or 'not asked yet'}); nothing was sent: check the "
+                "terminal, its cable and its key, then retry with a new ServiceID")
+
+    def wrong_device_text(self) -> str:
+        if self.following:
+            return (f"the device on terminal {self.poi_id}'s link says it is "
+                    f"{self.wrong_device}: the bridge now looks for {self.poi_id} on the link "
+                    f"where it expected {self.wrong_device} (cables swapped); nothing was "
+                    "sent, retry with a new ServiceID")
+        return (f"the device on terminal {self.poi_id}'s link says it is {self.wrong_device}; "
+                "nothing was sent until a technician checks which terminal is plugged into "
+                "which port")
+
+    def wrong_device_poll_text(self) -> str:
+        """Why a status poll did not go: not the refusal's "nothing was sent", which would
+        tell a cashier that a payment the terminal may have charged never went out."""
+        where = (f"the bridge now looks for {self.poi_id} on the link where it expected "
+                 f"{self.wrong_device} (cables swapped)" if self.following else
+                 "check which terminal is plugged into which port")
+        return (f"the device on terminal {self.poi_id}'s link says it is {self.wrong_device}; "
+                f"the status poll waits for {self.poi_id} itself: {where}")
