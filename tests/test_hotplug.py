@@ -181,6 +181,35 @@ def test_usb_terminal_without_configured_serial_takes_any() -> None:
     assert TerminalMatcher(config).match(verifone_usb(serial="999")).poi_id == "V400m-1"
 
 
+async def test_two_identical_usb_terminals_one_configured_without_serial(pipe_monitor) -> None:
+    """Same vendor and product ids; the terminal that takes any serial number is listed
+    first. The one configured with its serial number still gets its own device, the other
+    the remaining one, whatever order they are plugged in or listed."""
+    config = parse_config({"terminals": [
+        {"poi_id": "V400m-any", "link": {"kind": "usb", "vendor_id": "0x11ca",
+                                         "product_id": "0x0219"}},
+        {"poi_id": "V400m-324688179", "link": {"kind": "usb", "vendor_id": "0x11ca",
+                                               "product_id": "0x0219",
+                                               "serial": "324688179"}}]})
+    own = verifone_usb(action="")  # in port 1-3
+    other = {**verifone_usb(action="", serial="555000111", devnum="008"),
+             "DEVPATH": "/devices/pci0000:00/0000:00:14.0/usb1/1-4"}
+    assert TerminalMatcher(config).match(own).poi_id == "V400m-324688179"
+    assert TerminalMatcher(config).match(other).poi_id == "V400m-any"
+    for present in ([own, other], [other, own]):
+        recorder = Recorder()
+        hotplug = HotplugMonitor(TerminalMatcher(config), recorder.plug, recorder.unplug,
+                                 monitor=pipe_monitor, enumerate_devices=lambda: list(present),
+                                 settle=0.01)
+        await hotplug.start()
+        try:
+            assert sorted(recorder.calls) == [("plug", "V400m-324688179", "/dev/bus/usb/001/007"),
+                                              ("plug", "V400m-any", "/dev/bus/usb/001/008")]
+            assert hotplug.absent() == []
+        finally:
+            await hotplug.stop()
+
+
 def test_kernel_event_usb_ids_come_from_product() -> None:
     """Raw kernel events (no udev yet) carry only PRODUCT=vid/pid/bcd, without zero padding."""
     config = parse_config({"terminals": [

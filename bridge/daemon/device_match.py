@@ -279,7 +279,8 @@ class TerminalMatcher:
         if info.vendor_id is None or info.product_id is None:
             return MatchResult(None, "USB device without vendor/product id in its udev "
                                      "properties")
-        found: list[str] = []
+        by_serial: list[str] = []
+        any_serial: list[str] = []
         near: list[str] = []
         for poi_id, link in self._usb:
             vendor, product = usb_id_text(link.vendor_id), usb_id_text(link.product_id)
@@ -289,14 +290,19 @@ class TerminalMatcher:
                 near.append(f"terminal {poi_id} wants product {product}, this is "
                             f"{info.product_id}")
                 continue
-            if link.serial is None or link.serial == info.serial:
-                found.append(poi_id)
+            if link.serial is None:
+                any_serial.append(poi_id)
+            elif link.serial == info.serial:
+                by_serial.append(poi_id)
             elif info.serial is None:
                 near.append(f"terminal {poi_id} wants serial {link.serial}, this device reports "
                             f"none (no udev data? is systemd-udevd running?)")
             else:
                 near.append(f"terminal {poi_id} wants serial {link.serial}, this is "
                             f"{info.serial}")
+        # The terminal configured with this very serial number comes first, whatever the
+        # order of the configuration: one taking any serial must not take its device.
+        found = by_serial or any_serial
         if found:
             reason = f"terminal {found[0]} (USB {info.vendor_id}:{info.product_id}"
             reason += f" serial {info.serial})" if info.serial else ")"
