@@ -257,6 +257,36 @@ async def test_permission_denied_points_at_the_udev_rules():
         await UsbTransport(usb_link(), backend=SimBackend(device)).open()
 
 
+async def test_permission_denied_with_a_serial_configured_is_not_called_unplugged():
+    """The serial number cannot be read without access to the device: the technician is
+    told to install the udev rules, not that the terminal is not connected."""
+    backend = SimBackend(SimDevice(serial=SERIAL, accessible=False))
+    with pytest.raises(LinkClosed) as caught:
+        await UsbTransport(usb_link(serial=SERIAL), backend=backend).open()
+    reason = caught.value.reason
+    assert reason.startswith("permission denied reading the serial number of USB terminal(s) "
+                             "0b00:0084 (bus 1 address 5: no permission)"), reason
+    assert "install the udev rules" in reason
+    assert "not connected" not in reason and "wrong serial" not in reason
+
+
+class UnplugsWhileItsSerialIsRead(SimBackend):
+    """The cable is pulled just as the bridge asks the device for its serial number."""
+
+    def ctrl_transfer(self, dev_handle, *args):
+        dev_handle.device.unplug()
+        return super().ctrl_transfer(dev_handle, *args)
+
+
+async def test_a_terminal_unplugged_while_its_serial_is_read_is_not_a_permission_problem():
+    device = SimDevice(serial=SERIAL)
+    with pytest.raises(LinkClosed) as caught:
+        await UsbTransport(usb_link(serial=SERIAL),
+                           backend=UnplugsWhileItsSerialIsRead(device)).open()
+    assert caught.value.reason == f"{WHO} is not connected (unplugged while it was being opened)"
+    assert device.open_handles == 0
+
+
 async def test_a_missing_interface_is_named(device):
     with pytest.raises(LinkClosed, match=r"has no interface 2 \(it has 0\); check `interface`"):
         await UsbTransport(usb_link(interface=2), backend=SimBackend(device)).open()

@@ -50,6 +50,9 @@ _GONE_ERRNOS = {errno.ENODEV, errno.ENOENT, errno.EIO}
 _GONE_CODES = {-1, -4, -5}
 _PIPE_CODE = -9  # LIBUSB_ERROR_PIPE: the endpoint stalled
 _TIMEOUT_CODE = -7  # LIBUSB_ERROR_TIMEOUT
+_DENIED, _GONE = "denied", "gone"  # why _read_serial could not read a serial number
+_PERMISSION_FIX = ("install the udev rules (70-poi-bridge.rules, or `poi-bridge udev-rules` "
+                   "for this terminal) and replug it")
 
 
 @dataclass(slots=True)
@@ -226,22 +229,39 @@ class UsbTransport(Transport):
             raise LinkClosed(f"{self._who()} is not connected (unplugged, switched off, or "
                              f"wrong vendor_id/product_id in the configuration)")
         if link.serial is None and len(found) == 1:
-            serial, _ = _read_serial(found[0])  # only to name it in logs
+            serial, _, _ = _read_serial(found[0])  # only to name it in logs
             return found[0], serial
         chosen = None
+        alive: list[tuple[Any, str | None]] = []
         labels = []
+        denied = False
         for device in found:
-            serial, problem = _read_serial(device)
-            labels.append(f"serial {serial}" if serial is not None else problem)
+            serial, problem, why = _read_serial(device)
+            if why != _GONE:  # (one unplugged while being looked at is not there)
+                alive.append((device, serial))
+                labels.append(f"serial {serial}" if serial is not None else problem)
+                denied = denied or why == _DENIED
             if chosen is None and link.serial is not None and serial == link.serial:
                 chosen = device
             else:
                 _dispose(device)  # reading the serial number opened it
         if chosen is not None:
             return chosen, link.serial
+        if not alive:
+            raise LinkClosed(f"{self._who()} is not connected (unplugged while it was "
+                             f"being opened)")
+        if link.serial is None and len(alive) == 1:
+            return alive[0]  # the others went away meanwhile (it opens again on use)
+        if denied:
+            # Without access the serial numbers cannot be read, so which device is this
+            # terminal cannot be told: the cure is the udev rules, not the configuration.
+            raise LinkClosed(
+                f"permission denied reading the serial number of USB terminal(s) "
+                f"{self._ids()} ({', '.join(labels)}), so {self._who()} cannot be found "
+                f"among them: {_PERMISSION_FIX}")
         if link.serial is None:
             raise LinkClosed(
-                f"{len(found)} USB terminals {self._ids()} are connected ({', '.join(labels)});"
+                f"{len(alive)} USB terminals {self._ids()} are connected ({', '.join(labels)});"
                 f" set `serial` in this terminal's link configuration to choose one")
         raise LinkClosed(
             f"{self._who()} is not connected; found USB terminal(s) {self._ids()} with "
@@ -267,9 +287,7 @@ class UsbTransport(Transport):
         if _gone(exc):
             return f"{who} disappeared while opening it (unplugged?)"
         if exc.errno in (errno.EACCES, errno.EPERM):
-            return (f"permission denied opening {who}: install the udev rules "
-                    f"(70-poi-bridge.rules, or `poi-bridge udev-rules` for this terminal) "
-                    f"and replug it")
+            return f"permission denied opening {who}: {_PERMISSION_FIX}"
         if exc.errno == errno.EBUSY:
             return (f"{who} interface {self.link.interface} is in use by another program "
                     f"(a second poi-bridge?) or by a kernel driver ({step})")
@@ -453,17 +471,28 @@ def _configuration(device: Any) -> tuple[Any, bool]:
     return device[0], True
 
 
-def _read_serial(device: Any) -> tuple[str | None, str]:
-    """The device's serial number, or None and why not (for a message)."""
+def _read_serial(device: Any) -> tuple[str | None, str, str | None]:
+    """The device's serial number, or None, why not (for a message) and, when it says more
+    than the message, _DENIED (no permission to open it) or _GONE (it was unplugged)."""
     place = f"bus {device.bus} address {device.address}"
     if not device.iSerialNumber:
-        return None, f"no serial number ({place})"
+        return None, f"no serial number ({place})", None
     try:
-        return usb.util.get_string(device, device.iSerialNumber), ""
-    except (usb.core.USBError, ValueError):
-        # pyusb reports a device it may not open as having "no langid" (ValueError).
-        return None, (f"unreadable serial number ({place}; no permission? install the udev "
-                      f"rules and replug)")
+        # usb.util.get_langids, not Device.langids: that one turns every error, a
+        # permission denied or an unplug alike, into "no langid".
+        langids = usb.util.get_langids(device)
+        if langids:
+            return usb.util.get_string(device, device.iSerialNumber, langids[0]), "", None
+        problem = "it has no string descriptors"
+    except usb.core.USBError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return None, f"{place}: no permission", _DENIED
+        if _gone(exc):
+            return None, f"{place}: unplugged", _GONE
+        problem = _text(exc)
+    except ValueError as exc:
+        problem = str(exc)
+    return None, f"unreadable serial number ({place}: {problem})", None
 
 
 def _dispose(device: Any) -> None:
