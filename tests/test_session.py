@@ -883,9 +883,22 @@ def test_resync_of_a_final_transaction_republishes_the_terminal_answer():
 EVENTS = st.lists(
     st.sampled_from(["submit", "approve", "decline", "in_progress", "not_found", "success",
                      "garbage", "down", "up", "nack", "tick1", "tick30", "tick200", "abort",
-                     "named", "wrong"]),
+                     "named", "wrong", "status", "refused", "unreadable", "restart"]),
     max_size=60,
 )
+
+
+def restarted(h: Harness, restarts: int) -> list:
+    """The daemon restarts: a new session, given what the journal holds open (the last
+    record of each transaction), with its link down until it comes up again."""
+    journal = {}
+    for action in h.log:
+        if isinstance(action, Record):
+            journal[action.transaction.key] = action.transaction
+    ids = itertools.count(1)
+    h.session = TerminalSession(POI, SETTINGS, new_service_id=lambda: f"R{restarts}P{next(ids)}")
+    return h.do(h.session.restore([t for t in journal.values() if t.state is not TxState.FINAL],
+                                  h.now))
 
 
 @settings(max_examples=300, deadline=None)
@@ -903,6 +916,7 @@ def test_invariants_hold_for_any_sequence_of_events(events):
     finals: dict[tuple[str, str], int] = {}
     wrong_device = False
     named = True  # the harness plugs in a device that names this terminal
+    restarts = 0
     for event in events:
         open_polls = [s for s in h.sends(purpose="status-poll")]
         last_request = h.sends(purpose="request")[-1].document if h.sends(purpose="request") else None
@@ -940,10 +954,21 @@ def test_invariants_hold_for_any_sequence_of_events(events):
                                                       "ServiceID": ref["ServiceID"],
                                                       "MessageCategory": "Payment"}}}}
             actions = h.submit("R1", doc["SaleToPOIRequest"]["MessageHeader"]["ServiceID"], doc=doc)
+        elif event == "status" and last_request:
+            about = last_request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+            doc = status_of("R1", about, f"T{next(counter)}")
+            actions = h.submit("R1", doc["SaleToPOIRequest"]["MessageHeader"]["ServiceID"], doc=doc)
+        elif event == "refused":  # the terminal's crypto error: it could not read what we sent
+            actions = h.do(h.session.refused("crypto error", h.now))
+        elif event == "unreadable":
+            actions = h.do(h.session.unreadable("HMAC does not verify", h.now))
+        elif event == "restart":
+            restarts += 1
+            actions = restarted(h, restarts)
         else:
             continue
         assert_recorded_before(actions)
-        if event in ("up", "down", "wrong"):
+        if event in ("up", "down", "wrong", "restart"):
             named = False
         elif event == "named":  # (the harness's device has answered a check: there is one)
             named = True
