@@ -181,6 +181,18 @@ def test_usb_terminal_without_configured_serial_takes_any() -> None:
     assert TerminalMatcher(config).match(verifone_usb(serial="999")).poi_id == "V400m-1"
 
 
+@pytest.mark.parametrize("configured", ["V400m 324688179  ", "V400m_324688179"])
+def test_a_usb_serial_udev_rewrote_still_matches(configured) -> None:
+    """The terminal reports "V400m 324688179  " (space-padded); udev's usb_id trims it and
+    writes "V400m_324688179" in ID_SERIAL_SHORT. A technician may configure either: the
+    device's own (as lsusb -v shows it) or udev's (as `poi-bridge devices` shows it)."""
+    config = parse_config({"terminals": [
+        {"poi_id": "V400m-324688179", "link": {"kind": "usb", "vendor_id": "0x11ca",
+                                               "product_id": "0x0219", "serial": configured}}]})
+    result = TerminalMatcher(config).match(verifone_usb(serial="V400m_324688179"))
+    assert result.poi_id == "V400m-324688179", result.reason
+
+
 async def test_two_identical_usb_terminals_one_configured_without_serial(pipe_monitor) -> None:
     """Same vendor and product ids; the terminal that takes any serial number is listed
     first. The one configured with its serial number still gets its own device, the other

@@ -513,6 +513,16 @@ def test_generated_rule_contents() -> None:
     assert "ID_SERIAL_SHORT" not in by_id["P400-1"], "no serial configured: any serial"
 
 
+def test_generated_usb_rule_matches_the_serial_as_udev_writes_it() -> None:
+    """A space-padded serial number, as the device reports it: udev's ID_SERIAL_SHORT has it
+    trimmed, spaces made '_', so that is what the rule must compare."""
+    config = parse_config({"terminals": [
+        {"poi_id": "V400m-1", "link": {"kind": "usb", "vendor_id": "0x11ca",
+                                       "product_id": "0x0219", "serial": "V400m 1  "}}]})
+    assert rules_problems(config) == []
+    assert 'ENV{ID_SERIAL_SHORT}=="V400m_1"' in terminal_rules(config)[0].line
+
+
 @pytest.mark.parametrize("device, parents, symlinks, poi_id", [
     (acm_tty("0b00", "0054", "12345678"), ("usb",), (), "Desk3500-12345678"),
     (acm_tty("2fb8", "2101", None), ("usb",), (), "A920-0820000001"),

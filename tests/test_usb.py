@@ -221,6 +221,21 @@ async def test_the_serial_number_selects_one_of_two_terminals():
     await usb_transport.close()
 
 
+@pytest.mark.parametrize("configured", ["V400m 324688179  ", "V400m_324688179"])
+async def test_a_serial_number_as_udev_writes_it_selects_the_terminal(configured):
+    """The device reports its serial space-padded; udev (`poi-bridge devices`, the matcher)
+    calls it "V400m_324688179". Either spelling in the configuration opens that terminal."""
+    device = SimDevice(serial="V400m 324688179  ")
+    usb_transport = UsbTransport(usb_link(serial=configured),
+                                 backend=SimBackend(SimDevice(serial="AAA111", address=4),
+                                                    device))
+    await usb_transport.open()
+    try:
+        assert "claim" in device.events
+    finally:
+        await usb_transport.close()
+
+
 async def test_two_terminals_and_no_serial_configured_is_refused_naming_both():
     backend = SimBackend(SimDevice(serial="AAA111", address=5),
                          SimDevice(serial="BBB222", address=6))

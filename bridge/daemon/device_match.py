@@ -19,7 +19,7 @@ from types import MappingProxyType
 from typing import Any
 
 from bridge.config import Config, SerialLink, TerminalConfig, UsbLink
-from bridge.daemon.udev_rules import TAG, parse_poi_name, usb_id_text
+from bridge.daemon.udev_rules import TAG, parse_poi_name, same_serial, usb_id_text
 
 WATCHED_SUBSYSTEMS = ("tty", "usb")
 
@@ -247,7 +247,7 @@ class TerminalMatcher:
         for poi_id, link in self._usb:
             if (info.vendor_id, info.product_id) == (usb_id_text(link.vendor_id),
                                                      usb_id_text(link.product_id)) and (
-                    link.serial is None or link.serial == info.serial):
+                    link.serial is None or same_serial(link.serial, info.serial)):
                 return (f"serial port of USB device {info.vendor_id}:{info.product_id}, but "
                         f"terminal {poi_id} is configured with link kind = \"usb\" (its bulk "
                         f"interface), so this port is not used")
@@ -292,7 +292,7 @@ class TerminalMatcher:
                 continue
             if link.serial is None:
                 any_serial.append(poi_id)
-            elif link.serial == info.serial:
+            elif same_serial(link.serial, info.serial):
                 by_serial.append(poi_id)
             elif info.serial is None:
                 near.append(f"terminal {poi_id} wants serial {link.serial}, this device reports "

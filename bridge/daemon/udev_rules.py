@@ -91,6 +91,30 @@ def parse_poi_name(path: str) -> PoiName | None:
     return None
 
 
+_SERIAL_SPACES = re.compile(r" +")
+_SERIAL_REPLACED = re.compile(r"\\x|[^0-9A-Za-z#+.:=@_-]")
+
+
+def udev_serial(serial: str) -> str | None:
+    """A USB serial number as udev's usb_id builtin writes it in ID_SERIAL_SHORT: without
+    leading and trailing spaces, each run of spaces one '_', any other character but letters,
+    digits and #+-.:=@_ a '_'; None when udev sets none (a character outside printable ASCII,
+    or a comma). What the device itself reports (and pyusb reads) is the serial unchanged."""
+    if any(not " " <= c <= "\x7f" or c == "," for c in serial):
+        return None
+    spaced = _SERIAL_SPACES.sub("_", serial.strip(" "))
+    return _SERIAL_REPLACED.sub(lambda m: m.group() if m.group() == "\\x" else "_", spaced)
+
+
+def same_serial(configured: str, reported: str | None) -> bool:
+    """Whether a configured `serial` names a device reporting `reported`: as the device says
+    it, or as udev writes it (what `poi-bridge devices` shows)."""
+    if reported is None:
+        return False
+    return configured == reported or configured == udev_serial(reported) or (
+        udev_serial(configured) == reported)
+
+
 def usb_id_text(value: int) -> str:
     """A USB vendor/product id as udev writes it: 4 lowercase hex digits."""
     return f"{value:04x}"
@@ -176,11 +200,12 @@ def _usb_rule(terminal: TerminalConfig, link: UsbLink) -> TerminalRule:
         f'ENV{{ID_MODEL_ID}}=="{product}"',
     ]
     if link.serial is not None:
-        if not _PLAIN.match(link.serial):
+        serial = udev_serial(link.serial) or link.serial  # udev's spelling of it
+        if not _PLAIN.match(serial):
             return TerminalRule(poi_id, summary, None,
                                 f"terminal {poi_id}: usb serial {link.serial!r} contains "
                                 f"characters a udev rule cannot match literally")
-        matches.append(f'ENV{{ID_SERIAL_SHORT}}=="{link.serial}"')
+        matches.append(f'ENV{{ID_SERIAL_SHORT}}=="{serial}"')
     line = ", ".join(matches + [f'SYMLINK+="poi/usb/{poi_id}"'] + _assignments(poi_id))
     return TerminalRule(poi_id, summary, line)
 

@@ -34,6 +34,7 @@ import usb.core
 import usb.util
 
 from bridge.config import UsbLink
+from bridge.daemon.udev_rules import same_serial
 from bridge.transports.base import LinkClosed, Transport
 
 log = logging.getLogger(__name__)
@@ -241,7 +242,7 @@ class UsbTransport(Transport):
                 alive.append((device, serial))
                 labels.append(f"serial {serial}" if serial is not None else problem)
                 denied = denied or why == _DENIED
-            if chosen is None and link.serial is not None and serial == link.serial:
+            if chosen is None and link.serial is not None and same_serial(link.serial, serial):
                 chosen = device
             else:
                 _dispose(device)  # reading the serial number opened it
