@@ -33,7 +33,14 @@ from bridge.transports import Backoff, LinkClosed, open_transport
 from bridge.transports.usb import STALL_RETRIES, UsbTransport
 
 from .test_terminal_worker import POI, RecordingOutlet, scenario
-from .usb_sim import ENDPOINT_IN, ENDPOINT_OUT, SimBackend, SimDevice, TerminalBehindUsb
+from .usb_sim import (
+    ENDPOINT_IN,
+    ENDPOINT_OUT,
+    LIBUSB_ERROR_IO,
+    SimBackend,
+    SimDevice,
+    TerminalBehindUsb,
+)
 
 STEP = 5.0  # upper bound for one step; real steps take milliseconds
 SERIAL = "324688179"
@@ -364,6 +371,22 @@ async def test_unplug_during_a_read_closes_the_link_with_the_reason(device, tran
     assert device.open_handles == 0
     with pytest.raises(LinkClosed, match="disappeared"):  # the reason stays after close
         await transport.read()
+
+
+async def test_a_bus_error_is_not_called_an_unplug(device, transport):
+    """libusb's IO error on a transfer is the bus's (CRC, babble: a bad cable, a terminal
+    resetting); an unplug is NO_DEVICE. The device is still there and opens again."""
+    device.fail_next_read(LIBUSB_ERROR_IO)
+    with pytest.raises(LinkClosed) as caught:
+        async with asyncio.timeout(STEP):
+            await transport.read()
+    assert caught.value.reason == (f"USB I/O error on {WHO} bulk IN endpoint 0x81 (if it "
+                                   f"repeats: a loose or bad USB cable, or the terminal "
+                                   f"resetting)")
+    await transport.close()
+    await transport.open()
+    device.send(b"{}")
+    assert (await read_exactly(transport, 2))[0] == b"{}"
 
 
 async def test_unplug_during_a_blocked_write(device, transport):

@@ -125,6 +125,8 @@ class SimDevice:
         self.claimed_by: _Handle | None = None
         self.halted: set[int] = set()
         self._stall_writes = self._stall_reads = 0
+        self._fail_writes: deque[int] = deque()  # libusb error codes for the next OUT transfers
+        self._fail_reads: deque[int] = deque()
         self._out = bytearray()
         self._in: deque[bytes] = deque()  # packets, b"" for a zero-length packet
         self.out_packets = 0
@@ -164,6 +166,17 @@ class SimDevice:
     def stall_next_read(self, times: int = 1) -> None:
         with self.cond:
             self._stall_reads += times
+            self.cond.notify_all()
+
+    def fail_next_write(self, code: int, times: int = 1) -> None:
+        """The next `times` bulk OUT transfers fail with libusb error `code`, taking nothing."""
+        with self.cond:
+            self._fail_writes.extend([code] * times)
+
+    def fail_next_read(self, code: int, times: int = 1) -> None:
+        """The next `times` bulk IN transfers (one waiting now included) fail with `code`."""
+        with self.cond:
+            self._fail_reads.extend([code] * times)
             self.cond.notify_all()
 
     def unplug(self) -> None:
@@ -395,6 +408,8 @@ class SimBackend(usb.backend.IBackend):
                 device.halted.add(ep)
             if ep in device.halted:
                 raise usb_error(LIBUSB_ERROR_PIPE)
+            if device._fail_writes:
+                raise usb_error(device._fail_writes.popleft())
             if not device.accepting:
                 deadline = time.monotonic() + timeout / 1000
                 while (remaining := deadline - time.monotonic()) > 0:
@@ -423,6 +438,8 @@ class SimBackend(usb.backend.IBackend):
                     device.halted.add(ep)
                 if ep in device.halted:
                     raise usb_error(LIBUSB_ERROR_PIPE)
+                if device._fail_reads:
+                    raise usb_error(device._fail_reads.popleft())
                 if device._in:
                     break
                 remaining = None if deadline is None else deadline - time.monotonic()

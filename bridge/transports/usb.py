@@ -13,7 +13,8 @@ endpoint. pyusb is blocking and knows nothing of hotplug, so:
   stays pending and the next read() collects its result.
 - The device going away (libusb NO_DEVICE / NOT_FOUND / IO, i.e. ENODEV / ENOENT / EIO)
   becomes LinkClosed; learning that it is back is the hotplug monitor's job, and the worker
-  reopens the transport.
+  reopens the transport. IO on a transfer is said as a bus error (a bad cable, mostly),
+  not as an unplug: the device is usually still there.
 - A stalled endpoint (EPIPE) is cleared with CLEAR_FEATURE(ENDPOINT_HALT) and the transfer
   retried, a few times, before the link is given up.
 
@@ -49,6 +50,7 @@ CLOSE_TIMEOUT = 5.0
 # errno unset: the device is gone (LIBUSB_ERROR_IO, _NO_DEVICE, _NOT_FOUND).
 _GONE_ERRNOS = {errno.ENODEV, errno.ENOENT, errno.EIO}
 _GONE_CODES = {-1, -4, -5}
+_IO_CODE = -1  # LIBUSB_ERROR_IO
 _PIPE_CODE = -9  # LIBUSB_ERROR_PIPE: the endpoint stalled
 _TIMEOUT_CODE = -7  # LIBUSB_ERROR_TIMEOUT
 _DENIED, _GONE = "denied", "gone"  # why _read_serial could not read a serial number
@@ -344,6 +346,11 @@ class UsbTransport(Transport):
     def _transfer_failure(self, endpoint: Any, exc: usb.core.USBError, stalls: int) -> str:
         who = self._who()
         where = f"bulk {_direction(endpoint)} endpoint 0x{endpoint.bEndpointAddress:02x}"
+        if exc.errno == errno.EIO or (exc.errno is None and exc.backend_error_code == _IO_CODE):
+            # An unplug fails transfers with NO_DEVICE; IO is the bus's own errors (CRC,
+            # babble), mostly a bad cable or a terminal resetting, and it may be still there.
+            return (f"USB I/O error on {who} {where} (if it repeats: a loose or bad USB "
+                    f"cable, or the terminal resetting)")
         if _gone(exc):
             return f"{who} disappeared (unplugged?)"
         if _stalled(exc):
