@@ -23,6 +23,7 @@ targets=(
   "$root/tests/test_messages.py::test_the_nesting_guard_agrees_with_the_true_depth"
   "$root/tests/test_crypto.py::test_decrypt_raises_only_crypto_errors_on_junk"
   "$root/tests/test_intake_fuzz.py"
+  "$root/tests/test_session.py::test_invariants_hold_for_any_sequence_of_events"
 )
 if (( $# > 0 )); then
   targets=("$@")  # a target may carry pytest options: "tests/x.py -k name"

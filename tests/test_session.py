@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
-from hypothesis import example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bridge.protocol import builders
@@ -15,6 +15,8 @@ from bridge.protocol.actions import Deliver, Log, Progress, Record, Send, Unmatc
 from bridge.protocol.session import SessionSettings, TerminalSession
 from bridge.protocol.transaction import TxKey, TxState, request_digest
 from bridge.simulator import responses
+
+from .fuzzing import fuzz_settings
 
 POI = "V400m-324688179"
 SETTINGS = SessionSettings(
@@ -901,7 +903,7 @@ def restarted(h: Harness, restarts: int) -> list:
                                   h.now))
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz_settings(300)
 @given(EVENTS)
 @example(["up", "tick30", "submit"])  # a payment after an unanswered identity check (cec6464)
 @example(["submit", "up", "abort"])  # an abort while the new device is asked (fa3a86b)
