@@ -48,7 +48,9 @@ banner, if anything is
             row counts, except the refusals the bridge answers before journaling: invalid,
             stale, unknown terminal, shutting down...), or two different final outcomes,
   stuck     a journal row not final or unresolved, an outbox message never delivered, an
-            unresolved transaction the bridge did not resolve although everything was back,
+            unresolved transaction the bridge did not resolve although everything was back
+            (except one it gave up on by design: the terminal's NotFound came after it had
+            taken another payment, so it may have forgotten this one; explained instead),
             a terminal the bridge keeps offline although it is plugged in, or keeps on a
             link whose device says it is another terminal (swapped cables not followed),
   crashed   the daemon or a simulated terminal exited on its own, a SIGTERM of the chaos
@@ -1217,7 +1219,7 @@ class Soak:
         try:
             rows = [dict(r) for r in db.execute(
                 "SELECT sale_id, service_id, poi_id, category, state, outcome, source, detail, "
-                "created_at, updated_at, polls_sent, reconcile_attempts, next_poll_at "
+                "created_at, updated_at, polls_sent, reconcile_attempts, next_poll_at, extra "
                 "FROM transactions")]
             outbox = []
             for r in db.execute("SELECT id, topic, payload, created_at, delivered_at "
@@ -1341,6 +1343,18 @@ class BrokerLog:
                         used = i + 1
                         break
         return found
+
+
+def given_up_by_design(row: dict[str, Any]) -> bool:
+    """An unresolved journal row the bridge stopped asking about because the terminal's
+    NotFound came after it had taken another request of the category (it may remember only
+    its latest: see the session's _status_answer): no answer can settle it any more."""
+    try:
+        extra = json.loads(row.get("extra") or "{}")
+    except ValueError:
+        return False
+    return bool(extra.get("abandoned")) and "may remember only its latest" in (
+        row.get("detail") or "")
 
 
 NOT_FOUND_IN_LOG = {"received": None, "bridge_subscribed": None, "saved": False,
@@ -1637,7 +1651,15 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                 why += (f"; the bridge still has terminal {p.poi_id} offline "
                         f"({terminal_states.get(p.poi_id, {}).get('detail', 'no state')})")
             unresolved_notes.append(f"{p.key} on {p.poi_id} ({p.kind}): {why}")
-            if healthy_for >= 15:
+            if given_up_by_design(row):
+                # The bridge's last word, not a row it forgot: nothing the terminal can say
+                # will settle it, and the register was told to check the acquirer.
+                explained.append(f"{p.key}: left unresolved by design: the terminal answered "
+                                 "NotFound after it had taken another payment, so the bridge "
+                                 "stopped asking and told the register to check the "
+                                 f"acquirer's records; terminal ledger: "
+                                 f"{ledger_entry or 'never received (nothing charged)'}")
+            elif healthy_for >= 15:
                 problem("stuck", p, f"still unresolved {healthy_for:.0f} s after the terminal, "
                         f"the broker and the bridge were all back: {why}",
                         tag=busy_loop_tag(row))

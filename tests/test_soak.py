@@ -413,6 +413,29 @@ def test_a_mid_run_sigterm_needing_a_kill_or_ending_in_error_is_a_crash(code, fa
                                           else f"status {code}" in problem)
 
 
+def test_audit_explains_a_payment_the_bridge_gave_up_on_by_design(tmp_path):
+    """A NotFound after the terminal took another payment leaves the payment unresolved, no
+    longer asked about (the terminal may remember only its latest): the bridge's designed last
+    word, not a row it forgot. The 600-s soak with seed 8 failed 'stuck 2' on it. A row
+    unresolved for any other reason, everything back, is still stuck."""
+    given_up = paid("P1", outcome=None)
+    given_up.outcomes.append((time.time(), "unresolved", "bridge"))
+    waiting = paid("P2", outcome=None)
+    waiting.outcomes.append((time.time(), "unresolved", "bridge"))
+    soak = fake_soak(tmp_path, given_up, waiting)
+    detail = ("outcome unknown: the terminal answers NotFound, but it has taken another "
+              "Payment request since this one and may remember only its latest, so NotFound "
+              "no longer means it never got this one")
+    rows = [dict(row("P1", outcome=None, state="unresolved", detail=detail),
+                 extra='{"abandoned": true}'),
+            dict(row("P2", outcome=None, state="unresolved", detail="status poll not answered "
+                     "in time"), extra="{}")]
+    result = run_audit(soak, {POI: {}}, rows)
+    assert [(p["kind"], p["key"]) for p in result["problems"]] == [("stuck", "TILL1/P2")]
+    [note] = [e for e in result["explained"] if e.startswith("TILL1/P1")]
+    assert "by design" in note and "never received" in note
+
+
 def test_audit_tags_only_the_offline_episode_not_what_is_stuck_on_that_terminal(tmp_path):
     """The known bug left_offline is the terminal kept offline after a restart while it was
     unplugged. A journal row stuck on that terminal is its own problem, untagged: the tag
