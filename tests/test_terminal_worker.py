@@ -696,3 +696,58 @@ async def test_a_link_that_drops_as_soon_as_it_opens_is_reopened_with_growing_pa
     # ceiling: at most 12 connections in 3 s. With the pause started over after each open
     # (0.025-0.05 s), 60 or more.
     assert 3 <= connections <= 14, connections
+
+
+async def test_a_device_plugged_in_is_opened_at_once_not_after_the_retry_pause(tmp_path):
+    """The device could not be opened (permissions, not there), so the worker pauses before
+    trying again, up to 10 s. The technician fixes it and plugs it back in: the hotplug
+    monitor says so, and the worker used to finish its pause first. It opens at once."""
+    path = tmp_path / "terminal"
+    config = TerminalConfig.model_validate({
+        "poi_id": POI, "link": {"kind": "serial", "device": str(path)}})
+    journal = Journal(tmp_path / "journal.sqlite3")
+    outlet = RecordingOutlet()
+    worker = TerminalWorker(config, journal, outlet, backoff=Backoff(initial=8, maximum=10))
+    simulator = SimulatorServer(Scenario(poi_id=POI), "stx-etx-lrc")
+    await worker.start()
+    try:
+        await outlet.state_is("offline")
+        while "does not exist" not in outlet.states[-1]["detail"]:  # the first open failed
+            await outlet.state_is("offline")
+            await asyncio.sleep(0.01)
+        await simulator.start_pty(path)  # plugged in ...
+        worker.device_present(True)  # ... and the monitor says so
+        await outlet.state_is("online", timeout=3)  # the pause was at least 4 s
+    finally:
+        await worker.stop()
+        await simulator.close()
+        journal.close()
+
+
+async def test_a_terminal_unplugged_at_start_says_so_and_its_link_loss_is_not_a_reopen(
+        tmp_path, caplog):
+    """Started with the device unplugged (the monitor says so), the state said 'not
+    connected yet' for as long as it stayed out. And an unplug logged 'link lost: device
+    unplugged; reopening' as a second warning beside the monitor's, though the worker waits
+    for the device to come back."""
+    async with Rig(tmp_path, Scenario(poi_id=POI)) as rig:
+        await rig.outlet.state_is("online")
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            rig.worker.device_present(False)
+            await rig.outlet.state_is("offline")
+        (lost,) = [r for r in caplog.records if "link lost" in r.getMessage()]
+        assert lost.levelno == logging.INFO
+        assert "waiting for it to be plugged back in" in lost.getMessage()
+        assert "reopening" not in lost.getMessage()
+    config = TerminalConfig.model_validate({
+        "poi_id": POI, "link": {"kind": "serial", "device": str(tmp_path / "absent")}})
+    journal = Journal(tmp_path / "journal2.sqlite3")
+    outlet = RecordingOutlet()
+    worker = TerminalWorker(config, journal, outlet)
+    worker.device_present(False)  # the daemon's start: the monitor finds it absent
+    await worker.start()
+    try:
+        assert outlet.states[-1]["detail"] == "device not plugged in", outlet.states
+    finally:
+        await worker.stop()
+        journal.close()

@@ -125,13 +125,11 @@ class Bridge:
                     poi_id, said, here, poi_id, there)
         return self.workers[partner.poi_id]
 
+    # (The hotplug monitor logs each plug and unplug; the worker, what it keeps open.)
     def _plugged(self, poi_id: str, device: DeviceInfo) -> None:
-        log.info("terminal %s plugged in: %s", poi_id, device.describe())
         self.workers[poi_id].device_present(self._present(poi_id, True))
 
     def _unplugged(self, poi_id: str, device: DeviceInfo) -> None:
-        log.warning("terminal %s unplugged (%s); open transactions are kept and polled when "
-                    "it is back", poi_id, device.describe())
         self.workers[poi_id].device_present(self._present(poi_id, False))
 
     def _present(self, poi_id: str, said: bool) -> bool:

@@ -87,6 +87,7 @@ LINK_PROVEN_AFTER = 10.0  # s: a link up this long (or that brought a frame) wor
 TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed timer
 # s: how long a followed terminal waits for the worker that had its new link to let go of it
 RELINK_HANDOVER = 2.0
+NOT_CONNECTED_YET = "not connected yet"
 
 
 class Outlet(Protocol):
@@ -151,12 +152,15 @@ class TerminalWorker:
         self._write_ready = asyncio.Event()
         self._writer_idle = False  # the writer task waits with nothing in hand
         self._unwritten = b""  # what write_nowait() could not write, for the writer task
-        self._link_reason = "not connected yet"
+        self._link_reason = NOT_CONNECTED_YET
         self._stopping = False
         self._enabled_event = asyncio.Event()  # hotplug: clear while the device is unplugged
         self._enabled_event.set()
         self._disabled_event = asyncio.Event()
         self._relinked = asyncio.Event()  # the link to open changed: drop the one open now
+        # Try the link now, not at the end of the retry pause: the device was plugged in
+        # (again), or the link changed
+        self._retry_now = asyncio.Event()
         self.link_closed = asyncio.Event()  # no link of this worker's is open
         self.link_closed.set()
         self._handed_over_by: asyncio.Event | None = None  # relink(): the previous holder
@@ -226,9 +230,14 @@ class TerminalWorker:
             self._backoff.reset()
             self._disabled_event.clear()
             self._enabled_event.set()
+            if not self.online:  # (a pause after failed opens, e.g. permissions, ends)
+                self._retry_now.set()
         else:
             self._enabled_event.clear()
             self._disabled_event.set()
+            if not self.online and self._link_reason == NOT_CONNECTED_YET:
+                self._link_reason = "device not plugged in"
+                self._publish_state()
 
     @property
     def holds_unconfirmed_sends(self) -> bool:
@@ -248,6 +257,7 @@ class TerminalWorker:
         self.session.following = True  # until the link is dropped: refusals say why
         self._backoff.reset()
         self._relinked.set()
+        self._retry_now.set()
         # Where the terminal was just heard, a device is present; hotplug says otherwise if not.
         self.device_present(True)
 
@@ -352,6 +362,7 @@ class TerminalWorker:
         while not self._stopping:
             await self._enabled_event.wait()
             self._relinked.clear()
+            self._retry_now.clear()
             if self._handed_over_by is not None:
                 released, self._handed_over_by = self._handed_over_by, None
                 with contextlib.suppress(TimeoutError):
@@ -378,6 +389,7 @@ class TerminalWorker:
                 continue
             self._transport = transport
             self.link_closed.clear()
+            self._retry_now.clear()  # (a plug-in seen while opening: this is it)
             self.framer.reset()
             self._in_flight.clear()
             self._unwritten = b""
@@ -405,9 +417,13 @@ class TerminalWorker:
             # Only those still open after the session's step: a request never sent (waiting
             # for the identity check) has just been refused, and is not asked about.
             asked = [txn for txn in open_then if txn.key in self.session.open]
-            log.warning("terminal %s: link lost: %s; reopening%s", self.poi_id, reason,
-                        f"; open: {describe_transactions(asked, states=states)}, asked about "
-                        "by status poll once it is back, never sent again" if asked else "")
+            # Unplugged, the hotplug monitor has warned already: this says what is kept
+            level = logging.INFO if self._disabled_event.is_set() else logging.WARNING
+            log.log(level, "terminal %s: link lost: %s; %s%s", self.poi_id, reason,
+                    "waiting for it to be plugged back in" if self._disabled_event.is_set()
+                    else "reopening",
+                    f"; open: {describe_transactions(asked, states=states)}, asked about "
+                    "by status poll once it is back, never sent again" if asked else "")
             self._link_reason = reason
             # Whatever is plugged in next must say who it is again (the session asks it).
             self.identity = "unknown"
@@ -417,8 +433,8 @@ class TerminalWorker:
             self._link_reason = reason
             self._publish_state()
         if not self._stopping:
-            with contextlib.suppress(TimeoutError):  # a relink opens its link at once
-                await asyncio.wait_for(self._relinked.wait(), self._backoff.next_delay())
+            with contextlib.suppress(TimeoutError):  # a relink or a plug-in: at once
+                await asyncio.wait_for(self._retry_now.wait(), self._backoff.next_delay())
 
     async def _run_link(self, transport: Transport) -> str:
         reader = asyncio.create_task(self._read_loop(transport))
