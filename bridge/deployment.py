@@ -41,6 +41,7 @@ def deployment_problems(config: Config, *, for_daemon: bool = False
                       "request 'unknown terminal'; add a [[terminals]] table for each terminal "
                       "(see examples/poi-bridge.toml)")
     errors += _shared_links(config)
+    warnings += _usb_without_serial_beside_its_twin(config)
     for number, terminal in enumerate(config.terminals):
         if terminal.key is not None:
             _check_secret(f"terminals[{number}].key.passphrase_file",
@@ -94,6 +95,29 @@ def _shared_links(config: Config) -> list[str]:
                 "(ls -l /dev/poi/, or poi-bridge devices)")
         else:
             seen[identity] = number
+    return problems
+
+
+def _usb_without_serial_beside_its_twin(config: Config) -> list[str]:
+    """A USB terminal configured without `serial` takes any device with its ids: beside a
+    terminal of the same model configured with one, it cannot tell its own device from the
+    other's (it opens only when its device is the only one plugged in)."""
+    problems = []
+    usb = [(n, t) for n, t in enumerate(config.terminals) if isinstance(t.link, UsbLink)]
+    for number, terminal in usb:
+        link = terminal.link
+        if link.serial is not None:
+            continue
+        twins = [t.poi_id for n, t in usb if n != number and t.link.serial is not None
+                 and (t.link.vendor_id, t.link.product_id, t.link.interface)
+                 == (link.vendor_id, link.product_id, link.interface)]
+        if twins:
+            problems.append(
+                f"terminals[{number}].link: {terminal.poi_id} has no serial, and "
+                f"{', '.join(twins)} has the same usb {link.vendor_id:04x}:"
+                f"{link.product_id:04x}: with both plugged in, {terminal.poi_id} cannot tell "
+                "its device from the other's and stays offline; set its serial (poi-bridge "
+                "devices lists them)")
     return problems
 
 

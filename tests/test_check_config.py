@@ -577,3 +577,22 @@ def test_a_serial_device_that_is_not_a_printable_path_is_refused(device):
     with pytest.raises(ConfigError, match="terminals\\[0\\].link.device: .*printable"):
         parse_config({"journal": "/var/lib/poi-bridge/journal.sqlite3", "terminals": [
             {"poi_id": "V400m-1", "link": {"kind": "serial", "device": device}}]})
+
+
+def test_a_usb_terminal_without_serial_beside_its_twin_with_one_is_a_warning(tmp_path, capsys):
+    """Two terminals of one model on USB, one configured with its serial and one without: the
+    second takes any device with those ids, so with both plugged in it cannot tell which is
+    its own and stays offline. check-config said OK."""
+    usb = '[terminals.link]\nkind = "usb"\nvendor_id = 0x11ca\nproduct_id = 0x0219\n'
+    text = (f'journal = "{tmp_path / "journal.sqlite3"}"\n'
+            f'[[terminals]]\npoi_id = "V400m-1"\n{usb}serial = "324688179"\n'
+            f'[[terminals]]\npoi_id = "V400m-2"\n{usb}')
+    status, _out, err = check(write(tmp_path, text), capsys)
+    assert status == 0, err
+    assert ("warning: terminals[1].link: V400m-2 has no serial, and V400m-1 has the same usb "
+            "11ca:0219") in err, err
+    assert "set its serial" in err
+    # each with its serial: nothing to say
+    text = text.rstrip("\n") + '\nserial = "324688180"\n'
+    _status, _out, err = check(write(tmp_path, text), capsys)
+    assert "has no serial" not in err, err
