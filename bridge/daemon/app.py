@@ -20,7 +20,8 @@ from typing import Any
 from bridge import __version__
 from bridge.config import Config, SecretError, TerminalConfig, read_configured_secret
 from bridge.daemon.device_match import DeviceInfo, TerminalMatcher, describe_link
-from bridge.daemon.follow import partner_to_follow
+from bridge.daemon.follow import awaits_its_own_link, partner_to_follow
+from bridge.daemon.worker import FOLLOW_LATER
 from bridge.daemon.hotplug import HotplugMonitor, udev_announces
 from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal
@@ -94,10 +95,10 @@ class Bridge:
                 if matcher.hotplug_terminals else None
         self.hotplug: HotplugMonitor | None = hotplug or None
 
-    def _wrong_device(self, poi_id: str, said: str) -> TerminalWorker | None:
+    def _wrong_device(self, poi_id: str, said: str) -> TerminalWorker | str | None:
         """The device on `poi_id`'s link says it is `said`: follow both terminals to their
         devices if `said`'s own link cannot hold it (see bridge.daemon.follow). `said`'s
-        worker when followed."""
+        worker when followed; FOLLOW_LATER when that waits for `said`'s own link."""
         if self._stopping:
             return None
         worker = self.workers[poi_id]
@@ -105,7 +106,8 @@ class Bridge:
         if partner is None:
             log.info("terminal %s: the device on its link says it is %s; not followed: %s",
                      poi_id, said, why_not)
-            return None
+            waiting = said in self.workers and awaits_its_own_link(self.workers[said])
+            return FOLLOW_LATER if waiting else None
         here, there = describe_link(worker.config), describe_link(partner.config)
         here_link, there_link = worker.config.link, partner.config.link
         worker.relink(there_link, released=partner.link_closed)

@@ -61,9 +61,15 @@ def partner_to_follow(workers: Mapping[str, LinkHolder], poi_id: str,
     if partner.identity == "confirmed":
         return None, (f"{said} is also confirmed on its own link: two devices say they are "
                       f"{said}")
-    if partner.online and partner.identity == "unknown":
+    if awaits_its_own_link(partner):
         return None, f"{said}'s own link has not said yet which terminal is there"
     return partner, ""
+
+
+def awaits_its_own_link(partner: LinkHolder) -> bool:
+    """Whether a decision not to follow `partner` waits for its own link to say who is there
+    (then the terminals are followed, or not, at that moment: most often a moment later)."""
+    return partner.online and partner.identity == "unknown"
 
 
 def _may_be_one_device(here: Any, there: Any) -> bool:

@@ -88,6 +88,10 @@ TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed ti
 # s: how long a followed terminal waits for the worker that had its new link to let go of it
 RELINK_HANDOVER = 2.0
 NOT_CONNECTED_YET = "not connected yet"
+# on_wrong_device's answer when following waits for the other terminal's own link to say who
+# is there; the wrong device is reported only if it is still there FOLLOW_GRACE s later
+FOLLOW_LATER = "later"
+FOLLOW_GRACE = 2.0
 
 
 class Outlet(Protocol):
@@ -124,11 +128,12 @@ class TerminalWorker:
         transport_factory: Callable[[Any], Transport] = open_transport,
         clock: Callable[[], float] | None = None,
         backoff: Backoff | None = None,
-        on_wrong_device: Callable[[str, str], TerminalWorker | None] | None = None,
+        on_wrong_device: Callable[[str, str], TerminalWorker | str | None] | None = None,
     ) -> None:
         """`on_wrong_device(poi_id, said)`: the device on this terminal's link says it is
         `said`; `said`'s worker when the daemon follows the terminals to their links
-        (relink()), else None."""
+        (relink()), FOLLOW_LATER when that may come once `said`'s own link has spoken, else
+        None."""
         self.config = config
         self.on_wrong_device = on_wrong_device
         self.poi_id = config.poi_id
@@ -652,17 +657,29 @@ class TerminalWorker:
                 self._publish_state()
         elif self.identity != f"mismatch: {said}":
             self.identity = f"mismatch: {said}"
-            followed = self.on_wrong_device(self.poi_id, said) if self.on_wrong_device else None
-            if followed is not None:
+            decided = self.on_wrong_device(self.poi_id, said) if self.on_wrong_device else None
+            if isinstance(decided, TerminalWorker):
                 self._publish_state()
-                return followed  # the daemon has said so
-            log.error("terminal %s: the device at %s says it is %s: nothing is sent to it "
-                      "(requests for %s are refused, status polls wait) until this is fixed; "
-                      "check which terminal is plugged into which port, or the configuration, "
-                      "then replug", self.poi_id,
-                      self._transport.describe() if self._transport else "?", said, self.poi_id)
+                return decided  # followed: the daemon has said so
+            if decided == FOLLOW_LATER:
+                # Swapped cables: most often the other link says who is there a moment later
+                # and both are followed. An error meanwhile would send a technician after a
+                # swap the daemon handles; it is said if the device is still here then.
+                asyncio.get_running_loop().call_later(FOLLOW_GRACE, self._report_wrong_device,
+                                                      said)
+            else:
+                self._report_wrong_device(said)
             self._publish_state()
         return None
+
+    def _report_wrong_device(self, said: str) -> None:
+        if self._stopping or self.identity != f"mismatch: {said}":
+            return  # followed meanwhile, or the link dropped
+        log.error("terminal %s: the device at %s says it is %s: nothing is sent to it "
+                  "(requests for %s are refused, status polls wait) until this is fixed; "
+                  "check which terminal is plugged into which port, or the configuration, "
+                  "then replug", self.poi_id,
+                  self._transport.describe() if self._transport else "?", said, self.poi_id)
 
     # --- timers -------------------------------------------------------------------------------
 
