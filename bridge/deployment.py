@@ -42,6 +42,7 @@ def deployment_problems(config: Config, *, for_daemon: bool = False
                       "(see examples/poi-bridge.toml)")
     errors += _shared_links(config)
     warnings += _usb_without_serial_beside_its_twin(config)
+    warnings += _status_timeout_within_link_retries(config)
     for number, terminal in enumerate(config.terminals):
         if terminal.key is not None:
             _check_secret(f"terminals[{number}].key.passphrase_file",
@@ -118,6 +119,27 @@ def _usb_without_serial_beside_its_twin(config: Config) -> list[str]:
                 f"{link.product_id:04x}: with both plugged in, {terminal.poi_id} cannot tell "
                 "its device from the other's and stays offline; set its serial (poi-bridge "
                 "devices lists them)")
+    return problems
+
+
+def _status_timeout_within_link_retries(config: Config) -> list[str]:
+    """A status poll given up on (status_timeout) while the link still sends its frame again
+    reaches the terminal late, after the next payment; its NotFound is then read against a
+    terminal that has taken another payment since, and the first payment is left unresolved
+    (the soak's seed 8, with 1 s against 3 x 0.5 s). The defaults are 30 s against 3 x 2 s."""
+    problems = []
+    for number, terminal in enumerate(config.terminals):
+        framer = terminal.framer
+        if framer.name == "length-prefixed":
+            continue  # no acknowledgement, no retries
+        retries = framer.ack_timeout * framer.max_tries
+        if terminal.status_timeout <= retries:
+            problems.append(
+                f"terminals[{number}].status_timeout: {terminal.status_timeout:g} s is not more "
+                f"than the link's own tries of one frame ({framer.max_tries} x ack_timeout "
+                f"{framer.ack_timeout:g} s): a status poll would count as unanswered while "
+                "it may still reach the terminal, and a payment could be left unresolved "
+                "that the terminal knows; make status_timeout longer")
     return problems
 
 

@@ -596,3 +596,16 @@ def test_a_usb_terminal_without_serial_beside_its_twin_with_one_is_a_warning(tmp
     text = text.rstrip("\n") + '\nserial = "324688180"\n'
     _status, _out, err = check(write(tmp_path, text), capsys)
     assert "has no serial" not in err, err
+
+
+def test_a_status_timeout_within_the_links_own_retries_is_a_warning(tmp_path, capsys):
+    """status_timeout 1 s with a framer that tries a frame 3 x 0.5 s: a poll is given up on
+    while its frame may still reach the terminal (found by the soak, seed 8)."""
+    short = good_toml(tmp_path, extra_terminal='status_timeout = 1.0\n'
+                      '[terminals.framer]\nack_timeout = 0.5\nmax_tries = 3\n')
+    status, _out, err = check(write(tmp_path, short), capsys)
+    assert status == 0, err
+    assert ("warning: terminals[0].status_timeout: 1 s is not more than the link's own tries "
+            "of one frame (3 x ack_timeout 0.5 s)") in err, err
+    _status, _out, err = check(write(tmp_path, good_toml(tmp_path)), capsys)  # the defaults
+    assert "terminals[0].status_timeout" not in err, err
