@@ -493,6 +493,40 @@ def test_a_late_in_progress_does_not_start_asking_about_an_abandoned_payment_aga
     assert (result.service_id, result.outcome) == ("S1", "approved")
 
 
+def test_a_payment_given_up_on_is_asked_once_more_after_a_restart_but_not_announced_again():
+    """After a restart every transaction the journal holds open is asked about once more,
+    a payment given up on too (the terminal may know it now). The same answer again used to
+    announce the abandon again: an unresolved result, an event and an error line at every
+    restart (the soak's seed 8: 25 times for 2 payments). A new outcome still settles it."""
+    h = unresolved_then_another_paid()
+    h.advance(10)
+    poll = h.last_poll()
+    h.answer(responses.status_not_found(poll))  # abandoned, and said so once
+    (record,) = [a.transaction for a in h.log if isinstance(a, Record)
+                 and a.transaction.key == TxKey("R1", "S1")][-1:]
+    assert record.extra.get("abandoned")
+    for restart in (1, 2):
+        last_requests = dict(h.session.last_request_at)
+        ids = itertools.count(1)
+        h.session = TerminalSession(POI, SETTINGS,
+                                    new_service_id=lambda r=restart: f"X{r}P{next(ids)}")
+        h.session.last_request_at.update(last_requests)  # as the worker restores them
+        h.do(h.session.restore([record], h.now))
+        h.plug_in()
+        again = h.answer(responses.status_not_found(h.last_poll()))
+        assert h.delivers(again) == [], h.delivers(again)
+        assert not any(isinstance(a, Progress) for a in again)
+        assert not any(isinstance(a, Log) and a.level == "error" for a in again)
+        (record,) = [a.transaction for a in again if isinstance(a, Record)]
+        assert record.extra.get("abandoned") and record.next_poll_at is None
+    h.session = TerminalSession(POI, SETTINGS, new_service_id=lambda: "Y1")
+    h.do(h.session.restore([record], h.now))
+    h.plug_in()
+    original = responses.payment_response(request_of(h, "R1", "S1"), "approve", h.now)
+    (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
+    assert (result.service_id, result.outcome) == ("S1", "approved")
+
+
 def test_reconcile_backoff_grows_is_capped_and_gives_up_at_the_deadline():
     h = Harness(SessionSettings(payment_timeout=1, status_timeout=1, resync_attempts=1,
                                 poll_floor=0.1, reconcile_initial=2, reconcile_max_interval=8,

@@ -447,7 +447,8 @@ class TerminalSession:
             txn.deadline = None
             txn.next_poll_at = now if self.link_up else now + self.settings.status_timeout
             txn.detail = "recovering after restart"
-            txn.extra.pop("abandoned", None)  # asked once more (see resync)
+            if txn.extra.pop("abandoned", None):  # asked once more (see resync) ...
+                txn.extra["abandoned_before_restart"] = True  # ... not announced again
             actions += [Record(txn.snapshot()), self._progress(txn, "recovering", txn.detail)]
         if self.active is None:
             # The payment that owned the terminal when the bridge stopped owns it again: a
@@ -612,6 +613,12 @@ class TerminalSession:
         txn.detail, txn.updated_at = detail, now
         if self.active == txn.key:
             self.active = None
+        if txn.extra.pop("abandoned_before_restart", False):
+            # Given up on before the restart, and asked once more since: the register was
+            # told then, and is not told the same again at every restart
+            return [Record(txn.snapshot()),
+                    Log("info", f"terminal {self.poi_id}: transaction {txn.key}, given up on "
+                                "before the restart, is still unknown: no longer asked about")]
         return [
             Record(txn.snapshot()),
             self._progress(txn, "reconcile_abandoned", txn.detail),
