@@ -425,3 +425,31 @@ async def test_a_terminal_with_another_key_on_the_link_is_named_as_a_possible_sw
         assert not sim_b.terminal.ledger  # nothing reached B's device
     finally:
         await sim_b.close()
+
+
+async def test_three_terminals_whose_cables_went_round_are_followed_pair_by_pair(
+        tmp_path, mosquitto):
+    """A's cable in B's port, B's in C's, C's in A's: no two links simply hold each other's
+    terminals, yet following one pair puts one terminal on its own device and leaves the
+    other two holding each other's, which are followed in turn."""
+    c = "V400m-333"
+    sims = {poi_id: simulator(poi_id) for poi_id in (A, B, c)}
+    ports = {poi_id: await sim.start_pty(tmp_path / f"port-{poi_id}")
+             for poi_id, sim in sims.items()}
+    try:
+        async with bridge_on(tmp_path, mosquitto, {A: ports[B], B: ports[c], c: ports[A]}) \
+                as bridge:
+            assert await wait_until(lambda: all(
+                w.identity == "confirmed" for w in bridge.workers.values()), timeout=20), \
+                {p: w.identity for p, w in bridge.workers.items()}
+            assert {p: linked_to(bridge, p) for p in (A, B, c)} == ports
+            async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                      base_topic=BASE, persistent=False) as till:
+                for poi_id in (A, B, c):
+                    answer = await till.pay(poi_id, 3.0, timeout=15)
+                    assert answer["bridge"]["outcome"] == "approved", answer
+        for poi_id, sim in sims.items():
+            assert [e.category for e in sim.terminal.ledger.values()].count("Payment") == 1
+    finally:
+        for sim in sims.values():
+            await sim.close()
