@@ -26,6 +26,7 @@ from bridge.protocol import crypto
 from bridge.protocol.framing import FrameReceived, make_framer
 from bridge.protocol.transaction import TxState
 from bridge.register_client import RegisterClient
+from bridge.simulator import responses
 from bridge.simulator.responses import payment_response
 from bridge.simulator.server import SimulatorServer, open_pty
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
@@ -308,9 +309,9 @@ class DeviceByHand:
     """A terminal's end of a pseudo-terminal, driven by the test: it acknowledges what the
     bridge sends, answers nothing, and sends only what the test gives it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, framer: str = "stx-etx-lrc") -> None:
         self.master, self._slave, _ = open_pty(path)
-        self.framer = make_framer("stx-etx-lrc")
+        self.framer = make_framer(framer)
         self.received: list[dict[str, Any]] = []
         asyncio.get_running_loop().add_reader(self.master, self._readable)
 
@@ -318,10 +319,12 @@ class DeviceByHand:
         return [next(iter(d.values()))["MessageHeader"]["MessageCategory"]
                 for d in self.received]
 
-    def send(self, document: dict[str, Any], key: crypto.NexoKey | None = None) -> None:
-        if key is not None:
-            document = crypto.encrypt_message(document, key)
-        self.framer.send_frame(json.dumps(document).encode(), time.monotonic())
+    def send(self, *documents: dict[str, Any], key: crypto.NexoKey | None = None) -> None:
+        """Frames of `documents`, written at once (one after the other as the framing lets)."""
+        for document in documents:
+            if key is not None:
+                document = crypto.encrypt_message(document, key)
+            self.framer.send_frame(json.dumps(document).encode(), time.monotonic())
         self._flush()
 
     def _readable(self) -> None:
@@ -341,6 +344,25 @@ class DeviceByHand:
         asyncio.get_running_loop().remove_reader(self.master)
         os.close(self.master)
         os.close(self._slave)
+
+
+async def b_pays_then_its_cable_moves(tmp_path: Path, broker: Any, till: RegisterClient,
+                                      sim_b: SimulatorServer, keys: dict | None = None,
+                                      device_framing: str = "stx-etx-lrc", **options: Any
+                                      ) -> tuple[asyncio.Task, dict[str, Any], DeviceByHand]:
+    """B's payment OPEN1 reaches B's device, which does not answer, and the daemon stops;
+    B's cable is pulled from port B and put into port A (a DeviceByHand there). Returns the
+    register's pay() still waiting, the request as the device got it, and the device."""
+    port_b = str(sim_b.link_path)
+    async with bridge_on(tmp_path, broker, {B: port_b}, keys, payment_timeout=30,
+                         **options) as bridge:
+        assert await wait_until(lambda: bridge.workers[B].identity == "confirmed", timeout=15)
+        paying = asyncio.create_task(till.pay(B, 42.0, service_id="OPEN1", timeout=30))
+        assert await wait_until(lambda: ("TILL1", "OPEN1") in sim_b.terminal.ledger,
+                                timeout=10)
+    await sim_b.close()
+    return (paying, sim_b.terminal.ledger[("TILL1", "OPEN1")].request,
+            DeviceByHand(tmp_path / "port-a", device_framing))
 
 
 @pytest.mark.parametrize("encrypted", [False, True], ids=["in-clear", "different-keys"])
@@ -364,16 +386,8 @@ async def test_the_answer_that_shows_the_swap_is_its_terminals_outcome(tmp_path,
     try:
         async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1", base_topic=BASE) \
                 as till:
-            async with bridge_on(tmp_path, mosquitto, {B: port_b}, keys,
-                                 payment_timeout=30) as bridge:
-                assert await wait_until(lambda: bridge.workers[B].identity == "confirmed",
-                                        timeout=15)
-                paying = asyncio.create_task(till.pay(B, 42.0, service_id="OPEN1", timeout=30))
-                assert await wait_until(lambda: ("TILL1", "OPEN1") in sim_b.terminal.ledger,
-                                        timeout=10)
-            request = sim_b.terminal.ledger[("TILL1", "OPEN1")].request
-            await sim_b.close()  # B's cable is out of port B ...
-            device = DeviceByHand(port_a)  # ... and into port A
+            paying, request, device = await b_pays_then_its_cable_moves(
+                tmp_path, mosquitto, till, sim_b, keys)
             async with bridge_on(tmp_path, mosquitto, {A: str(port_a), B: port_b}, keys,
                                  payment_timeout=30) as bridge:
                 assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
@@ -453,3 +467,75 @@ async def test_three_terminals_whose_cables_went_round_are_followed_pair_by_pair
     finally:
         for sim in sims.values():
             await sim.close()
+
+
+async def test_every_frame_the_swapped_device_sends_before_the_link_moves_goes_to_its_terminal(
+        tmp_path, mosquitto):
+    """B's device, moved to A's port, answers A's identity check (naming B: the swap is
+    found) and sends its pending payment answer again right behind it, in the same read (a
+    framing without ACKs). Only the first frame used to be handed to B; the payment answer
+    went to A's session, was logged 'ignored' and dropped (the diff review's case)."""
+    lp = {"framer": {"name": "length-prefixed"}}
+    sim_b = SimulatorServer(Scenario(poi_id=B, default=Behaviour(never_answer=True, delay=0.05),
+                                     link=LinkBehaviour(status_hold=0.05)), "length-prefixed")
+    port_b = await sim_b.start_pty(tmp_path / "port-b")
+    device = None
+    try:
+        async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1", base_topic=BASE) \
+                as till:
+            paying, request, device = await b_pays_then_its_cable_moves(
+                tmp_path, mosquitto, till, sim_b, device_framing="length-prefixed", **lp)
+            async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port-a"), B: port_b},
+                                 payment_timeout=30, **lp):
+                assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
+                check = [d for d in device.received if "DiagnosisRequest"
+                         in d["SaleToPOIRequest"]][-1]
+                named = responses.simple_response(check)
+                named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = B
+                device.send(named, payment_response(request, "approve", time.time()))
+                answer = await asyncio.wait_for(paying, 20)
+        assert (answer["bridge"]["outcome"], answer["bridge"]["source"]) == \
+            ("approved", "terminal"), answer
+        assert "Payment" not in device.categories()
+    finally:
+        if device is not None:
+            device.close()
+        await sim_b.close()
+
+
+async def test_a_terminal_followed_to_a_link_being_opened_waits_for_that_open(
+        tmp_path, mosquitto, caplog):
+    """Cables swapped, and B's own link is slow to open (a USB device enumerating, a slow TCP
+    connect). A's link answers first and the two are followed while B is still opening what
+    is now A's link: A used to open it at once, and one of the two found it "in use by
+    another process". A waits for B's open to end and B to let go of it."""
+    from bridge.transports.serial import SerialTransport
+
+    class SlowToOpen(SerialTransport):
+        async def open(self) -> None:
+            await asyncio.sleep(1.0)
+            await super().open()
+
+    sim_a, sim_b = simulator(A), simulator(B)
+    port_a = await sim_a.start_pty(tmp_path / "port-a")
+    port_b = await sim_b.start_pty(tmp_path / "port-b")
+    bridge = Bridge(parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"),
+        "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "base_topic": BASE,
+                 "client_id": "bridge-follow-test"},
+        "terminals": [{"poi_id": A, "link": {"kind": "serial", "device": port_b}},
+                      {"poi_id": B, "link": {"kind": "serial", "device": port_a}}],
+    }), hotplug=False)
+    bridge.workers[B]._transport_factory = SlowToOpen
+    try:
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            await bridge.start()
+            assert await wait_until(lambda: all(
+                w.identity == "confirmed" for w in bridge.workers.values()), timeout=15), \
+                {p: w.identity for p, w in bridge.workers.items()}
+        assert (linked_to(bridge, A), linked_to(bridge, B)) == (port_a, port_b)
+        assert not [m for m in caplog.messages if "in use" in m], caplog.messages
+    finally:
+        await bridge.stop()
+        await sim_a.close()
+        await sim_b.close()

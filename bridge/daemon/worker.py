@@ -172,6 +172,9 @@ class TerminalWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self.counters = {"frames_in": 0, "frames_out": 0, "framing_errors": 0, "reconnects": 0}
         self.identity = "unknown"  # confirmed | mismatch: <what it said> | unknown
+        # The terminal whose device was found on this link and followed: every message its
+        # device sends here until the link moves is handed to it, not the first one only
+        self._followed_here: TerminalWorker | None = None
         # Requests written to a device that had not said who it is (it did not answer the
         # identity check in time): asked about where they went, never followed elsewhere
         self.sent_unconfirmed: set[TxKey] = set()
@@ -380,6 +383,7 @@ class TerminalWorker:
                 self._publish_state()
                 await asyncio.sleep(self._backoff.next_delay())
                 continue
+            self.link_closed.clear()  # opening: a terminal followed here waits for it too
             try:
                 await transport.open()
             except LinkClosed as exc:
@@ -393,7 +397,6 @@ class TerminalWorker:
                                       opened=False)
                 continue
             self._transport = transport
-            self.link_closed.clear()
             self._retry_now.clear()  # (a plug-in seen while opening: this is it)
             self.framer.reset()
             self._in_flight.clear()
@@ -415,6 +418,7 @@ class TerminalWorker:
     async def _link_down(self, transport: Transport, reason: str, *, opened: bool) -> None:
         await transport.close()
         self.link_closed.set()
+        self._followed_here = None
         if opened:
             open_then = list(self.session.open.values())
             states = {txn.key: txn.state for txn in open_then}  # as the link dropped
@@ -659,6 +663,7 @@ class TerminalWorker:
             self.identity = f"mismatch: {said}"
             decided = self.on_wrong_device(self.poi_id, said) if self.on_wrong_device else None
             if isinstance(decided, TerminalWorker):
+                self._followed_here = decided
                 self._publish_state()
                 return decided  # followed: the daemon has said so
             if decided == FOLLOW_LATER:
@@ -670,6 +675,8 @@ class TerminalWorker:
             else:
                 self._report_wrong_device(said)
             self._publish_state()
+        elif self._followed_here is not None and self._followed_here.poi_id == said:
+            return self._followed_here
         return None
 
     def _report_wrong_device(self, said: str) -> None:
