@@ -406,10 +406,17 @@ def test_a_request_the_journal_holds_is_still_a_repeat_with_a_name_written_twice
                           state=TxState.FINAL, outcome="approved", source="terminal")
         rig.journal.save(txn)
         published = rig.handle(f"poi-bridge/terminals/{POI}/request", raw)
+        # Another register publishing that copy on its own topic gets NotAllowed, as for
+        # any request naming another register's SaleID (the diff review: it got POS1's
+        # result republished, to POS1, and no answer itself)
+        elsewhere = rig.handle(f"poi-bridge/terminals/{POI}/request/POS2", raw)
     finally:
         rig.journal.close()
     (answer,) = [p for p in published if p.topic == "poi-bridge/registers/POS1/response"]
     assert json.loads(answer.payload)["bridge"]["outcome"] == "approved"
+    (refused,) = [p for p in elsewhere if not p.retain]
+    assert refused.topic == "poi-bridge/registers/POS2/response", refused.topic
+    assert "is not the topic's SaleID 'POS2'" in json.loads(refused.payload)["bridge"]["error"]
 
 
 def test_names_written_twice_in_a_terminals_message_are_not_refused():

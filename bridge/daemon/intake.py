@@ -261,15 +261,13 @@ class RequestIntake:
         limit = self.config.mqtt.max_payload
         # Every refusal goes to the topic's register when the request names none it can read
         refuse = functools.partial(self._reject, to_sale_id=topic_sale_id)
+        twice: DuplicateName | None = None
         try:
             document = load_json(payload, max_size=limit, unique_names=True)
         except DuplicateName as exc:
-            # Refused, unless the journal took it before names written twice were (a copy
-            # the broker delivers again): read as then, the last value of each name kept.
-            document = load_json(payload, max_size=limit)
-            if not self._known_repeat(document):
-                refuse(document, poi_id, f"request is unusable: {exc}")
-            return
+            # Read as before names written twice were refused (the last value of each kept):
+            # refused below, unless the journal took it then (a copy delivered again)
+            document, twice = load_json(payload, max_size=limit), exc
         except NotStrictJson as exc:
             # Python's own reader takes NaN and the like: enough to answer on the register's
             # topic, not to send (a terminal, like any strict reader, would choke on it).
@@ -287,6 +285,10 @@ class RequestIntake:
             refuse(document, poi_id, f"MessageHeader.SaleID {id_text(said)!r} is not the "
                                      f"topic's SaleID {topic_sale_id!r}: a register publishes "
                                      "only its own requests", "NotAllowed")
+            return
+        if twice is not None:
+            if not self._known_repeat(document):
+                refuse(document, poi_id, f"request is unusable: {twice}")
             return
         try:
             request = parse_message(document)
