@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import itertools
 
 from hypothesis import example, given
@@ -172,6 +173,34 @@ def status_of(sale: str, about: str, status_service: str = "T1",
         del doc["SaleToPOIRequest"]["TransactionStatusRequest"]["MessageReference"][
             "MessageCategory"]
     return doc
+
+
+def test_an_abort_or_status_request_about_a_held_request_that_is_no_payment_fits_it():
+    """The diff review: a held Diagnosis asked about was told "do not charge it another
+    way", withdrawn it ended `aborted` (a money outcome; other categories end success or
+    failure), and an abort naming another category withdrew it anyway, where a status
+    request naming another category is about no transaction the bridge holds."""
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))  # held: the identity check is on the wire
+    h.submit("R1", "D1", doc=builders.diagnosis_request(sale_id="R1", service_id="D1",
+                                                        poi_id=POI))
+    (told,) = h.delivers(h.submit("R1", "T1", doc=status_of("R1", "D1", "T1",
+                                                            category="Diagnosis")))
+    assert told.outcome == "in_progress"
+    text = told.response["SaleToPOIResponse"]["TransactionStatusResponse"]["Response"][
+        "AdditionalResponse"]
+    assert "Diagnosis R1/D1 has not been sent" in text and "charge" not in text, text
+    other = abort_of("R1", "D1", "A1")  # names Payment: no such payment is held
+    assert TxKey("R1", "D1") in h.session.open
+    refused = h.delivers(h.submit("R1", "A1", doc=other))
+    assert [(d.service_id, d.outcome) for d in refused] == [("A1", "rejected")]
+    assert h.session.open[TxKey("R1", "D1")].state is TxState.ACCEPTED
+    mine = abort_of("R1", "D1", "A2")
+    mine["SaleToPOIRequest"]["AbortRequest"]["MessageReference"]["MessageCategory"] = \
+        "Diagnosis"
+    results = {d.service_id: d for d in h.delivers(h.submit("R1", "A2", doc=mine))}
+    assert (results["D1"].outcome, results["A2"].outcome) == ("failure", "success")
+    assert "nothing was done" in json.dumps(results["D1"].response)
 
 
 def test_a_status_request_about_a_payment_still_held_by_the_bridge_is_answered_in_progress():

@@ -44,9 +44,9 @@ def submit(session: TerminalSession, txn: Transaction, request: SaleToPOIRequest
     """A register's Abort or TransactionStatus, once the link is up and the device on it is
     not another terminal (TerminalSession.submit refused it otherwise)."""
     if txn.category == "Abort":
-        held = held_target(
-            session, request.abort_request.message_reference if request.abort_request else None)
-        if held is not None:
+        ref = request.abort_request.message_reference if request.abort_request else None
+        held = held_target(session, ref)
+        if held is not None and not names_another_category(ref, held):
             return withdraw(session, txn, held, now)
     if txn.category == "TransactionStatus":
         ref = request.transaction_status_request.message_reference \
@@ -121,8 +121,9 @@ def held_status(session: TerminalSession, status: Transaction, held: Transaction
     else:
         why = "waiting for the terminal to answer a status poll"
     text = (f"{held.category} {held.key} has not been sent to terminal {session.poi_id} yet "
-            f"({why}): it goes out once that ends, and its result follows under its own "
-            "IDs; do not charge it another way meanwhile (an AbortRequest withdraws it)")
+            f"({why}): it goes out once that ends, and its result follows under its own IDs"
+            + ("; do not charge it another way meanwhile (an AbortRequest withdraws it)"
+               if held.category in MONEY_CATEGORIES else " (an AbortRequest withdraws it)"))
     response = builders.failure_response(builders.request_header(status.request), status.category,
                                          "InProgress", text)
     return session._finish(status, Outcome.IN_PROGRESS, response, "bridge", now, detail=text)
@@ -133,13 +134,17 @@ def withdraw(session: TerminalSession, abort: Transaction, target: Transaction,
     """An abort of a payment not yet sent: it is never sent. Forwarding the abort would
     settle nothing; the payment would go out once the hold ends, after the register was
     told it was aborted."""
-    text = "aborted by the register before it was sent to the terminal; nothing was charged"
+    money = target.category in MONEY_CATEGORIES
+    text = ("aborted by the register before it was sent to the terminal; nothing was "
+            + ("charged" if money else "done"))
     response = builders.failure_response(builders.request_header(target.request),
                                          target.category, "Aborted", text)
     abort.state, abort.outcome, abort.source = TxState.FINAL, Outcome.SUCCESS.value, "bridge"
     abort.detail = f"{target.key} had not been sent yet: withdrawn, nothing sent"
+    # (non-money categories end success or failure, as the README has it)
+    outcome = Outcome.ABORTED if money else Outcome.FAILURE
     return [
-        *session._finish(target, Outcome.ABORTED, response, "bridge", now, detail=text),
+        *session._finish(target, outcome, response, "bridge", now, detail=text),
         Record(abort.snapshot()),
         Deliver(abort.sale_id, abort.service_id, session.poi_id, abort.category,
                 Outcome.SUCCESS.value, "bridge", None, None),
