@@ -127,19 +127,21 @@ def summarise(raw: bytes, key: crypto.NexoKey | None, source: str) -> dict[str, 
     # may put card data in any field, and a technician's output gets pasted into tickets.
     # The header's texts too: a captured register request may carry a swiped card's track
     # data in its SaleID or MessageCategory.
-    result, condition, category, outcome_category, sale_id, service_id, poi_id = (
+    (result, condition, category, outcome_category, sale_id, service_id, poi_id, message_type,
+     body) = (
         None if text is None else redact(text)
         for text in (verdict.result, verdict.error_condition, message.category, verdict.category,
                      header.sale_id if header else None, header.service_id if header else None,
-                     header.poi_id if header else None))
+                     header.poi_id if header else None,
+                     str(header.message_type) if header else None, message.body_key()))
     return {
         "kind": message.kind,
         "category": category,
-        "message_type": str(header.message_type) if header else None,
+        "message_type": message_type,
         "sale_id": sale_id,
         "service_id": service_id,
         "poi_id": poi_id,
-        "body": message.body_key(),
+        "body": body,
         "result": result,
         "error_condition": condition,
         "outcome": verdict.outcome.value,

@@ -57,7 +57,7 @@ def test_inspect_redacts_card_data_in_the_header(tmp_path, output):
     document = json.loads((FIXTURES / "java-payment-sync-success.json").read_bytes())
     header = document["SaleToPOIResponse"]["MessageHeader"]
     header.update({"MessageCategory": track2, "SaleID": f"TILL {PAN}", "ServiceID": PAN,
-                   "POIID": "P400Plus-123456789"})
+                   "POIID": "P400Plus-123456789", "MessageType": f"Response {PAN}"})
     capture = tmp_path / "capture.json"
     capture.write_text(json.dumps(document))
     done = cli("inspect", *output, str(capture))

@@ -657,3 +657,25 @@ async def test_a_stop_whose_cancellation_is_swallowed_still_ends(tmp_path, mosqu
         with contextlib.suppress(asyncio.CancelledError):
             await task
         journal.close()
+
+
+async def test_a_retained_refusal_on_bridge_error_echoes_no_card_data_in_its_topic(
+        tmp_path, mosquitto):
+    """bridge/error reaches every operator and head office: a request topic whose SaleID
+    level is a card number was echoed in full in the refusal's `topic` (the diff review),
+    though its error text and IDs beside it pass the card-data filter."""
+    pan = "4111111111111111"
+    journal = Journal(tmp_path / "journal.sqlite3")
+    gateway = gateway_for(mosquitto, journal, protocol="5")
+    gateway.set_request_handler(lambda topic, payload, reply: None)
+    try:
+        async with running(gateway), Subscriber(mosquitto, [f"{BASE}/bridge/error"]) as till:
+            await eventually(lambda: gateway.connected)
+            await till.publish(f"{BASE}/terminals/V400m-1/request/{pan}", {"x": 1}, retain=True)
+            refusal = await till.wait_for(lambda t, p: True, timeout=10)
+            assert RETAINED_ERROR in refusal["error"]
+            assert pan not in json.dumps(refusal), refusal
+            assert refusal["topic"] == f"{BASE}/terminals/V400m-1/request/[redacted]"
+            await till.publish(f"{BASE}/terminals/V400m-1/request/{pan}", b"", retain=True)
+    finally:
+        journal.close()
