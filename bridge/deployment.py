@@ -117,8 +117,8 @@ def _usb_without_serial_beside_its_twin(config: Config) -> list[str]:
                 f"terminals[{number}].link: {terminal.poi_id} has no serial, and "
                 f"{', '.join(twins)} has the same usb {link.vendor_id:04x}:"
                 f"{link.product_id:04x}: with both plugged in, {terminal.poi_id} cannot tell "
-                "its device from the other's and stays offline; set its serial (poi-bridge "
-                "devices lists them)")
+                f"its device from the other's and stays offline, and with its own unplugged it "
+                f"may open the other's; set its serial (poi-bridge devices lists them)")
     return problems
 
 

@@ -172,7 +172,12 @@ async def test_swapped_cables_are_followed_and_each_terminal_gets_its_own_paymen
         # answer waits a moment for the other's (the soak counted 115 such errors in 600 s).
         assert not [r for r in caplog.records if r.levelno >= logging.ERROR], \
             [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert "Put the cables back, or swap the two terminals' [terminals.link]" in said[0]
+        # (whichever link answered first: A's, holding B, or B's, holding A)
+        assert any(f"{there} is on serial {port}, the link {here} was using: following them"
+                   in said[0] and f"Put the cables back ({here} is configured on serial "
+                   f"{port}, {there} on serial {other})" in said[0]
+                   for here, there, port, other in ((A, B, port_b, port_a),
+                                                    (B, A, port_a, port_b))), said
         # Each terminal was charged its own payments only, once each.
         assert sorted(e.request["SaleToPOIRequest"]["PaymentRequest"]["PaymentTransaction"][
             "AmountsReq"]["RequestedAmount"] for e in sim_a.terminal.ledger.values()

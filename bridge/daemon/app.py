@@ -121,10 +121,13 @@ class Bridge:
                 device = getattr(link, "device", None)
                 if device is None or udev_announces(device):  # (else udev never says)
                     moved.device_present(self.hotplug.is_present(moved.poi_id))
-        log.warning("terminal %s is on %s, the link configured for %s: following them, %s now "
-                    "uses %s and %s uses %s, until the daemon restarts. Put the cables back, or "
-                    "swap the two terminals' [terminals.link] in the configuration", said, here,
-                    poi_id, said, here, poi_id, there)
+        # (After an earlier follow the links in use are not the configured ones: say both)
+        configured = {t.poi_id: describe_link(t) for t in self.config.terminals}
+        log.warning("terminal %s is on %s, the link %s was using: following them, %s now uses "
+                    "%s and %s uses %s, until the daemon restarts. Put the cables back (%s is "
+                    "configured on %s, %s on %s), or change their [terminals.link] in the "
+                    "configuration", said, here, poi_id, said, here, poi_id, there,
+                    poi_id, configured.get(poi_id), said, configured.get(said))
         return self.workers[partner.poi_id]
 
     # (The hotplug monitor logs each plug and unplug; the worker, what it keeps open.)
