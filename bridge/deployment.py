@@ -100,9 +100,9 @@ def _shared_links(config: Config) -> list[str]:
 
 
 def _usb_without_serial_beside_its_twin(config: Config) -> list[str]:
-    """A USB terminal configured without `serial` takes any device with its ids: beside a
-    terminal of the same model configured with one, it cannot tell its own device from the
-    other's (it opens only when its device is the only one plugged in)."""
+    """A USB terminal configured without `serial` takes the one device with its ids that no
+    other terminal is configured with: beside a terminal of the same model, that holds only
+    while the other's serial is right and no third such device is plugged in."""
     problems = []
     usb = [(n, t) for n, t in enumerate(config.terminals) if isinstance(t.link, UsbLink)]
     for number, terminal in usb:
@@ -116,9 +116,10 @@ def _usb_without_serial_beside_its_twin(config: Config) -> list[str]:
             problems.append(
                 f"terminals[{number}].link: {terminal.poi_id} has no serial, and "
                 f"{', '.join(twins)} has the same usb {link.vendor_id:04x}:"
-                f"{link.product_id:04x}: with both plugged in, {terminal.poi_id} cannot tell "
-                f"its device from the other's and stays offline, and with its own unplugged it "
-                f"may open the other's; set its serial (poi-bridge devices lists them)")
+                f"{link.product_id:04x}: {terminal.poi_id} takes the one device with these "
+                f"ids that no other terminal is configured with, and stays offline beside a "
+                f"third one or a mistyped serial; set its serial (poi-bridge devices lists "
+                f"them)")
     return problems
 
 

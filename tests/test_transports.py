@@ -715,13 +715,14 @@ def test_open_transport_usb_loads_its_module_lazily(monkeypatch):
     link = UsbLink(vendor_id="0x0b00", product_id="0x0080")
 
     class FakeUsbTransport:
-        def __init__(self, link):
-            self.link = link
+        def __init__(self, link, taken_serials=()):
+            self.link, self.taken_serials = link, taken_serials
 
     monkeypatch.setitem(sys.modules, "bridge.transports.usb",
                         types.SimpleNamespace(UsbTransport=FakeUsbTransport))
-    built = open_transport(link)
+    built = open_transport(link, taken_serials=("AAA111",))
     assert isinstance(built, FakeUsbTransport) and built.link is link
+    assert built.taken_serials == ("AAA111",)
 
 
 def test_open_transport_usb_missing_module_is_a_clear_error(monkeypatch):

@@ -255,6 +255,47 @@ async def test_two_terminals_and_no_serial_configured_is_refused_naming_both():
     assert all(d.open_handles == 0 and "claim" not in d.events for d in backend.devices)
 
 
+async def test_a_terminal_without_serial_never_takes_a_twins_device():
+    """Two terminals of one model: V400m-1 configured with serial AAA111, V400m-2 without.
+    With V400m-2's own device unplugged, V400m-2 used to open the only device there, its
+    twin's: it held the interface, and V400m-1 could not open its own device (nor was it
+    followed there: the links may lead to one device). With both plugged in it was refused
+    outright. It now takes only a device no other terminal is configured with."""
+    twin = SimDevice(serial="AAA111", address=5)
+    with pytest.raises(LinkClosed) as caught:
+        await UsbTransport(usb_link(), backend=SimBackend(twin),
+                           taken_serials=["AAA111"]).open()
+    assert "has serial AAA111, which the configuration gives another terminal" in \
+        caught.value.reason
+    assert "claim" not in twin.events and twin.open_handles == 0
+    own = SimDevice(serial="BBB222", address=6)
+    transport = UsbTransport(usb_link(), backend=SimBackend(twin, own),
+                             taken_serials=["AAA111"])
+    await transport.open()
+    try:
+        assert "claim" in own.events and "claim" not in twin.events
+    finally:
+        await transport.close()
+
+
+def test_the_daemon_tells_a_usb_terminal_without_serial_its_twins_serials(tmp_path):
+    from bridge.config import parse_config
+    from bridge.daemon.app import Bridge
+
+    usb = {"kind": "usb", "vendor_id": "0x0b00", "product_id": "0x0084"}
+    bridge = Bridge(parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"),
+        "terminals": [{"poi_id": "V400m-1", "link": {**usb, "serial": "AAA111"}},
+                      {"poi_id": "V400m-2", "link": usb},
+                      {"poi_id": "V400m-3", "link": {**usb, "product_id": "0x0080",
+                                                     "serial": "CCC333"}}]}), hotplug=False)
+    try:
+        worker = bridge.workers["V400m-2"]
+        assert worker._transport_factory(worker.config.link).taken_serials == ("AAA111",)
+    finally:
+        bridge.journal.close()
+
+
 async def test_a_wrong_serial_says_which_ones_are_there():
     backend = SimBackend(SimDevice(serial="AAA111"))
     with pytest.raises(LinkClosed) as caught:

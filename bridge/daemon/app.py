@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge import __version__
-from bridge.config import Config, SecretError, TerminalConfig, read_configured_secret
+from bridge.config import Config, SecretError, TerminalConfig, UsbLink, read_configured_secret
 from bridge.daemon.device_match import DeviceInfo, TerminalMatcher, describe_link
 from bridge.daemon.follow import awaits_its_own_link, partner_to_follow
 from bridge.daemon.worker import FOLLOW_LATER
@@ -30,6 +30,7 @@ from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog
 from bridge.daemon.worker import TerminalWorker, SteadyClock, describe_transactions
 from bridge.protocol import crypto
+from bridge.transports import open_transport
 
 log = logging.getLogger("poi_bridge")
 
@@ -56,6 +57,17 @@ def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
     return crypto.NexoKey(terminal.key.identifier, terminal.key.version, passphrase)
 
 
+def _taken_serials(terminal: TerminalConfig, config: Config) -> tuple[str, ...]:
+    """For a USB terminal: the serials its twins (other terminals of its ids) are configured
+    with, which a link without a serial must not take."""
+    link = terminal.link
+    if not isinstance(link, UsbLink):
+        return ()
+    return tuple(t.link.serial for t in config.terminals
+                 if t is not terminal and isinstance(t.link, UsbLink) and t.link.serial
+                 and (t.link.vendor_id, t.link.product_id) == (link.vendor_id, link.product_id))
+
+
 class Bridge:
     def __init__(self, config: Config, *, mqtt_password: str | None = None,
                  hotplug: HotplugMonitor | None | bool = True,
@@ -74,7 +86,9 @@ class Bridge:
         self.clock = SteadyClock(wall)
         self.workers: dict[str, TerminalWorker] = {
             t.poi_id: TerminalWorker(t, self.journal, self.gateway, key=load_key(t),
-                                     clock=self.clock, on_wrong_device=self._wrong_device)
+                                     clock=self.clock, on_wrong_device=self._wrong_device,
+                                     transport_factory=functools.partial(
+                                         open_transport, taken_serials=_taken_serials(t, config)))
             for t in config.terminals
         }
         for worker in self.workers.values():

@@ -7,6 +7,8 @@ when a USB link is configured, so serial/TCP installs do not need pyusb.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from bridge.config import SerialLink, TcpLink, UsbLink
 from bridge.transports.base import Backoff, LinkClosed, Transport
 
@@ -17,8 +19,10 @@ class TransportUnavailable(RuntimeError):
     """The link kind is configured but its transport cannot be loaded on this install."""
 
 
-def open_transport(link: SerialLink | TcpLink | UsbLink) -> Transport:
-    """Build (do not open) the transport for one link config."""
+def open_transport(link: SerialLink | TcpLink | UsbLink, *,
+                   taken_serials: Collection[str] = ()) -> Transport:
+    """Build (do not open) the transport for one link config. `taken_serials`: for a USB
+    link, the serial numbers other terminals with its ids are configured with."""
     if isinstance(link, SerialLink):
         from bridge.transports.serial import SerialTransport
 
@@ -34,5 +38,5 @@ def open_transport(link: SerialLink | TcpLink | UsbLink) -> Transport:
             raise TransportUnavailable(
                 f"USB links need bridge.transports.usb, which cannot be loaded: {exc}"
             ) from exc
-        return UsbTransport(link)
+        return UsbTransport(link, taken_serials=taken_serials)
     raise TypeError(f"no transport for link config {type(link).__name__}")

@@ -29,6 +29,7 @@ import errno
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from collections.abc import Collection
 from typing import Any
 
 import usb.core
@@ -78,9 +79,14 @@ class UsbTransport(Transport):
     kind = "usb"
 
     def __init__(self, link: UsbLink, *, backend: Any = None,
-                 close_timeout: float = CLOSE_TIMEOUT) -> None:
+                 close_timeout: float = CLOSE_TIMEOUT,
+                 taken_serials: Collection[str] = ()) -> None:
+        """`taken_serials`: the serial numbers other terminals with these ids are configured
+        with. A link without a serial never takes one of those devices: it would hold its
+        interface, and that terminal could not open it (nor would it be followed there)."""
         self.link = link
         self.backend = backend
+        self.taken_serials = tuple(taken_serials)
         self.close_timeout = close_timeout
         self._serial = link.serial  # configured, or once open the one the device reports
         self._opened: _Opened | None = None
@@ -232,8 +238,14 @@ class UsbTransport(Transport):
             raise LinkClosed(f"{self._who()} is not connected (unplugged, switched off, or "
                              f"wrong vendor_id/product_id in the configuration)")
         if link.serial is None and len(found) == 1:
-            serial, _, _ = _read_serial(found[0])  # only to name it in logs
-            return found[0], serial
+            serial, _, _ = _read_serial(found[0])  # to name it in logs, and not to take...
+            if not self._taken(serial):  # ... one another terminal is configured with
+                return found[0], serial
+            _dispose(found[0])
+            raise LinkClosed(
+                f"{self._who()} is not connected: the only USB terminal {self._ids()} here has "
+                f"serial {serial}, which the configuration gives another terminal (set "
+                f"`serial` in this terminal's link configuration)")
         chosen = None
         alive: list[tuple[Any, str | None]] = []
         labels = []
@@ -253,8 +265,17 @@ class UsbTransport(Transport):
         if not alive:
             raise LinkClosed(f"{self._who()} is not connected (unplugged while it was "
                              f"being opened)")
-        if link.serial is None and len(alive) == 1:
-            return alive[0]  # the others went away meanwhile (it opens again on use)
+        if link.serial is None:
+            free = [(device, serial) for device, serial in alive if not self._taken(serial)]
+            if len(free) == 1:
+                # the others went away meanwhile, or are other terminals' (their serials are
+                # configured): this is the one no other terminal claims (opens again on use)
+                return free[0]
+            if not free and not denied:
+                raise LinkClosed(
+                    f"{self._who()} is not connected: the USB terminal(s) {self._ids()} here "
+                    f"({', '.join(labels)}) are configured for other terminals (set `serial` "
+                    "in this terminal's link configuration)")
         if denied:
             # Without access the serial numbers cannot be read, so which device is this
             # terminal cannot be told: the cure is the udev rules, not the configuration.
@@ -269,6 +290,9 @@ class UsbTransport(Transport):
         raise LinkClosed(
             f"{self._who()} is not connected; found USB terminal(s) {self._ids()} with "
             f"{', '.join(labels)} instead (wrong serial in the configuration?)")
+
+    def _taken(self, serial: str | None) -> bool:
+        return serial is not None and any(same_serial(t, serial) for t in self.taken_serials)
 
     def _endpoints(self, config: Any, who: str) -> tuple[Any, Any]:
         number = self.link.interface
