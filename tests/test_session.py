@@ -9,6 +9,7 @@ import itertools
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from bridge.daemon.registers import stored_result
 from bridge.protocol import builders
 from bridge.protocol.messages import parse_message
 from bridge.protocol.outcome import classify
@@ -526,7 +527,10 @@ def test_a_payment_given_up_on_is_asked_once_more_after_a_restart_but_not_announ
     """After a restart every transaction the journal holds open is asked about once more,
     a payment given up on too (the terminal may know it now). The same answer again used to
     announce the abandon again: an unresolved result, an event and an error line at every
-    restart (the soak's seed 8: 25 times for 2 payments). A new outcome still settles it."""
+    restart (the soak's seed 8: 25 times for 2 payments). Meanwhile its record still says it
+    was given up on, and why (a repeat is answered from it: the first fix, b42be83, made it
+    say 'the bridge keeps asking and will report the result', which never came). A resync
+    still announces its result; a new outcome still settles it."""
     h = unresolved_then_another_paid()
     h.advance(10)
     poll = h.last_poll()
@@ -540,14 +544,21 @@ def test_a_payment_given_up_on_is_asked_once_more_after_a_restart_but_not_announ
         h.session = TerminalSession(POI, SETTINGS,
                                     new_service_id=lambda r=restart: f"X{r}P{next(ids)}")
         h.session.last_request_at.update(last_requests)  # as the worker restores them
-        h.do(h.session.restore([record], h.now))
+        restored = h.do(h.session.restore([record], h.now))
+        (record,) = [a.transaction for a in restored if isinstance(a, Record)]
+        assert record.extra.get("abandoned") and "acquirer" in record.detail
+        assert "acquirer" in stored_result(record).error  # what a repeat is told
+        assert not any(isinstance(a, Progress) for a in restored)
         h.plug_in()
         again = h.answer(responses.status_not_found(h.last_poll()))
         assert h.delivers(again) == [], h.delivers(again)
         assert not any(isinstance(a, Progress) for a in again)
         assert not any(isinstance(a, Log) and a.level == "error" for a in again)
-        (record,) = [a.transaction for a in again if isinstance(a, Record)]
-        assert record.extra.get("abandoned") and record.next_poll_at is None
+        assert h.session.next_deadline() is None  # no longer asked about
+    asked = h.do(h.session.resync(record, h.now))  # the operator asks once more
+    assert len(h.sends(asked, "status-poll")) == 1
+    (told,) = h.delivers(h.answer(responses.status_not_found(h.last_poll())))
+    assert (told.service_id, told.outcome) == ("S1", "unresolved") and "acquirer" in told.error
     h.session = TerminalSession(POI, SETTINGS, new_service_id=lambda: "Y1")
     h.do(h.session.restore([record], h.now))
     h.plug_in()

@@ -446,9 +446,13 @@ class TerminalSession:
             # poll unanswered (link_is_up brings the poll forward).
             txn.deadline = None
             txn.next_poll_at = now if self.link_up else now + self.settings.status_timeout
+            if txn.extra.get("abandoned"):
+                # Given up on before the restart: asked once more (the terminal may know it
+                # now), and still said to be given up on meanwhile (a repeat, a status
+                # request); given up on again, it is not announced again (_abandon)
+                actions.append(Record(txn.snapshot()))
+                continue
             txn.detail = "recovering after restart"
-            if txn.extra.pop("abandoned", None):  # asked once more (see resync) ...
-                txn.extra["abandoned_before_restart"] = True  # ... not announced again
             actions += [Record(txn.snapshot()), self._progress(txn, "recovering", txn.detail)]
         if self.active is None:
             # The payment that owned the terminal when the bridge stopped owns it again: a
@@ -608,17 +612,19 @@ class TerminalSession:
         """The bridge stops asking about `txn`: its outcome cannot be learned from the
         terminal. Recorded and published as such (the register's response topic and the
         retained document said the bridge keeps asking): nothing more will come."""
+        again = bool(txn.extra.get("abandoned"))
         txn.state, txn.deadline, txn.next_poll_at = TxState.UNRESOLVED, None, None
         txn.extra["abandoned"] = True
-        txn.detail, txn.updated_at = detail, now
+        txn.updated_at = now
         if self.active == txn.key:
             self.active = None
-        if txn.extra.pop("abandoned_before_restart", False):
-            # Given up on before the restart, and asked once more since: the register was
-            # told then, and is not told the same again at every restart
+        if again:
+            # Given up on before (asked once more after a restart): the register was told
+            # then, with why, and is not told the same again at every restart
             return [Record(txn.snapshot()),
                     Log("info", f"terminal {self.poi_id}: transaction {txn.key}, given up on "
-                                "before the restart, is still unknown: no longer asked about")]
+                                "before, is still unknown: no longer asked about")]
+        txn.detail = detail
         return [
             Record(txn.snapshot()),
             self._progress(txn, "reconcile_abandoned", txn.detail),
@@ -682,8 +688,10 @@ class TerminalSession:
             # another request of this category since may have forgotten this one, charged or
             # not. Taken as "never received", the register would be told it may charge again.
             if txn.extra.get("abandoned"):
-                # Said already (the terminal sent its answer again): the register and the
-                # technician were told once, and nothing has changed since.
+                # Said already (the terminal sent its answer again, or it was asked once more
+                # after a restart): the register and the technician were told once, and
+                # nothing has changed since.
+                txn.deadline = None  # (the poll's)
                 return [Log("debug", f"terminal {self.poi_id}: NotFound again about {txn.key}, "
                                      "no longer asked about")]
             return self._abandon(txn, (
@@ -706,6 +714,7 @@ class TerminalSession:
             # No longer asked about, and the register was told so: a late answer that brings
             # no outcome changes nothing (it used to start the background polls again, and
             # to announce the abandon a second time at reconcile_deadline).
+            txn.deadline = None  # (the poll's)
             return [Log("debug", f"terminal {self.poi_id}: a late answer about {txn.key}, no "
                                  f"longer asked about, brings no outcome ({cls.detail})")]
         if cls.outcome in (Outcome.IN_PROGRESS, Outcome.BUSY):
