@@ -19,6 +19,7 @@ import pytest
 
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
+from bridge.daemon.worker import TerminalWorker
 from bridge.daemon.device_match import TerminalMatcher
 from bridge.daemon.follow import partner_to_follow
 from bridge.daemon.hotplug import HotplugMonitor
@@ -145,10 +146,14 @@ def linked_to(bridge: Bridge, poi_id: str) -> str:
 
 
 async def test_swapped_cables_are_followed_and_each_terminal_gets_its_own_payments(
-        tmp_path, mosquitto, caplog):
+        tmp_path, mosquitto, caplog, monkeypatch):
     """A's cable is in B's port and B's in A's: both links hold the other terminal. The
     daemon swaps the two links instead of refusing both terminals until the cables are put
     back, and says so; each payment reaches its own terminal."""
+    handed: list[asyncio.Event] = []  # what each terminal waited for: its new link released
+    relink = TerminalWorker.relink
+    monkeypatch.setattr(TerminalWorker, "relink", lambda self, link, released=None: (
+        handed.append(released), relink(self, link, released))[-1])
     sim_a, sim_b = simulator(A), simulator(B)
     port_a = await sim_a.start_pty(tmp_path / "port-a")
     port_b = await sim_b.start_pty(tmp_path / "port-b")
@@ -157,6 +162,10 @@ async def test_swapped_cables_are_followed_and_each_terminal_gets_its_own_paymen
             async with bridge_on(tmp_path, mosquitto, {A: port_b, B: port_a}) as bridge:
                 assert await wait_until(lambda: all(
                     w.identity == "confirmed" for w in bridge.workers.values()), timeout=15)
+                # Each link handed over stays released once closed, though the worker that
+                # closed it has opened another since: a shared event, cleared at that open,
+                # left the other terminal waiting the full RELINK_HANDOVER (4 runs in 10)
+                assert len(handed) == 2 and all(event.is_set() for event in handed)
                 assert (linked_to(bridge, A), linked_to(bridge, B)) == (port_a, port_b)
                 assert bridge.workers[A].state()["link"].startswith(port_a)
                 async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",

@@ -166,7 +166,7 @@ class TerminalWorker:
         # Try the link now, not at the end of the retry pause: the device was plugged in
         # (again), or the link changed
         self._retry_now = asyncio.Event()
-        self.link_closed = asyncio.Event()  # no link of this worker's is open
+        self.link_closed = asyncio.Event()  # the link this worker opened last is closed
         self.link_closed.set()
         self._handed_over_by: asyncio.Event | None = None  # relink(): the previous holder
         self._tasks: list[asyncio.Task[None]] = []
@@ -383,7 +383,9 @@ class TerminalWorker:
                 self._publish_state()
                 await asyncio.sleep(self._backoff.next_delay())
                 continue
-            self.link_closed.clear()  # opening: a terminal followed here waits for it too
+            # Opening: a terminal followed here waits for this link to close. A new event for
+            # each: one handed out earlier stays set, however soon this worker opens again
+            self.link_closed = asyncio.Event()
             try:
                 await transport.open()
             except LinkClosed as exc:
