@@ -341,6 +341,14 @@ class DeviceByHand:
             self.framer.send_frame(json.dumps(document).encode(), time.monotonic())
         self._flush()
 
+    def answer_check_as(self, poi_id: str, *then: dict[str, Any]) -> None:
+        """Answer the bridge's latest identity check naming `poi_id`, and send `then` right
+        behind it."""
+        check = [d for d in self.received if "DiagnosisRequest" in d["SaleToPOIRequest"]][-1]
+        named = responses.simple_response(check)
+        named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = poi_id
+        self.send(named, *then)
+
     def _readable(self) -> None:
         with contextlib.suppress(OSError):
             data = os.read(self.master, 4096)
@@ -502,11 +510,7 @@ async def test_every_frame_the_swapped_device_sends_before_the_link_moves_goes_t
             async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port-a"), B: port_b},
                                  payment_timeout=30, **lp):
                 assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
-                check = [d for d in device.received if "DiagnosisRequest"
-                         in d["SaleToPOIRequest"]][-1]
-                named = responses.simple_response(check)
-                named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = B
-                device.send(named, payment_response(request, "approve", time.time()))
+                device.answer_check_as(B, payment_response(request, "approve", time.time()))
                 answer = await asyncio.wait_for(paying, 20)
         assert (answer["bridge"]["outcome"], answer["bridge"]["source"]) == \
             ("approved", "terminal"), answer
@@ -552,4 +556,38 @@ async def test_a_terminal_followed_to_a_link_being_opened_waits_for_that_open(
     finally:
         await bridge.stop()
         await sim_a.close()
+        await sim_b.close()
+
+
+async def test_the_swapped_devices_answer_reaches_its_terminal_before_the_follow_is_decided(
+        tmp_path, mosquitto):
+    """Cables swapped: B's device on A's port, A's device on B's port. B's device answers
+    first, naming B, and sends its pending payment answer right behind it; A's device has
+    not answered on B's port yet, so following waits for it (FOLLOW_LATER). The payment
+    answer went to A's session meanwhile and was dropped (the review of the late commits):
+    it is B's, and reaches B at once, followed or not."""
+    lp = {"framer": {"name": "length-prefixed"}}
+    sim_b = SimulatorServer(Scenario(poi_id=B, default=Behaviour(never_answer=True, delay=0.05),
+                                     link=LinkBehaviour(status_hold=0.05)), "length-prefixed")
+    port_b = await sim_b.start_pty(tmp_path / "port-b")
+    device = device_a = None
+    try:
+        async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1", base_topic=BASE) \
+                as till:
+            paying, request, device = await b_pays_then_its_cable_moves(
+                tmp_path, mosquitto, till, sim_b, device_framing="length-prefixed", **lp)
+            device_a = DeviceByHand(Path(port_b), "length-prefixed")  # A's device, silent
+            async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port-a"), B: port_b},
+                                 payment_timeout=30, **lp) as bridge:
+                assert await wait_until(lambda: "Diagnosis" in device.categories()
+                                        and "Diagnosis" in device_a.categories(), timeout=10)
+                device.answer_check_as(B, payment_response(request, "approve", time.time()))
+                answer = await asyncio.wait_for(paying, 10)
+                assert bridge.workers[A].identity == f"mismatch: {B}"  # not followed yet
+        assert (answer["bridge"]["outcome"], answer["bridge"]["source"]) == \
+            ("approved", "terminal"), answer
+    finally:
+        for hand in (device, device_a):
+            if hand is not None:
+                hand.close()
         await sim_b.close()

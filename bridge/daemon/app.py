@@ -92,6 +92,7 @@ class Bridge:
             for t in config.terminals
         }
         for worker in self.workers.values():
+            worker.terminals = self.workers
             worker.neighbours = {
                 other.poi_id: other.key for other in self.workers.values()
                 if other is not worker and other.config.link.kind == worker.config.link.kind}

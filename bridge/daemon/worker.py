@@ -172,9 +172,9 @@ class TerminalWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self.counters = {"frames_in": 0, "frames_out": 0, "framing_errors": 0, "reconnects": 0}
         self.identity = "unknown"  # confirmed | mismatch: <what it said> | unknown
-        # The terminal whose device was found on this link and followed: every message its
-        # device sends here until the link moves is handed to it, not the first one only
-        self._followed_here: TerminalWorker | None = None
+        # Every configured terminal's worker, by POIID (set by the daemon): a message on this
+        # link that names another terminal is handed to it (_its_terminal)
+        self.terminals: dict[str, TerminalWorker] = {}
         # Requests written to a device that had not said who it is (it did not answer the
         # identity check in time): asked about where they went, never followed elsewhere
         self.sent_unconfirmed: set[TxKey] = set()
@@ -420,7 +420,6 @@ class TerminalWorker:
     async def _link_down(self, transport: Transport, reason: str, *, opened: bool) -> None:
         await transport.close()
         self.link_closed.set()
-        self._followed_here = None
         if opened:
             open_then = list(self.session.open.values())
             states = {txn.key: txn.state for txn in open_then}  # as the link dropped
@@ -607,10 +606,26 @@ class TerminalWorker:
 
     def _take(self, message: Any, now: float) -> None:
         followed = self._check_identity(message)
-        if followed is not None and not self.session.asked_for(message):
-            followed.receive_from_elsewhere(message)  # its own: not dropped here (acknowledged)
-            return
+        if not self.session.asked_for(message):
+            owner = followed or self._its_terminal(message)
+            if owner is not None:
+                owner.receive_from_elsewhere(message)  # its own: not dropped here (ACKed)
+                return
         self._apply(self.session.receive(message, now))
+
+    def _its_terminal(self, message: Any) -> TerminalWorker | None:
+        """The other terminal a message on this link names, when its device may be here: one
+        of this link's kind that its own link has not confirmed. Its message is handed to it
+        whether or not the two are followed yet (following may wait for its own link to
+        answer) and after, until this link moves: a payment answer among them is its
+        outcome. A terminal confirmed on its own link keeps to it (two devices say they are
+        it: this one is not believed)."""
+        header = message.message_header
+        said = header.poi_id if header is not None else None
+        if not said or said == self.poi_id or said not in self.neighbours:
+            return None
+        owner = self.terminals.get(said)
+        return owner if owner is not None and owner.identity != "confirmed" else None
 
     def _another_terminals_message(self, document: Any) -> Any:
         """The message, if `document` is encrypted with the key of another terminal that
@@ -665,7 +680,6 @@ class TerminalWorker:
             self.identity = f"mismatch: {said}"
             decided = self.on_wrong_device(self.poi_id, said) if self.on_wrong_device else None
             if isinstance(decided, TerminalWorker):
-                self._followed_here = decided
                 self._publish_state()
                 return decided  # followed: the daemon has said so
             if decided == FOLLOW_LATER:
@@ -677,8 +691,6 @@ class TerminalWorker:
             else:
                 self._report_wrong_device(said)
             self._publish_state()
-        elif self._followed_here is not None and self._followed_here.poi_id == said:
-            return self._followed_here
         return None
 
     def _report_wrong_device(self, said: str) -> None:
