@@ -278,6 +278,31 @@ async def test_a_terminal_without_serial_never_takes_a_twins_device():
         await transport.close()
 
 
+async def test_a_device_whose_serial_cannot_be_read_is_not_taken_beside_a_twin():
+    """The review of the late commits: a device whose serial number could not be read (a
+    stalled control request) counted as no other terminal's, so a link without serial
+    could still take its twin's device. Beside a twin configured by serial it is not
+    opened (tried again later); with no twin configured, it is, as before."""
+    def unreadable() -> SimDevice:
+        device = SimDevice(serial="AAA111", address=5)
+        del device.strings[3]  # it has a serial number, which does not read
+        return device
+
+    twin = unreadable()
+    with pytest.raises(LinkClosed) as caught:
+        await UsbTransport(usb_link(), backend=SimBackend(twin),
+                           taken_serials=["AAA111"]).open()
+    assert "does not let its serial number be read" in caught.value.reason, caught.value.reason
+    assert "claim" not in twin.events
+    alone = unreadable()
+    transport = UsbTransport(usb_link(), backend=SimBackend(alone))
+    await transport.open()
+    try:
+        assert "claim" in alone.events
+    finally:
+        await transport.close()
+
+
 def test_the_daemon_tells_a_usb_terminal_without_serial_its_twins_serials(tmp_path):
     from bridge.config import parse_config
     from bridge.daemon.app import Bridge
@@ -288,7 +313,10 @@ def test_the_daemon_tells_a_usb_terminal_without_serial_its_twins_serials(tmp_pa
         "terminals": [{"poi_id": "V400m-1", "link": {**usb, "serial": "AAA111"}},
                       {"poi_id": "V400m-2", "link": usb},
                       {"poi_id": "V400m-3", "link": {**usb, "product_id": "0x0080",
-                                                     "serial": "CCC333"}}]}), hotplug=False)
+                                                     "serial": "CCC333"}},
+                      # another interface of one composite device: not a twin
+                      {"poi_id": "V400m-4", "link": {**usb, "interface": 1,
+                                                     "serial": "DDD444"}}]}), hotplug=False)
     try:
         worker = bridge.workers["V400m-2"]
         assert worker._transport_factory(worker.config.link).taken_serials == ("AAA111",)

@@ -63,9 +63,11 @@ def _taken_serials(terminal: TerminalConfig, config: Config) -> tuple[str, ...]:
     link = terminal.link
     if not isinstance(link, UsbLink):
         return ()
+    # (one composite device may hold two terminals on two interfaces: not twins)
     return tuple(t.link.serial for t in config.terminals
                  if t is not terminal and isinstance(t.link, UsbLink) and t.link.serial
-                 and (t.link.vendor_id, t.link.product_id) == (link.vendor_id, link.product_id))
+                 and (t.link.vendor_id, t.link.product_id, t.link.interface)
+                 == (link.vendor_id, link.product_id, link.interface))
 
 
 class Bridge:

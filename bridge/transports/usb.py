@@ -238,22 +238,28 @@ class UsbTransport(Transport):
             raise LinkClosed(f"{self._who()} is not connected (unplugged, switched off, or "
                              f"wrong vendor_id/product_id in the configuration)")
         if link.serial is None and len(found) == 1:
-            serial, _, _ = _read_serial(found[0])  # to name it in logs, and not to take...
-            if not self._taken(serial):  # ... one another terminal is configured with
+            serial, problem, why = _read_serial(found[0])  # to name it in logs, and not to
+            if not self._may_be_taken(found[0], serial, why):  # take another terminal's
                 return found[0], serial
             _dispose(found[0])
+            which = (f"has serial {serial}, which the configuration gives another terminal"
+                     if serial is not None else
+                     f"does not let its serial number be read ({problem}), and it may be "
+                     f"another terminal's (one of these ids is configured by serial)")
             raise LinkClosed(
-                f"{self._who()} is not connected: the only USB terminal {self._ids()} here has "
-                f"serial {serial}, which the configuration gives another terminal (set "
-                f"`serial` in this terminal's link configuration)")
+                f"{self._who()} is not connected: the only USB terminal {self._ids()} here "
+                f"{which} (set `serial` in this terminal's link configuration)")
         chosen = None
         alive: list[tuple[Any, str | None]] = []
+        free: list[tuple[Any, str | None]] = []  # alive, and no other terminal's
         labels = []
         denied = False
         for device in found:
             serial, problem, why = _read_serial(device)
             if why != _GONE:  # (one unplugged while being looked at is not there)
                 alive.append((device, serial))
+                if not self._may_be_taken(device, serial, why):
+                    free.append((device, serial))
                 labels.append(f"serial {serial}" if serial is not None else problem)
                 denied = denied or why == _DENIED
             if chosen is None and link.serial is not None and same_serial(link.serial, serial):
@@ -266,7 +272,6 @@ class UsbTransport(Transport):
             raise LinkClosed(f"{self._who()} is not connected (unplugged while it was "
                              f"being opened)")
         if link.serial is None:
-            free = [(device, serial) for device, serial in alive if not self._taken(serial)]
             if len(free) == 1:
                 # the others went away meanwhile, or are other terminals' (their serials are
                 # configured): this is the one no other terminal claims (opens again on use)
@@ -291,8 +296,15 @@ class UsbTransport(Transport):
             f"{self._who()} is not connected; found USB terminal(s) {self._ids()} with "
             f"{', '.join(labels)} instead (wrong serial in the configuration?)")
 
-    def _taken(self, serial: str | None) -> bool:
-        return serial is not None and any(same_serial(t, serial) for t in self.taken_serials)
+    def _may_be_taken(self, device: Any, serial: str | None, why: str | None) -> bool:
+        """Whether a device may be one another terminal is configured with: its serial is
+        one of theirs, or it has one that could not be read (not for lack of permission:
+        opening it fails then anyway, saying so)."""
+        if not self.taken_serials:
+            return False
+        if serial is None:
+            return bool(device.iSerialNumber) and why is None
+        return any(same_serial(taken, serial) for taken in self.taken_serials)
 
     def _endpoints(self, config: Any, who: str) -> tuple[Any, Any]:
         number = self.link.interface
