@@ -136,6 +136,9 @@ async def bridge_on(tmp_path: Path, broker: Any, links: dict[str, str],
     }), hotplug=False)
     await bridge.start()
     try:
+        # Subscribed before a test publishes: a request sent before the bridge's first
+        # subscription (no session on the broker yet) is lost, and the test waits in vain
+        assert await wait_until(lambda: bridge.gateway.connected, timeout=15)
         yield bridge
     finally:
         await bridge.stop()
