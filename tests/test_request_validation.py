@@ -427,3 +427,26 @@ def test_names_written_twice_in_a_terminals_message_are_not_refused():
     assert answer.count('"Result"') == 2
     kept = json.dumps(parse_message(answer).to_document())
     assert kept.count('"Result"') == 1 and '"Result": "Success"' in kept
+
+
+
+@pytest.mark.parametrize("body", ["AbortRequest", "TransactionStatusRequest"])
+def test_a_reference_to_a_category_nexo_does_not_have_is_refused(body):
+    """An abort of {"MessageCategory": "payment"} (a register's casing) named no category the
+    bridge knows: it was not taken as about the held payment of those IDs, went to the
+    terminal, and the payment went out afterwards (the second review). It is refused,
+    naming the field; "Payment" passes."""
+    category = "Abort" if body == "AbortRequest" else "TransactionStatus"
+    document = {"SaleToPOIRequest": {
+        "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Service",
+                          "MessageCategory": category, "MessageType": "Request",
+                          "SaleID": "POS1", "ServiceID": "A1", "POIID": POI},
+        body: {"MessageReference": {"MessageCategory": "payment", "SaleID": "POS1",
+                                    "ServiceID": "S1"}}}}
+    if body == "AbortRequest":
+        document["SaleToPOIRequest"][body]["AbortReason"] = "MerchantAbort"
+    assert problems_of(document) == [
+        f"{body}.MessageReference.MessageCategory 'payment' is no MessageCategory "
+        "(Payment, Reversal, ...: mind the capitals)"]
+    document["SaleToPOIRequest"][body]["MessageReference"]["MessageCategory"] = "Payment"
+    assert problems_of(document) == []

@@ -493,6 +493,15 @@ def check_request_header(message: Message) -> list[str]:
         problems.append(f"the request has no body (expected {expected})")
     elif key != expected:
         problems.append(f"MessageCategory {header.message_category} does not match body {key}")
+    for name, body in (("AbortRequest", message.abort_request),
+                       ("TransactionStatusRequest", message.transaction_status_request)):
+        ref = body.message_reference if body is not None else None
+        named = ref.message_category if ref is not None else None
+        if named is not None and not isinstance(named, MessageCategory):
+            # An open enum reads any text: "payment" would name no transaction the bridge
+            # holds, and an abort of it would not stop the held "Payment" of those IDs.
+            problems.append(f"{name}.MessageReference.MessageCategory {str(named)[:40]!r} is no "
+                            "MessageCategory (Payment, Reversal, ...: mind the capitals)")
     # body_key() names the first body it finds; a second one would reach the terminal too.
     bodies = [k for k in message.to_document()[message.kind] if _is_body_key(k)]
     if len(bodies) > 1:
