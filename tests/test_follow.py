@@ -306,7 +306,7 @@ async def test_tcp_terminals_whose_addresses_swapped_are_followed_with_hotplug_r
                                     enumerate_devices=list, settle=0.01)
     await bridge.start()
     try:
-        assert await wait_until(lambda: all(
+        assert await wait_until(lambda: bridge.gateway.connected and all(
             w.identity == "confirmed" for w in bridge.workers.values()), timeout=15), \
             [w.state() for w in bridge.workers.values()]
         assert bridge.workers[A].config.link.port == port_a
