@@ -226,6 +226,13 @@ class UsbLink(_Strict):
         lambda cls, v: _hex16(v)  # noqa: ARG005
     )
 
+    def same_model(self, other: object) -> bool:
+        """Whether `other` is a USB link to the same kind of device and interface: only a
+        serial number can tell the two devices apart."""
+        return isinstance(other, UsbLink) and (
+            (self.vendor_id, self.product_id, self.interface)
+            == (other.vendor_id, other.product_id, other.interface))
+
 
 Link = Annotated[SerialLink | TcpLink | UsbLink, Field(discriminator="kind")]
 

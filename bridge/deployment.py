@@ -110,8 +110,7 @@ def _usb_without_serial_beside_its_twin(config: Config) -> list[str]:
         if link.serial is not None:
             continue
         twins = [t.poi_id for n, t in usb if n != number and t.link.serial is not None
-                 and (t.link.vendor_id, t.link.product_id, t.link.interface)
-                 == (link.vendor_id, link.product_id, link.interface)]
+                 and link.same_model(t.link)]
         if twins:
             problems.append(
                 f"terminals[{number}].link: {terminal.poi_id} has no serial, and "

@@ -65,9 +65,7 @@ def _taken_serials(terminal: TerminalConfig, config: Config) -> tuple[str, ...]:
         return ()
     # (one composite device may hold two terminals on two interfaces: not twins)
     return tuple(t.link.serial for t in config.terminals
-                 if t is not terminal and isinstance(t.link, UsbLink) and t.link.serial
-                 and (t.link.vendor_id, t.link.product_id, t.link.interface)
-                 == (link.vendor_id, link.product_id, link.interface))
+                 if t is not terminal and link.same_model(t.link) and t.link.serial)
 
 
 class Bridge:

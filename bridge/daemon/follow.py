@@ -79,6 +79,5 @@ def _may_be_one_device(here: Any, there: Any) -> bool:
         return os.path.realpath(here.device) == os.path.realpath(there.device)
     if here.kind == "tcp":
         return (here.host.lower(), here.port) == (there.host.lower(), there.port)
-    return ((here.vendor_id, here.product_id, here.interface)
-            == (there.vendor_id, there.product_id, there.interface)
+    return (here.same_model(there)
             and (here.serial is None or there.serial is None or here.serial == there.serial))
