@@ -19,9 +19,9 @@ from bridge.simulator.terminal import Behaviour, LedgerEntry, LinkBehaviour, Sce
 from .rig import POI as STORE_POI
 from .rig import Subscriber, outcome_for
 from .test_daemon_mqtt import BASE, Store, default_scenario, request_topic
-from .test_follow import A as HAND_POI
-from .test_follow import BASE as HAND_BASE
-from .test_follow import DeviceByHand, bridge_on, wait_until
+from .follow_rig import A as HAND_POI
+from .follow_rig import BASE as HAND_BASE
+from .follow_rig import DeviceByHand, bridge_on, wait_until
 from .test_intake_fuzz import POI, Rig
 
 OTHER = "V400m-999999999"  # a terminal the payment ran on, not the one asked
