@@ -17,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import grp
 import logging
 import os
+import struct
 import termios
+import time
 
 import serial
 
@@ -31,6 +34,9 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 4096
 MAX_UNREAD = 1 << 16  # bytes read ahead of a read() call, at most
+DRAIN_LIMIT = 2.0  # seconds close() waits at most for output the line has not sent yet
+DRAIN_MARGIN = 0.1  # on top of the queued bytes' line time (USB adapters' latency timer)
+DRAIN_POLL = 0.01  # seconds between looks at the output queue while draining
 # Errors that mean the device itself is gone (unplugged, hung up, driver unbound).
 _GONE_ERRNOS = {errno.EIO, errno.ENXIO, errno.ENODEV, errno.EPIPE}
 
@@ -39,15 +45,19 @@ class SerialTransport(Transport):
     """Bytes over one serial device. Build it with the link config; `open()` opens the port.
 
     read() returns whatever the kernel has (at least one byte). write() returns once the
-    kernel has taken every byte. close() discards output the line has not sent yet, so a stalled
-    line (hardware flow control held off, dead adapter) cannot make closing hang.
+    kernel has taken every byte. close() lets the line send what the kernel still holds (an
+    ACK written just before, say) for about its line time at the configured speed, at most
+    `drain_limit` seconds, then discards the rest, so a stalled line (hardware flow control
+    held off, dead adapter) cannot make closing hang.
     """
 
     kind = "serial"
 
-    def __init__(self, link: SerialLink, *, close_timeout: float = 5.0) -> None:
+    def __init__(self, link: SerialLink, *, close_timeout: float = 5.0,
+                 drain_limit: float = DRAIN_LIMIT) -> None:
         self.link = link
         self.close_timeout = close_timeout
+        self.drain_limit = drain_limit
         self._port: serial.Serial | None = None
         self._fd: int | None = None
         self._reason = f"serial device {link.device} is not open"
@@ -140,13 +150,41 @@ class SerialTransport(Transport):
         # Bytes read ahead are dropped: whoever closes is done with this connection. (On a
         # loss, by contrast, they are still handed over before LinkClosed.)
         self._received.clear()
-        if self._fd is not None:
-            self._reason = f"serial device {self.link.device} was closed"
-            self._start_closing()
+        fd = self._fd
+        if fd is not None:
+            try:
+                await self._drain(fd)
+            finally:  # (cancelled meanwhile too: the port is released all the same)
+                if self._fd == fd:
+                    self._reason = f"serial device {self.link.device} was closed"
+                    self._start_closing()
         if self._closing is not None:
             await self._await_closing()
 
     # --- internals ----------------------------------------------------------------------------
+
+    async def _drain(self, fd: int) -> None:
+        """Wait, without blocking the loop, until the kernel has sent the output it holds, for
+        about that output's line time (plus a margin, at most drain_limit). Not tcdrain(): in
+        a thread it cannot be given up on, and it waits as long as flow control holds the line.
+        Returns at once when nothing is queued (always on a pty, whose output goes straight to
+        the other end) and when the device is gone (the queue cannot be read)."""
+        queued = _output_queued(fd)
+        if not queued:
+            return
+        link = self.link
+        bits = 1 + link.bytesize + (link.parity != "N") + link.stopbits
+        allowed = min(self.drain_limit, queued * bits / link.baudrate + DRAIN_MARGIN)
+        deadline = time.monotonic() + allowed
+        while queued and self._fd == fd:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("serial device %s: %d bytes still unsent after %.2f s when closing "
+                            "it; discarded (flow control holding the line?)", link.device,
+                            queued, allowed)
+                return
+            await asyncio.sleep(min(DRAIN_POLL, left))
+            queued = _output_queued(fd)
 
     def _open_port(self) -> serial.Serial:
         link = self.link
@@ -273,10 +311,14 @@ class SerialTransport(Transport):
                 waiter.set_result(None)  # the woken call sees _fd is None and raises
         self._fd = None
         self._port = None
-        # Drop unsent output: otherwise the kernel's close waits for it to drain (up to 30 s,
-        # forever while hardware flow control holds the line). Fails harmlessly when hung up.
-        with contextlib.suppress(termios.error, OSError):
-            termios.tcflush(fd, termios.TCOFLUSH)
+        # Drop output still unsent (close() has waited for it as long as it should): else the
+        # kernel's close waits for it to drain (up to 30 s, forever while hardware flow control
+        # holds the line). Only then: on a pty the flush would discard what the other end has
+        # not read yet (a pty has no output queue; its TIOCOUTQ is always 0). Fails harmlessly
+        # when hung up.
+        if _output_queued(fd) != 0:
+            with contextlib.suppress(termios.error, OSError):
+                termios.tcflush(fd, termios.TCOFLUSH)
         self._closing = loop.run_in_executor(None, _close_port, port)
 
     async def _await_closing(self) -> None:
@@ -291,6 +333,14 @@ class SerialTransport(Transport):
         else:
             if self._closing is closing:
                 self._closing = None
+
+
+def _output_queued(fd: int) -> int | None:
+    """Bytes the kernel holds for the line (TIOCOUTQ), or None if it cannot say (gone)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return None
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:

@@ -1,0 +1,121 @@
+"""Closing a link delivers what was already handed to the transport, and never hangs.
+
+The worker closes a link right after reading the frame that showed a terminal swap; that
+frame's ACK was written just before. If the close threw it away the terminal would send the
+frame again. The serial tests run against real pseudo-terminals; a line held off by flow
+control (output that never leaves the UART) cannot be made with a pty, so that case stands
+the kernel's output-queue count in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from bridge.config import SerialLink
+from bridge.transports import serial as serial_module
+from bridge.transports.serial import SerialTransport
+
+from .test_transports import Pty, fds_open_on, loop_errors, payload, within  # noqa: F401
+
+ACK = b"\x06"
+
+
+@pytest.fixture
+def pty():
+    peer = Pty()
+    yield peer
+    peer.vanish()
+
+
+async def opened(pty: Pty, **line) -> SerialTransport:
+    transport = SerialTransport(SerialLink(device=pty.path, **line))
+    await within(transport.open())
+    return transport
+
+
+async def timed_close(transport: SerialTransport) -> float:
+    started = time.monotonic()
+    await within(transport.close())
+    return time.monotonic() - started
+
+
+# --- serial -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("behind", [0, 8 * 1024], ids=["read-at-once", "reading-behind"])
+async def test_serial_bytes_written_just_before_close_reach_the_terminal(pty, behind):
+    """A frame by write() and an ACK taken by write_nowait(), then close() at once: the
+    terminal reads both. The flush of the output on close used to discard what the terminal
+    had not read yet: on a pty whatever waited beyond the reader's 4 KiB line buffer, on a
+    real line whatever the UART had not sent (an ACK: the next few hundred microseconds)."""
+    transport = await opened(pty)
+    frame = b"\x02" + payload(behind + 300) + b"\x03"
+    await within(transport.write(frame))
+    assert transport.write_nowait(ACK) == 1
+    await within(transport.close())
+    assert await pty.recv(len(frame) + 1) == frame + ACK
+    assert fds_open_on(pty.path) == []
+
+
+async def test_serial_close_with_the_terminal_gone_returns_promptly(pty, loop_errors):  # noqa: F811
+    """The other end vanished (an unplugged adapter, a closed pty) with our bytes unread:
+    close() neither waits for them nor raises."""
+    transport = await opened(pty)
+    assert transport.write_nowait(ACK + payload(64)) == 65
+    pty.vanish()
+    assert await timed_close(transport) < 1.0
+    assert not transport.is_open
+    assert fds_open_on(pty.path) == []
+    assert loop_errors == []
+
+
+async def test_serial_close_with_nothing_pending_does_not_wait(pty):
+    transport = await opened(pty)
+    assert await timed_close(transport) < 0.5
+
+
+async def test_serial_close_waits_for_queued_output_about_its_line_time(pty, monkeypatch):
+    """Output the UART has not sent yet (TIOCOUTQ > 0) is waited for about as long as the
+    line needs for it at the configured speed, then the rest is discarded, so the kernel's
+    own close does not wait for it (up to 30 s, forever with flow control held off)."""
+    transport = await opened(pty, baudrate=9600)
+    flushed: list[int] = []
+    monkeypatch.setattr(serial_module, "_output_queued", lambda fd: 480)  # never drains
+    real_flush = serial_module.termios.tcflush
+    monkeypatch.setattr(serial_module.termios, "tcflush",
+                        lambda fd, which: (flushed.append(which), real_flush(fd, which)))
+    took = await timed_close(transport)
+    line_time = 480 * 10 / 9600  # 0.5 s at 9600 8N1
+    assert line_time <= took < line_time + 1.0, took
+    assert serial_module.termios.TCOFLUSH in flushed
+    assert fds_open_on(pty.path) == []
+
+
+async def test_serial_close_of_a_line_held_off_is_capped(pty, monkeypatch):
+    """However much is queued (64 KiB at 1200 baud is nine minutes), close() gives up at the
+    cap and does not freeze the event loop meanwhile."""
+    transport = SerialTransport(SerialLink(device=pty.path, baudrate=1200), drain_limit=0.5)
+    await within(transport.open())
+    monkeypatch.setattr(serial_module, "_output_queued", lambda fd: 65536)
+    closing = asyncio.create_task(timed_close(transport))
+    await within(asyncio.sleep(0.1))  # the loop runs on while close() waits
+    assert not closing.done()
+    took = await within(closing)
+    assert 0.5 <= took < 1.5, took
+    assert fds_open_on(pty.path) == []
+
+
+async def test_serial_close_cancelled_while_draining_still_releases_the_port(pty, monkeypatch):
+    transport = await opened(pty, baudrate=1200)
+    monkeypatch.setattr(serial_module, "_output_queued", lambda fd: 65536)
+    closing = asyncio.create_task(transport.close())
+    await asyncio.sleep(0.05)
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await within(closing)
+    assert not transport.is_open
+    await within(transport.close())
+    assert fds_open_on(pty.path) == []
