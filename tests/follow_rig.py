@@ -16,7 +16,7 @@ from typing import Any
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
 from bridge.protocol import crypto
-from bridge.protocol.framing import FrameReceived, make_framer
+from bridge.protocol.framing import FrameReceived, FrameSent, make_framer
 from bridge.simulator import responses
 from bridge.simulator.server import SimulatorServer, open_pty
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
@@ -94,6 +94,10 @@ class DeviceByHand:
         self.master, self._slave, _ = open_pty(path)
         self.framer = make_framer(framer)
         self.received: list[dict[str, Any]] = []
+        # The documents sent (as framed: encrypted if sent with a key), and those whose
+        # frames the bridge acknowledged (with a framing that has ACKs)
+        self.sent: list[dict[str, Any]] = []
+        self.acknowledged: list[dict[str, Any]] = []
         asyncio.get_running_loop().add_reader(self.master, self._readable)
 
     def categories(self) -> list[str]:
@@ -105,6 +109,7 @@ class DeviceByHand:
         for document in documents:
             if key is not None:
                 document = crypto.encrypt_message(document, key)
+            self.sent.append(document)
             self.framer.send_frame(json.dumps(document).encode(), time.monotonic())
         self._flush()
 
@@ -122,6 +127,8 @@ class DeviceByHand:
             for event in self.framer.receive_data(data, time.monotonic()):
                 if isinstance(event, FrameReceived):
                     self.received.append(json.loads(event.payload))
+                elif isinstance(event, FrameSent):
+                    self.acknowledged.append(json.loads(event.payload))
             self._flush()
 
     def _flush(self) -> None:

@@ -18,6 +18,7 @@ from bridge.config import SerialLink
 from bridge.transports import serial as serial_module
 from bridge.transports.serial import SerialTransport
 
+from .follow_rig import A, B, DeviceByHand, bridge_on, linked_to, wait_until
 from .test_transports import Pty, fds_open_on, loop_errors, payload, within  # noqa: F401
 
 ACK = b"\x06"
@@ -119,3 +120,25 @@ async def test_serial_close_cancelled_while_draining_still_releases_the_port(pty
     assert not transport.is_open
     await within(transport.close())
     assert fds_open_on(pty.path) == []
+
+
+# --- end to end: the frame that shows a swap is acknowledged --------------------------------
+
+
+async def test_the_ack_of_the_frame_that_showed_a_swap_reaches_the_device(tmp_path, mosquitto):
+    """B's device is on A's port, B's port is empty. The device answers A's identity check
+    naming B; A's worker closes the link at once to let B follow there. That answer's ACK,
+    written just before, reaches the device: else it sends the answer again, to B now."""
+    device = DeviceByHand(tmp_path / "port-a")
+    try:
+        async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port-a"),
+                                                   B: str(tmp_path / "port-b")}) as bridge:
+            assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
+            device.answer_check_as(B)
+            named = [d for d in device.sent if "DiagnosisResponse" in d["SaleToPOIResponse"]]
+            assert await wait_until(lambda: linked_to(bridge, B) == str(tmp_path / "port-a"),
+                                    timeout=10)
+            assert await wait_until(lambda: named[0] in device.acknowledged, timeout=5), \
+                device.acknowledged
+    finally:
+        device.close()
