@@ -978,16 +978,20 @@ def restarted(h: Harness, restarts: int) -> list:
 
 
 @fuzz_settings(300)
-@given(EVENTS)
-@example(["up", "tick30", "submit"])  # a payment after an unanswered identity check (cec6464)
-@example(["submit", "up", "abort"])  # an abort while the new device is asked (fa3a86b)
-def test_invariants_hold_for_any_sequence_of_events(events):
+@given(EVENTS, st.booleans())
+@example(["up", "tick30", "submit"], False)  # a payment after an unanswered check (cec6464)
+@example(["submit", "up", "abort"], False)  # an abort while the new device is asked (fa3a86b)
+@example(["up", "submit", "refused", "named"], True)  # named after a check with another key
+def test_invariants_hold_for_any_sequence_of_events(events, other_keys):
     """Whatever happens: a request is written to the terminal at most once, every Send and
     Deliver of a transaction follows its Record, each transaction gets one final result,
     nothing but the identity check goes to a device that named another terminal, and no
     request, abort or register's status request goes to a device that has not named this
-    terminal (since the link came up)."""
+    terminal (since the link came up). With `other_keys` a check the device refuses or
+    answers unreadably is asked again with another terminal's key: only checks ever are."""
     h = Harness()
+    keys = ("V400m-222", "V400m-333") if other_keys else ()
+    h.session.identity.other_keys = keys
     counter = itertools.count(1)
     finals: dict[tuple[str, str], int] = {}
     wrong_device = False
@@ -1041,9 +1045,12 @@ def test_invariants_hold_for_any_sequence_of_events(events):
         elif event == "restart":
             restarts += 1
             actions = restarted(h, restarts)
+            h.session.identity.other_keys = keys
         else:
             continue
         assert_recorded_before(actions)
+        assert [s.purpose for s in h.sends(actions) if s.key_of is not None] in (
+            [], ["identify"]), "only an identity check goes with another terminal's key"
         if event in ("up", "down", "wrong", "restart"):
             named = False
         elif event == "named":  # (the harness's device has answered a check: there is one)
@@ -1371,3 +1378,64 @@ def test_another_sessions_identity_check_answered_on_this_link_is_nothing_of_our
     assert [a.level for a in taken if isinstance(a, Log)] == ["debug"]
     sent = h.name()  # our own check's answer lets the payment go
     assert [s.purpose for s in h.sends(sent)] == ["request"]
+
+
+# --- identity checks with other terminals' keys --------------------------------------------
+
+def test_a_device_that_cannot_take_the_links_key_is_asked_with_each_other_terminals_key():
+    """Terminals with keys of their own, cables swapped: the device on this link refuses
+    the identity check (it cannot decrypt it), and nothing ever named it, so it was never
+    followed. The check is asked again with each other terminal's key (names only: the
+    shell holds the keys); the one that the device reads names it."""
+    h = Harness(link_up=False)
+    h.session.identity.other_keys = ("V400m-222", "V400m-333")
+    h.do(h.session.link_is_up(h.now))
+    assert [s.key_of for s in h.sends(purpose="identify")] == [None]
+    h.do(h.session.refused("terminal cannot decrypt our message", h.now))
+    h.do(h.session.refused("terminal cannot decrypt our message", h.now))
+    checks = h.sends(purpose="identify")
+    assert [s.key_of for s in checks] == [None, "V400m-222", "V400m-333"]
+    assert len({s.service_id for s in checks}) == 3  # each its own check
+    assert not h.session.identity.unnamed_checks  # still asking: not yet unnamed
+    assert any(isinstance(a, Log) and "with V400m-333's key" in a.message for a in h.log)
+    h.session.terminal_named("V400m-333")  # its answer, read with that key, names it
+    answer = responses.simple_response(checks[-1].document)
+    answer["SaleToPOIResponse"]["MessageHeader"]["POIID"] = "V400m-333"
+    h.answer(answer)
+    assert h.session.wrong_device == "V400m-333"
+    sent = h.submit("POS1", "S1")  # and nothing is sent to it
+    assert h.sends(sent) == [] and h.delivers(sent)[0].outcome == "rejected"
+
+
+def test_when_no_key_is_read_the_device_stays_unnamed_with_the_own_keys_reason():
+    """Every key tried: the device is unnamed once (not once per key), and the reason a
+    technician reads is the link's own key's, then which others were tried. A check with
+    another key that goes unanswered ends the round the same way."""
+    h = Harness(link_up=False)
+    h.session.identity.other_keys = ("V400m-222",)
+    h.do(h.session.link_is_up(h.now))
+    h.do(h.session.refused("terminal cannot decrypt our message (key K1)", h.now))
+    h.do(h.session.unreadable("HMAC does not verify", h.now))  # the answer to B's key's check
+    assert h.session.identity.unnamed_checks == 1
+    reason = h.session.identity.unnamed_reason
+    assert reason.startswith("the terminal refused the identity check: terminal cannot "
+                             "decrypt our message (key K1); asked again with V400m-222's key "
+                             "(in case it is that terminal): not read either"), reason
+    asked = h.submit("POS1", "S1")  # a payment gets a round of its own, own key first
+    assert [s.key_of for s in h.sends(asked)] == [None]
+    h.do(h.session.refused("terminal cannot decrypt our message (key K1)", h.now))
+    h.advance(SETTINGS.status_timeout)  # B's key's check goes unanswered
+    (refused,) = h.delivers()
+    assert refused.outcome == "rejected" and h.sends(purpose="request") == []
+    assert "asked again with V400m-222's key (in case it is that terminal): no answer to the " \
+        "identity check" in refused.error, refused.error
+
+
+def test_without_other_keys_a_refused_check_leaves_the_device_unnamed_at_once():
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))
+    h.do(h.session.refused("terminal cannot decrypt our message", h.now))
+    assert [s.key_of for s in h.sends(purpose="identify")] == [None]
+    assert h.session.identity.unnamed_checks == 1
+    assert h.session.identity.unnamed_reason == \
+        "the terminal refused the identity check: terminal cannot decrypt our message"

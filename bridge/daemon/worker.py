@@ -140,13 +140,11 @@ class TerminalWorker:
         self.journal = journal
         self.outlet = outlet
         self.key = key
-        # The other terminals whose device could be found on this link (same link kind),
-        # with their keys: set by the daemon once every worker exists
-        self.neighbours: dict[str, crypto.NexoKey | None] = {}
         self._transport_factory = transport_factory
         self._clock = clock or SteadyClock()
         self._backoff = backoff or Backoff(initial=0.2, maximum=10.0)
         self.session = TerminalSession(config.poi_id, session_settings(config))
+        self.neighbours = {}
         fc = config.framer
         self.framer = make_framer(fc.name, max_frame_size=fc.max_frame_size,
                                   ack_timeout=fc.ack_timeout, max_tries=fc.max_tries)
@@ -180,6 +178,26 @@ class TerminalWorker:
         self.sent_unconfirmed: set[TxKey] = set()
 
     # --- public -----------------------------------------------------------------------------
+
+    @property
+    def neighbours(self) -> dict[str, crypto.NexoKey | None]:
+        """The other terminals whose device could be found on this link (same link kind),
+        with their keys: set by the daemon once every worker exists."""
+        return self._neighbours
+
+    @neighbours.setter
+    def neighbours(self, terminals: dict[str, crypto.NexoKey | None]) -> None:
+        self._neighbours = terminals
+        # The keys a device that cannot take this terminal's is asked with: one terminal
+        # for each key not this one's (terminals sharing a key are asked once)
+        distinct: list[str] = []
+        for poi_id in sorted(terminals):
+            key = terminals[poi_id]
+            if key is None or crypto.same_key(key, self.key) \
+                    or any(crypto.same_key(key, terminals[other]) for other in distinct):
+                continue
+            distinct.append(poi_id)
+        self.session.identity.other_keys = tuple(distinct)
 
     @property
     def online(self) -> bool:
@@ -346,8 +364,10 @@ class TerminalWorker:
 
     def _send(self, action: Send) -> None:
         document = action.document
-        if self.key is not None:
-            document = crypto.encrypt_message(document, self.key)
+        # (An identity check may go with another terminal's key: see DeviceIdentity.next_key)
+        key = self.key if action.key_of is None else self.neighbours.get(action.key_of)
+        if key is not None:
+            document = crypto.encrypt_message(document, key)
         payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
         if len(payload) > self.framer.max_frame_size:
             log.error("terminal %s: %s %s is %d bytes, over the frame limit %d; not sent",

@@ -25,6 +25,9 @@ class Send:
     sale_id: str
     service_id: str
     purpose: str  # request, status-poll, abort, passthrough, identify
+    # An identity check encrypted with this other terminal's key rather than the link's own
+    # (the device may be that terminal, on a swapped cable): see identity.py
+    key_of: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

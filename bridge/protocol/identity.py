@@ -8,6 +8,10 @@ What this decides:
 - which answers are to the checks this link sent (late ones too, and none of another
   session's), and that an answer without a POIID, one that cannot be read, a check refused,
   not delivered or not answered in time leaves the device unnamed;
+- with which keys to ask: a device that cannot read the check, or whose answer cannot be
+  read, is asked again with each key of the other terminals that may be on this link
+  (`other_keys`: terminals set up with keys of their own, swapped cables), since it may be
+  one of them; its answer, read with that key, names it, and the daemon follows it;
 - how many unanswered checks a waiting request gets before it is refused
   (IDENTITY_CHECKS_BEFORE_REFUSING): a payment never goes to a device that has not said who
   it is, which might be another terminal that would charge it;
@@ -38,6 +42,7 @@ BRIDGE_SALE_ID = "poi-bridge"  # the SaleID of the bridge's own identity checks
 class IdentityCheck:
     service_id: str
     deadline: float
+    key_of: str | None = None  # asked with this other terminal's key (None: the link's own)
 
 
 class DeviceIdentity:
@@ -59,12 +64,17 @@ class DeviceIdentity:
         self.unnamed_reason = ""  # why the last one did not
         self.check: IdentityCheck | None = None  # the identity check on the wire
         self.sent_ids: deque[str] = deque(maxlen=16)  # the last checks sent: late answers
+        # The other terminals whose keys a device that cannot take this terminal's key is
+        # asked with, in this order (names only: the shell holds the keys, and encrypts)
+        self.other_keys: tuple[str, ...] = ()
+        self._own_key_failure = ""  # why the check with the link's own key failed
 
     def new_device(self) -> None:
         """The link was opened or lost: whatever is plugged in next must say who it is again."""
         self.named, self.asked, self.check, self.wrong_device = False, False, None, None
         self.following = False
         self.unnamed_checks = 0
+        self._own_key_failure = ""
 
     def named_as(self, poi_id: str) -> None:
         """The device on the link sent a message carrying `poi_id`."""
@@ -80,15 +90,39 @@ class DeviceIdentity:
                 or (header is not None and header.sale_id == BRIDGE_SALE_ID
                     and message.category == "Diagnosis"))
 
-    def ask(self, service_id: str, deadline: float) -> Send:
+    def ask(self, service_id: str, deadline: float, key_of: str | None = None) -> Send:
         """The identity check: the first thing on a newly opened link. No record: losing it
         to a crash loses nothing, the next start asks again."""
         self.asked = True
-        self.check = IdentityCheck(service_id, deadline)
+        self.check = IdentityCheck(service_id, deadline, key_of)
         self.sent_ids.append(service_id)
         document = builders.diagnosis_request(sale_id=BRIDGE_SALE_ID, service_id=service_id,
                                               poi_id=self.poi_id)
-        return Send(document, BRIDGE_SALE_ID, service_id, "identify")
+        return Send(document, BRIDGE_SALE_ID, service_id, "identify", key_of=key_of)
+
+    def next_key(self, reason: str) -> str | None:
+        """The check on the wire failed on its key (the device could not read it, or its
+        answer cannot be read): the other terminal whose key to ask with next, or None when
+        every one has been tried. A DiagnosisRequest carries nothing of a payment, so asking
+        with another terminal's key costs nothing; its answer names the device."""
+        tried = self.check.key_of if self.check is not None else None
+        if tried is None:
+            self._own_key_failure = reason
+            return self.other_keys[0] if self.other_keys else None
+        if tried not in self.other_keys:
+            return None
+        later = self.other_keys[self.other_keys.index(tried) + 1:]
+        return later[0] if later else None
+
+    def _keys_tried(self, last: str) -> tuple[str, ...]:
+        if last not in self.other_keys:
+            return (last,)
+        return self.other_keys[:self.other_keys.index(last) + 1]
+
+    def asking_with(self, key_of: str) -> Log:
+        return Log("info", f"terminal {self.poi_id}: the device on its link does not take its "
+                           f"key, or answers in another; asking which terminal it is with "
+                           f"{key_of}'s key, in case that terminal's cable is in this port")
 
     def answered(self, service_id: str) -> bool:
         """An answer to check `service_id`, one this link sent, came. True: it ends the
@@ -104,6 +138,12 @@ class DeviceIdentity:
         terminal, which would charge it: a swapped cable, found by the soak): the check is
         asked again, and after IDENTITY_CHECKS_BEFORE_REFUSING a waiting request is refused.
         Status polls still go; the POIID of each answer is checked."""
+        if self.check is not None and self.check.key_of is not None:
+            # The first failure, on the link's own key, is what a technician acts on
+            tried = self._keys_tried(self.check.key_of)
+            which = (f"{tried[0]}'s key (in case it is that terminal)" if len(tried) == 1 else
+                     f"the keys of {', '.join(tried)} (in case it is one of those terminals)")
+            reason = f"{self._own_key_failure or reason}; asked again with {which}: {reason}"
         self.check = None
         self.unnamed_checks += 1
         self.unnamed_reason = reason

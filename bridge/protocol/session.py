@@ -300,8 +300,8 @@ class TerminalSession:
         to the identity check it ends the check (a device is there, and answers); otherwise
         it is an unusable answer: a payment is asked about, never ended."""
         if self.identity.check is not None:
-            why = f"the answer to the identity check cannot be read: {reason}"
-            return [self.identity.unnamed(why), *self._pump(now)]
+            return self._check_key_failed(
+                f"the answer to the identity check cannot be read: {reason}", now)
         return self.unusable(reason, now)
 
     def refused(self, reason: str, now: float) -> list[Action]:
@@ -309,8 +309,8 @@ class TerminalSession:
         request was not acted on, so the transaction ends as an error naming the cause; a
         status poll that met the same fate counts as unanswered."""
         if self.identity.check is not None:
-            return [self.identity.unnamed(f"the terminal refused the identity check: {reason}"),
-                    *self._pump(now)]
+            return self._check_key_failed(f"the terminal refused the identity check: {reason}",
+                                          now)
         if self._probe is not None:
             txn = self.open.get(self._probe.key)
             self._probe = None
@@ -515,6 +515,19 @@ class TerminalSession:
 
     def _ask_name(self, now: float) -> list[Action]:
         return [self.identity.ask(self._new_service_id(), now + self.settings.status_timeout)]
+
+    def _check_key_failed(self, reason: str, now: float) -> list[Action]:
+        """The identity check failed on its key: asked again with the next other terminal's
+        key (identity.next_key), or, every key tried, the device stays unnamed."""
+        asked_with = self.identity.check.key_of if self.identity.check is not None else None
+        key_of = self.identity.next_key(reason)
+        if key_of is not None:
+            return [self.identity.asking_with(key_of),
+                    self.identity.ask(self._new_service_id(),
+                                      now + self.settings.status_timeout, key_of=key_of)]
+        if asked_with is not None:
+            reason = "not read either"  # (the own key's failure comes first)
+        return [self.identity.unnamed(reason), *self._pump(now)]
 
     def _naming_answered(self, service_id: str, now: float) -> list[Action]:
         if not self.identity.answered(service_id):

@@ -1,0 +1,105 @@
+"""Terminals set up with keys of their own, cables swapped: the device on a link cannot take
+that terminal's key, so the identity check is asked again with the other terminals' keys,
+and the answer, read with the key that worked, names the terminal that is there. The
+daemon then follows them as it does terminals sharing a key."""
+
+from __future__ import annotations
+
+import logging
+
+from bridge.protocol import crypto
+from bridge.register_client import RegisterClient
+
+from .follow_rig import A, B, BASE, KEYS, bridge_on, key_configs, linked_to, simulator, wait_until
+
+
+def amounts(sim) -> list[float]:
+    return sorted(e.request["SaleToPOIRequest"]["PaymentRequest"]["PaymentTransaction"][
+        "AmountsReq"]["RequestedAmount"] for e in sim.terminal.ledger.values()
+        if e.category == "Payment")
+
+
+async def test_swapped_terminals_with_different_keys_are_followed_and_paid_on_their_own(
+        tmp_path, mosquitto, caplog):
+    """Each device answered the other terminal's check (encrypted with the other key) with
+    a crypto error that names nobody: both terminals refused every payment until the cables
+    were put back. Asked with the other key, each device names itself, and both are
+    followed."""
+    keys = key_configs(tmp_path)
+    sim_a, sim_b = simulator(A, key=KEYS[A]), simulator(B, key=KEYS[B])
+    port_a = await sim_a.start_pty(tmp_path / "port-a")
+    port_b = await sim_b.start_pty(tmp_path / "port-b")
+    try:
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            async with bridge_on(tmp_path, mosquitto, {A: port_b, B: port_a}, keys) as bridge:
+                assert await wait_until(lambda: all(
+                    w.identity == "confirmed" for w in bridge.workers.values()), timeout=15), \
+                    {p: w.identity for p, w in bridge.workers.items()}
+                assert (linked_to(bridge, A), linked_to(bridge, B)) == (port_a, port_b)
+                async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                          base_topic=BASE, persistent=False) as till:
+                    for poi_id, amount in ((A, 10.0), (B, 20.0)):
+                        answer = await till.pay(poi_id, amount, timeout=15)
+                        assert answer["bridge"]["outcome"] == "approved", answer
+        assert [m for m in caplog.messages if "following them" in m], caplog.messages
+        assert any(f"asking which terminal it is with {B}'s key" in m for m in caplog.messages)
+        assert (amounts(sim_a), amounts(sim_b)) == ([10.0], [20.0])
+        # No key material in any line (the passphrases are the tests' own)
+        assert not [m for m in caplog.messages if "passphrase of terminal" in m]
+    finally:
+        await sim_a.close()
+        await sim_b.close()
+
+
+async def test_a_terminal_moved_into_another_ones_port_with_its_own_key_is_found(
+        tmp_path, mosquitto):
+    """B's device in A's port, nothing in B's: B is found there with B's key and followed,
+    so B takes payments again; A, whose device is nowhere, is offline, and nothing of A's
+    reaches B's device."""
+    keys = key_configs(tmp_path)
+    sim_b = simulator(B, key=KEYS[B])
+    port_b = await sim_b.start_pty(tmp_path / "port-b")
+    try:
+        empty = str(tmp_path / "port-a")  # A's device is nowhere
+        async with bridge_on(tmp_path, mosquitto, {A: port_b, B: empty}, keys) as bridge:
+            assert await wait_until(lambda: bridge.workers[B].identity == "confirmed",
+                                    timeout=15)
+            assert linked_to(bridge, B) == port_b
+            async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                      base_topic=BASE, persistent=False) as till:
+                paid = await till.pay(B, 20.0, timeout=15)
+                refused = await till.pay(A, 5.0, timeout=15)
+        assert paid["bridge"]["outcome"] == "approved", paid
+        assert refused["bridge"]["outcome"] == "rejected", refused
+        assert "offline" in refused["bridge"]["error"], refused
+        assert amounts(sim_b) == [20.0]
+    finally:
+        await sim_b.close()
+
+
+async def test_a_device_no_configured_key_reads_is_refused_naming_what_was_tried(
+        tmp_path, mosquitto):
+    """A device set up with a key none of the terminals has: every key is tried, none is
+    read, and a payment is refused (nothing sent) saying why with the terminal's own key,
+    which others were tried, and that it may be another terminal."""
+    keys = key_configs(tmp_path)
+    stranger = crypto.NexoKey("Key-other", 1, "a passphrase nobody configured")
+    sim = simulator(A, key=stranger)
+    port = await sim.start_pty(tmp_path / "port-x")
+    try:
+        empty = str(tmp_path / "port-b")
+        async with bridge_on(tmp_path, mosquitto, {A: port, B: empty}, keys) as bridge:
+            async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                      base_topic=BASE, persistent=False) as till:
+                refused = await till.pay(A, 5.0, timeout=20)
+            assert bridge.workers[A].identity == "unknown"
+        assert refused["bridge"]["outcome"] == "rejected", refused
+        error = refused["bridge"]["error"]
+        assert "cannot decrypt our message" in error, error
+        assert f"key Key-{A} v1" in error, error
+        assert f"asked again with {B}'s key (in case it is that terminal): not read " \
+            "either" in error, error
+        assert "a passphrase" not in error
+        assert not sim.terminal.ledger  # nothing reached the device
+    finally:
+        await sim.close()
