@@ -10,11 +10,13 @@ the kernel's output-queue count in.
 from __future__ import annotations
 
 import asyncio
+import select
 import time
 
 import pytest
 
 from bridge.config import SerialLink
+from bridge.transports import LinkClosed
 from bridge.transports import serial as serial_module
 from bridge.transports.serial import SerialTransport
 
@@ -120,6 +122,59 @@ async def test_serial_close_cancelled_while_draining_still_releases_the_port(pty
     assert not transport.is_open
     await within(transport.close())
     assert fds_open_on(pty.path) == []
+
+
+async def stuck(pty: Pty, writing: asyncio.Task) -> None:
+    """Until `writing` waits for room: the terminal is not reading."""
+    assert await wait_until(lambda: select.select([pty.master], [], [], 0)[0] and not writing.done(),
+                            timeout=5)
+
+
+async def test_serial_a_write_cancelled_midway_is_finished_by_close(pty):
+    """The worker cancels its writer task before it closes the link. What that write() was
+    given and the kernel had not taken yet used to be dropped (the frame cut short on the
+    line): close() sends it, as the terminal reads."""
+    transport = await opened(pty)
+    frame = b"\x02" + payload(128 * 1024) + b"\x03"
+    writing = asyncio.create_task(transport.write(frame))
+    await stuck(pty, writing)
+    writing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    assert transport.write_nowait(ACK) == 0  # never ahead of the rest of the frame
+    closing = asyncio.create_task(transport.close())
+    assert await pty.recv(len(frame)) == frame
+    await within(closing)
+    assert fds_open_on(pty.path) == []
+
+
+async def test_serial_after_a_cancelled_write_the_next_write_sends_its_rest_first(pty):
+    transport = await opened(pty)
+    frame = payload(128 * 1024)
+    writing = asyncio.create_task(transport.write(frame))
+    await stuck(pty, writing)
+    writing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writing
+    writing = asyncio.create_task(transport.write(ACK))
+    assert await pty.recv(len(frame) + 1) == frame + ACK
+    await within(writing)
+    await within(transport.close())
+
+
+async def test_serial_close_of_a_write_the_terminal_never_reads_is_capped(pty, loop_errors):  # noqa: F811
+    """Bounded however much waits (a pty has no line speed: only the cap holds here); the
+    write() waiting meanwhile learns that the link closed under it."""
+    transport = SerialTransport(SerialLink(device=pty.path), drain_limit=0.5)
+    await within(transport.open())
+    writing = asyncio.create_task(transport.write(payload(256 * 1024)))
+    await stuck(pty, writing)
+    took = await timed_close(transport)
+    assert 0.5 <= took < 1.5, took
+    with pytest.raises(LinkClosed, match="was closed"):
+        await within(writing)
+    assert fds_open_on(pty.path) == []
+    assert loop_errors == []
 
 
 # --- end to end: the frame that shows a swap is acknowledged --------------------------------

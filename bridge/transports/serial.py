@@ -68,6 +68,13 @@ class SerialTransport(Transport):
         self._write_waiter: asyncio.Future[None] | None = None
         self._reading = False  # the fd is registered with the loop for reading
         self._received = bytearray()  # read from the fd, not yet returned by read()
+        # Handed to write() and not yet taken by the kernel; kept when that write() is
+        # cancelled (the worker cancels its writer before closing), and sent by close()
+        self._unsent = bytearray()
+        # Positions in the stream of bytes ever handed to write(): _unsent holds those from
+        # _head to _handed; the last ones dropped with a lost or closed link are a range.
+        self._head = self._handed = 0
+        self._dropped = (0, 0)
 
     # --- Transport interface ----------------------------------------------------------------
 
@@ -100,6 +107,7 @@ class SerialTransport(Transport):
         self._port = port
         self._fd = port.fileno()
         self._received.clear()  # nothing from an earlier connection survives a reopen
+        self._forget_unsent()
         os.set_blocking(self._fd, False)
         self._closing = None
         self._reason = f"serial device {self.link.device} was closed"
@@ -119,7 +127,7 @@ class SerialTransport(Transport):
 
     def write_nowait(self, data: bytes) -> int:
         fd = self._fd
-        if fd is None:
+        if fd is None or self._unsent:  # (after what an earlier write() still holds)
             return 0
         try:
             return os.write(fd, data)
@@ -127,22 +135,29 @@ class SerialTransport(Transport):
             return 0
 
     async def write(self, data: bytes) -> None:
-        view = memoryview(data).cast("B")
+        """Returns once the kernel has taken every byte of `data` (and of what a cancelled
+        write() left). Cancelled, it leaves the rest to be sent first by the next write() or
+        by close(): a frame is not cut short on the line."""
+        if self._fd is None:
+            raise await self._closed_error()
+        start = self._handed
+        self._unsent += data
+        self._handed = end = start + len(data)
         while True:
+            if self._head >= end:  # (close() may have sent some of it meanwhile)
+                dropped_from, dropped_to = self._dropped
+                if dropped_from < end and dropped_to > start:  # not all reached the kernel
+                    raise await self._closed_error()
+                return
             fd = self._fd
             if fd is None:
                 raise await self._closed_error()
-            if not view:
-                return
             try:
-                written = os.write(fd, view)
-            except (BlockingIOError, InterruptedError):
-                written = 0
+                self._write_unsent(fd)
             except OSError as exc:
                 self._lose(_loss_detail(exc))
                 continue
-            view = view[written:]
-            if view:
+            if self._head < end:
                 # The kernel buffer is full (slow line, flow control): wait until it has room.
                 await self._wait_writable(fd)
 
@@ -163,28 +178,52 @@ class SerialTransport(Transport):
 
     # --- internals ----------------------------------------------------------------------------
 
+    def _write_unsent(self, fd: int) -> None:
+        """Write what the kernel takes of the unsent bytes now; OSError if the device is gone."""
+        try:
+            written = os.write(fd, self._unsent)
+        except (BlockingIOError, InterruptedError):
+            return
+        del self._unsent[:written]
+        self._head += written
+
+    def _forget_unsent(self) -> None:
+        if self._unsent:
+            self._dropped = (self._head, self._handed)
+            self._unsent.clear()
+        self._head = self._handed
+
     async def _drain(self, fd: int) -> None:
-        """Wait, without blocking the loop, until the kernel has sent the output it holds, for
-        about that output's line time (plus a margin, at most drain_limit). Not tcdrain(): in
-        a thread it cannot be given up on, and it waits as long as flow control holds the line.
-        Returns at once when nothing is queued (always on a pty, whose output goes straight to
-        the other end) and when the device is gone (the queue cannot be read)."""
+        """Wait, without blocking the loop, until the kernel has taken what write() still
+        holds and sent the output it holds, for about those bytes' line time (plus a margin,
+        at most drain_limit). Not tcdrain(): in a thread it cannot be given up on, and it
+        waits as long as flow control holds the line. Returns at once when nothing waits
+        (a pty has no output queue: its output goes straight to the other end) and when the
+        device is gone (the queue cannot be read, or a write fails)."""
         queued = _output_queued(fd)
-        if not queued:
+        if queued is None or not (queued or self._unsent):
             return
         link = self.link
         bits = 1 + link.bytesize + (link.parity != "N") + link.stopbits
-        allowed = min(self.drain_limit, queued * bits / link.baudrate + DRAIN_MARGIN)
+        allowed = min(self.drain_limit,
+                      (queued + len(self._unsent)) * bits / link.baudrate + DRAIN_MARGIN)
         deadline = time.monotonic() + allowed
-        while queued and self._fd == fd:
+        while self._fd == fd:
+            if self._unsent:
+                try:
+                    self._write_unsent(fd)
+                except OSError:
+                    return  # gone: nothing more can be delivered
+            queued = _output_queued(fd)
+            if queued is None or not (queued or self._unsent):
+                return
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning("serial device %s: %d bytes still unsent after %.2f s when closing "
                             "it; discarded (flow control holding the line?)", link.device,
-                            queued, allowed)
+                            queued + len(self._unsent), allowed)
                 return
             await asyncio.sleep(min(DRAIN_POLL, left))
-            queued = _output_queued(fd)
 
     def _open_port(self) -> serial.Serial:
         link = self.link
@@ -311,6 +350,7 @@ class SerialTransport(Transport):
                 waiter.set_result(None)  # the woken call sees _fd is None and raises
         self._fd = None
         self._port = None
+        self._forget_unsent()
         # Drop output still unsent (close() has waited for it as long as it should): else the
         # kernel's close waits for it to drain (up to 30 s, forever while hardware flow control
         # holds the line). Only then: on a pty the flush would discard what the other end has
