@@ -205,8 +205,8 @@ class RequestIntake:
 
     def handle(self, topic: str, payload: bytes, reply: Reply) -> None:
         route = self.topics.parse_request_topic(topic)
-        if route is None:
-            return
+        if route is None or route.problem is not None:
+            return  # (the gateway refuses a request on a topic with a problem itself)
         if route.kind == "bridge":
             self._command(route.name, payload, reply)
         else:

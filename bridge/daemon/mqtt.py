@@ -407,9 +407,7 @@ class RegisterGateway:
             options: dict[str, Any] = (
                 {"options": SubscribeOptions(qos=1, retainAsPublished=True)}
                 if self.config.protocol == "5" else {"qos": 1})
-            for topic in (self.topics.terminal_requests, self.topics.terminal_requests_by_register,
-                          self.topics.bridge_requests):
-                await client.subscribe(topic, **options)
+            await self._subscribe(client, options)
         await client.publish(self.topics.bridge_state, dumps({"state": "online"}), qos=1,
                              retain=True)
         self._state_dirty = set(self._terminal_states)
@@ -431,6 +429,33 @@ class RegisterGateway:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await task
+
+    async def _subscribe(self, client: aiomqtt.Client, options: dict[str, Any]) -> None:
+        """Subscribe to every level under the request topics, and drop the narrower
+        subscriptions an older bridge left in this persistent session. A broker whose ACL
+        refuses the new ones gets the older ones instead: requests on exact topics keep
+        working, and an error says which line the ACL lacks."""
+        option = options.get("options", options.get("qos"))
+        wanted = self.topics.request_subscriptions
+        granted = await client.subscribe([(topic, option) for topic in wanted])
+        codes = list(granted) if isinstance(granted, list | tuple) else []
+        superseded: list[str] = []
+        for i, (topic, former) in enumerate(zip(wanted, self.topics.former_subscriptions,
+                                                strict=True)):
+            code = codes[i] if i < len(codes) else None
+            value = getattr(code, "value", code)
+            if isinstance(value, int) and value >= 0x80:
+                log.error("the MQTT broker refused the bridge's subscription to %s (%s): "
+                          "requests on a topic a level too deep go unanswered. Let the "
+                          "bridge's user read it in the broker's ACL (topic read %s, as in "
+                          "examples/mosquitto/acl); until then it subscribes to %s", topic,
+                          code, topic, " and ".join(former))
+                for narrower in former:
+                    await client.subscribe(narrower, **options)
+            else:
+                superseded += former
+        if superseded:
+            await client.unsubscribe(superseded)
 
     async def _receive(self, client: PipelinedClient) -> None:
         taken = 0
@@ -466,6 +491,15 @@ class RegisterGateway:
                 self._refuse_retained(message.topic.value, payload, reply)
                 self.journal.after_commit(functools.partial(client.ack, message))
                 continue
+            route = self.topics.parse_request_topic(message.topic.value)
+            if route is not None and route.problem is not None:
+                # A level too many or an empty one (.../request/TILL1/x, .../request/TILL1/):
+                # answered where requests nobody can be told apart by topic are answered
+                log.warning("a message on %s was refused: %s", message.topic.value,
+                            route.problem)
+                self._refuse(message.topic.value, payload, reply, route.problem)
+                self.journal.after_commit(functools.partial(client.ack, message))
+                continue
             # While draining, requests are still handed on: the intake refuses them with an
             # answer. The acknowledgement follows the handling: a request the daemon dies
             # with, before it reached the journal, is delivered again on the next start.
@@ -495,10 +529,20 @@ class RegisterGateway:
             self._retained_seen[topic] = digest
             log.warning("a retained request on %s was refused: nothing was started; its sender "
                         "must publish requests without retain, and clear this one", topic)
+        self._refuse(topic, payload, reply, error)
+
+    def _refuse(self, topic: str, payload: bytes, reply: Reply, error: str) -> None:
+        """A request refused before the intake reads it: a command on its command's response
+        topic; a terminal request, or a command on a topic that names none, on bridge/error
+        (a topic that is not exactly a request topic ties the request to no register)."""
         route = self.topics.parse_request_topic(topic)
-        if route is not None and route.kind == "bridge":
+        if route is not None and route.kind == "bridge" and route.problem is None:
             reply.send(self.topics.bridge_response(route.name), {
                 "status": "error", "data": None, "error": error,
+                "transaction": _transaction_echo(payload)})
+        elif route is not None and route.kind == "bridge":
+            reply.send(self.topics.bridge_error, {
+                "status": "error", "error": error, "topic": topic,
                 "transaction": _transaction_echo(payload)})
         else:
             # With the IDs as sent, as every refusal there has them when they can be read

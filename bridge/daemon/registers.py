@@ -98,6 +98,23 @@ class Topics:
     def bridge_requests(self) -> str:
         return f"{self.base}/bridge/request/+"
 
+    @property
+    def request_subscriptions(self) -> tuple[str, str]:
+        """What the bridge subscribes to: every level under the request topics (`#` also
+        matches .../request itself), so that a request published a level too deep, or with
+        an empty last level, reaches the bridge and is refused with an answer instead of
+        vanishing unheard. Nothing the bridge publishes lies under them."""
+        return f"{self.base}/terminals/+/request/#", f"{self.base}/bridge/request/#"
+
+    @property
+    def former_subscriptions(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """What an older bridge subscribed to, for each of request_subscriptions: kept in
+        a persistent session, they would overlap the new ones (a broker may deliver a request
+        once per matching subscription), and they are what is left when a broker's ACL
+        refuses the new ones."""
+        return ((self.terminal_requests, self.terminal_requests_by_register),
+                (self.bridge_requests,))
+
     def terminal_state(self, poi_id: str) -> str:
         return f"{self.base}/terminals/{poi_id}/state"
 
@@ -115,16 +132,40 @@ class Topics:
 
     def parse_request_topic(self, topic: str) -> Route | None:
         """Route('terminal', POIID[, SaleID]) or Route('bridge', command) for a topic we
-        subscribe to."""
+        subscribe to; one with a level too many, or an empty last level, carries the
+        `problem` to refuse it with."""
         prefix = f"{self.base}/"
         if not topic.startswith(prefix):
             return None
         parts = topic[len(prefix):].split("/")
-        if len(parts) in (3, 4) and parts[0] == "terminals" and parts[2] == "request":
-            return Route("terminal", parts[1], parts[3] if len(parts) == 4 else None)
-        if len(parts) == 3 and parts[:2] == ["bridge", "request"]:
-            return Route("bridge", parts[2])
+        if len(parts) >= 3 and parts[0] == "terminals" and parts[2] == "request":
+            if len(parts) == 3 or len(parts) == 4 and parts[3]:
+                return Route("terminal", parts[1], parts[3] if len(parts) == 4 else None)
+            exactly = (f"{self.base}/terminals/{parts[1]}/request/{{SaleID}} (your SaleID as "
+                       f"its last level) or {self.base}/terminals/{parts[1]}/request")
+            return Route("terminal", parts[1], problem=_level_problem(parts[3:], "request",
+                                                                      exactly))
+        if len(parts) >= 2 and parts[:2] == ["bridge", "request"]:
+            if len(parts) == 3 and parts[2]:
+                return Route("bridge", parts[2])
+            exactly = f"{self.base}/bridge/request/{{command}}"
+            return Route("bridge", "/".join(parts[2:]),
+                         problem=_level_problem(parts[2:], "command", exactly))
         return None
+
+
+def _level_problem(levels: list[str], kind: str, exactly: str) -> str:
+    """Why a request topic with `levels` after .../request is refused, and where to publish."""
+    level = "SaleID" if kind == "request" else "command"
+    if not levels:
+        what = "it names no command"
+    elif len(levels) == 1:
+        what = f"its {level} level is empty"
+    else:
+        what = f"it has {len(levels)} levels after 'request'"
+    if levels and not levels[-1]:
+        what += " (a '/' too many at its end)"
+    return f"{kind} topic refused, nothing was started: {what}; publish on exactly {exactly}"
 
 
 class Route(NamedTuple):
@@ -133,6 +174,7 @@ class Route(NamedTuple):
     kind: str  # "terminal" or "bridge"
     name: str  # the POIID or the command
     sale_id: str | None = None
+    problem: str | None = None  # why the topic is refused (a level too many, an empty one)
 
 
 def transaction_ids(sale_id: str, service_id: str, poi_id: str, category: str) -> dict[str, str]:

@@ -1,0 +1,128 @@
+"""Requests published on a topic a level too deep, or with an empty last level, against a real
+mosquitto and a real bridge: each is refused with an answer on bridge/error that names the topic
+problem and where to publish, never dropped unheard; and the bridge's wider subscriptions keep
+working under the example broker ACL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bridge.simulator import responses
+
+from .rig import POI, Subscriber, outcome_for
+from .test_daemon_mqtt import BASE, Store, default_scenario, eventually, request_topic
+from .test_mqtt_security import Client, answer, start_bridge, store_under_the_example_acl
+
+EXACTLY = (f"publish on exactly {BASE}/terminals/{POI}/request/{{SaleID}} (your SaleID as its "
+           f"last level) or {BASE}/terminals/{POI}/request")
+
+
+async def test_a_request_a_level_too_deep_is_refused_on_bridge_error(tmp_path, mosquitto):
+    async with Store(tmp_path, mosquitto, default_scenario()), \
+            Subscriber(mosquitto, [f"{BASE}/bridge/error", f"{BASE}/registers/#",
+                                   f"{BASE}/bridge/response/#"]) as sub:
+        cases = {
+            f"{request_topic()}/POS1/extra": "it has 2 levels after 'request'",
+            f"{request_topic()}/POS1/": "it has 2 levels after 'request' (a '/' too many at "
+                                        "its end)",
+            f"{request_topic()}/": "its SaleID level is empty (a '/' too many at its end)",
+        }
+        for n, (topic, what) in enumerate(cases.items()):
+            await sub.publish(topic, responses.payment_request("POS1", f"T{n}", POI))
+            refusal = await sub.wait_for(
+                lambda t, p, topic=topic: t.endswith("/bridge/error") and p["topic"] == topic)
+            assert refusal == {
+                "status": "error", "poi_id": POI, "topic": topic, "sale_id": "POS1",
+                "service_id": f"T{n}",
+                "error": f"request topic refused, nothing was started: {what}; {EXACTLY}"}
+        # A command a level too deep, or naming none: on bridge/error too, its echo with it
+        for topic, what in {f"{BASE}/bridge/request/health/x": "it has 2 levels after 'request'",
+                            f"{BASE}/bridge/request": "it names no command"}.items():
+            await sub.publish(topic, {"transaction": topic})
+            refusal = await sub.wait_for(
+                lambda t, p, topic=topic: t.endswith("/bridge/error") and p["topic"] == topic)
+            assert refusal == {
+                "status": "error", "topic": topic, "transaction": topic,
+                "error": f"command topic refused, nothing was started: {what}; publish on "
+                         f"exactly {BASE}/bridge/request/{{command}}"}
+        # Nothing started, nothing answered on the register's own topics; exact topics work
+        assert not [t for t, _, _ in sub.messages if "/registers/" in t]
+        await sub.publish(f"{request_topic()}/POS1", responses.payment_request("POS1", "P1", POI))
+        assert (await sub.wait_for(outcome_for("P1")))["bridge"]["outcome"] == "approved"
+
+
+async def test_an_older_bridges_narrower_subscriptions_are_dropped(tmp_path, mosquitto):
+    """The bridge's persistent session still holds the subscriptions an older version made:
+    overlapping the new `#` ones, mosquitto delivers an MQTT 5 request once for each. Each
+    request is handled once: one answer, no `duplicate` event."""
+    session = Properties(PacketTypes.CONNECT)
+    session.SessionExpiryInterval = 3600
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="bridge-under-test",
+                              protocol=aiomqtt.ProtocolVersion.V5, clean_start=False,
+                              properties=session) as older:
+        for topic in (f"{BASE}/terminals/+/request", f"{BASE}/terminals/+/request/+",
+                      f"{BASE}/bridge/request/+"):
+            await older.subscribe(topic, qos=1)
+    bridge, simulator = await start_bridge(tmp_path, mosquitto, base_topic=BASE, protocol="5",
+                                           client_id="bridge-under-test")
+    await bridge.start()
+    try:
+        await eventually(lambda: bridge.gateway.connected and bridge.workers[POI].online)
+        assert bridge.gateway.connected and bridge.workers[POI].online
+        async with Subscriber(mosquitto, [f"{BASE}/registers/#",
+                                          f"{BASE}/bridge/response/#"]) as sub:
+            await sub.publish(f"{request_topic()}/POS1",
+                              responses.payment_request("POS1", "D1", POI))
+            await sub.wait_for(lambda t, p: t.endswith("/event") and p["event"] == "completed")
+            await sub.publish(f"{BASE}/bridge/request/health", {"transaction": "h1"})
+            await sub.wait_for(lambda t, p: t.endswith("/response/health"))
+            # A later request's answer: everything about D1 and h1 has come by then
+            await sub.publish(request_topic(), responses.payment_request("POS1", "D2", POI))
+            await sub.wait_for(outcome_for("D2"))
+            assert len([p for t, p, _ in sub.messages if outcome_for("D1")(t, p)]) == 1
+            assert len(sub.on(f"{BASE}/bridge/response/health")) == 1
+            events = [p["event"] for p in sub.on(f"{BASE}/registers/POS1/event")]
+            assert "duplicate" not in events, events
+    finally:
+        await bridge.stop()
+        await simulator.close()
+
+
+async def test_under_the_example_acl_the_bridge_hears_a_command_a_level_too_deep(
+        tmp_path, caplog):
+    """The example ACL must let the bridge's login read what it now subscribes to: mosquitto
+    2.0.11 grants the `#` subscription anyway, and then drops, unheard, each message the
+    login may not read."""
+    caplog.set_level(logging.WARNING)
+    users = {"POS1": "pos1-pw", "operator": "operator-pw"}
+    async with store_under_the_example_acl(tmp_path, users=users) as (bridge, _, broker), \
+            Client(broker, "POS1", "pos1-pw", ["poi-bridge/registers/POS1/#"]) as pos1, \
+            Client(broker, "operator", "operator-pw", ["poi-bridge/bridge/#"]) as operator:
+        await operator.client.publish("poi-bridge/bridge/request/health/x",
+                                      b'{"transaction": "x1"}', qos=1)
+        await pos1.client.publish(f"poi-bridge/terminals/{POI}/request/POS1",
+                                  _json("POS1", "A1", POI), qos=1)
+        assert (await answer(pos1, "A1"))["bridge"]["outcome"] == "approved"
+        refusal = await _received(operator, "poi-bridge/bridge/error")
+        assert refusal["topic"] == "poi-bridge/bridge/request/health/x"
+        assert refusal["transaction"] == "x1" and "2 levels after 'request'" in refusal["error"]
+    assert "refused the bridge's subscription" not in caplog.text
+
+
+def _json(sale_id: str, service_id: str, poi_id: str) -> str:
+    return json.dumps(responses.payment_request(sale_id, service_id, poi_id))
+
+
+async def _received(client: Client, topic: str) -> dict:
+    async with asyncio.timeout(10):
+        while True:
+            for got, payload in client.messages:
+                if got == topic:
+                    return json.loads(payload)
+            await asyncio.sleep(0.05)
