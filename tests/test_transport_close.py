@@ -15,10 +15,11 @@ import time
 
 import pytest
 
-from bridge.config import SerialLink
+from bridge.config import SerialLink, TcpLink
 from bridge.transports import LinkClosed
 from bridge.transports import serial as serial_module
 from bridge.transports.serial import SerialTransport
+from bridge.transports.tcp import TcpTransport
 
 from .follow_rig import A, B, DeviceByHand, bridge_on, linked_to, wait_until
 from .test_transports import Pty, fds_open_on, loop_errors, payload, within  # noqa: F401
@@ -197,3 +198,31 @@ async def test_the_ack_of_the_frame_that_showed_a_swap_reaches_the_device(tmp_pa
                 device.acknowledged
     finally:
         device.close()
+
+
+# --- tcp: nothing to fix, kept so --------------------------------------------------------------
+
+
+async def test_tcp_bytes_written_just_before_close_reach_the_terminal():
+    """asyncio's close() sends what its buffer holds (close_timeout bounds it) and the
+    kernel what the socket holds: a write whose drain() was cancelled is delivered too."""
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def terminal(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        got.set_result(await reader.read())  # until the bridge's FIN
+        writer.close()
+
+    server = await asyncio.start_server(terminal, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        transport = TcpTransport(TcpLink(host="127.0.0.1", port=port))
+        await within(transport.open())
+        frame = payload(4 * 1024 * 1024)  # more than the socket buffers take at once
+        writing = asyncio.create_task(transport.write(frame))
+        await asyncio.sleep(0)
+        writing.cancel()
+        await within(transport.close())
+        assert (await within(got)) == frame
+    finally:
+        server.close()
+        await within(server.wait_closed())
