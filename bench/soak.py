@@ -11,6 +11,13 @@ What runs (all real processes, as on a store box):
   ledger of what the shopper did, some with line noise (garbage_rate) and damaged frames
   (corrupt_rate, which the framer NAKs);
 - the bridge, `python -m bridge run --config soak.toml`, short time-outs;
+- with `--keys shared` or `--keys per-terminal`, local encryption on every link: the
+  terminals and the bridge's configuration share one key, or each terminal has its own (so
+  a swapped cable puts a device the terminal's key cannot read on its link, and the bridge
+  must ask it again with the other terminals' keys to follow it). The passphrases are
+  random, written to files in the workdir's keys/ (mode 0600) and named only by path; after
+  the run every other file in the workdir is searched for them (a hit fails the run as
+  leaked);
 - R registers (MQTT clients, persistent sessions, one SaleID each) paying continuously. The
   amount picks the terminal's behaviour for that payment (approve, decline, response lost,
   link dropped mid-payment, request lost, slow, in progress, busy...), see KINDS. A register
@@ -55,7 +62,9 @@ banner, if anything is
             link whose device says it is another terminal (swapped cables not followed),
   crashed   the daemon or a simulated terminal exited on its own, a SIGTERM of the chaos
             had to be followed by SIGKILL or ended in an error status, or the daemon's final
-            SIGTERM did not end with exit status 0.
+            SIGTERM did not end with exit status 0,
+  leaked    (with --keys) a key's passphrase in a log, the journal, the broker's files, a
+            ledger or the audit.
 
 Anything left unresolved is listed with the reason. Problems that are symptoms of a bridge
 bug already found are tagged with it (KNOWN_BUGS); they still fail the run.
@@ -72,6 +81,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import sqlite3
@@ -193,6 +203,9 @@ class Terminal:
         self.frozen_until = 0.0
         self.unplugs: list[tuple[float, float]] = []  # (from, until), monotonic
         self.offline_reported = False
+        # Local encryption (--keys): the key this terminal encrypts with, wherever its cable
+        # goes; the daemon's configuration gives the same key to this POIID.
+        self.key: SoakKey | None = None
 
     def unplug(self, seconds: float) -> None:
         self._away(seconds)
@@ -237,7 +250,7 @@ class Terminal:
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "soak_terminal.py"), "--pty", "--link",
              str(self.plugged_at), "--poi-id", self.poi_id, "--scenario", str(path), "--ledger",
-             str(self.ledger_path)],
+             str(self.ledger_path), *(self.key.simulator_args() if self.key else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=python_env(),
             cwd=ROOT)
         stderr.close()
@@ -265,6 +278,71 @@ class Terminal:
         if not self.ledger_path.exists():
             return None  # it died without writing one: reported as a crash
         return json.loads(self.ledger_path.read_text())
+
+
+@dataclass(frozen=True)
+class SoakKey:
+    """A local encryption key of the soak: its passphrase lives only in `passphrase_file`
+    (and in memory here, for the leak check); everything else names the file."""
+
+    identifier: str
+    passphrase_file: Path
+    passphrase: str = field(repr=False)
+
+    def simulator_args(self) -> list[str]:
+        return ["--key-id", self.identifier, "--key-version", "1",
+                "--passphrase-file", str(self.passphrase_file)]
+
+    def config_lines(self) -> list[str]:
+        return ["[terminals.key]", f'identifier = "{self.identifier}"', "version = 1",
+                f'passphrase_file = "{self.passphrase_file}"']
+
+
+KEY_MODES = ("none", "shared", "per-terminal")
+
+
+def make_keys(terminals: list[Terminal], workdir: Path, mode: str) -> list[SoakKey]:
+    """Give `terminals` keys as `mode` says (KEY_MODES): none, one for all, or one each.
+    The passphrases are random (the chaos stays seeded: nothing of it depends on them)."""
+    if mode == "none":
+        return []
+    folder = workdir / "keys"
+    folder.mkdir(mode=0o700, exist_ok=True)
+
+    def new_key(name: str) -> SoakKey:
+        path = folder / f"{name}.passphrase"
+        passphrase = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(passphrase + "\n")
+        return SoakKey(f"SoakKey-{name}", path, passphrase)
+
+    if mode == "shared":
+        keys = [new_key("shared")]
+        for terminal in terminals:
+            terminal.key = keys[0]
+        return keys
+    for terminal in terminals:
+        terminal.key = new_key(terminal.poi_id)
+    return [t.key for t in terminals if t.key is not None]
+
+
+def leaked_keys(workdir: Path, keys: list[SoakKey]) -> list[str]:
+    """Every file under `workdir` but the passphrase files that holds a passphrase (the
+    daemon's and the simulators' logs, the journal, the broker's log and database, the
+    ledgers, the audit), each named with the key's identifier, never the passphrase."""
+    own = {key.passphrase_file for key in keys}
+    found = []
+    for path in sorted(workdir.rglob("*")):
+        if path in own or not path.is_file():
+            continue
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        found += [f"{path.relative_to(workdir)} holds the passphrase of {key.identifier}"
+                  for key in keys if key.passphrase.encode() in data]
+    return found
 
 
 def swap_cables(one: Terminal, other: Terminal, seconds: float) -> None:
@@ -570,6 +648,7 @@ class Soak:
         self.broker = Mosquitto(workdir / "mosquitto", extra_config="log_type all")
         self.terminals = [Terminal(i, workdir, args.seed, setup_rng)
                           for i in range(args.terminals)]
+        self.keys = make_keys(self.terminals, workdir, args.keys)
         self.config_path = workdir / "soak.toml"
         self.journal_path = workdir / "journal.sqlite3"
         self.daemon = Daemon(self.config_path, workdir)
@@ -621,6 +700,7 @@ class Soak:
                 "[terminals.framer]",
                 'name = "stx-etx-lrc"',
                 "ack_timeout = 0.5",
+                *(terminal.key.config_lines() if terminal.key else []),
             ]
         self.config_path.write_text("\n".join(lines) + "\n")
 
@@ -1359,7 +1439,8 @@ def given_up_by_design(row: dict[str, Any]) -> bool:
 
 NOT_FOUND_IN_LOG = {"received": None, "bridge_subscribed": None, "saved": False,
                     "dropped": None, "sent": None, "acked": None}
-FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "stuck", "disputed", "crashed")
+FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "stuck", "disputed", "crashed",
+         "leaked")
 BUSY_DETAIL = "terminal busy: the payment was not started"  # the session's words
 # Symptoms of bridge bugs the soak has found, by tag (reported to the bridge's owner):
 KNOWN_BUGS = {
@@ -1766,10 +1847,13 @@ def report(result: dict[str, Any]) -> bool:
         ("WRONG TERMINAL", c["wrong_terminal"]),
         ("STUCK", c["stuck"]), ("DISPUTED", c["disputed"]), ("CRASHED", c["crashed"]),
     ]
+    if result.get("keys", "none") != "none":
+        rows.append(("KEY MATERIAL LEAKED", c["leaked"]))
     print()
     print(f"soak audit: seed {result['seed']}, {result['duration']:g} s of chaos, "
           f"{result['terminals']} terminals, {result['registers']} registers, "
-          f"daemon started {result['daemon_starts']}x")
+          f"daemon started {result['daemon_starts']}x"
+          + (f", keys {result['keys']}" if result.get("keys", "none") != "none" else ""))
     print("-" * 48)
     for name, value in rows:
         print(f"  {name:<32} {value:>8}")
@@ -1816,7 +1900,8 @@ def report(result: dict[str, Any]) -> bool:
             print(f"[{tag}] ({n}): known bridge bug: {KNOWN_BUGS.get(tag, '?')}")
         return False
     print("soak passed: nothing lost, doubled, phantom, on a wrong terminal, disputed, stuck or "
-          "crashed")
+          "crashed" + (", no key material leaked" if result.get("keys", "none") != "none"
+                       else ""))
     return True
 
 
@@ -1831,6 +1916,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--registers", type=int, default=4)
     p.add_argument("--chaos-interval", type=float, default=2.5,
                    help="mean seconds between chaos events")
+    p.add_argument("--keys", choices=KEY_MODES, default="none",
+                   help="local encryption on the terminals' links: none (default), one key "
+                        "shared by all, or one per terminal (swapped cables then put a device "
+                        "with another key on a link); passphrase files in the workdir's keys/")
     p.add_argument("--settle", type=float, default=60.0,
                    help="at most this long for the bridge to resolve what is open at the end")
     p.add_argument("--no-finale", dest="finale", action="store_false",
@@ -1872,9 +1961,16 @@ def main(argv: list[str] | None = None) -> int:
                 terminal.process.kill()
         soak.broker.kill()
     result["wall_seconds"] = round(time.monotonic() - started, 1)
+    result["keys"] = args.keys
     (workdir / "audit.json").write_text(json.dumps(result, indent=1))
     (workdir / "chaos.json").write_text(json.dumps([dataclasses.asdict(e) for e in soak.events],
                                                    indent=1))
+    leaks = leaked_keys(workdir, soak.keys)  # the audit just written included
+    if leaks:
+        result["problems"] += [{"kind": "leaked", "poi_id": None, "key": None, "tag": None,
+                                "text": leak} for leak in leaks]
+        result["counts"]["leaked"] = len(leaks)
+        (workdir / "audit.json").write_text(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     ok = report(result)

@@ -1,8 +1,9 @@
 """A simulated terminal for the soak: `poi-bridge simulate --pty` plus a control channel.
 
 Same flags and scenario as `python -m bridge simulate` (they are parsed by that command's own
-parser and turned into a scenario by its own `build_scenario`), served by the same
-`SimulatorServer`; what this adds is a line-based control channel on standard input, so the
+parser and turned into a scenario by its own `build_scenario`, and a key by its own `_key`:
+`--key-id`, `--key-version`, `--passphrase-file` make it encrypt as a terminal with that key
+does), served by the same `SimulatorServer`; what this adds is a line-based control channel on standard input, so the
 soak's chaos loop can pull the cable or freeze the terminal *without killing the process*
 (a killed simulator would take its ledger, the shopper's side of the audit, with it):
 
@@ -42,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bridge.cli_simulate import add_parser, build_scenario
+from bridge.cli_simulate import _key, add_parser, build_scenario
 from bridge.logging_setup import setup_logging
 from bridge.simulator.server import SimulatorServer
 
@@ -140,7 +141,7 @@ async def control(server: SimulatorServer, ledger: Path | None, stop: asyncio.Ev
 
 
 async def serve(args: argparse.Namespace) -> None:
-    server = SimulatorServer(build_scenario(args), args.framer)
+    server = SimulatorServer(build_scenario(args), args.framer, key=_key(args))
     path = await server.start_pty(args.link)
     print(path, flush=True)
     stop = asyncio.Event()

@@ -506,3 +506,91 @@ def test_the_broker_log_follows_requests_on_either_request_topic(tmp_path):
         ("soak-register-TILL1", "'poi-bridge/terminals/V-1/request', ... (400 bytes))"),
         ("soak-register-TILL2", "'poi-bridge/terminals/V-2/request/TILL2', ... (410 bytes))")]
     assert log.entries[1]["acked"] == 102 and log.entries[0]["acked"] is None
+
+
+# --- --keys: the soak's terminals and bridge with local encryption ---------------------------
+
+def test_soak_keys_per_terminal_and_shared_are_named_by_file_only(tmp_path):
+    """--keys per-terminal gives each terminal a key of its own, --keys shared one key for
+    all; the passphrase is only in its file (mode 0600), the configuration and the
+    simulator's command line name the file."""
+    import random
+
+    for mode, distinct in (("per-terminal", 3), ("shared", 1)):
+        work = tmp_path / mode
+        work.mkdir()
+        terminals = [soak_module.Terminal(i, work, 1, random.Random(i)) for i in range(3)]
+        keys = soak_module.make_keys(terminals, work, mode)
+        assert len(keys) == distinct == len({t.key.identifier for t in terminals})
+        for key in keys:
+            assert key.passphrase_file.read_text() == key.passphrase + "\n"
+            assert key.passphrase_file.stat().st_mode & 0o777 == 0o600
+            said = " ".join(key.simulator_args() + key.config_lines())
+            assert str(key.passphrase_file) in said and key.passphrase not in said
+            assert key.passphrase not in repr(key)
+    terminals = [soak_module.Terminal(0, tmp_path / "none", 1, random.Random(0))]
+    assert soak_module.make_keys(terminals, tmp_path / "none", "none") == []
+    assert terminals[0].key is None
+
+
+def test_soak_finds_a_passphrase_written_anywhere_in_its_workdir(tmp_path):
+    import random
+
+    terminals = [soak_module.Terminal(i, tmp_path, 1, random.Random(i)) for i in range(2)]
+    keys = soak_module.make_keys(terminals, tmp_path, "per-terminal")
+    (tmp_path / "daemon.log").write_text("2026-11-30 INFO bridge: all well\n")
+    assert soak_module.leaked_keys(tmp_path, keys) == []  # its own files are not leaks
+    (terminals[1].dir / "simulator.log").write_text(f"debug: key {keys[1].passphrase}\n")
+    leaks = soak_module.leaked_keys(tmp_path, keys)
+    assert leaks == [f"terminal1/simulator.log holds the passphrase of {keys[1].identifier}"]
+    assert keys[1].passphrase not in leaks[0]
+
+
+def test_soak_terminal_with_a_key_answers_only_what_its_key_reads(tmp_path):
+    """bench/soak_terminal.py takes the key the soak gives it: a request in clear gets the
+    plain crypto error a real terminal answers; one encrypted with its key gets an encrypted
+    answer that the key reads (so the soak's bridge and terminals really encrypt)."""
+    import random
+    import select
+    import tty
+
+    from bridge.protocol import crypto
+    from bridge.protocol.framing import FrameReceived, make_framer
+    from bridge.simulator import responses
+
+    terminal = soak_module.Terminal(0, tmp_path, 1, random.Random(0))
+    terminal.garbage_rate = terminal.corrupt_rate = 0.0
+    (key,) = soak_module.make_keys([terminal], tmp_path, "per-terminal")
+    nexo = crypto.NexoKey(key.identifier, 1, key.passphrase)
+    framer = make_framer("stx-etx-lrc")
+    terminal.start()
+    fd = -1
+    try:
+        terminal.wait_started()
+        fd = os.open(terminal.configured_link, os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(fd)
+
+        def ask(document: dict[str, Any]) -> dict[str, Any]:
+            framer.send_frame(json.dumps(document).encode(), time.monotonic())
+            os.write(fd, framer.data_to_send())
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if select.select([fd], [], [], 0.2)[0]:
+                    for event in framer.receive_data(os.read(fd, 4096), time.monotonic()):
+                        if isinstance(event, FrameReceived):
+                            os.write(fd, framer.data_to_send())  # the ACK
+                            return json.loads(event.payload)
+                os.write(fd, framer.data_to_send())  # ACKs, if the frame was not the answer
+            raise AssertionError("the simulated terminal did not answer")
+
+        clear = responses.payment_request("TILL1", "K1", terminal.poi_id, 10.0)
+        assert "crypto error" in json.dumps(ask(clear))
+        answer = ask(crypto.encrypt_message(
+            responses.payment_request("TILL1", "K2", terminal.poi_id, 10.0), nexo))
+        assert "NexoBlob" in json.dumps(answer), answer
+        read = crypto.decrypt_message(answer, nexo)
+        assert read["SaleToPOIResponse"]["MessageHeader"]["ServiceID"] == "K2"
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        terminal.stop()
