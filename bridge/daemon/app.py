@@ -91,8 +91,13 @@ class Bridge:
                                          open_transport, taken_serials=_taken_serials(t, config)))
             for t in config.terminals
         }
+        # A terminal whose device is on another terminal's link, waiting for that terminal's
+        # own link to say who is there (FOLLOW_LATER) -> that terminal
+        self._awaited: dict[str, str] = {}
+        self._deciding_again = False
         for worker in self.workers.values():
             worker.terminals = self.workers
+            worker.on_state = self._state_changed
             worker.neighbours = {
                 other.poi_id: other.key for other in self.workers.values()
                 if other is not worker and other.config.link.kind == worker.config.link.kind}
@@ -116,13 +121,20 @@ class Bridge:
         worker when followed; FOLLOW_LATER when that waits for `said`'s own link."""
         if self._stopping:
             return None
+        self._awaited.pop(poi_id, None)
         worker = self.workers[poi_id]
         partner, why_not = partner_to_follow(self.workers, poi_id, said)
         if partner is None:
             log.info("terminal %s: the device on its link says it is %s; not followed: %s",
                      poi_id, said, why_not)
-            waiting = said in self.workers and awaits_its_own_link(self.workers[said])
-            return FOLLOW_LATER if waiting else None
+            if said in self.workers and awaits_its_own_link(self.workers[said]):
+                self._awaited[poi_id] = said  # decided again when said's state changes
+                return FOLLOW_LATER
+            return None
+        # Both links move: what waited for either of them is over (a third device naming
+        # one of these two is a second device saying so, reported by its own terminal)
+        self._awaited = {waiting: awaited for waiting, awaited in self._awaited.items()
+                         if not {waiting, awaited} & {poi_id, said}}
         here, there = describe_link(worker.config), describe_link(partner.config)
         here_link, there_link = worker.config.link, partner.config.link
         worker.relink(there_link, released=partner.link_closed)
@@ -144,6 +156,31 @@ class Bridge:
                     "configuration", said, here, poi_id, said, here, poi_id, there,
                     poi_id, configured.get(poi_id), said, configured.get(said))
         return self.workers[partner.poi_id]
+
+    def _state_changed(self, poi_id: str) -> None:
+        """`poi_id`'s state was published: a follow that waits for its link is decided again,
+        once the step that changed it is over."""
+        if not self._deciding_again and poi_id in self._awaited.values():
+            self._deciding_again = True
+            asyncio.get_running_loop().call_soon(self._decide_again)
+
+    def _decide_again(self) -> None:
+        """Each follow that waited for a link which has now spoken (named a terminal, or did
+        not say who it is when asked), dropped or failed to open is decided again: it used to
+        be only when that link named the waiting terminal, and otherwise the terminal whose
+        device had named it refused every payment until the daemon restarted."""
+        self._deciding_again = False
+        for poi_id, said in list(self._awaited.items()):
+            if self._stopping or self._awaited.get(poi_id) != said:
+                continue  # (decided meanwhile: both followed in this pass)
+            worker = self.workers[poi_id]
+            if worker.identity != f"mismatch: {said}" or worker.session.following:
+                del self._awaited[poi_id]  # its link dropped or moves: its next device decides
+                continue
+            if awaits_its_own_link(self.workers[said]):
+                continue
+            # (not followed: the worker's grace timer reports the wrong device, or has)
+            self._wrong_device(poi_id, said)
 
     # (The hotplug monitor logs each plug and unplug; the worker, what it keeps open.)
     def _plugged(self, poi_id: str, device: DeviceInfo) -> None:

@@ -23,6 +23,9 @@ class LinkHolder(Protocol):
     poi_id: str
     identity: str  # confirmed | unknown | mismatch: <what the device said>
     holds_unconfirmed_sends: bool  # a request went to its device before it said who it is
+    # Its device was asked who it is and did not say (no answer in time, none naming a
+    # terminal, or one that cannot be read). A holder without it counts as still asking.
+    left_unnamed: bool
 
     @property
     def online(self) -> bool: ...
@@ -36,7 +39,8 @@ def partner_to_follow(workers: Mapping[str, LinkHolder], poi_id: str,
     """The worker whose link to swap with `poi_id`'s, whose device says it is `said`; or
     None and why not. Only when `said`'s own link cannot hold it: a link the device has
     confirmed is never taken, and one whose device has not said who it is yet is waited
-    for (its answer, a mismatch, asks again)."""
+    for (the daemon asks again when that link's state changes: it names a terminal, fails
+    its identity check, drops or fails to open)."""
     partner = workers.get(said)
     if partner is None:
         return None, f"{said} is not a terminal in the configuration"
@@ -68,8 +72,12 @@ def partner_to_follow(workers: Mapping[str, LinkHolder], poi_id: str,
 
 def awaits_its_own_link(partner: LinkHolder) -> bool:
     """Whether a decision not to follow `partner` waits for its own link to say who is there
-    (then the terminals are followed, or not, at that moment: most often a moment later)."""
-    return partner.online and partner.identity == "unknown"
+    (then the terminals are followed, or not, at that moment: most often a moment later).
+    Not once that link is down, or its device named another terminal, or was asked and did
+    not say who it is: nothing there says it is `partner`, whose device has named it on the
+    other link. (A serial port with nothing plugged in opens, and never answers.)"""
+    return (partner.online and partner.identity == "unknown"
+            and not getattr(partner, "left_unnamed", False))
 
 
 def _may_be_one_device(here: Any, there: Any) -> bool:

@@ -176,6 +176,9 @@ class TerminalWorker:
         # Requests written to a device that had not said who it is (it did not answer the
         # identity check in time): asked about where they went, never followed elsewhere
         self.sent_unconfirmed: set[TxKey] = set()
+        # Told (by the daemon) each time this terminal's state is published: a follow that
+        # waits for this link to say who is there is decided again then
+        self.on_state: Callable[[str], None] | None = None
 
     # --- public -----------------------------------------------------------------------------
 
@@ -271,6 +274,14 @@ class TerminalWorker:
         terminal: its link must not be swapped away from that device (see follow.py)."""
         self.sent_unconfirmed &= self.session.open.keys()
         return bool(self.sent_unconfirmed)
+
+    @property
+    def left_unnamed(self) -> bool:
+        """Whether the device on the link was asked who it is and did not say (no answer in
+        time, none naming a terminal, one that cannot be read): until it is asked again,
+        nothing there says it is this terminal (see follow.py)."""
+        identity = self.session.identity
+        return self.online and identity.asked and identity.check is None and not identity.named
 
     def relink(self, link: Any, released: asyncio.Event | None = None) -> None:
         """Open `link` from now on instead of the configured one: this terminal was found
@@ -762,4 +773,6 @@ class TerminalWorker:
 
     def _publish_state(self) -> None:
         self.outlet.terminal_state(self.poi_id, self.state())
+        if self.on_state is not None:
+            self.on_state(self.poi_id)
 
