@@ -139,7 +139,7 @@ class Topics:
             return None
         parts = topic[len(prefix):].split("/")
         if len(parts) >= 3 and parts[0] == "terminals" and parts[2] == "request":
-            if len(parts) == 3 or len(parts) == 4 and parts[3]:
+            if len(parts) in (3, 4):  # (an empty SaleID level is refused as not the header's)
                 return Route("terminal", parts[1], parts[3] if len(parts) == 4 else None)
             exactly = (f"{self.base}/terminals/{parts[1]}/request/{{SaleID}} (your SaleID as "
                        f"its last level) or {self.base}/terminals/{parts[1]}/request")
