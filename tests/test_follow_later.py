@@ -9,6 +9,7 @@ payment, until the daemon restarted."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from bridge.daemon.app import Bridge
+from bridge.daemon.worker import FOLLOW_GRACE
 from bridge.register_client import RegisterClient
 from bridge.simulator import responses
 from bridge.simulator.server import SimulatorServer, open_pty
@@ -167,6 +169,41 @@ async def test_b_port_holding_a_device_that_does_not_say_who_it_is(tmp_path, mos
         assert any(WAITED in m for m in caplog.messages), caplog.messages
         assert "Payment" not in device_b.categories()
         assert not errors(caplog, f"says it is {B}"), errors(caplog, "")
+    finally:
+        device_b.close()
+        await sim_b.close()
+
+
+async def test_the_wrong_device_is_reported_once_after_a_fast_drop_and_reopen(
+        tmp_path, mosquitto, caplog):
+    """A hears B (waiting for B's link, which has not answered), its link drops and reopens
+    at once onto the same device, which names B again. The first wait's timer found the
+    second mismatch and reported it, and the second's reported it again."""
+    device_b = DeviceByHand(tmp_path / "port-b")  # acknowledges, answers nothing
+    sim_b = terminal_b()
+    loop = asyncio.get_running_loop()
+    try:
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            async with b_heard_on_a(tmp_path, mosquitto, str(tmp_path / "port-b"),
+                                    sim_b) as bridge:
+                worker = bridge.workers[A]
+                assert worker.identity == f"mismatch: {B}"
+                first_heard = loop.time()
+                sim_b.unplug()  # back after 0.1 s, a new pseudo-terminal at the same path
+                assert await wait_until(lambda: worker.identity == "unknown", timeout=5)
+                assert await wait_until(lambda: sim_b.replugs == 1, timeout=5)
+                worker.device_present(True)
+                assert await wait_until(lambda: worker.identity == f"mismatch: {B}",
+                                        timeout=5)
+                heard_again = loop.time()
+                # (the first wait's timer is still armed: the case to show)
+                assert heard_again - first_heard < FOLLOW_GRACE
+                # Every timer armed so far has fired by then.
+                assert await wait_until(lambda: loop.time() > heard_again + FOLLOW_GRACE + 0.5
+                                        and errors(caplog, f"says it is {B}"),
+                                        timeout=FOLLOW_GRACE + 5)
+                assert worker.identity == f"mismatch: {B}"  # (still: never followed)
+        assert len(errors(caplog, f"says it is {B}")) == 1, errors(caplog, "")
     finally:
         device_b.close()
         await sim_b.close()

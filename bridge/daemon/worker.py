@@ -179,6 +179,9 @@ class TerminalWorker:
         # Told (by the daemon) each time this terminal's state is published: a follow that
         # waits for this link to say who is there is decided again then
         self.on_state: Callable[[str], None] | None = None
+        # The wrong device's report, FOLLOW_GRACE s after it named another terminal: one at a
+        # time, or a drop and reopen onto the same device within the grace reported it twice
+        self._grace_timer: asyncio.TimerHandle | None = None
 
     # --- public -----------------------------------------------------------------------------
 
@@ -291,6 +294,9 @@ class TerminalWorker:
         would be "in use by another process", and the log would say so)."""
         self.config = self.config.model_copy(update={"link": link})
         self._handed_over_by = released
+        if self._grace_timer is not None:  # followed: the device here is no longer wrong
+            self._grace_timer.cancel()
+            self._grace_timer = None
         self.session.following = True  # until the link is dropped: refusals say why
         self._backoff.reset()
         self._relinked.set()
@@ -709,6 +715,9 @@ class TerminalWorker:
                 self._publish_state()
         elif self.identity != f"mismatch: {said}":
             self.identity = f"mismatch: {said}"
+            if self._grace_timer is not None:  # an earlier mismatch's: this one decides
+                self._grace_timer.cancel()
+                self._grace_timer = None
             decided = self.on_wrong_device(self.poi_id, said) if self.on_wrong_device else None
             if isinstance(decided, TerminalWorker):
                 self._publish_state()
@@ -717,14 +726,15 @@ class TerminalWorker:
                 # Swapped cables: most often the other link says who is there a moment later
                 # and both are followed. An error meanwhile would send a technician after a
                 # swap the daemon handles; it is said if the device is still here then.
-                asyncio.get_running_loop().call_later(FOLLOW_GRACE, self._report_wrong_device,
-                                                      said)
+                self._grace_timer = asyncio.get_running_loop().call_later(
+                    FOLLOW_GRACE, self._report_wrong_device, said)
             else:
                 self._report_wrong_device(said)
             self._publish_state()
         return None
 
     def _report_wrong_device(self, said: str) -> None:
+        self._grace_timer = None
         if self._stopping or self.identity != f"mismatch: {said}":
             return  # followed meanwhile, or the link dropped
         log.error("terminal %s: the device at %s says it is %s: nothing is sent to it "
