@@ -125,3 +125,76 @@ async def _received(client: Client, topic: str) -> dict:
                 if got == topic:
                     return json.loads(payload)
             await asyncio.sleep(0.05)
+
+
+PAN = "4111111111111111"  # a Luhn-valid card number
+
+
+def _with(service_id: str, **header) -> dict:
+    request = responses.payment_request("POS1", service_id, POI)
+    request["SaleToPOIRequest"]["MessageHeader"].update(header)
+    return request
+
+
+async def test_a_refusal_on_the_registers_topics_echoes_no_card_data(tmp_path, mosquitto):
+    """A refusal on registers/{SaleID}/response quoted the refused request's invalid fields
+    as sent: a card number a register put in its ServiceID, MessageCategory, POIID,
+    TimeStamp, another SaleID or a terminal's level was published back, and through a
+    chain's bridge to head office. They pass the card-data filter, as on bridge/error; the
+    register still reads what was wrong, and its SaleID (the topic level) stays."""
+    stamp = _with("S5")
+    stamp["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
+        "TimeStamp"] = PAN
+    abort = _with("S7", MessageCategory="Abort")
+    del abort["SaleToPOIRequest"]["PaymentRequest"]
+    abort["SaleToPOIRequest"]["AbortRequest"] = {
+        "MessageReference": {"MessageCategory": "Payment", "SaleID": f"POS1 {PAN}",
+                             "ServiceID": "S1"}, "AbortReason": "x"}
+    sent = [  # (topic, request, what the error still says)
+        (request_topic(), _with("S1", SaleID=f"POS9-{PAN}"), "may not use terminal"),
+        (request_topic(), _with(PAN), "ServiceID must be 1-10 letters or digits"),
+        (request_topic(), _with("S2", MessageCategory=PAN), "does not match body PaymentRequest"),
+        (request_topic(), _with("S3", MessageCategory=f"card {PAN}"), "card [redacted]"),
+        (request_topic(), _with("S4", POIID=f"V400m-{PAN}"), "does not match the topic's"),
+        (request_topic(), stamp, "is not an ISO 8601 date and time"),
+        (f"{request_topic()}/POS1", _with("S6", SaleID=f"POS1 {PAN}"), "is not the topic's"),
+        (request_topic(), abort, "a register may ask about and abort only its own"),
+        (f"{BASE}/terminals/V400m-{PAN}/request/POS1", _with("S8", POIID=f"V400m-{PAN}"),
+         "unknown terminal V400m-[redacted]"),
+    ]
+    async with Store(tmp_path, mosquitto, default_scenario()), \
+            Subscriber(mosquitto, [f"{BASE}/registers/#", f"{BASE}/transactions/#",
+                                   f"{BASE}/bridge/error"]) as sub:
+        refusals = []
+        for topic, request, said in sent:
+            count = len(sub.messages)
+            await sub.publish(topic, request)
+            await sub.wait_for(lambda t, p, count=count: len(sub.messages) > count)
+            topic, refusal, _ = sub.messages[count]
+            refusals.append(refusal)
+            assert refusal["bridge"]["outcome"] == "rejected", refusal
+            assert said in refusal["bridge"]["error"], refusal
+            assert PAN not in json.dumps(_without_sale_id(refusal, topic)), refusal
+        # The SaleID level is where the register listens: unchanged, as in its answer
+        assert sub.messages[0][0] == f"{BASE}/registers/POS9-{PAN}/response"
+        assert refusals[0]["bridge"]["transaction"]["sale_id"] == f"POS9-{PAN}"
+        assert refusals[0]["bridge"]["error"] == (
+            f"SaleID POS9-[redacted] may not use terminal {POI}")
+        # A category the filter changed names the body as one that cannot be read
+        assert set(refusals[2]["SaleToPOIResponse"]) == {"MessageHeader", "UnknownResponse"}
+        assert refusals[2]["SaleToPOIResponse"]["MessageHeader"]["MessageCategory"] \
+            == "[redacted]"
+        assert refusals[1]["bridge"]["transaction"]["service_id"] == "[redacted]"
+        # Nothing else was published: no event, no transaction document, nothing elsewhere
+        assert len(sub.messages) == len(sent), sub.messages
+
+
+def _without_sale_id(refusal: dict, topic: str) -> dict:
+    """The refusal but for its SaleID, where it is the topic's level (kept by design)."""
+    level = topic.split("/")[-2]
+    refusal = json.loads(json.dumps(refusal))
+    header = (refusal.get("SaleToPOIResponse") or {}).get("MessageHeader")
+    for ids in ([header] if header else []) + [refusal["bridge"]["transaction"]]:
+        assert ids.get("SaleID", ids.get("sale_id")) == level, refusal
+        ids.pop("SaleID", None), ids.pop("sale_id", None)
+    return refusal

@@ -36,6 +36,7 @@ from bridge.daemon.registers import (
     dumps,
     event_payload,
     id_text,
+    redacted_refusal,
     request_header,
     result_payload,
     result_payload_bytes,
@@ -209,6 +210,8 @@ class RegisterGateway:
     # --- Outlet (called by terminal workers) ------------------------------------------------
 
     def deliver(self, result: Deliver) -> None:
+        if result.outcome == "rejected":  # its texts quote the register's own writing
+            result = redacted_refusal(result)
         messages = []
         if topic_safe(result.sale_id):
             if splices_response(result):  # the journal encoded the response in this step

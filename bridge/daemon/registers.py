@@ -8,11 +8,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.transaction import Transaction
+from bridge.redaction import redact
 
 TOPIC_UNSAFE = frozenset("/+#\x00")
 
@@ -199,6 +200,38 @@ def _bridge_part(result: Deliver, at: float | None) -> dict[str, Any]:
     if result.conflict is not None:
         part["conflict"] = result.conflict
     return part
+
+
+def redacted_refusal(result: Deliver) -> Deliver:
+    """A refusal as the register's own topics carry it. Its texts quote the refused request
+    (an invalid ServiceID, MessageCategory, POIID, TimeStamp, a header's SaleID that is not
+    the topic's) and a register that put a card number there would have it published back,
+    and through a chain's bridge to head office: they pass the card-data filter, as on
+    bridge/error. The SaleID, the level the register listens on, stays as it is; a category
+    the filter changes names the body UnknownResponse, as one that cannot be read does."""
+    category = redact(result.category)
+    response = result.response
+    inner = response.get("SaleToPOIResponse") if isinstance(response, dict) else None
+    if isinstance(inner, dict):
+        inner = dict(inner)
+        header = inner.get("MessageHeader")
+        if isinstance(header, dict):
+            inner["MessageHeader"] = {
+                key: redact(value) if isinstance(value, str) and not (
+                    key == "SaleID" and value == result.sale_id) else value
+                for key, value in header.items()}
+        body_name = f"{result.category}Response"
+        if category != result.category and body_name in inner:
+            inner["UnknownResponse"] = inner.pop(body_name)
+        for name, body in list(inner.items()):
+            said = body.get("Response") if isinstance(body, dict) else None
+            if isinstance(said, dict) and isinstance(said.get("AdditionalResponse"), str):
+                inner[name] = {**body, "Response": {
+                    **said, "AdditionalResponse": redact(said["AdditionalResponse"])}}
+        response = {**response, "SaleToPOIResponse": inner}  # type: ignore[dict-item]
+    return replace(result, service_id=redact(result.service_id), poi_id=redact(result.poi_id),
+                   category=category, response=response,
+                   error=redact(result.error) if result.error is not None else None)
 
 
 def retained_state(state: str) -> str:
