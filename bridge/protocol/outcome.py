@@ -212,3 +212,49 @@ def recovered_response(
         }
     }
 
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSubject:
+    """One thing a TransactionStatus answer says about which transaction it is about."""
+    where: str  # "its MessageReference", "the record's header", "the record"
+    sale_id: str | None
+    service_id: str | None
+    category: str | None
+
+    def names(self, sale_id: str, service_id: str) -> bool:
+        return self.sale_id == sale_id and self.service_id == service_id
+
+    def contradicts(self, sale_id: str, service_id: str, category: str) -> bool:
+        return ((self.sale_id is not None and self.sale_id != sale_id)
+                or (self.service_id is not None and self.service_id != service_id)
+                or (self.category is not None and self.category != category))
+
+    def __str__(self) -> str:
+        ids = f"{self.sale_id or '?'}/{self.service_id or '?'}"
+        return f"{self.where} names {self.category or 'a transaction'} {ids}"
+
+
+def status_subjects(message: Message, cls: Classification) -> list[StatusSubject]:
+    """What a TransactionStatus answer says it is about: the MessageReference it echoes,
+    the header of the record it carries, and the record's category (its body's name when it
+    has no header). A terminal asked about one transaction may answer about another (its
+    latest): then its record is not the asked one's outcome, nor its NotFound a "never
+    received" of it."""
+    body = message.transaction_status_response if isinstance(message, SaleToPOIResponse) \
+        else None
+    if body is None:
+        return []
+    subjects = []
+    ref = body.message_reference
+    if ref is not None:
+        subjects.append(StatusSubject(
+            "its MessageReference", ref.sale_id, ref.service_id,
+            str(ref.message_category) if ref.message_category is not None else None))
+    header = cls.repeated_header
+    if header is not None:
+        subjects.append(StatusSubject("the record's header", header.sale_id, header.service_id,
+                                      str(header.message_category)))
+    elif cls.repeated_body_key is not None:
+        subjects.append(StatusSubject("the record", None, None, cls.category))
+    return subjects

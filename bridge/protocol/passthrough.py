@@ -30,7 +30,7 @@ from bridge.protocol.messages import (
     SaleToPOIRequest,
     SaleToPOIResponse,
 )
-from bridge.protocol.outcome import MONEY_CATEGORIES, Classification, Outcome
+from bridge.protocol.outcome import MONEY_CATEGORIES, Classification, Outcome, status_subjects
 from bridge.protocol.transaction import Transaction, TxKey, TxState
 
 if TYPE_CHECKING:
@@ -199,6 +199,13 @@ def apply_register_status(
         return [Log("warning", f"terminal {session.poi_id}: the answer to status request "
                                f"{status.key} is about a {others} {txn.key}, not the "
                                f"{txn.category} {txn.key}: not applied to it")]
+    # The record's own header, when it has one, must name it too (not the terminal's latest)
+    other = next((s for s in status_subjects(message, cls)
+                  if s.contradicts(txn.sale_id, txn.service_id, txn.category)), None)
+    if other is not None:
+        return [Log("warning", f"terminal {session.poi_id}: the answer to status request "
+                               f"{status.key}: {other}, not the {txn.category} {txn.key}: "
+                               "not applied to it")]
     return session._status_answer(txn, cls, message, now)
 
 

@@ -44,7 +44,8 @@ from bridge.protocol.messages import (
     SaleToPOIRequest,
     SaleToPOIResponse,
 )
-from bridge.protocol.outcome import MONEY_CATEGORIES, Classification, Outcome, classify, recovered_response
+from bridge.protocol.outcome import (MONEY_CATEGORIES, Classification, Outcome, classify,
+                                     recovered_response, status_subjects)
 from bridge.protocol.transaction import Transaction, TxKey, TxState, trim_refused
 
 FINAL_MONEY_OUTCOMES = frozenset(
@@ -264,11 +265,15 @@ class TerminalSession:
             if txn is None:
                 return [Log("debug", f"late status answer {service_id} for finished {key}"),
                         *self._pump(now)]
-            return self._status_answer(txn, classification, message, now) + self._pump(now)
+            return self._polled_answer(txn, classification, message, now) + self._pump(now)
         if service_id is not None and sale_id is not None:
             txn = self.open.get(TxKey(sale_id, service_id))
             if txn is not None:
                 return self._original_answer(txn, classification, message, now) + self._pump(now)
+        probed = self._probe_named_by(message, classification, own_device)
+        if probed is not None:
+            self._probe = None
+            return self._polled_answer(probed, classification, message, now) + self._pump(now)
         if classification.category == "Event" and self.active is not None:
             txn = self.open[self.active]
             if txn.state is TxState.AWAITING_RESPONSE:
@@ -680,6 +685,38 @@ class TerminalSession:
         txn.next_poll_at = now + max(retry_in, self.settings.poll_floor)
         return [Record(txn.snapshot()), self._progress(txn, "status_poll_failed", reason,
                                                        poll=txn.polls_sent)]
+
+    def _probe_named_by(self, message: Message, cls: Classification,
+                        own_device: bool) -> Transaction | None:
+        """The transaction of the status poll on the wire, when an answer under a ServiceID
+        the terminal chose (the vendor guide's examples answer so) names it, by the
+        MessageReference it echoes or its record's header, and nothing in it names another.
+        Not from a device that named another terminal."""
+        if self._probe is None or (self.wrong_device is not None and not own_device):
+            return None
+        txn = self.open.get(self._probe.key)
+        subjects = status_subjects(message, cls)
+        if txn is None or not any(s.names(txn.sale_id, txn.service_id) for s in subjects) \
+                or any(s.contradicts(txn.sale_id, txn.service_id, txn.category)
+                       for s in subjects):
+            return None
+        return txn
+
+    def _polled_answer(
+        self, txn: Transaction, cls: Classification, message: Message, now: float
+    ) -> list[Action]:
+        """The answer to a status poll about `txn`: taken only if nothing in it says it is
+        about another transaction. A terminal that answers about its latest one instead
+        would otherwise settle this payment with another's record, or its NotFound end it
+        as never received; it counts as unanswered, and is asked again."""
+        other = next((s for s in status_subjects(message, cls)
+                      if s.contradicts(txn.sale_id, txn.service_id, txn.category)), None)
+        if other is None:
+            return self._status_answer(txn, cls, message, now)
+        reason = f"the terminal's answer to the status poll is about another transaction ({other})"
+        return [Log("warning", f"terminal {self.poi_id}: {reason}, not the {txn.category} "
+                               f"{txn.key}: not taken"),
+                *self._poll_failed(txn, reason, now, retry_in=self.settings.poll_floor)]
 
     def _status_answer(
         self, txn: Transaction, cls: Classification, message: Message, now: float
