@@ -38,6 +38,7 @@ class Holder:
     online: bool
     kind: str = "serial"
     holds_unconfirmed_sends: bool = False
+    left_unnamed: bool = False
 
     device: str | None = None
 

@@ -77,7 +77,7 @@ def awaits_its_own_link(partner: LinkHolder) -> bool:
     not say who it is: nothing there says it is `partner`, whose device has named it on the
     other link. (A serial port with nothing plugged in opens, and never answers.)"""
     return (partner.online and partner.identity == "unknown"
-            and not getattr(partner, "left_unnamed", False))
+            and not partner.left_unnamed)
 
 
 def _may_be_one_device(here: Any, there: Any) -> bool:
