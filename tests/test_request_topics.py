@@ -198,3 +198,29 @@ def _without_sale_id(refusal: dict, topic: str) -> dict:
         assert ids.get("SaleID", ids.get("sale_id")) == level, refusal
         ids.pop("SaleID", None), ids.pop("sale_id", None)
     return refusal
+
+
+async def test_a_recorded_refusal_in_the_transactions_command_echoes_no_card_data(
+        tmp_path, mosquitto):
+    """A refusal recorded in the journal (so that a copy delivered again gets the same
+    answer) is listed by the `transactions` command on bridge/response/transactions, which
+    every operator and, through a chain's bridge, head office reads: its detail quoted the
+    request as sent."""
+    abort = _with("R1", MessageCategory="Abort")
+    del abort["SaleToPOIRequest"]["PaymentRequest"]
+    abort["SaleToPOIRequest"]["AbortRequest"] = {
+        "MessageReference": {"MessageCategory": "Payment", "SaleID": f"POS1 {PAN}",
+                             "ServiceID": "S1"}, "AbortReason": "x"}
+    async with Store(tmp_path, mosquitto, default_scenario()), \
+            Subscriber(mosquitto, [f"{BASE}/registers/#",
+                                   f"{BASE}/bridge/response/#"]) as sub:
+        await sub.publish(f"{request_topic()}/POS1", abort)
+        await sub.wait_for(lambda t, p: t.endswith("/response") and "bridge" in p)
+        await sub.publish(f"{BASE}/bridge/request/transactions",
+                          {"sale_id": "POS1", "transaction": "t1"})
+        answer = await sub.wait_for(lambda t, p: t.endswith("/response/transactions"))
+        (row,) = answer["data"]
+        assert (row["service_id"], row["outcome"]) == ("R1", "rejected"), row
+        assert "MessageReference.SaleID 'POS1 [redacted]' is not this request's SaleID" \
+            in row["detail"], row
+        assert PAN not in json.dumps(answer), answer

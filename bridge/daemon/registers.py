@@ -9,10 +9,11 @@ import datetime as dt
 import json
 import re
 from dataclasses import dataclass, replace
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from bridge.protocol.actions import Deliver, Progress
-from bridge.protocol.transaction import Transaction
+from bridge.protocol.transaction import Transaction, TxKey
 from bridge.redaction import redact
 
 TOPIC_UNSAFE = frozenset("/+#\x00")
@@ -182,13 +183,16 @@ def transaction_ids(sale_id: str, service_id: str, poi_id: str, category: str) -
     return {"sale_id": sale_id, "service_id": service_id, "poi_id": poi_id, "category": category}
 
 
-def result_payload(result: Deliver, at: float | None = None) -> dict[str, Any]:
-    """What a register receives on registers/{SaleID}/response."""
+def result_payload(result: Deliver, at: float | None = None,
+                   amounts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a register receives on registers/{SaleID}/response (`amounts`: see
+    partial_amounts)."""
     inner = result.response.get("SaleToPOIResponse") if result.response else None
-    return {"SaleToPOIResponse": inner, "bridge": _bridge_part(result, at)}
+    return {"SaleToPOIResponse": inner, "bridge": _bridge_part(result, at, amounts)}
 
 
-def _bridge_part(result: Deliver, at: float | None) -> dict[str, Any]:
+def _bridge_part(result: Deliver, at: float | None,
+                 amounts: dict[str, Any] | None = None) -> dict[str, Any]:
     part = {
         "outcome": result.outcome,
         "source": result.source,
@@ -199,7 +203,67 @@ def _bridge_part(result: Deliver, at: float | None) -> dict[str, Any]:
     }
     if result.conflict is not None:
         part["conflict"] = result.conflict
+    if amounts is not None:
+        part["amounts"] = amounts
     return part
+
+
+# Where a money category's amounts are: (asked, in its request body; moved, in its response
+# body; the currency in each). StoredValue's are per item (StoredValueData): none here.
+_AMOUNT_PATHS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...],
+                               tuple[str, ...]]] = {
+    "Payment": (("PaymentTransaction", "AmountsReq", "RequestedAmount"),
+                ("PaymentResult", "AmountsResp", "AuthorizedAmount"),
+                ("PaymentTransaction", "AmountsReq", "Currency"),
+                ("PaymentResult", "AmountsResp", "Currency")),
+    "Reversal": (("ReversedAmount",), ("ReversedAmount",), (), ()),
+}
+
+
+def _dig(document: Any, *path: str) -> Any:
+    for name in path:
+        document = document.get(name) if isinstance(document, dict) else None
+    return document
+
+
+def _amount(value: Any) -> float | int | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def partial_amounts(result: Deliver,
+                    lookup: Callable[[TxKey], Transaction | None]) -> dict[str, Any]:
+    """bridge.amounts of a partially_approved result: what the register asked for
+    (`requested`, from its request, which `lookup` finds in the journal) and what moved
+    (`approved`: AuthorizedAmount, or a Reversal's ReversedAmount), as the documents say them;
+    null where they do not say (a StoredValue, an unreadable one). A register's own status
+    request answered partially_approved gives those of the transaction it asked about."""
+    response = _dig(result.response, "SaleToPOIResponse")
+    key, category = TxKey(result.sale_id, result.service_id), result.category
+    status = _dig(response, "TransactionStatusResponse")
+    if isinstance(status, dict):
+        bodies = _dig(status, "RepeatedMessageResponse", "RepeatedResponseMessageBody")
+        name = next((k for k, v in bodies.items() if isinstance(v, dict)), None) \
+            if isinstance(bodies, dict) else None
+        body = bodies[name] if name else None
+        category = name.removesuffix("Response") if name else category
+        asking = lookup(key)
+        ref = _dig(asking.request if asking else None, "SaleToPOIRequest",
+                   "TransactionStatusRequest", "MessageReference")
+        ref = ref if isinstance(ref, dict) else _dig(status, "MessageReference")
+        sale_id, service_id = _dig(ref, "SaleID"), _dig(ref, "ServiceID")
+        key = TxKey(sale_id, service_id) if isinstance(sale_id, str) and isinstance(
+            service_id, str) else None
+    else:
+        body = _dig(response, f"{category}Response")
+    asked, moved, asked_currency, moved_currency = _AMOUNT_PATHS.get(category, ((),) * 4)
+    txn = lookup(key) if key is not None and asked else None
+    request = _dig(txn.request if txn else None, "SaleToPOIRequest", f"{category}Request")
+    currency = _dig(body, *moved_currency) if moved_currency else None
+    if not isinstance(currency, str):
+        currency = _dig(request, *asked_currency) if asked_currency else None
+    return {"requested": _amount(_dig(request, *asked)) if asked else None,
+            "approved": _amount(_dig(body, *moved)) if moved else None,
+            "currency": currency if isinstance(currency, str) else None}
 
 
 def redacted_refusal(result: Deliver) -> Deliver:
@@ -239,12 +303,13 @@ def retained_state(state: str) -> str:
     return state if state in ("unresolved", "final") else "in_progress"
 
 
-def result_payload_bytes(result: Deliver, response_text: str, at: float | None = None) -> bytes:
-    """dumps(result_payload(result, at)), made from `response_text`, the compact JSON of
-    `result.response` the journal already encoded, when that is {"SaleToPOIResponse": ...}
+def result_payload_bytes(result: Deliver, response_text: str, at: float | None = None,
+                         amounts: dict[str, Any] | None = None) -> bytes:
+    """dumps(result_payload(result, at, amounts)), made from `response_text`, the compact JSON
+    of `result.response` the journal already encoded, when that is {"SaleToPOIResponse": ...}
     alone (the document then differs only by its last key, "bridge")."""
-    return (response_text[:-1].encode() + b',"bridge":' + dumps(_bridge_part(result, at))
-            + b"}")
+    return (response_text[:-1].encode() + b',"bridge":'
+            + dumps(_bridge_part(result, at, amounts)) + b"}")
 
 
 def splices_response(result: Deliver) -> bool:
@@ -305,14 +370,16 @@ def stored_result(txn: Transaction) -> Deliver:
 
 
 def summary(txn: Transaction) -> dict[str, Any]:
-    """One line of the `transactions` command and `poi-bridge status`."""
+    """One line of the `transactions` command and `poi-bridge status`. Its detail passes the
+    card-data filter: a recorded refusal's quotes the refused request as sent, and the
+    command's answer reaches every operator and, through a chain's bridge, head office."""
     return {
         **transaction_ids(txn.sale_id, txn.service_id, txn.poi_id, txn.category),
         "state": str(txn.state),
         "outcome": txn.outcome,
         "source": txn.source,
         "polls": txn.polls_sent,
-        "detail": txn.detail,
+        "detail": redact(txn.detail) if isinstance(txn.detail, str) else txn.detail,
         "created_at": _now_iso(txn.created_at),
         "updated_at": _now_iso(txn.updated_at),
     }
