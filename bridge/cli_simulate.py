@@ -8,7 +8,7 @@ import json
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
@@ -17,7 +17,7 @@ from bridge.logging_setup import setup_logging
 from bridge.protocol import crypto
 from bridge.protocol.framing import FRAMERS
 from bridge.simulator.server import SimulatorServer
-from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
+from bridge.simulator.terminal import Behaviour, Decision, LinkBehaviour, Scenario
 
 
 def add_parser(subparsers: Any) -> None:
@@ -36,7 +36,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--framer", default="stx-etx-lrc", choices=sorted(FRAMERS))
     p.add_argument("--poi-id", default=None, help="the terminal's POIID")
     p.add_argument("--scenario", type=Path, help="scenario file (TOML or JSON)")
-    p.add_argument("--decision", choices=["approve", "decline", "cancel", "busy"])
+    p.add_argument("--decision", choices=list(get_args(Decision)),
+                   help="partial: Result Partial, half the amount authorised (or --authorised)")
+    p.add_argument("--authorised", type=float,
+                   help="with --decision partial: the amount authorised")
     p.add_argument("--delay", type=float, help="processing time per transaction, seconds")
     p.add_argument("--never-answer", action="store_true",
                    help="decide but never send the response (status polls still know it)")
@@ -100,6 +103,7 @@ def _build_scenario(args: argparse.Namespace) -> Scenario:
     base = _load_scenario(args.scenario) if args.scenario else Scenario()
     default = base.default.model_dump(exclude_unset=False)
     for flag, field in (("decision", "decision"), ("delay", "delay"),
+                        ("authorised", "authorised"),
                         ("in_progress_polls", "in_progress_polls"),
                         ("response_file", "response_file")):
         if getattr(args, flag) is not None:

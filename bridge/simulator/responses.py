@@ -14,6 +14,8 @@ from typing import Any
 
 OUTCOME_RESULTS: dict[str, tuple[str, str | None, str]] = {
     "approve": ("Success", None, "tid=46403161&message=APPROVED"),
+    # Less than requested authorised (a gift card with too little on it): money moved
+    "partial": ("Partial", None, "tid=46403161&message=PARTIALLY%20APPROVED"),
     "decline": ("Failure", "Refusal", "refusalReason=05%20Not%20approved&message=DECLINED"),
     "cancel": ("Failure", "Cancel", "refusalReason=101%20Shopper%20cancelled%20tx"),
     "abort": ("Failure", "Aborted", "refusalReason=104%20Merchant%20cancelled%20tx"),
@@ -34,9 +36,11 @@ def _timestamp(now: float) -> str:
 
 def payment_response(
     request: dict[str, Any], decision: str, now: float, *, receipts: bool = True,
+    authorised: float | None = None,
 ) -> dict[str, Any]:
     """A PaymentResponse (or ReversalResponse) for `request`, with card data as terminals send
-    it (masked PAN, expiry): the bridge must pass it on and must never log it."""
+    it (masked PAN, expiry): the bridge must pass it on and must never log it. `authorised`:
+    what a "partial" decision authorises (or reverses), half the amount asked by default."""
     inner = request["SaleToPOIRequest"]
     header = inner["MessageHeader"]
     category = header["MessageCategory"]
@@ -56,9 +60,10 @@ def payment_response(
         req = inner.get("PaymentRequest", {})
         amounts = req.get("PaymentTransaction", {}).get("AmountsReq", {})
         body["SaleData"] = copy.deepcopy(req.get("SaleData", {}))
+        paid = _paid(amounts.get("RequestedAmount", 0), result, authorised)
         body["PaymentResult"] = {
             "AmountsResp": {
-                "AuthorizedAmount": amounts.get("RequestedAmount", 0) if result == "Success" else 0,
+                "AuthorizedAmount": paid,
                 "Currency": amounts.get("Currency", "EUR"),
             },
             "OnlineFlag": True,
@@ -72,7 +77,7 @@ def payment_response(
                 },
             },
         }
-        if receipts and result == "Success":
+        if receipts and result in ("Success", "Partial"):
             body["PaymentReceipt"] = [
                 {
                     "DocumentQualifier": qualifier,
@@ -82,17 +87,29 @@ def payment_response(
                         "OutputText": [
                             {"Text": f"key=title&name={qualifier}", "EndOfLineFlag": True},
                             {"Text": "name=Card&value=%2a%2a%2a%2a9999&key=pan", "EndOfLineFlag": True},
-                            {"Text": f"name=Amount&value={amounts.get('RequestedAmount', 0)}",
+                            {"Text": f"name=Amount&value={paid}",
                              "EndOfLineFlag": True},
                         ],
                     },
                 }
                 for qualifier in ("CashierReceipt", "CustomerReceipt")
             ]
-    elif category == "Reversal" and result == "Success":
-        body["ReversedAmount"] = inner.get("ReversalRequest", {}).get("ReversedAmount", 0)
+    elif category == "Reversal" and result in ("Success", "Partial"):
+        body["ReversedAmount"] = _paid(
+            inner.get("ReversalRequest", {}).get("ReversedAmount", 0), result, authorised)
     return {"SaleToPOIResponse": {"MessageHeader": _response_header(header),
                                   f"{category}Response": body}}
+
+
+def _paid(asked: Any, result: str, authorised: float | None) -> Any:
+    """The amount a response says moved: all that was asked on Success, part on Partial."""
+    if result == "Success":
+        return asked
+    if result != "Partial":
+        return 0
+    if authorised is not None:
+        return authorised
+    return round(asked / 2, 2) if isinstance(asked, (int, float)) else 0
 
 
 def status_in_progress(status_request: dict[str, Any]) -> dict[str, Any]:

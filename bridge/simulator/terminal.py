@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bridge.simulator import responses
 
-Decision = Literal["approve", "decline", "cancel", "busy"]
+Decision = Literal["approve", "partial", "decline", "cancel", "busy"]
 
 
 class Behaviour(BaseModel):
@@ -33,6 +33,9 @@ class Behaviour(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     decision: Decision = "approve"
+    # For decision "partial" (Result Partial): the amount authorised, or reversed; half the
+    # amount asked when unset
+    authorised: float | None = Field(default=None, ge=0)
     delay: float = Field(default=0.0, ge=0, description="processing time in seconds")
     never_answer: bool = False  # decide, remember, but never send the response
     lose_request: bool = False  # behave as if the request never arrived (status: NotFound)
@@ -81,13 +84,13 @@ class LedgerEntry:
     received_at: float
     completes_at: float
     response: dict[str, Any] | None = None  # set once the transaction completed
-    outcome: str | None = None  # approve, decline, cancel, abort, busy
+    outcome: str | None = None  # approve, partial, decline, cancel, abort, busy
     polls_answered: int = 0
     answered: bool = False  # the response was sent on the wire
 
     @property
     def charged(self) -> bool:
-        return self.category == "Payment" and self.outcome == "approve"
+        return self.category == "Payment" and self.outcome in ("approve", "partial")
 
 
 @dataclass(slots=True)
@@ -216,7 +219,8 @@ class SimulatedTerminal:
             entry.response = responses.rewrite_ids(canned, document)
         else:
             entry.response = responses.payment_response(document, behaviour.decision,
-                                                         entry.completes_at)
+                                                         entry.completes_at,
+                                                         authorised=behaviour.authorised)
         if not behaviour.never_answer and not behaviour.drop_link:
             reaction.answers.append(Answer(entry.completes_at, entry.response, entry))
             entry.answered = True
