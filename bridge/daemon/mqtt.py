@@ -36,6 +36,7 @@ from bridge.daemon.registers import (
     dumps,
     event_payload,
     id_text,
+    partial_amounts,
     redacted_refusal,
     request_header,
     result_payload,
@@ -212,12 +213,16 @@ class RegisterGateway:
     def deliver(self, result: Deliver) -> None:
         if result.outcome == "rejected":  # its texts quote the register's own writing
             result = redacted_refusal(result)
+        # Only part was paid: what was asked and what moved, for the register to finish the sale
+        amounts = partial_amounts(result, self.journal.get) \
+            if result.outcome == "partially_approved" else None
         messages = []
         if topic_safe(result.sale_id):
             if splices_response(result):  # the journal encoded the response in this step
-                payload = result_payload_bytes(result, self.journal.response_text(result.response))
+                payload = result_payload_bytes(
+                    result, self.journal.response_text(result.response), amounts=amounts)
             else:
-                payload = dumps(result_payload(result))
+                payload = dumps(result_payload(result, amounts=amounts))
             messages.append((self.topics.register_response(result.sale_id), payload, 1, False))
             if result.outcome != "rejected" and topic_safe(result.service_id):
                 # Rejections are not transactions: they must not overwrite a real one's record.
