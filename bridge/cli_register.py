@@ -3,7 +3,9 @@
 Exit status: 0 a payment approved (or a command answered "ok"); 1 another outcome, or a
 command answered with an error; 2 nothing was asked (bad options, no broker, no bridge);
 3 OUTCOME UNKNOWN: a payment was handed to the broker and its answer did not come (timeout,
-lost connection, interrupted). It may still be charged: do not pay again, look it up.
+lost connection, interrupted). It may still be charged: do not pay again, look it up;
+4 PARTIALLY APPROVED: only part of the amount was taken: charge the rest another way, or
+reverse it (never pay the whole amount again).
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ from bridge.register_client import (
     command_line_login,
     connection_problem,
     option_names,
+    partial_advice,
     refused_advice,
     unseen_refusal,
 )
 
 OUTCOME_UNKNOWN = 3  # the exit status of a payment whose outcome is not known
+PARTIALLY_APPROVED = 4  # only part was taken: neither paid (0) nor nothing taken (1)
 
 
 def _finite(text: str) -> float:
@@ -116,7 +120,9 @@ def add_parser(subparsers: Any) -> None:
         description="Send a PaymentRequest and wait for its outcome. Exit status 0 approved, "
                     "1 another outcome, 2 not sent, 3 OUTCOME UNKNOWN: sent, but no answer "
                     "came (timeout, lost connection): it may still be charged, so do not pay "
-                    "again; look it up with the SaleID and ServiceID printed.")
+                    "again; look it up with the SaleID and ServiceID printed. 4 PARTIALLY "
+                    "APPROVED: only part was taken (printed): charge the rest another way, or "
+                    "reverse it.")
     pay.add_argument("--terminal", required=True, metavar="POIID")
     pay.add_argument("--amount", required=True, type=_amount,
                      help="a finite number, 0 or more (e.g. 12.50)")
@@ -294,7 +300,11 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
                 ids = info["transaction"]
                 print(f"{ids['sale_id']}/{ids['service_id']} on {ids['poi_id']}: "
                       f"{info['outcome']} (source {info['source']})"
-                      + (f": {info['error']}" if info.get("error") else ""))
+                      + (f": {info['error']}" if info.get("error") else "")
+                      + (f": {partial_advice(info)}" if info["outcome"] == "partially_approved"
+                         else ""))
+            if info["outcome"] == "partially_approved":
+                return PARTIALLY_APPROVED
             return 0 if info["outcome"] == "approved" else 1
         try:
             if args.action == "resync":

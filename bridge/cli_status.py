@@ -22,6 +22,7 @@ from bridge.register_client import (
     command_line_login,
     connection_problem,
     option_names,
+    partial_advice,
     refused_advice,
     unseen_refusal,
 )
@@ -180,7 +181,9 @@ async def _resync(args: argparse.Namespace, config: Any) -> int:
                     info = result["bridge"]
                     print(json.dumps(result, indent=1) if args.json else
                           f"{args.sale_id}/{args.service_id}: {info['outcome']} "
-                          f"(source {info['source']})")
+                          f"(source {info['source']})"
+                          + (f": {partial_advice(info)}"
+                             if info["outcome"] == "partially_approved" else ""))
                     return 0
             await asyncio.sleep(0.1)
     print("poi-bridge resync: no result within the wait; the bridge keeps trying",

@@ -173,6 +173,23 @@ def unseen_refusal(protocol: str | None) -> str:
             "log in as a user its ACL allows there, with --username and --password-file)")
 
 
+def partial_advice(info: dict[str, Any]) -> str:
+    """What a till says of a `partially_approved` result (its `bridge` part): how much was
+    taken of how much, and what to do. Never "paid": only part of the sale was."""
+    amounts = _object(info.get("amounts"))
+    requested, approved = amounts.get("requested"), amounts.get("approved")
+    currency = f" {amounts['currency']}" if isinstance(amounts.get("currency"), str) else ""
+    numbers = all(isinstance(n, (int, float)) and not isinstance(n, bool)
+                  for n in (requested, approved))
+    if numbers:
+        taken = (f"{approved!r}{currency} of {requested!r}{currency} taken, "
+                 f"{round(requested - approved, 6)!r}{currency} still to pay")
+    else:
+        taken = "an amount the bridge could not read was taken (see the terminal's response)"
+    return (f"PARTIALLY APPROVED, NOT PAID IN FULL: {taken}; charge the rest another way, or "
+            "reverse this payment")
+
+
 def _object(value: Any) -> dict[str, Any]:
     """`value` if it is a JSON object, else an empty one (a malformed part of a message)."""
     return value if isinstance(value, dict) else {}
