@@ -555,6 +555,18 @@ class TerminalWorker:
         finally:
             self._writer_idle = False
 
+    def _oversize(self, event: FramingError) -> None:
+        """A frame too big to keep (or noise that looked like one): if it was an answer, the
+        session asks about it, without receipts (see TerminalSession.oversize)."""
+        limit = self.framer.max_frame_size
+        log.warning("terminal %s: dropped a frame over max_frame_size (%d bytes) unread (%s): "
+                    "if it was an answer, it is asked about by status poll, without receipts; "
+                    "if this repeats, raise [terminals.framer] max_frame_size", self.poi_id,
+                    limit, event.reason)
+        self._apply(self.session.oversize(
+            f"the terminal sent a frame over max_frame_size ({limit} bytes), dropped unread",
+            self._clock()))
+
     def _framer_events(self, events: list[Any]) -> None:
         for event in events:
             if isinstance(event, FrameReceived):
@@ -562,6 +574,9 @@ class TerminalWorker:
                 self._on_frame(event.payload)
             elif isinstance(event, FramingError):
                 self.counters["framing_errors"] += 1
+                if event.reason.startswith("oversize frame"):
+                    self._oversize(event)
+                    continue
                 log.debug("terminal %s: line noise: %s (%d bytes dropped)", self.poi_id,
                           event.reason, event.discarded)
             elif isinstance(event, FrameFailed):

@@ -20,11 +20,12 @@ def new_service_id(length: int = 10) -> str:
 
 def status_request(
     *, sale_id: str, service_id: str, poi_id: str, original_service_id: str,
-    original_category: str,
+    original_category: str, receipts: bool = True,
 ) -> dict[str, Any]:
     """A TransactionStatusRequest about one transaction, as the seed prescribes: receipts are
-    asked for again so the register can print them if the original response was lost."""
-    return {
+    asked for again so the register can print them if the original response was lost
+    (`receipts` False: not, when an answer came too big to read: see TerminalSession.oversize)."""
+    document = {
         "SaleToPOIRequest": {
             "MessageHeader": {
                 "ProtocolVersion": "3.0",
@@ -46,6 +47,10 @@ def status_request(
             },
         }
     }
+    if not receipts:
+        body = document["SaleToPOIRequest"]["TransactionStatusRequest"]
+        del body["ReceiptReprintFlag"], body["DocumentQualifier"]
+    return document
 
 
 def diagnosis_request(*, sale_id: str, service_id: str, poi_id: str) -> dict[str, Any]:

@@ -326,6 +326,25 @@ class TerminalSession:
             return [Log("error", f"terminal {self.poi_id}: {reason}")]
         return self._finish(txn, Outcome.ERROR, None, "terminal", now, error=reason) + self._pump(now)
 
+    def oversize(self, reason: str, now: float) -> list[Action]:
+        """The terminal sent a frame larger than max_frame_size: dropped unread. It may have
+        been an answer (receipts with a signature image make them big): a payment waiting
+        for its answer is asked about, a status poll's counts as unanswered, and the polls
+        about that transaction no longer ask for receipts (ReceiptReprintFlag), which would
+        make each of their answers too big as well."""
+        if self._probe is not None:
+            txn = self.open.get(self._probe.key)
+            self._probe = None
+            if txn is not None:
+                txn.extra["answer_too_big"] = True
+                return self._poll_failed(txn, reason, now, retry_in=self.settings.poll_floor)
+        txn = self._waiting_transaction()
+        if txn is None:
+            return [Log("warning", f"terminal {self.poi_id}: {reason}; nothing was waiting "
+                                   "for an answer")]
+        txn.extra["answer_too_big"] = True
+        return self._unusable_answer(txn, reason, now) + self._pump(now)
+
     def link_is_up(self, now: float) -> list[Action]:
         self.link_up = True
         self.identity.new_device()
@@ -578,6 +597,7 @@ class TerminalSession:
         document = builders.status_request(
             sale_id=txn.sale_id, service_id=poll_id, poi_id=self.poi_id,
             original_service_id=txn.service_id, original_category=txn.category,
+            receipts=not txn.extra.get("answer_too_big"),
         )
         return [
             Record(txn.snapshot()),

@@ -145,7 +145,10 @@ class LengthPrefixedFramer(Framer):
             if length == 0:
                 why = "frame of length 0"
             elif length > self.max_frame_size:
-                why = f"oversize frame: length {length} > {self.max_frame_size}"
+                # (A frame too big to keep starts like a document; noise read as a length
+                # almost always passes the limit: the daemon treats the two differently)
+                what = "oversize frame" if buf[body] in _OPENERS else "not a frame"
+                why = f"{what}: length {length} > {self.max_frame_size}"
             elif buf[body] not in _OPENERS:
                 why = "payload does not start with '{' or '<'"
             elif body + length > len(buf):

@@ -1,0 +1,109 @@
+"""An answer too big for the link's max_frame_size (receipts with a signature image, say)
+used to be dropped in silence: the payment waited its whole payment_timeout, and its status
+polls asked for the receipts again, so each answer was too big as well and the payment
+ended unresolved. The payment is now asked about at once, without receipts."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import os
+import time
+
+from bridge.protocol.actions import Log
+from bridge.protocol.framing import make_framer
+from bridge.protocol.transaction import TxKey, TxState
+from bridge.register_client import RegisterClient
+from bridge.simulator import responses
+
+from .follow_rig import A, BASE, DeviceByHand, bridge_on, wait_until
+from .test_session import SETTINGS, Harness, request_of
+
+TOO_BIG = "x" * 6000  # over the 4096-byte max_frame_size of these tests
+
+
+def padded(document: dict) -> dict:
+    body = document["SaleToPOIResponse"]["PaymentResponse"]
+    body["PaymentReceipt"] = [{"DocumentQualifier": "CustomerReceipt",
+                               "OutputContent": {"OutputText": [{"Text": TOO_BIG}]}}]
+    return document
+
+
+def test_a_payment_whose_answer_was_too_big_is_asked_about_without_receipts():
+    h = Harness()
+    h.submit("R1", "S1")
+    asked = h.do(h.session.oversize("frame over max_frame_size", h.now))
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+    assert any(isinstance(a, Log) and "unusable answer" in a.message for a in asked)
+    h.advance(SETTINGS.poll_floor)
+    poll = h.last_poll()["SaleToPOIRequest"]["TransactionStatusRequest"]
+    assert "ReceiptReprintFlag" not in poll and "DocumentQualifier" not in poll
+    assert poll["MessageReference"]["ServiceID"] == "S1"
+
+
+def test_a_status_answer_too_big_counts_as_unanswered_and_the_next_poll_asks_no_receipts():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.advance(SETTINGS.payment_timeout + 1)  # no answer: polled, with receipts
+    first = h.last_poll()["SaleToPOIRequest"]["TransactionStatusRequest"]
+    assert first["ReceiptReprintFlag"] is True
+    h.do(h.session.oversize("frame over max_frame_size", h.now))
+    txn = h.session.open[TxKey("R1", "S1")]
+    assert txn.unanswered_polls == 1 and txn.extra["answer_too_big"] is True
+    h.advance(SETTINGS.poll_floor)
+    assert "ReceiptReprintFlag" not in h.last_poll()["SaleToPOIRequest"][
+        "TransactionStatusRequest"]
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
+    assert (result.outcome, result.source) == ("approved", "status-poll")
+
+
+def test_without_anything_waiting_an_oversize_frame_is_only_logged():
+    h = Harness()
+    (note,) = h.do(h.session.oversize("frame over max_frame_size", h.now))
+    assert isinstance(note, Log) and note.level == "warning"
+
+
+async def test_a_payment_answer_too_big_for_the_link_is_recovered_by_a_status_poll(
+        tmp_path, mosquitto, caplog):
+    """End to end: the terminal's answer (6 KB of receipt) is over max_frame_size 4096; the
+    bridge polls at once, without receipts, and the register gets the payment's outcome
+    well within its payment_timeout (60 s here)."""
+    device = DeviceByHand(tmp_path / "port-a")
+    try:
+        with caplog.at_level(logging.WARNING, logger="poi_bridge"):
+            async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port-a")},
+                                 framer={"max_frame_size": 4096},
+                                 payment_timeout=60) as bridge:
+                assert await wait_until(lambda: "Diagnosis" in device.categories(), 10)
+                device.answer_check_as(A)
+                assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 10)
+                async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                          base_topic=BASE, persistent=False) as till:
+                    paying = asyncio.create_task(till.pay(A, 12.5, timeout=20))
+                    assert await wait_until(lambda: "Payment" in device.categories(), 10)
+                    request = [d for d in device.received if "PaymentRequest" in
+                               d["SaleToPOIRequest"]][-1]
+                    answer = responses.payment_response(request, "approve", 0)
+                    # Written past the device's framer, which would hold what follows
+                    # until the frame is acknowledged (the bridge never acknowledges it)
+                    once = make_framer("stx-etx-lrc")
+                    once.send_frame(json.dumps(padded(copy.deepcopy(answer))).encode(),
+                                    time.monotonic())
+                    os.write(device.master, once.data_to_send())
+                    assert await wait_until(
+                        lambda: "TransactionStatus" in device.categories(), 10)
+                    poll = [d for d in device.received
+                            if "TransactionStatusRequest" in d["SaleToPOIRequest"]][-1]
+                    assert "ReceiptReprintFlag" not in poll["SaleToPOIRequest"][
+                        "TransactionStatusRequest"]
+                    device.send(responses.status_success(poll, answer))
+                    result = await paying
+        assert (result["bridge"]["outcome"], result["bridge"]["source"]) == \
+            ("approved", "status-poll"), result
+        assert any("over max_frame_size (4096 bytes)" in m and "raise [terminals.framer] "
+                   "max_frame_size" in m for m in caplog.messages), caplog.messages
+    finally:
+        device.close()
