@@ -5,6 +5,8 @@ whichever way the result arrives (the terminal's answer, a status poll, the jour
 
 from __future__ import annotations
 
+import json
+
 from bridge.daemon.registers import partial_amounts, result_payload
 from bridge.protocol.actions import Deliver, Record
 from bridge.register_client import partial_advice
@@ -12,6 +14,8 @@ from bridge.simulator import responses
 from bridge.simulator.terminal import Behaviour, SimulatedTerminal
 
 from .rig import POI
+from .test_cli_register import pay_through_a_stand_in
+from .test_cli_tools import BASE as CLI_BASE
 from .test_session import Harness, request_of, status_of
 
 
@@ -82,3 +86,21 @@ def test_a_till_is_told_how_much_is_still_to_pay():
     assert "3.3 EUR of 10.0 EUR taken, 6.7 EUR still to pay" in text
     assert "charge the rest another way, or reverse" in text
     assert "could not read" in partial_advice({"amounts": {"requested": None, "approved": 1}})
+
+
+async def test_register_pay_exits_4_and_says_what_is_still_to_pay(mosquitto):
+    """Exit 1 ("another outcome") would let a till ask for the whole amount again."""
+    async def partially(bridge, request) -> None:
+        service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+        await bridge.publish(f"{CLI_BASE}/registers/TILL9/response", json.dumps({
+            "SaleToPOIResponse": None,
+            "bridge": {"outcome": "partially_approved", "source": "terminal", "error": None,
+                       "transaction": {"sale_id": "TILL9", "service_id": service_id,
+                                       "poi_id": POI, "category": "Payment"},
+                       "amounts": {"requested": 12.5, "approved": 5.0, "currency": "EUR"},
+                       "at": "2026-11-30T10:00:00.000Z"}}), qos=1)
+    (code, out, err, _), _ = await pay_through_a_stand_in(
+        mosquitto, partially, "--amount", "12.50", "--timeout", "30")
+    assert code == 4, err
+    assert ": partially_approved (source terminal): PARTIALLY APPROVED, NOT PAID IN FULL: " \
+        "5.0 EUR of 12.5 EUR taken, 7.5 EUR still to pay" in out
