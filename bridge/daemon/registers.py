@@ -203,6 +203,8 @@ def _bridge_part(result: Deliver, at: float | None,
     }
     if result.conflict is not None:
         part["conflict"] = result.conflict
+    if result.corrects is not None:
+        part["corrects"] = result.corrects
     if amounts is not None:
         part["amounts"] = amounts
     return part

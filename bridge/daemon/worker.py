@@ -87,6 +87,9 @@ LINK_PROVEN_AFTER = 10.0  # s: a link up this long (or that brought a frame) wor
 TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed timer
 # s: how long a followed terminal waits for the worker that had its new link to let go of it
 RELINK_HANDOVER = 2.0
+# What the bridge concluded of a money request by itself, which the terminal's own final
+# answer, coming later, corrects (see TerminalWorker._correct)
+CORRECTABLE = ("not_found", "error")
 NOT_CONNECTED_YET = "not connected yet"
 # on_wrong_device's answer when following waits for the other terminal's own link to say who
 # is there; the wrong device is reported only if it is still there FOLLOW_GRACE s later
@@ -338,6 +341,10 @@ class TerminalWorker:
         repeat of its request must get this answer, never go to the terminal again."""
         key = TxKey(answer.sale_id, answer.service_id)
         known = self.journal.get(key)
+        if known is not None and known.state is TxState.FINAL \
+                and known.outcome in CORRECTABLE and known.category == answer.category:
+            self._correct(known, answer)
+            return
         if known is not None:
             log.warning("terminal %s: ignored a late %s answer for %s/%s (%s): the transaction "
                         "is already %s%s", self.poi_id, answer.category, answer.sale_id,
@@ -361,6 +368,34 @@ class TerminalWorker:
         self.outlet.deliver(Deliver(answer.sale_id, answer.service_id, self.poi_id,
                                     answer.category, answer.outcome, "terminal",
                                     answer.response, None))
+
+    def _correct(self, known: Transaction, answer: Unmatched) -> None:
+        """The terminal's own final answer to a money request the bridge had ended with a
+        conclusion of its own (`not_found`: "never received, nothing charged"; `error`: a
+        crypto error, say, which is not authenticated): the terminal's word wins, as a late
+        answer does while the transaction is open. Recorded and published again under the
+        same IDs, marked as a correction: the register may have charged the sale again
+        meanwhile, on the bridge's word."""
+        now = self._clock()
+        text = (f"correction: the terminal answered {answer.outcome} after the bridge had "
+                f"published {known.outcome} ({known.detail}); if the sale was charged again "
+                "since, reverse one of the charges")
+        corrected = known.snapshot()
+        corrected.outcome, corrected.source, corrected.response = answer.outcome, "terminal", \
+            answer.response
+        corrected.detail, corrected.updated_at = text, now
+        corrected.extra["corrected_from"] = known.outcome
+        self.journal.save(corrected)
+        log.error("terminal %s: %s %s/%s answered %s by the terminal after the bridge had "
+                  "published %s: the register is sent the terminal's answer as a correction; "
+                  "if the sale was charged again since, reverse one of the charges",
+                  self.poi_id, answer.category, answer.sale_id, answer.service_id,
+                  answer.outcome, known.outcome)
+        self.outlet.progress(Progress(answer.sale_id, answer.service_id, self.poi_id,
+                                      "corrected", text))
+        self.outlet.deliver(Deliver(answer.sale_id, answer.service_id, self.poi_id,
+                                    answer.category, answer.outcome, "terminal",
+                                    answer.response, text, corrects=known.outcome))
 
     def _log_result_later(self, result: Deliver) -> None:
         """Logged in the next loop pass, after this pass's commit (scheduled by its first

@@ -44,6 +44,9 @@ class Deliver:
     # what stands under those IDs ({"state", "outcome"}). Published under the same IDs, the
     # refusal must not read as that transaction's result.
     conflict: dict[str, Any] | None = None
+    # On the terminal's final answer after the bridge had published a conclusion of its own
+    # under those IDs (`not_found`, `error`): the outcome it corrects
+    corrects: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

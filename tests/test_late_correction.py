@@ -1,0 +1,71 @@
+"""The terminal's own final answer, coming after the bridge had ended the payment with a
+conclusion of its own (`not_found` after a status poll), used to be logged as "ignored a
+late answer" and dropped: the register kept "nothing was charged, retry", and only a
+manual resync could correct it. It is recorded and published again under the same IDs,
+marked `bridge.corrects`, with a `corrected` event."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from bridge.daemon.journal import Journal
+from bridge.protocol.transaction import TxKey
+from bridge.register_client import RegisterClient
+from bridge.simulator import responses
+
+from .follow_rig import A, BASE, DeviceByHand, bridge_on, wait_until
+
+
+async def test_an_approval_after_a_published_not_found_is_sent_as_a_correction(
+        tmp_path, mosquitto, caplog):
+    device = DeviceByHand(tmp_path / "port-a")
+    events: list[dict] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="poi_bridge"):
+            async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port-a")},
+                                 payment_timeout=1, status_timeout=5) as bridge:
+                assert await wait_until(lambda: "Diagnosis" in device.categories(), 10)
+                device.answer_check_as(A)
+                assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 10)
+                async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                          base_topic=BASE, persistent=False,
+                                          on_event=events.append) as till:
+                    paying = asyncio.create_task(till.pay(A, 12.5, timeout=20))
+                    assert await wait_until(lambda: "Payment" in device.categories(), 10)
+                    request = [d for d in device.received
+                               if "PaymentRequest" in d["SaleToPOIRequest"]][-1]
+                    # No answer: after payment_timeout the bridge asks, and the terminal
+                    # (wrongly, or having lost it for a while) says it never got it
+                    assert await wait_until(
+                        lambda: "TransactionStatus" in device.categories(), 10)
+                    poll = [d for d in device.received
+                            if "TransactionStatusRequest" in d["SaleToPOIRequest"]][-1]
+                    device.send(responses.status_not_found(poll))
+                    first = await paying
+                    assert first["bridge"]["outcome"] == "not_found", first
+                    # Then its own answer to the payment comes: it did charge it
+                    device.send(responses.payment_response(request, "approve", 0))
+                    assert await wait_until(lambda: len(till.responses) >= 2, 10), \
+                        till.responses
+                    assert await wait_until(
+                        lambda: any(e.get("event") == "corrected" for e in events), 10)
+        service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+        correction = till.responses[-1]
+        assert correction["bridge"]["outcome"] == "approved", correction
+        assert correction["bridge"]["corrects"] == "not_found"
+        assert correction["bridge"]["transaction"]["service_id"] == service_id
+        assert correction["bridge"]["error"].startswith(
+            "correction: the terminal answered approved after the bridge had published "
+            "not_found"), correction
+        assert correction["SaleToPOIResponse"]["PaymentResponse"]["Response"]["Result"] \
+            == "Success"
+        stored = Journal(tmp_path / "journal.sqlite3", readonly=True).get(
+            TxKey("TILL1", service_id))
+        assert (stored.outcome, stored.source, stored.extra["corrected_from"]) == \
+            ("approved", "terminal", "not_found")
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("after the bridge had published not_found" in m and "reverse one" in m
+                   for m in errors), errors
+    finally:
+        device.close()
