@@ -12,6 +12,13 @@ against the journal (and mosquitto's own log, to tell a request the broker lost 
 from one the bridge acknowledged and dropped); a payment charged by another terminal than
 the one it was addressed to fails it too. `make soak` runs the long version.
 
+Every link is encrypted (--keys shared: one key for all the terminals), so the chaos goes
+through the encrypted paths too; a passphrase found in any file the run leaves (logs,
+journal, broker files, ledgers, audit) fails it. Not yet --keys per-terminal, which would
+also make the daemon ask swapped devices with the other terminals' keys: until the faults
+in tests/test_follow_keys_found.py are fixed it fails about one run in two (bench/HISTORY.md,
+soak runs). `make soak` runs without keys unless told.
+
 One soak run (about 80 s) is shared by the tests marked slow below; the audit itself
 (bench/soak.py, audit) is also tested on constructed inputs, in a moment each.
 """
@@ -46,7 +53,8 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", "15", "--seed", "6",
          "--terminals", "5", "--registers", "2", "--chaos-interval", "1.5", "--settle", "40",
-         "--stall", "15", "--workdir", str(work / "run"), "--json", str(audit)],
+         "--stall", "15", "--keys", "shared", "--workdir", str(work / "run"),
+         "--json", str(audit)],
         check=False, capture_output=True, text=True, timeout=400, cwd=ROOT)
     if not audit.exists():
         pytest.fail(f"the soak did not finish (exit {proc.returncode}):\n"
@@ -87,6 +95,13 @@ def test_soak_ran_payments_through_every_kind_of_fault(soak: dict[str, Any]) -> 
     assert soak["daemon_starts"] >= 4
     # the daemon found the swapped terminals on each other's links and followed them
     assert soak["swaps"] >= 1 and soak["follows"] >= 1, (soak["swaps"], soak["follows"])
+    assert soak["keys"] == "shared"
+
+
+@pytest.mark.slow
+def test_soak_leaves_no_key_material_in_its_files(soak: dict[str, Any]) -> None:
+    assert soak["counts"].get("leaked", 0) == 0, _text(_problems(soak, "leaked"), soak)
+    assert "KEY MATERIAL LEAKED" in soak["output"]  # the check ran
 
 
 @pytest.mark.slow
