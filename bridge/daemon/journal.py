@@ -68,6 +68,10 @@ CREATE TABLE IF NOT EXISTS transactions (
     PRIMARY KEY (sale_id, service_id)
 );
 CREATE INDEX IF NOT EXISTS transactions_open ON transactions (state) WHERE state != 'final';
+-- A payment request is checked against the open payments of its SaleID (open_payments): found
+-- through this one, not by reading the SaleID's 48 hours of finished ones. Created here, on
+-- every open, so an older journal gains it too (an older bridge keeps it up to date unknowing)
+CREATE INDEX IF NOT EXISTS transactions_open_sale ON transactions (sale_id) WHERE state != 'final';
 CREATE INDEX IF NOT EXISTS transactions_updated ON transactions (updated_at);
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -665,6 +669,19 @@ class Journal:
             query += " AND poi_id = ?"
             params = (poi_id,)
         return [self._from_row(r) for r in self._db.execute(query + " ORDER BY created_at", params)]
+
+    def open_payments(self, sale_id: str, transaction_id: str) -> list[Transaction]:
+        """The Payments of `sale_id` not final (held unsent, sent, polled, unresolved, given
+        up on) whose request names SaleTransactionID.TransactionID `transaction_id`. Asked
+        for every payment request: the partial index transactions_open_sale reads only the
+        SaleID's open transactions (a few microseconds, however many finished ones the
+        journal keeps; by the SaleID's primary key it read them all, 5.6 ms at 10 000)."""
+        rows = self._db.execute(
+            f"SELECT {', '.join(_COLUMNS)} FROM transactions INDEXED BY transactions_open_sale "
+            "WHERE sale_id = ? AND state != 'final' AND category = 'Payment' AND json_extract("
+            "request, '$.SaleToPOIRequest.PaymentRequest.SaleData.SaleTransactionID."
+            "TransactionID') = ? ORDER BY created_at", (sale_id, transaction_id))
+        return [self._from_row(r) for r in rows]
 
     def transactions(
         self, *, state: str | None = None, poi_id: str | None = None, sale_id: str | None = None,
