@@ -180,6 +180,50 @@ def _conflict_error(existing: Transaction, document: dict[str, Any]) -> str:
             f"({recorded}). Use a new ServiceID for a new request")
 
 
+def _amount_asked(document: Any) -> tuple[float, str] | None:
+    """A recorded PaymentRequest's RequestedAmount and Currency (upper case), if readable."""
+    try:
+        asked = document["SaleToPOIRequest"]["PaymentRequest"]["PaymentTransaction"][
+            "AmountsReq"]
+        amount, currency = asked["RequestedAmount"], asked["Currency"]
+    except (KeyError, TypeError):
+        return None
+    if isinstance(amount, bool) or not isinstance(amount, int | float) \
+            or not isinstance(currency, str):
+        return None
+    return float(amount), currency.upper()
+
+
+# What an open payment is doing, as its retry's refusal tells the register
+_OPEN_STATES = {
+    TxState.ACCEPTED: "is held by the bridge, to be sent to the terminal",
+    TxState.AWAITING_RESPONSE: "was sent to the terminal, whose answer is awaited",
+    TxState.POLLING: "got no answer yet: the bridge is asking the terminal about it",
+    TxState.UNRESOLVED: "is unresolved: the terminal did not say whether it charged it; the "
+                        "bridge keeps asking",
+}
+
+
+def _retry_error(earlier: Transaction, transaction_id: str, asked: tuple[float, str]) -> str:
+    """The refusal of a payment that repeats `earlier`, still open, under a new ServiceID:
+    which payment, that it may have been charged, and what the cashier does."""
+    doing = _OPEN_STATES.get(earlier.state, f"is {earlier.state}")
+    if earlier.extra.get("abandoned"):
+        doing = ("is unresolved, and the bridge stopped asking the terminal about it (see "
+                 "reconcile_deadline)")
+    amount, currency = asked
+    return (f"this payment was not started: it repeats the payment of TransactionID "
+            f"{transaction_id} ({amount:g} {currency}) sent by SaleID {earlier.sale_id} as "
+            f"ServiceID {earlier.service_id} to terminal {earlier.poi_id}, which {doing}. The "
+            f"terminal may have charged it: do not charge this sale again now. Wait for the "
+            f"bridge's result for ServiceID {earlier.service_id}, or ask its status (a "
+            f"TransactionStatusRequest whose MessageReference names SaleID {earlier.sale_id}, "
+            f"ServiceID {earlier.service_id}, MessageCategory Payment, to terminal "
+            f"{earlier.poi_id}), and check that terminal's receipt or transaction report. If "
+            f"the cashier knows it was not charged, send the payment again with a new "
+            f"TransactionID")
+
+
 class RequestIntake:
     def __init__(self, config: Config, journal: Journal, gateway: RegisterGateway,
                  workers: dict[str, TerminalWorker], *, health: Callable[[], dict[str, Any]],
@@ -430,7 +474,35 @@ class RequestIntake:
         if foreign is not None:
             return foreign, "NotAllowed"
         stale = self._stale(request)
-        return (stale, "NotAllowed") if stale else None
+        if stale:
+            return stale, "NotAllowed"
+        again = self._charges_again(request)
+        return (again, "NotAllowed") if again else None
+
+    def _charges_again(self, request: SaleToPOIRequest) -> str | None:
+        """Why a new Payment may not start: it is a retry, under a new ServiceID, of a
+        payment of the same sale (SaleID, SaleTransactionID.TransactionID, amount and
+        currency) whose outcome is not known yet, on any terminal. The terminal may have
+        charged that one (REFERENCE 2: never re-send a payment whose state is unknown), so
+        the register is told to wait for its result or ask about it. A different amount (a
+        second card of a split tender) is no retry, nor is anything after the earlier one
+        ended; a register that knows the earlier one was not charged sends a new
+        TransactionID."""
+        payment = request.payment_request
+        header = request.message_header
+        if payment is None or header is None or str(header.message_category) != "Payment":
+            return None
+        sale_tx = payment.sale_data.sale_transaction_id
+        if sale_tx is None or not sale_tx.transaction_id:
+            return None
+        amounts = payment.payment_transaction.amounts_req
+        for earlier in self.journal.open_payments(header.sale_id, sale_tx.transaction_id):
+            said = _amount_asked(earlier.request)
+            if earlier.service_id == header.service_id or said is None \
+                    or said != (float(amounts.requested_amount), amounts.currency.upper()):
+                continue
+            return _retry_error(earlier, sale_tx.transaction_id, said)
+        return None
 
     def _refuse_recorded(self, request: SaleToPOIRequest, document: dict[str, Any], digest: str,
                          poi_id: str, error: str, condition: str) -> None:
