@@ -206,7 +206,7 @@ def test_status_busy_and_other_failures():
 
 @pytest.mark.parametrize("category,result,condition,expected", [
     ("Payment", "Success", None, "approved"),
-    ("Payment", "Partial", None, "approved"),
+    ("Payment", "Partial", None, "partially_approved"),  # never read as paid in full
     ("Payment", "Failure", "Refusal", "declined"),
     ("Payment", "Failure", "WrongPIN", "declined"),
     ("Payment", "Failure", "Cancel", "cancelled"),

@@ -30,6 +30,10 @@ MONEY_CATEGORIES = frozenset({"Payment", "Reversal", "StoredValue"})
 
 class Outcome(StrEnum):
     APPROVED = "approved"
+    # Only part of the amount moved (Result Partial: a gift card with too little on it, a
+    # partial authorisation the acquirer allowed, a partial refund). Never "approved": a
+    # register that knows only that word must not close the sale as paid in full.
+    PARTIALLY_APPROVED = "partially_approved"
     DECLINED = "declined"
     CANCELLED = "cancelled"  # cancelled on the terminal (shopper or cashier at the terminal)
     ABORTED = "aborted"  # aborted from the register (AbortRequest)
@@ -82,8 +86,11 @@ def _shown(text: str | None) -> str | None:
 
 def _outcome_of(category: str | None, result: str | None, condition: str | None) -> Outcome:
     money = category in MONEY_CATEGORIES
+    if result == Result.PARTIAL and money:
+        # Money moved, but less than asked (AuthorizedAmount, ReversedAmount say how much):
+        # the register must get the rest another way, or reverse what was taken.
+        return Outcome.PARTIALLY_APPROVED
     if result in (Result.SUCCESS, Result.PARTIAL):
-        # Partial on a payment is a partial approval: money moved; AuthorizedAmount says how much.
         return Outcome.APPROVED if money else Outcome.SUCCESS
     if result != Result.FAILURE:
         return Outcome.ERROR

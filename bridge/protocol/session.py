@@ -49,7 +49,8 @@ from bridge.protocol.outcome import (MONEY_CATEGORIES, Classification, Outcome, 
 from bridge.protocol.transaction import Transaction, TxKey, TxState, trim_refused
 
 FINAL_MONEY_OUTCOMES = frozenset(
-    {Outcome.APPROVED, Outcome.DECLINED, Outcome.CANCELLED, Outcome.ABORTED}
+    {Outcome.APPROVED, Outcome.PARTIALLY_APPROVED, Outcome.DECLINED, Outcome.CANCELLED,
+     Outcome.ABORTED}
 )
 
 
