@@ -2,7 +2,7 @@
 33 and 34, 2026-11-30): the identity check asked again with the other terminals' keys
 (617025e) takes a plain crypto error, which names no ServiceID, as the answer to whatever
 the link waits for at that moment. Each test plays the order of frames the soak saw, with a
-device driven by hand; each is a strict xfail until the daemon is fixed.
+device driven by hand; each failed on the code before the fix that follows it.
 
 The first: after a follow, a device's plain crypto error (its late answer to what the other
 terminal's worker sent on that port with the other key) came just before its answer to the
@@ -30,9 +30,6 @@ from .follow_rig import A, B, KEYS, DeviceByHand, bridge_on, key_configs, wait_u
 CRYPTO_ERROR = {"errors": ["Nexo Service: crypto error (3)"], "ServiceID": "-NULL-"}
 
 
-@pytest.mark.xfail(strict=True, reason="a device named during the key rotation is still asked "
-                                       "with the other keys, and the rotation's end logs it as "
-                                       "unnamed (bridge/protocol/identity.py, session.py)")
 async def test_a_device_that_names_itself_during_the_key_rotation_is_not_called_unnamed(
         tmp_path, mosquitto, caplog):
     keys = key_configs(tmp_path)
@@ -71,10 +68,6 @@ async def test_a_device_that_names_itself_during_the_key_rotation_is_not_called_
         device.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a crypto error answering an identity check sent with "
-                                       "another terminal's key is taken as the waiting "
-                                       "payment's answer: a charged payment ends as error "
-                                       "(bridge/protocol/session.py refused())")
 async def test_a_crypto_error_to_a_check_with_another_key_does_not_end_a_payment(
         tmp_path, mosquitto):
     """Found by the soak (--keys per-terminal, seeds 33 and 34, lost: 'terminal charged,
@@ -132,10 +125,6 @@ async def test_a_crypto_error_to_a_check_with_another_key_does_not_end_a_payment
         device.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a crypto error that comes after the identity check "
-                                       "timed out is logged as an ERROR and dropped: the "
-                                       "other keys are never tried and the link stays "
-                                       "unnamed (bridge/protocol/session.py refused())")
 async def test_a_late_crypto_error_to_the_identity_check_still_tries_the_other_keys(
         tmp_path, mosquitto, caplog):
     """Found by the soak (--keys per-terminal, seed 34, stuck: four terminals not followed

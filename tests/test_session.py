@@ -1439,3 +1439,44 @@ def test_without_other_keys_a_refused_check_leaves_the_device_unnamed_at_once():
     assert h.session.identity.unnamed_checks == 1
     assert h.session.identity.unnamed_reason == \
         "the terminal refused the identity check: terminal cannot decrypt our message"
+
+
+def test_a_crypto_error_while_a_payment_waits_is_no_outcome_of_it():
+    """A crypto error names no message: the device may owe one for something else (an
+    identity check asked with another terminal's key, what another worker sent it before
+    a follow). It used to end the waiting payment `error` while the terminal charged it."""
+    h = Harness()
+    h.submit("R1", "S1")
+    actions = h.do(h.session.refused("terminal cannot decrypt our message", h.now))
+    assert h.delivers(actions) == []
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+    late = responses.payment_response(request_of(h), "approve", h.now)
+    (result,) = h.delivers(h.answer(late))  # its own answer still wins
+    assert (result.outcome, result.source) == ("approved", "terminal")
+
+
+def test_a_device_named_during_the_key_round_keeps_its_name_and_the_stray_error_is_absorbed():
+    h = Harness(link_up=False)
+    h.session.identity.other_keys = ("V400m-222",)
+    h.do(h.session.link_is_up(h.now))
+    own = h.sends(purpose="identify")[0]
+    h.do(h.session.refused("crypto error", h.now))  # a stray one: B's key is tried
+    assert [s.key_of for s in h.sends(purpose="identify")] == [None, "V400m-222"]
+    h.session.terminal_named(POI)  # then the answer to the first check names the device
+    named = responses.simple_response(own.document)
+    named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+    h.answer(named)
+    assert h.session.identity.check is None and h.session.named
+    h.submit("R1", "S1")  # the payment goes
+    absorbed = h.do(h.session.refused("crypto error", h.now))  # B's check's answer
+    assert h.delivers(absorbed) == [] and h.session.identity.unnamed_checks == 0
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.AWAITING_RESPONSE
+
+
+def test_a_late_crypto_error_to_a_timed_out_identity_check_tries_the_other_keys():
+    h = Harness(link_up=False)
+    h.session.identity.other_keys = ("V400m-222",)
+    h.do(h.session.link_is_up(h.now))
+    h.advance(SETTINGS.status_timeout)  # unanswered
+    h.do(h.session.refused("crypto error", h.now))  # then its answer, late
+    assert [s.key_of for s in h.sends(purpose="identify")] == [None, "V400m-222"]

@@ -68,6 +68,10 @@ class DeviceIdentity:
         # asked with, in this order (names only: the shell holds the keys, and encrypts)
         self.other_keys: tuple[str, ...] = ()
         self._own_key_failure = ""  # why the check with the link's own key failed
+        # Checks asked with another terminal's key that were still on the wire when the
+        # device named itself (a late answer to an earlier check): the device cannot read
+        # them, and its crypto error, which names nothing, is theirs, not a payment's
+        self.stray_refusals = 0
 
     def new_device(self) -> None:
         """The link was opened or lost: whatever is plugged in next must say who it is again."""
@@ -75,6 +79,7 @@ class DeviceIdentity:
         self.following = False
         self.unnamed_checks = 0
         self._own_key_failure = ""
+        self.stray_refusals = 0
 
     def named_as(self, poi_id: str) -> None:
         """The device on the link sent a message carrying `poi_id`."""
@@ -123,6 +128,14 @@ class DeviceIdentity:
         return Log("info", f"terminal {self.poi_id}: the device on its link does not take its "
                            f"key, or answers in another; asking which terminal it is with "
                            f"{key_of}'s key, in case that terminal's cable is in this port")
+
+    def named_meanwhile(self) -> None:
+        """The device named itself (a late answer to an earlier check) while a check asked
+        with another terminal's key was on the wire: that check is not waited for, and the
+        crypto error it will bring is expected (stray_refusals)."""
+        if self.check is not None and self.check.key_of is not None:
+            self.stray_refusals += 1
+        self.check = None
 
     def answered(self, service_id: str) -> bool:
         """An answer to check `service_id`, one this link sent, came. True: it ends the

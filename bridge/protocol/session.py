@@ -311,12 +311,20 @@ class TerminalSession:
         return self.unusable(reason, now)
 
     def refused(self, reason: str, now: float) -> list[Action]:
-        """The terminal could not process what we sent (it could not decrypt it, say). The
-        request was not acted on, so the transaction ends as an error naming the cause; a
-        status poll that met the same fate counts as unanswered."""
+        """The terminal could not process something we sent (it could not decrypt it, say).
+        Its crypto error names no message, and a device may owe several (what another
+        terminal's worker sent it before the two were followed, identity checks asked with
+        other keys): so it ends an identity check on the wire or, late, one that timed out;
+        a status poll that met it counts as unanswered; and a payment waiting for its answer
+        is asked about, never ended, for the error may be another message's and the terminal
+        may be charging it. Another request ends as an error naming the cause."""
         if self.identity.check is not None:
             return self._check_key_failed(f"the terminal refused the identity check: {reason}",
                                           now)
+        if self.identity.stray_refusals:
+            self.identity.stray_refusals -= 1
+            return [Log("debug", f"terminal {self.poi_id}: a crypto error, taken as the answer "
+                                 "to an identity check asked with another terminal's key")]
         if self._probe is not None:
             txn = self.open.get(self._probe.key)
             self._probe = None
@@ -324,7 +332,15 @@ class TerminalSession:
                 return self._poll_failed(txn, reason, now, retry_in=self.settings.status_timeout)
         txn = self._waiting_transaction()
         if txn is None:
+            if self.link_up and not self.named and self.identity.asked:
+                # The answer to an identity check that timed out: taken as if in time, so
+                # the other terminals' keys are tried (the device may be one of them)
+                return self._check_key_failed(
+                    f"the terminal refused the identity check: {reason}", now)
             return [Log("error", f"terminal {self.poi_id}: {reason}")]
+        if not txn.passthrough and txn.category in MONEY_CATEGORIES:
+            return self._unusable_answer(
+                txn, f"a crypto error, which names no message ({reason})", now) + self._pump(now)
         return self._finish(txn, Outcome.ERROR, None, "terminal", now, error=reason) + self._pump(now)
 
     def oversize(self, reason: str, now: float) -> list[Action]:
@@ -556,6 +572,11 @@ class TerminalSession:
 
     def _naming_answered(self, service_id: str, now: float) -> list[Action]:
         if not self.identity.answered(service_id):
+            if self.named and self.identity.check is not None:
+                # It names the device: the check asked since (with another terminal's key,
+                # after a stray crypto error) is not waited for, nor called unnamed
+                self.identity.named_meanwhile()
+                return self._pump(now)
             return [Log("debug", f"terminal {self.poi_id}: late answer to identity check "
                                  f"{service_id}")]
         if self.named:  # terminal_named() came first: ours, or wrong_device is set
