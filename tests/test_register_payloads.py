@@ -85,3 +85,20 @@ def test_the_journal_reuses_a_responses_text_only_for_the_same_object_and_pass(t
         assert journal.response_text(response) == '{"SaleToPOIResponse":{"n":2}}'
     finally:
         journal.close()
+
+
+def test_a_repeat_of_an_unresolved_request_says_not_to_charge_again_as_the_first_report_did():
+    """A repeat of the request (or a resync) answers `unresolved` from the journal: it used
+    to say only that the bridge keeps asking, without the first report's "do not charge
+    this sale again" and how to find out."""
+    from bridge.daemon.registers import stored_result
+    from bridge.protocol.transaction import Transaction, TxState
+
+    txn = Transaction(sale_id="TILL1", service_id="S1", poi_id="V400m-1", category="Payment",
+                      request={}, digest="", created_at=0.0, updated_at=0.0,
+                      state=TxState.UNRESOLVED, detail="2 status poll(s) unanswered")
+    error = stored_result(txn).error
+    assert error.startswith("outcome unknown: 2 status poll(s) unanswered; the bridge keeps "
+                            "asking"), error
+    assert "do not charge this sale again until the result is known" in error
+    assert "ServiceID S1, MessageCategory Payment, to terminal V400m-1" in error

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from bridge.protocol.actions import Deliver, Progress
+from bridge.protocol.outcome import unresolved_error
 from bridge.protocol.transaction import Transaction, TxKey
 from bridge.redaction import redact
 
@@ -364,9 +365,8 @@ def stored_result(txn: Transaction) -> Deliver:
     if outcome == "unresolved":
         # As the unresolved report said it: whether the bridge still asks the terminal
         # (a status request answered unresolved is final: its detail says it all)
-        error = txn.detail if txn.extra.get("abandoned") or txn.state == "final" else (
-            f"outcome unknown ({txn.detail}); the bridge keeps asking the terminal and will "
-            "report the result")
+        error = txn.detail if txn.extra.get("abandoned") or txn.state == "final" else \
+            unresolved_error(txn.detail, txn.category, txn.sale_id, txn.service_id, txn.poi_id)
     return Deliver(txn.sale_id, txn.service_id, txn.poi_id, txn.category, outcome, "journal",
                    txn.response, error)
 

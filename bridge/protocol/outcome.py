@@ -265,3 +265,19 @@ def status_subjects(message: Message, cls: Classification) -> list[StatusSubject
     elif cls.repeated_body_key is not None:
         subjects.append(StatusSubject("the record", None, None, cls.category))
     return subjects
+
+
+def unresolved_error(why: str, category: str, sale_id: str, service_id: str,
+                     poi_id: str) -> str:
+    """What a register is told with `unresolved` while the bridge still asks the terminal:
+    when it was first told, and again on a repeat of the request or a resync. It must not
+    retry the sale as a new transaction meanwhile (REFERENCE 2: that is how duplicate
+    charges happen), and the cashier needs a way to find out."""
+    done, again = ("charged it", "charge this sale again") if category == "Payment" \
+        else ("carried it out", f"send this {category} again")
+    return (f"outcome unknown: {why}; the bridge keeps asking the terminal and will report "
+            f"the result. The terminal may have {done}: do not {again} until the result is "
+            "known. To know it: wait for the result under these IDs, or ask its status (a "
+            f"TransactionStatusRequest whose MessageReference names SaleID {sale_id}, "
+            f"ServiceID {service_id}, MessageCategory {category}, to terminal {poi_id}), and "
+            "check the terminal's receipt or transaction report")

@@ -45,7 +45,8 @@ from bridge.protocol.messages import (
     SaleToPOIResponse,
 )
 from bridge.protocol.outcome import (MONEY_CATEGORIES, Classification, Outcome, classify,
-                                     recovered_response, status_subjects)
+                                     recovered_response, status_subjects,
+                                     unresolved_error)
 from bridge.protocol.transaction import Transaction, TxKey, TxState, trim_refused
 
 FINAL_MONEY_OUTCOMES = frozenset(
@@ -657,21 +658,12 @@ class TerminalSession:
         txn.next_poll_at = now + self.settings.reconcile_initial
         if self.active == txn.key:
             self.active = None  # the register may close the sale as unpaid; we keep asking
-        # The register must not retry it as a new transaction meanwhile (REFERENCE 2: that
-        # is how duplicate charges happen), and the cashier needs a way to find out
-        done, again = ("charged it", "charge this sale again") if txn.category == "Payment" \
-            else ("carried it out", f"send this {txn.category} again")
         return [
             Record(txn.snapshot()),
             Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
                     Outcome.UNRESOLVED.value, "bridge", None,
-                    f"outcome unknown: {why}; the bridge keeps asking the terminal and will "
-                    f"report the result. The terminal may have {done}: do not {again} "
-                    "until the result is known. To know it: wait for the result under these "
-                    "IDs, or ask its status (a TransactionStatusRequest whose "
-                    f"MessageReference names SaleID {txn.sale_id}, ServiceID {txn.service_id}, "
-                    f"MessageCategory {txn.category}, to terminal {self.poi_id}), and check "
-                    "the terminal's receipt or transaction report"),
+                    unresolved_error(why, txn.category, txn.sale_id, txn.service_id,
+                                     self.poi_id)),
             self._progress(txn, "unresolved", reason or why),
             Log("warning", f"terminal {self.poi_id}: transaction {txn.key} unresolved "
                            f"({reason or why}); reconciling in the background"),
