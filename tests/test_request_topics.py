@@ -224,3 +224,17 @@ async def test_a_recorded_refusal_in_the_transactions_command_echoes_no_card_dat
         assert "MessageReference.SaleID 'POS1 [redacted]' is not this request's SaleID" \
             in row["detail"], row
         assert PAN not in json.dumps(answer), answer
+
+
+async def test_a_commands_echoed_transaction_on_bridge_error_carries_no_card_data(
+        tmp_path, mosquitto):
+    """The diff review: a command refused for its topic echoed the operator's `transaction`
+    unfiltered on bridge/error, which head office reads through a chain's bridge."""
+    card = "4111111111111111"
+    async with Store(tmp_path, mosquitto, default_scenario()), \
+            Subscriber(mosquitto, [f"{BASE}/bridge/error"]) as sub:
+        topic = f"{BASE}/bridge/request/health/x"
+        await sub.publish(topic, {"transaction": f"op-{card}"})
+        refusal = await sub.wait_for(lambda t, p: p.get("topic") == topic)
+        assert card not in json.dumps(refusal), refusal
+        assert refusal["transaction"].startswith("op-"), refusal

@@ -1363,7 +1363,9 @@ def test_a_restart_does_not_count_a_poll_before_the_link_could_open():
 def test_another_sessions_identity_check_answered_on_this_link_is_nothing_of_ours():
     """Terminals followed to each other's links: the device now on this link answers the
     identity check the other terminal's session sent it before the move. Not ours, and no
-    warning for a technician: the check of our own still decides."""
+    warning for a technician; but its POIID names the device on this link as well as any
+    message does: the check on the wire is not waited for (the review: it was, and then a
+    stray crypto error was taken as its failure, logging the named device as unnamed)."""
     from bridge.protocol import builders
 
     h = Harness(link_up=False)
@@ -1374,10 +1376,10 @@ def test_another_sessions_identity_check_answered_on_this_link_is_nothing_of_our
     foreign["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
     h.session.terminal_named(POI)
     taken = h.answer(foreign)
-    assert h.sends(taken) == [] and h.delivers(taken) == []
+    assert [s.purpose for s in h.sends(taken)] == ["request"] and h.delivers(taken) == []
     assert [a.level for a in taken if isinstance(a, Log)] == ["debug"]
-    sent = h.name()  # our own check's answer lets the payment go
-    assert [s.purpose for s in h.sends(sent)] == ["request"]
+    assert h.session.identity.check is None
+    assert h.session.identity.unnamed_checks == 0
 
 
 # --- identity checks with other terminals' keys --------------------------------------------
@@ -1480,3 +1482,45 @@ def test_a_late_crypto_error_to_a_timed_out_identity_check_tries_the_other_keys(
     h.advance(SETTINGS.status_timeout)  # unanswered
     h.do(h.session.refused("crypto error", h.now))  # then its answer, late
     assert [s.key_of for s in h.sends(purpose="identify")] == [None, "V400m-222"]
+
+
+def test_an_expected_stray_crypto_error_is_absorbed_only_until_its_deadline():
+    """The review: a device that drops what it cannot read never sends the crypto error
+    named_meanwhile() expects, and the count swallowed a real one about a payment much
+    later (the payment then waited its whole payment_timeout instead of being asked)."""
+    h = Harness(link_up=False)
+    h.session.identity.other_keys = ("V400m-222",)
+    h.do(h.session.link_is_up(h.now))
+    own = h.sends(purpose="identify")[0]
+    h.do(h.session.refused("crypto error", h.now))  # B's key is tried
+    h.session.terminal_named(POI)
+    named = responses.simple_response(own.document)
+    named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+    h.answer(named)
+    assert h.session.identity.stray_refusals == 1
+    h.now += SETTINGS.status_timeout + 1  # it never came
+    h.submit("R1", "S1")
+    h.do(h.session.refused("crypto error", h.now))  # about the payment: asked about
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+    assert h.session.identity.stray_refusals == 0
+
+
+def test_a_crypto_error_after_the_device_named_itself_asks_no_other_key_and_warns_nothing():
+    """The review's sequence: our check on the wire, the device names itself by answering
+    another session's check, then a stray crypto error: it used to start a round with
+    another terminal's key to a named device, and end it logging the device unnamed."""
+    from bridge.protocol import builders
+
+    h = Harness(link_up=False)
+    h.session.identity.other_keys = ("V400m-222",)
+    h.do(h.session.link_is_up(h.now))
+    h.session.terminal_named(POI)
+    foreign = responses.simple_response(builders.diagnosis_request(
+        sale_id="poi-bridge", service_id="OTHERS0001", poi_id="V400m-other"))
+    foreign["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+    h.answer(foreign)
+    for _ in range(2):  # (the check was ended by the naming: they answer nothing we wait for)
+        (stray,) = h.do(h.session.refused("crypto error", h.now))
+        assert "answers nothing the bridge waits for" in stray.message, stray
+    assert [s.key_of for s in h.sends(purpose="identify")] == [None]
+    assert h.session.identity.unnamed_checks == 0

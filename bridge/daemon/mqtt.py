@@ -59,7 +59,7 @@ log = logging.getLogger("poi_bridge.mqtt")
 # this many: more would hold the first one's frame back for the others' handling (~1 ms each).
 REQUESTS_PER_PASS = 4
 # What a refusal on bridge/error quotes from the refused request
-_ECHOED = ("error", "sale_id", "service_id", "topic")
+_ECHOED = ("error", "sale_id", "service_id", "topic", "transaction")
 
 # (topic, payload, properties or None) -> None; the intake answers through `reply`.
 RequestHandler = Callable[[str, bytes, "Reply"], Awaitable[None] | None]

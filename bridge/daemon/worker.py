@@ -87,9 +87,14 @@ LINK_PROVEN_AFTER = 10.0  # s: a link up this long (or that brought a frame) wor
 TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed timer
 # s: how long a followed terminal waits for the worker that had its new link to let go of it
 RELINK_HANDOVER = 2.0
-# What the bridge concluded of a money request by itself, which the terminal's own final
-# answer, coming later, corrects (see TerminalWorker._correct)
+# What the bridge concluded of a money request by itself (`error`: from a crypto error,
+# before 2026-12-01), which the terminal's own final answer, coming later, corrects (see
+# TerminalWorker._correct)
 CORRECTABLE = ("not_found", "error")
+CHARGED = ("approved", "partially_approved")  # the outcomes where money moved
+# s: further oversize frames this soon after one are the same answer (its rest, read as a
+# frame of its own, or the terminal sending it again unacknowledged): not asked about again
+OVERSIZE_QUIET = 5.0
 NOT_CONNECTED_YET = "not connected yet"
 # on_wrong_device's answer when following waits for the other terminal's own link to say who
 # is there; the wrong device is reported only if it is still there FOLLOW_GRACE s later
@@ -158,6 +163,7 @@ class TerminalWorker:
         self._write_ready = asyncio.Event()
         self._writer_idle = False  # the writer task waits with nothing in hand
         self._unwritten = b""  # what write_nowait() could not write, for the writer task
+        self._oversize_at = -OVERSIZE_QUIET  # (monotonic) the last oversize frame handled
         self._link_reason = NOT_CONNECTED_YET
         self._stopping = False
         self._enabled_event = asyncio.Event()  # hotplug: clear while the device is unplugged
@@ -377,20 +383,24 @@ class TerminalWorker:
         same IDs, marked as a correction: the register may have charged the sale again
         meanwhile, on the bridge's word."""
         now = self._clock()
+        charged = answer.outcome in CHARGED
         text = (f"correction: the terminal answered {answer.outcome} after the bridge had "
-                f"published {known.outcome} ({known.detail}); if the sale was charged again "
-                "since, reverse one of the charges")
+                f"published {known.outcome} ({known.detail}); "
+                + ("if the sale was charged again since, reverse one of the charges" if charged
+                   else "nothing was charged by this request either way"))
         corrected = known.snapshot()
         corrected.outcome, corrected.source, corrected.response = answer.outcome, "terminal", \
             answer.response
         corrected.detail, corrected.updated_at = text, now
         corrected.extra["corrected_from"] = known.outcome
         self.journal.save(corrected)
-        log.error("terminal %s: %s %s/%s answered %s by the terminal after the bridge had "
-                  "published %s: the register is sent the terminal's answer as a correction; "
-                  "if the sale was charged again since, reverse one of the charges",
-                  self.poi_id, answer.category, answer.sale_id, answer.service_id,
-                  answer.outcome, known.outcome)
+        log.log(logging.ERROR if charged else logging.WARNING,
+                "terminal %s: %s %s/%s answered %s by the terminal after the bridge had "
+                "published %s: the register is sent the terminal's answer as a correction%s",
+                self.poi_id, answer.category, answer.sale_id, answer.service_id,
+                answer.outcome, known.outcome,
+                "; if the sale was charged again since, reverse one of the charges"
+                if charged else " (nothing was charged by it)")
         self.outlet.progress(Progress(answer.sale_id, answer.service_id, self.poi_id,
                                       "corrected", text))
         self.outlet.deliver(Deliver(answer.sale_id, answer.service_id, self.poi_id,
@@ -594,6 +604,12 @@ class TerminalWorker:
         """A frame too big to keep (or noise that looked like one): if it was an answer, the
         session asks about it, without receipts (see TerminalSession.oversize)."""
         limit = self.framer.max_frame_size
+        now = time.monotonic()
+        last, self._oversize_at = self._oversize_at, now
+        if now - last < OVERSIZE_QUIET:
+            log.debug("terminal %s: more of an oversize frame dropped (%s)", self.poi_id,
+                      event.reason)
+            return
         log.warning("terminal %s: dropped a frame over max_frame_size (%d bytes) unread (%s): "
                     "if it was an answer, it is asked about by status poll, without receipts; "
                     "if this repeats, raise [terminals.framer] max_frame_size", self.poi_id,

@@ -70,8 +70,11 @@ class DeviceIdentity:
         self._own_key_failure = ""  # why the check with the link's own key failed
         # Checks asked with another terminal's key that were still on the wire when the
         # device named itself (a late answer to an earlier check): the device cannot read
-        # them, and its crypto error, which names nothing, is theirs, not a payment's
+        # them, and its crypto error, which names nothing, is theirs, not a payment's. Until
+        # a deadline only: a device that drops what it cannot read never sends it, and a
+        # crypto error much later is about something else.
         self.stray_refusals = 0
+        self.strays_until = 0.0
 
     def new_device(self) -> None:
         """The link was opened or lost: whatever is plugged in next must say who it is again."""
@@ -129,13 +132,23 @@ class DeviceIdentity:
                            f"key, or answers in another; asking which terminal it is with "
                            f"{key_of}'s key, in case that terminal's cable is in this port")
 
-    def named_meanwhile(self) -> None:
+    def named_meanwhile(self, expect_until: float) -> None:
         """The device named itself (a late answer to an earlier check) while a check asked
         with another terminal's key was on the wire: that check is not waited for, and the
-        crypto error it will bring is expected (stray_refusals)."""
+        crypto error it will bring is expected until `expect_until` (stray_refusals)."""
         if self.check is not None and self.check.key_of is not None:
             self.stray_refusals += 1
+            self.strays_until = expect_until
         self.check = None
+
+    def stray_refusal_expected(self, now: float) -> bool:
+        """Whether a crypto error is the expected answer to a check named_meanwhile()
+        abandoned (and is then counted off)."""
+        if self.stray_refusals and now <= self.strays_until:
+            self.stray_refusals -= 1
+            return True
+        self.stray_refusals = 0
+        return False
 
     def answered(self, service_id: str) -> bool:
         """An answer to check `service_id`, one this link sent, came. True: it ends the

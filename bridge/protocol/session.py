@@ -219,9 +219,14 @@ class TerminalSession:
             return self._naming_answered(service_id, now)
         if sale_id == BRIDGE_SALE_ID and message.category == "Diagnosis":
             # Another session's identity check, answered on this link (terminals followed
-            # to each other's links), or an earlier run's: nothing of ours.
-            return [Log("debug", f"terminal {self.poi_id}: an identity check's answer not "
-                                 f"ours ({service_id})")]
+            # to each other's links), or an earlier run's: nothing of ours, but its POIID
+            # names the device as well as an answer to our own check would.
+            note = Log("debug", f"terminal {self.poi_id}: an identity check's answer not "
+                                f"ours ({service_id})")
+            if self.named and self.identity.check is not None:
+                self.identity.named_meanwhile(now + self.settings.status_timeout)
+                return [note, *self._pump(now)]
+            return [note]
         check_ended = self.identity.check is not None and self.named
         if check_ended:
             # Another message said who the device is first (an event rejecting the check,
@@ -319,11 +324,16 @@ class TerminalSession:
         a status poll that met it counts as unanswered; and a payment waiting for its answer
         is asked about, never ended, for the error may be another message's and the terminal
         may be charging it. Another request ends as an error naming the cause."""
+        if self.identity.check is not None and self.named:
+            # The device named itself meanwhile: this ends the check, and names nothing
+            self.identity.check = None
+            return [Log("debug", f"terminal {self.poi_id}: a crypto error, taken as the answer "
+                                 "to the identity check (the device has named itself)"),
+                    *self._pump(now)]
         if self.identity.check is not None:
             return self._check_key_failed(f"the terminal refused the identity check: {reason}",
                                           now)
-        if self.identity.stray_refusals:
-            self.identity.stray_refusals -= 1
+        if self.identity.stray_refusal_expected(now):
             return [Log("debug", f"terminal {self.poi_id}: a crypto error, taken as the answer "
                                  "to an identity check asked with another terminal's key")]
         if self._probe is not None:
@@ -338,7 +348,9 @@ class TerminalSession:
                 # the other terminals' keys are tried (the device may be one of them)
                 return self._check_key_failed(
                     f"the terminal refused the identity check: {reason}", now)
-            return [Log("error", f"terminal {self.poi_id}: {reason}")]
+            # (Most often one owed for what another worker sent the device before a follow)
+            return [Log("warning", f"terminal {self.poi_id}: a crypto error that answers "
+                                   f"nothing the bridge waits for: {reason}")]
         if not txn.passthrough and txn.category in MONEY_CATEGORIES:
             return self._unusable_answer(
                 txn, f"a crypto error, which names no message ({reason})", now) + self._pump(now)
@@ -576,7 +588,7 @@ class TerminalSession:
             if self.named and self.identity.check is not None:
                 # It names the device: the check asked since (with another terminal's key,
                 # after a stray crypto error) is not waited for, nor called unnamed
-                self.identity.named_meanwhile()
+                self.identity.named_meanwhile(now + self.settings.status_timeout)
                 return self._pump(now)
             return [Log("debug", f"terminal {self.poi_id}: late answer to identity check "
                                  f"{service_id}")]
