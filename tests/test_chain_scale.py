@@ -615,3 +615,73 @@ async def test_several_head_office_clients_are_connected_at_once_each_gets_the_r
             await client.disconnect()
         await store.stop()
         central.kill()
+
+
+async def test_head_offices_request_a_level_too_deep_is_refused_back_at_head_office(tmp_path):
+    """The store's daemon refuses a request or command on a topic a level too deep, or with an
+    empty last level, on bridge/error (8b5246a). Published at head office, such a request
+    must cross the store bridge too, or it vanishes there and head office hears nothing: the
+    example's topic lines and central.acl carry the whole request subtrees in (and nothing
+    else: a head-office publish beside them never reaches the store), and the refusal comes
+    back out on bridge/error. The exact topics keep working, each request arriving once."""
+    central = central_broker(tmp_path).start()
+    store = await Store(tmp_path / "store-12", "store-12", (central.host, central.ports[0]),
+                        pki=tmp_path / "pki").start()
+    office = head_office(central, tmp_path, [f"{STORE}/bridge/#", f"{STORE}/registers/#"],
+                         "hq-register")
+    # what crosses into the store, as the store's broker delivers it
+    inside = Subscriber(store.broker, ["poi-bridge/#"], client_id="store-watch")
+    await office.connect()
+    await inside.connect()
+    local = f"poi-bridge/terminals/{POI}/request"
+    try:
+        await arrives(office, online("store-12"), timeout=20)
+        deep = {f"{STORE}/terminals/{POI}/request/HQ1/extra": f"{local}/HQ1/extra",
+                f"{STORE}/terminals/{POI}/request/HQ1/": f"{local}/HQ1/"}
+        for n, (topic, there) in enumerate(deep.items()):
+            request = responses.payment_request("HQ1", f"D{n}", POI, 5.0)
+            await office.publish(topic, json.dumps(request))
+            refusal = await arrives(office, lambda t, p, there=there: t == f"{STORE}/bridge/error"
+                                    and p.get("topic") == there)
+            assert refusal["service_id"] == f"D{n}" and refusal["status"] == "error"
+            assert "2 levels after 'request'" in refusal["error"]
+        await office.publish(f"{STORE}/bridge/request/health/x", {"transaction": "hq-x"})
+        refusal = await arrives(office, lambda t, p: t == f"{STORE}/bridge/error"
+                                and p.get("transaction") == "hq-x")
+        assert refusal["topic"] == "poi-bridge/bridge/request/health/x"
+        assert "2 levels after 'request'" in refusal["error"]
+        # The exact topics still work, through the same lines.
+        for service_id, topic in (("N1", f"{STORE}/terminals/{POI}/request"),
+                                  ("N2", f"{STORE}/terminals/{POI}/request/HQ1")):
+            request = responses.payment_request("HQ1", service_id, POI, 6.0)
+            await office.publish(topic, json.dumps(request))
+            answer = await arrives(office, outcome_for(service_id))
+            assert answer["bridge"]["outcome"] == "approved"
+        await office.publish(f"{STORE}/bridge/request/health", {"transaction": "hq-h"})
+        health = await arrives(office, lambda t, p: t == f"{STORE}/bridge/response/health"
+                               and p.get("transaction") == "hq-h")
+        assert health["status"] == "ok"
+        # Beside the request subtrees, head office publishes nothing into the store (the
+        # central ACL refuses it, the bridge does not carry it), and a deep request was
+        # neither charged nor answered on a register's topics.
+        for topic in (f"{STORE}/terminals/{POI}/requests/HQ1", f"{STORE}/bridge/requestx",
+                      f"{STORE}/terminals/{POI}/state", f"{STORE}/registers/HQ1/response"):
+            await office.publish(topic, {"transaction": "hq-stray"})
+        await office.publish(f"{STORE}/bridge/request/health", {"transaction": "hq-last"})
+        await arrives(office, lambda t, p: t == f"{STORE}/bridge/response/health"
+                      and p.get("transaction") == "hq-last")
+        assert not [t for t, p, _ in inside.messages
+                    if isinstance(p, dict) and p.get("transaction") == "hq-stray"]
+        sent = [t for t, p, _ in inside.messages if "/request" in t]
+        assert sorted(sent) == sorted([*deep.values(), "poi-bridge/bridge/request/health/x",
+                                       local, f"{local}/HQ1", "poi-bridge/bridge/request/health",
+                                       "poi-bridge/bridge/request/health"])
+        assert store.charged() == {("HQ1", "N1"), ("HQ1", "N2")}
+        assert not [p for t, p, _ in office.messages if t.endswith("/response")
+                    and (p.get("bridge") or {}).get("transaction", {}).get("service_id")
+                    in ("D0", "D1")]
+    finally:
+        await inside.disconnect()
+        await office.disconnect()
+        await store.stop()
+        central.kill()
