@@ -637,7 +637,13 @@ class TerminalWorker:
                 if service_id is not None:
                     self._apply(self.session.send_failed(service_id, event.reason, self._clock()))
             elif isinstance(event, FrameSent):
-                self._pop_in_flight(event.payload)
+                # acknowledged by the terminal (written, on a link without ACKs): an abort
+                # is answered now (TerminalSession.frame_delivered)
+                service_id = self._pop_in_flight(event.payload)
+                if service_id is not None:
+                    delivered = self.session.frame_delivered(service_id, self._clock())
+                    if delivered:
+                        self._apply(delivered)
 
     def _pop_in_flight(self, payload: bytes) -> str | None:
         for i, (sent, service_id) in enumerate(self._in_flight):

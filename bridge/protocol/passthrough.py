@@ -62,15 +62,19 @@ def submit(session: TerminalSession, txn: Transaction, request: SaleToPOIRequest
                                session.identity.not_named_text(), now)
     if txn.category == "Abort":
         # An abort gets no response of its own; the aborted transaction ends Failure/Aborted.
-        txn.state, txn.outcome, txn.source = TxState.FINAL, Outcome.SUCCESS.value, "bridge"
-        txn.detail = "abort sent to the terminal"
-        txn.sent_at = now
+        # It is answered once the link says the terminal has it (its frame acknowledged, or
+        # written where the framing has no ACK: abort_delivered), or as an error when the
+        # frame is not (send_failed): a register told `success` of an abort the terminal
+        # never got believes the payment stopped. The deadline is a safety net only: the
+        # framer reports one or the other within max_tries * ack_timeout.
+        session.open[txn.key] = txn
+        txn.state, txn.sent_at = TxState.AWAITING_RESPONSE, now
+        txn.deadline = now + session.settings.status_timeout
+        txn.detail = "abort sent to the terminal; waiting for the link to confirm it"
         return [
             Record(txn.snapshot()),
             Send(txn.request, txn.sale_id, txn.service_id, "abort"),
             session._progress(txn, "abort_sent", abort_target(request)),
-            Deliver(txn.sale_id, txn.service_id, session.poi_id, txn.category,
-                    Outcome.SUCCESS.value, "bridge", None, None),
         ]
     session.open[txn.key] = txn
     txn.state, txn.sent_at = TxState.AWAITING_RESPONSE, now
@@ -149,6 +153,29 @@ def withdraw(session: TerminalSession, abort: Transaction, target: Transaction,
         Deliver(abort.sale_id, abort.service_id, session.poi_id, abort.category,
                 Outcome.SUCCESS.value, "bridge", None, None),
     ]
+
+
+def abort_delivered(session: TerminalSession, abort: Transaction, now: float) -> list[Action]:
+    """The terminal has the abort (its frame acknowledged, or written on a link without
+    ACKs): `success`, as the README says. Whether the payment it names ends `aborted` is
+    that payment's own result."""
+    return session._finish(abort, Outcome.SUCCESS, None, "bridge", now,
+                           detail="abort delivered to the terminal")
+
+
+def abort_not_delivered(session: TerminalSession, abort: Transaction, why: str,
+                        now: float) -> list[Action]:
+    """The abort's frame was not acknowledged after every try (or the link went, or never
+    confirmed it): the terminal may not have it, and the payment it names goes on. An
+    error that says so, never `success`."""
+    ref = (abort.request.get("SaleToPOIRequest", {}).get("AbortRequest") or {}).get(
+        "MessageReference") or {}
+    target = f"{ref.get('SaleID')}/{ref.get('ServiceID')}" if isinstance(ref, dict) else "?"
+    text = (f"the abort of {target} may not have reached terminal {session.poi_id} ({why}): "
+            "the transaction it names may go on; its own result says how it ended. To stop "
+            "it, send the abort again with a new ServiceID, or cancel on the terminal")
+    return [Log("warning", f"terminal {session.poi_id}: abort {abort.key} not delivered: {why}"),
+            *session._finish(abort, Outcome.ERROR, None, "bridge", now, error=text)]
 
 
 def abort_target(request: SaleToPOIRequest) -> str:

@@ -402,7 +402,11 @@ class TerminalSession:
                     error=moving or f"terminal {self.poi_id} went offline before the request "
                                     "was sent; nothing was charged, retry with a new ServiceID")
             elif txn.state is TxState.AWAITING_RESPONSE:
-                if txn.passthrough or txn.category not in MONEY_CATEGORIES:
+                if txn.category == "Abort" and txn.passthrough:
+                    actions += passthrough.abort_not_delivered(
+                        self, txn, f"the link was lost before it confirmed the abort: "
+                                   f"{reason}", now)
+                elif txn.passthrough or txn.category not in MONEY_CATEGORIES:
                     actions += self._finish(txn, Outcome.ERROR, None, "bridge", now,
                                             error=f"link to terminal lost: {reason}")
                 else:
@@ -426,6 +430,9 @@ class TerminalSession:
                                      retry_in=self.settings.poll_floor) + self._pump(now)
         for txn in self.open.values():
             if txn.service_id == service_id and txn.state is TxState.AWAITING_RESPONSE:
+                if txn.category == "Abort" and txn.passthrough:
+                    return passthrough.abort_not_delivered(
+                        self, txn, f"the terminal did not acknowledge it: {reason}", now)
                 if txn.passthrough or txn.category not in MONEY_CATEGORIES:
                     return self._finish(txn, Outcome.ERROR, None, "bridge", now,
                                         error=f"terminal did not acknowledge: {reason}")
@@ -433,6 +440,15 @@ class TerminalSession:
                 return self._to_polling(txn, f"request not acknowledged: {reason}", now,
                                         poll_at=now + self.settings.poll_floor) + self._pump(now)
         return [Log("debug", f"terminal {self.poi_id}: frame for {service_id} not delivered")]
+
+    def frame_delivered(self, service_id: str, now: float) -> list[Action]:
+        """The link layer delivered a frame: the terminal acknowledged it (or, on a link
+        without ACKs, it was written). Only an Abort waits for this (its answer)."""
+        for txn in self.open.values():
+            if txn.service_id == service_id and txn.category == "Abort" and txn.passthrough \
+                    and txn.state is TxState.AWAITING_RESPONSE:
+                return passthrough.abort_delivered(self, txn, now)
+        return []
 
     def tick(self, now: float) -> list[Action]:
         """Time has passed: fire whatever deadlines are due."""
@@ -449,7 +465,11 @@ class TerminalSession:
         for txn in list(self.open.values()):
             if txn.state is TxState.AWAITING_RESPONSE and txn.deadline is not None \
                     and txn.deadline <= now:
-                if txn.passthrough or txn.category not in MONEY_CATEGORIES:
+                if txn.category == "Abort" and txn.passthrough:
+                    actions += passthrough.abort_not_delivered(
+                        self, txn, "the link did not confirm its delivery within "
+                                   f"{self.settings.status_timeout:g} s", now)
+                elif txn.passthrough or txn.category not in MONEY_CATEGORIES:
                     actions += self._finish(
                         txn, Outcome.ERROR, None, "bridge", now,
                         error=f"terminal did not answer within {txn.deadline - txn.sent_at:g} s"

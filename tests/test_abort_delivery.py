@@ -1,0 +1,91 @@
+"""An Abort was answered `success` as soon as it was handed to the link, even when its frame
+was never acknowledged (no ACK after every try): a register then believed the terminal had
+stopped the payment. It is answered `success` once the terminal has it (its frame
+acknowledged; on a link without ACKs, written), and `error` when the frame is not delivered,
+the link goes first, or the link never confirms it."""
+
+from __future__ import annotations
+
+from bridge.protocol.transaction import TxKey
+from bridge.simulator import responses
+
+from .follow_rig import A, BASE, DeviceByHand, bridge_on, wait_until
+from .rig import Subscriber, outcome_for
+from .test_session import Harness, abort_of
+
+TILL = "TILL1"
+
+
+def test_an_abort_whose_frame_is_not_acknowledged_is_no_success():
+    h = Harness()
+    h.submit("R1", "S1")
+    actions = h.submit("R1", "A1", doc=abort_of("R1", "S1"))
+    assert [s.purpose for s in h.sends(actions)] == ["abort"]
+    assert h.delivers(actions) == [], "answered before the terminal had it"
+    (failed,) = h.delivers(h.do(h.session.send_failed("A1", "no ACK within 2 s", h.now)))
+    assert (failed.service_id, failed.outcome) == ("A1", "error")
+    assert "may not have reached terminal" in failed.error and "R1/S1" in failed.error
+    assert "send the abort again with a new ServiceID" in failed.error
+    assert [d.outcome for d in h.delivers() if d.service_id == "A1"] == ["error"]
+    assert h.session.active == TxKey("R1", "S1")  # the payment goes on, and is waited for
+
+
+def test_an_abort_is_answered_when_delivered_or_not_confirmed_in_time():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.submit("R1", "A1", doc=abort_of("R1", "S1", "A1"))
+    (done,) = h.delivers(h.do(h.session.frame_delivered("A1", h.now)))
+    assert (done.outcome, done.error) == ("success", None)
+    assert h.delivers(h.do(h.session.frame_delivered("A1", h.now))) == []  # once
+    # the link goes before the frame was acknowledged
+    h.submit("R1", "A2", doc=abort_of("R1", "S1", "A2"))
+    lost = [d for d in h.delivers(h.do(h.session.link_is_down("EIO", h.now)))
+            if d.service_id == "A2"]
+    assert [d.outcome for d in lost] == ["error"] and "link was lost" in lost[0].error
+
+
+class WithholdsAbortAcks(DeviceByHand):
+    """A terminal's end that acknowledges every frame but an Abort's while `withhold`."""
+
+    withhold = True
+
+    def _flush(self) -> None:
+        last = self.received[-1]["SaleToPOIRequest"] if self.received else {}
+        if self.withhold and "AbortRequest" in last:
+            self.framer.data_to_send()  # its ACK, never sent
+            return
+        super()._flush()
+
+
+async def test_an_abort_the_terminal_never_acknowledged_is_reported_as_an_error(
+        tmp_path, mosquitto):
+    """End to end: the abort's frame goes out max_tries times unacknowledged. The register
+    is told `error` (the payment may go on), never `success`; acknowledged, `success`."""
+    device = WithholdsAbortAcks(tmp_path / "port")
+    try:
+        async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port")},
+                             framer={"ack_timeout": 0.2, "max_tries": 2}) as bridge, \
+                Subscriber(mosquitto, [f"{BASE}/registers/#"]) as sub:
+            assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
+            device.answer_check_as(A)
+            assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 10)
+            topic = f"{BASE}/terminals/{A}/request/{TILL}"
+            await sub.publish(topic, responses.payment_request(TILL, "P1", A, 12.5))
+            assert await wait_until(lambda: "Payment" in device.categories(), timeout=10)
+            abort = abort_of(TILL, "P1", "A1")
+            abort["SaleToPOIRequest"]["MessageHeader"]["POIID"] = A
+            await sub.publish(topic, abort)
+            answer = await sub.wait_for(outcome_for("A1"), timeout=10)
+            assert answer["bridge"]["outcome"] == "error", answer
+            assert "may not have reached terminal" in answer["bridge"]["error"]
+            assert device.categories().count("Abort") == 2  # max_tries, none acknowledged
+            device.withhold = False
+            again = abort_of(TILL, "P1", "A2")
+            again["SaleToPOIRequest"]["MessageHeader"]["POIID"] = A
+            await sub.publish(topic, again)
+            assert (await sub.wait_for(outcome_for("A2"), timeout=10))["bridge"][
+                "outcome"] == "success"
+            assert [p["bridge"]["outcome"] for p in sub.on(f"{BASE}/registers/{TILL}/response")
+                    if p["bridge"]["transaction"]["service_id"] == "A1"] == ["error"]
+    finally:
+        device.close()
