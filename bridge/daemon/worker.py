@@ -431,12 +431,17 @@ class TerminalWorker:
         if key is not None:
             document = crypto.encrypt_message(document, key)
         payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(payload) > self.framer.max_frame_size:
-            log.error("terminal %s: %s %s is %d bytes, over the frame limit %d; not sent",
-                      self.poi_id, action.purpose, action.service_id, len(payload),
-                      self.framer.max_frame_size)
-            self._apply(self.session.send_failed(action.service_id, "message too large",
-                                                 self._clock()))
+        limit = self.framer.max_frame_size
+        if len(payload) > limit:
+            # Nothing is written: a register's request is refused at once (not polled about,
+            # which would only bring NotFound after a payment time-out), saying what to do
+            size = f"{len(payload)} bytes" + (" once encrypted" if key is not None else "")
+            self._apply(self.session.too_large(action.service_id, (
+                f"the request is {size}, over terminal {self.poi_id}'s frame limit "
+                f"(max_frame_size {limit} bytes): nothing was sent to the terminal and "
+                "nothing was charged. Send a smaller request (shorter free-text fields, fewer "
+                "items) with a new ServiceID, or, if the terminal takes larger messages, have "
+                "the technician raise [terminals.framer] max_frame_size"), self._clock()))
             return
         if action.purpose == "request" and self.identity != "confirmed":
             self.sent_unconfirmed.add(TxKey(action.sale_id, action.service_id))

@@ -96,6 +96,8 @@ class TerminalSession:
         # journal held at restore): a terminal may remember only its latest request of a
         # category, so its NotFound about an earlier one proves nothing (see _status_answer).
         self.last_request_at: dict[str, float] = {}
+        # The request sent last, and its category's last_request_at before it (too_large)
+        self._request_sent_before: tuple[TxKey, float | None] | None = None
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -450,6 +452,34 @@ class TerminalSession:
                 return passthrough.abort_delivered(self, txn, now)
         return []
 
+    def too_large(self, service_id: str, reason: str, now: float) -> list[Action]:
+        """A request of a register could not be written at all: its frame is over the link's
+        max_frame_size (`reason` says how big, the limit, and what to do). Nothing went to
+        the terminal, so it is refused (`rejected`), not polled: a status poll would only
+        learn NotFound, after a payment time-out. Nor does it count as sent: `sent_at` and
+        `last_request_at` (which decide whether a later NotFound is believed) are put back.
+        A status poll or identity check too large (they are small) is a frame not sent."""
+        for txn in self.open.values():
+            if txn.service_id == service_id and txn.state is TxState.AWAITING_RESPONSE:
+                break
+        else:
+            return self.send_failed(service_id, reason, now)
+        previous = self._request_sent_before
+        if previous is not None and previous[0] == txn.key \
+                and self.last_request_at.get(txn.category) == txn.sent_at:
+            if previous[1] is None:
+                self.last_request_at.pop(txn.category, None)
+            else:
+                self.last_request_at[txn.category] = previous[1]
+        txn.sent_at = None
+        response = builders.failure_response(builders.request_header(txn.request),
+                                             txn.category, "MessageFormat", reason)
+        trim_refused(txn)  # (as every refusal's record: these are large by definition)
+        return [Log("error", f"terminal {self.poi_id}: {txn.category} {txn.key} not sent: "
+                             f"{reason}"),
+                *self._finish(txn, Outcome.REJECTED, response, "bridge", now, error=reason),
+                *self._pump(now)]
+
     def tick(self, now: float) -> list[Action]:
         """Time has passed: fire whatever deadlines are due."""
         actions: list[Action] = []
@@ -542,6 +572,8 @@ class TerminalSession:
 
     def _send_request(self, txn: Transaction, now: float) -> list[Action]:
         txn.state, txn.sent_at = TxState.AWAITING_RESPONSE, now
+        # (put back by too_large() if the request cannot be written after all)
+        self._request_sent_before = (txn.key, self.last_request_at.get(txn.category))
         self.last_request_at[txn.category] = now
         txn.deadline, txn.updated_at = now + self.settings.payment_timeout, now
         return [
