@@ -180,6 +180,34 @@ def _conflict_error(existing: Transaction, document: dict[str, Any]) -> str:
             f"({recorded}). Use a new ServiceID for a new request")
 
 
+def _currency_problem(request: SaleToPOIRequest, document: dict[str, Any]) -> str | None:
+    """What is wrong with a Currency in a money category's request (Payment, Reversal,
+    StoredValue), if anything. nexo's Currency is ISO 4217's alphabetic code: three
+    upper-case letters. "EURO", "eur" or "€" would go to the terminal as sent, which
+    refuses them, or, worse, reads them its own way: the register is told at once instead."""
+    header = request.message_header
+    if header is None or str(header.message_category) not in MONEY_CATEGORIES:
+        return None
+    body = document.get("SaleToPOIRequest") or {}
+    stack: list[tuple[str, Any]] = [(name, value) for name, value in body.items()
+                                    if name != "MessageHeader"]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            stack += [(f"{where}.{name}", inner) for name, inner in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", inner) for i, inner in enumerate(value)]
+        if not where.endswith(".Currency"):
+            continue
+        if not isinstance(value, str) or len(value) != 3 or not value.isascii() \
+                or not value.isalpha() or not value.isupper():
+            shown = json.dumps(value, ensure_ascii=False)
+            shown = shown if len(shown) <= 24 else shown[:21] + "..."
+            return (f"{where} {shown} is not a currency code: it must be ISO 4217's "
+                    "alphabetic code, three upper-case letters (EUR, GBP, USD)")
+    return None
+
+
 def _amount_asked(document: Any) -> tuple[float, str] | None:
     """A recorded PaymentRequest's RequestedAmount and Currency (upper case), if readable."""
     try:
@@ -385,6 +413,12 @@ class RequestIntake:
         refusal = self._refusal(request, poi_id)
         if refusal is not None:
             self._refuse_recorded(request, document, digest, poi_id, *refusal)
+            return
+        # After _refusal: a retry of an open payment that writes its currency in lower case
+        # (compared upper-cased there) is told first not to charge the sale again
+        problem = _currency_problem(request, document)
+        if problem is not None:
+            refuse(document, poi_id, f"invalid currency: {problem}")
             return
         if request.transaction_status_request is not None \
                 and self._status_from_journal(request, document, digest, poi_id):

@@ -1,0 +1,51 @@
+"""Currency codes were not checked: a request with "Currency": "EURO" or "eur" went to the
+terminal as sent. A money category's request whose Currency is not three upper-case letters
+(ISO 4217's alphabetic code) is refused, naming the field."""
+
+from __future__ import annotations
+
+from bridge.simulator import responses
+
+from .follow_rig import A, BASE, bridge_on, simulator, wait_until
+from .rig import Subscriber, outcome_for
+
+TILL = "TILL1"
+
+
+async def test_a_currency_that_is_no_iso_4217_code_is_refused_naming_the_field(
+        tmp_path, mosquitto):
+    sim = simulator(A)
+    try:
+        link = await sim.start_pty(tmp_path / "port")
+        async with bridge_on(tmp_path, mosquitto, {A: link}) as bridge, \
+                Subscriber(mosquitto, [f"{BASE}/registers/#"]) as sub:
+            assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 15)
+            topic = f"{BASE}/terminals/{A}/request/{TILL}"
+            for service_id, currency in (("C1", "EURO"), ("C2", "eur"), ("C3", "€"),
+                                         ("C4", "E1R"), ("C5", 978), ("C6", "ÉUR")):
+                await sub.publish(topic, responses.payment_request(TILL, service_id, A, 5.0,
+                                                                   currency))
+                answer = await sub.wait_for(outcome_for(service_id), timeout=15)
+                info = answer["bridge"]
+                assert info["outcome"] == "rejected", answer
+                if service_id == "C5":  # not text at all: the message's own model says so
+                    continue
+                error = info["error"]
+                assert "PaymentRequest.PaymentTransaction.AmountsReq.Currency" in error, error
+                assert "three upper-case letters" in error, error
+                assert answer["SaleToPOIResponse"]["PaymentResponse"]["Response"][
+                    "ErrorCondition"] == "MessageFormat"
+            # a StoredValue's items carry theirs
+            stored = responses.payment_request(TILL, "V1", A, category="StoredValue")
+            stored["SaleToPOIRequest"]["StoredValueRequest"] = {"StoredValueData": [
+                {"StoredValueTransactionType": "Load", "ItemAmount": 10, "Currency": "usd"}]}
+            await sub.publish(topic, stored)
+            info = (await sub.wait_for(outcome_for("V1"), timeout=15))["bridge"]
+            assert info["outcome"] == "rejected"
+            assert "StoredValueRequest.StoredValueData[0].Currency" in info["error"], info
+            await sub.publish(topic, responses.payment_request(TILL, "C9", A, 5.0, "EUR"))
+            ok = await sub.wait_for(outcome_for("C9"), timeout=15)
+            assert ok["bridge"]["outcome"] == "approved", ok
+        assert [service for (_, service) in sim.terminal.ledger] == ["C9"]
+    finally:
+        await sim.close()
