@@ -39,7 +39,7 @@ from bridge.protocol.messages import (
     load_json,
     parse_message,
 )
-from bridge.protocol.outcome import MONEY_CATEGORIES, Outcome, classify
+from bridge.protocol.outcome import MONEY_CATEGORIES, Outcome, classify, record_outcome
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.session import FINAL_MONEY_OUTCOMES
 from bridge.protocol.transaction import (
@@ -458,6 +458,7 @@ class RequestIntake:
         reference = ref.model_dump(mode="json", by_alias=True, exclude_unset=True)
         response = builders.status_response(header, reference, asked.response)
         classification = classify(parse_message(response))
+        outcome = record_outcome(classification)  # (a record saying Busy: declined)
         detail = (f"answered from the journal: {asked.key} ended {asked.outcome} on terminal "
                   f"{asked.poi_id} ({classification.detail})")
         now = self._clock()
@@ -465,7 +466,7 @@ class RequestIntake:
             sale_id=header.sale_id, service_id=header.service_id, poi_id=poi_id,
             category=str(header.message_category), request=document, digest=digest,
             created_at=now, updated_at=now, state=TxState.FINAL,
-            outcome=classification.outcome.value, source="journal", response=response,
+            outcome=outcome.value, source="journal", response=response,
             detail=detail, passthrough=True)
         self.journal.save(txn)
         self.gateway.progress(Progress(txn.sale_id, txn.service_id, poi_id, "completed",

@@ -196,6 +196,24 @@ def classify(message: Message) -> Classification:
     return _classify_body(category, message.body())
 
 
+# A money request the terminal's record says it answered Busy: it never started it. Told
+# `declined` (final, nothing charged, send it again with a new ServiceID, as after a decline),
+# with this detail: a cashier must not take it for a refused card.
+BUSY_RECORD = ("the terminal's record says Busy: it did not start this transaction (it was "
+               "busy with another); nothing was charged and the card was not refused: send "
+               "it again with a new ServiceID")
+
+
+def record_outcome(cls: Classification) -> Outcome:
+    """The outcome a status answer's record of a transaction means: `declined` where the
+    record of a money request says Busy (see BUSY_RECORD), as classify() says otherwise.
+    The same whether the bridge's poll, a register's own status request or the journal
+    reads it."""
+    if cls.outcome is Outcome.BUSY and cls.from_status and cls.category in MONEY_CATEGORIES:
+        return Outcome.DECLINED
+    return cls.outcome
+
+
 def recovered_response(
     classification: Classification, original_header: MessageHeader
 ) -> dict[str, Any]:

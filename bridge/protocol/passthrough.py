@@ -30,7 +30,8 @@ from bridge.protocol.messages import (
     SaleToPOIRequest,
     SaleToPOIResponse,
 )
-from bridge.protocol.outcome import MONEY_CATEGORIES, Classification, Outcome, status_subjects
+from bridge.protocol.outcome import (BUSY_RECORD, MONEY_CATEGORIES, Classification, Outcome,
+                                     record_outcome, status_subjects)
 from bridge.protocol.transaction import Transaction, TxKey, TxState
 
 if TYPE_CHECKING:
@@ -195,7 +196,9 @@ def answered(session: TerminalSession, status: Transaction, cls: Classification,
     if doubt is not None:
         return session._finish(status, Outcome.UNRESOLVED, None, "bridge", now,
                                error=doubt) + settled
-    actions = session._finish(status, cls.outcome, document, "terminal", now, detail=cls.detail)
+    outcome = record_outcome(cls)  # a record saying Busy: declined, as the payment ends
+    actions = session._finish(status, outcome, document, "terminal", now,
+                              detail=BUSY_RECORD if outcome is not cls.outcome else cls.detail)
     return actions + settled
 
 

@@ -44,9 +44,9 @@ from bridge.protocol.messages import (
     SaleToPOIRequest,
     SaleToPOIResponse,
 )
-from bridge.protocol.outcome import (MONEY_CATEGORIES, Classification, Outcome, classify,
-                                     recovered_response, status_subjects,
-                                     unresolved_error)
+from bridge.protocol.outcome import (BUSY_RECORD, MONEY_CATEGORIES, Classification, Outcome,
+                                     classify, record_outcome, recovered_response,
+                                     status_subjects, unresolved_error)
 from bridge.protocol.transaction import Transaction, TxKey, TxState, trim_refused
 
 FINAL_MONEY_OUTCOMES = frozenset(
@@ -862,11 +862,11 @@ class TerminalSession:
                 "the terminal never received this transaction; nothing was charged")
             return self._finish(txn, Outcome.NOT_FOUND, response, "status-poll", now,
                                 detail=cls.detail)
-        if cls.outcome is Outcome.BUSY and cls.from_status:
+        if record_outcome(cls) is Outcome.DECLINED and cls.outcome is Outcome.BUSY:
             # The terminal's own record of this ServiceID ends "Busy": it never started it.
             response = recovered_response(cls, builders.request_header(txn.request))
             return self._finish(txn, Outcome.DECLINED, response, "status-poll", now,
-                                detail="the terminal was busy: the payment was not started")
+                                detail=BUSY_RECORD)
         if txn.extra.get("abandoned"):
             # No longer asked about, and the register was told so: a late answer that brings
             # no outcome changes nothing (it used to start the background polls again, and
