@@ -1343,12 +1343,15 @@ class BrokerLog:
 
     BRIDGE = "poi-bridge-soak"
     REQUESTS = f"{BASE}/terminals/+/request"
+    # Any of these routes every register request to the bridge
+    REQUEST_FILTERS = (REQUESTS, f"{REQUESTS}/+", f"{REQUESTS}/#")
 
     def __init__(self, path: Path) -> None:
         self.entries: list[dict[str, Any]] = []
         queued: list[dict[str, Any]] = []
         by_mid: dict[str, dict[str, Any]] = {}
         subscribed = False
+        filters: set[str] = set()  # the bridge's subscriptions that take register requests
         lines = path.read_text(errors="replace").splitlines() if path.exists() else []
         for line in lines:
             stamp, _, text = line.partition(": ")
@@ -1365,10 +1368,16 @@ class BrokerLog:
                 self.entries.append(entry)
                 if subscribed:  # else the broker routes it to nobody
                     queued.append(entry)
-            elif text == f"{self.BRIDGE} 1 {self.REQUESTS}":
-                subscribed = True  # the third line of the broker's SUBSCRIBE report
-            elif text == f"{self.BRIDGE} {self.REQUESTS}":
-                subscribed = False  # ... and of its UNSUBSCRIBE report
+            elif text.startswith(f"{self.BRIDGE} 1 ") and text[len(self.BRIDGE) + 3:] \
+                    in self.REQUEST_FILTERS:
+                # the third line of the broker's SUBSCRIBE report (since 8b5246a the bridge
+                # takes .../request/#, and drops the narrower filters older bridges took)
+                filters.add(text[len(self.BRIDGE) + 3:])
+                subscribed = True
+            elif text.startswith(f"{self.BRIDGE} ") and text[len(self.BRIDGE) + 1:] \
+                    in self.REQUEST_FILTERS:
+                filters.discard(text[len(self.BRIDGE) + 1:])  # ... and of its UNSUBSCRIBE
+                subscribed = bool(filters)
             elif text.startswith("Saving in-memory database"):
                 for entry in queued:
                     entry["saved"] = True

@@ -524,6 +524,34 @@ def test_the_broker_log_follows_requests_on_either_request_topic(tmp_path):
     assert log.entries[1]["acked"] == 102 and log.entries[0]["acked"] is None
 
 
+def test_the_broker_log_keeps_the_bridge_subscribed_through_its_wider_request_filter(tmp_path):
+    """Since 8b5246a the bridge subscribes to .../request/# and then unsubscribes the
+    narrower filters an older bridge took. The replay took that UNSUBSCRIBE as "no longer
+    subscribed", and a request the broker lost in a kill -9 (explained) was reported LOST
+    by "the bridge had unsubscribed" (make soak, seed 1, at 08c6a07)."""
+    from bench.soak import BrokerLog
+
+    path = tmp_path / "mosquitto.log"
+    path.write_text("\n".join([
+        "100: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+        "100: poi-bridge-soak poi-bridge/terminals/+/request",
+        "100: poi-bridge-soak poi-bridge/terminals/+/request/+",
+        "101: Received PUBLISH from soak-register-TILL1 (d0, q1, r0, m1, "
+        "'poi-bridge/terminals/V-1/request', ... (400 bytes))",
+        "102: mosquitto version 2.0.11 starting",
+    ]) + "\n")
+    (entry,) = BrokerLog(path).entries
+    assert entry["bridge_subscribed"] is True
+    assert entry["dropped"] == 102  # lost by the broker's restart, not routed to nobody
+    path.write_text("\n".join([
+        "100: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+        "100: poi-bridge-soak poi-bridge/terminals/+/request/#",
+        "101: Received PUBLISH from soak-register-TILL1 (d0, q1, r0, m1, "
+        "'poi-bridge/terminals/V-1/request', ... (400 bytes))",
+    ]) + "\n")
+    assert BrokerLog(path).entries[0]["bridge_subscribed"] is False
+
+
 # --- --keys: the soak's terminals and bridge with local encryption ---------------------------
 
 def test_soak_keys_per_terminal_and_shared_are_named_by_file_only(tmp_path):
