@@ -1526,3 +1526,26 @@ def test_a_crypto_error_after_the_device_named_itself_asks_no_other_key_and_warn
         assert "answers nothing the bridge waits for" in stray.message, stray
     assert [s.key_of for s in h.sends(purpose="identify")] == [None]
     assert h.session.identity.unnamed_checks == 0
+
+
+def test_an_abandoned_payments_reason_survives_a_poll_that_cannot_go_after_a_restart():
+    """Found by the soak (--keys per-terminal, seed 31, at 08c6a07): a payment given up on
+    (the terminal's NotFound after it took another payment) was restored at a restart
+    before its terminal's link opened; its one more poll could not go (offline), and that
+    failure wrote "terminal ... offline" over the reason the register and a repeat of the
+    request are given ("do not charge again ... check the acquirer's records")."""
+    from bridge.daemon.registers import stored_result
+
+    h = unresolved_then_another_paid()
+    h.advance(10)
+    h.answer(responses.status_not_found(h.last_poll()))
+    given_up = h.session.open[TxKey("R1", "S1")].snapshot()
+    reason = given_up.detail
+    assert "may remember only its latest" in reason
+    fresh = Harness(link_up=False)
+    fresh.now = h.now + 5
+    fresh.do(fresh.session.restore([given_up], fresh.now))
+    fresh.advance(SETTINGS.status_timeout)  # the link has not come back: the poll cannot go
+    txn = fresh.session.open[TxKey("R1", "S1")]
+    assert txn.detail == reason, txn.detail
+    assert stored_result(txn).error == reason

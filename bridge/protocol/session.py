@@ -761,7 +761,11 @@ class TerminalSession:
     def _poll_failed(self, txn: Transaction, reason: str, now: float, retry_in: float) -> list[Action]:
         """A status poll went unanswered (or could not be sent, or was unusable)."""
         txn.unanswered_polls += 1
-        txn.deadline, txn.detail, txn.updated_at = None, reason, now
+        txn.deadline, txn.updated_at = None, now
+        if not txn.extra.get("abandoned"):
+            # (Given up on, its detail is the reason the register and a repeat are given:
+            # a poll tried once more that could not go changes nothing of it)
+            txn.detail = reason
         if "reopened_from" in txn.extra and txn.unanswered_polls >= self.settings.resync_attempts:
             return self._stored_result_stands(txn, f"the terminal did not answer the resync "
                                                    f"({reason})", now)
