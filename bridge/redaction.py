@@ -11,7 +11,9 @@ JSON (`"expiryDate": "12/2025"`, also escaped inside a JSON string), a Python re
 a terminal's AdditionalResponse). Card numbers (Luhn-checked, also grouped by spaces, dashes,
 dots, `+`, `%20`, and, in the groups a card number is written in, `/`, `_`, tabs, line ends or
 `, `) and track data (track 1 `B...^NAME^...`, track 2 with `=` or EMV `D`, with or without
-sentinels) are recognised by their shape wherever they are. A masked card number (also one in
+sentinels) are recognised by their shape wherever they are; digits glued to letters or after a
+decimal point (P4111111111111111, POS14111111111111111, 3.4111111111111111) count when they
+also start as issued cards do. A masked card number (also one in
 groups, as 4111 11** **** 1111) that shows more than the first six (eight, of 16 digits or
 more) and the last four digits is masked down to the first six and last four.
 
@@ -155,6 +157,25 @@ def _no_issuer(number: str) -> bool:
     return number.startswith("000000")
 
 
+def _issued(number: str) -> bool:
+    """Whether a number is as long and starts as issued payment cards do: 16-19 digits from 2
+    to 6 (Mastercard's 2-series and Mir, JCB and Diners, Visa, Mastercard and Maestro,
+    Discover and UnionPay), 15 from 34 or 37 (American Express), 14 from 30 or 36 (Diners),
+    13 from 4 (Visa). The stricter test for digits glued to letters or after a decimal point,
+    which are mostly identifiers, times and fractions: a millisecond or microsecond time
+    starts with 1, a zero-padded one or a fraction below 0.1 with 0."""
+    n = len(number)
+    return ("2" <= number[0] <= "6" if n >= 16 else number[:2] in ("34", "37") if n == 15
+            else number[:2] in ("30", "36") if n == 14 else number[0] == "4")
+
+
+def _a_card(number: str, strict: bool) -> bool:
+    """Whether a number of 13-19 digits is a card number: Luhn-checked, not one digit
+    throughout, not _no_issuer(); and if strict, _issued() (tested first: it is cheaper)."""
+    return ((not strict or _issued(number)) and _luhn_ok(number) and len(set(number)) > 1
+            and not _no_issuer(number))
+
+
 def _card_groups(groups: list[str]) -> bool:
     """Whether the groups are those a card number is written in: 4111 1111 1111 1111 (the last
     group 1-4 digits, so 13-19 digits in all), Amex 3782 822463 10005 or Diners 3056 930902
@@ -186,16 +207,16 @@ def _candidates(groups: list[str], seps: list[str], i: int, hi: int,
 
 def _card_numbers(groups: list[str], seps: list[str], lo: int, hi: int) -> set[int]:
     """The digit groups (from lo to before hi) that make up card numbers: _candidates() of
-    13-19 digits passing the Luhn check, save the digits of a decimal number, a run of one
-    digit (0000000000000) and _no_issuer() ones."""
+    13-19 digits passing the Luhn check, save a run of one digit (0000000000000) and
+    _no_issuer() ones, and the digits of a decimal number unless _issued()."""
     n, i, found_groups = len(groups), lo, set()
     while i < hi:
         found = -1
         for j in _candidates(groups, seps, i, hi, _CARD_GROUPS_ONLY):
-            number = "".join(groups[i:j + 1])
-            if _luhn_ok(number) and len(set(number)) > 1 and not _no_issuer(number):
+            if _a_card("".join(groups[i:j + 1]), False):
                 found = j
-        if found == i and ((i > 0 and seps[i - 1] == ".") or (i < n - 1 and seps[i] == ".")):
+        if found == i and ((i > 0 and seps[i - 1] == ".") or (i < n - 1 and seps[i] == ".")) \
+                and not _issued(groups[i]):
             found = -1
         if found < 0:
             i += 1
@@ -205,18 +226,105 @@ def _card_numbers(groups: list[str], seps: list[str], lo: int, hi: int) -> set[i
     return found_groups
 
 
+def _glued_left(groups: list[str], seps: list[str], hi: int) -> tuple[int, int] | None:
+    """For a first group glued to letters: a cut k and a last group j such that the first
+    group's digits from k on, with groups 1 to j (before hi), are a card number. Whole, the
+    group may start one written in groups (P4111 1111 1111 1111); only part of it (the
+    letters' identifier may end in digits of its own: POS1|4111111111111111), it must be one
+    alone."""
+    found = [j for j in _candidates(groups, seps, 0, min(hi, 19), _SEPARATORS)
+             if _a_card("".join(groups[:j + 1]), True)]
+    if found:
+        return 0, found[-1]
+    first = groups[0]
+    for k in range(max(1, len(first) - 19), len(first) - 12):
+        if _a_card(first[k:], True):
+            return k, 0
+    return None
+
+
+def _glued_right(groups: list[str], seps: list[str], lo: int) -> tuple[int, int] | None:
+    """For a last group glued to letters: a first group i (from lo) and a length m such that
+    groups i on, the last one's first m digits only, are a card number: the whole last group
+    ending one written in groups, or its start one alone (4111111111111111|X)."""
+    last = len(groups) - 1
+    near = max(lo, last - 18)  # (no card has more digits)
+    for i in range(near, last + 1):
+        if last - near in _candidates(groups[near:], seps[near:], i - near, last - near + 1,
+                                      _SEPARATORS) and _a_card("".join(groups[i:]), True):
+            return i, len(groups[last])
+    for m in range(min(len(groups[last]), 19), 12, -1):
+        if _a_card(groups[last][:m], True):
+            return last, m
+    return None
+
+
+def _split(groups: list[str], seps: list[str], k: int, at: int) -> None:
+    """Group k split in two at character `at` (nothing between them), in place."""
+    groups[k:k + 1] = [groups[k][:at], groups[k][at:]]
+    seps.insert(k, "")
+
+
+# An Adyen TransactionID: four letters and digits, then a millisecond time, zero-padded to
+# fifteen digits (4r7i001556529591000): an identifier, even where the last of the four is a
+# digit that makes a card-like number with the time.
+_ADYEN_ID = re.compile(r"(?a)[A-Za-z0-9]{4}00\d{13}")
+_AN_ISSUER_DIGIT = re.compile(r"[2-6]")
+
+
+def _adyen_id(text: str, start: int, digits: int) -> bool:
+    """Whether the `digits` glued to letters at `start` end an Adyen TransactionID."""
+    begin, end = start + digits - 19, start + digits
+    return (begin >= 0 and _ADYEN_ID.fullmatch(text, begin, end) is not None
+            and (begin == 0 or not text[begin - 1].isalnum())
+            and (end == len(text) or not text[end].isalnum()))
+
+
+def _glued(groups: list[str], seps: list[str], redacted: set[int], left: bool, right: bool,
+           text: str, start: int) -> None:
+    """The card numbers _glued_left() and _glued_right() find where the run is glued to
+    letters (on the left, on the right), added to `redacted`, in place; a group cut in two
+    becomes two groups with nothing between them. Each runs only where a card could start as
+    _issued() ones do, a cheap test: a glued run is most often an identifier."""
+    first = groups[0]
+    if left and _AN_ISSUER_DIGIT.search(first, 0, max(1, len(first) - 12)) \
+            and not _adyen_id(text, start, len(first)):
+        free = min(redacted, default=len(groups))
+        cut = _glued_left(groups, seps, free) if sum(map(len, groups[:free])) >= 13 else None
+        if cut is not None and cut[0] > 0:
+            _split(groups, seps, 0, cut[0])
+            shifted = {k + 1 for k in redacted}
+            redacted.clear()
+            redacted.update(shifted, range(1, cut[1] + 2))
+        elif cut is not None:
+            redacted.update(range(cut[1] + 1))
+    last = len(groups) - 1
+    if right and last not in redacted:
+        free = max(redacted, default=-1) + 1
+        if sum(map(len, groups[free:])) >= 13 and any(
+                "2" <= group[0] <= "6" for group in groups[max(free, last - 18):]):
+            cut = _glued_right(groups, seps, free)
+            if cut is not None:
+                if cut[1] < len(groups[last]):
+                    _split(groups, seps, last, cut[1])  # the head stays at `last`
+                redacted.update(range(cut[0], last + 1))
+
+
 def _digits(match: re.Match[str]) -> str:
     run, track = match.group("run"), match.group("track")
     parts = _GROUPS.split(run)
     groups, seps = parts[0::2], parts[1::2]
-    # Digits glued to letters are part of an identifier (an Adyen TransactionID is four
-    # letters and digits, then fifteen digits), not a card number; a %xx or \x escape before
-    # them is no letter.
+    # Digits glued to letters are mostly part of an identifier (an Adyen TransactionID is four
+    # letters and digits, then fifteen digits), so there a card number must also be _issued()
+    # (the stricter test), and may take only the glued group's end (POS1|4111111111111111) or
+    # start (4111111111111111|X); a %xx or \x escape before them is no letter.
     text, start, end = match.string, match.start(), match.end()
     lo = int(start > 0 and text[start - 1].isalpha()
              and not _ESCAPE_BEFORE.search(text, max(0, start - 3), start))
     hi = len(groups) - int(track is None and end < len(text) and text[end].isalpha())
     redacted = _card_numbers(groups, seps, lo, hi) if sum(map(len, groups)) >= 13 else set()
+    if lo or hi < len(groups):
+        _glued(groups, seps, redacted, bool(lo), hi < len(groups), text, start)
     is_track = track is not None and len(groups[-1]) >= 12
     if is_track:
         redacted.add(len(groups) - 1)

@@ -139,6 +139,13 @@ LEAKY_SHAPES = [
     ("card\n5413\n3300\n8960\n0010\n", ["5413\n3300", "8960\n0010"]),
     ("digits [5413, 3300, 8960, 0010]", ["5413, 3300", "8960, 0010"]),
     ("amex 3782/822463/10005 and 3782_822463_10005", ["822463"]),
+    # glued to letters (the identifier's own digits stay) or after a decimal point
+    ("SaleID=POS14111111111111111 POIID=V400m-P4111111111111111 version 3.4111111111111111",
+     ["4111111111111111", "41111111111"]),
+    ("ID5413330089600010ABC amex A378282246310005 diners X30569309025904 visa13 C4222222222222",
+     [PAN, "378282246310005", "30569309025904", "4222222222222"]),
+    ("P4111 1111 1111 1111, 5413-3300-8960-0010Z, TILL12.5413330089600010", ["4111 1111",
+                                                                            "5413-3300", PAN]),
     ("diners 3056/930902/5904, 3056_930902_5904\n3056\t930902\t5904", ["930902"]),
     # a field after a slash is still a field, unless it names a file and its error follows
     ("posEntryMode=ICC/cvc=737 acquirer/ExpiryDate=12/29", ["737", "12/29"]),
@@ -216,6 +223,14 @@ ORDINARY = [
     "denied; /run/credentials/poi-bridge.service/secret_pin: No such file or directory",
     # hexadecimal, however long: no mask
     "address 0x0000000000001234, flags 0X00000000DEADBEEF",
+    # digits glued to letters or after a decimal point, Luhn-valid but not as issued cards
+    # start: times (milli-, micro-, nanoseconds), an Adyen TransactionID whose fourth
+    # character is a digit (3 and the zero-padded time are a Luhn-valid 16 digits), a
+    # fraction below 0.1, 15 digits not from 34 or 37; UUIDs; amounts in minor units
+    ("T1732269600125 ts1732269600123404 t=1732269600123400210ns Xy23001556529591004 "
+     "took 0.0412345678901233 s, ratio 2.412345678901233"),
+    ("request 550e8400-e29b-41d4-a716-446655440000 f47ac10b-58cc-4372-a567-0e02b2c3d479 "
+     "6ba7b810-9dad-11d1-80b4-00c04fd430c8 amount EUR1250 12.50 1234567.89"),
     "",
 ]
 
@@ -431,6 +446,23 @@ def test_a_terminals_own_text_in_a_detail_is_redacted_and_cut():
                               "EventDetails": f"card {PAN} refused"}}}
     detail = classify(parse_message(json.dumps(event))).detail
     assert detail.startswith("terminal sent event Reject") and PAN not in detail
+
+
+@pytest.mark.parametrize("text,expected", [
+    # the letters' identifier keeps its own digits, the card's are redacted
+    ("SaleID POS14111111111111111", "SaleID POS1[redacted]"),
+    ("SaleID=P4111111111111111&x=1", "SaleID=P[redacted]&x=1"),
+    ("TILL14111111111111111ABC done", "TILL1[redacted]ABC done"),
+    ("4111111111111111Z", "[redacted]Z"),
+    ("P4111 1111 1111 1111.", "P[redacted]."),
+    ("version 3.4111111111111111 and 12.5413330089600010",
+     "version 3.[redacted] and 12.[redacted]"),
+    # an Adyen TransactionID stays, a card number glued to it does not
+    ("4r7i001556529591000 4r7i0015565295910004111111111111111",
+     "4r7i001556529591000 4r7i001556529591000[redacted]"),
+])
+def test_a_card_number_glued_to_letters_or_after_a_decimal_point_is_redacted(text, expected):
+    assert redact(text) == expected
 
 
 @pytest.mark.parametrize("text,expected", [
