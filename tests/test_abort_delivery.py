@@ -89,3 +89,104 @@ async def test_an_abort_the_terminal_never_acknowledged_is_reported_as_an_error(
                     if p["bridge"]["transaction"]["service_id"] == "A1"] == ["error"]
     finally:
         device.close()
+
+
+# --- the second diff review: frames matched by SaleID and ServiceID, and written ones -------
+
+def test_a_frame_of_another_registers_request_under_the_same_service_id_touches_nothing_else():
+    """A ServiceID is unique per SaleID only: TILL1's payment 7 is on the terminal and
+    TILL2's abort 7 is queued behind it. The payment's ACK answered TILL2's abort `success`
+    before its frame went, and the abort's failure then sent the payment to polling; a
+    request of TILL2 too large once encrypted was refused as TILL1's payment (told
+    "nothing was charged" while the terminal charged it)."""
+    h = Harness()
+    h.submit("TILL1", "7")
+    h.submit("TILL2", "7", doc=abort_of("TILL2", "S9", "7"))
+    assert h.delivers(h.do(h.session.frame_delivered("7", h.now, "TILL1"))) == []
+    (failed,) = h.delivers(h.do(h.session.send_failed("7", "no ACK", h.now, "TILL2")))
+    assert (failed.sale_id, failed.outcome) == ("TILL2", "error")
+    assert h.session.open[TxKey("TILL1", "7")].state.value == "awaiting_response"
+    h.submit("TILL2", "8", doc=abort_of("TILL2", "S9", "8"))
+    (refused,) = h.delivers(h.do(h.session.too_large("7", "too big", h.now, "TILL2")) +
+                            h.do(h.session.too_large("8", "too big", h.now, "TILL2")))
+    assert (refused.sale_id, refused.service_id, refused.outcome) == ("TILL2", "8", "rejected")
+    assert h.session.open[TxKey("TILL1", "7")].state.value == "awaiting_response"
+
+
+async def test_on_a_link_without_acks_an_abort_is_answered_only_once_written(tmp_path):
+    """Length-prefixed framing reports a frame sent as it queues it: the abort was answered
+    `success` before anything was written, and a write that then failed (the peer gone)
+    could not take it back. It is answered once the transport has written it."""
+    import asyncio
+
+    from bridge.config import TerminalConfig
+    from bridge.daemon.journal import Journal
+    from bridge.daemon.worker import TerminalWorker
+    from bridge.transports.base import LinkClosed, Transport
+
+    from .test_terminal_worker import RecordingOutlet
+
+    class Blocked(Transport):
+        """A link whose writes do not complete until `release`, then fail if `fail`: the
+        peer going away under a write, which a pseudo-terminal cannot be made to do."""
+
+        def __init__(self) -> None:
+            self.release, self.fail, self.frames = asyncio.Event(), False, b""
+
+        async def open(self) -> None: ...
+
+        async def read(self) -> bytes:
+            await asyncio.Event().wait()
+            return b""
+
+        async def write(self, data: bytes) -> None:
+            await self.release.wait()
+            if self.fail:
+                raise LinkClosed("EIO writing")
+            self.frames += data
+
+        def write_nowait(self, data: bytes) -> int:
+            return 0
+
+        async def close(self) -> None: ...
+
+        @property
+        def is_open(self) -> bool:
+            return True
+
+        def describe(self) -> str:
+            return "blocked test link"
+
+    from bridge.protocol.messages import parse_message
+    from bridge.protocol.transaction import request_digest
+
+    async def abort_over(link: Blocked, journal: str) -> list[str]:
+        config = TerminalConfig.model_validate({
+            "poi_id": "V400m-1", "link": {"kind": "tcp", "host": "127.0.0.1", "port": 1},
+            "framer": {"name": "length-prefixed"}})
+        outlet = RecordingOutlet()
+        worker = TerminalWorker(config, Journal(tmp_path / journal), outlet,
+                                transport_factory=lambda _link: link)
+        worker.session.identity.named = True  # (the device has named itself)
+        worker.session.link_up = True
+        worker._transport = link
+        writer = asyncio.create_task(worker._write_loop(link))
+        try:
+            document = abort_of("R1", "S1", "A1")
+            worker.submit(parse_message(document), document, request_digest(document))
+            await asyncio.sleep(0.05)
+            assert [r.outcome for r in outlet.results if r.service_id == "A1"] == [], \
+                "answered before anything was written"
+            link.release.set()
+            await asyncio.wait({writer}, timeout=5)
+            await asyncio.sleep(0.05)
+            return [r.outcome for r in outlet.results if r.service_id == "A1"]
+        finally:
+            writer.cancel()
+
+    written = Blocked()
+    assert await abort_over(written, "j1.sqlite3") == ["success"]
+    assert b"AbortRequest" in written.frames
+    lost = Blocked()
+    lost.fail = True  # the write fails: no success (the link going down answers it error)
+    assert await abort_over(lost, "j2.sqlite3") == []

@@ -157,7 +157,12 @@ class TerminalWorker:
         self.framer = make_framer(fc.name, max_frame_size=fc.max_frame_size,
                                   ack_timeout=fc.ack_timeout, max_tries=fc.max_tries)
         self._transport: Transport | None = None
-        self._in_flight: deque[tuple[bytes, str]] = deque()  # frames queued: payload -> ServiceID
+        # frames queued: payload -> the SaleID and ServiceID it went under
+        self._in_flight: deque[tuple[bytes, TxKey]] = deque()
+        # Frames of a framing without ACKs (length-prefixed), delivered once written: those
+        # not yet taken from the framer, and those taken but not yet all written
+        self._delivered_on_write: list[TxKey] = []
+        self._unwritten_frames: list[TxKey] = []
         self._timer: asyncio.TimerHandle | None = None
         self._started = False
         self._write_ready = asyncio.Event()
@@ -436,17 +441,27 @@ class TerminalWorker:
             # Nothing is written: a register's request is refused at once (not polled about,
             # which would only bring NotFound after a payment time-out), saying what to do
             size = f"{len(payload)} bytes" + (" once encrypted" if key is not None else "")
-            self._apply(self.session.too_large(action.service_id, (
+            reason = (
                 f"the request is {size}, over terminal {self.poi_id}'s frame limit "
                 f"(max_frame_size {limit} bytes): nothing was sent to the terminal and "
                 "nothing was charged. Send a smaller request (shorter free-text fields, fewer "
                 "items) with a new ServiceID, or, if the terminal takes larger messages, have "
-                "the technician raise [terminals.framer] max_frame_size"), self._clock()))
+                "the technician raise [terminals.framer] max_frame_size")
+            self._apply(self.session.too_large(action.service_id, reason, self._clock(),
+                                               action.sale_id))
             return
         if action.purpose == "request" and self.identity != "confirmed":
             self.sent_unconfirmed.add(TxKey(action.sale_id, action.service_id))
-        self._in_flight.append((payload, action.service_id))
-        self._framer_events(self.framer.send_frame(payload, time.monotonic()))
+        self._in_flight.append((payload, TxKey(action.sale_id, action.service_id)))
+        events = self.framer.send_frame(payload, time.monotonic())
+        for event in events:
+            if isinstance(event, FrameSent):
+                # A framing without ACKs reports the frame sent as it queues it: it is
+                # delivered once the transport has written it (an abort is answered then)
+                sent = self._pop_in_flight(event.payload)
+                if sent is not None:
+                    self._delivered_on_write.append(sent)
+        self._framer_events([e for e in events if not isinstance(e, FrameSent)])
         self.counters["frames_out"] += 1
         self._kick_writer()
         self._rearm()  # the frame's ACK deadline (sent after the step's commit, not within it)
@@ -490,6 +505,8 @@ class TerminalWorker:
             self.framer.reset()
             self._in_flight.clear()
             self._unwritten = b""
+            self._delivered_on_write.clear()
+            self._unwritten_frames.clear()
             log.info("terminal %s: link up on %s", self.poi_id, transport.describe())
             self._link_reason = ""
             self._apply(self.session.link_is_up(self._clock()))
@@ -585,12 +602,16 @@ class TerminalWorker:
             self._write_ready.set()
             return
         data = self.framer.data_to_send()
+        frames, self._delivered_on_write = self._delivered_on_write, []
         if not data:
             return
         written = transport.write_nowait(data)
         if written < len(data):
             self._unwritten = data[written:]
+            self._unwritten_frames += frames
             self._write_ready.set()
+        else:
+            self._frames_written(frames)
 
     async def _write_loop(self, transport: Transport) -> None:
         try:
@@ -600,8 +621,11 @@ class TerminalWorker:
                 self._writer_idle = False
                 self._write_ready.clear()
                 pending, self._unwritten = self._unwritten + self.framer.data_to_send(), b""
+                frames = self._unwritten_frames + self._delivered_on_write
+                self._unwritten_frames, self._delivered_on_write = [], []
                 if pending:
                     await transport.write(pending)
+                self._frames_written(frames)
         finally:
             self._writer_idle = False
 
@@ -636,25 +660,33 @@ class TerminalWorker:
                 log.debug("terminal %s: line noise: %s (%d bytes dropped)", self.poi_id,
                           event.reason, event.discarded)
             elif isinstance(event, FrameFailed):
-                service_id = self._pop_in_flight(event.payload)
+                sent = self._pop_in_flight(event.payload)
                 log.warning("terminal %s: frame for %s not acknowledged: %s", self.poi_id,
-                            service_id, event.reason)
-                if service_id is not None:
-                    self._apply(self.session.send_failed(service_id, event.reason, self._clock()))
+                            sent.service_id if sent else None, event.reason)
+                if sent is not None:
+                    self._apply(self.session.send_failed(sent.service_id, event.reason,
+                                                         self._clock(), sent.sale_id))
             elif isinstance(event, FrameSent):
-                # acknowledged by the terminal (written, on a link without ACKs): an abort
-                # is answered now (TerminalSession.frame_delivered)
-                service_id = self._pop_in_flight(event.payload)
-                if service_id is not None:
-                    delivered = self.session.frame_delivered(service_id, self._clock())
-                    if delivered:
-                        self._apply(delivered)
+                # acknowledged by the terminal: an abort is answered now
+                # (TerminalSession.frame_delivered)
+                sent = self._pop_in_flight(event.payload)
+                if sent is not None:
+                    self._frames_written([sent])
 
-    def _pop_in_flight(self, payload: bytes) -> str | None:
-        for i, (sent, service_id) in enumerate(self._in_flight):
+    def _frames_written(self, frames: list[TxKey]) -> None:
+        """These frames reached the terminal (acknowledged, or written on a link without
+        ACKs)."""
+        for sent in frames:
+            delivered = self.session.frame_delivered(sent.service_id, self._clock(),
+                                                     sent.sale_id)
+            if delivered:
+                self._apply(delivered)
+
+    def _pop_in_flight(self, payload: bytes) -> TxKey | None:
+        for i, (sent, key) in enumerate(self._in_flight):
             if sent == payload:
                 del self._in_flight[i]
-                return service_id
+                return key
         return None
 
     def _on_frame(self, payload: bytes) -> None:

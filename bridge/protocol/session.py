@@ -418,52 +418,65 @@ class TerminalSession:
                         poll_at=now + self.settings.status_timeout)
         return actions
 
-    def send_failed(self, service_id: str, reason: str, now: float) -> list[Action]:
-        """The link layer gave up on a frame (no ACK after every try)."""
-        if self.identity.check is not None and self.identity.check.service_id == service_id:
+    def _sent_under(self, service_id: str, sale_id: str | None) -> Transaction | None:
+        """The transaction whose request went out as `service_id` (of `sale_id`: a
+        ServiceID is unique per SaleID only, and two registers may both use 7; None, the
+        first of that ServiceID, for a caller that does not know the SaleID)."""
+        if sale_id is not None:
+            txn = self.open.get(TxKey(sale_id, service_id))
+            return txn if txn is not None and txn.state is TxState.AWAITING_RESPONSE else None
+        return next((t for t in self.open.values() if t.service_id == service_id
+                     and t.state is TxState.AWAITING_RESPONSE), None)
+
+    def send_failed(self, service_id: str, reason: str, now: float,
+                    sale_id: str | None = None) -> list[Action]:
+        """The link layer gave up on a frame (no ACK after every try). `sale_id`: the
+        SaleID the frame went under (see _sent_under)."""
+        if self.identity.check is not None and self.identity.check.service_id == service_id \
+                and sale_id in (None, BRIDGE_SALE_ID):
             return [self.identity.unnamed(f"identity check not delivered: {reason}"),
                     *self._pump(now)]
-        if self._probe is not None and self._probe.poll_id == service_id:
+        if self._probe is not None and self._probe.poll_id == service_id \
+                and sale_id in (None, self._probe.key.sale_id):
             txn = self.open.get(self._probe.key)
             self._probe = None
             if txn is None:
                 return self._pump(now)
             return self._poll_failed(txn, f"status poll not delivered: {reason}", now,
                                      retry_in=self.settings.poll_floor) + self._pump(now)
-        for txn in self.open.values():
-            if txn.service_id == service_id and txn.state is TxState.AWAITING_RESPONSE:
-                if txn.category == "Abort" and txn.passthrough:
-                    return passthrough.abort_not_delivered(
-                        self, txn, f"the terminal did not acknowledge it: {reason}", now)
-                if txn.passthrough or txn.category not in MONEY_CATEGORIES:
-                    return self._finish(txn, Outcome.ERROR, None, "bridge", now,
-                                        error=f"terminal did not acknowledge: {reason}")
-                # The terminal may have read it and lost only our ACK: never re-send, ask.
-                return self._to_polling(txn, f"request not acknowledged: {reason}", now,
-                                        poll_at=now + self.settings.poll_floor) + self._pump(now)
+        txn = self._sent_under(service_id, sale_id)
+        if txn is not None:
+            if txn.category == "Abort" and txn.passthrough:
+                return passthrough.abort_not_delivered(
+                    self, txn, f"the terminal did not acknowledge it: {reason}", now)
+            if txn.passthrough or txn.category not in MONEY_CATEGORIES:
+                return self._finish(txn, Outcome.ERROR, None, "bridge", now,
+                                    error=f"terminal did not acknowledge: {reason}")
+            # The terminal may have read it and lost only our ACK: never re-send, ask.
+            return self._to_polling(txn, f"request not acknowledged: {reason}", now,
+                                    poll_at=now + self.settings.poll_floor) + self._pump(now)
         return [Log("debug", f"terminal {self.poi_id}: frame for {service_id} not delivered")]
 
-    def frame_delivered(self, service_id: str, now: float) -> list[Action]:
+    def frame_delivered(self, service_id: str, now: float,
+                        sale_id: str | None = None) -> list[Action]:
         """The link layer delivered a frame: the terminal acknowledged it (or, on a link
         without ACKs, it was written). Only an Abort waits for this (its answer)."""
-        for txn in self.open.values():
-            if txn.service_id == service_id and txn.category == "Abort" and txn.passthrough \
-                    and txn.state is TxState.AWAITING_RESPONSE:
-                return passthrough.abort_delivered(self, txn, now)
+        txn = self._sent_under(service_id, sale_id)
+        if txn is not None and txn.category == "Abort" and txn.passthrough:
+            return passthrough.abort_delivered(self, txn, now)
         return []
 
-    def too_large(self, service_id: str, reason: str, now: float) -> list[Action]:
+    def too_large(self, service_id: str, reason: str, now: float,
+                  sale_id: str | None = None) -> list[Action]:
         """A request of a register could not be written at all: its frame is over the link's
         max_frame_size (`reason` says how big, the limit, and what to do). Nothing went to
         the terminal, so it is refused (`rejected`), not polled: a status poll would only
         learn NotFound, after a payment time-out. Nor does it count as sent: `sent_at` and
         `last_request_at` (which decide whether a later NotFound is believed) are put back.
         A status poll or identity check too large (they are small) is a frame not sent."""
-        for txn in self.open.values():
-            if txn.service_id == service_id and txn.state is TxState.AWAITING_RESPONSE:
-                break
-        else:
-            return self.send_failed(service_id, reason, now)
+        txn = self._sent_under(service_id, sale_id)
+        if txn is None:
+            return self.send_failed(service_id, reason, now, sale_id)
         previous = self._request_sent_before
         if previous is not None and previous[0] == txn.key \
                 and self.last_request_at.get(txn.category) == txn.sent_at:
