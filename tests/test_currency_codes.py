@@ -49,3 +49,32 @@ async def test_a_currency_that_is_no_iso_4217_code_is_refused_naming_the_field(
         assert [service for (_, service) in sim.terminal.ledger] == ["C9"]
     finally:
         await sim.close()
+
+
+def test_only_nexos_own_currency_fields_are_checked_and_null_is_left_to_the_terminal():
+    """The second diff review: every key named Currency at any depth was checked, so
+    merchant data the terminal passes on (SaleToAcquirerData) with a field of that name of
+    its own was refused, and so was a StoredValue item's null Currency (an activation with
+    no amount)."""
+    from bridge.daemon.intake import _currency_problem
+    from bridge.protocol.messages import parse_message
+    from bridge.simulator import responses
+
+    payment = responses.payment_request("POS1", "S1", "V400m-1", 12.5)
+    body = payment["SaleToPOIRequest"]["PaymentRequest"]
+    body["SaleData"]["SaleToAcquirerData"] = {"metadata": {"Currency": "eur"}}
+    assert _currency_problem(parse_message(payment), payment) is None
+    body["PaymentTransaction"]["AmountsReq"]["Currency"] = "eur"
+    assert _currency_problem(parse_message(payment), payment).startswith(
+        'PaymentRequest.PaymentTransaction.AmountsReq.Currency "eur" is not a currency code')
+    stored = {"SaleToPOIRequest": {
+        "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Service",
+                          "MessageCategory": "StoredValue", "MessageType": "Request",
+                          "SaleID": "POS1", "ServiceID": "S2", "POIID": "V400m-1"},
+        "StoredValueRequest": {"SaleData": {"SaleTransactionID": {
+            "TransactionID": "o-1", "TimeStamp": "2026-12-01T00:00:00.000Z"}},
+            "StoredValueData": [{"StoredValueTransactionType": "Activate",
+                                 "Currency": None}, {"Currency": "usd"}]}}}
+    assert _currency_problem(parse_message(stored), stored) == (
+        'StoredValueRequest.StoredValueData[1].Currency "usd" is not a currency code: it '
+        "must be ISO 4217's alphabetic code, three upper-case letters (EUR, GBP, USD)")

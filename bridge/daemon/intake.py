@@ -180,31 +180,39 @@ def _conflict_error(existing: Transaction, document: dict[str, Any]) -> str:
             f"({recorded}). Use a new ServiceID for a new request")
 
 
+# Where nexo puts a money request's Currency (merchant data such as SaleToAcquirerData may
+# have fields of that name of its own, which the terminal passes on: not checked)
+_CURRENCY_PATHS = (("PaymentRequest", "PaymentTransaction", "AmountsReq", "Currency"),
+                   ("StoredValueRequest", "StoredValueData", "*", "Currency"))
+
+
 def _currency_problem(request: SaleToPOIRequest, document: dict[str, Any]) -> str | None:
     """What is wrong with a Currency in a money category's request (Payment, Reversal,
     StoredValue), if anything. nexo's Currency is ISO 4217's alphabetic code: three
     upper-case letters. "EURO", "eur" or "€" would go to the terminal as sent, which
-    refuses them, or, worse, reads them its own way: the register is told at once instead."""
+    refuses them, or, worse, reads them its own way: the register is told at once instead.
+    Only nexo's own Currency fields are checked; one left out, or null, is the terminal's
+    to judge, as an optional amount's null is."""
     header = request.message_header
     if header is None or str(header.message_category) not in MONEY_CATEGORIES:
         return None
-    body = document.get("SaleToPOIRequest") or {}
-    stack: list[tuple[str, Any]] = [(name, value) for name, value in body.items()
-                                    if name != "MessageHeader"]
-    while stack:
-        where, value = stack.pop()
-        if isinstance(value, dict):
-            stack += [(f"{where}.{name}", inner) for name, inner in value.items()]
-        elif isinstance(value, list):
-            stack += [(f"{where}[{i}]", inner) for i, inner in enumerate(value)]
-        if not where.endswith(".Currency"):
-            continue
-        if not isinstance(value, str) or len(value) != 3 or not value.isascii() \
-                or not value.isalpha() or not value.isupper():
-            shown = json.dumps(value, ensure_ascii=False)
-            shown = shown if len(shown) <= 24 else shown[:21] + "..."
-            return (f"{where} {shown} is not a currency code: it must be ISO 4217's "
-                    "alphabetic code, three upper-case letters (EUR, GBP, USD)")
+    for path in _CURRENCY_PATHS:
+        found: list[tuple[str, Any]] = [("", document.get("SaleToPOIRequest"))]
+        for name in path:
+            found = [(f"{where}[{i}]", item) for where, value in found
+                     if isinstance(value, list) for i, item in enumerate(value)] \
+                if name == "*" else \
+                [(f"{where}.{name}" if where else name, value[name]) for where, value in found
+                 if isinstance(value, dict) and name in value]
+        for where, value in found:
+            if value is None:
+                continue
+            if not isinstance(value, str) or len(value) != 3 or not value.isascii() \
+                    or not value.isalpha() or not value.isupper():
+                shown = json.dumps(value, ensure_ascii=False)
+                shown = shown if len(shown) <= 24 else shown[:21] + "..."
+                return (f"{where} {shown} is not a currency code: it must be ISO 4217's "
+                        "alphabetic code, three upper-case letters (EUR, GBP, USD)")
     return None
 
 
