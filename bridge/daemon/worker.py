@@ -602,9 +602,9 @@ class TerminalWorker:
             self._write_ready.set()
             return
         data = self.framer.data_to_send()
-        frames, self._delivered_on_write = self._delivered_on_write, []
         if not data:
             return
+        frames, self._delivered_on_write = self._delivered_on_write, []
         written = transport.write_nowait(data)
         if written < len(data):
             self._unwritten = data[written:]
