@@ -52,6 +52,13 @@ class Outcome(StrEnum):
         return self not in (Outcome.IN_PROGRESS, Outcome.BUSY, Outcome.ERROR, Outcome.UNRESOLVED)
 
 
+# The outcomes that end a money transaction (the terminal's own answer, or its record)
+FINAL_MONEY_OUTCOMES = frozenset(
+    {Outcome.APPROVED, Outcome.PARTIALLY_APPROVED, Outcome.DECLINED, Outcome.CANCELLED,
+     Outcome.ABORTED}
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Classification:
     outcome: Outcome
