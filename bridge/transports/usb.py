@@ -40,6 +40,9 @@ from bridge.daemon.udev_rules import same_serial
 from bridge.transports.base import LinkClosed, Transport
 
 log = logging.getLogger(__name__)
+# pyusb raises the built-in NotImplementedError for libusb's LIBUSB_ERROR_NOT_SUPPORTED (no
+# kernel drivers to detach or give back on this platform): an answer of the library, handled
+NOT_SUPPORTED_BY_LIBUSB = NotImplementedError
 
 READ_POLL = 0.25  # seconds a read transfer may block its thread (bounds close and cancel)
 READ_SIZE = 16 * 1024  # bytes asked for per read transfer, rounded down to whole packets
@@ -407,7 +410,7 @@ class UsbTransport(Transport):
         if detached:
             try:
                 device.attach_kernel_driver(number)
-            except (usb.core.USBError, NotImplementedError) as exc:  # as in _kernel_driver_active
+            except (usb.core.USBError, NOT_SUPPORTED_BY_LIBUSB) as exc:  # as in _kernel_driver_active
                 gone = isinstance(exc, usb.core.USBError) and _gone(exc)
                 level = logging.DEBUG if gone else logging.WARNING  # unplugged: no driver to bind
                 log.log(level, "%s: could not give interface %d back to its kernel driver: %s",
@@ -501,7 +504,7 @@ def _direction(endpoint: Any) -> str:
 def _kernel_driver_active(device: Any, number: int) -> bool:
     try:
         return bool(device.is_kernel_driver_active(number))
-    except NotImplementedError:  # libusb's NOT_SUPPORTED: no kernel drivers on this platform
+    except NOT_SUPPORTED_BY_LIBUSB:  # no kernel drivers on this platform
         return False
 
 
