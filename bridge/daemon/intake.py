@@ -39,7 +39,8 @@ from bridge.protocol.messages import (
     load_json,
     parse_message,
 )
-from bridge.protocol.outcome import MONEY_CATEGORIES, Outcome, classify, record_outcome
+from bridge.protocol.outcome import (MONEY_CATEGORIES, Outcome, ask_its_status, classify,
+                                     record_outcome)
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.session import FINAL_MONEY_OUTCOMES
 from bridge.protocol.transaction import (
@@ -252,10 +253,9 @@ def _retry_error(earlier: Transaction, transaction_id: str, asked: tuple[float, 
             f"{transaction_id} ({amount:g} {currency}) sent by SaleID {earlier.sale_id} as "
             f"ServiceID {earlier.service_id} to terminal {earlier.poi_id}, which {doing}. The "
             f"terminal may have charged it: do not charge this sale again now. Wait for the "
-            f"bridge's result for ServiceID {earlier.service_id}, or ask its status (a "
-            f"TransactionStatusRequest whose MessageReference names SaleID {earlier.sale_id}, "
-            f"ServiceID {earlier.service_id}, MessageCategory Payment, to terminal "
-            f"{earlier.poi_id}), and check that terminal's receipt or transaction report. If "
+            f"bridge's result for ServiceID {earlier.service_id}, or "
+            f"{ask_its_status(earlier.sale_id, earlier.service_id, 'Payment', earlier.poi_id)}"
+            ", and check that terminal's receipt or transaction report. If "
             f"the cashier knows it was not charged, send the payment again with a new "
             f"TransactionID")
 

@@ -308,9 +308,7 @@ class TerminalWorker:
         would be "in use by another process", and the log would say so)."""
         self.config = self.config.model_copy(update={"link": link})
         self._handed_over_by = released
-        if self._grace_timer is not None:  # followed: the device here is no longer wrong
-            self._grace_timer.cancel()
-            self._grace_timer = None
+        self._cancel_grace()  # followed: the device here is no longer wrong
         self.session.following = True  # until the link is dropped: refusals say why
         self._backoff.reset()
         self._relinked.set()
@@ -824,9 +822,7 @@ class TerminalWorker:
                 self._publish_state()
         elif self.identity != f"mismatch: {said}":
             self.identity = f"mismatch: {said}"
-            if self._grace_timer is not None:  # an earlier mismatch's: this one decides
-                self._grace_timer.cancel()
-                self._grace_timer = None
+            self._cancel_grace()  # an earlier mismatch's: this one decides
             decided = self.on_wrong_device(self.poi_id, said) if self.on_wrong_device else None
             if isinstance(decided, TerminalWorker):
                 self._publish_state()
@@ -841,6 +837,11 @@ class TerminalWorker:
                 self._report_wrong_device(said)
             self._publish_state()
         return None
+
+    def _cancel_grace(self) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
 
     def _report_wrong_device(self, said: str) -> None:
         self._grace_timer = None

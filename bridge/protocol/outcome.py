@@ -302,7 +302,14 @@ def unresolved_error(why: str, category: str, sale_id: str, service_id: str,
         else ("carried it out", f"send this {category} again")
     return (f"outcome unknown: {why}; the bridge keeps asking the terminal and will report "
             f"the result. The terminal may have {done}: do not {again} until the result is "
-            "known. To know it: wait for the result under these IDs, or ask its status (a "
-            f"TransactionStatusRequest whose MessageReference names SaleID {sale_id}, "
-            f"ServiceID {service_id}, MessageCategory {category}, to terminal {poi_id}), and "
-            "check the terminal's receipt or transaction report")
+            "known. To know it: wait for the result under these IDs, or "
+            f"{ask_its_status(sale_id, service_id, category, poi_id)}, and check the "
+            "terminal's receipt or transaction report")
+
+
+def ask_its_status(sale_id: str, service_id: str, category: str, poi_id: str) -> str:
+    """How a register asks the terminal about a transaction whose outcome it does not know
+    (told with `unresolved`, or when a retry of it is refused)."""
+    return (f"ask its status (a TransactionStatusRequest whose MessageReference names SaleID "
+            f"{sale_id}, ServiceID {service_id}, MessageCategory {category}, to terminal "
+            f"{poi_id})")
