@@ -7,14 +7,16 @@ changes), whether the terminal or the journal answers it."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from bridge.protocol import builders
-from bridge.protocol.actions import Progress
+from bridge.protocol.actions import Log, Progress, Record
 from bridge.simulator import responses
 from bridge.simulator.terminal import Behaviour
 
-from .follow_rig import A, BASE, bridge_on, simulator, wait_until
+from .follow_rig import A, BASE, DeviceByHand, bridge_on, simulator, wait_until
 from .rig import Subscriber, outcome_for
-from .test_session import Harness, request_of, status_of
+from .test_session import SETTINGS, Harness, request_of, status_of
 
 
 def busy_record(h: Harness, poll: dict) -> dict:
@@ -71,3 +73,124 @@ async def test_a_status_request_answered_from_the_journal_about_a_busy_record_is
                 "declined", "journal"), status
     finally:
         await sim.close()
+
+
+# --- a request that may have reached the terminal twice --------------------------------------
+# The link sent the payment frame again after the terminal stayed silent (no ACK, no NAK): it
+# may have read both copies, run the first and answered the second Busy. A record saying Busy
+# then proves nothing, and "send it again" could charge the shopper twice.
+
+def test_a_busy_record_of_a_request_sent_twice_is_not_declined_but_asked_again():
+    h = Harness(dataclasses.replace(SETTINGS, in_progress_limit=300))
+    h.submit("R1", "S1")
+    marked = h.do(h.session.frame_delivered("S1", h.now, "R1", resent_after_silence=1))
+    assert any(isinstance(a, Record) and a.transaction.extra["resent_after_silence"] == 1
+               for a in marked)  # journaled: a restart still knows it
+    assert any(isinstance(a, Log) and "went out 2 times" in a.message for a in marked)
+    h.advance(120)  # no answer: asked about
+    asked = h.answer(busy_record(h, h.last_poll()))
+    assert h.delivers(asked) == []
+    (event,) = [p for p in asked if isinstance(p, Progress)]
+    assert event.event == "in_progress" and "may have got this request twice" in event.detail
+    assert len(h.sends(h.advance(1.0), "status-poll")) == 1
+    # the record changes once the first copy is done: that is the outcome
+    approved = responses.payment_response(request_of(h), "approve", h.now)
+    (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), approved)))
+    assert (result.outcome, result.source) == ("approved", "status-poll")
+    assert len(h.sends(purpose="request")) == 1  # never sent again
+
+
+def test_a_busy_record_that_stays_after_a_request_went_twice_ends_unresolved_not_declined():
+    h = Harness(dataclasses.replace(SETTINGS, in_progress_limit=300))
+    h.submit("R1", "S1")
+    # no ACK after every try, two of them met with silence: the terminal may have read three
+    h.do(h.session.send_failed("S1", "no ACK within 2 s; gave up after 3 tries", h.now, "R1",
+                               resent_after_silence=2))
+    h.advance(1)
+    result = None
+    while result is None and h.now < 1_000_000.0 + 400:
+        (result,) = h.delivers(h.answer(busy_record(h, h.last_poll()))) or (None,)
+        h.advance(1.0)
+    assert result is not None and result.outcome == "unresolved", result
+    assert "may have got this request twice" in result.error
+    assert "in_progress_limit 300 s" in result.error
+    assert len(h.sends(purpose="request")) == 1
+
+
+def test_a_busy_record_after_a_nak_and_a_resend_is_still_declined():
+    """A NAKed copy was refused by the terminal's framer: resent_after_silence 0, one copy."""
+    h = Harness()
+    h.submit("R1", "S1")
+    assert h.session.frame_delivered("S1", h.now, "R1", resent_after_silence=0) == []
+    h.advance(120)
+    (result,) = h.delivers(h.answer(busy_record(h, h.last_poll())))
+    assert result.outcome == "declined"
+
+
+class LosesFirstPaymentAck(DeviceByHand):
+    """A terminal's end whose ACK of the first copy of a Payment frame is lost on the line:
+    the bridge sends the frame again, and the terminal has read both copies."""
+
+    lost = False
+
+    def _flush(self) -> None:
+        if not self.lost and self.categories().count("Payment") == 1:
+            self.lost = True
+            self.framer.data_to_send()  # its ACK, lost
+            return
+        super()._flush()
+
+
+async def test_end_to_end_a_busy_record_after_a_lost_ack_is_not_told_declined(
+        tmp_path, mosquitto):
+    """The terminal runs the first copy and answers the second Busy; asked about, its record
+    says Busy. The register must not hear `declined` (it would charge again): the bridge asks
+    on, and the terminal's real record, once there, is the outcome."""
+    device = LosesFirstPaymentAck(tmp_path / "port")
+    try:
+        async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port")},
+                             framer={"ack_timeout": 0.3, "max_tries": 3},
+                             poll_floor=0.05, payment_timeout=1.0) as bridge, \
+                Subscriber(mosquitto, [f"{BASE}/registers/#"]) as sub:
+            assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
+            device.answer_check_as(A)
+            assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 10)
+            request = responses.payment_request("TILL1", "P1", A, 12.5)
+            await sub.publish(f"{BASE}/terminals/{A}/request/TILL1", request)
+            assert await wait_until(lambda: device.categories().count("Payment") == 2, 10)
+            device.send(responses.payment_response(device.received[-1], "busy", 0.0))
+            busy = responses.payment_response(request, "busy", 0.0)
+            polls = 0
+            while polls < 3:  # the bridge asks; the record says Busy each time
+                assert await wait_until(
+                    lambda: device.categories().count("TransactionStatus") > polls, 10)
+                polls += 1
+                device.send(responses.status_success(device.received[-1], busy))
+            approved = responses.payment_response(request, "approve", 0.0)
+            assert await wait_until(
+                lambda: device.categories().count("TransactionStatus") > polls, 10)
+            device.send(responses.status_success(device.received[-1], approved))
+            paid = await sub.wait_for(outcome_for("P1"), timeout=10)
+            assert (paid["bridge"]["outcome"], paid["bridge"]["source"]) == (
+                "approved", "status-poll"), paid
+            told = [p["bridge"]["outcome"] for p in sub.on(f"{BASE}/registers/TILL1/response")
+                    if p["bridge"]["transaction"]["service_id"] == "P1"]
+            assert told == ["approved"], told
+            assert device.categories().count("Payment") == 2  # the framer's copies, no more
+    finally:
+        device.close()
+
+
+def test_a_registers_status_request_about_a_request_sent_twice_is_not_told_declined():
+    h = Harness()
+    h.submit("R1", "S1")
+    h.do(h.session.frame_delivered("S1", h.now, "R1", resent_after_silence=1))
+    h.advance(120)  # polled about: the register asks too
+    status = status_of("R1", "S1", "T1")
+    h.submit("R1", "T1", doc=status)
+    answered = h.answer(busy_record(h, status))
+    results = {d.service_id: d for d in h.delivers(answered)}
+    assert set(results) == {"T1"}, results  # the payment is still asked about
+    assert results["T1"].outcome == "busy", results  # ask again, not "send it again"
+    (done,) = [p for p in answered if isinstance(p, Progress) and p.service_id == "T1"]
+    assert "may have got this request twice" in done.detail

@@ -242,7 +242,8 @@ def test_retransmit_on_nak() -> None:
     assert framer.receive_data(NAK, 0.3) == []
     assert framer.data_to_send() == frame(b"{}")
     assert framer.next_deadline() == 2.3  # the timer restarts with the retransmission
-    assert framer.receive_data(ACK, 0.4) == [FrameSent(b"{}")]
+    # a NAKed copy was refused by the terminal's framer: not a copy it may have read
+    assert framer.receive_data(ACK, 0.4) == [FrameSent(b"{}", resent_after_silence=0)]
 
 
 def test_retransmit_on_timeout() -> None:
@@ -254,7 +255,8 @@ def test_retransmit_on_timeout() -> None:
     assert framer.handle_timeout(101.5) == []
     assert framer.data_to_send() == frame(b"{}")
     assert framer.next_deadline() == 103.0
-    assert framer.receive_data(ACK, 102.0) == [FrameSent(b"{}")]
+    # sent again after silence: the terminal may have read both copies
+    assert framer.receive_data(ACK, 102.0) == [FrameSent(b"{}", resent_after_silence=1)]
     assert framer.handle_timeout(200.0) == []
     assert framer.data_to_send() == b""
 
@@ -268,6 +270,7 @@ def test_frame_failed_after_max_tries_of_nak() -> None:
     assert len(events) == 1 and isinstance(events[0], FrameFailed)
     assert events[0].payload == b"{}"
     assert "NAK" in events[0].reason and "3 tries" in events[0].reason
+    assert events[0].resent_after_silence == 0
     assert framer.data_to_send() == frame(b"{}") * 3
     assert not framer.awaiting_ack
     assert framer.next_deadline() is None
@@ -278,7 +281,7 @@ def test_frame_failed_after_max_tries_of_timeouts() -> None:
     framer.send_frame(b"{}", 0.0)
     assert framer.handle_timeout(2.0) == []
     events = framer.handle_timeout(4.0)
-    assert events == [FrameFailed(b"{}", "no ACK within 2 s; gave up after 2 tries")]
+    assert events == [FrameFailed(b"{}", "no ACK within 2 s; gave up after 2 tries", 1)]
     assert framer.data_to_send() == frame(b"{}") * 2
     assert framer.handle_timeout(10.0) == []
 
@@ -345,3 +348,13 @@ def test_reset_forgets_partial_frames_and_pending_sends() -> None:
     events = framer.receive_data(wire[5:] + frame(b"{}"), 1.0)
     assert received(events) == [b"{}"]
     assert framer.data_to_send() == ACK
+
+
+def test_the_count_of_copies_resent_after_silence_is_per_frame() -> None:
+    framer = StxEtxLrcFramer(ack_timeout=1.0, max_tries=3)
+    framer.send_frame(b'{"n":1}', 0.0)
+    framer.send_frame(b'{"n":2}', 0.0)
+    framer.handle_timeout(1.0)
+    framer.handle_timeout(2.0)
+    assert framer.receive_data(ACK, 2.5) == [FrameSent(b'{"n":1}', resent_after_silence=2)]
+    assert framer.receive_data(ACK, 2.6) == [FrameSent(b'{"n":2}', resent_after_silence=0)]

@@ -662,21 +662,23 @@ class TerminalWorker:
                 log.warning("terminal %s: frame for %s not acknowledged: %s", self.poi_id,
                             sent.service_id if sent else None, event.reason)
                 if sent is not None:
-                    self._apply(self.session.send_failed(sent.service_id, event.reason,
-                                                         self._clock(), sent.sale_id))
+                    self._apply(self.session.send_failed(
+                        sent.service_id, event.reason, self._clock(), sent.sale_id,
+                        resent_after_silence=event.resent_after_silence))
             elif isinstance(event, FrameSent):
                 # acknowledged by the terminal: an abort is answered now
                 # (TerminalSession.frame_delivered)
                 sent = self._pop_in_flight(event.payload)
                 if sent is not None:
-                    self._frames_written([sent])
+                    self._frames_written([sent], event.resent_after_silence)
 
-    def _frames_written(self, frames: list[TxKey]) -> None:
+    def _frames_written(self, frames: list[TxKey], resent_after_silence: int = 0) -> None:
         """These frames reached the terminal (acknowledged, or written on a link without
-        ACKs)."""
+        ACKs); `resent_after_silence` as in FrameSent."""
         for sent in frames:
-            delivered = self.session.frame_delivered(sent.service_id, self._clock(),
-                                                     sent.sale_id)
+            delivered = self.session.frame_delivered(
+                sent.service_id, self._clock(), sent.sale_id,
+                resent_after_silence=resent_after_silence)
             if delivered:
                 self._apply(delivered)
 

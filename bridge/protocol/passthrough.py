@@ -30,8 +30,8 @@ from bridge.protocol.messages import (
     SaleToPOIRequest,
     SaleToPOIResponse,
 )
-from bridge.protocol.outcome import (BUSY_RECORD, MONEY_CATEGORIES, Classification, Outcome,
-                                     record_outcome, status_subjects)
+from bridge.protocol.outcome import (BUSY_RECORD, BUSY_RECORD_OF_A_COPY, MONEY_CATEGORIES,
+                                     Classification, Outcome, record_outcome, status_subjects)
 from bridge.protocol.transaction import Transaction, TxKey, TxState
 
 if TYPE_CHECKING:
@@ -197,9 +197,23 @@ def answered(session: TerminalSession, status: Transaction, cls: Classification,
         return session._finish(status, Outcome.UNRESOLVED, None, "bridge", now,
                                error=doubt) + settled
     outcome = record_outcome(cls)  # a record saying Busy: declined, as the payment ends
-    actions = session._finish(status, outcome, document, "terminal", now,
-                              detail=BUSY_RECORD if outcome is not cls.outcome else cls.detail)
+    detail = BUSY_RECORD if outcome is not cls.outcome else cls.detail
+    if outcome is not cls.outcome and _maybe_twice(session, status):
+        # ... unless the terminal may have got that payment twice: then the record proves
+        # nothing, and "send it again" could charge twice (BUSY_RECORD_OF_A_COPY)
+        outcome, detail = cls.outcome, BUSY_RECORD_OF_A_COPY
+    actions = session._finish(status, outcome, document, "terminal", now, detail=detail)
     return actions + settled
+
+
+def _maybe_twice(session: TerminalSession, status: Transaction) -> bool:
+    """Whether the transaction a register's status request asks about is one the bridge
+    holds open and may have sent the terminal twice (TerminalSession._maybe_twice)."""
+    ref = reference_asked(status)
+    if ref is None or ref.sale_id is None or ref.service_id is None:
+        return False
+    txn = session.open.get(TxKey(ref.sale_id, ref.service_id))
+    return txn is not None and bool(txn.extra.get("resent_after_silence"))
 
 
 def apply_register_status(

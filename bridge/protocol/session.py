@@ -401,9 +401,11 @@ class TerminalSession(StatusAnswers):
                      and t.state is TxState.AWAITING_RESPONSE), None)
 
     def send_failed(self, service_id: str, reason: str, now: float,
-                    sale_id: str | None = None) -> list[Action]:
+                    sale_id: str | None = None, *, resent_after_silence: int = 0
+                    ) -> list[Action]:
         """The link layer gave up on a frame (no ACK after every try). `sale_id`: the
-        SaleID the frame went under (see _sent_under)."""
+        SaleID the frame went under (see _sent_under); `resent_after_silence` as in
+        FrameSent."""
         if self.identity.check is not None and self.identity.check.service_id == service_id \
                 and sale_id in (None, BRIDGE_SALE_ID):
             return [self.identity.unnamed(f"identity check not delivered: {reason}"),
@@ -425,18 +427,34 @@ class TerminalSession(StatusAnswers):
                 return self._finish(txn, Outcome.ERROR, None, "bridge", now,
                                     error=f"terminal did not acknowledge: {reason}")
             # The terminal may have read it and lost only our ACK: never re-send, ask.
+            if resent_after_silence:
+                txn.extra["resent_after_silence"] = resent_after_silence
             return self._to_polling(txn, f"request not acknowledged: {reason}", now,
                                     poll_at=now + self.settings.poll_floor) + self._pump(now)
         return [Log("debug", f"terminal {self.poi_id}: frame for {service_id} not delivered")]
 
-    def frame_delivered(self, service_id: str, now: float,
-                        sale_id: str | None = None) -> list[Action]:
+    def frame_delivered(self, service_id: str, now: float, sale_id: str | None = None, *,
+                        resent_after_silence: int = 0) -> list[Action]:
         """The link layer delivered a frame: the terminal acknowledged it (or, on a link
-        without ACKs, it was written). Only an Abort waits for this (its answer)."""
+        without ACKs, it was written). An Abort waits for this (its answer); a request sent
+        more than once (`resent_after_silence`, FrameSent) is marked so."""
         txn = self._sent_under(service_id, sale_id)
-        if txn is not None and txn.category == "Abort" and txn.passthrough:
+        if txn is None:
+            return []
+        if txn.category == "Abort" and txn.passthrough:
             return passthrough.abort_delivered(self, txn, now)
-        return []
+        return self._maybe_twice(txn, resent_after_silence)
+
+    def _maybe_twice(self, txn: Transaction, resent_after_silence: int) -> list[Action]:
+        """Mark (and record) a transaction whose request may have reached the terminal more
+        than once: a status record that says Busy then proves nothing (BUSY_RECORD_OF_A_COPY)."""
+        if not resent_after_silence or txn.passthrough or txn.category not in MONEY_CATEGORIES:
+            return []
+        txn.extra["resent_after_silence"] = resent_after_silence
+        return [Record(txn.snapshot()),
+                Log("info", f"terminal {self.poi_id}: {txn.category} {txn.key} went out "
+                            f"{resent_after_silence + 1} times (the terminal did not "
+                            "acknowledge in time); it may have read more than one copy")]
 
     def too_large(self, service_id: str, reason: str, now: float,
                   sale_id: str | None = None) -> list[Action]:

@@ -12,11 +12,13 @@ file reads alone; it uses the session's state (open, settings, identity, _probe)
 
 from __future__ import annotations
 
+import dataclasses
+
 from bridge.protocol import builders
 from bridge.protocol.actions import Action, Deliver, Log, Record
 from bridge.protocol.messages import Message
-from bridge.protocol.outcome import (BUSY_RECORD, FINAL_MONEY_OUTCOMES, Classification,
-                                     Outcome, classify, record_outcome,
+from bridge.protocol.outcome import (BUSY_RECORD, BUSY_RECORD_OF_A_COPY, FINAL_MONEY_OUTCOMES,
+                                     Classification, Outcome, classify, record_outcome,
                                      recovered_response, status_subjects)
 from bridge.protocol.transaction import Transaction, TxState
 
@@ -116,10 +118,15 @@ class StatusAnswers:
             return self._finish(txn, Outcome.NOT_FOUND, response, "status-poll", now,
                                 detail=cls.detail)
         if record_outcome(cls) is Outcome.DECLINED and cls.outcome is Outcome.BUSY:
-            # The terminal's own record of this ServiceID ends "Busy": it never started it.
-            response = recovered_response(cls, builders.request_header(txn.request))
-            return self._finish(txn, Outcome.DECLINED, response, "status-poll", now,
-                                detail=BUSY_RECORD)
+            if not txn.extra.get("resent_after_silence"):
+                # The terminal's own record of this ServiceID ends "Busy": it never started it.
+                response = recovered_response(cls, builders.request_header(txn.request))
+                return self._finish(txn, Outcome.DECLINED, response, "status-poll", now,
+                                    detail=BUSY_RECORD)
+            # The terminal may have got the request twice: Busy may be its answer to the
+            # second copy, and "send it again" would charge twice. Asked again as for
+            # InProgress, until the record changes or in_progress_limit.
+            cls = dataclasses.replace(cls, detail=BUSY_RECORD_OF_A_COPY)
         if txn.extra.get("abandoned"):
             # No longer asked about, and the register was told so: a late answer that brings
             # no outcome changes nothing (it used to start the background polls again, and
@@ -138,8 +145,10 @@ class StatusAnswers:
             if txn.state is TxState.POLLING and now >= self._in_progress_end(txn):
                 # A register must have an answer it can plan for: a terminal that says
                 # "in progress" for ever (hung) held the till with it.
+                still = ("says the payment is in progress" if cls.detail != BUSY_RECORD_OF_A_COPY
+                         else f"answers: {cls.detail},")
                 return self._unresolved(txn, (
-                    f"the terminal still says the payment is in progress "
+                    f"the terminal still {still} "
                     f"{now - self._sent_or_recorded(txn):.0f} s after it was sent "
                     f"(in_progress_limit {self.settings.in_progress_limit:g} s)"), now)
             txn.unanswered_polls = 0

@@ -58,6 +58,7 @@ class AcknowledgedFramer(Framer):
         self._queue: deque[tuple[bytes, bytes]] = deque()  # (payload, encoded frame)
         self._current: tuple[bytes, bytes] | None = None
         self._tries = 0
+        self._resent_after_silence = 0  # of the current frame (FrameSent says why it matters)
         self._deadline: float | None = None
         self._reset_decoder()
 
@@ -94,7 +95,8 @@ class AcknowledgedFramer(Framer):
     def handle_timeout(self, now: float) -> list[FramerEvent]:
         events: list[FramerEvent] = []
         if self._deadline is not None and now >= self._deadline:
-            self._unacknowledged(now, events, f"no ACK within {self.ack_timeout:g} s")
+            self._unacknowledged(now, events, f"no ACK within {self.ack_timeout:g} s",
+                                 silent=True)
         return events
 
     def reset(self) -> None:
@@ -102,6 +104,7 @@ class AcknowledgedFramer(Framer):
         self._queue.clear()
         self._current = None
         self._tries = 0
+        self._resent_after_silence = 0
         self._deadline = None
         self._reset_decoder()
 
@@ -113,6 +116,7 @@ class AcknowledgedFramer(Framer):
         if self._current is None and self._queue:
             self._current = self._queue.popleft()
             self._tries = 1
+            self._resent_after_silence = 0
             self._outbox += self._current[1]
             self._deadline = now + self.ack_timeout
 
@@ -122,15 +126,19 @@ class AcknowledgedFramer(Framer):
         payload = self._current[0]
         self._current = None
         self._deadline = None
-        events.append(FrameSent(payload))
+        events.append(FrameSent(payload, self._resent_after_silence))
         self._transmit_next(now)
 
-    def _unacknowledged(self, now: float, events: list[FramerEvent], why: str) -> None:
-        """A NAK, or the ACK timeout: send the frame again, or give up on it."""
+    def _unacknowledged(self, now: float, events: list[FramerEvent], why: str, *,
+                        silent: bool = False) -> None:
+        """A NAK, or (`silent`) the ACK timeout: send the frame again, or give up on it."""
         if self._current is None:
             return  # a stray NAK
         if self._tries < self.max_tries:
             self._tries += 1
+            # A NAKed copy was refused by the peer's framer; a copy met with silence may
+            # have been read, so the peer may now get the frame twice.
+            self._resent_after_silence += silent
             self._outbox += self._current[1]
             self._deadline = now + self.ack_timeout
             return
@@ -138,7 +146,8 @@ class AcknowledgedFramer(Framer):
         tries = self._tries
         self._current = None
         self._deadline = None
-        events.append(FrameFailed(payload, f"{why}; gave up after {tries} tries"))
+        events.append(FrameFailed(payload, f"{why}; gave up after {tries} tries",
+                                  self._resent_after_silence))
         self._transmit_next(now)
 
     # --- receiving: helpers for the decoders --------------------------------------------------

@@ -26,17 +26,24 @@ class FrameReceived:
 
 @dataclass(frozen=True, slots=True)
 class FrameSent:
-    """The peer acknowledged our frame (or the framing has no acknowledgement)."""
+    """The peer acknowledged our frame (or the framing has no acknowledgement).
+
+    `resent_after_silence`: how many times the frame went out again because the peer said
+    nothing (no ACK, no NAK) in time. The peer may have read each of those copies and lost
+    only its ACK, so more than one copy may have reached its application."""
 
     payload: bytes
+    resent_after_silence: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class FrameFailed:
-    """Our frame was not acknowledged after every try; the link is probably down."""
+    """Our frame was not acknowledged after every try; the link is probably down.
+    `resent_after_silence` as in FrameSent."""
 
     payload: bytes
     reason: str
+    resent_after_silence: int = 0
 
 
 @dataclass(frozen=True, slots=True)
