@@ -11,7 +11,7 @@ import time
 from bridge.protocol.transaction import TxKey, TxState
 from bridge.simulator import responses
 
-from .follow_rig import A, BASE, bridge_on, simulator, wait_until
+from .follow_rig import A, BASE, DeviceByHand, bridge_on, simulator, wait_until
 from .rig import Subscriber, outcome_for
 from .test_session import Harness, request_of
 
@@ -71,5 +71,41 @@ async def test_a_payment_over_max_frame_size_is_refused_at_once_end_to_end(tmp_p
             assert ok["bridge"]["outcome"] == "approved", ok
             assert [p["bridge"]["outcome"] for p in sub.on(f"{BASE}/registers/{TILL}/response")
                     if p["bridge"]["transaction"]["service_id"] == "B1"] == ["rejected"]
+            # the cashier's screen never read "sent" for a request that never went
+            events = [e["event"] for e in sub.on(f"{BASE}/registers/{TILL}/event")
+                      if e["transaction"]["service_id"] == "B1"]
+            assert "sent" not in events and "completed" in events, events
     finally:
         await sim.close()
+
+
+
+async def test_a_payment_over_max_frame_size_held_for_the_identity_check_is_refused_when_it_goes(
+        tmp_path, mosquitto):
+    """A payment taken while the device on the link has not yet answered the identity check
+    goes (and is refused) in the step that reads the answer: no `sent` event, and the
+    terminal is free for the next."""
+    device = DeviceByHand(tmp_path / "port")
+    try:
+        async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port")},
+                             framer={"max_frame_size": 4096}) as bridge, \
+                Subscriber(mosquitto, [f"{BASE}/registers/#"]) as sub:
+            assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
+            topic = f"{BASE}/terminals/{A}/request/{TILL}"
+            big = responses.payment_request(TILL, "Q1", A, 13.5)
+            big["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleReferenceID"] = "x" * 5000
+            await sub.publish(topic, big)
+            assert await wait_until(lambda: bridge.journal.get(TxKey(TILL, "Q1")) is not None, 10)
+            assert bridge.journal.get(TxKey(TILL, "Q1")).state is TxState.ACCEPTED
+            device.answer_check_as(A)
+            refused = await sub.wait_for(outcome_for("Q1"), timeout=15)
+            assert refused["bridge"]["outcome"] == "rejected", refused
+            events = [e["event"] for e in sub.on(f"{BASE}/registers/{TILL}/event")
+                      if e["transaction"]["service_id"] == "Q1"]
+            assert "sent" not in events and "completed" in events, events
+            await sub.publish(topic, responses.payment_request(TILL, "Q2", A, 14.5))
+            assert await wait_until(lambda: "Payment" in device.categories(), 10)
+            assert [d["SaleToPOIRequest"]["MessageHeader"]["ServiceID"] for d in device.received
+                    if "PaymentRequest" in d["SaleToPOIRequest"]] == ["Q2"]
+    finally:
+        device.close()

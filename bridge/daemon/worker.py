@@ -42,6 +42,9 @@ from bridge.transports import (
     open_transport,
 )
 
+# The events that say a frame went out: withheld when it could not (Worker._apply)
+_SENT_EVENTS = frozenset({"sent", "abort_sent"})
+
 log = logging.getLogger("poi_bridge.terminal")
 
 
@@ -322,24 +325,38 @@ class TerminalWorker:
         # The records and the messages owed to registers commit together (one fsync, shared
         # with the other steps of this loop pass), and only then do the frames go out: a Send
         # never overtakes the Record before it.
-        sends: list[Send] = []
+        # A frame is encoded (encrypted) here, before the commit, so that a request too large
+        # for the link is refused in the same step, and its `sent` event (which the session
+        # puts after the Send) is never published.
+        sends: list[tuple[Send, bytes]] = []
+        withheld: set[TxKey] = set()
+        work = list(actions)  # a refusal's actions are appended and applied in this batch
         with self.journal.batch():
-            for action in actions:
+            for action in work:
                 if isinstance(action, Record):
                     self.journal.save(action.transaction)
                 elif isinstance(action, Send):
-                    sends.append(action)
+                    payload, too_large = self._encode(action)
+                    if too_large is None:
+                        sends.append((action, payload))
+                        continue
+                    withheld.add(TxKey(action.sale_id, action.service_id))
+                    work += self.session.too_large(action.service_id, too_large, self._clock(),
+                                                   action.sale_id)
                 elif isinstance(action, Deliver):
                     self.outlet.deliver(action)
                     self._log_result_later(action)
                 elif isinstance(action, Progress):
+                    if withheld and action.event in _SENT_EVENTS \
+                            and TxKey(action.sale_id, action.service_id) in withheld:
+                        continue
                     self.outlet.progress(action)
                 elif isinstance(action, Log):
                     log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
                 elif isinstance(action, Unmatched):
                     self._unmatched(action)
-        for send in sends:
-            self.journal.after_commit(functools.partial(self._send, send))
+        for send, payload in sends:
+            self.journal.after_commit(functools.partial(self._send, send, payload))
         self._publish_state()
         self._rearm()
 
@@ -427,7 +444,9 @@ class TerminalWorker:
                 result.sale_id, result.service_id, result.outcome, result.source,
                 f": {result.error}" if result.error else "")
 
-    def _send(self, action: Send) -> None:
+    def _encode(self, action: Send) -> tuple[bytes, str | None]:
+        """The frame's payload, and why it cannot be sent (over the link's max_frame_size)
+        or None."""
         document = action.document
         # (An identity check may go with another terminal's key: see DeviceIdentity.next_key)
         key = self.key if action.key_of is None else self.neighbours.get(action.key_of)
@@ -435,19 +454,19 @@ class TerminalWorker:
             document = crypto.encrypt_message(document, key)
         payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
         limit = self.framer.max_frame_size
-        if len(payload) > limit:
-            # Nothing is written: a register's request is refused at once (not polled about,
-            # which would only bring NotFound after a payment time-out), saying what to do
-            size = f"{len(payload)} bytes" + (" once encrypted" if key is not None else "")
-            reason = (
-                f"the request is {size}, over terminal {self.poi_id}'s frame limit "
-                f"(max_frame_size {limit} bytes): nothing was sent to the terminal and "
-                "nothing was charged. Send a smaller request (shorter free-text fields, fewer "
-                "items) with a new ServiceID, or, if the terminal takes larger messages, have "
-                "the technician raise [terminals.framer] max_frame_size")
-            self._apply(self.session.too_large(action.service_id, reason, self._clock(),
-                                               action.sale_id))
-            return
+        if len(payload) <= limit:
+            return payload, None
+        # Nothing is written: a register's request is refused at once (not polled about,
+        # which would only bring NotFound after a payment time-out), saying what to do
+        size = f"{len(payload)} bytes" + (" once encrypted" if key is not None else "")
+        return payload, (
+            f"the request is {size}, over terminal {self.poi_id}'s frame limit "
+            f"(max_frame_size {limit} bytes): nothing was sent to the terminal and "
+            "nothing was charged. Send a smaller request (shorter free-text fields, fewer "
+            "items) with a new ServiceID, or, if the terminal takes larger messages, have "
+            "the technician raise [terminals.framer] max_frame_size")
+
+    def _send(self, action: Send, payload: bytes) -> None:
         if action.purpose == "request" and self.identity != "confirmed":
             self.sent_unconfirmed.add(TxKey(action.sale_id, action.service_id))
         self._in_flight.append((payload, TxKey(action.sale_id, action.service_id)))
