@@ -93,6 +93,18 @@ def test_after_48_hours_the_service_id_is_free_again():
     assert check_reuse(txn, request_digest(other), later, other) is Reuse.NEW
 
 
+def test_after_48_hours_an_open_transactions_ids_are_still_taken():
+    """An unresolved payment (or one given up on, which stays open) is still the record of
+    what the terminal may have charged: a new request must not replace it."""
+    later = 1000.0 + SERVICE_ID_REUSE_WINDOW + 1
+    other = payment(amount=99.0)
+    for state in (TxState.UNRESOLVED, TxState.POLLING, TxState.ACCEPTED):
+        txn = recorded(payment())
+        txn.state, txn.outcome = state, None
+        assert check_reuse(txn, request_digest(other), later, other) is Reuse.CONFLICT
+        assert check_reuse(txn, txn.digest, later, txn.request) is Reuse.REPEAT
+
+
 json_leaves = (st.none() | st.booleans() | st.integers(-3, 3) | st.text(max_size=5)
                | st.sampled_from([0.0, -0.0, 1.0, 2.5, -3.0, 1e300]))
 json_values = st.recursive(json_leaves, lambda inner: st.lists(inner, max_size=3)

@@ -44,6 +44,7 @@ from bridge.protocol.outcome import (MONEY_CATEGORIES, Outcome, ask_its_status, 
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.session import FINAL_MONEY_OUTCOMES
 from bridge.protocol.transaction import (
+    SERVICE_ID_REUSE_WINDOW,
     Reuse,
     Transaction,
     TxKey,
@@ -166,7 +167,7 @@ def _age(stamp: dt.datetime, now: float) -> float:
     return min(readings, key=abs)
 
 
-def _conflict_error(existing: Transaction, document: dict[str, Any]) -> str:
+def _conflict_error(existing: Transaction, document: dict[str, Any], now: float) -> str:
     """Why a different request under a recorded transaction's SaleID and ServiceID is refused,
     with what stands under those IDs: the refusal is published on the same IDs, and must not
     read as the recorded transaction's outcome."""
@@ -175,8 +176,10 @@ def _conflict_error(existing: Transaction, document: dict[str, Any]) -> str:
         "its body (a refused request over 8 KB is kept as its header only)"
     recorded = f"state {existing.state}" + (f", outcome {existing.outcome}"
                                             if existing.outcome else "")
+    when = "within 48 hours" if now - existing.created_at <= SERVICE_ID_REUSE_WINDOW else \
+        "that is still open (its outcome is not known: the IDs are free again only once it ends)"
     return (f"ServiceID {existing.service_id} was already used by SaleID {existing.sale_id} "
-            f"for a different request within 48 hours (it differs at {where}); this request was "
+            f"for a different request {when} (it differs at {where}); this request was "
             f"not started. The recorded {existing.category} under these IDs stands "
             f"({recorded}). Use a new ServiceID for a new request")
 
@@ -405,7 +408,8 @@ class RequestIntake:
         reuse = check_reuse(existing, digest, self._clock(), document)
         if reuse is Reuse.CONFLICT:
             assert existing is not None
-            refuse(document, poi_id, _conflict_error(existing, document), "NotAllowed",
+            refuse(document, poi_id, _conflict_error(existing, document, self._clock()),
+                   "NotAllowed",
                    conflict={"state": retained_state(existing.state),
                              "outcome": existing.outcome})
             return

@@ -99,8 +99,11 @@ class Reuse(StrEnum):
 def check_reuse(existing: Transaction | None, digest: str, now: float,
                 document: dict[str, Any] | None = None) -> Reuse:
     """How a request with `digest` (and, to tell a rebuilt retry, its `document`) relates to
-    the transaction the journal has under the same SaleID and ServiceID."""
-    if existing is None or now - existing.created_at > SERVICE_ID_REUSE_WINDOW:
+    the transaction the journal has under the same SaleID and ServiceID. Past 48 h the IDs
+    may be used again, but not while that transaction is open (unresolved, or given up on):
+    a new request would replace the record of a payment the terminal may have charged."""
+    if existing is None or (now - existing.created_at > SERVICE_ID_REUSE_WINDOW
+                            and existing.state is TxState.FINAL):
         return Reuse.NEW
     if existing.digest == digest or existing.extra.get("unmatched"):
         # (the terminal's own answer, kept without the request the journal lost: whatever
