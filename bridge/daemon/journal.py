@@ -449,6 +449,11 @@ class Journal:
         after_commit()."""
         self._schedule = schedule
 
+    @property
+    def commit_pending(self) -> bool:
+        """Whether writes of this pass wait for their commit (see after_commit)."""
+        return self._group_open
+
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once everything written so far is durable: at once when nothing
         waits for a commit, otherwise right after the pass's commit, in the order given."""
@@ -765,6 +770,28 @@ class Journal:
                         "the disk", self.path, len(marks), exc)
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
+
+    def last_delivered_at(self) -> float | None:
+        """When the broker last acknowledged one of the messages kept, or None."""
+        (at,) = self._db.execute("SELECT MAX(delivered_at) FROM outbox").fetchone()
+        return at
+
+    def redeliver(self, documents: str, responses: str, since: float, limit: int) -> int:
+        """Mark pending again, for a broker that lost what it had acknowledged: the newest
+        message of each retained topic under the prefix `documents` (unless it clears the
+        topic), and the messages on topics `responses`<anything>/response delivered at
+        `since` or later; the newest `limit` of those at most. Returns how many."""
+        with self._transaction() as db:
+            return db.execute(
+                "WITH latest AS (SELECT MAX(id) AS id FROM outbox "
+                "  WHERE substr(topic, 1, ?1) = ?2 GROUP BY topic) "
+                "UPDATE outbox SET delivered_at = NULL WHERE id IN ("
+                "  SELECT id FROM outbox WHERE delivered_at IS NOT NULL AND ("
+                "    (retain = 1 AND length(payload) > 0 AND id IN (SELECT id FROM latest))"
+                "    OR (retain = 0 AND delivered_at >= ?3 AND substr(topic, 1, ?4) = ?5"
+                "        AND substr(topic, -9) = '/response'))"
+                "  ORDER BY id DESC LIMIT ?6)",
+                (len(documents), documents, since, len(responses), responses, limit)).rowcount
 
     def final_before(self, cutoff: float) -> list[TxKey]:
         """Final transactions last touched before `cutoff` (their retained topics expire)."""

@@ -637,9 +637,17 @@ class TerminalWorker:
                 await self._write_ready.wait()
                 self._writer_idle = False
                 self._write_ready.clear()
-                pending, self._unwritten = self._unwritten + self.framer.data_to_send(), b""
-                frames = self._unwritten_frames + self._delivered_on_write
-                self._unwritten_frames, self._delivered_on_write = [], []
+                pending, self._unwritten = self._unwritten, b""
+                frames, self._unwritten_frames = self._unwritten_frames, []
+                if self.journal.commit_pending:
+                    # The framer may hold the ACK of an answer whose record is not durable
+                    # yet: that goes once the commit is done (a terminal forgets an answer
+                    # it saw ACKed), by _kick_writer, straight from the commit.
+                    self.journal.after_commit(self._kick_writer)
+                else:
+                    pending += self.framer.data_to_send()
+                    frames += self._delivered_on_write
+                    self._delivered_on_write = []
                 if pending:
                     await transport.write(pending)
                 self._frames_written(frames)
@@ -903,7 +911,8 @@ class TerminalWorker:
             framer_due = self.framer.next_deadline() if self.online else None
             if framer_due is not None and framer_due <= time.monotonic():
                 self._framer_events(self.framer.handle_timeout(time.monotonic()))
-                self._write_ready.set()
+                # (a retransmission; the framer may hold an ACK waiting for a commit too)
+                self.journal.after_commit(self._kick_writer)
             due = self.session.next_deadline()
             if due is not None and due <= self._clock():
                 self._apply(self.session.tick(self._clock()))
