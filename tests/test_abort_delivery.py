@@ -190,3 +190,20 @@ async def test_on_a_link_without_acks_an_abort_is_answered_only_once_written(tmp
     lost = Blocked()
     lost.fail = True  # the write fails: no success (the link going down answers it error)
     assert await abort_over(lost, "j2.sqlite3") == []
+
+
+def test_an_abort_not_yet_acknowledged_at_a_restart_says_the_payment_may_go_on():
+    """Restored from the journal still waiting for its ACK, an abort ended with the generic
+    "the bridge restarted before the terminal answered": the register could not tell that
+    the payment it names may go on and that the abort should be sent again."""
+    h = Harness()
+    h.submit("R1", "S1")
+    h.submit("R1", "A1", doc=abort_of("R1", "S1", "A1"))
+    held = [t.snapshot() for t in h.session.open.values()]
+    again = Harness()
+    actions = again.do(again.session.restore(held, again.now))
+    (told,) = [d for d in again.delivers(actions) if d.service_id == "A1"]
+    assert told.outcome == "error"
+    assert "may not have reached terminal" in told.error and "R1/S1" in told.error
+    assert "bridge restarted" in told.error and "send the abort again" in told.error
+    assert TxKey("R1", "S1") in again.session.open  # the payment is asked about

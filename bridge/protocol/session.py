@@ -542,6 +542,12 @@ class TerminalSession(StatusAnswers):
             self.open[txn.key] = txn
             for poll_id in txn.poll_ids:
                 self._poll_index[poll_id] = txn.key
+            if txn.category == "Abort" and txn.passthrough:
+                # Not acknowledged before the restart (then it was answered already): the
+                # register must hear that the payment may go on, not a bare error
+                actions += passthrough.abort_not_delivered(
+                    self, txn, "the bridge restarted before the terminal acknowledged it", now)
+                continue
             if txn.passthrough or txn.category not in MONEY_CATEGORIES:
                 actions += self._finish(txn, Outcome.ERROR, None, "bridge", now,
                                         error="the bridge restarted before the terminal answered")
