@@ -366,6 +366,12 @@ class MqttConfig(_Strict):
     max_payload: Int = Field(default=256 * 1024, ge=1024, le=268_435_455)  # MQTT's largest
     transaction_retention: _seconds(366 * 86400) = SERVICE_ID_REUSE_WINDOW
     health_interval: _seconds(3600) = 30.0
+    # A broker that comes back without the bridge's session lost what it had not saved yet:
+    # results delivered this long before are published again (README, "A broker that lost
+    # its state"). Twice mosquitto's default autosave_interval (1800 s), its worst case.
+    republish_window: _seconds(SERVICE_ID_REUSE_WINDOW) = 3600.0
+    # At most this many messages (the newest) are published again then
+    republish_limit: _count(1, 1_000_000) = 5000
 
     @property
     def packet_limit(self) -> int:

@@ -143,6 +143,11 @@ def _transaction_echo(payload: bytes) -> Any:
 RETAINED_EXPIRY_SLACK = 2 * 3600.0
 
 
+# The MQTT 5 session expiry the bridge asks for: the broker keeps its session this long while
+# it is away (MQTT 3.1.1 sessions do not expire unless the broker is told to)
+SESSION_EXPIRY = 24 * 3600
+
+
 # A connection that ends this soon after it was made, SHORT_CONNECTIONS_SAID times in a row,
 # is logged as a client id shared with another client
 SHORT_CONNECTION = 5.0
@@ -195,6 +200,8 @@ class RegisterGateway:
         self._refusal_backoff = Backoff(initial=2.0, maximum=60.0)
         self.health_source: Callable[[], dict[str, Any]] | None = None
         self._short_connections = 0  # connections in a row that the broker ended at once
+        self._left_at: float | None = None  # when this run's last connection ended
+        self.lost_state = 0  # connections that found the broker had lost the bridge's session
 
     @property
     def connected(self) -> bool:
@@ -301,7 +308,7 @@ class RegisterGateway:
         if v5:
             options["clean_start"] = False
             props = Properties(PacketTypes.CONNECT)
-            props.SessionExpiryInterval = 24 * 3600  # keep our session while we are away
+            props.SessionExpiryInterval = SESSION_EXPIRY  # keep our session while away
             # paho reads a whole packet into memory before max_payload can refuse it: two
             # 250 MB requests took the daemon to 820 MB. The broker drops a larger packet
             # for us instead; one a little over max_payload still gets its answer.
@@ -346,6 +353,7 @@ class RegisterGateway:
                     first = False
                     log.info("connected to MQTT broker %s:%d", self.config.host, self.config.port)
                     connected_at = time.monotonic()
+                    self._check_session(client)
                     await self._serve(client)
             except aiomqtt.MqttError as exc:
                 self.broker_problem = "login refused" if login_refused(exc) else "unreachable"
@@ -378,6 +386,8 @@ class RegisterGateway:
                               "kept and sent on reconnect", self.config.host, self.config.port,
                               type(exc).__name__, exc)  # noqa: TRY401 - one line to read
             finally:
+                if self._client is not None:
+                    self._left_at = time.time()
                 self._client = None
                 self._connected.clear()
             current = asyncio.current_task()
@@ -387,6 +397,41 @@ class RegisterGateway:
                 # completes); the connection ended since. Reconnecting would outlive the stop.
                 raise asyncio.CancelledError
             await asyncio.sleep(self._backoff.next_delay())
+
+    def _check_session(self, client: PipelinedClient) -> None:
+        """A broker that answers the bridge's reconnect without its persistent session (the
+        CONNACK's session-present flag 0) has lost its stored state: a crash or power cut
+        before it saved its persistence file, persistence off, or the file removed. With it
+        went what it had acknowledged and not yet passed on (results for a register that was
+        away) and the retained transaction documents, which the journal holds as delivered:
+        the recent ones are marked pending again, and the pump publishes them first.
+        "Had a session" means: connected in this run, or, after a daemon restart, the broker
+        acknowledged a message the journal keeps (a first start has none: nothing to send).
+        An MQTT 5 session the bridge left longer ago than its expiry is gone as agreed."""
+        if client.session_present is not False:
+            return
+        seen = self._left_at if self._left_at is not None else self.journal.last_delivered_at()
+        if seen is None or (self.config.protocol == "5"
+                            and time.time() - seen > SESSION_EXPIRY):
+            return
+        window, limit = self.config.republish_window, self.config.republish_limit
+        count = self.journal.redeliver(self._transactions_prefix,
+                                       self.topics.register_response("")[:-len("/response")],
+                                       time.time() - window, limit)
+        self.lost_state += 1
+        log.error("the MQTT broker %s:%d answered without the bridge's session (client id "
+                  "%r): it lost its stored state (a crash or power cut before it saved its "
+                  "persistence file, persistence off, or that file removed), and with it "
+                  "results it had acknowledged and the retained transactions/... documents. "
+                  "The bridge publishes %d message(s) again from its journal: the retained "
+                  "document of each transaction it keeps and the register responses of the "
+                  "last %.0f s (mqtt.republish_window)%s; registers take a repeated "
+                  "SaleID/ServiceID result as the same result. Check the broker's persistence: "
+                  "persistence true, a persistence_location, autosave_on_changes true, "
+                  "autosave_interval 1 (examples/mosquitto/mosquitto.conf). A new broker or a "
+                  "changed mqtt.client_id looks the same", self.config.host, self.config.port,
+                  self.config.client_id, count, window,
+                  f", the newest {limit} only (mqtt.republish_limit)" if count >= limit else "")
 
     def _note_short_connection(self, lasted: float) -> None:
         """Two clients with one client id take the session from each other, and the broker

@@ -24,8 +24,8 @@ external loop; the socket is watched only when it is full.
 
 It leans on aiomqtt and paho internals, kept here in one place: `_client` (the paho client),
 `_queue` (aiomqtt's queue of incoming messages), `_loop` and `_disconnected`, the
-`_on_publish` and `_on_socket_register_write` callbacks that aiomqtt registers with it, and
-paho's `_handle_pubackcomp`, `_update_inflight`, `_inflight_messages`,
+`_on_connect`, `_on_publish` and `_on_socket_register_write` callbacks that aiomqtt
+registers with it, and paho's `_handle_pubackcomp`, `_update_inflight`, `_inflight_messages`,
 `_in_packet`, `_out_messages`, `_out_message_mutex` and `_do_on_publish`.
 tests/test_daemon_mqtt.py and tests/test_mqtt_client.py exercise them against a real broker
 on every run, so a release that changes them fails there; pyproject.toml keeps both below
@@ -144,6 +144,15 @@ class AcknowledgedClient(aiomqtt.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acks: dict[int, asyncio.Future[None]] = {}
+        # The CONNACK's session-present flag: whether the broker still had this client id's
+        # persistent session (None until connected). aiomqtt does not keep it.
+        self.session_present: bool | None = None
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
+                    reason_code: Any, properties: Any = None) -> None:
+        if not self._connected.done() and reason_code == paho.CONNACK_ACCEPTED:
+            self.session_present = bool(flags.session_present)
+        super()._on_connect(client, userdata, flags, reason_code, properties)
 
     def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
                        properties: Any = None) -> asyncio.Future[None]:
