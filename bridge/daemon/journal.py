@@ -479,6 +479,13 @@ class Journal:
         if self._failure_listener is not None:
             self._failure_listener(exc)
 
+    def read_failed(self, exc: sqlite3.Error) -> None:
+        """A read the daemon depends on failed (I/O error, a damaged file): whatever it would
+        have decided from it cannot be trusted, as after a failed write. Reported to
+        `on_failure` likewise."""
+        log.critical("journal %s: a read failed: %s; check the disk", self.path, exc)
+        self._failed(exc)
+
     def _committed(self, before: int) -> None:
         """What follows every commit, grouped or not, once its own actions have run:
         announce the outbox messages it made durable (the newest was `before`), then start

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import socket
+import sqlite3
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,7 @@ from bridge.daemon.registers import (
 from bridge.deployment import password_to_fix
 from bridge.protocol.messages import MessageError, load_json
 from bridge.protocol.actions import Deliver, Progress
+from bridge.protocol.builders import failure_response
 from bridge.redaction import redact
 from bridge.transports import Backoff
 
@@ -560,12 +562,46 @@ class RegisterGateway:
                 outcome = self._handler(message.topic.value, payload, reply)
                 if asyncio.iscoroutine(outcome):
                     await outcome
+            except sqlite3.Error as exc:
+                # The journal failed (a read here; a failed write has reported itself): what
+                # the handling decided cannot be trusted. Not acknowledged, not answered: the
+                # daemon stops, and the broker delivers the request again after the restart.
+                self.journal.read_failed(exc)
+                raise
             except Exception:  # one bad request must never take the bridge down
                 log.exception("request on %s could not be handled", message.topic.value)
-                reply.send(self.topics.bridge_error, {
-                    "status": "error", "error": "internal error while handling the request",
-                    "topic": message.topic.value})
+                self._internal_error(message.topic.value, payload, reply)
             self.journal.after_commit(functools.partial(client.ack, message))
+
+    def _internal_error(self, topic: str, payload: bytes, reply: Reply) -> None:
+        """The handling of a request failed (a bug): answered on bridge/error, and, for a
+        request on a register's own topic (.../request/{SaleID}), on that register's response
+        topic too, in the response shape with outcome `error`: a register that listens only
+        there heard nothing. Not a transaction's result: no retained document."""
+        error = ("internal error while handling the request (see the bridge's log); it may "
+                 "or may not have been started. Do not charge again: send the same request "
+                 "again unchanged (a request the bridge recorded is answered from its record, "
+                 "one it did not is started), or ask with a TransactionStatus request")
+        reply.send(self.topics.bridge_error, {"status": "error", "error": error,
+                                              "topic": topic})
+        route = self.topics.parse_request_topic(topic)
+        if route is None or route.kind != "terminal" or not topic_safe(route.sale_id):
+            return
+        try:
+            header = request_header(load_json(payload, max_size=self.config.max_payload))
+        except MessageError:
+            header = {}
+        category = header.get("MessageCategory")
+        category = category if isinstance(category, str) and category.isalnum() else "Unknown"
+        service_id = id_text(header.get("ServiceID")) or ""
+        echo = {key: value for key, value in header.items()
+                if isinstance(value, str) and len(value) <= 128}
+        echo.update(SaleID=route.sale_id, ServiceID=service_id)
+        result = redacted_refusal(Deliver(
+            route.sale_id, service_id[:64], route.name, category[:64], "error", "bridge",
+            failure_response(echo, category, "UnavailableService", error), error))
+        self.journal.enqueue([(self.topics.register_response(route.sale_id),
+                               dumps(result_payload(result)), 1, False)])
 
     def _refuse_retained(self, topic: str, payload: bytes, reply: Reply) -> None:
         """A request the broker keeps (published with retain) comes again at every
