@@ -68,6 +68,7 @@ DURATIONS = [  # (where, key, the largest value accepted)
     ("terminal", "reconcile_deadline", 30 * 86400),
     ("framer", "ack_timeout", 60), ("usb", "timeout", 60),
     ("mqtt", "health_interval", 3600), ("mqtt", "transaction_retention", 366 * 86400),
+    ("mqtt", "republish_window", 48 * 3600),
 ]
 
 

@@ -386,20 +386,20 @@ class Bridge:
 
 
 def stop_at_once(bridge: Bridge, exc: BaseException) -> None:
-    """The journal failed to record a step (disk full, I/O error): the process ends now, as a
-    crash would, so nothing is sent or published from a state the journal does not hold.
-    Going on was worse: a terminal's answer whose record was lost would still be ACKed with
-    the next frame, and its result would reach no register. A restart takes the open
-    transactions up from the journal again, and the status polls ask the terminals what
-    happened: the path every SIGKILL test exercises."""
-    log.critical("stopping at once: the journal %s cannot be written (%s). Nothing is sent or "
-                 "published from what it could not record; at the next start its open "
+    """The journal failed to record a step, or to read (disk full, I/O error, a damaged
+    file): the process ends now, as a crash would, so nothing is sent or published from a
+    state the journal does not hold. Going on was worse: a terminal's answer whose record
+    was lost would still be ACKed with the next frame, and its result would reach no
+    register. A restart takes the open transactions up from the journal again, and the
+    status polls ask the terminals what happened: the path every SIGKILL test exercises."""
+    log.critical("stopping at once: the journal %s cannot be written or read (%s). Nothing "
+                 "is sent or published from what it could not record; at the next start its open "
                  "transactions are taken up again and the terminals are asked what happened. "
                  "Check the disk (df -h %s, dmesg); systemd restarts the bridge, and after 5 "
                  "failed starts in 5 minutes gives up: then `systemctl reset-failed "
                  "poi-bridge` and start it once the disk is fixed.",
                  bridge.config.journal, exc, bridge.config.journal.parent)
-    bridge.notifier.stopping(f"the journal cannot be written: {exc}")
+    bridge.notifier.stopping(f"the journal cannot be written or read: {exc}")
     logging.shutdown()  # flush the line above: os._exit flushes nothing
     os._exit(JOURNAL_EXIT_STATUS)
 
