@@ -244,7 +244,7 @@ def nodelay() -> list[tuple[int, int, int]]:
 
 
 def compact(document: Any) -> bytes:
-    """The bytes the bridge writes for a document (worker._send: compact, UTF-8)."""
+    """The bytes the bridge writes for a document (FrameWriter.encode: compact, UTF-8)."""
     return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
 
 

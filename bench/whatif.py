@@ -50,10 +50,10 @@ def _early_ack() -> None:
         while True:
             data = await transport.read()
             events = self.framer.receive_data(data, time.monotonic())
-            self._write_ready.set()
+            self.writer._write_ready.set()
             await asyncio.sleep(0)  # the writer task runs first: the ACK goes out now
             self._framer_events(events)
-            self._write_ready.set()
+            self.writer._write_ready.set()
 
     TerminalWorker._read_loop = _read_loop
 

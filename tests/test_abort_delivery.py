@@ -170,7 +170,7 @@ async def test_on_a_link_without_acks_an_abort_is_answered_only_once_written(tmp
         worker.session.identity.named = True  # (the device has named itself)
         worker.session.link_up = True
         worker._transport = link
-        writer = asyncio.create_task(worker._write_loop(link))
+        writer = asyncio.create_task(worker.writer.run(link))
         try:
             document = abort_of("R1", "S1", "A1")
             worker.submit(parse_message(document), document, request_digest(document))

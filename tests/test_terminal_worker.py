@@ -517,7 +517,7 @@ async def test_a_frame_goes_to_the_device_within_the_commit_that_releases_it(tmp
         # no await since the commit: the loop has not run the writer task
         assert rig.worker.counters["frames_out"] == checked + 1
         assert not rig.worker.framer.has_data_to_send
-        assert not rig.worker._write_ready.is_set(), "the frame waits for the writer task"
+        assert not rig.worker.writer._write_ready.is_set(), "the frame waits for the writer task"
         rig.journal.group_commits(asyncio.get_running_loop().call_soon)
         passes.next()
         result = await rig.outlet.result_for("S1")
@@ -577,7 +577,7 @@ async def test_what_the_device_cannot_take_at_once_follows_in_order(tmp_path):
             "x" * 40_000
         worker.submit(parse_message(doc), doc, request_digest(doc))
         passes.next()
-        assert worker._unwritten, "the device took the whole frame at once: no test"
+        assert worker.writer._unwritten, "the device took the whole frame at once: no test"
         assert json.loads(await next_frame()) == doc
     finally:
         await worker.stop()

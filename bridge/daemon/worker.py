@@ -2,7 +2,8 @@
 
 It opens the transport (and reopens it with backoff when the device goes away), feeds bytes
 to the framer and messages to the session, fires the session's and the framer's timers, and
-carries out the session's actions in order: Record -> journal, Send -> framer -> transport,
+carries out the session's actions in order: Record -> journal, Send -> the frame writer
+(frame_writer.py: framer -> transport, and the session told what was delivered),
 Deliver/Progress -> the register side (the outlet). Everything runs on the event loop. No
 action may overtake the record it depends on: frames (and the ACK of a terminal's answer) go
 out through the journal's after_commit(), once the step's records are on disk.
@@ -13,14 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from bridge.config import TerminalConfig
+from bridge.daemon.frame_writer import FrameWriter
 from bridge.daemon.journal import Journal
 from bridge.protocol import crypto
 from bridge.protocol.framing import (
@@ -160,17 +160,11 @@ class TerminalWorker:
         self.framer = make_framer(fc.name, max_frame_size=fc.max_frame_size,
                                   ack_timeout=fc.ack_timeout, max_tries=fc.max_tries)
         self._transport: Transport | None = None
-        # frames queued: payload -> the SaleID and ServiceID it went under
-        self._in_flight: deque[tuple[bytes, TxKey]] = deque()
-        # Frames of a framing without ACKs (length-prefixed), delivered once written: those
-        # not yet taken from the framer, and those taken but not yet all written
-        self._delivered_on_write: list[TxKey] = []
-        self._unwritten_frames: list[TxKey] = []
+        # Send actions -> bytes on the link, and their delivery back to the session
+        self.writer = FrameWriter(self.poi_id, self.framer, journal, self.session, self._apply,
+                                  self._clock)
         self._timer: asyncio.TimerHandle | None = None
         self._started = False
-        self._write_ready = asyncio.Event()
-        self._writer_idle = False  # the writer task waits with nothing in hand
-        self._unwritten = b""  # what write_nowait() could not write, for the writer task
         self._oversize_at = -OVERSIZE_QUIET  # (monotonic) the last oversize frame handled
         self._link_reason = NOT_CONNECTED_YET
         self._stopping = False
@@ -336,7 +330,10 @@ class TerminalWorker:
                 if isinstance(action, Record):
                     self.journal.save(action.transaction)
                 elif isinstance(action, Send):
-                    payload, too_large = self._encode(action)
+                    # (An identity check may go with another terminal's key: see
+                    # DeviceIdentity.next_key)
+                    key = self.key if action.key_of is None else self.neighbours.get(action.key_of)
+                    payload, too_large = self.writer.encode(action, key)
                     if too_large is None:
                         sends.append((action, payload))
                         continue
@@ -444,43 +441,13 @@ class TerminalWorker:
                 result.sale_id, result.service_id, result.outcome, result.source,
                 f": {result.error}" if result.error else "")
 
-    def _encode(self, action: Send) -> tuple[bytes, str | None]:
-        """The frame's payload, and why it cannot be sent (over the link's max_frame_size)
-        or None."""
-        document = action.document
-        # (An identity check may go with another terminal's key: see DeviceIdentity.next_key)
-        key = self.key if action.key_of is None else self.neighbours.get(action.key_of)
-        if key is not None:
-            document = crypto.encrypt_message(document, key)
-        payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
-        limit = self.framer.max_frame_size
-        if len(payload) <= limit:
-            return payload, None
-        # Nothing is written: a register's request is refused at once (not polled about,
-        # which would only bring NotFound after a payment time-out), saying what to do
-        size = f"{len(payload)} bytes" + (" once encrypted" if key is not None else "")
-        return payload, (
-            f"the request is {size}, over terminal {self.poi_id}'s frame limit "
-            f"(max_frame_size {limit} bytes): nothing was sent to the terminal and "
-            "nothing was charged. Send a smaller request (shorter free-text fields, fewer "
-            "items) with a new ServiceID, or, if the terminal takes larger messages, have "
-            "the technician raise [terminals.framer] max_frame_size")
-
     def _send(self, action: Send, payload: bytes) -> None:
+        """A frame whose step is committed (run by journal.after_commit) goes out."""
         if action.purpose == "request" and self.identity != "confirmed":
             self.sent_unconfirmed.add(TxKey(action.sale_id, action.service_id))
-        self._in_flight.append((payload, TxKey(action.sale_id, action.service_id)))
-        events = self.framer.send_frame(payload, time.monotonic())
-        for event in events:
-            if isinstance(event, FrameSent):
-                # A framing without ACKs reports the frame sent as it queues it: it is
-                # delivered once the transport has written it (an abort is answered then)
-                sent = self._pop_in_flight(event.payload)
-                if sent is not None:
-                    self._delivered_on_write.append(sent)
-        self._framer_events([e for e in events if not isinstance(e, FrameSent)])
+        self._framer_events(self.writer.queue(action, payload))
         self.counters["frames_out"] += 1
-        self._kick_writer()
+        self.writer.kick()
         self._rearm()  # the frame's ACK deadline (sent after the step's commit, not within it)
 
     # --- the link -----------------------------------------------------------------------------
@@ -520,10 +487,7 @@ class TerminalWorker:
             self._transport = transport
             self._retry_now.clear()  # (a plug-in seen while opening: this is it)
             self.framer.reset()
-            self._in_flight.clear()
-            self._unwritten = b""
-            self._delivered_on_write.clear()
-            self._unwritten_frames.clear()
+            self.writer.reset()
             log.info("terminal %s: link up on %s", self.poi_id, transport.describe())
             self._link_reason = ""
             self._apply(self.session.link_is_up(self._clock()))
@@ -569,7 +533,7 @@ class TerminalWorker:
 
     async def _run_link(self, transport: Transport) -> str:
         reader = asyncio.create_task(self._read_loop(transport))
-        writer = asyncio.create_task(self._write_loop(transport))
+        writer = asyncio.create_task(self.writer.run(transport))
         unplugged = asyncio.create_task(self._disabled_event.wait())
         relinked = asyncio.create_task(self._relinked.wait())
         tasks = {reader, writer, unplugged, relinked}
@@ -602,57 +566,11 @@ class TerminalWorker:
             if self.framer.has_data_to_send:
                 # the ACK/NAK the framer queued goes out via the writer, once the answer it
                 # acknowledges is journaled: the terminal may forget an answer it saw ACKed
-                self.journal.after_commit(self._kick_writer)
+                self.journal.after_commit(self.writer.kick)
             due = self.framer.next_deadline()
             if due != framer_due:  # e.g. a stalled frame's deadline
                 framer_due = due
                 self._rearm()
-
-    def _kick_writer(self) -> None:
-        """What the framer queued goes to the terminal now: written straight to the device
-        when the writer task has nothing in hand, so a frame leaves in the pass of the
-        commit that released it, ahead of that commit's MQTT publishing, and without a task
-        wake-up. Otherwise, and for whatever the device could not take at once, the writer
-        task carries on, in order."""
-        transport = self._transport
-        if not self._writer_idle or self._write_ready.is_set() or transport is None:
-            self._write_ready.set()
-            return
-        data = self.framer.data_to_send()
-        if not data:
-            return
-        frames, self._delivered_on_write = self._delivered_on_write, []
-        written = transport.write_nowait(data)
-        if written < len(data):
-            self._unwritten = data[written:]
-            self._unwritten_frames += frames
-            self._write_ready.set()
-        else:
-            self._frames_written(frames)
-
-    async def _write_loop(self, transport: Transport) -> None:
-        try:
-            while True:
-                self._writer_idle = True
-                await self._write_ready.wait()
-                self._writer_idle = False
-                self._write_ready.clear()
-                pending, self._unwritten = self._unwritten, b""
-                frames, self._unwritten_frames = self._unwritten_frames, []
-                if self.journal.commit_pending:
-                    # The framer may hold the ACK of an answer whose record is not durable
-                    # yet: that goes once the commit is done (a terminal forgets an answer
-                    # it saw ACKed), by _kick_writer, straight from the commit.
-                    self.journal.after_commit(self._kick_writer)
-                else:
-                    pending += self.framer.data_to_send()
-                    frames += self._delivered_on_write
-                    self._delivered_on_write = []
-                if pending:
-                    await transport.write(pending)
-                self._frames_written(frames)
-        finally:
-            self._writer_idle = False
 
     def _oversize(self, event: FramingError) -> None:
         """A frame too big to keep (or noise that looked like one): if it was an answer, the
@@ -685,36 +603,10 @@ class TerminalWorker:
                 log.debug("terminal %s: line noise: %s (%d bytes dropped)", self.poi_id,
                           event.reason, event.discarded)
             elif isinstance(event, FrameFailed):
-                sent = self._pop_in_flight(event.payload)
-                log.warning("terminal %s: frame for %s not acknowledged: %s", self.poi_id,
-                            sent.service_id if sent else None, event.reason)
-                if sent is not None:
-                    self._apply(self.session.send_failed(
-                        sent.service_id, event.reason, self._clock(), sent.sale_id,
-                        resent_after_silence=event.resent_after_silence))
+                self.writer.failed(event)
             elif isinstance(event, FrameSent):
                 # acknowledged by the terminal: an abort is answered now
-                # (TerminalSession.frame_delivered)
-                sent = self._pop_in_flight(event.payload)
-                if sent is not None:
-                    self._frames_written([sent], event.resent_after_silence)
-
-    def _frames_written(self, frames: list[TxKey], resent_after_silence: int = 0) -> None:
-        """These frames reached the terminal (acknowledged, or written on a link without
-        ACKs); `resent_after_silence` as in FrameSent."""
-        for sent in frames:
-            delivered = self.session.frame_delivered(
-                sent.service_id, self._clock(), sent.sale_id,
-                resent_after_silence=resent_after_silence)
-            if delivered:
-                self._apply(delivered)
-
-    def _pop_in_flight(self, payload: bytes) -> TxKey | None:
-        for i, (sent, key) in enumerate(self._in_flight):
-            if sent == payload:
-                del self._in_flight[i]
-                return key
-        return None
+                self.writer.acknowledged(event)
 
     def _on_frame(self, payload: bytes) -> None:
         now = self._clock()
@@ -912,7 +804,7 @@ class TerminalWorker:
             if framer_due is not None and framer_due <= time.monotonic():
                 self._framer_events(self.framer.handle_timeout(time.monotonic()))
                 # (a retransmission; the framer may hold an ACK waiting for a commit too)
-                self.journal.after_commit(self._kick_writer)
+                self.journal.after_commit(self.writer.kick)
             due = self.session.next_deadline()
             if due is not None and due <= self._clock():
                 self._apply(self.session.tick(self._clock()))
