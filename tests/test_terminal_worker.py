@@ -751,3 +751,28 @@ async def test_a_terminal_unplugged_at_start_says_so_and_its_link_loss_is_not_a_
     finally:
         await worker.stop()
         journal.close()
+
+
+async def test_a_step_that_fails_half_way_is_reported_as_a_journal_failure(tmp_path, caplog):
+    """A step whose batch fails for a reason of its own (not SQLite's) had its records taken
+    back while the session had moved on in memory: its result would reach no register and
+    the transaction be asked about by nobody until the next start. It is reported to the
+    journal's on_failure, which in the daemon stops it at once (so that start is now)."""
+    async with Rig(tmp_path, scenario(Behaviour(delay=0.05))) as rig:
+        failures: list[BaseException] = []
+        rig.journal.on_failure(failures.append)
+        broken = RuntimeError("outlet broke")
+        real_progress = rig.outlet.progress
+
+        def progress(event: Progress) -> None:
+            if event.event == "accepted":
+                raise broken
+            real_progress(event)
+
+        rig.outlet.progress = progress
+        with caplog.at_level(logging.CRITICAL), pytest.raises(RuntimeError):
+            rig.pay("S1")
+        assert failures == [broken]
+        assert rig.stored("S1") is None  # taken back with the step
+        assert any("a step of terminal" in r.getMessage() and "failed half-way" in r.getMessage()
+                   for r in caplog.records)

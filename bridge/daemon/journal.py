@@ -479,6 +479,15 @@ class Journal:
         if self._failure_listener is not None:
             self._failure_listener(exc)
 
+    def step_failed(self, exc: BaseException, where: str) -> None:
+        """A step failed half-way for a reason of its own (not SQLite's): the journal took
+        its records back, but the state in memory that made them (a terminal's session) has
+        moved on, and nothing the daemon does from it can be trusted to be recorded, as
+        after a failed write. Reported to `on_failure` likewise."""
+        log.critical("journal %s: a step of %s failed half-way (%r); its records were taken "
+                     "back, but the state in memory had moved on", self.path, where, exc)
+        self._failed(exc)
+
     def read_failed(self, exc: sqlite3.Error) -> None:
         """A read the daemon depends on failed (I/O error, a damaged file): whatever it would
         have decided from it cannot be trusted, as after a failed write. Reported to

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -323,8 +324,27 @@ class TerminalWorker:
         # for the link is refused in the same step, and its `sent` event (which the session
         # puts after the Send) is never published.
         sends: list[tuple[Send, bytes]] = []
-        withheld: set[TxKey] = set()
         work = list(actions)  # a refusal's actions are appended and applied in this batch
+        try:
+            self._record(work, sends)
+        except sqlite3.Error:
+            raise  # reported by the journal itself (on_failure)
+        except Exception as exc:
+            # The session decided (a result handled, a frame queued) and the journal took the
+            # records back: left so, a result would reach no register and a transaction be
+            # asked about by nobody until the next start. Stopping now (as after a failed
+            # write) makes that start now: the terminal is taken up from the journal again.
+            self.journal.step_failed(exc, f"terminal {self.poi_id}")
+            raise
+        for send, payload in sends:
+            self.journal.after_commit(functools.partial(self._send, send, payload))
+        self._publish_state()
+        self._rearm()
+
+    def _record(self, work: list[Action], sends: list[tuple[Send, bytes]]) -> None:
+        """_apply's batch: records saved, results and events queued in the outbox, frames
+        encoded (collected in `sends`), all or nothing."""
+        withheld: set[TxKey] = set()
         with self.journal.batch():
             for action in work:
                 if isinstance(action, Record):
@@ -352,10 +372,6 @@ class TerminalWorker:
                     log.log(logging.getLevelName(action.level.upper()), "%s", action.message)
                 elif isinstance(action, Unmatched):
                     self._unmatched(action)
-        for send, payload in sends:
-            self.journal.after_commit(functools.partial(self._send, send, payload))
-        self._publish_state()
-        self._rearm()
 
     def _unmatched(self, answer: Unmatched) -> None:
         """A final answer the session has no open transaction for. Known to the journal, it
