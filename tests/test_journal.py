@@ -297,3 +297,24 @@ def test_a_journal_that_cannot_be_opened_says_what_to_do(tmp_path):
         Journal(blocked / "journal.sqlite3")
     assert f"ls -ld {blocked}" in str(raised.value)
     assert "only /var/lib/poi-bridge is writable" in str(raised.value)
+
+
+def test_the_last_request_sent_leaves_out_one_the_terminal_never_got(tmp_path):
+    """After a restart the session judges a NotFound by the latest request of its category
+    that may have reached the terminal: one that ended not_found (the terminal's NotFound,
+    believed) never did, and must not make an earlier request's NotFound doubtful."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        earlier, later = make_txn("S1"), make_txn("S2")
+        earlier.sent_at, later.sent_at = 100.0, 200.0
+        journal.save(earlier)
+        journal.save(later)
+        assert journal.last_requests_sent("V400m-1") == {"Payment": 200.0}
+        later.state, later.outcome = TxState.FINAL, "not_found"
+        journal.save(later)
+        assert journal.last_requests_sent("V400m-1") == {"Payment": 100.0}
+        later.outcome = "approved"  # a correction: it did reach the terminal after all
+        journal.save(later)
+        assert journal.last_requests_sent("V400m-1") == {"Payment": 200.0}
+    finally:
+        journal.close()

@@ -1549,3 +1549,32 @@ def test_an_abandoned_payments_reason_survives_a_poll_that_cannot_go_after_a_res
     txn = fresh.session.open[TxKey("R1", "S1")]
     assert txn.detail == reason, txn.detail
     assert stored_result(txn).error == reason
+
+
+def test_not_found_after_a_later_payment_that_itself_never_reached_the_terminal_is_believed():
+    """Soak seed 45: S1's frame went unacknowledged, S2 went out after it, and the terminal
+    answered NotFound about S2 (believed: it never got it) and then about S1. S2 never
+    reached the terminal, so it is no later request that makes S1's NotFound doubtful: S1
+    ended as given up on (a manual check), though nothing had been charged."""
+    h = Harness()
+    h.submit("R1", "S1")
+    h.do(h.session.send_failed("S1", "no ACK within 2 s; gave up after 3 tries", h.now, "R1"))
+    h.advance(1)
+    first_poll = h.last_poll()
+    while h.session.open[TxKey("R1", "S1")].state is not TxState.UNRESOLVED:
+        assert h.now < 1_000_000.0 + 600
+        h.advance(10)  # polls unanswered: unresolved, the terminal is free again
+    h.now += 5
+    h.submit("R2", "S2")
+    h.advance(120)  # S2 unanswered: asked about
+    (s2,) = h.delivers(h.answer(responses.status_not_found(h.last_poll())))
+    assert (s2.service_id, s2.outcome) == ("S2", "not_found")
+    polls: list = []
+    while not polls:  # S1 is asked about again in the background
+        assert h.now < 1_000_000.0 + 3600
+        polls = h.sends(h.advance(10), "status-poll")
+    about = polls[-1].document["SaleToPOIRequest"]["TransactionStatusRequest"][
+        "MessageReference"]
+    assert about["ServiceID"] == "S1" and polls[-1].document != first_poll
+    (s1,) = h.delivers(h.answer(responses.status_not_found(polls[-1].document)))
+    assert (s1.service_id, s1.outcome) == ("S1", "not_found"), s1

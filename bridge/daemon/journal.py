@@ -677,10 +677,13 @@ class Journal:
         return None if row is None else self._from_row(row)
 
     def last_requests_sent(self, poi_id: str) -> dict[str, float]:
-        """category -> when a request of it last went to terminal `poi_id`, of those kept."""
+        """category -> when a request of it last went to terminal `poi_id`, of those kept
+        that may have reached it: one the terminal answered NotFound about (believed: it
+        never got it) does not count (TerminalSession._never_reached)."""
         rows = self._db.execute(
             "SELECT category, MAX(sent_at) FROM transactions WHERE poi_id = ? AND passthrough = 0"
-            " AND sent_at IS NOT NULL GROUP BY category", (poi_id,))
+            " AND sent_at IS NOT NULL AND outcome IS NOT 'not_found' GROUP BY category",
+            (poi_id,))
         return {category: at for category, at in rows}
 
     def open_transactions(self, poi_id: str | None = None) -> list[Transaction]:

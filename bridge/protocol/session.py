@@ -467,13 +467,7 @@ class TerminalSession(StatusAnswers):
         txn = self._sent_under(service_id, sale_id)
         if txn is None:
             return self.send_failed(service_id, reason, now, sale_id)
-        previous = self._request_sent_before
-        if previous is not None and previous[0] == txn.key \
-                and self.last_request_at.get(txn.category) == txn.sent_at:
-            if previous[1] is None:
-                self.last_request_at.pop(txn.category, None)
-            else:
-                self.last_request_at[txn.category] = previous[1]
+        self._never_reached(txn)
         txn.sent_at = None
         response = builders.failure_response(builders.request_header(txn.request),
                                              txn.category, "MessageFormat", reason)
@@ -482,6 +476,19 @@ class TerminalSession(StatusAnswers):
                              f"{reason}"),
                 *self._finish(txn, Outcome.REJECTED, response, "bridge", now, error=reason),
                 *self._pump(now)]
+
+    def _never_reached(self, txn: Transaction) -> None:
+        """`txn`'s request never reached the terminal (not written; or NotFound, believed):
+        when it is its category's latest, `last_request_at` is put back to the one before,
+        so that a NotFound about an earlier request is judged as if it had never gone out.
+        (The journal's last_requests_sent leaves such requests out likewise.)"""
+        previous = self._request_sent_before
+        if previous is not None and previous[0] == txn.key \
+                and self.last_request_at.get(txn.category) == txn.sent_at:
+            if previous[1] is None:
+                self.last_request_at.pop(txn.category, None)
+            else:
+                self.last_request_at[txn.category] = previous[1]
 
     def tick(self, now: float) -> list[Action]:
         """Time has passed: fire whatever deadlines are due."""

@@ -112,6 +112,9 @@ class StatusAnswers:
                 "NotFound no longer means it never got this one; check the acquirer's records "
                 "or the terminal's own transaction report before charging again"), now)
         if cls.outcome is Outcome.NOT_FOUND:
+            # Believed: the terminal never got it, so it is no later request that would make
+            # an earlier one's NotFound doubtful (_never_reached)
+            self._never_reached(txn)
             response = builders.failure_response(
                 builders.request_header(txn.request), txn.category, "NotFound",
                 "the terminal never received this transaction; nothing was charged")
