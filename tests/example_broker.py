@@ -35,30 +35,39 @@ def debian_main_conf(workdir: Path, include_dir: Path) -> str:
 
 class DropInMosquitto(Mosquitto):
     """mosquitto -c main.conf, whose include_dir holds `example` (a file of
-    examples/mosquitto/) with each key of `replace` replaced by its value. Each "listener
-    N" of the example gets a free port on 127.0.0.1, in order: `ports`; the first is
-    `port`, which start() waits for."""
+    examples/mosquitto/, or several: the first as poi-bridge.conf, the others under their
+    own names, as the README installs them) with each key of `replace` replaced by its
+    value. Each "listener N" of the examples gets a free port on 127.0.0.1, in order:
+    `ports`; the first is `port`, which start() waits for."""
 
-    def __init__(self, workdir: Path, example: Path, replace: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, example: Path | list[Path],
+                 replace: dict[str, str]) -> None:
         super().__init__(workdir)
-        self.example, self.replace = example, replace
+        examples = [example] if isinstance(example, Path) else list(example)
+        self.example, self.replace = examples[0], replace
         self.conf_d = workdir / "conf.d"
         self.ports: list[int] = []
-        lines = []
-        for line in example.read_text().splitlines():
-            if line.startswith("listener "):
-                self.ports.append(free_port())
-                line = f"listener {self.ports[-1]} {self.host}"
-            lines.append(line)
-        self.drop_in = "\n".join(lines) + "\n"
+        self.drop_ins: dict[str, str] = {}
+        for index, path in enumerate(examples):
+            lines = []
+            for line in path.read_text().splitlines():
+                if line.startswith("listener "):
+                    self.ports.append(free_port())
+                    line = f"listener {self.ports[-1]} {self.host}"
+                lines.append(line)
+            self.drop_ins["poi-bridge.conf" if index == 0 else path.name] = \
+                "\n".join(lines) + "\n"
         for old, new in replace.items():
-            assert old in self.drop_in, f"{example.name} no longer names {old}"
-            self.drop_in = self.drop_in.replace(old, new)
+            assert any(old in text for text in self.drop_ins.values()), \
+                f"{', '.join(p.name for p in examples)} no longer name {old}"
+            self.drop_ins = {name: text.replace(old, new)
+                             for name, text in self.drop_ins.items()}
         self.port = self.ports[0]
 
     def write_config(self) -> None:
         self.conf_d.mkdir(exist_ok=True)
-        (self.conf_d / "poi-bridge.conf").write_text(self.drop_in)
+        for name, text in self.drop_ins.items():
+            (self.conf_d / name).write_text(text)
         self.config_path.write_text(debian_main_conf(self.workdir, self.conf_d))
 
 

@@ -1,5 +1,5 @@
-"""examples/mosquitto/mosquitto.conf as the README installs it: a drop-in in the conf.d of
-Debian's mosquitto package, under a main file that already sets persistence and its
+"""examples/mosquitto/mosquitto.conf and registers-tls.conf as the README installs them:
+drop-ins in the conf.d of Debian's mosquitto package, under a main file that already sets persistence and its
 location. Real mosquitto, the real daemon, a register over TLS with its own login."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from .test_mqtt_security import passwords
 
 EXAMPLES = ROOT / "examples" / "mosquitto"
 EXAMPLE = EXAMPLES / "mosquitto.conf"
+TLS_EXAMPLE = EXAMPLES / "registers-tls.conf"
 
 
 def store_broker(tmp_path: Path) -> DropInMosquitto:
@@ -34,7 +35,7 @@ def store_broker(tmp_path: Path) -> DropInMosquitto:
     make_pki(pki, ["TILL1"])
     passwd = tmp_path / "poi-bridge.passwd"
     passwords(passwd, {"poi-bridge": "bridge-pw", "TILL1": "till1-pw", "operator": "op-pw"})
-    return DropInMosquitto(tmp_path / "broker", EXAMPLE, {
+    return DropInMosquitto(tmp_path / "broker", [EXAMPLE, TLS_EXAMPLE], {
         "/etc/mosquitto/poi-bridge.passwd": str(passwd),
         "/etc/mosquitto/poi-bridge.acl": str(EXAMPLES / "acl"),
         **broker_tls(pki, "/etc/mosquitto/certs/ca.pem", "/etc/mosquitto/certs/broker.pem",
@@ -112,21 +113,52 @@ async def test_the_example_store_broker_runs_as_a_drop_in_under_debians_main_fil
         broker.kill()
 
 
+def test_the_store_example_without_certificates_still_serves_the_bridge(tmp_path):
+    """Before the chain's certificates exist, only mosquitto.conf is installed: mosquitto
+    starts and the bridge's listener (127.0.0.1:1883) takes its login. With the TLS
+    listener in that file, mosquitto did not start at all ("Error: Unable to load CA
+    certificates") and took the bridge's listener down with it."""
+    passwd = tmp_path / "poi-bridge.passwd"
+    passwords(passwd, {"poi-bridge": "bridge-pw"})
+    broker = DropInMosquitto(tmp_path / "broker", EXAMPLE, {
+        "/etc/mosquitto/poi-bridge.passwd": str(passwd),
+        "/etc/mosquitto/poi-bridge.acl": str(EXAMPLES / "acl"),
+    })
+    broker.start()
+    try:
+        async def log_in() -> None:
+            async with aiomqtt.Client(broker.host, broker.port, username="poi-bridge",
+                                      password="bridge-pw", identifier="bridge") as client:
+                await client.publish("poi-bridge/bridge/state", b"{}", qos=1)
+        asyncio.run(log_in())
+    finally:
+        broker.kill()
+    assert broker.ports == [broker.port], "mosquitto.conf opens the bridge's listener only"
+
+
 def test_the_readme_installs_the_example_and_every_file_it_names():
-    """README's store box steps put the example into Debian's conf.d and create each file
-    the example points at (password file, ACL, TLS files), so mosquitto starts."""
+    """README's store box steps put both examples into Debian's conf.d and create each
+    file they point at (password file, ACL, TLS files), so mosquitto starts; the TLS
+    drop-in only after its certificates are in place."""
     steps = readme_section("Installing on a store box")
     assert re.search(r"install -m644 examples/mosquitto/mosquitto\.conf +"
                      r"/etc/mosquitto/conf\.d/\S+\.conf", steps), steps
-    settings = [line for line in EXAMPLE.read_text().splitlines()
-                if line and not line.startswith("#")]
-    named = {path for line in settings for path in re.findall(r"/etc/\S+", line)}
-    assert named, "the example names its files"
-    for path in named:
-        directory, name = path.rsplit("/", 1)
-        assert path in steps or re.search(rf"install [^\n]*\b{re.escape(name)}\b[^\n]* "
-                                          rf"{re.escape(directory)}/", steps), (
-            f"README's steps do not create {path}")
+    tls = re.search(r"install -m644 examples/mosquitto/registers-tls\.conf +"
+                    r"/etc/mosquitto/conf\.d/\S+\.conf", steps)
+    assert tls, steps
+    for example in (EXAMPLE, TLS_EXAMPLE):
+        settings = [line for line in example.read_text().splitlines()
+                    if line and not line.startswith("#")]
+        named = {path for line in settings for path in re.findall(r"/etc/\S+", line)}
+        assert named, f"{example.name} names its files"
+        for path in named:
+            directory, name = path.rsplit("/", 1)
+            made = re.search(rf"install [^\n]*\b{re.escape(name)}\b[^\n]* "
+                             rf"{re.escape(directory)}/", steps)
+            assert path in steps or made, f"README's steps do not create {path}"
+            if example is TLS_EXAMPLE:
+                assert made and made.start() < tls.start(), \
+                    f"README installs registers-tls.conf before {path}"
     # mosquitto reads them after it drops to its own user: not root-only.
     for secret in ("/etc/mosquitto/poi-bridge.passwd", "broker.key"):
         assert re.search(rf"install -m640 -g mosquitto [^\n]*{re.escape(secret)}", steps), \
