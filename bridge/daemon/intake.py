@@ -184,6 +184,22 @@ def _conflict_error(existing: Transaction, document: dict[str, Any], now: float)
             f"({recorded}). Use a new ServiceID for a new request")
 
 
+def _unnamed_sale(request: SaleToPOIRequest) -> str | None:
+    """Why a Payment names no sale: an empty SaleTransactionID.TransactionID. The bridge
+    knows a register's retry of a payment whose outcome is not known yet (under a new
+    ServiceID) by its TransactionID (_charges_again); without one, such a retry would go to
+    the terminal and could charge the sale twice. (A missing SaleTransactionID is refused
+    before, for its TimeStamp.)"""
+    payment = request.payment_request
+    sale_tx = payment.sale_data.sale_transaction_id if payment is not None else None
+    if sale_tx is not None and not sale_tx.transaction_id.strip():
+        return ("PaymentRequest.SaleData.SaleTransactionID.TransactionID is empty: give the "
+                "sale's own id (the bridge tells a retry of a payment whose outcome is not "
+                "known yet by it, and refuses it so that the sale is not charged twice); not "
+                "sent to the terminal")
+    return None
+
+
 # Where nexo puts a money request's Currency (merchant data such as SaleToAcquirerData may
 # have fields of that name of its own, which the terminal passes on: not checked)
 _CURRENCY_PATHS = (("PaymentRequest", "PaymentTransaction", "AmountsReq", "Currency"),
@@ -431,6 +447,10 @@ class RequestIntake:
         problem = _currency_problem(request, document)
         if problem is not None:
             refuse(document, poi_id, f"invalid currency: {problem}")
+            return
+        problem = _unnamed_sale(request)
+        if problem is not None:
+            refuse(document, poi_id, problem)
             return
         if request.transaction_status_request is not None \
                 and self._status_from_journal(request, document, digest, poi_id):
