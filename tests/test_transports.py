@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import random
 import socket
 import struct
@@ -17,6 +18,7 @@ import sys
 import termios
 import tty
 import types
+from pathlib import Path
 
 import pytest
 import serial
@@ -408,6 +410,34 @@ async def test_serial_eperm_and_eacces_get_different_advice(pty, monkeypatch):
     # cannot fix a file mode: each errno gets only its own remedy.
     assert "DeviceAllow" not in reasons[errno.EACCES]
     assert "dialout" not in reasons[errno.EPERM] and "udev" not in reasons[errno.EPERM]
+
+
+async def test_serial_eperm_on_a_group_the_unit_allows_says_restart_not_deviceallow(
+        pty, monkeypatch):
+    """The unit allows char-ttyUSB and char-ttyACM, resolved from /proc/devices when it
+    starts: a terminal whose driver loaded after that (plugged in after `enable --now`)
+    gets EPERM until a restart. Adding DeviceAllow= again would not help."""
+    from bridge.transports import serial as serial_transport
+
+    def refuse(*_args, **_kwargs):
+        raise serial.SerialException(errno.EPERM, "could not open port: Operation not permitted")
+
+    monkeypatch.setattr(serial, "Serial", refuse)
+    monkeypatch.setattr(serial_transport, "_device_group", lambda _device: "ttyUSB")
+    with pytest.raises(LinkClosed) as refused:
+        await within(SerialTransport(SerialLink(device=pty.path)).open())
+    reason = refused.value.reason
+    assert "the ttyUSB driver was not loaded when the service started" in reason
+    assert "`systemctl restart poi-bridge`" in reason and "modules-load" in reason
+    assert "systemctl edit" not in reason and "add [Service]" not in reason
+
+
+def test_the_device_groups_serial_knows_are_the_units():
+    from bridge.transports.serial import UNIT_DEVICE_GROUPS
+
+    unit = (Path(__file__).parent.parent / "systemd" / "poi-bridge.service").read_text()
+    allowed = set(re.findall(r"^DeviceAllow=char-(\S+) rw$", unit, re.MULTILINE))
+    assert allowed == UNIT_DEVICE_GROUPS
 
 
 def test_serial_eperm_names_the_device_group_systemd_allows_by(tmp_path):

@@ -428,6 +428,15 @@ def _open_failure(device: str, exc: serial.SerialException) -> str:
         # Not the file mode (that is EACCES): the device cgroup of the shipped unit
         # (DevicePolicy=closed + DeviceAllow=) or its system call filter said no.
         group = _device_group(device)
+        if group in UNIT_DEVICE_GROUPS:
+            # Allowed by name, but systemd resolves char-NAME to its major number from
+            # /proc/devices when the service starts: a driver loaded later is not in it.
+            return (f"operation not permitted opening serial device {device}: the systemd "
+                    f"sandbox of poi-bridge.service refused it although the unit allows "
+                    f"{group} devices (DeviceAllow=char-{group}): the {group} driver was not "
+                    f"loaded when the service started. `systemctl restart poi-bridge` lets "
+                    f"it in; so that it is loaded at boot, install poi-bridge.modules-load as "
+                    f"/usr/lib/modules-load.d/poi-bridge.conf (README, installing step 2)")
         return (f"operation not permitted opening serial device {device}: the systemd sandbox "
                 f"of poi-bridge.service refused it (DevicePolicy=closed admits only the device "
                 f"groups listed in DeviceAllow=; or SystemCallFilter=). Allow this device in a "
@@ -452,6 +461,10 @@ def _open_failure(device: str, exc: serial.SerialException) -> str:
     if code is None and "Could not configure port" in str(exc):
         return f"{device} is not a serial port ({exc})"
     return f"cannot open serial device {device}: {exc}"
+
+
+# The device groups systemd/poi-bridge.service admits (DeviceAllow=char-NAME rw).
+UNIT_DEVICE_GROUPS = frozenset({"ttyUSB", "ttyACM", "ttyS", "usb_device"})
 
 
 def _device_group(device: str) -> str:
