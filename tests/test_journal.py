@@ -211,26 +211,57 @@ def test_checkpoints_run_in_the_background_and_keep_the_wal_small(tmp_path):
     reopened.close()
 
 
-def test_a_journal_on_a_file_system_remounted_read_only_says_so(tmp_path, monkeypatch):
-    """After disk errors the kernel remounts a file system read-only: SQLite says 'attempt
-    to write a readonly database', and the advice was to check the free space and the
-    permissions. (A read-only remount cannot be made here: statvfs reports one.)"""
-    import os
-
-    from bridge.daemon.journal import unusable
-
+def readonly_error() -> sqlite3.OperationalError:
     error = sqlite3.OperationalError("attempt to write a readonly database")
     error.sqlite_errorname = "SQLITE_READONLY"
+    return error
+
+
+def mount_read_only(monkeypatch, tmp_path) -> None:
+    """statvfs says read-only everywhere (a read-only remount cannot be made here)."""
     real = os.statvfs(tmp_path)
 
     class ReadOnly:
         def __getattr__(self, name):
             return os.ST_RDONLY | real.f_flag if name == "f_flag" else getattr(real, name)
 
-    assert "read-only" not in unusable(tmp_path / "j.sqlite3", error)
     monkeypatch.setattr(os, "statvfs", lambda path: ReadOnly())
+
+
+def test_a_journal_on_a_file_system_remounted_read_only_says_so(tmp_path, monkeypatch):
+    """After disk errors the kernel remounts a file system read-only: SQLite says 'attempt
+    to write a readonly database', and the advice was to check the free space and the
+    permissions. (A read-only remount cannot be made here: statvfs reports one.)"""
+
+    from bridge.daemon.journal import unusable
+
+    error = readonly_error()
+    assert "read-only" not in unusable(tmp_path / "j.sqlite3", error)
+    mount_read_only(monkeypatch, tmp_path)
     text = unusable(tmp_path / "j.sqlite3", error)
     assert "mounted read-only" in text and "dmesg" in text and "fsck" in text, text
+
+
+def test_a_read_only_journal_outside_the_state_directory_names_protectsystem_first(
+        tmp_path, monkeypatch):
+    """ProtectSystem=strict makes every path but /var/lib/poi-bridge read-only for the
+    service: a journal configured elsewhere got "disk errors ... fsck", sending the
+    technician after a healthy disk. Outside the state directory, or under systemd
+    (INVOCATION_ID), the unit's sandbox comes first, the disk after."""
+    from bridge.daemon.journal import unusable
+
+    error = readonly_error()
+    mount_read_only(monkeypatch, tmp_path)
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    elsewhere = unusable(Path("/srv/pos/journal.sqlite3"), error)
+    assert "ProtectSystem=strict" in elsewhere and "ReadWritePaths=/srv/pos" in elsewhere
+    assert "/var/lib/poi-bridge" in elsewhere
+    assert elsewhere.index("ProtectSystem=strict") < elsewhere.index("fsck"), elsewhere
+    at_home = unusable(Path("/var/lib/poi-bridge/journal.sqlite3"), error)
+    assert "ProtectSystem" not in at_home and "fsck" in at_home, at_home
+    monkeypatch.setenv("INVOCATION_ID", "0123456789abcdef0123456789abcdef")
+    under_unit = unusable(Path("/var/lib/poi-bridge/journal.sqlite3"), error)
+    assert under_unit.index("ProtectSystem=strict") < under_unit.index("fsck"), under_unit
 
 
 def test_a_journal_on_a_real_read_only_remount_is_not_called_a_permission_problem(tmp_path):

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bridge.config import STATE_DIRECTORY
 from bridge.protocol.transaction import Transaction, TxKey, TxState
 
 log = logging.getLogger("poi_bridge.journal")
@@ -124,11 +125,24 @@ def unusable(path: Path, exc: sqlite3.Error) -> str:
 
 
 def _mounted_read_only(path: Path, exc: BaseException) -> str:
+    disk = ("look at the kernel log (dmesg), check the disk (fsck, from a rescue system if "
+            "it is the root file system), remount it read-write or replace it, then restart "
+            "the bridge.")
+    sandboxed = os.environ.get("INVOCATION_ID") is not None
+    if sandboxed or not path.absolute().is_relative_to(STATE_DIRECTORY):
+        # ProtectSystem=strict mounts everything but StateDirectory= read-only for the
+        # service: by far the likelier reason than a disk the kernel gave up on.
+        return (f"journal {path} cannot be written ({exc}): {path.parent} is read-only for "
+                f"this process. Under poi-bridge.service that is the unit's "
+                f"ProtectSystem=strict, which leaves only {STATE_DIRECTORY} writable: move "
+                f"the journal into {STATE_DIRECTORY} (journal = "
+                f"\"{STATE_DIRECTORY / 'journal.sqlite3'}\"), or allow its directory in a "
+                f"drop-in (`systemctl edit poi-bridge`, [Service] ReadWritePaths={path.parent}), "
+                f"then restart the bridge. It is left as it is. Otherwise the file system was "
+                f"mounted read-only, as the kernel does after disk errors: {disk}")
     return (f"journal {path} cannot be written ({exc}): {path.parent} is on a file system "
-            "mounted read-only, as the kernel does after disk errors. It is left as it "
-            "is: look at the kernel log (dmesg), check the disk (fsck, from a rescue "
-            "system if it is the root file system), remount it read-write or replace it, "
-            "then restart the bridge.")
+            f"mounted read-only, as the kernel does after disk errors. It is left as it "
+            f"is: {disk}")
 
 
 def _read_only_mount(directory: Path) -> bool:
@@ -280,6 +294,7 @@ class Journal:
         self._response_text: tuple[dict[str, Any], str] | None = None
         # The daemon's journal is its alone; the technician's commands read it beside it
         self._lock = None if readonly else _hold_lock(self.path)
+        self.bridge_id: str | None = None  # (set on opening; a read-only one may have none)
         try:
             self._open(readonly)
         except BaseException:
@@ -335,6 +350,13 @@ class Journal:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
+            # This journal's own id, made once: the bridge that holds it names itself by it on
+            # the broker, and a document of a previous run of its own is told from another
+            # bridge's (bridge.daemon.peers)
+            self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('bridge_id', ?)",
+                             (os.urandom(8).hex(),))
+            (self.bridge_id,) = self._db.execute(
+                "SELECT value FROM meta WHERE key = 'bridge_id'").fetchone()
             (newest,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()
             self._last_outbox_id = self._durable_outbox_id = newest
         except sqlite3.DatabaseError as exc:
