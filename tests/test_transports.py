@@ -371,7 +371,8 @@ async def test_serial_open_something_that_is_not_a_serial_port(tmp_path):
 @pytest.mark.parametrize(
     ("code", "expected"),
     [
-        (errno.EACCES, ["permission denied", "owned by group", "70-poi-bridge.rules", "dialout"]),
+        (errno.EACCES, ["permission denied", "owned by group", "70-poi-bridge.rules",
+                        "poi-bridge udev-rules", "check the device path"]),
         # The shipped unit's device cgroup (or seccomp) refuses with EPERM, not EACCES. The
         # pty is a real node of the kernel's "pts" driver (major 136 in /proc/devices).
         (errno.EPERM, ["operation not permitted", "systemd sandbox of poi-bridge.service",
@@ -394,6 +395,33 @@ async def test_serial_open_failures_are_explained(pty, monkeypatch, code, expect
     for words in expected:
         assert words in refused.value.reason
     assert pty.path in refused.value.reason
+
+
+async def test_serial_eacces_suggests_joining_only_a_serial_device_group(
+        tmp_path, pty, monkeypatch):
+    """A node owned by root or tty got "add the poi-bridge user to that group": a
+    technician adding a daemon to root or tty. Only dialout (uucp) is a group to join;
+    any other node is one neither the udev rule nor dialout covers."""
+    import grp
+
+    def refuse(*_args, **_kwargs):
+        raise serial.SerialException(errno.EACCES, "could not open port: Permission denied")
+
+    monkeypatch.setattr(serial, "Serial", refuse)
+    reasons = {}
+    for group in ("root", "tty", "dialout"):
+        node = tmp_path / f"ttyUSB-{group}"
+        node.write_bytes(b"")
+        os.chown(node, -1, grp.getgrnam(group).gr_gid)
+        with pytest.raises(LinkClosed) as refused:
+            await within(SerialTransport(SerialLink(device=str(node))).open())
+        reasons[group] = refused.value.reason
+    assert "add the poi-bridge user to group 'dialout'" in reasons["dialout"]
+    for group in ("root", "tty"):
+        assert "add the poi-bridge user" not in reasons[group], reasons[group]
+        assert "neither the udev rule" in reasons[group] and "dialout" in reasons[group]
+        assert "poi-bridge udev-rules" in reasons[group]
+        assert "check the device path" in reasons[group]
 
 
 async def test_serial_eperm_and_eacces_get_different_advice(pty, monkeypatch):

@@ -444,12 +444,23 @@ def _open_failure(device: str, exc: serial.SerialException) -> str:
                 f"DeviceAllow=char-{group} rw, then `systemctl restart poi-bridge` (the "
                 f"{group} driver must be loaded by then)")
     if code == errno.EACCES:
-        owner = ""
+        group = None
         with contextlib.suppress(OSError, KeyError):
-            owner = f" (owned by group '{grp.getgrgid(os.stat(device).st_gid).gr_name}')"
-        return (f"permission denied opening serial device {device}{owner}: install the udev "
-                f"rule 70-poi-bridge.rules (it gives the poi-bridge group access) and replug, "
-                f"or add the poi-bridge user to that group (usually 'dialout')")
+            group = grp.getgrgid(os.stat(device).st_gid).gr_name
+        owner = f" (owned by group '{group}')" if group else ""
+        if group in SERIAL_DEVICE_GROUPS:
+            return (f"permission denied opening serial device {device}{owner}: install the "
+                    f"udev rule 70-poi-bridge.rules (it gives the poi-bridge group access) "
+                    f"and replug, or add the poi-bridge user to group '{group}'")
+        # root, tty, a group of its own: not one to join. The node is no serial port a
+        # terminal's driver made, or one no rule covers.
+        return (f"permission denied opening serial device {device}{owner}: the node is "
+                f"covered by neither the udev rule 70-poi-bridge.rules (group poi-bridge) nor "
+                f"the dialout group the poi-bridge user is in. Install the rules "
+                f"`poi-bridge udev-rules --config FILE` prints for the configured terminals "
+                f"as /etc/udev/rules.d/71-poi-bridge-local.rules and replug, or check the "
+                f"device path in the configuration (`poi-bridge devices` lists the terminals "
+                f"seen)")
     if code in (errno.EAGAIN, errno.EWOULDBLOCK):
         return (f"serial device {device} is in use by another process (a second poi-bridge "
                 f"or a terminal program?)")
@@ -462,6 +473,9 @@ def _open_failure(device: str, exc: serial.SerialException) -> str:
         return f"{device} is not a serial port ({exc})"
     return f"cannot open serial device {device}: {exc}"
 
+
+# Groups that own serial ports for their users to join (Debian's dialout, uucp elsewhere).
+SERIAL_DEVICE_GROUPS = frozenset({"dialout", "uucp"})
 
 # The device groups systemd/poi-bridge.service admits (DeviceAllow=char-NAME rw).
 UNIT_DEVICE_GROUPS = frozenset({"ttyUSB", "ttyACM", "ttyS", "usb_device"})
