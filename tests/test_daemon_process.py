@@ -131,6 +131,30 @@ async def test_sigterm_drains_cleanly_and_says_offline(tmp_path, mosquitto):
         sim.stop()
 
 
+async def test_sighup_is_answered_in_the_log_and_the_daemon_goes_on(tmp_path, mosquitto):
+    """SIGHUP's default action ended the daemon silently (a technician's `kill -HUP` to
+    reload the configuration). It says the configuration is read only at start, and
+    carries on: still online, still stopping cleanly on SIGTERM."""
+    import signal
+
+    sim = Simulator(tmp_path)
+    daemon = Daemon(write_config(tmp_path, mosquitto, sim.link), tmp_path).start()
+    try:
+        async with Subscriber(mosquitto, [f"{BASE}/bridge/state"]) as sub:
+            await sub.wait_for(lambda t, p: p["state"] == "online")
+            daemon.process.send_signal(signal.SIGHUP)
+            assert await asyncio.to_thread(
+                wait_until, lambda: "systemctl restart poi-bridge" in daemon.log(), 10), \
+                daemon.log()
+            assert daemon.process.poll() is None, daemon.log()
+            assert "configuration is read only at start" in daemon.log()
+            assert await asyncio.to_thread(daemon.terminate) == 0
+            await sub.wait_for(lambda t, p: p["state"] == "offline")
+    finally:
+        daemon.kill()
+        sim.stop()
+
+
 async def test_the_journal_is_readable_by_the_daemons_user_only_whatever_the_umask(
         tmp_path, mosquitto):
     """The journal holds what terminals answer (card data, masked or not, receipts). The

@@ -573,6 +573,32 @@ async def test_device_that_is_not_a_terminal(pipe_monitor, caplog) -> None:
     await hotplug.stop()
 
 
+async def test_a_tagged_terminal_no_one_configured_is_said_once_per_appearance(
+        pipe_monitor, caplog) -> None:
+    """A new or replacement terminal plugged in was only a DEBUG line: the technician saw
+    nothing. Once per appearance (not for a repeated add), at INFO, with the device path
+    to configure and that the bridge must be restarted."""
+    recorder = Recorder()
+    hotplug = make(pipe_monitor, recorder)
+    await hotplug.start()
+    caplog.set_level(logging.INFO, logger="bridge.daemon.hotplug")
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == logging.INFO and "no configured terminal uses it" in r.getMessage()]
+
+    for event in (ingenico_tty(serial="55555555"), ingenico_tty(serial="55555555"),
+                  ingenico_tty("remove", serial="55555555"), ingenico_tty(serial="55555555")):
+        pipe_monitor.push(as_pyudev(event))
+        await asyncio.sleep(0.05)
+        await hotplug.wait_idle()
+    assert recorder.calls == []
+    assert len(said()) == 2, said()
+    assert 'add a [[terminals]] entry with device = "/dev/poi/ingenico-55555555"' in said()[0]
+    assert "systemctl restart poi-bridge" in said()[0] and "plugged in" in said()[0]
+    await hotplug.stop()
+
+
 async def test_two_terminals_at_once(pipe_monitor) -> None:
     recorder = Recorder()
     hotplug = make(pipe_monitor, recorder)

@@ -434,6 +434,11 @@ async def run_bridge(config: Config, *, mqtt_password: str | None = None) -> Non
     stop_when_out_of_memory(loop, bridge)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, bridge.request_stop)
+    # SIGHUP's default action ended the daemon without a word (`kill -HUP`, `systemctl
+    # reload` habits): it reads its configuration only at start, so say so and go on.
+    loop.add_signal_handler(signal.SIGHUP, log.warning,
+                            "SIGHUP received: ignored, the bridge goes on as it was. Its "
+                            "configuration is read only at start: systemctl restart poi-bridge")
     await bridge.start()
     try:
         await bridge.wait_stopped()

@@ -121,6 +121,14 @@ class DeviceInfo:
         return TAG in self.tags
 
     @property
+    def config_device(self) -> str | None:
+        """The path to configure as a serial link's device: its /dev/poi/ name (udev's rules),
+        which stays the same whichever port it is plugged into (the shortest: not a
+        per-interface one), else the node."""
+        links = [link for link in self.devlinks if link.startswith("/dev/poi/")]
+        return min(links, key=len) if links else self.devname
+
+    @property
     def virtual(self) -> bool:
         return self.devpath.startswith("/devices/virtual/")
 
@@ -261,8 +269,7 @@ class TerminalMatcher:
         if not self._serial:
             return "no serial terminals configured"
         if info.tagged:
-            links = [link for link in info.devlinks if link.startswith("/dev/poi/")]
-            hint = f' with device = "{links[0]}"' if links else ""
+            hint = f' with device = "{info.config_device}"' if info.config_device else ""
             return ("tagged as a payment terminal by udev, but no configured terminal uses it: "
                     f"add a [[terminals]] entry{hint} if it should be bridged")
         return (f"not a configured terminal: no serial link names {info.devname} or one of its "

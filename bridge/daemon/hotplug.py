@@ -468,8 +468,18 @@ class HotplugMonitor:
                 lost.setdefault(known.poi_id, set()).add(devpath)
             self._devices[devpath] = _Known(info, match.poi_id)
             if match.poi_id is None:
-                log.debug("hotplug: %s %s ignored: %s", info.action or "present",
-                          info.describe(), match.reason)
+                if info.tagged and info.subsystem == "tty":
+                    # A payment terminal by udev's rules that nobody configured: a new or
+                    # replaced terminal, once per appearance (a repeated add changes nothing).
+                    log.info("hotplug: %s, a payment terminal by the udev rules, is %s and no "
+                             "configured terminal uses it. To bridge it, add a [[terminals]] "
+                             "entry with device = \"%s\" and restart (systemctl restart "
+                             "poi-bridge): the configuration is read only at start",
+                             info.describe(), "present" if initial else "plugged in",
+                             info.config_device)
+                else:
+                    log.debug("hotplug: %s %s ignored: %s", info.action or "present",
+                              info.describe(), match.reason)
                 continue
             gained.setdefault(match.poi_id, []).append(info)
         for poi_id in sorted(set(lost) | set(gained)):
