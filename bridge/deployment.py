@@ -43,6 +43,8 @@ def deployment_problems(config: Config, *, for_daemon: bool = False
     errors += _shared_links(config)
     warnings += _usb_without_serial_beside_its_twin(config)
     warnings += _status_timeout_within_link_retries(config)
+    if not for_daemon:  # (the daemon says it itself: "not plugged in", when it starts)
+        warnings += _devices_not_there(config)
     for number, terminal in enumerate(config.terminals):
         if terminal.key is not None:
             _check_secret(f"terminals[{number}].key.passphrase_file",
@@ -120,6 +122,22 @@ def _usb_without_serial_beside_its_twin(config: Config) -> list[str]:
                 f"third one or a mistyped serial; set its serial (poi-bridge devices lists "
                 f"them)")
     return problems
+
+
+def _devices_not_there(config: Config) -> list[str]:
+    """A serial device under /dev that does not exist now: a terminal unplugged, or a wrong
+    path, which the daemon can only report as "not plugged in". A warning: udev makes the
+    node when the terminal is plugged in."""
+    out = []
+    for number, terminal in enumerate(config.terminals):
+        link = terminal.link
+        if (isinstance(link, SerialLink) and link.device.startswith("/dev/")
+                and not os.path.exists(link.device)):
+            out.append(f"terminals[{number}].link.device: {link.device} does not exist now "
+                       f"({terminal.poi_id}): the terminal is unplugged or switched off, or "
+                       f"the path is wrong; `poi-bridge devices` lists the terminals plugged "
+                       f"in and the device to configure for each (ls -l /dev/poi/)")
+    return out
 
 
 def _status_timeout_within_link_retries(config: Config) -> list[str]:

@@ -599,6 +599,22 @@ def test_a_usb_terminal_without_serial_beside_its_twin_with_one_is_a_warning(tmp
     assert "has no serial" not in err, err
 
 
+def test_a_serial_device_that_does_not_exist_now_is_a_warning(tmp_path, capsys):
+    """A mistyped /dev path looked like an unplugged cable, and check-config said OK. Not an
+    error: udev makes the node when the terminal is plugged in."""
+    text = (f'journal = "{tmp_path / "journal.sqlite3"}"\n'
+            '[[terminals]]\npoi_id = "V400m-1"\n'
+            '[terminals.link]\nkind = "serial"\ndevice = "/dev/poi/verifone-00000000"\n')
+    status, _out, err = check(write(tmp_path, text), capsys)
+    assert status == 0, err
+    assert ("warning: terminals[0].link.device: /dev/poi/verifone-00000000 does not exist now "
+            "(V400m-1): the terminal is unplugged or switched off, or the path is wrong") in err
+    assert "poi-bridge devices" in err
+    _status, _out, err = check(write(tmp_path, text.replace("/dev/poi/verifone-00000000",
+                                                            "/dev/null")), capsys)
+    assert "does not exist now" not in err, err
+
+
 def test_a_status_timeout_within_the_links_own_retries_is_a_warning(tmp_path, capsys):
     """status_timeout 1 s with a framer that tries a frame 3 x 0.5 s: a poll is given up on
     while its frame may still reach the terminal (found by the soak, seed 8)."""

@@ -849,6 +849,9 @@ async def test_missing_terminal_is_logged_for_the_technician(pipe_monitor, caplo
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(m.startswith("terminal Desk3500-12345678: its device (serial "
                             "/dev/poi/ingenico-12345678) is not plugged in") for m in warnings)
+    # A mistyped path looks the same as an unplugged cable: both are said.
+    assert all("or the device in the configuration is wrong" in m for m in warnings
+               if "is not plugged in" in m), warnings
     assert any(m.startswith("terminal V400m-324688179:") for m in warnings)
     assert not any("Cloud-1" in m for m in warnings), "TCP terminals are not hotplug devices"
 

@@ -230,9 +230,10 @@ class HotplugMonitor:
                 # Its worker opens the node directly and says so if it cannot; udev will never
                 # report it, so "not plugged in" would be wrong for a node that is there.
                 continue
-            log.warning("terminal %s: its device (%s) is not plugged in; it will be used as "
-                        "soon as it appears (check the cable; `poi-bridge devices` lists what "
-                        "is connected)", poi_id, describe_link(terminal))
+            log.warning("terminal %s: its device (%s) is not plugged in, or the device in "
+                        "the configuration is wrong; it will be used as soon as it appears "
+                        "(check the cable; `poi-bridge devices` lists what is connected and "
+                        "the device to configure)", poi_id, describe_link(terminal))
         await self._queue.join()
 
     async def stop(self) -> None:
