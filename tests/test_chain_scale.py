@@ -189,7 +189,8 @@ async def pay(till: Subscriber, service_id: str) -> None:
 
 
 def online(store: str):
-    return lambda t, p: t == f"poi/{store}/bridge/state" and p == {"state": "online"}
+    return lambda t, p: t == f"poi/{store}/bridge/state" and isinstance(p, dict) \
+        and p.get("state") == "online"
 
 
 async def test_register_on_the_central_broker_pays_through_a_store(tmp_path):
@@ -314,8 +315,8 @@ async def test_no_echo_when_the_central_broker_ignores_the_bridge_bit(tmp_path):
         assert len(copies(office, "E1")) == 1
         events = [p["event"] for t, p, _ in till.messages if t.endswith("/event")]
         assert "duplicate" not in events
-        assert [p for t, p, _ in till.messages if t == "poi-bridge/bridge/state"] == [
-            {"state": "online"}]
+        assert [p["state"] for t, p, _ in till.messages if t == "poi-bridge/bridge/state"] == [
+            "online"]
         log = central.log_path.read_text()
         assert "New client connected" in log and "as store-12" in log
         assert "New bridge connected" not in log  # the bridge bit really was off
@@ -356,7 +357,7 @@ async def test_mqtt5_bridge_answers_reach_head_office_on_a_store_side_response_t
                         await asyncio.sleep(0.02)
 
             state = await seen(f"{STORE}/bridge/state")
-            assert json.loads(state.payload) == {"state": "online"}
+            assert json.loads(state.payload)["state"] == "online"
 
             async def ask(response_topic: str, correlation: bytes) -> None:
                 properties = Properties(PacketTypes.PUBLISH)
@@ -559,7 +560,7 @@ async def test_central_acl_keeps_each_store_to_its_own_prefix_and_session(tmp_pa
             await thief.disconnect()
             raise AssertionError("a store's certificate logged in on head office's listener")
         await asyncio.sleep(0.5)
-        assert not any(p == {"forged": True} or p == {"state": "offline"}
+        assert not any(p == {"forged": True} or isinstance(p, dict) and p.get("state") == "offline"
                        for _, p, _ in office.messages)
         assert forger.messages == []  # the requests reached store-12 only
         assert store.charged() == {("HQ1", "T12"), ("HQ1", "T13")}

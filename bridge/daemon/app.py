@@ -28,6 +28,7 @@ from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway
 from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog
+from bridge.daemon.peers import describe as describe_bridge
 from bridge.daemon.worker import TerminalWorker, SteadyClock, describe_transactions
 from bridge.protocol import crypto
 from bridge.transports import open_transport
@@ -250,6 +251,8 @@ class Bridge:
             "undeliverable": self.gateway.undeliverable,
             "refused_by_broker": self.gateway.refused,
             "rejected_requests": self.intake.rejected,
+            # Other bridges serving these topics: while there is one, no new request starts
+            "other_bridges": [describe_bridge(d) for d in self.gateway.peers.others.values()],
         }
 
     def recover(self) -> int:

@@ -530,6 +530,12 @@ class RequestIntake:
         if not self.gateway.accepting:
             return ("the bridge is shutting down; nothing was sent to the terminal; retry with "
                     "a new ServiceID once it is back", "UnavailableService")
+        # Another bridge on these topics takes this request too: only what cannot charge
+        # (an Abort, a status request, about this bridge's own transactions) goes on
+        other = self.gateway.other_bridge
+        if other is not None and request.abort_request is None \
+                and request.transaction_status_request is None:
+            return other, "UnavailableService"
         worker = self.workers.get(poi_id)
         if worker is None:
             return (f"unknown terminal {poi_id}: not in this bridge's configuration",

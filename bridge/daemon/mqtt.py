@@ -32,6 +32,7 @@ from bridge.config import MqttConfig, TlsConfig
 from bridge.daemon.journal import Journal, OutboxMessage
 from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
 from bridge.daemon.outbox import OUTBOX_WINDOW, OutboxPump
+from bridge.daemon.peers import ANNOUNCE_TIMEOUT, OtherBridges
 from bridge.daemon.registers import (
     Topics,
     dumps,
@@ -204,6 +205,11 @@ class RegisterGateway:
         self._short_connections = 0  # connections in a row that the broker ended at once
         self._left_at: float | None = None  # when this run's last connection ended
         self.lost_state = 0  # connections that found the broker had lost the bridge's session
+        # Another bridge on these topics: who this one is, whom it has seen (bridge.daemon.peers)
+        self.peers = OtherBridges(bridge_id=journal.bridge_id, client_id=config.client_id,
+                                  journal=str(journal.path), topic=self.topics.bridge_state)
+        self.peers.on_reannounce = self._reannounce
+        self._announced_here = False  # this connection has said "online" (see _serve)
 
     @property
     def connected(self) -> bool:
@@ -302,6 +308,36 @@ class RegisterGateway:
     def accepting(self) -> bool:
         return self._accepting
 
+    @property
+    def other_bridge(self) -> str | None:
+        """Why no new request may start: another bridge serves these topics (or did a moment
+        ago); None when this bridge is alone. Read by the intake for each new request."""
+        return self.peers.refusal()
+
+    def _state_heard(self, client: Any, userdata: Any, message: Any) -> None:
+        """A document on {base}/bridge/state, as paho reads it off the socket: before any
+        request read after it is handled (bridge.daemon.peers)."""
+        if message.qos > 0:
+            client.ack(message.mid, message.qos)
+        self.peers.heard(message.payload or b"",
+                         functools.partial(load_json, max_size=64 * 1024))
+
+    def _reannounce(self) -> None:
+        asyncio.get_running_loop().call_soon(self._announce_again)
+
+    def _announce_again(self) -> None:
+        """Say "online" again: another bridge's "offline" (or a cleared document) replaced
+        this one's. Before this connection's first "online", that one is still to come."""
+        client = self._client
+        if client is None or not self._announced_here or not self._accepting:
+            return
+        try:
+            done = client.publish_nowait(self.topics.bridge_state, dumps(self.peers.online()),
+                                         qos=1, retain=True)
+        except aiomqtt.MqttError:
+            return  # the next connection says it
+        done.add_done_callback(lambda future: future.cancelled() or future.exception())
+
     # --- the connection -----------------------------------------------------------------------
 
     def _client_for(self) -> PipelinedClient:
@@ -318,12 +354,12 @@ class RegisterGateway:
             options["properties"] = props
         else:
             options["clean_session"] = False
-        return PipelinedClient(
+        client = PipelinedClient(
             self.config.host, self.config.port,
             identifier=self.config.client_id,
             username=self.config.username, password=self._password,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
-            will=aiomqtt.Will(self.topics.bridge_state, dumps({"state": "offline"}), qos=1,
+            will=aiomqtt.Will(self.topics.bridge_state, dumps(self.peers.offline()), qos=1,
                               retain=True),
             keepalive=self.config.keepalive,
             tls_context=tls_context(self.config.tls),
@@ -334,6 +370,9 @@ class RegisterGateway:
             timeout=10,
             **options,
         )
+        # (installed before connecting: what the broker kept for this session comes at once)
+        client._client.message_callback_add(self.topics.bridge_state, self._state_heard)
+        return client
 
     async def run(self) -> None:
         """Connect, serve, and reconnect with jittered backoff, until cancelled. Whatever
@@ -391,6 +430,7 @@ class RegisterGateway:
                 if self._client is not None:
                     self._left_at = time.time()
                 self._client = None
+                self._announced_here = False
                 self._connected.clear()
             current = asyncio.current_task()
             if current is not None and current.cancelling():
@@ -457,14 +497,20 @@ class RegisterGateway:
         # publishes must find a subscriber (on a broker that has never seen this bridge's
         # persistent session, nothing would queue a request for it).
         if self._accepting:
+            # Its own state topic first: another bridge's document there is read before any
+            # request (bridge.daemon.peers)
+            await self._watch_state(client)
             # With MQTT 5 a request published with retain arrives flagged even while we are
             # subscribed, and is refused at once rather than after the next reconnect.
             options: dict[str, Any] = (
                 {"options": SubscribeOptions(qos=1, retainAsPublished=True)}
                 if self.config.protocol == "5" else {"qos": 1})
             await self._subscribe(client, options)
-        await client.publish(self.topics.bridge_state, dumps({"state": "online"}), qos=1,
+        await client.publish(self.topics.bridge_state, dumps(self.peers.online()), qos=1,
                              retain=True)
+        self._announced_here = True
+        if self._accepting:
+            await self._hear_back()
         self._state_dirty = set(self._terminal_states)
         self._state_ready.set()
         self._connected.set()
@@ -484,6 +530,32 @@ class RegisterGateway:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
                     await task
+
+    async def _watch_state(self, client: aiomqtt.Client) -> None:
+        granted = await client.subscribe(self.topics.bridge_state, qos=1)
+        code = granted[0] if isinstance(granted, list | tuple) and granted else None
+        value = getattr(code, "value", code)
+        if isinstance(value, int) and value >= 0x80:
+            log.error("the MQTT broker refused the bridge's subscription to its own %s (%s): "
+                      "it cannot see another bridge serving the same topics, which would "
+                      "charge every payment twice. Let the bridge's user read it in the "
+                      "broker's ACL (examples/mosquitto/acl)", self.topics.bridge_state, code)
+            self.peers.go_blind()
+
+    async def _hear_back(self) -> None:
+        """Requests are taken once the broker has passed this bridge's own "online" back: it
+        has then passed every document published there before it (another bridge's)."""
+        deadline = time.monotonic() + ANNOUNCE_TIMEOUT
+        while not self.peers.heard_back:
+            if time.monotonic() > deadline:
+                log.error("the bridge's own %s did not come back from the MQTT broker within "
+                          "%g s: it cannot see another bridge serving the same topics, which "
+                          "would charge every payment twice. Let the bridge's user read that "
+                          "topic in the broker's ACL (examples/mosquitto/acl); taking "
+                          "requests meanwhile", self.topics.bridge_state, ANNOUNCE_TIMEOUT)
+                self.peers.go_blind()
+                return
+            await asyncio.sleep(0.01)
 
     async def _subscribe(self, client: aiomqtt.Client, options: dict[str, Any]) -> None:
         """Subscribe to every level under the request topics, and drop the narrower
@@ -741,5 +813,5 @@ class RegisterGateway:
             await asyncio.sleep(0.05)
         with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
             await asyncio.wait_for(
-                client.publish(self.topics.bridge_state, dumps({"state": "offline"}), qos=1,
+                client.publish(self.topics.bridge_state, dumps(self.peers.offline()), qos=1,
                                retain=True), timeout=max(0.1, deadline - time.monotonic()))

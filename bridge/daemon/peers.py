@@ -1,0 +1,163 @@
+"""Another bridge on the same topics: two daemons (a second box, a test install left running)
+on one broker with one `base_topic` both take every register request, and both charge it.
+
+Each bridge names itself in its retained `{base}/bridge/state` document, and in its last
+will: `instance` (random, new at every process start), `bridge_id` (random, made once per
+journal and kept in it), `host`, `pid`, `client_id`, `journal`; its "online" document also
+carries `announcement`, a count of its own announcements in this run. It subscribes to that
+topic itself, and reads every document there as it comes off the socket (before any request
+read after it is handled):
+
+- its own instance: its own document. Requests are taken only once its latest "online" has
+  come back from the broker: by then the broker has passed it every document published
+  before, so of two bridges announcing at once the second sees the first (proof in the
+  README, "Another bridge on the same topics").
+- its own `bridge_id` and host, another instance: a previous run of this bridge (an "online"
+  left by a SIGKILL or a power cut, the broker not having published the will yet). Ignored.
+- any other instance, not "offline": another bridge. This bridge takes no new request (the
+  intake refuses them, nothing sent to a terminal) until that bridge's "offline" (its will
+  or its clean stop) comes, or the document is cleared; what is open is finished and
+  reported. Both bridges back off: neither can tell which of the two is the store's.
+- a document without `instance` (an older bridge; anything else) says nothing: ignored.
+
+In a chain each store's broker carries `bridge/state` out to the central broker only (under
+the store's prefix), never in: stores do not see each other's documents.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("poi_bridge.mqtt")
+
+# How long a bridge waits for its own "online" to come back from the broker before it takes
+# requests without the check (a broker whose ACL keeps the bridge from reading its state)
+ANNOUNCE_TIMEOUT = 5.0
+
+
+def describe(document: dict[str, Any]) -> str:
+    return (f"host {document.get('host', '?')} (pid {document.get('pid', '?')}, client id "
+            f"{document.get('client_id', '?')!r}, journal {document.get('journal', '?')})")
+
+
+class OtherBridges:
+    """What this bridge has heard on its own state topic: the other bridges seen there, and
+    whether its latest announcement has come back."""
+
+    def __init__(self, *, bridge_id: str | None, client_id: str, journal: str,
+                 topic: str, host: str | None = None) -> None:
+        self.topic = topic
+        self.identity: dict[str, Any] = {
+            "instance": os.urandom(8).hex(), "bridge_id": bridge_id,
+            "host": host or socket.gethostname(), "pid": os.getpid(),
+            "client_id": client_id, "journal": journal}
+        self.others: dict[str, dict[str, Any]] = {}  # instance -> its latest document
+        self._announced = 0  # the latest own "online" published
+        self._heard = 0  # the latest own "online" the broker passed back
+        self._backed_off = False  # another bridge was seen: wait for a fresh echo to resume
+        self.blind = False  # the check could not work on this connection (see ANNOUNCE_TIMEOUT)
+        self.seen = 0  # other bridges seen in this run (for health and tests)
+        # Called when this bridge must say "online" again: the other's "offline", or a
+        # cleared document, replaced its own
+        self.on_reannounce: Callable[[], None] | None = None
+
+    def online(self) -> dict[str, Any]:
+        """A new "online" document: requests wait until it comes back (`heard_back`)."""
+        self._announced += 1
+        return {"state": "online", **self.identity, "announcement": self._announced}
+
+    def offline(self) -> dict[str, Any]:
+        return {"state": "offline", **self.identity}
+
+    @property
+    def heard_back(self) -> bool:
+        return self._heard >= self._announced
+
+    def go_blind(self) -> None:
+        """The latest announcement did not come back: serve without the check."""
+        self._heard = self._announced
+        self.blind = True
+
+    def refusal(self) -> str | None:
+        """Why a new request may not start now, or None."""
+        if self.others:
+            names = "; ".join(describe(d) for d in self.others.values())
+            return ("another poi-bridge serves this broker's topics too (" + names + "): so "
+                    "that no payment is charged twice, this bridge takes no new request while "
+                    "it runs. Nothing was sent to the terminal. Stop one of the two bridges, "
+                    "then send the request again with a new ServiceID")
+        if self._backed_off and not self.heard_back:
+            return ("another poi-bridge served this broker's topics a moment ago: this "
+                    "bridge is making sure it is gone. Nothing was sent to the terminal; "
+                    "send the request again with a new ServiceID in a few seconds")
+        return None
+
+    def heard(self, payload: bytes, load: Callable[[bytes], Any]) -> None:
+        """A document on the state topic (retained or live), as read off the socket."""
+        if not payload:  # cleared: whoever was there is gone, as far as the broker says
+            if self.others:
+                log.warning("%s was cleared: the other bridge(s) are taken as gone; this "
+                            "bridge says it is online again and takes requests once the "
+                            "broker has passed that back", self.topic)
+                self.others.clear()
+            self._reannounce()
+            return
+        try:
+            document = load(payload)
+        except Exception:  # noqa: BLE001 - anyone's junk on the topic says nothing
+            return
+        if not isinstance(document, dict) or not isinstance(document.get("instance"), str):
+            return  # an older bridge's document, or not a bridge's: says nothing
+        instance, state = document["instance"], document.get("state")
+        mine = self.identity
+        if instance == mine["instance"]:
+            announcement = document.get("announcement")
+            if state == "online" and isinstance(announcement, int):
+                self._heard = max(self._heard, min(announcement, self._announced))
+                if self.heard_back and self._backed_off and not self.others:
+                    self._backed_off = False
+                    log.warning("no other poi-bridge on %s any more: this bridge takes "
+                                "requests again", self.topic)
+            return
+        if document.get("bridge_id") == mine["bridge_id"] and mine["bridge_id"] is not None \
+                and document.get("host") == mine["host"]:
+            if state != "offline":
+                log.info("%s still held the document of a previous run of this bridge "
+                         "(pid %s, ended without saying offline): not another bridge",
+                         self.topic, document.get("pid", "?"))
+            elif not self.others:
+                self._reannounce()  # (its will, published late, replaced this one's online)
+            return
+        if state == "offline":
+            if self.others.pop(instance, None) is not None:
+                log.warning("the other poi-bridge, %s, has gone offline", describe(document))
+            if not self.others:
+                self._reannounce()  # its document replaced this one's
+            return
+        # Another bridge. Its earlier runs (same journal and host) are over.
+        for other in [i for i, d in self.others.items()
+                      if (d.get("bridge_id"), d.get("host"))
+                      == (document.get("bridge_id"), document.get("host"))]:
+            del self.others[other]
+        new = instance not in self.others
+        self.others[instance] = document
+        self._backed_off = True
+        if new:
+            self.seen += 1
+            log.critical(
+                "ANOTHER POI-BRIDGE ON THE SAME TOPICS: %s says it is %s on %s, beside this "
+                "bridge, %s. Both would take every register request and charge it twice: "
+                "this bridge refuses every new request (nothing is sent to a terminal; what "
+                "is open is finished and reported) until the other is gone. Stop one of the "
+                "two (systemctl stop poi-bridge on the box that must not serve this store), "
+                "or give it its own mqtt.base_topic; if that bridge no longer runs and its "
+                "document stays, clear it: mosquitto_pub -r -n -t %s",
+                describe(document), state, self.topic, describe(mine), self.topic)
+
+    def _reannounce(self) -> None:
+        if self.on_reannounce is not None:
+            self.on_reannounce()

@@ -1,0 +1,203 @@
+"""Another bridge on the same topics: two daemons on one broker and one base_topic (a second
+box, a test install left running) both took a register's request and both charged it. Each
+now sees the other in {base}/bridge/state and refuses new requests while it is there (see
+bridge.daemon.peers); a previous run of its own, or another store behind a chain bridge, is
+not another bridge."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from bridge.config import parse_config
+from bridge.daemon.app import Bridge
+from bridge.simulator import responses
+from bridge.simulator.server import SimulatorServer
+from bridge.simulator.terminal import Behaviour, Scenario
+
+from .broker import Mosquitto
+from .follow_rig import wait_until
+from .rig import POI, Daemon, Simulator, Subscriber, outcome_for, write_config
+from .test_chain_scale import Store, arrives
+
+BASE = "poi/two"
+REQUEST = f"{BASE}/terminals/{POI}/request/TILL1"
+
+
+@contextlib.asynccontextmanager
+async def a_bridge(workdir: Path, broker: Any, client_id: str) -> AsyncIterator[
+        tuple[Bridge, SimulatorServer]]:
+    """A bridge with its own journal, client id and simulated terminal (same POIID)."""
+    workdir.mkdir()
+    terminal = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
+                               ack_timeout=0.3)
+    device = await terminal.start_pty(workdir / "terminal")
+    bridge = Bridge(parse_config({
+        "journal": str(workdir / "journal.sqlite3"),
+        "mqtt": {"host": broker.host, "port": broker.port, "base_topic": BASE,
+                 "client_id": client_id},
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
+    }), hotplug=False)
+    try:
+        await bridge.start()
+        yield bridge, terminal
+    finally:
+        await bridge.stop()
+        await terminal.close()
+
+
+def charged(terminal: SimulatorServer) -> list[str]:
+    return [f"{sale}/{service}" for (sale, service), entry in terminal.terminal.ledger.items()
+            if entry.charged]
+
+
+def answers(register: Subscriber, service_id: str) -> list[dict[str, Any]]:
+    match = outcome_for(service_id)
+    return [p for t, p, _ in register.messages if match(t, p)]
+
+
+async def test_two_bridges_on_one_base_topic_charge_nothing_twice(tmp_path, mosquitto, caplog):
+    caplog.set_level(logging.INFO, logger="poi_bridge")
+    async with Subscriber(mosquitto, [f"{BASE}/registers/TILL1/#", f"{BASE}/bridge/state"],
+                          client_id="register-TILL1") as register, \
+            a_bridge(tmp_path / "a", mosquitto, "bridge-a") as (first, terminal_a):
+        assert await wait_until(lambda: first.gateway.connected, 15)
+        stopped_b = False
+        async with a_bridge(tmp_path / "b", mosquitto, "bridge-b") as (second, terminal_b):
+            assert await wait_until(lambda: second.gateway.connected, 15)
+            # (No wait for the first to have seen the second: the broker passes it the
+            # second's "online", sent before the second took requests, before this request)
+            await register.publish(REQUEST, responses.payment_request("TILL1", "P1", POI, 12.5))
+            assert await wait_until(lambda: len(answers(register, "P1")) >= 2, 15)
+            await asyncio.sleep(0.5)  # a charge, or a third answer, would show now
+            got = answers(register, "P1")
+            assert [p["bridge"]["outcome"] for p in got] == ["rejected", "rejected"]
+            for answer in got:
+                result = answer["SaleToPOIResponse"]["PaymentResponse"]["Response"]
+                assert result["ErrorCondition"] == "UnavailableService"
+                assert "Nothing was sent to the terminal" in answer["bridge"]["error"]
+                assert "another poi-bridge" in answer["bridge"]["error"]
+            assert charged(terminal_a) == charged(terminal_b) == []
+            assert first.gateway.other_bridge is not None
+            assert second.gateway.other_bridge is not None
+            assert "'bridge-b'" in first.health()["other_bridges"][0]
+            critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+            assert len(critical) == 2, critical
+            assert any("'bridge-a'" in m and str(tmp_path / "a") in m for m in critical)
+            assert any("'bridge-b'" in m and str(tmp_path / "b") in m for m in critical)
+            assert all("Stop one of the" in m for m in critical)
+            stopped_b = True
+        assert stopped_b
+        # The other said offline (a clean stop): the first takes requests again, and says
+        # "online" again in the document the other's "offline" replaced
+        assert await wait_until(lambda: first.gateway.other_bridge is None, 10)
+        state = await register.wait_for(
+            lambda t, p: t.endswith("/bridge/state") and p["state"] == "online"
+            and p["client_id"] == "bridge-a" and p["announcement"] > 1)
+        assert state["instance"] == first.gateway.peers.identity["instance"]
+        await register.publish(REQUEST, responses.payment_request("TILL1", "P2", POI, 4.0))
+        answer = await register.wait_for(outcome_for("P2"))
+        assert answer["bridge"]["outcome"] == "approved"
+        assert charged(terminal_a) == ["TILL1/P2"]
+
+
+async def test_two_bridges_started_at_once_charge_a_payment_at_most_once(tmp_path, mosquitto):
+    """Neither finds the other's document when it subscribes: each takes requests only once
+    its own "online" came back, by when the broker has passed it the other's if that was
+    first."""
+    async with Subscriber(mosquitto, [f"{BASE}/registers/TILL1/#"],
+                          client_id="register-TILL1") as register:
+        async with contextlib.AsyncExitStack() as stack:
+            (first, terminal_a), (second, terminal_b) = await asyncio.gather(
+                stack.enter_async_context(a_bridge(tmp_path / "a", mosquitto, "bridge-a")),
+                stack.enter_async_context(a_bridge(tmp_path / "b", mosquitto, "bridge-b")))
+            assert await wait_until(lambda: first.gateway.connected and second.gateway.connected,
+                                    15)
+            await register.publish(REQUEST, responses.payment_request("TILL1", "S1", POI, 3.0))
+            assert await wait_until(lambda: len(answers(register, "S1")) >= 2, 15)
+            await asyncio.sleep(0.5)
+            outcomes = sorted(p["bridge"]["outcome"] for p in answers(register, "S1"))
+            assert outcomes == ["rejected", "rejected"], outcomes
+            assert len(charged(terminal_a) + charged(terminal_b)) == 0
+            assert first.gateway.peers.seen == second.gateway.peers.seen == 1
+
+
+async def test_a_bridge_killed_under_a_broker_that_kept_its_online_is_not_another_bridge(
+        tmp_path, mosquitto):
+    """A power cut: the broker and the daemon are SIGKILLed, the broker's last save holds the
+    bridge's retained "online", and no will ever said otherwise (the broker died with the
+    connection). The daemon's next run finds that "online" and takes it for its own
+    previous run, not another bridge, and pays."""
+    sim = Simulator(tmp_path, "--delay", "0.1")
+    daemon = Daemon(write_config(tmp_path, mosquitto, sim.link), tmp_path).start()
+    request = f"poi-bridge/terminals/{POI}/request/TILL1"
+    saved = mosquitto.workdir / "mosquitto.db"
+    try:
+        async with Subscriber(mosquitto, ["poi-bridge/bridge/state"]) as watcher:
+            before = await watcher.wait_for(lambda t, p: p["state"] == "online")
+            seen = time.time()
+        # (autosave_interval 1: saved within a second or two)
+        assert await wait_until(lambda: saved.exists() and saved.stat().st_mtime > seen + 0.1,
+                                10)
+        mosquitto.kill()
+        daemon.kill()
+        mosquitto.start()
+        async with Subscriber(mosquitto, ["poi-bridge/bridge/state"]) as watcher:
+            left = await watcher.wait_for(lambda t, p: True)
+        assert left == before  # the killed run's "online", still retained
+        daemon.start()
+        async with Subscriber(mosquitto, ["poi-bridge/registers/TILL1/#",
+                                          "poi-bridge/bridge/state"]) as register:
+            now = await register.wait_for(lambda t, p: p.get("state") == "online"
+                                          and p["instance"] != before["instance"], timeout=20)
+            assert now["bridge_id"] == before["bridge_id"]
+            await register.publish(request, responses.payment_request("TILL1", "R1", POI, 9.0))
+            answer = await register.wait_for(outcome_for("R1"), timeout=20)
+            assert answer["bridge"]["outcome"] == "approved"
+        log = daemon.log()
+        assert "a previous run of this bridge" in log
+        assert "ANOTHER POI-BRIDGE" not in log
+    finally:
+        daemon.kill()
+        ledger = sim.stop()
+    assert [k for k, v in ledger.items() if v["charged"]] == ["TILL1/R1"]
+
+
+async def test_two_stores_behind_a_central_broker_do_not_see_each_other(tmp_path):
+    """Each store's broker carries bridge/state out to the central broker, never in: two
+    stores with the same base_topic and client id are not two bridges on one broker."""
+    central = Mosquitto(tmp_path / "central").start()
+    names = ("store-12", "store-13")
+    stores = [await Store(tmp_path / n, n, (central.host, central.port)).start() for n in names]
+    office = Subscriber(central, ["poi/+/bridge/state", "poi/+/registers/+/response"],
+                        client_id="head-office")
+    await office.connect()
+    try:
+        states = {}
+        for name in names:
+            states[name] = await arrives(office, lambda t, p, n=name: t == f"poi/{n}/bridge/state"
+                                         and p.get("state") == "online", timeout=20)
+        assert states["store-12"]["instance"] != states["store-13"]["instance"]
+        assert states["store-12"]["client_id"] == states["store-13"]["client_id"]
+        for store in stores:
+            service_id = "C" + store.name.split("-")[1]
+            request = responses.payment_request("HQ1", service_id, POI, 5.0)
+            await office.publish(f"poi/{store.name}/terminals/{POI}/request",
+                                 json.dumps(request))
+            answer = await arrives(office, outcome_for(service_id), timeout=20)
+            assert answer["bridge"]["outcome"] == "approved"
+        for store in stores:
+            assert store.bridge is not None
+            assert store.bridge.gateway.other_bridge is None
+            assert store.bridge.gateway.peers.seen == 0
+    finally:
+        await office.disconnect()
+        for store in stores:
+            await store.stop()
+        central.kill()
