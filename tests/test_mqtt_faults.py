@@ -679,3 +679,41 @@ async def test_a_retained_refusal_on_bridge_error_echoes_no_card_data_in_its_top
             await till.publish(f"{BASE}/terminals/V400m-1/request/{pan}", b"", retain=True)
     finally:
         journal.close()
+
+
+async def test_a_broker_down_at_start_is_explained_once_then_said_briefly(tmp_path, caplog):
+    """Broker down at start: "cannot reach MQTT broker ...; retrying" said nothing of what
+    to check, or that results wait. The first time says both; the retries stay one short
+    line each, and the advice comes again only after a connection was made and lost."""
+    from .broker import free_port
+
+    caplog.set_level(logging.WARNING, logger="poi_bridge")
+    journal = Journal(tmp_path / "journal.sqlite3")
+    port = free_port()  # nothing listens there yet
+    config = MqttConfig(host="127.0.0.1", port=port, base_topic=BASE, client_id="down-at-start")
+    gateway = RegisterGateway(config, journal, backoff=Backoff(initial=0.05, maximum=0.1))
+
+    def unreachable() -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("cannot reach MQTT broker")]
+
+    try:
+        async with running(gateway):
+            await eventually(lambda: len(unreachable()) >= 3)
+            said = unreachable()
+            assert len(said) >= 3, said
+            assert "Is the broker running? (systemctl status mosquitto)" in said[0], said[0]
+            assert "results are kept and sent on reconnect" in said[0], said[0]
+            assert all("systemctl status mosquitto" not in line for line in said[1:]), said
+            broker = Mosquitto(tmp_path / "broker", port=port).start()
+            try:
+                await eventually(lambda: gateway.connected)
+                assert gateway.connected
+            finally:
+                broker.kill()
+            before = len(unreachable())
+            await eventually(lambda: len(unreachable()) > before)
+            again = unreachable()[before:]
+            assert again and "systemctl status mosquitto" in again[0], again
+    finally:
+        journal.close()

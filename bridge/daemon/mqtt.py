@@ -379,6 +379,7 @@ class RegisterGateway:
         goes wrong is logged and retried: the task must outlive a certificate being
         replaced, or a bug met by one message."""
         first = True
+        advised = False  # what to check, said once per stretch of an unreachable broker
         while True:
             try:
                 try:
@@ -391,7 +392,7 @@ class RegisterGateway:
                     self._backoff.reset()
                     if not first:
                         self.reconnects += 1
-                    first = False
+                    first = advised = False
                     log.info("connected to MQTT broker %s:%d", self.config.host, self.config.port)
                     connected_at = time.monotonic()
                     self._check_session(client)
@@ -411,6 +412,11 @@ class RegisterGateway:
                               "is fixed (systemctl restart poi-bridge). Retrying meanwhile",
                               self.config.host, self.config.port, who, exc,
                               password_to_fix(self.config.password_file))
+                elif not advised:
+                    advised = True
+                    log.warning("cannot reach MQTT broker %s:%d: %s; retrying. Is the broker "
+                                "running? (systemctl status mosquitto); results are kept and "
+                                "sent on reconnect", self.config.host, self.config.port, exc)
                 else:
                     log.warning("cannot reach MQTT broker %s:%d: %s; retrying",
                                 self.config.host, self.config.port, exc)
