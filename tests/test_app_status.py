@@ -60,3 +60,49 @@ async def test_out_of_memory_where_no_task_awaits_it_stops_the_daemon(tmp_path, 
     finally:
         loop.set_exception_handler(before)
         bridge.journal.close()
+
+
+async def test_status_follows_the_broker_and_the_terminals_at_once(tmp_path, mosquitto):
+    """STATUS= was refreshed only every 10 s: right after a start `systemctl status` said
+    "0/1 terminals online ... connecting to the broker" for up to 10 s while both were up.
+    It follows the broker's connection and a terminal's state at once (not every payment:
+    busy and back changes nothing it shows)."""
+    import asyncio
+
+    from bridge.daemon.app import STATUS_INTERVAL
+    from bridge.daemon.notify import SystemdNotifier
+    from bridge.simulator.server import SimulatorServer
+    from bridge.simulator.terminal import Behaviour, Scenario
+
+    from .rig import POI
+
+    class Recorded(SystemdNotifier):
+        def __init__(self) -> None:
+            super().__init__(address="")
+            self.lines: list[str] = []
+
+        def status(self, text: str) -> bool:
+            self.lines.append(text)
+            return True
+
+    notifier = Recorded()
+    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
+                                ack_timeout=0.3)
+    device = await simulator.start_pty(tmp_path / "terminal")
+    bridge = Bridge(parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"),
+        "mqtt": {"host": mosquitto.host, "port": mosquitto.port},
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
+    }), hotplug=False, notifier=notifier)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await bridge.start()
+    try:
+        wanted = "1/1 terminals online, 0 in flight, 0 unresolved, 0 undelivered, broker connected"
+        async with asyncio.timeout(STATUS_INTERVAL - 3):
+            while wanted not in notifier.lines:
+                await asyncio.sleep(0.02)
+        assert loop.time() - started < STATUS_INTERVAL - 3
+    finally:
+        await bridge.stop()
+        await simulator.close()

@@ -96,6 +96,9 @@ class Bridge:
         # own link to say who is there (FOLLOW_LATER) -> that terminal
         self._awaited: dict[str, str] = {}
         self._deciding_again = False
+        # STATUS= now, not at the next interval (_status_loop); what it last showed
+        self._status_wanted: asyncio.Event | None = None
+        self._status_key: tuple[tuple[bool, str], ...] = ()
         for worker in self.workers.values():
             worker.terminals = self.workers
             worker.on_state = self._state_changed
@@ -161,6 +164,7 @@ class Bridge:
     def _state_changed(self, poi_id: str) -> None:
         """`poi_id`'s state was published: a follow that waits for its link is decided again,
         once the step that changed it is over."""
+        self._refresh_status()
         if not self._deciding_again and poi_id in self._awaited.values():
             self._deciding_again = True
             asyncio.get_running_loop().call_soon(self._decide_again)
@@ -236,9 +240,32 @@ class Bridge:
                 f"{counts['undelivered']} undelivered, {broker}")
 
     async def _status_loop(self) -> None:
+        """STATUS= every STATUS_INTERVAL, and at once when the broker connects or a terminal
+        goes online or offline or its identity changes (not for each payment): right after
+        a start `systemctl status` showed "0/1 terminals online, connecting" for 10 s."""
+        self._status_wanted = asyncio.Event()
         while True:
+            self._status_wanted.clear()
+            self._status_key = self._terminals_key()
             self.notifier.status(self.status_line())
-            await asyncio.sleep(STATUS_INTERVAL)
+            waits = [asyncio.ensure_future(self._status_wanted.wait())]
+            if not self.gateway.connected:
+                waits.append(asyncio.ensure_future(self.gateway._connected.wait()))
+            try:
+                await asyncio.wait(waits, timeout=STATUS_INTERVAL,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+
+    def _terminals_key(self) -> tuple[tuple[bool, str], ...]:
+        """What of the terminals STATUS= shows, but the journal's counts."""
+        return tuple((worker.online, str(worker.identity)) for worker in self.workers.values())
+
+    def _refresh_status(self) -> None:
+        """A terminal's state was published: STATUS= again if what it shows changed."""
+        if self._status_wanted is not None and self._terminals_key() != self._status_key:
+            self._status_wanted.set()
 
     def health(self) -> dict[str, Any]:
         return {
