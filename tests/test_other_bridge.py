@@ -201,3 +201,40 @@ async def test_two_stores_behind_a_central_broker_do_not_see_each_other(tmp_path
         for store in stores:
             await store.stop()
         central.kill()
+
+
+def test_a_document_of_this_host_client_id_and_journal_whose_process_is_gone_is_an_earlier_run():
+    """A journal replaced (moved aside after a power cut damaged it) makes a new bridge_id:
+    the broker's saved "online" of the run before it (same host, client id and journal path,
+    its process gone) is no other bridge, or the store would be blocked until someone
+    cleared it by hand. A live process there, or another client id or journal, still is."""
+    import json
+    import subprocess
+    import sys
+
+    from bridge.daemon.peers import OtherBridges
+
+    def peers() -> OtherBridges:
+        return OtherBridges(bridge_id="new-journal", client_id="poi-bridge",
+                            journal="/var/lib/poi-bridge/journal.sqlite3", topic="t",
+                            host="store-12")
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        earlier = {"state": "online", "instance": "i-old", "bridge_id": "old-journal",
+                   "host": "store-12", "pid": dead_pid, "client_id": "poi-bridge",
+                   "journal": "/var/lib/poi-bridge/journal.sqlite3", "announcement": 1}
+        p = peers()
+        p.heard(json.dumps(earlier).encode(), json.loads)
+        assert not p.others and p.refusal() is None
+        for change in ({"pid": alive.pid}, {"client_id": "other"},
+                       {"journal": "/srv/journal.sqlite3"}, {"host": "store-13"}):
+            p = peers()
+            p.heard(json.dumps({**earlier, **change}).encode(), json.loads)
+            assert p.others and p.refusal() is not None, change
+    finally:
+        alive.kill()
+        alive.wait()

@@ -14,6 +14,9 @@ read after it is handled):
   README, "Another bridge on the same topics").
 - its own `bridge_id` and host, another instance: a previous run of this bridge (an "online"
   left by a SIGKILL or a power cut, the broker not having published the will yet). Ignored.
+  So is one of this host, client id and journal path whose process is gone: a run before
+  the journal was replaced (moved aside after a power cut damaged it, say), whose new
+  `bridge_id` the old document cannot know. (A live process there is another bridge.)
 - any other instance, not "offline": another bridge. This bridge takes no new request (the
   intake refuses them, nothing sent to a terminal) until that bridge's "offline" (its will
   or its clean stop) comes, or the document is cleared; what is open is finished and
@@ -123,8 +126,8 @@ class OtherBridges:
                     log.warning("no other poi-bridge on %s any more: this bridge takes "
                                 "requests again", self.topic)
             return
-        if document.get("bridge_id") == mine["bridge_id"] and mine["bridge_id"] is not None \
-                and document.get("host") == mine["host"]:
+        if (document.get("bridge_id") == mine["bridge_id"] and mine["bridge_id"] is not None
+                and document.get("host") == mine["host"]) or _earlier_run_here(document, mine):
             if state != "offline":
                 log.info("%s still held the document of a previous run of this bridge "
                          "(pid %s, ended without saying offline): not another bridge",
@@ -161,3 +164,22 @@ class OtherBridges:
     def _reannounce(self) -> None:
         if self.on_reannounce is not None:
             self.on_reannounce()
+
+
+def _earlier_run_here(document: dict[str, Any], mine: dict[str, Any]) -> bool:
+    """Whether `document` is of a bridge that ran on this host, with this client id and this
+    journal path, in a process that is gone: this bridge before its journal was replaced
+    (a new journal, a new bridge_id). Two live bridges cannot share a client id on one
+    broker for long, nor one journal path on one host (its lock), so a live process or any
+    difference means another bridge."""
+    pid = document.get("pid")
+    if not (isinstance(pid, int) and pid > 0 and pid != mine["pid"]) or any(
+            document.get(key) != mine[key] for key in ("host", "client_id", "journal")):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # (EPERM: alive, another user's)
+        return False
+    return False
