@@ -362,6 +362,19 @@ class MqttConfig(_Strict):
     password_file: Path | None = None
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     tls: TlsConfig | None = None
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_as_number(cls, value: Any) -> Any:
+        """`protocol = 5` unquoted (a TOML integer) is MQTT 5, as "5" is; 3.1.1 cannot be a
+        TOML number, and another number is said with the quoting to use."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return value
+        if value == 5:
+            return "5"
+        raise PydanticCustomError(
+            "mqtt_protocol", "must be \"3.1.1\" or \"5\", in quotes: protocol = \"3.1.1\" "
+            "(got the number {given})", {"given": repr(value)})
     keepalive: Int = Field(default=30, ge=5, le=65535)  # a 16-bit field in MQTT
     max_payload: Int = Field(default=256 * 1024, ge=1024, le=268_435_455)  # MQTT's largest
     transaction_retention: _seconds(366 * 86400) = SERVICE_ID_REUSE_WINDOW

@@ -626,3 +626,17 @@ def test_a_status_timeout_within_the_links_own_retries_is_a_warning(tmp_path, ca
             "of one frame (3 x ack_timeout 0.5 s)") in err, err
     _status, _out, err = check(write(tmp_path, good_toml(tmp_path)), capsys)  # the defaults
     assert "terminals[0].status_timeout" not in err, err
+
+
+def test_mqtt_protocol_5_may_be_written_as_a_number(tmp_path, capsys):
+    """`protocol = 5` unquoted was refused ("Input should be '3.1.1' or '5'"), which reads
+    as if 5 were not allowed. The number 5 is MQTT 5; 3.1.1 cannot be a TOML number, and
+    another number says to quote it."""
+    status, _out, err = check(write(tmp_path, good_toml(tmp_path, top="[mqtt]\nprotocol = 5\n")),
+                              capsys)
+    assert status == 0, err
+    assert parse_config({"mqtt": {"protocol": 5}}).mqtt.protocol == "5"
+    status, _out, err = check(write(tmp_path, good_toml(tmp_path,
+                                                        top="[mqtt]\nprotocol = 3.1\n")), capsys)
+    assert status != 0
+    assert 'mqtt.protocol: must be "3.1.1" or "5", in quotes: protocol = "3.1.1"' in err, err

@@ -1059,3 +1059,18 @@ def test_devices_on_this_machine_through_pyudev(capsys) -> None:
         node = pyudev.Devices.from_sys_path(CONTEXT, str(REAL_TTY)).device_node
         assert node in nodes
     assert all(row["subsystem"] in ("tty", "usb") for row in report["devices"])
+
+
+def test_a_receive_buffer_the_unit_may_not_raise_is_said_as_normal(monkeypatch, caplog) -> None:
+    """Under the unit (no capabilities) the udev receive buffer cannot be raised past
+    net.core.rmem_max at every start: harmless (an overflow triggers a rescan), so said at
+    INFO as normal, not as a problem to look into."""
+    def refuse(self, size):
+        raise OSError(1, "Operation not permitted")
+
+    monkeypatch.setattr(pyudev.Monitor, "set_receive_buffer_size", refuse)
+    caplog.set_level(logging.DEBUG, logger="bridge.daemon.hotplug")
+    HotplugMonitor(CONFIG, Recorder().plug, Recorder().unplug)._open_netlink()
+    (record,) = [r for r in caplog.records if "receive buffer" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert "normal under the unit: no CAP_NET_ADMIN" in record.getMessage()

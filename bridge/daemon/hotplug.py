@@ -310,8 +310,9 @@ class HotplugMonitor:
         except (OSError, AttributeError) as exc:
             # Needs CAP_NET_ADMIN beyond net.core.rmem_max; the unit gives no capabilities.
             # An overflow is detected and repaired by re-enumerating, so this is no failure.
-            log.info("hotplug: could not raise the udev receive buffer to %d bytes (%s); "
-                     "an event storm may overflow it, which triggers a rescan",
+            log.info("hotplug: could not raise the udev receive buffer to %d bytes (%s; "
+                     "normal under the unit: no CAP_NET_ADMIN); an event storm may overflow "
+                     "it, which triggers a rescan",
                      self._receive_buffer, exc)
         return monitor
 
