@@ -1578,3 +1578,20 @@ def test_not_found_after_a_later_payment_that_itself_never_reached_the_terminal_
     assert about["ServiceID"] == "S1" and polls[-1].document != first_poll
     (s1,) = h.delivers(h.answer(responses.status_not_found(polls[-1].document)))
     assert (s1.service_id, s1.outcome) == ("S1", "not_found"), s1
+
+
+def test_a_frame_is_named_for_a_technician_by_what_it_is():
+    """A status poll and an identity check go under ServiceIDs of their own: the log line
+    for one not acknowledged named that ID, which a technician cannot look up anywhere."""
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))
+    (check,) = h.sends(purpose="identify")
+    assert h.session.frame_subject(check.service_id, check.sale_id) == "the identity check"
+    h.name()
+    h.submit("R1", "S1")
+    assert h.session.frame_subject("S1", "R1") == "Payment R1/S1"
+    h.advance(120)
+    poll = h.sends(purpose="status-poll")[-1]
+    assert h.session.frame_subject(poll.service_id, poll.sale_id) == \
+        "the status poll about R1/S1"
+    assert h.session.frame_subject("Z9", "R7") == "R7/Z9"  # nothing known of it

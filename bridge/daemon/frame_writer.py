@@ -160,8 +160,9 @@ class FrameWriter:
     def failed(self, event: FrameFailed) -> None:
         """The framer gave up on a frame (no ACK after its tries)."""
         sent = self._pop_in_flight(event.payload)
-        log.warning("terminal %s: frame for %s not acknowledged: %s", self.poi_id,
-                    sent.service_id if sent else None, event.reason)
+        log.warning("terminal %s: %s not acknowledged by the terminal: %s", self.poi_id,
+                    self.session.frame_subject(sent.service_id, sent.sale_id)
+                    if sent is not None else "a frame", event.reason)
         if sent is not None:
             self._apply(self.session.send_failed(
                 sent.service_id, event.reason, self._clock(), sent.sale_id,

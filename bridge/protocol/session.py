@@ -400,6 +400,23 @@ class TerminalSession(StatusAnswers):
         return next((t for t in self.open.values() if t.service_id == service_id
                      and t.state is TxState.AWAITING_RESPONSE), None)
 
+    def frame_subject(self, service_id: str, sale_id: str | None = None) -> str:
+        """What the frame sent under `service_id` (of `sale_id`) is, in a technician's words:
+        a status poll or identity check goes under a ServiceID of its own, which names
+        nothing they could look up."""
+        check = self.identity.check
+        if check is not None and check.service_id == service_id \
+                and sale_id in (None, BRIDGE_SALE_ID):
+            return "the identity check"
+        probe = self._probe
+        if probe is not None and probe.poll_id == service_id \
+                and sale_id in (None, probe.key.sale_id):
+            return f"the status poll about {probe.key}"
+        txn = self._sent_under(service_id, sale_id)
+        if txn is not None:
+            return f"{txn.category} {txn.key}"
+        return f"{sale_id}/{service_id}" if sale_id else service_id
+
     def send_failed(self, service_id: str, reason: str, now: float,
                     sale_id: str | None = None, *, resent_after_silence: int = 0
                     ) -> list[Action]:
