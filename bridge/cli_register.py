@@ -220,6 +220,11 @@ def _published(payment: _Payment) -> None:
           f"terminal {payment.poi_id}, {payment.amount}", file=sys.stderr, flush=True)
 
 
+# The operator's login, as the installation makes it: the example ACL lets only it use the
+# bridge's status and resync commands (README, install step 4)
+OPERATOR = " --username operator --password-file /etc/poi-bridge/operator-password"
+
+
 def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace) -> int:
     """Said when a payment was handed to the broker and its answer did not come. The request
     waits in the bridge's persistent session (or is running): it may still be charged."""
@@ -231,10 +236,10 @@ def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace) -> i
           "bridge that is down, when it comes back), so it may still be charged.\n"
           "  Do NOT pay again for this sale until its outcome is known. Find it out, once the "
           "bridge runs:\n"
-          f"    poi-bridge status --config {config}          (open and unresolved "
+          f"    poi-bridge status --config {config}{OPERATOR}   (open and unresolved "
           "transactions)\n"
-          f"    poi-bridge resync {ids} --config {config}   (asks the terminal, shows the "
-          "outcome)\n"
+          f"    poi-bridge resync {ids} --config {config}{OPERATOR}   (asks the terminal, "
+          "shows the outcome)\n"
           "  \"no transaction\" before the bridge has taken the queued request does not mean "
           "it was not charged: ask again once the bridge is back."
           + ("\n  The broker speaks MQTT 3.1.1 only, so it could not say whether it refused the "

@@ -155,6 +155,9 @@ def assert_outcome_unknown(code: int, err: str, sale_id: str, service_id: str) -
     assert "OUTCOME UNKNOWN" in err and "Do NOT pay again" in err
     assert f"poi-bridge resync {sale_id} {service_id} --config" in err
     assert "poi-bridge status --config" in err
+    # as the operator: the example ACL refuses these commands to any other login
+    assert err.count("--username operator --password-file /etc/poi-bridge/operator-password") \
+        == 2, err
     assert "Traceback" not in err and "is the bridge running?" not in err
 
 
