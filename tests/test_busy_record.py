@@ -11,6 +11,7 @@ import dataclasses
 
 from bridge.protocol import builders
 from bridge.protocol.actions import Log, Progress, Record
+from bridge.protocol.transaction import TxKey
 from bridge.simulator import responses
 from bridge.simulator.terminal import Behaviour
 
@@ -83,10 +84,11 @@ async def test_a_status_request_answered_from_the_journal_about_a_busy_record_is
 def test_a_busy_record_of_a_request_sent_twice_is_not_declined_but_asked_again():
     h = Harness(dataclasses.replace(SETTINGS, in_progress_limit=300))
     h.submit("R1", "S1")
-    marked = h.do(h.session.frame_delivered("S1", h.now, "R1", resent_after_silence=1))
+    marked = h.do(h.session.frame_resent("S1", "R1"))  # the link sends it again
     assert any(isinstance(a, Record) and a.transaction.extra["resent_after_silence"] == 1
                for a in marked)  # journaled: a restart still knows it
-    assert any(isinstance(a, Log) and "went out 2 times" in a.message for a in marked)
+    assert any(isinstance(a, Log) and "goes out again (2 copies)" in a.message for a in marked)
+    assert h.session.frame_delivered("S1", h.now, "R1") == []
     h.advance(120)  # no answer: asked about
     asked = h.answer(busy_record(h, h.last_poll()))
     assert h.delivers(asked) == []
@@ -104,8 +106,9 @@ def test_a_busy_record_that_stays_after_a_request_went_twice_ends_unresolved_not
     h = Harness(dataclasses.replace(SETTINGS, in_progress_limit=300))
     h.submit("R1", "S1")
     # no ACK after every try, two of them met with silence: the terminal may have read three
-    h.do(h.session.send_failed("S1", "no ACK within 2 s; gave up after 3 tries", h.now, "R1",
-                               resent_after_silence=2))
+    h.do(h.session.frame_resent("S1", "R1"))
+    h.do(h.session.frame_resent("S1", "R1"))
+    h.do(h.session.send_failed("S1", "no ACK within 2 s; gave up after 3 tries", h.now, "R1"))
     h.advance(1)
     result = None
     while result is None and h.now < 1_000_000.0 + 400:
@@ -118,10 +121,10 @@ def test_a_busy_record_that_stays_after_a_request_went_twice_ends_unresolved_not
 
 
 def test_a_busy_record_after_a_nak_and_a_resend_is_still_declined():
-    """A NAKed copy was refused by the terminal's framer: resent_after_silence 0, one copy."""
+    """A NAKed copy was refused by the terminal's framer (no FrameResent): one copy."""
     h = Harness()
     h.submit("R1", "S1")
-    assert h.session.frame_delivered("S1", h.now, "R1", resent_after_silence=0) == []
+    assert h.session.frame_delivered("S1", h.now, "R1") == []
     h.advance(120)
     (result,) = h.delivers(h.answer(busy_record(h, h.last_poll())))
     assert result.outcome == "declined"
@@ -184,7 +187,7 @@ async def test_end_to_end_a_busy_record_after_a_lost_ack_is_not_told_declined(
 def test_a_registers_status_request_about_a_request_sent_twice_is_not_told_declined():
     h = Harness()
     h.submit("R1", "S1")
-    h.do(h.session.frame_delivered("S1", h.now, "R1", resent_after_silence=1))
+    h.do(h.session.frame_resent("S1", "R1"))
     h.advance(120)  # polled about: the register asks too
     status = status_of("R1", "S1", "T1")
     h.submit("R1", "T1", doc=status)
@@ -194,3 +197,84 @@ def test_a_registers_status_request_about_a_request_sent_twice_is_not_told_decli
     assert results["T1"].outcome == "busy", results  # ask again, not "send it again"
     (done,) = [p for p in answered if isinstance(p, Progress) and p.service_id == "T1"]
     assert "may have got this request twice" in done.detail
+
+
+def test_a_busy_answer_before_the_resent_copys_ack_keeps_the_mark():
+    """Found by a review: the mark was set only when the frame's last copy was acknowledged
+    (or given up on) while the payment still awaited its answer. The terminal's Busy to the
+    second copy came first, sent the payment to polling, and the mark was lost: the Busy
+    record then ended it declined. The copy is marked as it is sent."""
+    h = Harness()
+    h.submit("R1", "S1")
+    h.do(h.session.frame_resent("S1", "R1"))
+    busy = responses.payment_response(request_of(h), "busy", h.now)
+    assert h.delivers(h.answer(busy)) == []  # Busy to our ServiceID: asked about
+    assert h.session.frame_delivered("S1", h.now, "R1") == []  # the late ACK
+    h.advance(1)
+    assert h.delivers(h.answer(busy_record(h, h.last_poll()))) == []  # not declined
+
+
+class LosesPaymentAcks(DeviceByHand):
+    """Drops its ACK of the first Payment copy (the bridge resends after silence)."""
+
+    lost = 0
+
+    def _flush(self) -> None:
+        if self.lost < 1 and self.categories().count("Payment") == 1:
+            self.lost += 1
+            self.framer.data_to_send()
+            return
+        super()._flush()
+
+
+class SilentOnSecondCopy(LosesPaymentAcks):
+    """... and is unplugged before it acknowledges the second."""
+
+    def _flush(self) -> None:
+        if self.categories().count("Payment") == 2:
+            self.framer.data_to_send()  # no ACK: the cable goes before it
+            return
+        super()._flush()
+
+
+async def test_link_lost_between_resends_forgets_that_the_request_went_twice(
+        tmp_path, mosquitto):
+    """Found by a review: copy 1 read (its ACK lost), copy 2 read, then the link drops
+    before any ACK. The mark was set only from the frame's final ACK or failure, which a
+    link reset never reports: asked about after the replug, the terminal's record says Busy
+    (its answer to copy 2 while it ran copy 1), and the register was told `declined` ("send
+    it again"). The mark is journaled as the copy goes out."""
+    device = SilentOnSecondCopy(tmp_path / "port")
+    try:
+        async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port")},
+                             framer={"ack_timeout": 0.3, "max_tries": 3},
+                             poll_floor=0.05, payment_timeout=1.0) as bridge, \
+                Subscriber(mosquitto, [f"{BASE}/registers/#"]) as sub:
+            assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
+            device.answer_check_as(A)
+            assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 10)
+            request = responses.payment_request("TILL1", "P1", A, 12.5)
+            await sub.publish(f"{BASE}/terminals/{A}/request/TILL1", request)
+            assert await wait_until(lambda: device.categories().count("Payment") == 2, 10)
+            device.close()  # unplugged before the second copy's ACK
+            assert await wait_until(lambda: not bridge.workers[A].online, 10)
+            device = DeviceByHand(tmp_path / "port")  # plugged back in
+            assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=15)
+            device.answer_check_as(A)
+            assert await wait_until(lambda: "TransactionStatus" in device.categories(), 15)
+            busy = responses.payment_response(request, "busy", 0.0)
+            device.send(responses.status_success(device.received[-1], busy))
+            # not declined: asked again (the record may change once the first copy is done)
+            assert await wait_until(
+                lambda: device.categories().count("TransactionStatus") >= 2, 10)
+            told = [p["bridge"]["outcome"] for p in sub.on(f"{BASE}/registers/TILL1/response")
+                    if p["bridge"]["transaction"]["service_id"] == "P1"]
+            assert "declined" not in told, told
+            record = bridge.journal.get(TxKey("TILL1", "P1"))
+            assert record.extra.get("resent_after_silence") == 1, record.extra
+            approved = responses.payment_response(request, "approve", 0.0)
+            device.send(responses.status_success(device.received[-1], approved))
+            paid = await sub.wait_for(outcome_for("P1"), timeout=10)
+            assert paid["bridge"]["outcome"] == "approved", paid
+    finally:
+        device.close()

@@ -11,6 +11,7 @@ import pytest
 from bridge.protocol.framing import (
     EndOfTransmission,
     FrameFailed,
+    FrameResent,
     FrameReceived,
     FrameSent,
     FramingError,
@@ -242,8 +243,8 @@ def test_retransmit_on_nak() -> None:
     assert framer.receive_data(NAK, 0.3) == []
     assert framer.data_to_send() == frame(b"{}")
     assert framer.next_deadline() == 2.3  # the timer restarts with the retransmission
-    # a NAKed copy was refused by the terminal's framer: not a copy it may have read
-    assert framer.receive_data(ACK, 0.4) == [FrameSent(b"{}", resent_after_silence=0)]
+    # a NAKed copy was refused by the terminal's framer: no FrameResent for it
+    assert framer.receive_data(ACK, 0.4) == [FrameSent(b"{}")]
 
 
 def test_retransmit_on_timeout() -> None:
@@ -252,11 +253,11 @@ def test_retransmit_on_timeout() -> None:
     framer.data_to_send()
     assert framer.handle_timeout(101.4) == []  # not yet
     assert framer.data_to_send() == b""
-    assert framer.handle_timeout(101.5) == []
+    # sent again after silence: the terminal may have read both copies
+    assert framer.handle_timeout(101.5) == [FrameResent(b"{}")]
     assert framer.data_to_send() == frame(b"{}")
     assert framer.next_deadline() == 103.0
-    # sent again after silence: the terminal may have read both copies
-    assert framer.receive_data(ACK, 102.0) == [FrameSent(b"{}", resent_after_silence=1)]
+    assert framer.receive_data(ACK, 102.0) == [FrameSent(b"{}")]
     assert framer.handle_timeout(200.0) == []
     assert framer.data_to_send() == b""
 
@@ -270,7 +271,6 @@ def test_frame_failed_after_max_tries_of_nak() -> None:
     assert len(events) == 1 and isinstance(events[0], FrameFailed)
     assert events[0].payload == b"{}"
     assert "NAK" in events[0].reason and "3 tries" in events[0].reason
-    assert events[0].resent_after_silence == 0
     assert framer.data_to_send() == frame(b"{}") * 3
     assert not framer.awaiting_ack
     assert framer.next_deadline() is None
@@ -279,9 +279,9 @@ def test_frame_failed_after_max_tries_of_nak() -> None:
 def test_frame_failed_after_max_tries_of_timeouts() -> None:
     framer = StxEtxLrcFramer(ack_timeout=2.0, max_tries=2)
     framer.send_frame(b"{}", 0.0)
-    assert framer.handle_timeout(2.0) == []
-    events = framer.handle_timeout(4.0)
-    assert events == [FrameFailed(b"{}", "no ACK within 2 s; gave up after 2 tries", 1)]
+    assert framer.handle_timeout(2.0) == [FrameResent(b"{}")]
+    events = framer.handle_timeout(4.0)  # the last try: given up, not sent again
+    assert events == [FrameFailed(b"{}", "no ACK within 2 s; gave up after 2 tries")]
     assert framer.data_to_send() == frame(b"{}") * 2
     assert framer.handle_timeout(10.0) == []
 
@@ -350,11 +350,13 @@ def test_reset_forgets_partial_frames_and_pending_sends() -> None:
     assert framer.data_to_send() == ACK
 
 
-def test_the_count_of_copies_resent_after_silence_is_per_frame() -> None:
+
+def test_each_copy_sent_again_after_silence_is_reported_for_its_own_frame() -> None:
     framer = StxEtxLrcFramer(ack_timeout=1.0, max_tries=3)
     framer.send_frame(b'{"n":1}', 0.0)
     framer.send_frame(b'{"n":2}', 0.0)
-    framer.handle_timeout(1.0)
-    framer.handle_timeout(2.0)
-    assert framer.receive_data(ACK, 2.5) == [FrameSent(b'{"n":1}', resent_after_silence=2)]
-    assert framer.receive_data(ACK, 2.6) == [FrameSent(b'{"n":2}', resent_after_silence=0)]
+    assert framer.handle_timeout(1.0) == [FrameResent(b'{"n":1}')]
+    assert framer.handle_timeout(2.0) == [FrameResent(b'{"n":1}')]
+    assert framer.receive_data(ACK, 2.5) == [FrameSent(b'{"n":1}')]
+    assert framer.receive_data(NAK, 2.6) == []  # n 2 again, after a NAK: no FrameResent
+    assert framer.receive_data(ACK, 2.7) == [FrameSent(b'{"n":2}')]

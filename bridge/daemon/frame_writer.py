@@ -8,7 +8,8 @@ what to do and when:
 - queue() each frame once that step is committed (the worker calls it from the journal's
   after_commit(): a frame never overtakes the record it depends on), then kick();
 - reset() when a link comes up, run() beside the read loop while it is up;
-- acknowledged() and failed() with the framer's FrameSent and FrameFailed events.
+- acknowledged(), resent() and failed() with the framer's FrameSent, FrameResent and
+  FrameFailed events.
 
 The framer's output may hold the ACK of a terminal's answer whose record is not durable yet,
 and a terminal forgets an answer it saw ACKed: it is taken only when no commit is pending
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from bridge.daemon.journal import Journal
 from bridge.protocol import crypto
 from bridge.protocol.actions import Action, Send
-from bridge.protocol.framing import FrameFailed, FramerEvent, FrameSent, Framer
+from bridge.protocol.framing import FrameFailed, FramerEvent, FrameResent, FrameSent, Framer
 from bridge.protocol.session import TerminalSession
 from bridge.protocol.transaction import TxKey
 from bridge.transports import Transport
@@ -155,7 +156,7 @@ class FrameWriter:
         (TerminalSession.frame_delivered)."""
         sent = self._pop_in_flight(event.payload)
         if sent is not None:
-            self._frames_written([sent], event.resent_after_silence)
+            self._frames_written([sent])
 
     def failed(self, event: FrameFailed) -> None:
         """The framer gave up on a frame (no ACK after its tries)."""
@@ -164,17 +165,23 @@ class FrameWriter:
                     self.session.frame_subject(sent.service_id, sent.sale_id)
                     if sent is not None else "a frame", event.reason)
         if sent is not None:
-            self._apply(self.session.send_failed(
-                sent.service_id, event.reason, self._clock(), sent.sale_id,
-                resent_after_silence=event.resent_after_silence))
+            self._apply(self.session.send_failed(sent.service_id, event.reason, self._clock(),
+                                                 sent.sale_id))
 
-    def _frames_written(self, frames: list[TxKey], resent_after_silence: int = 0) -> None:
+    def resent(self, event: FrameResent) -> None:
+        """The framer sends a frame again after the terminal's silence: the session marks a
+        request that may now reach it twice (TerminalSession.frame_resent). Its step's commit
+        comes before the copy is written: the timer's kick waits for it."""
+        sent = next((key for payload, key in self._in_flight if payload == event.payload), None)
+        if sent is not None:
+            self._apply(self.session.frame_resent(sent.service_id, sent.sale_id))
+
+    def _frames_written(self, frames: list[TxKey]) -> None:
         """These frames reached the terminal (acknowledged, or written on a link without
-        ACKs); `resent_after_silence` as in FrameSent."""
+        ACKs)."""
         for sent in frames:
-            delivered = self.session.frame_delivered(
-                sent.service_id, self._clock(), sent.sale_id,
-                resent_after_silence=resent_after_silence)
+            delivered = self.session.frame_delivered(sent.service_id, self._clock(),
+                                                     sent.sale_id)
             if delivered:
                 self._apply(delivered)
 

@@ -26,6 +26,7 @@ from bridge.daemon.journal import Journal
 from bridge.protocol import crypto
 from bridge.protocol.framing import (
     FrameFailed,
+    FrameResent,
     FrameReceived,
     FrameSent,
     FramingError,
@@ -618,6 +619,8 @@ class TerminalWorker:
                     continue
                 log.debug("terminal %s: line noise: %s (%d bytes dropped)", self.poi_id,
                           event.reason, event.discarded)
+            elif isinstance(event, FrameResent):
+                self.writer.resent(event)
             elif isinstance(event, FrameFailed):
                 self.writer.failed(event)
             elif isinstance(event, FrameSent):

@@ -211,8 +211,9 @@ BUSY_RECORD = ("the terminal's record says Busy: it did not start this transacti
                "it again with a new ServiceID")
 
 # ... unless the request may have reached the terminal twice (the link sent it again after
-# the terminal stayed silent, FrameSent.resent_after_silence): then Busy may be its answer to
-# the second copy while it ran the first, and "send it again" could charge twice.
+# the terminal stayed silent: FrameResent, TerminalSession.frame_resent): then Busy may be
+# its answer to the second copy while it ran the first, and "send it again" could charge
+# twice.
 BUSY_RECORD_OF_A_COPY = (
     "the terminal's record says Busy, but it may have got this request twice (the link sent "
     "it again after the terminal said nothing), so Busy may answer the second copy while it "

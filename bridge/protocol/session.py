@@ -418,11 +418,9 @@ class TerminalSession(StatusAnswers):
         return f"{sale_id}/{service_id}" if sale_id else service_id
 
     def send_failed(self, service_id: str, reason: str, now: float,
-                    sale_id: str | None = None, *, resent_after_silence: int = 0
-                    ) -> list[Action]:
+                    sale_id: str | None = None) -> list[Action]:
         """The link layer gave up on a frame (no ACK after every try). `sale_id`: the
-        SaleID the frame went under (see _sent_under); `resent_after_silence` as in
-        FrameSent."""
+        SaleID the frame went under (see _sent_under)."""
         if self.identity.check is not None and self.identity.check.service_id == service_id \
                 and sale_id in (None, BRIDGE_SALE_ID):
             return [self.identity.unnamed(f"identity check not delivered: {reason}"),
@@ -444,34 +442,36 @@ class TerminalSession(StatusAnswers):
                 return self._finish(txn, Outcome.ERROR, None, "bridge", now,
                                     error=f"terminal did not acknowledge: {reason}")
             # The terminal may have read it and lost only our ACK: never re-send, ask.
-            if resent_after_silence:
-                txn.extra["resent_after_silence"] = resent_after_silence
             return self._to_polling(txn, f"request not acknowledged: {reason}", now,
                                     poll_at=now + self.settings.poll_floor) + self._pump(now)
         return [Log("debug", f"terminal {self.poi_id}: frame for {service_id} not delivered")]
 
-    def frame_delivered(self, service_id: str, now: float, sale_id: str | None = None, *,
-                        resent_after_silence: int = 0) -> list[Action]:
+    def frame_delivered(self, service_id: str, now: float,
+                        sale_id: str | None = None) -> list[Action]:
         """The link layer delivered a frame: the terminal acknowledged it (or, on a link
-        without ACKs, it was written). An Abort waits for this (its answer); a request sent
-        more than once (`resent_after_silence`, FrameSent) is marked so."""
+        without ACKs, it was written). Only an Abort waits for this (its answer)."""
         txn = self._sent_under(service_id, sale_id)
-        if txn is None:
-            return []
-        if txn.category == "Abort" and txn.passthrough:
+        if txn is not None and txn.category == "Abort" and txn.passthrough:
             return passthrough.abort_delivered(self, txn, now)
-        return self._maybe_twice(txn, resent_after_silence)
+        return []
 
-    def _maybe_twice(self, txn: Transaction, resent_after_silence: int) -> list[Action]:
-        """Mark (and record) a transaction whose request may have reached the terminal more
-        than once: a status record that says Busy then proves nothing (BUSY_RECORD_OF_A_COPY)."""
-        if not resent_after_silence or txn.passthrough or txn.category not in MONEY_CATEGORIES:
+    def frame_resent(self, service_id: str, sale_id: str | None = None) -> list[Action]:
+        """The link sends the frame of `service_id` (of `sale_id`) again because the terminal
+        said nothing in time (FrameResent): it may have read the copy before. A register's
+        money request so sent is marked, and the mark journaled before the copy is written
+        (what waits for a commit waits for this one too): a status record that says Busy
+        then proves nothing (BUSY_RECORD_OF_A_COPY), whatever happens to the link, the
+        answers or the daemon in between."""
+        txn = self.open.get(TxKey(sale_id, service_id)) if sale_id is not None else next(
+            (t for t in self.open.values() if t.service_id == service_id), None)
+        if txn is None or txn.passthrough or txn.category not in MONEY_CATEGORIES:
             return []
-        txn.extra["resent_after_silence"] = resent_after_silence
+        copies = txn.extra.get("resent_after_silence", 0) + 1
+        txn.extra["resent_after_silence"] = copies
         return [Record(txn.snapshot()),
-                Log("info", f"terminal {self.poi_id}: {txn.category} {txn.key} went out "
-                            f"{resent_after_silence + 1} times (the terminal did not "
-                            "acknowledge in time); it may have read more than one copy")]
+                Log("info", f"terminal {self.poi_id}: {txn.category} {txn.key} goes out "
+                            f"again ({copies + 1} copies): the terminal did not acknowledge "
+                            "in time, and may have read more than one")]
 
     def too_large(self, service_id: str, reason: str, now: float,
                   sale_id: str | None = None) -> list[Action]:

@@ -23,6 +23,7 @@ from bridge.protocol.framing.base import (
     DEFAULT_MAX_TRIES,
     EndOfTransmission,
     FrameFailed,
+    FrameResent,
     FramerEvent,
     FrameSent,
     Framer,
@@ -58,7 +59,6 @@ class AcknowledgedFramer(Framer):
         self._queue: deque[tuple[bytes, bytes]] = deque()  # (payload, encoded frame)
         self._current: tuple[bytes, bytes] | None = None
         self._tries = 0
-        self._resent_after_silence = 0  # of the current frame (FrameSent says why it matters)
         self._deadline: float | None = None
         self._reset_decoder()
 
@@ -104,7 +104,6 @@ class AcknowledgedFramer(Framer):
         self._queue.clear()
         self._current = None
         self._tries = 0
-        self._resent_after_silence = 0
         self._deadline = None
         self._reset_decoder()
 
@@ -116,7 +115,6 @@ class AcknowledgedFramer(Framer):
         if self._current is None and self._queue:
             self._current = self._queue.popleft()
             self._tries = 1
-            self._resent_after_silence = 0
             self._outbox += self._current[1]
             self._deadline = now + self.ack_timeout
 
@@ -126,7 +124,7 @@ class AcknowledgedFramer(Framer):
         payload = self._current[0]
         self._current = None
         self._deadline = None
-        events.append(FrameSent(payload, self._resent_after_silence))
+        events.append(FrameSent(payload))
         self._transmit_next(now)
 
     def _unacknowledged(self, now: float, events: list[FramerEvent], why: str, *,
@@ -138,7 +136,8 @@ class AcknowledgedFramer(Framer):
             self._tries += 1
             # A NAKed copy was refused by the peer's framer; a copy met with silence may
             # have been read, so the peer may now get the frame twice.
-            self._resent_after_silence += silent
+            if silent:
+                events.append(FrameResent(self._current[0]))
             self._outbox += self._current[1]
             self._deadline = now + self.ack_timeout
             return
@@ -146,8 +145,7 @@ class AcknowledgedFramer(Framer):
         tries = self._tries
         self._current = None
         self._deadline = None
-        events.append(FrameFailed(payload, f"{why}; gave up after {tries} tries",
-                                  self._resent_after_silence))
+        events.append(FrameFailed(payload, f"{why}; gave up after {tries} tries"))
         self._transmit_next(now)
 
     # --- receiving: helpers for the decoders --------------------------------------------------

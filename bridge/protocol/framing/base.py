@@ -26,24 +26,26 @@ class FrameReceived:
 
 @dataclass(frozen=True, slots=True)
 class FrameSent:
-    """The peer acknowledged our frame (or the framing has no acknowledgement).
-
-    `resent_after_silence`: how many times the frame went out again because the peer said
-    nothing (no ACK, no NAK) in time. The peer may have read each of those copies and lost
-    only its ACK, so more than one copy may have reached its application."""
+    """The peer acknowledged our frame (or the framing has no acknowledgement)."""
 
     payload: bytes
-    resent_after_silence: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FrameResent:
+    """Our frame goes out again because the peer said nothing (no ACK, no NAK) in time: it
+    may have read the copy before, so its application may get the frame twice. Reported as
+    the copy is queued, before it is written (data_to_send)."""
+
+    payload: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class FrameFailed:
-    """Our frame was not acknowledged after every try; the link is probably down.
-    `resent_after_silence` as in FrameSent."""
+    """Our frame was not acknowledged after every try; the link is probably down."""
 
     payload: bytes
     reason: str
-    resent_after_silence: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +61,8 @@ class EndOfTransmission:
     """The peer sent EOT: the conversation is over (stx-etx-lrc)."""
 
 
-FramerEvent = FrameReceived | FrameSent | FrameFailed | FramingError | EndOfTransmission
+FramerEvent = (FrameReceived | FrameSent | FrameResent | FrameFailed | FramingError
+               | EndOfTransmission)
 
 
 class Framer(ABC):
