@@ -57,6 +57,15 @@ async def test_the_terminals_answer_after_a_published_not_found_is_sent_as_a_cor
                         till.responses
                     assert await wait_until(
                         lambda: any(e.get("event") == "corrected" for e in events), 10)
+                    # It reached the terminal after all: it counts again as the latest
+                    # Payment sent (a later NotFound about an earlier one is doubtful), in
+                    # the session as in the journal (a review found the session forgot it)
+                    key = TxKey("TILL1", request["SaleToPOIRequest"]["MessageHeader"][
+                        "ServiceID"])
+                    sent_at = bridge.journal.get(key).sent_at
+                    assert sent_at is not None
+                    assert bridge.workers[A].session.last_request_at.get("Payment") == sent_at
+                    assert bridge.journal.last_requests_sent(A) == {"Payment": sent_at}
         service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
         correction = till.responses[-1]
         assert correction["bridge"]["outcome"] == outcome, correction

@@ -1595,3 +1595,35 @@ def test_a_frame_is_named_for_a_technician_by_what_it_is():
     assert h.session.frame_subject(poll.service_id, poll.sale_id) == \
         "the status poll about R1/S1"
     assert h.session.frame_subject("Z9", "R7") == "R7/Z9"  # nothing known of it
+
+
+def test_a_not_found_corrected_by_the_terminals_own_answer_counts_as_sent_again():
+    """Found by a review: S2 went out after the unresolved S1 and its NotFound was believed
+    (_never_reached put last_request_at back to S1's). Then S2's own answer came (the worker
+    publishes it as a correction): S2 did reach the terminal, so S1's NotFound is doubtful
+    again, as the journal says after a restart. The worker tells the session so
+    (request_reached)."""
+    h = Harness()
+    h.submit("R1", "S1")
+    while not [d for d in h.delivers(h.advance(1.0)) if d.service_id == "S1"]:
+        assert h.now < 1_000_000.0 + 4000
+    s1_sent = h.session.open[TxKey("R1", "S1")].sent_at
+    h.submit("R1", "S2")
+    s2_sent = h.session.open[TxKey("R1", "S2")].sent_at
+    h.advance(120)  # S2 unanswered: asked about first (it owns the terminal)
+    poll = h.last_poll()
+    assert poll["SaleToPOIRequest"]["TransactionStatusRequest"]["MessageReference"][
+        "ServiceID"] == "S2"
+    h.answer(responses.status_not_found(poll))
+    assert h.session.last_request_at["Payment"] == s1_sent  # believed: S2 never got there
+    h.session.request_reached("Payment", s2_sent)  # (the worker, on S2's late answer)
+    assert h.session.last_request_at["Payment"] == s2_sent
+    h.session.request_reached("Payment", s1_sent)  # an older one changes nothing
+    assert h.session.last_request_at["Payment"] == s2_sent
+    while h.last_poll()["SaleToPOIRequest"]["TransactionStatusRequest"]["MessageReference"][
+            "ServiceID"] != "S1":
+        assert h.now < 1_000_000.0 + 8000
+        h.advance(1.0)
+    (s1,) = [d for d in h.delivers(h.answer(responses.status_not_found(h.last_poll())))
+             if d.service_id == "S1"]
+    assert s1.outcome == "unresolved" and "taken another Payment" in s1.error, s1

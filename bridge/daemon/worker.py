@@ -428,6 +428,9 @@ class TerminalWorker:
         corrected.detail, corrected.updated_at = text, now
         corrected.extra["corrected_from"] = known.outcome
         self.journal.save(corrected)
+        # It did reach the terminal: a later NotFound about an earlier request is doubtful
+        # again, as the journal's last_requests_sent now says too
+        self.session.request_reached(known.category, known.sent_at)
         log.log(logging.ERROR if charged else logging.WARNING,
                 "terminal %s: %s %s/%s answered %s by the terminal after the bridge had "
                 "published %s: the register is sent the terminal's answer as a correction%s",

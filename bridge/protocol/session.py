@@ -31,6 +31,7 @@ Rules (from the seed and REFERENCE.md section 2):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -506,6 +507,13 @@ class TerminalSession(StatusAnswers):
                 self.last_request_at.pop(txn.category, None)
             else:
                 self.last_request_at[txn.category] = previous[1]
+
+    def request_reached(self, category: str, sent_at: float | None) -> None:
+        """A request of `category` sent at `sent_at`, believed never received (not_found),
+        reached the terminal after all (its own answer came): it counts again as a request
+        sent, undoing _never_reached."""
+        if sent_at is not None and sent_at > self.last_request_at.get(category, -math.inf):
+            self.last_request_at[category] = sent_at
 
     def tick(self, now: float) -> list[Action]:
         """Time has passed: fire whatever deadlines are due."""
