@@ -391,3 +391,38 @@ def test_the_open_file_limit_is_raised_or_said_to_be_too_low(tmp_path):
         else:
             assert "soft 12" in out, out
             assert "only 12 open files allowed" in out and "LimitNOFILE=" in out, out
+
+
+def test_a_step_that_failed_half_way_stops_with_words_of_its_own(tmp_path, monkeypatch,
+                                                                 caplog):
+    """A step that failed half-way for a reason of its own stopped the daemon with the disk
+    failure's words ("cannot be written or read ... check the disk"): a technician looked at
+    the wrong thing (found by a review). It says it is a fault of the bridge, to report."""
+    import logging
+    import types
+
+    import pytest
+
+    from bridge.daemon import app
+    from bridge.daemon.journal import StepFailed
+
+    said: list[str] = []
+    bridge = types.SimpleNamespace(
+        config=types.SimpleNamespace(journal=tmp_path / "journal.sqlite3"),
+        notifier=types.SimpleNamespace(stopping=said.append))
+
+    def exit_(status: int) -> None:
+        raise SystemExit(status)
+
+    monkeypatch.setattr(app.os, "_exit", exit_)
+    monkeypatch.setattr(app.logging, "shutdown", lambda: None)
+    with caplog.at_level(logging.CRITICAL), pytest.raises(SystemExit) as stopped:
+        app.stop_at_once(bridge, StepFailed(
+            "a step of terminal V400m-1 failed half-way: RuntimeError('x')"))
+    assert stopped.value.code == app.JOURNAL_EXIT_STATUS
+    (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert "a step of terminal V400m-1 failed half-way" in line
+    assert "fault of the bridge" in line and "report it" in line
+    assert "cannot be written" not in line and "df -h" not in line
+    assert said == ["internal error: a step of terminal V400m-1 failed half-way: "
+                    "RuntimeError('x')"]

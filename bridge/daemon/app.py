@@ -24,7 +24,7 @@ from bridge.daemon.follow import awaits_its_own_link, partner_to_follow
 from bridge.daemon.worker import FOLLOW_LATER
 from bridge.daemon.hotplug import HotplugMonitor, udev_announces
 from bridge.daemon.intake import RequestIntake
-from bridge.daemon.journal import Journal
+from bridge.daemon.journal import Journal, StepFailed
 from bridge.daemon.mqtt import RegisterGateway
 from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog
@@ -426,7 +426,20 @@ def stop_at_once(bridge: Bridge, exc: BaseException) -> None:
     state the journal does not hold. Going on was worse: a terminal's answer whose record
     was lost would still be ACKed with the next frame, and its result would reach no
     register. A restart takes the open transactions up from the journal again, and the
-    status polls ask the terminals what happened: the path every SIGKILL test exercises."""
+    status polls ask the terminals what happened: the path every SIGKILL test exercises.
+    So does a step that failed half-way for a reason of its own (StepFailed): a fault of
+    the bridge, not of the disk, and said so."""
+    if isinstance(exc, StepFailed):
+        log.critical("stopping at once: %s. The journal took that step's records back while "
+                     "the terminal's session had moved on, so the bridge starts again from "
+                     "the journal: its open transactions are taken up again and the "
+                     "terminals are asked what happened. This is a fault of the bridge, not "
+                     "of the disk: please report it with this log. systemd restarts the "
+                     "bridge, and after 5 failed starts in 5 minutes gives up: then "
+                     "`systemctl reset-failed poi-bridge; systemctl start poi-bridge`.", exc)
+        bridge.notifier.stopping(f"internal error: {exc}")
+        logging.shutdown()
+        os._exit(JOURNAL_EXIT_STATUS)
     log.critical("stopping at once: the journal %s cannot be written or read (%s). Nothing "
                  "is sent or published from what it could not record; at the next start its open "
                  "transactions are taken up again and the terminals are asked what happened. "

@@ -100,6 +100,11 @@ _UPSERT = (
 )
 
 
+class StepFailed(Exception):
+    """What on_failure gets for a step that failed half-way for a reason of its own, not the
+    disk's (Journal.step_failed): a fault of the bridge."""
+
+
 class JournalError(Exception):
     """The journal cannot be used; the text says what a technician should do."""
 
@@ -508,7 +513,7 @@ class Journal:
         after a failed write. Reported to `on_failure` likewise."""
         log.critical("journal %s: a step of %s failed half-way (%r); its records were taken "
                      "back, but the state in memory had moved on", self.path, where, exc)
-        self._failed(exc)
+        self._failed(StepFailed(f"a step of {where} failed half-way: {exc!r}"))
 
     def read_failed(self, exc: sqlite3.Error) -> None:
         """A read the daemon depends on failed (I/O error, a damaged file): whatever it would
