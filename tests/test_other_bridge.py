@@ -228,13 +228,16 @@ def test_a_document_of_this_host_client_id_and_journal_whose_process_is_gone_is_
                    "host": "store-12", "pid": dead_pid, "client_id": "poi-bridge",
                    "journal": "/var/lib/poi-bridge/journal.sqlite3", "announcement": 1}
         p = peers()
-        p.heard(json.dumps(earlier).encode(), json.loads)
+        p.heard(json.dumps(earlier).encode(), json.loads, retained=True)
         assert not p.others and p.refusal() is None
         for change in ({"pid": alive.pid}, {"client_id": "other"},
                        {"journal": "/srv/journal.sqlite3"}, {"host": "store-13"}):
             p = peers()
-            p.heard(json.dumps({**earlier, **change}).encode(), json.loads)
+            p.heard(json.dumps({**earlier, **change}).encode(), json.loads, retained=True)
             assert p.others and p.refusal() is not None, change
+        p = peers()  # published while this one listens: it runs, whatever its pid says
+        p.heard(json.dumps(earlier).encode(), json.loads)
+        assert p.others
     finally:
         alive.kill()
         alive.wait()

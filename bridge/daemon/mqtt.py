@@ -317,10 +317,15 @@ class RegisterGateway:
     def _state_heard(self, client: Any, userdata: Any, message: Any) -> None:
         """A document on {base}/bridge/state, as paho reads it off the socket: before any
         request read after it is handled (bridge.daemon.peers)."""
-        if message.qos > 0:
-            client.ack(message.mid, message.qos)
-        self.peers.heard(message.payload or b"",
-                         functools.partial(load_json, max_size=64 * 1024))
+        # Subscribed at QoS 0 (_watch_state): nothing to acknowledge. (Acknowledging in here
+        # wrote from inside paho's callback lock: a failed write closed the socket and took
+        # that lock again, which hung the daemon.) Nothing may escape into paho's read path.
+        try:
+            self.peers.heard(message.payload or b"",
+                             functools.partial(load_json, max_size=64 * 1024),
+                             retained=bool(message.retain))
+        except Exception:  # noqa: BLE001 - a fault here must not stop the MQTT side
+            log.exception("reading a document on %s failed; ignored", self.topics.bridge_state)
 
     def _reannounce(self) -> None:
         asyncio.get_running_loop().call_soon(self._announce_again)
@@ -538,7 +543,13 @@ class RegisterGateway:
                     await task
 
     async def _watch_state(self, client: aiomqtt.Client) -> None:
-        granted = await client.subscribe(self.topics.bridge_state, qos=1)
+        # QoS 0: the broker sends such a message at once, past the QoS 1 messages it holds
+        # back for this client (max_inflight_messages, 20 by mosquitto's default). At QoS 1
+        # the bridge's own "online" waited behind the requests queued for its session,
+        # which it does not take before that "online" is back: with 20 or more queued, it
+        # never came back in time (a review). The order of the documents on this one topic,
+        # all the check needs, is kept either way.
+        granted = await client.subscribe(self.topics.bridge_state, qos=0)
         code = granted[0] if isinstance(granted, list | tuple) and granted else None
         value = getattr(code, "value", code)
         if isinstance(value, int) and value >= 0x80:

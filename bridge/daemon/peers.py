@@ -12,10 +12,13 @@ read after it is handled):
   come back from the broker: by then the broker has passed it every document published
   before, so of two bridges announcing at once the second sees the first (proof in the
   README, "Another bridge on the same topics").
-- its own `bridge_id` and host, another instance: a previous run of this bridge (an "online"
-  left by a SIGKILL or a power cut, the broker not having published the will yet). Ignored.
-  So is one of this host, client id and journal path whose process is gone: a run before
-  the journal was replaced (moved aside after a power cut damaged it, say), whose new
+- its own `bridge_id` and host, another instance, retained (sent as this bridge subscribed)
+  or "offline": a previous run of this bridge (an "online" left by a SIGKILL or a power cut,
+  the broker not having published the will yet). Ignored. A live "online" of that kind
+  (published while this bridge listens) is another bridge: a box cloned from this one.
+  Ignored likewise, retained or "offline": one of this host, client id and journal path
+  whose process is gone (or has this one's pid, as pid 1 in a container): a run before the
+  journal was replaced (moved aside after a power cut damaged it, say), whose new
   `bridge_id` the old document cannot know. (A live process there is another bridge.)
 - any other instance, not "offline": another bridge. This bridge takes no new request (the
   intake refuses them, nothing sent to a terminal) until that bridge's "offline" (its will
@@ -99,8 +102,10 @@ class OtherBridges:
                     "send the request again with a new ServiceID in a few seconds")
         return None
 
-    def heard(self, payload: bytes, load: Callable[[bytes], Any]) -> None:
-        """A document on the state topic (retained or live), as read off the socket."""
+    def heard(self, payload: bytes, load: Callable[[bytes], Any], *,
+              retained: bool = False) -> None:
+        """A document on the state topic, as read off the socket: `retained`, the one the
+        broker kept, sent as this bridge subscribed; else published while it listens."""
         if not payload:  # cleared: whoever was there is gone, as far as the broker says
             if self.others:
                 log.warning("%s was cleared: the other bridge(s) are taken as gone; this "
@@ -126,8 +131,11 @@ class OtherBridges:
                     log.warning("no other poi-bridge on %s any more: this bridge takes "
                                 "requests again", self.topic)
             return
-        if (document.get("bridge_id") == mine["bridge_id"] and mine["bridge_id"] is not None
-                and document.get("host") == mine["host"]) or _earlier_run_here(document, mine):
+        ours = document.get("bridge_id") == mine["bridge_id"] and mine["bridge_id"] is not None \
+            and document.get("host") == mine["host"]
+        # A previous run says nothing more once this one runs: an "online" published while
+        # this bridge listens, with its journal's id, is a copy of it (a cloned disk)
+        if (ours or _earlier_run_here(document, mine)) and (retained or state == "offline"):
             if state != "offline":
                 log.info("%s still held the document of a previous run of this bridge "
                          "(pid %s, ended without saying offline): not another bridge",
@@ -173,13 +181,15 @@ def _earlier_run_here(document: dict[str, Any], mine: dict[str, Any]) -> bool:
     broker for long, nor one journal path on one host (its lock), so a live process or any
     difference means another bridge."""
     pid = document.get("pid")
-    if not (isinstance(pid, int) and pid > 0 and pid != mine["pid"]) or any(
+    if not (isinstance(pid, int) and pid > 0) or any(
             document.get(key) != mine[key] for key in ("host", "client_id", "journal")):
         return False
+    if pid == mine["pid"]:
+        return True  # this process, run again (pid 1 in a container): that one is gone
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except OSError:  # (EPERM: alive, another user's)
+    except (OSError, OverflowError, ValueError):  # EPERM: alive, another user's; or no pid
         return False
     return False
