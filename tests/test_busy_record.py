@@ -8,6 +8,7 @@ changes), whether the terminal or the journal answers it."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from bridge.protocol import builders
 from bridge.protocol.actions import Log, Progress, Record
@@ -144,6 +145,18 @@ class LosesFirstPaymentAck(DeviceByHand):
         super()._flush()
 
 
+async def pay_twice_over(device: DeviceByHand, bridge: Any, sub: Subscriber) -> dict:
+    """The device names itself, and TILL1 pays 12.50 as P1; returns once the device has read
+    the payment's frame twice (the bridge sent it again after the lost ACK)."""
+    assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
+    device.answer_check_as(A)
+    assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 10)
+    request = responses.payment_request("TILL1", "P1", A, 12.5)
+    await sub.publish(f"{BASE}/terminals/{A}/request/TILL1", request)
+    assert await wait_until(lambda: device.categories().count("Payment") == 2, 10)
+    return request
+
+
 async def test_end_to_end_a_busy_record_after_a_lost_ack_is_not_told_declined(
         tmp_path, mosquitto):
     """The terminal runs the first copy and answers the second Busy; asked about, its record
@@ -155,12 +168,7 @@ async def test_end_to_end_a_busy_record_after_a_lost_ack_is_not_told_declined(
                              framer={"ack_timeout": 0.3, "max_tries": 3},
                              poll_floor=0.05, payment_timeout=1.0) as bridge, \
                 Subscriber(mosquitto, [f"{BASE}/registers/#"]) as sub:
-            assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
-            device.answer_check_as(A)
-            assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 10)
-            request = responses.payment_request("TILL1", "P1", A, 12.5)
-            await sub.publish(f"{BASE}/terminals/{A}/request/TILL1", request)
-            assert await wait_until(lambda: device.categories().count("Payment") == 2, 10)
+            request = await pay_twice_over(device, bridge, sub)
             device.send(responses.payment_response(device.received[-1], "busy", 0.0))
             busy = responses.payment_response(request, "busy", 0.0)
             polls = 0
@@ -214,20 +222,7 @@ def test_a_busy_answer_before_the_resent_copys_ack_keeps_the_mark():
     assert h.delivers(h.answer(busy_record(h, h.last_poll()))) == []  # not declined
 
 
-class LosesPaymentAcks(DeviceByHand):
-    """Drops its ACK of the first Payment copy (the bridge resends after silence)."""
-
-    lost = 0
-
-    def _flush(self) -> None:
-        if self.lost < 1 and self.categories().count("Payment") == 1:
-            self.lost += 1
-            self.framer.data_to_send()
-            return
-        super()._flush()
-
-
-class SilentOnSecondCopy(LosesPaymentAcks):
+class SilentOnSecondCopy(LosesFirstPaymentAck):
     """... and is unplugged before it acknowledges the second."""
 
     def _flush(self) -> None:
@@ -250,12 +245,7 @@ async def test_link_lost_between_resends_forgets_that_the_request_went_twice(
                              framer={"ack_timeout": 0.3, "max_tries": 3},
                              poll_floor=0.05, payment_timeout=1.0) as bridge, \
                 Subscriber(mosquitto, [f"{BASE}/registers/#"]) as sub:
-            assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
-            device.answer_check_as(A)
-            assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 10)
-            request = responses.payment_request("TILL1", "P1", A, 12.5)
-            await sub.publish(f"{BASE}/terminals/{A}/request/TILL1", request)
-            assert await wait_until(lambda: device.categories().count("Payment") == 2, 10)
+            request = await pay_twice_over(device, bridge, sub)
             device.close()  # unplugged before the second copy's ACK
             assert await wait_until(lambda: not bridge.workers[A].online, 10)
             device = DeviceByHand(tmp_path / "port")  # plugged back in

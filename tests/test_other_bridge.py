@@ -33,11 +33,12 @@ REQUEST = f"{BASE}/terminals/{POI}/request/TILL1"
 @contextlib.asynccontextmanager
 async def a_bridge(workdir: Path, broker: Any, client_id: str) -> AsyncIterator[
         tuple[Bridge, SimulatorServer]]:
-    """A bridge with its own journal, client id and simulated terminal (same POIID)."""
-    workdir.mkdir()
+    """A bridge with its own journal, client id and simulated terminal (same POIID); the
+    same `workdir` again is the same journal on a second run (a box that comes back)."""
+    workdir.mkdir(exist_ok=True)
     terminal = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
                                ack_timeout=0.3)
-    device = await terminal.start_pty(workdir / "terminal")
+    device = await terminal.start_pty(workdir / f"terminal{time.monotonic_ns()}")
     bridge = Bridge(parse_config({
         "journal": str(workdir / "journal.sqlite3"),
         "mqtt": {"host": broker.host, "port": broker.port, "base_topic": BASE,

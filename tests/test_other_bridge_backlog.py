@@ -16,11 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bridge.config import parse_config
-from bridge.daemon.app import Bridge
 from bridge.simulator import responses
-from bridge.simulator.server import SimulatorServer
-from bridge.simulator.terminal import Behaviour, Scenario
 
 from .follow_rig import wait_until
 from .rig import POI, Subscriber
@@ -77,25 +73,14 @@ async def test_a_state_document_that_raises_in_the_check_leaves_the_bridge_worki
         assert bridge.gateway.reconnects == reconnects, "the connection was dropped"
 
 
-@contextlib.asynccontextmanager
-async def bridge_in(workdir: Path, broker: Any, client_id: str):
-    """a_bridge, but the same journal again on a second run (a box that comes back)."""
-    workdir.mkdir(exist_ok=True)
-    terminal = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
-                               ack_timeout=0.3)
-    device = await terminal.start_pty(workdir / f"terminal{time.monotonic_ns()}")
-    bridge = Bridge(parse_config({
-        "journal": str(workdir / "journal.sqlite3"),
-        "mqtt": {"host": broker.host, "port": broker.port, "base_topic": BASE,
-                 "client_id": client_id},
-        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
-    }), hotplug=False)
-    try:
-        await bridge.start()
-        yield bridge, terminal
-    finally:
-        await bridge.stop()
-        await terminal.close()
+async def queued_for_both(tmp_path: Path, broker: Any, register: Subscriber) -> None:
+    """Bridges a and b have each had a persistent session on the broker, and are away while
+    25 requests (more than mosquitto's max_inflight_messages) queue in both."""
+    for name in ("a", "b"):
+        async with a_bridge(tmp_path / name, broker, f"bridge-{name}") as (bridge, _):
+            assert await wait_until(lambda bridge=bridge: bridge.gateway.connected, 15)
+    for i in range(25):
+        await register.publish(REQUEST, responses.payment_request("TILL1", f"Q{i}", POI, 1.0))
 
 
 async def test_two_bridges_back_with_a_backlog_charge_a_payment_once(tmp_path, mosquitto):
@@ -104,15 +89,10 @@ async def test_two_bridges_back_with_a_backlog_charge_a_payment_once(tmp_path, m
     read B's "online" before it takes any of them."""
     async with Subscriber(mosquitto, [f"{BASE}/registers/TILL1/#"],
                           client_id="register-TILL1") as register:
-        for name in ("a", "b"):
-            async with bridge_in(tmp_path / name, mosquitto, f"bridge-{name}") as (b, _):
-                assert await wait_until(lambda b=b: b.gateway.connected, 15)
-        for i in range(25):
-            await register.publish(REQUEST, responses.payment_request(
-                "TILL1", f"Q{i}", POI, 1.0))
-        async with bridge_in(tmp_path / "b", mosquitto, "bridge-b") as (second, terminal_b):
+        await queued_for_both(tmp_path, mosquitto, register)
+        async with a_bridge(tmp_path / "b", mosquitto, "bridge-b") as (second, terminal_b):
             assert await wait_until(lambda: "TILL1/Q0" in charged(terminal_b), 30)
-            async with bridge_in(tmp_path / "a", mosquitto, "bridge-a") as (first, terminal_a):
+            async with a_bridge(tmp_path / "a", mosquitto, "bridge-a") as (first, terminal_a):
                 assert await wait_until(lambda: first.gateway.connected, 20)
                 await wait_until(lambda: first.gateway.other_bridge is not None, 15)
                 await wait_until(lambda: bool(charged(terminal_a)), 3)
@@ -128,16 +108,11 @@ async def test_two_bridges_started_at_once_with_a_backlog_charge_a_payment_at_mo
     hold a backlog of more requests than mosquitto's max_inflight_messages (20)."""
     async with Subscriber(mosquitto, [f"{BASE}/registers/TILL1/#"],
                           client_id="register-TILL1") as register:
-        for name in ("a", "b"):
-            async with bridge_in(tmp_path / name, mosquitto, f"bridge-{name}") as (b, _):
-                assert await wait_until(lambda b=b: b.gateway.connected, 15)
-        for i in range(25):
-            await register.publish(REQUEST, responses.payment_request(
-                "TILL1", f"Q{i}", POI, 1.0))
+        await queued_for_both(tmp_path, mosquitto, register)
         async with contextlib.AsyncExitStack() as stack:
             (first, terminal_a), (second, terminal_b) = await asyncio.gather(
-                stack.enter_async_context(bridge_in(tmp_path / "a", mosquitto, "bridge-a")),
-                stack.enter_async_context(bridge_in(tmp_path / "b", mosquitto, "bridge-b")))
+                stack.enter_async_context(a_bridge(tmp_path / "a", mosquitto, "bridge-a")),
+                stack.enter_async_context(a_bridge(tmp_path / "b", mosquitto, "bridge-b")))
             assert await wait_until(lambda: first.gateway.connected and second.gateway.connected,
                                     20)
             assert await wait_until(lambda: len(answers(register, "Q24")) >= 2, 30)
