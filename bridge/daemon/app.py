@@ -340,9 +340,10 @@ class Bridge:
         delta = self.clock.drift()
         if abs(delta) < CLOCK_STEP:
             return 0.0
-        rows = self.journal.shift_times(delta, self.clock.started, self.clock())
+        since, until = self.clock.started, self.clock()
+        rows = self.journal.shift_times(delta, since, until)
         for worker in self.workers.values():
-            worker.session.shift_times(delta)
+            worker.session.shift_times(delta, since, until)
         self.clock.shift(delta)
         log.warning("the system clock was stepped by %+.0f s while the bridge ran: its own "
                     "clock and the times of %d journal row(s) follow it; time-outs under way "

@@ -34,7 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import STATE_DIRECTORY
-from bridge.protocol.transaction import Transaction, TxKey, TxState
+from bridge.protocol.transaction import (
+    DEADLINE_FIELDS,
+    STAMP_FIELDS,
+    Transaction,
+    TxKey,
+    TxState,
+)
 
 log = logging.getLogger("poi_bridge.journal")
 
@@ -854,11 +860,11 @@ class Journal:
         clock was behind, after it). Returns the rows changed."""
         changed = 0
         with self._transaction() as db:
-            for column in ("created_at", "updated_at", "sent_at"):
+            for column in STAMP_FIELDS:  # (Transaction.shift_times moves the same)
                 changed += db.execute(
                     f"UPDATE transactions SET {column} = {column} + ? "  # noqa: S608
                     f"WHERE {column} BETWEEN ? AND ?", (delta, since, until)).rowcount
-            for column in ("deadline", "next_poll_at"):
+            for column in DEADLINE_FIELDS:
                 changed += db.execute(
                     f"UPDATE transactions SET {column} = {column} + ? "  # noqa: S608
                     f"WHERE state != 'final' AND {column} IS NOT NULL", (delta,)).rowcount

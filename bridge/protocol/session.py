@@ -174,13 +174,23 @@ class TerminalSession(StatusAnswers):
         record, *rest = self._send_request(txn, now)
         return [record, accepted, *rest]
 
-    def shift_times(self, delta: float) -> None:
-        """The daemon's clock moved by `delta` to follow a step of the system clock: every
-        time held moves with it, so each deadline stays as far off as it was."""
+    def shift_times(self, delta: float, since: float, until: float) -> None:
+        """The daemon's clock moved by `delta` to follow a step of the system clock: the
+        times this run set (from `since`, its start, to `until`, now) move with it, so each
+        deadline stays as far off as it was. Those of an earlier run (a restored payment's
+        stamps, its last requests sent) were right and stay, as in the journal: moved, a
+        restored payment's time-outs lay `delta` further off, and its request looked sent
+        after this run's, so the terminal's NotFound about it was believed."""
+        def moved(stamp: float) -> float:
+            return stamp + delta if since <= stamp <= until else stamp
+
         for txn in self.open.values():
-            txn.shift_times(delta)
-        for category in self.last_request_at:  # compared with the transactions' sent_at
-            self.last_request_at[category] += delta
+            txn.shift_times(delta, since, until)
+        for category, sent_at in self.last_request_at.items():  # compared with txns' sent_at
+            self.last_request_at[category] = moved(sent_at)
+        if self._request_sent_before is not None and self._request_sent_before[1] is not None:
+            key, before = self._request_sent_before
+            self._request_sent_before = (key, moved(before))
         for pending in (self._probe, self.identity.check):
             if pending is not None:
                 pending.deadline += delta

@@ -66,9 +66,17 @@ class Transaction:
     def key(self) -> TxKey:
         return TxKey(self.sale_id, self.service_id)
 
-    def shift_times(self, delta: float) -> None:
-        """Move every time it holds by `delta` (see SteadyClock.shift)."""
-        for name in TIME_FIELDS:
+    def shift_times(self, delta: float, since: float, until: float) -> None:
+        """Move by `delta` the times this run set, after its clock moved to follow a step of
+        the system clock (see SteadyClock.shift; the journal's shift_times moves the same):
+        a stamp from `since` (the run's start) to `until` (now), and every deadline (this run
+        set them all). A stamp of an earlier run was right and stays: moved, a restored
+        payment's time-outs lay `delta` further off, and it looked sent after this run's."""
+        for name in STAMP_FIELDS:
+            value = getattr(self, name)
+            if value is not None and since <= value <= until:
+                setattr(self, name, value + delta)
+        for name in DEADLINE_FIELDS:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value + delta)
@@ -84,8 +92,9 @@ def request_digest(document: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-# A Transaction's times, all on the daemon's clock
-TIME_FIELDS = ("created_at", "updated_at", "sent_at", "deadline", "next_poll_at")
+# A Transaction's times, all on the daemon's clock: stamps of what happened, and deadlines
+STAMP_FIELDS = ("created_at", "updated_at", "sent_at")
+DEADLINE_FIELDS = ("deadline", "next_poll_at")
 
 
 class Reuse(StrEnum):
