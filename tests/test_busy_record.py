@@ -121,8 +121,8 @@ def test_a_busy_record_that_stays_after_a_request_went_twice_ends_unresolved_not
     assert len(h.sends(purpose="request")) == 1
 
 
-def test_a_busy_record_after_a_nak_and_a_resend_is_still_declined():
-    """A NAKed copy was refused by the terminal's framer (no FrameResent): one copy."""
+def test_a_busy_record_of_a_payment_delivered_at_once_is_declined():
+    """Acknowledged at the first copy (no FrameResent): the terminal read it once."""
     h = Harness()
     h.submit("R1", "S1")
     assert h.session.frame_delivered("S1", h.now, "R1") == []

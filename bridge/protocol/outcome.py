@@ -216,8 +216,8 @@ BUSY_RECORD = ("the terminal's record says Busy: it did not start this transacti
 # twice.
 BUSY_RECORD_OF_A_COPY = (
     "the terminal's record says Busy, but it may have got this request twice (the link sent "
-    "it again after the terminal said nothing), so Busy may answer the second copy while it "
-    "ran the first: the bridge keeps asking")
+    "it again after the terminal said nothing, or after a NAK, which line noise can fake), so "
+    "Busy may answer the second copy while it ran the first: the bridge keeps asking")
 
 
 def record_outcome(cls: Classification) -> Outcome:

@@ -468,7 +468,8 @@ class TerminalSession(StatusAnswers):
 
     def frame_resent(self, service_id: str, sale_id: str | None = None) -> list[Action]:
         """The link sends the frame of `service_id` (of `sale_id`) again because the terminal
-        said nothing in time (FrameResent): it may have read the copy before. A register's
+        said nothing in time or a NAK came (FrameResent): it may have read the copy before.
+        (The journal's key keeps its first name, `resent_after_silence`.) A register's
         money request so sent is marked, and the mark journaled before the copy is written
         (what waits for a commit waits for this one too): a status record that says Busy
         then proves nothing (BUSY_RECORD_OF_A_COPY), whatever happens to the link, the

@@ -95,8 +95,7 @@ class AcknowledgedFramer(Framer):
     def handle_timeout(self, now: float) -> list[FramerEvent]:
         events: list[FramerEvent] = []
         if self._deadline is not None and now >= self._deadline:
-            self._unacknowledged(now, events, f"no ACK within {self.ack_timeout:g} s",
-                                 silent=True)
+            self._unacknowledged(now, events, f"no ACK within {self.ack_timeout:g} s")
         return events
 
     def reset(self) -> None:
@@ -127,17 +126,17 @@ class AcknowledgedFramer(Framer):
         events.append(FrameSent(payload))
         self._transmit_next(now)
 
-    def _unacknowledged(self, now: float, events: list[FramerEvent], why: str, *,
-                        silent: bool = False) -> None:
-        """A NAK, or (`silent`) the ACK timeout: send the frame again, or give up on it."""
+    def _unacknowledged(self, now: float, events: list[FramerEvent], why: str) -> None:
+        """A NAK, or the ACK timeout: send the frame again, or give up on it."""
         if self._current is None:
             return  # a stray NAK
         if self._tries < self.max_tries:
             self._tries += 1
-            # A NAKed copy was refused by the peer's framer; a copy met with silence may
-            # have been read, so the peer may now get the frame twice.
-            if silent:
-                events.append(FrameResent(self._current[0]))
+            # A copy met with silence may have been read; so may a NAKed one: a NAK byte
+            # cannot be told from line noise (nor from the peer's NAK of noise it read as a
+            # frame) arriving while the peer's ACK is still on its way. The peer may now
+            # get the frame twice either way.
+            events.append(FrameResent(self._current[0]))
             self._outbox += self._current[1]
             self._deadline = now + self.ack_timeout
             return

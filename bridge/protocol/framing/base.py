@@ -33,9 +33,10 @@ class FrameSent:
 
 @dataclass(frozen=True, slots=True)
 class FrameResent:
-    """Our frame goes out again because the peer said nothing (no ACK, no NAK) in time: it
-    may have read the copy before, so its application may get the frame twice. Reported as
-    the copy is queued, before it is written (data_to_send)."""
+    """Our frame goes out again, because the peer said nothing (no ACK, no NAK) in time or a
+    NAK came (which line noise can fake): it may have read the copy before, so its
+    application may get the frame twice. Reported as the copy is queued, before it is
+    written (data_to_send)."""
 
     payload: bytes
 

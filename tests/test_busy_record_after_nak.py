@@ -1,0 +1,141 @@
+"""A payment sent again after a NAK may have reached the terminal twice, as after silence.
+
+A NAK byte cannot be told from line noise (nor from the terminal's NAK of noise it read as a
+frame) arriving while its ACK is on the way. Then the terminal runs the first copy and may
+answer the second Busy, and its record says Busy: "declined, send it again" would charge the
+shopper twice. Each framer that acknowledges reports such a copy (FrameResent), as it does a
+copy sent after silence; the worker marks the payment, and the status poll keeps asking."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+
+import pytest
+
+from bridge.config import TerminalConfig
+from bridge.daemon.journal import Journal
+from bridge.daemon.worker import TerminalWorker
+from bridge.protocol.framing import FrameReceived
+from bridge.protocol.framing import make_framer
+from bridge.protocol.messages import parse_message
+from bridge.protocol.transaction import TxKey, request_digest
+from bridge.simulator import responses
+from bridge.simulator.server import open_pty
+from bridge.transports import Backoff
+
+from .test_terminal_worker import RecordingOutlet
+
+POI = "V400m-324688179"
+
+
+class BusyOnCopyTerminal:
+    """Takes the first copy of a payment (and charges it), answers Busy to a second copy,
+    and from then on its record of that ServiceID says Busy (the case
+    BUSY_RECORD_OF_A_COPY in bridge/protocol/outcome.py is written for).
+    `first_reply`: what follows the first copy on the wire: b"\\x15\\x06" (a noise byte that
+    reads as NAK, then the real ACK), or b"" (silence: the ACK is lost)."""
+
+    def __init__(self, path, first_reply: bytes, framer: str) -> None:
+        self.master, self.slave, _ = open_pty(path)
+        os.set_blocking(self.master, False)
+        self.framer = make_framer(framer)
+        self.first_reply = first_reply
+        self.payments = 0
+        self.busy_response = None
+        asyncio.get_running_loop().add_reader(self.master, self._readable)
+
+    def _readable(self) -> None:
+        with contextlib.suppress(OSError):
+            data = os.read(self.master, 65536)
+        events = self.framer.receive_data(data, time.monotonic())
+        ack = self.framer.data_to_send()
+        for event in events:
+            if not isinstance(event, FrameReceived):
+                continue
+            doc = json.loads(event.payload)
+            header = doc["SaleToPOIRequest"]["MessageHeader"]
+            category = header["MessageCategory"]
+            if category == "Diagnosis":
+                answer = responses.simple_response(doc)
+                answer["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+                self._send(ack, answer)
+                ack = b""
+            elif category == "Payment":
+                self.payments += 1
+                if self.payments == 1:
+                    os.write(self.master, self.first_reply)  # no answer yet: "processing"
+                    ack = b""
+                else:
+                    self.busy_response = responses.payment_response(doc, "busy", time.time())
+                    self.busy_response["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+                    self._send(ack, self.busy_response)
+                    ack = b""
+            elif category == "TransactionStatus":
+                if self.busy_response is None:
+                    answer = responses.status_in_progress(doc)
+                else:
+                    answer = responses.status_success(doc, self.busy_response)
+                answer["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+                self._send(ack, answer)
+                ack = b""
+        if ack:
+            os.write(self.master, ack)
+        out = self.framer.data_to_send()
+        if out:
+            os.write(self.master, out)
+
+    def _send(self, ack: bytes, document) -> None:
+        os.write(self.master, ack)
+        self.framer.send_frame(json.dumps(document).encode(), time.monotonic())
+        os.write(self.master, self.framer.data_to_send())
+        # (the bridge's ACK of our frame is read and handled by the framer; ignored here)
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.master)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+async def pay_once(tmp_path, first_reply: bytes, framer: str):
+    path = tmp_path / "terminal"
+    device = BusyOnCopyTerminal(path, first_reply, framer)
+    config = TerminalConfig.model_validate({
+        "poi_id": POI, "link": {"kind": "serial", "device": str(path)},
+        "framer": {"name": framer, "ack_timeout": 0.3},
+        "payment_timeout": 3.0, "status_timeout": 0.8, "poll_floor": 0.05,
+        "resync_attempts": 2, "reconcile_initial": 0.5, "reconcile_max_interval": 1.0,
+        "in_progress_limit": 3.0})
+    journal = Journal(tmp_path / "journal.sqlite3")
+    outlet = RecordingOutlet()
+    worker = TerminalWorker(config, journal, outlet, backoff=Backoff(initial=0.05, maximum=0.2))
+    await worker.start()
+    try:
+        await outlet.state_is("online")
+        async with asyncio.timeout(10):
+            while worker.identity == "unknown":
+                await asyncio.sleep(0.01)
+        doc = responses.payment_request("POS1", "S1", POI, 10.0)
+        worker.submit(parse_message(doc), doc, request_digest(doc))
+        result = await outlet.result_for("S1", timeout=20, final=False)
+        stored = journal.get(TxKey("POS1", "S1"))
+        return device, result, stored
+    finally:
+        await worker.stop()
+        device.close()
+        journal.close()
+
+
+@pytest.mark.parametrize("framer", ["stx-etx-lrc", "dle-crc16"])
+@pytest.mark.parametrize("first_reply", [b"", b"\x15\x06"], ids=["ack-lost", "noise-nak"])
+async def test_a_payment_that_reached_the_terminal_twice_is_never_told_declined(
+        tmp_path, first_reply, framer):
+    device, result, stored = await pay_once(tmp_path, first_reply, framer)
+    assert device.payments == 2  # the terminal got the payment twice, and runs the first
+    # Busy in its record answers the copy: "declined, nothing charged, send it again" would
+    # have the register charge the shopper a second time.
+    assert result.outcome != "declined", result.error
+    assert stored.extra.get("resent_after_silence") == 1  # the mark, journaled
