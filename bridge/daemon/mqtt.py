@@ -239,8 +239,11 @@ class RegisterGateway:
             else:
                 payload = dumps(result_payload(result, amounts=amounts))
             messages.append((self.topics.register_response(result.sale_id), payload, 1, False))
-            if result.outcome != "rejected" and topic_safe(result.service_id):
-                # Rejections are not transactions: they must not overwrite a real one's record.
+            if (result.outcome != "rejected" or result.accepted) and \
+                    topic_safe(result.service_id):
+                # A refusal before `accepted` is no transaction: it must not overwrite a real
+                # one's record. One after it ends the transaction whose in_progress
+                # document stands there: its final document replaces that one.
                 messages.append((self.topics.transaction(result.sale_id, result.service_id),
                                  transaction_payload_from(payload, result), 1, True))
         else:

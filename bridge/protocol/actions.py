@@ -47,6 +47,10 @@ class Deliver:
     # On the terminal's final answer after the bridge had published a conclusion of its own
     # under those IDs (`not_found`, `error`): the outcome it corrects
     corrects: str | None = None
+    # The transaction's `accepted` event went out, and with it a retained `in_progress`
+    # document: a refusal that ends it after that must replace that document, or a register
+    # that lost its response reads "in progress" there until the document expires.
+    accepted: bool = False
 
 
 @dataclass(frozen=True, slots=True)

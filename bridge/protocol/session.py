@@ -860,7 +860,7 @@ class TerminalSession(StatusAnswers):
             # The event first, so a cashier's screen never shows "sent" after the result.
             self._progress(txn, event, f"{outcome.value}" + (f": {txn.detail}" if txn.detail else "")),
             Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category, outcome.value,
-                    source, response, error),
+                    source, response, error, accepted=not txn.passthrough),
         ]
 
     def _close(self, txn: Transaction, outcome: str, source: str,
