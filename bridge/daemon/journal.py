@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bridge import __version__
 from bridge.config import STATE_DIRECTORY
 from bridge.protocol.transaction import (
     DEADLINE_FIELDS,
@@ -373,6 +374,9 @@ class Journal:
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise JournalError(unusable(self.path, exc)) from None
+        except JournalError:
+            self._db.close()
+            raise
 
     def _check_existing(self) -> None:
         (result,) = self._db.execute("PRAGMA quick_check").fetchone()
@@ -382,11 +386,23 @@ class Journal:
         if "transactions" not in tables or "meta" not in tables:
             raise sqlite3.DatabaseError("this SQLite file is not a poi-bridge journal")
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None or int(row[0]) > SCHEMA_VERSION:
+        if row is None:
+            raise sqlite3.DatabaseError("the journal has no schema_version")
+        try:
+            version = int(row[0])
+        except (TypeError, ValueError):
             raise sqlite3.DatabaseError(
-                f"journal schema version {row[0] if row else 'unknown'} is newer than this "
-                f"bridge understands ({SCHEMA_VERSION})"
-            )
+                f"the journal's schema_version {row[0]!r} is not a number") from None
+        if version > SCHEMA_VERSION:
+            # Sound, and it may hold open payments: moved aside for a new journal, their
+            # answers would be dropped and a register's retry sent to the terminal again.
+            raise JournalError(
+                f"journal {self.path} was written by a newer poi-bridge (schema version "
+                f"{version}; this bridge, {__version__}, knows up to {SCHEMA_VERSION}). It "
+                "is left as it is: run the bridge version that wrote it (the one installed "
+                "before this one) or a newer one. Do not move it aside nor replace it: it "
+                "may hold payments no register has heard of yet, which a new journal would "
+                "not know")
 
     def _add_missing_columns(self) -> None:
         """Columns added since schema version 1, nullable: a journal of an older bridge gains
