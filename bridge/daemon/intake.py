@@ -324,14 +324,18 @@ class RequestIntake:
         # As the register wrote them, so that it can tell which request this answers: a
         # ServiceID sent as a number, a SaleID that cannot be a topic level
         service_id, sale_text = id_text(header.get("ServiceID")), id_text(header.get("SaleID"))
-        category = header.get("MessageCategory") if isinstance(
-            header.get("MessageCategory"), str) else "Unknown"
+        # The body is named after the category when it can be read as one (letters and
+        # digits), else UnknownResponse: "Pay-ment" or "" must not name it, nor leave the
+        # refusal without a response a register can read as a terminal's
+        category = header.get("MessageCategory")
+        if not (isinstance(category, str) and category.isascii() and category.isalnum()):
+            category = "Unknown"
         log.warning("request for terminal %s refused: %s (SaleID=%s ServiceID=%s)",
                     poi_id, error, sale_id or (repr(sale_text) if sale_text else "?"),
                     repr(service_id) if service_id and not service_id.isalnum()
                     else service_id or "?")
         response = None
-        if sale_id is not None and category.isalnum():
+        if sale_id is not None:
             echo = {k: v for k, v in header.items() if isinstance(v, str) and len(v) <= 128}
             if service_id and "ServiceID" not in echo:
                 echo["ServiceID"] = service_id

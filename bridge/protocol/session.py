@@ -382,10 +382,13 @@ class TerminalSession(StatusAnswers):
                                              retry_in=self.settings.status_timeout)
         for txn in list(self.open.values()):
             if txn.state is TxState.ACCEPTED:
-                actions += self._finish(
-                    txn, Outcome.REJECTED, None, "bridge", now,
-                    error=moving or f"terminal {self.poi_id} went offline before the request "
-                                    "was sent; nothing was charged, retry with a new ServiceID")
+                text = moving or (f"terminal {self.poi_id} went offline before the request "
+                                  "was sent; nothing was charged, retry with a new ServiceID")
+                # A refusal answers in a terminal's failure shape, as every other one does
+                response = builders.failure_response(builders.request_header(txn.request),
+                                                     txn.category, "UnavailableDevice", text)
+                actions += self._finish(txn, Outcome.REJECTED, response, "bridge", now,
+                                        error=text)
             elif txn.state is TxState.AWAITING_RESPONSE:
                 if txn.category == "Abort" and txn.passthrough:
                     actions += passthrough.abort_not_delivered(
