@@ -127,6 +127,15 @@ def unusable(path: Path, exc: sqlite3.Error) -> str:
         not_ours = not_writable(path)
         if not_ours is not None:
             return not_ours
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        # Not this bridge's daemon (its own lock file tells of that one, see _hold_lock):
+        # a technician's sqlite3 shell in a transaction, a backup tool, a copy of the bridge
+        # pointed at another lock file. Free space and permissions have nothing to do with it.
+        return (f"journal {path} is locked by another process ({exc}, {name}): it holds the "
+                f"database locked for longer than the bridge waits. Find it with fuser -v "
+                f"{path} {path}-wal {path}-shm (or lsof {path}), end it (an sqlite3 shell: "
+                "COMMIT or ROLLBACK, then .quit), then restart the bridge. The journal is left "
+                "as it is: do not delete it, nor its -wal and -shm files")
     if name and not name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
         return (f"journal {path} cannot be used ({exc}, {name}). It is left as it is: check "
                 f"the free space and the permissions where it lives (df -h {path.parent}; "
