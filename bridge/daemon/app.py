@@ -18,7 +18,14 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge import __version__
-from bridge.config import Config, SecretError, TerminalConfig, UsbLink, read_configured_secret
+from bridge.config import (
+    Config,
+    SecretError,
+    TerminalConfig,
+    UsbLink,
+    credential_path,
+    read_configured_secret,
+)
 from bridge.daemon.device_match import DeviceInfo, TerminalMatcher, describe_link
 from bridge.daemon.follow import awaits_its_own_link, partner_to_follow
 from bridge.daemon.worker import FOLLOW_LATER
@@ -55,6 +62,12 @@ def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
     except SecretError as exc:
         raise SystemExit(f"terminal {terminal.poi_id}: {exc}") from None
     assert passphrase is not None
+    if not passphrase:  # (NexoKey's ValueError was a traceback from Bridge.__init__)
+        raise SystemExit(
+            f"terminal {terminal.poi_id}: key passphrase file "
+            f"{credential_path(terminal.key.passphrase_file)} is empty: write the passphrase "
+            f"of key {terminal.key.identifier!r} version {terminal.key.version} into it, as "
+            "the terminal is configured with, then start the bridge again")
     return crypto.NexoKey(terminal.key.identifier, terminal.key.version, passphrase)
 
 
