@@ -247,7 +247,17 @@ def _amount_asked(document: Any) -> tuple[float, str] | None:
     if isinstance(amount, bool) or not isinstance(amount, int | float) \
             or not isinstance(currency, str):
         return None
-    return float(amount), currency.upper()
+    value = _as_float(amount)
+    return (value, currency.upper()) if value is not None else None
+
+
+def _as_float(amount: Any) -> float | None:
+    """float(amount), or None for an integer no double holds (refused on intake since: a
+    request the journal recorded before must not make each retry check an internal error)."""
+    try:
+        return float(amount)
+    except (OverflowError, TypeError, ValueError):
+        return None
 
 
 # What an open payment is doing, as its retry's refusal tells the register
@@ -576,7 +586,8 @@ class RequestIntake:
         for earlier in self.journal.open_payments(header.sale_id, sale_tx.transaction_id):
             said = _amount_asked(earlier.request)
             if earlier.service_id == header.service_id or said is None \
-                    or said != (float(amounts.requested_amount), amounts.currency.upper()):
+                    or said != (_as_float(amounts.requested_amount),
+                                amounts.currency.upper()):
                 continue
             return _retry_error(earlier, sale_tx.transaction_id, said)
         return None

@@ -1,7 +1,8 @@
 """JSON text as RFC 8259 defines it, read strictly.
 
 Python's json module also reads NaN, Infinity and -Infinity, turns a number too large for a
-float (1e400) into inf, refuses an integer of more than 4300 digits with a bare ValueError,
+float (1e400) into inf, reads the same number written as a whole one (1 and 400 zeros) as an
+int no double holds, refuses an integer of more than 4300 digits with a bare ValueError,
 and reads "\ud800" as a lone surrogate that no UTF-8 encoder takes. A value like those, passed on, would be written back as NaN or Infinity, which
 registers in other languages cannot parse. Here each is a JsonTextError that says what it is.
 """
@@ -33,9 +34,24 @@ def _finite(text: str) -> float:
     return value
 
 
+def _integer(text: str) -> int:
+    """An integer as a double can hold it: 1 followed by 400 zeros is 1e400 written whole,
+    which a reader that takes numbers as doubles (JavaScript's, most registers') makes
+    Infinity or refuses, and float() of it raises OverflowError later."""
+    value = int(text)
+    if len(text) > 300:  # (a double holds every integer of up to 308 digits)
+        try:
+            float(value)
+        except OverflowError:
+            raise JsonTextError(f"number {text[:20]}... is too large") from None
+    return value
+
+
 # One decoder for every call: json.loads(...) with hooks would build one each time. The
-# float hook runs once per number with a fraction or exponent (a handful per message).
-_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_finite)
+# float hook runs once per number with a fraction or exponent, the int hook once per whole
+# number (a handful per message).
+_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_finite,
+                            parse_int=_integer)
 
 
 def loads(text: str) -> Any:
@@ -74,7 +90,7 @@ def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 # Slower than _DECODER (a Python call per object): for a register's request, not for every
 # frame a terminal sends.
 _UNIQUE_DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_finite,
-                                   object_pairs_hook=_unique_names)
+                                   parse_int=_integer, object_pairs_hook=_unique_names)
 
 
 def check_unique_names(text: str) -> None:
