@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from bridge.config import Config
@@ -270,21 +271,36 @@ _OPEN_STATES = {
 }
 
 
-def _retry_error(earlier: Transaction, transaction_id: str, asked: tuple[float, str]) -> str:
+def _not_configured(poi_id: str) -> str:
+    """Why nothing more comes of an open transaction whose terminal the configuration no
+    longer has (removed, or its poi_id renamed): recover() logs it, and a register's retry or
+    repeat of it is told so, not that the bridge is asking the terminal."""
+    return (f"its terminal {poi_id} is no longer in this bridge's configuration (removed, or "
+            f"its poi_id renamed), so the bridge cannot ask it and no result will come until "
+            f"terminal {poi_id} is added back to the configuration (and the bridge restarted) "
+            "so that the bridge can ask it")
+
+
+def _retry_error(earlier: Transaction, transaction_id: str, asked: tuple[float, str], *,
+                 configured: bool = True) -> str:
     """The refusal of a payment that repeats `earlier`, still open, under a new ServiceID:
-    which payment, that it may have been charged, and what the cashier does."""
+    which payment, that it may have been charged, and what the cashier does. `configured`:
+    whether earlier's terminal is still in the configuration (else nothing asks it)."""
     doing = _OPEN_STATES.get(earlier.state, f"is {earlier.state}")
     if earlier.extra.get("abandoned"):
         doing = ("is unresolved, and the bridge stopped asking the terminal about it (see "
                  "reconcile_deadline)")
+    find_out = (f"Wait for the bridge's result for ServiceID {earlier.service_id}, or "
+                f"{ask_its_status(earlier.sale_id, earlier.service_id, 'Payment', earlier.poi_id)}"
+                ", and check that terminal's receipt or transaction report")
+    if not configured:
+        doing = f"is still open: {_not_configured(earlier.poi_id)}"
+        find_out = "Check that terminal's receipt or transaction report"
     amount, currency = asked
     return (f"this payment was not started: it repeats the payment of TransactionID "
             f"{transaction_id} ({amount:g} {currency}) sent by SaleID {earlier.sale_id} as "
             f"ServiceID {earlier.service_id} to terminal {earlier.poi_id}, which {doing}. The "
-            f"terminal may have charged it: do not charge this sale again now. Wait for the "
-            f"bridge's result for ServiceID {earlier.service_id}, or "
-            f"{ask_its_status(earlier.sale_id, earlier.service_id, 'Payment', earlier.poi_id)}"
-            ", and check that terminal's receipt or transaction report. If "
+            f"terminal may have charged it: do not charge this sale again now. {find_out}. If "
             f"the cashier knows it was not charged, send the payment again with a new "
             f"TransactionID")
 
@@ -488,10 +504,12 @@ class RequestIntake:
         if asked.state != TxState.FINAL:
             if asked.poi_id == poi_id:
                 return False  # the terminal's answer may settle it (the session applies it)
+            where = f"send the status request to terminal {asked.poi_id}" \
+                if asked.poi_id in self.workers else _not_configured(asked.poi_id)
             self._refuse_recorded(
                 request, document, digest, poi_id,
                 f"transaction {asked.key} is open on terminal {asked.poi_id}, not on "
-                f"{poi_id}: send the status request to terminal {asked.poi_id}", "NotAllowed")
+                f"{poi_id}: {where}", "NotAllowed")
             return True
         named = ref.message_category
         if asked.category not in MONEY_CATEGORIES or asked.outcome not in FINAL_MONEY_OUTCOMES \
@@ -589,7 +607,8 @@ class RequestIntake:
                     or said != (_as_float(amounts.requested_amount),
                                 amounts.currency.upper()):
                 continue
-            return _retry_error(earlier, sale_tx.transaction_id, said)
+            return _retry_error(earlier, sale_tx.transaction_id, said,
+                                configured=earlier.poi_id in self.workers)
         return None
 
     def _refuse_recorded(self, request: SaleToPOIRequest, document: dict[str, Any], digest: str,
@@ -615,11 +634,20 @@ class RequestIntake:
     def _repeat(self, existing: Any, how: str = "") -> None:
         """An identical repeat, or the same request rebuilt with a new TimeStamp for a retry:
         answer with what is known, start nothing."""
+        gone = existing.state != TxState.FINAL and existing.poi_id not in self.workers
         if existing.outcome is not None or existing.state == "unresolved":
-            self.gateway.deliver(stored_result(existing))
+            result = stored_result(existing)
+            if gone and result.outcome == "unresolved":  # (not "the bridge keeps asking")
+                result = replace(result, error=(
+                    f"outcome unknown: {existing.detail}; {_not_configured(existing.poi_id)}. "
+                    "The terminal may have charged it: do not charge this sale again; check "
+                    "that terminal's receipt or transaction report"))
+            self.gateway.deliver(result)
+        said = f"already known{how}, state {existing.state}; nothing was started"
+        if gone:  # the result the register waits for would never come, unsaid
+            said += f"; {_not_configured(existing.poi_id)}"
         self.gateway.progress(Progress(existing.sale_id, existing.service_id, existing.poi_id,
-                                       "duplicate", f"already known{how}, state "
-                                                    f"{existing.state}; nothing was started"))
+                                       "duplicate", said))
 
     def _stale(self, request: SaleToPOIRequest) -> str | None:
         """A payment request that waited in the broker (while the bridge was away) longer
