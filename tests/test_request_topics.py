@@ -238,3 +238,27 @@ async def test_a_commands_echoed_transaction_on_bridge_error_carries_no_card_dat
         refusal = await sub.wait_for(lambda t, p: p.get("topic") == topic)
         assert card not in json.dumps(refusal), refusal
         assert refusal["transaction"].startswith("op-"), refusal
+
+
+async def test_an_empty_sale_id_level_is_refused_naming_the_topic_problem(tmp_path, mosquitto):
+    """README table, bridge/error: a request on a topic "with an empty last level" is refused
+    with an error that "names the problem and the exact topics to publish on"; .../request/
+    is such a topic (the empty level is the SaleID's). It was refused as a header SaleID
+    that is not the topic's, echoing the topic without its '/' (review rv2)."""
+    topic = f"{request_topic()}/"
+    async with Store(tmp_path, mosquitto, default_scenario()), \
+            Subscriber(mosquitto, [f"{BASE}/bridge/error", f"{BASE}/registers/#"]) as sub:
+        await sub.publish(topic, responses.payment_request("POS1", "E1", POI))
+        refusal = await sub.wait_for(lambda t, p: t.endswith("/bridge/error"))
+        assert refusal["topic"] == topic, refusal
+        assert "publish on exactly" in refusal["error"], refusal["error"]
+        assert refusal == {
+            "status": "error", "poi_id": POI, "topic": topic, "sale_id": "POS1",
+            "service_id": "E1",
+            "error": "request topic refused, nothing was started: its SaleID level is empty "
+                     f"(a '/' too many at its end); {EXACTLY}"}
+        # Nothing started: the exact topic works, and E1 was not taken
+        await sub.publish(f"{request_topic()}/POS1", responses.payment_request("POS1", "P1", POI))
+        assert (await sub.wait_for(outcome_for("P1")))["bridge"]["outcome"] == "approved"
+        assert not [p for t, p, _ in sub.messages if "/registers/" in t and (
+            p.get("transaction") or p["bridge"]["transaction"])["service_id"] == "E1"]

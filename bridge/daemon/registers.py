@@ -142,8 +142,9 @@ class Topics:
             return None
         parts = topic[len(prefix):].split("/")
         if len(parts) >= 3 and parts[0] == "terminals" and parts[2] == "request":
-            if len(parts) in (3, 4):  # (an empty SaleID level is refused as not the header's)
+            if len(parts) == 3 or (len(parts) == 4 and parts[3]):
                 return Route("terminal", parts[1], parts[3] if len(parts) == 4 else None)
+            # (.../request/: an empty SaleID level is a topic problem, as a level too many)
             exactly = (f"{self.base}/terminals/{parts[1]}/request/{{SaleID}} (your SaleID as "
                        f"its last level) or {self.base}/terminals/{parts[1]}/request")
             return Route("terminal", parts[1], problem=_level_problem(parts[3:], "request",
