@@ -5,6 +5,13 @@ stx-etx-lrc framer does the ACKs), publish the answer once at QoS 1 with a plain
 No journal, no validation, no state machine, no events. The benchmark's process subscribes
 and notes when each message arrives; this process writes when each payment started.
 
+With `"durable": true` in the spec it is the least a bridge that keeps the brief's promises
+must do instead: the request comes over MQTT (published at QoS 1 by this process, a register
+of its own, and received back through the broker), is committed to an SQLite journal (WAL,
+synchronous=FULL, as the daemon's) before its frame goes out, and the answer is committed
+before it is published. Still no validation, no state machine, no events, no status polls.
+Its start time is the request's publish, as for the bridge.
+
     python -m bench.baseline SPEC.json OUT.json      (run by bench/run.py, not by hand)
 """
 
@@ -15,6 +22,7 @@ import contextlib
 import json
 import os
 import random
+import sqlite3
 import sys
 import time
 import tty
@@ -165,6 +173,98 @@ class Run:
                 "response_frame_bytes": sorted(self.sizes)}
 
 
+class Journal:
+    """One row per payment, committed (with its fsync) before the frame goes out and again
+    before the answer is published: the daemon's two commits of a payment, nothing else."""
+
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS payments (terminal INTEGER, service_id TEXT, "
+                        "request TEXT, answer TEXT, PRIMARY KEY (terminal, service_id))")
+
+    def accepted(self, service_id: str, terminal: int, request: bytes) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("INSERT INTO payments (service_id, terminal, request) VALUES (?, ?, ?)",
+                        (service_id, terminal, request.decode()))
+        self.db.execute("COMMIT")
+
+    def answered(self, service_id: str, terminal: int, answer: bytes) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("UPDATE payments SET answer = ? WHERE terminal = ? AND service_id = ?",
+                        (answer.decode(), terminal, service_id))
+        self.db.execute("COMMIT")
+
+    def count(self) -> tuple[int, int]:
+        """(payments journaled, of which answered)."""
+        return self.db.execute("SELECT count(*), count(answer) FROM payments").fetchone()
+
+
+def requests_prefix(spec: dict[str, Any]) -> str:
+    """Outside the prefix the benchmark's subscriber notes arrivals on."""
+    return f"{spec['prefix']}-requests"
+
+
+class DurableRun(Run):
+    """The request over MQTT and the journal's two commits around the terminal's work."""
+
+    def __init__(self, *args: Any, journal: Journal, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.journal = journal
+        self.waiting: dict[tuple[int, str], asyncio.Future[None]] = {}
+
+    def request_topic(self, i: int, sid: str, topic: str | None) -> str:
+        """Where the request goes; what follows the terminal's number is the result topic."""
+        result_topic = topic or f"{self.spec['prefix']}/warmup/{i}/{sid}"
+        return f"{requests_prefix(self.spec)}/{i}/{result_topic}"
+
+    async def serve(self, request_topic: str, payload: bytes) -> None:
+        """The bridge's part: what a request received over MQTT costs at the least."""
+        i, result_topic = request_topic.removeprefix(requests_prefix(self.spec) + "/").split("/", 1)
+        document = json.loads(payload)
+        sid = document["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+        done = self.waiting.pop((int(i), sid))  # each terminal counts its own ServiceIDs
+        try:
+            self.journal.accepted(sid, int(i), payload)
+            answer = await asyncio.wait_for(
+                pay(self.ports[int(i)], self.framers[int(i)], document), 15)
+            self.journal.answered(sid, int(i), answer)
+            await self.client.publish(result_topic, answer, qos=1)
+        except Exception as exc:  # the run that waits for it counts it, or fails with it
+            done.set_exception(exc)
+            return
+        done.set_result(None)
+        if not result_topic.startswith(f"{self.spec['prefix']}/warmup/"):
+            self.sizes.add(len(answer) + 3)
+
+    async def one(self, i: int, topic: str | None) -> None:
+        sid = self.ids[i].next()
+        document = payment_request(sale_id(i), sid, poi_id(i), self.variant["amount"])
+        done = self.waiting[i, sid] = asyncio.get_running_loop().create_future()
+        t0 = time.monotonic()
+        await self.client.publish(self.request_topic(i, sid, topic), compact(document), qos=1)
+        try:
+            await asyncio.wait_for(done, 20)  # a request lost on the way counts as a failure
+        except (TimeoutError, RuntimeError) as exc:
+            self._fail(type(exc).__name__)
+            self.diagnostics.append({"terminal": i, "service_id": sid, "error": repr(exc),
+                                     "since_start_s": round(time.monotonic() - t0, 3)})
+            return
+        if topic is not None:
+            self.sent.append((topic, t0))
+
+
+async def serve_requests(client: aiomqtt.Client, runs: list[DurableRun]) -> None:
+    """Each request received goes to the run of the moment, as a task of its own (terminals
+    work at once, as the daemon's workers do)."""
+    tasks = set()
+    async for message in client.messages:
+        task = asyncio.create_task(runs[-1].serve(message.topic.value, message.payload))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+
 async def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     ports = [Pty(device) for device in spec["devices"]]
@@ -172,15 +272,32 @@ async def main(spec_path: str, out_path: str) -> None:
     ids = [ServiceIds("z") for _ in ports]
     results: dict[str, Any] = {}
     diagnostics: list[dict[str, Any]] = []
+    journal = Journal(spec["journal"]) if spec.get("durable") else None
     async with aiomqtt.Client(spec["host"], spec["port"], identifier=f"bench-baseline-{spec['tag']}",
                               clean_session=True, max_inflight_messages=0,
                               socket_options=nodelay()) as client:
+        runs: list[DurableRun] = []
+        server = None
+        if journal is not None:
+            await client.subscribe(f"{requests_prefix(spec)}/#", qos=1)
+            server = asyncio.create_task(serve_requests(client, runs))
         for variant in spec["variants"]:
             with collector_paused():  # as in the benchmark's process, for the same reason
-                results[variant["name"]] = await Run(spec, variant, client, ports, framers, ids,
-                                                     diagnostics).run()
+                if journal is None:
+                    run = Run(spec, variant, client, ports, framers, ids, diagnostics)
+                else:
+                    run = DurableRun(spec, variant, client, ports, framers, ids, diagnostics,
+                                     journal=journal)
+                    runs.append(run)
+                results[variant["name"]] = await run.run()
+        if server is not None:
+            server.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await server
     for port in ports:
         port.close()
+    if journal is not None:
+        results["journal_rows"] = journal.count()
     results["diagnostics"] = diagnostics[:50]
     Path(out_path).write_text(json.dumps(results))
 

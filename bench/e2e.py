@@ -526,15 +526,19 @@ class BaselineSubscriber:
 async def run_baseline(broker: Any, devices: list[str], variants: list[tuple[Variant, float]],
                        workdir: Path, *, tag: str, period: dict[str, float],
                        think: tuple[float, float] | None,
-                       broker_pid: int | None) -> dict[str, Any]:
+                       broker_pid: int | None, durable: bool = False) -> dict[str, Any]:
     """Run `python -m bench.baseline` on the same pseudo-terminals; join its send times with
-    the arrival times seen here."""
+    the arrival times seen here. `durable`: requests over MQTT and a journal's two commits
+    (see bench/baseline.py)."""
+    if durable:
+        tag = f"durable-{tag}"
     prefix = f"bench-baseline/{tag}"
     spec = {
         "devices": devices, "host": broker.host, "port": broker.port, "prefix": prefix,
         "variants": [{"name": v.name, "amount": v.amount, "duration": d,
                       "period": period.get(v.name, 0.0)} for v, d in variants],
-        "think": think, "tag": tag,
+        "think": think, "tag": tag, "durable": durable,
+        "journal": str(workdir / f"baseline-{tag}.sqlite"),
     }
     spec_path = workdir / f"baseline-{tag}.json"
     out_path = workdir / f"baseline-{tag}-out.json"
@@ -554,6 +558,8 @@ async def run_baseline(broker: Any, devices: list[str], variants: list[tuple[Var
         await asyncio.sleep(0.5)  # the last arrivals
         out = json.loads(out_path.read_text())
         results["diagnostics"] = out.get("diagnostics", [])
+        if durable:
+            results["journal_rows"] = out["journal_rows"]
         for variant, _ in variants:
             data = out[variant.name]
             latencies, missing = [], 0

@@ -24,7 +24,7 @@ default (off) unless --broker-nodelay. The benchmark's own MQTT clients set TCP_
 Profiling the daemon (py-spy attaches to the running process; pyinstrument cannot):
     .venv/bin/pip install py-spy                    # once
     .venv/bin/python bench/run.py --profile         # 64 terminals paced (vendor fixture), then
-        # unpaced; for each, py-spy records the daemon twice: "busy" (every sample where the
+        # unpaced (other loads: --profile-loads paced-32-small,...); for each, py-spy records the daemon twice: "busy" (every sample where the
         # event loop is not idle in epoll, including time blocked in fsync) and "cpu" (--gil,
         # Python work only). Raw stacks: bench/results/profile-*.txt; the summary (self time by
         # area and line, inclusive time per bridge function) is printed and saved in
@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -91,11 +92,9 @@ async def section_latency(broker: Any, workroot: Path, plan: dict[str, Any],
         SMALL,
         DaemonProcess,
         Fleet,
-        LoopLag,
         Registers,
         closed_loop,
         e2e_summary,
-        run_baseline,
         wire_model,
         write_config,
     )
@@ -144,38 +143,62 @@ async def section_latency(broker: Any, workroot: Path, plan: dict[str, Any],
         finally:
             daemon.terminate()
             await fleet.close()
-        log(f"  latency: {n} terminal(s), baseline")
-        fleet = await Fleet(n, DELAY, BAUD).start()  # fresh terminals, same behaviour
-        try:
-            with common.collector_paused():  # as for the bridge's runs: the simulators live here
-                lag = LoopLag()
-                lag.start()
-                baseline = await run_baseline(
-                    broker, fleet.devices, [(v, plan["durations"][v.name]) for v in variants],
-                    workdir, tag=f"n{n}", think=THINK, broker_pid=broker.process.pid,
-                    period={v.name: wires[v.name]["floor_ms"] / 1000 for v in variants})
-                baseline_lag = await lag.stop()
-        finally:
-            await fleet.close()
+        for key, durable in (("baseline", False), ("durable_baseline", True)):
+            log(f"  latency: {n} terminal(s), {key.replace('_', ' ')}")
+            data_by_response = await _baseline_run(broker, workdir, plan, n, wires, variants,
+                                                   durable=durable)
+            for row in rows[-len(variants):]:
+                row[key] = data_by_response[row["response"]]
+                if row[key]["failures"]:
+                    row[f"{key}_diagnostics"] = data_by_response["diagnostics"][:10]
         for row in rows[-len(variants):]:
-            data = baseline[row["response"]]
-            base_summary = e2e_summary(data["latencies"], row["wire"])
-            failures = dict(data["failures"])
-            if data["missing"]:
-                failures["published but not received"] = data["missing"]
-            if failures:
-                row["baseline_diagnostics"] = baseline.get("diagnostics", [])[:10]
-            row["baseline"] = {**base_summary, "failures": failures,
-                               "process": data["cpu"], "bench_loop_lag": baseline_lag,
-                               "observed_response_frame_bytes": data["response_frame_bytes"]}
             b, z = row["bridge"], row["baseline"]
-            observed = data["response_frame_bytes"]
+            observed = z["observed_response_frame_bytes"]
             row["wire"]["model_matches_wire"] = observed == [row["wire"]["response_frame_bytes"]]
             row["ratio_p50"] = _ratio(b["p50_ms"], z["p50_ms"])
             row["ratio_p99"] = _ratio(b["p99_ms"], z["p99_ms"])
             row["bridge_minus_baseline_p50_ms"] = _diff(b["p50_ms"], z["p50_ms"])
             row["bridge_minus_baseline_p99_ms"] = _diff(b["p99_ms"], z["p99_ms"])
     return rows
+
+
+async def _baseline_run(broker: Any, workdir: Path, plan: dict[str, Any], n: int,
+                        wires: dict[str, Any], variants: list[Any], *,
+                        durable: bool) -> dict[str, Any]:
+    """The baseline of 1b (or, `durable`, of 1d) on fresh terminals of the same behaviour."""
+    from bench.e2e import Fleet, LoopLag, e2e_summary, run_baseline
+
+    fleet = await Fleet(n, DELAY, BAUD).start()
+    try:
+        with common.collector_paused():  # as for the bridge's runs: the simulators live here
+            lag = LoopLag()
+            lag.start()
+            baseline = await run_baseline(
+                broker, fleet.devices, [(v, plan["durations"][v.name]) for v in variants],
+                workdir, tag=f"n{n}", think=THINK, broker_pid=broker.process.pid,
+                period={v.name: wires[v.name]["floor_ms"] / 1000 for v in variants},
+                durable=durable)
+            baseline_lag = await lag.stop()
+    finally:
+        await fleet.close()
+    out: dict[str, Any] = {"diagnostics": baseline.get("diagnostics", [])}
+    for variant in variants:
+        data = baseline[variant.name]
+        failures = dict(data["failures"])
+        if data["missing"]:
+            failures["published but not received"] = data["missing"]
+        out[variant.name] = {**e2e_summary(data["latencies"], wires[variant.name]),
+                             "failures": failures, "process": data["cpu"],
+                             "bench_loop_lag": baseline_lag,
+                             "observed_response_frame_bytes": data["response_frame_bytes"]}
+    if durable:
+        journaled, answered = baseline["journal_rows"]
+        sent = sum(out[v.name]["n"] for v in variants)
+        if answered < sent:  # a result published that its journal does not hold: not durable
+            raise RuntimeError(f"the durable baseline journaled {answered} answers for {sent} "
+                               "results received")
+        out["journal_rows"] = {"payments": journaled, "answered": answered}
+    return out
 
 
 async def _fleet_run(broker: Any, workroot: Path, name: str, n: int, delay: float, baud: int,
@@ -374,6 +397,9 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         if row and row.get("baseline"):
             note = (f"baseline's own added p99 {_f(row['baseline']['added_p99_ms'], 2)} ms; "
                     f"bridge - baseline p99 {_f(row.get('bridge_minus_baseline_p99_ms'), 1)} ms")
+            if row.get("durable_baseline"):
+                note += (f"; the durable baseline's (1d) added p99 "
+                         f"{_f(row['durable_baseline']['added_p99_ms'], 2)} ms")
         out.append(_target(f"bridge-added p99 at 32 terminals ({response} response)",
                            row["bridge"]["added_p99_ms"] if row else None, 5.0, "ms", note,
                            _row_lost(row)))
@@ -500,6 +526,32 @@ def _failure_lines(runs: list[tuple[str, dict[str, int] | None]]) -> list[str]:
             for where, failures in runs if failures]
 
 
+def render_durable_baseline(latency: list[dict[str, Any]]) -> list[str]:
+    out = ["1d. The least a durable bridge must do: the register's request over MQTT, committed to "
+           "an SQLite journal (WAL, synchronous=FULL)",
+           "    before the frame goes out, the answer committed before its one QoS 1 publish; no "
+           "validation, state machine, events or polls (ms)"]
+    rows = []
+    for r in latency:
+        d, b = r["durable_baseline"], r["bridge"]
+        rows.append([r["response"], str(r["terminals"]), str(d["n"]), _f(d["p50_ms"]),
+                     _f(d["p99_ms"]), _f(d["added_p50_ms"], 2), _f(d["added_p99_ms"], 2),
+                     _f(d["added_p99_pct_of_wire"], 2), _f(b["added_p99_ms"], 2),
+                     _f(_diff(b["added_p99_ms"], d["added_p99_ms"])),
+                     _f(d["process"]["cpu_ms_per_payment"], 2),
+                     _f(b["daemon"]["cpu_ms_per_payment"], 2),
+                     _f(d["bench_loop_lag"].get("p99_ms")), _failures(d["failures"])])
+    out += ["    " + x for x in _table(
+        ["response", "N", "n", "e2e p50", "e2e p99", "added p50", "added p99", "%wire",
+         "bridge added p99", "bridge - it p99", "its CPU ms/pay", "bridge CPU ms/pay",
+         "lag p99", "fail"], rows)]
+    out.append("    its CPU = the whole process: the register's side (publishing the request, "
+               "taking its own QoS 1 acknowledgements) as well as the bridge's")
+    out += _failure_lines([(f"durable baseline, {r['response']}, {r['terminals']} terminal(s)",
+                            r["durable_baseline"].get("failures")) for r in latency])
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     out = [
@@ -595,6 +647,9 @@ def render(results: dict[str, Any]) -> str:
              "base CPU ms/pay", "bridge CPU ms/pay", "lag p99", "fail"], rows)]
         out += _failure_lines([(f"baseline, {r['response']}, {r['terminals']} terminal(s)",
                                 r["baseline"].get("failures")) for r in latency])
+        if all(r.get("durable_baseline") for r in latency):
+            out.append("")
+            out += render_durable_baseline(latency)
     st = results.get("store")
     if st:
         out.append("")
@@ -776,7 +831,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                  "autosave_interval_s": BROKER_AUTOSAVE_S}
         if args.profile:
             RESULTS.mkdir(parents=True, exist_ok=True)
-            results["profile"] = await profile(broker, workroot, plan, log)
+            results["profile"] = await profile(broker, workroot, profile_loads(args.profile_loads),
+                                               log)
             return results
         if "core" in wanted:
             from bench import core
@@ -830,8 +886,24 @@ async def spy_pair(pid: int, name: str, seconds: float) -> dict[str, Any]:
     return out
 
 
-async def profile(broker: Any, workroot: Path, plan: dict[str, Any], log: Any) -> dict[str, Any]:
-    """py-spy on the daemon: 64 terminals paced with the vendor fixture, then unpaced."""
+PROFILE_LOADS = "paced-64-fixture,unpaced-64-small"
+
+
+def profile_loads(spec: str) -> list[tuple[str, bool, int, str]]:
+    """--profile-loads: comma-separated `paced|unpaced`-N-`small|fixture`."""
+    loads = []
+    for name in (s.strip() for s in spec.split(",")):
+        match = re.fullmatch(r"(paced|unpaced)-([0-9]+)-(small|fixture)", name)
+        if match is None or int(match[2]) < 1:
+            raise SystemExit(f"bench: --profile-loads: {name!r} is not paced|unpaced-N-small|fixture")
+        loads.append((name, match[1] == "paced", int(match[2]), match[3]))
+    return loads
+
+
+async def profile(broker: Any, workroot: Path, loads: list[tuple[str, bool, int, str]],
+                  log: Any) -> dict[str, Any]:
+    """py-spy on the daemon under each load (default: 64 terminals paced with the vendor
+    fixture, then 64 unpaced with the small response)."""
     from bench import profiling
     from bench.e2e import (
         LARGE,
@@ -845,8 +917,8 @@ async def profile(broker: Any, workroot: Path, plan: dict[str, Any], log: Any) -
     )
 
     out: dict[str, Any] = {}
-    n, each = 64, 9.0
-    for name, paced in (("paced-64-fixture", True), ("unpaced-64", False)):
+    each = 9.0
+    for name, paced, n, response in loads:
         workdir = workroot / f"profile-{name}"
         workdir.mkdir()
         fleet = await Fleet(n, DELAY if paced else 0.0, BAUD if paced else 0).start()
@@ -854,7 +926,7 @@ async def profile(broker: Any, workroot: Path, plan: dict[str, Any], log: Any) -
         daemon = DaemonProcess(write_config(workdir, broker, base, fleet.devices),
                                workdir / "daemon.log")
         ids = [ServiceIds("p") for _ in range(n)]
-        variant = LARGE if paced else SMALL
+        variant = LARGE if response == "fixture" else SMALL
         try:
             async with Registers(broker, base) as registers:
                 daemon.start()
@@ -892,6 +964,9 @@ def main() -> int:
     parser.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy on the daemon under 64 terminals (needs py-spy)")
+    parser.add_argument("--profile-loads", default=PROFILE_LOADS,
+                        help="with --profile: the loads, comma-separated paced|unpaced-N-"
+                             f"small|fixture (default {PROFILE_LOADS})")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     parser.add_argument("--what-if", default="",
                         help="run a patched daemon (comma-separated patch names, listed in bench/whatif.py); "
