@@ -666,6 +666,36 @@ async def test_a_driver_error_while_opening_is_retried_not_fatal(tmp_path, caplo
     # (leaving the Rig stops the worker: that must not raise the open's error either)
 
 
+async def test_a_driver_error_while_closing_is_logged_and_the_link_reopened(tmp_path, caplog):
+    """A driver may raise from close() too (pyusb's release_interface where libusb does not
+    support it, an OSError from a tty gone under it): the link loop must go on reopening,
+    not end and leave the terminal offline, silently, until the daemon restarts."""
+    import errno
+
+    from bridge.transports.serial import SerialTransport
+
+    open_failures = [OSError(errno.EIO, "Input/output error")]
+    close_failures = [NotImplementedError("release_interface")]
+
+    class FailsToCloseOnce(SerialTransport):
+        async def open(self) -> None:
+            if open_failures:
+                raise open_failures.pop()
+            await super().open()
+
+        async def close(self) -> None:
+            await super().close()
+            if close_failures:
+                raise close_failures.pop()
+
+    async with Rig(tmp_path, scenario(), transport_factory=FailsToCloseOnce) as rig:
+        assert open_failures == close_failures == []
+        assert any("closing the link failed" in r.getMessage() and "release_interface"
+                   in r.getMessage() for r in caplog.records)
+        rig.pay("S1")
+        assert (await rig.outlet.result_for("S1")).outcome == "approved"
+
+
 async def test_a_link_that_drops_as_soon_as_it_opens_is_reopened_with_growing_pauses(tmp_path):
     """A TCP terminal that accepts and closes at once (serving another host, or a forwarder
     with nothing behind it): each reopen must wait longer, up to the backoff's ceiling, not

@@ -523,7 +523,12 @@ class TerminalWorker:
             await self._link_down(transport, reason, opened=True)
 
     async def _link_down(self, transport: Transport, reason: str, *, opened: bool) -> None:
-        await transport.close()
+        try:
+            await transport.close()
+        except Exception as exc:  # noqa: BLE001 - as in opening: the link loop must go on
+            log.warning("terminal %s: closing the link failed (%r); it is reopened all the "
+                        "same. If it does not come back, unplug and replug the terminal",
+                        self.poi_id, exc)
         self.link_closed.set()
         if opened:
             open_then = list(self.session.open.values())
