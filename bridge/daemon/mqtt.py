@@ -619,12 +619,14 @@ class RegisterGateway:
             props = getattr(message, "properties", None)
             response_topic = getattr(props, "ResponseTopic", None) if props else None
             correlation = getattr(props, "CorrelationData", None) if props else None
-            if response_topic is not None and message.topic.value.startswith(
-                    self._command_prefix):  # (a register's request is answered on its topics)
+            if not message.topic.value.startswith(self._command_prefix):
+                # A register's request is answered on its topics, never with its MQTT 5
+                # response topic or correlation data (README): a refusal or an internal
+                # error on bridge/error must not carry them either.
+                response_topic = correlation = None
+            elif response_topic is not None:
                 response_topic = self._usable_response_topic(message.topic.value,
                                                              response_topic)
-            else:
-                response_topic = None
             reply = Reply(self, response_topic, correlation)
             if not payload:
                 # Never a request: the sender clearing a retained one, as told. With MQTT
