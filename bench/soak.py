@@ -689,6 +689,10 @@ class Soak:
                 "[[terminals]]",
                 f'poi_id = "{terminal.poi_id}"',
                 "payment_timeout = 2.0",
+                # A Busy record of a payment whose frame went out twice (a NAK, or silence)
+                # is asked about as InProgress up to this limit, then reported unresolved:
+                # within the settling time, not at the default's 600 s.
+                "in_progress_limit = 20.0",
                 "status_timeout = 1.0",
                 "poll_floor = 0.05",
                 "resync_attempts = 2",
@@ -1446,6 +1450,19 @@ def given_up_by_design(row: dict[str, Any]) -> bool:
         row.get("detail") or "")
 
 
+def busy_record_of_a_copy(row: dict[str, Any]) -> bool:
+    """An unresolved journal row of a payment whose frame the link sent more than once (the
+    terminal said nothing in time, or a NAK came), and whose record on the terminal says
+    Busy: Busy may answer the second copy while the first was charged, so no answer of the
+    terminal can settle it (BUSY_RECORD_OF_A_COPY in bridge/protocol/outcome.py)."""
+    try:
+        extra = json.loads(row.get("extra") or "{}")
+    except ValueError:
+        return False
+    return bool(extra.get("resent_after_silence")) and "may have got this request twice" in (
+        row.get("detail") or "")
+
+
 NOT_FOUND_IN_LOG = {"received": None, "bridge_subscribed": None, "saved": False,
                     "dropped": None, "sent": None, "acked": None}
 FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "stuck", "disputed", "crashed",
@@ -1749,6 +1766,12 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                                  "stopped asking and told the register to check the "
                                  f"acquirer's records; terminal ledger: "
                                  f"{ledger_entry or 'never received (nothing charged)'}")
+            elif busy_record_of_a_copy(row):
+                explained.append(f"{p.key}: left unresolved by design: its frame went out "
+                                 "more than once (a NAK, or no ACK in time) and the terminal's "
+                                 "record says Busy, which may answer the second copy while "
+                                 "it ran the first; the register was told to check; terminal "
+                                 f"ledger: {ledger_entry or 'never received (nothing charged)'}")
             elif healthy_for >= 15:
                 problem("stuck", p, f"still unresolved {healthy_for:.0f} s after the terminal, "
                         f"the broker and the bridge were all back: {why}",

@@ -452,6 +452,28 @@ def test_audit_explains_a_payment_the_bridge_gave_up_on_by_design(tmp_path):
     assert "by design" in note and "never received" in note
 
 
+def test_audit_explains_a_busy_record_of_a_payment_sent_twice(tmp_path):
+    """A payment whose frame went out again (a NAK, or no ACK in time) and whose record on the
+    terminal says Busy ends unresolved at in_progress_limit: Busy may answer the second copy
+    while the first was charged. Seed 53 failed 'stuck 1' on it once a NAK counted too. The
+    same text without the journal's mark of a second copy is still stuck."""
+    copied, unmarked = paid("P1", outcome=None), paid("P2", outcome=None)
+    for p in (copied, unmarked):
+        p.outcomes.append((time.time(), "unresolved", "bridge"))
+    soak = fake_soak(tmp_path, copied, unmarked)
+    detail = ("still in progress on the terminal (the terminal's record says Busy, but it may "
+              "have got this request twice (the link sent it again ...): the bridge keeps "
+              "asking)")
+    rows = [dict(row(sid, outcome=None, state="unresolved", detail=detail), extra=extra)
+            for sid, extra in (("P1", '{"resent_after_silence": 1}'), ("P2", "{}"))]
+    ledgers = {POI: {f"TILL1/{sid}": ledger_entry((1.0, False, "busy"), charged=False)
+                     for sid in ("P1", "P2")}}
+    result = run_audit(soak, ledgers, rows)
+    assert [(p["kind"], p["key"]) for p in result["problems"]] == [("stuck", "TILL1/P2")]
+    [note] = [e for e in result["explained"] if e.startswith("TILL1/P1")]
+    assert "by design" in note and "Busy" in note
+
+
 def test_audit_tags_only_the_offline_episode_not_what_is_stuck_on_that_terminal(tmp_path):
     """The known bug left_offline is the terminal kept offline after a restart while it was
     unplugged. A journal row stuck on that terminal is its own problem, untagged: the tag

@@ -486,7 +486,8 @@ class TerminalSession(StatusAnswers):
         return [Record(txn.snapshot()),
                 Log("info", f"terminal {self.poi_id}: {txn.category} {txn.key} goes out "
                             f"again ({copies + 1} copies): the terminal did not acknowledge "
-                            "in time, and may have read more than one")]
+                            "in time or a NAK came (line noise can fake one), and it may have "
+                            "read more than one")]
 
     def too_large(self, service_id: str, reason: str, now: float,
                   sale_id: str | None = None) -> list[Action]:
