@@ -104,9 +104,10 @@ async def test_a_payment_made_before_the_clock_was_set_is_still_known_after_a_re
 
 
 def test_the_journal_moves_this_runs_times_only(tmp_path):
-    """A row of an earlier run (its stamps outside this run's span) keeps its times; this
-    run's stamps move, and so does every deadline of an open transaction."""
-    journal = Journal(tmp_path / "journal.sqlite3")
+    """A row of an earlier run keeps its times, whatever their values: this run's clock may
+    have been behind, its stamps before the earlier run's. This run's stamps move, a
+    restored row's included once this run rewrote them, and so does every deadline of an
+    open transaction."""
     document = responses.payment_request("TILL1", "S1", POI)
 
     def row(service_id: str, at: float, state: TxState, deadline: float | None) -> Transaction:
@@ -115,15 +116,29 @@ def test_the_journal_moves_this_runs_times_only(tmp_path):
                            digest=request_digest(document), created_at=at, updated_at=at,
                            state=state, deadline=deadline)
 
+    earlier = Journal(tmp_path / "journal.sqlite3")
+    earlier.save(row("OLD", 1_000.0, TxState.FINAL, None))
+    earlier.save(row("LATE", 6_000.0, TxState.POLLING, 6_100.0))  # after this run's start
+    earlier.close()
+    journal = Journal(tmp_path / "journal.sqlite3")  # this run, its clock behind
     try:
-        journal.save(row("OLD", 1_000.0, TxState.FINAL, None))  # an earlier run's
         journal.save(row("NEW", 5_000.0, TxState.FINAL, None))
         journal.save(row("OPEN", 5_100.0, TxState.AWAITING_RESPONSE, 5_220.0))
-        assert journal.shift_times(DAYS, since=4_000.0, until=5_200.0) > 0
+        restored = journal.get(TxKey("TILL1", "LATE"))
+        restored.updated_at = 5_150.0  # this run's step of the restored payment
+        journal.save(restored)
+        assert journal.shift_times(DAYS) > 0
         times = {s: (journal.get(TxKey("TILL1", s)).created_at,
-                     journal.get(TxKey("TILL1", s)).deadline) for s in ("OLD", "NEW", "OPEN")}
-        assert times == {"OLD": (1_000.0, None), "NEW": (5_000.0 + DAYS, None),
-                         "OPEN": (5_100.0 + DAYS, 5_220.0 + DAYS)}
+                     journal.get(TxKey("TILL1", s)).updated_at,
+                     journal.get(TxKey("TILL1", s)).deadline)
+                 for s in ("OLD", "LATE", "NEW", "OPEN")}
+        assert times == {"OLD": (1_000.0, 1_000.0, None),
+                         "LATE": (6_000.0, 5_150.0 + DAYS, 6_100.0 + DAYS),
+                         "NEW": (5_000.0 + DAYS, 5_000.0 + DAYS, None),
+                         "OPEN": (5_100.0 + DAYS, 5_100.0 + DAYS, 5_220.0 + DAYS)}
+        assert journal.stamped_by_earlier_run(TxKey("TILL1", "LATE"), "created_at", 6_000.0)
+        assert not journal.stamped_by_earlier_run(TxKey("TILL1", "LATE"), "updated_at",
+                                                  5_150.0 + DAYS)
     finally:
         journal.close()
 

@@ -295,7 +295,7 @@ def test_following_a_clock_step_moves_every_time_and_keeps_each_time_out_as_long
     h.submit("R1", "S1")
     txn = h.session.open[TxKey("R1", "S1")]
     before = (txn.created_at, txn.sent_at, txn.deadline, h.session.next_deadline())
-    h.session.shift_times(86400.0, h.started, h.now)
+    h.session.shift_times(86400.0)
     after = (txn.created_at, txn.sent_at, txn.deadline, h.session.next_deadline())
     assert after == tuple(t + 86400.0 for t in before)
     h.now += 86400.0 + h.session.settings.payment_timeout - 0.1
@@ -466,7 +466,7 @@ def test_not_found_after_another_payment_went_to_the_terminal_leaves_the_outcome
     # The same after the system clock was stepped (the daemon shifts every time it holds):
     # the request's time must move with the transactions' (the diff review's case).
     h3 = unresolved_then_another_paid()
-    h3.session.shift_times(3600.0, h3.started, h3.now)
+    h3.session.shift_times(3600.0)
     h3.now += 3600.0
     assert len(h3.sends(h3.advance(10), "status-poll")) == 1
     (result,) = h3.delivers(h3.answer(responses.status_not_found(h3.last_poll())))

@@ -353,10 +353,9 @@ class Bridge:
         delta = self.clock.drift()
         if abs(delta) < CLOCK_STEP:
             return 0.0
-        since, until = self.clock.started, self.clock()
-        rows = self.journal.shift_times(delta, since, until)
+        rows = self.journal.shift_times(delta)
         for worker in self.workers.values():
-            worker.session.shift_times(delta, since, until)
+            worker.session.shift_times(delta)
         self.clock.shift(delta)
         log.warning("the system clock was stepped by %+.0f s while the bridge ran: its own "
                     "clock and the times of %d journal row(s) follow it; time-outs under way "

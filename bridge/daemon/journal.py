@@ -380,6 +380,14 @@ class Journal:
                 "SELECT value FROM meta WHERE key = 'bridge_id'").fetchone()
             (newest,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()
             self._last_outbox_id = self._durable_outbox_id = newest
+            # The stamps earlier runs wrote, as they were at this start: a clock step this
+            # run follows moves this run's stamps only (shift_times). Told apart by where
+            # they came from, not by their value: a box that starts with its clock behind
+            # stamps this run's payments before an earlier run's.
+            self._db.execute(f"CREATE TEMP TABLE earlier_stamps AS SELECT sale_id, service_id, "
+                             f"{', '.join(STAMP_FIELDS)} FROM transactions")
+            self._db.execute("CREATE UNIQUE INDEX temp.earlier_stamps_key "
+                             "ON earlier_stamps (sale_id, service_id)")
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise JournalError(unusable(self.path, exc)) from None
@@ -734,6 +742,16 @@ class Journal:
         ).fetchone()
         return None if row is None else self._from_row(row)
 
+    def stamped_by_earlier_run(self, key: TxKey, column: str, value: float | None) -> bool:
+        """Whether `value` is the `column` stamp an earlier run wrote for `key` (see
+        shift_times): a time a clock step of this run must not move."""
+        if value is None or column not in STAMP_FIELDS:
+            return False
+        row = self._db.execute(
+            f"SELECT 1 FROM temp.earlier_stamps WHERE sale_id = ? AND service_id = ? "  # noqa: S608
+            f"AND {column} = ?", (key.sale_id, key.service_id, value)).fetchone()
+        return row is not None
+
     def last_requests_sent(self, poi_id: str) -> dict[str, float]:
         """category -> when a request of it last went to terminal `poi_id`, of those kept
         that may have reached it: one the terminal answered NotFound about (believed: it
@@ -877,18 +895,20 @@ class Journal:
             (cutoff,))
         return [TxKey(r[0], r[1]) for r in rows]
 
-    def shift_times(self, delta: float, since: float, until: float) -> int:
+    def shift_times(self, delta: float) -> int:
         """Move by `delta` the times this run wrote, after its clock moved to follow a step
-        of the system clock: a stamp from `since` (the run's start) to `until` (now), and
-        every deadline of an open transaction (this run holds them all since it started).
-        A stamp of an earlier run is outside that span (before it, or, when this run's
-        clock was behind, after it). Returns the rows changed."""
+        of the system clock: every stamp but those an earlier run wrote (as they were when
+        this journal was opened), and every deadline of an open transaction (this run holds
+        them all since it started). Returns the rows changed."""
         changed = 0
         with self._transaction() as db:
             for column in STAMP_FIELDS:  # (Transaction.shift_times moves the same)
                 changed += db.execute(
                     f"UPDATE transactions SET {column} = {column} + ? "  # noqa: S608
-                    f"WHERE {column} BETWEEN ? AND ?", (delta, since, until)).rowcount
+                    f"WHERE {column} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM "
+                    f"temp.earlier_stamps AS e WHERE e.sale_id = transactions.sale_id AND "
+                    f"e.service_id = transactions.service_id AND e.{column} = "
+                    f"transactions.{column})", (delta,)).rowcount
             for column in DEADLINE_FIELDS:
                 changed += db.execute(
                     f"UPDATE transactions SET {column} = {column} + ? "  # noqa: S608

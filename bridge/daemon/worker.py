@@ -35,7 +35,7 @@ from bridge.protocol.framing import (
 from bridge.protocol.messages import MessageError, SaleToPOIRequest, load_json, parse_message
 from bridge.protocol.actions import Action, Deliver, Log, Progress, Record, Send, Unmatched
 from bridge.protocol.session import SessionSettings, TerminalSession
-from bridge.protocol.transaction import Transaction, TxKey, TxState
+from bridge.protocol.transaction import STAMP_FIELDS, Transaction, TxKey, TxState
 from bridge.transports import (
     Backoff,
     LinkClosed,
@@ -238,14 +238,16 @@ class TerminalWorker:
         self._apply(self.session.submit(request, document, digest, self._clock()))
 
     def resync(self, txn: Transaction) -> None:
-        self._apply(self.session.resync(txn, self._clock()))
+        earlier = [getattr(txn, name) for name in STAMP_FIELDS
+                   if self.journal.stamped_by_earlier_run(txn.key, name, getattr(txn, name))]
+        self._apply(self.session.resync(txn, self._clock(), earlier))
 
     def restore(self, transactions: list[Transaction]) -> None:
-        self.session.last_request_at.update(self.journal.last_requests_sent(self.poi_id))
         if transactions:
             log.info("terminal %s: recovering %d open transaction(s) from the journal: %s",
                      self.poi_id, len(transactions), describe_transactions(transactions))
-        self._apply(self.session.restore(transactions, self._clock()))
+        self._apply(self.session.restore(transactions, self._clock(),
+                                         self.journal.last_requests_sent(self.poi_id)))
 
     async def start(self) -> None:
         self._tasks = [
@@ -430,7 +432,8 @@ class TerminalWorker:
         self.journal.save(corrected)
         # It did reach the terminal: a later NotFound about an earlier request is doubtful
         # again, as the journal's last_requests_sent now says too
-        self.session.request_reached(known.category, known.sent_at)
+        self.session.request_reached(known.category, known.sent_at, earlier_run=(
+            self.journal.stamped_by_earlier_run(known.key, "sent_at", known.sent_at)))
         log.log(logging.ERROR if charged else logging.WARNING,
                 "terminal %s: %s %s/%s answered %s by the terminal after the bridge had "
                 "published %s: the register is sent the terminal's answer as a correction%s",

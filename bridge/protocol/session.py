@@ -32,7 +32,7 @@ Rules (from the seed and REFERENCE.md section 2):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,6 +93,9 @@ class TerminalSession(StatusAnswers):
         self.last_request_at: dict[str, float] = {}
         # The request sent last, and its category's last_request_at before it (too_large)
         self._request_sent_before: tuple[TxKey, float | None] | None = None
+        # Times an earlier run stamped (restored transactions', the journal's last requests):
+        # right when they were written, they stay when this run's clock follows a step.
+        self._earlier_stamps: set[float] = set()
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -174,18 +177,20 @@ class TerminalSession(StatusAnswers):
         record, *rest = self._send_request(txn, now)
         return [record, accepted, *rest]
 
-    def shift_times(self, delta: float, since: float, until: float) -> None:
+    def shift_times(self, delta: float) -> None:
         """The daemon's clock moved by `delta` to follow a step of the system clock: the
-        times this run set (from `since`, its start, to `until`, now) move with it, so each
-        deadline stays as far off as it was. Those of an earlier run (a restored payment's
-        stamps, its last requests sent) were right and stay, as in the journal: moved, a
-        restored payment's time-outs lay `delta` further off, and its request looked sent
-        after this run's, so the terminal's NotFound about it was believed."""
+        times this run set move with it, so each deadline stays as far off as it was. Those
+        of an earlier run (a restored payment's stamps, its last requests sent) were right
+        and stay, as in the journal: moved, a restored payment's time-outs lay `delta`
+        further off, and its request looked sent after this run's, so the terminal's
+        NotFound about it was believed. Told apart by where they came from, not by their
+        value: a box that starts with its clock behind stamps this run's payments before
+        an earlier run's."""
         def moved(stamp: float) -> float:
-            return stamp + delta if since <= stamp <= until else stamp
+            return stamp if stamp in self._earlier_stamps else stamp + delta
 
         for txn in self.open.values():
-            txn.shift_times(delta, since, until)
+            txn.shift_times(delta, keep=self._earlier_stamps)
         for category, sent_at in self.last_request_at.items():  # compared with txns' sent_at
             self.last_request_at[category] = moved(sent_at)
         if self._request_sent_before is not None and self._request_sent_before[1] is not None:
@@ -523,12 +528,15 @@ class TerminalSession(StatusAnswers):
             else:
                 self.last_request_at[txn.category] = previous[1]
 
-    def request_reached(self, category: str, sent_at: float | None) -> None:
-        """A request of `category` sent at `sent_at`, believed never received (not_found),
-        reached the terminal after all (its own answer came): it counts again as a request
-        sent, undoing _never_reached."""
+    def request_reached(self, category: str, sent_at: float | None, *,
+                        earlier_run: bool = False) -> None:
+        """A request of `category` sent at `sent_at` (`earlier_run`: stamped by an earlier
+        run), believed never received (not_found), reached the terminal after all (its own
+        answer came): it counts again as a request sent, undoing _never_reached."""
         if sent_at is not None and sent_at > self.last_request_at.get(category, -math.inf):
             self.last_request_at[category] = sent_at
+            if earlier_run:
+                self._earlier_stamps.add(sent_at)
 
     def tick(self, now: float) -> list[Action]:
         """Time has passed: fire whatever deadlines are due."""
@@ -560,13 +568,16 @@ class TerminalSession(StatusAnswers):
                         poll_at=now)
         return actions + self._pump(now)
 
-    def resync(self, txn: Transaction, now: float) -> list[Action]:
-        """Ask the terminal now about a transaction (the register's "re-sync"/"download")."""
+    def resync(self, txn: Transaction, now: float,
+               earlier_stamps: Iterable[float] = ()) -> list[Action]:
+        """Ask the terminal now about a transaction (the register's "re-sync"/"download");
+        `earlier_stamps`: those of its stamps an earlier run wrote (see shift_times)."""
         current = self.open.get(txn.key)
         if current is None:
             if txn.state is not TxState.FINAL:
                 return [Log("warning", f"resync of {txn.key}: not open on {self.poi_id}")]
             # Final already: ask again and republish; the journal's result stands if no answer.
+            self._earlier_stamps.update(earlier_stamps)
             current = txn.snapshot()
             current.extra["reopened_from"] = {
                 "outcome": txn.outcome, "source": txn.source, "response": txn.response,
@@ -580,11 +591,18 @@ class TerminalSession(StatusAnswers):
         current.next_poll_at = now
         return self._pump(now)
 
-    def restore(self, transactions: list[Transaction], now: float) -> list[Action]:
-        """After a restart: every transaction the journal holds open. Their state on the
+    def restore(self, transactions: list[Transaction], now: float,
+                last_requests: dict[str, float] | None = None) -> list[Action]:
+        """After a restart: every transaction the journal holds open, and when a request of
+        each category last went to the terminal (`last_requests`). Their state on the
         terminal is unknown, so each is asked about; none is re-sent."""
         actions: list[Action] = []
+        for category, sent_at in (last_requests or {}).items():
+            if sent_at > self.last_request_at.get(category, -math.inf):
+                self.last_request_at[category] = sent_at
+            self._earlier_stamps.add(sent_at)
         for txn in transactions:
+            self._earlier_stamps.update(txn.stamps())
             txn = txn.snapshot()
             self.open[txn.key] = txn
             for poll_id in txn.poll_ids:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Container
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -66,15 +67,19 @@ class Transaction:
     def key(self) -> TxKey:
         return TxKey(self.sale_id, self.service_id)
 
-    def shift_times(self, delta: float, since: float, until: float) -> None:
+    def stamps(self) -> list[float]:
+        """Its stamps (not its deadlines) that are set."""
+        return [value for name in STAMP_FIELDS if (value := getattr(self, name)) is not None]
+
+    def shift_times(self, delta: float, keep: Container[float] = ()) -> None:
         """Move by `delta` the times this run set, after its clock moved to follow a step of
         the system clock (see SteadyClock.shift; the journal's shift_times moves the same):
-        a stamp from `since` (the run's start) to `until` (now), and every deadline (this run
-        set them all). A stamp of an earlier run was right and stays: moved, a restored
+        every stamp but those in `keep` (an earlier run's), and every deadline (this run set
+        them all). A stamp of an earlier run was right and stays: moved, a restored
         payment's time-outs lay `delta` further off, and it looked sent after this run's."""
         for name in STAMP_FIELDS:
             value = getattr(self, name)
-            if value is not None and since <= value <= until:
+            if value is not None and value not in keep:
                 setattr(self, name, value + delta)
         for name in DEADLINE_FIELDS:
             value = getattr(self, name)
