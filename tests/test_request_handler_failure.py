@@ -18,23 +18,31 @@ def broken(*_: Any, **__: Any) -> None:
     raise RuntimeError("a bug")
 
 
-async def test_a_request_whose_handling_fails_is_answered_on_the_registers_topic(
-        tmp_path: Path, mosquitto: Any) -> None:
+async def answer_after_a_bug(tmp_path: Path, mosquitto: Any,
+                            request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """What the register gets on its response topic for `request` (for terminal B) when the
+    handling fails, and the simulated terminal B."""
     async with terminals(tmp_path) as (_, sim_b, links), \
             bridge_on(tmp_path, mosquitto, links) as bridge, \
             Subscriber(mosquitto, [f"{BASE}/registers/{TILL}/#"]) as register:
         await ready(bridge)
         bridge.gateway.set_request_handler(broken)
-        await register.publish(f"{BASE}/terminals/{B}/request/{TILL}", order("E1", B))
+        await register.publish(f"{BASE}/terminals/{B}/request/{TILL}", request)
         answer = await register.wait_for(
             lambda t, p: t == f"{BASE}/registers/{TILL}/response", timeout=15)
-        info = answer["bridge"]
-        assert (info["outcome"], info["source"]) == ("error", "bridge"), answer
-        assert info["transaction"]["service_id"] == "E1", answer
-        assert "internal error" in info["error"] and "Do not charge again" in info["error"]
-        header = answer["SaleToPOIResponse"]["MessageHeader"]
-        assert (header["SaleID"], header["ServiceID"]) == (TILL, "E1"), answer
-        assert not sim_b.terminal.ledger  # nothing was started
+        return answer, sim_b
+
+
+async def test_a_request_whose_handling_fails_is_answered_on_the_registers_topic(
+        tmp_path: Path, mosquitto: Any) -> None:
+    answer, sim_b = await answer_after_a_bug(tmp_path, mosquitto, order("E1", B))
+    info = answer["bridge"]
+    assert (info["outcome"], info["source"]) == ("error", "bridge"), answer
+    assert info["transaction"]["service_id"] == "E1", answer
+    assert "internal error" in info["error"] and "Do not charge again" in info["error"]
+    header = answer["SaleToPOIResponse"]["MessageHeader"]
+    assert (header["SaleID"], header["ServiceID"]) == (TILL, "E1"), answer
+    assert not sim_b.terminal.ledger  # nothing was started
 
 
 async def test_a_journal_read_that_fails_stops_the_daemon_instead_of_acknowledging(

@@ -23,6 +23,7 @@ from bridge.daemon.mqtt import RegisterGateway, Reply
 from bridge.daemon.registers import (
     dumps,
     id_text,
+    refusal_category,
     request_header,
     retained_state,
     stored_result,
@@ -351,11 +352,9 @@ class RequestIntake:
         # ServiceID sent as a number, a SaleID that cannot be a topic level
         service_id, sale_text = id_text(header.get("ServiceID")), id_text(header.get("SaleID"))
         # The body is named after the category when it can be read as one (letters and
-        # digits), else UnknownResponse: "Pay-ment" or "" must not name it, nor leave the
-        # refusal without a response a register can read as a terminal's
-        category = header.get("MessageCategory")
-        if not (isinstance(category, str) and category.isascii() and category.isalnum()):
-            category = "Unknown"
+        # digits, at most 64), else UnknownResponse: "Pay-ment" or "" must not name it, nor
+        # leave the refusal without a response a register can read as a terminal's
+        category = refusal_category(header.get("MessageCategory"))
         log.warning("request for terminal %s refused: %s (SaleID=%s ServiceID=%s)",
                     poi_id, error, sale_id or (repr(sale_text) if sale_text else "?"),
                     repr(service_id) if service_id and not service_id.isalnum()
@@ -370,7 +369,7 @@ class RequestIntake:
                 # part does (a register drops an answer whose SaleID is not its own)
                 echo["SaleID"] = sale_id
             response = builders.failure_response(echo, category, condition, error)
-        result = Deliver(sale_id or "", service_id[:64], poi_id, category[:64],
+        result = Deliver(sale_id or "", service_id[:64], poi_id, category,
                          Outcome.REJECTED.value, "bridge", response, error, conflict)
         if sale_id is None:
             refusal: dict[str, Any] = {

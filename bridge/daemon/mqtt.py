@@ -40,6 +40,7 @@ from bridge.daemon.registers import (
     id_text,
     partial_amounts,
     redacted_refusal,
+    refusal_category,
     request_header,
     result_payload,
     result_payload_bytes,
@@ -685,14 +686,13 @@ class RegisterGateway:
             header = request_header(load_json(payload, max_size=self.config.max_payload))
         except MessageError:
             header = {}
-        category = header.get("MessageCategory")
-        category = category if isinstance(category, str) and category.isalnum() else "Unknown"
+        category = refusal_category(header.get("MessageCategory"))
         service_id = id_text(header.get("ServiceID")) or ""
         echo = {key: value for key, value in header.items()
                 if isinstance(value, str) and len(value) <= 128}
         echo.update(SaleID=route.sale_id, ServiceID=service_id)
         result = redacted_refusal(Deliver(
-            route.sale_id, service_id[:64], route.name, category[:64], "error", "bridge",
+            route.sale_id, service_id[:64], route.name, category, "error", "bridge",
             failure_response(echo, category, "UnavailableService", error), error))
         self.journal.enqueue([(self.topics.register_response(route.sale_id),
                                dumps(result_payload(result)), 1, False)])

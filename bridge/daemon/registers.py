@@ -53,6 +53,16 @@ def id_text(value: Any) -> str:
     return value[:128] if isinstance(value, str) else ""
 
 
+def refusal_category(value: Any) -> str:
+    """The category a refusal gives a request's MessageCategory, which names its body
+    ({category}Response): as sent when it can be read as one (letters and digits, at most
+    the 64 characters a transaction records), else Unknown. A longer one would be recorded
+    cut, and the body named after the whole one would escape the card-data filter, which
+    looks for the body by the recorded name."""
+    ok = isinstance(value, str) and len(value) <= 64 and value.isascii() and value.isalnum()
+    return value if ok else "Unknown"
+
+
 def request_header(document: Any) -> dict[str, Any]:
     """A request document's MessageHeader, or {} where it has none (a refused request)."""
     try:
@@ -276,7 +286,9 @@ def redacted_refusal(result: Deliver) -> Deliver:
     the topic's) and a register that put a card number there would have it published back,
     and through a chain's bridge to head office: they pass the card-data filter, as on
     bridge/error. The SaleID, the level the register listens on, stays as it is; a category
-    the filter changes names the body UnknownResponse, as one that cannot be read does."""
+    the filter changes names the body UnknownResponse, as one that cannot be read does, and
+    so does any other name the filter would change (a body named after a category that is
+    not the one recorded: nothing published carries a name the filter did not pass)."""
     category = redact(result.category)
     response = result.response
     inner = response.get("SaleToPOIResponse") if isinstance(response, dict) else None
@@ -291,6 +303,8 @@ def redacted_refusal(result: Deliver) -> Deliver:
         body_name = f"{result.category}Response"
         if category != result.category and body_name in inner:
             inner["UnknownResponse"] = inner.pop(body_name)
+        for name in [name for name in inner if redact(name) != name]:
+            inner["UnknownResponse"] = inner.pop(name)
         for name, body in list(inner.items()):
             said = body.get("Response") if isinstance(body, dict) else None
             if isinstance(said, dict) and isinstance(said.get("AdditionalResponse"), str):
