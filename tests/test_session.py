@@ -6,6 +6,7 @@ import dataclasses
 import json
 import itertools
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -1192,11 +1193,10 @@ def test_a_payment_sent_then_held_by_the_wrong_device_is_never_told_nothing_was_
     assert "nothing was sent" not in h.session.open[TxKey("POS1", "S1")].detail
 
 
-def test_a_status_answer_from_the_wrong_device_does_not_end_the_payment():
-    """The device plugged in rejects the identity check without naming itself, so after
-    status_timeout the open payment's poll goes out to it. Its answer names another terminal:
-    its NotFound says nothing of our payment (the right terminal may have charged it), and
-    counts as a poll unanswered. The right terminal, back, settles it."""
+def payment_asked_about_on_a_device_that_named_nobody() -> Harness:
+    """S1's answer is lost with the link; the device plugged in then rejects the identity
+    check naming nobody (POIID "N/A", which the shell takes as no name), and after
+    status_timeout S1's status poll goes out to it."""
     h = Harness()
     h.submit("POS1", "S1")
     h.do(h.session.link_is_down("unplugged", h.now))  # S1's answer is lost with the link
@@ -1207,8 +1207,17 @@ def test_a_status_answer_from_the_wrong_device_does_not_end_the_payment():
                           "MessageCategory": "Event", "MessageType": "Notification",
                           "DeviceID": "1", "POIID": "N/A", "SaleID": "N/A"},
         "EventNotification": {"EventToNotify": "Reject", "EventDetails": "unsupported"}}}
-    h.answer(reject)  # POIID N/A: the shell names nobody
+    h.answer(reject)
     assert [s.purpose for s in h.sends(h.advance(SETTINGS.status_timeout))] == ["status-poll"]
+    return h
+
+
+def test_a_status_answer_from_the_wrong_device_does_not_end_the_payment():
+    """The device plugged in rejects the identity check without naming itself, so after
+    status_timeout the open payment's poll goes out to it. Its answer names another terminal:
+    its NotFound says nothing of our payment (the right terminal may have charged it), and
+    counts as a poll unanswered. The right terminal, back, settles it."""
+    h = payment_asked_about_on_a_device_that_named_nobody()
     not_found = responses.status_not_found(h.last_poll())
     not_found["SaleToPOIResponse"]["MessageHeader"]["POIID"] = "P400Plus-111"
     h.session.terminal_named("P400Plus-111")
@@ -1224,6 +1233,42 @@ def test_a_status_answer_from_the_wrong_device_does_not_end_the_payment():
     h.plug_in()  # the right terminal
     original = responses.payment_response(request_of(h, "POS1", "S1"), "approve", h.now)
     (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), original)))
+    assert (result.service_id, result.outcome) == ("S1", "approved")
+
+
+@pytest.mark.parametrize("answer,own_service_id", [("NotFound", False), ("NotFound", True),
+                                                   ("Busy", False), ("Busy", True)])
+def test_a_status_answer_from_a_device_that_named_nobody_is_taken_only_if_final(
+        answer, own_service_id):
+    """The device plugged in rejects the identity check naming nobody (POIID "N/A"), and its
+    answers name nobody either: a unit put in the terminal's place, say. Its NotFound about
+    the open payment, or a record of it saying Busy ("declined, nothing was charged"), says
+    nothing of it (the terminal that was there may have charged it), whether it answers
+    under the poll's ServiceID or one of its own naming the payment: a poll unanswered. Its
+    record of a final outcome is taken."""
+    h = payment_asked_about_on_a_device_that_named_nobody()
+
+    def as_its_own(document: dict) -> dict:
+        if own_service_id:
+            document["SaleToPOIResponse"]["MessageHeader"]["ServiceID"] = "T-77"
+        document["SaleToPOIResponse"]["MessageHeader"]["POIID"] = "N/A"
+        return document
+
+    if answer == "NotFound":
+        told = responses.status_not_found(h.last_poll())
+    else:
+        told = responses.status_success(h.last_poll(), responses.payment_response(
+            request_of(h, "POS1", "S1"), "busy", h.now))
+    taken = h.answer(as_its_own(told))
+    assert h.delivers(taken) == []
+    txn = h.session.open[TxKey("POS1", "S1")]
+    assert txn.state is TxState.POLLING and txn.outcome is None
+    polls = h.sends(h.advance(SETTINGS.status_timeout), "status-poll") \
+        or h.sends(h.advance(SETTINGS.poll_floor), "status-poll")  # (after the probe's wait)
+    assert polls  # asked again
+    original = responses.payment_response(request_of(h, "POS1", "S1"), "approve", h.now)
+    (result,) = h.delivers(h.answer(as_its_own(responses.status_success(h.last_poll(),
+                                                                        original))))
     assert (result.service_id, result.outcome) == ("S1", "approved")
 
 

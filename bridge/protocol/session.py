@@ -244,8 +244,8 @@ class TerminalSession(StatusAnswers):
             # Another message said who the device is first (an event rejecting the check,
             # an answer the terminal sends again after a restart): no need to wait on.
             self.identity.check = None
-        if self.wrong_device is not None and service_id in self._poll_index:
-            actions = self._status_answer_from_the_wrong_device(message, service_id, now)
+        if (self.wrong_device is not None or not self.named) and service_id in self._poll_index:
+            actions = self._status_answer_from_a_device_not_named(message, service_id, now)
         else:
             actions = self._received(message, sale_id, service_id, now)
         return actions + self._pump(now) if check_ended else actions

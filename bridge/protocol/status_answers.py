@@ -26,26 +26,36 @@ from bridge.protocol.transaction import Transaction, TxState
 class StatusAnswers:
     """The status-answer steps of TerminalSession."""
 
-    def _status_answer_from_the_wrong_device(self, message: Message, service_id: str,
-                                             now: float) -> list[Action]:
+    def _status_answer_from_a_device_not_named(self, message: Message, service_id: str,
+                                               now: float) -> list[Action]:
         """A status poll went out before the device said who it is (it did not answer the
-        identity check), and its answer names another terminal. That device knows nothing
+        identity check), and its answer names another terminal, or none (no POIID, an empty
+        one, "N/A"): a unit put in the terminal's place, say. Such a device may know nothing
         of our transactions: its NotFound would end a payment the right terminal charged as
-        `not_found`. Only its own record of the transaction (a final outcome, for a request
-        it was sent in the same way) is taken; anything else counts as unanswered."""
+        `not_found`, "nothing was charged". Only its own record of the transaction (a final
+        outcome, for a request it was sent in the same way) is taken; anything else counts
+        as unanswered."""
         cls = classify(message)
         if cls.outcome in FINAL_MONEY_OUTCOMES and cls.from_status:
             return self._received(message, None, service_id, now)
         key = self._poll_index[service_id]
         if self._probe is not None and self._probe.poll_id == service_id:
             self._probe = None
+        if self.wrong_device is not None:
+            source, why = f"{self.wrong_device}, another terminal", \
+                self.identity.wrong_device_poll_text()
+        else:
+            source = "a device that has not said which terminal it is"
+            why = (f"the answer came from a device that has not said which terminal it is "
+                   f"({self.identity.unnamed_reason or 'it was not asked yet'}): only its "
+                   "record of a final outcome is taken; check which terminal is plugged into "
+                   "which port")
         actions: list[Action] = [Log("warning", f"terminal {self.poi_id}: the answer to a status "
-                                                f"poll for {key} came from {self.wrong_device}, "
-                                                f"another terminal ({cls.detail}); not taken")]
+                                                f"poll for {key} came from {source} "
+                                                f"({cls.detail}); not taken")]
         txn = self.open.get(key)
         if txn is not None:
-            actions += self._poll_failed(txn, self.identity.wrong_device_poll_text(), now,
-                                         retry_in=self.settings.status_timeout)
+            actions += self._poll_failed(txn, why, now, retry_in=self.settings.status_timeout)
         return actions + self._pump(now)
 
     def _probe_named_by(self, message: Message, cls: Classification,
@@ -53,8 +63,12 @@ class StatusAnswers:
         """The transaction of the status poll on the wire, when an answer under a ServiceID
         the terminal chose (the vendor guide's examples answer so) names it, by the
         MessageReference it echoes or its record's header, and nothing in it names another.
-        Not from a device that named another terminal."""
+        Not from a device that named another terminal; from one that has not said which
+        terminal it is, only its record of a final outcome (as the poll's own answer)."""
         if self._probe is None or (self.wrong_device is not None and not own_device):
+            return None
+        if not self.named and not own_device \
+                and not (cls.outcome in FINAL_MONEY_OUTCOMES and cls.from_status):
             return None
         txn = self.open.get(self._probe.key)
         subjects = status_subjects(message, cls)
