@@ -484,9 +484,31 @@ class HotplugMonitor:
                               info.describe(), match.reason)
                 continue
             gained.setdefault(match.poi_id, []).append(info)
+        if lost:
+            self._rematch_known({devpath for devpath, _, _ in changes}, lost, gained)
         for poi_id in sorted(set(lost) | set(gained)):
             self._update_terminal(poi_id, lost.get(poi_id, set()), gained.get(poi_id, []),
                                   initial)
+
+    def _rematch_known(self, changed: set[str], lost: dict[str, set[str]],
+                       gained: dict[str, list[DeviceInfo]]) -> None:
+        """A terminal's device went away. A link made by hand (/etc/poi-bridge/terminal ->
+        /dev/ttyUSB0) may meanwhile have been pointed at a device already present (the
+        terminal moved to another adapter, then the old one was unplugged): no event announces
+        that device again, so the devices already known are matched again, each configured
+        link followed anew, and one that is now a terminal's (or no longer) counts as plugged
+        in (or out) for it."""
+        for devpath, known in list(self._devices.items()):
+            if devpath in changed:
+                continue
+            match = self.matcher.match(known.info)
+            if not match.relevant or match.poi_id == known.poi_id:
+                continue
+            self._devices[devpath] = _Known(known.info, match.poi_id)
+            if known.poi_id is not None:
+                lost.setdefault(known.poi_id, set()).add(devpath)
+            if match.poi_id is not None:
+                gained.setdefault(match.poi_id, []).append(known.info)
 
     def _update_terminal(self, poi_id: str, lost: set[str], gained: list[DeviceInfo],
                          initial: bool) -> None:
