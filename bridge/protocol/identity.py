@@ -35,6 +35,10 @@ from bridge.protocol.messages import Message
 # Identity checks a device may leave unanswered (or answer without a POIID) before a request
 # waiting for it is refused: a payment never goes to a device that has not said who it is
 IDENTITY_CHECKS_BEFORE_REFUSING = 2
+# A device that named another terminal is asked again after these pauses (s), doubling: a
+# DiagnosisRequest is harmless on any terminal, and one that named another by a glitch (or
+# whose cable is put back) is not shut out until a technician replugs it.
+RECHECK_FIRST, RECHECK_MAX = 10.0, 300.0
 BRIDGE_SALE_ID = "poi-bridge"  # the SaleID of the bridge's own identity checks
 
 
@@ -59,6 +63,11 @@ class DeviceIdentity:
         # The daemon follows this terminal to another link (the device here said it is
         # another configured terminal): what is refused meanwhile says so, not "check ports"
         self.following = False
+        # While wrong_device is set, when to ask the device again who it is (a device that
+        # named another terminal once, by a glitch, is not shut out until a replug), and the
+        # pause after that ask: doubled each time, up to RECHECK_MAX
+        self.recheck_at: float | None = None
+        self.recheck_pause = RECHECK_FIRST
         self.asked = False  # the identity check went out on this link
         self.unnamed_checks = 0  # identity checks on this link that brought no POIID
         self.unnamed_reason = ""  # why the last one did not
@@ -79,6 +88,7 @@ class DeviceIdentity:
     def new_device(self) -> None:
         """The link was opened or lost: whatever is plugged in next must say who it is again."""
         self.named, self.asked, self.check, self.wrong_device = False, False, None, None
+        self.recheck_at, self.recheck_pause = None, RECHECK_FIRST
         self.following = False
         self.unnamed_checks = 0
         self._own_key_failure = ""
@@ -88,6 +98,19 @@ class DeviceIdentity:
         """The device on the link sent a message carrying `poi_id`."""
         self.named = True
         self.wrong_device = None if poi_id == self.poi_id else poi_id
+        if self.wrong_device is None:
+            self.recheck_at, self.recheck_pause = None, RECHECK_FIRST
+
+    def recheck_due(self, now: float) -> bool:
+        """Whether the device that named another terminal is to be asked again now (and, if
+        not, when: recheck_at, set at the first call)."""
+        if self.recheck_at is None:
+            self.recheck_at = now + self.recheck_pause
+        if now < self.recheck_at or self.check is not None:
+            return False
+        self.recheck_pause = min(self.recheck_pause * 2, RECHECK_MAX)
+        self.recheck_at = now + self.recheck_pause
+        return True
 
     def answers_a_check(self, message: Message) -> bool:
         """Whether `message` answers an identity check (this link's, or, by its SaleID, the

@@ -135,6 +135,8 @@ class TerminalSession(StatusAnswers):
             times.append(self._probe.deadline)
         if self.identity.check is not None:
             times.append(self.identity.check.deadline)
+        if self.wrong_device is not None and self.identity.recheck_at is not None:
+            times.append(self.identity.recheck_at)
         return min(times, default=None)
 
     # --- events -------------------------------------------------------------------------------
@@ -724,10 +726,16 @@ class TerminalSession(StatusAnswers):
                 *self._pump(now)]
 
     def _hold_for_the_right_terminal(self, now: float) -> list[Action]:
-        """Another terminal is on the link: nothing goes to it. A request that waited is
-        refused (nothing was sent); a status poll waits, as for a terminal offline."""
+        """Another terminal is on the link: nothing goes to it but, now and then, the
+        identity check again (it may have named another by a glitch, or been swapped back).
+        A request that waited is refused (nothing was sent); a status poll waits, as for a
+        terminal offline."""
         reason = self.identity.wrong_device_text()
         actions: list[Action] = []
+        if self.link_up and self.identity.recheck_due(now):
+            actions += [Log("info", f"terminal {self.poi_id}: asking the device on its link "
+                                    f"again which terminal it is (it said {self.wrong_device})"),
+                        *self._ask_name(now)]
         active = self.open.get(self.active) if self.active else None
         if active is not None and active.state is TxState.ACCEPTED:
             response = builders.failure_response(builders.request_header(active.request),

@@ -1,0 +1,33 @@
+"""A device that named another terminal once is asked again who it is.
+
+Nothing is sent to a device that named another terminal (no payment, no status poll). It
+used to be never asked again either: a device that answered one identity check for another
+terminal (a glitch) shut its terminal out until a technician replugged it, though its next
+answer would have named it (review rv5). It is now asked again after a pause that doubles
+(identity.RECHECK_FIRST, RECHECK_MAX); a DiagnosisRequest is harmless on any terminal.
+"""
+
+from __future__ import annotations
+
+from bridge.protocol import identity
+
+from .follow_rig import A, DeviceByHand, bridge_on, wait_until
+
+
+async def test_a_device_that_named_another_terminal_once_is_asked_again(tmp_path, mosquitto,
+                                                                         monkeypatch):
+    monkeypatch.setattr(identity, "RECHECK_FIRST", 1.0)
+    port = tmp_path / "port-a"
+    device = DeviceByHand(port)
+    try:
+        async with bridge_on(tmp_path, mosquitto, {A: str(port)}, status_timeout=1) as bridge:
+            assert await wait_until(lambda: "Diagnosis" in device.categories(), 10)
+            device.answer_check_as("V400m-999")  # once
+            assert await wait_until(lambda: bridge.workers[A].identity.startswith("mismatch"), 5)
+            assert await wait_until(lambda: device.categories().count("Diagnosis") > 1, 10), \
+                device.categories()
+            assert set(device.categories()) == {"Diagnosis"}  # nothing else went to it
+            device.answer_check_as(A)  # the device names its terminal now
+            assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 5)
+    finally:
+        device.close()
