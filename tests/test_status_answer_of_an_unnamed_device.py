@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.protocol.transaction import TxKey, TxState
+from bridge.protocol.transaction import TxKey
 from bridge.register_client import RegisterClient
 from bridge.simulator import responses
 from bridge.simulator.server import SimulatorServer
