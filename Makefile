@@ -24,7 +24,7 @@ demo: venv
 bench: venv
 	$(PY) bench/run.py --broker-nodelay
 
-# The targets judged over three rounds of section 1 (latency and baseline), about 8 minutes:
+# The targets judged over three rounds of section 1 (latency and baselines), about 12 minutes:
 # a verdict that holds in every round is the one to quote on a VM whose speed varies.
 bench-targets: venv
 	$(PY) bench/run.py --broker-nodelay --sections latency --rounds 3 --fail-on-miss --output bench/results/targets-latest.json
