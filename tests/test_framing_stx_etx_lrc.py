@@ -248,6 +248,31 @@ def test_retransmit_on_nak() -> None:
     assert framer.receive_data(ACK, 0.4) == [FrameSent(b"{}")]
 
 
+def test_an_answer_acknowledges_the_frame_and_withdraws_a_copy_not_yet_written() -> None:
+    """The peer answered the frame (its ACK lost, or line noise read as a NAK): the frame is
+    delivered, not sent again at the time-out, and a copy a NAK queued is taken back if it
+    has not been written yet; the next frame goes out."""
+    framer = StxEtxLrcFramer(ack_timeout=1.0)
+    framer.send_frame(b'{"n":1}', 0.0)
+    framer.send_frame(b'{"n":2}', 0.0)
+    assert framer.data_to_send() == frame(b'{"n":1}')
+    assert framer.receive_data(NAK, 0.1) == [FrameResent(b'{"n":1}')]  # queued, not taken
+    assert framer.answered(0.2) == [FrameSent(b'{"n":1}')]
+    assert framer.data_to_send() == frame(b'{"n":2}')  # the copy withdrawn, the next frame
+    assert framer.handle_timeout(1.1) == []  # nothing of n 1 waits for a time-out
+    assert framer.receive_data(ACK, 1.2) == [FrameSent(b'{"n":2}')]
+    assert framer.answered(1.3) == []  # nothing awaits an ACK: nothing to do
+
+
+def test_an_ack_withdraws_a_copy_not_yet_written() -> None:
+    framer = StxEtxLrcFramer(ack_timeout=1.0)
+    framer.send_frame(b"{}", 0.0)
+    assert framer.data_to_send() == frame(b"{}")
+    # line noise reads as a NAK, the terminal's ACK right behind it, in one read
+    assert framer.receive_data(NAK + ACK, 0.1) == [FrameResent(b"{}"), FrameSent(b"{}")]
+    assert framer.data_to_send() == b""
+
+
 def test_retransmit_on_timeout() -> None:
     framer = StxEtxLrcFramer(ack_timeout=1.5)
     framer.send_frame(b"{}", 100.0)

@@ -168,6 +168,15 @@ class FrameWriter:
             self._apply(self.session.send_failed(sent.service_id, event.reason, self._clock(),
                                                  sent.sale_id))
 
+    def answered(self, key: TxKey) -> list[FramerEvent]:
+        """The terminal sent a message under `key`'s SaleID and ServiceID: if the frame
+        awaiting its ACK went under them, it reached the terminal, whatever became of the
+        ACK (lost, or line noise read as a NAK): it is not sent again (a payment the terminal
+        has answered would reach it twice). The framer's events, for the worker."""
+        if self.framer.awaiting_ack and self._in_flight and self._in_flight[0][1] == key:
+            return self.framer.answered(time.monotonic())
+        return []
+
     def resent(self, event: FrameResent) -> None:
         """The framer sends a frame again after the terminal's silence: the session marks a
         request that may now reach it twice (TerminalSession.frame_resent). Its step's commit

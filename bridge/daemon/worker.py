@@ -706,6 +706,10 @@ class TerminalWorker:
             if owner is not None:
                 owner.receive_from_elsewhere(message)  # its own: not dropped here (ACKed)
                 return
+        header = message.message_header
+        if header is not None and header.sale_id and header.service_id:
+            # An answer to the frame awaiting its ACK: that frame is delivered, not sent again
+            self._framer_events(self.writer.answered(TxKey(header.sale_id, header.service_id)))
         self._apply(self.session.receive(message, now))
 
     def _its_terminal(self, message: Any) -> TerminalWorker | None:

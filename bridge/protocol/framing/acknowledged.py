@@ -58,6 +58,7 @@ class AcknowledgedFramer(Framer):
         self._outbox = bytearray()
         self._queue: deque[tuple[bytes, bytes]] = deque()  # (payload, encoded frame)
         self._current: tuple[bytes, bytes] | None = None
+        self._copy_at: int | None = None  # where in _outbox a copy of _current waits
         self._tries = 0
         self._deadline: float | None = None
         self._reset_decoder()
@@ -87,6 +88,7 @@ class AcknowledgedFramer(Framer):
     def data_to_send(self) -> bytes:
         out = bytes(self._outbox)
         self._outbox.clear()
+        self._copy_at = None
         return out
 
     def next_deadline(self) -> float | None:
@@ -100,6 +102,7 @@ class AcknowledgedFramer(Framer):
 
     def reset(self) -> None:
         self._outbox.clear()
+        self._copy_at = None
         self._queue.clear()
         self._current = None
         self._tries = 0
@@ -117,10 +120,22 @@ class AcknowledgedFramer(Framer):
             self._outbox += self._current[1]
             self._deadline = now + self.ack_timeout
 
+    def answered(self, now: float) -> list[FramerEvent]:
+        events: list[FramerEvent] = []
+        self._acknowledged(now, events)
+        return events
+
     def _acknowledged(self, now: float, events: list[FramerEvent]) -> None:
         if self._current is None:
             return  # a stray ACK: nothing of ours is waiting for one
-        payload = self._current[0]
+        payload, frame = self._current
+        if self._copy_at is not None:
+            # A copy queued after a NAK or a time-out and not taken yet: the peer has the
+            # frame, and a copy now would reach it twice
+            at = self._copy_at
+            if self._outbox[at:at + len(frame)] == frame:
+                del self._outbox[at:at + len(frame)]
+            self._copy_at = None
         self._current = None
         self._deadline = None
         events.append(FrameSent(payload))
@@ -137,6 +152,7 @@ class AcknowledgedFramer(Framer):
             # frame) arriving while the peer's ACK is still on its way. The peer may now
             # get the frame twice either way.
             events.append(FrameResent(self._current[0]))
+            self._copy_at = len(self._outbox)
             self._outbox += self._current[1]
             self._deadline = now + self.ack_timeout
             return
