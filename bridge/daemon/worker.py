@@ -769,7 +769,7 @@ class TerminalWorker:
         said = header.poi_id if header is not None else None
         if not said or said in ("N/A", "-NULL-"):
             return None
-        self.session.terminal_named(said)
+        self.session.terminal_named(said, self._clock())
         if said == self.poi_id:
             if self.identity != "confirmed":
                 log.info("terminal %s: identity confirmed by the terminal", self.poi_id)

@@ -202,10 +202,15 @@ class TerminalSession(StatusAnswers):
             if pending is not None:
                 pending.deadline += delta
 
-    def terminal_named(self, poi_id: str) -> None:
+    def terminal_named(self, poi_id: str, now: float | None = None) -> None:
         """The device on the link said who it is: the POIID of a message it sent (the shell
-        tells, before receive(), for every message that carries one)."""
+        tells, before receive(), for every message that carries one, with the time). Another
+        terminal's: it is asked again later (next_deadline), whatever the message was, an
+        answer to our check or not."""
         self.identity.named_as(poi_id)
+        if self.wrong_device is not None and now is not None \
+                and self.identity.recheck_at is None:
+            self.identity.recheck_at = now + self.identity.recheck_pause
 
     def asked_for(self, message: Message) -> bool:
         """Whether `message` answers something this session sent on its link (an identity
