@@ -127,7 +127,7 @@ def test_the_journal_moves_this_runs_times_only(tmp_path):
         restored = journal.get(TxKey("TILL1", "LATE"))
         restored.updated_at = 5_150.0  # this run's step of the restored payment
         journal.save(restored)
-        assert journal.shift_times(DAYS) > 0
+        assert journal.shift_times(DAYS, since=4_000.0, until=7_000.0) > 0
         times = {s: (journal.get(TxKey("TILL1", s)).created_at,
                      journal.get(TxKey("TILL1", s)).updated_at,
                      journal.get(TxKey("TILL1", s)).deadline)

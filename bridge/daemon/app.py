@@ -353,7 +353,7 @@ class Bridge:
         delta = self.clock.drift()
         if abs(delta) < CLOCK_STEP:
             return 0.0
-        rows = self.journal.shift_times(delta)
+        rows = self.journal.shift_times(delta, self.clock.started, self.clock())
         for worker in self.workers.values():
             worker.session.shift_times(delta)
         self.clock.shift(delta)

@@ -895,20 +895,22 @@ class Journal:
             (cutoff,))
         return [TxKey(r[0], r[1]) for r in rows]
 
-    def shift_times(self, delta: float) -> int:
+    def shift_times(self, delta: float, since: float, until: float) -> int:
         """Move by `delta` the times this run wrote, after its clock moved to follow a step
         of the system clock: every stamp but those an earlier run wrote (as they were when
         this journal was opened), and every deadline of an open transaction (this run holds
-        them all since it started). Returns the rows changed."""
+        them all since it started). Returns the rows changed. Each stamp of this run is from
+        `since` (the run's start on its clock) to `until` (now): only those are looked up
+        among the earlier run's, not the 48 hours of rows kept (seconds on the loop)."""
         changed = 0
         with self._transaction() as db:
             for column in STAMP_FIELDS:  # (Transaction.shift_times moves the same)
                 changed += db.execute(
                     f"UPDATE transactions SET {column} = {column} + ? "  # noqa: S608
-                    f"WHERE {column} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM "
+                    f"WHERE {column} BETWEEN ? AND ? AND NOT EXISTS (SELECT 1 FROM "
                     f"temp.earlier_stamps AS e WHERE e.sale_id = transactions.sale_id AND "
                     f"e.service_id = transactions.service_id AND e.{column} = "
-                    f"transactions.{column})", (delta,)).rowcount
+                    f"transactions.{column})", (delta, since, until)).rowcount
             for column in DEADLINE_FIELDS:
                 changed += db.execute(
                     f"UPDATE transactions SET {column} = {column} + ? "  # noqa: S608
