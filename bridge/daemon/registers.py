@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from bridge.protocol.actions import Deliver, Progress
+from bridge.protocol.messages import HEADER_NAMES
 from bridge.protocol.outcome import unresolved_error
 from bridge.protocol.transaction import Transaction, TxKey
 from bridge.redaction import redact
@@ -296,10 +297,11 @@ def redacted_refusal(result: Deliver) -> Deliver:
         inner = dict(inner)
         header = inner.get("MessageHeader")
         if isinstance(header, dict):
+            # MessageHeader's own fields only (the filter reads values, not names), as text
             inner["MessageHeader"] = {
-                key: redact(value) if isinstance(value, str) and not (
-                    key == "SaleID" and value == result.sale_id) else value
-                for key, value in header.items()}
+                key: value if key == "SaleID" and value == result.sale_id else redact(value)
+                for key, value in header.items()
+                if key in HEADER_NAMES and isinstance(value, str)}
         body_name = f"{result.category}Response"
         if category != result.category and body_name in inner:
             inner["UnknownResponse"] = inner.pop(body_name)

@@ -7,7 +7,7 @@ import secrets
 import string
 from typing import Any
 
-from bridge.protocol.messages import MessageHeader
+from bridge.protocol.messages import MessageHeader, response_header
 
 _ALPHABET = string.ascii_letters + string.digits
 
@@ -83,14 +83,9 @@ def failure_response(
 ) -> dict[str, Any]:
     """A SaleToPOIResponse the bridge answers with itself (terminal busy, offline, refused):
     the same shape a terminal would send, so a register has one code path."""
-    if isinstance(header, MessageHeader):
-        header_doc = header.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    else:
-        header_doc = dict(header)
-    header_doc["MessageType"] = "Response"
     return {
         "SaleToPOIResponse": {
-            "MessageHeader": header_doc,
+            "MessageHeader": response_header(header),
             f"{category}Response": {
                 "Response": {
                     "Result": "Failure",
@@ -108,8 +103,6 @@ def status_response(
     """A TransactionStatusResponse as a terminal answers one about a transaction it finished:
     Result Success, the original response in RepeatedMessageResponse. The bridge answers so
     from its journal, in the shape a register gets from the terminal."""
-    header_doc = request_header.model_dump(mode="json", by_alias=True, exclude_unset=True)
-    header_doc["MessageType"] = "Response"
     inner = original["SaleToPOIResponse"]
     repeated: dict[str, Any] = {"RepeatedResponseMessageBody": {
         key: body for key, body in inner.items() if key.endswith("Response")}}
@@ -117,7 +110,7 @@ def status_response(
         repeated["MessageHeader"] = inner["MessageHeader"]
     return {
         "SaleToPOIResponse": {
-            "MessageHeader": header_doc,
+            "MessageHeader": response_header(request_header),
             "TransactionStatusResponse": {
                 "Response": {"Result": "Success"},
                 "MessageReference": reference,

@@ -112,6 +112,25 @@ class MessageHeader(_Open):
     device_id: str | None = Field(None, alias="DeviceID")
 
 
+# MessageHeader's own fields by their JSON names: all of a request's header that an answer the
+# bridge gives in the terminal's place echoes
+HEADER_NAMES = frozenset(field.alias for field in MessageHeader.model_fields.values()
+                         if field.alias)
+
+
+def response_header(header: MessageHeader | dict[str, Any]) -> dict[str, Any]:
+    """A request's MessageHeader as an answer the bridge builds echoes it: MessageHeader's
+    own fields, MessageType Response. The header may hold any other name, with any value
+    (the model is open), and the card-data filter reads a refusal header's values, not its
+    names: a register that wrote a card number as a name would have it published back on
+    registers/{SaleID}/response, and through a chain's bridge at head office (review rv6)."""
+    if isinstance(header, MessageHeader):
+        header = header.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    echoed = {key: value for key, value in header.items() if key in HEADER_NAMES}
+    echoed["MessageType"] = "Response"
+    return echoed
+
+
 class Response(_Open):
     result: Open[Result] = Field(alias="Result")
     error_condition: Open[ErrorCondition] | None = Field(None, alias="ErrorCondition")

@@ -16,11 +16,11 @@ from bridge.protocol.messages import (
     ErrorCondition,
     Message,
     MessageHeader,
-    MessageType,
     Result,
     SaleToPOIRequest,
     SaleToPOIResponse,
     TransactionStatusResponse,
+    response_header,
 )
 from bridge.redaction import redact
 
@@ -244,8 +244,7 @@ def recovered_response(
             mode="json", by_alias=True, exclude_unset=True
         )
     else:
-        header = original_header.model_dump(mode="json", by_alias=True, exclude_unset=True)
-        header["MessageType"] = MessageType.RESPONSE.value
+        header = response_header(original_header)
     return {
         "SaleToPOIResponse": {
             "MessageHeader": header,
