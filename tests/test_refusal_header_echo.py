@@ -77,22 +77,25 @@ def test_a_card_number_under_an_unknown_header_name_of_a_recorded_refusal_is_not
         rig.journal.close()
 
 
-def test_a_status_request_answered_from_the_journal_echoes_no_unknown_header_name(
+def test_a_status_request_answered_from_the_journal_echoes_no_unknown_name(
         tmp_path: Path) -> None:
     rig = Rig(tmp_path / "journal.sqlite3")
     try:
         record(rig, "P1", POI, TxState.FINAL, "approved")
         status = builders.status_request(sale_id="POS1", service_id="T1", poi_id=POI,
                                          original_service_id="P1", original_category="Payment")
-        status["SaleToPOIRequest"]["TransactionStatusRequest"]["MessageReference"][
-            "SaleID"] = "POS1"
+        reference = status["SaleToPOIRequest"]["TransactionStatusRequest"]["MessageReference"]
+        reference["SaleID"] = "POS1"
         status["SaleToPOIRequest"]["MessageHeader"][PAN] = "x"
         status["SaleToPOIRequest"]["MessageHeader"]["Extra"] = {"PAN": PAN}
+        reference[PAN] = "x"  # (its MessageReference, echoed in the answer, is open too)
         answers = rig.handle(f"poi-bridge/terminals/{POI}/request/POS1",
                              json.dumps(status).encode())
         (answer,) = published(answers)
         assert set(answer["SaleToPOIResponse"]["MessageHeader"]) == ECHOED, answer
         assert answer["bridge"]["outcome"] == "approved", answer["bridge"]
+        said = answer["SaleToPOIResponse"]["TransactionStatusResponse"]["MessageReference"]
+        assert said == {key: value for key, value in reference.items() if key != PAN}, said
     finally:
         rig.journal.close()
 

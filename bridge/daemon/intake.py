@@ -518,7 +518,9 @@ class RequestIntake:
             return False
         header = request.message_header
         assert header is not None and header.sale_id and header.service_id
-        reference = ref.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        # MessageReference's own fields, as the header: no other name the register wrote
+        reference = ref.model_dump(mode="json", by_alias=True, exclude_unset=True,
+                                   exclude=set(ref.model_extra or ()))
         response = builders.status_response(header, reference, asked.response)
         classification = classify(parse_message(response))
         outcome = record_outcome(classification)  # (a record saying Busy: declined)
