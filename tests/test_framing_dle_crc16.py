@@ -262,16 +262,33 @@ def test_retransmit_on_nak_then_ack() -> None:
     assert framer.receive_data(ACK, 0.6) == [FrameSent(CAPTURED_PAYLOAD)]
 
 
+def test_an_answer_takes_back_every_copy_queued_with_the_acks_between_them() -> None:
+    """Two NAKs queue two copies (the writer waits on a commit), our ACK of a frame of the
+    terminal's between them; the terminal's answer to the frame then comes: neither copy
+    is written, our ACK is (review rv7)."""
+    framer = DleCrc16Framer(ack_timeout=1.0)
+    framer.send_frame(b'{"pay":1}', 0.0)
+    framer.data_to_send()
+    assert framer.receive_data(NAK, 0.1) == [FrameResent(b'{"pay":1}')]
+    assert received(framer.receive_data(frame(b'{"e":1}'), 0.15)) == [b'{"e":1}']
+    assert framer.receive_data(NAK, 0.2) == [FrameResent(b'{"pay":1}')]
+    assert framer.answered(0.3) == [FrameSent(b'{"pay":1}')]
+    assert framer.data_to_send() == ACK
+
+
 def test_retransmit_on_timeout_then_fail_after_max_tries() -> None:
     framer = DleCrc16Framer(ack_timeout=1.0, max_tries=3)
     framer.send_frame(b"\x10abc", 0.0)
+    written = framer.data_to_send()
     assert framer.handle_timeout(0.999) == []
     assert framer.handle_timeout(1.0) == [FrameResent(b"\x10abc")]  # after silence
+    written += framer.data_to_send()
     assert framer.next_deadline() == 2.0
     assert framer.receive_data(NAK, 1.5) == [FrameResent(b"\x10abc")]  # third, last try
+    written += framer.data_to_send()
     events = framer.handle_timeout(2.5)
     assert events == [FrameFailed(b"\x10abc", "no ACK within 1 s; gave up after 3 tries")]
-    assert framer.data_to_send() == frame(b"\x10abc") * 3
+    assert written == frame(b"\x10abc") * 3 and framer.data_to_send() == b""
 
 
 def test_frames_are_queued_one_at_a_time() -> None:

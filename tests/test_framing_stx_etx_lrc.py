@@ -273,6 +273,30 @@ def test_an_ack_withdraws_a_copy_not_yet_written() -> None:
     assert framer.data_to_send() == b""
 
 
+def test_an_ack_takes_back_every_copy_queued_not_only_the_last() -> None:
+    """Line noise read as two NAKs, the terminal's ACK right behind them, in one read: two
+    copies queued, neither written (review rv7)."""
+    framer = StxEtxLrcFramer(ack_timeout=1.0)
+    framer.send_frame(b'{"pay":1}', 0.0)
+    framer.data_to_send()
+    events = framer.receive_data(NAK + NAK + ACK, 0.1)
+    assert events == [FrameResent(b'{"pay":1}'), FrameResent(b'{"pay":1}'),
+                      FrameSent(b'{"pay":1}')]
+    assert framer.data_to_send() == b""
+
+
+def test_a_copy_queued_when_the_frame_is_given_up_is_not_written() -> None:
+    """The framer gives up (FrameFailed: the session is told the frame never got through)
+    while a copy is still queued: that copy is not written after all (review rv7)."""
+    framer = StxEtxLrcFramer(ack_timeout=1.0, max_tries=2)
+    framer.send_frame(b'{"pay":1}', 0.0)
+    framer.send_frame(b'{"n":2}', 0.0)
+    framer.data_to_send()
+    events = framer.receive_data(NAK + NAK, 0.1)
+    assert isinstance(events[-1], FrameFailed)
+    assert framer.data_to_send() == frame(b'{"n":2}')  # the next frame only
+
+
 def test_retransmit_on_timeout() -> None:
     framer = StxEtxLrcFramer(ack_timeout=1.5)
     framer.send_frame(b"{}", 100.0)
@@ -291,13 +315,16 @@ def test_retransmit_on_timeout() -> None:
 def test_frame_failed_after_max_tries_of_nak() -> None:
     framer = StxEtxLrcFramer(max_tries=3)
     framer.send_frame(b"{}", 0.0)
+    written = framer.data_to_send()
     assert framer.receive_data(NAK, 0.1) == [FrameResent(b"{}")]
+    written += framer.data_to_send()  # each copy written before the next NAK
     assert framer.receive_data(NAK, 0.2) == [FrameResent(b"{}")]
+    written += framer.data_to_send()
     events = framer.receive_data(NAK, 0.3)
     assert len(events) == 1 and isinstance(events[0], FrameFailed)
     assert events[0].payload == b"{}"
     assert "NAK" in events[0].reason and "3 tries" in events[0].reason
-    assert framer.data_to_send() == frame(b"{}") * 3
+    assert written == frame(b"{}") * 3 and framer.data_to_send() == b""
     assert not framer.awaiting_ack
     assert framer.next_deadline() is None
 
@@ -305,10 +332,12 @@ def test_frame_failed_after_max_tries_of_nak() -> None:
 def test_frame_failed_after_max_tries_of_timeouts() -> None:
     framer = StxEtxLrcFramer(ack_timeout=2.0, max_tries=2)
     framer.send_frame(b"{}", 0.0)
+    written = framer.data_to_send()
     assert framer.handle_timeout(2.0) == [FrameResent(b"{}")]
+    written += framer.data_to_send()
     events = framer.handle_timeout(4.0)  # the last try: given up, not sent again
     assert events == [FrameFailed(b"{}", "no ACK within 2 s; gave up after 2 tries")]
-    assert framer.data_to_send() == frame(b"{}") * 2
+    assert written == frame(b"{}") * 2 and framer.data_to_send() == b""
     assert framer.handle_timeout(10.0) == []
 
 

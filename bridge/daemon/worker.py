@@ -32,7 +32,8 @@ from bridge.protocol.framing import (
     FramingError,
     make_framer,
 )
-from bridge.protocol.messages import MessageError, SaleToPOIRequest, load_json, parse_message
+from bridge.protocol.messages import (MessageError, SaleToPOIRequest, SaleToPOIResponse, load_json,
+                                     parse_message)
 from bridge.protocol.actions import Action, Deliver, Log, Progress, Record, Send, Unmatched
 from bridge.protocol.session import SessionSettings, TerminalSession
 from bridge.protocol.transaction import STAMP_FIELDS, Transaction, TxKey, TxState
@@ -707,8 +708,10 @@ class TerminalWorker:
                 owner.receive_from_elsewhere(message)  # its own: not dropped here (ACKed)
                 return
         header = message.message_header
-        if header is not None and header.sale_id and header.service_id:
+        if isinstance(message, SaleToPOIResponse) and header is not None and header.sale_id \
+                and header.service_id:
             # An answer to the frame awaiting its ACK: that frame is delivered, not sent again
+            # (a response only: a link that echoes our own bytes hands back the request)
             self._framer_events(self.writer.answered(TxKey(header.sale_id, header.service_id)))
         self._apply(self.session.receive(message, now))
 

@@ -58,7 +58,7 @@ class AcknowledgedFramer(Framer):
         self._outbox = bytearray()
         self._queue: deque[tuple[bytes, bytes]] = deque()  # (payload, encoded frame)
         self._current: tuple[bytes, bytes] | None = None
-        self._copy_at: int | None = None  # where in _outbox a copy of _current waits
+        self._copies: list[int] = []  # where in _outbox copies of _current wait, unwritten
         self._tries = 0
         self._deadline: float | None = None
         self._reset_decoder()
@@ -88,7 +88,7 @@ class AcknowledgedFramer(Framer):
     def data_to_send(self) -> bytes:
         out = bytes(self._outbox)
         self._outbox.clear()
-        self._copy_at = None
+        self._copies.clear()
         return out
 
     def next_deadline(self) -> float | None:
@@ -102,7 +102,7 @@ class AcknowledgedFramer(Framer):
 
     def reset(self) -> None:
         self._outbox.clear()
-        self._copy_at = None
+        self._copies.clear()
         self._queue.clear()
         self._current = None
         self._tries = 0
@@ -128,14 +128,10 @@ class AcknowledgedFramer(Framer):
     def _acknowledged(self, now: float, events: list[FramerEvent]) -> None:
         if self._current is None:
             return  # a stray ACK: nothing of ours is waiting for one
-        payload, frame = self._current
-        if self._copy_at is not None:
-            # A copy queued after a NAK or a time-out and not taken yet: the peer has the
-            # frame, and a copy now would reach it twice
-            at = self._copy_at
-            if self._outbox[at:at + len(frame)] == frame:
-                del self._outbox[at:at + len(frame)]
-            self._copy_at = None
+        payload = self._current[0]
+        # Copies queued after a NAK or a time-out and not taken yet: the peer has the frame,
+        # and a copy now would reach it twice
+        self._take_back_copies()
         self._current = None
         self._deadline = None
         events.append(FrameSent(payload))
@@ -152,16 +148,27 @@ class AcknowledgedFramer(Framer):
             # frame) arriving while the peer's ACK is still on its way. The peer may now
             # get the frame twice either way.
             events.append(FrameResent(self._current[0]))
-            self._copy_at = len(self._outbox)
+            self._copies.append(len(self._outbox))
             self._outbox += self._current[1]
             self._deadline = now + self.ack_timeout
             return
         payload = self._current[0]
         tries = self._tries
+        self._take_back_copies()  # (given up: none goes out after FrameFailed)
         self._current = None
         self._deadline = None
         events.append(FrameFailed(payload, f"{why}; gave up after {tries} tries"))
         self._transmit_next(now)
+
+    def _take_back_copies(self) -> None:
+        """Remove from _outbox every copy of the current frame queued and not yet taken by
+        data_to_send(); what lies between and after them (our ACKs, the next frame) stays."""
+        assert self._current is not None
+        frame = self._current[1]
+        for at in reversed(self._copies):  # the last first: earlier positions stay valid
+            if self._outbox[at:at + len(frame)] == frame:
+                del self._outbox[at:at + len(frame)]
+        self._copies.clear()
 
     # --- receiving: helpers for the decoders --------------------------------------------------
 
