@@ -518,9 +518,12 @@ class RequestIntake:
             return False
         header = request.message_header
         assert header is not None and header.sale_id and header.service_id
-        # MessageReference's own fields, as the header: no other name the register wrote
-        reference = ref.model_dump(mode="json", by_alias=True, exclude_unset=True,
-                                   exclude=set(ref.model_extra or ()))
+        # MessageReference's own fields, as the header: no other name the register wrote.
+        # Kept by their JSON names (exclude= works on field names: an extra named like one,
+        # "service_id", took the field's value out with it)
+        own = {field.alias for field in type(ref).model_fields.values() if field.alias}
+        reference = {name: value for name, value in ref.model_dump(
+            mode="json", by_alias=True, exclude_unset=True).items() if name in own}
         response = builders.status_response(header, reference, asked.response)
         classification = classify(parse_message(response))
         outcome = record_outcome(classification)  # (a record saying Busy: declined)
