@@ -33,9 +33,9 @@ POI = "V400m-324688179"
 
 
 class HandTerminal:
-    """A terminal's end of a pseudo-terminal, answering by hand: a subclass's `answer` gets
-    each request read, with the ACK its framer queued for it (the subclass writes it, or
-    drops it: an ACK lost)."""
+    """A terminal's end of a pseudo-terminal, answering by hand: it names itself to the
+    identity check, and a subclass's `answer` gets each other request read, with the ACK its
+    framer queued for it (the subclass writes it, or drops it: an ACK lost)."""
 
     def __init__(self, path, framer: str) -> None:
         self.master, self.slave, _ = open_pty(path)
@@ -56,8 +56,11 @@ class HandTerminal:
         for event in events:
             if isinstance(event, FrameReceived):
                 request = json.loads(event.payload)
-                self.answer(request, request["SaleToPOIRequest"]["MessageHeader"][
-                    "MessageCategory"], ack[:1])
+                category = request["SaleToPOIRequest"]["MessageHeader"]["MessageCategory"]
+                if category == "Diagnosis":
+                    self.send(ack[:1], responses.simple_response(request))
+                else:
+                    self.answer(request, category, ack[:1])
         out = self.framer.data_to_send()  # (the bridge's ACKs of our frames, handled)
         if out:
             os.write(self.master, out)
@@ -89,9 +92,7 @@ class BusyOnCopyTerminal(HandTerminal):
         self.busy_response = None
 
     def answer(self, request: dict, category: str, ack: bytes) -> None:
-        if category == "Diagnosis":
-            self.send(ack, responses.simple_response(request))
-        elif category == "Payment":
+        if category == "Payment":
             self.payments += 1
             if self.payments == 1:
                 os.write(self.master, self.first_reply)  # no answer yet: "processing"

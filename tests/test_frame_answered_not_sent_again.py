@@ -31,9 +31,7 @@ class FastTerminal(HandTerminal):
         self.before, self.after = before, after
 
     def answer(self, request: dict, category: str, ack: bytes) -> None:
-        if category == "Diagnosis":
-            self.send(ack, responses.simple_response(request))
-        elif category == "Payment":
+        if category == "Payment":
             self.payments += 1
             if self.payments == 1:
                 os.write(self.master, self.before)
@@ -73,9 +71,7 @@ class EchoingLink(HandTerminal):
     payment's frame comes back as it went, under its own IDs, and no terminal ACKs it."""
 
     def answer(self, request: dict, category: str, ack: bytes) -> None:
-        if category == "Diagnosis":
-            self.send(ack, responses.simple_response(request))
-        elif category == "Payment":
+        if category == "Payment":
             self.payments += 1
             self.framer.send_frame(json.dumps(request).encode(), time.monotonic())
             os.write(self.master, self.framer.data_to_send())

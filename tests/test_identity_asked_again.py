@@ -11,6 +11,8 @@ is idle and nothing else is due (review rv6).
 
 from __future__ import annotations
 
+import pytest
+
 from bridge.protocol import identity
 
 from .follow_rig import A, DeviceByHand, bridge_on, wait_until
@@ -26,40 +28,29 @@ def event_naming(poi_id: str) -> dict:
                               "EventToNotify": "Shutdown"}}}
 
 
-async def test_device_named_another_by_an_unsolicited_message_is_asked_again(
-        tmp_path, mosquitto, monkeypatch):
+@pytest.mark.parametrize("how", ["check", "event"])
+async def test_a_device_that_named_another_terminal_once_is_asked_again(tmp_path, mosquitto,
+                                                                         monkeypatch, how):
+    """`check`: its answer to the identity check named another terminal; `event`: a message
+    nothing asked for did, the terminal confirmed and idle, nothing else due."""
     monkeypatch.setattr(identity, "RECHECK_FIRST", 1.0)
     port = tmp_path / "port-a"
     device = DeviceByHand(port)
     try:
         async with bridge_on(tmp_path, mosquitto, {A: str(port)}, status_timeout=1) as bridge:
             assert await wait_until(lambda: "Diagnosis" in device.categories(), 10)
-            device.answer_check_as(A)
-            assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 5)
-            device.send(event_naming("V400m-999"))  # another unit, for a moment
-            assert await wait_until(
-                lambda: bridge.workers[A].identity.startswith("mismatch"), 5)
-            # asked again after RECHECK_FIRST (here 1 s), though no check was on the wire
-            # and nothing else is due: the terminal is idle
-            assert await wait_until(lambda: device.categories().count("Diagnosis") > 1, 10), \
+            if how == "check":
+                device.answer_check_as("V400m-999")  # once
+            else:
+                device.answer_check_as(A)
+                assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 5)
+                device.send(event_naming("V400m-999"))  # another unit, for a moment
+            assert await wait_until(lambda: bridge.workers[A].identity.startswith("mismatch"), 5)
+            # asked again after RECHECK_FIRST (here 1 s)
+            asked = device.categories().count("Diagnosis")
+            assert await wait_until(lambda: device.categories().count("Diagnosis") > asked, 10), \
                 (device.categories(), bridge.workers[A].session.identity.recheck_at,
                  bridge.workers[A].session.next_deadline())
-    finally:
-        device.close()
-
-
-async def test_a_device_that_named_another_terminal_once_is_asked_again(tmp_path, mosquitto,
-                                                                         monkeypatch):
-    monkeypatch.setattr(identity, "RECHECK_FIRST", 1.0)
-    port = tmp_path / "port-a"
-    device = DeviceByHand(port)
-    try:
-        async with bridge_on(tmp_path, mosquitto, {A: str(port)}, status_timeout=1) as bridge:
-            assert await wait_until(lambda: "Diagnosis" in device.categories(), 10)
-            device.answer_check_as("V400m-999")  # once
-            assert await wait_until(lambda: bridge.workers[A].identity.startswith("mismatch"), 5)
-            assert await wait_until(lambda: device.categories().count("Diagnosis") > 1, 10), \
-                device.categories()
             assert set(device.categories()) == {"Diagnosis"}  # nothing else went to it
             device.answer_check_as(A)  # the device names its terminal now
             assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 5)
