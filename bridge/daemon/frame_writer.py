@@ -174,7 +174,8 @@ class FrameWriter:
         ACK (lost, or line noise read as a NAK): it is not sent again (a payment the terminal
         has answered would reach it twice). The framer's events, for the worker."""
         if self.framer.awaiting_ack and self._in_flight and self._in_flight[0][1] == key:
-            return self.framer.answered(time.monotonic())
+            # (by its payload: within one read the framer may have moved on to the next frame)
+            return self.framer.answered(self._in_flight[0][0], time.monotonic())
         return []
 
     def resent(self, event: FrameResent) -> None:

@@ -59,6 +59,8 @@ class AcknowledgedFramer(Framer):
         self._queue: deque[tuple[bytes, bytes]] = deque()  # (payload, encoded frame)
         self._current: tuple[bytes, bytes] | None = None
         self._copies: list[int] = []  # where in _outbox copies of _current wait, unwritten
+        self._first_pending = False  # _current's first transmission is in _outbox, unwritten
+        self._written = False  # a transmission of _current has been taken by data_to_send()
         self._tries = 0
         self._deadline: float | None = None
         self._reset_decoder()
@@ -87,9 +89,17 @@ class AcknowledgedFramer(Framer):
 
     def data_to_send(self) -> bytes:
         out = bytes(self._outbox)
+        if self._current is not None and self._pending:
+            self._written = True
         self._outbox.clear()
         self._copies.clear()
+        self._first_pending = False
         return out
+
+    @property
+    def _pending(self) -> bool:
+        """A transmission of the current frame waits in _outbox, not taken yet."""
+        return self._first_pending or bool(self._copies)
 
     def next_deadline(self) -> float | None:
         return self._deadline
@@ -103,6 +113,7 @@ class AcknowledgedFramer(Framer):
     def reset(self) -> None:
         self._outbox.clear()
         self._copies.clear()
+        self._first_pending = self._written = False
         self._queue.clear()
         self._current = None
         self._tries = 0
@@ -118,16 +129,20 @@ class AcknowledgedFramer(Framer):
             self._current = self._queue.popleft()
             self._tries = 1
             self._outbox += self._current[1]
+            self._first_pending, self._written = True, False
             self._deadline = now + self.ack_timeout
 
-    def answered(self, now: float) -> list[FramerEvent]:
+    def answered(self, payload: bytes, now: float) -> list[FramerEvent]:
         events: list[FramerEvent] = []
-        self._acknowledged(now, events)
+        if self._current is not None and self._current[0] == payload:
+            self._acknowledged(now, events)
         return events
 
     def _acknowledged(self, now: float, events: list[FramerEvent]) -> None:
-        if self._current is None:
-            return  # a stray ACK: nothing of ours is waiting for one
+        if self._current is None or not self._written:
+            # A stray ACK: nothing of ours waits for one, or the frame that does has not
+            # gone out yet (an ACK of the frame before it again, or line noise)
+            return
         payload = self._current[0]
         # Copies queued after a NAK or a time-out and not taken yet: the peer has the frame,
         # and a copy now would reach it twice
@@ -141,6 +156,12 @@ class AcknowledgedFramer(Framer):
         """A NAK, or the ACK timeout: send the frame again, or give up on it."""
         if self._current is None:
             return  # a stray NAK
+        if self._pending:
+            # A transmission of the frame is still to be written (the writer waits for a
+            # commit): it answers this NAK (line noise, or about a copy before it) already,
+            # and the peer's time to ACK counts from it. No try is spent on it.
+            self._deadline = now + self.ack_timeout
+            return
         if self._tries < self.max_tries:
             self._tries += 1
             # A copy met with silence may have been read; so may a NAKed one: a NAK byte

@@ -129,9 +129,10 @@ class Framer(ABC):
     def awaiting_ack(self) -> bool:
         """True while a sent frame waits for the peer's acknowledgement."""
 
-    def answered(self, now: float) -> list[FramerEvent]:
-        """The peer's application answered the frame awaiting its ACK (the caller read its
-        answer under that frame's IDs): the frame reached it, whatever became of the ACK
-        (lost on the line, or line noise read as a NAK). It counts as acknowledged (FrameSent)
-        and is not sent again. A framing without ACKs has nothing awaiting one."""
+    def answered(self, payload: bytes, now: float) -> list[FramerEvent]:
+        """The peer's application answered the frame of `payload` (the caller read its answer
+        under that frame's IDs): if it is the frame awaiting its ACK and it has gone out, it
+        reached the peer, whatever became of the ACK (lost on the line, or line noise read
+        as a NAK). It counts as acknowledged (FrameSent) and is not sent again. A framing
+        without ACKs has nothing awaiting one."""
         return []
