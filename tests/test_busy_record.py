@@ -131,6 +131,11 @@ def test_a_busy_record_of_a_payment_delivered_at_once_is_declined():
     assert result.outcome == "declined"
 
 
+# A link that sends a frame again 0.3 s after silence, and a bridge quick to poll
+QUICK_RESENDS = {"framer": {"ack_timeout": 0.3, "max_tries": 3}, "poll_floor": 0.05,
+                 "payment_timeout": 1.0}
+
+
 class LosesFirstPaymentAck(DeviceByHand):
     """A terminal's end whose ACK of the first copy of a Payment frame is lost on the line:
     the bridge sends the frame again, and the terminal has read both copies."""
@@ -165,8 +170,7 @@ async def test_end_to_end_a_busy_record_after_a_lost_ack_is_not_told_declined(
     device = LosesFirstPaymentAck(tmp_path / "port")
     try:
         async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port")},
-                             framer={"ack_timeout": 0.3, "max_tries": 3},
-                             poll_floor=0.05, payment_timeout=1.0) as bridge, \
+                             **QUICK_RESENDS) as bridge, \
                 Subscriber(mosquitto, [f"{BASE}/registers/#"]) as sub:
             request = await pay_twice_over(device, bridge, sub)
             device.send(responses.payment_response(device.received[-1], "busy", 0.0))
@@ -242,8 +246,7 @@ async def test_link_lost_between_resends_forgets_that_the_request_went_twice(
     device = SilentOnSecondCopy(tmp_path / "port")
     try:
         async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port")},
-                             framer={"ack_timeout": 0.3, "max_tries": 3},
-                             poll_floor=0.05, payment_timeout=1.0) as bridge, \
+                             **QUICK_RESENDS) as bridge, \
                 Subscriber(mosquitto, [f"{BASE}/registers/#"]) as sub:
             request = await pay_twice_over(device, bridge, sub)
             device.close()  # unplugged before the second copy's ACK
