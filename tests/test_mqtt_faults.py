@@ -454,6 +454,31 @@ async def test_a_publish_the_broker_refuses_stays_pending_and_is_retried(tmp_pat
         assert gateway.connected and gateway.reconnects == 0
 
 
+async def test_refused_messages_stay_counted_while_they_are_published_again(
+        tmp_path, monkeypatch):
+    """The count of refused messages (status, metrics, the stop's wait) once dropped to 0
+    for the moment a round of them was published again, until the broker refused them
+    anew: a check at that moment read "nothing refused" while a result was held."""
+    from bridge.daemon.outbox import OutboxPump
+
+    seen: list[int] = []
+    publish_again = OutboxPump._retry_refused
+
+    def counted(pump):
+        publish_again(pump)
+        seen.append(pump.held)  # right after the round went out, before any answer
+
+    monkeypatch.setattr(OutboxPump, "_retry_refused", counted)
+    async with refusing_broker(tmp_path, Backoff(initial=0.2, maximum=0.2)) as (
+            broker, acl, journal, gateway):
+        gateway.enqueue(f"{BASE}/registers/TILL1/response", {"n": 1})
+        await eventually(lambda: len(seen) >= 3)
+        assert seen[:3] == [1, 1, 1] and gateway.refused == 1
+        allow(broker, acl, f"{BASE}/#")
+        await eventually(lambda: not journal.pending())
+        await eventually(lambda: gateway.refused == 0)
+
+
 async def test_a_refused_answer_outside_the_bridges_topics_is_given_up_and_a_stop_is_quick(
         tmp_path, caplog):
     """An operator's MQTT 5 ResponseTopic the bridge's ACL does not allow: no change on the

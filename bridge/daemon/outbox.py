@@ -54,8 +54,9 @@ class OutboxPump:
 
     @property
     def held(self) -> int:
-        """Refused messages waiting to be published again."""
-        return len(self.refused) + len(self.retry)
+        """Refused messages not yet taken: waiting, due, or published again and not yet
+        acknowledged (the count must not drop to 0 while a round of them is in flight)."""
+        return len(self.refused.keys() | self.retrying | {m.id for m, _ in self.retry})
 
     def run(self) -> None:
         if self.closed or self.failed.done():
@@ -181,6 +182,7 @@ class OutboxPump:
                 for message_id in older:
                     self.refused.pop(message_id, None)
                 self.retry = [entry for entry in self.retry if entry[0].id not in older]
+                self.retrying.difference_update(older)
                 self.acked.extend(older)  # (the mark of `message` is already scheduled)
                 log.info("retained topic %s: %d older message(s) the broker refused are "
                          "replaced by the newer one it took, and not published again",
