@@ -102,3 +102,24 @@ def test_a_repeat_of_an_unresolved_request_says_not_to_charge_again_as_the_first
                             "asking"), error
     assert "do not charge this sale again until the result is known" in error
     assert "ServiceID S1, MessageCategory Payment, to terminal V400m-1" in error
+
+
+def test_time_stamps_match_isoformat_across_seconds_and_in_any_order():
+    """_now_iso formats each second once and reuses it: a stamp from another second (a
+    journal's created_at after a newer one) must not get the cached second's text."""
+    import datetime as dt
+    import random
+
+    from bridge.daemon.registers import _now_iso
+
+    rng = random.Random(7)
+    moments = [0.0, 59.9995, 60.0, 1764576000.0, 1764576000.999, 1764576001.001, 1e9 + 0.5]
+    moments += [rng.uniform(1.7e9, 1.8e9) for _ in range(300)]
+    for moment in moments + moments[::-1]:
+        expected = dt.datetime.fromtimestamp(moment, dt.UTC).isoformat(
+            timespec="milliseconds").replace("+00:00", "Z")
+        # (datetime rounds to the microsecond first: at most a millisecond apart, same second)
+        assert _now_iso(moment)[:19] == expected[:19], moment
+        assert abs(int(_now_iso(moment)[20:23]) - int(expected[20:23])) <= 1, moment
+    now = _now_iso()
+    assert now.endswith("Z") and dt.datetime.fromisoformat(now[:-1]).year >= 2026
