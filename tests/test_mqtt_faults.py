@@ -479,6 +479,41 @@ async def test_refused_messages_stay_counted_while_they_are_published_again(
         await eventually(lambda: gateway.refused == 0)
 
 
+async def test_refused_messages_stay_counted_across_a_reconnect(tmp_path, caplog):
+    """A new connection forgot what the broker had refused on the one before: the count read
+    0 while the bridge was disconnected and, once connected again, until the broker refused
+    the messages anew. systemd's STATUS= is written at once when the broker connects, so
+    right after every reconnect `systemctl status` left out the refused results."""
+    async with refusing_broker(tmp_path, Backoff(initial=30, maximum=30)) as (
+            broker, acl, journal, gateway):
+        gateway.enqueue(f"{BASE}/registers/TILL1/response", {"n": 1})
+        await eventually(lambda: gateway.refused == 1)
+        assert gateway.refused == 1
+
+        def refusals() -> int:
+            return sum("refused the message" in line for line in errors(caplog))
+
+        seen: set[tuple[bool, int]] = set()
+
+        async def sample() -> None:
+            while True:
+                seen.add((gateway.connected, gateway.refused))
+                await asyncio.sleep(0)
+
+        sampler = asyncio.create_task(sample())
+        try:
+            broker.stop()
+            await eventually(lambda: not gateway.connected)
+            broker.start()
+            await eventually(lambda: gateway.reconnects == 1 and refusals() == 2)
+            assert gateway.reconnects == 1 and refusals() == 2  # refused anew, once
+        finally:
+            sampler.cancel()
+        assert (False, 1) in seen and (True, 1) in seen  # it was sampled at both
+        assert {refused for _, refused in seen} == {1}, seen
+        assert [m.topic for m in journal.pending()] == [f"{BASE}/registers/TILL1/response"]
+
+
 async def test_a_refused_answer_outside_the_bridges_topics_is_given_up_and_a_stop_is_quick(
         tmp_path, caplog):
     """An operator's MQTT 5 ResponseTopic the bridge's ACL does not allow: no change on the

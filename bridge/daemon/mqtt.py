@@ -185,6 +185,8 @@ class RegisterGateway:
         self._client: PipelinedClient | None = None
         self._connected = asyncio.Event()
         self._pump: OutboxPump | None = None
+        # What the broker refused and is still pending, while no connection's pump holds it
+        self._refused_before: set[int] = set()
         # Committed messages are published right after the commit that made them durable,
         # once the frames that commit released have gone to the terminals.
         journal.on_outbox_committed(self._run_pump)
@@ -218,8 +220,9 @@ class RegisterGateway:
 
     @property
     def refused(self) -> int:
-        """Messages the broker refused (MQTT 5), pending, waiting to be published again."""
-        return self._pump.held if self._pump is not None else 0
+        """Messages the broker refused (MQTT 5), pending, waiting to be published again (also
+        between connections, and on a new one until the broker takes them)."""
+        return self._pump.held if self._pump is not None else len(self._refused_before)
 
     def set_request_handler(self, handler: RequestHandler) -> None:
         self._handler = handler
@@ -766,14 +769,15 @@ class RegisterGateway:
         one write per loop pass); the ones still unacknowledged when the connection drops
         stay pending and go out again on the next connection, which starts from the oldest
         pending message."""
-        pump = OutboxPump(self, client)
+        pump = OutboxPump(self, client, self._refused_before)
         self._pump = pump
         try:
             pump.run()
             await pump.failed
         finally:
-            self._pump = None
             pump.close()
+            self._refused_before = pump.held_ids()
+            self._pump = None
 
     def _properties_for(self, message: OutboxMessage) -> Properties | None:
         if self.config.protocol != "5":

@@ -34,9 +34,15 @@ class OutboxPump:
     A message the broker refuses (an MQTT 5 PUBACK with a failure reason code, e.g. an ACL
     that does not let the bridge publish there) stays pending in the outbox and is published
     again after a delay growing to a minute (or on the next connection, which starts from
-    the oldest pending message); the ones after it go on meanwhile."""
+    the oldest pending message); the ones after it go on meanwhile.
 
-    def __init__(self, gateway: RegisterGateway, client: PipelinedClient) -> None:
+    `refused_before`: what the broker refused on the connections before and is still
+    pending. This connection publishes it again from the oldest pending message, so it is
+    counted as published again until the broker takes it or refuses it anew: the count
+    (status, metrics) does not drop to 0 at each reconnect."""
+
+    def __init__(self, gateway: RegisterGateway, client: PipelinedClient,
+                 refused_before: set[int] | frozenset[int] = frozenset()) -> None:
         self.gateway = gateway
         self.client = client
         self.packet_limit = gateway.config.packet_limit
@@ -49,14 +55,17 @@ class OutboxPump:
         # Refused messages, with the properties they are published with
         self.refused: dict[int, tuple[OutboxMessage, Properties | None]] = {}  # waiting
         self.retry: list[tuple[OutboxMessage, Properties | None]] = []  # due, oldest first
-        self.retrying: set[int] = set()  # published again, not yet acknowledged
+        self.retrying: set[int] = set(refused_before)  # published again, not yet acknowledged
         self.retry_timer: asyncio.TimerHandle | None = None
 
     @property
     def held(self) -> int:
         """Refused messages not yet taken: waiting, due, or published again and not yet
         acknowledged (the count must not drop to 0 while a round of them is in flight)."""
-        return len(self.refused.keys() | self.retrying | {m.id for m, _ in self.retry})
+        return len(self.held_ids())
+
+    def held_ids(self) -> set[int]:
+        return self.refused.keys() | self.retrying | {m.id for m, _ in self.retry}
 
     def run(self) -> None:
         if self.closed or self.failed.done():
@@ -112,6 +121,7 @@ class OutboxPump:
                   "prune (sqlite3 %s \"SELECT payload FROM outbox WHERE id = %d\"); %s",
                   message.id, message.topic, problem, journal.path, message.id, advice)
         self.gateway.undeliverable += 1
+        self.retrying.discard(message.id)  # (given up: no longer held)
         self.loop.call_soon(journal.mark_delivered, [message.id])
 
     def _done(self, message: OutboxMessage, properties: Properties | None,
