@@ -20,14 +20,13 @@ retransmission timer) does so through journal.after_commit(kick).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 
 from bridge.daemon.journal import Journal
-from bridge.protocol import crypto
+from bridge.protocol import crypto, jsontext
 from bridge.protocol.actions import Action, Send
 from bridge.protocol.framing import FrameFailed, FramerEvent, FrameResent, FrameSent, Framer
 from bridge.protocol.session import TerminalSession
@@ -65,7 +64,7 @@ class FrameWriter:
         document = action.document
         if key is not None:
             document = crypto.encrypt_message(document, key)
-        payload = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+        payload = jsontext.compact(document)
         limit = self.framer.max_frame_size
         if len(payload) <= limit:
             return payload, None

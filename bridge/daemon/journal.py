@@ -35,6 +35,7 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import STATE_DIRECTORY
+from bridge.protocol import jsontext
 from bridge.protocol.transaction import (
     DEADLINE_FIELDS,
     STAMP_FIELDS,
@@ -289,7 +290,7 @@ class OutboxMessage:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return jsontext.compact(value).decode()
 
 
 class Journal:

@@ -5,7 +5,6 @@ The README documents these shapes; registers in any language depend on them.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -13,6 +12,7 @@ from dataclasses import dataclass, replace
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from bridge.protocol import jsontext
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.messages import HEADER_NAMES
 from bridge.protocol.outcome import unresolved_error
@@ -89,7 +89,7 @@ def _now_iso(at: float | None = None) -> str:
 
 
 def dumps(payload: Any) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return jsontext.compact(payload)
 
 
 @dataclass(frozen=True, slots=True)

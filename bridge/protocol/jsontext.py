@@ -14,6 +14,8 @@ import math
 import sys
 from typing import Any
 
+import orjson
+
 
 class JsonTextError(ValueError):
     """The text is not valid JSON, or holds a number no JSON reader can carry."""
@@ -128,3 +130,15 @@ def without_lone_surrogates(value: Any) -> Any:
     if isinstance(value, list):
         return [without_lone_surrogates(v) for v in value]
     return None  # a string holding one
+
+
+def compact(value: Any) -> bytes:
+    """`value` as compact JSON text in UTF-8, non-ASCII characters as they are: what the
+    bridge publishes, journals and frames. orjson writes it, 10 to 20 times as fast as
+    json.dumps (which was 8 % of the daemon's CPU under load); a value orjson does not take
+    (an integer beyond 64 bits, a name that is not a string) goes through json.dumps, whose
+    text for everything else is the same (floats aside: 1e16 there is 1e+16)."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()

@@ -352,7 +352,7 @@ class _Envelope(_Open):
         return {self.kind: inner}
 
     def to_bytes(self) -> bytes:
-        return json.dumps(self.to_document(), separators=(",", ":"), ensure_ascii=False).encode()
+        return jsontext.compact(self.to_document())
 
 
 class SaleToPOIRequest(_Envelope):
