@@ -245,6 +245,36 @@ async def test_two_bridges_with_one_client_id_are_named_as_such(tmp_path, mosqui
     assert "'twin'" in line and "mqtt.client_id" in line
 
 
+async def test_twins_dropped_while_they_subscribe_are_named_as_such(
+        tmp_path, mosquitto, caplog, monkeypatch):
+    """On a loaded machine the broker dropped each twin while it was still subscribing
+    (each connection's setup takes a few round trips): such a drop was logged as "cannot
+    reach MQTT broker ... Is the broker running?" and not counted, so the twins were never
+    named (CI: test_two_bridges_with_one_client_id_are_named_as_such under load)."""
+    from bridge.daemon.mqtt_client import PipelinedClient
+
+    original = PipelinedClient.subscribe
+
+    async def slow_subscribe(self, *args, **kwargs):
+        await asyncio.sleep(0.5)  # longer than the twin's pause before it connects again
+        return await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PipelinedClient, "subscribe", slow_subscribe)
+    first = Journal(tmp_path / "first.sqlite3")
+    second = Journal(tmp_path / "second.sqlite3")
+    try:
+        async with running(gateway_for(mosquitto, first, client_id="twin")), \
+                running(gateway_for(mosquitto, second, client_id="twin")):
+            await eventually(lambda: any("same client id" in m for m in caplog.messages),
+                             timeout=20)
+    finally:
+        first.close()
+        second.close()
+    assert any("most likely another client uses the same client id" in m
+               for m in caplog.messages)
+    assert not any("Is the broker running?" in m for m in caplog.messages)
+
+
 async def test_an_unpublishable_message_already_in_the_journal_is_given_up_loudly(
         tmp_path, mosquitto, caplog):
     """A journal written by the old code may hold an answer addressed to such a topic. It is

@@ -393,6 +393,7 @@ class RegisterGateway:
         first = True
         advised = False  # what to check, said once per stretch of an unreachable broker
         while True:
+            connected_at: float | None = None  # once the broker took this connection
             try:
                 try:
                     client = self._client_for()
@@ -411,7 +412,9 @@ class RegisterGateway:
                     await self._serve(client)
             except aiomqtt.MqttError as exc:
                 self.broker_problem = "login refused" if login_refused(exc) else "unreachable"
-                if self._connected.is_set():
+                # (also when dropped while still subscribing: the broker was reached, and a
+                # twin with the same client id drops it there on a loaded machine)
+                if connected_at is not None:
                     log.warning("lost the MQTT broker %s:%d: %s; results are kept and sent on "
                                 "reconnect", self.config.host, self.config.port, exc)
                     self._note_short_connection(time.monotonic() - connected_at)
