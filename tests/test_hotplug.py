@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import ctypes
 import errno
 import json
@@ -660,8 +661,12 @@ async def test_event_storm_is_coalesced_without_blocking_the_loop(pipe_monitor) 
     interleaved = [t for t in ticks if storm_polls[0] < t < storm_polls[-1]]
     # (28 chunks of 64; some are read back to back when the settle timer also reads on.)
     assert len(interleaved) >= len(storm) // 64 // 2, "the reader hogged the loop"
-    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    assert max(gaps) < 0.5, f"the loop stalled for {max(gaps):.3f} s during the storm"
+    # No read held the loop for more than two chunks (the reader's and the settle timer's
+    # read on) between two turns of the ticker: counted in reads, not in seconds, which a
+    # loaded machine stretches (a gap of 1.6 s once, with the process paused).
+    reads = [bisect.bisect(storm_polls, b) - bisect.bisect(storm_polls, a)
+             for a, b in zip(ticks, ticks[1:])]
+    assert max(reads) <= 2 * 64, f"{max(reads)} events read without the loop running on"
     await hotplug.stop()
 
 
