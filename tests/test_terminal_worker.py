@@ -363,7 +363,9 @@ async def test_restart_recovers_an_open_payment_from_the_journal(tmp_path, caplo
     sim = scenario(Behaviour(never_answer=True, delay=0.05))
     async with Rig(tmp_path, sim, payment_timeout=30) as rig:
         rig.pay("S1")
-        await asyncio.sleep(0.3)
+        async with asyncio.timeout(10):  # written to the terminal (how soon: the machine's)
+            while rig.stored("S1") is None or rig.stored("S1").state is TxState.ACCEPTED:
+                await asyncio.sleep(0.01)
         assert rig.stored("S1").state is TxState.AWAITING_RESPONSE
         await rig.worker.stop()
         fresh = TerminalWorker(rig.worker.config, rig.journal, rig.outlet,
