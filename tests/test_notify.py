@@ -60,7 +60,7 @@ class FakeSystemd:
 
     def wait_for(self, count: int, timeout: float = 2.0) -> list[str]:
         deadline = time.monotonic() + timeout
-        while len(self.received) < count and time.monotonic() < deadline:
+        while self.count() < count and time.monotonic() < deadline:
             time.sleep(0.005)
         return self.messages()
 
