@@ -105,12 +105,14 @@ class BusyOnCopyTerminal(HandTerminal):
 
 
 @contextlib.asynccontextmanager
-async def worker_paying(tmp_path, path, framer: str, **timing):
-    """A TerminalWorker on the pseudo-terminal at `path` (ACK time-out 0.3 s), its device
-    named; POS1 pays 10.00 as S1. Yields the worker's outlet and journal."""
+async def worker_paying(tmp_path, path, framer: str, framer_options: dict | None = None,
+                        **timing):
+    """A TerminalWorker on the pseudo-terminal at `path` (ACK time-out 0.3 s, unless
+    `framer_options` say otherwise), its device named; POS1 pays 10.00 as S1. Yields the
+    worker's outlet and journal."""
     config = TerminalConfig.model_validate({
         "poi_id": POI, "link": {"kind": "serial", "device": str(path)},
-        "framer": {"name": framer, "ack_timeout": 0.3},
+        "framer": {"name": framer, "ack_timeout": 0.3, **(framer_options or {})},
         "payment_timeout": 3.0, "status_timeout": 0.8, "poll_floor": 0.05, **timing})
     journal = Journal(tmp_path / "journal.sqlite3")
     outlet = RecordingOutlet()

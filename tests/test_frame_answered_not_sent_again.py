@@ -159,3 +159,64 @@ def test_an_answer_read_with_the_nak_that_gives_its_frame_up_acknowledges_nothin
     assert ("frame_delivered", "bridge", "poll-9") not in session.calls, session.calls
     # the poll not yet written, nor acknowledged: out behind our ACK of the response
     assert framer.awaiting_ack and framer.data_to_send() == ACK + frame(b'{"poll":9}')
+
+
+class UnreadableAnswerTerminal(HandTerminal):
+    """Its ACK of the payment is lost, and it answers at once with something the bridge
+    cannot use: an approval with receipts (a signature image) over the bridge's
+    max_frame_size of 4096 bytes ("oversize"), an approval cut short into bad JSON
+    ("not-json"), a document that is no SaleToPOI message ("not-saletopoi"), or a crypto
+    error, which names no message ("crypto-error"). It answers
+    the bridge's status polls "in progress", counting them."""
+
+    how = "oversize"
+    polls = 0
+
+    def answer(self, request: dict, category: str, ack: bytes) -> None:
+        if category == "TransactionStatus":
+            self.polls += 1
+            self.send(ack, responses.status_in_progress(request))
+            return
+        if category != "Payment":
+            return
+        self.payments += 1
+        if self.payments > 1:
+            os.write(self.master, ack)  # a copy: ACKed, not answered again
+            return
+        approval = responses.payment_response(request, "approve", time.time())
+        if self.how == "oversize":
+            approval["SaleToPOIResponse"]["PaymentResponse"]["SignatureImage"] = "A" * 6000
+            self.send(b"", approval)  # (no ACK: lost)
+            return
+        payload = {"not-json": json.dumps(approval).encode()[:-40],
+                   "not-saletopoi": b'{"error": "busy"}',
+                   "crypto-error": b'{"errors": ["Nexo Service: crypto error (3)"]}'}[self.how]
+        self.framer.send_frame(payload, time.monotonic())
+        os.write(self.master, self.framer.data_to_send())
+
+
+@pytest.mark.parametrize("framer", ["stx-etx-lrc", "dle-crc16"])
+@pytest.mark.parametrize("how", ["oversize", "not-json", "not-saletopoi", "crypto-error"])
+async def test_a_payment_answered_unreadably_is_not_written_to_the_terminal_again(
+        tmp_path, framer, how):
+    """The payment's ACK is lost and the terminal answers it with a frame the bridge cannot
+    read or use. The session takes that frame as the payment's answer (it cannot tell
+    whose else it is) and asks about the payment by status poll. Only a readable response
+    under the payment's IDs used to count as its acknowledgement, so the framer went on
+    sending the payment (at ack_timeout, up to max_tries) to a terminal that had answered
+    it: a terminal that runs a copy charges the shopper twice (review rv9). The status poll
+    waits behind the payment's frame in the framer: when it reaches the terminal, the
+    payment's frame is done with."""
+    path = tmp_path / "terminal"
+    device = UnreadableAnswerTerminal(path, framer)
+    device.how = how
+    try:
+        async with worker_paying(tmp_path, path, framer, {"max_frame_size": 4096}):
+            async with asyncio.timeout(10):
+                while device.polls == 0:
+                    await asyncio.sleep(0.02)
+            assert device.payments == 1, (
+                f"the payment, answered by the terminal ({how}), was written to it "
+                f"{device.payments} times")
+    finally:
+        device.close()

@@ -615,7 +615,8 @@ class TerminalWorker:
                     "if it was an answer, it is asked about by status poll, without receipts; "
                     "if this repeats, raise [terminals.framer] max_frame_size", self.poi_id,
                     limit, event.reason)
-        self._apply(self.session.oversize(
+        waiting = self.session.awaiting_answer()
+        self._apply_answer(waiting, self.session.oversize(
             f"the terminal sent a frame over max_frame_size ({limit} bytes), dropped unread",
             self._clock()))
 
@@ -641,15 +642,16 @@ class TerminalWorker:
 
     def _on_frame(self, payload: bytes) -> None:
         now = self._clock()
+        waiting = self.session.awaiting_answer()
         try:
             document = load_json(payload, max_size=self.framer.max_frame_size)
         except MessageError as exc:
-            self._apply(self.session.unusable(f"frame is not JSON: {exc}", now))
+            self._apply_answer(waiting, self.session.unusable(f"frame is not JSON: {exc}", now))
             return
         problem = crypto.terminal_crypto_error(document)
         if problem is not None:
             key = f"key {self.key.identifier} v{self.key.version}" if self.key else "no key"
-            self._apply(self.session.refused(
+            self._apply_answer(waiting, self.session.refused(
                 f"terminal {self.poi_id} cannot decrypt our message ({problem}); check the "
                 f"encryption key configured for it ({key}){self._swap_hint()}", now))
             return
@@ -657,7 +659,7 @@ class TerminalWorker:
             # With a key configured only what the key authenticates is believed: anyone who
             # can write to the link (a terminal's LAN port, a tapped cable) could otherwise
             # forge an approval in clear. A payment is then asked about, as for garbage.
-            self._apply(self.session.unusable(
+            self._apply_answer(waiting, self.session.unusable(
                 f"terminal {self.poi_id} sent a message in clear although key "
                 f"{self.key.identifier} v{self.key.version} is configured for it: not trusted "
                 f"(its encryption switched off, or a message not from the terminal)"
@@ -669,7 +671,7 @@ class TerminalWorker:
                 if message is not None:
                     self._take(message, now)
                     return
-                self._apply(self.session.unusable(
+                self._apply_answer(waiting, self.session.unusable(
                     "terminal sent an encrypted message but no key is configured for it"
                     f"{self._swap_hint()}", now))
                 return
@@ -689,14 +691,15 @@ class TerminalWorker:
                 which = f"key {self.key.identifier} v{self.key.version}"
                 log.warning("terminal %s: its answer does not decrypt or verify with %s: %s",
                             self.poi_id, which, exc)
-                self._apply(self.session.unreadable(
+                self._apply_answer(waiting, self.session.unreadable(
                     f"cannot decrypt or verify the terminal's answer with {which}: check the "
                     f"key configured for this terminal{self._swap_hint()}", now))
                 return
         try:
             message = parse_message(document)
         except MessageError as exc:
-            self._apply(self.session.unusable(f"not a SaleToPOI message: {exc}", now))
+            self._apply_answer(waiting,
+                               self.session.unusable(f"not a SaleToPOI message: {exc}", now))
             return
         self._take(message, now)
 
@@ -714,6 +717,19 @@ class TerminalWorker:
             # (a response only: a link that echoes our own bytes hands back the request)
             self._framer_events(self.writer.answered(TxKey(header.sale_id, header.service_id)))
         self._apply(self.session.receive(message, now))
+
+    def _apply_answer(self, waiting: TxKey | None, actions: list[Action]) -> None:
+        """Apply the session's `actions` for a frame from the terminal. `waiting`: the
+        request that waited for its answer before (TerminalSession.awaiting_answer). If the
+        session took the frame as that answer although it cannot read it (it does not
+        decrypt, is over max_frame_size, is not JSON or no SaleToPOI message), the request's
+        frame reached the terminal, whatever became of its ACK: it is not sent again (a
+        payment would reach the terminal twice; the session asks about it by status poll
+        instead). A message read in full counts only as a response under the frame's IDs
+        (_take): a request handed back by a link that echoes is no answer."""
+        if waiting is not None and self.session.awaiting_answer() != waiting:
+            self._framer_events(self.writer.answered(waiting))
+        self._apply(actions)
 
     def _its_terminal(self, message: Any) -> TerminalWorker | None:
         """The other terminal a message on this link names, when its device may be here: one

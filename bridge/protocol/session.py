@@ -926,6 +926,14 @@ class TerminalSession(StatusAnswers):
                 Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
                         Outcome.REJECTED.value, "bridge", response, text)]
 
+    def awaiting_answer(self) -> TxKey | None:
+        """The request on the wire whose answer the session waits for (a register's request
+        or abort; not a status poll or identity check), if any. When a frame from the
+        terminal ends that wait, the session took it as the answer: the request reached the
+        terminal (the worker stops the framer sending it again)."""
+        txn = self.open.get(self.active) if self.active else None
+        return txn.key if txn is not None and txn.state is TxState.AWAITING_RESPONSE else None
+
     def _waiting_transaction(self) -> Transaction | None:
         if self._probe is not None or self.identity.check is not None:
             return None  # cannot tell a garbled poll answer from a garbled response
