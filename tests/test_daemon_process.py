@@ -86,7 +86,11 @@ async def test_nothing_lost_across_broker_outage_and_daemon_kill(tmp_path, mosqu
         await register.connect()
         assert wait_until(lambda: "connected to MQTT broker" in daemon.log(), 15)
         await register.publish(REQUEST, responses.payment_request("POS1", "N1", POI, 1.0))
-        await asyncio.sleep(0.4)  # N1 is on the terminal; its response will be "lost"
+        # N1 is on the terminal; its response will be "lost" (a fixed 0.4 s here was too
+        # short on a loaded machine: the broker went before the request had reached the
+        # daemon, and N1 ended rejected)
+        assert wait_until(lambda: [row[0] for row in journal_rows(tmp_path, "N1")]
+                          in (["awaiting_response"], ["polling"]), 15)
         await register.disconnect()
         mosquitto.stop()          # outage longer than the payment time-out
         await asyncio.sleep(2.5)
