@@ -12,6 +12,8 @@ import asyncio
 import aiomqtt
 import pytest
 from paho.mqtt import _packet
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from bridge.daemon.mqtt_client import PipelinedClient
 
@@ -55,15 +57,77 @@ async def test_plain_pubacks_take_the_short_path(mosquitto, paho_decodes):
     assert paho_decodes == [], "two-byte PUBACKs went through paho's decoder"
 
 
+def expiring() -> Properties:
+    properties = Properties(PacketTypes.PUBLISH)
+    properties.MessageExpiryInterval = 60
+    return properties
+
+
 async def test_pubacks_with_a_reason_code_still_go_through_paho(mosquitto, paho_decodes):
     # mosquitto answers an MQTT 5 publish nobody subscribes to with reason code 16
-    # ("no matching subscribers"): a three-byte PUBACK, which the short path must not take.
+    # ("no matching subscribers"): a three-byte PUBACK, which the short path must not take
+    # for a message paho published (one with properties).
     async with PipelinedClient(mosquitto.host, mosquitto.port, identifier="lean5",
                                protocol=aiomqtt.ProtocolVersion.V5) as client:
-        futures = [client.publish_nowait(f"nobody/{i}", b"x", qos=1) for i in range(5)]
+        futures = [client.publish_nowait(f"nobody/{i}", b"x", qos=1, properties=expiring())
+                   for i in range(5)]
         await asyncio.wait_for(asyncio.gather(*futures), 10)
     assert len(paho_decodes) == 5
     assert all(len(packet) > 2 for packet in paho_decodes)
+
+
+@pytest.mark.parametrize("protocol", [aiomqtt.ProtocolVersion.V311, aiomqtt.ProtocolVersion.V5])
+async def test_messages_framed_here_arrive_whole_and_their_pubacks_are_read_here(
+        mosquitto, paho_decodes, protocol):
+    """A QoS 1 message without properties is framed by the client, not paho: topic, payload
+    (empty, one byte, one that needs a three-byte length), the retain flag, arrive as sent,
+    and every PUBACK (MQTT 5's "no matching subscribers" one too) completes its future."""
+    payloads = [b"", b"x", bytes(range(256)) * 70, "café".encode()]
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="framed-watch",
+                              protocol=protocol) as watcher:
+        await watcher.subscribe("framed/#", qos=1)
+        async with PipelinedClient(mosquitto.host, mosquitto.port, identifier="framed",
+                                   protocol=protocol) as client:
+            futures = [client.publish_nowait(f"framed/{i}/é", payload, qos=1, retain=i == 1)
+                       for i, payload in enumerate(payloads)]
+            nobody = [client.publish_nowait(f"nobody/{i}", b"x", qos=1) for i in range(3)]
+            assert client._client._out_messages == {}  # not paho's
+            await asyncio.wait_for(asyncio.gather(*futures, *nobody), 10)
+            assert client._acks == {}
+        received = {}
+        async with asyncio.timeout(10):
+            async for message in watcher.messages:
+                received[message.topic.value] = (message.payload, message.retain, message.qos)
+                if len(received) == len(payloads):
+                    break
+    assert received == {f"framed/{i}/é": (payload, False, 1)
+                        for i, payload in enumerate(payloads)}
+    assert paho_decodes == []
+    async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="framed-late",
+                              protocol=protocol) as late:
+        await late.subscribe("framed/1/é", qos=1)
+        async with asyncio.timeout(10):
+            async for message in late.messages:
+                assert message.payload == b"x" and message.retain
+                break
+
+
+def test_the_remaining_length_takes_as_many_bytes_as_it_needs():
+    """MQTT's variable-length Remaining Length, at each width's edges (1 to 4 bytes)."""
+    from bridge.daemon.mqtt_client import publish_packet
+
+    header = b"\x00\x01t\x00\x07"  # topic "t", packet id 7: 5 bytes before the payload
+    for remaining, width in ((5, 1), (127, 1), (128, 2), (16383, 2), (16384, 3),
+                             (2_097_151, 3), (2_097_152, 4)):
+        payload = b"p" * (remaining - 5)
+        packet = publish_packet(b"t", payload, 7, True, v5=False)
+        assert packet[0] == 0x33  # PUBLISH, QoS 1, retained
+        length = packet[1:1 + width]
+        assert all(byte & 0x80 for byte in length[:-1]) and not length[-1] & 0x80, remaining
+        assert sum((byte & 0x7F) << (7 * i) for i, byte in enumerate(length)) == remaining
+        assert packet[1 + width:] == header + payload
+    v5 = publish_packet(b"t", b"p", 7, False, v5=True)  # an empty property list
+    assert v5 == b"\x32\x07" + header + b"\x00p"
 
 
 async def test_qos0_completes_at_once(mosquitto):
@@ -77,8 +141,11 @@ async def test_messages_waiting_for_an_inflight_slot_still_go_out(mosquitto):
     with paho's window at 5 and 60 published at once, 55 wait, and every one is sent and
     acknowledged as slots free up."""
     async with PipelinedClient(mosquitto.host, mosquitto.port, identifier="narrow",
+                               protocol=aiomqtt.ProtocolVersion.V5,
                                max_inflight_messages=5) as client:
-        futures = [client.publish_nowait(f"narrow/{i}", b"x", qos=1) for i in range(60)]
+        # (with properties: paho publishes it, and keeps it to its window)
+        futures = [client.publish_nowait(f"narrow/{i}", b"x", qos=1, properties=expiring())
+                   for i in range(60)]
         assert client._client._inflight_messages == 5  # the other 55 wait for a slot
         await asyncio.wait_for(asyncio.gather(*futures), 10)
         assert client._client._out_messages == {} and client._client._inflight_messages == 0

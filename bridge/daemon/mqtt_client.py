@@ -15,8 +15,10 @@ persistent session on the next connection.
 A plain PUBACK (two bytes: the message id) is handled without paho's decoder, which builds a
 ReasonCode and a Properties object (a table of 27 names) for each one, 20-40 us on this
 project's VM against under 1 us here (`make bench`, section 4c): with eight QoS 1 messages a
-payment, paho's PUBACK handling was 14 % of the daemon's CPU under load. Anything longer (an
-MQTT 5 reason code or properties) still goes through paho's own handler.
+payment, paho's PUBACK handling was 14 % of the daemon's CPU under load. A QoS 1 message
+without properties is also framed here, not by paho's publish() (`publish_nowait`), and its
+PUBACK, reason code included, is read here. Any other PUBACK of a message paho published
+(with properties, or aiomqtt's own) still goes through paho's handler.
 
 Packets are written to the socket as soon as paho has them, without waiting for the loop to
 report the socket writable (`_on_socket_register_write`), as paho itself does without an
@@ -26,7 +28,8 @@ It leans on aiomqtt and paho internals, kept here in one place: `_client` (the p
 `_queue` (aiomqtt's queue of incoming messages), `_loop` and `_disconnected`, the
 `_on_connect`, `_on_publish` and `_on_socket_register_write` callbacks that aiomqtt
 registers with it, and paho's `_handle_pubackcomp`, `_update_inflight`, `_inflight_messages`,
-`_in_packet`, `_out_messages`, `_out_message_mutex` and `_do_on_publish`.
+`_in_packet`, `_out_messages`, `_out_message_mutex`, `_do_on_publish`, `_sock`, `_protocol`,
+`_mid_generate` and `_packet_queue`.
 tests/test_daemon_mqtt.py and tests/test_mqtt_client.py exercise them against a real broker
 on every run, so a release that changes them fails there; pyproject.toml keeps both below
 their next major version until it has passed them.
@@ -66,16 +69,19 @@ def _lean_update_inflight(client: paho.Client) -> paho.MQTTErrorCode:
     return paho.Client._update_inflight(client)  # type: ignore[arg-type]
 
 
-def _lean_pubackcomp(client: paho.Client, cmd: str) -> paho.MQTTErrorCode:
-    """paho's `_handle_pubackcomp` for the common case, a two-byte PUBACK."""
-    packet = client._in_packet["packet"]
-    if cmd != "PUBACK" or len(packet) != 2:
-        return paho.Client._handle_pubackcomp(client, cmd)  # type: ignore[arg-type]
-    (mid,) = struct.unpack("!H", packet)
-    with client._out_message_mutex:
-        if mid in client._out_messages:
-            return client._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
-    return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+def publish_packet(topic: bytes, payload: bytes | bytearray, mid: int, retain: bool, *,
+                   v5: bool) -> bytes:
+    """An MQTT PUBLISH packet at QoS 1, not a duplicate (MQTT 3.1.1 and 5: section 3.3),
+    with no properties under MQTT 5."""
+    remaining = 2 + len(topic) + 2 + (1 if v5 else 0) + len(payload)
+    length = bytearray()
+    while True:  # the Remaining Length, 7 bits a byte, least significant first
+        byte, remaining = remaining & 0x7F, remaining >> 7
+        length.append(byte | 0x80 if remaining else byte)
+        if not remaining:
+            break
+    return b"".join((bytes((0x32 | retain,)), length, len(topic).to_bytes(2, "big"), topic,
+                     mid.to_bytes(2, "big"), b"\x00" if v5 else b"", payload))
 
 
 def quiet_closed_socket_errors(loop: asyncio.AbstractEventLoop) -> None:
@@ -198,10 +204,63 @@ class PipelinedClient(AcknowledgedClient):
         super().__init__(*args, **kwargs)
         self._watching_write = False  # whether the loop watches the socket for writing
         self._client.manual_ack_set(True)
-        self._client._handle_pubackcomp = types.MethodType(  # type: ignore[method-assign]
-            _lean_pubackcomp, self._client)
+        self._client._handle_pubackcomp = self._pubackcomp  # type: ignore[method-assign]
         self._client._update_inflight = types.MethodType(  # type: ignore[method-assign]
             _lean_update_inflight, self._client)
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                       properties: Any = None) -> asyncio.Future[None]:
+        """As AcknowledgedClient's, and a QoS 1 message without properties (every result,
+        event and state but a transaction's document under MQTT 5) is framed here and
+        handed to paho's send queue as bytes: paho's publish() builds a message object, an
+        info object with a lock and a log line for each, and keeps the message for a resend
+        its client never makes (a reconnect is a new client; the outbox sends again). That
+        was 6 % of the daemon's CPU under load. The PUBACK is matched by its packet id."""
+        client = self._client
+        if qos != 1 or properties is not None or client._sock is None:
+            return super().publish_nowait(topic, payload, qos=qos, retain=retain,
+                                          properties=properties)
+        topic_bytes = topic.encode()
+        if not topic_bytes or b"+" in topic_bytes or b"#" in topic_bytes \
+                or len(topic_bytes) > 0xFFFF:
+            raise ValueError(f"not a topic one can publish to: {topic[:200]!r}")
+        if not isinstance(payload, bytes | bytearray):
+            raise TypeError("payload must be bytes")
+        if len(payload) > 268_435_455 - 5 - len(topic_bytes):  # MQTT's largest packet
+            raise ValueError("Payload too large.")
+        mid = client._mid_generate()
+        if mid in self._acks or mid in client._out_messages:  # 65535 in flight: wrapped round
+            raise aiomqtt.MqttCodeError(paho.MQTT_ERR_QUEUE_SIZE, "Could not publish message")
+        packet = publish_packet(topic_bytes, payload, mid, retain,
+                                v5=client._protocol == paho.MQTTv5)
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._acks[mid] = future
+        client._packet_queue(paho.PUBLISH, packet, mid, 1)
+        return future
+
+    def _pubackcomp(self, cmd: str) -> paho.MQTTErrorCode:
+        """paho's `_handle_pubackcomp` for PUBACKs: one for a message framed here resolves its
+        future (refused when an MQTT 5 reason code says so); a plain two-byte one for paho's
+        own messages goes without paho's decoder; anything else goes through paho."""
+        client = self._client
+        packet = client._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) < 2:
+            return paho.Client._handle_pubackcomp(client, cmd)  # type: ignore[arg-type]
+        (mid,) = struct.unpack_from("!H", packet)
+        with client._out_message_mutex:
+            if mid in client._out_messages:  # sent by paho: with properties, or aiomqtt's
+                if len(packet) == 2:
+                    return client._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+                return paho.Client._handle_pubackcomp(client, cmd)  # type: ignore[arg-type]
+        future = self._acks.pop(mid, None)
+        if future is not None and not future.done():
+            code = packet[2] if len(packet) > 2 else 0
+            if code >= 0x80:  # an acknowledgement, not a delivery (MQTT 5 only)
+                future.set_exception(PublishRefused(ReasonCode(PacketTypes.PUBACK,
+                                                               identifier=code)))
+            else:
+                future.set_result(None)
+        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _on_socket_register_write(self, client: paho.Client, userdata: Any,
                                   sock: Any) -> None:
