@@ -103,7 +103,7 @@ class FrameWriter:
         if not self._writer_idle or self._write_ready.is_set() or transport is None:
             self._write_ready.set()
             return
-        data = self.framer.data_to_send()
+        data = self.framer.data_to_send(time.monotonic())
         if not data:
             return
         frames, self._delivered_on_write = self._delivered_on_write, []
@@ -139,7 +139,7 @@ class FrameWriter:
                     # it saw ACKed), by kick(), straight from the commit.
                     self.journal.after_commit(self.kick)
                 else:
-                    pending += self.framer.data_to_send()
+                    pending += self.framer.data_to_send(time.monotonic())
                     frames += self._delivered_on_write
                     self._delivered_on_write = []
                 if pending:

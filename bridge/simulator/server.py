@@ -354,7 +354,7 @@ class SimulatorServer:
         await self._flush(link)
 
     async def _flush(self, link: _Link) -> None:
-        data = self.framer.data_to_send()
+        data = self.framer.data_to_send(time.monotonic())
         if data:
             await self._write(link, data)
 

@@ -3,7 +3,7 @@
     framer = make_framer("stx-etx-lrc")
     events = framer.receive_data(bytes_read, now)  # FrameReceived, FrameSent, ...
     events += framer.send_frame(payload, now)
-    link.write(framer.data_to_send())               # frames, retransmissions, ACK/NAK
+    link.write(framer.data_to_send(now))            # frames, retransmissions, ACK/NAK
     if framer.next_deadline() is not None and now >= framer.next_deadline():
         events += framer.handle_timeout(now)
 """

@@ -1,9 +1,9 @@
 """What the two acknowledged framings (stx-etx-lrc, dle-crc16) share.
 
 Sending: one frame is in flight at a time and the rest wait in a queue. The peer answers a
-frame with ACK (0x06) or NAK (0x15). A NAK, or no answer within `ack_timeout`, sends the same
-frame again, up to `max_tries` transmissions in all; after that the frame is reported as
-`FrameFailed` and the next queued frame goes out.
+frame with ACK (0x06) or NAK (0x15). A NAK, or no answer within `ack_timeout` of the frame's
+write (data_to_send(now)), sends the same frame again, up to `max_tries` transmissions in all;
+after that the frame is reported as `FrameFailed` and the next queued frame goes out.
 
 Receiving: between frames only control bytes mean something (ACK, NAK, and EOT where the
 framing has it). Everything else there is line noise, reported as one `FramingError` per
@@ -87,10 +87,14 @@ class AcknowledgedFramer(Framer):
     def has_data_to_send(self) -> bool:
         return bool(self._outbox)
 
-    def data_to_send(self) -> bytes:
+    def data_to_send(self, now: float | None = None) -> bytes:
         out = bytes(self._outbox)
         if self._current is not None and self._pending:
             self._written = True
+            if now is not None:
+                # The peer's time to ACK counts from the write: a frame that waited in
+                # _outbox (behind a commit) is not sent again before the peer could answer
+                self._deadline = now + self.ack_timeout
         self._outbox.clear()
         self._copies.clear()
         self._first_pending = False

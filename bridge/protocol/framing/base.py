@@ -104,8 +104,11 @@ class Framer(ABC):
         than max_frame_size (the caller's bug, not line noise)."""
 
     @abstractmethod
-    def data_to_send(self) -> bytes:
-        """Bytes to write to the link now (frames, retransmissions, ACK/NAK); drains the buffer."""
+    def data_to_send(self, now: float | None = None) -> bytes:
+        """Bytes to write to the link now (frames, retransmissions, ACK/NAK); drains the buffer.
+        `now`: the time they are written; the peer's time to acknowledge a frame among them
+        counts from it (without it, from when the frame was queued: for tools and tests
+        with no clock)."""
 
     @property
     @abstractmethod

@@ -101,7 +101,7 @@ class LengthPrefixedFramer(Framer):
     def has_data_to_send(self) -> bool:
         return bool(self._outbox)
 
-    def data_to_send(self) -> bytes:
+    def data_to_send(self, now: float | None = None) -> bytes:
         out = bytes(self._outbox)
         self._outbox.clear()
         return out
