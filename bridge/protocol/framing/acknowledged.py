@@ -206,13 +206,23 @@ class AcknowledgedFramer(Framer):
         noise = len(segment) - len(controls)
         if noise:
             events.append(FramingError("line noise between frames", noise))
-        for byte in controls:
+        for at, byte in enumerate(controls):
             if byte == ACK:
                 self._acknowledged(now, events)
             elif byte == NAK:
+                if self._last_try_acked_behind(controls, at):
+                    continue  # line noise: the ACK right behind it answers our frame
                 self._unacknowledged(now, events, "NAK from the peer")
             else:  # EOT, only listed by framings that have it
                 events.append(EndOfTransmission())
+
+    def _last_try_acked_behind(self, controls: bytes | bytearray, at: int) -> bool:
+        """Whether the NAK at controls[at] would give the current frame up, on its last try,
+        with an ACK behind it in the same read: that ACK answers the last copy (the NAK is
+        line noise, or the peer's NAK of noise), which is acknowledged, not given up. (On an
+        earlier try the NAK queues a copy that the ACK takes back before it is written.)"""
+        return (self._current is not None and self._written and not self._pending
+                and self._tries >= self.max_tries and ACK in controls[at + 1:])
 
     def _answer(self, good: bool) -> None:
         """Queue our ACK for a good frame or NAK for a damaged one."""
