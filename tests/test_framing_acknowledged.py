@@ -1,13 +1,24 @@
 """The ACK/NAK side the two acknowledged framings (stx-etx-lrc, dle-crc16) share, driven as the
 FrameWriter drives it: what data_to_send() returns is written, between events, and the time
-of that write is passed in (review rv9)."""
+of that write is passed in (review rv9).
+
+An ACK or NAK names no frame. When a frame's first ACK comes late, a copy is already out, and
+the peer answers that too: its ACK or NAK must not be taken as the next frame's."""
 
 from __future__ import annotations
 
-import pytest
+import time
 
-from bridge.protocol.framing import (DleCrc16Framer, FrameFailed, FrameResent, FrameSent,
-                                     StxEtxLrcFramer)
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bridge.daemon.frame_writer import FrameWriter
+from bridge.protocol.framing import (DleCrc16Framer, FrameFailed, FrameReceived, FrameResent,
+                                     FrameSent, StxEtxLrcFramer)
+from bridge.protocol.transaction import TxKey
+
+from .test_frame_answered_not_sent_again import RecordingSession
 
 ACK, NAK = b"\x06", b"\x15"
 FRAMERS = [StxEtxLrcFramer, DleCrc16Framer]
@@ -54,3 +65,176 @@ def test_a_nak_alone_on_the_last_try_still_gives_the_frame_up(cls) -> None:
     framer.data_to_send(0.1)
     (failed,) = framer.receive_data(NAK, 0.2)
     assert isinstance(failed, FrameFailed) and failed.payload == b'{"abort":1}'
+
+
+@pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
+def test_the_ack_of_a_copy_is_not_credited_to_the_next_frame(cls) -> None:
+    """The payment's first ACK came late: its copy went out at the time-out, and the terminal
+    ACKs both. The first ACK acknowledges the payment; the next frame (an abort) used to go
+    out at once, and the terminal's ACK of the payment's copy, read after it, was taken as
+    the abort's: the abort counted delivered (the register told `success`) although the
+    terminal NAKs it (damaged on the line). The abort now waits for the copy's ACK."""
+    framer = cls(ack_timeout=1.0)
+    framer.send_frame(b'{"pay":1}', 0.0)
+    framer.data_to_send(0.0)
+    assert framer.handle_timeout(1.0) == [FrameResent(b'{"pay":1}')]
+    framer.data_to_send(1.0)  # the copy
+    assert framer.receive_data(ACK, 1.2) == [FrameSent(b'{"pay":1}')]  # of the first
+    framer.send_frame(b'{"abort":2}', 1.25)
+    events = []
+    for data, now in ((b"", 1.25), (ACK, 1.3), (NAK, 1.4)):
+        # what the framer has to write goes out; then the terminal's byte: the ACK of the
+        # payment's copy, then the NAK of the abort, damaged
+        framer.data_to_send(now)
+        events += framer.receive_data(data, now)
+    assert FrameSent(b'{"abort":2}') not in events, events
+    assert events == [FrameResent(b'{"abort":2}')]
+
+
+@pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
+def test_the_nak_of_a_copy_does_not_send_the_next_frame_again(cls) -> None:
+    """A status poll's first ACK came late: its copy went out at the time-out. The terminal
+    ACKs the first and NAKs the copy (damaged), in two reads. The ACK acknowledged the poll
+    and the next frame, a payment, went out at once; the NAK of the poll's copy, read after
+    it, was taken as the payment's: the payment, read intact by the terminal, was written
+    to it a second time (a payment it may run twice). The payment now waits for the NAK."""
+    framer = cls(ack_timeout=1.0)
+    framer.send_frame(b'{"poll":1}', 0.0)
+    framer.send_frame(b'{"pay":2}', 0.0)
+    framer.data_to_send(0.0)
+    assert framer.handle_timeout(1.0) == [FrameResent(b'{"poll":1}')]
+    framer.data_to_send(1.0)  # the poll's copy
+    assert framer.receive_data(ACK, 1.2) == [FrameSent(b'{"poll":1}')]  # of the first
+    assert framer.data_to_send(1.2) == b""  # the payment waits
+    assert framer.receive_data(NAK, 1.3) == []  # the terminal's NAK of the poll's copy
+    assert framer.data_to_send(1.3) == framer.encode(b'{"pay":2}')
+    assert framer.receive_data(ACK, 1.4) == [FrameSent(b'{"pay":2}')]
+
+
+@pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
+def test_a_copy_whose_answer_never_comes_holds_the_next_frame_until_its_ack_deadline(cls):
+    """The copy's ACK is lost: the next frame goes out once the copy's ACK time is over."""
+    framer = cls(ack_timeout=1.0)
+    framer.send_frame(b'{"poll":1}', 0.0)
+    framer.send_frame(b'{"pay":2}', 0.0)
+    framer.data_to_send(0.0)
+    framer.handle_timeout(1.0)
+    framer.data_to_send(1.0)
+    framer.receive_data(ACK, 1.2)
+    assert framer.next_deadline() == pytest.approx(2.0) and not framer.awaiting_ack
+    assert framer.handle_timeout(1.9) == [] and framer.data_to_send(1.9) == b""
+    assert framer.handle_timeout(2.0) == []
+    assert framer.data_to_send(2.0) == framer.encode(b'{"pay":2}')
+    assert framer.awaiting_ack and framer.next_deadline() == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
+def test_with_every_transmission_answered_the_next_frame_goes_out_at_once(cls) -> None:
+    """The wait is for a copy out unanswered only: an ACK in time, or a NAK, its copy and the
+    copy's ACK, cost the next frame no time."""
+    framer = cls(ack_timeout=1.0)
+    for n in range(3):
+        framer.send_frame(b'{"n":%d}' % n, 0.0)
+    framer.data_to_send(0.0)
+    assert framer.receive_data(ACK, 0.1) == [FrameSent(b'{"n":0}')]
+    assert framer.data_to_send(0.1) == framer.encode(b'{"n":1}')
+    assert framer.receive_data(NAK, 0.2) == [FrameResent(b'{"n":1}')]
+    framer.data_to_send(0.2)
+    assert framer.receive_data(ACK, 0.3) == [FrameSent(b'{"n":1}')]
+    assert framer.data_to_send(0.3) == framer.encode(b'{"n":2}')
+
+
+# --- a model: the framer, the FrameWriter and the worker's answers, under any mix of events ---
+
+NAMES = ["A", "B", "C"]
+
+
+def run_model(cls, ops, max_tries=3) -> list:
+    """Three frames, a mix of writes, time-outs and reads of ACKs, NAKs, noise and the
+    terminal's responses (which count as their frame's ACK: FrameWriter.answered). No frame
+    is written after it ended, none is acknowledged before it was written, every frame ends
+    once everything is written and the time-outs pass, none goes out more than max_tries
+    times, and every transmission after the first is reported (FrameResent)."""
+    framer = cls(ack_timeout=1.0, max_tries=max_tries)
+    session = RecordingSession()
+    writer = FrameWriter("T1", framer, journal=None, session=session, apply=lambda a: None,
+                         clock=time.monotonic)
+    payload = {n: f'{{"req":"{n}"}}'.encode() for n in NAMES}
+    enc = {n: framer.encode(payload[n]) for n in NAMES}
+    keys = {n: TxKey("S1", n) for n in NAMES}
+    resp_payload = {n: f'{{"resp":"{n}"}}'.encode() for n in NAMES}
+    answers = {resp_payload[n]: keys[n] for n in NAMES}
+    by_payload = {payload[n]: n for n in NAMES}
+    peer = cls()  # encodes the terminal's responses
+    written = {n: 0 for n in NAMES}
+    resent = {n: 0 for n in NAMES}
+    done: dict[str, str] = {}
+    log: list = []
+    now = 0.0
+
+    def handle(events):
+        for e in events:
+            log.append(e)
+            if isinstance(e, FrameReceived):
+                handle(writer.answered(answers[e.payload]))
+            elif isinstance(e, FrameResent):
+                resent[by_payload[e.payload]] += 1
+            elif isinstance(e, (FrameSent, FrameFailed)):
+                n = by_payload[e.payload]
+                assert n not in done, (n, done, log)
+                if isinstance(e, FrameSent):
+                    assert written[n] >= 1, f"{n} acknowledged before it was written: {log}"
+                    writer.acknowledged(e)
+                else:
+                    writer.failed(e)
+                done[n] = type(e).__name__
+
+    def drain():
+        out = framer.data_to_send(now)
+        log.append(("drain", out))
+        for n in NAMES:
+            if out.count(enc[n]):
+                assert n not in done, f"{n} written after {done.get(n)}: {log}"
+                written[n] += out.count(enc[n])
+
+    for n in NAMES:
+        writer._in_flight.append((payload[n], keys[n]))
+        framer.send_frame(payload[n], now)
+    for op in ops:
+        if op[0] == "drain":
+            drain()
+        elif op[0] == "timeout":
+            now += 1.0
+            handle(framer.handle_timeout(now))
+        else:  # a read
+            data = b""
+            for t in op[1]:
+                if t in ("ack", "nak", "noise"):
+                    data += {"ack": ACK, "nak": NAK, "noise": b"x"}[t]
+                elif written[t] >= 1:  # the terminal's response to a frame that went out
+                    peer.send_frame(resp_payload[t], now)
+                    data += peer.data_to_send()
+                    peer.reset()
+            now += 0.01
+            handle(framer.receive_data(data, now))
+    for _ in range(40):  # liveness: writing and waiting settles every frame
+        drain()
+        now += 1.0
+        handle(framer.handle_timeout(now))
+    assert set(done) == set(NAMES), (done, log)
+    for n in NAMES:
+        assert written[n] <= max_tries, (n, written, log)
+        assert resent[n] >= written[n] - 1, (f"{n}: {written[n]} written, {resent[n]} marked",
+                                             log)
+    return log
+
+
+token = st.sampled_from(["ack", "nak", "noise", "A", "B", "C"])
+op = st.one_of(st.just(("drain",)), st.just(("timeout",)),
+               st.tuples(st.just("read"), st.lists(token, min_size=1, max_size=5)))
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.sampled_from(FRAMERS), st.lists(op, max_size=25))
+def test_the_framer_and_the_writer_end_every_frame_once(cls, ops) -> None:
+    run_model(cls, ops)

@@ -444,7 +444,9 @@ def test_each_copy_sent_again_after_silence_is_reported_for_its_own_frame() -> N
     assert framer.handle_timeout(2.0) == [FrameResent(b'{"n":1}')]
     framer.data_to_send()
     assert framer.receive_data(ACK, 2.5) == [FrameSent(b'{"n":1}')]
+    # (n 2 waits for the ACKs or NAKs owed for n 1's copies, or the last one's deadline)
+    assert framer.data_to_send() == b"" and framer.handle_timeout(3.0) == []
+    assert framer.data_to_send() == frame(b'{"n":2}')
+    assert framer.receive_data(NAK, 3.1) == [FrameResent(b'{"n":2}')]  # n 2 again
     framer.data_to_send()
-    assert framer.receive_data(NAK, 2.6) == [FrameResent(b'{"n":2}')]  # n 2 again
-    framer.data_to_send()
-    assert framer.receive_data(ACK, 2.7) == [FrameSent(b'{"n":2}')]
+    assert framer.receive_data(ACK, 3.2) == [FrameSent(b'{"n":2}')]

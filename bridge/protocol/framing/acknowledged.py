@@ -3,7 +3,11 @@
 Sending: one frame is in flight at a time and the rest wait in a queue. The peer answers a
 frame with ACK (0x06) or NAK (0x15). A NAK, or no answer within `ack_timeout` of the frame's
 write (data_to_send(now)), sends the same frame again, up to `max_tries` transmissions in all;
-after that the frame is reported as `FrameFailed` and the next queued frame goes out.
+after that the frame is reported as `FrameFailed` and the next queued frame goes out. An ACK
+or NAK names no frame: when a frame is acknowledged while a copy of it is out unanswered (its
+first ACK came late, or the peer's answer stood for a lost ACK), the next frame waits for
+that copy's ACK or NAK, or its ACK deadline, so that the byte is not taken as the next
+frame's (see _hold).
 
 Receiving: between frames only control bytes mean something (ACK, NAK, and EOT where the
 framing has it). Everything else there is line noise, reported as one `FramingError` per
@@ -63,6 +67,12 @@ class AcknowledgedFramer(Framer):
         self._written = False  # a transmission of _current has been taken by data_to_send()
         self._tries = 0
         self._deadline: float | None = None
+        self._taken = 0  # transmissions of _current taken by data_to_send()
+        self._replies = 0  # ACKs and NAKs read while one of them was out
+        # A frame acknowledged while a copy of it was out, unanswered: the ACKs or NAKs the
+        # peer still owes for it, and until when the next frame waits for them (_hold)
+        self._owed = 0
+        self._held_until: float | None = None
         self._reset_decoder()
 
     # --- the decoder, in the subclass ---------------------------------------------------------
@@ -91,6 +101,7 @@ class AcknowledgedFramer(Framer):
         out = bytes(self._outbox)
         if self._current is not None and self._pending:
             self._written = True
+            self._taken += self._first_pending + len(self._copies)
             if now is not None:
                 # The peer's time to ACK counts from the write: a frame that waited in
                 # _outbox (behind a commit) is not sent again before the peer could answer
@@ -106,11 +117,13 @@ class AcknowledgedFramer(Framer):
         return self._first_pending or bool(self._copies)
 
     def next_deadline(self) -> float | None:
-        return self._deadline
+        return self._held_until if self._held_until is not None else self._deadline
 
     def handle_timeout(self, now: float) -> list[FramerEvent]:
         events: list[FramerEvent] = []
-        if self._deadline is not None and now >= self._deadline:
+        if self._held_until is not None and now >= self._held_until:
+            self._release(now)  # the copy's answer is not coming (lost, or the peer is slow)
+        elif self._deadline is not None and now >= self._deadline:
             self._unacknowledged(now, events, f"no ACK within {self.ack_timeout:g} s")
         return events
 
@@ -120,8 +133,8 @@ class AcknowledgedFramer(Framer):
         self._first_pending = self._written = False
         self._queue.clear()
         self._current = None
-        self._tries = 0
-        self._deadline = None
+        self._tries = self._taken = self._replies = self._owed = 0
+        self._deadline = self._held_until = None
         self._reset_decoder()
 
     @property
@@ -129,9 +142,9 @@ class AcknowledgedFramer(Framer):
         return self._current is not None
 
     def _transmit_next(self, now: float) -> None:
-        if self._current is None and self._queue:
+        if self._current is None and self._queue and self._held_until is None:
             self._current = self._queue.popleft()
-            self._tries = 1
+            self._tries, self._taken, self._replies = 1, 0, 0
             self._outbox += self._current[1]
             self._first_pending, self._written = True, False
             self._deadline = now + self.ack_timeout
@@ -151,9 +164,27 @@ class AcknowledgedFramer(Framer):
         # Copies queued after a NAK or a time-out and not taken yet: the peer has the frame,
         # and a copy now would reach it twice
         self._take_back_copies()
+        owed, deadline = self._taken - self._replies, self._deadline
         self._current = None
         self._deadline = None
         events.append(FrameSent(payload))
+        if owed > 0:
+            self._hold(owed, deadline if deadline is not None else now + self.ack_timeout)
+        self._transmit_next(now)
+
+    def _hold(self, owed: int, until: float) -> None:
+        """The frame just acknowledged has `owed` transmissions out that the peer has not
+        answered yet (a copy sent after silence, when the ACK came late; or any, when the
+        peer's answer acknowledged it): the peer may still ACK or NAK them. Written now, the
+        next frame would take such a byte as its own: an ACK would count it delivered
+        whatever became of it, a NAK would send it a second time (a payment the terminal
+        read intact). So it waits until those bytes are read, or until `until` (the last
+        copy's ACK deadline), past which a reply counts as lost. Only after a copy, or an
+        ACK lost: no latency otherwise."""
+        self._owed, self._held_until = owed, until
+
+    def _release(self, now: float) -> None:
+        self._owed, self._held_until = 0, None
         self._transmit_next(now)
 
     def _unacknowledged(self, now: float, events: list[FramerEvent], why: str) -> None:
@@ -207,14 +238,23 @@ class AcknowledgedFramer(Framer):
         if noise:
             events.append(FramingError("line noise between frames", noise))
         for at, byte in enumerate(controls):
+            if byte == EOT:  # only listed by framings that have it
+                events.append(EndOfTransmission())
+                continue
+            if self._owed:
+                # the answer to a copy of the frame acknowledged before (see _hold)
+                self._owed -= 1
+                if not self._owed:
+                    self._release(now)
+                continue
+            if byte == NAK and self._last_try_acked_behind(controls, at):
+                continue  # line noise: the ACK right behind it answers our frame
+            if self._current is not None and self._written:
+                self._replies += 1
             if byte == ACK:
                 self._acknowledged(now, events)
-            elif byte == NAK:
-                if self._last_try_acked_behind(controls, at):
-                    continue  # line noise: the ACK right behind it answers our frame
+            else:
                 self._unacknowledged(now, events, "NAK from the peer")
-            else:  # EOT, only listed by framings that have it
-                events.append(EndOfTransmission())
 
     def _last_try_acked_behind(self, controls: bytes | bytearray, at: int) -> bool:
         """Whether the NAK at controls[at] would give the current frame up, on its last try,
