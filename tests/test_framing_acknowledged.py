@@ -3,7 +3,8 @@ FrameWriter drives it: what data_to_send() returns is written, between events, a
 of that write is passed in (review rv9).
 
 An ACK or NAK names no frame. When a frame's first ACK comes late, a copy is already out, and
-the peer answers that too: its ACK or NAK must not be taken as the next frame's."""
+the peer answers that too: its ACK or NAK must not be taken as the next frame's. Nor can a NAK
+be told from line noise: a NAK read proves no transmission answered (review rv10)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .test_frame_answered_not_sent_again import RecordingSession
 
 ACK, NAK = b"\x06", b"\x15"
 FRAMERS = [StxEtxLrcFramer, DleCrc16Framer]
+CHECK, PAY = b'{"check":1}', b'{"pay":1}'
 
 
 @pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
@@ -97,7 +99,8 @@ def test_the_nak_of_a_copy_does_not_send_the_next_frame_again(cls) -> None:
     ACKs the first and NAKs the copy (damaged), in two reads. The ACK acknowledged the poll
     and the next frame, a payment, went out at once; the NAK of the poll's copy, read after
     it, was taken as the payment's: the payment, read intact by the terminal, was written
-    to it a second time (a payment it may run twice). The payment now waits for the NAK."""
+    to it a second time (a payment it may run twice). The payment now waits until the copy's
+    ACK deadline: the NAK may be line noise, the copy's reply still to come (review rv10)."""
     framer = cls(ack_timeout=1.0)
     framer.send_frame(b'{"poll":1}', 0.0)
     framer.send_frame(b'{"pay":2}', 0.0)
@@ -107,8 +110,78 @@ def test_the_nak_of_a_copy_does_not_send_the_next_frame_again(cls) -> None:
     assert framer.receive_data(ACK, 1.2) == [FrameSent(b'{"poll":1}')]  # of the first
     assert framer.data_to_send(1.2) == b""  # the payment waits
     assert framer.receive_data(NAK, 1.3) == []  # the terminal's NAK of the poll's copy
-    assert framer.data_to_send(1.3) == framer.encode(b'{"pay":2}')
-    assert framer.receive_data(ACK, 1.4) == [FrameSent(b'{"pay":2}')]
+    assert framer.data_to_send(1.3) == b""
+    assert framer.handle_timeout(2.0) == []  # the copy's ACK deadline
+    assert framer.data_to_send(2.0) == framer.encode(b'{"pay":2}')
+    assert framer.receive_data(ACK, 2.1) == [FrameSent(b'{"pay":2}')]
+
+
+@pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
+def test_a_noise_nak_does_not_make_the_nak_of_the_copy_it_sent_the_next_frames(cls) -> None:
+    """The identity check goes out; line noise reads as a NAK, and its copy is written at
+    once; the terminal ACKs the first transmission in time, and NAKs the copy (read damaged)
+    within the copy's ACK time. The noise used to count as the first transmission's reply,
+    so nothing looked owed: the payment went out at the ACK, the copy's NAK was taken as the
+    payment's and the payment, read intact, was written again: run twice (review rv10). An
+    ACK proves a transmission answered, a NAK does not: the payment waits until the copy's
+    ACK deadline, and the NAK read before then is the check's."""
+    framer = cls(ack_timeout=1.0, max_tries=3)
+    framer.send_frame(CHECK, 0.0)
+    framer.send_frame(PAY, 0.0)
+    assert framer.data_to_send(0.0) == framer.encode(CHECK)
+    assert framer.receive_data(NAK, 0.05) == [FrameResent(CHECK)]  # line noise
+    assert framer.data_to_send(0.05) == framer.encode(CHECK)  # the copy, written at once
+    assert framer.receive_data(ACK, 0.1) == [FrameSent(CHECK)]  # the first transmission's
+    out = framer.data_to_send(0.1)
+    assert out == b"", "the payment went out with the check's copy unanswered"
+    events = framer.receive_data(NAK, 0.3)  # the terminal's NAK of the check's copy
+    out += framer.data_to_send(0.3)
+    assert events == [] and out == b"", f"the NAK of the check's copy sent the payment: {events}"
+    assert framer.next_deadline() == pytest.approx(1.05)  # the copy's ACK deadline
+    assert framer.handle_timeout(1.05) == []
+    assert framer.data_to_send(1.05) == framer.encode(PAY)  # once
+    assert framer.receive_data(ACK, 1.2) == [FrameSent(PAY)]
+
+
+@pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
+def test_a_noise_nak_does_not_make_the_ack_of_the_copy_it_sent_the_next_frames(cls) -> None:
+    """As above, but the terminal ACKs the check's copy too: that ACK used to acknowledge the
+    payment the moment it was written, before the terminal had read it (an abort: told
+    delivered whatever became of it). It is the check's, and the payment goes out then: an
+    ACK for every transmission shows none is owed."""
+    framer = cls(ack_timeout=1.0, max_tries=3)
+    framer.send_frame(CHECK, 0.0)
+    framer.send_frame(PAY, 0.0)
+    framer.data_to_send(0.0)
+    framer.receive_data(NAK, 0.05)  # line noise
+    framer.data_to_send(0.05)
+    assert framer.receive_data(ACK, 0.1) == [FrameSent(CHECK)]
+    assert framer.data_to_send(0.1) == b""
+    events = framer.receive_data(ACK, 0.15)  # the ACK of the check's copy
+    assert FrameSent(PAY) not in events, "the ACK of the check's copy was taken as the payment's"
+    assert framer.data_to_send(0.15) == framer.encode(PAY)
+    assert framer.receive_data(ACK, 0.2) == [FrameSent(PAY)]
+
+
+@pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
+def test_a_noise_nak_does_not_end_the_wait_for_the_copys_reply(cls) -> None:
+    """The poll's first ACK came late (its copy is out); the payment waits for the copy's
+    reply. Line noise read as a NAK used to count as that reply: the payment went out, and
+    the terminal's NAK of the poll's copy, read next, sent it again (review rv10)."""
+    framer = cls(ack_timeout=1.0, max_tries=3)
+    framer.send_frame(CHECK, 0.0)
+    framer.send_frame(PAY, 0.0)
+    framer.data_to_send(0.0)
+    assert framer.handle_timeout(1.0) == [FrameResent(CHECK)]
+    framer.data_to_send(1.0)  # the copy
+    assert framer.receive_data(ACK, 1.2) == [FrameSent(CHECK)]  # the first's ACK, late
+    assert framer.data_to_send(1.2) == b""  # the payment waits
+    assert framer.receive_data(NAK, 1.25) == []  # line noise
+    assert framer.data_to_send(1.25) == b"", "line noise let the payment out"
+    events = framer.receive_data(NAK, 1.4)  # the terminal's NAK of the poll's copy
+    assert events == [] and framer.data_to_send(1.4) == b""
+    assert framer.handle_timeout(2.0) == []
+    assert framer.data_to_send(2.0) == framer.encode(PAY)
 
 
 @pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
@@ -129,9 +202,10 @@ def test_a_copy_whose_answer_never_comes_holds_the_next_frame_until_its_ack_dead
 
 
 @pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
-def test_with_every_transmission_answered_the_next_frame_goes_out_at_once(cls) -> None:
-    """The wait is for a copy out unanswered only: an ACK in time, or a NAK, its copy and the
-    copy's ACK, cost the next frame no time."""
+def test_the_next_frame_waits_only_after_a_copy_and_only_until_its_ack_deadline(cls) -> None:
+    """An ACK in time costs the next frame no time. A NAK, its copy and an ACK: the NAK may
+    have been line noise and the ACK the first transmission's, the copy's reply still to
+    come, so the next frame waits until the copy's ACK deadline (at most ack_timeout)."""
     framer = cls(ack_timeout=1.0)
     for n in range(3):
         framer.send_frame(b'{"n":%d}' % n, 0.0)
@@ -141,7 +215,10 @@ def test_with_every_transmission_answered_the_next_frame_goes_out_at_once(cls) -
     assert framer.receive_data(NAK, 0.2) == [FrameResent(b'{"n":1}')]
     framer.data_to_send(0.2)
     assert framer.receive_data(ACK, 0.3) == [FrameSent(b'{"n":1}')]
-    assert framer.data_to_send(0.3) == framer.encode(b'{"n":2}')
+    assert framer.data_to_send(0.3) == b""
+    assert framer.next_deadline() == pytest.approx(1.2)
+    assert framer.handle_timeout(1.2) == []
+    assert framer.data_to_send(1.2) == framer.encode(b'{"n":2}')
 
 
 # --- a model: the framer, the FrameWriter and the worker's answers, under any mix of events ---

@@ -251,7 +251,9 @@ def test_retransmit_on_nak() -> None:
 def test_an_answer_acknowledges_the_frame_and_withdraws_a_copy_not_yet_written() -> None:
     """The peer answered the frame (its ACK lost, or line noise read as a NAK): the frame is
     delivered, not sent again at the time-out, and a copy a NAK queued is taken back if it
-    has not been written yet; the next frame goes out."""
+    has not been written yet; the next frame goes out at the frame's ACK deadline (its ACK
+    may still be on the way, the NAK line noise: it must not be taken as the next frame's),
+    or at the frame's ACK, if that comes first."""
     framer = StxEtxLrcFramer(ack_timeout=1.0)
     framer.send_frame(b'{"n":1}', 0.0)
     framer.send_frame(b'{"n":2}', 0.0)
@@ -260,8 +262,9 @@ def test_an_answer_acknowledges_the_frame_and_withdraws_a_copy_not_yet_written()
     assert framer.answered(b'{"n":2}', 0.15) == []  # not the frame awaiting its ACK
     assert framer.answered(b'{"n":1}', 0.2) == [FrameSent(b'{"n":1}')]
     assert framer.answered(b'{"n":2}', 0.25) == []  # n 2 has not gone out: no answer to it
-    assert framer.data_to_send() == frame(b'{"n":2}')  # the copy withdrawn, the next frame
-    assert framer.handle_timeout(1.1) == []  # nothing of n 1 waits for a time-out
+    assert framer.data_to_send() == b""  # the copy withdrawn; n 2 waits for n 1's ACK
+    assert framer.handle_timeout(1.1) == []  # n 1's ACK deadline: nothing is sent again
+    assert framer.data_to_send() == frame(b'{"n":2}')
     assert framer.receive_data(ACK, 1.2) == [FrameSent(b'{"n":2}')]
     assert framer.answered(b'{"n":2}', 1.3) == []  # nothing awaits an ACK: nothing to do
 

@@ -4,10 +4,11 @@ Sending: one frame is in flight at a time and the rest wait in a queue. The peer
 frame with ACK (0x06) or NAK (0x15). A NAK, or no answer within `ack_timeout` of the frame's
 write (data_to_send(now)), sends the same frame again, up to `max_tries` transmissions in all;
 after that the frame is reported as `FrameFailed` and the next queued frame goes out. An ACK
-or NAK names no frame: when a frame is acknowledged while a copy of it is out unanswered (its
-first ACK came late, or the peer's answer stood for a lost ACK), the next frame waits for
-that copy's ACK or NAK, or its ACK deadline, so that the byte is not taken as the next
-frame's (see _hold).
+or NAK names no frame, and a NAK cannot be told from line noise: when a frame is acknowledged
+after more than one transmission of it went out (or the peer's answer stood for a lost ACK),
+the next frame waits until the last copy's ACK deadline, or until an ACK has been read for
+every transmission, so that the peer's reply to a copy is not taken as the next frame's (see
+_hold).
 
 Receiving: between frames only control bytes mean something (ACK, NAK, and EOT where the
 framing has it). Everything else there is line noise, reported as one `FramingError` per
@@ -68,9 +69,9 @@ class AcknowledgedFramer(Framer):
         self._tries = 0
         self._deadline: float | None = None
         self._taken = 0  # transmissions of _current taken by data_to_send()
-        self._replies = 0  # ACKs and NAKs read while one of them was out
-        # A frame acknowledged while a copy of it was out, unanswered: the ACKs or NAKs the
-        # peer still owes for it, and until when the next frame waits for them (_hold)
+        self._acks = 0  # ACKs read while one of them was out (a NAK may be line noise)
+        # A frame acknowledged with more transmissions out than ACKs read for them: the ACKs
+        # that would show every one answered, and until when the next frame waits (_hold)
         self._owed = 0
         self._held_until: float | None = None
         self._reset_decoder()
@@ -133,7 +134,7 @@ class AcknowledgedFramer(Framer):
         self._first_pending = self._written = False
         self._queue.clear()
         self._current = None
-        self._tries = self._taken = self._replies = self._owed = 0
+        self._tries = self._taken = self._acks = self._owed = 0
         self._deadline = self._held_until = None
         self._reset_decoder()
 
@@ -144,7 +145,7 @@ class AcknowledgedFramer(Framer):
     def _transmit_next(self, now: float) -> None:
         if self._current is None and self._queue and self._held_until is None:
             self._current = self._queue.popleft()
-            self._tries, self._taken, self._replies = 1, 0, 0
+            self._tries, self._taken, self._acks = 1, 0, 0
             self._outbox += self._current[1]
             self._first_pending, self._written = True, False
             self._deadline = now + self.ack_timeout
@@ -164,7 +165,7 @@ class AcknowledgedFramer(Framer):
         # Copies queued after a NAK or a time-out and not taken yet: the peer has the frame,
         # and a copy now would reach it twice
         self._take_back_copies()
-        owed, deadline = self._taken - self._replies, self._deadline
+        owed, deadline = self._taken - self._acks, self._deadline
         self._current = None
         self._deadline = None
         events.append(FrameSent(payload))
@@ -173,14 +174,16 @@ class AcknowledgedFramer(Framer):
         self._transmit_next(now)
 
     def _hold(self, owed: int, until: float) -> None:
-        """The frame just acknowledged has `owed` transmissions out that the peer has not
-        answered yet (a copy sent after silence, when the ACK came late; or any, when the
-        peer's answer acknowledged it): the peer may still ACK or NAK them. Written now, the
+        """The frame just acknowledged had `owed` more transmissions out than ACKs read for
+        them (a copy went out, after silence or a NAK; or the peer's answer stood for its
+        ACK): the peer may still ACK or NAK some. A NAK read for it proves nothing: it may
+        have been line noise, the peer's reply to the copy still to come. Written now, the
         next frame would take such a byte as its own: an ACK would count it delivered
         whatever became of it, a NAK would send it a second time (a payment the terminal
-        read intact). So it waits until those bytes are read, or until `until` (the last
-        copy's ACK deadline), past which a reply counts as lost. Only after a copy, or an
-        ACK lost: no latency otherwise."""
+        read intact). So every ACK and NAK read until `until` (the last copy's ACK deadline,
+        past which a reply counts as lost) is taken as this frame's, and the next frame
+        waits until then, or until `owed` more ACKs show every transmission answered. Only
+        after a copy, or an ACK lost: no latency otherwise (at most ack_timeout)."""
         self._owed, self._held_until = owed, until
 
     def _release(self, now: float) -> None:
@@ -241,17 +244,18 @@ class AcknowledgedFramer(Framer):
             if byte == EOT:  # only listed by framings that have it
                 events.append(EndOfTransmission())
                 continue
-            if self._owed:
-                # the answer to a copy of the frame acknowledged before (see _hold)
-                self._owed -= 1
-                if not self._owed:
-                    self._release(now)
+            if self._held_until is not None:
+                # a reply to a transmission of the frame acknowledged before (see _hold)
+                if byte == ACK:
+                    self._owed -= 1
+                    if not self._owed:
+                        self._release(now)
                 continue
             if byte == NAK and self._last_try_acked_behind(controls, at):
                 continue  # line noise: the ACK right behind it answers our frame
-            if self._current is not None and self._written:
-                self._replies += 1
             if byte == ACK:
+                if self._current is not None and self._written:
+                    self._acks += 1
                 self._acknowledged(now, events)
             else:
                 self._unacknowledged(now, events, "NAK from the peer")
