@@ -221,6 +221,79 @@ async def test_serial_bytes_that_came_before_a_hang_up_are_still_handed_over(
     assert loop_errors == []
 
 
+# --- serial: deliver(), the worker's way of reading ------------------------------------------
+
+class Collector:
+    """A deliver() receiver: keeps what it is handed, and whether a task was running then."""
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        self.data = bytearray()
+        self.calls = 0
+        self.in_task = 0
+        self.fail_after = fail_after
+
+    def __call__(self, data: bytes) -> None:
+        self.calls += 1
+        self.in_task += asyncio.current_task() is not None
+        self.data += data
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise ValueError("the receiver's own bug")
+
+
+async def test_serial_deliver_hands_every_byte_in_order_from_the_loops_read_callback(
+        pty, serial_link, loop_errors):
+    """A frame comes at 115200 baud as many small reads; deliver() hands each to the
+    receiver from the loop's read callback (no task is running: no task step per read),
+    bytes read before it began first, then everything in order."""
+    await pty.send(b"\x02")
+    assert await within(serial_link.read()) == b"\x02"  # the fd stays watched from now on
+    await pty.send(b"early")
+    await asyncio.sleep(0.05)  # read ahead by the callback, nobody reading
+    received = Collector()
+    delivering = asyncio.create_task(serial_link.deliver(received))
+    data = payload(20_000)
+    for start in range(0, len(data), 700):
+        await pty.send(data[start:start + 700])
+        await asyncio.sleep(0.002)
+    async with asyncio.timeout(STEP):
+        while len(received.data) < 5 + len(data):
+            await asyncio.sleep(0.01)
+    assert bytes(received.data) == b"early" + data
+    assert received.calls > 3 and received.in_task == 1  # only the early bytes, from deliver
+    assert not delivering.done()
+    pty.vanish()
+    with pytest.raises(LinkClosed) as lost:
+        await within(delivering)
+    assert lost.value.reason.startswith(f"serial device {pty.path} disappeared (unplugged?)")
+    assert loop_errors == []
+
+
+async def test_serial_deliver_raises_what_its_receiver_raised_and_loses_no_byte(
+        pty, serial_link, loop_errors):
+    """A receiver's exception comes out of deliver() in its own task (the worker's link task
+    then fails and is reported), not into the loop's exception handler; bytes read after it
+    wait for the next read()."""
+    received = Collector(fail_after=1)
+    delivering = asyncio.create_task(serial_link.deliver(received))
+    await asyncio.sleep(0.05)
+    await pty.send(b"one")
+    with pytest.raises(ValueError, match="the receiver's own bug"):
+        await within(delivering)
+    assert bytes(received.data) == b"one"
+    await pty.send(b"two")
+    assert b"".join(await read_exactly(serial_link, 3)) == b"two"
+    assert loop_errors == []
+
+
+async def test_serial_deliver_and_read_are_not_both_waiting(pty, serial_link):
+    reading = asyncio.create_task(serial_link.read())
+    await asyncio.sleep(0.05)
+    with pytest.raises(RuntimeError, match="already in progress"):
+        await within(serial_link.deliver(Collector()))
+    await pty.send(b"x")
+    assert await within(reading) == b"x"
+
+
 async def test_serial_port_is_raw_even_on_a_cooked_pty():
     peer = Pty(raw=False)  # a fresh pty is cooked: line editing, echo, signals, CR->NL
     try:
@@ -627,6 +700,22 @@ async def test_tcp_bytes_both_ways(terminal, tcp_link):
     await within(tcp_link.write(data))
     assert await within(reader.readexactly(len(data))) == data
     writer.close()
+
+
+async def test_tcp_deliver_reads_for_its_receiver_until_the_link_ends(terminal, tcp_link):
+    """Transport.deliver()'s default: read() in a loop, each piece to the receiver."""
+    _, writer = await terminal.accepted()
+    received = Collector()
+    delivering = asyncio.create_task(tcp_link.deliver(received))
+    data = payload(11 * 1024)
+    writer.write(data)
+    async with asyncio.timeout(STEP):
+        while len(received.data) < len(data):
+            await asyncio.sleep(0.01)
+    assert bytes(received.data) == data
+    writer.close()
+    with pytest.raises(LinkClosed):
+        await within(delivering)
 
 
 async def test_tcp_read_returns_available_bytes_without_waiting_for_more(terminal, tcp_link):

@@ -162,6 +162,7 @@ class TerminalWorker:
         fc = config.framer
         self.framer = make_framer(fc.name, max_frame_size=fc.max_frame_size,
                                   ack_timeout=fc.ack_timeout, max_tries=fc.max_tries)
+        self._framer_due: float | None = None  # the framer's deadline the timer knows of
         self._transport: Transport | None = None
         # Send actions -> bytes on the link, and their delivery back to the session
         self.writer = FrameWriter(self.poi_id, self.framer, journal, self.session, self._apply,
@@ -586,20 +587,23 @@ class TerminalWorker:
         return "device unplugged"
 
     async def _read_loop(self, transport: Transport) -> None:
+        """Until the link ends: the transport hands each read to _bytes_read (serial: from
+        the loop's read callback, without a task step per read)."""
+        self._framer_due = self.framer.next_deadline()
+        await transport.deliver(self._bytes_read)
+
+    def _bytes_read(self, data: bytes) -> None:
         # At 115200 baud a frame arrives in many small reads: most of them only feed the
         # framer, so wake the writer and move the timer only when something changed.
-        framer_due = self.framer.next_deadline()
-        while True:
-            data = await transport.read()
-            self._framer_events(self.framer.receive_data(data, time.monotonic()))
-            if self.framer.has_data_to_send:
-                # the ACK/NAK the framer queued goes out via the writer, once the answer it
-                # acknowledges is journaled: the terminal may forget an answer it saw ACKed
-                self.journal.after_commit(self.writer.kick)
-            due = self.framer.next_deadline()
-            if due != framer_due:  # e.g. a stalled frame's deadline
-                framer_due = due
-                self._rearm()
+        self._framer_events(self.framer.receive_data(data, time.monotonic()))
+        if self.framer.has_data_to_send:
+            # the ACK/NAK the framer queued goes out via the writer, once the answer it
+            # acknowledges is journaled: the terminal may forget an answer it saw ACKed
+            self.journal.after_commit(self.writer.kick)
+        due = self.framer.next_deadline()
+        if due != self._framer_due:  # e.g. a stalled frame's deadline
+            self._framer_due = due
+            self._rearm()
 
     def _oversize(self, event: FramingError) -> None:
         """A frame too big to keep (or noise that looked like one): if it was an answer, the

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from collections.abc import Callable
+from typing import ClassVar, NoReturn
 
 
 class LinkClosed(Exception):
@@ -30,6 +31,14 @@ class Transport(ABC):
     @abstractmethod
     async def read(self) -> bytes:
         """Wait for and return at least one byte. Raises LinkClosed when the link ends."""
+
+    async def deliver(self, receiver: Callable[[bytes], None]) -> NoReturn:
+        """Hand every byte read to `receiver`, in order, until the link ends (LinkClosed) or
+        `receiver` raises (that exception comes out of here). This default reads in a loop;
+        a transport whose loop callback does the reading (serial) calls `receiver` from
+        there, without waking a task for each of a frame's many small reads."""
+        while True:
+            receiver(await self.read())
 
     @abstractmethod
     async def write(self, data: bytes) -> None:
