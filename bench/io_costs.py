@@ -2,11 +2,13 @@
 
 - A serial read: a child process writes 115-byte chunks (what a 115200-baud line delivers in
   10 ms) into a pseudo-terminal, one every 0.4 ms; this process reads them with
-  `SerialTransport.read()`, then again with a bare loop reader callback that only calls
-  os.read (the floor for any asyncio reader). CPU of this process per read (getrusage).
+  `SerialTransport.read()` (a task woken per read), with `SerialTransport.deliver()` (the
+  worker's way: the loop's read callback hands each read on), then again with a bare loop
+  reader callback that only calls os.read (the floor for any asyncio reader). CPU of this
+  process per read (getrusage).
 - A PUBACK: paho's decoder (`_packet.decode_puback`) against the daemon's short path for a
-  two-byte PUBACK (`bridge.daemon.mqtt_client._lean_pubackcomp`), on a paho client with
-  nothing in flight (so only the decoding is timed, not the callback); and what paho does
+  two-byte PUBACK (`PipelinedClient._pubackcomp`), on a paho client with nothing in flight
+  (so only the decoding is timed, not the callback); and what paho does
   after each PUBACK with 200 messages in flight, none waiting for a slot: its scan for one
   (`_update_inflight`) against the daemon's check (`_lean_update_inflight`).
 
@@ -25,6 +27,7 @@ import signal
 import sys
 import time
 import tty
+import types
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -32,7 +35,7 @@ from paho.mqtt import _packet
 
 from bench.core import SERIAL_CHUNK, rate
 from bridge.config import SerialLink
-from bridge.daemon.mqtt_client import _lean_pubackcomp, _lean_update_inflight
+from bridge.daemon.mqtt_client import PipelinedClient, _lean_update_inflight
 from bridge.transports.serial import SerialTransport
 
 CHUNK_INTERVAL = 0.0004
@@ -83,6 +86,32 @@ async def _transport_reads(chunks: int) -> dict[str, Any]:
     return _per_read("SerialTransport.read()", reads, before, after)
 
 
+async def _delivered_reads(chunks: int) -> dict[str, Any]:
+    pid, name, slave = _feed(chunks)
+    transport = SerialTransport(SerialLink(device=name))
+    await transport.open()
+    os.close(slave)
+    counts = {"got": 0, "reads": 0}
+    done = asyncio.get_running_loop().create_future()
+
+    def receiver(data: bytes) -> None:
+        counts["got"] += len(data)
+        counts["reads"] += 1
+        if counts["got"] >= chunks * SERIAL_CHUNK and not done.done():
+            done.set_result(None)
+
+    before = _cpu()
+    delivering = asyncio.ensure_future(transport.deliver(receiver))
+    await done
+    after = _cpu()
+    delivering.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await delivering
+    await transport.close()
+    _end(pid)
+    return _per_read("SerialTransport.deliver()", counts["reads"], before, after)
+
+
 async def _callback_reads(chunks: int) -> dict[str, Any]:
     pid, name, slave = _feed(chunks)
     os.set_blocking(slave, False)
@@ -129,7 +158,9 @@ def _pubacks(seconds: float) -> list[dict[str, Any]]:
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
     client._in_packet["packet"] = b"\x00\x05"  # message id 5, not in flight
     decoder = rate(lambda: _packet.decode_puback(0x40, b"\x00\x05", paho.MQTTv311), seconds)
-    short = rate(lambda: _lean_pubackcomp(client, "PUBACK"), seconds)
+    # (the client's PUBACK handler needs only these two of a PipelinedClient)
+    pipelined = types.SimpleNamespace(_client=client, _acks={})
+    short = rate(lambda: PipelinedClient._pubackcomp(pipelined, "PUBACK"), seconds)
     busy = paho.Client(paho.CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
     busy.max_inflight_messages_set(256)
     for mid in range(1, IN_FLIGHT + 1):
@@ -148,7 +179,8 @@ def _pubacks(seconds: float) -> list[dict[str, Any]]:
 
 def run(seconds: float) -> dict[str, Any]:
     chunks = max(500, int(seconds / CHUNK_INTERVAL))
-    reads = [asyncio.run(_transport_reads(chunks)), asyncio.run(_callback_reads(chunks))]
+    reads = [asyncio.run(_transport_reads(chunks)), asyncio.run(_delivered_reads(chunks)),
+             asyncio.run(_callback_reads(chunks))]
     return {"chunk_bytes": SERIAL_CHUNK, "chunk_interval_ms": CHUNK_INTERVAL * 1000,
             "reads": reads, "pubacks": _pubacks(seconds)}
 
