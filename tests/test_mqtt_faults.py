@@ -598,6 +598,51 @@ async def test_a_refused_retained_state_is_not_published_over_a_newer_one(tmp_pa
             assert late.on(record) == [{"state": "final"}]
 
 
+async def test_an_older_refused_state_due_again_behind_a_newer_one_is_not_published(tmp_path):
+    """A retained document the broker refused, due again while the newer document of the
+    same transaction is published and not yet acknowledged (a loaded broker, a WAN link):
+    published then, it reached the broker after the newer one and replaced it, an ended
+    transaction retained as in_progress for good (found by review rv11)."""
+    import os
+
+    from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
+
+    async def acl_reloaded() -> None:
+        async with PipelinedClient(broker.host, broker.port, identifier="probe",
+                                   protocol=aiomqtt.ProtocolVersion.V5) as probe:
+            for _ in range(200):
+                with contextlib.suppress(PublishRefused):
+                    await asyncio.wait_for(
+                        probe.publish_nowait(f"{BASE}/registers/probe", b"x"), 5)
+                    return
+                await asyncio.sleep(0.05)
+        raise AssertionError("the broker never took the new ACL")
+
+    record = f"{BASE}/transactions/TILL1/S1"
+    # A long delay: the retry round is run below by hand, at the moment the timer would fire
+    async with refusing_broker(tmp_path, Backoff(initial=600, maximum=600)) as (
+            broker, acl, journal, gateway):
+        gateway.enqueue(record, {"state": "in_progress"}, retain=True)
+        await eventually(lambda: gateway.refused == 1)
+        pump = gateway._pump
+        allow(broker, acl, f"{BASE}/#")  # the administrator fixes the ACL
+        await acl_reloaded()
+        os.kill(broker.process.pid, signal.SIGSTOP)  # no PUBACK for a while
+        try:
+            gateway.enqueue(record, {"state": "final"}, retain=True)
+            await eventually(lambda: pump.in_window == 1)  # "final" is out, not acknowledged
+            pump.retry_timer.cancel()
+            pump._retry_refused()  # what the timer runs
+        finally:
+            os.kill(broker.process.pid, signal.SIGCONT)
+        await eventually(lambda: not journal.pending())
+        await eventually(lambda: gateway.refused == 0)
+        async with Subscriber(broker, [record], client_id="late") as late:
+            retained = await late.wait_for(lambda t, p: True, timeout=5)
+        assert retained == {"state": "final"}, (
+            f"the broker retains {retained} for a transaction that ended")
+
+
 async def test_the_client_reports_a_refusal_as_such_and_mqtt311_is_unchanged(tmp_path):
     """The publish future fails with the broker's reason under MQTT 5; under MQTT 3.1.1 a
     PUBACK carries no reason, and the future completes as before."""

@@ -57,6 +57,8 @@ class OutboxPump:
         self.retry: list[tuple[OutboxMessage, Properties | None]] = []  # due, oldest first
         self.retrying: set[int] = set(refused_before)  # published again, not yet acknowledged
         self.retry_timer: asyncio.TimerHandle | None = None
+        # The newest message published on each retained topic through this connection
+        self.retained_sent: dict[str, int] = {}
 
     @property
     def held(self) -> int:
@@ -73,7 +75,11 @@ class OutboxPump:
         journal = self.gateway.journal
         try:
             while self.retry and self.in_window < OUTBOX_WINDOW:
-                self._publish(*self.retry.pop(0))
+                message, properties = self.retry.pop(0)
+                if message.retain and self.retained_sent.get(message.topic, 0) > message.id:
+                    self._replaced(message)
+                    continue
+                self._publish(message, properties)
             while self.in_window < OUTBOX_WINDOW:
                 room = OUTBOX_WINDOW - self.in_window
                 batch = journal.pending(limit=room, after_id=self.last_id)
@@ -108,6 +114,8 @@ class OutboxPump:
             return
         self.in_window += 1
         future.add_done_callback(functools.partial(self._done, message, properties))
+        if message.retain and message.id > self.retained_sent.get(message.topic, 0):
+            self.retained_sent[message.topic] = message.id
 
     def _undeliverable(self, message: OutboxMessage, problem: str,
                        advice: str = "topics like this one come from a requester's MQTT 5 "
@@ -177,6 +185,19 @@ class OutboxPump:
         self.retry = sorted(self.retry + due, key=lambda entry: entry[0].id)
         self.retrying.update(message.id for message, _ in due)
         self.run()
+
+    def _replaced(self, message: OutboxMessage) -> None:
+        """A refused retained message due again, when a newer one on its topic has gone to
+        the broker since: published now it would come after that one and replace it (the
+        broker keeps the last), an ended transaction shown in_progress, a cleared document
+        back. It is marked delivered instead; the newer one, taken or refused in its turn,
+        stands for it."""
+        self.retrying.discard(message.id)
+        if not self.acked:
+            self.loop.call_soon(self._mark)
+        self.acked.append(message.id)
+        log.info("retained topic %s: an older message the broker refused is not published "
+                 "again: a newer one went after it", message.topic)
 
     def _after_refusals(self, message: OutboxMessage) -> None:
         """`message` was taken. A refused retained message on the same topic is older: sent
