@@ -135,13 +135,13 @@ def worker_events(writer: FrameWriter, events: list, answers: dict[bytes, TxKey]
             writer.acknowledged(event)
 
 
-def test_an_answer_read_with_the_nak_that_gives_its_frame_up_acknowledges_nothing_else() -> None:
+def test_an_answer_read_with_a_nak_on_the_last_try_acknowledges_that_frame_only() -> None:
     """The terminal's response to the payment and a NAK of line noise in one read, the
-    payment on its last try: the framer gives it up and makes the next frame current before
-    the worker sees the response. The response names the payment's frame, which the writer
-    still holds first: it used to acknowledge the next frame, never written (review rv8).
-    (The session is then told the payment's frame failed: it has closed the payment on the
-    response, and a failure for a payment it does not hold open changes nothing.)"""
+    payment on its last try. The NAK used to give the payment up and make the next frame
+    current before the worker saw the response, which then acknowledged that next frame,
+    never written (review rv8). A NAK on the last try now gives a frame up only at its ACK
+    deadline (review rv10): the response acknowledges the payment, and the next frame waits
+    until then (the last copy's ACK may still come: it must not be taken as the poll's)."""
     framer = StxEtxLrcFramer(ack_timeout=1.0, max_tries=2)
     session = RecordingSession()
     writer = FrameWriter("T1", framer, journal=None, session=session, apply=lambda a: None,
@@ -156,9 +156,10 @@ def test_an_answer_read_with_the_nak_that_gives_its_frame_up_acknowledges_nothin
     framer.data_to_send()  # the copy is written (try 2 of 2)
     response = b'{"resp":"pay-1"}'
     worker_events(writer, framer.receive_data(frame(response) + NAK, 0.2), {response: pay})
-    assert ("frame_delivered", "bridge", "poll-9") not in session.calls, session.calls
-    # the poll not yet written, nor acknowledged: out behind our ACK of the response
-    assert framer.awaiting_ack and framer.data_to_send() == ACK + frame(b'{"poll":9}')
+    assert session.calls == [("frame_resent", "S1", "pay-1"), ("frame_delivered", "S1", "pay-1")]
+    assert framer.data_to_send() == ACK  # our ACK of the response; the poll waits
+    assert framer.handle_timeout(1.1) == []  # the payment's last copy's ACK deadline
+    assert framer.awaiting_ack and framer.data_to_send() == frame(b'{"poll":9}')
 
 
 class UnreadableAnswerTerminal(HandTerminal):

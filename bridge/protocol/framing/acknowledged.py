@@ -3,12 +3,12 @@
 Sending: one frame is in flight at a time and the rest wait in a queue. The peer answers a
 frame with ACK (0x06) or NAK (0x15). A NAK, or no answer within `ack_timeout` of the frame's
 write (data_to_send(now)), sends the same frame again, up to `max_tries` transmissions in all;
-after that the frame is reported as `FrameFailed` and the next queued frame goes out. An ACK
-or NAK names no frame, and a NAK cannot be told from line noise: when a frame is acknowledged
-after more than one transmission of it went out (or the peer's answer stood for a lost ACK),
-the next frame waits until the last copy's ACK deadline, or until an ACK has been read for
-every transmission, so that the peer's reply to a copy is not taken as the next frame's (see
-_hold).
+after that the frame is reported as `FrameFailed` (at the last copy's ACK deadline: a NAK on
+the last try may be line noise) and the next queued frame goes out. An ACK or NAK names no
+frame, and a NAK cannot be told from line noise: when a frame is acknowledged after more than
+one transmission of it went out (or the peer's answer stood for a lost ACK), the next frame
+waits until the last copy's ACK deadline, or until an ACK has been read for every
+transmission, so that the peer's reply to a copy is not taken as the next frame's (see _hold).
 
 Receiving: between frames only control bytes mean something (ACK, NAK, and EOT where the
 framing has it). Everything else there is line noise, reported as one `FramingError` per
@@ -70,6 +70,7 @@ class AcknowledgedFramer(Framer):
         self._deadline: float | None = None
         self._taken = 0  # transmissions of _current taken by data_to_send()
         self._acks = 0  # ACKs read while one of them was out (a NAK may be line noise)
+        self._nak_last = False  # a NAK read on the last try: given up at the deadline
         # A frame acknowledged with more transmissions out than ACKs read for them: the ACKs
         # that would show every one answered, and until when the next frame waits (_hold)
         self._owed = 0
@@ -125,13 +126,15 @@ class AcknowledgedFramer(Framer):
         if self._held_until is not None and now >= self._held_until:
             self._release(now)  # the copy's answer is not coming (lost, or the peer is slow)
         elif self._deadline is not None and now >= self._deadline:
-            self._unacknowledged(now, events, f"no ACK within {self.ack_timeout:g} s")
+            why = ("NAK from the peer" if self._nak_last
+                   else f"no ACK within {self.ack_timeout:g} s")
+            self._unacknowledged(now, events, why, timed_out=True)
         return events
 
     def reset(self) -> None:
         self._outbox.clear()
         self._copies.clear()
-        self._first_pending = self._written = False
+        self._first_pending = self._written = self._nak_last = False
         self._queue.clear()
         self._current = None
         self._tries = self._taken = self._acks = self._owed = 0
@@ -147,7 +150,7 @@ class AcknowledgedFramer(Framer):
             self._current = self._queue.popleft()
             self._tries, self._taken, self._acks = 1, 0, 0
             self._outbox += self._current[1]
-            self._first_pending, self._written = True, False
+            self._first_pending, self._written, self._nak_last = True, False, False
             self._deadline = now + self.ack_timeout
 
     def answered(self, payload: bytes, now: float) -> list[FramerEvent]:
@@ -190,7 +193,8 @@ class AcknowledgedFramer(Framer):
         self._owed, self._held_until = 0, None
         self._transmit_next(now)
 
-    def _unacknowledged(self, now: float, events: list[FramerEvent], why: str) -> None:
+    def _unacknowledged(self, now: float, events: list[FramerEvent], why: str,
+                        timed_out: bool = False) -> None:
         """A NAK, or the ACK timeout: send the frame again, or give up on it."""
         if self._current is None:
             return  # a stray NAK
@@ -210,6 +214,12 @@ class AcknowledgedFramer(Framer):
             self._copies.append(len(self._outbox))
             self._outbox += self._current[1]
             self._deadline = now + self.ack_timeout
+            return
+        if not timed_out:
+            # The last try NAKed: it may be line noise, the peer's ACK of the last copy a
+            # few ms behind it (in a read of its own). Given up at that copy's ACK deadline
+            # (an ACK before then acknowledges it), so that its ACK is not the next frame's.
+            self._nak_last = True
             return
         payload = self._current[0]
         tries = self._tries
@@ -240,7 +250,7 @@ class AcknowledgedFramer(Framer):
         noise = len(segment) - len(controls)
         if noise:
             events.append(FramingError("line noise between frames", noise))
-        for at, byte in enumerate(controls):
+        for byte in controls:
             if byte == EOT:  # only listed by framings that have it
                 events.append(EndOfTransmission())
                 continue
@@ -251,22 +261,12 @@ class AcknowledgedFramer(Framer):
                     if not self._owed:
                         self._release(now)
                 continue
-            if byte == NAK and self._last_try_acked_behind(controls, at):
-                continue  # line noise: the ACK right behind it answers our frame
             if byte == ACK:
                 if self._current is not None and self._written:
                     self._acks += 1
                 self._acknowledged(now, events)
             else:
                 self._unacknowledged(now, events, "NAK from the peer")
-
-    def _last_try_acked_behind(self, controls: bytes | bytearray, at: int) -> bool:
-        """Whether the NAK at controls[at] would give the current frame up, on its last try,
-        with an ACK behind it in the same read: that ACK answers the last copy (the NAK is
-        line noise, or the peer's NAK of noise), which is acknowledged, not given up. (On an
-        earlier try the NAK queues a copy that the ACK takes back before it is written.)"""
-        return (self._current is not None and self._written and not self._pending
-                and self._tries >= self.max_tries and ACK in controls[at + 1:])
 
     def _answer(self, good: bool) -> None:
         """Queue our ACK for a good frame or NAK for a damaged one."""
