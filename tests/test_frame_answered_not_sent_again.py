@@ -29,7 +29,9 @@ from .test_framing_stx_etx_lrc import ACK, NAK, frame
 class FastTerminal(HandTerminal):
     """Answers each payment copy at once with an approval. Its ACK of the first copy is
     lost; `before` and `after` its answer on the wire: noise bytes that read as NAK, or its
-    ACK late."""
+    ACK late. `before` goes out in one write with the answer, so that the bridge reads them
+    together: NAKs read alone would have their copy written at once, which is allowed (a
+    NAK may be the terminal's) and not the case under test."""
 
     def __init__(self, path, framer: str, before: bytes, after: bytes) -> None:
         super().__init__(path, framer)
@@ -38,9 +40,9 @@ class FastTerminal(HandTerminal):
     def answer(self, request: dict, category: str, ack: bytes) -> None:
         if category == "Payment":
             self.payments += 1
-            if self.payments == 1:
-                os.write(self.master, self.before)
-            self.send(ack if self.payments > 1 else b"",
+            # (send writes its first argument, here the noise instead of the lost ACK, and
+            # the answer's frame in one write)
+            self.send(ack if self.payments > 1 else self.before,
                       responses.payment_response(request, "approve", time.time()))
             if self.payments == 1:
                 os.write(self.master, self.after)
@@ -51,7 +53,8 @@ class FastTerminal(HandTerminal):
                          ids=["ack-lost", "noise-nak-after", "two-noise-naks-before"])
 async def test_a_payment_answered_is_not_written_to_the_terminal_again(tmp_path, framer, before,
                                                                         after):
-    """Two NAKs before the answer queue two copies, both taken back (review rv7)."""
+    """Two NAKs read with the answer: the first queues a copy, the second finds it not yet
+    written (it spends no try), and the answer takes it back (review rv7)."""
     path = tmp_path / "terminal"
     device = FastTerminal(path, framer, before, after)
     try:
