@@ -22,7 +22,7 @@ from bridge.protocol.framing import (FrameFailed, FrameReceived, FrameResent, Fr
 from bridge.protocol.transaction import TxKey
 from bridge.simulator import responses
 
-from .test_busy_record_after_nak import HandTerminal, worker_paying
+from .test_busy_record_after_nak import POI, HandTerminal, worker_paying
 from .test_framing_stx_etx_lrc import ACK, NAK, frame
 
 
@@ -221,6 +221,42 @@ async def test_a_payment_answered_unreadably_is_not_written_to_the_terminal_agai
                     await asyncio.sleep(0.02)
             assert device.payments == 1, (
                 f"the payment, answered by the terminal ({how}), was written to it "
+                f"{device.payments} times")
+    finally:
+        device.close()
+
+
+class OversizeNoticeFirstTerminal(UnreadableAnswerTerminal):
+    """As UnreadableAnswerTerminal ("oversize"), and right behind its answer to the identity
+    check, in the same write, it sends a frame of its own over the bridge's max_frame_size
+    (a notification with an image, say) while nothing waits for an answer: the payment's
+    oversize answer then comes well within OVERSIZE_QUIET (5 s) of it."""
+
+    def send(self, ack: bytes, document: dict) -> None:
+        if "DiagnosisResponse" not in document["SaleToPOIResponse"]:
+            super().send(ack, document)
+            return
+        document["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+        self.framer.send_frame(json.dumps(document).encode(), time.monotonic())
+        notice = self.framer.encode(b'{"notice":"' + b"A" * 6000 + b'"}')
+        os.write(self.master, ack + self.framer.data_to_send() + notice)
+
+
+async def test_a_payment_answered_oversize_soon_after_another_oversize_frame_is_not_written_again(
+        tmp_path):
+    """An oversize frame within OVERSIZE_QUIET of the one before used to be taken as the
+    same answer (its rest, or sent again) and not told to the session at all: an oversize
+    answer to the payment, its ACK lost, coming soon after an unrelated oversize frame, left
+    the framer writing the payment again (review rv10). Only the log line is kept quiet."""
+    path = tmp_path / "terminal"
+    device = OversizeNoticeFirstTerminal(path, "stx-etx-lrc")
+    try:
+        async with worker_paying(tmp_path, path, "stx-etx-lrc", {"max_frame_size": 4096}):
+            async with asyncio.timeout(10):
+                while device.polls == 0:
+                    await asyncio.sleep(0.02)
+            assert device.payments == 1, (
+                f"the payment, answered by the terminal (oversize), was written to it "
                 f"{device.payments} times")
     finally:
         device.close()

@@ -98,8 +98,9 @@ RELINK_HANDOVER = 2.0
 # TerminalWorker._correct)
 CORRECTABLE = ("not_found", "error")
 CHARGED = ("approved", "partially_approved")  # the outcomes where money moved
-# s: further oversize frames this soon after one are the same answer (its rest, read as a
-# frame of its own, or the terminal sending it again unacknowledged): not asked about again
+# s: further oversize frames this soon after one (most often the same answer: its rest, read
+# as a frame of its own, or the terminal sending it again unacknowledged) get no warning of
+# their own; each is still told to the session, which may be waiting for it
 OVERSIZE_QUIET = 5.0
 NOT_CONNECTED_YET = "not connected yet"
 # on_wrong_device's answer when following waits for the other terminal's own link to say who
@@ -607,18 +608,20 @@ class TerminalWorker:
 
     def _oversize(self, event: FramingError) -> None:
         """A frame too big to keep (or noise that looked like one): if it was an answer, the
-        session asks about it, without receipts (see TerminalSession.oversize)."""
+        session asks about it, without receipts (see TerminalSession.oversize). Every one is
+        told to the session: one soon after another may be a new answer (a payment's, its
+        ACK lost, that the framer would otherwise write again); only the warning is quiet."""
         limit = self.framer.max_frame_size
         now = time.monotonic()
         last, self._oversize_at = self._oversize_at, now
         if now - last < OVERSIZE_QUIET:
-            log.debug("terminal %s: more of an oversize frame dropped (%s)", self.poi_id,
+            log.debug("terminal %s: another oversize frame dropped (%s)", self.poi_id,
                       event.reason)
-            return
-        log.warning("terminal %s: dropped a frame over max_frame_size (%d bytes) unread (%s): "
-                    "if it was an answer, it is asked about by status poll, without receipts; "
-                    "if this repeats, raise [terminals.framer] max_frame_size", self.poi_id,
-                    limit, event.reason)
+        else:
+            log.warning("terminal %s: dropped a frame over max_frame_size (%d bytes) unread (%s): "
+                        "if it was an answer, it is asked about by status poll, without receipts; "
+                        "if this repeats, raise [terminals.framer] max_frame_size", self.poi_id,
+                        limit, event.reason)
         waiting = self.session.awaiting_answer()
         self._apply_answer(waiting, self.session.oversize(
             f"the terminal sent a frame over max_frame_size ({limit} bytes), dropped unread",
