@@ -574,7 +574,9 @@ class TerminalWorker:
             for task in tasks:
                 task.cancel()
             for task in tasks:
-                with contextlib.suppress(asyncio.CancelledError, LinkClosed):
+                # (a finished task's exception is judged below: re-raised here, it ended the
+                # link loop unseen, the terminal left "online" with nobody reading it)
+                with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         for task in done:
             exc = task.exception()
