@@ -106,11 +106,11 @@ class BusyOnCopyTerminal(HandTerminal):
 
 @contextlib.asynccontextmanager
 async def worker_paying(tmp_path, path, framer: str, framer_options: dict | None = None,
-                        named_first: bool = True, **timing):
+                        named_first: bool = True, prepare=None, **timing):
     """A TerminalWorker on the pseudo-terminal at `path` (ACK time-out 0.3 s, unless
     `framer_options` say otherwise), its device named (unless not `named_first`: the payment
-    then waits for the identity check); POS1 pays 10.00 as S1. Yields the worker's outlet
-    and journal."""
+    then waits for the identity check); `prepare(worker)`, if given; then POS1 pays 10.00 as
+    S1. Yields the worker's outlet and journal."""
     config = TerminalConfig.model_validate({
         "poi_id": POI, "link": {"kind": "serial", "device": str(path)},
         "framer": {"name": framer, "ack_timeout": 0.3, **(framer_options or {})},
@@ -124,6 +124,8 @@ async def worker_paying(tmp_path, path, framer: str, framer_options: dict | None
         async with asyncio.timeout(10):
             while named_first and worker.identity == "unknown":
                 await asyncio.sleep(0.01)
+        if prepare is not None:
+            prepare(worker)
         doc = responses.payment_request("POS1", "S1", POI, 10.0)
         worker.submit(parse_message(doc), doc, request_digest(doc))
         yield outlet, journal
