@@ -106,11 +106,12 @@ class BusyOnCopyTerminal(HandTerminal):
 
 @contextlib.asynccontextmanager
 async def worker_paying(tmp_path, path, framer: str, framer_options: dict | None = None,
-                        named_first: bool = True, prepare=None, **timing):
+                        named_first: bool = True, prepare=None, pays: bool = True,
+                        **timing):
     """A TerminalWorker on the pseudo-terminal at `path` (ACK time-out 0.3 s, unless
     `framer_options` say otherwise), its device named (unless not `named_first`: the payment
     then waits for the identity check); `prepare(worker)`, if given; then POS1 pays 10.00 as
-    S1. Yields the worker's outlet and journal."""
+    S1 (unless not `pays`). Yields the worker's outlet and journal."""
     config = TerminalConfig.model_validate({
         "poi_id": POI, "link": {"kind": "serial", "device": str(path)},
         "framer": {"name": framer, "ack_timeout": 0.3, **(framer_options or {})},
@@ -126,8 +127,9 @@ async def worker_paying(tmp_path, path, framer: str, framer_options: dict | None
                 await asyncio.sleep(0.01)
         if prepare is not None:
             prepare(worker)
-        doc = responses.payment_request("POS1", "S1", POI, 10.0)
-        worker.submit(parse_message(doc), doc, request_digest(doc))
+        if pays:
+            doc = responses.payment_request("POS1", "S1", POI, 10.0)
+            worker.submit(parse_message(doc), doc, request_digest(doc))
         yield outlet, journal
     finally:
         await worker.stop()

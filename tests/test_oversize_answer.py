@@ -63,7 +63,7 @@ def test_a_status_answer_too_big_counts_as_unanswered_and_the_next_poll_asks_no_
 def test_without_anything_waiting_an_oversize_frame_is_only_logged():
     h = Harness()
     (note,) = h.do(h.session.oversize("frame over max_frame_size", h.now))
-    assert isinstance(note, Log) and note.level == "warning"
+    assert isinstance(note, Log) and note.level == "info"  # (the worker warns, once in 5 s)
 
 
 async def test_a_payment_answer_too_big_for_the_link_is_recovered_by_a_status_poll(
@@ -115,3 +115,37 @@ async def test_a_payment_answer_too_big_for_the_link_is_recovered_by_a_status_po
         assert len(dropped) == 1, caplog.messages
     finally:
         device.close()
+
+
+async def test_an_oversize_frame_sent_again_is_warned_about_once(tmp_path, caplog):
+    """README "Wire framing": the warning is not repeated for further oversize frames within
+    5 s (most often the terminal sending its unacknowledged frame again). Each is still told
+    to the session (one may be a new answer); its own line when nothing waits is not a
+    second warning per copy (found by review rv12)."""
+    from .test_busy_record_after_nak import HandTerminal, worker_paying
+
+    class Quiet(HandTerminal):
+        def answer(self, request, category, ack):
+            pass
+
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "terminal"
+    device = Quiet(path, "stx-etx-lrc")
+    seen = []
+    try:
+        async with worker_paying(tmp_path, path, "stx-etx-lrc", {"max_frame_size": 4096},
+                                 prepare=lambda worker: seen.append(worker), pays=False):
+            worker = seen[0]
+            notice = device.framer.encode(b'{"notice":"' + b"A" * 6000 + b'"}')
+            for _ in range(3):  # the terminal's frame, unacknowledged, sent again twice
+                before = worker.counters["framing_errors"]
+                os.write(device.master, notice)
+                assert await wait_until(
+                    lambda: worker.counters["framing_errors"] > before, 5)
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.levelno >= logging.WARNING and "max_frame_size" in r.getMessage()]
+        assert len(warnings) == 1, "\n".join(warnings)
+        assert sum("nothing was waiting" in r.getMessage() for r in caplog.records) == 3
+    finally:
+        device.close()
+

@@ -367,8 +367,10 @@ class TerminalSession(StatusAnswers):
                 return self._poll_failed(txn, reason, now, retry_in=self.settings.poll_floor)
         txn = self._waiting_transaction()
         if txn is None:
-            return [Log("warning", f"terminal {self.poi_id}: {reason}; nothing was waiting "
-                                   "for an answer")]
+            # (info: the worker has warned, once in OVERSIZE_QUIET; a terminal sends its
+            # unacknowledged frame again, and each copy comes here)
+            return [Log("info", f"terminal {self.poi_id}: {reason}; nothing was waiting "
+                                "for an answer")]
         txn.extra["answer_too_big"] = True
         return self._unusable_answer(txn, reason, now) + self._pump(now)
 
