@@ -331,3 +331,39 @@ async def test_a_connection_reset_by_the_broker_is_a_warning_not_an_error(caplog
               if r.name == "mqtt" and "failed to receive on socket" in r.getMessage()]
     assert failed, [r.getMessage() for r in caplog.records]
     assert all(r.levelno == logging.WARNING for r in failed), failed
+
+
+async def test_a_burst_of_pubacks_is_read_in_one_go(mosquitto):
+    """paho's loop_read reads at most as many packets per call as paho has messages of its
+    own in flight; messages framed by the client are not paho's, so with only those in
+    flight it read one PUBACK per wake-up of the loop (a third fewer payments per second
+    unpaced). The client's loop_read counts them too."""
+    import os
+    import signal
+
+    async with PipelinedClient(mosquitto.host, mosquitto.port, identifier="burst") as client:
+        paho_client = client._client
+        reads: list[int] = []
+        packet_read = paho_client._packet_read
+
+        def counting() -> int:
+            reads[-1] += 1
+            return packet_read()
+
+        loop_read = paho_client.loop_read
+
+        def calls(*args):
+            reads.append(0)
+            return loop_read(*args)
+
+        paho_client._packet_read = counting
+        paho_client.loop_read = calls
+        os.kill(mosquitto.process.pid, signal.SIGSTOP)  # its PUBACKs come as one burst
+        try:
+            futures = [client.publish_nowait(f"burst/{i}", b"x", qos=1) for i in range(50)]
+            await asyncio.sleep(0.1)
+        finally:
+            os.kill(mosquitto.process.pid, signal.SIGCONT)
+        await asyncio.wait_for(asyncio.gather(*futures), 10)
+        assert sum(reads) >= 50 and max(reads) > 10, reads  # several PUBACKs in one call
+        assert len(reads) < 25, reads
