@@ -56,9 +56,28 @@ _DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_finite,
                             parse_int=_integer)
 
 
+# orjson reads what _DECODER reads, 3 times as fast (the parse was 8 % of the daemon's CPU at
+# 64 terminals), with one difference: an integer beyond 64 bits comes back a float. A text
+# holding 19 digits in a row (such an integer needs them; so does a long string of digits,
+# which then merely takes the slower way) is read by _DECODER.
+_DIGITS_AS_ONES = bytes(0x31 if 0x30 <= b <= 0x39 else 0x20 for b in range(256))
+_LONG_DIGIT_RUN = b"1" * 19
+
+
 def loads(text: str) -> Any:
     """json.loads, refusing what is not JSON; JsonTextError (or json.JSONDecodeError, itself
     a ValueError, with its position) says why. RecursionError is left to the caller."""
+    data = text.encode("utf-8", "surrogatepass")
+    if _LONG_DIGIT_RUN not in data.translate(_DIGITS_AS_ONES):
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass  # not JSON, or not JSON every reader takes (NaN, 1e400, "\ud800"): the
+            # strict reader says which, with its position
+    return _strict_loads(text)
+
+
+def _strict_loads(text: str) -> Any:
     try:
         document = _DECODER.decode(text)
     except ValueError as exc:
