@@ -367,3 +367,24 @@ async def test_a_burst_of_pubacks_is_read_in_one_go(mosquitto):
         await asyncio.wait_for(asyncio.gather(*futures), 10)
         assert sum(reads) >= 50 and max(reads) > 10, reads  # several PUBACKs in one call
         assert len(reads) < 25, reads
+
+
+@pytest.mark.parametrize("code", [0x87, 0x81, 0xA2])
+async def test_a_puback_failure_code_refuses_the_message(mosquitto, code):
+    """0x87 (Not authorized) is a PUBACK reason code; 0x81 (Malformed packet) and 0xA2 are
+    failure codes MQTT 5 does not give PUBACK, which paho's ReasonCode refuses to name: the
+    message is refused all the same (the outbox backs off and tries again), not a ValueError
+    out of the socket's reader that drops the connection as a bug."""
+    import struct
+
+    from bridge.daemon.mqtt_client import PublishRefused
+
+    async with PipelinedClient(mosquitto.host, mosquitto.port, identifier=f"refused-{code}",
+                               protocol=aiomqtt.ProtocolVersion.V5) as client:
+        waiting = client._acks[4242] = asyncio.get_running_loop().create_future()
+        client._client._in_packet["packet"] = struct.pack("!HB", 4242, code) + b"\x00"
+        client._pubackcomp("PUBACK")
+        assert waiting.done()
+        refused = waiting.exception()
+        assert isinstance(refused, PublishRefused) and refused.code == code, refused
+        assert f"0x{code:02x}" in str(refused)

@@ -44,7 +44,7 @@ import errno
 import logging
 import struct
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -130,6 +130,16 @@ class _BrokenConnectionAsWarning(logging.Filter):
 
 # aiomqtt hands paho its "mqtt" logger (aiomqtt.client.MQTT_LOGGER) unless given another.
 logging.getLogger("mqtt").addFilter(_BrokenConnectionAsWarning())
+
+
+class UnlistedReason(NamedTuple):
+    """A PUBACK failure code MQTT 5 does not define for PUBACK (0x81 Malformed packet, say):
+    paho's ReasonCode refuses to name it, and the broker did not take the message."""
+
+    value: int
+
+    def __str__(self) -> str:
+        return "a failure MQTT 5 does not define for PUBACK"
 
 
 class PublishRefused(Exception):
@@ -278,8 +288,11 @@ class PipelinedClient(AcknowledgedClient):
         if future is not None and not future.done():
             code = packet[2] if len(packet) > 2 else 0
             if code >= 0x80:  # an acknowledgement, not a delivery (MQTT 5 only)
-                future.set_exception(PublishRefused(ReasonCode(PacketTypes.PUBACK,
-                                                               identifier=code)))
+                try:
+                    reason: Any = ReasonCode(PacketTypes.PUBACK, identifier=code)
+                except ValueError:  # a code MQTT 5 does not give PUBACK: refused all the same
+                    reason = UnlistedReason(code)
+                future.set_exception(PublishRefused(reason))
             else:
                 future.set_result(None)
         return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
