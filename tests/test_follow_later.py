@@ -5,7 +5,12 @@ B's cable is in A's port. When A's link hears B while B's own link is up and has
 yet who is there, A waits (identity "mismatch: B"). It used to be decided again only when
 B's link named A: a B port left empty (nothing answers there), going away, holding a third
 terminal or a device that never says who it is left A waiting, and B refusing every
-payment, until the daemon restarted."""
+payment, until the daemon restarted.
+
+B's link says who is there by a chain of timers of its own (opening, its identity check, the
+answer). A's error waited a fixed 2 s (FOLLOW_GRACE) for it: on a stalled CPU B's link had
+not spoken by then, and A reported a swap the daemon followed a moment later. A's report now
+waits for B's link to have spoken, with one warning if that takes long (FOLLOW_PATIENCE)."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from bridge.daemon import worker as worker_module
 from bridge.daemon.app import Bridge
 from bridge.daemon.worker import FOLLOW_GRACE
 from bridge.register_client import RegisterClient
@@ -63,6 +69,26 @@ async def b_is_followed_and_paid(bridge: Bridge, broker: Any, sim_b: SimulatorSe
         answer = await till.pay(B, 12.5, timeout=15)
     assert answer["bridge"]["outcome"] == "approved", answer
     assert [e.category for e in sim_b.terminal.ledger.values()].count("Payment") == 1
+
+
+def warnings(caplog: Any, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and text in r.getMessage()]
+
+
+async def past(moment: float, caplog: Any, *, error: str | None = None) -> None:
+    """Until the loop's clock is past `moment` (every timer due by then has fired), and an
+    error containing `error` is logged if one is given."""
+    loop = asyncio.get_running_loop()
+    assert await wait_until(lambda: loop.time() > moment
+                            and (error is None or errors(caplog, error)),
+                            timeout=moment - loop.time() + 5), errors(caplog, "")
+
+
+async def b_link_names(device_b: DeviceByHand, poi_id: str) -> None:
+    """The device on B's port answers B's identity check, naming `poi_id`."""
+    assert await wait_until(lambda: "Diagnosis" in device_b.categories(), timeout=10)
+    device_b.answer_check_as(poi_id)
 
 
 def terminal_b() -> SimulatorServer:
@@ -198,12 +224,95 @@ async def test_the_wrong_device_is_reported_once_after_a_fast_drop_and_reopen(
                 heard_again = loop.time()
                 # (the first wait's timer is still armed: the case to show)
                 assert heard_again - first_heard < FOLLOW_GRACE
+                # B's link says B is there too (two devices say they are B): A's report is
+                # due, not waiting for B's link any more
+                await b_link_names(device_b, B)
                 # Every timer armed so far has fired by then.
-                assert await wait_until(lambda: loop.time() > heard_again + FOLLOW_GRACE + 0.5
-                                        and errors(caplog, f"says it is {B}"),
-                                        timeout=FOLLOW_GRACE + 5)
+                await past(heard_again + FOLLOW_GRACE + 0.5, caplog, error=f"says it is {B}")
                 assert worker.identity == f"mismatch: {B}"  # (still: never followed)
         assert len(errors(caplog, f"says it is {B}")) == 1, errors(caplog, "")
     finally:
         device_b.close()
         await sim_b.close()
+
+
+
+@contextlib.asynccontextmanager
+async def b_link_slow_to_answer(tmp_path: Path, broker: Any,
+                                caplog: Any) -> AsyncIterator[tuple[Bridge, DeviceByHand,
+                                                                    SimulatorServer]]:
+    """B's device names B on A's port; the device on B's port (driven by hand) has not
+    answered B's identity check FOLLOW_GRACE later (a stalled CPU, a slow device), and no
+    error is logged meanwhile (it sent a technician after a swap the daemon followed a
+    moment later). Yields the bridge, the device on B's port and B's device."""
+    on_port_b = DeviceByHand(tmp_path / "port-b")
+    sim_b = terminal_b()
+    loop = asyncio.get_running_loop()
+    try:
+        async with b_heard_on_a(tmp_path, broker, str(tmp_path / "port-b"), sim_b) as bridge:
+            assert bridge.workers[A].identity == f"mismatch: {B}"
+            await past(loop.time() + FOLLOW_GRACE + 0.5, caplog)
+            assert not errors(caplog, f"says it is {B}"), errors(caplog, "")
+            assert bridge.workers[B].identity == "unknown"  # (still: the case to show)
+            yield bridge, on_port_b, sim_b
+    finally:
+        on_port_b.close()
+        await sim_b.close()
+
+
+async def test_b_link_slow_to_say_who_is_there_is_waited_for(tmp_path, mosquitto, caplog):
+    """Cables swapped, B's link slow to say who is there: once A's device on B's port
+    answers B's identity check, the terminals are followed, and no error is logged."""
+    with caplog.at_level(logging.INFO, logger="poi_bridge"):
+        async with b_link_slow_to_answer(tmp_path, mosquitto, caplog) as (
+                bridge, device_a, sim_b):
+            await b_link_names(device_a, A)
+            await b_is_followed_and_paid(bridge, mosquitto, sim_b, tmp_path / "port-a")
+            assert linked_to(bridge, A) == str(tmp_path / "port-b")
+    assert any(WAITED in m for m in caplog.messages), caplog.messages
+    assert not errors(caplog, f"says it is {B}"), errors(caplog, "")
+
+
+async def test_the_wrong_device_is_reported_once_b_link_says_b_is_there_too(
+        tmp_path, mosquitto, caplog):
+    """B's link slow to say who is there, then the device on B's port names B too: two
+    devices say they are B. A reports its wrong device then (once), not before, and is not
+    followed."""
+    loop = asyncio.get_running_loop()
+    with caplog.at_level(logging.INFO, logger="poi_bridge"):
+        async with b_link_slow_to_answer(tmp_path, mosquitto, caplog) as (
+                bridge, device_b, _):
+            await b_link_names(device_b, B)
+            assert await wait_until(lambda: bridge.workers[B].identity == "confirmed",
+                                    timeout=10)
+            await past(loop.time() + FOLLOW_GRACE + 0.5, caplog, error=f"says it is {B}")
+            assert bridge.workers[A].identity == f"mismatch: {B}"  # not followed
+            assert linked_to(bridge, A) == str(tmp_path / "port-a")
+            assert linked_to(bridge, B) == str(tmp_path / "port-b")
+    said = errors(caplog, f"says it is {B}")
+    assert len(said) == 1 and said[0].startswith(f"terminal {A}: "), errors(caplog, "")
+    assert any(f"{B} is also confirmed on its own link" in m for m in caplog.messages)
+
+
+async def test_a_long_wait_for_b_link_is_said_once(tmp_path, mosquitto, caplog,
+                                                   monkeypatch):
+    """B's link does not say who is there for FOLLOW_PATIENCE (shortened here): A says so
+    once, at warning, and keeps waiting, without an error (the daemon may still follow
+    them); when B's link speaks the terminals are followed."""
+    patience = FOLLOW_GRACE * 1.5
+    monkeypatch.setattr(worker_module, "FOLLOW_PATIENCE", patience)
+    loop = asyncio.get_running_loop()
+    long_wait = f"{B}'s own link has not said in"
+    with caplog.at_level(logging.INFO, logger="poi_bridge"):
+        async with b_link_slow_to_answer(tmp_path, mosquitto, caplog) as (
+                bridge, device_a, sim_b):
+            assert await wait_until(lambda: warnings(caplog, long_wait),
+                                    timeout=patience + FOLLOW_GRACE + 5), caplog.messages
+            # Two more grace periods: still waiting, said once
+            await past(loop.time() + 2 * FOLLOW_GRACE + 0.5, caplog)
+            assert bridge.workers[A].identity == f"mismatch: {B}"
+            await b_link_names(device_a, A)
+            await b_is_followed_and_paid(bridge, mosquitto, sim_b, tmp_path / "port-a")
+    said = warnings(caplog, long_wait)
+    assert len(said) == 1 and said[0].startswith(f"terminal {A}: the device at"), said
+    assert not errors(caplog, f"says it is {B}"), errors(caplog, "")

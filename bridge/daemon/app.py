@@ -101,6 +101,7 @@ class Bridge:
         self.workers: dict[str, TerminalWorker] = {
             t.poi_id: TerminalWorker(t, self.journal, self.gateway, key=load_key(t),
                                      clock=self.clock, on_wrong_device=self._wrong_device,
+                                     follow_waits=self._follow_waits,
                                      transport_factory=functools.partial(
                                          open_transport, taken_serials=_taken_serials(t, config)))
             for t in config.terminals
@@ -174,6 +175,14 @@ class Bridge:
                     poi_id, configured.get(poi_id), said, configured.get(said))
         return self.workers[partner.poi_id]
 
+    def _follow_waits(self, poi_id: str, said: str) -> bool:
+        """Whether following `poi_id` to `said`'s link (FOLLOW_LATER) still waits for `said`'s
+        own link to say who is there: the worker's report of the wrong device waits with it.
+        Also while that link's change is about to be decided again (_decide_again, soon)."""
+        if self._stopping or self._awaited.get(poi_id) != said:
+            return False
+        return self._deciding_again or awaits_its_own_link(self.workers[said])
+
     def _state_changed(self, poi_id: str) -> None:
         """`poi_id`'s state was published: a follow that waits for its link is decided again,
         once the step that changed it is over."""
@@ -197,7 +206,8 @@ class Bridge:
                 continue
             if awaits_its_own_link(self.workers[said]):
                 continue
-            # (not followed: the worker's grace timer reports the wrong device, or has)
+            # (not followed: the worker's grace timer reports the wrong device, now that
+            # _follow_waits says no more, or has)
             self._wrong_device(poi_id, said)
 
     # (The hotplug monitor logs each plug and unplug; the worker, what it keeps open.)

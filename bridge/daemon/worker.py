@@ -104,9 +104,15 @@ CHARGED = ("approved", "partially_approved")  # the outcomes where money moved
 OVERSIZE_QUIET = 5.0
 NOT_CONNECTED_YET = "not connected yet"
 # on_wrong_device's answer when following waits for the other terminal's own link to say who
-# is there; the wrong device is reported only if it is still there FOLLOW_GRACE s later
+# is there; the wrong device is reported only if it is still there FOLLOW_GRACE s later, and
+# that link has spoken by then (asked again every FOLLOW_GRACE s until it has: its identity
+# check is a chain of timers of its own, late on a stalled CPU)
 FOLLOW_LATER = "later"
 FOLLOW_GRACE = 2.0
+# s: after this long waiting for the other link, the wait is logged once (at warning). That
+# link decides within its identity check's status_timeout (30 s by default) of opening, its
+# device answering or not: twice that is no longer a slow link but a stuck one
+FOLLOW_PATIENCE = 60.0
 
 
 class Outlet(Protocol):
@@ -144,13 +150,16 @@ class TerminalWorker:
         clock: Callable[[], float] | None = None,
         backoff: Backoff | None = None,
         on_wrong_device: Callable[[str, str], TerminalWorker | str | None] | None = None,
+        follow_waits: Callable[[str, str], bool] | None = None,
     ) -> None:
         """`on_wrong_device(poi_id, said)`: the device on this terminal's link says it is
         `said`; `said`'s worker when the daemon follows the terminals to their links
         (relink()), FOLLOW_LATER when that may come once `said`'s own link has spoken, else
-        None."""
+        None. `follow_waits(poi_id, said)`: whether, after FOLLOW_LATER, that is still so
+        (the wrong device is not reported meanwhile)."""
         self.config = config
         self.on_wrong_device = on_wrong_device
+        self.follow_waits = follow_waits
         self.poi_id = config.poi_id
         self.journal = journal
         self.outlet = outlet
@@ -195,8 +204,9 @@ class TerminalWorker:
         # Told (by the daemon) each time this terminal's state is published: a follow that
         # waits for this link to say who is there is decided again then
         self.on_state: Callable[[str], None] | None = None
-        # The wrong device's report, FOLLOW_GRACE s after it named another terminal: one at a
-        # time, or a drop and reopen onto the same device within the grace reported it twice
+        # The wrong device's report, FOLLOW_GRACE s after it named another terminal (or
+        # later: _grace_over): one at a time, or a drop and reopen onto the same device
+        # within the grace reported it twice
         self._grace_timer: asyncio.TimerHandle | None = None
 
     # --- public -----------------------------------------------------------------------------
@@ -814,8 +824,9 @@ class TerminalWorker:
                 # Swapped cables: most often the other link says who is there a moment later
                 # and both are followed. An error meanwhile would send a technician after a
                 # swap the daemon handles; it is said if the device is still here then.
-                self._grace_timer = asyncio.get_running_loop().call_later(
-                    FOLLOW_GRACE, self._report_wrong_device, said)
+                loop = asyncio.get_running_loop()
+                self._grace_timer = loop.call_later(FOLLOW_GRACE, self._grace_over, said,
+                                                    loop.time(), False)
             else:
                 self._report_wrong_device(said)
             self._publish_state()
@@ -826,6 +837,35 @@ class TerminalWorker:
             self._grace_timer.cancel()
             self._grace_timer = None
 
+    def _grace_over(self, said: str, heard: float, warned: bool) -> None:
+        """FOLLOW_GRACE s after the device here named `said` (at `heard`, loop time), or
+        after the last time this was asked: the wrong device is reported, unless following
+        still waits for `said`'s own link (then it is asked again later). It used to be
+        reported after FOLLOW_GRACE whatever: on a stalled CPU `said`'s link had not spoken
+        yet, and the error sent a technician after a swap the daemon followed a moment
+        later."""
+        self._grace_timer = None
+        if self._stopping or self.identity != f"mismatch: {said}":
+            return  # followed meanwhile, or the link dropped
+        if self.follow_waits is None or not self.follow_waits(self.poi_id, said):
+            self._report_wrong_device(said)
+            return
+        loop = asyncio.get_running_loop()
+        if not warned and loop.time() - heard >= FOLLOW_PATIENCE:
+            # (not the error: the daemon may still follow them once that link has spoken)
+            warned = True
+            log.warning("terminal %s: the device at %s says it is %s, and %s's own link has "
+                        "not said in %.0f s which terminal is there: requests for %s are "
+                        "refused meanwhile; the two are followed to each other's links, or "
+                        "this is reported, once it has. If this lasts, check the device on "
+                        "%s's link", self.poi_id, self._where(), said, said,
+                        loop.time() - heard, self.poi_id, said)
+        self._grace_timer = loop.call_later(FOLLOW_GRACE, self._grace_over, said, heard,
+                                            warned)
+
+    def _where(self) -> str:
+        return self._transport.describe() if self._transport else "?"
+
     def _report_wrong_device(self, said: str) -> None:
         self._grace_timer = None
         if self._stopping or self.identity != f"mismatch: {said}":
@@ -833,8 +873,7 @@ class TerminalWorker:
         log.error("terminal %s: the device at %s says it is %s: nothing is sent to it "
                   "(requests for %s are refused, status polls wait) until this is fixed; "
                   "check which terminal is plugged into which port, or the configuration, "
-                  "then replug", self.poi_id,
-                  self._transport.describe() if self._transport else "?", said, self.poi_id)
+                  "then replug", self.poi_id, self._where(), said, self.poi_id)
 
     # --- timers -------------------------------------------------------------------------------
 
