@@ -17,6 +17,7 @@ import functools
 import logging
 import sqlite3
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -180,6 +181,9 @@ class TerminalWorker:
         self._timer: asyncio.TimerHandle | None = None
         self._started = False
         self._oversize_at = -OVERSIZE_QUIET  # (monotonic) the last oversize frame handled
+        # Link task failures since a link last ended without one: how often each (its type
+        # and where it was raised) was seen, so that a repeat is one line, not a traceback
+        self._link_failures: dict[tuple[Any, ...], int] = {}
         self._link_reason = NOT_CONNECTED_YET
         self._stopping = False
         self._enabled_event = asyncio.Event()  # hotplug: clear while the device is unplugged
@@ -528,13 +532,18 @@ class TerminalWorker:
             self._link_reason = ""
             self._apply(self.session.link_is_up(self._clock()))
             frames_before, opened_at = self.counters["frames_in"], time.monotonic()
-            reason = await self._run_link(transport)
-            if self.counters["frames_in"] > frames_before \
-                    or time.monotonic() - opened_at >= LINK_PROVEN_AFTER:
+            reason, failed = await self._run_link(transport)
+            # A link a bug of ours ended backs off as one that never worked: frames_in counts
+            # a frame before it is handled, and a bug met on every frame reopened it at once,
+            # ~20 times a second, the terminal flipping online/offline on MQTT.
+            if not failed and (self.counters["frames_in"] > frames_before
+                               or time.monotonic() - opened_at >= LINK_PROVEN_AFTER):
                 # The link worked: losing it now is news, reopen quickly. One that opens and
                 # drops at once (a TCP peer serving someone else, a terminal in its boot
                 # loader) keeps backing off instead of being reopened ten times a second.
                 self._backoff.reset()
+            if not failed:
+                self._link_failures.clear()  # the same failure after this is news again
             self.counters["reconnects"] += 1
             await self._link_down(transport, reason, opened=True)
 
@@ -572,7 +581,8 @@ class TerminalWorker:
             with contextlib.suppress(TimeoutError):  # a relink or a plug-in: at once
                 await asyncio.wait_for(self._retry_now.wait(), self._backoff.next_delay())
 
-    async def _run_link(self, transport: Transport) -> str:
+    async def _run_link(self, transport: Transport) -> tuple[str, bool]:
+        """Until the link ends: why it did, and whether a failure of ours (a bug) ended it."""
         reader = asyncio.create_task(self._read_loop(transport))
         writer = asyncio.create_task(self.writer.run(transport))
         unplugged = asyncio.create_task(self._disabled_event.wait())
@@ -591,13 +601,27 @@ class TerminalWorker:
         for task in done:
             exc = task.exception()
             if isinstance(exc, LinkClosed):
-                return exc.reason
+                return exc.reason, False
             if exc is not None:
-                log.exception("terminal %s: link task failed", self.poi_id, exc_info=exc)
-                return f"internal error: {exc!r}"
+                self._link_task_failed(exc)
+                return f"internal error: {exc!r}", True
         if relinked in done:
-            return "its link changed (terminals found on each other's links)"
-        return "device unplugged"
+            return "its link changed (terminals found on each other's links)", False
+        return "device unplugged", False
+
+    def _link_task_failed(self, exc: BaseException) -> None:
+        """Its traceback the first time; the same failure again (a bug met on every frame,
+        each reopen) in one line, counted: the technician sees the bug once, and the log is
+        not flooded with copies of it."""
+        where = tuple((frame.f_code.co_filename, line)
+                      for frame, line in traceback.walk_tb(exc.__traceback__))
+        key = (type(exc), where)
+        seen = self._link_failures[key] = self._link_failures.get(key, 0) + 1
+        if seen == 1:
+            log.error("terminal %s: link task failed", self.poi_id, exc_info=exc)
+        else:
+            log.error("terminal %s: link task failed again, as before (%d times now, its "
+                      "traceback logged the first time): %r", self.poi_id, seen, exc)
 
     async def _read_loop(self, transport: Transport) -> None:
         """Until the link ends: the transport hands each read to _bytes_read (serial: from
