@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 
 from bridge.config import TerminalConfig
@@ -19,9 +20,9 @@ from bridge.daemon.worker import TerminalWorker
 from bridge.protocol.messages import parse_message
 from bridge.protocol.transaction import request_digest
 from bridge.simulator import responses
-from bridge.simulator.server import SimulatorServer
+from bridge.simulator.server import SimulatorServer, open_pty
 from bridge.simulator.terminal import Behaviour, Scenario
-from bridge.transports import Backoff
+from bridge.transports import Backoff, LinkClosed
 
 from .test_busy_record_after_nak import POI, HandTerminal, worker_paying
 from .test_terminal_worker import RecordingOutlet
@@ -78,6 +79,29 @@ async def test_a_bug_while_reading_fails_the_link_task_visibly_and_the_link_reop
         device.close()
 
 
+@contextlib.asynccontextmanager
+async def worker_on(tmp_path, device: str, backoff: Backoff, prepare=None, named: bool = True):
+    """A TerminalWorker on the serial `device`, once online (and, if `named`, once the device
+    has said who it is); `prepare(worker)` before it starts."""
+    config = TerminalConfig.model_validate({
+        "poi_id": POI, "link": {"kind": "serial", "device": device},
+        "framer": {"name": "stx-etx-lrc", "ack_timeout": 0.3}})
+    journal = Journal(tmp_path / "journal.sqlite3")
+    outlet = RecordingOutlet()
+    worker = TerminalWorker(config, journal, outlet, backoff=backoff)
+    if prepare is not None:
+        prepare(worker)
+    await worker.start()
+    try:
+        await outlet.state_is("online")
+        async with asyncio.timeout(10):
+            while named and worker.identity == "unknown":
+                await asyncio.sleep(0.01)
+        yield worker
+    finally:
+        await worker.stop()
+        journal.close()
+
 
 @contextlib.asynccontextmanager
 async def simulated_terminal_worker(tmp_path, backoff: Backoff):
@@ -85,23 +109,11 @@ async def simulated_terminal_worker(tmp_path, backoff: Backoff):
     simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05)),
                                 "stx-etx-lrc", ack_timeout=0.05)
     path = await simulator.start_pty(tmp_path / "terminal")
-    config = TerminalConfig.model_validate({
-        "poi_id": POI, "link": {"kind": "serial", "device": path},
-        "framer": {"name": "stx-etx-lrc", "ack_timeout": 0.3}})
-    journal = Journal(tmp_path / "journal.sqlite3")
-    outlet = RecordingOutlet()
-    worker = TerminalWorker(config, journal, outlet, backoff=backoff)
-    await worker.start()
     try:
-        await outlet.state_is("online")
-        async with asyncio.timeout(10):
-            while worker.identity == "unknown":
-                await asyncio.sleep(0.01)
-        yield worker
+        async with worker_on(tmp_path, path, backoff) as worker:
+            yield worker
     finally:
-        await worker.stop()
         await simulator.close()
-        journal.close()
 
 
 async def test_a_bug_met_on_every_frame_backs_off_and_logs_its_traceback_once(tmp_path, caplog):
@@ -138,3 +150,79 @@ async def test_a_bug_met_on_every_frame_backs_off_and_logs_its_traceback_once(tm
     assert len(failures) >= 5
     assert "failed again" in failures[-1].getMessage()
     assert "5 times" in failures[4].getMessage(), failures[4].getMessage()
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def link_tasks_by_hand(tmp_path, write_loop):
+    """A worker on a pseudo-terminal whose link tasks are the test's: each link's reader waits
+    for its gate (in `gates`, by transport, the last one opened last) and then ends with
+    LinkClosed; its writer is `write_loop(gate)`. Yields the worker and the gates."""
+    master, slave, _ = open_pty(tmp_path / "terminal")
+    gates: dict = {}
+
+    def gate(transport) -> asyncio.Future:
+        return gates.setdefault(transport, asyncio.get_running_loop().create_future())
+
+    async def read_loop(transport):
+        await gate(transport)
+        raise LinkClosed("the line hung up (the test's)")
+
+    def by_hand(worker):
+        worker._read_loop = read_loop
+        worker.writer.run = lambda transport: write_loop(gate(transport))
+
+    try:
+        async with worker_on(tmp_path, str(tmp_path / "terminal"), Backoff(0.01, 0.02),
+                             prepare=by_hand, named=False) as worker:
+            yield worker, gates
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+async def test_a_writer_bug_in_the_pass_the_reader_ends_is_logged(tmp_path, caplog):
+    """The reader ended with LinkClosed and the writer failed with a bug in the same pass:
+    _run_link went through the finished tasks in a set's order, and returned the LinkClosed
+    reason without a word of the bug when the reader came first. Every link here."""
+    caplog.set_level(logging.INFO)
+
+    async def write_loop(gate):
+        await gate  # as the reader: both finish in the same pass
+        raise RuntimeError("a bug met while writing")
+
+    async with link_tasks_by_hand(tmp_path, write_loop) as (worker, gates):
+        for n in range(1, 11):
+            await wait_until(lambda: len(gates) == n)
+            list(gates.values())[-1].set_result(None)
+            await wait_until(lambda: worker.counters["reconnects"] == n)
+        failures = [r for r in caplog.records if "link task failed" in r.getMessage()]
+    assert len(failures) == 10, f"the writer's bug logged for {len(failures)} of 10 links"
+    assert "a bug met while writing" in caplog.text
+
+
+async def test_a_task_that_raises_while_cancelled_is_logged(tmp_path, caplog):
+    """The reader ended the link; the writer, cancelled, raised a bug of its own: suppressed
+    with every other exception of an unfinished task, it went unseen."""
+    caplog.set_level(logging.INFO)
+
+    async def write_loop(gate):
+        try:
+            await asyncio.get_running_loop().create_future()  # (never done)
+        except asyncio.CancelledError:
+            raise RuntimeError("a bug met while the writer was cancelled") from None
+
+    async with link_tasks_by_hand(tmp_path, write_loop) as (worker, gates):
+        await wait_until(lambda: len(gates) == 1)
+        list(gates.values())[0].set_result(None)
+        await wait_until(lambda: worker.counters["reconnects"] == 1)
+        failures = [r for r in caplog.records if "link task failed" in r.getMessage()]
+        lost = [r.getMessage() for r in caplog.records if "link lost" in r.getMessage()]
+    assert len(failures) == 1 and failures[0].exc_info, "the writer's bug went unseen"
+    assert "while the writer was cancelled" in repr(failures[0].exc_info[1])
+    assert "the line hung up (the test's)" in lost[0]  # what ended the link, still

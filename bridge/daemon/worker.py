@@ -116,6 +116,14 @@ FOLLOW_GRACE = 2.0
 FOLLOW_PATIENCE = 60.0
 
 
+def _bug_of(task: asyncio.Task[Any]) -> BaseException | None:
+    """What a finished link task raised other than its cancellation or the link's end."""
+    if not task.done() or task.cancelled():
+        return None
+    exc = task.exception()
+    return None if isinstance(exc, LinkClosed) else exc
+
+
 class Outlet(Protocol):
     """Where a worker's results go: the MQTT side in the daemon, a list in tests."""
 
@@ -588,6 +596,7 @@ class TerminalWorker:
         unplugged = asyncio.create_task(self._disabled_event.wait())
         relinked = asyncio.create_task(self._relinked.wait())
         tasks = {reader, writer, unplugged, relinked}
+        done: set[asyncio.Task[Any]] = set()
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -598,13 +607,22 @@ class TerminalWorker:
                 # link loop unseen, the terminal left "online" with nobody reading it)
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            # A bug met by a task while it was cancelled has nobody else to tell
+            for task in tasks - done:
+                failure = _bug_of(task)
+                if failure is not None:
+                    self._link_task_failed(failure)
+        # Every bug of a finished task is logged, and is what ended the link: a LinkClosed
+        # of the same pass (the reader's, the writer failing beside it) would hide it
+        failures = [exc for exc in map(_bug_of, done) if exc is not None]
+        for exc in failures:
+            self._link_task_failed(exc)
+        if failures:
+            return f"internal error: {failures[0]!r}", True
         for task in done:
             exc = task.exception()
             if isinstance(exc, LinkClosed):
                 return exc.reason, False
-            if exc is not None:
-                self._link_task_failed(exc)
-                return f"internal error: {exc!r}", True
         if relinked in done:
             return "its link changed (terminals found on each other's links)", False
         return "device unplugged", False
