@@ -42,6 +42,7 @@ class HandTerminal:
         os.set_blocking(self.master, False)
         self.framer = make_framer(framer)
         self.payments = 0
+        self.heard = bytearray()  # every byte the bridge wrote, as read here
         asyncio.get_running_loop().add_reader(self.master, self._readable)
 
     def answer(self, request: dict, category: str, ack: bytes) -> None:
@@ -51,6 +52,7 @@ class HandTerminal:
         data = b""
         with contextlib.suppress(OSError):
             data = os.read(self.master, 65536)
+        self.heard += data
         events = self.framer.receive_data(data, time.monotonic())
         ack = self.framer.data_to_send()  # one ACK per frame read: the same bytes each
         for event in events:

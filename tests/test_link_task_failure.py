@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
@@ -17,6 +18,8 @@ import time
 from bridge.config import TerminalConfig
 from bridge.daemon.journal import Journal
 from bridge.daemon.worker import TerminalWorker
+from bridge.protocol.framing.acknowledged import ACK
+from bridge.protocol.framing.stx_etx_lrc import STX
 from bridge.protocol.messages import parse_message
 from bridge.protocol.transaction import request_digest
 from bridge.simulator import responses
@@ -226,3 +229,62 @@ async def test_a_task_that_raises_while_cancelled_is_logged(tmp_path, caplog):
     assert len(failures) == 1 and failures[0].exc_info, "the writer's bug went unseen"
     assert "while the writer was cancelled" in repr(failures[0].exc_info[1])
     assert "the line hung up (the test's)" in lost[0]  # what ended the link, still
+
+
+class AckWatcher(Payer):
+    """Answers without waiting for the bridge's ACKs (its framer is not held by an answer
+    never ACKed), and notes where in what it heard its payment's answer went out."""
+
+    answered_at: int | None = None
+
+    def answer(self, request, category, ack):
+        if category == "Payment" and self.answered_at is None:
+            self.answered_at = len(self.heard)
+        super().answer(request, category, ack)
+
+    def send(self, ack, document):
+        document["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+        os.write(self.master, ack + self.framer.encode(json.dumps(document).encode()))
+
+
+async def test_a_frame_whose_handling_failed_is_not_acked_before_the_link_reopens(
+        tmp_path, caplog):
+    """The framer queues a frame's ACK as it reads it, before the worker handles it. When
+    _on_frame raised, the worker scheduled no kick of its own, but until _run_link cancelled
+    the writer (two passes later) another kick (the framer's resend timer, a commit's) sent
+    the queued bytes, that ACK among them: the terminal forgot an answer the bridge never
+    recorded. Now nothing is sent for a frame whose handling failed; the answer is had by
+    the status poll on the reopened link."""
+    caplog.set_level(logging.INFO)
+    path = tmp_path / "terminal"
+    device = AckWatcher(path, "stx-etx-lrc")
+
+    def a_bug_once(worker):
+        real, calls = worker._on_frame, []
+
+        def failing_once(payload):
+            calls.append(payload)
+            if len(calls) == 1:
+                # a kick of this worker in the same pass, as from the framer's resend timer
+                asyncio.get_running_loop().call_soon(worker.writer.kick)
+                raise RuntimeError("a bug met handling an answer")
+            return real(payload)
+
+        worker._on_frame = failing_once
+
+    try:
+        async with worker_paying(tmp_path, path, "stx-etx-lrc",
+                                 prepare=a_bug_once) as (outlet, _journal):
+            # the bridge's next frame (its identity check on the reopened link)
+            await wait_until(lambda: device.answered_at is not None
+                             and STX in device.heard[device.answered_at:])
+            after = device.heard[device.answered_at:]
+            before_reopen = after[:after.index(STX)]
+            assert bytes([ACK]) not in before_reopen, (
+                f"{bytes(before_reopen)!r} reached the terminal before the link reopened: "
+                "the ACK of an answer the bridge never recorded")
+            result = await outlet.result_for("S1", timeout=20)
+            assert result.outcome == "approved", result.error
+        assert "link task failed" in caplog.text
+    finally:
+        device.close()

@@ -122,6 +122,14 @@ class FrameWriter:
         self._delivered_on_write.clear()
         self._unwritten_frames.clear()
 
+    def drop_unsent(self) -> None:
+        """Handling what the terminal sent failed, and the link is about to be reopened:
+        what the framer holds does not go out (the ACK of the frame that failed may be among
+        it). Its frames are forgotten, as a reopen forgets them: their transactions are
+        asked about by status poll on the new link, never sent again."""
+        self.framer.reset()
+        self._delivered_on_write.clear()  # (never written: not delivered)
+
     async def run(self, transport: Transport) -> None:
         """The writer task, while `transport` is up."""
         self._transport = transport

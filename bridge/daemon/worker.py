@@ -650,7 +650,15 @@ class TerminalWorker:
     def _bytes_read(self, data: bytes) -> None:
         # At 115200 baud a frame arrives in many small reads: most of them only feed the
         # framer, so wake the writer and move the timer only when something changed.
-        self._framer_events(self.framer.receive_data(data, time.monotonic()))
+        try:
+            self._framer_events(self.framer.receive_data(data, time.monotonic()))
+        except Exception:
+            # The link task fails and the link is reopened; till then another kick (the resend
+            # timer's, a commit's) would send what the framer queued while reading, the ACK of
+            # the frame whose handling failed among it: the terminal forgets an answer it saw
+            # ACKed, one the bridge never recorded. Nothing of it goes out.
+            self.writer.drop_unsent()
+            raise
         if self.framer.has_data_to_send:
             # the ACK/NAK the framer queued goes out via the writer, once the answer it
             # acknowledges is journaled: the terminal may forget an answer it saw ACKed
