@@ -316,3 +316,29 @@ async def test_a_long_wait_for_b_link_is_said_once(tmp_path, mosquitto, caplog,
     said = warnings(caplog, long_wait)
     assert len(said) == 1 and said[0].startswith(f"terminal {A}: the device at"), said
     assert not errors(caplog, f"says it is {B}"), errors(caplog, "")
+
+
+async def test_stopping_while_a_waits_for_b_link_reports_no_wrong_device(
+        tmp_path, mosquitto, caplog):
+    """The daemon stopped while A waited for B's slow link: stop() drains the requests (up to
+    3 s) and says goodbye on MQTT (up to 2 s) before it stops the workers, and _follow_waits
+    said "no longer waiting" from the first moment of the stop. A's grace timer, due during
+    the drain, logged the wrong device at ERROR: a technician sent to replug after a swap the
+    next start follows (found by review rv14). Here the drain lasts past that moment."""
+    drained_past: list[float] = []
+    with caplog.at_level(logging.INFO, logger="poi_bridge"):
+        async with b_link_slow_to_answer(tmp_path, mosquitto, caplog) as (bridge, _, _):
+            worker = bridge.workers[A]
+            assert worker._grace_timer is not None  # (A waits: its timer is armed)
+            due = worker._grace_timer.when()
+            real_drain = bridge.gateway.drain_requests
+
+            async def slow_drain() -> None:  # requests still coming in while A's grace ends
+                await real_drain()
+                await past(due + 0.2, caplog)
+                drained_past.append(due)
+
+            bridge.gateway.drain_requests = slow_drain
+            # (bridge_on stops the bridge as this block ends)
+    assert drained_past, "the drain did not outlast A's grace"
+    assert not errors(caplog, f"says it is {B}"), errors(caplog, "")

@@ -425,6 +425,10 @@ class Bridge:
     async def stop(self) -> None:
         """Drain: take no new requests, keep in-flight state in the journal, say offline."""
         self._stopping = True
+        for worker in self.workers.values():
+            # (before the drain: a wrong device reported now would send a technician after
+            # a swap this daemon no longer follows and the next start finds again)
+            worker.daemon_stops()
         open_now = [t for w in self.workers.values() for t in w.session.open.values()]
         log.info("stopping: no new requests; %s", "open transactions stay in the journal and "
                  f"are asked about on the next start: {describe_transactions(open_now)}"

@@ -194,6 +194,7 @@ class TerminalWorker:
         self._link_failures: dict[tuple[Any, ...], int] = {}
         self._link_reason = NOT_CONNECTED_YET
         self._stopping = False
+        self._daemon_stopping = False  # (daemon_stops(): no wrong device is reported)
         self._enabled_event = asyncio.Event()  # hotplug: clear while the device is unplugged
         self._enabled_event.set()
         self._disabled_event = asyncio.Event()
@@ -294,6 +295,15 @@ class TerminalWorker:
                 await task
         if self._transport is not None:
             await self._transport.close()
+
+    def daemon_stops(self) -> None:
+        """The daemon is stopping: its drain and its goodbye on MQTT take seconds before
+        stop(), and this link runs on meanwhile. No wrong device is reported from now on (the
+        grace timer of one waiting for another terminal's link is cancelled): the daemon
+        follows nothing while it stops, and an ERROR then sent a technician to replug for a
+        swap the next start, finding the cables as they are, follows or reports itself."""
+        self._daemon_stopping = True
+        self._cancel_grace()
 
     def device_present(self, present: bool) -> None:
         """Hotplug: the device appeared or went away. While it is away the worker does not
@@ -895,8 +905,8 @@ class TerminalWorker:
         yet, and the error sent a technician after a swap the daemon followed a moment
         later."""
         self._grace_timer = None
-        if self._stopping or self.identity != f"mismatch: {said}":
-            return  # followed meanwhile, or the link dropped
+        if self._stopping or self._daemon_stopping or self.identity != f"mismatch: {said}":
+            return  # followed meanwhile, the link dropped, or the daemon stops
         if self.follow_waits is None or not self.follow_waits(self.poi_id, said):
             self._report_wrong_device(said)
             return
@@ -918,8 +928,8 @@ class TerminalWorker:
 
     def _report_wrong_device(self, said: str) -> None:
         self._grace_timer = None
-        if self._stopping or self.identity != f"mismatch: {said}":
-            return  # followed meanwhile, or the link dropped
+        if self._stopping or self._daemon_stopping or self.identity != f"mismatch: {said}":
+            return  # followed meanwhile, the link dropped, or the daemon stops
         log.error("terminal %s: the device at %s says it is %s: nothing is sent to it "
                   "(requests for %s are refused, status polls wait) until this is fixed; "
                   "check which terminal is plugged into which port, or the configuration, "
