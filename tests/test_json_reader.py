@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bridge.protocol import jsontext
+
+from .fuzzing import fuzz_settings
 
 
 def strict(text):
@@ -59,7 +61,7 @@ values = st.recursive(
     max_leaves=25)
 
 
-@settings(max_examples=400)
+@fuzz_settings(400)
 @given(values, st.booleans())
 def test_valid_documents_read_the_same(value, pretty):
     text = json.dumps(value, indent=1 if pretty else None, ensure_ascii=pretty)
@@ -77,7 +79,7 @@ pieces = st.sampled_from([
     '{"a":1,"a":2}', '"1234567890123456789"', "\u00e9", "\\", '"'])
 
 
-@settings(max_examples=1500)
+@fuzz_settings(1500)
 @given(st.lists(pieces, min_size=1, max_size=8))
 def test_any_text_reads_the_same_or_fails_the_same(parts):
     assert_same("".join(parts))
