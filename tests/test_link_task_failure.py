@@ -17,6 +17,7 @@ import time
 
 from bridge.config import TerminalConfig
 from bridge.daemon.journal import Journal
+from bridge.daemon import worker as worker_module
 from bridge.daemon.worker import TerminalWorker
 from bridge.protocol.framing.acknowledged import ACK
 from bridge.protocol.framing.stx_etx_lrc import STX
@@ -162,7 +163,7 @@ async def wait_until(predicate, timeout: float = 10.0) -> None:
 
 
 @contextlib.asynccontextmanager
-async def link_tasks_by_hand(tmp_path, write_loop):
+async def link_tasks_by_hand(tmp_path, write_loop, backoff: Backoff | None = None):
     """A worker on a pseudo-terminal whose link tasks are the test's: each link's reader waits
     for its gate (in `gates`, by transport, the last one opened last) and then ends with
     LinkClosed; its writer is `write_loop(gate)`. Yields the worker and the gates."""
@@ -181,7 +182,8 @@ async def link_tasks_by_hand(tmp_path, write_loop):
         worker.writer.run = lambda transport: write_loop(gate(transport))
 
     try:
-        async with worker_on(tmp_path, str(tmp_path / "terminal"), Backoff(0.01, 0.02),
+        async with worker_on(tmp_path, str(tmp_path / "terminal"),
+                             backoff or Backoff(0.01, 0.02),
                              prepare=by_hand, named=False) as worker:
             yield worker, gates
     finally:
@@ -288,3 +290,43 @@ async def test_a_frame_whose_handling_failed_is_not_acked_before_the_link_reopen
         assert "link task failed" in caplog.text
     finally:
         device.close()
+
+
+async def test_a_bug_after_the_link_worked_reopens_at_once_and_shows_its_traceback(
+        tmp_path, caplog, monkeypatch):
+    """A link a bug ended never reset the reopen backoff, however long it had worked: after a
+    terminal that refused connections for a while (the backoff at its cap), a link that then
+    worked for hours and met one bug waited 5-10 s to reopen, and a bug met once per payment
+    kept every reopen there. Nor was the count of failures cleared, so the same bug days
+    later came without its traceback (review rv14). A link up LINK_PROVEN_AFTER worked: a
+    bug ending it reopens at once, and is news (its traceback). A bug met at once still
+    backs off and is one line (see the every-frame test above)."""
+    caplog.set_level(logging.INFO)
+    proven = 0.3
+    monkeypatch.setattr(worker_module, "LINK_PROVEN_AFTER", proven)
+    backoff = Backoff(initial=0.05, maximum=30.0)
+    while backoff.next_delay() < 10:  # at its cap: the terminal refused connections a while
+        pass
+    # How long each link works before the bug (the last one: until the test ends)
+    plan = [2 * proven, 0.0, 2 * proven]
+    opened = []
+
+    async def write_loop(gate):
+        opened.append(time.monotonic())
+        if len(opened) > len(plan):
+            await gate  # (never set: this link lasts)
+        until = opened[-1] + plan[len(opened) - 1]
+        await wait_until(lambda: time.monotonic() >= until)
+        raise RuntimeError("a bug met once per payment")
+
+    async with link_tasks_by_hand(tmp_path, write_loop, backoff) as (worker, _):
+        try:
+            await wait_until(lambda: len(opened) == len(plan) + 1, timeout=10)
+        except TimeoutError:
+            raise AssertionError(f"{len(opened)} links opened in 10 s: a link that worked "
+                                 "and met a bug waited the backoff's cap to reopen") from None
+        failures = [r for r in caplog.records if "link task failed" in r.getMessage()]
+    assert len(failures) == 3, [r.getMessage() for r in failures]
+    # each link that worked: the traceback; the one that failed at once: one line
+    assert [bool(r.exc_info) for r in failures] == [True, False, True], \
+        [r.getMessage() for r in failures]

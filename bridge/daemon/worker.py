@@ -550,12 +550,15 @@ class TerminalWorker:
             self._link_reason = ""
             self._apply(self.session.link_is_up(self._clock()))
             frames_before, opened_at = self.counters["frames_in"], time.monotonic()
-            reason, failed = await self._run_link(transport)
-            # A link a bug of ours ended backs off as one that never worked: frames_in counts
-            # a frame before it is handled, and a bug met on every frame reopened it at once,
-            # ~20 times a second, the terminal flipping online/offline on MQTT.
-            if not failed and (self.counters["frames_in"] > frames_before
-                               or time.monotonic() - opened_at >= LINK_PROVEN_AFTER):
+            reason, failed = await self._run_link(transport, opened_at)
+            # A link a bug of ours ended soon backs off as one that never worked: frames_in
+            # counts a frame before it is handled, and a bug met on every frame reopened it at
+            # once, ~20 times a second, the terminal flipping online/offline on MQTT. One up
+            # LINK_PROVEN_AFTER worked, bug or not: a bug met once per payment, or after
+            # hours, must not wait at the backoff's cap (left there by a terminal that refused
+            # connections a while) to reopen; one met on every frame reopens once a period.
+            if time.monotonic() - opened_at >= LINK_PROVEN_AFTER \
+                    or (not failed and self.counters["frames_in"] > frames_before):
                 # The link worked: losing it now is news, reopen quickly. One that opens and
                 # drops at once (a TCP peer serving someone else, a terminal in its boot
                 # loader) keeps backing off instead of being reopened ten times a second.
@@ -599,8 +602,9 @@ class TerminalWorker:
             with contextlib.suppress(TimeoutError):  # a relink or a plug-in: at once
                 await asyncio.wait_for(self._retry_now.wait(), self._backoff.next_delay())
 
-    async def _run_link(self, transport: Transport) -> tuple[str, bool]:
-        """Until the link ends: why it did, and whether a failure of ours (a bug) ended it."""
+    async def _run_link(self, transport: Transport, opened_at: float) -> tuple[str, bool]:
+        """Until the link ends: why it did, and whether a failure of ours (a bug) ended it.
+        `opened_at`: when it came up (time.monotonic())."""
         reader = asyncio.create_task(self._read_loop(transport))
         writer = asyncio.create_task(self.writer.run(transport))
         unplugged = asyncio.create_task(self._disabled_event.wait())
@@ -610,6 +614,10 @@ class TerminalWorker:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if time.monotonic() - opened_at >= LINK_PROVEN_AFTER:
+                # A link that worked: a failure ending it is news, its traceback logged again
+                # (the same bug days later came as one line, counted since the last one)
+                self._link_failures.clear()
             for task in tasks:
                 task.cancel()
             for task in tasks:
