@@ -285,6 +285,31 @@ async def test_serial_deliver_raises_what_its_receiver_raised_and_loses_no_byte(
     assert loop_errors == []
 
 
+async def test_serial_deliver_cancelled_before_it_raised_its_receivers_failure_raises_it(
+        pty, serial_link, loop_errors):
+    """The receiver raised in the loop's read callback, and deliver()'s task was cancelled
+    before it ran to raise that (the worker cancels the reader when the writer ends with
+    LinkClosed, or the device is unplugged, in the same pass): the failure stayed on the
+    transport, never logged, and the link counted as ended cleanly (review rv14). It comes
+    out of deliver() instead of the cancellation."""
+    delivering = None
+
+    def cancelled_beside(data: bytes) -> None:
+        # (the link's end, as the worker's _run_link cancels the reader: after this callback
+        # has woken the task, before the task runs)
+        asyncio.get_running_loop().call_soon(delivering.cancel)
+        raise ValueError("the receiver's own bug")
+
+    delivering = asyncio.create_task(serial_link.deliver(cancelled_beside))
+    async with asyncio.timeout(STEP):  # (waiting for the line: the callback calls receivers)
+        while serial_link._read_waiter is None:
+            await asyncio.sleep(0.005)
+    await pty.send(b"one")
+    with pytest.raises(ValueError, match="the receiver's own bug"):
+        await within(delivering)
+    assert loop_errors == []
+
+
 async def test_serial_deliver_and_read_are_not_both_waiting(pty, serial_link):
     reading = asyncio.create_task(serial_link.read())
     await asyncio.sleep(0.05)

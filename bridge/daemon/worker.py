@@ -625,11 +625,12 @@ class TerminalWorker:
                 # link loop unseen, the terminal left "online" with nobody reading it)
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            # A bug met by a task while it was cancelled has nobody else to tell
-            for task in tasks - done:
-                failure = _bug_of(task)
-                if failure is not None:
-                    self._link_task_failed(failure)
+            # A bug met by a task while it was cancelled (serial: also one its receiver met
+            # just before, see SerialTransport.deliver) has nobody else to tell, and is a bug
+            # of this link: counted as one, or the same bug logged its traceback every time
+            met_while_cancelled = [exc for exc in map(_bug_of, tasks - done) if exc is not None]
+            for exc in met_while_cancelled:
+                self._link_task_failed(exc)
         # Every bug of a finished task is logged, and is what ended the link: a LinkClosed
         # of the same pass (the reader's, the writer failing beside it) would hide it
         failures = [exc for exc in map(_bug_of, done) if exc is not None]
@@ -637,13 +638,14 @@ class TerminalWorker:
             self._link_task_failed(exc)
         if failures:
             return f"internal error: {failures[0]!r}", True
+        failed = bool(met_while_cancelled)
         for task in done:
             exc = task.exception()
             if isinstance(exc, LinkClosed):
-                return exc.reason, False
+                return exc.reason, failed
         if relinked in done:
-            return "its link changed (terminals found on each other's links)", False
-        return "device unplugged", False
+            return "its link changed (terminals found on each other's links)", failed
+        return "device unplugged", failed
 
     def _link_task_failed(self, exc: BaseException) -> None:
         """Its traceback the first time; the same failure again (a bug met on every frame,

@@ -151,6 +151,14 @@ class SerialTransport(Transport):
                 failure, self._receiver_failure = self._receiver_failure, None
                 if failure is not None:
                     raise failure
+        except asyncio.CancelledError:
+            # Cancelled after the receiver raised, before this task ran to raise it (the
+            # worker ends the reader when the writer's LinkClosed or an unplug comes in the
+            # same pass): the failure is what ends it all the same, or it went unseen
+            failure, self._receiver_failure = self._receiver_failure, None
+            if failure is None:
+                raise
+            raise failure from None
         finally:
             self._receiver = None
 
