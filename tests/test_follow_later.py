@@ -24,9 +24,11 @@ from typing import Any
 
 import pytest
 
+from bridge.config import TerminalConfig
 from bridge.daemon import worker as worker_module
 from bridge.daemon.app import Bridge
-from bridge.daemon.worker import FOLLOW_GRACE
+from bridge.daemon.journal import Journal
+from bridge.daemon.worker import FOLLOW_GRACE, TerminalWorker
 from bridge.register_client import RegisterClient
 from bridge.simulator import responses
 from bridge.simulator.server import SimulatorServer, open_pty
@@ -300,12 +302,14 @@ async def test_a_long_wait_for_b_link_is_said_once(tmp_path, mosquitto, caplog,
     once, at warning, and keeps waiting, without an error (the daemon may still follow
     them); when B's link speaks the terminals are followed."""
     patience = FOLLOW_GRACE * 1.5
-    monkeypatch.setattr(worker_module, "FOLLOW_PATIENCE", patience)
     loop = asyncio.get_running_loop()
     long_wait = f"{B}'s own link has not said in"
     with caplog.at_level(logging.INFO, logger="poi_bridge"):
         async with b_link_slow_to_answer(tmp_path, mosquitto, caplog) as (
                 bridge, device_a, sim_b):
+            # (in B's status_timeouts; asked at A's next grace, FOLLOW_GRACE * 2 after B named)
+            monkeypatch.setattr(worker_module, "FOLLOW_PATIENCE",
+                                patience / bridge.workers[B].config.status_timeout)
             assert await wait_until(lambda: warnings(caplog, long_wait),
                                     timeout=patience + FOLLOW_GRACE + 5), caplog.messages
             # Two more grace periods: still waiting, said once
@@ -342,3 +346,32 @@ async def test_stopping_while_a_waits_for_b_link_reports_no_wrong_device(
             # (bridge_on stops the bridge as this block ends)
     assert drained_past, "the drain did not outlast A's grace"
     assert not errors(caplog, f"says it is {B}"), errors(caplog, "")
+
+
+async def test_the_long_wait_is_measured_by_b_own_status_timeout(tmp_path, caplog):
+    """B's link decides within its identity check's status_timeout: the long wait's warning
+    comes after twice that. It came after a fixed 60 s, while a check configured longer (40 s
+    here: 80 s) was still legitimately running (review rv14). Asked as A's grace timer asks,
+    A's device having named B 70 s, then 85 s, before."""
+    def terminal(poi_id: str, **settings: Any) -> TerminalWorker:
+        config = TerminalConfig.model_validate({
+            "poi_id": poi_id, "link": {"kind": "serial", "device": str(tmp_path / poi_id)},
+            **settings})
+        return TerminalWorker(config, journal, outlet=None)
+
+    loop = asyncio.get_running_loop()
+    long_wait = f"{B}'s own link has not said in"
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        a, b = terminal(A), terminal(B, status_timeout=40)
+        a.terminals = {A: a, B: b}
+        a.follow_waits = lambda poi_id, said: True  # (B's link has not spoken)
+        a.identity = f"mismatch: {B}"
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            a._grace_over(B, loop.time() - 70, False)
+            assert not warnings(caplog, long_wait), warnings(caplog, long_wait)
+            a._grace_over(B, loop.time() - 85, False)
+            assert warnings(caplog, long_wait)
+        a._cancel_grace()
+    finally:
+        journal.close()

@@ -110,10 +110,11 @@ NOT_CONNECTED_YET = "not connected yet"
 # check is a chain of timers of its own, late on a stalled CPU)
 FOLLOW_LATER = "later"
 FOLLOW_GRACE = 2.0
-# s: after this long waiting for the other link, the wait is logged once (at warning). That
-# link decides within its identity check's status_timeout (30 s by default) of opening, its
-# device answering or not: twice that is no longer a slow link but a stuck one
-FOLLOW_PATIENCE = 60.0
+# After this many of the other terminal's status_timeout (60 s by default) waiting for its
+# link, the wait is logged once (at warning). That link decides within its identity check's
+# status_timeout of opening, its device answering or not: twice that is no longer a slow link
+# but a stuck one. (Its own: a fixed 60 s warned while a check configured longer still ran.)
+FOLLOW_PATIENCE = 2.0
 
 
 def _bug_of(task: asyncio.Task[Any]) -> BaseException | None:
@@ -921,7 +922,8 @@ class TerminalWorker:
             self._report_wrong_device(said)
             return
         loop = asyncio.get_running_loop()
-        if not warned and loop.time() - heard >= FOLLOW_PATIENCE:
+        other = self.terminals.get(said, self)  # (said's identity check is what is waited for)
+        if not warned and loop.time() - heard >= FOLLOW_PATIENCE * other.config.status_timeout:
             # (not the error: the daemon may still follow them once that link has spoken)
             warned = True
             log.warning("terminal %s: the device at %s says it is %s, and %s's own link has "
