@@ -1356,6 +1356,10 @@ class BrokerLog:
         by_mid: dict[str, dict[str, Any]] = {}
         subscribed = False
         filters: set[str] = set()  # the bridge's subscriptions that take register requests
+        saved_filters: set[str] = set()  # ... as the broker's last save holds them
+        # Why the bridge is not subscribed: it unsubscribed, or the broker restarted without
+        # its session (killed -9 before it had saved the bridge's subscriptions)
+        session_lost = False
         lines = path.read_text(errors="replace").splitlines() if path.exists() else []
         for line in lines:
             stamp, _, text = line.partition(": ")
@@ -1368,7 +1372,8 @@ class BrokerLog:
                     continue
                 entry = {"client": client, "what": self._what(text), "received": at,
                          "bridge_subscribed": subscribed, "saved": False, "dropped": None,
-                         "sent": None, "acked": None}
+                         "sent": None, "acked": None,
+                         "session_lost": session_lost and not subscribed}
                 self.entries.append(entry)
                 if subscribed:  # else the broker routes it to nobody
                     queued.append(entry)
@@ -1377,19 +1382,32 @@ class BrokerLog:
                 # the third line of the broker's SUBSCRIBE report (since 8b5246a the bridge
                 # takes .../request/#, and drops the narrower filters older bridges took)
                 filters.add(text[len(self.BRIDGE) + 3:])
-                subscribed = True
+                subscribed, session_lost = True, False
             elif text.startswith(f"{self.BRIDGE} ") and text[len(self.BRIDGE) + 1:] \
                     in self.REQUEST_FILTERS:
                 filters.discard(text[len(self.BRIDGE) + 1:])  # ... and of its UNSUBSCRIBE
-                subscribed = bool(filters)
+                subscribed, session_lost = bool(filters), False
             elif text.startswith("Saving in-memory database"):
                 for entry in queued:
                     entry["saved"] = True
+                saved_filters = set(filters)
             elif text.startswith("mosquitto version") and text.endswith("starting"):
                 for entry in [e for e in queued if not e["saved"]]:
                     entry["dropped"] = at  # arrived after the last save: gone with the kill
                     queued.remove(entry)
                 by_mid.clear()
+                # The restarted broker knows the bridge's subscriptions as last saved: none,
+                # if it was killed before it saved them (then it routes requests to nobody
+                # until the bridge, told "no session" in its CONNACK, subscribes again)
+                session_lost = session_lost or bool(filters - saved_filters)
+                filters = set(saved_filters)
+                subscribed = bool(filters)
+            elif text.startswith(f"Sending CONNACK to {self.BRIDGE} (0,"):
+                # session present 0: whatever the replay thought, the broker holds no
+                # subscription of the bridge's now
+                session_lost = session_lost or bool(filters)
+                filters.clear()
+                subscribed = False
             elif text.startswith(f"Sending PUBLISH to {self.BRIDGE} (") and self._a_request(text):
                 what = self._what(text)
                 mid = text.split(", m", 1)[1].split(",", 1)[0]
@@ -1464,7 +1482,7 @@ def busy_record_of_a_copy(row: dict[str, Any]) -> bool:
 
 
 NOT_FOUND_IN_LOG = {"received": None, "bridge_subscribed": None, "saved": False,
-                    "dropped": None, "sent": None, "acked": None}
+                    "dropped": None, "sent": None, "acked": None, "session_lost": False}
 FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "stuck", "disputed", "crashed",
          "leaked")
 BUSY_DETAIL = "terminal busy: the payment was not started"  # the session's words
@@ -1735,6 +1753,14 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                     explained.append(f"{p.key}: request published at {clock(p.sent_at)}, not "
                                      "yet saved by mosquitto when it was killed -9, so the "
                                      "broker lost it before the bridge could have it; nothing "
+                                     f"charged ({seen})")
+                elif trace["received"] is not None and trace["session_lost"] \
+                        and trace["dropped"] is None and trace["sent"] is None:
+                    counts["never_reached_bridge"] += 1
+                    explained.append(f"{p.key}: request published at {clock(p.sent_at)} to a "
+                                     "broker restarted without the bridge's session (killed "
+                                     "-9 before it saved the bridge's subscriptions), before "
+                                     "the bridge subscribed again: routed to nobody; nothing "
                                      f"charged ({seen})")
                 elif trace["received"] is not None and trace["bridge_subscribed"] is False \
                         and trace["dropped"] is None and trace["sent"] is None:

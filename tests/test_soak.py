@@ -574,6 +574,47 @@ def test_the_broker_log_keeps_the_bridge_subscribed_through_its_wider_request_fi
     assert BrokerLog(path).entries[0]["bridge_subscribed"] is False
 
 
+def test_the_broker_log_knows_a_restarted_broker_lost_the_bridge_session(tmp_path):
+    """A broker killed -9 before it saved the bridge's subscriptions restarts without its
+    session (CONNACK session-present 0) and routes a register's request to nobody until the
+    bridge subscribes again. The replay kept the bridge subscribed through the restart, gave
+    the next delivery of that topic to the lost request, and reported it LOST as "the bridge
+    acknowledged it and never answered" (make soak, seed 62, at 9aeb54e)."""
+    from bench.soak import BrokerLog
+
+    request = ("Received PUBLISH from soak-register-TILL3 (d0, q1, r0, m2, "
+               "'poi-bridge/terminals/V-2/request', ... (424 bytes))")
+    lost = [
+        "99: Saving in-memory database to /x/mosquitto.db.",
+        "100: Sending CONNACK to poi-bridge-soak (0, 0)",
+        "100: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+        "101: mosquitto version 2.0.11 starting",  # killed -9 before a save after 100
+        f"102: {request}",
+        "103: Sending CONNACK to poi-bridge-soak (0, 0)",
+        "103: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+        f"104: {request.replace('m2,', 'm3,')}",
+        "104: Sending PUBLISH to poi-bridge-soak (d0, q1, r0, m9, "
+        "'poi-bridge/terminals/V-2/request', ... (424 bytes))",
+        "104: Received PUBACK from poi-bridge-soak (Mid: 9, RC:0)",
+    ]
+    path = tmp_path / "mosquitto.log"
+    path.write_text("\n".join(lost) + "\n")
+    first, second = BrokerLog(path).entries
+    assert first["bridge_subscribed"] is False and first["session_lost"] is True
+    assert first["sent"] is None and first["acked"] is None  # not the next one's delivery
+    assert second["sent"] == second["acked"] == 104 and second["session_lost"] is False
+    # Saved after the bridge subscribed: the restarted broker keeps its session and queues
+    kept = lost[:3] + ["100: Saving in-memory database to /x/mosquitto.db."] + lost[3:5]
+    path.write_text("\n".join(kept) + "\n")
+    (entry,) = BrokerLog(path).entries
+    assert entry["bridge_subscribed"] is True and entry["session_lost"] is False
+    # A CONNACK without the session says so even where no restart was logged
+    path.write_text("\n".join(lost[1:3] + ["101: Sending CONNACK to poi-bridge-soak (0, 0)",
+                                            f"102: {request}"]) + "\n")
+    (entry,) = BrokerLog(path).entries
+    assert entry["bridge_subscribed"] is False and entry["session_lost"] is True
+
+
 # --- --keys: the soak's terminals and bridge with local encryption ---------------------------
 
 def test_soak_keys_per_terminal_and_shared_are_named_by_file_only(tmp_path):
