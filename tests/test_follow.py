@@ -17,7 +17,7 @@ from bridge.config import parse_config
 from bridge.daemon.app import Bridge
 from bridge.daemon.worker import TerminalWorker
 from bridge.daemon.device_match import TerminalMatcher
-from bridge.daemon.follow import partner_to_follow
+from bridge.daemon.follow import partner_to_follow, waits_for_its_own_link
 from bridge.daemon.hotplug import HotplugMonitor
 from bridge.protocol.transaction import TxState
 from bridge.register_client import RegisterClient
@@ -77,6 +77,21 @@ def test_a_partner_whose_link_holds_another_device_or_none_is_followed():
 def test_a_partner_that_may_be_on_its_own_link_is_not_followed(partner, why):
     found, why_not = decide(partner)
     assert found is None and why in why_not, why_not
+
+
+@pytest.mark.parametrize("a,b,waits", [
+    (Holder(A, f"mismatch: {B}", True), Holder(B, "unknown", True), True),
+    # refused whatever B's link says next: reported now, not once it has spoken (rv14, 3)
+    (Holder(A, f"mismatch: {B}", True), Holder(B, "unknown", True, kind="tcp"), False),
+    (Holder(A, f"mismatch: {B}", True), Holder(B, "unknown", True, device=f"/dev/tty-{A}"),
+     False),
+    (Holder(A, f"mismatch: {B}", True, holds_unconfirmed_sends=True),
+     Holder(B, "unknown", True), False),
+    (Holder(A, f"mismatch: {B}", True), Holder(B, f"mismatch: {A}", True), False),
+])
+def test_the_decision_waits_for_b_link_only_when_nothing_else_refuses_it(a, b, waits):
+    assert waits_for_its_own_link({A: a, B: b}, A, B) is waits
+    assert waits_for_its_own_link({A: a}, A, B) is False
 
 
 # --- the daemon ---------------------------------------------------------------------------

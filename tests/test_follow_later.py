@@ -20,13 +20,15 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from bridge.config import TerminalConfig
+from bridge.config import TerminalConfig, parse_config
 from bridge.daemon import worker as worker_module
 from bridge.daemon.app import Bridge
+from bridge.daemon.follow import awaits_its_own_link
 from bridge.daemon.journal import Journal
 from bridge.daemon.worker import FOLLOW_GRACE, TerminalWorker
 from bridge.register_client import RegisterClient
@@ -375,3 +377,35 @@ async def test_the_long_wait_is_measured_by_b_own_status_timeout(tmp_path, caplo
         a._cancel_grace()
     finally:
         journal.close()
+
+
+async def test_a_refusal_b_link_cannot_change_is_reported_without_waiting_for_it(
+        tmp_path, caplog):
+    """A (serial) hears B's device while B's own link (TCP) is up and has not said who is
+    there. Terminals on links of two kinds are never followed, whatever B's link says: A
+    waited for it all the same (FOLLOW_LATER), its error held back until B's link spoke, or
+    the long-wait warning saying "followed ... once it has" (review rv14, finding 3)."""
+    bridge = Bridge(parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"),
+        "mqtt": {"host": "127.0.0.1", "port": 1, "base_topic": BASE},
+        "terminals": [{"poi_id": A, "link": {"kind": "serial",
+                                              "device": str(tmp_path / "port-a")}},
+                      {"poi_id": B, "link": {"kind": "tcp", "host": "127.0.0.1", "port": 1}}],
+    }), hotplug=False)
+    a, b = bridge.workers[A], bridge.workers[B]
+    loop = asyncio.get_running_loop()
+    try:
+        b.session.link_is_up(loop.time())  # (as B's worker once its link opened)
+        assert awaits_its_own_link(b)  # (B's link undecided: the case to show)
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            a._check_identity(SimpleNamespace(message_header=SimpleNamespace(poi_id=B)))
+            assert a.identity == f"mismatch: {B}"
+            assert not bridge._follow_waits(A, B)
+            # (at once now; never later than A's grace, whatever B's link does meanwhile)
+            assert await wait_until(lambda: errors(caplog, f"says it is {B}"),
+                                    timeout=FOLLOW_GRACE + 1), caplog.messages
+            assert awaits_its_own_link(b)  # B's link has still not said
+        assert any("on a tcp link, and this is a serial link" in m for m in caplog.messages)
+    finally:
+        a._cancel_grace()
+        bridge.journal.close()

@@ -27,7 +27,7 @@ from bridge.config import (
     read_configured_secret,
 )
 from bridge.daemon.device_match import DeviceInfo, TerminalMatcher, describe_link
-from bridge.daemon.follow import awaits_its_own_link, partner_to_follow
+from bridge.daemon.follow import partner_to_follow, waits_for_its_own_link
 from bridge.daemon.worker import FOLLOW_LATER
 from bridge.daemon.hotplug import HotplugMonitor, udev_announces
 from bridge.daemon.intake import RequestIntake
@@ -145,7 +145,9 @@ class Bridge:
         if partner is None:
             log.info("terminal %s: the device on its link says it is %s; not followed: %s",
                      poi_id, said, why_not)
-            if said in self.workers and awaits_its_own_link(self.workers[said]):
+            # (only when nothing else refuses it: a refusal that link cannot change, e.g.
+            # other link kinds, is reported now, not once that link has spoken; review rv14)
+            if waits_for_its_own_link(self.workers, poi_id, said):
                 self._awaited[poi_id] = said  # decided again when said's state changes
                 return FOLLOW_LATER
             return None
@@ -181,7 +183,7 @@ class Bridge:
         Also while that link's change is about to be decided again (_decide_again, soon)."""
         if self._stopping or self._awaited.get(poi_id) != said:
             return False
-        return self._deciding_again or awaits_its_own_link(self.workers[said])
+        return self._deciding_again or waits_for_its_own_link(self.workers, poi_id, said)
 
     def _state_changed(self, poi_id: str) -> None:
         """`poi_id`'s state was published: a follow that waits for its link is decided again,
@@ -204,7 +206,7 @@ class Bridge:
             if worker.identity != f"mismatch: {said}" or worker.session.following:
                 del self._awaited[poi_id]  # its link dropped or moves: its next device decides
                 continue
-            if awaits_its_own_link(self.workers[said]):
+            if waits_for_its_own_link(self.workers, poi_id, said):
                 continue
             # (not followed: the worker's grace timer reports the wrong device, now that
             # _follow_waits says no more, or has)

@@ -41,33 +41,52 @@ def partner_to_follow(workers: Mapping[str, LinkHolder], poi_id: str,
     confirmed is never taken, and one whose device has not said who it is yet is waited
     for (the daemon asks again when that link's state changes: it names a terminal, fails
     its identity check, drops or fails to open)."""
+    why_not = _never_now(workers, poi_id, said)
+    if why_not:
+        return None, why_not
+    partner = workers[said]
+    if awaits_its_own_link(partner):
+        return None, f"{said}'s own link has not said yet which terminal is there"
+    return partner, ""
+
+
+def waits_for_its_own_link(workers: Mapping[str, LinkHolder], poi_id: str, said: str) -> bool:
+    """Whether `said`'s own link not having said yet who is there is the only reason
+    partner_to_follow refuses: then the decision waits for it. Not when it refuses for a
+    reason that link cannot change (link kinds, one device, unconfirmed sends): the wrong
+    device is reported then, not after waiting for that link."""
+    partner = workers.get(said)
+    return (partner is not None and awaits_its_own_link(partner)
+            and not _never_now(workers, poi_id, said))
+
+
+def _never_now(workers: Mapping[str, LinkHolder], poi_id: str, said: str) -> str:
+    """Why `poi_id` is not followed to `said`'s link whatever that link says next; "" if
+    nothing but that link stands in the way."""
     partner = workers.get(said)
     if partner is None:
-        return None, f"{said} is not a terminal in the configuration"
+        return f"{said} is not a terminal in the configuration"
     here = workers[poi_id].config.link
     there = partner.config.link
     if here.kind != there.kind:
-        return None, (f"{said} is configured on a {there.kind} link, and this is a {here.kind} "
-                      "link: not followed")
+        return (f"{said} is configured on a {there.kind} link, and this is a {here.kind} "
+                "link: not followed")
     if _may_be_one_device(here, there):
         # Swapping would change nothing but drop both links, again at every message: the
         # two terminals would be followed back and forth.
-        return None, (f"{said}'s link and this one may lead to the same device: not followed "
-                      "(run poi-bridge check-config)")
+        return (f"{said}'s link and this one may lead to the same device: not followed "
+                "(run poi-bridge check-config)")
     for holder in (workers[poi_id], partner):
         if holder.holds_unconfirmed_sends:
             # That device may hold the payment (it did not answer the identity check, and
             # got the request anyway): asked about elsewhere, its NotFound would read "never
             # charged". Left where it is, it is asked about on this device, as before.
-            return None, (f"{holder.poi_id} sent a request to its device before the device "
-                          "said who it is: not followed, so that it is asked about where it "
-                          "went")
+            return (f"{holder.poi_id} sent a request to its device before the device "
+                    "said who it is: not followed, so that it is asked about where it went")
     if partner.identity == "confirmed":
-        return None, (f"{said} is also confirmed on its own link: two devices say they are "
-                      f"{said}")
-    if awaits_its_own_link(partner):
-        return None, f"{said}'s own link has not said yet which terminal is there"
-    return partner, ""
+        return (f"{said} is also confirmed on its own link: two devices say they are "
+                f"{said}")
+    return ""
 
 
 def awaits_its_own_link(partner: LinkHolder) -> bool:
