@@ -916,8 +916,8 @@ class TerminalWorker:
         yet, and the error sent a technician after a swap the daemon followed a moment
         later."""
         self._grace_timer = None
-        if self._stopping or self._daemon_stopping or self.identity != f"mismatch: {said}":
-            return  # followed meanwhile, the link dropped, or the daemon stops
+        if not self._still_wrong(said):
+            return
         if self.follow_waits is None or not self.follow_waits(self.poi_id, said):
             self._report_wrong_device(said)
             return
@@ -935,13 +935,19 @@ class TerminalWorker:
         self._grace_timer = loop.call_later(FOLLOW_GRACE, self._grace_over, said, heard,
                                             warned)
 
+    def _still_wrong(self, said: str) -> bool:
+        """Whether the device here still names `said` and the wrong device is to be reported:
+        not once followed, the link dropped, or the worker or the daemon stops."""
+        return not (self._stopping or self._daemon_stopping
+                    or self.identity != f"mismatch: {said}")
+
     def _where(self) -> str:
         return self._transport.describe() if self._transport else "?"
 
     def _report_wrong_device(self, said: str) -> None:
         self._grace_timer = None
-        if self._stopping or self._daemon_stopping or self.identity != f"mismatch: {said}":
-            return  # followed meanwhile, the link dropped, or the daemon stops
+        if not self._still_wrong(said):
+            return
         log.error("terminal %s: the device at %s says it is %s: nothing is sent to it "
                   "(requests for %s are refused, status polls wait) until this is fixed; "
                   "check which terminal is plugged into which port, or the configuration, "
