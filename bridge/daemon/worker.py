@@ -92,6 +92,7 @@ def describe_transactions(transactions: list[Transaction], most: int = 5,
 MAX_TIMER_SLEEP = 60.0  # s: look at the deadlines again at least this often
 LINK_PROVEN_AFTER = 10.0  # s: a link up this long (or that brought a frame) worked
 TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed timer
+TIMER_RETRY_AFTER_BUG = 0.5  # s: the first pause after a timer step failed, doubling to 10 s
 # s: how long a followed terminal waits for the worker that had its new link to let go of it
 RELINK_HANDOVER = 2.0
 # What the bridge concluded of a money request by itself (`error`: from a crypto error,
@@ -188,6 +189,11 @@ class TerminalWorker:
         self.writer = FrameWriter(self.poi_id, self.framer, journal, self.session, self._apply,
                                   self._clock)
         self._timer: asyncio.TimerHandle | None = None
+        # A timer step that failed (a bug) is tried again after a pause, not at once: its
+        # deadline is still past, and the timer would fire again and again, the loop spinning
+        self._timer_backoff = Backoff(initial=TIMER_RETRY_AFTER_BUG, maximum=10.0)
+        self._timer_paused_until = 0.0  # (loop time)
+        self._timer_failures: dict[tuple[Any, ...], int] = {}  # as _link_failures
         self._started = False
         self._oversize_at = -OVERSIZE_QUIET  # (monotonic) the last oversize frame handled
         # Link task failures since a link last ended without one: how often each (its type
@@ -649,18 +655,22 @@ class TerminalWorker:
         return "device unplugged", failed
 
     def _link_task_failed(self, exc: BaseException) -> None:
+        self._log_bug(self._link_failures, "link task failed", exc)
+
+    def _log_bug(self, seen_before: dict[tuple[Any, ...], int], what: str,
+                 exc: BaseException, advice: str = "") -> None:
         """Its traceback the first time; the same failure again (a bug met on every frame,
-        each reopen) in one line, counted: the technician sees the bug once, and the log is
-        not flooded with copies of it."""
+        each reopen, each deadline) in one line, counted: the technician sees the bug once,
+        and the log is not flooded with copies of it."""
         where = tuple((frame.f_code.co_filename, line)
                       for frame, line in traceback.walk_tb(exc.__traceback__))
         key = (type(exc), where)
-        seen = self._link_failures[key] = self._link_failures.get(key, 0) + 1
+        seen = seen_before[key] = seen_before.get(key, 0) + 1
         if seen == 1:
-            log.error("terminal %s: link task failed", self.poi_id, exc_info=exc)
+            log.error("terminal %s: %s%s", self.poi_id, what, advice, exc_info=exc)
         else:
-            log.error("terminal %s: link task failed again, as before (%d times now, its "
-                      "traceback logged the first time): %r", self.poi_id, seen, exc)
+            log.error("terminal %s: %s again, as before (%d times now, its traceback logged "
+                      "the first time): %r%s", self.poi_id, what, seen, exc, advice)
 
     async def _read_loop(self, transport: Transport) -> None:
         """Until the link ends: the transport hands each read to _bytes_read (serial: from
@@ -968,7 +978,7 @@ class TerminalWorker:
         if framer_due is not None:
             delay = min(delay, framer_due - time.monotonic())
         loop = asyncio.get_running_loop()
-        when = loop.time() + max(0.0, delay)
+        when = max(loop.time() + max(0.0, delay), self._timer_paused_until)
         timer = self._timer
         if timer is not None:
             if abs(timer.when() - when) < TIMER_SLACK:
@@ -987,8 +997,20 @@ class TerminalWorker:
             due = self.session.next_deadline()
             if due is not None and due <= self._clock():
                 self._apply(self.session.tick(self._clock()))
-        except Exception:  # a timer must never die: the next deadline still has to fire
-            log.exception("terminal %s: timer step failed", self.poi_id)
+        except Exception as exc:  # a timer must never die: the next deadline still has to fire
+            # ... but not at once: the deadline that failed is still past. Paused, doubling,
+            # the loop serves every other terminal meanwhile, and this one's deadlines (status
+            # polls, ACK timeouts) are tried again, late, in case the bug was a passing one.
+            self._log_bug(self._timer_failures, "timer step failed", exc,
+                          "; its deadlines (status polls, ACK timeouts) are tried again after "
+                          "a pause. A bug of the bridge: report it with this log")
+            self._timer_paused_until = asyncio.get_running_loop().time() \
+                + self._timer_backoff.next_delay()
+        else:
+            if self._timer_paused_until:
+                self._timer_paused_until = 0.0
+                self._timer_backoff.reset()
+                self._timer_failures.clear()  # the same bug after a step that worked is news
         finally:
             self._rearm()
 

@@ -1,0 +1,99 @@
+"""A bug met at a deadline (the session's tick or the framer's timeout, run from the worker's
+loop timer) must neither kill the timer nor spin it.
+
+The timer logged the exception and armed itself again for the earliest deadline, which was
+the one that had just failed, already past: it fired again at once, the event loop spun at
+100 % of a core (every other terminal and register slowed with it) and the log took a
+traceback per pass, thousands a second (noted in session 15, fixed in session 16)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from bridge.transports import Backoff
+
+from .test_link_task_failure import simulated_terminal_worker, wait_until
+
+
+def timer_failures(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if "timer step failed" in r.getMessage()]
+
+
+async def test_a_deadline_that_fails_every_time_is_retried_after_a_pause(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    async with simulated_terminal_worker(tmp_path, Backoff(0.05, 5.0)) as worker:
+        ticks: list[float] = []
+        real_tick, real_deadline = worker.session.tick, worker.session.next_deadline
+
+        def broken_tick(now):
+            ticks.append(time.monotonic())
+            raise RuntimeError("a bug met at every deadline")
+
+        worker.session.tick = broken_tick
+        worker.session.next_deadline = lambda: worker._clock() - 1.0  # always due
+        worker._rearm()
+        await asyncio.sleep(2.0)
+        failed = len(ticks)
+        # Mended: the pause ends at a step that works, and deadlines are on time again
+        worked: list[float] = []
+
+        def counting_tick(now):
+            worked.append(time.monotonic())
+            return real_tick(now)
+
+        worker.session.tick = counting_tick
+        await wait_until(lambda: worked, timeout=15.0)
+        worker.session.next_deadline = real_deadline
+        due_once = [worker._clock() + 0.2]
+        worker.session.next_deadline = lambda: due_once[0] if due_once else real_deadline()
+
+        def tick_once(now):
+            due_once.clear()
+            worked.append(time.monotonic())
+            return real_tick(now)
+
+        worker.session.tick = tick_once
+        asked = time.monotonic()
+        worked.clear()
+        worker._rearm()
+        await wait_until(lambda: worked, timeout=5.0)
+        late = worked[0] - asked
+    assert 1 <= failed <= 6, (
+        f"{failed} failed timer steps in 2 s: a deadline that fails is retried at once")
+    records = timer_failures(caplog)
+    with_traceback = [r for r in records if r.exc_info]
+    assert len(with_traceback) == 1, f"{len(with_traceback)} tracebacks for the same bug"
+    assert len(records) == failed
+    if failed >= 2:
+        assert "2 times" in records[1].getMessage(), records[1].getMessage()
+    assert late < 0.6, f"a deadline 0.2 s away fired {late:.2f} s later, after the bug mended"
+
+
+async def test_a_timer_bug_after_a_step_that_worked_shows_its_traceback_again(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    async with simulated_terminal_worker(tmp_path, Backoff(0.05, 5.0)) as worker:
+        real_tick, real_deadline = worker.session.tick, worker.session.next_deadline
+        runs = {"fail": True, "calls": 0}
+
+        def tick(now):
+            runs["calls"] += 1
+            if runs["fail"]:
+                raise RuntimeError("a bug met once")
+            runs["fail"] = True  # fails again at the next deadline
+            worker.session.next_deadline = real_deadline
+            return real_tick(now)
+
+        worker.session.tick = tick
+        worker.session.next_deadline = lambda: worker._clock() - 1.0
+        worker._rearm()
+        await wait_until(lambda: runs["calls"] >= 1)
+        runs["fail"] = False
+        await wait_until(lambda: runs["calls"] >= 2 and runs["fail"], timeout=15.0)
+        worker.session.next_deadline = lambda: worker._clock() - 1.0
+        worker._rearm()
+        await wait_until(lambda: len(timer_failures(caplog)) >= 2, timeout=15.0)
+    with_traceback = [r for r in timer_failures(caplog) if r.exc_info]
+    assert len(with_traceback) == 2, (
+        "the same bug, met again after a timer step that worked, is news: its traceback again")
