@@ -620,7 +620,8 @@ async def test_an_older_refused_state_due_again_behind_a_newer_one_is_not_publis
 
     record = f"{BASE}/transactions/TILL1/S1"
     # A long delay: the retry round is run below by hand, at the moment the timer would fire
-    async with refusing_broker(tmp_path, Backoff(initial=600, maximum=600)) as (
+    # (growing: the refusal leaves it at 600-1200 s, until nothing refused is held any more)
+    async with refusing_broker(tmp_path, Backoff(initial=600, maximum=6000)) as (
             broker, acl, journal, gateway):
         gateway.enqueue(record, {"state": "in_progress"}, retain=True)
         await eventually(lambda: gateway.refused == 1)
@@ -641,6 +642,9 @@ async def test_an_older_refused_state_due_again_behind_a_newer_one_is_not_publis
             retained = await late.wait_for(lambda t, p: True, timeout=5)
         assert retained == {"state": "final"}, (
             f"the broker retains {retained} for a transaction that ended")
+        # Nothing refused is held now (the old document replaced, the newer one taken): a
+        # refusal to come is retried after the first delay again, not after the grown one
+        assert gateway._refusal_backoff.next_delay() <= 600
 
 
 async def test_the_client_reports_a_refusal_as_such_and_mqtt311_is_unchanged(tmp_path):

@@ -131,6 +131,7 @@ class OutboxPump:
         self.gateway.undeliverable += 1
         self.retrying.discard(message.id)  # (given up: no longer held)
         self.loop.call_soon(journal.mark_delivered, [message.id])
+        self._start_delays_over_if_none_held()
 
     def _done(self, message: OutboxMessage, properties: Properties | None,
               future: asyncio.Future[None]) -> None:
@@ -198,6 +199,7 @@ class OutboxPump:
         self.acked.append(message.id)
         log.info("retained topic %s: an older message the broker refused is not published "
                  "again: a newer one went after it", message.topic)
+        self._start_delays_over_if_none_held()
 
     def _after_refusals(self, message: OutboxMessage) -> None:
         """`message` was taken. A refused retained message on the same topic is older: sent
@@ -218,6 +220,11 @@ class OutboxPump:
                 log.info("retained topic %s: %d older message(s) the broker refused are "
                          "replaced by the newer one it took, and not published again",
                          message.topic, len(older))
+        self._start_delays_over_if_none_held()
+
+    def _start_delays_over_if_none_held(self) -> None:
+        """Once no refused message is held (each taken, replaced by a newer one, or given
+        up), the next refusal is retried after the first, short delay again."""
         if not self.retrying and not self.refused and not self.retry:
             self.gateway._refusal_backoff.reset()
 
