@@ -200,11 +200,22 @@ class SerialLink(_Strict):
     rtscts: Bool = False
     xonxoff: Bool = False
 
+    @property
+    def seconds_per_byte(self) -> float:
+        """How long one byte takes on the line: start bit, data bits, parity, stop bits."""
+        bits = 1 + self.bytesize + (self.parity != "N") + self.stopbits
+        return bits / self.baudrate
+
 
 class TcpLink(_Strict):
     kind: Literal["tcp"] = "tcp"
     host: Host
     port: Int = Field(gt=0, lt=65536)
+
+    @property
+    def seconds_per_byte(self) -> float:
+        """Bytes leave at network speed: no time on the line worth counting."""
+        return 0.0
 
 
 def _hex16(value: int | str) -> int:
@@ -221,6 +232,11 @@ class UsbLink(_Strict):
     serial: str | None = None
     interface: Int = 0
     timeout: _seconds(60) = Field(default=1.0, description="seconds per bulk transfer")
+
+    @property
+    def seconds_per_byte(self) -> float:
+        """Bytes leave at USB speed: no time on the line worth counting."""
+        return 0.0
 
     _ids = field_validator("vendor_id", "product_id", mode="before")(
         lambda cls, v: _hex16(v)  # noqa: ARG005

@@ -8,6 +8,7 @@ be told from line noise: a NAK read proves no transmission answered (review rv10
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -342,3 +343,75 @@ op = st.one_of(st.just(("drain",)), st.just(("timeout",)),
 @given(st.sampled_from(FRAMERS), st.lists(op, max_size=25))
 def test_the_framer_and_the_writer_end_every_frame_once(cls, ops) -> None:
     run_model(cls, ops)
+
+
+BAUD_115200 = 10 / 115200  # s per byte: start bit, 8 data bits, stop bit
+
+
+@pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
+def test_the_ack_time_counts_from_the_frames_last_byte_on_the_line(cls) -> None:
+    """A 60 KB frame (a print request with a logo) takes 5.2 s to cross a 115200 baud line.
+    Its 2 s ACK time counted from the write, so the framer sent it again while the first copy
+    was still going out: the terminal read it twice (two receipts, two payment requests)."""
+    payload = b'{"print":"' + b"x" * 60_000 + b'"}'
+    framer = cls(ack_timeout=2.0, max_frame_size=128 * 1024, seconds_per_byte=BAUD_115200)
+    framer.send_frame(payload, 0.0)
+    out = framer.data_to_send(10.0)
+    on_the_line = len(out) * BAUD_115200
+    assert on_the_line > 5.0
+    assert framer.handle_timeout(12.5) == [], "sent again while its first copy was going out"
+    assert framer.next_deadline() == pytest.approx(10.0 + on_the_line + 2.0)
+    assert framer.handle_timeout(10.0 + on_the_line + 2.0) == [FrameResent(payload)]
+    framer.data_to_send(20.0)  # the copy: its own line time, from its own write
+    assert framer.next_deadline() == pytest.approx(20.0 + on_the_line + 2.0)
+
+
+def test_a_frame_queued_behind_bytes_still_being_written_counts_from_their_end() -> None:
+    """The writer task writes what the device could not take at once (the rest of a long
+    frame) with what the framer gives it next (a copy, an ACK): the peer's time to ACK a
+    frame in the second part counts from after the first part has crossed the line too."""
+
+    class SlowLine:
+        """Takes 4 KB at once (the kernel's buffer), the rest in the writer task's write."""
+
+        def __init__(self) -> None:
+            self.written: list[tuple[float, bytes]] = []
+
+        def write_nowait(self, data: bytes) -> int:
+            self.written.append((time.monotonic(), data[:4096]))
+            return min(len(data), 4096)
+
+        async def write(self, data: bytes) -> None:
+            self.written.append((time.monotonic(), data))
+
+    class NoJournal:
+        commit_pending = False
+
+    async def main() -> None:
+        framer = StxEtxLrcFramer(ack_timeout=2.0, max_frame_size=128 * 1024,
+                                 seconds_per_byte=BAUD_115200)
+        writer = FrameWriter("T1", framer, journal=NoJournal(), session=RecordingSession(),
+                             apply=lambda a: None, clock=time.monotonic)
+        line = SlowLine()
+        task = asyncio.create_task(writer.run(line))
+        try:
+            await asyncio.sleep(0)  # the writer task waits, idle
+            big = b'{"print":"' + b"x" * 30_000 + b'"}'
+            writer._in_flight.append((big, TxKey("S1", "P1")))
+            framer.send_frame(big, time.monotonic())
+            started = time.monotonic()
+            writer.kick()  # 4 KB now, the rest for the writer task
+            frame = framer.encode(big)
+            assert framer.next_deadline() >= started + len(frame) * BAUD_115200 + 2.0
+            # The copy (after a NAK) is taken with the rest of the first one still unwritten
+            framer.receive_data(NAK, time.monotonic())
+            await asyncio.sleep(0.05)
+            assert b"".join(data for _, data in line.written) == frame + frame
+            # (the 4 KB the kernel took go out within the ACK time's margin: not counted)
+            rest = len(frame) - 4096
+            assert framer.next_deadline() >= started + (rest + len(frame)) * BAUD_115200 + 2.0, (
+                "the copy's ACK time counted from before the first copy had crossed the line")
+        finally:
+            task.cancel()
+
+    asyncio.run(main())

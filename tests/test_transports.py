@@ -951,3 +951,33 @@ def test_backoff_reset_starts_over():
     assert backoff.next_delay() == 30.0
     backoff.reset()
     assert backoff.next_delay() == 0.5
+
+
+def test_each_link_kind_says_how_long_a_byte_takes_on_its_line(tmp_path):
+    """The framers count a frame's ACK time from its last byte on the line (README "Wire
+    framing"): the worker gives them the link's time per byte."""
+    from bridge.config import TerminalConfig
+    from bridge.daemon.journal import Journal
+    from bridge.daemon.worker import TerminalWorker
+
+    assert SerialLink(device="/dev/ttyS0").seconds_per_byte == pytest.approx(10 / 115200)
+    assert SerialLink(device="/dev/ttyS0", baudrate=9600, bytesize=7, parity="E",
+                      stopbits=2).seconds_per_byte == pytest.approx(11 / 9600)
+    assert TcpLink(host="192.0.2.1", port=8443).seconds_per_byte == 0.0
+    assert UsbLink(vendor_id=0x11CA, product_id=0x0219).seconds_per_byte == 0.0
+
+    class Nobody:
+        def deliver(self, result): ...
+        def progress(self, event): ...
+        def terminal_state(self, poi_id, state): ...
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        for link, expected in (({"kind": "serial", "device": "/dev/ttyS0", "baudrate": 57600},
+                                10 / 57600),
+                               ({"kind": "tcp", "host": "192.0.2.1", "port": 8443}, 0.0)):
+            config = TerminalConfig.model_validate({"poi_id": "V400m-1", "link": link})
+            worker = TerminalWorker(config, journal, Nobody())
+            assert worker.framer.seconds_per_byte == pytest.approx(expected)
+    finally:
+        journal.close()

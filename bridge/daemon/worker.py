@@ -182,7 +182,8 @@ class TerminalWorker:
         self.neighbours = {}
         fc = config.framer
         self.framer = make_framer(fc.name, max_frame_size=fc.max_frame_size,
-                                  ack_timeout=fc.ack_timeout, max_tries=fc.max_tries)
+                                  ack_timeout=fc.ack_timeout, max_tries=fc.max_tries,
+                                  seconds_per_byte=config.link.seconds_per_byte)
         self._framer_due: float | None = None  # the framer's deadline the timer knows of
         self._transport: Transport | None = None
         # Send actions -> bytes on the link, and their delivery back to the session

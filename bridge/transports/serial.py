@@ -240,10 +240,8 @@ class SerialTransport(Transport):
         queued = _output_queued(fd)
         if queued is None or not (queued or self._unsent):
             return
-        link = self.link
-        bits = 1 + link.bytesize + (link.parity != "N") + link.stopbits
         allowed = min(self.drain_limit,
-                      (queued + len(self._unsent)) * bits / link.baudrate + DRAIN_MARGIN)
+                      (queued + len(self._unsent)) * self.link.seconds_per_byte + DRAIN_MARGIN)
         deadline = time.monotonic() + allowed
         while self._fd == fd:
             if self._unsent:
@@ -257,7 +255,7 @@ class SerialTransport(Transport):
             left = deadline - time.monotonic()
             if left <= 0:
                 log.warning("serial device %s: %d bytes still unsent after %.2f s when closing "
-                            "it; discarded (flow control holding the line?)", link.device,
+                            "it; discarded (flow control holding the line?)", self.link.device,
                             queued + len(self._unsent), allowed)
                 return
             await asyncio.sleep(min(DRAIN_POLL, left))

@@ -38,6 +38,7 @@ def make_framer(
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
     ack_timeout: float = DEFAULT_ACK_TIMEOUT,
     max_tries: int = DEFAULT_MAX_TRIES,
+    seconds_per_byte: float = 0.0,
 ) -> Framer:
     """A new framer of the named kind; ValueError naming the known ones for any other name."""
     try:
@@ -45,7 +46,8 @@ def make_framer(
     except KeyError:
         known = ", ".join(sorted(FRAMERS))
         raise ValueError(f"unknown framer {name!r}; known framers: {known}") from None
-    return cls(max_frame_size=max_frame_size, ack_timeout=ack_timeout, max_tries=max_tries)
+    return cls(max_frame_size=max_frame_size, ack_timeout=ack_timeout, max_tries=max_tries,
+               seconds_per_byte=seconds_per_byte)
 
 
 __all__ = [

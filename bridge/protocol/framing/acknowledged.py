@@ -55,9 +55,10 @@ class AcknowledgedFramer(Framer):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         max_tries: int = DEFAULT_MAX_TRIES,
+        seconds_per_byte: float = 0.0,
     ) -> None:
         super().__init__(max_frame_size=max_frame_size, ack_timeout=ack_timeout,
-                         max_tries=max_tries)
+                         max_tries=max_tries, seconds_per_byte=seconds_per_byte)
         # bytes.translate(None, delete) with this keeps only the control bytes, at C speed
         self._not_control = _ALL_BYTES.translate(None, self.control_bytes)
         self._outbox = bytearray()
@@ -106,8 +107,11 @@ class AcknowledgedFramer(Framer):
             self._taken += self._first_pending + len(self._copies)
             if now is not None:
                 # The peer's time to ACK counts from the write: a frame that waited in
-                # _outbox (behind a commit) is not sent again before the peer could answer
-                self._deadline = now + self.ack_timeout
+                # _outbox (behind a commit) is not sent again before the peer could answer.
+                # And from its last byte on the line: a 64 KiB frame takes 5.7 s at 115200
+                # baud, and was sent again (a second print, a second payment request) while
+                # its first copy was still going out.
+                self._deadline = now + len(out) * self.seconds_per_byte + self.ack_timeout
         self._outbox.clear()
         self._copies.clear()
         self._first_pending = False

@@ -78,6 +78,7 @@ class Framer(ABC):
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         max_tries: int = DEFAULT_MAX_TRIES,
+        seconds_per_byte: float = 0.0,
     ) -> None:
         if max_frame_size < 1:
             raise ValueError("max_frame_size must be at least 1 byte")
@@ -85,9 +86,14 @@ class Framer(ABC):
             raise ValueError("ack_timeout must be positive")
         if max_tries < 1:
             raise ValueError("max_tries must be at least 1")
+        if seconds_per_byte < 0:
+            raise ValueError("seconds_per_byte must not be negative")
         self.max_frame_size = max_frame_size
         self.ack_timeout = ack_timeout
         self.max_tries = max_tries
+        # The line's time per byte (serial: start, data, parity and stop bits at the baud
+        # rate): the peer can ACK a frame only once its last byte has crossed the line
+        self.seconds_per_byte = seconds_per_byte
 
     @abstractmethod
     def encode(self, payload: bytes) -> bytes:
@@ -106,9 +112,10 @@ class Framer(ABC):
     @abstractmethod
     def data_to_send(self, now: float | None = None) -> bytes:
         """Bytes to write to the link now (frames, retransmissions, ACK/NAK); drains the buffer.
-        `now`: the time they are written; the peer's time to acknowledge a frame among them
-        counts from it (without it, from when the frame was queued: for tools and tests
-        with no clock)."""
+        `now`: the time they are written (or, behind bytes still on their way, the time those
+        will have crossed the line); the peer's time to acknowledge a frame among them counts
+        from when they have all crossed it, at seconds_per_byte (without `now`, from when the
+        frame was queued: for tools and tests with no clock)."""
 
     @property
     @abstractmethod

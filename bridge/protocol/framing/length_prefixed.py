@@ -67,9 +67,10 @@ class LengthPrefixedFramer(Framer):
         ack_timeout: float = DEFAULT_ACK_TIMEOUT,
         max_tries: int = DEFAULT_MAX_TRIES,
         stall_timeout: float | None = None,
+        seconds_per_byte: float = 0.0,
     ) -> None:
         super().__init__(max_frame_size=max_frame_size, ack_timeout=ack_timeout,
-                         max_tries=max_tries)
+                         max_tries=max_tries, seconds_per_byte=seconds_per_byte)
         if stall_timeout is None:
             stall_timeout = ack_timeout * max_tries
         if stall_timeout <= 0:
