@@ -304,11 +304,13 @@ async def test_a_bug_after_the_link_worked_reopens_at_once_and_shows_its_traceba
     worked for hours and met one bug waited 5-10 s to reopen, and a bug met once per payment
     kept every reopen there. Nor was the count of failures cleared, so the same bug days
     later came without its traceback (review rv14). A link up LINK_PROVEN_AFTER worked: a
-    bug ending it reopens at once, and is news (its traceback). A bug met at once still
-    backs off and is one line (see the every-frame test above)."""
+    bug ending it reopens at once. A bug met at once still backs off. The same bug shows its
+    traceback again once FAILURE_NEWS_AFTER has passed since it last did, one line
+    meanwhile (see the every-frame test above, and the next one)."""
     caplog.set_level(logging.INFO)
     proven = 0.3
     monkeypatch.setattr(worker_module, "LINK_PROVEN_AFTER", proven)
+    monkeypatch.setattr(worker_module, "FAILURE_NEWS_AFTER", 1.5 * proven)
     backoff = Backoff(initial=0.05, maximum=30.0)
     while backoff.next_delay() < 10:  # at its cap: the terminal refused connections a while
         pass
@@ -336,3 +338,34 @@ async def test_a_bug_after_the_link_worked_reopens_at_once_and_shows_its_traceba
     assert [bool(r.exc_info) for r in failures] == [True, False, True], \
         [r.getMessage() for r in failures]
 
+
+
+async def test_a_bug_met_at_every_links_end_is_one_traceback_however_long_links_last(
+        tmp_path, caplog, monkeypatch):
+    """The same bug, met at the end of every link (here the writer raising while cancelled),
+    logged its whole traceback at every link's end once the links lasted LINK_PROVEN_AFTER
+    (10 s): a link that worked cleared the failure counts. Real links last minutes or hours,
+    so a TCP terminal closing idle connections each minute brought a traceback a minute
+    (review rv15). The traceback comes again only FAILURE_NEWS_AFTER after it was shown."""
+    caplog.set_level(logging.INFO)
+    proven = 0.3
+    monkeypatch.setattr(worker_module, "LINK_PROVEN_AFTER", proven)
+
+    async def write_loop(gate):
+        try:
+            await asyncio.get_running_loop().create_future()  # (never done)
+        except asyncio.CancelledError:
+            raise RuntimeError("a bug met while the writer was cancelled") from None
+
+    async with link_tasks_by_hand(tmp_path, write_loop, Backoff(0.01, 0.02)) as (worker, gates):
+        for n in range(1, 4):
+            await wait_until(lambda: len(gates) == n)
+            opened = time.monotonic()
+            # each link works a while (as links do: minutes, hours), then ends
+            await wait_until(lambda: time.monotonic() - opened > 2 * proven)
+            list(gates.values())[-1].set_result(None)
+            await wait_until(lambda: worker.counters["reconnects"] == n)
+        failures = [r for r in caplog.records if "link task failed" in r.getMessage()]
+    assert [bool(r.exc_info) for r in failures] == [True, False, False], \
+        [r.getMessage() for r in failures]
+    assert "3 times now" in failures[-1].getMessage()

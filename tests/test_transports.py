@@ -310,6 +310,39 @@ async def test_serial_deliver_cancelled_before_it_raised_its_receivers_failure_r
     assert loop_errors == []
 
 
+async def test_serial_deliver_raises_a_receivers_failure_from_one_place_cancelled_or_not(
+        pty, serial_link, loop_errors):
+    """The worker counts a bug by its type and where it was raised (its traceback's lines),
+    logging its traceback once. deliver() raised a receiver's failure from one line, or from
+    another when it had been cancelled meanwhile: the same bug counted as two, each with a
+    traceback (review rv15)."""
+    import traceback
+
+    def where(exc: BaseException) -> list[tuple[str, int]]:
+        return [(frame.f_code.co_filename, line)
+                for frame, line in traceback.walk_tb(exc.__traceback__)]
+
+    places = []
+    for cancelled in (False, True):
+        delivering = None
+
+        def failing(data: bytes) -> None:
+            if cancelled:
+                asyncio.get_running_loop().call_soon(delivering.cancel)
+            raise ValueError("the receiver's own bug")
+
+        delivering = asyncio.create_task(serial_link.deliver(failing))
+        async with asyncio.timeout(STEP):
+            while serial_link._read_waiter is None:
+                await asyncio.sleep(0.005)
+        await pty.send(b"one")
+        with pytest.raises(ValueError, match="the receiver's own bug") as raised:
+            await within(delivering)
+        places.append(where(raised.value))
+    assert places[0] == places[1]
+    assert loop_errors == []
+
+
 async def test_serial_deliver_and_read_are_not_both_waiting(pty, serial_link):
     reading = asyncio.create_task(serial_link.read())
     await asyncio.sleep(0.05)

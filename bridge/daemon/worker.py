@@ -91,6 +91,9 @@ def describe_transactions(transactions: list[Transaction], most: int = 5,
 
 MAX_TIMER_SLEEP = 60.0  # s: look at the deadlines again at least this often
 LINK_PROVEN_AFTER = 10.0  # s: a link up this long (or that brought a frame) worked
+# s: the same bug (its type and where it was raised) logs its traceback again after this
+# long; meanwhile each repeat is one line, counted
+FAILURE_NEWS_AFTER = 3600.0
 TIMER_SLACK = 0.0005  # s: a deadline moved by less than this keeps the armed timer
 TIMER_RETRY_AFTER_BUG = 0.5  # s: the first pause after a timer step failed, doubling to 10 s
 # s: how long a followed terminal waits for the worker that had its new link to let go of it
@@ -194,12 +197,12 @@ class TerminalWorker:
         # deadline is still past, and the timer would fire again and again, the loop spinning
         self._timer_backoff = Backoff(initial=TIMER_RETRY_AFTER_BUG, maximum=10.0)
         self._timer_paused_until = 0.0  # (loop time)
-        self._timer_failures: dict[tuple[Any, ...], int] = {}  # as _link_failures
         self._started = False
         self._oversize_at = -OVERSIZE_QUIET  # (monotonic) the last oversize frame handled
-        # Link task failures since a link last ended without one: how often each (its type
-        # and where it was raised) was seen, so that a repeat is one line, not a traceback
-        self._link_failures: dict[tuple[Any, ...], int] = {}
+        # Bugs met (link task failures, timer steps that failed): how often each (its type
+        # and where it was raised) was seen, and when its traceback was last logged, so that
+        # a repeat is one line, not a traceback (see _log_bug)
+        self._bugs_seen: dict[tuple[Any, ...], tuple[int, float]] = {}
         self._link_reason = NOT_CONNECTED_YET
         self._stopping = False
         self._daemon_stopping = False  # (daemon_stops(): no wrong device is reported)
@@ -558,7 +561,7 @@ class TerminalWorker:
             self._link_reason = ""
             self._apply(self.session.link_is_up(self._clock()))
             frames_before, opened_at = self.counters["frames_in"], time.monotonic()
-            reason, failed = await self._run_link(transport, opened_at)
+            reason, failed = await self._run_link(transport)
             # A link a bug of ours ended soon backs off as one that never worked: frames_in
             # counts a frame before it is handled, and a bug met on every frame reopened it at
             # once, ~20 times a second, the terminal flipping online/offline on MQTT. One up
@@ -571,8 +574,6 @@ class TerminalWorker:
                 # drops at once (a TCP peer serving someone else, a terminal in its boot
                 # loader) keeps backing off instead of being reopened ten times a second.
                 self._backoff.reset()
-            if not failed:
-                self._link_failures.clear()  # the same failure after this is news again
             self.counters["reconnects"] += 1
             await self._link_down(transport, reason, opened=True)
 
@@ -610,9 +611,8 @@ class TerminalWorker:
             with contextlib.suppress(TimeoutError):  # a relink or a plug-in: at once
                 await asyncio.wait_for(self._retry_now.wait(), self._backoff.next_delay())
 
-    async def _run_link(self, transport: Transport, opened_at: float) -> tuple[str, bool]:
-        """Until the link ends: why it did, and whether a failure of ours (a bug) ended it.
-        `opened_at`: when it came up (time.monotonic())."""
+    async def _run_link(self, transport: Transport) -> tuple[str, bool]:
+        """Until the link ends: why it did, and whether a failure of ours (a bug) ended it."""
         reader = asyncio.create_task(self._read_loop(transport))
         writer = asyncio.create_task(self.writer.run(transport))
         unplugged = asyncio.create_task(self._disabled_event.wait())
@@ -622,10 +622,6 @@ class TerminalWorker:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if time.monotonic() - opened_at >= LINK_PROVEN_AFTER:
-                # A link that worked: a failure ending it is news, its traceback logged again
-                # (the same bug days later came as one line, counted since the last one)
-                self._link_failures.clear()
             for task in tasks:
                 task.cancel()
             for task in tasks:
@@ -656,18 +652,24 @@ class TerminalWorker:
         return "device unplugged", failed
 
     def _link_task_failed(self, exc: BaseException) -> None:
-        self._log_bug(self._link_failures, "link task failed", exc)
+        self._log_bug("link task failed", exc)
 
-    def _log_bug(self, seen_before: dict[tuple[Any, ...], int], what: str,
-                 exc: BaseException, advice: str = "") -> None:
-        """Its traceback the first time; the same failure again (a bug met on every frame,
-        each reopen, each deadline) in one line, counted: the technician sees the bug once,
-        and the log is not flooded with copies of it."""
+    def _log_bug(self, what: str, exc: BaseException, advice: str = "") -> None:
+        """Its traceback the first time, and again once FAILURE_NEWS_AFTER has passed since
+        it was last shown; the same failure meanwhile (a bug met on every frame, each reopen,
+        each deadline) in one line, counted: the technician sees the bug, and the log is not
+        flooded with copies of it. By time, not by what happened between: a bug met at the
+        end of every link, or once per payment, came with a traceback each time when a link
+        that worked, or a timer step that did, made it news again (review rv15)."""
         where = tuple((frame.f_code.co_filename, line)
                       for frame, line in traceback.walk_tb(exc.__traceback__))
         key = (type(exc), where)
-        seen = seen_before[key] = seen_before.get(key, 0) + 1
-        if seen == 1:
+        now = time.monotonic()
+        seen, shown = self._bugs_seen.get(key, (0, now))
+        seen += 1
+        news = seen == 1 or now - shown >= FAILURE_NEWS_AFTER
+        self._bugs_seen[key] = (seen, now if news else shown)
+        if news:
             log.error("terminal %s: %s%s", self.poi_id, what, advice, exc_info=exc)
         else:
             log.error("terminal %s: %s again, as before (%d times now, its traceback logged "
@@ -1002,7 +1004,7 @@ class TerminalWorker:
             # ... but not at once: the deadline that failed is still past. Paused, doubling,
             # the loop serves every other terminal meanwhile, and this one's deadlines (status
             # polls, ACK timeouts) are tried again, late, in case the bug was a passing one.
-            self._log_bug(self._timer_failures, "timer step failed", exc,
+            self._log_bug("timer step failed", exc,
                           "; its deadlines (status polls, ACK timeouts) are tried again after "
                           "a pause. A bug of the bridge: report it with this log")
             self._timer_paused_until = asyncio.get_running_loop().time() \
@@ -1011,7 +1013,6 @@ class TerminalWorker:
             if self._timer_paused_until:
                 self._timer_paused_until = 0.0
                 self._timer_backoff.reset()
-                self._timer_failures.clear()  # the same bug after a step that worked is news
         finally:
             self._rearm()
 

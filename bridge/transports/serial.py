@@ -150,7 +150,7 @@ class SerialTransport(Transport):
                 await self._wait_readable(fd)
                 failure, self._receiver_failure = self._receiver_failure, None
                 if failure is not None:
-                    raise failure
+                    break
         except asyncio.CancelledError:
             # Cancelled after the receiver raised, before this task ran to raise it (the
             # worker ends the reader when the writer's LinkClosed or an unplug comes in the
@@ -158,9 +158,11 @@ class SerialTransport(Transport):
             failure, self._receiver_failure = self._receiver_failure, None
             if failure is None:
                 raise
-            raise failure from None
         finally:
             self._receiver = None
+        # Raised from this one line, cancelled or not: the worker tells bugs apart by where
+        # they were raised, and two lines made one bug two, each with its traceback
+        raise failure
 
     def write_nowait(self, data: bytes) -> int:
         fd = self._fd
