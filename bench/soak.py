@@ -1358,8 +1358,11 @@ class BrokerLog:
         filters: set[str] = set()  # the bridge's subscriptions that take register requests
         saved_filters: set[str] = set()  # ... as the broker's last save holds them
         # Why the bridge is not subscribed: it unsubscribed, or the broker restarted without
-        # its session (killed -9 before it had saved the bridge's subscriptions)
+        # its session (killed -9 before it had saved the bridge's subscriptions), or the
+        # bridge came back without its session to a broker that had not restarted (a clean
+        # start, a session expiry of 0: the bridge's own fault, never excused)
         session_lost = False
+        reconnected_without_session = False
         lines = path.read_text(errors="replace").splitlines() if path.exists() else []
         for line in lines:
             stamp, _, text = line.partition(": ")
@@ -1373,7 +1376,9 @@ class BrokerLog:
                 entry = {"client": client, "what": self._what(text), "received": at,
                          "bridge_subscribed": subscribed, "saved": False, "dropped": None,
                          "sent": None, "acked": None,
-                         "session_lost": session_lost and not subscribed}
+                         "session_lost": session_lost and not subscribed,
+                         "reconnected_without_session": reconnected_without_session
+                         and not subscribed}
                 self.entries.append(entry)
                 if subscribed:  # else the broker routes it to nobody
                     queued.append(entry)
@@ -1382,11 +1387,12 @@ class BrokerLog:
                 # the third line of the broker's SUBSCRIBE report (since 8b5246a the bridge
                 # takes .../request/#, and drops the narrower filters older bridges took)
                 filters.add(text[len(self.BRIDGE) + 3:])
-                subscribed, session_lost = True, False
+                subscribed, session_lost, reconnected_without_session = True, False, False
             elif text.startswith(f"{self.BRIDGE} ") and text[len(self.BRIDGE) + 1:] \
                     in self.REQUEST_FILTERS:
                 filters.discard(text[len(self.BRIDGE) + 1:])  # ... and of its UNSUBSCRIBE
                 subscribed, session_lost = bool(filters), False
+                reconnected_without_session = False
             elif text.startswith("Saving in-memory database"):
                 for entry in queued:
                     entry["saved"] = True
@@ -1402,10 +1408,12 @@ class BrokerLog:
                 session_lost = session_lost or bool(filters - saved_filters)
                 filters = set(saved_filters)
                 subscribed = bool(filters)
-            elif text.startswith(f"Sending CONNACK to {self.BRIDGE} (0,"):
-                # session present 0: whatever the replay thought, the broker holds no
-                # subscription of the bridge's now
-                session_lost = session_lost or bool(filters)
+            elif text.startswith(f"Sending CONNACK to {self.BRIDGE} (0, 0)"):
+                # session present 0, connection accepted (a refused one, "(0, 5)", changes no
+                # session): whatever the replay thought, the broker holds no subscription of
+                # the bridge's now. Only a restart (above) excuses that; subscriptions the
+                # broker still held when the bridge reconnected are ones the bridge dropped.
+                reconnected_without_session = reconnected_without_session or bool(filters)
                 filters.clear()
                 subscribed = False
             elif text.startswith(f"Sending PUBLISH to {self.BRIDGE} (") and self._a_request(text):
@@ -1482,7 +1490,8 @@ def busy_record_of_a_copy(row: dict[str, Any]) -> bool:
 
 
 NOT_FOUND_IN_LOG = {"received": None, "bridge_subscribed": None, "saved": False,
-                    "dropped": None, "sent": None, "acked": None, "session_lost": False}
+                    "dropped": None, "sent": None, "acked": None, "session_lost": False,
+                    "reconnected_without_session": False}
 FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "stuck", "disputed", "crashed",
          "leaked")
 BUSY_DETAIL = "terminal busy: the payment was not started"  # the session's words
@@ -1762,6 +1771,13 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                                      "-9 before it saved the bridge's subscriptions), before "
                                      "the bridge subscribed again: routed to nobody; nothing "
                                      f"charged ({seen})")
+                elif trace["received"] is not None and trace["reconnected_without_session"] \
+                        and trace["dropped"] is None and trace["sent"] is None:
+                    problem("lost", p, "the broker took the request after the bridge had come "
+                            "back without its session (CONNACK session-present 0, no restart "
+                            "of the broker in its log: the bridge dropped its own session, "
+                            "e.g. a clean start or a session expiry of 0) and before it "
+                            f"subscribed again, so nobody ever got it; {seen}")
                 elif trace["received"] is not None and trace["bridge_subscribed"] is False \
                         and trace["dropped"] is None and trace["sent"] is None:
                     problem("lost", p, "the broker took the request while the bridge had no "

@@ -608,11 +608,67 @@ def test_the_broker_log_knows_a_restarted_broker_lost_the_bridge_session(tmp_pat
     path.write_text("\n".join(kept) + "\n")
     (entry,) = BrokerLog(path).entries
     assert entry["bridge_subscribed"] is True and entry["session_lost"] is False
-    # A CONNACK without the session says so even where no restart was logged
+    # A CONNACK without the session, no restart logged: the broker holds no subscription of
+    # the bridge's, but only a restart excuses that (review of 4174d77: this case was taken
+    # for a lost session, and excused a bridge that dropped its own)
     path.write_text("\n".join(lost[1:3] + ["101: Sending CONNACK to poi-bridge-soak (0, 0)",
                                             f"102: {request}"]) + "\n")
     (entry,) = BrokerLog(path).entries
-    assert entry["bridge_subscribed"] is False and entry["session_lost"] is True
+    assert entry["bridge_subscribed"] is False and entry["session_lost"] is False
+    assert entry["reconnected_without_session"] is True
+    # A refused CONNACK (session present 0, reason 5: not authorised) changes no session:
+    # the broker keeps the bridge's subscriptions and queues for it
+    path.write_text("\n".join(lost[1:3] + ["101: Sending CONNACK to poi-bridge-soak (0, 5)",
+                                            f"102: {request}"]) + "\n")
+    (entry,) = BrokerLog(path).entries
+    assert entry["bridge_subscribed"] is True and entry["session_lost"] is False
+    assert entry["reconnected_without_session"] is False
+
+
+def _soak_with_broker_log(tmp_path, lines):
+    """One payment (TILL1/P1, 424 bytes, never answered), and the broker's log around it:
+    `lines(t)` for the second t it was sent at."""
+    payment = paid("P1", outcome=None)
+    payment.size = 424
+    soak = fake_soak(tmp_path, payment)
+    log = tmp_path / "mosquitto.log"
+    log.write_text("\n".join(lines(int(payment.sent_at))) + "\n")
+    soak.broker.log_path = log
+    return soak
+
+
+def _bridge_back_without_its_session(restart: bool):
+    """The bridge subscribed (not saved since), then, with or without a broker restart
+    between, a CONNACK without its session; P1 published before it subscribed again."""
+    topic = f"'poi-bridge/terminals/{POI}/request', ... (424 bytes))"
+    return lambda t: [
+        f"{t - 20}: mosquitto version 2.0.11 starting",
+        f"{t - 10}: Sending CONNACK to poi-bridge-soak (0, 0)",
+        f"{t - 10}: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+        *([f"{t - 2}: mosquitto version 2.0.11 starting"] if restart else []),
+        f"{t - 1}: Sending CONNACK to poi-bridge-soak (0, 0)",
+        f"{t}: Received PUBLISH from soak-register-TILL1 (d0, q1, r0, m2, {topic}",
+        f"{t + 1}: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+    ]
+
+
+def test_audit_excuses_a_request_routed_to_nobody_only_after_a_broker_restart(tmp_path):
+    """Review of 4174d77: the audit excused a request routed to nobody after any CONNACK
+    with session-present 0, so a bridge that lost its own session (a clean start, a session
+    expiry of 0: a fault of the bridge's), with no broker restart in the log, passed as "the
+    broker restarted without the bridge's session". Only a logged restart excuses it; without
+    one the request is LOST, saying that the bridge came back without its session."""
+    restarted = run_audit(_soak_with_broker_log(tmp_path, _bridge_back_without_its_session(
+        restart=True)), {POI: {}}, [])
+    assert restarted["problems"] == []
+    [note] = [e for e in restarted["explained"] if e.startswith("TILL1/P1")]
+    assert "broker restarted without the bridge's session" in note
+    not_restarted = run_audit(_soak_with_broker_log(tmp_path, _bridge_back_without_its_session(
+        restart=False)), {POI: {}}, [])
+    assert kinds(not_restarted) == [("lost", None)], not_restarted["problems"]
+    assert not [e for e in not_restarted["explained"] if e.startswith("TILL1/P1")]
+    text = not_restarted["problems"][0]["text"]
+    assert "without its session" in text and "no restart" in text, text
 
 
 # --- --keys: the soak's terminals and bridge with local encryption ---------------------------
