@@ -5,12 +5,24 @@ checked stops the daemon (the journal's failure listener) instead of acknowledgi
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
+
+from bridge.daemon.journal import Journal
+from bridge.daemon.registers import topic_safe
+from bridge.simulator import responses
+
 from .follow_rig import BASE, B, bridge_on, wait_until
-from .rig import Subscriber
+from .rig import POI, Subscriber
+from .test_daemon_mqtt import BASE as GATEWAY_BASE, eventually, request_topic, running
+from .test_mqtt_faults import gateway_for
+from .test_terminal_request_correlation_data import answer_on
 from .test_unresolved_retry import TILL, order, ready, terminals
 
 
@@ -74,3 +86,37 @@ async def test_a_journal_read_that_fails_stops_the_daemon_instead_of_acknowledgi
         assert not [p for t, p, _ in register.messages if t.endswith("/bridge/error")]
         assert [service for (_, service), e in sim_b.terminal.ledger.items()
                 if e.category == "Payment"] == ["J1"]
+
+
+def test_no_sale_id_is_not_topic_safe():
+    """topic_safe(None) is False, as it was before be69c79 cached it: the cache made it
+    len(None), a TypeError (the plain terminal topic's route has no SaleID: below)."""
+    assert topic_safe(None) is False
+    assert topic_safe("") is False
+
+
+async def test_a_bug_on_the_plain_terminal_topic_is_answered_and_acknowledged(
+        tmp_path: Path, mosquitto: Any, caplog: Any) -> None:
+    """A request on .../terminals/{POIID}/request (no SaleID level) whose handling fails is
+    answered on bridge/error. Since be69c79 the answer raised TypeError (topic_safe(None),
+    asked of the route's SaleID), the request was never acknowledged, and the broker
+    delivered it again at every reconnect."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    gateway = gateway_for(mosquitto, journal)
+    gateway.set_request_handler(broken)
+    try:
+        async with running(gateway), aiomqtt.Client(
+                mosquitto.host, mosquitto.port, identifier="register") as register:
+            await register.subscribe(f"{GATEWAY_BASE}/bridge/error", qos=1)
+            await eventually(lambda: gateway.connected)
+            request = json.dumps(responses.payment_request("POS1", "C1", POI)).encode()
+            for _ in range(2):
+                await register.publish(request_topic(), request, qos=1)
+                message = await answer_on(register, f"{GATEWAY_BASE}/bridge/error")
+                assert "internal error" in message.payload.decode()
+            await asyncio.sleep(0.5)
+    finally:
+        journal.close()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR
+              and "could not be handled" not in r.getMessage()]
+    assert not errors, [(r.getMessage(), r.exc_text) for r in errors]

@@ -451,3 +451,30 @@ def test_a_reference_to_a_category_nexo_does_not_have_is_refused(body):
         "(Payment, Reversal, ...: mind the capitals)"]
     document["SaleToPOIRequest"][body]["MessageReference"]["MessageCategory"] = "Payment"
     assert problems_of(document) == []
+
+
+def test_refused_sale_ids_leave_no_memory_behind(tmp_path):
+    """be69c79 put topic_safe (which the intake asks of every request's SaleID) behind an LRU
+    cache of 4096 entries, which kept every SaleID it was asked about alive, of any length a
+    request can carry (mqtt.max_payload, 256 KB by default): about 1 GB for 4096 refused
+    requests. Only the character check of an ID short enough to be one is cached now."""
+    import gc
+    import tracemalloc
+
+    rig = Rig(tmp_path / "journal.sqlite3", max_payload=256 * 1024)
+    try:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for i in range(200):
+                sale_id = f"{i:06d}" + "x" * 250_000  # too long for a topic level: refused
+                payload = {"SaleToPOIRequest": {"MessageHeader": {"SaleID": sale_id}}}
+                rig.handle(f"poi-bridge/terminals/{POI}/request", json.dumps(payload).encode())
+            gc.collect()
+            held = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+    finally:
+        rig.journal.close()
+    assert held < 10e6, f"{held / 1e6:.1f} MB held after 200 refused requests"
