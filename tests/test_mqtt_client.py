@@ -388,3 +388,72 @@ async def test_a_puback_failure_code_refuses_the_message(mosquitto, code):
         refused = waiting.exception()
         assert isinstance(refused, PublishRefused) and refused.code == code, refused
         assert f"0x{code:02x}" in str(refused)
+
+
+async def _read_packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    first = (await reader.readexactly(1))[0]
+    length, shift = 0, 0
+    while True:
+        byte = (await reader.readexactly(1))[0]
+        length |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            break
+    return first, await reader.readexactly(length)
+
+
+async def _broker_that_refuses(code: int) -> asyncio.Server:
+    """An MQTT 5 broker of a few lines: it accepts the connection and acknowledges every
+    QoS 1 PUBLISH with reason `code`, which mosquitto cannot be made to send."""
+    import struct
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                first, body = await _read_packet(reader)
+                kind = first >> 4
+                if kind == 1:  # CONNECT
+                    writer.write(b"\x20\x03\x00\x00\x00")  # CONNACK: accepted, no properties
+                elif kind == 3:  # PUBLISH (QoS 1)
+                    (topic_length,) = struct.unpack_from("!H", body)
+                    (mid,) = struct.unpack_from("!H", body, 2 + topic_length)
+                    writer.write(b"\x40\x04" + struct.pack("!HB", mid, code) + b"\x00")
+                elif kind == 12:  # PINGREQ
+                    writer.write(b"\xd0\x00")
+                elif kind == 14:  # DISCONNECT
+                    break
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("with_properties", [False, True])
+@pytest.mark.parametrize("code", [0x87, 0x81, 0xA2])
+async def test_a_puback_failure_code_refuses_a_message_paho_framed_too(code, with_properties):
+    """84f86ec made a PUBACK failure code MQTT 5 does not define for PUBACK (0x81, 0xA2) a
+    refusal for a message the client frames itself, but a message with properties (a
+    transaction's retained document under MQTT 5: MessageExpiryInterval) is framed by paho,
+    and its PUBACK went through paho's decoder, which raised MalformedPacket out of the
+    socket's reader: a protocol error, the connection dropped, and the same again at every
+    retry. Either kind of message is refused, the connection kept."""
+    from bridge.daemon.mqtt_client import PublishRefused
+
+    server = await _broker_that_refuses(code)
+    port = server.sockets[0].getsockname()[1]
+    async with server, PipelinedClient(
+            "127.0.0.1", port, identifier="refused", protocol=aiomqtt.ProtocolVersion.V5,
+            timeout=5) as client:
+        future = client.publish_nowait("poi/transactions/S/1", b"{}", qos=1, retain=True,
+                                       properties=expiring() if with_properties else None)
+        done, _ = await asyncio.wait([future], timeout=3)
+        assert done, "the message's future was never resolved"
+        refused = future.exception()
+        assert isinstance(refused, PublishRefused) and refused.code == code, refused
+        # the connection is still there: the next message is refused the same way
+        again = client.publish_nowait("poi/transactions/S/2", b"{}", qos=1, retain=True,
+                                      properties=expiring() if with_properties else None)
+        with pytest.raises(PublishRefused):
+            await asyncio.wait_for(again, 3)

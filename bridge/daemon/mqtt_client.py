@@ -18,7 +18,9 @@ project's VM against under 1 us here (`make bench`, section 4c): with eight QoS 
 payment, paho's PUBACK handling was 14 % of the daemon's CPU under load. A QoS 1 message
 without properties is also framed here, not by paho's publish() (`publish_nowait`), and its
 PUBACK, reason code included, is read here. Any other PUBACK of a message paho published
-(with properties, or aiomqtt's own) still goes through paho's handler.
+(with properties, or aiomqtt's own) still goes through paho's handler, but for one with a
+failure code MQTT 5 does not define for PUBACK, which paho's decoder takes for a malformed
+packet (dropping the connection): that message is refused, as one framed here would be.
 
 Packets are written to the socket as soon as paho has them, without waiting for the loop to
 report the socket writable (`_on_socket_register_write`), as paho itself does without an
@@ -138,8 +140,18 @@ class UnlistedReason(NamedTuple):
 
     value: int
 
+    is_failure = True  # as paho's ReasonCode says of a code of 0x80 or more (_on_publish)
+
     def __str__(self) -> str:
         return "a failure MQTT 5 does not define for PUBACK"
+
+
+def _puback_reason(code: int) -> Any:
+    """A PUBACK's reason code as paho names it, or UnlistedReason where paho cannot."""
+    try:
+        return ReasonCode(PacketTypes.PUBACK, identifier=code)
+    except ValueError:
+        return UnlistedReason(code)
 
 
 class PublishRefused(Exception):
@@ -273,7 +285,8 @@ class PipelinedClient(AcknowledgedClient):
     def _pubackcomp(self, cmd: str) -> paho.MQTTErrorCode:
         """paho's `_handle_pubackcomp` for PUBACKs: one for a message framed here resolves its
         future (refused when an MQTT 5 reason code says so); a plain two-byte one for paho's
-        own messages goes without paho's decoder; anything else goes through paho."""
+        own messages goes without paho's decoder, as does one refusing such a message with a
+        code paho's decoder does not take; anything else goes through paho."""
         client = self._client
         packet = client._in_packet["packet"]
         if cmd != "PUBACK" or len(packet) < 2:
@@ -283,16 +296,19 @@ class PipelinedClient(AcknowledgedClient):
             if mid in client._out_messages:  # sent by paho: with properties, or aiomqtt's
                 if len(packet) == 2:
                     return client._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+                if packet[2] >= 0x80:
+                    reason = _puback_reason(packet[2])
+                    if isinstance(reason, UnlistedReason):
+                        # paho's decoder raises MalformedPacket for it, which drops the
+                        # connection (and the next one, the message sent again): a refusal
+                        return client._do_on_publish(mid, reason, _NO_PROPERTIES)
                 return paho.Client._handle_pubackcomp(client, cmd)  # type: ignore[arg-type]
         future = self._acks.pop(mid, None)
         if future is not None and not future.done():
             code = packet[2] if len(packet) > 2 else 0
-            if code >= 0x80:  # an acknowledgement, not a delivery (MQTT 5 only)
-                try:
-                    reason: Any = ReasonCode(PacketTypes.PUBACK, identifier=code)
-                except ValueError:  # a code MQTT 5 does not give PUBACK: refused all the same
-                    reason = UnlistedReason(code)
-                future.set_exception(PublishRefused(reason))
+            if code >= 0x80:  # an acknowledgement, not a delivery (MQTT 5 only); a code
+                # MQTT 5 does not give PUBACK is refused all the same
+                future.set_exception(PublishRefused(_puback_reason(code)))
             else:
                 future.set_result(None)
         return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
