@@ -560,3 +560,25 @@ def test_same_key_compares_the_whole_key_not_only_its_name():
     assert not crypto.same_key(KEY, OTHER_KEY)
     assert crypto.same_key(None, None)
     assert not crypto.same_key(KEY, None) and not crypto.same_key(None, KEY)
+
+
+def test_a_payload_nested_past_the_strict_readers_depth_does_not_decrypt(monkeypatch):
+    """A payload 1010 levels deep: orjson reads up to 1024, the strict reader stops short
+    of 1000 with RecursionError, and jsontext.loads (since 8f9b0e0) returned orjson's
+    document, which decrypt_message, checking no depth after it, handed on. It is refused
+    as the strict reader refuses it: DecryptionFailed, as before 8f9b0e0."""
+    deep = '{"x":' * 1010 + "1" + "}" * 1010
+    document = payment_request()
+    plaintext = json.dumps(document, separators=(",", ":"))[:-2] + ',"Deep":' + deep + "}}"
+    try:
+        crypto.jsontext._strict_loads(plaintext)
+    except RecursionError:
+        pass
+    else:
+        pytest.skip("this Python's json reads 1010 levels")
+    # serialise_document (orjson) writes no more than 255 levels: the payload as a terminal
+    # could send it
+    monkeypatch.setattr(crypto, "serialise_document", lambda _: plaintext.encode())
+    envelope = encrypt_message(document, KEY)
+    with pytest.raises(DecryptionFailed, match="not UTF-8 JSON"):
+        decrypt_message(envelope, KEY)

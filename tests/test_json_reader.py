@@ -31,25 +31,37 @@ def either(text):
 
 
 def same_document(a, b):
-    """Equal, and of the same types all the way down (1 and 1.0 and True are == in Python)."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, dict):
-        return list(a) == list(b) and all(same_document(a[k], b[k]) for k in a)
-    if isinstance(a, list):
-        return len(a) == len(b) and all(same_document(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and a != a:
-        return b != b
-    return a == b
+    """Equal, and of the same types all the way down (1 and 1.0 and True are == in Python).
+    Walked without recursion: the documents may nest as deep as JSON readers go."""
+    pending = [(a, b)]
+    while pending:
+        a, b = pending.pop()
+        if type(a) is not type(b):
+            return False
+        if isinstance(a, dict):
+            if list(a) != list(b):
+                return False
+            pending.extend((a[k], b[k]) for k in a)
+        elif isinstance(a, list):
+            if len(a) != len(b):
+                return False
+            pending.extend(zip(a, b))
+        elif isinstance(a, float) and a != a:
+            if b == b:
+                return False
+        elif a != b:
+            return False
+    return True
 
 
 def assert_same(text):
     expected, got = strict(text), either(text)
+    shown = text if len(text) <= 200 else f"{text[:200]}... ({len(text)} characters)"
     if expected[0] == "ok":
-        assert got[0] == "ok", (text, got)
-        assert same_document(got[1], expected[1]), text
+        assert got[0] == "ok", (shown, got)
+        assert same_document(got[1], expected[1]), shown
     else:
-        assert got == expected, text
+        assert got == expected, shown
 
 
 numbers = (st.integers() | st.floats(allow_nan=False, allow_infinity=False)
@@ -99,3 +111,36 @@ def test_an_integer_beyond_64_bits_stays_an_integer():
     assert jsontext.loads('{"Amount": 12345678901234567890123}') \
         == {"Amount": 12345678901234567890123}
     assert type(jsontext.loads("[18446744073709551616]")[0]) is int
+
+
+def _nested(depth: int, kind: str) -> str:
+    if kind == "list":
+        return "[" * depth + "]" * depth
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+@pytest.mark.parametrize("kind", ["list", "object"])
+@pytest.mark.parametrize("depth", [799, 800, 1000, 1010, 1024, 1025, 3000])
+def test_deep_nesting_reads_as_the_strict_reader_reads_it(depth, kind):
+    """orjson reads up to 1024 levels; the strict reader stops with RecursionError near
+    Python's recursion limit (1000 levels, less the caller's stack). In between, loads gave a
+    document the strict reader refuses (8f9b0e0), and crypto.decrypt_message, which checks
+    no depth after it, handed it on. A text with that many brackets goes to the strict
+    reader."""
+    assert_same(_nested(depth, kind))
+
+
+def test_the_vendor_fixtures_take_the_fast_path(monkeypatch):
+    """The depth check does not send a real message to the strict reader: the largest vendor
+    fixture (11 KB) holds 92 brackets."""
+    from .conftest import FIXTURES
+
+    def refuse(text):
+        raise AssertionError("read by the strict reader")
+
+    monkeypatch.setattr(jsontext, "_strict_loads", refuse)
+    fixtures = sorted(FIXTURES.glob("*.json"))
+    assert max(path.stat().st_size for path in fixtures) > 11_000
+    for path in fixtures:
+        text = path.read_text(encoding="utf-8")
+        assert jsontext.loads(text) == json.loads(text), path.name
