@@ -415,3 +415,66 @@ def test_a_frame_queued_behind_bytes_still_being_written_counts_from_their_end()
             task.cancel()
 
     asyncio.run(main())
+
+
+# A copy queued after a NAK (or a time-out) set the ACK deadline to now + ack_timeout while
+# the transmission before it was still crossing the line (its deadline, with line time, cut
+# short). Taken back on the answer of an earlier one, that shortened deadline was what _hold
+# waited until: the next frame went out while the copy on the line could still be ACKed, and
+# that ACK was taken as the next frame's (review rv16 of the line-time change).
+
+
+@pytest.mark.parametrize("cls", [StxEtxLrcFramer, DleCrc16Framer], ids=lambda c: c.name)
+def test_the_hold_after_a_taken_back_copy_lasts_until_the_copy_on_the_lines_ack_time(cls):
+    first = b'{"print":"' + b"x" * 60_000 + b'"}'   # 5.2 s on the line
+    second = b'{"pay":"' + b"y" * 30_000 + b'"}'    # 2.6 s on the line
+    framer = cls(ack_timeout=2.0, max_frame_size=128 * 1024, seconds_per_byte=BAUD_115200)
+    line = len(framer.encode(first)) * BAUD_115200
+    framer.send_frame(first, 0.0)
+    framer.data_to_send(0.0)                        # T1: ACK time until line + 2
+    t = line + 2.0
+    assert framer.handle_timeout(t) == [FrameResent(first)]  # its ACK was lost
+    framer.data_to_send(t)                          # C2 taken: on the line until t + line
+    c2_ack_time = t + line + 2.0
+    assert framer.next_deadline() == pytest.approx(c2_ack_time)
+    # Line noise read as a NAK while C2 is still going out: C3 queued (the writer is busy
+    # writing C2, so C3 waits in the framer)
+    assert framer.receive_data(NAK, t + 0.8) == [FrameResent(first)]
+    # The terminal's answer to T1 arrives: its ACK was the one lost. C3 is taken back; two
+    # transmissions out, no ACK read: the next frame waits for C2's reply
+    assert framer.answered(first, t + 1.8) == [FrameSent(first)]
+    framer.send_frame(second, t + 1.8)
+    held_until = framer.next_deadline()
+    assert held_until >= c2_ack_time, (
+        f"held until {held_until:.2f} s, but C2 is on the line until {t + line:.2f} s and "
+        f"its ACK may come until {c2_ack_time:.2f} s")
+
+
+@pytest.mark.parametrize("cls", [StxEtxLrcFramer, DleCrc16Framer], ids=lambda c: c.name)
+def test_the_copy_on_the_lines_ack_is_not_taken_for_the_next_frames(cls):
+    first = b'{"print":"' + b"x" * 60_000 + b'"}'
+    second = b'{"pay":"' + b"y" * 30_000 + b'"}'
+    framer = cls(ack_timeout=2.0, max_frame_size=128 * 1024, seconds_per_byte=BAUD_115200)
+    line = len(framer.encode(first)) * BAUD_115200
+    framer.send_frame(first, 0.0)
+    framer.data_to_send(0.0)
+    t = line + 2.0
+    framer.handle_timeout(t)
+    framer.data_to_send(t)                          # C2, on the line until t + line
+    framer.receive_data(NAK, t + 0.8)               # C3 queued, waits behind C2
+    framer.answered(first, t + 1.8)
+    framer.send_frame(second, t + 1.8)
+    # The writer is free again once C2's last bytes are in the kernel (~t + line - 0.35 s):
+    # the timer has run at every deadline up to then, and the writer takes what there is
+    taken = t + line - 0.35
+    while (due := framer.next_deadline()) is not None and due <= taken:
+        framer.handle_timeout(due)
+    framer.data_to_send(taken)
+    second_crossed = taken + len(framer.encode(second)) * BAUD_115200
+    # The terminal ACKs C2 (read in full at t + line) 0.1 s later: `second` has not even
+    # crossed the line yet, and is counted delivered
+    events = framer.receive_data(ACK, t + line + 0.1)
+    assert t + line + 0.1 < second_crossed
+    assert FrameSent(second) not in events, (
+        "C2's ACK, read before the next frame's last byte had crossed the line, was taken "
+        "as that frame's: it counts as delivered whatever became of it")

@@ -206,7 +206,7 @@ class AcknowledgedFramer(Framer):
             # A transmission of the frame is still to be written (the writer waits for a
             # commit): it answers this NAK (line noise, or about a copy before it) already,
             # and the peer's time to ACK counts from it. No try is spent on it.
-            self._deadline = now + self.ack_timeout
+            self._deadline = self._not_before_taken(now + self.ack_timeout)
             return
         if self._tries < self.max_tries:
             self._tries += 1
@@ -217,7 +217,7 @@ class AcknowledgedFramer(Framer):
             events.append(FrameResent(self._current[0]))
             self._copies.append(len(self._outbox))
             self._outbox += self._current[1]
-            self._deadline = now + self.ack_timeout
+            self._deadline = self._not_before_taken(now + self.ack_timeout)
             return
         if not timed_out:
             # The last try NAKed: it may be line noise, the peer's ACK of the last copy a
@@ -232,6 +232,11 @@ class AcknowledgedFramer(Framer):
         self._deadline = None
         events.append(FrameFailed(payload, f"{why}; gave up after {tries} tries"))
         self._transmit_next(now)
+
+    def _not_before_taken(self, deadline: float) -> float:
+        """A copy waiting to be written does not end the ACK time of the transmission before
+        it, which may still be crossing the line (_hold waits for its reply)."""
+        return deadline if self._deadline is None else max(deadline, self._deadline)
 
     def _take_back_copies(self) -> None:
         """Remove from _outbox every copy of the current frame queued and not yet taken by
