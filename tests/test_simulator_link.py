@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
+from bridge.protocol import builders, jsontext
+from bridge.protocol.framing import FrameReceived, make_framer
 from bridge.simulator.server import SimulatorServer
-from bridge.simulator.terminal import LinkBehaviour, Scenario
+from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
 
 
 def pty_fds() -> set[str]:
@@ -173,3 +176,38 @@ async def test_the_wire_layer_flags_link_level_retransmissions(tmp_path):
     finally:
         os.close(fd)
         await server.close()
+
+
+async def test_a_paced_answer_is_not_sent_again_while_it_is_still_going_out():
+    """The simulator paces its writes at its baud rate, and its framer's ACK time counted
+    from the start of the write: an answer longer than ack_timeout on the line went out
+    twice, a duplicate frame no real terminal sends (review rv16)."""
+    baud = 9600  # 1 ms a byte: a ~400-byte Diagnosis answer takes ~0.4 s on the line
+    sim = SimulatorServer(Scenario(default=Behaviour(delay=0.0), link=LinkBehaviour(baud=baud)),
+                          "stx-etx-lrc", ack_timeout=0.2)
+    port = await sim.start_tcp()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    bridge = make_framer("stx-etx-lrc", ack_timeout=5.0)  # the bridge side, ACKing each frame
+    request = builders.diagnosis_request(sale_id="S", service_id="1", poi_id="P")
+    bridge.send_frame(jsontext.compact(request), time.monotonic())
+    writer.write(bridge.data_to_send(time.monotonic()))
+    received: list[bytes] = []
+    try:
+        async with asyncio.timeout(3):
+            while True:
+                data = await asyncio.wait_for(reader.read(4096), 1.5)
+                for event in bridge.receive_data(data, time.monotonic()):
+                    if isinstance(event, FrameReceived):
+                        received.append(event.payload)
+                writer.write(bridge.data_to_send(time.monotonic()))  # our ACKs
+    except TimeoutError:
+        pass
+    finally:
+        writer.close()
+        await sim.close()
+    answers = [p for p in received if b"DiagnosisResponse" in p]
+    assert answers, received
+    line_time = len(answers[0]) * 10 / baud
+    assert line_time > 0.2, line_time  # longer than the simulator's ack_timeout
+    # One answer, ACKed as soon as its last byte arrived: it was never late
+    assert len(answers) == 1, f"{len(answers)} copies of a {len(answers[0])}-byte answer"

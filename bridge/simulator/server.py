@@ -138,6 +138,9 @@ class SimulatorServer:
         self.terminal = SimulatedTerminal(scenario)
         self.key = key  # local encryption, as a terminal configured with this key does it
         self.scenario = self.terminal.scenario
+        baud = self.scenario.link.baud
+        if baud:  # its ACK deadlines count from a frame's last byte on the paced line (8N1)
+            framer_options.setdefault("seconds_per_byte", 10 / baud)
         self._framer_name = framer
         self._framer_options = framer_options
         self.framer: Framer = make_framer(framer, **framer_options)
