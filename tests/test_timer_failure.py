@@ -100,3 +100,5 @@ async def test_the_same_timer_bug_shows_its_traceback_again_only_after_a_while(
         "a step that worked made the same bug news again: its traceback at once")
     assert len(shown) >= 2, "the same bug long after its traceback: shown again"
     assert all(later - earlier >= 1.5 for earlier, later in zip(shown, shown[1:])), shown
+    again = [r.getMessage() for r in records if r.exc_info][1]
+    assert "times now)" in again, f"a traceback shown again says how often since: {again}"

@@ -670,10 +670,11 @@ class TerminalWorker:
         news = seen == 1 or now - shown >= FAILURE_NEWS_AFTER
         self._bugs_seen[key] = (seen, now if news else shown)
         if news:
-            log.error("terminal %s: %s%s", self.poi_id, what, advice, exc_info=exc)
+            log.error("terminal %s: %s%s%s", self.poi_id, what,
+                      f" ({seen} times now)" if seen > 1 else "", advice, exc_info=exc)
         else:
             log.error("terminal %s: %s again, as before (%d times now, its traceback logged "
-                      "the first time): %r%s", self.poi_id, what, seen, exc, advice)
+                      "when it was last shown): %r%s", self.poi_id, what, seen, exc, advice)
 
     async def _read_loop(self, transport: Transport) -> None:
         """Until the link ends: the transport hands each read to _bytes_read (serial: from
