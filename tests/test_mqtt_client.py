@@ -15,7 +15,7 @@ from paho.mqtt import _packet
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from bridge.daemon.mqtt_client import PipelinedClient
+from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
 
 
 @pytest.fixture
@@ -457,3 +457,78 @@ async def test_a_puback_failure_code_refuses_a_message_paho_framed_too(code, wit
                                       properties=expiring() if with_properties else None)
         with pytest.raises(PublishRefused):
             await asyncio.wait_for(again, 3)
+
+
+@pytest.mark.parametrize("code", [0x81, 0xA2])
+async def test_unlisted_refusals_release_paho_slots_and_queue(code):
+    """A refusal paho's decoder cannot read, for messages paho framed, leaves paho's books
+    as its own handler would: every slot released, the messages queued for one published
+    and refused in their turn (review rv16)."""
+    server = await _broker_that_refuses(code)
+    port = server.sockets[0].getsockname()[1]
+    async with server, PipelinedClient(
+            "127.0.0.1", port, identifier="refused", protocol=aiomqtt.ProtocolVersion.V5,
+            max_inflight_messages=1, timeout=5) as client:
+        paho = client._client
+        futures = [client.publish_nowait(f"poi/transactions/S/{i}", b"{}", qos=1, retain=True,
+                                         properties=expiring()) for i in range(5)]
+        # one in flight, four waiting in paho's queue for a slot
+        assert paho._inflight_messages == 1 and len(paho._out_messages) == 5
+        done, pending = await asyncio.wait(futures, timeout=3)
+        assert not pending, f"{len(pending)} never resolved: the queue was not released"
+        assert all(isinstance(f.exception(), PublishRefused) for f in futures)
+        assert [f.exception().code for f in futures] == [code] * 5
+        assert paho._inflight_messages == 0 and not paho._out_messages
+        assert not client._acks
+        # aiomqtt's own publish() (no future of ours): returns, as for a listed refusal
+        await asyncio.wait_for(client.publish("poi/x", b"{}", qos=1, properties=expiring()), 3)
+        assert paho._inflight_messages == 0 and not paho._out_messages
+
+
+@pytest.mark.parametrize("with_properties", [False, True])
+async def test_an_unlisted_success_range_code_is_read_the_same_on_both_paths(with_properties):
+    """0x05: not a PUBACK code either, below 0x80. The message framed here took it for a
+    delivery; one paho framed went through paho's decoder, which raised MalformedPacket and
+    dropped the connection, again after every reconnect (review rv16). Both: a delivery."""
+    server = await _broker_that_refuses(0x05)
+    port = server.sockets[0].getsockname()[1]
+    async with server, PipelinedClient(
+            "127.0.0.1", port, identifier="odd", protocol=aiomqtt.ProtocolVersion.V5,
+            timeout=5) as client:
+        future = client.publish_nowait("poi/transactions/S/1", b"{}", qos=1, retain=True,
+                                       properties=expiring() if with_properties else None)
+        done, _ = await asyncio.wait([future], timeout=3)
+        assert done, "never resolved"
+        outcome = future.exception()
+        assert outcome is None, repr(outcome)
+
+
+@pytest.mark.parametrize("with_properties", [False, True])
+@pytest.mark.parametrize("code", [0xA3, 0xFF])
+async def test_a_code_mqtt5_does_not_define_at_all_is_a_refusal_too(code, with_properties):
+    """0xA3-0xFF are no MQTT 5 reason code at all: paho's ReasonCode raises KeyError for
+    them, not the ValueError _puback_reason caught (0x81 and 0xA2 are codes of other
+    packets), review rv16. The KeyError leaves the socket's reader callback (aiomqtt makes it the
+    connection's end, MqttError for the daemon, which reconnects and sends the message
+    again); for a message paho framed, paho's packet state is never reset, so the reader
+    callback, left registered on a socket aiomqtt does not close, runs at every loop pass
+    once the broker closes that connection."""
+    server = await _broker_that_refuses(code)
+    port = server.sockets[0].getsockname()[1]
+    client = PipelinedClient("127.0.0.1", port, identifier="unassigned",
+                             protocol=aiomqtt.ProtocolVersion.V5, timeout=5)
+    try:
+        async with server, client:
+            future = client.publish_nowait("poi/transactions/S/1", b"{}", qos=1, retain=True,
+                                           properties=expiring() if with_properties else None)
+            done, _ = await asyncio.wait([future], timeout=3)
+            ended = client._disconnected.done() and client._disconnected.exception()
+            assert done, f"never resolved; the connection ended with {ended!r}"
+            refused = future.exception()
+            assert isinstance(refused, PublishRefused) and refused.code == code, refused
+            assert not client._disconnected.done()
+    finally:  # what aiomqtt leaves open after such an end
+        sock = client._client._sock
+        if sock is not None:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()

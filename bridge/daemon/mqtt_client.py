@@ -140,7 +140,9 @@ class UnlistedReason(NamedTuple):
 
     value: int
 
-    is_failure = True  # as paho's ReasonCode says of a code of 0x80 or more (_on_publish)
+    @property
+    def is_failure(self) -> bool:  # as paho's ReasonCode says (_on_publish)
+        return self.value >= 0x80
 
     def __str__(self) -> str:
         return "a failure MQTT 5 does not define for PUBACK"
@@ -150,8 +152,12 @@ def _puback_reason(code: int) -> Any:
     """A PUBACK's reason code as paho names it, or UnlistedReason where paho cannot."""
     try:
         return ReasonCode(PacketTypes.PUBACK, identifier=code)
-    except ValueError:
+    except (ValueError, KeyError):  # KeyError: no MQTT 5 code at all (0xA3-0xFF)
         return UnlistedReason(code)
+
+
+# The codes MQTT 5 gives PUBACK (section 3.4.2.1): paho's decoder takes no other
+_PUBACK_CODES = frozenset((0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99))
 
 
 class PublishRefused(Exception):
@@ -296,12 +302,12 @@ class PipelinedClient(AcknowledgedClient):
             if mid in client._out_messages:  # sent by paho: with properties, or aiomqtt's
                 if len(packet) == 2:
                     return client._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
-                if packet[2] >= 0x80:
-                    reason = _puback_reason(packet[2])
-                    if isinstance(reason, UnlistedReason):
-                        # paho's decoder raises MalformedPacket for it, which drops the
-                        # connection (and the next one, the message sent again): a refusal
-                        return client._do_on_publish(mid, reason, _NO_PROPERTIES)
+                if packet[2] not in _PUBACK_CODES:
+                    # paho's decoder raises MalformedPacket for it, which drops the
+                    # connection (and the next one, the message sent again): a refusal
+                    # (0x80 or more), else taken, as for a message framed here
+                    return client._do_on_publish(mid, UnlistedReason(packet[2]),
+                                                 _NO_PROPERTIES)
                 return paho.Client._handle_pubackcomp(client, cmd)  # type: ignore[arg-type]
         future = self._acks.pop(mid, None)
         if future is not None and not future.done():
