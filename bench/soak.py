@@ -1363,6 +1363,10 @@ class BrokerLog:
         # start, a session expiry of 0: the bridge's own fault, never excused)
         session_lost = False
         reconnected_without_session = False
+        # A broker start since the bridge's last CONNACK: the next one without its session is
+        # the restart's doing, whatever the saves said (mosquitto logs "Saving ..." before it
+        # writes; a kill -9 during the write leaves the older file)
+        restarted = False
         lines = path.read_text(errors="replace").splitlines() if path.exists() else []
         for line in lines:
             stamp, _, text = line.partition(": ")
@@ -1408,12 +1412,19 @@ class BrokerLog:
                 session_lost = session_lost or bool(filters - saved_filters)
                 filters = set(saved_filters)
                 subscribed = bool(filters)
+                restarted = True
+            elif text.startswith(f"Sending CONNACK to {self.BRIDGE} (1, 0)"):
+                restarted = False
             elif text.startswith(f"Sending CONNACK to {self.BRIDGE} (0, 0)"):
                 # session present 0, connection accepted (a refused one, "(0, 5)", changes no
                 # session): whatever the replay thought, the broker holds no subscription of
                 # the bridge's now. Only a restart (above) excuses that; subscriptions the
                 # broker still held when the bridge reconnected are ones the bridge dropped.
-                reconnected_without_session = reconnected_without_session or bool(filters)
+                if restarted:
+                    session_lost = session_lost or bool(filters)
+                else:
+                    reconnected_without_session = reconnected_without_session or bool(filters)
+                restarted = False
                 filters.clear()
                 subscribed = False
             elif text.startswith(f"Sending PUBLISH to {self.BRIDGE} (") and self._a_request(text):

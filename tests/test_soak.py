@@ -757,3 +757,42 @@ def test_soak_terminal_with_a_key_answers_only_what_its_key_reads(tmp_path):
         if fd >= 0:
             os.close(fd)
         terminal.stop()
+
+
+MIDSAVE_DB = "/tmp/x/mosquitto.db"
+MIDSAVE_TOPIC = f"'poi-bridge/terminals/{POI}/request', ... (424 bytes))"
+
+
+def _killed_during_the_save(t: int) -> list[str]:
+    return [
+        f"{t - 12}: mosquitto version 2.0.11 starting",
+        f"{t - 4}: Saving in-memory database to {MIDSAVE_DB}.",
+        f"{t - 3}: New client connected from 127.0.0.1:39637 as poi-bridge-soak (p2, c0, k30).",
+        f"{t - 3}: Sending CONNACK to poi-bridge-soak (0, 0)",
+        f"{t - 3}: Received SUBSCRIBE from poi-bridge-soak",
+        f"{t - 3}: \tpoi-bridge/terminals/+/request/# (QoS 1)",
+        f"{t - 3}: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+        f"{t - 3}: Sending SUBACK to poi-bridge-soak",
+        # announced, then killed -9 while writing: the file on disk is the one of t - 4
+        f"{t - 2}: Saving in-memory database to {MIDSAVE_DB}.",
+        f"{t - 1}: mosquitto version 2.0.11 starting",
+        f"{t}: New client connected from 127.0.0.1:57449 as poi-bridge-soak (p2, c0, k30).",
+        f"{t}: Sending CONNACK to poi-bridge-soak (0, 0)",
+        f"{t}: Received PUBLISH from soak-register-TILL1 (d0, q1, r0, m1, {MIDSAVE_TOPIC}",
+        f"{t}: Sending PUBACK to soak-register-TILL1 (m1, rc0)",
+        f"{t + 1}: Received SUBSCRIBE from poi-bridge-soak",
+        f"{t + 1}: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+    ]
+
+
+def test_the_first_connack_after_a_restart_is_the_restarts_doing(tmp_path):
+    """mosquitto 2.0.11 logs "Saving in-memory database" before it writes the file, so a
+    kill -9 during the write leaves the older file (without a session the bridge had just
+    made) while the replay holds it saved. The restarted broker answered the bridge's
+    reconnect "(0, 0)", and the audit blamed the bridge, saying its log had no restart
+    (review rv16; the lines are a real broker's, killed -9 right after the save line)."""
+    result = run_audit(_soak_with_broker_log(tmp_path, _killed_during_the_save), {POI: {}}, [])
+    # README: "never reached the bridge" where mosquitto's log shows that restart
+    assert kinds(result) == [], [p["text"] for p in result["problems"]]
+    [note] = [e for e in result["explained"] if e.startswith("TILL1/P1")]
+    assert "restarted" in note
