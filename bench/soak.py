@@ -1367,6 +1367,7 @@ class BrokerLog:
         # the restart's doing, whatever the saves said (mosquitto logs "Saving ..." before it
         # writes; a kill -9 during the write leaves the older file)
         restarted = False
+        since_restart: list[dict[str, Any]] = []  # queued meanwhile, as the last save said
         lines = path.read_text(errors="replace").splitlines() if path.exists() else []
         for line in lines:
             stamp, _, text = line.partition(": ")
@@ -1386,6 +1387,8 @@ class BrokerLog:
                 self.entries.append(entry)
                 if subscribed:  # else the broker routes it to nobody
                     queued.append(entry)
+                    if restarted:
+                        since_restart.append(entry)
             elif text.startswith(f"{self.BRIDGE} 1 ") and text[len(self.BRIDGE) + 3:] \
                     in self.REQUEST_FILTERS:
                 # the third line of the broker's SUBSCRIBE report (since 8b5246a the bridge
@@ -1413,6 +1416,7 @@ class BrokerLog:
                 filters = set(saved_filters)
                 subscribed = bool(filters)
                 restarted = True
+                since_restart = []
             elif text.startswith(f"Sending CONNACK to {self.BRIDGE} (1, 0)"):
                 restarted = False
             elif text.startswith(f"Sending CONNACK to {self.BRIDGE} (0, 0)"):
@@ -1422,6 +1426,16 @@ class BrokerLog:
                 # broker still held when the bridge reconnected are ones the bridge dropped.
                 if restarted:
                     session_lost = session_lost or bool(filters)
+                    # The restarted broker had no session of the bridge's: nothing queued for
+                    # it survived. A request it took since it started (a register reconnects
+                    # first) went to nobody; one queued before, in the save the kill cut
+                    # short, was lost with that save. Neither was ever sent to the bridge.
+                    for entry in [e for e in queued if e["sent"] is None]:
+                        queued.remove(entry)
+                        if any(entry is e for e in since_restart):
+                            entry["bridge_subscribed"], entry["session_lost"] = False, True
+                        else:
+                            entry["dropped"] = at
                 else:
                     reconnected_without_session = reconnected_without_session or bool(filters)
                 restarted = False

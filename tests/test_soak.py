@@ -796,3 +796,62 @@ def test_the_first_connack_after_a_restart_is_the_restarts_doing(tmp_path):
     assert kinds(result) == [], [p["text"] for p in result["problems"]]
     [note] = [e for e in result["explained"] if e.startswith("TILL1/P1")]
     assert "restarted" in note
+
+
+def _published_before_the_bridge_came_back(t: int) -> list[str]:
+    """As above, but the register is back before the bridge (still in its reconnect
+    backoff): the request comes between the broker's start and the bridge's CONNACK."""
+    before = [line for line in _killed_during_the_save(t) if not line.startswith(f"{t}: ")
+              and not line.startswith(f"{t + 1}: ")]
+    return before + [
+        f"{t}: Received PUBLISH from soak-register-TILL1 (d0, q1, r0, m1, {MIDSAVE_TOPIC}",
+        f"{t}: Sending PUBACK to soak-register-TILL1 (m1, rc0)",
+        f"{t + 1}: New client connected from 127.0.0.1:57449 as poi-bridge-soak (p2, c0, k30).",
+        f"{t + 1}: Sending CONNACK to poi-bridge-soak (0, 0)",
+        f"{t + 1}: Received SUBSCRIBE from poi-bridge-soak",
+        f"{t + 1}: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+    ]
+
+
+def _queued_in_the_save_the_kill_cut_short(t: int) -> list[str]:
+    """The request is queued for the bridge (not yet sent: the bridge is busy), the broker
+    announces a save, is killed -9 while writing it, and comes back without the session."""
+    return [
+        f"{t - 12}: mosquitto version 2.0.11 starting",
+        f"{t - 3}: New client connected from 127.0.0.1:39637 as poi-bridge-soak (p2, c0, k30).",
+        f"{t - 3}: Sending CONNACK to poi-bridge-soak (0, 0)",
+        f"{t - 3}: Received SUBSCRIBE from poi-bridge-soak",
+        f"{t - 3}: \tpoi-bridge/terminals/+/request/# (QoS 1)",
+        f"{t - 3}: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+        f"{t - 3}: Sending SUBACK to poi-bridge-soak",
+        f"{t}: Received PUBLISH from soak-register-TILL1 (d0, q1, r0, m1, {MIDSAVE_TOPIC}",
+        f"{t}: Sending PUBACK to soak-register-TILL1 (m1, rc0)",
+        f"{t + 1}: Saving in-memory database to {MIDSAVE_DB}.",  # killed -9 while writing
+        f"{t + 2}: mosquitto version 2.0.11 starting",
+        f"{t + 3}: New client connected from 127.0.0.1:57449 as poi-bridge-soak (p2, c0, k30).",
+        f"{t + 3}: Sending CONNACK to poi-bridge-soak (0, 0)",
+        f"{t + 3}: Received SUBSCRIBE from poi-bridge-soak",
+        f"{t + 3}: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+    ]
+
+
+def test_what_a_broker_restarted_without_the_bridges_session_held_is_not_blamed_on_the_bridge(
+        tmp_path):
+    """The CONNACK "(0, 0)" after a restart proves the broker had no session of the bridge's,
+    so nothing was queued for it: neither a request taken after the broker started and
+    before the bridge came back (the replay held the bridge subscribed, from the save line
+    the kill cut short), nor one queued before that save. Both were called LOST ("never
+    answered"), review rv17; both never reached the bridge."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    routed = _soak_with_broker_log(tmp_path / "a", _published_before_the_bridge_came_back)
+    result = run_audit(routed, {POI: {}}, [])
+    assert kinds(result) == [], [p["text"] for p in result["problems"]]
+    [note] = [e for e in result["explained"] if e.startswith("TILL1/P1")]
+    assert "restarted without the bridge's session" in note
+    lost_save = _soak_with_broker_log(tmp_path / "b", _queued_in_the_save_the_kill_cut_short)
+    lost_save.broker_kills = [lost_save.registers[0].payments["P1"].sent_at + 1.5]
+    result = run_audit(lost_save, {POI: {}}, [])
+    assert kinds(result) == [], [p["text"] for p in result["problems"]]
+    [note] = [e for e in result["explained"] if e.startswith("TILL1/P1")]
+    assert "killed -9" in note
