@@ -348,6 +348,23 @@ def test_the_framer_and_the_writer_end_every_frame_once(cls, ops) -> None:
 BAUD_115200 = 10 / 115200  # s per byte: start bit, 8 data bits, stop bit
 
 
+class CommittedJournal:
+    """Nothing waits for a commit: the writer writes what the framer gives at once."""
+    commit_pending = False
+
+    def after_commit(self, callback) -> None:
+        callback()
+
+
+def writer_running(line, ack_timeout: float, seconds_per_byte: float):
+    """A framer, its FrameWriter and the writer task on `line` (a stand-in transport)."""
+    framer = StxEtxLrcFramer(ack_timeout=ack_timeout, max_frame_size=128 * 1024,
+                             seconds_per_byte=seconds_per_byte)
+    writer = FrameWriter("T1", framer, journal=CommittedJournal(), session=RecordingSession(),
+                         apply=lambda a: None, clock=time.monotonic)
+    return framer, writer, asyncio.create_task(writer.run(line))
+
+
 @pytest.mark.parametrize("cls", FRAMERS, ids=lambda c: c.name)
 def test_the_ack_time_counts_from_the_frames_last_byte_on_the_line(cls) -> None:
     """A 60 KB frame (a print request with a logo) takes 5.2 s to cross a 115200 baud line.
@@ -376,24 +393,22 @@ def test_a_frame_queued_behind_bytes_still_being_written_counts_from_their_end()
 
         def __init__(self) -> None:
             self.written: list[tuple[float, bytes]] = []
+            self.in_kernel = 0  # (not drained in this test: the line is slow)
+
+        def output_queued(self) -> int:
+            return self.in_kernel
 
         def write_nowait(self, data: bytes) -> int:
             self.written.append((time.monotonic(), data[:4096]))
-            return min(len(data), 4096)
+            self.in_kernel = min(len(data), 4096)
+            return self.in_kernel
 
         async def write(self, data: bytes) -> None:
             self.written.append((time.monotonic(), data))
 
-    class NoJournal:
-        commit_pending = False
-
     async def main() -> None:
-        framer = StxEtxLrcFramer(ack_timeout=2.0, max_frame_size=128 * 1024,
-                                 seconds_per_byte=BAUD_115200)
-        writer = FrameWriter("T1", framer, journal=NoJournal(), session=RecordingSession(),
-                             apply=lambda a: None, clock=time.monotonic)
         line = SlowLine()
-        task = asyncio.create_task(writer.run(line))
+        framer, writer, task = writer_running(line, 2.0, BAUD_115200)
         try:
             await asyncio.sleep(0)  # the writer task waits, idle
             big = b'{"print":"' + b"x" * 30_000 + b'"}'
@@ -407,9 +422,8 @@ def test_a_frame_queued_behind_bytes_still_being_written_counts_from_their_end()
             framer.receive_data(NAK, time.monotonic())
             await asyncio.sleep(0.05)
             assert b"".join(data for _, data in line.written) == frame + frame
-            # (the 4 KB the kernel took go out within the ACK time's margin: not counted)
-            rest = len(frame) - 4096
-            assert framer.next_deadline() >= started + (rest + len(frame)) * BAUD_115200 + 2.0, (
+            # (the rest the writer task held, and the 4 KB in the kernel's buffer before it)
+            assert framer.next_deadline() >= started + 2 * len(frame) * BAUD_115200 + 2.0, (
                 "the copy's ACK time counted from before the first copy had crossed the line")
         finally:
             task.cancel()
@@ -478,3 +492,107 @@ def test_the_copy_on_the_lines_ack_is_not_taken_for_the_next_frames(cls):
     assert FrameSent(second) not in events, (
         "C2's ACK, read before the next frame's last byte had crossed the line, was taken "
         "as that frame's: it counts as delivered whatever became of it")
+
+
+# --- the kernel's output buffer on a slow line ---------------------------------------------
+
+SLOW_SPB = 10 / 9600 / 10   # 9600 baud, 10x faster
+SLOW_ACK_TIMEOUT = 0.2      # 2 s, 10x shorter
+KERNEL_BUFFER = 4096          # the tty's output buffer
+
+
+class KernelLine:
+    """A serial line: write_nowait() fills a 4 KB kernel buffer, which drains at SLOW_SPB a byte;
+    write() waits for room. Records when each byte's run crosses the line."""
+
+    def __init__(self) -> None:
+        self.free_at = 0.0                      # when what is queued has all crossed
+        self.stream = bytearray()
+        self.ends: list[tuple[int, float]] = []  # (stream offset after a chunk, its end)
+        self.taken_at: list[tuple[int, float]] = []  # (stream offset of a chunk, when written)
+
+    def queued(self, now: float) -> float:
+        return max(0.0, self.free_at - now) / SLOW_SPB
+
+    def output_queued(self) -> int:
+        return int(self.queued(time.monotonic()))
+
+    def write_nowait(self, data: bytes) -> int:
+        now = time.monotonic()
+        n = max(0, min(len(data), int(KERNEL_BUFFER - self.queued(now))))
+        if n:
+            self.taken_at.append((len(self.stream), now))
+            self.stream += data[:n]
+            self.free_at = max(now, self.free_at) + n * SLOW_SPB
+            self.ends.append((len(self.stream), self.free_at))
+        return n
+
+    async def write(self, data: bytes) -> None:
+        while data:
+            data = data[self.write_nowait(data):]
+            if data:
+                await asyncio.sleep(max(0.001, (self.queued(time.monotonic()) - KERNEL_BUFFER / 2)
+                                        * SLOW_SPB))
+
+    def end_of(self, offset: int) -> float:
+        """When the byte ending at `offset` has crossed."""
+        for end_offset, end in self.ends:
+            if end_offset >= offset:
+                return end - (end_offset - offset) * SLOW_SPB
+        raise AssertionError("not written")
+
+    def written_at(self, offset: int) -> float:
+        return max(t for start, t in self.taken_at if start <= offset)
+
+
+def test_a_copy_is_not_sent_again_while_the_copy_before_it_is_still_going_out() -> None:
+    """What the kernel's serial output buffer still holds (4 KB) was left to ack_timeout's
+    margin: 0.36 s at 115200 baud, but 4.3 s at 9600, more than the 2 s ack_timeout, so a copy
+    after a NAK got its deadline before its last byte had crossed the line, and a third copy
+    was written while the second was still going out (review rv17). The writer counts the
+    transport's output queue too. Scaled 10x in time (ack_timeout 0.2 s, bytes 10x faster
+    than 9600 baud), on a model of the line with a 4 KB kernel buffer."""
+    async def main() -> list[tuple[float, float]]:
+        line = KernelLine()
+        framer, writer, task = writer_running(line, SLOW_ACK_TIMEOUT, SLOW_SPB)
+        try:
+            await asyncio.sleep(0)
+            payload = b'{"print":"' + b"x" * 6000 + b'"}'   # 6.3 s at 9600 baud
+            frame = framer.encode(payload)
+            writer._in_flight.append((payload, TxKey("S1", "P1")))
+            framer.send_frame(payload, time.monotonic())
+            writer.kick()
+            await asyncio.sleep(0.03)
+            framer.receive_data(b"\x15", time.monotonic())  # line noise read as a NAK
+            writer.kick()
+            stop = time.monotonic() + 2.0
+            while time.monotonic() < stop:  # the worker's timer
+                due = framer.next_deadline()
+                if due is None:
+                    break
+                await asyncio.sleep(max(0.0, min(due, stop) - time.monotonic()))
+                if time.monotonic() >= due:
+                    if any(isinstance(e, FrameResent)
+                           for e in framer.handle_timeout(time.monotonic())):
+                        writer.kick()
+            copies = []
+            at = line.stream.find(frame)
+            while at >= 0:
+                copies.append((line.written_at(at), line.end_of(at + len(frame))))
+                at = line.stream.find(frame, at + 1)
+            return copies
+        finally:
+            task.cancel()
+
+    copies = asyncio.run(main())
+    assert len(copies) >= 2, copies
+    t0 = copies[0][0]
+    shown = [(round(w - t0, 3), round(e - t0, 3)) for w, e in copies]
+    # Copy 2 answers the NAK; a copy 3 may not be written while copy 2 is still going out
+    # (the terminal would read the frame once more; README "Wire framing"). At 115200 baud
+    # this holds (copy 3 goes ~ack_timeout - 0.36 s after copy 2's last byte)
+    for (_, end_before), (written, _) in zip(copies[1:], copies[2:]):
+        assert written >= end_before, (
+            f"(written, last byte crossed) per copy, s (10x scale): {shown}: a copy was "
+            f"written {end_before - written:.3f} s before the copy before it had crossed the "
+            f"line, {end_before + SLOW_ACK_TIMEOUT - written:.3f} s before its ACK time was over")

@@ -177,8 +177,12 @@ async def test_serial_write_beyond_kernel_buffer_waits_without_freezing_the_loop
     # The terminal is not reading: write() waits, and the event loop keeps running meanwhile
     # (pyserial's own non-blocking write spins on EAGAIN and would freeze it).
     assert not writing.done() and ticks == 20
+    # ... and says how much still waits to cross the line: a frame handed out now crosses
+    # after it (its ACK time counts from then: README "Wire framing")
+    assert serial_link.output_queued() > 200 * 1024
     assert await pty.recv(len(data)) == data
     await within(writing)
+    assert serial_link.output_queued() == 0
 
 
 async def test_serial_read_returns_available_bytes_without_waiting_for_more(pty, serial_link):

@@ -103,7 +103,8 @@ class FrameWriter:
         if not self._writer_idle or self._write_ready.is_set() or transport is None:
             self._write_ready.set()
             return
-        data = self.framer.data_to_send(time.monotonic())
+        data = self.framer.data_to_send(
+            time.monotonic() + transport.output_queued() * self.framer.seconds_per_byte)
         if not data:
             return
         frames, self._delivered_on_write = self._delivered_on_write, []
@@ -142,7 +143,8 @@ class FrameWriter:
                 pending, self._unwritten = self._unwritten, b""
                 frames, self._unwritten_frames = self._unwritten_frames, []
                 # (what the framer gives now crosses the line after the rest of an earlier write)
-                behind = len(pending) * self.framer.seconds_per_byte
+                behind = (len(pending) + transport.output_queued()) \
+                    * self.framer.seconds_per_byte
                 if self.journal.commit_pending:
                     # The framer may hold the ACK of an answer whose record is not durable
                     # yet: that goes once the commit is done (a terminal forgets an answer

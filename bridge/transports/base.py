@@ -50,6 +50,11 @@ class Transport(ABC):
         write() carries on with the rest, and is the one that reports a lost link."""
         return 0
 
+    def output_queued(self) -> int:
+        """Bytes written and still waiting to cross the line (a serial port's kernel
+        buffer, TIOCOUTQ): what the framer hands out next crosses after them."""
+        return 0
+
     @abstractmethod
     async def close(self) -> None:
         """Close; safe to call twice and after LinkClosed."""

@@ -164,6 +164,10 @@ class SerialTransport(Transport):
         # they were raised, and two lines made one bug two, each with its traceback
         raise failure
 
+    def output_queued(self) -> int:
+        fd = self._fd
+        return 0 if fd is None else (_output_queued(fd) or 0) + len(self._unsent)
+
     def write_nowait(self, data: bytes) -> int:
         fd = self._fd
         if fd is None or self._unsent:  # (after what an earlier write() still holds)
