@@ -19,8 +19,8 @@ payment, paho's PUBACK handling was 14 % of the daemon's CPU under load. A QoS 1
 without properties is also framed here, not by paho's publish() (`publish_nowait`), and its
 PUBACK, reason code included, is read here. Any other PUBACK of a message paho published
 (with properties, or aiomqtt's own) still goes through paho's handler, but for one with a
-failure code MQTT 5 does not define for PUBACK, which paho's decoder takes for a malformed
-packet (dropping the connection): that message is refused, as one framed here would be.
+code MQTT 5 does not give PUBACK, which paho's decoder takes for a malformed packet (dropping
+the connection): it is read as for a message framed here (0x80 or more: refused).
 
 Packets are written to the socket as soon as paho has them, without waiting for the loop to
 report the socket writable (`_on_socket_register_write`), as paho itself does without an
