@@ -763,16 +763,23 @@ MIDSAVE_DB = "/tmp/x/mosquitto.db"
 MIDSAVE_TOPIC = f"'poi-bridge/terminals/{POI}/request', ... (424 bytes))"
 
 
+def _bridge_connects_first(at: int) -> list[str]:
+    """The bridge's first connection to a broker (no session yet), and its subscription."""
+    return [
+        f"{at}: New client connected from 127.0.0.1:39637 as poi-bridge-soak (p2, c0, k30).",
+        f"{at}: Sending CONNACK to poi-bridge-soak (0, 0)",
+        f"{at}: Received SUBSCRIBE from poi-bridge-soak",
+        f"{at}: \tpoi-bridge/terminals/+/request/# (QoS 1)",
+        f"{at}: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+        f"{at}: Sending SUBACK to poi-bridge-soak",
+    ]
+
+
 def _killed_during_the_save(t: int) -> list[str]:
     return [
         f"{t - 12}: mosquitto version 2.0.11 starting",
         f"{t - 4}: Saving in-memory database to {MIDSAVE_DB}.",
-        f"{t - 3}: New client connected from 127.0.0.1:39637 as poi-bridge-soak (p2, c0, k30).",
-        f"{t - 3}: Sending CONNACK to poi-bridge-soak (0, 0)",
-        f"{t - 3}: Received SUBSCRIBE from poi-bridge-soak",
-        f"{t - 3}: \tpoi-bridge/terminals/+/request/# (QoS 1)",
-        f"{t - 3}: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
-        f"{t - 3}: Sending SUBACK to poi-bridge-soak",
+        *_bridge_connects_first(t - 3),
         # announced, then killed -9 while writing: the file on disk is the one of t - 4
         f"{t - 2}: Saving in-memory database to {MIDSAVE_DB}.",
         f"{t - 1}: mosquitto version 2.0.11 starting",
@@ -818,12 +825,7 @@ def _queued_in_the_save_the_kill_cut_short(t: int) -> list[str]:
     announces a save, is killed -9 while writing it, and comes back without the session."""
     return [
         f"{t - 12}: mosquitto version 2.0.11 starting",
-        f"{t - 3}: New client connected from 127.0.0.1:39637 as poi-bridge-soak (p2, c0, k30).",
-        f"{t - 3}: Sending CONNACK to poi-bridge-soak (0, 0)",
-        f"{t - 3}: Received SUBSCRIBE from poi-bridge-soak",
-        f"{t - 3}: \tpoi-bridge/terminals/+/request/# (QoS 1)",
-        f"{t - 3}: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
-        f"{t - 3}: Sending SUBACK to poi-bridge-soak",
+        *_bridge_connects_first(t - 3),
         f"{t}: Received PUBLISH from soak-register-TILL1 (d0, q1, r0, m1, {MIDSAVE_TOPIC}",
         f"{t}: Sending PUBACK to soak-register-TILL1 (m1, rc0)",
         f"{t + 1}: Saving in-memory database to {MIDSAVE_DB}.",  # killed -9 while writing
