@@ -582,3 +582,23 @@ def test_a_payload_nested_past_the_strict_readers_depth_does_not_decrypt(monkeyp
     envelope = encrypt_message(document, KEY)
     with pytest.raises(DecryptionFailed, match="not UTF-8 JSON"):
         decrypt_message(envelope, KEY)
+
+
+@pytest.mark.parametrize("depth", [60, 65, 200, 900])
+def test_a_payload_nested_deeper_than_a_plain_message_may_does_not_decrypt(monkeypatch, depth):
+    """A plain frame nested deeper than MAX_NESTING (64) is refused by load_json, but the
+    decrypted payload of an encrypted one was checked by nothing: 65 to about 950 levels
+    decrypted and went on to parse_message (noted in the sixteenth session). The same limit
+    holds inside the envelope now."""
+    from bridge.protocol.messages import MAX_NESTING
+
+    deep = '{"x":' * depth + "1" + "}" * depth
+    document = payment_request()
+    plaintext = json.dumps(document, separators=(",", ":"))[:-2] + ',"Deep":' + deep + "}}"
+    monkeypatch.setattr(crypto, "serialise_document", lambda _: plaintext.encode())
+    envelope = encrypt_message(document, KEY)
+    if depth + 2 <= MAX_NESTING:  # (the payload's own two levels above "Deep")
+        assert decrypt_message(envelope, KEY)["SaleToPOIRequest"]["Deep"]
+        return
+    with pytest.raises(DecryptionFailed, match=f"nested deeper than {MAX_NESTING} levels"):
+        decrypt_message(envelope, KEY)

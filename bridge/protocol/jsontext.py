@@ -71,6 +71,9 @@ _DECODER = json.JSONDecoder(parse_constant=_constant, parse_float=_finite,
 _DIGITS_AND_BRACKETS = bytes(0x31 if 0x30 <= b <= 0x39 else 0x5B if b in b"[{" else 0x20
                              for b in range(256))
 _LONG_DIGIT_RUN = b"1" * 19
+# How deep a SaleToPOI document may nest, in the clear or inside an encrypted envelope (the
+# vendor's deepest nest about 8): deeper is hostile or broken, refused before validation
+MAX_NESTING = 64
 _MANY_BRACKETS = 800
 
 
@@ -105,6 +108,27 @@ def _strict_loads(text: str) -> Any:
         raise JsonTextError("a \\u escape of a lone UTF-16 surrogate (\\ud800-\\udfff) is "
                             "no character")
     return document
+
+
+def nests_within(value: Any, limit: int) -> bool:
+    """Whether a parsed document nests at most `limit` containers deep. Walked level by
+    level, without recursion, with exact type checks (json.loads makes only dicts and lists):
+    it runs on every terminal answer, and must cost less than parsing it. json.loads itself
+    stops a nesting bomb with RecursionError."""
+    level = [value] if type(value) is dict or type(value) is list else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return False
+        below = []
+        for node in level:
+            for child in (node.values() if type(node) is dict else node):
+                kind = type(child)
+                if kind is dict or kind is list:
+                    below.append(child)
+        level = below
+    return True
 
 
 def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from bridge.protocol import jsontext
 
 SERVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9]{1,10}\Z")
 POIID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*-[A-Za-z0-9]+\Z")
-MAX_NESTING = 64
+MAX_NESTING = jsontext.MAX_NESTING
 
 
 class MessageClass(StrEnum):
@@ -395,27 +395,6 @@ class NotStrictJson(MessageError):
     too long to read, a lone surrogate's escape): Python's own reader would take it."""
 
 
-def _depth_ok(value: Any, limit: int) -> bool:
-    """Whether a parsed document nests at most `limit` containers deep. Walked level by
-    level, without recursion, with exact type checks (json.loads makes only dicts and lists):
-    it runs on every terminal answer, and must cost less than parsing it. json.loads itself
-    stops a nesting bomb with RecursionError."""
-    level = [value] if type(value) is dict or type(value) is list else []
-    depth = 0
-    while level:
-        depth += 1
-        if depth > limit:
-            return False
-        below = []
-        for node in level:
-            for child in (node.values() if type(node) is dict else node):
-                kind = type(child)
-                if kind is dict or kind is list:
-                    below.append(child)
-        level = below
-    return True
-
-
 class DuplicateName(MessageError):
     """Valid JSON but for an object that holds a name twice (load_json(unique_names=True))."""
 
@@ -440,7 +419,8 @@ def load_json(raw: str | bytes, *, max_size: int | None = None,
         raise NotStrictJson(f"not valid JSON: {exc}") from None
     except RecursionError:
         raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels") from None
-    if raw.count("{") + raw.count("[") > MAX_NESTING and not _depth_ok(document, MAX_NESTING):
+    if raw.count("{") + raw.count("[") > MAX_NESTING \
+            and not jsontext.nests_within(document, MAX_NESTING):
         raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels")
     if unique_names:
         try:
