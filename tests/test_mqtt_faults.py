@@ -245,6 +245,28 @@ async def test_two_bridges_with_one_client_id_are_named_as_such(tmp_path, mosqui
     assert "'twin'" in line and "mqtt.client_id" in line
 
 
+def test_connections_dropped_before_they_subscribed_count_as_short_however_long(
+        tmp_path, mosquitto, caplog):
+    """On a loaded machine a twin's connection dropped while it subscribed ended only when
+    the subscription timed out (10 s): longer than SHORT_CONNECTION, so the run of short
+    connections started over each time, and the twins were never named (CI, 2026-12-02:
+    'Operation timed out' and 'not currently connected' for 20 s, no name). A connection that
+    never got as far as its subscription counts as short, however long it took to end."""
+    from bridge.daemon import mqtt as mqtt_module
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        gateway = gateway_for(mosquitto, journal, client_id="twin")
+        for _ in range(mqtt_module.SHORT_CONNECTIONS_SAID):
+            gateway._note_short_connection(12.0, set_up=False)
+        named = [m for m in caplog.messages if "same client id" in m]
+        assert len(named) == 1 and "before it had subscribed" in named[0], caplog.messages
+        gateway._note_short_connection(12.0)  # one that served a while: the run is over
+        assert gateway._short_connections == 0
+    finally:
+        journal.close()
+
+
 async def test_twins_dropped_while_they_subscribe_are_named_as_such(
         tmp_path, mosquitto, caplog, monkeypatch):
     """On a loaded machine the broker dropped each twin while it was still subscribing

@@ -417,7 +417,8 @@ class RegisterGateway:
                 if connected_at is not None:
                     log.warning("lost the MQTT broker %s:%d: %s; results are kept and sent on "
                                 "reconnect", self.config.host, self.config.port, exc)
-                    self._note_short_connection(time.monotonic() - connected_at)
+                    self._note_short_connection(time.monotonic() - connected_at,
+                                                set_up=self._connected.is_set())
                 elif login_refused(exc):
                     who = (f"as user {self.config.username!r}" if self.config.username
                            else "without a user name")
@@ -496,18 +497,21 @@ class RegisterGateway:
                   self.config.client_id, count, window,
                   f", the newest {limit} only (mqtt.republish_limit)" if count >= limit else "")
 
-    def _note_short_connection(self, lasted: float) -> None:
+    def _note_short_connection(self, lasted: float, set_up: bool = True) -> None:
         """Two clients with one client id take the session from each other, and the broker
         drops the older at once, again and again: each side saw only 'lost the MQTT
-        broker' about once a second. A run of connections that end within seconds is
-        named for what it most likely is."""
-        if lasted >= SHORT_CONNECTION:
+        broker' about once a second. A run of connections that end within seconds, or
+        before the bridge had subscribed (`set_up` False: on a loaded machine a connection
+        dropped while subscribing may end only when the subscription times out, 10 s on),
+        is named for what it most likely is."""
+        if set_up and lasted >= SHORT_CONNECTION:
             self._short_connections = 0
             return
         self._short_connections += 1
         if self._short_connections == SHORT_CONNECTIONS_SAID:
             log.error("the MQTT broker %s:%d dropped the bridge %d times in a row within %g s "
-                      "of connecting: most likely another client uses the same client id "
+                      "of connecting or before it had subscribed: most likely another client "
+                      "uses the same client id "
                       "(%r), and each connection takes the other's session. Give every bridge "
                       "its own mqtt.client_id; look for a second daemon, or a copied "
                       "configuration, on this broker", self.config.host, self.config.port,
