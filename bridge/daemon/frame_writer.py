@@ -142,15 +142,16 @@ class FrameWriter:
                 self._write_ready.clear()
                 pending, self._unwritten = self._unwritten, b""
                 frames, self._unwritten_frames = self._unwritten_frames, []
-                # (what the framer gives now crosses the line after the rest of an earlier write)
-                behind = (len(pending) + transport.output_queued()) \
-                    * self.framer.seconds_per_byte
                 if self.journal.commit_pending:
                     # The framer may hold the ACK of an answer whose record is not durable
                     # yet: that goes once the commit is done (a terminal forgets an answer
                     # it saw ACKed), by kick(), straight from the commit.
                     self.journal.after_commit(self.kick)
                 else:
+                    # (what the framer gives now crosses the line after the rest of an
+                    # earlier write and what the driver still holds)
+                    behind = (len(pending) + transport.output_queued()) \
+                        * self.framer.seconds_per_byte
                     pending += self.framer.data_to_send(time.monotonic() + behind)
                     frames += self._delivered_on_write
                     self._delivered_on_write = []

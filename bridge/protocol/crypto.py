@@ -427,8 +427,7 @@ def decrypt_message(document: Any, keys: KeyRing | NexoKey) -> dict[str, Any]:
         raise DecryptionFailed(f"decrypted payload is not UTF-8 JSON: {exc}") from None
     # As deep as a message in the clear may be (load_json): the envelope's own depth was
     # checked, what it carried was not, and 65 to about 950 levels went on to validation
-    if text.count("{") + text.count("[") > jsontext.MAX_NESTING \
-            and not jsontext.nests_within(inner, jsontext.MAX_NESTING):
+    if jsontext.nests_too_deep(text, inner):
         raise DecryptionFailed(
             f"decrypted payload nested deeper than {jsontext.MAX_NESTING} levels")
     if not isinstance(inner, dict) or list(inner) != [name] or not isinstance(inner[name], dict):

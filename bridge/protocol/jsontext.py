@@ -110,6 +110,13 @@ def _strict_loads(text: str) -> Any:
     return document
 
 
+def nests_too_deep(text: str, document: Any) -> bool:
+    """Whether `document`, read from `text`, nests deeper than MAX_NESTING (walked only when
+    the text holds more brackets than that)."""
+    return text.count("{") + text.count("[") > MAX_NESTING \
+        and not nests_within(document, MAX_NESTING)
+
+
 def nests_within(value: Any, limit: int) -> bool:
     """Whether a parsed document nests at most `limit` containers deep. Walked level by
     level, without recursion, with exact type checks (json.loads makes only dicts and lists):

@@ -419,8 +419,7 @@ def load_json(raw: str | bytes, *, max_size: int | None = None,
         raise NotStrictJson(f"not valid JSON: {exc}") from None
     except RecursionError:
         raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels") from None
-    if raw.count("{") + raw.count("[") > MAX_NESTING \
-            and not jsontext.nests_within(document, MAX_NESTING):
+    if jsontext.nests_too_deep(raw, document):
         raise MessageError(f"JSON nested deeper than {MAX_NESTING} levels")
     if unique_names:
         try:
