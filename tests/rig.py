@@ -222,6 +222,15 @@ class Subscriber:
         return await asyncio.wait_for(wait(), timeout)
 
 
+async def bridge_online(broker: Any, base: str = "poi-bridge", timeout: float = 30.0) -> None:
+    """Wait for the bridge's "online" on its state topic: it says so only once subscribed to
+    the request topics. Its "connected to MQTT broker" line comes before that, and a request
+    published in between reaches no one (the broker has no session to queue it for)."""
+    async with Subscriber(broker, [f"{base}/bridge/state"], client_id="online-watcher") as sub:
+        await sub.wait_for(lambda t, p: isinstance(p, dict) and p.get("state") == "online",
+                           timeout)
+
+
 def outcome_for(service_id: str, outcome: str | None = None):
     """A predicate: a register response for service_id (with that outcome, if given)."""
     def predicate(topic: str, payload: Any) -> bool:

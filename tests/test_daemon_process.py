@@ -16,7 +16,8 @@ import textwrap
 from bridge.daemon.journal import Journal
 from bridge.simulator import responses
 
-from .rig import POI, ROOT, Daemon, Simulator, Subscriber, outcome_for, wait_until, write_config
+from .rig import (POI, ROOT, Daemon, Simulator, Subscriber, bridge_online, outcome_for, wait_until,
+                  write_config)
 from .test_cli import cli
 
 BASE = "poi-bridge"
@@ -84,13 +85,14 @@ async def test_nothing_lost_across_broker_outage_and_daemon_kill(tmp_path, mosqu
                           client_id="register-POS1", persistent=True)
     try:
         await register.connect()
-        assert wait_until(lambda: "connected to MQTT broker" in daemon.log(), 15)
+        await bridge_online(mosquitto)
         await register.publish(REQUEST, responses.payment_request("POS1", "N1", POI, 1.0))
         # N1 is on the terminal; its response will be "lost" (a fixed 0.4 s here was too
         # short on a loaded machine: the broker went before the request had reached the
         # daemon, and N1 ended rejected)
-        assert wait_until(lambda: [row[0] for row in journal_rows(tmp_path, "N1")]
-                          in (["awaiting_response"], ["polling"]), 15)
+        assert await asyncio.to_thread(
+            wait_until, lambda: [row[0] for row in journal_rows(tmp_path, "N1")]
+            in (["awaiting_response"], ["polling"]), 30)
         await register.disconnect()
         mosquitto.stop()          # outage longer than the payment time-out
         await asyncio.sleep(2.5)
@@ -221,8 +223,7 @@ async def test_technician_status_and_resync_commands_against_a_running_daemon(tm
     try:
         async with Subscriber(mosquitto, [f"{BASE}/registers/POS1/response"],
                               client_id="register-POS1") as register:
-            assert await asyncio.to_thread(
-                wait_until, lambda: "connected to MQTT broker" in daemon.log(), 15)
+            await bridge_online(mosquitto)
             await register.publish(REQUEST, responses.payment_request("POS1", "T7", POI, 4.0))
             await register.wait_for(outcome_for("T7", "approved"))
 
