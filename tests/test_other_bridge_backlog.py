@@ -42,7 +42,8 @@ async def test_a_backlog_of_queued_requests_is_not_an_acl_problem(tmp_path, mosq
                       if "did not come back" in r.getMessage()]
             assert not errors, (f"connected after {took:.1f}s; blind={again.gateway.peers.blind}; "
                                 f"{errors[0][:200]}")
-            assert took < 4, took
+            # (no bound on `took` itself: the stall this test is about ends in the "did not
+            # come back" error asserted above, and a loaded machine may be slow without it)
             assert not again.gateway.peers.blind
             assert await wait_until(lambda: len(answers(register, "Q29")) >= 1, 30)
 
