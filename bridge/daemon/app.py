@@ -327,6 +327,14 @@ class Bridge:
         return recovered
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            # The tasks asyncio.run cancels now did not end unexpectedly (_task_ended)
+            self._stopping = True
+            raise
+
+    async def _start(self) -> None:
         self.recover()
         self.journal.start_checkpoints()
         # From here on the steps of one loop pass share a journal commit (see Journal).
@@ -389,9 +397,11 @@ class Bridge:
         """Each of these tasks runs for the life of the daemon. One that ended left a daemon
         that still says READY and pets the watchdog but, say, never reconnects to the
         broker: better stopped, with an exit status that makes systemd start it again."""
-        if self._stopping or task.cancelled():
+        if self._stopping:
             return
-        exc = task.exception()
+        # A cancellation nobody asked for (no stop) ends a task as surely as an exception
+        exc = (asyncio.CancelledError("cancelled, though no stop was asked")
+               if task.cancelled() else task.exception())
         if exc is None and task.get_name() == "watchdog":
             return  # it returns at once when systemd set no watchdog
         log.critical("the daemon's %s task ended unexpectedly (%s): stopping, with exit "

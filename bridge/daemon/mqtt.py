@@ -548,7 +548,10 @@ class RegisterGateway:
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
-                task.result()
+                # (one of them ended cancelled, nobody having asked: it ends this connection
+                # like any other failure, not the gateway's task, which must reconnect)
+                if not task.cancelled():
+                    task.result()
         finally:
             for task in tasks:
                 task.cancel()
@@ -819,6 +822,11 @@ class RegisterGateway:
                     log.error("the MQTT broker refused terminal %s's state on %s: %s; check "
                               "the broker's ACL for the bridge's user", poi_id,
                               self.topics.terminal_state(poi_id), outcome)
+                elif isinstance(outcome, asyncio.CancelledError):
+                    # Abandoned with a connection the outbox found gone (OutboxPump.close):
+                    # every state goes out again on reconnect (_state_dirty). Raised, it
+                    # ended the gateway's task cancelled, never to reconnect (review rv19).
+                    continue
                 elif isinstance(outcome, BaseException):
                     raise outcome
 
