@@ -493,3 +493,25 @@ async def test_unlisted_refusals_release_paho_slots_and_queue(code):
         # aiomqtt's own publish() (no future of ours): returns, as for a listed refusal
         await asyncio.wait_for(client.publish("poi/x", b"{}", qos=1, properties=expiring()), 3)
         assert paho._inflight_messages == 0 and not paho._out_messages
+
+
+async def test_dropped_at_marks_when_the_broker_ended_the_connection_not_the_client(mosquitto):
+    """How long a connection lasted (which names two bridges with one client id) is measured
+    to when the broker or the network ended it: the end reaches the bridge's loop only once
+    what it waited for gives up (an "online" waiting for its PUBACK: up to 10 s)."""
+    client = PipelinedClient(mosquitto.host, mosquitto.port, identifier="same-id")
+    with pytest.raises(aiomqtt.MqttError):
+        async with client:
+            assert client.dropped_at is None
+            before = asyncio.get_running_loop().time()
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="same-id"):
+                pass  # the broker drops the older connection with this client id
+            async with asyncio.timeout(10):
+                async for _ in client.messages:
+                    pass
+    assert client.dropped_at is not None and client.dropped_at >= before
+    ours = PipelinedClient(mosquitto.host, mosquitto.port, identifier="leaves-by-itself")
+    async with ours:
+        pass
+    assert ours.dropped_at is None
+

@@ -245,26 +245,119 @@ async def test_two_bridges_with_one_client_id_are_named_as_such(tmp_path, mosqui
     assert "'twin'" in line and "mqtt.client_id" in line
 
 
-def test_connections_dropped_before_they_subscribed_count_as_short_however_long(
+async def _hold_subacks(mosquitto, delay: float, subscribing: asyncio.Event | None = None):
+    """A TCP proxy to the broker that holds back every SUBACK `delay` seconds, and what
+    follows it behind it: a slow broker (a loaded store box). A connection the broker
+    closes is closed to the client at once, held packets or not. `subscribing` is set at
+    each SUBSCRIBE that passes."""
+    async def packets(reader):
+        while True:
+            first = await reader.readexactly(1)
+            header, length, shift = first, 0, 0
+            while True:  # the remaining length, 7 bits a byte
+                byte = await reader.readexactly(1)
+                header += byte
+                length += (byte[0] & 0x7F) << shift
+                shift += 7
+                if not byte[0] & 0x80:
+                    break
+            yield first[0] & 0xF0, header + await reader.readexactly(length)
+
+    async def to_broker(reader, writer) -> None:
+        with contextlib.suppress(Exception):
+            async for kind, packet in packets(reader):
+                writer.write(packet)
+                await writer.drain()
+                if kind == 0x80 and subscribing is not None:  # SUBSCRIBE
+                    subscribing.set()
+        writer.close()
+
+    async def to_client(reader, writer) -> None:
+        held: asyncio.Queue = asyncio.Queue()
+
+        async def release() -> None:
+            while True:
+                due, packet = await held.get()
+                await asyncio.sleep(max(0.0, due - asyncio.get_running_loop().time()))
+                writer.write(packet)
+                await writer.drain()
+
+        releasing = asyncio.create_task(release())
+        due = 0.0
+        with contextlib.suppress(Exception):
+            async for kind, packet in packets(reader):
+                now = asyncio.get_running_loop().time()
+                due = max(due, now + delay if kind == 0x90 else now)  # 0x90: SUBACK
+                held.put_nowait((due, packet))
+        releasing.cancel()
+        writer.close()
+
+    async def handle(client_reader, client_writer) -> None:
+        broker_reader, broker_writer = await asyncio.open_connection(mosquitto.host,
+                                                                     mosquitto.port)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(to_broker(client_reader, broker_writer),
+                                 to_client(broker_reader, client_writer))
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+async def test_a_subscription_the_broker_dropped_ends_at_once_and_names_the_twin(
         tmp_path, mosquitto, caplog):
     """On a loaded machine a twin's connection dropped while it subscribed ended only when
-    the subscription timed out (10 s): longer than SHORT_CONNECTION, so the run of short
-    connections started over each time, and the twins were never named (CI, 2026-12-02:
-    'Operation timed out' and 'not currently connected' for 20 s, no name). A connection that
-    never got as far as its subscription counts as short, however long it took to end."""
+    the subscription timed out (aiomqtt waits for the SUBACK all the same, 10 s): longer
+    than SHORT_CONNECTION, so the run of short connections started over each time and the
+    twins were never named (CI, 2026-12-02: 'Operation timed out' for 20 s, no name). A
+    subscription pending when the connection ends now fails at once, and a connection
+    lasts until the broker dropped it. The twin here is this test, taking the session each
+    time the bridge subscribes (behind a broker slow to answer SUBSCRIBE)."""
     from bridge.daemon import mqtt as mqtt_module
 
+    subscribing = asyncio.Event()
+    proxy = await _hold_subacks(mosquitto, 30.0, subscribing)
     journal = Journal(tmp_path / "journal.sqlite3")
     try:
-        gateway = gateway_for(mosquitto, journal, client_id="twin")
-        for _ in range(mqtt_module.SHORT_CONNECTIONS_SAID):
-            gateway._note_short_connection(12.0, set_up=False)
-        named = [m for m in caplog.messages if "same client id" in m]
-        assert len(named) == 1 and "before it had subscribed" in named[0], caplog.messages
-        gateway._note_short_connection(12.0)  # one that served a while: the run is over
-        assert gateway._short_connections == 0
+        gateway = gateway_for(mosquitto, journal, port=proxy.sockets[0].getsockname()[1],
+                              client_id="twin")
+        async with running(gateway):
+            for _ in range(mqtt_module.SHORT_CONNECTIONS_SAID):
+                await asyncio.wait_for(subscribing.wait(), 10)
+                subscribing.clear()
+                async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="twin"):
+                    pass
+            # each one ended at once: three SUBACK time-outs would take 30 s
+            await eventually(lambda: any("same client id" in m for m in caplog.messages),
+                             timeout=mqtt_module.OPERATION_TIMEOUT / 2)
     finally:
         journal.close()
+        proxy.close()
+    ended = [m for m in caplog.messages if "ended while subscribing" in m]
+    assert len(ended) >= mqtt_module.SHORT_CONNECTIONS_SAID, caplog.messages
+
+
+async def test_one_bridge_on_a_broker_slow_to_answer_subscribe_is_not_named_a_twin(
+        tmp_path, mosquitto, caplog, monkeypatch):
+    """Review rv18: counting every connection dropped before it had subscribed as short named
+    a lone bridge a twin when its broker was slow to answer SUBSCRIBE and the bridge gave the
+    connection up at OPERATION_TIMEOUT: an ERROR sending the technician after a second daemon
+    that does not exist. (Times scaled down: the time-out 1 s, SHORT_CONNECTION 0.5 s.)"""
+    from bridge.daemon import mqtt as mqtt_module
+
+    monkeypatch.setattr(mqtt_module, "OPERATION_TIMEOUT", 1.0)
+    monkeypatch.setattr(mqtt_module, "SHORT_CONNECTION", 0.5)
+    proxy = await _hold_subacks(mosquitto, 1.5)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        gateway = gateway_for(mosquitto, journal, port=proxy.sockets[0].getsockname()[1],
+                              client_id="the-only-bridge")
+        async with running(gateway):
+            await eventually(lambda: sum(m.startswith("lost the MQTT broker")
+                                         for m in caplog.messages)
+                             > mqtt_module.SHORT_CONNECTIONS_SAID, timeout=30)
+    finally:
+        journal.close()
+        proxy.close()
+    assert not [m for m in caplog.messages if "same client id" in m]
 
 
 async def test_twins_dropped_while_they_subscribe_are_named_as_such(

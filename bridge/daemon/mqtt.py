@@ -156,6 +156,9 @@ SESSION_EXPIRY = 24 * 3600
 # is logged as a client id shared with another client
 SHORT_CONNECTION = 5.0
 SHORT_CONNECTIONS_SAID = 3
+# How long the bridge waits for the broker to answer a SUBSCRIBE (or an UNSUBSCRIBE) before
+# it gives the connection up
+OPERATION_TIMEOUT = 10.0
 
 
 class Reply:
@@ -379,7 +382,7 @@ class RegisterGateway:
             # Small request/response messages: Nagle's delay cost tens of ms per payment.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             max_inflight_messages=OUTBOX_WINDOW,
-            timeout=10,
+            timeout=OPERATION_TIMEOUT,
             **options,
         )
         # (installed before connecting: what the broker kept for this session comes at once)
@@ -394,6 +397,7 @@ class RegisterGateway:
         advised = False  # what to check, said once per stretch of an unreachable broker
         while True:
             connected_at: float | None = None  # once the broker took this connection
+            client: PipelinedClient | None = None
             try:
                 try:
                     client = self._client_for()
@@ -417,8 +421,11 @@ class RegisterGateway:
                 if connected_at is not None:
                     log.warning("lost the MQTT broker %s:%d: %s; results are kept and sent on "
                                 "reconnect", self.config.host, self.config.port, exc)
-                    self._note_short_connection(time.monotonic() - connected_at,
-                                                set_up=self._connected.is_set())
+                    # Up to when the broker or the network dropped it: a twin's connection
+                    # dropped while subscribing ends here only at OPERATION_TIMEOUT, and a
+                    # slow broker's the bridge gave up on itself was no twin's (review rv18)
+                    ended = (client and client.dropped_at) or time.monotonic()
+                    self._note_short_connection(ended - connected_at)
                 elif login_refused(exc):
                     who = (f"as user {self.config.username!r}" if self.config.username
                            else "without a user name")
@@ -497,21 +504,18 @@ class RegisterGateway:
                   self.config.client_id, count, window,
                   f", the newest {limit} only (mqtt.republish_limit)" if count >= limit else "")
 
-    def _note_short_connection(self, lasted: float, set_up: bool = True) -> None:
+    def _note_short_connection(self, lasted: float) -> None:
         """Two clients with one client id take the session from each other, and the broker
         drops the older at once, again and again: each side saw only 'lost the MQTT
-        broker' about once a second. A run of connections that end within seconds, or
-        before the bridge had subscribed (`set_up` False: on a loaded machine a connection
-        dropped while subscribing may end only when the subscription times out, 10 s on),
-        is named for what it most likely is."""
-        if set_up and lasted >= SHORT_CONNECTION:
+        broker' about once a second. A run of connections that the broker dropped within
+        seconds is named for what it most likely is."""
+        if lasted >= SHORT_CONNECTION:
             self._short_connections = 0
             return
         self._short_connections += 1
         if self._short_connections == SHORT_CONNECTIONS_SAID:
             log.error("the MQTT broker %s:%d dropped the bridge %d times in a row within %g s "
-                      "of connecting or before it had subscribed: most likely another client "
-                      "uses the same client id "
+                      "of connecting: most likely another client uses the same client id "
                       "(%r), and each connection takes the other's session. Give every bridge "
                       "its own mqtt.client_id; look for a second daemon, or a copied "
                       "configuration, on this broker", self.config.host, self.config.port,

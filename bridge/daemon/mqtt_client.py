@@ -45,6 +45,7 @@ import contextlib
 import errno
 import logging
 import struct
+import time
 import types
 from typing import Any, NamedTuple
 
@@ -182,6 +183,24 @@ class AcknowledgedClient(aiomqtt.Client):
         # The CONNACK's session-present flag: whether the broker still had this client id's
         # persistent session (None until connected). aiomqtt does not keep it.
         self.session_present: bool | None = None
+        # When the broker or the network ended the connection (not this client): how long a
+        # connection lasted is measured to there, not to when its end reached the bridge's
+        # loop (a subscription still waiting then ends only at its time-out)
+        self.dropped_at: float | None = None
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
+                       reason_code: Any, properties: Any = None) -> None:
+        if self.dropped_at is None and reason_code != paho.MQTT_ERR_SUCCESS:
+            self.dropped_at = time.monotonic()
+        # A SUBSCRIBE the connection took with it is never answered, and aiomqtt waits for
+        # its SUBACK until its time-out (10 s) all the same: the bridge came back that much
+        # later, and two bridges with one client id were never named (each connection's
+        # end then fell 10 s after its start)
+        for pending in self._pending_subscribes.values():
+            if not pending.done():
+                pending.set_exception(aiomqtt.MqttError("the connection ended while "
+                                                        "subscribing"))
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
                     reason_code: Any, properties: Any = None) -> None:
