@@ -43,8 +43,13 @@ async def running(gateway: RegisterGateway):
 
 
 async def eventually(condition, timeout: float = 10.0) -> None:
+    """Wait until `condition()` holds; fail the test if it does not within `timeout`. (It
+    returned quietly at the time-out until the seventeenth session: every wait on it then
+    asserted nothing unless a check followed.)"""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not condition() and asyncio.get_running_loop().time() < deadline:
+    while not condition():
+        if asyncio.get_running_loop().time() >= deadline:
+            raise AssertionError(f"not so within {timeout:g} s: {condition}")
         await asyncio.sleep(0.02)
 
 
