@@ -876,9 +876,10 @@ class Journal:
         """Mark pending again, for a broker that lost what it had acknowledged: the newest
         message of each retained topic under the prefix `documents` (unless it clears the
         topic), and the messages on topics `responses`<anything>/response delivered at
-        `since` or later; the newest `limit` of those at most. Returns how many."""
+        `since` or later; the newest `limit` of those at most. Returns how many (from
+        changes(): sqlite3's rowcount is -1 for a statement that starts with WITH)."""
         with self._transaction() as db:
-            return db.execute(
+            db.execute(
                 "WITH latest AS (SELECT MAX(id) AS id FROM outbox "
                 "  WHERE substr(topic, 1, ?1) = ?2 GROUP BY topic) "
                 "UPDATE outbox SET delivered_at = NULL WHERE id IN ("
@@ -887,7 +888,8 @@ class Journal:
                 "    OR (retain = 0 AND delivered_at >= ?3 AND substr(topic, 1, ?4) = ?5"
                 "        AND substr(topic, -9) = '/response'))"
                 "  ORDER BY id DESC LIMIT ?6)",
-                (len(documents), documents, since, len(responses), responses, limit)).rowcount
+                (len(documents), documents, since, len(responses), responses, limit))
+            return db.execute("SELECT changes()").fetchone()[0]
 
     def final_before(self, cutoff: float) -> list[TxKey]:
         """Final transactions last touched before `cutoff` (their retained topics expire)."""
