@@ -93,46 +93,49 @@ async def demo(verbose: bool = False) -> int:
     })
     bridge = Bridge(config)
     await bridge.start()
-    _say(f"3. bridge running: journal {config.journal}, payment timeout 3 s for the demo "
-         "(120 s in production)")
+    # (stopped on every way out: its tasks cancelled without a stop are an unexpected end)
+    try:
+        _say(f"3. bridge running: journal {config.journal}, payment timeout 3 s for the demo "
+             "(120 s in production)")
 
-    def show(event: dict[str, Any]) -> None:
-        poll = f" #{event['poll']}" if "poll" in event else ""
-        detail = f": {event['detail']}" if event.get("detail") else ""
-        _say(f"     . {event['event']}{poll}{detail}")
+        def show(event: dict[str, Any]) -> None:
+            poll = f" #{event['poll']}" if "poll" in event else ""
+            detail = f": {event['detail']}" if event.get("detail") else ""
+            _say(f"     . {event['event']}{poll}{detail}")
 
-    outcome_ok = True
-    async with RegisterClient("127.0.0.1", port, SALE_ID, on_event=show) as register:
-        # Wait for the terminal's link and for the bridge's subscription: a request published
-        # before the bridge has ever subscribed has no subscriber to go to (on a loaded box the
-        # MQTT connection can come up after the terminal's link).
-        for _ in range(600):
-            if bridge.workers[POI_ID].online and bridge.gateway.connected:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            _say("   the bridge did not come up within 30 s (terminal link or MQTT connection)")
-            return 1
-        _say(f"4. register {SALE_ID} makes three payments over MQTT")
-        for n, (amount, story) in enumerate(PAYMENTS, 1):
-            _say(f"\n   payment {n}: EUR {amount:.2f} ({story})")
-            service_id = f"DEMO{n}{int(time.time()) % 100000}"
-            answer = await register.pay(POI_ID, amount, service_id=service_id, timeout=60)
-            info = answer["bridge"]
-            body = (answer.get("SaleToPOIResponse") or {}).get("PaymentResponse", {})
-            result = body.get("Response", {})
-            authorised = body.get("PaymentResult", {}).get("AmountsResp", {}).get(
-                "AuthorizedAmount")
-            _say(f"   => outcome {info['outcome'].upper()} (source: {info['source']}), "
-                 f"Result {result.get('Result')}"
-                 + (f" / {result['ErrorCondition']}" if result.get("ErrorCondition") else "")
-                 + (f", authorised {authorised}" if authorised else ""))
-            expected = ("approved", "declined", "approved")[n - 1]
-            outcome_ok &= info["outcome"] == expected
-        health = await register.command("health")
-        _say(f"\n5. bridge health: {health['data']['journal']}, terminals "
-             f"{health['data']['terminals']}")
-    await bridge.stop()
+        outcome_ok = True
+        async with RegisterClient("127.0.0.1", port, SALE_ID, on_event=show) as register:
+            # Wait for the terminal's link and for the bridge's subscription: a request published
+            # before the bridge has ever subscribed has no subscriber to go to (on a loaded box the
+            # MQTT connection can come up after the terminal's link).
+            for _ in range(600):
+                if bridge.workers[POI_ID].online and bridge.gateway.connected:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                _say("   the bridge did not come up within 30 s (terminal link or MQTT connection)")
+                return 1
+            _say(f"4. register {SALE_ID} makes three payments over MQTT")
+            for n, (amount, story) in enumerate(PAYMENTS, 1):
+                _say(f"\n   payment {n}: EUR {amount:.2f} ({story})")
+                service_id = f"DEMO{n}{int(time.time()) % 100000}"
+                answer = await register.pay(POI_ID, amount, service_id=service_id, timeout=60)
+                info = answer["bridge"]
+                body = (answer.get("SaleToPOIResponse") or {}).get("PaymentResponse", {})
+                result = body.get("Response", {})
+                authorised = body.get("PaymentResult", {}).get("AmountsResp", {}).get(
+                    "AuthorizedAmount")
+                _say(f"   => outcome {info['outcome'].upper()} (source: {info['source']}), "
+                     f"Result {result.get('Result')}"
+                     + (f" / {result['ErrorCondition']}" if result.get("ErrorCondition") else "")
+                     + (f", authorised {authorised}" if authorised else ""))
+                expected = ("approved", "declined", "approved")[n - 1]
+                outcome_ok &= info["outcome"] == expected
+            health = await register.command("health")
+            _say(f"\n5. bridge health: {health['data']['journal']}, terminals "
+                 f"{health['data']['terminals']}")
+    finally:
+        await bridge.stop()
     await simulator.close()
     with contextlib.suppress(Exception):
         await broker.shutdown()

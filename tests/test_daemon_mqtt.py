@@ -385,6 +385,7 @@ async def test_mqtt5_response_topic_and_correlation_data_are_honoured(tmp_path, 
         # reconnect as MQTT 5
         for task in store.bridge._tasks:
             if task.get_name() == "mqtt":
+                task.remove_done_callback(store.bridge._task_ended)  # (asked: no failure)
                 task.cancel()
         store.bridge._tasks.append(asyncio.create_task(store.bridge.gateway.run(), name="mqtt"))
         async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="v5-client",

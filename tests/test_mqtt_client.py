@@ -515,3 +515,35 @@ async def test_dropped_at_marks_when_the_broker_ended_the_connection_not_the_cli
         pass
     assert ours.dropped_at is None
 
+
+
+async def test_a_subscribe_whose_own_write_finds_the_connection_gone_fails_at_once(mosquitto):
+    """aiomqtt waits for a SUBACK the connection took with it until its time-out (10 s in the
+    bridge): the bridge came back to the broker that much later. Here the SUBSCRIBE's own
+    write meets the reset (review rv21: paho reports the end before aiomqtt has even
+    registered the subscription), the harder of the two cases; the broker dropping the
+    connection while a SUBACK is due is tests/test_mqtt_faults.py's."""
+    import errno
+    import time
+
+    client = PipelinedClient(mosquitto.host, mosquitto.port, identifier="reset", timeout=5)
+    took = None
+    with pytest.raises(aiomqtt.MqttError):
+        async with client:
+            real = client._client._sock
+
+            class Reset:
+                def __getattr__(self, name):
+                    return getattr(real, name)
+
+                def send(self, data):
+                    raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+            client._client._sock = Reset()
+            started = time.monotonic()
+            try:
+                await client.subscribe("reset/x", qos=1)
+            finally:
+                took = time.monotonic() - started
+    assert client.dropped_at is not None
+    assert took is not None and took < 2.5, f"the subscription waited {took:.1f} s"

@@ -133,3 +133,32 @@ async def test_a_start_that_fails_after_its_tasks_began_is_not_called_an_unexpec
     finally:
         await bridge.stop()
         fake.close()
+
+
+async def test_a_connection_task_cancelled_alone_ends_the_connection(tmp_path, mosquitto):
+    """Review rv21: asyncio.wait(FIRST_EXCEPTION) does not wake for a task that ended
+    cancelled, so a connection whose terminal-state task was cancelled, nobody asking, went
+    on serving without it (states never published again) and never reconnected."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    gateway = gateway_for(mosquitto, journal)
+    task = asyncio.create_task(gateway.run(), name="mqtt")
+    try:
+        for _ in range(500):
+            if gateway.connected:
+                break
+            await asyncio.sleep(0.02)
+        assert gateway.connected
+        (states,) = [t for t in asyncio.all_tasks() if t.get_name() == "terminal states"]
+        states.cancel()
+        for _ in range(500):
+            if gateway.reconnects >= 1 and gateway.connected:
+                break
+            await asyncio.sleep(0.02)
+        assert gateway.reconnects >= 1 and gateway.connected, (gateway.reconnects,
+                                                               gateway.connected)
+        assert [t for t in asyncio.all_tasks() if t.get_name() == "terminal states"
+                and not t.done()], "the new connection publishes terminal states again"
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        journal.close()

@@ -544,18 +544,22 @@ class RegisterGateway:
         self._state_ready.set()
         self._connected.set()
         tasks = [
-            asyncio.create_task(self._receive(client)),
-            asyncio.create_task(self._publish_outbox(client)),
-            asyncio.create_task(self._publish_states(client)),
-            asyncio.create_task(self._publish_health(client)),
+            asyncio.create_task(self._receive(client), name="receive"),
+            asyncio.create_task(self._publish_outbox(client), name="outbox"),
+            asyncio.create_task(self._publish_states(client), name="terminal states"),
+            asyncio.create_task(self._publish_health(client), name="health"),
         ]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            # Each runs for the connection's life: one that ended in any way ends it, and
+            # the gateway reconnects. (FIRST_EXCEPTION does not wake for a task that ended
+            # cancelled, and one cancelled with nobody asking left the connection serving
+            # without it: review rv21.)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                # (one of them ended cancelled, nobody having asked: it ends this connection
-                # like any other failure, not the gateway's task, which must reconnect)
                 if not task.cancelled():
                     task.result()
+            raise RuntimeError(f"the connection's {', '.join(sorted(t.get_name() for t in done))}"
+                               " task ended (cancelled or returned)")
         finally:
             for task in tasks:
                 task.cancel()

@@ -192,15 +192,35 @@ class AcknowledgedClient(aiomqtt.Client):
                        reason_code: Any, properties: Any = None) -> None:
         if self.dropped_at is None and reason_code != paho.MQTT_ERR_SUCCESS:
             self.dropped_at = time.monotonic()
-        # A SUBSCRIBE the connection took with it is never answered, and aiomqtt waits for
-        # its SUBACK until its time-out (10 s) all the same: the bridge came back that much
-        # later, and two bridges with one client id were never named (each connection's
-        # end then fell 10 s after its start)
-        for pending in self._pending_subscribes.values():
-            if not pending.done():
-                pending.set_exception(aiomqtt.MqttError("the connection ended while "
-                                                        "subscribing"))
         super()._on_disconnect(client, userdata, flags, reason_code, properties)
+
+    async def subscribe(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._until_disconnected(super().subscribe(*args, **kwargs),
+                                              "subscribing")
+
+    async def unsubscribe(self, *args: Any, **kwargs: Any) -> None:
+        await self._until_disconnected(super().unsubscribe(*args, **kwargs), "unsubscribing")
+
+    async def _until_disconnected(self, call: Any, doing: str) -> Any:
+        """A SUBSCRIBE (or UNSUBSCRIBE) the connection took with it is never answered, and
+        aiomqtt waits for its acknowledgement until its time-out (10 s) all the same: the
+        bridge came back to the broker that much later, and two bridges with one client id
+        were never named (each connection's end fell 10 s after its start). The call ends
+        when the connection does, including a connection its own write found gone."""
+        task = asyncio.ensure_future(call)
+        try:
+            await asyncio.wait({task, self._disconnected}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # (a stop: the call goes with it)
+            task.cancel()
+            raise
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            await task
+        # (read here: aiomqtt's __aexit__ may not, and asyncio would call it never retrieved)
+        ended = None if self._disconnected.cancelled() else self._disconnected.exception()
+        raise aiomqtt.MqttError(f"the connection ended while {doing}") from ended
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: paho.ConnectFlags,
                     reason_code: Any, properties: Any = None) -> None:
