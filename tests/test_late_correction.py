@@ -23,6 +23,9 @@ from .follow_rig import A, BASE, DeviceByHand, bridge_on, wait_until
     ("approve", "approved", "if the sale was charged again since, reverse one of the charges"),
     # (the review: a decline told the register to reverse a charge that never was)
     ("decline", "declined", "nothing was charged by this request either way"),
+    # Success, but 5.00 of the 12.50 authorised: partial, as when it answers in time
+    ("approve 5.0", "partially_approved",
+     "if the sale was charged again since, reverse one of the charges"),
 ])
 async def test_the_terminals_answer_after_a_published_not_found_is_sent_as_a_correction(
         tmp_path, mosquitto, caplog, decision, outcome, then):
@@ -52,7 +55,11 @@ async def test_the_terminals_answer_after_a_published_not_found_is_sent_as_a_cor
                     first = await paying
                     assert first["bridge"]["outcome"] == "not_found", first
                     # Then its own answer to the payment comes: it did charge it
-                    device.send(responses.payment_response(request, decision, 0))
+                    answer = responses.payment_response(request, decision.split()[0], 0)
+                    if " " in decision:  # less authorised than asked
+                        answer["SaleToPOIResponse"]["PaymentResponse"]["PaymentResult"][
+                            "AmountsResp"]["AuthorizedAmount"] = float(decision.split()[1])
+                    device.send(answer)
                     assert await wait_until(lambda: len(till.responses) >= 2, 10), \
                         till.responses
                     assert await wait_until(
@@ -82,7 +89,11 @@ async def test_the_terminals_answer_after_a_published_not_found_is_sent_as_a_cor
         said = [r for r in caplog.records if "after the bridge had published not_found" in
                 r.getMessage()]
         assert len(said) == 1, said
-        assert said[0].levelno == (logging.ERROR if outcome == "approved" else logging.WARNING)
-        assert ("reverse one" in said[0].getMessage()) == (outcome == "approved")
+        charged = outcome in ("approved", "partially_approved")
+        assert said[0].levelno == (logging.ERROR if charged else logging.WARNING)
+        assert ("reverse one" in said[0].getMessage()) == charged
+        if outcome == "partially_approved":
+            assert correction["bridge"]["amounts"] == {"requested": 12.5, "approved": 5.0,
+                                                       "currency": "EUR"}, correction
     finally:
         device.close()

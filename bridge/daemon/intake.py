@@ -41,8 +41,8 @@ from bridge.protocol.messages import (
     load_json,
     parse_message,
 )
-from bridge.protocol.outcome import (MONEY_CATEGORIES, Outcome, ask_its_status, classify,
-                                     record_outcome)
+from bridge.protocol.outcome import (MONEY_CATEGORIES, Outcome, amounts_read, ask_its_status,
+                                     classify, record_outcome)
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.session import FINAL_MONEY_OUTCOMES
 from bridge.protocol.transaction import (
@@ -525,7 +525,8 @@ class RequestIntake:
         reference = {name: value for name, value in ref.model_dump(
             mode="json", by_alias=True, exclude_unset=True).items() if name in own}
         response = builders.status_response(header, reference, asked.response)
-        classification = classify(parse_message(response))
+        # (less authorised than asked: partial, as when the terminal answers it)
+        classification = amounts_read(classify(parse_message(response)), asked.request, None)
         outcome = record_outcome(classification)  # (a record saying Busy: declined)
         detail = (f"answered from the journal: {asked.key} ended {asked.outcome} on terminal "
                   f"{asked.poi_id} ({classification.detail})")

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 from bridge.protocol import jsontext
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.messages import HEADER_NAMES
-from bridge.protocol.outcome import unresolved_error
+from bridge.protocol.outcome import amount_value, dig, unresolved_error
 from bridge.protocol.transaction import Transaction, TxKey
 from bridge.redaction import redact
 
@@ -258,16 +258,6 @@ _AMOUNT_PATHS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]
 }
 
 
-def _dig(document: Any, *path: str) -> Any:
-    for name in path:
-        document = document.get(name) if isinstance(document, dict) else None
-    return document
-
-
-def _amount(value: Any) -> float | int | None:
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def partial_amounts(result: Deliver,
                     lookup: Callable[[TxKey], Transaction | None]) -> dict[str, Any]:
     """bridge.amounts of a partially_approved result: what the register asked for
@@ -275,32 +265,32 @@ def partial_amounts(result: Deliver,
     (`approved`: AuthorizedAmount, or a Reversal's ReversedAmount), as the documents say them;
     null where they do not say (a StoredValue, an unreadable one). A register's own status
     request answered partially_approved gives those of the transaction it asked about."""
-    response = _dig(result.response, "SaleToPOIResponse")
+    response = dig(result.response, "SaleToPOIResponse")
     key, category = TxKey(result.sale_id, result.service_id), result.category
-    status = _dig(response, "TransactionStatusResponse")
+    status = dig(response, "TransactionStatusResponse")
     if isinstance(status, dict):
-        bodies = _dig(status, "RepeatedMessageResponse", "RepeatedResponseMessageBody")
+        bodies = dig(status, "RepeatedMessageResponse", "RepeatedResponseMessageBody")
         name = next((k for k, v in bodies.items() if isinstance(v, dict)), None) \
             if isinstance(bodies, dict) else None
         body = bodies[name] if name else None
         category = name.removesuffix("Response") if name else category
         asking = lookup(key)
-        ref = _dig(asking.request if asking else None, "SaleToPOIRequest",
+        ref = dig(asking.request if asking else None, "SaleToPOIRequest",
                    "TransactionStatusRequest", "MessageReference")
-        ref = ref if isinstance(ref, dict) else _dig(status, "MessageReference")
-        sale_id, service_id = _dig(ref, "SaleID"), _dig(ref, "ServiceID")
+        ref = ref if isinstance(ref, dict) else dig(status, "MessageReference")
+        sale_id, service_id = dig(ref, "SaleID"), dig(ref, "ServiceID")
         key = TxKey(sale_id, service_id) if isinstance(sale_id, str) and isinstance(
             service_id, str) else None
     else:
-        body = _dig(response, f"{category}Response")
+        body = dig(response, f"{category}Response")
     asked, moved, asked_currency, moved_currency = _AMOUNT_PATHS.get(category, ((),) * 4)
     txn = lookup(key) if key is not None and asked else None
-    request = _dig(txn.request if txn else None, "SaleToPOIRequest", f"{category}Request")
-    currency = _dig(body, *moved_currency) if moved_currency else None
+    request = dig(txn.request if txn else None, "SaleToPOIRequest", f"{category}Request")
+    currency = dig(body, *moved_currency) if moved_currency else None
     if not isinstance(currency, str):
-        currency = _dig(request, *asked_currency) if asked_currency else None
-    return {"requested": _amount(_dig(request, *asked)) if asked else None,
-            "approved": _amount(_dig(body, *moved)) if moved else None,
+        currency = dig(request, *asked_currency) if asked_currency else None
+    return {"requested": amount_value(dig(request, *asked)) if asked else None,
+            "approved": amount_value(dig(body, *moved)) if moved else None,
             "currency": currency if isinstance(currency, str) else None}
 
 

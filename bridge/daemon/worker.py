@@ -36,6 +36,7 @@ from bridge.protocol.framing import (
 from bridge.protocol.messages import (MessageError, SaleToPOIRequest, SaleToPOIResponse, load_json,
                                      parse_message)
 from bridge.protocol.actions import Action, Deliver, Log, Progress, Record, Send, Unmatched
+from bridge.protocol.outcome import Outcome, dig, short_authorisation
 from bridge.protocol.session import SessionSettings, TerminalSession
 from bridge.protocol.transaction import STAMP_FIELDS, Transaction, TxKey, TxState
 from bridge.transports import (
@@ -465,13 +466,17 @@ class TerminalWorker:
         same IDs, marked as a correction: the register may have charged the sale again
         meanwhile, on the bridge's word."""
         now = self._clock()
-        charged = answer.outcome in CHARGED
-        text = (f"correction: the terminal answered {answer.outcome} after the bridge had "
+        outcome = answer.outcome
+        if outcome == Outcome.APPROVED and known.category == "Payment" and short_authorisation(
+                known.request, dig(answer.response, "SaleToPOIResponse", "PaymentResponse")):
+            outcome = Outcome.PARTIALLY_APPROVED.value  # (as when it answers in time: amounts_read)
+        charged = outcome in CHARGED
+        text = (f"correction: the terminal answered {outcome} after the bridge had "
                 f"published {known.outcome} ({known.detail}); "
                 + ("if the sale was charged again since, reverse one of the charges" if charged
                    else "nothing was charged by this request either way"))
         corrected = known.snapshot()
-        corrected.outcome, corrected.source, corrected.response = answer.outcome, "terminal", \
+        corrected.outcome, corrected.source, corrected.response = outcome, "terminal", \
             answer.response
         corrected.detail, corrected.updated_at = text, now
         corrected.extra["corrected_from"] = known.outcome
@@ -484,13 +489,13 @@ class TerminalWorker:
                 "terminal %s: %s %s/%s answered %s by the terminal after the bridge had "
                 "published %s: the register is sent the terminal's answer as a correction%s",
                 self.poi_id, answer.category, answer.sale_id, answer.service_id,
-                answer.outcome, known.outcome,
+                outcome, known.outcome,
                 "; if the sale was charged again since, reverse one of the charges"
                 if charged else " (nothing was charged by it)")
         self.outlet.progress(Progress(answer.sale_id, answer.service_id, self.poi_id,
                                       "corrected", text))
         self.outlet.deliver(Deliver(answer.sale_id, answer.service_id, self.poi_id,
-                                    answer.category, answer.outcome, "terminal",
+                                    answer.category, outcome, "terminal",
                                     answer.response, text, corrects=known.outcome))
 
     def _log_result_later(self, result: Deliver) -> None:

@@ -8,6 +8,7 @@ register API uses.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -31,8 +32,9 @@ MONEY_CATEGORIES = frozenset({"Payment", "Reversal", "StoredValue"})
 class Outcome(StrEnum):
     APPROVED = "approved"
     # Only part of the amount moved (Result Partial: a gift card with too little on it, a
-    # partial authorisation the acquirer allowed, a partial refund). Never "approved": a
-    # register that knows only that word must not close the sale as paid in full.
+    # partial authorisation the acquirer allowed, a partial refund; or a Payment's Success
+    # with less authorised than requested: amounts_read). Never "approved": a register that
+    # knows only that word must not close the sale as paid in full.
     PARTIALLY_APPROVED = "partially_approved"
     DECLINED = "declined"
     CANCELLED = "cancelled"  # cancelled on the terminal (shopper or cashier at the terminal)
@@ -230,6 +232,62 @@ def record_outcome(cls: Classification) -> Outcome:
     return cls.outcome
 
 
+def dig(document: Any, *path: str) -> Any:
+    """The value at `path` in a JSON document, None where any step is missing or no object."""
+    for name in path:
+        document = document.get(name) if isinstance(document, dict) else None
+    return document
+
+
+def amount_value(value: Any) -> int | float | None:
+    """An amount as a document gives it, if it is a number (a bool is none)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def amounts_read(cls: Classification, request: Any, response: Any) -> Classification:
+    """The classification of the terminal's answer about a Payment (`request`, as the
+    register sent it), once its amounts are read: Result Success with a
+    PaymentResult.AmountsResp.AuthorizedAmount below the request's AmountsReq.RequestedAmount
+    is `partially_approved`, as Result Partial is. Adyen's terminals show Approved for a
+    partial authorisation and say it only by the amount ("if this is less than the requested
+    amount", the register must collect the rest: docs.adyen.com/point-of-sale/
+    partial-payments); told `approved`, a register closes the sale as paid in full.
+    The response read is the status answer's record when `cls` is of one, else `response`'s
+    PaymentResponse. Left as it is: no AuthorizedAmount, or not a number; as much as asked
+    or more (a tip, cashback); amounts in different currencies (both named, and not the
+    same). Every path that decides a Payment's outcome from an answer goes through here:
+    the direct answer, the bridge's status poll, a register's status request, the
+    journal's answer to one."""
+    if cls.outcome is not Outcome.APPROVED or cls.category != "Payment":
+        return cls
+    short = short_authorisation(request, cls.repeated_body if cls.from_status
+                                else dig(response, "SaleToPOIResponse", "PaymentResponse"))
+    if short is None:
+        return cls
+    return dataclasses.replace(cls, outcome=Outcome.PARTIALLY_APPROVED,
+                               detail=f"{cls.detail}, but {short}")
+
+
+def short_authorisation(request: Any, body: Any) -> str | None:
+    """"`authorised` of `requested` [currency] authorised" when a Payment's PaymentResponse
+    body authorised less than its request asked for, comparably (see amounts_read); else
+    None."""
+    asked = dig(request, "SaleToPOIRequest", "PaymentRequest", "PaymentTransaction",
+                "AmountsReq")
+    moved = dig(body, "PaymentResult", "AmountsResp")
+    requested = amount_value(dig(asked, "RequestedAmount"))
+    authorised = amount_value(dig(moved, "AuthorizedAmount"))
+    if requested is None or authorised is None or authorised >= requested:
+        return None
+    asked_currency, moved_currency = dig(asked, "Currency"), dig(moved, "Currency")
+    if asked_currency is not None and moved_currency is not None \
+            and asked_currency != moved_currency:
+        return None  # (not comparable: the Result says it)
+    currency = moved_currency if isinstance(moved_currency, str) else asked_currency
+    of = f" {_shown(currency)}" if isinstance(currency, str) else ""
+    return f"{authorised} of {requested}{of} authorised"
+
+
 def recovered_response(
     classification: Classification, original_header: MessageHeader
 ) -> dict[str, Any]:
@@ -265,14 +323,18 @@ class StatusSubject:
     def names(self, sale_id: str, service_id: str) -> bool:
         return self.sale_id == sale_id and self.service_id == service_id
 
-    def contradicts(self, sale_id: str, service_id: str, category: str) -> bool:
+    def contradicts(self, sale_id: str, service_id: str, category: str | None) -> bool:
+        """Whether it names another transaction than `sale_id`/`service_id` of `category`
+        (None: a question that named no category, which any category fits)."""
         return ((self.sale_id is not None and self.sale_id != sale_id)
                 or (self.service_id is not None and self.service_id != service_id)
-                or (self.category is not None and self.category != category))
+                or (category is not None and self.category is not None
+                    and self.category != category))
 
     def __str__(self) -> str:
-        ids = f"{self.sale_id or '?'}/{self.service_id or '?'}"
-        return f"{self.where} names {self.category or 'a transaction'} {ids}"
+        # (the terminal's words, quoted in details and errors that are published: filtered)
+        ids = _shown(f"{self.sale_id or '?'}/{self.service_id or '?'}")
+        return f"{self.where} names {_shown(self.category) or 'a transaction'} {ids}"
 
 
 def status_subjects(message: Message, cls: Classification) -> list[StatusSubject]:
@@ -298,6 +360,16 @@ def status_subjects(message: Message, cls: Classification) -> list[StatusSubject
     elif cls.repeated_body_key is not None:
         subjects.append(StatusSubject("the record", None, None, cls.category))
     return subjects
+
+
+def other_subject(message: Message, cls: Classification, sale_id: str, service_id: str,
+                  category: str | None) -> StatusSubject | None:
+    """What in a TransactionStatus answer says it is about another transaction than the one
+    asked about (`sale_id`/`service_id` of `category`; None: any category), if anything.
+    Such an answer is no outcome of the one asked about, whoever asked: the bridge's own
+    poll, or a register's status request passed through."""
+    return next((s for s in status_subjects(message, cls)
+                 if s.contradicts(sale_id, service_id, category)), None)
 
 
 def unresolved_error(why: str, category: str, sale_id: str, service_id: str,

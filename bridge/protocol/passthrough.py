@@ -31,7 +31,8 @@ from bridge.protocol.messages import (
     SaleToPOIResponse,
 )
 from bridge.protocol.outcome import (BUSY_RECORD, BUSY_RECORD_OF_A_COPY, MONEY_CATEGORIES,
-                                     Classification, Outcome, record_outcome, status_subjects)
+                                     Classification, Outcome, amounts_read, other_subject,
+                                     record_outcome)
 from bridge.protocol.transaction import Transaction, TxKey, TxState
 
 if TYPE_CHECKING:
@@ -189,9 +190,27 @@ def abort_target(request: SaleToPOIRequest) -> str:
 def answered(session: TerminalSession, status: Transaction, cls: Classification,
              message: Message, now: float) -> list[Action]:
     """The terminal's answer to a register's status request (`status`): passed on to the
-    register, and applied to the transaction it is about when it settles it."""
+    register, and applied to the transaction it is about when it settles it. An answer that
+    says it is about another transaction than the one asked about (a terminal answering
+    about its latest) is no outcome of it: told as an error that says so, the terminal's
+    answer attached, as the bridge's own poll does not take it (_polled_answer)."""
     document = message.to_document()
+    asked = reference_asked(status)
+    # The payment asked about, while the bridge holds it (applied, it is no longer open):
+    # its request says how much was asked for (amounts_read)
+    held = session.open.get(TxKey(asked.sale_id, asked.service_id)) \
+        if asked is not None and asked.sale_id and asked.service_id else None
     settled = apply_register_status(session, status, message, cls, now)
+    if asked is not None and asked.sale_id and asked.service_id:
+        named = str(asked.message_category) if asked.message_category is not None else None
+        other = other_subject(message, cls, asked.sale_id, asked.service_id, named)
+        if other is not None:
+            return session._finish(status, Outcome.ERROR, document, "terminal", now, error=(
+                f"the terminal answered about another transaction ({other}), not about the "
+                f"{named or 'transaction'} {asked.sale_id}/{asked.service_id} asked about: "
+                "its answer is no outcome of that one")) + settled
+    if held is not None and not names_another_category(asked, held):
+        cls = amounts_read(cls, held.request, None)  # (less authorised than asked: partial)
     doubt = not_found_in_doubt(session, status, cls)
     if doubt is not None:
         return session._finish(status, Outcome.UNRESOLVED, None, "bridge", now,
@@ -244,8 +263,7 @@ def apply_register_status(
                                f"{status.key} is about a {others} {txn.key}, not the "
                                f"{txn.category} {txn.key}: not applied to it")]
     # The record's own header, when it has one, must name it too (not the terminal's latest)
-    other = next((s for s in status_subjects(message, cls)
-                  if s.contradicts(txn.sale_id, txn.service_id, txn.category)), None)
+    other = other_subject(message, cls, txn.sale_id, txn.service_id, txn.category)
     if other is not None:
         return [Log("warning", f"terminal {session.poi_id}: the answer to status request "
                                f"{status.key}: {other}, not the {txn.category} {txn.key}: "

@@ -46,7 +46,7 @@ from bridge.protocol.messages import (
     SaleToPOIResponse,
 )
 from bridge.protocol.outcome import (FINAL_MONEY_OUTCOMES, MONEY_CATEGORIES, Classification,
-                                     Outcome, classify, unresolved_error)
+                                     Outcome, amounts_read, classify, unresolved_error)
 from bridge.protocol.status_answers import StatusAnswers
 from bridge.protocol.transaction import Transaction, TxKey, TxState, trim_refused
 
@@ -96,6 +96,10 @@ class TerminalSession(StatusAnswers):
         # Times an earlier run stamped (restored transactions', the journal's last requests):
         # right when they were written, they stay when this run's clock follows a step.
         self._earlier_stamps: set[float] = set()
+        # When this run took the journal's open transactions over (restore): every request an
+        # earlier run stamped went out before it, whatever its stamp says against this run's
+        # clock (see _sent_or_recorded). A time of this run: it follows a clock step.
+        self._restored_at: float | None = None
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -195,6 +199,8 @@ class TerminalSession(StatusAnswers):
             txn.shift_times(delta, keep=self._earlier_stamps)
         for category, sent_at in self.last_request_at.items():  # compared with txns' sent_at
             self.last_request_at[category] = moved(sent_at)
+        if self._restored_at is not None:
+            self._restored_at += delta
         if self._request_sent_before is not None and self._request_sent_before[1] is not None:
             key, before = self._request_sent_before
             self._request_sent_before = (key, moved(before))
@@ -542,10 +548,13 @@ class TerminalSession(StatusAnswers):
         """A request of `category` sent at `sent_at` (`earlier_run`: stamped by an earlier
         run), believed never received (not_found), reached the terminal after all (its own
         answer came): it counts again as a request sent, undoing _never_reached."""
-        if sent_at is not None and sent_at > self.last_request_at.get(category, -math.inf):
+        if sent_at is None:
+            return
+        if earlier_run:
+            self._earlier_stamps.add(sent_at)
+        latest = self.last_request_at.get(category)
+        if latest is None or self._went_out_after(sent_at, latest):
             self.last_request_at[category] = sent_at
-            if earlier_run:
-                self._earlier_stamps.add(sent_at)
 
     def tick(self, now: float) -> list[Action]:
         """Time has passed: fire whatever deadlines are due."""
@@ -606,6 +615,8 @@ class TerminalSession(StatusAnswers):
         each category last went to the terminal (`last_requests`). Their state on the
         terminal is unknown, so each is asked about; none is re-sent."""
         actions: list[Action] = []
+        if self._restored_at is None:
+            self._restored_at = now
         for category, sent_at in (last_requests or {}).items():
             if sent_at > self.last_request_at.get(category, -math.inf):
                 self.last_request_at[category] = sent_at
@@ -787,9 +798,26 @@ class TerminalSession(StatusAnswers):
         txn.unanswered_polls, txn.detail, txn.updated_at = 0, reason, now
         return [Record(txn.snapshot()), self._progress(txn, "awaiting_status", reason)]
 
-    @staticmethod
-    def _sent_or_recorded(txn: Transaction) -> float:
-        return txn.sent_at if txn.sent_at is not None else txn.created_at
+    def _sent_or_recorded(self, txn: Transaction) -> float:
+        """When `txn` went to the terminal (or, never sent, was recorded). An earlier run's
+        stamp, against this run's clock, is no later than this run's start (restore): a box
+        that starts with its clock behind (no battery-backed clock, NTP not yet there) would
+        otherwise hold the terminal with a restored payment, and keep its register waiting,
+        for as long as the clock is behind."""
+        stamp = txn.sent_at if txn.sent_at is not None else txn.created_at
+        if self._restored_at is not None and stamp in self._earlier_stamps:
+            return min(stamp, self._restored_at)
+        return stamp
+
+    def _went_out_after(self, stamp: float, other: float) -> bool:
+        """Whether the request stamped `stamp` went to the terminal after the one stamped
+        `other`. A request of this run went out after any of an earlier run, whatever the
+        stamps say (a box that starts with its clock behind stamps its requests before an
+        earlier run's); two of one run, by their stamps."""
+        earlier, other_earlier = stamp in self._earlier_stamps, other in self._earlier_stamps
+        if earlier != other_earlier:
+            return other_earlier
+        return stamp > other
 
     def _patience_end(self, txn: Transaction) -> float:
         """Until when a payment may still be running on the terminal: payment_timeout after
@@ -870,6 +898,7 @@ class TerminalSession(StatusAnswers):
         if txn.category not in MONEY_CATEGORIES:
             outcome = Outcome.FAILURE if cls.outcome is Outcome.BUSY else cls.outcome
             return self._finish(txn, outcome, document, "terminal", now, detail=cls.detail)
+        cls = amounts_read(cls, txn.request, document)  # (less authorised than asked: partial)
         if cls.outcome in FINAL_MONEY_OUTCOMES:
             return self._finish(txn, cls.outcome, document, "terminal", now, detail=cls.detail)
         # Busy carrying our own ServiceID may answer a retransmitted copy of a request the
@@ -878,6 +907,11 @@ class TerminalSession(StatusAnswers):
 
     def _unusable_answer(self, txn: Transaction, reason: str, now: float) -> list[Action]:
         note = Log("warning", f"terminal {self.poi_id}: unusable answer for {txn.key}: {reason}")
+        if txn.state in (TxState.POLLING, TxState.UNRESOLVED):
+            # Asked about already: a stray non-outcome under its IDs (a Busy, a copy the
+            # terminal sent again) changes nothing. Put back to polling, its counters and
+            # reconcile backoff would start over and the register be told `unresolved` again.
+            return [note]
         if txn.passthrough or txn.category not in MONEY_CATEGORIES:
             return [note, *self._finish(txn, Outcome.ERROR, None, "terminal", now,
                                         error=f"unusable answer from the terminal: {reason}")]

@@ -18,8 +18,9 @@ from bridge.protocol import builders
 from bridge.protocol.actions import Action, Deliver, Log, Record
 from bridge.protocol.messages import Message
 from bridge.protocol.outcome import (BUSY_RECORD, BUSY_RECORD_OF_A_COPY, FINAL_MONEY_OUTCOMES,
-                                     Classification, Outcome, classify, record_outcome,
-                                     recovered_response, status_subjects)
+                                     Classification, Outcome, amounts_read, classify,
+                                     other_subject, record_outcome, recovered_response,
+                                     status_subjects)
 from bridge.protocol.transaction import Transaction, TxState
 
 
@@ -71,10 +72,10 @@ class StatusAnswers:
                 and not (cls.outcome in FINAL_MONEY_OUTCOMES and cls.from_status):
             return None
         txn = self.open.get(self._probe.key)
-        subjects = status_subjects(message, cls)
-        if txn is None or not any(s.names(txn.sale_id, txn.service_id) for s in subjects) \
-                or any(s.contradicts(txn.sale_id, txn.service_id, txn.category)
-                       for s in subjects):
+        if txn is None or not any(s.names(txn.sale_id, txn.service_id)
+                                  for s in status_subjects(message, cls)) \
+                or other_subject(message, cls, txn.sale_id, txn.service_id,
+                                 txn.category) is not None:
             return None
         return txn
 
@@ -85,8 +86,7 @@ class StatusAnswers:
         about another transaction. A terminal that answers about its latest one instead
         would otherwise settle this payment with another's record, or its NotFound end it
         as never received; it counts as unanswered, and is asked again."""
-        other = next((s for s in status_subjects(message, cls)
-                      if s.contradicts(txn.sale_id, txn.service_id, txn.category)), None)
+        other = other_subject(message, cls, txn.sale_id, txn.service_id, txn.category)
         if other is None:
             return self._status_answer(txn, cls, message, now)
         reason = f"the terminal's answer to the status poll is about another transaction ({other})"
@@ -97,6 +97,7 @@ class StatusAnswers:
     def _status_answer(
         self, txn: Transaction, cls: Classification, message: Message, now: float
     ) -> list[Action]:
+        cls = amounts_read(cls, txn.request, None)  # (less authorised than asked: partial)
         if cls.outcome in FINAL_MONEY_OUTCOMES and cls.from_status:
             return self._finish(txn, cls.outcome,
                                 recovered_response(cls, builders.request_header(txn.request)),
@@ -109,7 +110,7 @@ class StatusAnswers:
                 txn, f"the terminal's answer to the resync is no outcome ({cls.detail})", now)
         later = self.last_request_at.get(txn.category)
         if cls.outcome is Outcome.NOT_FOUND and txn.sent_at is not None and later is not None \
-                and later > txn.sent_at:
+                and self._went_out_after(later, txn.sent_at):
             # The vendor's NotFound names "the last such Request": a terminal that has taken
             # another request of this category since may have forgotten this one, charged or
             # not. Taken as "never received", the register would be told it may charge again.
