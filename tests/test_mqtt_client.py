@@ -517,7 +517,8 @@ async def test_dropped_at_marks_when_the_broker_ended_the_connection_not_the_cli
 
 
 
-async def test_a_subscribe_whose_own_write_finds_the_connection_gone_fails_at_once(mosquitto):
+@pytest.mark.parametrize("call", ["subscribe", "publish"])
+async def test_a_call_whose_own_write_finds_the_connection_gone_fails_at_once(mosquitto, call):
     """aiomqtt waits for a SUBACK the connection took with it until its time-out (10 s in the
     bridge): the bridge came back to the broker that much later. Here the SUBSCRIBE's own
     write meets the reset (review rv21: paho reports the end before aiomqtt has even
@@ -542,8 +543,11 @@ async def test_a_subscribe_whose_own_write_finds_the_connection_gone_fails_at_on
             client._client._sock = Reset()
             started = time.monotonic()
             try:
-                await client.subscribe("reset/x", qos=1)
+                if call == "subscribe":
+                    await client.subscribe("reset/x", qos=1)
+                else:  # the bridge's "online", awaited before requests are taken
+                    await client.publish("reset/x", b"online", qos=1)
             finally:
                 took = time.monotonic() - started
     assert client.dropped_at is not None
-    assert took is not None and took < 2.5, f"the subscription waited {took:.1f} s"
+    assert took is not None and took < 2.5, f"the {call} waited {took:.1f} s"

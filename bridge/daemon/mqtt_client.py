@@ -201,9 +201,13 @@ class AcknowledgedClient(aiomqtt.Client):
     async def unsubscribe(self, *args: Any, **kwargs: Any) -> None:
         await self._until_disconnected(super().unsubscribe(*args, **kwargs), "unsubscribing")
 
+    async def publish(self, *args: Any, **kwargs: Any) -> None:
+        # (the bridge's "online" waits for its PUBACK before requests are taken)
+        await self._until_disconnected(super().publish(*args, **kwargs), "publishing")
+
     async def _until_disconnected(self, call: Any, doing: str) -> Any:
-        """A SUBSCRIBE (or UNSUBSCRIBE) the connection took with it is never answered, and
-        aiomqtt waits for its acknowledgement until its time-out (10 s) all the same: the
+        """A SUBSCRIBE (UNSUBSCRIBE, QoS 1 PUBLISH) the connection took with it is never
+        answered, and aiomqtt waits for its acknowledgement until its time-out (10 s): the
         bridge came back to the broker that much later, and two bridges with one client id
         were never named (each connection's end fell 10 s after its start). The call ends
         when the connection does, including a connection its own write found gone."""
