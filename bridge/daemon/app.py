@@ -341,6 +341,8 @@ class Bridge:
         self.journal.group_commits(asyncio.get_running_loop().call_soon)
         for worker in self.workers.values():
             await worker.start()
+            for task in worker.tasks:  # (its link loop ended: the terminal would stay offline)
+                task.add_done_callback(self._task_ended)
         await self._start_hotplug()
         for name, coroutine in (("mqtt", self.gateway.run()), ("prune", self._prune_loop()),
                                 ("clock", self._clock_loop()),
