@@ -10,6 +10,7 @@ import time
 
 from bridge.daemon.registers import partial_amounts
 from bridge.protocol.actions import Deliver, Log, Record
+from bridge.protocol.messages import parse_message
 from bridge.protocol.session import TerminalSession
 from bridge.protocol.transaction import Transaction, TxKey, TxState, request_digest
 from bridge.simulator import responses
@@ -259,6 +260,74 @@ def test_a_register_told_partially_approved_from_the_journal_too(tmp_path):
         assert bridge["amounts"] == {"requested": 12.5, "approved": 5.0, "currency": "EUR"}
     finally:
         rig.journal.close()
+
+
+def test_a_register_told_partially_approved_of_a_payment_the_bridge_no_longer_holds():
+    """Review rv22: S1 ended `not_found` (its NotFound believed), yet the terminal took it:
+    its record says 5.00 of 12.50 authorised. A register's status request about S1 goes to
+    the terminal (the journal answers only money outcomes), and the session no longer holds
+    S1 to read the amounts against: told `approved`. The intake now hands the journal's
+    AmountsReq of the payment asked about along with the request."""
+    h = Harness()
+    h.submit("R1", "S1")
+    request = request_of(h)
+    h.advance(120)
+    assert told(h, actions=h.answer(responses.status_not_found(h.last_poll()))) == ["not_found"]
+    status = status_of("R1", "S1", "T1")
+    asked = request["SaleToPOIRequest"]["PaymentRequest"]["PaymentTransaction"]["AmountsReq"]
+    h.do(h.session.submit(parse_message(status), status, request_digest(status), h.now,
+                          asked_amounts=asked))
+    answer = responses.status_success(status, short_approval(request, 5.0, now=h.now))
+    assert told(h, "T1", h.answer(answer)) == ["partially_approved"]
+
+
+def test_the_intake_hands_the_asked_payments_amounts_to_the_terminal_worker(tmp_path):
+    """The daemon's side of the test above: a status request about a Payment the journal
+    holds, which the journal does not answer (`not_found`), goes to the terminal with that
+    payment's AmountsReq."""
+    rig = Rig(tmp_path / "journal.sqlite3")
+    try:
+        request = responses.payment_request("POS1", "P1", RIG_POI, 12.5)
+        rig.journal.save(Transaction(
+            sale_id="POS1", service_id="P1", poi_id=RIG_POI, category="Payment",
+            request=request, digest=request_digest(request), created_at=time.time(),
+            updated_at=time.time(), state=TxState.FINAL, outcome="not_found",
+            source="status-poll"))
+        worker = rig.intake.workers[RIG_POI]
+        handed: list = []
+        real_submit = worker.submit
+
+        def submit(request, document, digest, asked_amounts=None):
+            handed.append(asked_amounts)
+            return real_submit(request, document, digest, asked_amounts)
+
+        worker.submit = submit
+        bridge = ask(rig, "T1", "P1")["bridge"]
+        assert bridge["source"] != "journal", bridge  # (the terminal is asked: offline here)
+        assert handed == [request["SaleToPOIRequest"]["PaymentRequest"]["PaymentTransaction"][
+            "AmountsReq"]]
+    finally:
+        rig.journal.close()
+
+
+def test_another_registers_record_is_not_shown_to_the_register_that_asked():
+    """Review rv22: R1 asks about its S1; the terminal answers about its latest payment, R2's
+    S9 (a masked card, receipts). The error said so, and attached R2's record all the same:
+    R1 read another register's payment, which the intake refuses a status request naming
+    it. Now only the error, naming no IDs of the other register's."""
+    h = Harness()
+    h.submit("R1", "S1")
+    h.answer(responses.payment_response(request_of(h), "approve", h.now))
+    others = responses.payment_request("R2", "S9", POI, 40.0)
+    status = status_of("R1", "S1", "T1")
+    h.submit("R1", "T1", doc=status)
+    answer = responses.status_success(status, responses.payment_response(others, "approve",
+                                                                         h.now))
+    answer["SaleToPOIResponse"]["TransactionStatusResponse"]["MessageReference"] = {
+        "SaleID": "R2", "ServiceID": "S9", "MessageCategory": "Payment"}
+    (result,) = [d for d in h.delivers(h.answer(answer)) if d.service_id == "T1"]
+    assert (result.outcome, result.response) == ("error", None), result
+    assert "another register's transaction" in result.error and "S9" not in result.error
 
 
 def test_what_is_still_approved_a_success_without_less_authorised_in_the_same_currency():

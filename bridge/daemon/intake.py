@@ -42,7 +42,7 @@ from bridge.protocol.messages import (
     parse_message,
 )
 from bridge.protocol.outcome import (MONEY_CATEGORIES, Outcome, amounts_read, ask_its_status,
-                                     classify, record_outcome)
+                                     classify, dig, record_outcome)
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.session import FINAL_MONEY_OUTCOMES
 from bridge.protocol.transaction import (
@@ -484,7 +484,22 @@ class RequestIntake:
         if request.transaction_status_request is not None \
                 and self._status_from_journal(request, document, digest, poi_id):
             return
-        self.workers[poi_id].submit(request, document, digest)
+        self.workers[poi_id].submit(request, document, digest, self._asked_amounts(request))
+
+    def _asked_amounts(self, request: SaleToPOIRequest) -> dict[str, Any] | None:
+        """The AmountsReq of the Payment a status request asks about, when the journal holds
+        it: the terminal's record is read against it (less authorised than asked is partial),
+        also once the session no longer holds the payment (it ended `not_found`, say)."""
+        body = request.transaction_status_request
+        ref = body.message_reference if body is not None else None
+        if ref is None or not ref.sale_id or not ref.service_id:
+            return None
+        asked = self.journal.get(TxKey(ref.sale_id, ref.service_id))
+        if asked is None or asked.category != "Payment":
+            return None
+        amounts = dig(asked.request, "SaleToPOIRequest", "PaymentRequest", "PaymentTransaction",
+                      "AmountsReq")
+        return amounts if isinstance(amounts, dict) else None
 
     def _status_from_journal(self, request: SaleToPOIRequest, document: dict[str, Any],
                              digest: str, poi_id: str) -> bool:

@@ -272,8 +272,10 @@ class TerminalWorker:
             "open_transactions": len(self.session.open),
         }
 
-    def submit(self, request: SaleToPOIRequest, document: dict[str, Any], digest: str) -> None:
-        self._apply(self.session.submit(request, document, digest, self._clock()))
+    def submit(self, request: SaleToPOIRequest, document: dict[str, Any], digest: str,
+               asked_amounts: dict[str, Any] | None = None) -> None:
+        self._apply(self.session.submit(request, document, digest, self._clock(),
+                                        asked_amounts))
 
     def resync(self, txn: Transaction) -> None:
         earlier = [getattr(txn, name) for name in STAMP_FIELDS

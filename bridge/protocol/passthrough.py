@@ -19,7 +19,7 @@ Functions of the session (they read and change its transactions through its own 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bridge.protocol import builders
 from bridge.protocol.actions import Action, Deliver, Log, Record, Send
@@ -187,6 +187,15 @@ def abort_target(request: SaleToPOIRequest) -> str:
     return f"abort of {ref.sale_id}/{ref.service_id} sent"
 
 
+def asked_payment(status: Transaction) -> dict[str, Any] | None:
+    """The amounts of the payment a register's status request asks about, as the journal
+    held them when the request came (`asked_amounts`: the session no longer holds a payment
+    that ended, `not_found` say), in the shape of its request, for amounts_read."""
+    amounts = status.extra.get("asked_amounts")
+    return {"SaleToPOIRequest": {"PaymentRequest": {"PaymentTransaction": {
+        "AmountsReq": amounts}}}} if isinstance(amounts, dict) else None
+
+
 def answered(session: TerminalSession, status: Transaction, cls: Classification,
              message: Message, now: float) -> list[Action]:
     """The terminal's answer to a register's status request (`status`): passed on to the
@@ -205,12 +214,21 @@ def answered(session: TerminalSession, status: Transaction, cls: Classification,
         named = str(asked.message_category) if asked.message_category is not None else None
         other = other_subject(message, cls, asked.sale_id, asked.service_id, named)
         if other is not None:
-            return session._finish(status, Outcome.ERROR, document, "terminal", now, error=(
-                f"the terminal answered about another transaction ({other}), not about the "
-                f"{named or 'transaction'} {asked.sale_id}/{asked.service_id} asked about: "
-                "its answer is no outcome of that one")) + settled
-    if held is not None and not names_another_category(asked, held):
-        cls = amounts_read(cls, held.request, None)  # (less authorised than asked: partial)
+            # Another register's record (its receipts, its masked card) is not this one's to
+            # read, as a status request naming it would not be (the intake refuses those)
+            foreign = other.sale_id not in (None, asked.sale_id)
+            about = f"{other.where} names another register's transaction" if foreign \
+                else str(other)
+            return session._finish(
+                status, Outcome.ERROR, None if foreign else document, "terminal", now,
+                error=(f"the terminal answered about another transaction ({about}), not "
+                       f"about the {named or 'transaction'} {asked.sale_id}/"
+                       f"{asked.service_id} asked about: its answer is no outcome of that "
+                       "one")) + settled
+    request = held.request if held is not None and not names_another_category(asked, held) \
+        else asked_payment(status)
+    if request is not None:
+        cls = amounts_read(cls, request, None)  # (less authorised than asked: partial)
     doubt = not_found_in_doubt(session, status, cls)
     if doubt is not None:
         return session._finish(status, Outcome.UNRESOLVED, None, "bridge", now,

@@ -146,9 +146,12 @@ class TerminalSession(StatusAnswers):
     # --- events -------------------------------------------------------------------------------
 
     def submit(
-        self, request: SaleToPOIRequest, document: dict[str, Any], digest: str, now: float
+        self, request: SaleToPOIRequest, document: dict[str, Any], digest: str, now: float,
+        asked_amounts: dict[str, Any] | None = None,
     ) -> list[Action]:
-        """A register's request, already validated and checked for ServiceID reuse."""
+        """A register's request, already validated and checked for ServiceID reuse. For a
+        status request about a Payment the journal holds, `asked_amounts` is that payment's
+        AmountsReq (passthrough.asked_payment)."""
         header = request.message_header
         assert header is not None and header.sale_id and header.service_id
         category = str(header.message_category)
@@ -157,6 +160,8 @@ class TerminalSession(StatusAnswers):
             category=category, request=document, digest=digest, created_at=now,
             updated_at=now, passthrough=category in passthrough.PASSTHROUGH_CATEGORIES,
         )
+        if asked_amounts is not None:
+            txn.extra["asked_amounts"] = asked_amounts
         if not self.link_up:
             return self._refuse(txn, header, "UnavailableDevice",
                                 f"terminal {self.poi_id} is offline; nothing was sent", now)
