@@ -244,17 +244,25 @@ def test_a_register_told_partially_approved_of_its_own_status_request_too():
                                            "currency": "EUR"}
 
 
+def journal_holds(rig: Rig, outcome: str, source: str, authorised: float | None = None) -> dict:
+    """The journal holds POS1/P1, a Payment of 12.50 EUR, ended `outcome` (with the
+    terminal's Success for `authorised` of it, if given): its request."""
+    request = responses.payment_request("POS1", "P1", RIG_POI, 12.5)
+    rig.journal.save(Transaction(
+        sale_id="POS1", service_id="P1", poi_id=RIG_POI, category="Payment",
+        request=request, digest=request_digest(request), created_at=time.time(),
+        updated_at=time.time(), state=TxState.FINAL, outcome=outcome, source=source,
+        response=None if authorised is None else short_approval(request, authorised,
+                                                                now=time.time())))
+    return request
+
+
 def test_a_register_told_partially_approved_from_the_journal_too(tmp_path):
     """The same when the journal answers a register's status request (a payment the bridge
     ended: recorded `approved` by an earlier version, its record says 5.00 of 12.50)."""
     rig = Rig(tmp_path / "journal.sqlite3")
     try:
-        request = responses.payment_request("POS1", "P1", RIG_POI, 12.5)
-        rig.journal.save(Transaction(
-            sale_id="POS1", service_id="P1", poi_id=RIG_POI, category="Payment",
-            request=request, digest=request_digest(request), created_at=time.time(),
-            updated_at=time.time(), state=TxState.FINAL, outcome="approved",
-            source="terminal", response=short_approval(request, 5.0, now=time.time())))
+        journal_holds(rig, "approved", "terminal", authorised=5.0)
         bridge = ask(rig, "T1", "P1")["bridge"]
         assert (bridge["outcome"], bridge["source"]) == ("partially_approved", "journal")
         assert bridge["amounts"] == {"requested": 12.5, "approved": 5.0, "currency": "EUR"}
@@ -287,12 +295,7 @@ def test_the_intake_hands_the_asked_payments_amounts_to_the_terminal_worker(tmp_
     payment's AmountsReq."""
     rig = Rig(tmp_path / "journal.sqlite3")
     try:
-        request = responses.payment_request("POS1", "P1", RIG_POI, 12.5)
-        rig.journal.save(Transaction(
-            sale_id="POS1", service_id="P1", poi_id=RIG_POI, category="Payment",
-            request=request, digest=request_digest(request), created_at=time.time(),
-            updated_at=time.time(), state=TxState.FINAL, outcome="not_found",
-            source="status-poll"))
+        request = journal_holds(rig, "not_found", "status-poll")
         worker = rig.intake.workers[RIG_POI]
         handed: list = []
         real_submit = worker.submit
