@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import time
 
+import pytest
+
 from bridge.daemon.registers import partial_amounts
 from bridge.protocol.actions import Deliver, Log, Record
 from bridge.protocol.messages import parse_message
@@ -313,7 +315,14 @@ def test_the_intake_hands_the_asked_payments_amounts_to_the_terminal_worker(tmp_
         rig.journal.close()
 
 
-def test_another_registers_record_is_not_shown_to_the_register_that_asked():
+@pytest.mark.parametrize("reference", [
+    {"SaleID": "R2", "ServiceID": "S9", "MessageCategory": "Payment"},
+    # (review rv23: an echo that keeps the asker's SaleID, the record's header naming R2's:
+    # the status request's own header, or the IDs asked with another category)
+    {"SaleID": "R1", "ServiceID": "T1", "MessageCategory": "TransactionStatus"},
+    {"SaleID": "R1", "ServiceID": "S1", "MessageCategory": "Refund"},
+])
+def test_another_registers_record_is_not_shown_to_the_register_that_asked(reference):
     """Review rv22: R1 asks about its S1; the terminal answers about its latest payment, R2's
     S9 (a masked card, receipts). The error said so, and attached R2's record all the same:
     R1 read another register's payment, which the intake refuses a status request naming
@@ -326,8 +335,7 @@ def test_another_registers_record_is_not_shown_to_the_register_that_asked():
     h.submit("R1", "T1", doc=status)
     answer = responses.status_success(status, responses.payment_response(others, "approve",
                                                                          h.now))
-    answer["SaleToPOIResponse"]["TransactionStatusResponse"]["MessageReference"] = {
-        "SaleID": "R2", "ServiceID": "S9", "MessageCategory": "Payment"}
+    answer["SaleToPOIResponse"]["TransactionStatusResponse"]["MessageReference"] = reference
     (result,) = [d for d in h.delivers(h.answer(answer)) if d.service_id == "T1"]
     assert (result.outcome, result.response) == ("error", None), result
     assert "another register's transaction" in result.error and "S9" not in result.error

@@ -32,7 +32,7 @@ from bridge.protocol.messages import (
 )
 from bridge.protocol.outcome import (BUSY_RECORD, BUSY_RECORD_OF_A_COPY, MONEY_CATEGORIES,
                                      Classification, Outcome, amounts_read, other_subject,
-                                     record_outcome)
+                                     record_outcome, status_subjects)
 from bridge.protocol.transaction import Transaction, TxKey, TxState
 
 if TYPE_CHECKING:
@@ -216,8 +216,11 @@ def answered(session: TerminalSession, status: Transaction, cls: Classification,
         if other is not None:
             # Another register's record (its receipts, its masked card) is not this one's to
             # read, as a status request naming it would not be (the intake refuses those)
-            foreign = other.sale_id not in (None, asked.sale_id)
-            about = f"{other.where} names another register's transaction" if foreign \
+            # (any of what the answer names: its echo may keep the asker's SaleID while the
+            # record's header names another register's)
+            foreign = next((s for s in status_subjects(message, cls)
+                            if s.sale_id not in (None, asked.sale_id)), None)
+            about = f"{foreign.where} names another register's transaction" if foreign \
                 else str(other)
             return session._finish(
                 status, Outcome.ERROR, None if foreign else document, "terminal", now,
