@@ -342,7 +342,9 @@ class RequestIntake:
 
     def _reject(self, document: Any, poi_id: str, error: str, condition: str = "MessageFormat",
                 reply: Reply | None = None, to_sale_id: str | None = None,
-                conflict: dict[str, Any] | None = None) -> None:
+                conflict: dict[str, Any] | None = None, unread: bool = False) -> None:
+        """`unread`: refused before the journal was asked about its IDs (_request's checks
+        of the document itself): a transaction recorded under them is flagged (`conflict`)."""
         self.rejected += 1
         header = request_header(document)
         sale_id = _readable_sale_id(document)
@@ -351,6 +353,14 @@ class RequestIntake:
         # As the register wrote them, so that it can tell which request this answers: a
         # ServiceID sent as a number, a SaleID that cannot be a topic level
         service_id, sale_text = id_text(header.get("ServiceID")), id_text(header.get("SaleID"))
+        if unread and conflict is None and sale_id and service_id:
+            # Published under a recorded transaction's IDs, this refusal of another request
+            # (malformed, another terminal's...) must not read as that transaction's result:
+            # a register waiting for it took it for its answer (review rv25)
+            existing = self.journal.get(TxKey(sale_id, service_id[:64]))
+            if existing is not None:
+                conflict = {"state": retained_state(existing.state),
+                            "outcome": existing.outcome}
         # The body is named after the category when it can be read as one (letters and
         # digits, at most 64), else UnknownResponse: "Pay-ment" or "" must not name it, nor
         # leave the refusal without a response a register can read as a terminal's
@@ -389,6 +399,8 @@ class RequestIntake:
         limit = self.config.mqtt.max_payload
         # Every refusal goes to the topic's register when the request names none it can read
         refuse = functools.partial(self._reject, to_sale_id=topic_sale_id)
+        # (until the journal is asked about its IDs: see _reject)
+        early = functools.partial(self._reject, to_sale_id=topic_sale_id, unread=True)
         twice: DuplicateName | None = None
         try:
             document = load_json(payload, max_size=limit, unique_names=True)
@@ -399,10 +411,10 @@ class RequestIntake:
         except NotStrictJson as exc:
             # Python's own reader takes NaN and the like: enough to answer on the register's
             # topic, not to send (a terminal, like any strict reader, would choke on it).
-            refuse(_lenient_json(payload), poi_id, f"request is unusable: {exc}")
+            early(_lenient_json(payload), poi_id, f"request is unusable: {exc}")
             return
         except MessageError as exc:
-            refuse(None, poi_id, f"request is unusable: {exc}")
+            early(None, poi_id, f"request is unusable: {exc}")
             return
         said = request_header(document).get("SaleID")
         if topic_sale_id is not None and isinstance(said, str) and said != topic_sale_id:
@@ -410,39 +422,39 @@ class RequestIntake:
             # to that register, not to the one the header names (it may be forged). Past
             # this point a SaleID that can be read is the topic's; one that cannot (missing,
             # a number) is refused by the header checks, answered to the topic's register.
-            refuse(document, poi_id, f"MessageHeader.SaleID {id_text(said)!r} is not the "
+            early(document, poi_id, f"MessageHeader.SaleID {id_text(said)!r} is not the "
                                      f"topic's SaleID {topic_sale_id!r}: a register publishes "
                                      "only its own requests", "NotAllowed")
             return
         if twice is not None:
             if not self._known_repeat(document):
-                refuse(document, poi_id, f"request is unusable: {twice}")
+                early(document, poi_id, f"request is unusable: {twice}")
             return
         try:
             request = parse_message(document)
         except MessageError as exc:
             if not self._known_repeat(document):
-                refuse(document, poi_id, f"not a valid SaleToPOIRequest: {exc}")
+                early(document, poi_id, f"not a valid SaleToPOIRequest: {exc}")
             return
         if not isinstance(request, SaleToPOIRequest):
-            refuse(document, poi_id, "registers publish SaleToPOIRequest documents here")
+            early(document, poi_id, "registers publish SaleToPOIRequest documents here")
             return
         if request.nexo_blob is not None or request.security_trailer is not None:
-            refuse(document, poi_id, "send the request in clear: the bridge encrypts "
+            early(document, poi_id, "send the request in clear: the bridge encrypts "
                                      "towards the terminal itself")
             return
         problems = check_request_header(request)
         if problems:
             if not self._known_repeat(document):
-                refuse(document, poi_id, "invalid header: " + "; ".join(problems))
+                early(document, poi_id, "invalid header: " + "; ".join(problems))
             return
         header = request.message_header
         assert header is not None and header.sale_id and header.service_id
         if not topic_safe(header.sale_id):
-            refuse(document, poi_id, "SaleID must not contain / + # or control characters")
+            early(document, poi_id, "SaleID must not contain / + # or control characters")
             return
         if header.poi_id != poi_id:
-            refuse(document, poi_id, f"MessageHeader.POIID {header.poi_id} does not match "
+            early(document, poi_id, f"MessageHeader.POIID {header.poi_id} does not match "
                                      f"the topic's terminal {poi_id}")
             return
         # What the journal knows comes first: a repeat of a known request is answered with
