@@ -1,9 +1,12 @@
 """`poi-bridge register`: be a register by hand (send a payment, resync, list).
 
-Exit status: 0 a payment approved (or a command answered "ok"); 1 another outcome, or a
-command answered with an error; 2 nothing was asked (bad options, no broker, no bridge);
+Exit status: 0 a payment approved (or a command answered "ok"); 1 a payment's outcome that
+proves nothing was taken (declined, cancelled, aborted, not_found, rejected), or a command
+answered with an error; 2 nothing was asked (bad options, no broker, no bridge);
 3 OUTCOME UNKNOWN: a payment was handed to the broker and its answer did not come (timeout,
-lost connection, interrupted). It may still be charged: do not pay again, look it up;
+lost connection, interrupted), or the answer does not say whether it was charged (the
+bridge's `error`, an outcome this command does not know). It may still be charged: do not
+pay again, look it up;
 4 PARTIALLY APPROVED: only part of the amount was taken: charge the rest another way, or
 reverse it (never pay the whole amount again).
 """
@@ -16,6 +19,7 @@ import json
 import math
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +47,10 @@ from bridge.register_client import (
 
 OUTCOME_UNKNOWN = 3  # the exit status of a payment whose outcome is not known
 PARTIALLY_APPROVED = 4  # only part was taken: neither paid (0) nor nothing taken (1)
+# A payment's outcomes that prove nothing was taken (exit 1). Any other word than these,
+# `approved` and `partially_approved` (the bridge's `error`: "it may or may not have been
+# started"; a word from a newer bridge; none) may hide a charge: OUTCOME UNKNOWN.
+NOTHING_TAKEN = frozenset({"declined", "cancelled", "aborted", "not_found", "rejected"})
 
 
 def _finite(text: str) -> float:
@@ -84,6 +92,9 @@ def _id_problems(args: argparse.Namespace) -> list[str]:
                             "e.g. V400m-324688179")
         if args.service_id is not None and not SERVICE_ID_PATTERN.match(args.service_id):
             problems.append(f"--service-id {args.service_id[:40]!r}: 1 to 10 letters or digits")
+        if args.transaction_id is not None and not args.transaction_id.strip():
+            problems.append("--transaction-id: give the sale's order number (the bridge "
+                            "refuses an empty one)")
     return problems
 
 
@@ -118,16 +129,23 @@ def add_parser(subparsers: Any) -> None:
     pay = sub.add_parser(
         "pay", help="send a PaymentRequest and wait for the outcome",
         description="Send a PaymentRequest and wait for its outcome. Exit status 0 approved, "
-                    "1 another outcome, 2 not sent, 3 OUTCOME UNKNOWN: sent, but no answer "
-                    "came (timeout, lost connection): it may still be charged, so do not pay "
-                    "again; look it up with the SaleID and ServiceID printed. 4 PARTIALLY "
-                    "APPROVED: only part was taken (printed): charge the rest another way, or "
-                    "reverse it.")
+                    "1 nothing was taken (declined, cancelled, aborted, not_found, rejected), "
+                    "2 not sent, 3 OUTCOME UNKNOWN: sent, but no answer came (timeout, lost "
+                    "connection) or the answer does not say whether it was charged (error, "
+                    "an outcome this command does not know): it may still be charged, so do "
+                    "not pay again; look it up with the SaleID and ServiceID printed. 4 "
+                    "PARTIALLY APPROVED: only part was taken (printed): charge the rest "
+                    "another way, or reverse it.")
     pay.add_argument("--terminal", required=True, metavar="POIID")
     pay.add_argument("--amount", required=True, type=_amount,
                      help="a finite number, 0 or more (e.g. 12.50)")
     pay.add_argument("--currency", default="EUR")
     pay.add_argument("--service-id", help="default: a fresh one")
+    pay.add_argument("--transaction-id", metavar="ORDER",
+                     help="the sale's order number (SaleTransactionID.TransactionID), the same "
+                          "for every try of one sale. Without it every call is a new order "
+                          "(SALEID-SERVICEID) and the bridge cannot catch a retry of an "
+                          "unfinished one")
     pay.add_argument("--timeout", type=_seconds, default=300.0,
                      help="seconds to wait for the outcome (default 300)")
     resync = sub.add_parser("resync", help="ask the bridge to poll the terminal again")
@@ -143,6 +161,16 @@ def add_parser(subparsers: Any) -> None:
 def _event(event: dict[str, Any]) -> None:
     poll = f" #{event['poll']}" if "poll" in event else ""
     print(f"  . {event['event']}{poll} {event.get('detail', '')}".rstrip(), file=sys.stderr)
+
+
+def _events_of(service_id: str) -> Callable[[dict[str, Any]], None]:
+    """_event for the events of one transaction only: a live till under the same SaleID
+    pays meanwhile, and its events come on the same topic."""
+    def shown(event: dict[str, Any]) -> None:
+        transaction = event.get("transaction")
+        if isinstance(transaction, dict) and transaction.get("service_id") == service_id:
+            _event(event)
+    return shown
 
 
 def _mqtt(args: argparse.Namespace) -> MqttConfig:
@@ -225,15 +253,30 @@ def _published(payment: _Payment) -> None:
 OPERATOR = " --username operator --password-file /etc/poi-bridge/operator-password"
 
 
-def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace) -> int:
-    """Said when a payment was handed to the broker and its answer did not come. The request
-    waits in the bridge's persistent session (or is running): it may still be charged."""
+def _unknown_answer(outcome: Any) -> str:
+    """Why an answer that came leaves the payment's outcome unknown."""
+    if outcome == "error":
+        return ("the bridge answered outcome `error`: it failed while handling the payment, "
+                "which may or may not have been started")
+    if outcome is None:
+        return "the bridge answered without an outcome"
+    return (f"the bridge answered outcome {json.dumps(outcome)[:40]}, which this command "
+            "does not know: it does not say that nothing was taken")
+
+
+def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace, *,
+                     answered: bool = False) -> int:
+    """Said when a payment was handed to the broker and its answer did not come, or came
+    without saying whether it was charged (`answered`). The request waits in the bridge's
+    persistent session (or is running, or ran): it may still be charged."""
     config = shlex.quote(str(args.config)) if args.config else "FILE"
     ids = f"{shlex.quote(payment.sale_id)} {shlex.quote(payment.service_id)}"
     print(f"poi-bridge register: OUTCOME UNKNOWN for the payment SaleID {payment.sale_id} "
           f"ServiceID {payment.service_id} on {payment.poi_id} ({payment.amount}): {why}.\n"
-          "  The request was handed to the broker: the bridge runs it when it gets it (a "
-          "bridge that is down, when it comes back), so it may still be charged.\n"
+          + ("  The terminal may have charged it: its own result may still come under these "
+             "IDs.\n" if answered else
+             "  The request was handed to the broker: the bridge runs it when it gets it (a "
+             "bridge that is down, when it comes back), so it may still be charged.\n") +
           "  Do NOT pay again for this sale until its outcome is known. Find it out, once the "
           "bridge runs:\n"
           f"    poi-bridge status --config {config}{OPERATOR}   (open and unresolved "
@@ -262,7 +305,8 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
 
     # Its own client id, not the till's `register-<SaleID>`: acting as TILL1 by hand must not
     # take TILL1 off the broker nor throw away the results queued in its session.
-    async with RegisterClient.for_bridge(mqtt, args.sale_id, on_event=_event, persistent=False,
+    on_event = _event if payment is None else _events_of(payment.service_id)
+    async with RegisterClient.for_bridge(mqtt, args.sale_id, on_event=on_event, persistent=False,
                                          on_malformed=malformed, client_id=cli_client_id(),
                                          plain_topic=args.plain_topic) as register:
         # A request on a base topic no bridge listens to would wait for the whole timeout and
@@ -288,6 +332,7 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
             try:
                 answer = await register.pay(args.terminal, args.amount, args.currency,
                                             service_id=payment.service_id,
+                                            transaction_id=args.transaction_id,
                                             timeout=args.timeout, on_sending=sending,
                                             on_published=lambda: _published(payment))
             except PublishRefusedByBroker as exc:
@@ -298,19 +343,29 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
                       file=sys.stderr)
                 return 2
             payment.sent = False  # its outcome is known: nothing after this makes it unknown
+            # (the client took it for ours by bridge.transaction.service_id: both are objects;
+            # any other field may be missing, said so, never a traceback after a payment)
             info = answer["bridge"]
+            outcome = info.get("outcome")
             if args.json:
                 print(json.dumps(answer, indent=1))
             else:
                 ids = info["transaction"]
-                print(f"{ids['sale_id']}/{ids['service_id']} on {ids['poi_id']}: "
-                      f"{info['outcome']} (source {info['source']})"
+                print(f"{ids.get('sale_id', payment.sale_id)}/"
+                      f"{ids.get('service_id', payment.service_id)} on "
+                      f"{ids.get('poi_id', payment.poi_id)}: "
+                      f"{outcome if outcome is not None else 'no outcome'} "
+                      f"(source {info.get('source') or 'not given'})"
                       + (f": {info['error']}" if info.get("error") else "")
-                      + (f": {partial_advice(info)}" if info["outcome"] == "partially_approved"
+                      + (f": {partial_advice(info)}" if outcome == "partially_approved"
                          else ""))
-            if info["outcome"] == "partially_approved":
+            if outcome == "approved":
+                return 0
+            if outcome == "partially_approved":
                 return PARTIALLY_APPROVED
-            return 0 if info["outcome"] == "approved" else 1
+            if isinstance(outcome, str) and outcome in NOTHING_TAKEN:
+                return 1
+            return _outcome_unknown(payment, _unknown_answer(outcome), args, answered=True)
         try:
             if args.action == "resync":
                 answer = await register.command("resync", {"sale_id": args.sale_id,

@@ -30,6 +30,7 @@ from bridge.daemon.mqtt_client import AcknowledgedClient, PublishRefused
 from bridge.daemon.registers import Topics
 from bridge.deployment import password_to_fix
 from bridge.protocol.builders import new_service_id
+from bridge.protocol.outcome import MONEY_CATEGORIES
 from bridge.simulator.responses import payment_request
 
 # A CONNACK refusing the protocol version: 3.1.1's 1, MQTT 5's 0x84 (paho gives 0x84 for
@@ -226,6 +227,9 @@ class RegisterClient:
         self._on_malformed = on_malformed  # (topic, what is wrong) of each message skipped
         self._client: AcknowledgedClient | None = None
         self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        # ServiceIDs waited for whose request moves money: `unresolved` is not its result
+        # (that follows under its IDs); for any other request (a status request) it is
+        self._money: set[str] = set()
         # ServiceIDs waited for whose request the bridge took (an `accepted` or `duplicate`
         # event came): a conflict refusal under those IDs then answers another request
         self._taken: set[str] = set()
@@ -329,7 +333,7 @@ class RegisterClient:
                 info = _object(payload.get("bridge"))
                 service_id = _object(info.get("transaction")).get("service_id")
                 future = self._waiting.get(service_id) if isinstance(service_id, str) else None
-                final = info.get("outcome") != "unresolved"
+                final = info.get("outcome") != "unresolved" or service_id not in self._money
                 # A refusal of a different request reusing these IDs (`conflict`) is never
                 # the transaction's result: it answers ours only if the bridge did not take
                 # ours (then ours was the different one)
@@ -359,8 +363,10 @@ class RegisterClient:
     async def request(self, document: dict[str, Any], timeout: float = 300.0, *,
                       on_sending: Callable[[], None] | None = None,
                       on_published: Callable[[], None] | None = None) -> dict[str, Any]:
-        """Publish a request and wait for its final answer (an `unresolved` report is shown as
-        an event and waiting goes on, as a till would keep the sale open). `on_published` is
+        """Publish a request and wait for its final answer. For a money request (Payment,
+        Reversal, StoredValue) an `unresolved` report is shown as an event and waiting goes
+        on, as a till would keep the sale open; for any other (a TransactionStatus request
+        about a payment the bridge still holds) `unresolved` is the answer. `on_published` is
         called once the broker has taken the request, `on_sending` just before it is handed
         to the connection (from then on the broker may have it). TimeoutError when no answer came in
         time, ConnectionLost when the connection ended meanwhile: in both cases the request
@@ -370,6 +376,10 @@ class RegisterClient:
         header = document["SaleToPOIRequest"]["MessageHeader"]
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[header["ServiceID"]] = future
+        category = header.get("MessageCategory")
+        # (a category that cannot be read may be a money one: never take `unresolved` for it)
+        if not isinstance(category, str) or category in MONEY_CATEGORIES:
+            self._money.add(header["ServiceID"])
         try:
             if on_sending is not None:
                 on_sending()
@@ -383,6 +393,7 @@ class RegisterClient:
         finally:
             self._waiting.pop(header["ServiceID"], None)
             self._taken.discard(header["ServiceID"])
+            self._money.discard(header["ServiceID"])
 
     async def _publish(self, topic: str, payload: str) -> None:
         """Publish at QoS 1 and wait for the broker's acknowledgement (10 s, as aiomqtt's
@@ -403,14 +414,23 @@ class RegisterClient:
             raise self._lost
 
     async def pay(self, poi_id: str, amount: float, currency: str = "EUR", *,
-                  service_id: str | None = None, timeout: float = 300.0,
-                  on_sending: Callable[[], None] | None = None,
+                  service_id: str | None = None, transaction_id: str | None = None,
+                  timeout: float = 300.0, on_sending: Callable[[], None] | None = None,
                   on_published: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Pay `amount` on terminal `poi_id` and wait for the result (see request()).
+
+        `transaction_id` is the sale's order number (SaleTransactionID.TransactionID): give
+        it, the same for every try of one sale. Without it every call is a new order
+        (`<SaleID>-<ServiceID>`), and the bridge cannot catch a retry of an unfinished one:
+        pressing "pay" again after `unresolved` or a timeout would charge the shopper again
+        if the first went through."""
         document = payment_request(self.sale_id, service_id or new_service_id(), poi_id,
                                    amount, currency)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime())
-        document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
-            "TimeStamp"] = stamp
+        sale = document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"]
+        sale["TimeStamp"] = stamp
+        if transaction_id is not None:
+            sale["TransactionID"] = transaction_id
         return await self.request(document, timeout, on_sending=on_sending,
                                   on_published=on_published)
 

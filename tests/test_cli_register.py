@@ -185,8 +185,10 @@ async def test_a_malformed_event_is_skipped_and_the_answer_still_comes(mosquitto
         for junk in (b"not json", b"[1, 2]", b'"text"', b"{}", b'{"event": 1}'):
             await bridge.publish(f"{BASE}/registers/TILL9/event", junk, qos=1)
         await bridge.publish(f"{BASE}/registers/TILL9/response", b"[]", qos=1)
+        service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
         await bridge.publish(f"{BASE}/registers/TILL9/event", json.dumps(
-            {"event": "accepted", "detail": "after the junk"}), qos=1)
+            {"event": "accepted", "detail": "after the junk",
+             "transaction": {"sale_id": "TILL9", "service_id": service_id}}), qos=1)
         await approve(bridge, request)
 
     (code, out, err, _), _ = await pay_through_a_stand_in(mosquitto, answer, "--amount", "1",
