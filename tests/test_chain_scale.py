@@ -220,7 +220,7 @@ async def test_results_made_while_the_wan_is_down_reach_head_office_when_it_is_b
     once the link is back, head office has every result, each with the content the till
     got. QoS 1 may deliver one twice, never a different one. It fails with `cleansession
     true` (the store broker then drops what it holds for the bridge while disconnected),
-    with QoS 0 on the topic lines (not queued at all), or with `bridge_protocol_version
+    with QoS 0 on the registers/# line (not queued at all), or with `bridge_protocol_version
     mqttv50`: mosquitto 2.0's MQTT 5 bridge sends no Session Expiry Interval, the central
     broker ends the store's session when the link drops, and head office's request is lost."""
     # (wan_down: the central broker has published the bridge's last will, link down)
@@ -424,12 +424,14 @@ async def wan_down(tmp_path: Path, **store_settings: Any):
 async def test_past_the_store_brokers_queue_the_newest_are_dropped_retained_documents_heal(
         tmp_path):
     """A store broker holds at most max_queued_messages for the bridge while the link is
-    down; past that it drops the newest. On reconnecting, mosquitto sends every retained
-    message under the bridged topics again, so each transaction's retained document still
-    reaches head office, while the dropped register responses and events do not."""
+    down; past that it drops the newest, and says so. Only the QoS 1 lines' messages are
+    queued: a payment's 3 events and its response (its 2 transactions/... documents and 2
+    terminal states are retained, bridged at QoS 0). On reconnecting, mosquitto sends every
+    retained message under the bridged topics again, so each transaction's retained document
+    still reaches head office, while the dropped register responses and events do not."""
     async with wan_down(tmp_path, broker_config="max_queued_messages 16\n") as (
             central, wan, store, office, till):
-        paid = ["Q1", "Q2", "Q3", "Q4"]  # about 8 messages each for head office
+        paid = ["Q1", "Q2", "Q3", "Q4", "Q5", "Q6"]  # 4 queued messages each: 24 for 16
         for service_id in paid:
             await pay(till, service_id)
         wan.restore()
@@ -440,7 +442,7 @@ async def test_past_the_store_brokers_queue_the_newest_are_dropped_retained_docu
                 document = await arrives(dashboard, lambda t, p, s=service_id: t.endswith(
                     f"/{s}") and p.get("state") == "final")
                 assert document["bridge"]["outcome"] == "approved"
-        assert not copies(office, "Q4")  # its response was past the limit: dropped
+        assert not copies(office, "Q6")  # its response was past the limit: dropped
         assert "Outgoing messages are being dropped for client local.store-12" in \
             store.broker.log_path.read_text()
 
@@ -449,8 +451,9 @@ async def test_health_reports_do_not_fill_the_store_brokers_queue_while_the_wan_
         tmp_path):
     """bridge/health is published every health_interval. Were it queued for the bridge
     while the link is down, a long outage would fill max_queued_messages with stale copies
-    and the payment results made after would be dropped. It is QoS 0, which a broker does
-    not queue for a client that is away; the retained copy reaches head office on reconnect."""
+    and the payment results made after would be dropped. It is published and bridged at
+    QoS 0, which mosquitto does not queue for a client that is away (queue_qos0_messages
+    false); the retained copy reaches head office on reconnect."""
     async with wan_down(tmp_path, broker_config="max_queued_messages 16\n",
                         mqtt={"health_interval": 0.1}) as (central, wan, store, office, till):
         # More health reports than the queue holds, counted as the store broker passes them
@@ -476,15 +479,16 @@ class TlsSubscriber(Subscriber):
     checking the broker's against `ca`."""
 
     def __init__(self, broker: Any, topics: list[str], pki: Path, name: str, *, port: int,
-                 ca: Path, client_id: str | None = None) -> None:
-        super().__init__(broker, topics, client_id=client_id or name)
+                 ca: Path, client_id: str | None = None, persistent: bool = False) -> None:
+        super().__init__(broker, topics, client_id=client_id or name, persistent=persistent)
         self.port = port
         self.tls = ssl.create_default_context(cafile=str(ca))
         self.tls.load_cert_chain(str(pki / f"{name}.pem"), str(pki / f"{name}.key"))
 
     async def connect(self) -> None:
         self._client = aiomqtt.Client(self.broker.host, self.port, tls_context=self.tls,
-                                      identifier=self.client_id)
+                                      identifier=self.client_id,
+                                      clean_session=not self.persistent)
         await self._client.__aenter__()
         for topic in self.topics:
             await self._client.subscribe(topic, qos=1)
@@ -508,10 +512,11 @@ def central_broker(tmp_path: Path) -> DropInMosquitto:
 
 
 def head_office(central: DropInMosquitto, tmp_path: Path, topics: list[str],
-                client_id: str) -> TlsSubscriber:
+                client_id: str, *, persistent: bool = False) -> TlsSubscriber:
     """A head-office client: its listener, the head-office certificate, its own client id."""
     return TlsSubscriber(central, topics, tmp_path / "hq", "head-office", client_id=client_id,
-                         port=central.ports[1], ca=tmp_path / "pki" / "ca.pem")
+                         port=central.ports[1], ca=tmp_path / "pki" / "ca.pem",
+                         persistent=persistent)
 
 
 async def test_central_acl_keeps_each_store_to_its_own_prefix_and_session(tmp_path):
