@@ -25,6 +25,7 @@ import errno
 import inspect
 import logging
 import os
+import socket
 import stat
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ DEFAULT_RECEIVE_BUFFER = 8 * 1024 * 1024
 # Events handled per wake-up of the reader; the rest wait for the next loop iteration so a storm
 # cannot starve the terminals' I/O.
 MAX_EVENTS_PER_READ = 256
+# s: after a read error that is no overflow, udev's socket is read again this much later
+READ_RETRY = 1.0
 
 # Actions after which the device exists; 'remove' means gone.  'unbind'/'offline' only detach
 # a driver (a usb_device gets 'unbind' just before 'remove'): the node is still there.
@@ -334,20 +337,48 @@ class HotplugMonitor:
             try:
                 event = self._monitor.poll(0)
             except OSError as exc:
-                if exc.errno == errno.ENOBUFS:
+                code = exc.errno if exc.errno is not None else self._socket_error()
+                if code == errno.ENOBUFS:
                     self.counters["overflows"] += 1
                     log.warning("hotplug: udev events were lost (receive buffer overflow during "
                                 "an event storm); rescanning the devices")
                     self.resync()
                     continue
-                log.error("hotplug: reading udev events failed: %s; rescanning the devices", exc)
+                log.error("hotplug: reading udev events failed: %s; rescanning the devices, "
+                          "and reading them again in %g s", exc, READ_RETRY)
                 self._backlog = False
                 self.resync()
+                self._pause_reading()
                 return
             if event is None:
                 self._backlog = False
                 return
             self._receive(DeviceInfo.from_device(event))
+
+    def _socket_error(self) -> int | None:
+        """The monitor socket's pending error, taken (SO_ERROR). pyudev raises on POLLERR
+        before it reads, with no errno, and never reads: after a receive-buffer overflow the
+        kernel's ENOBUFS, and POLLERR with it, stayed, and the loop called back at once, again
+        and again (an ERROR line each, a core busy: review rv26)."""
+        assert self._fd is not None
+        try:
+            with socket.socket(fileno=os.dup(self._fd)) as sock:
+                return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or None
+        except OSError:
+            return None
+
+    def _pause_reading(self) -> None:
+        """An error that reading does not clear would call back at once, for ever: the
+        rescan just asked for covers the devices meanwhile."""
+        if self._fd is None or self._loop is None:
+            return
+        fd = self._fd
+        self._loop.remove_reader(fd)
+
+        def resume() -> None:
+            if self._fd == fd and self._loop is not None:
+                self._loop.add_reader(fd, self._on_readable)
+        self._loop.call_later(READ_RETRY, resume)
 
     def _receive(self, info: DeviceInfo) -> None:
         self.counters["events"] += 1

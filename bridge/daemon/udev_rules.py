@@ -50,7 +50,7 @@ def _comment(text: str) -> str:
 _PLAIN = re.compile(r"^[A-Za-z0-9._:+@=#-]+\Z")
 _PLAIN_PATH = re.compile(r"^[A-Za-z0-9._:+@=#/-]+\Z")
 _KERNEL_NAME = re.compile(r"^tty[A-Za-z]*[0-9]+\Z")
-_INTERFACE_SUFFIX = re.compile(r"^(?P<base>.+)-if(?P<num>[0-9]{2})\Z")
+_INTERFACE_SUFFIX = re.compile(r"^(?P<base>.+)-if(?P<num>[0-9a-f]{2})\Z")
 
 
 @dataclass(frozen=True)
