@@ -194,6 +194,73 @@ def test_a_usb_serial_udev_rewrote_still_matches(configured) -> None:
     assert result.poi_id == "V400m-324688179", result.reason
 
 
+class SysfsSerial:
+    """A real pyudev Device from a recorded event, whose usb_device has the kernel `serial`
+    attribute given (bytes, as pyudev's Attributes.get returns them; None: no such file, as
+    for a device already gone). Recorded events have no /sys behind them."""
+
+    def __init__(self, device: pyudev.Device, serial: bytes | None) -> None:
+        self._device = device
+        self.attributes = {"serial": serial} if serial is not None else {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._device, name)
+
+
+def verifone_without_udev_serial(action: str = "add") -> dict[str, str]:
+    # What udev sends for such a device: its usb_id sets no ID_SERIAL_SHORT, no ID_SERIAL
+    # with it, and the rules then make no /dev/poi/usb/ link.
+    props = verifone_usb(action)
+    del props["ID_SERIAL_SHORT"], props["DEVLINKS"]
+    return props
+
+
+@pytest.mark.parametrize("serial", ["VF,0042", "VF\u00e90042"])
+async def test_a_usb_serial_udev_does_not_copy_is_read_from_sysfs(pipe_monitor, serial) -> None:
+    """udev's usb_id sets no ID_SERIAL_SHORT when the serial number has a comma or a
+    character outside printable ASCII (udev_serial() gives None), yet pyusb reads it and the
+    USB transport opens the device by it. The matcher read only ID_SERIAL_SHORT, so the
+    terminal was never plugged in: the daemon kept its worker down, and the reason blamed
+    udev ("no udev data? is systemd-udevd running?"). It now reads the kernel's `serial`
+    attribute of such a usb_device, compared as the transport compares."""
+    config = parse_config({"terminals": [
+        {"poi_id": "V400m-1", "link": {"kind": "usb", "vendor_id": "0x11ca",
+                                       "product_id": "0x0219", "serial": serial}}]})
+    matcher = TerminalMatcher(config)
+    sysfs = serial.encode()  # the kernel gives the string descriptor in UTF-8
+    result = matcher.match(SysfsSerial(as_pyudev(verifone_without_udev_serial()), sysfs))
+    assert result.poi_id == "V400m-1", result.reason
+    assert DeviceInfo.from_device(
+        SysfsSerial(as_pyudev(verifone_without_udev_serial()), sysfs)).serial == serial
+    other = matcher.match(SysfsSerial(as_pyudev(verifone_without_udev_serial()), b"VF,0043"))
+    assert other.poi_id is None
+    assert other.reason == f"terminal V400m-1 wants serial {serial}, this is VF,0043"
+
+    # Without the attribute (a recorded event), it is not udev to blame: it sets none for
+    # such a serial. A serial udev would have written still points at udev.
+    unread = matcher.match(verifone_without_udev_serial())
+    assert unread.poi_id is None and "systemd-udevd" not in unread.reason, unread.reason
+    assert "udev does not put in ID_SERIAL_SHORT" in unread.reason
+    none = TerminalMatcher(CONFIG).match(verifone_without_udev_serial())
+    assert none.reason == ("terminal V400m-324688179 wants serial 324688179, this device "
+                           "reports none (no udev data? is systemd-udevd running?)")
+
+    # And the monitor says it is plugged in, then out (sysfs gone by the remove).
+    recorder = Recorder()
+    hotplug = HotplugMonitor(matcher, recorder.plug, recorder.unplug, monitor=pipe_monitor,
+                             enumerate_devices=list, settle=0.01)
+    await hotplug.start()
+    try:
+        pipe_monitor.push(SysfsSerial(as_pyudev(verifone_without_udev_serial()), sysfs))
+        await asyncio.sleep(0.05)
+        pipe_monitor.push(SysfsSerial(as_pyudev(verifone_without_udev_serial("remove")), None))
+        await asyncio.sleep(0.05)
+    finally:
+        await hotplug.stop()
+    assert recorder.calls == [("plug", "V400m-1", "/dev/bus/usb/001/007"),
+                              ("unplug", "V400m-1", "/dev/bus/usb/001/007")]
+
+
 async def test_two_identical_usb_terminals_one_configured_without_serial(pipe_monitor) -> None:
     """Same vendor and product ids; the terminal that takes any serial number is listed
     first. The one configured with its serial number still gets its own device, the other

@@ -6,8 +6,10 @@ DEVNAME, DEVLINKS, ID_VENDOR_ID, ID_MODEL_ID, ID_SERIAL_SHORT, DEVTYPE, TAGS, ..
 says which terminal (poi_id) the device is, or why it is none.  Serial links match by device
 node or link (DEVNAME is the configured path, DEVLINKS contains it, or the configured path is
 a symlink to DEVNAME); USB links by vendor id, product id and, if configured, serial number of
-the usb_device.  `poi-bridge devices` prints its reasons; the hotplug monitor
-(bridge/daemon/hotplug.py) asks it about every udev event.  No I/O but reading a symlink.
+the usb_device (ID_SERIAL_SHORT or, where udev sets none, the kernel's `serial` attribute:
+SYSFS_SERIAL).  `poi-bridge devices` prints its reasons; the hotplug monitor
+(bridge/daemon/hotplug.py) asks it about every udev event.  No I/O but reading a symlink, and
+that attribute of a pyudev usb_device.
 """
 
 from __future__ import annotations
@@ -19,9 +21,21 @@ from types import MappingProxyType
 from typing import Any
 
 from bridge.config import Config, SerialLink, TerminalConfig, UsbLink
-from bridge.daemon.udev_rules import TAG, parse_poi_name, same_serial, usb_id_text
+from bridge.daemon.udev_rules import (
+    TAG,
+    parse_poi_name,
+    same_serial,
+    udev_serial,
+    usb_id_text,
+)
 
 WATCHED_SUBSYSTEMS = ("tty", "usb")
+
+# The bridge's own property (udev never sets it): a usb_device's serial number as the kernel
+# read it, for a device whose serial udev's usb_id does not copy into ID_SERIAL_SHORT (one
+# with a comma or a character outside printable ASCII). pyusb reads it so, and the USB
+# transport opens the device by it: the matcher must know it too.
+SYSFS_SERIAL = "POI_BRIDGE_SYSFS_SERIAL"
 
 
 # --- device description --------------------------------------------------------------------------
@@ -57,7 +71,28 @@ def device_properties(device: Any) -> dict[str, str]:
         path = getattr(device, "device_path", None)
         if path:
             props["DEVPATH"] = str(path)
+    if (props.get("DEVTYPE") == "usb_device" and not props.get("ID_SERIAL_SHORT")
+            and SYSFS_SERIAL not in props):
+        serial = _sysfs_serial(device)
+        if serial:
+            props[SYSFS_SERIAL] = serial
     return props
+
+
+def _sysfs_serial(device: Any) -> str | None:
+    """The `serial` attribute of a pyudev usb_device: the serial number string descriptor,
+    which the kernel gives in UTF-8. None if it has none, or is gone (a 'remove' event)."""
+    attributes = getattr(device, "attributes", None)
+    if attributes is None:
+        return None
+    try:
+        raw = attributes.get("serial")
+    except (OSError, LookupError, ValueError):
+        return None
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+    return text.rstrip("\n") or None
 
 
 def _usb_ids(props: Mapping[str, str]) -> tuple[str | None, str | None]:
@@ -109,7 +144,7 @@ class DeviceInfo:
             devlinks=tuple(props.get("DEVLINKS", "").split()),
             vendor_id=vendor,
             product_id=product,
-            serial=props.get("ID_SERIAL_SHORT") or None,
+            serial=props.get("ID_SERIAL_SHORT") or props.get(SYSFS_SERIAL) or None,
             tags=tuple(t for t in props.get("TAGS", "").split(":") if t),
             action=props.get("ACTION") or None,
             properties=MappingProxyType(props),
@@ -301,6 +336,14 @@ class TerminalMatcher:
                 any_serial.append(poi_id)
             elif same_serial(link.serial, info.serial):
                 by_serial.append(poi_id)
+            elif info.serial is None and udev_serial(link.serial) is None:
+                # udev writes no ID_SERIAL_SHORT for such a serial, so its absence says nothing
+                # about udev; only the kernel's `serial` attribute (SYSFS_SERIAL) tells, and
+                # it was not read (a recorded event, or the device went away meanwhile).
+                near.append(f"terminal {poi_id} wants serial {link.serial}, which udev does "
+                            f"not put in ID_SERIAL_SHORT (it has a comma or a character "
+                            f"outside printable ASCII), and this device's serial number "
+                            f"could not be read from sysfs")
             elif info.serial is None:
                 near.append(f"terminal {poi_id} wants serial {link.serial}, this device reports "
                             f"none (no udev data? is systemd-udevd running?)")
