@@ -66,8 +66,8 @@ def install_stamps(stamps: list[tuple[str, str | None, float]]) -> None:
 
     submit = worker.TerminalWorker.submit
 
-    def submitted(self, request, document, digest):  # type: ignore[no-untyped-def]
-        result = submit(self, request, document, digest)
+    def submitted(self, request, *rest):  # type: ignore[no-untyped-def]
+        result = submit(self, request, *rest)
         stamps.append(("request handled", request.message_header.service_id, now()))
         return result
 
