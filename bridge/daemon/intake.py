@@ -42,7 +42,7 @@ from bridge.protocol.messages import (
     parse_message,
 )
 from bridge.protocol.outcome import (MONEY_CATEGORIES, Outcome, amounts_read, ask_its_status,
-                                     classify, dig, record_outcome)
+                                     classify, payment_amounts, record_outcome)
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.session import FINAL_MONEY_OUTCOMES
 from bridge.protocol.transaction import (
@@ -509,8 +509,7 @@ class RequestIntake:
         asked = self.journal.get(TxKey(ref.sale_id, ref.service_id))
         if asked is None or asked.category != "Payment":
             return None
-        amounts = dig(asked.request, "SaleToPOIRequest", "PaymentRequest", "PaymentTransaction",
-                      "AmountsReq")
+        amounts = payment_amounts(asked.request)
         return amounts if isinstance(amounts, dict) else None
 
     def _status_from_journal(self, request: SaleToPOIRequest, document: dict[str, Any],
@@ -553,7 +552,8 @@ class RequestIntake:
             mode="json", by_alias=True, exclude_unset=True).items() if name in own}
         response = builders.status_response(header, reference, asked.response)
         # (less authorised than asked: partial, as when the terminal answers it)
-        classification = amounts_read(classify(parse_message(response)), asked.request, None)
+        classification = amounts_read(classify(parse_message(response)),
+                                      payment_amounts(asked.request), None)
         outcome = record_outcome(classification)  # (a record saying Busy: declined)
         detail = (f"answered from the journal: {asked.key} ended {asked.outcome} on terminal "
                   f"{asked.poi_id} ({classification.detail})")

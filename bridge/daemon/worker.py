@@ -36,7 +36,7 @@ from bridge.protocol.framing import (
 from bridge.protocol.messages import (MessageError, SaleToPOIRequest, SaleToPOIResponse, load_json,
                                      parse_message)
 from bridge.protocol.actions import Action, Deliver, Log, Progress, Record, Send, Unmatched
-from bridge.protocol.outcome import Outcome, dig, short_authorisation
+from bridge.protocol.outcome import Outcome, dig, payment_amounts, short_authorisation
 from bridge.protocol.session import SessionSettings, TerminalSession
 from bridge.protocol.transaction import STAMP_FIELDS, Transaction, TxKey, TxState
 from bridge.transports import (
@@ -475,7 +475,8 @@ class TerminalWorker:
         now = self._clock()
         outcome = answer.outcome
         if outcome == Outcome.APPROVED and known.category == "Payment" and short_authorisation(
-                known.request, dig(answer.response, "SaleToPOIResponse", "PaymentResponse")):
+                payment_amounts(known.request),
+                dig(answer.response, "SaleToPOIResponse", "PaymentResponse")):
             outcome = Outcome.PARTIALLY_APPROVED.value  # (as when it answers in time: amounts_read)
         charged = outcome in CHARGED
         text = (f"correction: the terminal answered {outcome} after the bridge had "

@@ -244,9 +244,15 @@ def amount_value(value: Any) -> int | float | None:
     return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def amounts_read(cls: Classification, request: Any, response: Any) -> Classification:
-    """The classification of the terminal's answer about a Payment (`request`, as the
-    register sent it), once its amounts are read: Result Success with a
+def payment_amounts(request: Any) -> Any:
+    """The AmountsReq of a Payment's request document (None if it has none)."""
+    return dig(request, "SaleToPOIRequest", "PaymentRequest", "PaymentTransaction",
+               "AmountsReq")
+
+
+def amounts_read(cls: Classification, asked: Any, response: Any) -> Classification:
+    """The classification of the terminal's answer about a Payment (`asked`: its request's
+    AmountsReq, payment_amounts), once its amounts are read: Result Success with a
     PaymentResult.AmountsResp.AuthorizedAmount below the request's AmountsReq.RequestedAmount
     is `partially_approved`, as Result Partial is. Adyen's terminals show Approved for a
     partial authorisation and say it only by the amount ("if this is less than the requested
@@ -260,7 +266,7 @@ def amounts_read(cls: Classification, request: Any, response: Any) -> Classifica
     journal's answer to one."""
     if cls.outcome is not Outcome.APPROVED or cls.category != "Payment":
         return cls
-    short = short_authorisation(request, cls.repeated_body if cls.from_status
+    short = short_authorisation(asked, cls.repeated_body if cls.from_status
                                 else dig(response, "SaleToPOIResponse", "PaymentResponse"))
     if short is None:
         return cls
@@ -268,12 +274,10 @@ def amounts_read(cls: Classification, request: Any, response: Any) -> Classifica
                                detail=f"{cls.detail}, but {short}")
 
 
-def short_authorisation(request: Any, body: Any) -> str | None:
+def short_authorisation(asked: Any, body: Any) -> str | None:
     """"`authorised` of `requested` [currency] authorised" when a Payment's PaymentResponse
-    body authorised less than its request asked for, comparably (see amounts_read); else
-    None."""
-    asked = dig(request, "SaleToPOIRequest", "PaymentRequest", "PaymentTransaction",
-                "AmountsReq")
+    body authorised less than its request's AmountsReq (`asked`) asked for, comparably (see
+    amounts_read); else None."""
     moved = dig(body, "PaymentResult", "AmountsResp")
     requested = amount_value(dig(asked, "RequestedAmount"))
     authorised = amount_value(dig(moved, "AuthorizedAmount"))

@@ -19,7 +19,7 @@ Functions of the session (they read and change its transactions through its own 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bridge.protocol import builders
 from bridge.protocol.actions import Action, Deliver, Log, Record, Send
@@ -32,7 +32,7 @@ from bridge.protocol.messages import (
 )
 from bridge.protocol.outcome import (BUSY_RECORD, BUSY_RECORD_OF_A_COPY, MONEY_CATEGORIES,
                                      Classification, Outcome, amounts_read, other_subject,
-                                     record_outcome, status_subjects)
+                                     payment_amounts, record_outcome, status_subjects)
 from bridge.protocol.transaction import Transaction, TxKey, TxState
 
 if TYPE_CHECKING:
@@ -187,15 +187,6 @@ def abort_target(request: SaleToPOIRequest) -> str:
     return f"abort of {ref.sale_id}/{ref.service_id} sent"
 
 
-def asked_payment(status: Transaction) -> dict[str, Any] | None:
-    """The amounts of the payment a register's status request asks about, as the journal
-    held them when the request came (`asked_amounts`: the session no longer holds a payment
-    that ended, `not_found` say), in the shape of its request, for amounts_read."""
-    amounts = status.extra.get("asked_amounts")
-    return {"SaleToPOIRequest": {"PaymentRequest": {"PaymentTransaction": {
-        "AmountsReq": amounts}}}} if isinstance(amounts, dict) else None
-
-
 def answered(session: TerminalSession, status: Transaction, cls: Classification,
              message: Message, now: float) -> list[Action]:
     """The terminal's answer to a register's status request (`status`): passed on to the
@@ -228,10 +219,12 @@ def answered(session: TerminalSession, status: Transaction, cls: Classification,
                        f"about the {named or 'transaction'} {asked.sale_id}/"
                        f"{asked.service_id} asked about: its answer is no outcome of that "
                        "one")) + settled
-    request = held.request if held is not None and not names_another_category(asked, held) \
-        else asked_payment(status)
-    if request is not None:
-        cls = amounts_read(cls, request, None)  # (less authorised than asked: partial)
+    # What the payment asked for: its request while the session holds it, else as the
+    # journal held it when the status request came (a payment that ended, `not_found` say)
+    amounts = payment_amounts(held.request) \
+        if held is not None and not names_another_category(asked, held) \
+        else status.extra.get("asked_amounts")
+    cls = amounts_read(cls, amounts, None)  # (less authorised than asked: partial)
     doubt = not_found_in_doubt(session, status, cls)
     if doubt is not None:
         return session._finish(status, Outcome.UNRESOLVED, None, "bridge", now,

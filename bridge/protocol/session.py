@@ -46,7 +46,8 @@ from bridge.protocol.messages import (
     SaleToPOIResponse,
 )
 from bridge.protocol.outcome import (FINAL_MONEY_OUTCOMES, MONEY_CATEGORIES, Classification,
-                                     Outcome, amounts_read, classify, unresolved_error)
+                                     Outcome, amounts_read, classify, payment_amounts,
+                                     unresolved_error)
 from bridge.protocol.status_answers import StatusAnswers
 from bridge.protocol.transaction import Transaction, TxKey, TxState, trim_refused
 
@@ -151,7 +152,7 @@ class TerminalSession(StatusAnswers):
     ) -> list[Action]:
         """A register's request, already validated and checked for ServiceID reuse. For a
         status request about a Payment the journal holds, `asked_amounts` is that payment's
-        AmountsReq (passthrough.asked_payment)."""
+        AmountsReq (payment_amounts), read against the terminal's record."""
         header = request.message_header
         assert header is not None and header.sale_id and header.service_id
         category = str(header.message_category)
@@ -903,7 +904,8 @@ class TerminalSession(StatusAnswers):
         if txn.category not in MONEY_CATEGORIES:
             outcome = Outcome.FAILURE if cls.outcome is Outcome.BUSY else cls.outcome
             return self._finish(txn, outcome, document, "terminal", now, detail=cls.detail)
-        cls = amounts_read(cls, txn.request, document)  # (less authorised than asked: partial)
+        # (less authorised than asked: partial)
+        cls = amounts_read(cls, payment_amounts(txn.request), document)
         if cls.outcome in FINAL_MONEY_OUTCOMES:
             return self._finish(txn, cls.outcome, document, "terminal", now, detail=cls.detail)
         # Busy carrying our own ServiceID may answer a retransmitted copy of a request the

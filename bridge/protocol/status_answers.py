@@ -19,6 +19,7 @@ from bridge.protocol.actions import Action, Deliver, Log, Record
 from bridge.protocol.messages import Message
 from bridge.protocol.outcome import (BUSY_RECORD, BUSY_RECORD_OF_A_COPY, FINAL_MONEY_OUTCOMES,
                                      Classification, Outcome, amounts_read, classify,
+                                     payment_amounts,
                                      other_subject, record_outcome, recovered_response,
                                      status_subjects)
 from bridge.protocol.transaction import Transaction, TxState
@@ -97,7 +98,8 @@ class StatusAnswers:
     def _status_answer(
         self, txn: Transaction, cls: Classification, message: Message, now: float
     ) -> list[Action]:
-        cls = amounts_read(cls, txn.request, None)  # (less authorised than asked: partial)
+        # (less authorised than asked: partial)
+        cls = amounts_read(cls, payment_amounts(txn.request), None)
         if cls.outcome in FINAL_MONEY_OUTCOMES and cls.from_status:
             return self._finish(txn, cls.outcome,
                                 recovered_response(cls, builders.request_header(txn.request)),
