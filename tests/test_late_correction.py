@@ -7,16 +7,51 @@ marked `bridge.corrects`, with a `corrected` event."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import pytest
 
 from bridge.daemon.journal import Journal
+from bridge.protocol import builders
 from bridge.protocol.transaction import TxKey
 from bridge.register_client import RegisterClient
 from bridge.simulator import responses
 
 from .follow_rig import A, BASE, DeviceByHand, bridge_on, wait_until
+
+
+@contextlib.asynccontextmanager
+async def paid_then_not_found(tmp_path, mosquitto, events: list[dict]):
+    """A bridge whose payment (12.50, from till TILL1) went unanswered, was asked about,
+    and was ended `not_found` on the terminal's NotFound: yields the bridge, the device, the
+    till and the payment request as the terminal got it."""
+    device = DeviceByHand(tmp_path / "port-a")
+    try:
+        async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port-a")},
+                             payment_timeout=1, status_timeout=5) as bridge:
+            assert await wait_until(lambda: "Diagnosis" in device.categories(), 10)
+            device.answer_check_as(A)
+            assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 10)
+            async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                      base_topic=BASE, persistent=False,
+                                      on_event=events.append) as till:
+                paying = asyncio.create_task(till.pay(A, 12.5, timeout=20))
+                assert await wait_until(lambda: "Payment" in device.categories(), 10)
+                request = [d for d in device.received
+                           if "PaymentRequest" in d["SaleToPOIRequest"]][-1]
+                # No answer: after payment_timeout the bridge asks, and the terminal
+                # (wrongly, or having lost it for a while) says it never got it
+                assert await wait_until(
+                    lambda: "TransactionStatus" in device.categories(), 10)
+                poll = [d for d in device.received
+                        if "TransactionStatusRequest" in d["SaleToPOIRequest"]][-1]
+                device.send(responses.status_not_found(poll))
+                first = await paying
+                assert first["bridge"]["outcome"] == "not_found", first
+                yield bridge, device, till, request
+    finally:
+        device.close()
 
 
 @pytest.mark.parametrize("decision,outcome,then", [
@@ -29,71 +64,93 @@ from .follow_rig import A, BASE, DeviceByHand, bridge_on, wait_until
 ])
 async def test_the_terminals_answer_after_a_published_not_found_is_sent_as_a_correction(
         tmp_path, mosquitto, caplog, decision, outcome, then):
-    device = DeviceByHand(tmp_path / "port-a")
     events: list[dict] = []
-    try:
-        with caplog.at_level(logging.WARNING, logger="poi_bridge"):
-            async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port-a")},
-                                 payment_timeout=1, status_timeout=5) as bridge:
-                assert await wait_until(lambda: "Diagnosis" in device.categories(), 10)
-                device.answer_check_as(A)
-                assert await wait_until(lambda: bridge.workers[A].identity == "confirmed", 10)
-                async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
-                                          base_topic=BASE, persistent=False,
-                                          on_event=events.append) as till:
-                    paying = asyncio.create_task(till.pay(A, 12.5, timeout=20))
-                    assert await wait_until(lambda: "Payment" in device.categories(), 10)
-                    request = [d for d in device.received
-                               if "PaymentRequest" in d["SaleToPOIRequest"]][-1]
-                    # No answer: after payment_timeout the bridge asks, and the terminal
-                    # (wrongly, or having lost it for a while) says it never got it
-                    assert await wait_until(
-                        lambda: "TransactionStatus" in device.categories(), 10)
-                    poll = [d for d in device.received
-                            if "TransactionStatusRequest" in d["SaleToPOIRequest"]][-1]
-                    device.send(responses.status_not_found(poll))
-                    first = await paying
-                    assert first["bridge"]["outcome"] == "not_found", first
-                    # Then its own answer to the payment comes: it did charge it
-                    answer = responses.payment_response(request, decision.split()[0], 0)
-                    if " " in decision:  # less authorised than asked
-                        answer["SaleToPOIResponse"]["PaymentResponse"]["PaymentResult"][
-                            "AmountsResp"]["AuthorizedAmount"] = float(decision.split()[1])
-                    device.send(answer)
-                    assert await wait_until(lambda: len(till.responses) >= 2, 10), \
-                        till.responses
-                    assert await wait_until(
-                        lambda: any(e.get("event") == "corrected" for e in events), 10)
-                    # It reached the terminal after all: it counts again as the latest
-                    # Payment sent (a later NotFound about an earlier one is doubtful), in
-                    # the session as in the journal (a review found the session forgot it)
-                    key = TxKey("TILL1", request["SaleToPOIRequest"]["MessageHeader"][
-                        "ServiceID"])
-                    sent_at = bridge.journal.get(key).sent_at
-                    assert sent_at is not None
-                    assert bridge.workers[A].session.last_request_at.get("Payment") == sent_at
-                    assert bridge.journal.last_requests_sent(A) == {"Payment": sent_at}
-        service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
-        correction = till.responses[-1]
-        assert correction["bridge"]["outcome"] == outcome, correction
-        assert correction["bridge"]["corrects"] == "not_found"
-        assert correction["bridge"]["transaction"]["service_id"] == service_id
-        assert correction["bridge"]["error"].startswith(
-            f"correction: the terminal answered {outcome} after the bridge had published "
-            "not_found"), correction
-        assert correction["bridge"]["error"].endswith(then), correction
-        stored = Journal(tmp_path / "journal.sqlite3", readonly=True).get(
-            TxKey("TILL1", service_id))
-        assert (stored.outcome, stored.source, stored.extra["corrected_from"]) == \
-            (outcome, "terminal", "not_found")
-        said = [r for r in caplog.records if "after the bridge had published not_found" in
-                r.getMessage()]
-        assert len(said) == 1, said
-        charged = outcome in ("approved", "partially_approved")
-        assert said[0].levelno == (logging.ERROR if charged else logging.WARNING)
-        assert ("reverse one" in said[0].getMessage()) == charged
-        if outcome == "partially_approved":
-            assert correction["bridge"]["amounts"] == {"requested": 12.5, "approved": 5.0,
-                                                       "currency": "EUR"}, correction
-    finally:
-        device.close()
+    with caplog.at_level(logging.WARNING, logger="poi_bridge"):
+        async with paid_then_not_found(tmp_path, mosquitto, events) as (bridge, device, till,
+                                                                         request):
+            # Then its own answer to the payment comes: it did charge it
+            answer = responses.payment_response(request, decision.split()[0], 0)
+            if " " in decision:  # less authorised than asked
+                answer["SaleToPOIResponse"]["PaymentResponse"]["PaymentResult"][
+                    "AmountsResp"]["AuthorizedAmount"] = float(decision.split()[1])
+            device.send(answer)
+            assert await wait_until(lambda: len(till.responses) >= 2, 10), till.responses
+            assert await wait_until(
+                lambda: any(e.get("event") == "corrected" for e in events), 10)
+            # It reached the terminal after all: it counts again as the latest Payment
+            # sent (a later NotFound about an earlier one is doubtful), in the session as
+            # in the journal (a review found the session forgot it)
+            key = TxKey("TILL1", request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"])
+            sent_at = bridge.journal.get(key).sent_at
+            assert sent_at is not None
+            assert bridge.workers[A].session.last_request_at.get("Payment") == sent_at
+            assert bridge.journal.last_requests_sent(A) == {"Payment": sent_at}
+    service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+    correction = till.responses[-1]
+    assert correction["bridge"]["outcome"] == outcome, correction
+    assert correction["bridge"]["corrects"] == "not_found"
+    assert correction["bridge"]["transaction"]["service_id"] == service_id
+    assert correction["bridge"]["error"].startswith(
+        f"correction: the terminal answered {outcome} after the bridge had published "
+        "not_found"), correction
+    assert correction["bridge"]["error"].endswith(then), correction
+    stored = Journal(tmp_path / "journal.sqlite3", readonly=True).get(TxKey("TILL1", service_id))
+    assert (stored.outcome, stored.source, stored.extra["corrected_from"]) == \
+        (outcome, "terminal", "not_found")
+    said = [r for r in caplog.records if "after the bridge had published not_found" in
+            r.getMessage()]
+    assert len(said) == 1, said
+    charged = outcome in ("approved", "partially_approved")
+    assert said[0].levelno == (logging.ERROR if charged else logging.WARNING)
+    assert ("reverse one" in said[0].getMessage()) == charged
+    if outcome == "partially_approved":
+        assert correction["bridge"]["amounts"] == {"requested": 12.5, "approved": 5.0,
+                                                   "currency": "EUR"}, correction
+
+
+async def test_the_terminals_record_found_by_a_registers_status_request_corrects_a_not_found(
+        tmp_path, mosquitto, caplog):
+    """The terminal's record of a payment the bridge had ended `not_found` can come as the
+    answer to a register's own status request about it. It was told only to the register
+    that asked: the payment's own IDs kept "nothing was charged" in the journal and on the
+    register's topic (another till, a reconciliation reading them, a resync). Now it is a
+    correction under the payment's IDs, as the terminal's late answer is."""
+    events: list[dict] = []
+    with caplog.at_level(logging.WARNING, logger="poi_bridge"):
+        async with paid_then_not_found(tmp_path, mosquitto, events) as (_, device, till,
+                                                                         request):
+            service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+            # The till asks the terminal itself; this time the terminal finds it
+            asking = asyncio.create_task(till.request(builders.status_request(
+                sale_id="TILL1", service_id="ASK1", poi_id=A,
+                original_service_id=service_id, original_category="Payment"), timeout=20))
+
+            def asked() -> list[dict]:
+                return [d for d in device.received
+                        if d["SaleToPOIRequest"]["MessageHeader"]["ServiceID"] == "ASK1"]
+            assert await wait_until(lambda: bool(asked()), 10)
+            device.send(responses.status_success(
+                asked()[-1], responses.payment_response(request, "approve", 0)))
+            told = await asking
+            assert told["bridge"]["outcome"] == "approved", told
+            assert await wait_until(lambda: any(
+                r["bridge"].get("corrects") == "not_found" for r in till.responses), 10), \
+                till.responses
+            assert await wait_until(lambda: any(
+                e.get("event") == "corrected" and e["transaction"]["service_id"] == service_id
+                for e in events), 10), events
+    correction = next(r for r in till.responses if r["bridge"].get("corrects"))
+    assert correction["bridge"]["outcome"] == "approved", correction
+    assert correction["bridge"]["transaction"]["service_id"] == service_id
+    # The payment's own shape, as a register handles its result whichever way it came
+    assert correction["SaleToPOIResponse"]["PaymentResponse"]["Response"]["Result"] == \
+        "Success", correction
+    header = correction["SaleToPOIResponse"]["MessageHeader"]
+    assert (header["ServiceID"], header["MessageCategory"]) == (service_id, "Payment")
+    stored = Journal(tmp_path / "journal.sqlite3", readonly=True).get(TxKey("TILL1", service_id))
+    assert (stored.outcome, stored.source, stored.extra["corrected_from"]) == \
+        ("approved", "terminal", "not_found")
+    said = [r for r in caplog.records if "after the bridge had published not_found" in
+            r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR, said
+    assert "status request TILL1/ASK1" in said[0].getMessage(), said[0].getMessage()

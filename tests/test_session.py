@@ -752,6 +752,41 @@ def test_register_status_request_passes_through_and_settles_an_unresolved_transa
     assert h.delivers(late) == []
 
 
+def test_a_register_status_answer_about_an_ended_payment_is_handed_to_the_shell():
+    """The terminal's record of a payment the session no longer holds (the bridge ended it,
+    `not_found` say), found by a register's status request: besides the register's own
+    answer, an Unmatched in the original response's shape, marked with the status request
+    that found it, so the shell can correct what the journal holds (TerminalWorker). Not for
+    a payment the session still holds: that one the answer settles itself."""
+    h = Harness()
+    h.submit("R1", "S1")
+    original = responses.payment_response(request_of(h), "approve", h.now)
+    h.advance(120)
+    (ended,) = h.delivers(h.answer(responses.status_not_found(h.last_poll())))
+    assert ended.outcome == "not_found"
+    status = status_of("R1", "S1", category="Payment")
+    h.submit("R1", "T1", doc=status)
+    actions = h.answer(responses.status_success(status, original, inner_header=False))
+    assert [(d.service_id, d.outcome) for d in h.delivers(actions)] == [("T1", "approved")]
+    (found,) = [a for a in actions if isinstance(a, Unmatched)]
+    assert (found.sale_id, found.service_id, found.category, found.outcome, found.found_by) \
+        == ("R1", "S1", "Payment", "approved", "R1/T1")
+    header = found.response["SaleToPOIResponse"]["MessageHeader"]
+    assert (header["SaleID"], header["ServiceID"], header["MessageCategory"],
+            header["MessageType"], header["POIID"]) == ("R1", "S1", "Payment", "Response", POI)
+    assert found.response["SaleToPOIResponse"]["PaymentResponse"] == \
+        original["SaleToPOIResponse"]["PaymentResponse"]
+    # NotFound, or a record of another category than the one named, is nothing to correct
+    for asking, named, answer_of in (
+            ("T2", "Payment", responses.status_not_found),
+            ("T3", "Reversal", lambda st: responses.status_success(st, original))):
+        status = status_of("R1", "S1", asking, category=named)
+        h.submit("R1", asking, doc=status)
+        actions = h.answer(answer_of(status))
+        assert [d.service_id for d in h.delivers(actions)] == [asking]
+        assert not [a for a in actions if isinstance(a, Unmatched)]
+
+
 def test_a_register_status_answer_settles_only_a_transaction_of_the_category_asked_about():
     """A register's status request names a category with its SaleID and ServiceID. A
     Reversal asked about under a Payment's IDs is no Payment: the terminal's answer about it,

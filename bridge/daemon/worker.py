@@ -441,6 +441,8 @@ class TerminalWorker:
                 and known.outcome in CORRECTABLE and known.category == answer.category:
             self._correct(known, answer)
             return
+        if answer.found_by is not None:
+            return  # a record a register asked for, and was told: nothing of ours to correct
         if known is not None:
             log.warning("terminal %s: ignored a late %s answer for %s/%s (%s): the transaction "
                         "is already %s%s", self.poi_id, answer.category, answer.sale_id,
@@ -494,10 +496,11 @@ class TerminalWorker:
         self.session.request_reached(known.category, known.sent_at, earlier_run=(
             self.journal.stamped_by_earlier_run(known.key, "sent_at", known.sent_at)))
         log.log(logging.ERROR if charged else logging.WARNING,
-                "terminal %s: %s %s/%s answered %s by the terminal after the bridge had "
+                "terminal %s: %s %s/%s answered %s by the terminal%s after the bridge had "
                 "published %s: the register is sent the terminal's answer as a correction%s",
-                self.poi_id, answer.category, answer.sale_id, answer.service_id,
-                outcome, known.outcome,
+                self.poi_id, answer.category, answer.sale_id, answer.service_id, outcome,
+                f" (its record, the answer to status request {answer.found_by})"
+                if answer.found_by else "", known.outcome,
                 "; if the sale was charged again since, reverse one of the charges"
                 if charged else " (nothing was charged by it)")
         self.outlet.progress(Progress(answer.sale_id, answer.service_id, self.poi_id,

@@ -74,13 +74,17 @@ class Unmatched:
     """The terminal's final answer to a money request this session has no open transaction
     for: a late copy of one it finished (the journal has it), or one the journal lost (it
     was replaced or moved aside while the terminal worked). The shell tells them apart: the
-    second is recorded and published, so the register still hears what it was charged."""
+    second is recorded and published, so the register still hears what it was charged.
+    `found_by`: the register's status request (its key) whose answer was this record, in
+    the shape of the original response; then it only corrects a conclusion the bridge
+    drew itself (`not_found`), the asking register having been told already."""
     sale_id: str
     service_id: str
     category: str
     outcome: str
     response: dict[str, Any]
     detail: str
+    found_by: str | None = None
 
 
 Action = Record | Send | Deliver | Progress | Log | Unmatched

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bridge.protocol import builders
-from bridge.protocol.actions import Action, Deliver, Log, Record, Send
+from bridge.protocol.actions import Action, Deliver, Log, Record, Send, Unmatched
 from bridge.protocol.messages import (
     Message,
     MessageHeader,
@@ -31,8 +31,9 @@ from bridge.protocol.messages import (
     SaleToPOIResponse,
 )
 from bridge.protocol.outcome import (BUSY_RECORD, BUSY_RECORD_OF_A_COPY, MONEY_CATEGORIES,
-                                     Classification, Outcome, amounts_read, other_subject,
-                                     payment_amounts, record_outcome, status_subjects)
+                                     FINAL_MONEY_OUTCOMES, Classification, Outcome,
+                                     amounts_read, other_subject, payment_amounts,
+                                     record_outcome, recovered_response, status_subjects)
 from bridge.protocol.transaction import Transaction, TxKey, TxState
 
 if TYPE_CHECKING:
@@ -225,6 +226,8 @@ def answered(session: TerminalSession, status: Transaction, cls: Classification,
         if held is not None and not names_another_category(asked, held) \
         else status.extra.get("asked_amounts")
     cls = amounts_read(cls, amounts, None)  # (less authorised than asked: partial)
+    if held is None:
+        settled += record_of_an_ended(session, status, asked, cls)
     doubt = not_found_in_doubt(session, status, cls)
     if doubt is not None:
         return session._finish(status, Outcome.UNRESOLVED, None, "bridge", now,
@@ -237,6 +240,28 @@ def answered(session: TerminalSession, status: Transaction, cls: Classification,
         outcome, detail = cls.outcome, BUSY_RECORD_OF_A_COPY
     actions = session._finish(status, outcome, document, "terminal", now, detail=detail)
     return actions + settled
+
+
+def record_of_an_ended(session: TerminalSession, status: Transaction,
+                       asked: MessageReference | None, cls: Classification) -> list[Action]:
+    """The terminal's record of a money transaction the session no longer holds, found by a
+    register's status request: if the bridge ended it with a conclusion of its own
+    (`not_found`), the terminal's word corrects it under its own IDs, as its late answer
+    would (the shell decides, from the journal: TerminalWorker._unmatched). Told only to
+    the asking register, the payment's own record kept "nothing was charged"."""
+    if asked is None or not asked.sale_id or not asked.service_id \
+            or not cls.from_status or cls.outcome not in FINAL_MONEY_OUTCOMES \
+            or cls.category not in MONEY_CATEGORIES \
+            or (asked.message_category is not None
+                and str(asked.message_category) != cls.category):
+        return []
+    # The original response's shape; its header, when the record has none, as the
+    # original request's would be answered
+    header = MessageHeader.model_validate({
+        "MessageClass": "Service", "MessageCategory": cls.category, "MessageType": "Request",
+        "SaleID": asked.sale_id, "ServiceID": asked.service_id, "POIID": session.poi_id})
+    return [Unmatched(asked.sale_id, asked.service_id, cls.category, cls.outcome.value,
+                      recovered_response(cls, header), cls.detail, found_by=str(status.key))]
 
 
 def _maybe_twice(session: TerminalSession, status: Transaction) -> bool:
