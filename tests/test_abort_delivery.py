@@ -107,8 +107,8 @@ def test_a_frame_of_another_registers_request_under_the_same_service_id_touches_
     assert (failed.sale_id, failed.outcome) == ("TILL2", "error")
     assert h.session.open[TxKey("TILL1", "7")].state.value == "awaiting_response"
     h.submit("TILL2", "8", doc=abort_of("TILL2", "S9", "8"))
-    (refused,) = h.delivers(h.do(h.session.too_large("7", "too big", h.now, "TILL2")) +
-                            h.do(h.session.too_large("8", "too big", h.now, "TILL2")))
+    (refused,) = h.delivers(h.do(h.session.not_writable("7", "too big", h.now, "TILL2")) +
+                            h.do(h.session.not_writable("8", "too big", h.now, "TILL2")))
     assert (refused.sale_id, refused.service_id, refused.outcome) == ("TILL2", "8", "rejected")
     assert h.session.open[TxKey("TILL1", "7")].state.value == "awaiting_response"
 

@@ -32,6 +32,7 @@ from bridge.protocol.crypto import (
     serialise_document,
     terminal_crypto_error,
 )
+from bridge.simulator import responses
 from tests.conftest import FIXTURES
 from tests.fuzzing import fuzz_settings
 
@@ -346,6 +347,22 @@ def test_null_trailer_fixture_is_plain_and_missing_trailer():
     assert not is_encrypted(doc)
     with pytest.raises(MissingTrailer, match="no SecurityTrailer"):
         decrypt_message(doc, KEY)
+
+
+def test_null_blob_and_trailer_are_plain_and_encrypt_without_them():
+    """A register library may write every optional field, as null: such a request is plain
+    (it counted as already encrypted, and failed the worker's step), and its encrypted form
+    carries neither null inside, only the envelope's own NexoBlob and SecurityTrailer."""
+    doc = responses.payment_request("POS1", "S1", "V400m-1", 12.5)
+    doc["SaleToPOIRequest"]["NexoBlob"] = None
+    doc["SaleToPOIRequest"]["SecurityTrailer"] = None
+    assert not is_encrypted(doc)
+    envelope = encrypt_message(doc, KEY)
+    assert envelope["SaleToPOIRequest"]["NexoBlob"] and \
+        envelope["SaleToPOIRequest"]["SecurityTrailer"]
+    inner = decrypt_message(envelope, KEY)["SaleToPOIRequest"]
+    assert "NexoBlob" not in inner and "SecurityTrailer" not in inner
+    assert inner["PaymentRequest"] == doc["SaleToPOIRequest"]["PaymentRequest"]
 
 
 @pytest.mark.parametrize("remove, match", [

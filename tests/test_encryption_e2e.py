@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Callable
 
 from bridge.config import TerminalConfig
 from bridge.daemon.journal import Journal
@@ -23,7 +24,11 @@ KEY = crypto.NexoKey("CryptoKeyIdentifier12345", 1, "p@ssw0rd123456")
 
 
 async def run_payment(tmp_path, bridge_key, terminal_key, behaviour: Behaviour,
-                      outlet: RecordingOutlet | None = None):
+                      outlet: RecordingOutlet | None = None, *,
+                      shape: Callable[[dict], None] | None = None,
+                      failures: list[BaseException] | None = None):
+    """One payment through a worker; `shape` changes the request document first, and
+    `failures` collects the journal's step failures (the daemon stops at once on one)."""
     simulator = SimulatorServer(Scenario(poi_id=POI, default=behaviour,
                                          link=LinkBehaviour(status_hold=0.05)),
                                 "stx-etx-lrc", key=terminal_key, ack_timeout=0.3)
@@ -34,6 +39,8 @@ async def run_payment(tmp_path, bridge_key, terminal_key, behaviour: Behaviour,
         "poll_floor": 0.05})
     outlet = outlet or RecordingOutlet()
     journal = Journal(tmp_path / "journal.sqlite3")
+    if failures is not None:
+        journal.on_failure(failures.append)
     outlet.journal = journal
     worker = TerminalWorker(config, journal, outlet, key=bridge_key,
                             backoff=Backoff(initial=0.05, maximum=0.2))
@@ -41,6 +48,8 @@ async def run_payment(tmp_path, bridge_key, terminal_key, behaviour: Behaviour,
     try:
         await outlet.state_is("online")
         doc = responses.payment_request("POS1", "E1", POI, 25.0)
+        if shape is not None:
+            shape(doc)
         worker.submit(parse_message(doc), doc, request_digest(doc))
         result = await outlet.result_for("E1", timeout=15)
         return result, simulator
@@ -57,6 +66,45 @@ async def test_encrypted_payment_with_the_same_key(tmp_path):
     assert result.response["SaleToPOIResponse"]["PaymentResponse"]["Response"]["Result"] == "Success"
     assert "NexoBlob" not in result.response["SaleToPOIResponse"]
     assert ("POS1", "E1") in simulator.terminal.ledger
+
+
+async def test_a_request_with_null_encryption_fields_is_encrypted_and_paid(tmp_path):
+    """The audit: `"NexoBlob": null` (a register library writing every optional field) passed
+    the intake, then counted as already encrypted: the worker's step failed, the daemon
+    stopped at once, and the broker gave it the same request again at every start."""
+    failures: list[BaseException] = []
+
+    def nulls(doc: dict) -> None:
+        doc["SaleToPOIRequest"]["NexoBlob"] = None
+        doc["SaleToPOIRequest"]["SecurityTrailer"] = None
+
+    result, simulator = await run_payment(tmp_path, KEY, KEY, Behaviour(delay=0.05),
+                                          shape=nulls, failures=failures)
+    assert failures == []
+    assert (result.outcome, result.source) == ("approved", "terminal")
+    assert ("POS1", "E1") in simulator.terminal.ledger
+
+
+async def test_a_request_that_cannot_be_encrypted_is_refused_without_stopping_the_daemon(
+        tmp_path, caplog):
+    """A request the worker cannot encrypt (here one carrying a SecurityTrailer of its own,
+    which the intake refuses today, as a journal record of an earlier version or any later
+    path could bring it) is refused, as a frame too large is: nothing sent, the register
+    told why. It used to fail the worker's step, which stops the whole daemon."""
+    failures: list[BaseException] = []
+
+    def trailer(doc: dict) -> None:
+        doc["SaleToPOIRequest"]["SecurityTrailer"] = {"AdyenCryptoVersion": 1}
+
+    with caplog.at_level(logging.ERROR, logger="poi_bridge"):
+        result, simulator = await run_payment(tmp_path, KEY, KEY, Behaviour(delay=0.05),
+                                              shape=trailer, failures=failures)
+    assert failures == []
+    assert (result.outcome, result.source) == ("rejected", "bridge")
+    assert "cannot be encrypted" in result.error and "nothing was charged" in result.error
+    assert ("POS1", "E1") not in simulator.terminal.ledger
+    said = [r.getMessage() for r in caplog.records if "E1 not sent" in r.getMessage()]
+    assert len(said) == 1 and "cannot be encrypted" in said[0], said
 
 
 async def test_encrypted_status_poll_recovery(tmp_path):

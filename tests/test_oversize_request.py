@@ -25,7 +25,7 @@ def test_a_request_too_large_to_send_is_refused_and_does_not_count_as_sent():
     first = h.session.last_request_at["Payment"]
     h.now += 5
     h.submit("R1", "S2")
-    actions = h.do(h.session.too_large("S2", "the request is 2000 bytes, over 1024", h.now))
+    actions = h.do(h.session.not_writable("S2", "the request is 2000 bytes, over 1024", h.now))
     (refused,) = h.delivers(actions)
     assert (refused.service_id, refused.outcome) == ("S2", "rejected")
     assert h.sends(actions) == []  # no status poll

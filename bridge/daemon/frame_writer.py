@@ -60,10 +60,18 @@ class FrameWriter:
 
     def encode(self, action: Send, key: crypto.NexoKey | None) -> tuple[bytes, str | None]:
         """The frame's payload (encrypted with `key`, if any), and why it cannot be sent
-        (over the link's max_frame_size) or None."""
+        (it cannot be encrypted, or is over the link's max_frame_size) or None."""
         document = action.document
         if key is not None:
-            document = crypto.encrypt_message(document, key)
+            try:
+                document = crypto.encrypt_message(document, key)
+            except crypto.CryptoError as exc:
+                # One request's fault: refused alone. Raised out of the worker's step, it
+                # stopped the daemon, and the broker gave it the same request at every start
+                return b"", (
+                    f"the request cannot be encrypted for terminal {self.poi_id} ({exc}): "
+                    "nothing was sent to the terminal and nothing was charged. Send it in "
+                    "clear, without NexoBlob or SecurityTrailer, with a new ServiceID")
         payload = jsontext.compact(document)
         limit = self.framer.max_frame_size
         if len(payload) <= limit:

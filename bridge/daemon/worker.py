@@ -410,13 +410,13 @@ class TerminalWorker:
                     # (An identity check may go with another terminal's key: see
                     # DeviceIdentity.next_key)
                     key = self.key if action.key_of is None else self.neighbours.get(action.key_of)
-                    payload, too_large = self.writer.encode(action, key)
-                    if too_large is None:
+                    payload, unwritable = self.writer.encode(action, key)
+                    if unwritable is None:
                         sends.append((action, payload))
                         continue
                     withheld.add(TxKey(action.sale_id, action.service_id))
-                    work += self.session.too_large(action.service_id, too_large, self._clock(),
-                                                   action.sale_id)
+                    work += self.session.not_writable(action.service_id, unwritable,
+                                                      self._clock(), action.sale_id)
                 elif isinstance(action, Deliver):
                     self.outlet.deliver(action)
                     self._log_result_later(action)

@@ -287,7 +287,8 @@ def is_encrypted(document: Any) -> bool:
         _, body = _envelope(document)
     except CryptoError:
         return False
-    return "NexoBlob" in body or body.get("SecurityTrailer") is not None
+    # (a null NexoBlob, as a register library writing every optional field sends, is none)
+    return body.get("NexoBlob") is not None or body.get("SecurityTrailer") is not None
 
 
 def _b64(value: Any, what: str, error: type[CryptoError]) -> bytes:
@@ -343,6 +344,9 @@ def encrypt_message(document: dict[str, Any], key: NexoKey, *,
         raise CryptoError(f"nonce must be {NONCE_SIZE} bytes")
     nonce = bytes(nonce)
 
+    if "NexoBlob" in body or "SecurityTrailer" in body:  # (null: the envelope's own, below)
+        document = {name: {k: v for k, v in body.items()
+                           if k not in ("NexoBlob", "SecurityTrailer")}}
     plaintext = serialise_document(document)
     padder = padding.PKCS7(128).padder()
     padded = padder.update(plaintext) + padder.finalize()

@@ -92,7 +92,7 @@ class TerminalSession(StatusAnswers):
         # journal held at restore): a terminal may remember only its latest request of a
         # category, so its NotFound about an earlier one proves nothing (see _status_answer).
         self.last_request_at: dict[str, float] = {}
-        # The request sent last, and its category's last_request_at before it (too_large)
+        # The request sent last, and its category's last_request_at before it (not_writable)
         self._request_sent_before: tuple[TxKey, float | None] | None = None
         # Times an earlier run stamped (restored transactions', the journal's last requests):
         # right when they were written, they stay when this run's clock follows a step.
@@ -515,14 +515,14 @@ class TerminalSession(StatusAnswers):
                             "in time or a NAK came (line noise can fake one), and it may have "
                             "read more than one")]
 
-    def too_large(self, service_id: str, reason: str, now: float,
-                  sale_id: str | None = None) -> list[Action]:
+    def not_writable(self, service_id: str, reason: str, now: float,
+                     sale_id: str | None = None) -> list[Action]:
         """A request of a register could not be written at all: its frame is over the link's
-        max_frame_size (`reason` says how big, the limit, and what to do). Nothing went to
-        the terminal, so it is refused (`rejected`), not polled: a status poll would only
-        learn NotFound, after a payment time-out. Nor does it count as sent: `sent_at` and
-        `last_request_at` (which decide whether a later NotFound is believed) are put back.
-        A status poll or identity check too large (they are small) is a frame not sent."""
+        max_frame_size, or it cannot be encrypted (`reason` says why and what to do).
+        Nothing went to the terminal, so it is refused (`rejected`), not polled: a status
+        poll would only learn NotFound, after a payment time-out. Nor does it count as sent:
+        `sent_at` and `last_request_at` (which decide whether a later NotFound is believed)
+        are put back. A status poll or identity check not writable is a frame not sent."""
         txn = self._sent_under(service_id, sale_id)
         if txn is None:
             return self.send_failed(service_id, reason, now, sale_id)
@@ -672,7 +672,7 @@ class TerminalSession(StatusAnswers):
 
     def _send_request(self, txn: Transaction, now: float) -> list[Action]:
         txn.state, txn.sent_at = TxState.AWAITING_RESPONSE, now
-        # (put back by too_large() if the request cannot be written after all)
+        # (put back by not_writable() if the request cannot be written after all)
         self._request_sent_before = (txn.key, self.last_request_at.get(txn.category))
         self.last_request_at[txn.category] = now
         txn.deadline, txn.updated_at = now + self.settings.payment_timeout, now
