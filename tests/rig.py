@@ -114,22 +114,27 @@ class Daemon:
     may grow past that many bytes (RLIMIT_FSIZE): a full disk, for the journal. Its output
     then goes through a pipe, so the log file is not held to the limit."""
 
-    def __init__(self, config: Path, workdir: Path, *, file_size_limit: int | None = None
-                 ) -> None:
+    def __init__(self, config: Path, workdir: Path, *, file_size_limit: int | None = None,
+                 path_first: Path | None = None) -> None:
+        """`path_first`: a directory put first on the daemon's PYTHONPATH (a sitecustomize.py
+        there injects a fault into the real process)."""
         self.config = config
         self.log_path = workdir / "daemon.log"
         self.file_size_limit = file_size_limit
+        self.env = python_env()
+        if path_first is not None:
+            self.env["PYTHONPATH"] = str(path_first) + os.pathsep + self.env["PYTHONPATH"]
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
         command = [sys.executable, "-m", "bridge", "run", "--config", str(self.config)]
         log = open(self.log_path, "ab")  # noqa: SIM115
         if self.file_size_limit is None:
-            self.process = subprocess.Popen(command, stdout=log, stderr=log, env=python_env(),
+            self.process = subprocess.Popen(command, stdout=log, stderr=log, env=self.env,
                                             cwd=ROOT)
             return self
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.PIPE,
-                                        env=python_env(), cwd=ROOT)
+                                        env=self.env, cwd=ROOT)
         # set from here (the interpreter is still starting): preexec_fn is unsafe beside
         # threads. Python ignores SIGXFSZ, so a write past it fails with EFBIG instead.
         limit = self.file_size_limit

@@ -414,7 +414,8 @@ def test_a_step_that_failed_half_way_stops_with_words_of_its_own(tmp_path, monke
     said: list[str] = []
     bridge = types.SimpleNamespace(
         config=types.SimpleNamespace(journal=tmp_path / "journal.sqlite3"),
-        notifier=types.SimpleNamespace(stopping=said.append))
+        notifier=types.SimpleNamespace(stopping=said.append),
+        gateway=types.SimpleNamespace(set_aside_handled=lambda: None))
 
     def exit_(status: int) -> None:
         raise SystemExit(status)

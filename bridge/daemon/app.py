@@ -36,6 +36,7 @@ from bridge.daemon.mqtt import RegisterGateway
 from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog
 from bridge.daemon.peers import describe as describe_bridge
+from bridge.daemon.set_aside import SetAsideRequests, set_aside_path
 from bridge.daemon.worker import TerminalWorker, SteadyClock, describe_transactions
 from bridge.protocol import crypto
 from bridge.transports import open_transport
@@ -94,6 +95,7 @@ class Bridge:
         self.started = time.time()
         self.journal = Journal(config.journal)
         self.gateway = RegisterGateway(config.mqtt, self.journal, password=mqtt_password)
+        self.gateway.set_aside = SetAsideRequests(set_aside_path(config.journal))
         # One steady clock for everything that stamps or compares the journal's times: the
         # terminals' sessions, the 48-hour ServiceID rule and pruning must agree, or a step
         # of the system clock makes a payment of a minute ago look days old to one of them.
@@ -471,13 +473,18 @@ def stop_at_once(bridge: Bridge, exc: BaseException) -> None:
     So does a step that failed half-way for a reason of its own (StepFailed): a fault of
     the bridge, not of the disk, and said so."""
     if isinstance(exc, StepFailed):
+        # The request being handled, if that is where it failed, would stop the bridge
+        # again at every start (never acknowledged, the broker delivers it again)
+        aside = bridge.gateway.set_aside_handled()
         log.critical("stopping at once: %s. The journal took that step's records back while "
                      "the terminal's session had moved on, so the bridge starts again from "
                      "the journal: its open transactions are taken up again and the "
-                     "terminals are asked what happened. This is a fault of the bridge, not "
+                     "terminals are asked what happened.%s This is a fault of the bridge, not "
                      "of the disk: please report it with this log. systemd restarts the "
                      "bridge, and after 5 failed starts in 5 minutes gives up: then "
-                     "`systemctl reset-failed poi-bridge; systemctl start poi-bridge`.", exc)
+                     "`systemctl reset-failed poi-bridge; systemctl start poi-bridge`.", exc,
+                     f" The request on {aside} being handled is set aside: from the next "
+                     "start it is refused, not handled again." if aside else "")
         bridge.notifier.stopping(f"internal error: {exc}")
         logging.shutdown()
         os._exit(JOURNAL_EXIT_STATUS)

@@ -24,8 +24,8 @@ from typing import Any
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
-from paho.mqtt.properties import Properties
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.config import MqttConfig, TlsConfig
@@ -50,10 +50,12 @@ from bridge.daemon.registers import (
     transaction_payload,
     transaction_payload_from,
 )
+from bridge.daemon.set_aside import SetAside, SetAsideRequests
 from bridge.deployment import password_to_fix
-from bridge.protocol.messages import MessageError, load_json
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.builders import failure_response
+from bridge.protocol.messages import MessageError, load_json
+from bridge.protocol.transaction import TxKey
 from bridge.redaction import redact
 from bridge.transports import Backoff
 
@@ -197,6 +199,10 @@ class RegisterGateway:
         self._state_dirty: set[str] = set()
         self._state_ready = asyncio.Event()
         self._handler: RequestHandler | None = None
+        # Requests that stopped the daemon at once before (refused, not handled again), and
+        # the one being handled now (its topic and bytes: set aside if it stops the daemon)
+        self.set_aside: SetAsideRequests | None = None
+        self.handling: tuple[str, bytes] | None = None
         self._retained_seen: dict[str, bytes] = {}  # retained requests warned about: digests
         self._accepting = True
         self.reconnects = 0
@@ -671,9 +677,15 @@ class RegisterGateway:
                 self._refuse(message.topic.value, payload, reply, route.problem)
                 self.journal.after_commit(functools.partial(client.ack, message))
                 continue
+            aside = self.set_aside.get(payload) if self.set_aside is not None else None
+            if aside is not None:
+                self._refuse_set_aside(message.topic.value, payload, reply, aside)
+                self.journal.after_commit(functools.partial(client.ack, message))
+                continue
             # While draining, requests are still handed on: the intake refuses them with an
             # answer. The acknowledgement follows the handling: a request the daemon dies
             # with, before it reached the journal, is delivered again on the next start.
+            self.handling = (message.topic.value, payload)
             try:
                 outcome = self._handler(message.topic.value, payload, reply)
                 if asyncio.iscoroutine(outcome):
@@ -687,17 +699,66 @@ class RegisterGateway:
             except Exception:  # one bad request must never take the bridge down
                 log.exception("request on %s could not be handled", message.topic.value)
                 self._internal_error(message.topic.value, payload, reply)
+            finally:
+                self.handling = None
             self.journal.after_commit(functools.partial(client.ack, message))
 
-    def _internal_error(self, topic: str, payload: bytes, reply: Reply) -> None:
+    def set_aside_handled(self) -> str | None:
+        """The daemon stops at once, from a step that failed half-way: the request being
+        handled, if any, is set aside (bridge.daemon.set_aside). Its topic, or None."""
+        if self.handling is None or self.set_aside is None:
+            return None
+        topic, payload = self.handling
+        try:
+            self.set_aside.add(topic, payload)
+        except OSError as exc:
+            log.error("could not set aside the request on %s in %s (%s): it may stop the "
+                      "bridge again at the next start", topic, self.set_aside.path, exc)
+            return None
+        return topic
+
+    def _refuse_set_aside(self, topic: str, payload: bytes, reply: Reply,
+                          aside: SetAside) -> None:
+        try:
+            header = request_header(load_json(payload, max_size=self.config.max_payload))
+        except MessageError:
+            header = {}
+        sale_id, service_id = id_text(header.get("SaleID")), id_text(header.get("ServiceID"))
+        known = self.journal.get(TxKey(sale_id, service_id)) if sale_id and service_id \
+            else None
+        stopped = (f"this request stopped the bridge when it was handled ({aside.at}, a fault "
+                   "of the bridge) and is not handled again")
+        if known is not None:
+            # Its IDs were recorded before (this was a repeat, say): that transaction may
+            # have run, whatever became of this copy
+            error = (f"{stopped}; the bridge holds transaction {known.key} "
+                     f"({known.state}{', ' + known.outcome if known.outcome else ''}): do not "
+                     "charge again, ask with a TransactionStatus request about it")
+            self._internal_error(topic, payload, reply, error=error)
+        else:
+            error = (f"{stopped}: nothing was sent to the terminal and nothing was charged by "
+                     "it. Send the sale again as a new request with a new ServiceID")
+            self._internal_error(topic, payload, reply, error=error, outcome="rejected",
+                                 condition="MessageFormat")
+        if self.set_aside is not None and self.set_aside.first_time(payload):
+            log.error("a request on %s stopped the bridge at %s and was set aside: refused, "
+                      "not handled again (nothing was sent for it). Please report it with "
+                      "the log of that time; the register is told to send the sale again",
+                      topic, aside.at)
+
+    def _internal_error(self, topic: str, payload: bytes, reply: Reply, *,
+                        error: str | None = None, outcome: str = "error",
+                        condition: str = "UnavailableService") -> None:
         """The handling of a request failed (a bug): answered on bridge/error, and, for a
         request on a register's own topic (.../request/{SaleID}), on that register's response
         topic too, in the response shape with outcome `error`: a register that listens only
-        there heard nothing. Not a transaction's result: no retained document."""
-        error = ("internal error while handling the request (see the bridge's log); it may "
-                 "or may not have been started. Do not charge again: send the same request "
-                 "again unchanged (a request the bridge recorded is answered from its record, "
-                 "one it did not is started), or ask with a TransactionStatus request")
+        there heard nothing. Not a transaction's result: no retained document. (`error`,
+        `outcome`, `condition`: a request set aside is answered the same way.)"""
+        error = error or (
+            "internal error while handling the request (see the bridge's log); it may "
+            "or may not have been started. Do not charge again: send the same request "
+            "again unchanged (a request the bridge recorded is answered from its record, "
+            "one it did not is started), or ask with a TransactionStatus request")
         reply.send(self.topics.bridge_error, {"status": "error", "error": error,
                                               "topic": topic})
         route = self.topics.parse_request_topic(topic)
@@ -713,8 +774,8 @@ class RegisterGateway:
                 if isinstance(value, str) and len(value) <= 128}
         echo.update(SaleID=route.sale_id, ServiceID=service_id)
         result = redacted_refusal(Deliver(
-            route.sale_id, service_id[:64], route.name, category, "error", "bridge",
-            failure_response(echo, category, "UnavailableService", error), error))
+            route.sale_id, service_id[:64], route.name, category, outcome, "bridge",
+            failure_response(echo, category, condition, error), error))
         self.journal.enqueue([(self.topics.register_response(route.sale_id),
                                dumps(result_payload(result)), 1, False)])
 
