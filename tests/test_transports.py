@@ -440,6 +440,35 @@ async def test_serial_second_opener_is_refused(pty, serial_link):
     assert await within(serial_link.read()) == b"\x05"
 
 
+async def test_serial_port_is_refused_to_a_program_that_takes_no_lock(pty, serial_link):
+    """pyserial's exclusive=True is an advisory flock: `cat`, screen or a vendor tool that
+    opens the tty plainly got in beside the bridge, and whichever read first took the
+    terminal's ACKs and answers (the transports audit). The port is opened TIOCEXCL too: a
+    second open(2) fails with EBUSY (root, CAP_SYS_ADMIN, still gets through: hence the
+    ModemManager rule in udev/)."""
+    import subprocess
+    import sys
+
+    from .rig import as_nobody, python_env
+
+    prefix = as_nobody("a second program opening the port")
+    os.chmod(pty.path, 0o666)  # (the user may open it: only the port's exclusivity refuses)
+    probe = ("import os\ntry:\n    os.open(%r, os.O_RDWR | os.O_NOCTTY)\n    print('opened')\n"
+             "except OSError as exc:\n    print(exc.errno)" % pty.path)
+
+    def other_opens() -> str:
+        return subprocess.run([*prefix, sys.executable, "-c", probe], capture_output=True,
+                              text=True, cwd="/", env=python_env(), timeout=60).stdout.strip()
+
+    assert other_opens() == str(errno.EBUSY)
+    await pty.send(b"\x05")  # the owner is unaffected
+    assert await within(serial_link.read()) == b"\x05"
+    # Closed, the port is anyone's again, though the pty (the terminal's end open) lives on:
+    # the daemon, which runs as its own user, opens it again after every relink
+    await within(serial_link.close())
+    assert other_opens() == "opened"
+
+
 def test_pyserial_sees_a_vanished_pty_as_readable_but_empty(pty):
     """The kernel and pyserial behaviour the transport's loss detection relies on."""
     port = serial.Serial(pty.path, timeout=0)

@@ -273,8 +273,9 @@ class SerialTransport(Transport):
                 port=link.device, baudrate=link.baudrate, bytesize=link.bytesize,
                 parity=link.parity, stopbits=link.stopbits, rtscts=link.rtscts,
                 xonxoff=link.xonxoff, timeout=0, write_timeout=0,
-                # flock(LOCK_EX): a second process (or a second bridge) opening the same port
-                # gets a clear "in use" instead of both stealing each other's bytes.
+                # flock(LOCK_EX): a second bridge opening the same port gets a clear "in
+                # use" instead of both stealing each other's bytes (TIOCEXCL, below, keeps
+                # out the programs that take no lock)
                 exclusive=True,
             )
         except serial.SerialException as exc:
@@ -294,7 +295,11 @@ class SerialTransport(Transport):
             attrs[6][termios.VMIN] = 1
             attrs[6][termios.VTIME] = 0
             termios.tcsetattr(port.fd, termios.TCSANOW, attrs)
-        except termios.error as exc:
+            # Any further open(2) of the tty fails with EBUSY while the bridge has it: `cat`,
+            # screen or a vendor tool would otherwise take the terminal's ACKs and answers
+            # (root still gets in: CAP_SYS_ADMIN; ModemManager is kept off by the udev rule)
+            fcntl.ioctl(port.fd, termios.TIOCEXCL)
+        except (termios.error, OSError) as exc:
             _close_port(port)
             raise LinkClosed(_setup_failure(link.device, exc)) from exc
         return port
@@ -441,6 +446,10 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 
 
 def _close_port(port: serial.Serial) -> None:
+    # TIOCEXCL outlives the fd while the tty does (a pty whose terminal end stays open): the
+    # daemon's own next open, as a user without CAP_SYS_ADMIN, would get EBUSY
+    with contextlib.suppress(OSError, TypeError):  # (gone; or never opened: fd None)
+        fcntl.ioctl(port.fd, termios.TIOCNXCL)
     try:
         port.close()
     except OSError as exc:  # the fd is released even when close reports an error
