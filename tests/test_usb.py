@@ -479,6 +479,27 @@ async def test_a_terminal_that_takes_no_data_closes_the_link(device):
     assert device.kernel_driver_active and device.open_handles == 0
 
 
+async def test_a_close_waits_out_the_write_in_flight_and_the_next_open_finds_it_free(device):
+    """A link ended while a frame was being written (a relink, the daemon stopping) holds
+    its interface until that transfer times out (`timeout`, up to 60 s). close() gave up
+    after 5 s with the interface still claimed, and the next transport's open failed "in
+    use by another program (a second poi-bridge?)" (the transports audit)."""
+    link = usb_link(timeout=5.5)
+    old = UsbTransport(link, backend=SimBackend(device))
+    await old.open()
+    device.accepting = False
+    writer = asyncio.create_task(old.write(b'{"SaleToPOIRequest":{}}'))
+    await asyncio.sleep(0.1)
+    writer.cancel()  # as the worker cancels its writer task, then closes
+    async with asyncio.timeout(link.timeout + 3):
+        await old.close()
+    assert device.claimed_by is None and device.open_handles == 0
+    new = UsbTransport(link, backend=SimBackend(device))
+    await new.open()
+    device.accepting = True
+    await new.close()
+
+
 async def test_opening_a_replugged_terminal(device):
     usb_transport = UsbTransport(usb_link(), backend=SimBackend(device))
     await usb_transport.open()

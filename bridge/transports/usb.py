@@ -48,7 +48,7 @@ READ_POLL = 0.25  # seconds a read transfer may block its thread (bounds close a
 READ_SIZE = 16 * 1024  # bytes asked for per read transfer, rounded down to whole packets
 STALL_RETRIES = 3  # clear_halt + retry this often per transfer before giving up
 WRITE_TIMEOUTS = 3  # consecutive write timeouts without progress before giving up
-CLOSE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 5.0  # s, beyond a write transfer in flight (it holds the interface until done)
 
 # errno as pyusb's libusb1 backend sets it, and libusb's own codes for backends that leave
 # errno unset: the device is gone (LIBUSB_ERROR_IO, _NO_DEVICE, _NOT_FOUND).
@@ -90,7 +90,9 @@ class UsbTransport(Transport):
         self.link = link
         self.backend = backend
         self.taken_serials = tuple(taken_serials)
-        self.close_timeout = close_timeout
+        # The release waits for a write transfer in flight (up to the link's timeout): given
+        # up on sooner, the interface is still claimed, and the next open says "in use"
+        self.close_timeout = close_timeout + link.timeout + READ_POLL
         self._serial = link.serial  # configured, or once open the one the device reports
         self._opened: _Opened | None = None
         self._in_thread: ThreadPoolExecutor | None = None
