@@ -456,6 +456,12 @@ class RegisterGateway:
                           self.config.port, str(exc).rstrip("."))
             except MemoryError:
                 raise  # no reconnect can help: the daemon stops, and systemd starts it again
+            except sqlite3.Error as exc:
+                # A journal read failed (the outbox pump's, the health document's counts): no
+                # reconnect can help, and the daemon would go on taking payments whose results
+                # it cannot publish. It stops at once, as for any journal failure.
+                self.journal.read_failed(exc)
+                raise
             except Exception as exc:  # a bug: logged with its traceback, then reconnect
                 self.broker_problem = "connection failed (see the log)"
                 log.exception("the MQTT connection to %s:%d failed: %s: %s; results are "
