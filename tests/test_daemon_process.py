@@ -14,6 +14,7 @@ import sqlite3
 import textwrap
 
 from bridge.daemon.journal import Journal
+from bridge.protocol.transaction import Transaction, TxState
 from bridge.simulator import responses
 
 from .rig import (POI, ROOT, Daemon, Simulator, Subscriber, bridge_online, outcome_for, wait_until,
@@ -214,6 +215,31 @@ async def test_corrupt_journal_stops_the_daemon_with_a_clear_error(tmp_path, mos
     assert daemon.process.wait(timeout=15) == 3
     assert "will not overwrite it" in daemon.log()
     assert (tmp_path / "journal.sqlite3").read_bytes().startswith(b"garbage")
+
+
+async def test_a_damaged_row_stops_the_daemon_with_the_journals_words_not_a_traceback(
+        tmp_path, mosquitto):
+    """SQLite checks no cell's contents: a byte damaged inside a row's JSON passes the
+    quick_check at open, and reading the row at recovery raised JSONDecodeError, out of
+    the daemon as a traceback (exit 1) at every start (the journal audit). It is the
+    journal's unreadable-or-corrupt stop: exit 3, the row named, the file left as it is."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.save(Transaction(
+        sale_id="POS1", service_id="D1", poi_id=POI, category="Payment",
+        request=responses.payment_request("POS1", "D1", POI, 5.0), digest="d",
+        created_at=1.0, updated_at=1.0, state=TxState.AWAITING_RESPONSE, sent_at=1.0))
+    journal.close()
+    db = sqlite3.connect(tmp_path / "journal.sqlite3")
+    with db:
+        db.execute("UPDATE transactions SET request = '{\"SaleToPOIRequest\": {\x01' "
+                   "WHERE service_id = 'D1'")
+    db.close()
+    daemon = Daemon(write_config(tmp_path, mosquitto, "/dev/null"), tmp_path).start()
+    assert daemon.process.wait(timeout=15) == 3
+    log = daemon.log()
+    assert "Traceback" not in log, log
+    assert "transaction POS1/D1" in log and "is unreadable or corrupt" in log, log
+    assert journal_rows(tmp_path, "D1") == [("awaiting_response", None, None)]
 
 
 async def test_technician_status_and_resync_commands_against_a_running_daemon(tmp_path, mosquitto):

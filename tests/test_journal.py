@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.daemon.journal import Journal, JournalError
+from bridge.daemon.journal import SCHEMA_VERSION, Journal, JournalError
 from bridge.protocol.transaction import Transaction, TxKey, TxState, request_digest
 
 from .rig import python_env
@@ -170,6 +171,58 @@ def test_foreign_sqlite_file_is_refused(tmp_path):
     db.close()
     with pytest.raises(JournalError, match="not a poi-bridge journal"):
         Journal(path)
+
+
+@pytest.mark.parametrize("killed_at", ["CREATE TABLE IF NOT EXISTS transactions",
+                                       "INSERT OR IGNORE INTO meta (key, value) VALUES "
+                                       "('schema_version'"])
+def test_a_first_start_killed_while_setting_up_the_journal_leaves_one_the_next_opens(
+        tmp_path, killed_at):
+    """A real process SIGKILLed during its very first Journal(): the schema's statements
+    each committed on their own, so the file kept tables without a schema_version (or no
+    table at all), and every later start refused it as no journal of its own until a
+    technician moved it aside (the journal audit). The set-up is one transaction now."""
+    path = tmp_path / "j.sqlite3"
+    script = textwrap.dedent(f"""
+        import os, signal, sqlite3
+        from bridge.daemon import journal
+
+        def connect(*args, **kwargs):
+            db = sqlite3.connect(*args, **kwargs)
+            db.set_trace_callback(lambda statement: os.kill(os.getpid(), signal.SIGKILL)
+                                  if {killed_at!r} in statement else None)
+            return db
+
+        journal.sqlite3 = type("Sqlite3", (), {{"connect": staticmethod(connect)}})
+        journal.Journal({str(path)!r})
+        print("not killed")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=python_env(), timeout=60)
+    assert done.returncode == -signal.SIGKILL, (done.stdout, done.stderr)
+    reopened = Journal(path)
+    try:
+        assert reopened.bridge_id
+        (version,) = reopened._db.execute(
+            "SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        assert version == str(SCHEMA_VERSION)
+    finally:
+        reopened.close()
+
+
+def test_an_sqlite_file_with_nothing_in_it_is_set_up_as_a_new_journal(tmp_path):
+    """What a first start killed straight after `PRAGMA journal_mode=WAL` leaves: a file of
+    one page, no table. It holds no payment: set up as new. A technician's read-only
+    command still finds no journal in it."""
+    path = tmp_path / "j.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    assert path.stat().st_size > 0
+    with pytest.raises(JournalError, match="not a poi-bridge journal"):
+        Journal(path, readonly=True)
+    Journal(path).close()
+    Journal(path, readonly=True).close()
 
 
 def test_commit_survives_kill_9_of_the_writer(tmp_path):

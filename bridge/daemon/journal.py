@@ -354,7 +354,7 @@ class Journal:
             raise JournalError(_open_failure(self.path, exc, readonly)) from None
         try:
             if readonly:
-                self._check_existing()
+                self._check_existing(readonly=True)
                 return
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -366,7 +366,10 @@ class Journal:
             self._db.execute("PRAGMA journal_size_limit=4194304")  # WAL trimmed back after bursts
             if existed:
                 self._check_existing()
-            self._db.executescript(_SCHEMA)
+            # The schema and its meta rows in one transaction: a daemon killed during its
+            # first start left tables without a schema_version (or a file with no table at
+            # all), which every later start refused as no journal of its
+            self._db.executescript("BEGIN IMMEDIATE;\n" + _SCHEMA)
             self._add_missing_columns()
             self._db.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -379,6 +382,7 @@ class Journal:
                              (os.urandom(8).hex(),))
             (self.bridge_id,) = self._db.execute(
                 "SELECT value FROM meta WHERE key = 'bridge_id'").fetchone()
+            self._db.execute("COMMIT")
             (newest,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()
             self._last_outbox_id = self._durable_outbox_id = newest
             # The stamps earlier runs wrote, as they were at this start: a clock step this
@@ -396,14 +400,25 @@ class Journal:
             self._db.close()
             raise
 
-    def _check_existing(self) -> None:
+    def _check_existing(self, *, readonly: bool = False) -> None:
         (result,) = self._db.execute("PRAGMA quick_check").fetchone()
         if result != "ok":
             raise sqlite3.DatabaseError(f"integrity check failed: {result}")
         tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master")}
+        if not tables and not readonly:
+            # (an SQLite file with nothing in it holds no payment: a first start cut short)
+            log.info("journal %s: holds no table yet (its first start was cut short): set up "
+                     "as a new one", self.path)
+            return
         if "transactions" not in tables or "meta" not in tables:
             raise sqlite3.DatabaseError("this SQLite file is not a poi-bridge journal")
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None and not readonly and {"outbox"} <= tables and not any(
+                self._db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone()  # noqa: S608
+                for table in ("transactions", "outbox")):
+            # An earlier version's first start cut short between its schema's commits:
+            # nothing recorded, its schema_version is written now
+            return
         if row is None:
             raise sqlite3.DatabaseError("the journal has no schema_version")
         try:
@@ -696,13 +711,20 @@ class Journal:
     @staticmethod
     def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> Transaction:
         data = dict(zip(_COLUMNS, row, strict=True))
-        for column in _JSON_COLUMNS:
-            if data[column] is not None:
-                data[column] = json.loads(data[column])
-        data["poll_ids"] = tuple(data["poll_ids"])
-        data["state"] = TxState(data["state"])
-        data["passthrough"] = bool(data["passthrough"])
-        return Transaction(**data)
+        try:
+            for column in _JSON_COLUMNS:
+                if data[column] is not None:
+                    data[column] = json.loads(data[column])
+            data["poll_ids"] = tuple(data["poll_ids"])
+            data["state"] = TxState(data["state"])
+            data["passthrough"] = bool(data["passthrough"])
+            return Transaction(**data)
+        except (ValueError, TypeError) as exc:
+            # SQLite checks no cell's contents (quick_check passes a damaged byte): the
+            # journal's own failure, for its stop with its words, not a traceback
+            raise sqlite3.DatabaseError(
+                f"the record of transaction {data['sale_id']}/{data['service_id']} is "
+                f"damaged ({exc})") from exc
 
     def _request_text(self, txn: Transaction) -> str:
         """The request never changes over a transaction's life, but is saved with every state:
