@@ -424,18 +424,15 @@ def test_the_open_file_limit_is_raised_or_said_to_be_too_low(tmp_path):
             assert "only 12 open files allowed" in out and "LimitNOFILE=" in out, out
 
 
-def test_a_step_that_failed_half_way_stops_with_words_of_its_own(tmp_path, monkeypatch,
-                                                                 caplog):
-    """A step that failed half-way for a reason of its own stopped the daemon with the disk
-    failure's words ("cannot be written or read ... check the disk"): a technician looked at
-    the wrong thing (found by a review). It says it is a fault of the bridge, to report."""
+def stopped_at_once(tmp_path, monkeypatch, caplog, exc: BaseException) -> tuple[str, list[str]]:
+    """stop_at_once(exc) for a bridge of its journal path: its CRITICAL line and what it
+    told systemd (os._exit raising SystemExit, checked to be the journal's status)."""
     import logging
     import types
 
     import pytest
 
     from bridge.daemon import app
-    from bridge.daemon.journal import StepFailed
 
     said: list[str] = []
     bridge = types.SimpleNamespace(
@@ -449,12 +446,45 @@ def test_a_step_that_failed_half_way_stops_with_words_of_its_own(tmp_path, monke
     monkeypatch.setattr(app.os, "_exit", exit_)
     monkeypatch.setattr(app.logging, "shutdown", lambda: None)
     with caplog.at_level(logging.CRITICAL), pytest.raises(SystemExit) as stopped:
-        app.stop_at_once(bridge, StepFailed(
-            "a step of terminal V400m-1 failed half-way: RuntimeError('x')"))
+        app.stop_at_once(bridge, exc)
     assert stopped.value.code == app.JOURNAL_EXIT_STATUS
     (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    return line, said
+
+
+def test_a_step_that_failed_half_way_stops_with_words_of_its_own(tmp_path, monkeypatch,
+                                                                 caplog):
+    """A step that failed half-way for a reason of its own stopped the daemon with the disk
+    failure's words ("cannot be written or read ... check the disk"): a technician looked at
+    the wrong thing (found by a review). It says it is a fault of the bridge, to report."""
+    from bridge.daemon.journal import StepFailed
+
+    line, said = stopped_at_once(tmp_path, monkeypatch, caplog, StepFailed(
+        "a step of terminal V400m-1 failed half-way: RuntimeError('x')"))
     assert "a step of terminal V400m-1 failed half-way" in line
     assert "fault of the bridge" in line and "report it" in line
     assert "cannot be written" not in line and "df -h" not in line
     assert said == ["internal error: a step of terminal V400m-1 failed half-way: "
                     "RuntimeError('x')"]
+
+
+def test_a_journal_held_locked_by_another_program_is_not_called_a_disk_problem(
+        tmp_path, monkeypatch, caplog):
+    """Another program holding the journal's write lock past busy_timeout stopped the daemon
+    with "Check the disk (df -h ...)": the technician looked at the disk, not at the sqlite3
+    shell left in a transaction (the journal audit). The line says find it and end it."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal._db.execute("PRAGMA busy_timeout=50")
+    other = sqlite3.connect(tmp_path / "journal.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # a technician's sqlite3 shell in a write transaction
+    try:
+        journal._db.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        locked = exc
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+        journal.close()
+    line, _ = stopped_at_once(tmp_path, monkeypatch, caplog, locked)
+    assert "is locked by another process" in line and "fuser -v" in line, line
+    assert "df -h" not in line and "stopping at once: the journal" in line, line

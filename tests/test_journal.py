@@ -210,6 +210,20 @@ def test_a_first_start_killed_while_setting_up_the_journal_leaves_one_the_next_o
         reopened.close()
 
 
+def test_the_journal_under_another_name_is_still_refused_to_a_second_daemon(tmp_path):
+    """The lock went by the path as written, while SQLite follows a symbolic link: a second
+    daemon given the journal through one opened it beside the first (the journal audit)."""
+    first = Journal(tmp_path / "journal.sqlite3")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "journal.sqlite3").symlink_to(tmp_path / "journal.sqlite3")
+    try:
+        with pytest.raises(JournalError, match="in use by another poi-bridge process"):
+            Journal(tmp_path / "other" / "journal.sqlite3")
+    finally:
+        first.close()
+    Journal(tmp_path / "other" / "journal.sqlite3").close()
+
+
 def test_an_sqlite_file_with_nothing_in_it_is_set_up_as_a_new_journal(tmp_path):
     """What a first start killed straight after `PRAGMA journal_mode=WAL` leaves: a file of
     one page, no table. It holds no payment: set up as new. A technician's read-only

@@ -13,6 +13,7 @@ import gc
 import logging
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,7 @@ from bridge.daemon.follow import partner_to_follow, waits_for_its_own_link
 from bridge.daemon.worker import FOLLOW_LATER
 from bridge.daemon.hotplug import HotplugMonitor, udev_announces
 from bridge.daemon.intake import RequestIntake
-from bridge.daemon.journal import Journal, StepFailed
+from bridge.daemon.journal import Journal, StepFailed, unusable
 from bridge.daemon.mqtt import RegisterGateway
 from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog
@@ -488,13 +489,18 @@ def stop_at_once(bridge: Bridge, exc: BaseException) -> None:
         bridge.notifier.stopping(f"internal error: {exc}")
         logging.shutdown()
         os._exit(JOURNAL_EXIT_STATUS)
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    # Another program holding the journal locked is no disk problem (journal.unusable says
+    # who and what to do); anything else most likely is
+    fix = unusable(bridge.config.journal, exc) + "." \
+        if isinstance(exc, sqlite3.Error) and name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) \
+        else f"Check the disk (df -h {bridge.config.journal.parent}, dmesg)."
     log.critical("stopping at once: the journal %s cannot be written or read (%s). Nothing "
                  "is sent or published from what it could not record; at the next start its open "
                  "transactions are taken up again and the terminals are asked what happened. "
-                 "Check the disk (df -h %s, dmesg); systemd restarts the bridge, and after 5 "
-                 "failed starts in 5 minutes gives up: then `systemctl reset-failed "
-                 "poi-bridge` and start it once the disk is fixed.",
-                 bridge.config.journal, exc, bridge.config.journal.parent)
+                 "%s systemd restarts the bridge, and after 5 failed starts in 5 minutes gives "
+                 "up: then `systemctl reset-failed poi-bridge` and start it once that is "
+                 "fixed.", bridge.config.journal, exc, fix)
     bridge.notifier.stopping(f"the journal cannot be written or read: {exc}")
     logging.shutdown()  # flush the line above: os._exit flushes nothing
     os._exit(JOURNAL_EXIT_STATUS)

@@ -175,8 +175,11 @@ def _read_only_mount(directory: Path) -> bool:
 
 
 def lock_path(path: Path) -> Path:
-    """The file a daemon holds locked while it has the journal open (see _hold_lock)."""
-    return path.with_name(path.name + ".lock")
+    """The file a daemon holds locked while it has the journal open (see _hold_lock): beside
+    the file itself, wherever symbolic links lead (SQLite follows them: a second daemon
+    given the journal under another name would take up the same open payments)."""
+    real = Path(os.path.realpath(path))
+    return real.with_name(real.name + ".lock")
 
 
 def journal_files(path: Path) -> tuple[Path, Path, Path, Path]:
