@@ -698,7 +698,15 @@ async def test_a_driver_error_while_closing_is_logged_and_the_link_reopened(tmp_
         assert (await rig.outlet.result_for("S1")).outcome == "approved"
 
 
-async def test_a_link_that_drops_as_soon_as_it_opens_is_reopened_with_growing_pauses(tmp_path):
+@pytest.mark.parametrize("greeting", [
+    b"",
+    # One frame first, then the close (a terminal's boot loader, a proxy saying busy): a
+    # frame that is no answer of the terminal's did reset the pauses (the transports audit)
+    b'{"errors": ["busy, try later"]}',
+    b"not even JSON",
+])
+async def test_a_link_that_drops_as_soon_as_it_opens_is_reopened_with_growing_pauses(
+        tmp_path, greeting):
     """A TCP terminal that accepts and closes at once (serving another host, or a forwarder
     with nothing behind it): each reopen must wait longer, up to the backoff's ceiling, not
     be retried ten times a second with a warning and two state changes each time."""
@@ -707,6 +715,9 @@ async def test_a_link_that_drops_as_soon_as_it_opens_is_reopened_with_growing_pa
     async def accept_and_close(reader, writer) -> None:
         nonlocal connections
         connections += 1
+        if greeting:
+            writer.write(len(greeting).to_bytes(4, "big") + greeting)
+            await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(accept_and_close, "127.0.0.1", 0)

@@ -219,6 +219,7 @@ class TerminalWorker:
         self._handed_over_by: asyncio.Event | None = None  # relink(): the previous holder
         self._tasks: list[asyncio.Task[None]] = []
         self.counters = {"frames_in": 0, "frames_out": 0, "framing_errors": 0, "reconnects": 0}
+        self._answers_in = 0  # SaleToPOIResponses read in full on this worker's links
         self.identity = "unknown"  # confirmed | mismatch: <what it said> | unknown
         # Every configured terminal's worker, by POIID (set by the daemon): a message on this
         # link that names another terminal is handed to it (_its_terminal)
@@ -576,7 +577,7 @@ class TerminalWorker:
             log.info("terminal %s: link up on %s", self.poi_id, transport.describe())
             self._link_reason = ""
             self._apply(self.session.link_is_up(self._clock()))
-            frames_before, opened_at = self.counters["frames_in"], time.monotonic()
+            answers_before, opened_at = self._answers_in, time.monotonic()
             reason, failed = await self._run_link(transport)
             # A link a bug of ours ended soon backs off as one that never worked: frames_in
             # counts a frame before it is handled, and a bug met on every frame reopened it at
@@ -585,10 +586,12 @@ class TerminalWorker:
             # hours, must not wait at the backoff's cap (left there by a terminal that refused
             # connections a while) to reopen; one met on every frame reopens once a period.
             if time.monotonic() - opened_at >= LINK_PROVEN_AFTER \
-                    or (not failed and self.counters["frames_in"] > frames_before):
+                    or (not failed and self._answers_in > answers_before):
                 # The link worked: losing it now is news, reopen quickly. One that opens and
                 # drops at once (a TCP peer serving someone else, a terminal in its boot
-                # loader) keeps backing off instead of being reopened ten times a second.
+                # loader) keeps backing off instead of being reopened ten times a second,
+                # also when it says something first that is no terminal's answer (a proxy's
+                # "busy": any frame used to count).
                 self._backoff.reset()
             self.counters["reconnects"] += 1
             await self._link_down(transport, reason, opened=True)
@@ -838,6 +841,8 @@ class TerminalWorker:
                 owner.receive_from_elsewhere(message)  # its own: not dropped here (ACKed)
                 return
         header = message.message_header
+        if isinstance(message, SaleToPOIResponse):
+            self._answers_in += 1  # the link works (see _link_loop)
         if isinstance(message, SaleToPOIResponse) and header is not None and header.sale_id \
                 and header.service_id:
             # An answer to the frame awaiting its ACK: that frame is delivered, not sent again
