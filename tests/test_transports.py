@@ -185,6 +185,48 @@ async def test_serial_write_beyond_kernel_buffer_waits_without_freezing_the_loop
     assert serial_link.output_queued() == 0
 
 
+async def test_serial_line_that_takes_nothing_ends_the_link_saying_why(pty, caplog):
+    """A terminal switched off with RTS/CTS (CTS low), an XOFF, a USB-CDC terminal refusing
+    data: the line takes nothing, and write() waited for ever. The link stayed up, nobody
+    was told, and once the line moved again every frame queued meanwhile went out, a
+    payment the register had long been told about among them (the transports audit). Here
+    the line is held by stopping the port's output (tcflow TCOOFF)."""
+    transport = SerialTransport(SerialLink(device=pty.path), held_limit=0.3)
+    await within(transport.open())
+    termios.tcflow(transport._fd, termios.TCOOFF)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(LinkClosed, match="has taken no data for 0.3 s: the terminal is off, "
+                                         "or flow control"):
+        await within(transport.write(payload(8192)))
+    assert asyncio.get_running_loop().time() - started < 2.0
+    assert not transport.is_open
+    # Nothing of it crosses later: the port was closed with its output discarded (the
+    # terminal's end reads nothing; with the port closed, a pty says EIO)
+    await asyncio.sleep(0.3)
+    try:
+        crossed = os.read(pty.master, 65536)
+    except (BlockingIOError, OSError):
+        crossed = b""
+    assert crossed == b""
+
+
+async def test_serial_line_that_moves_slowly_is_not_called_held(pty):
+    """A slow line (the terminal reads little at a time) is no held one: the write waits as
+    long as it takes, each piece the kernel can take again counting as progress."""
+    transport = SerialTransport(SerialLink(device=pty.path), held_limit=0.3)
+    await within(transport.open())
+    data = payload(96 * 1024)
+    writing = asyncio.create_task(transport.write(data))
+    got = b""
+    async with asyncio.timeout(30):
+        while len(got) < len(data):
+            await asyncio.sleep(0.1)
+            got += await pty.recv(min(4096, len(data) - len(got)))
+    assert got == data
+    await within(writing)
+    await within(transport.close())
+
+
 async def test_serial_read_returns_available_bytes_without_waiting_for_more(pty, serial_link):
     await pty.send(b"\x02ab")
     assert b"".join(await read_exactly(serial_link, 3)) == b"\x02ab"

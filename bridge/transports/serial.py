@@ -38,6 +38,10 @@ READ_CHUNK = 4096
 MAX_UNREAD = 1 << 16  # bytes read ahead of a read() call, at most
 DRAIN_LIMIT = 2.0  # seconds close() waits at most for output the line has not sent yet
 DRAIN_MARGIN = 0.1  # on top of the queued bytes' line time (USB adapters' latency timer)
+# s a write may wait with the kernel taking nothing more before the link is called held and
+# ends: the kernel wakes a writer once a few hundred bytes are free, within a few seconds at
+# the slowest baud rates a terminal uses
+HELD_LINE_LIMIT = 10.0
 DRAIN_POLL = 0.01  # seconds between looks at the output queue while draining
 # Errors that mean the device itself is gone (unplugged, hung up, driver unbound).
 _GONE_ERRNOS = {errno.EIO, errno.ENXIO, errno.ENODEV, errno.EPIPE}
@@ -56,10 +60,11 @@ class SerialTransport(Transport):
     kind = "serial"
 
     def __init__(self, link: SerialLink, *, close_timeout: float = 5.0,
-                 drain_limit: float = DRAIN_LIMIT) -> None:
+                 drain_limit: float = DRAIN_LIMIT, held_limit: float = HELD_LINE_LIMIT) -> None:
         self.link = link
         self.close_timeout = close_timeout
         self.drain_limit = drain_limit
+        self.held_limit = held_limit
         self._port: serial.Serial | None = None
         self._fd: int | None = None
         self._reason = f"serial device {link.device} is not open"
@@ -202,7 +207,7 @@ class SerialTransport(Transport):
                 continue
             if self._head < end:
                 # The kernel buffer is full (slow line, flow control): wait until it has room.
-                await self._wait_writable(fd)
+                await self._wait_writable_unless_held(fd)
 
     async def close(self) -> None:
         # Bytes read ahead are dropped: whoever closes is done with this connection. (On a
@@ -378,6 +383,34 @@ class SerialTransport(Transport):
             if self._fd == fd:
                 loop.remove_writer(fd)
             self._write_waiter = None
+
+    async def _wait_writable_unless_held(self, fd: int) -> None:
+        """Wait for room in the kernel's buffer; a line that takes nothing for held_limit s
+        (the terminal off with RTS/CTS: CTS low; an XOFF; a USB-CDC terminal refusing data)
+        ends the link, its output discarded. Left waiting, the link looked up while nothing
+        crossed, and once the line moved again every frame queued meanwhile went out, a
+        payment whose register had long been told `unresolved` among them."""
+        queued = _output_queued(fd)
+        while True:
+            try:
+                async with asyncio.timeout(self.held_limit):
+                    await self._wait_writable(fd)
+                return
+            except TimeoutError:
+                if self._fd != fd:
+                    return  # closed meanwhile: write() says so
+                now = _output_queued(fd)
+                if now is not None and queued is not None and now < queued:
+                    queued = now  # slow, but moving (below the kernel's wake-up mark)
+                    continue
+                self._reason = (
+                    f"serial device {self.link.device} has taken no data for "
+                    f"{self.held_limit:g} s: the terminal is off, or flow control (RTS/CTS, "
+                    "XON/XOFF) holds the line; check that the terminal is on, its cable, and "
+                    "the rtscts/xonxoff settings")
+                log.warning("%s: %s", self.describe(), self._reason)
+                self._start_closing()
+                return
 
     def _lose(self, detail: str) -> None:
         """The device is gone: record why (unless close() came first) and release the port."""
