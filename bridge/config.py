@@ -66,11 +66,13 @@ def read_configured_secret(path: Path | None, what: str) -> str | None:
 
 def read_secret(path: Path | None, what: str) -> str | None:
     """A password file's content, as the daemon and the technician commands read it: the
-    whole file, without its trailing line end."""
+    whole file, without its trailing line end, nor the byte order mark some Windows editors
+    start a file with (read as part of the secret, a key that check-config passed matched
+    no terminal)."""
     if path is None:
         return None
     try:
-        return path.read_text(encoding="utf-8").rstrip("\r\n")
+        return path.read_text(encoding="utf-8-sig").rstrip("\r\n")
     except OSError as exc:
         raise SecretError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:

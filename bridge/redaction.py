@@ -76,11 +76,18 @@ _WORD = _BARE + r"(?:'" + _BARE + r")*"
 _WORDS = _WORD + r"(?:[ +](?![\w.%-]*(?:[:=]|%3[aAdD]))" + _WORD + r"){0,4}"
 # The character before the name (not part of a longer word) is matched rather than looked
 # behind at, so the engine only tries at non-word characters; redact() prepends a space.
+# A passphrase or password may hold spaces and any punctuation: its value runs to the line's
+# end (or a URL's next parameter), whatever else that takes with it
+_PHRASE_FIELDS = ("Passphrase", "Password")
+_PHRASE = r"[^\n&]+"
 _FIELDS = re.compile(
-    r"(?P<head>[^\w](?:(?P<name>(?i:" + _names(_NAME_FIELDS) + r"))|(?i:"
-    + _names(_SECRET_FIELDS + _CARD_FIELDS + _PERSON_FIELDS) + r"))"
+    r"(?P<head>[^\w](?:(?P<name>(?i:" + _names(_NAME_FIELDS) + r"))|(?P<phrase>(?i:"
+    + _names(_PHRASE_FIELDS) + r"))|(?i:"
+    + _names(tuple(f for f in _SECRET_FIELDS if f not in _PHRASE_FIELDS)
+             + _CARD_FIELDS + _PERSON_FIELDS) + r"))"
     r"(?:\\?[\"']|%2[27])?\s*(?:[:=]|%3[aAdD])\s*)"
-    r"(?P<value>" + _QUOTED + r"|(?(name)" + _WORDS + "|" + _BARE + r"))")
+    r"(?P<value>" + _QUOTED + r"|(?(name)" + _WORDS + "|(?(phrase)" + _PHRASE + "|" + _BARE
+    + r")))")
 
 # The cheap test that decides whether _FIELDS runs at all: read backwards from each `:` or `=`
 # (on the reversed line, where the separator is the rare first character the engine skips to),

@@ -6,6 +6,7 @@ import pytest
 
 from bridge.config import TerminalConfig
 from bridge.daemon.app import load_key
+from bridge.protocol.crypto import same_key
 
 
 def terminal(passphrase_file: str) -> TerminalConfig:
@@ -38,6 +39,17 @@ def test_a_passphrase_that_is_not_utf8_stops_with_a_clear_message(tmp_path):
     secret.write_bytes(b"\xff\xfe latin-1 \xe9\n")
     with pytest.raises(SystemExit, match="V400m-1: key passphrase file .* is not UTF-8 text"):
         load_key(terminal(str(secret)))
+
+
+def test_a_byte_order_mark_is_no_part_of_the_passphrase(tmp_path):
+    """Some Windows editors start a file with a UTF-8 byte order mark: it was read as the
+    passphrase's first character, check-config said OK, and every payment was refused with
+    "check the encryption key" (the crypto audit). No passphrase starts with one."""
+    secret = tmp_path / "pass"
+    secret.write_bytes(b"\xef\xbb\xbfp@ssw0rd123456\r\n")
+    plain = tmp_path / "plain"
+    plain.write_text("p@ssw0rd123456")
+    assert same_key(load_key(terminal(str(secret))), load_key(terminal(str(plain))))
 
 
 def test_a_relative_mqtt_password_file_is_a_credential_too(tmp_path, monkeypatch):

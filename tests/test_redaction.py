@@ -154,6 +154,11 @@ LEAKY_SHAPES = [
      ["hunter2", "JOHN DOE"]),
     ("cannot read /etc/poi-bridge/credentials/pan: 5413330089600010", ["5413330089600010"]),
     ("/etc/x/cvc: 737 and /etc/y/password: swordfish", ["737", "swordfish"]),
+    # a passphrase or password of several words, or with punctuation (the crypto audit: all
+    # but its first word stayed)
+    ("passphrase=correct horse battery staple", ["horse", "staple"]),
+    ("Passphrase: open, sesame; now (really)", ["sesame", "really"]),
+    ('x=1 password=two words&y=2', ["two", "words"]),
     # key material without a field name
     ("derived 8f14e45fceea167a5a36dedd4bea2543a6b1c1d2e3f4a5b6c7d8e9f0a1b2c3d4", ["8f14e45fceea"]),
     ("blob fMtXTcQCbAi3gAwtOANt4tQEz2UUrorGVnDuCeYXTJUoF+NyNCmj+bwILU9io34q==", ["fMtXTcQC"]),
