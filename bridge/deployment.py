@@ -320,7 +320,7 @@ def _check_private(place: str, path: Path, what: str, warnings: list[str]) -> No
 
 def _check_content(place: str, path: Path, data: bytes, errors: list[str]) -> None:
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # (as the daemon reads it: read_secret)
     except UnicodeDecodeError:
         errors.append(f"{place}: {path} is not UTF-8 text: the daemon cannot read it; write "
                       "the secret again as plain UTF-8 text")

@@ -334,7 +334,8 @@ def test_an_unreadable_secret_is_a_warning_that_says_why(tmp_path, capsys, monke
     assert "as uid" in err and "the daemon reads it as its own user" in err, err
 
 
-@pytest.mark.parametrize("content", [b"", b"\n", b"\xff\xfe p\xe4ss\n"])
+@pytest.mark.parametrize("content", [b"", b"\n", b"\xff\xfe p\xe4ss\n",
+                                     b"\xef\xbb\xbf\n"])  # (a byte order mark alone: empty)
 def test_an_empty_or_undecodable_secret_is_an_error(tmp_path, capsys, content):
     secret = tmp_path / "pw"
     secret.write_bytes(content)

@@ -18,7 +18,7 @@ from bridge.protocol.transaction import TxKey
 from bridge.register_client import RegisterClient
 from bridge.simulator import responses
 
-from .follow_rig import A, BASE, DeviceByHand, bridge_on, wait_until
+from .follow_rig import A, B, BASE, DeviceByHand, bridge_on, wait_until
 
 
 @contextlib.asynccontextmanager
@@ -154,3 +154,56 @@ async def test_the_terminals_record_found_by_a_registers_status_request_corrects
             r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.ERROR, said
     assert "status request TILL1/ASK1" in said[0].getMessage(), said[0].getMessage()
+
+
+async def test_another_terminals_record_corrects_nothing(tmp_path, mosquitto, caplog):
+    """The payment ran on A and ended `not_found`; the till asks terminal B about it, and B
+    answers with a record under those IDs. That is no word of the terminal that ran it:
+    B's record corrected A's payment, and the log told the store to reverse a charge (the
+    review of the first fix)."""
+    dev_a, dev_b = DeviceByHand(tmp_path / "port-a"), DeviceByHand(tmp_path / "port-b")
+    try:
+        with caplog.at_level(logging.WARNING, logger="poi_bridge"):
+            async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port-a"),
+                                                       B: str(tmp_path / "port-b")},
+                                 payment_timeout=1, status_timeout=5) as bridge:
+                for device, poi_id in ((dev_a, A), (dev_b, B)):
+                    assert await wait_until(lambda d=device: "Diagnosis" in d.categories(), 10)
+                    device.answer_check_as(poi_id)
+                    assert await wait_until(
+                        lambda p=poi_id: bridge.workers[p].identity == "confirmed", 10)
+                async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                          base_topic=BASE, persistent=False) as till:
+                    paying = asyncio.create_task(till.pay(A, 12.5, timeout=20))
+                    assert await wait_until(lambda: "Payment" in dev_a.categories(), 10)
+                    request = [d for d in dev_a.received
+                               if "PaymentRequest" in d["SaleToPOIRequest"]][-1]
+                    service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+                    assert await wait_until(
+                        lambda: "TransactionStatus" in dev_a.categories(), 10)
+                    poll = [d for d in dev_a.received
+                            if "TransactionStatusRequest" in d["SaleToPOIRequest"]][-1]
+                    dev_a.send(responses.status_not_found(poll))
+                    assert (await paying)["bridge"]["outcome"] == "not_found"
+                    asking = asyncio.create_task(till.request(builders.status_request(
+                        sale_id="TILL1", service_id="ASK1", poi_id=B,
+                        original_service_id=service_id, original_category="Payment"),
+                        timeout=20))
+
+                    def asked() -> list[dict]:
+                        return [d for d in dev_b.received
+                                if d["SaleToPOIRequest"]["MessageHeader"]["ServiceID"] == "ASK1"]
+                    assert await wait_until(lambda: bool(asked()), 10)
+                    dev_b.send(responses.status_success(
+                        asked()[-1], responses.payment_response(request, "approve", 0)))
+                    await asking
+                    await asyncio.sleep(0.5)  # a correction would be out by now
+                    assert not [r for r in till.responses if r["bridge"].get("corrects")]
+                    assert bridge.workers[B].session.last_request_at.get("Payment") is None
+        stored = Journal(tmp_path / "journal.sqlite3", readonly=True).get(
+            TxKey("TILL1", service_id))
+        assert (stored.poi_id, stored.outcome) == (A, "not_found")
+        assert not [r for r in caplog.records if "reverse one" in r.getMessage()]
+    finally:
+        dev_a.close()
+        dev_b.close()

@@ -55,6 +55,7 @@ from bridge.deployment import password_to_fix
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.builders import failure_response
 from bridge.protocol.messages import MessageError, load_json
+from bridge.protocol.outcome import MONEY_CATEGORIES
 from bridge.protocol.transaction import TxKey
 from bridge.redaction import redact
 from bridge.transports import Backoff
@@ -683,7 +684,8 @@ class RegisterGateway:
                 self._refuse(message.topic.value, payload, reply, route.problem)
                 self.journal.after_commit(functools.partial(client.ack, message))
                 continue
-            aside = self.set_aside.get(payload) if self.set_aside is not None else None
+            aside = self.set_aside.get(message.topic.value, payload) \
+                if self.set_aside is not None else None
             if aside is not None:
                 self._refuse_set_aside(message.topic.value, payload, reply, aside)
                 self.journal.after_commit(functools.partial(client.ack, message))
@@ -725,6 +727,21 @@ class RegisterGateway:
 
     def _refuse_set_aside(self, topic: str, payload: bytes, reply: Reply,
                           aside: SetAside) -> None:
+        """Refuse a request (or command) that stopped the daemon when it was handled. Its
+        step was taken back before anything of it went out: what that means for its sender
+        depends on what it was."""
+        route = self.topics.parse_request_topic(topic)
+        command = route is not None and route.kind == "bridge"
+        stopped = (f"this {'command' if command else 'request'} stopped the bridge when it was "
+                   f"handled ({aside.at}, a fault of the bridge: please report it with the log "
+                   "of that time) and is not handled again")
+        if self.set_aside is not None and self.set_aside.first_time(topic, payload):
+            log.error("a %s on %s stopped the bridge at %s and was set aside: refused, not "
+                      "handled again (nothing of it was done). Please report it with the log "
+                      "of that time", "command" if command else "request", topic, aside.at)
+        if command:
+            self._refuse(topic, payload, reply, f"{stopped}; nothing of it was done")
+            return
         try:
             header = request_header(load_json(payload, max_size=self.config.max_payload))
         except MessageError:
@@ -732,8 +749,6 @@ class RegisterGateway:
         sale_id, service_id = id_text(header.get("SaleID")), id_text(header.get("ServiceID"))
         known = self.journal.get(TxKey(sale_id, service_id)) if sale_id and service_id \
             else None
-        stopped = (f"this request stopped the bridge when it was handled ({aside.at}, a fault "
-                   "of the bridge) and is not handled again")
         if known is not None:
             # Its IDs were recorded before (this was a repeat, say): that transaction may
             # have run, whatever became of this copy
@@ -741,16 +756,21 @@ class RegisterGateway:
                      f"({known.state}{', ' + known.outcome if known.outcome else ''}): do not "
                      "charge again, ask with a TransactionStatus request about it")
             self._internal_error(topic, payload, reply, error=error)
-        else:
+        elif not isinstance(category := header.get("MessageCategory"), str) \
+                or category in MONEY_CATEGORIES:  # (one that cannot be read may be one)
             error = (f"{stopped}: nothing was sent to the terminal and nothing was charged by "
                      "it. Send the sale again as a new request with a new ServiceID")
             self._internal_error(topic, payload, reply, error=error, outcome="rejected",
                                  condition="MessageFormat")
-        if self.set_aside is not None and self.set_aside.first_time(payload):
-            log.error("a request on %s stopped the bridge at %s and was set aside: refused, "
-                      "not handled again (nothing was sent for it). Please report it with "
-                      "the log of that time; the register is told to send the sale again",
-                      topic, aside.at)
+        else:
+            # A status request or an abort names another transaction, which this one did
+            # not touch: an abort did not reach the terminal, the payment goes on
+            error = (f"{stopped}: nothing was sent to the terminal for it. Send it again with "
+                     "a new ServiceID; a transaction it names is not affected by it (an abort "
+                     "did not reach the terminal: that payment goes on) and its own result "
+                     "follows under its own IDs")
+            self._internal_error(topic, payload, reply, error=error, outcome="rejected",
+                                 condition="MessageFormat")
 
     def _internal_error(self, topic: str, payload: bytes, reply: Reply, *,
                         error: str | None = None, outcome: str = "error",

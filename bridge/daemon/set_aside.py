@@ -5,9 +5,9 @@ daemon before the request that caused it is acknowledged, so the broker delivers
 at the next start, and it stops the daemon again: after five starts systemd gives up, and
 every terminal of the store is offline for one bad request. As the daemon stops, the
 request's digest is written here (a plain file beside the journal: the journal may be what
-failed); from the next start a request with those exact bytes is refused, not handled. Its
-step was taken back and its frame never written (frames go out after their step's
-commit), so nothing was started by it.
+failed); from the next start a request with those exact bytes on that topic is refused,
+not handled. Its step was taken back and its frame never written (frames go out after their
+step's commit), so nothing was started by it.
 """
 
 from __future__ import annotations
@@ -60,18 +60,20 @@ class SetAsideRequests:
                 continue  # a line cut short by the stop that wrote it
 
     @staticmethod
-    def digest(payload: bytes) -> str:
-        return hashlib.sha256(payload).hexdigest()
+    def digest(topic: str, payload: bytes) -> str:
+        """Of the topic and the bytes: the same body on another topic (a command's, say) is
+        another request."""
+        return hashlib.sha256(topic.encode() + b"\0" + payload).hexdigest()
 
-    def get(self, payload: bytes) -> SetAside | None:
-        return self._entries.get(self.digest(payload)) if self._entries else None
+    def get(self, topic: str, payload: bytes) -> SetAside | None:
+        return self._entries.get(self.digest(topic, payload)) if self._entries else None
 
     def entries(self) -> list[SetAside]:
         return list(self._entries.values())
 
-    def first_time(self, payload: bytes) -> bool:
+    def first_time(self, topic: str, payload: bytes) -> bool:
         """Whether this start has not logged this request yet (it is refused every time)."""
-        digest = self.digest(payload)
+        digest = self.digest(topic, payload)
         if digest in self._told:
             return False
         self._told.add(digest)
@@ -80,7 +82,7 @@ class SetAsideRequests:
     def add(self, topic: str, payload: bytes) -> None:
         """Written and flushed to the disk before the daemon stops (os._exit skips
         everything): the whole file again, at most MOST_KEPT entries, replaced at once."""
-        digest = self.digest(payload)
+        digest = self.digest(topic, payload)
         self._entries.pop(digest, None)
         self._entries[digest] = SetAside(topic, dt.datetime.now(dt.UTC).isoformat(
             timespec="seconds"))

@@ -439,7 +439,10 @@ class TerminalWorker:
         key = TxKey(answer.sale_id, answer.service_id)
         known = self.journal.get(key)
         if known is not None and known.state is TxState.FINAL \
-                and known.outcome in CORRECTABLE and known.category == answer.category:
+                and known.outcome in CORRECTABLE and known.category == answer.category \
+                and (answer.found_by is None or known.poi_id == self.poi_id):
+            # (a record found by a status request sent to another terminal than the one the
+            # payment ran on is no word of that terminal)
             self._correct(known, answer)
             return
         if answer.found_by is not None:
