@@ -159,6 +159,7 @@ LEAKY_SHAPES = [
     ("passphrase=correct horse battery staple", ["horse", "staple"]),
     ("Passphrase: open, sesame; now (really)", ["sesame", "really"]),
     ('x=1 password=two words&y=2', ["two", "words"]),
+    ("Passphrase: open, sesame (really) now", ["sesame", "really", "now"]),
     # key material without a field name
     ("derived 8f14e45fceea167a5a36dedd4bea2543a6b1c1d2e3f4a5b6c7d8e9f0a1b2c3d4", ["8f14e45fceea"]),
     ("blob fMtXTcQCbAi3gAwtOANt4tQEz2UUrorGVnDuCeYXTJUoF+NyNCmj+bwILU9io34q==", ["fMtXTcQC"]),
@@ -499,3 +500,17 @@ def test_the_digits_of_a_decimal_number_are_never_taken_for_a_card_number(amount
     number does (58 of 9,995 computed prices), blanking a register's float amounts where a
     technician reads them."""
     assert redact(f"RequestedAmount {amount} EUR") == f"RequestedAmount {amount} EUR"
+
+
+def test_a_passphrase_field_leaves_the_rest_of_the_line_readable():
+    """Taken to the line's end (the first fix for multi-word passphrases), a Password field
+    ate a logged answer's Result and ErrorCondition, and a settings line's next setting (the
+    review): its value ends where a field does."""
+    answer = ('unusable answer: {"AdminResponse": {"Password": null, "Response": '
+              '{"Result": "Failure", "ErrorCondition": "NotAllowed"}}}')
+    cleaned = redact(answer)
+    assert '"ErrorCondition": "NotAllowed"' in cleaned and '"Result": "Failure"' in cleaned
+    cleaned = redact("key.passphrase=correct horse; battery staple")  # (all of it)
+    assert "horse" not in cleaned and "staple" not in cleaned
+    cleaned = redact("{'password': 'two words', 'user': 'till1'}")
+    assert "two words" not in cleaned and "'user': 'till1'" in cleaned
