@@ -16,6 +16,7 @@ UNIT = ROOT / "systemd" / "poi-bridge.service"
 SYSUSERS = ROOT / "systemd" / "poi-bridge.sysusers"
 TMPFILES = ROOT / "systemd" / "poi-bridge.tmpfiles"
 MODULES = ROOT / "systemd" / "poi-bridge.modules-load"
+TIME_WAIT = ROOT / "systemd" / "time-wait-sync-bounded.conf"
 HOST_UNITS = Path("/usr/lib/systemd/system")
 MAX_EXPOSURE = 2.0
 
@@ -187,3 +188,37 @@ def test_modules_load_registers_the_device_classes() -> None:
                if line.strip() and not line.startswith("#")]
     # usbserial registers the ttyUSB major, cdc_acm the ttyACM major that DeviceAllow names.
     assert modules == ["usbserial", "cdc_acm"]
+
+
+def test_the_wait_for_ntp_is_bounded_so_the_bridge_starts_without_internet() -> None:
+    """The unit starts after time-sync.target, and the README has a box without a battery
+    clock enable systemd-time-wait-sync, which Debian ships to wait for ever: a store whose
+    internet was down at boot never started the bridge (the deployment audit). The shipped
+    drop-in bounds it, and the README installs it where systemd reads it."""
+    assert "time-sync.target" in unit_settings(UNIT)["Unit"]["After"]
+    host = HOST_UNITS / "systemd-time-wait-sync.service"
+    if host.exists():  # (why the drop-in exists: the host's own wait has no limit)
+        assert unit_settings(host)["Service"]["TimeoutStartSec"] == ["infinity"]
+    (bound,) = unit_settings(TIME_WAIT)["Service"]["TimeoutStartSec"]
+    assert bound.endswith("s") and 0 < int(bound[:-1]) <= 120, bound
+    readme = (ROOT / "README.md").read_text()
+    assert ("install -D -m644 systemd/time-wait-sync-bounded.conf \\\n    /usr/lib/systemd/system/"
+            "systemd-time-wait-sync.service.d/poi-bridge.conf") in readme
+
+
+@needs_analyze
+def test_the_bounded_wait_for_ntp_verifies(tmp_path: Path) -> None:
+    root = verify_root(tmp_path, UNIT.read_text())
+    drop_in = root / "usr/lib/systemd/system/systemd-time-wait-sync.service.d"
+    drop_in.mkdir(parents=True)
+    (drop_in / "poi-bridge.conf").write_text(TIME_WAIT.read_text())
+    host = HOST_UNITS / "systemd-time-wait-sync.service"
+    if not host.exists():
+        pytest.skip("this systemd has no systemd-time-wait-sync.service")
+    binary = root / unit_settings(host)["Service"]["ExecStart"][0].split()[0].lstrip("/")
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    binary.write_text("#!/bin/sh\nexit 0\n")
+    binary.chmod(0o755)
+    done = run(ANALYZE, "verify", f"--root={root}", "systemd-time-wait-sync.service")
+    # (a mistake in the drop-in, an unknown key say, is a warning naming its file)
+    assert done.returncode == 0 and "poi-bridge.conf" not in done.stderr, done.stderr

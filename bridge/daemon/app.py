@@ -386,7 +386,8 @@ class Bridge:
                     "clock and the times of %d journal row(s) follow it; time-outs under way "
                     "keep their length. A box without a battery-backed clock should start the "
                     "bridge after NTP has set the time (systemctl enable "
-                    "systemd-time-wait-sync)", delta, rows)
+                    "systemd-time-wait-sync, with the README's drop-in that bounds its wait)",
+                    delta, rows)
         return delta
 
     async def _prune_loop(self) -> None:
