@@ -523,6 +523,25 @@ def test_generated_usb_rule_matches_the_serial_as_udev_writes_it() -> None:
     assert 'ENV{ID_SERIAL_SHORT}=="V400m_1"' in terminal_rules(config)[0].line
 
 
+def test_a_usb_terminal_without_serial_does_not_name_its_twins_device() -> None:
+    """Two terminals of one model, one configured with its serial, one without (check-config
+    warns of it): the rule of the one without matched the other's device too, which got both
+    names in /dev/poi/usb/ and the wrong POI_BRIDGE_POI_ID (the deployment audit)."""
+    config = parse_config({"terminals": [
+        {"poi_id": "V240m-44444", "link": {"kind": "usb", "vendor_id": "0x11ca",
+                                           "product_id": "0x0219", "serial": "44444"}},
+        {"poi_id": "V240m-55555", "link": {"kind": "usb", "vendor_id": "0x11ca",
+                                           "product_id": "0x0219"}}]})
+    rules = render_rules(config)
+    check_rules(rules)
+    named = apply_rules(rules, usb_device("11ca", "0219", "44444"))
+    assert (named.symlinks, named.env.get("POI_BRIDGE_POI_ID")) == (
+        ["poi/usb/V240m-44444"], "V240m-44444")
+    other = apply_rules(rules, usb_device("11ca", "0219", "99999"))
+    assert (other.symlinks, other.env.get("POI_BRIDGE_POI_ID")) == (
+        ["poi/usb/V240m-55555"], "V240m-55555")
+
+
 @pytest.mark.parametrize("device, parents, symlinks, poi_id", [
     (acm_tty("0b00", "0054", "12345678"), ("usb",), (), "Desk3500-12345678"),
     (acm_tty("2fb8", "2101", None), ("usb",), (), "A920-0820000001"),

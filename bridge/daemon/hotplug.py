@@ -562,8 +562,10 @@ class HotplugMonitor:
                 self._warned_ambiguous.add(poi_id)
                 nodes = ", ".join(sorted(d.devname or d.devpath for d in devices.values()))
                 log.warning("terminal %s: %d devices match its configuration (%s); using %s. "
-                            "Set link.serial (USB) or a /dev/poi/ or by-id path (serial) so "
-                            "exactly one device matches", poi_id, len(devices), nodes,
+                            "Set link.serial (USB); for a serial link, a /dev/poi/ path, or "
+                            "/dev/serial/by-id/ if the device reports a USB serial number, else "
+                            "/dev/serial/by-path/ (its USB port), so exactly one device "
+                            "matches", poi_id, len(devices), nodes,
                             self._current[poi_id].devname)
         else:
             self._warned_ambiguous.discard(poi_id)

@@ -188,7 +188,11 @@ def _serial_rule(terminal: TerminalConfig, link: SerialLink) -> TerminalRule:
     return TerminalRule(poi_id, summary, line)
 
 
-def _usb_rule(terminal: TerminalConfig, link: UsbLink) -> TerminalRule:
+def _usb_rule(terminal: TerminalConfig, link: UsbLink,
+              twins_serials: tuple[str, ...] = ()) -> TerminalRule:
+    """`twins_serials`: the serials other terminals of these ids are configured with; a link
+    without a serial leaves their devices alone (its rule matched them too: one device got
+    both names, and the last POI_BRIDGE_POI_ID)."""
     poi_id = terminal.poi_id
     vendor, product = usb_id_text(link.vendor_id), usb_id_text(link.product_id)
     summary = f"usb link {vendor}:{product}" + (f" serial {link.serial}" if link.serial else
@@ -206,6 +210,9 @@ def _usb_rule(terminal: TerminalConfig, link: UsbLink) -> TerminalRule:
                                 f"terminal {poi_id}: usb serial {link.serial!r} contains "
                                 f"characters a udev rule cannot match literally")
         matches.append(f'ENV{{ID_SERIAL_SHORT}}=="{serial}"')
+    else:
+        matches += [f'ENV{{ID_SERIAL_SHORT}}!="{udev_serial(twin) or twin}"'
+                    for twin in twins_serials if _PLAIN.match(udev_serial(twin) or twin)]
     line = ", ".join(matches + [f'SYMLINK+="poi/usb/{poi_id}"'] + _assignments(poi_id))
     return TerminalRule(poi_id, summary, line)
 
@@ -218,7 +225,12 @@ def terminal_rules(config: Config | Iterable[TerminalConfig]) -> list[TerminalRu
         if isinstance(terminal.link, SerialLink):
             out.append(_serial_rule(terminal, terminal.link))
         elif isinstance(terminal.link, UsbLink):
-            out.append(_usb_rule(terminal, terminal.link))
+            link = terminal.link
+            out.append(_usb_rule(terminal, link, tuple(
+                other.link.serial for other in terminals
+                if other is not terminal and isinstance(other.link, UsbLink)
+                and other.link.serial and (other.link.vendor_id, other.link.product_id)
+                == (link.vendor_id, link.product_id))))
     return out
 
 
