@@ -18,6 +18,7 @@ import sys
 import termios
 import tty
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,54 @@ async def test_serial_line_that_takes_nothing_ends_the_link_saying_why(pty, capl
     except (BlockingIOError, OSError):
         crossed = b""
     assert crossed == b""
+
+
+class KernelQueue:
+    """What TIOCOUTQ says for the port, set by the test: a pty has no output queue (its
+    TIOCOUTQ is always 0), a UART or USB serial adapter does."""
+
+    def __init__(self, monkeypatch, queued: int) -> None:
+        from bridge.transports import serial as serial_module
+
+        self.queued = queued
+        monkeypatch.setattr(serial_module, "_output_queued", lambda fd: self.queued)
+
+
+async def test_serial_output_the_kernel_holds_for_a_held_line_ends_the_link(pty, monkeypatch):
+    """A frame smaller than the driver's free buffer never makes write() wait: on a held line
+    it sat in the kernel, with its retransmissions, and went out when the line moved (the
+    review of the first watchdog). Output the kernel holds must go down."""
+    transport = SerialTransport(SerialLink(device=pty.path), held_limit=0.3)
+    await within(transport.open())
+    KernelQueue(monkeypatch, 5)  # what the write below leaves there: taken, never sent
+    reading = asyncio.create_task(transport.read())
+    assert transport.write_nowait(b"\x02{}\x03x") == 5
+    with pytest.raises(LinkClosed, match="has taken no data for 0.3 s"):
+        await within(reading)
+    assert not transport.is_open
+
+
+async def test_serial_output_the_kernel_sends_slowly_keeps_the_link(pty, monkeypatch):
+    """A slow line sends what the kernel holds a little at a time: no held line, also while a
+    write waits for room longer than held_limit (the kernel wakes a writer only once a few
+    hundred bytes are free: 32 s at 1200 baud)."""
+    transport = SerialTransport(SerialLink(device=pty.path), held_limit=0.3)
+    await within(transport.open())
+    queue = KernelQueue(monkeypatch, 4000)
+    termios.tcflow(transport._fd, termios.TCOOFF)  # no room: the write waits ...
+    writing = asyncio.create_task(transport.write(payload(8192)))
+    for _ in range(8):  # ... for 1.2 s, four times held_limit, while the line moves
+        await asyncio.sleep(0.15)
+        queue.queued -= 300
+    assert transport.is_open and not writing.done()
+    termios.tcflow(transport._fd, termios.TCOON)
+    assert await pty.recv(8192) == payload(8192)
+    await within(writing)
+    for _ in range(6):  # the rest leaves slowly: still no held line
+        await asyncio.sleep(0.15)
+        queue.queued = max(0, queue.queued - 400)
+    assert transport.is_open
+    await within(transport.close())
 
 
 async def test_serial_line_that_moves_slowly_is_not_called_held(pty):
@@ -482,26 +531,35 @@ async def test_serial_second_opener_is_refused(pty, serial_link):
     assert await within(serial_link.read()) == b"\x05"
 
 
-async def test_serial_port_is_refused_to_a_program_that_takes_no_lock(pty, serial_link):
-    """pyserial's exclusive=True is an advisory flock: `cat`, screen or a vendor tool that
-    opens the tty plainly got in beside the bridge, and whichever read first took the
-    terminal's ACKs and answers (the transports audit). The port is opened TIOCEXCL too: a
-    second open(2) fails with EBUSY (root, CAP_SYS_ADMIN, still gets through: hence the
-    ModemManager rule in udev/)."""
+def other_user_opens(path: str) -> Callable[[], str]:
+    """A function that tries to open(2) `path` as another user than the bridge's: "opened",
+    or the errno's number."""
     import subprocess
     import sys
 
     from .rig import as_nobody, python_env
 
     prefix = as_nobody("a second program opening the port")
-    os.chmod(pty.path, 0o666)  # (the user may open it: only the port's exclusivity refuses)
+    os.chmod(path, 0o666)  # (the user may open it: only the port's exclusivity refuses)
     probe = ("import os\ntry:\n    os.open(%r, os.O_RDWR | os.O_NOCTTY)\n    print('opened')\n"
-             "except OSError as exc:\n    print(exc.errno)" % pty.path)
+             "except OSError as exc:\n    print(exc.errno)" % path)
+    return lambda: subprocess.run([*prefix, sys.executable, "-c", probe], capture_output=True,
+                                  text=True, cwd="/", env=python_env(),
+                                  timeout=60).stdout.strip()
 
-    def other_opens() -> str:
-        return subprocess.run([*prefix, sys.executable, "-c", probe], capture_output=True,
-                              text=True, cwd="/", env=python_env(), timeout=60).stdout.strip()
 
+async def test_serial_port_is_refused_to_a_program_that_takes_no_lock(pty, monkeypatch):
+    """pyserial's exclusive=True is an advisory flock: `cat`, screen or a vendor tool that
+    opens the tty plainly got in beside the bridge, and whichever read first took the
+    terminal's ACKs and answers (the transports audit). The port is opened TIOCEXCL too: a
+    second open(2) fails with EBUSY (root, CAP_SYS_ADMIN, still gets through: hence the
+    ModemManager rule in udev/). (A pty is left out, below: here one stands for a port.)"""
+    from bridge.transports import serial as serial_module
+
+    monkeypatch.setattr(serial_module, "_is_pty", lambda fd: False)
+    other_opens = other_user_opens(pty.path)
+    serial_link = SerialTransport(SerialLink(device=pty.path))
+    await within(serial_link.open())
     assert other_opens() == str(errno.EBUSY)
     await pty.send(b"\x05")  # the owner is unaffected
     assert await within(serial_link.read()) == b"\x05"
@@ -509,6 +567,13 @@ async def test_serial_port_is_refused_to_a_program_that_takes_no_lock(pty, seria
     # the daemon, which runs as its own user, opens it again after every relink
     await within(serial_link.close())
     assert other_opens() == "opened"
+
+
+async def test_a_pty_is_not_made_exclusive(pty, serial_link):
+    """A pty (socat, a simulator) keeps TIOCEXCL for as long as its other end is open, also
+    after a daemon killed while holding it: the restarted daemon, not root, was refused
+    EBUSY until the pty was made again (the review). A pty is left open to others."""
+    assert other_user_opens(pty.path)() == "opened"
 
 
 def test_pyserial_sees_a_vanished_pty_as_readable_but_empty(pty):
@@ -584,7 +649,8 @@ async def test_serial_open_something_that_is_not_a_serial_port(tmp_path):
         (errno.EPERM, ["operation not permitted", "systemd sandbox of poi-bridge.service",
                        "DevicePolicy=closed", "`systemctl edit poi-bridge`",
                        "[Service] DeviceAllow=char-pts rw"]),
-        (errno.EBUSY, ["busy", "ModemManager", 'ID_MM_DEVICE_IGNORE}="1"']),
+        (errno.EBUSY, ["busy", "another program has it open", "fuser -v", "ModemManager",
+                       'ID_MM_DEVICE_IGNORE}="1"']),
         (errno.EAGAIN, ["in use by another process"]),
         (errno.ENXIO, ["not answering", "unplugged"]),
     ],

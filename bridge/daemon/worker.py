@@ -361,7 +361,7 @@ class TerminalWorker:
         there (its cable moved to another terminal's port). The link open now is dropped;
         open transactions are asked about on the new one, never sent again. `released`: set
         once the worker that holds `link` now has closed it (opened before, the device
-        would be "in use by another process", and the log would say so)."""
+        would be "in use" or "busy", and the log would say so)."""
         self.config = self.config.model_copy(update={"link": link})
         self._handed_over_by = released
         self._cancel_grace()  # followed: the device here is no longer wrong

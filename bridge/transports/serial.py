@@ -38,9 +38,8 @@ READ_CHUNK = 4096
 MAX_UNREAD = 1 << 16  # bytes read ahead of a read() call, at most
 DRAIN_LIMIT = 2.0  # seconds close() waits at most for output the line has not sent yet
 DRAIN_MARGIN = 0.1  # on top of the queued bytes' line time (USB adapters' latency timer)
-# s a write may wait with the kernel taking nothing more before the link is called held and
-# ends: the kernel wakes a writer once a few hundred bytes are free, within a few seconds at
-# the slowest baud rates a terminal uses
+# s the line may take nothing (output the kernel holds not going down, or a write waiting for
+# room while it does not) before the link is called held and ends
 HELD_LINE_LIMIT = 10.0
 DRAIN_POLL = 0.01  # seconds between looks at the output queue while draining
 # Errors that mean the device itself is gone (unplugged, hung up, driver unbound).
@@ -65,6 +64,8 @@ class SerialTransport(Transport):
         self.close_timeout = close_timeout
         self.drain_limit = drain_limit
         self.held_limit = held_limit
+        # Armed while the kernel holds output for the line: it must go down (_check_queue)
+        self._queue_check: asyncio.TimerHandle | None = None
         self._port: serial.Serial | None = None
         self._fd: int | None = None
         self._reason = f"serial device {link.device} is not open"
@@ -178,9 +179,11 @@ class SerialTransport(Transport):
         if fd is None or self._unsent:  # (after what an earlier write() still holds)
             return 0
         try:
-            return os.write(fd, data)
+            written = os.write(fd, data)
         except OSError:  # full (EAGAIN), or gone: write() waits, or reports the loss
             return 0
+        self._watch_queue(fd)
+        return written
 
     async def write(self, data: bytes) -> None:
         """Returns once the kernel has taken every byte of `data` (and of what a cancelled
@@ -196,6 +199,8 @@ class SerialTransport(Transport):
                 dropped_from, dropped_to = self._dropped
                 if dropped_from < end and dropped_to > start:  # not all reached the kernel
                     raise await self._closed_error()
+                if self._fd is not None:
+                    self._watch_queue(self._fd)
                 return
             fd = self._fd
             if fd is None:
@@ -302,8 +307,11 @@ class SerialTransport(Transport):
             termios.tcsetattr(port.fd, termios.TCSANOW, attrs)
             # Any further open(2) of the tty fails with EBUSY while the bridge has it: `cat`,
             # screen or a vendor tool would otherwise take the terminal's ACKs and answers
-            # (root still gets in: CAP_SYS_ADMIN; ModemManager is kept off by the udev rule)
-            fcntl.ioctl(port.fd, termios.TIOCEXCL)
+            # (root still gets in: CAP_SYS_ADMIN; ModemManager is kept off by the udev rule).
+            # Not a pty (socat, a simulator): its flag outlives a daemon killed holding it,
+            # and the restarted daemon, not root, would be refused until the pty is remade
+            if not _is_pty(port.fd):
+                fcntl.ioctl(port.fd, termios.TIOCEXCL)
         except (termios.error, OSError) as exc:
             _close_port(port)
             raise LinkClosed(_setup_failure(link.device, exc)) from exc
@@ -387,9 +395,8 @@ class SerialTransport(Transport):
     async def _wait_writable_unless_held(self, fd: int) -> None:
         """Wait for room in the kernel's buffer; a line that takes nothing for held_limit s
         (the terminal off with RTS/CTS: CTS low; an XOFF; a USB-CDC terminal refusing data)
-        ends the link, its output discarded. Left waiting, the link looked up while nothing
-        crossed, and once the line moved again every frame queued meanwhile went out, a
-        payment whose register had long been told `unresolved` among them."""
+        ends the link (_held). The kernel wakes a writer only once a few hundred bytes are
+        free (32 s at 1200 baud): output it sends meanwhile counts as progress."""
         queued = _output_queued(fd)
         while True:
             try:
@@ -403,14 +410,43 @@ class SerialTransport(Transport):
                 if now is not None and queued is not None and now < queued:
                     queued = now  # slow, but moving (below the kernel's wake-up mark)
                     continue
-                self._reason = (
-                    f"serial device {self.link.device} has taken no data for "
-                    f"{self.held_limit:g} s: the terminal is off, or flow control (RTS/CTS, "
-                    "XON/XOFF) holds the line; check that the terminal is on, its cable, and "
-                    "the rtscts/xonxoff settings")
-                log.warning("%s: %s", self.describe(), self._reason)
-                self._start_closing()
+                self._held()
                 return
+
+    def _watch_queue(self, fd: int) -> None:
+        """Output the kernel has taken may still wait for a held line (a frame smaller than
+        the driver's free buffer never makes write() wait): while the kernel holds some, it
+        must go down within held_limit s. (A pty has no output queue: nothing to watch.)"""
+        if self._queue_check is None:
+            queued = _output_queued(fd)
+            if queued:
+                self._queue_check = asyncio.get_running_loop().call_later(
+                    self.held_limit, self._check_queue, fd, queued)
+
+    def _check_queue(self, fd: int, queued: int) -> None:
+        self._queue_check = None
+        if self._fd != fd:
+            return
+        now = _output_queued(fd)
+        if not now:
+            return  # all out (or the device gone: its read reports that)
+        if now < queued:
+            self._queue_check = asyncio.get_running_loop().call_later(
+                self.held_limit, self._check_queue, fd, now)
+            return
+        self._held()
+
+    def _held(self) -> None:
+        """The line has taken nothing for held_limit s: the link ends, its output dropped.
+        Left so, it looked up while nothing crossed, and once the line moved again every
+        frame queued meanwhile went out, a payment reported `unresolved` long since among
+        them."""
+        self._reason = (
+            f"serial device {self.link.device} has taken no data for {self.held_limit:g} s: "
+            "the terminal is off, or flow control (RTS/CTS, XON/XOFF) holds the line; check "
+            "that the terminal is on, its cable, and the rtscts/xonxoff settings")
+        log.warning("%s: %s", self.describe(), self._reason)
+        self._start_closing()
 
     def _lose(self, detail: str) -> None:
         """The device is gone: record why (unless close() came first) and release the port."""
@@ -430,6 +466,9 @@ class SerialTransport(Transport):
         fd, port = self._fd, self._port
         assert fd is not None and port is not None
         loop = asyncio.get_running_loop()
+        if self._queue_check is not None:
+            self._queue_check.cancel()
+            self._queue_check = None
         if self._reading:
             loop.remove_reader(fd)
             self._reading = False
@@ -463,6 +502,14 @@ class SerialTransport(Transport):
         else:
             if self._closing is closing:
                 self._closing = None
+
+
+# Unix98 pty slaves (/dev/pts/N): character majors 136-143 (Documentation/admin-guide/devices)
+_PTY_SLAVE_MAJORS = range(136, 144)
+
+
+def _is_pty(fd: int) -> bool:
+    return os.major(os.fstat(fd).st_rdev) in _PTY_SLAVE_MAJORS
 
 
 def _output_queued(fd: int) -> int | None:
@@ -559,8 +606,10 @@ def _open_failure(device: str, exc: serial.SerialException) -> str:
         return (f"serial device {device} is in use by another process (a second poi-bridge "
                 f"or a terminal program?)")
     if code == errno.EBUSY:
-        return (f"serial device {device} is busy; ModemManager may be probing it (the udev "
-                f"rule 70-poi-bridge.rules sets ENV{{ID_MM_DEVICE_IGNORE}}=\"1\" to stop that)")
+        return (f"serial device {device} is busy: another program has it open (a second "
+                f"poi-bridge, or a terminal program such as screen, minicom or cat: `fuser -v "
+                f"{device}` names it), or ModemManager is probing it (the udev rule "
+                f"70-poi-bridge.rules sets ENV{{ID_MM_DEVICE_IGNORE}}=\"1\" to stop that)")
     if code in _GONE_ERRNOS:
         return f"serial device {device} is not answering (unplugged while opening?): {exc.strerror}"
     if code is None and "Could not configure port" in str(exc):
