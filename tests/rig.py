@@ -109,6 +109,15 @@ def write_config(workdir: Path, broker: Any, device: str, *, base: str = "poi-br
     return path
 
 
+def fault_injected(workdir: Path, source: str) -> Path:
+    """A directory holding `source` as sitecustomize.py: first on a Daemon's path
+    (`path_first`), it injects a fault into the real daemon process as it starts."""
+    directory = workdir / "fault"
+    directory.mkdir(exist_ok=True)
+    (directory / "sitecustomize.py").write_text(source)
+    return directory
+
+
 class Daemon:
     """`poi-bridge run` as a real process. With `file_size_limit`, no file the process writes
     may grow past that many bytes (RLIMIT_FSIZE): a full disk, for the journal. Its output

@@ -14,7 +14,8 @@ import textwrap
 
 from bridge.simulator import responses
 
-from .rig import POI, Daemon, Simulator, Subscriber, bridge_online, outcome_for, wait_until
+from .rig import (POI, Daemon, Simulator, Subscriber, bridge_online, fault_injected, outcome_for,
+                  wait_until)
 from .rig import write_config as write_store_config
 
 BASE = "poi-bridge"
@@ -42,18 +43,17 @@ FAULT = textwrap.dedent('''
 
 
 async def test_a_journal_read_failing_in_the_mqtt_side_stops_the_daemon(tmp_path, mosquitto):
-    (tmp_path / "fault").mkdir()
-    (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT)
+    fault = fault_injected(tmp_path, FAULT)
     sim = Simulator(tmp_path)
     daemon = Daemon(write_store_config(tmp_path, mosquitto, sim.link), tmp_path,
-                    path_first=tmp_path / "fault").start()
+                    path_first=fault).start()
     try:
         async with Subscriber(mosquitto, [f"{BASE}/registers/POS1/#"],
                               client_id="register-POS1", persistent=True) as register:
             await bridge_online(mosquitto, BASE)
             await register.publish(REQUEST, responses.payment_request("POS1", "OK1", POI, 1.0))
             await register.wait_for(outcome_for("OK1", "approved"), timeout=30)
-            (tmp_path / "fault" / "fail-reads").touch()
+            (fault / "fail-reads").touch()
             await register.publish(REQUEST, responses.payment_request("POS1", "R1", POI, 1.0))
             assert await asyncio.to_thread(
                 wait_until, lambda: daemon.process.poll() is not None, 30), \

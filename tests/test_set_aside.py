@@ -18,8 +18,8 @@ from bridge.simulator import responses
 
 from .follow_rig import A, bridge_on, simulator
 from .follow_rig import BASE as HAND_BASE
-from .rig import (POI, Daemon, Simulator, Subscriber, bridge_online, outcome_for, wait_until,
-                  write_config)
+from .rig import (POI, Daemon, Simulator, Subscriber, bridge_online, fault_injected, outcome_for,
+                  wait_until, write_config)
 
 BASE = "poi-bridge"
 REQUEST = f"{BASE}/terminals/{POI}/request/POS1"
@@ -43,11 +43,10 @@ FAULT = textwrap.dedent('''
 
 async def test_a_request_that_stopped_the_daemon_is_refused_at_the_next_start(
         tmp_path, mosquitto):
-    (tmp_path / "fault").mkdir()
-    (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT)
+    fault = fault_injected(tmp_path, FAULT)
     sim = Simulator(tmp_path)
     daemon = Daemon(write_config(tmp_path, mosquitto, sim.link), tmp_path,
-                    path_first=tmp_path / "fault").start()
+                    path_first=fault).start()
     try:
         async with Subscriber(mosquitto, [f"{BASE}/registers/POS1/#", f"{BASE}/bridge/error"],
                               client_id="register-POS1", persistent=True) as register:
@@ -132,12 +131,11 @@ async def test_a_status_request_set_aside_says_the_payment_it_names_goes_on(
     send the sale again" while the payment it named was being charged, a till could charge
     the shopper twice (the review of the set-aside). It is told that the transaction it
     names is not affected, and that payment's own result follows."""
-    (tmp_path / "fault").mkdir()
-    (tmp_path / "fault" / "sitecustomize.py").write_text(FAULT)
+    fault = fault_injected(tmp_path, FAULT)
     sim = Simulator(tmp_path, "--delay", "6")
     daemon = Daemon(write_config(tmp_path, mosquitto, sim.link,
                                  terminal={"payment_timeout": 30.0}), tmp_path,
-                    path_first=tmp_path / "fault").start()
+                    path_first=fault).start()
     try:
         async with Subscriber(mosquitto, [f"{BASE}/registers/POS1/#"],
                               client_id="register-POS1", persistent=True) as register:
