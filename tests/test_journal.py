@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sqlite3
@@ -121,6 +122,74 @@ def test_prune_forgets_only_old_final_and_delivered(tmp_path):
     journal.prune(older_than=10**12)
     assert journal.get(TxKey("R1", "S1")) is None
     assert journal.get(TxKey("R1", "S2")) is not None
+
+
+def test_prune_in_steps_clears_each_forgotten_transactions_retained_topic(tmp_path):
+    """The prune goes in steps of `limit` rows of each table (a busy store's hour of payments
+    deleted at once held the event loop 1-2 s: the journal audit); each transaction it
+    forgets has its retained document cleared in the same step."""
+    journal = Journal(tmp_path / "j.sqlite3")
+    for n in range(5):
+        journal.save(make_txn(f"S{n}", TxState.FINAL))
+    journal.save(make_txn("OPEN"))
+    ids = journal.enqueue([("t", b"x", 1, False)] * 3)
+    journal.mark_delivered(ids)
+
+    def retained(key: TxKey) -> str:
+        return f"transactions/{key.sale_id}/{key.service_id}"
+
+    steps = []
+    while (removed := journal.prune(10**12, 2, retained)) >= 2:
+        steps.append(removed)
+    steps.append(removed)
+    assert steps == [4, 3, 1], steps  # (2+2, 1+2, 0+1)
+    assert journal.get(TxKey("R1", "OPEN")) is not None
+    assert all(journal.get(TxKey("R1", f"S{n}")) is None for n in range(5))
+    cleared = [(m.topic, m.payload, m.retain) for m in journal.pending()]
+    assert sorted(cleared) == [(f"transactions/R1/S{n}", b"", True) for n in range(5)]
+
+
+async def test_the_prune_loop_lets_the_loop_run_between_its_steps(tmp_path):
+    import types
+
+    from bridge.daemon import app
+    from bridge.daemon.registers import Topics
+
+    journal = Journal(tmp_path / "j.sqlite3")
+    for n in range(3 * app.PRUNE_STEP + 1):
+        journal.save(make_txn(f"S{n}", TxState.FINAL))
+    bridge = types.SimpleNamespace(
+        clock=lambda: 10**12, journal=journal,
+        config=types.SimpleNamespace(mqtt=types.SimpleNamespace(transaction_retention=3600)),
+        gateway=types.SimpleNamespace(topics=Topics("b")))
+    passes = 0
+
+    async def count_passes() -> None:
+        nonlocal passes
+        while True:
+            passes += 1
+            await asyncio.sleep(0)
+
+    seen_at: list[int] = []  # the loop passes counted when each step began
+    prune = journal.prune
+
+    def step(*args):
+        seen_at.append(passes)
+        return prune(*args)
+
+    journal.prune = step
+    counting = asyncio.create_task(count_passes())
+    pruning = asyncio.create_task(app.Bridge._prune_loop(bridge))
+    try:
+        async with asyncio.timeout(10):
+            while len(journal.pending()) < 3 * app.PRUNE_STEP + 1:
+                await asyncio.sleep(0.01)
+    finally:
+        pruning.cancel()
+        counting.cancel()
+    assert len(seen_at) == 4 and seen_at == sorted(set(seen_at)), seen_at  # a pass between
+    assert {m.topic for m in journal.pending()} == {
+        f"b/transactions/R1/S{n}" for n in range(3 * app.PRUNE_STEP + 1)}
 
 
 def test_garbage_file_is_refused_not_recreated(tmp_path):

@@ -40,11 +40,13 @@ from bridge.daemon.peers import describe as describe_bridge
 from bridge.daemon.set_aside import SetAsideRequests, set_aside_path
 from bridge.daemon.worker import TerminalWorker, SteadyClock, describe_transactions
 from bridge.protocol import crypto
+from bridge.protocol.transaction import TxKey
 from bridge.transports import open_transport
 
 log = logging.getLogger("poi_bridge")
 
 PRUNE_INTERVAL = 3600.0
+PRUNE_STEP = 200  # rows of each table forgotten per loop pass
 CLOCK_CHECK_INTERVAL = 5.0  # s between looks at the system clock
 CLOCK_STEP = 30.0  # s: a difference this large is a step of the system clock, not drift
 JOURNAL_EXIT_STATUS = 3  # the journal cannot be opened, or no longer written
@@ -391,12 +393,16 @@ class Bridge:
         return delta
 
     async def _prune_loop(self) -> None:
+        def retained(key: TxKey) -> str:
+            return self.gateway.topics.transaction(key.sale_id, key.service_id)
+
         while True:
             cutoff = self.clock() - self.config.mqtt.transaction_retention
-            topics = [self.gateway.topics.transaction(k.sale_id, k.service_id)
-                      for k in self.journal.final_before(cutoff)]
-            self.gateway.clear_retained(topics)
-            self.journal.prune(cutoff)
+            # A step of PRUNE_STEP rows at a time, each its own loop pass: an hour of a busy
+            # store's payments (11 KB answers) deleted at once held every terminal and
+            # register for 1-2 s
+            while self.journal.prune(cutoff, PRUNE_STEP, retained) >= PRUNE_STEP:
+                await asyncio.sleep(0)
             await asyncio.sleep(PRUNE_INTERVAL)
 
     def _task_ended(self, task: asyncio.Task[Any]) -> None:

@@ -916,13 +916,6 @@ class Journal:
                 (len(documents), documents, since, len(responses), responses, limit))
             return db.execute("SELECT changes()").fetchone()[0]
 
-    def final_before(self, cutoff: float) -> list[TxKey]:
-        """Final transactions last touched before `cutoff` (their retained topics expire)."""
-        rows = self._db.execute(
-            "SELECT sale_id, service_id FROM transactions WHERE state = 'final' AND updated_at < ?",
-            (cutoff,))
-        return [TxKey(r[0], r[1]) for r in rows]
-
     def shift_times(self, delta: float, since: float, until: float) -> int:
         """Move by `delta` the times this run wrote, after its clock moved to follow a step
         of the system clock: every stamp but those an earlier run wrote (as they were when
@@ -945,13 +938,23 @@ class Journal:
                     f"WHERE state != 'final' AND {column} IS NOT NULL", (delta,)).rowcount
         return changed
 
-    def prune(self, older_than: float) -> int:
-        """Forget delivered messages and final transactions last touched before `older_than`."""
+    def prune(self, older_than: float, limit: int = -1,
+              retained: Callable[[TxKey], str] | None = None) -> int:
+        """Forget delivered messages and final transactions last touched before `older_than`,
+        at most `limit` of each (-1: all), in one step. `retained`: a transaction's retained
+        topic, cleared (an empty retained message queued) in the step that forgets it, so
+        that no transaction is forgotten with its document left on the broker. Returns the
+        rows removed; fewer than `limit` of each: nothing older is left."""
         with self._transaction() as db:
             removed = db.execute(
-                "DELETE FROM outbox WHERE delivered_at IS NOT NULL AND delivered_at < ?",
-                (older_than,)).rowcount
-            removed += db.execute(
-                "DELETE FROM transactions WHERE state = 'final' AND updated_at < ?",
-                (older_than,)).rowcount
-        return removed
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE delivered_at IS "
+                "NOT NULL AND delivered_at < ? LIMIT ?)", (older_than, limit)).rowcount
+            keys = db.execute(
+                "SELECT sale_id, service_id FROM transactions WHERE state = 'final' AND "
+                "updated_at < ? LIMIT ?", (older_than, limit)).fetchall()
+            if retained is not None:
+                for key in keys:
+                    self._enqueue(db, retained(TxKey(*key)), b"", 1, True)
+            db.executemany("DELETE FROM transactions WHERE sale_id = ? AND service_id = ?",
+                           keys)
+        return removed + len(keys)

@@ -295,10 +295,6 @@ class RegisterGateway:
                        else value for key, value in payload.items()}
         self.journal.enqueue([(topic, dumps(payload), 1, retain, correlation)])
 
-    def clear_retained(self, topics: list[str]) -> None:
-        if topics:
-            self.journal.enqueue([(topic, b"", 1, True) for topic in topics])
-
     def _run_pump(self) -> None:
         if self._pump is not None:
             self._pump.run()
