@@ -70,7 +70,7 @@ def _amount(text: str) -> float:
     return value + 0.0  # -0.0 as 0.0
 
 
-def _seconds(text: str) -> float:
+def seconds(text: str) -> float:
     """A time-out: a finite number of seconds, more than 0."""
     value = _finite(text)
     if not math.isfinite(value) or value <= 0:
@@ -146,7 +146,7 @@ def add_parser(subparsers: Any) -> None:
                           "for every try of one sale. Without it every call is a new order "
                           "(SALEID-SERVICEID) and the bridge cannot catch a retry of an "
                           "unfinished one")
-    pay.add_argument("--timeout", type=_seconds, default=300.0,
+    pay.add_argument("--timeout", type=seconds, default=300.0,
                      help="seconds to wait for the outcome (default 300)")
     resync = sub.add_parser("resync", help="ask the bridge to poll the terminal again")
     resync.add_argument("--service-id", required=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -120,6 +121,36 @@ def _build_scenario(args: argparse.Namespace) -> Scenario:
                     transactions=base.transactions, link=LinkBehaviour(**link))
 
 
+def _check_files(args: argparse.Namespace, scenario: Scenario) -> None:
+    """The files the simulator uses later, checked now: a --response-file that cannot be read
+    failed every request, a --ledger that cannot be written ended it with a traceback, the
+    ledger lost."""
+    named = [("--response-file" if args.response_file else "default.response_file",
+              scenario.default.response_file)]
+    named += [(f"transactions.{number}.response_file", entry.response_file)
+              for number, entry in enumerate(scenario.transactions)]
+    for where, path in named:
+        if path is None:
+            continue
+        try:
+            document = json.loads(Path(path).read_text())
+        except OSError as exc:
+            raise _Usage(f"{where} {path}: cannot read: {exc.strerror or exc}") from None
+        except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError
+            raise _Usage(f"{where} {path}: not a JSON document: {exc}") from None
+        if not isinstance(document, dict):
+            raise _Usage(f"{where} {path}: not a response document: it must be a JSON "
+                         "object, {\"SaleToPOIResponse\": ...}")
+    if args.ledger:
+        directory = args.ledger.parent
+        problem = (f"directory {directory} does not exist" if not directory.is_dir() else
+                   f"{args.ledger} is a directory" if args.ledger.is_dir() else
+                   f"directory {directory} is not writable" if not os.access(
+                       directory, os.W_OK | os.X_OK) else None)
+        if problem:
+            raise _Usage(f"--ledger {args.ledger}: cannot write there: {problem}")
+
+
 def _key(args: argparse.Namespace) -> crypto.NexoKey | None:
     if not args.key_id:
         return None
@@ -172,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
         if args.tcp:
             _tcp(args.tcp)  # before anything starts
         scenario = build_scenario(args)
+        _check_files(args, scenario)
         key = _key(args)
         asyncio.run(_serve(args, scenario, key))
     except _Usage as exc:

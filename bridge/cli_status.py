@@ -11,6 +11,7 @@ from typing import Any
 
 import aiomqtt
 
+from bridge.cli_register import seconds
 from bridge.config import ConfigError, load_config
 from bridge.daemon.journal import Journal, JournalError
 from bridge.daemon.registers import summary
@@ -56,7 +57,7 @@ def add_parser(subparsers: Any) -> None:
     resync.add_argument("service_id", metavar="SERVICEID")
     resync.add_argument("--config", required=True)
     _login_options(resync)
-    resync.add_argument("--wait", type=float, default=60.0,
+    resync.add_argument("--wait", type=seconds, default=60.0,
                         help="seconds to wait for the result (default 60)")
     resync.add_argument("--json", action="store_true")
     resync.set_defaults(handler=run_resync)
@@ -142,8 +143,14 @@ def run_status(args: argparse.Namespace) -> int:
           "delivered to the broker")
     for terminal in report["terminals"]:
         detail = f" ({terminal['detail']})" if terminal.get("detail") else ""
-        print(f"  terminal {terminal['poi_id']}: {terminal['state']}{detail}")
         identity = terminal.get("identity")
+        state = terminal["state"]
+        if state in ("online", "busy") and identity == "unknown":
+            # The link is up, but the device has not said it is this terminal (the daemon's
+            # state document): every request is refused, so not "online" to a technician
+            state = ("identity not confirmed: requests are refused until the terminal answers "
+                     "the identity check (check the framer, key and cable)")
+        print(f"  terminal {terminal['poi_id']}: {state}{detail}")
         if isinstance(identity, str) and identity.startswith("mismatch"):
             said = identity.partition(":")[2].strip() or "another terminal"
             print(f"    IDENTITY MISMATCH: the device on this terminal's link says it is "

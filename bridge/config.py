@@ -188,6 +188,11 @@ def _device_path(value: str) -> str:
     if not value or not value.isprintable():
         raise ValueError("must be a device path such as /dev/poi/ingenico-1234, printable "
                          "characters only")
+    if not value.startswith("/"):
+        # The daemon would open it from its working directory (/ under systemd): never there
+        raise PydanticCustomError(
+            "device_relative", "{given} is not an absolute path: write the full path, e.g. "
+            "device = {example}", {"given": f'"{value}"', "example": f'"/dev/{value}"'})
     return value
 
 
@@ -220,19 +225,44 @@ class TcpLink(_Strict):
         return 0.0
 
 
-def _hex16(value: int | str) -> int:
+def _hex16(value: int | str, info: ValidationInfo) -> int:
+    # Unquoted, `vendor_id = 0b00` is a TOML binary number (0), and `true` a boolean: no
+    # vendor has id 0, and the terminal would never be found.
+    if isinstance(value, bool) or (value == 0 and info.field_name == "vendor_id"):
+        raise PydanticCustomError(
+            "usb_id_unquoted", "{given} is not a USB id ({what}): write it in quotes as lsusb "
+            "shows it: {key} = \"0x0b00\"",
+            {"given": str(value).lower(), "key": info.field_name,
+             "what": "a boolean" if isinstance(value, bool) else
+                     "unquoted, 0b00 is the TOML binary number 0"})
     number = int(value, 16) if isinstance(value, str) else value
     if not 0 <= number <= 0xFFFF:
         raise ValueError("must be a 16-bit USB id, e.g. 0x0b00")
     return number
 
 
+def _usb_interface(value: int) -> int:
+    if not 0 <= value <= 255:
+        raise PydanticCustomError(
+            "usb_interface", "must be a USB interface number, 0 to 255 (bInterfaceNumber in "
+            "lsusb -v; 0 for most terminals); got {given}", {"given": value})
+    return value
+
+
+def _usb_serial(value: str | None) -> str | None:
+    if value == "":
+        raise PydanticCustomError(
+            "usb_serial_empty", "is empty: write the terminal's serial number as `poi-bridge "
+            "devices` lists it, or leave the key out to take the one device with these ids")
+    return value
+
+
 class UsbLink(_Strict):
     kind: Literal["usb"] = "usb"
     vendor_id: int
     product_id: int
-    serial: str | None = None
-    interface: Int = 0
+    serial: Annotated[str | None, AfterValidator(_usb_serial)] = None
+    interface: Annotated[int, _toml_value(int), AfterValidator(_usb_interface)] = 0
     timeout: _seconds(60) = Field(default=1.0, description="seconds per bulk transfer")
 
     @property
@@ -241,7 +271,7 @@ class UsbLink(_Strict):
         return 0.0
 
     _ids = field_validator("vendor_id", "product_id", mode="before")(
-        lambda cls, v: _hex16(v)  # noqa: ARG005
+        lambda cls, v, info: _hex16(v, info)  # noqa: ARG005
     )
 
     def same_model(self, other: object) -> bool:
@@ -264,11 +294,30 @@ class KeyConfig(_Strict):
     passphrase_file: Path
 
 
+# The smallest max_frame_size taken. A status answer holds the payment's whole record with its
+# receipts: 11-12 KB as the vendor writes it (the Adyen fixtures), a third more encrypted. A
+# frame over max_frame_size is dropped unread, so below this a payment the terminal approved
+# would stay unresolved for good. (Tests of oversize frames lower it: it is read at validation.)
+MIN_FRAME_SIZE = 32 * 1024
+
+
+def _frame_size(value: int) -> int:
+    if value < MIN_FRAME_SIZE:
+        raise PydanticCustomError(
+            "frame_size_floor", "must be at least {floor} bytes; got {given}: a status answer "
+            "holds the payment's record with its receipts (11-12 KB, more encrypted), and a "
+            "frame over max_frame_size is dropped unread, which leaves an approved payment "
+            "unresolved; leave the key out for the default, 65536",
+            {"floor": MIN_FRAME_SIZE, "given": value})
+    return value
+
+
 class FramerConfig(_Strict):
     name: Literal["stx-etx-lrc", "dle-crc16", "length-prefixed"] = "stx-etx-lrc"
     ack_timeout: _seconds(60) = 2.0
     max_tries: _count(1, 10) = 3
-    max_frame_size: Int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
+    max_frame_size: Annotated[int, _toml_value(int), Field(le=16 * 1024 * 1024),
+                              AfterValidator(_frame_size)] = 64 * 1024
 
 
 class TerminalConfig(_Strict):
@@ -307,9 +356,31 @@ class TerminalConfig(_Strict):
                 "at payment_timeout, and the register would be told unresolved at once")
         return self
 
+    @model_validator(mode="after")
+    def _reconcile_deadline_after_unresolved(self) -> TerminalConfig:
+        # A payment is unresolved at payment_timeout + resync_attempts status polls, and first
+        # asked about in the background reconcile_initial later: a deadline before that gives
+        # it up at once (session.py, its reconcile_deadline check)
+        unresolved = (self.payment_timeout + self.resync_attempts * self.status_timeout
+                      + self.reconcile_initial)
+        if self.reconcile_deadline < unresolved:
+            raise ValueError(
+                f"reconcile_deadline ({self.reconcile_deadline:g} s) is shorter than the time a "
+                f"payment takes to become unresolved and be asked about once more "
+                f"({unresolved:g} s: payment_timeout {self.payment_timeout:g} + "
+                f"resync_attempts {self.resync_attempts} x status_timeout "
+                f"{self.status_timeout:g} + reconcile_initial {self.reconcile_initial:g}): "
+                "an unresolved payment would be given up on at once; it is in seconds "
+                "(86400 is a day)")
+        return self
+
     @field_validator("allowed_sale_ids")
     @classmethod
     def _sale_ids(cls, values: list[str] | None) -> list[str] | None:
+        if values == []:
+            raise ValueError("is empty, which refuses every register: list the SaleIDs of the "
+                             "registers that may use this terminal, or leave the key out to "
+                             "allow every register")
         # A register's answers go to registers/{SaleID}/...: a SaleID that cannot be one
         # topic level is refused at every request, so allowing it allows nobody.
         from bridge.daemon.registers import topic_safe
@@ -516,11 +587,13 @@ class ConfigError(Exception):
 
 def _place(loc: tuple[int | str, ...]) -> str:
     out = ""
-    for part in loc:
+    for number, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("serial", "tcp", "usb") and out.endswith("link"):
-            continue  # the discriminator's branch name is noise to the reader
+        elif part in LINK_KINDS and number and loc[number - 1] == "link":
+            # The discriminator's branch name is noise to the reader; a key named like a
+            # kind after it (a USB link's `serial`) is kept
+            continue
         else:
             out += f".{part}" if out else str(part)
     return out or "(top level)"
@@ -606,6 +679,16 @@ def _message(err: Any) -> str:
         return (f"kind = {err['ctx'].get('tag')!r} is not a link kind: use kind = {kinds}")
     if kind == "missing":
         return f"{loc[-1]} is required in {_header(table)}"
+    if kind == "string_type":  # a number or boolean where text is meant: quote it
+        given = err.get("input")
+        text = (f'"{str(given).lower() if isinstance(given, bool) else given}"'
+                if isinstance(given, int | float) else '"..."')
+        if isinstance(loc[-1], int):  # an item of a list
+            return f"must be text: write it in quotes, {text}"
+        return f"must be text: write it in quotes, {loc[-1]} = {text}"
+    if kind == "list_type" and loc == ("terminals",) and isinstance(err.get("input"), dict):
+        return ("[terminals] is a single table: use [[terminals]], one table per terminal "
+                "(its [terminals.link] and other tables under it)")
     if kind == "value_error":  # our own text: pydantic's "Value error, " before it says nothing
         return str(err["msg"]).removeprefix("Value error, ")
     return err["msg"]

@@ -23,6 +23,7 @@ from bridge.config import (
     credential_path,
 )
 from bridge.daemon.journal import journal_files, user_name
+from bridge.daemon.udev_rules import udev_serial
 
 DAEMON_USER = "poi-bridge"  # User= of systemd/poi-bridge.service
 
@@ -75,7 +76,10 @@ def _link_identity(link: SerialLink | TcpLink | UsbLink) -> tuple[tuple, str]:
         return ("serial", os.path.realpath(path)), f"device {link.device}"
     if isinstance(link, TcpLink):
         return ("tcp", link.host.lower(), link.port), f"tcp {link.host}:{link.port}"
-    return (("usb", link.vendor_id, link.product_id, link.serial, link.interface),
+    # A serial as the device reports it ("AB 12") and as udev writes it ("AB_12") both find
+    # the device (device_match.same_serial): one device, compared in udev's spelling
+    serial = None if link.serial is None else udev_serial(link.serial) or link.serial
+    return (("usb", link.vendor_id, link.product_id, serial, link.interface),
             f"usb {link.vendor_id:04x}:{link.product_id:04x}"
             + (f" serial {link.serial}" if link.serial else "")
             + f" interface {link.interface}")
@@ -340,10 +344,15 @@ def _check_journal(journal: Path, errors: list[str], warnings: list[str], *,
     """The journal must be a file the daemon can create and write, on a disk: it holds the
     payments across crashes and restarts."""
     place = "journal"
-    path = Path(os.path.abspath(journal))
+    # A relative path is taken from the daemon's working directory: its own, said at its
+    # start; for check-config, the unit's, / (it sets no WorkingDirectory=), not the
+    # technician's, where the service never looks
+    path = Path(os.path.abspath(journal if for_daemon else Path("/") / journal))
     if not journal.is_absolute():
-        warnings.append(f"{place}: {journal} is relative: the daemon takes it from its working "
-                        "directory (/ under systemd); write the full path, e.g. "
+        where = ("the daemon takes it from its working directory (/ under systemd)"
+                 if for_daemon else
+                 f"poi-bridge.service runs the daemon from /, where it opens {path}")
+        warnings.append(f"{place}: {journal} is relative: {where}; write the full path, e.g. "
                         f"{STATE_DIRECTORY}/journal.sqlite3")
     if any(path.is_relative_to(top) for top in _NOT_A_DISK):
         errors.append(f"{place}: {path} is not on a disk (a kernel or runtime file system): "

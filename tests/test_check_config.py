@@ -641,3 +641,125 @@ def test_mqtt_protocol_5_may_be_written_as_a_number(tmp_path, capsys):
                                                         top="[mqtt]\nprotocol = 3.1\n")), capsys)
     assert status != 0
     assert 'mqtt.protocol: must be "3.1.1" or "5", in quotes: protocol = "3.1.1"' in err, err
+
+
+# --- 3. the configuration audit: values that passed check-config and failed in service ---------
+
+def test_a_frame_size_no_real_answer_fits_is_refused():
+    """max_frame_size = 1024 passed (the floor was 256 bytes): a payment the terminal
+    approved stayed unresolved for good, its status answers (a payment's record with its
+    receipts: 11-12 KB, more encrypted) dropped as oversize or line noise."""
+    from bridge.config import MIN_FRAME_SIZE
+
+    for size in (256, 1024, MIN_FRAME_SIZE - 1):
+        (found,) = problems({"terminals": [{**terminal(), "framer": {"max_frame_size": size}}]})
+        assert found.startswith("terminals[0].framer.max_frame_size: "), found
+        assert f"at least {MIN_FRAME_SIZE} bytes" in found and f"got {size}" in found, found
+        assert "receipts" in found, found  # why: what an answer holds
+    fixture = Path("/work/shared/fixtures/adyen/dotnet-pospayment-success.json")
+    if fixture.exists():  # a payment's answer with its receipts, as the vendor sends it
+        assert MIN_FRAME_SIZE >= 2 * fixture.stat().st_size
+    assert parse_config({"terminals": [{**terminal(), "framer": {
+        "max_frame_size": MIN_FRAME_SIZE}}]}).terminals[0].framer.max_frame_size == MIN_FRAME_SIZE
+
+
+def test_a_reconcile_deadline_before_a_payment_can_be_unresolved_is_refused():
+    """reconcile_deadline = 24 (seconds, meant as hours?) passed: a payment became unresolved
+    after payment_timeout + resync_attempts x status_timeout, and was given up on at its
+    first background poll."""
+    (found,) = problems({"terminals": [{**terminal(), "reconcile_deadline": 24}]})
+    assert found.startswith("terminals[0]: reconcile_deadline (24 s) "), found
+    # the defaults: 120 + 2 x 30 + 10
+    assert "190 s" in found and "payment_timeout" in found and "reconcile_initial" in found, found
+    assert parse_config({"terminals": [{**terminal(), "reconcile_deadline": 190}]})
+
+
+def test_one_usb_serial_written_as_udev_writes_it_and_as_the_device_says_it_is_one_device():
+    """"AB 12" (as the device reports it) and "AB_12" (as udev and `poi-bridge devices` write
+    it) both find the device: two terminals configured so were not seen on one device."""
+    from bridge.deployment import deployment_problems
+
+    usb = {"kind": "usb", "vendor_id": "0x0b00", "product_id": "0x0080"}
+    config = parse_config({"journal": "/var/lib/poi-bridge/journal.sqlite3", "terminals": [
+        terminal("V400m-1", **usb, serial="AB 12"), terminal("V400m-2", **usb, serial="AB_12")]})
+    errors, _warnings = deployment_problems(config)
+    assert any(e.startswith("terminals[1].link.serial: usb 0b00:0080 serial AB_12") and
+               "terminals[0] (V400m-1)" in e for e in errors), errors
+
+
+@pytest.mark.parametrize(("link", "fragment"), [
+    ({"kind": "serial", "device": "ttyUSB0"},
+     ('terminals[0].link.device: "ttyUSB0" is not an absolute path: write the full path, '
+      'e.g. device = "/dev/ttyUSB0"')),
+    ({"kind": "usb", "vendor_id": "0x0b00", "product_id": "0x0080", "serial": ""},
+     "terminals[0].link.serial: is empty: write the terminal's serial number"),
+])
+def test_a_relative_serial_device_or_an_empty_usb_serial_is_refused(link, fragment):
+    (found,) = problems({"terminals": [terminal(**link)]})
+    assert found.startswith(fragment), found
+
+
+@pytest.mark.parametrize("vendor_id", [0, True])
+def test_a_usb_vendor_id_written_as_a_toml_number_that_is_no_id_is_refused(tmp_path, vendor_id):
+    """`vendor_id = 0b00` unquoted is a TOML binary number, 0: the terminal was never found."""
+    (found,) = problems({"terminals": [terminal(kind="usb", vendor_id=vendor_id,
+                                                product_id="0x0080")]})
+    assert found.startswith("terminals[0].link.vendor_id: "), found
+    assert 'write it in quotes as lsusb shows it: vendor_id = "0x0b00"' in found, found
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, '[[terminals]]\npoi_id = "V400m-1"\nlink = {kind = "usb", '
+                                    'vendor_id = 0b00, product_id = 0x0080}\n'))
+    assert "vendor_id = \"0x0b00\"" in caught.value.problems[0], caught.value.problems
+
+
+def test_a_negative_usb_interface_is_refused():
+    (found,) = problems({"terminals": [terminal(kind="usb", vendor_id="0x0b00",
+                                                product_id="0x0080", interface=-1)]})
+    assert found.startswith("terminals[0].link.interface: "), found
+    assert "got -1" in found, found
+
+
+def test_a_number_where_text_is_meant_says_where_and_to_quote_it(tmp_path):
+    """`serial = 324688179` unquoted was reported at `terminals[0].link`, without the key,
+    and as "Input should be a valid string"."""
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, '[mqtt]\nusername = 42\n[[terminals]]\npoi_id = "V400m-1"\n'
+                                    'allowed_sale_ids = [1]\nlink = {kind = "usb", vendor_id = '
+                                    '"0x0b00", product_id = "0x0080", serial = 324688179}\n'))
+    assert caught.value.problems == [
+        'mqtt.username: must be text: write it in quotes, username = "42"',
+        'terminals[0].link.serial: must be text: write it in quotes, serial = "324688179"',
+        'terminals[0].allowed_sale_ids[0]: must be text: write it in quotes, "1"',
+    ], caught.value.problems
+
+
+def test_a_single_terminals_table_says_to_use_double_brackets(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, '[terminals]\npoi_id = "V400m-1"\n'
+                                    'link = {kind = "tcp", host = "10.0.0.5", port = 8443}\n'))
+    (found,) = caught.value.problems
+    assert found.startswith("terminals: ") and "use [[terminals]], one table per terminal" in found
+
+
+def test_an_empty_list_of_allowed_registers_is_refused():
+    """`allowed_sale_ids = []` passed, and every register was refused."""
+    (found,) = problems({"terminals": [{**terminal(), "allowed_sale_ids": []}]})
+    assert found.startswith("terminals[0].allowed_sale_ids: "), found
+    assert "leave the key out to allow every register" in found, found
+
+
+def test_a_relative_journal_is_checked_where_the_unit_would_open_it(tmp_path, capsys,
+                                                                   monkeypatch):
+    """The unit runs the daemon from / (no WorkingDirectory=): check-config, run from the
+    technician's directory, checked the journal there, and said nothing of where the service
+    would keep it."""
+    assert "WorkingDirectory" not in UNIT.read_text()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "state").mkdir()  # there beside check-config, not under /
+    text = good_toml(tmp_path).replace(str(tmp_path / "journal.sqlite3"),
+                                       "state/journal.sqlite3")
+    _status, _out, err = check(write(tmp_path, text), capsys)
+    assert ("warning: journal: state/journal.sqlite3 is relative: poi-bridge.service runs the "
+            "daemon from /, where it opens /state/journal.sqlite3; write the full path, e.g. "
+            "/var/lib/poi-bridge/journal.sqlite3") in err, err
+    assert "journal: directory /state does not exist" in err, err

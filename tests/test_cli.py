@@ -183,10 +183,12 @@ def _busy_port() -> socket.socket:
 
 
 @pytest.mark.parametrize("case", ["scenario", "scenario-key", "scenario-toml", "passphrase",
-                                  "tcp-port", "tcp-in-use", "link-dir", "scenario-file"])
+                                  "tcp-port", "tcp-in-use", "link-dir", "scenario-file",
+                                  "ledger-dir", "response-file", "response-not-json"])
 def test_simulate_bad_input_is_one_clear_line_and_a_non_zero_exit(tmp_path, case):
     """Each of these was a traceback, or "bad scenario: 1 validation error for Scenario"
-    without the key or the reason."""
+    without the key or the reason. A --ledger that cannot be written was found at exit (a
+    traceback, the ledger lost), a --response-file that cannot be read at every request."""
     scenario = tmp_path / "scenario.toml"
     busy = _busy_port()
     args, fragment = {
@@ -207,7 +209,16 @@ def test_simulate_bad_input_is_one_clear_line_and_a_non_zero_exit(tmp_path, case
         "link-dir": (["--link", str(tmp_path / "no" / "dir" / "terminal")],
                      (f"--link {tmp_path / 'no' / 'dir' / 'terminal'}: cannot make the link: "
                       "No such file or directory")),
+        "ledger-dir": (["--tcp", "127.0.0.1:0", "--ledger", str(tmp_path / "no" / "ledger.json")],
+                       (f"--ledger {tmp_path / 'no' / 'ledger.json'}: cannot write there: "
+                        f"directory {tmp_path / 'no'} does not exist")),
+        "response-file": (["--tcp", "127.0.0.1:0", "--response-file", str(tmp_path / "none")],
+                          (f"--response-file {tmp_path / 'none'}: cannot read: "
+                           "No such file or directory")),
+        "response-not-json": (["--tcp", "127.0.0.1:0", "--response-file", str(scenario)],
+                              f"--response-file {scenario}: not a JSON document: "),
     }[case]
+    scenario.write_text("[default]\n")
     if case.startswith("scenario") and case != "scenario-file":
         scenario.write_text(args[0])
         args = ["--scenario", str(scenario)]
@@ -313,3 +324,15 @@ def test_devices_json_gives_a_pseudo_terminals_path_as_its_device(tmp_path):
     [terminal] = json.loads(done.stdout)["terminals"]
     assert terminal["present"] is True and terminal["device"] == pty
     assert terminal["device_note"] == "pseudo-terminal, not a udev device"
+
+
+@pytest.mark.parametrize("wait", ["nan", "-1", "0", "inf", "soon"])
+def test_resync_wait_must_be_seconds_as_registers_time_outs_are(wait, capsys):
+    """`resync --wait nan` and `--wait -1` were taken: the result was never waited for."""
+    from bridge import cli
+
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["resync", "TILL1", "S1", "--config", "/nonexistent.toml", "--wait", wait])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --wait: {wait!r} is not a time-out: give seconds, more than 0" in err, err

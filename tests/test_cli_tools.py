@@ -268,3 +268,35 @@ async def test_status_exits_non_zero_when_no_daemon_answers(tmp_path, mosquitto)
         assert f"no daemon answered on {BASE}/bridge/response/terminals" in said, said
         assert "is poi-bridge running" in said and "Traceback" not in done.stderr.decode()
     assert json.loads(done.stdout)["daemon"] == "not reachable over MQTT"
+
+
+async def test_status_shows_a_terminal_whose_identity_is_not_confirmed(tmp_path, mosquitto):
+    """The device on the link never answers the identity check (a wrong framer, key or
+    cable): every payment is refused, and `status` said "online" for it, as for a terminal
+    that works."""
+    from .follow_rig import DeviceByHand
+
+    device = DeviceByHand(tmp_path / "terminal")  # acknowledges frames, answers none
+    bridge = Bridge(parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"),
+        "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "base_topic": BASE,
+                 "client_id": "bridge-cli-test"},
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial",
+                                               "device": str(tmp_path / "terminal")}}],
+    }))
+    await bridge.start()
+    try:
+        for _ in range(250):
+            if bridge.workers[POI].online and bridge.gateway.connected \
+                    and "Diagnosis" in device.categories():
+                break
+            await asyncio.sleep(0.02)
+        assert bridge.workers[POI].identity == "unknown"
+        out = (await cli("status", "--config", config_file(tmp_path, mosquitto, {}))
+               ).stdout.decode()
+        assert (f"terminal {POI}: identity not confirmed: requests are refused until the "
+                "terminal answers the identity check (check the framer, key and cable)") in out, out
+        assert f"terminal {POI}: online" not in out, out
+    finally:
+        await bridge.stop()
+        device.close()

@@ -24,6 +24,7 @@ from bridge.simulator import responses
 
 from .test_busy_record_after_nak import POI, HandTerminal, worker_paying
 from .test_framing_stx_etx_lrc import ACK, NAK, frame
+from .test_oversize_answer import small_frames  # noqa: F401 (a fixture: max_frame_size 4096)
 
 
 class FastTerminal(HandTerminal):
@@ -215,6 +216,7 @@ class UnreadableAnswerTerminal(HandTerminal):
 @pytest.mark.parametrize("framer", ["stx-etx-lrc", "dle-crc16"])
 @pytest.mark.parametrize("how", ["oversize", "not-json", "not-saletopoi", "crypto-error",
                                  "oversize-after-another"])
+@pytest.mark.usefixtures("small_frames")
 async def test_a_payment_answered_unreadably_is_not_written_to_the_terminal_again(
         tmp_path, framer, how):
     """The payment's ACK is lost and the terminal answers it with a frame the bridge cannot

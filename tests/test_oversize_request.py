@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from bridge.protocol.transaction import TxKey, TxState
 from bridge.simulator import responses
 
 from .follow_rig import A, BASE, DeviceByHand, bridge_on, simulator, wait_until
 from .rig import Subscriber, outcome_for
+from .test_oversize_answer import small_frames  # noqa: F401 (a fixture: max_frame_size 4096)
 from .test_session import Harness, request_of
+
+pytestmark = pytest.mark.usefixtures("small_frames")
 
 TILL = "TILL1"
 
