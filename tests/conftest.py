@@ -27,3 +27,14 @@ def mosquitto(tmp_path):
     broker = Mosquitto(tmp_path / "mosquitto").start()
     yield broker
     broker.kill()
+
+
+@pytest.fixture
+def small_frames(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A max_frame_size of 4096 taken, below the floor a configuration may set (MIN_FRAME_SIZE,
+    32 KiB): an oversize frame is then written at once into a pseudo-terminal, which holds
+    about 20 KB unread, as one over the floor could not be. What happens to a frame over
+    max_frame_size does not depend on the size."""
+    import bridge.config as config_module
+
+    monkeypatch.setattr(config_module, "MIN_FRAME_SIZE", 4096)

@@ -24,7 +24,6 @@ from bridge.simulator import responses
 
 from .test_busy_record_after_nak import POI, HandTerminal, worker_paying
 from .test_framing_stx_etx_lrc import ACK, NAK, frame
-from .test_oversize_answer import small_frames  # noqa: F401 (a fixture: max_frame_size 4096)
 
 
 class FastTerminal(HandTerminal):

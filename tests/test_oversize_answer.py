@@ -14,7 +14,6 @@ import time
 
 import pytest
 
-import bridge.config as config_module
 from bridge.protocol.actions import Log
 from bridge.protocol.framing import make_framer
 from bridge.protocol.transaction import TxKey, TxState
@@ -25,16 +24,6 @@ from .follow_rig import A, BASE, DeviceByHand, bridge_on, wait_until
 from .test_session import SETTINGS, Harness, request_of
 
 TOO_BIG = "x" * 6000  # over the 4096-byte max_frame_size of these tests
-SMALL_FRAME = 4096
-
-
-@pytest.fixture
-def small_frames(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A max_frame_size of 4096 taken, below the floor a configuration may set (MIN_FRAME_SIZE,
-    32 KiB): an oversize frame is then written at once into a pseudo-terminal, which holds
-    about 20 KB unread, as one over the floor could not be. What happens to a frame over
-    max_frame_size does not depend on the size."""
-    monkeypatch.setattr(config_module, "MIN_FRAME_SIZE", SMALL_FRAME)
 
 
 pytestmark = pytest.mark.usefixtures("small_frames")

@@ -15,7 +15,6 @@ from bridge.simulator import responses
 
 from .follow_rig import A, BASE, DeviceByHand, bridge_on, simulator, wait_until
 from .rig import Subscriber, outcome_for
-from .test_oversize_answer import small_frames  # noqa: F401 (a fixture: max_frame_size 4096)
 from .test_session import Harness, request_of
 
 pytestmark = pytest.mark.usefixtures("small_frames")

@@ -61,27 +61,31 @@ async def test_a_journal_read_that_fails_stops_the_daemon_instead_of_acknowledgi
         tmp_path: Path, mosquitto: Any, monkeypatch: Any) -> None:
     failures: list[BaseException] = []
     async with terminals(tmp_path) as (_, sim_b, links), \
-            bridge_on(tmp_path, mosquitto, links) as bridge, \
             Subscriber(mosquitto, [f"{BASE}/registers/{TILL}/#", f"{BASE}/bridge/error"]) \
             as register:
-        await ready(bridge)
-        bridge.journal.on_failure(failures.append)
+        async with bridge_on(tmp_path, mosquitto, links) as bridge:
+            await ready(bridge)
+            bridge.journal.on_failure(failures.append)
 
-        def unreadable(*_: Any, **__: Any) -> None:
-            raise sqlite3.DatabaseError("database disk image is malformed")
+            def unreadable(*_: Any, **__: Any) -> None:
+                raise sqlite3.DatabaseError("database disk image is malformed")
 
-        monkeypatch.setattr(bridge.journal, "get", unreadable)
-        monkeypatch.setattr(bridge.journal, "open_payments", unreadable)
-        await register.publish(f"{BASE}/terminals/{B}/request/{TILL}", order("J1", B))
-        assert await wait_until(lambda: failures, timeout=15), (
-            "a journal read failed and the failure listener (which stops the daemon) was "
-            "not told")
-        assert isinstance(failures[0], sqlite3.DatabaseError)
+            monkeypatch.setattr(bridge.journal, "get", unreadable)
+            monkeypatch.setattr(bridge.journal, "open_payments", unreadable)
+            await register.publish(f"{BASE}/terminals/{B}/request/{TILL}", order("J1", B))
+            assert await wait_until(lambda: failures, timeout=15), (
+                "a journal read failed and the failure listener (which stops the daemon) "
+                "was not told")
+            assert isinstance(failures[0], sqlite3.DatabaseError)
+            # (in the daemon the listener ends the process; here the MQTT side, which no
+            # reconnect can help, stops the bridge: it is not left serving)
+            await asyncio.wait_for(bridge.wait_stopped(), 15)
+            monkeypatch.undo()
         # The journal can be read again (the disk was fixed, the daemon started again): the
         # request, never acknowledged, comes again and is paid
-        monkeypatch.undo()
-        answer = await register.wait_for(
-            lambda t, p: t.endswith("/response") and isinstance(p, dict), timeout=30)
+        async with bridge_on(tmp_path, mosquitto, links):
+            answer = await register.wait_for(
+                lambda t, p: t.endswith("/response") and isinstance(p, dict), timeout=30)
         assert answer["bridge"]["outcome"] == "approved", answer
         assert not [p for t, p, _ in register.messages if t.endswith("/bridge/error")]
         assert [service for (_, service), e in sim_b.terminal.ledger.items()

@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from bridge.simulator import responses
 from tests.broker import Mosquitto
 
@@ -20,6 +22,7 @@ from .test_broker_lost_state import SLOW_SAVE
 
 TILL = "TILL1"
 FRAMER = {"max_frame_size": 4096}
+pytestmark = pytest.mark.usefixtures("small_frames")  # (conftest: under the configured floor)
 
 
 def too_big(service_id: str) -> dict[str, Any]:
