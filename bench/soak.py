@@ -2046,7 +2046,8 @@ def main(argv: list[str] | None = None) -> int:
     if find_mosquitto() is None:
         print("soak: mosquitto is not installed (apt-get install mosquitto)", file=sys.stderr)
         return 2
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="poi-soak-"))
+    # (absolute: the configuration's device paths must be, and the daemon runs from ROOT)
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="poi-soak-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     soak = Soak(args, workdir)
     started = time.monotonic()

@@ -192,7 +192,8 @@ def _device_path(value: str) -> str:
         # The daemon would open it from its working directory (/ under systemd): never there
         raise PydanticCustomError(
             "device_relative", "{given} is not an absolute path: write the full path, e.g. "
-            "device = {example}", {"given": f'"{value}"', "example": f'"/dev/{value}"'})
+            "device = {example}", {"given": f'"{value}"', "example": (
+                f'"/dev/{value}"' if "/" not in value else '"/dev/serial/by-id/..."')})
     return value
 
 

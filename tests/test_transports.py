@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import os
 import re
 import random
@@ -26,6 +27,7 @@ import serial
 
 from bridge.config import SerialLink, TcpLink, UsbLink
 from bridge.transports import Backoff, LinkClosed, Transport, TransportUnavailable, open_transport
+from bridge.transports import serial as serial_module
 from bridge.transports.serial import MAX_UNREAD, READ_CHUNK, SerialTransport
 from bridge.transports.tcp import TcpTransport
 
@@ -1155,3 +1157,52 @@ def test_each_link_kind_says_how_long_a_byte_takes_on_its_line(tmp_path):
             assert worker.framer.seconds_per_byte == pytest.approx(expected)
     finally:
         journal.close()
+
+
+class MovingLine:
+    # (TIOCOUTQ stood in for: a pty has no output queue)
+    """TIOCOUTQ of a line that sends `rate` bytes/s, never held; writes add to it."""
+    def __init__(self, monkeypatch, rate: float) -> None:
+        self.rate, self.q, self.t = rate, 0.0, asyncio.get_running_loop().time()
+        monkeypatch.setattr(serial_module, "_output_queued", lambda fd: self.now())
+        real = serial_module.os.write
+
+        def write(fd, data):
+            n = real(fd, data)
+            self.now()
+            self.q += n
+            return n
+        monkeypatch.setattr(serial_module.os, "write", write)
+
+    def now(self) -> int:
+        t = asyncio.get_running_loop().time()
+        self.q = max(0.0, self.q - (t - self.t) * self.rate)
+        self.t = t
+        return math.ceil(self.q)  # (a byte in flight counts, as a USB adapter's URB does)
+
+
+async def test_serial_frames_written_on_a_moving_line_are_no_held_line(pty, monkeypatch):
+    """The review: the watch kept the queue it saw when armed, so a frame written since and
+    still on the wire when it looked (10 s later) made a line that never stopped "held": the
+    link closed and the frame on the wire was cut short."""
+    transport = SerialTransport(SerialLink(device=pty.path), held_limit=1.0)
+    await within(transport.open())
+    MovingLine(monkeypatch, rate=960)          # 9600 baud, sending all the time
+    assert transport.write_nowait(b"A" * 200) == 200   # frame 1: ~0.2 s of line time
+    await asyncio.sleep(0.9)                  # frame 1 long gone, ACKed; frame 2 goes out
+    assert transport.write_nowait(b"B" * 1500) == 1500  # ~1.6 s of line time
+    await asyncio.sleep(0.3)                  # the watch armed by frame 1 looks (t=1.0)
+    assert transport.is_open, transport._reason
+
+
+async def test_serial_an_ack_then_a_frame_at_115200_is_no_held_line(pty, monkeypatch):
+    """An ACK (1 byte) arms the watch; a frame on its way at 115200 baud when the watch looks
+    (held_limit later) ended a line that never stopped."""
+    transport = SerialTransport(SerialLink(device=pty.path), held_limit=1.0)
+    await within(transport.open())
+    MovingLine(monkeypatch, rate=11520)
+    assert transport.write_nowait(b"\x06") == 1        # ACK: gone in 0.1 ms
+    await asyncio.sleep(0.95)
+    assert transport.write_nowait(b"F" * 1000) == 1000  # a 1 KB frame: 87 ms of line time
+    await asyncio.sleep(0.1)
+    assert transport.is_open, transport._reason

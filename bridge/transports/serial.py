@@ -66,6 +66,9 @@ class SerialTransport(Transport):
         self.held_limit = held_limit
         # Armed while the kernel holds output for the line: it must go down (_check_queue)
         self._queue_check: asyncio.TimerHandle | None = None
+        # What the kernel held when it was armed, plus every byte written since: the line
+        # is held only if the queue has not gone below that (a later frame is no stall)
+        self._queue_mark = 0
         self._port: serial.Serial | None = None
         self._fd: int | None = None
         self._reason = f"serial device {link.device} is not open"
@@ -182,6 +185,7 @@ class SerialTransport(Transport):
             written = os.write(fd, data)
         except OSError:  # full (EAGAIN), or gone: write() waits, or reports the loss
             return 0
+        self._queue_mark += written
         self._watch_queue(fd)
         return written
 
@@ -239,6 +243,7 @@ class SerialTransport(Transport):
             return
         del self._unsent[:written]
         self._head += written
+        self._queue_mark += written
 
     def _forget_unsent(self) -> None:
         if self._unsent:
@@ -420,19 +425,21 @@ class SerialTransport(Transport):
         if self._queue_check is None:
             queued = _output_queued(fd)
             if queued:
+                self._queue_mark = queued
                 self._queue_check = asyncio.get_running_loop().call_later(
-                    self.held_limit, self._check_queue, fd, queued)
+                    self.held_limit, self._check_queue, fd)
 
-    def _check_queue(self, fd: int, queued: int) -> None:
+    def _check_queue(self, fd: int) -> None:
         self._queue_check = None
         if self._fd != fd:
             return
         now = _output_queued(fd)
         if not now:
             return  # all out (or the device gone: its read reports that)
-        if now < queued:
+        if now < self._queue_mark:  # some of it (or of what was written since) went out
+            self._queue_mark = now
             self._queue_check = asyncio.get_running_loop().call_later(
-                self.held_limit, self._check_queue, fd, now)
+                self.held_limit, self._check_queue, fd)
             return
         self._held()
 
