@@ -694,11 +694,11 @@ class RegisterGateway:
                 outcome = self._handler(message.topic.value, payload, reply)
                 if asyncio.iscoroutine(outcome):
                     await outcome
-            except sqlite3.Error as exc:
+            except sqlite3.Error:
                 # The journal failed (a read here; a failed write has reported itself): what
                 # the handling decided cannot be trusted. Not acknowledged, not answered: the
-                # daemon stops, and the broker delivers the request again after the restart.
-                self.journal.read_failed(exc)
+                # daemon stops (run() reports it, as every journal read failing in this side),
+                # and the broker delivers the request again after the restart.
                 raise
             except Exception:  # one bad request must never take the bridge down
                 log.exception("request on %s could not be handled", message.topic.value)
