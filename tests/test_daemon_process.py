@@ -488,3 +488,32 @@ def test_a_journal_held_locked_by_another_program_is_not_called_a_disk_problem(
     line, _ = stopped_at_once(tmp_path, monkeypatch, caplog, locked)
     assert "is locked by another process" in line and "fuser -v" in line, line
     assert "df -h" not in line and "stopping at once: the journal" in line, line
+
+
+async def test_a_clean_stop_leaves_each_terminal_offline_in_its_retained_state(
+        tmp_path, mosquitto):
+    """A terminal's retained state said "online" after the bridge had stopped (only
+    bridge/state went offline): a register showing "terminal ready" from it sent requests
+    that waited in the broker (the MQTT contract review). A clean stop now sets each
+    terminal's document offline; the next start makes it online again."""
+    sim = Simulator(tmp_path)
+    daemon = Daemon(write_config(tmp_path, mosquitto, sim.link), tmp_path).start()
+    state_topic = f"{BASE}/terminals/{POI}/state"
+    try:
+        async with Subscriber(mosquitto, [f"{BASE}/#"]) as sub:
+            await sub.wait_for(lambda t, p: t == state_topic and p["state"] == "online")
+            assert await asyncio.to_thread(daemon.terminate) == 0
+            await sub.wait_for(lambda t, p: t.endswith("/bridge/state") and p["state"] == "offline")
+        # what a register subscribing now is given: the retained documents
+        async with Subscriber(mosquitto, [state_topic], client_id="late") as late:
+            retained = await late.wait_for(lambda t, p: t == state_topic)
+            assert retained["state"] == "offline", retained
+            assert "the bridge stopped" in retained["detail"], retained
+            assert retained["poi_id"] == POI and retained["active"] is None, retained
+        daemon.start()
+        async with Subscriber(mosquitto, [state_topic], client_id="after") as after:
+            await after.wait_for(lambda t, p: p["state"] == "online")
+        assert await asyncio.to_thread(daemon.terminate) == 0
+    finally:
+        daemon.kill()
+        sim.stop()

@@ -943,7 +943,17 @@ class RegisterGateway:
         while len(self.journal.pending(limit=self.refused + 1)) > self.refused \
                 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        # Each terminal's retained state goes offline too: it said "online" (a register's
+        # "terminal ready") for as long as the bridge was away. Not while another bridge
+        # serves these topics: the documents may be its own.
+        stopped = [] if self.peers.refusal() is not None else [
+            client.publish(self.topics.terminal_state(poi_id),
+                           dumps({**state, "state": "offline", "active": None,
+                                  "detail": "the bridge stopped; requests wait in the broker "
+                                            "until it is back"}), qos=1, retain=True)
+            for poi_id, state in self._terminal_states.items()]
         with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
             await asyncio.wait_for(
-                client.publish(self.topics.bridge_state, dumps(self.peers.offline()), qos=1,
-                               retain=True), timeout=max(0.1, deadline - time.monotonic()))
+                asyncio.gather(client.publish(
+                    self.topics.bridge_state, dumps(self.peers.offline()), qos=1,
+                    retain=True), *stopped), timeout=max(0.1, deadline - time.monotonic()))
