@@ -121,6 +121,16 @@ def _lenient_json(payload: bytes) -> Any:
     return jsontext.without_lone_surrogates(document)
 
 
+def _any_header(document: Any) -> dict[str, Any]:
+    """The MessageHeader of a SaleToPOI document of another kind (a register that published
+    a SaleToPOIResponse as a request): its refusal still names the ServiceID it carried."""
+    if isinstance(document, dict) and len(document) == 1:
+        body = next(iter(document.values()))
+        if isinstance(body, dict) and isinstance(body.get("MessageHeader"), dict):
+            return body["MessageHeader"]
+    return {}
+
+
 def _readable_sale_id(document: Any) -> str | None:
     """The SaleID of a request we are about to refuse, if it can be read safely."""
     try:
@@ -336,20 +346,24 @@ class RequestIntake:
         if route.kind == "bridge":
             self._command(route.name, payload, reply)
         else:
-            self._request(route.name, payload, reply, route.sale_id)
+            self._request(route.name, payload, reply, route.sale_id, topic)
 
     # --- register requests ----------------------------------------------------------------------
 
     def _reject(self, document: Any, poi_id: str, error: str, condition: str = "MessageFormat",
                 reply: Reply | None = None, to_sale_id: str | None = None,
-                conflict: dict[str, Any] | None = None, unread: bool = False) -> None:
+                conflict: dict[str, Any] | None = None, unread: bool = False,
+                topic: str | None = None) -> None:
         """`unread`: refused before the journal was asked about its IDs (_request's checks
-        of the document itself): a transaction recorded under them is flagged (`conflict`)."""
+        of the document itself): a transaction recorded under them is flagged (`conflict`).
+        `topic`: where the request came in (named in a refusal on bridge/error)."""
         self.rejected += 1
-        header = request_header(document)
+        header = request_header(document) or _any_header(document)
         sale_id = _readable_sale_id(document)
         if to_sale_id is not None and sale_id != to_sale_id:
-            sale_id = to_sale_id if topic_safe(to_sale_id) and len(to_sale_id) <= 64 else None
+            # The register listens on its topic's level whatever the nexo limit on a
+            # SaleID (64): one too long to pay with is told so where it waits
+            sale_id = to_sale_id if topic_safe(to_sale_id) else None
         # As the register wrote them, so that it can tell which request this answers: a
         # ServiceID sent as a number, a SaleID that cannot be a topic level
         service_id, sale_text = id_text(header.get("ServiceID")), id_text(header.get("SaleID"))
@@ -384,7 +398,7 @@ class RequestIntake:
         if sale_id is None:
             refusal: dict[str, Any] = {
                 "status": "error", "error": error, "poi_id": poi_id,
-                "topic": self.topics.terminal_requests.replace("+", poi_id),
+                "topic": topic or self.topics.terminal_requests.replace("+", poi_id),
             }
             if sale_text:
                 refusal["sale_id"] = sale_text
@@ -395,12 +409,13 @@ class RequestIntake:
             self.gateway.deliver(result)
 
     def _request(self, poi_id: str, payload: bytes, reply: Reply,
-                 topic_sale_id: str | None = None) -> None:
+                 topic_sale_id: str | None = None, topic: str | None = None) -> None:
         limit = self.config.mqtt.max_payload
         # Every refusal goes to the topic's register when the request names none it can read
-        refuse = functools.partial(self._reject, to_sale_id=topic_sale_id)
+        refuse = functools.partial(self._reject, to_sale_id=topic_sale_id, topic=topic)
         # (until the journal is asked about its IDs: see _reject)
-        early = functools.partial(self._reject, to_sale_id=topic_sale_id, unread=True)
+        early = functools.partial(self._reject, to_sale_id=topic_sale_id, unread=True,
+                                  topic=topic)
         twice: DuplicateName | None = None
         try:
             document = load_json(payload, max_size=limit, unique_names=True)
