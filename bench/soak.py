@@ -41,30 +41,49 @@ charged), what the registers were told, and what the journal holds; mosquitto's 
 autosave) from one the bridge acknowledged and then dropped. Exit status 1, with a loud
 banner, if anything is
 
-  lost      charged but not reported approved, a request never answered, a result never
-            delivered (unless mosquitto demonstrably lost it in a kill -9),
+  lost      charged but not reported approved (a charged payment the register was told
+            only `unresolved` about included, whatever the bridge's reason, unless the
+            terminal itself answered the bridge NotFound about it: that one is explained,
+            under a count of its own, printed loudly), a request never answered, a result
+            never delivered (unless mosquitto demonstrably lost it in a kill -9),
   doubled   charged twice, charged on two terminals, or charged without a register's
             payment, or a money request that reached its terminal a second time other than
             as a link-level retransmission of the same frame (the terminal's ledger counts
-            every receipt; it does not process a repeated ServiceID, a real terminal might),
+            every receipt, processed or answered Busy, lost on purpose or unreadable; it does
+            not process a repeated ServiceID, a real terminal might; a copy is a
+            retransmission only within RETRANSMIT_WINDOW of the first and before the bridge
+            acknowledged the terminal's answer to it),
   phantom   reported approved but not charged,
   wrong terminal
-            charged by (or a money request reached) another terminal than the one the
-            payment was addressed to (POIID): the bridge sent it to the wrong device,
+            charged by (or a money request reached, even one answered Busy or unreadable)
+            another terminal than the one the payment was addressed to (POIID): the bridge
+            sent it to the wrong device,
+  wrong amount
+            a terminal read another amount or currency than the register asked, charged
+            another amount, or an approved result does not carry the amount asked
+            (AuthorizedAmount),
   disputed  register and journal disagree (a final outcome at the register with no journal
-            row counts, except the refusals the bridge answers before journaling: invalid,
-            stale, unknown terminal, shutting down...), or two different final outcomes,
+            row counts, except a "shutting down" refusal the bridge produced while draining
+            after a SIGTERM: the only refusal before journaling the soak's registers can
+            get), or two different final outcomes,
   stuck     a journal row not final or unresolved, an outbox message never delivered, an
             unresolved transaction the bridge did not resolve although everything was back
             (except one it gave up on by design: the terminal's NotFound came after it had
             taken another payment, so it may have forgotten this one; explained instead),
             a terminal the bridge keeps offline although it is plugged in, or keeps on a
             link whose device says it is another terminal (swapped cables not followed),
+  incomplete
+            an unresolved payment nothing explains when everything was back for less than
+            HEALTHY_ENOUGH seconds: the audit cannot tell whether the bridge would have
+            resolved it,
   crashed   the daemon or a simulated terminal exited on its own, a SIGTERM of the chaos
-            had to be followed by SIGKILL or ended in an error status, or the daemon's final
-            SIGTERM did not end with exit status 0,
-  leaked    (with --keys) a key's passphrase in a log, the journal, the broker's files, a
-            ledger or the audit.
+            (the finale's too) had to be followed by SIGKILL or ended in an error status, or
+            the daemon's final SIGTERM did not end with exit status 0,
+  leaked    (with --keys) a key's passphrase, or key material derived from it (hex, base64
+            or raw), in a log, the journal, the broker's files, a ledger or the audit,
+  too few   the floor: no payment, fewer approved than APPROVALS_PER_REGISTER_SECOND per
+            register and second of chaos, or a terminal addressed TERMINAL_FLOOR_PAYMENTS
+            times or more that approved none (nothing is lost in a run that proves nothing).
 
 Anything left unresolved is listed with the reason. Problems that are symptoms of a bridge
 bug already found are tagged with it (KNOWN_BUGS); they still fail the run.
@@ -74,10 +93,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import calendar
 import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -148,6 +170,20 @@ CHAOS_KINDS: dict[str, float] = {  # kind -> weight
     # while it is away.
     "power_blip": 0.5,
 }
+
+# The daemon's framing on every terminal link (soak.toml): a frame goes out max_tries times
+# at most, each copy ack_timeout after the one before found no ACK.
+ACK_TIMEOUT = 0.5
+MAX_TRIES = 3
+# The longest the chaos freezes the daemon (SIGSTOP: daemon_freeze, 0.3 + 5 / 2 s; the
+# finale's freeze while mosquitto is killed, about 2.7 s): a copy its framer had due goes out
+# when it wakes.
+DAEMON_FREEZE_MAX = 3.0
+# How long after a request frame's first copy reached a simulated terminal a byte-identical
+# copy can still be the daemon's framer sending it again (the simulator flags only those as
+# link-level retransmissions; see bridge/simulator/server.py): its retry span, the longest
+# freeze, and a second for a loaded box.
+RETRANSMIT_WINDOW = MAX_TRIES * ACK_TIMEOUT + DAEMON_FREEZE_MAX + 1.0
 
 OPEN_STATES = ("accepted", "awaiting_response", "polling")
 # what the soak's state watcher counts as out of service: offline, or on a link whose device
@@ -240,7 +276,8 @@ class Terminal:
             "transactions": [{"amount": amount, **behaviour}
                              for amount, _, behaviour in KINDS.values()],
             "link": {"garbage_rate": self.garbage_rate, "corrupt_rate": self.corrupt_rate,
-                     "replug_after": self.replug_after, "seed": self.seed},
+                     "replug_after": self.replug_after, "seed": self.seed,
+                     "retransmit_window": RETRANSMIT_WINDOW},
         }
 
     def start(self) -> None:
@@ -327,11 +364,39 @@ def make_keys(terminals: list[Terminal], workdir: Path, mode: str) -> list[SoakK
     return [t.key for t in terminals if t.key is not None]
 
 
+def key_material(key: SoakKey) -> dict[str, list[bytes]]:
+    """What of `key` must never be written anywhere, by name: the passphrase, and the
+    material bridge/protocol/crypto.py derives from it (PBKDF2-HMAC-SHA1, its salt and
+    iterations: 80 bytes, the HMAC key, the AES key and the IV), each as raw bytes, as hex
+    (either case), as base64 (standard and URL-safe, with and without padding) and as a
+    Python bytes literal."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
+
+    from bridge.protocol import crypto
+
+    material = PBKDF2HMAC(algorithm=hashes.SHA1(), length=80, salt=crypto.KDF_SALT,
+                          iterations=crypto.KDF_ITERATIONS).derive(key.passphrase.encode())
+    found = {"the passphrase": [key.passphrase.encode()]}
+    for name, part in (("the derived key material", material),
+                       ("the derived HMAC key", material[0:32]),
+                       ("the derived AES key", material[32:64]),
+                       ("the derived IV", material[64:80])):
+        b64 = base64.b64encode(part)
+        url = base64.urlsafe_b64encode(part)
+        found[name] = list(dict.fromkeys([
+            part, part.hex().encode(), part.hex().upper().encode(), b64, url,
+            b64.rstrip(b"="), url.rstrip(b"="), repr(part)[2:-1].encode()]))
+    return found
+
+
 def leaked_keys(workdir: Path, keys: list[SoakKey]) -> list[str]:
-    """Every file under `workdir` but the passphrase files that holds a passphrase (the
-    daemon's and the simulators' logs, the journal, the broker's log and database, the
-    ledgers, the audit), each named with the key's identifier, never the passphrase."""
+    """Every file under `workdir` but the passphrase files that holds a passphrase or key
+    material derived from it (key_material; the daemon's and the simulators' logs, the
+    journal, the broker's log and database, the ledgers, the audit), each named with the
+    key's identifier, never the secret."""
     own = {key.passphrase_file for key in keys}
+    secrets_of = {key.identifier: key_material(key) for key in keys}
     found = []
     for path in sorted(workdir.rglob("*")):
         if path in own or not path.is_file():
@@ -340,8 +405,10 @@ def leaked_keys(workdir: Path, keys: list[SoakKey]) -> list[str]:
             data = path.read_bytes()
         except OSError:
             continue
-        found += [f"{path.relative_to(workdir)} holds the passphrase of {key.identifier}"
-                  for key in keys if key.passphrase.encode() in data]
+        for identifier, material in secrets_of.items():
+            found += [f"{path.relative_to(workdir)} holds {what} of {identifier}"
+                      for what, forms in material.items()
+                      if any(form in data for form in forms)]
     return found
 
 
@@ -361,6 +428,7 @@ class Daemon:
 
     def __init__(self, config: Path, workdir: Path) -> None:
         self.config = config
+        self.command = [sys.executable, "-m", "bridge", "run", "--config", str(config)]
         self.log_path = workdir / "daemon.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -371,9 +439,8 @@ class Daemon:
             out.write(f"\n===== soak: daemon start #{self.starts + 1} at {iso_now()} =====\n"
                       .encode())
             out.flush()
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "bridge", "run", "--config", str(self.config)],
-                stdout=out, stderr=out, env=python_env(), cwd=ROOT)
+            self.process = subprocess.Popen(self.command, stdout=out, stderr=out,
+                                            env=python_env(), cwd=ROOT)
         self.starts += 1
         self.started_at.append(time.monotonic())
 
@@ -397,8 +464,14 @@ class Daemon:
             return None
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
+        return self.wait_stopped()
+
+    def wait_stopped(self, timeout: float = 20) -> int | None:
+        """The exit status once the process ends; None if it had to be killed after
+        `timeout` seconds (see sigterm_problem)."""
+        assert self.process is not None
         try:
-            return self.process.wait(timeout=20)
+            return self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -432,6 +505,9 @@ class Payment:
     first_final_at: float | None = None
     first_final_source: str | None = None
     first_final_error: str | None = None  # the bridge's error text with it, if any
+    first_final_stamp: float | None = None  # when the bridge produced it (bridge.at)
+    # the AuthorizedAmount of the response that came with it (None: the response had none)
+    first_final_amount: Any = None
     conflicts: list[str] = field(default_factory=list)
     abort_id: str | None = None
     resync_at: float | None = None
@@ -449,6 +525,29 @@ class Payment:
     def final_via_resync(self) -> bool:
         return (self.resync_at is not None and self.first_final_at is not None
                 and self.first_final_at >= self.resync_at)
+
+
+def bridge_stamp(text: Any) -> float | None:
+    """bridge.at of a register's document ("2026-11-22T10:02:00.010Z", UTC) as a wall-clock
+    time; None if it has none."""
+    if not isinstance(text, str) or not text.endswith("Z"):
+        return None
+    try:
+        whole, _, millis = text[:-1].partition(".")
+        return calendar.timegm(time.strptime(whole, "%Y-%m-%dT%H:%M:%S")) + int(
+            millis or 0) / 1000
+    except ValueError:
+        return None
+
+
+def authorised_amount(response: Any) -> Any:
+    """The AuthorizedAmount a register's PaymentResponse carries (the bridge hands one shape
+    whichever way it learnt the result: bridge/protocol/outcome.py, recovered_response);
+    None if it carries none."""
+    try:
+        return response["PaymentResponse"]["PaymentResult"]["AmountsResp"]["AuthorizedAmount"]
+    except (TypeError, KeyError):
+        return None
 
 
 class Register:
@@ -519,6 +618,8 @@ class Register:
             service_id = info["transaction"]["service_id"]
             outcome, source = info["outcome"], info["source"]
             error = info.get("error")
+            stamp = bridge_stamp(info.get("at"))
+            told = authorised_amount(payload.get("SaleToPOIResponse"))
         except (TypeError, ValueError, KeyError, AttributeError):
             self.stray.append({"raw": repr(raw)[:200]})
             return
@@ -535,6 +636,7 @@ class Register:
             if payment.first_final is None:
                 payment.first_final, payment.first_final_at = outcome, now
                 payment.first_final_source, payment.first_final_error = source, error
+                payment.first_final_stamp, payment.first_final_amount = stamp, told
             elif outcome != payment.first_final:
                 payment.conflicts.append(f"{payment.first_final} then {outcome} ({source})")
         payment.answered.set()
@@ -703,7 +805,8 @@ class Soak:
                 f'device = "{terminal.configured_link}"',
                 "[terminals.framer]",
                 'name = "stx-etx-lrc"',
-                "ack_timeout = 0.5",
+                f"ack_timeout = {ACK_TIMEOUT}",
+                f"max_tries = {MAX_TRIES}",
                 *(terminal.key.config_lines() if terminal.key else []),
             ]
         self.config_path.write_text("\n".join(lines) + "\n")
@@ -995,8 +1098,13 @@ class Soak:
             register = self.registers[i % len(self.registers)]
             await register.pay(self.terminals[i % len(self.terminals)], "approve")
             await asyncio.sleep(pause)
-        await asyncio.to_thread(self.daemon.process.wait, 20)
+        code = await asyncio.to_thread(self.daemon.wait_stopped, 20)
         self.daemon_terms.append((sent, time.time()))
+        # judged as every SIGTERM of the chaos is (_daemon_outage)
+        problem = sigterm_problem(code, self.daemon.starts)
+        if problem is not None:
+            self.crashes.append(problem)
+            log(f"!!! {problem}")
         await asyncio.sleep(1.0)
         self.daemon.start()
         self.daemon_down = False
@@ -1517,8 +1625,18 @@ def busy_record_of_a_copy(row: dict[str, Any]) -> bool:
 NOT_FOUND_IN_LOG = {"received": None, "bridge_subscribed": None, "saved": False,
                     "dropped": None, "sent": None, "acked": None, "session_lost": False,
                     "reconnected_without_session": False}
-FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "stuck", "disputed", "crashed",
-         "leaked")
+FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "wrong_amount", "stuck", "disputed",
+         "crashed", "leaked", "incomplete", "too_few")
+# The floor: a run in which fewer payments were approved than this, per register and second
+# of chaos, fails as too_few (under the chaos, 100-s runs got 0.36 to 0.41: seeds 83 and 84,
+# 2026-12-02), as does a terminal that was addressed this many times or more and approved
+# none of them.
+APPROVALS_PER_REGISTER_SECOND = 0.05
+TERMINAL_FLOOR_PAYMENTS = 12
+# Seconds of health (broker, daemon, every terminal back) after which an unresolved payment
+# is the bridge's to have resolved; with less, the audit cannot tell and says so.
+HEALTHY_ENOUGH = 15.0
+CURRENCY = "EUR"  # the registers' (bridge/simulator/responses.py, payment_request)
 BUSY_DETAIL = "terminal busy: the payment was not started"  # the session's words
 # Symptoms of bridge bugs the soak has found, by tag (reported to the bridge's owner):
 KNOWN_BUGS = {
@@ -1561,34 +1679,34 @@ KNOWN_BUGS = {
 }
 
 
-# The refusals the bridge answers without a journal row (bridge/daemon/intake.py,
-# RequestIntake._request and _reject: outcome rejected, source bridge), by their error text:
-# requests refused before they are journaled (unusable or invalid, ServiceID reused, the
-# bridge shutting down, unknown terminal, SaleID not allowed, stale). Refusals by the
-# terminal's session (offline, Busy...) are journaled since e7fc2da, so they are not here.
+# The intake's refusals (bridge/daemon/intake.py: outcome rejected, source bridge) that the
+# soak's registers can get, by their error text. They send only valid requests, with fresh
+# ServiceIDs and a timestamp of now, to configured terminals, with no SaleID restriction:
+# of the refusals answered before (or without) a journal row (unusable, invalid, ServiceID
+# reused, unknown terminal, SaleID not allowed, stale by request_max_age's 300 s) the chaos
+# can cause only the one of a daemon draining after SIGTERM. That one is journaled since
+# (_refuse_recorded), which makes its excuse, below, a narrow one.
 NEVER_JOURNALED = tuple(re.compile(pattern) for pattern in (
-    r"request is unusable: ",
-    r"not a valid SaleToPOIRequest: ",
-    r"registers publish SaleToPOIRequest documents here$",
-    r"send the request in clear: ",
-    r"invalid header: ",
-    r"SaleID must not contain / \+ # or control characters$",
-    r"MessageHeader\.POIID .* does not match the topic's terminal ",
-    r"ServiceID .* was already used by SaleID .* for a different request within 48 hours",
     r"the bridge is shutting down; nothing was sent to the terminal",
-    r"unknown terminal .*: not in this bridge's configuration$",
-    r"SaleID .* may not use terminal ",
-    r"request is \d+ s old \(SaleTransactionID\.TimeStamp\)",
-    r"PaymentRequest\.SaleData\.SaleTransactionID\.TimeStamp ",
 ))
 
 
 def never_journaled(payment: Payment) -> bool:
-    """Whether the register's final outcome is one of the refusals the bridge answers
-    without a journal row (NEVER_JOURNALED)."""
+    """Whether the register's final outcome reads as one of the intake's refusals the
+    soak's registers can get (NEVER_JOURNALED): names what a problem looks like."""
     error = payment.first_final_error or ""
     return (payment.first_final == "rejected" and payment.first_final_source == "bridge"
             and any(pattern.match(error) for pattern in NEVER_JOURNALED))
+
+
+def refused_while_draining(payment: Payment, daemon_terms: list[tuple[float, float]]) -> bool:
+    """never_journaled, and produced by the bridge (bridge.at; else when the register got
+    it) while a daemon drained after a SIGTERM of the soak's: the only time the intake says
+    it is shutting down."""
+    at = payment.first_final_stamp if payment.first_final_stamp is not None \
+        else payment.first_final_at
+    return never_journaled(payment) and at is not None and any(
+        sent - 0.5 <= at <= gone + 0.5 for sent, gone in daemon_terms)
 
 
 def repeated_receipts(ledgers: dict[str, dict[str, Any]]
@@ -1627,6 +1745,66 @@ def busy_loop_tag(row: dict[str, Any]) -> str | None:
     """A transaction the bridge keeps polling because the status says the original was
     refused Busy."""
     return "busy_status_polled_forever" if "/ Busy" in (row.get("detail") or "") else None
+
+
+def what_it_did(entry: dict[str, Any]) -> str:
+    """A terminal's ledger entry in a few words: its outcome, or, for a request it never
+    processed, what it answered each receipt (busy, lost, unreadable...)."""
+    if entry.get("outcome") is not None:
+        return str(entry["outcome"])
+    return "not processed: " + ", ".join(r.get("answer", "?")
+                                         for r in entry.get("receipts") or [])
+
+
+def amount_problems(payment: Payment, entries: dict[str, dict[str, Any]]) -> list[str]:
+    """What is wrong with the amounts of `payment`: each terminal that received it (its
+    ledger entry, by POIID) read the amount and currency the register asked; one that
+    charged it authorised that amount; an approved result at the register carries it
+    (AuthorizedAmount)."""
+    found = []
+    for poi, entry in entries.items():
+        if entry.get("category") != "Payment":
+            continue
+        asked = entry.get("amount")
+        if asked is not None and asked != payment.amount:
+            found.append(f"terminal {poi} was asked for {asked!r}, the register asked for "
+                         f"{payment.amount!r}")
+        if entry.get("currency") not in (None, CURRENCY):
+            found.append(f"terminal {poi} was asked for currency {entry['currency']!r}, the "
+                         f"register asked for {CURRENCY}")
+        if entry.get("charged") and entry.get("authorised") != payment.amount:
+            found.append(f"terminal {poi} charged {entry.get('authorised')!r}, the register "
+                         f"asked for {payment.amount!r}")
+    if payment.first_final == "approved" and payment.first_final_amount != payment.amount:
+        found.append(f"the register was told approved ({payment.first_final_source}) for "
+                     f"{payment.first_final_amount!r} (AuthorizedAmount), it asked for "
+                     f"{payment.amount!r}" if payment.first_final_amount is not None else
+                     f"the register was told approved ({payment.first_final_source}) with no "
+                     f"AuthorizedAmount; it asked for {payment.amount!r}")
+    return found
+
+
+def floor_problems(soak: Soak, payments: list[Payment], counts: Counter[str]) -> list[str]:
+    """Why the run proves too little: no payment at all, fewer approved than
+    APPROVALS_PER_REGISTER_SECOND for its registers and duration, or a terminal addressed
+    TERMINAL_FLOOR_PAYMENTS times or more that approved none (an all-refused run, or a
+    terminal the bridge never used, would otherwise pass: nothing in it is lost)."""
+    duration = float(soak.args.duration)
+    floor = math.ceil(APPROVALS_PER_REGISTER_SECOND * len(soak.registers) * duration)
+    found = []
+    if duration > 0 and not payments:
+        found.append(f"no payment was made in {duration:g} s")
+    elif counts["approved"] < floor or counts["charged"] < floor:
+        found.append(f"only {counts['approved']} payment(s) approved and {counts['charged']} "
+                     f"charged of {len(payments)}; at least {floor} expected "
+                     f"({APPROVALS_PER_REGISTER_SECOND:g} per register and second of chaos, "
+                     f"{len(soak.registers)} registers, {duration:g} s)")
+    addressed = Counter(p.poi_id for p in payments)
+    approved = Counter(p.poi_id for p in payments if p.first_final == "approved")
+    found += [f"terminal {poi}: none of the {n} payments addressed to it was approved"
+              for poi, n in sorted(addressed.items())
+              if n >= TERMINAL_FLOOR_PAYMENTS and not approved[poi]]
+    return found
 
 
 def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
@@ -1701,7 +1879,7 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         if elsewhere:
             problem("wrong_terminal", p, f"addressed to {p.poi_id}, "
                     + "; ".join(f"{'charged' if poi in charged_on else 'received, not charged'}"
-                                f" by terminal {poi} ({ledgers[poi][p.key]['outcome']}) at "
+                                f" by terminal {poi} ({what_it_did(ledgers[poi][p.key])}) at "
                                 + ", ".join(clock(r["at"]) for r in
                                             ledgers[poi][p.key].get("receipts") or [])
                                 for poi in elsewhere)
@@ -1709,6 +1887,9 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                     + (f" (the daemon logged 'no answer to the identity check' for {p.poi_id} "
                        f"at {clock(blind[0])})" if blind else ""),
                     tag="sent_without_identity" if blind else None)
+        for text in amount_problems(p, {poi: ledgers[poi][p.key]
+                                        for poi in seen_at.get(p.key, [])}):
+            problem("wrong_amount", p, text)
         final = p.first_final
         # Told "rejected" but the journal has it as something else: it ran after all.
         redelivered = "redelivered_refusal" if final == "rejected" and row is not None \
@@ -1745,7 +1926,7 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                         f"{row and (row['state'], row['outcome'], row['source'], row['detail'])})",
                         tag="busy_taken_for_declined" if busy else redelivered
                         or ("sent_without_identity" if blind else None))
-            if row is None and not never_journaled(p):
+            if row is None and not refused_while_draining(p, soak.daemon_terms):
                 problem("disputed", p, f"register got final {final} ({p.first_final_source}"
                         f"{': ' + p.first_final_error if p.first_final_error else ''}), the "
                         "journal has no row for it")
@@ -1825,7 +2006,37 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                 why += (f"; the bridge still has terminal {p.poi_id} offline "
                         f"({terminal_states.get(p.poi_id, {}).get('detail', 'no state')})")
             unresolved_notes.append(f"{p.key} on {p.poi_id} ({p.kind}): {why}")
-            if given_up_by_design(row):
+            if charged:
+                # The terminal produced a result and the register knows only "unresolved,
+                # check": that result never reached it. Only where the terminal itself told
+                # the bridge it had no record (NotFound, which the bridge may no longer take
+                # for "never received") can the bridge not learn it: counted on its own.
+                counts["charged_unresolved"] += 1
+                said = sorted(at for poi in charged_on
+                              for at in ledgers[poi][p.key].get("status_not_found") or [])
+                if given_up_by_design(row) and said:
+                    counts["charged_unlearnable"] += 1
+                    explained.append(f"{p.key}: CHARGED by {charged_on}, the register told "
+                                     "only unresolved: the terminal answered NotFound to the "
+                                     f"bridge's status poll at {clock(said[0])} and had taken "
+                                     "another payment since, so the bridge stopped asking and "
+                                     "told the register to check the acquirer's records; "
+                                     f"terminal ledger: {ledger_entry}")
+                elif given_up_by_design(row) or busy_record_of_a_copy(row) \
+                        or healthy_for >= HEALTHY_ENOUGH:
+                    excuse = (" (the bridge gave up: NotFound after another payment, but the "
+                              "terminal never answered NotFound about it)"
+                              if given_up_by_design(row) else
+                              " (the bridge says the terminal's record is Busy, but the "
+                              "terminal charged it)" if busy_record_of_a_copy(row) else "")
+                    problem("lost", p, f"terminal charged it, the register was told only "
+                            f"unresolved{excuse}: {why}", tag=busy_loop_tag(row))
+                else:
+                    problem("incomplete", p, f"terminal charged it, the register was told only "
+                            f"unresolved, and everything was back for only {healthy_for:.0f} s "
+                            f"(< {HEALTHY_ENOUGH:g}): the audit cannot tell whether the bridge "
+                            f"would have resolved it: {why}")
+            elif given_up_by_design(row):
                 # The bridge's last word, not a row it forgot: nothing the terminal can say
                 # will settle it, and the register was told to check the acquirer.
                 explained.append(f"{p.key}: left unresolved by design: the terminal answered "
@@ -1839,10 +2050,14 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                                  "record says Busy, which may answer the second copy while "
                                  "it ran the first; the register was told to check; terminal "
                                  f"ledger: {ledger_entry or 'never received (nothing charged)'}")
-            elif healthy_for >= 15:
+            elif healthy_for >= HEALTHY_ENOUGH:
                 problem("stuck", p, f"still unresolved {healthy_for:.0f} s after the terminal, "
                         f"the broker and the bridge were all back: {why}",
                         tag=busy_loop_tag(row))
+            else:
+                problem("incomplete", p, f"still unresolved, and everything was back for only "
+                        f"{healthy_for:.0f} s (< {HEALTHY_ENOUGH:g}): the audit cannot tell "
+                        f"whether the bridge would have resolved it: {why}")
             continue
         if row["state"] == "final":
             problem("lost", p, f"journal final {row['outcome']} but the register never got it "
@@ -1911,6 +2126,8 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         problem("stuck", None, episode["text"], poi_id=episode["poi_id"],
                 tag="left_offline" if episode.get("started_while_unplugged") else None)
     counts["charged"] = sum(1 for k in charged_at if k in by_key)
+    for text in floor_problems(soak, payments, counts):
+        problem("too_few", None, text)
     chaos = Counter(e.kind for e in soak.events if not e.skipped)
     skipped = Counter(e.kind for e in soak.events if e.skipped)
     return {
@@ -1936,6 +2153,8 @@ def report(result: dict[str, Any]) -> bool:
         ("cancelled", c["cancelled"]), ("aborted", c["aborted"]),
         ("not_found", c["not_found"]), ("rejected (busy/offline)", c["rejected"]),
         ("error", c["error"]), ("unresolved at the end", c["unresolved"]),
+        ("  of them charged", c["charged_unresolved"]),
+        ("  ... terminal said NotFound", c["charged_unlearnable"]),
         ("never reached the bridge", c["never_reached_bridge"]),
         ("recovered by resync", c["recovered_by_resync"]),
         ("aborts sent", c["aborts_sent"]),
@@ -1943,8 +2162,9 @@ def report(result: dict[str, Any]) -> bool:
         ("followed by the daemon (log)", result.get("follows", 0)),
         ("requests retransmitted (link)", c["retransmitted_requests"]),
         ("LOST", c["lost"]), ("DOUBLED", c["doubled"]), ("PHANTOM", c["phantom"]),
-        ("WRONG TERMINAL", c["wrong_terminal"]),
+        ("WRONG TERMINAL", c["wrong_terminal"]), ("WRONG AMOUNT", c["wrong_amount"]),
         ("STUCK", c["stuck"]), ("DISPUTED", c["disputed"]), ("CRASHED", c["crashed"]),
+        ("AUDIT INCOMPLETE", c["incomplete"]), ("TOO FEW APPROVED (floor)", c["too_few"]),
     ]
     if result.get("keys", "none") != "none":
         rows.append(("KEY MATERIAL LEAKED", c["leaked"]))
@@ -1971,6 +2191,11 @@ def report(result: dict[str, Any]) -> bool:
         print(f"explained ({len(result['explained'])}):")
         for line in result["explained"][:50]:
             print("  " + line)
+    if c["charged_unlearnable"]:
+        # Not a failure (the terminal's own NotFound left the bridge nothing to learn), but
+        # money moved that the register does not know of: never silent.
+        print(f"!!! {c['charged_unlearnable']} payment(s) CHARGED that the register knows only "
+              "as unresolved (the terminal answered NotFound): see 'explained' above")
     if not result["settled"]:
         # Not a failure by itself: what it left is judged payment by payment above (a result
         # the broker lost in a kill -9 leaves its register waiting until the resync).
@@ -1998,9 +2223,9 @@ def report(result: dict[str, Any]) -> bool:
         for tag, n in tags.items():
             print(f"[{tag}] ({n}): known bridge bug: {KNOWN_BUGS.get(tag, '?')}")
         return False
-    print("soak passed: nothing lost, doubled, phantom, on a wrong terminal, disputed, stuck or "
-          "crashed" + (", no key material leaked" if result.get("keys", "none") != "none"
-                       else ""))
+    print("soak passed: nothing lost, doubled, phantom, on a wrong terminal, of a wrong amount, "
+          "disputed, stuck or crashed, the audit complete, above the floor of approvals"
+          + (", no key material leaked" if result.get("keys", "none") != "none" else ""))
     return True
 
 
@@ -2036,6 +2261,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.terminals < 1 or args.registers < 1:
         p.error("need at least one terminal and one register")
+    if args.duration < 10:
+        # (the audit's floor of approvals scales with it: a shorter run proves nothing)
+        p.error("--duration must be at least 10 s")
     return args
 
 

@@ -211,3 +211,144 @@ async def test_a_paced_answer_is_not_sent_again_while_it_is_still_going_out():
     assert line_time > 0.2, line_time  # longer than the simulator's ack_timeout
     # One answer, ACKed as soon as its last byte arrived: it was never late
     assert len(answers) == 1, f"{len(answers)} copies of a {len(answers[0])}-byte answer"
+
+
+# --- what the audit of the soak reads: every request, its amounts, bounded retransmissions ----
+
+def test_the_ledger_lists_every_money_request_even_one_never_processed():
+    """A request the terminal answered Busy (it was taking another), one it lost on purpose
+    and one it could not read (another key) never become transactions, but they reached the
+    device: the ledger lists them, by their receipts, uncharged, with what they asked. The
+    soak's audit finds a payment on the wrong (busy) device, or sent twice, only there."""
+    import json
+
+    from bridge.simulator.responses import payment_request
+    from bridge.simulator.terminal import SimulatedTerminal
+
+    terminal = SimulatedTerminal(Scenario(
+        default=Behaviour(decision="approve", delay=1.0),
+        transactions=[Behaviour(amount=50.0, lose_request=True)]))
+    assert terminal.handle(payment_request("POS1", "P0", "V400m-1", 10.0), 100.0).answers
+    busy = terminal.handle(payment_request("POS1", "P1", "V400m-1", 12.5), 100.5).answers
+    assert "Busy" in json.dumps(busy[0].document)
+    terminal.handle(payment_request("POS1", "P2", "V400m-1", 50.0), 102.0)  # lost
+    poll = builders.status_request(sale_id="POS1", service_id="S9", poi_id="V400m-1",
+                                   original_service_id="P2", original_category="Payment")
+    assert "NotFound" in json.dumps(terminal.handle(poll, 103.0).answers[0].document)
+    sealed = {"SaleToPOIRequest": {"MessageHeader": payment_request(
+        "POS1", "P3", "V400m-1")["SaleToPOIRequest"]["MessageHeader"], "NexoBlob": "x"}}
+    terminal.unreadable(sealed, 104.0)
+    ledger = terminal.summary()
+    assert ledger["POS1/P0"]["charged"] and ledger["POS1/P0"]["outcome"] == "approve"
+    assert (ledger["POS1/P0"]["amount"], ledger["POS1/P0"]["currency"],
+            ledger["POS1/P0"]["authorised"]) == (10.0, "EUR", 10.0)
+    for key, answer, amount in (("POS1/P1", "busy", 12.5), ("POS1/P2", "lost", 50.0),
+                                ("POS1/P3", "unreadable", None)):
+        assert key in ledger, (key, sorted(ledger))
+        entry = ledger[key]
+        assert (entry["outcome"], entry["charged"], entry["amount"]) == (None, False, amount)
+        assert [r["answer"] for r in entry["receipts"]] == [answer], entry
+    assert ledger["POS1/P2"]["status_not_found"] == [103.0]
+    assert ledger["POS1/P0"]["status_not_found"] == []
+
+
+async def test_a_request_the_terminal_cannot_decrypt_is_recorded_as_received(tmp_path):
+    """With local encryption, a payment encrypted with another key (another terminal's: the
+    bridge sent it to the wrong device) gets the plain crypto error, and a receipt: its
+    header is in clear."""
+    import json
+
+    from bridge.protocol import crypto
+    from bridge.simulator.responses import payment_request
+
+    link = tmp_path / "terminal"
+    server = SimulatorServer(Scenario(), key=crypto.NexoKey("Mine", 1, "one passphrase"))
+    await server.start_pty(link)
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    try:
+        other = crypto.NexoKey("Theirs", 1, "another passphrase")
+        sealed = crypto.encrypt_message(payment_request("POS1", "W1", "V400m-9", 10.0), other)
+        os.write(fd, _frame(json.dumps(sealed, separators=(",", ":")).encode()))
+        await wait_for(lambda: server.frames_in == 1)
+        entry = server.terminal.summary()["POS1/W1"]
+        assert not entry["charged"] and [r["answer"] for r in entry["receipts"]] == [
+            "unreadable"]
+    finally:
+        os.close(fd)
+        await server.close()
+
+
+async def test_a_copy_beyond_the_retransmit_window_is_a_second_request(tmp_path):
+    """The bridge's framer sends a frame again only for want of an ACK, max_tries times at
+    most, each ack_timeout after the one before: a byte-identical copy that comes later than
+    that (retransmit_window) is the payment sent a second time, not a link-level copy."""
+    import json
+
+    from bridge.simulator.responses import payment_request
+
+    link = tmp_path / "terminal"
+    server = SimulatorServer(Scenario(link=LinkBehaviour(retransmit_window=0.4)))
+    await server.start_pty(link)
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    try:
+        frame = _frame(json.dumps(payment_request("POS1", "T1", server.scenario.poi_id, 10.0),
+                                  separators=(",", ":")).encode())
+        for pause in (0.0, 0.1, 0.6):  # a quick copy, then one far too late
+            await asyncio.sleep(pause)
+            want = server.frames_in + 1
+            os.write(fd, frame)
+            await wait_for(lambda want=want: server.frames_in == want)
+        receipts = server.terminal.summary()["POS1/T1"]["receipts"]
+        assert [r["retransmission"] for r in receipts] == [False, True, False]
+    finally:
+        os.close(fd)
+        await server.close()
+
+
+async def test_a_copy_after_the_bridge_acknowledged_the_answer_is_a_second_request(tmp_path):
+    """Once the bridge has read an answer under the request's IDs it sends the request no
+    more (its framer takes the frame as delivered), and it writes its ACK of that answer
+    after any copy it wrote before: a copy read after that ACK, however soon, is a second
+    request. The same copy before the answer is acknowledged is a link-level one."""
+    import json
+
+    from bridge.simulator.responses import payment_request
+
+    link = tmp_path / "terminal"
+    server = SimulatorServer(Scenario(default=Behaviour(delay=0.0)))
+    await server.start_pty(link)
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    os.set_blocking(fd, False)
+    bridge = make_framer("stx-etx-lrc")
+    try:
+        async def answer() -> None:
+            """Read until the terminal's answer frame (its ACK of our frame comes first)."""
+            async with asyncio.timeout(5):
+                while True:
+                    try:
+                        data = os.read(fd, 4096)
+                    except BlockingIOError:
+                        await asyncio.sleep(0.01)
+                        continue
+                    if any(isinstance(e, FrameReceived)
+                           for e in bridge.receive_data(data, time.monotonic())):
+                        return
+
+        for service_id, acknowledge in (("A1", False), ("A2", True)):
+            frame = _frame(json.dumps(payment_request(
+                "POS1", service_id, server.scenario.poi_id, 10.0),
+                separators=(",", ":")).encode())
+            os.write(fd, frame)
+            await answer()
+            ack = bridge.data_to_send(time.monotonic())  # our ACK of the answer
+            assert ack == b"\x06"
+            want = server.frames_in + 1
+            # the same frame again, after our ACK of the answer or just before it
+            os.write(fd, ack + frame if acknowledge else frame + ack)
+            await wait_for(lambda want=want: server.frames_in == want)
+            receipts = server.terminal.summary()[f"POS1/{service_id}"]["receipts"]
+            assert [r["retransmission"] for r in receipts] == [False, not acknowledge], (
+                service_id, receipts)
+    finally:
+        os.close(fd)
+        await server.close()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.protocol import crypto
-from bridge.protocol.framing import Framer, FrameReceived, make_framer
+from bridge.protocol.framing import FrameFailed, Framer, FrameReceived, FrameSent, make_framer
 from bridge.protocol.framing.acknowledged import AcknowledgedFramer
 from bridge.simulator.terminal import Answer, Scenario, SimulatedTerminal
 
@@ -156,6 +156,10 @@ class SimulatorServer:
         self._link_lost = asyncio.Event()
         self._muted_until = 0.0
         self._unplugged = False
+        # An answer frame in flight -> the (SaleID, ServiceID) it answers; and when the peer
+        # acknowledged an answer under each key (its framer sends that request no more)
+        self._answering: dict[bytes, tuple[str, str]] = {}
+        self._answer_acknowledged: dict[tuple[str, str], float] = {}
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -266,31 +270,54 @@ class SimulatorServer:
         """Read one link connection until it ends. The framer hands up every good frame,
         retransmitted copies included (it does not de-duplicate): a frame byte-identical to
         the one received just before on this connection, within the framing's max_tries
-        copies, is flagged to the terminal as a possible link-level retransmission (the
-        bridge's framer sends its frames one at a time, and a frame again only while it has
-        no ACK for it; a reopened link starts with the bridge's identity check)."""
+        copies and the link's retransmit_window of the first copy, and before the peer
+        acknowledged an answer to it, is flagged to the terminal as a possible link-level
+        retransmission. The bridge's framer sends its frames one at a time, a frame again only
+        while it has no ACK for it, max_tries times at most, each ack_timeout after the one
+        before; and never once an answer under the request's IDs came (the frame reached the
+        terminal: FrameWriter.answered); its ACK of that answer is written after any copy it
+        wrote before. A reopened link starts with the bridge's identity check."""
         timer = asyncio.create_task(self._retransmit_loop(link))
         previous: bytes | None = None
         copies = 0
+        first_at = 0.0  # when the first copy of `previous` was read (monotonic)
         try:
             while True:
                 data = await link.read()
-                if time.monotonic() < self._muted_until:
+                now = time.monotonic()
+                if now < self._muted_until:
                     continue
                 data = self._maybe_corrupt(data)
-                events = self.framer.receive_data(data, time.monotonic())
+                events = self.framer.receive_data(data, now)
                 await self._flush(link)
-                for event in events:
-                    if isinstance(event, FrameReceived):
+                for event in events:  # in the order of their bytes on the line
+                    if isinstance(event, FrameSent):
+                        self._acknowledged(event.payload, now)
+                    elif isinstance(event, FrameReceived):
                         self.frames_in += 1
                         if event.payload == previous:
                             copies += 1
                         else:
-                            previous, copies = event.payload, 1
-                        self._on_request(link, event.payload,
-                                         retransmission=1 < copies <= self._max_copies())
+                            previous, copies, first_at = event.payload, 1, now
+                        again = 1 < copies <= self._max_copies() \
+                            and now - first_at <= self._retransmit_window()
+                        self._on_request(link, event.payload, retransmission=again,
+                                         first_at=first_at)
         finally:
             timer.cancel()
+
+    def _retransmit_window(self) -> float:
+        window = self.scenario.link.retransmit_window
+        if window is not None:
+            return window
+        return self._max_copies() * self.framer.ack_timeout
+
+    def _acknowledged(self, answer: bytes, now: float) -> None:
+        """The peer acknowledged our frame `answer`: if it answered a request, the peer knows
+        that request reached us."""
+        key = self._answering.pop(answer, None)
+        if key is not None:
+            self._answer_acknowledged[key] = now
 
     def _max_copies(self) -> int:
         """How many times a peer with our framing settings transmits one frame."""
@@ -303,7 +330,9 @@ class SimulatorServer:
                 await asyncio.sleep(0.05)
                 continue
             await asyncio.sleep(max(0.0, deadline - time.monotonic()))
-            self.framer.handle_timeout(time.monotonic())
+            for event in self.framer.handle_timeout(time.monotonic()):
+                if isinstance(event, FrameFailed):
+                    self._answering.pop(event.payload, None)
             await self._flush(link)
 
     def _maybe_corrupt(self, data: bytes) -> bytes:
@@ -313,16 +342,25 @@ class SimulatorServer:
             return data[:i] + bytes([data[i] ^ 0x20]) + data[i + 1:]
         return data
 
-    def _on_request(self, link: _Link, payload: bytes, *, retransmission: bool = False) -> None:
+    def _on_request(self, link: _Link, payload: bytes, *, retransmission: bool = False,
+                    first_at: float | None = None) -> None:
+        """`first_at`: when the first copy of this frame was read (monotonic): a copy read
+        after the peer acknowledged our answer to that request is not a retransmission."""
         try:
             document = json.loads(payload)
         except (ValueError, UnicodeDecodeError):
             log.warning("simulator: request is not JSON; ignored")
             return
+        key = _ids(document)
+        if retransmission and key is not None and first_at is not None \
+                and self._answer_acknowledged.get(key, -1.0) >= first_at:
+            retransmission = False
         if self.key is not None:
             try:
                 document = crypto.decrypt_message(document, self.key)
             except crypto.CryptoError:
+                # (a money request's header is in clear: its arrival is recorded)
+                self.terminal.unreadable(document, time.time(), retransmission=retransmission)
                 # What a real terminal answers when it cannot decrypt: plain JSON, no header.
                 self._spawn(self._answer_at(link, Answer(time.time(), {
                     "errors": ["Nexo Service: crypto error (3)"], "ServiceID": "-NULL-"})))
@@ -348,6 +386,9 @@ class SimulatorServer:
                                      or "SaleToPOIRequest" in document):
             document = crypto.encrypt_message(document, self.key)
         payload = json.dumps(document, separators=(",", ":")).encode()
+        answers = _ids(answer.document) if "SaleToPOIResponse" in answer.document else None
+        if answers is not None:
+            self._answering[payload] = answers
         rng = self.terminal.rng
         if self.scenario.link.garbage_rate and rng.random() < self.scenario.link.garbage_rate:
             junk = bytes(rng.choice(b"abc{}\x00\x15\x06\xff ") for _ in range(rng.randrange(1, 24)))
@@ -380,3 +421,17 @@ class SimulatorServer:
                 delay = due - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+
+
+def _ids(document: Any) -> tuple[str, str] | None:
+    """(SaleID, ServiceID) of a SaleToPOI message's header (in clear when encrypted too)."""
+    if not isinstance(document, dict) or len(document) != 1:
+        return None
+    body = next(iter(document.values()))
+    header = body.get("MessageHeader") if isinstance(body, dict) else None
+    if not isinstance(header, dict):
+        return None
+    sale_id, service_id = header.get("SaleID"), header.get("ServiceID")
+    if not isinstance(sale_id, str) or not isinstance(service_id, str):
+        return None
+    return sale_id, service_id

@@ -8,7 +8,10 @@ Every receipt of a money request (Payment, Reversal) is also recorded, by (SaleI
 ServiceID): a request whose key the terminal already has is not processed again (a real
 terminal does not run a duplicate ServiceID twice), but the ledger says how many times, when,
 and whether each repeat can be a link-level retransmission of the same frame (the wire layer
-says so: see `handle`). A repeat that cannot is the bridge sending a payment twice.
+says so: see `handle`). A repeat that cannot is the bridge sending a payment twice. Requests
+it never processed (answered Busy, lost on purpose, or unreadable: encrypted with a key it
+does not hold) are in the ledger too, by their receipts: a payment that reached the wrong
+device, or reached this one twice, shows even when nothing was charged.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ class LinkBehaviour(BaseModel):
     baud: int = Field(default=0, ge=0)  # pace written bytes at this rate (0: as fast as possible)
     status_hold: float = Field(default=0.5, ge=0)  # the terminal's own delay before InProgress
     replug_after: float = Field(default=1.0, ge=0)  # seconds between drop_link and the new link
+    # How long after a frame's first copy arrived a byte-identical copy can still be the
+    # peer's framer sending it again for want of an ACK: its max_tries x ack_timeout, plus
+    # what may delay its writes. None: this side's own framer's max_tries x ack_timeout.
+    retransmit_window: float | None = Field(default=None, gt=0)
     seed: int = 0
 
 
@@ -99,7 +106,9 @@ class Receipt:
 
     at: float
     retransmission: bool  # the wire layer says it can be a link-level copy of the frame before
-    answer: str  # what the terminal did: processed, busy, duplicate (ignored), lost
+    # what the terminal did: processed, busy, duplicate (ignored), lost, unreadable (a key it
+    # does not hold)
+    answer: str
 
     def as_json(self) -> dict[str, Any]:
         return {"at": round(self.at, 3), "retransmission": self.retransmission,
@@ -129,6 +138,11 @@ class SimulatedTerminal:
         self.ledger: dict[tuple[str, str], LedgerEntry] = {}
         # every arrival of a money request, processed or not, by (SaleID, ServiceID)
         self.receipts: dict[tuple[str, str], list[Receipt]] = {}
+        # what each money request asked, by (SaleID, ServiceID), from its first receipt:
+        # (category, requested amount, currency)
+        self.asked: dict[tuple[str, str], tuple[str, Any, Any]] = {}
+        # when a status poll about a key was answered NotFound (the terminal had no record)
+        self.not_found: dict[tuple[str, str], list[float]] = {}
         self._script = list(self.scenario.transactions)
         self._current: LedgerEntry | None = None  # the payment the "shopper" is busy with
         self._last: LedgerEntry | None = None
@@ -158,7 +172,8 @@ class SimulatedTerminal:
                retransmission: bool = False) -> Reaction:
         """One request from the bridge. `retransmission`: the wire layer received this very
         frame just before, byte for byte, on the same link connection, with no other frame
-        between and within the framer's max_tries copies, so it can be the bridge's framer
+        between, within the framer's max_tries copies and the link's retransmit_window, and
+        before the bridge acknowledged an answer to it, so it can be the bridge's framer
         sending it again for want of an ACK (a link-level copy, not a second request).
 
         A real terminal names itself in every answer: its own POIID, not the request's."""
@@ -177,10 +192,7 @@ class SimulatedTerminal:
         header = request["MessageHeader"]
         category = header.get("MessageCategory")
         if category in ("Payment", "Reversal"):
-            receipts = self.receipts.setdefault(
-                (header.get("SaleID", ""), header.get("ServiceID", "")), [])
-            receipt = Receipt(now, retransmission and bool(receipts), "processed")
-            receipts.append(receipt)
+            receipt = self._receipt(request, header, now, retransmission, "processed")
             reaction, receipt.answer = self._money(document, request, header, now)
             return reaction
         if category == "TransactionStatus":
@@ -195,6 +207,36 @@ class SimulatedTerminal:
         if category in ("Login", "Logout"):
             return Reaction([Answer(now, responses.simple_response(document))])
         return Reaction([Answer(now, responses.simple_response(document, result="Failure"))])
+
+    def _receipt(self, request: dict[str, Any], header: dict[str, Any], now: float,
+                 retransmission: bool, answer: str) -> Receipt:
+        key = (header.get("SaleID", ""), header.get("ServiceID", ""))
+        receipts = self.receipts.setdefault(key, [])
+        receipt = Receipt(now, retransmission and bool(receipts), answer)
+        receipts.append(receipt)
+        if self.asked.get(key, (None, None))[1] is None:  # (unreadable: asked unknown)
+            category = header.get("MessageCategory", "")
+            body = request.get(f"{category}Request")
+            body = body if isinstance(body, dict) else {}
+            if category == "Payment":
+                amounts = body.get("PaymentTransaction", {}).get("AmountsReq", {})
+                amounts = amounts if isinstance(amounts, dict) else {}
+                asked = (amounts.get("RequestedAmount"), amounts.get("Currency"))
+            else:
+                asked = (body.get("ReversedAmount"), None)
+            self.asked[key] = (category, *asked)
+        return receipt
+
+    def unreadable(self, document: dict[str, Any], now: float, *,
+                   retransmission: bool = False) -> None:
+        """A request this terminal could not decrypt (encrypted with a key it does not hold):
+        a real one answers a crypto error and does nothing else, but a money request's header
+        travels in clear, so its arrival is recorded as a receipt (the bridge sent it to this
+        device, perhaps the wrong one)."""
+        request = document.get("SaleToPOIRequest") if isinstance(document, dict) else None
+        header = request.get("MessageHeader") if isinstance(request, dict) else None
+        if isinstance(header, dict) and header.get("MessageCategory") in ("Payment", "Reversal"):
+            self._receipt({}, header, now, retransmission, "unreadable")
 
     def _money(self, document, request, header, now) -> tuple[Reaction, str]:
         """The reaction, and what the terminal did with the request (for its receipt)."""
@@ -233,6 +275,9 @@ class SimulatedTerminal:
         else:
             entry = self._last  # without MessageReference: the most recent transaction
         if entry is None:
+            if ref:
+                self.not_found.setdefault(
+                    (ref.get("SaleID", ""), ref.get("ServiceID", "")), []).append(now)
             return Reaction([Answer(now, responses.status_not_found(document))])
         hold = self.scenario.link.status_hold
         if now < entry.completes_at or entry.polls_answered < entry.behaviour.in_progress_polls:
@@ -257,15 +302,33 @@ class SimulatedTerminal:
         return Reaction([Answer(now, entry.response)])
 
     def summary(self) -> dict[str, Any]:
-        """The ledger as JSON. `received`: how many times the request arrived (1 normally);
-        `receipts`: each arrival (time, whether it can be a link-level retransmission, what
-        the terminal did with it), from the first, including arrivals refused Busy before
-        the one that was processed."""
-        return {
-            f"{sale}/{service}": {"category": e.category, "outcome": e.outcome,
-                                  "charged": e.charged, "answered": e.answered,
-                                  "received": len(self.receipts.get((sale, service), [])),
-                                  "receipts": [r.as_json() for r in
-                                               self.receipts.get((sale, service), [])]}
-            for (sale, service), e in self.ledger.items()
-        }
+        """The ledger as JSON, one entry per money request that arrived, processed or not.
+        `received`: how many times the request arrived (1 normally); `receipts`: each arrival
+        (time, whether it can be a link-level retransmission, what the terminal did with it),
+        from the first, including arrivals refused Busy before the one that was processed.
+        A request never processed (only refused Busy, lost on purpose, unreadable) has
+        `outcome` None and is not charged. `amount`, `currency`: what the request asked;
+        `authorised`: the amount the terminal's response says moved (Payment).
+        `status_not_found`: when a status poll about it was answered NotFound."""
+        out: dict[str, Any] = {}
+        for key in [*self.ledger, *(k for k in self.receipts if k not in self.ledger)]:
+            entry = self.ledger.get(key)
+            category, amount, currency = self.asked.get(
+                key, (entry.category if entry else "", None, None))
+            authorised = None
+            if entry is not None and entry.response is not None:
+                body = entry.response.get("SaleToPOIResponse", {}).get(f"{category}Response", {})
+                if category == "Payment":
+                    authorised = body.get("PaymentResult", {}).get("AmountsResp", {}).get(
+                        "AuthorizedAmount")
+                else:
+                    authorised = body.get("ReversedAmount")
+            receipts = self.receipts.get(key, [])
+            out[f"{key[0]}/{key[1]}"] = {
+                "category": category, "outcome": entry.outcome if entry else None,
+                "charged": entry.charged if entry else False,
+                "answered": entry.answered if entry else False,
+                "amount": amount, "currency": currency, "authorised": authorised,
+                "received": len(receipts), "receipts": [r.as_json() for r in receipts],
+                "status_not_found": [round(at, 3) for at in self.not_found.get(key, [])]}
+        return out
