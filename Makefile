@@ -32,10 +32,11 @@ bench-targets: venv
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 
-# Fuzz every target for FUZZ_SECONDS each (hypothesis at scale; see bench/fuzz.sh).
+# Fuzz every hypothesis test of every target for FUZZ_SECONDS each (hypothesis at scale; the
+# targets are TARGETS in tests/fuzzing.py). Failures are kept in .hypothesis/examples.
 FUZZ_SECONDS ?= 60
 fuzz: venv
-	PY=$(PY) bench/fuzz.sh $(FUZZ_SECONDS)
+	$(PY) -m tests.fuzzing $(FUZZ_SECONDS)
 
 # The fault-injection soak: ~3 minutes, seed 1; `$(PY) bench/soak.py --help` for longer runs.
 soak: venv

@@ -1,16 +1,23 @@
 """How hard the hypothesis targets push, and the `make fuzz` runner.
 
 In `make test` each target runs the modest number of examples its `@fuzz_settings(n)` names.
-`make fuzz` (bench/fuzz.sh) runs `python -m tests.fuzzing SECONDS TARGET...`: every hypothesis
-test the targets name gets SECONDS of its own. A whole file is one target, and each of its
-hypothesis tests (each parametrization too) gets its own SECONDS, one after the other.
+`make fuzz` runs `python -m tests.fuzzing SECONDS [TARGET...]` (TARGETS below when none are
+named): every hypothesis test the targets name gets SECONDS of its own. A whole file is one
+target, and each of its hypothesis tests (each parametrization too) gets its own SECONDS, one
+after the other.
 
 How a test spends its time: under POI_BRIDGE_FUZZ=1 this module is also loaded as a pytest
 plugin (`-p tests.fuzzing`), which runs the test in rounds of its `n` examples, each round a
 complete hypothesis run with a fresh seed, until the test's time is spent. A failure ends the
 rounds with hypothesis' usual report (shrunk falsifying example, reproduce blob, saved in
-.hypothesis/ so the next `make test` replays it first). Nothing stops a test in the middle of a
-round, so nothing can cut a failure short and be read as "no failure found".
+.hypothesis/examples under the directory it runs in, so the next `make test` there replays it
+first). The runner names that database itself: hypothesis' own "ci" profile, loaded wherever
+a CI variable is set, has none. Nothing stops a test in the middle of a round, so nothing can
+cut a failure short and be read as "no failure found".
+
+What the examples reached: a target calls `tally("parsed")` and the like, and the summary
+shows each test's counts, and how many came in the second half of its time (a corpus that
+never reaches the code it is for, or stops reaching it late in a run, shows there).
 
 The runner exits 0 only if every hypothesis test of every target ran at least one example and
 passed. A failure, a collection error, a target that names no hypothesis test, a test that did
@@ -19,6 +26,8 @@ not run, a run that had to be stopped: each is named in the summary, and the exi
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import json
 import os
@@ -28,9 +37,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from hypothesis import HealthCheck, is_hypothesis_test, settings
+from hypothesis.configuration import storage_directory
+from hypothesis.database import DirectoryBasedExampleDatabase
 
 FUZZING = os.environ.get("POI_BRIDGE_FUZZ") == "1"
 SECONDS_ENV = "POI_BRIDGE_FUZZ_SECONDS"  # each test's time, set by the runner
@@ -38,6 +50,23 @@ REPORT_ENV = "POI_BRIDGE_FUZZ_REPORT"  # where the plugin writes what it collect
 
 STARTUP_GRACE = 120.0  # seconds for a target's pytest to start and collect on a busy machine
 TEST_GRACE = 120.0  # beyond its time, for a test's last round and the shrinking of a failure
+
+ROOT = Path(__file__).resolve().parents[1]
+# What `make fuzz` fuzzes: the three framer decoders, the message parser and its JSON reader
+# (and the nesting guard), the decryptor, the MQTT request handler, the session's invariants.
+TARGETS = (
+    "tests/test_framing_properties.py",
+    "tests/test_framer_fuzz.py",
+    "tests/test_messages.py::test_parser_never_raises_anything_but_message_error",
+    "tests/test_messages.py::test_arbitrary_envelopes_parse_or_fail_cleanly_and_classify_without_raising",
+    "tests/test_messages.py::test_the_nesting_guard_agrees_with_the_true_depth",
+    "tests/test_parser_fuzz.py",
+    "tests/test_json_reader.py",
+    "tests/test_json_reader_fuzz.py",
+    "tests/test_crypto.py::test_decrypt_raises_only_crypto_errors_on_junk",
+    "tests/test_intake_fuzz.py",
+    "tests/test_session_fuzz.py",
+)
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -49,8 +78,40 @@ def fuzz_settings(examples: int) -> settings:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                HealthCheck.data_too_large],
         print_blob=True,  # a failure prints the blob to paste into @reproduce_failure
-        **({"derandomize": False} if FUZZING else {}),
+        # Under the runner, the database hypothesis uses by default (.hypothesis/examples)
+        # whatever the profile (its "ci" one has none): a failure found is kept there, and
+        # replayed first by the next run in this directory, fuzzing or `make test`.
+        **({"derandomize": False, "database": DirectoryBasedExampleDatabase(
+            storage_directory("examples", intent_to_write=False).path)} if FUZZING else {}),
     )
+
+
+# --- what the examples reached -----------------------------------------------------------
+
+_counts: collections.Counter[str] = collections.Counter()
+_late_counts: collections.Counter[str] = collections.Counter()
+_late_from: float | None = None  # (monotonic) when the second half of a test's time begins
+
+
+def tally(what: str) -> None:
+    """Count an example as having reached `what` ("parsed", "refused", "reached the
+    session"...): `make fuzz`'s summary shows each test's counts, and those of its second
+    half, and a test can check its target's with `tallied()`."""
+    _counts[what] += 1
+    if _late_from is not None and time.monotonic() >= _late_from:
+        _late_counts[what] += 1
+
+
+@contextlib.contextmanager
+def tallied() -> Iterator[collections.Counter[str]]:
+    """The tallies of what runs inside the block (and only those)."""
+    global _counts
+    outer, _counts = _counts, collections.Counter()
+    try:
+        yield _counts
+    finally:
+        outer.update(_counts)
+        _counts = outer
 
 
 # --- the pytest plugin (loaded with `-p tests.fuzzing` by the runner) ----------------------
@@ -99,6 +160,10 @@ def pytest_pyfunc_call(pyfuncitem):
     funcargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
     outcome = "failed"
     start = time.monotonic()
+    global _late_from
+    _counts.clear()
+    _late_counts.clear()
+    _late_from = start + float(budget) / 2
     handle.inner_test = counted
     try:
         while True:
@@ -109,8 +174,11 @@ def pytest_pyfunc_call(pyfuncitem):
         outcome = "passed"
     finally:
         handle.inner_test = inner
+        _late_from = None
         _write({"nodeid": pyfuncitem.nodeid, "outcome": outcome, "examples": examples,
-                "rounds": rounds, "seconds": round(time.monotonic() - start, 2)})
+                "rounds": rounds, "seconds": round(time.monotonic() - start, 2),
+                "tallies": {what: [count, _late_counts[what]]
+                            for what, count in sorted(_counts.items())}})
     return True
 
 
@@ -141,8 +209,9 @@ def run_target(target: str, seconds: float, python: str = sys.executable) -> dic
     whether the run had to be stopped."""
     with tempfile.TemporaryDirectory(prefix="poi-fuzz-") as tmp:
         report = Path(tmp) / "report.jsonl"
-        env = dict(os.environ, POI_BRIDGE_FUZZ="1", **{SECONDS_ENV: str(seconds),
-                                                       REPORT_ENV: str(report)})
+        path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+        env = dict(os.environ, POI_BRIDGE_FUZZ="1", PYTHONPATH=path,  # (the plugin)
+                   **{SECONDS_ENV: str(seconds), REPORT_ENV: str(report)})
         command = [python, "-m", "pytest", "-q", "-rfE", "-p", "tests.fuzzing",
                    *shlex.split(target)]
         print(f"== fuzzing {target}: {seconds:g} s for each hypothesis test", flush=True)
@@ -201,6 +270,10 @@ def summarize(results: list[dict]) -> tuple[list[str], list[str]]:
                                     + (" (its falsifying example is above)"
                                        if status == "FAILED" else ""))
             lines.append(f"  {status:<8} {detail}  {nodeid}")
+            if ran and ran.get("tallies"):
+                lines.append(f"  {'':<8} {'':>10} {'':>10}    reached: " + ", ".join(
+                    f"{what} {count} ({late} in the second half)"
+                    for what, (count, late) in ran["tallies"].items()))
         if rc != 0 and not result["stopped"] and all(
                 result["ran"].get(n, {}).get("outcome") == "passed" for n in result["collected"]):
             problems.append(f"{target}: pytest exit {rc} ({_RC.get(rc, 'crashed')}) although "
@@ -210,10 +283,12 @@ def summarize(results: list[dict]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) < 2:
-        print("usage: python -m tests.fuzzing SECONDS TARGET...", file=sys.stderr)
+    if not args:
+        print("usage: python -m tests.fuzzing SECONDS [TARGET...]  (default: every target "
+              "of tests/fuzzing.py's TARGETS)", file=sys.stderr)
         return 2
-    seconds, targets = float(args[0]), args[1:]
+    seconds = float(args[0])
+    targets = args[1:] or [str(ROOT / target) for target in TARGETS]
     results = []
     try:
         for target in targets:

@@ -1,10 +1,20 @@
 """The MQTT request handler under arbitrary input: it never raises, answers every request
 exactly once (on the register's topic or the bridge's error topic), and never leaves a
-half-written transaction behind."""
+half-written transaction behind.
+
+The corpus: the register requests the vendor's fixtures answer (fuzz_corpus), stamped when
+each example is drawn and changed the way fuzz_corpus changes documents, or damaged at the
+byte level; the fixture files themselves (terminals' answers, refused here); arbitrary bytes
+and JSON. Each example's answer is tallied: a request that passed every check of the
+handler reaches the terminal's session, which refuses it only because this rig's terminal is
+offline."""
 
 from __future__ import annotations
 
+import collections
 import json
+import time
+from pathlib import Path
 
 from hypothesis import example, given
 from hypothesis import strategies as st
@@ -17,14 +27,15 @@ from bridge.daemon.worker import TerminalWorker
 from bridge.protocol.transaction import TxKey, TxState
 from bridge.simulator import responses
 
-from .conftest import FIXTURES
-from .fuzzing import fuzz_settings
+from .fuzz_corpus import damaged, fixture_texts, mutated, requests_now, serialised
+from .fuzzing import fuzz_settings, tallied, tally
 
 POI = "V400m-324688179"
+REACHED = "reached the terminal's session"  # (after the category: "Payment reached...")
 
 
 class Rig:
-    def __init__(self, path, max_payload: int = 4096) -> None:
+    def __init__(self, path, max_payload: int = 4096, request_max_age: float = 300.0) -> None:
         self.config = parse_config({
             "journal": str(path), "mqtt": {"max_payload": max_payload},
             "terminals": [{"poi_id": POI, "link": {"kind": "tcp", "host": "127.0.0.1",
@@ -33,7 +44,7 @@ class Rig:
         self.gateway = RegisterGateway(self.config.mqtt, self.journal)
         workers = {POI: TerminalWorker(self.config.terminals[0], self.journal, self.gateway)}
         self.intake = RequestIntake(self.config, self.journal, self.gateway, workers,
-                                    health=dict)
+                                    health=dict, request_max_age=request_max_age)
 
     def handle(self, topic: str, payload: bytes) -> list:
         before = self.journal.pending(limit=100_000)
@@ -42,38 +53,33 @@ class Rig:
         return after[len(before):]
 
 
-def seeds() -> list[bytes]:
-    corpus = [p.read_bytes() for p in sorted(FIXTURES.glob("*.json"))]
-    corpus.append(json.dumps(responses.payment_request("POS1", "S1", POI)).encode())
-    return corpus
-
-
-def mutations(data: bytes) -> st.SearchStrategy[bytes]:
-    return st.one_of(
-        st.just(data),
-        st.integers(0, max(0, len(data) - 1)).map(lambda i: data[:i]),
-        st.tuples(st.integers(0, max(0, len(data) - 1)), st.binary(min_size=1, max_size=8))
-        .map(lambda t: data[:t[0]] + t[1] + data[t[0] + len(t[1]):]),
-    )
-
-
-payloads = st.one_of(
+# Most requests stamped now; some near and past the handler's limit (300 s) either way, one
+# centuries off.
+AGES = st.sampled_from([0.0] * 6 + [250.0, -250.0, 400.0, -400.0, 10.0**10])
+arbitrary_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=12), c, max_size=3),
+    max_leaves=15).map(lambda v: json.dumps({"SaleToPOIRequest": v}).encode())
+# Weighted towards the register requests, payments most, changed at the JSON level: most of
+# those pass every check, which a change at the byte level seldom leaves a request able to.
+payloads = st.sampled_from([
+    *[requests_now(POI, AGES).flatmap(mutated).flatmap(serialised)] * 2,
+    *[requests_now(POI, AGES, "Payment").flatmap(mutated).flatmap(serialised)] * 2,
+    requests_now(POI, AGES).flatmap(serialised).flatmap(damaged),
+    st.sampled_from(sorted(fixture_texts().values())).flatmap(
+        lambda text: st.just(text) | damaged(text)),
     st.binary(max_size=200),
-    st.sampled_from(seeds()).flatmap(mutations),
-    st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=12),
-                 lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=12), c,
-                                                                    max_size=3),
-                 max_leaves=15).map(lambda v: json.dumps({"SaleToPOIRequest": v}).encode()),
-)
+    arbitrary_json,
+]).flatmap(lambda payload: payload)
+terminals = st.sampled_from([POI, POI, POI, "P400Plus-1", "x"])  # only POI is configured
 
 
-@fuzz_settings(400)
-@given(payload=payloads, terminal=st.sampled_from([POI, "P400Plus-1", "x"]))
-# Found by this fuzzer: a bare JSON scalar reached parse_message as a parsed value and crashed.
-@example(payload=b"0", terminal=POI)
-@example(payload=b'"text"', terminal=POI)
-def test_every_request_is_answered_once_and_nothing_half_written(tmp_path, payload, terminal):
-    rig = Rig(tmp_path / "journal.sqlite3")
+def answered_once(journal: Path, payload: bytes, terminal: str,
+                  request_max_age: float = 300.0) -> str:
+    """Hand `payload` to a fresh handler; check that it is answered once and nothing is left
+    half-written. Returns what it reached ("Payment reached the terminal's session"...), or
+    why it was refused."""
+    rig = Rig(journal, request_max_age=request_max_age)
     try:
         answers = rig.handle(f"poi-bridge/terminals/{terminal}/request", payload)
         assert len(answers) == 1, answers
@@ -81,7 +87,8 @@ def test_every_request_is_answered_once_and_nothing_half_written(tmp_path, paylo
         assert topic == "poi-bridge/bridge/error" or (
             topic.startswith("poi-bridge/registers/") and topic.endswith("/response"))
         body = json.loads(answers[0].payload)
-        assert (body.get("bridge") or body)["error"]
+        error = (body.get("bridge") or body)["error"]
+        assert error
         # The terminal is offline in this rig: nothing can have been accepted. A valid request
         # is recorded only as its refusal (final), so a redelivered copy gets the same answer.
         recorded = rig.journal.transactions(limit=10)
@@ -89,9 +96,51 @@ def test_every_request_is_answered_once_and_nothing_half_written(tmp_path, paylo
         assert rig.journal.open_transactions() == []
     finally:
         rig.journal.close()
-        (tmp_path / "journal.sqlite3").unlink(missing_ok=True)
-        for suffix in ("-wal", "-shm"):
-            (tmp_path / f"journal.sqlite3{suffix}").unlink(missing_ok=True)
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{journal}{suffix}").unlink(missing_ok=True)
+    if f"terminal {POI} is offline; nothing was sent" in error:
+        return f"{body['SaleToPOIResponse']['MessageHeader']['MessageCategory']} {REACHED}"
+    if topic == "poi-bridge/bridge/error":
+        return "refused on the error topic"
+    return "refused: too old or too far ahead" if "TimeStamp" in error and (
+        " s old " in error or " in the future " in error) else "refused"
+
+
+@fuzz_settings(400)
+@given(payload=payloads, terminal=terminals)
+# Found by this fuzzer: a bare JSON scalar reached parse_message as a parsed value and crashed.
+@example(payload=b"0", terminal=POI)
+@example(payload=b'"text"', terminal=POI)
+def test_every_request_is_answered_once_and_nothing_half_written(tmp_path, payload, terminal):
+    tally(answered_once(tmp_path / "journal.sqlite3", payload, terminal))
+
+
+def test_the_targets_payments_reach_the_session_early_and_late_in_a_run(tmp_path):
+    """The target fuzzes the whole handler: a good share of its inputs pass every check and
+    reach the terminal's session, payments (the requests whose age the handler checks)
+    among them, as many late in a run as early. Its one valid payment used to be stamped
+    once, at import: 1 input in 400 reached the session, and none after request_max_age
+    (300 s) of a `make fuzz` run (600 s). Late in a run, in small: a handler whose
+    request_max_age is 2 s, fed the target's inputs for 4 s."""
+    with tallied() as reached:
+        test_every_request_is_answered_once_and_nothing_half_written(tmp_path=tmp_path)
+    total = sum(reached.values())
+    assert sum(n for what, n in reached.items() if what.endswith(REACHED)) >= total / 20, reached
+    assert reached[f"Payment {REACHED}"] >= total / 100, reached
+
+    start = time.monotonic()
+    late: collections.Counter[str] = collections.Counter()
+
+    @fuzz_settings(40)
+    @given(payload=payloads)
+    def one_round(payload):
+        what = answered_once(tmp_path / "late.sqlite3", payload, POI, request_max_age=2.0)
+        if time.monotonic() - start >= 2.5:
+            late[what] += 1
+
+    while time.monotonic() - start < 4.0:
+        one_round()
+    assert late[f"Payment {REACHED}"] > 0, late
 
 
 @fuzz_settings(200)

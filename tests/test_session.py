@@ -7,8 +7,6 @@ import json
 import itertools
 
 import pytest
-from hypothesis import example, given
-from hypothesis import strategies as st
 
 from bridge.daemon.registers import stored_result
 from bridge.protocol import builders
@@ -18,8 +16,6 @@ from bridge.protocol.actions import Deliver, Log, Progress, Record, Send, Unmatc
 from bridge.protocol.session import SessionSettings, TerminalSession
 from bridge.protocol.transaction import TxKey, TxState, request_digest
 from bridge.simulator import responses
-
-from .fuzzing import fuzz_settings
 
 POI = "V400m-324688179"
 SETTINGS = SessionSettings(
@@ -990,129 +986,6 @@ def test_resync_of_a_final_transaction_republishes_the_terminal_answer():
     h.do(h.session.resync(final, h.now))
     (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), answer)))
     assert (result.outcome, result.source) == ("approved", "status-poll")
-
-
-# --- invariants under arbitrary event sequences --------------------------------------------------
-
-EVENTS = st.lists(
-    st.sampled_from(["submit", "approve", "decline", "in_progress", "not_found", "success",
-                     "garbage", "down", "up", "nack", "tick1", "tick30", "tick200", "abort",
-                     "named", "wrong", "status", "refused", "unreadable", "restart"]),
-    max_size=60,
-)
-
-
-def restarted(h: Harness, restarts: int) -> list:
-    """The daemon restarts: a new session, given what the journal holds open (the last
-    record of each transaction), with its link down until it comes up again."""
-    journal = {}
-    for action in h.log:
-        if isinstance(action, Record):
-            journal[action.transaction.key] = action.transaction
-    ids = itertools.count(1)
-    h.session = TerminalSession(POI, SETTINGS, new_service_id=lambda: f"R{restarts}P{next(ids)}")
-    return h.do(h.session.restore([t for t in journal.values() if t.state is not TxState.FINAL],
-                                  h.now))
-
-
-@fuzz_settings(300)
-@given(EVENTS, st.booleans())
-@example(["up", "tick30", "submit"], False)  # a payment after an unanswered check (cec6464)
-@example(["submit", "up", "abort"], False)  # an abort while the new device is asked (fa3a86b)
-@example(["up", "submit", "refused", "named"], True)  # named after a check with another key
-def test_invariants_hold_for_any_sequence_of_events(events, other_keys):
-    """Whatever happens: a request is written to the terminal at most once, every Send and
-    Deliver of a transaction follows its Record, each transaction gets one final result,
-    nothing but the identity check goes to a device that named another terminal, and no
-    request, abort or register's status request goes to a device that has not named this
-    terminal (since the link came up). With `other_keys` a check the device refuses or
-    answers unreadably is asked again with another terminal's key: only checks ever are."""
-    h = Harness()
-    keys = ("V400m-222", "V400m-333") if other_keys else ()
-    h.session.identity.other_keys = keys
-    counter = itertools.count(1)
-    finals: dict[tuple[str, str], int] = {}
-    wrong_device = False
-    named = True  # the harness plugs in a device that names this terminal
-    restarts = 0
-    for event in events:
-        open_polls = [s for s in h.sends(purpose="status-poll")]
-        last_request = h.sends(purpose="request")[-1].document if h.sends(purpose="request") else None
-        if event == "submit":
-            actions = h.submit("R1", f"S{next(counter)}")
-        elif event in ("approve", "decline") and last_request:
-            actions = h.answer(responses.payment_response(last_request, event, h.now))
-        elif event == "in_progress" and open_polls:
-            actions = h.answer(responses.status_in_progress(open_polls[-1].document))
-        elif event == "not_found" and open_polls:
-            actions = h.answer(responses.status_not_found(open_polls[-1].document))
-        elif event == "success" and open_polls and last_request:
-            original = responses.payment_response(last_request, "approve", h.now)
-            actions = h.answer(responses.status_success(open_polls[-1].document, original))
-        elif event == "garbage":
-            actions = h.do(h.session.unusable("garbage", h.now))
-        elif event == "down":
-            actions = h.do(h.session.link_is_down("EIO", h.now))
-        elif event == "up":
-            actions = h.do(h.session.link_is_up(h.now))
-        elif event == "named":
-            actions = h.name()
-        elif event == "wrong":
-            actions = h.name("P400Plus-111")
-        elif event == "nack" and last_request:
-            sid = last_request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
-            actions = h.do(h.session.send_failed(sid, "no ACK", h.now))
-        elif event.startswith("tick"):
-            actions = h.advance(float(event[4:]))
-        elif event == "abort" and last_request:
-            ref = last_request["SaleToPOIRequest"]["MessageHeader"]
-            doc = {"SaleToPOIRequest": {
-                "MessageHeader": {**ref, "MessageCategory": "Abort", "ServiceID": f"A{next(counter)}"},
-                "AbortRequest": {"MessageReference": {"SaleID": "R1",
-                                                      "ServiceID": ref["ServiceID"],
-                                                      "MessageCategory": "Payment"}}}}
-            actions = h.submit("R1", doc["SaleToPOIRequest"]["MessageHeader"]["ServiceID"], doc=doc)
-        elif event == "status" and last_request:
-            about = last_request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
-            doc = status_of("R1", about, f"T{next(counter)}")
-            actions = h.submit("R1", doc["SaleToPOIRequest"]["MessageHeader"]["ServiceID"], doc=doc)
-        elif event == "refused":  # the terminal's crypto error: it could not read what we sent
-            actions = h.do(h.session.refused("crypto error", h.now))
-        elif event == "unreadable":
-            actions = h.do(h.session.unreadable("HMAC does not verify", h.now))
-        elif event == "restart":
-            restarts += 1
-            actions = restarted(h, restarts)
-            h.session.identity.other_keys = keys
-        else:
-            continue
-        assert_recorded_before(actions)
-        assert [s.purpose for s in h.sends(actions) if s.key_of is not None] in (
-            [], ["identify"]), "only an identity check goes with another terminal's key"
-        if event in ("up", "down", "wrong", "restart"):
-            named = False
-        elif event == "named":  # (the harness's device has answered a check: there is one)
-            named = True
-        if not named:
-            assert [s.purpose for s in h.sends(actions)
-                    if s.purpose in ("request", "abort", "passthrough")] == [], \
-                "sent to a device that has not said which terminal it is"
-        wrong_device = (event == "wrong" and bool(actions)) or (
-            wrong_device and event not in ("up", "down", "named"))
-        if wrong_device:
-            assert [s.purpose for s in h.sends(actions)
-                    if s.purpose in ("request", "status-poll")] == [], "sent to the wrong device"
-        for d in h.delivers(actions):
-            if d.outcome not in ("rejected", "unresolved") and not d.service_id.startswith("A"):
-                finals[(d.sale_id, d.service_id)] = finals.get((d.sale_id, d.service_id), 0) + 1
-    request_ids = [s.service_id for s in h.sends(purpose="request")]
-    assert len(request_ids) == len(set(request_ids)), "a request was written twice"
-    assert all(count == 1 for count in finals.values()), finals
-    # Nothing open is forgotten: every open transaction has a deadline or is given up on.
-    for txn in h.session.open.values():
-        assert txn.state is not TxState.FINAL
-        assert (txn.deadline is not None or txn.next_poll_at is not None
-                or txn.state in (TxState.ACCEPTED, TxState.UNRESOLVED))
 
 
 def test_busy_with_our_own_service_id_is_not_an_outcome_the_status_poll_decides():
