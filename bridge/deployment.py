@@ -382,24 +382,12 @@ def _check_journal_path(path: Path, place: str, errors: list[str],
     if not directory.exists():
         if directory == STATE_DIRECTORY:
             return  # StateDirectory=: systemd makes it, owned by the daemon's user, at start
-        ancestor = directory
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            errors.append(f"{place}: {ancestor} is not a directory, so {path} cannot be made")
-        else:
-            errors.append(f"{place}: directory {directory} does not exist: create it, owned by "
-                          f"the daemon's user, or keep the journal in {STATE_DIRECTORY}/ (the "
-                          "unit's StateDirectory=, which systemd makes)")
+        _check_directory_to_make(path, place, errors, warnings, for_daemon)
         return
     if not directory.is_dir():
         errors.append(f"{place}: {directory} is not a directory, so {path} cannot be made")
         return
-    try:
-        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
-    except OSError:
-        read_only = False
-    if read_only:
+    if _read_only(directory):
         errors.append(f"{place}: {directory} is on a read-only file system: keep the journal "
                       f"in {STATE_DIRECTORY}/")
         return
@@ -419,9 +407,54 @@ def _check_journal_path(path: Path, place: str, errors: list[str],
     if not for_daemon or os.geteuid() == 0:  # (a daemon as its own user: see above)
         _check_journal_owner(path, place, warnings)
     if not path.is_relative_to(STATE_DIRECTORY):
-        lost = next((top for top in _LOST_AT_RESTART if path.is_relative_to(top)), None)
-        warnings.append(
-            f"{place}: {path} is outside {STATE_DIRECTORY}: under the shipped unit "
+        warnings.append(f"{place}: {_outside_state_directory(path, directory)}")
+
+
+def _read_only(directory: Path) -> bool:
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _check_directory_to_make(path: Path, place: str, errors: list[str],
+                             warnings: list[str], for_daemon: bool) -> None:
+    """The journal's directory is missing: the journal makes it when it opens (mode 0700),
+    which is said, since a typo in the path makes one too; an error only if it cannot."""
+    directory = path.parent
+    ancestor = directory
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        errors.append(f"{place}: {ancestor} is not a directory, so {path} cannot be made")
+        return
+    read_only = _read_only(ancestor)
+    keep = (f"create {directory}, owned by the daemon's user, or keep the journal in "
+            f"{STATE_DIRECTORY}/ (the unit's StateDirectory=, which systemd makes)")
+    if read_only:
+        errors.append(f"{place}: directory {directory} does not exist, and cannot be made: "
+                      f"{ancestor} is on a read-only file system; {keep}")
+        return
+    if os.access(ancestor, os.W_OK | os.X_OK):
+        warnings.append(f"{place}: directory {directory} does not exist: the daemon creates it "
+                        "(mode 0700) when it opens the journal; check that the path is the "
+                        "one meant")
+    elif for_daemon or os.geteuid() == 0:
+        who = f"as {_this_user()}, the user this daemon runs as" if for_daemon else "even as root"
+        errors.append(f"{place}: directory {directory} does not exist, and cannot be made: "
+                      f"cannot write in {ancestor} {who}; {keep}")
+    else:
+        warnings.append(f"{place}: directory {directory} does not exist: the daemon creates it "
+                        f"(mode 0700) if its user can write in {ancestor} (uid {os.geteuid()} "
+                        f"cannot); else {keep}")
+        return
+    if not path.is_relative_to(STATE_DIRECTORY):
+        warnings.append(f"{place}: {_outside_state_directory(path, directory)}")
+
+
+def _outside_state_directory(path: Path, directory: Path) -> str:
+    lost = next((top for top in _LOST_AT_RESTART if path.is_relative_to(top)), None)
+    return (f"{path} is outside {STATE_DIRECTORY}: under the shipped unit "
             "(ProtectSystem=strict) the daemon may write only there; elsewhere add "
             f"ReadWritePaths={directory} in a drop-in (systemctl edit poi-bridge)"
             + (f"; and {lost} does not keep files across restarts (PrivateTmp=, tmpfs), "

@@ -430,7 +430,7 @@ def test_an_empty_username_or_a_sale_id_no_topic_can_hold_is_refused():
 @pytest.mark.parametrize(("journal", "fragment"), [
     ("/proc/journal.sqlite3", "not on a disk"),
     ("/sys/kernel/journal.sqlite3", "not on a disk"),
-    ("{tmp}/no/such/dir/journal.sqlite3", "does not exist"),
+    ("{tmp}/file/no/such/journal.sqlite3", "not a directory"),
     ("{tmp}", "is a directory"),
     ("{tmp}/file/journal.sqlite3", "not a directory"),
 ])
@@ -448,6 +448,49 @@ def test_a_journal_the_user_cannot_write_is_a_warning(tmp_path, capsys, monkeypa
     status, _out, err = check(write(tmp_path, good_toml(tmp_path)), capsys)
     assert status == 0, err
     assert "warning: journal: cannot write in" in err and "as uid" in err, err
+
+
+def test_a_missing_journal_directory_is_said_to_be_made_and_the_journal_makes_it(
+        tmp_path, capsys, caplog):
+    """Field review: the daemon logged an ERROR at start, "directory ... does not exist:
+    create it", and the journal then made the directory itself and ran. Both now say the
+    same: check-config and the daemon's start that it will be made, the journal that it
+    was, mode 0700 (it holds the terminals' answers)."""
+    import logging
+
+    from bridge.daemon.journal import Journal
+
+    journal = tmp_path / "no" / "such" / "dir" / "journal.sqlite3"
+    text = good_toml(tmp_path).replace(str(tmp_path / "journal.sqlite3"), str(journal))
+    status, _out, err = check(write(tmp_path, text), capsys)
+    assert status == 0, err
+    made = (f"warning: journal: directory {journal.parent} does not exist: the daemon "
+            "creates it (mode 0700) when it opens the journal")
+    assert made in err, err
+    errors, warnings = deployment_module.deployment_problems(load_config(tmp_path / "bridge.toml"),
+                                                             for_daemon=True)
+    assert not errors, errors
+    assert any(w.startswith(f"journal: directory {journal.parent} does not exist: the daemon "
+                            "creates it (mode 0700)") for w in warnings), warnings
+    with caplog.at_level(logging.INFO, logger="poi_bridge.journal"):
+        Journal(journal).close()
+    assert f"created directory {journal.parent} (mode 0700) for the journal" in caplog.messages
+    for level in (journal.parents[2], journal.parents[1], journal.parent):
+        assert level.stat().st_mode & 0o777 == 0o700, level
+
+
+def test_a_journal_directory_that_cannot_be_made_is_an_error(tmp_path, monkeypatch):
+    """Only a directory the daemon cannot make is an error at its start (a parent it may not
+    write in)."""
+    monkeypatch.setattr(deployment_module.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(deployment_module.os, "access", lambda *a, **k: False)
+    journal = tmp_path / "no" / "journal.sqlite3"
+    text = good_toml(tmp_path).replace(str(tmp_path / "journal.sqlite3"), str(journal))
+    errors, _ = deployment_module.deployment_problems(
+        load_config(write(tmp_path, text)), for_daemon=True)
+    assert [e for e in errors if e.startswith(
+        f"journal: directory {journal.parent} does not exist, and cannot be made: cannot "
+        f"write in {tmp_path} as ")], errors
 
 
 def test_the_default_journal_directory_is_made_by_systemd(tmp_path, capsys, monkeypatch):

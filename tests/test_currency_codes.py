@@ -78,3 +78,33 @@ def test_only_nexos_own_currency_fields_are_checked_and_null_is_left_to_the_term
     assert _currency_problem(parse_message(stored), stored) == (
         'StoredValueRequest.StoredValueData[1].Currency "usd" is not a currency code: it '
         "must be ISO 4217's alphabetic code, three upper-case letters (EUR, GBP, USD)")
+
+
+def test_card_data_sent_as_a_currency_leaves_nothing_of_it_in_the_log():
+    """Field review: the value shown in the refusal was cut to 21 characters before the
+    log's filter saw it, and card data cut in the middle no longer looks like card data:
+    ";[redacted]=25..." showed the expiry year of track 2, "%B[redacted]^D..." the holder's
+    name of track 1. Redacted first, then cut: the line as the daemon's handler writes it."""
+    import logging
+
+    from bridge.daemon.intake import _currency_problem
+    from bridge.protocol.messages import parse_message
+    from bridge.redaction import RedactingFilter
+
+    pan = "4111111111111111"
+    track2 = f";{pan}=25121010000000000000?"
+    track1 = f"%B{pan}^DOE/JOHN^2512101000000000000000000?"
+    for value, fragments in ((track2, ("=25", "2512", "4111", "1111")),
+                             (track1, ("^D", "DOE", "JOHN", "2512", "4111", "1111")),
+                             (pan, ("4111", "1111"))):
+        payment = responses.payment_request("POS1", "S1", "V400m-1", 12.5, value)
+        error = _currency_problem(parse_message(payment), payment)
+        assert error is not None and "is not a currency code" in error, value
+        record = logging.LogRecord("poi_bridge.intake", logging.WARNING, __file__, 0,
+                                   "request for terminal %s refused: %s (SaleID=%s ServiceID=%s)",
+                                   ("V400m-1", f"invalid currency: {error}", "POS1", "S1"), None)
+        RedactingFilter().filter(record)
+        line = record.getMessage()
+        assert "[redacted]" in line, line
+        for fragment in fragments:
+            assert fragment not in line, (fragment, line)

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import time
 
@@ -945,39 +946,65 @@ async def test_a_retained_refusal_on_bridge_error_echoes_no_card_data_in_its_top
         journal.close()
 
 
-async def test_a_broker_down_at_start_is_explained_once_then_said_briefly(tmp_path, caplog):
+async def test_a_broker_out_of_reach_is_said_once_then_reminded_with_how_long_and_what_waits(
+        tmp_path, caplog, monkeypatch):
     """Broker down at start: "cannot reach MQTT broker ...; retrying" said nothing of what
-    to check, or that results wait. The first time says both; the retries stay one short
-    line each, and the advice comes again only after a connection was made and lost."""
+    to check, or that results wait; then (field review) a WARNING at every retry, every
+    ~30 s for as long as it lasted, none saying how long or how much waits, and the first
+    line after a loss was aiomqtt's "Disconnected during message iteration". Now: the first
+    failure or the loss is said once, with what to check; then a reminder at most every
+    OUTAGE_REMINDER (10 min; 0.5 s here) with the outage's length and the messages waiting
+    in the outbox; and when the broker is back, one line saying after how long, and how
+    many are being sent."""
+    from bridge.daemon import mqtt as mqtt_module
+
     from .broker import free_port
 
-    caplog.set_level(logging.WARNING, logger="poi_bridge")
+    monkeypatch.setattr(mqtt_module, "OUTAGE_REMINDER", 0.5)
+    caplog.set_level(logging.INFO, logger="poi_bridge")
     journal = Journal(tmp_path / "journal.sqlite3")
+    journal.enqueue([(f"{BASE}/registers/POS1/response", b'{"n": %d}' % n, 1, False)
+                     for n in range(3)])  # results made while the broker is away
     port = free_port()  # nothing listens there yet
     config = MqttConfig(host="127.0.0.1", port=port, base_topic=BASE, client_id="down-at-start")
     gateway = RegisterGateway(config, journal, backoff=Backoff(initial=0.05, maximum=0.1))
 
-    def unreachable() -> list[str]:
-        return [r.getMessage() for r in caplog.records
-                if r.getMessage().startswith("cannot reach MQTT broker")]
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    def reminders() -> list[str]:
+        return [m for m in warned() if " still out of reach after " in m]
 
     try:
         async with running(gateway):
-            await eventually(lambda: len(unreachable()) >= 3)
-            said = unreachable()
-            assert len(said) >= 3, said
+            await eventually(lambda: len(reminders()) >= 2)
+            said = warned()
+            assert said[0].startswith(f"cannot reach MQTT broker 127.0.0.1:{port}: "), said
             assert "Is the broker running? (systemctl status mosquitto)" in said[0], said[0]
             assert "results are kept and sent on reconnect" in said[0], said[0]
-            assert all("systemctl status mosquitto" not in line for line in said[1:]), said
+            # the retries between (every 0.05-0.1 s) are not warnings of their own
+            assert said[1:] == reminders(), said
+            assert re.search(r"still out of reach after \d+ s \(.*\); 3 messages waiting in "
+                             r"the outbox \(results, events, answers\) are sent once it is "
+                             r"back\. Retrying; is the broker running\?", said[1]), said[1]
             broker = Mosquitto(tmp_path / "broker", port=port).start()
             try:
                 await eventually(lambda: gateway.connected)
-                assert gateway.connected
+                back = [r.getMessage() for r in caplog.records
+                        if r.getMessage().startswith("connected to MQTT broker")]
+                assert re.fullmatch(
+                    rf"connected to MQTT broker 127\.0\.0\.1:{port} again, after \d+ s out "
+                    r"of reach; 3 messages waiting in the outbox \(results, events, "
+                    r"answers\) are being sent now", back[0]), back
+                before = len(warned())
             finally:
                 broker.kill()
-            before = len(unreachable())
-            await eventually(lambda: len(unreachable()) > before)
-            again = unreachable()[before:]
-            assert again and "systemctl status mosquitto" in again[0], again
+            await eventually(lambda: len(reminders()) >= 3)
+            lost = warned()[before:]
+            assert lost[0].startswith(f"lost the MQTT broker 127.0.0.1:{port} (the "
+                                      "connection closed: "), lost
+            assert "Disconnected during message iteration" not in lost[0], lost
+            assert "systemctl status mosquitto" in lost[0], lost
+            assert not [m for m in lost if m.startswith("cannot reach")], lost
     finally:
         journal.close()

@@ -12,14 +12,17 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 from bridge.config import Config
+from bridge.daemon import quiet
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway, Reply
+from bridge.daemon.quiet import OTHERS, QuietRepeats
 from bridge.daemon.registers import (
     dumps,
     id_text,
@@ -56,8 +59,25 @@ from bridge.protocol.transaction import (
     request_digest,
     trim_refused,
 )
+from bridge.redaction import redact
 
 log = logging.getLogger("poi_bridge.intake")
+
+# What varies from one refusal of a kind to the next (a request's age, a JSON error's
+# column, a value quoted from the request): not part of the kind
+_VARYING = re.compile(r"\d+|\"[^\"]*\"|(?<![A-Za-z])'[^']*'")
+
+
+def _refusal_head(error: str) -> str:
+    """A refusal's opening words, up to its first colon or parenthesis: what kind it is.
+    Cut only once redacted: a card number cut in two passes the log's filter."""
+    head = re.split(r": |\s\(", error, maxsplit=1)[0]
+    return head if len(head) <= 80 else redact(head)[:77] + "..."
+
+
+def _refusal_kind(error: str) -> str:
+    return _VARYING.sub("#", _refusal_head(error))
+
 
 COMMANDS = ("resync", "transactions", "terminals", "health")
 
@@ -241,7 +261,9 @@ def _currency_problem(request: SaleToPOIRequest, document: dict[str, Any]) -> st
                 continue
             if not isinstance(value, str) or len(value) != 3 or not value.isascii() \
                     or not value.isalpha() or not value.isupper():
-                shown = json.dumps(value, ensure_ascii=False)
+                # Redacted before it is cut: track data or a card number cut in the middle
+                # no longer looks like one to the log's filter, and its rest was shown
+                shown = redact(json.dumps(value, ensure_ascii=False))
                 shown = shown if len(shown) <= 24 else shown[:21] + "..."
                 return (f"{where} {shown} is not a currency code: it must be ISO 4217's "
                         "alphabetic code, three upper-case letters (EUR, GBP, USD)")
@@ -336,6 +358,7 @@ class RequestIntake:
         self._wall = wall
         self.request_max_age = request_max_age
         self.rejected = 0
+        self._refusals_said = QuietRepeats(quiet.REFUSALS_QUIET, self._refusals_summed)
 
     # --- entry point --------------------------------------------------------------------------
 
@@ -379,10 +402,14 @@ class RequestIntake:
         # digits, at most 64), else UnknownResponse: "Pay-ment" or "" must not name it, nor
         # leave the refusal without a response a register can read as a terminal's
         category = refusal_category(header.get("MessageCategory"))
-        log.warning("request for terminal %s refused: %s (SaleID=%s ServiceID=%s)",
-                    poi_id, error, sale_id or (repr(sale_text) if sale_text else "?"),
-                    repr(service_id) if service_id and not service_id.isalnum()
-                    else service_id or "?")
+        said_sale_id = sale_id or (repr(sale_text) if sale_text else "?")
+        said_service_id = repr(service_id) if service_id and not service_id.isalnum() \
+            else service_id or "?"
+        if self._refusals_said.tell((poi_id, sale_id or topic or said_sale_id,
+                                     _refusal_kind(error)),
+                                    (said_sale_id, said_service_id, _refusal_head(error))):
+            log.warning("request for terminal %s refused: %s (SaleID=%s ServiceID=%s)",
+                        poi_id, error, said_sale_id, said_service_id)
         response = None
         if sale_id is not None:
             echo = {k: v for k, v in header.items() if isinstance(v, str) and len(v) <= 128}
@@ -407,6 +434,20 @@ class RequestIntake:
             self.gateway.enqueue(self.topics.bridge_error, refusal)
         else:
             self.gateway.deliver(result)
+
+    def _refusals_summed(self, key: Any, count: int, last: Any, interval: float) -> None:
+        """The summary of refusals like one logged in full (see quiet.REFUSALS_QUIET)."""
+        said_sale_id, said_service_id, head = last
+        if key == OTHERS:  # (more senders and kinds than are counted apart)
+            log.warning("refused %d more requests in the last %g s, from registers and for "
+                        "reasons not counted apart (too many at once); the last: from SaleID "
+                        "%s, ServiceID %s (%s)", count, interval, said_sale_id, said_service_id,
+                        head)
+            return
+        poi_id = key[0]
+        log.warning("request for terminal %s: refused %d more like this from SaleID %s in the "
+                    "last %g s (%s)%s", poi_id, count, said_sale_id, interval, head,
+                    f"; last ServiceID {said_service_id}" if said_service_id != "?" else "")
 
     def _request(self, poi_id: str, payload: bytes, reply: Reply,
                  topic_sale_id: str | None = None, topic: str | None = None) -> None:

@@ -17,6 +17,7 @@ technician's commands open it read-only beside it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -248,6 +249,21 @@ def _open_failure(path: Path, exc: BaseException, readonly: bool) -> str:
             "StateDirectory=): keep the journal there")
 
 
+def _make_directory(directory: Path) -> None:
+    """The journal's directory, made if it is missing, each missing level mode 0700 (it holds
+    the terminals' answers), and said: the deployment check at start said it would be."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for level in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            level.mkdir(mode=0o700)
+    if missing:
+        log.info("created directory %s (mode %04o) for the journal", missing[0],
+                 stat.S_IMODE(missing[0].stat().st_mode))
+
+
 def _hold_lock(path: Path) -> int:
     """Lock the journal for this daemon alone, before anything in it is read: a second
     daemon started by hand beside the service took up the open transactions the first one
@@ -256,7 +272,7 @@ def _hold_lock(path: Path) -> int:
     process's end, however it ends (a SIGKILLed daemon never blocks the next start)."""
     lock = lock_path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _make_directory(path.parent)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise JournalError(_open_failure(path, exc, readonly=False)) from None
@@ -350,7 +366,7 @@ class Journal:
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                            isolation_level=None, check_same_thread=False)
             else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                _make_directory(self.path.parent)
                 self._db = sqlite3.connect(self.path, isolation_level=None,
                                            check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:

@@ -33,6 +33,8 @@ from bridge.daemon.journal import Journal, OutboxMessage
 from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
 from bridge.daemon.outbox import OUTBOX_WINDOW, OutboxPump
 from bridge.daemon.peers import ANNOUNCE_TIMEOUT, OtherBridges
+from bridge.daemon import quiet
+from bridge.daemon.quiet import OTHERS, QuietRepeats
 from bridge.daemon.registers import (
     Topics,
     dumps,
@@ -162,6 +164,39 @@ SHORT_CONNECTIONS_SAID = 3
 # How long the bridge waits for the broker to answer a SUBSCRIBE (or an UNSUBSCRIBE) before
 # it gives the connection up
 OPERATION_TIMEOUT = 10.0
+# s: while the broker stays out of reach, how long and what waits is said again at most this
+# often; the loss (or the first failure at start) is said at once, the retries between at
+# debug. One line per retry (every 30 s) buried the rest of the journal in a long outage.
+OUTAGE_REMINDER = 600.0
+
+
+def _how_long(seconds: float) -> str:
+    """A duration as a technician reads it: 45 s, 3 min 36 s, 2 h 5 min."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+def _plain_loss(exc: BaseException) -> str:
+    """Why a connection ended, without the client library's words for it."""
+    text = str(exc)
+    if not text or "Disconnected during message iteration" in text:
+        return "the connection closed: the broker stopped or restarted, or the network dropped"
+    return text
+
+
+def _refusals_summed(key: Any, count: int, last: Any, interval: float) -> None:
+    if key == OTHERS:  # (more topics than are counted apart)
+        log.warning("refused %d more messages on request topics in the last %g s (on too "
+                    "many topics to count each apart)", count, interval)
+        return
+    log.warning("refused %d more messages like this on %s in the last %g s", count, key[0],
+                interval)
 
 
 class Reply:
@@ -223,6 +258,9 @@ class RegisterGateway:
                                   journal=str(journal.path), topic=self.topics.bridge_state)
         self.peers.on_reannounce = self._reannounce
         self._announced_here = False  # this connection has said "online" (see _serve)
+        # A sender looping on a refused topic: its first refusal in full, then one line a
+        # minute counting the others (each is still answered)
+        self._refusals_said = QuietRepeats(quiet.REFUSALS_QUIET, _refusals_summed)
 
     @property
     def connected(self) -> bool:
@@ -392,12 +430,27 @@ class RegisterGateway:
         client._client.message_callback_add(self.topics.bridge_state, self._state_heard)
         return client
 
+    def _waiting(self, when: str) -> str:
+        """What waits in the outbox for the broker, for the outage's lines."""
+        try:
+            count = self.journal.counts()["undelivered"]
+        except sqlite3.Error:
+            # (a journal read failing is met, and stops the daemon, where it matters)
+            return f"what waits in the outbox is {when}"
+        if count == 0:
+            return "nothing waits in the outbox"
+        return (f"{count} message{'s' if count != 1 else ''} waiting in the outbox (results, "
+                f"events, answers) {'are' if count != 1 else 'is'} {when}")
+
     async def run(self) -> None:
         """Connect, serve, and reconnect with jittered backoff, until cancelled. Whatever
         goes wrong is logged and retried: the task must outlive a certificate being
         replaced, or a bug met by one message."""
         first = True
-        advised = False  # what to check, said once per stretch of an unreachable broker
+        # Since when the broker is out of reach (monotonic; None while connected), whether
+        # that was said (with what to check), and when it was said last (OUTAGE_REMINDER)
+        outage_since: float | None = None
+        advised, said_at = False, 0.0
         while True:
             connected_at: float | None = None  # once the broker took this connection
             client: PipelinedClient | None = None
@@ -413,21 +466,33 @@ class RegisterGateway:
                     if not first:
                         self.reconnects += 1
                     first = advised = False
-                    log.info("connected to MQTT broker %s:%d", self.config.host, self.config.port)
                     connected_at = time.monotonic()
+                    if outage_since is None:
+                        log.info("connected to MQTT broker %s:%d", self.config.host,
+                                 self.config.port)
+                    else:
+                        log.info("connected to MQTT broker %s:%d again, after %s out of "
+                                 "reach; %s", self.config.host, self.config.port,
+                                 _how_long(connected_at - outage_since),
+                                 self._waiting("being sent now"))
+                    outage_since = None
                     self._check_session(client)
                     await self._serve(client)
             except aiomqtt.MqttError as exc:
                 self.broker_problem = "login refused" if login_refused(exc) else "unreachable"
+                now = time.monotonic()
                 # (also when dropped while still subscribing: the broker was reached, and a
                 # twin with the same client id drops it there on a loaded machine)
                 if connected_at is not None:
-                    log.warning("lost the MQTT broker %s:%d: %s; results are kept and sent on "
-                                "reconnect", self.config.host, self.config.port, exc)
                     # Up to when the broker or the network dropped it: a twin's connection
                     # dropped while subscribing ends here only at OPERATION_TIMEOUT, and a
                     # slow broker's the bridge gave up on itself was no twin's (review rv18)
-                    ended = (client and client.dropped_at) or time.monotonic()
+                    ended = (client and client.dropped_at) or now
+                    outage_since, advised, said_at = ended, True, now
+                    log.warning("lost the MQTT broker %s:%d (%s); reconnecting. Results and "
+                                "events are kept and sent once it is back; if it stays away, "
+                                "check the broker (systemctl status mosquitto) and the network",
+                                self.config.host, self.config.port, _plain_loss(exc))
                     self._note_short_connection(ended - connected_at)
                 elif login_refused(exc):
                     who = (f"as user {self.config.username!r}" if self.config.username
@@ -439,13 +504,23 @@ class RegisterGateway:
                               self.config.host, self.config.port, who, exc,
                               password_to_fix(self.config.password_file))
                 elif not advised:
-                    advised = True
+                    outage_since = now if outage_since is None else outage_since
+                    advised, said_at = True, now
                     log.warning("cannot reach MQTT broker %s:%d: %s; retrying. Is the broker "
                                 "running? (systemctl status mosquitto); results are kept and "
                                 "sent on reconnect", self.config.host, self.config.port, exc)
+                elif now - said_at >= OUTAGE_REMINDER:
+                    said_at = now
+                    log.warning("MQTT broker %s:%d still out of reach after %s (%s); %s. "
+                                "Retrying; is the broker running? (systemctl status "
+                                "mosquitto)", self.config.host, self.config.port,
+                                _how_long(now - (outage_since or now)), exc,
+                                self._waiting("sent once it is back"))
                 else:
-                    log.warning("cannot reach MQTT broker %s:%d: %s; retrying",
-                                self.config.host, self.config.port, exc)
+                    log.debug("cannot reach MQTT broker %s:%d: %s; retrying",
+                              self.config.host, self.config.port, exc)
+                if outage_since is None:  # (a login refused: results wait all the same)
+                    outage_since = now
             except SetupError as exc:
                 self.broker_problem = "connection cannot be set up (see the log)"
                 log.error("cannot set up the connection to MQTT broker %s:%d: %s. Fix that; "
@@ -675,8 +750,9 @@ class RegisterGateway:
             if route is not None and route.problem is not None:
                 # A level too many or an empty one (.../request/TILL1/x, .../request/TILL1/):
                 # answered where requests nobody can be told apart by topic are answered
-                log.warning("a message on %s was refused: %s", message.topic.value,
-                            route.problem)
+                if self._refusals_said.tell((message.topic.value, route.problem)):
+                    log.warning("a message on %s was refused: %s", message.topic.value,
+                                route.problem)
                 self._refuse(message.topic.value, payload, reply, route.problem)
                 self.journal.after_commit(functools.partial(client.ack, message))
                 continue

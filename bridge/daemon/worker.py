@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from bridge.config import TerminalConfig
 from bridge.daemon.frame_writer import FrameWriter
 from bridge.daemon.journal import Journal
+from bridge.daemon.quiet import QuietRepeats
 from bridge.protocol import crypto
 from bridge.protocol.framing import (
     FrameFailed,
@@ -104,9 +105,10 @@ RELINK_HANDOVER = 2.0
 # TerminalWorker._correct)
 CORRECTABLE = ("not_found", "error")
 CHARGED = ("approved", "partially_approved")  # the outcomes where money moved
-# s: further oversize frames this soon after one (most often the same answer: its rest, read
-# as a frame of its own, or the terminal sending it again unacknowledged) get no warning of
-# their own; each is still told to the session, which may be waiting for it
+# s: further oversize frames this soon after one, and on while they keep coming at least
+# this often (most often the same answer: its rest, read as a frame of its own, or the
+# terminal sending it again unacknowledged), get no warning of their own (QuietRepeats);
+# each is still told to the session, which may be waiting for it
 OVERSIZE_QUIET = 5.0
 NOT_CONNECTED_YET = "not connected yet"
 # on_wrong_device's answer when following waits for the other terminal's own link to say who
@@ -199,7 +201,7 @@ class TerminalWorker:
         self._timer_backoff = Backoff(initial=TIMER_RETRY_AFTER_BUG, maximum=10.0)
         self._timer_paused_until = 0.0  # (loop time)
         self._started = False
-        self._oversize_at = -OVERSIZE_QUIET  # (monotonic) the last oversize frame handled
+        self._oversize_said = QuietRepeats(OVERSIZE_QUIET)  # (one group: this link's)
         # Bugs met (link task failures, timer steps that failed): how often each (its type
         # and where it was raised) was seen, and when its traceback was last logged, so that
         # a repeat is one line, not a traceback (see _log_bug)
@@ -525,7 +527,11 @@ class TerminalWorker:
             loop.call_soon(self._log_result, result)
 
     def _log_result(self, result: Deliver) -> None:
-        level = logging.WARNING if result.outcome in ("unresolved", "error") else logging.INFO
+        if result.outcome == "unresolved":
+            # The session logs that event itself, once, at its level (an abandoned one an
+            # error): this line said the same again
+            return
+        level = logging.WARNING if result.outcome == "error" else logging.INFO
         log.log(level, "terminal %s: %s %s/%s -> %s (%s)%s", self.poi_id, result.category,
                 result.sale_id, result.service_id, result.outcome, result.source,
                 f": {result.error}" if result.error else "")
@@ -738,9 +744,7 @@ class TerminalWorker:
         told to the session: one soon after another may be a new answer (a payment's, its
         ACK lost, that the framer would otherwise write again); only the warning is quiet."""
         limit = self.framer.max_frame_size
-        now = time.monotonic()
-        last, self._oversize_at = self._oversize_at, now
-        if now - last < OVERSIZE_QUIET:
+        if not self._oversize_said.tell("oversize"):
             log.debug("terminal %s: another oversize frame dropped (%s)", self.poi_id,
                       event.reason)
         else:
@@ -765,6 +769,7 @@ class TerminalWorker:
                     continue
                 log.debug("terminal %s: line noise: %s (%d bytes dropped)", self.poi_id,
                           event.reason, event.discarded)
+                self.session.line_noise(event.discarded)  # (said if the identity check fails)
             elif isinstance(event, FrameResent):
                 self.writer.resent(event)
             elif isinstance(event, FrameFailed):

@@ -101,6 +101,9 @@ class TerminalSession(StatusAnswers):
         # earlier run stamped went out before it, whatever its stamp says against this run's
         # clock (see _sent_or_recorded). A time of this run: it follows a clock step.
         self._restored_at: float | None = None
+        # Bytes that came on the link as no frame while an identity check was on the wire
+        # (the check's ServiceID, and how many): see line_noise
+        self._noise_in_check: tuple[str, int] = ("", 0)
 
     # --- queries ------------------------------------------------------------------------------
 
@@ -386,6 +389,27 @@ class TerminalSession(StatusAnswers):
         txn.extra["answer_too_big"] = True
         return self._unusable_answer(txn, reason, now) + self._pump(now)
 
+    def line_noise(self, discarded: int) -> None:
+        """The shell's framer dropped `discarded` bytes that were no frame. A device that
+        sends no frames at all (a scale on the port, a wrong baud rate or framer) shows
+        first as an identity check unanswered: that warning says the bytes came."""
+        check = self.identity.check
+        if check is None:
+            return
+        service_id, count = self._noise_in_check
+        self._noise_in_check = (check.service_id,
+                                discarded + (count if service_id == check.service_id else 0))
+
+    def _unnamed(self, reason: str) -> Log:
+        """The identity check on the wire failed (see DeviceIdentity.unnamed), with the bytes
+        that were no frame meanwhile, if any came."""
+        check = self.identity.check
+        service_id, count = self._noise_in_check
+        if check is not None and service_id == check.service_id and count:
+            reason += (f"; received {count} bytes that were no frame: wrong device, baud "
+                       "rate or framer?")
+        return self.identity.unnamed(reason)
+
     def link_is_up(self, now: float) -> list[Action]:
         self.link_up = True
         self.identity.new_device()
@@ -455,6 +479,9 @@ class TerminalSession(StatusAnswers):
         txn = self._sent_under(service_id, sale_id)
         if txn is not None:
             return f"{txn.category} {txn.key}"
+        if sale_id == BRIDGE_SALE_ID:
+            # (one given up on already: poi-bridge/SnrcPJDWvh read as a transaction)
+            return "a frame of the bridge's own (identity check or status poll)"
         return f"{sale_id}/{service_id}" if sale_id else service_id
 
     def send_failed(self, service_id: str, reason: str, now: float,
@@ -463,7 +490,7 @@ class TerminalSession(StatusAnswers):
         SaleID the frame went under (see _sent_under)."""
         if self.identity.check is not None and self.identity.check.service_id == service_id \
                 and sale_id in (None, BRIDGE_SALE_ID):
-            return [self.identity.unnamed(f"identity check not delivered: {reason}"),
+            return [self._unnamed(f"identity check not delivered: {reason}"),
                     *self._pump(now)]
         if self._probe is not None and self._probe.poll_id == service_id \
                 and sale_id in (None, self._probe.key.sale_id):
@@ -566,7 +593,7 @@ class TerminalSession(StatusAnswers):
         """Time has passed: fire whatever deadlines are due."""
         actions: list[Action] = []
         if self.identity.check is not None and self.identity.check.deadline <= now:
-            actions.append(self.identity.unnamed(
+            actions.append(self._unnamed(
                 f"no answer to the identity check within {self.settings.status_timeout:g} s"))
         if self._probe is not None and self._probe.deadline <= now:
             txn = self.open.get(self._probe.key)
@@ -733,7 +760,7 @@ class TerminalSession(StatusAnswers):
                                       now + self.settings.status_timeout, key_of=key_of)]
         if asked_with is not None:
             reason = "not read either"  # (the own key's failure comes first)
-        return [self.identity.unnamed(reason), *self._pump(now)]
+        return [self._unnamed(reason), *self._pump(now)]
 
     def _naming_answered(self, service_id: str, now: float) -> list[Action]:
         if not self.identity.answered(service_id):
@@ -746,7 +773,7 @@ class TerminalSession(StatusAnswers):
                                  f"{service_id}")]
         if self.named:  # terminal_named() came first: ours, or wrong_device is set
             return self._pump(now)
-        return [self.identity.unnamed("the answer to the identity check carries no POIID"),
+        return [self._unnamed("the answer to the identity check carries no POIID"),
                 *self._pump(now)]
 
     def _hold_for_the_right_terminal(self, now: float) -> list[Action]:
@@ -852,8 +879,11 @@ class TerminalSession(StatusAnswers):
                     unresolved_error(why, txn.category, txn.sale_id, txn.service_id,
                                      self.poi_id)),
             self._progress(txn, "unresolved", reason or why),
-            Log("warning", f"terminal {self.poi_id}: transaction {txn.key} unresolved "
-                           f"({reason or why}); reconciling in the background"),
+            # The one line of this event (the shell logs no result line of its own for an
+            # unresolved one: the same text twice, at two levels)
+            Log("warning", f"terminal {self.poi_id}: {txn.category} {txn.key} unresolved "
+                           f"({reason or why}): the terminal may have charged it; the bridge "
+                           "keeps asking it in the background and publishes the result"),
         ]
 
     def _poll_failed(self, txn: Transaction, reason: str, now: float, retry_in: float) -> list[Action]:

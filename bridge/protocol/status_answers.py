@@ -159,9 +159,10 @@ class StatusAnswers:
                 # In the background the register was told: asked again with the reconcile
                 # backoff up to reconcile_deadline, not every poll_floor for ever (a hung
                 # terminal), and without an event each time.
-                return self._poll_failed(txn, f"still in progress on the terminal "
-                                              f"({cls.detail})", now,
-                                         retry_in=self.settings.poll_floor)
+                # (classify's own text says "in progress" already: not said twice)
+                still = cls.detail if "in progress" in cls.detail \
+                    else f"still in progress on the terminal ({cls.detail})"
+                return self._poll_failed(txn, still, now, retry_in=self.settings.poll_floor)
             if txn.state is TxState.POLLING and now >= self._in_progress_end(txn):
                 # A register must have an answer it can plan for: a terminal that says
                 # "in progress" for ever (hung) held the till with it.
@@ -219,5 +220,6 @@ class StatusAnswers:
             self._progress(txn, "reconcile_abandoned", txn.detail),
             Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
                     Outcome.UNRESOLVED.value, "bridge", None, txn.detail),
-            Log("error", f"terminal {self.poi_id}: transaction {txn.key}: {txn.detail}"),
+            # The one line of this event (see _unresolved)
+            Log("error", f"terminal {self.poi_id}: {txn.category} {txn.key}: {txn.detail}"),
         ]

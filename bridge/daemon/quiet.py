@@ -1,0 +1,100 @@
+"""Log lines that repeat, kept few: the first of a kind in full, then at most one summary line
+per interval for as long as they go on.
+
+A register looping on a bad request wrote one warning per refusal, ~585 a minute, burying
+everything else in the journal; a terminal resending an oversize frame, one per copy. Each
+event still happens (the register still gets its refusal): only the log is made quiet.
+
+Repeats are grouped by a key the caller chooses (who sent it, and what kind of event it is).
+A group lives while its events keep coming: the first is logged in full by the caller; those
+within `interval` after it are counted, and when the interval is over the count is logged as
+one summary (if any came), and the next interval starts. An interval with none ends the group,
+so the next one is logged in full again. The groups are bounded (`max_groups`): past that,
+new keys share one group, OTHERS, whose summary is about all of them (the keys are the
+sender's choice: a register making up a SaleID per request must not grow memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+# s: a sender refused again and again for the same reason (a register looping on a bad
+# request) gets its first refusal logged in full, then one line per this long counting the
+# others (each is still answered): the intake's and the MQTT side's
+REFUSALS_QUIET = 60.0
+OTHERS = ("(others)",)  # the group of keys met once max_groups were held
+
+# (key, how many more, the caller's note of the last one, the interval) -> logs the summary
+Summary = Callable[[Hashable, int, Any, float], None]
+
+
+@dataclass(slots=True)
+class _Group:
+    until: float  # (clock) when this group's interval ends
+    count: int = 0  # events since the interval began, after the first one logged in full
+    last: Any = None  # the caller's note of the last of them (its ServiceID, say)
+    timer: asyncio.TimerHandle | None = None
+
+
+class QuietRepeats:
+    """`tell(key, note)` for each event: True when the caller logs it in full; False when it
+    was counted, for the summary at the end of the interval (`summary`, called from a timer
+    on the running event loop, or, without one, at the next tell). Without `summary`,
+    repeats are only counted (the caller may log them at debug)."""
+
+    def __init__(self, interval: float, summary: Summary | None = None, *,
+                 max_groups: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._summary = summary
+        self._max_groups = max_groups
+        self._clock = clock
+        self._groups: dict[Hashable, _Group] = {}
+
+    def tell(self, key: Hashable, note: Any = None) -> bool:
+        now = self._clock()
+        if key not in self._groups and len(self._groups) >= self._max_groups:
+            key = OTHERS
+        group = self._settle(key, now)
+        if group is None:
+            self._groups[key] = group = _Group(until=now + self.interval)
+            self._arm(key, group, now)
+            return True
+        group.count += 1
+        group.last = note
+        return False
+
+    def _settle(self, key: Hashable, now: float) -> _Group | None:
+        """The group of `key` with the intervals over by `now` summed up; None if it ended."""
+        group = self._groups.get(key)
+        while group is not None and now >= group.until:
+            if group.count == 0:
+                del self._groups[key]
+                if group.timer is not None:
+                    group.timer.cancel()
+                return None
+            if self._summary is not None:
+                self._summary(key, group.count, group.last, self.interval)
+            group.count, group.last = 0, None
+            group.until += self.interval
+        return group
+
+    def _arm(self, key: Hashable, group: _Group, now: float) -> None:
+        """The summary is due at the end of the interval even if nothing else comes: a loop
+        that stopped must still be told, with its count."""
+        if self._summary is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # driven without a loop: summed up at the next tell
+        group.timer = loop.call_later(max(0.0, group.until - now), self._due, key)
+
+    def _due(self, key: Hashable) -> None:
+        now = self._clock()
+        group = self._settle(key, now)
+        if group is not None:
+            self._arm(key, group, now)
