@@ -506,6 +506,36 @@ async def test_tls_files_that_cannot_be_used_are_logged_and_retried_until_fixed(
     assert setup_errors and all("\n" not in line for line in setup_errors)
 
 
+async def test_a_refused_login_is_said_once_not_at_every_retry(tmp_path, caplog):
+    """The log review: a refused login (and a connection that cannot be set up) logged an
+    ERROR at every retry, every 30 s, for as long as nobody fixed it: 120 pages an hour for
+    one mistake. It is said at once, then again only after OUTAGE_REMINDER or if it
+    changes; the retries between go to debug."""
+    from .test_mqtt_security import passwords
+
+    passwd = tmp_path / "passwd"
+    passwords(passwd, {"poi-bridge": "bridge-pw"})
+    broker = Mosquitto(tmp_path / "broker", anonymous=False,
+                       extra_config=f"password_file {passwd}\n").start()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    config = MqttConfig(host=broker.host, port=broker.port, base_topic=BASE,
+                        client_id="bridge-login", username="poi-bridge")
+    gateway = RegisterGateway(config, journal, password="wrong",
+                              backoff=Backoff(initial=0.05, maximum=0.1))
+    caplog.set_level(logging.DEBUG, logger="poi_bridge.mqtt")
+
+    def refusals(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == level
+                and "refused the bridge's login" in r.getMessage()]
+    try:
+        async with running(gateway):
+            await eventually(lambda: len(refusals(logging.DEBUG)) >= 4, timeout=20)
+    finally:
+        journal.close()
+        broker.kill()
+    assert len(refusals(logging.ERROR)) == 1, refusals(logging.ERROR)
+
+
 def test_a_daemon_task_that_ends_stops_the_daemon_with_a_failure_status(
         tmp_path, mosquitto, caplog, monkeypatch):
     """A long-lived task of the daemon that ends (here the status loop, meeting a bug) used to

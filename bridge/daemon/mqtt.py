@@ -451,6 +451,18 @@ class RegisterGateway:
         # that was said (with what to check), and when it was said last (OUTAGE_REMINDER)
         outage_since: float | None = None
         advised, said_at = False, 0.0
+        # A refused login or a connection that cannot be set up is said at once, and then
+        # again only if its text changes (a file half fixed) or after OUTAGE_REMINDER: an
+        # ERROR every retry (30 s) paged someone 120 times an hour for one mistake
+        problem_said: tuple[str, float] = ("", 0.0)
+
+        def first_time(text: str, now: float) -> bool:
+            nonlocal problem_said
+            if text == problem_said[0] and now - problem_said[1] < OUTAGE_REMINDER:
+                return False
+            problem_said = (text, now)
+            return True
+
         while True:
             connected_at: float | None = None  # once the broker took this connection
             client: PipelinedClient | None = None
@@ -466,6 +478,7 @@ class RegisterGateway:
                     if not first:
                         self.reconnects += 1
                     first = advised = False
+                    problem_said = ("", 0.0)
                     connected_at = time.monotonic()
                     if outage_since is None:
                         log.info("connected to MQTT broker %s:%d", self.config.host,
@@ -497,12 +510,14 @@ class RegisterGateway:
                 elif login_refused(exc):
                     who = (f"as user {self.config.username!r}" if self.config.username
                            else "without a user name")
-                    log.error("the MQTT broker %s:%d refused the bridge's login %s: %s. Check "
-                              "mqtt.username and %s against the broker's password file; the "
-                              "bridge reads the password at start, so restart it once the file "
-                              "is fixed (systemctl restart poi-bridge). Retrying meanwhile",
-                              self.config.host, self.config.port, who, exc,
-                              password_to_fix(self.config.password_file))
+                    log.log(logging.ERROR if first_time(f"login {who} {exc}", now)
+                            else logging.DEBUG,
+                            "the MQTT broker %s:%d refused the bridge's login %s: %s. Check "
+                            "mqtt.username and %s against the broker's password file; the "
+                            "bridge reads the password at start, so restart it once the file "
+                            "is fixed (systemctl restart poi-bridge). Retrying meanwhile",
+                            self.config.host, self.config.port, who, exc,
+                            password_to_fix(self.config.password_file))
                 elif not advised:
                     outage_since = now if outage_since is None else outage_since
                     advised, said_at = True, now
@@ -523,9 +538,11 @@ class RegisterGateway:
                     outage_since = now
             except SetupError as exc:
                 self.broker_problem = "connection cannot be set up (see the log)"
-                log.error("cannot set up the connection to MQTT broker %s:%d: %s. Fix that; "
-                          "the bridge tries again meanwhile", self.config.host,
-                          self.config.port, str(exc).rstrip("."))
+                log.log(logging.ERROR if first_time(str(exc), time.monotonic())
+                        else logging.DEBUG,
+                        "cannot set up the connection to MQTT broker %s:%d: %s. Fix that; "
+                        "the bridge tries again meanwhile", self.config.host,
+                        self.config.port, str(exc).rstrip("."))
             except MemoryError:
                 raise  # no reconnect can help: the daemon stops, and systemd starts it again
             except sqlite3.Error as exc:
