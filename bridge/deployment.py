@@ -44,6 +44,7 @@ def deployment_problems(config: Config, *, for_daemon: bool = False
     errors += _shared_links(config)
     warnings += _usb_without_serial_beside_its_twin(config)
     warnings += _status_timeout_within_link_retries(config)
+    warnings += _timeouts_within_line_time(config)
     if not for_daemon:  # (the daemon says it itself: "not plugged in", when it starts)
         warnings += _devices_not_there(config)
     for number, terminal in enumerate(config.terminals):
@@ -162,6 +163,35 @@ def _status_timeout_within_link_retries(config: Config) -> list[str]:
                 f"{framer.ack_timeout:g} s): a status poll would count as unanswered while "
                 "it may still reach the terminal, and a payment could be left unresolved "
                 "that the terminal knows; make status_timeout longer")
+    return problems
+
+
+# The largest answer a terminal commonly sends: a payment's response, or a status answer
+# holding the payment's record with its receipts (11-12 KB as the vendor writes them, the
+# Adyen fixtures), a third more encrypted.
+COMMON_ANSWER_BYTES = 16 * 1024
+
+
+def _timeouts_within_line_time(config: Config) -> list[str]:
+    """A slow serial line takes long to carry a big answer: 16 KB at 9600 baud take 17 s, at
+    2400 baud 68 s. The bridge's time-outs count from the request, whatever is still on the
+    wire: a status_timeout (30 s) shorter than the answer's line time gives up on every poll
+    whose answer is big, and leaves the payment unresolved."""
+    problems = []
+    for number, terminal in enumerate(config.terminals):
+        line_time = COMMON_ANSWER_BYTES * terminal.link.seconds_per_byte
+        if line_time == 0:
+            continue  # TCP, USB: no line time worth counting
+        for name in ("status_timeout", "payment_timeout"):
+            limit = getattr(terminal, name)
+            if limit < 2 * line_time:
+                problems.append(
+                    f"terminals[{number}].{name}: {limit:g} s is less than twice the time an "
+                    f"answer of {COMMON_ANSWER_BYTES // 1024} KB (a payment's record with "
+                    f"its receipts) takes on this link ({line_time:.0f} s at "
+                    f"{terminal.link.baudrate} baud): such answers would come after the "
+                    f"bridge stopped waiting for them; make {name} at least "
+                    f"{2 * line_time:.0f} s, or the link faster")
     return problems
 
 

@@ -672,6 +672,25 @@ def test_a_status_timeout_within_the_links_own_retries_is_a_warning(tmp_path, ca
     assert "terminals[0].status_timeout" not in err, err
 
 
+def test_time_outs_shorter_than_a_big_answers_line_time_are_a_warning(tmp_path, capsys):
+    """A slow serial line: a status answer with the payment's receipts (16 KB) takes 68 s at
+    2400 baud, longer than status_timeout (30 s): every such poll would be given up on
+    while its answer is still on the wire, the payment left unresolved."""
+    def serial(baudrate: int) -> str:
+        return good_toml(tmp_path).replace(
+            'kind = "tcp"\nhost = "10.0.0.5"\nport = 8443\n',
+            f'kind = "serial"\ndevice = "/dev/null"\nbaudrate = {baudrate}\n')
+
+    status, _out, err = check(write(tmp_path, serial(2400)), capsys)
+    assert status == 0, err
+    assert ("warning: terminals[0].status_timeout: 30 s is less than twice the time an answer "
+            "of 16 KB (a payment's record with its receipts) takes on this link (68 s at "
+            "2400 baud)") in err, err
+    assert "terminals[0].payment_timeout: 120 s is less than twice" in err, err
+    _status, _out, err = check(write(tmp_path, serial(115200)), capsys)
+    assert "takes on this link" not in err, err
+
+
 def test_mqtt_protocol_5_may_be_written_as_a_number(tmp_path, capsys):
     """`protocol = 5` unquoted was refused ("Input should be '3.1.1' or '5'"), which reads
     as if 5 were not allowed. The number 5 is MQTT 5; 3.1.1 cannot be a TOML number, and
