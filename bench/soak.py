@@ -43,16 +43,27 @@ banner, if anything is
 
   lost      charged but not reported approved (a charged payment the register was told
             only `unresolved` about included, whatever the bridge's reason, unless the
-            terminal itself answered the bridge NotFound about it: that one is explained,
-            under a count of its own, printed loudly), a request never answered, a result
-            never delivered (unless mosquitto demonstrably lost it in a kill -9),
-  doubled   charged twice, charged on two terminals, or charged without a register's
-            payment, or a money request that reached its terminal a second time other than
-            as a link-level retransmission of the same frame (the terminal's ledger counts
-            every receipt, processed or answered Busy, lost on purpose or unreadable; it does
-            not process a repeated ServiceID, a real terminal might; a copy is a
-            retransmission only within RETRANSMIT_WINDOW of the first and before the bridge
-            acknowledged the terminal's answer to it),
+            terminal answered the bridge NotFound about it after it had charged it, i.e. it
+            forgot it: that one is explained, under a count of its own, printed loudly; the
+            simulator never forgets one, so with it that never happens), a request never
+            answered, a result never delivered (unless mosquitto demonstrably lost it in a
+            kill -9),
+  doubled   charged twice, charged on two terminals, or a money request that reached its
+            terminal a second time other than as a link-level retransmission of the same
+            frame (the terminal's ledger counts every receipt, processed or answered Busy,
+            lost on purpose or unreadable; it does not process a repeated ServiceID, a real
+            terminal might). A copy is the framer's only if the simulator flagged it (byte
+            for byte the frame just before, within max_tries and RETRANSMIT_WINDOW, before
+            the bridge acknowledged the terminal's answer) and it came before the terminal's
+            ACK of the copy before could reach the bridge (an ACK a NAK of the terminal's
+            may have undone does not count) within COPY_GAP_MAX of it, or one of the soak's
+            own daemon freezes spans the gap (link_level_copy),
+  unsolicited
+            a money request in a terminal's ledger that no register sent, whatever its
+            category and whatever became of it (charged or not: a Reversal moves money too),
+            or a register's payment that reached a terminal as another category or with a
+            PaymentType other than Normal (the soak's registers send only Payments, with no
+            PaymentType),
   phantom   reported approved but not charged,
   wrong terminal
             charged by (or a money request reached, even one answered Busy or unreadable)
@@ -82,11 +93,14 @@ banner, if anything is
   leaked    (with --keys) a key's passphrase, or key material derived from it (hex, base64
             or raw), in a log, the journal, the broker's files, a ledger or the audit,
   too few   the floor: no payment, fewer approved than APPROVALS_PER_REGISTER_SECOND per
-            register and second of chaos, or a terminal addressed TERMINAL_FLOOR_PAYMENTS
-            times or more that approved none (nothing is lost in a run that proves nothing).
+            register and second of chaos, or a terminal addressed, or a register that paid,
+            TERMINAL_FLOOR_PAYMENTS times or more with none approved (nothing is lost in a
+            run that proves nothing).
 
 Anything left unresolved is listed with the reason. Problems that are symptoms of a bridge
-bug already found are tagged with it (KNOWN_BUGS); they still fail the run.
+bug already found are tagged with it (KNOWN_BUGS); they still fail the run. An exception
+inside the audit itself ends the run with its own banner ("SOAK FAILED: the audit itself
+crashed"), an audit.json that holds the traceback, the workdir kept, and exit status 1.
 """
 
 from __future__ import annotations
@@ -111,6 +125,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,18 +187,27 @@ CHAOS_KINDS: dict[str, float] = {  # kind -> weight
 }
 
 # The daemon's framing on every terminal link (soak.toml): a frame goes out max_tries times
-# at most, each copy ack_timeout after the one before found no ACK.
+# at most, each copy ack_timeout after the one before found no ACK (or at once on a NAK).
 ACK_TIMEOUT = 0.5
 MAX_TRIES = 3
+# What a loaded box may add to the daemon's timings (its event loop busy a moment).
+LINK_SLACK = 1.0
+# A copy of a request frame is the daemon's framer's (link_level_copy) only if it came
+# within this long of the copy before it...
+COPY_GAP_MAX = (MAX_TRIES - 1) * ACK_TIMEOUT + LINK_SLACK
+# ... before the terminal's ACK of that copy could have reached the daemon: an ACK out for
+# less than this when the copy came may have crossed it on the line, or waited behind a busy
+# event loop. Or one of the soak's own daemon freezes spans the gap (its timer fires on
+# waking, before it reads the ACK).
+ACK_CROSSING = ACK_TIMEOUT
 # The longest the chaos freezes the daemon (SIGSTOP: daemon_freeze, 0.3 + 5 / 2 s; the
-# finale's freeze while mosquitto is killed, about 2.7 s): a copy its framer had due goes out
-# when it wakes.
+# finale's freeze while mosquitto is killed, about 2.7 s).
 DAEMON_FREEZE_MAX = 3.0
-# How long after a request frame's first copy reached a simulated terminal a byte-identical
-# copy can still be the daemon's framer sending it again (the simulator flags only those as
-# link-level retransmissions; see bridge/simulator/server.py): its retry span, the longest
-# freeze, and a second for a loaded box.
-RETRANSMIT_WINDOW = MAX_TRIES * ACK_TIMEOUT + DAEMON_FREEZE_MAX + 1.0
+# The simulators flag a byte-identical copy of the frame just before as a possible
+# retransmission up to this long after its first copy (bridge/simulator/server.py): an outer
+# bound, the framer's retry span with the longest freeze in it. The audit judges each flagged
+# copy on its own (link_level_copy), against the freezes the soak really made.
+RETRANSMIT_WINDOW = MAX_TRIES * ACK_TIMEOUT + DAEMON_FREEZE_MAX + LINK_SLACK
 
 OPEN_STATES = ("accepted", "awaiting_response", "polling")
 # what the soak's state watcher counts as out of service: offline, or on a link whose device
@@ -762,6 +786,8 @@ class Soak:
         self.daemon_down = False
         self.broker_kills: list[float] = []  # wall-clock times of kill -9
         self.daemon_terms: list[tuple[float, float]] = []  # (SIGTERM sent, process gone)
+        # (SIGSTOP, SIGCONT) of every freeze of the daemon's, wall clock
+        self.daemon_freezes: list[tuple[float, float]] = []
         self._chaos_tasks: set[asyncio.Task[None]] = set()
         self.t0 = 0.0
         self.healthy_since = 0.0
@@ -1057,6 +1083,7 @@ class Soak:
         await asyncio.sleep(0.3)
         self._note("daemon_freeze", "daemon", 2.7)
         self.daemon_down = True
+        stopped = time.time()
         daemon.send_signal(signal.SIGSTOP)
         try:
             second = await register.pay(terminal, "approve")
@@ -1067,6 +1094,7 @@ class Soak:
             await asyncio.to_thread(self.broker.kill)
         finally:
             daemon.send_signal(signal.SIGCONT)
+            self.daemon_freezes.append((stopped, time.time()))
             self.daemon_down = False
         await asyncio.sleep(2.0)
         await asyncio.to_thread(self.broker.start)
@@ -1194,13 +1222,17 @@ class Soak:
 
     async def _daemon_freeze(self, seconds: float) -> None:
         process = self.daemon.process
+        stopped = None
         try:
             if process is not None and process.poll() is None:
+                stopped = time.time()
                 process.send_signal(signal.SIGSTOP)
                 await asyncio.sleep(seconds)
         finally:
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGCONT)
+            if stopped is not None:
+                self.daemon_freezes.append((stopped, time.time()))
             self.daemon_down = False
 
     async def _daemon_outage(self, kill9: bool, seconds: float, delay: float = 0.0) -> None:
@@ -1309,10 +1341,10 @@ class Soak:
             await register.stop_session()
         await asyncio.to_thread(self.broker.stop)
         daemon_log = self.daemon.log_path.read_text(errors="replace")
-        return audit(self, ledgers, rows, outbox, settled=settled, daemon_exit=exit_code,
-                     daemon_stop=daemon_stop, terminal_states=states, healthy_for=healthy_for,
-                     follows=daemon_log.count("following them"),
-                     unchecked=identity_check_timeouts(daemon_log))
+        return judged(self, ledgers, rows, outbox, settled=settled, daemon_exit=exit_code,
+                      daemon_stop=daemon_stop, terminal_states=states, healthy_for=healthy_for,
+                      follows=daemon_log.count("following them"),
+                      unchecked=identity_check_timeouts(daemon_log))
 
     async def terminal_states(self) -> dict[str, dict[str, Any]]:
         """The bridge's retained state topic of every terminal, as it stands now."""
@@ -1552,18 +1584,28 @@ class BrokerLog:
             elif text.startswith(f"Sending PUBLISH to {self.BRIDGE} (") and self._a_request(text):
                 what = self._what(text)
                 mid = text.split(", m", 1)[1].split(",", 1)[0]
-                entry = next((e for e in queued if e["what"] == what and e["sent"] is not None
-                              and e["acked"] is None and " (d1," in text), None) \
-                    or next((e for e in queued if e["what"] == what and e["sent"] is None), None)
+                entry = None
+                if " (d1," in text:
+                    # A redelivery keeps its message ID (across a restart too, from the
+                    # broker's save): it is the request that ID was sent for, not merely the
+                    # oldest of its topic and size (two registers' requests can be both)
+                    sent = [e for e in queued if e["what"] == what and e["sent"] is not None
+                            and e["acked"] is None]
+                    entry = next((e for e in sent if e.get("mid") == mid), None) or next(
+                        (e for e in sent if not any(e is o for o in by_mid.values())), None)
+                entry = entry or next((e for e in queued if e["what"] == what
+                                       and e["sent"] is None), None)
                 if entry is not None:
                     entry["sent"] = entry["sent"] or at
+                    entry["mid"] = mid
                     by_mid[mid] = entry
             elif text.startswith(f"Received PUBACK from {self.BRIDGE} (Mid: "):
                 mid = text.split("(Mid: ", 1)[1].split(",", 1)[0]
                 entry = by_mid.pop(mid, None)
                 if entry is not None:
                     entry["acked"] = at
-                    queued.remove(entry)
+                    # by identity: two requests' entries can be equal dicts
+                    queued[:] = [e for e in queued if e is not entry]
 
     @staticmethod
     def _a_request(text: str) -> bool:
@@ -1625,12 +1667,12 @@ def busy_record_of_a_copy(row: dict[str, Any]) -> bool:
 NOT_FOUND_IN_LOG = {"received": None, "bridge_subscribed": None, "saved": False,
                     "dropped": None, "sent": None, "acked": None, "session_lost": False,
                     "reconnected_without_session": False}
-FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "wrong_amount", "stuck", "disputed",
-         "crashed", "leaked", "incomplete", "too_few")
+FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "wrong_amount", "unsolicited",
+         "stuck", "disputed", "crashed", "leaked", "incomplete", "too_few")
 # The floor: a run in which fewer payments were approved than this, per register and second
 # of chaos, fails as too_few (under the chaos, 100-s runs got 0.36 to 0.41: seeds 83 and 84,
-# 2026-12-02), as does a terminal that was addressed this many times or more and approved
-# none of them.
+# 2026-12-02), as does a terminal that was addressed, or a register that paid, this many
+# times or more and got none of them approved.
 APPROVALS_PER_REGISTER_SECOND = 0.05
 TERMINAL_FLOOR_PAYMENTS = 12
 # Seconds of health (broker, daemon, every terminal back) after which an unresolved payment
@@ -1718,6 +1760,42 @@ def repeated_receipts(ledgers: dict[str, dict[str, Any]]
             for key, entry in ledger.items() if len(entry.get("receipts") or []) > 1]
 
 
+def link_level_copy(receipt: dict[str, Any], freezes: list[tuple[float, float]]) -> bool:
+    """Whether a repeated receipt of a money request can be the daemon's framer sending the
+    frame again (not the request sent twice). The simulator's wire layer flags it possible
+    (byte for byte the frame just before on the same connection, within max_tries copies
+    and RETRANSMIT_WINDOW, before the daemon acknowledged the terminal's answer to it) and
+    says how long after the copy before it came (`gap`) and how long the terminal's ACK of
+    that copy had been on the line (`acked_before`; None: not acknowledged yet, or undone by
+    a NAK of the terminal's). The framer sends a frame again only for want of an ACK: so the
+    terminal had not acknowledged the copy before (or its ACK was out for less than
+    ACK_CROSSING) and the copy came within COPY_GAP_MAX of it; or a freeze of the daemon's
+    (`freezes`: SIGSTOP, SIGCONT, wall clock) spans the gap. A copy without a gap (a ledger
+    of an older simulator) proves nothing."""
+    gap = receipt.get("gap")
+    if not receipt.get("retransmission") or gap is None:
+        return False
+    at = receipt["at"]
+    if any(stopped <= at and resumed >= at - gap for stopped, resumed in freezes):
+        return True
+    acked = receipt.get("acked_before")
+    return (acked is None or acked < ACK_CROSSING) and gap <= COPY_GAP_MAX
+
+
+def receipt_text(receipt: dict[str, Any]) -> str:
+    """A receipt in a few words: when, what the terminal did, and of a copy its timing."""
+    text = f"{clock(receipt['at'])} {receipt.get('answer')}"
+    if receipt.get("gap") is not None:
+        acked = receipt.get("acked_before")
+        text += (f" ({'flagged ' if receipt.get('retransmission') else ''}copy "
+                 f"{receipt['gap']:.2f} s after the one before, "
+                 + ("which the terminal had not acknowledged)" if acked is None else
+                    f"{acked:.2f} s after the terminal acknowledged it)"))
+    elif receipt.get("retransmission"):
+        text += " (flagged retransmission)"
+    return text
+
+
 IDENTITY_TIMEOUT = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ \S+: terminal (\S+): no answer to "
     r"the identity check within", re.MULTILINE)
@@ -1784,11 +1862,30 @@ def amount_problems(payment: Payment, entries: dict[str, dict[str, Any]]) -> lis
     return found
 
 
+def request_problems(payment: Payment, entries: dict[str, dict[str, Any]]) -> list[str]:
+    """What a terminal that received `payment` (its ledger entry, by POIID) was asked that
+    the register did not ask: the soak's registers send Payments only, with no PaymentType
+    (which means Normal): a Reversal under the payment's IDs, or a Refund, is money moved
+    that no register asked for."""
+    found = []
+    for poi, entry in entries.items():
+        category = entry.get("category")
+        if category != "Payment":
+            found.append(f"terminal {poi} received a {category or 'request'} under the IDs of "
+                         f"the register's Payment ({what_it_did(entry)})")
+        elif entry.get("payment_type") not in (None, "Normal"):
+            found.append(f"terminal {poi} was asked for PaymentType "
+                         f"{entry.get('payment_type')!r} ({what_it_did(entry)}); the register "
+                         "asked for a Normal payment")
+    return found
+
+
 def floor_problems(soak: Soak, payments: list[Payment], counts: Counter[str]) -> list[str]:
     """Why the run proves too little: no payment at all, fewer approved than
-    APPROVALS_PER_REGISTER_SECOND for its registers and duration, or a terminal addressed
-    TERMINAL_FLOOR_PAYMENTS times or more that approved none (an all-refused run, or a
-    terminal the bridge never used, would otherwise pass: nothing in it is lost)."""
+    APPROVALS_PER_REGISTER_SECOND for its registers and duration, or a terminal addressed,
+    or a register that paid, TERMINAL_FLOOR_PAYMENTS times or more with none approved (an
+    all-refused run, a terminal the bridge never used, a register whose requests never ran,
+    e.g. on one of the two request topics, would otherwise pass: nothing in it is lost)."""
     duration = float(soak.args.duration)
     floor = math.ceil(APPROVALS_PER_REGISTER_SECOND * len(soak.registers) * duration)
     found = []
@@ -1804,6 +1901,11 @@ def floor_problems(soak: Soak, payments: list[Payment], counts: Counter[str]) ->
     found += [f"terminal {poi}: none of the {n} payments addressed to it was approved"
               for poi, n in sorted(addressed.items())
               if n >= TERMINAL_FLOOR_PAYMENTS and not approved[poi]]
+    made = Counter(p.sale_id for p in payments)
+    approved = Counter(p.sale_id for p in payments if p.first_final == "approved")
+    found += [f"register {sale_id}: none of the {n} payments it made was approved"
+              for sale_id, n in sorted(made.items())
+              if n >= TERMINAL_FLOOR_PAYMENTS and not approved[sale_id]]
     return found
 
 
@@ -1890,6 +1992,9 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         for text in amount_problems(p, {poi: ledgers[poi][p.key]
                                         for poi in seen_at.get(p.key, [])}):
             problem("wrong_amount", p, text)
+        for text in request_problems(p, {poi: ledgers[poi][p.key]
+                                         for poi in seen_at.get(p.key, [])}):
+            problem("unsolicited", p, text)
         final = p.first_final
         # Told "rejected" but the journal has it as something else: it ran after all.
         redelivered = "redelivered_refusal" if final == "rejected" and row is not None \
@@ -2008,23 +2113,36 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
             unresolved_notes.append(f"{p.key} on {p.poi_id} ({p.kind}): {why}")
             if charged:
                 # The terminal produced a result and the register knows only "unresolved,
-                # check": that result never reached it. Only where the terminal itself told
-                # the bridge it had no record (NotFound, which the bridge may no longer take
-                # for "never received") can the bridge not learn it: counted on its own.
+                # check": that result never reached it. Only where the terminal told the
+                # bridge it had no record of it after it had charged it (it forgot it: a
+                # NotFound the bridge may no longer take for "never received") can the bridge
+                # not learn it: counted on its own. A NotFound from before the charge excuses
+                # nothing: any later poll would have been told the result. (The simulator
+                # never forgets a transaction: all its NotFounds come before.)
                 counts["charged_unresolved"] += 1
+                charged_since = min((r["at"] for poi in charged_on
+                                     for r in ledgers[poi][p.key].get("receipts") or []
+                                     if r.get("answer") == "processed"), default=None)
                 said = sorted(at for poi in charged_on
                               for at in ledgers[poi][p.key].get("status_not_found") or [])
-                if given_up_by_design(row) and said:
+                forgot = [at for at in said if charged_since is not None and at > charged_since]
+                if given_up_by_design(row) and forgot:
                     counts["charged_unlearnable"] += 1
                     explained.append(f"{p.key}: CHARGED by {charged_on}, the register told "
                                      "only unresolved: the terminal answered NotFound to the "
-                                     f"bridge's status poll at {clock(said[0])} and had taken "
+                                     f"bridge's status poll at {clock(forgot[0])}, after it "
+                                     f"had charged it at {clock(charged_since)}, and had taken "
                                      "another payment since, so the bridge stopped asking and "
                                      "told the register to check the acquirer's records; "
                                      f"terminal ledger: {ledger_entry}")
                 elif given_up_by_design(row) or busy_record_of_a_copy(row) \
                         or healthy_for >= HEALTHY_ENOUGH:
-                    excuse = (" (the bridge gave up: NotFound after another payment, but the "
+                    excuse = (f" (the bridge gave up: NotFound after another payment, but the "
+                              f"terminal's NotFound at {clock(said[-1])} came before it charged "
+                              f"it at {clock(charged_since or 0)}: any later poll would have "
+                              "been told the result)"
+                              if given_up_by_design(row) and said else
+                              " (the bridge gave up: NotFound after another payment, but the "
                               "terminal never answered NotFound about it)"
                               if given_up_by_design(row) else
                               " (the bridge says the terminal's record is Busy, but the "
@@ -2076,20 +2194,28 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                     poi_id=row["poi_id"], key=key)
     for poi_id, key, receipts in repeats:
         counts["retransmitted_requests"] += 1
-        bad = [r for r in receipts[1:] if not r.get("retransmission")]
+        bad = [r for r in receipts[1:] if not link_level_copy(r, soak.daemon_freezes)]
         if bad:
             problem("doubled", by_key.get(key),
                     f"request {key} reached terminal {poi_id} {len(receipts)} times, "
                     f"{len(bad)} of them not as a link-level retransmission of the frame "
-                    "before (the terminal ignored the repeat; a real one might charge it): "
-                    + "; ".join(f"{clock(r['at'])} {r.get('answer')}"
-                                + (" (retransmission)" if r.get("retransmission") else "")
-                                for r in receipts),
+                    "before (not the frame just before, or after the terminal had "
+                    f"acknowledged it, or more than {COPY_GAP_MAX:g} s after it, with no "
+                    "freeze of the daemon's between; the terminal ignored the repeat, a real "
+                    "one might charge it): " + "; ".join(receipt_text(r) for r in receipts),
                     poi_id=poi_id, key=key)
-    for key, pois in charged_at.items():
-        if key not in by_key:
-            problem("doubled", None, f"terminal(s) {pois} charged {key}, which no register "
-                    "sent", poi_id=pois[0], key=key)
+    for poi_id, ledger in ledgers.items():
+        for key, entry in ledger.items():
+            if key not in by_key:
+                # Whatever it is and whatever became of it: the bridge sent a money request
+                # of its own making (a Reversal of a payment a register was told approved
+                # moves the money back as surely as a second charge moves it out)
+                problem("unsolicited", None, f"terminal {poi_id} received "
+                        f"{entry.get('category') or 'a money request'} {key}, which no "
+                        f"register sent ({'CHARGED' if entry.get('charged') else 'not charged'}"
+                        f": {what_it_did(entry)}; receipts: "
+                        + "; ".join(receipt_text(r) for r in entry.get("receipts") or [])
+                        + ")", poi_id=poi_id, key=key)
     if pending_total:
         problem("stuck", None, f"{pending_total} result(s) left in the outbox, never delivered "
                 "to the broker")
@@ -2138,11 +2264,47 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         "settled": settled, "settle_state": soak.settle_state, "daemon_exit": daemon_exit,
         "daemon_stop": daemon_stop, "daemon_starts": soak.daemon.starts,
         "swaps": len(soak.swaps), "follows": follows,
+        "daemon_freezes": [[round(a, 3), round(b, 3)] for a, b in soak.daemon_freezes],
         "terminals_offline_at_end": sorted(offline),
         "offline_episodes": soak.offline_episodes,
         "register_connects": {r.sale_id: r.connects for r in soak.registers},
         "workdir": str(soak.workdir),
     }
+
+
+class AuditCrashed(Exception):
+    """An exception inside the audit itself (its traceback is the message): the run has no
+    verdict, which is a failure as loud as any."""
+
+
+def judged(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, Any]],
+           outbox: list[dict[str, Any]], **options: Any) -> dict[str, Any]:
+    """audit(), with an exception inside it raised as AuditCrashed."""
+    try:
+        return audit(soak, ledgers, rows, outbox, **options)
+    except Exception as exc:
+        raise AuditCrashed(traceback.format_exc()) from exc
+
+
+def audit_crashed(soak: Soak, workdir: Path, args: argparse.Namespace, trace: str,
+                  started: float) -> int:
+    """The audit crashed: a banner, an audit.json that says so, the workdir kept, exit 1."""
+    result = {"seed": args.seed, "duration": args.duration, "keys": args.keys,
+              "audit_crashed": trace, "workdir": str(workdir),
+              "wall_seconds": round(time.monotonic() - started, 1)}
+    with contextlib.suppress(OSError):
+        (workdir / "audit.json").write_text(json.dumps(result, indent=1))
+        (workdir / "chaos.json").write_text(json.dumps(
+            [dataclasses.asdict(e) for e in soak.events], indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+    print()
+    print("!" * 76)
+    print("!!! SOAK FAILED: the audit itself crashed; nothing was judged")
+    print(f"!!! seed {args.seed}; logs, journal and ledgers kept in {workdir}")
+    print("!" * 76)
+    print(trace)
+    return 1
 
 
 def report(result: dict[str, Any]) -> bool:
@@ -2163,6 +2325,7 @@ def report(result: dict[str, Any]) -> bool:
         ("requests retransmitted (link)", c["retransmitted_requests"]),
         ("LOST", c["lost"]), ("DOUBLED", c["doubled"]), ("PHANTOM", c["phantom"]),
         ("WRONG TERMINAL", c["wrong_terminal"]), ("WRONG AMOUNT", c["wrong_amount"]),
+        ("UNSOLICITED", c["unsolicited"]),
         ("STUCK", c["stuck"]), ("DISPUTED", c["disputed"]), ("CRASHED", c["crashed"]),
         ("AUDIT INCOMPLETE", c["incomplete"]), ("TOO FEW APPROVED (floor)", c["too_few"]),
     ]
@@ -2224,7 +2387,8 @@ def report(result: dict[str, Any]) -> bool:
             print(f"[{tag}] ({n}): known bridge bug: {KNOWN_BUGS.get(tag, '?')}")
         return False
     print("soak passed: nothing lost, doubled, phantom, on a wrong terminal, of a wrong amount, "
-          "disputed, stuck or crashed, the audit complete, above the floor of approvals"
+          "unsolicited, disputed, stuck or crashed, the audit complete, above the floor of "
+          "approvals"
           + (", no key material leaked" if result.get("keys", "none") != "none" else ""))
     return True
 
@@ -2279,8 +2443,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     soak = Soak(args, workdir)
     started = time.monotonic()
+    crash = None
     try:
         result = asyncio.run(soak.run())
+    except AuditCrashed as exc:
+        crash = str(exc)
     finally:
         # Whatever happened, leave no process behind.
         soak.daemon.kill()
@@ -2288,6 +2455,20 @@ def main(argv: list[str] | None = None) -> int:
             if terminal.process is not None and terminal.process.poll() is None:
                 terminal.process.kill()
         soak.broker.kill()
+    if crash is not None:
+        return audit_crashed(soak, workdir, args, crash, started)
+    try:
+        ok = conclude(soak, workdir, args, result, started)
+    except Exception:  # noqa: BLE001 (the leak search and the report are the audit's too)
+        return audit_crashed(soak, workdir, args, traceback.format_exc(), started)
+    if ok and args.workdir is None and not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if ok else 1
+
+
+def conclude(soak: Soak, workdir: Path, args: argparse.Namespace, result: dict[str, Any],
+             started: float) -> bool:
+    """The audit's files, the leak search, and the report: whether the run passed."""
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     result["keys"] = args.keys
     (workdir / "audit.json").write_text(json.dumps(result, indent=1))
@@ -2303,9 +2484,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(result, indent=1))
     ok = report(result)
     print(f"wall time {result['wall_seconds']} s")
-    if ok and args.workdir is None and not args.keep:
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0 if ok else 1
+    return ok
 
 
 if __name__ == "__main__":

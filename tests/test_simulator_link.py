@@ -352,3 +352,162 @@ async def test_a_copy_after_the_bridge_acknowledged_the_answer_is_a_second_reque
     finally:
         os.close(fd)
         await server.close()
+
+
+# --- what the audit needs to tell the framer's copy from a second request ------------------------
+
+async def _read_until(fd: int, framer, want: bytes | None = None, *,
+                      frame: bool = False, timeout: float = 3.0) -> bytes:
+    """Read the simulator's side of the line until `want` is among the bytes, or until a
+    whole frame came (`frame`); returns what was read."""
+    got = b""
+    async with asyncio.timeout(timeout):
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                continue
+            got += data
+            events = framer.receive_data(data, time.monotonic()) if framer else []
+            if (want is not None and want in got) or (
+                    frame and any(isinstance(e, FrameReceived) for e in events)):
+                return got
+
+
+async def test_each_copy_says_how_long_after_the_one_before_and_whether_it_was_acknowledged(
+        tmp_path):
+    """Review of 265750f (F4): a copy was flagged a retransmission up to retransmit_window
+    after the first, so the payment written again 2 s after the terminal ACKed it (a bridge
+    re-sending at payment_timeout instead of polling) passed as the framer's copy. Each copy
+    now says its gap since the copy before and how long the terminal's ACK of that copy had
+    been on the line when it came (None: the terminal had not acknowledged it yet: both
+    were in one read, as from a terminal that hung while the framer sent them)."""
+    import json
+
+    from bridge.simulator.responses import payment_request
+
+    link = tmp_path / "terminal"
+    server = SimulatorServer(Scenario(default=Behaviour(delay=5.0, never_answer=True),
+                                      link=LinkBehaviour(retransmit_window=6.0)))
+    await server.start_pty(link)
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    os.set_blocking(fd, False)
+    try:
+        c1, c2 = (_frame(json.dumps(payment_request("POS1", service_id, server.scenario.poi_id,
+                                                    10.0), separators=(",", ":")).encode())
+                  for service_id in ("C1", "C2"))
+        os.write(fd, c1)
+        await _read_until(fd, None, b"\x06")  # the terminal's ACK of it
+        await asyncio.sleep(1.5)
+        os.write(fd, c1)  # the application sends the same payment again
+        await wait_for(lambda: server.frames_in == 2)
+        os.write(fd, c2 * 2)  # two copies before the terminal could ACK the first
+        await wait_for(lambda: server.frames_in == 4)
+        ledger = server.terminal.summary()
+    finally:
+        os.close(fd)
+        await server.close()
+    first, again = ledger["POS1/C1"]["receipts"]
+    assert first["gap"] is None and first["acked_before"] is None
+    assert again["retransmission"] is True  # byte for byte, within the window
+    assert 1.5 <= again["gap"] < 2.5, again
+    assert again["acked_before"] is not None and 1.4 <= again["acked_before"] <= again["gap"]
+    _, copy = ledger["POS1/C2"]["receipts"]
+    assert copy["retransmission"] is True and copy["acked_before"] is None, copy
+    assert 0 <= copy["gap"] < 0.5, copy
+
+
+async def test_an_ack_a_nak_of_the_terminals_may_have_undone_does_not_count(tmp_path):
+    """A NAK this side wrote around its ACK of a copy (its framer's, for a damaged frame, or
+    one in the line noise it injects) makes the bridge's framer send the frame again,
+    legitimately, even though the ACK went out: that copy is recorded as not acknowledged.
+    The same copy after an ACK with no NAK about it is recorded as acknowledged."""
+    import json
+
+    from bridge.simulator.responses import payment_request
+
+    link = tmp_path / "terminal"
+    server = SimulatorServer(Scenario(default=Behaviour(delay=5.0, never_answer=True),
+                                      link=LinkBehaviour(retransmit_window=6.0)))
+    await server.start_pty(link)
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    os.set_blocking(fd, False)
+    try:
+        # (the intact case first: the other one's NAK would count against it for LINE_LAG)
+        for service_id, damaged_first in (("N2", False), ("N1", True)):
+            payload = json.dumps(payment_request("POS1", service_id, server.scenario.poi_id,
+                                                 10.0), separators=(",", ":")).encode()
+            good = _frame(payload)
+            damaged = good[:-1] + bytes([good[-1] ^ 0x01])
+            want = server.frames_in + 1
+            # a copy damaged on the line (NAKed), then one intact (ACKed), in one read
+            os.write(fd, (damaged if damaged_first else b"") + good)
+            await _read_until(fd, None, b"\x06")
+            await wait_for(lambda want=want: server.frames_in == want)
+            await asyncio.sleep(0.8)  # a slow bridge acts on the NAK late
+            os.write(fd, good)
+            await wait_for(lambda want=want: server.frames_in == want + 1)
+            copy = server.terminal.summary()[f"POS1/{service_id}"]["receipts"][-1]
+            assert copy["retransmission"] is True, copy
+            if damaged_first:
+                assert copy["acked_before"] is None, copy
+            else:
+                assert copy["acked_before"] is not None and copy["acked_before"] >= 0.7, copy
+    finally:
+        os.close(fd)
+        await server.close()
+
+
+async def test_a_request_with_ids_that_are_not_text_does_not_silence_the_terminal(tmp_path):
+    """Review of 265750f (F5): an encrypted money request whose clear header has a SaleID
+    that is not a string raised TypeError (unhashable) in the terminal's receipt and ended
+    the pseudo-terminal's serving loop: the terminal never answered again. The crypto error
+    still goes out, nothing is recorded under such IDs, and the next frame is read; the
+    same request in clear is ignored as junk, and the terminal goes on."""
+    import json
+
+    from bridge.protocol import crypto
+    from bridge.simulator.responses import payment_request
+
+    link = tmp_path / "terminal"
+    server = SimulatorServer(Scenario(default=Behaviour(delay=0.0)),
+                             key=crypto.NexoKey("Mine", 1, "one passphrase"))
+    await server.start_pty(link)
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    os.set_blocking(fd, False)
+    bridge = make_framer("stx-etx-lrc")
+    try:
+        sealed = {"SaleToPOIRequest": {"MessageHeader": {
+            "MessageCategory": "Payment", "SaleID": ["TILL1"], "ServiceID": "P1"},
+            "NexoBlob": "x"}}
+        os.write(fd, _frame(json.dumps(sealed).encode()))
+        await _read_until(fd, bridge, frame=True)  # the crypto error
+        os.write(fd, bridge.data_to_send(time.monotonic()))  # our ACK of it
+        good = crypto.encrypt_message(payment_request("POS1", "G1", server.scenario.poi_id,
+                                                      10.0), server.key)
+        os.write(fd, _frame(json.dumps(good, separators=(",", ":")).encode()))
+        await wait_for(lambda: server.frames_in == 2)
+        await wait_for(lambda: "POS1/G1" in server.terminal.summary())
+        assert list(server.terminal.summary()) == ["POS1/G1"]
+    finally:
+        os.close(fd)
+        await server.close()
+
+    from bridge.simulator.terminal import SimulatedTerminal
+
+    terminal = SimulatedTerminal()
+    clear = payment_request("POS1", "P1", "V400m-1", 10.0)
+    clear["SaleToPOIRequest"]["MessageHeader"]["ServiceID"] = {"id": 1}
+    assert terminal.handle(clear, 100.0).answers == []
+    assert terminal.handle(payment_request("POS1", "P2", "V400m-1", 10.0), 101.0).answers
+    assert list(terminal.summary()) == ["POS1/P2"]
+    # a status poll or an abort naming such IDs finds nothing (and records no NotFound)
+    poll = builders.status_request(sale_id="POS1", service_id="S1", poi_id="V400m-1",
+                                   original_service_id="P2", original_category="Payment")
+    poll["SaleToPOIRequest"]["TransactionStatusRequest"]["MessageReference"]["SaleID"] = [1]
+    assert "NotFound" in json.dumps(terminal.handle(poll, 102.0).answers[0].document)
+    abort = {"SaleToPOIRequest": {"MessageHeader": {"MessageCategory": "Abort"},
+                                  "AbortRequest": {"MessageReference": {"SaleID": [1]}}}}
+    assert terminal.handle(abort, 103.0).answers == []
+    assert terminal.summary()["POS1/P2"]["status_not_found"] == []

@@ -194,7 +194,7 @@ def fake_soak(tmp_path: Path, *payments: Any, terminals: tuple[str, ...] = (POI,
         # few payments; the tests of the floor give a duration
         events=[], swaps=[], args=SimpleNamespace(seed=0, duration=0.0), settle_state="settled",
         daemon=SimpleNamespace(starts=len(daemon_started), started_at=list(daemon_started)),
-        workdir=tmp_path)
+        daemon_freezes=[], workdir=tmp_path)
 
 
 def paid(service_id: str, outcome: str | None = "approved", source: str = "terminal",
@@ -218,20 +218,27 @@ def row(service_id: str, outcome: str = "approved", state: str = "final",
             "reconcile_attempts": 0, "next_poll_at": None}
 
 
-def ledger_entry(*receipts: tuple[float, bool, str], charged: bool = True,
+def ledger_entry(*receipts: tuple[Any, ...], charged: bool = True,
                  amount: float = 10.0, status_not_found: tuple[float, ...] = ()
                  ) -> dict[str, Any]:
     """A simulated terminal's ledger entry (SimulatedTerminal.summary) of a payment of
-    `amount` (what paid() asks), processed unless no receipt says "processed"."""
-    processed = any(answer == "processed" for _, _, answer in receipts)
+    `amount` (what paid() asks), processed unless no receipt says "processed". A receipt:
+    (at, retransmission, answer[, gap, acked_before]): a copy's gap since the copy before,
+    and how long the terminal's ACK of that copy had been out (None: not acknowledged)."""
+    processed = any(answer == "processed" for _, _, answer, *_ in receipts)
     outcome = ("approve" if charged else "decline") if processed else None
     return {"category": "Payment", "outcome": outcome, "charged": charged and processed,
             "answered": processed, "amount": amount, "currency": "EUR",
             "authorised": (amount if charged else 0) if processed else None,
             "received": len(receipts),
-            "receipts": [{"at": at, "retransmission": again, "answer": answer}
-                         for at, again, answer in receipts],
+            "receipts": [_receipt(*receipt) for receipt in receipts],
             "status_not_found": list(status_not_found)}
+
+
+def _receipt(at: float, again: bool, answer: str, gap: float | None = None,
+             acked_before: float | None = None) -> dict[str, Any]:
+    return {"at": at, "retransmission": again, "answer": answer, "gap": gap,
+            "acked_before": acked_before}
 
 
 def run_audit(soak: Any, ledgers: dict[str, Any], rows: list[dict[str, Any]], *,
@@ -380,13 +387,71 @@ def test_swapped_simulators_are_at_each_others_ports_and_back(tmp_path):
 
 def test_audit_accepts_link_level_retransmissions(tmp_path):
     """Copies the bridge's framer sent again for want of an ACK (a stalled terminal reads
-    them all) are the link layer's business, not a second payment."""
+    them all, before it could acknowledge the first) are the link layer's business, not a
+    second payment."""
     soak = fake_soak(tmp_path, paid("P1"))
-    ledger = {"TILL1/P1": ledger_entry((1.0, False, "processed"), (1.0, True, "busy"),
-                                       (1.1, True, "busy"))}
+    ledger = {"TILL1/P1": ledger_entry((1.0, False, "processed"), (1.0, True, "busy", 0.0),
+                                       (1.1, True, "busy", 0.1, 0.05))}
     result = run_audit(soak, {POI: ledger}, [row("P1")])
     assert result["problems"] == []
     assert result["counts"]["retransmitted_requests"] == 1
+
+
+def test_audit_takes_a_copy_for_the_link_layers_only_before_the_terminal_acknowledged_it(
+        tmp_path):
+    """Review of 265750f: any byte-identical copy within 5.5 s of the first (retry span plus
+    the longest daemon freeze plus a second) passed as the framer's. The bridge's framer
+    sends a frame again only for want of an ACK: a copy after the terminal's ACK of the one
+    before had time to reach it, or later than the retry span (2 x 0.5 s) and a second
+    after it, is the payment sent twice (a bridge re-sending at payment_timeout, 2 s,
+    instead of polling), unless one of the soak's own daemon freezes spans the gap."""
+    cases = {  # receipt of the copy: (at, retransmission flag, answer, gap, acked_before)
+        "P1": ((102.0, True, "duplicate", 2.0, 1.95), "doubled"),  # re-sent after the ACK
+        "P2": ((100.6, True, "duplicate", 0.6, None), None),        # no ACK yet: the framer's
+        "P3": ((100.5, True, "duplicate", 0.5, 0.02), None),        # crossed our ACK
+        "P4": ((102.5, True, "duplicate", 2.5, None), "doubled"),   # beyond the retry span
+        "P5": ((203.0, True, "duplicate", 3.0, 2.9), None),         # a daemon freeze spans it
+        "P6": ((100.3, True, "duplicate"), "doubled"),              # no gap recorded: unproven
+    }
+    payments = [paid(sid) for sid in cases]
+    soak = fake_soak(tmp_path, *payments)
+    soak.daemon_freezes = [(200.2, 202.9)]  # (SIGSTOP, SIGCONT), wall clock
+    ledger = {f"TILL1/{sid}": ledger_entry((copy[0] - copy[3] if len(copy) > 3 else 100.0,
+                                            False, "processed"), copy)
+              for sid, (copy, _) in cases.items()}
+    result = run_audit(soak, {POI: ledger}, [row(sid) for sid in cases])
+    assert sorted((p["kind"], p["key"]) for p in result["problems"]) == sorted(
+        (kind, f"TILL1/{sid}") for sid, (_, kind) in cases.items() if kind), result["problems"]
+    text = next(p["text"] for p in result["problems"] if p["key"] == "TILL1/P1")
+    assert "acknowledged" in text, text
+    assert soak_module.report(result) is False
+    # without the freeze, P5 is a second request too
+    soak.daemon_freezes = []
+    result = run_audit(soak, {POI: ledger}, [row(sid) for sid in cases])
+    assert ("doubled", "TILL1/P5") in [(p["kind"], p["key"]) for p in result["problems"]]
+
+
+def test_a_daemon_freeze_is_recorded_as_it_happened(tmp_path):
+    """The audit judges a late copy by the freezes the soak really made (SIGSTOP to
+    SIGCONT, wall clock), not by a blanket allowance."""
+    import asyncio
+    import signal as signals
+
+    args = soak_module.parse_args(["--terminals", "1", "--registers", "1",
+                                   "--workdir", str(tmp_path)])
+    soak = soak_module.Soak(args, tmp_path)
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        soak.daemon.process = stand_in
+        before = time.time()
+        asyncio.run(soak._daemon_freeze(0.3))
+        after = time.time()
+        [(stopped, resumed)] = soak.daemon_freezes
+        assert before <= stopped < resumed <= after and resumed - stopped >= 0.3
+        assert stand_in.poll() is None  # SIGCONT sent: still running
+    finally:
+        stand_in.send_signal(signals.SIGKILL)
+        stand_in.wait()
 
 
 def test_audit_flags_a_final_outcome_the_journal_has_no_row_for(tmp_path):
@@ -938,33 +1003,74 @@ def test_audit_a_charged_payment_the_register_knows_only_as_unresolved_is_lost(t
     """The terminal charged it and the register was told only "unresolved, check": the
     result never reached it. The bridge's excuses (NotFound after another payment; a Busy
     record of a copy) used to pass it as explained, ignoring the ledger's charge. Lost,
-    unless the terminal really answered the bridge NotFound about it (the bridge could not
-    learn it): then explained, under a count of its own that the report prints loudly."""
-    (p1, r1), (p2, r2), (p3, r3) = (_unresolved("P1", GIVEN_UP, '{"abandoned": true}'),
-                                    _unresolved("P2", BUSY_COPY, '{"resent_after_silence": 1}'),
-                                    _unresolved("P3", GIVEN_UP, '{"abandoned": true}'))
+    unless the terminal answered the bridge NotFound about it after it had charged it (it
+    forgot it: the bridge could not learn it): then explained, under a count of its own that
+    the report prints loudly. A NotFound from before the charge (P3: asked before the
+    payment arrived) excuses nothing: the terminal could have told a later poll the result.
+    Review of 265750f: this test had P3's NotFound before its charge, and passed it."""
+    (p1, r1), (p2, r2), (p3, r3), (p4, r4) = (
+        _unresolved("P1", GIVEN_UP, '{"abandoned": true}'),
+        _unresolved("P2", BUSY_COPY, '{"resent_after_silence": 1}'),
+        _unresolved("P3", GIVEN_UP, '{"abandoned": true}'),
+        _unresolved("P4", GIVEN_UP, '{"abandoned": true}'))
     ledgers = {POI: {"TILL1/P1": ledger_entry((1.0, False, "processed")),
                      "TILL1/P2": ledger_entry((1.0, False, "processed")),
                      "TILL1/P3": ledger_entry((1.0, False, "processed"),
-                                              status_not_found=(0.5,))}}
-    result = run_audit(fake_soak(tmp_path, p1, p2, p3), ledgers, [r1, r2, r3])
+                                              status_not_found=(0.5,)),
+                     "TILL1/P4": ledger_entry((1.0, False, "processed"),
+                                              status_not_found=(0.5, 2.0))}}
+    result = run_audit(fake_soak(tmp_path, p1, p2, p3, p4), ledgers, [r1, r2, r3, r4])
     assert sorted((p["kind"], p["key"]) for p in result["problems"]) == [
-        ("lost", "TILL1/P1"), ("lost", "TILL1/P2")], result["problems"]
-    assert result["counts"]["charged_unresolved"] == 3
+        ("lost", "TILL1/P1"), ("lost", "TILL1/P2"), ("lost", "TILL1/P3")], result["problems"]
+    p3_text = next(p["text"] for p in result["problems"] if p["key"] == "TILL1/P3")
+    assert "before" in p3_text and "NotFound" in p3_text, p3_text
+    assert result["counts"]["charged_unresolved"] == 4
     assert result["counts"]["charged_unlearnable"] == 1
-    [note] = [e for e in result["explained"] if e.startswith("TILL1/P3")]
+    [note] = [e for e in result["explained"] if e.startswith("TILL1/P4")]
     assert "CHARGED" in note and "NotFound" in note
     assert soak_module.report(result) is False
-    # P3 alone passes, and says so in its own count and a loud line
-    result = run_audit(fake_soak(tmp_path, p3), {POI: {"TILL1/P3": ledgers[POI]["TILL1/P3"]}},
-                       [r3])
+    # P4 alone passes, and says so in its own count and a loud line
+    result = run_audit(fake_soak(tmp_path, p4), {POI: {"TILL1/P4": ledgers[POI]["TILL1/P4"]}},
+                       [r4])
     assert result["problems"] == []
     assert soak_module.report(result) is True
 
 
+def test_audit_a_notfound_before_the_charge_excuses_nothing(tmp_path):
+    """Review of 265750f (F1), with a real SimulatedTerminal: it never forgets a ledger
+    entry, so every NotFound it records about a charged key came before the charge, and any
+    later poll would have been told the result. The register knows P3 only as unresolved:
+    lost, whatever NotFound is on record."""
+    from bridge.protocol import builders
+    from bridge.simulator.responses import payment_request
+    from bridge.simulator.terminal import Behaviour, Scenario, SimulatedTerminal
+
+    terminal = SimulatedTerminal(Scenario(poi_id=POI, default=Behaviour(delay=0.2)))
+
+    def poll(service_id: str, at: float) -> str:
+        return json.dumps(terminal.handle(builders.status_request(
+            sale_id="TILL1", service_id=service_id, poi_id=POI, original_service_id="P3",
+            original_category="Payment"), at).answers[0].document)
+
+    assert "NotFound" in poll("S1", 100.0)  # asked before it arrived
+    terminal.handle(payment_request("TILL1", "P2", POI, 10.0), 100.5)  # another payment
+    terminal.handle(payment_request("TILL1", "P3", POI, 10.0), 101.0)  # P3 charged
+    later = poll("S2", 110.0)
+    assert "Success" in later and "NotFound" not in later  # learnable at any time now
+    p3, r3 = _unresolved("P3", GIVEN_UP, '{"abandoned": true}')
+    ledgers = {POI: terminal.summary()}
+    assert ledgers[POI]["TILL1/P3"]["charged"]
+    assert ledgers[POI]["TILL1/P3"]["status_not_found"] == [100.0]
+    result = run_audit(fake_soak(tmp_path, paid("P2"), p3), ledgers, [row("P2"), r3])
+    assert kinds(result) == [("lost", None)], result["problems"]
+    assert result["problems"][0]["key"] == "TILL1/P3"
+    assert result["counts"].get("charged_unlearnable", 0) == 0
+    assert soak_module.report(result) is False
+
+
 def test_report_prints_a_charged_payment_it_explains(tmp_path, capsys):
     payment, journal_row = _unresolved("P3", GIVEN_UP, '{"abandoned": true}')
-    ledger = {POI: {"TILL1/P3": ledger_entry((1.0, False, "processed"), status_not_found=(0.5,))}}
+    ledger = {POI: {"TILL1/P3": ledger_entry((1.0, False, "processed"), status_not_found=(2.0,))}}
     assert soak_module.report(run_audit(fake_soak(tmp_path, payment), ledger, [journal_row]))
     out = capsys.readouterr().out
     assert re.search(r"of them charged\s+1\n\s+\.\.\. terminal said NotFound\s+1\n", out), out
@@ -1137,3 +1243,185 @@ def test_soak_finds_key_material_derived_from_a_passphrase(tmp_path):
     log.unlink()
     assert soak_module.leaked_keys(tmp_path, [key]) == [
         f"journal.sqlite3 holds the derived AES key of {key.identifier}"]
+
+
+# --- the review of 265750f: what its audit still let through ------------------------------------
+
+def test_audit_fails_on_any_money_request_no_register_sent(tmp_path):
+    """Review of 265750f (F3): ledger entries no register sent were ignored unless they were
+    charged Payments, and the payment type was never read. The bridge reversing a payment
+    on its own (money back to the card while the register was told approved), a payment no
+    register sent that was declined, a register's payment sent as a Refund, or a Reversal
+    under a register's payment's IDs, each fails the run as unsolicited. The soak's
+    registers send only Payments, PaymentType absent (Normal)."""
+    from bridge.simulator.responses import payment_request
+    from bridge.simulator.terminal import Behaviour, Scenario, SimulatedTerminal
+
+    terminal = SimulatedTerminal(Scenario(poi_id=POI, default=Behaviour(delay=0.0),
+                                          transactions=[Behaviour(amount=20.0,
+                                                                  decision="decline")]))
+    terminal.handle(payment_request("TILL1", "P1", POI, 10.0), 100.0)
+    terminal.handle(payment_request("TILL1", "X1", POI, 10.0, category="Reversal"), 101.0)
+    refund = payment_request("TILL1", "P2", POI, 10.0)
+    refund["SaleToPOIRequest"]["PaymentRequest"]["PaymentData"] = {"PaymentType": "Refund"}
+    terminal.handle(refund, 102.0)  # the register asked for a Normal payment
+    terminal.handle(payment_request("TILL1", "Q8", POI, 10.0), 103.0)  # charged, nobody's
+    terminal.handle(payment_request("TILL1", "Q9", POI, 20.0), 104.0)  # declined, nobody's
+    terminal.handle(payment_request("TILL1", "P4", POI, 10.0, category="Reversal"), 105.0)
+    normal = payment_request("TILL1", "P5", POI, 10.0)
+    normal["SaleToPOIRequest"]["PaymentRequest"]["PaymentData"] = {"PaymentType": "Normal"}
+    terminal.handle(normal, 106.0)
+    ledgers = {POI: terminal.summary()}
+    assert ledgers[POI]["TILL1/P2"]["payment_type"] == "Refund"
+    assert ledgers[POI]["TILL1/P1"]["payment_type"] is None
+    payments = [paid("P1"), paid("P2"), paid("P4", "declined"), paid("P5")]
+    result = run_audit(fake_soak(tmp_path, *payments), ledgers,
+                       [row("P1"), row("P2"), row("P4", "declined"), row("P5")])
+    assert sorted((p["kind"], p["key"]) for p in result["problems"]) == [
+        ("unsolicited", "TILL1/P2"), ("unsolicited", "TILL1/P4"), ("unsolicited", "TILL1/Q8"),
+        ("unsolicited", "TILL1/Q9"), ("unsolicited", "TILL1/X1")], result["problems"]
+    texts = {p["key"]: p["text"] for p in result["problems"]}
+    assert "Refund" in texts["TILL1/P2"] and "Reversal" in texts["TILL1/X1"]
+    assert "no register sent (CHARGED" in texts["TILL1/Q8"]
+    assert "no register sent (not charged" in texts["TILL1/Q9"]
+    assert soak_module.report(result) is False
+
+
+def test_audit_has_a_floor_per_register(tmp_path):
+    """Review of 265750f (F6): the floor was global and per terminal, so a register every
+    payment of which was refused (every one of the plain-topic registers, say) passed when
+    the others approved enough. A register with TERMINAL_FLOOR_PAYMENTS payments or more
+    and no approval fails the run as too few."""
+    soak = fake_soak(tmp_path, *[paid(f"P{i}") for i in range(20)])
+    soak.args.duration = 100.0
+    till2 = SimpleNamespace(**vars(soak.registers[0]))
+    till2.sale_id, till2.client_id = "TILL2", "soak-register-TILL2"
+    refused = {}
+    for i in range(soak_module.TERMINAL_FLOOR_PAYMENTS):
+        payment = paid(f"R{i}", "rejected")
+        payment.sale_id = "TILL2"
+        refused[payment.service_id] = payment
+    till2.payments = refused
+    soak.registers.append(till2)
+    ledgers = {POI: {f"TILL1/P{i}": ledger_entry((1.0, False, "processed")) for i in range(20)}}
+    rows = [row(f"P{i}") for i in range(20)] + [
+        dict(row(p.service_id, "rejected"), sale_id="TILL2") for p in refused.values()]
+    result = run_audit(soak, ledgers, rows)
+    assert kinds(result) == [("too_few", None)], result["problems"]
+    assert "register TILL2: none of the 12 payments" in result["problems"][0]["text"]
+    assert soak_module.report(result) is False
+    # one approval is enough; so is having fewer payments than the floor asks of a register
+    first = refused["R0"]
+    first.first_final, first.first_final_amount = "approved", first.amount
+    ledgers[POI]["TILL2/R0"] = ledger_entry((1.0, False, "processed"))
+    rows[20] = dict(row("R0"), sale_id="TILL2")
+    assert run_audit(soak, ledgers, rows)["problems"] == []
+    del till2.payments["R0"], ledgers[POI]["TILL2/R0"]
+    del rows[20]
+    assert run_audit(soak, ledgers, rows)["problems"] == []
+
+
+def _redelivered_after_a_clean_restart() -> list[str]:
+    """mosquitto's log of `bench/soak.py --seed 5 --terminals 1 --registers 20 --duration
+    20` (workdir /tmp/soak.Nvsz/w3, lines 3401-3738 abridged): two registers' requests of
+    the same topic and size are in flight to the bridge (m373, m374) when the broker is
+    stopped cleanly; it saves, restarts, the bridge comes back with its session, and the
+    broker sends both again with their own message IDs (d1)."""
+    topic = "'poi-bridge/terminals/V400m-100000/request', ... (426 bytes))"
+    return [
+        "1796228390: poi-bridge-soak 1 poi-bridge/terminals/+/request/#",
+        f"1796228402: Received PUBLISH from soak-register-TILL1 (d0, q1, r0, m21, {topic}",
+        f"1796228402: Sending PUBLISH to poi-bridge-soak (d0, q1, r0, m373, {topic}",
+        f"1796228402: Received PUBLISH from soak-register-TILL5 (d0, q1, r0, m21, {topic}",
+        f"1796228402: Sending PUBLISH to poi-bridge-soak (d0, q1, r0, m374, {topic}",
+        "1796228402: mosquitto version 2.0.11 terminating",
+        "1796228402: Saving in-memory database to /tmp/soak.Nvsz/w3/mosquitto//mosquitto.db.",
+        "1796228407: mosquitto version 2.0.11 starting",
+        "1796228408: New client connected from 127.0.0.1:34247 as poi-bridge-soak (p2, c0, k5).",
+        "1796228408: Sending CONNACK to poi-bridge-soak (1, 0)",
+        f"1796228408: Sending PUBLISH to poi-bridge-soak (d1, q1, r0, m373, {topic}",
+        f"1796228408: Sending PUBLISH to poi-bridge-soak (d1, q1, r0, m374, {topic}",
+        "1796228408: Received PUBACK from poi-bridge-soak (Mid: 373, RC:0)",
+        "1796228408: Received PUBACK from poi-bridge-soak (Mid: 374, RC:0)",
+    ]
+
+
+def test_the_broker_log_gives_each_redelivery_to_its_own_request(tmp_path):
+    """The replay gave a redelivery (d1) to the oldest request of its topic and size sent
+    and not acknowledged, whatever its message ID: both redeliveries went to TILL1's
+    request, and the second PUBACK crashed the audit (list.remove: x not in list), so
+    the run ended with no verdict, no banner and no audit.json. A redelivery keeps its
+    message ID: it goes to the request that ID was sent for."""
+    path = tmp_path / "mosquitto.log"
+    path.write_text("\n".join(_redelivered_after_a_clean_restart()) + "\n")
+    till1, till5 = soak_module.BrokerLog(path).entries
+    assert (till1["client"], till5["client"]) == ("soak-register-TILL1", "soak-register-TILL5")
+    for entry in (till1, till5):
+        assert entry["saved"] and entry["dropped"] is None, entry
+        assert entry["sent"] == 1796228402 and entry["acked"] == 1796228408, entry
+
+
+def test_a_crash_of_the_audit_itself_fails_the_run_loudly(tmp_path, monkeypatch, capsys):
+    """An exception inside the audit ended the soak with a bare traceback: no verdict, no
+    banner, no audit.json. It ends it with a banner of its own, an audit.json that says so,
+    the workdir kept, and exit status 1. The soak's processes are not started here: the
+    run hands the real audit a journal row it cannot read."""
+    work = tmp_path / "run"
+
+    async def run(self: Any) -> dict[str, Any]:
+        return soak_module.judged(self, {}, [{"sale_id": "TILL1"}], [{"pending_total": 0}],
+                                  settled=True, daemon_exit=0, terminal_states={},
+                                  healthy_for=60.0)
+
+    monkeypatch.setattr(soak_module.Soak, "run", run)
+    code = soak_module.main(["--terminals", "1", "--registers", "1", "--workdir", str(work)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "SOAK FAILED: the audit itself crashed" in out, out
+    assert "Traceback" in out and "KeyError" in out, out
+    result = json.loads((work / "audit.json").read_text())
+    assert "KeyError" in result["audit_crashed"]
+    assert work.is_dir()
+
+
+async def test_a_payment_written_again_after_the_terminals_ack_is_doubled(tmp_path):
+    """Review of 265750f (F4), on a real pseudo-terminal with the soak's settings: the
+    terminal ACKs the request and gives no answer in time (late_response, 2.4 s); a bridge
+    that re-sends the payment at payment_timeout (2 s) instead of polling writes the same
+    bytes again. Flagged by the wire layer as a possible retransmission (byte for byte,
+    within its window), it passed the audit; with --keys none nothing else sees it. The
+    terminal had acknowledged the copy before: doubled."""
+    import asyncio
+
+    from bridge.simulator.responses import payment_request
+    from bridge.simulator.server import SimulatorServer
+    from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
+    from tests.test_simulator_link import _frame, _read_until, wait_for
+
+    link = tmp_path / "terminal"
+    amount, _, behaviour = soak_module.KINDS["late_response"]
+    server = SimulatorServer(Scenario(
+        poi_id=POI, transactions=[Behaviour(amount=amount, **behaviour)],
+        link=LinkBehaviour(retransmit_window=soak_module.RETRANSMIT_WINDOW)))
+    await server.start_pty(link)
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    os.set_blocking(fd, False)
+    try:
+        frame = _frame(json.dumps(payment_request("TILL1", "P1", POI, amount),
+                                  separators=(",", ":")).encode())
+        os.write(fd, frame)
+        await _read_until(fd, None, b"\x06")  # the terminal ACKed copy 1
+        await asyncio.sleep(2.0)  # payment_timeout of soak.toml
+        os.write(fd, frame)  # the application sends the payment again
+        await wait_for(lambda: server.frames_in == 2)
+        ledger = server.terminal.summary()
+    finally:
+        os.close(fd)
+        await server.close()
+    receipts = ledger["TILL1/P1"]["receipts"]
+    assert [r["retransmission"] for r in receipts] == [False, True]
+    payment = paid("P1")
+    payment.amount = payment.first_final_amount = amount
+    result = run_audit(fake_soak(tmp_path, payment), {POI: ledger}, [row("P1")])
+    assert kinds(result) == [("doubled", None)], result["problems"]
+    assert soak_module.report(result) is False

@@ -9,6 +9,7 @@ one behind the same symlink, the way a replugged USB device comes back).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -21,10 +22,15 @@ from typing import Any
 
 from bridge.protocol import crypto
 from bridge.protocol.framing import FrameFailed, Framer, FrameReceived, FrameSent, make_framer
-from bridge.protocol.framing.acknowledged import AcknowledgedFramer
+from bridge.protocol.framing.acknowledged import NAK, AcknowledgedFramer
 from bridge.simulator.terminal import Answer, Scenario, SimulatedTerminal
 
 log = logging.getLogger("poi_bridge.simulator")
+
+# How long bytes this side wrote before a frame of the peer's arrived may still have been
+# unread by the peer when it wrote that frame (its event loop was busy): a NAK among them
+# may have reached it while that frame was out.
+LINE_LAG = 1.0
 
 
 class _Link(ABC):
@@ -160,6 +166,10 @@ class SimulatorServer:
         # acknowledged an answer under each key (its framer sends that request no more)
         self._answering: dict[bytes, tuple[str, str]] = {}
         self._answer_acknowledged: dict[tuple[str, str], float] = {}
+        # When (monotonic) this side last wrote a NAK byte: its framer's NAK of a damaged
+        # frame, or one in the line noise it injects. Either makes the peer's framer send
+        # its outstanding frame again, whatever ACK of this side's follows.
+        self._naks_written: collections.deque[float] = collections.deque(maxlen=64)
 
     # --- serving ----------------------------------------------------------------------------
 
@@ -276,11 +286,23 @@ class SimulatorServer:
         while it has no ACK for it, max_tries times at most, each ack_timeout after the one
         before; and never once an answer under the request's IDs came (the frame reached the
         terminal: FrameWriter.answered); its ACK of that answer is written after any copy it
-        wrote before. A reopened link starts with the bridge's identity check."""
+        wrote before. A reopened link starts with the bridge's identity check.
+
+        Of every copy (the frame just before, byte for byte) the terminal is also told how
+        long after that one it came, and how long this side's ACK of that one had been on
+        the line by then: None if this side had not acknowledged it yet (both came in one
+        read: its ACK was written after), or if this side wrote a NAK from LINE_LAG before
+        that copy came until its ACK went out (the peer's framer sends its frame again on a
+        NAK, even one this side's own line noise carried). The peer's framer sends a frame
+        again only for want of an ACK: a copy after an ACK that had time to reach it is the
+        request sent twice (judged by the reader of the ledger, who knows the peer's
+        timings)."""
         timer = asyncio.create_task(self._retransmit_loop(link))
         previous: bytes | None = None
         copies = 0
         first_at = 0.0  # when the first copy of `previous` was read (monotonic)
+        previous_at = 0.0  # when `previous` (its latest copy) was read
+        previous_acked: float | None = None  # when this side's ACK of it went out
         try:
             while True:
                 data = await link.read()
@@ -289,22 +311,37 @@ class SimulatorServer:
                     continue
                 data = self._maybe_corrupt(data)
                 events = self.framer.receive_data(data, now)
-                await self._flush(link)
+                await self._flush(link)  # the ACKs (and NAKs) of this read's frames
+                flushed = time.monotonic()
                 for event in events:  # in the order of their bytes on the line
                     if isinstance(event, FrameSent):
                         self._acknowledged(event.payload, now)
                     elif isinstance(event, FrameReceived):
                         self.frames_in += 1
+                        gap = acked_before = None
                         if event.payload == previous:
                             copies += 1
+                            gap = now - previous_at
+                            if previous_acked is not None and not self._nak_written(
+                                    previous_at - LINE_LAG, previous_acked):
+                                acked_before = now - previous_acked
                         else:
                             previous, copies, first_at = event.payload, 1, now
                         again = 1 < copies <= self._max_copies() \
                             and now - first_at <= self._retransmit_window()
                         self._on_request(link, event.payload, retransmission=again,
-                                         first_at=first_at)
+                                         first_at=first_at, gap=gap,
+                                         acked_before=acked_before)
+                        # acknowledged once this read's ACKs are out (below), not before:
+                        # a copy later in this read came before this side's ACK of it
+                        previous_at, previous_acked = now, None
+                if any(isinstance(event, FrameReceived) for event in events):
+                    previous_acked = flushed
         finally:
             timer.cancel()
+
+    def _nak_written(self, since: float, until: float) -> bool:
+        return any(since <= at <= until for at in self._naks_written)
 
     def _retransmit_window(self) -> float:
         window = self.scenario.link.retransmit_window
@@ -343,7 +380,8 @@ class SimulatorServer:
         return data
 
     def _on_request(self, link: _Link, payload: bytes, *, retransmission: bool = False,
-                    first_at: float | None = None) -> None:
+                    first_at: float | None = None, gap: float | None = None,
+                    acked_before: float | None = None) -> None:
         """`first_at`: when the first copy of this frame was read (monotonic): a copy read
         after the peer acknowledged our answer to that request is not a retransmission."""
         try:
@@ -360,12 +398,14 @@ class SimulatorServer:
                 document = crypto.decrypt_message(document, self.key)
             except crypto.CryptoError:
                 # (a money request's header is in clear: its arrival is recorded)
-                self.terminal.unreadable(document, time.time(), retransmission=retransmission)
+                self.terminal.unreadable(document, time.time(), retransmission=retransmission,
+                                         gap=gap, acked_before=acked_before)
                 # What a real terminal answers when it cannot decrypt: plain JSON, no header.
                 self._spawn(self._answer_at(link, Answer(time.time(), {
                     "errors": ["Nexo Service: crypto error (3)"], "ServiceID": "-NULL-"})))
                 return
-        reaction = self.terminal.handle(document, time.time(), retransmission=retransmission)
+        reaction = self.terminal.handle(document, time.time(), retransmission=retransmission,
+                                        gap=gap, acked_before=acked_before)
         if reaction.drop_link:
             self._spawn(self._drop_soon())
         for answer in reaction.answers:
@@ -404,23 +444,31 @@ class SimulatorServer:
 
     async def _write(self, link: _Link, data: bytes) -> None:
         async with self._write_lock:
-            baud = self.scenario.link.baud
-            if not baud:
-                with contextlib.suppress(OSError):
-                    await link.write(data)
-                return
-            # 8N1: ten bit times a byte. Sleep against an absolute schedule, so pacing does
-            # not drift with the event loop's own delays.
-            start = time.monotonic()
-            chunk = max(1, baud // 1000)  # 10 ms of line time per write
-            for offset in range(0, len(data), chunk):
-                piece = data[offset:offset + chunk]
-                with contextlib.suppress(OSError):
-                    await link.write(piece)
-                due = start + (offset + len(piece)) * 10 / baud
-                delay = due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            try:
+                await self._write_paced(link, data)
+            finally:
+                # (conservatively: a frame's LRC byte can be 0x15 too)
+                if NAK in data:
+                    self._naks_written.append(time.monotonic())
+
+    async def _write_paced(self, link: _Link, data: bytes) -> None:
+        baud = self.scenario.link.baud
+        if not baud:
+            with contextlib.suppress(OSError):
+                await link.write(data)
+            return
+        # 8N1: ten bit times a byte. Sleep against an absolute schedule, so pacing does
+        # not drift with the event loop's own delays.
+        start = time.monotonic()
+        chunk = max(1, baud // 1000)  # 10 ms of line time per write
+        for offset in range(0, len(data), chunk):
+            piece = data[offset:offset + chunk]
+            with contextlib.suppress(OSError):
+                await link.write(piece)
+            due = start + (offset + len(piece)) * 10 / baud
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
 
 
 def _ids(document: Any) -> tuple[str, str] | None:

@@ -8,10 +8,17 @@ Every receipt of a money request (Payment, Reversal) is also recorded, by (SaleI
 ServiceID): a request whose key the terminal already has is not processed again (a real
 terminal does not run a duplicate ServiceID twice), but the ledger says how many times, when,
 and whether each repeat can be a link-level retransmission of the same frame (the wire layer
-says so: see `handle`). A repeat that cannot is the bridge sending a payment twice. Requests
-it never processed (answered Busy, lost on purpose, or unreadable: encrypted with a key it
-does not hold) are in the ledger too, by their receipts: a payment that reached the wrong
-device, or reached this one twice, shows even when nothing was charged.
+says so: see `handle`), with what the wire layer knows of a copy: how long after the copy
+before it came, and whether this side had acknowledged that one. A repeat that cannot is the
+bridge sending a payment twice. Requests it never processed (answered Busy, lost on purpose,
+or unreadable: encrypted with a key it does not hold) are in the ledger too, by their
+receipts: a payment that reached the wrong device, or reached this one twice, shows even when
+nothing was charged. Only requests whose SaleID and ServiceID are strings are recorded (a
+header with anything else there names no transaction).
+
+The terminal never forgets a transaction: a status poll about one it has is answered from
+its ledger for as long as it runs, so a NotFound it records about a key always came before
+that key arrived.
 """
 
 from __future__ import annotations
@@ -109,10 +116,30 @@ class Receipt:
     # what the terminal did: processed, busy, duplicate (ignored), lost, unreadable (a key it
     # does not hold)
     answer: str
+    # Of a byte-identical copy of the frame just before it (the wire layer's account, else
+    # None): seconds since that copy arrived, and how long this side's ACK of it had been on
+    # the line when this one came (None: not acknowledged yet, or a NAK this side wrote
+    # around that ACK may have had the peer send the frame again)
+    gap: float | None = None
+    acked_before: float | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {"at": round(self.at, 3), "retransmission": self.retransmission,
-                "answer": self.answer}
+                "answer": self.answer, "gap": _rounded(self.gap),
+                "acked_before": _rounded(self.acked_before)}
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
+
+
+def _key(header: dict[str, Any]) -> tuple[str, str] | None:
+    """(SaleID, ServiceID) of a request header; None unless both are strings (a list or a
+    number there names no transaction, and is no dictionary key)."""
+    sale_id, service_id = header.get("SaleID", ""), header.get("ServiceID", "")
+    if not isinstance(sale_id, str) or not isinstance(service_id, str):
+        return None
+    return sale_id, service_id
 
 
 @dataclass(slots=True)
@@ -139,8 +166,8 @@ class SimulatedTerminal:
         # every arrival of a money request, processed or not, by (SaleID, ServiceID)
         self.receipts: dict[tuple[str, str], list[Receipt]] = {}
         # what each money request asked, by (SaleID, ServiceID), from its first receipt:
-        # (category, requested amount, currency)
-        self.asked: dict[tuple[str, str], tuple[str, Any, Any]] = {}
+        # (category, requested amount, currency, PaymentType: None when the request has none)
+        self.asked: dict[tuple[str, str], tuple[str, Any, Any, Any]] = {}
         # when a status poll about a key was answered NotFound (the terminal had no record)
         self.not_found: dict[tuple[str, str], list[float]] = {}
         self._script = list(self.scenario.transactions)
@@ -169,30 +196,36 @@ class SimulatedTerminal:
     # --- the terminal -----------------------------------------------------------------------
 
     def handle(self, document: dict[str, Any], now: float, *,
-               retransmission: bool = False) -> Reaction:
+               retransmission: bool = False, gap: float | None = None,
+               acked_before: float | None = None) -> Reaction:
         """One request from the bridge. `retransmission`: the wire layer received this very
         frame just before, byte for byte, on the same link connection, with no other frame
         between, within the framer's max_tries copies and the link's retransmit_window, and
         before the bridge acknowledged an answer to it, so it can be the bridge's framer
         sending it again for want of an ACK (a link-level copy, not a second request).
+        `gap`, `acked_before`: of such a copy, see Receipt (recorded, judged by the reader of
+        the ledger).
 
         A real terminal names itself in every answer: its own POIID, not the request's."""
-        reaction = self._answer(document, now, retransmission)
+        reaction = self._answer(document, now, Receipt(now, retransmission, "processed", gap,
+                                                       acked_before))
         for answer in reaction.answers:
             for root in answer.document.values():
                 if isinstance(root, dict) and isinstance(root.get("MessageHeader"), dict):
                     root["MessageHeader"]["POIID"] = self.scenario.poi_id
         return reaction
 
-    def _answer(self, document: dict[str, Any], now: float,
-                retransmission: bool = False) -> Reaction:
+    def _answer(self, document: dict[str, Any], now: float, receipt: Receipt) -> Reaction:
         request = document.get("SaleToPOIRequest")
         if not isinstance(request, dict) or not isinstance(request.get("MessageHeader"), dict):
             return Reaction()  # a real terminal answers junk with silence or an event
         header = request["MessageHeader"]
         category = header.get("MessageCategory")
         if category in ("Payment", "Reversal"):
-            receipt = self._receipt(request, header, now, retransmission, "processed")
+            key = _key(header)
+            if key is None:
+                return Reaction()  # junk too: no transaction it could run or look up
+            self._receipt(request, header, key, receipt)
             reaction, receipt.answer = self._money(document, request, header, now)
             return reaction
         if category == "TransactionStatus":
@@ -208,39 +241,42 @@ class SimulatedTerminal:
             return Reaction([Answer(now, responses.simple_response(document))])
         return Reaction([Answer(now, responses.simple_response(document, result="Failure"))])
 
-    def _receipt(self, request: dict[str, Any], header: dict[str, Any], now: float,
-                 retransmission: bool, answer: str) -> Receipt:
-        key = (header.get("SaleID", ""), header.get("ServiceID", ""))
+    def _receipt(self, request: dict[str, Any], header: dict[str, Any], key: tuple[str, str],
+                 receipt: Receipt) -> None:
         receipts = self.receipts.setdefault(key, [])
-        receipt = Receipt(now, retransmission and bool(receipts), answer)
+        receipt.retransmission = receipt.retransmission and bool(receipts)
         receipts.append(receipt)
         if self.asked.get(key, (None, None))[1] is None:  # (unreadable: asked unknown)
             category = header.get("MessageCategory", "")
             body = request.get(f"{category}Request")
             body = body if isinstance(body, dict) else {}
             if category == "Payment":
-                amounts = body.get("PaymentTransaction", {}).get("AmountsReq", {})
-                amounts = amounts if isinstance(amounts, dict) else {}
-                asked = (amounts.get("RequestedAmount"), amounts.get("Currency"))
+                amounts = _dict(_dict(body.get("PaymentTransaction")).get("AmountsReq"))
+                asked = (amounts.get("RequestedAmount"), amounts.get("Currency"),
+                         _dict(body.get("PaymentData")).get("PaymentType"))
             else:
-                asked = (body.get("ReversedAmount"), None)
+                asked = (body.get("ReversedAmount"), None, None)
             self.asked[key] = (category, *asked)
-        return receipt
 
     def unreadable(self, document: dict[str, Any], now: float, *,
-                   retransmission: bool = False) -> None:
+                   retransmission: bool = False, gap: float | None = None,
+                   acked_before: float | None = None) -> None:
         """A request this terminal could not decrypt (encrypted with a key it does not hold):
         a real one answers a crypto error and does nothing else, but a money request's header
         travels in clear, so its arrival is recorded as a receipt (the bridge sent it to this
-        device, perhaps the wrong one)."""
+        device, perhaps the wrong one), if its IDs are strings."""
         request = document.get("SaleToPOIRequest") if isinstance(document, dict) else None
         header = request.get("MessageHeader") if isinstance(request, dict) else None
         if isinstance(header, dict) and header.get("MessageCategory") in ("Payment", "Reversal"):
-            self._receipt({}, header, now, retransmission, "unreadable")
+            key = _key(header)
+            if key is not None:
+                self._receipt({}, header, key, Receipt(now, retransmission, "unreadable", gap,
+                                                       acked_before))
 
     def _money(self, document, request, header, now) -> tuple[Reaction, str]:
         """The reaction, and what the terminal did with the request (for its receipt)."""
-        key = (header.get("SaleID", ""), header.get("ServiceID", ""))
+        key = _key(header)
+        assert key is not None  # (checked by _answer)
         behaviour = self._behaviour_for(header, request)
         if behaviour.lose_request:
             return Reaction(), "lost"
@@ -269,15 +305,15 @@ class SimulatedTerminal:
         return reaction, "processed"
 
     def _status(self, document, request, now) -> Reaction:
-        ref = request.get("TransactionStatusRequest", {}).get("MessageReference")
+        ref = _dict(_dict(request.get("TransactionStatusRequest")).get("MessageReference"))
+        key = _key(ref) if ref else None
         if ref:
-            entry = self.ledger.get((ref.get("SaleID", ""), ref.get("ServiceID", "")))
+            entry = self.ledger.get(key) if key is not None else None
         else:
             entry = self._last  # without MessageReference: the most recent transaction
         if entry is None:
-            if ref:
-                self.not_found.setdefault(
-                    (ref.get("SaleID", ""), ref.get("ServiceID", "")), []).append(now)
+            if key is not None:
+                self.not_found.setdefault(key, []).append(now)
             return Reaction([Answer(now, responses.status_not_found(document))])
         hold = self.scenario.link.status_hold
         if now < entry.completes_at or entry.polls_answered < entry.behaviour.in_progress_polls:
@@ -290,8 +326,8 @@ class SimulatedTerminal:
         return Reaction([Answer(now, responses.status_success(document, entry.response))])
 
     def _abort(self, request, now) -> Reaction:
-        ref = request.get("AbortRequest", {}).get("MessageReference", {})
-        entry = self.ledger.get((ref.get("SaleID", ""), ref.get("ServiceID", "")))
+        key = _key(_dict(_dict(request.get("AbortRequest")).get("MessageReference")))
+        entry = self.ledger.get(key) if key is not None else None
         if entry is None or entry.completes_at <= now:
             return Reaction()  # nothing to abort: the transaction already ended
         entry.outcome = "abort"
@@ -309,12 +345,14 @@ class SimulatedTerminal:
         A request never processed (only refused Busy, lost on purpose, unreadable) has
         `outcome` None and is not charged. `amount`, `currency`: what the request asked;
         `authorised`: the amount the terminal's response says moved (Payment).
-        `status_not_found`: when a status poll about it was answered NotFound."""
+        `payment_type`: the PaymentType the request asked (None: it had none, which means
+        Normal). `status_not_found`: when a status poll about it was answered NotFound
+        (always before it arrived: the terminal never forgets one)."""
         out: dict[str, Any] = {}
         for key in [*self.ledger, *(k for k in self.receipts if k not in self.ledger)]:
             entry = self.ledger.get(key)
-            category, amount, currency = self.asked.get(
-                key, (entry.category if entry else "", None, None))
+            category, amount, currency, payment_type = self.asked.get(
+                key, (entry.category if entry else "", None, None, None))
             authorised = None
             if entry is not None and entry.response is not None:
                 body = entry.response.get("SaleToPOIResponse", {}).get(f"{category}Response", {})
@@ -328,7 +366,12 @@ class SimulatedTerminal:
                 "category": category, "outcome": entry.outcome if entry else None,
                 "charged": entry.charged if entry else False,
                 "answered": entry.answered if entry else False,
-                "amount": amount, "currency": currency, "authorised": authorised,
+                "amount": amount, "currency": currency, "payment_type": payment_type,
+                "authorised": authorised,
                 "received": len(receipts), "receipts": [r.as_json() for r in receipts],
                 "status_not_found": [round(at, 3) for at in self.not_found.get(key, [])]}
         return out
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
