@@ -273,32 +273,71 @@ def _daemon_cannot_read(path: Path) -> str | None:
         return None
     if user.pw_uid == 0:
         return None
-    groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if DAEMON_USER in g.gr_mem}
-
-    def allows(info: os.stat_result, bits: tuple[int, int, int]) -> bool:
-        mine, ours, anyone = bits
-        if info.st_uid == user.pw_uid:
-            return bool(info.st_mode & mine)
-        if info.st_gid in groups:
-            return bool(info.st_mode & ours)
-        return bool(info.st_mode & anyone)
-
-    def shown(where: Path, info: os.stat_result) -> str:
-        return (f"{where} ({stat.filemode(info.st_mode)} {user_name(info.st_uid)}:"
-                f"{_group_name(info.st_gid)})")
-
+    whose = f"user {DAEMON_USER}, whom the daemon runs as,"
     try:
-        for directory in reversed(Path(os.path.abspath(path)).parents):
-            info = directory.stat()
-            if not allows(info, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
-                return (f"user {DAEMON_USER}, whom the daemon runs as, may not enter "
-                        f"{shown(directory, info)}")
+        cannot_enter = _cannot_enter_parents(path, user, whose)
         info = path.stat()
     except OSError:
         return None
-    if not allows(info, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
-        return f"user {DAEMON_USER}, whom the daemon runs as, may not read {shown(path, info)}"
+    if cannot_enter:
+        return cannot_enter
+    if not _allows(user, info, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
+        return f"{whose} may not read {_shown(path, info)}"
     return None
+
+
+def _daemon_cannot_make_in(ancestor: Path) -> str | None:
+    """Why the daemon's user cannot make a directory in `ancestor` by its permission bits
+    (root, running check-config, can: /var/lib), or None. That user is the unit's User=;
+    on a box without it, `ancestor`'s owner, as whom the daemon would have to run."""
+    try:
+        user = pwd.getpwnam(DAEMON_USER)
+        whose = f"user {DAEMON_USER}, whom the daemon runs as,"
+    except KeyError:
+        try:
+            user = pwd.getpwuid(ancestor.stat().st_uid)
+        except (KeyError, OSError):
+            return None
+        whose = (f"user {user.pw_name}, owner of {ancestor} (this box has no user "
+                 f"{DAEMON_USER}, whom the shipped unit runs the daemon as),")
+    if user.pw_uid == 0:
+        return None
+    try:
+        cannot_enter = _cannot_enter_parents(ancestor, user, whose)
+        info = ancestor.stat()
+    except OSError:
+        return None
+    if cannot_enter:
+        return cannot_enter
+    if not (_allows(user, info, (stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH))
+            and _allows(user, info, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH))):
+        return f"{whose} may not write in {_shown(ancestor, info)}"
+    return None
+
+
+def _cannot_enter_parents(path: Path, user: pwd.struct_passwd, whose: str) -> str | None:
+    """The first directory above `path` that `user` may not pass through (raises OSError)."""
+    for directory in reversed(Path(os.path.abspath(path)).parents):
+        info = directory.stat()
+        if not _allows(user, info, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)):
+            return f"{whose} may not enter {_shown(directory, info)}"
+    return None
+
+
+def _allows(user: pwd.struct_passwd, info: os.stat_result, bits: tuple[int, int, int]) -> bool:
+    """Whether `info`'s permission bits give `user` the (owner, group, other) `bits`."""
+    mine, ours, anyone = bits
+    if info.st_uid == user.pw_uid:
+        return bool(info.st_mode & mine)
+    groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem}
+    if info.st_gid in groups:
+        return bool(info.st_mode & ours)
+    return bool(info.st_mode & anyone)
+
+
+def _shown(where: Path, info: os.stat_result) -> str:
+    return (f"{where} ({stat.filemode(info.st_mode)} {user_name(info.st_uid)}:"
+            f"{_group_name(info.st_gid)})")
 
 
 def _group_name(gid: int) -> str:
@@ -465,7 +504,16 @@ def _check_directory_to_make(path: Path, place: str, errors: list[str],
         errors.append(f"{place}: directory {directory} does not exist, and cannot be made: "
                       f"{ancestor} is on a read-only file system; {keep}")
         return
-    if os.access(ancestor, os.W_OK | os.X_OK):
+    # check-config as root (the README's way) can write where the daemon's user cannot: a
+    # mistyped /var/lib/poi-brige passed, and the daemon refused it at start. Judged for
+    # that user (systemd makes the state directory itself, owned by it)
+    denied = _daemon_cannot_make_in(ancestor) \
+        if os.geteuid() == 0 and not for_daemon \
+        and not directory.is_relative_to(STATE_DIRECTORY) else None
+    if denied is not None:
+        errors.append(f"{place}: directory {directory} does not exist, and the daemon cannot "
+                      f"make it: {denied} (root, running check-config, may); {keep}")
+    elif os.access(ancestor, os.W_OK | os.X_OK):
         warnings.append(f"{place}: directory {directory} does not exist: the daemon creates it "
                         "(mode 0700) when it opens the journal; check that the path is the "
                         "one meant")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -491,6 +492,36 @@ def test_a_journal_directory_that_cannot_be_made_is_an_error(tmp_path, monkeypat
     assert [e for e in errors if e.startswith(
         f"journal: directory {journal.parent} does not exist, and cannot be made: cannot "
         f"write in {tmp_path} as ")], errors
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="check-config as root, as the README says")
+def test_a_mistyped_journal_directory_the_daemons_user_cannot_make_is_an_error_for_root(
+        tmp_path, capsys, monkeypatch):
+    """Review: check-config run as root (the README's way) said of a mistyped
+    /var/lib/poi-brige "the daemon creates it", exit 0, because root may write in /var/lib;
+    the daemon, as its own user, cannot, and refused to start. Judged for the daemon's user
+    (the unit's User=; nobody stands in for it, which this box does not have)."""
+    assert unit_settings(UNIT)["Service"]["User"] == [deployment_module.DAEMON_USER]
+    monkeypatch.setattr(deployment_module, "DAEMON_USER", "nobody")
+    typo = Path("/var/lib/poi-brige")
+    if typo.exists():
+        pytest.skip(f"{typo} exists on this box")
+    text = good_toml(tmp_path).replace(str(tmp_path / "journal.sqlite3"),
+                                       f"{typo}/journal.sqlite3")
+    status, out, err = check(write(tmp_path, text), capsys)
+    assert status == 2 and "OK" not in out, (out, err)
+    assert (f": journal: directory {typo} does not exist, and the daemon cannot make it: "
+            "user nobody, whom the daemon runs as, may not write in /var/lib (") in err, err
+    assert "the daemon creates it" not in err, err
+    # A parent the daemon's user may write in (here /tmp, anyone's): made at its start
+    missing = Path(tempfile.mkdtemp()) / "not-yet"
+    missing.parent.rmdir()
+    text = good_toml(tmp_path).replace(str(tmp_path / "journal.sqlite3"),
+                                       f"{missing}/journal.sqlite3")
+    status, _out, err = check(write(tmp_path, text), capsys)
+    assert status == 0, err
+    assert f"warning: journal: directory {missing} does not exist: the daemon creates it" \
+        in err, err
 
 
 def test_the_default_journal_directory_is_made_by_systemd(tmp_path, capsys, monkeypatch):

@@ -723,6 +723,43 @@ async def test_a_refused_answer_outside_the_bridges_topics_is_given_up_and_a_sto
         assert time.monotonic() - started < 10
 
 
+async def test_a_terminal_answer_during_a_clean_stop_does_not_leave_its_state_online(
+        tmp_path, mosquitto):
+    """Review: a clean stop published each terminal's "offline" while the workers and the
+    state publisher still ran (they end after it): a terminal's answer in that window put
+    "online" back after the "offline", and the retained document said "terminal ready" for
+    as long as the bridge was stopped (1 stop in 30 at an in-flight answer). The state
+    changes are made here where they raced: as the stop's announcement begins, and after it,
+    before Bridge.stop ends the gateway's and the workers' tasks."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    gateway = gateway_for(mosquitto, journal)
+    topic = f"{BASE}/terminals/{POI}/state"
+    state = {"poi_id": POI, "link": "tcp 10.0.0.5:8443", "detail": "", "identity": "confirmed",
+             "open_transactions": 1}
+    try:
+        async with running(gateway), Subscriber(mosquitto, [topic]) as sub:
+            gateway.terminal_state(POI, {**state, "state": "busy", "active": "TILL1/S1"})
+            await sub.wait_for(lambda t, p: p["state"] == "busy")
+            stopping = asyncio.create_task(gateway.announce_offline())
+            await asyncio.sleep(0)  # the stop is under way
+            # The terminal's answer: the payment ends, the worker says "online"
+            gateway.terminal_state(POI, {**state, "state": "online", "active": None,
+                                         "open_transactions": 0})
+            await stopping
+            await sub.wait_for(lambda t, p: p["state"] == "offline")
+            # ... and another change after it (a link lost, another terminal's answer)
+            gateway.terminal_state(POI, {**state, "state": "online", "active": None,
+                                         "open_transactions": 0, "identity": "unknown"})
+            await asyncio.sleep(1.0)  # (a state published after it arrives meanwhile)
+            assert [p["state"] for p in sub.on(topic)] == ["busy", "offline"], sub.on(topic)
+        async with Subscriber(mosquitto, [topic], client_id="late") as late:
+            retained = await late.wait_for(lambda t, p: t == topic)
+        assert retained["state"] == "offline" and "the bridge stopped" in retained["detail"], \
+            retained
+    finally:
+        journal.close()
+
+
 async def test_a_refused_retained_state_is_not_published_over_a_newer_one(tmp_path):
     """A retained transaction state the broker refused must not be published again after a
     newer state of the same transaction went through: it would replace it."""

@@ -8,14 +8,20 @@ the daemon, is scaled down to 1 s.)"""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 
 from bridge.daemon import quiet
+from bridge.daemon.intake import _conflict_error, _refusal_kind
+from bridge.protocol.transaction import Transaction, TxState, request_digest
 from bridge.simulator import responses
 
 from .rig import POI, Subscriber
 from .test_daemon_mqtt import BASE, Store, default_scenario, eventually, request_topic
+from .test_intake_fuzz import Rig
+
+BASE_DEFAULT = "poi-bridge"  # (the intake rig's configuration leaves base_topic as it comes)
 
 UNKNOWN = "V400m-999999999"
 
@@ -85,3 +91,75 @@ async def test_made_up_sale_ids_do_not_grow_the_groups_or_the_log(
     assert len(full) == 64 + 1, len(full)  # the groups held, and the first of the others
     assert _counted(caplog.messages, r"refused (\d+) more requests in the last") == 35, \
         caplog.messages[-3:]
+
+
+def _named(caplog, word: str) -> list[str]:
+    return [m for m in caplog.messages if word in m]
+
+
+def test_another_registers_refusal_is_named_after_a_flood_of_made_up_senders(tmp_path, caplog):
+    """Review: once the groups held 64 made-up senders, every new one shared OTHERS and only
+    the first of those was logged in full: a real register's refusal of another kind then
+    left no line naming it. Past the bound, the first of each kind is still logged in full.
+    (The intake alone, on a real journal.)"""
+    rig = Rig(tmp_path / "j.sqlite3")
+    caplog.set_level(logging.INFO, logger="poi_bridge")
+    topic = f"{BASE_DEFAULT}/terminals/{POI}/request"
+    try:
+        for n in range(64):  # one client making up a SaleID per bad request
+            rig.handle(f"{topic}/BOT{n}", b"{not json")
+        stale = responses.payment_request("TILL7", "S1", POI)  # stamped long ago
+        stale["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
+            "TimeStamp"] = "2020-01-01T00:00:00+00:00"
+        rig.handle(f"{topic}/TILL7", json.dumps(stale).encode())
+        other = responses.payment_request("TILL8", "S9", "P400Plus-9")  # another terminal's
+        assert rig.handle(f"{topic}/TILL8", json.dumps(other).encode())  # (answered)
+        for n in (64, 65):  # the flood's kind past the bound: its first in full, then counted
+            rig.handle(f"{topic}/BOT{n}", b"{not json")
+    finally:
+        rig.journal.close()
+    assert len(_named(caplog, "SaleID=TILL7")) == 1, _named(caplog, "TILL7")
+    (till8,) = _named(caplog, "SaleID=TILL8")
+    assert "MessageHeader.POIID P400Plus-9 does not match" in till8, till8
+    assert len(_named(caplog, "SaleID=BOT64")) == 1 and not _named(caplog, "BOT65"), \
+        _named(caplog, "BOT6")
+
+
+def test_a_refusals_kind_leaves_out_the_ids_the_register_wrote():
+    """The kind of a refusal groups one register's repeats: text it quotes from the request
+    without quotes (a ServiceID, a POIID) made each repeat a kind, and a group, of its own:
+    logged in full every time, and the groups filled by one register."""
+    def kind(service_id: str, poi_id: str) -> tuple[str, str]:
+        document = responses.payment_request("TILL1", service_id, poi_id)
+        used = Transaction(sale_id="TILL1", service_id=service_id, poi_id=POI,
+                           category="Payment", request=document,
+                           digest=request_digest(document), created_at=0.0, updated_at=0.0,
+                           state=TxState.FINAL, outcome="approved")
+        again = responses.payment_request("TILL1", service_id, poi_id, 99.0)
+        return (_refusal_kind(_conflict_error(used, again, 60.0)),
+                _refusal_kind(f"MessageHeader.POIID {poi_id} does not match the topic's "
+                              f"terminal {POI}"))
+    assert kind("S1", "P400Plus-1") == kind("QX", "V400m-2")
+
+
+async def test_repeats_still_counted_are_logged_when_the_bridge_stops(
+        tmp_path, mosquitto, caplog):
+    """Review: a register looping on a bad request, the bridge stopped within the minute:
+    the count of the repeats was never logged. Bridge.stop logs each count held."""
+    caplog.set_level(logging.WARNING, logger="poi_bridge")
+    async with Store(tmp_path, mosquitto, default_scenario()), \
+            Subscriber(mosquitto, [f"{BASE}/registers/#"]) as sub:
+        for _ in range(30):
+            await sub.publish(f"{request_topic()}/POS1", '{"SaleToPOIRequest": {')
+        for n in range(5):  # on a topic a level too deep (refused by the MQTT side)
+            await sub.publish(f"{request_topic()}/POS3/x",
+                              responses.payment_request("POS3", f"D{n}", POI))
+        await eventually(lambda: len(sub.on(f"{BASE}/registers/POS1/response")) == 30)
+        await eventually(lambda: len(_named(caplog, "/POS3/x")) == 1)
+        await asyncio.sleep(0.2)  # (the last of the five handled)
+        assert not _named(caplog, "more like this"), _named(caplog, "more like this")
+    # (stopped: well within the minute)
+    assert _counted(caplog.messages, r"refused (\d+) more like this from SaleID POS1 ") == 29, \
+        _named(caplog, "POS1")
+    assert _counted(caplog.messages, r"refused (\d+) more messages like this on \S+/POS3/x ") \
+        == 4, _named(caplog, "POS3")

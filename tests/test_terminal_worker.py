@@ -17,6 +17,7 @@ import pytest
 from bridge.config import TerminalConfig
 from bridge.daemon.journal import Journal
 from bridge.daemon.worker import SteadyClock, TerminalWorker
+from bridge.protocol import builders
 from bridge.protocol.messages import parse_message
 from bridge.protocol.actions import Deliver, Progress
 from bridge.protocol.transaction import (
@@ -415,6 +416,47 @@ async def test_not_found_after_the_terminal_took_another_payment_is_no_proof_of_
         assert stored.extra.get("abandoned") is True
         assert "reconcile_abandoned" in rig.events("S1")
         assert ("POS1", "S1") not in rig.simulator.terminal.ledger  # never sent again
+
+
+async def test_a_register_told_do_not_charge_again_on_its_status_request_is_logged_once(
+        tmp_path, caplog):
+    """Review: the worker logs no result line for `unresolved` (the session logs its own
+    unresolved and abandoned events), but a register's own status request answered NotFound
+    about a payment still open is told `unresolved` ("do not charge again") by the
+    passthrough path, which logs nothing: the technician's log said nothing of it. One line
+    for that event; still one line, not two, for the payment's own abandoned event."""
+    caplog.set_level(logging.INFO, logger="poi_bridge")
+    async with Rig(tmp_path, scenario(Behaviour(delay=0.05))) as rig:
+        rig.pay("S2")
+        assert (await rig.outlet.result_for("S2")).outcome == "approved"
+        later = rig.stored("S2").sent_at
+        document = responses.payment_request("POS1", "S1", POI, 10.0)
+        rig.journal.save(Transaction(
+            sale_id="POS1", service_id="S1", poi_id=POI, category="Payment",
+            request=document, digest=request_digest(document), created_at=later - 60,
+            updated_at=later - 30, sent_at=later - 60, state=TxState.UNRESOLVED,
+            detail="status polls unanswered"))
+        await rig.worker.stop()
+        fresh = TerminalWorker(rig.worker.config, rig.journal, rig.outlet,
+                               backoff=Backoff(initial=0.05, maximum=0.2))
+        fresh.restore(rig.journal.open_transactions(POI))
+        await fresh.start()
+        rig.worker = fresh
+        assert (await rig.outlet.result_for("S1", final=False)).outcome == "unresolved"
+        # The register asks the terminal itself about S1: the terminal knows nothing of it
+        asked = builders.status_request(sale_id="POS1", service_id="T2", poi_id=POI,
+                                        original_service_id="S1", original_category="Payment")
+        fresh.submit(parse_message(asked), asked, request_digest(asked))
+        told = await rig.outlet.result_for("T2", final=False)
+        assert told.outcome == "unresolved" and "do not charge again" in told.error, told
+        await asyncio.sleep(0.05)  # (a result is logged in the loop pass after its commit)
+    about_t2 = [r for r in caplog.records if "POS1/T2" in r.getMessage()]
+    assert len(about_t2) == 1, "\n".join(r.getMessage() for r in about_t2)
+    assert about_t2[0].levelno == logging.WARNING and "do not charge again" in \
+        about_t2[0].getMessage(), about_t2[0].getMessage()
+    abandoned = [r for r in caplog.records
+                 if r.getMessage().startswith(f"terminal {POI}: Payment POS1/S1: outcome unknown")]
+    assert len(abandoned) == 1, [r.getMessage() for r in abandoned]
 
 
 async def test_a_request_written_to_a_device_not_yet_named_is_remembered_while_open(tmp_path):

@@ -467,6 +467,10 @@ class Bridge:
         await self._end_tasks()
         for worker in self.workers.values():
             await worker.stop()
+        # Nothing more is refused: the counts held for the next summary are logged now, or
+        # a register looping on a bad request within the last minute is never counted
+        self.intake.flush_repeats()
+        self.gateway.flush_repeats()
         self.journal.close()
         self.notifier.close()
 

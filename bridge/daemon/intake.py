@@ -22,7 +22,7 @@ from bridge.config import Config
 from bridge.daemon import quiet
 from bridge.daemon.journal import Journal
 from bridge.daemon.mqtt import RegisterGateway, Reply
-from bridge.daemon.quiet import OTHERS, QuietRepeats
+from bridge.daemon.quiet import OTHERS, QuietRepeats, is_shared
 from bridge.daemon.registers import (
     dumps,
     id_text,
@@ -66,6 +66,10 @@ log = logging.getLogger("poi_bridge.intake")
 # What varies from one refusal of a kind to the next (a request's age, a JSON error's
 # column, a value quoted from the request): not part of the kind
 _VARYING = re.compile(r"\d+|\"[^\"]*\"|(?<![A-Za-z])'[^']*'")
+# ... and an ID the refusal names unquoted after its label ("ServiceID S7 was already used",
+# "MessageHeader.POIID P400Plus-9 does not match"): one register's repeats under new
+# ServiceIDs were a kind, and a group, each
+_NAMED_ID = re.compile(r"\b(ServiceID|SaleID|POIID|TransactionID|terminal) (?!['\"])\S+")
 
 
 def _refusal_head(error: str) -> str:
@@ -76,7 +80,7 @@ def _refusal_head(error: str) -> str:
 
 
 def _refusal_kind(error: str) -> str:
-    return _VARYING.sub("#", _refusal_head(error))
+    return _VARYING.sub("#", _NAMED_ID.sub(r"\1 #", _refusal_head(error)))
 
 
 COMMANDS = ("resync", "transactions", "terminals", "health")
@@ -358,7 +362,9 @@ class RequestIntake:
         self._wall = wall
         self.request_max_age = request_max_age
         self.rejected = 0
-        self._refusals_said = QuietRepeats(quiet.REFUSALS_QUIET, self._refusals_summed)
+        # (keyed by terminal, sender and kind: past the groups' bound, by kind)
+        self._refusals_said = QuietRepeats(quiet.REFUSALS_QUIET, self._refusals_summed,
+                                           kind_of=lambda key: key[-1])
 
     # --- entry point --------------------------------------------------------------------------
 
@@ -435,14 +441,19 @@ class RequestIntake:
         else:
             self.gateway.deliver(result)
 
+    def flush_repeats(self) -> None:
+        """The bridge stops: the refusals counted since the last summary are logged now."""
+        self._refusals_said.flush()
+
     def _refusals_summed(self, key: Any, count: int, last: Any, interval: float) -> None:
         """The summary of refusals like one logged in full (see quiet.REFUSALS_QUIET)."""
         said_sale_id, said_service_id, head = last
-        if key == OTHERS:  # (more senders and kinds than are counted apart)
-            log.warning("refused %d more requests in the last %g s, from registers and for "
-                        "reasons not counted apart (too many at once); the last: from SaleID "
-                        "%s, ServiceID %s (%s)", count, interval, said_sale_id, said_service_id,
-                        head)
+        if is_shared(key):  # (more senders, or kinds, than are counted apart)
+            log.warning("refused %d more requests in the last %g s, from registers%s not "
+                        "counted apart (too many at once); the last: from SaleID %s, "
+                        "ServiceID %s (%s)", count, interval,
+                        "" if key != OTHERS else " and for reasons", said_sale_id,
+                        said_service_id, head)
             return
         poi_id = key[0]
         log.warning("request for terminal %s: refused %d more like this from SaleID %s in the "

@@ -34,7 +34,7 @@ from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
 from bridge.daemon.outbox import OUTBOX_WINDOW, OutboxPump
 from bridge.daemon.peers import ANNOUNCE_TIMEOUT, OtherBridges
 from bridge.daemon import quiet
-from bridge.daemon.quiet import OTHERS, QuietRepeats
+from bridge.daemon.quiet import QuietRepeats, is_shared
 from bridge.daemon.registers import (
     Topics,
     dumps,
@@ -191,7 +191,7 @@ def _plain_loss(exc: BaseException) -> str:
 
 
 def _refusals_summed(key: Any, count: int, last: Any, interval: float) -> None:
-    if key == OTHERS:  # (more topics than are counted apart)
+    if is_shared(key):  # (more topics than are counted apart)
         log.warning("refused %d more messages on request topics in the last %g s (on too "
                     "many topics to count each apart)", count, interval)
         return
@@ -234,6 +234,10 @@ class RegisterGateway:
         self._terminal_states: dict[str, dict[str, Any]] = {}  # latest, encoded when published
         self._state_dirty: set[str] = set()
         self._state_ready = asyncio.Event()
+        # Set as a clean stop says each terminal offline: the workers and this connection's
+        # state publisher run on until Bridge.stop ends them, and a terminal's answer
+        # meanwhile put "online" back after the "offline", retained while the bridge is away
+        self._states_stopped = False
         self._handler: RequestHandler | None = None
         # Requests that stopped the daemon at once before (refused, not handled again), and
         # the one being handled now (its topic and bytes: set aside if it stops the daemon)
@@ -260,11 +264,17 @@ class RegisterGateway:
         self._announced_here = False  # this connection has said "online" (see _serve)
         # A sender looping on a refused topic: its first refusal in full, then one line a
         # minute counting the others (each is still answered)
-        self._refusals_said = QuietRepeats(quiet.REFUSALS_QUIET, _refusals_summed)
+        # (keyed by topic and problem: past the groups' bound, by problem)
+        self._refusals_said = QuietRepeats(quiet.REFUSALS_QUIET, _refusals_summed,
+                                           kind_of=lambda key: key[1])
 
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def flush_repeats(self) -> None:
+        """The bridge stops: the refusals counted since the last summary are logged now."""
+        self._refusals_said.flush()
 
     @property
     def refused(self) -> int:
@@ -315,6 +325,8 @@ class RegisterGateway:
         self.journal.enqueue(messages)
 
     def terminal_state(self, poi_id: str, state: dict[str, Any]) -> None:
+        if self._states_stopped:
+            return  # (announce_offline said "offline": that document stands)
         if self._terminal_states.get(poi_id) == state:
             return  # called after every step; most steps change nothing here
         self._terminal_states[poi_id] = state
@@ -995,6 +1007,13 @@ class RegisterGateway:
         while True:
             await self._state_ready.wait()
             self._state_ready.clear()
+            if self._states_stopped:
+                # Woken before the stop, or by a reconnect during it: nothing more goes out.
+                # (Not cancelled: a connection task that ends ends the connection, and the
+                # "offline" documents go out on it.) publish_nowait queues at once, so a
+                # state checked here is never queued after the "offline".
+                self._state_dirty.clear()
+                continue
             dirty, self._state_dirty = list(self._state_dirty), set()
             outcomes = await asyncio.gather(*(
                 client.publish_nowait(self.topics.terminal_state(poi_id),
@@ -1027,6 +1046,7 @@ class RegisterGateway:
 
     async def announce_offline(self, timeout: float = 2.0) -> None:
         """On a clean stop: flush what we can and say we are offline (the will covers crashes)."""
+        self._states_stopped = True  # first: no terminal's state goes out after its "offline"
         client = self._client
         if client is None:
             return

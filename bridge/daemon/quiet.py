@@ -10,8 +10,11 @@ A group lives while its events keep coming: the first is logged in full by the c
 within `interval` after it are counted, and when the interval is over the count is logged as
 one summary (if any came), and the next interval starts. An interval with none ends the group,
 so the next one is logged in full again. The groups are bounded (`max_groups`): past that,
-new keys share one group, OTHERS, whose summary is about all of them (the keys are the
-sender's choice: a register making up a SaleID per request must not grow memory).
+new keys share a group per kind of event (`kind_of`), whose first is still logged in full
+and whose summary is about all of them: the keys are the sender's choice, and a register
+making up a SaleID per request must not grow memory, yet another register's refusal of
+another kind must still leave a line naming it. Past `max_groups` kinds too, one group,
+OTHERS, holds the rest. A clean stop reports the counts still held (`flush`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 # request) gets its first refusal logged in full, then one line per this long counting the
 # others (each is still answered): the intake's and the MQTT side's
 REFUSALS_QUIET = 60.0
-OTHERS = ("(others)",)  # the group of keys met once max_groups were held
+OTHERS = ("(others)",)  # the group of keys met once max_groups were held (+ their kind)
 
 # (key, how many more, the caller's note of the last one, the interval) -> logs the summary
 Summary = Callable[[Hashable, int, Any, float], None]
@@ -47,17 +50,19 @@ class QuietRepeats:
     repeats are only counted (the caller may log them at debug)."""
 
     def __init__(self, interval: float, summary: Summary | None = None, *,
-                 max_groups: int = 64, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_groups: int = 64, clock: Callable[[], float] = time.monotonic,
+                 kind_of: Callable[[Hashable], Hashable] | None = None) -> None:
         self.interval = interval
         self._summary = summary
         self._max_groups = max_groups
         self._clock = clock
+        self._kind_of = kind_of
         self._groups: dict[Hashable, _Group] = {}
 
     def tell(self, key: Hashable, note: Any = None) -> bool:
         now = self._clock()
-        if key not in self._groups and len(self._groups) >= self._max_groups:
-            key = OTHERS
+        if key not in self._groups:
+            key = self._room_for(key)
         group = self._settle(key, now)
         if group is None:
             self._groups[key] = group = _Group(until=now + self.interval)
@@ -66,6 +71,28 @@ class QuietRepeats:
         group.count += 1
         group.last = note
         return False
+
+    def flush(self) -> None:
+        """The bridge stops: each count still held is reported now (its interval would
+        have ended after the process), and the timers are cancelled."""
+        groups, self._groups = self._groups, {}
+        for key, group in groups.items():
+            if group.timer is not None:
+                group.timer.cancel()
+            if group.count and self._summary is not None:
+                self._summary(key, group.count, group.last, self.interval)
+
+    def _room_for(self, key: Hashable) -> Hashable:
+        """The group a new `key` is counted in: its own while fewer than max_groups are
+        held; else its kind's shared one (OTHERS + (kind,)), while fewer than max_groups
+        kinds are; else OTHERS."""
+        shared = sum(1 for held in self._groups if is_shared(held))
+        if len(self._groups) - shared < self._max_groups:
+            return key
+        if self._kind_of is None:
+            return OTHERS
+        kind = (*OTHERS, self._kind_of(key))
+        return kind if kind in self._groups or shared < self._max_groups else OTHERS
 
     def _settle(self, key: Hashable, now: float) -> _Group | None:
         """The group of `key` with the intervals over by `now` summed up; None if it ended."""
@@ -98,3 +125,9 @@ class QuietRepeats:
         group = self._settle(key, now)
         if group is not None:
             self._arm(key, group, now)
+
+
+def is_shared(key: Hashable) -> bool:
+    """Whether `key` is a group of keys met once max_groups were held: OTHERS, or OTHERS
+    and a kind (its last item)."""
+    return isinstance(key, tuple) and key[:1] == OTHERS

@@ -317,6 +317,7 @@ class TerminalWorker:
                 await task
         if self._transport is not None:
             await self._transport.close()
+        self._oversize_said.flush()
 
     def daemon_stops(self) -> None:
         """The daemon is stopping: its drain and its goodbye on MQTT take seconds before
@@ -527,11 +528,13 @@ class TerminalWorker:
             loop.call_soon(self._log_result, result)
 
     def _log_result(self, result: Deliver) -> None:
-        if result.outcome == "unresolved":
-            # The session logs that event itself, once, at its level (an abandoned one an
-            # error): this line said the same again
+        if result.logged:
+            # The session logged that event itself, once, at its level (an abandoned one an
+            # error): this line would say the same again. Not every `unresolved` is such (a
+            # register's status request answered NotFound about a payment still open): the
+            # others are told here, a warning, as the register is told "do not charge again"
             return
-        level = logging.WARNING if result.outcome == "error" else logging.INFO
+        level = logging.WARNING if result.outcome in ("error", "unresolved") else logging.INFO
         log.log(level, "terminal %s: %s %s/%s -> %s (%s)%s", self.poi_id, result.category,
                 result.sale_id, result.service_id, result.outcome, result.source,
                 f": {result.error}" if result.error else "")

@@ -51,6 +51,9 @@ class Deliver:
     # document: a refusal that ends it after that must replace that document, or a register
     # that lost its response reads "in progress" there until the document expires.
     accepted: bool = False
+    # The session logged this event itself, in one line of its own (an unresolved or
+    # abandoned transaction): the shell adds no result line saying it again
+    logged: bool = False
 
 
 @dataclass(frozen=True, slots=True)

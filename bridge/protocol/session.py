@@ -877,10 +877,10 @@ class TerminalSession(StatusAnswers):
             Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
                     Outcome.UNRESOLVED.value, "bridge", None,
                     unresolved_error(why, txn.category, txn.sale_id, txn.service_id,
-                                     self.poi_id)),
+                                     self.poi_id), logged=True),
             self._progress(txn, "unresolved", reason or why),
-            # The one line of this event (the shell logs no result line of its own for an
-            # unresolved one: the same text twice, at two levels)
+            # The one line of this event (`logged`: the shell logs no result line of its own
+            # for it, the same text twice, at two levels)
             Log("warning", f"terminal {self.poi_id}: {txn.category} {txn.key} unresolved "
                            f"({reason or why}): the terminal may have charged it; the bridge "
                            "keeps asking it in the background and publishes the result"),

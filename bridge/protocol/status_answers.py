@@ -219,7 +219,7 @@ class StatusAnswers:
             Record(txn.snapshot()),
             self._progress(txn, "reconcile_abandoned", txn.detail),
             Deliver(txn.sale_id, txn.service_id, self.poi_id, txn.category,
-                    Outcome.UNRESOLVED.value, "bridge", None, txn.detail),
+                    Outcome.UNRESOLVED.value, "bridge", None, txn.detail, logged=True),
             # The one line of this event (see _unresolved)
             Log("error", f"terminal {self.poi_id}: {txn.category} {txn.key}: {txn.detail}"),
         ]
