@@ -76,9 +76,11 @@ def _key(args: argparse.Namespace) -> crypto.NexoKey | None:
         raise InspectError(f"unusable key: {exc}") from None
 
 
-def payloads_from_frames(data: bytes, framer_name: str, source: str) -> list[bytes]:
+def payloads_from_frames(data: bytes, framer_name: str,
+                         source: str) -> tuple[list[bytes], int, list[str]]:
+    """The frames' payloads, the bytes discarded as noise and the framer's reasons for it."""
     framer = make_framer(framer_name, max_frame_size=MAX_INPUT)
-    payloads, noise = [], 0
+    payloads, noise, reasons = [], 0, []
     events = framer.receive_data(data, 0.0)
     # The end of the capture is the end of the input: a frame still incomplete there (a
     # length header whose payload was cut short) would otherwise hold every byte after its
@@ -88,15 +90,24 @@ def payloads_from_frames(data: bytes, framer_name: str, source: str) -> list[byt
     while deadline is not None:
         events += framer.handle_timeout(deadline)
         deadline = framer.next_deadline()
+    # A framing delimited by its start bytes has no stall timeout: a frame cut short at the
+    # very end stays pending. A whole frame after it, as the next one on a live link, makes
+    # the framer discard it and report how much; that frame itself is not the capture's.
+    probe = b"{}"
+    ending = framer.receive_data(framer.encode(probe), 0.0)
+    if ending and ending[-1] == FrameReceived(probe):
+        events += ending[:-1]
     for event in events:
         if isinstance(event, FrameReceived):
             payloads.append(event.payload)
         elif isinstance(event, FramingError):
             noise += event.discarded
+            if event.reason not in reasons:
+                reasons.append(event.reason)
     if not payloads:
         raise InspectError(f"{source}: no complete {framer_name} frame found "
                            f"({len(data)} bytes, {noise} discarded as noise)")
-    return payloads
+    return payloads, noise, reasons
 
 
 def summarise(raw: bytes, key: crypto.NexoKey | None, source: str) -> dict[str, Any]:
@@ -171,14 +182,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         key = _key(args)
         data = _read_input(args.file)
-        payloads = payloads_from_frames(data, args.frame, source) if args.frame else [data]
+        payloads, noise, reasons = (payloads_from_frames(data, args.frame, source)
+                                    if args.frame else ([data], 0, []))
         summaries = []
         for n, payload in enumerate(payloads, 1):
             where = f"{source} frame {n}" if args.frame else source
-            summaries.append(summarise(payload, key, where))
+            summary = summarise(payload, key, where)
+            if args.frame:  # the capture's noise, so a script sees a frame cut short too
+                summary["noise"] = noise
+            summaries.append(summary)
     except InspectError as exc:
         print(f"poi-bridge inspect: {exc}", file=sys.stderr)
         return 2
+    if noise:
+        # Said even when frames were found: a frame cut short is a message that was (partly)
+        # on the wire, not one that was never sent.
+        print(f"poi-bridge inspect: {source}: {noise} bytes discarded as noise "
+              f"(no frame: {'; '.join(reasons)})", file=sys.stderr)
     for summary in summaries:
         print(json.dumps(summary) if args.json else _human(summary))
     return 0

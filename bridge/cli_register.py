@@ -253,6 +253,31 @@ def _published(payment: _Payment) -> None:
 OPERATOR = " --username operator --password-file /etc/poi-bridge/operator-password"
 
 
+def _lookup(payment: _Payment, args: argparse.Namespace, mqtt: MqttConfig) -> str:
+    """The commands that find out a payment's outcome, as they run for this user: with the
+    configuration it paid with, or else its own broker options. As the operator only after a
+    login: a broker that took none has no ACL to satisfy, and a by-hand user no operator
+    password file (the command would fail on it)."""
+    operator = OPERATOR if args.username or args.password_file or mqtt.username else ""
+    sale, service = shlex.quote(payment.sale_id), shlex.quote(payment.service_id)
+    if args.config:
+        config = shlex.quote(str(args.config))
+        return (f"    poi-bridge status --config {config}{operator}   (open and unresolved "
+                "transactions)\n"
+                f"    poi-bridge resync {sale} {service} --config {config}{operator}   (asks "
+                "the terminal, shows the outcome)\n")
+    given = [(option, value) for option, value in (
+        ("--broker", args.broker), ("--base-topic", args.base_topic),
+        ("--ca-file", args.ca_file), ("--cert-file", args.cert_file),
+        ("--key-file", args.key_file)) if value is not None]
+    register = "poi-bridge register" + "".join(
+        f" {option} {shlex.quote(str(value))}" for option, value in given) + (
+        " --tls" if args.tls else "") + f"{operator} --sale-id {sale}"
+    return (f"    {register} transactions   (this register's transactions, with their "
+            "outcome)\n"
+            f"    {register} resync --service-id {service}   (asks the terminal again)\n")
+
+
 def _unknown_answer(outcome: Any) -> str:
     """Why an answer that came leaves the payment's outcome unknown."""
     if outcome == "error":
@@ -264,13 +289,11 @@ def _unknown_answer(outcome: Any) -> str:
             "does not know: it does not say that nothing was taken")
 
 
-def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace, *,
-                     answered: bool = False) -> int:
+def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace,
+                     mqtt: MqttConfig, *, answered: bool = False) -> int:
     """Said when a payment was handed to the broker and its answer did not come, or came
     without saying whether it was charged (`answered`). The request waits in the bridge's
     persistent session (or is running, or ran): it may still be charged."""
-    config = shlex.quote(str(args.config)) if args.config else "FILE"
-    ids = f"{shlex.quote(payment.sale_id)} {shlex.quote(payment.service_id)}"
     print(f"poi-bridge register: OUTCOME UNKNOWN for the payment SaleID {payment.sale_id} "
           f"ServiceID {payment.service_id} on {payment.poi_id} ({payment.amount}): {why}.\n"
           + ("  The terminal may have charged it: its own result may still come under these "
@@ -278,11 +301,7 @@ def _outcome_unknown(payment: _Payment, why: str, args: argparse.Namespace, *,
              "  The request was handed to the broker: the bridge runs it when it gets it (a "
              "bridge that is down, when it comes back), so it may still be charged.\n") +
           "  Do NOT pay again for this sale until its outcome is known. Find it out, once the "
-          "bridge runs:\n"
-          f"    poi-bridge status --config {config}{OPERATOR}   (open and unresolved "
-          "transactions)\n"
-          f"    poi-bridge resync {ids} --config {config}{OPERATOR}   (asks the terminal, "
-          "shows the outcome)\n"
+          "bridge runs:\n" + _lookup(payment, args, mqtt) +
           "  \"no transaction\" before the bridge has taken the queued request does not mean "
           "it was not charged: ask again once the bridge is back."
           + ("\n  The broker speaks MQTT 3.1.1 only, so it could not say whether it refused the "
@@ -365,7 +384,8 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
                 return PARTIALLY_APPROVED
             if isinstance(outcome, str) and outcome in NOTHING_TAKEN:
                 return 1
-            return _outcome_unknown(payment, _unknown_answer(outcome), args, answered=True)
+            return _outcome_unknown(payment, _unknown_answer(outcome), args, mqtt,
+                                    answered=True)
         try:
             if args.action == "resync":
                 answer = await register.command("resync", {"sale_id": args.sale_id,
@@ -383,7 +403,8 @@ async def _run(args: argparse.Namespace, mqtt: MqttConfig,
             print("poi-bridge register: no answer in time (is the bridge running?)"
                   + unseen_refusal(register.protocol), file=sys.stderr)
             return 2
-        print(json.dumps(answer if args.json else answer.get("data") or answer, indent=1))
+        # (an empty list is data too: `[]`, not the answer around it)
+        print(json.dumps(answer if args.json else answer.get("data", answer), indent=1))
         return 0 if answer.get("status") == "ok" else 1
 
 
@@ -405,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(_run(args, mqtt, payment))
     except TimeoutError:  # (an OSError: before the connection errors)
         if payment is not None and payment.sent:
-            return _outcome_unknown(payment, f"no answer within {args.timeout:g} s", args)
+            return _outcome_unknown(payment, f"no answer within {args.timeout:g} s", args, mqtt)
         print("poi-bridge register: no answer in time (is the bridge running?)", file=sys.stderr)
         return 2
     except (ConnectionSetupError, aiomqtt.MqttError, OSError) as exc:
@@ -413,7 +434,7 @@ def run(args: argparse.Namespace) -> int:
             why = str(exc) if isinstance(exc, ConnectionLost) else (
                 f"the connection to the broker was lost or failed "
                 f"({str(exc) or type(exc).__name__})")
-            return _outcome_unknown(payment, why, args)
+            return _outcome_unknown(payment, why, args, mqtt)
         if isinstance(exc, BrokenPipeError):
             raise  # standard output closed (`| head`): bridge.cli ends quietly
         print(f"poi-bridge register: {connection_problem(exc, mqtt, option_names(mqtt, args))}",
@@ -421,6 +442,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         if payment is not None and payment.sent:
-            return _outcome_unknown(payment, "interrupted before the answer came", args)
+            return _outcome_unknown(payment, "interrupted before the answer came", args, mqtt)
         print("poi-bridge register: interrupted", file=sys.stderr)
         return 130

@@ -36,7 +36,7 @@ def add_parser(subparsers: Any) -> None:
                                              "back after the replug)")
     p.add_argument("--framer", default="stx-etx-lrc", choices=sorted(FRAMERS))
     p.add_argument("--poi-id", default=None, help="the terminal's POIID")
-    p.add_argument("--scenario", type=Path, help="scenario file (TOML or JSON)")
+    p.add_argument("--scenario", type=Path, metavar="FILE", help="scenario file (TOML or JSON)")
     p.add_argument("--decision", choices=list(get_args(Decision)),
                    help="partial: Result Partial, half the amount authorised (or --authorised)")
     p.add_argument("--authorised", type=float,

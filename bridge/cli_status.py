@@ -43,7 +43,8 @@ def add_parser(subparsers: Any) -> None:
         "status", help="terminals, open and unresolved transactions",
         description="Read the journal and ask the running daemon (over MQTT) how it stands. "
                     "Exit status 0 when the daemon answered, 1 when the broker was reached "
-                    "but no daemon answered, 2 when the broker could not be asked or the "
+                    "but no daemon answered, 2 when the broker could not be asked or "
+                    "refused the question (its ACL: log in as the operator), or the "
                     "configuration or journal cannot be read.")
     status.add_argument("--config", required=True)
     _login_options(status)

@@ -666,6 +666,10 @@ def _guess_kind(link: Any) -> str:
     return ""
 
 
+# What a path-valued key usually holds, to show with a path written as a number or boolean
+_PATH_EXAMPLES = {"journal": "/var/lib/poi-bridge/journal.sqlite3"}
+
+
 def _message(err: Any) -> str:
     kind, loc = err["type"], err["loc"]
     table = tuple(part for part in loc[:-1] if isinstance(part, str)
@@ -687,6 +691,9 @@ def _message(err: Any) -> str:
         if isinstance(loc[-1], int):  # an item of a list
             return f"must be text: write it in quotes, {text}"
         return f"must be text: write it in quotes, {loc[-1]} = {text}"
+    if kind == "path_type":  # a number or boolean where a file is meant
+        example = _PATH_EXAMPLES.get(str(loc[-1]), "/path/to/file")
+        return f'give a file path as a string, e.g. {loc[-1]} = "{example}"'
     if kind == "list_type" and loc == ("terminals",) and isinstance(err.get("input"), dict):
         return ("[terminals] is a single table: use [[terminals]], one table per terminal "
                 "(its [terminals.link] and other tables under it)")

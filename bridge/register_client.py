@@ -84,9 +84,27 @@ def read_password(path: Path | None, *, configured: bool = False) -> str | None:
             return read_configured_secret(path, "the MQTT password file")
         return read_secret(path, "the MQTT password file")
     except SecretError as exc:
+        if path is not None and path.is_absolute() and _missing(path):
+            # no user may read it: a file never made (a by-hand user following advice
+            # meant for an installed box), or a typing error in its name
+            raise ConnectionSetupError(
+                f"cannot read the MQTT password file {path}: it does not exist: create it, "
+                "or leave out --password-file (mqtt.password_file in a configuration) for a "
+                "broker that takes no login") from None
         raise ConnectionSetupError(
             f"{exc}; run as a user that may read it (root, for a systemd credential, which "
             "exists only while poi-bridge.service runs)") from None
+
+
+def _missing(path: Path) -> bool:
+    """Whether `path` is not there at all (not merely unreadable to this user)."""
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def tls_context(mqtt: MqttConfig) -> ssl.SSLContext | None:
@@ -122,12 +140,18 @@ def option_names(mqtt: MqttConfig, args: Any) -> dict[str, str]:
     return names
 
 
+def broker_address(host: str, port: int) -> str:
+    """HOST:PORT as --broker takes it back: an IPv6 address in brackets (`::1:1883` would
+    read as an address alone)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def connection_problem(exc: BaseException, mqtt: MqttConfig,
                        names: dict[str, str] | None = None) -> str:
     """What failed when connecting to the broker of `mqtt`, and what to check, named as
     `names` says (configuration_names by default)."""
     names = names or configuration_names(mqtt)
-    broker = f"{mqtt.host}:{mqtt.port}"
+    broker = broker_address(mqtt.host, mqtt.port)
     if isinstance(exc, ConnectionSetupError):
         return str(exc)
     if login_refused(exc):
@@ -293,7 +317,7 @@ class RegisterClient:
             # Without this, every request and command waiting for an answer would wait out
             # its whole timeout on a connection that is gone, and then say "no answer".
             self._lost = ConnectionLost(
-                f"the connection to the broker was lost ({self.host}:{self.port}: "
+                f"the connection to the broker was lost ({broker_address(self.host, self.port)}: "
                 f"{str(exc) or type(exc).__name__})")
             for future in [*self._waiting.values(), *self._commands.values()]:
                 if not future.done():

@@ -611,6 +611,20 @@ def test_numbers_and_booleans_must_be_toml_values(tmp_path, table, line, place):
     assert "without quotes" in found or "whole number" in found, found
 
 
+@pytest.mark.parametrize(("data", "said"), [
+    ({"journal": 3},
+     'journal: give a file path as a string, e.g. journal = "/var/lib/poi-bridge/journal.sqlite3"'),
+    ({"journal": True},
+     'journal: give a file path as a string, e.g. journal = "/var/lib/poi-bridge/journal.sqlite3"'),
+    ({"mqtt": {"password_file": 5}},
+     'mqtt.password_file: give a file path as a string, e.g. password_file = "/path/to/file"'),
+], ids=["journal-number", "journal-boolean", "password-file"])
+def test_a_path_written_as_a_number_or_boolean_says_to_quote_a_path(data, said):
+    """Not pydantic's "Input is not a valid path for <class 'pathlib.Path'>": a Python type
+    means nothing to whoever edits the file."""
+    assert problems(data) == [said]
+
+
 def test_python_callers_may_still_pass_strings_for_numbers():
     """`poi-bridge register --broker host:1883` builds the MQTT settings from text: the
     TOML rule is for the file."""

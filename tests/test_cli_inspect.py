@@ -68,3 +68,36 @@ def test_inspect_redacts_card_data_in_the_header(tmp_path, output):
     if output:
         summary = json.loads(out)
         assert (summary["sale_id"], summary["service_id"]) == ("TILL [redacted]", "[redacted]")
+
+
+@pytest.mark.parametrize("framer", ["stx-etx-lrc", "length-prefixed", "dle-crc16"])
+@pytest.mark.parametrize("output", [[], ["--json"]], ids=["human", "json"])
+def test_inspect_reports_a_frame_cut_short_next_to_frames_found(tmp_path, framer, output):
+    """A capture whose last frame the link cut short still shows the whole frames, and says
+    how many bytes it discarded and why, as the README promises: a technician must not take
+    the cut-off message for one that was never sent."""
+    message = (FIXTURES / "java-payment-sync-success.json").read_bytes()
+    whole = make_framer(framer).encode(message)
+    cut = make_framer(framer).encode(message)[:-40]
+    capture = tmp_path / "capture.bin"
+    capture.write_bytes(whole + cut)
+    done = cli("inspect", *output, "--frame", framer, str(capture))
+    assert done.returncode == 0, done.stderr
+    err = done.stderr.decode()
+    assert "bytes discarded as noise (no frame: " in err, err
+    discarded = int(err.split("poi-bridge inspect: ")[1].split()[1])
+    assert 0 < discarded <= len(cut), err
+    if output:
+        summaries = [json.loads(line) for line in done.stdout.decode().splitlines()]
+        assert len(summaries) == 1
+        assert summaries[0]["noise"] == discarded
+
+
+def test_inspect_says_nothing_of_noise_in_a_clean_capture(tmp_path):
+    message = (FIXTURES / "java-payment-sync-success.json").read_bytes()
+    capture = tmp_path / "capture.bin"
+    capture.write_bytes(make_framer("stx-etx-lrc").encode(message))
+    done = cli("inspect", "--json", "--frame", "stx-etx-lrc", str(capture))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == b""
+    assert json.loads(done.stdout)["noise"] == 0

@@ -83,17 +83,18 @@ async def test_a_base_topic_no_bridge_uses_is_reported_at_once(mosquitto):
     assert took < 20, "waited for the request's timeout instead of saying what is wrong"
 
 
-async def pay_through_a_stand_in(mosquitto, answer, *options: str, state: str = "online"):
-    """`register --sale-id TILL9 pay --terminal POI OPTIONS` against a stand-in for a bridge
-    in `state`: `await answer(client, request)` answers the request it publishes. Returns
-    register()'s result and the request."""
+async def pay_through_a_stand_in(mosquitto, answer, *options: str, state: str = "online",
+                                 login: tuple[str, ...] = ()):
+    """`register LOGIN --sale-id TILL9 pay --terminal POI OPTIONS` against a stand-in for a
+    bridge in `state`: `await answer(client, request)` answers the request it publishes.
+    Returns register()'s result and the request."""
     async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="bridge") as bridge:
         await bridge.publish(f"{BASE}/bridge/state", json.dumps({"state": state}), qos=1,
                              retain=True)
         await bridge.subscribe(f"{BASE}/terminals/+/request/+", qos=1)
         running = asyncio.create_task(register(
-            mosquitto, "--base-topic", BASE, "--sale-id", "TILL9", "pay", "--terminal", POI,
-            *options))
+            mosquitto, "--base-topic", BASE, *login, "--sale-id", "TILL9", "pay", "--terminal",
+            POI, *options))
         async with asyncio.timeout(30):
             async for message in bridge.messages:
                 request = json.loads(message.payload)
@@ -146,19 +147,86 @@ async def test_an_offline_bridge_is_named_and_the_request_still_goes(mosquitto):
     assert_outcome_unknown(code, err, "TILL9", header["ServiceID"])
 
 
-def assert_outcome_unknown(code: int, err: str, sale_id: str, service_id: str) -> None:
+OPERATOR = "--username operator --password-file /etc/poi-bridge/operator-password"
+
+
+def assert_outcome_unknown(code: int, err: str, sale_id: str, service_id: str, *,
+                           config: str | None = None, operator: bool = False) -> None:
     """A payment handed to the broker whose answer did not come: the request may still be
     charged (it waits in the bridge's persistent session), so the technician must be told
-    the IDs, not to pay again, and how to find out; with an exit status of its own."""
+    the IDs, not to pay again, and how to find out; with an exit status of its own.
+
+    How to find out is said in commands that run as they stand: with the `config` the
+    payment was made with, `status` and `resync`; without one, `register` again on the same
+    broker and base topic (tests pay with `--base-topic BASE`). As the operator only after
+    a login (`operator`), as the example ACL wants: a by-hand user without one has no
+    operator password file, and the command would fail on it."""
     assert code == 3, err
     assert f"SaleID {sale_id} ServiceID {service_id}" in err  # said when it was published
     assert "OUTCOME UNKNOWN" in err and "Do NOT pay again" in err
-    assert f"poi-bridge resync {sale_id} {service_id} --config" in err
-    assert "poi-bridge status --config" in err
-    # as the operator: the example ACL refuses these commands to any other login
-    assert err.count("--username operator --password-file /etc/poi-bridge/operator-password") \
-        == 2, err
+    login = f" {OPERATOR}" if operator else ""
+    if config is not None:
+        assert f"poi-bridge status --config {config}{login}   " in err, err
+        assert f"poi-bridge resync {sale_id} {service_id} --config {config}{login}   " in err, err
+    else:
+        assert "--config" not in err, err
+        assert f"--base-topic {BASE}{login} --sale-id {sale_id} transactions   " in err, err
+        assert (f"--base-topic {BASE}{login} --sale-id {sale_id} resync --service-id "
+                f"{service_id}   ") in err, err
+    assert err.count(OPERATOR) == (2 if operator else 0), err
     assert "Traceback" not in err and "is the bridge running?" not in err
+
+
+async def test_the_lookup_after_outcome_unknown_logs_in_as_the_operator_after_a_login(
+        tmp_path, mosquitto):
+    """A till that logged in (the example ACL: it may pay, not ask) is told to look the
+    payment up as the operator."""
+    password = tmp_path / "till-password"
+    password.write_text("secret\n")
+    (code, _, err, _), request = await pay_through_a_stand_in(
+        mosquitto, no_answer, "--amount", "1", "--timeout", "2",
+        login=("--username", "TILL9", "--password-file", str(password)))
+    assert_outcome_unknown(code, err, "TILL9",
+                           request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"],
+                           operator=True)
+
+
+@pytest.mark.parametrize("username", [None, "poi-bridge"], ids=["no-login", "login"])
+async def test_the_lookup_after_outcome_unknown_names_the_configuration_paid_with(
+        tmp_path, mosquitto, username):
+    """With --config, status and resync take the same configuration; as the operator only if
+    the configuration logs in (mqtt.username)."""
+    login = {}
+    if username:
+        (tmp_path / "password").write_text("secret\n")
+        login = {"username": username, "password_file": str(tmp_path / "password")}
+    config = config_file(tmp_path, mosquitto, login)
+    (code, _, err, _), request = await pay_through_a_stand_in(
+        mosquitto, no_answer, "--amount", "1", "--timeout", "2", login=("--config", str(config)))
+    assert_outcome_unknown(code, err, "TILL9",
+                           request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"],
+                           config=str(config), operator=username is not None)
+
+
+async def test_a_password_file_that_does_not_exist_is_said_so(tmp_path, mosquitto):
+    """Not "run as a user that may read it": no user can, the file is not there."""
+    missing = tmp_path / "operator-password"
+    code, _, err, _ = await register(mosquitto, "--base-topic", BASE, "--username",
+                                     "operator", "--password-file", str(missing), "terminals")
+    assert code == 2, err
+    assert (f"the MQTT password file {missing}: it does not exist: create it, or leave out "
+            "--password-file") in err, err
+    assert "run as a user" not in err and "Traceback" not in err
+
+
+async def test_transactions_prints_an_empty_list_as_a_list(tmp_path, mosquitto):
+    """No transaction for this SaleID: `[]`, as a script reading the list expects, not the
+    bridge's whole answer around it."""
+    async with running_bridge(tmp_path, mosquitto):
+        code, out, err, _ = await register(mosquitto, "--base-topic", BASE, "--sale-id",
+                                           "NOBODY", "transactions")
+    assert code == 0, err
+    assert json.loads(out) == [], out
 
 
 async def test_a_lost_broker_connection_mid_payment_is_outcome_unknown_at_once(mosquitto):
@@ -279,3 +347,17 @@ async def test_acting_as_a_till_by_hand_leaves_the_tills_session_alone(mosquitto
     assert till.responses[0]["bridge"]["transaction"]["service_id"] == "S1"
     log = mosquitto.log_path.read_text()
     assert f" as poi-bridge-cli-{socket.gethostname()}-" in log, log
+
+
+def test_an_ipv6_broker_is_named_in_brackets():
+    """`::1:1883` reads as an address alone; `[::1]:1883`, as --broker takes it, is the
+    address and its port, and can be typed back."""
+    with socket.socket(socket.AF_INET6) as sock:  # a port nothing listens on
+        try:
+            sock.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this machine")
+        port = sock.getsockname()[1]
+    done = run_cli("register", "--broker", f"[::1]:{port}", "terminals")
+    assert done.returncode == 2, done.stderr
+    assert f"cannot connect to the broker [::1]:{port}: " in done.stderr, done.stderr
