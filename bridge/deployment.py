@@ -8,6 +8,7 @@ import errno
 import grp
 import os
 import pwd
+import re
 import stat
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def deployment_problems(config: Config, *, for_daemon: bool = False
     warnings += _timeouts_within_line_time(config)
     if not for_daemon:  # (the daemon says it itself: "not plugged in", when it starts)
         warnings += _devices_not_there(config)
+    warnings += _usb_serial_ports_by_kernel_name(config)
     for number, terminal in enumerate(config.terminals):
         if terminal.key is not None:
             _check_secret(f"terminals[{number}].key.passphrase_file",
@@ -142,6 +144,31 @@ def _devices_not_there(config: Config) -> list[str]:
                        f"({terminal.poi_id}): the terminal is unplugged or switched off, or "
                        f"the path is wrong; `poi-bridge devices` lists the terminals plugged "
                        f"in and the device to configure for each (ls -l /dev/poi/)")
+    return out
+
+
+# Kernel names of USB serial ports: given in plug order, so another after a replug or a reboot
+_USB_TTY = re.compile(r"/dev/tty(USB|ACM)[0-9]+")
+_STABLE_LINK_DIRS = ("/dev/poi", "/dev/serial/by-id", "/dev/serial/by-path")
+
+
+def _usb_serial_ports_by_kernel_name(config: Config) -> list[str]:
+    """A serial link on /dev/ttyUSB0 or /dev/ttyACM0: its adapter, replugged, may come back as
+    /dev/ttyUSB1 and the terminal stays offline. udev's links name the adapter itself."""
+    out = []
+    for number, terminal in enumerate(config.terminals):
+        link = terminal.link
+        if not (isinstance(link, SerialLink) and _USB_TTY.fullmatch(link.device)):
+            continue
+        now = [os.path.join(d, name) for d in _STABLE_LINK_DIRS if os.path.isdir(d)
+               for name in sorted(os.listdir(d))
+               if os.path.realpath(os.path.join(d, name)) == link.device]
+        out.append(f"terminals[{number}].link.device: {link.device} ({terminal.poi_id}) is the "
+                   f"kernel's name of a USB serial port, which changes between plugs (the "
+                   f"adapter back as another ttyUSB/ttyACM number leaves the terminal "
+                   f"offline); configure its /dev/poi/ or /dev/serial/by-id/ link instead"
+                   + (f" ({', '.join(now)})" if now else
+                      " (ls -l /dev/poi/ /dev/serial/by-id/, or poi-bridge devices)"))
     return out
 
 

@@ -870,3 +870,19 @@ def test_a_relative_journal_is_checked_where_the_unit_would_open_it(tmp_path, ca
             "daemon from /, where it opens /state/journal.sqlite3; write the full path, e.g. "
             "/var/lib/poi-bridge/journal.sqlite3") in err, err
     assert "journal: directory /state does not exist" in err, err
+
+
+@pytest.mark.parametrize("device", ["/dev/ttyUSB0", "/dev/ttyACM3"])
+def test_a_usb_serial_port_by_its_kernel_name_is_a_warning(tmp_path, capsys, device):
+    """Its adapter back as /dev/ttyUSB1 after a replug left the terminal offline, said only
+    at DEBUG."""
+    text = (f'journal = "{tmp_path / "j.sqlite3"}"\n'
+            f'[[terminals]]\npoi_id = "Rs232-1"\n[terminals.link]\nkind = "serial"\n'
+            f'device = "{device}"\n'
+            f'[[terminals]]\npoi_id = "Rs232-2"\n[terminals.link]\nkind = "serial"\n'
+            f'device = "/dev/ttyS0"\n')
+    status, out, err = check(write(tmp_path, text), capsys)
+    said = [line for line in err.splitlines() if "kernel's name" in line]
+    assert len(said) == 1, err
+    assert f"terminals[0].link.device: {device} (Rs232-1)" in said[0], said
+    assert "/dev/serial/by-id/" in said[0] and "/dev/poi/" in said[0], said

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 
 import pytest
 
@@ -171,3 +172,79 @@ def test_the_daemons_own_matcher_follows_a_hand_made_link(tmp_path):
         assert bridge.hotplug.matcher.match(ttys0).poi_id == POI
     finally:
         bridge.journal.close()
+
+
+# --- a terminal whose node appears without udev saying so ----------------------------------------
+
+
+@pytest.fixture
+def dev_node():
+    """A node path under /dev that does not exist yet (udev would announce it), removed after
+    the test: the terminal's node appearing is a symlink made there to the simulator's pty."""
+    path = f"/dev/poi-bridge-test-{uuid.uuid4().hex[:12]}"
+    yield path
+    if os.path.lexists(path):
+        os.unlink(path)
+
+
+def node_terminal(tmp_path, node: str):
+    return parse_config({
+        "journal": str(tmp_path / "journal.sqlite3"), "mqtt": {"port": 1},
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": node}}],
+    })
+
+
+async def test_without_udevd_a_terminal_missing_at_start_is_opened_when_its_node_appears(
+        tmp_path, dev_node, caplog):
+    """A container or a minimal image: no udevd, yet pyudev's netlink socket opens. Hotplug
+    stayed on and switched the terminal off, waiting for a plug event that never came."""
+    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05),
+                                         link=LinkBehaviour(status_hold=0.05)))
+    await simulator.start_pty(str(tmp_path / "pty"))
+    config = node_terminal(tmp_path, dev_node)
+    bridge = Bridge(config, hotplug=False)
+    # The daemon's own monitor (real netlink), with udev's run directory of a box without udevd
+    bridge.hotplug = HotplugMonitor(TerminalMatcher(config), bridge._plugged, bridge._unplugged,
+                                    udev_run=str(tmp_path / "run-udev"))
+    await bridge.start()
+    try:
+        assert bridge.hotplug is None, "no udevd: run without hotplug"
+        said = [r.getMessage() for r in caplog.records if "udevd is not running" in r.getMessage()]
+        assert len(said) == 1 and "retried with backoff" in said[0], said
+        os.symlink(os.path.realpath(tmp_path / "pty"), dev_node)  # the node appears
+        await wait_state(bridge, "online", timeout=15)
+    finally:
+        await bridge.stop()
+        await simulator.close()
+
+
+async def test_a_node_that_appears_unannounced_is_used_after_a_recheck(tmp_path, dev_node,
+                                                                        caplog):
+    """udev runs (or its run directory is there) but never announces the node, e.g. udev
+    events of another network namespace: the absent terminals' nodes are looked at again on a
+    slow timer, and one there now is used."""
+    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05),
+                                         link=LinkBehaviour(status_hold=0.05)))
+    await simulator.start_pty(str(tmp_path / "pty"))
+    config = node_terminal(tmp_path, dev_node)
+    bridge = Bridge(config, hotplug=False)
+    monitor = PipeMonitor()  # udev says nothing, ever
+    bridge.hotplug = HotplugMonitor(TerminalMatcher(config), bridge._plugged, bridge._unplugged,
+                                    monitor=monitor, enumerate_devices=list, settle=0.01)
+    bridge.recheck_absent = 0.2
+    await bridge.start()
+    try:
+        await wait_state(bridge, "offline")
+        assert bridge.workers[POI].state()["detail"] == "device not plugged in"
+        await asyncio.sleep(0.5)  # rechecked meanwhile: not there, still off
+        assert bridge.workers[POI].state()["state"] == "offline"
+        os.symlink(os.path.realpath(tmp_path / "pty"), dev_node)
+        await wait_state(bridge, "online", timeout=5)
+        said = [r.getMessage() for r in caplog.records if "udev never announced" in r.getMessage()]
+        assert len(said) == 1 and dev_node in said[0], said
+        await asyncio.sleep(0.5)  # its look at the nodes over, the daemon runs on
+        assert bridge.exit_status == 0 and not bridge._stop.is_set()
+    finally:
+        await bridge.stop()
+        await simulator.close()
+        monitor.close()

@@ -30,7 +30,7 @@ from bridge.config import (
 from bridge.daemon.device_match import DeviceInfo, TerminalMatcher, describe_link
 from bridge.daemon.follow import partner_to_follow, waits_for_its_own_link
 from bridge.daemon.worker import FOLLOW_LATER
-from bridge.daemon.hotplug import HotplugMonitor, udev_announces
+from bridge.daemon.hotplug import HotplugMonitor, UdevNotRunning, udev_announces
 from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal, StepFailed, unusable
 from bridge.daemon.mqtt import RegisterGateway
@@ -84,6 +84,11 @@ def _taken_serials(terminal: TerminalConfig, config: Config) -> tuple[str, ...]:
     # (one composite device may hold two terminals on two interfaces: not twins)
     return tuple(t.link.serial for t in config.terminals
                  if t is not terminal and link.same_model(t.link) and t.link.serial)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("the daemon's %s task failed", task.get_name(), exc_info=task.exception())
 
 
 class Bridge:
@@ -230,17 +235,28 @@ class Bridge:
         names the terminal the device belonged to then."""
         return self.hotplug.is_present(poi_id) if self.hotplug is not None else said
 
+    # s between looks at the nodes of terminals switched off at start (_recheck_absent)
+    recheck_absent = 30.0
+
     async def _start_hotplug(self) -> None:
         if self.hotplug is None:
             return
         try:
             await self.hotplug.start()
+        except UdevNotRunning as exc:
+            # pyudev's netlink socket opens without udevd too, and would wait for ever for
+            # the plug event of a terminal missing at start.
+            log.warning("%s: a container or a minimal image? Running without hotplug: "
+                        "terminals whose device is missing are retried with backoff",  exc)
+            self.hotplug = None
+            return
         except (OSError, ImportError) as exc:
             # Containers and some test boxes have no udev netlink: run without hotplug.
             log.warning("udev hotplug unavailable (%s): terminals are retried with backoff "
                         "instead", exc)
             self.hotplug = None
             return
+        switched_off: dict[str, str] = {}
         for poi_id in self.hotplug.absent():
             link = self.workers[poi_id].config.link
             device = getattr(link, "device", None)
@@ -249,6 +265,29 @@ class Bridge:
                 # event will ever say it is back, so the worker's own retries cover it.
                 continue
             self.workers[poi_id].device_present(False)  # the monitor has said so in the log
+            if device:
+                switched_off[poi_id] = device
+        if switched_off:
+            # (not one for the life of the daemon: it ends once each is there, or plugged in)
+            task = asyncio.create_task(self._recheck_absent(switched_off), name="recheck absent")
+            task.add_done_callback(_log_failure)
+            self._tasks.append(task)
+
+    async def _recheck_absent(self, switched_off: dict[str, str]) -> None:
+        """Belt and braces for udev: a terminal switched off at start, waiting for its node,
+        is used once its node exists though no udev event said so (udevd's events going to
+        another network namespace, a node made by hand)."""
+        while switched_off:
+            await asyncio.sleep(self.recheck_absent)
+            for poi_id, device in list(switched_off.items()):
+                if self.hotplug is None or self.hotplug.is_present(poi_id):
+                    del switched_off[poi_id]  # udev said it, and says the rest
+                elif os.path.exists(device):
+                    del switched_off[poi_id]
+                    log.warning("terminal %s: its device %s is there now, but udev never "
+                                "announced it (is systemd-udevd running?); using it", poi_id,
+                                device)
+                    self.workers[poi_id].device_present(True)
 
     def status_line(self) -> str:
         documents = [w.state() for w in self.workers.values()]

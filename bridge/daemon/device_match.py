@@ -201,11 +201,13 @@ class DeviceInfo:
 class MatchResult:
     """`poi_id` of the terminal the device is, or None; `reason` says why, for a technician.
     `relevant` is False for devices the bridge never uses (no device node, virtual consoles,
-    USB interfaces, other subsystems)."""
+    USB interfaces, other subsystems). `near`: for no match, the terminals the device is the
+    model of, with another serial number (a replacement, or a second one of that model)."""
 
     poi_id: str | None
     reason: str
     relevant: bool = True
+    near: tuple[str, ...] = ()
 
     @property
     def matched(self) -> bool:
@@ -237,6 +239,14 @@ class TerminalMatcher:
                         if isinstance(t.link, SerialLink)]
         self._usb = [(t.poi_id, t.link) for t in self.terminals if isinstance(t.link, UsbLink)]
         self._resolve = resolve
+
+    def points_to(self, path: str) -> str | None:
+        """Where the configured `path` leads now, if it is a link (what a worker opens);
+        None if it is no link, or links are not followed."""
+        if self._resolve is None:
+            return None
+        target = self._resolve(path)
+        return target if target != path else None
 
     @property
     def hotplug_terminals(self) -> tuple[TerminalConfig, ...]:
@@ -284,31 +294,42 @@ class TerminalMatcher:
                 others = ", ".join(p for p, _ in found[1:])
                 reason += f"; also configured for {others}: each device belongs to one terminal"
             return MatchResult(poi_id, reason)
-        return MatchResult(None, self._tty_miss(info))
+        return self._tty_miss(info)
 
-    def _tty_miss(self, info: DeviceInfo) -> str:
+    def _tty_miss(self, info: DeviceInfo) -> MatchResult:
         for poi_id, link in self._usb:
             if (info.vendor_id, info.product_id) == (usb_id_text(link.vendor_id),
                                                      usb_id_text(link.product_id)) and (
                     link.serial is None or same_serial(link.serial, info.serial)):
-                return (f"serial port of USB device {info.vendor_id}:{info.product_id}, but "
-                        f"terminal {poi_id} is configured with link kind = \"usb\" (its bulk "
-                        f"interface), so this port is not used")
+                return MatchResult(
+                    None, f"serial port of USB device {info.vendor_id}:{info.product_id}, but "
+                          f"terminal {poi_id} is configured with link kind = \"usb\" (its "
+                          f"bulk interface), so this port is not used")
+        near: list[tuple[str, str]] = []
         for poi_id, path in self._serial:
             name = parse_poi_name(path)
-            if (name is not None and info.vendor_id in name.vendor_ids
-                    and name.serial is not None and name.serial == info.serial):
-                return (f"looks like terminal {poi_id} ({name.vendor} serial {name.serial}) but "
-                        f"has no link {path}: install udev/70-poi-bridge.rules, then run "
-                        f"`udevadm control --reload && udevadm trigger`")
+            if name is None or info.vendor_id not in name.vendor_ids or name.serial is None:
+                continue
+            if name.serial == info.serial:
+                return MatchResult(
+                    None, f"looks like terminal {poi_id} ({name.vendor} serial {name.serial}) "
+                          f"but has no link {path}: install udev/70-poi-bridge.rules, then run "
+                          f"`udevadm control --reload && udevadm trigger`")
+            if info.serial and path.endswith(f"-{name.serial}"):  # (not a per-interface link)
+                near.append((poi_id, f"terminal {poi_id} wants serial {name.serial} ({path}), "
+                                     f"this is {info.serial}"))
+        if near:
+            return MatchResult(None, "; ".join(why for _, why in near),
+                               near=tuple(poi_id for poi_id, _ in near))
         if not self._serial:
-            return "no serial terminals configured"
+            return MatchResult(None, "no serial terminals configured")
         if info.tagged:
             hint = f' with device = "{info.config_device}"' if info.config_device else ""
-            return ("tagged as a payment terminal by udev, but no configured terminal uses it: "
-                    f"add a [[terminals]] entry{hint} if it should be bridged")
-        return (f"not a configured terminal: no serial link names {info.devname} or one of its "
-                f"links")
+            return MatchResult(None, "tagged as a payment terminal by udev, but no configured "
+                                     f"terminal uses it: add a [[terminals]] entry{hint} if it "
+                                     "should be bridged")
+        return MatchResult(None, f"not a configured terminal: no serial link names "
+                                 f"{info.devname} or one of its links")
 
     # usb links
 
@@ -324,6 +345,7 @@ class TerminalMatcher:
         by_serial: list[str] = []
         any_serial: list[str] = []
         near: list[str] = []
+        other_serial: list[str] = []  # the model of these terminals, another serial number
         for poi_id, link in self._usb:
             vendor, product = usb_id_text(link.vendor_id), usb_id_text(link.product_id)
             if info.vendor_id != vendor:
@@ -350,6 +372,7 @@ class TerminalMatcher:
             else:
                 near.append(f"terminal {poi_id} wants serial {link.serial}, this is "
                             f"{info.serial}")
+                other_serial.append(poi_id)
         # The terminal configured with this very serial number comes first, whatever the
         # order of the configuration: one taking any serial must not take its device.
         found = by_serial or any_serial
@@ -361,7 +384,7 @@ class TerminalMatcher:
                            f"terminal names its own device")
             return MatchResult(found[0], reason)
         if near:
-            return MatchResult(None, "; ".join(near))
+            return MatchResult(None, "; ".join(near), near=tuple(other_serial))
         if info.tagged:
             return MatchResult(None, f"tagged as a payment terminal by udev (USB "
                                      f"{info.vendor_id}:{info.product_id}), but no configured "

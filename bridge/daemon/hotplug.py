@@ -32,7 +32,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bridge.config import Config
-from bridge.daemon.device_match import DeviceInfo, TerminalMatcher, describe_link
+from bridge.daemon.device_match import (
+    DeviceInfo,
+    MatchResult,
+    TerminalMatcher,
+    describe_link,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,10 @@ DEFAULT_RECEIVE_BUFFER = 8 * 1024 * 1024
 MAX_EVENTS_PER_READ = 256
 # s: after a read error that is no overflow, udev's socket is read again this much later
 READ_RETRY = 1.0
+
+# Where systemd-udevd keeps its control socket: without it no udevd runs (a container, a
+# minimal image), and pyudev's netlink socket opens all the same but never hears an event.
+UDEV_RUN = "/run/udev"
 
 # Actions after which the device exists; 'remove' means gone.  'unbind'/'offline' only detach
 # a driver (a usb_device gets 'unbind' just before 'remove'): the node is still there.
@@ -119,6 +128,15 @@ def udev_announces(device: str) -> bool:
     return names == [path.removeprefix("/dev/")]
 
 
+class UdevNotRunning(OSError):
+    """No udevd: nothing would ever announce a terminal being plugged in."""
+
+
+def udev_running(run_dir: str = UDEV_RUN) -> bool:
+    """Whether systemd-udevd (or eudev) runs: its control socket is there."""
+    return os.path.exists(os.path.join(run_dir, "control"))
+
+
 class HotplugMonitor:
     """Tells the daemon when configured terminals are plugged in and out.
 
@@ -134,6 +152,9 @@ class HotplugMonitor:
     udev/70-poi-bridge.rules and the generated rules set), filtered in the kernel socket.  Off
     by default: a terminal configured by a plain /dev/ttyS0 or /dev/ttyACM0 path, whose vendor
     no rule knows, has no tag and would never be seen.
+    `udev_run`: udev's run directory; without its control socket start() raises
+    UdevNotRunning rather than open a netlink socket nobody sends to (an injected `monitor`
+    is not checked).
     """
 
     def __init__(self, matcher: TerminalMatcher | Config, on_plug: Callback, on_unplug: Callback,
@@ -142,7 +163,8 @@ class HotplugMonitor:
                  context: Any = None, source: str = "udev", settle: float = DEFAULT_SETTLE,
                  receive_buffer: int = DEFAULT_RECEIVE_BUFFER,
                  max_events_per_read: int = MAX_EVENTS_PER_READ,
-                 max_delay: float = DEFAULT_MAX_DELAY, tag: str | None = None) -> None:
+                 max_delay: float = DEFAULT_MAX_DELAY, tag: str | None = None,
+                 udev_run: str = UDEV_RUN) -> None:
         if not isinstance(matcher, TerminalMatcher):
             matcher = TerminalMatcher(matcher)
         if settle < 0:
@@ -159,6 +181,7 @@ class HotplugMonitor:
         self._max_events = max(1, max_events_per_read)
         self._max_delay = max(max_delay, settle)
         self._tag = tag
+        self._udev_run = udev_run
 
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd: int | None = None
@@ -173,6 +196,9 @@ class HotplugMonitor:
         self._dispatcher: asyncio.Task[None] | None = None
         self._resync_wanted = False
         self._warned_ambiguous: set[str] = set()
+        # serial-link poi_id -> (vendor, product, serial) of the device it was last plugged in
+        # on: the same adapter back under another kernel name is said (_unused_device)
+        self._last_adapter: dict[str, tuple[str, str, str | None]] = {}
         self.counters = {"events": 0, "ignored": 0, "coalesced": 0, "plugs": 0, "unplugs": 0,
                          "overflows": 0}
 
@@ -205,6 +231,8 @@ class HotplugMonitor:
         has run for each of them."""
         if self._fd is not None:
             raise RuntimeError("HotplugMonitor is already running")
+        if self._monitor is None and not udev_running(self._udev_run):
+            raise UdevNotRunning(f"udevd is not running (no {self._udev_run}/control)")
         self._loop = asyncio.get_running_loop()
         monitor = self._monitor if self._monitor is not None else self._open_netlink()
         self._monitor = monitor
@@ -501,18 +529,7 @@ class HotplugMonitor:
                 lost.setdefault(known.poi_id, set()).add(devpath)
             self._devices[devpath] = _Known(info, match.poi_id)
             if match.poi_id is None:
-                if info.tagged and info.subsystem == "tty":
-                    # A payment terminal by udev's rules that nobody configured: a new or
-                    # replaced terminal, once per appearance (a repeated add changes nothing).
-                    log.info("hotplug: %s, a payment terminal by the udev rules, is %s and no "
-                             "configured terminal uses it. To bridge it, add a [[terminals]] "
-                             "entry with device = \"%s\" and restart (systemctl restart "
-                             "poi-bridge): the configuration is read only at start",
-                             info.describe(), "present" if initial else "plugged in",
-                             info.config_device)
-                else:
-                    log.debug("hotplug: %s %s ignored: %s", info.action or "present",
-                              info.describe(), match.reason)
+                self._unused_device(info, match, initial)
                 continue
             gained.setdefault(match.poi_id, []).append(info)
         if lost:
@@ -520,6 +537,59 @@ class HotplugMonitor:
         for poi_id in sorted(set(lost) | set(gained)):
             self._update_terminal(poi_id, lost.get(poi_id, set()), gained.get(poi_id, []),
                                   initial)
+
+    def _unused_device(self, info: DeviceInfo, match: MatchResult, initial: bool) -> None:
+        """A device that is no configured terminal, once per appearance (a repeated add
+        changes nothing): said when it is probably one that should be."""
+        how = "present" if initial else "plugged in"
+        if match.near:
+            # The model of a configured terminal with another serial number: a technician who
+            # swapped a broken terminal saw only "unplugged ... check its USB cable"
+            poi_id = match.near[0]
+            replaced = poi_id not in self._current
+            if info.subsystem == "tty":
+                change = f'device = "{info.config_device}"'
+            else:
+                change = f'link.serial = "{info.serial}"'
+            log.warning("hotplug: %s is %s; %s. It is %s: change that terminal's poi_id and "
+                        "%s in the configuration, or, for a new terminal, add a [[terminals]] "
+                        "entry with %s; then restart (systemctl restart poi-bridge): README "
+                        "\"Adding or replacing a terminal\"", info.describe(), how,
+                        match.reason, f"probably a replacement for terminal {poi_id}"
+                        if replaced else f"another terminal of the model of {poi_id} (which "
+                        f"is plugged in too), or probably a replacement for it", change, change)
+            return
+        back = self._adapter_back(info)
+        if back is not None:
+            poi_id, stable = back
+            log.warning("terminal %s's adapter is back as %s; configure %s (a kernel name "
+                        "changes between plugs)", poi_id, info.devname, stable)
+            return
+        if info.tagged and info.subsystem == "tty":
+            # A payment terminal by udev's rules that nobody configured: a new terminal.
+            log.info("hotplug: %s, a payment terminal by the udev rules, is %s and no "
+                     "configured terminal uses it. To bridge it, add a [[terminals]] entry "
+                     "with device = \"%s\" and restart (systemctl restart poi-bridge): the "
+                     "configuration is read only at start", info.describe(), how,
+                     info.config_device)
+        else:
+            log.debug("hotplug: %s %s ignored: %s", info.action or "present", info.describe(),
+                      match.reason)
+
+    def _adapter_back(self, info: DeviceInfo) -> tuple[str, str] | None:
+        """(poi_id, the path to configure) if `info` is the adapter a serial terminal, absent
+        now, was last plugged in on, back under another node: its configured kernel name
+        (/dev/ttyUSB0) is another adapter's, or none, now."""
+        if info.subsystem != "tty" or not (info.vendor_id and info.product_id):
+            return None
+        adapter = (info.vendor_id, info.product_id, info.serial)
+        for poi_id, last in self._last_adapter.items():
+            if last == adapter and poi_id not in self._current:
+                stable = sorted(info.devlinks, key=lambda link: (
+                    not link.startswith("/dev/poi/"), not link.startswith("/dev/serial/by-id/"),
+                    not link.startswith("/dev/serial/by-path/"), len(link)))
+                return poi_id, stable[0] if stable else "its /dev/serial/by-path/ link"
+        return None
 
     def _rematch_known(self, changed: set[str], lost: dict[str, set[str]],
                        gained: dict[str, list[DeviceInfo]]) -> None:
@@ -561,20 +631,34 @@ class HotplugMonitor:
             if poi_id not in self._warned_ambiguous:
                 self._warned_ambiguous.add(poi_id)
                 nodes = ", ".join(sorted(d.devname or d.devpath for d in devices.values()))
-                log.warning("terminal %s: %d devices match its configuration (%s); using %s. "
+                log.warning("terminal %s: %d devices match its configuration (%s); %s. "
                             "Set link.serial (USB); for a serial link, a /dev/poi/ path, or "
                             "/dev/serial/by-id/ if the device reports a USB serial number, else "
                             "/dev/serial/by-path/ (its USB port), so exactly one device "
-                            "matches", poi_id, len(devices), nodes,
-                            self._current[poi_id].devname)
+                            "matches", poi_id, len(devices), nodes, self._in_use(poi_id))
         else:
             self._warned_ambiguous.discard(poi_id)
         if not devices:
             del self._terminal_devices[poi_id]
 
+    def _in_use(self, poi_id: str) -> str:
+        """Which of a terminal's devices its worker opens: for a serial link through a symlink
+        (a by-id name two adapters without serial number share) the one the link points to
+        now, which udev sets to the last plugged in, not the first the monitor saw."""
+        terminal = next((t for t in self.matcher.terminals if t.poi_id == poi_id), None)
+        device = getattr(terminal.link, "device", None) if terminal is not None else None
+        if device is None:
+            return f"using {self._current[poi_id].devname}"
+        target = self.matcher.points_to(device)
+        return f"{device} points to {target} now" if target else f"using {device}"
+
     def _emit(self, kind: str, poi_id: str, info: DeviceInfo, initial: bool = False) -> None:
         if kind == "plug":
             self.counters["plugs"] += 1
+            terminal = next((t for t in self.matcher.terminals if t.poi_id == poi_id), None)
+            if (terminal is not None and terminal.link.kind == "serial" and info.vendor_id
+                    and info.product_id):
+                self._last_adapter[poi_id] = (info.vendor_id, info.product_id, info.serial)
             log.info("terminal %s: device %s %s", poi_id, info.describe(),
                      "present" if initial else "plugged in")
         else:
