@@ -248,3 +248,58 @@ async def test_a_node_that_appears_unannounced_is_used_after_a_recheck(tmp_path,
         await bridge.stop()
         await simulator.close()
         monitor.close()
+
+
+async def test_the_recheck_leaves_a_node_udev_gave_another_terminal_alone(tmp_path, caplog):
+    """Review of the 30-s recheck: terminal B, configured by a kernel name (ttyUSB0) and
+    absent at start; terminal A's adapter, replugged, comes back under that very name (udev
+    gives it to A by its stable link). The recheck saw B's path exist and opened it: B took
+    A's port, A went offline ('in use by another process') and B said online while its
+    identity check refused everything."""
+    a, b = "V400m-324688179", "V400m-999999999"
+    tag = uuid.uuid4().hex[:8]
+    a_link = f"/dev/poi-bridge-test-byid-{tag}"  # A: a stable udev link (by-id, /dev/poi)
+    b_node = f"/dev/poi-bridge-test-ttyUSB0-{tag}"  # B: a kernel name, absent at start
+    sim = SimulatorServer(Scenario(poi_id=a, default=Behaviour(delay=0.05),
+                                   link=LinkBehaviour(status_hold=0.05)))
+    await sim.start_pty(str(tmp_path / "pty"))
+    pty = os.path.realpath(tmp_path / "pty")
+    os.symlink(pty, a_link)
+    config = parse_config({"journal": str(tmp_path / "journal.sqlite3"), "mqtt": {"port": 1},
+                           "terminals": [
+                               {"poi_id": a, "link": {"kind": "serial", "device": a_link}},
+                               {"poi_id": b, "link": {"kind": "serial", "device": b_node}}]})
+    bridge = Bridge(config, hotplug=False)
+    monitor = PipeMonitor()
+    present = [tty_event("add", a_link, f"/dev/poi-bridge-test-ttyUSB1-{tag}")]
+    bridge.hotplug = HotplugMonitor(TerminalMatcher(config), bridge._plugged, bridge._unplugged,
+                                    monitor=monitor, enumerate_devices=lambda: list(present),
+                                    settle=0.01)
+    bridge.recheck_absent = 0.2
+    await bridge.start()
+    try:
+        async with asyncio.timeout(10):
+            while bridge.workers[a].state()["state"] != "online":
+                await asyncio.sleep(0.05)
+        monitor.push(tty_event("remove", a_link, f"/dev/poi-bridge-test-ttyUSB1-{tag}"))
+        await asyncio.sleep(0.2)
+        os.symlink(pty, b_node)  # A's adapter back under B's kernel name
+        monitor.push(tty_event("add", a_link, b_node))
+        async with asyncio.timeout(10):
+            while not (bridge.hotplug.is_present(a)
+                       and bridge.workers[a].state()["state"] == "online"):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.5)  # several rechecks
+        # (which of the two opened the port first was a race: the switch-on is the fault)
+        assert not [r.getMessage() for r in caplog.records
+                    if "udev never announced it" in r.getMessage()]
+        assert bridge.workers[a].state()["state"] == "online", bridge.workers[a].state()
+        assert bridge.workers[b].state()["state"] == "offline", bridge.workers[b].state()
+        assert not bridge.hotplug.is_present(b)
+    finally:
+        await bridge.stop()
+        await sim.close()
+        monitor.close()
+        for path in (a_link, b_node):
+            if os.path.lexists(path):
+                os.unlink(path)

@@ -279,10 +279,15 @@ class Bridge:
         another network namespace, a node made by hand)."""
         while switched_off:
             await asyncio.sleep(self.recheck_absent)
+            # The nodes udev gave to terminals plugged in now: a kernel name (ttyUSB0) that
+            # appears may be another terminal's adapter, back under that number (review)
+            taken = set() if self.hotplug is None else {
+                os.path.realpath(info.devname)
+                for info in self.hotplug.present().values() if info.devname}
             for poi_id, device in list(switched_off.items()):
                 if self.hotplug is None or self.hotplug.is_present(poi_id):
                     del switched_off[poi_id]  # udev said it, and says the rest
-                elif os.path.exists(device):
+                elif os.path.exists(device) and os.path.realpath(device) not in taken:
                     del switched_off[poi_id]
                     log.warning("terminal %s: its device %s is there now, but udev never "
                                 "announced it (is systemd-udevd running?); using it", poi_id,
