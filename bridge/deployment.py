@@ -300,17 +300,8 @@ def _daemon_cannot_read(path: Path) -> str | None:
         return None
     if user.pw_uid == 0:
         return None
-    whose = f"user {DAEMON_USER}, whom the daemon runs as,"
-    try:
-        cannot_enter = _cannot_enter_parents(path, user, whose)
-        info = path.stat()
-    except OSError:
-        return None
-    if cannot_enter:
-        return cannot_enter
-    if not _allows(user, info, (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)):
-        return f"{whose} may not read {_shown(path, info)}"
-    return None
+    return _user_may_not(user, f"user {DAEMON_USER}, whom the daemon runs as,", path, "read",
+                         (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH))
 
 
 def _daemon_cannot_make_in(ancestor: Path) -> str | None:
@@ -329,16 +320,25 @@ def _daemon_cannot_make_in(ancestor: Path) -> str | None:
                  f"{DAEMON_USER}, whom the shipped unit runs the daemon as),")
     if user.pw_uid == 0:
         return None
+    return _user_may_not(user, whose, ancestor, "write in",
+                         (stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH),
+                         (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH))
+
+
+def _user_may_not(user: pwd.struct_passwd, whose: str, path: Path, verb: str,
+                  *needed: tuple[int, int, int]) -> str | None:
+    """Why `user` may not `verb` `path` by its permission bits and its parents' (each of
+    `needed`: the owner, group and other bits of one permission), or None: it may, or `path`
+    cannot be looked at."""
     try:
-        cannot_enter = _cannot_enter_parents(ancestor, user, whose)
-        info = ancestor.stat()
+        cannot_enter = _cannot_enter_parents(path, user, whose)
+        info = path.stat()
     except OSError:
         return None
     if cannot_enter:
         return cannot_enter
-    if not (_allows(user, info, (stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH))
-            and _allows(user, info, (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH))):
-        return f"{whose} may not write in {_shown(ancestor, info)}"
+    if not all(_allows(user, info, bits) for bits in needed):
+        return f"{whose} may not {verb} {_shown(path, info)}"
     return None
 
 

@@ -391,21 +391,7 @@ async def test_not_found_after_the_terminal_took_another_payment_is_no_proof_of_
     was never charged (it may charge again); the outcome stays unknown, and says why. What
     the terminal took since comes from the journal, across the restart."""
     async with Rig(tmp_path, scenario(Behaviour(delay=0.05))) as rig:
-        rig.pay("S2")
-        assert (await rig.outlet.result_for("S2")).outcome == "approved"
-        later = rig.stored("S2").sent_at
-        document = responses.payment_request("POS1", "S1", POI, 10.0)
-        rig.journal.save(Transaction(
-            sale_id="POS1", service_id="S1", poi_id=POI, category="Payment",
-            request=document, digest=request_digest(document), created_at=later - 60,
-            updated_at=later - 30, sent_at=later - 60, state=TxState.UNRESOLVED,
-            detail="status polls unanswered"))
-        await rig.worker.stop()
-        fresh = TerminalWorker(rig.worker.config, rig.journal, rig.outlet,
-                               backoff=Backoff(initial=0.05, maximum=0.2))
-        fresh.restore(rig.journal.open_transactions(POI))
-        await fresh.start()
-        rig.worker = fresh
+        await restarted_with_s1_unresolved_before_s2(rig)
         result = await rig.outlet.result_for("S1", final=False)
         assert result.outcome == "unresolved", result
         assert "has taken another Payment request since this one" in result.error
@@ -427,21 +413,7 @@ async def test_a_register_told_do_not_charge_again_on_its_status_request_is_logg
     for that event; still one line, not two, for the payment's own abandoned event."""
     caplog.set_level(logging.INFO, logger="poi_bridge")
     async with Rig(tmp_path, scenario(Behaviour(delay=0.05))) as rig:
-        rig.pay("S2")
-        assert (await rig.outlet.result_for("S2")).outcome == "approved"
-        later = rig.stored("S2").sent_at
-        document = responses.payment_request("POS1", "S1", POI, 10.0)
-        rig.journal.save(Transaction(
-            sale_id="POS1", service_id="S1", poi_id=POI, category="Payment",
-            request=document, digest=request_digest(document), created_at=later - 60,
-            updated_at=later - 30, sent_at=later - 60, state=TxState.UNRESOLVED,
-            detail="status polls unanswered"))
-        await rig.worker.stop()
-        fresh = TerminalWorker(rig.worker.config, rig.journal, rig.outlet,
-                               backoff=Backoff(initial=0.05, maximum=0.2))
-        fresh.restore(rig.journal.open_transactions(POI))
-        await fresh.start()
-        rig.worker = fresh
+        fresh = await restarted_with_s1_unresolved_before_s2(rig)
         assert (await rig.outlet.result_for("S1", final=False)).outcome == "unresolved"
         # The register asks the terminal itself about S1: the terminal knows nothing of it
         asked = builders.status_request(sale_id="POS1", service_id="T2", poi_id=POI,
@@ -862,3 +834,25 @@ async def test_a_step_that_fails_half_way_is_reported_as_a_journal_failure(tmp_p
         assert rig.stored("S1") is None  # taken back with the step
         assert any("a step of terminal" in r.getMessage() and "failed half-way" in r.getMessage()
                    for r in caplog.records)
+
+
+async def restarted_with_s1_unresolved_before_s2(rig) -> TerminalWorker:
+    """S2 approved; the journal also holds S1, sent a minute before it and left unresolved
+    (the terminal has taken S2 since, and will answer NotFound about S1); the worker is
+    restarted from the journal. Returns the new worker (rig.worker too)."""
+    rig.pay("S2")
+    assert (await rig.outlet.result_for("S2")).outcome == "approved"
+    later = rig.stored("S2").sent_at
+    document = responses.payment_request("POS1", "S1", POI, 10.0)
+    rig.journal.save(Transaction(
+        sale_id="POS1", service_id="S1", poi_id=POI, category="Payment",
+        request=document, digest=request_digest(document), created_at=later - 60,
+        updated_at=later - 30, sent_at=later - 60, state=TxState.UNRESOLVED,
+        detail="status polls unanswered"))
+    await rig.worker.stop()
+    fresh = TerminalWorker(rig.worker.config, rig.journal, rig.outlet,
+                           backoff=Backoff(initial=0.05, maximum=0.2))
+    fresh.restore(rig.journal.open_transactions(POI))
+    await fresh.start()
+    rig.worker = fresh
+    return fresh
