@@ -76,11 +76,14 @@ _WORD = _BARE + r"(?:'" + _BARE + r")*"
 _WORDS = _WORD + r"(?:[ +](?![\w.%-]*(?:[:=]|%3[aAdD]))" + _WORD + r"){0,4}"
 # The character before the name (not part of a longer word) is matched rather than looked
 # behind at, so the engine only tries at non-word characters; redact() prepends a space.
-# A passphrase or password may hold spaces and punctuation: its value runs on to what ends a
-# field in JSON or a repr (`, "`, `}`), a URL's `&` or the line's end, so that the rest of a
-# logged document stays readable (a `;` or `,` alone may be the secret's own)
+# A passphrase or password may hold spaces and any punctuation: written bare, nothing says
+# where it ends (a `}`, `, "` or `&` may be its own), so its value runs to the line's end. A
+# quoted one ends at its quote (_QUOTED); a JSON literal (`"Password": null, "Response": ...`)
+# ends where the document goes on with its next field or closing brackets, so that the rest
+# of a logged answer stays readable.
 _PHRASE_FIELDS = ("Passphrase", "Password")
-_PHRASE = r"(?:(?!,\s*[\"'])[^\n&}])+"
+_PHRASE = (r"(?:(?:null|true|false)(?=\s*(?:,\s*[\"'][\w.-]*[\"']\s*:|[}\]]+\s*(?:[,}\]]|$)))"
+           r"|[^\n]+)")
 _FIELDS = re.compile(
     r"(?P<head>[^\w](?:(?P<name>(?i:" + _names(_NAME_FIELDS) + r"))|(?P<phrase>(?i:"
     + _names(_PHRASE_FIELDS) + r"))|(?i:"

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 import pytest
 
 from bridge.logging_setup import setup_logging
-from bridge.redaction import redact
+from bridge.redaction import REDACTED, redact
 from bridge.simulator import responses
 
 from .rig import POI, Daemon, Simulator, Subscriber, outcome_for, write_config
@@ -514,3 +514,20 @@ def test_a_passphrase_field_leaves_the_rest_of_the_line_readable():
     assert "horse" not in cleaned and "staple" not in cleaned
     cleaned = redact("{'password': 'two words', 'user': 'till1'}")
     assert "two words" not in cleaned and "'user': 'till1'" in cleaned
+
+
+@pytest.mark.parametrize("line, tail", [
+    ("passphrase=open}sesame", "sesame"),
+    ('password=ab, "cd', "cd"),
+    ("Passphrase: one, 'two three", "two three"),
+    ("key.password=swordfish&fish=sword", "fish=sword"),
+    ("passphrase=null}sesame", "sesame"),
+])
+def test_an_unquoted_passphrase_is_redacted_to_the_line_end(line, tail):
+    """A passphrase written bare (a key=value line, an exception text) has no quote to say
+    where it ends: a `}`, `, "` or `&` in it may be its own, so the rest of the line goes
+    with it (the tail leaked before). Only a JSON literal (null, true, false) ends where
+    the document goes on."""
+    cleaned = redact(line)
+    assert tail not in cleaned, cleaned
+    assert REDACTED in cleaned
