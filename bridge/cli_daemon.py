@@ -40,10 +40,12 @@ def _print(line: str) -> None:
     print(line, file=sys.stderr)
 
 
-def _load_or_report(path: str, report: Callable[[str], None] = _print) -> Config | None:
-    """The configuration, or None after reporting every problem with its place."""
+def _load_or_report(path: str, report: Callable[[str], None] = _print, *,
+                    raised: list[str] | None = None) -> Config | None:
+    """The configuration, or None after reporting every problem with its place (`raised`:
+    see load_config)."""
     try:
-        return load_config(path)
+        return load_config(path, raised=raised)
     except ConfigError as exc:
         for problem in exc.problems:
             report(f"{exc.path}: {problem}")
@@ -106,7 +108,10 @@ def run_daemon(args: argparse.Namespace) -> int:
     # The journal holds what terminals answer (card data, receipts): whatever the daemon
     # creates is its user's alone, as the unit's UMask=0077 makes it, when run by hand too.
     os.umask(0o077)
-    config = _load_or_report(args.config, print_problem)
+    # A value below a floor added since an earlier bridge ran it is taken at the floor: an
+    # upgrade must not leave the tills without a bridge over what check-config now refuses
+    raised: list[str] = []
+    config = _load_or_report(args.config, print_problem, raised=raised)
     if config is None:
         return 2
     setup_logging(config.log_level)
@@ -117,6 +122,8 @@ def run_daemon(args: argparse.Namespace) -> int:
     log = logging.getLogger("poi_bridge")
     _raise_open_file_limit(config, log)
     errors, warnings = deployment_problems(config, for_daemon=True)
+    for problem in raised:
+        log.warning("configuration %s: %s", args.config, problem)
     for problem in errors:
         log.error("configuration %s: %s", args.config, problem)
     for problem in warnings:

@@ -6,6 +6,7 @@ Every problem is reported with its place in the file (`terminals[1].link.baudrat
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -302,10 +303,16 @@ class KeyConfig(_Strict):
 MIN_FRAME_SIZE = 32 * 1024
 
 
+# Floors raised since a bridge ran without them: a configuration below one, which an earlier
+# bridge ran, is refused by check-config, while `run` takes the floor and logs it
+# (load_config's `raised`), so that an upgrade does not leave a store's tills without a bridge.
+FLOOR_ERRORS = ("frame_size_floor", "reconcile_deadline_floor")
+
+
 def _frame_size(value: int) -> int:
     if value < MIN_FRAME_SIZE:
         raise PydanticCustomError(
-            "frame_size_floor", "must be at least {floor} bytes; got {given}: a status answer "
+            FLOOR_ERRORS[0], "must be at least {floor} bytes; got {given}: a status answer "
             "holds the payment's record with its receipts (11-12 KB, more encrypted), and a "
             "frame over max_frame_size is dropped unread, which leaves an approved payment "
             "unresolved; leave the key out for the default, 65536",
@@ -365,14 +372,15 @@ class TerminalConfig(_Strict):
         unresolved = (self.payment_timeout + self.resync_attempts * self.status_timeout
                       + self.reconcile_initial)
         if self.reconcile_deadline < unresolved:
-            raise ValueError(
-                f"reconcile_deadline ({self.reconcile_deadline:g} s) is shorter than the time a "
-                f"payment takes to become unresolved and be asked about once more "
+            raise PydanticCustomError(
+                FLOOR_ERRORS[1],
+                f"reconcile_deadline ({self.reconcile_deadline:g} s) is shorter than the time "
+                f"a payment takes to become unresolved and be asked about once more "
                 f"({unresolved:g} s: payment_timeout {self.payment_timeout:g} + "
                 f"resync_attempts {self.resync_attempts} x status_timeout "
                 f"{self.status_timeout:g} + reconcile_initial {self.reconcile_initial:g}): "
                 "an unresolved payment would be given up on at once; it is in seconds "
-                "(86400 is a day)")
+                "(86400 is a day)", {"floor": unresolved})
         return self
 
     @field_validator("allowed_sale_ids")
@@ -702,17 +710,51 @@ def _message(err: Any) -> str:
     return err["msg"]
 
 
-def parse_config(data: dict, source: str = "<config>") -> Config:
+def _raise_to_floors(data: dict, errors: list[Any], raised: list[str]) -> dict | None:
+    """A copy of `data` with each value below a floor (FLOOR_ERRORS) set to that floor, each
+    noted in `raised`; None if any other problem is among `errors`."""
+    if not errors or any(err["type"] not in FLOOR_ERRORS for err in errors):
+        return None
+    data = copy.deepcopy(data)
+    for err in errors:
+        loc = err["loc"]  # the key's own, or the terminal's for its reconcile_deadline
+        table, key = (loc[:-1], loc[-1]) if err["type"] == FLOOR_ERRORS[0] else (
+            loc, "reconcile_deadline")
+        holder: Any = data
+        for part in table:
+            holder = holder[part]
+        floor = err["ctx"]["floor"]
+        holder[key] = floor
+        terminal = data["terminals"][err["loc"][1]]
+        raised.append(f"{_place(err['loc'])} ({terminal.get('poi_id')}): {_message(err)}; the "
+                      f"bridge runs with {key} = {floor:g} (check-config refuses this file: "
+                      f"set {key} = {floor:g} or more)")
+    return data
+
+
+def parse_config(data: dict, source: str = "<config>", *,
+                 raised: list[str] | None = None) -> Config:
     """The configuration in `data`, as read from a TOML file: numbers and booleans must be
-    TOML numbers and booleans (not strings)."""
+    TOML numbers and booleans (not strings). Given `raised`, values below a floor added since
+    an earlier bridge ran them (FLOOR_ERRORS) are taken at the floor, each noted there."""
     try:
         return Config.model_validate(data, context={"toml": True})
     except ValidationError as exc:
-        problems = [f"{_place(err['loc'])}: {_message(err)}" for err in exc.errors()]
-        raise ConfigError(source, problems) from None
+        errors = exc.errors()
+        problems = [f"{_place(err['loc'])}: {_message(err)}" for err in errors]
+    if raised is not None:
+        notes: list[str] = []
+        fixed = _raise_to_floors(data, errors, notes)
+        if fixed is not None:
+            # Raising a frame size lets the terminal's own checks run: they may find its
+            # reconcile_deadline below its floor too
+            config = parse_config(fixed, source, raised=notes)
+            raised += notes
+            return config
+    raise ConfigError(source, problems)
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, *, raised: list[str] | None = None) -> Config:
     path = Path(path)
     try:
         raw = path.read_bytes()
@@ -729,4 +771,4 @@ def load_config(path: str | Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), raised=raised)

@@ -781,6 +781,36 @@ def test_a_reconcile_deadline_before_a_payment_can_be_unresolved_is_refused():
     assert parse_config({"terminals": [{**terminal(), "reconcile_deadline": 190}]})
 
 
+def test_run_takes_a_value_below_a_new_floor_at_the_floor_and_says_so():
+    """What `run` loads (load_config's `raised`): a value an earlier bridge ran below a
+    floor added since is taken at the floor and noted with its place, POIID and what to
+    set, while check-config's parse refuses it as above. Any other problem still refuses."""
+    from bridge.config import MIN_FRAME_SIZE
+
+    data = {"terminals": [terminal(), {**terminal("P400-2"), "reconcile_deadline": 24,
+                                       "framer": {"max_frame_size": 1024}}]}
+    raised: list[str] = []
+    config = parse_config(data, raised=raised)
+    second = config.terminals[1]
+    assert second.framer.max_frame_size == MIN_FRAME_SIZE and second.reconcile_deadline == 190
+    assert config.terminals[0].reconcile_deadline == 24 * 3600  # untouched
+    assert data["terminals"][1]["reconcile_deadline"] == 24  # the caller's data as it was
+    frame, deadline = raised
+    assert frame.startswith("terminals[1].framer.max_frame_size (P400-2): must be at least "
+                            f"{MIN_FRAME_SIZE} bytes; got 1024"), frame
+    assert frame.endswith(f"the bridge runs with max_frame_size = {MIN_FRAME_SIZE} "
+                          "(check-config refuses this file: set max_frame_size = "
+                          f"{MIN_FRAME_SIZE} or more)"), frame
+    assert deadline.startswith("terminals[1] (P400-2): reconcile_deadline (24 s)"), deadline
+    assert "runs with reconcile_deadline = 190 " in deadline, deadline
+    assert len(problems(data)) == 1  # the frame size: the terminal's own check waits for it
+
+    other = {"terminals": [{**terminal(), "reconcile_deadline": 24, "payment_timeout": -1}]}
+    with pytest.raises(ConfigError) as caught:
+        parse_config(other, raised=(kept := []))
+    assert kept == [] and "payment_timeout" in caught.value.problems[0], caught.value.problems
+
+
 def test_one_usb_serial_written_as_udev_writes_it_and_as_the_device_says_it_is_one_device():
     """"AB 12" (as the device reports it) and "AB_12" (as udev and `poi-bridge devices` write
     it) both find the device: two terminals configured so were not seen on one device."""

@@ -209,6 +209,35 @@ async def test_the_daemon_logs_what_check_config_would_say_about_the_box(tmp_pat
         sim.stop()
 
 
+async def test_a_configuration_an_earlier_bridge_ran_still_runs_after_an_upgrade(
+        tmp_path, mosquitto):
+    """max_frame_size below 32 KiB and a reconcile_deadline shorter than a payment takes to
+    become unresolved, refused since 2026-12-02, were run by earlier bridges: after a
+    package upgrade the daemon exited 2 at start and the store's tills had no bridge. It
+    runs with the floors and says so in its log; check-config still refuses the file."""
+    sim = Simulator(tmp_path)
+    config = write_config(tmp_path, mosquitto, sim.link, terminal={"reconcile_deadline": 1.0})
+    config.write_text(config.read_text() + "max_frame_size = 16384\n")  # under [terminals.framer]
+    assert cli("check-config", str(config)).returncode == 2
+    daemon = Daemon(config, tmp_path).start()
+    try:
+        async with Subscriber(mosquitto, [f"{BASE}/#"]) as sub:
+            await sub.wait_for(lambda t, p: t.endswith(f"/terminals/{POI}/state")
+                               and p["state"] == "online")
+            await sub.publish(REQUEST, responses.payment_request("POS1", "F1", POI, 1.0))
+            await sub.wait_for(outcome_for("F1", "approved"))
+        log = daemon.log()
+        warned = [line for line in log.splitlines() if "WARNING" in line and "runs with" in line]
+        assert any(f"terminals[0].framer.max_frame_size ({POI})" in line
+                   and "max_frame_size = 32768" in line for line in warned), log
+        # 2 + 2 x 1 + 0.5: write_config's time-outs
+        assert any(f"terminals[0] ({POI})" in line and "reconcile_deadline = 4.5" in line
+                   and "check-config refuses" in line for line in warned), log
+    finally:
+        daemon.kill()
+        sim.stop()
+
+
 async def test_corrupt_journal_stops_the_daemon_with_a_clear_error(tmp_path, mosquitto):
     (tmp_path / "journal.sqlite3").write_bytes(b"garbage" * 1000)
     daemon = Daemon(write_config(tmp_path, mosquitto, "/dev/null"), tmp_path).start()
