@@ -32,12 +32,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from bridge.config import Config
+from bridge.daemon import quiet
 from bridge.daemon.device_match import (
     DeviceInfo,
     MatchResult,
     TerminalMatcher,
     describe_link,
 )
+from bridge.daemon.quiet import QuietRepeats
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +201,10 @@ class HotplugMonitor:
         # serial-link poi_id -> (vendor, product, serial) of the device it was last plugged in
         # on: the same adapter back under another kernel name is said (_unused_device)
         self._last_adapter: dict[str, tuple[str, str, str | None]] = {}
+        # A flapping cable: a terminal's first unplug in full, the others counted
+        # (quiet.LINK_LOSSES_QUIET), and the plug back of one only counted is as quiet
+        self._unplugs_said = QuietRepeats(quiet.LINK_LOSSES_QUIET, self._unplugs_summed)
+        self._counted_unplug: dict[str, str] = {}  # poi_id -> the device it was counted on
         self.counters = {"events": 0, "ignored": 0, "coalesced": 0, "plugs": 0, "unplugs": 0,
                          "overflows": 0}
 
@@ -269,6 +275,7 @@ class HotplugMonitor:
 
     async def stop(self) -> None:
         """Stop listening; no callback runs after this returns."""
+        self._unplugs_said.flush()
         if self._fd is not None and self._loop is not None:
             self._loop.remove_reader(self._fd)
         self._fd = None
@@ -659,15 +666,33 @@ class HotplugMonitor:
             if (terminal is not None and terminal.link.kind == "serial" and info.vendor_id
                     and info.product_id):
                 self._last_adapter[poi_id] = (info.vendor_id, info.product_id, info.serial)
-            log.info("terminal %s: device %s %s", poi_id, info.describe(),
-                     "present" if initial else "plugged in")
+            # (back on another device than the one unplugged: news, said in full)
+            quiet_plug = self._counted_unplug.pop(poi_id, None) == info.describe()
+            log.log(logging.DEBUG if quiet_plug else logging.INFO, "terminal %s: device %s %s",
+                    poi_id, info.describe(), "present" if initial else "plugged in")
         else:
             self.counters["unplugs"] += 1
-            log.warning("terminal %s: device %s unplugged; the terminal is offline until it is "
-                        "plugged back in (check its USB cable and power)", poi_id,
-                        info.describe())
+            if self._unplugs_said.tell(poi_id, info.describe()):
+                self._counted_unplug.pop(poi_id, None)
+                log.warning("terminal %s: device %s unplugged; the terminal is offline until "
+                            "it is plugged back in (check its USB cable and power)", poi_id,
+                            info.describe())
+            else:
+                self._counted_unplug[poi_id] = info.describe()
+                log.debug("terminal %s: device %s unplugged again (counted)", poi_id,
+                          info.describe())
         assert self._queue is not None
         self._queue.put_nowait((kind, poi_id, info))
+
+    def _unplugs_summed(self, poi_id: Any, count: int, device: Any, interval: float) -> None:
+        """The summary of a terminal's unplugs after the first (quiet.LINK_LOSSES_QUIET)."""
+        log.warning("terminal %s: device %s unplugged %d more %s in the last %s: a loose USB "
+                    "cable or adapter, a worn port, or the terminal's power? Check the cable "
+                    "is firmly in at both ends, try another port or cable, and check its "
+                    "power supply; %s", poi_id, device, count,
+                    "time" if count == 1 else "times", quiet.window(interval),
+                    "plugged in now" if poi_id in self._current
+                    else "unplugged now: offline until it is plugged back in")
 
     async def _dispatch(self) -> None:
         assert self._queue is not None

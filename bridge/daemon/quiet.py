@@ -29,6 +29,10 @@ from typing import Any
 # request) gets its first refusal logged in full, then one line per this long counting the
 # others (each is still answered): the intake's and the MQTT side's
 REFUSALS_QUIET = 60.0
+# s: a terminal whose connection flaps (a loose cable: lost, back, lost...) gets its first
+# loss logged in full, then one line per this long counting the others: the worker's link
+# losses, the hotplug monitor's unplugs
+LINK_LOSSES_QUIET = 600.0
 OTHERS = ("(others)",)  # the group of keys met once max_groups were held (+ their kind)
 
 # (key, how many more, the caller's note of the last one, the interval) -> logs the summary
@@ -125,6 +129,14 @@ class QuietRepeats:
         group = self._settle(key, now)
         if group is not None:
             self._arm(key, group, now)
+
+
+def window(interval: float) -> str:
+    """An interval as a summary names it: "10 minutes", "45 s"."""
+    if interval >= 60:
+        minutes = interval / 60
+        return f"{minutes:g} minute{'' if minutes == 1 else 's'}"
+    return f"{interval:g} s"
 
 
 def is_shared(key: Hashable) -> bool:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from bridge.config import TerminalConfig
 from bridge.daemon.frame_writer import FrameWriter
+from bridge.daemon import quiet
 from bridge.daemon.journal import Journal
 from bridge.daemon.quiet import QuietRepeats
 from bridge.protocol import crypto
@@ -202,6 +203,10 @@ class TerminalWorker:
         self._timer_paused_until = 0.0  # (loop time)
         self._started = False
         self._oversize_said = QuietRepeats(OVERSIZE_QUIET)  # (one group: this link's)
+        # A flapping link: its first loss in full, the others counted (quiet.LINK_LOSSES_QUIET);
+        # grouped by "dropped" and "unplugged" (the hotplug monitor sums the unplugs up)
+        self._losses_said = QuietRepeats(quiet.LINK_LOSSES_QUIET, self._losses_summed)
+        self._loss_counted = False  # the last loss was only counted: its reopen is as quiet
         # Bugs met (link task failures, timer steps that failed): how often each (its type
         # and where it was raised) was seen, and when its traceback was last logged, so that
         # a repeat is one line, not a traceback (see _log_bug)
@@ -307,6 +312,7 @@ class TerminalWorker:
 
     async def stop(self) -> None:
         self._stopping = True
+        self._losses_said.flush()  # (before the link is closed: "online now" is still true)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -586,7 +592,8 @@ class TerminalWorker:
             self._retry_now.clear()  # (a plug-in seen while opening: this is it)
             self.framer.reset()
             self.writer.reset()
-            log.info("terminal %s: link up on %s", self.poi_id, transport.describe())
+            log.log(logging.DEBUG if self._loss_counted else logging.INFO,
+                    "terminal %s: link up on %s", self.poi_id, transport.describe())
             self._link_reason = ""
             self._apply(self.session.link_is_up(self._clock()))
             answers_before, opened_at = self._answers_in, time.monotonic()
@@ -623,11 +630,16 @@ class TerminalWorker:
             # Only those still open after the session's step: a request never sent (waiting
             # for the identity check) has just been refused, and is not asked about.
             asked = [txn for txn in open_then if txn.key in self.session.open]
-            # Unplugged, the hotplug monitor has warned already: this says what is kept
-            level = logging.INFO if self._disabled_event.is_set() else logging.WARNING
+            unplugged = self._disabled_event.is_set()
+            self._loss_counted = not self._losses_said.tell(
+                "unplugged" if unplugged else "dropped", reason)
+            # Unplugged, the hotplug monitor has warned already: this says what is kept. A
+            # loss only counted (a flapping link) is said at debug, unless payments were open:
+            # which ones, and what becomes of them, is still told
+            level = (logging.INFO if asked else logging.DEBUG) if self._loss_counted \
+                else logging.INFO if unplugged else logging.WARNING
             log.log(level, "terminal %s: link lost: %s; %s%s", self.poi_id, reason,
-                    "waiting for it to be plugged back in" if self._disabled_event.is_set()
-                    else "reopening",
+                    "waiting for it to be plugged back in" if unplugged else "reopening",
                     f"; open: {describe_transactions(asked, states=states)}, asked about "
                     "by status poll once it is back, never sent again" if asked else "")
             self._link_reason = reason
@@ -635,12 +647,29 @@ class TerminalWorker:
             self.identity = "unknown"
             self._apply(actions)
         elif reason != self._link_reason:
-            log.warning("terminal %s: cannot open link: %s; retrying", self.poi_id, reason)
+            # (reopening after a loss only counted: part of the flapping the summary says)
+            log.log(logging.DEBUG if self._loss_counted else logging.WARNING,
+                    "terminal %s: cannot open link: %s; retrying", self.poi_id, reason)
             self._link_reason = reason
             self._publish_state()
         if not self._stopping:
             with contextlib.suppress(TimeoutError):  # a relink or a plug-in: at once
                 await asyncio.wait_for(self._retry_now.wait(), self._backoff.next_delay())
+
+    def _losses_summed(self, key: Any, count: int, last: Any, interval: float) -> None:
+        """The summary of a flapping link's losses after the first (quiet.LINK_LOSSES_QUIET)."""
+        self._loss_counted = False  # (summed up: what the link does next is said again)
+        if key == "unplugged":
+            return  # (the hotplug monitor sums up the unplugs, naming the device)
+        check = ("the network between them (cable, switch port, Wi-Fi) and the terminal's "
+                 "power" if self.config.link.kind == "tcp" else
+                 "the cable and the adapter, plugged firmly at both ends, and the terminal's "
+                 "power supply")
+        log.warning("terminal %s: link lost %d more %s in the last %s (the last: %s): a "
+                    "loose cable or adapter, or a terminal restarting? Check %s; %s",
+                    self.poi_id, count, "time" if count == 1 else "times",
+                    quiet.window(interval), last, check,
+                    "online now" if self.online else f"offline now ({self._link_reason})")
 
     async def _run_link(self, transport: Transport) -> tuple[str, bool]:
         """Until the link ends: why it did, and whether a failure of ours (a bug) ended it."""
