@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from bridge.addresses import host_port
 from bridge.config import (
     Config,
     ConfigError,
@@ -67,12 +68,12 @@ def check_config(args: argparse.Namespace) -> int:
     if errors:
         return 2
     print(f"{args.file}: OK: {len(config.terminals)} terminal(s), broker "
-          f"{config.mqtt.host}:{config.mqtt.port}, base topic {config.mqtt.base_topic}, "
-          f"journal {config.journal}")
+          f"{host_port(config.mqtt.host, config.mqtt.port)}, "
+          f"base topic {config.mqtt.base_topic}, journal {config.journal}")
     for terminal in config.terminals:
         link = terminal.link
         where = getattr(link, "device", None) or (
-            f"{link.host}:{link.port}" if link.kind == "tcp"
+            host_port(link.host, link.port) if link.kind == "tcp"
             else f"{link.vendor_id:04x}:{link.product_id:04x}")
         print(f"  {terminal.poi_id}: {link.kind} {where}, framer {terminal.framer.name}, "
               f"payment timeout {terminal.payment_timeout:g} s"

@@ -13,6 +13,7 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 
+from bridge.addresses import host_port
 from bridge.config import SecretError, read_secret
 from bridge.logging_setup import setup_logging
 from bridge.protocol import crypto
@@ -172,9 +173,10 @@ async def _serve(args: argparse.Namespace, scenario: Scenario,
             bound = await server.start_tcp(host, port)
         except OSError as exc:
             await server.close()
-            raise _Usage(f"--tcp: cannot listen on {host}:{port}: "
+            raise _Usage(f"--tcp: cannot listen on {host_port(host, port)}: "
                          f"{exc.strerror or exc}") from None
-        print(f"simulated terminal {scenario.poi_id} listening on {host}:{bound}", flush=True)
+        print(f"simulated terminal {scenario.poi_id} listening on {host_port(host, bound)}",
+              flush=True)
     else:
         try:
             path = await server.start_pty(args.link)

@@ -11,6 +11,7 @@ from typing import Any
 
 import aiomqtt
 
+from bridge.addresses import host_port
 from bridge.cli_register import seconds
 from bridge.config import ConfigError, load_config
 from bridge.daemon.journal import Journal, JournalError
@@ -136,7 +137,7 @@ def run_status(args: argparse.Namespace) -> int:
         if problem or note:
             print(f"poi-bridge status: {problem or note}", file=sys.stderr)
         return status
-    print(f"daemon: {report['daemon']}  (broker {config.mqtt.host}:{config.mqtt.port})")
+    print(f"daemon: {report['daemon']}  (broker {host_port(config.mqtt.host, config.mqtt.port)})")
     if problem or note:
         print(f"  {problem or note}")
     print(f"journal {report['journal']}: {counts['in_flight']} in flight, "

@@ -12,6 +12,7 @@ import re
 import stat
 from pathlib import Path
 
+from bridge.addresses import host_port
 from bridge.config import (
     CREDENTIAL_ID,
     CREDENTIAL_SOURCE,
@@ -78,7 +79,7 @@ def _link_identity(link: SerialLink | TcpLink | UsbLink) -> tuple[tuple, str]:
         path = os.path.normpath(link.device)
         return ("serial", os.path.realpath(path)), f"device {link.device}"
     if isinstance(link, TcpLink):
-        return ("tcp", link.host.lower(), link.port), f"tcp {link.host}:{link.port}"
+        return ("tcp", link.host.lower(), link.port), f"tcp {host_port(link.host, link.port)}"
     # A serial as the device reports it ("AB 12") and as udev writes it ("AB_12") both find
     # the device (device_match.same_serial): one device, compared in udev's spelling
     serial = None if link.serial is None else udev_serial(link.serial) or link.serial

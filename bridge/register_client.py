@@ -23,6 +23,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from bridge.addresses import host_port
 from bridge.config import MqttConfig, SecretError, read_configured_secret, read_secret
 from bridge.daemon.mqtt import SetupError, login_refused
 from bridge.daemon.mqtt import tls_context as daemon_tls_context
@@ -140,18 +141,12 @@ def option_names(mqtt: MqttConfig, args: Any) -> dict[str, str]:
     return names
 
 
-def broker_address(host: str, port: int) -> str:
-    """HOST:PORT as --broker takes it back: an IPv6 address in brackets (`::1:1883` would
-    read as an address alone)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def connection_problem(exc: BaseException, mqtt: MqttConfig,
                        names: dict[str, str] | None = None) -> str:
     """What failed when connecting to the broker of `mqtt`, and what to check, named as
     `names` says (configuration_names by default)."""
     names = names or configuration_names(mqtt)
-    broker = broker_address(mqtt.host, mqtt.port)
+    broker = host_port(mqtt.host, mqtt.port)
     if isinstance(exc, ConnectionSetupError):
         return str(exc)
     if login_refused(exc):
@@ -317,7 +312,7 @@ class RegisterClient:
             # Without this, every request and command waiting for an answer would wait out
             # its whole timeout on a connection that is gone, and then say "no answer".
             self._lost = ConnectionLost(
-                f"the connection to the broker was lost ({broker_address(self.host, self.port)}: "
+                f"the connection to the broker was lost ({host_port(self.host, self.port)}: "
                 f"{str(exc) or type(exc).__name__})")
             for future in [*self._waiting.values(), *self._commands.values()]:
                 if not future.done():

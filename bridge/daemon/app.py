@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bridge import __version__
+from bridge.addresses import host_port
 from bridge.config import (
     Config,
     SecretError,
@@ -406,9 +407,9 @@ class Bridge:
         # READY=1 only now: the journal is open, open transactions are back with their
         # terminals, and the devices present have been enumerated.
         self.notifier.ready(self.status_line())
-        log.info("poi-bridge %s started: %d terminal(s), journal %s, broker %s:%d", __version__,
-                 len(self.workers), self.config.journal, self.config.mqtt.host,
-                 self.config.mqtt.port)
+        log.info("poi-bridge %s started: %d terminal(s), journal %s, broker %s", __version__,
+                 len(self.workers), self.config.journal,
+                 host_port(self.config.mqtt.host, self.config.mqtt.port))
 
     async def _clock_loop(self) -> None:
         while True:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from bridge.addresses import host_port
 from bridge.config import Config, SerialLink, TerminalConfig, UsbLink
 from bridge.daemon.udev_rules import (
     TAG,
@@ -221,7 +222,7 @@ def describe_link(terminal: TerminalConfig) -> str:
     if isinstance(link, UsbLink):
         serial = f" serial {link.serial}" if link.serial is not None else " (any serial)"
         return f"USB {usb_id_text(link.vendor_id)}:{usb_id_text(link.product_id)}{serial}"
-    return f"tcp {link.host}:{link.port}"
+    return f"tcp {host_port(link.host, link.port)}"
 
 
 class TerminalMatcher:

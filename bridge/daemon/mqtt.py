@@ -28,6 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
+from bridge.addresses import host_port
 from bridge.config import MqttConfig, TlsConfig
 from bridge.daemon.journal import Journal, OutboxMessage
 from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
@@ -217,6 +218,7 @@ class RegisterGateway:
     def __init__(self, config: MqttConfig, journal: Journal, *, password: str | None = None,
                  backoff: Backoff | None = None) -> None:
         self.config = config
+        self._broker = host_port(config.host, config.port)  # as the log names it
         self.topics = Topics(config.base_topic)
         self._transactions_prefix = self.topics.transaction("", "")[:-1]  # ".../transactions/"
         self._command_prefix = self.topics.bridge_requests[:-1]  # ".../bridge/request/"
@@ -493,11 +495,10 @@ class RegisterGateway:
                     problem_said = ("", 0.0)
                     connected_at = time.monotonic()
                     if outage_since is None:
-                        log.info("connected to MQTT broker %s:%d", self.config.host,
-                                 self.config.port)
+                        log.info("connected to MQTT broker %s", self._broker)
                     else:
-                        log.info("connected to MQTT broker %s:%d again, after %s out of "
-                                 "reach; %s", self.config.host, self.config.port,
+                        log.info("connected to MQTT broker %s again, after %s out of "
+                                 "reach; %s", self._broker,
                                  _how_long(connected_at - outage_since),
                                  self._waiting("being sent now"))
                     outage_since = None
@@ -514,47 +515,47 @@ class RegisterGateway:
                     # slow broker's the bridge gave up on itself was no twin's (review rv18)
                     ended = (client and client.dropped_at) or now
                     outage_since, advised, said_at = ended, True, now
-                    log.warning("lost the MQTT broker %s:%d (%s); reconnecting. Results and "
+                    log.warning("lost the MQTT broker %s (%s); reconnecting. Results and "
                                 "events are kept and sent once it is back; if it stays away, "
                                 "check the broker (systemctl status mosquitto) and the network",
-                                self.config.host, self.config.port, _plain_loss(exc))
+                                self._broker, _plain_loss(exc))
                     self._note_short_connection(ended - connected_at)
                 elif login_refused(exc):
                     who = (f"as user {self.config.username!r}" if self.config.username
                            else "without a user name")
                     log.log(logging.ERROR if first_time(f"login {who} {exc}", now)
                             else logging.DEBUG,
-                            "the MQTT broker %s:%d refused the bridge's login %s: %s. Check "
+                            "the MQTT broker %s refused the bridge's login %s: %s. Check "
                             "mqtt.username and %s against the broker's password file; the "
                             "bridge reads the password at start, so restart it once the file "
                             "is fixed (systemctl restart poi-bridge). Retrying meanwhile",
-                            self.config.host, self.config.port, who, exc,
+                            self._broker, who, exc,
                             password_to_fix(self.config.password_file))
                 elif not advised:
                     outage_since = now if outage_since is None else outage_since
                     advised, said_at = True, now
-                    log.warning("cannot reach MQTT broker %s:%d: %s; retrying. Is the broker "
+                    log.warning("cannot reach MQTT broker %s: %s; retrying. Is the broker "
                                 "running? (systemctl status mosquitto); results are kept and "
-                                "sent on reconnect", self.config.host, self.config.port, exc)
+                                "sent on reconnect", self._broker, exc)
                 elif now - said_at >= OUTAGE_REMINDER:
                     said_at = now
-                    log.warning("MQTT broker %s:%d still out of reach after %s (%s); %s. "
+                    log.warning("MQTT broker %s still out of reach after %s (%s); %s. "
                                 "Retrying; is the broker running? (systemctl status "
-                                "mosquitto)", self.config.host, self.config.port,
+                                "mosquitto)", self._broker,
                                 _how_long(now - (outage_since or now)), exc,
                                 self._waiting("sent once it is back"))
                 else:
-                    log.debug("cannot reach MQTT broker %s:%d: %s; retrying",
-                              self.config.host, self.config.port, exc)
+                    log.debug("cannot reach MQTT broker %s: %s; retrying",
+                              self._broker, exc)
                 if outage_since is None:  # (a login refused: results wait all the same)
                     outage_since = now
             except SetupError as exc:
                 self.broker_problem = "connection cannot be set up (see the log)"
                 log.log(logging.ERROR if first_time(str(exc), time.monotonic())
                         else logging.DEBUG,
-                        "cannot set up the connection to MQTT broker %s:%d: %s. Fix that; "
-                        "the bridge tries again meanwhile", self.config.host,
-                        self.config.port, str(exc).rstrip("."))
+                        "cannot set up the connection to MQTT broker %s: %s. Fix that; "
+                        "the bridge tries again meanwhile", self._broker,
+                        str(exc).rstrip("."))
             except MemoryError:
                 raise  # no reconnect can help: the daemon stops, and systemd starts it again
             except sqlite3.Error as exc:
@@ -565,8 +566,8 @@ class RegisterGateway:
                 raise
             except Exception as exc:  # a bug: logged with its traceback, then reconnect
                 self.broker_problem = "connection failed (see the log)"
-                log.exception("the MQTT connection to %s:%d failed: %s: %s; results are "
-                              "kept and sent on reconnect", self.config.host, self.config.port,
+                log.exception("the MQTT connection to %s failed: %s: %s; results are "
+                              "kept and sent on reconnect", self._broker,
                               type(exc).__name__, exc)  # noqa: TRY401 - one line to read
             finally:
                 if self._client is not None:
@@ -603,7 +604,7 @@ class RegisterGateway:
                                        self.topics.register_response("")[:-len("/response")],
                                        time.time() - window, limit)
         self.lost_state += 1
-        log.error("the MQTT broker %s:%d answered without the bridge's session (client id "
+        log.error("the MQTT broker %s answered without the bridge's session (client id "
                   "%r): it lost its stored state (a crash or power cut before it saved its "
                   "persistence file, persistence off, or that file removed), and with it "
                   "results it had acknowledged and the retained transactions/... documents. "
@@ -613,7 +614,7 @@ class RegisterGateway:
                   "SaleID/ServiceID result as the same result. Check the broker's persistence: "
                   "persistence true, a persistence_location, autosave_on_changes true, "
                   "autosave_interval 1 (examples/mosquitto/mosquitto.conf). A new broker or a "
-                  "changed mqtt.client_id looks the same", self.config.host, self.config.port,
+                  "changed mqtt.client_id looks the same", self._broker,
                   self.config.client_id, count, window,
                   f", the newest {limit} only (mqtt.republish_limit)" if count >= limit else "")
 
@@ -627,11 +628,11 @@ class RegisterGateway:
             return
         self._short_connections += 1
         if self._short_connections == SHORT_CONNECTIONS_SAID:
-            log.error("the MQTT broker %s:%d dropped the bridge %d times in a row within %g s "
+            log.error("the MQTT broker %s dropped the bridge %d times in a row within %g s "
                       "of connecting: most likely another client uses the same client id "
                       "(%r), and each connection takes the other's session. Give every bridge "
                       "its own mqtt.client_id; look for a second daemon, or a copied "
-                      "configuration, on this broker", self.config.host, self.config.port,
+                      "configuration, on this broker", self._broker,
                       self._short_connections, SHORT_CONNECTION, self.config.client_id)
 
     async def _serve(self, client: aiomqtt.Client) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import socket
 
+from bridge.addresses import host_port
 from bridge.config import TcpLink
 from bridge.transports.base import LinkClosed, Transport
 
@@ -40,8 +41,7 @@ class TcpTransport(Transport):
 
     @property
     def _where(self) -> str:
-        host = self.link.host
-        return f"[{host}]:{self.link.port}" if ":" in host else f"{host}:{self.link.port}"
+        return host_port(self.link.host, self.link.port)
 
     # --- Transport interface ----------------------------------------------------------------
 
