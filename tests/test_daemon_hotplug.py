@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from typing import Any
 
 import pytest
 
@@ -250,6 +251,27 @@ async def test_a_node_that_appears_unannounced_is_used_after_a_recheck(tmp_path,
         monitor.close()
 
 
+async def given_to_a_and_left_to_it(bridge: Bridge, monitor: PipeMonitor, caplog: Any,
+                                    a: str, b: str, a_pty: str, a_link: str,
+                                    b_node: str) -> None:
+    """A's adapter comes back as `b_node` (B's kernel name), which udev gives to A by its
+    stable link `a_link`: A is online on it, and through several rechecks B is not switched
+    on over it. (Which of the two opened the port first was a race: the switch-on is the
+    fault.)"""
+    os.symlink(a_pty, b_node)
+    monitor.push(tty_event("add", a_link, b_node))
+    async with asyncio.timeout(10):
+        while not (bridge.hotplug.is_present(a)
+                   and bridge.workers[a].state()["state"] == "online"):
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(1.5)  # several rechecks
+    assert not [r.getMessage() for r in caplog.records
+                if "udev never announced it" in r.getMessage()]
+    assert bridge.workers[a].state()["state"] == "online", bridge.workers[a].state()
+    assert bridge.workers[b].state()["state"] == "offline", bridge.workers[b].state()
+    assert not bridge.hotplug.is_present(b)
+
+
 async def test_the_recheck_leaves_a_node_udev_gave_another_terminal_alone(tmp_path, caplog):
     """Review of the 30-s recheck: terminal B, configured by a kernel name (ttyUSB0) and
     absent at start; terminal A's adapter, replugged, comes back under that very name (udev
@@ -283,22 +305,112 @@ async def test_the_recheck_leaves_a_node_udev_gave_another_terminal_alone(tmp_pa
                 await asyncio.sleep(0.05)
         monitor.push(tty_event("remove", a_link, f"/dev/poi-bridge-test-ttyUSB1-{tag}"))
         await asyncio.sleep(0.2)
-        os.symlink(pty, b_node)  # A's adapter back under B's kernel name
-        monitor.push(tty_event("add", a_link, b_node))
-        async with asyncio.timeout(10):
-            while not (bridge.hotplug.is_present(a)
-                       and bridge.workers[a].state()["state"] == "online"):
-                await asyncio.sleep(0.05)
-        await asyncio.sleep(1.5)  # several rechecks
-        # (which of the two opened the port first was a race: the switch-on is the fault)
-        assert not [r.getMessage() for r in caplog.records
-                    if "udev never announced it" in r.getMessage()]
-        assert bridge.workers[a].state()["state"] == "online", bridge.workers[a].state()
-        assert bridge.workers[b].state()["state"] == "offline", bridge.workers[b].state()
-        assert not bridge.hotplug.is_present(b)
+        # A's adapter back under B's kernel name
+        await given_to_a_and_left_to_it(bridge, monitor, caplog, a, b, pty, a_link, b_node)
     finally:
         await bridge.stop()
         await sim.close()
+        monitor.close()
+        for path in (a_link, b_node):
+            if os.path.lexists(path):
+                os.unlink(path)
+
+
+async def test_a_terminal_unplugged_while_running_is_used_when_its_node_is_back_unannounced(
+        tmp_path, dev_node, caplog):
+    """The recheck covered only the terminals absent at start: one unplugged later whose node
+    came back without a udev event (udev's events of another network namespace, a lost
+    event) stayed offline until the daemon restarted. A node udev said was removed but that
+    is still there is not taken for the terminal back: only one seen gone, then there."""
+    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05),
+                                         link=LinkBehaviour(status_hold=0.05,
+                                                            replug_after=1.0)))
+    await simulator.start_pty(dev_node)  # its node under /dev: gone while unplugged
+    config = node_terminal(tmp_path, dev_node)
+    bridge = Bridge(config, hotplug=False)
+    monitor = PipeMonitor()
+    node = os.path.realpath(dev_node)
+    bridge.hotplug = HotplugMonitor(TerminalMatcher(config), bridge._plugged, bridge._unplugged,
+                                    monitor=monitor, settle=0.01,
+                                    enumerate_devices=lambda: [tty_event("add", dev_node, node)])
+    bridge.recheck_absent = 0.2
+    await bridge.start()
+    try:
+        await wait_state(bridge, "online")
+        # udev says it went, yet its node is still there: not taken for it back
+        monitor.push(tty_event("remove", dev_node, node))
+        await wait_state(bridge, "offline")
+        await asyncio.sleep(1.0)  # five rechecks
+        assert bridge.workers[POI].state()["state"] == "offline"
+        monitor.push(tty_event("add", dev_node, node))
+        await wait_state(bridge, "online")
+        # Unplugged for real: udev says so; back a second later, udev saying nothing
+        simulator.unplug()
+        monitor.push(tty_event("remove", dev_node, node))
+        await wait_state(bridge, "offline")
+        assert not os.path.lexists(dev_node)
+        await wait_state(bridge, "online", timeout=10)
+        assert simulator.replugs == 1 and os.path.exists(dev_node)
+        said = [r.getMessage() for r in caplog.records if "udev never announced" in r.getMessage()]
+        assert len(said) == 1 and dev_node in said[0], said
+        await asyncio.sleep(0.5)  # its look at the nodes over, the daemon runs on
+        assert bridge.exit_status == 0 and not bridge._stop.is_set()
+    finally:
+        await bridge.stop()
+        await simulator.close()
+        monitor.close()
+
+
+async def test_the_recheck_of_an_unplugged_terminal_leaves_a_node_udev_gave_another_alone(
+        tmp_path, caplog):
+    """As for a terminal absent at start (0548ddd): terminal B, configured by a kernel name
+    (ttyUSB0), unplugged while running; terminal A's adapter, replugged, comes back under
+    that very name, which udev gives to A by its stable link. The recheck leaves it to A."""
+    a, b = "V400m-324688179", "V400m-999999999"
+    tag = uuid.uuid4().hex[:8]
+    a_link = f"/dev/poi-bridge-test-byid-{tag}"  # A: a stable udev link (by-id, /dev/poi)
+    b_node = f"/dev/poi-bridge-test-ttyUSB0-{tag}"  # B: a kernel name
+    a_sim = SimulatorServer(Scenario(poi_id=a, default=Behaviour(delay=0.05),
+                                     link=LinkBehaviour(status_hold=0.05)))
+    b_sim = SimulatorServer(Scenario(poi_id=b, default=Behaviour(delay=0.05),
+                                     link=LinkBehaviour(status_hold=0.05, replug_after=3600)))
+    await a_sim.start_pty(str(tmp_path / "pty-a"))
+    await b_sim.start_pty(b_node)
+    a_pty = os.path.realpath(tmp_path / "pty-a")
+    os.symlink(a_pty, a_link)
+    config = parse_config({"journal": str(tmp_path / "journal.sqlite3"), "mqtt": {"port": 1},
+                           "terminals": [
+                               {"poi_id": a, "link": {"kind": "serial", "device": a_link}},
+                               {"poi_id": b, "link": {"kind": "serial", "device": b_node}}]})
+
+    def b_event(action: str) -> dict[str, str]:
+        return {**tty_event(action, "", b_node), "ID_SERIAL_SHORT": "999999999",
+                "DEVPATH": "/devices/pci0000:00/0000:00:14.0/usb1/1-3/1-3:1.0/ttyUSB0/tty/ttyUSB0"}
+
+    bridge = Bridge(config, hotplug=False)
+    monitor = PipeMonitor()
+    a_first = f"/dev/poi-bridge-test-ttyUSB1-{tag}"
+    present = [tty_event("add", a_link, a_first), b_event("add")]
+    bridge.hotplug = HotplugMonitor(TerminalMatcher(config), bridge._plugged, bridge._unplugged,
+                                    monitor=monitor, enumerate_devices=lambda: list(present),
+                                    settle=0.01)
+    bridge.recheck_absent = 0.2
+    await bridge.start()
+    try:
+        async with asyncio.timeout(10):
+            while not all(bridge.workers[t].state()["state"] == "online" for t in (a, b)):
+                await asyncio.sleep(0.05)
+        b_sim.unplug()  # B's cable out: its node goes
+        monitor.push(b_event("remove"))
+        monitor.push(tty_event("remove", a_link, a_first))  # A's adapter replugged...
+        await asyncio.sleep(0.6)  # (B's node seen gone by the rechecks)
+        assert not os.path.lexists(b_node)
+        # ... back under B's kernel name, udev giving it to A
+        await given_to_a_and_left_to_it(bridge, monitor, caplog, a, b, a_pty, a_link, b_node)
+    finally:
+        await bridge.stop()
+        await a_sim.close()
+        await b_sim.close()
         monitor.close()
         for path in (a_link, b_node):
             if os.path.lexists(path):

@@ -143,6 +143,12 @@ class Bridge:
             hotplug = HotplugMonitor(matcher, self._plugged, self._unplugged) \
                 if matcher.hotplug_terminals else None
         self.hotplug: HotplugMonitor | None = hotplug or None
+        # Serial terminals switched off, waiting for udev to say their node is there, whose
+        # node is also looked at every recheck_absent s (_recheck_absent): poi_id -> the node,
+        # and whether a node there now counts (False: unplugged while running, and its node
+        # not yet seen gone since: udev said it went, and a node still there is not it back)
+        self._awaited_nodes: dict[str, tuple[str, bool]] = {}
+        self._recheck: asyncio.Task[None] | None = None
 
     def _wrong_device(self, poi_id: str, said: str) -> TerminalWorker | str | None:
         """The device on `poi_id`'s link says it is `said`: follow both terminals to their
@@ -225,10 +231,18 @@ class Bridge:
 
     # (The hotplug monitor logs each plug and unplug; the worker, what it keeps open.)
     def _plugged(self, poi_id: str, device: DeviceInfo) -> None:
-        self.workers[poi_id].device_present(self._present(poi_id, True))
+        present = self._present(poi_id, True)
+        self.workers[poi_id].device_present(present)
+        if present:
+            self._awaited_nodes.pop(poi_id, None)
 
     def _unplugged(self, poi_id: str, device: DeviceInfo) -> None:
-        self.workers[poi_id].device_present(self._present(poi_id, False))
+        present = self._present(poi_id, False)
+        self.workers[poi_id].device_present(present)
+        node = getattr(self.workers[poi_id].config.link, "device", None)
+        if not present and node:
+            # (a node back without its udev event would leave it offline for good)
+            self._await_node(poi_id, node, there_counts=False)
 
     def _present(self, poi_id: str, said: bool) -> bool:
         """Whether `poi_id`'s device is there, by the monitor's state when the event is
@@ -236,7 +250,7 @@ class Bridge:
         names the terminal the device belonged to then."""
         return self.hotplug.is_present(poi_id) if self.hotplug is not None else said
 
-    # s between looks at the nodes of terminals switched off at start (_recheck_absent)
+    # s between looks at the nodes of terminals switched off (_recheck_absent)
     recheck_absent = 30.0
 
     async def _start_hotplug(self) -> None:
@@ -257,7 +271,6 @@ class Bridge:
                         "instead", exc)
             self.hotplug = None
             return
-        switched_off: dict[str, str] = {}
         for poi_id in self.hotplug.absent():
             link = self.workers[poi_id].config.link
             device = getattr(link, "device", None)
@@ -267,32 +280,43 @@ class Bridge:
                 continue
             self.workers[poi_id].device_present(False)  # the monitor has said so in the log
             if device:
-                switched_off[poi_id] = device
-        if switched_off:
-            # (not one for the life of the daemon: it ends once each is there, or plugged in)
-            task = asyncio.create_task(self._recheck_absent(switched_off), name="recheck absent")
-            task.add_done_callback(_log_failure)
-            self._tasks.append(task)
+                self._await_node(poi_id, device, there_counts=True)
 
-    async def _recheck_absent(self, switched_off: dict[str, str]) -> None:
-        """Belt and braces for udev: a terminal switched off at start, waiting for its node,
-        is used once its node exists though no udev event said so (udevd's events going to
-        another network namespace, a node made by hand)."""
-        while switched_off:
+    def _await_node(self, poi_id: str, node: str, *, there_counts: bool) -> None:
+        """Look at `poi_id`'s node every recheck_absent s until it is there or udev says it."""
+        if self._stopping:
+            return
+        self._awaited_nodes[poi_id] = (node, there_counts)
+        if self._recheck is None or self._recheck.done():
+            # (not one for the life of the daemon: it ends once each is there, or plugged in)
+            if self._recheck is not None:
+                self._tasks.remove(self._recheck)
+            self._recheck = asyncio.create_task(self._recheck_absent(), name="recheck absent")
+            self._recheck.add_done_callback(_log_failure)
+            self._tasks.append(self._recheck)
+
+    async def _recheck_absent(self) -> None:
+        """Belt and braces for udev: a terminal switched off, absent at start or unplugged
+        since, waiting for its node, is used once its node exists though no udev event said
+        so (udevd's events going to another network namespace, a node made by hand)."""
+        awaited = self._awaited_nodes
+        while awaited:
             await asyncio.sleep(self.recheck_absent)
             # The nodes udev gave to terminals plugged in now: a kernel name (ttyUSB0) that
             # appears may be another terminal's adapter, back under that number (review)
             taken = set() if self.hotplug is None else {
                 os.path.realpath(info.devname)
                 for info in self.hotplug.present().values() if info.devname}
-            for poi_id, device in list(switched_off.items()):
+            for poi_id, (node, there_counts) in list(awaited.items()):
                 if self.hotplug is None or self.hotplug.is_present(poi_id):
-                    del switched_off[poi_id]  # udev said it, and says the rest
-                elif os.path.exists(device) and os.path.realpath(device) not in taken:
-                    del switched_off[poi_id]
+                    del awaited[poi_id]  # udev said it, and says the rest
+                elif not os.path.exists(node):
+                    awaited[poi_id] = (node, True)  # gone: once there again, it is back
+                elif there_counts and os.path.realpath(node) not in taken:
+                    del awaited[poi_id]
                     log.warning("terminal %s: its device %s is there now, but udev never "
                                 "announced it (is systemd-udevd running?); using it", poi_id,
-                                device)
+                                node)
                     self.workers[poi_id].device_present(True)
 
     def status_line(self) -> str:
