@@ -19,16 +19,20 @@ What runs (all real processes, as on a store box):
   the run every other file in the workdir is searched for them (a hit fails the run as
   leaked);
 - R registers (MQTT clients, persistent sessions, one SaleID each) paying continuously. The
-  amount picks the terminal's behaviour for that payment (approve, decline, response lost,
-  link dropped mid-payment, request lost, slow, in progress, busy...), see KINDS. A register
-  never re-sends a payment: every payment has a fresh ServiceID; when it gets `unresolved` it
-  goes on with the next sale and keeps listening for the final outcome; sometimes it aborts a
-  slow payment from the register (AbortRequest);
+  amount's range picks the terminal's behaviour for that payment (approve, decline, response
+  lost, link dropped mid-payment, request lost, slow, in progress, busy...), see KINDS; within
+  it every payment of the run has an amount of its own (payment_amount), so a result handed
+  to another payment, even one of the same kind, carries an amount that is not its own. A
+  register never re-sends a payment: every payment has a fresh ServiceID and
+  SaleTransactionID; when it gets `unresolved` it goes on with the next sale and keeps
+  listening for the final outcome; sometimes it aborts a slow payment from the register
+  (AbortRequest);
 - a chaos loop driven by random.Random(seed): kill -9 (and clean restarts of) mosquitto,
   SIGKILL (and SIGTERM) of the daemon, terminals unplugged for a while and replugged,
   two terminals' cables swapped (each simulator plugged back in at the other's configured
   link; the daemon's configuration unchanged, so it must follow them, and follow them back),
-  terminals frozen (no ACK, no answer), registers going away and coming back.
+  terminals frozen (no ACK, no answer: every frame they drop unread is in their ledgers all
+  the same, a money request as a receipt "dropped"), registers going away and coming back.
 
 The chaos always ends the same way (the finale): a SIGTERM of the daemon while the registers
 pay (`systemctl restart` during business), then a power blip (a terminal drops off and the
@@ -51,13 +55,19 @@ banner, if anything is
   doubled   charged twice, charged on two terminals, or a money request that reached its
             terminal a second time other than as a link-level retransmission of the same
             frame (the terminal's ledger counts every receipt, processed or answered Busy,
-            lost on purpose or unreadable; it does not process a repeated ServiceID, a real
-            terminal might). A copy is the framer's only if the simulator flagged it (byte
-            for byte the frame just before, within max_tries and RETRANSMIT_WINDOW, before
-            the bridge acknowledged the terminal's answer) and it came before the terminal's
-            ACK of the copy before could reach the bridge (an ACK a NAK of the terminal's
-            may have undone does not count) within COPY_GAP_MAX of it, or one of the soak's
-            own daemon freezes spans the gap (link_level_copy),
+            lost on purpose, unreadable, or dropped unread while the terminal was muted; it
+            does not process a repeated ServiceID, a real terminal might). A copy is the
+            framer's only if the simulator flagged it (byte for byte the frame just before,
+            within max_tries and RETRANSMIT_WINDOW, before the bridge acknowledged the
+            terminal's answer) and it came before the terminal's ACK of the copy before could
+            reach the bridge (an ACK a NAK of the terminal's may have undone does not count;
+            a dropped copy was never acknowledged) within COPY_GAP_MAX of it, or one of the
+            soak's own daemon freezes spans the gap (link_level_copy). A BLIND RE-SEND is
+            the case that only the muted terminal's record of what it dropped shows: the
+            payment reached the terminal again, other than as such a copy, after a copy it
+            had dropped unread (the bridge sent the payment again instead of asking about
+            it), or the register's sale (its SaleTransactionID) came again under a ServiceID
+            no register sent (that request is unsolicited too),
   unsolicited
             a money request in a terminal's ledger that no register sent, whatever its
             category and whatever became of it (charged or not: a Reversal moves money too),
@@ -72,7 +82,9 @@ banner, if anything is
   wrong amount
             a terminal read another amount or currency than the register asked, charged
             another amount, or an approved result does not carry the amount asked
-            (AuthorizedAmount),
+            (AuthorizedAmount); every payment's amount is its own, so this is also how a
+            payment given another's request or result (of the same kind too) shows; the
+            payment the amount belongs to is named,
   disputed  register and journal disagree (a final outcome at the register with no journal
             row counts, except a "shutting down" refusal the bridge produced while draining
             after a SIGTERM: the only refusal before journaling the soak's registers can
@@ -137,6 +149,7 @@ if str(ROOT) not in sys.path:
 
 import aiomqtt
 
+from bench.soak_terminal import DROPPED_UNREAD
 from bridge.simulator.responses import payment_request
 from tests.broker import Mosquitto, find_mosquitto
 
@@ -145,27 +158,40 @@ HERE = Path(__file__).resolve().parent
 
 # --- what a payment does on the terminal, chosen by its amount ------------------------------------
 
-# kind: (amount, weight, scenario behaviour). Amount-keyed scenario entries apply every time
-# the amount is used, so the register picks the terminal's behaviour by picking the amount.
+# kind: (base amount, weight, scenario behaviour). A kind's scenario entry takes every amount
+# from its base up to KIND_SPAN above it (amount_below), so the register picks the terminal's
+# behaviour by the range, and each payment has an amount of its own in it (payment_amount).
 KINDS: dict[str, tuple[float, int, dict[str, Any]]] = {
-    "approve": (10.0, 30, {"decision": "approve", "delay": 0.2}),
-    "approve_slow": (10.5, 6, {"decision": "approve", "delay": 1.2}),
-    "decline": (20.0, 10, {"decision": "decline", "delay": 0.2}),
-    "cancel": (21.0, 3, {"decision": "cancel", "delay": 0.3}),
-    "busy": (22.0, 2, {"decision": "busy", "delay": 0.1}),
+    "approve": (1000.0, 30, {"decision": "approve", "delay": 0.2}),
+    "approve_slow": (1100.0, 6, {"decision": "approve", "delay": 1.2}),
+    "decline": (2000.0, 10, {"decision": "decline", "delay": 0.2}),
+    "cancel": (2100.0, 3, {"decision": "cancel", "delay": 0.3}),
+    "busy": (2200.0, 2, {"decision": "busy", "delay": 0.1}),
     # the terminal refuses it (Busy) and that answer is lost: only a status poll can tell
-    "busy_response_lost": (23.0, 1, {"decision": "busy", "delay": 0.1, "never_answer": True}),
-    "response_lost": (30.0, 8, {"decision": "approve", "delay": 0.3, "never_answer": True}),
-    "response_lost_decline": (31.0, 3, {"decision": "decline", "delay": 0.3,
-                                        "never_answer": True}),
-    "late_response": (32.0, 3, {"decision": "approve", "delay": 2.4}),
-    "in_progress": (33.0, 3, {"decision": "approve", "delay": 0.5, "never_answer": True,
-                              "in_progress_polls": 3}),
-    "very_slow": (34.0, 2, {"decision": "approve", "delay": 4.0, "never_answer": True}),
-    "link_drop": (40.0, 5, {"decision": "approve", "delay": 0.3, "drop_link": True}),
-    "link_drop_decline": (41.0, 2, {"decision": "decline", "delay": 0.3, "drop_link": True}),
-    "request_lost": (50.0, 3, {"decision": "approve", "lose_request": True}),
+    "busy_response_lost": (2300.0, 1, {"decision": "busy", "delay": 0.1,
+                                       "never_answer": True}),
+    "response_lost": (3000.0, 8, {"decision": "approve", "delay": 0.3, "never_answer": True}),
+    "response_lost_decline": (3100.0, 3, {"decision": "decline", "delay": 0.3,
+                                          "never_answer": True}),
+    "late_response": (3200.0, 3, {"decision": "approve", "delay": 2.4}),
+    "in_progress": (3300.0, 3, {"decision": "approve", "delay": 0.5, "never_answer": True,
+                                "in_progress_polls": 3}),
+    "very_slow": (3400.0, 2, {"decision": "approve", "delay": 4.0, "never_answer": True}),
+    "link_drop": (4000.0, 5, {"decision": "approve", "delay": 0.3, "drop_link": True}),
+    "link_drop_decline": (4100.0, 2, {"decision": "decline", "delay": 0.3, "drop_link": True}),
+    "request_lost": (5000.0, 3, {"decision": "approve", "lose_request": True}),
 }
+# The width of a kind's range of amounts: a cent apart, 10000 payments of a kind have
+# amounts of their own (then they come round again).
+KIND_SPAN = 100.0
+
+
+def payment_amount(kind: str, nth: int) -> float:
+    """The amount of the run's `nth` payment (from 0) of `kind`: its base plus nth cents,
+    within KIND_SPAN. Unique in the run (the kinds' ranges do not meet), so a result or a
+    request handed to another payment of the same kind shows by its amount."""
+    return round(KINDS[kind][0] + (nth % round(KIND_SPAN * 100)) / 100, 2)
+
 ABORTABLE = {"approve_slow", "late_response", "very_slow"}
 ABORT_CHANCE = 0.25
 
@@ -266,6 +292,8 @@ class Terminal:
         # Local encryption (--keys): the key this terminal encrypts with, wherever its cable
         # goes; the daemon's configuration gives the same key to this POIID.
         self.key: SoakKey | None = None
+        # every frame it dropped unread while muted, any category (from its ledger file)
+        self.dropped_unread: list[dict[str, Any]] = []
 
     def unplug(self, seconds: float) -> None:
         self._away(seconds)
@@ -297,8 +325,8 @@ class Terminal:
         return {
             "poi_id": self.poi_id,
             "default": {"decision": "approve", "delay": 0.2},
-            "transactions": [{"amount": amount, **behaviour}
-                             for amount, _, behaviour in KINDS.values()],
+            "transactions": [{"amount": amount, "amount_below": amount + KIND_SPAN,
+                              **behaviour} for amount, _, behaviour in KINDS.values()],
             "link": {"garbage_rate": self.garbage_rate, "corrupt_rate": self.corrupt_rate,
                      "replug_after": self.replug_after, "seed": self.seed,
                      "retransmit_window": RETRANSMIT_WINDOW},
@@ -328,7 +356,8 @@ class Terminal:
         self.process.stdin.flush()
 
     def stop(self) -> dict[str, Any] | None:
-        """SIGTERM: the simulator writes its ledger and exits."""
+        """SIGTERM: the simulator writes its ledger and exits. Returns its money requests;
+        the frames it dropped unread while muted go to dropped_unread."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -338,7 +367,9 @@ class Terminal:
                 self.process.wait()
         if not self.ledger_path.exists():
             return None  # it died without writing one: reported as a crash
-        return json.loads(self.ledger_path.read_text())
+        ledger = json.loads(self.ledger_path.read_text())
+        self.dropped_unread = ledger.pop(DROPPED_UNREAD, [])
+        return ledger
 
 
 @dataclass(frozen=True)
@@ -532,6 +563,7 @@ class Payment:
     first_final_stamp: float | None = None  # when the bridge produced it (bridge.at)
     # the AuthorizedAmount of the response that came with it (None: the response had none)
     first_final_amount: Any = None
+    transaction_id: str | None = None  # the register's SaleTransactionID.TransactionID
     conflicts: list[str] = field(default_factory=list)
     abort_id: str | None = None
     resync_at: float | None = None
@@ -723,15 +755,17 @@ class Register:
             stopper.cancel()
 
     async def pay(self, terminal: Terminal, kind: str) -> Payment:
-        """Publish one payment with a fresh ServiceID (never re-sent)."""
+        """Publish one payment with a fresh ServiceID and sale (never re-sent), of an amount
+        no other payment of the run has (payment_amount)."""
         self.counter += 1
         service_id = f"P{self.counter}"
-        amount = KINDS[kind][0]
+        amount = payment_amount(kind, self.soak.payments_of_kind[kind])
+        self.soak.payments_of_kind[kind] += 1
         document = payment_request(self.sale_id, service_id, terminal.poi_id, amount)
-        document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"][
-            "TimeStamp"] = iso_now()
+        sale = document["SaleToPOIRequest"]["PaymentRequest"]["SaleData"]["SaleTransactionID"]
+        sale["TimeStamp"] = iso_now()
         payment = Payment(self.sale_id, service_id, terminal.poi_id, kind, amount, time.time(),
-                          len(json.dumps(document)))
+                          len(json.dumps(document)), transaction_id=sale["TransactionID"])
         self.payments[service_id] = payment
         payment.publish = await self._publish(self.request_topic(terminal.poi_id), document)
         return payment
@@ -778,6 +812,8 @@ class Soak:
         self.config_path = workdir / "soak.toml"
         self.journal_path = workdir / "journal.sqlite3"
         self.daemon = Daemon(self.config_path, workdir)
+        # how many payments of each kind the registers made so far (payment_amount)
+        self.payments_of_kind: Counter[str] = Counter()
         self.registers = [Register(self, i, random.Random(f"{args.seed}-register-{i}"))
                           for i in range(args.registers)]
         self.events: list[ChaosEvent] = []
@@ -1005,7 +1041,11 @@ class Soak:
         """The chaos always ends the same way, after the payments have stopped, each step on
         a terminal of its own that has nothing open:
 
-        1. a terminal hangs for 2 s just as a payment is sent to it;
+        1. a terminal hangs for 2 s just as a payment is sent to it; then it plays dead
+           (mute) as two more are, for 0.8 s (the daemon's framer sends the frame again for
+           want of an ACK, and a copy is read once the terminal listens again) and for 2.5 s
+           (every copy dropped unread: the daemon must ask about the payment, not send it
+           again; its ledger lists what it dropped, so a blind re-send fails the run);
         2. a terminal refuses a payment (Busy) and that answer is lost on the wire;
         3. the daemon freezes (SIGSTOP) while a payment for a busy terminal reaches it, and
            mosquitto is killed -9 before the daemon acknowledges it;
@@ -1020,6 +1060,8 @@ class Soak:
             log(f"finale: only {len(idle)} idle terminal(s); steps 1-3 need 3, skipped")
         else:
             await self.stall_during_payment(idle[0])
+            for seconds in (0.8, 2.5):
+                await self.muted_during_payment(idle[0], seconds)
             await self.busy_answer_lost(idle[1])
             await self.refusal_then_broker_kill(idle[2])
         await self.sigterm_while_paying()
@@ -1059,6 +1101,20 @@ class Soak:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(payment.answered.wait(), 20)
         await asyncio.sleep(2.0)  # the terminal's own answer comes 1.2 s after it woke up
+
+    async def muted_during_payment(self, terminal: Terminal, seconds: float) -> None:
+        """The terminal plays dead for `seconds` (mute: it reads and drops every byte, no
+        ACK, no answer) as a payment is sent to it. What it dropped unread is in its ledger,
+        so a copy that is not the framer's retransmission of a dropped frame shows."""
+        log(f"finale: {terminal.poi_id} plays dead for {seconds:g} s as a payment is sent to "
+            "it")
+        self._note("terminal_freeze", terminal.poi_id, seconds)
+        terminal.frozen_until = max(terminal.frozen_until, time.monotonic() + seconds)
+        terminal.control(f"mute {seconds:.2f}")
+        payment = await self.registers[0].pay(terminal, "approve")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(payment.answered.wait(), 20)
+        await asyncio.sleep(1.0)
 
     async def busy_answer_lost(self, terminal: Terminal) -> None:
         """Only a status poll can tell the outcome, and it says: refused, Busy. That is an
@@ -1782,6 +1838,17 @@ def link_level_copy(receipt: dict[str, Any], freezes: list[tuple[float, float]])
     return (acked is None or acked < ACK_CROSSING) and gap <= COPY_GAP_MAX
 
 
+def blind_resends(receipts: list[dict[str, Any]], freezes: list[tuple[float, float]]
+                  ) -> list[dict[str, Any]]:
+    """The receipts of a money request (one terminal's, in arrival order) that came right
+    after a copy the terminal had dropped unread while muted (answer "dropped"), other than
+    as the daemon's framer's copy of it (link_level_copy): the bridge, which had no word of
+    that copy, sent the payment again instead of asking about it. A dropped copy was never
+    acknowledged, so the framer's retransmission of it within the retry span passes."""
+    return [receipt for before, receipt in zip(receipts, receipts[1:], strict=False)
+            if before.get("answer") == "dropped" and not link_level_copy(receipt, freezes)]
+
+
 def receipt_text(receipt: dict[str, Any]) -> str:
     """A receipt in a few words: when, what the terminal did, and of a copy its timing."""
     text = f"{clock(receipt['at'])} {receipt.get('answer')}"
@@ -1834,29 +1901,38 @@ def what_it_did(entry: dict[str, Any]) -> str:
                                          for r in entry.get("receipts") or [])
 
 
-def amount_problems(payment: Payment, entries: dict[str, dict[str, Any]]) -> list[str]:
+def amount_problems(payment: Payment, entries: dict[str, dict[str, Any]],
+                    owners: dict[Any, str] | None = None) -> list[str]:
     """What is wrong with the amounts of `payment`: each terminal that received it (its
     ledger entry, by POIID) read the amount and currency the register asked; one that
     charged it authorised that amount; an approved result at the register carries it
-    (AuthorizedAmount)."""
+    (AuthorizedAmount). Every payment of a run has an amount of its own (payment_amount):
+    `owners` (amount -> payment key) names the payment a wrong amount is of, i.e. whose
+    request or result this payment was given."""
+    def whose(amount: Any) -> str:
+        owner = (owners or {}).get(amount) if isinstance(amount, int | float) else None
+        return f" (the amount of {owner})" if owner and owner != payment.key else ""
+
     found = []
     for poi, entry in entries.items():
         if entry.get("category") != "Payment":
             continue
         asked = entry.get("amount")
         if asked is not None and asked != payment.amount:
-            found.append(f"terminal {poi} was asked for {asked!r}, the register asked for "
-                         f"{payment.amount!r}")
+            found.append(f"terminal {poi} was asked for {asked!r}{whose(asked)}, the register "
+                         f"asked for {payment.amount!r}")
         if entry.get("currency") not in (None, CURRENCY):
             found.append(f"terminal {poi} was asked for currency {entry['currency']!r}, the "
                          f"register asked for {CURRENCY}")
         if entry.get("charged") and entry.get("authorised") != payment.amount:
-            found.append(f"terminal {poi} charged {entry.get('authorised')!r}, the register "
-                         f"asked for {payment.amount!r}")
+            found.append(f"terminal {poi} charged {entry.get('authorised')!r}"
+                         f"{whose(entry.get('authorised'))}, the register asked for "
+                         f"{payment.amount!r}")
     if payment.first_final == "approved" and payment.first_final_amount != payment.amount:
         found.append(f"the register was told approved ({payment.first_final_source}) for "
-                     f"{payment.first_final_amount!r} (AuthorizedAmount), it asked for "
-                     f"{payment.amount!r}" if payment.first_final_amount is not None else
+                     f"{payment.first_final_amount!r}{whose(payment.first_final_amount)} "
+                     f"(AuthorizedAmount), it asked for {payment.amount!r}"
+                     if payment.first_final_amount is not None else
                      f"the register was told approved ({payment.first_final_source}) with no "
                      f"AuthorizedAmount; it asked for {payment.amount!r}")
     return found
@@ -1936,6 +2012,7 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                 charged_at[key].append(poi_id)
     payments = [p for r in soak.registers for p in r.payments.values()]
     by_key = {p.key: p for p in payments}
+    owners = {p.amount: p.key for p in payments}  # every payment's amount is its own
     repeats = repeated_receipts(ledgers)
     counts: Counter[str] = Counter()
     problems: list[dict[str, Any]] = []
@@ -1990,7 +2067,7 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                        f"at {clock(blind[0])})" if blind else ""),
                     tag="sent_without_identity" if blind else None)
         for text in amount_problems(p, {poi: ledgers[poi][p.key]
-                                        for poi in seen_at.get(p.key, [])}):
+                                        for poi in seen_at.get(p.key, [])}, owners):
             problem("wrong_amount", p, text)
         for text in request_problems(p, {poi: ledgers[poi][p.key]
                                          for poi in seen_at.get(p.key, [])}):
@@ -2192,10 +2269,25 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         elif row["category"] == "Payment" and key not in by_key:
             problem("doubled", None, f"journal has payment {key} that no register sent",
                     poi_id=row["poi_id"], key=key)
+    # what the muted terminals dropped unread (the audit judges the money requests' copies)
+    counts["dropped_unread"] = sum(len(t.dropped_unread) for t in soak.terminals)
+    counts["dropped_unread_money"] = sum(
+        1 for ledger in ledgers.values() for entry in ledger.values()
+        for r in entry.get("receipts") or [] if r.get("answer") == "dropped")
     for poi_id, key, receipts in repeats:
         counts["retransmitted_requests"] += 1
         bad = [r for r in receipts[1:] if not link_level_copy(r, soak.daemon_freezes)]
-        if bad:
+        blind = blind_resends(receipts, soak.daemon_freezes)
+        if blind:
+            problem("doubled", by_key.get(key),
+                    f"BLIND RE-SEND: request {key} reached terminal {poi_id} again after the "
+                    "terminal had dropped a copy of it unread while muted (never acknowledged), "
+                    f"{len(blind)} time(s) other than as the framer's retransmission of it "
+                    f"(not byte for byte the frame just before, or more than "
+                    f"{COPY_GAP_MAX:g} s after it with no freeze of the daemon's between): the "
+                    "bridge sent the payment again instead of asking about it: "
+                    + "; ".join(receipt_text(r) for r in receipts), poi_id=poi_id, key=key)
+        elif bad:
             problem("doubled", by_key.get(key),
                     f"request {key} reached terminal {poi_id} {len(receipts)} times, "
                     f"{len(bad)} of them not as a link-level retransmission of the frame "
@@ -2204,6 +2296,25 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                     "freeze of the daemon's between; the terminal ignored the repeat, a real "
                     "one might charge it): " + "; ".join(receipt_text(r) for r in receipts),
                     poi_id=poi_id, key=key)
+    # The register's sale sent again under a ServiceID no register sent: doubled (and
+    # unsolicited, below); a blind re-send if a copy of the payment was dropped unread first.
+    by_sale = {p.transaction_id: p for p in payments if p.transaction_id}
+    for poi_id, ledger in ledgers.items():
+        for key, entry in ledger.items():
+            p = by_sale.get(entry.get("transaction_id"))
+            if key in by_key or p is None:
+                continue
+            came = [r["at"] for r in entry.get("receipts") or []]
+            dropped = [r["at"] for poi in seen_at.get(p.key, [])
+                       for r in ledgers[poi][p.key].get("receipts") or []
+                       if r.get("answer") == "dropped" and came and r["at"] < min(came)]
+            problem("doubled", p, ("BLIND RE-SEND: " if dropped else "")
+                    + f"the register's sale {p.transaction_id} reached terminal {poi_id} again "
+                    f"as {key}, under ServiceID {key.split('/', 1)[1]} that no register sent"
+                    + (f" (after a copy of {p.key} was dropped unread while muted at "
+                       f"{clock(min(dropped))})" if dropped else "")
+                    + ": " + "; ".join(receipt_text(r) for r in entry.get("receipts") or []),
+                    poi_id=poi_id, key=p.key)
     for poi_id, ledger in ledgers.items():
         for key, entry in ledger.items():
             if key not in by_key:
@@ -2266,6 +2377,8 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         "swaps": len(soak.swaps), "follows": follows,
         "daemon_freezes": [[round(a, 3), round(b, 3)] for a, b in soak.daemon_freezes],
         "terminals_offline_at_end": sorted(offline),
+        "dropped_unread": {t.poi_id: t.dropped_unread for t in soak.terminals
+                           if t.dropped_unread},
         "offline_episodes": soak.offline_episodes,
         "register_connects": {r.sale_id: r.connects for r in soak.registers},
         "workdir": str(soak.workdir),
@@ -2323,6 +2436,8 @@ def report(result: dict[str, Any]) -> bool:
         ("terminal swaps (cables)", result.get("swaps", 0)),
         ("followed by the daemon (log)", result.get("follows", 0)),
         ("requests retransmitted (link)", c["retransmitted_requests"]),
+        ("frames dropped unread (muted)", c["dropped_unread"]),
+        ("  of them money requests", c["dropped_unread_money"]),
         ("LOST", c["lost"]), ("DOUBLED", c["doubled"]), ("PHANTOM", c["phantom"]),
         ("WRONG TERMINAL", c["wrong_terminal"]), ("WRONG AMOUNT", c["wrong_amount"]),
         ("UNSOLICITED", c["unsolicited"]),

@@ -9,7 +9,8 @@ soak's chaos loop can pull the cable or freeze the terminal *without killing the
 
     unplug SECONDS   close the pseudo-terminal now; a new one comes back behind the same
                      --link symlink after SECONDS (a replugged USB cable)
-    mute SECONDS     play dead: read and drop every byte (no ACK, no answer) for SECONDS
+    mute SECONDS     play dead: read and drop every byte (no ACK, no answer) for SECONDS;
+                     each whole frame dropped is in the ledger all the same (below)
     move PATH SECONDS
                      the cable goes to another port: close the pseudo-terminal now (unless it
                      is already out) and come back behind the symlink PATH instead, after
@@ -23,7 +24,10 @@ soak's chaos loop can pull the cable or freeze the terminal *without killing the
     ledger           write the ledger file now (the process keeps running)
 
 SIGTERM (or the end of standard input, i.e. the soak went away) writes the ledger to
---ledger and exits, like `poi-bridge simulate`.
+--ledger and exits, like `poi-bridge simulate`. The ledger is the simulator's (one entry per
+money request, by "SaleID/ServiceID", a money request dropped while muted among them with
+a receipt "dropped"), plus, under DROPPED_UNREAD (a name no such key can have: it has no
+"/"), every frame dropped unread while muted, whatever its category.
 """
 
 from __future__ import annotations
@@ -54,11 +58,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(["simulate", *argv])
 
 
+DROPPED_UNREAD = "dropped_unread"
+
+
 def write_ledger(server: SimulatorServer, path: Path | None) -> None:
     if path is None:
         return
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(server.terminal.summary(), indent=1))
+    tmp.write_text(json.dumps({**server.terminal.summary(),
+                               DROPPED_UNREAD: server.terminal.dropped_unread}, indent=1))
     tmp.replace(path)
 
 

@@ -511,3 +511,85 @@ async def test_a_request_with_ids_that_are_not_text_does_not_silence_the_termina
                                   "AbortRequest": {"MessageReference": {"SaleID": [1]}}}}
     assert terminal.handle(abort, 103.0).answers == []
     assert terminal.summary()["POS1/P2"]["status_not_found"] == []
+
+
+# --- what a muted terminal drops, and scenario entries for a range of amounts ---------------------
+
+async def test_a_frame_dropped_while_muted_is_in_the_ledger_unread(tmp_path):
+    """A muted terminal (`mute`: it plays dead) reads and drops every byte: a money request
+    it dropped left no trace, so a bridge that then sent the payment again, as a new request
+    rather than a status poll, showed one copy in the ledger. Every whole frame it drops is
+    now recorded, unread (no ACK went out), with its IDs and what it asked; a copy of a
+    dropped frame that comes once the terminal listens again is flagged as the framer's
+    copy of it (byte for byte, never acknowledged: acked_before None)."""
+    import json
+
+    from bridge.simulator.responses import payment_request
+
+    link = tmp_path / "terminal"
+    server = SimulatorServer(Scenario(default=Behaviour(delay=0.0)),
+                             ack_timeout=0.5)
+    await server.start_pty(link)
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    os.set_blocking(fd, False)
+    try:
+        diagnosis = {"SaleToPOIRequest": {"MessageHeader": {
+            "ProtocolVersion": "3.0", "MessageClass": "Service", "MessageCategory": "Diagnosis",
+            "MessageType": "Request", "SaleID": "poi-bridge", "ServiceID": "D1",
+            "POIID": server.scenario.poi_id}, "DiagnosisRequest": {"HostDiagnosisFlag": False}}}
+        pay = _frame(json.dumps(payment_request("POS1", "M1", server.scenario.poi_id, 12.5),
+                                separators=(",", ":")).encode())
+        server.mute(0.6)
+        os.write(fd, _frame(json.dumps(diagnosis).encode()) + b"\x06junk")
+        await asyncio.sleep(0.1)
+        os.write(fd, pay)
+        await asyncio.sleep(0.7)  # the terminal listens again; nothing was answered
+        try:
+            unexpected = os.read(fd, 4096)
+        except BlockingIOError:
+            unexpected = b""
+        assert unexpected == b"", unexpected
+        assert (server.frames_in, server.frames_dropped) == (0, 2)
+        os.write(fd, pay)  # the bridge's framer sends it again for want of an ACK
+        await wait_for(lambda: server.frames_in == 1)
+        ledger = server.terminal.summary()
+    finally:
+        os.close(fd)
+        await server.close()
+    entry = ledger["POS1/M1"]
+    assert (entry["category"], entry["amount"], entry["currency"]) == ("Payment", 12.5, "EUR")
+    dropped, read = entry["receipts"]
+    assert (dropped["answer"], dropped["retransmission"]) == ("dropped", False), dropped
+    assert (read["answer"], read["retransmission"]) == ("processed", True), read
+    assert 0.6 <= read["gap"] < 1.5 and read["acked_before"] is None, read
+    assert entry["charged"]
+    assert [(d["category"], d["sale_id"], d["service_id"], d["amount"], d["currency"])
+            for d in server.terminal.dropped_unread] == [
+        ("Diagnosis", "poi-bridge", "D1", None, None), ("Payment", "POS1", "M1", 12.5, "EUR")]
+    assert all(isinstance(d["at"], float) for d in server.terminal.dropped_unread)
+
+
+def test_a_scenario_entry_can_take_a_range_of_amounts():
+    """`amount` alone picks that amount; with `amount_below`, every amount from `amount` up
+    to (not including) `amount_below`: the soak gives each payment an amount of its own and
+    picks the terminal's behaviour by the kind's range."""
+    import pydantic
+
+    from bridge.simulator.responses import payment_request
+    from bridge.simulator.terminal import SimulatedTerminal
+
+    terminal = SimulatedTerminal(Scenario(transactions=[
+        Behaviour(amount=300.0, amount_below=400.0, decision="decline"),
+        Behaviour(amount=500.0, decision="cancel")]))
+    asked = (300.0, 300.01, 399.99, 400.0, 299.99, 500.0, 500.01, "350")
+    for i, amount in enumerate(asked):
+        terminal.handle(payment_request("POS1", f"R{i}", "V400m-1", amount), 100.0 + 10 * i)
+    ledger = terminal.summary()
+    assert [ledger[f"POS1/R{i}"]["outcome"] for i in range(len(asked))] == [
+        "decline", "decline", "decline", "approve", "approve", "cancel", "approve", "approve"]
+    for bad in ({"amount_below": 5.0}, {"amount": 5.0, "amount_below": 5.0}):
+        try:
+            Behaviour(**bad)
+        except pydantic.ValidationError:
+            continue
+        raise AssertionError(f"{bad} was taken")

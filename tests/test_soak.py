@@ -4,9 +4,10 @@ Five simulated terminals, two registers paying continuously, and a seeded chaos 
 kill -9 and restarts, daemon SIGKILL and SIGTERM, terminals unplugged and frozen, two
 terminals' cables swapped (the daemon must follow them), registers going away), ending with
 a fixed finale (bench/soak.py, Soak.finale): a terminal that hangs as a payment is sent to
-it, a Busy refusal whose answer is lost, the daemon frozen while a payment it will refuse
-reaches it and mosquitto killed -9 meanwhile, a SIGTERM of the daemon while the registers
-pay, and a power blip (a terminal unplugged and the daemon restarted while it is away). Then
+it, then plays dead (muted: what it drops unread is in its ledger) as two more are, a Busy
+refusal whose answer is lost, the daemon frozen while a payment it will refuse reaches it
+and mosquitto killed -9 meanwhile, a SIGTERM of the daemon while the registers pay, and a
+power blip (a terminal unplugged and the daemon restarted while it is away). Then
 every payment is audited: the terminals' ledgers against what the registers were told
 against the journal (and mosquitto's own log, to tell a request the broker lost in a kill -9
 from one the bridge acknowledged and dropped); a payment charged by another terminal than
@@ -186,7 +187,8 @@ def fake_soak(tmp_path: Path, *payments: Any, terminals: tuple[str, ...] = (POI,
                                stray=[], connects=1,
                                request_topic=lambda poi: f"poi-bridge/terminals/{poi}/request")
     terms = [SimpleNamespace(poi_id=poi, unplugs=[], unplugged_at=lambda moment: False,
-                             plugged_at=Path(f"/dev/poi/{poi}")) for poi in terminals]
+                             plugged_at=Path(f"/dev/poi/{poi}"), dropped_unread=[])
+             for poi in terminals]
     return SimpleNamespace(
         broker=SimpleNamespace(log_path=tmp_path / "no-broker-log"), registers=[register],
         terminals=terms, offline_episodes=[], broker_kills=[], daemon_terms=[], crashes=[],
@@ -1425,3 +1427,195 @@ async def test_a_payment_written_again_after_the_terminals_ack_is_doubled(tmp_pa
     result = run_audit(fake_soak(tmp_path, payment), {POI: ledger}, [row("P1")])
     assert kinds(result) == [("doubled", None)], result["problems"]
     assert soak_module.report(result) is False
+
+
+# --- a muted terminal's dropped frames, and amounts of their own --------------------------------
+
+def test_audit_flags_a_payment_sent_again_blind_after_a_copy_the_terminal_dropped(tmp_path):
+    """A muted terminal reads nothing and acknowledges nothing: a copy of a dropped frame
+    that comes within the framer's retry span is its retransmission (the terminal's ledger
+    flags it, acked_before None); the payment reaching it again otherwise, after a dropped
+    copy, is a blind re-send (the bridge sent the payment again instead of asking about it):
+    doubled, said so. So is the register's sale sent again under another ServiceID."""
+    cases = {  # receipts (at, flagged, answer[, gap, acked_before]) -> what the audit says
+        "P1": [(100.0, False, "dropped"), (100.5, True, "processed", 0.5, None)],
+        "P2": [(100.0, False, "dropped"), (100.5, True, "dropped", 0.5, None),
+               (101.0, True, "processed", 0.5, None)],
+        "P3": [(100.0, False, "dropped"), (103.0, False, "processed")],
+        "P4": [(100.0, False, "dropped"), (102.6, True, "processed", 2.6, None)],
+        # sent again after the terminal's ACK, while it was muted: doubled, not blind
+        "P5": [(100.0, False, "processed"), (102.5, True, "dropped", 2.5, 2.45)],
+    }
+    payments = [paid(sid) for sid in cases] + [paid("P6", "declined")]
+    payments[-1].transaction_id = "TILL1-P6"
+    ledger = {f"TILL1/{sid}": ledger_entry(*receipts) for sid, receipts in cases.items()}
+    ledger["TILL1/P6"] = dict(ledger_entry((100.0, False, "dropped")), transaction_id="TILL1-P6")
+    ledger["TILL1/Q6"] = dict(ledger_entry((104.0, False, "processed")),
+                              transaction_id="TILL1-P6")
+    rows = [row(sid) for sid in cases] + [row("P6", "declined")]
+    result = run_audit(fake_soak(tmp_path, *payments), {POI: ledger}, rows)
+    found = {(p["kind"], p["key"]): p["text"] for p in result["problems"]}
+    assert sorted(found) == [("doubled", "TILL1/P3"), ("doubled", "TILL1/P4"),
+                             ("doubled", "TILL1/P5"), ("doubled", "TILL1/P6"),
+                             ("unsolicited", "TILL1/Q6")], result["problems"]
+    for key in ("TILL1/P3", "TILL1/P4", "TILL1/P6"):
+        assert "BLIND RE-SEND" in found[("doubled", key)], found[("doubled", key)]
+    assert "BLIND RE-SEND" not in found[("doubled", "TILL1/P5")]
+    assert "under ServiceID Q6" in found[("doubled", "TILL1/P6")]
+    assert soak_module.report(result) is False
+
+
+async def test_a_payment_sent_again_after_a_muted_terminal_dropped_it_is_a_blind_resend(
+        tmp_path):
+    """On a real pseudo-terminal with the soak's settings: the terminal is muted (the soak's
+    terminal_freeze) as a payment's frame comes; once it listens again, the framer's copy
+    0.5 s later is read and passes. Another payment's frame is dropped too, and its copy
+    comes 2.5 s later (a bridge that re-sends the payment at payment_timeout instead of
+    polling for it): the terminal saw it once, so the audit saw nothing; now it is doubled,
+    a blind re-send."""
+    import asyncio
+
+    from bridge.simulator.responses import payment_request
+    from bridge.simulator.server import SimulatorServer
+    from bridge.simulator.terminal import LinkBehaviour, Scenario
+    from tests.test_simulator_link import _frame, wait_for
+
+    link = tmp_path / "terminal"
+    server = SimulatorServer(Scenario(
+        poi_id=POI, link=LinkBehaviour(retransmit_window=soak_module.RETRANSMIT_WINDOW)))
+    await server.start_pty(link)
+    fd = os.open(link, os.O_RDWR | os.O_NOCTTY)
+    try:
+        first, second = (_frame(json.dumps(payment_request("TILL1", sid, POI, 10.0),
+                                           separators=(",", ":")).encode())
+                         for sid in ("P1", "P2"))
+        server.mute(0.4)
+        os.write(fd, first)
+        await asyncio.sleep(soak_module.ACK_TIMEOUT)
+        os.write(fd, first)  # the framer's copy: no ACK came
+        await wait_for(lambda: server.frames_in == 1)
+        server.mute(1.0)
+        os.write(fd, second)
+        await asyncio.sleep(2.5)
+        os.write(fd, second)  # the payment sent again, not asked about
+        await wait_for(lambda: server.frames_in == 2)
+        ledger = server.terminal.summary()
+    finally:
+        os.close(fd)
+        await server.close()
+    assert [r["answer"] for r in ledger["TILL1/P2"]["receipts"]] == ["dropped", "processed"]
+    result = run_audit(fake_soak(tmp_path, paid("P1"), paid("P2")), {POI: ledger},
+                       [row("P1"), row("P2")])
+    assert [(p["kind"], p["key"]) for p in result["problems"]] == [
+        ("doubled", "TILL1/P2")], result["problems"]
+    assert "BLIND RE-SEND" in result["problems"][0]["text"]
+
+
+def test_soak_terminal_records_what_it_dropped_while_muted(tmp_path):
+    """bench/soak_terminal.py writes every frame it dropped while muted into its ledger
+    file (the money requests among them as receipts, with the amount its key reads), and
+    the soak takes the list of them apart from the payments."""
+    import random
+    import tty
+
+    from bridge.protocol import crypto
+    from bridge.simulator import responses
+    from tests.test_simulator_link import _frame
+
+    terminal = soak_module.Terminal(0, tmp_path, 1, random.Random(0))
+    terminal.garbage_rate = terminal.corrupt_rate = 0.0
+    (key,) = soak_module.make_keys([terminal], tmp_path, "per-terminal")
+    nexo = crypto.NexoKey(key.identifier, 1, key.passphrase)
+    terminal.start()
+    fd = -1
+    try:
+        terminal.wait_started()
+        fd = os.open(terminal.configured_link, os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(fd)
+        terminal.control("mute 3")
+        time.sleep(1.0)  # the control line is read
+        sealed = crypto.encrypt_message(
+            responses.payment_request("TILL1", "K1", terminal.poi_id, 1234.56), nexo)
+        os.write(fd, _frame(json.dumps(sealed, separators=(",", ":")).encode()))
+        time.sleep(0.5)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        ledger = terminal.stop()
+    assert ledger is not None and list(ledger) == ["TILL1/K1"], ledger
+    entry = ledger["TILL1/K1"]
+    assert [r["answer"] for r in entry["receipts"]] == ["dropped"], entry
+    assert (entry["amount"], entry["currency"], entry["charged"]) == (1234.56, "EUR", False)
+    assert [(d["category"], d["service_id"], d["amount"])
+            for d in terminal.dropped_unread] == [("Payment", "K1", 1234.56)]
+
+
+def _register_pair(tmp_path: Path) -> tuple[list[Any], Any]:
+    """Two of the soak's registers (TILL1, TILL2) and one of its simulated terminals, as
+    the soak sets them up (its KINDS, its scenario)."""
+    import random
+    from collections import Counter
+
+    from bridge.simulator.terminal import Scenario, SimulatedTerminal
+
+    terminal = soak_module.Terminal(0, tmp_path, 1, random.Random(0))
+    holder = SimpleNamespace(terminals=[terminal], args=SimpleNamespace(registers=2),
+                             payments_of_kind=Counter())
+    tills = [soak_module.Register(holder, i, random.Random(i)) for i in range(2)]
+    return tills, SimulatedTerminal(Scenario.model_validate(terminal.scenario()))
+
+
+def test_audit_catches_two_payments_of_one_kind_given_each_others_results(tmp_path):
+    """The soak's amounts picked the terminal's behaviour by kind, one amount per kind: a
+    bridge that handed TILL1's payment the result of TILL2's payment of the same kind (and
+    back) passed every check, amounts included. Every payment has an amount of its own now:
+    the register is told an AuthorizedAmount that is not its payment's."""
+    import asyncio
+
+    from bridge.daemon.registers import result_payload
+    from bridge.protocol.actions import Deliver
+    from bridge.simulator.responses import payment_request
+
+    tills, simulator = _register_pair(tmp_path)
+    x, y = (asyncio.run(till.pay(simulator_terminal, "approve"))
+            for till, simulator_terminal in zip(tills, [SimpleNamespace(poi_id=POI)] * 2,
+                                                strict=True))
+    assert x.kind == y.kind == "approve"
+    for at, payment in ((100.0, x), (110.0, y)):
+        simulator.handle(payment_request(payment.sale_id, payment.service_id, POI,
+                                         payment.amount), at)
+    response = {p.key: simulator.ledger[(p.sale_id, p.service_id)].response for p in (x, y)}
+    # the swap: each register gets the other payment's result under its own IDs
+    for till, payment, other in ((tills[0], x, y), (tills[1], y, x)):
+        till._on_message(json.dumps(result_payload(Deliver(
+            payment.sale_id, payment.service_id, POI, "Payment", "approved", "terminal",
+            response[other.key]), 120.0)))
+    soak = fake_soak(tmp_path)
+    soak.registers = tills
+    rows = [dict(row(p.service_id), sale_id=p.sale_id) for p in (x, y)]
+    result = run_audit(soak, {POI: simulator.summary()}, rows)
+    assert sorted((p["kind"], p["key"]) for p in result["problems"]) == [
+        ("wrong_amount", x.key), ("wrong_amount", y.key)], result["problems"]
+    text = next(p["text"] for p in result["problems"] if p["key"] == x.key)
+    assert f"the amount of {y.key}" in text, text
+    assert soak_module.report(result) is False
+    # each told its own result: nothing to say
+    x.first_final_amount, y.first_final_amount = x.amount, y.amount
+    assert run_audit(soak, {POI: simulator.summary()}, rows)["problems"] == []
+
+
+def test_every_payment_has_an_amount_of_its_own_and_its_kinds_behaviour(tmp_path):
+    """The soak's terminals pick a payment's behaviour by its kind's range of amounts, and
+    no two payments of a run share an amount (up to 10000 of a kind)."""
+    _, simulator = _register_pair(tmp_path)
+    from bridge.simulator.responses import payment_request
+
+    seen: set[float] = set()
+    for kind, (_, _, behaviour) in soak_module.KINDS.items():
+        for nth in (0, 1, 57, 9999):
+            amount = soak_module.payment_amount(kind, nth)
+            assert amount not in seen and round(amount, 2) == amount, (kind, nth, amount)
+            seen.add(amount)
+            request = payment_request("TILL1", "X", POI, amount)["SaleToPOIRequest"]
+            chosen = simulator._behaviour_for(request["MessageHeader"], request)
+            assert chosen.model_dump(include=set(behaviour)) == behaviour, (kind, amount)

@@ -157,6 +157,7 @@ class SimulatorServer:
         self.device: str | None = None
         self.frames_in = 0
         self.frames_out = 0
+        self.frames_dropped = 0  # whole frames read and dropped while muted
         self.replugs = 0
         self._closed = asyncio.Event()
         self._link_lost = asyncio.Event()
@@ -227,7 +228,8 @@ class SimulatorServer:
         link.close()
 
     def mute(self, seconds: float) -> None:
-        """Play dead: read and drop everything (no ACK, no answer) for `seconds`."""
+        """Play dead: read and drop everything (no ACK, no answer) for `seconds`. Each whole
+        frame dropped is recorded in the terminal's ledger all the same (see _read_loop)."""
         self._muted_until = time.monotonic() + seconds
 
     @property
@@ -296,28 +298,44 @@ class SimulatorServer:
         NAK, even one this side's own line noise carried). The peer's framer sends a frame
         again only for want of an ACK: a copy after an ACK that had time to reach it is the
         request sent twice (judged by the reader of the ledger, who knows the peer's
-        timings)."""
+        timings).
+
+        While muted, this side reads and drops every byte: its framer sees none of them and
+        nothing is written. A framer of its own, whose ACKs are thrown away, still finds the
+        whole frames among them: each is recorded, unread (SimulatedTerminal.dropped), and
+        counts as a copy as above, never acknowledged, so the peer's retransmission of a
+        dropped frame, read once this side listens again, is flagged as one."""
         timer = asyncio.create_task(self._retransmit_loop(link))
         previous: bytes | None = None
         copies = 0
         first_at = 0.0  # when the first copy of `previous` was read (monotonic)
         previous_at = 0.0  # when `previous` (its latest copy) was read
         previous_acked: float | None = None  # when this side's ACK of it went out
+        unread: Framer | None = None  # finds the frames dropped while muted
         try:
             while True:
                 data = await link.read()
                 now = time.monotonic()
-                if now < self._muted_until:
-                    continue
-                data = self._maybe_corrupt(data)
-                events = self.framer.receive_data(data, now)
-                await self._flush(link)  # the ACKs (and NAKs) of this read's frames
+                muted = now < self._muted_until
+                if muted:
+                    if unread is None:
+                        unread = make_framer(self._framer_name, **self._framer_options)
+                    events = unread.receive_data(data, now)
+                    unread.data_to_send(now)  # its ACKs and NAKs: never written
+                else:
+                    unread = None
+                    data = self._maybe_corrupt(data)
+                    events = self.framer.receive_data(data, now)
+                    await self._flush(link)  # the ACKs (and NAKs) of this read's frames
                 flushed = time.monotonic()
                 for event in events:  # in the order of their bytes on the line
-                    if isinstance(event, FrameSent):
+                    if isinstance(event, FrameSent) and not muted:
                         self._acknowledged(event.payload, now)
                     elif isinstance(event, FrameReceived):
-                        self.frames_in += 1
+                        if muted:
+                            self.frames_dropped += 1
+                        else:
+                            self.frames_in += 1
                         gap = acked_before = None
                         if event.payload == previous:
                             copies += 1
@@ -329,13 +347,17 @@ class SimulatorServer:
                             previous, copies, first_at = event.payload, 1, now
                         again = 1 < copies <= self._max_copies() \
                             and now - first_at <= self._retransmit_window()
-                        self._on_request(link, event.payload, retransmission=again,
-                                         first_at=first_at, gap=gap,
-                                         acked_before=acked_before)
+                        if muted:
+                            self._on_dropped(event.payload, retransmission=again, gap=gap,
+                                             acked_before=acked_before)
+                        else:
+                            self._on_request(link, event.payload, retransmission=again,
+                                             first_at=first_at, gap=gap,
+                                             acked_before=acked_before)
                         # acknowledged once this read's ACKs are out (below), not before:
                         # a copy later in this read came before this side's ACK of it
                         previous_at, previous_acked = now, None
-                if any(isinstance(event, FrameReceived) for event in events):
+                if not muted and any(isinstance(event, FrameReceived) for event in events):
                     previous_acked = flushed
         finally:
             timer.cancel()
@@ -410,6 +432,22 @@ class SimulatorServer:
             self._spawn(self._drop_soon())
         for answer in reaction.answers:
             self._spawn(self._answer_at(link, answer))
+
+    def _on_dropped(self, payload: bytes, *, retransmission: bool, gap: float | None,
+                    acked_before: float | None) -> None:
+        """A whole frame dropped unread while muted: recorded in the terminal's ledger,
+        decrypted first when this side's key reads it (for what it asked)."""
+        try:
+            document = json.loads(payload)
+        except (ValueError, UnicodeDecodeError):
+            return
+        if self.key is not None:
+            with contextlib.suppress(crypto.CryptoError):
+                document = crypto.decrypt_message(document, self.key)
+        log.info("simulated terminal %s (muted) dropped a frame unread",
+                 self.scenario.poi_id)
+        self.terminal.dropped(document, time.time(), retransmission=retransmission, gap=gap,
+                              acked_before=acked_before)
 
     async def _drop_soon(self) -> None:
         await asyncio.sleep(0.05)  # let the ACK of the request go out first

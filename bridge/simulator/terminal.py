@@ -14,7 +14,11 @@ bridge sending a payment twice. Requests it never processed (answered Busy, lost
 or unreadable: encrypted with a key it does not hold) are in the ledger too, by their
 receipts: a payment that reached the wrong device, or reached this one twice, shows even when
 nothing was charged. Only requests whose SaleID and ServiceID are strings are recorded (a
-header with anything else there names no transaction).
+header with anything else there names no transaction). So are the money requests the wire
+layer dropped unread while the terminal played dead (`mute`): a receipt "dropped", never
+acknowledged; and every frame so dropped, whatever its category, is listed in
+`dropped_unread` (a bridge that sent a payment again after such a drop, rather than asking
+about it, shows there).
 
 The terminal never forgets a transaction: a status poll about one it has is answered from
 its ledger for as long as it runs, so a NotFound it records about a key always came before
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bridge.simulator import responses
 
@@ -55,6 +59,26 @@ class Behaviour(BaseModel):
     # Selectors: which transaction this entry is for (none: the next one in arrival order).
     service_id: str | None = None
     amount: float | None = None
+    # With amount: every amount from `amount` up to, not including, this one (the soak gives
+    # each payment an amount of its own and picks the behaviour by the range of its kind)
+    amount_below: float | None = None
+
+    @model_validator(mode="after")
+    def _amount_range(self) -> Behaviour:
+        if self.amount_below is not None and (self.amount is None
+                                              or self.amount_below <= self.amount):
+            raise ValueError("amount_below needs an amount below it")
+        return self
+
+    def takes_amount(self, asked: Any) -> bool:
+        """Whether this entry is for a request asking `asked`: that very amount, or with
+        amount_below one in [amount, amount_below)."""
+        if self.amount is None or asked is None:
+            return False
+        if self.amount_below is None:
+            return bool(self.amount == asked)
+        return isinstance(asked, int | float) and not isinstance(asked, bool) \
+            and self.amount <= asked < self.amount_below
 
 
 class LinkBehaviour(BaseModel):
@@ -114,7 +138,7 @@ class Receipt:
     at: float
     retransmission: bool  # the wire layer says it can be a link-level copy of the frame before
     # what the terminal did: processed, busy, duplicate (ignored), lost, unreadable (a key it
-    # does not hold)
+    # does not hold), dropped (unread and unacknowledged: it was muted)
     answer: str
     # Of a byte-identical copy of the frame just before it (the wire layer's account, else
     # None): seconds since that copy arrived, and how long this side's ACK of it had been on
@@ -166,8 +190,11 @@ class SimulatedTerminal:
         # every arrival of a money request, processed or not, by (SaleID, ServiceID)
         self.receipts: dict[tuple[str, str], list[Receipt]] = {}
         # what each money request asked, by (SaleID, ServiceID), from its first receipt:
-        # (category, requested amount, currency, PaymentType: None when the request has none)
-        self.asked: dict[tuple[str, str], tuple[str, Any, Any, Any]] = {}
+        # (category, requested amount, currency, PaymentType: None when the request has none,
+        # the register's SaleTransactionID.TransactionID)
+        self.asked: dict[tuple[str, str], tuple[str, Any, Any, Any, Any]] = {}
+        # every frame the wire layer dropped unread while muted, any category (dropped())
+        self.dropped_unread: list[dict[str, Any]] = []
         # when a status poll about a key was answered NotFound (the terminal had no record)
         self.not_found: dict[tuple[str, str], list[float]] = {}
         self._script = list(self.scenario.transactions)
@@ -183,7 +210,7 @@ class SimulatedTerminal:
         for i, entry in enumerate(self._script):
             if entry.service_id is not None and entry.service_id == header.get("ServiceID"):
                 return self._script.pop(i)
-            if entry.amount is not None and amount is not None and entry.amount == amount:
+            if entry.takes_amount(amount):
                 return entry  # amount-keyed entries apply every time
         for i, entry in enumerate(self._script):
             if entry.service_id is None and entry.amount is None:
@@ -253,9 +280,11 @@ class SimulatedTerminal:
             if category == "Payment":
                 amounts = _dict(_dict(body.get("PaymentTransaction")).get("AmountsReq"))
                 asked = (amounts.get("RequestedAmount"), amounts.get("Currency"),
-                         _dict(body.get("PaymentData")).get("PaymentType"))
+                         _dict(body.get("PaymentData")).get("PaymentType"),
+                         _dict(_dict(body.get("SaleData")).get("SaleTransactionID")).get(
+                             "TransactionID"))
             else:
-                asked = (body.get("ReversedAmount"), None, None)
+                asked = (body.get("ReversedAmount"), None, None, None)
             self.asked[key] = (category, *asked)
 
     def unreadable(self, document: dict[str, Any], now: float, *,
@@ -272,6 +301,28 @@ class SimulatedTerminal:
             if key is not None:
                 self._receipt({}, header, key, Receipt(now, retransmission, "unreadable", gap,
                                                        acked_before))
+
+    def dropped(self, document: Any, now: float, *, retransmission: bool = False,
+                gap: float | None = None, acked_before: float | None = None) -> None:
+        """A whole frame the wire layer read and dropped while the terminal played dead
+        (muted: no ACK, no answer, nothing done). Listed in dropped_unread, whatever it is;
+        a money request with string IDs also gets a receipt "dropped" (the wire layer's
+        account of a copy as in handle). `document`: the frame as JSON, decrypted if the
+        terminal's key reads it (else its header, in clear, is all there is)."""
+        request = document.get("SaleToPOIRequest") if isinstance(document, dict) else None
+        request = request if isinstance(request, dict) else {}
+        header = _dict(request.get("MessageHeader"))
+        category = header.get("MessageCategory")
+        amounts = _dict(_dict(_dict(request.get("PaymentRequest")).get("PaymentTransaction"))
+                        .get("AmountsReq"))
+        self.dropped_unread.append({
+            "at": round(now, 3), "category": category, "sale_id": header.get("SaleID"),
+            "service_id": header.get("ServiceID"),
+            "amount": amounts.get("RequestedAmount"), "currency": amounts.get("Currency")})
+        key = _key(header)
+        if category in ("Payment", "Reversal") and key is not None:
+            self._receipt(request, header, key, Receipt(now, retransmission, "dropped", gap,
+                                                        acked_before))
 
     def _money(self, document, request, header, now) -> tuple[Reaction, str]:
         """The reaction, and what the terminal did with the request (for its receipt)."""
@@ -342,17 +393,20 @@ class SimulatedTerminal:
         `received`: how many times the request arrived (1 normally); `receipts`: each arrival
         (time, whether it can be a link-level retransmission, what the terminal did with it),
         from the first, including arrivals refused Busy before the one that was processed.
-        A request never processed (only refused Busy, lost on purpose, unreadable) has
+        A request never processed (only refused Busy, lost on purpose, unreadable, dropped) has
         `outcome` None and is not charged. `amount`, `currency`: what the request asked;
         `authorised`: the amount the terminal's response says moved (Payment).
         `payment_type`: the PaymentType the request asked (None: it had none, which means
-        Normal). `status_not_found`: when a status poll about it was answered NotFound
-        (always before it arrived: the terminal never forgets one)."""
+        Normal). `transaction_id`: the SaleTransactionID.TransactionID a Payment asked
+        (the register's sale). `status_not_found`: when a status poll about it was answered
+        NotFound (always before it arrived: the terminal never forgets one). A receipt
+        "dropped" is a copy the terminal dropped unread while muted (dropped_unread lists
+        every such frame, money or not)."""
         out: dict[str, Any] = {}
         for key in [*self.ledger, *(k for k in self.receipts if k not in self.ledger)]:
             entry = self.ledger.get(key)
-            category, amount, currency, payment_type = self.asked.get(
-                key, (entry.category if entry else "", None, None, None))
+            category, amount, currency, payment_type, transaction_id = self.asked.get(
+                key, (entry.category if entry else "", None, None, None, None))
             authorised = None
             if entry is not None and entry.response is not None:
                 body = entry.response.get("SaleToPOIResponse", {}).get(f"{category}Response", {})
@@ -367,6 +421,7 @@ class SimulatedTerminal:
                 "charged": entry.charged if entry else False,
                 "answered": entry.answered if entry else False,
                 "amount": amount, "currency": currency, "payment_type": payment_type,
+                "transaction_id": transaction_id,
                 "authorised": authorised,
                 "received": len(receipts), "receipts": [r.as_json() for r in receipts],
                 "status_not_found": [round(at, 3) for at in self.not_found.get(key, [])]}
