@@ -147,11 +147,19 @@ def run_status(args: argparse.Namespace) -> int:
         detail = f" ({terminal['detail']})" if terminal.get("detail") else ""
         identity = terminal.get("identity")
         state = terminal["state"]
-        if state in ("online", "busy") and identity == "unknown":
+        unanswered = terminal.get("identity_checks_unanswered")
+        if state in ("online", "busy") and identity == "unknown" and unanswered == 0:
+            # Just plugged in: its first identity check is out, nothing has failed yet
+            state = (f"{state}, identity check in progress (requests wait for the terminal "
+                     "to say which terminal it is)")
+        elif state in ("online", "busy") and identity == "unknown":
             # The link is up, but the device has not said it is this terminal (the daemon's
-            # state document): every request is refused, so not "online" to a technician
-            state = ("identity not confirmed: requests are refused until the terminal answers "
-                     "the identity check (check the framer, key and cable)")
+            # state document): every request is refused, so not "online" to a technician.
+            # (A daemon older than the count does not say how many.)
+            counted = "" if not isinstance(unanswered, int) else (
+                f"{unanswered} identity check{'' if unanswered == 1 else 's'} unanswered; ")
+            state = (f"identity not confirmed: {counted}requests are refused until the "
+                     "terminal answers one (check the framer, key and cable)")
         print(f"  terminal {terminal['poi_id']}: {state}{detail}")
         if isinstance(identity, str) and identity.startswith("mismatch"):
             said = identity.partition(":")[2].strip() or "another terminal"

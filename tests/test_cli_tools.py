@@ -273,7 +273,9 @@ async def test_status_exits_non_zero_when_no_daemon_answers(tmp_path, mosquitto)
 async def test_status_shows_a_terminal_whose_identity_is_not_confirmed(tmp_path, mosquitto):
     """The device on the link never answers the identity check (a wrong framer, key or
     cable): every payment is refused, and `status` said "online" for it, as for a terminal
-    that works."""
+    that works. While the first check is still out, though, nothing has failed (a request
+    waits for it): `status` said "not confirmed ... refused" during every terminal's first
+    check after a plug-in. The state document counts the checks left unanswered."""
     from .follow_rig import DeviceByHand
 
     device = DeviceByHand(tmp_path / "terminal")  # acknowledges frames, answers none
@@ -281,8 +283,8 @@ async def test_status_shows_a_terminal_whose_identity_is_not_confirmed(tmp_path,
         "journal": str(tmp_path / "journal.sqlite3"),
         "mqtt": {"host": mosquitto.host, "port": mosquitto.port, "base_topic": BASE,
                  "client_id": "bridge-cli-test"},
-        "terminals": [{"poi_id": POI, "link": {"kind": "serial",
-                                               "device": str(tmp_path / "terminal")}}],
+        "terminals": [{"poi_id": POI, "status_timeout": 3.0,  # the check's time to answer
+                       "link": {"kind": "serial", "device": str(tmp_path / "terminal")}}],
     }))
     await bridge.start()
     try:
@@ -292,10 +294,22 @@ async def test_status_shows_a_terminal_whose_identity_is_not_confirmed(tmp_path,
                 break
             await asyncio.sleep(0.02)
         assert bridge.workers[POI].identity == "unknown"
+        assert bridge.workers[POI].state()["identity_checks_unanswered"] == 0
         out = (await cli("status", "--config", config_file(tmp_path, mosquitto, {}))
                ).stdout.decode()
-        assert (f"terminal {POI}: identity not confirmed: requests are refused until the "
-                "terminal answers the identity check (check the framer, key and cable)") in out, out
+        assert (f"terminal {POI}: online, identity check in progress (requests wait for the "
+                "terminal to say which terminal it is)") in out, out
+        assert "not confirmed" not in out, out
+
+        for _ in range(300):  # the first check's time-out
+            if bridge.workers[POI].state()["identity_checks_unanswered"]:
+                break
+            await asyncio.sleep(0.02)
+        out = (await cli("status", "--config", config_file(tmp_path, mosquitto, {}))
+               ).stdout.decode()
+        assert (f"terminal {POI}: identity not confirmed: 1 identity check unanswered; "
+                "requests are refused until the terminal answers one (check the framer, key "
+                "and cable)") in out, out
         assert f"terminal {POI}: online" not in out, out
     finally:
         await bridge.stop()

@@ -277,6 +277,8 @@ class TerminalWorker:
             "detail": self._link_reason if not self.online else "",
             "active": str(self.session.active) if self.session.active else None,
             "identity": self.identity,
+            # (while "unknown": 0, its first check is still out; more, checks went unanswered)
+            "identity_checks_unanswered": self.session.identity.unanswered_since_open,
             "open_transactions": len(self.session.open),
         }
 

@@ -70,6 +70,9 @@ class DeviceIdentity:
         self.recheck_pause = RECHECK_FIRST
         self.asked = False  # the identity check went out on this link
         self.unnamed_checks = 0  # identity checks on this link that brought no POIID
+        # ... counted since the link opened (unnamed_checks starts again for each request
+        # refused): 0 while the first check is out, a device that has failed none yet
+        self.unanswered_since_open = 0
         self.unnamed_reason = ""  # why the last one did not
         self.check: IdentityCheck | None = None  # the identity check on the wire
         self.sent_ids: deque[str] = deque(maxlen=16)  # the last checks sent: late answers
@@ -90,7 +93,7 @@ class DeviceIdentity:
         self.named, self.asked, self.check, self.wrong_device = False, False, None, None
         self.recheck_at, self.recheck_pause = None, RECHECK_FIRST
         self.following = False
-        self.unnamed_checks = 0
+        self.unnamed_checks = self.unanswered_since_open = 0
         self._own_key_failure = ""
         self.stray_refusals = 0
 
@@ -195,6 +198,7 @@ class DeviceIdentity:
             reason = f"{self._own_key_failure or reason}; asked again with {which}: {reason}"
         self.check = None
         self.unnamed_checks += 1
+        self.unanswered_since_open += 1
         self.unnamed_reason = reason
         return Log("warning", f"terminal {self.poi_id}: {reason}; no payment goes to the "
                               "device until it says which terminal it is")
