@@ -16,6 +16,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from bridge.daemon.registers import Topics
 from bridge.deployment import password_to_fix
 from bridge.protocol.builders import new_service_id
 from bridge.protocol.outcome import MONEY_CATEGORIES
+from bridge.protocol.transaction import SERVICE_ID_REUSE_WINDOW, retry_digest
 from bridge.simulator.responses import payment_request
 
 # A CONNACK refusing the protocol version: 3.1.1's 1, MQTT 5's 0x84 (paho gives 0x84 for
@@ -215,6 +217,31 @@ def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """One request() call waiting for its answer. Answers name the request by its ServiceID
+    alone, so what else tells ours apart lives here, per call."""
+
+    future: asyncio.Future[dict[str, Any]]
+    # its request moves money: `unresolved` is not its result (that follows under its IDs);
+    # for any other request (a status request) it is
+    money: bool
+    # it differs from a request this client sent under its ServiceID before: the bridge
+    # refuses it (`conflict`), and every other answer under these IDs is the earlier one's
+    reused: bool
+    # the bridge took its request (an `accepted` or `duplicate` event came while it waited):
+    # a conflict refusal under these IDs then answers another request
+    taken: bool = False
+
+    def answered_by(self, info: dict[str, Any]) -> bool:
+        """Whether a response with this `bridge` part is this call's final answer."""
+        if "conflict" in info:
+            return self.reused or not self.taken
+        if self.reused:
+            return False
+        return info.get("outcome") != "unresolved" or not self.money
+
+
 class RegisterClient:
     """A register's connection. By default, as a till: client id `register-<SaleID>` with a
     persistent session, so results published while it is away are queued for it. With
@@ -245,13 +272,13 @@ class RegisterClient:
         self._on_event = on_event
         self._on_malformed = on_malformed  # (topic, what is wrong) of each message skipped
         self._client: AcknowledgedClient | None = None
-        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
-        # ServiceIDs waited for whose request moves money: `unresolved` is not its result
-        # (that follows under its IDs); for any other request (a status request) it is
-        self._money: set[str] = set()
-        # ServiceIDs waited for whose request the bridge took (an `accepted` or `duplicate`
-        # event came): a conflict refusal under those IDs then answers another request
-        self._taken: set[str] = set()
+        self._waiting: dict[str, _Waiter] = {}  # by ServiceID: one call at a time each
+        # ServiceID -> (retry_digest, when) of the first request sent under it, for as long
+        # as the bridge refuses a different one under it: an answer that comes later under
+        # those IDs (the request timed out here, the broker delivers a copy again) is that
+        # request's, never a different one's (oldest first; forgotten when the bridge
+        # refused the request before taking it)
+        self._sent: dict[str, tuple[str, float]] = {}
         self._commands: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self.responses: list[dict[str, Any]] = []
         self._reader: asyncio.Task[None] | None = None
@@ -314,7 +341,8 @@ class RegisterClient:
             self._lost = ConnectionLost(
                 f"the connection to the broker was lost ({host_port(self.host, self.port)}: "
                 f"{str(exc) or type(exc).__name__})")
-            for future in [*self._waiting.values(), *self._commands.values()]:
+            for future in [*(w.future for w in self._waiting.values()),
+                           *self._commands.values()]:
                 if not future.done():
                     future.set_exception(self._lost)
                     future.exception()  # (see AcknowledgedClient.fail_pending)
@@ -343,23 +371,21 @@ class RegisterClient:
                     continue
                 if payload["event"] in ("accepted", "duplicate"):
                     service_id = _object(payload.get("transaction")).get("service_id")
-                    if isinstance(service_id, str) and service_id in self._waiting:
-                        self._taken.add(service_id)
+                    waiter = self._waiting.get(service_id) if isinstance(service_id, str) \
+                        else None
+                    if waiter is not None:  # (it came after the request was sent: see request)
+                        waiter.taken = True
                 if self._on_event is not None:
                     self._on_event(payload)
             elif topic.endswith("/response") and "/registers/" in topic:
                 self.responses.append(payload)
                 info = _object(payload.get("bridge"))
                 service_id = _object(info.get("transaction")).get("service_id")
-                future = self._waiting.get(service_id) if isinstance(service_id, str) else None
-                final = info.get("outcome") != "unresolved" or service_id not in self._money
+                waiter = self._waiting.get(service_id) if isinstance(service_id, str) else None
                 # A refusal of a different request reusing these IDs (`conflict`) is never
-                # the transaction's result: it answers ours only if the bridge did not take
-                # ours (then ours was the different one)
-                if "conflict" in info and future is not None and service_id in self._taken:
-                    final = False
-                if future is not None and not future.done() and final:
-                    future.set_result(payload)
+                # the transaction's result: it answers ours only if ours was the different one
+                if waiter is not None and not waiter.future.done() and waiter.answered_by(info):
+                    waiter.future.set_result(payload)
             elif "/bridge/response/" in topic:
                 # Everyone asking the same command hears every answer on this topic (another
                 # technician, head office through the chain bridge): ours echoes our token.
@@ -389,30 +415,63 @@ class RegisterClient:
         called once the broker has taken the request, `on_sending` just before it is handed
         to the connection (from then on the broker may have it). TimeoutError when no answer came in
         time, ConnectionLost when the connection ended meanwhile: in both cases the request
-        may still run (see the README, `register`)."""
+        may still run (see the README, `register`).
+
+        ValueError, before anything is sent, when this client is already waiting for the
+        answer to a request under the same ServiceID: answers name only the ServiceID, so
+        neither call could tell its answer from the other's. A different request under a
+        ServiceID this client used within 48 h (unless the bridge refused that one before
+        taking it) is sent, and its answer is the bridge's refusal (`bridge.conflict`): no
+        other answer under those IDs is its own."""
         assert self._client is not None
         self._check_connected()
         header = document["SaleToPOIRequest"]["MessageHeader"]
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[header["ServiceID"]] = future
+        service_id = header["ServiceID"]
+        if service_id in self._waiting:
+            raise ValueError(
+                f"not sent: this client is already waiting for the answer to a request under "
+                f"ServiceID {service_id!r}, and an answer names only the ServiceID, so the two "
+                "could not be told apart; wait for that call's answer, and use a new ServiceID "
+                "for a new request")
+        digest, now = retry_digest(document), time.monotonic()
+        while self._sent and now - next(iter(self._sent.values()))[1] > SERVICE_ID_REUSE_WINDOW:
+            del self._sent[next(iter(self._sent))]
+        earlier = self._sent.get(service_id)
         category = header.get("MessageCategory")
-        # (a category that cannot be read may be a money one: never take `unresolved` for it)
-        if not isinstance(category, str) or category in MONEY_CATEGORIES:
-            self._money.add(header["ServiceID"])
+        waiter = _Waiter(
+            asyncio.get_running_loop().create_future(),
+            # (a category that cannot be read may be a money one: never take `unresolved`)
+            money=not isinstance(category, str) or category in MONEY_CATEGORIES,
+            reused=earlier is not None and earlier[0] != digest)
+        # No await until the publish is handed to the connection: any event or answer read
+        # for this waiter came after the request was sent
+        self._waiting[service_id] = waiter
         try:
             if on_sending is not None:
                 on_sending()
+            if earlier is None:
+                self._sent[service_id] = (digest, now)
             topic = self.topics.base + f"/terminals/{header['POIID']}/request"
             if not self._plain_topic:
                 topic += f"/{header['SaleID']}"
-            await self._publish(topic, json.dumps(document))
+            try:
+                await self._publish(topic, json.dumps(document))
+            except PublishRefusedByBroker:
+                if earlier is None:  # it went nowhere: nothing stands under these IDs
+                    self._sent.pop(service_id, None)
+                raise
             if on_published is not None:
                 on_published()
-            return await asyncio.wait_for(future, timeout)
+            answer = await asyncio.wait_for(waiter.future, timeout)
+            if earlier is None and not waiter.taken:
+                # refused before the bridge took it: perhaps nothing stands under these IDs
+                # (a malformed request), and a corrected one runs there. Were the refusal
+                # recorded, a different request's answer is a refusal as well.
+                self._sent.pop(service_id, None)
+            return answer
         finally:
-            self._waiting.pop(header["ServiceID"], None)
-            self._taken.discard(header["ServiceID"])
-            self._money.discard(header["ServiceID"])
+            if self._waiting.get(service_id) is waiter:  # only its own
+                del self._waiting[service_id]
 
     async def _publish(self, topic: str, payload: str) -> None:
         """Publish at QoS 1 and wait for the broker's acknowledgement (10 s, as aiomqtt's
