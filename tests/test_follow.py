@@ -94,6 +94,34 @@ def test_the_decision_waits_for_b_link_only_when_nothing_else_refuses_it(a, b, w
     assert waits_for_its_own_link({A: a}, A, B) is False
 
 
+def test_a_terminal_followed_to_a_slower_link_times_its_frames_at_that_links_speed(tmp_path):
+    """relink() changed the link the worker opens, but its framer kept the first link's
+    seconds per byte: followed from a 115200-baud port to one at 9600, each frame's ACK
+    deadline (line time + ack_timeout) was twelve times too short, and a large frame was
+    sent again, and given up, while its bytes were still on the wire."""
+    from bridge.daemon.journal import Journal
+    from bridge.transports import Backoff
+
+    from .test_terminal_worker import RecordingOutlet
+
+    config = parse_config({"journal": str(tmp_path / "journal.sqlite3"), "terminals": [
+        {"poi_id": A, "link": {"kind": "serial", "device": "/dev/tty-a"}},
+        {"poi_id": B, "link": {"kind": "serial", "device": "/dev/tty-b", "baudrate": 9600}}]})
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        worker = TerminalWorker(config.terminals[0], journal, RecordingOutlet(),
+                                backoff=Backoff(initial=0.05, maximum=0.2))
+        assert worker.framer.seconds_per_byte == pytest.approx(10 / 115200)
+        worker.relink(config.terminals[1].link)
+        assert worker.framer.seconds_per_byte == pytest.approx(10 / 9600)
+        # what that speed decides: a 6300-byte frame's ACK is awaited past its line time
+        worker.framer.send_frame(b"x" * 6300, 0.0)
+        worker.framer.data_to_send(0.0)
+        assert worker.framer.next_deadline() >= 6300 * 10 / 9600
+    finally:
+        journal.close()
+
+
 # --- the daemon ---------------------------------------------------------------------------
 
 async def test_swapped_cables_are_followed_and_each_terminal_gets_its_own_payments(

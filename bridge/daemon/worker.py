@@ -374,6 +374,8 @@ class TerminalWorker:
         once the worker that holds `link` now has closed it (opened before, the device
         would be "in use" or "busy", and the log would say so)."""
         self.config = self.config.model_copy(update={"link": link})
+        # Frames are timed at the speed of the link they go on (a port of another baud rate)
+        self.framer.seconds_per_byte = link.seconds_per_byte
         self._handed_over_by = released
         self._cancel_grace()  # followed: the device here is no longer wrong
         self.session.following = True  # until the link is dropped: refusals say why
