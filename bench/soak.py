@@ -85,6 +85,18 @@ banner, if anything is
             (AuthorizedAmount); every payment's amount is its own, so this is also how a
             payment given another's request or result (of the same kind too) shows; the
             payment the amount belongs to is named,
+  wrong sale
+            a result the register received for a payment (final or not) names another sale
+            than the payment's own: the SaleData.SaleTransactionID.TransactionID it carries,
+            which the terminal echoes from the request in its every answer about a Payment
+            (approved, declined, cancelled, aborted, Busy; a status poll's record too, which
+            the bridge hands on rebuilt as the PaymentResponse), is another payment's (each
+            has its own). This is how two results with no amount of their own (a declined,
+            cancelled or aborted one authorises 0) handed to each other's payments show; the
+            payment the sale belongs to is named. Not covered: what the bridge says in its
+            own words (its refusals, Busy or offline included, `unresolved`, a status poll's
+            `not_found`, which carries no PaymentResponse): no SaleData, nothing to compare
+            (the report counts the results compared),
   disputed  register and journal disagree (a final outcome at the register with no journal
             row counts, except a "shutting down" refusal the bridge produced while draining
             after a SIGTERM: the only refusal before journaling the soak's registers can
@@ -150,6 +162,7 @@ if str(ROOT) not in sys.path:
 import aiomqtt
 
 from bench.soak_terminal import DROPPED_UNREAD
+from bridge.protocol.outcome import dig
 from bridge.simulator.responses import payment_request
 from tests.broker import Mosquitto, find_mosquitto
 
@@ -564,6 +577,9 @@ class Payment:
     # the AuthorizedAmount of the response that came with it (None: the response had none)
     first_final_amount: Any = None
     transaction_id: str | None = None  # the register's SaleTransactionID.TransactionID
+    # (outcome, source, TransactionID) of each result the register received that names a
+    # sale (sale_told): the terminal's answers do, the bridge's own words do not
+    sales_told: list[tuple[str, str, Any]] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)
     abort_id: str | None = None
     resync_at: float | None = None
@@ -596,14 +612,24 @@ def bridge_stamp(text: Any) -> float | None:
         return None
 
 
+def result_says(response: Any, *path: str) -> Any:
+    """What the PaymentResponse of a register's document says at `path` (the bridge hands
+    one shape whichever way it learnt the result: the terminal's answer, or its record a
+    status poll brought back, rebuilt by bridge/protocol/outcome.py, recovered_response);
+    None if it says nothing there (no PaymentResponse: the bridge's own status words)."""
+    return dig(response, "PaymentResponse", *path)
+
+
 def authorised_amount(response: Any) -> Any:
-    """The AuthorizedAmount a register's PaymentResponse carries (the bridge hands one shape
-    whichever way it learnt the result: bridge/protocol/outcome.py, recovered_response);
-    None if it carries none."""
-    try:
-        return response["PaymentResponse"]["PaymentResult"]["AmountsResp"]["AuthorizedAmount"]
-    except (TypeError, KeyError):
-        return None
+    """The AuthorizedAmount a register's PaymentResponse carries; None if none."""
+    return result_says(response, "PaymentResult", "AmountsResp", "AuthorizedAmount")
+
+
+def sale_told(response: Any) -> Any:
+    """The sale a register's PaymentResponse names (SaleData.SaleTransactionID.
+    TransactionID: the terminal echoes the request's SaleData in its every answer about a
+    Payment, whatever the outcome); None if none (a refusal the bridge made itself)."""
+    return result_says(response, "SaleData", "SaleTransactionID", "TransactionID")
 
 
 class Register:
@@ -675,7 +701,8 @@ class Register:
             outcome, source = info["outcome"], info["source"]
             error = info.get("error")
             stamp = bridge_stamp(info.get("at"))
-            told = authorised_amount(payload.get("SaleToPOIResponse"))
+            response = payload.get("SaleToPOIResponse")
+            amount, sale = authorised_amount(response), sale_told(response)
         except (TypeError, ValueError, KeyError, AttributeError):
             self.stray.append({"raw": repr(raw)[:200]})
             return
@@ -688,11 +715,13 @@ class Register:
                 self.stray.append(payload)
             return
         payment.outcomes.append((now, outcome, source))
+        if sale is not None:
+            payment.sales_told.append((outcome, source, sale))
         if outcome != "unresolved":
             if payment.first_final is None:
                 payment.first_final, payment.first_final_at = outcome, now
                 payment.first_final_source, payment.first_final_error = source, error
-                payment.first_final_stamp, payment.first_final_amount = stamp, told
+                payment.first_final_stamp, payment.first_final_amount = stamp, amount
             elif outcome != payment.first_final:
                 payment.conflicts.append(f"{payment.first_final} then {outcome} ({source})")
         payment.answered.set()
@@ -1723,8 +1752,8 @@ def busy_record_of_a_copy(row: dict[str, Any]) -> bool:
 NOT_FOUND_IN_LOG = {"received": None, "bridge_subscribed": None, "saved": False,
                     "dropped": None, "sent": None, "acked": None, "session_lost": False,
                     "reconnected_without_session": False}
-FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "wrong_amount", "unsolicited",
-         "stuck", "disputed", "crashed", "leaked", "incomplete", "too_few")
+FATAL = ("lost", "doubled", "phantom", "wrong_terminal", "wrong_amount", "wrong_sale",
+         "unsolicited", "stuck", "disputed", "crashed", "leaked", "incomplete", "too_few")
 # The floor: a run in which fewer payments were approved than this, per register and second
 # of chaos, fails as too_few (under the chaos, 100-s runs got 0.36 to 0.41: seeds 83 and 84,
 # 2026-12-02), as does a terminal that was addressed, or a register that paid, this many
@@ -1901,6 +1930,14 @@ def what_it_did(entry: dict[str, Any]) -> str:
                                          for r in entry.get("receipts") or [])
 
 
+def whose(what: str, value: Any, owners: dict[Any, str] | None, payment: Payment) -> str:
+    """A note naming the payment `value` (an amount, a sale) belongs to, e.g. " (the sale
+    of TILL2/P7)", when it is another payment's (`owners`: value -> payment key, every
+    payment's being its own); else an empty string."""
+    owner = (owners or {}).get(value) if isinstance(value, int | float | str) else None
+    return f" (the {what} of {owner})" if owner and owner != payment.key else ""
+
+
 def amount_problems(payment: Payment, entries: dict[str, dict[str, Any]],
                     owners: dict[Any, str] | None = None) -> list[str]:
     """What is wrong with the amounts of `payment`: each terminal that received it (its
@@ -1909,9 +1946,8 @@ def amount_problems(payment: Payment, entries: dict[str, dict[str, Any]],
     (AuthorizedAmount). Every payment of a run has an amount of its own (payment_amount):
     `owners` (amount -> payment key) names the payment a wrong amount is of, i.e. whose
     request or result this payment was given."""
-    def whose(amount: Any) -> str:
-        owner = (owners or {}).get(amount) if isinstance(amount, int | float) else None
-        return f" (the amount of {owner})" if owner and owner != payment.key else ""
+    def of(amount: Any) -> str:
+        return whose("amount", amount, owners, payment)
 
     found = []
     for poi, entry in entries.items():
@@ -1919,23 +1955,36 @@ def amount_problems(payment: Payment, entries: dict[str, dict[str, Any]],
             continue
         asked = entry.get("amount")
         if asked is not None and asked != payment.amount:
-            found.append(f"terminal {poi} was asked for {asked!r}{whose(asked)}, the register "
+            found.append(f"terminal {poi} was asked for {asked!r}{of(asked)}, the register "
                          f"asked for {payment.amount!r}")
         if entry.get("currency") not in (None, CURRENCY):
             found.append(f"terminal {poi} was asked for currency {entry['currency']!r}, the "
                          f"register asked for {CURRENCY}")
         if entry.get("charged") and entry.get("authorised") != payment.amount:
             found.append(f"terminal {poi} charged {entry.get('authorised')!r}"
-                         f"{whose(entry.get('authorised'))}, the register asked for "
+                         f"{of(entry.get('authorised'))}, the register asked for "
                          f"{payment.amount!r}")
     if payment.first_final == "approved" and payment.first_final_amount != payment.amount:
         found.append(f"the register was told approved ({payment.first_final_source}) for "
-                     f"{payment.first_final_amount!r}{whose(payment.first_final_amount)} "
+                     f"{payment.first_final_amount!r}{of(payment.first_final_amount)} "
                      f"(AuthorizedAmount), it asked for {payment.amount!r}"
                      if payment.first_final_amount is not None else
                      f"the register was told approved ({payment.first_final_source}) with no "
                      f"AuthorizedAmount; it asked for {payment.amount!r}")
     return found
+
+
+def sale_problems(payment: Payment, owners: dict[Any, str] | None = None) -> list[str]:
+    """The results the register received for `payment` that name another sale than its own
+    (SaleTransactionID.TransactionID): the bridge handed it another payment's result. Of
+    use where amounts cannot tell (a declined, cancelled or aborted result authorises 0,
+    whatever was asked). `owners` (TransactionID -> payment key) names whose result it was.
+    A result that names no sale (the bridge's own words) is not judged here."""
+    if payment.transaction_id is None:
+        return []
+    return [f"the register was told {outcome} ({source}) for sale {sale!r}"
+            f"{whose('sale', sale, owners, payment)}, its own is {payment.transaction_id!r}"
+            for outcome, source, sale in payment.sales_told if sale != payment.transaction_id]
 
 
 def request_problems(payment: Payment, entries: dict[str, dict[str, Any]]) -> list[str]:
@@ -2013,6 +2062,8 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
     payments = [p for r in soak.registers for p in r.payments.values()]
     by_key = {p.key: p for p in payments}
     owners = {p.amount: p.key for p in payments}  # every payment's amount is its own
+    by_sale = {p.transaction_id: p for p in payments if p.transaction_id}  # and its sale
+    sale_owners = {sale: p.key for sale, p in by_sale.items()}
     repeats = repeated_receipts(ledgers)
     counts: Counter[str] = Counter()
     problems: list[dict[str, Any]] = []
@@ -2069,6 +2120,9 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
         for text in amount_problems(p, {poi: ledgers[poi][p.key]
                                         for poi in seen_at.get(p.key, [])}, owners):
             problem("wrong_amount", p, text)
+        counts["sales_compared"] += len(p.sales_told)
+        for text in sale_problems(p, sale_owners):
+            problem("wrong_sale", p, text)
         for text in request_problems(p, {poi: ledgers[poi][p.key]
                                          for poi in seen_at.get(p.key, [])}):
             problem("unsolicited", p, text)
@@ -2298,7 +2352,6 @@ def audit(soak: Soak, ledgers: dict[str, dict[str, Any]], rows: list[dict[str, A
                     poi_id=poi_id, key=key)
     # The register's sale sent again under a ServiceID no register sent: doubled (and
     # unsolicited, below); a blind re-send if a copy of the payment was dropped unread first.
-    by_sale = {p.transaction_id: p for p in payments if p.transaction_id}
     for poi_id, ledger in ledgers.items():
         for key, entry in ledger.items():
             p = by_sale.get(entry.get("transaction_id"))
@@ -2433,6 +2486,7 @@ def report(result: dict[str, Any]) -> bool:
         ("never reached the bridge", c["never_reached_bridge"]),
         ("recovered by resync", c["recovered_by_resync"]),
         ("aborts sent", c["aborts_sent"]),
+        ("results whose sale was compared", c["sales_compared"]),
         ("terminal swaps (cables)", result.get("swaps", 0)),
         ("followed by the daemon (log)", result.get("follows", 0)),
         ("requests retransmitted (link)", c["retransmitted_requests"]),
@@ -2440,6 +2494,7 @@ def report(result: dict[str, Any]) -> bool:
         ("  of them money requests", c["dropped_unread_money"]),
         ("LOST", c["lost"]), ("DOUBLED", c["doubled"]), ("PHANTOM", c["phantom"]),
         ("WRONG TERMINAL", c["wrong_terminal"]), ("WRONG AMOUNT", c["wrong_amount"]),
+        ("WRONG SALE (another's result)", c["wrong_sale"]),
         ("UNSOLICITED", c["unsolicited"]),
         ("STUCK", c["stuck"]), ("DISPUTED", c["disputed"]), ("CRASHED", c["crashed"]),
         ("AUDIT INCOMPLETE", c["incomplete"]), ("TOO FEW APPROVED (floor)", c["too_few"]),
@@ -2502,8 +2557,8 @@ def report(result: dict[str, Any]) -> bool:
             print(f"[{tag}] ({n}): known bridge bug: {KNOWN_BUGS.get(tag, '?')}")
         return False
     print("soak passed: nothing lost, doubled, phantom, on a wrong terminal, of a wrong amount, "
-          "unsolicited, disputed, stuck or crashed, the audit complete, above the floor of "
-          "approvals"
+          "of another sale, unsolicited, disputed, stuck or crashed, the audit complete, above "
+          "the floor of approvals"
           + (", no key material leaked" if result.get("keys", "none") != "none" else ""))
     return True
 

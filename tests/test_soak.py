@@ -1594,13 +1594,17 @@ def test_audit_catches_two_payments_of_one_kind_given_each_others_results(tmp_pa
     soak.registers = tills
     rows = [dict(row(p.service_id), sale_id=p.sale_id) for p in (x, y)]
     result = run_audit(soak, {POI: simulator.summary()}, rows)
+    # (and each result names the other's sale: see the declined pair below)
     assert sorted((p["kind"], p["key"]) for p in result["problems"]) == [
-        ("wrong_amount", x.key), ("wrong_amount", y.key)], result["problems"]
-    text = next(p["text"] for p in result["problems"] if p["key"] == x.key)
+        ("wrong_amount", x.key), ("wrong_amount", y.key),
+        ("wrong_sale", x.key), ("wrong_sale", y.key)], result["problems"]
+    text = next(p["text"] for p in result["problems"]
+                if p["key"] == x.key and p["kind"] == "wrong_amount")
     assert f"the amount of {y.key}" in text, text
     assert soak_module.report(result) is False
     # each told its own result: nothing to say
     x.first_final_amount, y.first_final_amount = x.amount, y.amount
+    x.sales_told, y.sales_told = ([("approved", "terminal", p.transaction_id)] for p in (x, y))
     assert run_audit(soak, {POI: simulator.summary()}, rows)["problems"] == []
 
 
@@ -1619,3 +1623,92 @@ def test_every_payment_has_an_amount_of_its_own_and_its_kinds_behaviour(tmp_path
             request = payment_request("TILL1", "X", POI, amount)["SaleToPOIRequest"]
             chosen = simulator._behaviour_for(request["MessageHeader"], request)
             assert chosen.model_dump(include=set(behaviour)) == behaviour, (kind, amount)
+
+
+# --- results with no amount of their own: the sale they name ------------------------------------
+
+def _declined_pair(tmp_path: Path) -> tuple[list[Any], list[Any], Any, dict[str, Any]]:
+    """Two declined payments (TILL1's, TILL2's: AuthorizedAmount 0 in both results), run on
+    one of the soak's simulated terminals, and each one's result as the bridge hands it to a
+    register: the terminal's own answer (source terminal) and the record a status poll
+    learnt (source status-poll, the RepeatedMessageResponse rebuilt: recovered_response)."""
+    import asyncio
+
+    from bridge.protocol.builders import request_header, status_request
+    from bridge.protocol.messages import parse_message
+    from bridge.protocol.outcome import classify, recovered_response
+    from bridge.simulator.responses import payment_request
+
+    tills, simulator = _register_pair(tmp_path)
+    payments = [asyncio.run(till.pay(SimpleNamespace(poi_id=POI), "decline")) for till in tills]
+    results: dict[str, Any] = {}
+    for at, p in ((100.0, payments[0]), (110.0, payments[1])):
+        request = payment_request(p.sale_id, p.service_id, POI, p.amount)
+        direct = simulator.handle(request, at).answers[0].document
+        poll = status_request(sale_id=p.sale_id, service_id=f"S{p.service_id}", poi_id=POI,
+                              original_service_id=p.service_id, original_category="Payment")
+        record = simulator.handle(poll, at + 5).answers[0].document
+        results[p.key] = {"terminal": direct, "status-poll": recovered_response(
+            classify(parse_message(record)), request_header(request))}
+        assert soak_module.authorised_amount(direct["SaleToPOIResponse"]) == 0
+    return tills, payments, simulator, results
+
+
+def _told(till: Any, payment: Any, response: dict[str, Any], source: str,
+          outcome: str = "declined") -> None:
+    """`till` receives `response` as the result of `payment` (under its IDs), as the bridge
+    publishes it (bridge/daemon/registers.py, result_payload)."""
+    from bridge.daemon.registers import result_payload
+    from bridge.protocol.actions import Deliver
+
+    till._on_message(json.dumps(result_payload(Deliver(
+        payment.sale_id, payment.service_id, POI, "Payment", outcome, source, response),
+        120.0)))
+
+
+def _audit_pair(tmp_path: Path, tills: list[Any], payments: list[Any], simulator: Any,
+                outcome: str = "declined") -> dict[str, Any]:
+    soak = fake_soak(tmp_path)
+    soak.registers = tills
+    rows = [dict(row(p.service_id, outcome), sale_id=p.sale_id) for p in payments]
+    return run_audit(soak, {POI: simulator.summary()}, rows)
+
+
+def test_audit_catches_two_declined_payments_given_each_others_results(tmp_path):
+    """A declined result carries AuthorizedAmount 0, whatever was asked: a bridge that
+    handed TILL1's declined payment TILL2's declined result (and back) passed every check,
+    the amounts' included. The terminal echoes the request's SaleData in every answer about
+    a Payment (its status record too): the result names another sale than the payment's
+    own (SaleTransactionID.TransactionID), and the run fails as wrong_sale, naming whose."""
+    tills, (x, y), simulator, results = _declined_pair(tmp_path)
+    _told(tills[0], x, results[y.key]["terminal"], "terminal")
+    _told(tills[1], y, results[x.key]["status-poll"], "status-poll")
+    assert x.first_final == y.first_final == "declined"
+    result = _audit_pair(tmp_path, tills, [x, y], simulator)
+    assert sorted((p["kind"], p["key"]) for p in result["problems"]) == [
+        ("wrong_sale", x.key), ("wrong_sale", y.key)], result["problems"]
+    text = {p["key"]: p["text"] for p in result["problems"]}
+    assert f"'{y.transaction_id}' (the sale of {y.key})" in text[x.key], text
+    assert f"(status-poll) for sale '{x.transaction_id}' (the sale of {x.key})" in text[y.key]
+    assert soak_module.report(result) is False
+
+
+def test_audit_passes_results_that_name_their_own_sale_and_says_how_many_it_compared(tmp_path):
+    """Each payment told its own result, directly and again from a status poll: nothing to
+    say. A refusal the bridge made itself names no sale (its own words, no SaleData): not
+    compared, and not a problem."""
+    from bridge.protocol.builders import failure_response
+
+    tills, (x, y), simulator, results = _declined_pair(tmp_path)
+    for till, p in zip(tills, (x, y), strict=True):
+        _told(till, p, results[p.key]["terminal"], "terminal")
+        _told(till, p, results[p.key]["status-poll"], "status-poll")
+    result = _audit_pair(tmp_path, tills, [x, y], simulator)
+    assert result["problems"] == [] and result["counts"]["sales_compared"] == 4, result
+    assert soak_module.report(result) is True
+    refusal = failure_response(results[x.key]["terminal"]["SaleToPOIResponse"]["MessageHeader"],
+                               "Payment", "Busy", "terminal busy")
+    _told(tills[0], x, refusal, "bridge")
+    assert soak_module.sale_told(refusal["SaleToPOIResponse"]) is None
+    result = _audit_pair(tmp_path, tills, [x, y], simulator)
+    assert result["problems"] == [] and result["counts"]["sales_compared"] == 4, result
