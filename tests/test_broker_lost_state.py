@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,67 @@ async def test_after_a_power_cut_the_restarted_daemon_publishes_again_what_the_b
         document = await retained_document(broker)
         assert document["state"] == "final"
     assert len(lost_state_errors(caplog)) == 1, caplog.messages
+
+
+async def test_a_quiet_day_then_a_power_cut_still_finds_the_broker_lost_its_state(
+        tmp_path: Path, caplog: Any) -> None:
+    """Review: after a restart, whether the broker still held the bridge's MQTT 5 session was
+    judged from the last message it acknowledged, while the session's 24-hour expiry runs
+    from the bridge's disconnect. A store with no payment for over a day, then a power cut
+    taking broker and daemon together: no ERROR, nothing published again. The journal now
+    keeps when the bridge was last connected (at connect, then every health_interval)."""
+    from unittest import mock
+
+    from bridge.daemon.journal import Journal
+
+    from .test_daemon_mqtt import BASE as GATEWAY_BASE, eventually, running
+    from .test_mqtt_faults import gateway_for
+
+    caplog.set_level(logging.INFO)
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    document = f"{GATEWAY_BASE}/transactions/{TILL}/P1"
+    saturday = time.time() - 25 * 3600  # the last payment
+    with mock.patch("time.time", return_value=saturday):
+        journal.enqueue([(document, b'{"state":"final"}', 1, True)])
+        journal.mark_delivered([m.id for m in journal.pending()])
+    try:
+        gateway = gateway_for(broker, journal, protocol="5", health_interval=0.2)
+        async with running(gateway):  # the daemon up through the quiet day, until now
+            await eventually(lambda: gateway.connected)
+            first = journal.last_connected_at()
+            await eventually(lambda: journal.last_connected_at() > first)  # kept fresh
+        assert not lost_state_errors(caplog)
+        broker.kill()  # the power cut: the broker's state is gone with its file
+        for saved in (tmp_path / "mosquitto").glob("*.db"):
+            saved.unlink()
+        broker.start()
+        gateway = gateway_for(broker, journal, protocol="5")  # the daemon starts again
+        async with running(gateway):
+            await eventually(lambda: gateway.connected)
+            await eventually(lambda: not journal.pending())
+        assert gateway.lost_state == 1
+        assert len(lost_state_errors(caplog)) == 1, caplog.messages
+        async with Subscriber(broker, [f"{GATEWAY_BASE}/transactions/#"],
+                              client_id="downloader") as downloader:
+            assert await wait_until(lambda: downloader.on(document), timeout=5)
+        # A bridge away for longer than the session expiry finds it gone as agreed: no ERROR
+        away = time.time() - 25 * 3600
+        with journal._transaction() as db:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'last_connected'", (repr(away),))
+            db.execute("UPDATE outbox SET delivered_at = ?", (away,))
+        broker.kill()
+        for saved in (tmp_path / "mosquitto").glob("*.db"):
+            saved.unlink()
+        broker.start()
+        gateway = gateway_for(broker, journal, protocol="5")
+        async with running(gateway):
+            await eventually(lambda: gateway.connected)
+        assert gateway.lost_state == 0
+        assert len(lost_state_errors(caplog)) == 1, caplog.messages
+    finally:
+        journal.close()
+        broker.kill()
 
 
 async def test_the_example_brokers_save_what_they_acknowledged_at_once(tmp_path: Path) -> None:

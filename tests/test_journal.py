@@ -149,6 +149,78 @@ def test_prune_in_steps_clears_each_forgotten_transactions_retained_topic(tmp_pa
     assert sorted(cleared) == [(f"transactions/R1/S{n}", b"", True) for n in range(5)]
 
 
+def test_prune_keeps_the_documents_of_a_transaction_still_open(tmp_path):
+    """Review: the prune deleted every delivered message older than the retention, the
+    retained documents of open transactions too. A transaction left unresolved stays open
+    however long: after 48 h a broker that lost its state got nothing back for it (redeliver
+    found no document to publish again), against the README's "the latest retained
+    document of every transaction it keeps". An open transaction's documents now stay."""
+    from unittest import mock
+
+    from bridge.daemon.registers import Topics
+
+    topics = Topics("b")
+
+    def retained(key: TxKey) -> str:
+        return topics.transaction(key.sale_id, key.service_id)
+
+    journal = Journal(tmp_path / "j.sqlite3")
+    given_up, done = make_txn("OPEN", TxState.UNRESOLVED), make_txn("DONE", TxState.FINAL)
+    three_days_ago = time.time() - 72 * 3600
+    given_up.updated_at = done.updated_at = three_days_ago
+    open_topic, done_topic = retained(given_up.key), retained(done.key)
+    with mock.patch("time.time", return_value=three_days_ago):
+        journal.save(given_up, [(open_topic, b'{"state":"in_progress"}', 1, True),
+                                ("b/registers/R1/event", b'{"event":"accepted"}', 1, False)])
+        journal.save(given_up, [(open_topic, b'{"state":"unresolved"}', 1, True),
+                                ("b/registers/R1/response", b'{"n":1}', 1, False)])
+        journal.save(done, [(done_topic, b'{"state":"final"}', 1, True)])
+        journal.mark_delivered([m.id for m in journal.pending()])
+    journal.prune(time.time() - 48 * 3600, retained=retained)
+    assert journal.get(given_up.key) is not None and journal.get(done.key) is None
+    (left,) = journal._db.execute("SELECT COUNT(*) FROM outbox WHERE retain = 0").fetchone()
+    assert left == 0  # what the registers were told long ago goes as before
+    # The broker lost its state: the open transaction's latest document goes out again
+    count = journal.redeliver("b/transactions/", "b/registers/", time.time() - 3600, 5000)
+    assert count == 1
+    assert sorted((m.topic, m.payload) for m in journal.pending()) == [
+        (done_topic, b""),  # the forgotten one's clearing
+        (open_topic, b'{"state":"unresolved"}')]
+
+
+def test_prune_keeps_a_final_transaction_whose_result_has_not_reached_the_broker(tmp_path):
+    """Review: the prune forgot a final transaction by its age alone, its result still in
+    the outbox (the broker out of reach, or refusing it, for over 48 h). Meanwhile `resync`
+    answered "no transaction", and a register's repeat of the request was not known as one:
+    it could go to the terminal as a new payment. A transaction is kept while a message
+    written since it ended waits; those older go as before."""
+    from unittest import mock
+
+    def retained(key: TxKey) -> str:
+        return f"b/transactions/{key.sale_id}/{key.service_id}"
+
+    journal = Journal(tmp_path / "j.sqlite3")
+    earlier, unsent = make_txn("EARLIER", TxState.FINAL), make_txn("UNSENT", TxState.FINAL)
+    earlier.updated_at = time.time() - 80 * 3600
+    unsent.updated_at = time.time() - 72 * 3600
+    with mock.patch("time.time", return_value=earlier.updated_at):
+        journal.save(earlier, [(retained(earlier.key), b'{"state":"final"}', 1, True)])
+        journal.mark_delivered([m.id for m in journal.pending()])
+    with mock.patch("time.time", return_value=unsent.updated_at):  # the broker went away
+        journal.save(unsent, [("b/registers/R1/response", b'{"n":1}', 1, False),
+                              (retained(unsent.key), b'{"state":"final"}', 1, True)])
+    journal.prune(time.time() - 48 * 3600, retained=retained)
+    assert journal.get(earlier.key) is None  # all it owed went out before
+    assert journal.get(unsent.key) is not None
+    assert [m.topic for m in journal.pending()] == [
+        "b/registers/R1/response", retained(unsent.key), retained(earlier.key)]
+    # The broker is back and takes them: the next prune forgets it, its document cleared
+    journal.mark_delivered([m.id for m in journal.pending()])
+    journal.prune(time.time() - 48 * 3600, retained=retained)
+    assert journal.get(unsent.key) is None
+    assert [(m.topic, m.payload) for m in journal.pending()] == [(retained(unsent.key), b"")]
+
+
 async def test_the_prune_loop_lets_the_loop_run_between_its_steps(tmp_path):
     import types
 

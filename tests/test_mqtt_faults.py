@@ -168,6 +168,47 @@ async def test_with_mqtt5_a_retained_transaction_document_expires_after_its_rete
         journal.close()
 
 
+async def test_with_mqtt5_an_open_transactions_document_does_not_expire(tmp_path, mosquitto):
+    """Review: every transactions/... document carried the Message Expiry, an open one too.
+    A transaction left unresolved stays open however long (the bridge keeps asking its
+    terminal), so its in_progress or unresolved document vanished from the broker after
+    about 50 h while the journal still held it open. Now only a final document expires.
+    Time compressed: a retention of 1 s and no slack stand for 48 h + 2 h."""
+    from unittest import mock
+
+    from bridge.daemon import mqtt as mqtt_module
+    from bridge.protocol.actions import Deliver, Progress
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    gateway = gateway_for(mosquitto, journal, protocol="5")
+    gateway.config = gateway.config.model_copy(update={"transaction_retention": 1.0})
+    documents = f"{BASE}/transactions/TILL1/"
+    gateway.progress(Progress("TILL1", "OPEN", POI, "accepted"))  # in_progress
+    gateway.progress(Progress("TILL1", "GIVEN-UP", POI, "accepted"))
+    gateway.deliver(Deliver("TILL1", "GIVEN-UP", POI, "Payment", "unresolved", "bridge", None,
+                            "no answer from the terminal", accepted=True))
+    gateway.progress(Progress("TILL1", "DONE", POI, "accepted"))
+    gateway.deliver(Deliver("TILL1", "DONE", POI, "Payment", "approved", "terminal", None,
+                            accepted=True))
+    seen: dict[str, dict] = {}
+    try:
+        with mock.patch.object(mqtt_module, "RETAINED_EXPIRY_SLACK", 0.0):
+            async with running(gateway):
+                await eventually(lambda: not journal.pending())
+        await asyncio.sleep(2.5)  # past the compressed retention
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="office",
+                                  protocol=aiomqtt.ProtocolVersion.V5) as office:
+            await office.subscribe(f"{documents}#", qos=1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.5):
+                    async for message in office.messages:
+                        seen[message.topic.value[len(documents):]] = json.loads(message.payload)
+    finally:
+        journal.close()
+    assert {name: document["state"] for name, document in seen.items()} == {
+        "OPEN": "in_progress", "GIVEN-UP": "unresolved"}, seen
+
+
 async def test_a_registers_request_with_a_response_topic_is_not_warned_about(
         tmp_path, mosquitto, caplog):
     """A register's request is answered on the register's topics, whatever ResponseTopic
@@ -599,6 +640,42 @@ async def refusing_broker(tmp_path, retry: Backoff):
     finally:
         journal.close()
         broker.kill()
+
+
+async def test_with_mqtt5_a_refused_online_says_to_let_the_bridge_write_its_state(
+        tmp_path, caplog):
+    """Review: an ACL that lets the bridge read its own bridge/state but not write it. The
+    broker refuses the "online" (PUBACK 0x87), which aiomqtt's publish took as published:
+    the bridge then waited for it to come back and said to let its user READ that topic,
+    the wrong advice. The PUBACK's reason is now read (as for every outbox message), and
+    the error says the ACL must let the bridge write there."""
+    from bridge.daemon.peers import ANNOUNCE_TIMEOUT
+
+    from .broker import Mosquitto
+
+    state = f"{BASE}/bridge/state"
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic read {state}\n" + "".join(
+        f"topic readwrite {BASE}/{topics}\n"
+        for topics in ("registers/#", "terminals/#", "transactions/#", "bridge/request/#",
+                       "bridge/response/#", "bridge/error", "bridge/health")))
+    broker = Mosquitto(tmp_path / "acl-broker", extra_config=f"acl_file {acl}\n").start()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    gateway = gateway_for(broker, journal, protocol="5")
+    try:
+        async with running(gateway):
+            started = time.monotonic()
+            await eventually(lambda: gateway.connected, timeout=15)
+            waited = time.monotonic() - started
+    finally:
+        journal.close()
+        broker.kill()
+    said = errors(caplog)
+    assert any("refused the bridge's \"online\"" in line and state in line
+               and "write" in line for line in said), said
+    assert not any("did not come back" in line for line in said), said
+    assert gateway.peers.blind  # it cannot see another bridge there: said so, serving on
+    assert waited < ANNOUNCE_TIMEOUT  # nothing to wait for: it will not come back
 
 
 async def test_a_publish_the_broker_refuses_stays_pending_and_is_retried(tmp_path, caplog):

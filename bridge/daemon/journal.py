@@ -50,6 +50,11 @@ log = logging.getLogger("poi_bridge.journal")
 SCHEMA_VERSION = 1
 CHECKPOINT_INTERVAL = 1.0  # s between WAL checkpoints (see start_checkpoints)
 WAL_RESET_BYTES = 64 * 1024 * 1024  # a WAL past this is started over by the daemon (_reset_wal)
+# s: a transaction is forgotten only if it ended this long before the oldest message still
+# waiting was written (prune): its stamps are the daemon's steady clock, the outbox's the wall
+# clock, apart by a step of the system clock not yet followed (30 s) or one followed (which
+# moves the transactions' stamps alone)
+UNDELIVERED_MARGIN = 3600.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS transactions (
@@ -913,6 +918,24 @@ class Journal:
         (at,) = self._db.execute("SELECT MAX(delivered_at) FROM outbox").fetchone()
         return at
 
+    def note_connected(self) -> None:
+        """The bridge is connected to the broker now: the last time it was, for the next
+        start (an MQTT 5 session expires counted from the bridge's disconnect, not from the
+        last message the broker took). One row, rewritten."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO meta (key, value) VALUES ('last_connected', ?) "
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                       (repr(time.time()),))
+
+    def last_connected_at(self) -> float | None:
+        """When the bridge was last noted connected to the broker (note_connected), or None
+        (never, or a journal of a bridge that did not note it)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'last_connected'").fetchone()
+        try:
+            return None if row is None else float(row[0])
+        except ValueError:  # (not the journal's own writing: as if never noted)
+            return None
+
     def redeliver(self, documents: str, responses: str, since: float, limit: int) -> int:
         """Mark pending again, for a broker that lost what it had acknowledged: the newest
         message of each retained topic under the prefix `documents` (unless it clears the
@@ -959,15 +982,30 @@ class Journal:
         """Forget delivered messages and final transactions last touched before `older_than`,
         at most `limit` of each (-1: all), in one step. `retained`: a transaction's retained
         topic, cleared (an empty retained message queued) in the step that forgets it, so
-        that no transaction is forgotten with its document left on the broker. Returns the
-        rows removed; fewer than `limit` of each: nothing older is left."""
+        that no transaction is forgotten with its document left on the broker; the
+        documents of an open transaction are kept however old, for redeliver (an unresolved
+        one stays open for days: a broker that lost its state must get its document back).
+        A transaction is forgotten only if it ended before the oldest message still waiting
+        was written (UNDELIVERED_MARGIN before): while its result has not reached the broker
+        (out of reach, or refusing it, for longer than the retention) it must stay known,
+        for `resync` and to tell a register's repeat from a new payment.
+        Returns the rows removed; fewer than `limit` of each: nothing older is left."""
         with self._transaction() as db:
+            ended_before = older_than
+            waiting = db.execute("SELECT created_at FROM outbox WHERE delivered_at IS NULL "
+                                 "ORDER BY id LIMIT 1").fetchone()
+            if waiting is not None:
+                ended_before = min(older_than, waiting[0] - UNDELIVERED_MARGIN)
+            open_documents = "[]" if retained is None else _dumps([
+                retained(TxKey(*key)) for key in db.execute(
+                    "SELECT sale_id, service_id FROM transactions WHERE state != 'final'")])
             removed = db.execute(
                 "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE delivered_at IS "
-                "NOT NULL AND delivered_at < ? LIMIT ?)", (older_than, limit)).rowcount
+                "NOT NULL AND delivered_at < ? AND NOT (retain = 1 AND topic IN (SELECT value "
+                "FROM json_each(?))) LIMIT ?)", (older_than, open_documents, limit)).rowcount
             keys = db.execute(
                 "SELECT sale_id, service_id FROM transactions WHERE state = 'final' AND "
-                "updated_at < ? LIMIT ?", (older_than, limit)).fetchall()
+                "updated_at < ? LIMIT ?", (ended_before, limit)).fetchall()
             if retained is not None:
                 for key in keys:
                     self._enqueue(db, retained(TxKey(*key)), b"", 1, True)

@@ -41,6 +41,7 @@ from bridge.daemon.registers import (
     dumps,
     event_payload,
     id_text,
+    is_final_document,
     partial_amounts,
     redacted_refusal,
     refusal_category,
@@ -148,7 +149,7 @@ def _transaction_echo(payload: bytes) -> Any:
     return body.get("transaction") if isinstance(body, dict) else None
 
 
-# A retained transaction document expires this long after the daemon would have cleared it
+# A final transaction document expires this long after the daemon would have cleared it
 # (its prune runs hourly): the expiry is the backstop, never the rule.
 RETAINED_EXPIRY_SLACK = 2 * 3600.0
 
@@ -503,6 +504,7 @@ class RegisterGateway:
                                  self._waiting("being sent now"))
                     outage_since = None
                     self._check_session(client)
+                    self.journal.note_connected()  # (after the check: it reads the last one)
                     await self._serve(client)
             except aiomqtt.MqttError as exc:
                 self.broker_problem = "login refused" if login_refused(exc) else "unreachable"
@@ -590,14 +592,19 @@ class RegisterGateway:
         went what it had acknowledged and not yet passed on (results for a register that was
         away) and the retained transaction documents, which the journal holds as delivered:
         the recent ones are marked pending again, and the pump publishes them first.
-        "Had a session" means: connected in this run, or, after a daemon restart, the broker
-        acknowledged a message the journal keeps (a first start has none: nothing to send).
-        An MQTT 5 session the bridge left longer ago than its expiry is gone as agreed."""
+        "Had a session" means: connected in this run, or, after a daemon restart, connected
+        in an earlier one (the journal notes it at connect and every health_interval; one of
+        an older bridge, only the last message the broker acknowledged tells). A first start
+        has none: nothing to send. An MQTT 5 session the bridge left longer ago than its
+        expiry (counted from the disconnect, up to a health_interval after the last note) is
+        gone as agreed."""
         if client.session_present is not False:
             return
-        seen = self._left_at if self._left_at is not None else self.journal.last_delivered_at()
-        if seen is None or (self.config.protocol == "5"
-                            and time.time() - seen > SESSION_EXPIRY):
+        seen = self._left_at if self._left_at is not None else max(
+            (at for at in (self.journal.last_connected_at(), self.journal.last_delivered_at())
+             if at is not None), default=None)
+        if seen is None or (self.config.protocol == "5" and time.time() - seen
+                            > SESSION_EXPIRY + self.config.health_interval):
             return
         window, limit = self.config.republish_window, self.config.republish_limit
         count = self.journal.redeliver(self._transactions_prefix,
@@ -649,10 +656,9 @@ class RegisterGateway:
                 {"options": SubscribeOptions(qos=1, retainAsPublished=True)}
                 if self.config.protocol == "5" else {"qos": 1})
             await self._subscribe(client, options)
-        await client.publish(self.topics.bridge_state, dumps(self.peers.online()), qos=1,
-                             retain=True)
+        announced = await self._announce_online(client)
         self._announced_here = True
-        if self._accepting:
+        if self._accepting and announced:
             await self._hear_back()
         self._state_dirty = set(self._terminal_states)
         self._state_ready.set()
@@ -697,6 +703,26 @@ class RegisterGateway:
                       "charge every payment twice. Let the bridge's user read it in the "
                       "broker's ACL (examples/mosquitto/acl)", self.topics.bridge_state, code)
             self.peers.go_blind()
+
+    async def _announce_online(self, client: PipelinedClient) -> bool:
+        """Say "online" on bridge/state, once the broker has taken it. Its PUBACK is read as
+        the outbox's are (publish_nowait): aiomqtt's publish() takes a refusal (MQTT 5, an
+        ACL that lets the bridge read its state topic but not write it) for a delivery.
+        False when refused: that "online" never comes back to be heard (_hear_back)."""
+        topic = self.topics.bridge_state
+        try:
+            await client.acknowledged(client.publish_nowait(
+                topic, dumps(self.peers.online()), qos=1, retain=True))
+        except PublishRefused as refusal:
+            log.error("the MQTT broker refused the bridge's \"online\" on %s (%s): registers "
+                      "waiting for it wait in vain, and the bridge cannot see another bridge "
+                      "serving the same topics, which would charge every payment twice. Let "
+                      "the bridge's user (%s) write that topic in the broker's ACL (topic "
+                      "write %s, as in examples/mosquitto/acl); taking requests meanwhile",
+                      topic, refusal, self.config.username or "anonymous", topic)
+            self.peers.go_blind()
+            return False
+        return True
 
     async def _hear_back(self) -> None:
         """Requests are taken once the broker has passed this bridge's own "online" back: it
@@ -989,8 +1015,10 @@ class RegisterGateway:
     def _properties_for(self, message: OutboxMessage) -> Properties | None:
         if self.config.protocol != "5":
             return None
-        expires = message.retain and bool(message.payload) and message.topic.startswith(
-            self._transactions_prefix)
+        # A final document only: an open transaction (in_progress, or unresolved and still
+        # asked about) stays in the journal however long, and its document on the broker too
+        expires = message.retain and message.topic.startswith(self._transactions_prefix) \
+            and is_final_document(message.payload)
         if message.correlation is None and not expires:
             return None
         properties = Properties(PacketTypes.PUBLISH)
@@ -999,7 +1027,11 @@ class RegisterGateway:
         if expires:
             # The daemon clears a transaction's retained document once the journal forgets
             # it; should that clearing be lost (a chain bridge's full queue drops it), the
-            # broker, and an MQTT 5 bridge's other side, drop the document themselves.
+            # broker, and an MQTT 5 bridge's other side, drop the document themselves. The
+            # journal forgets a transaction transaction_retention after it ended (its
+            # updated_at), and never while a message of it waits (Journal.prune); a final
+            # document goes out at that end or later, and its expiry counts from then: it
+            # never falls before that clearing.
             properties.MessageExpiryInterval = int(
                 self.config.transaction_retention + RETAINED_EXPIRY_SLACK)
         return properties
@@ -1040,6 +1072,9 @@ class RegisterGateway:
         # at the default interval) and drop payment results past its limit. The retained
         # copy still reaches head office when the link is back.
         while True:
+            # The session's expiry counts from when the bridge left: this is the last time
+            # it was here, for the next start (_check_session)
+            self.journal.note_connected()
             if self.health_source is not None:
                 await client.publish(self.topics.bridge_health, dumps(self.health_source()),
                                      qos=0, retain=True)

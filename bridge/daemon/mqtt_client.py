@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import struct
 import time
 import types
@@ -202,8 +203,18 @@ class AcknowledgedClient(aiomqtt.Client):
         await self._until_disconnected(super().unsubscribe(*args, **kwargs), "unsubscribing")
 
     async def publish(self, *args: Any, **kwargs: Any) -> None:
-        # (the bridge's "online" waits for its PUBACK before requests are taken)
         await self._until_disconnected(super().publish(*args, **kwargs), "publishing")
+
+    async def acknowledged(self, sent: asyncio.Future[None]) -> None:
+        """Wait for the acknowledgement of a `publish_nowait`, as `publish()` waits for its
+        own (up to the client's time-out, and not past the connection's end: MqttError),
+        but with what it said: PublishRefused for a refusal, which `publish()` takes for a
+        delivery. (The bridge's "online" waits so before requests are taken.)"""
+        try:
+            await asyncio.wait_for(self._until_disconnected(sent, "publishing"),
+                                   None if self.timeout == math.inf else self.timeout)
+        except TimeoutError:
+            raise aiomqtt.MqttError("Operation timed out") from None
 
     async def _until_disconnected(self, call: Any, doing: str) -> Any:
         """A SUBSCRIBE (UNSUBSCRIBE, QoS 1 PUBLISH) the connection took with it is never

@@ -388,6 +388,12 @@ def transaction_payload_from(response_payload: bytes, result: Deliver) -> bytes:
     return response_payload[:-1] + b',"state":"' + state.encode() + b'"}'
 
 
+def is_final_document(payload: bytes) -> bool:
+    """Whether a transactions/... document (as serialised above, "state" its last key) says
+    the transaction ended. Read from its bytes: asked for each document published."""
+    return payload.endswith(b'"state":"final"}')
+
+
 def stored_result(txn: Transaction) -> Deliver:
     """A journal entry as the Deliver it was (for a repeat of a known request, or a resync)."""
     outcome = txn.outcome or "unresolved"
