@@ -217,6 +217,14 @@ def _object(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _refused_unrecorded(answer: dict[str, Any]) -> bool:
+    """Whether `answer` is the bridge's own refusal of a request it did not take (nothing
+    recorded under its IDs), not a conflict refusal nor a result."""
+    info = _object(answer.get("bridge"))
+    return (info.get("source") == "bridge" and info.get("outcome") == "rejected"
+            and "conflict" not in info)
+
+
 @dataclass(eq=False)
 class _Waiter:
     """One request() call waiting for its answer. Answers name the request by its ServiceID
@@ -463,10 +471,11 @@ class RegisterClient:
             if on_published is not None:
                 on_published()
             answer = await asyncio.wait_for(waiter.future, timeout)
-            if earlier is None and not waiter.taken:
-                # refused before the bridge took it: perhaps nothing stands under these IDs
-                # (a malformed request), and a corrected one runs there. Were the refusal
-                # recorded, a different request's answer is a refusal as well.
+            if earlier is None and not waiter.taken and _refused_unrecorded(answer):
+                # refused before the bridge took it (a malformed request): nothing stands
+                # under these IDs, and a corrected one runs there. Any other answer (from the
+                # journal for a repeat, which comes BEFORE its `duplicate` event) means the
+                # request stands: a different one under these IDs gets only its refusal.
                 self._sent.pop(service_id, None)
             return answer
         finally:

@@ -123,3 +123,37 @@ async def test_a_corrected_request_after_a_refusal_that_left_nothing_gets_its_ow
         answer = await till.pay(POI, 5.0, "EUR", service_id="S5", timeout=8)
         assert answer["bridge"]["outcome"] == "approved", answer["bridge"]
         assert _authorised(answer) == 5.0
+
+
+async def test_another_request_after_a_journal_answered_repeat_gets_its_refusal(
+        tmp_path, mosquitto):
+    """The till restarted after its 5.00 under S6 was approved, and sent the 5.00 again: the
+    bridge answers that repeat from its journal BEFORE its `duplicate` event. That answer is
+    the journal's, not a refusal that left nothing under S6: the client must still know it
+    sent the 5.00 under S6, so that a 50.00 under S6 (while a redelivered copy of the 5.00 is
+    answered from the journal again) takes only its own conflict refusal, never the 5.00
+    approval."""
+    async with Subscriber(mosquitto, [f"{BASE}/#"]) as sub:
+        async with running_bridge(tmp_path, mosquitto), \
+                RegisterClient(mosquitto.host, mosquitto.port, "TILL9",
+                               base_topic=BASE) as before_restart:
+            paid = await before_restart.pay(POI, 5.0, service_id="S6", transaction_id="T5",
+                                            timeout=8)
+            assert paid["bridge"]["outcome"] == "approved"
+        async with RegisterClient(mosquitto.host, mosquitto.port, "TILL9",
+                                  base_topic=BASE) as till:
+            async with running_bridge(tmp_path, mosquitto):
+                repeat = await till.pay(POI, 5.0, service_id="S6", transaction_id="T5",
+                                        timeout=8)
+                assert repeat["bridge"]["source"] == "journal", repeat["bridge"]
+                [sent, _] = _requests_under(sub, "S6")
+                await sub.wait_for(lambda t, p: t.endswith("/event")
+                                   and p["event"] == "duplicate")
+            await sub.publish(REQUESTS, sent)  # the same request again, as a redelivery
+            other = asyncio.create_task(till.pay(POI, 50.0, service_id="S6",
+                                                  transaction_id="T50", timeout=20))
+            await sub.wait_for(lambda t, p: len(_requests_under(sub, "S6")) == 4)
+            async with running_bridge(tmp_path, mosquitto):
+                answer = await other
+        assert answer["bridge"]["outcome"] == "rejected", answer["bridge"]
+        assert answer["bridge"]["conflict"] == {"state": "final", "outcome": "approved"}
