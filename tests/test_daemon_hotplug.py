@@ -361,6 +361,44 @@ async def test_a_terminal_unplugged_while_running_is_used_when_its_node_is_back_
         monitor.close()
 
 
+async def test_a_replug_quicker_than_the_recheck_is_used_though_never_seen_gone(
+        tmp_path, dev_node, caplog):
+    """Review: udev's remove event was handled while the terminal's node was still there,
+    and the terminal was back, unannounced, before the next recheck: its node was never seen
+    gone, and a node there was never taken for it back, so it stayed offline until a restart.
+    A node made since the unplug (another node than the one udev said went) is it back."""
+    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05),
+                                         link=LinkBehaviour(status_hold=0.05,
+                                                            replug_after=0.2)))
+    await simulator.start_pty(dev_node)
+    config = node_terminal(tmp_path, dev_node)
+    bridge = Bridge(config, hotplug=False)
+    monitor = PipeMonitor()
+    node = os.path.realpath(dev_node)
+    bridge.hotplug = HotplugMonitor(TerminalMatcher(config), bridge._plugged, bridge._unplugged,
+                                    monitor=monitor, settle=0.01,
+                                    enumerate_devices=lambda: [tty_event("add", dev_node, node)])
+    bridge.recheck_absent = 1.5
+    await bridge.start()
+    try:
+        await wait_state(bridge, "online")
+        monitor.push(tty_event("remove", dev_node, node))  # udev first, the node still there
+        await wait_state(bridge, "offline")
+        assert os.path.lexists(dev_node)
+        simulator.unplug()  # gone, and back 0.2 s later: before any recheck looked
+        async with asyncio.timeout(5):
+            while not simulator.replugs:
+                await asyncio.sleep(0.05)
+        assert os.path.exists(dev_node)
+        await wait_state(bridge, "online", timeout=10)
+        said = [r.getMessage() for r in caplog.records if "udev never announced" in r.getMessage()]
+        assert len(said) == 1 and dev_node in said[0], said
+    finally:
+        await bridge.stop()
+        await simulator.close()
+        monitor.close()
+
+
 async def test_the_recheck_of_an_unplugged_terminal_leaves_a_node_udev_gave_another_alone(
         tmp_path, caplog):
     """As for a terminal absent at start (0548ddd): terminal B, configured by a kernel name

@@ -31,7 +31,8 @@ from bridge.config import (
 from bridge.daemon.device_match import DeviceInfo, TerminalMatcher, describe_link
 from bridge.daemon.follow import partner_to_follow, waits_for_its_own_link
 from bridge.daemon.worker import FOLLOW_LATER
-from bridge.daemon.hotplug import HotplugMonitor, UdevNotRunning, udev_announces
+from bridge.daemon.hotplug import (
+    HotplugMonitor, NodeIdentity, UdevNotRunning, node_identity, udev_announces)
 from bridge.daemon.intake import RequestIntake
 from bridge.daemon.journal import Journal, StepFailed, unusable
 from bridge.daemon.mqtt import RegisterGateway
@@ -145,9 +146,10 @@ class Bridge:
         self.hotplug: HotplugMonitor | None = hotplug or None
         # Serial terminals switched off, waiting for udev to say their node is there, whose
         # node is also looked at every recheck_absent s (_recheck_absent): poi_id -> the node,
-        # and whether a node there now counts (False: unplugged while running, and its node
-        # not yet seen gone since: udev said it went, and a node still there is not it back)
-        self._awaited_nodes: dict[str, tuple[str, bool]] = {}
+        # and the identity of the node that was there when udev said it went (None: any node
+        # there counts). That very node still there is not the terminal back; a node made
+        # since (a replug quicker than a recheck) is.
+        self._awaited_nodes: dict[str, tuple[str, NodeIdentity | None]] = {}
         self._recheck: asyncio.Task[None] | None = None
 
     def _wrong_device(self, poi_id: str, said: str) -> TerminalWorker | str | None:
@@ -242,7 +244,7 @@ class Bridge:
         node = getattr(self.workers[poi_id].config.link, "device", None)
         if not present and node:
             # (a node back without its udev event would leave it offline for good)
-            self._await_node(poi_id, node, there_counts=False)
+            self._await_node(poi_id, node, node_identity(node))
 
     def _present(self, poi_id: str, said: bool) -> bool:
         """Whether `poi_id`'s device is there, by the monitor's state when the event is
@@ -280,13 +282,14 @@ class Bridge:
                 continue
             self.workers[poi_id].device_present(False)  # the monitor has said so in the log
             if device:
-                self._await_node(poi_id, device, there_counts=True)
+                self._await_node(poi_id, device, None)
 
-    def _await_node(self, poi_id: str, node: str, *, there_counts: bool) -> None:
-        """Look at `poi_id`'s node every recheck_absent s until it is there or udev says it."""
+    def _await_node(self, poi_id: str, node: str, gone: NodeIdentity | None) -> None:
+        """Look at `poi_id`'s node every recheck_absent s until it is there (another node
+        than `gone`, the one udev said went) or udev says it."""
         if self._stopping:
             return
-        self._awaited_nodes[poi_id] = (node, there_counts)
+        self._awaited_nodes[poi_id] = (node, gone)
         if self._recheck is None or self._recheck.done():
             # (not one for the life of the daemon: it ends once each is there, or plugged in)
             if self._recheck is not None:
@@ -307,12 +310,13 @@ class Bridge:
             taken = set() if self.hotplug is None else {
                 os.path.realpath(info.devname)
                 for info in self.hotplug.present().values() if info.devname}
-            for poi_id, (node, there_counts) in list(awaited.items()):
+            for poi_id, (node, gone) in list(awaited.items()):
+                there = node_identity(node)
                 if self.hotplug is None or self.hotplug.is_present(poi_id):
                     del awaited[poi_id]  # udev said it, and says the rest
-                elif not os.path.exists(node):
-                    awaited[poi_id] = (node, True)  # gone: once there again, it is back
-                elif there_counts and os.path.realpath(node) not in taken:
+                elif there is None:
+                    awaited[poi_id] = (node, None)  # gone: once there again, it is back
+                elif there != gone and os.path.realpath(node) not in taken:
                     del awaited[poi_id]
                     log.warning("terminal %s: its device %s is there now, but udev never "
                                 "announced it (is systemd-udevd running?); using it", poi_id,

@@ -130,6 +130,21 @@ def udev_announces(device: str) -> bool:
     return names == [path.removeprefix("/dev/")]
 
 
+# What tells one device node from another made later under the same path: its target,
+# inode, device number and change time (a pty or ttyUSB number comes back reused).
+NodeIdentity = tuple[str, int, int, int]
+
+
+def node_identity(path: str) -> NodeIdentity | None:
+    """The identity of the node at `path` (a udev symlink followed), None if none is there."""
+    try:
+        real = os.path.realpath(path)
+        node = os.stat(real)
+    except OSError:
+        return None
+    return real, node.st_ino, node.st_rdev, node.st_ctime_ns
+
+
 class UdevNotRunning(OSError):
     """No udevd: nothing would ever announce a terminal being plugged in."""
 
