@@ -794,18 +794,23 @@ class TerminalWorker:
             self._clock()))
 
     def _framer_events(self, events: list[Any]) -> None:
+        # Line noise is summed and told once per run of it (at most once per read between
+        # frames): garbage can make an error every few bytes, and a line and a session call
+        # for each stalled the loop every terminal shares (seconds for a few MiB).
+        noise: list[FramingError] = []
         for event in events:
+            if isinstance(event, FramingError) and not event.reason.startswith("oversize frame"):
+                noise.append(event)
+                continue
+            if noise:
+                self._line_noise(noise)
+                noise = []
             if isinstance(event, FrameReceived):
                 self.counters["frames_in"] += 1
                 self._on_frame(event.payload)
             elif isinstance(event, FramingError):
                 self.counters["framing_errors"] += 1
-                if event.reason.startswith("oversize frame"):
-                    self._oversize(event)
-                    continue
-                log.debug("terminal %s: line noise: %s (%d bytes dropped)", self.poi_id,
-                          event.reason, event.discarded)
-                self.session.line_noise(event.discarded)  # (said if the identity check fails)
+                self._oversize(event)
             elif isinstance(event, FrameResent):
                 self.writer.resent(event)
             elif isinstance(event, FrameFailed):
@@ -813,6 +818,17 @@ class TerminalWorker:
             elif isinstance(event, FrameSent):
                 # acknowledged by the terminal: an abort is answered now
                 self.writer.acknowledged(event)
+        if noise:
+            self._line_noise(noise)
+
+    def _line_noise(self, noise: list[FramingError]) -> None:
+        """Errors in a row that are not oversize frames, counted and told as one."""
+        self.counters["framing_errors"] += len(noise)
+        dropped = sum(event.discarded for event in noise)
+        more = f" and {len(noise) - 1} more errors" if len(noise) > 1 else ""
+        log.debug("terminal %s: line noise: %s%s (%d bytes dropped)", self.poi_id,
+                  noise[0].reason, more, dropped)
+        self.session.line_noise(dropped)  # (said if the identity check fails)
 
     def _on_frame(self, payload: bytes) -> None:
         now = self._clock()

@@ -50,6 +50,7 @@ MAX_RESYNC_CANDIDATES = 64
 
 _DLE_STX = b"\x10\x02"
 _DLE_DLE = b"\x10\x10"
+_STARTS_BLOCK = _DLE_STX * 2048  # a run of DLE STX is compared a block at a time
 _HUNT, _FRAME, _SKIP = range(3)
 
 # byte -> the same byte with its bits in reverse order
@@ -69,6 +70,17 @@ def crc16_kermit(data: bytes | bytearray) -> int:
 
 def _unstuff(stuffed: bytes | bytearray) -> bytes:
     return bytes(stuffed).replace(_DLE_DLE, b"\x10")
+
+
+def _end_of_starts(buf: bytearray, start: int) -> int:
+    """Where the run of whole DLE STX pairs at buf[start] ends (in C, not a step per pair)."""
+    block = len(_STARTS_BLOCK)
+    while buf.startswith(_STARTS_BLOCK, start):
+        start += block
+    tail = buf[start:start + block]
+    dles, stxs = tail[0::2], tail[1::2]
+    return start + 2 * min(len(dles) - len(dles.lstrip(b"\x10")),
+                           len(stxs) - len(stxs.lstrip(b"\x02")))
 
 
 class DleCrc16Framer(AcknowledgedFramer):
@@ -136,35 +148,45 @@ class DleCrc16Framer(AcknowledgedFramer):
         buf = self._buf
         size = len(buf)
         scan = self._scan
+        # Frames cut short by a DLE STX, reported once when the scan stops: a terminal sending
+        # DLE STX over and over would otherwise make one event per pair, and the worker's loop
+        # stalled for seconds on them.
+        cut_short = 0
         while True:
             # the first stuffed position at which the unstuffed payload would be oversize
             limit = 3 + self.max_frame_size + self._escapes
             i = buf.find(DLE, scan, min(size, limit))
+            follower = buf[i + 1] if 0 <= i < size - 1 else None
+            if follower == STX:
+                # a run of DLE STX: each cuts the one before short; the frame opens at the last
+                last = _end_of_starts(buf, i) - 2
+                cut_short += last
+                del buf[:last]
+                size -= last
+                scan = 2
+                self._escapes = 0
+                continue
+            if follower == DLE:
+                self._escapes += 1
+                scan = i + 2
+                continue
+            if cut_short:
+                events.append(FramingError("truncated frame: DLE STX before DLE ETX", cut_short))
             if i < 0:
                 if size >= limit:
                     return self._oversize(limit, events)
                 self._scan = size
                 return False
-            if i + 1 >= size:
+            if follower is None:
                 self._scan = i  # the byte after this DLE has not arrived yet
                 return False
-            follower = buf[i + 1]
-            if follower == DLE:
-                self._escapes += 1
-                scan = i + 2
-            elif follower == ETX:
+            if follower == ETX:
                 return self._terminated(i, events)
-            elif follower == STX:
-                events.append(FramingError("truncated frame: DLE STX before DLE ETX", i))
-                del buf[:i]
-                self._begin_frame()
-                return True
-            else:
-                events.append(FramingError(
-                    f"bad byte stuffing: DLE followed by 0x{follower:02x}", i + 2))
-                del buf[:i + 2]
-                self._begin_skip(nak=True)
-                return True
+            events.append(FramingError(
+                f"bad byte stuffing: DLE followed by 0x{follower:02x}", i + 2))
+            del buf[:i + 2]
+            self._begin_skip(nak=True)
+            return True
 
     def _terminated(self, etx: int, events: list[FramerEvent]) -> bool:
         """buf[etx:etx+2] is the DLE ETX ending the frame that starts at buf[0]."""

@@ -103,14 +103,22 @@ class StxEtxLrcFramer(AcknowledgedFramer):
     def _frame(self, events: list[FramerEvent]) -> bool:
         buf = self._buf
         limit = self.max_frame_size + 2  # STX + the largest payload + ETX
-        end = min(len(buf), limit)
-        etx = buf.find(ETX, self._scan, end)
-        stx = buf.find(STX, self._scan, end if etx < 0 else etx)
-        if stx >= 0:
-            events.append(FramingError("truncated frame: STX before ETX", stx))
+        # Every STX before the ETX cuts the frame before it short. A run of them (a terminal
+        # sending 0x02 over and over) restarts at its last one, reported once: one event per
+        # byte stalled the worker's loop for seconds. Jumping to the last STX within reach
+        # ends where restarting at each in turn would, oversize checks included.
+        cut_short = 0
+        while True:
+            end = min(len(buf), limit)
+            etx = buf.find(ETX, self._scan, end)
+            stx = buf.rfind(STX, self._scan, end if etx < 0 else etx)
+            if stx < 0:
+                break
+            cut_short += stx
             del buf[:stx]
             self._scan = 1
-            return True
+        if cut_short:
+            events.append(FramingError("truncated frame: STX before ETX", cut_short))
         if etx < 0:
             if len(buf) >= limit:
                 events.append(FramingError(
