@@ -27,7 +27,7 @@ from typing import Any
 import aiomqtt
 from pydantic import ValidationError
 
-from bridge.config import ConfigError, MqttConfig, load_config
+from bridge.config import ConfigError, MqttConfig, load_config_as_run_does
 from bridge.daemon.registers import topic_safe
 from bridge.protocol.builders import new_service_id
 from bridge.protocol.messages import POIID_PATTERN, SERVICE_ID_PATTERN
@@ -178,7 +178,9 @@ def _mqtt(args: argparse.Namespace) -> MqttConfig:
     settings: dict[str, Any] = {"host": "127.0.0.1"}
     if args.config is not None:
         try:
-            settings = load_config(args.config).mqtt.model_dump(exclude_unset=True)
+            config = load_config_as_run_does(
+                args.config, lambda line: print(f"poi-bridge register: {line}", file=sys.stderr))
+            settings = config.mqtt.model_dump(exclude_unset=True)
         except ConfigError as exc:
             raise _Usage(*(f"{exc.path}: {problem}" for problem in exc.problems)) from None
     if args.broker is not None:

@@ -13,7 +13,7 @@ import aiomqtt
 
 from bridge.addresses import host_port
 from bridge.cli_register import seconds
-from bridge.config import ConfigError, load_config
+from bridge.config import ConfigError, load_config_as_run_does
 from bridge.daemon.journal import Journal, JournalError
 from bridge.daemon.registers import summary
 from bridge.register_client import (
@@ -65,10 +65,11 @@ def add_parser(subparsers: Any) -> None:
     resync.set_defaults(handler=run_resync)
 
 
-def _load(args: argparse.Namespace) -> Any:
+def _load(args: argparse.Namespace, command: str) -> Any:
     """The configuration, its login replaced by --username and --password-file if given."""
     try:
-        config = load_config(args.config)
+        config = load_config_as_run_does(
+            args.config, lambda line: print(f"poi-bridge {command}: {line}", file=sys.stderr))
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"{exc.path}: {problem}", file=sys.stderr)
@@ -98,7 +99,7 @@ async def _ask_daemon(config: Any, command: str, body: dict[str, Any] | None = N
 
 
 def run_status(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, "status")
     try:
         journal = Journal(config.journal, readonly=True)
     except JournalError as exc:
@@ -209,7 +210,7 @@ async def _resync(args: argparse.Namespace, config: Any) -> int:
 
 
 def run_resync(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, "resync")
     try:
         return asyncio.run(_resync(args, config))
     except PublishRefusedByBroker as exc:

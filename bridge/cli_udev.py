@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from bridge.config import Config, ConfigError, SerialLink, load_config
+from bridge.config import Config, ConfigError, SerialLink, load_config_as_run_does
 
 DEFAULT_CONFIG = "/etc/poi-bridge/poi-bridge.toml"
 
@@ -62,11 +62,17 @@ def _config_error(command: str, exc: ConfigError) -> int:
     return 2
 
 
+def _load(command: str, path: str) -> Config:
+    """The configuration as `run` takes it (load_config_as_run_does), its warnings on stderr."""
+    return load_config_as_run_does(
+        path, lambda line: print(f"poi-bridge {command}: {line}", file=sys.stderr))
+
+
 def cmd_udev_rules(args: argparse.Namespace) -> int:
     from bridge.daemon.udev_rules import render_rules, rules_problems
 
     try:
-        config = load_config(args.config)
+        config = _load("udev-rules", args.config)
     except ConfigError as exc:
         return _config_error("udev-rules", exc)
     sys.stdout.write(render_rules(config))
@@ -190,7 +196,7 @@ def cmd_devices(args: argparse.Namespace, *,
     config = None
     if args.config:
         try:
-            config = load_config(args.config)
+            config = _load("devices", args.config)
         except ConfigError as exc:
             return _config_error("devices", exc)
     try:

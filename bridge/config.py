@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -772,3 +773,15 @@ def load_config(path: str | Path, *, raised: list[str] | None = None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from None
     return parse_config(data, str(path), raised=raised)
+
+
+def load_config_as_run_does(path: str | Path, warn: Callable[[str], None]) -> Config:
+    """The configuration as `run` takes it, for the technician's commands: a value below a
+    floor added since an earlier bridge ran it (FLOOR_ERRORS) is taken at the floor and told
+    to `warn` ("PATH: warning: ..."): they refused a file the daemon ran on, so were of no
+    use on the boxes an upgrade left so. check-config alone refuses it."""
+    raised: list[str] = []
+    config = load_config(path, raised=raised)
+    for note in raised:
+        warn(f"{path}: warning: {note}")
+    return config
