@@ -240,6 +240,46 @@ async def test_a_commands_echoed_transaction_on_bridge_error_carries_no_card_dat
         assert refusal["transaction"].startswith("op-"), refusal
 
 
+async def test_bridge_error_echoes_no_card_number_as_poiid_nor_in_a_structured_transaction(
+        tmp_path, mosquitto):
+    """bridge/error, which head office reads, echoed the POIID topic level as it was (a card
+    number typed where the terminal's name belongs came back in clear) and a command's
+    `transaction` only through the filter when it was text: a card number as a JSON number,
+    or inside an object or list, came back too. Ordinary POIIDs and tokens stay readable."""
+    async def next_error(sub, topic: str, payload) -> dict:
+        count = len(sub.messages)
+        await sub.publish(topic, payload)
+        await sub.wait_for(lambda t, p: len(sub.messages) > count)
+        return sub.messages[count][1]
+
+    token = {"op": "t-1", "n": 7, "card": int(PAN), "cards": ["x", f"{PAN[:4]} {PAN[4:8]} "
+                                                                    f"{PAN[8:12]} {PAN[12:]}"],
+             "nested": {"pan": int(PAN), "expiry_date": "12/29"}, "ok": True, "none": None}
+    async with Store(tmp_path, mosquitto, default_scenario()), \
+            Subscriber(mosquitto, [f"{BASE}/bridge/error"]) as sub:
+        # No SaleID readable (the intake's refusal) and a topic a level too deep (refused
+        # before the intake): both name the terminal of the topic
+        for payload, level in ((b"not json", ""), (responses.payment_request("POS1", "T1", PAN),
+                                                   "/POS1/extra")):
+            refusal = await next_error(sub, f"{BASE}/terminals/{PAN}/request{level}", payload)
+            assert PAN not in json.dumps(refusal), refusal
+            assert refusal["poi_id"] == "[redacted]", refusal
+            readable = await next_error(sub, f"{request_topic()}{level}", payload)
+            assert readable["poi_id"] == POI, readable
+        command = f"{BASE}/bridge/request/health/x"
+        refusal = await next_error(sub, command, {"transaction": token})
+        assert PAN not in json.dumps(refusal) and "12/29" not in json.dumps(refusal), refusal
+        assert refusal["transaction"] == {
+            "op": "t-1", "n": 7, "card": "[redacted]", "cards": ["x", "[redacted]"],
+            "nested": {"pan": "[redacted]", "expiry_date": "[redacted]"}, "ok": True,
+            "none": None}, refusal
+        assert (await next_error(sub, command, {"transaction": int(PAN)}))[
+            "transaction"] == "[redacted]"
+        assert (await next_error(sub, command, {"transaction": 42}))["transaction"] == 42
+        assert (await next_error(sub, command, {"transaction": ["hq", 1.5]}))[
+            "transaction"] == ["hq", 1.5]
+
+
 async def test_an_empty_sale_id_level_is_refused_naming_the_topic_problem(tmp_path, mosquitto):
     """README table, bridge/error: a request on a topic "with an empty last level" is refused
     with an error that "names the problem and the exact topics to publish on"; .../request/
