@@ -25,6 +25,7 @@ of base64). Field names also match in snake_case.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -462,6 +463,30 @@ def redact(text: str) -> str:
         text = _BLOB.sub(_blob, " " + text)[1:]
     return text
 
+
+
+def redact_json(value: object) -> object:
+    """`value`, JSON a register wrote, as the bridge may publish it back (a quoted ID, a
+    command's echoed "transaction"): each text through the filter, inside objects and lists
+    too; a number the filter would change (a card number sent as a JSON number) and a member
+    the filter hides by its name ("expiry_date") become REDACTED."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, list):
+        return [redact_json(item) for item in value]
+    if isinstance(value, dict):
+        return {redact(key): REDACTED if _names_hidden_data(key) else redact_json(item)
+                for key, item in value.items()}
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        text = json.dumps(value)
+        return value if redact(text) == text else REDACTED
+    return value  # true, false, null
+
+
+def _names_hidden_data(key: str) -> bool:
+    """Whether the filter hides a member named `key` whatever its value (PAN, Password)."""
+    member = json.dumps({key: ""})
+    return redact(member) != member
 
 class RedactingFilter(logging.Filter):
     """Rewrites each record's final message; attach it to every handler."""

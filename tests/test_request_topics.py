@@ -240,6 +240,37 @@ async def test_a_commands_echoed_transaction_on_bridge_error_carries_no_card_dat
         assert refusal["transaction"].startswith("op-"), refusal
 
 
+
+async def test_a_commands_answer_echoes_its_transaction_through_the_card_filter(
+        tmp_path, mosquitto):
+    """bridge/response/{command} reaches every operator and head office through a chain's
+    bridge, as bridge/error does: its echoed `transaction` passed unfiltered (the notes of
+    2026-12-02), answered, refused by the intake, and refused for being retained alike."""
+    token = {"op": "t-2", "card": int(PAN), "pan": "x", "text": f"op-{PAN}", "n": 3}
+    redacted = {"op": "t-2", "card": "[redacted]", "pan": "[redacted]", "text": "op-[redacted]",
+                "n": 3}
+    answers: list[tuple[str, dict]] = []
+    async with Subscriber(mosquitto, [f"{BASE}/bridge/response/#"]) as sub:
+        # retained before the daemon subscribes: it comes to the daemon flagged so
+        await sub.publish(f"{BASE}/bridge/request/health", {"transaction": token}, retain=True)
+        async with Store(tmp_path, mosquitto, default_scenario()):
+            await sub.wait_for(lambda t, p: len(sub.messages) > 0)
+            answers.append(sub.messages[0][:2])
+            await sub.publish(f"{BASE}/bridge/request/health", b"", retain=True)
+            for command, body in (("health", {}), ("health", {"what": 1}), ("nosuch", {})):
+                await sub.publish(f"{BASE}/bridge/request/{command}",
+                                  {**body, "transaction": token})
+                await sub.wait_for(lambda t, p: len(sub.messages) > len(answers))
+                answers.append(sub.messages[len(answers)][:2])
+    assert [(topic, answer["status"]) for topic, answer in answers] == [
+        (f"{BASE}/bridge/response/health", "error"), (f"{BASE}/bridge/response/health", "ok"),
+        (f"{BASE}/bridge/response/health", "error"), (f"{BASE}/bridge/response/nosuch", "error")]
+    assert "retain" in answers[0][1]["error"], answers[0]
+    for _, answer in answers:
+        assert PAN not in json.dumps(answer), answer
+        assert answer["transaction"] == redacted, answer
+
+
 async def test_bridge_error_echoes_no_card_number_as_poiid_nor_in_a_structured_transaction(
         tmp_path, mosquitto):
     """bridge/error, which head office reads, echoed the POIID topic level as it was (a card

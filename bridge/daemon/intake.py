@@ -59,7 +59,7 @@ from bridge.protocol.transaction import (
     request_digest,
     trim_refused,
 )
-from bridge.redaction import redact
+from bridge.redaction import redact, redact_json
 
 log = logging.getLogger("poi_bridge.intake")
 
@@ -785,7 +785,8 @@ class RequestIntake:
             body = load_json(payload, max_size=64 * 1024) if payload.strip() else {}
             if not isinstance(body, dict):
                 raise MessageError("the command body must be a JSON object")
-            echo = body.get("transaction")
+            # (answers reach every operator, and head office through a chain's bridge)
+            echo = redact_json(body.get("transaction"))
             if command not in COMMANDS:
                 raise MessageError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
             unknown = sorted(set(body) - {*COMMAND_KEYS[command], "transaction"})

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import socket
 import sqlite3
@@ -62,7 +61,7 @@ from bridge.protocol.builders import failure_response
 from bridge.protocol.messages import MessageError, load_json
 from bridge.protocol.outcome import MONEY_CATEGORIES
 from bridge.protocol.transaction import TxKey
-from bridge.redaction import REDACTED, redact
+from bridge.redaction import redact_json
 from bridge.transports import Backoff
 
 log = logging.getLogger("poi_bridge.mqtt")
@@ -141,37 +140,13 @@ def _reason(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
-def _redacted_echo(value: Any) -> Any:
-    """`value`, quoted from a request, as bridge/error may echo it: each text through the
-    card-data filter, inside objects and lists too (a command's `transaction` is any JSON);
-    a number the filter would change (a card number sent as a JSON number) and a member the
-    filter hides by its name ("expiry_date") become REDACTED."""
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, list):
-        return [_redacted_echo(item) for item in value]
-    if isinstance(value, dict):
-        return {redact(key): REDACTED if _names_card_data(key) else _redacted_echo(item)
-                for key, item in value.items()}
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        text = json.dumps(value)
-        return value if redact(text) == text else REDACTED
-    return value  # true, false, null
-
-
-def _names_card_data(key: str) -> bool:
-    """Whether the filter hides a member named `key` whatever its value (PAN, Password)."""
-    member = json.dumps({key: ""})
-    return redact(member) != member
-
-
 def _transaction_echo(payload: bytes) -> Any:
     """A command's "transaction", echoed in its answer as the intake does, or None."""
     try:
         body = load_json(payload, max_size=64 * 1024)
     except MessageError:
         return None
-    return body.get("transaction") if isinstance(body, dict) else None
+    return redact_json(body.get("transaction")) if isinstance(body, dict) else None
 
 
 # A final transaction document expires this long after the daemon would have cleared it
@@ -369,7 +344,7 @@ class RegisterGateway:
             # A refusal there reaches every operator and, through a chain's bridge, head
             # office: the IDs and error it echoes are a register's own writing (a swiped
             # card's track data where its SaleID belongs), so they pass the log's filter.
-            payload = {key: _redacted_echo(value) if key in _ECHOED else value
+            payload = {key: redact_json(value) if key in _ECHOED else value
                        for key, value in payload.items()}
         self.journal.enqueue([(topic, dumps(payload), 1, retain, correlation)])
 
