@@ -162,6 +162,13 @@ def run_status(args: argparse.Namespace) -> int:
             state = (f"identity not confirmed: {counted}requests are refused until the "
                      "terminal answers one (check the framer, key and cable)")
         print(f"  terminal {terminal['poi_id']}: {state}{detail}")
+        counters = terminal.get("counters") or {}  # (a daemon older than them has none)
+        if counters.get("noise_bytes"):
+            print(f"    line noise: {counters['noise_bytes']} bytes that were no frame "
+                  f"({counters.get('framing_errors', 0)} framing errors) and "
+                  f"{counters.get('frames_in', 0)} frames read since the daemon started; many "
+                  "such bytes: a wrong baud rate or framer, a damaged cable, or another "
+                  "device on the port")
         if isinstance(identity, str) and identity.startswith("mismatch"):
             said = identity.partition(":")[2].strip() or "another terminal"
             print(f"    IDENTITY MISMATCH: the device on this terminal's link says it is "

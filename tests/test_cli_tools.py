@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -311,6 +312,20 @@ async def test_status_shows_a_terminal_whose_identity_is_not_confirmed(tmp_path,
                 "requests are refused until the terminal answers one (check the framer, key "
                 "and cable)") in out, out
         assert f"terminal {POI}: online" not in out, out
+        assert "line noise" not in out, out
+
+        # Such a device often sends bytes that are no frame (a wrong baud rate): counted
+        # since the daemon started, and shown
+        os.write(device.master, b"ST,GS,+0001.25kg\r\n")
+        for _ in range(250):
+            if bridge.workers[POI].counters["noise_bytes"] >= 18:
+                break
+            await asyncio.sleep(0.02)
+        out = (await cli("status", "--config", config_file(tmp_path, mosquitto, {}))
+               ).stdout.decode()
+        assert ("    line noise: 18 bytes that were no frame (1 framing errors) and 0 frames "
+                "read since the daemon started; many such bytes: a wrong baud rate or framer, "
+                "a damaged cable, or another device on the port") in out, out
     finally:
         await bridge.stop()
         device.close()

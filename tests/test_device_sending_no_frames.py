@@ -13,6 +13,7 @@ import os
 import re
 
 from bridge.config import TerminalConfig
+from bridge.daemon import quiet
 from bridge.daemon.journal import Journal
 from bridge.daemon.worker import TerminalWorker
 from bridge.transports import Backoff
@@ -94,7 +95,7 @@ WRITES = 16
 
 
 async def test_line_noise_is_logged_once_per_read_and_every_byte_still_counted(
-        tmp_path, caplog):
+        tmp_path, caplog, monkeypatch):
     """Line noise is logged and counted once per read, not once per framing error: a device
     sending garbage that the framer reports every few bytes (here `STX x ETX` over and over,
     each one a frame whose LRC byte is the next STX) made the worker log one debug line and
@@ -102,6 +103,7 @@ async def test_line_noise_is_logged_once_per_read_and_every_byte_still_counted(
     lines, never timed."""
     caplog.set_level(logging.WARNING, logger="poi_bridge")
     caplog.set_level(logging.DEBUG, logger="poi_bridge.terminal")
+    monkeypatch.setattr(quiet, "LINK_LOSSES_QUIET", 0.5)  # (10 minutes in the daemon)
     async with worker_on_a_pty(tmp_path, {"name": "stx-etx-lrc"}, 2.0) as (
             worker, outlet, master):
         await outlet.state_is("online")  # the port is open and raw: 0x03 is no ^C
@@ -128,3 +130,17 @@ async def test_line_noise_is_logged_once_per_read_and_every_byte_still_counted(
     assert said, unanswered(caplog)[0]
     # every byte but the last STX x ETX, which waits for its LRC byte
     assert int(said.group(1)) == len(NOISE) * WRITES - 3
+    assert worker.counters["noise_bytes"] == len(NOISE) * WRITES - 3
+    # For a technician (at info, the default level): the first run said, then a warning per
+    # interval while it goes on, every byte in one line or another
+    first = [r for r in caplog.records if r.levelno == logging.INFO
+             and "bytes on its line were no frame" in r.getMessage()]
+    assert len(first) == 1, [r.getMessage() for r in first]
+    assert "check the baud rate, the framer and the cable" in first[0].getMessage()
+    went_on = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+               and "line noise goes on" in r.getMessage()]
+    assert went_on, caplog.messages[-5:]
+    told = [int(re.search(r"(\d+) bytes on its line", first[0].getMessage()).group(1))] + [
+        int(re.search(r"(\d+) more bytes that were no frame", line).group(1))
+        for line in went_on]
+    assert sum(told) == len(NOISE) * WRITES - 3, (told, went_on)

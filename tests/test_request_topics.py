@@ -262,13 +262,13 @@ async def test_a_commands_answer_echoes_its_transaction_through_the_card_filter(
                                   {**body, "transaction": token})
                 await sub.wait_for(lambda t, p: len(sub.messages) > len(answers))
                 answers.append(sub.messages[len(answers)][:2])
-    assert [(topic, answer["status"]) for topic, answer in answers] == [
+    assert [(topic, reply["status"]) for topic, reply in answers] == [
         (f"{BASE}/bridge/response/health", "error"), (f"{BASE}/bridge/response/health", "ok"),
         (f"{BASE}/bridge/response/health", "error"), (f"{BASE}/bridge/response/nosuch", "error")]
     assert "retain" in answers[0][1]["error"], answers[0]
-    for _, answer in answers:
-        assert PAN not in json.dumps(answer), answer
-        assert answer["transaction"] == redacted, answer
+    for _, reply in answers:
+        assert PAN not in json.dumps(reply), reply
+        assert reply["transaction"] == redacted, reply
 
 
 async def test_bridge_error_echoes_no_card_number_as_poiid_nor_in_a_structured_transaction(

@@ -857,7 +857,9 @@ class RequestIntake:
         return rows
 
     def _cmd_terminals(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        return [worker.state() for worker in self.workers.values()]
+        # (the counters here, not in the state document: they change with every frame)
+        return [{**worker.state(), "counters": dict(worker.counters)}
+                for worker in self.workers.values()]
 
     def _cmd_health(self, body: dict[str, Any]) -> dict[str, Any]:
         return self._health()

@@ -207,6 +207,11 @@ class TerminalWorker:
         # grouped by "dropped" and "unplugged" (the hotplug monitor sums the unplugs up)
         self._losses_said = QuietRepeats(quiet.LINK_LOSSES_QUIET, self._losses_summed)
         self._loss_counted = False  # the last loss was only counted: its reopen is as quiet
+        # Line noise: its first run said at info, then one warning per LINK_LOSSES_QUIET
+        # while it goes on, with the bytes it held (counted here: the summary gets a count
+        # of runs only)
+        self._noise_said = QuietRepeats(quiet.LINK_LOSSES_QUIET, self._noise_summed)
+        self._noise_unsaid = 0  # bytes of the runs counted since the last line about them
         # Bugs met (link task failures, timer steps that failed): how often each (its type
         # and where it was raised) was seen, and when its traceback was last logged, so that
         # a repeat is one line, not a traceback (see _log_bug)
@@ -225,7 +230,10 @@ class TerminalWorker:
         self.link_closed.set()
         self._handed_over_by: asyncio.Event | None = None  # relink(): the previous holder
         self._tasks: list[asyncio.Task[None]] = []
-        self.counters = {"frames_in": 0, "frames_out": 0, "framing_errors": 0, "reconnects": 0}
+        # Since the daemon started (the `terminals` command and `poi-bridge status` show them);
+        # noise_bytes: bytes read that were no frame
+        self.counters = {"frames_in": 0, "frames_out": 0, "framing_errors": 0,
+                         "noise_bytes": 0, "reconnects": 0}
         self._answers_in = 0  # SaleToPOIResponses read in full on this worker's links
         self.identity = "unknown"  # confirmed | mismatch: <what it said> | unknown
         # Every configured terminal's worker, by POIID (set by the daemon): a message on this
@@ -315,6 +323,7 @@ class TerminalWorker:
     async def stop(self) -> None:
         self._stopping = True
         self._losses_said.flush()  # (before the link is closed: "online now" is still true)
+        self._noise_said.flush()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -825,10 +834,27 @@ class TerminalWorker:
         """Errors in a row that are not oversize frames, counted and told as one."""
         self.counters["framing_errors"] += len(noise)
         dropped = sum(event.discarded for event in noise)
+        self.counters["noise_bytes"] += dropped
         more = f" and {len(noise) - 1} more errors" if len(noise) > 1 else ""
-        log.debug("terminal %s: line noise: %s%s (%d bytes dropped)", self.poi_id,
-                  noise[0].reason, more, dropped)
+        if self._noise_said.tell("noise"):
+            # (a byte or two as a cable is plugged in is common: info, not a warning)
+            log.info("terminal %s: %d bytes on its line were no frame (%s%s), dropped; if "
+                     "this goes on, check the baud rate, the framer and the cable",
+                     self.poi_id, dropped, noise[0].reason, more)
+        else:
+            self._noise_unsaid += dropped
+            log.debug("terminal %s: line noise: %s%s (%d bytes dropped)", self.poi_id,
+                      noise[0].reason, more, dropped)
         self.session.line_noise(dropped)  # (said if the identity check fails)
+
+    def _noise_summed(self, key: Any, count: int, last: Any, interval: float) -> None:
+        """Line noise that went on after its first run was said (quiet.LINK_LOSSES_QUIET)."""
+        dropped, self._noise_unsaid = self._noise_unsaid, 0
+        log.warning("terminal %s: line noise goes on: %d more bytes that were no frame in the "
+                    "last %s (%d frames read since the daemon started): a wrong baud rate or "
+                    "framer, a damaged cable, or another device on the port? Payments on it "
+                    "may fail", self.poi_id, dropped, quiet.window(interval),
+                    self.counters["frames_in"])
 
     def _on_frame(self, payload: bytes) -> None:
         now = self._clock()
