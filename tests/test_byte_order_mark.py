@@ -32,9 +32,15 @@ def test_one_leading_byte_order_mark_is_read_past_and_nothing_else_changes():
         load_json(BOM + b"[" * 65 + b"]" * 65)
     with pytest.raises(MessageError, match="larger than the limit of 10"):
         load_json(BOM + b'{"a": 12}', max_size=10)  # the mark counts: it was sent
-    # One mark only: a second is not JSON
-    with pytest.raises(MessageError, match="not valid JSON"):
+    # One mark only: a second is not JSON, and the error names it (it is invisible)
+    with pytest.raises(MessageError, match=r"not valid JSON: a byte-order mark \(U\+FEFF, "
+                       r"invisible in most editors: save as UTF-8 without it\) at line 1 "
+                       r"column 1$"):
         load_json(BOM + BOM + text.encode())
+    with pytest.raises(MessageError, match=r"byte-order mark .* at line 2 column 3$"):
+        load_json(b'{"a": 1,\n  ' + BOM + b'"b": 2}')
+    with pytest.raises(MessageError, match="^not valid JSON: Expecting value at line 1"):
+        load_json(b"nope")
 
 
 async def test_a_request_and_a_command_with_a_byte_order_mark_are_answered(tmp_path, mosquitto):

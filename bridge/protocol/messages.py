@@ -418,7 +418,10 @@ def load_json(raw: str | bytes, *, max_size: int | None = None,
     try:
         document = jsontext.loads(raw)
     except json.JSONDecodeError as exc:
-        raise MessageError(f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        # (a stray U+FEFF, a second mark or one pasted mid-text, is invisible in an editor)
+        what = ("a byte-order mark (U+FEFF, invisible in most editors: save as UTF-8 without "
+                "it)" if raw[exc.pos:exc.pos + 1] == "\ufeff" else exc.msg)
+        raise MessageError(f"not valid JSON: {what} at line {exc.lineno} column {exc.colno}") from None
     except jsontext.JsonTextError as exc:
         raise NotStrictJson(f"not valid JSON: {exc}") from None
     except RecursionError:
