@@ -1,7 +1,8 @@
 """The technician's commands take a configuration below a floor added since an earlier bridge
 ran it (max_frame_size under 32 KiB, a short reconcile_deadline) as `run` takes it: at the
 floor, with a warning on stderr. They refused it, while the daemon ran on it, so `status`,
-`devices`, `udev-rules` and `register --config` were of no use on a box the bridge served."""
+`resync`, `devices`, `udev-rules` and `register --config` were of no use on a box the bridge
+served."""
 
 from __future__ import annotations
 
@@ -54,6 +55,12 @@ async def test_the_technicians_commands_take_a_configuration_run_takes(tmp_path,
         assert listed.returncode == 0, listed.stderr
         assert json.loads(listed.stdout)[0]["poi_id"] == POI
         assert_warned("register", config, listed.stderr)
+
+        # resync reaches the daemon (which answers that it holds no such transaction)
+        resync = await cli("resync", "TILL1", "nope", "--config", config, "--wait", "5")
+        assert resync.returncode == 2 and b"no transaction TILL1/nope" in resync.stderr, \
+            resync.stderr
+        assert_warned("resync", config, resync.stderr)
 
         devices = await cli("devices", "--config", config, "--json")
         assert devices.returncode == 0, devices.stderr
