@@ -478,9 +478,22 @@ def redact_json(value: object) -> object:
         return {redact(key): REDACTED if _names_hidden_data(key) else redact_json(item)
                 for key, item in value.items()}
     if isinstance(value, int | float) and not isinstance(value, bool):
-        text = json.dumps(value)
-        return value if redact(text) == text else REDACTED
+        return REDACTED if any(redact(text) != text for text in _number_texts(value)) else value
     return value  # true, false, null
+
+
+def _number_texts(value: int | float) -> list[str]:
+    """How a number could show a card number: as written, and, for a float (the filter
+    leaves decimals alone: an amount's fraction must survive), its whole part and its
+    digits without the point and exponent (4111111111111111.0, 4.111111111111111e+18)."""
+    text = json.dumps(value)
+    if isinstance(value, int):
+        return [text]
+    mantissa = repr(value).partition("e")[0].replace(".", "").lstrip("-")
+    texts = [text, mantissa]
+    if value.is_integer():
+        texts.append(str(int(value)))
+    return texts
 
 
 def _names_hidden_data(key: str) -> bool:

@@ -271,6 +271,24 @@ async def test_a_commands_answer_echoes_its_transaction_through_the_card_filter(
         assert reply["transaction"] == redacted, reply
 
 
+async def test_a_commands_error_and_topic_quote_no_card_data(tmp_path, mosquitto):
+    """The review of 2026-12-03: a command's error on bridge/response quoted what was sent as
+    it was (resync's "no transaction SALEID/..." with track data for a SaleID, a key name),
+    and an unknown command named as a card number was answered on a topic naming it."""
+    track = f"B{PAN}^DOE/JOHN^2512101"
+    async with Subscriber(mosquitto, [f"{BASE}/bridge/response/#"]) as sub, \
+            Store(tmp_path, mosquitto, default_scenario()):
+        for command, body in (("resync", {"sale_id": track, "service_id": "1"}),
+                              ("health", {f"k{PAN}": 1}), (PAN, {})):
+            count = len(sub.messages)
+            await sub.publish(f"{BASE}/bridge/request/{command}", {**body, "transaction": "t"})
+            await sub.wait_for(lambda t, p: len(sub.messages) > count)
+            topic, reply, _ = sub.messages[count]
+            assert PAN not in topic and PAN not in json.dumps(reply), (topic, reply)
+            assert reply["status"] == "error" and reply["transaction"] == "t", reply
+            assert "[redacted]" in topic + reply["error"], (topic, reply)
+
+
 async def test_bridge_error_echoes_no_card_number_as_poiid_nor_in_a_structured_transaction(
         tmp_path, mosquitto):
     """bridge/error, which head office reads, echoed the POIID topic level as it was (a card

@@ -779,7 +779,8 @@ class RequestIntake:
     # --- operator commands ------------------------------------------------------------------------
 
     def _command(self, command: str, payload: bytes, reply: Reply) -> None:
-        topic = self.topics.bridge_response(command)
+        # (an unknown command's name is the sender's writing: the topic is filtered too)
+        topic = self.topics.bridge_response(redact(command))
         echo: Any = None
         try:
             body = load_json(payload, max_size=64 * 1024) if payload.strip() else {}
@@ -796,7 +797,8 @@ class RequestIntake:
                                    f"{command} takes {takes} (and transaction, echoed)")
             data = getattr(self, f"_cmd_{command}")(body)
         except MessageError as exc:
-            reply.send(topic, {"status": "error", "data": None, "error": str(exc),
+            # (the error quotes what was sent: a SaleID, key names)
+            reply.send(topic, {"status": "error", "data": None, "error": redact(str(exc)),
                                "transaction": echo})
             return
         answer = {"status": "ok", "data": data, "error": None, "transaction": echo}

@@ -61,7 +61,7 @@ from bridge.protocol.builders import failure_response
 from bridge.protocol.messages import MessageError, load_json
 from bridge.protocol.outcome import MONEY_CATEGORIES
 from bridge.protocol.transaction import TxKey
-from bridge.redaction import redact_json
+from bridge.redaction import redact, redact_json
 from bridge.transports import Backoff
 
 log = logging.getLogger("poi_bridge.mqtt")
@@ -956,8 +956,8 @@ class RegisterGateway:
         (a topic that is not exactly a request topic ties the request to no register)."""
         route = self.topics.parse_request_topic(topic)
         if route is not None and route.kind == "bridge" and route.problem is None:
-            reply.send(self.topics.bridge_response(route.name), {
-                "status": "error", "data": None, "error": error,
+            reply.send(self.topics.bridge_response(redact(route.name)), {
+                "status": "error", "data": None, "error": redact(error),
                 "transaction": _transaction_echo(payload)})
         elif route is not None and route.kind == "bridge":
             reply.send(self.topics.bridge_error, {
