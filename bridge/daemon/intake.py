@@ -29,6 +29,7 @@ from bridge.daemon.registers import (
     refusal_category,
     request_header,
     retained_state,
+    shown_id,
     stored_result,
     summary,
     topic_safe,
@@ -434,9 +435,9 @@ class RequestIntake:
                 "topic": topic or self.topics.terminal_requests.replace("+", poi_id),
             }
             if sale_text:
-                refusal["sale_id"] = sale_text
+                refusal["sale_id"] = shown_id(header.get("SaleID"))
             if service_id:
-                refusal["service_id"] = service_id
+                refusal["service_id"] = shown_id(header.get("ServiceID"))
             self.gateway.enqueue(self.topics.bridge_error, refusal)
         else:
             self.gateway.deliver(result)

@@ -212,7 +212,8 @@ class Reply:
         self.correlation = correlation
 
     def send(self, topic: str, payload: dict[str, Any]) -> None:
-        self._gateway.enqueue(self.response_topic or topic, payload, correlation=self.correlation)
+        self._gateway.enqueue(self.response_topic or topic, payload, correlation=self.correlation,
+                              meant_for=topic)
 
 
 class RegisterGateway:
@@ -312,7 +313,10 @@ class RegisterGateway:
                 messages.append((self.topics.transaction(result.sale_id, result.service_id),
                                  transaction_payload_from(payload, result), 1, True))
         else:
-            messages.append((self.topics.bridge_error, dumps(result_payload(result)), 1, False))
+            # (no register's topic: an answer the terminal sent for a SaleID that cannot be
+            # one, heard by every operator, so every text in it passes the filter)
+            messages.append((self.topics.bridge_error,
+                             dumps(redact_json(result_payload(result))), 1, False))
         self.journal.enqueue(messages)
 
     def progress(self, event: Progress) -> None:
@@ -337,10 +341,11 @@ class RegisterGateway:
         self._state_ready.set()
 
     def enqueue(self, topic: str, payload: dict[str, Any], *, retain: bool = False,
-                correlation: bytes | None = None) -> None:
+                correlation: bytes | None = None, meant_for: str | None = None) -> None:
         """Any other message that must not be lost (answers to commands, errors); the MQTT 5
-        correlation data is kept with it, so that it goes out after a restart too."""
-        if topic == self.topics.bridge_error:
+        correlation data is kept with it, so that it goes out after a restart too.
+        `meant_for`: the topic it would go to without the requester's response topic."""
+        if (meant_for or topic) == self.topics.bridge_error:
             # A refusal there reaches every operator and, through a chain's bridge, head
             # office: the IDs and error it echoes are a register's own writing (a swiped
             # card's track data where its SaleID belongs), so they pass the log's filter.

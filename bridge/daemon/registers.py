@@ -68,6 +68,14 @@ def id_text(value: Any) -> str:
     return value[:128] if isinstance(value, str) else ""
 
 
+def shown_id(value: Any) -> str:
+    """id_text as the filter lets it out, filtered before it is cut: cut first, the part of
+    a card number left at the cut (11 digits, say) is no longer one the filter knows."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return redact(value[:256])[:128] if isinstance(value, str) else ""
+
+
 def refusal_category(value: Any) -> str:
     """The category a refusal gives a request's MessageCategory, which names its body
     ({category}Response): as sent when it can be read as one (letters and digits, at most
@@ -234,7 +242,9 @@ def _bridge_part(result: Deliver, at: float | None,
         "source": result.source,
         "transaction": transaction_ids(result.sale_id, result.service_id, result.poi_id,
                                        result.category),
-        "error": result.error,
+        # (a bridge's text that may quote a terminal's own: an error it sent, a key of a
+        # frame it could not read; what reaches registers and head office passes the filter)
+        "error": redact(result.error) if result.error else result.error,
         "at": _now_iso(at),
     }
     if result.conflict is not None:
@@ -356,7 +366,7 @@ def event_payload(event: Progress, at: float | None = None) -> dict[str, Any]:
     """What a register receives on registers/{SaleID}/event (for the cashier's screen)."""
     payload: dict[str, Any] = {
         "event": event.event,
-        "detail": event.detail,
+        "detail": redact(event.detail) if event.detail else event.detail,  # (as error above)
         "transaction": {"sale_id": event.sale_id, "service_id": event.service_id,
                         "poi_id": event.poi_id},
         "at": _now_iso(at),

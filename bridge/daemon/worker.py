@@ -26,6 +26,7 @@ from bridge.daemon.frame_writer import FrameWriter
 from bridge.daemon import quiet
 from bridge.daemon.journal import Journal
 from bridge.daemon.quiet import QuietRepeats
+from bridge.redaction import redact
 from bridge.protocol import crypto
 from bridge.protocol.framing import (
     FrameFailed,
@@ -156,6 +157,13 @@ def session_settings(config: TerminalConfig) -> SessionSettings:
     )
 
 
+
+@functools.lru_cache(maxsize=64)
+def _shown_identity(identity: str) -> str:
+    """A worker's identity as its state document shows it (through the filter: "mismatch:
+    <what the device said>" quotes a device). Cached: asked after every step, seldom new."""
+    return redact(identity)
+
 class TerminalWorker:
     def __init__(
         self,
@@ -284,7 +292,9 @@ class TerminalWorker:
             "link": self._transport.describe() if self._transport else None,
             "detail": self._link_reason if not self.online else "",
             "active": str(self.session.active) if self.session.active else None,
-            "identity": self.identity,
+            # (what the device said it is, as the filter lets it out: the document is
+            # retained, and read by every register and through a chain's bridge)
+            "identity": _shown_identity(self.identity),
             # (while "unknown": 0, its first check is still out; more, checks went unanswered)
             "identity_checks_unanswered": self.session.identity.unanswered_since_open,
             "open_transactions": len(self.session.open),
