@@ -1586,3 +1586,32 @@ def test_a_not_found_corrected_by_the_terminals_own_answer_counts_as_sent_again(
     (s1,) = [d for d in h.delivers(h.answer(responses.status_not_found(h.last_poll())))
              if d.service_id == "S1"]
     assert s1.outcome == "unresolved" and "taken another Payment" in s1.error, s1
+
+
+def test_status_and_abort_requests_waiting_at_once_are_bounded():
+    """A register sending status requests by the thousand opened a transaction for each, and
+    every step of the terminal walked them all (the review of 2026-12-03). Past
+    MAX_OPEN_PASSTHROUGH waiting at once another is refused Busy, nothing sent; once one is
+    answered, the next goes out."""
+    from bridge.protocol.passthrough import MAX_OPEN_PASSTHROUGH
+
+    h = Harness()
+    for n in range(MAX_OPEN_PASSTHROUGH):
+        sent = h.sends(h.submit("R1", f"T{n}", doc=status_of("R1", "S9", f"T{n}")))
+        assert [s.purpose for s in sent] == ["passthrough"], n
+    refused = h.submit("R1", "TX", doc=status_of("R1", "S9", "TX"))
+    assert h.sends(refused) == []
+    (told,) = h.delivers(refused)
+    assert (told.service_id, told.outcome) == ("TX", "rejected")
+    response = told.response["SaleToPOIResponse"]["TransactionStatusResponse"]["Response"]
+    assert response["ErrorCondition"] == "Busy", response
+    assert f"has {MAX_OPEN_PASSTHROUGH} status and abort requests waiting" in \
+        response["AdditionalResponse"], response
+    # An abort is counted too, and a payment is not held back by them
+    assert h.delivers(h.submit("R1", "AX", doc=abort_of("R1", "S9", "AX")))[0].outcome == \
+        "rejected"
+    assert [s.purpose for s in h.sends(h.submit("R1", "S1"))] == ["request"]
+    first = h.sends(purpose="passthrough")[0].document
+    h.answer(responses.simple_response(first))
+    again = h.submit("R1", "TY", doc=status_of("R1", "S9", "TY"))
+    assert [s.purpose for s in h.sends(again)] == ["passthrough"]
