@@ -816,7 +816,13 @@ class TerminalWorker:
         # Line noise is summed and told once per run of it (at most once per read between
         # frames): garbage can make an error every few bytes, and a line and a session call
         # for each stalled the loop every terminal shares (seconds for a few MiB).
+        # Likewise oversize frames: the first of a read is told (a line, the session asked
+        # about what waits), the others of the same read only counted: noise can make an
+        # oversize report every few bytes, and a session call for each stalled the loop
+        # (2 s per 64 KiB read). One read rarely holds two answers that large.
         noise: list[FramingError] = []
+        oversize_told = False
+        oversize_more = 0
         for event in events:
             if isinstance(event, FramingError) and not event.reason.startswith("oversize frame"):
                 noise.append(event)
@@ -829,7 +835,11 @@ class TerminalWorker:
                 self._on_frame(event.payload)
             elif isinstance(event, FramingError):
                 self.counters["framing_errors"] += 1
-                self._oversize(event)
+                if oversize_told:
+                    oversize_more += 1
+                else:
+                    oversize_told = True
+                    self._oversize(event)
             elif isinstance(event, FrameResent):
                 self.writer.resent(event)
             elif isinstance(event, FrameFailed):
@@ -839,6 +849,9 @@ class TerminalWorker:
                 self.writer.acknowledged(event)
         if noise:
             self._line_noise(noise)
+        if oversize_more:
+            log.debug("terminal %s: %d more oversize frames dropped in the same read",
+                      self.poi_id, oversize_more)
 
     def _line_noise(self, noise: list[FramingError]) -> None:
         """Errors in a row that are not oversize frames, counted and told as one."""

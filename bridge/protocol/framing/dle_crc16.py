@@ -29,7 +29,7 @@ skipping the rest of a broken frame:
   frame is skipped: up to its `DLE ETX` and CRC, with no answer, or up to a `DLE STX` or a
   `DLE DLE STX` (the latter can be a frame start after a stray DLE), which starts a frame.
   A skipped frame with bad stuffing is NAKed at its end; an oversize one is not (sending it
-  again would not make it fit).
+  again would not make it fit). Restarts in a row within one read are one FramingError.
 
 At most DLE STX + max_frame_size stuffed bytes (2 x max_frame_size at worst) + DLE ETX +
 CRC bytes are buffered.
@@ -169,9 +169,17 @@ class DleCrc16Framer(AcknowledgedFramer):
                 continue
             if cut_short:
                 events.append(FramingError("truncated frame: DLE STX before DLE ETX", cut_short))
+                cut_short = 0
             if i < 0:
                 if size >= limit:
-                    return self._oversize(limit, events)
+                    more = self._oversize(limit, events)
+                    if not more or self._state != _FRAME:
+                        return more
+                    # restarted at a frame start inside it: scan on, here (noise can make a
+                    # restart every 3 bytes)
+                    size = len(buf)
+                    scan = self._scan
+                    continue
                 self._scan = size
                 return False
             if follower is None:
@@ -247,9 +255,17 @@ class DleCrc16Framer(AcknowledgedFramer):
         if start >= 0:
             # buf[2:start+1] is whole DLE pairs and other bytes: count the pairs left behind
             self._escapes -= buf.count(_DLE_DLE, 2, start + 1)
-            events.append(FramingError(
-                f"oversize frame: over {self.max_frame_size} bytes; restarting at a possible"
-                " frame start inside it", start))
+            reason = (f"oversize frame: over {self.max_frame_size} bytes; restarting at a"
+                      " possible frame start inside it")
+            last = events[-1] if events else None
+            if isinstance(last, FramingError) and last.reason == reason:
+                # Restarts in a row (nothing else happened since the last one in this read)
+                # are reported as one: noise like DLE STX + (DLE DLE STX) x n restarts every
+                # 3 bytes once past the limit, and one event each stalled the worker's loop
+                # (2 s per 64 KiB read), which told the session each time.
+                events[-1] = FramingError(reason, last.discarded + start)
+            else:
+                events.append(FramingError(reason, start))
             del buf[:start]
             self._scan = max(2, limit - start)
             return True

@@ -47,12 +47,15 @@ _CLOSERS = b"}>"
 _BLANKS = b" \t\r\n"
 
 
+# Blank runs are crossed a block at a time (see LengthPrefixedFramer._last_solid)
+_BLOCK = 32
+
+
 def _ends_plausibly(data: bytes | bytearray, start: int, end: int) -> bool:
-    """Whether the last non-blank byte of data[start:end] is `}` or `>`."""
-    end -= 1
-    while end >= start and data[end] in _BLANKS:
-        end -= 1
-    return end >= start and data[end] in _CLOSERS
+    """Whether the last non-blank byte of data[start:end] is `}` or `>` (blanks stripped in
+    C; the decoder uses LengthPrefixedFramer._ends_plausibly, which remembers blank runs)."""
+    solid = data[start:end].rstrip(_BLANKS)
+    return bool(solid) and solid[-1] in _CLOSERS
 
 
 class LengthPrefixedFramer(Framer):
@@ -79,6 +82,14 @@ class LengthPrefixedFramer(Framer):
         self._buf = bytearray()
         self._outbox = bytearray()
         self._stall_deadline: float | None = None
+        # For the plausibility check of candidates ending in blanks: the stream position of
+        # buf[0], and for each block of _BLOCK bytes (numbered by stream position) the stream
+        # position of the last non-blank byte at or before its end. Bytes at a stream
+        # position never change (the buffer only loses its front and grows at its back), so
+        # an entry stays true while its block is buffered: a run of blanks is read once,
+        # however many candidates end in it.
+        self._origin = 0
+        self._solid: dict[int, int] = {}
 
     def encode(self, payload: bytes) -> bytes:
         payload = bytes(payload)
@@ -121,6 +132,8 @@ class LengthPrefixedFramer(Framer):
         self._buf.clear()
         self._outbox.clear()
         self._stall_deadline = None
+        self._origin = 0
+        self._solid.clear()
 
     @property
     def awaiting_ack(self) -> bool:
@@ -157,11 +170,12 @@ class LengthPrefixedFramer(Framer):
                     waiting = True
                     break
                 why, stalled = stalled, None
-            elif _ends_plausibly(buf, body, body + length):
+            elif self._ends_plausibly(body, body + length):
                 if pos:
                     events.append(FramingError(reason, pos))
                 events.append(FrameReceived(bytes(buf[body:body + length])))
                 del buf[:body + length]
+                self._origin += body + length
                 pos = 0
                 openers = [-1, -1]
                 continue
@@ -173,7 +187,68 @@ class LengthPrefixedFramer(Framer):
         if pos:
             events.append(FramingError(reason, pos))
             del buf[:pos]
+            self._origin += pos
+        if len(self._solid) > 2 * (len(buf) // _BLOCK) + 64:
+            # forget the blocks no longer buffered (amortised: at least half of them go)
+            first = self._origin // _BLOCK
+            self._solid = {block: at for block, at in self._solid.items() if block >= first}
         self._stall_deadline = now + self.stall_timeout if waiting else None
+
+    def _ends_plausibly(self, start: int, end: int) -> bool:
+        """Whether the last non-blank byte of buf[start:end] is `}` or `>` (same answer as the
+        module's _ends_plausibly)."""
+        last = self._buf[end - 1] if end > start else 0
+        if last not in _BLANKS:
+            return last in _CLOSERS
+        solid = self._last_solid(start, end)
+        return solid >= start and self._buf[solid] in _CLOSERS
+
+    def _last_solid(self, start: int, end: int) -> int:
+        """The index of the last non-blank byte of buf[start:end], start - 1 if none.
+
+        A candidate's payload can end anywhere in a long run of blanks, and crafted input can
+        make thousands of candidates end in the same run: walking back over it for each one
+        made the decoder quadratic (seconds of CPU for 40 KB). Only the part of the last block
+        before `end` is stripped here (at most _BLOCK bytes, in C); whole blocks below it are
+        looked up in self._solid, each stripped once while buffered."""
+        buf = self._buf
+        origin = self._origin
+        block = (origin + end - 1) // _BLOCK
+        cut = max(start, block * _BLOCK - origin)  # where that block's part begins
+        solid = buf[cut:end].rstrip(_BLANKS)
+        if solid:
+            return cut + len(solid) - 1
+        if cut == start:
+            return start - 1
+        found = self._solid_below(block - 1) - origin
+        return found if found >= start else start - 1
+
+    def _solid_below(self, block: int) -> int:
+        """The stream position of the last non-blank byte at or before the end of `block`
+        (which is wholly received), or one before buf[0] if no buffered byte is one. The
+        blocks crossed to find it all get the answer: none is stripped twice."""
+        buf = self._buf
+        origin = self._origin
+        memo = self._solid
+        crossed = []
+        while True:
+            found = memo.get(block)
+            if found is not None:
+                break
+            crossed.append(block)
+            first = block * _BLOCK - origin
+            cut = max(0, first)
+            solid = buf[cut:first + _BLOCK].rstrip(_BLANKS)
+            if solid:
+                found = origin + cut + len(solid) - 1
+                break
+            if not cut:  # (the bytes before buf[0] are gone: none of them counts)
+                found = origin - 1
+                break
+            block -= 1
+        for block in crossed:
+            memo[block] = found
+        return found
 
     def _next_candidate(self, start: int, openers: list[int]) -> int:
         """The first position from `start` on where a frame can begin: its fifth byte opens a
