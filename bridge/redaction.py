@@ -30,6 +30,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from itertools import accumulate
 
 REDACTED = "[redacted]"
 
@@ -111,6 +112,12 @@ _TRACK1 = re.compile(r"(?a)B\d{12,19}(?:\^|%5[eE])[^\n^]{0,80}?(?:\^|%5[eE])"
 # Sentinels are optional, separators maybe URL-encoded.
 _DIGITS = re.compile(r"(?a)(?P<run>\d[\d .+%/_\t\n,-]{10,}(?<!%)\d)"
                      r"(?P<track>(?:[=Dd]|%3[dD])\d{4}[0-9A-Fa-f]{0,40}(?:\?|%3[fF])?)?")
+# _DIGITS.sub() would cost, where a run holds no digit its end can be (1%1%1%...: each `%1`
+# fails (?<!%)), a scan to the run's end from each of its digits: quadratic. Where the run from
+# one digit has no end, the runs from its later digits (the same characters, fewer of them)
+# have none either; _digits_sub() therefore finds a run's reach once, possessively, with
+# _DIGITS_REACH, and tries _DIGITS only at its first digit, then goes on after the run.
+_DIGITS_REACH = re.compile(r"(?a)\d[\d .+%/_\t\n,-]{10,}+")
 _GROUPS = re.compile(r"(%20|, |[^0-9])")
 _SEPARATORS = frozenset(" .+-/_\t\n") | {"%20", ", "}
 # Separators that join only the groups a card number is written in (4111/1111/1111/1111, the
@@ -120,9 +127,26 @@ _CARD_GROUPS_ONLY = frozenset("/_\t\n") | {", "}
 # A masked card number: digits and mask characters, not glued to letters or digits, maybe in
 # groups joined by spaces or dashes (4111 11** **** 1111), with the groups around it. _masked()
 # finds the masks in it and decides whether they show too much.
-_MASKED = re.compile(r"(?P<head>[^0-9A-Za-z*#])(?!0[xX][0-9A-Fa-f])"  # (0x...: hex, no mask)
-                     r"(?P<pan>(?:[0-9]+[ -])*[0-9]*[*#Xx][0-9*#Xx]*"
-                     r"(?:[ -][0-9*#Xx]+)*)(?![0-9A-Za-z*#])")
+_MASK_PAN = (r"(?!0[xX][0-9A-Fa-f])"  # (0x...: hex, no mask)
+             r"(?P<pan>(?:[0-9]+[ -])*[0-9]*[*#Xx][0-9*#Xx]*"
+             r"(?:[ -][0-9*#Xx]+)*)(?![0-9A-Za-z*#])")
+_MASKED = re.compile(r"(?P<head>[^0-9A-Za-z*#])" + _MASK_PAN)
+# _MASKED tried from each of its heads costs, inside a long run of groups (1 1 1 ... 1), a
+# scan of the rest of the run from each separator: quadratic. Yet what a head inside a run of
+# groups finds follows from what the head at the run's start found: the same groups, fewer of
+# them, so where that one failed these fail too (and where it matched, the match took them,
+# but for a last group that fails alone). _mask_sub() therefore tries, with _MASK_STARTS, only
+# heads that start a run of groups (a character that is no digit, mask character or letter
+# other than a separator, or a separator not after a group), at most once per run. The run's
+# inner heads are tried, one by one with _MASKED, only where its start could not be tried at
+# all (glued to a letter, at the text's start, or a hex number 0x...: `blocked`), up to the
+# first of them that can be.
+_MASK_HEAD = r"(?<![0-9*#Xx])[ -]|[^0-9A-Za-z*# -]"
+_MASK_STARTS = re.compile(r"(?P<head>" + _MASK_HEAD + r")" + _MASK_PAN
+                          + r"|(?P<blocked>(?:" + _MASK_HEAD + r")(?=0[xX][0-9A-Fa-f])"
+                          r"|(?:(?<=[A-WYZa-wyz])|\A)(?=[0-9*#Xx]))")
+_MASK_RUN_OF_GROUPS = re.compile(r"[0-9*#Xx]++(?:[ -][0-9*#Xx]++)*+")
+_MASK_INNER_HEADS = re.compile(r"[ -](?!0[xX][0-9A-Fa-f])")
 _MASK_GROUPS = re.compile(r"([ -])")
 _MASK_SEPARATORS = frozenset(" -")  # they join card groups only
 _MASK_CHARACTERS = "*#Xx"
@@ -149,6 +173,12 @@ _DIGITS_AFTER_A_MASK = re.compile(rb"10(?:0000|0{0,3}1)")
 _DIGITS_AND_MASKS_ALIKE = bytes.maketrans(b"1", b"0")
 _BLOB_RUN = bytes(48 if chr(b).isascii() and chr(b).isalnum() or chr(b) in "+/" else 120
                   for b in range(256))
+
+
+# Each digit's value, and its value doubled, the digits of the product summed (7: 14, 1 + 4 =
+# 5), for the Luhn check in _card_numbers().
+_DIGIT_VALUE = bytes.maketrans(b"0123456789", bytes(range(10)))
+_DOUBLED_VALUE = bytes.maketrans(b"0123456789", bytes((0, 2, 4, 6, 8, 1, 3, 5, 7, 9)))
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -222,11 +252,36 @@ def _card_numbers(groups: list[str], seps: list[str], lo: int, hi: int) -> set[i
     13-19 digits passing the Luhn check, save a run of one digit (0000000000000) and
     _no_issuer() ones, and the digits of a decimal number."""
     n, i, found_groups = len(groups), lo, set()
+    # _a_card(groups i to j, False), for each candidate, from the run's digits: the Luhn check
+    # from running sums (each digit's own value, or doubled where a number ending at an even,
+    # or at an odd, offset doubles it), then one digit throughout and _no_issuer() on a slice.
+    # No join, no loop over a candidate's digits. And where _candidates() would walk on from
+    # group i (a separator that joins groups follows it) but no 13-19 digits from its start
+    # on are a card, whatever the groups, it need not run from i at all.
+    offsets = list(accumulate(map(len, groups), initial=0))
+    digits = "".join(groups).encode("ascii")
+    size = len(digits)
+    values, doubled = digits.translate(_DIGIT_VALUE), digits.translate(_DOUBLED_VALUE)
+    sums = []
+    for parity in (0, 1):  # doubled at even offsets (a number ending at an even one), odd
+        mixed = bytearray(values)
+        mixed[parity::2] = doubled[parity::2]
+        sums.append(list(accumulate(mixed, initial=0)))
+
+    def a_card(begin: int, end: int) -> bool:
+        running = sums[end % 2]
+        if (running[end] - running[begin]) % 10:
+            return False
+        number = digits[begin:end]
+        return number.count(number[:1]) < len(number) and not number.startswith(b"000000")
+
     while i < hi:
-        found = -1
-        for j in _candidates(groups, seps, i, hi, _CARD_GROUPS_ONLY):
-            if _a_card("".join(groups[i:j + 1]), False):
-                found = j
+        found, begin = -1, offsets[i]
+        if i >= len(seps) or seps[i] not in _SEPARATORS or any(
+                a_card(begin, end) for end in range(begin + 13, min(begin + 19, size) + 1)):
+            for j in _candidates(groups, seps, i, hi, _CARD_GROUPS_ONLY):
+                if a_card(begin, offsets[j + 1]):
+                    found = j
         if found == i and ((i > 0 and seps[i - 1] == ".") or (i < n - 1 and seps[i] == ".")):
             # The digits of a decimal number, an amount's among them: a float computed by a
             # register (2.2199999999999998) has 16 fraction digits, which the Luhn check
@@ -440,6 +495,43 @@ def _card_groups_here(masks: bytes) -> bool:
     return b"00002000020" in groups or b"0000200000020" in groups
 
 
+def _mask_sub(text: str) -> str:
+    """_MASKED.sub(_masked, text), the same matches replaced, each head tried at most once."""
+    out: list[str] = []
+    done = pos = 0
+    while (match := _MASK_STARTS.search(text, pos)) is not None:
+        if match.group("blocked") is None:
+            found: re.Match[str] | None = match
+            pos = match.end()
+        else:  # a run of groups whose start cannot be tried: its inner heads can
+            start = match.end()
+            end = _MASK_RUN_OF_GROUPS.match(text, start).end()
+            head = _MASK_INNER_HEADS.search(text, start, end + 3)
+            found = (_MASKED.match(text, head.start())
+                     if head is not None and head.start() < end else None)
+            pos = found.end() if found is not None else end
+        if found is not None:
+            out += text[done:found.start()], _masked(found)
+            done = found.end()
+    out.append(text[done:])
+    return "".join(out)
+
+
+def _digits_sub(text: str) -> str:
+    """_DIGITS.sub(_digits, text), the same matches replaced, each run scanned once."""
+    out: list[str] = []
+    done = pos = 0
+    while (reach := _DIGITS_REACH.search(text, pos)) is not None:
+        match = _DIGITS.match(text, reach.start())
+        if match is None:
+            pos = reach.end()
+            continue
+        out += text[done:match.start()], _digits(match)
+        done = pos = match.end()
+    out.append(text[done:])
+    return "".join(out)
+
+
 def _blob(match: re.Match[str]) -> str:
     if not _A_DIGIT.search(match.group(0)):
         return match.group(0)
@@ -456,9 +548,9 @@ def redact(text: str) -> str:
     masks = raw.translate(_MASK_RUN)
     if b"1" in masks and (_shows_too_much_here(masks) or _card_groups_here(masks)
                           and _shows_too_much_here(masks.replace(b"2", b""))):
-        text = _MASKED.sub(_masked, " " + text)[1:]
+        text = _mask_sub(" " + text)[1:]
     if b"000000000000" in raw.translate(_DIGIT_RUN):
-        text = _DIGITS.sub(_digits, text)
+        text = _digits_sub(text)
     if b"0" * 40 in raw.translate(_BLOB_RUN):
         text = _BLOB.sub(_blob, " " + text)[1:]
     return text
