@@ -549,3 +549,28 @@ def test_a_card_number_sent_as_a_json_number_is_redacted_whatever_its_shape(numb
 def test_amounts_counters_and_timestamps_in_json_stay_as_they_are(number):
     assert redact_json(number) == number
     assert redact_json([number]) == [number]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1%\t+4111111111111111a", "1%\t+[redacted]a"),
+    ("7,_41111111111111112D", "7,_[redacted]2D"),
+])
+def test_two_separators_in_a_row_before_a_glued_card_number_do_not_make_it_raise(text,
+                                                                                 expected):
+    """The review of 2026-12-03: an empty group between two separators made redact() raise
+    IndexError, inside the log call that ran it (text a terminal sent could make a logging
+    call fail)."""
+    assert redact(text) == expected
+
+
+def test_a_bug_in_the_filter_scrubs_every_digit_run_and_raises_nothing(monkeypatch):
+    """redact() runs in every log call and on what is published: a bug met on odd text must
+    fail neither, nor let the text out as it is."""
+    import bridge.redaction as redaction
+
+    def broken(text: str) -> str:
+        raise IndexError("a bug")
+
+    monkeypatch.setattr(redaction, "_redact", broken)
+    assert redact("pan 4111 1111 1111 1111, ref 123456, till 12") == \
+        "pan [redacted], ref [redacted], till 12"
