@@ -316,16 +316,15 @@ async def test_the_recheck_leaves_a_node_udev_gave_another_terminal_alone(tmp_pa
                 os.unlink(path)
 
 
-async def test_a_terminal_unplugged_while_running_is_used_when_its_node_is_back_unannounced(
-        tmp_path, dev_node, caplog):
-    """The recheck covered only the terminals absent at start: one unplugged later whose node
-    came back without a udev event (udev's events of another network namespace, a lost
-    event) stayed offline until the daemon restarted. A node udev said was removed but that
-    is still there is not taken for the terminal back: only one seen gone, then there."""
+async def rechecked_terminal(tmp_path, dev_node: str, *, replug_after: float,
+                             recheck_absent: float):
+    """A simulated terminal on a node under /dev (gone while unplugged, back `replug_after`
+    s later), and a bridge whose udev events the test pushes and that looks at absent nodes
+    every `recheck_absent` s: (simulator, bridge, monitor, the node's real path)."""
     simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05),
                                          link=LinkBehaviour(status_hold=0.05,
-                                                            replug_after=1.0)))
-    await simulator.start_pty(dev_node)  # its node under /dev: gone while unplugged
+                                                            replug_after=replug_after)))
+    await simulator.start_pty(dev_node)
     config = node_terminal(tmp_path, dev_node)
     bridge = Bridge(config, hotplug=False)
     monitor = PipeMonitor()
@@ -333,7 +332,18 @@ async def test_a_terminal_unplugged_while_running_is_used_when_its_node_is_back_
     bridge.hotplug = HotplugMonitor(TerminalMatcher(config), bridge._plugged, bridge._unplugged,
                                     monitor=monitor, settle=0.01,
                                     enumerate_devices=lambda: [tty_event("add", dev_node, node)])
-    bridge.recheck_absent = 0.2
+    bridge.recheck_absent = recheck_absent
+    return simulator, bridge, monitor, node
+
+
+async def test_a_terminal_unplugged_while_running_is_used_when_its_node_is_back_unannounced(
+        tmp_path, dev_node, caplog):
+    """The recheck covered only the terminals absent at start: one unplugged later whose node
+    came back without a udev event (udev's events of another network namespace, a lost
+    event) stayed offline until the daemon restarted. A node udev said was removed but that
+    is still there is not taken for the terminal back: only one seen gone, then there."""
+    simulator, bridge, monitor, node = await rechecked_terminal(
+        tmp_path, dev_node, replug_after=1.0, recheck_absent=0.2)
     await bridge.start()
     try:
         await wait_state(bridge, "online")
@@ -367,18 +377,8 @@ async def test_a_replug_quicker_than_the_recheck_is_used_though_never_seen_gone(
     and the terminal was back, unannounced, before the next recheck: its node was never seen
     gone, and a node there was never taken for it back, so it stayed offline until a restart.
     A node made since the unplug (another node than the one udev said went) is it back."""
-    simulator = SimulatorServer(Scenario(poi_id=POI, default=Behaviour(delay=0.05),
-                                         link=LinkBehaviour(status_hold=0.05,
-                                                            replug_after=0.2)))
-    await simulator.start_pty(dev_node)
-    config = node_terminal(tmp_path, dev_node)
-    bridge = Bridge(config, hotplug=False)
-    monitor = PipeMonitor()
-    node = os.path.realpath(dev_node)
-    bridge.hotplug = HotplugMonitor(TerminalMatcher(config), bridge._plugged, bridge._unplugged,
-                                    monitor=monitor, settle=0.01,
-                                    enumerate_devices=lambda: [tty_event("add", dev_node, node)])
-    bridge.recheck_absent = 1.5
+    simulator, bridge, monitor, node = await rechecked_terminal(
+        tmp_path, dev_node, replug_after=0.2, recheck_absent=1.5)
     await bridge.start()
     try:
         await wait_state(bridge, "online")
