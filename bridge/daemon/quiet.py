@@ -20,6 +20,7 @@ OTHERS, holds the rest. A clean stop reports the counts still held (`flush`).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ REFUSALS_QUIET = 60.0
 LINK_LOSSES_QUIET = 600.0
 OTHERS = ("(others)",)  # the group of keys met once max_groups were held (+ their kind)
 
-# (key, how many more, the caller's note of the last one, the interval) -> logs the summary
+# (key, how many more, the caller's note of the last one, the time they came in: the interval,
+# or at a stop the part of it gone by) -> logs the summary
 Summary = Callable[[Hashable, int, Any, float], None]
 
 
@@ -78,13 +80,19 @@ class QuietRepeats:
 
     def flush(self) -> None:
         """The bridge stops: each count still held is reported now (its interval would
-        have ended after the process), and the timers are cancelled."""
+        have ended after the process), and the timers are cancelled. The summary is given
+        the time its count covers, so far, not the whole interval: "in the last 10 minutes"
+        for repeats of the last 40 s would send a technician looking too far back."""
+        now = self._clock()
         groups, self._groups = self._groups, {}
         for key, group in groups.items():
             if group.timer is not None:
                 group.timer.cancel()
             if group.count and self._summary is not None:
-                self._summary(key, group.count, group.last, self.interval)
+                covered = now - (group.until - self.interval)
+                if covered >= 1:  # (whole seconds past one: the log says "37 s")
+                    covered = float(math.ceil(covered))
+                self._summary(key, group.count, group.last, min(self.interval, covered))
 
     def _room_for(self, key: Hashable) -> Hashable:
         """The group a new `key` is counted in: its own while fewer than max_groups are
@@ -132,10 +140,12 @@ class QuietRepeats:
 
 
 def window(interval: float) -> str:
-    """An interval as a summary names it: "10 minutes", "45 s"."""
-    if interval >= 60:
+    """An interval as a summary names it: "10 minutes", "45 s", "2 min 5 s"."""
+    if interval >= 60 and interval % 60 == 0:
         minutes = interval / 60
         return f"{minutes:g} minute{'' if minutes == 1 else 's'}"
+    if interval >= 60:
+        return f"{int(interval // 60)} min {interval % 60:.0f} s"
     return f"{interval:g} s"
 
 
