@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import aiomqtt
@@ -160,3 +161,37 @@ def test_an_id_is_filtered_before_it_is_cut():
     assert len(said) > 128 and PAN[:11] in said[:128]
     assert PAN[:11] not in shown_id(said)
     assert shown_id("POS1") == "POS1" and shown_id(12) == "12" and shown_id(None) == ""
+
+
+# A card number across the 64- and 128-character cuts (11 of its digits before each): a
+# refused request's ServiceID as a register wrote it
+ACROSS_64 = "till no. " * 5 + "xxxxxxx " + PAN
+ACROSS_128 = "till no. " * 12 + "xxxxxxxx " + PAN
+
+
+@pytest.mark.parametrize("service_id", [ACROSS_64, ACROSS_128], ids=["across 64", "across 128"])
+def test_a_refused_service_id_is_filtered_before_it_is_cut(tmp_path, caplog, service_id):
+    """Review: the refusal of a request with an unusable ServiceID recorded it cut to 64
+    (bridge.transaction.service_id), echoed it cut to 128 (MessageHeader.ServiceID) and
+    logged it so, each cut before the filter: 11 or more digits of a card number went out
+    on the register's topic (and so to head office) and into the log. From those digits
+    and Luhn's check digit the rest of a card number is a short guess."""
+    from .test_intake_fuzz import POI as RIG_POI, Rig
+    assert PAN[:11] in service_id[:64] or PAN[:11] in service_id[:128]
+    caplog.set_level(logging.INFO, logger="poi_bridge")
+    request = responses.payment_request("POS1", "S1", RIG_POI)
+    request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"] = service_id
+    rig = Rig(tmp_path / "j.sqlite3")
+    try:
+        (answer,) = rig.handle(f"poi-bridge/terminals/{RIG_POI}/request/POS1",
+                               json.dumps(request).encode())
+    finally:
+        rig.journal.close()
+    body = json.loads(answer.payload)
+    assert answer.topic == "poi-bridge/registers/POS1/response"
+    assert "ServiceID must be" in body["bridge"]["error"], body  # (the refusal meant)
+    said = [answer.payload.decode(), *caplog.messages]
+    assert not [text for text in said if PAN[:11] in text], said
+    # What is left is still the register's writing, up to the card number
+    assert body["bridge"]["transaction"]["service_id"].startswith("till no. till no.")
+    assert body["SaleToPOIResponse"]["MessageHeader"]["ServiceID"].startswith("till no.")

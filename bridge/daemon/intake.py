@@ -397,6 +397,9 @@ class RequestIntake:
         # As the register wrote them, so that it can tell which request this answers: a
         # ServiceID sent as a number, a SaleID that cannot be a topic level
         service_id, sale_text = id_text(header.get("ServiceID")), id_text(header.get("SaleID"))
+        # ... and as echoed (its topic, the log, a chain's head office): filtered before cut,
+        # since a cut card number (15 of 16 digits, the last one Luhn's) passes the filter
+        shown_service_id = shown_id(header.get("ServiceID"))
         if unread and conflict is None and sale_id and service_id:
             # Published under a recorded transaction's IDs, this refusal of another request
             # (malformed, another terminal's...) must not read as that transaction's result:
@@ -409,9 +412,9 @@ class RequestIntake:
         # digits, at most 64), else UnknownResponse: "Pay-ment" or "" must not name it, nor
         # leave the refusal without a response a register can read as a terminal's
         category = refusal_category(header.get("MessageCategory"))
-        said_sale_id = sale_id or (repr(sale_text) if sale_text else "?")
-        said_service_id = repr(service_id) if service_id and not service_id.isalnum() \
-            else service_id or "?"
+        said_sale_id = sale_id or (repr(shown_id(header.get("SaleID"))) if sale_text else "?")
+        said_service_id = repr(shown_service_id) if service_id and not service_id.isalnum() \
+            else shown_service_id or "?"
         if self._refusals_said.tell((poi_id, sale_id or topic or said_sale_id,
                                      _refusal_kind(error)),
                                     (said_sale_id, said_service_id, _refusal_head(error))):
@@ -421,13 +424,13 @@ class RequestIntake:
         if sale_id is not None:
             echo = {k: v for k, v in header.items() if isinstance(v, str) and len(v) <= 128}
             if service_id and "ServiceID" not in echo:
-                echo["ServiceID"] = service_id
+                echo["ServiceID"] = shown_service_id
             if to_sale_id is not None:
                 # Answered to the topic's register: its header says so too, as the bridge
                 # part does (a register drops an answer whose SaleID is not its own)
                 echo["SaleID"] = sale_id
             response = builders.failure_response(echo, category, condition, error)
-        result = Deliver(sale_id or "", service_id[:64], poi_id, category,
+        result = Deliver(sale_id or "", shown_service_id[:64], poi_id, category,
                          Outcome.REJECTED.value, "bridge", response, error, conflict)
         if sale_id is None:
             refusal: dict[str, Any] = {
@@ -437,7 +440,7 @@ class RequestIntake:
             if sale_text:
                 refusal["sale_id"] = shown_id(header.get("SaleID"))
             if service_id:
-                refusal["service_id"] = shown_id(header.get("ServiceID"))
+                refusal["service_id"] = shown_service_id
             self.gateway.enqueue(self.topics.bridge_error, refusal)
         else:
             self.gateway.deliver(result)
