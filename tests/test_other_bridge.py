@@ -242,3 +242,34 @@ def test_a_document_of_this_host_client_id_and_journal_whose_process_is_gone_is_
     finally:
         alive.kill()
         alive.wait()
+
+
+async def test_a_copy_with_this_bridges_client_id_stopped_leaves_it_taking_requests(
+        tmp_path, mosquitto, caplog, monkeypatch):
+    """Review: a copied configuration (same client id, own journal and terminal) started
+    beside the store's bridge: the two took the broker's session from each other about
+    once a second, and after the copy had stopped the store's bridge refused every
+    payment ("another poi-bridge serves this broker's topics") until restarted, with a
+    CRITICAL, a WARNING and an INFO line per takeover meanwhile."""
+    from bridge.daemon import peers as peer_rules
+    monkeypatch.setattr(peer_rules, "SAME_CLIENT_ID_HELD", 3.0)
+    caplog.set_level(logging.INFO, logger="poi_bridge")
+    async with Subscriber(mosquitto, [f"{BASE}/registers/TILL1/#"],
+                          client_id="register-TILL1") as register, \
+            a_bridge(tmp_path / "a", mosquitto, "poi-bridge") as (first, terminal_a):
+        assert await wait_until(lambda: first.gateway.connected, 15)
+        async with a_bridge(tmp_path / "b", mosquitto, "poi-bridge"):
+            assert await wait_until(lambda: first.gateway.other_bridge is not None, 15)
+            await asyncio.sleep(4)  # they take the session from each other meanwhile
+        said = len(caplog.records)
+        # The copy stopped: within the held time (and a reconnect or two) it is gone
+        assert await wait_until(lambda: first.gateway.other_bridge is None
+                                and first.gateway.peers.refusal() is None, 20), \
+            [r.getMessage()[:160] for r in caplog.records[said:]]
+        await register.publish(REQUEST, responses.payment_request("TILL1", "P9", POI, 3.0))
+        answer = await register.wait_for(outcome_for("P9"))
+        assert answer["bridge"]["outcome"] == "approved", answer
+        assert charged(terminal_a) == ["TILL1/P9"]
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL
+                and "ANOTHER POI-BRIDGE" in r.getMessage()]
+    assert len(critical) <= 2, [r.getMessage()[:120] for r in critical]  # (one each way)

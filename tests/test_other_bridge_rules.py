@@ -51,3 +51,54 @@ def test_a_huge_pid_does_not_raise_out_of_heard():
            "pid": 2 ** 80, "client_id": "poi-bridge", "journal": JOURNAL}
     me.heard(json.dumps(doc).encode(), json.loads, retained=True)
     assert me.refusal() is not None  # not known to be gone: another bridge
+
+
+def test_a_bridge_with_this_ones_client_id_is_gone_once_the_connection_has_held():
+    """Review: a copied configuration (same client id, own journal) ran beside the store's
+    bridge; the two took the broker's session from each other, and the other's "offline"
+    went to the session they shared, never to this bridge. After the copy had stopped,
+    this bridge refused every request until restarted. The broker keeps one connection
+    per client id: this one held SAME_CLIENT_ID_HELD s, so no such bridge is connecting."""
+    me = peers()
+    reannounced = []
+    me.on_reannounce = lambda: reannounced.append(1)
+    me.online()
+    me.heard(json.dumps({**me.identity, "state": "online", "announcement": 1}).encode(),
+             json.loads)  # (its own "online" came back: it takes requests)
+    assert me.refusal() is None
+    twin = {"state": "online", "instance": "i-twin", "bridge_id": "bid-2", "host": "store-12",
+            "pid": 4242, "client_id": "poi-bridge", "journal": "/tmp/copy.sqlite3",
+            "announcement": 1}
+    other = {**twin, "instance": "i-other", "bridge_id": "bid-3", "client_id": "poi-bridge-9"}
+    me.heard(json.dumps(twin).encode(), json.loads)
+    me.heard(json.dumps(other).encode(), json.loads)
+    assert me.refusal() is not None
+    me.connection_held()  # the other, with its own client id, may well still run
+    assert set(me.others) == {"i-other"} and reannounced == []
+    assert me.refusal() is not None
+    me.heard(json.dumps({**other, "state": "offline"}).encode(), json.loads)
+    assert me.others == {} and reannounced == [1]
+    # Nothing taken until this bridge's "online" has come back after the other's went
+    me.online()
+    assert "making sure it is gone" in (me.refusal() or "")
+    me.heard(json.dumps({**me.identity, "state": "online", "announcement": 2}).encode(),
+             json.loads)
+    assert me.refusal() is None
+
+
+def test_a_twin_taking_the_connection_in_turns_is_said_once(caplog):
+    """Each takeover publishes the twin's will ("offline") and then its "online" again:
+    about once a second each, a CRITICAL and a WARNING of ~700 characters, for as long as
+    both ran. Said in full once; its comings and goings after that at debug."""
+    import logging
+    caplog.set_level(logging.DEBUG, logger="poi_bridge")
+    me = peers()
+    twin = {"state": "online", "instance": "i-twin", "bridge_id": "bid-2", "host": "store-12",
+            "pid": 4242, "client_id": "poi-bridge", "journal": "/tmp/copy.sqlite3"}
+    for _ in range(5):
+        me.heard(json.dumps(twin).encode(), json.loads)
+        me.heard(json.dumps({**twin, "state": "offline"}).encode(), json.loads)
+    me.heard(json.dumps(twin).encode(), json.loads)
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.levelno for r in loud] == [logging.CRITICAL], [r.getMessage() for r in loud]
+    assert me.refusal() is not None  # (still there: still refusing)

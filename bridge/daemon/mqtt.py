@@ -33,6 +33,7 @@ from bridge.config import MqttConfig, TlsConfig
 from bridge.daemon.journal import Journal, OutboxMessage
 from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
 from bridge.daemon.outbox import OUTBOX_WINDOW, OutboxPump
+from bridge.daemon import peers as peer_rules
 from bridge.daemon.peers import ANNOUNCE_TIMEOUT, OtherBridges
 from bridge.daemon import quiet
 from bridge.daemon.quiet import QuietRepeats, is_shared
@@ -503,8 +504,12 @@ class RegisterGateway:
                     if outage_since is None:
                         log.info("connected to MQTT broker %s", self._broker)
                     else:
-                        log.info("connected to MQTT broker %s again, after %s out of "
-                                 "reach; %s", self._broker,
+                        # (not said at every turn of a client id taken in turns: the error
+                        # of _note_short_connection said what goes on)
+                        log.log(logging.DEBUG if self._short_connections
+                                >= SHORT_CONNECTIONS_SAID else logging.INFO,
+                                "connected to MQTT broker %s again, after %s out of "
+                                "reach; %s", self._broker,
                                  _how_long(connected_at - outage_since),
                                  self._waiting("being sent now"))
                     outage_since = None
@@ -522,11 +527,13 @@ class RegisterGateway:
                     # slow broker's the bridge gave up on itself was no twin's (review rv18)
                     ended = (client and client.dropped_at) or now
                     outage_since, advised, said_at = ended, True, now
-                    log.warning("lost the MQTT broker %s (%s); reconnecting. Results and "
-                                "events are kept and sent once it is back; if it stays away, "
-                                "check the broker (systemctl status mosquitto) and the network",
-                                self._broker, _plain_loss(exc))
                     self._note_short_connection(ended - connected_at)
+                    log.log(logging.DEBUG if self._short_connections > SHORT_CONNECTIONS_SAID
+                            else logging.WARNING,
+                            "lost the MQTT broker %s (%s); reconnecting. Results and "
+                            "events are kept and sent once it is back; if it stays away, "
+                            "check the broker (systemctl status mosquitto) and the network",
+                            self._broker, _plain_loss(exc))
                 elif login_refused(exc):
                     who = (f"as user {self.config.username!r}" if self.config.username
                            else "without a user name")
@@ -668,6 +675,8 @@ class RegisterGateway:
         self._state_dirty = set(self._terminal_states)
         self._state_ready.set()
         self._connected.set()
+        held = asyncio.get_running_loop().call_later(
+            peer_rules.SAME_CLIENT_ID_HELD, self.peers.connection_held)
         tasks = [
             asyncio.create_task(self._receive(client), name="receive"),
             asyncio.create_task(self._publish_outbox(client), name="outbox"),
@@ -686,6 +695,7 @@ class RegisterGateway:
             raise RuntimeError(f"the connection's {', '.join(sorted(t.get_name() for t in done))}"
                                " task ended (cancelled or returned)")
         finally:
+            held.cancel()
             for task in tasks:
                 task.cancel()
             for task in tasks:

@@ -43,6 +43,12 @@ log = logging.getLogger("poi_bridge.mqtt")
 # How long a bridge waits for its own "online" to come back from the broker before it takes
 # requests without the check (a broker whose ACL keeps the bridge from reading its state)
 ANNOUNCE_TIMEOUT = 5.0
+# s: another bridge with this one's client id is taken as gone once this bridge's connection
+# has held this long. The broker keeps one connection per client id, handing the session to
+# the newest: while both run they take it from each other about once a second. That one's
+# "offline" may never reach this one (the session they share delivered it to itself), and
+# this bridge then refused every request for good after the other had stopped (review).
+SAME_CLIENT_ID_HELD = 30.0
 
 
 def describe(document: dict[str, Any]) -> str:
@@ -67,6 +73,9 @@ class OtherBridges:
         self._backed_off = False  # another bridge was seen: wait for a fresh echo to resume
         self.blind = False  # the check could not work on this connection (see ANNOUNCE_TIMEOUT)
         self.seen = 0  # other bridges seen in this run (for health and tests)
+        # instances said in full (CRITICAL, then "gone offline"): one with this bridge's
+        # client id comes and goes at every takeover; its returns are said at debug
+        self._told: set[str] = set()
         # Called when this bridge must say "online" again: the other's "offline", or a
         # cleared document, replaced its own
         self.on_reannounce: Callable[[], None] | None = None
@@ -145,7 +154,8 @@ class OtherBridges:
             return
         if state == "offline":
             if self.others.pop(instance, None) is not None:
-                log.warning("the other poi-bridge, %s, has gone offline", describe(document))
+                log.log(logging.DEBUG if self._takes_turns(document) else logging.WARNING,
+                        "the other poi-bridge, %s, has gone offline", describe(document))
             if not self.others:
                 self._reannounce()  # its document replaced this one's
             return
@@ -157,8 +167,12 @@ class OtherBridges:
         new = instance not in self.others
         self.others[instance] = document
         self._backed_off = True
-        if new:
+        if new and self._takes_turns(document) and instance in self._told:
+            log.debug("the other poi-bridge with this bridge's client id, %s, took the "
+                      "connection again", describe(document))
+        elif new:
             self.seen += 1
+            self._told.add(instance)
             log.critical(
                 "ANOTHER POI-BRIDGE ON THE SAME TOPICS: %s says it is %s on %s, beside this "
                 "bridge, %s. Both would take every register request and charge it twice: "
@@ -168,6 +182,26 @@ class OtherBridges:
                 "or give it its own mqtt.base_topic; if that bridge no longer runs and its "
                 "document stays, clear it: mosquitto_pub -r -n -t %s",
                 describe(document), state, self.topic, describe(mine), self.topic)
+
+    def connection_held(self) -> None:
+        """This bridge's connection has held SAME_CLIENT_ID_HELD s: no bridge with its client
+        id is trying to connect (the broker would have handed it the session), so those
+        seen are gone, whatever their last document said."""
+        gone = [i for i, d in self.others.items() if self._takes_turns(d)]
+        for instance in gone:
+            log.warning("the other poi-bridge with this bridge's client id, %s, has not taken "
+                        "the connection for %g s: it is taken as gone, and this bridge takes "
+                        "requests again once the broker has passed its \"online\" back. If "
+                        "it comes back, both stop taking requests again: give each bridge its "
+                        "own mqtt.client_id, or stop one", describe(self.others.pop(instance)),
+                        SAME_CLIENT_ID_HELD)
+        if gone and not self.others:
+            self._reannounce()
+
+    def _takes_turns(self, document: dict[str, Any]) -> bool:
+        """Whether `document` is of a bridge with this one's client id: one connection of
+        the two is up at a time."""
+        return document.get("client_id") == self.identity["client_id"]
 
     def _reannounce(self) -> None:
         if self.on_reannounce is not None:
