@@ -85,17 +85,20 @@ class _NoAnswer(Exception):
         self.protocol = protocol
 
 
-async def _ask_daemon(config: Any, command: str, body: dict[str, Any] | None = None,
-                      timeout: float = 3.0) -> dict[str, Any]:
-    """The daemon's answer. ConnectionSetupError or aiomqtt.MqttError when the broker could
-    not be reached or refused us (see connection_problem), PublishRefusedByBroker when it
-    refused the command, _NoAnswer when nobody answered."""
+async def _ask_daemon(config: Any, *commands: str,
+                      timeout: float = 3.0) -> dict[str, dict[str, Any]]:
+    """The daemon's answer to each command, by name. ConnectionSetupError or
+    aiomqtt.MqttError when the broker could not be reached or refused us (see
+    connection_problem), PublishRefusedByBroker when it refused a command, _NoAnswer when
+    nobody answered."""
     async with RegisterClient.for_bridge(config.mqtt, "poi-bridge-cli", persistent=False,
                                          client_id=cli_client_id()) as client:
-        try:
-            return await client.command(command, body, timeout=timeout)
+        try:  # (asked at once: each answer within the one timeout)
+            answers = await asyncio.gather(*(client.command(command, None, timeout=timeout)
+                                             for command in commands))
         except TimeoutError:
             raise _NoAnswer(client.protocol) from None
+        return dict(zip(commands, answers, strict=True))
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -109,10 +112,12 @@ def run_status(args: argparse.Namespace) -> int:
     open_txns = [summary(t) for t in journal.open_transactions()]
     journal.close()
     terminals: dict[str, Any] = {}
+    health: dict[str, Any] = {}
     problem = None  # the broker could not be asked: the daemon's state is not known
     note = None
     try:
-        terminals = asyncio.run(_ask_daemon(config, "terminals"))
+        answers = asyncio.run(_ask_daemon(config, "terminals", "health"))
+        terminals, health = answers["terminals"], answers["health"].get("data") or {}
         daemon = "running"
     except _NoAnswer as exc:
         daemon = "not reachable over MQTT"
@@ -131,6 +136,9 @@ def run_status(args: argparse.Namespace) -> int:
         "daemon": daemon, "mqtt_error": problem,
         "terminals": terminals.get("data") or [
             {"poi_id": t.poi_id, "state": "unknown"} for t in config.terminals],
+        # Another bridge on these topics: the daemon takes no new request while it is seen
+        # (bridge.daemon.peers), and its terminals still read "online"
+        "other_bridges": health.get("other_bridges") or [],
     }
     status = 2 if problem else 1 if note else 0
     if args.json:
@@ -141,6 +149,12 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"daemon: {report['daemon']}  (broker {host_port(config.mqtt.host, config.mqtt.port)})")
     if problem or note:
         print(f"  {problem or note}")
+    if report["other_bridges"]:
+        print(f"  REFUSING EVERY NEW REQUEST: another poi-bridge serves these topics too "
+              f"({'; '.join(map(str, report['other_bridges']))}); both refuse, so that no "
+              "payment is charged twice. Stop one of the two (systemctl stop poi-bridge on "
+              "the box that must not serve this store), or give it its own mqtt.base_topic "
+              "and mqtt.client_id")
     print(f"journal {report['journal']}: {counts['in_flight']} in flight, "
           f"{counts['unresolved']} unresolved, {counts['undelivered']} messages not yet "
           "delivered to the broker")

@@ -329,3 +329,31 @@ async def test_status_shows_a_terminal_whose_identity_is_not_confirmed(tmp_path,
     finally:
         await bridge.stop()
         device.close()
+
+
+async def test_status_says_the_daemon_refuses_requests_while_another_bridge_is_seen(
+        tmp_path, mosquitto):
+    """A technician's review: with another bridge on the same topics the daemon refuses
+    every payment, yet `status` said "daemon: running", each terminal "online", and exited
+    0: nothing in it said why every payment failed. The other bridge here says "online" on
+    the bridge's own state topic, as a second box would."""
+    other = {"state": "online", "instance": "i-other", "bridge_id": "b-2", "host": "box-2",
+             "pid": 77, "client_id": "poi-bridge-copy", "journal": "/var/lib/x.sqlite3",
+             "announcement": 1}
+    async with running_bridge(tmp_path, mosquitto) as bridge:
+        config = config_file(tmp_path, mosquitto, {})
+        quiet = (await cli("status", "--config", config)).stdout.decode()
+        assert "REFUSING" not in quiet, quiet
+        async with aiomqtt.Client(mosquitto.host, mosquitto.port, identifier="box-2") as box:
+            await box.publish(f"{BASE}/bridge/state", json.dumps(other), qos=1)
+        for _ in range(250):
+            if bridge.gateway.peers.others:
+                break
+            await asyncio.sleep(0.02)
+        done = await cli("status", "--config", config)
+        out = done.stdout.decode()
+        assert done.returncode == 0, done.stderr
+        assert "REFUSING EVERY NEW REQUEST: another poi-bridge serves these topics too " \
+               "(host box-2 (pid 77, client id 'poi-bridge-copy'" in out, out
+        report = json.loads((await cli("status", "--config", config, "--json")).stdout)
+        assert len(report["other_bridges"]) == 1 and "box-2" in report["other_bridges"][0]
