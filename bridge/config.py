@@ -506,9 +506,19 @@ class MqttConfig(_Strict):
     @field_validator("base_topic")
     @classmethod
     def _base_topic(cls, value: str) -> str:
-        if (not value or value.startswith("/") or value.endswith("/")
-                or any(c in value for c in "#+") or not value.isprintable()):
-            raise ValueError("base_topic must be a plain topic prefix like 'poi/store-12'")
+        wildcard = next((c for c in "#+" if c in value), None)
+        why = ("it is empty" if not value
+               else "it starts with '/'" if value.startswith("/")
+               else "it ends with '/'" if value.endswith("/")
+               else f"it holds the wildcard {wildcard!r}" if wildcard
+               else "it holds a control character" if not value.isprintable()
+               # (MQTT leaves topics that start with $ to the broker: mosquitto drops what a
+               # client publishes to $SYS/..., and the bridge heard nothing, not even itself)
+               else "it starts with '$', which brokers keep for their own topics ($SYS)"
+               if value.startswith("$") else None)
+        if why:
+            raise ValueError(f"base_topic must be a plain topic prefix like 'poi/store-12': "
+                             f"{why}")
         return value
 
     @field_validator("username")

@@ -428,6 +428,21 @@ def test_an_empty_username_or_a_sale_id_no_topic_can_hold_is_refused():
         "terminals[0].allowed_sale_ids: 'TILL/2' cannot be a register's SaleID"), found
 
 
+@pytest.mark.parametrize(("base_topic", "why"), [
+    ("$SYS/poi", "it starts with '$', which brokers keep for their own topics ($SYS)"),
+    ("", "it is empty"), ("/poi", "it starts with '/'"), ("poi/", "it ends with '/'"),
+    ("poi/+/x", "it holds the wildcard '+'"), ("poi/#", "it holds the wildcard '#'"),
+    ("poi\tstore", "it holds a control character")])
+def test_a_base_topic_no_bridge_can_use_is_refused_saying_why(base_topic, why):
+    """A technician's review: base_topic "$SYS/poi" passed check-config, and everything after
+    blamed something else (the bridge's own state never came back, status said the ACL
+    refused it): a broker drops what a client publishes under $. The refusal said only
+    "must be a plain topic prefix", never which character was wrong."""
+    assert problems({"mqtt": {"base_topic": base_topic}}) == [
+        f"mqtt.base_topic: base_topic must be a plain topic prefix like 'poi/store-12': {why}"]
+    assert parse_config({"mqtt": {"base_topic": "poi/$store"}}).mqtt.base_topic == "poi/$store"
+
+
 @pytest.mark.parametrize(("journal", "fragment"), [
     ("/proc/journal.sqlite3", "not on a disk"),
     ("/sys/kernel/journal.sqlite3", "not on a disk"),

@@ -548,9 +548,12 @@ class RegisterGateway:
                 elif not advised:
                     outage_since = now if outage_since is None else outage_since
                     advised, said_at = True, now
+                    # (a refused port or an unknown host name: the broker may run well,
+                    # elsewhere than the configuration says)
                     log.warning("cannot reach MQTT broker %s: %s; retrying. Is the broker "
-                                "running? (systemctl status mosquitto); results are kept and "
-                                "sent on reconnect", self._broker, exc)
+                                "running? (systemctl status mosquitto) Are mqtt.host and "
+                                "mqtt.port in the configuration its address? Results are kept "
+                                "and sent on reconnect", self._broker, exc)
                 elif now - said_at >= OUTAGE_REMINDER:
                     said_at = now
                     log.warning("MQTT broker %s still out of reach after %s (%s); %s. "
