@@ -260,11 +260,28 @@ def _usb_serial(value: str | None) -> str | None:
     return value
 
 
+# The kernel's name of a USB device by where it is plugged in (its sysfs name, udev's
+# sysname): bus, then the port on each hub from the root, e.g. 1-1.4
+_USB_PORT = re.compile(r"[0-9]+-[0-9]+(\.[0-9]+)*")
+
+
+def _usb_port(value: str | None) -> str | None:
+    if value is not None and not _USB_PORT.fullmatch(value):
+        raise PydanticCustomError(
+            "usb_port", "{given} is not a USB port path: write it as the kernel names the "
+            "device, bus-port.port..., e.g. port = \"1-1.4\" (bus 1, port 1, then port 4 of "
+            "the hub there), as `poi-bridge devices` or the refusal to choose among "
+            "terminals shows it", {"given": f'"{value}"'})
+    return value
+
+
 class UsbLink(_Strict):
     kind: Literal["usb"] = "usb"
     vendor_id: int
     product_id: int
     serial: Annotated[str | None, AfterValidator(_usb_serial)] = None
+    # For terminals that report no serial number: the one plugged into this port is this one
+    port: Annotated[str | None, AfterValidator(_usb_port)] = None
     interface: Annotated[int, _toml_value(int), AfterValidator(_usb_interface)] = 0
     timeout: _seconds(60) = Field(default=1.0, description="seconds per bulk transfer")
 
@@ -279,7 +296,7 @@ class UsbLink(_Strict):
 
     def same_model(self, other: object) -> bool:
         """Whether `other` is a USB link to the same kind of device and interface: only a
-        serial number can tell the two devices apart."""
+        serial number or a port can tell the two devices apart."""
         return isinstance(other, UsbLink) and (
             (self.vendor_id, self.product_id, self.interface)
             == (other.vendor_id, other.product_id, other.interface))

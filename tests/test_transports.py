@@ -1063,7 +1063,7 @@ def test_open_transport_usb_loads_its_module_lazily(monkeypatch):
     link = UsbLink(vendor_id="0x0b00", product_id="0x0080")
 
     class FakeUsbTransport:
-        def __init__(self, link, taken_serials=()):
+        def __init__(self, link, taken_serials=(), taken_ports=()):
             self.link, self.taken_serials = link, taken_serials
 
     monkeypatch.setitem(sys.modules, "bridge.transports.usb",

@@ -303,7 +303,114 @@ async def test_a_device_whose_serial_cannot_be_read_is_not_taken_beside_a_twin()
         await transport.close()
 
 
-def test_the_daemon_tells_a_usb_terminal_without_serial_its_twins_serials(tmp_path):
+def twin(port: tuple[int, ...] | None, address: int) -> SimDevice:
+    """A terminal of the model that reports no serial number, plugged into `port` of bus 1."""
+    return SimDevice(serial=None, address=address, port_numbers=port)
+
+
+async def test_twins_without_serial_numbers_are_told_apart_by_port():
+    """Two terminals of one model that report no serial number: each was refused with
+    "set `serial`", which they cannot be. Configured by port, each opens its own."""
+    left, right = twin((1, 4), 4), twin((1, 5), 5)
+    backend = SimBackend(left, right)
+    for port, own, other in (("1-1.4", left, right), ("1-1.5", right, left)):
+        transport = UsbTransport(usb_link(port=port), backend=backend)
+        await transport.open()
+        try:
+            assert own.claimed_by is not None and other.claimed_by is None
+            assert f"port {port}" in transport.describe()
+        finally:
+            await transport.close()
+
+
+async def test_twins_without_serial_numbers_are_refused_naming_their_ports():
+    """The refusal offers `port`, and names each device's port path to copy into it."""
+    backend = SimBackend(twin((1, 4), 4), twin((1, 5), 5))
+    with pytest.raises(LinkClosed) as caught:
+        await UsbTransport(usb_link(), backend=backend).open()
+    reason = caught.value.reason
+    assert "2 USB terminals 0b00:0084 are connected" in reason
+    assert "port 1-1.4" in reason and "port 1-1.5" in reason, reason
+    assert "`port`" in reason, reason
+    assert all(d.open_handles == 0 and "claim" not in d.events for d in backend.devices)
+
+
+async def test_a_terminal_configured_by_port_is_not_connected_when_its_port_is_empty():
+    """Nothing at its port: the twin at another port is not taken, and the message says where
+    the devices are. A backend that cannot tell a device's port is no crash: unknown."""
+    other, unknown = twin((1, 5), 5), twin(None, 6)
+    with pytest.raises(LinkClosed) as caught:
+        await UsbTransport(usb_link(port="1-1.4"), backend=SimBackend(other, unknown)).open()
+    reason = caught.value.reason
+    assert "plugged into port 1-1.4" in reason and "port 1-1.5" in reason, reason
+    assert "bus 1 address 6, port unknown" in reason, reason
+    assert "claim" not in other.events and "claim" not in unknown.events
+
+
+async def test_port_and_serial_configured_both_must_match():
+    at_port = SimDevice(serial="AAA111", address=4, port_numbers=(1, 4))
+    elsewhere = SimDevice(serial="BBB222", address=5, port_numbers=(1, 5))
+    backend = SimBackend(at_port, elsewhere)
+    with pytest.raises(LinkClosed) as caught:
+        await UsbTransport(usb_link(port="1-1.4", serial="BBB222"), backend=backend).open()
+    assert "serial AAA111 (port 1-1.4)" in caught.value.reason, caught.value.reason
+    assert "claim" not in elsewhere.events and "claim" not in at_port.events
+    transport = UsbTransport(usb_link(port="1-1.4", serial="AAA111"), backend=backend)
+    await transport.open()
+    try:
+        assert "claim" in at_port.events
+    finally:
+        await transport.close()
+
+
+async def test_a_terminal_without_serial_or_port_never_takes_the_device_at_a_twins_port():
+    """As with a twin's serial: the device at another terminal's configured port is that
+    terminal's, and holding its interface would keep that terminal offline."""
+    theirs = twin((1, 4), 4)
+    with pytest.raises(LinkClosed) as caught:
+        await UsbTransport(usb_link(), backend=SimBackend(theirs),
+                           taken_ports=["1-1.4"]).open()
+    assert "is at port 1-1.4, which the configuration gives another terminal" in \
+        caught.value.reason, caught.value.reason
+    assert "claim" not in theirs.events
+    own = twin((1, 5), 5)
+    transport = UsbTransport(usb_link(), backend=SimBackend(theirs, own),
+                             taken_ports=["1-1.4"])
+    await transport.open()
+    try:
+        assert "claim" in own.events and "claim" not in theirs.events
+    finally:
+        await transport.close()
+
+
+def test_a_backend_that_cannot_say_the_port_is_an_unknown_port_not_a_crash():
+    from bridge.transports.usb import _port_path
+
+    class Refusing:
+        bus, address = 1, 4
+
+        @property
+        def port_numbers(self):
+            raise NotImplementedError("LIBUSB_ERROR_NOT_SUPPORTED")
+
+    assert _port_path(Refusing()) is None
+    assert _port_path(type("Old", (), {"bus": 1, "address": 4})()) is None  # no such attribute
+    assert _port_path(type("Hub", (), {"bus": 2, "port_numbers": None})()) is None
+    assert _port_path(type("Deep", (), {"bus": 2, "port_numbers": (3, 1, 2)})()) == "2-3.1.2"
+
+
+@pytest.mark.parametrize("port", ["1", "1-", "-1", "1-1.", "1-1:1.0", "usb1", " 1-1", "1-a", ""])
+def test_a_port_that_is_not_a_usb_port_path_is_a_config_error(port):
+    from bridge.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match=r"terminals\[0\]\.link\.port: .*not a USB port "
+                                          r"path.*1-1\.4"):
+        parse_config({"terminals": [{"poi_id": "V400m-1", "link": {
+            "kind": "usb", "vendor_id": "0x0b00", "product_id": "0x0084", "port": port}}]})
+    assert usb_link(port="3-10.2.1").port == "3-10.2.1"
+
+
+def test_the_daemon_tells_a_usb_terminal_without_serial_its_twins_serials_and_ports(tmp_path):
     from bridge.config import parse_config
     from bridge.daemon.app import Bridge
 
@@ -316,10 +423,14 @@ def test_the_daemon_tells_a_usb_terminal_without_serial_its_twins_serials(tmp_pa
                                                      "serial": "CCC333"}},
                       # another interface of one composite device: not a twin
                       {"poi_id": "V400m-4", "link": {**usb, "interface": 1,
-                                                     "serial": "DDD444"}}]}), hotplug=False)
+                                                     "serial": "DDD444"}},
+                      {"poi_id": "V400m-5", "link": {**usb, "port": "1-1.4"}},
+                      {"poi_id": "V400m-6", "link": {**usb, "interface": 1,
+                                                     "port": "1-1.5"}}]}), hotplug=False)
     try:
         worker = bridge.workers["V400m-2"]
-        assert worker._transport_factory(worker.config.link).taken_serials == ("AAA111",)
+        transport = worker._transport_factory(worker.config.link)
+        assert (transport.taken_serials, transport.taken_ports) == (("AAA111",), ("1-1.4",))
     finally:
         bridge.journal.close()
 
@@ -356,7 +467,7 @@ async def test_permission_denied_with_a_serial_configured_is_not_called_unplugge
         await UsbTransport(usb_link(serial=SERIAL), backend=backend).open()
     reason = caught.value.reason
     assert reason.startswith("permission denied reading the serial number of USB terminal(s) "
-                             "0b00:0084 (bus 1 address 5: no permission)"), reason
+                             "0b00:0084 (bus 1 address 5, port 1-1: no permission)"), reason
     assert "install the udev rules" in reason
     assert "not connected" not in reason and "wrong serial" not in reason
 

@@ -98,13 +98,17 @@ class SimDevice:
                  serial: str | None = "324688179", manufacturer: str = "Ingenico",
                  product: str = "Move/5000", bus: int = 1, address: int = 5,
                  interface: int = 0, max_packet: int = 64, kernel_driver: bool = True,
-                 configured: bool = True, accessible: bool = True) -> None:
+                 configured: bool = True, accessible: bool = True,
+                 port_numbers: tuple[int, ...] | None = (1,)) -> None:
+        """`port_numbers`: the hub ports from the root to the device, as libusb gives them
+        (bus 1 and (1, 4) is the kernel's 1-1.4); None as a backend that cannot say."""
         self.vendor_id, self.product_id = vendor_id, product_id
         self.serial = serial
         self.strings = {1: manufacturer, 2: product}
         if serial is not None:
             self.strings[3] = serial
         self.bus, self.address = bus, address
+        self.port_numbers = port_numbers
         self.interface = interface
         self.max_packet = max_packet
         self.accessible = accessible  # False: opening it fails with EACCES (no udev rule)
@@ -206,8 +210,9 @@ class SimDevice:
             bDeviceSubClass=0, bDeviceProtocol=0, bMaxPacketSize0=64,
             idVendor=self.vendor_id, idProduct=self.product_id, bcdDevice=0x0100,
             iManufacturer=1, iProduct=2, iSerialNumber=3 if self.serial is not None else 0,
-            bNumConfigurations=1, bus=self.bus, address=address, port_number=1,
-            port_numbers=(1,), speed=usb.util.SPEED_FULL)
+            bNumConfigurations=1, bus=self.bus, address=address,
+            port_number=self.port_numbers[-1] if self.port_numbers else None,
+            port_numbers=self.port_numbers, speed=usb.util.SPEED_FULL)
 
     def config_descriptor(self) -> Descriptor:
         return Descriptor(

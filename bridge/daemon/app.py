@@ -77,15 +77,16 @@ def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
     return crypto.NexoKey(terminal.key.identifier, terminal.key.version, passphrase)
 
 
-def _taken_serials(terminal: TerminalConfig, config: Config) -> tuple[str, ...]:
-    """For a USB terminal: the serials its twins (other terminals of its ids) are configured
-    with, which a link without a serial must not take."""
+def _taken(terminal: TerminalConfig, config: Config) -> dict[str, tuple[str, ...]]:
+    """For a USB terminal: the serials and ports its twins (other terminals of its ids) are
+    configured with, whose devices a link with neither must not take."""
     link = terminal.link
     if not isinstance(link, UsbLink):
-        return ()
+        return {}
     # (one composite device may hold two terminals on two interfaces: not twins)
-    return tuple(t.link.serial for t in config.terminals
-                 if t is not terminal and link.same_model(t.link) and t.link.serial)
+    twins = [t.link for t in config.terminals if t is not terminal and link.same_model(t.link)]
+    return {"taken_serials": tuple(twin.serial for twin in twins if twin.serial),
+            "taken_ports": tuple(twin.port for twin in twins if twin.port)}
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:
@@ -115,7 +116,7 @@ class Bridge:
                                      clock=self.clock, on_wrong_device=self._wrong_device,
                                      follow_waits=self._follow_waits,
                                      transport_factory=functools.partial(
-                                         open_transport, taken_serials=_taken_serials(t, config)))
+                                         open_transport, **_taken(t, config)))
             for t in config.terminals
         }
         # A terminal whose device is on another terminal's link, waiting for that terminal's

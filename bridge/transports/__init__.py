@@ -20,9 +20,11 @@ class TransportUnavailable(RuntimeError):
 
 
 def open_transport(link: SerialLink | TcpLink | UsbLink, *,
-                   taken_serials: Collection[str] = ()) -> Transport:
-    """Build (do not open) the transport for one link config. `taken_serials`: for a USB
-    link, the serial numbers other terminals with its ids are configured with."""
+                   taken_serials: Collection[str] = (),
+                   taken_ports: Collection[str] = ()) -> Transport:
+    """Build (do not open) the transport for one link config. `taken_serials`,
+    `taken_ports`: for a USB link, the serial numbers and ports other terminals with its ids
+    are configured with."""
     if isinstance(link, SerialLink):
         from bridge.transports.serial import SerialTransport
 
@@ -38,5 +40,5 @@ def open_transport(link: SerialLink | TcpLink | UsbLink, *,
             raise TransportUnavailable(
                 f"USB links need bridge.transports.usb, which cannot be loaded: {exc}"
             ) from exc
-        return UsbTransport(link, taken_serials=taken_serials)
+        return UsbTransport(link, taken_serials=taken_serials, taken_ports=taken_ports)
     raise TypeError(f"no transport for link config {type(link).__name__}")

@@ -83,13 +83,16 @@ class UsbTransport(Transport):
 
     def __init__(self, link: UsbLink, *, backend: Any = None,
                  close_timeout: float = CLOSE_TIMEOUT,
-                 taken_serials: Collection[str] = ()) -> None:
-        """`taken_serials`: the serial numbers other terminals with these ids are configured
-        with. A link without a serial never takes one of those devices: it would hold its
-        interface, and that terminal could not open it (nor would it be followed there)."""
+                 taken_serials: Collection[str] = (),
+                 taken_ports: Collection[str] = ()) -> None:
+        """`taken_serials`, `taken_ports`: the serial numbers and USB ports other terminals
+        with these ids are configured with. A link with neither never takes one of those
+        devices: it would hold its interface, and that terminal could not open it (nor would
+        it be followed there)."""
         self.link = link
         self.backend = backend
         self.taken_serials = tuple(taken_serials)
+        self.taken_ports = tuple(taken_ports)
         # The release waits for a write transfer in flight (up to the link's timeout): given
         # up on sooner, the interface is still claimed, and the next open says "in use"
         self.close_timeout = close_timeout + link.timeout + READ_POLL
@@ -112,7 +115,8 @@ class UsbTransport(Transport):
 
     def describe(self) -> str:
         serial = f" serial {self._serial}" if self._serial else ""
-        return f"usb {self._ids()}{serial} interface {self.link.interface}"
+        port = f" port {self.link.port}" if self.link.port else ""
+        return f"usb {self._ids()}{serial}{port} interface {self.link.interface}"
 
     async def open(self) -> None:
         if self._opened is not None:
@@ -242,18 +246,23 @@ class UsbTransport(Transport):
         if not found:
             raise LinkClosed(f"{self._who()} is not connected (unplugged, switched off, or "
                              f"wrong vendor_id/product_id in the configuration)")
+        if link.port is not None:
+            found = self._at_port(found)
         if link.serial is None and len(found) == 1:
             serial, problem, why = _read_serial(found[0])  # to name it in logs, and not to
             if not self._may_be_taken(found[0], serial, why):  # take another terminal's
                 return found[0], serial
             _dispose(found[0])
-            which = (f"has serial {serial}, which the configuration gives another terminal"
+            port = _port_path(found[0])
+            which = (f"is at port {port}, which the configuration gives another terminal"
+                     if port is not None and port in self.taken_ports else
+                     f"has serial {serial}, which the configuration gives another terminal"
                      if serial is not None else
                      f"does not let its serial number be read ({problem}), and it may be "
                      f"another terminal's (one of these ids is configured by serial)")
             raise LinkClosed(
                 f"{self._who()} is not connected: the only USB terminal {self._ids()} here "
-                f"{which} (set `serial` in this terminal's link configuration)")
+                f"{which} (set `serial` or `port` in this terminal's link configuration)")
         chosen = None
         alive: list[tuple[Any, str | None]] = []
         free: list[tuple[Any, str | None]] = []  # alive, and no other terminal's
@@ -265,7 +274,7 @@ class UsbTransport(Transport):
                 alive.append((device, serial))
                 if not self._may_be_taken(device, serial, why):
                     free.append((device, serial))
-                labels.append(f"serial {serial}" if serial is not None else problem)
+                labels.append(_label(device, serial, problem))
                 denied = denied or why == _DENIED
             if chosen is None and link.serial is not None and same_serial(link.serial, serial):
                 chosen = device
@@ -285,7 +294,7 @@ class UsbTransport(Transport):
                 raise LinkClosed(
                     f"{self._who()} is not connected: the USB terminal(s) {self._ids()} here "
                     f"({', '.join(labels)}) are configured for other terminals (set `serial` "
-                    "in this terminal's link configuration)")
+                    "or `port` in this terminal's link configuration)")
         if denied:
             # Without access the serial numbers cannot be read, so which device is this
             # terminal cannot be told: the cure is the udev rules, not the configuration.
@@ -294,17 +303,40 @@ class UsbTransport(Transport):
                 f"{self._ids()} ({', '.join(labels)}), so {self._who()} cannot be found "
                 f"among them: {_PERMISSION_FIX}")
         if link.serial is None:
+            # A terminal without a serial number can be told only by where it is plugged in
             raise LinkClosed(
                 f"{len(alive)} USB terminals {self._ids()} are connected ({', '.join(labels)});"
-                f" set `serial` in this terminal's link configuration to choose one")
+                f" set `serial`, or `port` as shown, in this terminal's link configuration to "
+                f"choose one")
         raise LinkClosed(
             f"{self._who()} is not connected; found USB terminal(s) {self._ids()} with "
             f"{', '.join(labels)} instead (wrong serial in the configuration?)")
 
+    def _at_port(self, found: list[Any]) -> list[Any]:
+        """Of the devices with these ids, the one at the configured port (as a list, for
+        the choice by serial that follows); LinkClosed naming where they are if none is."""
+        here = [device for device in found if _port_path(device) == self.link.port]
+        if here:
+            return here
+        places = []
+        for device in found:
+            port = _port_path(device)
+            places.append(f"port {port}" if port else
+                          f"bus {device.bus} address {device.address}, port unknown")
+        raise LinkClosed(
+            f"{self._who()} is not connected: no USB terminal {self._ids()} is plugged into "
+            f"port {self.link.port}; found at {', '.join(places)} instead (plugged into "
+            f"another port, or wrong `port` in the configuration?)")
+
     def _may_be_taken(self, device: Any, serial: str | None, why: str | None) -> bool:
-        """Whether a device may be one another terminal is configured with: its serial is
-        one of theirs, or it has one that could not be read (not for lack of permission:
-        opening it fails then anyway, saying so)."""
+        """Whether a device may be one another terminal is configured with: it is at one of
+        their ports, its serial is one of theirs, or it has one that could not be read (not
+        for lack of permission: opening it fails then anyway, saying so). Never for a link
+        with a port: the device there is this terminal, whatever it reports."""
+        if self.link.port is not None:
+            return False
+        if self.taken_ports and _port_path(device) in self.taken_ports:
+            return True
         if not self.taken_serials:
             return False
         if serial is None:
@@ -479,7 +511,8 @@ class UsbTransport(Transport):
 
     def _who(self, serial: str | None = None) -> str:
         serial = serial or self._serial
-        return f"USB terminal {self._ids()}" + (f" serial {serial}" if serial else "")
+        return (f"USB terminal {self._ids()}" + (f" serial {serial}" if serial else "")
+                + (f" at port {self.link.port}" if self.link.port else ""))
 
 
 def _millis(seconds: float) -> int:
@@ -520,10 +553,32 @@ def _configuration(device: Any) -> tuple[Any, bool]:
     return device[0], True
 
 
+def _port_path(device: Any) -> str | None:
+    """Where the device is plugged in, as the kernel names it (sysfs, udev's sysname) and a
+    link's `port` is written: 1-1.4 is bus 1, port 1, then port 4 of the hub there. None
+    where the backend cannot say (libusb before 1.0.16, other backends, a root hub)."""
+    try:
+        numbers = device.port_numbers
+        if not numbers or device.bus is None:
+            return None
+        return f"{int(device.bus)}-{'.'.join(str(int(n)) for n in numbers)}"
+    except (AttributeError, TypeError, ValueError, NOT_SUPPORTED_BY_LIBUSB, usb.core.USBError):
+        return None
+
+
+def _label(device: Any, serial: str | None, problem: str) -> str:
+    """A device as a message lists it, with its port to copy into the configuration."""
+    if serial is None:
+        return problem
+    port = _port_path(device)
+    return f"serial {serial}" + (f" (port {port})" if port else "")
+
+
 def _read_serial(device: Any) -> tuple[str | None, str, str | None]:
     """The device's serial number, or None, why not (for a message) and, when it says more
     than the message, _DENIED (no permission to open it) or _GONE (it was unplugged)."""
-    place = f"bus {device.bus} address {device.address}"
+    port = _port_path(device)
+    place = f"bus {device.bus} address {device.address}" + (f", port {port}" if port else "")
     if not device.iSerialNumber:
         return None, f"no serial number ({place})", None
     try:
