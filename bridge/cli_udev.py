@@ -163,6 +163,8 @@ def _print_text(report: dict[str, Any], out: Any) -> None:
             details.append(f"USB {row['vendor_id']}:{row['product_id']}")
         if row["serial"]:
             details.append(f"serial {row['serial']}")
+        if row["port"]:  # what a USB link's `port` is set to, for a terminal without serial
+            details.append(f"port {row['port']}")
         links = [link for link in row["devlinks"] if not link.startswith("/dev/char/")]
         if links:
             details.append("links " + " ".join(sorted(links)))

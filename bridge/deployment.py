@@ -83,9 +83,11 @@ def _link_identity(link: SerialLink | TcpLink | UsbLink) -> tuple[tuple, str]:
     # A serial as the device reports it ("AB 12") and as udev writes it ("AB_12") both find
     # the device (device_match.same_serial): one device, compared in udev's spelling
     serial = None if link.serial is None else udev_serial(link.serial) or link.serial
-    return (("usb", link.vendor_id, link.product_id, serial, link.interface),
+    # (two at different ports are two devices, with or without serial numbers)
+    return (("usb", link.vendor_id, link.product_id, serial, link.port, link.interface),
             f"usb {link.vendor_id:04x}:{link.product_id:04x}"
             + (f" serial {link.serial}" if link.serial else "")
+            + (f" port {link.port}" if link.port else "")
             + f" interface {link.interface}")
 
 
@@ -98,7 +100,9 @@ def _shared_links(config: Config) -> list[str]:
         identity, what = _link_identity(terminal.link)
         if identity in seen:
             first = seen[identity]
-            key = {"serial": "device", "tcp": "host"}.get(terminal.link.kind, "serial")
+            link = terminal.link
+            key = ("device" if isinstance(link, SerialLink) else
+                   "host" if isinstance(link, TcpLink) else "port" if link.port else "serial")
             problems.append(
                 f"terminals[{number}].link.{key}: {what} is also the link of terminals[{first}] "
                 f"({config.terminals[first].poi_id}): one device holds one terminal, and the "
@@ -110,25 +114,26 @@ def _shared_links(config: Config) -> list[str]:
 
 
 def _usb_without_serial_beside_its_twin(config: Config) -> list[str]:
-    """A USB terminal configured without `serial` takes the one device with its ids that no
-    other terminal is configured with: beside a terminal of the same model, that holds only
-    while the other's serial is right and no third such device is plugged in."""
+    """A USB terminal configured without `serial` or `port` takes the one device with its
+    ids that no other terminal is configured with: beside a terminal of the same model, that
+    holds only while the other's serial or port is right and no third such device is
+    plugged in. (Twins told apart by port, serial numbers or not, are no problem.)"""
     problems = []
     usb = [(n, t) for n, t in enumerate(config.terminals) if isinstance(t.link, UsbLink)]
     for number, terminal in usb:
         link = terminal.link
-        if link.serial is not None:
+        if link.serial is not None or link.port is not None:
             continue
-        twins = [t.poi_id for n, t in usb if n != number and t.link.serial is not None
-                 and link.same_model(t.link)]
+        twins = [t.poi_id for n, t in usb if n != number and link.same_model(t.link)
+                 and (t.link.serial is not None or t.link.port is not None)]
         if twins:
             problems.append(
                 f"terminals[{number}].link: {terminal.poi_id} has no serial, and "
                 f"{', '.join(twins)} has the same usb {link.vendor_id:04x}:"
                 f"{link.product_id:04x}: {terminal.poi_id} takes the one device with these "
                 f"ids that no other terminal is configured with, and stays offline beside a "
-                f"third one or a mistyped serial; set its serial (poi-bridge devices lists "
-                f"them)")
+                f"third one or a mistyped serial; set its serial, or its port if it reports "
+                f"none (poi-bridge devices lists them)")
     return problems
 
 

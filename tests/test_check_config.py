@@ -703,6 +703,27 @@ def test_a_usb_terminal_without_serial_beside_its_twin_with_one_is_a_warning(tmp
     assert "has no serial" not in err, err
 
 
+def test_usb_twins_told_apart_by_port_are_neither_one_device_nor_warned_of(tmp_path, capsys):
+    """Two terminals of one model that report no serial number, configured by port: not "the
+    link of" each other, no warning. A third without serial or port beside them is."""
+    usb = '[terminals.link]\nkind = "usb"\nvendor_id = "0x11ca"\nproduct_id = "0x0219"\n'
+    text = (f'journal = "{tmp_path / "journal.sqlite3"}"\n'
+            f'[[terminals]]\npoi_id = "V400m-1"\n{usb}port = "1-1.4"\n'
+            f'[[terminals]]\npoi_id = "V400m-2"\n{usb}port = "1-1.5"\n')
+    status, _out, err = check(write(tmp_path, text), capsys)
+    assert status == 0, err
+    assert "has no serial" not in err and "also the link of" not in err, err
+    _status, _out, err = check(write(tmp_path, text.replace('"1-1.5"', '"1-1.4"')), capsys)
+    assert "terminals[1].link.port: usb 11ca:0219 port 1-1.4 interface 0 is also the link " \
+        "of terminals[0]" in err, err
+    text += f'[[terminals]]\npoi_id = "V400m-3"\n{usb}'
+    status, _out, err = check(write(tmp_path, text), capsys)
+    assert status == 0, err
+    assert ("warning: terminals[2].link: V400m-3 has no serial, and V400m-1, V400m-2 has the "
+            "same usb 11ca:0219") in err, err
+    assert "or its port" in err
+
+
 def test_a_serial_device_that_does_not_exist_now_is_a_warning(tmp_path, capsys):
     """A mistyped /dev path looked like an unplugged cable, and check-config said OK. Not an
     error: udev makes the node when the terminal is plugged in."""

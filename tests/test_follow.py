@@ -79,6 +79,28 @@ def test_a_partner_that_may_be_on_its_own_link_is_not_followed(partner, why):
     assert found is None and why in why_not, why_not
 
 
+def test_usb_twins_at_different_ports_are_followed_as_two_devices():
+    """Two terminals of one model configured by port, their cables swapped: two devices, so
+    each is followed to the other's port (one USB id pair once said they may be one)."""
+    usb = {"kind": "usb", "vendor_id": "0x11ca", "product_id": "0x0219"}
+    config = parse_config({"terminals": [
+        {"poi_id": A, "link": {**usb, "port": "1-1.4"}},
+        {"poi_id": B, "link": {**usb, "port": "1-1.5"}},
+        {"poi_id": "V400m-9", "link": usb}]})
+    links = {t.poi_id: t.link for t in config.terminals}
+
+    def holder(poi_id: str, identity: str) -> SimpleNamespace:
+        return SimpleNamespace(poi_id=poi_id, identity=identity, online=True,
+                               holds_unconfirmed_sends=False, left_unnamed=False,
+                               config=SimpleNamespace(link=links[poi_id]))
+
+    workers = {A: holder(A, f"mismatch: {B}"), B: holder(B, f"mismatch: {A}")}
+    assert partner_to_follow(workers, A, B) == (workers[B], "")
+    workers["V400m-9"] = holder("V400m-9", f"mismatch: {A}")
+    found, why_not = partner_to_follow(workers, "V400m-9", A)
+    assert found is None and "may lead to the same device" in why_not, why_not
+
+
 @pytest.mark.parametrize("a,b,waits", [
     (Holder(A, f"mismatch: {B}", True), Holder(B, "unknown", True), True),
     # refused whatever B's link says next: reported now, not once it has spoken (rv14, 3)

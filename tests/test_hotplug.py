@@ -290,6 +290,52 @@ async def test_two_identical_usb_terminals_one_configured_without_serial(pipe_mo
             await hotplug.stop()
 
 
+def verifone_without_serial_at(port: str, devnum: str, action: str = "") -> dict[str, str]:
+    """A terminal that reports no serial number, plugged into `port` (its sysname)."""
+    props = {**verifone_usb(action=action, devnum=devnum),
+             "DEVPATH": f"/devices/pci0000:00/0000:00:14.0/usb1/{port}"}
+    del props["ID_SERIAL_SHORT"]
+    return props
+
+
+async def test_twins_without_serial_numbers_are_matched_by_port(pipe_monitor) -> None:
+    """Two terminals of one model that report no serial number, each configured by the port
+    it is plugged into; a third terminal of that model takes any device no other terminal's
+    port names, listed first or not. A device at another port is not a port terminal's."""
+    usb = {"kind": "usb", "vendor_id": "0x11ca", "product_id": "0x0219"}
+    config = parse_config({"terminals": [
+        {"poi_id": "V400m-any", "link": usb},
+        {"poi_id": "V400m-left", "link": {**usb, "port": "1-1.4"}},
+        {"poi_id": "V400m-right", "link": {**usb, "port": "1-1.5"}}]})
+    left = verifone_without_serial_at("1-1.4", "007")
+    right = verifone_without_serial_at("1-1.5", "008")
+    matcher = TerminalMatcher(config)
+    assert matcher.match(as_pyudev(verifone_without_serial_at("1-1.4", "007", "add"))
+                         ).poi_id == "V400m-left"
+    assert "port 1-1.4" in matcher.match(left).reason
+    assert matcher.match(right).poi_id == "V400m-right"
+    assert matcher.match(verifone_without_serial_at("1-2", "009")).poi_id == "V400m-any"
+    only_ports = TerminalMatcher(config.terminals[1:])
+    spare = only_ports.match(verifone_without_serial_at("1-2", "009"))
+    assert spare.poi_id is None
+    assert "terminal V400m-left wants port 1-1.4, this is at 1-2" in spare.reason, spare.reason
+    recorder = Recorder()
+    hotplug = HotplugMonitor(matcher, recorder.plug, recorder.unplug, monitor=pipe_monitor,
+                             enumerate_devices=lambda: [right, left], settle=0.01)
+    await hotplug.start()
+    try:
+        assert sorted(recorder.calls) == [("plug", "V400m-left", "/dev/bus/usb/001/007"),
+                                          ("plug", "V400m-right", "/dev/bus/usb/001/008")]
+    finally:
+        await hotplug.stop()
+
+
+def test_devices_shows_the_port_of_a_usb_device(tmp_path: Path, capsys) -> None:
+    """What a technician copies into `port` for a terminal that reports no serial number."""
+    _devices([], [verifone_without_serial_at("1-1.4", "007")])
+    assert "/dev/bus/usb/001/007  [usb]  USB 11ca:0219, port 1-1.4" in capsys.readouterr().out
+
+
 def test_kernel_event_usb_ids_come_from_product() -> None:
     """Raw kernel events (no udev yet) carry only PRODUCT=vid/pid/bcd, without zero padding."""
     config = parse_config({"terminals": [

@@ -542,6 +542,25 @@ def test_a_usb_terminal_without_serial_does_not_name_its_twins_device() -> None:
         ["poi/usb/V240m-55555"], "V240m-55555")
 
 
+def test_usb_terminals_configured_by_port_each_name_their_own_device() -> None:
+    """Twins that report no serial number, told apart by port: each rule matches the device
+    at its port (the usb_device's KERNEL name), and one without serial or port neither."""
+    usb = {"kind": "usb", "vendor_id": "0x11ca", "product_id": "0x0219"}
+    config = parse_config({"terminals": [
+        {"poi_id": "V240m-left", "link": {**usb, "port": "1-1.4"}},
+        {"poi_id": "V240m-right", "link": {**usb, "port": "1-1.5"}},
+        {"poi_id": "V240m-any", "link": usb}]})
+    rules = render_rules(config)
+    check_rules(rules)
+    for port, poi_id in (("1-1.4", "V240m-left"), ("1-1.5", "V240m-right"),
+                         ("1-2", "V240m-any")):
+        device = {**usb_device("11ca", "0219", None),
+                  "DEVPATH": f"/devices/pci0000:00/0000:00:14.0/usb1/{port}"}
+        named = apply_rules(rules, device)
+        assert (named.symlinks, named.env.get("POI_BRIDGE_POI_ID")) == (
+            [f"poi/usb/{poi_id}"], poi_id), port
+
+
 @pytest.mark.parametrize("device, parents, symlinks, poi_id", [
     (acm_tty("0b00", "0054", "12345678"), ("usb",), (), "Desk3500-12345678"),
     (acm_tty("2fb8", "2101", None), ("usb",), (), "A920-0820000001"),

@@ -7,7 +7,8 @@ says which terminal (poi_id) the device is, or why it is none.  Serial links mat
 node or link (DEVNAME is the configured path, DEVLINKS contains it, or the configured path is
 a symlink to DEVNAME); USB links by vendor id, product id and, if configured, serial number of
 the usb_device (ID_SERIAL_SHORT or, where udev sets none, the kernel's `serial` attribute:
-SYSFS_SERIAL).  `poi-bridge devices` prints its reasons; the hotplug monitor
+SYSFS_SERIAL) and, if configured, port (the usb_device's sysname, e.g. 1-1.4).  `poi-bridge
+devices` prints its reasons; the hotplug monitor
 (bridge/daemon/hotplug.py) asks it about every udev event.  No I/O but reading a symlink, and
 that attribute of a pyudev usb_device.
 """
@@ -15,6 +16,7 @@ that attribute of a pyudev usb_device.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -37,6 +39,9 @@ WATCHED_SUBSYSTEMS = ("tty", "usb")
 # with a comma or a character outside printable ASCII). pyusb reads it so, and the USB
 # transport opens the device by it: the matcher must know it too.
 SYSFS_SERIAL = "POI_BRIDGE_SYSFS_SERIAL"
+
+# A usb_device's sysname where it is plugged into a port (root hubs are usb1, usb2, ...)
+_PORT_PATH = re.compile(r"[0-9]+-[0-9]+(\.[0-9]+)*")
 
 
 # --- device description --------------------------------------------------------------------------
@@ -165,6 +170,15 @@ class DeviceInfo:
         return min(links, key=len) if links else self.devname
 
     @property
+    def usb_port(self) -> str | None:
+        """For a USB device: the port it is plugged into as the kernel names the device (its
+        sysname, the last part of DEVPATH), which a USB link's `port` is written as."""
+        if self.subsystem != "usb" or self.devtype != "usb_device":
+            return None
+        name = self.devpath.rsplit("/", 1)[-1]
+        return name if _PORT_PATH.fullmatch(name) else None
+
+    @property
     def virtual(self) -> bool:
         return self.devpath.startswith("/devices/virtual/")
 
@@ -176,6 +190,8 @@ class DeviceInfo:
             details.append(f"USB {self.vendor_id}:{self.product_id}")
         if self.serial:
             details.append(f"serial {self.serial}")
+        if self.usb_port:
+            details.append(f"port {self.usb_port}")
         stable = [link for link in self.devlinks if not link.startswith("/dev/char/")]
         if stable:
             details.append("links " + ", ".join(sorted(stable)))
@@ -191,6 +207,7 @@ class DeviceInfo:
             "vendor_id": self.vendor_id,
             "product_id": self.product_id,
             "serial": self.serial,
+            "port": self.usb_port,
             "tags": list(self.tags),
         }
 
@@ -220,8 +237,10 @@ def describe_link(terminal: TerminalConfig) -> str:
     if isinstance(link, SerialLink):
         return f"serial {link.device}"
     if isinstance(link, UsbLink):
-        serial = f" serial {link.serial}" if link.serial is not None else " (any serial)"
-        return f"USB {usb_id_text(link.vendor_id)}:{usb_id_text(link.product_id)}{serial}"
+        serial = f" serial {link.serial}" if link.serial is not None else (
+            "" if link.port is not None else " (any serial)")
+        port = f" port {link.port}" if link.port is not None else ""
+        return f"USB {usb_id_text(link.vendor_id)}:{usb_id_text(link.product_id)}{serial}{port}"
     return f"tcp {host_port(link.host, link.port)}"
 
 
@@ -301,7 +320,9 @@ class TerminalMatcher:
         for poi_id, link in self._usb:
             if (info.vendor_id, info.product_id) == (usb_id_text(link.vendor_id),
                                                      usb_id_text(link.product_id)) and (
-                    link.serial is None or same_serial(link.serial, info.serial)):
+                    link.serial is None or same_serial(link.serial, info.serial)) and (
+                    # (a tty's DEVPATH runs through its USB device's, named by its port)
+                    link.port is None or link.port in info.devpath.split("/")):
                 return MatchResult(
                     None, f"serial port of USB device {info.vendor_id}:{info.product_id}, but "
                           f"terminal {poi_id} is configured with link kind = \"usb\" (its "
@@ -343,7 +364,7 @@ class TerminalMatcher:
         if info.vendor_id is None or info.product_id is None:
             return MatchResult(None, "USB device without vendor/product id in its udev "
                                      "properties")
-        by_serial: list[str] = []
+        by_serial: list[str] = []  # or by port: this device and no other
         any_serial: list[str] = []
         near: list[str] = []
         other_serial: list[str] = []  # the model of these terminals, another serial number
@@ -355,8 +376,13 @@ class TerminalMatcher:
                 near.append(f"terminal {poi_id} wants product {product}, this is "
                             f"{info.product_id}")
                 continue
+            if link.port is not None and link.port != info.usb_port:
+                # (a twin at another port, or this terminal moved: it opens only at its port)
+                near.append(f"terminal {poi_id} wants port {link.port}, this is at "
+                            f"{info.usb_port or 'an unknown port'}")
+                continue
             if link.serial is None:
-                any_serial.append(poi_id)
+                (by_serial if link.port is not None else any_serial).append(poi_id)
             elif same_serial(link.serial, info.serial):
                 by_serial.append(poi_id)
             elif info.serial is None and udev_serial(link.serial) is None:
@@ -374,15 +400,16 @@ class TerminalMatcher:
                 near.append(f"terminal {poi_id} wants serial {link.serial}, this is "
                             f"{info.serial}")
                 other_serial.append(poi_id)
-        # The terminal configured with this very serial number comes first, whatever the
-        # order of the configuration: one taking any serial must not take its device.
+        # The terminal configured with this very serial number (or port) comes first,
+        # whatever the order of the configuration: one taking any must not take its device.
         found = by_serial or any_serial
         if found:
             reason = f"terminal {found[0]} (USB {info.vendor_id}:{info.product_id}"
-            reason += f" serial {info.serial})" if info.serial else ")"
+            reason += f" serial {info.serial}" if info.serial else ""
+            reason += f" port {info.usb_port})" if info.usb_port else ")"
             if len(found) > 1:
-                reason += (f"; also matches {', '.join(found[1:])}: set link.serial so each "
-                           f"terminal names its own device")
+                reason += (f"; also matches {', '.join(found[1:])}: set link.serial (or "
+                           f"link.port) so each terminal names its own device")
             return MatchResult(found[0], reason)
         if near:
             return MatchResult(None, "; ".join(near), near=tuple(other_serial))

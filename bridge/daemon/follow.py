@@ -101,10 +101,11 @@ def awaits_its_own_link(partner: LinkHolder) -> bool:
 
 def _may_be_one_device(here: Any, there: Any) -> bool:
     """Whether two links of one kind may reach the same device: one path, one address, or
-    USB ids one of which takes any serial number."""
+    USB ids one of which takes any serial number (and any port, or the same one)."""
     if here.kind == "serial":
         return os.path.realpath(here.device) == os.path.realpath(there.device)
     if here.kind == "tcp":
         return (here.host.lower(), here.port) == (there.host.lower(), there.port)
     return (here.same_model(there)
-            and (here.serial is None or there.serial is None or here.serial == there.serial))
+            and (here.serial is None or there.serial is None or here.serial == there.serial)
+            and (here.port is None or there.port is None or here.port == there.port))

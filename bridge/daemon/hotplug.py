@@ -654,7 +654,8 @@ class HotplugMonitor:
                 self._warned_ambiguous.add(poi_id)
                 nodes = ", ".join(sorted(d.devname or d.devpath for d in devices.values()))
                 log.warning("terminal %s: %d devices match its configuration (%s); %s. "
-                            "Set link.serial (USB); for a serial link, a /dev/poi/ path, or "
+                            "Set link.serial (USB; link.port if it reports no serial number); "
+                            "for a serial link, a /dev/poi/ path, or "
                             "/dev/serial/by-id/ if the device reports a USB serial number, else "
                             "/dev/serial/by-path/ (its USB port), so exactly one device "
                             "matches", poi_id, len(devices), nodes, self._in_use(poi_id))

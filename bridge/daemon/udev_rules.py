@@ -189,14 +189,16 @@ def _serial_rule(terminal: TerminalConfig, link: SerialLink) -> TerminalRule:
 
 
 def _usb_rule(terminal: TerminalConfig, link: UsbLink,
-              twins_serials: tuple[str, ...] = ()) -> TerminalRule:
-    """`twins_serials`: the serials other terminals of these ids are configured with; a link
-    without a serial leaves their devices alone (its rule matched them too: one device got
-    both names, and the last POI_BRIDGE_POI_ID)."""
+              twins_serials: tuple[str, ...] = (),
+              twins_ports: tuple[str, ...] = ()) -> TerminalRule:
+    """`twins_serials`, `twins_ports`: the serials and ports other terminals of these ids are
+    configured with; a link with neither leaves their devices alone (its rule matched them
+    too: one device got both names, and the last POI_BRIDGE_POI_ID)."""
     poi_id = terminal.poi_id
     vendor, product = usb_id_text(link.vendor_id), usb_id_text(link.product_id)
-    summary = f"usb link {vendor}:{product}" + (f" serial {link.serial}" if link.serial else
-                                                " (any serial)")
+    summary = (f"usb link {vendor}:{product}" + (f" serial {link.serial}" if link.serial else "")
+               + (f" port {link.port}" if link.port else "")
+               + ("" if link.serial or link.port else " (any serial)"))
     matches = [
         'SUBSYSTEM=="usb"',
         'ENV{DEVTYPE}=="usb_device"',
@@ -210,9 +212,12 @@ def _usb_rule(terminal: TerminalConfig, link: UsbLink,
                                 f"terminal {poi_id}: usb serial {link.serial!r} contains "
                                 f"characters a udev rule cannot match literally")
         matches.append(f'ENV{{ID_SERIAL_SHORT}}=="{serial}"')
-    else:
+    if link.port is not None:
+        matches.append(f'KERNEL=="{link.port}"')  # the usb_device's name is its port path
+    elif link.serial is None:
         matches += [f'ENV{{ID_SERIAL_SHORT}}!="{udev_serial(twin) or twin}"'
                     for twin in twins_serials if _PLAIN.match(udev_serial(twin) or twin)]
+        matches += [f'KERNEL!="{twin}"' for twin in twins_ports]
     line = ", ".join(matches + [f'SYMLINK+="poi/usb/{poi_id}"'] + _assignments(poi_id))
     return TerminalRule(poi_id, summary, line)
 
@@ -226,11 +231,13 @@ def terminal_rules(config: Config | Iterable[TerminalConfig]) -> list[TerminalRu
             out.append(_serial_rule(terminal, terminal.link))
         elif isinstance(terminal.link, UsbLink):
             link = terminal.link
-            out.append(_usb_rule(terminal, link, tuple(
-                other.link.serial for other in terminals
-                if other is not terminal and isinstance(other.link, UsbLink)
-                and other.link.serial and (other.link.vendor_id, other.link.product_id)
-                == (link.vendor_id, link.product_id))))
+            twins = [other.link for other in terminals
+                     if other is not terminal and isinstance(other.link, UsbLink)
+                     and (other.link.vendor_id, other.link.product_id)
+                     == (link.vendor_id, link.product_id)]
+            out.append(_usb_rule(terminal, link,
+                                 tuple(twin.serial for twin in twins if twin.serial),
+                                 tuple(twin.port for twin in twins if twin.port)))
     return out
 
 
