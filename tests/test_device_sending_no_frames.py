@@ -90,6 +90,35 @@ async def test_the_bridges_own_frame_given_up_on_is_named_as_such(tmp_path, capl
     assert "poi-bridge/" not in line, line
 
 
+async def test_an_identity_check_given_up_on_is_one_warning_not_two(tmp_path, caplog):
+    """A technician's review: a device that acknowledges nothing (a wrong framer, a silent
+    terminal) got two WARNING lines for each identity check given up on, "the identity
+    check not acknowledged by the terminal" and "identity check not delivered ...", and
+    each refused payment asks again. The session's line, which says what follows and what
+    to check, is the one left."""
+    caplog.set_level(logging.DEBUG, logger="poi_bridge")
+
+    def about_the_check(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.levelno == level and "identity check" in r.getMessage()]
+
+    # its frame's tries end at 0.9 s, well before the check's own 5 s
+    framer = {"name": "stx-etx-lrc", "ack_timeout": 0.3, "max_tries": 3}
+    async with worker_on_a_pty(tmp_path, framer, 5.0) as (_, _, master):
+        async with asyncio.timeout(10):
+            while not about_the_check(logging.WARNING):
+                try:
+                    os.read(master, 4096)  # read, never acknowledged
+                except BlockingIOError:
+                    pass
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # (a second line would have come with it)
+    (warning,) = about_the_check(logging.WARNING)
+    assert warning.startswith(f"terminal {POI}: identity check not delivered: "), warning
+    assert any("not acknowledged by the terminal" in m
+               for m in about_the_check(logging.DEBUG)), "the link's line, at debug"
+
+
 NOISE = b"\x02c\x03" * 1365  # 4095 bytes, 1365 framing errors
 WRITES = 16
 

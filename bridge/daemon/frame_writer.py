@@ -181,9 +181,14 @@ class FrameWriter:
     def failed(self, event: FrameFailed) -> None:
         """The framer gave up on a frame (no ACK after its tries)."""
         sent = self._pop_in_flight(event.payload)
-        log.warning("terminal %s: %s not acknowledged by the terminal: %s", self.poi_id,
-                    self.session.frame_subject(sent.service_id, sent.sale_id)
-                    if sent is not None else "a frame", event.reason)
+        # (the identity check still out: the session's warning says it, and what to check;
+        # both lines for one event, with each refused payment asking again, doubled the log)
+        said_by_session = sent is not None and self.session.is_identity_check(
+            sent.service_id, sent.sale_id)
+        log.log(logging.DEBUG if said_by_session else logging.WARNING,
+                "terminal %s: %s not acknowledged by the terminal: %s", self.poi_id,
+                self.session.frame_subject(sent.service_id, sent.sale_id)
+                if sent is not None else "a frame", event.reason)
         if sent is not None:
             self._apply(self.session.send_failed(sent.service_id, event.reason, self._clock(),
                                                  sent.sale_id))

@@ -484,12 +484,17 @@ class TerminalSession(StatusAnswers):
             return "a frame of the bridge's own (identity check or status poll)"
         return f"{sale_id}/{service_id}" if sale_id else service_id
 
+    def is_identity_check(self, service_id: str, sale_id: str | None = None) -> bool:
+        """Whether the frame sent under these IDs is the identity check still out: its
+        failure is said by send_failed, in a warning of its own (with what to check)."""
+        return (self.identity.check is not None and self.identity.check.service_id == service_id
+                and sale_id in (None, BRIDGE_SALE_ID))
+
     def send_failed(self, service_id: str, reason: str, now: float,
                     sale_id: str | None = None) -> list[Action]:
         """The link layer gave up on a frame (no ACK after every try). `sale_id`: the
         SaleID the frame went under (see _sent_under)."""
-        if self.identity.check is not None and self.identity.check.service_id == service_id \
-                and sale_id in (None, BRIDGE_SALE_ID):
+        if self.is_identity_check(service_id, sale_id):
             return [self._unnamed(f"identity check not delivered: {reason}"),
                     *self._pump(now)]
         if self._probe is not None and self._probe.poll_id == service_id \
