@@ -283,7 +283,12 @@ class UsbLink(_Strict):
     # For terminals that report no serial number: the one plugged into this port is this one
     port: Annotated[str | None, AfterValidator(_usb_port)] = None
     interface: Annotated[int, _toml_value(int), AfterValidator(_usb_interface)] = 0
-    timeout: _seconds(60) = Field(default=1.0, description="seconds per bulk transfer")
+    # (a read waits at most this long, or 0.25 s, for bytes: far shorter, an idle terminal
+    # was polled thousands of times a second, and a write gave up while the terminal was
+    # busy for a moment)
+    timeout: _seconds(
+        60, 0.01, why="; shorter, an idle terminal is polled hundreds of times a second") = \
+        Field(default=1.0, description="seconds per bulk transfer")
 
     @property
     def seconds_per_byte(self) -> float:

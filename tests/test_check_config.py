@@ -428,6 +428,17 @@ def test_an_empty_username_or_a_sale_id_no_topic_can_hold_is_refused():
         "terminals[0].allowed_sale_ids: 'TILL/2' cannot be a register's SaleID"), found
 
 
+def test_a_usb_transfer_wait_too_short_to_idle_on_is_refused():
+    """A USB review: the link's `timeout` took any value above 0: at 0.0001 s an idle
+    terminal's read was polled so often it took a fifth of a core, and a write gave up
+    while the terminal was busy for a moment."""
+    found = problems(with_setting("usb", "timeout", 0.0001))
+    assert found == ["terminals[0].link.timeout: must be more than 0.01 s and at most 60 s "
+                     "(1 minute); shorter, an idle terminal is polled hundreds of times a "
+                     "second; got 0.0001"], found
+    parse_config(with_setting("usb", "timeout", 0.02))
+
+
 @pytest.mark.parametrize(("base_topic", "why"), [
     ("$SYS/poi", "it starts with '$', which brokers keep for their own topics ($SYS)"),
     ("", "it is empty"), ("/poi", "it starts with '/'"), ("poi/", "it ends with '/'"),
