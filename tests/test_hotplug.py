@@ -358,6 +358,22 @@ def test_serial_port_of_a_usb_configured_terminal_is_explained() -> None:
     assert 'terminal V400m-324688179 is configured with link kind = "usb"' in result.reason
 
 
+def test_a_usb_port_link_explains_only_its_own_devices_serial_port() -> None:
+    """A review: the tty of a device at port 1-1.4 was taken for the one of a terminal
+    configured with port 1-1 (the hub above it, in its DEVPATH too)."""
+    config = parse_config({"terminals": [
+        {"poi_id": "V400m-1", "link": {"kind": "usb", "vendor_id": "0x11ca",
+                                        "product_id": "0x0219", "port": "1-1"}}]})
+    below_the_hub = {**ingenico_tty(links=False), "ID_VENDOR_ID": "11ca", "ID_MODEL_ID": "0219",
+                     "DEVPATH": "/devices/pci0000:00/0000:00:14.0/usb1/1-1/1-1.4/1-1.4:1.0/"
+                                "tty/ttyACM0"}
+    assert "configured with link kind" not in TerminalMatcher(config).match(below_the_hub).reason
+    its_own = {**ingenico_tty(links=False, port="1-1"), "ID_VENDOR_ID": "11ca",
+               "ID_MODEL_ID": "0219"}
+    assert 'terminal V400m-1 is configured with link kind = "usb"' in \
+        TerminalMatcher(config).match(its_own).reason
+
+
 def test_terminal_without_its_poi_link_points_at_the_udev_rules() -> None:
     result = TerminalMatcher(CONFIG).match(ingenico_tty(links=False))
     assert result.poi_id is None

@@ -44,6 +44,12 @@ SYSFS_SERIAL = "POI_BRIDGE_SYSFS_SERIAL"
 _PORT_PATH = re.compile(r"[0-9]+-[0-9]+(\.[0-9]+)*")
 
 
+def _last_port(devpath: str) -> str | None:
+    """The port of the USB device a DEVPATH ends in or runs through last (a tty's)."""
+    return next((part for part in reversed(devpath.split("/")) if _PORT_PATH.fullmatch(part)),
+                None)
+
+
 # --- device description --------------------------------------------------------------------------
 
 
@@ -321,8 +327,9 @@ class TerminalMatcher:
             if (info.vendor_id, info.product_id) == (usb_id_text(link.vendor_id),
                                                      usb_id_text(link.product_id)) and (
                     link.serial is None or same_serial(link.serial, info.serial)) and (
-                    # (a tty's DEVPATH runs through its USB device's, named by its port)
-                    link.port is None or link.port in info.devpath.split("/")):
+                    # (a tty's DEVPATH runs through its USB device's, named by its port:
+                    # the last such part, those before it being hubs')
+                    link.port is None or link.port == _last_port(info.devpath)):
                 return MatchResult(
                     None, f"serial port of USB device {info.vendor_id}:{info.product_id}, but "
                           f"terminal {poi_id} is configured with link kind = \"usb\" (its "
