@@ -1155,3 +1155,34 @@ async def test_a_broker_out_of_reach_is_said_once_then_reminded_with_how_long_an
             assert not [m for m in lost if m.startswith("cannot reach")], lost
     finally:
         journal.close()
+
+
+async def test_a_broker_that_goes_away_after_a_run_of_takeovers_is_said_at_once(
+        tmp_path, caplog):
+    """A review: once a run of takeovers (another client with the bridge's client id) had
+    been named, each loss was logged at debug and marked as said, so a broker that then
+    went away was said only after OUTAGE_REMINDER, 10 minutes. A reconnection that fails
+    after a takeover is an outage, said at once."""
+    from bridge.daemon import mqtt as mqtt_module
+
+    caplog.set_level(logging.INFO, logger="poi_bridge")
+    broker = Mosquitto(tmp_path / "broker").start()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        gateway = gateway_for(broker, journal, client_id="twin")
+        async with running(gateway):
+            for _ in range(mqtt_module.SHORT_CONNECTIONS_SAID + 2):
+                await eventually(lambda: gateway.connected)
+                async with aiomqtt.Client(broker.host, broker.port, identifier="twin"):
+                    pass  # takes the session: the broker drops the bridge
+                await eventually(lambda: not gateway.connected)
+            assert any("same client id" in m for m in caplog.messages)
+            await eventually(lambda: gateway.connected)
+            said = len(caplog.records)
+            broker.kill()
+            await eventually(lambda: any(
+                r.levelno == logging.WARNING and "cannot reach MQTT broker" in r.getMessage()
+                for r in caplog.records[said:]), timeout=10)
+    finally:
+        journal.close()
+        broker.kill()

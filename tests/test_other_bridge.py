@@ -273,3 +273,37 @@ async def test_a_copy_with_this_bridges_client_id_stopped_leaves_it_taking_reque
     critical = [r for r in caplog.records if r.levelno == logging.CRITICAL
                 and "ANOTHER POI-BRIDGE" in r.getMessage()]
     assert len(critical) <= 2, [r.getMessage()[:120] for r in critical]  # (one each way)
+
+
+async def test_a_bridge_with_this_ones_client_id_on_a_bridged_broker_stays_another_bridge(
+        tmp_path, mosquitto, monkeypatch, caplog):
+    """A review of the rule above: two boxes cloned with the default client id, each on its
+    own broker, the brokers bridged both ways. Neither takes the other's connection, so a
+    connection held says nothing of the other: each took the other as gone after the held
+    time and charged while the other refused (one request, a refusal and an approval). A
+    bridge with this one's client id is taken as gone only once seen taking turns."""
+    from bridge.daemon import peers as peer_rules
+    monkeypatch.setattr(peer_rules, "SAME_CLIENT_ID_HELD", 2.0)
+    other_broker = Mosquitto(tmp_path / "other-broker", extra_config=(
+        f"connection link\naddress {mosquitto.host}:{mosquitto.port}\n"
+        f"topic {BASE}/# both 1\ncleansession false\nremote_clientid link-2\n")).start()
+    try:
+        async with Subscriber(mosquitto, [f"{BASE}/registers/TILL1/#"],
+                              client_id="register-TILL1") as register, \
+                a_bridge(tmp_path / "a", mosquitto, "poi-bridge") as (first, terminal_a), \
+                a_bridge(tmp_path / "b", other_broker, "poi-bridge") as (second, terminal_b):
+            assert await wait_until(lambda: first.gateway.other_bridge is not None
+                                    and second.gateway.other_bridge is not None, 15)
+            caplog.set_level(logging.INFO, logger="poi_bridge")
+            await asyncio.sleep(2 * peer_rules.SAME_CLIENT_ID_HELD + 1)
+            assert first.gateway.other_bridge is not None
+            assert second.gateway.other_bridge is not None
+            # (dropped, even for a moment, one would have taken the requests sent then)
+            assert not [m for m in caplog.messages if "taken as gone" in m], caplog.messages
+            await register.publish(REQUEST, responses.payment_request("TILL1", "P3", POI, 2.0))
+            assert await wait_until(lambda: len(answers(register, "P3")) >= 2, 15)
+            await asyncio.sleep(0.5)
+            assert {a["bridge"]["outcome"] for a in answers(register, "P3")} == {"rejected"}
+            assert charged(terminal_a) == charged(terminal_b) == []
+    finally:
+        other_broker.kill()

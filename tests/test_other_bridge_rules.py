@@ -73,6 +73,11 @@ def test_a_bridge_with_this_ones_client_id_is_gone_once_the_connection_has_held(
     me.heard(json.dumps(twin).encode(), json.loads)
     me.heard(json.dumps(other).encode(), json.loads)
     assert me.refusal() is not None
+    # Never seen taking the connection: a twin on another broker bridged to this one (a
+    # second review), which may well still run
+    me.connection_held()
+    assert set(me.others) == {"i-twin", "i-other"} and reannounced == []
+    me.connection_taken()  # the broker dropped this bridge just after it came up
     me.connection_held()  # the other, with its own client id, may well still run
     assert set(me.others) == {"i-other"} and reannounced == []
     assert me.refusal() is not None
@@ -95,10 +100,11 @@ def test_a_twin_taking_the_connection_in_turns_is_said_once(caplog):
     me = peers()
     twin = {"state": "online", "instance": "i-twin", "bridge_id": "bid-2", "host": "store-12",
             "pid": 4242, "client_id": "poi-bridge", "journal": "/tmp/copy.sqlite3"}
-    for _ in range(5):
-        me.heard(json.dumps(twin).encode(), json.loads)
-        me.heard(json.dumps({**twin, "state": "offline"}).encode(), json.loads)
     me.heard(json.dumps(twin).encode(), json.loads)
+    for _ in range(5):
+        me.connection_taken()  # (each takeover: its will, then its "online" again)
+        me.heard(json.dumps({**twin, "state": "offline"}).encode(), json.loads)
+        me.heard(json.dumps(twin).encode(), json.loads)
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert [r.levelno for r in loud] == [logging.CRITICAL], [r.getMessage() for r in loud]
     assert me.refusal() is not None  # (still there: still refusing)

@@ -260,6 +260,8 @@ class RegisterGateway:
         self._refusal_backoff = Backoff(initial=2.0, maximum=60.0)
         self.health_source: Callable[[], dict[str, Any]] | None = None
         self._short_connections = 0  # connections in a row that the broker ended at once
+        # ... past the error naming them, counted and said every LINK_LOSSES_QUIET
+        self._takeovers_said = QuietRepeats(quiet.LINK_LOSSES_QUIET, self._takeovers_summed)
         self._left_at: float | None = None  # when this run's last connection ended
         self.lost_state = 0  # connections that found the broker had lost the bridge's session
         # Another bridge on these topics: who this one is, whom it has seen (bridge.daemon.peers)
@@ -280,6 +282,7 @@ class RegisterGateway:
     def flush_repeats(self) -> None:
         """The bridge stops: the refusals counted since the last summary are logged now."""
         self._refusals_said.flush()
+        self._takeovers_said.flush()
 
     @property
     def refused(self) -> int:
@@ -528,8 +531,14 @@ class RegisterGateway:
                     ended = (client and client.dropped_at) or now
                     outage_since, advised, said_at = ended, True, now
                     self._note_short_connection(ended - connected_at)
-                    log.log(logging.DEBUG if self._short_connections > SHORT_CONNECTIONS_SAID
-                            else logging.WARNING,
+                    # Past the error that named it, a run of takeovers is counted, and said
+                    # every LINK_LOSSES_QUIET; a reconnection that then fails is an outage,
+                    # said at once ("cannot reach", not advised yet)
+                    in_turns = self._short_connections > SHORT_CONNECTIONS_SAID
+                    advised = not in_turns
+                    if in_turns:
+                        self._takeovers_said.tell("taken")
+                    log.log(logging.DEBUG if in_turns else logging.WARNING,
                             "lost the MQTT broker %s (%s); reconnecting. Results and "
                             "events are kept and sent once it is back; if it stays away, "
                             "check the broker (systemctl status mosquitto) and the network",
@@ -640,6 +649,13 @@ class RegisterGateway:
                   self.config.client_id, count, window,
                   f", the newest {limit} only (mqtt.republish_limit)" if count >= limit else "")
 
+    def _takeovers_summed(self, key: Any, count: int, last: Any, interval: float) -> None:
+        log.warning("the MQTT broker %s dropped the bridge %d more %s in the last %s, each "
+                    "within %g s of connecting: another client with client id %r? (see the "
+                    "error above); no request is taken while another bridge is seen",
+                    self._broker, count, "time" if count == 1 else "times",
+                    quiet.window(interval), SHORT_CONNECTION, self.config.client_id)
+
     def _note_short_connection(self, lasted: float) -> None:
         """Two clients with one client id take the session from each other, and the broker
         drops the older at once, again and again: each side saw only 'lost the MQTT
@@ -649,6 +665,7 @@ class RegisterGateway:
             self._short_connections = 0
             return
         self._short_connections += 1
+        self.peers.connection_taken()
         if self._short_connections == SHORT_CONNECTIONS_SAID:
             log.error("the MQTT broker %s dropped the bridge %d times in a row within %g s "
                       "of connecting: most likely another client uses the same client id "

@@ -43,11 +43,14 @@ log = logging.getLogger("poi_bridge.mqtt")
 # How long a bridge waits for its own "online" to come back from the broker before it takes
 # requests without the check (a broker whose ACL keeps the bridge from reading its state)
 ANNOUNCE_TIMEOUT = 5.0
-# s: another bridge with this one's client id is taken as gone once this bridge's connection
-# has held this long. The broker keeps one connection per client id, handing the session to
-# the newest: while both run they take it from each other about once a second. That one's
-# "offline" may never reach this one (the session they share delivered it to itself), and
-# this bridge then refused every request for good after the other had stopped (review).
+# s: another bridge with this one's client id, seen taking the connection from this one, is
+# taken as gone once this bridge's connection has held this long. A broker keeps one
+# connection per client id, handing the session to the newest: while both run they take it
+# from each other about once a second. That one's "offline" may never reach this one (the
+# session they share delivered it to itself), and this bridge then refused every request
+# for good after the other had stopped (review). Only one seen taking turns: a bridge with
+# the same client id on another broker, bridged to this one, never takes this connection,
+# and may well be running (a second review).
 SAME_CLIENT_ID_HELD = 30.0
 
 
@@ -76,6 +79,8 @@ class OtherBridges:
         # instances said in full (CRITICAL, then "gone offline"): one with this bridge's
         # client id comes and goes at every takeover; its returns are said at debug
         self._told: set[str] = set()
+        self._twins: set[str] = set()  # instances heard with this bridge's client id
+        self._taking_turns: set[str] = set()  # ... of those, heard before a takeover
         # Called when this bridge must say "online" again: the other's "offline", or a
         # cleared document, replaced its own
         self.on_reannounce: Callable[[], None] | None = None
@@ -154,11 +159,13 @@ class OtherBridges:
             return
         if state == "offline":
             if self.others.pop(instance, None) is not None:
-                log.log(logging.DEBUG if self._takes_turns(document) else logging.WARNING,
+                log.log(logging.DEBUG if instance in self._taking_turns else logging.WARNING,
                         "the other poi-bridge, %s, has gone offline", describe(document))
             if not self.others:
                 self._reannounce()  # its document replaced this one's
             return
+        if self._takes_turns(document):
+            self._twins.add(instance)
         # Another bridge. Its earlier runs (same journal and host) are over.
         for other in [i for i, d in self.others.items()
                       if (d.get("bridge_id"), d.get("host"))
@@ -167,7 +174,7 @@ class OtherBridges:
         new = instance not in self.others
         self.others[instance] = document
         self._backed_off = True
-        if new and self._takes_turns(document) and instance in self._told:
+        if new and instance in self._taking_turns and instance in self._told:
             log.debug("the other poi-bridge with this bridge's client id, %s, took the "
                       "connection again", describe(document))
         elif new:
@@ -183,11 +190,18 @@ class OtherBridges:
                 "document stays, clear it: mosquitto_pub -r -n -t %s",
                 describe(document), state, self.topic, describe(mine), self.topic)
 
+    def connection_taken(self) -> None:
+        """The broker dropped this bridge's connection just after it came up, as it does
+        when another client connects with its client id: the bridges with its client id
+        heard so far share its broker, and take turns with it."""
+        self._taking_turns |= self._twins
+
     def connection_held(self) -> None:
         """This bridge's connection has held SAME_CLIENT_ID_HELD s: no bridge with its client
-        id is trying to connect (the broker would have handed it the session), so those
-        seen are gone, whatever their last document said."""
-        gone = [i for i, d in self.others.items() if self._takes_turns(d)]
+        id is trying to connect to its broker (the broker would have handed it the session),
+        so those seen taking turns with it are gone, whatever their last document said."""
+        gone = [i for i, d in self.others.items()
+                if self._takes_turns(d) and i in self._taking_turns]
         for instance in gone:
             log.warning("the other poi-bridge with this bridge's client id, %s, has not taken "
                         "the connection for %g s: it is taken as gone, and this bridge takes "
