@@ -213,8 +213,8 @@ class OtherBridges:
             self._reannounce()
 
     def _takes_turns(self, document: dict[str, Any]) -> bool:
-        """Whether `document` is of a bridge with this one's client id: one connection of
-        the two is up at a time."""
+        """Whether `document` is of a bridge with this one's client id: on one broker, one
+        connection of the two is up at a time (on two brokers bridged, both are)."""
         return document.get("client_id") == self.identity["client_id"]
 
     def _reannounce(self) -> None:
