@@ -122,6 +122,9 @@ class RecordingSession:
     def frame_subject(self, service_id, sale_id=None):
         return f"{sale_id}/{service_id}"
 
+    def is_identity_check(self, service_id, sale_id=None):
+        return False  # (no identity check: every frame here is a register's)
+
 
 def worker_events(writer: FrameWriter, events: list, answers: dict[bytes, TxKey]) -> None:
     """What TerminalWorker._framer_events and _take do with the framer's events (worker.py
