@@ -399,7 +399,8 @@ class RequestIntake:
         service_id, sale_text = id_text(header.get("ServiceID")), id_text(header.get("SaleID"))
         # ... and as echoed (its topic, the log, a chain's head office): filtered before cut,
         # since a cut card number (15 of 16 digits, the last one Luhn's) passes the filter
-        shown_service_id = shown_id(header.get("ServiceID"))
+        shown_service_id, shown_sale_text = (shown_id(header.get("ServiceID")),
+                                             shown_id(header.get("SaleID")))
         if unread and conflict is None and sale_id and service_id:
             # Published under a recorded transaction's IDs, this refusal of another request
             # (malformed, another terminal's...) must not read as that transaction's result:
@@ -412,7 +413,7 @@ class RequestIntake:
         # digits, at most 64), else UnknownResponse: "Pay-ment" or "" must not name it, nor
         # leave the refusal without a response a register can read as a terminal's
         category = refusal_category(header.get("MessageCategory"))
-        said_sale_id = sale_id or (repr(shown_id(header.get("SaleID"))) if sale_text else "?")
+        said_sale_id = sale_id or (repr(shown_sale_text) if sale_text else "?")
         said_service_id = repr(shown_service_id) if service_id and not service_id.isalnum() \
             else shown_service_id or "?"
         if self._refusals_said.tell((poi_id, sale_id or topic or said_sale_id,
@@ -438,7 +439,7 @@ class RequestIntake:
                 "topic": topic or self.topics.terminal_requests.replace("+", poi_id),
             }
             if sale_text:
-                refusal["sale_id"] = shown_id(header.get("SaleID"))
+                refusal["sale_id"] = shown_sale_text
             if service_id:
                 refusal["service_id"] = shown_service_id
             self.gateway.enqueue(self.topics.bridge_error, refusal)

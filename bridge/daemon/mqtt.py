@@ -529,13 +529,12 @@ class RegisterGateway:
                     # dropped while subscribing ends here only at OPERATION_TIMEOUT, and a
                     # slow broker's the bridge gave up on itself was no twin's (review rv18)
                     ended = (client and client.dropped_at) or now
-                    outage_since, advised, said_at = ended, True, now
                     self._note_short_connection(ended - connected_at)
                     # Past the error that named it, a run of takeovers is counted, and said
                     # every LINK_LOSSES_QUIET; a reconnection that then fails is an outage,
                     # said at once ("cannot reach", not advised yet)
                     in_turns = self._short_connections > SHORT_CONNECTIONS_SAID
-                    advised = not in_turns
+                    outage_since, advised, said_at = ended, not in_turns, now
                     if in_turns:
                         self._takeovers_said.tell("taken")
                     log.log(logging.DEBUG if in_turns else logging.WARNING,
