@@ -287,11 +287,11 @@ def _card_numbers(groups: list[str], seps: list[str], lo: int, hi: int) -> set[i
             # register (2.2199999999999998) has 16 fraction digits, which the Luhn check
             # passes one time in ten (the second diff review: card-like ones were blanked)
             found = -1
-        if found < 0:
-            i += 1
-        else:
+        if found >= 0:
             found_groups.update(range(i, found + 1))
-            i = found + 1
+        # Even after a find, the next group is tried: it may start a card number reaching
+        # past this one's end (in `10 20 30 4111 1111 1111 1111` the first ends in `4111 1111`).
+        i += 1
     return found_groups
 
 

@@ -138,6 +138,9 @@ LEAKY_SHAPES = [
     ("card 5413\t3300\t8960\t0010", ["5413\t3300", "8960\t0010"]),
     ("card\n5413\n3300\n8960\n0010\n", ["5413\n3300", "8960\n0010"]),
     ("digits [5413, 3300, 8960, 0010]", ["5413, 3300", "8960, 0010"]),
+    # numbers before the card that, with its first groups, pass the Luhn check themselves
+    # (the middle of the card stayed: `[redacted] 1111 1111`)
+    ("counts 10 20 30 4111 1111 1111 1111", ["1111 1111"]),
     ("amex 3782/822463/10005 and 3782_822463_10005", ["822463"]),
     # glued to letters (the identifier's own digits stay)
     ("SaleID=POS14111111111111111 POIID=V400m-P4111111111111111",

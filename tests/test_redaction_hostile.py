@@ -51,11 +51,9 @@ def _reference_card_numbers(groups: list[str], seps: list[str], lo: int, hi: int
                 found = j
         if found == i and ((i > 0 and seps[i - 1] == ".") or (i < n - 1 and seps[i] == ".")):
             found = -1
-        if found < 0:
-            i += 1
-        else:
+        if found >= 0:
             found_groups.update(range(i, found + 1))
-            i = found + 1
+        i += 1
     return found_groups
 
 
