@@ -175,6 +175,10 @@ def run_status(args: argparse.Namespace) -> int:
                 f"{unanswered} identity check{'' if unanswered == 1 else 's'} unanswered; ")
             state = (f"identity not confirmed: {counted}requests are refused until the "
                      "terminal answers one (check the framer, key and cable)")
+        elif state in ("online", "busy") and isinstance(identity, str) \
+                and identity.startswith("mismatch"):
+            # (the link is up, but no request is taken: "online" above it read as all well)
+            state = "link up, but the wrong terminal: every request is refused (see below)"
         print(f"  terminal {terminal['poi_id']}: {state}{detail}")
         counters = terminal.get("counters") or {}  # (a daemon older than them has none)
         if counters.get("noise_bytes"):

@@ -250,7 +250,9 @@ async def test_status_shows_a_terminal_whose_identity_check_failed(tmp_path, mos
         config = config_file(tmp_path, mosquitto, {})
         text = await cli("status", "--config", config)
         out = text.stdout.decode()
-        assert f"terminal {POI}: online" in out
+        assert f"terminal {POI}: link up, but the wrong terminal: every request is refused" \
+            in out, out
+        assert f"terminal {POI}: online" not in out
         assert "IDENTITY MISMATCH: the device on this terminal's link says it is V400m-999" in out
         assert f"every request for {POI} is refused" in out
         report = json.loads((await cli("status", "--config", config, "--json")).stdout)
