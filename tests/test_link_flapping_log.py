@@ -83,6 +83,21 @@ async def test_a_flapping_link_is_one_warning_then_counted(tmp_path, caplog, mon
     assert len(warnings) <= 2 + 2 + 2, warnings
 
 
+async def test_a_summary_said_at_the_stop_says_so(tmp_path, caplog, monkeypatch):
+    """The losses counted when the bridge stops are summed up then: "online now" at the
+    stop read as if the terminal stayed served."""
+    monkeypatch.setattr(quiet, "LINK_LOSSES_QUIET", 60.0)
+    async with Rig(tmp_path, scenario(Behaviour())) as rig:
+        for _ in range(2):
+            rig.simulator.unplug()
+            await rig.outlet.state_is("offline")
+            await rig.outlet.state_is("online")
+        assert not [m for m in caplog.messages if " more time" in m]
+    summaries = [m for m in caplog.messages if "link lost 1 more time" in m]
+    assert len(summaries) == 1, caplog.messages
+    assert summaries[0].endswith("; online as the bridge stops"), summaries
+
+
 async def test_a_flapping_usb_cable_is_one_unplug_warning_then_counted(caplog, monkeypatch):
     monkeypatch.setattr(quiet, "LINK_LOSSES_QUIET", WINDOW)
     caplog.set_level(logging.DEBUG, logger="bridge.daemon.hotplug")

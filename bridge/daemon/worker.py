@@ -692,7 +692,8 @@ class TerminalWorker:
                     "loose cable or adapter, or a terminal restarting? Check %s; %s",
                     self.poi_id, count, "time" if count == 1 else "times",
                     quiet.window(interval), last, check,
-                    "online now" if self.online else f"offline now ({self._link_reason})")
+                    f"{'online' if self.online else f'offline ({self._link_reason})'} "
+                    f"{'as the bridge stops' if self._stopping else 'now'}")
 
     async def _run_link(self, transport: Transport) -> tuple[str, bool]:
         """Until the link ends: why it did, and whether a failure of ours (a bug) ended it."""
