@@ -215,6 +215,7 @@ class TerminalWorker:
         # grouped by "dropped" and "unplugged" (the hotplug monitor sums the unplugs up)
         self._losses_said = QuietRepeats(quiet.LINK_LOSSES_QUIET, self._losses_summed)
         self._loss_counted = False  # the last loss was only counted: its reopen is as quiet
+        self._loss_at_debug = False  # ... and was said at debug: so is the link up again
         # Line noise: its first run said at info, then one warning per LINK_LOSSES_QUIET
         # while it goes on, with the bytes it held (counted here: the summary gets a count
         # of runs only)
@@ -615,7 +616,9 @@ class TerminalWorker:
             self._retry_now.clear()  # (a plug-in seen while opening: this is it)
             self.framer.reset()
             self.writer.reset()
-            log.log(logging.DEBUG if self._loss_counted else logging.INFO,
+            # (a loss said at info, with its open payments, is followed by its "link up":
+            # a technician reading at info saw the link lost and never back)
+            log.log(logging.DEBUG if self._loss_at_debug else logging.INFO,
                     "terminal %s: link up on %s", self.poi_id, transport.describe())
             self._link_reason = ""
             self._apply(self.session.link_is_up(self._clock()))
@@ -661,6 +664,7 @@ class TerminalWorker:
             # which ones, and what becomes of them, is still told
             level = (logging.INFO if asked else logging.DEBUG) if self._loss_counted \
                 else logging.INFO if unplugged else logging.WARNING
+            self._loss_at_debug = level == logging.DEBUG
             log.log(level, "terminal %s: link lost: %s; %s%s", self.poi_id, reason,
                     "waiting for it to be plugged back in" if unplugged else "reopening",
                     f"; open: {describe_transactions(asked, states=states)}, asked about "
@@ -681,7 +685,8 @@ class TerminalWorker:
 
     def _losses_summed(self, key: Any, count: int, last: Any, interval: float) -> None:
         """The summary of a flapping link's losses after the first (quiet.LINK_LOSSES_QUIET)."""
-        self._loss_counted = False  # (summed up: what the link does next is said again)
+        # (summed up: what the link does next is said again)
+        self._loss_counted = self._loss_at_debug = False
         if key == "unplugged":
             return  # (the hotplug monitor sums up the unplugs, naming the device)
         check = ("the network between them (cable, switch port, Wi-Fi) and the terminal's "
