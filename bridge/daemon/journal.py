@@ -36,6 +36,8 @@ from typing import Any
 
 from bridge import __version__
 from bridge.config import STATE_DIRECTORY
+from bridge.daemon.quiet import QuietRepeats
+from bridge.daemon.quiet import window as quiet_window
 from bridge.protocol import jsontext
 from bridge.protocol.transaction import (
     DEADLINE_FIELDS,
@@ -50,6 +52,11 @@ log = logging.getLogger("poi_bridge.journal")
 SCHEMA_VERSION = 1
 CHECKPOINT_INTERVAL = 1.0  # s between WAL checkpoints (see start_checkpoints)
 WAL_RESET_BYTES = 64 * 1024 * 1024  # a WAL past this is started over by the daemon (_reset_wal)
+# s: a commit this slow is a disk a technician must hear of (an SD card or eMMC wearing out, a
+# failing disk): the daemon's loop waits for it, a terminal's answer is acknowledged only
+# after it, and the terminal sends it again meanwhile. Said once in full, then counted.
+SLOW_COMMIT = 1.0
+SLOW_COMMITS_QUIET = 600.0
 # s: a transaction is forgotten only if it ended this long before the oldest message still
 # waiting was written (prune): its stamps are the daemon's steady clock, the outbox's the wall
 # clock, apart by a step of the system clock not yet followed (30 s) or one followed (which
@@ -334,6 +341,7 @@ class Journal:
         self.wal_reset_bytes = WAL_RESET_BYTES
         self._wal_reset_wanted = False  # set by the checkpoint thread, done after a commit
         self._checkpoint_failure: str | None = None  # the last one logged, until one works
+        self._slow_commits = QuietRepeats(SLOW_COMMITS_QUIET, self._slow_commits_summed)
         self._requests: dict[TxKey, tuple[dict[str, Any], str]] = {}
         # The last response saved, and its text: the result published in the same step
         # carries the same document (see response_text)
@@ -536,6 +544,7 @@ class Journal:
             thread.join(timeout=10)
             self._checkpoints = None
         self.commit()  # what the last pass wrote
+        self._slow_commits.flush()
         self._db.close()  # the last connection to close checkpoints what is left
         self._release_lock()
 
@@ -620,6 +629,7 @@ class Journal:
             return
         callbacks, self._after = self._after, []
         self._group_open = False
+        started = time.monotonic()
         try:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -631,6 +641,7 @@ class Journal:
                          "check the disk", self.path, exc, len(callbacks))
             self._failed(exc)
             return
+        self._timed(started)
         before, self._durable_outbox_id = self._durable_outbox_id, self._last_outbox_id
         for callback in callbacks:
             try:
@@ -638,6 +649,20 @@ class Journal:
             except Exception:  # one failing action must not keep the others from running
                 log.exception("journal %s: an action after the commit failed", self.path)
         self._committed(before)
+
+    def _timed(self, started: float) -> None:
+        took = time.monotonic() - started
+        if took >= SLOW_COMMIT and self._slow_commits.tell("slow", took):
+            log.warning("journal %s: a commit took %.1f s: everything waits for the journal's "
+                        "disk meanwhile (payments, terminals' acknowledgements, the broker). "
+                        "Check that disk: an SD card or eMMC wearing out, a failing disk "
+                        "(dmesg), or another program writing heavily (iotop)",
+                        self.path, took)
+
+    def _slow_commits_summed(self, key: Any, count: int, last: Any, interval: float) -> None:
+        log.warning("journal %s: %d more commit%s of %.0f s or more in the last %s (the last "
+                    "%.1f s): check the journal's disk", self.path, count,
+                    "" if count == 1 else "s", SLOW_COMMIT, quiet_window(interval), last)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -654,7 +679,9 @@ class Journal:
             self._db.execute("ROLLBACK")
             self._last_outbox_id = self._durable_outbox_id
             raise
+        started = time.monotonic()
         self._db.execute("COMMIT")
+        self._timed(started)
         self._response_text = None
         before, self._durable_outbox_id = self._durable_outbox_id, self._last_outbox_id
         self._committed(before)
