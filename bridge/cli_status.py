@@ -14,6 +14,7 @@ import aiomqtt
 from bridge.addresses import host_port
 from bridge.cli_register import seconds
 from bridge.config import ConfigError, load_config_as_run_does
+from bridge.daemon.disk_room import short_of_room
 from bridge.daemon.journal import Journal, JournalError
 from bridge.daemon.registers import summary
 from bridge.register_client import (
@@ -133,6 +134,8 @@ def run_status(args: argparse.Namespace) -> int:
         daemon = "unknown: the broker could not be asked"
     report = {
         "journal": str(config.journal), "counts": counts, "open_transactions": open_txns,
+        # (a daemon short of room waits off the broker: it cannot answer for itself)
+        "journal_disk_short": short_of_room(config.journal),
         "daemon": daemon, "mqtt_error": problem,
         "terminals": terminals.get("data") or [
             {"poi_id": t.poi_id, "state": "unknown"} for t in config.terminals],
@@ -149,6 +152,9 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"daemon: {report['daemon']}  (broker {host_port(config.mqtt.host, config.mqtt.port)})")
     if problem or note:
         print(f"  {problem or note}")
+    if report["journal_disk_short"]:
+        print(f"  JOURNAL DISK FULL: {report['journal_disk_short']}: the daemon takes no "
+              "payment until there is room; make room, and it starts by itself")
     if report["other_bridges"]:
         print(f"  REFUSING EVERY NEW REQUEST: another poi-bridge serves these topics too "
               f"({'; '.join(map(str, report['other_bridges']))}); both refuse, so that no "

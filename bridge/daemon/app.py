@@ -29,6 +29,7 @@ from bridge.config import (
     read_configured_secret,
 )
 from bridge.daemon.device_match import DeviceInfo, TerminalMatcher, describe_link
+from bridge.daemon.disk_room import wait_for_room
 from bridge.daemon.follow import partner_to_follow, waits_for_its_own_link
 from bridge.daemon.worker import FOLLOW_LATER
 from bridge.daemon.hotplug import (
@@ -579,7 +580,10 @@ def stop_at_once(bridge: Bridge, exc: BaseException) -> None:
     # who and what to do); anything else most likely is
     fix = unusable(bridge.config.journal, exc) + "." \
         if isinstance(exc, sqlite3.Error) and name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) \
-        else f"Check the disk (df -h {bridge.config.journal.parent}, dmesg)."
+        else (f"Its disk is full: make room (df -h {bridge.config.journal.parent}); started "
+              "again, the bridge waits for room, off the broker, and then goes on by itself."
+              if name.startswith("SQLITE_FULL") or "disk is full" in str(exc)
+              else f"Check the disk (df -h {bridge.config.journal.parent}, dmesg).")
     log.critical("stopping at once: the journal %s cannot be written or read (%s). Nothing "
                  "is sent or published from what it could not record; at the next start its open "
                  "transactions are taken up again and the terminals are asked what happened. "
@@ -614,6 +618,8 @@ def stop_when_out_of_memory(loop: asyncio.AbstractEventLoop, bridge: Bridge) -> 
 
 
 async def run_bridge(config: Config, *, mqtt_password: str | None = None) -> None:
+    # (before the journal is opened: taking its open transactions up writes to it)
+    await wait_for_room(config.journal, SystemdNotifier())
     bridge = Bridge(config, mqtt_password=mqtt_password)
     bridge.journal.on_failure(functools.partial(stop_at_once, bridge))
     loop = asyncio.get_running_loop()
