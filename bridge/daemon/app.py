@@ -16,6 +16,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bridge import __version__
@@ -35,7 +36,7 @@ from bridge.daemon.worker import FOLLOW_LATER
 from bridge.daemon.hotplug import (
     HotplugMonitor, NodeIdentity, UdevNotRunning, node_identity, udev_announces)
 from bridge.daemon.intake import RequestIntake
-from bridge.daemon.journal import Journal, StepFailed, unusable
+from bridge.daemon.journal import Journal, StepFailed, journal_files, unusable
 from bridge.daemon.mqtt import RegisterGateway
 from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog
@@ -56,6 +57,15 @@ JOURNAL_EXIT_STATUS = 3  # the journal cannot be opened, or no longer written
 TASK_EXIT_STATUS = 4  # one of the daemon's long-lived tasks ended: systemd starts it again
 STOP_GRACE = 2.0  # s: how long a stop waits for its tasks to end after cancelling them
 STOP_TRIES = 3  # cancellations before a task that will not end is left behind
+# The journal's open runs SQLite's quick_check, which reads the whole file: 500 MB of
+# payments (about 40 KB each with their receipts and messages) took 9-19 s from a cold page
+# cache on a development VM's disk (26-58 MB/s; 0.3-0.5 s warm), so 2 MB/s is taken for a
+# store box's slow flash. A large journal (a busy store, a long transaction_retention, a long
+# broker outage) would then outlast the unit's TimeoutStartSec=60, and systemd would kill
+# every start of it. Before the open the daemon asks systemd (EXTEND_TIMEOUT_USEC) for that
+# time and START_ALLOWANCE more, the unit's own budget for the rest of the start.
+JOURNAL_CHECK_RATE = 2e6  # bytes/s
+START_ALLOWANCE = 60.0  # s
 STATUS_INTERVAL = 10.0
 
 
@@ -105,6 +115,7 @@ class Bridge:
         self.config = config
         self.notifier = notifier or SystemdNotifier()
         self.started = time.time()
+        self._allow_for_journal_check(config.journal)
         self.journal = Journal(config.journal)
         self.gateway = RegisterGateway(config.mqtt, self.journal, password=mqtt_password)
         self.gateway.set_aside = SetAsideRequests(set_aside_path(config.journal))
@@ -324,6 +335,19 @@ class Bridge:
                                 "announced it (is systemd-udevd running?); using it", poi_id,
                                 node)
                     self.workers[poi_id].device_present(True)
+
+    def _allow_for_journal_check(self, path: Path) -> None:
+        """Ask systemd for the time the journal's check at open may take (see
+        JOURNAL_CHECK_RATE), so that a large journal does not make every start time out.
+        Nothing outside systemd; a small journal's ask is within the unit's own timeout."""
+        check = journal_check_time(path)
+        if check <= 0 or not self.notifier.enabled:
+            return
+        if check > 10:
+            log.info("journal %s: %.0f MB, its check at start may take up to %.0f s on slow "
+                     "storage; asking systemd to wait that long", path,
+                     check * JOURNAL_CHECK_RATE / 1e6, check)
+        self.notifier.extend_timeout(check + START_ALLOWANCE)
 
     def status_line(self) -> str:
         documents = [w.state() for w in self.workers.values()]
@@ -548,6 +572,19 @@ class Bridge:
         self.gateway.flush_repeats()
         self.journal.close()
         self.notifier.close()
+
+
+def journal_check_time(path: os.PathLike[str] | str) -> float:
+    """Seconds the journal's check at open may take on slow storage: its file and its WAL
+    at JOURNAL_CHECK_RATE (0 for a journal not there yet)."""
+    database, wal = journal_files(Path(path))[:2]
+    size = 0
+    for file in (database, wal):
+        try:
+            size += file.stat().st_size
+        except OSError:  # (missing, or unreadable: the open says so)
+            pass
+    return size / JOURNAL_CHECK_RATE
 
 
 def stop_at_once(bridge: Bridge, exc: BaseException) -> None:
