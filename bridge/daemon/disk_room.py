@@ -5,20 +5,21 @@ held in memory can no longer be recorded). Started again while the disk was stil
 said "online", took the register's request the broker gave back, stopped again, and after
 five such starts systemd gave up: registers got no answer at all, and once room was made the
 bridge stayed down until someone restarted it. Now it does not start taking payments while
-the disk is short of room: it tells systemd it is up and waiting (READY=1 with a STATUS that
-says why, the watchdog fed), stays off the broker (registers see it offline, as its last
-will said), and goes on by itself once there is room.
+the disk is short of room: its start goes on for as long as it waits (EXTEND_TIMEOUT_USEC
+sent at every look, with a STATUS that says why: not READY=1, which would arm the watchdog
+before the journal's check at open, long for a journal that filled a disk), it stays off the
+broker (registers see it offline, as its last will said), and it goes on by itself once
+there is room.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from pathlib import Path
 
-from bridge.daemon.notify import SystemdNotifier, run_watchdog
+from bridge.daemon.notify import SystemdNotifier
 
 log = logging.getLogger("poi_bridge")
 
@@ -62,24 +63,18 @@ async def wait_for_room(journal: Path, notifier: SystemdNotifier) -> None:
     if problem is None:
         return
     said = _said(journal, problem)
-    # Up as far as systemd is concerned (a start timing out would be retried five times,
-    # then given up): STATUS says what it waits for, the watchdog is fed meanwhile.
-    notifier.ready(f"waiting for room on the journal's disk: {problem}")
-    watchdog = asyncio.create_task(run_watchdog(notifier), name="watchdog (waiting for room)")
     loop = asyncio.get_running_loop()
     since = last_said = loop.time()
-    try:
-        while problem is not None:
-            await asyncio.sleep(ROOM_CHECK_INTERVAL)
-            problem = short_of_room(journal)
-            if problem is not None and loop.time() - last_said >= ROOM_REMINDER:
-                last_said = loop.time()
-                log.warning("still waiting for room on the journal's disk (%.0f minutes "
-                            "now): %s. %s", (last_said - since) / 60, problem, said)
-    finally:
-        watchdog.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watchdog
+    while problem is not None:
+        # (a start that timed out would be retried five times, then given up by systemd)
+        notifier.extend_timeout(3 * ROOM_CHECK_INTERVAL)
+        notifier.status(f"waiting for room on the journal's disk: {problem}")
+        await asyncio.sleep(ROOM_CHECK_INTERVAL)
+        problem = short_of_room(journal)
+        if problem is not None and loop.time() - last_said >= ROOM_REMINDER:
+            last_said = loop.time()
+            log.warning("still waiting for room on the journal's disk (%.0f minutes now): "
+                        "%s. %s", (last_said - since) / 60, problem, said)
     log.warning("room on the journal's disk again after %.0f s: the bridge starts",
                 loop.time() - since)
 
