@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from typing import Any
 
 import pytest
 
@@ -81,3 +82,62 @@ def test_a_stamp_the_platform_cannot_place_is_refused_not_a_crash(tmp_path):
         assert bridge["outcome"] == "rejected", bridge
         assert ("centuries from this box's clock" in bridge["error"]
                 or " s in the future" in bridge["error"] or " s old" in bridge["error"]), bridge
+
+
+def _other_request(category: str, service_id: str, stamp: Any) -> dict:
+    """A request of another category than Payment, with the SaleData a register may give it
+    (a TimeStamp of `stamp`; none at all for ABSENT)."""
+    document = responses.payment_request("POS1", service_id, POI)
+    request = document["SaleToPOIRequest"]
+    request["MessageHeader"]["MessageCategory"] = category
+    sale_data = request.pop("PaymentRequest")["SaleData"]
+    body: dict[str, Any] = {"Reversal": {
+        "OriginalPOITransaction": {"SaleID": "POS1", "POITransactionID": {
+            "TransactionID": "8815EXAMPLE", "TimeStamp": "2026-11-30T10:00:00.000Z"}},
+        "ReversalReason": "MerchantCancel"}}.get(category, {})
+    if stamp is not ABSENT:
+        sale_data["SaleTransactionID"]["TimeStamp"] = stamp
+        body["SaleData"] = sale_data
+    request[f"{category}Request"] = body
+    return document
+
+
+ABSENT = object()
+
+
+def other_answer(tmp_path, category: str, stamp: Any, service_id: str) -> dict:
+    rig = Rig(tmp_path / f"journal-{service_id}.sqlite3")
+    try:
+        published = rig.handle(f"poi-bridge/terminals/{POI}/request", json.dumps(
+            _other_request(category, service_id, stamp)).encode())
+    finally:
+        rig.journal.close()
+    (answer,) = [json.loads(m.payload) for m in published if m.topic.endswith("/response")]
+    return answer["bridge"]
+
+
+@pytest.mark.parametrize("category", ["Reversal", "CardAcquisition"])
+def test_another_request_that_says_when_it_was_built_is_held_to_the_rule(tmp_path, category):
+    """A refund queued through a store's uplink outage ran when the link came back, maybe
+    after the cashier had refunded another way (a chain review): a request of any category
+    that carries SaleData.SaleTransactionID.TimeStamp is refused when it is more than 300 s
+    old (or ahead), as a payment is; one that carries none runs, as before."""
+    old = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=30)).isoformat()
+    refused = other_answer(tmp_path, category, old, "R1")
+    assert refused["outcome"] == "rejected", refused
+    assert "s old (SaleTransactionID.TimeStamp)" in refused["error"], refused
+    assert "requests older than 300 s are not started" in refused["error"], refused
+    ahead = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30)).isoformat()
+    assert " s in the future" in other_answer(tmp_path, category, ahead, "R2")["error"]
+    # Fresh, or without a stamp: not refused for its age (the rig's terminal is offline,
+    # and that is what it says)
+    fresh = dt.datetime.now(dt.UTC).isoformat()
+    for n, stamp in enumerate((fresh, ABSENT)):
+        bridge = other_answer(tmp_path, category, stamp, f"F{n}")
+        assert "offline" in (bridge["error"] or ""), (stamp, bridge)
+    # A stamp that cannot be read is said to be so, not taken as none
+    for n, stamp in enumerate(("30/11/2026 10:00", 1764496800)):
+        bridge = other_answer(tmp_path, category, stamp, f"U{n}")
+        assert bridge["outcome"] == "rejected", bridge
+        assert f"{category}Request.SaleData.SaleTransactionID.TimeStamp" in bridge["error"]
+        assert "is not an ISO 8601 date and time" in bridge["error"], bridge

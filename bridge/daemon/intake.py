@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+from pydantic import BaseModel
+
 from bridge.config import Config
 from bridge.daemon import quiet
 from bridge.daemon.journal import Journal
@@ -166,19 +168,34 @@ def _readable_sale_id(document: Any) -> str | None:
         else None
 
 
-def _payment_time_stamp(request: SaleToPOIRequest) -> tuple[dt.datetime | None, str | None]:
-    """A PaymentRequest's SaleTransactionID.TimeStamp, or what is wrong with it; (None, None)
-    for other requests. A payment must say when the register built it: the 300-s rule
-    (payments that waited in the broker are not started) depends on it. The stamp may lack a
-    time zone (naive): Adyen's own .NET library writes it so."""
-    if request.payment_request is None:
-        return None, None
-    sale_tx = request.payment_request.sale_data.sale_transaction_id
-    where = "PaymentRequest.SaleData.SaleTransactionID.TimeStamp"
-    if sale_tx is None or not sale_tx.time_stamp:
-        return None, (f"{where} is missing: a payment must say when the register built it "
-                      "(ISO 8601, e.g. 2026-11-30T10:00:00.000Z)")
-    text = sale_tx.time_stamp
+def _request_time_stamp(request: SaleToPOIRequest) -> tuple[dt.datetime | None, str | None]:
+    """A request's SaleData.SaleTransactionID.TimeStamp, or what is wrong with it; (None,
+    None) for a request other than a payment that carries none. A payment must say when the
+    register built it: the 300-s rule (requests that waited in the broker are not started)
+    depends on it. Any other request that says so (a Reversal: a refund) is held to that rule
+    too: queued through a store's uplink outage, it ran when the link came back, perhaps
+    after the cashier had refunded another way (a chain review). The stamp may lack a time
+    zone (naive): Adyen's own .NET library writes it so."""
+    if request.payment_request is not None:
+        sale_tx = request.payment_request.sale_data.sale_transaction_id
+        where = "PaymentRequest.SaleData.SaleTransactionID.TimeStamp"
+        if sale_tx is None or not sale_tx.time_stamp:
+            return None, (f"{where} is missing: a payment must say when the register built "
+                          "it (ISO 8601, e.g. 2026-11-30T10:00:00.000Z)")
+        text: Any = sale_tx.time_stamp
+    else:
+        key, body = request.body_key(), request.body()
+        if isinstance(body, BaseModel):
+            body = body.model_extra
+        data = body.get("SaleData") if isinstance(body, dict) else None
+        ids = data.get("SaleTransactionID") if isinstance(data, dict) else None
+        text = ids.get("TimeStamp") if isinstance(ids, dict) else None
+        if text is None:
+            return None, None
+        where = f"{key}.SaleData.SaleTransactionID.TimeStamp"
+        if not isinstance(text, str):
+            return None, (f"{where} is not an ISO 8601 date and time (e.g. "
+                          "2026-11-30T10:00:00.000Z): it is no JSON string")
     try:
         stamp = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z"))
                                           else text)
@@ -547,7 +564,7 @@ class RequestIntake:
             self._repeat(existing, " (the same request with a new TimeStamp)"
                          if reuse is Reuse.RETRY else "")
             return
-        _, problem = _payment_time_stamp(request)
+        _, problem = _request_time_stamp(request)
         if problem is not None:
             refuse(document, poi_id, problem)
             return
@@ -754,11 +771,12 @@ class RequestIntake:
                                        "duplicate", said))
 
     def _stale(self, request: SaleToPOIRequest) -> str | None:
-        """A payment request that waited in the broker (while the bridge was away) longer
-        than request_max_age must not start a payment the shopper no longer stands at. One
-        stamped as far ahead is refused too: with the clocks that far apart the check cannot
-        tell a stale request, and it would start once the time came."""
-        stamp, _ = _payment_time_stamp(request)
+        """A request that waited in the broker (while the bridge was away, or the store's
+        uplink) longer than request_max_age must not start a payment the shopper no longer
+        stands at, nor a refund the cashier may have given since. One stamped as far ahead is
+        refused too: with the clocks that far apart the check cannot tell a stale request,
+        and it would start once the time came."""
+        stamp, _ = _request_time_stamp(request)
         if stamp is None:
             return None
         now = self._wall()
@@ -774,7 +792,7 @@ class RequestIntake:
                     "the register builds the request")
         if age > 0:
             return (f"request is {age:.0f} s old (SaleTransactionID.TimeStamp) by this box's "
-                    f"clock ({clock}); payments older than {self.request_max_age:.0f} s are not "
+                    f"clock ({clock}); requests older than {self.request_max_age:.0f} s are not "
                     "started. If the shopper is at the till now, the register's clock or this "
                     "box's is wrong")
         return (f"request is stamped {-age:.0f} s in the future (SaleTransactionID.TimeStamp) "
