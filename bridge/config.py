@@ -29,9 +29,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from bridge.protocol.messages import POIID_PATTERN
 from bridge.protocol.transaction import SERVICE_ID_REUSE_WINDOW
 
-POIID_PATTERN = re.compile(r"^[A-Za-z0-9]+(?:[A-Za-z0-9_]*)-[A-Za-z0-9]+\Z")
 FRAMER_NAMES = ("stx-etx-lrc", "dle-crc16", "length-prefixed")
 LINK_KINDS = ("serial", "tcp", "usb")
 
