@@ -296,6 +296,9 @@ def test_a_write_ahead_log_without_its_database_is_refused_not_overwritten(tmp_p
         Journal(path)
     assert "move the -wal and -shm files aside" in str(refused.value)
     assert wal.stat().st_size == size
+    # (the database file the lock made to be flocked is not left behind: found as it was)
+    assert path.exists() == (database == "empty")
+    assert f"is {database} but" in str(refused.value)
 
 
 def test_a_new_journal_is_said_in_the_log(tmp_path, caplog):

@@ -20,7 +20,7 @@ import pytest
 
 from bridge import deployment
 from bridge.cli_daemon import check_config
-from bridge.daemon.journal import Journal, lock_path
+from bridge.daemon.journal import Journal, JournalError, lock_path
 from bridge.simulator import responses
 
 from .rig import (
@@ -97,6 +97,68 @@ async def test_a_second_daemon_on_the_same_journal_refuses_before_touching_it(
         for daemon in (first, second, third):
             daemon.kill()
         sim.stop()
+
+
+async def test_a_second_daemon_is_refused_after_the_lock_file_was_removed(tmp_path, mosquitto):
+    """A technician deleted the "stale" journal.sqlite3.lock while the daemon ran: a second
+    `poi-bridge run` made a new one, took the lock, took up the open payment and overwrote
+    its approved result with `unresolved` (the journal review, h3). The database file
+    itself is locked too: the second one refuses, naming the first one's pid."""
+    sim = Simulator(tmp_path, "--delay", "30")
+    config = write_config(tmp_path, mosquitto, sim.link, terminal={"payment_timeout": 60.0})
+    journal = tmp_path / "journal.sqlite3"
+    first = Daemon(config, tmp_path).start()
+    (tmp_path / "second").mkdir()
+    second = Daemon(config, tmp_path / "second")
+    try:
+        async with Subscriber(mosquitto, [f"{BASE}/#"]) as sub:
+            await sub.wait_for(lambda t, p: t.endswith(f"/terminals/{POI}/state")
+                               and p["state"] == "online")
+            await sub.publish(REQUEST, responses.payment_request("POS1", "R1", POI, 5.0))
+            await sub.wait_for(lambda t, p: t.endswith("/event") and p["event"] == "sent")
+        before = transaction_row(journal, "R1")
+        os.remove(lock_path(journal))
+
+        second.start()
+        assert await asyncio.to_thread(second.process.wait, 15) == 3, second.log()[-3000:]
+        said = second.log()
+        assert (f"journal {journal} is in use by another poi-bridge process "
+                f"(pid {first.process.pid})") in said, said
+        assert f"Its lock file {lock_path(journal)} was removed" in said, said
+        assert "recovering" not in said and "connected to MQTT broker" not in said, said
+        assert transaction_row(journal, "R1") == before
+        assert first.process.poll() is None
+
+        # The technician's commands still read the journal beside the daemon.
+        status = await asyncio.to_thread(cli, "status", "--config", str(config), "--json")
+        assert status.returncode == 0, status.stderr
+        assert [t["service_id"] for t in json.loads(status.stdout)["open_transactions"]] \
+            == ["R1"]
+    finally:
+        first.kill()
+        second.kill()
+        sim.stop()
+
+
+def test_the_database_lock_is_held_until_the_journal_closes(tmp_path):
+    """Held by a real process, the journal is refused to another even without its lock
+    file; closed, it is free (the lock went with the journal's last descriptor)."""
+    path = tmp_path / "journal.sqlite3"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from bridge.daemon.journal import Journal; "
+         f"j = Journal({str(path)!r}); print('open', flush=True); sys.stdin.read(); j.close()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=python_env())
+    try:
+        assert holder.stdout.readline() == "open\n"
+        os.remove(lock_path(path))
+        with pytest.raises(JournalError, match=f"in use by another poi-bridge process "
+                           f"\\(pid {holder.pid}\\)"):
+            Journal(path)
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+    finally:
+        holder.kill()
+    Journal(path).close()
 
 
 @pytest.fixture

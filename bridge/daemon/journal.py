@@ -276,12 +276,67 @@ def _make_directory(directory: Path) -> None:
                  stat.S_IMODE(missing[0].stat().st_mode))
 
 
-def _hold_lock(path: Path) -> int:
+def _in_use(path: Path, who: str, why: str = "") -> JournalError:
+    return JournalError(
+        f"journal {path} is in use by another poi-bridge process ({who}): the bridge is "
+        "probably already running as the service (systemctl status poi-bridge). Stop that "
+        "one first (systemctl stop poi-bridge) if this one is to run instead; never run "
+        f"two: both would take up the same open payments.{why} Nothing in the journal was "
+        "read or changed")
+
+
+def _flock_holder(fd: int) -> str | None:
+    """The pid holding a flock on the file of `fd`, from /proc/locks (None: not found)."""
+    info = os.fstat(fd)
+    inode = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode:
+                    return fields[4] if fields[4].isdigit() and fields[4] != "0" else None
+    except OSError:
+        pass
+    return None
+
+
+def _open_database_file(path: Path) -> tuple[int, bool]:
+    """A descriptor of the database file (where symbolic links lead, as SQLite opens it),
+    made empty if missing, and whether this call made it. O_EXCL first, so that a start
+    knows whether the file was there before it (an empty one is said, see _open)."""
+    real = os.path.realpath(path)
+    for _ in range(3):  # (made or removed by someone else between the two calls: again)
+        try:
+            return os.open(real, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(real, os.O_RDWR | os.O_CLOEXEC), False
+        except FileNotFoundError:
+            continue
+    return os.open(real, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), False
+
+
+def _hold_lock(path: Path) -> tuple[int, int, bool]:
     """Lock the journal for this daemon alone, before anything in it is read: a second
     daemon started by hand beside the service took up the open transactions the first one
-    owned, polled their terminals and fought it for the broker session. The lock (flock on
-    `<journal>.lock`, which holds the pid) lasts as long as the descriptor: close() or the
-    process's end, however it ends (a SIGKILLed daemon never blocks the next start)."""
+    owned, polled their terminals and fought it for the broker session. Two flocks, each
+    lasting as long as its descriptor: close() or the process's end, however it ends (a
+    SIGKILLed daemon never blocks the next start).
+
+    `<journal>.lock` (which holds the pid, for a second daemon's message) is taken first: it
+    is there before the database is, so two first starts do not race to make it. Then the
+    database file itself: a lock file alone was deleted as "stale" by a technician while
+    the daemon ran, and a second daemon made a new one, took the open payments up and
+    overwrote an approved result with `unresolved`. A flock on the database cannot be lost
+    so while the file is in use, and it is apart from the POSIX (fcntl) locks SQLite takes
+    on Linux (not on NFS, where SQLite is unsafe anyway). But closing any descriptor of the
+    database file drops every POSIX lock this process holds on it, SQLite's included: that
+    descriptor stays open until every connection of this process to it is closed (see
+    _release_lock). Other processes (the technician's read-only commands) are not affected.
+    Returns the lock file's descriptor, the database's, and whether this start made the
+    database file."""
     lock = lock_path(path)
     try:
         _make_directory(path.parent)
@@ -295,19 +350,29 @@ def _hold_lock(path: Path) -> int:
         os.close(fd)
         if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
             raise JournalError(_open_failure(path, exc, readonly=False)) from None
-        who = f"pid {holder}" if holder.isdigit() else f"see {lock}"
-        raise JournalError(
-            f"journal {path} is in use by another poi-bridge process ({who}): the bridge is "
-            "probably already running as the service (systemctl status poi-bridge). Stop that "
-            "one first (systemctl stop poi-bridge) if this one is to run instead; never run "
-            "two: both would take up the same open payments. Nothing in the journal was read "
-            "or changed") from None
+        raise _in_use(path, f"pid {holder}" if holder.isdigit() else f"see {lock}") from None
+    try:
+        db_fd, created = _open_database_file(path)
+    except OSError as exc:
+        os.close(fd)
+        raise JournalError(_open_failure(path, exc, readonly=False)) from None
+    try:
+        fcntl.flock(db_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = _flock_holder(db_fd)
+        os.close(db_fd)  # (no SQLite connection of this process has the file open yet)
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise JournalError(_open_failure(path, exc, readonly=False)) from None
+        who = f"pid {holder}" if holder else f"see fuser -v {path}"
+        raise _in_use(path, who, f" Its lock file {lock} was removed while that one ran: "
+                      "never remove it by hand, a running bridge holds it.") from None
     try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     except OSError:
         pass  # only the pid for a second daemon's message: the lock is what counts
-    return fd
+    return fd, db_fd, created
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,15 +412,20 @@ class Journal:
         # carries the same document (see response_text)
         self._response_text: tuple[dict[str, Any], str] | None = None
         # The daemon's journal is its alone; the technician's commands read it beside it
-        self._lock = None if readonly else _hold_lock(self.path)
+        self._lock: int | None = None
+        self._db_fd: int | None = None  # the database file's, flocked (see _hold_lock)
+        created = False
+        if not readonly:
+            self._lock, self._db_fd, created = _hold_lock(self.path)
         self.bridge_id: str | None = None  # (set on opening; a read-only one may have none)
         try:
-            self._open(readonly)
+            self._open(readonly, created)
         except BaseException:
             self._release_lock()
             raise
 
-    def _open(self, readonly: bool) -> None:
+    def _open(self, readonly: bool, created: bool = False) -> None:
+        """`created`: _hold_lock made the (empty) database file just now: it was missing."""
         try:
             existed = self.path.exists() and self.path.stat().st_size > 0
         except OSError as exc:  # a directory it may not enter (StateDirectoryMode=0700)
@@ -366,8 +436,11 @@ class Journal:
         if not existed and wal.exists() and wal.stat().st_size > 0:
             # Its commits would be thrown away with a new database: the payments they hold
             # would be unknown to the bridge (their answers dropped, their retries re-sent).
+            if created:  # left missing, as it was found
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.realpath(self.path))
             raise JournalError(
-                f"journal {self.path} is {'empty' if self.path.exists() else 'missing'} but "
+                f"journal {self.path} is {'missing' if created else 'empty'} but "
                 f"its write-ahead log {wal} holds {wal.stat().st_size} bytes: the database "
                 "file was truncated, replaced or removed. The bridge will not start a new "
                 "journal over it. Restore the file if you can; otherwise move the -wal and "
@@ -543,12 +616,20 @@ class Journal:
             stop.set()
             thread.join(timeout=10)
             self._checkpoints = None
+            if thread.is_alive():  # its connection is still open: see _release_lock
+                log.warning("journal %s: the checkpoint thread did not end", self.path)
+                self._db_fd = None  # kept open (and locked) until the process ends
         self.commit()  # what the last pass wrote
         self._slow_commits.flush()
         self._db.close()  # the last connection to close checkpoints what is left
         self._release_lock()
 
     def _release_lock(self) -> None:
+        """Only once no SQLite connection of this process has the database open: closing a
+        descriptor of it drops every POSIX lock of the process on it, SQLite's too."""
+        if self._db_fd is not None:
+            os.close(self._db_fd)
+            self._db_fd = None
         if self._lock is not None:
             os.close(self._lock)  # (the lock goes with it; the file stays, for the next)
             self._lock = None
