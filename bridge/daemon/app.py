@@ -36,7 +36,7 @@ from bridge.daemon.worker import FOLLOW_LATER
 from bridge.daemon.hotplug import (
     HotplugMonitor, NodeIdentity, UdevNotRunning, node_identity, udev_announces)
 from bridge.daemon.intake import RequestIntake
-from bridge.daemon.journal import Journal, StepFailed, journal_files, unusable
+from bridge.daemon.journal import Journal, JournalGone, StepFailed, journal_files, unusable
 from bridge.daemon.mqtt import RegisterGateway
 from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog
@@ -610,6 +610,13 @@ def stop_at_once(bridge: Bridge, exc: BaseException) -> None:
                      f" The request on {aside} being handled is set aside: from the next "
                      "start it is refused, not handled again." if aside else "")
         bridge.notifier.stopping(f"internal error: {exc}")
+        logging.shutdown()
+        os._exit(JOURNAL_EXIT_STATUS)
+    if isinstance(exc, JournalGone):  # (the journal said what became of it, and what to do)
+        log.critical("stopping at once: nothing more is sent or published, its record would "
+                     "go to a journal no later start reads (exit status %d)",
+                     JOURNAL_EXIT_STATUS)
+        bridge.notifier.stopping(f"the journal is gone from its path: {exc}")
         logging.shutdown()
         os._exit(JOURNAL_EXIT_STATUS)
     name = getattr(exc, "sqlite_errorname", None) or ""

@@ -126,6 +126,11 @@ class StepFailed(Exception):
     disk's (Journal.step_failed): a fault of the bridge."""
 
 
+class JournalGone(Exception):
+    """The journal's database file or its write-ahead log is no longer the one the daemon
+    writes (removed, renamed or replaced while it ran): see Journal._watch."""
+
+
 class JournalError(Exception):
     """The journal cannot be used; the text says what a technician should do."""
 
@@ -407,6 +412,7 @@ class Journal:
         self._wal_reset_wanted = False  # set by the checkpoint thread, done after a commit
         self._checkpoint_failure: str | None = None  # the last one logged, until one works
         self._slow_commits = QuietRepeats(SLOW_COMMITS_QUIET, self._slow_commits_summed)
+        self._wal_fd: int | None = None  # the -wal SQLite opened, to tell if it is still named
         self._requests: dict[TxKey, tuple[dict[str, Any], str]] = {}
         # The last response saved, and its text: the result published in the same step
         # carries the same document (see response_text)
@@ -498,6 +504,11 @@ class Journal:
                              f"{', '.join(STAMP_FIELDS)} FROM transactions")
             self._db.execute("CREATE UNIQUE INDEX temp.earlier_stamps_key "
                              "ON earlier_stamps (sale_id, service_id)")
+            # The -wal this connection has open now (under the lock, nothing else changes
+            # it), for _watch. Its descriptor may be closed whenever: SQLite takes no lock on
+            # the -wal itself (its locks are on the database file and the -shm).
+            with contextlib.suppress(OSError):
+                self._wal_fd = os.open(self._wal_path, os.O_RDONLY | os.O_CLOEXEC)
         except sqlite3.DatabaseError as exc:
             self._db.close()
             raise JournalError(unusable(self.path, exc)) from None
@@ -564,10 +575,96 @@ class Journal:
         db = sqlite3.connect(self.path, isolation_level=None)
         try:
             db.execute("PRAGMA busy_timeout=5000")
+            # A read opens the -wal now, while _watch can still tell it is the journal's
+            db.execute("SELECT 1 FROM meta LIMIT 1").fetchall()
             while not stop.wait(interval):
+                # Before the checkpoint: one into files no longer named is of no use
+                gone = self._watch()
+                if gone is not None:
+                    self._lost(db, gone)
+                    return
                 self._checkpoint(db)
         finally:
             db.close()
+
+    @property
+    def _wal_path(self) -> Path:
+        return self.path.with_name(self.path.name + "-wal")
+
+    def _watch(self) -> str | None:
+        """What became of the journal's files, if its path no longer names the database
+        file or the -wal this process writes: removed (by a cleanup, a technician), renamed
+        or replaced while the daemon ran. Commits then went on into files no later start
+        reads, and SQLite says nothing of it. Two fstat and two stat calls, once a round of
+        the checkpoint thread (1 s). None when they are still the journal's, or when it
+        cannot be told (a path this process may no longer look up: not taken for gone)."""
+        for fd, path, what in ((self._db_fd, self.path, f"journal {self.path}"),
+                               (self._wal_fd, self._wal_path,
+                                f"the write-ahead log {self._wal_path} of journal {self.path}")):
+            if fd is None:
+                continue
+            held = os.fstat(fd)
+            try:
+                named = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                named = None
+            except OSError:
+                continue
+            if held.st_nlink == 0 or named is None:
+                return f"{what} was removed (or renamed) while the bridge ran"
+            if (named.st_dev, named.st_ino) != (held.st_dev, held.st_ino):
+                return f"{what} was replaced by another file while the bridge ran"
+        return None
+
+    def _lost(self, db: sqlite3.Connection, gone: str) -> None:
+        """The journal's files are gone from its path (_watch): save what they hold beside
+        it, say what to do, and stop the daemon as after a failed write (on_failure).
+        Called from the checkpoint thread, with its connection: the stop is not left
+        waiting for the event loop, which goes on writing into the lost files meanwhile."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        copy = self.path.with_name(f"{self.path.name}.recovered-{stamp}")
+        try:
+            self._save_copy(db, copy)
+        except (OSError, sqlite3.Error) as exc:
+            saved = (f"What it held could not be saved to {copy} ({exc}): the records written "
+                     f"since the last checkpoint are lost with this process. Move aside what is "
+                     f"at {self.path} now (keep it) before restarting the bridge, and check "
+                     "the payments of the last minutes on the terminals")
+        else:
+            saved = (f"What it held is saved in {copy}. Keep the bridge stopped (systemctl "
+                     f"stop poi-bridge), move aside whatever is at {self.path} now with its "
+                     f"-wal and -shm files (keep them), put the copy back as the journal (mv "
+                     f"{copy} {self.path}), then start the bridge: it takes up the open "
+                     "payments from it")
+        log.critical("%s: the payments recorded since would not be read by the next start "
+                     "(their answers dropped, a register's retry sent to the terminal again). "
+                     "%s. The bridge stops now.", gone, saved)
+        self._failed(JournalGone(f"{gone}; {saved}"))
+
+    @staticmethod
+    def _save_copy(db: sqlite3.Connection, copy: Path) -> None:
+        """A copy of what `db` reads, committed records only, into the new file `copy`.
+        Safe: `db` reads through the descriptors this process holds (the files need no
+        name), in one read transaction, so the copy is one consistent state; what it writes
+        is a file of a new name (O_EXCL, mode 0600: it holds the terminals' answers), never
+        the journal's path, which may name another file now; and it closes no descriptor of
+        the journal's files (that would drop SQLite's locks on them)."""
+        os.close(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        try:
+            target = sqlite3.connect(copy)
+            try:
+                db.backup(target)
+            finally:
+                target.close()
+            directory = os.open(copy.parent, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a half copy is not to be taken for one
+                os.unlink(copy)
+            raise
 
     def _checkpoint(self, db: sqlite3.Connection) -> None:
         """One round of the checkpoint thread, on its own connection: copy the WAL into the
@@ -627,6 +724,9 @@ class Journal:
     def _release_lock(self) -> None:
         """Only once no SQLite connection of this process has the database open: closing a
         descriptor of it drops every POSIX lock of the process on it, SQLite's too."""
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
         if self._db_fd is not None:
             os.close(self._db_fd)
             self._db_fd = None
