@@ -560,3 +560,22 @@ def test_the_last_request_sent_leaves_out_one_the_terminal_never_got(tmp_path):
         assert journal.last_requests_sent("V400m-1") == {"Payment": 200.0}
     finally:
         journal.close()
+
+
+def test_an_empty_journal_file_at_start_is_a_warning_not_a_new_start_unsaid(tmp_path, caplog):
+    """A zero-length journal was started over with only "none there, a new one is started"
+    at info: the payments it had held gone without a word."""
+    path = tmp_path / "journal.sqlite3"
+    path.touch()
+    with caplog.at_level("INFO", logger="poi_bridge.journal"):
+        Journal(path).close()
+    (record,) = [r for r in caplog.records if str(path) in r.getMessage()]
+    assert record.levelname == "WARNING", record.getMessage()
+    assert "is empty (0 bytes)" in record.getMessage()
+    assert "no payment recorded before is in it" in record.getMessage()
+    assert "look for a backup" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="poi_bridge.journal"):
+        Journal(tmp_path / "new.sqlite3").close()  # missing: a first start, said at info
+    assert "none there, a new one is started" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

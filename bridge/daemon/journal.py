@@ -451,7 +451,15 @@ class Journal:
                 "file was truncated, replaced or removed. The bridge will not start a new "
                 "journal over it. Restore the file if you can; otherwise move the -wal and "
                 "-shm files aside too (keep them), and restart to begin a new journal.")
-        if not existed and not readonly:
+        if not existed and not readonly and not created:
+            # Not what a first start leaves (the file missing): it was there, and empty.
+            # Started over as before, but said: any payments it held are not in it now.
+            log.warning("journal %s is empty (0 bytes): a new journal is started in it, so "
+                        "no payment recorded before is in it. If the bridge ran here before, "
+                        "the file was truncated or replaced (or a first start was cut short): "
+                        "look for a backup of %s to know the payments of before, and check "
+                        "the disk (dmesg)", self.path, self.path)
+        elif not existed and not readonly:
             log.info("journal %s: none there, a new one is started", self.path)
         try:
             if readonly:
