@@ -12,7 +12,9 @@ import os
 import sqlite3
 import threading
 
-from bridge.daemon.journal import Journal, JournalGone
+import pytest
+
+from bridge.daemon.journal import Journal, JournalError, JournalGone
 from bridge.protocol.transaction import TxKey
 from bridge.simulator import responses
 
@@ -49,6 +51,10 @@ def test_a_removed_journal_is_saved_beside_it_and_reported(tmp_path, caplog):
         assert isinstance(failures[0], JournalGone)
         assert rows(copy) == [("G1", "awaiting_response")]
         assert copy.stat().st_mode & 0o077 == 0
+        journal.close()
+        with pytest.raises(JournalError, match="will not start beside it"):
+            Journal(path)
+        assert not path.exists()  # (left missing, as it was found)
         said = caplog.text
         assert f"journal {path} was removed (or renamed) while the bridge ran" in said, said
         assert f"saved in {copy}" in said and f"mv {copy} {path}" in said, said
@@ -126,6 +132,15 @@ async def test_the_daemon_stops_when_its_write_ahead_log_is_removed(tmp_path, mo
         (copy,) = tmp_path.glob("journal.sqlite3.recovered-*")
         assert "CRITICAL" in said and f"the write-ahead log {journal}-wal" in said, said
         assert f"mv {copy} {journal}" in said and "stopping at once" in said, said
+        assert [service for service, _ in rows(copy)] == ["W1"]
+
+        # systemd starts it again 5 s later: not beside the copy, which alone holds W1
+        refused = Daemon(config, tmp_path / "refused")
+        (tmp_path / "refused").mkdir()
+        refused.start()
+        assert await asyncio.to_thread(refused.process.wait, 15) == 3, refused.log()[-3000:]
+        assert f"{copy} was saved when the journal was removed" in refused.log()
+        assert f"mv {copy} {journal}" in refused.log()
         assert [service for service, _ in rows(copy)] == ["W1"]
 
         # Done as the log says: the next start takes W1 up from the copy

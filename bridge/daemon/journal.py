@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -432,6 +433,12 @@ class Journal:
 
     def _open(self, readonly: bool, created: bool = False) -> None:
         """`created`: _hold_lock made the (empty) database file just now: it was missing."""
+        if not readonly:
+            try:
+                self._refuse_beside_recovered()
+            except JournalError:
+                self._unmake(created)
+                raise
         try:
             existed = self.path.exists() and self.path.stat().st_size > 0
         except OSError as exc:  # a directory it may not enter (StateDirectoryMode=0700)
@@ -442,9 +449,7 @@ class Journal:
         if not existed and wal.exists() and wal.stat().st_size > 0:
             # Its commits would be thrown away with a new database: the payments they hold
             # would be unknown to the bridge (their answers dropped, their retries re-sent).
-            if created:  # left missing, as it was found
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.realpath(self.path))
+            self._unmake(created)
             raise JournalError(
                 f"journal {self.path} is {'missing' if created else 'empty'} but "
                 f"its write-ahead log {wal} holds {wal.stat().st_size} bytes: the database "
@@ -648,6 +653,29 @@ class Journal:
                      "(their answers dropped, a register's retry sent to the terminal again). "
                      "%s. The bridge stops now.", gone, saved)
         self._failed(JournalGone(f"{gone}; {saved}"))
+
+    def _unmake(self, created: bool) -> None:
+        """A start refused leaves the database file missing if it found it so (_hold_lock
+        made it, to lock it)."""
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.realpath(self.path))
+
+    def _refuse_beside_recovered(self) -> None:
+        """A copy _lost saved is the journal's only whole record: systemd restarts the
+        bridge 5 s after the stop, and that start would go on with what is at the path (a
+        new journal, or the database without its lost -wal), taking a register's repeat of a
+        payment the copy holds for a new one. So no start while a copy is there."""
+        copies = sorted(self.path.parent.glob(f"{glob_escape(self.path.name)}.recovered-*"))
+        if copies:
+            raise JournalError(
+                f"journal {self.path}: {', '.join(map(str, copies))} was saved when the journal "
+                "was removed or replaced while the bridge ran (see the log of that stop), and "
+                "holds payments the file there now may not. The bridge will not start beside "
+                f"it. Move aside what is at {self.path} now with its -wal and -shm files (keep "
+                f"them), put the newest copy back as the journal (mv {copies[-1]} {self.path}) "
+                f"and start the bridge; or, if it was put back already, move the copy out of "
+                f"{self.path.parent}")
 
     @staticmethod
     def _save_copy(db: sqlite3.Connection, copy: Path) -> None:
