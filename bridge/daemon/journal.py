@@ -17,6 +17,7 @@ technician's commands open it read-only beside it.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import fcntl
@@ -26,6 +27,8 @@ import os
 import pwd
 import sqlite3
 import stat
+import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -395,6 +398,85 @@ def _dumps(value: Any) -> str:
     return jsontext.compact(value).decode()
 
 
+# Connections whose closing would delete a damaged -wal (_close_keeping_wal)
+_KEPT_OPEN: list[sqlite3.Connection] = []
+_WAL_MAGIC = {0x377F0682: False, 0x377F0683: True}  # -> checksums of big-endian words
+_WAL_HEADER = 32
+_FRAME_HEADER = 24
+
+
+def _wal_checksum(data: bytes, s1: int, s2: int, big_endian: bool) -> tuple[int, int]:
+    """SQLite's WAL checksum of `data` (a multiple of 8 bytes), continued from (s1, s2)."""
+    words = array.array("I", data)
+    if big_endian != (sys.byteorder == "big"):
+        words.byteswap()
+    pairs = iter(words)
+    for a, b in zip(pairs, pairs):
+        s1 = (s1 + a + s2) & 0xFFFFFFFF
+        s2 = (s2 + b + s1) & 0xFFFFFFFF
+    return s1, s2
+
+
+@dataclass(frozen=True, slots=True)
+class WalDamage:
+    frame: int  # the frame that fails its checksum (1-based; 0: the WAL's header)
+    frames: int  # whole frames in the file
+    dropped: int  # whole frames of this WAL that SQLite drops with it
+    commits: int  # commit frames among those
+
+
+def wal_damage(wal: Path, valid: int) -> WalDamage | None:
+    """Whether the write-ahead log `wal` holds commits SQLite dropped: `valid` is how many
+    frames its recovery took (mxFrame: up to the last commit it found valid). SQLite stops at
+    the first frame whose checksum fails and ignores every frame after it, so a byte gone bad
+    in one frame silently loses all the commits after it. A torn tail (a power cut mid-write)
+    and stale frames of an older generation (other salts: the file is reused from its start)
+    look the same to SQLite, and are normal. Told apart here: the chain is followed from the
+    last frame SQLite took to the first frame that fails (the frames between are a
+    transaction whose commit SQLite did not reach); that frame's own stored checksum then
+    seeds the chain through the frames after it. If one of those validates from it and is a
+    commit, they were whole and committed, and only the one frame between them is bad. Only
+    the frames after the last commit SQLite took are checksummed (normally none or a few).
+    None when nothing committed is dropped, or the file is not a WAL this can read (SQLite
+    ignores such a file too)."""
+    with open(wal, "rb") as file:
+        header = file.read(_WAL_HEADER)
+        if len(header) < _WAL_HEADER:
+            return None
+        magic, _version, page_size, _seq, salt1, salt2, s1, s2 = struct.unpack(">8I", header)
+        if (magic not in _WAL_MAGIC or page_size < 512 or page_size > 65536
+                or page_size & (page_size - 1)):
+            return None
+        big_endian = _WAL_MAGIC[magic]
+        size = _FRAME_HEADER + page_size
+        frames = (os.fstat(file.fileno()).st_size - _WAL_HEADER) // size
+        if valid >= frames:
+            return None
+        if valid > 0:  # the chain goes on from the last frame SQLite took
+            file.seek(_WAL_HEADER + (valid - 1) * size + 16)
+            s1, s2 = struct.unpack(">2I", file.read(8))
+        bad: int | None = None
+        dropped = commits = 0
+        file.seek(_WAL_HEADER + valid * size)
+        for number in range(valid + 1, frames + 1):
+            data = file.read(size)
+            _page, commit, f_salt1, f_salt2, c1, c2 = struct.unpack(">6I", data[:24])
+            if (f_salt1, f_salt2) != (salt1, salt2):
+                break  # an older generation's frame: the end of this one
+            if _wal_checksum(data[:8] + data[_FRAME_HEADER:], s1, s2, big_endian) != (c1, c2):
+                if bad is not None:
+                    break  # the end of the chain after the bad frame
+                bad = number
+            else:
+                dropped += 1
+                commits += commit != 0
+            s1, s2 = c1, c2  # (the bad frame's own, as written with it)
+    if not commits:  # (frames of a transaction never committed are no loss)
+        return None
+    # A commit on the chain before any bad frame: SQLite took none, so its header is bad
+    return WalDamage(bad or 0, frames, dropped, commits)
+
+
 class Journal:
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         """Open (or, the first time, create) the journal. `readonly` is for the technician's
@@ -480,6 +562,9 @@ class Journal:
             if readonly:
                 self._check_existing(readonly=True)
                 return
+            if existed:
+                # Before any write: the first one may start the WAL over, over the evidence
+                self._refuse_damaged_wal()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=5000")
@@ -528,6 +613,58 @@ class Journal:
         except JournalError:
             self._db.close()
             raise
+
+    def _refuse_damaged_wal(self) -> None:
+        """Refuse a write-ahead log damaged in the middle (wal_damage): SQLite would open the
+        journal without a word, without the commits after the damage (a request whose "sent
+        to the terminal" record is lost would be sent again: a double charge)."""
+        wal = self._wal_path
+        try:
+            if wal.stat().st_size <= _WAL_HEADER:
+                return
+        except FileNotFoundError:
+            return
+        # A read opens the WAL (SQLite recovers it then); a PASSIVE checkpoint says how many
+        # frames recovery took. It copies those into the database file, the -wal untouched.
+        self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        _busy, valid, _done = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        if valid < 0:  # (not a WAL-mode database: SQLite does not read this -wal)
+            return
+        try:
+            damage = wal_damage(wal, valid)
+        except OSError as exc:
+            raise JournalError(_open_failure(self.path, exc, readonly=False)) from None
+        if damage is None:
+            return
+        self._close_keeping_wal()
+        shm = self.path.with_name(self.path.name + "-shm")
+        where = f"frame {damage.frame}" if damage.frame else "its header (frame 0)"
+        raise JournalError(
+            f"journal {self.path}: its write-ahead log {wal} is damaged at "
+            f"{where} of {damage.frames} (a disk fault: it no longer matches its "
+            f"checksum). SQLite would silently drop the {damage.dropped} whole frame(s) after "
+            f"it, holding {damage.commits} commit(s): the payments recorded after it. The "
+            f"bridge will not start on it; the -wal file was not changed. Keep copies of "
+            f"{self.path}, {wal} and {shm}. Then move the three files aside (keep them), "
+            "restart the bridge to begin a new journal, and check the payments of the last "
+            "minutes on the terminals; or restore the journal from a backup")
+
+    def _close_keeping_wal(self) -> None:
+        """Close the connection without SQLite's checkpoint-and-delete of the -wal, which
+        the last connection to close does: a read-only one keeps the WAL open meanwhile (the
+        closing one then cannot lock the database to checkpoint), and a read-only one never
+        checkpoints nor deletes it when it closes in turn."""
+        try:
+            keeper = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
+                                     isolation_level=None, check_same_thread=False)
+            keeper.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.Error:
+            _KEPT_OPEN.append(self._db)  # never closed: the process's end keeps the -wal
+            self._db = sqlite3.connect(":memory:")  # (what _open's close() then closes)
+            self._db.close()
+            return
+        self._db.close()
+        keeper.close()
 
     def _check_existing(self, *, readonly: bool = False) -> None:
         (result,) = self._db.execute("PRAGMA quick_check").fetchone()
