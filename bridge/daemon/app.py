@@ -54,6 +54,9 @@ PRUNE_STEP = 200  # rows of each table forgotten per loop pass
 CLOCK_CHECK_INTERVAL = 5.0  # s between looks at the system clock
 CLOCK_STEP = 30.0  # s: a difference this large is a step of the system clock, not drift
 JOURNAL_EXIT_STATUS = 3  # the journal cannot be opened, or no longer written
+# The journal's files were removed or replaced under the daemon: systemd must not start it
+# again (the unit's RestartPreventExitStatus=), a technician puts the saved copy back first
+JOURNAL_LOST_EXIT_STATUS = 5
 TASK_EXIT_STATUS = 4  # one of the daemon's long-lived tasks ended: systemd starts it again
 STOP_GRACE = 2.0  # s: how long a stop waits for its tasks to end after cancelling them
 STOP_TRIES = 3  # cancellations before a task that will not end is left behind
@@ -615,10 +618,10 @@ def stop_at_once(bridge: Bridge, exc: BaseException) -> None:
     if isinstance(exc, JournalGone):  # (the journal said what became of it, and what to do)
         log.critical("stopping at once: nothing more is sent or published, its record would "
                      "go to a journal no later start reads (exit status %d)",
-                     JOURNAL_EXIT_STATUS)
+                     JOURNAL_LOST_EXIT_STATUS)
         bridge.notifier.stopping(f"the journal is gone from its path: {exc}")
         logging.shutdown()
-        os._exit(JOURNAL_EXIT_STATUS)
+        os._exit(JOURNAL_LOST_EXIT_STATUS)
     name = getattr(exc, "sqlite_errorname", None) or ""
     # Another program holding the journal locked is no disk problem (journal.unusable says
     # who and what to do); anything else most likely is

@@ -43,8 +43,8 @@ def _existing(path: Path) -> Path:
 def short_of_room(journal: Path) -> str | None:
     """What the journal's disk lacks, said for a technician, or None when it has room.
     Counted as the daemon's user sees it (f_bavail: without the blocks kept for root)."""
-    try:
-        disk = os.statvfs(_existing(journal))
+    try:  # (the disk of the file a symbolic link leads to: SQLite writes there)
+        disk = os.statvfs(_existing(Path(os.path.realpath(journal))))
     except OSError:
         return None  # (the journal's own open says what is wrong with the path)
     free = disk.f_bavail * disk.f_frsize

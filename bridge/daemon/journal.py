@@ -205,9 +205,10 @@ def lock_path(path: Path) -> Path:
 
 
 def journal_files(path: Path) -> tuple[Path, Path, Path, Path]:
-    """The database, SQLite's -wal and -shm beside it, and the daemon's lock file."""
-    return (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
-            lock_path(path))
+    """The database, SQLite's -wal and -shm beside it, and the daemon's lock file (all but
+    the first named after the file a symbolic link leads to, as SQLite names them)."""
+    real = os.path.realpath(path)
+    return path, Path(real + "-wal"), Path(real + "-shm"), lock_path(path)
 
 
 def user_name(uid: int) -> str:
@@ -283,6 +284,25 @@ def _make_directory(directory: Path) -> None:
     if missing:
         log.info("created directory %s (mode %04o) for the journal", missing[0],
                  stat.S_IMODE(missing[0].stat().st_mode))
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    """A new file holding `data`, durable (its directory too)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_directory(path.parent)
 
 
 def _in_use(path: Path, who: str, why: str = "") -> JournalError:
@@ -496,6 +516,11 @@ class Journal:
         self._checkpoint_failure: str | None = None  # the last one logged, until one works
         self._slow_commits = QuietRepeats(SLOW_COMMITS_QUIET, self._slow_commits_summed)
         self._wal_fd: int | None = None  # the -wal SQLite opened, to tell if it is still named
+        # Set by the checkpoint thread once the journal's files are gone from its path
+        # (_watch): no commit after it, so that the copy it saves holds every record the
+        # daemon acted on. The gate makes a COMMIT and the look at the event one step.
+        self._lost_event = threading.Event()
+        self._commit_gate = threading.Lock()
         self._requests: dict[TxKey, tuple[dict[str, Any], str]] = {}
         # The last response saved, and its text: the result published in the same step
         # carries the same document (see response_text)
@@ -527,7 +552,7 @@ class Journal:
             raise JournalError(_open_failure(self.path, exc, readonly)) from None
         if readonly and not existed:
             raise JournalError(f"no journal at {self.path} (has the daemon run yet?)")
-        wal = self.path.with_name(self.path.name + "-wal")
+        wal = self._wal_path
         if not existed and wal.exists() and wal.stat().st_size > 0:
             # Its commits would be thrown away with a new database: the payments they hold
             # would be unknown to the bridge (their answers dropped, their retries re-sent).
@@ -637,7 +662,7 @@ class Journal:
         if damage is None:
             return
         self._close_keeping_wal()
-        shm = self.path.with_name(self.path.name + "-shm")
+        shm = journal_files(self.path)[2]
         where = f"frame {damage.frame}" if damage.frame else "its header (frame 0)"
         raise JournalError(
             f"journal {self.path}: its write-ahead log {wal} is damaged at "
@@ -739,7 +764,7 @@ class Journal:
 
     @property
     def _wal_path(self) -> Path:
-        return self.path.with_name(self.path.name + "-wal")
+        return journal_files(self.path)[1]
 
     def _watch(self) -> str | None:
         """What became of the journal's files, if its path no longer names the database
@@ -768,27 +793,42 @@ class Journal:
 
     def _lost(self, db: sqlite3.Connection, gone: str) -> None:
         """The journal's files are gone from its path (_watch): save what they hold beside
-        it, say what to do, and stop the daemon as after a failed write (on_failure).
-        Called from the checkpoint thread, with its connection: the stop is not left
-        waiting for the event loop, which goes on writing into the lost files meanwhile."""
+        it, say what to do, and stop the daemon (on_failure, JournalGone). Called from the
+        checkpoint thread, with its connection, which still reads the lost files through its
+        own descriptors. First no commit may follow (_lost_event, under the commit gate: a
+        COMMIT under way ends first), so the copy holds every record the daemon acted on (a
+        review: one taken while the loop went on committing missed 71 commits whose frames
+        had gone out). Before the copy, a marker `<journal>.lost-<time>`: a stop or power
+        cut during the copy must not let the next start go on with what is at the path."""
+        self._lost_event.set()
+        with self._commit_gate:
+            pass
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        marker = self.path.with_name(f"{self.path.name}.lost-{stamp}")
         copy = self.path.with_name(f"{self.path.name}.recovered-{stamp}")
+        try:
+            _make_directory(self.path.parent)  # (it may have gone with the files)
+            _write_new(marker, f"{gone}\n".encode())
+        except OSError as exc:
+            log.critical("journal %s: cannot write the marker %s (%s) that keeps the bridge "
+                         "from starting on what is at the path", self.path, marker, exc)
         try:
             self._save_copy(db, copy)
         except (OSError, sqlite3.Error) as exc:
             saved = (f"What it held could not be saved to {copy} ({exc}): the records written "
-                     f"since the last checkpoint are lost with this process. Move aside what is "
-                     f"at {self.path} now (keep it) before restarting the bridge, and check "
-                     "the payments of the last minutes on the terminals")
+                     f"since the last checkpoint are lost with this process; check the "
+                     f"payments of the last minutes on the terminals. Move aside what is at "
+                     f"{self.path} now with its -wal and -shm files (keep them), then remove "
+                     f"{marker} and start the bridge: it begins a new journal")
         else:
-            saved = (f"What it held is saved in {copy}. Keep the bridge stopped (systemctl "
-                     f"stop poi-bridge), move aside whatever is at {self.path} now with its "
-                     f"-wal and -shm files (keep them), put the copy back as the journal (mv "
-                     f"{copy} {self.path}), then start the bridge: it takes up the open "
-                     "payments from it")
+            saved = (f"What it held is saved in {copy}. Keep the bridge stopped, move aside "
+                     f"whatever is at {self.path} now with its -wal and -shm files (keep "
+                     f"them), put the copy back as the journal (mv {copy} {self.path}), remove "
+                     f"{marker}, then start the bridge (systemctl start poi-bridge): it takes "
+                     "up the open payments from it")
         log.critical("%s: the payments recorded since would not be read by the next start "
                      "(their answers dropped, a register's retry sent to the terminal again). "
-                     "%s. The bridge stops now.", gone, saved)
+                     "%s. The bridge stops now, and systemd does not start it again.", gone, saved)
         self._failed(JournalGone(f"{gone}; {saved}"))
 
     def _unmake(self, created: bool) -> None:
@@ -799,44 +839,48 @@ class Journal:
                 os.unlink(os.path.realpath(self.path))
 
     def _refuse_beside_recovered(self) -> None:
-        """A copy _lost saved is the journal's only whole record: systemd restarts the
-        bridge 5 s after the stop, and that start would go on with what is at the path (a
-        new journal, or the database without its lost -wal), taking a register's repeat of a
-        payment the copy holds for a new one. So no start while a copy is there."""
-        copies = sorted(self.path.parent.glob(f"{glob_escape(self.path.name)}.recovered-*"))
-        if copies:
-            raise JournalError(
-                f"journal {self.path}: {', '.join(map(str, copies))} was saved when the journal "
-                "was removed or replaced while the bridge ran (see the log of that stop), and "
-                "holds payments the file there now may not. The bridge will not start beside "
-                f"it. Move aside what is at {self.path} now with its -wal and -shm files (keep "
-                f"them), put the newest copy back as the journal (mv {copies[-1]} {self.path}) "
-                f"and start the bridge; or, if it was put back already, move the copy out of "
-                f"{self.path.parent}")
+        """No start while a marker of a lost journal (_lost) is there: the copy saved with
+        it is the journal's only whole record, and a start on what is at the path (a new
+        journal, or the database without its lost -wal) would take a register's repeat of a
+        payment the copy holds for a new one."""
+        markers = sorted(self.path.parent.glob(f"{glob_escape(self.path.name)}.lost-*"))
+        if not markers:
+            return
+        copies = [copy for copy in sorted(
+            self.path.parent.glob(f"{glob_escape(self.path.name)}.recovered-*"))
+            if not copy.name.endswith(("-journal", "-wal", "-shm"))]
+        put_back = (f"put the newest copy back as the journal (mv {copies[-1]} {self.path}), "
+                    if copies else "check the payments of that stop's last minutes on the "
+                    "terminals (no copy could be saved), ")
+        raise JournalError(
+            f"journal {self.path}: the journal was removed or replaced while the bridge ran "
+            f"({', '.join(map(str, markers))}; see the log of that stop). The bridge will not "
+            f"start on what is at {self.path} now, which may lack payments it recorded. Move "
+            f"that aside with its -wal and -shm files (keep them), {put_back}then remove "
+            f"{' '.join(map(str, markers))} and start the bridge")
 
     @staticmethod
     def _save_copy(db: sqlite3.Connection, copy: Path) -> None:
         """A copy of what `db` reads, committed records only, into the new file `copy`.
         Safe: `db` reads through the descriptors this process holds (the files need no
-        name), in one read transaction, so the copy is one consistent state; what it writes
-        is a file of a new name (O_EXCL, mode 0600: it holds the terminals' answers), never
-        the journal's path, which may name another file now; and it closes no descriptor of
-        the journal's files (that would drop SQLite's locks on them)."""
-        os.close(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        name), in one read transaction, so the copy is one consistent state; it is written
+        under another name (`.saving-`, mode 0600: it holds the terminals' answers) and
+        renamed once whole, so that a copy cut short is never taken for one; never the
+        journal's path, which may name another file now; and no descriptor of the journal's
+        files is closed (that would drop SQLite's locks on them)."""
+        saving = copy.with_name(copy.name.replace(".recovered-", ".saving-"))
+        os.close(os.open(saving, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         try:
-            target = sqlite3.connect(copy)
+            target = sqlite3.connect(saving)
             try:
                 db.backup(target)
             finally:
                 target.close()
-            directory = os.open(copy.parent, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            os.rename(saving, copy)
+            _fsync_directory(copy.parent)
         except BaseException:
             with contextlib.suppress(OSError):  # a half copy is not to be taken for one
-                os.unlink(copy)
+                os.unlink(saving)
             raise
 
     def _checkpoint(self, db: sqlite3.Connection) -> None:
@@ -888,7 +932,8 @@ class Journal:
             self._checkpoints = None
             if thread.is_alive():  # its connection is still open: see _release_lock
                 log.warning("journal %s: the checkpoint thread did not end", self.path)
-                self._db_fd = None  # kept open (and locked) until the process ends
+                # kept open (and locked) until the process ends: its _watch still reads them
+                self._db_fd = self._wal_fd = None
         self.commit()  # what the last pass wrote
         self._slow_commits.flush()
         self._db.close()  # the last connection to close checkpoints what is left
@@ -945,8 +990,19 @@ class Journal:
         self._failure_listener = listener
 
     def _failed(self, exc: BaseException) -> None:
+        if self._lost_event.is_set() and not isinstance(exc, JournalGone):
+            # (the writes refused since the loss: the checkpoint thread stops the daemon
+            # once its copy is saved, which a stop now would cut short)
+            log.debug("journal %s: %r while the journal's files are being saved", self.path,
+                      exc)
+            return
         if self._failure_listener is not None:
             self._failure_listener(exc)
+
+    def _refuse_writes_once_lost(self) -> None:
+        if self._lost_event.is_set():
+            raise JournalGone(f"journal {self.path} is gone from its path: the bridge is "
+                              "saving what it holds, and stops")
 
     def step_failed(self, exc: BaseException, where: str) -> None:
         """A step failed half-way for a reason of its own (not SQLite's): the journal took
@@ -985,7 +1041,12 @@ class Journal:
         self._group_open = False
         started = time.monotonic()
         try:
-            self._db.execute("COMMIT")
+            with self._commit_gate:
+                if self._lost_event.is_set():  # (_lost: the daemon stops, nothing is done)
+                    self._db.execute("ROLLBACK")
+                    self._last_outbox_id = self._durable_outbox_id
+                    return
+                self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -1026,6 +1087,7 @@ class Journal:
         if self._schedule is not None:
             yield from self._grouped()
             return
+        self._refuse_writes_once_lost()
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
@@ -1034,7 +1096,12 @@ class Journal:
             self._last_outbox_id = self._durable_outbox_id
             raise
         started = time.monotonic()
-        self._db.execute("COMMIT")
+        with self._commit_gate:
+            if self._lost_event.is_set():
+                self._db.execute("ROLLBACK")
+                self._last_outbox_id = self._durable_outbox_id
+                self._refuse_writes_once_lost()
+            self._db.execute("COMMIT")
         self._timed(started)
         self._response_text = None
         before, self._durable_outbox_id = self._durable_outbox_id, self._last_outbox_id
@@ -1043,6 +1110,7 @@ class Journal:
     def _grouped(self) -> Iterator[sqlite3.Connection]:
         """One unit of writes inside the pass's transaction, as a savepoint: a unit that fails
         takes back its own writes only."""
+        self._refuse_writes_once_lost()
         try:
             if not self._group_open:
                 self._db.execute("BEGIN IMMEDIATE")  # waits busy_timeout for another writer
