@@ -10,6 +10,7 @@ request, another category, and anything after the first ended final still go thr
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -136,8 +137,9 @@ async def test_a_retry_of_an_unresolved_payment_is_refused_on_any_terminal_until
                 # Another category, even one carrying the same TransactionID
                 reversal = responses.payment_request(TILL, "V1", B, 12.5, category="Reversal")
                 reversal["SaleToPOIRequest"]["ReversalRequest"]["SaleData"] = {
+                    # (now: a Reversal's stamp is held to the 300-s rule too)
                     "SaleTransactionID": {"TransactionID": "order-1",
-                                          "TimeStamp": "2026-11-30T10:00:00.000Z"}}
+                                          "TimeStamp": dt.datetime.now(dt.UTC).isoformat()}}
                 assert (await till.answer(B, reversal))["bridge"]["outcome"] != "rejected"
                 # Another register's order of the same TransactionID is its own
                 other = order("O1", B)
