@@ -152,7 +152,11 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"daemon: {report['daemon']}  (broker {host_port(config.mqtt.host, config.mqtt.port)})")
     if problem or note:
         print(f"  {problem or note}")
-    if report["journal_disk_short"]:
+    if report["journal_disk_short"] and daemon == "running":
+        # (it waits for room only at a start: running, it goes on until a commit fails)
+        print(f"  JOURNAL DISK NEARLY FULL: {report['journal_disk_short']}: make room now; a "
+              "commit that fails stops the daemon, which then takes no payment until there is")
+    elif report["journal_disk_short"]:
         print(f"  JOURNAL DISK FULL: {report['journal_disk_short']}: the daemon takes no "
               "payment until there is room; make room, and it starts by itself")
     if report["other_bridges"]:

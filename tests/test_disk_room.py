@@ -8,6 +8,8 @@ room wanted is set above what it has), a real notification socket, the daemon in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import logging
 import os
@@ -109,3 +111,24 @@ def test_status_says_the_journal_disk_is_full(tmp_path, mosquitto, monkeypatch, 
     cli.main(["status", "--config", str(config), "--json"])
     report = json.loads(capsys.readouterr().out)
     assert report["journal_disk_short"].endswith(" MB needed"), report
+
+
+async def test_status_beside_a_running_daemon_says_the_disk_is_nearly_full(
+        tmp_path, mosquitto, monkeypatch):
+    """A running daemon does not wait for room (only a starting one does): `status` said
+    it "takes no payment" while it took them (a review)."""
+    from .test_cli_tools import config_file, running_bridge
+
+    async with running_bridge(tmp_path, mosquitto):
+        monkeypatch.setattr(disk_room, "JOURNAL_ROOM", _free(tmp_path) + 10**12)
+        out = await asyncio.to_thread(_status_out, config_file(tmp_path, mosquitto, {}))
+    assert "  JOURNAL DISK NEARLY FULL: " in out and "a commit that fails stops the daemon" \
+        in out, out
+    assert "JOURNAL DISK FULL:" not in out
+
+
+def _status_out(config) -> str:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        cli.main(["status", "--config", str(config)])
+    return buffer.getvalue()
