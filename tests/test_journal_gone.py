@@ -11,6 +11,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -133,6 +134,61 @@ def test_the_copy_holds_every_commit_the_daemon_acted_on(tmp_path):
         saved = {service for service, _ in rows(copy)}
         assert done and set(done) <= saved, sorted(set(done) - saved)[:5]
         assert len(saved) == 1000 + len(done)
+    finally:
+        journal.close()
+
+
+class _CommitAsTheLossIsSeen:
+    """The journal's connection, whose next COMMIT removes the -wal, waits until the
+    checkpoint thread has seen it, and then a while more: a COMMIT under way as the loss is
+    seen, which a copy taken meanwhile would miss."""
+
+    def __init__(self, db: sqlite3.Connection, journal: Journal, wal: str) -> None:
+        self._db, self._journal, self._wal = db, journal, wal
+
+    def execute(self, sql: str, *args):
+        if sql == "COMMIT" and self._wal:
+            os.remove(self._wal)
+            self._wal = ""
+            assert wait_until(lambda: self._journal.lost, 10)
+            time.sleep(0.5)
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._db, name)
+
+
+def test_a_commit_under_way_as_the_loss_is_seen_is_in_the_copy(tmp_path):
+    """Its save returned (the daemon acts on it), so the copy must hold it: the thread waits
+    for a COMMIT under way (the commit gate) before it copies (a review: without the gate,
+    the copy was taken while the COMMIT went on)."""
+    path = tmp_path / "journal.sqlite3"
+    journal, failures, called = watched(path)
+    try:
+        journal.save(make_txn("C0"))
+        journal._db = _CommitAsTheLossIsSeen(journal._db, journal, f"{path}-wal")
+        journal.save(make_txn("C1"))  # returned: committed
+        assert called.wait(10)
+        (copy,) = tmp_path.glob("journal.sqlite3.recovered-*")
+        assert [service for service, _ in rows(copy)] == ["C0", "C1"]
+    finally:
+        journal.close()
+
+
+def test_nothing_waiting_for_a_commit_runs_once_the_journal_is_lost(tmp_path):
+    """A pass rolled back at the loss left its ACK in the framer, and the next kick ran at
+    once (nothing waited for a commit any more) and sent it: an answer ACKed, recorded
+    nowhere (a review). Once lost, nothing waits for a commit that will never come, and
+    nothing runs."""
+    path = tmp_path / "journal.sqlite3"
+    journal, failures, called = watched(path)
+    ran: list[str] = []
+    try:
+        journal.save(make_txn("K0"))
+        os.remove(f"{path}-wal")
+        assert called.wait(10)
+        journal.after_commit(lambda: ran.append("kick"))
+        assert journal.commit_pending and ran == []
     finally:
         journal.close()
 

@@ -71,13 +71,16 @@ def test_a_byte_gone_bad_in_an_early_frame_is_refused_and_the_wal_kept(tmp_path)
         assert wal.read_bytes() == bytes(data)
 
 
-def test_a_byte_gone_bad_in_the_wal_header_is_refused(tmp_path):
-    """SQLite then takes no frame at all: every commit of the WAL is dropped."""
+@pytest.mark.parametrize("where", [13, 17, 21], ids=["sequence", "salt-1", "salt-2"])
+def test_a_byte_gone_bad_in_the_wal_header_is_refused(tmp_path, where):
+    """SQLite then takes no frame at all: every commit of the WAL is dropped. With a salt
+    gone bad, every frame read as another generation's and the journal opened without them
+    (a review)."""
     path = tmp_path / "j.sqlite3"
     wal = tmp_path / "j.sqlite3-wal"
     killed_writer(path, 3)
     data = bytearray(wal.read_bytes())
-    data[13] ^= 0x01  # the checkpoint sequence number, under the header's checksum
+    data[where] ^= 0x01  # under the header's checksum
     wal.write_bytes(bytes(data))
     with pytest.raises(JournalError, match=r"damaged at its header \(frame 0\)"):
         Journal(path)

@@ -513,6 +513,10 @@ class Bridge:
         broker: better stopped, with an exit status that makes systemd start it again."""
         if self._stopping:
             return
+        if self.journal.lost:  # (a write refused: the journal stops the daemon once saved)
+            log.debug("the daemon's %s task ended while the lost journal is saved",
+                      task.get_name())
+            return
         # A cancellation nobody asked for (no stop) ends a task as surely as an exception
         exc = (asyncio.CancelledError("cancelled, though no stop was asked")
                if task.cancelled() else task.exception())

@@ -60,6 +60,7 @@ WAL_RESET_BYTES = 64 * 1024 * 1024  # a WAL past this is started over by the dae
 # failing disk): the daemon's loop waits for it, a terminal's answer is acknowledged only
 # after it, and the terminal sends it again meanwhile. Said once in full, then counted.
 SLOW_COMMIT = 1.0
+LOST_COPY_LIMIT = 120.0  # s: the most a lost journal's copy may take before the daemon stops
 SLOW_COMMITS_QUIET = 600.0
 # s: a transaction is forgotten only if it ended this long before the oldest message still
 # waiting was written (prune): its stamps are the daemon's steady clock, the outbox's the wall
@@ -475,6 +476,13 @@ def wal_damage(wal: Path, valid: int) -> WalDamage | None:
         if valid > 0:  # the chain goes on from the last frame SQLite took
             file.seek(_WAL_HEADER + (valid - 1) * size + 16)
             s1, s2 = struct.unpack(">2I", file.read(8))
+        elif _wal_checksum(header[:24], 0, 0, big_endian) != (s1, s2) and frames:
+            # A header that fails its own checksum: SQLite takes no frame. Its salts may be
+            # what went bad (a review: every frame then read as another generation's, and
+            # all commits were dropped without a word), so the frames' own are followed,
+            # from the header's stored checksum, which seeds the first frame's
+            file.seek(_WAL_HEADER + 8)
+            salt1, salt2 = struct.unpack(">2I", file.read(8))
         bad: int | None = None
         dropped = commits = 0
         file.seek(_WAL_HEADER + valid * size)
@@ -803,6 +811,12 @@ class Journal:
         self._lost_event.set()
         with self._commit_gate:
             pass
+        # A disk dying under the copy may hang it: the daemon, which takes no write now,
+        # must not stay up for as long as it hangs (its other failures are not reported
+        # meanwhile, see _failed)
+        overdue = threading.Timer(LOST_COPY_LIMIT, self._copy_overdue, args=(gone,))
+        overdue.daemon = True
+        overdue.start()
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         marker = self.path.with_name(f"{self.path.name}.lost-{stamp}")
         copy = self.path.with_name(f"{self.path.name}.recovered-{stamp}")
@@ -829,7 +843,14 @@ class Journal:
         log.critical("%s: the payments recorded since would not be read by the next start "
                      "(their answers dropped, a register's retry sent to the terminal again). "
                      "%s. The bridge stops now, and systemd does not start it again.", gone, saved)
+        overdue.cancel()
         self._failed(JournalGone(f"{gone}; {saved}"))
+
+    def _copy_overdue(self, gone: str) -> None:
+        log.critical("%s, and saving what it held has taken over %.0f s (a disk that no longer "
+                     "answers?): the bridge stops without it. Check the disk (dmesg), and the "
+                     "payments of the last minutes on the terminals", gone, LOST_COPY_LIMIT)
+        self._failed(JournalGone(f"{gone}; saving what it held did not finish"))
 
     def _unmake(self, created: bool) -> None:
         """A start refused leaves the database file missing if it found it so (_hold_lock
@@ -928,7 +949,9 @@ class Journal:
         if self._checkpoints is not None:
             stop, thread = self._checkpoints
             stop.set()
-            thread.join(timeout=10)
+            # (a copy of a lost journal under way is its only whole record: given the most
+            # of the unit's TimeoutStopSec=30, not cut short at 10 s)
+            thread.join(timeout=25 if self._lost_event.is_set() else 10)
             self._checkpoints = None
             if thread.is_alive():  # its connection is still open: see _release_lock
                 log.warning("journal %s: the checkpoint thread did not end", self.path)
@@ -964,13 +987,24 @@ class Journal:
         self._schedule = schedule
 
     @property
+    def lost(self) -> bool:
+        """The journal's files are gone from its path: it is saving what it holds, and then
+        stops the daemon itself (_lost)."""
+        return self._lost_event.is_set()
+
+    @property
     def commit_pending(self) -> bool:
-        """Whether writes of this pass wait for their commit (see after_commit)."""
-        return self._group_open
+        """Whether writes of this pass wait for their commit (see after_commit). Always,
+        once the journal is lost (_lost): nothing may go out on what it could not record."""
+        return self._group_open or self._lost_event.is_set()
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once everything written so far is durable: at once when nothing
-        waits for a commit, otherwise right after the pass's commit, in the order given."""
+        waits for a commit, otherwise right after the pass's commit, in the order given.
+        Never once the journal is lost: a pass rolled back there left its ACK or frame in
+        the framer, and a later kick would have sent it with no record of it (a review)."""
+        if self._lost_event.is_set():
+            return
         if self._group_open:
             self._after.append(callback)
         else:
@@ -1345,12 +1379,17 @@ class Journal:
             with self._transaction() as db:
                 db.executemany("UPDATE outbox SET delivered_at = ? WHERE id = ?", marks)
             return
+        self._refuse_writes_once_lost()
         self._db.execute("PRAGMA synchronous=NORMAL")  # not inside a transaction: SQLite says so
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany("UPDATE outbox SET delivered_at = ? WHERE id = ?", marks)
-                self._db.execute("COMMIT")
+                with self._commit_gate:
+                    if self._lost_event.is_set():
+                        self._db.execute("ROLLBACK")
+                        return
+                    self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:  # (SQLite may have rolled back already)
                     self._db.execute("ROLLBACK")

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from bridge.config import TerminalConfig
 from bridge.daemon.frame_writer import FrameWriter
 from bridge.daemon import quiet
-from bridge.daemon.journal import Journal
+from bridge.daemon.journal import Journal, JournalGone
 from bridge.daemon.quiet import QuietRepeats
 from bridge.redaction import redact
 from bridge.protocol import crypto
@@ -418,7 +418,7 @@ class TerminalWorker:
         work = list(actions)  # a refusal's actions are appended and applied in this batch
         try:
             self._record(work, sends)
-        except sqlite3.Error:
+        except (sqlite3.Error, JournalGone):
             raise  # reported by the journal itself (on_failure)
         except Exception as exc:
             # The session decided (a result handled, a frame queued) and the journal took the
