@@ -245,6 +245,19 @@ async def bridge_online(broker: Any, base: str = "poi-bridge", timeout: float = 
                            timeout)
 
 
+async def payment_on_the_wire(sub: Subscriber, service_id: str, amount: float,
+                              base: str = "poi-bridge") -> None:
+    """Once the terminal is online, a payment of POS1 published and sent to it (a slow
+    simulated terminal keeps it there: its row stays open in the journal)."""
+    from bridge.simulator import responses
+
+    await sub.wait_for(lambda t, p: t.endswith(f"/terminals/{POI}/state")
+                       and p["state"] == "online")
+    await sub.publish(f"{base}/terminals/{POI}/request",
+                      responses.payment_request("POS1", service_id, POI, amount))
+    await sub.wait_for(lambda t, p: t.endswith("/event") and p["event"] == "sent")
+
+
 def outcome_for(service_id: str, outcome: str | None = None):
     """A predicate: a register response for service_id (with that outcome, if given)."""
     def predicate(topic: str, payload: Any) -> bool:

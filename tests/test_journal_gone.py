@@ -19,13 +19,18 @@ from dataclasses import replace
 
 from bridge.daemon.journal import Journal, JournalError, JournalGone
 from bridge.protocol.transaction import TxKey
-from bridge.simulator import responses
 
-from .rig import POI, Daemon, Simulator, Subscriber, wait_until, write_config
+from .rig import (
+    Daemon,
+    Simulator,
+    Subscriber,
+    payment_on_the_wire,
+    wait_until,
+    write_config,
+)
 from .test_journal import make_txn
 
 BASE = "poi-bridge"
-REQUEST = f"{BASE}/terminals/{POI}/request"
 
 
 def rows(path):
@@ -208,7 +213,7 @@ def test_files_left_in_place_are_not_reported(tmp_path):
 async def test_the_daemon_stops_when_its_write_ahead_log_is_removed(tmp_path, mosquitto):
     """h5: the -wal removed under the daemon, then a kill -9: the in-flight payment's record
     was lost, and the register's identical repeat went to the terminal again. Now the daemon
-    stops (exit 3) with the record saved; put back, it is taken up at the next start."""
+    stops (exit 5) with the record saved; put back, it is taken up at the next start."""
     sim = Simulator(tmp_path, "--delay", "30")
     config = write_config(tmp_path, mosquitto, sim.link, terminal={"payment_timeout": 60.0})
     journal = tmp_path / "journal.sqlite3"
@@ -216,10 +221,7 @@ async def test_the_daemon_stops_when_its_write_ahead_log_is_removed(tmp_path, mo
     again = Daemon(config, tmp_path)
     try:
         async with Subscriber(mosquitto, [f"{BASE}/#"]) as sub:
-            await sub.wait_for(lambda t, p: t.endswith(f"/terminals/{POI}/state")
-                               and p["state"] == "online")
-            await sub.publish(REQUEST, responses.payment_request("POS1", "W1", POI, 2.0))
-            await sub.wait_for(lambda t, p: t.endswith("/event") and p["event"] == "sent")
+            await payment_on_the_wire(sub, "W1", 2.0)
             os.remove(f"{journal}-wal")
             # (5: the unit's RestartPreventExitStatus: systemd does not start it again)
             assert await asyncio.to_thread(daemon.process.wait, 15) == 5, daemon.log()[-3000:]

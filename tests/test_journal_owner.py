@@ -21,14 +21,13 @@ import pytest
 from bridge import deployment
 from bridge.cli_daemon import check_config
 from bridge.daemon.journal import Journal, JournalError, lock_path
-from bridge.simulator import responses
 
 from .rig import (
-    POI,
     Daemon,
     Simulator,
     Subscriber,
     as_nobody,
+    payment_on_the_wire,
     python_env,
     wait_until,
     write_config,
@@ -37,7 +36,6 @@ from .test_cli import cli
 from .test_systemd_unit import UNIT, unit_settings
 
 BASE = "poi-bridge"
-REQUEST = f"{BASE}/terminals/{POI}/request"
 
 
 def transaction_row(path, service_id):
@@ -62,10 +60,7 @@ async def test_a_second_daemon_on_the_same_journal_refuses_before_touching_it(
     third = Daemon(config, tmp_path / "third")
     try:
         async with Subscriber(mosquitto, [f"{BASE}/#"]) as sub:
-            await sub.wait_for(lambda t, p: t.endswith(f"/terminals/{POI}/state")
-                               and p["state"] == "online")
-            await sub.publish(REQUEST, responses.payment_request("POS1", "L1", POI, 5.0))
-            await sub.wait_for(lambda t, p: t.endswith("/event") and p["event"] == "sent")
+            await payment_on_the_wire(sub, "L1", 5.0)
         before = transaction_row(journal, "L1")
         assert len(before) == 1
 
@@ -112,10 +107,7 @@ async def test_a_second_daemon_is_refused_after_the_lock_file_was_removed(tmp_pa
     second = Daemon(config, tmp_path / "second")
     try:
         async with Subscriber(mosquitto, [f"{BASE}/#"]) as sub:
-            await sub.wait_for(lambda t, p: t.endswith(f"/terminals/{POI}/state")
-                               and p["state"] == "online")
-            await sub.publish(REQUEST, responses.payment_request("POS1", "R1", POI, 5.0))
-            await sub.wait_for(lambda t, p: t.endswith("/event") and p["event"] == "sent")
+            await payment_on_the_wire(sub, "R1", 5.0)
         before = transaction_row(journal, "R1")
         os.remove(lock_path(journal))
 
