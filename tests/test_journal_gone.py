@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
-from dataclasses import replace
-
 from bridge.daemon.journal import Journal, JournalError, JournalGone
 from bridge.protocol.transaction import TxKey
+from bridge.simulator import responses
 
 from .rig import (
+    POI,
     Daemon,
     Simulator,
     Subscriber,
@@ -28,6 +30,8 @@ from .rig import (
     wait_until,
     write_config,
 )
+from .test_cli_tools import BASE as CLI_BASE
+from .test_cli_tools import running_bridge
 from .test_journal import make_txn
 
 BASE = "poi-bridge"
@@ -273,3 +277,22 @@ def test_a_journal_behind_a_symbolic_link_is_watched_where_it_lies(tmp_path, cap
         assert f"the write-ahead log {real}-wal of journal {link} was removed" in caplog.text
     finally:
         journal.close()
+
+
+async def test_a_request_while_the_lost_journal_is_saved_is_left_for_the_next_start(
+        tmp_path, mosquitto, caplog):
+    """While the copy is saved the daemon takes no write: a register's request then failed
+    in the intake, whose error answer failed again, and the MQTT side logged a traceback and
+    reconnected, again and again (a review). The request is now left unacknowledged, for
+    the next start, without a word but the journal's."""
+    async with running_bridge(tmp_path, mosquitto) as bridge, \
+            Subscriber(mosquitto, [f"{CLI_BASE}/registers/POS1/#"]) as register:
+        os.remove(f"{tmp_path / 'journal.sqlite3'}-wal")
+        assert await asyncio.to_thread(wait_until, lambda: bridge.journal.lost, 10)
+        await register.publish(f"{CLI_BASE}/terminals/{POI}/request",
+                               responses.payment_request("POS1", "J1", POI, 3.0))
+        await asyncio.sleep(1.5)
+        assert register.messages == []  # (nothing answered that the journal did not hold)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR
+            and not r.getMessage().startswith("the write-ahead log")]
+    assert not [m for m in said if "could not be handled" in m or "MQTT connection" in m], said

@@ -30,7 +30,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from bridge.addresses import host_port
 from bridge.config import MqttConfig, TlsConfig
-from bridge.daemon.journal import Journal, OutboxMessage
+from bridge.daemon.journal import Journal, JournalGone, OutboxMessage
 from bridge.daemon.mqtt_client import PipelinedClient, PublishRefused
 from bridge.daemon.outbox import OUTBOX_WINDOW, OutboxPump
 from bridge.daemon import peers as peer_rules
@@ -583,6 +583,13 @@ class RegisterGateway:
                         str(exc).rstrip("."))
             except MemoryError:
                 raise  # no reconnect can help: the daemon stops, and systemd starts it again
+            except JournalGone:
+                # The journal's files were removed under the daemon: it saves what they hold
+                # and then stops the daemon itself. Reconnecting would only fail on the next
+                # write again, with a traceback each time (a review)
+                self.broker_problem = "stopping: the journal is gone from its path"
+                log.debug("MQTT side: the journal is gone from its path; waiting for the stop")
+                await asyncio.Event().wait()
             except sqlite3.Error as exc:
                 # A journal read failed (the outbox pump's, the health document's counts): no
                 # reconnect can help, and the daemon would go on taking payments whose results
@@ -860,7 +867,7 @@ class RegisterGateway:
                 outcome = self._handler(message.topic.value, payload, reply)
                 if asyncio.iscoroutine(outcome):
                     await outcome
-            except sqlite3.Error:
+            except (sqlite3.Error, JournalGone):
                 # The journal failed (a read here; a failed write has reported itself): what
                 # the handling decided cannot be trusted. Not acknowledged, not answered: the
                 # daemon stops (run() reports it, as every journal read failing in this side),
