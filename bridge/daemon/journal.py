@@ -1075,12 +1075,8 @@ class Journal:
         self._group_open = False
         started = time.monotonic()
         try:
-            with self._commit_gate:
-                if self._lost_event.is_set():  # (_lost: the daemon stops, nothing is done)
-                    self._db.execute("ROLLBACK")
-                    self._last_outbox_id = self._durable_outbox_id
-                    return
-                self._db.execute("COMMIT")
+            if not self._commit_unless_lost():  # (_lost: the daemon stops, nothing is done)
+                return
         except sqlite3.Error as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -1098,6 +1094,17 @@ class Journal:
             except Exception:  # one failing action must not keep the others from running
                 log.exception("journal %s: an action after the commit failed", self.path)
         self._committed(before)
+
+    def _commit_unless_lost(self) -> bool:
+        """COMMIT the open transaction, or, once the journal is lost (_lost), roll it back:
+        False then. Under the gate, so that _lost's copy waits for a COMMIT under way."""
+        with self._commit_gate:
+            if self._lost_event.is_set():
+                self._db.execute("ROLLBACK")
+                self._last_outbox_id = self._durable_outbox_id
+                return False
+            self._db.execute("COMMIT")
+            return True
 
     def _timed(self, started: float) -> None:
         took = time.monotonic() - started
@@ -1130,12 +1137,8 @@ class Journal:
             self._last_outbox_id = self._durable_outbox_id
             raise
         started = time.monotonic()
-        with self._commit_gate:
-            if self._lost_event.is_set():
-                self._db.execute("ROLLBACK")
-                self._last_outbox_id = self._durable_outbox_id
-                self._refuse_writes_once_lost()
-            self._db.execute("COMMIT")
+        if not self._commit_unless_lost():
+            self._refuse_writes_once_lost()
         self._timed(started)
         self._response_text = None
         before, self._durable_outbox_id = self._durable_outbox_id, self._last_outbox_id
@@ -1385,11 +1388,8 @@ class Journal:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany("UPDATE outbox SET delivered_at = ? WHERE id = ?", marks)
-                with self._commit_gate:
-                    if self._lost_event.is_set():
-                        self._db.execute("ROLLBACK")
-                        return
-                    self._db.execute("COMMIT")
+                if not self._commit_unless_lost():
+                    return
             except BaseException:
                 if self._db.in_transaction:  # (SQLite may have rolled back already)
                     self._db.execute("ROLLBACK")
