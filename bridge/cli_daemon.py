@@ -21,7 +21,7 @@ from bridge.config import (
     load_config,
     read_configured_secret,
 )
-from bridge.daemon.journal import JournalError, unusable
+from bridge.daemon.journal_files import JournalError, unusable
 from bridge.deployment import deployment_problems
 from bridge.logging_setup import print_problem, setup_logging
 

@@ -24,7 +24,7 @@ from bridge.config import (
     UsbLink,
     credential_path,
 )
-from bridge.daemon.journal import journal_files, user_name
+from bridge.daemon.journal_files import journal_files, user_name
 from bridge.daemon.udev_rules import udev_serial
 
 DAEMON_USER = "poi-bridge"  # User= of systemd/poi-bridge.service

@@ -444,7 +444,7 @@ def test_a_journal_on_a_file_system_remounted_read_only_says_so(tmp_path, monkey
     to write a readonly database', and the advice was to check the free space and the
     permissions. (A read-only remount cannot be made here: statvfs reports one.)"""
 
-    from bridge.daemon.journal import unusable
+    from bridge.daemon.journal_files import unusable
 
     error = readonly_error()
     assert "read-only" not in unusable(tmp_path / "j.sqlite3", error)
@@ -459,7 +459,7 @@ def test_a_read_only_journal_outside_the_state_directory_names_protectsystem_fir
     service: a journal configured elsewhere got "disk errors ... fsck", sending the
     technician after a healthy disk. Outside the state directory, or under systemd
     (INVOCATION_ID), the unit's sandbox comes first, the disk after."""
-    from bridge.daemon.journal import unusable
+    from bridge.daemon.journal_files import unusable
 
     error = readonly_error()
     mount_read_only(monkeypatch, tmp_path)

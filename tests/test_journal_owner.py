@@ -20,7 +20,8 @@ import pytest
 
 from bridge import deployment
 from bridge.cli_daemon import check_config
-from bridge.daemon.journal import Journal, JournalError, lock_path
+from bridge.daemon.journal import Journal, JournalError
+from bridge.daemon.journal_files import lock_path
 
 from .rig import (
     Daemon,

@@ -36,7 +36,8 @@ from bridge.daemon.worker import FOLLOW_LATER
 from bridge.daemon.hotplug import (
     HotplugMonitor, NodeIdentity, UdevNotRunning, node_identity, udev_announces)
 from bridge.daemon.intake import RequestIntake
-from bridge.daemon.journal import Journal, JournalGone, StepFailed, journal_files, unusable
+from bridge.daemon.journal import Journal, JournalGone, StepFailed
+from bridge.daemon.journal_files import journal_files, unusable
 from bridge.daemon.mqtt import RegisterGateway
 from bridge.daemon.mqtt_client import quiet_closed_socket_errors
 from bridge.daemon.notify import SystemdNotifier, run_watchdog

@@ -17,18 +17,11 @@ technician's commands open it read-only beside it.
 
 from __future__ import annotations
 
-import array
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
-import pwd
 import sqlite3
-import stat
-import struct
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,9 +32,19 @@ from pathlib import Path
 from typing import Any
 
 from bridge import __version__
-from bridge.config import STATE_DIRECTORY
+from bridge.daemon.journal_files import (
+    JournalError,
+    fsync_directory,
+    hold_lock,
+    journal_files,
+    make_directory,
+    open_failure,
+    unusable,
+    write_new,
+)
 from bridge.daemon.quiet import QuietRepeats
 from bridge.daemon.quiet import window as quiet_window
+from bridge.daemon.wal_check import WAL_HEADER, wal_damage
 from bridge.protocol import jsontext
 from bridge.protocol.transaction import (
     DEADLINE_FIELDS,
@@ -136,274 +139,6 @@ class JournalGone(Exception):
     writes (removed, renamed or replaced while it ran): see Journal._watch."""
 
 
-class JournalError(Exception):
-    """The journal cannot be used; the text says what a technician should do."""
-
-
-def unusable(path: Path, exc: sqlite3.Error) -> str:
-    """What a technician should do about a journal SQLite refused. Only a damaged file is
-    moved aside; a full disk or a permission problem leaves the journal as it is, since it
-    may hold the only record of a payment a register has not heard of yet."""
-    name = getattr(exc, "sqlite_errorname", None) or ""
-    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN")) and _read_only_mount(path.parent):
-        return _mounted_read_only(path, exc)
-    if name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_AUTH")):
-        not_ours = not_writable(path)
-        if not_ours is not None:
-            return not_ours
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
-        # Not this bridge's daemon (its own lock file tells of that one, see _hold_lock):
-        # a technician's sqlite3 shell in a transaction, a backup tool, a copy of the bridge
-        # pointed at another lock file. Free space and permissions have nothing to do with it.
-        return (f"journal {path} is locked by another process ({exc}, {name}): it holds the "
-                f"database locked for longer than the bridge waits. Find it with fuser -v "
-                f"{path} {path}-wal {path}-shm (or lsof {path}), end it (an sqlite3 shell: "
-                "COMMIT or ROLLBACK, then .quit), then restart the bridge. The journal is left "
-                "as it is: do not delete it, nor its -wal and -shm files")
-    if name and not name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")):
-        return (f"journal {path} cannot be used ({exc}, {name}). It is left as it is: check "
-                f"the free space and the permissions where it lives (df -h {path.parent}; "
-                f"ls -l {path.parent}), then restart the bridge.")
-    return (f"journal {path} is unreadable or corrupt ({exc}). It may hold payments not yet "
-            "reported: the bridge will not overwrite it. Move it aside, keep it for "
-            "inspection, and restart to begin a new journal.")
-
-
-def _mounted_read_only(path: Path, exc: BaseException) -> str:
-    disk = ("look at the kernel log (dmesg), check the disk (fsck, from a rescue system if "
-            "it is the root file system), remount it read-write or replace it, then restart "
-            "the bridge.")
-    sandboxed = os.environ.get("INVOCATION_ID") is not None
-    if sandboxed or not path.absolute().is_relative_to(STATE_DIRECTORY):
-        # ProtectSystem=strict mounts everything but StateDirectory= read-only for the
-        # service: by far the likelier reason than a disk the kernel gave up on.
-        return (f"journal {path} cannot be written ({exc}): {path.parent} is read-only for "
-                f"this process. Under poi-bridge.service that is the unit's "
-                f"ProtectSystem=strict, which leaves only {STATE_DIRECTORY} writable: move "
-                f"the journal into {STATE_DIRECTORY} (journal = "
-                f"\"{STATE_DIRECTORY / 'journal.sqlite3'}\"), or allow its directory in a "
-                f"drop-in (`systemctl edit poi-bridge`, [Service] ReadWritePaths={path.parent}), "
-                f"then restart the bridge. It is left as it is. Otherwise the file system was "
-                f"mounted read-only, as the kernel does after disk errors: {disk}")
-    return (f"journal {path} cannot be written ({exc}): {path.parent} is on a file system "
-            f"mounted read-only, as the kernel does after disk errors. It is left as it "
-            f"is: {disk}")
-
-
-def _read_only_mount(directory: Path) -> bool:
-    try:
-        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
-
-
-def lock_path(path: Path) -> Path:
-    """The file a daemon holds locked while it has the journal open (see _hold_lock): beside
-    the file itself, wherever symbolic links lead (SQLite follows them: a second daemon
-    given the journal under another name would take up the same open payments)."""
-    real = Path(os.path.realpath(path))
-    return real.with_name(real.name + ".lock")
-
-
-def journal_files(path: Path) -> tuple[Path, Path, Path, Path]:
-    """The database, SQLite's -wal and -shm beside it, and the daemon's lock file (all but
-    the first named after the file a symbolic link leads to, as SQLite names them)."""
-    real = os.path.realpath(path)
-    return path, Path(real + "-wal"), Path(real + "-shm"), lock_path(path)
-
-
-def user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def not_writable(path: Path) -> str | None:
-    """When this process may not write the journal's directory or one of its files (as after
-    a technician ran the daemon by hand as root once: the files are then root's, and the
-    daemon's user cannot open them): which, whose, and the chown that gives them back. None
-    when it may write them all, or cannot tell."""
-    me = user_name(os.geteuid())
-    blocked: list[tuple[Path, os.stat_result]] = []
-    candidates = [(path.parent, os.W_OK | os.X_OK)] + [
-        (file, os.R_OK | os.W_OK) for file in journal_files(path)]
-    for file, mode in candidates:
-        try:
-            info = file.stat()
-        except OSError:  # not there, or not to be seen from here (the directory is named)
-            continue
-        if file == path.parent and not stat.S_ISDIR(info.st_mode):
-            continue  # not a permission problem (see _open_failure)
-        if not os.access(file, mode):
-            blocked.append((file, info))
-    if not blocked:
-        return None
-    whose = "; ".join(f"{file} (owner {user_name(info.st_uid)}, mode "
-                      f"{stat.S_IMODE(info.st_mode):04o})" for file, info in blocked)
-    return (f"cannot open journal {path}: this process (user {me}, uid {os.geteuid()}) may not "
-            f"write {whose}. Files another user made, as running the daemon by hand as root "
-            f"does, must be given back to the daemon's user: chown {me}: "
-            f"{' '.join(str(file) for file, _ in blocked)} and start the bridge again. Do not "
-            "delete them: the journal may hold payments no register has heard of yet")
-
-
-def _open_failure(path: Path, exc: BaseException, readonly: bool) -> str:
-    """Why the journal file would not open, and what a technician does about it."""
-    if not readonly and _read_only_mount(path.parent):
-        return _mounted_read_only(path, exc)  # (not a permission: no chown helps)
-    if not readonly:
-        not_ours = not_writable(path)
-        if not_ours is not None:
-            return not_ours
-    try:
-        is_dir = path.is_dir()
-    except OSError:  # (pathlib raises it for a directory this user may not enter)
-        is_dir = False
-    if is_dir:
-        return (f"cannot open journal {path}: it is a directory; `journal` names the file, "
-                "e.g. /var/lib/poi-bridge/journal.sqlite3")
-    if readonly:
-        return (f"cannot read journal {path}: {exc}; run this as the poi-bridge user or root "
-                f"(ls -l {path})")
-    return (f"cannot open journal {path}: {exc}. The daemon's user must be able to create and "
-            f"write it and its directory (ls -ld {path.parent}; df -h {path.parent}); under "
-            "the shipped unit only /var/lib/poi-bridge is writable (ProtectSystem=strict, "
-            "StateDirectory=): keep the journal there")
-
-
-def _make_directory(directory: Path) -> None:
-    """The journal's directory, made if it is missing, each missing level mode 0700 (it holds
-    the terminals' answers), and said: the deployment check at start said it would be."""
-    missing = []
-    while not directory.exists():
-        missing.append(directory)
-        directory = directory.parent
-    for level in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            level.mkdir(mode=0o700)
-    if missing:
-        log.info("created directory %s (mode %04o) for the journal", missing[0],
-                 stat.S_IMODE(missing[0].stat().st_mode))
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """A new file holding `data`, durable (its directory too)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _fsync_directory(path.parent)
-
-
-def _in_use(path: Path, who: str, why: str = "") -> JournalError:
-    return JournalError(
-        f"journal {path} is in use by another poi-bridge process ({who}): the bridge is "
-        "probably already running as the service (systemctl status poi-bridge). Stop that "
-        "one first (systemctl stop poi-bridge) if this one is to run instead; never run "
-        f"two: both would take up the same open payments.{why} Nothing in the journal was "
-        "read or changed")
-
-
-def _flock_holder(fd: int) -> str | None:
-    """The pid holding a flock on the file of `fd`, from /proc/locks (None: not found)."""
-    info = os.fstat(fd)
-    inode = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
-    try:
-        with open("/proc/locks") as locks:
-            for line in locks:
-                fields = line.split()
-                # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
-                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode:
-                    return fields[4] if fields[4].isdigit() and fields[4] != "0" else None
-    except OSError:
-        pass
-    return None
-
-
-def _open_database_file(path: Path) -> tuple[int, bool]:
-    """A descriptor of the database file (where symbolic links lead, as SQLite opens it),
-    made empty if missing, and whether this call made it. O_EXCL first, so that a start
-    knows whether the file was there before it (an empty one is said, see _open)."""
-    real = os.path.realpath(path)
-    for _ in range(3):  # (made or removed by someone else between the two calls: again)
-        try:
-            return os.open(real, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), True
-        except FileExistsError:
-            pass
-        try:
-            return os.open(real, os.O_RDWR | os.O_CLOEXEC), False
-        except FileNotFoundError:
-            continue
-    return os.open(real, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), False
-
-
-def _hold_lock(path: Path) -> tuple[int, int, bool]:
-    """Lock the journal for this daemon alone, before anything in it is read: a second
-    daemon started by hand beside the service took up the open transactions the first one
-    owned, polled their terminals and fought it for the broker session. Two flocks, each
-    lasting as long as its descriptor: close() or the process's end, however it ends (a
-    SIGKILLed daemon never blocks the next start).
-
-    `<journal>.lock` (which holds the pid, for a second daemon's message) is taken first: it
-    is there before the database is, so two first starts do not race to make it. Then the
-    database file itself: a lock file alone was deleted as "stale" by a technician while
-    the daemon ran, and a second daemon made a new one, took the open payments up and
-    overwrote an approved result with `unresolved`. A flock on the database cannot be lost
-    so while the file is in use, and it is apart from the POSIX (fcntl) locks SQLite takes
-    on Linux (not on NFS, where SQLite is unsafe anyway). But closing any descriptor of the
-    database file drops every POSIX lock this process holds on it, SQLite's included: that
-    descriptor stays open until every connection of this process to it is closed (see
-    _release_lock). Other processes (the technician's read-only commands) are not affected.
-    Returns the lock file's descriptor, the database's, and whether this start made the
-    database file."""
-    lock = lock_path(path)
-    try:
-        _make_directory(path.parent)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise JournalError(_open_failure(path, exc, readonly=False)) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-            raise JournalError(_open_failure(path, exc, readonly=False)) from None
-        raise _in_use(path, f"pid {holder}" if holder.isdigit() else f"see {lock}") from None
-    try:
-        db_fd, created = _open_database_file(path)
-    except OSError as exc:
-        os.close(fd)
-        raise JournalError(_open_failure(path, exc, readonly=False)) from None
-    try:
-        fcntl.flock(db_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        holder = _flock_holder(db_fd)
-        os.close(db_fd)  # (no SQLite connection of this process has the file open yet)
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-            raise JournalError(_open_failure(path, exc, readonly=False)) from None
-        who = f"pid {holder}" if holder else f"see fuser -v {path}"
-        raise _in_use(path, who, f" Its lock file {lock} was removed while that one ran: "
-                      "never remove it by hand, a running bridge holds it.") from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    except OSError:
-        pass  # only the pid for a second daemon's message: the lock is what counts
-    return fd, db_fd, created
-
 
 @dataclass(frozen=True, slots=True)
 class OutboxMessage:
@@ -421,88 +156,8 @@ def _dumps(value: Any) -> str:
 
 # Connections whose closing would delete a damaged -wal (_close_keeping_wal)
 _KEPT_OPEN: list[sqlite3.Connection] = []
-_WAL_MAGIC = {0x377F0682: False, 0x377F0683: True}  # -> checksums of big-endian words
-_WAL_HEADER = 32
-_FRAME_HEADER = 24
 
 
-def _wal_checksum(data: bytes, s1: int, s2: int, big_endian: bool) -> tuple[int, int]:
-    """SQLite's WAL checksum of `data` (a multiple of 8 bytes), continued from (s1, s2)."""
-    words = array.array("I", data)
-    if big_endian != (sys.byteorder == "big"):
-        words.byteswap()
-    pairs = iter(words)
-    for a, b in zip(pairs, pairs):
-        s1 = (s1 + a + s2) & 0xFFFFFFFF
-        s2 = (s2 + b + s1) & 0xFFFFFFFF
-    return s1, s2
-
-
-@dataclass(frozen=True, slots=True)
-class WalDamage:
-    frame: int  # the frame that fails its checksum (1-based; 0: the WAL's header)
-    frames: int  # whole frames in the file
-    dropped: int  # whole frames of this WAL that SQLite drops with it
-    commits: int  # commit frames among those
-
-
-def wal_damage(wal: Path, valid: int) -> WalDamage | None:
-    """Whether the write-ahead log `wal` holds commits SQLite dropped: `valid` is how many
-    frames its recovery took (mxFrame: up to the last commit it found valid). SQLite stops at
-    the first frame whose checksum fails and ignores every frame after it, so a byte gone bad
-    in one frame silently loses all the commits after it. A torn tail (a power cut mid-write)
-    and stale frames of an older generation (other salts: the file is reused from its start)
-    look the same to SQLite, and are normal. Told apart here: the chain is followed from the
-    last frame SQLite took to the first frame that fails (the frames between are a
-    transaction whose commit SQLite did not reach); that frame's own stored checksum then
-    seeds the chain through the frames after it. If one of those validates from it and is a
-    commit, they were whole and committed, and only the one frame between them is bad. Only
-    the frames after the last commit SQLite took are checksummed (normally none or a few).
-    None when nothing committed is dropped, or the file is not a WAL this can read (SQLite
-    ignores such a file too)."""
-    with open(wal, "rb") as file:
-        header = file.read(_WAL_HEADER)
-        if len(header) < _WAL_HEADER:
-            return None
-        magic, _version, page_size, _seq, salt1, salt2, s1, s2 = struct.unpack(">8I", header)
-        if (magic not in _WAL_MAGIC or page_size < 512 or page_size > 65536
-                or page_size & (page_size - 1)):
-            return None
-        big_endian = _WAL_MAGIC[magic]
-        size = _FRAME_HEADER + page_size
-        frames = (os.fstat(file.fileno()).st_size - _WAL_HEADER) // size
-        if valid >= frames:
-            return None
-        if valid > 0:  # the chain goes on from the last frame SQLite took
-            file.seek(_WAL_HEADER + (valid - 1) * size + 16)
-            s1, s2 = struct.unpack(">2I", file.read(8))
-        elif _wal_checksum(header[:24], 0, 0, big_endian) != (s1, s2) and frames:
-            # A header that fails its own checksum: SQLite takes no frame. Its salts may be
-            # what went bad (a review: every frame then read as another generation's, and
-            # all commits were dropped without a word), so the frames' own are followed,
-            # from the header's stored checksum, which seeds the first frame's
-            file.seek(_WAL_HEADER + 8)
-            salt1, salt2 = struct.unpack(">2I", file.read(8))
-        bad: int | None = None
-        dropped = commits = 0
-        file.seek(_WAL_HEADER + valid * size)
-        for number in range(valid + 1, frames + 1):
-            data = file.read(size)
-            _page, commit, f_salt1, f_salt2, c1, c2 = struct.unpack(">6I", data[:24])
-            if (f_salt1, f_salt2) != (salt1, salt2):
-                break  # an older generation's frame: the end of this one
-            if _wal_checksum(data[:8] + data[_FRAME_HEADER:], s1, s2, big_endian) != (c1, c2):
-                if bad is not None:
-                    break  # the end of the chain after the bad frame
-                bad = number
-            else:
-                dropped += 1
-                commits += commit != 0
-            s1, s2 = c1, c2  # (the bad frame's own, as written with it)
-    if not commits:  # (frames of a transaction never committed are no loss)
-        return None
-    # A commit on the chain before any bad frame: SQLite took none, so its header is bad
-    return WalDamage(bad or 0, frames, dropped, commits)
 
 
 class Journal:
@@ -535,10 +190,10 @@ class Journal:
         self._response_text: tuple[dict[str, Any], str] | None = None
         # The daemon's journal is its alone; the technician's commands read it beside it
         self._lock: int | None = None
-        self._db_fd: int | None = None  # the database file's, flocked (see _hold_lock)
+        self._db_fd: int | None = None  # the database file's, flocked (see hold_lock)
         created = False
         if not readonly:
-            self._lock, self._db_fd, created = _hold_lock(self.path)
+            self._lock, self._db_fd, created = hold_lock(self.path)
         self.bridge_id: str | None = None  # (set on opening; a read-only one may have none)
         try:
             self._open(readonly, created)
@@ -547,7 +202,7 @@ class Journal:
             raise
 
     def _open(self, readonly: bool, created: bool = False) -> None:
-        """`created`: _hold_lock made the (empty) database file just now: it was missing."""
+        """`created`: hold_lock made the (empty) database file just now: it was missing."""
         if not readonly:
             try:
                 self._refuse_beside_recovered()
@@ -557,7 +212,7 @@ class Journal:
         try:
             existed = self.path.exists() and self.path.stat().st_size > 0
         except OSError as exc:  # a directory it may not enter (StateDirectoryMode=0700)
-            raise JournalError(_open_failure(self.path, exc, readonly)) from None
+            raise JournalError(open_failure(self.path, exc, readonly)) from None
         if readonly and not existed:
             raise JournalError(f"no journal at {self.path} (has the daemon run yet?)")
         wal = self._wal_path
@@ -586,11 +241,11 @@ class Journal:
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True,
                                            isolation_level=None, check_same_thread=False)
             else:
-                _make_directory(self.path.parent)
+                make_directory(self.path.parent)
                 self._db = sqlite3.connect(self.path, isolation_level=None,
                                            check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
-            raise JournalError(_open_failure(self.path, exc, readonly)) from None
+            raise JournalError(open_failure(self.path, exc, readonly)) from None
         try:
             if readonly:
                 self._check_existing(readonly=True)
@@ -653,7 +308,7 @@ class Journal:
         to the terminal" record is lost would be sent again: a double charge)."""
         wal = self._wal_path
         try:
-            if wal.stat().st_size <= _WAL_HEADER:
+            if wal.stat().st_size <= WAL_HEADER:
                 return
         except FileNotFoundError:
             return
@@ -666,7 +321,7 @@ class Journal:
         try:
             damage = wal_damage(wal, valid)
         except OSError as exc:
-            raise JournalError(_open_failure(self.path, exc, readonly=False)) from None
+            raise JournalError(open_failure(self.path, exc, readonly=False)) from None
         if damage is None:
             return
         self._close_keeping_wal()
@@ -821,8 +476,8 @@ class Journal:
         marker = self.path.with_name(f"{self.path.name}.lost-{stamp}")
         copy = self.path.with_name(f"{self.path.name}.recovered-{stamp}")
         try:
-            _make_directory(self.path.parent)  # (it may have gone with the files)
-            _write_new(marker, f"{gone}\n".encode())
+            make_directory(self.path.parent)  # (it may have gone with the files)
+            write_new(marker, f"{gone}\n".encode())
         except OSError as exc:
             log.critical("journal %s: cannot write the marker %s (%s) that keeps the bridge "
                          "from starting on what is at the path", self.path, marker, exc)
@@ -853,7 +508,7 @@ class Journal:
         self._failed(JournalGone(f"{gone}; saving what it held did not finish"))
 
     def _unmake(self, created: bool) -> None:
-        """A start refused leaves the database file missing if it found it so (_hold_lock
+        """A start refused leaves the database file missing if it found it so (hold_lock
         made it, to lock it)."""
         if created:
             with contextlib.suppress(OSError):
@@ -898,7 +553,7 @@ class Journal:
             finally:
                 target.close()
             os.rename(saving, copy)
-            _fsync_directory(copy.parent)
+            fsync_directory(copy.parent)
         except BaseException:
             with contextlib.suppress(OSError):  # a half copy is not to be taken for one
                 os.unlink(saving)
