@@ -4,8 +4,10 @@ terminal's payments, new or open, reach its own device only."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +21,7 @@ from bridge.daemon.worker import TerminalWorker
 from bridge.daemon.device_match import TerminalMatcher
 from bridge.daemon.follow import partner_to_follow, waits_for_its_own_link
 from bridge.daemon.hotplug import HotplugMonitor
-from bridge.protocol.transaction import TxState
+from bridge.protocol.transaction import TxKey, TxState
 from bridge.register_client import RegisterClient
 from bridge.simulator.responses import payment_response
 from bridge.simulator.server import SimulatorServer
@@ -339,6 +341,37 @@ async def b_pays_then_its_cable_moves(tmp_path: Path, broker: Any, till: Registe
             DeviceByHand(tmp_path / "port-a", device_framing))
 
 
+@contextlib.asynccontextmanager
+async def b_paying_with_its_cable_in_port_a(tmp_path: Path, broker: Any,
+                                            keys: dict | None, b_key: Any
+                                            ) -> AsyncIterator[tuple[Bridge, RegisterClient,
+                                                                     asyncio.Task, dict,
+                                                                     DeviceByHand]]:
+    """b_pays_then_its_cable_moves, then the bridge started again with A (port A, where B's
+    device now is) and B (its port empty), once B's device there was asked who it is.
+    Yields the bridge, the register, its pay() of OPEN1 still waiting, the request as the
+    device got it, and the device."""
+    sim_b = simulator(B, Behaviour(never_answer=True, delay=0.05), key=b_key)
+    port_b = await sim_b.start_pty(tmp_path / "port-b")
+    device = None
+    try:
+        async with RegisterClient(broker.host, broker.port, "TILL1", base_topic=BASE) as till:
+            paying, request, device = await b_pays_then_its_cable_moves(
+                tmp_path, broker, till, sim_b, keys)
+            try:
+                async with bridge_on(tmp_path, broker, {A: str(tmp_path / "port-a"), B: port_b},
+                                     keys, payment_timeout=30) as bridge:
+                    assert await wait_until(lambda: "Diagnosis" in device.categories(),
+                                            timeout=10)
+                    yield bridge, till, paying, request, device
+            finally:
+                paying.cancel()
+    finally:
+        if device is not None:
+            device.close()
+        await sim_b.close()
+
+
 @pytest.mark.parametrize("encrypted", [False, True], ids=["in-clear", "different-keys"])
 async def test_the_answer_that_shows_the_swap_is_its_terminals_outcome(tmp_path, mosquitto,
                                                                       caplog, encrypted):
@@ -352,40 +385,55 @@ async def test_the_answer_that_shows_the_swap_is_its_terminals_outcome(tmp_path,
     each terminal, A's key cannot read B's answer: it is read with B's key, which
     authenticates it, instead of being taken for an unreadable answer."""
     keys = key_configs(tmp_path) if encrypted else None
-    sim_b = simulator(B, Behaviour(never_answer=True, delay=0.05),
-                      key=KEYS[B] if encrypted else None)
-    port_b = await sim_b.start_pty(tmp_path / "port-b")
-    port_a = tmp_path / "port-a"
-    device = None
-    try:
-        async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1", base_topic=BASE) \
-                as till:
-            paying, request, device = await b_pays_then_its_cable_moves(
-                tmp_path, mosquitto, till, sim_b, keys)
-            async with bridge_on(tmp_path, mosquitto, {A: str(port_a), B: port_b}, keys,
-                                 payment_timeout=30) as bridge:
-                assert await wait_until(lambda: "Diagnosis" in device.categories(), timeout=10)
-                # A payment for A waits for the identity check meanwhile.
-                waiting = asyncio.create_task(till.pay(A, 7.0, service_id="WAIT1", timeout=20))
-                assert await wait_until(lambda: bridge.workers[A].session.active is not None,
-                                        timeout=10)
-                device.send(payment_response(request, "approve", time.time()),
-                            key=KEYS[B] if encrypted else None)
-                answer = await asyncio.wait_for(paying, 20)
-                refused = await asyncio.wait_for(waiting, 20)
-                assert linked_to(bridge, B) == str(port_a)
-        assert refused["bridge"]["outcome"] == "rejected", refused
-        assert "the bridge now looks for V400m-111 on the link where it expected V400m-222" \
-            in refused["bridge"]["error"], refused
-        assert (answer["bridge"]["outcome"], answer["bridge"]["source"]) == \
-            ("approved", "terminal"), answer
-        assert "Payment" not in device.categories()  # never sent again
-        # B waited for A to let go of port A: no "in use by another process" to mislead
-        assert not [m for m in caplog.messages if "in use" in m], caplog.messages
-    finally:
-        if device is not None:
-            device.close()
-        await sim_b.close()
+    async with b_paying_with_its_cable_in_port_a(
+            tmp_path, mosquitto, keys, KEYS[B] if encrypted else None) as (
+            bridge, till, paying, request, device):
+        # A payment for A waits for the identity check meanwhile.
+        waiting = asyncio.create_task(till.pay(A, 7.0, service_id="WAIT1", timeout=20))
+        assert await wait_until(lambda: bridge.workers[A].session.active is not None,
+                                timeout=10)
+        device.send(payment_response(request, "approve", time.time()),
+                    key=KEYS[B] if encrypted else None)
+        answer = await asyncio.wait_for(paying, 20)
+        refused = await asyncio.wait_for(waiting, 20)
+        assert linked_to(bridge, B) == str(tmp_path / "port-a")
+    assert refused["bridge"]["outcome"] == "rejected", refused
+    assert "the bridge now looks for V400m-111 on the link where it expected V400m-222" \
+        in refused["bridge"]["error"], refused
+    assert (answer["bridge"]["outcome"], answer["bridge"]["source"]) == \
+        ("approved", "terminal"), answer
+    assert "Payment" not in device.categories()  # never sent again
+    # B waited for A to let go of port A: no "in use by another process" to mislead
+    assert not [m for m in caplog.messages if "in use" in m], caplog.messages
+
+
+@pytest.mark.parametrize("keyed", ["only-b-has-a-key", "each-its-own-key"])
+async def test_a_message_naming_a_terminal_without_its_key_is_not_its_word(tmp_path,
+                                                                          mosquitto, caplog,
+                                                                          keyed):
+    """B has a key; whoever can write to A's link (a tapped cable, A's LAN port) sends an
+    approval of B's open payment naming B, in clear (A has no key) or authenticated with A's
+    key (each has its own). It was taken as B's word: B's payment approved, B followed onto
+    A's port (a review). It is not B's: B's payment stays open, B stays where it is, and the
+    log says why."""
+    keys = key_configs(tmp_path)
+    if keyed == "only-b-has-a-key":
+        keys = {B: keys[B]}
+    async with b_paying_with_its_cable_in_port_a(tmp_path, mosquitto, keys, KEYS[B]) as (
+            bridge, _till, paying, request, device):
+        device.send(payment_response(request, "approve", time.time()),
+                    key=KEYS[A] if keyed == "each-its-own-key" else None)
+        assert await wait_until(lambda: paying.done() or any(
+            f"naming terminal {B}" in m for m in caplog.messages), timeout=10), caplog.messages
+        await asyncio.sleep(0.5)  # (time for a wrong turn to show)
+        assert not paying.done(), paying.result()
+        held = bridge.journal.get(TxKey("TILL1", "OPEN1"))
+        assert held is not None and held.state.is_open, held
+        assert held.response is None, held.response
+        assert linked_to(bridge, B) != str(tmp_path / "port-a")
+    said = next(m for m in caplog.messages if f"naming terminal {B}" in m)
+    assert ("in clear" if keyed == "only-b-has-a-key" else f"of {A}") in said, said
+    assert f"not trusted as {B}'s" in said, said
 
 
 async def test_three_terminals_whose_cables_went_round_are_followed_pair_by_pair(

@@ -946,7 +946,33 @@ class TerminalWorker:
             self._apply_answer(waiting,
                                self.session.unusable(f"not a SaleToPOI message: {exc}", now))
             return
+        forged = self._not_its_encryption(message)
+        if forged is not None:
+            self._apply_answer(waiting, self.session.unusable(forged, now))
+            return
         self._take(message, now)
+
+    def _not_its_encryption(self, message: Any) -> str | None:
+        """Why a message read with this terminal's own settings (its key, or in clear) is not
+        to be believed when it names another configured terminal with other settings: it
+        would be taken as that terminal's word (its payment's outcome, a reason to follow
+        it here), so anyone who can write to this link could forge an approval for a
+        terminal whose key they do not hold (a review). A message of the other terminal's
+        own device is read with its key (_another_terminals_message). None when it may be
+        believed."""
+        header = message.message_header
+        said = header.poi_id if header is not None else None
+        owner = self.terminals.get(said) if said and said != self.poi_id else None
+        if owner is None or crypto.same_key(owner.key, self.key):
+            return None
+        read = (f"authenticated by key {self.key.identifier} v{self.key.version} of "
+                f"{self.poi_id}" if self.key is not None else "in clear")
+        theirs = (f"key {owner.key.identifier} v{owner.key.version} is configured for it"
+                  if owner.key is not None else "no key is configured for it")
+        return (f"the device on this link sent a message naming terminal {said}, {read}, but "
+                f"{theirs}: not trusted as {said}'s (a message not from {said}, or {said}'s "
+                f"device set up with other encryption settings than configured); check which "
+                f"device is on this link and the keys configured")
 
     def _take(self, message: Any, now: float) -> None:
         followed = self._check_identity(message)
