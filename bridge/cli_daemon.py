@@ -77,7 +77,9 @@ def check_config(args: argparse.Namespace) -> int:
             else f"{link.vendor_id:04x}:{link.product_id:04x}")
         print(f"  {terminal.poi_id}: {link.kind} {where}, framer {terminal.framer.name}, "
               f"payment timeout {terminal.payment_timeout:g} s"
-              + (f", key {terminal.key.identifier} v{terminal.key.version}" if terminal.key else ""))
+              + (f", key {terminal.key.identifier} v{terminal.key.version}" if terminal.key else "")
+              + (f" (and previous_key {terminal.previous_key.identifier} "
+                 f"v{terminal.previous_key.version})" if terminal.previous_key else ""))
     return 0
 
 

@@ -369,6 +369,9 @@ class TerminalConfig(_Strict):
     # or payment_timeout if that is longer.
     in_progress_limit: _seconds(7200) | None = None
     key: KeyConfig | None = None
+    # A key rotation: the terminal's other key (the one it is moving from, or to), read as
+    # well as `key`; the bridge sends with the one the terminal last used (see worker)
+    previous_key: KeyConfig | None = None
     allowed_sale_ids: list[str] | None = None
 
     @property
@@ -385,6 +388,22 @@ class TerminalConfig(_Strict):
                 f"in_progress_limit ({self.in_progress_limit:g} s) must be at least "
                 f"payment_timeout ({self.payment_timeout:g} s): the first status poll goes "
                 "at payment_timeout, and the register would be told unresolved at once")
+        return self
+
+    @model_validator(mode="after")
+    def _previous_key_beside_a_key(self) -> TerminalConfig:
+        if self.previous_key is None:
+            return self
+        if self.key is None:
+            raise ValueError("previous_key is set without key: previous_key is the other key "
+                             "of a key rotation, read beside [terminals.key]; set key too")
+        if (self.previous_key.identifier, self.previous_key.version) == \
+                (self.key.identifier, self.key.version):
+            raise ValueError(
+                f"previous_key has the identifier and version of key "
+                f"({self.key.identifier!r} v{self.key.version}): a terminal names the key of a "
+                "message by these two alone, so a rotation's keys must differ in one of them "
+                "(the version, as the terminal's key settings count it)")
         return self
 
     @model_validator(mode="after")
@@ -656,6 +675,7 @@ _TABLES: dict[tuple[str, ...], tuple[type[BaseModel], ...]] = {
     ("terminals", "link"): (SerialLink, TcpLink, UsbLink),
     ("terminals", "framer"): (FramerConfig,),
     ("terminals", "key"): (KeyConfig,),
+    ("terminals", "previous_key"): (KeyConfig,),
 }
 
 

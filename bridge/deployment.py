@@ -51,10 +51,12 @@ def deployment_problems(config: Config, *, for_daemon: bool = False
         warnings += _devices_not_there(config)
     warnings += _usb_serial_ports_by_kernel_name(config)
     for number, terminal in enumerate(config.terminals):
-        if terminal.key is not None:
-            _check_secret(f"terminals[{number}].key.passphrase_file",
-                          credential_path(terminal.key.passphrase_file), errors, warnings,
-                          for_daemon=for_daemon)
+        for which in ("key", "previous_key"):
+            configured = getattr(terminal, which)
+            if configured is not None:
+                _check_secret(f"terminals[{number}].{which}.passphrase_file",
+                              credential_path(configured.passphrase_file), errors, warnings,
+                              for_daemon=for_daemon)
     if config.mqtt.password_file is not None:
         _check_secret("mqtt.password_file", credential_path(config.mqtt.password_file),
                       errors, warnings, for_daemon=for_daemon)

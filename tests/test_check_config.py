@@ -244,6 +244,30 @@ def test_a_missing_passphrase_file_is_an_error(tmp_path, capsys):
     assert "the daemon stops at start" in err, err
 
 
+def test_a_key_rotations_previous_key_is_checked_as_the_key_is(tmp_path, capsys):
+    """previous_key (the other key of a rotation): its passphrase file is checked like the
+    key's, it needs a key beside it, and it must differ from it in identifier or version
+    (a terminal names a message's key by those alone)."""
+    (tmp_path / "k1").write_text("old passphrase\n")
+    key = (f'[terminals.key]\nidentifier = "K"\nversion = 2\n'
+           f'passphrase_file = "{tmp_path / "k1"}"\n')
+    previous = (f'[terminals.previous_key]\nidentifier = "K"\nversion = 1\n'
+                f'passphrase_file = "{tmp_path / "nope"}"\n')
+    status, out, err = check(write(tmp_path, good_toml(tmp_path) + key + previous), capsys)
+    assert status == 2 and "OK" not in out
+    assert f"terminals[0].previous_key.passphrase_file: cannot read {tmp_path / 'nope'}" \
+        in err, err
+    (tmp_path / "nope").write_text("new passphrase\n")
+    status, out, err = check(write(tmp_path, good_toml(tmp_path) + key + previous), capsys)
+    assert status == 0, err
+    assert "key K v2 (and previous_key K v1)" in out, out
+    status, _out, err = check(write(tmp_path, good_toml(tmp_path) + previous), capsys)
+    assert status == 2 and "previous_key is set without key" in err, err
+    same = previous.replace("version = 1", "version = 2")
+    status, _out, err = check(write(tmp_path, good_toml(tmp_path) + key + same), capsys)
+    assert status == 2 and "previous_key has the identifier and version of key" in err, err
+
+
 def test_a_missing_mqtt_password_file_is_an_error(tmp_path, capsys):
     path = write(tmp_path, good_toml(tmp_path) +
                  f'[mqtt]\nusername = "u"\npassword_file = "{tmp_path / "nope"}"\n')

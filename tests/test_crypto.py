@@ -619,3 +619,15 @@ def test_a_payload_nested_deeper_than_a_plain_message_may_does_not_decrypt(monke
         return
     with pytest.raises(DecryptionFailed, match=f"nested deeper than {MAX_NESTING} levels"):
         decrypt_message(envelope, KEY)
+
+
+def test_key_named_is_the_key_the_trailer_names_or_none(encrypted_fixture):
+    """A terminal in a key rotation may use either of its keys: the one its trailer names
+    is found by identifier and version; a trailer naming neither, a message in clear, or a
+    document that is no envelope names none (decrypt_message says what is wrong with it)."""
+    other = NexoKey(KEY_ID, 2, "another passphrase")
+    assert crypto.key_named(encrypted_fixture, [other, KEY]) is KEY
+    assert crypto.key_named(encrypted_fixture, [other]) is None
+    assert crypto.key_named(responses.payment_request("P", "S1", "POI", 1.0), [KEY]) is None
+    for document in (None, [], {"SaleToPOIResponse": {"SecurityTrailer": "x"}}):
+        assert crypto.key_named(document, [KEY]) is None

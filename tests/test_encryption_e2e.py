@@ -4,8 +4,9 @@ and a terminal with another key, whose "crypto error" must read as a configurati
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from bridge.config import TerminalConfig
 from bridge.daemon.journal import Journal
@@ -23,12 +24,16 @@ from .test_terminal_worker import POI, RecordingOutlet
 KEY = crypto.NexoKey("CryptoKeyIdentifier12345", 1, "p@ssw0rd123456")
 
 
-async def run_payment(tmp_path, bridge_key, terminal_key, behaviour: Behaviour,
-                      outlet: RecordingOutlet | None = None, *,
-                      shape: Callable[[dict], None] | None = None,
-                      failures: list[BaseException] | None = None):
-    """One payment through a worker; `shape` changes the request document first, and
-    `failures` collects the journal's step failures (the daemon stops at once on one)."""
+@contextlib.asynccontextmanager
+async def worker_beside_a_terminal(tmp_path, bridge_key, terminal_key, behaviour: Behaviour,
+                                   outlet: RecordingOutlet | None = None, *,
+                                   failures: list[BaseException] | None = None,
+                                   previous_key: crypto.NexoKey | None = None
+                                   ) -> AsyncIterator[tuple[TerminalWorker, RecordingOutlet,
+                                                            SimulatorServer]]:
+    """A worker with `bridge_key` (and `previous_key`) online beside a simulated terminal
+    with `terminal_key`; `failures` collects the journal's step failures (the daemon stops
+    at once on one)."""
     simulator = SimulatorServer(Scenario(poi_id=POI, default=behaviour,
                                          link=LinkBehaviour(status_hold=0.05)),
                                 "stx-etx-lrc", key=terminal_key, ack_timeout=0.3)
@@ -42,21 +47,38 @@ async def run_payment(tmp_path, bridge_key, terminal_key, behaviour: Behaviour,
     if failures is not None:
         journal.on_failure(failures.append)
     outlet.journal = journal
-    worker = TerminalWorker(config, journal, outlet, key=bridge_key,
+    worker = TerminalWorker(config, journal, outlet, key=bridge_key, previous_key=previous_key,
                             backoff=Backoff(initial=0.05, maximum=0.2))
     await worker.start()
     try:
         await outlet.state_is("online")
-        doc = responses.payment_request("POS1", "E1", POI, 25.0)
-        if shape is not None:
-            shape(doc)
-        worker.submit(parse_message(doc), doc, request_digest(doc))
-        result = await outlet.result_for("E1", timeout=15)
-        return result, simulator
+        yield worker, outlet, simulator
     finally:
         await worker.stop()
         await simulator.close()
         journal.close()
+
+
+async def pay(worker: TerminalWorker, outlet: RecordingOutlet, service_id: str,
+              shape: Callable[[dict], None] | None = None):
+    """One payment of 25.00 from register POS1; `shape` changes the request document first."""
+    doc = responses.payment_request("POS1", service_id, POI, 25.0)
+    if shape is not None:
+        shape(doc)
+    worker.submit(parse_message(doc), doc, request_digest(doc))
+    return await outlet.result_for(service_id, timeout=15)
+
+
+async def run_payment(tmp_path, bridge_key, terminal_key, behaviour: Behaviour,
+                      outlet: RecordingOutlet | None = None, *,
+                      shape: Callable[[dict], None] | None = None,
+                      failures: list[BaseException] | None = None,
+                      previous_key: crypto.NexoKey | None = None):
+    """One payment through a worker (see worker_beside_a_terminal and pay)."""
+    async with worker_beside_a_terminal(tmp_path, bridge_key, terminal_key, behaviour, outlet,
+                                        failures=failures, previous_key=previous_key) as (
+            worker, outlet, simulator):
+        return await pay(worker, outlet, "E1", shape), simulator
 
 
 async def test_encrypted_payment_with_the_same_key(tmp_path):
@@ -122,6 +144,79 @@ async def test_wrong_key_is_a_configuration_error_not_a_decline(tmp_path):
     assert f"terminal {POI}" in result.error and "CryptoKeyIdentifier12345 v1" in result.error
     assert "p@ssw0rd" not in result.error and "another passphrase" not in result.error
     assert simulator.terminal.ledger == {}  # nothing was charged
+
+
+NEW_KEY = crypto.NexoKey("CryptoKeyIdentifier12345", 2, "a new passphrase")
+
+
+async def test_a_terminal_still_on_the_previous_key_of_a_rotation_is_paid(tmp_path, caplog):
+    """A key rotation: the bridge has the new key (v2) and the previous one (v1); the
+    terminal's settings still hold v1 alone. Its crypto error to the first message under v2
+    turns the bridge to v1, and the payment goes through, with a line saying so."""
+    with caplog.at_level(logging.INFO, logger="poi_bridge"):
+        result, simulator = await run_payment(tmp_path, NEW_KEY, KEY, Behaviour(delay=0.05),
+                                              previous_key=KEY)
+    assert (result.outcome, result.source) == ("approved", "terminal"), result
+    assert ("POS1", "E1") in simulator.terminal.ledger
+    said = [m for m in caplog.messages if "now sends with key" in m]
+    assert len(said) == 1 and "CryptoKeyIdentifier12345 v1" in said[0], said
+    assert "a new passphrase" not in caplog.text and "p@ssw0rd" not in caplog.text
+
+
+async def test_a_terminal_already_on_the_new_key_of_a_rotation_is_paid(tmp_path, caplog):
+    """The other order: the bridge still sends with v1 (its `key`) and has v2 as
+    previous_key (the next one, set ahead), while the terminal was moved to v2 already."""
+    with caplog.at_level(logging.INFO, logger="poi_bridge"):
+        result, _ = await run_payment(tmp_path, KEY, NEW_KEY, Behaviour(delay=0.05),
+                                      previous_key=NEW_KEY)
+    assert (result.outcome, result.source) == ("approved", "terminal"), result
+    assert any("now sends with key CryptoKeyIdentifier12345 v2" in m
+               for m in caplog.messages), caplog.messages
+
+
+async def test_a_terminal_answering_with_the_other_key_of_a_rotation_is_answered_so(
+        tmp_path, caplog, monkeypatch):
+    """A terminal that reads both keys of a rotation but seals with v1 alone: the bridge
+    reads each answer with the key its trailer names (not only `key`, v2), and sends with
+    v1 from then on, as the terminal does."""
+    decrypt = crypto.decrypt_message
+    both = crypto.KeyRing([KEY, NEW_KEY])
+
+    def terminal_reads_both(document, keys):
+        return decrypt(document, both if keys is KEY else keys)
+
+    monkeypatch.setattr(crypto, "decrypt_message", terminal_reads_both)
+    with caplog.at_level(logging.INFO, logger="poi_bridge"):
+        result, _ = await run_payment(tmp_path, NEW_KEY, KEY, Behaviour(delay=0.05),
+                                      previous_key=KEY)
+    assert (result.outcome, result.source) == ("approved", "terminal"), result
+    said = [m for m in caplog.messages if "now sends with key" in m]
+    assert len(said) == 1, said
+    assert "v1 (its messages come with it)" in said[0], said
+    assert not [m for m in caplog.messages if "cannot decrypt" in m], caplog.messages
+
+
+async def test_a_terminal_that_takes_up_the_new_key_mid_run_misses_one_request_only(
+        tmp_path, caplog):
+    """The terminal's settings change to v2 while the bridge runs on v1 with v2 as
+    previous_key: the next payment, sent with v1, meets its crypto error. The terminal never
+    read it, and it is not sent again blind: it is asked about with v2 and reported as the
+    terminal answers (not charged). The bridge sends with v2 from then on."""
+    results = {}
+    async with worker_beside_a_terminal(tmp_path, KEY, KEY, Behaviour(delay=0.05),
+                                        previous_key=NEW_KEY) as (worker, outlet, simulator):
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            for service_id in ("E1", "E2", "E3"):
+                if service_id == "E2":
+                    simulator.key = NEW_KEY  # the back office's new settings reach it
+                results[service_id] = await pay(worker, outlet, service_id)
+    assert (results["E1"].outcome, results["E1"].source) == ("approved", "terminal")
+    assert (results["E2"].outcome, results["E2"].source) == ("not_found", "status-poll"), \
+        results["E2"]
+    assert ("POS1", "E2") not in simulator.terminal.ledger  # never read, never charged
+    assert (results["E3"].outcome, results["E3"].source) == ("approved", "terminal")
+    assert worker.key is NEW_KEY
+    assert any("now sends with key CryptoKeyIdentifier12345 v2" in m for m in caplog.messages)
 
 
 async def test_encrypted_terminal_without_a_key_configured(tmp_path):

@@ -73,23 +73,26 @@ START_ALLOWANCE = 60.0  # s
 STATUS_INTERVAL = 10.0
 
 
-def load_key(terminal: TerminalConfig) -> crypto.NexoKey | None:
-    """The terminal's key, passphrase read from its file. A relative path names a systemd
-    credential (LoadCredential=), looked up in $CREDENTIALS_DIRECTORY."""
-    if terminal.key is None:
+def load_key(terminal: TerminalConfig, which: str = "key") -> crypto.NexoKey | None:
+    """The terminal's key (`which`: "key" or "previous_key"), passphrase read from its
+    file. A relative path names a systemd credential (LoadCredential=), looked up in
+    $CREDENTIALS_DIRECTORY."""
+    configured = getattr(terminal, which)
+    if configured is None:
         return None
     try:
-        passphrase = read_configured_secret(terminal.key.passphrase_file, "key passphrase file")
+        passphrase = read_configured_secret(configured.passphrase_file,
+                                            f"{which.replace('_', ' ')} passphrase file")
     except SecretError as exc:
         raise SystemExit(f"terminal {terminal.poi_id}: {exc}") from None
     assert passphrase is not None
     if not passphrase:  # (NexoKey's ValueError was a traceback from Bridge.__init__)
         raise SystemExit(
-            f"terminal {terminal.poi_id}: key passphrase file "
-            f"{credential_path(terminal.key.passphrase_file)} is empty: write the passphrase "
-            f"of key {terminal.key.identifier!r} version {terminal.key.version} into it, as "
+            f"terminal {terminal.poi_id}: {which.replace('_', ' ')} passphrase file "
+            f"{credential_path(configured.passphrase_file)} is empty: write the passphrase "
+            f"of key {configured.identifier!r} version {configured.version} into it, as "
             "the terminal is configured with, then start the bridge again")
-    return crypto.NexoKey(terminal.key.identifier, terminal.key.version, passphrase)
+    return crypto.NexoKey(configured.identifier, configured.version, passphrase)
 
 
 def _taken(terminal: TerminalConfig, config: Config) -> dict[str, tuple[str, ...]]:
@@ -129,6 +132,7 @@ class Bridge:
         self.clock = SteadyClock(wall)
         self.workers: dict[str, TerminalWorker] = {
             t.poi_id: TerminalWorker(t, self.journal, self.gateway, key=load_key(t),
+                                     previous_key=load_key(t, "previous_key"),
                                      clock=self.clock, on_wrong_device=self._wrong_device,
                                      follow_waits=self._follow_waits,
                                      transport_factory=functools.partial(

@@ -172,6 +172,7 @@ class TerminalWorker:
         outlet: Outlet,
         *,
         key: crypto.NexoKey | None = None,
+        previous_key: crypto.NexoKey | None = None,
         transport_factory: Callable[[Any], Transport] = open_transport,
         clock: Callable[[], float] | None = None,
         backoff: Backoff | None = None,
@@ -189,7 +190,11 @@ class TerminalWorker:
         self.poi_id = config.poi_id
         self.journal = journal
         self.outlet = outlet
+        # The key frames go with: `key`, or in a key rotation the terminal's other key
+        # (previous_key) once it is the one the terminal uses (_use_key). Both are read.
         self.key = key
+        self.keys = tuple(k for k in (key, previous_key) if k is not None)
+        self._last_sent_key: crypto.NexoKey | None = None  # what the last frame went with
         self._transport_factory = transport_factory
         self._clock = clock or SteadyClock()
         self._backoff = backoff or Backoff(initial=0.2, maximum=10.0)
@@ -444,6 +449,7 @@ class TerminalWorker:
                     # (An identity check may go with another terminal's key: see
                     # DeviceIdentity.next_key)
                     key = self.key if action.key_of is None else self.neighbours.get(action.key_of)
+                    self._last_sent_key = key
                     payload, unwritable = self.writer.encode(action, key)
                     if unwritable is None:
                         sends.append((action, payload))
@@ -896,9 +902,15 @@ class TerminalWorker:
         problem = crypto.terminal_crypto_error(document)
         if problem is not None:
             key = f"key {self.key.identifier} v{self.key.version}" if self.key else "no key"
+            then = f"check the encryption key configured for it ({key}){self._swap_hint()}"
+            if self._last_sent_key is self.key and len(self.keys) > 1:
+                # A key rotation: the terminal may hold only the other key now
+                other = next(k for k in self.keys if k is not self.key)
+                self._use_key(other, f"it could not decrypt a message sent with {key}")
+                then = (f"sent with {key}; the bridge sends with its other key, "
+                        f"{other.identifier} v{other.version}, from now")
             self._apply_answer(waiting, self.session.refused(
-                f"terminal {self.poi_id} cannot decrypt our message ({problem}); check the "
-                f"encryption key configured for it ({key}){self._swap_hint()}", now))
+                f"terminal {self.poi_id} cannot decrypt our message ({problem}); {then}", now))
             return
         if self.key is not None and not crypto.is_encrypted(document):
             # With a key configured only what the key authenticates is believed: anyone who
@@ -920,8 +932,9 @@ class TerminalWorker:
                     "terminal sent an encrypted message but no key is configured for it"
                     f"{self._swap_hint()}", now))
                 return
+            read_with = crypto.key_named(document, self.keys) or self.key
             try:
-                document = crypto.decrypt_message(document, self.key)
+                document = crypto.decrypt_message(document, read_with)
             except crypto.CryptoError as exc:
                 message = self._another_terminals_message(document)
                 if message is not None:
@@ -933,40 +946,43 @@ class TerminalWorker:
                 # only: the session's text is journaled and published to registers, and the
                 # Nonce is the sender's, XORed into the CBC IV, so telling the two apart there
                 # would be a padding oracle for anyone on the link who reads a register's topics.
-                which = f"key {self.key.identifier} v{self.key.version}"
+                which = f"key {read_with.identifier} v{read_with.version}"
                 log.warning("terminal %s: its answer does not decrypt or verify with %s: %s",
                             self.poi_id, which, exc)
                 self._apply_answer(waiting, self.session.unreadable(
                     f"cannot decrypt or verify the terminal's answer with {which}: check the "
                     f"key configured for this terminal{self._swap_hint()}", now))
                 return
+            if read_with is not self.key:
+                self._use_key(read_with, "its messages come with it")
         try:
             message = parse_message(document)
         except MessageError as exc:
             self._apply_answer(waiting,
                                self.session.unusable(f"not a SaleToPOI message: {exc}", now))
             return
-        forged = self._not_its_encryption(message)
+        forged = self._not_its_encryption(message, self.key)
         if forged is not None:
             self._apply_answer(waiting, self.session.unusable(forged, now))
             return
         self._take(message, now)
 
-    def _not_its_encryption(self, message: Any) -> str | None:
+    def _not_its_encryption(self, message: Any, read_with: crypto.NexoKey | None) -> str | None:
         """Why a message read with this terminal's own settings (its key, or in clear) is not
         to be believed when it names another configured terminal with other settings: it
         would be taken as that terminal's word (its payment's outcome, a reason to follow
         it here), so anyone who can write to this link could forge an approval for a
         terminal whose key they do not hold (a review). A message of the other terminal's
         own device is read with its key (_another_terminals_message). None when it may be
-        believed."""
+        believed. `read_with`: the key it was read with (None: in clear)."""
         header = message.message_header
         said = header.poi_id if header is not None else None
         owner = self.terminals.get(said) if said and said != self.poi_id else None
-        if owner is None or crypto.same_key(owner.key, self.key):
+        if owner is None or (any(crypto.same_key(read_with, key) for key in owner.keys)
+                             if owner.keys else read_with is None):
             return None
-        read = (f"authenticated by key {self.key.identifier} v{self.key.version} of "
-                f"{self.poi_id}" if self.key is not None else "in clear")
+        read = (f"authenticated by key {read_with.identifier} v{read_with.version} of "
+                f"{self.poi_id}" if read_with is not None else "in clear")
         theirs = (f"key {owner.key.identifier} v{owner.key.version} is configured for it"
                   if owner.key is not None else "no key is configured for it")
         return (f"the device on this link sent a message naming terminal {said}, {read}, but "
@@ -1024,7 +1040,7 @@ class TerminalWorker:
         (the terminals use different keys). Authenticated by that key, it is as good as the
         terminal's word, and it is followed or reported like any wrong device's message."""
         for poi_id, key in self.neighbours.items():
-            if key is None or crypto.same_key(key, self.key):
+            if key is None or any(crypto.same_key(key, own) for own in self.keys):
                 continue
             try:
                 message = parse_message(crypto.decrypt_message(document, key))
@@ -1034,6 +1050,15 @@ class TerminalWorker:
             if header is not None and header.poi_id == poi_id:
                 return message
         return None
+
+    def _use_key(self, key: crypto.NexoKey, why: str) -> None:
+        """From now on frames to the terminal go with `key`, its other key in a key rotation
+        (previous_key): the one it uses, as its messages or its crypto errors show."""
+        log.info("terminal %s: the bridge now sends with key %s v%d (%s): the terminal's key "
+                 "settings were changed, a key rotation under way? Once every terminal uses "
+                 "the new key, remove previous_key from the configuration", self.poi_id,
+                 key.identifier, key.version, why)
+        self.key = key
 
     def _swap_hint(self) -> str:
         """For an answer this terminal's encryption settings cannot read: the device on the

@@ -291,6 +291,21 @@ def is_encrypted(document: Any) -> bool:
     return body.get("NexoBlob") is not None or body.get("SecurityTrailer") is not None
 
 
+def key_named(document: Any, keys: Iterable[NexoKey]) -> NexoKey | None:
+    """The one of `keys` whose KeyIdentifier and KeyVersion the document's SecurityTrailer
+    names (a terminal in a key rotation may use either of its keys), or None: not named,
+    or no trailer this can read (decrypt_message says what is wrong with it)."""
+    try:
+        _, body = _envelope(document)
+    except CryptoError:
+        return None
+    trailer = body.get("SecurityTrailer")
+    if not isinstance(trailer, Mapping):
+        return None
+    named = (trailer.get("KeyIdentifier"), trailer.get("KeyVersion"))
+    return next((key for key in keys if (key.identifier, key.version) == named), None)
+
+
 def _b64(value: Any, what: str, error: type[CryptoError]) -> bytes:
     if not isinstance(value, str):
         raise error(f"{what} must be a base64 string, not {type(value).__name__}")
