@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -217,6 +218,55 @@ async def test_a_terminal_that_takes_up_the_new_key_mid_run_misses_one_request_o
     assert (results["E3"].outcome, results["E3"].source) == ("approved", "terminal")
     assert worker.key is NEW_KEY
     assert any("now sends with key CryptoKeyIdentifier12345 v2" in m for m in caplog.messages)
+
+
+CRYPTO_ERROR = b'{"errors":["Nexo Service: crypto error (3)"],"ServiceID":"-NULL-"}'
+
+
+async def test_a_stray_crypto_error_does_not_turn_the_bridge_to_the_other_key(tmp_path,
+                                                                            caplog):
+    """A crypto error names no message and is not authenticated: anyone who can write to
+    the line can send one. One that answers nothing the bridge waits for turned it to the
+    other key of a rotation, and the next payment went with a key the terminal does not
+    hold (a review). Only one that answers a frame of ours under the key in use does."""
+    async with worker_beside_a_terminal(tmp_path, KEY, KEY, Behaviour(delay=0.05),
+                                        previous_key=NEW_KEY) as (worker, outlet, simulator):
+        first = await pay(worker, outlet, "E1")
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            worker._on_frame(CRYPTO_ERROR)  # (as the framer hands a frame's payload over)
+            assert worker.key is KEY
+            second = await pay(worker, outlet, "E2")
+    assert [(r.outcome, r.source) for r in (first, second)] == [("approved", "terminal")] * 2
+    assert not [m for m in caplog.messages if "now sends with key" in m], caplog.messages
+
+
+async def test_another_terminals_message_under_a_shared_key_leaves_the_key_in_use(tmp_path):
+    """A chain-wide rotation: A has the new key (v2) and the old one (v1) as previous_key,
+    B has not moved yet (v1). B's device on A's link (swapped cables) sends under v1: that
+    says nothing of which key A's terminal holds, and turned A to v1 (a review)."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        workers = {}
+        for poi_id, key, previous in ((POI, NEW_KEY, KEY), ("V400m-222", KEY, None)):
+            config = TerminalConfig.model_validate({
+                "poi_id": poi_id,
+                "link": {"kind": "serial", "device": str(tmp_path / poi_id)}})
+            workers[poi_id] = TerminalWorker(config, journal, RecordingOutlet(), key=key,
+                                             previous_key=previous)
+        a, b = workers[POI], workers["V400m-222"]
+        for worker in workers.values():
+            worker.terminals = workers
+        a.neighbours, b.neighbours = {b.poi_id: b.key}, {a.poi_id: a.key}
+        request = responses.payment_request("POS1", "B1", b.poi_id, 5.0)
+        answer = responses.payment_response(request, "approve", 0)
+        a._on_frame(json.dumps(crypto.encrypt_message(answer, KEY)).encode())
+        assert a.key is NEW_KEY
+        # Its own message under v1 does turn it: the terminal holds v1
+        answer["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+        a._on_frame(json.dumps(crypto.encrypt_message(answer, KEY)).encode())
+        assert a.key is KEY
+    finally:
+        journal.close()
 
 
 async def test_encrypted_terminal_without_a_key_configured(tmp_path):

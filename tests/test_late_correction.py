@@ -13,12 +13,12 @@ import logging
 import pytest
 
 from bridge.daemon.journal import Journal
-from bridge.protocol import builders
+from bridge.protocol import builders, crypto
 from bridge.protocol.transaction import TxKey
 from bridge.register_client import RegisterClient
 from bridge.simulator import responses
 
-from .follow_rig import A, B, BASE, DeviceByHand, bridge_on, wait_until
+from .follow_rig import A, B, BASE, KEYS, DeviceByHand, bridge_on, key_configs, wait_until
 
 
 @contextlib.asynccontextmanager
@@ -204,6 +204,58 @@ async def test_another_terminals_record_corrects_nothing(tmp_path, mosquitto, ca
             TxKey("TILL1", service_id))
         assert (stored.poi_id, stored.outcome) == (A, "not_found")
         assert not [r for r in caplog.records if "reverse one" in r.getMessage()]
+    finally:
+        dev_a.close()
+        dev_b.close()
+
+
+async def test_a_clear_answer_on_a_keyless_link_corrects_no_keyed_terminals_payment(
+        tmp_path, mosquitto, caplog):
+    """B has a key, A none. B's payment ends `not_found`; then a message in clear on A's
+    link (anyone who can write to it) names A and answers B's payment `approve`. It was
+    taken as a late answer of the terminal that ran it, and B's payment corrected to
+    approved for the register (a review of the forgery fix, which looked only at messages
+    naming another terminal): only the terminal the payment ran on corrects it."""
+    dev_a, dev_b = DeviceByHand(tmp_path / "port-a"), DeviceByHand(tmp_path / "port-b")
+    keys = {B: key_configs(tmp_path)[B]}
+    try:
+        with caplog.at_level(logging.WARNING, logger="poi_bridge"):
+            async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port-a"),
+                                                       B: str(tmp_path / "port-b")}, keys,
+                                 payment_timeout=1, status_timeout=5) as bridge:
+                assert await wait_until(lambda: "Diagnosis" in dev_a.categories(), 10)
+                dev_a.answer_check_as(A)
+                assert await wait_until(lambda: "Diagnosis" in dev_b.categories(), 10)
+                check = crypto.decrypt_message(dev_b.received[-1], KEYS[B])
+                named = responses.simple_response(check)
+                named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = B
+                dev_b.send(named, key=KEYS[B])
+                assert await wait_until(lambda: all(
+                    bridge.workers[p].identity == "confirmed" for p in (A, B)), 10)
+                async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                          base_topic=BASE, persistent=False) as till:
+                    paying = asyncio.create_task(till.pay(B, 12.5, timeout=20))
+                    assert await wait_until(lambda: "TransactionStatus" in dev_b.categories(),
+                                            10)
+                    request = crypto.decrypt_message(
+                        [d for d in dev_b.received
+                         if d["SaleToPOIRequest"]["MessageHeader"]["MessageCategory"]
+                         == "Payment"][-1], KEYS[B])
+                    poll = crypto.decrypt_message(dev_b.received[-1], KEYS[B])
+                    dev_b.send(responses.status_not_found(poll), key=KEYS[B])
+                    assert (await paying)["bridge"]["outcome"] == "not_found"
+                    service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+                    forged = responses.payment_response(request, "approve", 0)
+                    forged["SaleToPOIResponse"]["MessageHeader"]["POIID"] = A
+                    dev_a.send(forged)
+                    assert await wait_until(lambda: forged in dev_a.acknowledged, 10)
+                    await asyncio.sleep(0.5)  # a correction would be out by now
+                    assert not [r for r in till.responses if r["bridge"].get("corrects")]
+        stored = Journal(tmp_path / "journal.sqlite3", readonly=True).get(
+            TxKey("TILL1", service_id))
+        assert (stored.poi_id, stored.outcome) == (B, "not_found")
+        said = [r.getMessage() for r in caplog.records if "ignored a late" in r.getMessage()]
+        assert len(said) == 1 and f"ran on terminal {B}" in said[0], said
     finally:
         dev_a.close()
         dev_b.close()

@@ -419,7 +419,7 @@ class TerminalWorker:
         # A frame is encoded (encrypted) here, before the commit, so that a request too large
         # for the link is refused in the same step, and its `sent` event (which the session
         # puts after the Send) is never published.
-        sends: list[tuple[Send, bytes]] = []
+        sends: list[tuple[Send, bytes, crypto.NexoKey | None]] = []
         work = list(actions)  # a refusal's actions are appended and applied in this batch
         try:
             self._record(work, sends)
@@ -432,12 +432,13 @@ class TerminalWorker:
             # write) makes that start now: the terminal is taken up from the journal again.
             self.journal.step_failed(exc, f"terminal {self.poi_id}")
             raise
-        for send, payload in sends:
-            self.journal.after_commit(functools.partial(self._send, send, payload))
+        for send, payload, key in sends:
+            self.journal.after_commit(functools.partial(self._send, send, payload, key))
         self._publish_state()
         self._rearm()
 
-    def _record(self, work: list[Action], sends: list[tuple[Send, bytes]]) -> None:
+    def _record(self, work: list[Action],
+                sends: list[tuple[Send, bytes, crypto.NexoKey | None]]) -> None:
         """_apply's batch: records saved, results and events queued in the outbox, frames
         encoded (collected in `sends`), all or nothing."""
         withheld: set[TxKey] = set()
@@ -449,10 +450,9 @@ class TerminalWorker:
                     # (An identity check may go with another terminal's key: see
                     # DeviceIdentity.next_key)
                     key = self.key if action.key_of is None else self.neighbours.get(action.key_of)
-                    self._last_sent_key = key
                     payload, unwritable = self.writer.encode(action, key)
                     if unwritable is None:
-                        sends.append((action, payload))
+                        sends.append((action, payload, key))
                         continue
                     withheld.add(TxKey(action.sale_id, action.service_id))
                     work += self.session.not_writable(action.service_id, unwritable,
@@ -479,18 +479,23 @@ class TerminalWorker:
         known = self.journal.get(key)
         if known is not None and known.state is TxState.FINAL \
                 and known.outcome in CORRECTABLE and known.category == answer.category \
-                and (answer.found_by is None or known.poi_id == self.poi_id):
-            # (a record found by a status request sent to another terminal than the one the
-            # payment ran on is no word of that terminal)
+                and known.poi_id == self.poi_id:
+            # (only the word of the terminal the payment ran on corrects it: a record found
+            # by a status request sent to another terminal is not, nor an answer read on
+            # another terminal's link: one in clear on a keyless terminal's link, naming that
+            # terminal and a keyed one's payment, turned its not_found into approved, a
+            # review. A terminal's own device on another link is read by its own worker.)
             self._correct(known, answer)
             return
         if answer.found_by is not None:
             return  # a record a register asked for, and was told: nothing of ours to correct
         if known is not None:
             log.warning("terminal %s: ignored a late %s answer for %s/%s (%s): the transaction "
-                        "is already %s%s", self.poi_id, answer.category, answer.sale_id,
+                        "is already %s%s%s", self.poi_id, answer.category, answer.sale_id,
                         answer.service_id, answer.detail,
-                        known.state, f", {known.outcome}" if known.outcome else "")
+                        known.state, f", {known.outcome}" if known.outcome else "",
+                        "" if known.poi_id == self.poi_id else
+                        f", and ran on terminal {known.poi_id}: not this terminal's to answer")
             return
         now = self._clock()
         header = (answer.response.get("SaleToPOIResponse") or {}).get("MessageHeader") or {}
@@ -575,8 +580,10 @@ class TerminalWorker:
                 result.sale_id, result.service_id, result.outcome, result.source,
                 f": {result.error}" if result.error else "")
 
-    def _send(self, action: Send, payload: bytes) -> None:
-        """A frame whose step is committed (run by journal.after_commit) goes out."""
+    def _send(self, action: Send, payload: bytes, key: crypto.NexoKey | None) -> None:
+        """A frame whose step is committed (run by journal.after_commit) goes out (sealed
+        with `key`)."""
+        self._last_sent_key = key
         if action.purpose == "request" and self.identity != "confirmed":
             self.sent_unconfirmed.add(TxKey(action.sale_id, action.service_id))
         self._framer_events(self.writer.queue(action, payload))
@@ -903,8 +910,13 @@ class TerminalWorker:
         if problem is not None:
             key = f"key {self.key.identifier} v{self.key.version}" if self.key else "no key"
             then = f"check the encryption key configured for it ({key}){self._swap_hint()}"
-            if self._last_sent_key is self.key and len(self.keys) > 1:
-                # A key rotation: the terminal may hold only the other key now
+            if len(self.keys) > 1 and self._last_sent_key is self.key \
+                    and self.session.expects_answer():
+                # A key rotation: the terminal may hold only the other key now. Only as the
+                # answer to a frame of ours under this key: the error is not authenticated,
+                # and a stray one (anyone on the line may write it) must not turn the bridge
+                # to the other key (a review); the terminal's next message under the key it
+                # holds turns it back anyway (below).
                 other = next(k for k in self.keys if k is not self.key)
                 self._use_key(other, f"it could not decrypt a message sent with {key}")
                 then = (f"sent with {key}; the bridge sends with its other key, "
@@ -922,6 +934,7 @@ class TerminalWorker:
                 f"(its encryption switched off, or a message not from the terminal)"
                 f"{self._swap_hint()}", now))
             return
+        read_with: crypto.NexoKey | None = None  # (in clear)
         if crypto.is_encrypted(document):
             if self.key is None:
                 message = self._another_terminals_message(document)
@@ -953,18 +966,22 @@ class TerminalWorker:
                     f"cannot decrypt or verify the terminal's answer with {which}: check the "
                     f"key configured for this terminal{self._swap_hint()}", now))
                 return
-            if read_with is not self.key:
-                self._use_key(read_with, "its messages come with it")
         try:
             message = parse_message(document)
         except MessageError as exc:
             self._apply_answer(waiting,
                                self.session.unusable(f"not a SaleToPOI message: {exc}", now))
             return
-        forged = self._not_its_encryption(message, self.key)
+        forged = self._not_its_encryption(message, read_with)
         if forged is not None:
             self._apply_answer(waiting, self.session.unusable(forged, now))
             return
+        header = message.message_header
+        if read_with is not None and read_with is not self.key and header is not None \
+                and header.poi_id == self.poi_id:
+            # (its own message only: a neighbour's under a key this terminal shares in a
+            # rotation says nothing of which key this terminal holds, a review)
+            self._use_key(read_with, "its messages come with it")
         self._take(message, now)
 
     def _not_its_encryption(self, message: Any, read_with: crypto.NexoKey | None) -> str | None:

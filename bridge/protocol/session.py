@@ -1012,6 +1012,12 @@ class TerminalSession(StatusAnswers):
         txn = self.open.get(self.active) if self.active else None
         return txn.key if txn is not None and txn.state is TxState.AWAITING_RESPONSE else None
 
+    def expects_answer(self) -> bool:
+        """Whether a frame of ours on the wire waits for the terminal's answer: a register's
+        request, a status poll or an identity check."""
+        return (self.awaiting_answer() is not None or self._probe is not None
+                or self.identity.check is not None)
+
     def _waiting_transaction(self) -> Transaction | None:
         if self._probe is not None or self.identity.check is not None:
             return None  # cannot tell a garbled poll answer from a garbled response
