@@ -197,6 +197,15 @@ def run_status(args: argparse.Namespace) -> int:
                   f"{counters.get('frames_in', 0)} frames read since the daemon started; many "
                   "such bytes: a wrong baud rate or framer, a damaged cable, or another "
                   "device on the port")
+        rotating = next((t for t in config.terminals
+                         if t.poi_id == terminal["poi_id"] and t.previous_key), None)
+        if rotating is not None and terminal.get("key"):
+            new, old = (f"{k.identifier} v{k.version}"
+                        for k in (rotating.key, rotating.previous_key))
+            print(f"    key rotation: the terminal is sent with {terminal['key']}, "
+                  + ("its previous_key: it holds the old key still" if terminal["key"] == old
+                     else f"the new key; previous_key {old} may go once every terminal is"
+                     if terminal["key"] == new else "which the configuration does not hold"))
         if isinstance(identity, str) and identity.startswith("mismatch"):
             said = identity.partition(":")[2].strip() or "another terminal"
             print(f"    IDENTITY MISMATCH: the device on this terminal's link says it is "

@@ -18,6 +18,7 @@ import aiomqtt
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
 from bridge.daemon.journal import Journal
+from bridge.protocol import crypto
 from bridge.register_client import RegisterClient, connection_problem
 from bridge.simulator.server import SimulatorServer
 from bridge.simulator.terminal import Behaviour, LinkBehaviour, Scenario
@@ -31,17 +32,22 @@ BASE = "poi/store-cli"
 
 @contextlib.asynccontextmanager
 async def running_bridge(tmp_path, broker, *, password: str | None = None,
-                         terminal_says: str = POI, **mqtt: Any) -> AsyncIterator[Bridge]:
+                         terminal_says: str = POI, terminal_key: Any = None,
+                         keys: dict[str, Any] | None = None,
+                         **mqtt: Any) -> AsyncIterator[Bridge]:
     """A bridge on `broker` (base topic BASE) with a simulated terminal, online. The device
-    on the link names itself `terminal_says` (another POIID: a terminal on the wrong port)."""
+    on the link names itself `terminal_says` (another POIID: a terminal on the wrong port)
+    and seals with `terminal_key`; `keys`: the terminal's key tables in the configuration."""
     simulator = SimulatorServer(Scenario(poi_id=terminal_says, default=Behaviour(delay=0.05),
-                                         link=LinkBehaviour(status_hold=0.05)), "stx-etx-lrc")
+                                         link=LinkBehaviour(status_hold=0.05)), "stx-etx-lrc",
+                                key=terminal_key)
     device = await simulator.start_pty(tmp_path / "terminal")
     bridge = Bridge(parse_config({
         "journal": str(tmp_path / "journal.sqlite3"),
         "mqtt": {"host": broker.host, "port": broker.port, "base_topic": BASE,
                  "client_id": "bridge-cli-test", **mqtt},
-        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device}}],
+        "terminals": [{"poi_id": POI, "link": {"kind": "serial", "device": device},
+                       **(keys or {})}],
     }), mqtt_password=password)
     await bridge.start()
     try:
@@ -102,8 +108,9 @@ def locked_broker(tmp_path) -> tuple[Mosquitto, dict[str, str]]:
                     "key_file": str(pki / "client.key")}
 
 
-def config_file(tmp_path, broker, login: dict[str, str]) -> Path:
-    """The bridge's configuration as a technician's command reads it."""
+def config_file(tmp_path, broker, login: dict[str, str], terminal: str = "") -> Path:
+    """The bridge's configuration as a technician's command reads it (`terminal`: more of
+    its terminal's TOML)."""
     tls = "".join(f'{key} = "{login[key]}"\n' for key in ("ca_file", "cert_file", "key_file")
                   if key in login)
     path = tmp_path / "poi-bridge.toml"
@@ -114,7 +121,7 @@ def config_file(tmp_path, broker, login: dict[str, str]) -> Path:
                   if key in login)
         + (f"[mqtt.tls]\n{tls}" if tls else "")
         + f'[[terminals]]\npoi_id = "{POI}"\n[terminals.link]\nkind = "serial"\n'
-          'device = "/dev/null"\n')
+          'device = "/dev/null"\n' + terminal)
     return path
 
 
@@ -257,6 +264,34 @@ async def test_status_shows_a_terminal_whose_identity_check_failed(tmp_path, mos
         assert f"every request for {POI} is refused" in out
         report = json.loads((await cli("status", "--config", config, "--json")).stdout)
         assert report["terminals"][0]["identity"] == "mismatch: V400m-999"
+
+
+async def test_status_shows_the_key_a_terminal_in_a_key_rotation_is_sent_with(tmp_path,
+                                                                             mosquitto):
+    """A key rotation: the bridge has the new key and the previous one; the terminal still
+    holds the previous one. Which key each terminal is sent with tells a chain when
+    previous_key may go: the state document and `status` show it."""
+    old = crypto.NexoKey("K", 1, "old passphrase")
+    (tmp_path / "old").write_text("old passphrase")
+    (tmp_path / "new").write_text("new passphrase")
+    keys = {"key": {"identifier": "K", "version": 2, "passphrase_file": str(tmp_path / "new")},
+            "previous_key": {"identifier": "K", "version": 1,
+                             "passphrase_file": str(tmp_path / "old")}}
+    async with running_bridge(tmp_path, mosquitto, terminal_key=old, keys=keys) as bridge:
+        for _ in range(250):
+            if bridge.workers[POI].state()["key"] == "K v1":
+                break
+            await asyncio.sleep(0.02)
+        assert bridge.workers[POI].state()["key"] == "K v1"
+        toml = "".join(f'[terminals.{name}]\nidentifier = "K"\nversion = {table["version"]}\n'
+                       f'passphrase_file = "{table["passphrase_file"]}"\n'
+                       for name, table in keys.items())
+        config = config_file(tmp_path, mosquitto, {}, toml)
+        out = (await cli("status", "--config", config)).stdout.decode()
+        assert "key rotation: the terminal is sent with K v1, its previous_key: it holds the " \
+               "old key still" in out, out
+        report = json.loads((await cli("status", "--config", config, "--json")).stdout)
+        assert report["terminals"][0]["key"] == "K v1"
 
 
 async def test_status_exits_non_zero_when_no_daemon_answers(tmp_path, mosquitto):

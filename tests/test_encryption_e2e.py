@@ -218,6 +218,9 @@ async def test_a_terminal_that_takes_up_the_new_key_mid_run_misses_one_request_o
     assert (results["E3"].outcome, results["E3"].source) == ("approved", "terminal")
     assert worker.key is NEW_KEY
     assert any("now sends with key CryptoKeyIdentifier12345 v2" in m for m in caplog.messages)
+    # The state document says which key the terminal is sent with, from the switch on
+    shown = [state["key"] for state in outlet.states]
+    assert shown[0] == "CryptoKeyIdentifier12345 v1" and shown[-1].endswith(" v2"), shown
 
 
 CRYPTO_ERROR = b'{"errors":["Nexo Service: crypto error (3)"],"ServiceID":"-NULL-"}'

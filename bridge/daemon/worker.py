@@ -304,6 +304,10 @@ class TerminalWorker:
             # (while "unknown": 0, its first check is still out; more, checks went unanswered)
             "identity_checks_unanswered": self.session.identity.unanswered_since_open,
             "open_transactions": len(self.session.open),
+            # The key frames go with (see _use_key): in a key rotation, which one the
+            # terminal holds; a chain removes previous_key once every terminal shows the new
+            # one. Not secret: every encrypted message carries it in clear.
+            "key": f"{self.key.identifier} v{self.key.version}" if self.key else None,
         }
 
     def submit(self, request: SaleToPOIRequest, document: dict[str, Any], digest: str,
@@ -1076,6 +1080,7 @@ class TerminalWorker:
                  "the new key, remove previous_key from the configuration", self.poi_id,
                  key.identifier, key.version, why)
         self.key = key
+        self._publish_state()
 
     def _swap_hint(self) -> str:
         """For an answer this terminal's encryption settings cannot read: the device on the
