@@ -199,13 +199,18 @@ def run_status(args: argparse.Namespace) -> int:
                   "device on the port")
         rotating = next((t for t in config.terminals
                          if t.poi_id == terminal["poi_id"] and t.previous_key), None)
-        if rotating is not None and terminal.get("key"):
+        if rotating is not None and terminal.get("state") != "unknown":
             new, old = (f"{k.identifier} v{k.version}"
                         for k in (rotating.key, rotating.previous_key))
-            print(f"    key rotation: the terminal is sent with {terminal['key']}, "
-                  + ("its previous_key: it holds the old key still" if terminal["key"] == old
-                     else f"the new key; previous_key {old} may go once every terminal is"
-                     if terminal["key"] == new else "which the configuration does not hold"))
+            heard = terminal.get("key")
+            print("    key rotation: " + (
+                "the terminal has not been heard from since the daemon started: which key it "
+                "holds is not known yet" if not heard else
+                f"the terminal still holds the old key ({old}, its previous_key)" if heard == old
+                else f"the terminal holds the new key ({new}); previous_key {old} may go once "
+                "every terminal does" if heard == new else
+                f"the terminal's messages come with {heard}, which this configuration does "
+                "not hold (the daemon runs with another: restart it)"))
         if isinstance(identity, str) and identity.startswith("mismatch"):
             said = identity.partition(":")[2].strip() or "another terminal"
             print(f"    IDENTITY MISMATCH: the device on this terminal's link says it is "

@@ -63,13 +63,16 @@ def key_configs(tmp_path: Path) -> dict[str, dict[str, Any]]:
 @contextlib.asynccontextmanager
 async def bridge_on(tmp_path: Path, broker: Any, links: dict[str, str],
                     keys: dict[str, dict[str, Any]] | None = None,
+                    previous_keys: dict[str, dict[str, Any]] | None = None,
                     **terminal: Any) -> AsyncIterator[Bridge]:
     bridge = Bridge(parse_config({
         "journal": str(tmp_path / "journal.sqlite3"),
         "mqtt": {"host": broker.host, "port": broker.port, "base_topic": BASE,
                  "client_id": "bridge-follow-test"},
         "terminals": [{"poi_id": poi_id, **terminal, "link": {"kind": "serial", "device": device},
-                       **({"key": keys[poi_id]} if keys and poi_id in keys else {})}
+                       **({"key": keys[poi_id]} if keys and poi_id in keys else {}),
+                       **({"previous_key": previous_keys[poi_id]}
+                          if previous_keys and poi_id in previous_keys else {})}
                       for poi_id, device in links.items()],
     }), hotplug=False)
     await bridge.start()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import pytest
 
 from bridge.config import parse_config
 from bridge.daemon.app import Bridge
@@ -266,32 +267,34 @@ async def test_status_shows_a_terminal_whose_identity_check_failed(tmp_path, mos
         assert report["terminals"][0]["identity"] == "mismatch: V400m-999"
 
 
-async def test_status_shows_the_key_a_terminal_in_a_key_rotation_is_sent_with(tmp_path,
-                                                                             mosquitto):
-    """A key rotation: the bridge has the new key and the previous one; the terminal still
-    holds the previous one. Which key each terminal is sent with tells a chain when
-    previous_key may go: the state document and `status` show it."""
-    old = crypto.NexoKey("K", 1, "old passphrase")
+@pytest.mark.parametrize("holds", [1, 2], ids=["old-key", "new-key"])
+async def test_status_shows_the_key_a_terminal_in_a_key_rotation_holds(tmp_path, mosquitto,
+                                                                      holds):
+    """A key rotation: the bridge has the new key (v2) and the previous one (v1); the
+    terminal holds one of them. Which key each terminal's messages come with tells a chain
+    when previous_key may go: the state document and `status` show it."""
+    held = crypto.NexoKey("K", holds, "old passphrase" if holds == 1 else "new passphrase")
     (tmp_path / "old").write_text("old passphrase")
     (tmp_path / "new").write_text("new passphrase")
     keys = {"key": {"identifier": "K", "version": 2, "passphrase_file": str(tmp_path / "new")},
             "previous_key": {"identifier": "K", "version": 1,
                              "passphrase_file": str(tmp_path / "old")}}
-    async with running_bridge(tmp_path, mosquitto, terminal_key=old, keys=keys) as bridge:
+    async with running_bridge(tmp_path, mosquitto, terminal_key=held, keys=keys) as bridge:
         for _ in range(250):
-            if bridge.workers[POI].state()["key"] == "K v1":
+            if bridge.workers[POI].state()["key"] == f"K v{holds}":
                 break
             await asyncio.sleep(0.02)
-        assert bridge.workers[POI].state()["key"] == "K v1"
+        assert bridge.workers[POI].state()["key"] == f"K v{holds}"
         toml = "".join(f'[terminals.{name}]\nidentifier = "K"\nversion = {table["version"]}\n'
                        f'passphrase_file = "{table["passphrase_file"]}"\n'
                        for name, table in keys.items())
         config = config_file(tmp_path, mosquitto, {}, toml)
         out = (await cli("status", "--config", config)).stdout.decode()
-        assert "key rotation: the terminal is sent with K v1, its previous_key: it holds the " \
-               "old key still" in out, out
+        assert ("key rotation: the terminal still holds the old key (K v1, its previous_key)"
+                if holds == 1 else "key rotation: the terminal holds the new key (K v2); "
+                "previous_key K v1 may go once every terminal does") in out, out
         report = json.loads((await cli("status", "--config", config, "--json")).stdout)
-        assert report["terminals"][0]["key"] == "K v1"
+        assert report["terminals"][0]["key"] == f"K v{holds}"
 
 
 async def test_status_exits_non_zero_when_no_daemon_answers(tmp_path, mosquitto):

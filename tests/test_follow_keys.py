@@ -5,7 +5,10 @@ daemon then follows them as it does terminals sharing a key."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
+from typing import Any
 
 from bridge.protocol import crypto
 from bridge.register_client import RegisterClient
@@ -19,6 +22,28 @@ def amounts(sim) -> list[float]:
         if e.category == "Payment")
 
 
+@contextlib.asynccontextmanager
+async def each_device_on_its_own_key(tmp_path) -> AsyncIterator[tuple[Any, Any, str, str]]:
+    """A's and B's simulated devices, each holding its terminal's own key, on ports A and
+    B. Yields the two simulators and the two ports."""
+    sim_a, sim_b = simulator(A, key=KEYS[A]), simulator(B, key=KEYS[B])
+    try:
+        port_a = await sim_a.start_pty(tmp_path / "port-a")
+        port_b = await sim_b.start_pty(tmp_path / "port-b")
+        yield sim_a, sim_b, port_a, port_b
+    finally:
+        await sim_a.close()
+        await sim_b.close()
+
+
+async def both_found_on_their_own_devices(bridge: Any, port_a: str, port_b: str) -> None:
+    """Both terminals confirmed by their devices, A's link now port A and B's port B."""
+    assert await wait_until(lambda: all(
+        w.identity == "confirmed" for w in bridge.workers.values()), timeout=15), \
+        {p: w.identity for p, w in bridge.workers.items()}
+    assert (linked_to(bridge, A), linked_to(bridge, B)) == (port_a, port_b)
+
+
 async def test_swapped_terminals_with_different_keys_are_followed_and_paid_on_their_own(
         tmp_path, mosquitto, caplog):
     """Each device answered the other terminal's check (encrypted with the other key) with
@@ -26,16 +51,10 @@ async def test_swapped_terminals_with_different_keys_are_followed_and_paid_on_th
     were put back. Asked with the other key, each device names itself, and both are
     followed."""
     keys = key_configs(tmp_path)
-    sim_a, sim_b = simulator(A, key=KEYS[A]), simulator(B, key=KEYS[B])
-    port_a = await sim_a.start_pty(tmp_path / "port-a")
-    port_b = await sim_b.start_pty(tmp_path / "port-b")
-    try:
+    async with each_device_on_its_own_key(tmp_path) as (sim_a, sim_b, port_a, port_b):
         with caplog.at_level(logging.INFO, logger="poi_bridge"):
             async with bridge_on(tmp_path, mosquitto, {A: port_b, B: port_a}, keys) as bridge:
-                assert await wait_until(lambda: all(
-                    w.identity == "confirmed" for w in bridge.workers.values()), timeout=15), \
-                    {p: w.identity for p, w in bridge.workers.items()}
-                assert (linked_to(bridge, A), linked_to(bridge, B)) == (port_a, port_b)
+                await both_found_on_their_own_devices(bridge, port_a, port_b)
                 async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
                                           base_topic=BASE, persistent=False) as till:
                     for poi_id, amount in ((A, 10.0), (B, 20.0)):
@@ -46,9 +65,33 @@ async def test_swapped_terminals_with_different_keys_are_followed_and_paid_on_th
         assert (amounts(sim_a), amounts(sim_b)) == ([10.0], [20.0])
         # No key material in any line (the passphrases are the tests' own)
         assert not [m for m in caplog.messages if "passphrase of terminal" in m]
-    finally:
-        await sim_a.close()
-        await sim_b.close()
+
+
+async def test_a_terminal_in_a_key_rotation_is_found_and_only_its_own_device_sets_its_key(
+        tmp_path, mosquitto, caplog):
+    """A is in a key rotation (key v2, previous_key v1) and its device still holds v1; the
+    cables of A and B are swapped. B's device refuses A's check with a crypto error, which
+    turned A to its other key as if A's terminal had said so (a review); A is asked with
+    its other key and then with B's, B's device names B, and the two are followed. Only A's
+    own device, under v1, sets the key A is sent with and the state document shows."""
+    keys = key_configs(tmp_path)
+    (tmp_path / "new-a").write_text("the new passphrase of terminal A")
+    rotated = {A: {**keys[A], "version": 2, "passphrase_file": str(tmp_path / "new-a")}}
+    async with each_device_on_its_own_key(tmp_path) as (sim_a, _sim_b, port_a, port_b):
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            async with bridge_on(tmp_path, mosquitto, {A: port_b, B: port_a},
+                                 {**keys, **rotated}, previous_keys={A: keys[A]}) as bridge:
+                await both_found_on_their_own_devices(bridge, port_a, port_b)
+                async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                          base_topic=BASE, persistent=False) as till:
+                    answer = await till.pay(A, 10.0, timeout=15)
+                assert answer["bridge"]["outcome"] == "approved", answer
+                assert bridge.workers[A].state()["key"] == f"Key-{A} v1"
+                assert bridge.workers[B].state()["key"] == f"Key-{B} v1"
+        switched = [m for m in caplog.messages if "now sends with key" in m]
+        assert switched == [m for m in switched if "its messages come with it" in m], switched
+        assert len(switched) == 1 and f"terminal {A}:" in switched[0], switched
+        assert amounts(sim_a) == [10.0]
 
 
 async def test_a_terminal_moved_into_another_ones_port_with_its_own_key_is_found(

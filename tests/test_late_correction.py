@@ -209,6 +209,31 @@ async def test_another_terminals_record_corrects_nothing(tmp_path, mosquitto, ca
         dev_b.close()
 
 
+@contextlib.asynccontextmanager
+async def keyless_a_and_keyed_b(tmp_path, broker):
+    """A bridge with terminals A (no key) and B (a key) on devices driven by hand, each
+    confirmed by its device. Yields the bridge and the two devices."""
+    dev_a, dev_b = DeviceByHand(tmp_path / "port-a"), DeviceByHand(tmp_path / "port-b")
+    try:
+        async with bridge_on(tmp_path, broker, {A: str(tmp_path / "port-a"),
+                                                B: str(tmp_path / "port-b")},
+                             {B: key_configs(tmp_path)[B]}, payment_timeout=1,
+                             status_timeout=5) as bridge:
+            assert await wait_until(lambda: "Diagnosis" in dev_a.categories(), 10)
+            dev_a.answer_check_as(A)
+            assert await wait_until(lambda: "Diagnosis" in dev_b.categories(), 10)
+            check = crypto.decrypt_message(dev_b.received[-1], KEYS[B])
+            named = responses.simple_response(check)
+            named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = B
+            dev_b.send(named, key=KEYS[B])
+            assert await wait_until(lambda: all(
+                bridge.workers[p].identity == "confirmed" for p in (A, B)), 10)
+            yield bridge, dev_a, dev_b
+    finally:
+        dev_a.close()
+        dev_b.close()
+
+
 async def test_a_clear_answer_on_a_keyless_link_corrects_no_keyed_terminals_payment(
         tmp_path, mosquitto, caplog):
     """B has a key, A none. B's payment ends `not_found`; then a message in clear on A's
@@ -216,46 +241,53 @@ async def test_a_clear_answer_on_a_keyless_link_corrects_no_keyed_terminals_paym
     taken as a late answer of the terminal that ran it, and B's payment corrected to
     approved for the register (a review of the forgery fix, which looked only at messages
     naming another terminal): only the terminal the payment ran on corrects it."""
-    dev_a, dev_b = DeviceByHand(tmp_path / "port-a"), DeviceByHand(tmp_path / "port-b")
-    keys = {B: key_configs(tmp_path)[B]}
-    try:
-        with caplog.at_level(logging.WARNING, logger="poi_bridge"):
-            async with bridge_on(tmp_path, mosquitto, {A: str(tmp_path / "port-a"),
-                                                       B: str(tmp_path / "port-b")}, keys,
-                                 payment_timeout=1, status_timeout=5) as bridge:
-                assert await wait_until(lambda: "Diagnosis" in dev_a.categories(), 10)
-                dev_a.answer_check_as(A)
-                assert await wait_until(lambda: "Diagnosis" in dev_b.categories(), 10)
-                check = crypto.decrypt_message(dev_b.received[-1], KEYS[B])
-                named = responses.simple_response(check)
-                named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = B
-                dev_b.send(named, key=KEYS[B])
-                assert await wait_until(lambda: all(
-                    bridge.workers[p].identity == "confirmed" for p in (A, B)), 10)
-                async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
-                                          base_topic=BASE, persistent=False) as till:
-                    paying = asyncio.create_task(till.pay(B, 12.5, timeout=20))
-                    assert await wait_until(lambda: "TransactionStatus" in dev_b.categories(),
-                                            10)
-                    request = crypto.decrypt_message(
-                        [d for d in dev_b.received
-                         if d["SaleToPOIRequest"]["MessageHeader"]["MessageCategory"]
-                         == "Payment"][-1], KEYS[B])
-                    poll = crypto.decrypt_message(dev_b.received[-1], KEYS[B])
-                    dev_b.send(responses.status_not_found(poll), key=KEYS[B])
-                    assert (await paying)["bridge"]["outcome"] == "not_found"
-                    service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
-                    forged = responses.payment_response(request, "approve", 0)
-                    forged["SaleToPOIResponse"]["MessageHeader"]["POIID"] = A
-                    dev_a.send(forged)
-                    assert await wait_until(lambda: forged in dev_a.acknowledged, 10)
-                    await asyncio.sleep(0.5)  # a correction would be out by now
-                    assert not [r for r in till.responses if r["bridge"].get("corrects")]
-        stored = Journal(tmp_path / "journal.sqlite3", readonly=True).get(
-            TxKey("TILL1", service_id))
-        assert (stored.poi_id, stored.outcome) == (B, "not_found")
-        said = [r.getMessage() for r in caplog.records if "ignored a late" in r.getMessage()]
-        assert len(said) == 1 and f"ran on terminal {B}" in said[0], said
-    finally:
-        dev_a.close()
-        dev_b.close()
+    with caplog.at_level(logging.WARNING, logger="poi_bridge"):
+        async with keyless_a_and_keyed_b(tmp_path, mosquitto) as (_bridge, dev_a, dev_b), \
+                RegisterClient(mosquitto.host, mosquitto.port, "TILL1", base_topic=BASE,
+                               persistent=False) as till:
+            paying = asyncio.create_task(till.pay(B, 12.5, timeout=20))
+            assert await wait_until(lambda: "TransactionStatus" in dev_b.categories(), 10)
+            request = crypto.decrypt_message(
+                [d for d in dev_b.received
+                 if d["SaleToPOIRequest"]["MessageHeader"]["MessageCategory"] == "Payment"][-1],
+                KEYS[B])
+            poll = crypto.decrypt_message(dev_b.received[-1], KEYS[B])
+            dev_b.send(responses.status_not_found(poll), key=KEYS[B])
+            assert (await paying)["bridge"]["outcome"] == "not_found"
+            service_id = request["SaleToPOIRequest"]["MessageHeader"]["ServiceID"]
+            forged = responses.payment_response(request, "approve", 0)
+            forged["SaleToPOIResponse"]["MessageHeader"]["POIID"] = A
+            dev_a.send(forged)
+            assert await wait_until(lambda: forged in dev_a.acknowledged, 10)
+            await asyncio.sleep(0.5)  # a correction would be out by now
+            assert not [r for r in till.responses if r["bridge"].get("corrects")]
+    stored = Journal(tmp_path / "journal.sqlite3", readonly=True).get(TxKey("TILL1", service_id))
+    assert (stored.poi_id, stored.outcome) == (B, "not_found")
+    said = [r.getMessage() for r in caplog.records if "ignored a late" in r.getMessage()]
+    assert len(said) == 1 and f"ran on terminal {B}" in said[0], said
+
+
+async def test_an_answer_planted_on_a_keyless_link_answers_no_keyed_terminals_request(
+        tmp_path, mosquitto):
+    """A message in clear on keyless A's link names A and answers `approve` under IDs the
+    till has not used yet; the journal keeps it as an answer it had no request for. The
+    till's later payment on keyed B under those IDs was answered `approved` from it, never
+    sent to B (a second review). That record is A's word only: B's request is refused as a
+    reuse of the IDs, and a status request to B about it asks B."""
+    async with keyless_a_and_keyed_b(tmp_path, mosquitto) as (_bridge, dev_a, dev_b), \
+            RegisterClient(mosquitto.host, mosquitto.port, "TILL1", base_topic=BASE,
+                           persistent=False) as till:
+        planted = responses.payment_response(
+            responses.payment_request("TILL1", "NEXT42", A, 99.0), "approve", 0)
+        dev_a.send(planted)
+        assert await wait_until(lambda: any(
+            r["bridge"]["transaction"]["service_id"] == "NEXT42" for r in till.responses), 10)
+        answer = await till.pay(B, 99.0, service_id="NEXT42", timeout=20)
+        assert answer["bridge"]["outcome"] == "rejected", answer["bridge"]
+        assert f"holds an answer of terminal {A}" in answer["bridge"]["error"]
+        assert "Payment" not in dev_b.categories()
+        asking = asyncio.create_task(till.request(builders.status_request(
+            sale_id="TILL1", service_id="ASK42", poi_id=B, original_service_id="NEXT42",
+            original_category="Payment"), timeout=20))
+        assert await wait_until(lambda: "TransactionStatus" in dev_b.categories(), 10)
+        asking.cancel()

@@ -225,6 +225,11 @@ def _conflict_error(existing: Transaction, document: dict[str, Any], now: float)
     """Why a different request under a recorded transaction's SaleID and ServiceID is refused,
     with what stands under those IDs: the refusal is published on the same IDs, and must not
     read as the recorded transaction's outcome."""
+    asked_of = request_header(document).get("POIID")
+    if existing.extra.get("unmatched") and existing.poi_id != asked_of:
+        return (f"ServiceID {existing.service_id} of SaleID {existing.sale_id} holds an answer "
+                f"of terminal {existing.poi_id} the bridge had no request for; a request for "
+                f"terminal {asked_of} under these IDs was not started. Use a new ServiceID")
     where = first_difference(existing.request, document) \
         if "retry_digest" not in existing.extra else \
         "its body (a refused request over 8 KB is kept as its header only)"
@@ -551,7 +556,7 @@ class RequestIntake:
         # the bridge is stopping; the checks below are for requests that would start.
         digest = request_digest(document)
         existing = self.journal.get(TxKey(header.sale_id, header.service_id))
-        reuse = check_reuse(existing, digest, self._clock(), document)
+        reuse = check_reuse(existing, digest, self._clock(), document, poi_id)
         if reuse is Reuse.CONFLICT:
             assert existing is not None
             refuse(document, poi_id, _conflict_error(existing, document, self._clock()),
@@ -626,6 +631,9 @@ class RequestIntake:
                 f"{poi_id}: {where}", "NotAllowed")
             return True
         named = ref.message_category
+        if asked.extra.get("unmatched") and asked.poi_id != poi_id:
+            return False  # (a record without its request is its terminal's word only: see
+            #               check_reuse; the terminal asked answers for itself)
         if asked.category not in MONEY_CATEGORIES or asked.outcome not in FINAL_MONEY_OUTCOMES \
                 or not isinstance(asked.response, dict) \
                 or not isinstance(asked.response.get("SaleToPOIResponse"), dict) \
@@ -670,7 +678,9 @@ class RequestIntake:
         if not isinstance(sale_id, str) or not isinstance(service_id, str):
             return False
         existing = self.journal.get(TxKey(sale_id, service_id))
-        if check_reuse(existing, request_digest(document), self._clock()) is not Reuse.REPEAT:
+        poi_id = header.get("POIID")
+        if check_reuse(existing, request_digest(document), self._clock(),
+                       poi_id=poi_id if isinstance(poi_id, str) else "") is not Reuse.REPEAT:
             return False
         assert existing is not None
         self._repeat(existing)

@@ -195,6 +195,7 @@ class TerminalWorker:
         self.key = key
         self.keys = tuple(k for k in (key, previous_key) if k is not None)
         self._last_sent_key: crypto.NexoKey | None = None  # what the last frame went with
+        self._heard_key: crypto.NexoKey | None = None  # the terminal's last message came with
         self._transport_factory = transport_factory
         self._clock = clock or SteadyClock()
         self._backoff = backoff or Backoff(initial=0.2, maximum=10.0)
@@ -280,11 +281,14 @@ class TerminalWorker:
         distinct: list[str] = []
         for poi_id in sorted(terminals):
             key = terminals[poi_id]
-            if key is None or crypto.same_key(key, self.key) \
+            if key is None or any(crypto.same_key(key, own) for own in self.keys) \
                     or any(crypto.same_key(key, terminals[other]) for other in distinct):
                 continue
             distinct.append(poi_id)
-        self.session.identity.other_keys = tuple(distinct)
+        # In a key rotation, this terminal's other key first (named by its own POIID): a
+        # device that cannot read the check may be this terminal, holding that key
+        own = (self.poi_id,) if len(self.keys) > 1 else ()
+        self.session.identity.other_keys = own + tuple(distinct)
 
     @property
     def online(self) -> bool:
@@ -304,10 +308,12 @@ class TerminalWorker:
             # (while "unknown": 0, its first check is still out; more, checks went unanswered)
             "identity_checks_unanswered": self.session.identity.unanswered_since_open,
             "open_transactions": len(self.session.open),
-            # The key frames go with (see _use_key): in a key rotation, which one the
-            # terminal holds; a chain removes previous_key once every terminal shows the new
-            # one. Not secret: every encrypted message carries it in clear.
-            "key": f"{self.key.identifier} v{self.key.version}" if self.key else None,
+            # The key the terminal's last authenticated message came with, since the daemon
+            # started (None before, and without a key): in a key rotation, which one it
+            # holds; a chain removes previous_key once every terminal shows the new one.
+            # Not secret: every encrypted message carries it in clear.
+            "key": (f"{self._heard_key.identifier} v{self._heard_key.version}"
+                    if self._heard_key else None),
         }
 
     def submit(self, request: SaleToPOIRequest, document: dict[str, Any], digest: str,
@@ -453,7 +459,7 @@ class TerminalWorker:
                 elif isinstance(action, Send):
                     # (An identity check may go with another terminal's key: see
                     # DeviceIdentity.next_key)
-                    key = self.key if action.key_of is None else self.neighbours.get(action.key_of)
+                    key = self._key_for(action.key_of)
                     payload, unwritable = self.writer.encode(action, key)
                     if unwritable is None:
                         sends.append((action, payload, key))
@@ -583,6 +589,16 @@ class TerminalWorker:
         log.log(level, "terminal %s: %s %s/%s -> %s (%s)%s", self.poi_id, result.category,
                 result.sale_id, result.service_id, result.outcome, result.source,
                 f": {result.error}" if result.error else "")
+
+    def _key_for(self, key_of: str | None) -> crypto.NexoKey | None:
+        """The key a frame goes with: the one in use, or the key of the terminal `key_of` an
+        identity check is asked with (DeviceIdentity.next_key): this terminal's own other
+        key in a key rotation when it names this terminal."""
+        if key_of is None:
+            return self.key
+        if key_of == self.poi_id:
+            return next((key for key in self.keys if key is not self.key), self.key)
+        return self.neighbours.get(key_of)
 
     def _send(self, action: Send, payload: bytes, key: crypto.NexoKey | None) -> None:
         """A frame whose step is committed (run by journal.after_commit) goes out (sealed
@@ -914,13 +930,15 @@ class TerminalWorker:
         if problem is not None:
             key = f"key {self.key.identifier} v{self.key.version}" if self.key else "no key"
             then = f"check the encryption key configured for it ({key}){self._swap_hint()}"
-            if len(self.keys) > 1 and self._last_sent_key is self.key \
-                    and self.session.expects_answer():
-                # A key rotation: the terminal may hold only the other key now. Only as the
-                # answer to a frame of ours under this key: the error is not authenticated,
-                # and a stray one (anyone on the line may write it) must not turn the bridge
-                # to the other key (a review); the terminal's next message under the key it
-                # holds turns it back anyway (below).
+            if len(self.keys) > 1 and self.identity == "confirmed" \
+                    and self._last_sent_key is self.key and self.session.expects_answer():
+                # A key rotation: the terminal, confirmed on this link, may have taken up the
+                # other key since. Only as the answer to a frame of ours under the key in use:
+                # the error is not authenticated, and a stray one (anyone on the line may
+                # write it) or another terminal's device must not turn the bridge (reviews);
+                # the terminal's next message under the key it holds turns it back anyway.
+                # Before the device is confirmed, its identity check is asked with the other
+                # key instead (see the neighbours setter), and its answer decides.
                 other = next(k for k in self.keys if k is not self.key)
                 self._use_key(other, f"it could not decrypt a message sent with {key}")
                 then = (f"sent with {key}; the bridge sends with its other key, "
@@ -981,11 +999,10 @@ class TerminalWorker:
             self._apply_answer(waiting, self.session.unusable(forged, now))
             return
         header = message.message_header
-        if read_with is not None and read_with is not self.key and header is not None \
-                and header.poi_id == self.poi_id:
+        if read_with is not None and header is not None and header.poi_id == self.poi_id:
             # (its own message only: a neighbour's under a key this terminal shares in a
             # rotation says nothing of which key this terminal holds, a review)
-            self._use_key(read_with, "its messages come with it")
+            self._heard(read_with)
         self._take(message, now)
 
     def _not_its_encryption(self, message: Any, read_with: crypto.NexoKey | None) -> str | None:
@@ -1080,7 +1097,15 @@ class TerminalWorker:
                  "the new key, remove previous_key from the configuration", self.poi_id,
                  key.identifier, key.version, why)
         self.key = key
-        self._publish_state()
+
+    def _heard(self, key: crypto.NexoKey) -> None:
+        """An authenticated message of this terminal's came under `key`: it holds that key.
+        Frames go with it from now on, and the state document says so."""
+        if key is not self.key:
+            self._use_key(key, "its messages come with it")
+        if key is not self._heard_key:
+            self._heard_key = key
+            self._publish_state()
 
     def _swap_hint(self) -> str:
         """For an answer this terminal's encryption settings cannot read: the device on the

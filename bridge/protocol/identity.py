@@ -11,7 +11,9 @@ What this decides:
 - with which keys to ask: a device that cannot read the check, or whose answer cannot be
   read, is asked again with each key of the other terminals that may be on this link
   (`other_keys`: terminals set up with keys of their own, swapped cables), since it may be
-  one of them; its answer, read with that key, names it, and the daemon follows it;
+  one of them; its answer, read with that key, names it, and the daemon follows it. The
+  link's own terminal may come first there (its POIID): in a key rotation it has another
+  key of its own, which the terminal may hold instead;
 - how many unanswered checks a waiting request gets before it is refused
   (IDENTITY_CHECKS_BEFORE_REFUSING): a payment never goes to a device that has not said who
   it is, which might be another terminal that would charge it;
@@ -154,6 +156,10 @@ class DeviceIdentity:
         return self.other_keys[:self.other_keys.index(last) + 1]
 
     def asking_with(self, key_of: str) -> Log:
+        if key_of == self.poi_id:
+            return Log("info", f"terminal {self.poi_id}: the device on its link does not take "
+                               "the key in use, or answers in another; asking which terminal "
+                               "it is with its other key (previous_key: a key rotation)")
         return Log("info", f"terminal {self.poi_id}: the device on its link does not take its "
                            f"key, or answers in another; asking which terminal it is with "
                            f"{key_of}'s key, in case that terminal's cable is in this port")
@@ -193,8 +199,13 @@ class DeviceIdentity:
         if self.check is not None and self.check.key_of is not None:
             # The first failure, on the link's own key, is what a technician acts on
             tried = self._keys_tried(self.check.key_of)
-            which = (f"{tried[0]}'s key (in case it is that terminal)" if len(tried) == 1 else
-                     f"the keys of {', '.join(tried)} (in case it is one of those terminals)")
+            own = self.poi_id in tried
+            others = [poi_id for poi_id in tried if poi_id != self.poi_id]
+            which = " and ".join(
+                (["its other key (previous_key)"] if own else [])
+                + ([f"{others[0]}'s key (in case it is that terminal)"] if len(others) == 1
+                   else [f"the keys of {', '.join(others)} (in case it is one of those "
+                         "terminals)"] if others else []))
             reason = f"{self._own_key_failure or reason}; asked again with {which}: {reason}"
         self.check = None
         self.unnamed_checks += 1

@@ -111,14 +111,21 @@ class Reuse(StrEnum):
 
 
 def check_reuse(existing: Transaction | None, digest: str, now: float,
-                document: dict[str, Any] | None = None) -> Reuse:
-    """How a request with `digest` (and, to tell a rebuilt retry, its `document`) relates to
-    the transaction the journal has under the same SaleID and ServiceID. Past 48 h the IDs
-    may be used again, but not while that transaction is open (unresolved, or given up on):
-    a new request would replace the record of a payment the terminal may have charged."""
+                document: dict[str, Any] | None = None, poi_id: str | None = None) -> Reuse:
+    """How a request with `digest` (and, to tell a rebuilt retry, its `document`) for
+    terminal `poi_id` relates to the transaction the journal has under the same SaleID and
+    ServiceID. Past 48 h the IDs may be used again, but not while that transaction is open
+    (unresolved, or given up on): a new request would replace the record of a payment the
+    terminal may have charged."""
     if existing is None or (now - existing.created_at > SERVICE_ID_REUSE_WINDOW
                             and existing.state is TxState.FINAL):
         return Reuse.NEW
+    if existing.extra.get("unmatched") and poi_id is not None and existing.poi_id != poi_id:
+        # A terminal's answer kept without its request answers a request for that terminal
+        # only: a message written in clear on a keyless terminal's link, under IDs a till
+        # had not used yet, answered that till's later payment on a keyed terminal
+        # `approved` from the journal, never sent to it (a review)
+        return Reuse.CONFLICT
     if existing.digest == digest or existing.extra.get("unmatched"):
         # (the terminal's own answer, kept without the request the journal lost: whatever
         # comes under these IDs is answered with it, never sent again)
