@@ -75,9 +75,9 @@ def install_stamps(stamps: list[tuple[str, str | None, float]]) -> None:
 
     send = worker.TerminalWorker._send
 
-    def _send(self, action, payload):  # type: ignore[no-untyped-def]
+    def _send(self, action, *rest):  # type: ignore[no-untyped-def]
         stamps.append(("frame released", action.service_id, now()))
-        return send(self, action, payload)
+        return send(self, action, *rest)
 
     worker.TerminalWorker._send = _send
 
