@@ -65,6 +65,12 @@ def _key(args: argparse.Namespace) -> crypto.NexoKey | None:
     if not all(wanted):
         raise InspectError("decrypting needs --key-id, --key-version and a passphrase")
     passphrase = args.passphrase
+    if passphrase is not None:
+        # (a command line is readable by every user of the box, in ps and /proc, and kept
+        # in the shell's history: a store box's key passphrase must not go there)
+        print("poi-bridge inspect: warning: --passphrase shows the passphrase to every user "
+              "of this machine (ps) and leaves it in the shell's history; on a store box use "
+              "--passphrase-file", file=sys.stderr)
     if args.passphrase_file is not None:
         try:  # read as the daemon reads its secrets
             passphrase = read_secret(args.passphrase_file, "the passphrase file")

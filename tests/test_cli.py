@@ -71,7 +71,10 @@ def test_inspect_bad_input_is_one_clear_line_and_exit_2(args, stdin, fragment):
     assert done.returncode == 2
     err = done.stderr.decode()
     assert fragment in err
-    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # (--passphrase on the command line is warned of, on a line of its own, first)
+    warned = "--passphrase" in args
+    assert ("warning: --passphrase shows the passphrase" in err) == warned, err
+    assert len(err.strip().splitlines()) == 1 + warned and "Traceback" not in err
     assert "p@ssw0rd" not in err and "wrong" not in err.replace("wrong key", "")
 
 
