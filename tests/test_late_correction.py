@@ -210,15 +210,16 @@ async def test_another_terminals_record_corrects_nothing(tmp_path, mosquitto, ca
 
 
 @contextlib.asynccontextmanager
-async def keyless_a_and_keyed_b(tmp_path, broker):
+async def keyless_a_and_keyed_b(tmp_path, broker, **terminal):
     """A bridge with terminals A (no key) and B (a key) on devices driven by hand, each
-    confirmed by its device. Yields the bridge and the two devices."""
+    confirmed by its device (`terminal`: more settings of both). Yields the bridge and the
+    two devices."""
     dev_a, dev_b = DeviceByHand(tmp_path / "port-a"), DeviceByHand(tmp_path / "port-b")
     try:
         async with bridge_on(tmp_path, broker, {A: str(tmp_path / "port-a"),
                                                 B: str(tmp_path / "port-b")},
                              {B: key_configs(tmp_path)[B]}, payment_timeout=1,
-                             status_timeout=5) as bridge:
+                             status_timeout=5, **terminal) as bridge:
             assert await wait_until(lambda: "Diagnosis" in dev_a.categories(), 10)
             dev_a.answer_check_as(A)
             assert await wait_until(lambda: "Diagnosis" in dev_b.categories(), 10)
@@ -291,3 +292,26 @@ async def test_an_answer_planted_on_a_keyless_link_answers_no_keyed_terminals_re
             original_category="Payment"), timeout=20))
         assert await wait_until(lambda: "TransactionStatus" in dev_b.categories(), 10)
         asking.cancel()
+
+
+async def test_an_answer_for_a_register_not_allowed_on_the_terminal_is_not_kept(
+        tmp_path, mosquitto, caplog):
+    """With allowed_sale_ids, a request of another register never reaches the terminal: an
+    answer on its link for one, which the journal has no record of, is no late answer of
+    the terminal's. It was recorded and published to that register (and would answer its
+    later request under those IDs); it is dropped, and the log says why."""
+    with caplog.at_level(logging.WARNING, logger="poi_bridge"):
+        async with keyless_a_and_keyed_b(tmp_path, mosquitto, allowed_sale_ids=["TILL1"]) as (
+                bridge, dev_a, _dev_b), \
+                RegisterClient(mosquitto.host, mosquitto.port, "TILL9", base_topic=BASE,
+                               persistent=False) as other:
+            planted = responses.payment_response(
+                responses.payment_request("TILL9", "NEXT9", A, 99.0), "approve", 0)
+            dev_a.send(planted)
+            assert await wait_until(lambda: planted in dev_a.acknowledged, 10)
+            assert await wait_until(lambda: other.responses or any(
+                "SaleID TILL9 is not among the registers allowed" in m
+                for m in caplog.messages), 10), caplog.messages
+            await asyncio.sleep(0.5)  # (a result would be out by now)
+            assert not other.responses, other.responses
+            assert bridge.journal.get(TxKey("TILL9", "NEXT9")) is None

@@ -507,6 +507,18 @@ class TerminalWorker:
                         "" if known.poi_id == self.poi_id else
                         f", and ran on terminal {known.poi_id}: not this terminal's to answer")
             return
+        allowed = self.config.allowed_sale_ids
+        if allowed is not None and answer.sale_id not in allowed:
+            # (no request of that register can have reached this terminal: the intake
+            # refuses it. Recorded, it would be published to that register, and answer its
+            # later request under those IDs: a message written on the line, not the
+            # terminal's answer to anything, a review)
+            log.warning("terminal %s: ignored a %s answer for %s/%s (%s), which the journal "
+                        "has no record of: SaleID %s is not among the registers allowed to use "
+                        "this terminal (allowed_sale_ids), so no request of its was sent here",
+                        self.poi_id, answer.category, answer.sale_id, answer.service_id,
+                        answer.outcome, answer.sale_id)
+            return
         now = self._clock()
         header = (answer.response.get("SaleToPOIResponse") or {}).get("MessageHeader") or {}
         detail = "answered by the terminal; the journal had no record of the request"
