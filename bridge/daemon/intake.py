@@ -521,13 +521,13 @@ class RequestIntake:
                                      "only its own requests", "NotAllowed")
             return
         if twice is not None:
-            if not self._known_repeat(document):
+            if not self._known_repeat(document, poi_id):
                 early(document, poi_id, f"request is unusable: {twice}")
             return
         try:
             request = parse_message(document)
         except MessageError as exc:
-            if not self._known_repeat(document):
+            if not self._known_repeat(document, poi_id):
                 early(document, poi_id, f"not a valid SaleToPOIRequest: {exc}")
             return
         if not isinstance(request, SaleToPOIRequest):
@@ -539,7 +539,7 @@ class RequestIntake:
             return
         problems = check_request_header(request)
         if problems:
-            if not self._known_repeat(document):
+            if not self._known_repeat(document, poi_id):
                 early(document, poi_id, "invalid header: " + "; ".join(problems))
             return
         header = request.message_header
@@ -632,8 +632,15 @@ class RequestIntake:
             return True
         named = ref.message_category
         if asked.extra.get("unmatched") and asked.poi_id != poi_id:
-            return False  # (a record without its request is its terminal's word only: see
-            #               check_reuse; the terminal asked answers for itself)
+            # A record without its request is its terminal's word only (see check_reuse):
+            # not this terminal's to answer with, nor to be asked about (its NotFound would
+            # read "nothing was charged" for a payment the other terminal approved)
+            self._refuse_recorded(
+                request, document, digest, poi_id,
+                f"transaction {asked.key} is an answer of terminal {asked.poi_id} the bridge "
+                f"had no request for: send the status request to terminal {asked.poi_id}",
+                "NotAllowed")
+            return True
         if asked.category not in MONEY_CATEGORIES or asked.outcome not in FINAL_MONEY_OUTCOMES \
                 or not isinstance(asked.response, dict) \
                 or not isinstance(asked.response.get("SaleToPOIResponse"), dict) \
@@ -668,7 +675,7 @@ class RequestIntake:
                                      txn.outcome, "journal", response))
         return True
 
-    def _known_repeat(self, document: Any) -> bool:
+    def _known_repeat(self, document: Any, poi_id: str) -> bool:
         """Answer, as a repeat, a request that fails today's checks but that the journal holds
         identical: a copy the broker delivers again (QoS 1) to a bridge whose rules became
         stricter since it took the first. Refusing it would tell the register that a payment
@@ -678,9 +685,8 @@ class RequestIntake:
         if not isinstance(sale_id, str) or not isinstance(service_id, str):
             return False
         existing = self.journal.get(TxKey(sale_id, service_id))
-        poi_id = header.get("POIID")
         if check_reuse(existing, request_digest(document), self._clock(),
-                       poi_id=poi_id if isinstance(poi_id, str) else "") is not Reuse.REPEAT:
+                       poi_id=poi_id) is not Reuse.REPEAT:
             return False
         assert existing is not None
         self._repeat(existing)

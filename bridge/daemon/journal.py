@@ -11,8 +11,8 @@ or a restart. A journal that cannot be read stops the daemon: it is never recrea
 because it may hold the only record of a payment the shopper made. A journal that can no
 longer be written (disk full, I/O error) in the daemon's mode is reported to `on_failure`:
 the daemon's state in memory is then ahead of its record, so it stops (see run_bridge).
-One daemon holds the journal at a time (a lock on `<journal>.lock`, see _hold_lock); the
-technician's commands open it read-only beside it.
+One daemon holds the journal at a time (a lock on `<journal>.lock`, see
+journal_files.hold_lock); the technician's commands open it read-only beside it.
 """
 
 from __future__ import annotations

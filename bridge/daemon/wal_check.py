@@ -1,6 +1,6 @@
 """A check SQLite does not make: whether a write-ahead log holds commits SQLite's recovery
 dropped because one frame before them went bad (wal_damage). Reads the WAL's format as SQLite
-documents it (https://www.sqlite.org/fileformat2.html#walformat); no I/O beyond one read.
+documents it (https://www.sqlite.org/fileformat2.html#walformat); it only reads the file.
 """
 
 from __future__ import annotations

@@ -513,11 +513,13 @@ class TerminalWorker:
             # refuses it. Recorded, it would be published to that register, and answer its
             # later request under those IDs: a message written on the line, not the
             # terminal's answer to anything, a review)
-            log.warning("terminal %s: ignored a %s answer for %s/%s (%s), which the journal "
-                        "has no record of: SaleID %s is not among the registers allowed to use "
-                        "this terminal (allowed_sale_ids), so no request of its was sent here",
-                        self.poi_id, answer.category, answer.sale_id, answer.service_id,
-                        answer.outcome, answer.sale_id)
+            log.error("terminal %s: ignored a %s answer for %s/%s (%s), which the journal has "
+                      "no record of: SaleID %s is not among the registers allowed to use this "
+                      "terminal (allowed_sale_ids), so under this configuration no request of "
+                      "its was sent here. If it was allowed before a restart and the journal "
+                      "lost its record, check that sale on the terminal", self.poi_id,
+                      answer.category, answer.sale_id, answer.service_id, answer.outcome,
+                      answer.sale_id)
             return
         now = self._clock()
         header = (answer.response.get("SaleToPOIResponse") or {}).get("MessageHeader") or {}
