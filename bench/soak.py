@@ -14,7 +14,11 @@ What runs (all real processes, as on a store box):
 - with `--keys shared` or `--keys per-terminal`, local encryption on every link: the
   terminals and the bridge's configuration share one key, or each terminal has its own (so
   a swapped cable puts a device the terminal's key cannot read on its link, and the bridge
-  must ask it again with the other terminals' keys to follow it). The passphrases are
+  must ask it again with the other terminals' keys to follow it); with `--keys rotation`,
+  each terminal's own key in two versions, as in a key rotation: its device holds version 1,
+  the configuration has both (half with the new one as `key` and version 1 as
+  `previous_key`, half the other way round), and a chaos event (terminal_rekey) makes a
+  device take up version 2 while the bridge runs. The passphrases are
   random, written to files in the workdir's keys/ (mode 0600) and named only by path; after
   the run every other file in the workdir is searched for them (a hit fails the run as
   leaked);
@@ -305,6 +309,10 @@ class Terminal:
         # Local encryption (--keys): the key this terminal encrypts with, wherever its cable
         # goes; the daemon's configuration gives the same key to this POIID.
         self.key: SoakKey | None = None
+        # --keys rotation: the configuration's key and previous_key, and the key the device
+        # takes up at a terminal_rekey event (None once it has)
+        self.configured_keys: list[SoakKey] = []
+        self.rekey_to: SoakKey | None = None
         # every frame it dropped unread while muted, any category (from its ledger file)
         self.dropped_unread: list[dict[str, Any]] = []
 
@@ -393,17 +401,18 @@ class SoakKey:
     identifier: str
     passphrase_file: Path
     passphrase: str = field(repr=False)
+    version: int = 1
 
     def simulator_args(self) -> list[str]:
-        return ["--key-id", self.identifier, "--key-version", "1",
+        return ["--key-id", self.identifier, "--key-version", str(self.version),
                 "--passphrase-file", str(self.passphrase_file)]
 
-    def config_lines(self) -> list[str]:
-        return ["[terminals.key]", f'identifier = "{self.identifier}"', "version = 1",
-                f'passphrase_file = "{self.passphrase_file}"']
+    def config_lines(self, table: str = "key") -> list[str]:
+        return [f"[terminals.{table}]", f'identifier = "{self.identifier}"',
+                f"version = {self.version}", f'passphrase_file = "{self.passphrase_file}"']
 
 
-KEY_MODES = ("none", "shared", "per-terminal")
+KEY_MODES = ("none", "shared", "per-terminal", "rotation")
 
 
 def make_keys(terminals: list[Terminal], workdir: Path, mode: str) -> list[SoakKey]:
@@ -414,18 +423,27 @@ def make_keys(terminals: list[Terminal], workdir: Path, mode: str) -> list[SoakK
     folder = workdir / "keys"
     folder.mkdir(mode=0o700, exist_ok=True)
 
-    def new_key(name: str) -> SoakKey:
-        path = folder / f"{name}.passphrase"
+    def new_key(name: str, version: int = 1) -> SoakKey:
+        path = folder / f"{name}-v{version}.passphrase"
         passphrase = secrets.token_urlsafe(24)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(passphrase + "\n")
-        return SoakKey(f"SoakKey-{name}", path, passphrase)
+        return SoakKey(f"SoakKey-{name}", path, passphrase, version)
 
     if mode == "shared":
         keys = [new_key("shared")]
         for terminal in terminals:
             terminal.key = keys[0]
+        return keys
+    if mode == "rotation":
+        keys = []
+        for terminal in terminals:
+            old, new = new_key(terminal.poi_id, 1), new_key(terminal.poi_id, 2)
+            terminal.key, terminal.rekey_to = old, new
+            # Half set up with the new key ahead (the bridge first), half the other way
+            terminal.configured_keys = [new, old] if terminal.index % 2 == 0 else [old, new]
+            keys += [old, new]
         return keys
     for terminal in terminals:
         terminal.key = new_key(terminal.poi_id)
@@ -898,7 +916,11 @@ class Soak:
                 'name = "stx-etx-lrc"',
                 f"ack_timeout = {ACK_TIMEOUT}",
                 f"max_tries = {MAX_TRIES}",
-                *(terminal.key.config_lines() if terminal.key else []),
+                *(terminal.key.config_lines() if terminal.key and not terminal.configured_keys
+                  else []),
+                *(line for key, table in zip(terminal.configured_keys,
+                                             ("key", "previous_key"), strict=False)
+                  for line in key.config_lines(table)),
             ]
         self.config_path.write_text("\n".join(lines) + "\n")
 
@@ -957,8 +979,11 @@ class Soak:
 
     async def chaos_loop(self, stop: asyncio.Event) -> None:
         rng = self.rng
-        kinds = list(CHAOS_KINDS)
-        weights = [CHAOS_KINDS[k] for k in kinds]
+        # (a kind of its own for --keys rotation only: the other modes keep their sequences)
+        chaos = {**CHAOS_KINDS, **({"terminal_rekey": 0.6} if self.args.keys == "rotation"
+                                   else {})}
+        kinds = list(chaos)
+        weights = [chaos[k] for k in kinds]
         first = kinds[:]  # every kind once, in a seeded order, then weighted draws
         rng.shuffle(first)
         while not stop.is_set():
@@ -982,6 +1007,7 @@ class Soak:
                       "daemon_freeze": "daemon",
                       "terminal_stall": terminal.poi_id,
                       "power_blip": terminal.poi_id,
+                      "terminal_rekey": terminal.poi_id,
                       "register_away": register.sale_id,
                       "terminal_swap": f"{terminal.poi_id}<->{partner and partner.poi_id}",
                       }.get(kind, kind.split("_")[0])
@@ -1035,6 +1061,16 @@ class Soak:
                     event.skipped = True
                 else:
                     self.power_blip(terminal, 4.0 + seconds)
+            elif kind == "terminal_rekey":
+                # The back office's new key reaches the device (its settings change while
+                # it runs): the bridge must find it out and send with it
+                new = terminal.rekey_to
+                if new is None:
+                    event.skipped = True
+                else:
+                    terminal.key, terminal.rekey_to = new, None
+                    terminal.control(f"rekey {new.identifier} {new.version} "
+                                     f"{new.passphrase_file}")
             if self.args.verbose:
                 log(f"chaos +{event.at:6.1f}s {kind} {target} {seconds:.1f}s"
                     + (" (skipped: already out)" if event.skipped else ""))
@@ -2511,7 +2547,7 @@ def report(result: dict[str, Any]) -> bool:
         print(f"  {name:<32} {value:>8}")
     print("-" * 48)
     print("  chaos events")
-    for kind in CHAOS_KINDS:
+    for kind in [*CHAOS_KINDS, *(k for k in result["chaos"] if k not in CHAOS_KINDS)]:
         skipped = result["chaos_skipped"].get(kind, 0)
         print(f"    {kind:<30} {result['chaos'].get(kind, 0):>8}"
               + (f"  (+{skipped} skipped: already out)" if skipped else ""))
@@ -2576,8 +2612,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mean seconds between chaos events")
     p.add_argument("--keys", choices=KEY_MODES, default="none",
                    help="local encryption on the terminals' links: none (default), one key "
-                        "shared by all, or one per terminal (swapped cables then put a device "
-                        "with another key on a link); passphrase files in the workdir's keys/")
+                        "shared by all, one per terminal (swapped cables then put a device "
+                        "with another key on a link), or rotation (one per terminal in two "
+                        "versions, key and previous_key, devices taking up the second while "
+                        "the bridge runs); passphrase files in the workdir's keys/")
     p.add_argument("--settle", type=float, default=60.0,
                    help="at most this long for the bridge to resolve what is open at the end")
     p.add_argument("--no-finale", dest="finale", action="store_false",

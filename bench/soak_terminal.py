@@ -48,6 +48,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bridge.cli_simulate import _key, add_parser, build_scenario
+from bridge.protocol import crypto
 from bridge.logging_setup import setup_logging
 from bridge.simulator.server import SimulatorServer
 
@@ -144,6 +145,10 @@ async def control(server: SimulatorServer, ledger: Path | None, stop: asyncio.Ev
                 time.sleep(min(float(words[1]), 10.0))  # noqa: ASYNC251 - the point
             elif words[0] == "ledger":
                 write_ledger(server, ledger)
+            elif words[0] == "rekey":
+                # its key settings changed (a key rotation): what it reads and seals from now
+                server.key = crypto.NexoKey(words[1], int(words[2]),
+                                            Path(words[3]).read_text().rstrip("\n"))
         except (IndexError, ValueError):
             print(f"soak_terminal: bad control line {line!r}", file=sys.stderr, flush=True)
 

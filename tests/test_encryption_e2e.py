@@ -3,6 +3,7 @@ and a terminal with another key, whose "crypto error" must read as a configurati
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -242,6 +243,29 @@ async def test_a_stray_crypto_error_does_not_turn_the_bridge_to_the_other_key(tm
             worker._on_frame(CRYPTO_ERROR)  # (as the framer hands a frame's payload over)
             assert worker.key is KEY
             second = await pay(worker, outlet, "E2")
+    assert [(r.outcome, r.source) for r in (first, second)] == [("approved", "terminal")] * 2
+    assert not [m for m in caplog.messages if "now sends with key" in m], caplog.messages
+
+
+async def test_one_crypto_error_to_a_frame_of_ours_does_not_turn_the_key(tmp_path, caplog):
+    """A copy of a request damaged on the line in a way its check byte misses is refused
+    with a crypto error too, while the terminal reads another copy and charges: one crypto
+    error turned a confirmed terminal in a key rotation to its other key (the soak with
+    --keys rotation). It takes two in a row, with no message of the terminal's between."""
+    async with worker_beside_a_terminal(tmp_path, KEY, KEY, Behaviour(delay=0.4),
+                                        previous_key=NEW_KEY) as (worker, outlet, simulator):
+        first = await pay(worker, outlet, "E1")
+        doc = responses.payment_request("POS1", "E2", POI, 25.0)
+        worker.submit(parse_message(doc), doc, request_digest(doc))
+        for _ in range(100):
+            if worker.session.expects_answer():
+                break
+            await asyncio.sleep(0.01)
+        assert worker.session.expects_answer()
+        with caplog.at_level(logging.INFO, logger="poi_bridge"):
+            worker._on_frame(CRYPTO_ERROR)  # (the answer to a damaged copy, say)
+            assert worker.key is KEY
+            second = await outlet.result_for("E2", timeout=15)
     assert [(r.outcome, r.source) for r in (first, second)] == [("approved", "terminal")] * 2
     assert not [m for m in caplog.messages if "now sends with key" in m], caplog.messages
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -92,6 +93,66 @@ async def test_a_terminal_in_a_key_rotation_is_found_and_only_its_own_device_set
         assert switched == [m for m in switched if "its messages come with it" in m], switched
         assert len(switched) == 1 and f"terminal {A}:" in switched[0], switched
         assert amounts(sim_a) == [10.0]
+
+
+async def test_swapped_terminals_both_in_a_key_rotation_are_found_at_the_start(
+        tmp_path, mosquitto):
+    """Both terminals in a key rotation (key v2, previous_key v1), both devices still on v1,
+    their cables swapped before the daemon starts, so neither has been heard. Each link asks
+    the device with its own two keys, then with the other terminal's key and other key: the
+    other key reads it (a check asked with each terminal's `key` alone found neither, and
+    both stayed refused)."""
+    keys = key_configs(tmp_path)
+    rotated = {}
+    for poi_id in (A, B):
+        (tmp_path / f"new-{poi_id}").write_text(f"the new passphrase of {poi_id}")
+        rotated[poi_id] = {**keys[poi_id], "version": 2,
+                           "passphrase_file": str(tmp_path / f"new-{poi_id}")}
+    async with each_device_on_its_own_key(tmp_path) as (sim_a, sim_b, port_a, port_b):
+        async with bridge_on(tmp_path, mosquitto, {A: port_b, B: port_a}, rotated,
+                             previous_keys=keys) as bridge:
+            await both_found_on_their_own_devices(bridge, port_a, port_b)
+            async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                      base_topic=BASE, persistent=False) as till:
+                for poi_id, amount in ((A, 10.0), (B, 20.0)):
+                    answer = await till.pay(poi_id, amount, timeout=15)
+                    assert answer["bridge"]["outcome"] == "approved", answer
+        assert (amounts(sim_a), amounts(sim_b)) == ([10.0], [20.0])
+
+
+async def test_a_terminal_in_a_key_rotation_moved_into_another_ones_port_is_found(
+        tmp_path, mosquitto):
+    """B is in a key rotation (key v2, previous_key v1), its device holds v1 and was heard
+    so on B's port; then its cable goes into A's port (A's device is nowhere). A's link asks
+    the device with B's key: the one B's device was heard with (v1), not B's `key` (v2),
+    which it cannot read (a device in a rotation behind a swapped cable was never found)."""
+    keys = key_configs(tmp_path)
+    (tmp_path / "new-b").write_text("the new passphrase of terminal B")
+    rotated = {B: {**keys[B], "version": 2, "passphrase_file": str(tmp_path / "new-b")}}
+    sim_b = simulator(B, key=KEYS[B])
+    port_b = await sim_b.start_pty(tmp_path / "port-b")
+    port_a = tmp_path / "port-a"
+    try:
+        async with bridge_on(tmp_path, mosquitto, {A: str(port_a), B: port_b},
+                             {**keys, **rotated}, previous_keys={B: keys[B]}) as bridge:
+            assert await wait_until(lambda: bridge.workers[B].state()["key"] == f"Key-{B} v1",
+                                    timeout=15)
+            # B's cable pulled from port B and put into port A
+            sim_b.link_path = None
+            sim_b.unplug()
+            os.unlink(port_b)
+            sim_b.link_path = port_a
+            assert await wait_until(lambda: linked_to(bridge, B) == str(port_a), timeout=20), \
+                {p: w.identity for p, w in bridge.workers.items()}
+            assert await wait_until(lambda: bridge.workers[B].identity == "confirmed",
+                                    timeout=15)
+            async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
+                                      base_topic=BASE, persistent=False) as till:
+                paid = await till.pay(B, 20.0, timeout=15)
+        assert paid["bridge"]["outcome"] == "approved", paid
+        assert amounts(sim_b) == [20.0]
+    finally:
+        await sim_b.close()
 
 
 async def test_a_terminal_moved_into_another_ones_port_with_its_own_key_is_found(

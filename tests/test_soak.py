@@ -876,10 +876,41 @@ def test_soak_terminal_with_a_key_answers_only_what_its_key_reads(tmp_path):
         assert "NexoBlob" in json.dumps(answer), answer
         read = crypto.decrypt_message(answer, nexo)
         assert read["SaleToPOIResponse"]["MessageHeader"]["ServiceID"] == "K2"
+        # --keys rotation's terminal_rekey: the device takes up another key while it runs
+        (tmp_path / "next").mkdir()
+        other = soak_module.make_keys([terminal], tmp_path / "next", "per-terminal")[0]
+        terminal.control(f"rekey {key.identifier} 2 {other.passphrase_file}")
+        newer = crypto.NexoKey(key.identifier, 2, other.passphrase)
+        assert "crypto error" in json.dumps(ask(crypto.encrypt_message(
+            responses.payment_request("TILL1", "K3", terminal.poi_id, 10.0), nexo)))
+        answer = ask(crypto.encrypt_message(
+            responses.payment_request("TILL1", "K4", terminal.poi_id, 10.0), newer))
+        read = crypto.decrypt_message(answer, newer)
+        assert read["SaleToPOIResponse"]["MessageHeader"]["ServiceID"] == "K4"
     finally:
         if fd >= 0:
             os.close(fd)
         terminal.stop()
+
+
+def test_soak_keys_rotation_gives_each_terminal_two_versions_configured_both_ways(tmp_path):
+    """--keys rotation: each device holds version 1 of its own key and takes up version 2
+    at a terminal_rekey event; the configuration holds both, half of the terminals with the
+    new one as `key`, half with it as `previous_key` (set ahead)."""
+    import random
+
+    terminals = [soak_module.Terminal(i, tmp_path, 1, random.Random(i)) for i in range(2)]
+    keys = soak_module.make_keys(terminals, tmp_path, "rotation")
+    assert len(keys) == 4 and len({key.passphrase for key in keys}) == 4
+    for terminal in terminals:
+        assert (terminal.key.version, terminal.rekey_to.version) == (1, 2)
+        assert terminal.key.identifier == terminal.rekey_to.identifier
+        assert "--key-version 1" in " ".join(terminal.key.simulator_args())
+    lines = [[line for key, table in zip(t.configured_keys, ("key", "previous_key"))
+              for line in key.config_lines(table)] for t in terminals]
+    assert lines[0][0] == lines[1][0] == "[terminals.key]" and "version = 2" == lines[0][2]
+    assert lines[0][4] == "[terminals.previous_key]" and "version = 1" == lines[0][6]
+    assert "version = 1" == lines[1][2] and "version = 2" == lines[1][6]
 
 
 MIDSAVE_DB = "/tmp/x/mosquitto.db"

@@ -39,6 +39,7 @@ from bridge.protocol.framing import (
 from bridge.protocol.messages import (MessageError, SaleToPOIRequest, SaleToPOIResponse, load_json,
                                      parse_message)
 from bridge.protocol.actions import Action, Deliver, Log, Progress, Record, Send, Unmatched
+from bridge.protocol.identity import OTHER_KEY, key_owner
 from bridge.protocol.outcome import Outcome, dig, payment_amounts, short_authorisation
 from bridge.protocol.session import SessionSettings, TerminalSession
 from bridge.protocol.transaction import STAMP_FIELDS, Transaction, TxKey, TxState
@@ -54,6 +55,9 @@ from bridge.transports import (
 _SENT_EVENTS = frozenset({"sent", "abort_sent"})
 
 log = logging.getLogger("poi_bridge.terminal")
+# Crypto errors in a row, answering frames of ours under the key in use, that turn a terminal
+# in a key rotation to its other key (see _on_frame)
+KEY_REFUSALS_BEFORE_SWITCHING = 2
 
 
 class SteadyClock:
@@ -196,10 +200,15 @@ class TerminalWorker:
         self.keys = tuple(k for k in (key, previous_key) if k is not None)
         self._last_sent_key: crypto.NexoKey | None = None  # what the last frame went with
         self._heard_key: crypto.NexoKey | None = None  # the terminal's last message came with
+        # crypto errors in a row that answered frames of ours under the key in use (_on_frame)
+        self._key_refusals = 0
         self._transport_factory = transport_factory
         self._clock = clock or SteadyClock()
         self._backoff = backoff or Backoff(initial=0.2, maximum=10.0)
         self.session = TerminalSession(config.poi_id, session_settings(config))
+        # Every configured terminal's worker, by POIID (set by the daemon): a message on this
+        # link that names another terminal is handed to it (_its_terminal)
+        self.terminals: dict[str, TerminalWorker] = {}
         self.neighbours = {}
         fc = config.framer
         self.framer = make_framer(fc.name, max_frame_size=fc.max_frame_size,
@@ -251,9 +260,6 @@ class TerminalWorker:
                          "noise_bytes": 0, "reconnects": 0}
         self._answers_in = 0  # SaleToPOIResponses read in full on this worker's links
         self.identity = "unknown"  # confirmed | mismatch: <what it said> | unknown
-        # Every configured terminal's worker, by POIID (set by the daemon): a message on this
-        # link that names another terminal is handed to it (_its_terminal)
-        self.terminals: dict[str, TerminalWorker] = {}
         # Requests written to a device that had not said who it is (it did not answer the
         # identity check in time): asked about where they went, never followed elsewhere
         self.sent_unconfirmed: set[TxKey] = set()
@@ -286,9 +292,13 @@ class TerminalWorker:
                 continue
             distinct.append(poi_id)
         # In a key rotation, this terminal's other key first (named by its own POIID): a
-        # device that cannot read the check may be this terminal, holding that key
+        # device that cannot read the check may be this terminal, holding that key; and for
+        # another terminal in one, its other key after its key (its device may hold either)
         own = (self.poi_id,) if len(self.keys) > 1 else ()
-        self.session.identity.other_keys = own + tuple(distinct)
+        rotating = {poi_id for poi_id, owner in self.terminals.items() if len(owner.keys) > 1}
+        self.session.identity.other_keys = own + tuple(
+            entry for poi_id in distinct
+            for entry in ((poi_id, poi_id + OTHER_KEY) if poi_id in rotating else (poi_id,)))
 
     @property
     def online(self) -> bool:
@@ -612,7 +622,14 @@ class TerminalWorker:
             return self.key
         if key_of == self.poi_id:
             return next((key for key in self.keys if key is not self.key), self.key)
-        return self.neighbours.get(key_of)
+        # (the key that terminal is sent with: in a key rotation, the one its device was
+        # last heard with; then its other key, OTHER_KEY)
+        poi_id, other = key_owner(key_of)
+        owner = self.terminals.get(poi_id)
+        if owner is None:
+            return self.neighbours.get(poi_id)
+        return next((key for key in owner.keys if key is not owner.key), owner.key) \
+            if other else owner.key
 
     def _send(self, action: Send, payload: bytes, key: crypto.NexoKey | None) -> None:
         """A frame whose step is committed (run by journal.after_commit) goes out (sealed
@@ -668,6 +685,7 @@ class TerminalWorker:
             log.log(logging.DEBUG if self._loss_at_debug else logging.INFO,
                     "terminal %s: link up on %s", self.poi_id, transport.describe())
             self._link_reason = ""
+            self._key_refusals = 0  # (another device, perhaps)
             self._apply(self.session.link_is_up(self._clock()))
             answers_before, opened_at = self._answers_in, time.monotonic()
             reason, failed = await self._run_link(transport)
@@ -944,15 +962,26 @@ class TerminalWorker:
         if problem is not None:
             key = f"key {self.key.identifier} v{self.key.version}" if self.key else "no key"
             then = f"check the encryption key configured for it ({key}){self._swap_hint()}"
-            if len(self.keys) > 1 and self.identity == "confirmed" \
+            if len(self.keys) > 1 and not self.identity.startswith("mismatch") \
+                    and self.session.identity.check is None \
                     and self._last_sent_key is self.key and self.session.expects_answer():
-                # A key rotation: the terminal, confirmed on this link, may have taken up the
-                # other key since. Only as the answer to a frame of ours under the key in use:
-                # the error is not authenticated, and a stray one (anyone on the line may
-                # write it) or another terminal's device must not turn the bridge (reviews);
-                # the terminal's next message under the key it holds turns it back anyway.
-                # Before the device is confirmed, its identity check is asked with the other
-                # key instead (see the neighbours setter), and its answer decides.
+                # (an identity check tries the keys itself: see the neighbours setter)
+                self._key_refusals += 1
+            if self._key_refusals >= KEY_REFUSALS_BEFORE_SWITCHING:
+                # A key rotation: the terminal may have taken up the other key since. Only as
+                # answers to frames of ours under the key in use: the error is not
+                # authenticated, and a stray one (anyone on the line may write it) must not
+                # turn the bridge (reviews); nor one alone: a copy damaged on the line in a
+                # way its check byte missed is refused so too (the soak); nor while the device
+                # has named another terminal. Another terminal's device not named yet may
+                # turn it meanwhile, harmlessly: the key its state document shows is the one
+                # its own messages came with (_heard), and the terminal's next message under
+                # the key it holds turns it back. The identity check tries the other key
+                # first (see the neighbours setter); this is for what a check does not
+                # settle: status polls to a device left unnamed (the soak: a check's answer
+                # lost on the line left a terminal polled under the key it no longer held,
+                # its charged payment unresolved for good).
+                self._key_refusals = 0
                 other = next(k for k in self.keys if k is not self.key)
                 self._use_key(other, f"it could not decrypt a message sent with {key}")
                 then = (f"sent with {key}; the bridge sends with its other key, "
@@ -1091,7 +1120,11 @@ class TerminalWorker:
         could be on this link and names that terminal: its cable is in this terminal's port
         (the terminals use different keys). Authenticated by that key, it is as good as the
         terminal's word, and it is followed or reported like any wrong device's message."""
-        for poi_id, key in self.neighbours.items():
+        for poi_id, configured in self.neighbours.items():
+            owner = self.terminals.get(poi_id)
+            # (every key of that terminal: in a key rotation its device may hold either)
+            key = crypto.key_named(document, owner.keys if owner is not None else
+                                   [configured] if configured is not None else [])
             if key is None or any(crypto.same_key(key, own) for own in self.keys):
                 continue
             try:
@@ -1115,6 +1148,7 @@ class TerminalWorker:
     def _heard(self, key: crypto.NexoKey) -> None:
         """An authenticated message of this terminal's came under `key`: it holds that key.
         Frames go with it from now on, and the state document says so."""
+        self._key_refusals = 0
         if key is not self.key:
             self._use_key(key, "its messages come with it")
         if key is not self._heard_key:

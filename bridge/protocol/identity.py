@@ -42,6 +42,17 @@ IDENTITY_CHECKS_BEFORE_REFUSING = 2
 # whose cable is put back) is not shut out until a technician replugs it.
 RECHECK_FIRST, RECHECK_MAX = 10.0, 300.0
 BRIDGE_SALE_ID = "poi-bridge"  # the SaleID of the bridge's own identity checks
+# An entry of `other_keys` naming a terminal's other key, in a key rotation: "<POIID>#other"
+# (a POIID has no "#")
+OTHER_KEY = "#other"
+
+
+def key_owner(key_of: str) -> tuple[str, bool]:
+    """The terminal an entry of `other_keys` names, and whether it is that terminal's other
+    key (OTHER_KEY)."""
+    if key_of.endswith(OTHER_KEY):
+        return key_of[:-len(OTHER_KEY)], True
+    return key_of, False
 
 
 @dataclass(slots=True)
@@ -156,6 +167,12 @@ class DeviceIdentity:
         return self.other_keys[:self.other_keys.index(last) + 1]
 
     def asking_with(self, key_of: str) -> Log:
+        owner, other = key_owner(key_of)
+        if other:
+            return Log("info", f"terminal {self.poi_id}: the device on its link does not take its "
+                               f"key, or answers in another; asking which terminal it is with "
+                               f"{owner}'s other key (its previous_key: a key rotation), in "
+                               "case that terminal's cable is in this port")
         if key_of == self.poi_id:
             return Log("info", f"terminal {self.poi_id}: the device on its link does not take "
                                "the key in use, or answers in another; asking which terminal "
@@ -200,7 +217,8 @@ class DeviceIdentity:
             # The first failure, on the link's own key, is what a technician acts on
             tried = self._keys_tried(self.check.key_of)
             own = self.poi_id in tried
-            others = [poi_id for poi_id in tried if poi_id != self.poi_id]
+            others = list(dict.fromkeys(key_owner(poi_id)[0] for poi_id in tried
+                                        if poi_id != self.poi_id))
             which = " and ".join(
                 (["its other key (previous_key)"] if own else [])
                 + ([f"{others[0]}'s key (in case it is that terminal)"] if len(others) == 1
