@@ -45,6 +45,17 @@ async def both_found_on_their_own_devices(bridge: Any, port_a: str, port_b: str)
     assert (linked_to(bridge, A), linked_to(bridge, B)) == (port_a, port_b)
 
 
+async def both_found_and_paid(bridge: Any, broker: Any, port_a: str, port_b: str) -> None:
+    """both_found_on_their_own_devices, then a payment of 10.00 on A and 20.00 on B, each
+    approved (amounts() tells on which device each ran)."""
+    await both_found_on_their_own_devices(bridge, port_a, port_b)
+    async with RegisterClient(broker.host, broker.port, "TILL1", base_topic=BASE,
+                              persistent=False) as till:
+        for poi_id, amount in ((A, 10.0), (B, 20.0)):
+            answer = await till.pay(poi_id, amount, timeout=15)
+            assert answer["bridge"]["outcome"] == "approved", answer
+
+
 async def test_swapped_terminals_with_different_keys_are_followed_and_paid_on_their_own(
         tmp_path, mosquitto, caplog):
     """Each device answered the other terminal's check (encrypted with the other key) with
@@ -55,12 +66,7 @@ async def test_swapped_terminals_with_different_keys_are_followed_and_paid_on_th
     async with each_device_on_its_own_key(tmp_path) as (sim_a, sim_b, port_a, port_b):
         with caplog.at_level(logging.INFO, logger="poi_bridge"):
             async with bridge_on(tmp_path, mosquitto, {A: port_b, B: port_a}, keys) as bridge:
-                await both_found_on_their_own_devices(bridge, port_a, port_b)
-                async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
-                                          base_topic=BASE, persistent=False) as till:
-                    for poi_id, amount in ((A, 10.0), (B, 20.0)):
-                        answer = await till.pay(poi_id, amount, timeout=15)
-                        assert answer["bridge"]["outcome"] == "approved", answer
+                await both_found_and_paid(bridge, mosquitto, port_a, port_b)
         assert [m for m in caplog.messages if "following them" in m], caplog.messages
         assert any(f"asking which terminal it is with {B}'s key" in m for m in caplog.messages)
         assert (amounts(sim_a), amounts(sim_b)) == ([10.0], [20.0])
@@ -111,12 +117,7 @@ async def test_swapped_terminals_both_in_a_key_rotation_are_found_at_the_start(
     async with each_device_on_its_own_key(tmp_path) as (sim_a, sim_b, port_a, port_b):
         async with bridge_on(tmp_path, mosquitto, {A: port_b, B: port_a}, rotated,
                              previous_keys=keys) as bridge:
-            await both_found_on_their_own_devices(bridge, port_a, port_b)
-            async with RegisterClient(mosquitto.host, mosquitto.port, "TILL1",
-                                      base_topic=BASE, persistent=False) as till:
-                for poi_id, amount in ((A, 10.0), (B, 20.0)):
-                    answer = await till.pay(poi_id, amount, timeout=15)
-                    assert answer["bridge"]["outcome"] == "approved", answer
+            await both_found_and_paid(bridge, mosquitto, port_a, port_b)
         assert (amounts(sim_a), amounts(sim_b)) == ([10.0], [20.0])
 
 
