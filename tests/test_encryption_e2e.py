@@ -270,23 +270,34 @@ async def test_one_crypto_error_to_a_frame_of_ours_does_not_turn_the_key(tmp_pat
     assert not [m for m in caplog.messages if "now sends with key" in m], caplog.messages
 
 
+def workers_sharing_a_journal(tmp_path, journal: Journal,
+                              keys: dict[str, tuple]) -> dict[str, TerminalWorker]:
+    """Workers of the terminals `keys` names ({POIID: (key, previous_key)}), on serial
+    links that are not opened, set up with each other as the daemon does (terminals, then
+    neighbours)."""
+    workers = {}
+    for poi_id, (key, previous) in keys.items():
+        config = TerminalConfig.model_validate({
+            "poi_id": poi_id, "link": {"kind": "serial", "device": str(tmp_path / poi_id)}})
+        workers[poi_id] = TerminalWorker(config, journal, RecordingOutlet(), key=key,
+                                         previous_key=previous)
+    for worker in workers.values():
+        worker.terminals = workers
+    for worker in workers.values():
+        worker.neighbours = {other.poi_id: other.key for other in workers.values()
+                             if other is not worker}
+    return workers
+
+
 async def test_another_terminals_message_under_a_shared_key_leaves_the_key_in_use(tmp_path):
     """A chain-wide rotation: A has the new key (v2) and the old one (v1) as previous_key,
     B has not moved yet (v1). B's device on A's link (swapped cables) sends under v1: that
     says nothing of which key A's terminal holds, and turned A to v1 (a review)."""
     journal = Journal(tmp_path / "journal.sqlite3")
     try:
-        workers = {}
-        for poi_id, key, previous in ((POI, NEW_KEY, KEY), ("V400m-222", KEY, None)):
-            config = TerminalConfig.model_validate({
-                "poi_id": poi_id,
-                "link": {"kind": "serial", "device": str(tmp_path / poi_id)}})
-            workers[poi_id] = TerminalWorker(config, journal, RecordingOutlet(), key=key,
-                                             previous_key=previous)
+        workers = workers_sharing_a_journal(tmp_path, journal, {
+            POI: (NEW_KEY, KEY), "V400m-222": (KEY, None)})
         a, b = workers[POI], workers["V400m-222"]
-        for worker in workers.values():
-            worker.terminals = workers
-        a.neighbours, b.neighbours = {b.poi_id: b.key}, {a.poi_id: a.key}
         request = responses.payment_request("POS1", "B1", b.poi_id, 5.0)
         answer = responses.payment_response(request, "approve", 0)
         a._on_frame(json.dumps(crypto.encrypt_message(answer, KEY)).encode())
@@ -295,6 +306,47 @@ async def test_another_terminals_message_under_a_shared_key_leaves_the_key_in_us
         answer["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
         a._on_frame(json.dumps(crypto.encrypt_message(answer, KEY)).encode())
         assert a.key is KEY
+    finally:
+        journal.close()
+
+
+def test_a_device_is_asked_with_every_key_of_a_rotation_each_once(tmp_path):
+    """A chain moving every terminal from a key of its own to one shared new key: each has
+    the new key and its old one as previous_key. A device behind a swapped cable may hold
+    its old key: A's link asks with A's old key, then each other terminal's old key, and
+    never the shared new key twice (a review: a neighbour whose key was A's was left out
+    with its old key too)."""
+    old = {poi_id: crypto.NexoKey(f"Old-{poi_id}", 1, f"old {poi_id}")
+           for poi_id in (POI, "V400m-222", "V400m-333")}
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        workers = workers_sharing_a_journal(tmp_path, journal, {
+            poi_id: (NEW_KEY, key) for poi_id, key in old.items()})
+        a = workers[POI]
+        asked = a.session.identity.other_keys
+        assert asked == (POI, "V400m-222#other", "V400m-333#other"), asked
+        assert [a._key_for(entry) for entry in asked] == list(old.values())
+    finally:
+        journal.close()
+
+
+def test_a_stray_crypto_error_is_not_counted_towards_turning_the_key(tmp_path):
+    """A crypto error the session knows to be the answer to an identity check it gave up
+    (asked with another terminal's key) is no refusal of ours: it counted, and one more
+    (a damaged copy) turned the key (a review)."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        worker = workers_sharing_a_journal(tmp_path, journal, {POI: (KEY, NEW_KEY)})[POI]
+        worker.identity = "confirmed"
+        worker._last_sent_key = worker.key
+        worker.session.expects_answer = lambda: True  # (a status poll on the wire, say)
+        worker.session.identity.stray_refusals = 1
+        worker.session.identity.strays_until = worker._clock() + 60
+        worker._on_frame(CRYPTO_ERROR)  # the stray
+        worker._on_frame(CRYPTO_ERROR)  # one refusal of ours: not two in a row
+        assert worker.key is KEY
+        worker._on_frame(CRYPTO_ERROR)  # two: the terminal holds the other key
+        assert worker.key is NEW_KEY
     finally:
         journal.close()
 

@@ -202,6 +202,7 @@ class TerminalWorker:
         self._heard_key: crypto.NexoKey | None = None  # the terminal's last message came with
         # crypto errors in a row that answered frames of ours under the key in use (_on_frame)
         self._key_refusals = 0
+        self._turned_unheard = False  # the key turned since the terminal was last heard
         self._transport_factory = transport_factory
         self._clock = clock or SteadyClock()
         self._backoff = backoff or Backoff(initial=0.2, maximum=10.0)
@@ -282,23 +283,24 @@ class TerminalWorker:
     @neighbours.setter
     def neighbours(self, terminals: dict[str, crypto.NexoKey | None]) -> None:
         self._neighbours = terminals
-        # The keys a device that cannot take this terminal's is asked with: one terminal
-        # for each key not this one's (terminals sharing a key are asked once)
-        distinct: list[str] = []
+        # The keys a device that cannot take this terminal's is asked with, each once: in a
+        # key rotation this terminal's other key first (named by its own POIID: the device
+        # may be this terminal, holding that key); then each other terminal's key, and its
+        # other key when it is in a rotation too ("<POIID>#other": its device may hold
+        # either). A key already listed (terminals sharing one, a rotation's shared new
+        # key) is not asked again, by whichever terminal names it (a review: a neighbour
+        # whose key was ours took its own previous key off the list with it).
+        entries = [self.poi_id] if len(self.keys) > 1 else []
+        asked = list(self.keys)
         for poi_id in sorted(terminals):
-            key = terminals[poi_id]
-            if key is None or any(crypto.same_key(key, own) for own in self.keys) \
-                    or any(crypto.same_key(key, terminals[other]) for other in distinct):
-                continue
-            distinct.append(poi_id)
-        # In a key rotation, this terminal's other key first (named by its own POIID): a
-        # device that cannot read the check may be this terminal, holding that key; and for
-        # another terminal in one, its other key after its key (its device may hold either)
-        own = (self.poi_id,) if len(self.keys) > 1 else ()
-        rotating = {poi_id for poi_id, owner in self.terminals.items() if len(owner.keys) > 1}
-        self.session.identity.other_keys = own + tuple(
-            entry for poi_id in distinct
-            for entry in ((poi_id, poi_id + OTHER_KEY) if poi_id in rotating else (poi_id,)))
+            owner = self.terminals.get(poi_id)
+            keys = owner.keys if owner is not None else (terminals[poi_id],)
+            for entry, key in zip((poi_id, poi_id + OTHER_KEY), keys, strict=False):
+                if key is None or any(crypto.same_key(key, seen) for seen in asked):
+                    continue
+                asked.append(key)
+                entries.append(entry)
+        self.session.identity.other_keys = tuple(entries)
 
     @property
     def online(self) -> bool:
@@ -685,7 +687,7 @@ class TerminalWorker:
             log.log(logging.DEBUG if self._loss_at_debug else logging.INFO,
                     "terminal %s: link up on %s", self.poi_id, transport.describe())
             self._link_reason = ""
-            self._key_refusals = 0  # (another device, perhaps)
+            self._key_refusals, self._turned_unheard = 0, False  # (another device, perhaps)
             self._apply(self.session.link_is_up(self._clock()))
             answers_before, opened_at = self._answers_in, time.monotonic()
             reason, failed = await self._run_link(transport)
@@ -964,6 +966,7 @@ class TerminalWorker:
             then = f"check the encryption key configured for it ({key}){self._swap_hint()}"
             if len(self.keys) > 1 and not self.identity.startswith("mismatch") \
                     and self.session.identity.check is None \
+                    and not self.session.identity.stray_refusal_pending(now) \
                     and self._last_sent_key is self.key and self.session.expects_answer():
                 # (an identity check tries the keys itself: see the neighbours setter)
                 self._key_refusals += 1
@@ -1139,16 +1142,21 @@ class TerminalWorker:
     def _use_key(self, key: crypto.NexoKey, why: str) -> None:
         """From now on frames to the terminal go with `key`, its other key in a key rotation
         (previous_key): the one it uses, as its messages or its crypto errors show."""
-        log.info("terminal %s: the bridge now sends with key %s v%d (%s): the terminal's key "
-                 "settings were changed, a key rotation under way? Once every terminal uses "
-                 "the new key, remove previous_key from the configuration", self.poi_id,
-                 key.identifier, key.version, why)
+        # (said once until the terminal is heard: behind a device that names nobody, the
+        # key may turn back and forth every two refusals, a review)
+        log.log(logging.DEBUG if self._turned_unheard else logging.INFO,
+                "terminal %s: the bridge now sends with key %s v%d (%s): the terminal's key "
+                "settings were changed, a key rotation under way? Once every terminal uses "
+                "the new key, remove previous_key from the configuration", self.poi_id,
+                key.identifier, key.version, why)
+        self._turned_unheard = True
         self.key = key
 
     def _heard(self, key: crypto.NexoKey) -> None:
         """An authenticated message of this terminal's came under `key`: it holds that key.
         Frames go with it from now on, and the state document says so."""
         self._key_refusals = 0
+        self._turned_unheard = False
         if key is not self.key:
             self._use_key(key, "its messages come with it")
         if key is not self._heard_key:

@@ -171,8 +171,8 @@ class DeviceIdentity:
         if other:
             return Log("info", f"terminal {self.poi_id}: the device on its link does not take its "
                                f"key, or answers in another; asking which terminal it is with "
-                               f"{owner}'s other key (its previous_key: a key rotation), in "
-                               "case that terminal's cable is in this port")
+                               f"{owner}'s other key (a key rotation), in case that "
+                               "terminal's cable is in this port")
         if key_of == self.poi_id:
             return Log("info", f"terminal {self.poi_id}: the device on its link does not take "
                                "the key in use, or answers in another; asking which terminal "
@@ -189,6 +189,11 @@ class DeviceIdentity:
             self.stray_refusals += 1
             self.strays_until = expect_until
         self.check = None
+
+    def stray_refusal_pending(self, now: float) -> bool:
+        """Whether a crypto error now may be one a check named_meanwhile() abandoned
+        (stray_refusal_expected, without counting it off)."""
+        return bool(self.stray_refusals) and now <= self.strays_until
 
     def stray_refusal_expected(self, now: float) -> bool:
         """Whether a crypto error is the expected answer to a check named_meanwhile()
