@@ -280,11 +280,12 @@ async def test_status_shows_the_key_a_terminal_in_a_key_rotation_holds(tmp_path,
             "previous_key": {"identifier": "K", "version": 1,
                              "passphrase_file": str(tmp_path / "old")}}
     async with running_bridge(tmp_path, mosquitto, terminal_key=held, keys=keys) as bridge:
-        for _ in range(250):
-            if bridge.workers[POI].state()["key"] == f"K v{holds}":
+        for _ in range(750):  # (heard, and the daemon on the broker to answer status)
+            if bridge.workers[POI].state()["key"] == f"K v{holds}" and bridge.gateway.connected:
                 break
             await asyncio.sleep(0.02)
         assert bridge.workers[POI].state()["key"] == f"K v{holds}"
+        assert bridge.gateway.connected
         toml = "".join(f'[terminals.{name}]\nidentifier = "K"\nversion = {table["version"]}\n'
                        f'passphrase_file = "{table["passphrase_file"]}"\n'
                        for name, table in keys.items())
