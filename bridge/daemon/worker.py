@@ -623,7 +623,7 @@ class TerminalWorker:
         if key_of is None:
             return self.key
         if key_of == self.poi_id:
-            return next((key for key in self.keys if key is not self.key), self.key)
+            return self._other_key
         # (the key that terminal is sent with: in a key rotation, the one its device was
         # last heard with; then its other key, OTHER_KEY)
         poi_id, other = key_owner(key_of)
@@ -962,33 +962,7 @@ class TerminalWorker:
             return
         problem = crypto.terminal_crypto_error(document)
         if problem is not None:
-            key = f"key {self.key.identifier} v{self.key.version}" if self.key else "no key"
-            then = f"check the encryption key configured for it ({key}){self._swap_hint()}"
-            if len(self.keys) > 1 and not self.identity.startswith("mismatch") \
-                    and self.session.identity.check is None \
-                    and not self.session.identity.stray_refusal_pending(now) \
-                    and self._last_sent_key is self.key and self.session.expects_answer():
-                # (an identity check tries the keys itself: see the neighbours setter)
-                self._key_refusals += 1
-            if self._key_refusals >= KEY_REFUSALS_BEFORE_SWITCHING:
-                # A key rotation: the terminal may have taken up the other key since. Only as
-                # answers to frames of ours under the key in use: the error is not
-                # authenticated, and a stray one (anyone on the line may write it) must not
-                # turn the bridge (reviews); nor one alone: a copy damaged on the line in a
-                # way its check byte missed is refused so too (the soak); nor while the device
-                # has named another terminal. Another terminal's device not named yet may
-                # turn it meanwhile, harmlessly: the key its state document shows is the one
-                # its own messages came with (_heard), and the terminal's next message under
-                # the key it holds turns it back. The identity check tries the other key
-                # first (see the neighbours setter); this is for what a check does not
-                # settle: status polls to a device left unnamed (the soak: a check's answer
-                # lost on the line left a terminal polled under the key it no longer held,
-                # its charged payment unresolved for good).
-                self._key_refusals = 0
-                other = next(k for k in self.keys if k is not self.key)
-                self._use_key(other, f"it could not decrypt a message sent with {key}")
-                then = (f"sent with {key}; the bridge sends with its other key, "
-                        f"{other.identifier} v{other.version}, from now")
+            then = self._refused_under_key(now)
             self._apply_answer(waiting, self.session.refused(
                 f"terminal {self.poi_id} cannot decrypt our message ({problem}); {then}", now))
             return
@@ -1050,6 +1024,40 @@ class TerminalWorker:
             # rotation says nothing of which key this terminal holds, a review)
             self._heard(read_with)
         self._take(message, now)
+
+    def _refused_under_key(self, now: float) -> str:
+        """The terminal refused a message with a crypto error: what to do about it, for the
+        refusal's text. In a key rotation, the key in use is turned to the other one when
+        such errors answer two frames of ours under it in a row: the terminal may have taken
+        up the other key since. Only answers to frames of ours under the key in use count:
+        the error is not authenticated, and a stray one (anyone on the line may write it)
+        must not turn the bridge (reviews); nor one alone: a copy damaged on the line in a
+        way its check byte missed is refused so too (the soak); nor while the device has
+        named another terminal, nor during an identity check, which tries the keys itself
+        (see the neighbours setter). Another terminal's device not named yet may turn it
+        meanwhile, harmlessly: the key the state document shows is the one the terminal's
+        own messages came with (_heard), and its next message under the key it holds turns
+        it back. This is for what an identity check does not settle: status polls to a
+        device left unnamed (the soak: a check's answer lost on the line left a terminal
+        polled under the key it no longer held, its charged payment unresolved for good)."""
+        key = f"key {self.key.identifier} v{self.key.version}" if self.key else "no key"
+        if len(self.keys) > 1 and not self.identity.startswith("mismatch") \
+                and self.session.identity.check is None \
+                and not self.session.identity.stray_refusal_pending(now) \
+                and self._last_sent_key is self.key and self.session.expects_answer():
+            self._key_refusals += 1
+        if self._key_refusals < KEY_REFUSALS_BEFORE_SWITCHING:
+            return f"check the encryption key configured for it ({key}){self._swap_hint()}"
+        self._key_refusals = 0
+        other = self._other_key
+        self._use_key(other, f"it could not decrypt a message sent with {key}")
+        return (f"sent with {key}; the bridge sends with its other key, "
+                f"{other.identifier} v{other.version}, from now")
+
+    @property
+    def _other_key(self) -> crypto.NexoKey | None:
+        """In a key rotation, the terminal's key not in use (else the one in use)."""
+        return next((key for key in self.keys if key is not self.key), self.key)
 
     def _not_its_encryption(self, message: Any, read_with: crypto.NexoKey | None) -> str | None:
         """Why a message read with this terminal's own settings (its key, or in clear) is not
