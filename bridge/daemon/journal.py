@@ -195,6 +195,7 @@ class Journal:
         if not readonly:
             self._lock, self._db_fd, created = hold_lock(self.path)
         self.bridge_id: str | None = None  # (set on opening; a read-only one may have none)
+        self.session_check_left = self._session_check_noted = False  # (note_connecting)
         try:
             self._open(readonly, created)
         except BaseException:
@@ -279,6 +280,11 @@ class Journal:
                              (os.urandom(8).hex(),))
             (self.bridge_id,) = self._db.execute(
                 "SELECT value FROM meta WHERE key = 'bridge_id'").fetchone()
+            # An earlier run connected to the broker and stopped before it recorded what
+            # the broker answered (note_connecting)
+            self.session_check_left = self._db.execute(
+                "SELECT 1 FROM meta WHERE key = 'session_check'").fetchone() is not None
+            self._session_check_noted = self.session_check_left
             self._db.execute("COMMIT")
             (newest,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()
             self._last_outbox_id = self._durable_outbox_id = newest
@@ -1061,14 +1067,33 @@ class Journal:
         (at,) = self._db.execute("SELECT MAX(delivered_at) FROM outbox").fetchone()
         return at
 
+    def note_connecting(self) -> None:
+        """Before a CONNECT to the broker: on the disk before it leaves, that a connection's
+        answer is yet to be checked (cleared by note_connected, in the same commit as what
+        the check wrote). The CONNECT itself makes the broker a session for the bridge's
+        client id: a daemon killed between a CONNACK that showed the broker's state lost and
+        the commit of journal.redeliver would find, at its next start, a session present and
+        nothing to publish again, the retained documents and the results the broker lost
+        gone for good. The next start sees this row instead (session_check_left). Written
+        once, not at each retry of an outage."""
+        if self._session_check_noted:
+            return
+        with self._transaction() as db:
+            db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('session_check', ?)",
+                       (repr(time.time()),))
+        self.commit()  # (inside the daemon's grouped pass: made durable now, not later)
+        self._session_check_noted = True
+
     def note_connected(self) -> None:
-        """The bridge is connected to the broker now: the last time it was, for the next
-        start (an MQTT 5 session expires counted from the bridge's disconnect, not from the
-        last message the broker took). One row, rewritten."""
+        """The bridge is connected to the broker now, and the broker's answer checked: the
+        last time it was, for the next start (an MQTT 5 session expires counted from the
+        bridge's disconnect, not from the last message the broker took). One row, rewritten."""
         with self._transaction() as db:
             db.execute("INSERT INTO meta (key, value) VALUES ('last_connected', ?) "
                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                        (repr(time.time()),))
+            db.execute("DELETE FROM meta WHERE key = 'session_check'")
+        self._session_check_noted = False
 
     def last_connected_at(self) -> float | None:
         """When the bridge was last noted connected to the broker (note_connected), or None

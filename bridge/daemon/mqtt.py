@@ -263,6 +263,8 @@ class RegisterGateway:
         # ... past the error naming them, counted and said every LINK_LOSSES_QUIET
         self._takeovers_said = QuietRepeats(quiet.LINK_LOSSES_QUIET, self._takeovers_summed)
         self._left_at: float | None = None  # when this run's last connection ended
+        # The last run did not record what the broker answered its connect (note_connecting)
+        self._session_check_left = journal.session_check_left
         self.lost_state = 0  # connections that found the broker had lost the bridge's session
         # Another bridge on these topics: who this one is, whom it has seen (bridge.daemon.peers)
         self.peers = OtherBridges(bridge_id=journal.bridge_id, client_id=config.client_id,
@@ -495,6 +497,7 @@ class RegisterGateway:
                     client = self._client_for()
                 except (OSError, ValueError) as exc:  # paho refuses an option
                     raise SetupError(_reason(exc)) from None
+                self.journal.note_connecting()
                 async with client:
                     self._client = client
                     self.broker_problem = None
@@ -629,6 +632,8 @@ class RegisterGateway:
         expiry (counted from the disconnect, up to a health_interval after the last note) is
         gone as agreed."""
         if client.session_present is not False:
+            if self._session_check_left:
+                self._republish_after_unchecked_start()
             return
         seen = self._left_at if self._left_at is not None else max(
             (at for at in (self.journal.last_connected_at(), self.journal.last_delivered_at())
@@ -636,10 +641,8 @@ class RegisterGateway:
         if seen is None or (self.config.protocol == "5" and time.time() - seen
                             > SESSION_EXPIRY + self.config.health_interval):
             return
+        count = self._redeliver()
         window, limit = self.config.republish_window, self.config.republish_limit
-        count = self.journal.redeliver(self._transactions_prefix,
-                                       self.topics.register_response("")[:-len("/response")],
-                                       time.time() - window, limit)
         self.lost_state += 1
         log.error("the MQTT broker %s answered without the bridge's session (client id "
                   "%r): it lost its stored state (a crash or power cut before it saved its "
@@ -654,6 +657,30 @@ class RegisterGateway:
                   "changed mqtt.client_id looks the same", self._broker,
                   self.config.client_id, count, window,
                   f", the newest {limit} only (mqtt.republish_limit)" if count >= limit else "")
+
+    def _redeliver(self) -> int:
+        """Mark pending again what a broker that lost its state lost (Journal.redeliver)."""
+        self._session_check_left = False
+        return self.journal.redeliver(self._transactions_prefix,
+                                      self.topics.register_response("")[:-len("/response")],
+                                      time.time() - self.config.republish_window,
+                                      self.config.republish_limit)
+
+    def _republish_after_unchecked_start(self) -> None:
+        """The last run was stopped after a CONNACK it did not record the check of
+        (Journal.note_connecting): the broker may have lost its state then and made the
+        session found now at that CONNECT. Published again as for a lost state: registers
+        take a repeat as the same result; a lost retained document stays lost otherwise."""
+        count = self._redeliver()
+        if count:
+            log.warning("the bridge's last run stopped while connecting to the MQTT broker %s, "
+                        "before it had recorded whether the broker had kept its session: in "
+                        "case the broker had lost its stored state then (a power cut taking "
+                        "both down), the bridge publishes %d message(s) again from its "
+                        "journal (the retained transactions/... documents and the register "
+                        "responses of the last %.0f s); registers take a repeated "
+                        "SaleID/ServiceID result as the same result", self._broker, count,
+                        self.config.republish_window)
 
     def _takeovers_summed(self, key: Any, count: int, last: Any, interval: float) -> None:
         log.warning("the MQTT broker %s dropped the bridge %d more %s in the last %s, each "
