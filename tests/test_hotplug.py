@@ -112,13 +112,15 @@ _LIBC = ctypes.CDLL(None)
 _ENVIRON = ctypes.c_void_p.in_dll(_LIBC, "environ")
 
 
-def as_pyudev(props: dict[str, str]) -> pyudev.Device:
+def as_pyudev(props: dict[str, str], raw: tuple[bytes, ...] = ()) -> pyudev.Device:
     """A real pyudev Device from a recorded event: libudev builds it from the process
     environment, as it does for a udev RUN program (it needs ACTION and SEQNUM).  libudev
     splits the environment strings in place, so it gets a private environment block of its
-    own instead of the process's (swapped in for the call, then restored)."""
+    own instead of the process's (swapped in for the call, then restored). `raw`: more
+    properties, as the bytes NAME=VALUE (one in another encoding than UTF-8)."""
     assert props.get("ACTION") and props.get("SEQNUM"), "only events can be built this way"
-    buffers = [ctypes.create_string_buffer(f"{k}={v}".encode()) for k, v in props.items()]
+    lines = [f"{k}={v}".encode() for k, v in props.items()] + list(raw)
+    buffers = [ctypes.create_string_buffer(line) for line in lines]
     block = (ctypes.c_char_p * (len(buffers) + 1))(
         *[ctypes.cast(b, ctypes.c_char_p) for b in buffers], None)
     saved = _ENVIRON.value

@@ -15,6 +15,7 @@ that attribute of a pyudev usb_device.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -64,10 +65,15 @@ def device_properties(device: Any) -> dict[str, str]:
             return {str(k): str(v) for k, v in device.items()}
         raise TypeError(f"not a udev device or property mapping: {device!r}")
     props: dict[str, str] = {}
-    for key in device.properties:
-        value = device.properties.get(key)
-        if value is not None:
-            props[str(key)] = str(value)
+    # pyudev decodes every name and value as strict UTF-8: one property in another encoding
+    # (a vendor string put there by a local rule or hwdb entry) raised here, and the whole
+    # event was lost. Such a property is left out; the ones the matcher reads are ASCII.
+    with contextlib.suppress(UnicodeDecodeError):
+        for key in device.properties:
+            with contextlib.suppress(UnicodeDecodeError):
+                value = device.properties.get(key)
+                if value is not None:
+                    props[str(key)] = str(value)
     # Fill in what libudev knows but a given source may not have put in the property list.
     action = getattr(device, "action", None)
     if action and "ACTION" not in props:

@@ -219,6 +219,7 @@ class HotplugMonitor:
         # A flapping cable: a terminal's first unplug in full, the others counted
         # (quiet.LINK_LOSSES_QUIET), and the plug back of one only counted is as quiet
         self._unplugs_said = QuietRepeats(quiet.LINK_LOSSES_QUIET, self._unplugs_summed)
+        self._unreadable_said = QuietRepeats(quiet.LINK_LOSSES_QUIET)  # by device path
         self._counted_unplug: dict[str, str] = {}  # poi_id -> the device it was counted on
         self.counters = {"events": 0, "ignored": 0, "coalesced": 0, "plugs": 0, "unplugs": 0,
                          "overflows": 0}
@@ -373,7 +374,11 @@ class HotplugMonitor:
         assert self._enumerate is not None
         out = []
         for device in self._enumerate():
-            info = DeviceInfo.from_device(device)
+            try:
+                info = DeviceInfo.from_device(device)
+            except Exception as exc:  # one device's oddity must not hide the others
+                self._unreadable(device, "the enumerated device", exc)
+                continue
             if self._tag and self._tag not in info.tags:
                 continue
             if self.matcher.match(info).relevant:
@@ -403,7 +408,23 @@ class HotplugMonitor:
             if event is None:
                 self._backlog = False
                 return
-            self._receive(DeviceInfo.from_device(event))
+            try:
+                self._receive(DeviceInfo.from_device(event))
+            except Exception as exc:
+                # Escaping into the event loop, it lost the event with no rescan: a USB
+                # terminal's plug so lost left it offline until a restart (review rev4)
+                self._unreadable(event, "an event of", exc)
+                self.resync()
+
+    def _unreadable(self, device: Any, what: str, exc: Exception) -> None:
+        """Said once a LINK_LOSSES_QUIET for each device: a rescan meets it again."""
+        path = getattr(device, "device_path", None) or "?"
+        log.log(logging.WARNING if self._unreadable_said.tell(path) else logging.DEBUG,
+                "hotplug: %s %s could not be read (%s: %s); it is left out. If it is a "
+                "terminal and stays unseen, look at `udevadm info --query=property "
+                "--path=%s` for a property that is not UTF-8 (a local udev rule's or "
+                "hwdb's)", what, path, type(exc).__name__, exc, path,
+                exc_info=log.isEnabledFor(logging.DEBUG))  # (the traceback, for a bug)
 
     def _socket_error(self) -> int | None:
         """The monitor socket's pending error, taken (SO_ERROR). pyudev raises on POLLERR
