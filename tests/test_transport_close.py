@@ -242,3 +242,42 @@ async def test_tcp_bytes_written_just_before_close_reach_the_terminal():
     finally:
         server.close()
         await within(server.wait_closed())
+
+
+def slow_close(monkeypatch, seconds: float) -> None:
+    """The port's close takes `seconds` in its thread (a wedged USB adapter's driver)."""
+    real_close = serial_module._close_port
+    monkeypatch.setattr(serial_module, "_close_port",
+                        lambda port: (time.sleep(seconds), real_close(port)))
+
+
+async def test_serial_a_new_transport_waits_for_the_old_ones_slow_close(pty, monkeypatch,
+                                                                        caplog):
+    """The worker makes a transport anew for each attempt: the old one's close, given up
+    waiting for after close_timeout, still held the port's flock, and the new one's open
+    failed as "in use by another process (a second poi-bridge ...)" (review rev4)."""
+    slow_close(monkeypatch, 0.6)
+    old = SerialTransport(SerialLink(device=pty.path), close_timeout=0.2)
+    await within(old.open())
+    await within(old.close())
+    assert "closing the port takes longer than 0.2 s" in caplog.text
+    new = SerialTransport(SerialLink(device=pty.path), close_timeout=2.0)
+    await within(new.open())  # after the old close ended
+    assert new.is_open
+    await within(new.close())
+    assert fds_open_on(pty.path) == []
+
+
+async def test_serial_a_close_that_stays_stuck_is_named_as_ours(pty, monkeypatch):
+    slow_close(monkeypatch, 1.0)
+    old = SerialTransport(SerialLink(device=pty.path), close_timeout=0.1)
+    await within(old.open())
+    await within(old.close())
+    new = SerialTransport(SerialLink(device=pty.path), close_timeout=0.1)
+    with pytest.raises(LinkClosed, match="this bridge's own close of it has not finished "
+                       r"after 0.1 s \(its driver is stuck"):
+        await within(new.open())
+    await within(asyncio.sleep(1.0))  # the close ends: the port opens again
+    await within(new.open())
+    assert new.is_open
+    await within(new.close())

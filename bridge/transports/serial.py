@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import grp
 import logging
 import os
@@ -106,9 +107,18 @@ class SerialTransport(Transport):
     async def open(self) -> None:
         if self._fd is not None:
             return
+        if self._closing is None:
+            self._closing = _close_under_way(self.link.device)
         if self._closing is not None:
             # A previous close is still releasing the port; let it finish before reopening.
             await self._await_closing()
+            if self._closing is not None:
+                # (else the open fails on that close's flock as "in use by another process
+                # (a second poi-bridge?)", a technician sent after the wrong cause)
+                raise LinkClosed(
+                    f"serial device {self.link.device}: this bridge's own close of it has not "
+                    f"finished after {self.close_timeout:g} s (its driver is stuck: a wedged "
+                    f"USB adapter? unplug it and plug it back); trying again")
         loop = asyncio.get_running_loop()
         # Opening a USB adapter talks to the device (line coding, modem lines) and can stall on
         # a wedged one, so it runs off the event loop.
@@ -495,7 +505,9 @@ class SerialTransport(Transport):
         if _output_queued(fd) != 0:
             with contextlib.suppress(termios.error, OSError):
                 termios.tcflush(fd, termios.TCOFLUSH)
-        self._closing = loop.run_in_executor(None, _close_port, port)
+        self._closing = closing = loop.run_in_executor(None, _close_port, port)
+        _CLOSES_UNDER_WAY[self.link.device] = closing
+        closing.add_done_callback(functools.partial(_close_done, self.link.device))
 
     async def _await_closing(self) -> None:
         closing = self._closing
@@ -541,6 +553,23 @@ def _close_port(port: serial.Serial) -> None:
         port.close()
     except OSError as exc:  # the fd is released even when close reports an error
         log.debug("closing %s: %s", port.port, exc)
+
+
+# Closes of a port still under way in their thread, by device: the worker makes a transport
+# anew for each attempt, and the new one waits for the old one's close as well.
+_CLOSES_UNDER_WAY: dict[str, asyncio.Future[None]] = {}
+
+
+def _close_under_way(device: str) -> asyncio.Future[None] | None:
+    closing = _CLOSES_UNDER_WAY.get(device)
+    if closing is None or closing.done() or closing.get_loop() is not asyncio.get_running_loop():
+        return None  # (one of an event loop gone: a test's, the port long closed)
+    return closing
+
+
+def _close_done(device: str, closing: asyncio.Future[None]) -> None:
+    if _CLOSES_UNDER_WAY.get(device) is closing:
+        del _CLOSES_UNDER_WAY[device]
 
 
 def _close_if_opened(pending: asyncio.Future[serial.Serial]) -> None:
