@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import copy
 
-from bridge.protocol.actions import Log
+from bridge.protocol.actions import Log, Unmatched
 from bridge.protocol.transaction import TxKey, TxState
 from bridge.simulator import responses
 
-from .test_session import SETTINGS, Harness, request_of
+from .test_session import POI, SETTINGS, Harness, request_of
 
 
 def polled(h: Harness) -> tuple[dict, dict]:
@@ -128,3 +128,65 @@ def test_a_registers_status_answer_carrying_another_record_does_not_settle_the_p
     assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
     assert any(isinstance(a, Log) and "R1/OTHER9" in a.message and "not applied" in a.message
                for a in actions)
+
+
+def reversal_under_the_payments_header(status: dict, fixtures_dir) -> dict:
+    """The terminal's Success answer to `status` (about R1/S1) whose record's header names
+    the Payment R1/S1 while its body is a ReversalResponse (the vendor's own)."""
+    import json
+
+    vendor = json.loads((fixtures_dir / "dotnet-pospayment-reversal-response-success.json")
+                        .read_text())
+    header = dict(status["SaleToPOIRequest"]["MessageHeader"], MessageType="Response")
+    return {"SaleToPOIResponse": {"MessageHeader": header, "TransactionStatusResponse": {
+        "Response": {"Result": "Success"},
+        "MessageReference": {"SaleID": "R1", "ServiceID": "S1", "MessageCategory": "Payment"},
+        "RepeatedMessageResponse": {
+            "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Service",
+                              "MessageCategory": "Payment", "MessageType": "Response",
+                              "SaleID": "R1", "ServiceID": "S1", "POIID": POI},
+            "RepeatedResponseMessageBody": {
+                "ReversalResponse": vendor["SaleToPOIResponse"]["ReversalResponse"]}}}}}
+
+
+def test_a_reversal_record_under_the_payments_own_header_does_not_settle_it(fixtures_dir):
+    """The record's header names the polled Payment, its body is a ReversalResponse: a
+    reversal's Success was read as the payment's and published `approved` (the body's name
+    counted only when the record had no header)."""
+    h = Harness()
+    request, poll = polled(h)
+    actions = h.answer(reversal_under_the_payments_header(poll, fixtures_dir))
+    assert h.delivers(actions) == []
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+    (warning,) = [a for a in actions if isinstance(a, Log) and a.level == "warning"]
+    assert "the record names Reversal" in warning.message, warning
+    h.advance(SETTINGS.poll_floor)  # asked again
+    right = responses.payment_response(request, "decline", h.now)
+    (result,) = h.delivers(h.answer(responses.status_success(h.last_poll(), right)))
+    assert (result.service_id, result.outcome) == ("S1", "declined")
+
+
+def test_a_registers_status_answer_with_a_reversal_under_the_payments_header(fixtures_dir):
+    """The same record answering a register's own status request, whether it named the
+    category or not: the payment the bridge polls is not settled, the register is not told
+    `approved`, and for a payment ended `not_found` nothing goes to the shell to correct it
+    with."""
+    from .test_session import status_of
+
+    for named in ("Payment", None):
+        h = Harness()
+        polled(h)
+        status = status_of("R1", "S1", category=named)
+        h.submit("R1", "T1", doc=status)
+        actions = h.answer(reversal_under_the_payments_header(status, fixtures_dir))
+        assert [(d.service_id, d.outcome) for d in h.delivers(actions)] == [("T1", "error")]
+        assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+        # The payment ended `not_found`: the record corrects nothing
+        h = Harness()
+        polled(h)
+        (ended,) = h.delivers(h.answer(responses.status_not_found(h.last_poll())))
+        assert ended.outcome == "not_found"
+        h.submit("R1", "T1", doc=status)
+        actions = h.answer(reversal_under_the_payments_header(status, fixtures_dir))
+        assert [(d.service_id, d.outcome) for d in h.delivers(actions)] == [("T1", "error")]
+        assert not [a for a in actions if isinstance(a, Unmatched)], named

@@ -155,6 +155,16 @@ def _classify_status(response: TransactionStatusResponse) -> Classification:
             str(header.message_category) if header is not None
             else key.removesuffix("Response")
         )
+        if category != key.removesuffix("Response"):
+            # A record whose header names one category and whose body is of another (a
+            # ReversalResponse under a Payment's header) is no outcome of either: read as
+            # the header's, a reversal's Success settled the payment `approved`
+            return Classification(
+                Outcome.ERROR, category, result, condition,
+                f"status poll: the record's header names {_shown(category)} but its body is "
+                f"a {_shown(key)}",
+                repeated_body_key=key, repeated_body=body_map[key], repeated_header=header,
+            )
         inner = _classify_body(category, body_map[key])
         return Classification(
             inner.outcome, category, inner.result, inner.error_condition,
@@ -337,16 +347,18 @@ class StatusSubject:
 
     def __str__(self) -> str:
         # (the terminal's words, quoted in details and errors that are published: filtered)
+        what = _shown(self.category) or "a transaction"
+        if self.sale_id is None and self.service_id is None:
+            return f"{self.where} names {what}"  # (a record's body: its category only)
         ids = _shown(f"{self.sale_id or '?'}/{self.service_id or '?'}")
-        return f"{self.where} names {_shown(self.category) or 'a transaction'} {ids}"
+        return f"{self.where} names {what} {ids}"
 
 
 def status_subjects(message: Message, cls: Classification) -> list[StatusSubject]:
     """What a TransactionStatus answer says it is about: the MessageReference it echoes,
-    the header of the record it carries, and the record's category (its body's name when it
-    has no header). A terminal asked about one transaction may answer about another (its
-    latest): then its record is not the asked one's outcome, nor its NotFound a "never
-    received" of it."""
+    the header of the record it carries, and the record's category (its body's name). A
+    terminal asked about one transaction may answer about another (its latest): then its
+    record is not the asked one's outcome, nor its NotFound a "never received" of it."""
     body = message.transaction_status_response if isinstance(message, SaleToPOIResponse) \
         else None
     if body is None:
@@ -361,8 +373,11 @@ def status_subjects(message: Message, cls: Classification) -> list[StatusSubject
     if header is not None:
         subjects.append(StatusSubject("the record's header", header.sale_id, header.service_id,
                                       str(header.message_category)))
-    elif cls.repeated_body_key is not None:
-        subjects.append(StatusSubject("the record", None, None, cls.category))
+    if cls.repeated_body_key is not None:
+        # Its body's name too, header or not: a ReversalResponse is no record of a Payment
+        # whatever its header says
+        subjects.append(StatusSubject("the record", None, None,
+                                      cls.repeated_body_key.removesuffix("Response")))
     return subjects
 
 
