@@ -723,6 +723,36 @@ def test_diagnosis_answer_is_success():
     assert result.outcome == "success"
 
 
+def test_a_non_money_answer_ends_success_failure_or_error(fixtures_dir):
+    """A Login (or Diagnosis...) the terminal answers Failure / InProgress or Busy did not
+    run: `failure`, final (it was published final with outcome `in_progress`, a word that
+    says "ask again" of a request nothing asks about). An answer under its IDs that names a
+    money category is no result of it: `error`, not `approved`."""
+    login = json.loads((fixtures_dir / "java-login-request.json").read_text())  # (its body)
+    for condition in ("InProgress", "Busy"):
+        h = Harness()
+        doc = {"SaleToPOIRequest": {
+            "MessageHeader": {"ProtocolVersion": "3.0", "MessageClass": "Service",
+                              "MessageCategory": "Login", "MessageType": "Request",
+                              "SaleID": "R1", "ServiceID": "L1", "POIID": POI},
+            "LoginRequest": login}}
+        h.submit("R1", "L1", category="Login", doc=doc)
+        answer = responses.simple_response(doc, result="Failure")
+        answer["SaleToPOIResponse"]["LoginResponse"]["Response"]["ErrorCondition"] = condition
+        (result,) = h.delivers(h.answer(answer))
+        assert (result.outcome, result.source) == ("failure", "terminal"), condition
+        assert not h.session.open and h.session.active is None
+    h = Harness()
+    h.submit("R1", "D1", category="Diagnosis")
+    paid = responses.simple_response(request_of(h, "R1", "D1"))
+    paid["SaleToPOIResponse"]["MessageHeader"]["MessageCategory"] = "Payment"
+    paid["SaleToPOIResponse"]["PaymentResponse"] = paid["SaleToPOIResponse"].pop(
+        "DiagnosisResponse")
+    (result,) = h.delivers(h.answer(paid))
+    assert result.outcome == "error" and "no Diagnosis result" in result.error, result
+    assert not h.session.open
+
+
 def test_register_status_request_passes_through_and_settles_an_unresolved_transaction():
     h = Harness()
     h.submit("R1", "S1")

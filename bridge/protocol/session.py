@@ -937,7 +937,18 @@ class TerminalSession(StatusAnswers):
         if txn.passthrough:
             return passthrough.answered(self, txn, cls, message, now)
         if txn.category not in MONEY_CATEGORIES:
-            outcome = Outcome.FAILURE if cls.outcome is Outcome.BUSY else cls.outcome
+            # A non-money request ends success, failure or error. Busy or InProgress: the
+            # terminal did not carry it out (busy with another), and nothing polls it, so a
+            # failure, not a word that says "ask again" of a request that is final
+            if cls.outcome in (Outcome.SUCCESS, Outcome.FAILURE, Outcome.ERROR):
+                outcome = cls.outcome
+            elif cls.outcome in (Outcome.BUSY, Outcome.IN_PROGRESS):
+                outcome = Outcome.FAILURE
+            else:
+                # A money word or NotFound: an answer naming another category (a Payment's
+                # header, a status answer) under this request's IDs is no result of it
+                return self._unusable_answer(
+                    txn, f"no {txn.category} result ({cls.detail})", now)
             return self._finish(txn, outcome, document, "terminal", now, detail=cls.detail)
         # (less authorised than asked: partial)
         cls = amounts_read(cls, payment_amounts(txn.request), document)
