@@ -97,6 +97,39 @@ def test_status_fixture_outcome_sits_in_repeated_message_response():
     assert rebuilt["PaymentResponse"]["Response"]["Result"] == "Success"
 
 
+def test_a_record_header_without_message_type_or_category_is_read():
+    """The vendor's status answer, its record given a header without MessageType (or
+    MessageCategory too): the whole answer was unreadable (the strict MessageHeader), and a
+    charged payment's outcome never learned. Its category is the body's; the rebuilt
+    response's header has what a response's must (the journal parses it again)."""
+    original = SaleToPOIRequest.model_validate(
+        responses.payment_request("TOSIM_1_100_6", "05140342", "P400Plus-12345678")
+        ["SaleToPOIRequest"])
+    for left_out in (("MessageType",), ("MessageType", "MessageCategory")):
+        document = load("dotnet-pospayment-transaction-status-response.json")
+        header = {"SaleID": "TOSIM_1_100_6", "ServiceID": "05140342",
+                  "MessageCategory": "Payment", "POIID": "P400Plus-12345678"}
+        for name in left_out:
+            header.pop(name, None)
+        document["SaleToPOIResponse"]["TransactionStatusResponse"][
+            "RepeatedMessageResponse"]["MessageHeader"] = header
+        message = parse_message(document)
+        assert message.to_document() == document
+        verdict = classify(message)
+        assert (verdict.outcome, verdict.category) == (Outcome.APPROVED, "Payment"), left_out
+        assert verdict.repeated_header.service_id == "05140342"
+        rebuilt = recovered_response(verdict, original.message_header)
+        assert (rebuilt["SaleToPOIResponse"]["MessageHeader"]["MessageType"],
+                rebuilt["SaleToPOIResponse"]["MessageHeader"]["MessageCategory"]) \
+            == ("Response", "Payment")
+        assert classify(parse_message(rebuilt)).outcome is Outcome.APPROVED
+    # A message's own header is held as before
+    document = load("dotnet-pospayment-transaction-status-response.json")
+    del document["SaleToPOIResponse"]["MessageHeader"]["MessageType"]
+    with pytest.raises(MessageError):
+        parse_message(document)
+
+
 def test_unknown_enum_values_and_fields_are_kept():
     document = load("dotnet-pospayment-cancelled.json")
     inner = document["SaleToPOIResponse"]

@@ -190,3 +190,31 @@ def test_a_registers_status_answer_with_a_reversal_under_the_payments_header(fix
         actions = h.answer(reversal_under_the_payments_header(status, fixtures_dir))
         assert [(d.service_id, d.outcome) for d in h.delivers(actions)] == [("T1", "error")]
         assert not [a for a in actions if isinstance(a, Unmatched)], named
+
+
+def test_a_record_header_without_message_type_or_category_still_settles_only_its_own():
+    """A record's header without MessageType and MessageCategory made the whole answer
+    unreadable: a charged payment was never learned, and ended `unresolved`. It is read now,
+    the category taken from its body: the payment's own record settles it, one whose header
+    names another ServiceID, or whose body is a ReversalResponse, still does not."""
+    def headless(poll: dict, record: dict, service_id: str = "S1") -> dict:
+        answer = responses.status_success(poll, record)
+        repeated = answer["SaleToPOIResponse"]["TransactionStatusResponse"][
+            "RepeatedMessageResponse"]
+        repeated["MessageHeader"] = {"SaleID": "R1", "ServiceID": service_id, "POIID": POI}
+        return answer
+
+    for service_id, category in (("OTHER9", None), ("S1", "Reversal")):
+        h = Harness()
+        request, poll = polled(h)
+        record = responses.payment_response(another(request, service_id, category),
+                                            "approve", h.now)
+        assert h.delivers(h.answer(headless(poll, record, service_id))) == []
+        assert h.session.open[TxKey("R1", "S1")].state is TxState.POLLING
+    h.advance(SETTINGS.poll_floor)
+    record = responses.payment_response(request, "approve", h.now)
+    (result,) = h.delivers(h.answer(headless(h.last_poll(), record)))
+    assert (result.service_id, result.outcome, result.source) == ("S1", "approved", "status-poll")
+    header = result.response["SaleToPOIResponse"]["MessageHeader"]
+    assert (header["MessageType"], header["MessageCategory"], header["ServiceID"]) \
+        == ("Response", "Payment", "S1")

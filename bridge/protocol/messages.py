@@ -112,6 +112,17 @@ class MessageHeader(_Open):
     device_id: str | None = Field(None, alias="DeviceID")
 
 
+class RecordHeader(MessageHeader):
+    """The header of a record a status answer carries (RepeatedMessageResponse): held less
+    strictly than a message's own. A terminal that left out its MessageType or
+    MessageCategory there made the whole answer unreadable, and a charged payment's outcome
+    was never learned; the record's body names its category anyway (status_subjects)."""
+    message_category: Open[MessageCategory] | None = Field(  # type: ignore[assignment]
+        None, alias="MessageCategory")
+    message_type: Open[MessageType] | None = Field(  # type: ignore[assignment]
+        None, alias="MessageType")
+
+
 # MessageHeader's own fields by their JSON names: all of a request's header that an answer the
 # bridge gives in the terminal's place echoes
 HEADER_NAMES = frozenset(field.alias for field in MessageHeader.model_fields.values()
@@ -235,7 +246,7 @@ class TransactionStatusRequest(_Open):
 
 class RepeatedMessageResponse(_Open):
     # The inner header is optional: vendors omit it (see the .NET status-response fixture).
-    message_header: MessageHeader | None = Field(None, alias="MessageHeader")
+    message_header: RecordHeader | None = Field(None, alias="MessageHeader")
     repeated_response_message_body: dict[str, Any] | None = Field(
         None, alias="RepeatedResponseMessageBody"
     )

@@ -17,6 +17,7 @@ from bridge.protocol.messages import (
     ErrorCondition,
     Message,
     MessageHeader,
+    RecordHeader,
     Result,
     SaleToPOIRequest,
     SaleToPOIResponse,
@@ -72,7 +73,7 @@ class Classification:
     # ("PaymentResponse", {...}) and inner header, if the terminal sent one.
     repeated_body_key: str | None = None
     repeated_body: dict[str, Any] | None = None
-    repeated_header: MessageHeader | None = None
+    repeated_header: RecordHeader | None = None
 
     @property
     def from_status(self) -> bool:
@@ -151,8 +152,10 @@ def _classify_status(response: TransactionStatusResponse) -> Classification:
                 "status says processed but carries no RepeatedMessageResponse",
             )
         header = repeated.message_header if repeated else None
+        # The header's category, else the body's name (a header may name none)
         category = (
-            str(header.message_category) if header is not None
+            str(header.message_category)
+            if header is not None and header.message_category is not None
             else key.removesuffix("Response")
         )
         if category != key.removesuffix("Response"):
@@ -315,6 +318,12 @@ def recovered_response(
         header = classification.repeated_header.model_dump(
             mode="json", by_alias=True, exclude_unset=True
         )
+        # A record's header may lack what a response's must have (RecordHeader): taken from
+        # the original's, so the rebuilt response reads as one (the journal parses it again)
+        own = response_header(original_header)
+        for name in ("MessageCategory", "MessageType"):
+            if header.get(name) is None:
+                header[name] = own[name]
     else:
         header = response_header(original_header)
     return {
@@ -371,8 +380,9 @@ def status_subjects(message: Message, cls: Classification) -> list[StatusSubject
             str(ref.message_category) if ref.message_category is not None else None))
     header = cls.repeated_header
     if header is not None:
+        named = header.message_category
         subjects.append(StatusSubject("the record's header", header.sale_id, header.service_id,
-                                      str(header.message_category)))
+                                      str(named) if named is not None else None))
     if cls.repeated_body_key is not None:
         # Its body's name too, header or not: a ReversalResponse is no record of a Payment
         # whatever its header says
