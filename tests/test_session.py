@@ -300,6 +300,42 @@ def test_following_a_clock_step_moves_every_time_and_keeps_each_time_out_as_long
     assert h.sends(h.advance(0.2), "status-poll")  # and then the poll goes
 
 
+def test_a_clock_step_moves_the_identity_times_too():
+    """The wrong device's recheck and the deadline of an expected stray crypto error follow
+    a step as the poll's and the check's do: a step back of an hour left a device that named
+    another terminal unasked for an hour and ten seconds, and a step forward ended at once
+    the wait for the stray error, which then was taken as the payment's."""
+    h = Harness(link_up=False)
+    h.do(h.session.link_is_up(h.now))
+    h.session.terminal_named("V400m-999999999", h.now)
+    h.name("V400m-999999999")
+    h.advance(0)
+    wait = h.session.next_deadline() - h.now
+    h.session.shift_times(-3600.0)
+    h.now -= 3600.0
+    assert h.session.next_deadline() - h.now == wait
+    checks = len(h.sends(purpose="identify"))
+    h.advance(wait)
+    assert len(h.sends(purpose="identify")) == checks + 1  # asked again, as long after
+    # The stray crypto error named_meanwhile() expects (see the key round's tests)
+    h = Harness(link_up=False)
+    h.session.identity.other_keys = ("V400m-222",)
+    h.do(h.session.link_is_up(h.now))
+    own = h.sends(purpose="identify")[0]
+    h.do(h.session.refused("crypto error", h.now))  # B's key is tried
+    h.session.terminal_named(POI)
+    named = responses.simple_response(own.document)
+    named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+    h.answer(named)
+    assert h.session.identity.stray_refusals == 1
+    h.session.shift_times(3600.0)
+    h.now += 3600.0
+    h.submit("R1", "S1")
+    absorbed = h.do(h.session.refused("crypto error", h.now))  # B's check's answer
+    assert h.delivers(absorbed) == []
+    assert h.session.open[TxKey("R1", "S1")].state is TxState.AWAITING_RESPONSE
+
+
 def test_request_while_terminal_offline_is_refused_unavailable():
     h = Harness(link_up=False)
     (refusal,) = h.delivers(h.submit("R1", "S1"))

@@ -110,6 +110,17 @@ class DeviceIdentity:
         self._own_key_failure = ""
         self.stray_refusals = 0
 
+    def shift_times(self, delta: float) -> None:
+        """The daemon's clock moved by `delta` (TerminalSession.shift_times): every time
+        here this run set moves with it, so each wait stays as long as it was (a step back
+        of an hour held a wrong device's recheck an hour off)."""
+        if self.check is not None:
+            self.check.deadline += delta
+        if self.recheck_at is not None:
+            self.recheck_at += delta
+        if self.stray_refusals:
+            self.strays_until += delta
+
     def named_as(self, poi_id: str) -> None:
         """The device on the link sent a message carrying `poi_id`."""
         self.named = True

@@ -213,9 +213,9 @@ class TerminalSession(StatusAnswers):
         if self._request_sent_before is not None and self._request_sent_before[1] is not None:
             key, before = self._request_sent_before
             self._request_sent_before = (key, moved(before))
-        for pending in (self._probe, self.identity.check):
-            if pending is not None:
-                pending.deadline += delta
+        if self._probe is not None:
+            self._probe.deadline += delta
+        self.identity.shift_times(delta)  # its check, recheck and stray refusals' deadlines
 
     def terminal_named(self, poi_id: str, now: float | None = None) -> None:
         """The device on the link said who it is: the POIID of a message it sent (the shell
