@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -141,3 +142,24 @@ def test_another_request_that_says_when_it_was_built_is_held_to_the_rule(tmp_pat
         assert bridge["outcome"] == "rejected", bridge
         assert f"{category}Request.SaleData.SaleTransactionID.TimeStamp" in bridge["error"]
         assert "is not an ISO 8601 date and time" in bridge["error"], bridge
+
+
+def test_a_request_refused_for_its_age_says_to_retry_with_a_new_service_id(tmp_path):
+    """A user copied the README's example, its TimeStamp days old: refused, and recorded,
+    so the copy sent again with the stamp corrected under the same ServiceID got the same
+    refusal and a `duplicate` event. Each age refusal says what to do: a new ServiceID."""
+    moments = (dt.datetime.now(dt.UTC) - dt.timedelta(days=11),
+               dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30))
+    for n, stamp in enumerate([m.isoformat() for m in moments] + ["0001-01-01T00:00:00Z"]):
+        bridge = answer_to(tmp_path, stamp, f"T{n}")
+        assert bridge["outcome"] == "rejected", bridge
+        assert bridge["error"].endswith("retry with a new ServiceID"), bridge
+    old = answer_to(tmp_path, moments[0].isoformat(), "T9")["error"]
+    assert "the TimeStamp is not when the request was built" in old, old
+
+
+def test_the_readme_example_says_to_stamp_it_now():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = readme.index('"TimeStamp": "2026-11-22T10:00:00.000Z"')
+    after = readme[example:example + 800]
+    assert "set `TimeStamp` to now" in after and "new ServiceID" in after, after

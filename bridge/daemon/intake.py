@@ -805,15 +805,17 @@ class RequestIntake:
         if not math.isfinite(age):  # a date the platform cannot place (0001-01-01...)
             return (f"request's SaleTransactionID.TimeStamp {stamp.isoformat()[:40]} is "
                     f"centuries from this box's clock ({clock}): not started; set it to when "
-                    "the register builds the request")
+                    "the register builds the request, and retry with a new ServiceID")
         if age > 0:
             return (f"request is {age:.0f} s old (SaleTransactionID.TimeStamp) by this box's "
                     f"clock ({clock}); requests older than {self.request_max_age:.0f} s are not "
-                    "started. If the shopper is at the till now, the register's clock or this "
-                    "box's is wrong")
+                    "started. If the shopper is at the till now, the TimeStamp is not when the "
+                    "request was built, or the register's clock or this box's is wrong: set it "
+                    "right, then retry with a new ServiceID")
         return (f"request is stamped {-age:.0f} s in the future (SaleTransactionID.TimeStamp) "
                 f"by this box's clock ({clock}); more than {self.request_max_age:.0f} s apart, "
-                "the register's clock or this box's is wrong: set them right (NTP)")
+                "the register's clock or this box's is wrong: set them right (NTP), then retry "
+                "with a new ServiceID")
 
     # --- operator commands ------------------------------------------------------------------------
 
