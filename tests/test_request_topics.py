@@ -178,8 +178,8 @@ async def test_a_refusal_on_the_registers_topics_echoes_no_card_data(tmp_path, m
         # The SaleID level is where the register listens: unchanged, as in its answer
         assert sub.messages[0][0] == f"{BASE}/registers/POS9-{PAN}/response"
         assert refusals[0]["bridge"]["transaction"]["sale_id"] == f"POS9-{PAN}"
-        assert refusals[0]["bridge"]["error"] == (
-            f"SaleID POS9-[redacted] may not use terminal {POI}")
+        assert refusals[0]["bridge"]["error"].startswith(
+            f"SaleID POS9-[redacted] may not use terminal {POI} (its allowed_sale_ids)")
         # A category the filter changed names the body as one that cannot be read
         assert set(refusals[2]["SaleToPOIResponse"]) == {"MessageHeader", "UnknownResponse"}
         assert refusals[2]["SaleToPOIResponse"]["MessageHeader"]["MessageCategory"] \

@@ -121,7 +121,7 @@ def _foreign_reference(request: SaleToPOIRequest) -> str | None:
             return ("TransactionStatusRequest without MessageReference: the terminal would "
                     "answer about its latest transaction, whoever made it; name the "
                     f"transaction (MessageReference SaleID {header.sale_id}, its ServiceID "
-                    "and MessageCategory)")
+                    "and MessageCategory) and send it with a new ServiceID")
     elif category == "Abort" and request.abort_request is not None:
         reference = request.abort_request.message_reference
     else:
@@ -129,7 +129,8 @@ def _foreign_reference(request: SaleToPOIRequest) -> str | None:
     if reference.sale_id != header.sale_id:
         return (f"{category}Request MessageReference.SaleID {reference.sale_id!r} is not this "
                 f"request's SaleID {header.sale_id!r}: a register may ask about and abort "
-                "only its own transactions")
+                "only its own transactions; nothing was sent. Name one of them, with a new "
+                "ServiceID")
     return None
 
 
@@ -362,7 +363,7 @@ def _retry_error(earlier: Transaction, transaction_id: str, asked: tuple[float, 
             f"ServiceID {earlier.service_id} to terminal {earlier.poi_id}, which {doing}. The "
             f"terminal may have charged it: do not charge this sale again now. {find_out}. If "
             f"the cashier knows it was not charged, send the payment again with a new "
-            f"TransactionID")
+            f"TransactionID and a new ServiceID")
 
 
 class RequestIntake:
@@ -628,7 +629,7 @@ class RequestIntake:
             self._refuse_recorded(
                 request, document, digest, poi_id,
                 f"transaction {asked.key} is open on terminal {asked.poi_id}, not on "
-                f"{poi_id}: {where}", "NotAllowed")
+                f"{poi_id}: {where}; a new status request needs a new ServiceID", "NotAllowed")
             return True
         named = ref.message_category
         if asked.extra.get("unmatched") and asked.poi_id != poi_id:
@@ -638,7 +639,8 @@ class RequestIntake:
             self._refuse_recorded(
                 request, document, digest, poi_id,
                 f"transaction {asked.key} is an answer of terminal {asked.poi_id} the bridge "
-                f"had no request for: send the status request to terminal {asked.poi_id}",
+                f"had no request for: send the status request to terminal {asked.poi_id}, "
+                "with a new ServiceID",
                 "NotAllowed")
             return True
         if asked.category not in MONEY_CATEGORIES or asked.outcome not in FINAL_MONEY_OUTCOMES \
@@ -707,11 +709,15 @@ class RequestIntake:
             return other, "UnavailableService"
         worker = self.workers.get(poi_id)
         if worker is None:
-            return (f"unknown terminal {poi_id}: not in this bridge's configuration",
-                    "UnavailableDevice")
+            return (f"unknown terminal {poi_id}: not in this bridge's configuration; nothing "
+                    "was sent. Check the POIID in the topic and the request against the "
+                    "bridge's configuration (`poi-bridge status` lists its terminals), then "
+                    "retry with a new ServiceID", "UnavailableDevice")
         allowed = worker.config.allowed_sale_ids
         if allowed is not None and header.sale_id not in allowed:
-            return f"SaleID {header.sale_id} may not use terminal {poi_id}", "NotAllowed"
+            return (f"SaleID {header.sale_id} may not use terminal {poi_id} (its "
+                    "allowed_sale_ids); nothing was sent. Send the request to a terminal this "
+                    "register may use, with a new ServiceID", "NotAllowed")
         foreign = _foreign_reference(request)
         if foreign is not None:
             return foreign, "NotAllowed"

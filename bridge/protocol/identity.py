@@ -276,7 +276,7 @@ class DeviceIdentity:
                     "sent, retry with a new ServiceID")
         return (f"the device on terminal {self.poi_id}'s link says it is {self.wrong_device}; "
                 "nothing was sent until a technician checks which terminal is plugged into "
-                "which port")
+                "which port; then retry with a new ServiceID")
 
     def wrong_device_poll_text(self) -> str:
         """Why a status poll did not go: not the refusal's "nothing was sent", which would

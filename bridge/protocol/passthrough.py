@@ -73,8 +73,8 @@ def submit(session: TerminalSession, txn: Transaction, request: SaleToPOIRequest
     if waiting >= MAX_OPEN_PASSTHROUGH:
         return session._refuse(
             txn, header, "Busy", f"terminal {session.poi_id} has {waiting} status and abort "
-            "requests waiting for its answers already; nothing was sent: ask again once "
-            "yours are answered", now)
+            "requests waiting for its answers already; nothing was sent: ask again, with a "
+            "new ServiceID, once yours are answered", now)
     if txn.category == "Abort":
         # An abort gets no response of its own; the aborted transaction ends Failure/Aborted.
         # It is answered once the link says the terminal has it (its frame acknowledged, or

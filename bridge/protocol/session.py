@@ -168,14 +168,15 @@ class TerminalSession(StatusAnswers):
             txn.extra["asked_amounts"] = asked_amounts
         if not self.link_up:
             return self._refuse(txn, header, "UnavailableDevice",
-                                f"terminal {self.poi_id} is offline; nothing was sent", now)
+                                f"terminal {self.poi_id} is offline; nothing was sent: retry "
+                                "with a new ServiceID once it is back online", now)
         if self.wrong_device is not None:
             return self._refuse(txn, header, "UnavailableDevice",
                                 self.identity.wrong_device_text(), now)
         if not txn.passthrough and self.active is not None:
             return self._refuse(txn, header, "Busy",
-                                f"terminal {self.poi_id} is busy with transaction {self.active}",
-                                now)
+                                f"terminal {self.poi_id} is busy with transaction {self.active}; "
+                                "nothing was sent: retry with a new ServiceID once it ends", now)
         if txn.passthrough:
             return passthrough.submit(self, txn, request, header, now)
         self.open[txn.key] = txn
