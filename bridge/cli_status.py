@@ -180,9 +180,13 @@ def run_status(args: argparse.Namespace) -> int:
         elif state in ("online", "busy") and identity == "unknown":
             # The link is up, but the device has not said it is this terminal (the daemon's
             # state document): every request is refused, so not "online" to a technician.
-            # (A daemon older than the count does not say how many.)
+            # (A daemon older than the count does not say how many; older than the reason,
+            # not why: a crypto error is an answer, so "failed", not "unanswered", with it.)
+            failed = terminal.get("identity_check_failed")
             counted = "" if not isinstance(unanswered, int) else (
-                f"{unanswered} identity check{'' if unanswered == 1 else 's'} unanswered; ")
+                f"{unanswered} identity check{'' if unanswered == 1 else 's'} "
+                + (f"failed (the last: {failed}); " if isinstance(failed, str) and failed
+                   else "unanswered; "))
             state = (f"identity not confirmed: {counted}requests are refused until the "
                      "terminal answers one (check the framer, key and cable)")
         elif state in ("online", "busy") and isinstance(identity, str) \

@@ -349,9 +349,9 @@ async def test_status_shows_a_terminal_whose_identity_is_not_confirmed(tmp_path,
             await asyncio.sleep(0.02)
         out = (await cli("status", "--config", config_file(tmp_path, mosquitto, {}))
                ).stdout.decode()
-        assert (f"terminal {POI}: identity not confirmed: 1 identity check unanswered; "
-                "requests are refused until the terminal answers one (check the framer, key "
-                "and cable)") in out, out
+        assert (f"terminal {POI}: identity not confirmed: 1 identity check failed (the "
+                "last: no answer to the identity check within 3 s); requests are refused "
+                "until the terminal answers one (check the framer, key and cable)") in out, out
         assert f"terminal {POI}: online" not in out, out
         assert "line noise" not in out, out
 

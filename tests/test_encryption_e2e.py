@@ -148,6 +148,24 @@ async def test_wrong_key_is_a_configuration_error_not_a_decline(tmp_path):
     assert simulator.terminal.ledger == {}  # nothing was charged
 
 
+async def test_the_state_document_says_why_the_identity_check_failed(tmp_path):
+    """The log said the terminal cannot decrypt our message, and which key to check;
+    `status`, reading the state document, said only "1 identity check unanswered" (it was
+    answered: with a crypto error). The document carries the last failure's reason."""
+    other = crypto.NexoKey("CryptoKeyIdentifier12345", 1, "another passphrase")
+    async with worker_beside_a_terminal(tmp_path, KEY, other, Behaviour(delay=0.05)) as (
+            worker, outlet, _):
+        assert worker.state()["identity_check_failed"] is None  # (none failed yet)
+        result = await pay(worker, outlet, "E1")
+        assert result.outcome == "rejected"
+        state = worker.state()
+        assert state["identity_checks_unanswered"] >= 1, state
+        failed = state["identity_check_failed"]
+        assert "cannot decrypt our message" in failed, state
+        assert "CryptoKeyIdentifier12345 v1" in failed, state
+        assert "p@ssw0rd" not in failed and "another passphrase" not in failed
+
+
 NEW_KEY = crypto.NexoKey("CryptoKeyIdentifier12345", 2, "a new passphrase")
 
 

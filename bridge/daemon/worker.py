@@ -319,6 +319,11 @@ class TerminalWorker:
             "identity": _shown_identity(self.identity),
             # (while "unknown": 0, its first check is still out; more, checks went unanswered)
             "identity_checks_unanswered": self.session.identity.unanswered_since_open,
+            # ... and why the last of them failed (the terminal's crypto error, no answer in
+            # time...): `status` shows it, not only the log (through the filter: a device's
+            # words may be in it). None while none has failed since the link opened.
+            "identity_check_failed": _shown_identity(self.session.identity.unnamed_reason)
+            if self.session.identity.unanswered_since_open else None,
             "open_transactions": len(self.session.open),
             # The key the terminal's last authenticated message came with, since the daemon
             # started (None before, and without a key): in a key rotation, which one it
