@@ -478,3 +478,28 @@ def test_refused_sale_ids_leave_no_memory_behind(tmp_path):
     finally:
         rig.journal.close()
     assert held < 10e6, f"{held / 1e6:.1f} MB held after 200 refused requests"
+
+
+def test_a_malformed_request_s_refusal_names_its_problems_up_to_three(tmp_path):
+    """The refusal named the first problem only ("... MessageCategory: Field required (and 1
+    more problems)"): a register fixing one at a time was refused once for each. The first
+    three are named, the rest counted, in English."""
+    header = ("MessageHeader",)
+    document = payment()
+    del at(document, header)["MessageCategory"]
+    at(document, header)["ProtocolVersion"] = 3
+    (said,) = problems_of(document)
+    assert said == ("SaleToPOIRequest.MessageHeader.ProtocolVersion: Input should be a valid "
+                    "string; SaleToPOIRequest.MessageHeader.MessageCategory: Field required")
+    at(document, AMOUNTS_REQ)["RequestedAmount"] = "4111111111111111"  # (a card number)
+    at(document, AMOUNTS_REQ)["Currency"] = 978
+    (said,) = problems_of(document)
+    assert said.count("; ") == 2 and said.endswith(" (and 1 more problem)"), said
+    at(document, header)["MessageType"] = 5
+    (said,) = problems_of(document)
+    assert re.search(r"; [^;]+ \(and [2-9] more problems\)$", said), said
+    at(document, header)["MessageCategory"] = "Payment"  # (answered in PaymentResponse)
+    bridge = refused_by_intake(tmp_path, document)
+    assert bridge["error"].startswith("not a valid SaleToPOIRequest: SaleToPOIRequest."
+                                      "MessageHeader.ProtocolVersion: Input should be"), bridge
+    assert "4111111111111111" not in json.dumps(bridge)

@@ -447,6 +447,10 @@ def load_json(raw: str | bytes, *, max_size: int | None = None,
     return document
 
 
+# How many of a malformed message's problems its MessageError names (the rest counted)
+PROBLEMS_NAMED = 3
+
+
 def _where(err: dict[str, Any], root: str) -> str:
     return ".".join([root, *(str(p) for p in err["loc"])])
 
@@ -472,9 +476,14 @@ def parse_message(data: str | bytes | Any, *, max_size: int | None = None) -> Me
     try:
         message = model.model_validate(inner)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise MessageError(f"{_where(first, root)}: {first['msg']}{more}") from None
+        # Each problem named (a register fixing one at a time sent it again for each), up to
+        # a few: the text goes back on the register's topic, the log and a chain's head office
+        errors = exc.errors()
+        named = "; ".join(f"{_where(err, root)}: {err['msg']}"
+                          for err in errors[:PROBLEMS_NAMED])
+        rest = len(errors) - PROBLEMS_NAMED
+        more = f" (and {rest} more problem{'' if rest == 1 else 's'})" if rest > 0 else ""
+        raise MessageError(f"{named}{more}") from None
     message._source = document
     return message
 
