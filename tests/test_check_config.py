@@ -987,3 +987,15 @@ def test_a_usb_serial_port_by_its_kernel_name_is_a_warning(tmp_path, capsys, dev
     assert len(said) == 1, err
     assert f"terminals[0].link.device: {device} (Rs232-1)" in said[0], said
     assert "/dev/serial/by-id/" in said[0] and "/dev/poi/" in said[0], said
+
+
+def test_the_checks_across_terminals_come_once_each_terminal_passes_its_own():
+    """README: check-config prints every problem "in two rounds": a file with a field error
+    and a POIID configured twice was said to have only the field error (pydantic runs the
+    list's checks once each item is valid). What the README says is what it does."""
+    bad = {**terminal(), "status_timeout": -5}
+    said = problems({"terminals": [bad, terminal()]})
+    assert len(said) == 1 and "terminals[0].status_timeout" in said[0], said
+    said = problems({"terminals": [terminal(), terminal()]})
+    assert len(said) == 1 and "V400m-1 is configured twice" in said[0], said
+    assert "in two\nrounds: the checks across terminals" in README.read_text()
