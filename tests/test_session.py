@@ -300,6 +300,21 @@ def test_following_a_clock_step_moves_every_time_and_keeps_each_time_out_as_long
     assert h.sends(h.advance(0.2), "status-poll")  # and then the poll goes
 
 
+def test_a_reopened_link_does_not_quote_why_the_device_before_was_not_named():
+    """Why the last identity check failed is the device's on the link now: after the link
+    reopened (another device, perhaps), a refusal and the state document's
+    identity_check_failed quoted the one before's."""
+    from bridge.protocol.identity import DeviceIdentity
+
+    identity = DeviceIdentity(POI)
+    identity.unnamed("the terminal refused it: it cannot decrypt our message")
+    assert "cannot decrypt" in identity.not_named_text()
+    identity.new_device()
+    assert "cannot decrypt" not in identity.not_named_text()
+    assert "(not asked yet)" in identity.not_named_text()
+    assert identity.unnamed_reason == ""
+
+
 def test_a_clock_step_moves_the_identity_times_too():
     """The wrong device's recheck and the deadline of an expected stray crypto error follow
     a step as the poll's and the check's do: a step back of an hour left a device that named

@@ -107,7 +107,8 @@ class DeviceIdentity:
         self.recheck_at, self.recheck_pause = None, RECHECK_FIRST
         self.following = False
         self.unnamed_checks = self.unanswered_since_open = 0
-        self._own_key_failure = ""
+        # (the device before's: a refusal quoting it of the next device would mislead)
+        self.unnamed_reason = self._own_key_failure = ""
         self.stray_refusals = 0
 
     def shift_times(self, delta: float) -> None:
