@@ -300,6 +300,22 @@ def test_following_a_clock_step_moves_every_time_and_keeps_each_time_out_as_long
     assert h.sends(h.advance(0.2), "status-poll")  # and then the poll goes
 
 
+def expecting_a_stray_crypto_error() -> Harness:
+    """The device named itself while the check asked with B's key was on the wire: the
+    crypto error it will send about that check is expected (named_meanwhile())."""
+    h = Harness(link_up=False)
+    h.session.identity.other_keys = ("V400m-222",)
+    h.do(h.session.link_is_up(h.now))
+    own = h.sends(purpose="identify")[0]
+    h.do(h.session.refused("crypto error", h.now))  # B's key is tried
+    h.session.terminal_named(POI)
+    named = responses.simple_response(own.document)
+    named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
+    h.answer(named)
+    assert h.session.identity.stray_refusals == 1
+    return h
+
+
 def test_a_reopened_link_does_not_quote_why_the_device_before_was_not_named():
     """Why the last identity check failed is the device's on the link now: after the link
     reopened (another device, perhaps), a refusal and the state document's
@@ -333,16 +349,7 @@ def test_a_clock_step_moves_the_identity_times_too():
     h.advance(wait)
     assert len(h.sends(purpose="identify")) == checks + 1  # asked again, as long after
     # The stray crypto error named_meanwhile() expects (see the key round's tests)
-    h = Harness(link_up=False)
-    h.session.identity.other_keys = ("V400m-222",)
-    h.do(h.session.link_is_up(h.now))
-    own = h.sends(purpose="identify")[0]
-    h.do(h.session.refused("crypto error", h.now))  # B's key is tried
-    h.session.terminal_named(POI)
-    named = responses.simple_response(own.document)
-    named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
-    h.answer(named)
-    assert h.session.identity.stray_refusals == 1
+    h = expecting_a_stray_crypto_error()
     h.session.shift_times(3600.0)
     h.now += 3600.0
     h.submit("R1", "S1")
@@ -1530,16 +1537,7 @@ def test_an_expected_stray_crypto_error_is_absorbed_only_until_its_deadline():
     """The review: a device that drops what it cannot read never sends the crypto error
     named_meanwhile() expects, and the count swallowed a real one about a payment much
     later (the payment then waited its whole payment_timeout instead of being asked)."""
-    h = Harness(link_up=False)
-    h.session.identity.other_keys = ("V400m-222",)
-    h.do(h.session.link_is_up(h.now))
-    own = h.sends(purpose="identify")[0]
-    h.do(h.session.refused("crypto error", h.now))  # B's key is tried
-    h.session.terminal_named(POI)
-    named = responses.simple_response(own.document)
-    named["SaleToPOIResponse"]["MessageHeader"]["POIID"] = POI
-    h.answer(named)
-    assert h.session.identity.stray_refusals == 1
+    h = expecting_a_stray_crypto_error()
     h.now += SETTINGS.status_timeout + 1  # it never came
     h.submit("R1", "S1")
     h.do(h.session.refused("crypto error", h.now))  # about the payment: asked about
