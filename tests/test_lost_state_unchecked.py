@@ -10,7 +10,11 @@ row publishes again as for a lost state."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import sqlite3
 from pathlib import Path
+from typing import Any
 
 from bridge.simulator import responses
 from tests.broker import Mosquitto
@@ -80,7 +84,7 @@ async def test_a_start_killed_before_recording_the_lost_state_leaves_it_for_the_
                 wait_until, lambda: downloader.on(f"{BASE}/transactions/POS1/L1"), 5), (
                 "the retained document of L1 is gone from the broker")
         assert wait_until(lambda: undelivered(journal) == 0, 15)
-        assert wait_until(lambda: "before it had recorded whether the broker had kept its "
+        assert wait_until(lambda: "before the bridge had checked whether the broker had kept its "
                           "session" in daemon.log(), 5), daemon.log()[-3000:]
         # Recorded as checked: the start after this one publishes nothing again
         assert daemon.terminate() == 0
@@ -88,8 +92,142 @@ async def test_a_start_killed_before_recording_the_lost_state_leaves_it_for_the_
         daemon = Daemon(config, tmp_path).start()
         assert wait_until(lambda: daemon.log().count("connected to MQTT broker") > connects, 15)
         await bridge_online(broker)
-        assert daemon.log().count("before it had recorded whether") == 1, daemon.log()[-3000:]
+        assert daemon.log().count("before the bridge had checked whether") == 1, daemon.log()[-3000:]
     finally:
         daemon.kill()
         sim.stop()
         broker.kill()
+
+
+class ConnackDropper:
+    """A TCP relay to the broker that, on the first connection only, passes the CONNECT on
+    and drops the CONNACK, closing the connection: the broker made the session, the bridge
+    never heard its answer (a connection lost at that instant)."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.broker = broker
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ConnackDropper:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.host, self.port = "127.0.0.1", self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first = self.connections == 1
+        up_reader, up_writer = await asyncio.open_connection(self.broker.host,
+                                                             self.broker.port)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter,
+                       drop: bool) -> None:
+            with contextlib.suppress(OSError):
+                while data := await source.read(65536):
+                    if drop:  # the CONNACK: lost, and the connection with it
+                        break
+                    sink.write(data)
+                    await sink.drain()
+            for end in (sink, writer, up_writer):
+                end.close()
+
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, first))
+
+
+async def test_a_connection_lost_before_its_connack_leaves_the_check_to_the_next(
+        tmp_path: Path, caplog: Any) -> None:
+    """The same within one run (review rev5): a CONNECT that reached a broker which lost its
+    state, then a connection lost before its CONNACK; the next connection finds the session
+    that CONNECT made, and published nothing again."""
+    from bridge.daemon.journal import Journal
+
+    from .test_daemon_mqtt import BASE as GATEWAY_BASE, eventually, running
+    from .test_mqtt_faults import gateway_for
+
+    caplog.set_level(logging.INFO)
+    broker = Mosquitto(tmp_path / "mosquitto").start()  # it lost everything: a new one
+    journal = Journal(tmp_path / "journal.sqlite3")
+    document = f"{GATEWAY_BASE}/transactions/POS1/L1"
+    journal.enqueue([(document, b'{"state":"final"}', 1, True)])
+    journal.mark_delivered([m.id for m in journal.pending()])
+    journal.note_connected()  # the bridge had a session there
+    try:
+        async with ConnackDropper(broker) as relay:
+            gateway = gateway_for(relay, journal)
+            async with running(gateway):
+                # (aiomqtt waits its time-out for the CONNACK of a connection that ended)
+                await eventually(lambda: gateway.connected, timeout=30)
+                await eventually(lambda: not journal.pending())
+            assert relay.connections == 2
+        assert gateway.lost_state == 0  # (the second CONNACK said: session present)
+        said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                and "before the bridge had checked whether" in r.getMessage()]
+        assert len(said) == 1 and "publishes 1 message(s) again" in said[0], caplog.messages
+        async with Subscriber(broker, [f"{GATEWAY_BASE}/transactions/#"],
+                              client_id="downloader") as downloader:
+            assert await asyncio.to_thread(wait_until, lambda: downloader.on(document), 5), (
+                "the retained document the broker lost was not published again")
+    finally:
+        journal.close()
+        broker.kill()
+
+
+async def test_a_connect_that_cannot_be_recorded_does_not_go_out(tmp_path: Path) -> None:
+    """note_connecting's commit failed (the disk): the daemon stops on it, and the CONNECT,
+    which would make the broker a session nobody recorded, is not sent meanwhile."""
+    from unittest import mock
+
+    from bridge.daemon.journal import Journal
+
+    from .test_daemon_mqtt import running
+    from .test_mqtt_faults import gateway_for
+
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    failures: list[BaseException] = []
+    journal.on_failure(failures.append)
+    journal.group_commits(asyncio.get_running_loop().call_soon)  # as the daemon's
+    try:
+        gateway = gateway_for(broker, journal)
+        with mock.patch.object(journal, "_commit_unless_lost",
+                               side_effect=sqlite3.OperationalError("disk I/O error")):
+            async with running(gateway):
+                await asyncio.sleep(0.5)
+                assert failures and not gateway.connected
+                assert gateway.broker_problem == "stopping: the journal failed"
+        assert journal.session_check_left is False
+        assert not journal._db.execute(
+            "SELECT 1 FROM meta WHERE key = 'session_check'").fetchall()
+    finally:
+        journal.close()
+        broker.kill()
+
+
+def test_an_unchecked_connect_is_checked_by_the_first_connack_only(tmp_path: Path) -> None:
+    """Left by the run before, the unchecked CONNECT is settled by this run's first CONNACK,
+    whatever it says: a first start's (nothing to publish) did not clear it, and every
+    reconnect of the run then published the window again, with a warning (review rev5)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from bridge.daemon.journal import Journal
+
+    from .test_mqtt_faults import gateway_for
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    assert journal.note_connecting()
+    journal.close()  # killed before the check
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        assert journal.session_check_left
+        gateway = gateway_for(SimpleNamespace(host="127.0.0.1", port=1), journal)
+        with mock.patch.object(journal, "redeliver", return_value=0) as redeliver:
+            gateway._check_session(SimpleNamespace(session_present=False))  # nothing seen
+            gateway._check_session(SimpleNamespace(session_present=True))  # a reconnect
+        assert redeliver.call_count == 0
+    finally:
+        journal.close()

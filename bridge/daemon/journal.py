@@ -1067,7 +1067,7 @@ class Journal:
         (at,) = self._db.execute("SELECT MAX(delivered_at) FROM outbox").fetchone()
         return at
 
-    def note_connecting(self) -> None:
+    def note_connecting(self) -> bool:
         """Before a CONNECT to the broker: on the disk before it leaves, that a connection's
         answer is yet to be checked (cleared by note_connected, in the same commit as what
         the check wrote). The CONNECT itself makes the broker a session for the bridge's
@@ -1075,14 +1075,18 @@ class Journal:
         the commit of journal.redeliver would find, at its next start, a session present and
         nothing to publish again, the retained documents and the results the broker lost
         gone for good. The next start sees this row instead (session_check_left). Written
-        once, not at each retry of an outage."""
+        once, not at each retry of an outage. False when it could not be committed (the
+        failure stops the daemon): then no CONNECT may go out."""
         if self._session_check_noted:
-            return
+            return True
         with self._transaction() as db:
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('session_check', ?)",
                        (repr(time.time()),))
         self.commit()  # (inside the daemon's grouped pass: made durable now, not later)
-        self._session_check_noted = True
+        # (a commit that failed rolled the row back, and said so)
+        self._session_check_noted = not self._db.in_transaction and self._db.execute(
+            "SELECT 1 FROM meta WHERE key = 'session_check'").fetchone() is not None
+        return self._session_check_noted
 
     def note_connected(self) -> None:
         """The bridge is connected to the broker now, and the broker's answer checked: the

@@ -81,6 +81,11 @@ class SetupError(Exception):
     the file may be fixed while the bridge runs, and logged as something to fix."""
 
 
+class JournalFailed(Exception):
+    """The journal could not record a connection about to be made (Journal.note_connecting):
+    its failure stops the daemon, and no CONNECT goes out meanwhile."""
+
+
 def tls_context(tls: TlsConfig | None) -> ssl.SSLContext | None:
     """The client TLS context of `[mqtt.tls]`, for the daemon and the technician commands.
     Raises SetupError naming the file at fault: ssl's own errors name none."""
@@ -492,12 +497,14 @@ class RegisterGateway:
         while True:
             connected_at: float | None = None  # once the broker took this connection
             client: PipelinedClient | None = None
+            checked = False  # the broker's answer to this connection's CONNECT
             try:
                 try:
                     client = self._client_for()
                 except (OSError, ValueError) as exc:  # paho refuses an option
                     raise SetupError(_reason(exc)) from None
-                self.journal.note_connecting()
+                if not self.journal.note_connecting():
+                    raise JournalFailed
                 async with client:
                     self._client = client
                     self.broker_problem = None
@@ -519,6 +526,7 @@ class RegisterGateway:
                                  _how_long(connected_at - outage_since),
                                  self._waiting("being sent now"))
                     outage_since = None
+                    checked = True
                     self._check_session(client)
                     self.journal.note_connected()  # (after the check: it reads the last one)
                     await self._serve(client)
@@ -586,6 +594,12 @@ class RegisterGateway:
                         str(exc).rstrip("."))
             except MemoryError:
                 raise  # no reconnect can help: the daemon stops, and systemd starts it again
+            except JournalFailed:
+                # (its commit failed: the daemon stops; a CONNECT now would go unrecorded)
+                self.broker_problem = "stopping: the journal failed"
+                log.debug("MQTT side: the journal failed before connecting; waiting for the "
+                          "stop")
+                await asyncio.Event().wait()
             except JournalGone:
                 # The journal's files were removed under the daemon: it saves what they hold
                 # and then stops the daemon itself. Reconnecting would only fail on the next
@@ -605,6 +619,10 @@ class RegisterGateway:
                               "kept and sent on reconnect", self._broker,
                               type(exc).__name__, exc)  # noqa: TRY401 - one line to read
             finally:
+                if client is not None and client.reached and not checked:
+                    # The CONNECT may have reached a broker that lost its state and made the
+                    # session the next connection finds present: that one publishes again
+                    self._session_check_left = True
                 if self._client is not None:
                     self._left_at = time.time()
                 self._client = None
@@ -631,9 +649,10 @@ class RegisterGateway:
         has none: nothing to send. An MQTT 5 session the bridge left longer ago than its
         expiry (counted from the disconnect, up to a health_interval after the last note) is
         gone as agreed."""
+        unchecked, self._session_check_left = self._session_check_left, False
         if client.session_present is not False:
-            if self._session_check_left:
-                self._republish_after_unchecked_start()
+            if unchecked:
+                self._republish_after_unchecked_connect()
             return
         seen = self._left_at if self._left_at is not None else max(
             (at for at in (self.journal.last_connected_at(), self.journal.last_delivered_at())
@@ -660,27 +679,27 @@ class RegisterGateway:
 
     def _redeliver(self) -> int:
         """Mark pending again what a broker that lost its state lost (Journal.redeliver)."""
-        self._session_check_left = False
         return self.journal.redeliver(self._transactions_prefix,
                                       self.topics.register_response("")[:-len("/response")],
                                       time.time() - self.config.republish_window,
                                       self.config.republish_limit)
 
-    def _republish_after_unchecked_start(self) -> None:
-        """The last run was stopped after a CONNACK it did not record the check of
-        (Journal.note_connecting): the broker may have lost its state then and made the
-        session found now at that CONNECT. Published again as for a lost state: registers
-        take a repeat as the same result; a lost retained document stays lost otherwise."""
+    def _republish_after_unchecked_connect(self) -> None:
+        """An earlier CONNECT's answer went unchecked: the last run stopped after it
+        (Journal.note_connecting), or its connection ended before the CONNACK came. The
+        broker may have lost its state then and made the session found now at that CONNECT.
+        Published again as for a lost state: registers take a repeat as the same result; a
+        lost retained document stays lost otherwise."""
         count = self._redeliver()
         if count:
-            log.warning("the bridge's last run stopped while connecting to the MQTT broker %s, "
-                        "before it had recorded whether the broker had kept its session: in "
-                        "case the broker had lost its stored state then (a power cut taking "
-                        "both down), the bridge publishes %d message(s) again from its "
-                        "journal (the retained transactions/... documents and the register "
-                        "responses of the last %.0f s); registers take a repeated "
-                        "SaleID/ServiceID result as the same result", self._broker, count,
-                        self.config.republish_window)
+            log.warning("an earlier connection to the MQTT broker %s ended (the bridge's last "
+                        "run stopped, or the connection was lost) before the bridge had "
+                        "checked whether the broker had kept its session: in case the broker "
+                        "had lost its stored state then (a power cut taking both down), the "
+                        "bridge publishes %d message(s) again from its journal (the retained "
+                        "transactions/... documents and the register responses of the last "
+                        "%.0f s); registers take a repeated SaleID/ServiceID result as the "
+                        "same result", self._broker, count, self.config.republish_window)
 
     def _takeovers_summed(self, key: Any, count: int, last: Any, interval: float) -> None:
         log.warning("the MQTT broker %s dropped the bridge %d more %s in the last %s, each "

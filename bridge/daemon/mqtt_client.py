@@ -188,6 +188,13 @@ class AcknowledgedClient(aiomqtt.Client):
         # connection lasted is measured to there, not to when its end reached the bridge's
         # loop (a subscription still waiting then ends only at its time-out)
         self.dropped_at: float | None = None
+        # The connection to the broker was made (TCP, TLS): the CONNECT went or goes out
+        # now, and the broker may have made this client id a session whatever follows
+        self.reached = False
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self.reached = True
+        super()._on_socket_open(client, userdata, sock)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any,
                        reason_code: Any, properties: Any = None) -> None:
