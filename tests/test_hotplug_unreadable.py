@@ -91,3 +91,34 @@ async def test_an_enumerated_device_that_cannot_be_read_hides_no_other(pipe_moni
     assert "the enumerated device /devices/pci0000:00/0000:00:14.0/usb1/1-3 could not be " \
         "read" in caplog.text
     await hotplug.stop()
+
+
+async def test_a_fault_handling_an_event_is_logged_as_one_and_rescanned(pipe_monitor,
+                                                                        caplog) -> None:
+    """A fault of the bridge's own handling of a readable event is not called an unreadable
+    udev property: it is logged with its traceback, and the rescan still finds the device."""
+    recorder = Recorder()
+    present: list[Any] = []
+    hotplug = make(pipe_monitor, recorder, present=present)
+    await hotplug.start()
+    receive = hotplug._receive
+    faults = []
+
+    def failing_once(info: DeviceInfo) -> None:
+        if not faults:
+            faults.append(info.devpath)
+            raise KeyError("a bug")
+        receive(info)
+
+    hotplug._receive = failing_once  # type: ignore[method-assign]
+    caplog.set_level(logging.INFO, logger="bridge.daemon.hotplug")
+    present.append(verifone_usb(""))
+    pipe_monitor.push(as_pyudev(verifone_usb()))
+    await asyncio.sleep(0.1)
+    await hotplug.wait_idle()
+    assert recorder.calls == [V400M]
+    (fault,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "handling the udev event of /devices/pci0000:00/0000:00:14.0/usb1/1-3 failed (a " \
+        "fault of the bridge" in fault.getMessage() and fault.exc_info is not None
+    assert unreadable_said(caplog) == []
+    await hotplug.stop()

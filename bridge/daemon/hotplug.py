@@ -408,12 +408,19 @@ class HotplugMonitor:
             if event is None:
                 self._backlog = False
                 return
+            # An exception escaping into the event loop lost the event with no rescan: a USB
+            # terminal's plug so lost left it offline until a restart (review rev4)
             try:
-                self._receive(DeviceInfo.from_device(event))
+                info = DeviceInfo.from_device(event)
             except Exception as exc:
-                # Escaping into the event loop, it lost the event with no rescan: a USB
-                # terminal's plug so lost left it offline until a restart (review rev4)
                 self._unreadable(event, "an event of", exc)
+                self.resync()
+                continue
+            try:
+                self._receive(info)
+            except Exception:
+                log.exception("hotplug: handling the udev event of %s failed (a fault of the "
+                              "bridge: please report it); rescanning the devices", info.devpath)
                 self.resync()
 
     def _unreadable(self, device: Any, what: str, exc: Exception) -> None:
@@ -423,8 +430,7 @@ class HotplugMonitor:
                 "hotplug: %s %s could not be read (%s: %s); it is left out. If it is a "
                 "terminal and stays unseen, look at `udevadm info --query=property "
                 "--path=%s` for a property that is not UTF-8 (a local udev rule's or "
-                "hwdb's)", what, path, type(exc).__name__, exc, path,
-                exc_info=log.isEnabledFor(logging.DEBUG))  # (the traceback, for a bug)
+                "hwdb's)", what, path, type(exc).__name__, exc, path)
 
     def _socket_error(self) -> int | None:
         """The monitor socket's pending error, taken (SO_ERROR). pyudev raises on POLLERR
