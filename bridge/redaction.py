@@ -549,6 +549,26 @@ def redact(text: str) -> str:
         return _SCRUB.sub(REDACTED, _BLOB.sub(_blob, " " + text)[1:])
 
 
+# Of a long text to be quoted, what is filtered before the cut: the cut falls at or after it
+_QUOTE_READ = 4096
+# What a card number's run may be made of (_DIGIT_RUN): stripped from the end of the part read
+_RUN_CHARACTERS = "0123456789 .+%-/_\t\n,"
+
+
+def quoted(text: str, limit: int, more: str = "...") -> str:
+    """Untrusted `text` as a message quotes it: filtered (redact), then cut to `limit`
+    characters, `more` marking a cut. Cut first, the part of a card number left before the
+    cut (15 digits of 16, say) is no longer one the filter knows, and it went out as it was.
+    Of a long text only the first _QUOTE_READ characters are filtered, less any run of
+    digits the reading cut into."""
+    if len(text) > _QUOTE_READ:
+        text = text[:_QUOTE_READ].rstrip(_RUN_CHARACTERS)
+        shown = redact(text)
+        return shown[:max(limit - len(more), 0)] + more
+    shown = redact(text)
+    return shown if len(shown) <= limit else shown[:max(limit - len(more), 0)] + more
+
+
 # What redact() falls back to after a bug: any run of 6 digits or more, separators between
 _SCRUB = re.compile(r"\d[\d .+%/_\t\n,=^-]{4,}\d")
 

@@ -62,7 +62,7 @@ from bridge.protocol.transaction import (
     request_digest,
     trim_refused,
 )
-from bridge.redaction import redact, redact_json
+from bridge.redaction import quoted, redact, redact_json
 
 log = logging.getLogger("poi_bridge.intake")
 
@@ -79,7 +79,7 @@ def _refusal_head(error: str) -> str:
     """A refusal's opening words, up to its first colon or parenthesis: what kind it is.
     Cut only once redacted: a card number cut in two passes the log's filter."""
     head = re.split(r": |\s\(", error, maxsplit=1)[0]
-    return head if len(head) <= 80 else redact(head)[:77] + "..."
+    return head if len(head) <= 80 else quoted(head, 80)
 
 
 def _refusal_kind(error: str) -> str:
@@ -201,7 +201,7 @@ def _request_time_stamp(request: SaleToPOIRequest) -> tuple[dt.datetime | None, 
         stamp = dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z"))
                                           else text)
     except ValueError:
-        return None, (f"{where} {text[:40]!r} is not an ISO 8601 date and time (e.g. "
+        return None, (f"{where} {quoted(text, 40)!r} is not an ISO 8601 date and time (e.g. "
                       "2026-11-30T10:00:00.000Z)")
     return stamp, None
 
@@ -840,7 +840,7 @@ class RequestIntake:
             unknown = sorted(set(body) - {*COMMAND_KEYS[command], "transaction"})
             if unknown:
                 takes = ", ".join(COMMAND_KEYS[command]) or "no key"
-                raise MessageError(f"unknown key(s) {', '.join(k[:40] for k in unknown)}; "
+                raise MessageError(f"unknown key(s) {', '.join(quoted(k, 40) for k in unknown)}; "
                                    f"{command} takes {takes} (and transaction, echoed)")
             data = getattr(self, f"_cmd_{command}")(body)
         except MessageError as exc:
@@ -888,7 +888,7 @@ class RequestIntake:
             if value is not None and known and value not in known:
                 hint = ("; unresolved is a state: ask for state unresolved"
                         if (key, value) == ("outcome", "unresolved") else "")
-                raise MessageError(f"{key} {value[:40]!r} is none of {', '.join(known)}{hint}")
+                raise MessageError(f"{key} {quoted(value, 40)!r} is none of {', '.join(known)}{hint}")
         limit = body.get("limit", 100)
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 1000:
             raise MessageError("limit must be a whole number from 1 to 1000")

@@ -56,6 +56,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bridge.redaction import quoted
+
 log = logging.getLogger("poi_bridge.mqtt")
 
 # Shared by every plain PUBACK: "Success", no properties. Nothing downstream modifies them.
@@ -314,7 +316,7 @@ class PipelinedClient(AcknowledgedClient):
         topic_bytes = topic.encode()
         if not topic_bytes or b"+" in topic_bytes or b"#" in topic_bytes \
                 or len(topic_bytes) > 0xFFFF:
-            raise ValueError(f"not a topic one can publish to: {topic[:200]!r}")
+            raise ValueError(f"not a topic one can publish to: {quoted(topic, 200)!r}")
         if not isinstance(payload, bytes | bytearray):
             raise TypeError("payload must be bytes")
         if len(payload) > 268_435_455 - 5 - len(topic_bytes):  # MQTT's largest packet

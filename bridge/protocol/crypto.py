@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from bridge.protocol import jsontext
+from bridge.redaction import quoted
 
 __all__ = [
     "ADYEN_CRYPTO_VERSION",
@@ -115,15 +116,12 @@ class DecryptionFailed(CryptoError):
 
 def _quote(value: Any) -> str:
     """An untrusted value, shortened and made safe for one log line."""
-    text = repr(value)
-    if len(text) > _QUOTE_LIMIT:
-        text = text[: _QUOTE_LIMIT - 3] + "..."
-    return text
+    return quoted(repr(value), _QUOTE_LIMIT)
 
 
 def _printable(text: str, limit: int = 200) -> str:
     cleaned = "".join(ch if ch.isprintable() else " " for ch in text).strip()
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 3] + "..."
+    return quoted(cleaned, limit)
 
 
 # --- keys --------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from typing import Any
 
 import orjson
 
+from bridge.redaction import quoted
+
 
 class JsonTextError(ValueError):
     """The text is not valid JSON, or holds a number no JSON reader can carry."""
@@ -32,8 +34,17 @@ def _constant(token: str) -> Any:
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise JsonTextError(f"number {text[:20]}{'...' if len(text) > 20 else ''} is too large")
+        raise JsonTextError(f"number {_digits_shown(text)} is too large")
     return value
+
+
+def _digits_shown(text: str) -> str:
+    """A number too large, as an error quotes it: whole when short (1e400, -2.5E+999), else
+    its first 6 characters. More, and the digits of a card number could be among them (in
+    a run too long to be one, which the card-data filter lets pass)."""
+    if len(text) <= 20 and sum(ch.isdigit() for ch in text) <= 12:
+        return text
+    return text[:6] + "..."
 
 
 def _integer(text: str) -> int:
@@ -45,7 +56,7 @@ def _integer(text: str) -> int:
         try:
             float(value)
         except OverflowError:
-            raise JsonTextError(f"number {text[:20]}... is too large") from None
+            raise JsonTextError(f"number {_digits_shown(text)} is too large") from None
     return value
 
 
@@ -144,7 +155,7 @@ def _unique_names(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for name, _ in pairs:
             if name in seen:
-                shown = name if len(name) <= 40 else name[:40] + "..."
+                shown = quoted(name, 43)
                 raise DuplicateName(f"the name {shown!r} appears twice in one object (JSON "
                                     "readers disagree on which one counts)")
             seen.add(name)
