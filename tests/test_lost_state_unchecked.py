@@ -16,6 +16,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
+import pytest
+
 from bridge.simulator import responses
 from tests.broker import Mosquitto
 
@@ -182,8 +185,8 @@ async def test_a_connect_that_cannot_be_recorded_does_not_go_out(tmp_path: Path)
     from unittest import mock
 
     from bridge.daemon.journal import Journal
+    from bridge.daemon.mqtt import JournalFailed
 
-    from .test_daemon_mqtt import running
     from .test_mqtt_faults import gateway_for
 
     broker = Mosquitto(tmp_path / "mosquitto").start()
@@ -195,10 +198,12 @@ async def test_a_connect_that_cannot_be_recorded_does_not_go_out(tmp_path: Path)
         gateway = gateway_for(broker, journal)
         with mock.patch.object(journal, "_commit_unless_lost",
                                side_effect=sqlite3.OperationalError("disk I/O error")):
-            async with running(gateway):
-                await asyncio.sleep(0.5)
-                assert failures and not gateway.connected
-                assert gateway.broker_problem == "stopping: the journal failed"
+            task = asyncio.create_task(gateway.run())
+            # (the failure stops the daemon; the task's end would too, should it not)
+            with pytest.raises(JournalFailed):
+                await asyncio.wait_for(task, 5)
+        assert failures and not gateway.connected
+        assert gateway.broker_problem == "stopping: the journal failed"
         assert journal.session_check_left is False
         assert not journal._db.execute(
             "SELECT 1 FROM meta WHERE key = 'session_check'").fetchall()
@@ -229,5 +234,95 @@ def test_an_unchecked_connect_is_checked_by_the_first_connack_only(tmp_path: Pat
             gateway._check_session(SimpleNamespace(session_present=False))  # nothing seen
             gateway._check_session(SimpleNamespace(session_present=True))  # a reconnect
         assert redeliver.call_count == 0
+    finally:
+        journal.close()
+
+
+async def test_a_commit_whose_actions_write_still_notes_the_connect(tmp_path: Path) -> None:
+    """The forced commit runs the pass's after_commit actions, and one that writes (a frame
+    delivered, recorded) begins the next pass at once: the note was taken for a failed one,
+    and the MQTT side stopped for good with the daemon up (review rev8)."""
+    from bridge.daemon.journal import Journal
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.group_commits(asyncio.get_running_loop().call_soon)
+    try:
+        journal.enqueue([("poi-bridge/registers/POS1/event", b"{}", 1, False)])
+        journal.after_commit(lambda: journal.enqueue(
+            [("poi-bridge/registers/POS1/event", b"{}", 1, False)]))
+        assert journal.note_connecting()
+        assert journal._group_open  # (the action's write: the next pass)
+    finally:
+        journal.close()
+
+
+async def test_a_refused_login_leaves_nothing_to_publish_again(tmp_path: Path,
+                                                               caplog: Any) -> None:
+    """A CONNACK with an error code: the broker made no session. The bridge once took it
+    for an unchecked CONNECT, and the connection after the password was fixed (in the run,
+    or after the restart the log asks for) published an hour of results again (rev8)."""
+    from bridge.daemon.journal import Journal
+
+    from .test_daemon_mqtt import BASE as GATEWAY_BASE, eventually, running
+    from .test_mqtt_faults import gateway_for
+    from .test_mqtt_security import passwords
+
+    caplog.set_level(logging.INFO)
+    passwd = tmp_path / "passwd"
+    passwords(passwd, {"poi-bridge": "right"})
+    broker = Mosquitto(tmp_path / "mosquitto", extra_config=f"allow_anonymous false\n"
+                       f"password_file {passwd}\n").start()
+    # The bridge's session, as its last connection left it
+    async with aiomqtt.Client(broker.host, broker.port, identifier="bridge-faults",
+                              clean_session=False, username="poi-bridge", password="right"):
+        pass
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.enqueue([(f"{GATEWAY_BASE}/transactions/POS1/L1", b'{"state":"final"}', 1, True)])
+    journal.mark_delivered([m.id for m in journal.pending()])
+    journal.note_connected()
+    try:
+        gateway = gateway_for(broker, journal, username="poi-bridge")
+        gateway._password = "wrong"
+        async with running(gateway):
+            await eventually(lambda: gateway.broker_problem == "login refused")
+            await asyncio.sleep(0.3)  # refused again, and again
+        assert not journal._db.execute(
+            "SELECT 1 FROM meta WHERE key = 'session_check'").fetchall()
+        gateway = gateway_for(broker, journal, username="poi-bridge")
+        gateway._password = "right"
+        async with running(gateway):
+            await eventually(lambda: gateway.connected)
+            await asyncio.sleep(0.3)
+        assert journal.pending() == [] and gateway.lost_state == 0
+        assert not [m for m in caplog.messages if "checked whether" in m], caplog.messages
+    finally:
+        journal.close()
+        broker.kill()
+
+
+def test_an_unchecked_connect_then_a_day_away_still_publishes_again(tmp_path: Path) -> None:
+    """MQTT 5: a session the bridge left more than a day ago expired as agreed, but one an
+    unchecked CONNECT made is no such session: the retained documents lost with the
+    broker's state are published again (review rev8)."""
+    import time
+    from types import SimpleNamespace
+    from unittest import mock
+
+    from bridge.daemon.journal import Journal
+
+    from .test_mqtt_faults import gateway_for
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    with mock.patch("time.time", return_value=time.time() - 3 * 86400):
+        journal.note_connected()
+    assert journal.note_connecting()
+    journal.close()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        gateway = gateway_for(SimpleNamespace(host="127.0.0.1", port=1), journal,
+                              protocol="5")
+        with mock.patch.object(journal, "redeliver", return_value=1) as redeliver:
+            gateway._check_session(SimpleNamespace(session_present=False))
+        assert redeliver.call_count == 1
     finally:
         journal.close()

@@ -1083,10 +1083,20 @@ class Journal:
             db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('session_check', ?)",
                        (repr(time.time()),))
         self.commit()  # (inside the daemon's grouped pass: made durable now, not later)
-        # (a commit that failed rolled the row back, and said so)
-        self._session_check_noted = not self._db.in_transaction and self._db.execute(
+        # (a commit that failed rolled the row back, and said so; one that worked may have
+        # begun the next pass already, in an after_commit action that writes: the row is
+        # there all the same)
+        self._session_check_noted = self._db.execute(
             "SELECT 1 FROM meta WHERE key = 'session_check'").fetchone() is not None
         return self._session_check_noted
+
+    def note_connect_refused(self) -> None:
+        """The broker refused the connection (a CONNACK with an error code): it made no
+        session, so no check is left to a later connection or start (a login refused,
+        fixed and restarted, republished an hour of results: review rev8)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM meta WHERE key = 'session_check'")
+        self._session_check_noted = False
 
     def note_connected(self) -> None:
         """The bridge is connected to the broker now, and the broker's answer checked: the

@@ -526,12 +526,18 @@ class RegisterGateway:
                                  _how_long(connected_at - outage_since),
                                  self._waiting("being sent now"))
                     outage_since = None
-                    checked = True
                     self._check_session(client)
                     self.journal.note_connected()  # (after the check: it reads the last one)
+                    checked = True
                     await self._serve(client)
             except aiomqtt.MqttError as exc:
                 self.broker_problem = "login refused" if login_refused(exc) else "unreachable"
+                if isinstance(exc, MqttConnectError) and not checked:
+                    # A CONNACK with an error code: the broker made no session (MQTT 3.1.1
+                    # 3.2.2.2), nothing to publish again for it
+                    checked = True
+                    if not self._session_check_left:
+                        self.journal.note_connect_refused()
                 now = time.monotonic()
                 # (also when dropped while still subscribing: the broker was reached, and a
                 # twin with the same client id drops it there on a loaded machine)
@@ -597,8 +603,12 @@ class RegisterGateway:
             except JournalFailed:
                 # (its commit failed: the daemon stops; a CONNECT now would go unrecorded)
                 self.broker_problem = "stopping: the journal failed"
-                log.debug("MQTT side: the journal failed before connecting; waiting for the "
-                          "stop")
+                if not self.journal.lost:
+                    # The failure stops the daemon (on_failure) as a rule; should it not, the
+                    # task's end does (a bridge up and off the broker helps no register)
+                    log.critical("MQTT side: the journal could not record the connection "
+                                 "about to be made; the bridge stops")
+                    raise
                 await asyncio.Event().wait()
             except JournalGone:
                 # The journal's files were removed under the daemon: it saves what they hold
@@ -649,7 +659,12 @@ class RegisterGateway:
         has none: nothing to send. An MQTT 5 session the bridge left longer ago than its
         expiry (counted from the disconnect, up to a health_interval after the last note) is
         gone as agreed."""
-        unchecked, self._session_check_left = self._session_check_left, False
+        self._check_session_of(client)
+        # (only once checked: a fault on the way leaves it to the next connection)
+        self._session_check_left = False
+
+    def _check_session_of(self, client: PipelinedClient) -> None:
+        unchecked = self._session_check_left
         if client.session_present is not False:
             if unchecked:
                 self._republish_after_unchecked_connect()
@@ -658,7 +673,8 @@ class RegisterGateway:
             (at for at in (self.journal.last_connected_at(), self.journal.last_delivered_at())
              if at is not None), default=None)
         if seen is None or (self.config.protocol == "5" and time.time() - seen
-                            > SESSION_EXPIRY + self.config.health_interval):
+                            > SESSION_EXPIRY + self.config.health_interval
+                            and not unchecked):  # (a session an unchecked CONNECT made)
             return
         count = self._redeliver()
         window, limit = self.config.republish_window, self.config.republish_limit
