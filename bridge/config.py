@@ -408,19 +408,24 @@ class TerminalConfig(_Strict):
 
     @model_validator(mode="after")
     def _reconcile_deadline_after_unresolved(self) -> TerminalConfig:
-        # A payment is unresolved at payment_timeout + resync_attempts status polls, and first
-        # asked about in the background reconcile_initial later: a deadline before that gives
-        # it up at once (session.py, its reconcile_deadline check)
-        unresolved = (self.payment_timeout + self.resync_attempts * self.status_timeout
-                      + self.reconcile_initial)
+        # A payment is unresolved at payment_timeout + resync_attempts status polls, or, one
+        # the terminal keeps saying is in progress, at in_progress_limit; first asked about
+        # in the background reconcile_initial later: a deadline before that gives it up at
+        # once (session.py, its reconcile_deadline check; review rev6)
+        polled = self.payment_timeout + self.resync_attempts * self.status_timeout
+        unresolved = max(polled, self.in_progress_wait) + self.reconcile_initial
         if self.reconcile_deadline < unresolved:
+            became = (f"payment_timeout {self.payment_timeout:g} + resync_attempts "
+                      f"{self.resync_attempts} x status_timeout {self.status_timeout:g}"
+                      if polled >= self.in_progress_wait else
+                      f"in_progress_limit {self.in_progress_wait:g}"
+                      + ("" if self.in_progress_limit is not None else " (its default)"))
             raise PydanticCustomError(
                 FLOOR_ERRORS[1],
                 f"reconcile_deadline ({self.reconcile_deadline:g} s) is shorter than the time "
                 f"a payment takes to become unresolved and be asked about once more "
-                f"({unresolved:g} s: payment_timeout {self.payment_timeout:g} + "
-                f"resync_attempts {self.resync_attempts} x status_timeout "
-                f"{self.status_timeout:g} + reconcile_initial {self.reconcile_initial:g}): "
+                f"({unresolved:g} s: {became} + reconcile_initial "
+                f"{self.reconcile_initial:g}): "
                 "an unresolved payment would be given up on at once; it is in seconds "
                 "(86400 is a day)", {"floor": unresolved})
         return self

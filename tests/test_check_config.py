@@ -847,9 +847,24 @@ def test_a_reconcile_deadline_before_a_payment_can_be_unresolved_is_refused():
     first background poll."""
     (found,) = problems({"terminals": [{**terminal(), "reconcile_deadline": 24}]})
     assert found.startswith("terminals[0]: reconcile_deadline (24 s) "), found
-    # the defaults: 120 + 2 x 30 + 10
-    assert "190 s" in found and "payment_timeout" in found and "reconcile_initial" in found, found
-    assert parse_config({"terminals": [{**terminal(), "reconcile_deadline": 190}]})
+    # the defaults: in_progress_limit's 600 (longer than 120 + 2 x 30) + 10
+    assert "610 s" in found and "in_progress_limit 600 (its default)" in found \
+        and "reconcile_initial" in found, found
+    assert parse_config({"terminals": [{**terminal(), "reconcile_deadline": 610}]})
+    # polled longer than the terminal may say it is in progress: the polls count
+    (found,) = problems({"terminals": [{**terminal(), "reconcile_deadline": 24,
+                                        "in_progress_limit": 150}]})
+    assert "190 s" in found and "payment_timeout 120 + resync_attempts 2" in found, found
+
+
+def test_a_reconcile_deadline_before_in_progress_limit_is_refused():
+    """Review rev6: a payment the terminal keeps saying is in progress becomes unresolved
+    only at in_progress_limit; a reconcile_deadline shorter gave it up at its first
+    background poll, which the floor, counted from the status polls alone, let pass."""
+    (found,) = problems({"terminals": [{**terminal(), "in_progress_limit": 3600,
+                                        "reconcile_deadline": 1800}]})
+    assert "reconcile_deadline (1800 s)" in found and "3610 s: in_progress_limit 3600 " \
+        in found, found
 
 
 def test_run_takes_a_value_below_a_new_floor_at_the_floor_and_says_so():
@@ -863,7 +878,7 @@ def test_run_takes_a_value_below_a_new_floor_at_the_floor_and_says_so():
     raised: list[str] = []
     config = parse_config(data, raised=raised)
     second = config.terminals[1]
-    assert second.framer.max_frame_size == MIN_FRAME_SIZE and second.reconcile_deadline == 190
+    assert second.framer.max_frame_size == MIN_FRAME_SIZE and second.reconcile_deadline == 610
     assert config.terminals[0].reconcile_deadline == 24 * 3600  # untouched
     assert data["terminals"][1]["reconcile_deadline"] == 24  # the caller's data as it was
     frame, deadline = raised
@@ -873,7 +888,7 @@ def test_run_takes_a_value_below_a_new_floor_at_the_floor_and_says_so():
                           "(check-config refuses this file: set max_frame_size = "
                           f"{MIN_FRAME_SIZE} or more)"), frame
     assert deadline.startswith("terminals[1] (P400-2): reconcile_deadline (24 s)"), deadline
-    assert "runs with reconcile_deadline = 190 " in deadline, deadline
+    assert "runs with reconcile_deadline = 610 " in deadline, deadline
     assert len(problems(data)) == 1  # the frame size: the terminal's own check waits for it
 
     other = {"terminals": [{**terminal(), "reconcile_deadline": 24, "payment_timeout": -1}]}

@@ -230,8 +230,8 @@ async def test_a_configuration_an_earlier_bridge_ran_still_runs_after_an_upgrade
         warned = [line for line in log.splitlines() if "WARNING" in line and "runs with" in line]
         assert any(f"terminals[0].framer.max_frame_size ({POI})" in line
                    and "max_frame_size = 32768" in line for line in warned), log
-        # 2 + 2 x 1 + 0.5: write_config's time-outs
-        assert any(f"terminals[0] ({POI})" in line and "reconcile_deadline = 4.5" in line
+        # in_progress_limit's default 600 (longer than write_config's 2 + 2 x 1) + 0.5
+        assert any(f"terminals[0] ({POI})" in line and "reconcile_deadline = 600.5" in line
                    and "check-config refuses" in line for line in warned), log
     finally:
         daemon.kill()

@@ -16,7 +16,8 @@ async def test_an_abandoned_payment_says_so_in_its_document_and_to_a_repeat(tmp_
     scenario = Scenario(poi_id=POI, default=Behaviour(drop_link=True),
                         link=LinkBehaviour(status_hold=0.05, replug_after=120))
     async with Store(tmp_path, mosquitto, scenario, resync_attempts=1, reconcile_initial=0.3,
-                     reconcile_max_interval=0.5, reconcile_deadline=4), \
+                     in_progress_limit=1.5, reconcile_max_interval=0.5,
+                     reconcile_deadline=4), \
             Subscriber(mosquitto, [f"{BASE}/registers/#", f"{BASE}/transactions/#"]) as sub:
         payment = responses.payment_request("POS1", "D1", POI, 5.0)
         await sub.publish(request_topic(), payment)
