@@ -252,6 +252,25 @@ def password_to_fix(password_file: Path | None) -> str:
     return f"the password in mqtt.password_file ({path})"
 
 
+# Where a local drop-in of the unit may name a credential of its own (systemctl edit)
+UNIT_DROP_INS = tuple(Path(d) / "poi-bridge.service.d" for d in (
+    "/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/system"))
+
+
+def _drop_in_loads(credential: str) -> bool:
+    """Whether a drop-in of the unit loads or sets a credential of that name."""
+    named = re.compile(r"^\s*(?:Load|Set|Import)Credential(?:Encrypted)?=\s*"
+                       + re.escape(credential) + r"(?::|\s|$)", re.MULTILINE)
+    for directory in UNIT_DROP_INS:
+        for conf in sorted(directory.glob("*.conf")) if directory.is_dir() else ():
+            try:
+                if named.search(conf.read_text(errors="replace")):
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 def _check_secret(place: str, path: Path, errors: list[str], warnings: list[str], *,
                   content: bool = True,
                   fatal: str = "the daemon stops at start without it",
@@ -275,11 +294,20 @@ def _check_secret(place: str, path: Path, errors: list[str], warnings: list[str]
                                      fatal=fatal)
             return
         if exc.errno == errno.ENOENT and path.is_relative_to(CREDENTIALS_DIRECTORY):
-            warnings.append(
-                f"{place}: {reason}: a credential the shipped unit does not load "
-                f"(LoadCredential={CREDENTIAL_ID}:{CREDENTIAL_SOURCE} makes "
-                f"{CREDENTIALS_DIRECTORY}/{CREDENTIAL_ID}_<file>); if a drop-in loads it, it "
-                "exists only while the service runs and cannot be checked here")
+            loads = f"LoadCredential={CREDENTIAL_ID}:{CREDENTIAL_SOURCE} makes " \
+                f"{CREDENTIALS_DIRECTORY}/{CREDENTIAL_ID}_<file>"
+            if _drop_in_loads(path.name):
+                warnings.append(
+                    f"{place}: {reason}: a credential a drop-in of the unit loads ({loads} "
+                    "for the shipped one): it exists only while the service runs and cannot "
+                    "be checked here")
+                return
+            # (said OK, then the service failed at each start: review rev6)
+            meant = CREDENTIALS_DIRECTORY / f"{CREDENTIAL_ID}_{path.name}"
+            hint = (f"; {CREDENTIAL_SOURCE / path.name} exists: did you mean {meant}?"
+                    if (CREDENTIAL_SOURCE / path.name).exists() else "")
+            errors.append(f"{place}: {reason}: a credential neither the shipped unit ({loads}) "
+                          f"nor a drop-in of it loads{hint} ({fatal})")
             return
         errors.append(f"{place}: {reason} ({fatal})")
         return

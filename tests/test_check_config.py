@@ -275,6 +275,32 @@ def test_a_missing_mqtt_password_file_is_an_error(tmp_path, capsys):
     assert status == 2 and f"mqtt.password_file: cannot read {tmp_path / 'nope'}" in err, err
 
 
+def test_a_credential_no_unit_loads_is_an_error(tmp_path, capsys, monkeypatch):
+    """Review rev6: /run/credentials/poi-bridge.service/mqtt-password (secret_ left out)
+    passed with a warning and "OK", and the service then failed at every start. Only a
+    credential a drop-in of the unit loads is left to the service to check."""
+    from bridge import deployment
+
+    source = tmp_path / "credentials"
+    source.mkdir()
+    (source / "mqtt-password").write_text("pw\n")
+    drop_ins = tmp_path / "poi-bridge.service.d"
+    monkeypatch.setattr(deployment, "CREDENTIAL_SOURCE", source)
+    monkeypatch.setattr(deployment, "UNIT_DROP_INS", (drop_ins,))
+    wrong = config_module.CREDENTIALS_DIRECTORY / "mqtt-password"
+    path = write(tmp_path, good_toml(tmp_path) +
+                 f'[mqtt]\nusername = "u"\npassword_file = "{wrong}"\n')
+    status, out, err = check(path, capsys)
+    assert status == 2 and "OK" not in out, (out, err)
+    assert "a credential neither the shipped unit" in err and \
+        f"did you mean {config_module.CREDENTIALS_DIRECTORY}/secret_mqtt-password?" in err, err
+    drop_ins.mkdir()
+    (drop_ins / "override.conf").write_text(
+        "[Service]\nLoadCredential=mqtt-password:/etc/somewhere/pw\n")
+    status, out, err = check(path, capsys)
+    assert status == 0 and "a credential a drop-in of the unit loads" in err, (out, err)
+
+
 def test_a_secret_or_journal_other_users_may_read_is_a_warning(tmp_path, capsys):
     """Any user of the box may read it: a warning. Its group may: none, since a secret outside
     the credentials directory is root:poi-bridge 0640 so that the daemon's user can read it,
