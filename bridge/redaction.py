@@ -110,20 +110,20 @@ _TRACK1 = re.compile(r"(?a)B\d{12,19}(?:\^|%5[eE])[^\n^]{0,80}?(?:\^|%5[eE])"
 # for card numbers in it) and, when it ends in 12-19 digits followed by `=` (or the EMV `D` of
 # tag 57) and an expiry, the rest of track 2 data: service code, discretionary data, F padding.
 # Sentinels are optional, separators maybe URL-encoded.
-_DIGITS = re.compile(r"(?a)(?P<run>\d[\d .+%/_\t\n,-]{10,}(?<!%)\d)"
+_DIGITS = re.compile(r"(?a)(?P<run>\d[\d .+%/_\t\r\n,-]{10,}(?<!%)\d)"
                      r"(?P<track>(?:[=Dd]|%3[dD])\d{4}[0-9A-Fa-f]{0,40}(?:\?|%3[fF])?)?")
 # _DIGITS.sub() would cost, where a run holds no digit its end can be (1%1%1%...: each `%1`
 # fails (?<!%)), a scan to the run's end from each of its digits: quadratic. Where the run from
 # one digit has no end, the runs from its later digits (the same characters, fewer of them)
 # have none either; _digits_sub() therefore finds a run's reach once, possessively, with
 # _DIGITS_REACH, and tries _DIGITS only at its first digit, then goes on after the run.
-_DIGITS_REACH = re.compile(r"(?a)\d[\d .+%/_\t\n,-]{10,}+")
-_GROUPS = re.compile(r"(%20|, |[^0-9])")
-_SEPARATORS = frozenset(" .+-/_\t\n") | {"%20", ", "}
+_DIGITS_REACH = re.compile(r"(?a)\d[\d .+%/_\t\r\n,-]{10,}+")
+_GROUPS = re.compile(r"(%20|, |\r\n|[^0-9])")
+_SEPARATORS = frozenset(" .+-/_\t\n\r") | {"%20", ", ", "\r\n"}
 # Separators that join only the groups a card number is written in (4111/1111/1111/1111, the
 # last group 1-4 digits, Amex 3782/822463/10005, Diners 3056/930902/5904): a path, a date or a list of numbers is no
 # card number. A dot joins card-like groups (3-6 digits) only, so that a decimal is none.
-_CARD_GROUPS_ONLY = frozenset("/_\t\n") | {", "}
+_CARD_GROUPS_ONLY = frozenset("/_\t\n\r") | {", ", "\r\n"}
 # A masked card number: digits and mask characters, not glued to letters or digits, maybe in
 # groups joined by spaces or dashes (4111 11** **** 1111), with the groups around it. _masked()
 # finds the masks in it and decides whether they show too much.
@@ -160,7 +160,7 @@ _BLOB = re.compile(r"(?P<head>[^A-Za-z0-9+/])[A-Za-z0-9+/]{40,}={0,2}")
 _A_DIGIT = re.compile(r"[0-9]")
 # Cheap tests that decide whether _DIGITS and _BLOB run at all: the line's UTF-8 bytes mapped
 # to 0 (a character of the pattern's run) or x (any other), searched for a long enough run.
-_DIGIT_RUN = bytes(48 if chr(b) in "0123456789 .+%-/_\t\n," else 120 for b in range(256))
+_DIGIT_RUN = bytes(48 if chr(b) in "0123456789 .+%-/_\t\r\n," else 120 for b in range(256))
 # For masks: digits to 0, mask characters to 1, spaces and dashes to 2. A mask shows too much
 # only where seven digits run up to a mask character (00000001), or five follow one, or digits
 # stand between two (_DIGITS_AFTER_A_MASK, which the engine finds by its literal start `10`);
@@ -552,7 +552,7 @@ def redact(text: str) -> str:
 # Of a long text to be quoted, what is filtered before the cut: the cut falls at or after it
 _QUOTE_READ = 4096
 # What a card number's run may be made of (_DIGIT_RUN): stripped from the end of the part read
-_RUN_CHARACTERS = "0123456789 .+%-/_\t\n,"
+_RUN_CHARACTERS = "0123456789 .+%-/_\t\r\n,"
 
 
 def quoted(text: str, limit: int, more: str = "...") -> str:
@@ -570,7 +570,7 @@ def quoted(text: str, limit: int, more: str = "...") -> str:
 
 
 # What redact() falls back to after a bug: any run of 6 digits or more, separators between
-_SCRUB = re.compile(r"\d[\d .+%/_\t\n,=^-]{4,}\d")
+_SCRUB = re.compile(r"\d[\d .+%/_\t\r\n,=^-]{4,}\d")
 
 
 def _redact(text: str) -> str:

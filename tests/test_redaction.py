@@ -577,3 +577,13 @@ def test_a_bug_in_the_filter_scrubs_every_digit_run_and_raises_nothing(monkeypat
     monkeypatch.setattr(redaction, "_redact", broken)
     assert redact("pan 4111 1111 1111 1111, ref 123456, till 12") == \
         "pan [redacted], ref [redacted], till 12"
+
+
+def test_card_groups_joined_by_windows_line_ends_are_redacted():
+    """Review rev7: the README promises groups joined by line ends; a terminal's text with
+    CRLF (or a lone CR) between the groups passed the filter whole."""
+    for separator in ("\r\n", "\r", "\n"):
+        text = "Refused card " + separator.join(["5555", "5555", "5555", "4444"]) + " retry"
+        assert redact(text) == f"Refused card {REDACTED} retry", repr(redact(text))
+    kept = "line one\r\nline two 2026-12-03\r\n10:00 amount 12.50\r\n"
+    assert redact(kept) == kept
