@@ -67,6 +67,9 @@ def deployment_problems(config: Config, *, for_daemon: bool = False
                 _check_secret(f"mqtt.tls.{name}", path, warnings, warnings, content=False,
                               fatal="the daemon cannot connect to the broker without it",
                               for_daemon=for_daemon)
+                if name == "key_file" and path.is_file():  # (a private key, as a password)
+                    _check_private(f"mqtt.tls.{name}", path, "the bridge's TLS private key",
+                                   warnings)
     _check_journal(config.journal, errors, warnings, for_daemon=for_daemon)
     return errors, warnings
 

@@ -301,6 +301,26 @@ def test_a_credential_no_unit_loads_is_an_error(tmp_path, capsys, monkeypatch):
     assert status == 0 and "a credential a drop-in of the unit loads" in err, (out, err)
 
 
+def test_a_tls_private_key_others_may_read_is_a_warning(tmp_path, capsys):
+    """Review rev6: a 0644 TLS client key passed without a word, where a 0644 password file
+    is warned about."""
+    key = tmp_path / "client.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    cert = tmp_path / "client.crt"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    path = write(tmp_path, good_toml(tmp_path) + f'[mqtt.tls]\ncert_file = "{cert}"\n'
+                 f'key_file = "{key}"\n')
+    for file in (key, cert):
+        file.chmod(0o644)
+    status, _out, err = check(path, capsys)
+    assert status == 0 and (f"mqtt.tls.key_file: {key} (mode 0644) may be read by any user "
+                            "of this box, and holds the bridge's TLS private key") in err, err
+    assert "mqtt.tls.cert_file" not in err, err  # (a certificate is public)
+    key.chmod(0o640)
+    status, _out, err = check(path, capsys)
+    assert status == 0 and "may be read by" not in err, err
+
+
 def test_a_secret_or_journal_other_users_may_read_is_a_warning(tmp_path, capsys):
     """Any user of the box may read it: a warning. Its group may: none, since a secret outside
     the credentials directory is root:poi-bridge 0640 so that the daemon's user can read it,

@@ -857,3 +857,20 @@ async def restarted_with_s1_unresolved_before_s2(rig) -> TerminalWorker:
     await fresh.start()
     rig.worker = fresh
     return fresh
+
+
+def test_the_state_documents_detail_is_filtered(tmp_path):
+    """Review rev7: why the link is down went out as it was in the retained state document;
+    an internal error's text (`internal error: KeyError('...')`) may quote what the device
+    sent, card data included."""
+    config = TerminalConfig.model_validate({
+        "poi_id": POI, "link": {"kind": "tcp", "host": "127.0.0.1", "port": 9}})
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        worker = TerminalWorker(config, journal, RecordingOutlet())
+        worker._link_reason = "internal error: KeyError('5555555555554444')"
+        detail = worker.state()["detail"]
+        assert detail.startswith("internal error: KeyError(") and "5555555555554444" not in \
+            detail, detail
+    finally:
+        journal.close()

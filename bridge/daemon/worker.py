@@ -312,7 +312,8 @@ class TerminalWorker:
             "state": state,
             "poi_id": self.poi_id,
             "link": self._transport.describe() if self._transport else None,
-            "detail": self._link_reason if not self.online else "",
+            # (an internal error's text may quote what the device sent: filtered too)
+            "detail": _shown_identity(self._link_reason) if not self.online else "",
             "active": str(self.session.active) if self.session.active else None,
             # (what the device said it is, as the filter lets it out: the document is
             # retained, and read by every register and through a chain's bridge)
