@@ -4,7 +4,9 @@ which only reads and validates the configuration file itself."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fnmatch
 import grp
 import os
 import pwd
@@ -67,7 +69,8 @@ def deployment_problems(config: Config, *, for_daemon: bool = False
                 _check_secret(f"mqtt.tls.{name}", path, warnings, warnings, content=False,
                               fatal="the daemon cannot connect to the broker without it",
                               for_daemon=for_daemon)
-                if name == "key_file" and path.is_file():  # (a private key, as a password)
+                if name == "key_file":  # (a private key, as a password; a path that
+                    # cannot be looked at says nothing: _others_may_read)
                     _check_private(f"mqtt.tls.{name}", path, "the bridge's TLS private key",
                                    warnings)
     _check_journal(config.journal, errors, warnings, for_daemon=for_daemon)
@@ -255,22 +258,37 @@ def password_to_fix(password_file: Path | None) -> str:
     return f"the password in mqtt.password_file ({path})"
 
 
-# Where a local drop-in of the unit may name a credential of its own (systemctl edit)
-UNIT_DROP_INS = tuple(Path(d) / "poi-bridge.service.d" for d in (
-    "/etc/systemd/system", "/run/systemd/system", "/usr/lib/systemd/system"))
+# Where a local unit file or drop-in may name a credential of its own (systemctl edit,
+# systemctl edit --full): the unit search path's directories, each unit and its drop-ins
+_UNIT_DIRECTORIES = ("/etc/systemd/system", "/run/systemd/system", "/etc/systemd/system.control",
+                     "/run/systemd/system.control", "/run/systemd/transient",
+                     "/usr/local/lib/systemd/system", "/usr/lib/systemd/system",
+                     "/lib/systemd/system")
+UNIT_DROP_INS = tuple(Path(d) / name for d in _UNIT_DIRECTORIES
+                      for name in ("poi-bridge.service.d", "service.d"))
+UNIT_FILES = tuple(Path(d) / "poi-bridge.service" for d in _UNIT_DIRECTORIES)
+_CREDENTIAL_LINE = re.compile(r"^\s*(Load|Set|Import)Credential(?:Encrypted)?\s*=\s*(\S+)",
+                              re.MULTILINE)
 
 
 def _drop_in_loads(credential: str) -> bool:
-    """Whether a drop-in of the unit loads or sets a credential of that name."""
-    named = re.compile(r"^\s*(?:Load|Set|Import)Credential(?:Encrypted)?=\s*"
-                       + re.escape(credential) + r"(?::|\s|$)", re.MULTILINE)
+    """Whether a local unit file or drop-in loads, sets or imports a credential of that
+    name: by its ID, an ID_ directory load (LoadCredential=ID:/a/directory makes ID_FILE),
+    or an ImportCredential= glob."""
+    files = [f for f in UNIT_FILES if f.parent.as_posix() != "/usr/lib/systemd/system"]
     for directory in UNIT_DROP_INS:
-        for conf in sorted(directory.glob("*.conf")) if directory.is_dir() else ():
-            try:
-                if named.search(conf.read_text(errors="replace")):
-                    return True
-            except OSError:
-                continue
+        with contextlib.suppress(OSError):
+            files += sorted(directory.glob("*.conf"))
+    for file in files:
+        try:
+            text = file.read_text(errors="replace")
+        except OSError:
+            continue
+        for kind, value in _CREDENTIAL_LINE.findall(text):
+            name = value.split(":", 1)[0]
+            if name == credential or credential.startswith(name + "_") or (
+                    kind == "Import" and fnmatch.fnmatchcase(credential, name)):
+                return True
     return False
 
 
@@ -307,8 +325,12 @@ def _check_secret(place: str, path: Path, errors: list[str], warnings: list[str]
                 return
             # (said OK, then the service failed at each start: review rev6)
             meant = CREDENTIALS_DIRECTORY / f"{CREDENTIAL_ID}_{path.name}"
-            hint = (f"; {CREDENTIAL_SOURCE / path.name} exists: did you mean {meant}?"
-                    if (CREDENTIAL_SOURCE / path.name).exists() else "")
+            try:  # (its directory is root's alone: a daemon or a user cannot look)
+                there = (CREDENTIAL_SOURCE / path.name).exists()
+            except OSError:
+                there = False
+            hint = f"; {CREDENTIAL_SOURCE / path.name} exists: did you mean {meant}?" \
+                if there else ""
             errors.append(f"{place}: {reason}: a credential neither the shipped unit ({loads}) "
                           f"nor a drop-in of it loads{hint} ({fatal})")
             return

@@ -287,6 +287,7 @@ def test_a_credential_no_unit_loads_is_an_error(tmp_path, capsys, monkeypatch):
     drop_ins = tmp_path / "poi-bridge.service.d"
     monkeypatch.setattr(deployment, "CREDENTIAL_SOURCE", source)
     monkeypatch.setattr(deployment, "UNIT_DROP_INS", (drop_ins,))
+    monkeypatch.setattr(deployment, "UNIT_FILES", (tmp_path / "poi-bridge.service",))
     wrong = config_module.CREDENTIALS_DIRECTORY / "mqtt-password"
     path = write(tmp_path, good_toml(tmp_path) +
                  f'[mqtt]\nusername = "u"\npassword_file = "{wrong}"\n')
@@ -299,6 +300,39 @@ def test_a_credential_no_unit_loads_is_an_error(tmp_path, capsys, monkeypatch):
         "[Service]\nLoadCredential=mqtt-password:/etc/somewhere/pw\n")
     status, out, err = check(path, capsys)
     assert status == 0 and "a credential a drop-in of the unit loads" in err, (out, err)
+    # The other ways systemd names one (review rev9): an import glob, a directory's ID_
+    # prefix, spaces around '=', a unit edited whole
+    for unit, line in (("override.conf", "ImportCredential=mqtt-*"),
+                       ("override.conf", "LoadCredential = mqtt:/etc/store"),
+                       (None, "LoadCredentialEncrypted=mqtt-password:/x.cred")):
+        (drop_ins / "override.conf").write_text(f"[Service]\n{line}\n" if unit else "")
+        (tmp_path / "poi-bridge.service").write_text("" if unit else f"[Service]\n{line}\n")
+        wrong_name = "mqtt_password" if "mqtt:" in line else "mqtt-password"
+        path.write_text(good_toml(tmp_path) + f'[mqtt]\nusername = "u"\npassword_file = '
+                        f'"{config_module.CREDENTIALS_DIRECTORY / wrong_name}"\n')
+        status, out, err = check(path, capsys)
+        assert status == 0 and "a drop-in of the unit loads" in err, (line, out, err)
+
+
+def test_a_credential_source_it_may_not_look_at_gives_no_traceback(tmp_path, capsys,
+                                                                    monkeypatch):
+    """Review rev9: its directory is root's alone; the hint's look raised PermissionError
+    for the daemon's user and for check-config run as another user."""
+    from bridge import deployment
+
+    class Closed(type(tmp_path)):
+        def exists(self, **kwargs):
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(deployment, "CREDENTIAL_SOURCE", Closed(tmp_path / "closed"))
+    monkeypatch.setattr(deployment, "UNIT_DROP_INS", ())
+    monkeypatch.setattr(deployment, "UNIT_FILES", ())
+    wrong = config_module.CREDENTIALS_DIRECTORY / "mqtt-password"
+    path = write(tmp_path, good_toml(tmp_path) +
+                 f'[mqtt]\nusername = "u"\npassword_file = "{wrong}"\n')
+    status, _out, err = check(path, capsys)
+    assert status == 2 and "a credential neither the shipped unit" in err \
+        and "did you mean" not in err, err
 
 
 def test_a_tls_private_key_others_may_read_is_a_warning(tmp_path, capsys):
