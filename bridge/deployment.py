@@ -266,7 +266,9 @@ _UNIT_DIRECTORIES = ("/etc/systemd/system", "/run/systemd/system", "/etc/systemd
                      "/lib/systemd/system")
 UNIT_DROP_INS = tuple(Path(d) / name for d in _UNIT_DIRECTORIES
                       for name in ("poi-bridge.service.d", "service.d"))
-UNIT_FILES = tuple(Path(d) / "poi-bridge.service" for d in _UNIT_DIRECTORIES)
+# (the shipped unit, in /usr/lib, loads the credentials check-config knows already)
+UNIT_FILES = tuple(Path(d) / "poi-bridge.service" for d in _UNIT_DIRECTORIES
+                   if d != "/usr/lib/systemd/system")
 _CREDENTIAL_LINE = re.compile(r"^\s*(Load|Set|Import)Credential(?:Encrypted)?\s*=\s*(\S+)",
                               re.MULTILINE)
 
@@ -275,7 +277,7 @@ def _drop_in_loads(credential: str) -> bool:
     """Whether a local unit file or drop-in loads, sets or imports a credential of that
     name: by its ID, an ID_ directory load (LoadCredential=ID:/a/directory makes ID_FILE),
     or an ImportCredential= glob."""
-    files = [f for f in UNIT_FILES if f.parent.as_posix() != "/usr/lib/systemd/system"]
+    files = list(UNIT_FILES)
     for directory in UNIT_DROP_INS:
         with contextlib.suppress(OSError):
             files += sorted(directory.glob("*.conf"))

@@ -160,7 +160,8 @@ _BLOB = re.compile(r"(?P<head>[^A-Za-z0-9+/])[A-Za-z0-9+/]{40,}={0,2}")
 _A_DIGIT = re.compile(r"[0-9]")
 # Cheap tests that decide whether _DIGITS and _BLOB run at all: the line's UTF-8 bytes mapped
 # to 0 (a character of the pattern's run) or x (any other), searched for a long enough run.
-_DIGIT_RUN = bytes(48 if chr(b) in "0123456789 .+%-/_\t\r\n," else 120 for b in range(256))
+_RUN_CHARACTERS = "0123456789 .+%-/_\t\r\n,"  # what a card number's run may be made of
+_DIGIT_RUN = bytes(48 if chr(b) in _RUN_CHARACTERS else 120 for b in range(256))
 # For masks: digits to 0, mask characters to 1, spaces and dashes to 2. A mask shows too much
 # only where seven digits run up to a mask character (00000001), or five follow one, or digits
 # stand between two (_DIGITS_AFTER_A_MASK, which the engine finds by its literal start `10`);
@@ -551,8 +552,6 @@ def redact(text: str) -> str:
 
 # Of a long text to be quoted, what is filtered before the cut: the cut falls at or after it
 _QUOTE_READ = 4096
-# What a card number's run may be made of (_DIGIT_RUN): stripped from the end of the part read
-_RUN_CHARACTERS = "0123456789 .+%-/_\t\r\n,"
 
 
 def quoted(text: str, limit: int, more: str = "...") -> str:
@@ -561,12 +560,11 @@ def quoted(text: str, limit: int, more: str = "...") -> str:
     cut (15 digits of 16, say) is no longer one the filter knows, and it went out as it was.
     Of a long text only the first _QUOTE_READ characters are filtered, less any run of
     digits the reading cut into."""
-    if len(text) > _QUOTE_READ:
-        text = text[:_QUOTE_READ].rstrip(_RUN_CHARACTERS)
-        shown = redact(text)
-        return shown[:max(limit - len(more), 0)] + more
-    shown = redact(text)
-    return shown if len(shown) <= limit else shown[:max(limit - len(more), 0)] + more
+    read = text if len(text) <= _QUOTE_READ else text[:_QUOTE_READ].rstrip(_RUN_CHARACTERS)
+    shown = redact(read)
+    if read is text and len(shown) <= limit:
+        return shown
+    return shown[:max(limit - len(more), 0)] + more
 
 
 # What redact() falls back to after a bug: any run of 6 digits or more, separators between

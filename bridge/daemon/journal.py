@@ -282,8 +282,7 @@ class Journal:
                 "SELECT value FROM meta WHERE key = 'bridge_id'").fetchone()
             # An earlier run connected to the broker and stopped before it recorded what
             # the broker answered (note_connecting)
-            self.session_check_left = self._db.execute(
-                "SELECT 1 FROM meta WHERE key = 'session_check'").fetchone() is not None
+            self.session_check_left = self._session_check_row()
             self._session_check_noted = self.session_check_left
             self._db.execute("COMMIT")
             (newest,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()
@@ -1086,9 +1085,12 @@ class Journal:
         # (a commit that failed rolled the row back, and said so; one that worked may have
         # begun the next pass already, in an after_commit action that writes: the row is
         # there all the same)
-        self._session_check_noted = self._db.execute(
-            "SELECT 1 FROM meta WHERE key = 'session_check'").fetchone() is not None
+        self._session_check_noted = self._session_check_row()
         return self._session_check_noted
+
+    def _session_check_row(self) -> bool:
+        return self._db.execute(
+            "SELECT 1 FROM meta WHERE key = 'session_check'").fetchone() is not None
 
     def note_connect_refused(self) -> None:
         """The broker refused the connection (a CONNACK with an error code): it made no
